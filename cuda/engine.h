@@ -1,0 +1,132 @@
+/* engine.h — the public API of lathe's engine: the only header kernel/ may include from cuda/.
+ *
+ * A session holds at most one loaded model (weights + tokenizer + config), its adapters and
+ * the chat history. Every call returns LT_OK or an error code and, on error, fills the
+ * session's message (lt_last_error), e.g. "config.json: key 'hidden_size' is not an integer".
+ * A failed call leaves the session as it was. Nothing here prints, exits or aborts.
+ *
+ * Long calls report through lt_callbacks and poll the cancel flag between steps; a cancelled
+ * call returns LT_CANCELLED. The engine knows nothing of Jupyter.
+ */
+#ifndef LATHE_ENGINE_H
+#define LATHE_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum lt_status {
+    LT_OK = 0,
+    LT_ERR_ARG = 1,     /* a bad option value or an impossible request */
+    LT_ERR_IO = 2,      /* a file could not be read or written */
+    LT_ERR_FORMAT = 3,  /* a file is not what it claims (config, safetensors, tokenizer, data) */
+    LT_ERR_MEMORY = 4,  /* out of host or device memory (or the memory plan says it won't fit) */
+    LT_ERR_DEVICE = 5,  /* a CUDA / cuBLAS failure */
+    LT_ERR_STATE = 6,   /* e.g. no model loaded */
+    LT_CANCELLED = 7,   /* the cancel flag was raised */
+} lt_status;
+
+typedef struct lt_session lt_session;
+
+/* Called from the thread running the engine call. */
+typedef struct lt_callbacks {
+    void *ctx;
+    /* A line of progress for logs ("loading shard 2/4"); may be NULL. */
+    void (*message)(void *ctx, const char *text);
+    /* Progress of a long call: done of total units (total 0 = unknown), what = short label. */
+    void (*progress)(void *ctx, const char *what, int64_t done, int64_t total);
+    /* Generated text as it comes: a UTF-8 piece (may be empty when a token ends mid-char). */
+    void (*text)(void *ctx, const char *piece);
+} lt_callbacks;
+
+lt_session *lt_session_new(void);
+void lt_session_free(lt_session *s);
+/* The message of the last failed call ("" if none). Valid until the next call. */
+const char *lt_last_error(const lt_session *s);
+/* Raised from any thread or a signal handler; cleared by the engine when a call starts. */
+void lt_cancel(lt_session *s);
+
+/* ---- loading ---------------------------------------------------------------------------- */
+
+typedef struct lt_load_opts {
+    const char *dtype;  /* "auto" (as stored), "fp32", "fp16", "bf16"; NULL = auto */
+    const char *device; /* "auto", "cpu", "cuda"; NULL = auto */
+    int max_seq;        /* 0 = the config's max_position_embeddings, capped at 8192 */
+} lt_load_opts;
+
+/* SOURCE: a directory; a Hugging Face cache id ("google/gemma-3-1b-it", looked up under
+ * $HF_HOME/hub or ~/.cache/huggingface/hub; no network); "tiny"; "random:gemma-3-1b" (and
+ * 270m/4b/12b/27b: real shapes, seeded random weights). Replaces any model already loaded
+ * only when the new one loaded completely. */
+lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
+                  const lt_callbacks *cb);
+
+/* What is loaded, for %status and %load's summary: fills a caller-owned struct. */
+typedef struct lt_model_info {
+    int loaded;
+    char source[512];
+    char arch[64];         /* "gemma3_text" */
+    char dtype[16];        /* storage dtype of frozen weights */
+    char device[16];       /* "cpu" or "cuda" */
+    int64_t n_params;      /* text model parameters */
+    int64_t weight_bytes;  /* bytes the weights take in memory */
+    int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
+    int sliding_window, max_seq;
+    int skipped_vision;    /* 1 when a vision tower/projector was present and skipped */
+} lt_model_info;
+void lt_model_info_get(const lt_session *s, lt_model_info *info);
+
+/* ---- tokens ----------------------------------------------------------------------------- */
+
+/* Tokenizes text (no BOS added). *ids is malloc'd; the caller frees it. */
+lt_status lt_tokenize(lt_session *s, const char *text, int32_t **ids, int *n);
+/* Detokenizes; *text is malloc'd UTF-8. */
+lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text);
+
+/* ---- running ---------------------------------------------------------------------------- */
+
+/* fp32 logits of one sequence: *logits is malloc'd [n, vocab] row-major. */
+lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab);
+
+typedef struct lt_gen_opts {
+    int max_new;        /* default 256 */
+    float temperature;  /* 0 = greedy; Gemma default 1.0 */
+    int top_k;          /* 0 = off; Gemma default 64 */
+    float top_p;        /* 1 = off; Gemma default 0.95 */
+    float min_p;        /* 0 = off */
+    uint64_t seed;
+} lt_gen_opts;
+/* Fills Gemma's defaults (temperature 1, top_k 64, top_p 0.95, min_p 0, max_new 256). */
+void lt_gen_opts_default(lt_gen_opts *o);
+
+/* Continues raw text (BOS + tokens of prompt), streaming pieces through cb->text. If out is
+ * not NULL, *out receives the whole completion (malloc'd). Stops at eos, <end_of_turn>,
+ * max_new or cancel (a cancel keeps what was generated and returns LT_CANCELLED). */
+lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
+                      const lt_callbacks *cb, char **out);
+
+/* Greedy/sampled continuation of token ids (no template, no BOS added): for parity tests. */
+lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen_opts *o,
+                          int32_t **out_ids, int *n_out);
+
+/* Chat: adds a user turn to the session's history, renders the Gemma chat template (one
+ * BOS), generates the model turn, streams it and appends it to the history. */
+lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
+                  const lt_callbacks *cb, char **reply);
+void lt_chat_reset(lt_session *s);
+/* Sets or clears (NULL) the system prompt (Gemma folds it into the first user turn). */
+lt_status lt_chat_system(lt_session *s, const char *system_text);
+
+/* Renders messages (role "system"|"user"|"model"/"assistant", content) with the Gemma chat
+ * template as the Hub's Jinja does; add_generation_prompt appends "<start_of_turn>model\n".
+ * *text is malloc'd. The BOS appears once, as the text "<bos>". */
+lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents,
+                         int n, int add_generation_prompt, char **text);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,189 @@
+/* magic_model.c — the magics that load and run a model: %load, %status, %generate, %%chat.
+ * They translate options into engine calls (cuda/engine.h) and engine callbacks into sink
+ * output; the engine does the work and owns the model.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "kernel/display.h"
+#include "kernel/magic_handlers.h"
+
+/* ---- engine callbacks -> sink ----------------------------------------------------------- */
+
+typedef struct engine_view {
+    magic_ctx *ctx;
+    progress_bar bar;
+    int bar_open;
+    char bar_what[64];
+} engine_view;
+
+static void view_message(void *p, const char *text) {
+    engine_view *v = p;
+    magic_eprint(v->ctx, "%s\n", text);
+}
+
+static void view_progress(void *p, const char *what, int64_t done, int64_t total) {
+    engine_view *v = p;
+    if (!v->bar_open || strcmp(v->bar_what, what) != 0) {
+        if (v->bar_open) progress_end(&v->bar, v->bar.total, NULL, "done");
+        snprintf(v->bar_what, sizeof v->bar_what, "%s", what);
+        progress_begin(&v->bar, v->ctx->sink, what, total);
+        v->bar_open = 1;
+    }
+    v->bar.total = total;
+    progress_update(&v->bar, done, NULL, done == total);
+}
+
+static void view_text(void *p, const char *piece) {
+    engine_view *v = p;
+    if (*piece) magic_print(v->ctx, "%s", piece);
+}
+
+static lt_callbacks view_callbacks(engine_view *v, magic_ctx *ctx) {
+    memset(v, 0, sizeof *v);
+    v->ctx = ctx;
+    lt_callbacks cb = {v, view_message, view_progress, view_text};
+    return cb;
+}
+
+static void view_close(engine_view *v, lt_status st) {
+    if (v->bar_open)
+        progress_end(&v->bar, st == LT_OK ? v->bar.total : v->bar.total,
+                     NULL, st == LT_OK ? "done" : st == LT_CANCELLED ? "interrupted" : "failed");
+}
+
+/* ---- %load / %status -------------------------------------------------------------------- */
+
+static void model_summary(magic_ctx *ctx, int with_title) {
+    lt_model_info info;
+    lt_model_info_get(ctx->session, &info);
+    strbuf_t text, html;
+    sb_init(&text);
+    sb_init(&html);
+    if (!info.loaded) {
+        sb_printf(&text, "%s\nmodel: none loaded (%%load tiny, or %%help load)\n", PACKAGE_STRING);
+        sb_printf(&html, "<p>%s &middot; no model loaded (<code>%%load tiny</code>)</p>",
+                  PACKAGE_STRING);
+    } else {
+        char mem[32], params[32];
+        display_bytes(mem, sizeof mem, (double)info.weight_bytes);
+        if (info.n_params >= 1000000000)
+            snprintf(params, sizeof params, "%.2fB", info.n_params / 1e9);
+        else
+            snprintf(params, sizeof params, "%.2fM", info.n_params / 1e6);
+        const char *rows[][2] = {
+            {"source", info.source}, {"architecture", info.arch}, {"device", info.device},
+            {"dtype", info.dtype},   {"parameters", params},      {"weights in memory", mem},
+        };
+        char shape[256];
+        snprintf(shape, sizeof shape,
+                 "%d layers, hidden %d, %d heads x %d (kv %d), mlp %d, vocab %d, window %d, "
+                 "max_seq %d",
+                 info.n_layers, info.hidden, info.n_heads, info.head_dim, info.n_kv_heads,
+                 info.intermediate, info.vocab, info.sliding_window, info.max_seq);
+        if (with_title) sb_printf(&text, "%s\n", PACKAGE_STRING);
+        sb_printf(&html, "<table>");
+        for (size_t i = 0; i < sizeof rows / sizeof rows[0]; ++i) {
+            sb_printf(&text, "%-18s %s\n", rows[i][0], rows[i][1]);
+            sb_printf(&html, "<tr><td>%s</td><td><code>", rows[i][0]);
+            sb_html(&html, rows[i][1]);
+            sb_printf(&html, "</code></td></tr>");
+        }
+        sb_printf(&text, "%-18s %s\n", "shape", shape);
+        sb_printf(&html, "<tr><td>shape</td><td>");
+        sb_html(&html, shape);
+        sb_printf(&html, "</td></tr>");
+        if (info.skipped_vision) {
+            const char *note = "text only: the vision tower and projector were skipped";
+            sb_printf(&text, "%-18s %s\n", "note", note);
+            sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
+        }
+        sb_printf(&html, "</table>");
+    }
+    char *t = sb_take(&text), *h = sb_take(&html);
+    if (t && h) display_html(ctx->sink, h, t, NULL, 0);
+    free(t);
+    free(h);
+}
+
+int magic_load(magic_ctx *ctx, const magic_args *a) {
+    lt_load_opts opts = {arg_str(a, "dtype"), arg_str(a, "device"), (int)arg_int(a, "max_seq")};
+    engine_view v;
+    lt_callbacks cb = view_callbacks(&v, ctx);
+    lt_status st = lt_load(ctx->session, a->pos[0], &opts, &cb);
+    view_close(&v, st);
+    if (st != LT_OK) return magic_fail_engine(ctx, st);
+    model_summary(ctx, 0);
+    return 0;
+}
+
+int magic_status(magic_ctx *ctx, const magic_args *a) {
+    (void)a;
+    model_summary(ctx, 1);
+    return 0;
+}
+
+/* ---- %generate / %%chat ----------------------------------------------------------------- */
+
+static void gen_opts_from(const magic_args *a, lt_gen_opts *o) {
+    lt_gen_opts_default(o);
+    o->max_new = (int)arg_int(a, "max_new");
+    o->temperature = (float)arg_float(a, "temperature");
+    o->top_k = (int)arg_int(a, "top_k");
+    o->top_p = (float)arg_float(a, "top_p");
+    o->min_p = (float)arg_float(a, "min_p");
+    o->seed = (uint64_t)arg_int(a, "seed");
+}
+
+int magic_generate(magic_ctx *ctx, const magic_args *a) {
+    lt_gen_opts o;
+    gen_opts_from(a, &o);
+    engine_view v;
+    lt_callbacks cb = view_callbacks(&v, ctx);
+    lt_status st = lt_generate(ctx->session, a->pos[0], &o, &cb, NULL);
+    magic_print(ctx, "\n");
+    if (st != LT_OK) return magic_fail_engine(ctx, st);
+    return 0;
+}
+
+int magic_chat(magic_ctx *ctx, const magic_args *a) {
+    if (a->npos == 1) {
+        if (strcmp(a->pos[0], "reset") != 0)
+            return magic_fail(ctx, "CellError",
+                              "%%%%chat: unexpected word '%s'; the only word it takes is reset",
+                              a->pos[0]);
+        lt_chat_reset(ctx->session);
+    }
+    if (arg_given(a, "system")) {
+        const char *sys = arg_str(a, "system");
+        lt_status st = lt_chat_system(ctx->session, *sys ? sys : NULL);
+        if (st != LT_OK) return magic_fail_engine(ctx, st);
+    }
+    /* the body, trimmed */
+    const char *body = a->body ? a->body : "";
+    while (*body == '\n' || *body == ' ' || *body == '\t' || *body == '\r') ++body;
+    size_t n = strlen(body);
+    while (n > 0 && (body[n - 1] == '\n' || body[n - 1] == ' ' || body[n - 1] == '\r')) --n;
+    if (n == 0) {
+        if (a->npos == 1) {
+            magic_print(ctx, "conversation reset\n");
+            return 0;
+        }
+        return magic_fail(ctx, "CellError",
+                          "%%%%chat: the cell body is your message and it is empty; write it "
+                          "on the lines after %%%%chat");
+    }
+    char *msg = strndup(body, n);
+    if (!msg) return magic_fail(ctx, "MemoryError", "out of memory");
+    lt_gen_opts o;
+    gen_opts_from(a, &o);
+    engine_view v;
+    lt_callbacks cb = view_callbacks(&v, ctx);
+    lt_status st = lt_chat(ctx->session, msg, &o, &cb, NULL);
+    free(msg);
+    magic_print(ctx, "\n");
+    if (st != LT_OK) return magic_fail_engine(ctx, st);
+    return 0;
+}

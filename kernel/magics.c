@@ -1,0 +1,500 @@
+/* magics.c — the magic table and everything that reads it: option validation with typed
+ * errors, typed accessors, and help rendering (%help, inspection, error hints).
+ *
+ * Adding a magic = one handler in kernel/magic_*.c + one entry here. Nothing else in the
+ * kernel lists magic or option names.
+ */
+#include "kernel/magic.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "kernel/cell.h"
+#include "kernel/display.h"
+#include "kernel/magic_handlers.h"
+
+/* ---- the table -------------------------------------------------------------------------- */
+
+#define NO_RANGE 1, 0, 0 /* min > max: unbounded */
+
+/* Sampling options shared by %generate and %%chat (Gemma 3's generation_config defaults). */
+#define SAMPLING_OPTS                                                                         \
+    {"max_new", OPT_INT, "256", NULL, 1, 32768, 0, "most new tokens to generate"},            \
+        {"temperature", OPT_FLOAT, "1.0", NULL, 0, 100, 0,                                    \
+         "sampling temperature; 0 = greedy (Gemma default 1.0)"},                             \
+        {"top_k", OPT_INT, "64", NULL, 0, 1000000, 0, "keep the k most likely tokens; 0 = off"}, \
+        {"top_p", OPT_FLOAT, "0.95", NULL, 0, 1, 1, "nucleus sampling mass; 1 = off"},        \
+        {"min_p", OPT_FLOAT, "0", NULL, 0, 1, 0, "drop tokens below min_p x the top probability"}, \
+        {"seed", OPT_INT, "0", NULL, 0, 9007199254740991.0, 0, "random seed for sampling"}
+
+static const opt_spec no_opts[] = {{NULL}};
+
+static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NULL, NULL, 0, 86400, 0,
+                                      "how long to wait"};
+
+static const opt_spec echo_opts[] = {
+    {"stream", OPT_CHOICE, "stdout", "stdout|stderr", NO_RANGE, "which stream to print on"},
+    {NULL}};
+
+static const opt_spec input_opts[] = {
+    {"password", OPT_BOOL, "false", NULL, NO_RANGE, "hide what is typed"},
+    {NULL}};
+
+static const opt_spec load_opts[] = {
+    {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
+     "storage type of the frozen weights (auto = as stored; computed in fp32 on the CPU)"},
+    {"device", OPT_CHOICE, "auto", "auto|cpu|cuda", NO_RANGE, "where the model runs"},
+    {"max_seq", OPT_INT, "0", NULL, 0, 1048576, 0,
+     "longest sequence (0 = the config's, at most 8192)"},
+    {NULL}};
+
+static const opt_spec generate_opts[] = {SAMPLING_OPTS, {NULL}};
+
+static const opt_spec chat_opts[] = {
+    SAMPLING_OPTS,
+    {"system", OPT_STRING, NULL, NULL, NO_RANGE,
+     "system prompt (Gemma folds it into the first user turn); \"\" clears it"},
+    {NULL}};
+
+static const magic_spec table[] = {
+    {"help", 0, "%help [MAGIC]", 0, 1, "MAGIC", NULL, no_opts, "list the magics, or explain one",
+     "Without a name, lists every magic with a one-line summary. With a name (with or "
+     "without %), shows its usage, every option with type, default and meaning.",
+     magic_help},
+    {"status", 0, "%status", 0, 0, NULL, NULL, no_opts, "what is loaded, memory, last run",
+     "Shows the loaded model (source, architecture, dtype, device, parameters, memory), "
+     "what was skipped (a vision tower), and the engine's state.",
+     magic_status},
+    {"load", 0, "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] [max_seq=N]",
+     1, 1, "SOURCE", NULL, load_opts, "load a Gemma 3 model and its tokenizer",
+     "SOURCE is a directory (config.json, *.safetensors, tokenizer.model), a Hugging Face "
+     "cache id such as google/gemma-3-1b-it (looked up under $HF_HOME/hub or "
+     "~/.cache/huggingface/hub, never downloaded), `tiny` (the small model shipped with "
+     "lathe), or random:gemma-3-{270m,1b,4b,12b,27b} (real shapes, seeded random weights). "
+     "A failed load keeps the model that was loaded before.",
+     magic_load},
+    {"generate", 0, "%generate PROMPT [max_new=N] [temperature=T] [top_k=K] [top_p=P] "
+                    "[min_p=M] [seed=S]",
+     1, 1, "PROMPT", NULL, generate_opts, "continue a text (no chat template)",
+     "Continues PROMPT (quote it: %generate \"Once upon a time\") from <bos>, streaming the "
+     "tokens into the cell. Stops at <eos>, <end_of_turn> or max_new. Interrupt keeps what "
+     "was generated.",
+     magic_generate},
+    {"chat", 1, "%%chat [reset] [system=TEXT] [max_new=N] [temperature=T] ...", 0, 1, "reset", NULL,
+     chat_opts, "chat with the model (multi-turn, Gemma chat template)",
+     "The cell body is your message; the model's reply streams into the cell and both join "
+     "the conversation. `%%chat reset` (with or without a body) starts a new conversation. "
+     "The prompt is rendered with Gemma 3's chat template, with one <bos>.",
+     magic_chat},
+    {"sleep", 0, "%sleep SECONDS", 1, 1, "SECONDS", &seconds_type, no_opts,
+     "wait with a live progress bar (tests the plumbing)",
+     "Waits SECONDS (0 to 86400) showing a progress bar updated in place. An interrupt "
+     "stops it within half a second. It exists to show how every long magic reports.",
+     magic_sleep},
+    {"echo", 0, "%echo TEXT... [stream=stdout|stderr]", 0, MAGIC_MAX_POS, "TEXT", NULL, echo_opts,
+     "print text", "Prints its words, separated by spaces, on stdout (or stderr).",
+     magic_echo},
+    {"input", 0, "%input PROMPT [password=false]", 0, 1, "PROMPT", NULL, input_opts,
+     "ask the user for a line and print it",
+     "Asks the front end for a line of text (Jupyter's input_request) and prints what was "
+     "typed. Fails with a clear message when the front end allows no input.",
+     magic_input},
+    {"version", 0, "%version", 0, 0, NULL, NULL, no_opts, "lathe's version as the cell's result",
+     "Returns lathe's version as the cell's result.", magic_version},
+};
+
+const magic_spec *magics_all(int *n) {
+    *n = (int)(sizeof table / sizeof table[0]);
+    return table;
+}
+
+const magic_spec *magics_find(const char *name) {
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i)
+        if (strcmp(table[i].name, name) == 0) return &table[i];
+    return NULL;
+}
+
+const opt_spec *magic_opt_find(const magic_spec *m, const char *name) {
+    for (const opt_spec *o = m->opts; o->name; ++o)
+        if (strcmp(o->name, name) == 0) return o;
+    return NULL;
+}
+
+/* ---- typed values ----------------------------------------------------------------------- */
+
+static int parse_bool(const char *s, int *out) {
+    if (!strcasecmp(s, "true") || !strcmp(s, "1") || !strcasecmp(s, "yes")) {
+        *out = 1;
+        return 0;
+    }
+    if (!strcasecmp(s, "false") || !strcmp(s, "0") || !strcasecmp(s, "no")) {
+        *out = 0;
+        return 0;
+    }
+    return -1;
+}
+
+static int parse_number(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno == ERANGE || !isfinite(v)) return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_integer(const char *s, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (end == s || *end != '\0' || errno == ERANGE) return -1;
+    *out = v;
+    return 0;
+}
+
+static int choice_has(const char *choices, const char *v) {
+    size_t n = strlen(v);
+    const char *p = choices;
+    while (p && *p) {
+        const char *bar = strchr(p, '|');
+        size_t len = bar ? (size_t)(bar - p) : strlen(p);
+        if (len == n && strncmp(p, v, n) == 0) return 1;
+        p = bar ? bar + 1 : NULL;
+    }
+    return 0;
+}
+
+static int has_range(const opt_spec *o) {
+    return o->min <= o->max;
+}
+
+void opt_accepted_form(const opt_spec *o, char *out, size_t outlen) {
+    switch (o->type) {
+    case OPT_STRING: snprintf(out, outlen, "%s=TEXT (quote it if it has spaces)", o->name); break;
+    case OPT_BOOL: snprintf(out, outlen, "%s=true|false", o->name); break;
+    case OPT_CHOICE: snprintf(out, outlen, "%s=%s", o->name, o->choices); break;
+    case OPT_LIST: snprintf(out, outlen, "%s=A,B,C", o->name); break;
+    case OPT_INT:
+        if (has_range(o))
+            snprintf(out, outlen, "%s=INTEGER from %.0f to %.0f", o->name, o->min, o->max);
+        else
+            snprintf(out, outlen, "%s=INTEGER", o->name);
+        break;
+    case OPT_FLOAT:
+        if (has_range(o))
+            snprintf(out, outlen, "%s=NUMBER %s %g and <= %g", o->name, o->min_open ? ">" : ">=",
+                     o->min, o->max);
+        else
+            snprintf(out, outlen, "%s=NUMBER", o->name);
+        break;
+    }
+}
+
+/* Checks one value against its spec; on failure writes why into msg. */
+static int opt_check(const magic_spec *m, const opt_spec *o, const char *v, char *msg,
+                     size_t msglen) {
+    char form[160];
+    opt_accepted_form(o, form, sizeof form);
+    int ok = 1;
+    switch (o->type) {
+    case OPT_STRING:
+    case OPT_LIST: break;
+    case OPT_BOOL: {
+        int b;
+        ok = parse_bool(v, &b) == 0;
+        break;
+    }
+    case OPT_CHOICE: ok = choice_has(o->choices, v); break;
+    case OPT_INT: {
+        long long x;
+        ok = parse_integer(v, &x) == 0 && (!has_range(o) || (x >= o->min && x <= o->max));
+        if (ok && o->min_open && has_range(o) && x <= o->min) ok = 0;
+        break;
+    }
+    case OPT_FLOAT: {
+        double x;
+        ok = parse_number(v, &x) == 0 && (!has_range(o) || (x >= o->min && x <= o->max));
+        if (ok && o->min_open && has_range(o) && x <= o->min) ok = 0;
+        break;
+    }
+    }
+    if (!ok)
+        snprintf(msg, msglen, "%%%s: bad value '%s' for option '%s'; accepted: %s", m->name, v,
+                 o->name, form);
+    return ok ? 0 : -1;
+}
+
+/* The option names of a magic, for "unknown option" messages. */
+static void opt_names(const magic_spec *m, char *out, size_t outlen) {
+    size_t n = 0;
+    out[0] = '\0';
+    for (const opt_spec *o = m->opts; o->name; ++o) {
+        int w = snprintf(out + n, outlen - n, "%s%s", n ? ", " : "", o->name);
+        if (w < 0 || (size_t)w >= outlen - n) break;
+        n += (size_t)w;
+    }
+}
+
+int magic_validate(const cell_call *call, magic_args *args, char *msg, size_t msglen) {
+    const magic_spec *m = magics_find(call->name);
+    memset(args, 0, sizeof *args);
+    if (!m) {
+        snprintf(msg, msglen, "line %d: unknown magic %s%s; %%help lists the magics", call->line,
+                 call->is_cell ? "%%" : "%", call->name);
+        return -1;
+    }
+    if (m->cell != call->is_cell) {
+        snprintf(msg, msglen, "line %d: %s%s is a %s magic; write it as: %s", call->line,
+                 call->is_cell ? "%%" : "%", call->name, m->cell ? "cell" : "line", m->usage);
+        return -1;
+    }
+    args->spec = m;
+    args->body = call->body;
+    for (int i = 0; i < call->nwords; ++i) {
+        const cell_word *w = &call->words[i];
+        if (!w->key) {
+            if (args->npos >= m->max_pos) {
+                if (m->max_pos == 0)
+                    snprintf(msg, msglen, "line %d: %%%s takes no words, got '%s'; usage: %s",
+                             call->line, m->name, w->value, m->usage);
+                else
+                    snprintf(msg, msglen,
+                             "line %d: %%%s: unexpected word '%s' (quote text with spaces: "
+                             "\"...\"); usage: %s",
+                             call->line, m->name, w->value, m->usage);
+                return -1;
+            }
+            if (m->pos_type) {
+                char why[400];
+                if (opt_check(m, m->pos_type, w->value, why, sizeof why)) {
+                    char form[160];
+                    opt_accepted_form(m->pos_type, form, sizeof form);
+                    snprintf(msg, msglen, "line %d: %%%s: bad %s '%s'; accepted: %s",
+                             call->line, m->name, m->pos_type->name, w->value,
+                             strchr(form, '=') + 1);
+                    return -1;
+                }
+            }
+            args->pos[args->npos++] = w->value;
+            continue;
+        }
+        const opt_spec *o = magic_opt_find(m, w->key);
+        if (!o) {
+            char names[512];
+            opt_names(m, names, sizeof names);
+            if (names[0])
+                snprintf(msg, msglen, "line %d: %%%s has no option '%s'; its options are: %s",
+                         call->line, m->name, w->key, names);
+            else
+                snprintf(msg, msglen, "line %d: %%%s takes no options (got '%s'); usage: %s",
+                         call->line, m->name, w->key, m->usage);
+            return -1;
+        }
+        int idx = (int)(o - m->opts);
+        if (args->given[idx]) {
+            snprintf(msg, msglen, "line %d: %%%s: option '%s' is given twice", call->line,
+                     m->name, o->name);
+            return -1;
+        }
+        char why[400];
+        if (opt_check(m, o, w->value, why, sizeof why)) {
+            snprintf(msg, msglen, "line %d: %s", call->line, why);
+            return -1;
+        }
+        args->value[idx] = w->value;
+        args->given[idx] = 1;
+    }
+    if (args->npos < m->min_pos) {
+        snprintf(msg, msglen, "line %d: %%%s needs %s; usage: %s", call->line, m->name,
+                 m->pos_name ? m->pos_name : "an argument", m->usage);
+        return -1;
+    }
+    for (int i = 0; m->opts[i].name; ++i)
+        if (!args->given[i]) args->value[i] = m->opts[i].def;
+    return 0;
+}
+
+/* ---- accessors -------------------------------------------------------------------------- */
+
+static int opt_index(const magic_args *a, const char *name) {
+    const opt_spec *o = magic_opt_find(a->spec, name);
+    return o ? (int)(o - a->spec->opts) : -1;
+}
+
+const char *arg_str(const magic_args *a, const char *name) {
+    int i = opt_index(a, name);
+    return i < 0 ? NULL : a->value[i];
+}
+
+long long arg_int(const magic_args *a, const char *name) {
+    const char *v = arg_str(a, name);
+    return v ? strtoll(v, NULL, 10) : 0;
+}
+
+double arg_float(const magic_args *a, const char *name) {
+    const char *v = arg_str(a, name);
+    return v ? strtod(v, NULL) : 0.0;
+}
+
+int arg_bool(const magic_args *a, const char *name) {
+    const char *v = arg_str(a, name);
+    int b = 0;
+    return v && parse_bool(v, &b) == 0 ? b : 0;
+}
+
+int arg_given(const magic_args *a, const char *name) {
+    int i = opt_index(a, name);
+    return i >= 0 && a->given[i];
+}
+
+/* ---- failing and printing --------------------------------------------------------------- */
+
+int magic_fail(magic_ctx *ctx, const char *ename, const char *fmt, ...) {
+    va_list ap;
+    char buf[2048];
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (ctx->err && !ctx->err->ename) {
+        ctx->err->ename = strdup(ename);
+        ctx->err->evalue = strdup(buf);
+    }
+    return -1;
+}
+
+int magic_fail_engine(magic_ctx *ctx, lt_status st) {
+    if (st == LT_CANCELLED)
+        return magic_fail(ctx, "KeyboardInterrupt", "interrupted: %s",
+                          lt_last_error(ctx->session)[0] ? lt_last_error(ctx->session)
+                                                         : "stopped by the user");
+    return magic_fail(ctx, "EngineError", "%s", lt_last_error(ctx->session));
+}
+
+static void vprint(magic_ctx *ctx, const char *stream, const char *fmt, va_list ap) {
+    char small[1024];
+    va_list copy;
+    va_copy(copy, ap);
+    int n = vsnprintf(small, sizeof small, fmt, copy);
+    va_end(copy);
+    if (n < 0 || !ctx->sink->stream) return;
+    if ((size_t)n < sizeof small) {
+        ctx->sink->stream(ctx->sink->ctx, stream, small);
+        return;
+    }
+    char *big = malloc((size_t)n + 1);
+    if (!big) return;
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    ctx->sink->stream(ctx->sink->ctx, stream, big);
+    free(big);
+}
+
+void magic_print(magic_ctx *ctx, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vprint(ctx, "stdout", fmt, ap);
+    va_end(ap);
+}
+
+void magic_eprint(magic_ctx *ctx, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vprint(ctx, "stderr", fmt, ap);
+    va_end(ap);
+}
+
+/* ---- help ------------------------------------------------------------------------------- */
+
+static const char *type_name(opt_type t) {
+    switch (t) {
+    case OPT_STRING: return "text";
+    case OPT_INT: return "integer";
+    case OPT_FLOAT: return "number";
+    case OPT_BOOL: return "true|false";
+    case OPT_CHOICE: return "choice";
+    case OPT_LIST: return "list";
+    }
+    return "?";
+}
+
+char *opt_help_text(const magic_spec *m, const opt_spec *o) {
+    char form[160];
+    opt_accepted_form(o, form, sizeof form);
+    strbuf_t b;
+    sb_init(&b);
+    sb_printf(&b, "%%%s option %s (%s)\n  %s\n  accepted: %s\n  default: %s\n", m->name, o->name,
+              type_name(o->type), o->help, form, o->def ? o->def : "(none)");
+    return sb_take(&b);
+}
+
+char *magic_help_text(const magic_spec *m) {
+    strbuf_t b;
+    sb_init(&b);
+    sb_printf(&b, "%s\n\n%s\n", m->usage, m->help);
+    if (m->opts[0].name) {
+        sb_printf(&b, "\nOptions:\n");
+        for (const opt_spec *o = m->opts; o->name; ++o) {
+            char form[160];
+            opt_accepted_form(o, form, sizeof form);
+            sb_printf(&b, "  %-13s %s (default %s)\n                accepted: %s\n", o->name,
+                      o->help, o->def ? o->def : "none", form);
+        }
+    }
+    return sb_take(&b);
+}
+
+char *magic_help_html(const magic_spec *m) {
+    strbuf_t b;
+    sb_init(&b);
+    sb_printf(&b, "<div><p><code>");
+    sb_html(&b, m->usage);
+    sb_printf(&b, "</code></p><p>");
+    sb_html(&b, m->help);
+    sb_printf(&b, "</p>");
+    if (m->opts[0].name) {
+        sb_printf(&b, "<table><tr><th>option</th><th>accepted</th><th>default</th>"
+                      "<th>meaning</th></tr>");
+        for (const opt_spec *o = m->opts; o->name; ++o) {
+            char form[160];
+            opt_accepted_form(o, form, sizeof form);
+            sb_printf(&b, "<tr><td><code>%s</code></td><td><code>", o->name);
+            sb_html(&b, form);
+            sb_printf(&b, "</code></td><td>");
+            sb_html(&b, o->def ? o->def : "");
+            sb_printf(&b, "</td><td>");
+            sb_html(&b, o->help);
+            sb_printf(&b, "</td></tr>");
+        }
+        sb_printf(&b, "</table>");
+    }
+    sb_printf(&b, "</div>");
+    return sb_take(&b);
+}
+
+char *magics_table_text(void) {
+    strbuf_t b;
+    sb_init(&b);
+    sb_printf(&b, "lathe magics (%%help NAME for details):\n");
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i)
+        sb_printf(&b, "  %s%-10s %s\n", table[i].cell ? "%%" : "%", table[i].name,
+                  table[i].summary);
+    return sb_take(&b);
+}
+
+char *magics_table_html(void) {
+    strbuf_t b;
+    sb_init(&b);
+    sb_printf(&b, "<table><tr><th>magic</th><th>what it does</th></tr>");
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i) {
+        sb_printf(&b, "<tr><td><code>%s%s</code></td><td>", table[i].cell ? "%%" : "%",
+                  table[i].name);
+        sb_html(&b, table[i].summary);
+        sb_printf(&b, "</td></tr>");
+    }
+    sb_printf(&b, "</table><p><code>%%help NAME</code> explains a magic and its options.</p>");
+    return sb_take(&b);
+}
