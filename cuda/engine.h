@@ -126,6 +126,22 @@ lt_status lt_chat_system(lt_session *s, const char *system_text);
 lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents,
                          int n, int add_generation_prompt, char **text);
 
+/* ---- export (cuda/gguf_export.c) -------------------------------------------------------- */
+
+typedef struct lt_export_result {
+    uint64_t bytes; /* size of the file written */
+    int n_tensors;
+    int n_fallback; /* tensors stored in a fallback type: rows not a multiple of the block */
+} lt_export_result;
+
+/* Writes the loaded model, enabled LoRA adapters merged (in fp32), as a GGUF file llama.cpp
+ * loads. type: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m" (per-tensor types as llama.cpp's
+ * converter / llama-quantize choose them). Refuses to replace an existing file unless
+ * overwrite; written atomically (nothing appears on failure or cancel). Progress goes to
+ * cb->progress("export", bytes done, bytes total), notes to cb->message. res may be NULL. */
+lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
+                         const lt_callbacks *cb, lt_export_result *res);
+
 #ifdef __cplusplus
 }
 #endif

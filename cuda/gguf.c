@@ -387,7 +387,7 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
     lt_status st = LT_OK;
     for (int64_t r = 0; r < nrows && st == LT_OK; r += chunk) {
         int64_t n = nrows - r < chunk ? nrows - r : chunk;
-        if (o && o->cancel && *o->cancel) {
+        if (o && o->cancel && atomic_load(o->cancel)) {
             st = fail(w, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
             break;
         }

@@ -6,7 +6,7 @@
  *   - the writer: typed metadata, tensor infos, 32-byte aligned data, written atomically
  *     (temp file in the target folder, fsync, rename), streaming tensors through a fill
  *     callback so a model never has to exist twice in memory (gguf.c);
- *   - the Gemma 3 exporter: lt_export_gguf in engine.h, built on gguf_export_run below
+ *   - the Gemma 3 exporter: lt_export_gguf in engine.h, built on gguf_export_gemma3 below
  *     (gguf_export.c).
  * Errors are values: every function that can fail returns an lt_status and leaves a message
  * in the writer (gguf_writer_error). Nothing here prints, exits or aborts.
@@ -15,6 +15,7 @@
 #ifndef LATHE_GGUF_H
 #define LATHE_GGUF_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -137,7 +138,7 @@ lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const in
 typedef struct gguf_write_opts {
     int overwrite;               /* 0: refuse when path exists (checked before and at rename) */
     int n_threads;               /* quantization threads; 0 = online CPUs (at most 16) */
-    volatile int *cancel;        /* polled between chunks; non-zero -> LT_CANCELLED */
+    const atomic_int *cancel;    /* polled between chunks; non-zero -> LT_CANCELLED */
     gguf_progress_fn progress;   /* may be NULL */
     void *progress_ctx;
 } gguf_write_opts;
@@ -146,6 +147,45 @@ typedef struct gguf_write_opts {
  * removed on every failure). *bytes (may be NULL) receives the file size. */
 lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
                             uint64_t *bytes);
+
+/* ---- the Gemma 3 exporter (gguf_export.c) ----------------------------------------------- */
+
+struct gemma3_model;
+struct lt_tokenizer;
+struct lt_ctx;
+
+typedef struct gguf_export_opts {
+    gguf_ftype ftype;
+    int overwrite;
+    int n_threads;            /* 0 = online CPUs */
+    const char *name;         /* general.name; NULL = the source's folder name */
+    const atomic_int *cancel; /* polled between chunks; may be NULL */
+    const lt_callbacks *cb;   /* message + progress("export", bytes done, bytes total); may be NULL */
+} gguf_export_opts;
+
+typedef struct gguf_export_result {
+    uint64_t bytes;   /* file size */
+    int n_tensors;
+    int n_fallback;   /* tensors written in a fallback type (rows not a multiple of the block) */
+} gguf_export_result;
+
+/* Writes model m (with its enabled LoRA adapters merged in fp32) and tokenizer tok as a GGUF
+ * file llama.cpp loads. dev: the backend holding the weights (NULL = host memory).
+ * err: LT_ERRLEN bytes. The model is not modified. */
+lt_status gguf_export_gemma3(struct gemma3_model *m, const struct lt_tokenizer *tok,
+                             struct lt_ctx *dev, const char *path, const gguf_export_opts *o,
+                             gguf_export_result *res, char *err);
+
+/* Provided by session.c (engine-internal): begins an engine call on s (clears its error and
+ * cancel flag) and lends the loaded model, tokenizer, backend context, cancel flag and the
+ * session's error buffer (LT_ERRLEN bytes, read by lt_last_error) for the call's duration.
+ * Returns LT_ERR_STATE with the message set when no model is loaded. */
+lt_status lt_session_lend(lt_session *s, struct gemma3_model **m, struct lt_tokenizer **tok,
+                          struct lt_ctx **ctx, atomic_int **cancel, char **err);
+
+/* HF weight name -> llama.cpp tensor name ("model.layers.3.mlp.up_proj.weight" ->
+ * "blk.3.ffn_up.weight"); *layer (-1 outside layers) and *role (a gguf_role). 0 or -1. */
+int gguf_export_tensor_name(const char *hf, char *out, size_t cap, int *layer, int *role);
 
 #ifdef __cplusplus
 }

@@ -359,6 +359,7 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
             goto done;
         }
         if (read_text(&r, tc, c) != LT_OK) goto done;
+        c->final_logit_softcapping = 0; /* Gemma3ForConditionalGeneration never applies it */
         /* top-level ids (eos [1, 106]) are what generation uses */
         r.prefix = "";
         int ids[4], n = 0, got = get_ids(&r, root, "eos_token_id", ids, &n);
@@ -375,6 +376,10 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
         c->tie_word_embeddings = tie;
     } else if (!strcmp(mt, "gemma3_text")) {
         if (read_text(&r, root, c) != LT_OK) goto done;
+        if (c->final_logit_softcapping != 0) {
+            snprintf(err, LT_ERRLEN, "%s: key 'final_logit_softcapping' is not supported (Gemma 3 uses null)", what);
+            goto done;
+        }
     } else {
         snprintf(err, LT_ERRLEN, "%s: model_type '%s' is not Gemma 3 (accepted: gemma3_text, gemma3)", what, mt);
         goto done;

@@ -266,9 +266,11 @@ const char *interp_is_complete(interp *in, const char *code, size_t len, const c
 }
 
 json_t *interp_language_info(void) {
-    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "name", "lathe", "version", PACKAGE_VERSION,
+    /* No codemirror_mode: the classic Notebook would try to fetch a mode file for any name
+     * it does not ship, and "text" highlighting is what a magics language wants anyway. */
+    return json_pack("{s:s, s:s, s:s, s:s, s:s}", "name", "lathe", "version", PACKAGE_VERSION,
                      "mimetype", "text/x-lathe", "file_extension", ".lathe", "pygments_lexer",
-                     "text", "codemirror_mode", "text/plain");
+                     "text");
 }
 
 const char *interp_banner(void) {

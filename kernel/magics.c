@@ -488,9 +488,9 @@ char *magics_table_text(void) {
 char *magics_table_html(void) {
     strbuf_t b;
     sb_init(&b);
-    sb_printf(&b, "<table><tr><th>magic</th><th>what it does</th></tr>");
+    sb_printf(&b, "<table style=\"text-align:left\"><tr><th style=\"text-align:left\">magic</th><th style=\"text-align:left\">what it does</th></tr>");
     for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i) {
-        sb_printf(&b, "<tr><td><code>%s%s</code></td><td>", table[i].cell ? "%%" : "%",
+        sb_printf(&b, "<tr><td style=\"text-align:left\"><code>%s%s</code></td><td style=\"text-align:left\">", table[i].cell ? "%%" : "%",
                   table[i].name);
         sb_html(&b, table[i].summary);
         sb_printf(&b, "</td></tr>");

@@ -45,9 +45,11 @@ nl='
 uds="<mask>,[multimodal],<start_of_turn>,<end_of_turn>,<start_of_image>,<end_of_image>,${nl},${nl}${nl}"
 
 mkdir -p "$out"
-spm_train \
-    --input="$tmp/corpus.txt" \
-    --model_prefix="$tmp/tiny" \
+# Relative paths from inside $tmp: spm_train stores them in the model's trainer_spec, and a
+# random temp-dir name there would make the file differ from run to run.
+(cd "$tmp" && spm_train \
+    --input=corpus.txt \
+    --model_prefix=tiny \
     --model_type=bpe \
     --vocab_size="$vocab" \
     --character_coverage=0.9999 \
@@ -67,7 +69,7 @@ spm_train \
     --max_sentence_length=16384 \
     --num_threads=1 \
     --random_seed=1234 \
-    --minloglevel=1 >"$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
+    --minloglevel=1) >"$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
 
 cp "$tmp/tiny.model" "$out/tokenizer.model"
 echo "wrote $out/tokenizer.model ($(wc -c <"$out/tokenizer.model") bytes, vocab $vocab)"

@@ -69,8 +69,13 @@ async function main() {
     await page.goto(`http://127.0.0.1:${port}/notebooks/help.ipynb?token=${token}`);
     let idle = true;
     try {
-      await page.waitForSelector("#kernel_indicator_icon.kernel_idle", { timeout: 60000 });
+      await page.waitForSelector("#kernel_indicator_icon.kernel_idle_icon", { timeout: 60000 });
     } catch (e) { idle = false; }
+    if (!idle) {
+      const cls = await page.getAttribute("#kernel_indicator_icon", "class").catch(() => "?");
+      await page.screenshot({ path: join(work, "failed.png") }).catch(() => {});
+      serverLog += `\nkernel indicator class: ${cls}; page screenshot: ${join(work, "failed.png")}`;
+    }
     if (!ok(idle, "kernel started and idle in the browser", serverLog.slice(-2000))) return;
     await page.click(".cell .CodeMirror");
     await page.keyboard.press("Shift+Enter");

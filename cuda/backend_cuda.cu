@@ -1,0 +1,1279 @@
+/* backend_cuda.cu — the CUDA backend: lt_backend_cuda, every op of backend.h on one stream.
+ *
+ * Owns the device ctx (stream, cuBLAS handle, a caching allocator, device scalars), the GEMM
+ * helper (row-major over cuBLAS, fp32 accumulation always) and the op orchestration: linear
+ * and its adapter path, chunked attention, chunked fused cross-entropy, norms, RoPE, GeGLU,
+ * embedding, AdamW. The element kernels live in the cuda/kernels/ folder. backend_cpu.c is the
+ * specification; tests/gpu/test_ops.c compares the two. Must not know Gemma.
+ *
+ * Precision (DESIGN.md §5): activations, norms, softmax, RoPE, loss and the residual stream
+ * stay fp32. A linear layer computes in its weight's storage dtype: fp32 weights -> fp32 GEMM
+ * (no TF32), bf16/fp16 weights -> the fp32 input is cast to that dtype, the GEMM accumulates and
+ * writes fp32. On the fp16 path every cast input is first scaled by a power of two chosen from
+ * its absolute maximum (so 65504 is never reached and small gradients do not flush to zero);
+ * the GEMM's alpha undoes the scale exactly. The scale lives in device memory and alpha is
+ * read by cuBLAS from there: no op waits for the host except those that must return a host
+ * value (embedding's id check, the loss).
+ *
+ * Errors are values: every CUDA and cuBLAS call goes through CU_TRY / BLAS_TRY, which fill
+ * ctx->err and return LT_ERR_DEVICE (LT_ERR_MEMORY for out-of-memory). Nothing exits.
+ */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "cuda/backend_cuda.h"
+}
+#include "cuda/kernels/kernels.h"
+
+/* ---- ctx state --------------------------------------------------------------------------- */
+
+typedef struct cu_block {
+    void *p;
+    size_t size;
+} cu_block;
+
+typedef struct cu_rope_table {
+    float theta, factor;
+    int hd;
+    float *d; /* [hd/2] */
+} cu_rope_table;
+
+#define CU_SLOTS 64
+#define CU_PROF_CAP 8192
+#define CU_PROF_NAMES 48
+
+typedef struct cu_prof_total {
+    const char *name;
+    double ms;
+    long calls;
+} cu_prof_total;
+
+typedef struct cu_impl {
+    int device, cc, n_sm;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    lt_dtype prec;
+    /* caching allocator: one stream, so a block released here may be reused by the next op */
+    cu_block *live, *freeb;
+    int n_live, cap_live, n_free, cap_free;
+    size_t in_use, peak, reserved;
+    /* per-op temporaries, released at op end */
+    void *tmp[32];
+    int n_tmp;
+    /* device scalars: [0] = 0, [1] = 1, the rest handed out per op */
+    float *dscal;
+    int next_slot;
+    unsigned *dbits; /* absmax bit patterns, one per slot */
+    int *dflag;
+    cu_rope_table rope[16];
+    int n_rope;
+    /* profiling */
+    int prof;
+    cudaEvent_t ev[2 * CU_PROF_CAP];
+    const char *prof_name[CU_PROF_CAP];
+    int n_prof, n_ev_made;
+    cu_prof_total totals[CU_PROF_NAMES];
+    int n_totals;
+    const char *cur_op;
+} cu_impl;
+
+static cu_impl *impl_of(lt_ctx *ctx) { return (cu_impl *)ctx->impl; }
+
+static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file, int line) {
+    lt_status rc = (e == cudaErrorMemoryAllocation) ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file, line);
+    if (e != cudaErrorMemoryAllocation) cudaGetLastError(); /* clear a non-sticky error */
+    return rc;
+}
+
+static const char *blas_name(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "internal error";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
+    default: return "error";
+    }
+}
+
+static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file, int line) {
+    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s, file, line);
+    return s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+}
+
+/* The one checking macro per kind: on failure, set rc and jump to the op's `done:` label. */
+#define CU_TRY(call)                                                                                 \
+    do {                                                                                             \
+        cudaError_t e_ = (call);                                                                     \
+        if (e_ != cudaSuccess) {                                                                     \
+            rc = cu_report(ctx, #call, e_, __FILE__, __LINE__);                                      \
+            goto done;                                                                               \
+        }                                                                                            \
+    } while (0)
+#define BLAS_TRY(call)                                                                               \
+    do {                                                                                             \
+        cublasStatus_t s_ = (call);                                                                  \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                           \
+            rc = blas_report(ctx, #call, s_, __FILE__, __LINE__);                                    \
+            goto done;                                                                               \
+        }                                                                                            \
+    } while (0)
+/* After a kernel launch. */
+#define LAUNCHED() CU_TRY(cudaGetLastError())
+#define TRY(x)                                                                                       \
+    do {                                                                                             \
+        if ((rc = (x)) != LT_OK) goto done;                                                          \
+    } while (0)
+
+static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
+    snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
+    return LT_ERR_ARG;
+}
+#define REQUIRE(cond, msg)                                                                           \
+    do {                                                                                             \
+        if (!(cond)) {                                                                               \
+            rc = arg_fail(ctx, opname, msg);                                                         \
+            goto done;                                                                               \
+        }                                                                                            \
+    } while (0)
+
+static int is_f32(const lt_tensor *t) { return t->dtype == LT_F32 && t->data; }
+static int is_float(lt_dtype d) { return d == LT_F32 || d == LT_F16 || d == LT_BF16; }
+static int64_t last_dim(const lt_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
+
+/* ---- allocator ---------------------------------------------------------------------------- */
+
+static size_t round_size(size_t b) {
+    if (b == 0) b = 1;
+    if (b < (1u << 20)) return (b + 511) & ~(size_t)511;
+    return (b + (2u << 20) - 1) & ~((size_t)(2u << 20) - 1);
+}
+
+static int push_block(cu_block **arr, int *n, int *cap, cu_block b) {
+    if (*n == *cap) {
+        int nc = *cap ? *cap * 2 : 64;
+        cu_block *na = (cu_block *)realloc(*arr, sizeof(cu_block) * (size_t)nc);
+        if (!na) return -1;
+        *arr = na;
+        *cap = nc;
+    }
+    (*arr)[(*n)++] = b;
+    return 0;
+}
+
+static void free_cached(cu_impl *I) {
+    for (int i = 0; i < I->n_free; i++) {
+        cudaFree(I->freeb[i].p);
+        I->reserved -= I->freeb[i].size;
+    }
+    I->n_free = 0;
+}
+
+/* A block of at least `bytes` from the cache or from cudaMalloc; NULL + ctx->err on failure. */
+static void *pool_get(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    size_t need = round_size(bytes);
+    int best = -1;
+    for (int i = 0; i < I->n_free; i++) {
+        size_t s = I->freeb[i].size;
+        if (s >= need && s <= need + need / 4 + (2u << 20) && (best < 0 || s < I->freeb[best].size)) best = i;
+    }
+    cu_block b = {NULL, need};
+    if (best >= 0) {
+        b = I->freeb[best];
+        I->freeb[best] = I->freeb[--I->n_free];
+    } else {
+        cudaError_t e = cudaMalloc(&b.p, need);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            free_cached(I);
+            e = cudaMalloc(&b.p, need);
+        }
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            size_t fr = 0, tot = 0;
+            cudaMemGetInfo(&fr, &tot);
+            snprintf(ctx->err, LT_ERRLEN,
+                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, free %.1f of %.1f MiB);"
+                     " try a smaller batch or max_seq",
+                     need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+            return NULL;
+        }
+        I->reserved += need;
+    }
+    if (push_block(&I->live, &I->n_live, &I->cap_live, b) != 0) {
+        cudaFree(b.p);
+        I->reserved -= b.size;
+        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory tracking an allocation");
+        return NULL;
+    }
+    I->in_use += b.size;
+    if (I->in_use > I->peak) I->peak = I->in_use;
+    return b.p;
+}
+
+static void pool_put(lt_ctx *ctx, void *p) {
+    cu_impl *I = impl_of(ctx);
+    if (!p || !I) return;
+    for (int i = I->n_live - 1; i >= 0; i--) {
+        if (I->live[i].p == p) {
+            cu_block b = I->live[i];
+            I->live[i] = I->live[--I->n_live];
+            I->in_use -= b.size;
+            if (push_block(&I->freeb, &I->n_free, &I->cap_free, b) != 0) {
+                cudaFree(b.p); /* could not cache it: give it back */
+                I->reserved -= b.size;
+            }
+            return;
+        }
+    }
+}
+
+/* ---- op bracket: temporaries, scalar slots, profiling -------------------------------------- */
+
+static void op_begin(lt_ctx *ctx, const char *name) {
+    cu_impl *I = impl_of(ctx);
+    I->n_tmp = 0;
+    I->next_slot = 2;
+    I->cur_op = name;
+    if (I->prof && I->n_prof < CU_PROF_CAP) {
+        int k = I->n_prof;
+        while (I->n_ev_made < 2 * (k + 1)) {
+            if (cudaEventCreate(&I->ev[I->n_ev_made]) != cudaSuccess) {
+                cudaGetLastError();
+                I->prof = 0;
+                return;
+            }
+            I->n_ev_made++;
+        }
+        cudaEventRecord(I->ev[2 * k], I->stream);
+    }
+}
+
+static void prof_flush(cu_impl *I) {
+    if (!I->n_prof) return;
+    cudaEventSynchronize(I->ev[2 * I->n_prof - 1]);
+    for (int k = 0; k < I->n_prof; k++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, I->ev[2 * k], I->ev[2 * k + 1]) != cudaSuccess) {
+            cudaGetLastError();
+            continue;
+        }
+        int j = 0;
+        while (j < I->n_totals && strcmp(I->totals[j].name, I->prof_name[k]) != 0) j++;
+        if (j == I->n_totals) {
+            if (I->n_totals == CU_PROF_NAMES) continue;
+            I->totals[I->n_totals].name = I->prof_name[k];
+            I->totals[I->n_totals].ms = 0;
+            I->totals[I->n_totals].calls = 0;
+            I->n_totals++;
+        }
+        I->totals[j].ms += ms;
+        I->totals[j].calls++;
+    }
+    I->n_prof = 0;
+}
+
+static lt_status op_end(lt_ctx *ctx, lt_status rc) {
+    cu_impl *I = impl_of(ctx);
+    for (int i = 0; i < I->n_tmp; i++) pool_put(ctx, I->tmp[i]);
+    I->n_tmp = 0;
+    if (I->prof && I->n_prof < CU_PROF_CAP && I->n_ev_made >= 2 * (I->n_prof + 1)) {
+        cudaEventRecord(I->ev[2 * I->n_prof + 1], I->stream);
+        I->prof_name[I->n_prof++] = I->cur_op;
+        if (I->n_prof == CU_PROF_CAP) prof_flush(I);
+    }
+    return rc;
+}
+
+/* A temporary for the current op (released by op_end). */
+static void *tmp_get(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    if (I->n_tmp == (int)(sizeof I->tmp / sizeof I->tmp[0])) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda %s: too many temporaries (internal)", I->cur_op);
+        return NULL;
+    }
+    void *p = pool_get(ctx, bytes);
+    if (p) I->tmp[I->n_tmp++] = p;
+    return p;
+}
+
+static float *slot(lt_ctx *ctx, unsigned **bits) {
+    cu_impl *I = impl_of(ctx);
+    int k = I->next_slot++;
+    if (k >= CU_SLOTS) k = CU_SLOTS - 1; /* never reached: an op uses a handful */
+    if (bits) *bits = I->dbits + k;
+    return I->dscal + k;
+}
+
+/* ---- operands in the matmul dtype ---------------------------------------------------------- */
+
+typedef struct opnd {
+    const void *p;
+    lt_dtype dt;
+    const float *inv; /* device 1/scale, or NULL for 1 */
+} opnd;
+
+/* Scale for an fp32 tensor about to be cast to fp16: *scale, *inv (device). */
+static lt_status fp16_scale(lt_ctx *ctx, const float *x, int64_t n, float **scale, float **inv) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    unsigned *bits;
+    float *s = slot(ctx, &bits), *iv = slot(ctx, NULL);
+    CU_TRY(cudaMemsetAsync(bits, 0, sizeof(unsigned), I->stream));
+    k_absmax(I->stream, x, n, bits);
+    LAUNCHED();
+    k_scale_from_absmax(I->stream, bits, s, iv);
+    LAUNCHED();
+    *scale = s;
+    *inv = iv;
+done:
+    return rc;
+}
+
+/* x [rows, cols] fp32 (row stride cols) as a matmul operand of dtype cdt. */
+static lt_status to_cdt(lt_ctx *ctx, const float *x, int64_t rows, int64_t cols, lt_dtype cdt, opnd *o) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    o->p = x;
+    o->dt = LT_F32;
+    o->inv = NULL;
+    if (cdt == LT_F32) return LT_OK;
+    {
+        void *d = tmp_get(ctx, (size_t)(rows * cols) * 2);
+        float *s = NULL, *iv = NULL;
+        if (!d) return LT_ERR_MEMORY;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, x, rows * cols, &s, &iv));
+        k_cast_rows(I->stream, d, cdt, cols, x, cols, rows, cols, s);
+        LAUNCHED();
+        o->p = d;
+        o->dt = cdt;
+        o->inv = iv;
+    }
+done:
+    return rc;
+}
+
+static cudaDataType_t cuda_type(lt_dtype d) {
+    return d == LT_F16 ? CUDA_R_16F : d == LT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* Row-major C[M,N] (fp32, ldc) = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, batched by strides.
+ * op(A) = A ([M,K], lda) or Aᵀ (A stored [K,M]); same for B. alpha = c * (*ia) * (*ib) (the
+ * operands' inverse scales; device) or plain c. beta is 0 or 1. fp32 accumulation always;
+ * fp32 operands run as true fp32 (no TF32). */
+static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c, const opnd *A,
+                      int64_t lda, int64_t sA, const opnd *B, int64_t ldb, int64_t sB, int beta1, float *C, int64_t ldc,
+                      int64_t sC, int batch) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    if (M <= 0 || N <= 0 || batch <= 0) return LT_OK;
+    if (K <= 0) { /* empty inner dimension: C = beta C */
+        if (!beta1) {
+            for (int b = 0; b < batch; b++)
+                CU_TRY(cudaMemset2DAsync(C + b * sC, (size_t)ldc * 4, 0, (size_t)N * 4, (size_t)M, I->stream));
+        }
+        return LT_OK;
+    }
+    {
+        const float *ia = A->inv, *ib = B->inv;
+        float hal = c, hbe = beta1 ? 1.0f : 0.0f;
+        const void *alpha = &hal, *beta = &hbe;
+        cublasPointerMode_t pm = CUBLAS_POINTER_MODE_HOST;
+        if (ia || ib) {
+            float *a = slot(ctx, NULL);
+            k_make_alpha(I->stream, a, c, ia, ib);
+            LAUNCHED();
+            alpha = a;
+            beta = I->dscal + (beta1 ? 1 : 0);
+            pm = CUBLAS_POINTER_MODE_DEVICE;
+        }
+        BLAS_TRY(cublasSetPointerMode(I->blas, pm));
+        cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        /* column-major view: Cᵀ[N,M] = op(B)ᵀ · op(A)ᵀ */
+        if (batch == 1) {
+            BLAS_TRY(cublasGemmEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p, cuda_type(B->dt), (int)ldb,
+                                  A->p, cuda_type(A->dt), (int)lda, beta, C, CUDA_R_32F, (int)ldc,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        } else {
+            BLAS_TRY(cublasGemmStridedBatchedEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p,
+                                                cuda_type(B->dt), (int)ldb, sB, A->p, cuda_type(A->dt), (int)lda, sA,
+                                                beta, C, CUDA_R_32F, (int)ldc, sC, batch, CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
+        }
+    }
+done:
+    return rc;
+}
+
+/* ---- lifetime and memory ops ---------------------------------------------------------------- */
+
+extern "C" int lt_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+static int parse_prec(const char *w, lt_dtype *out) {
+    if (!strcmp(w, "fp16") || !strcmp(w, "f16") || !strcmp(w, "float16")) *out = LT_F16;
+    else if (!strcmp(w, "bf16") || !strcmp(w, "bfloat16")) *out = LT_BF16;
+    else if (!strcmp(w, "fp32") || !strcmp(w, "f32") || !strcmp(w, "float32")) *out = LT_F32;
+    else return -1;
+    return 0;
+}
+
+static void cu_shutdown(lt_ctx *ctx);
+
+static lt_status cu_init(lt_ctx *ctx) {
+    lt_status rc = LT_OK;
+    cu_impl *I = (cu_impl *)calloc(1, sizeof(cu_impl));
+    if (!I) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory");
+        return LT_ERR_MEMORY;
+    }
+    ctx->impl = I;
+    {
+        int n = 0;
+        cudaError_t e = cudaGetDeviceCount(&n);
+        if (e != cudaSuccess || n == 0) {
+            cudaGetLastError();
+            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s", e != cudaSuccess ? ": " : "",
+                     e != cudaSuccess ? cudaGetErrorString(e) : "");
+            free(I);
+            ctx->impl = NULL;
+            return LT_ERR_DEVICE;
+        }
+        const char *dv = getenv("LATHE_CUDA_DEVICE");
+        I->device = dv ? atoi(dv) : 0;
+        if (I->device < 0 || I->device >= n) I->device = 0;
+        CU_TRY(cudaSetDevice(I->device));
+        cudaDeviceProp prop;
+        CU_TRY(cudaGetDeviceProperties(&prop, I->device));
+        I->cc = prop.major * 10 + prop.minor;
+        I->n_sm = prop.multiProcessorCount;
+        I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
+        const char *pe = getenv("LATHE_PRECISION");
+        lt_dtype d;
+        if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &d) == 0) I->prec = d;
+        CU_TRY(cudaStreamCreateWithFlags(&I->stream, cudaStreamNonBlocking));
+        BLAS_TRY(cublasCreate(&I->blas));
+        BLAS_TRY(cublasSetStream(I->blas, I->stream));
+        BLAS_TRY(cublasSetMathMode(I->blas, CUBLAS_DEFAULT_MATH));
+        CU_TRY(cudaMalloc((void **)&I->dscal, sizeof(float) * CU_SLOTS));
+        CU_TRY(cudaMalloc((void **)&I->dbits, sizeof(unsigned) * CU_SLOTS));
+        CU_TRY(cudaMalloc((void **)&I->dflag, sizeof(int) * 4));
+        float init[2] = {0.0f, 1.0f};
+        CU_TRY(cudaMemcpy(I->dscal, init, sizeof init, cudaMemcpyHostToDevice));
+    }
+done:
+    if (rc != LT_OK) {
+        char keep[LT_ERRLEN];
+        memcpy(keep, ctx->err, LT_ERRLEN);
+        cu_shutdown(ctx);
+        memcpy(ctx->err, keep, LT_ERRLEN);
+    }
+    return rc;
+}
+
+static void cu_shutdown(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    if (!I) return;
+    if (I->stream) cudaStreamSynchronize(I->stream);
+    for (int i = 0; i < I->n_live; i++) cudaFree(I->live[i].p);
+    free_cached(I);
+    free(I->live);
+    free(I->freeb);
+    for (int i = 0; i < I->n_rope; i++) cudaFree(I->rope[i].d);
+    for (int i = 0; i < I->n_ev_made; i++) cudaEventDestroy(I->ev[i]);
+    if (I->dscal) cudaFree(I->dscal);
+    if (I->dbits) cudaFree(I->dbits);
+    if (I->dflag) cudaFree(I->dflag);
+    if (I->blas) cublasDestroy(I->blas);
+    if (I->stream) cudaStreamDestroy(I->stream);
+    cudaGetLastError();
+    free(I);
+    ctx->impl = NULL;
+}
+
+static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    void *p = pool_get(ctx, bytes);
+    if (p && cudaMemsetAsync(p, 0, bytes ? bytes : 1, I->stream) != cudaSuccess) {
+        cudaGetLastError();
+        pool_put(ctx, p);
+        snprintf(ctx->err, LT_ERRLEN, "cuda: clearing a new buffer failed");
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_release(lt_ctx *ctx, void *p) { pool_put(ctx, p); }
+
+static lt_status cu_upload(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_of(ctx)->stream));
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream)); /* the caller may free src at once */
+done:
+    return rc;
+}
+
+static lt_status cu_download(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_of(ctx)->stream));
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+static lt_status cu_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+static lt_status cu_sync(lt_ctx *ctx) {
+    lt_status rc = LT_OK;
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+/* ---- forward ops -------------------------------------------------------------------------------- */
+
+static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table, float scale) {
+    const char *opname = "embedding";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int bad = 0;
+    REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, "h must be fp32 and ids I32");
+    REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype), "table must be a 2-D float tensor");
+    {
+        int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
+        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
+        k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data, table->w.dtype, V, H, scale,
+                    I->dflag);
+        LAUNCHED();
+        CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaStreamSynchronize(I->stream));
+        if (bad) {
+            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)", (long long)V);
+            rc = LT_ERR_ARG;
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* A 2-D fp32 adapter matrix as an operand of dtype cdt. */
+static lt_status adapter_opnd(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o) {
+    return to_cdt(ctx, (const float *)t->data, t->shape[0], t->shape[1], cdt, o);
+}
+
+static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
+    const char *opname = "linear";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&x) && is_f32(&y), "x and y must be fp32 tensors");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), "weight must be a 2-D float tensor");
+    {
+        int64_t out = w->w.shape[0], in = w->w.shape[1];
+        int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
+        if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
+            char a[64], b[64], c[64];
+            snprintf(ctx->err, LT_ERRLEN, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
+                     lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
+            rc = LT_ERR_ARG;
+            goto done;
+        }
+        lt_dtype cdt = w->w.dtype;
+        opnd X, W = {w->w.data, cdt, NULL};
+        TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        /* y [T, out] = X [T, in] · W [out, in]ᵀ */
+        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, 0, (float *)y.data, out, 0, 1));
+        const lt_lora *lo = w->lora;
+        if (lo && lo->enabled && lo->a.data) {
+            int64_t r = lo->a.shape[0];
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, "adapter shapes do not agree");
+            opnd A, B, XA;
+            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            float *xa = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* xa: [T, r] fp32 */
+            if (!xa) {
+                rc = LT_ERR_MEMORY;
+                goto done;
+            }
+            TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
+            TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
+            /* y += scale · XA [T, r] · B [out, r]ᵀ */
+            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 1, (float *)y.data, out, 0, 1));
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps) {
+    const char *opname = "rmsnorm";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&x) && is_f32(&y) && is_f32(&w), "x, y and w must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D, "x, y must be [N, numel(w)]");
+        k_rmsnorm(I->stream, (float *)y.data, (const float *)x.data, (const float *)w.data, N, D, eps);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* The [hd/2] inverse frequencies, computed on the host with backend_cpu.c's expression. */
+static lt_status rope_table(lt_ctx *ctx, float theta, float factor, int hd, const float **out) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    for (int i = 0; i < I->n_rope; i++)
+        if (I->rope[i].theta == theta && I->rope[i].factor == factor && I->rope[i].hd == hd) {
+            *out = I->rope[i].d;
+            return LT_OK;
+        }
+    {
+        float inv[512];
+        int half = hd / 2;
+        for (int j = 0; j < half; j++) inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
+        int k = I->n_rope < 16 ? I->n_rope++ : 15;
+        if (k == 15 && I->rope[15].d) {
+            cudaFree(I->rope[15].d);
+            I->rope[15].d = NULL;
+        }
+        CU_TRY(cudaMalloc((void **)&I->rope[k].d, sizeof(float) * (size_t)half));
+        CU_TRY(cudaMemcpy(I->rope[k].d, inv, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice));
+        I->rope[k].theta = theta;
+        I->rope[k].factor = factor;
+        I->rope[k].hd = hd;
+        *out = I->rope[k].d;
+    }
+done:
+    return rc;
+}
+
+static lt_status rope_common(lt_ctx *ctx, const char *opname, lt_tensor x, lt_tensor pos, float theta, float factor,
+                             int dir) {
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data, "x must be fp32 [T, heads, hd], pos I32");
+    {
+        int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2];
+        REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, "pos must be [T] and hd even");
+        REQUIRE(hd <= 1024, "head_dim above 1024");
+        const float *inv = NULL;
+        TRY(rope_table(ctx, theta, factor, (int)hd, &inv));
+        k_rope(I->stream, (float *)x.data, (const int32_t *)pos.data, inv, T, nh, hd, dir);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor) {
+    return rope_common(ctx, "rope", x, pos, theta, factor, +1);
+}
+
+static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor) {
+    return rope_common(ctx, "rope_backward", dx, pos, theta, factor, -1);
+}
+
+/* Query rows per attention chunk: the chunk's [nh, Tq, S] buffers stay under ~256 MiB. */
+static int64_t attn_chunk(int64_t T, int64_t nh, int64_t S, int backward) {
+    int64_t per_row = nh * S * (backward ? 12 : 6);
+    int64_t tq = (256ll << 20) / (per_row ? per_row : 1);
+    if (tq < 1) tq = 1;
+    if (tq > T) tq = T;
+    if (tq > 64) tq &= ~(int64_t)63;
+    return tq;
+}
+
+typedef struct attn_dims {
+    int64_t T, S, nh, nkv, hd, g;
+} attn_dims;
+
+static lt_status attn_check(lt_ctx *ctx, const char *opname, lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos,
+                            lt_tensor kpos, attn_dims *d) {
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), "q, k, v must be fp32");
+    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, "positions must be I32");
+    d->T = q.shape[0];
+    d->nh = q.shape[1];
+    d->hd = q.shape[2];
+    d->S = k.shape[0];
+    d->nkv = k.shape[1];
+    REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv && v.shape[2] == d->hd,
+            "k, v shapes disagree");
+    REQUIRE(d->nkv > 0 && d->nh % d->nkv == 0, "nh must be a multiple of nkv");
+    REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S, "qpos must be [T] and kpos [S]");
+    d->g = d->nh / d->nkv;
+done:
+    return rc;
+}
+
+/* Whole-tensor packing of k or v ([S, nkv, hd] fp32) into [nkv, S, hd] of dtype cdt. */
+static lt_status pack_all(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int64_t S = t->shape[0], H = t->shape[1], hd = t->shape[2];
+    float *s = NULL, *iv = NULL;
+    void *d = tmp_get(ctx, (size_t)(S * H * hd) * (cdt == LT_F32 ? 4 : 2));
+    if (!d) return LT_ERR_MEMORY;
+    if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)t->data, S * H * hd, &s, &iv));
+    k_pack_heads(I->stream, d, cdt, (const float *)t->data, 0, S, H, hd, s);
+    LAUNCHED();
+    o->p = d;
+    o->dt = cdt;
+    o->inv = iv;
+done:
+    return rc;
+}
+
+static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos,
+                              lt_tensor kpos, int window, float scale) {
+    const char *opname = "attention";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    attn_dims D;
+    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd, "out must be fp32 [T, nh*hd]");
+    if (D.T == 0) goto done;
+    {
+        lt_dtype cdt = I->prec;
+        size_t esz = cdt == LT_F32 ? 4 : 2;
+        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd, g = D.g;
+        if (S == 0) {
+            CU_TRY(cudaMemsetAsync(out.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
+            goto done;
+        }
+        opnd K, V;
+        TRY(pack_all(ctx, &k, cdt, &K));
+        TRY(pack_all(ctx, &v, cdt, &V));
+        float *qs = NULL, *qinv = NULL;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+        int64_t Tq = attn_chunk(T, nh, S, 0);
+        void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        float *oc = (float *)tmp_get(ctx, (size_t)(nh * Tq * hd) * 4);
+        if (!qc || !sc || (cdt != LT_F32 && !p16) || !oc) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += Tq) {
+            int64_t tq = T - t0 < Tq ? T - t0 : Tq;
+            k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
+            LAUNCHED();
+            opnd Q = {qc, cdt, qinv};
+            /* per KV head: scores [g*tq, S] = Q_group [g*tq, hd] · K_kv [S, hd]ᵀ * scale */
+            TRY(gemm(ctx, 0, 1, g * tq, S, hd, scale, &Q, hd, g * tq * hd, &K, hd, S * hd, 0, sc, S, g * tq * S,
+                     (int)nkv));
+            k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
+                             (const int32_t *)kpos.data, t0, tq, nh, S, window);
+            LAUNCHED();
+            opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
+            /* o [g*tq, hd] = P [g*tq, S] · V_kv [S, hd] */
+            TRY(gemm(ctx, 0, 0, g * tq, hd, S, 1.0f, &P, S, g * tq * S, &V, hd, S * hd, 0, oc, hd, g * tq * hd,
+                     (int)nkv));
+            k_unpack_heads(I->stream, (float *)out.data, oc, t0, tq, nh, hd);
+            LAUNCHED();
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up) {
+    const char *opname = "geglu";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&y) && is_f32(&gate) && is_f32(&up), "y, gate, up must be fp32");
+    {
+        int64_t n = lt_tensor_numel(&gate);
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n, "y, gate, up must have one shape");
+        k_geglu(impl_of(ctx)->stream, (float *)y.data, (const float *)gate.data, (const float *)up.data, n);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
+    const char *opname = "add";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "y, x must be fp32, one shape");
+    k_add(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&y));
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+/* ---- backward ops ------------------------------------------------------------------------------- */
+
+static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x, const lt_weight *w) {
+    const char *opname = "linear_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&dy) && is_f32(&x), "dy and x must be fp32 tensors");
+    REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), "weight must be a 2-D float tensor");
+    {
+        int64_t out = w->w.shape[0], in = w->w.shape[1];
+        int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
+        REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out, "dy must be [T, out], x [T, in]");
+        REQUIRE(!dx.data || lt_tensor_numel(&dx) == T * in, "dx must be [T, in]");
+        REQUIRE(!w->grad_w.data || (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
+                "grad_w must be fp32 [out, in]");
+        lt_dtype cdt = w->w.dtype;
+        const lt_lora *lo = w->lora;
+        int use_lora = lo && lo->enabled && lo->a.data;
+        opnd DY, X = {NULL, LT_F32, NULL}, W = {w->w.data, cdt, NULL};
+        TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
+        if (dx.data) /* dx [T, in] = DY [T, out] · W [out, in] */
+            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, 0, (float *)dx.data, in, 0, 1));
+        if (w->grad_w.data || use_lora) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
+            TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1, (float *)w->grad_w.data, in, 0, 1));
+        if (use_lora) {
+            int64_t r = lo->a.shape[0];
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, "adapter shapes do not agree");
+            opnd A, B, XA, G;
+            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            float *xa = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* x·Aᵀ: [T, r] */
+            float *gg = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* dy·B:  [T, r] */
+            if (!xa || !gg) {
+                rc = LT_ERR_MEMORY;
+                goto done;
+            }
+            TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
+            TRY(gemm(ctx, 0, 0, T, r, out, 1.0f, &DY, out, 0, &B, r, 0, 0, gg, r, 0, 1));
+            if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA */
+                TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
+                TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1, (float *)lo->grad_b.data, r, 0, 1));
+            }
+            TRY(to_cdt(ctx, gg, T, r, cdt, &G));
+            if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
+                TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1, (float *)lo->grad_a.data, in, 0, 1));
+            if (dx.data) /* dx += scale · G [T, r] · A [r, in] */
+                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 1, (float *)dx.data, in, 0, 1));
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x, lt_tensor w,
+                                     float eps) {
+    const char *opname = "rmsnorm_backward";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&dy) && is_f32(&x) && is_f32(&w), "dy, x and w must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D, "x, dy must be [N, numel(w)]");
+        REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D), "dx must be fp32 [N, D]");
+        REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D), "dw must be fp32 [D]");
+        k_rmsnorm_backward(I->stream, (float *)dx.data, (float *)dw.data, (const float *)dy.data, (const float *)x.data,
+                           (const float *)w.data, N, D, eps, I->n_sm);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv, lt_tensor dout,
+                                       lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos, lt_tensor kpos, int window,
+                                       float scale) {
+    const char *opname = "attention_backward";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    attn_dims D;
+    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd, "dout must be fp32 [T, nh*hd]");
+    REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd), "dq must be fp32 [T, nh, hd]");
+    REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd), "dk must be fp32 [S, nkv, hd]");
+    REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd), "dv must be fp32 [S, nkv, hd]");
+    {
+        lt_dtype cdt = I->prec;
+        size_t esz = cdt == LT_F32 ? 4 : 2;
+        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd, g = D.g;
+        if (dk.data) CU_TRY(cudaMemsetAsync(dk.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
+        if (dv.data) CU_TRY(cudaMemsetAsync(dv.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
+        if (dq.data) CU_TRY(cudaMemsetAsync(dq.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
+        if (T == 0 || S == 0) goto done;
+        opnd K, V;
+        TRY(pack_all(ctx, &k, cdt, &K));
+        TRY(pack_all(ctx, &v, cdt, &V));
+        float *qs = NULL, *qinv = NULL, *ds = NULL, *dinv = NULL;
+        if (cdt == LT_F16) {
+            TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+            TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
+        }
+        int64_t Tq = attn_chunk(T, nh, S, 1);
+        void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        float *dp = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        void *ds16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        float *dqc = (float *)tmp_get(ctx, (size_t)(nh * Tq * hd) * 4);
+        if (!qc || !doc || !sc || !dp || !dqc || (cdt != LT_F32 && (!p16 || !ds16))) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        int64_t ldkv = nkv * hd; /* row stride of dk, dv: [S, nkv, hd] */
+        for (int64_t t0 = 0; t0 < T; t0 += Tq) {
+            int64_t tq = T - t0 < Tq ? T - t0 : Tq;
+            k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
+            LAUNCHED();
+            k_pack_heads(I->stream, doc, cdt, (const float *)dout.data, t0, tq, nh, hd, ds);
+            LAUNCHED();
+            opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv};
+            TRY(gemm(ctx, 0, 1, g * tq, S, hd, scale, &Q, hd, g * tq * hd, &K, hd, S * hd, 0, sc, S, g * tq * S,
+                     (int)nkv));
+            /* sc <- P (fp32), p16 <- P in cdt */
+            k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data, (const int32_t *)kpos.data, t0, tq,
+                             nh, S, window);
+            LAUNCHED();
+            opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
+            /* dP [g*tq, S] = dO [g*tq, hd] · V_kv [S, hd]ᵀ */
+            TRY(gemm(ctx, 0, 1, g * tq, S, hd, 1.0f, &DO, hd, g * tq * hd, &V, hd, S * hd, 0, dp, S, g * tq * S,
+                     (int)nkv));
+            /* dv_kv [S, hd] += P_groupᵀ [S, g*tq] · dO_group [g*tq, hd] */
+            if (dv.data)
+                TRY(gemm(ctx, 1, 0, S, hd, g * tq, 1.0f, &P, S, g * tq * S, &DO, hd, g * tq * hd, 1, (float *)dv.data,
+                         ldkv, hd, (int)nkv));
+            /* dS = P ⊙ (dP - rowsum(P ⊙ dP)), in place in dp */
+            k_softmax_backward(I->stream, dp, sc, nh * tq, S);
+            LAUNCHED();
+            opnd DS = {dp, LT_F32, NULL};
+            if (cdt != LT_F32) {
+                float *s2 = NULL, *i2 = NULL;
+                if (cdt == LT_F16) TRY(fp16_scale(ctx, dp, nh * tq * S, &s2, &i2));
+                k_cast_rows(I->stream, ds16, cdt, S, dp, S, nh * tq, S, s2);
+                LAUNCHED();
+                DS.p = ds16;
+                DS.dt = cdt;
+                DS.inv = i2;
+            }
+            /* dk_kv [S, hd] += scale · dS_groupᵀ · Q_group */
+            if (dk.data)
+                TRY(gemm(ctx, 1, 0, S, hd, g * tq, scale, &DS, S, g * tq * S, &Q, hd, g * tq * hd, 1, (float *)dk.data,
+                         ldkv, hd, (int)nkv));
+            /* dq_group [g*tq, hd] = scale · dS_group · K_kv */
+            if (dq.data) {
+                TRY(gemm(ctx, 0, 0, g * tq, hd, S, scale, &DS, S, g * tq * S, &K, hd, S * hd, 0, dqc, hd, g * tq * hd,
+                         (int)nkv));
+                k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
+                LAUNCHED();
+            }
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy, lt_tensor gate,
+                                   lt_tensor up) {
+    const char *opname = "geglu_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&dy) && is_f32(&gate) && is_f32(&up), "dy, gate, up must be fp32");
+    {
+        int64_t n = lt_tensor_numel(&gate);
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n, "dy, gate, up must have one shape");
+        REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
+        REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
+        k_geglu_backward(impl_of(ctx)->stream, (float *)dgate.data, (float *)dup.data, (const float *)dy.data,
+                         (const float *)gate.data, (const float *)up.data, n);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids, float scale) {
+    const char *opname = "embedding_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(table && table->w.ndim == 2, "table must be 2-D");
+    if (!table->grad_w.data) goto done; /* frozen embedding: nothing to accumulate */
+    REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32, "dh, grad fp32 and ids I32");
+    {
+        int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
+        REQUIRE(lt_tensor_numel(&dh) == T * H, "dh must be [T, H]");
+        k_embedding_backward(impl_of(ctx)->stream, (float *)table->grad_w.data, (const float *)dh.data,
+                             (const int32_t *)ids.data, T, V, H, scale);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h, const lt_weight *head,
+                                  lt_tensor targets, float grad_scale) {
+    const char *opname = "cross_entropy";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    float *loss = NULL;
+    int bad = 0;
+    REQUIRE(loss_sum, "loss_sum is NULL");
+    REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data, "h must be fp32 and targets I32");
+    REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype), "head must be a 2-D float tensor");
+    REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data), "an adapter on the output head is not supported");
+    {
+        int64_t V = head->w.shape[0], H = head->w.shape[1], T = lt_tensor_numel(&targets);
+        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H), "dh must be fp32 [T, H]");
+        int want_grad = dh.data || head->grad_w.data;
+        lt_dtype cdt = head->w.dtype;
+        *loss_sum = 0;
+        if (T == 0) goto done;
+        loss = (float *)malloc(sizeof(float) * (size_t)T);
+        float *dloss = (float *)tmp_get(ctx, sizeof(float) * (size_t)T);
+        if (!loss || !dloss) {
+            if (!loss) snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: out of host memory");
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 512 MiB */
+        int64_t per_row = V * (4 + (cdt == LT_F32 ? 0 : 2));
+        int64_t Tc = (512ll << 20) / per_row;
+        if (Tc < 1) Tc = 1;
+        if (Tc > T) Tc = T;
+        float *logits = (float *)tmp_get(ctx, (size_t)(Tc * V) * 4);
+        void *dlog = cdt == LT_F32 ? (void *)logits : (want_grad ? tmp_get(ctx, (size_t)(Tc * V) * 2) : NULL);
+        if (!logits || (want_grad && !dlog)) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        /* |softmax - onehot| <= 1: on fp16 multiply by 2^12 so that tiny probabilities keep their
+         * bits; alpha of the gradient GEMMs divides it out again. */
+        float gmul = cdt == LT_F16 ? 4096.0f : 1.0f;
+        float *hs = NULL, *hinv = NULL;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)h.data, T * H, &hs, &hinv));
+        void *hc = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(Tc * H) * 2);
+        if (cdt != LT_F32 && !hc) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
+        opnd W = {head->w.data, cdt, NULL};
+        for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+            int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+            const float *hrow = (const float *)h.data + t0 * H;
+            opnd Hc = {hrow, LT_F32, NULL};
+            if (cdt != LT_F32) {
+                k_cast_rows(I->stream, hc, cdt, H, hrow, H, tc, H, hs);
+                LAUNCHED();
+                Hc.p = hc;
+                Hc.dt = cdt;
+                Hc.inv = hinv;
+            }
+            /* logits [tc, V] = Hc [tc, H] · W [V, H]ᵀ */
+            TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
+            k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0, want_grad ? dlog : NULL,
+                        cdt, gmul, I->dflag);
+            LAUNCHED();
+            if (!want_grad) continue;
+            opnd DL = {dlog, cdt, NULL};
+            if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
+                TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0, (float *)dh.data + t0 * H, H, 0,
+                         1));
+            if (head->grad_w.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
+                TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1, (float *)head->grad_w.data, H,
+                         0, 1));
+        }
+        CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaStreamSynchronize(I->stream));
+        if (bad) {
+            snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
+                     (long long)V);
+            rc = LT_ERR_ARG;
+            goto done;
+        }
+        double s = 0;
+        for (int64_t t = 0; t < T; t++) s += loss[t];
+        *loss_sum = s;
+    }
+done:
+    free(loss);
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v, float lr, float beta1,
+                          float beta2, float eps, float weight_decay, int step) {
+    const char *opname = "adamw";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v), "param, grad, m, v must be fp32");
+    REQUIRE(step >= 1, "step counts from 1");
+    {
+        int64_t n = lt_tensor_numel(&param);
+        REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n,
+                "param, grad, m, v must have one shape");
+        float bc1 = (float)(1.0 - pow((double)beta1, (double)step));
+        float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
+        k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data, (float *)m.data, (float *)v.data, n,
+                lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* ---- the table -------------------------------------------------------------------------------- */
+
+extern "C" const lt_backend lt_backend_cuda = {
+    .name = "cuda",
+    .init = cu_init,
+    .shutdown = cu_shutdown,
+    .alloc = cu_alloc,
+    .release = cu_release,
+    .upload = cu_upload,
+    .download = cu_download,
+    .copy = cu_copy,
+    .sync = cu_sync,
+    .embedding = cu_embedding,
+    .linear = cu_linear,
+    .rmsnorm = cu_rmsnorm,
+    .rope = cu_rope,
+    .attention = cu_attention,
+    .geglu = cu_geglu,
+    .add = cu_add,
+    .linear_backward = cu_linear_backward,
+    .rmsnorm_backward = cu_rmsnorm_backward,
+    .rope_backward = cu_rope_backward,
+    .attention_backward = cu_attention_backward,
+    .geglu_backward = cu_geglu_backward,
+    .embedding_backward = cu_embedding_backward,
+    .cross_entropy = cu_cross_entropy,
+    .adamw = cu_adamw,
+};
+
+/* ---- extras (backend_cuda.h) ------------------------------------------------------------------- */
+
+static int is_cuda_ctx(lt_ctx *ctx) { return ctx && ctx->be == &lt_backend_cuda && ctx->impl; }
+
+extern "C" lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx) {
+    lt_dtype d = LT_BF16;
+    if (is_cuda_ctx(ctx)) d = impl_of(ctx)->cc >= 80 ? LT_BF16 : LT_F16;
+    const char *pe = getenv("LATHE_PRECISION");
+    lt_dtype e;
+    if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &e) == 0) d = e;
+    return d;
+}
+
+extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) { return is_cuda_ctx(ctx) ? impl_of(ctx)->cc : 0; }
+
+extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
+    if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
+    if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda: precision must be fp16, bf16 or fp32");
+        return LT_ERR_ARG;
+    }
+    impl_of(ctx)->prec = dt;
+    return LT_OK;
+}
+
+extern "C" lt_dtype lt_cuda_precision(lt_ctx *ctx) { return is_cuda_ctx(ctx) ? impl_of(ctx)->prec : LT_F32; }
+
+extern "C" int lt_cuda_parse_precision(lt_ctx *ctx, const char *word, lt_dtype *out) {
+    if (!word || !strcmp(word, "auto") || !*word) {
+        *out = lt_cuda_policy_dtype(ctx);
+        return 0;
+    }
+    return parse_prec(word, out);
+}
+
+extern "C" void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m) {
+    memset(m, 0, sizeof *m);
+    if (!is_cuda_ctx(ctx)) return;
+    cu_impl *I = impl_of(ctx);
+    m->in_use = I->in_use;
+    m->peak = I->peak;
+    m->reserved = I->reserved;
+    if (cudaMemGetInfo(&m->free, &m->total) != cudaSuccess) cudaGetLastError();
+}
+
+extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {
+    if (is_cuda_ctx(ctx)) impl_of(ctx)->peak = impl_of(ctx)->in_use;
+}
+
+extern "C" void lt_cuda_trim(lt_ctx *ctx) {
+    if (!is_cuda_ctx(ctx)) return;
+    cudaStreamSynchronize(impl_of(ctx)->stream);
+    free_cached(impl_of(ctx));
+}
+
+extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt, int64_t n) {
+    lt_status rc = LT_OK;
+    if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
+    k_convert(impl_of(ctx)->stream, dst, dt, src, sdt, n);
+    LAUNCHED();
+done:
+    return rc;
+}
+
+extern "C" void lt_cuda_profile(lt_ctx *ctx, int on) {
+    if (!is_cuda_ctx(ctx)) return;
+    cu_impl *I = impl_of(ctx);
+    if (!on) prof_flush(I);
+    I->prof = on;
+}
+
+static int cmp_total(const void *a, const void *b) {
+    double x = ((const cu_prof_total *)a)->ms, y = ((const cu_prof_total *)b)->ms;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+extern "C" int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap) {
+    if (!is_cuda_ctx(ctx) || !cap) return 0;
+    cu_impl *I = impl_of(ctx);
+    prof_flush(I);
+    qsort(I->totals, (size_t)I->n_totals, sizeof I->totals[0], cmp_total);
+    double all = 0;
+    for (int i = 0; i < I->n_totals; i++) all += I->totals[i].ms;
+    size_t k = 0;
+    buf[0] = 0;
+    for (int i = 0; i < I->n_totals && k < cap; i++) {
+        int w = snprintf(buf + k, cap - k, "%-20s %8ld calls %10.2f ms %5.1f%%\n", I->totals[i].name, I->totals[i].calls,
+                         I->totals[i].ms, all > 0 ? 100.0 * I->totals[i].ms / all : 0.0);
+        if (w < 0) break;
+        k += (size_t)w;
+    }
+    I->n_totals = 0;
+    return (int)(k < cap ? k : cap - 1);
+}

@@ -1,0 +1,68 @@
+/* grad.h — the CPU backward ops and the few extra ops training needs. Engine-private.
+ *
+ * backend_cpu_grad.c implements the backward slots of backend.h (linear_backward,
+ * rmsnorm_backward, rope_backward, attention_backward, geglu_backward, embedding_backward,
+ * cross_entropy, adamw) for the fp32 reference backend; backend_cpu.c points its table at
+ * them. The conventions are backend.h's: a backward op WRITES the input gradient and
+ * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
+ *
+ * lt_grad_ops holds the small vector ops the trainer needs beyond the table (fill, scale,
+ * sum of squares, dropout). They belong in backend.h's table once a second backend exists;
+ * until then lt_grad_ops_for(be) returns the CPU set for the CPU backend and NULL otherwise.
+ * cross_entropy accumulates the head's gradient only when dh is wanted (a call without dh is
+ * a loss-only evaluation). This file must not know Gemma.
+ */
+#ifndef LATHE_GRAD_H
+#define LATHE_GRAD_H
+
+#include <stdint.h>
+
+#include "cuda/backend.h"
+
+lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                              const lt_weight *w);
+lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
+                               lt_tensor x, lt_tensor w, float eps);
+lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta,
+                            float factor);
+lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                 lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                 lt_tensor qpos, lt_tensor kpos, int window, float scale);
+lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
+                             lt_tensor gate, lt_tensor up);
+lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
+                                 lt_tensor ids, float scale);
+lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
+                            const lt_weight *head, lt_tensor targets, float grad_scale);
+lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
+                    float lr, float beta1, float beta2, float eps, float weight_decay,
+                    int step);
+
+typedef struct lt_grad_ops {
+    /* t[:] = value (fp32) */
+    lt_status (*fill)(lt_ctx *ctx, lt_tensor t, float value);
+    /* t *= s (fp32) */
+    lt_status (*scale)(lt_ctx *ctx, lt_tensor t, float s);
+    /* *out (host) = Σ t² in double (fp32 tensor) */
+    lt_status (*sumsq)(lt_ctx *ctx, double *out, lt_tensor t);
+    /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
+     * mul / (1 - p), keep = hash(seed, i) >= p. Calling it twice with the same seed gives
+     * the same mask (forward, recompute and backward agree). y may alias x. */
+    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
+                         uint64_t seed);
+} lt_grad_ops;
+
+extern const lt_grad_ops lt_grad_ops_cpu;
+/* The extra ops of a backend, or NULL when it has none yet. */
+const lt_grad_ops *lt_grad_ops_for(const lt_backend *be);
+
+/* The dropout keep-test, shared by every backend: 1 when element i survives. */
+static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
+}
+
+#endif

@@ -1,0 +1,784 @@
+/* session.c — implements engine.h: a session holds one model, its tokenizer, a KV cache, the
+ * chat history and the cancel flag.
+ *
+ * Owns lt_session and the resolution of a %load SOURCE (directory, Hugging Face cache id,
+ * "tiny", "random:gemma-3-SIZE"). A call that fails leaves the session as it was: a new model
+ * replaces the old one only once it loaded completely. Streams generated text in pieces that
+ * never split a UTF-8 character. Must not print, exit or know about Jupyter.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cuda/chat.h"
+#include "cuda/engine.h"
+#include "cuda/model.h"
+#include "cuda/sample.h"
+#include "cuda/tokenizer.h"
+
+#ifndef LATHE_DATADIR
+#define LATHE_DATADIR "/usr/local/share/lathe"
+#endif
+#ifndef LATHE_SRCDIR
+#define LATHE_SRCDIR "."
+#endif
+
+#define RANDOM_SEED 20250312u /* random:* weights are the same on every machine */
+
+struct lt_session {
+    char err[LT_ERRLEN];
+    atomic_int cancel;
+    int ctx_ready;
+    lt_ctx ctx;
+    gemma3_model *model;
+    lt_tokenizer *tok;
+    int max_seq;
+    char device[16];
+    /* generation cache and the ids whose K/V it holds */
+    gemma3_cache cache;
+    int cache_ready;
+    int32_t *cached;
+    int n_cached, cap_cached;
+    /* chat */
+    char *system;
+    char **roles, **contents;
+    int n_msgs, cap_msgs;
+};
+
+static lt_status fail(lt_session *s, lt_status rc, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err, sizeof s->err, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* Starts a call: clears the error and the cancel flag. */
+static void call_begin(lt_session *s) {
+    s->err[0] = 0;
+    atomic_store(&s->cancel, 0);
+}
+
+lt_session *lt_session_new(void) {
+    lt_session *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    atomic_init(&s->cancel, 0);
+    snprintf(s->device, sizeof s->device, "cpu");
+    return s;
+}
+
+static void cache_drop(lt_session *s) {
+    if (s->cache_ready) gemma3_cache_free(&s->cache, &s->ctx);
+    s->cache_ready = 0;
+    s->n_cached = 0;
+}
+
+void lt_chat_reset(lt_session *s) {
+    for (int i = 0; i < s->n_msgs; i++) {
+        free(s->roles[i]);
+        free(s->contents[i]);
+    }
+    s->n_msgs = 0;
+}
+
+void lt_session_free(lt_session *s) {
+    if (!s) return;
+    cache_drop(s);
+    gemma3_model_free(s->model);
+    tok_free(s->tok);
+    if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
+    lt_chat_reset(s);
+    free(s->roles);
+    free(s->contents);
+    free(s->cached);
+    free(s->system);
+    free(s);
+}
+
+const char *lt_last_error(const lt_session *s) { return s ? s->err : "no session"; }
+
+void lt_cancel(lt_session *s) { atomic_store(&s->cancel, 1); }
+
+static int cancelled(lt_session *s) { return atomic_load(&s->cancel) != 0; }
+
+/* ---- resolving a source ------------------------------------------------------------------- */
+
+/* out = a + b (b may be ""), truncated to cap; memcpy-based so paths of any length are safe. */
+static void path_join(char *out, size_t cap, const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > cap - 1) la = cap - 1;
+    memcpy(out, a, la);
+    if (lb > cap - 1 - la) lb = cap - 1 - la;
+    memcpy(out + la, b, lb);
+    out[la + lb] = 0;
+}
+
+static int is_dir(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+static int is_file(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+/* The embedded tiny model: $LATHE_TINY_DIR, the installed copy, the build tree. */
+static lt_status tiny_dir(lt_session *s, char *out, size_t cap) {
+    const char *env = getenv("LATHE_TINY_DIR");
+    char tried[3][1024];
+    int n = 0;
+    if (env && *env) path_join(tried[n++], sizeof tried[0], env, "");
+    path_join(tried[n++], sizeof tried[0], LATHE_DATADIR, "/models/tiny");
+    path_join(tried[n++], sizeof tried[0], LATHE_SRCDIR, "/models/tiny");
+    for (int i = 0; i < n; i++) {
+        char cfg[1100];
+        path_join(cfg, sizeof cfg, tried[i], "/config.json");
+        if (is_file(cfg)) {
+            path_join(out, cap, tried[i], "");
+            return LT_OK;
+        }
+    }
+    char where[3400] = "";
+    for (int i = 0; i < n; i++) {
+        strncat(where, i ? ", " : "", sizeof where - strlen(where) - 1);
+        strncat(where, tried[i], sizeof where - strlen(where) - 1);
+    }
+    return fail(s, LT_ERR_IO, "tiny: the embedded model was not found (looked in %s; set LATHE_TINY_DIR)", where);
+}
+
+/* A Hugging Face cache id ("google/gemma-3-1b-it") -> snapshot directory. */
+static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t cap) {
+    char hub[1024];
+    const char *hc = getenv("HF_HUB_CACHE"), *hh = getenv("HF_HOME"), *home = getenv("HOME");
+    if (hc && *hc) snprintf(hub, sizeof hub, "%s", hc);
+    else if (hh && *hh) snprintf(hub, sizeof hub, "%s/hub", hh);
+    else snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", home ? home : "");
+    char repo[1400];
+    snprintf(repo, sizeof repo, "%s/models--", hub);
+    size_t k = strlen(repo);
+    for (const char *p = id; *p && k + 3 < sizeof repo; p++) {
+        if (*p == '/') {
+            repo[k++] = '-';
+            repo[k++] = '-';
+        } else {
+            repo[k++] = *p;
+        }
+    }
+    repo[k] = 0;
+    if (!is_dir(repo))
+        return fail(s, LT_ERR_IO,
+                    "%s: not a directory, and not in the Hugging Face cache (looked for %s; set HF_HOME, or download "
+                    "it first with `huggingface-cli download %s`)",
+                    id, repo, id);
+    char rev[256] = "", path[2000];
+    snprintf(path, sizeof path, "%s/refs/main", repo);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (fgets(rev, sizeof rev, f)) rev[strcspn(rev, "\r\n \t")] = 0;
+        fclose(f);
+    }
+    if (rev[0]) {
+        snprintf(out, cap, "%s/snapshots/%s", repo, rev);
+        if (is_dir(out)) return LT_OK;
+    }
+    /* no usable ref: the newest snapshot */
+    snprintf(path, sizeof path, "%s/snapshots", repo);
+    DIR *d = opendir(path);
+    if (!d) return fail(s, LT_ERR_IO, "%s: %s has no snapshots/ folder", id, repo);
+    struct dirent *e;
+    time_t best = 0;
+    int found = 0;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char p[2400];
+        struct stat sb;
+        snprintf(p, sizeof p, "%s/%s", path, e->d_name);
+        if (stat(p, &sb) == 0 && S_ISDIR(sb.st_mode) && (!found || sb.st_mtime > best)) {
+            best = sb.st_mtime;
+            path_join(out, cap, p, "");
+            found = 1;
+        }
+    }
+    closedir(d);
+    if (!found) return fail(s, LT_ERR_IO, "%s: no snapshot under %s", id, path);
+    return LT_OK;
+}
+
+static int looks_like_hf_id(const char *s) {
+    const char *slash = strchr(s, '/');
+    if (!slash || slash == s || !slash[1] || strchr(slash + 1, '/')) return 0;
+    if (s[0] == '.' || s[0] == '~') return 0;
+    for (const char *p = s; *p; p++)
+        if (!(*p == '/' || *p == '-' || *p == '_' || *p == '.' || (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'z') ||
+              (*p >= 'A' && *p <= 'Z')))
+            return 0;
+    return 1;
+}
+
+/* ---- loading ------------------------------------------------------------------------------- */
+
+static void cb_message(const lt_callbacks *cb, const char *m) {
+    if (cb && cb->message) cb->message(cb->ctx, m);
+}
+
+lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, const lt_callbacks *cb) {
+    call_begin(s);
+    if (!source || !*source)
+        return fail(s, LT_ERR_ARG, "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
+    const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
+    const char *device = opts && opts->device ? opts->device : "auto";
+    if (strcmp(device, "auto") && strcmp(device, "cpu")) {
+        if (!strcmp(device, "cuda"))
+            return fail(s, LT_ERR_DEVICE, "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
+        return fail(s, LT_ERR_ARG, "device='%s' is not accepted (accepted: auto, cpu, cuda)", device);
+    }
+    if (opts && opts->max_seq < 0) return fail(s, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)", opts->max_seq);
+    if (!s->ctx_ready) {
+        const char *th = getenv("LATHE_THREADS");
+        if (lt_ctx_init(&s->ctx, &lt_backend_cpu, th ? atoi(th) : 0) != LT_OK)
+            return fail(s, LT_ERR_MEMORY, "%s", s->ctx.err);
+        s->ctx_ready = 1;
+    }
+
+    gemma3_model *m = NULL;
+    lt_tokenizer *tok = NULL;
+    char dir[2048], tokpath[2200];
+    lt_status rc;
+    if (!strncmp(source, "random:", 7)) {
+        const char *size = source + 7;
+        if (!strncmp(size, "gemma-3-", 8)) size += 8;
+        rc = tiny_dir(s, dir, sizeof dir);
+        if (rc != LT_OK) return fail(s, rc, "%s: needs the tiny tokenizer: %s", source, s->err);
+        snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
+        cb_message(cb, "allocating random weights");
+        rc = gemma3_load_random(&m, size, RANDOM_SEED, dtype, cb, s->err);
+        if (rc != LT_OK) return rc;
+        snprintf(m->source, sizeof m->source, "%s", source);
+    } else {
+        if (!strcmp(source, "tiny")) {
+            rc = tiny_dir(s, dir, sizeof dir);
+            if (rc != LT_OK) return rc;
+        } else if (is_dir(source)) {
+            snprintf(dir, sizeof dir, "%s", source);
+        } else if (looks_like_hf_id(source)) {
+            rc = hf_snapshot(s, source, dir, sizeof dir);
+            if (rc != LT_OK) return rc;
+        } else {
+            return fail(s, LT_ERR_ARG,
+                        "load: '%s' is not a directory (accepted: a model directory, a Hugging Face id like "
+                        "google/gemma-3-1b-it, tiny, random:gemma-3-1b)",
+                        source);
+        }
+        snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
+        if (!is_file(tokpath))
+            return fail(s, LT_ERR_IO, "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
+        rc = gemma3_load_dir(&m, dir, dtype, cb, s->err);
+        if (rc != LT_OK) return rc;
+        if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
+    }
+    cb_message(cb, "loading tokenizer");
+    rc = tok_load(&tok, tokpath, s->err);
+    if (rc != LT_OK) {
+        gemma3_model_free(m);
+        return rc;
+    }
+    if (tok_size(tok) > m->cfg.vocab_size) {
+        rc = fail(s, LT_ERR_FORMAT, "%s: the tokenizer has %d pieces but the model has only %d embedding rows", tokpath,
+                  tok_size(tok), m->cfg.vocab_size);
+        tok_free(tok);
+        gemma3_model_free(m);
+        return rc;
+    }
+    gemma3_config_set_tokens(&m->cfg, tok);
+    int max_seq = opts && opts->max_seq > 0 ? opts->max_seq : m->cfg.max_position_embeddings;
+    if (!(opts && opts->max_seq > 0) && max_seq > 8192) max_seq = 8192;
+    if (max_seq > m->cfg.max_position_embeddings) {
+        rc = fail(s, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d", max_seq,
+                  m->cfg.max_position_embeddings);
+        tok_free(tok);
+        gemma3_model_free(m);
+        return rc;
+    }
+    /* success: swap in */
+    cache_drop(s);
+    gemma3_model_free(s->model);
+    tok_free(s->tok);
+    s->model = m;
+    s->tok = tok;
+    s->max_seq = max_seq;
+    lt_chat_reset(s);
+    return LT_OK;
+}
+
+void lt_model_info_get(const lt_session *s, lt_model_info *info) {
+    memset(info, 0, sizeof *info);
+    if (!s || !s->model) return;
+    const gemma3_model *m = s->model;
+    const gemma3_config *c = &m->cfg;
+    info->loaded = 1;
+    snprintf(info->source, sizeof info->source, "%s", m->source);
+    snprintf(info->arch, sizeof info->arch, "%s", c->model_type[0] && !c->multimodal ? c->model_type : "gemma3_text");
+    snprintf(info->dtype, sizeof info->dtype, "%s", lt_dtype_user_name(m->dtype));
+    snprintf(info->device, sizeof info->device, "%s", s->device);
+    info->n_params = m->n_params;
+    info->weight_bytes = m->weight_bytes;
+    info->n_layers = c->num_hidden_layers;
+    info->hidden = c->hidden_size;
+    info->n_heads = c->num_attention_heads;
+    info->n_kv_heads = c->num_key_value_heads;
+    info->head_dim = c->head_dim;
+    info->intermediate = c->intermediate_size;
+    info->vocab = c->vocab_size;
+    info->sliding_window = c->sliding_window;
+    info->max_seq = s->max_seq;
+    info->skipped_vision = m->skipped_vision;
+}
+
+/* ---- tokens ----------------------------------------------------------------------------------- */
+
+static lt_status need_model(lt_session *s) {
+    if (!s->model || !s->tok) return fail(s, LT_ERR_STATE, "no model loaded (run %%load first, e.g. %%load tiny)");
+    return LT_OK;
+}
+
+lt_status lt_tokenize(lt_session *s, const char *text, int32_t **ids, int *n) {
+    call_begin(s);
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    if (!text) return fail(s, LT_ERR_ARG, "tokenize: no text");
+    return tok_encode_special(s->tok, text, ids, n, s->err);
+}
+
+lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text) {
+    call_begin(s);
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    return tok_decode(s->tok, ids, n, text, s->err);
+}
+
+/* ---- running ------------------------------------------------------------------------------------ */
+
+lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab) {
+    call_begin(s);
+    *logits = NULL;
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    if (n <= 0) return fail(s, LT_ERR_ARG, "logits: no token ids");
+    if (n > s->max_seq) return fail(s, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
+    int V = s->model->cfg.vocab_size;
+    float *out = malloc(sizeof(float) * (size_t)n * (size_t)V);
+    if (!out) return fail(s, LT_ERR_MEMORY, "logits: out of memory for [%d, %d] fp32", n, V);
+    gemma3_cache cache;
+    rc = gemma3_cache_init(&cache, &s->ctx, &s->model->cfg, n);
+    if (rc == LT_OK) {
+        gemma3_outputs o = {.logits = out};
+        rc = gemma3_forward(s->model, &s->ctx, ids, n, &cache, &o);
+        gemma3_cache_free(&cache, &s->ctx);
+    }
+    if (rc != LT_OK) {
+        free(out);
+        return fail(s, rc, "%s", s->ctx.err);
+    }
+    *logits = out;
+    *vocab = V;
+    return LT_OK;
+}
+
+void lt_gen_opts_default(lt_gen_opts *o) {
+    o->max_new = 256;
+    o->temperature = 1.0f;
+    o->top_k = 64;
+    o->top_p = 0.95f;
+    o->min_p = 0.0f;
+    o->seed = 0;
+}
+
+/* Text stream that never splits a UTF-8 character. */
+typedef struct stream {
+    char *all; /* everything emitted so far */
+    size_t len, cap;
+    char pend[64]; /* bytes of an unfinished character */
+    int npend;
+    const lt_callbacks *cb;
+    int oom;
+} stream;
+
+static void stream_emit(stream *st, const char *p, size_t n) {
+    if (!n) return;
+    if (st->len + n + 1 > st->cap) {
+        size_t nc = st->cap ? st->cap * 2 : 256;
+        while (nc < st->len + n + 1) nc *= 2;
+        char *np = realloc(st->all, nc);
+        if (!np) {
+            st->oom = 1;
+            return;
+        }
+        st->all = np;
+        st->cap = nc;
+    }
+    memcpy(st->all + st->len, p, n);
+    st->len += n;
+    st->all[st->len] = 0;
+    if (st->cb && st->cb->text) {
+        char buf[512];
+        size_t k = n < sizeof buf - 1 ? n : sizeof buf - 1;
+        if (k == n) {
+            memcpy(buf, p, n);
+            buf[n] = 0;
+            st->cb->text(st->cb->ctx, buf);
+        } else {
+            char *tmp = malloc(n + 1);
+            if (tmp) {
+                memcpy(tmp, p, n);
+                tmp[n] = 0;
+                st->cb->text(st->cb->ctx, tmp);
+                free(tmp);
+            }
+        }
+    }
+}
+
+/* Length a UTF-8 lead byte announces (1 for invalid leads: passed through as is). */
+static int utf8_len(unsigned char c) {
+    if (c < 0x80) return 1;
+    if ((c & 0xe0) == 0xc0) return 2;
+    if ((c & 0xf0) == 0xe0) return 3;
+    if ((c & 0xf8) == 0xf0) return 4;
+    return 1;
+}
+
+/* Adds bytes; emits every complete character, keeps an unfinished tail. */
+static void stream_add(stream *st, const char *bytes, int n) {
+    char buf[512];
+    int k = 0;
+    for (int i = 0; i < st->npend; i++) buf[k++] = st->pend[i];
+    for (int i = 0; i < n && k < (int)sizeof buf; i++) buf[k++] = bytes[i];
+    int done = 0;
+    while (done < k) {
+        unsigned char c = (unsigned char)buf[done];
+        int need = utf8_len(c);
+        if (need > 1) {
+            if (done + need > k) break; /* unfinished: wait for the next token */
+            int okc = 1;
+            for (int j = 1; j < need; j++) okc &= ((unsigned char)buf[done + j] & 0xc0) == 0x80;
+            if (!okc) need = 1; /* broken sequence: pass the lead byte through */
+        }
+        done += need;
+    }
+    stream_emit(st, buf, (size_t)done);
+    st->npend = k - done;
+    memcpy(st->pend, buf + done, (size_t)st->npend);
+}
+
+/* End of generation: an unfinished character becomes U+FFFD. */
+static void stream_finish(stream *st) {
+    if (st->npend) stream_emit(st, "\xEF\xBF\xBD", 3);
+    st->npend = 0;
+}
+
+static int is_stop(const gemma3_config *c, int id) {
+    for (int i = 0; i < c->n_eos_ids; i++)
+        if (c->eos_ids[i] == id) return 1;
+    return 0;
+}
+
+static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
+    if (s->n_cached + n > s->cap_cached) {
+        int nc = s->cap_cached ? s->cap_cached : 256;
+        while (nc < s->n_cached + n) nc *= 2;
+        int32_t *np = realloc(s->cached, sizeof(int32_t) * (size_t)nc);
+        if (!np) return fail(s, LT_ERR_MEMORY, "out of memory");
+        s->cached = np;
+        s->cap_cached = nc;
+    }
+    memcpy(s->cached + s->n_cached, ids, sizeof(int32_t) * (size_t)n);
+    s->n_cached += n;
+    return LT_OK;
+}
+
+/* Feeds ids into the session cache, reusing the cached prefix when the new sequence extends it;
+ * leaves the logits of the last id in last (host [V]). */
+static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
+    lt_status rc;
+    if (!s->cache_ready) {
+        rc = gemma3_cache_init(&s->cache, &s->ctx, &s->model->cfg, s->max_seq);
+        if (rc != LT_OK) return fail(s, rc, "%s", s->ctx.err);
+        s->cache_ready = 1;
+        s->n_cached = 0;
+    }
+    int start = 0;
+    if (s->n_cached < n && s->n_cached > 0 && !memcmp(s->cached, ids, sizeof(int32_t) * (size_t)s->n_cached)) {
+        start = s->n_cached; /* extend */
+    } else {
+        gemma3_cache_reset(&s->cache, &s->ctx);
+        s->n_cached = 0;
+    }
+    if (n > s->max_seq) return fail(s, LT_ERR_ARG, "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
+    gemma3_outputs o = {.last_logits = last};
+    /* chunk the prompt so a cancel is seen between chunks */
+    for (int t = start; t < n; t += GEMMA3_CHUNK) {
+        int k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
+        if (cancelled(s)) {
+            gemma3_cache_reset(&s->cache, &s->ctx);
+            s->n_cached = 0;
+            return fail(s, LT_CANCELLED, "cancelled");
+        }
+        rc = gemma3_forward(s->model, &s->ctx, ids + t, k, &s->cache, &o);
+        if (rc != LT_OK) {
+            gemma3_cache_reset(&s->cache, &s->ctx);
+            s->n_cached = 0;
+            return fail(s, rc, "%s", s->ctx.err);
+        }
+        rc = cached_push(s, ids + t, k);
+        if (rc != LT_OK) return rc;
+    }
+    if (start == n) return fail(s, LT_ERR_STATE, "internal: nothing to feed");
+    return LT_OK;
+}
+
+/* The generation loop shared by generate, generate_ids and chat. Appends generated ids to
+ * *gen (malloc'd) and streams text when st is not NULL. */
+static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prompt, const lt_gen_opts *o,
+                                stream *st, int32_t **gen, int *n_gen, int include_stop) {
+    *gen = NULL;
+    *n_gen = 0;
+    lt_status rc = gen_opts_check(o, s->err);
+    if (rc != LT_OK) return rc;
+    if (n_prompt <= 0) return fail(s, LT_ERR_ARG, "generate: empty prompt");
+    const gemma3_config *c = &s->model->cfg;
+    int V = c->vocab_size;
+    float *last = malloc(sizeof(float) * (size_t)V);
+    int32_t *out = malloc(sizeof(int32_t) * (size_t)(o->max_new + 1));
+    sampler sm = {0};
+    if (!last || !out || sampler_init(&sm, V) != LT_OK) {
+        free(last);
+        free(out);
+        sampler_free(&sm);
+        return fail(s, LT_ERR_MEMORY, "generate: out of memory");
+    }
+    lt_rng rng;
+    rng_seed(&rng, o->seed);
+    int n = 0;
+    /* the cache may hold the prompt already when it extends the previous sequence exactly */
+    if (s->cache_ready && s->n_cached == n_prompt && !memcmp(s->cached, prompt, sizeof(int32_t) * (size_t)n_prompt)) {
+        /* the last logits are not kept: re-run the last token */
+        gemma3_cache_reset(&s->cache, &s->ctx);
+        s->n_cached = 0;
+    }
+    rc = feed(s, prompt, n_prompt, last);
+    for (int i = 0; rc == LT_OK && i < o->max_new; i++) {
+        if (cancelled(s)) {
+            rc = fail(s, LT_CANCELLED, "cancelled after %d tokens", n);
+            break;
+        }
+        int id = sampler_pick(&sm, last, o, &rng);
+        if (is_stop(c, id)) {
+            if (include_stop) out[n++] = id;
+            break;
+        }
+        out[n++] = id;
+        if (st) {
+            char pb[256];
+            int k = tok_piece_bytes(s->tok, id, pb, (int)sizeof pb);
+            stream_add(st, pb, k);
+        }
+        if (i + 1 == o->max_new) break;
+        if (s->n_cached + 1 > s->max_seq) break; /* context full: stop quietly */
+        rc = gemma3_forward(s->model, &s->ctx, &id, 1, &s->cache, &(gemma3_outputs){.last_logits = last});
+        if (rc != LT_OK) {
+            rc = fail(s, rc, "%s", s->ctx.err);
+            gemma3_cache_reset(&s->cache, &s->ctx);
+            s->n_cached = 0;
+            break;
+        }
+        lt_status r2 = cached_push(s, &id, 1);
+        if (r2 != LT_OK) rc = r2;
+    }
+    if (st) stream_finish(st);
+    if (st && st->oom && rc == LT_OK) rc = fail(s, LT_ERR_MEMORY, "generate: out of memory");
+    free(last);
+    sampler_free(&sm);
+    *gen = out;
+    *n_gen = n;
+    return rc;
+}
+
+lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen_opts *o, int32_t **out_ids,
+                          int *n_out) {
+    call_begin(s);
+    *out_ids = NULL;
+    *n_out = 0;
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    lt_gen_opts d;
+    if (!o) {
+        lt_gen_opts_default(&d);
+        o = &d;
+    }
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= s->model->cfg.vocab_size)
+            return fail(s, LT_ERR_ARG, "token id %d at position %d is outside the vocabulary [0, %d)", ids[i], i,
+                        s->model->cfg.vocab_size);
+    rc = run_generation(s, ids, n, o, NULL, out_ids, n_out, 1);
+    if (rc != LT_OK && rc != LT_CANCELLED) {
+        free(*out_ids);
+        *out_ids = NULL;
+        *n_out = 0;
+    }
+    return rc;
+}
+
+/* BOS + tokens of text (literal special pieces become their ids). */
+static lt_status encode_with_bos(lt_session *s, const char *text, int32_t **ids, int *n) {
+    int32_t *t = NULL;
+    int k = 0;
+    lt_status rc = tok_encode_special(s->tok, text, &t, &k, s->err);
+    if (rc != LT_OK) return rc;
+    int32_t *all = malloc(sizeof(int32_t) * (size_t)(k + 1));
+    if (!all) {
+        free(t);
+        return fail(s, LT_ERR_MEMORY, "out of memory");
+    }
+    all[0] = s->model->cfg.bos_id;
+    memcpy(all + 1, t, sizeof(int32_t) * (size_t)k);
+    free(t);
+    *ids = all;
+    *n = k + 1;
+    return LT_OK;
+}
+
+lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o, const lt_callbacks *cb, char **out) {
+    call_begin(s);
+    if (out) *out = NULL;
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    lt_gen_opts d;
+    if (!o) {
+        lt_gen_opts_default(&d);
+        o = &d;
+    }
+    int32_t *ids = NULL, *gen = NULL;
+    int n = 0, ng = 0;
+    rc = encode_with_bos(s, prompt ? prompt : "", &ids, &n);
+    if (rc != LT_OK) return rc;
+    stream st = {.cb = cb};
+    rc = run_generation(s, ids, n, o, &st, &gen, &ng, 0);
+    free(ids);
+    free(gen);
+    if (out && (rc == LT_OK || rc == LT_CANCELLED)) {
+        *out = st.all ? st.all : strdup("");
+        st.all = NULL;
+    }
+    free(st.all);
+    return rc;
+}
+
+/* ---- chat ------------------------------------------------------------------------------------ */
+
+static lt_status history_push(lt_session *s, const char *role, const char *content) {
+    if (s->n_msgs == s->cap_msgs) {
+        int nc = s->cap_msgs ? s->cap_msgs * 2 : 16;
+        char **r = realloc(s->roles, sizeof(char *) * (size_t)nc);
+        if (!r) return fail(s, LT_ERR_MEMORY, "out of memory");
+        s->roles = r;
+        char **c = realloc(s->contents, sizeof(char *) * (size_t)nc);
+        if (!c) return fail(s, LT_ERR_MEMORY, "out of memory");
+        s->contents = c;
+        s->cap_msgs = nc;
+    }
+    char *rr = strdup(role), *cc = strdup(content);
+    if (!rr || !cc) {
+        free(rr);
+        free(cc);
+        return fail(s, LT_ERR_MEMORY, "out of memory");
+    }
+    s->roles[s->n_msgs] = rr;
+    s->contents[s->n_msgs] = cc;
+    s->n_msgs++;
+    return LT_OK;
+}
+
+lt_status lt_chat_system(lt_session *s, const char *system_text) {
+    call_begin(s);
+    char *copy = NULL;
+    if (system_text && !(copy = strdup(system_text))) return fail(s, LT_ERR_MEMORY, "out of memory");
+    free(s->system);
+    s->system = copy;
+    return LT_OK;
+}
+
+lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents, int n,
+                         int add_generation_prompt, char **text) {
+    call_begin(s);
+    return chat_render(roles, contents, n, add_generation_prompt, text, s->err);
+}
+
+lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o, const lt_callbacks *cb, char **reply) {
+    call_begin(s);
+    if (reply) *reply = NULL;
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    if (!user_text) return fail(s, LT_ERR_ARG, "chat: no message");
+    lt_gen_opts d;
+    if (!o) {
+        lt_gen_opts_default(&d);
+        o = &d;
+    }
+    /* messages: [system] + history + this user turn */
+    int n = s->n_msgs + 1 + (s->system ? 1 : 0), k = 0;
+    const char **roles = malloc(sizeof(char *) * (size_t)n), **contents = malloc(sizeof(char *) * (size_t)n);
+    if (!roles || !contents) {
+        free(roles);
+        free(contents);
+        return fail(s, LT_ERR_MEMORY, "out of memory");
+    }
+    if (s->system) {
+        roles[k] = "system";
+        contents[k++] = s->system;
+    }
+    for (int i = 0; i < s->n_msgs; i++) {
+        roles[k] = s->roles[i];
+        contents[k++] = s->contents[i];
+    }
+    roles[k] = "user";
+    contents[k++] = user_text;
+    char *text = NULL;
+    rc = chat_render(roles, contents, k, 1, &text, s->err);
+    free(roles);
+    free(contents);
+    if (rc != LT_OK) return rc;
+    /* the template's "<bos>" text becomes the BOS id; the rest is tokenized with specials */
+    const char *body = !strncmp(text, "<bos>", 5) ? text + 5 : text;
+    int32_t *ids = NULL, *gen = NULL;
+    int nid = 0, ng = 0;
+    rc = encode_with_bos(s, body, &ids, &nid);
+    free(text);
+    if (rc != LT_OK) return rc;
+    stream st = {.cb = cb};
+    rc = run_generation(s, ids, nid, o, &st, &gen, &ng, 0);
+    free(ids);
+    free(gen);
+    if (rc == LT_OK || rc == LT_CANCELLED) {
+        const char *ans = st.all ? st.all : "";
+        lt_status r1 = history_push(s, "user", user_text);
+        lt_status r2 = r1 == LT_OK ? history_push(s, "model", ans) : r1;
+        if (r2 != LT_OK) rc = r2;
+        if (reply && rc != LT_ERR_MEMORY) {
+            *reply = st.all ? st.all : strdup("");
+            st.all = NULL;
+        }
+    }
+    free(st.all);
+    return rc;
+}

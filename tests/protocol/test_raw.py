@@ -1,0 +1,250 @@
+"""test_raw — bad input on raw ZeroMQ sockets; after each, the kernel still answers.
+
+Every case sends hand-made frames (signed with the kernel's key by Python's hmac) from our
+own DEALER socket, checks that nothing (or the right thing) comes back, that the kernel
+logged it to stderr with a "lathe:" prefix, and that a kernel_info_request is still answered.
+"""
+import json
+import time
+
+import pytest
+
+from conftest import DELIM, kernel_log
+
+QUIET = 0.4  # seconds we wait to be sure no reply comes
+
+
+@pytest.fixture
+def shell(raw):
+    return raw.socket(raw.zmq.DEALER, "shell")
+
+
+@pytest.fixture
+def iopub(raw):
+    sub = raw.socket(raw.zmq.SUB, "iopub")
+    time.sleep(0.3)  # let the subscription reach the PUB socket
+    return sub
+
+
+def kernel_info_works(raw, sock):
+    frames, header = raw.frames("kernel_info_request")
+    sock.send_multipart(frames)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        got = raw.recv(sock, timeout=deadline - time.time())
+        assert got is not None, "no kernel_info_reply"
+        idents, h, parent, content = got
+        if parent.get("msg_id") == header["msg_id"]:
+            assert h["msg_type"] == "kernel_info_reply"
+            assert content["implementation"] == "lathe"
+            return True
+    return False
+
+
+def no_reply(raw, sock):
+    return raw.recv(sock, timeout=QUIET) is None
+
+
+def test_golden_signed_request(raw, shell):
+    assert kernel_info_works(raw, shell)
+
+
+def test_wrong_signature(kernel, raw, shell):
+    frames, _ = raw.frames("kernel_info_request", sig=b"0" * 64)
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    assert "invalid signature" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_missing_signature(kernel, raw, shell):
+    frames, _ = raw.frames("kernel_info_request", sig=b"")
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    assert "missing signature" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_signature_over_other_bytes(raw, shell):
+    frames, header = raw.frames("kernel_info_request")
+    # same JSON value, different bytes: the HMAC covers bytes, not values
+    i = frames.index(DELIM)
+    frames[i + 2] = json.dumps(header, indent=1).encode()
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    assert kernel_info_works(raw, shell)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 3, 4, 5])
+def test_missing_frames(kernel, raw, shell, keep):
+    frames, _ = raw.frames("kernel_info_request")
+    i = frames.index(DELIM)
+    shell.send_multipart(frames[:i + 1 + keep])  # delimiter + `keep` of the 5 frames
+    assert no_reply(raw, shell)
+    assert kernel_info_works(raw, shell)
+
+
+def test_no_delimiter(kernel, raw, shell):
+    frames, _ = raw.frames("kernel_info_request")
+    shell.send_multipart([f for f in frames if f != DELIM])
+    assert no_reply(raw, shell)
+    assert "delimiter" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_extra_frames_are_buffers(raw, shell):
+    frames, header = raw.frames("kernel_info_request", buffers=[b"\x00\x01binary", b""])
+    shell.send_multipart(frames)
+    idents, h, parent, content = raw.recv(shell)
+    assert parent["msg_id"] == header["msg_id"]
+
+
+@pytest.mark.parametrize("part", [0, 1, 2, 3])
+@pytest.mark.parametrize("bad", [b"{\"a\":", b"[1, 2]", b"", b"\xff\xfe"])
+def test_malformed_json(kernel, raw, shell, part, bad):
+    header = raw.header("kernel_info_request")
+    parts = [json.dumps(header).encode(), b"{}", b"{}", b"{}"]
+    parts[part] = bad
+    frames, _ = raw.frames("kernel_info_request", raw_parts=parts)
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    assert "dropped a message" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_header_without_msg_type(raw, shell):
+    h = raw.header("kernel_info_request")
+    del h["msg_type"]
+    frames, _ = raw.frames("kernel_info_request", header=h)
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    assert kernel_info_works(raw, shell)
+
+
+def test_unknown_msg_type(kernel, raw, shell, iopub):
+    frames, header = raw.frames("no_such_request")
+    shell.send_multipart(frames)
+    assert no_reply(raw, shell)
+    states = []
+    deadline = time.time() + 5
+    while len(states) < 2 and time.time() < deadline:
+        got = raw.recv(iopub, timeout=1)
+        if got and got[2].get("msg_id") == header["msg_id"]:
+            states.append(got[3]["execution_state"])
+    assert states == ["busy", "idle"]
+    assert "no_such_request" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_identities_round_trip(raw):
+    sock = raw.socket(raw.zmq.DEALER, "shell", identity=b"\x00\xffbinary-id")
+    frames, header = raw.frames("kernel_info_request", idents=[b"hop-2", b"hop-3"])
+    sock.send_multipart(frames)
+    idents, h, parent, content = raw.recv(sock)
+    assert idents == [b"hop-2", b"hop-3"], "every routing frame comes back, in order"
+    assert parent["msg_id"] == header["msg_id"]
+
+
+def test_parent_header_verbatim(raw, shell):
+    header = raw.header("kernel_info_request", subshell_id=None, x_custom={"k": [1, 2]})
+    frames, _ = raw.frames("kernel_info_request", header=header)
+    shell.send_multipart(frames)
+    idents, h, parent, content = raw.recv(shell)
+    assert parent == header
+
+
+def test_invalid_utf8_in_code(raw, shell, iopub):
+    header = raw.header("execute_request")
+    content = b'{"code": "%echo a\xffb \\ud800 c", "silent": false}'
+    frames, _ = raw.frames("execute_request", raw_parts=[json.dumps(header).encode(), b"{}",
+                                                         b"{}", content])
+    shell.send_multipart(frames)
+    got = raw.recv(shell)
+    assert got is not None, "a cell with invalid UTF-8 is repaired and run"
+    assert got[3]["status"] == "ok"
+    text = ""
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        m = raw.recv(iopub, timeout=1)
+        if m and m[2].get("msg_id") == header["msg_id"]:
+            if m[1]["msg_type"] == "stream":
+                text += m[3]["text"]
+            if m[1]["msg_type"] == "status" and m[3]["execution_state"] == "idle":
+                break
+    assert text == "a\ufffdb \ufffd c\n"
+
+
+def test_invalid_utf8_in_header(raw, shell):
+    header = json.dumps(raw.header("kernel_info_request")).encode()
+    header = header.replace(b'"username": "test"', b'"username": "t\xc0st"')
+    frames, _ = raw.frames("kernel_info_request", raw_parts=[header, b"{}", b"{}", b"{}"])
+    shell.send_multipart(frames)
+    got = raw.recv(shell)
+    assert got is not None
+    assert got[2]["username"] == "t\ufffdst"
+
+
+def test_ten_megabyte_cell(raw, shell):
+    code = "%echo big\n# " + "x" * (10 * 1024 * 1024)
+    frames, header = raw.frames("execute_request", {"code": code, "silent": False,
+                                                    "store_history": True})
+    shell.send_multipart(frames)
+    got = raw.recv(shell, timeout=60)
+    assert got is not None, "no reply to a 10 MB cell"
+    assert got[2]["msg_id"] == header["msg_id"]
+    assert got[3]["status"] in ("ok", "error")
+    assert kernel_info_works(raw, shell)
+
+
+def test_flood_of_requests(raw, shell):
+    n = 10000
+    ids = set()
+    got = 0
+    for _ in range(n):
+        frames, header = raw.frames("kernel_info_request")
+        ids.add(header["msg_id"])
+        shell.send_multipart(frames)
+        while shell.poll(0):
+            shell.recv_multipart()
+            got += 1
+    deadline = time.time() + 120
+    while got < n and time.time() < deadline:
+        if shell.poll(1000):
+            frames = shell.recv_multipart()
+            got += 1
+    assert got == n, "%d of %d replies" % (got, n)
+    assert kernel_info_works(raw, shell)
+
+
+def test_flood_of_bad_messages(kernel, raw, shell):
+    for i in range(10000):
+        frames, _ = raw.frames("kernel_info_request", sig=b"%064d" % i)
+        shell.send_multipart(frames)
+    assert kernel_info_works(raw, shell)
+
+
+def test_heartbeat_echo(raw):
+    hb = raw.socket(raw.zmq.REQ, "hb")
+    for payload in (b"ping", b"\x00\xff" * 100):
+        hb.send(payload)
+        assert hb.poll(5000), "no heartbeat echo"
+        assert hb.recv() == payload
+
+
+def test_stdin_stray_reply_ignored(kernel, raw, shell):
+    stdin = raw.socket(raw.zmq.DEALER, "stdin")
+    frames, _ = raw.frames("input_reply", {"value": "nobody asked"})
+    stdin.send_multipart(frames)
+    time.sleep(0.3)
+    assert kernel_info_works(raw, shell)
+
+
+def test_control_bad_input(kernel, raw):
+    control = raw.socket(raw.zmq.DEALER, "control")
+    frames, _ = raw.frames("kernel_info_request", sig=b"f" * 64)
+    control.send_multipart(frames)
+    assert no_reply(raw, control)
+    frames, _ = raw.frames("kernel_info_request", raw_parts=[b"{", b"{}", b"{}", b"{}"])
+    control.send_multipart(frames)
+    assert no_reply(raw, control)
+    assert kernel_info_works(raw, control)
