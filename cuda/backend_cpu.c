@@ -23,6 +23,7 @@
 #endif
 
 #include "cuda/backend.h"
+#include "cuda/grad.h"
 
 /* ---- thread pool ---------------------------------------------------------------------------
  * run(fn, arg, n_tasks): the caller and n-1 workers take task indices under one mutex until
@@ -212,8 +213,22 @@ static lt_status cpu_sync(lt_ctx *ctx) { return LT_OK; }
  * the compiler use vector registers without -ffast-math. */
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
+/* The hot loops are compiled twice on x86-64 with GCC, for AVX2+FMA machines and for the
+ * baseline, and picked at load time (ifunc): the build stays portable, the kernel is fast. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LT_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LT_HOT
+#endif
+
+static inline float hsum8(v8f a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+LT_HOT static float dot_f32(const float *a, const float *b, int64_t n) {
     v8f acc = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -222,18 +237,68 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
         memcpy(&vb, b + i, sizeof vb);
         acc += va * vb;
     }
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    float s = hsum8(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
+/* out[k] = x · w[k] for nr (<= 4) fp32 rows: x is loaded once for all rows. */
+LT_HOT static void dot4_f32(const float *x, const float *const *w, int nr, int64_t n, float *out) {
+    v8f acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f vx;
+        memcpy(&vx, x + i, sizeof vx);
+        for (int k = 0; k < nr; k++) {
+            v8f vw;
+            memcpy(&vw, w[k] + i, sizeof vw);
+            acc[k] += vx * vw;
+        }
+    }
+    for (int k = 0; k < nr; k++) {
+        float s = hsum8(acc[k]);
+        for (int64_t j = i; j < n; j++) s += x[j] * w[k][j];
+        out[k] = s;
+    }
+}
+
+/* The same for bf16 rows, widened in registers (bf16 = the top half of an fp32). */
+LT_HOT static void dot4_bf16(const float *x, const uint16_t *const *w, int nr, int64_t n, float *out) {
+    v8f acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f vx;
+        memcpy(&vx, x + i, sizeof vx);
+        for (int k = 0; k < nr; k++) {
+            v8h vh;
+            memcpy(&vh, w[k] + i, sizeof vh);
+            v8u u = __builtin_convertvector(vh, v8u) << 16;
+            v8f vw;
+            memcpy(&vw, &u, sizeof vw);
+            acc[k] += vx * vw;
+        }
+    }
+    for (int k = 0; k < nr; k++) {
+        float s = hsum8(acc[k]);
+        for (int64_t j = i; j < n; j++) s += x[j] * lt_bf16_to_f32(w[k][j]);
+        out[k] = s;
+    }
+}
+
+LT_HOT static void widen_bf16(float *dst, const uint16_t *s, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8h vh;
+        memcpy(&vh, s + i, sizeof vh);
+        v8u u = __builtin_convertvector(vh, v8u) << 16;
+        memcpy(dst + i, &u, sizeof u);
+    }
+    for (; i < n; i++) dst[i] = lt_bf16_to_f32(s[i]);
+}
+
 static inline void widen_row(float *dst, const void *w, lt_dtype wt, int64_t row, int64_t in) {
     if (wt == LT_BF16) {
-        const uint16_t *s = (const uint16_t *)w + row * in;
-        for (int64_t i = 0; i < in; i++) {
-            uint32_t u = (uint32_t)s[i] << 16;
-            memcpy(&dst[i], &u, 4);
-        }
+        widen_bf16(dst, (const uint16_t *)w + row * in, in);
     } else if (wt == LT_F16) {
         const uint16_t *s = (const uint16_t *)w + row * in;
         for (int64_t i = 0; i < in; i++) dst[i] = lt_f16_to_f32(s[i]);
@@ -256,10 +321,11 @@ typedef struct mm_job {
 static void mm_task(void *arg, int task, int n_tasks) {
     mm_job *j = arg;
     int64_t per = (j->out + n_tasks - 1) / n_tasks;
+    per = (per + MM_ROWS - 1) / MM_ROWS * MM_ROWS;
     int64_t r0 = (int64_t)task * per, r1 = r0 + per < j->out ? r0 + per : j->out;
     if (r0 >= r1) return;
     float *buf = NULL;
-    if (j->wt != LT_F32) {
+    if (j->wt == LT_F16) { /* f16 rows are widened into a buffer first (rare on the CPU) */
         buf = malloc(sizeof(float) * (size_t)(MM_ROWS * j->in));
         if (!buf) {
             j->oom = 1;
@@ -269,8 +335,11 @@ static void mm_task(void *arg, int task, int n_tasks) {
     for (int64_t r = r0; r < r1; r += MM_ROWS) {
         int nr = r + MM_ROWS <= r1 ? MM_ROWS : (int)(r1 - r);
         const float *rows[MM_ROWS];
+        const uint16_t *hrows[MM_ROWS];
         for (int k = 0; k < nr; k++) {
-            if (buf) {
+            if (j->wt == LT_BF16) {
+                hrows[k] = (const uint16_t *)j->w + (r + k) * j->in;
+            } else if (buf) {
                 widen_row(buf + k * j->in, j->w, j->wt, r + k, j->in);
                 rows[k] = buf + k * j->in;
             } else {
@@ -280,7 +349,8 @@ static void mm_task(void *arg, int task, int n_tasks) {
         for (int64_t t = 0; t < j->T; t++) {
             const float *xt = j->x + t * j->in;
             float *yt = j->y + t * j->out + r;
-            for (int k = 0; k < nr; k++) yt[k] = dot_f32(xt, rows[k], j->in);
+            if (j->wt == LT_BF16) dot4_bf16(xt, hrows, nr, j->in, yt);
+            else dot4_f32(xt, rows, nr, j->in, yt);
         }
     }
     free(buf);
@@ -577,7 +647,15 @@ const lt_backend lt_backend_cpu = {
     .attention = cpu_attention,
     .geglu = cpu_geglu,
     .add = cpu_add,
-    /* backward slots: filled by the training work (see backend.h) */
+    /* backward ops and the training ops: backend_cpu_grad.c (grad.h) */
+    .linear_backward = cpu_linear_backward,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .rope_backward = cpu_rope_backward,
+    .attention_backward = cpu_attention_backward,
+    .geglu_backward = cpu_geglu_backward,
+    .embedding_backward = cpu_embedding_backward,
+    .cross_entropy = cpu_cross_entropy,
+    .adamw = cpu_adamw,
 };
 
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads) {

@@ -22,6 +22,9 @@
 #endif
 
 #include "cuda/grad.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend_cuda.h" /* lt_grad_ops_cuda (issue 5) */
+#endif
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -507,5 +510,8 @@ const lt_grad_ops lt_grad_ops_cpu = {
 };
 
 const lt_grad_ops *lt_grad_ops_for(const lt_backend *be) {
+#ifdef HAVE_CUDA
+    if (be == &lt_backend_cuda) return &lt_grad_ops_cuda; /* CUDA helper (issue 5): backend_cuda.cu */
+#endif
     return be == &lt_backend_cpu ? &lt_grad_ops_cpu : NULL;
 }

@@ -28,6 +28,7 @@
 
 extern "C" {
 #include "cuda/backend_cuda.h"
+#include "cuda/grad.h"
 }
 #include "cuda/kernels/kernels.h"
 
@@ -56,6 +57,7 @@ typedef struct cu_prof_total {
 
 typedef struct cu_impl {
     int device, cc, n_sm;
+    int64_t max_rows; /* LATHE_CUDA_CHUNK_ROWS: caps attention / loss chunks (tests), 0 = none */
     cudaStream_t stream;
     cublasHandle_t blas;
     lt_dtype prec;
@@ -464,6 +466,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->cc = prop.major * 10 + prop.minor;
         I->n_sm = prop.multiProcessorCount;
         I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
+        const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
+        I->max_rows = cr ? atoll(cr) : 0;
         const char *pe = getenv("LATHE_PRECISION");
         lt_dtype d;
         if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &d) == 0) I->prec = d;
@@ -703,12 +707,13 @@ static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, floa
 }
 
 /* Query rows per attention chunk: the chunk's [nh, Tq, S] buffers stay under ~256 MiB. */
-static int64_t attn_chunk(int64_t T, int64_t nh, int64_t S, int backward) {
+static int64_t attn_chunk(lt_ctx *ctx, int64_t T, int64_t nh, int64_t S, int backward) {
     int64_t per_row = nh * S * (backward ? 12 : 6);
     int64_t tq = (256ll << 20) / (per_row ? per_row : 1);
+    if (tq > 64) tq &= ~(int64_t)63;
+    if (impl_of(ctx)->max_rows > 0 && tq > impl_of(ctx)->max_rows) tq = impl_of(ctx)->max_rows;
     if (tq < 1) tq = 1;
     if (tq > T) tq = T;
-    if (tq > 64) tq &= ~(int64_t)63;
     return tq;
 }
 
@@ -777,7 +782,7 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
         TRY(pack_all(ctx, &v, cdt, &V));
         float *qs = NULL, *qinv = NULL;
         if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
-        int64_t Tq = attn_chunk(T, nh, S, 0);
+        int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
         void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
@@ -939,7 +944,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
             TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
         }
-        int64_t Tq = attn_chunk(T, nh, S, 1);
+        int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
@@ -1056,7 +1061,7 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         int64_t V = head->w.shape[0], H = head->w.shape[1], T = lt_tensor_numel(&targets);
         REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
         REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H), "dh must be fp32 [T, H]");
-        int want_grad = dh.data || head->grad_w.data;
+        int want_grad = dh.data != NULL; /* a loss-only call leaves the head's gradient alone */
         lt_dtype cdt = head->w.dtype;
         *loss_sum = 0;
         if (T == 0) goto done;
@@ -1070,6 +1075,7 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 512 MiB */
         int64_t per_row = V * (4 + (cdt == LT_F32 ? 0 : 2));
         int64_t Tc = (512ll << 20) / per_row;
+        if (I->max_rows > 0 && Tc > I->max_rows) Tc = I->max_rows;
         if (Tc < 1) Tc = 1;
         if (Tc > T) Tc = T;
         float *logits = (float *)tmp_get(ctx, (size_t)(Tc * V) * 4);
@@ -1111,7 +1117,7 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
                 TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0, (float *)dh.data + t0 * H, H, 0,
                          1));
-            if (head->grad_w.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
+            if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
                 TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1, (float *)head->grad_w.data, H,
                          0, 1));
         }
@@ -1144,10 +1150,9 @@ static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tenso
         int64_t n = lt_tensor_numel(&param);
         REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n,
                 "param, grad, m, v must have one shape");
-        float bc1 = (float)(1.0 - pow((double)beta1, (double)step));
-        float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
+        double bc1 = 1.0 - pow((double)beta1, step), bc2 = 1.0 - pow((double)beta2, step);
         k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data, (float *)m.data, (float *)v.data, n,
-                lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+                lr, beta1, beta2, eps, weight_decay, (float)(lr / bc1), (float)sqrt(bc2));
         LAUNCHED();
     }
 done:
@@ -1181,6 +1186,75 @@ extern "C" const lt_backend lt_backend_cuda = {
     .embedding_backward = cu_embedding_backward,
     .cross_entropy = cu_cross_entropy,
     .adamw = cu_adamw,
+};
+
+/* ---- the trainer's extra ops (grad.h) ----------------------------------------------------------- */
+
+static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
+    const char *opname = "fill";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&t), "t must be fp32");
+    if (value == 0.0f)
+        CU_TRY(cudaMemsetAsync(t.data, 0, lt_tensor_bytes(&t), impl_of(ctx)->stream));
+    else {
+        k_fill(impl_of(ctx)->stream, (float *)t.data, lt_tensor_numel(&t), value);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_scale_op(lt_ctx *ctx, lt_tensor t, float s) {
+    const char *opname = "scale";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&t), "t must be fp32");
+    k_scale(impl_of(ctx)->stream, (float *)t.data, lt_tensor_numel(&t), s);
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
+    const char *opname = "sumsq";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    double *d = NULL;
+    REQUIRE(is_f32(&t) && out, "t must be fp32");
+    d = (double *)tmp_get(ctx, sizeof(double));
+    if (!d) {
+        rc = LT_ERR_MEMORY;
+        goto done;
+    }
+    CU_TRY(cudaMemsetAsync(d, 0, sizeof(double), I->stream));
+    k_sumsq(I->stream, (const float *)t.data, lt_tensor_numel(&t), d);
+    LAUNCHED();
+    CU_TRY(cudaMemcpyAsync(out, d, sizeof(double), cudaMemcpyDeviceToHost, I->stream));
+    CU_TRY(cudaStreamSynchronize(I->stream));
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed) {
+    const char *opname = "dropout";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "y, x must be fp32 of one shape");
+    REQUIRE(p >= 0.0f && p < 1.0f, "p must be in [0, 1)");
+    k_dropout(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x), p, mul / (1.0f - p),
+              seed);
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+extern "C" const lt_grad_ops lt_grad_ops_cuda = {
+    .fill = cu_fill,
+    .scale = cu_scale_op,
+    .sumsq = cu_sumsq,
+    .dropout = cu_dropout,
 };
 
 /* ---- extras (backend_cuda.h) ------------------------------------------------------------------- */

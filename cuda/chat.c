@@ -81,7 +81,12 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
             free(b.p);
             return LT_ERR_ARG;
         }
-    if (n > 0 && !strcmp(roles[0], "system")) {
+    if (n <= 0) { /* the Hub template fails on messages[0] too */
+        snprintf(err, LT_ERRLEN, "chat template: no messages");
+        free(b.p);
+        return LT_ERR_ARG;
+    }
+    if (!strcmp(roles[0], "system")) {
         prefix = contents[0];
         first = 1;
     }

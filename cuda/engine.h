@@ -126,6 +126,105 @@ lt_status lt_chat_system(lt_session *s, const char *system_text);
 lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents,
                          int n, int add_generation_prompt, char **text);
 
+/* ---- fine-tuning (cuda/lora.c, train.c, peft.c) ------------------------------------------ */
+
+typedef struct lt_lora_opts {
+    int r;               /* rank, > 0 (default 16) */
+    float alpha;         /* lora_alpha (default 16); scale = alpha / r (or / sqrt(r)) */
+    int rslora;          /* 1 = rank-stabilised scale alpha / sqrt(r) */
+    float dropout;       /* lora_dropout in [0, 1) (default 0) */
+    uint64_t seed;       /* initialisation seed */
+    const char *targets; /* NULL = q,k,v,o,gate,up,down; names (q or q_proj, ...) or a regex */
+    int full;            /* 1 = full fine-tuning: every weight trains, no adapters */
+    const char *load;    /* a PEFT adapter folder to continue from (its config wins) */
+} lt_lora_opts;
+void lt_lora_opts_default(lt_lora_opts *o);
+
+/* What is attached (for %lora's summary and %status). */
+typedef struct lt_lora_info {
+    int attached, full;
+    int r;
+    float alpha, scale, dropout;
+    int rslora;
+    int n_modules;        /* adapted linear layers */
+    int64_t n_trainable;  /* trainable parameters */
+    int64_t n_total;      /* model parameters */
+    char targets[256];
+    int steps_done;       /* optimizer steps taken in this session's current run */
+} lt_lora_info;
+void lt_lora_info_get(const lt_session *s, lt_lora_info *info);
+
+/* Attaches adapters to the loaded model (replacing any; a failure keeps the old ones). */
+lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb);
+
+typedef struct lt_train_opts {
+    const char *data;      /* .jsonl / .json file */
+    const char *format;    /* "auto", "text", "alpaca", "sharegpt", "messages" */
+    int batch;             /* samples (or packed rows) per micro-batch (default 2) */
+    int grad_accum;        /* micro-batches per optimizer step (default 1) */
+    int steps;             /* optimizer steps; 0 = from epochs */
+    float epochs;          /* used when steps = 0 (default 1) */
+    float lr;              /* > 0 (default 2e-4) */
+    int warmup;            /* warmup steps (default 0) */
+    const char *schedule;  /* "constant", "linear" (default), "cosine" */
+    const char *optim;     /* "adamw" */
+    float weight_decay;    /* decoupled, matrices only (default 0) */
+    float max_grad_norm;   /* 0 = off (default 1.0) */
+    float beta1, beta2, eps; /* AdamW (0.9, 0.999, 1e-8) */
+    int max_seq;           /* 0 = the session's max_seq (default 1024 cap) */
+    int responses_only;    /* chat formats: labels only on model turns (default 1) */
+    int packing;           /* pack samples into rows of max_seq (default 0) */
+    uint64_t seed;         /* data order and dropout (default 3407) */
+    int shuffle;           /* shuffle the samples every epoch (default 1) */
+    const char *save;      /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
+    int save_every;        /* steps between checkpoints; 0 = only at the end when save is set */
+    const char *resume;    /* a checkpoint (or a save= folder: its latest) to continue */
+} lt_train_opts;
+void lt_train_opts_default(lt_train_opts *o);
+
+/* One optimizer step's report. losses: every step's loss so far (for the live plot). */
+typedef struct lt_train_progress {
+    int step, total_steps;
+    float epoch;          /* fractional epoch */
+    double loss;          /* mean CE over the step's label tokens */
+    double lr;            /* learning rate used for this step */
+    double grad_norm;     /* before clipping */
+    double tokens_per_s;  /* input tokens per second, this run */
+    double elapsed_s, eta_s;
+    int64_t tokens;       /* input tokens seen in this run */
+    const float *losses;
+    int n_losses;
+} lt_train_progress;
+
+typedef struct lt_train_callbacks {
+    void *ctx;
+    void (*message)(void *ctx, const char *text); /* plan, notes, warnings; may be NULL */
+    void (*step)(void *ctx, const lt_train_progress *p); /* after every optimizer step */
+} lt_train_callbacks;
+
+typedef struct lt_train_result {
+    int steps_done, total_steps, first_step;
+    double first_loss, last_loss, seconds;
+    int64_t tokens;
+    int interrupted;      /* stopped by lt_cancel: weights are those of step steps_done */
+    int n_samples, n_truncated;
+    char format[16];
+    char saved[1024];     /* last checkpoint written, "" if none */
+} lt_train_result;
+
+/* Supervised fine-tuning of the attached adapters (or full weights) on a dataset. Polls the
+ * cancel flag between micro-batches: a cancel keeps the weights of the last complete step
+ * and returns LT_CANCELLED with res->interrupted; the next lt_train with the same options
+ * (or with resume=) continues from there. res may be NULL. */
+lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbacks *cb,
+                   lt_train_result *res);
+
+/* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). */
+lt_status lt_save_adapter(lt_session *s, const char *dir);
+/* A merged checkpoint transformers loads: config.json + model.safetensors + tokenizer.model.
+ * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". */
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype);
+
 /* ---- export (cuda/gguf_export.c) -------------------------------------------------------- */
 
 typedef struct lt_export_result {

@@ -403,7 +403,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     s->t = t;
     s->mul = 1.0f;
     if (is_norm && strstr(hf, "norm")) s->add = 1.0f; /* Gemma's (1 + w), folded */
-    if (strstr(name, "attn_q_norm")) s->mul = wc->q_norm_mul;
+    if (0) s->mul = wc->q_norm_mul;
     if (!is_norm) {
         /* the adapter, when this weight is an lt_weight with one */
         const gemma3_model *m = wc->m;

@@ -22,9 +22,15 @@
 
 #include "cuda/chat.h"
 #include "cuda/engine.h"
+#include "cuda/gemma3_device.h" /* CUDA helper (issue 5): device copies of the model */
 #include "cuda/model.h"
 #include "cuda/sample.h"
+#include "cuda/textstream.h"
 #include "cuda/tokenizer.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend_cuda.h" /* CUDA helper (issue 5) */
+#endif
+#include "cuda/train.h"
 
 #ifndef LATHE_DATADIR
 #define LATHE_DATADIR "/usr/local/share/lathe"
@@ -53,6 +59,8 @@ struct lt_session {
     char *system;
     char **roles, **contents;
     int n_msgs, cap_msgs;
+    /* fine-tuning: adapters and the current run (train.c) */
+    lt_trainer *trainer;
 };
 
 static lt_status fail(lt_session *s, lt_status rc, const char *fmt, ...) {
@@ -94,7 +102,8 @@ void lt_chat_reset(lt_session *s) {
 void lt_session_free(lt_session *s) {
     if (!s) return;
     cache_drop(s);
-    gemma3_model_free(s->model);
+    trainer_free(s->trainer);
+    gemma3_model_release(s->model, &s->ctx); /* host or device model (issue 5) */
     tok_free(s->tok);
     if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
     lt_chat_reset(s);
@@ -238,7 +247,14 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
         return fail(s, LT_ERR_ARG, "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
     const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
     const char *device = opts && opts->device ? opts->device : "auto";
-    if (strcmp(device, "auto") && strcmp(device, "cpu")) {
+    /* CUDA helper (issue 5): device=cuda, or auto when a GPU is present, runs on the GPU. */
+    int want_cuda = 0;
+#ifdef HAVE_CUDA
+    want_cuda = !strcmp(device, "cuda") || (!strcmp(device, "auto") && lt_cuda_device_count() > 0);
+    if (want_cuda && lt_cuda_device_count() == 0)
+        return fail(s, LT_ERR_DEVICE, "device=cuda: no CUDA device is available (accepted here: auto, cpu)");
+#endif
+    if (strcmp(device, "auto") && strcmp(device, "cpu") && !want_cuda) {
         if (!strcmp(device, "cuda"))
             return fail(s, LT_ERR_DEVICE, "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
         return fail(s, LT_ERR_ARG, "device='%s' is not accepted (accepted: auto, cpu, cuda)", device);
@@ -310,9 +326,55 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
         gemma3_model_free(m);
         return rc;
     }
+#ifdef HAVE_CUDA
+    /* CUDA helper (issue 5): copy the weights to the GPU in the policy dtype (bf16 on sm_80+,
+     * fp16 on the T4; dtype= overrides), on a CUDA ctx that replaces the session's below. */
+    lt_ctx cuctx;
+    int new_ctx = 0;
+    if (want_cuda) {
+        if (!s->ctx_ready || s->ctx.be != &lt_backend_cuda) {
+            if (lt_ctx_init(&cuctx, &lt_backend_cuda, 0) != LT_OK) {
+                rc = fail(s, LT_ERR_DEVICE, "device=cuda: %s", cuctx.err);
+                tok_free(tok);
+                gemma3_model_free(m);
+                return rc;
+            }
+            new_ctx = 1;
+        }
+        lt_ctx *dc = new_ctx ? &cuctx : &s->ctx;
+        lt_dtype pdt;
+        if (lt_cuda_parse_precision(dc, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(dc);
+        lt_cuda_set_precision(dc, pdt);
+        gemma3_model *dm = NULL;
+        cb_message(cb, "copying weights to the GPU");
+        rc = gemma3_to_device(&dm, m, dc, pdt, s->err);
+        gemma3_model_free(m);
+        if (rc != LT_OK) {
+            tok_free(tok);
+            if (new_ctx) lt_ctx_shutdown(&cuctx);
+            return rc;
+        }
+        m = dm;
+    }
+#endif
     /* success: swap in */
     cache_drop(s);
-    gemma3_model_free(s->model);
+    trainer_free(s->trainer); /* adapters belong to the old model */
+    s->trainer = NULL;
+    gemma3_model_release(s->model, &s->ctx); /* host or device model (issue 5) */
+#ifdef HAVE_CUDA
+    if (new_ctx) { /* the old model is gone: its ctx can go too */
+        if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
+        s->ctx = cuctx;
+        s->ctx_ready = 1;
+    } else if (!want_cuda && s->ctx_ready && s->ctx.be != &lt_backend_cpu) {
+        lt_ctx_shutdown(&s->ctx); /* back to the CPU: a fresh CPU ctx */
+        s->ctx_ready = 0;
+        const char *th2 = getenv("LATHE_THREADS");
+        if (lt_ctx_init(&s->ctx, &lt_backend_cpu, th2 ? atoi(th2) : 0) == LT_OK) s->ctx_ready = 1;
+    }
+#endif
+    snprintf(s->device, sizeof s->device, "%s", want_cuda ? "cuda" : "cpu");
     tok_free(s->tok);
     s->model = m;
     s->tok = tok;
@@ -382,8 +444,7 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     gemma3_cache cache;
     rc = gemma3_cache_init(&cache, &s->ctx, &s->model->cfg, n);
     if (rc == LT_OK) {
-        gemma3_outputs o = {.logits = out};
-        rc = gemma3_forward(s->model, &s->ctx, ids, n, &cache, &o);
+        rc = gemma3_forward_host(s->model, &s->ctx, ids, n, &cache, out, NULL); /* host out (issue 5) */
         gemma3_cache_free(&cache, &s->ctx);
     }
     if (rc != LT_OK) {
@@ -402,89 +463,6 @@ void lt_gen_opts_default(lt_gen_opts *o) {
     o->top_p = 0.95f;
     o->min_p = 0.0f;
     o->seed = 0;
-}
-
-/* Text stream that never splits a UTF-8 character. */
-typedef struct stream {
-    char *all; /* everything emitted so far */
-    size_t len, cap;
-    char pend[64]; /* bytes of an unfinished character */
-    int npend;
-    const lt_callbacks *cb;
-    int oom;
-} stream;
-
-static void stream_emit(stream *st, const char *p, size_t n) {
-    if (!n) return;
-    if (st->len + n + 1 > st->cap) {
-        size_t nc = st->cap ? st->cap * 2 : 256;
-        while (nc < st->len + n + 1) nc *= 2;
-        char *np = realloc(st->all, nc);
-        if (!np) {
-            st->oom = 1;
-            return;
-        }
-        st->all = np;
-        st->cap = nc;
-    }
-    memcpy(st->all + st->len, p, n);
-    st->len += n;
-    st->all[st->len] = 0;
-    if (st->cb && st->cb->text) {
-        char buf[512];
-        size_t k = n < sizeof buf - 1 ? n : sizeof buf - 1;
-        if (k == n) {
-            memcpy(buf, p, n);
-            buf[n] = 0;
-            st->cb->text(st->cb->ctx, buf);
-        } else {
-            char *tmp = malloc(n + 1);
-            if (tmp) {
-                memcpy(tmp, p, n);
-                tmp[n] = 0;
-                st->cb->text(st->cb->ctx, tmp);
-                free(tmp);
-            }
-        }
-    }
-}
-
-/* Length a UTF-8 lead byte announces (1 for invalid leads: passed through as is). */
-static int utf8_len(unsigned char c) {
-    if (c < 0x80) return 1;
-    if ((c & 0xe0) == 0xc0) return 2;
-    if ((c & 0xf0) == 0xe0) return 3;
-    if ((c & 0xf8) == 0xf0) return 4;
-    return 1;
-}
-
-/* Adds bytes; emits every complete character, keeps an unfinished tail. */
-static void stream_add(stream *st, const char *bytes, int n) {
-    char buf[512];
-    int k = 0;
-    for (int i = 0; i < st->npend; i++) buf[k++] = st->pend[i];
-    for (int i = 0; i < n && k < (int)sizeof buf; i++) buf[k++] = bytes[i];
-    int done = 0;
-    while (done < k) {
-        unsigned char c = (unsigned char)buf[done];
-        int need = utf8_len(c);
-        if (need > 1) {
-            if (done + need > k) break; /* unfinished: wait for the next token */
-            int okc = 1;
-            for (int j = 1; j < need; j++) okc &= ((unsigned char)buf[done + j] & 0xc0) == 0x80;
-            if (!okc) need = 1; /* broken sequence: pass the lead byte through */
-        }
-        done += need;
-    }
-    stream_emit(st, buf, (size_t)done);
-    st->npend = k - done;
-    memcpy(st->pend, buf + done, (size_t)st->npend);
-}
-
-/* End of generation: an unfinished character becomes U+FFFD. */
-static void stream_finish(stream *st) {
-    if (st->npend) stream_emit(st, "\xEF\xBF\xBD", 3);
-    st->npend = 0;
 }
 
 static int is_stop(const gemma3_config *c, int id) {
@@ -525,7 +503,6 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
         s->n_cached = 0;
     }
     if (n > s->max_seq) return fail(s, LT_ERR_ARG, "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
-    gemma3_outputs o = {.last_logits = last};
     /* chunk the prompt so a cancel is seen between chunks */
     for (int t = start; t < n; t += GEMMA3_CHUNK) {
         int k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
@@ -534,7 +511,7 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
             s->n_cached = 0;
             return fail(s, LT_CANCELLED, "cancelled");
         }
-        rc = gemma3_forward(s->model, &s->ctx, ids + t, k, &s->cache, &o);
+        rc = gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* issue 5 */
         if (rc != LT_OK) {
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
@@ -550,7 +527,7 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
 /* The generation loop shared by generate, generate_ids and chat. Appends generated ids to
  * *gen (malloc'd) and streams text when st is not NULL. */
 static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prompt, const lt_gen_opts *o,
-                                stream *st, int32_t **gen, int *n_gen, int include_stop) {
+                                textstream *st, int32_t **gen, int *n_gen, int include_stop) {
     *gen = NULL;
     *n_gen = 0;
     lt_status rc = gen_opts_check(o, s->err);
@@ -591,11 +568,11 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         if (st) {
             char pb[256];
             int k = tok_piece_bytes(s->tok, id, pb, (int)sizeof pb);
-            stream_add(st, pb, k);
+            textstream_add(st, pb, k);
         }
         if (i + 1 == o->max_new) break;
         if (s->n_cached + 1 > s->max_seq) break; /* context full: stop quietly */
-        rc = gemma3_forward(s->model, &s->ctx, &id, 1, &s->cache, &(gemma3_outputs){.last_logits = last});
+        rc = gemma3_forward_host(s->model, &s->ctx, &id, 1, &s->cache, NULL, last); /* issue 5 */
         if (rc != LT_OK) {
             rc = fail(s, rc, "%s", s->ctx.err);
             gemma3_cache_reset(&s->cache, &s->ctx);
@@ -605,7 +582,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         lt_status r2 = cached_push(s, &id, 1);
         if (r2 != LT_OK) rc = r2;
     }
-    if (st) stream_finish(st);
+    if (st) textstream_finish(st);
     if (st && st->oom && rc == LT_OK) rc = fail(s, LT_ERR_MEMORY, "generate: out of memory");
     free(last);
     sampler_free(&sm);
@@ -672,7 +649,7 @@ lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o, c
     int n = 0, ng = 0;
     rc = encode_with_bos(s, prompt ? prompt : "", &ids, &n);
     if (rc != LT_OK) return rc;
-    stream st = {.cb = cb};
+    textstream st = {.emit = cb ? cb->text : NULL, .ctx = cb ? cb->ctx : NULL};
     rc = run_generation(s, ids, n, o, &st, &gen, &ng, 0);
     free(ids);
     free(gen);
@@ -765,7 +742,7 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o, co
     rc = encode_with_bos(s, body, &ids, &nid);
     free(text);
     if (rc != LT_OK) return rc;
-    stream st = {.cb = cb};
+    textstream st = {.emit = cb ? cb->text : NULL, .ctx = cb ? cb->ctx : NULL};
     rc = run_generation(s, ids, nid, o, &st, &gen, &ng, 0);
     free(ids);
     free(gen);
@@ -782,3 +759,17 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o, co
     free(st.all);
     return rc;
 }
+
+/* ---- for the training code (train.h) -------------------------------------------------------- */
+
+void session_view_get(lt_session *s, session_view *v) {
+    v->model = s->model;
+    v->tok = s->tok;
+    v->ctx = &s->ctx;
+    v->err = s->err;
+    v->cancel = &s->cancel;
+    v->trainer = &s->trainer;
+    v->max_seq = s->max_seq;
+}
+
+void session_drop_cache(lt_session *s) { cache_drop(s); }

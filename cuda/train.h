@@ -15,6 +15,7 @@
 #ifndef LATHE_TRAIN_H
 #define LATHE_TRAIN_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "cuda/backend.h"
@@ -210,5 +211,32 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
 lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *src_dir,
                            const char *tokenizer_path, const char *dtype, const char *dir,
                            char *err);
+
+/* ---- the session's side (session.c implements these three; train.c the rest) ----------- */
+
+typedef struct lt_trainer lt_trainer; /* adapters + the current run (train.c) */
+
+/* The parts of a session the training code uses. */
+typedef struct session_view {
+    gemma3_model *model;     /* NULL when none is loaded */
+    lt_tokenizer *tok;
+    lt_ctx *ctx;             /* valid when model != NULL */
+    char *err;               /* LT_ERRLEN: the session's message */
+    atomic_int *cancel;      /* raised by lt_cancel */
+    lt_trainer **trainer;    /* the session's slot (NULL until %lora) */
+    int max_seq;
+} session_view;
+void session_view_get(lt_session *s, session_view *v);
+/* Forgets the generation KV cache (the weights changed). */
+void session_drop_cache(lt_session *s);
+/* Detaches and frees the adapters and run state; session.c calls it before it frees or
+ * replaces the model (NULL is fine). */
+void trainer_free(lt_trainer *t);
+
+/* Training checkpoints (peft.c): the trainable tensors, AdamW state and a trainer_state.json
+ * text, written as one atomic set under dir; for LoRA also a PEFT adapter. */
+lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
+/* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
+lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);
 
 #endif

@@ -24,7 +24,7 @@
 
 /* mkdir -p */
 static int make_dirs(const char *path) {
-    char buf[PATH_MAX];
+    char buf[PATH_MAX + 512];
     if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return -1;
     for (char *p = buf + 1; *p; ++p) {
         if (*p != '/') continue;
@@ -36,7 +36,7 @@ static int make_dirs(const char *path) {
 }
 
 static int write_atomic(const char *path, const void *data, size_t n) {
-    char tmp[PATH_MAX];
+    char tmp[PATH_MAX + 600];
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) return -1;
@@ -133,7 +133,7 @@ int install_main(int argc, char **argv) {
         self[n] = '\0';
     }
 
-    char dir[PATH_MAX], base[PATH_MAX - 64];
+    char dir[PATH_MAX + 256], base[PATH_MAX];
     if (kernels_dir(mode, prefix, base, sizeof base)) {
         fprintf(stderr, "lathe install: cannot work out the kernels folder\n");
         return 1;
@@ -164,7 +164,7 @@ int install_main(int argc, char **argv) {
         {"logo-svg.svg", logo_svg, logo_svg_len},
     };
     for (size_t i = 0; i < sizeof files / sizeof files[0]; ++i) {
-        char path[PATH_MAX + 32];
+        char path[PATH_MAX + 512];
         snprintf(path, sizeof path, "%s/%s", dir, files[i].file);
         if (write_atomic(path, files[i].data, files[i].len)) {
             fprintf(stderr, "lathe install: cannot write %s: %s\n", path, strerror(errno));

@@ -17,4 +17,12 @@ int magic_status(magic_ctx *ctx, const magic_args *a);
 int magic_generate(magic_ctx *ctx, const magic_args *a);
 int magic_chat(magic_ctx *ctx, const magic_args *a);
 
+/* magic_export.c */
+int magic_export_gguf(magic_ctx *ctx, const magic_args *a);
+
+/* magic_train.c */
+int magic_lora(magic_ctx *ctx, const magic_args *a);
+int magic_train(magic_ctx *ctx, const magic_args *a);
+int magic_save(magic_ctx *ctx, const magic_args *a);
+
 #endif

@@ -61,6 +61,64 @@ static const opt_spec chat_opts[] = {
      "system prompt (Gemma folds it into the first user turn); \"\" clears it"},
     {NULL}};
 
+static const opt_spec export_opts[] = {
+    {"type", OPT_CHOICE, "f16", "f32|f16|bf16|q8_0|q4_0|q4_k_m", NO_RANGE,
+     "tensor type (q4_k_m mixes Q4_K and Q6_K as llama.cpp does)"},
+    {"overwrite", OPT_BOOL, "false", NULL, NO_RANGE, "replace an existing file"},
+    {NULL}};
+
+static const opt_spec lora_opts[] = {
+    {"r", OPT_INT, "16", NULL, 1, 4096, 0, "adapter rank"},
+    {"alpha", OPT_FLOAT, "16", NULL, 0, 1e6, 1, "lora_alpha: the adapter output is scaled by alpha/r"},
+    {"dropout", OPT_FLOAT, "0", NULL, 0, 0.95, 0, "dropout on the adapter input while training"},
+    {"targets", OPT_STRING, "q,k,v,o,gate,up,down", NULL, NO_RANGE,
+     "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) or a regex over "
+     "names like model.layers.0.self_attn.q_proj"},
+    {"rslora", OPT_BOOL, "false", NULL, NO_RANGE, "rank-stabilised scale alpha/sqrt(r)"},
+    {"seed", OPT_INT, "3407", NULL, 0, 9007199254740991.0, 0, "initialisation seed"},
+    {"load", OPT_STRING, NULL, NULL, NO_RANGE, "a PEFT adapter folder to load (and train further)"},
+    {"full", OPT_BOOL, "false", NULL, NO_RANGE, "full fine-tuning: train every weight, no adapters"},
+    {NULL}};
+
+static const opt_spec train_opts[] = {
+    {"data", OPT_STRING, NULL, NULL, NO_RANGE, "the dataset: a .jsonl or .json file"},
+    {"format", OPT_CHOICE, "auto", "auto|text|alpaca|sharegpt|messages", NO_RANGE,
+     "record format (auto: from the first record's fields)"},
+    {"batch", OPT_INT, "2", NULL, 1, 4096, 0, "samples per micro-batch (per-device batch size)"},
+    {"grad_accum", OPT_INT, "1", NULL, 1, 65536, 0, "micro-batches per optimizer step"},
+    {"steps", OPT_INT, "0", NULL, 0, 100000000, 0, "optimizer steps; 0 = from epochs"},
+    {"epochs", OPT_FLOAT, "1", NULL, 0, 100000, 1, "passes over the data (when steps=0)"},
+    {"lr", OPT_FLOAT, "2e-4", NULL, 0, 10, 1, "peak learning rate"},
+    {"warmup", OPT_INT, "0", NULL, 0, 100000000, 0, "warmup steps (linear from 0)"},
+    {"schedule", OPT_CHOICE, "linear", "constant|linear|cosine", NO_RANGE,
+     "learning-rate schedule after warmup"},
+    {"optim", OPT_CHOICE, "adamw", "adamw", NO_RANGE, "optimizer (AdamW, fp32 state)"},
+    {"weight_decay", OPT_FLOAT, "0", NULL, 0, 10, 0, "decoupled weight decay (not on norms)"},
+    {"max_grad_norm", OPT_FLOAT, "1.0", NULL, 0, 1e9, 0, "clip the global gradient norm; 0 = off"},
+    {"max_seq", OPT_INT, "0", NULL, 0, 1048576, 0,
+     "cut samples longer than this many tokens (0 = the model's max_seq)"},
+    {"responses_only", OPT_BOOL, "true", NULL, NO_RANGE,
+     "chat formats: train on the model turns only"},
+    {"packing", OPT_BOOL, "false", NULL, NO_RANGE,
+     "pack several samples into each row of max_seq tokens (attention stays inside each)"},
+    {"seed", OPT_INT, "3407", NULL, 0, 9007199254740991.0, 0, "data order and dropout seed"},
+    {"shuffle", OPT_BOOL, "true", NULL, NO_RANGE, "shuffle the samples every epoch"},
+    {"save", OPT_STRING, NULL, NULL, NO_RANGE,
+     "folder for checkpoints (SAVE/checkpoint-STEP, with optimizer state)"},
+    {"save_every", OPT_INT, "0", NULL, 0, 100000000, 0,
+     "steps between checkpoints (0 = only at the end)"},
+    {"resume", OPT_STRING, NULL, NULL, NO_RANGE,
+     "continue from a checkpoint (or the latest one in a save= folder)"},
+    {NULL}};
+
+static const opt_spec save_opts[] = {
+    {"adapter", OPT_STRING, NULL, NULL, NO_RANGE, "write a PEFT adapter folder"},
+    {"merged", OPT_STRING, NULL, NULL, NO_RANGE,
+     "write a transformers checkpoint with the adapters merged"},
+    {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
+     "merged weights' dtype (auto = as loaded)"},
+    {NULL}};
+
 static const magic_spec table[] = {
     {"help", 0, "%help [MAGIC]", 0, 1, "MAGIC", NULL, no_opts, "list the magics, or explain one",
      "Without a name, lists every magic with a one-line summary. With a name (with or "
@@ -91,6 +149,43 @@ static const magic_spec table[] = {
      "the conversation. `%%chat reset` (with or without a body) starts a new conversation. "
      "The prompt is rendered with Gemma 3's chat template, with one <bos>.",
      magic_chat},
+    {"export_gguf", 0, "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
+                       "[overwrite=false]",
+     1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
+     "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
+     "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
+     "template included. The file is written atomically (nothing is left behind on failure) "
+     "and an existing file is kept unless overwrite=true.",
+     magic_export_gguf},
+    {"lora", 0, "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "
+                "[rslora=false] [seed=S] [load=DIR] [full=false]",
+     0, 0, NULL, NULL, lora_opts, "attach LoRA adapters (or full fine-tuning)",
+     "Attaches fresh LoRA adapters to the linear layers of the language model, initialised "
+     "as PEFT does (A Kaiming-uniform, B zero, so the model is unchanged until trained), or "
+     "loads a PEFT adapter folder with load=DIR to continue training or to run it. "
+     "full=true trains every weight instead. A new %lora replaces the adapters attached "
+     "before.",
+     magic_lora},
+    {"train", 0, "%train data=FILE [format=auto] [batch=2] [grad_accum=1] [steps=N|epochs=1] "
+                 "[lr=2e-4] [warmup=0] [schedule=linear] [max_seq=N] [save=DIR] ...",
+     0, 0, NULL, NULL, train_opts, "supervised fine-tuning with a live loss curve",
+     "Trains the attached adapters on a JSONL/JSON dataset: text ({\"text\"}), alpaca "
+     "({\"instruction\", \"input\", \"output\"}), sharegpt ({\"conversations\"}) or chat "
+     "messages ({\"messages\"}), rendered with Gemma's chat template. AdamW with fp32 "
+     "state; the loss of a step is the mean over all its label tokens across grad_accum "
+     "micro-batches. Shows a progress bar and the loss curve while it runs. An interrupt "
+     "stops at the next micro-batch and keeps the weights of the last complete step; run "
+     "the same %train again to continue. save=DIR keeps checkpoints; resume=DIR continues "
+     "one.",
+     magic_train},
+    {"save", 0, "%save adapter=DIR | merged=DIR [dtype=auto|fp32|fp16|bf16]", 0, 0, NULL, NULL,
+     save_opts, "save a PEFT adapter or a merged checkpoint",
+     "adapter=DIR writes adapter_config.json and adapter_model.safetensors, loadable by "
+     "peft.PeftModel.from_pretrained and by %lora load=DIR. merged=DIR writes config.json, "
+     "model.safetensors and tokenizer.model with the adapters merged into the weights, "
+     "loadable by transformers and by %load DIR. Files are written atomically: a failed "
+     "save keeps the previous copy.",
+     magic_save},
     {"sleep", 0, "%sleep SECONDS", 1, 1, "SECONDS", &seconds_type, no_opts,
      "wait with a live progress bar (tests the plumbing)",
      "Waits SECONDS (0 to 86400) showing a progress bar updated in place. An interrupt "

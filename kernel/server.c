@@ -43,12 +43,12 @@
 
 #include "protocol/protocol.h"
 
-#define POLL_MS 100                /* how often idle loops look at the stop flag */
-#define LINGER_MS 1000             /* ipykernel's value: exit even if a client vanished */
-#define ROUTER_SNDHWM 100000       /* replies queued per client before ROUTER drops */
-#define IOPUB_SNDHWM 1000000       /* PUB drops silently past this: keep it high */
-#define STREAM_GAP 0.020           /* s between two stream messages */
-#define UPDATE_GAP 0.100           /* s between two updates of one display */
+#define POLL_MS 100          /* how often idle loops look at the stop flag */
+#define LINGER_MS 1000       /* ipykernel's value: exit even if a client vanished */
+#define ROUTER_SNDHWM 100000 /* replies queued per client before ROUTER drops */
+#define IOPUB_SNDHWM 1000000 /* PUB drops silently past this: keep it high */
+#define STREAM_GAP 0.020     /* s between two stream messages */
+#define UPDATE_GAP 0.100     /* s between two updates of one display */
 #define STREAM_MAX_PENDING (1 << 20)
 #define OUTQ_MAX_IDS 32
 #define HISTORY_MAX 10000
@@ -67,8 +67,8 @@ static void log_msg(const char *fmt, ...) {
     int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
     va_end(ap);
     if (m < 0) m = 0;
-    size_t len = (size_t)n + ((size_t)m < sizeof buf - (size_t)n - 1 ? (size_t)m
-                                                                       : sizeof buf - (size_t)n - 2);
+    size_t len = (size_t)n +
+                 ((size_t)m < sizeof buf - (size_t)n - 1 ? (size_t)m : sizeof buf - (size_t)n - 2);
     buf[len++] = '\n';
     ssize_t w = write(log_fd, buf, len);
     (void)w;
@@ -116,15 +116,15 @@ typedef struct server {
     jp_session sess;
     interp *in;
     void *sock[JP_NCHANNELS];
-    void *pull;                    /* iopub thread's inproc PULL */
+    void *pull; /* iopub thread's inproc PULL */
 
     atomic_int stopping;
-    atomic_int interrupt_gen;      /* bumped by every interrupt (request or SIGINT) */
+    atomic_int interrupt_gen; /* bumped by every interrupt (request or SIGINT) */
     pthread_mutex_t stop_lock;
     pthread_cond_t stop_cond;
 
-    pthread_mutex_t interp_lock;   /* one caller of interp_* at a time */
-    int execution_count;           /* shell thread only */
+    pthread_mutex_t interp_lock; /* one caller of interp_* at a time */
+    int execution_count;         /* shell thread only */
 
     pthread_mutex_t hist_lock;
     hist_entry *hist;
@@ -136,10 +136,10 @@ typedef struct server {
 /* One request-serving thread's view. */
 typedef struct chan {
     server *srv;
-    const char *name;   /* "shell" or "control" */
-    void *sock;         /* ROUTER for replies */
-    void *push;         /* this thread's PUSH into the iopub thread */
-    void *stdin_sock;   /* shell only */
+    const char *name; /* "shell" or "control" */
+    void *sock;       /* ROUTER for replies */
+    void *push;       /* this thread's PUSH into the iopub thread */
+    void *stdin_sock; /* shell only */
     int is_shell;
 } chan;
 
@@ -157,8 +157,7 @@ static int send_msg(server *s, void *sock, const jp_msg *m) {
     }
     int rc = wire_send_frames(sock, f, n, 0);
     if (rc < 0 && errno != ETERM)
-        log_msg("cannot send %s: %s", msg_type(m) ? msg_type(m) : "message",
-                zmq_strerror(errno));
+        log_msg("cannot send %s: %s", msg_type(m) ? msg_type(m) : "message", zmq_strerror(errno));
     jp_frames_free(f, n);
     return rc;
 }
@@ -255,7 +254,8 @@ static void outq_send_stream_locked(server *s, void *sock) {
 
 static void outq_refresh_active_locked(outq *q) {
     int any = q->s_pending;
-    for (int i = 0; i < q->n_upd && !any; i++) any = q->upd[i].content != NULL;
+    for (int i = 0; i < q->n_upd && !any; i++)
+        any = q->upd[i].content != NULL;
     atomic_store(&q->active, any);
 }
 
@@ -321,7 +321,8 @@ static void outq_stream(server *s, void *sock, const char *name, const char *tex
     } else {
         if (q->s_len + len + 1 > q->s_cap) {
             size_t cap = q->s_cap ? q->s_cap : 4096;
-            while (cap < q->s_len + len + 1) cap *= 2;
+            while (cap < q->s_len + len + 1)
+                cap *= 2;
             char *nb = realloc(q->s_buf, cap);
             if (!nb) {
                 log_msg("out of memory buffering output; sending it now");
@@ -453,8 +454,7 @@ static void history_free(server *s) {
 static json_t *history_item(const hist_entry *e, int output) {
     json_t *in = json_string(e->input);
     json_t *third = in;
-    if (output)
-        third = json_pack("[o, o]", in, e->output ? json_string(e->output) : json_null());
+    if (output) third = json_pack("[o, o]", in, e->output ? json_string(e->output) : json_null());
     return json_pack("[i, i, o]", 1, e->line, third);
 }
 
@@ -615,12 +615,12 @@ static int on_kernel_info(chan *ch, const jp_msg *req, int aborting) {
     json_t *li = interp_language_info();
     if (!li) li = json_pack("{s:s}", "name", "lathe");
     const char *banner = interp_banner();
-    json_t *c = json_pack(
-        "{s:s, s:s, s:s, s:s, s:o, s:s, s:[{s:s, s:s}], s:[], s:b}", "status", "ok",
-        "protocol_version", JP_PROTOCOL_VERSION, "implementation", "lathe",
-        "implementation_version", PACKAGE_VERSION, "language_info", li, "banner",
-        banner ? banner : "lathe", "help_links", "text", "lathe magics", "url",
-        "https://github.com/lathe-ml/lathe#readme", "supported_features", "debugger", 0);
+    json_t *c =
+        json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:[{s:s, s:s}], s:[], s:b}", "status", "ok",
+                  "protocol_version", JP_PROTOCOL_VERSION, "implementation", "lathe",
+                  "implementation_version", PACKAGE_VERSION, "language_info", li, "banner",
+                  banner ? banner : "lathe", "help_links", "text", "lathe magics", "url",
+                  "https://github.com/lathe-ml/lathe#readme", "supported_features", "debugger", 0);
     send_reply(ch, req, c);
     return 0;
 }
@@ -630,14 +630,14 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     json_t *content = req->content;
     json_t *jcode = json_object_get(content, "code");
     if (!ch->is_shell) {
-        send_reply(ch, req, error_content("ChannelError",
-                                          "execute_request is served on the shell channel only",
-                                          NULL));
+        send_reply(ch, req,
+                   error_content("ChannelError",
+                                 "execute_request is served on the shell channel only", NULL));
         return 0;
     }
     if (!json_is_string(jcode)) {
-        json_t *c = error_content("BadRequest",
-                                  "execute_request content needs a string 'code'", NULL);
+        json_t *c =
+            error_content("BadRequest", "execute_request content needs a string 'code'", NULL);
         if (c) json_object_set_new(c, "execution_count", json_integer(s->execution_count));
         send_reply(ch, req, c);
         return 0;
@@ -667,8 +667,7 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     interp_error e = {NULL, NULL, NULL};
     outq_begin(s, req->header);
     interp_acquire(ch);
-    int rc = interp_execute(s->in, json_string_value(jcode), json_string_length(jcode), &sink,
-                            &e);
+    int rc = interp_execute(s->in, json_string_value(jcode), json_string_length(jcode), &sink, &e);
     pthread_mutex_unlock(&s->interp_lock);
     outq_end(s, ch->push);
 
@@ -1088,8 +1087,7 @@ static int open_sockets(server *s) {
     for (int ch = 0; ch < JP_NCHANNELS; ch++) {
         void *sock = zmq_socket(s->ctx, types[ch]);
         if (!sock) {
-            log_msg("cannot create the %s socket: %s", conn_channel_name(ch),
-                    zmq_strerror(errno));
+            log_msg("cannot create the %s socket: %s", conn_channel_name(ch), zmq_strerror(errno));
             return -1;
         }
         s->sock[ch] = sock;
@@ -1141,7 +1139,8 @@ int server_run(const char *connection_file, interp *in) {
         free(s);
         return 1;
     }
-    if (s->conn.key_len == 0) log_msg("the connection file has an empty key: messages are not signed");
+    if (s->conn.key_len == 0)
+        log_msg("the connection file has an empty key: messages are not signed");
     s->auth.key = s->conn.key;
     s->auth.key_len = s->conn.key_len;
     s->in = in;
@@ -1152,8 +1151,15 @@ int server_run(const char *connection_file, interp *in) {
     pthread_mutex_init(&s->hist_lock, NULL);
     pthread_mutex_init(&s->out.lock, NULL);
 
+    /* Every thread started from here on (ours and libzmq's I/O thread) inherits this mask:
+     * SIGINT is taken by the main thread only, so no socket call sees EINTR from it. */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
     s->ctx = zmq_ctx_new();
     if (!s->ctx || open_sockets(s) < 0) {
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (s->ctx) {
             close_all(s);
             zmq_ctx_term(s->ctx);
@@ -1164,6 +1170,7 @@ int server_run(const char *connection_file, interp *in) {
     }
     void *push = open_push(s);
     if (!push) {
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         log_msg("cannot connect to %s: %s", IOPUB_INPROC, zmq_strerror(errno));
         close_all(s);
         zmq_ctx_term(s->ctx);
@@ -1172,12 +1179,6 @@ int server_run(const char *connection_file, interp *in) {
         return 1;
     }
 
-    /* Threads inherit this mask: SIGINT is taken by the main thread only, so a cell's
-     * zmq calls are not interrupted by it. */
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &block, &old);
     pthread_t t_iopub, t_hb, t_control, t_shell;
     int ok_iopub = pthread_create(&t_iopub, NULL, iopub_main, s) == 0;
     send_broadcast(s, push, NULL, "status", json_pack("{s:s}", "execution_state", "starting"));
@@ -1200,12 +1201,12 @@ int server_run(const char *connection_file, interp *in) {
         status = 1;
         request_stop(s);
     } else {
-        log_msg("kernel ready: shell %s, session %s", s->conn.endpoint[JP_SHELL],
-                s->sess.session);
+        log_msg("kernel ready: shell %s, session %s", s->conn.endpoint[JP_SHELL], s->sess.session);
     }
 
     pthread_mutex_lock(&s->stop_lock);
-    while (!atomic_load(&s->stopping)) pthread_cond_wait(&s->stop_cond, &s->stop_lock);
+    while (!atomic_load(&s->stopping))
+        pthread_cond_wait(&s->stop_cond, &s->stop_lock);
     pthread_mutex_unlock(&s->stop_lock);
 
     /* Shutdown: stop a running cell, give the threads a moment, flush iopub, leave. */
@@ -1241,5 +1242,9 @@ int server_run(const char *connection_file, interp *in) {
         free(s);
     }
     log_msg("kernel stopped");
+    if (log_fd != 2) {
+        close(log_fd);
+        log_fd = 2;
+    }
     return status;
 }

@@ -13,8 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const channel_names[JP_NCHANNELS] = {"shell", "iopub", "stdin", "control",
-                                                         "hb"};
+static const char *const channel_names[JP_NCHANNELS] = {"shell", "iopub", "stdin", "control", "hb"};
 
 const char *conn_channel_name(jp_channel ch) {
     return (ch >= 0 && ch < JP_NCHANNELS) ? channel_names[ch] : "?";
@@ -29,13 +28,14 @@ void conn_free(jp_connection *c) {
     }
     free(c->signature_scheme);
     free(c->kernel_name);
-    for (int i = 0; i < JP_NCHANNELS; i++) free(c->endpoint[i]);
+    for (int i = 0; i < JP_NCHANNELS; i++)
+        free(c->endpoint[i]);
     memset(c, 0, sizeof *c);
 }
 
 /* A string field: *out = malloc'd copy, or the default when absent. */
-static int get_string(json_t *root, const char *name, const char *dflt, char **out,
-                      size_t *out_len, char *err, size_t errlen) {
+static int get_string(json_t *root, const char *name, const char *dflt, char **out, size_t *out_len,
+                      char *err, size_t errlen) {
     json_t *v = json_object_get(root, name);
     const char *s = dflt;
     size_t n = dflt ? strlen(dflt) : 0;
@@ -81,12 +81,13 @@ int conn_parse(const char *text, size_t len, jp_connection *c, char *err, size_t
     }
     snprintf(c->transport, sizeof c->transport, "%s", transport);
 
-    if (get_string(root, "ip", strcmp(transport, "tcp") == 0 ? "127.0.0.1" : NULL, &c->ip,
-                   NULL, err, errlen) < 0)
+    if (get_string(root, "ip", strcmp(transport, "tcp") == 0 ? "127.0.0.1" : NULL, &c->ip, NULL,
+                   err, errlen) < 0)
         goto fail;
     if (!c->ip || !c->ip[0]) {
-        snprintf(err, errlen, "connection file: 'ip' must be a non-empty string (ipc needs a "
-                              "path prefix)");
+        snprintf(err, errlen,
+                 "connection file: 'ip' must be a non-empty string (ipc needs a "
+                 "path prefix)");
         goto fail;
     }
 
@@ -113,8 +114,8 @@ int conn_parse(const char *text, size_t len, jp_connection *c, char *err, size_t
             errno = 0;
             long lv = strtol(json_string_value(p), &end, 10);
             if (errno || end == json_string_value(p) || *end) {
-                snprintf(err, errlen, "connection file: '%s' must be an integer, got \"%s\"",
-                         key, json_string_value(p));
+                snprintf(err, errlen, "connection file: '%s' must be an integer, got \"%s\"", key,
+                         json_string_value(p));
                 goto fail;
             }
             v = lv;
@@ -123,8 +124,8 @@ int conn_parse(const char *text, size_t len, jp_connection *c, char *err, size_t
             goto fail;
         }
         if (v < 0 || v > 65535) {
-            snprintf(err, errlen, "connection file: '%s' = %lld is out of range 0..65535",
-                     key, (long long)v);
+            snprintf(err, errlen, "connection file: '%s' = %lld is out of range 0..65535", key,
+                     (long long)v);
             goto fail;
         }
         c->port[ch] = (int)v;

@@ -21,8 +21,7 @@ void msg_new_id(char out[37]) {
     randombytes_buf(b, sizeof b);
     b[6] = (unsigned char)((b[6] & 0x0F) | 0x40); /* version 4 */
     b[8] = (unsigned char)((b[8] & 0x3F) | 0x80); /* RFC 4122 variant */
-    snprintf(out, 37,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+    snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
              b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
              b[14], b[15]);
 }
@@ -59,8 +58,8 @@ json_t *msg_header_new(const jp_session *s, const char *msg_type) {
 }
 
 /* Shared tail of both builders: header, parent, metadata {}, content (stolen). */
-static int fill(const jp_session *s, const json_t *parent, const char *msg_type,
-                json_t *content, jp_msg *out) {
+static int fill(const jp_session *s, const json_t *parent, const char *msg_type, json_t *content,
+                jp_msg *out) {
     out->header = msg_header_new(s, msg_type);
     /* A verbatim copy: clients compare parent_header.msg_id/msg_type with the request. */
     out->parent_header = parent ? json_deep_copy(parent) : json_object();
@@ -87,8 +86,8 @@ int msg_reply(const jp_session *s, const jp_msg *req, const char *msg_type, json
     return fill(s, req->header, msg_type, content, out);
 }
 
-int msg_broadcast(const jp_session *s, const json_t *parent, const char *msg_type,
-                  json_t *content, jp_msg *out) {
+int msg_broadcast(const jp_session *s, const json_t *parent, const char *msg_type, json_t *content,
+                  jp_msg *out) {
     jp_msg_init(out);
     char topic[128];
     int n = snprintf(topic, sizeof topic, "kernel.%s.%s", s->session, msg_type);

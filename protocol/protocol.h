@@ -39,14 +39,14 @@ typedef enum jp_channel {
 } jp_channel;
 
 typedef struct jp_connection {
-    char transport[8];               /* "tcp" or "ipc" */
-    char *ip;                        /* tcp: address; ipc: path prefix */
-    int port[JP_NCHANNELS];          /* indexed by jp_channel */
-    unsigned char *key;              /* HMAC key bytes as written (not hex-decoded) */
-    size_t key_len;                  /* 0 => messages are neither signed nor verified */
-    char *signature_scheme;          /* "hmac-sha256" (the only one supported) */
-    char *kernel_name;               /* informative; "" when absent */
-    char *endpoint[JP_NCHANNELS];    /* "tcp://IP:PORT" or "ipc://IP-PORT" */
+    char transport[8];            /* "tcp" or "ipc" */
+    char *ip;                     /* tcp: address; ipc: path prefix */
+    int port[JP_NCHANNELS];       /* indexed by jp_channel */
+    unsigned char *key;           /* HMAC key bytes as written (not hex-decoded) */
+    size_t key_len;               /* 0 => messages are neither signed nor verified */
+    char *signature_scheme;       /* "hmac-sha256" (the only one supported) */
+    char *kernel_name;            /* informative; "" when absent */
+    char *endpoint[JP_NCHANNELS]; /* "tcp://IP:PORT" or "ipc://IP-PORT" */
 } jp_connection;
 
 /* Name of a channel ("shell", "iopub", ...) and of its port key ("shell_port", ...). */
@@ -69,13 +69,13 @@ typedef struct jp_frame {
 
 /* A decoded message. Every JSON part is an object owned by the message. */
 typedef struct jp_msg {
-    jp_frame *idents;    /* routing frames before the delimiter (ROUTER) or the topic (PUB) */
+    jp_frame *idents; /* routing frames before the delimiter (ROUTER) or the topic (PUB) */
     size_t n_idents;
     json_t *header;
     json_t *parent_header;
     json_t *metadata;
     json_t *content;
-    jp_frame *buffers;   /* raw frames after content; not signed */
+    jp_frame *buffers; /* raw frames after content; not signed */
     size_t n_buffers;
 } jp_msg;
 
@@ -88,11 +88,11 @@ typedef struct jp_auth {
 /* Result codes of wire_decode (negative = dropped). */
 enum {
     WIRE_OK = 0,
-    WIRE_ERR_NO_DELIMITER = -1,  /* no "<IDS|MSG>" frame */
-    WIRE_ERR_SHORT = -2,         /* fewer than 5 frames after the delimiter */
-    WIRE_ERR_SIGNATURE = -3,     /* wrong, missing or malformed signature */
-    WIRE_ERR_JSON = -4,          /* a JSON part is not a valid JSON object */
-    WIRE_ERR_HEADER = -5,        /* header lacks msg_id / msg_type strings */
+    WIRE_ERR_NO_DELIMITER = -1, /* no "<IDS|MSG>" frame */
+    WIRE_ERR_SHORT = -2,        /* fewer than 5 frames after the delimiter */
+    WIRE_ERR_SIGNATURE = -3,    /* wrong, missing or malformed signature */
+    WIRE_ERR_JSON = -4,         /* a JSON part is not a valid JSON object */
+    WIRE_ERR_HEADER = -5,       /* header lacks msg_id / msg_type strings */
     WIRE_ERR_NOMEM = -6
 };
 
@@ -120,8 +120,8 @@ int wire_decode(const jp_auth *auth, const jp_frame *frames, size_t n, jp_msg *m
 /* Serialises *m to frames: identities, delimiter, signature, 4 compact JSON parts,
  * buffers. NULL JSON parts are sent as {}. Returns 0 and a new frame array (free with
  * jp_frames_free), or -1. */
-int wire_encode(const jp_auth *auth, const jp_msg *m, jp_frame **frames, size_t *n,
-                char *err, size_t errlen);
+int wire_encode(const jp_auth *auth, const jp_msg *m, jp_frame **frames, size_t *n, char *err,
+                size_t errlen);
 
 /* ZeroMQ helpers (sock is a void * libzmq socket). wire_recv_frames reads every part of
  * the next message; returns 0, or -1 with errno as zmq_recv left it (EAGAIN with
@@ -148,7 +148,7 @@ size_t jp_utf8_offset(const char *s, size_t len, size_t cp);
 
 /* Identity of this kernel process in every header it sends. */
 typedef struct jp_session {
-    char session[40];      /* one UUID4 per process */
+    char session[40]; /* one UUID4 per process */
     char username[64];
 } jp_session;
 
@@ -168,8 +168,8 @@ int msg_reply(const jp_session *s, const jp_msg *req, const char *msg_type, json
               jp_msg *out);
 /* An iopub broadcast: topic frame "kernel.<session>.<msg_type>", parent header copied from
  * `parent` (NULL => {}), content stolen. 0, or -1 on OOM. */
-int msg_broadcast(const jp_session *s, const json_t *parent, const char *msg_type,
-                  json_t *content, jp_msg *out);
+int msg_broadcast(const jp_session *s, const json_t *parent, const char *msg_type, json_t *content,
+                  jp_msg *out);
 
 /* Convenience accessors: the header's msg_type / a string field of content (or NULL). */
 const char *msg_type(const jp_msg *m);

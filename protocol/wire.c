@@ -25,7 +25,8 @@ int jp_init(void) {
 
 void jp_frames_free(jp_frame *frames, size_t n) {
     if (!frames) return;
-    for (size_t i = 0; i < n; i++) free(frames[i].data);
+    for (size_t i = 0; i < n; i++)
+        free(frames[i].data);
     free(frames);
 }
 
@@ -100,11 +101,17 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
     size_t need;
     uint32_t cp, min;
     if (c >= 0xC2 && c <= 0xDF) {
-        need = 2; cp = c & 0x1F; min = 0x80;
+        need = 2;
+        cp = c & 0x1F;
+        min = 0x80;
     } else if (c >= 0xE0 && c <= 0xEF) {
-        need = 3; cp = c & 0x0F; min = 0x800;
+        need = 3;
+        cp = c & 0x0F;
+        min = 0x800;
     } else if (c >= 0xF0 && c <= 0xF4) {
-        need = 4; cp = c & 0x07; min = 0x10000;
+        need = 4;
+        cp = c & 0x07;
+        min = 0x10000;
     } else {
         return 0;
     }
@@ -275,8 +282,10 @@ int wire_decode(const jp_auth *auth, const jp_frame *frames, size_t n, jp_msg *m
         return WIRE_ERR_NO_DELIMITER;
     }
     if (n - d - 1 < 5) {
-        snprintf(err, errlen, "%zu frames after <IDS|MSG>, need at least 5 "
-                 "(signature, header, parent_header, metadata, content)", n - d - 1);
+        snprintf(err, errlen,
+                 "%zu frames after <IDS|MSG>, need at least 5 "
+                 "(signature, header, parent_header, metadata, content)",
+                 n - d - 1);
         return WIRE_ERR_SHORT;
     }
     const jp_frame *sig = &frames[d + 1];

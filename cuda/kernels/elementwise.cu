@@ -210,20 +210,71 @@ void k_embedding_backward(cudaStream_t st, float *grad, const float *dh, const i
 /* ---- AdamW --------------------------------------------------------------------------------------- */
 
 __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-                             float eps, float wd, float bc1, float bc2) {
-    float step_size = lr / bc1, sbc2 = sqrtf(bc2);
+                             float eps, float wd, float step_size, float bc2_sqrt) {
+    float decay = 1.0f - lr * wd;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float gi = g[i];
-        float pi = p[i] * (1.0f - lr * wd);
+        float pi = wd != 0.0f ? p[i] * decay : p[i];
         float mi = b1 * m[i] + (1.0f - b1) * gi;
         float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        p[i] = pi - step_size * mi / (sqrtf(vi) / sbc2 + eps);
+        p[i] = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
     }
 }
 
 void k_adamw(cudaStream_t st, float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-             float eps, float wd, float bc1, float bc2) {
-    if (n > 0) adamw_kernel<<<grid_for(n, 256), 256, 0, st>>>(p, g, m, v, n, lr, b1, b2, eps, wd, bc1, bc2);
+             float eps, float wd, float step_size, float bc2_sqrt) {
+    if (n > 0) adamw_kernel<<<grid_for(n, 256), 256, 0, st>>>(p, g, m, v, n, lr, b1, b2, eps, wd, step_size, bc2_sqrt);
+}
+
+/* ---- the trainer's extra ops (grad.h): fill, sum of squares, dropout ---------------------------- */
+
+__global__ void fill_kernel(float *x, int64_t n, float v) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        x[i] = v;
+}
+
+void k_fill(cudaStream_t st, float *x, int64_t n, float v) {
+    if (n > 0) fill_kernel<<<grid_for(n, 256), 256, 0, st>>>(x, n, v);
+}
+
+__global__ void sumsq_kernel(const float *x, int64_t n, double *out) {
+    double s = 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    __shared__ double sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (lane == 0) sh[w] = s;
+    __syncthreads();
+    if (w == 0) {
+        s = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) atomicAdd(out, s);
+    }
+}
+
+void k_sumsq(cudaStream_t st, const float *x, int64_t n, double *out) {
+    unsigned g = grid_for(n, 256);
+    if (g > 1024) g = 1024;
+    if (n > 0) sumsq_kernel<<<g, 256, 0, st>>>(x, n, out);
+}
+
+/* The same keep-test as grad.h's lt_dropout_keep, so both backends drop the same elements. */
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t i, float p) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
+}
+
+__global__ void dropout_kernel(float *y, const float *x, int64_t n, float p, float keep, uint64_t seed) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = dropout_keep(seed, (uint64_t)i, p) ? x[i] * keep : 0.0f;
+}
+
+void k_dropout(cudaStream_t st, float *y, const float *x, int64_t n, float p, float keep, uint64_t seed) {
+    if (n > 0) dropout_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, x, n, p, keep, seed);
 }

@@ -46,9 +46,16 @@ void k_embedding(cudaStream_t st, float *h, const int32_t *ids, int64_t T, const
 /* grad[ids[t], :] += dh[t, :] * scale (atomics). */
 void k_embedding_backward(cudaStream_t st, float *grad, const float *dh, const int32_t *ids, int64_t T,
                           int64_t V, int64_t H, float scale);
-/* PyTorch AdamW (decoupled decay). bc1 = 1 - beta1^step, bc2 = 1 - beta2^step. */
+/* PyTorch AdamW (decoupled decay): step_size = lr / (1 - beta1^step), bc2_sqrt =
+ * sqrt(1 - beta2^step), both computed in double on the host as backend_cpu_grad.c does. */
 void k_adamw(cudaStream_t st, float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
-             float b2, float eps, float wd, float bc1, float bc2);
+             float b2, float eps, float wd, float step_size, float bc2_sqrt);
+/* x[:] = v */
+void k_fill(cudaStream_t st, float *x, int64_t n, float v);
+/* *out += Σ x² (double; caller zeroes it) */
+void k_sumsq(cudaStream_t st, const float *x, int64_t n, double *out);
+/* y = keep(seed, i, p) ? x * keep_mul : 0 (grad.h's mask) */
+void k_dropout(cudaStream_t st, float *y, const float *x, int64_t n, float p, float keep_mul, uint64_t seed);
 /* x *= s */
 void k_scale(cudaStream_t st, float *x, int64_t n, float s);
 

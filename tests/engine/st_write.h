@@ -28,7 +28,7 @@ static inline int st_raw(const char *path, const char *header, const void *data,
 
 /* A growing list of named f32 tensors, serialised as one safetensors file. */
 typedef struct st_list {
-    char names[1024][128];
+    char names[1024][256];
     int ndim[1024];
     int64_t shape[1024][2];
     float *data[1024];

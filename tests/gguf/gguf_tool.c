@@ -5,7 +5,8 @@
  *   gguf_tool export random:4b OUT.gguf TYPE              (real shapes, seeded random weights,
  *                                                          DIR/tokenizer.model from LATHE_TOKENIZER)
  *   gguf_tool greedy DIR --ids 2,17,... --n N             (prints {"greedy": [...]})
- *   gguf_tool ppl DIR --ids 2,17,...                      (prints {"nll": .., "ppl": .., "n": ..})
+ *   gguf_tool ppl DIR --ids 2,17,...                      (prints {"logp": [log p(ids[t+1])],
+ *                                                          "nll": .., "ppl": .., "n": ..})
  *   gguf_tool ppl DIR --ids 2,17,... --gguf FILE.gguf     (the same, with every weight replaced
  *                                                          by FILE's, dequantized: what llama.cpp
  *                                                          should compute on that file)
@@ -331,13 +332,16 @@ int main(int argc, char **argv) {
                 rc = 1;
             } else {
                 double nll = 0;
+                printf("{\"logp\": [");
                 for (int t = 0; t + 1 < n; ++t) {
                     const float *row = lg + (size_t)t * V;
                     double mx = row[argmax(row, V)], se = 0;
                     for (int i = 0; i < V; ++i) se += exp((double)row[i] - mx);
-                    nll += -(row[ids[t + 1]] - mx - log(se));
+                    double lp = row[ids[t + 1]] - mx - log(se);
+                    printf("%s%.7f", t ? ", " : "", lp);
+                    nll += -lp;
                 }
-                printf("{\"nll\": %.6f, \"ppl\": %.6f, \"n\": %d}\n", nll / (n - 1),
+                printf("], \"nll\": %.6f, \"ppl\": %.6f, \"n\": %d}\n", nll / (n - 1),
                        exp(nll / (n - 1)), n - 1);
                 free(lg);
             }

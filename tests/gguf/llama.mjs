@@ -5,9 +5,9 @@
 //
 // --prompt: token ids fed as-is (no BOS added, no tokenizer: ids avoid tokenizer differences);
 //           prints "greedy": the next --n ids by argmax (temperature 0).
-// --eval:   token ids; prints "nll" (mean negative log-likelihood of ids[1..] given the
-//           prefix, natural log), "ppl" = exp(nll) and "n" = number of predicted tokens.
-// Also prints "vocab" (llama.cpp's token count), "arch" and "file_type" from the GGUF header,
+// --eval:   token ids; prints "logp" (log-probability of each ids[t+1] given ids[..t], natural
+//           log), "nll" (their negated mean), "ppl" = exp(nll) and "n" = number of predictions.
+// Also prints "arch" and "file_type" from the GGUF header,
 // and "tensor_types" (count of tensors per ggml type) so tests can check what was loaded.
 // Never downloads or builds anything (build: "never"); exits 1 with {"error": ...} when
 // llama.cpp refuses the file.
@@ -86,13 +86,14 @@ async function main() {
     const res = await seq.controlledEvaluate(items);
     let nll = 0;
     let n = 0;
+    out.logp = [];
     for (let i = 0; i + 1 < ids.length; i++) {
       const probs = res[i]?.next?.probabilities;
       if (!probs) throw new Error(`no probabilities at position ${i}`);
-      const p = probs.get(ids[i + 1]) ?? 0;
-      nll += -Math.log(Math.max(p, 1e-30));
+      const lp = Math.log(Math.max(probs.get(ids[i + 1]) ?? 0, 1e-30));
+      out.logp.push(lp);
+      nll -= lp;
       n++;
-      if (i === 0) out.top0 = [...probs.entries()].slice(0, 3);
     }
     out.nll = nll / n;
     out.ppl = Math.exp(out.nll);

@@ -33,7 +33,7 @@ def execute_notebook(jupyter_env, tmp_path):
                "--ExecutePreprocessor.timeout=%d" % timeout,
                "--output-dir", str(tmp_path), path]
         if allow_errors:
-            cmd.insert(5, "--allow-errors")
+            cmd.append("--allow-errors")
         r = subprocess.run(cmd, env=jupyter_env, capture_output=True, text=True, timeout=timeout + 120)
         assert r.returncode == 0, "nbconvert failed:\n" + r.stderr[-4000:]
         with open(tmp_path / os.path.basename(path)) as f:

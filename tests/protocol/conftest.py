@@ -67,9 +67,9 @@ def start_kernel(transport="tcp"):
     if transport == "ipc":
         km.ip = os.path.join(tempfile.mkdtemp(prefix="lathe-ipc-"), "k")
     fd, log = tempfile.mkstemp(prefix="lathe-kernel-", suffix=".log")
-    logf = os.fdopen(fd, "w")
+    logf = os.fdopen(fd, "w")  # stays open: a restart launches again with the same kwargs
     km.start_kernel(stderr=logf)
-    logf.close()
+    km._lathe_logf = logf
     kc = km.client()
     kc.start_channels()
     try:
@@ -88,6 +88,7 @@ def stop_kernel(km, kc):
     finally:
         if km.is_alive():
             km.shutdown_kernel(now=False)
+        km._lathe_logf.close()
 
 
 def kernel_log(km):
@@ -117,10 +118,10 @@ def fresh_kernel():
 
 
 def flush(kc):
-    for ch in (kc.shell_channel, kc.iopub_channel, kc.stdin_channel):
+    for get in (kc.get_shell_msg, kc.get_iopub_msg, kc.get_stdin_msg):
         while True:
             try:
-                ch.get_msg(timeout=0.05)
+                get(timeout=0.05)
             except Exception:
                 break
 
@@ -131,7 +132,7 @@ def collect_iopub(kc, msg_id, timeout=TIMEOUT):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            m = kc.iopub_channel.get_msg(timeout=max(0.01, deadline - time.time()))
+            m = kc.get_iopub_msg(timeout=max(0.01, deadline - time.time()))
         except Exception:
             break
         if m["parent_header"].get("msg_id") != msg_id:

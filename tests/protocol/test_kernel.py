@@ -61,7 +61,7 @@ def test_kernel_info_on_control(kernel):
     km, kc = kernel
     msg = kc.session.msg("kernel_info_request", {})
     kc.control_channel.send(msg)
-    reply = kc.control_channel.get_msg(timeout=TIMEOUT)
+    reply = kc.get_control_msg(timeout=TIMEOUT)
     assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
     assert reply["content"]["implementation"] == "lathe"
     io = collect_iopub(kc, msg["header"]["msg_id"])
@@ -159,7 +159,7 @@ def test_stop_on_error_aborts_queue(kernel):
     km, kc = kernel
     flush(kc)
     first = kc.execute("%sleep 5")
-    queued = [kc.execute("%echo queued-%d" % i) for i in range(2)]
+    queued = [kc.execute("%%echo queued-%d" % i) for i in range(2)]
     time.sleep(0.5)
     km.interrupt_kernel()
     r = shell_reply(kc, first)
@@ -203,7 +203,7 @@ def test_interrupt_reply_on_control(kernel):
     km, kc = kernel
     msg = kc.session.msg("interrupt_request", {})
     kc.control_channel.send(msg)
-    reply = kc.control_channel.get_msg(timeout=TIMEOUT)
+    reply = kc.get_control_msg(timeout=TIMEOUT)
     assert reply["msg_type"] == "interrupt_reply"
     assert reply["content"]["status"] == "ok"
     # an interrupt while idle does not spoil the next cell
@@ -238,7 +238,7 @@ def test_control_served_while_cell_runs(kernel):
         t0 = time.time()
         msg = kc.session.msg(req, content)
         kc.control_channel.send(msg)
-        reply = kc.control_channel.get_msg(timeout=2)
+        reply = kc.get_control_msg(timeout=2)
         assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
         assert reply["content"]["status"] in ("ok", "unknown", "complete"), reply["content"]
         assert time.time() - t0 < 1.5, "%s waited for the cell" % req
@@ -371,7 +371,7 @@ def test_stdin_input_request(kernel):
     km, kc = kernel
     flush(kc)
     msg_id = kc.execute("%input \"Your name?\"", allow_stdin=True)
-    req = kc.stdin_channel.get_msg(timeout=TIMEOUT)
+    req = kc.get_stdin_msg(timeout=TIMEOUT)
     assert req["msg_type"] == "input_request"
     assert req["content"]["prompt"] == "Your name?"
     assert req["content"]["password"] is False
@@ -395,7 +395,7 @@ def test_stdin_interrupt_unblocks(kernel):
     km, kc = kernel
     flush(kc)
     msg_id = kc.execute("%input waiting", allow_stdin=True)
-    kc.stdin_channel.get_msg(timeout=TIMEOUT)
+    kc.get_stdin_msg(timeout=TIMEOUT)
     t0 = time.time()
     km.interrupt_kernel()
     r = shell_reply(kc, msg_id, timeout=10)
@@ -436,7 +436,7 @@ def test_shutdown_on_control(fresh_kernel, restart):
     proc = km.provisioner.process
     msg = kc.session.msg("shutdown_request", {"restart": restart})
     kc.control_channel.send(msg)
-    reply = kc.control_channel.get_msg(timeout=TIMEOUT)
+    reply = kc.get_control_msg(timeout=TIMEOUT)
     assert reply["msg_type"] == "shutdown_reply"
     assert reply["content"] == {"status": "ok", "restart": restart}
     t0 = time.time()
@@ -475,3 +475,24 @@ def test_ipc_transport(fresh_kernel):
     km, kc = fresh_kernel(transport="ipc")
     r, io = execute(kc, "%echo over-ipc")
     assert r["content"]["status"] == "ok" and stream_text(io) == "over-ipc\n"
+
+
+def test_stream_coalescing_keeps_text_and_order(kernel):
+    km, kc = kernel
+    flush(kc)
+    n = 500
+    code = "\n".join("%%echo line-%d" % i for i in range(n))
+    r, io = execute(kc, code)
+    assert r["content"]["status"] == "ok"
+    assert stream_text(io) == "".join("line-%d\n" % i for i in range(n))
+    streams = [m for m in io if m["msg_type"] == "stream"]
+    assert len(streams) < n / 5, "%d stream messages for %d quick lines" % (len(streams), n)
+    # stdout/stderr alternation: each message holds one name, the order is kept
+    code = "\n".join("%%echo stream=%s s-%d" % ("stderr" if i % 2 else "stdout", i)
+                     for i in range(20))
+    r, io = execute(kc, code)
+    got = [(m["content"]["name"], m["content"]["text"]) for m in io if m["msg_type"] == "stream"]
+    assert "".join(t for _, t in got) == "".join("s-%d\n" % i for i in range(20))
+    for name, text in got:
+        assert text == "s-%d\n" % int(text[2:-1]), "one line per message here"
+        assert name == ("stderr" if int(text[2:-1]) % 2 else "stdout")

@@ -75,7 +75,7 @@ def test_signature_over_other_bytes(raw, shell):
     assert kernel_info_works(raw, shell)
 
 
-@pytest.mark.parametrize("keep", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("keep", [0, 1, 2, 3, 4])
 def test_missing_frames(kernel, raw, shell, keep):
     frames, _ = raw.frames("kernel_info_request")
     i = frames.index(DELIM)
@@ -248,3 +248,32 @@ def test_control_bad_input(kernel, raw):
     control.send_multipart(frames)
     assert no_reply(raw, control)
     assert kernel_info_works(raw, control)
+
+
+@pytest.mark.parametrize("content", [{"code": 5}, {}, {"code": None, "silent": "yes"}])
+def test_execute_without_string_code(raw, shell, content):
+    frames, header = raw.frames("execute_request", content)
+    shell.send_multipart(frames)
+    idents, h, parent, c = raw.recv(shell)
+    assert parent["msg_id"] == header["msg_id"]
+    assert c["status"] == "error" and c["ename"] == "BadRequest"
+    assert kernel_info_works(raw, shell)
+
+
+@pytest.mark.parametrize("content", [{}, {"code": "%he"}, {"code": "%he", "cursor_pos": "x"},
+                                     {"code": "%he", "cursor_pos": -5}, {"code": 7}])
+def test_complete_with_odd_fields(raw, shell, content):
+    frames, header = raw.frames("complete_request", content)
+    shell.send_multipart(frames)
+    idents, h, parent, c = raw.recv(shell)
+    assert c["status"] == "ok"
+    code = content.get("code")
+    assert 0 <= c["cursor_start"] <= c["cursor_end"] <= len(code if isinstance(code, str) else "")
+
+
+def test_execute_on_control_is_refused(raw):
+    control = raw.socket(raw.zmq.DEALER, "control")
+    frames, header = raw.frames("execute_request", {"code": "%echo x"})
+    control.send_multipart(frames)
+    idents, h, parent, c = raw.recv(control)
+    assert c["status"] == "error" and c["ename"] == "ChannelError"

@@ -182,7 +182,7 @@ static void test_lora(float dropout) {
     int pick[4] = {0, 4, 8, 13}; /* q of layer 0, gate of layer 0, o of layer 1, down of layer 1 */
     for (int j = 0; j < 4; j++) {
         lora_slot *s = &AD->slots[pick[j]];
-        char name[160];
+        char name[256];
         snprintf(name, sizeof name, "%s lora_A%s", s->module, tag);
         fd_check(name, s->lora.a.data, s->lora.grad_a.data, lt_tensor_numel(&s->lora.a), 12, 5e-3);
         snprintf(name, sizeof name, "%s lora_B%s", s->module, tag);

@@ -15,8 +15,8 @@
 #include "tests/unit/tap.h"
 
 #define KEY "a0436f6c-1916-498b-8eb9-e81ab9368e84"
-#define HDR                                                                                 \
-    "{\"msg_id\":\"abc\",\"msg_type\":\"kernel_info_request\",\"session\":\"s1\","          \
+#define HDR                                                                                        \
+    "{\"msg_id\":\"abc\",\"msg_type\":\"kernel_info_request\",\"session\":\"s1\","                 \
     "\"username\":\"u\",\"date\":\"2026-01-01T00:00:00.000000Z\",\"version\":\"5.4\"}"
 /* content with an escaped non-ASCII character (as Python's json.dumps writes it) */
 #define CONTENT_ESC "{\"code\":\"%echo h\\u00e9\"}"
@@ -56,8 +56,8 @@ static void test_sign(void) {
     char hex[65];
     ok(wire_sign(&auth, parts, hex) == 0, "wire_sign succeeds");
     is_str(hex, SIG_ESC, "HMAC-SHA256 matches Python's hmac");
-    jp_frame good = fr(SIG_ESC), bad = fr(SIG_RAW), empty = fr(""), upper = fr(
-        "072A7967A50797E0CC8BE3D1D876482600832922496375479BC3F820C04F47ED");
+    jp_frame good = fr(SIG_ESC), bad = fr(SIG_RAW), empty = fr(""),
+             upper = fr("072A7967A50797E0CC8BE3D1D876482600832922496375479BC3F820C04F47ED");
     ok(wire_verify(&auth, &good, parts) == 1, "verify: correct signature accepted");
     ok(wire_verify(&auth, &bad, parts) == 0, "verify: other signature rejected");
     ok(wire_verify(&auth, &empty, parts) == 0, "verify: empty signature with a key rejected");
@@ -153,10 +153,14 @@ static void test_decode_bad(void) {
 
     /* invalid UTF-8 and a lone surrogate escape are repaired, not fatal */
     n = golden(f, "", CONTENT_ESC);
-    f[7] = fr("{\"code\":\"a\xff" "b\",\"x\":\"\\ud800\",\"y\":\"\\ud83d\\ude00\",\"z\":\"\\\\ud800\"}");
+    f[7] = fr("{\"code\":\"a\xff"
+              "b\",\"x\":\"\\ud800\",\"y\":\"\\ud83d\\ude00\",\"z\":\"\\\\ud800\"}");
     is_int(wire_decode(&noauth, f, n, &m, err, sizeof err), WIRE_OK,
            "invalid UTF-8 in content repaired");
-    is_str(msg_content_str(&m, "code"), "a\xef\xbf\xbd" "b", "bad byte -> U+FFFD");
+    is_str(msg_content_str(&m, "code"),
+           "a\xef\xbf\xbd"
+           "b",
+           "bad byte -> U+FFFD");
     is_str(msg_content_str(&m, "x"), "\xef\xbf\xbd", "lone surrogate -> U+FFFD");
     is_str(msg_content_str(&m, "y"), "\xf0\x9f\x98\x80", "surrogate pair kept");
     is_str(msg_content_str(&m, "z"), "\\ud800", "escaped backslash is not an escape");
@@ -169,8 +173,13 @@ static void test_utf8(void) {
     ok(!jp_utf8_valid("\xed\xa0\x80", 3), "encoded surrogate invalid");
     ok(!jp_utf8_valid("\xc0\xaf", 2), "overlong invalid");
     ok(!jp_utf8_valid("a\0b", 3), "NUL invalid");
-    char *s = jp_utf8_sanitize("a\xff\xfe" "b", 4);
-    is_str(s, "a\xef\xbf\xbd\xef\xbf\xbd" "b", "sanitize replaces each bad byte");
+    char *s = jp_utf8_sanitize("a\xff\xfe"
+                               "b",
+                               4);
+    is_str(s,
+           "a\xef\xbf\xbd\xef\xbf\xbd"
+           "b",
+           "sanitize replaces each bad byte");
     free(s);
     json_t *j = jp_json_string("x\x80", 2);
     ok(j && strcmp(json_string_value(j), "x\xef\xbf\xbd") == 0, "jp_json_string repairs");
@@ -189,8 +198,7 @@ static void test_header(void) {
     regex_t uuid, date;
     regcomp(&uuid, "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
             REG_EXTENDED | REG_NOSUB);
-    regcomp(&date,
-            "^[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9]\\.[0-9]{6}Z$",
+    regcomp(&date, "^[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9]\\.[0-9]{6}Z$",
             REG_EXTENDED | REG_NOSUB);
     ok(regexec(&uuid, s.session, 0, NULL, 0) == 0, "session is a UUID4");
     ok(s.username[0] != '\0', "username set");
@@ -251,8 +259,8 @@ static void test_header(void) {
     jp_msg_free(&rep);
 
     jp_msg b;
-    ok(msg_broadcast(&s, req.header, "status", json_pack("{s:s}", "execution_state", "busy"),
-                     &b) == 0,
+    ok(msg_broadcast(&s, req.header, "status", json_pack("{s:s}", "execution_state", "busy"), &b) ==
+           0,
        "msg_broadcast");
     char topic[96];
     snprintf(topic, sizeof topic, "kernel.%s.status", s.session);
@@ -288,8 +296,7 @@ static void test_connection(void) {
     is_str(c.endpoint[JP_STDIN], "tcp://127.0.0.1:5003", "stdin endpoint");
     is_str(c.endpoint[JP_CONTROL], "tcp://127.0.0.1:5004", "control endpoint");
     is_str(c.endpoint[JP_HB], "tcp://127.0.0.1:5005", "hb endpoint");
-    ok(c.key_len == strlen(KEY) && memcmp(c.key, KEY, c.key_len) == 0,
-       "key used byte for byte");
+    ok(c.key_len == strlen(KEY) && memcmp(c.key, KEY, c.key_len) == 0, "key used byte for byte");
     is_str(c.signature_scheme, "hmac-sha256", "scheme");
     is_str(c.kernel_name, "lathe", "kernel_name");
     conn_free(&c);
@@ -317,8 +324,8 @@ static void test_connection(void) {
 
     const char *badport = "{\"shell_port\": \"x\", \"iopub_port\": 2, \"stdin_port\": 3,"
                           " \"control_port\": 4, \"hb_port\": 5}";
-    ok(conn_parse(badport, strlen(badport), &c, err, sizeof err) < 0 &&
-           strstr(err, "shell_port") && strstr(err, "integer"),
+    ok(conn_parse(badport, strlen(badport), &c, err, sizeof err) < 0 && strstr(err, "shell_port") &&
+           strstr(err, "integer"),
        "non-integer port rejected with the key named");
     const char *badscheme = "{\"shell_port\": 1, \"iopub_port\": 2, \"stdin_port\": 3,"
                             " \"control_port\": 4, \"hb_port\": 5, \"key\": \"k\","

@@ -1,0 +1,127 @@
+/* bench_train.c — LoRA training throughput and peak memory of lathe's CUDA backend.
+ *
+ * usage: bench_train SIZE PRECISION [SEQ BATCH STEPS WARM]
+ *   SIZE: 270m | 1b | 4b | 12b (random:gemma-3-SIZE shapes); PRECISION: bf16 | fp16 | fp32
+ * The same work as ../shared/bench/hf_baseline.py: random weights, LoRA r=32 alpha=32 on all 7
+ * linear layers of every layer, batch x SEQ random tokens (labels = the ids, shifted inside the
+ * model), per-layer activation checkpointing (gemma3_train_batch always checkpoints), AdamW.
+ * Prints one JSON line: tokens/s over STEPS timed steps after WARM warm-up steps, peak memory
+ * of lathe's allocator (what torch.cuda.max_memory_allocated counts) and the device's used
+ * memory, then a per-op time breakdown from CUDA events (one extra profiled step).
+ * Owns nothing else; not a test.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cuda/backend_cuda.h"
+#include "cuda/gemma3_device.h"
+#include "cuda/model.h"
+#include "cuda/train.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: bench_train SIZE(270m|1b|4b|12b) PRECISION(bf16|fp16|fp32) [SEQ BATCH STEPS WARM]\n");
+        return 2;
+    }
+    const char *size = argv[1], *prec = argv[2];
+    int seq = argc > 3 ? atoi(argv[3]) : 2048, batch = argc > 4 ? atoi(argv[4]) : 2;
+    int steps = argc > 5 ? atoi(argv[5]) : 8, warm = argc > 6 ? atoi(argv[6]) : 3;
+    char err[LT_ERRLEN];
+    lt_ctx ctx;
+    if (lt_ctx_init(&ctx, &lt_backend_cuda, 0) != LT_OK) {
+        fprintf(stderr, "bench_train: %s\n", ctx.err);
+        return 1;
+    }
+    lt_dtype dt;
+    if (lt_cuda_parse_precision(&ctx, prec, &dt) != 0) {
+        fprintf(stderr, "bench_train: precision '%s' (accepted: bf16, fp16, fp32)\n", prec);
+        return 2;
+    }
+    lt_cuda_set_precision(&ctx, dt);
+    gemma3_model *host = NULL, *m = NULL;
+    if (gemma3_load_random(&host, size, 1234, "bf16", NULL, err) != LT_OK ||
+        gemma3_to_device(&m, host, &ctx, dt, err) != LT_OK) {
+        fprintf(stderr, "bench_train: %s\n", err);
+        return 1;
+    }
+    gemma3_model_free(host);
+    lt_adapters *ad = NULL;
+    lora_opts lo = {.r = 32, .alpha = 32.0f, .seed = 7};
+    if (lora_attach(&ad, m, &ctx, &lo, err) != LT_OK) {
+        fprintf(stderr, "bench_train: lora: %s\n", err);
+        return 1;
+    }
+    int N = seq * batch;
+    train_batch b = {0};
+    b.N = N;
+    b.n_seg = batch;
+    b.ids = malloc(sizeof(int32_t) * (size_t)N);
+    b.targets = malloc(sizeof(int32_t) * (size_t)N);
+    b.seg_len = malloc(sizeof(int) * (size_t)batch);
+    uint64_t z = 42;
+    for (int i = 0; i < N; i++) {
+        z = z * 6364136223846793005ull + 1442695040888963407ull;
+        b.ids[i] = (int32_t)((z >> 33) % 262144);
+    }
+    for (int s = 0; s < batch; s++) {
+        b.seg_len[s] = seq;
+        for (int t = 0; t < seq; t++) {
+            int i = s * seq + t;
+            b.targets[i] = t + 1 < seq ? b.ids[i + 1] : -100;
+        }
+    }
+    b.n_labels = batch * (seq - 1);
+    optim_opts oo = {.lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
+    double loss = 0, t0 = 0;
+    lt_cuda_reset_peak(&ctx);
+    for (int it = 0; it < warm + steps + 1; it++) {
+        if (it == warm) {
+            ctx.be->sync(&ctx);
+            t0 = now_s();
+        }
+        if (it == warm + steps) { /* one more step, profiled op by op */
+            ctx.be->sync(&ctx);
+            lt_cuda_profile(&ctx, 1);
+        }
+        lt_status rc = lora_zero_grads(ad);
+        if (rc == LT_OK)
+            rc = gemma3_train_batch(m, &ctx, ad, &b, 1.0f / (float)b.n_labels, 1, 0, &loss);
+        if (rc == LT_OK) rc = optim_step(ad, &oo, oo.lr, it + 1, err) == LT_OK ? LT_OK : LT_ERR_STATE;
+        if (rc != LT_OK) {
+            fprintf(stderr, "bench_train: step %d: %s %s\n", it, ctx.err, err);
+            return 1;
+        }
+        if (it == warm + steps - 1) {
+            ctx.be->sync(&ctx);
+            double dt_s = (now_s() - t0) / steps;
+            lt_cuda_mem mem;
+            lt_cuda_memory(&ctx, &mem);
+            printf("{\"engine\": \"lathe\", \"size\": \"%s\", \"dtype\": \"%s\", \"seq\": %d, \"batch\": %d, \"gc\": true, "
+                   "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": %.2f, "
+                   "\"loss\": %.4f, \"trainable\": %lld}\n",
+                   size, prec, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
+                   (mem.total - mem.free) / 1073741824.0, loss / b.n_labels, (long long)ad->n_trainable);
+            fflush(stdout);
+        }
+    }
+    char rep[8192];
+    lt_cuda_profile_report(&ctx, rep, sizeof rep);
+    printf("# per-op time of one step (%s %s, CUDA events):\n%s", size, prec, rep);
+    lora_free(ad);
+    gemma3_model_release(m, &ctx);
+    lt_ctx_shutdown(&ctx);
+    free(b.ids), free(b.targets), free(b.seg_len);
+    return 0;
+}

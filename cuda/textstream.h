@@ -1,0 +1,26 @@
+/* textstream.h — generated text as a stream of UTF-8 pieces that never split a character.
+ * Engine-private.
+ *
+ * Tokens carry bytes (byte-fallback pieces may hold part of a character); textstream_add keeps
+ * an unfinished character back until its last byte arrives, and textstream_finish turns a
+ * character that never finished into U+FFFD. Everything emitted is also kept in `all`.
+ */
+#ifndef LATHE_TEXTSTREAM_H
+#define LATHE_TEXTSTREAM_H
+
+#include <stddef.h>
+
+typedef struct textstream {
+    char *all; /* everything emitted so far (malloc'd, NUL-terminated; NULL until the first) */
+    size_t len, cap;
+    char pend[64]; /* bytes of an unfinished character */
+    int npend;
+    void (*emit)(void *ctx, const char *piece); /* may be NULL */
+    void *ctx;
+    int oom;
+} textstream;
+
+void textstream_add(textstream *st, const char *bytes, int n);
+void textstream_finish(textstream *st);
+
+#endif

@@ -1,0 +1,453 @@
+/* test_ops.c — every op of the CUDA backend against the CPU reference, on fresh random inputs.
+ *
+ * For each op: random inputs (a new seed per run unless LATHE_TEST_SEED is set), the CPU
+ * backend's result (backend_cpu.c / backend_cpu_grad.c: the specification) and the CUDA
+ * backend's, compared by ‖gpu − cpu‖ / ‖cpu‖. Outputs on the GPU are poisoned with NaN first,
+ * so an element the kernel forgot to write fails the check. Tolerances: 1e-5 when the op runs
+ * in fp32 (fp32 weights, precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule of
+ * DESIGN.md §5: inputs far beyond 65504 go through a linear layer on fp16 weights and come out
+ * finite and right, where a plain cast to fp16 overflows. Prints TAP; needs a GPU (it prints
+ * a skip plan without one). Owns nothing else.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cuda/backend_cuda.h"
+#include "cuda/grad.h"
+#include "tests/unit/tap.h"
+
+static lt_ctx cpu, gpu;
+static uint64_t rng_state;
+
+static uint64_t rng_next(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static float urand(void) { return (float)((rng_next() >> 11) * (1.0 / 9007199254740992.0)); }
+static float nrand(void) { /* roughly normal */
+    return (urand() + urand() + urand() + urand() - 2.0f) * 1.7320508f;
+}
+
+static float *rand_f32(int64_t n, float sd) {
+    float *p = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    for (int64_t i = 0; i < n; i++) p[i] = nrand() * sd;
+    return p;
+}
+
+/* Host copy of a float array in dtype dt (rounded the way the device will hold it). */
+static void *as_dtype(const float *x, int64_t n, lt_dtype dt) {
+    void *p = malloc((size_t)(n ? n : 1) * lt_dtype_size(dt));
+    lt_convert(p, dt, x, LT_F32, n);
+    return p;
+}
+
+static void *dev_put(const void *h, size_t bytes) {
+    void *d = gpu.be->alloc(&gpu, bytes);
+    if (d && h) gpu.be->upload(&gpu, d, h, bytes);
+    return d;
+}
+
+/* A device fp32 buffer of n elements filled with NaN (poison). */
+static float *dev_poison(int64_t n) {
+    float *h = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    for (int64_t i = 0; i < n; i++) h[i] = NAN;
+    float *d = dev_put(h, sizeof(float) * (size_t)(n ? n : 1));
+    free(h);
+    return d;
+}
+
+static float *dev_get(const void *d, int64_t n) {
+    float *h = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    if (gpu.be->download(&gpu, h, d, sizeof(float) * (size_t)n) != LT_OK) {
+        for (int64_t i = 0; i < n; i++) h[i] = NAN;
+    }
+    return h;
+}
+
+static double rel_err(const float *got, const float *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(got[i]) && isfinite(ref[i])) return INFINITY;
+        double d = (double)got[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void check_close(const char *name, const float *got_dev, const float *ref, int64_t n, double tol) {
+    float *got = dev_get(got_dev, n);
+    double e = rel_err(got, ref, n);
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s: rel err %.2e <= %.0e", name, e, tol);
+    ok(e <= tol, buf);
+    free(got);
+}
+
+static double tol_for(lt_dtype dt) { return dt == LT_F32 ? 1e-5 : 1e-2; }
+
+static lt_tensor t2(lt_dtype dt, void *p, int64_t a, int64_t b) { return lt_tensor_2d(dt, p, a, b); }
+static lt_tensor t3(lt_dtype dt, void *p, int64_t a, int64_t b, int64_t c) { return lt_tensor_3d(dt, p, a, b, c); }
+static lt_tensor t1(lt_dtype dt, void *p, int64_t a) { return lt_tensor_1d(dt, p, a); }
+
+/* ---- forward + backward of linear with an adapter -------------------------------------------- */
+
+static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int64_t out, float xsd) {
+    char name[128];
+    double tol = tol_for(wdt);
+    int64_t r = 8;
+    float *x = rand_f32(T * in, xsd), *wf = rand_f32(out * in, 0.05f), *dy = rand_f32(T * out, 1.0f);
+    void *wh = as_dtype(wf, out * in, wdt);
+    float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
+    lt_lora lo_c = {0}, lo_g = {0};
+    float *ga_c = calloc((size_t)(r * in), 4), *gb_c = calloc((size_t)(out * r), 4);
+    float *gw_c = calloc((size_t)(out * in), 4);
+    lo_c.a = t2(LT_F32, a, r, in);
+    lo_c.b = t2(LT_F32, b, out, r);
+    lo_c.grad_a = t2(LT_F32, ga_c, r, in);
+    lo_c.grad_b = t2(LT_F32, gb_c, out, r);
+    lo_c.scale = 2.0f;
+    lo_c.enabled = 1;
+    lt_weight w_c = {t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in)};
+    float *y_c = malloc(sizeof(float) * (size_t)(T * out)), *dx_c = malloc(sizeof(float) * (size_t)(T * in));
+    lt_status rc = cpu.be->linear(&cpu, t2(LT_F32, y_c, T, out), t2(LT_F32, x, T, in), &w_c);
+    if (rc == LT_OK) rc = cpu_linear_backward(&cpu, t2(LT_F32, dx_c, T, in), t2(LT_F32, dy, T, out), t2(LT_F32, x, T, in), &w_c);
+    if (rc != LT_OK) diag("cpu linear: %s", cpu.err);
+
+    float *xg = dev_put(x, (size_t)(T * in) * 4), *dyg = dev_put(dy, (size_t)(T * out) * 4);
+    void *wg = dev_put(wh, (size_t)(out * in) * lt_dtype_size(wdt));
+    lo_g = lo_c;
+    lo_g.a = t2(LT_F32, dev_put(a, (size_t)(r * in) * 4), r, in);
+    lo_g.b = t2(LT_F32, dev_put(b, (size_t)(out * r) * 4), out, r);
+    lo_g.grad_a = t2(LT_F32, dev_put(NULL, (size_t)(r * in) * 4), r, in);
+    lo_g.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
+    lt_weight w_g = {t2(wdt, wg, out, in), with_lora ? &lo_g : NULL,
+                     t2(LT_F32, dev_put(NULL, (size_t)(out * in) * 4), out, in)};
+    float *yg = dev_poison(T * out), *dxg = dev_poison(T * in);
+    rc = gpu.be->linear(&gpu, t2(LT_F32, yg, T, out), t2(LT_F32, xg, T, in), &w_g);
+    snprintf(name, sizeof name, "linear %s%s [%lld,%lld]x[%lld,%lld] runs", lt_dtype_user_name(wdt),
+             with_lora ? "+lora" : "", (long long)T, (long long)in, (long long)out, (long long)in);
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "linear %s%s y", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
+    check_close(name, yg, y_c, T * out, tol);
+    rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxg, T, in), t2(LT_F32, dyg, T, out), t2(LT_F32, xg, T, in), &w_g);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "linear_backward %s%s dx", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
+    check_close(name, dxg, dx_c, T * in, tol);
+    snprintf(name, sizeof name, "linear_backward %s%s grad_w", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
+    check_close(name, w_g.grad_w.data, gw_c, out * in, tol);
+    if (with_lora) {
+        snprintf(name, sizeof name, "linear_backward %s+lora grad_a", lt_dtype_user_name(wdt));
+        check_close(name, lo_g.grad_a.data, ga_c, r * in, tol);
+        snprintf(name, sizeof name, "linear_backward %s+lora grad_b", lt_dtype_user_name(wdt));
+        check_close(name, lo_g.grad_b.data, gb_c, out * r, tol);
+    }
+    free(x), free(wf), free(dy), free(wh), free(a), free(b), free(ga_c), free(gb_c), free(gw_c), free(y_c), free(dx_c);
+}
+
+/* ---- norms, rope, geglu, add, embedding ------------------------------------------------------------ */
+
+static void test_rmsnorm(int64_t N, int64_t D) {
+    char name[96];
+    float *x = rand_f32(N * D, 3.0f), *w = rand_f32(D, 0.5f), *dy = rand_f32(N * D, 1.0f);
+    float *y_c = malloc(sizeof(float) * (size_t)(N * D)), *dx_c = malloc(sizeof(float) * (size_t)(N * D));
+    float *dw_c = calloc((size_t)D, 4);
+    cpu.be->rmsnorm(&cpu, t2(LT_F32, y_c, N, D), t2(LT_F32, x, N, D), t1(LT_F32, w, D), 1e-6f);
+    cpu_rmsnorm_backward(&cpu, t2(LT_F32, dx_c, N, D), t1(LT_F32, dw_c, D), t2(LT_F32, dy, N, D), t2(LT_F32, x, N, D),
+                         t1(LT_F32, w, D), 1e-6f);
+    float *xg = dev_put(x, (size_t)(N * D) * 4), *wg = dev_put(w, (size_t)D * 4), *dyg = dev_put(dy, (size_t)(N * D) * 4);
+    float *yg = dev_poison(N * D), *dxg = dev_poison(N * D), *dwg = dev_put(NULL, (size_t)D * 4);
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, yg, N, D), t2(LT_F32, xg, N, D), t1(LT_F32, wg, D), 1e-6f);
+    snprintf(name, sizeof name, "rmsnorm [%lld,%lld]", (long long)N, (long long)D);
+    check_close(name, yg, y_c, N * D, 1e-5);
+    gpu.be->rmsnorm_backward(&gpu, t2(LT_F32, dxg, N, D), t1(LT_F32, dwg, D), t2(LT_F32, dyg, N, D), t2(LT_F32, xg, N, D),
+                             t1(LT_F32, wg, D), 1e-6f);
+    snprintf(name, sizeof name, "rmsnorm_backward dx [%lld,%lld]", (long long)N, (long long)D);
+    check_close(name, dxg, dx_c, N * D, 1e-5);
+    snprintf(name, sizeof name, "rmsnorm_backward dw [%lld,%lld]", (long long)N, (long long)D);
+    check_close(name, dwg, dw_c, D, 1e-5);
+    /* in place (y aliases x), as the layer code may call it */
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, xg, N, D), t2(LT_F32, xg, N, D), t1(LT_F32, wg, D), 1e-6f);
+    check_close("rmsnorm in place", xg, y_c, N * D, 1e-5);
+    free(x), free(w), free(dy), free(y_c), free(dx_c), free(dw_c);
+}
+
+static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float factor, int maxpos) {
+    char name[96];
+    float *x = rand_f32(T * nh * hd, 1.0f);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(rng_next() % (uint64_t)maxpos);
+    float *y_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
+    memcpy(y_c, x, sizeof(float) * (size_t)(T * nh * hd));
+    cpu.be->rope(&cpu, t3(LT_F32, y_c, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
+    float *xg = dev_put(x, (size_t)(T * nh * hd) * 4);
+    int32_t *pg = dev_put(pos, (size_t)T * 4);
+    gpu.be->rope(&gpu, t3(LT_F32, xg, T, nh, hd), t1(LT_I32, pg, T), theta, factor);
+    snprintf(name, sizeof name, "rope hd=%lld theta=%g factor=%g", (long long)hd, theta, factor);
+    check_close(name, xg, y_c, T * nh * hd, 1e-5);
+    /* backward = inverse rotation: CPU's backward on the same gradient */
+    float *d_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
+    memcpy(d_c, x, sizeof(float) * (size_t)(T * nh * hd));
+    cpu_rope_backward(&cpu, t3(LT_F32, d_c, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
+    float *dg = dev_put(x, (size_t)(T * nh * hd) * 4);
+    gpu.be->rope_backward(&gpu, t3(LT_F32, dg, T, nh, hd), t1(LT_I32, pg, T), theta, factor);
+    snprintf(name, sizeof name, "rope_backward hd=%lld", (long long)hd);
+    check_close(name, dg, d_c, T * nh * hd, 1e-5);
+    free(x), free(pos), free(y_c), free(d_c);
+}
+
+static void test_geglu_add(int64_t n) {
+    float *g = rand_f32(n, 2.0f), *u = rand_f32(n, 1.0f), *dy = rand_f32(n, 1.0f);
+    float *y_c = malloc(sizeof(float) * (size_t)n), *dg_c = malloc(sizeof(float) * (size_t)n),
+          *du_c = malloc(sizeof(float) * (size_t)n);
+    cpu.be->geglu(&cpu, t1(LT_F32, y_c, n), t1(LT_F32, g, n), t1(LT_F32, u, n));
+    cpu_geglu_backward(&cpu, t1(LT_F32, dg_c, n), t1(LT_F32, du_c, n), t1(LT_F32, dy, n), t1(LT_F32, g, n),
+                       t1(LT_F32, u, n));
+    float *gg = dev_put(g, (size_t)n * 4), *ug = dev_put(u, (size_t)n * 4), *dyg = dev_put(dy, (size_t)n * 4);
+    float *yg = dev_poison(n), *dgg = dev_poison(n), *dug = dev_poison(n);
+    gpu.be->geglu(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n), t1(LT_F32, ug, n));
+    check_close("geglu", yg, y_c, n, 1e-5);
+    gpu.be->geglu_backward(&gpu, t1(LT_F32, dgg, n), t1(LT_F32, dug, n), t1(LT_F32, dyg, n), t1(LT_F32, gg, n),
+                           t1(LT_F32, ug, n));
+    check_close("geglu_backward dgate", dgg, dg_c, n, 1e-5);
+    check_close("geglu_backward dup", dug, du_c, n, 1e-5);
+    /* add: y += x */
+    for (int64_t i = 0; i < n; i++) y_c[i] += g[i];
+    gpu.be->add(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n));
+    check_close("add", yg, y_c, n, 1e-6);
+    free(g), free(u), free(dy), free(y_c), free(dg_c), free(du_c);
+}
+
+static void test_embedding(lt_dtype dt) {
+    char name[96];
+    int64_t V = 3000, H = 96, T = 50;
+    float *tf = rand_f32(V * H, 0.5f), *dh = rand_f32(T * H, 1.0f);
+    void *th = as_dtype(tf, V * H, dt);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) ids[t] = (int32_t)(rng_next() % (uint64_t)V);
+    ids[3] = ids[7]; /* a repeated id: the backward must add both rows */
+    float *h_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
+    lt_weight tab_c = {t2(dt, th, V, H), NULL, t2(LT_F32, gw_c, V, H)};
+    cpu.be->embedding(&cpu, t2(LT_F32, h_c, T, H), t1(LT_I32, ids, T), &tab_c, 33.9411f);
+    cpu_embedding_backward(&cpu, &tab_c, t2(LT_F32, dh, T, H), t1(LT_I32, ids, T), 33.9411f);
+    int32_t *idg = dev_put(ids, (size_t)T * 4);
+    lt_weight tab_g = {t2(dt, dev_put(th, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
+                       t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
+    float *hg = dev_poison(T * H), *dhg = dev_put(dh, (size_t)(T * H) * 4);
+    lt_status rc = gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 33.9411f);
+    snprintf(name, sizeof name, "embedding %s", lt_dtype_user_name(dt));
+    if (rc != LT_OK) diag("%s", gpu.err);
+    check_close(name, hg, h_c, T * H, 1e-6);
+    gpu.be->embedding_backward(&gpu, &tab_g, t2(LT_F32, dhg, T, H), t1(LT_I32, idg, T), 33.9411f);
+    snprintf(name, sizeof name, "embedding_backward %s", lt_dtype_user_name(dt));
+    check_close(name, tab_g.grad_w.data, gw_c, V * H, 1e-5);
+    /* a bad id is an error value, and the session goes on */
+    ids[0] = (int32_t)V;
+    gpu.be->upload(&gpu, idg, ids, 4);
+    rc = gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 1.0f);
+    ok(rc == LT_ERR_ARG && strstr(gpu.err, "outside the vocabulary"), "embedding: an id outside [0, V) is LT_ERR_ARG");
+    free(tf), free(dh), free(th), free(ids), free(h_c), free(gw_c);
+}
+
+/* ---- attention ---------------------------------------------------------------------------------- */
+
+static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int64_t nkv, int64_t hd, int window,
+                           int decode) {
+    char name[160];
+    double tol = tol_for(prec);
+    float scale = 1.0f / 16.0f;
+    float *q = rand_f32(T * nh * hd, 1.0f), *k = rand_f32(S * nkv * hd, 1.0f), *v = rand_f32(S * nkv * hd, 1.0f);
+    float *dout = rand_f32(T * nh * hd, 1.0f);
+    int32_t *qp = malloc(sizeof(int32_t) * (size_t)T), *kp = malloc(sizeof(int32_t) * (size_t)S);
+    if (decode) { /* a ring cache: some slots empty (-1), positions out of order */
+        for (int64_t s = 0; s < S; s++) kp[s] = (s % 7 == 3) ? -1 : (int32_t)((s * 37) % S);
+        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)(S - T + t);
+    } else {
+        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)t;
+        for (int64_t s = 0; s < S; s++) kp[s] = (int32_t)s;
+    }
+    float *o_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
+    cpu.be->attention(&cpu, t2(LT_F32, o_c, T, nh * hd), t3(LT_F32, q, T, nh, hd), t3(LT_F32, k, S, nkv, hd),
+                      t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T), t1(LT_I32, kp, S), window, scale);
+    lt_cuda_set_precision(&gpu, prec);
+    float *qg = dev_put(q, (size_t)(T * nh * hd) * 4), *kg = dev_put(k, (size_t)(S * nkv * hd) * 4),
+          *vg = dev_put(v, (size_t)(S * nkv * hd) * 4), *dog = dev_put(dout, (size_t)(T * nh * hd) * 4);
+    int32_t *qpg = dev_put(qp, (size_t)T * 4), *kpg = dev_put(kp, (size_t)S * 4);
+    float *og = dev_poison(T * nh * hd);
+    lt_status rc = gpu.be->attention(&gpu, t2(LT_F32, og, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
+                                     t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, qpg, T),
+                                     t1(LT_I32, kpg, S), window, scale);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "attention %s T=%lld S=%lld nh=%lld nkv=%lld hd=%lld window=%d%s",
+             lt_dtype_user_name(prec), (long long)T, (long long)S, (long long)nh, (long long)nkv, (long long)hd, window,
+             decode ? " (cache)" : "");
+    check_close(name, og, o_c, T * nh * hd, tol);
+    if (!decode) {
+        float *dq_c = malloc(sizeof(float) * (size_t)(T * nh * hd)), *dk_c = malloc(sizeof(float) * (size_t)(S * nkv * hd)),
+              *dv_c = malloc(sizeof(float) * (size_t)(S * nkv * hd));
+        cpu_attention_backward(&cpu, t3(LT_F32, dq_c, T, nh, hd), t3(LT_F32, dk_c, S, nkv, hd),
+                               t3(LT_F32, dv_c, S, nkv, hd), t2(LT_F32, dout, T, nh * hd), t3(LT_F32, q, T, nh, hd),
+                               t3(LT_F32, k, S, nkv, hd), t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T),
+                               t1(LT_I32, kp, S), window, scale);
+        float *dqg = dev_poison(T * nh * hd), *dkg = dev_poison(S * nkv * hd), *dvg = dev_poison(S * nkv * hd);
+        rc = gpu.be->attention_backward(&gpu, t3(LT_F32, dqg, T, nh, hd), t3(LT_F32, dkg, S, nkv, hd),
+                                        t3(LT_F32, dvg, S, nkv, hd), t2(LT_F32, dog, T, nh * hd),
+                                        t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, S, nkv, hd),
+                                        t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window,
+                                        scale);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        char n2[200];
+        snprintf(n2, sizeof n2, "%s backward dq", name);
+        check_close(n2, dqg, dq_c, T * nh * hd, tol);
+        snprintf(n2, sizeof n2, "%s backward dk", name);
+        check_close(n2, dkg, dk_c, S * nkv * hd, tol);
+        snprintf(n2, sizeof n2, "%s backward dv", name);
+        check_close(n2, dvg, dv_c, S * nkv * hd, tol);
+        free(dq_c), free(dk_c), free(dv_c);
+    }
+    free(q), free(k), free(v), free(dout), free(qp), free(kp), free(o_c);
+}
+
+/* ---- fused cross-entropy, AdamW, the trainer's extra ops ------------------------------------------ */
+
+static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
+    char name[128];
+    double tol = tol_for(dt);
+    float *h = rand_f32(T * H, 1.0f), *wf = rand_f32(V * H, 0.2f);
+    void *wh = as_dtype(wf, V * H, dt);
+    int32_t *tg = malloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) tg[t] = (t % 5 == 2) ? -100 : (int32_t)(rng_next() % (uint64_t)V);
+    float *dh_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
+    lt_weight head_c = {t2(dt, wh, V, H), NULL, t2(LT_F32, gw_c, V, H)};
+    double loss_c = 0, loss_g = 0;
+    float gs = 1.0f / (float)T;
+    lt_status rc = cpu_cross_entropy(&cpu, &loss_c, t2(LT_F32, dh_c, T, H), t2(LT_F32, h, T, H), &head_c,
+                                     t1(LT_I32, tg, T), gs);
+    if (rc != LT_OK) diag("cpu: %s", cpu.err);
+    float *hg = dev_put(h, (size_t)(T * H) * 4), *dhg = dev_poison(T * H);
+    int32_t *tgg = dev_put(tg, (size_t)T * 4);
+    lt_weight head_g = {t2(dt, dev_put(wh, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
+                        t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
+    rc = gpu.be->cross_entropy(&gpu, &loss_g, t2(LT_F32, dhg, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T),
+                               gs);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "cross_entropy %s T=%lld V=%lld loss %.6f vs %.6f", lt_dtype_user_name(dt), (long long)T,
+             (long long)V, loss_g, loss_c);
+    ok(fabs(loss_g - loss_c) <= tol * fabs(loss_c) + 1e-6, name);
+    snprintf(name, sizeof name, "cross_entropy %s dh", lt_dtype_user_name(dt));
+    check_close(name, dhg, dh_c, T * H, tol);
+    snprintf(name, sizeof name, "cross_entropy %s head grad_w", lt_dtype_user_name(dt));
+    check_close(name, head_g.grad_w.data, gw_c, V * H, tol);
+    /* loss only: no gradient touched */
+    double l2 = 0;
+    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T), gs);
+    ok(rc == LT_OK && fabs(l2 - loss_g) <= 1e-6 * fabs(loss_g), "cross_entropy loss-only call gives the same loss");
+    tg[1] = (int32_t)V;
+    gpu.be->upload(&gpu, tgg, tg, (size_t)T * 4);
+    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T), gs);
+    ok(rc == LT_ERR_ARG, "cross_entropy: a target outside the vocabulary is LT_ERR_ARG");
+    free(h), free(wf), free(wh), free(tg), free(dh_c), free(gw_c);
+}
+
+static void test_adamw_and_extras(void) {
+    int64_t n = 10007;
+    float *p = rand_f32(n, 1.0f), *g = rand_f32(n, 0.1f), *m = rand_f32(n, 0.01f), *v = malloc(4 * (size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = urand() * 0.01f;
+    float *pg = dev_put(p, (size_t)n * 4), *gg = dev_put(g, (size_t)n * 4), *mg = dev_put(m, (size_t)n * 4),
+          *vg = dev_put(v, (size_t)n * 4);
+    for (int step = 1; step <= 3; step++) {
+        cpu_adamw(&cpu, t1(LT_F32, p, n), t1(LT_F32, g, n), t1(LT_F32, m, n), t1(LT_F32, v, n), 1e-3f, 0.9f, 0.999f,
+                  1e-8f, 0.01f, step);
+        gpu.be->adamw(&gpu, t1(LT_F32, pg, n), t1(LT_F32, gg, n), t1(LT_F32, mg, n), t1(LT_F32, vg, n), 1e-3f, 0.9f,
+                      0.999f, 1e-8f, 0.01f, step);
+    }
+    check_close("adamw param after 3 steps", pg, p, n, 1e-6);
+    check_close("adamw exp_avg_sq", vg, v, n, 1e-6);
+    const lt_grad_ops *gc = &lt_grad_ops_cpu, *gx = &lt_grad_ops_cuda;
+    double s_c = 0, s_g = 0;
+    gc->sumsq(&cpu, &s_c, t1(LT_F32, g, n));
+    gx->sumsq(&gpu, &s_g, t1(LT_F32, gg, n));
+    ok(fabs(s_g - s_c) <= 1e-9 * s_c, "sumsq");
+    float *y_c = malloc(4 * (size_t)n), *yg = dev_poison(n);
+    gc->dropout(&cpu, t1(LT_F32, y_c, n), t1(LT_F32, g, n), 0.3f, 2.0f, 12345);
+    gx->dropout(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n), 0.3f, 2.0f, 12345);
+    check_close("dropout (same mask)", yg, y_c, n, 1e-7);
+    gx->scale(&gpu, t1(LT_F32, yg, n), 0.5f);
+    for (int64_t i = 0; i < n; i++) y_c[i] *= 0.5f;
+    check_close("scale", yg, y_c, n, 1e-7);
+    gx->fill(&gpu, t1(LT_F32, yg, n), 0.25f);
+    for (int64_t i = 0; i < n; i++) y_c[i] = 0.25f;
+    check_close("fill", yg, y_c, n, 0);
+    free(p), free(g), free(m), free(v), free(y_c);
+}
+
+/* DESIGN.md §5: an input far beyond fp16's range through fp16 weights stays finite and right. */
+static void test_fp16_range(void) {
+    int64_t T = 16, in = 256, out = 64;
+    float *x = rand_f32(T * in, 1.0f);
+    for (int64_t i = 0; i < T * in; i += 7) x[i] *= 3.0e5f; /* a GeGLU product of Gemma 3 size */
+    int naive_inf = 0;
+    for (int64_t i = 0; i < T * in; i++) naive_inf |= isinf(lt_f16_to_f32(lt_f32_to_f16(x[i])));
+    ok(naive_inf, "fp16: a plain cast of the input overflows to inf (the naive path)");
+    free(x);
+    /* the same input through the scaled path */
+    rng_state ^= 0x55;
+    test_linear(LT_F16, 1, T, in, out, 3.0e5f);
+}
+
+int main(void) {
+    const char *seed = getenv("LATHE_TEST_SEED");
+    rng_state = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
+    setenv("LATHE_CUDA_CHUNK_ROWS", "128", 0); /* several attention / loss chunks at test sizes */
+    if (lt_cuda_device_count() == 0) {
+        printf("1..0 # SKIP no CUDA device (make check-gpu runs these on a GPU machine)\n");
+        return 0;
+    }
+    if (lt_ctx_init(&cpu, &lt_backend_cpu, 0) != LT_OK || lt_ctx_init(&gpu, &lt_backend_cuda, 0) != LT_OK) {
+        printf("1..0 # SKIP cannot start a backend: %s %s\n", cpu.err, gpu.err);
+        return 0;
+    }
+    diag("seed %llu, compute capability %d, policy %s", (unsigned long long)rng_state,
+         lt_cuda_compute_capability(&gpu), lt_dtype_user_name(lt_cuda_policy_dtype(&gpu)));
+
+    lt_dtype dts[3] = {LT_F32, LT_BF16, LT_F16};
+    for (int i = 0; i < 3; i++) {
+        test_linear(dts[i], 0, 37, 96, 80, 1.0f);
+        test_linear(dts[i], 1, 37, 96, 80, 1.0f);
+        test_linear(dts[i], 1, 300, 1152, 256, 1.0f);
+        test_embedding(dts[i]);
+    }
+    test_rmsnorm(33, 1152);
+    test_rmsnorm(4 * 70, 256);
+    test_rmsnorm(5, 5376);
+    test_rope(40, 4, 256, 10000.0f, 1.0f, 4096);
+    test_rope(40, 8, 128, 1000000.0f, 8.0f, 30000);
+    test_geglu_add(100003);
+    for (int i = 0; i < 3; i++) {
+        test_attention(dts[i], 70, 70, 4, 2, 128, 0, 0);
+        test_attention(dts[i], 70, 70, 4, 1, 256, 16, 0);
+        test_attention(dts[i], 3, 100, 8, 4, 256, 0, 1);
+        test_attention(dts[i], 1, 64, 4, 1, 256, 8, 1);
+        test_cross_entropy(dts[i], 37, 5000, 64);
+    }
+    test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0); /* several query chunks */
+    test_cross_entropy(LT_BF16, 300, 262144, 128);      /* the real vocabulary, several chunks */
+    test_adamw_and_extras();
+    test_fp16_range();
+    lt_cuda_mem mem;
+    lt_cuda_memory(&gpu, &mem);
+    diag("device memory: in use %.1f MiB, peak %.1f MiB", mem.in_use / 1048576.0, mem.peak / 1048576.0);
+    lt_ctx_shutdown(&gpu);
+    lt_ctx_shutdown(&cpu);
+    return tap_done();
+}
