@@ -83,6 +83,15 @@ typedef struct cu_impl {
     cu_prof_total totals[CU_PROF_NAMES];
     int n_totals;
     const char *cur_op;
+    int cur_prof; /* profile entry of the op in progress, -1 = none */
+    /* host copies of the last small uploads (token positions): lets attention skip masked key
+     * ranges without reading positions back (a read-back would stall the stream) */
+    struct {
+        const char *dev;
+        size_t bytes;
+        void *host;
+    } seen[8];
+    int n_seen_next;
 } cu_impl;
 
 static cu_impl *impl_of(lt_ctx *ctx) { return (cu_impl *)ctx->impl; }
@@ -223,12 +232,15 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
     return b.p;
 }
 
+static void seen_forget(cu_impl *I, const void *p, size_t bytes);
+
 static void pool_put(lt_ctx *ctx, void *p) {
     cu_impl *I = impl_of(ctx);
     if (!p || !I) return;
     for (int i = I->n_live - 1; i >= 0; i--) {
         if (I->live[i].p == p) {
             cu_block b = I->live[i];
+            seen_forget(I, b.p, b.size);
             I->live[i] = I->live[--I->n_live];
             I->in_use -= b.size;
             if (push_block(&I->freeb, &I->n_free, &I->cap_free, b) != 0) {
@@ -240,24 +252,81 @@ static void pool_put(lt_ctx *ctx, void *p) {
     }
 }
 
+/* ---- host copies of small uploads ------------------------------------------------------------ */
+
+/* Forgets every remembered upload overlapping [p, p + bytes) (written by something else now). */
+static void seen_forget(cu_impl *I, const void *p, size_t bytes) {
+    const char *a = (const char *)p, *b = a + bytes;
+    for (int i = 0; i < 8; i++) {
+        if (!I->seen[i].dev) continue;
+        const char *c = I->seen[i].dev, *d = c + I->seen[i].bytes;
+        if (c < b && a < d) {
+            free(I->seen[i].host);
+            I->seen[i].dev = NULL;
+            I->seen[i].host = NULL;
+        }
+    }
+}
+
+static void seen_remember(cu_impl *I, const void *dev, const void *host, size_t bytes) {
+    seen_forget(I, dev, bytes);
+    if (bytes == 0 || bytes > (256u << 10) || bytes % 4) return;
+    void *h = malloc(bytes);
+    if (!h) return;
+    memcpy(h, host, bytes);
+    int k = I->n_seen_next++ & 7;
+    free(I->seen[k].host);
+    I->seen[k].dev = (const char *)dev;
+    I->seen[k].bytes = bytes;
+    I->seen[k].host = h;
+}
+
+/* The host copy of n int32 at device address p, if an upload put them there; else NULL. */
+static const int32_t *seen_lookup(cu_impl *I, const void *p, int64_t n) {
+    const char *a = (const char *)p;
+    for (int i = 0; i < 8; i++) {
+        const char *c = I->seen[i].dev;
+        if (c && a >= c && a + n * 4 <= c + I->seen[i].bytes && (a - c) % 4 == 0)
+            return (const int32_t *)((const char *)I->seen[i].host + (a - c));
+    }
+    return NULL;
+}
+
 /* ---- op bracket: temporaries, scalar slots, profiling -------------------------------------- */
+
+static void prof_flush(cu_impl *I);
+
+/* Opens a timed region (an op, or a GEMM inside one): returns its entry or -1. */
+static int prof_open(cu_impl *I, const char *name) {
+    if (!I->prof || I->n_prof >= CU_PROF_CAP) return -1;
+    int k = I->n_prof;
+    while (I->n_ev_made < 2 * (k + 1)) {
+        if (cudaEventCreate(&I->ev[I->n_ev_made]) != cudaSuccess) {
+            cudaGetLastError();
+            I->prof = 0;
+            return -1;
+        }
+        I->n_ev_made++;
+    }
+    cudaEventRecord(I->ev[2 * k], I->stream);
+    I->prof_name[k] = name;
+    I->n_prof++;
+    return k;
+}
+
+static void prof_close(cu_impl *I, int k) {
+    if (k >= 0) cudaEventRecord(I->ev[2 * k + 1], I->stream);
+}
 
 static void op_begin(lt_ctx *ctx, const char *name) {
     cu_impl *I = impl_of(ctx);
     I->n_tmp = 0;
     I->next_slot = 2;
     I->cur_op = name;
-    if (I->prof && I->n_prof < CU_PROF_CAP) {
-        int k = I->n_prof;
-        while (I->n_ev_made < 2 * (k + 1)) {
-            if (cudaEventCreate(&I->ev[I->n_ev_made]) != cudaSuccess) {
-                cudaGetLastError();
-                I->prof = 0;
-                return;
-            }
-            I->n_ev_made++;
-        }
-        cudaEventRecord(I->ev[2 * k], I->stream);
+    I->cur_prof = -1;
+    if (I->prof) {
+        if (I->n_prof > CU_PROF_CAP - 256) prof_flush(I); /* nothing is open between ops */
+        I->cur_prof = prof_open(I, name);
     }
 }
 
@@ -289,11 +358,8 @@ static lt_status op_end(lt_ctx *ctx, lt_status rc) {
     cu_impl *I = impl_of(ctx);
     for (int i = 0; i < I->n_tmp; i++) pool_put(ctx, I->tmp[i]);
     I->n_tmp = 0;
-    if (I->prof && I->n_prof < CU_PROF_CAP && I->n_ev_made >= 2 * (I->n_prof + 1)) {
-        cudaEventRecord(I->ev[2 * I->n_prof + 1], I->stream);
-        I->prof_name[I->n_prof++] = I->cur_op;
-        if (I->n_prof == CU_PROF_CAP) prof_flush(I);
-    }
+    prof_close(I, I->cur_prof);
+    I->cur_prof = -1;
     return rc;
 }
 
@@ -312,7 +378,7 @@ static void *tmp_get(lt_ctx *ctx, size_t bytes) {
 static float *slot(lt_ctx *ctx, unsigned **bits) {
     cu_impl *I = impl_of(ctx);
     int k = I->next_slot++;
-    if (k >= CU_SLOTS) k = CU_SLOTS - 1; /* never reached: an op uses a handful */
+    if (k >= CU_SLOTS) k = 2 + (k - 2) % (CU_SLOTS - 2); /* never reached: an op uses a handful */
     if (bits) *bits = I->dbits + k;
     return I->dscal + k;
 }
@@ -400,6 +466,7 @@ static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t
             pm = CUBLAS_POINTER_MODE_DEVICE;
         }
         BLAS_TRY(cublasSetPointerMode(I->blas, pm));
+        int pk = prof_open(I, "  (cuBLAS GEMMs in the ops above)");
         cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
         /* column-major view: Cᵀ[N,M] = op(B)ᵀ · op(A)ᵀ */
         if (batch == 1) {
@@ -412,6 +479,7 @@ static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t
                                                 beta, C, CUDA_R_32F, (int)ldc, sC, batch, CUBLAS_COMPUTE_32F,
                                                 CUBLAS_GEMM_DEFAULT));
         }
+        prof_close(I, pk);
     }
 done:
     return rc;
@@ -500,6 +568,7 @@ static void cu_shutdown(lt_ctx *ctx) {
     free(I->live);
     free(I->freeb);
     for (int i = 0; i < I->n_rope; i++) cudaFree(I->rope[i].d);
+    for (int i = 0; i < 8; i++) free(I->seen[i].host);
     for (int i = 0; i < I->n_ev_made; i++) cudaEventDestroy(I->ev[i]);
     if (I->dscal) cudaFree(I->dscal);
     if (I->dbits) cudaFree(I->dbits);
@@ -528,6 +597,7 @@ static void cu_release(lt_ctx *ctx, void *p) { pool_put(ctx, p); }
 static lt_status cu_upload(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     lt_status rc = LT_OK;
     if (!bytes) return LT_OK;
+    seen_remember(impl_of(ctx), dst, src, bytes);
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_of(ctx)->stream));
     CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream)); /* the caller may free src at once */
 done:
@@ -546,6 +616,7 @@ done:
 static lt_status cu_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     lt_status rc = LT_OK;
     if (!bytes) return LT_OK;
+    seen_forget(impl_of(ctx), dst, bytes);
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_of(ctx)->stream));
 done:
     return rc;
@@ -610,10 +681,11 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
         lt_dtype cdt = w->w.dtype;
         opnd X, W = {w->w.data, cdt, NULL};
         TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
-        /* y [T, out] = X [T, in] · W [out, in]ᵀ */
-        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, 0, (float *)y.data, out, 0, 1));
         const lt_lora *lo = w->lora;
-        if (lo && lo->enabled && lo->a.data) {
+        int use_lora = lo && lo->enabled && lo->a.data;
+        /* The adapter path goes first and writes y; the main GEMM then adds into it (beta 1),
+         * where reading y hides under its arithmetic, instead of a second pass over y. */
+        if (use_lora) {
             int64_t r = lo->a.shape[0];
             REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, "adapter shapes do not agree");
             opnd A, B, XA;
@@ -626,9 +698,11 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             }
             TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
             TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
-            /* y += scale · XA [T, r] · B [out, r]ᵀ */
-            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 1, (float *)y.data, out, 0, 1));
+            /* y = scale · XA [T, r] · B [out, r]ᵀ */
+            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out, 0, 1));
         }
+        /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
+        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data, out, 0, 1));
     }
 done:
     return op_end(ctx, rc);
@@ -741,6 +815,62 @@ done:
     return rc;
 }
 
+/* Key ranges per query chunk: [smin, smin + slen) holds every key visible to any query of the
+ * chunk (causal and sliding-window masks cut the rest), so each chunk multiplies only by those.
+ * Positions always reach the device through upload (model code never computes them on the
+ * device; every op writes fp32, positions are I32), so the backend keeps a host copy of recent
+ * small uploads and reads positions from there; a read-back would stall the stream. Copies are
+ * forgotten when their memory is released, copied over or uploaded again. Without a copy every
+ * chunk takes all S keys (still right: the mask decides). */
+typedef struct key_plan {
+    const int32_t *qp, *kp; /* host views of the positions (from remembered uploads), or NULL */
+} key_plan;
+
+static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos, const lt_tensor *kpos, int64_t T,
+                               int64_t S) {
+    kpn->qp = kpn->kp = NULL;
+    if (T < 64 || S < 128) return LT_OK; /* decode and small inputs: every key */
+    cu_impl *I = impl_of(ctx);
+    kpn->qp = seen_lookup(I, qpos->data, T);
+    kpn->kp = seen_lookup(I, kpos->data, S);
+    if (!kpn->qp || !kpn->kp) kpn->qp = kpn->kp = NULL;
+    return LT_OK;
+}
+
+static void key_plan_free(key_plan *kpn) { kpn->qp = kpn->kp = NULL; }
+
+static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, int window, int64_t *smin,
+                      int64_t *slen) {
+    *smin = 0;
+    *slen = S;
+    if (!kpn->qp) return;
+    int32_t qmin = kpn->qp[t0], qmax = kpn->qp[t0];
+    for (int64_t t = t0; t < t0 + tq; t++) {
+        if (kpn->qp[t] < qmin) qmin = kpn->qp[t];
+        if (kpn->qp[t] > qmax) qmax = kpn->qp[t];
+    }
+    int64_t lo = -1, hi = -1;
+    for (int64_t s = 0; s < S; s++) {
+        int32_t k = kpn->kp[s];
+        if (k < 0 || k > qmax || (window > 0 && (int64_t)qmin - k >= window)) continue;
+        if (lo < 0) lo = s;
+        hi = s;
+    }
+    if (lo < 0) { /* nothing visible: one key, which the mask hides (rows become zeros) */
+        *smin = 0;
+        *slen = 1;
+        return;
+    }
+    *smin = lo;
+    *slen = hi - lo + 1;
+}
+
+static opnd opnd_at(const opnd *o, int64_t elems) {
+    opnd r = *o;
+    r.p = (const char *)o->p + elems * (o->dt == LT_F32 ? 4 : 2);
+    return r;
+}
+
 /* Whole-tensor packing of k or v ([S, nkv, hd] fp32) into [nkv, S, hd] of dtype cdt. */
 static lt_status pack_all(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o) {
     cu_impl *I = impl_of(ctx);
@@ -765,6 +895,7 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
+    key_plan kpn = {NULL, NULL};
     attn_dims D;
     TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
     REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd, "out must be fp32 [T, nh*hd]");
@@ -783,6 +914,8 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
         float *qs = NULL, *qinv = NULL;
         if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
         int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
+        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        if (kpn.qp && Tq > 512) Tq = 512; /* smaller chunks skip more masked keys */
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
         void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
@@ -791,26 +924,30 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             rc = LT_ERR_MEMORY;
             goto done;
         }
+        int mark = I->next_slot; /* a chunk's device scalars are dead once its GEMMs are queued */
         for (int64_t t0 = 0; t0 < T; t0 += Tq) {
-            int64_t tq = T - t0 < Tq ? T - t0 : Tq;
+            int64_t tq = T - t0 < Tq ? T - t0 : Tq, s0, sl;
+            I->next_slot = mark;
+            key_range(&kpn, t0, tq, S, window, &s0, &sl);
             k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
             LAUNCHED();
-            opnd Q = {qc, cdt, qinv};
-            /* per KV head: scores [g*tq, S] = Q_group [g*tq, hd] · K_kv [S, hd]ᵀ * scale */
-            TRY(gemm(ctx, 0, 1, g * tq, S, hd, scale, &Q, hd, g * tq * hd, &K, hd, S * hd, 0, sc, S, g * tq * S,
+            opnd Q = {qc, cdt, qinv}, Ks = opnd_at(&K, s0 * hd), Vs = opnd_at(&V, s0 * hd);
+            /* per KV head: scores [g*tq, sl] = Q_group [g*tq, hd] · K_kv[s0:s0+sl]ᵀ * scale */
+            TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl, g * tq * sl,
                      (int)nkv));
             k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
-                             (const int32_t *)kpos.data, t0, tq, nh, S, window);
+                             (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
             LAUNCHED();
             opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
-            /* o [g*tq, hd] = P [g*tq, S] · V_kv [S, hd] */
-            TRY(gemm(ctx, 0, 0, g * tq, hd, S, 1.0f, &P, S, g * tq * S, &V, hd, S * hd, 0, oc, hd, g * tq * hd,
+            /* o [g*tq, hd] = P [g*tq, sl] · V_kv [s0:s0+sl, hd] */
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0, oc, hd, g * tq * hd,
                      (int)nkv));
             k_unpack_heads(I->stream, (float *)out.data, oc, t0, tq, nh, hd);
             LAUNCHED();
         }
     }
 done:
+    key_plan_free(&kpn);
     return op_end(ctx, rc);
 }
 
@@ -861,8 +998,6 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
         int use_lora = lo && lo->enabled && lo->a.data;
         opnd DY, X = {NULL, LT_F32, NULL}, W = {w->w.data, cdt, NULL};
         TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
-        if (dx.data) /* dx [T, in] = DY [T, out] · W [out, in] */
-            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, 0, (float *)dx.data, in, 0, 1));
         if (w->grad_w.data || use_lora) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
             TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1, (float *)w->grad_w.data, in, 0, 1));
@@ -887,9 +1022,11 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
             TRY(to_cdt(ctx, gg, T, r, cdt, &G));
             if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
                 TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1, (float *)lo->grad_a.data, in, 0, 1));
-            if (dx.data) /* dx += scale · G [T, r] · A [r, in] */
-                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 1, (float *)dx.data, in, 0, 1));
+            if (dx.data) /* dx = scale · G [T, r] · A [r, in]  (the main GEMM adds to it below) */
+                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0, (float *)dx.data, in, 0, 1));
         }
+        if (dx.data) /* dx [T, in] (+)= DY [T, out] · W [out, in] */
+            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora, (float *)dx.data, in, 0, 1));
     }
 done:
     return op_end(ctx, rc);
@@ -915,6 +1052,68 @@ done:
     return op_end(ctx, rc);
 }
 
+/* The chunk loop of attention_backward (see there). */
+static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, const attn_dims *D, lt_dtype cdt,
+                                 const opnd *K, const opnd *V, float *qs, float *qinv, float *ds, float *dinv, void *qc,
+                                 void *doc, float *sc, float *dp, void *p16, void *ds16, float *dqc, int64_t ldkv,
+                                 lt_tensor dq, lt_tensor dk, lt_tensor dv, lt_tensor dout, lt_tensor q, lt_tensor qpos,
+                                 lt_tensor kpos, int window, float scale) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int64_t T = D->T, S = D->S, nh = D->nh, nkv = D->nkv, hd = D->hd, g = D->g;
+    int mark = I->next_slot; /* a chunk's device scalars are dead once its GEMMs are queued */
+    for (int64_t t0 = 0; t0 < T; t0 += Tq) {
+        int64_t tq = T - t0 < Tq ? T - t0 : Tq, s0, sl;
+        I->next_slot = mark;
+        key_range(kpn, t0, tq, S, window, &s0, &sl);
+        k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
+        LAUNCHED();
+        k_pack_heads(I->stream, doc, cdt, (const float *)dout.data, t0, tq, nh, hd, ds);
+        LAUNCHED();
+        opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv}, Ks = opnd_at(K, s0 * hd), Vs = opnd_at(V, s0 * hd);
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl, g * tq * sl,
+                 (int)nkv));
+        /* sc <- P (fp32), p16 <- P in cdt */
+        k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data, (const int32_t *)kpos.data + s0, t0,
+                         tq, nh, sl, window);
+        LAUNCHED();
+        opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
+        /* dP [g*tq, sl] = dO [g*tq, hd] · V_kv [s0:s0+sl, hd]ᵀ */
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp, sl, g * tq * sl,
+                 (int)nkv));
+        /* dv_kv [s0:s0+sl, hd] += P_groupᵀ [sl, g*tq] · dO_group [g*tq, hd] */
+        if (dv.data)
+            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, 1.0f, &P, sl, g * tq * sl, &DO, hd, g * tq * hd, 1,
+                     (float *)dv.data + s0 * ldkv, ldkv, hd, (int)nkv));
+        /* dS = P ⊙ (dP - rowsum(P ⊙ dP)), in place in dp */
+        k_softmax_backward(I->stream, dp, sc, nh * tq, sl);
+        LAUNCHED();
+        opnd DS = {dp, LT_F32, NULL};
+        if (cdt != LT_F32) {
+            float *s2 = NULL, *i2 = NULL;
+            if (cdt == LT_F16) TRY(fp16_scale(ctx, dp, nh * tq * sl, &s2, &i2));
+            k_cast_rows(I->stream, ds16, cdt, sl, dp, sl, nh * tq, sl, s2);
+            LAUNCHED();
+            DS.p = ds16;
+            DS.dt = cdt;
+            DS.inv = i2;
+        }
+        /* dk_kv [s0:s0+sl, hd] += scale · dS_groupᵀ · Q_group */
+        if (dk.data)
+            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, scale, &DS, sl, g * tq * sl, &Q, hd, g * tq * hd, 1,
+                     (float *)dk.data + s0 * ldkv, ldkv, hd, (int)nkv));
+        /* dq_group [g*tq, hd] = scale · dS_group · K_kv[s0:s0+sl] */
+        if (dq.data) {
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0, dqc, hd, g * tq * hd,
+                     (int)nkv));
+            k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
+            LAUNCHED();
+        }
+    }
+done:
+    return rc;
+}
+
 static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv, lt_tensor dout,
                                        lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos, lt_tensor kpos, int window,
                                        float scale) {
@@ -922,6 +1121,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
+    key_plan kpn = {NULL, NULL};
     attn_dims D;
     TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
     REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd, "dout must be fp32 [T, nh*hd]");
@@ -931,7 +1131,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
     {
         lt_dtype cdt = I->prec;
         size_t esz = cdt == LT_F32 ? 4 : 2;
-        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd, g = D.g;
+        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd;
         if (dk.data) CU_TRY(cudaMemsetAsync(dk.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
         if (dv.data) CU_TRY(cudaMemsetAsync(dv.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
         if (dq.data) CU_TRY(cudaMemsetAsync(dq.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
@@ -945,6 +1145,8 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
         }
         int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
+        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        if (kpn.qp && Tq > 512) Tq = 512;
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
@@ -957,54 +1159,11 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             goto done;
         }
         int64_t ldkv = nkv * hd; /* row stride of dk, dv: [S, nkv, hd] */
-        for (int64_t t0 = 0; t0 < T; t0 += Tq) {
-            int64_t tq = T - t0 < Tq ? T - t0 : Tq;
-            k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
-            LAUNCHED();
-            k_pack_heads(I->stream, doc, cdt, (const float *)dout.data, t0, tq, nh, hd, ds);
-            LAUNCHED();
-            opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv};
-            TRY(gemm(ctx, 0, 1, g * tq, S, hd, scale, &Q, hd, g * tq * hd, &K, hd, S * hd, 0, sc, S, g * tq * S,
-                     (int)nkv));
-            /* sc <- P (fp32), p16 <- P in cdt */
-            k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data, (const int32_t *)kpos.data, t0, tq,
-                             nh, S, window);
-            LAUNCHED();
-            opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
-            /* dP [g*tq, S] = dO [g*tq, hd] · V_kv [S, hd]ᵀ */
-            TRY(gemm(ctx, 0, 1, g * tq, S, hd, 1.0f, &DO, hd, g * tq * hd, &V, hd, S * hd, 0, dp, S, g * tq * S,
-                     (int)nkv));
-            /* dv_kv [S, hd] += P_groupᵀ [S, g*tq] · dO_group [g*tq, hd] */
-            if (dv.data)
-                TRY(gemm(ctx, 1, 0, S, hd, g * tq, 1.0f, &P, S, g * tq * S, &DO, hd, g * tq * hd, 1, (float *)dv.data,
-                         ldkv, hd, (int)nkv));
-            /* dS = P ⊙ (dP - rowsum(P ⊙ dP)), in place in dp */
-            k_softmax_backward(I->stream, dp, sc, nh * tq, S);
-            LAUNCHED();
-            opnd DS = {dp, LT_F32, NULL};
-            if (cdt != LT_F32) {
-                float *s2 = NULL, *i2 = NULL;
-                if (cdt == LT_F16) TRY(fp16_scale(ctx, dp, nh * tq * S, &s2, &i2));
-                k_cast_rows(I->stream, ds16, cdt, S, dp, S, nh * tq, S, s2);
-                LAUNCHED();
-                DS.p = ds16;
-                DS.dt = cdt;
-                DS.inv = i2;
-            }
-            /* dk_kv [S, hd] += scale · dS_groupᵀ · Q_group */
-            if (dk.data)
-                TRY(gemm(ctx, 1, 0, S, hd, g * tq, scale, &DS, S, g * tq * S, &Q, hd, g * tq * hd, 1, (float *)dk.data,
-                         ldkv, hd, (int)nkv));
-            /* dq_group [g*tq, hd] = scale · dS_group · K_kv */
-            if (dq.data) {
-                TRY(gemm(ctx, 0, 0, g * tq, hd, S, scale, &DS, S, g * tq * S, &K, hd, S * hd, 0, dqc, hd, g * tq * hd,
-                         (int)nkv));
-                k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
-                LAUNCHED();
-            }
-        }
+        rc = attn_bwd_chunks(ctx, &kpn, Tq, &D, cdt, &K, &V, qs, qinv, ds, dinv, qc, doc, sc, dp, p16, ds16, dqc, ldkv,
+                             dq, dk, dv, dout, q, qpos, kpos, window, scale);
     }
 done:
+    key_plan_free(&kpn);
     return op_end(ctx, rc);
 }
 
@@ -1096,8 +1255,10 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         }
         CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
         opnd W = {head->w.data, cdt, NULL};
+        int mark = I->next_slot;
         for (int64_t t0 = 0; t0 < T; t0 += Tc) {
             int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+            I->next_slot = mark;
             const float *hrow = (const float *)h.data + t0 * H;
             opnd Hc = {hrow, LT_F32, NULL};
             if (cdt != LT_F32) {
@@ -1339,11 +1500,12 @@ extern "C" int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap) {
     prof_flush(I);
     qsort(I->totals, (size_t)I->n_totals, sizeof I->totals[0], cmp_total);
     double all = 0;
-    for (int i = 0; i < I->n_totals; i++) all += I->totals[i].ms;
+    for (int i = 0; i < I->n_totals; i++)
+        if (I->totals[i].name[0] != ' ') all += I->totals[i].ms; /* nested entries are not added twice */
     size_t k = 0;
     buf[0] = 0;
     for (int i = 0; i < I->n_totals && k < cap; i++) {
-        int w = snprintf(buf + k, cap - k, "%-20s %8ld calls %10.2f ms %5.1f%%\n", I->totals[i].name, I->totals[i].calls,
+        int w = snprintf(buf + k, cap - k, "%-34s %8ld calls %10.2f ms %5.1f%%\n", I->totals[i].name, I->totals[i].calls,
                          I->totals[i].ms, all > 0 ? 100.0 * I->totals[i].ms / all : 0.0);
         if (w < 0) break;
         k += (size_t)w;

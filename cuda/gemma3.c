@@ -367,13 +367,16 @@ static void *fill_worker(void *arg) {
         pthread_mutex_unlock(&j->mu);
         int64_t end = off + FILL_CHUNK < it->n ? off + FILL_CHUNK : it->n;
         uint64_t s = it->seed ^ ((uint64_t)(off / FILL_CHUNK) * 0xd1b54a32d192ed03ull);
-        for (int64_t e = off; e < end; e++) {
+        /* four 16-bit uniforms per 64-bit draw: plenty of resolution for bf16/fp16 weights */
+        for (int64_t e = off; e < end; e += 4) {
             uint64_t r = splitmix64(&s);
-            float u = (float)(r >> 40) * (1.0f / 16777216.0f); /* [0, 1) */
-            float v = (2.0f * u - 1.0f) * a;
-            if (it->dt == LT_F32) ((float *)it->data)[e] = v;
-            else if (it->dt == LT_BF16) ((uint16_t *)it->data)[e] = lt_f32_to_bf16(v);
-            else ((uint16_t *)it->data)[e] = lt_f32_to_f16(v);
+            for (int q = 0; q < 4 && e + q < end; q++) {
+                float u = (float)((r >> (16 * q)) & 0xffffu) * (1.0f / 65536.0f) + (0.5f / 65536.0f);
+                float v = (2.0f * u - 1.0f) * a;
+                if (it->dt == LT_F32) ((float *)it->data)[e + q] = v;
+                else if (it->dt == LT_BF16) ((uint16_t *)it->data)[e + q] = lt_f32_to_bf16(v);
+                else ((uint16_t *)it->data)[e + q] = lt_f32_to_f16(v);
+            }
         }
     }
 }
@@ -421,9 +424,10 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     int64_t avail = mem_available_bytes();
     if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         snprintf(err, LT_ERRLEN,
-                 "random:gemma-3-%s needs %.1f GB for %s weights but only %.1f GB of memory is available "
-                 "(try a smaller size, or dtype=bf16)",
-                 size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9);
+                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only %.1f GB of memory "
+                 "is available (%s)",
+                 size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
+                 want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b" : "try dtype=bf16 or a smaller size");
         gemma3_model_free(m);
         return LT_ERR_MEMORY;
     }

@@ -403,7 +403,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     s->t = t;
     s->mul = 1.0f;
     if (is_norm && strstr(hf, "norm")) s->add = 1.0f; /* Gemma's (1 + w), folded */
-    if (0) s->mul = wc->q_norm_mul;
+    if (strstr(name, "attn_q_norm")) s->mul = wc->q_norm_mul;
     if (!is_norm) {
         /* the adapter, when this weight is an lt_weight with one */
         const gemma3_model *m = wc->m;
@@ -428,7 +428,9 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     return 0;
 }
 
-/* The period p when layer i is full iff (i+1) % p == 0 for every layer; 0 otherwise. */
+/* The period p when layer i is full iff (i+1) % p == 0 for every layer; 0 otherwise.
+ * p = 1: all layers full; p = L + 1: all sliding (llama.cpp's rule, il % p < p - 1, then
+ * makes every layer sliding too). */
 static int layer_period(const gemma3_config *c) {
     for (int p = 1; p <= c->num_hidden_layers + 1; ++p) {
         int okp = 1;
@@ -578,7 +580,8 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     CHECK(gguf_set_u32(w, "gemma3.attention.value_length", (uint32_t)c->head_dim));
     CHECK(gguf_set_f32(w, "gemma3.attention.layer_norm_rms_epsilon", (float)c->rms_norm_eps));
     CHECK(gguf_set_f32(w, "gemma3.rope.freq_base", (float)c->rope[GEMMA3_FULL].theta));
-    if (period <= L) { /* some layer slides */
+    /* period 1: every layer is global; period > L: every layer slides */
+    if (period > 1) {
         CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window", (uint32_t)c->sliding_window));
         if (period != 6) CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window_pattern", (uint32_t)period));
         if (c->rope[GEMMA3_SLIDING].theta != 10000.0)

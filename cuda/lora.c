@@ -78,9 +78,23 @@ static int regex_matches(const char *pattern, const char *module, int *bad) {
     return hit;
 }
 
+/* A regex may be written against the multimodal names PEFT sees on Gemma3ForConditionalGeneration
+ * ("model.language_model.layers.N..." or, before transformers 4.52, "language_model.model.layers.N..."):
+ * on a multimodal checkpoint every spelling of the module is tried. */
+static int target_matches(const lt_adapters *a, const char *module, int *bad) {
+    if (!a->targets_regex) return list_matches(a->targets, module);
+    if (regex_matches(a->targets, module, bad)) return 1;
+    if (*bad || !a->model->cfg.multimodal || strncmp(module, "model.", 6) != 0) return 0;
+    char alt[256];
+    snprintf(alt, sizeof alt, "model.language_model.%s", module + 6);
+    if (regex_matches(a->targets, alt, bad)) return 1;
+    snprintf(alt, sizeof alt, "language_model.model.%s", module + 6);
+    return regex_matches(a->targets, alt, bad);
+}
+
 int lora_module_matches(const lt_adapters *a, const char *module) {
     int bad = 0;
-    return a->targets_regex ? regex_matches(a->targets, module, &bad) : list_matches(a->targets, module);
+    return target_matches(a, module, &bad);
 }
 
 /* ---- parameters ------------------------------------------------------------------------- */
@@ -122,8 +136,7 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
             char module[160];
             snprintf(module, sizeof module, "model.layers.%d.%s", l, MODULES[k]);
             int bad = 0;
-            int hit = a->targets_regex ? regex_matches(a->targets, module, &bad)
-                                       : list_matches(a->targets, module);
+            int hit = target_matches(a, module, &bad);
             if (bad) {
                 snprintf(err, LT_ERRLEN, "%%lora: targets='%s' is not a valid regular expression",
                          a->targets);
@@ -200,6 +213,11 @@ static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
 
 static lt_status attach_full(lt_adapters *a, char *err) {
     gemma3_model *m = a->model;
+    if (a->ctx->be != &lt_backend_cpu) {
+        snprintf(err, LT_ERRLEN, "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
+                 "(this model is on %s); use LoRA", a->ctx->be->name);
+        return LT_ERR_STATE;
+    }
     int L = m->cfg.num_hidden_layers;
     int64_t H = m->cfg.hidden_size;
     a->ng.layers = calloc((size_t)L * NG_COUNT, sizeof(lt_tensor));

@@ -307,6 +307,41 @@ static lt_status set_commit(file_set *s, const char *dir, char *err) {
     return LT_OK;
 }
 
+/* ---- host views of backend tensors ---------------------------------------------------------- */
+
+/* Tensors of a device backend are downloaded into malloc'd copies kept in a pool (freed by
+ * pool_free); on the CPU backend the data is used as it is. */
+typedef struct host_pool {
+    void **p;
+    int n;
+} host_pool;
+
+static const void *host_of(lt_ctx *ctx, const lt_tensor *t, host_pool *hp) {
+    if (!t->data || ctx->be == &lt_backend_cpu) return t->data;
+    size_t bytes = lt_tensor_bytes(t);
+    void *buf = malloc(bytes ? bytes : 1);
+    void **np = realloc(hp->p, sizeof(void *) * (size_t)(hp->n + 1));
+    if (!buf || !np) {
+        free(buf);
+        if (np) hp->p = np;
+        return NULL;
+    }
+    hp->p = np;
+    if (ctx->be->download(ctx, buf, t->data, bytes) != LT_OK) {
+        free(buf);
+        return NULL;
+    }
+    hp->p[hp->n++] = buf;
+    return buf;
+}
+
+static void pool_free(host_pool *hp) {
+    for (int i = 0; i < hp->n; i++) free(hp->p[i]);
+    free(hp->p);
+    hp->p = NULL;
+    hp->n = 0;
+}
+
 /* ---- PEFT adapters --------------------------------------------------------------------------- */
 
 static char *adapter_config_json(const lt_adapters *a) {
@@ -314,6 +349,19 @@ static char *adapter_config_json(const lt_adapters *a) {
     json_t *targets;
     if (a->targets_regex) {
         targets = json_string(a->targets);
+    } else if (a->model->cfg.multimodal) {
+        /* a plain list would also match the vision tower's q/k/v/o in PEFT (REFERENCE §5.4):
+         * a regex keeps the adapter on the language model */
+        char re[700], alts[512] = "";
+        snprintf(re, sizeof re, "%s", a->targets);
+        size_t n = 0;
+        char *save = NULL;
+        for (char *w = strtok_r(re, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+            snprintf(alts + n, sizeof alts - n, "%s%s", n ? "|" : "", w);
+            n = strlen(alts);
+        }
+        snprintf(re, sizeof re, ".*language_model.*\\.(%s)", alts);
+        targets = json_string(re);
     } else {
         targets = json_array();
         char buf[512];
@@ -358,7 +406,7 @@ static char *adapter_config_json(const lt_adapters *a) {
 }
 
 /* The adapter tensors as st_out entries with PEFT names; names are malloc'd in *names. */
-static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***names) {
+static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***names, host_pool *hp) {
     int n = a->n_slots * 2;
     st_out *t = calloc((size_t)n + 1, sizeof *t);
     char **nm = calloc((size_t)n + 1, sizeof *nm);
@@ -378,7 +426,9 @@ static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***nam
             if (!name) goto oom;
             snprintf(name, len, "%s.lora_%c.weight", mod, k == 0 ? 'A' : 'B');
             nm[2 * i + k] = name;
-            t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[0], x->shape[1]}, x->data};
+            const void *data = host_of(a->ctx, x, hp);
+            if (!data) goto oom;
+            t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[0], x->shape[1]}, data};
         }
     }
     *out = t;
@@ -411,8 +461,10 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     char *cfg = adapter_config_json(a);
     st_out *t = NULL;
     char **nm = NULL;
-    if (!cfg || adapter_tensors(a, &t, &nm) != LT_OK) {
+    host_pool hp = {0};
+    if (!cfg || adapter_tensors(a, &t, &nm, &hp) != LT_OK) {
         free(cfg);
+        pool_free(&hp);
         perr(err, "%%save adapter=%s: out of memory", dir);
         return LT_ERR_MEMORY;
     }
@@ -427,6 +479,7 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     free(cfg);
     free(t);
     free_names(nm, a->n_slots * 2);
+    pool_free(&hp);
     return rc;
 }
 
@@ -679,6 +732,11 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
         }
     }
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
+    if (a && a->ctx->be != &lt_backend_cpu) {
+        perr(err, "%%save merged=: not available on the %s backend yet; save the adapter (%%save adapter=DIR), "
+             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=", a->ctx->be->name);
+        return LT_ERR_STATE;
+    }
     lt_status rc = dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
@@ -745,24 +803,29 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
     st_out *at = NULL;
     char **an = NULL;
     char *cfg = NULL;
+    host_pool hp = {0};
     if (!pv || !ov || !on) goto oom;
     int no = 0;
     for (int i = 0; i < n; i++) {
         const train_param *p = &a->params[i];
-        pv[i] = (st_out){p->name, LT_F32, p->value->ndim, {0}, p->value->data};
+        const void *val = host_of(a->ctx, p->value, &hp);
+        if (!val) goto oom;
+        pv[i] = (st_out){p->name, LT_F32, p->value->ndim, {0}, val};
         memcpy(pv[i].shape, p->value->shape, sizeof pv[i].shape);
         if (!p->m.data) continue;
         for (int k = 0; k < 2; k++) {
             size_t len = strlen(p->name) + 16;
             if (!(on[no] = malloc(len))) goto oom;
             snprintf(on[no], len, "%s.%s", p->name, k ? "exp_avg_sq" : "exp_avg");
-            ov[no] = (st_out){on[no], LT_F32, p->value->ndim, {0}, k ? p->v.data : p->m.data};
+            const void *st = host_of(a->ctx, k ? &p->v : &p->m, &hp);
+            if (!st) goto oom;
+            ov[no] = (st_out){on[no], LT_F32, p->value->ndim, {0}, st};
             memcpy(ov[no].shape, p->value->shape, sizeof ov[no].shape);
             no++;
         }
     }
     if (!a->full) {
-        if (!(cfg = adapter_config_json(a)) || adapter_tensors(a, &at, &an) != LT_OK) goto oom;
+        if (!(cfg = adapter_config_json(a)) || adapter_tensors(a, &at, &an, &hp) != LT_OK) goto oom;
     }
     file_set fs = {.n = 0};
     char p[4200];
@@ -798,6 +861,7 @@ out:
     free(at);
     free_names(an, a ? a->n_slots * 2 : 0);
     free(cfg);
+    pool_free(&hp);
     return rc;
 }
 

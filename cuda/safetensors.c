@@ -77,7 +77,6 @@ static int json_u64(json_t *v, uint64_t *out) {
 /* Parses and validates the header of the mapped file `fi`, appending tensors to s. */
 static lt_status parse_header(st_set *s, int fi, char *err) {
     st_file *f = &s->files[fi];
-    const char *fname = base_name(f->path);
     const unsigned char *p = f->map;
     if (f->size < 8) {
         snprintf(err, LT_ERRLEN, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)",
@@ -209,7 +208,6 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
         s->tensors[s->n_tensors++] = t;
     }
     json_decref(root);
-    (void)fname;
     if (rc != LT_OK) return rc;
 
     /* Overlaps: sort this file's tensors by start and compare neighbours. */

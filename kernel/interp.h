@@ -30,6 +30,9 @@ typedef struct lt_sink {
     /* Ask the user for a line of text. Returns 0 and a malloc'd *value, or -1 when input
      * is not allowed (allow_stdin=false, no terminal) or was interrupted. */
     int (*input)(void *ctx, const char *prompt, int password, char **value);
+    /* Clears the cell's output so far (clear_output); wait != 0 defers the clearing until
+     * the next output arrives (no flicker). */
+    void (*clear)(void *ctx, int wait);
 } lt_sink;
 
 /* A failed cell: ename ("CellError", "KeyboardInterrupt", "EngineError", ...), evalue (one

@@ -1,4 +1,5 @@
-/* magic_basic.c — the magics that need no model: %help, %echo, %input, %version, %sleep.
+/* magic_basic.c — the magics that need no model: %help, %echo, %input, %version, %clear,
+ * %sleep.
  * %sleep is the reference for every long-running magic: a live progress bar updated in
  * place and an interrupt honoured within half a second.
  */
@@ -64,6 +65,11 @@ int magic_version(magic_ctx *ctx, const magic_args *a) {
     if (data && meta && ctx->sink->result) ctx->sink->result(ctx->sink->ctx, data, meta);
     json_decref(data);
     json_decref(meta);
+    return 0;
+}
+
+int magic_clear(magic_ctx *ctx, const magic_args *a) {
+    if (ctx->sink->clear) ctx->sink->clear(ctx->sink->ctx, arg_bool(a, "wait"));
     return 0;
 }
 

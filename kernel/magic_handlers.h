@@ -9,6 +9,7 @@ int magic_help(magic_ctx *ctx, const magic_args *a);
 int magic_echo(magic_ctx *ctx, const magic_args *a);
 int magic_input(magic_ctx *ctx, const magic_args *a);
 int magic_version(magic_ctx *ctx, const magic_args *a);
+int magic_clear(magic_ctx *ctx, const magic_args *a);
 int magic_sleep(magic_ctx *ctx, const magic_args *a);
 
 /* magic_model.c */

@@ -45,6 +45,10 @@ static const opt_spec input_opts[] = {
     {"password", OPT_BOOL, "false", NULL, NO_RANGE, "hide what is typed"},
     {NULL}};
 
+static const opt_spec clear_opts[] = {
+    {"wait", OPT_BOOL, "false", NULL, NO_RANGE, "clear only when the next output arrives"},
+    {NULL}};
+
 static const opt_spec load_opts[] = {
     {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
      "storage type of the frozen weights (auto = as stored; computed in fp32 on the CPU)"},
@@ -199,6 +203,10 @@ static const magic_spec table[] = {
      "Asks the front end for a line of text (Jupyter's input_request) and prints what was "
      "typed. Fails with a clear message when the front end allows no input.",
      magic_input},
+    {"clear", 0, "%clear [wait=false]", 0, 0, NULL, NULL, clear_opts, "clear the cell's output",
+     "Clears what the cell has shown so far (Jupyter's clear_output); with wait=true the "
+     "clearing waits for the next output, so a redraw does not flicker.",
+     magic_clear},
     {"version", 0, "%version", 0, 0, NULL, NULL, no_opts, "lathe's version as the cell's result",
      "Returns lathe's version as the cell's result.", magic_version},
 };

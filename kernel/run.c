@@ -212,7 +212,7 @@ int run_main(int argc, char **argv) {
     text_sink t = {0};
     t.tty = isatty(2);
     t.stdin_is_script = from_stdin;
-    lt_sink sink = {&t, text_stream, text_display, text_result, text_input};
+    lt_sink sink = {&t, text_stream, text_display, text_result, text_input, NULL};
     int status = 0;
     size_t pos = 0;
     while (pos < len && status == 0) {

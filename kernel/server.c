@@ -12,6 +12,9 @@
  * busy/idle is published around every request on shell and control, unknown types included.
  * Bad input (wrong signature, missing frames, malformed JSON, unknown types) is logged and
  * dropped; the kernel keeps serving. SIGINT only interrupts the running cell.
+ * The sink may be called from any thread while a cell runs (e.g. an engine worker reporting
+ * progress): every output goes through the output queue's mutex, which also serialises the
+ * shell thread's PUSH socket.
  * Throttle: consecutive stream writes closer than 20 ms are merged, and update_display_data
  * for one display_id is sent at most every 100 ms (the latest one wins); whatever is held back
  * is flushed within ~20 ms by the iopub thread and always before the execute_reply.
@@ -343,8 +346,8 @@ static void outq_stream(server *s, void *sock, const char *name, const char *tex
         if (q->s_len >= STREAM_MAX_PENDING) outq_send_stream_locked(s, sock);
         outq_refresh_active_locked(q);
     }
+    if (wake) wake_iopub(sock); /* under the lock: the socket is shared */
     pthread_mutex_unlock(&q->lock);
-    if (wake) wake_iopub(sock);
 }
 
 /* Flushes pending text (before any other kind of output, to keep the order). */
@@ -368,16 +371,20 @@ static upd_slot *outq_slot_locked(outq *q, const char *id, int create) {
     return u;
 }
 
-/* A new display_data with an id supersedes a held-back update of the same id. */
-static void outq_display_sent(server *s, const char *id) {
+/* Publishes one output of the running cell (steals content) after the text held back
+ * before it. A display_data with an id supersedes a held-back update of the same id. */
+static void outq_publish(server *s, void *sock, const char *type, json_t *content,
+                         const char *display_id) {
     outq *q = &s->out;
     pthread_mutex_lock(&q->lock);
-    upd_slot *u = outq_slot_locked(q, id, 1);
+    outq_send_stream_locked(s, sock);
+    upd_slot *u = display_id ? outq_slot_locked(q, display_id, 1) : NULL;
     if (u) {
         json_decref(u->content);
         u->content = NULL;
         u->last_sent = now_s();
     }
+    send_broadcast(s, sock, q->parent, type, content);
     outq_refresh_active_locked(q);
     pthread_mutex_unlock(&q->lock);
 }
@@ -403,8 +410,8 @@ static void outq_update(server *s, void *sock, const char *id, json_t *content) 
         u->content = content;
     }
     outq_refresh_active_locked(q);
+    if (wake) wake_iopub(sock); /* under the lock: the socket is shared */
     pthread_mutex_unlock(&q->lock);
-    if (wake) wake_iopub(sock);
 }
 
 /* ---- history -------------------------------------------------------------------------- */
@@ -515,9 +522,7 @@ static void sink_display(void *ctx, json_t *data, json_t *metadata, const char *
         outq_update(s, x->ch->push, display_id, c);
         return;
     }
-    outq_flush_stream(s, x->ch->push);
-    if (display_id) outq_display_sent(s, display_id);
-    send_broadcast(s, x->ch->push, x->req->header, "display_data", c);
+    outq_publish(s, x->ch->push, "display_data", c, display_id);
 }
 
 static void sink_result(void *ctx, json_t *data, json_t *metadata) {
@@ -530,11 +535,17 @@ static void sink_result(void *ctx, json_t *data, json_t *metadata) {
         x->result_text = strdup(plain);
     }
     if (x->silent) return;
-    outq_flush_stream(s, x->ch->push);
     json_t *c = json_pack("{s:i, s:o, s:o}", "execution_count", x->execution_count, "data",
                           json_deep_copy(data), "metadata",
                           json_is_object(metadata) ? json_deep_copy(metadata) : json_object());
-    if (c) send_broadcast(s, x->ch->push, x->req->header, "execute_result", c);
+    if (c) outq_publish(s, x->ch->push, "execute_result", c, NULL);
+}
+
+static void sink_clear(void *ctx, int wait) {
+    exec_ctx *x = ctx;
+    if (x->silent) return;
+    json_t *c = json_pack("{s:b}", "wait", wait);
+    if (c) outq_publish(x->ch->srv, x->ch->push, "clear_output", c, NULL);
 }
 
 /* input_request on stdin with the execute_request's identities; blocks until input_reply,
@@ -663,7 +674,7 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
                        json_pack("{s:O, s:i}", "code", jcode, "execution_count", count));
 
     exec_ctx x = {ch, req, silent, allow_stdin, count, NULL};
-    lt_sink sink = {&x, sink_stream, sink_display, sink_result, sink_input};
+    lt_sink sink = {&x, sink_stream, sink_display, sink_result, sink_input, sink_clear};
     interp_error e = {NULL, NULL, NULL};
     outq_begin(s, req->header);
     interp_acquire(ch);
@@ -1228,6 +1239,12 @@ int server_run(const char *connection_file, interp *in) {
     if (ok_iopub) pthread_join(t_iopub, NULL);
 
     sigaction(SIGINT, &old_sa, NULL);
+    if (!shell_done) {
+        /* The cell still runs inside the interpreter, so the caller must not free it, and
+         * zmq_ctx_term would wait for the shell's sockets forever: end the process here. */
+        log_msg("kernel stopped (a cell was still running)");
+        _exit(status);
+    }
     g_srv = NULL;
     if (shell_done) {
         zmq_ctx_term(s->ctx); /* waits at most LINGER_MS for unsent messages */

@@ -15,7 +15,9 @@
 
 /* Serves until shutdown. Returns the process exit status: 0 after a clean shutdown, 1 when
  * the connection file is unusable or a socket cannot be bound (the reason is logged). The
- * interpreter stays owned by the caller. Call once per process. */
+ * interpreter stays owned by the caller. Call once per process. A shutdown first interrupts
+ * the running cell; if it has not stopped 2 s later the process ends inside server_run
+ * (_exit), since the interpreter is still in use and must not be freed. */
 int server_run(const char *connection_file, interp *in);
 
 #endif

@@ -31,3 +31,32 @@ write("notebooks/quickstart.ipynb", [
                       "cleanly on *Kernel > Interrupt*."),
     new_code_cell("%sleep 1"),
 ])
+
+write("notebooks/finetune.ipynb", [
+    new_markdown_cell("# Fine-tuning with LoRA\n\nSupervised fine-tuning of a Gemma 3 model on a small "
+                      "chat dataset, with LoRA adapters: load, attach, train (with a live loss curve), "
+                      "save the adapter, load it back and chat. Everything here runs on the CPU in "
+                      "well under a minute with `tiny`; the same cells train `google/gemma-3-1b-it`."),
+    new_code_cell("%load tiny"),
+    new_markdown_cell("Attach LoRA adapters to every linear layer of the language model (q, k, v, o, "
+                      "gate, up, down). They start as PEFT's do (B = 0), so the model is unchanged "
+                      "until it trains. `%help lora` lists the options (rank, alpha, dropout, "
+                      "targets, rsLoRA, `load=` a PEFT adapter, `full=true`)."),
+    new_code_cell("%lora r=16 alpha=32"),
+    new_markdown_cell("The dataset is `data/polite.jsonl`: 40 chat conversations in the `messages` "
+                      "format, whose answers all follow one pattern (\"Sure! Here is a short note "
+                      "about ... Thanks for asking!\"). With `responses_only=true` (the default) "
+                      "only the model's turns are trained. The progress bar and the loss curve "
+                      "update in place; *Kernel > Interrupt* stops at the next micro-batch and "
+                      "keeps the weights of the last complete step."),
+    new_code_cell("%train data=data/polite.jsonl batch=4 steps=60 lr=3e-3 warmup=5 schedule=cosine"),
+    new_markdown_cell("Save the adapter in PEFT's format (`adapter_config.json` + "
+                      "`adapter_model.safetensors`): `peft.PeftModel.from_pretrained` loads it, and "
+                      "so does `%lora load=`. `%save merged=DIR` would write a full checkpoint with "
+                      "the adapter merged in."),
+    new_code_cell("%save adapter=/tmp/lathe-finetune/polite-adapter"),
+    new_markdown_cell("Start again from the base model, load the saved adapter and ask about a "
+                      "topic that is not in the dataset: the answer takes the trained form."),
+    new_code_cell("%load tiny\n%lora load=/tmp/lathe-finetune/polite-adapter"),
+    new_code_cell("%%chat temperature=0 max_new=24\nTell me about rivers."),
+])

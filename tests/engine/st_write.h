@@ -107,6 +107,7 @@ typedef struct tiny_spec {
     int with_vision;        /* add a vision tower tensor to be skipped */
     const char *skip;       /* a tensor suffix to leave out (to test "missing"), or NULL */
     const char *bad_shape;  /* a tensor suffix to write with a wrong shape, or NULL */
+    int untied;             /* write tie_word_embeddings false and an lm_head.weight */
 } tiny_spec;
 
 /* Writes DIR/config.json (flat gemma3_text, sliding pattern 6) and DIR/model.safetensors. */
@@ -122,8 +123,9 @@ static inline int tiny_ckpt_write(const char *dir, const tiny_spec *s) {
             "\"sliding_window_pattern\":6,\"rope_theta\":1000000.0,\"rope_local_base_freq\":10000.0,"
             "\"rope_scaling\":null,\"rms_norm_eps\":1e-06,\"max_position_embeddings\":4096,"
             "\"final_logit_softcapping\":null,\"attn_logit_softcapping\":null,\"bos_token_id\":2,"
-            "\"eos_token_id\":[1,106],\"pad_token_id\":0,\"hidden_activation\":\"gelu_pytorch_tanh\"}\n",
-            s->V, s->H, s->I, s->L, s->nh, s->nkv, s->hd, s->qpas, s->window);
+            "\"eos_token_id\":[1,106],\"pad_token_id\":0,\"hidden_activation\":\"gelu_pytorch_tanh\","
+            "\"tie_word_embeddings\":%s}\n",
+            s->V, s->H, s->I, s->L, s->nh, s->nkv, s->hd, s->qpas, s->window, s->untied ? "false" : "true");
     fclose(f);
     st_list *l = calloc(1, sizeof *l);
     char n[256];
@@ -157,6 +159,7 @@ static inline int tiny_ckpt_write(const char *dir, const tiny_spec *s) {
     }
     ADD("norm.weight", 1, s->H, 0, 0.5f);
 #undef ADD
+    if (s->untied) st_add(l, "lm_head.weight", 2, s->V, s->H, 1.0f);
     if (s->with_vision) st_add(l, "vision_tower.vision_model.post_layernorm.weight", 1, 8, 0, 1.0f);
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     int rc = st_list_write(l, path);

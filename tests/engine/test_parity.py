@@ -60,6 +60,16 @@ def test_logits(name, tmp_path):
     assert diff <= bound
 
 
+@pytest.mark.parametrize("name", [n for n in ("nested", "tf5") if n in FIXTURE_NAMES])
+def test_logits_after_dtype_conversion(name, tmp_path):
+    """dtype=fp32 widens the bf16/f16 weights on load: exact, so the logits still match."""
+    ref = json.load(open(os.path.join(FIXTURES, name, "reference.json")))
+    want = np.load(os.path.join(FIXTURES, name, "logits.npy"))
+    run("logits", source_of(name), csv(ref["ids"]), tmp_path / "l.npy", "fp32")
+    got = np.load(tmp_path / "l.npy")
+    assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+
+
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_greedy(name):
     g = json.load(open(os.path.join(FIXTURES, name, "reference.json")))["greedy"]

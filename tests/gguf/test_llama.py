@@ -23,6 +23,10 @@ the exporter compensates and the tests below say which rule:
   - tf5: full layers every 3rd, sliding RoPE base 20000 (llama.cpp defaults to 10000):
     written as sliding_window_pattern 3 and rope.freq_base_swa;
   - nested: 64 embedding rows past the tokenizer (4B style): padded as [PADn] tokens.
+
+models/tiny's rows (128, 384) are not multiples of 256, so its q4_k_m file holds no q4_K or q6_K
+tensor (llama-quantize's fallbacks); a synthetic 256-wide checkpoint (`wide`, written here with
+numpy) carries the k-quants through llama.cpp.
 """
 import json
 import math
@@ -31,6 +35,7 @@ import shutil
 import struct
 import subprocess
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -147,6 +152,55 @@ def tiny_files(setup_ok, outdir):
         res, _ = tool("export", TINY, path, t)
         files[t] = (path, res)
     return files
+
+
+def write_wide_checkpoint(out):
+    """A 2-layer Gemma 3 with every row a multiple of 256 (hidden 256, intermediate 512,
+    4 heads x 64, 2 KV heads), random weights, F32 safetensors, models/tiny's tokenizer."""
+    H, I, L, nh, nkv, hd, V = 256, 512, 2, 4, 2, 64, 4096
+    rng = np.random.default_rng(7)
+    w = {"model.embed_tokens.weight": rng.standard_normal((V, H)) * 0.08}
+
+    def lin(o, i):
+        return rng.standard_normal((o, i)) * (1.5 / math.sqrt(i))
+
+    for l in range(L):
+        p = f"model.layers.{l}."
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            w[p + n + ".weight"] = rng.standard_normal(H) * 0.3
+        w[p + "self_attn.q_norm.weight"] = rng.standard_normal(hd) * 0.3
+        w[p + "self_attn.k_norm.weight"] = rng.standard_normal(hd) * 0.3
+        w[p + "self_attn.q_proj.weight"] = lin(nh * hd, H)
+        w[p + "self_attn.k_proj.weight"] = lin(nkv * hd, H)
+        w[p + "self_attn.v_proj.weight"] = lin(nkv * hd, H)
+        w[p + "self_attn.o_proj.weight"] = lin(H, nh * hd)
+        w[p + "mlp.gate_proj.weight"] = lin(I, H)
+        w[p + "mlp.up_proj.weight"] = lin(I, H)
+        w[p + "mlp.down_proj.weight"] = lin(H, I)
+    w["model.norm.weight"] = rng.standard_normal(H) * 0.3
+    header, blobs, off = {}, [], 0
+    for k, v in w.items():
+        b = np.asarray(v, dtype="<f4").tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+              "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
+              "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": hd,
+              "vocab_size": V, "max_position_embeddings": 2048, "sliding_window": 16,
+              "query_pre_attn_scalar": hd, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+              "rope_local_base_freq": 1e4, "hidden_activation": "gelu_pytorch_tanh",
+              "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+    shutil.copy(os.path.join(TINY, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
+    return out
 
 
 # ---- a small GGUF reader, to check what llama.cpp will type-check ---------------------------
@@ -383,6 +437,37 @@ def test_config_style_fixtures(setup_ok, outdir, sp, name):
     mean, worst = logp_gap(theirs, mine)
     assert mean <= 0.001 and worst <= 0.003, (
         f"{name}: llama.cpp vs lathe: mean |d log p| {mean:.5f}, max {worst:.5f}")
+
+
+@pytest.mark.parametrize("t", ["q4_k_m", "q4_0"])
+def test_k_quants_through_llama_cpp(setup_ok, outdir, held_out, t):
+    """q4_K and q6_K blocks (and q4_0's q6_K output matrix) as llama.cpp reads them."""
+    wide = str(outdir / "wide")
+    if not os.path.exists(os.path.join(wide, "config.json")):
+        write_wide_checkpoint(wide)
+    path = str(outdir / f"wide-{t}.gguf")
+    tool("export", wide, path, t, "--overwrite")
+    _, tensors, _, _ = read_gguf(path)
+    types = {typ for _, typ, _ in tensors.values()}
+    if t == "q4_k_m":
+        # use_more_bits(i, 2): i >= 7*2/8 = 1 -> layer 1's attn_v and ffn_down get q6_K.
+        # Both of its layers slide (no full layer at all): the sliding_window_pattern
+        # written must make llama.cpp slide on every layer too.
+        assert tensors["blk.0.attn_v.weight"][1] == 12 and tensors["blk.1.attn_v.weight"][1] == 14
+        assert tensors["blk.1.ffn_down.weight"][1] == 14 and tensors["token_embd.weight"][1] == 14
+        assert types == {0, 12, 14}
+    else:
+        assert tensors["token_embd.weight"][1] == 14 and types == {0, 2, 14}
+    mine, _ = tool("ppl", wide, "--ids", ids_csv(held_out), "--gguf", path)
+    theirs = llama(path, "--eval", ids_csv(held_out))
+    mean, worst = logp_gap(theirs, mine)
+    # measured: mean 0.020-0.027, max 0.08-0.10 (this model's logits are larger than tiny's, and
+    # so is the effect of llama.cpp's 8-bit activations); a broken block layout gives ~0.9 / 3
+    assert mean <= 0.06 and worst <= 0.25, (
+        f"wide {t}: llama.cpp vs lathe on the same weights: mean |d log p| {mean:.5f}, max {worst:.5f}")
+    base, _ = tool("ppl", wide, "--ids", ids_csv(held_out))
+    # measured: q4_0 0.97, q4_k_m 1.065 relative to the f32 weights (a random model)
+    assert math.exp(mine["nll"] - base["nll"]) <= 1.15, f"wide {t}: perplexity ratio vs the f32 model"
 
 
 def test_refuses_to_overwrite(tiny_files):

@@ -269,7 +269,10 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
     float *q = rand_f32(T * nh * hd, 1.0f), *k = rand_f32(S * nkv * hd, 1.0f), *v = rand_f32(S * nkv * hd, 1.0f);
     float *dout = rand_f32(T * nh * hd, 1.0f);
     int32_t *qp = malloc(sizeof(int32_t) * (size_t)T), *kp = malloc(sizeof(int32_t) * (size_t)S);
-    if (decode) { /* a ring cache: some slots empty (-1), positions out of order */
+    if (decode == 2) { /* two packed samples: positions restart (the mask, not the index, decides) */
+        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)(t % (T / 2));
+        for (int64_t s = 0; s < S; s++) kp[s] = (int32_t)(s % (S / 2));
+    } else if (decode) { /* a ring cache: some slots empty (-1), positions out of order */
         for (int64_t s = 0; s < S; s++) kp[s] = (s % 7 == 3) ? -1 : (int32_t)((s * 37) % S);
         for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)(S - T + t);
     } else {
@@ -290,9 +293,9 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
     if (rc != LT_OK) diag("%s", gpu.err);
     snprintf(name, sizeof name, "attention %s T=%lld S=%lld nh=%lld nkv=%lld hd=%lld window=%d%s",
              lt_dtype_user_name(prec), (long long)T, (long long)S, (long long)nh, (long long)nkv, (long long)hd, window,
-             decode ? " (cache)" : "");
+             decode == 1 ? " (cache)" : decode == 2 ? " (restarting positions)" : "");
     check_close(name, og, o_c, T * nh * hd, tol);
-    if (!decode) {
+    if (decode != 1) {
         float *dq_c = malloc(sizeof(float) * (size_t)(T * nh * hd)), *dk_c = malloc(sizeof(float) * (size_t)(S * nkv * hd)),
               *dv_c = malloc(sizeof(float) * (size_t)(S * nkv * hd));
         cpu_attention_backward(&cpu, t3(LT_F32, dq_c, T, nh, hd), t3(LT_F32, dk_c, S, nkv, hd),
@@ -440,10 +443,19 @@ int main(void) {
         test_attention(dts[i], 1, 64, 4, 1, 256, 8, 1);
         test_cross_entropy(dts[i], 37, 5000, 64);
     }
-    test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0); /* several query chunks */
+    test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0); /* several query chunks, key ranges */
+    test_attention(LT_F32, 520, 520, 4, 1, 256, 100, 0); /* sliding window over several chunks */
+    test_attention(LT_F32, 400, 400, 4, 2, 128, 0, 2);
+    test_attention(LT_F16, 400, 400, 4, 2, 128, 64, 2);
     test_cross_entropy(LT_BF16, 300, 262144, 128);      /* the real vocabulary, several chunks */
     test_adamw_and_extras();
     test_fp16_range();
+    { /* an allocation the device cannot hold is a clean error, and the ctx still works */
+        void *huge = gpu.be->alloc(&gpu, (size_t)1 << 50);
+        ok(!huge && strstr(gpu.err, "out of device memory"), "a CUDA out-of-memory is an error value");
+        if (huge) gpu.be->release(&gpu, huge);
+        test_geglu_add(1000);
+    }
     lt_cuda_mem mem;
     lt_cuda_memory(&gpu, &mem);
     diag("device memory: in use %.1f MiB, peak %.1f MiB", mem.in_use / 1048576.0, mem.peak / 1048576.0);

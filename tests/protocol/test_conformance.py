@@ -3,8 +3,7 @@
 `import jupyter_kernel_test as jkt` (not `from ... import KernelTests`): a base class imported
 into this module would be collected too and run against the default python3 kernel.
 The kernelspec comes from conftest (JUPYTER_PATH -> $LATHE_BUILDDIR/test-prefix).
-Skipped on purpose: code_page_something (lathe sends no pager payloads) and
-code_clear_output (no magic clears output).
+Skipped on purpose: code_page_something (lathe sends no pager payloads).
 """
 import unittest
 
@@ -37,6 +36,7 @@ class LatheKernelTests(jkt.KernelTests):
     code_history_pattern = "%vers*"
     supported_history_operations = ("tail", "range", "search")
     code_inspect_sample = "%sleep"
+    code_clear_output = "%clear"
 
 
 if __name__ == "__main__":

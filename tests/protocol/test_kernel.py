@@ -191,7 +191,7 @@ def test_interrupt_message(kernel):
     elapsed = time.time() - t0
     assert r["content"]["status"] == "error"
     assert r["content"]["ename"] == "KeyboardInterrupt"
-    assert elapsed < 2.5, "interrupt took %.1f s" % elapsed
+    assert elapsed < 3, "interrupt took %.1f s (the cell sleeps 30 s)" % elapsed
     io = collect_iopub(kc, msg_id)
     assert [m for m in io if m["msg_type"] == "error"]
     # kernel still serves
@@ -229,7 +229,7 @@ def test_sigint_interrupts_but_never_kills(kernel):
 def test_control_served_while_cell_runs(kernel):
     km, kc = kernel
     flush(kc)
-    msg_id = kc.execute("%sleep 3")
+    msg_id = kc.execute("%sleep 8")
     time.sleep(0.5)
     for req, content in (("kernel_info_request", {}),
                          ("complete_request", {"code": "%he", "cursor_pos": 3}),
@@ -238,10 +238,10 @@ def test_control_served_while_cell_runs(kernel):
         t0 = time.time()
         msg = kc.session.msg(req, content)
         kc.control_channel.send(msg)
-        reply = kc.get_control_msg(timeout=2)
+        reply = kc.get_control_msg(timeout=5)
         assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
         assert reply["content"]["status"] in ("ok", "unknown", "complete"), reply["content"]
-        assert time.time() - t0 < 1.5, "%s waited for the cell" % req
+        assert time.time() - t0 < 3, "%s waited for the cell" % req
     km.interrupt_kernel()
     shell_reply(kc, msg_id)
 
@@ -400,7 +400,7 @@ def test_stdin_interrupt_unblocks(kernel):
     km.interrupt_kernel()
     r = shell_reply(kc, msg_id, timeout=10)
     assert r["content"]["ename"] == "KeyboardInterrupt"
-    assert time.time() - t0 < 2.5
+    assert time.time() - t0 < 3
     r2, io = execute(kc, "%echo ok-after-input")
     assert stream_text(io) == "ok-after-input\n"
 
@@ -443,7 +443,7 @@ def test_shutdown_on_control(fresh_kernel, restart):
     while proc.poll() is None and time.time() - t0 < 5:
         time.sleep(0.05)
     assert proc.poll() == 0, "kernel must exit promptly with status 0"
-    assert time.time() - t0 < 3, "exit took %.1f s" % (time.time() - t0)
+    assert time.time() - t0 < 4, "exit took %.1f s" % (time.time() - t0)
 
 
 def test_shutdown_on_shell_while_idle(fresh_kernel):

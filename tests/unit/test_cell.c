@@ -59,7 +59,7 @@ static int cap_input(void *c, const char *prompt, int password, char **value) {
 
 static lt_sink sink_of(capture *k) {
     memset(k, 0, sizeof *k);
-    lt_sink s = {k, cap_stream, cap_display, cap_result, cap_input};
+    lt_sink s = {k, cap_stream, cap_display, cap_result, cap_input, NULL};
     return s;
 }
 

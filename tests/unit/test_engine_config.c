@@ -227,6 +227,24 @@ static void test_load(void) {
         rc = load_spec(&sp, "bf", &m, "int3");
         ok(rc == LT_ERR_ARG && strstr(err, "dtype='int3'") && strstr(err, "fp32"), "a bad dtype= lists the accepted");
     }
+    /* an untied head is loaded and used */
+    {
+        tiny_spec sp = base;
+        sp.prefix = "model.";
+        sp.untied = 1;
+        gemma3_model *m = NULL;
+        lt_status rc = load_spec(&sp, "untied", &m, NULL);
+        ok(rc == LT_OK && m->lm_head.w.data && gemma3_head(m) == &m->lm_head, "an untied lm_head is loaded and used");
+        if (rc == LT_OK) {
+            char nm[160];
+            is_int(gemma3_weight_count(m), 1 + 2 * 13 + 2, "untied: the head is one more weight");
+            gemma3_weight_at(m, gemma3_weight_count(m) - 1, nm, sizeof nm);
+            is_str(nm, "lm_head.weight", "untied: the last weight is lm_head.weight");
+            gemma3_model_free(m);
+        } else {
+            diag("%s", err);
+        }
+    }
     /* missing tensor, wrong shape */
     {
         tiny_spec sp = base;

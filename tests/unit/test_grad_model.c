@@ -194,6 +194,20 @@ static void test_lora(float dropout) {
         gemma3_train_batch(M, &ctx, AD, &batch, 0.5f, 1, 0, &L);
         is_close(((float *)AD->slots[0].lora.grad_b.data)[1], 1.5 * g0, 1e-4 * fabs(g0) + 1e-6,
                  "gradients accumulate, scaled by grad_scale");
+        /* clipping (torch clip_grad_norm_): the global norm is scaled down to max_norm */
+        double n0 = 0, n1 = 0, n2 = 0, direct = 0;
+        for (int i = 0; i < AD->n_params; i++) {
+            const float *g = AD->params[i].grad.data;
+            for (int64_t k = 0; k < lt_tensor_numel(&AD->params[i].grad); k++) direct += (double)g[k] * g[k];
+        }
+        optim_clip(AD, 0, &n0, err);
+        is_close(n0, sqrt(direct), 1e-9 * n0, "optim_clip reports the global L2 norm");
+        optim_clip(AD, (float)(n0 / 2), &n1, err);
+        optim_clip(AD, 0, &n2, err);
+        is_close(n2, n0 / 2, 1e-5 * n0, "max_grad_norm scales the gradient to the limit");
+        optim_clip(AD, (float)(n0 * 4), &n1, err);
+        optim_clip(AD, 0, &n1, err);
+        is_close(n1, n2, 1e-9 * n0, "a norm under the limit is left alone");
         /* a few AdamW steps on this batch lower its loss */
         optim_opts oo = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f};
         double first = loss_now(), last = first;
