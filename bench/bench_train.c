@@ -32,7 +32,8 @@ static double now_s(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_train SIZE(270m|1b|4b|12b) PRECISION(bf16|fp16|fp32) [SEQ BATCH STEPS WARM]\n");
+        fprintf(stderr, "usage: bench_train SIZE(270m|1b|4b|12b) PRECISION(bf16|fp16|fp32) [SEQ "
+                        "BATCH STEPS WARM]\n");
         return 2;
     }
     const char *size = argv[1], *prec = argv[2];
@@ -63,6 +64,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_train: lora: %s\n", err);
         return 1;
     }
+    if (getenv("LATHE_BENCH_NO_LORA")) /* experiment: the frozen model's cost alone */
+        for (int i = 0; i < ad->n_slots; i++)
+            ad->slots[i].lora.enabled = 0;
     int N = seq * batch;
     train_batch b = {0};
     b.N = N;
@@ -83,7 +87,8 @@ int main(int argc, char **argv) {
         }
     }
     b.n_labels = batch * (seq - 1);
-    optim_opts oo = {.lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
+    optim_opts oo = {
+        .lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
     double loss = 0, t0 = 0;
     lt_cuda_reset_peak(&ctx);
     for (int it = 0; it < warm + steps + 1; it++) {
@@ -98,7 +103,8 @@ int main(int argc, char **argv) {
         lt_status rc = lora_zero_grads(ad);
         if (rc == LT_OK)
             rc = gemma3_train_batch(m, &ctx, ad, &b, 1.0f / (float)b.n_labels, 1, 0, &loss);
-        if (rc == LT_OK) rc = optim_step(ad, &oo, oo.lr, it + 1, err) == LT_OK ? LT_OK : LT_ERR_STATE;
+        if (rc == LT_OK)
+            rc = optim_step(ad, &oo, oo.lr, it + 1, err) == LT_OK ? LT_OK : LT_ERR_STATE;
         if (rc != LT_OK) {
             fprintf(stderr, "bench_train: step %d: %s %s\n", it, ctx.err, err);
             return 1;
@@ -108,11 +114,14 @@ int main(int argc, char **argv) {
             double dt_s = (now_s() - t0) / steps;
             lt_cuda_mem mem;
             lt_cuda_memory(&ctx, &mem);
-            printf("{\"engine\": \"lathe\", \"size\": \"%s\", \"dtype\": \"%s\", \"seq\": %d, \"batch\": %d, \"gc\": true, "
-                   "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": %.2f, "
+            printf("{\"engine\": \"lathe\", \"size\": \"%s\", \"dtype\": \"%s\", \"seq\": %d, "
+                   "\"batch\": %d, \"gc\": true, "
+                   "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": "
+                   "%.2f, "
                    "\"loss\": %.4f, \"trainable\": %lld}\n",
                    size, prec, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
-                   (mem.total - mem.free) / 1073741824.0, loss / b.n_labels, (long long)ad->n_trainable);
+                   (mem.total - mem.free) / 1073741824.0, loss / b.n_labels,
+                   (long long)ad->n_trainable);
             fflush(stdout);
         }
     }

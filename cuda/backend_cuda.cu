@@ -58,6 +58,10 @@ typedef struct cu_prof_total {
 typedef struct cu_impl {
     int device, cc, n_sm;
     int64_t max_rows; /* LATHE_CUDA_CHUNK_ROWS: caps attention / loss chunks (tests), 0 = none */
+    int64_t keyrange_rows; /* LATHE_CUDA_KEYRANGE_ROWS: query rows per chunk when key ranges are
+                              known; < 0 (the default) turns key ranges off: on the H200 the extra
+                              smaller GEMMs cost more than the masked work they skip (1b: 186 vs
+                              170 ms a step at 512 rows; bench/results-2026-11-30.txt) */
     cudaStream_t stream;
     cublasHandle_t blas;
     lt_dtype prec;
@@ -94,72 +98,92 @@ typedef struct cu_impl {
     int n_seen_next;
 } cu_impl;
 
-static cu_impl *impl_of(lt_ctx *ctx) { return (cu_impl *)ctx->impl; }
+static cu_impl *impl_of(lt_ctx *ctx) {
+    return (cu_impl *)ctx->impl;
+}
 
-static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file, int line) {
+static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file,
+                           int line) {
     lt_status rc = (e == cudaErrorMemoryAllocation) ? LT_ERR_MEMORY : LT_ERR_DEVICE;
-    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file, line);
+    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file,
+             line);
     if (e != cudaErrorMemoryAllocation) cudaGetLastError(); /* clear a non-sticky error */
     return rc;
 }
 
 static const char *blas_name(cublasStatus_t s) {
     switch (s) {
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed";
-    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
-    case CUBLAS_STATUS_INTERNAL_ERROR: return "internal error";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
-    default: return "error";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+        return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+        return "allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE:
+        return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+        return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+        return "execution failed";
+    case CUBLAS_STATUS_INTERNAL_ERROR:
+        return "internal error";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+        return "not supported";
+    default:
+        return "error";
     }
 }
 
-static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file, int line) {
-    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s, file, line);
+static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file,
+                             int line) {
+    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s,
+             file, line);
     return s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE;
 }
 
 /* The one checking macro per kind: on failure, set rc and jump to the op's `done:` label. */
-#define CU_TRY(call)                                                                                 \
-    do {                                                                                             \
-        cudaError_t e_ = (call);                                                                     \
-        if (e_ != cudaSuccess) {                                                                     \
-            rc = cu_report(ctx, #call, e_, __FILE__, __LINE__);                                      \
-            goto done;                                                                               \
-        }                                                                                            \
+#define CU_TRY(call)                                                                               \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            rc = cu_report(ctx, #call, e_, __FILE__, __LINE__);                                    \
+            goto done;                                                                             \
+        }                                                                                          \
     } while (0)
-#define BLAS_TRY(call)                                                                               \
-    do {                                                                                             \
-        cublasStatus_t s_ = (call);                                                                  \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                           \
-            rc = blas_report(ctx, #call, s_, __FILE__, __LINE__);                                    \
-            goto done;                                                                               \
-        }                                                                                            \
+#define BLAS_TRY(call)                                                                             \
+    do {                                                                                           \
+        cublasStatus_t s_ = (call);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
+            rc = blas_report(ctx, #call, s_, __FILE__, __LINE__);                                  \
+            goto done;                                                                             \
+        }                                                                                          \
     } while (0)
 /* After a kernel launch. */
 #define LAUNCHED() CU_TRY(cudaGetLastError())
-#define TRY(x)                                                                                       \
-    do {                                                                                             \
-        if ((rc = (x)) != LT_OK) goto done;                                                          \
+#define TRY(x)                                                                                     \
+    do {                                                                                           \
+        if ((rc = (x)) != LT_OK) goto done;                                                        \
     } while (0)
 
 static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
     snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
     return LT_ERR_ARG;
 }
-#define REQUIRE(cond, msg)                                                                           \
-    do {                                                                                             \
-        if (!(cond)) {                                                                               \
-            rc = arg_fail(ctx, opname, msg);                                                         \
-            goto done;                                                                               \
-        }                                                                                            \
+#define REQUIRE(cond, msg)                                                                         \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            rc = arg_fail(ctx, opname, msg);                                                       \
+            goto done;                                                                             \
+        }                                                                                          \
     } while (0)
 
-static int is_f32(const lt_tensor *t) { return t->dtype == LT_F32 && t->data; }
-static int is_float(lt_dtype d) { return d == LT_F32 || d == LT_F16 || d == LT_BF16; }
-static int64_t last_dim(const lt_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
+static int is_f32(const lt_tensor *t) {
+    return t->dtype == LT_F32 && t->data;
+}
+static int is_float(lt_dtype d) {
+    return d == LT_F32 || d == LT_F16 || d == LT_BF16;
+}
+static int64_t last_dim(const lt_tensor *t) {
+    return t->ndim ? t->shape[t->ndim - 1] : 1;
+}
 
 /* ---- allocator ---------------------------------------------------------------------------- */
 
@@ -196,7 +220,8 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
     int best = -1;
     for (int i = 0; i < I->n_free; i++) {
         size_t s = I->freeb[i].size;
-        if (s >= need && s <= need + need / 4 + (2u << 20) && (best < 0 || s < I->freeb[best].size)) best = i;
+        if (s >= need && s <= need + need / 4 + (2u << 20) && (best < 0 || s < I->freeb[best].size))
+            best = i;
     }
     cu_block b = {NULL, need};
     if (best >= 0) {
@@ -214,7 +239,8 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
             size_t fr = 0, tot = 0;
             cudaMemGetInfo(&fr, &tot);
             snprintf(ctx->err, LT_ERRLEN,
-                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, free %.1f of %.1f MiB);"
+                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
+                     "free %.1f of %.1f MiB);"
                      " try a smaller batch or max_seq",
                      need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
             return NULL;
@@ -340,7 +366,8 @@ static void prof_flush(cu_impl *I) {
             continue;
         }
         int j = 0;
-        while (j < I->n_totals && strcmp(I->totals[j].name, I->prof_name[k]) != 0) j++;
+        while (j < I->n_totals && strcmp(I->totals[j].name, I->prof_name[k]) != 0)
+            j++;
         if (j == I->n_totals) {
             if (I->n_totals == CU_PROF_NAMES) continue;
             I->totals[I->n_totals].name = I->prof_name[k];
@@ -356,7 +383,8 @@ static void prof_flush(cu_impl *I) {
 
 static lt_status op_end(lt_ctx *ctx, lt_status rc) {
     cu_impl *I = impl_of(ctx);
-    for (int i = 0; i < I->n_tmp; i++) pool_put(ctx, I->tmp[i]);
+    for (int i = 0; i < I->n_tmp; i++)
+        pool_put(ctx, I->tmp[i]);
     I->n_tmp = 0;
     prof_close(I, I->cur_prof);
     I->cur_prof = -1;
@@ -409,7 +437,8 @@ done:
 }
 
 /* x [rows, cols] fp32 (row stride cols) as a matmul operand of dtype cdt. */
-static lt_status to_cdt(lt_ctx *ctx, const float *x, int64_t rows, int64_t cols, lt_dtype cdt, opnd *o) {
+static lt_status to_cdt(lt_ctx *ctx, const float *x, int64_t rows, int64_t cols, lt_dtype cdt,
+                        opnd *o) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     o->p = x;
@@ -439,16 +468,17 @@ static cudaDataType_t cuda_type(lt_dtype d) {
  * op(A) = A ([M,K], lda) or Aᵀ (A stored [K,M]); same for B. alpha = c * (*ia) * (*ib) (the
  * operands' inverse scales; device) or plain c. beta is 0 or 1. fp32 accumulation always;
  * fp32 operands run as true fp32 (no TF32). */
-static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c, const opnd *A,
-                      int64_t lda, int64_t sA, const opnd *B, int64_t ldb, int64_t sB, int beta1, float *C, int64_t ldc,
-                      int64_t sC, int batch) {
+static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
+                      const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
+                      int64_t sB, int beta1, float *C, int64_t ldc, int64_t sC, int batch) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     if (M <= 0 || N <= 0 || batch <= 0) return LT_OK;
     if (K <= 0) { /* empty inner dimension: C = beta C */
         if (!beta1) {
             for (int b = 0; b < batch; b++)
-                CU_TRY(cudaMemset2DAsync(C + b * sC, (size_t)ldc * 4, 0, (size_t)N * 4, (size_t)M, I->stream));
+                CU_TRY(cudaMemset2DAsync(C + b * sC, (size_t)ldc * 4, 0, (size_t)N * 4, (size_t)M,
+                                         I->stream));
         }
         return LT_OK;
     }
@@ -467,17 +497,19 @@ static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t
         }
         BLAS_TRY(cublasSetPointerMode(I->blas, pm));
         int pk = prof_open(I, "  (cuBLAS GEMMs in the ops above)");
-        cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                          opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
         /* column-major view: Cᵀ[N,M] = op(B)ᵀ · op(A)ᵀ */
         if (batch == 1) {
-            BLAS_TRY(cublasGemmEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p, cuda_type(B->dt), (int)ldb,
-                                  A->p, cuda_type(A->dt), (int)lda, beta, C, CUDA_R_32F, (int)ldc,
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            BLAS_TRY(cublasGemmEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p,
+                                  cuda_type(B->dt), (int)ldb, A->p, cuda_type(A->dt), (int)lda,
+                                  beta, C, CUDA_R_32F, (int)ldc, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
         } else {
-            BLAS_TRY(cublasGemmStridedBatchedEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p,
-                                                cuda_type(B->dt), (int)ldb, sB, A->p, cuda_type(A->dt), (int)lda, sA,
-                                                beta, C, CUDA_R_32F, (int)ldc, sC, batch, CUBLAS_COMPUTE_32F,
-                                                CUBLAS_GEMM_DEFAULT));
+            BLAS_TRY(cublasGemmStridedBatchedEx(
+                I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p, cuda_type(B->dt), (int)ldb,
+                sB, A->p, cuda_type(A->dt), (int)lda, sA, beta, C, CUDA_R_32F, (int)ldc, sC, batch,
+                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
         prof_close(I, pk);
     }
@@ -497,10 +529,14 @@ extern "C" int lt_cuda_device_count(void) {
 }
 
 static int parse_prec(const char *w, lt_dtype *out) {
-    if (!strcmp(w, "fp16") || !strcmp(w, "f16") || !strcmp(w, "float16")) *out = LT_F16;
-    else if (!strcmp(w, "bf16") || !strcmp(w, "bfloat16")) *out = LT_BF16;
-    else if (!strcmp(w, "fp32") || !strcmp(w, "f32") || !strcmp(w, "float32")) *out = LT_F32;
-    else return -1;
+    if (!strcmp(w, "fp16") || !strcmp(w, "f16") || !strcmp(w, "float16"))
+        *out = LT_F16;
+    else if (!strcmp(w, "bf16") || !strcmp(w, "bfloat16"))
+        *out = LT_BF16;
+    else if (!strcmp(w, "fp32") || !strcmp(w, "f32") || !strcmp(w, "float32"))
+        *out = LT_F32;
+    else
+        return -1;
     return 0;
 }
 
@@ -519,8 +555,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         cudaError_t e = cudaGetDeviceCount(&n);
         if (e != cudaSuccess || n == 0) {
             cudaGetLastError();
-            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s", e != cudaSuccess ? ": " : "",
-                     e != cudaSuccess ? cudaGetErrorString(e) : "");
+            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s",
+                     e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
             free(I);
             ctx->impl = NULL;
             return LT_ERR_DEVICE;
@@ -536,6 +572,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
         const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
         I->max_rows = cr ? atoll(cr) : 0;
+        const char *kr = getenv("LATHE_CUDA_KEYRANGE_ROWS");
+        I->keyrange_rows = kr ? atoll(kr) : -1; /* off: measured slower on the H200 (bench/) */
         const char *pe = getenv("LATHE_PRECISION");
         lt_dtype d;
         if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &d) == 0) I->prec = d;
@@ -563,13 +601,17 @@ static void cu_shutdown(lt_ctx *ctx) {
     cu_impl *I = impl_of(ctx);
     if (!I) return;
     if (I->stream) cudaStreamSynchronize(I->stream);
-    for (int i = 0; i < I->n_live; i++) cudaFree(I->live[i].p);
+    for (int i = 0; i < I->n_live; i++)
+        cudaFree(I->live[i].p);
     free_cached(I);
     free(I->live);
     free(I->freeb);
-    for (int i = 0; i < I->n_rope; i++) cudaFree(I->rope[i].d);
-    for (int i = 0; i < 8; i++) free(I->seen[i].host);
-    for (int i = 0; i < I->n_ev_made; i++) cudaEventDestroy(I->ev[i]);
+    for (int i = 0; i < I->n_rope; i++)
+        cudaFree(I->rope[i].d);
+    for (int i = 0; i < 8; i++)
+        free(I->seen[i].host);
+    for (int i = 0; i < I->n_ev_made; i++)
+        cudaEventDestroy(I->ev[i]);
     if (I->dscal) cudaFree(I->dscal);
     if (I->dbits) cudaFree(I->dbits);
     if (I->dflag) cudaFree(I->dflag);
@@ -592,7 +634,9 @@ static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
     return p;
 }
 
-static void cu_release(lt_ctx *ctx, void *p) { pool_put(ctx, p); }
+static void cu_release(lt_ctx *ctx, void *p) {
+    pool_put(ctx, p);
+}
 
 static lt_status cu_upload(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     lt_status rc = LT_OK;
@@ -629,27 +673,31 @@ done:
     return rc;
 }
 
-/* ---- forward ops -------------------------------------------------------------------------------- */
+/* ---- forward ops --------------------------------------------------------------------------------
+ */
 
-static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table, float scale) {
+static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table,
+                              float scale) {
     const char *opname = "embedding";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     int bad = 0;
     REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, "h must be fp32 and ids I32");
-    REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype), "table must be a 2-D float tensor");
+    REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype),
+            "table must be a 2-D float tensor");
     {
         int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
         REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
         CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
-        k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data, table->w.dtype, V, H, scale,
-                    I->dflag);
+        k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data,
+                    table->w.dtype, V, H, scale, I->dflag);
         LAUNCHED();
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)", (long long)V);
+            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)",
+                     (long long)V);
             rc = LT_ERR_ARG;
         }
     }
@@ -667,7 +715,8 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
     REQUIRE(is_f32(&x) && is_f32(&y), "x and y must be fp32 tensors");
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), "weight must be a 2-D float tensor");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+            "weight must be a 2-D float tensor");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -687,7 +736,8 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
          * where reading y hides under its arithmetic, instead of a second pass over y. */
         if (use_lora) {
             int64_t r = lo->a.shape[0];
-            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, "adapter shapes do not agree");
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                    "adapter shapes do not agree");
             opnd A, B, XA;
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
@@ -699,10 +749,12 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
             TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
             /* y = scale · XA [T, r] · B [out, r]ᵀ */
-            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out, 0, 1));
+            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out,
+                     0, 1));
         }
         /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
-        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data, out, 0, 1));
+        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data, out,
+                 0, 1));
     }
 done:
     return op_end(ctx, rc);
@@ -716,8 +768,10 @@ static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, 
     REQUIRE(is_f32(&x) && is_f32(&y) && is_f32(&w), "x, y and w must be fp32");
     {
         int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D, "x, y must be [N, numel(w)]");
-        k_rmsnorm(I->stream, (float *)y.data, (const float *)x.data, (const float *)w.data, N, D, eps);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D,
+                "x, y must be [N, numel(w)]");
+        k_rmsnorm(I->stream, (float *)y.data, (const float *)x.data, (const float *)w.data, N, D,
+                  eps);
         LAUNCHED();
     }
 done:
@@ -736,7 +790,8 @@ static lt_status rope_table(lt_ctx *ctx, float theta, float factor, int hd, cons
     {
         float inv[512];
         int half = hd / 2;
-        for (int j = 0; j < half; j++) inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
+        for (int j = 0; j < half; j++)
+            inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
         int k = I->n_rope < 16 ? I->n_rope++ : 15;
         if (k == 15 && I->rope[15].d) {
             cudaFree(I->rope[15].d);
@@ -753,12 +808,13 @@ done:
     return rc;
 }
 
-static lt_status rope_common(lt_ctx *ctx, const char *opname, lt_tensor x, lt_tensor pos, float theta, float factor,
-                             int dir) {
+static lt_status rope_common(lt_ctx *ctx, const char *opname, lt_tensor x, lt_tensor pos,
+                             float theta, float factor, int dir) {
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data, "x must be fp32 [T, heads, hd], pos I32");
+    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data,
+            "x must be fp32 [T, heads, hd], pos I32");
     {
         int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2];
         REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, "pos must be [T] and hd even");
@@ -776,7 +832,8 @@ static lt_status cu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, f
     return rope_common(ctx, "rope", x, pos, theta, factor, +1);
 }
 
-static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor) {
+static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta,
+                                  float factor) {
     return rope_common(ctx, "rope_backward", dx, pos, theta, factor, -1);
 }
 
@@ -795,21 +852,25 @@ typedef struct attn_dims {
     int64_t T, S, nh, nkv, hd, g;
 } attn_dims;
 
-static lt_status attn_check(lt_ctx *ctx, const char *opname, lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos,
-                            lt_tensor kpos, attn_dims *d) {
+static lt_status attn_check(lt_ctx *ctx, const char *opname, lt_tensor q, lt_tensor k, lt_tensor v,
+                            lt_tensor qpos, lt_tensor kpos, attn_dims *d) {
     lt_status rc = LT_OK;
     REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), "q, k, v must be fp32");
-    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, "q must be [T, nh, hd], k and v [S, nkv, hd]");
-    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, "positions must be I32");
+    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3,
+            "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data,
+            "positions must be I32");
     d->T = q.shape[0];
     d->nh = q.shape[1];
     d->hd = q.shape[2];
     d->S = k.shape[0];
     d->nkv = k.shape[1];
-    REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv && v.shape[2] == d->hd,
+    REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv &&
+                v.shape[2] == d->hd,
             "k, v shapes disagree");
     REQUIRE(d->nkv > 0 && d->nh % d->nkv == 0, "nh must be a multiple of nkv");
-    REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S, "qpos must be [T] and kpos [S]");
+    REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S,
+            "qpos must be [T] and kpos [S]");
     d->g = d->nh / d->nkv;
 done:
     return rc;
@@ -826,21 +887,24 @@ typedef struct key_plan {
     const int32_t *qp, *kp; /* host views of the positions (from remembered uploads), or NULL */
 } key_plan;
 
-static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos, const lt_tensor *kpos, int64_t T,
-                               int64_t S) {
+static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos,
+                               const lt_tensor *kpos, int64_t T, int64_t S) {
     kpn->qp = kpn->kp = NULL;
-    if (T < 64 || S < 128) return LT_OK; /* decode and small inputs: every key */
     cu_impl *I = impl_of(ctx);
+    if (T < 64 || S < 128 || I->keyrange_rows < 0)
+        return LT_OK; /* decode, small inputs: every key */
     kpn->qp = seen_lookup(I, qpos->data, T);
     kpn->kp = seen_lookup(I, kpos->data, S);
     if (!kpn->qp || !kpn->kp) kpn->qp = kpn->kp = NULL;
     return LT_OK;
 }
 
-static void key_plan_free(key_plan *kpn) { kpn->qp = kpn->kp = NULL; }
+static void key_plan_free(key_plan *kpn) {
+    kpn->qp = kpn->kp = NULL;
+}
 
-static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, int window, int64_t *smin,
-                      int64_t *slen) {
+static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, int window,
+                      int64_t *smin, int64_t *slen) {
     *smin = 0;
     *slen = S;
     if (!kpn->qp) return;
@@ -889,8 +953,8 @@ done:
     return rc;
 }
 
-static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos,
-                              lt_tensor kpos, int window, float scale) {
+static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                              lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     const char *opname = "attention";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
@@ -898,7 +962,8 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
     key_plan kpn = {NULL, NULL};
     attn_dims D;
     TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
-    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd, "out must be fp32 [T, nh*hd]");
+    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd,
+            "out must be fp32 [T, nh*hd]");
     if (D.T == 0) goto done;
     {
         lt_dtype cdt = I->prec;
@@ -915,7 +980,8 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
         if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
         int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
         TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
-        if (kpn.qp && Tq > 512) Tq = 512; /* smaller chunks skip more masked keys */
+        if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows)
+            Tq = I->keyrange_rows; /* smaller chunks skip more masked keys */
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
         void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
@@ -933,15 +999,15 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             LAUNCHED();
             opnd Q = {qc, cdt, qinv}, Ks = opnd_at(&K, s0 * hd), Vs = opnd_at(&V, s0 * hd);
             /* per KV head: scores [g*tq, sl] = Q_group [g*tq, hd] · K_kv[s0:s0+sl]ᵀ * scale */
-            TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl, g * tq * sl,
-                     (int)nkv));
+            TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc,
+                     sl, g * tq * sl, (int)nkv));
             k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
                              (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
             LAUNCHED();
             opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
             /* o [g*tq, hd] = P [g*tq, sl] · V_kv [s0:s0+sl, hd] */
-            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0, oc, hd, g * tq * hd,
-                     (int)nkv));
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0, oc,
+                     hd, g * tq * hd, (int)nkv));
             k_unpack_heads(I->stream, (float *)out.data, oc, t0, tq, nh, hd);
             LAUNCHED();
         }
@@ -958,8 +1024,10 @@ static lt_status cu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up
     REQUIRE(is_f32(&y) && is_f32(&gate) && is_f32(&up), "y, gate, up must be fp32");
     {
         int64_t n = lt_tensor_numel(&gate);
-        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n, "y, gate, up must have one shape");
-        k_geglu(impl_of(ctx)->stream, (float *)y.data, (const float *)gate.data, (const float *)up.data, n);
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n,
+                "y, gate, up must have one shape");
+        k_geglu(impl_of(ctx)->stream, (float *)y.data, (const float *)gate.data,
+                (const float *)up.data, n);
         LAUNCHED();
     }
 done:
@@ -970,28 +1038,34 @@ static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
     const char *opname = "add";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "y, x must be fp32, one shape");
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+            "y, x must be fp32, one shape");
     k_add(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&y));
     LAUNCHED();
 done:
     return op_end(ctx, rc);
 }
 
-/* ---- backward ops ------------------------------------------------------------------------------- */
+/* ---- backward ops -------------------------------------------------------------------------------
+ */
 
-static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x, const lt_weight *w) {
+static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                                    const lt_weight *w) {
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
     REQUIRE(is_f32(&dy) && is_f32(&x), "dy and x must be fp32 tensors");
     REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), "weight must be a 2-D float tensor");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+            "weight must be a 2-D float tensor");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
-        REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out, "dy must be [T, out], x [T, in]");
+        REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out,
+                "dy must be [T, out], x [T, in]");
         REQUIRE(!dx.data || lt_tensor_numel(&dx) == T * in, "dx must be [T, in]");
-        REQUIRE(!w->grad_w.data || (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
+        REQUIRE(!w->grad_w.data ||
+                    (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
                 "grad_w must be fp32 [out, in]");
         lt_dtype cdt = w->w.dtype;
         const lt_lora *lo = w->lora;
@@ -1000,10 +1074,12 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
         TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
         if (w->grad_w.data || use_lora) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
-            TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1, (float *)w->grad_w.data, in, 0, 1));
+            TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1,
+                     (float *)w->grad_w.data, in, 0, 1));
         if (use_lora) {
             int64_t r = lo->a.shape[0];
-            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, "adapter shapes do not agree");
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                    "adapter shapes do not agree");
             opnd A, B, XA, G;
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
@@ -1017,23 +1093,27 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
             TRY(gemm(ctx, 0, 0, T, r, out, 1.0f, &DY, out, 0, &B, r, 0, 0, gg, r, 0, 1));
             if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA */
                 TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
-                TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1, (float *)lo->grad_b.data, r, 0, 1));
+                TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
+                         (float *)lo->grad_b.data, r, 0, 1));
             }
             TRY(to_cdt(ctx, gg, T, r, cdt, &G));
             if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
-                TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1, (float *)lo->grad_a.data, in, 0, 1));
+                TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
+                         (float *)lo->grad_a.data, in, 0, 1));
             if (dx.data) /* dx = scale · G [T, r] · A [r, in]  (the main GEMM adds to it below) */
-                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0, (float *)dx.data, in, 0, 1));
+                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0, (float *)dx.data,
+                         in, 0, 1));
         }
         if (dx.data) /* dx [T, in] (+)= DY [T, out] · W [out, in] */
-            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora, (float *)dx.data, in, 0, 1));
+            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora,
+                     (float *)dx.data, in, 0, 1));
     }
 done:
     return op_end(ctx, rc);
 }
 
-static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x, lt_tensor w,
-                                     float eps) {
+static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
+                                     lt_tensor x, lt_tensor w, float eps) {
     const char *opname = "rmsnorm_backward";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
@@ -1041,11 +1121,14 @@ static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt
     REQUIRE(is_f32(&dy) && is_f32(&x) && is_f32(&w), "dy, x and w must be fp32");
     {
         int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D, "x, dy must be [N, numel(w)]");
-        REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D), "dx must be fp32 [N, D]");
-        REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D), "dw must be fp32 [D]");
-        k_rmsnorm_backward(I->stream, (float *)dx.data, (float *)dw.data, (const float *)dy.data, (const float *)x.data,
-                           (const float *)w.data, N, D, eps, I->n_sm);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D,
+                "x, dy must be [N, numel(w)]");
+        REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D),
+                "dx must be fp32 [N, D]");
+        REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D),
+                "dw must be fp32 [D]");
+        k_rmsnorm_backward(I->stream, (float *)dx.data, (float *)dw.data, (const float *)dy.data,
+                           (const float *)x.data, (const float *)w.data, N, D, eps, I->n_sm);
         LAUNCHED();
     }
 done:
@@ -1053,11 +1136,12 @@ done:
 }
 
 /* The chunk loop of attention_backward (see there). */
-static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, const attn_dims *D, lt_dtype cdt,
-                                 const opnd *K, const opnd *V, float *qs, float *qinv, float *ds, float *dinv, void *qc,
-                                 void *doc, float *sc, float *dp, void *p16, void *ds16, float *dqc, int64_t ldkv,
-                                 lt_tensor dq, lt_tensor dk, lt_tensor dv, lt_tensor dout, lt_tensor q, lt_tensor qpos,
-                                 lt_tensor kpos, int window, float scale) {
+static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, const attn_dims *D,
+                                 lt_dtype cdt, const opnd *K, const opnd *V, float *qs, float *qinv,
+                                 float *ds, float *dinv, void *qc, void *doc, float *sc, float *dp,
+                                 void *p16, void *ds16, float *dqc, int64_t ldkv, lt_tensor dq,
+                                 lt_tensor dk, lt_tensor dv, lt_tensor dout, lt_tensor q,
+                                 lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     int64_t T = D->T, S = D->S, nh = D->nh, nkv = D->nkv, hd = D->hd, g = D->g;
@@ -1070,17 +1154,18 @@ static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, c
         LAUNCHED();
         k_pack_heads(I->stream, doc, cdt, (const float *)dout.data, t0, tq, nh, hd, ds);
         LAUNCHED();
-        opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv}, Ks = opnd_at(K, s0 * hd), Vs = opnd_at(V, s0 * hd);
-        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl, g * tq * sl,
-                 (int)nkv));
+        opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv}, Ks = opnd_at(K, s0 * hd),
+             Vs = opnd_at(V, s0 * hd);
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl,
+                 g * tq * sl, (int)nkv));
         /* sc <- P (fp32), p16 <- P in cdt */
-        k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data, (const int32_t *)kpos.data + s0, t0,
-                         tq, nh, sl, window);
+        k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data,
+                         (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
         LAUNCHED();
         opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
         /* dP [g*tq, sl] = dO [g*tq, hd] · V_kv [s0:s0+sl, hd]ᵀ */
-        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp, sl, g * tq * sl,
-                 (int)nkv));
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp, sl,
+                 g * tq * sl, (int)nkv));
         /* dv_kv [s0:s0+sl, hd] += P_groupᵀ [sl, g*tq] · dO_group [g*tq, hd] */
         if (dv.data)
             TRY(gemm(ctx, 1, 0, sl, hd, g * tq, 1.0f, &P, sl, g * tq * sl, &DO, hd, g * tq * hd, 1,
@@ -1104,8 +1189,8 @@ static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, c
                      (float *)dk.data + s0 * ldkv, ldkv, hd, (int)nkv));
         /* dq_group [g*tq, hd] = scale · dS_group · K_kv[s0:s0+sl] */
         if (dq.data) {
-            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0, dqc, hd, g * tq * hd,
-                     (int)nkv));
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0,
+                     dqc, hd, g * tq * hd, (int)nkv));
             k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
             LAUNCHED();
         }
@@ -1114,9 +1199,9 @@ done:
     return rc;
 }
 
-static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv, lt_tensor dout,
-                                       lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos, lt_tensor kpos, int window,
-                                       float scale) {
+static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                       lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                       lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     const char *opname = "attention_backward";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
@@ -1124,10 +1209,14 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
     key_plan kpn = {NULL, NULL};
     attn_dims D;
     TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
-    REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd, "dout must be fp32 [T, nh*hd]");
-    REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd), "dq must be fp32 [T, nh, hd]");
-    REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd), "dk must be fp32 [S, nkv, hd]");
-    REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd), "dv must be fp32 [S, nkv, hd]");
+    REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd,
+            "dout must be fp32 [T, nh*hd]");
+    REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd),
+            "dq must be fp32 [T, nh, hd]");
+    REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd),
+            "dk must be fp32 [S, nkv, hd]");
+    REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd),
+            "dv must be fp32 [S, nkv, hd]");
     {
         lt_dtype cdt = I->prec;
         size_t esz = cdt == LT_F32 ? 4 : 2;
@@ -1146,7 +1235,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         }
         int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
         TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
-        if (kpn.qp && Tq > 512) Tq = 512;
+        if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows) Tq = I->keyrange_rows;
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
@@ -1159,53 +1248,57 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             goto done;
         }
         int64_t ldkv = nkv * hd; /* row stride of dk, dv: [S, nkv, hd] */
-        rc = attn_bwd_chunks(ctx, &kpn, Tq, &D, cdt, &K, &V, qs, qinv, ds, dinv, qc, doc, sc, dp, p16, ds16, dqc, ldkv,
-                             dq, dk, dv, dout, q, qpos, kpos, window, scale);
+        rc = attn_bwd_chunks(ctx, &kpn, Tq, &D, cdt, &K, &V, qs, qinv, ds, dinv, qc, doc, sc, dp,
+                             p16, ds16, dqc, ldkv, dq, dk, dv, dout, q, qpos, kpos, window, scale);
     }
 done:
     key_plan_free(&kpn);
     return op_end(ctx, rc);
 }
 
-static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy, lt_tensor gate,
-                                   lt_tensor up) {
+static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
+                                   lt_tensor gate, lt_tensor up) {
     const char *opname = "geglu_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
     REQUIRE(is_f32(&dy) && is_f32(&gate) && is_f32(&up), "dy, gate, up must be fp32");
     {
         int64_t n = lt_tensor_numel(&gate);
-        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n, "dy, gate, up must have one shape");
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n,
+                "dy, gate, up must have one shape");
         REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
         REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
-        k_geglu_backward(impl_of(ctx)->stream, (float *)dgate.data, (float *)dup.data, (const float *)dy.data,
-                         (const float *)gate.data, (const float *)up.data, n);
+        k_geglu_backward(impl_of(ctx)->stream, (float *)dgate.data, (float *)dup.data,
+                         (const float *)dy.data, (const float *)gate.data, (const float *)up.data,
+                         n);
         LAUNCHED();
     }
 done:
     return op_end(ctx, rc);
 }
 
-static lt_status cu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids, float scale) {
+static lt_status cu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
+                                       lt_tensor ids, float scale) {
     const char *opname = "embedding_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
     REQUIRE(table && table->w.ndim == 2, "table must be 2-D");
     if (!table->grad_w.data) goto done; /* frozen embedding: nothing to accumulate */
-    REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32, "dh, grad fp32 and ids I32");
+    REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32,
+            "dh, grad fp32 and ids I32");
     {
         int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
         REQUIRE(lt_tensor_numel(&dh) == T * H, "dh must be [T, H]");
-        k_embedding_backward(impl_of(ctx)->stream, (float *)table->grad_w.data, (const float *)dh.data,
-                             (const int32_t *)ids.data, T, V, H, scale);
+        k_embedding_backward(impl_of(ctx)->stream, (float *)table->grad_w.data,
+                             (const float *)dh.data, (const int32_t *)ids.data, T, V, H, scale);
         LAUNCHED();
     }
 done:
     return op_end(ctx, rc);
 }
 
-static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h, const lt_weight *head,
-                                  lt_tensor targets, float grad_scale) {
+static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
+                                  const lt_weight *head, lt_tensor targets, float grad_scale) {
     const char *opname = "cross_entropy";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
@@ -1213,13 +1306,17 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
     float *loss = NULL;
     int bad = 0;
     REQUIRE(loss_sum, "loss_sum is NULL");
-    REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data, "h must be fp32 and targets I32");
-    REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype), "head must be a 2-D float tensor");
-    REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data), "an adapter on the output head is not supported");
+    REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
+            "h must be fp32 and targets I32");
+    REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype),
+            "head must be a 2-D float tensor");
+    REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data),
+            "an adapter on the output head is not supported");
     {
         int64_t V = head->w.shape[0], H = head->w.shape[1], T = lt_tensor_numel(&targets);
         REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
-        REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H), "dh must be fp32 [T, H]");
+        REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H),
+                "dh must be fp32 [T, H]");
         int want_grad = dh.data != NULL; /* a loss-only call leaves the head's gradient alone */
         lt_dtype cdt = head->w.dtype;
         *loss_sum = 0;
@@ -1231,14 +1328,15 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             rc = LT_ERR_MEMORY;
             goto done;
         }
-        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 512 MiB */
+        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB */
         int64_t per_row = V * (4 + (cdt == LT_F32 ? 0 : 2));
-        int64_t Tc = (512ll << 20) / per_row;
+        int64_t Tc = (256ll << 20) / per_row;
         if (I->max_rows > 0 && Tc > I->max_rows) Tc = I->max_rows;
         if (Tc < 1) Tc = 1;
         if (Tc > T) Tc = T;
         float *logits = (float *)tmp_get(ctx, (size_t)(Tc * V) * 4);
-        void *dlog = cdt == LT_F32 ? (void *)logits : (want_grad ? tmp_get(ctx, (size_t)(Tc * V) * 2) : NULL);
+        void *dlog = cdt == LT_F32 ? (void *)logits
+                                   : (want_grad ? tmp_get(ctx, (size_t)(Tc * V) * 2) : NULL);
         if (!logits || (want_grad && !dlog)) {
             rc = LT_ERR_MEMORY;
             goto done;
@@ -1270,29 +1368,32 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             }
             /* logits [tc, V] = Hc [tc, H] · W [V, H]ᵀ */
             TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
-            k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0, want_grad ? dlog : NULL,
-                        cdt, gmul, I->dflag);
+            k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0,
+                        want_grad ? dlog : NULL, cdt, gmul, I->dflag);
             LAUNCHED();
             if (!want_grad) continue;
             opnd DL = {dlog, cdt, NULL};
             if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
-                TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0, (float *)dh.data + t0 * H, H, 0,
-                         1));
+                TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0,
+                         (float *)dh.data + t0 * H, H, 0, 1));
             if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
-                TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1, (float *)head->grad_w.data, H,
-                         0, 1));
+                TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1,
+                         (float *)head->grad_w.data, H, 0, 1));
         }
-        CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost,
+                               I->stream));
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
+            snprintf(ctx->err, LT_ERRLEN,
+                     "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
                      (long long)V);
             rc = LT_ERR_ARG;
             goto done;
         }
         double s = 0;
-        for (int64_t t = 0; t < T; t++) s += loss[t];
+        for (int64_t t = 0; t < T; t++)
+            s += loss[t];
         *loss_sum = s;
     }
 done:
@@ -1300,27 +1401,31 @@ done:
     return op_end(ctx, rc);
 }
 
-static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v, float lr, float beta1,
-                          float beta2, float eps, float weight_decay, int step) {
+static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
+                          float lr, float beta1, float beta2, float eps, float weight_decay,
+                          int step) {
     const char *opname = "adamw";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v), "param, grad, m, v must be fp32");
+    REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v),
+            "param, grad, m, v must be fp32");
     REQUIRE(step >= 1, "step counts from 1");
     {
         int64_t n = lt_tensor_numel(&param);
         REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n,
                 "param, grad, m, v must have one shape");
         double bc1 = 1.0 - pow((double)beta1, step), bc2 = 1.0 - pow((double)beta2, step);
-        k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data, (float *)m.data, (float *)v.data, n,
-                lr, beta1, beta2, eps, weight_decay, (float)(lr / bc1), (float)sqrt(bc2));
+        k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data,
+                (float *)m.data, (float *)v.data, n, lr, beta1, beta2, eps, weight_decay,
+                (float)(lr / bc1), (float)sqrt(bc2));
         LAUNCHED();
     }
 done:
     return op_end(ctx, rc);
 }
 
-/* ---- the table -------------------------------------------------------------------------------- */
+/* ---- the table --------------------------------------------------------------------------------
+ */
 
 extern "C" const lt_backend lt_backend_cuda = {
     .name = "cuda",
@@ -1349,7 +1454,8 @@ extern "C" const lt_backend lt_backend_cuda = {
     .adamw = cu_adamw,
 };
 
-/* ---- the trainer's extra ops (grad.h) ----------------------------------------------------------- */
+/* ---- the trainer's extra ops (grad.h) -----------------------------------------------------------
+ */
 
 static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
     const char *opname = "fill";
@@ -1398,14 +1504,16 @@ done:
     return op_end(ctx, rc);
 }
 
-static lt_status cu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed) {
+static lt_status cu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
+                            uint64_t seed) {
     const char *opname = "dropout";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "y, x must be fp32 of one shape");
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+            "y, x must be fp32 of one shape");
     REQUIRE(p >= 0.0f && p < 1.0f, "p must be in [0, 1)");
-    k_dropout(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x), p, mul / (1.0f - p),
-              seed);
+    k_dropout(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x), p,
+              mul / (1.0f - p), seed);
     LAUNCHED();
 done:
     return op_end(ctx, rc);
@@ -1418,9 +1526,12 @@ extern "C" const lt_grad_ops lt_grad_ops_cuda = {
     .dropout = cu_dropout,
 };
 
-/* ---- extras (backend_cuda.h) ------------------------------------------------------------------- */
+/* ---- extras (backend_cuda.h) -------------------------------------------------------------------
+ */
 
-static int is_cuda_ctx(lt_ctx *ctx) { return ctx && ctx->be == &lt_backend_cuda && ctx->impl; }
+static int is_cuda_ctx(lt_ctx *ctx) {
+    return ctx && ctx->be == &lt_backend_cuda && ctx->impl;
+}
 
 extern "C" lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx) {
     lt_dtype d = LT_BF16;
@@ -1431,7 +1542,9 @@ extern "C" lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx) {
     return d;
 }
 
-extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) { return is_cuda_ctx(ctx) ? impl_of(ctx)->cc : 0; }
+extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) {
+    return is_cuda_ctx(ctx) ? impl_of(ctx)->cc : 0;
+}
 
 extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
     if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
@@ -1443,7 +1556,9 @@ extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
     return LT_OK;
 }
 
-extern "C" lt_dtype lt_cuda_precision(lt_ctx *ctx) { return is_cuda_ctx(ctx) ? impl_of(ctx)->prec : LT_F32; }
+extern "C" lt_dtype lt_cuda_precision(lt_ctx *ctx) {
+    return is_cuda_ctx(ctx) ? impl_of(ctx)->prec : LT_F32;
+}
 
 extern "C" int lt_cuda_parse_precision(lt_ctx *ctx, const char *word, lt_dtype *out) {
     if (!word || !strcmp(word, "auto") || !*word) {
@@ -1473,7 +1588,8 @@ extern "C" void lt_cuda_trim(lt_ctx *ctx) {
     free_cached(impl_of(ctx));
 }
 
-extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt, int64_t n) {
+extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src,
+                                     lt_dtype sdt, int64_t n) {
     lt_status rc = LT_OK;
     if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
     k_convert(impl_of(ctx)->stream, dst, dt, src, sdt, n);
@@ -1501,12 +1617,14 @@ extern "C" int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap) {
     qsort(I->totals, (size_t)I->n_totals, sizeof I->totals[0], cmp_total);
     double all = 0;
     for (int i = 0; i < I->n_totals; i++)
-        if (I->totals[i].name[0] != ' ') all += I->totals[i].ms; /* nested entries are not added twice */
+        if (I->totals[i].name[0] != ' ')
+            all += I->totals[i].ms; /* nested entries are not added twice */
     size_t k = 0;
     buf[0] = 0;
     for (int i = 0; i < I->n_totals && k < cap; i++) {
-        int w = snprintf(buf + k, cap - k, "%-34s %8ld calls %10.2f ms %5.1f%%\n", I->totals[i].name, I->totals[i].calls,
-                         I->totals[i].ms, all > 0 ? 100.0 * I->totals[i].ms / all : 0.0);
+        int w = snprintf(buf + k, cap - k, "%-34s %8ld calls %10.2f ms %5.1f%%\n",
+                         I->totals[i].name, I->totals[i].calls, I->totals[i].ms,
+                         all > 0 ? 100.0 * I->totals[i].ms / all : 0.0);
         if (w < 0) break;
         k += (size_t)w;
     }

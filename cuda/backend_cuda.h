@@ -48,7 +48,8 @@ void lt_cuda_reset_peak(lt_ctx *ctx);
 void lt_cuda_trim(lt_ctx *ctx);
 
 /* Device-side dtype conversion of n elements (fp16 results clamped to ±65504). */
-lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt, int64_t n);
+lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt,
+                          int64_t n);
 
 /* Per-op timing with CUDA events: on/off; report writes "op calls ms" lines, biggest first,
  * and clears the totals. Returns the number of bytes written. */

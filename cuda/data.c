@@ -24,7 +24,8 @@
 
 #define MAX_TURNS 512
 
-static lt_status fail(char *err, lt_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static lt_status fail(char *err, lt_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static lt_status fail(char *err, lt_status st, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -44,7 +45,8 @@ typedef struct tokbuf {
 static int tb_push(tokbuf *b, const int32_t *ids, int n, uint8_t label) {
     if (b->n + n > b->cap) {
         int nc = b->cap ? b->cap : 64;
-        while (nc < b->n + n) nc *= 2;
+        while (nc < b->n + n)
+            nc *= 2;
         int32_t *ni = realloc(b->ids, sizeof(int32_t) * (size_t)nc);
         if (!ni) return -1;
         b->ids = ni;
@@ -59,7 +61,8 @@ static int tb_push(tokbuf *b, const int32_t *ids, int n, uint8_t label) {
     return 0;
 }
 
-static lt_status tb_text(tokbuf *b, const lt_tokenizer *tok, const char *text, size_t len, uint8_t label, char *err) {
+static lt_status tb_text(tokbuf *b, const lt_tokenizer *tok, const char *text, size_t len,
+                         uint8_t label, char *err) {
     if (len == 0) return LT_OK;
     char *piece = strndup(text, len);
     if (!piece) return fail(err, LT_ERR_MEMORY, "out of memory");
@@ -93,15 +96,18 @@ typedef struct where {
 } where;
 
 /* A string field of rec, or NULL with err set. */
-static const char *str_field(json_t *rec, const char *key, int required, const where *w, char *err) {
+static const char *str_field(json_t *rec, const char *key, int required, const where *w,
+                             char *err) {
     json_t *v = json_object_get(rec, key);
     if (!v) {
         if (required)
-            fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is missing", w->file, w->unit, w->line, key);
+            fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is missing", w->file, w->unit, w->line,
+                 key);
         return NULL;
     }
     if (!json_is_string(v)) {
-        fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a string", w->file, w->unit, w->line, key);
+        fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a string", w->file, w->unit, w->line,
+             key);
         return NULL;
     }
     return json_string_value(v);
@@ -131,7 +137,8 @@ typedef struct conv {
 } conv;
 
 static void conv_free(conv *c) {
-    for (int i = 0; i < c->n; i++) free(c->contents[i]);
+    for (int i = 0; i < c->n; i++)
+        free(c->contents[i]);
     c->n = 0;
 }
 
@@ -139,7 +146,8 @@ static lt_status conv_add(conv *c, const char *role, char *content, const where 
     if (!content) return fail(err, LT_ERR_MEMORY, "out of memory");
     if (c->n >= MAX_TURNS) {
         free(content);
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: more than %d turns", w->file, w->unit, w->line, MAX_TURNS);
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: more than %d turns", w->file, w->unit, w->line,
+                    MAX_TURNS);
     }
     c->roles[c->n] = role;
     c->contents[c->n++] = content;
@@ -149,34 +157,38 @@ static lt_status conv_add(conv *c, const char *role, char *content, const where 
 /* Maps a role spelling to "user", "model" or "system"; NULL if unknown. */
 static const char *norm_role(const char *r) {
     if (!strcmp(r, "user") || !strcmp(r, "human")) return "user";
-    if (!strcmp(r, "assistant") || !strcmp(r, "model") || !strcmp(r, "gpt") || !strcmp(r, "bot")) return "model";
+    if (!strcmp(r, "assistant") || !strcmp(r, "model") || !strcmp(r, "gpt") || !strcmp(r, "bot"))
+        return "model";
     if (!strcmp(r, "system")) return "system";
     return NULL;
 }
 
-static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const char *rkey, const char *ckey,
-                                const where *w, char *err) {
+static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const char *rkey,
+                                const char *ckey, const where *w, char *err) {
     json_t *list = json_object_get(rec, key);
     if (!json_is_array(list))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a list", w->file, w->unit, w->line, key);
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a list", w->file, w->unit,
+                    w->line, key);
     size_t i;
     json_t *m;
     json_array_foreach(list, i, m) {
         if (!json_is_object(m))
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu] is not an object", w->file, w->unit, w->line, key, i);
+            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu] is not an object", w->file, w->unit,
+                        w->line, key, i);
         json_t *r = json_object_get(m, rkey), *ct = json_object_get(m, ckey);
         if (!json_is_string(r))
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not a string", w->file, w->unit,
-                        w->line, key, i, rkey);
+            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not a string",
+                        w->file, w->unit, w->line, key, i, rkey);
         const char *role = norm_role(json_string_value(r));
         if (!role)
             return fail(err, LT_ERR_FORMAT,
-                        "%s %s %d: %s[%zu].%s is '%s'; accepted: user, human, assistant, model, gpt, system",
+                        "%s %s %d: %s[%zu].%s is '%s'; accepted: user, human, assistant, model, "
+                        "gpt, system",
                         w->file, w->unit, w->line, key, i, rkey, json_string_value(r));
         char *text = ct ? content_text(ct) : NULL;
         if (!text)
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not text", w->file, w->unit,
-                        w->line, key, i, ckey);
+            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not text", w->file,
+                        w->unit, w->line, key, i, ckey);
         lt_status st = conv_add(c, role, text, w, err);
         if (st != LT_OK) return st;
     }
@@ -184,23 +196,27 @@ static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const cha
 }
 
 /* Renders a conversation and tokenizes it piece by piece with labels. */
-static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, int responses_only, const where *w,
-                             char *err) {
+static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, int responses_only,
+                             const where *w, char *err) {
     int has_model = 0;
-    for (int i = 0; i < c->n; i++) has_model |= !strcmp(c->roles[i], "model");
+    for (int i = 0; i < c->n; i++)
+        has_model |= !strcmp(c->roles[i], "model");
     if (!has_model)
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: the conversation has no model turn (nothing to train on)",
-                    w->file, w->unit, w->line);
+        return fail(err, LT_ERR_FORMAT,
+                    "%s %s %d: the conversation has no model turn (nothing to train on)", w->file,
+                    w->unit, w->line);
     char cerr[LT_ERRLEN];
     char *full = NULL;
     lt_status st = chat_render(c->roles, (const char *const *)c->contents, c->n, 0, &full, cerr);
-    if (st != LT_OK) return fail(err, LT_ERR_FORMAT, "%s %s %d: %s", w->file, w->unit, w->line, cerr);
+    if (st != LT_OK)
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: %s", w->file, w->unit, w->line, cerr);
     size_t done = 0;
     for (int i = 0; i < c->n && st == LT_OK; i++) {
         if (strcmp(c->roles[i], "model") != 0) continue;
         char *pre = NULL, *upto = NULL;
         st = chat_render(c->roles, (const char *const *)c->contents, i, 1, &pre, cerr);
-        if (st == LT_OK) st = chat_render(c->roles, (const char *const *)c->contents, i + 1, 0, &upto, cerr);
+        if (st == LT_OK)
+            st = chat_render(c->roles, (const char *const *)c->contents, i + 1, 0, &upto, cerr);
         if (st != LT_OK) {
             free(pre);
             free(upto);
@@ -209,30 +225,35 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
         }
         size_t a = strlen(pre), e = strlen(upto);
         if (a < done || e < a || strncmp(full, pre, a) != 0 || strncmp(full, upto, e) != 0) {
-            st = fail(err, LT_ERR_FORMAT, "%s %s %d: the chat template does not render turn by turn", w->file,
-                      w->unit, w->line);
+            st =
+                fail(err, LT_ERR_FORMAT, "%s %s %d: the chat template does not render turn by turn",
+                     w->file, w->unit, w->line);
         } else {
             st = tb_text(b, tok, full + done, a - done, responses_only ? 0 : 1, err); /* context */
-            if (st == LT_OK) st = tb_text(b, tok, full + a, e - a, 1, err);           /* the model turn */
+            if (st == LT_OK) st = tb_text(b, tok, full + a, e - a, 1, err); /* the model turn */
             done = e;
         }
         free(pre);
         free(upto);
     }
-    if (st == LT_OK) st = tb_text(b, tok, full + done, strlen(full) - done, responses_only ? 0 : 1, err);
+    if (st == LT_OK)
+        st = tb_text(b, tok, full + done, strlen(full) - done, responses_only ? 0 : 1, err);
     free(full);
     return st;
 }
 
-static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokenizer *tok, int bos, int responses_only,
-                               const where *w, char *err) {
+static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokenizer *tok, int bos,
+                               int responses_only, const where *w, char *err) {
     if (!json_is_object(rec))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w->file, w->unit, w->line);
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w->file,
+                    w->unit, w->line);
     if (f == F_TEXT) {
         err[0] = 0;
         const char *text = str_field(rec, "text", 1, w, err);
         if (!text) return LT_ERR_FORMAT;
-        if (!*text) return fail(err, LT_ERR_FORMAT, "%s %s %d: field 'text' is empty", w->file, w->unit, w->line);
+        if (!*text)
+            return fail(err, LT_ERR_FORMAT, "%s %s %d: field 'text' is empty", w->file, w->unit,
+                        w->line);
         int32_t b0 = bos;
         if (tb_push(b, &b0, 1, 0)) return fail(err, LT_ERR_MEMORY, "out of memory");
         return tb_text(b, tok, text, strlen(text), 1, err);
@@ -249,10 +270,14 @@ static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokeniz
         char *user = malloc(n);
         if (!user) return fail(err, LT_ERR_MEMORY, "out of memory");
         snprintf(user, n, "%s%s%s", ins, inp && *inp ? "\n\n" : "", inp && *inp ? inp : "");
-        const char *sys = json_is_string(json_object_get(rec, "system")) ? json_string_value(json_object_get(rec, "system")) : NULL;
+        const char *sys = json_is_string(json_object_get(rec, "system"))
+                              ? json_string_value(json_object_get(rec, "system"))
+                              : NULL;
         if (sys && *sys) st = conv_add(&c, "system", strdup(sys), w, err);
-        if (st == LT_OK) st = conv_add(&c, "user", user, w, err);
-        else free(user);
+        if (st == LT_OK)
+            st = conv_add(&c, "user", user, w, err);
+        else
+            free(user);
         if (st == LT_OK) st = conv_add(&c, "model", strdup(out), w, err);
     } else if (f == F_SHAREGPT) {
         st = conv_from_list(&c, rec, "conversations", "from", "value", w, err);
@@ -293,7 +318,8 @@ static char *read_all(const char *path, size_t *len, char *err) {
     fclose(f);
     if (!buf || bad) {
         free(buf);
-        fail(err, bad ? LT_ERR_IO : LT_ERR_MEMORY, "data=%s: %s", path, bad ? "read error" : "out of memory");
+        fail(err, bad ? LT_ERR_IO : LT_ERR_MEMORY, "data=%s: %s", path,
+             bad ? "read error" : "out of memory");
         return NULL;
     }
     buf[n] = 0;
@@ -305,25 +331,30 @@ static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts 
                             const lt_callbacks *cb, char *err) {
     if (o->max_seq > 0 && b->n > o->max_seq) {
         int labels = 0;
-        for (int i = 1; i < o->max_seq; i++) labels += b->mask[i];
+        for (int i = 1; i < o->max_seq; i++)
+            labels += b->mask[i];
         if (labels == 0) {
-            return fail(err, LT_ERR_FORMAT,
-                        "%s %s %d: the sample is %d tokens and max_seq=%d cuts off every trained token; "
-                        "raise max_seq= or shorten the sample", w->file, w->unit, line, b->n, o->max_seq);
+            return fail(
+                err, LT_ERR_FORMAT,
+                "%s %s %d: the sample is %d tokens and max_seq=%d cuts off every trained token; "
+                "raise max_seq= or shorten the sample",
+                w->file, w->unit, line, b->n, o->max_seq);
         }
         if (d->n_truncated < 3 && cb && cb->message) {
             char msg[600];
-            snprintf(msg, sizeof msg, "%s %s %d: %d tokens, truncated to max_seq=%d", w->file, w->unit, line, b->n,
-                     o->max_seq);
+            snprintf(msg, sizeof msg, "%s %s %d: %d tokens, truncated to max_seq=%d", w->file,
+                     w->unit, line, b->n, o->max_seq);
             cb->message(cb->ctx, msg);
         }
         d->n_truncated++;
         b->n = o->max_seq;
     }
     int labels = 0;
-    for (int i = 1; i < b->n; i++) labels += b->mask[i];
+    for (int i = 1; i < b->n; i++)
+        labels += b->mask[i];
     if (labels == 0)
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: the sample has no token to train on", w->file, w->unit, line);
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: the sample has no token to train on", w->file,
+                    w->unit, line);
     train_sample *ns = realloc(d->s, sizeof(train_sample) * (size_t)(d->n + 1));
     if (!ns) return fail(err, LT_ERR_MEMORY, "out of memory");
     d->s = ns;
@@ -334,23 +365,28 @@ static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts 
     return LT_OK;
 }
 
-static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, int line, const data_opts *o,
-                            const lt_tokenizer *tok, int bos, const where *w0, const lt_callbacks *cb, char *err) {
+static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, int line,
+                            const data_opts *o, const lt_tokenizer *tok, int bos, const where *w0,
+                            const lt_callbacks *cb, char *err) {
     where w = *w0;
     w.line = line;
     if (!json_is_object(rec))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w.file, w.unit, line);
+        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w.file, w.unit,
+                    line);
     if (*f == F_UNKNOWN) {
         *f = detect(rec);
         if (*f == F_UNKNOWN)
-            return fail(err, LT_ERR_FORMAT,
-                        "%s %s %d: cannot tell the format: expected a field 'text' (text), 'instruction' + "
-                        "'output' (alpaca), 'conversations' (sharegpt) or 'messages' (messages); or set format=",
-                        w.file, w.unit, line);
+            return fail(
+                err, LT_ERR_FORMAT,
+                "%s %s %d: cannot tell the format: expected a field 'text' (text), 'instruction' + "
+                "'output' (alpaca), 'conversations' (sharegpt) or 'messages' (messages); or set "
+                "format=",
+                w.file, w.unit, line);
         snprintf(d->format, sizeof d->format, "%s", FMT_NAMES[*f]);
     } else if (!forced && detect(rec) != *f) {
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: the record is not in the %s format of the first record%s",
-                    w.file, w.unit, line, FMT_NAMES[*f],
+        return fail(err, LT_ERR_FORMAT,
+                    "%s %s %d: the record is not in the %s format of the first record%s", w.file,
+                    w.unit, line, FMT_NAMES[*f],
                     detect(rec) == F_UNKNOWN ? " (no known field)" : "");
     }
     tokbuf b = {0};
@@ -361,10 +397,11 @@ static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, in
     return st;
 }
 
-lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok, const gemma3_config *cfg,
-                    const lt_callbacks *cb, char *err) {
+lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
+                    const gemma3_config *cfg, const lt_callbacks *cb, char *err) {
     memset(d, 0, sizeof *d);
-    if (!o->path || !*o->path) return fail(err, LT_ERR_ARG, "%%train: data= is required (a .jsonl or .json file)");
+    if (!o->path || !*o->path)
+        return fail(err, LT_ERR_ARG, "%%train: data= is required (a .jsonl or .json file)");
     snprintf(d->path, sizeof d->path, "%s", o->path);
     const char *file = strrchr(o->path, '/') ? strrchr(o->path, '/') + 1 : o->path;
     fmt_t f = F_UNKNOWN;
@@ -373,7 +410,9 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok, 
         for (int i = 0; i < 4; i++)
             if (!strcmp(o->format, FMT_NAMES[i])) f = (fmt_t)i;
         if (f == F_UNKNOWN)
-            return fail(err, LT_ERR_ARG, "%%train: format=%s; accepted: auto|text|alpaca|sharegpt|messages", o->format);
+            return fail(err, LT_ERR_ARG,
+                        "%%train: format=%s; accepted: auto|text|alpaca|sharegpt|messages",
+                        o->format);
         forced = 1;
         snprintf(d->format, sizeof d->format, "%s", o->format);
     }
@@ -383,14 +422,16 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok, 
     if (!text) return LT_ERR_IO;
     lt_status st = LT_OK;
     const char *p = text;
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+        p++;
     if (*p == '[') {
         /* one JSON array of records */
         json_error_t je;
         json_t *arr = json_loadb(text, len, 0, &je);
         where w = {file, 0, "record"};
         if (!arr) {
-            st = fail(err, LT_ERR_FORMAT, "%s line %d column %d: not valid JSON: %s", file, je.line, je.column, je.text);
+            st = fail(err, LT_ERR_FORMAT, "%s line %d column %d: not valid JSON: %s", file, je.line,
+                      je.column, je.text);
         } else if (!json_is_array(arr)) {
             st = fail(err, LT_ERR_FORMAT, "%s: expected a JSON array of records", file);
         } else {
@@ -412,13 +453,14 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok, 
             size_t n = nl ? (size_t)(nl - s) : strlen(s);
             line++;
             size_t k = 0;
-            while (k < n && (s[k] == ' ' || s[k] == '\t' || s[k] == '\r')) k++;
+            while (k < n && (s[k] == ' ' || s[k] == '\t' || s[k] == '\r'))
+                k++;
             if (k < n) {
                 json_error_t je;
                 json_t *rec = json_loadb(s, n, 0, &je);
                 if (!rec)
-                    st = fail(err, LT_ERR_FORMAT, "%s line %d: not valid JSON (%s at column %d)", file, line, je.text,
-                              je.column);
+                    st = fail(err, LT_ERR_FORMAT, "%s line %d: not valid JSON (%s at column %d)",
+                              file, line, je.text, je.column);
                 else
                     st = one_record(d, rec, &f, forced, line, o, tok, bos, &w, cb, err);
                 json_decref(rec);

@@ -21,7 +21,8 @@
 #include "cuda/backend_cuda.h"
 #endif
 
-/* ---- registry of device models ---------------------------------------------------------------- */
+/* ---- registry of device models ----------------------------------------------------------------
+ */
 
 typedef struct dev_entry {
     const gemma3_model *m;
@@ -62,22 +63,27 @@ void gemma3_model_release(gemma3_model *m, lt_ctx *ctx) {
     free(m);
 }
 
-/* ---- copying ------------------------------------------------------------------------------------ */
+/* ---- copying ------------------------------------------------------------------------------------
+ */
 
-static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+static size_t align256(size_t n) {
+    return (n + 255) & ~(size_t)255;
+}
 
 typedef struct place_job {
     lt_ctx *ctx;
     lt_dtype dt;
     char *arena;
     size_t off, total;
-    int sizing; /* 1: only add up sizes */
+    int sizing;  /* 1: only add up sizes */
     void *stage; /* device staging buffer for conversions */
     size_t stage_cap;
     char *err;
 } place_job;
 
-static lt_dtype target_dtype(const lt_tensor *t, lt_dtype dt) { return t->ndim == 2 ? dt : LT_F32; }
+static lt_dtype target_dtype(const lt_tensor *t, lt_dtype dt) {
+    return t->ndim == 2 ? dt : LT_F32;
+}
 
 static int place_one(void *user, const char *name, lt_tensor *t) {
     place_job *j = user;
@@ -87,7 +93,8 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     size_t bytes = (size_t)n * lt_dtype_size(want);
     if (j->sizing) {
         j->total += align256(bytes);
-        if (want != t->dtype && lt_tensor_bytes(t) > j->stage_cap) j->stage_cap = lt_tensor_bytes(t);
+        if (want != t->dtype && lt_tensor_bytes(t) > j->stage_cap)
+            j->stage_cap = lt_tensor_bytes(t);
         return 0;
     }
     lt_ctx *ctx = j->ctx;
@@ -114,7 +121,8 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     return 0;
 }
 
-lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt, char *err) {
+lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err) {
     *out = NULL;
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
         snprintf(err, LT_ERRLEN, "device weights: dtype must be fp32, fp16 or bf16");
@@ -137,8 +145,9 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     m->embed_tokens.lora = NULL;
     m->lm_head.lora = NULL;
     for (int l = 0; l < L; l++) {
-        lt_weight *ws[7] = {&layers[l].q_proj, &layers[l].k_proj, &layers[l].v_proj, &layers[l].o_proj,
-                            &layers[l].gate_proj, &layers[l].up_proj, &layers[l].down_proj};
+        lt_weight *ws[7] = {&layers[l].q_proj,   &layers[l].k_proj,    &layers[l].v_proj,
+                            &layers[l].o_proj,   &layers[l].gate_proj, &layers[l].up_proj,
+                            &layers[l].down_proj};
         for (int k = 0; k < 7; k++) {
             ws[k]->lora = NULL;
             ws[k]->grad_w.data = NULL;
@@ -151,8 +160,8 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     gemma3_weights_foreach(m, place_one, &j);
     j.arena = ctx->be->alloc(ctx, j.total);
     if (!j.arena) {
-        snprintf(err, LT_ERRLEN, "not enough %s memory for the weights (%.2f GiB in %s): %.900s", ctx->be->name,
-                 j.total / 1073741824.0, lt_dtype_user_name(dt), ctx->err);
+        snprintf(err, LT_ERRLEN, "not enough %s memory for the weights (%.2f GiB in %s): %.900s",
+                 ctx->be->name, j.total / 1073741824.0, lt_dtype_user_name(dt), ctx->err);
         free(layers);
         free(m);
         return LT_ERR_MEMORY;
@@ -160,7 +169,8 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     if (j.stage_cap) {
         j.stage = ctx->be->alloc(ctx, j.stage_cap);
         if (!j.stage) {
-            snprintf(err, LT_ERRLEN, "not enough %s memory to convert the weights: %.900s", ctx->be->name, ctx->err);
+            snprintf(err, LT_ERRLEN, "not enough %s memory to convert the weights: %.900s",
+                     ctx->be->name, ctx->err);
             ctx->be->release(ctx, j.arena);
             free(layers);
             free(m);
@@ -198,8 +208,8 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     return LT_OK;
 }
 
-lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T, gemma3_cache *cache,
-                              float *logits, float *last_logits) {
+lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                              gemma3_cache *cache, float *logits, float *last_logits) {
     if (!gemma3_on_device(m)) {
         gemma3_outputs o = {.logits = logits, .last_logits = last_logits};
         return gemma3_forward(m, ctx, ids, T, cache, &o);
@@ -213,8 +223,10 @@ lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t 
     } else {
         gemma3_outputs o = {.logits = dl, .last_logits = dlast};
         rc = gemma3_forward(m, ctx, ids, T, cache, &o);
-        if (rc == LT_OK && dl) rc = ctx->be->download(ctx, logits, dl, sizeof(float) * V * (size_t)T);
-        if (rc == LT_OK && dlast) rc = ctx->be->download(ctx, last_logits, dlast, sizeof(float) * V);
+        if (rc == LT_OK && dl)
+            rc = ctx->be->download(ctx, logits, dl, sizeof(float) * V * (size_t)T);
+        if (rc == LT_OK && dlast)
+            rc = ctx->be->download(ctx, last_logits, dlast, sizeof(float) * V);
     }
     if (dl) ctx->be->release(ctx, dl);
     if (dlast) ctx->be->release(ctx, dlast);

@@ -15,7 +15,8 @@
 
 /* *out = a copy of host in ctx's memory, matrices in dtype dt (LT_F32/LT_F16/LT_BF16).
  * On failure *out stays NULL, nothing leaks, err names what failed. */
-lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt, char *err);
+lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err);
 /* 1 when m was made by gemma3_to_device. */
 int gemma3_on_device(const gemma3_model *m);
 /* Frees a model of either kind (ctx: the one a device model was made with; unused for host
@@ -23,7 +24,7 @@ int gemma3_on_device(const gemma3_model *m);
 void gemma3_model_release(gemma3_model *m, lt_ctx *ctx);
 /* gemma3_forward with HOST output buffers (logits [T, V], last_logits [V]; either may be NULL):
  * on a device backend the forward writes device buffers that are then downloaded. */
-lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T, gemma3_cache *cache,
-                              float *logits, float *last_logits);
+lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                              gemma3_cache *cache, float *logits, float *last_logits);
 
 #endif

@@ -26,8 +26,19 @@ enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
 
 /* GGUF value types (REFERENCE §3.1). */
 enum {
-    VT_U8 = 0, VT_I8 = 1, VT_U16 = 2, VT_I16 = 3, VT_U32 = 4, VT_I32 = 5, VT_F32 = 6,
-    VT_BOOL = 7, VT_STRING = 8, VT_ARRAY = 9, VT_U64 = 10, VT_I64 = 11, VT_F64 = 12,
+    VT_U8 = 0,
+    VT_I8 = 1,
+    VT_U16 = 2,
+    VT_I16 = 3,
+    VT_U32 = 4,
+    VT_I32 = 5,
+    VT_F32 = 6,
+    VT_BOOL = 7,
+    VT_STRING = 8,
+    VT_ARRAY = 9,
+    VT_U64 = 10,
+    VT_I64 = 11,
+    VT_F64 = 12,
 };
 
 typedef struct gguf_tensor {
@@ -47,9 +58,9 @@ typedef struct byte_buf {
 } byte_buf;
 
 struct gguf_writer {
-    byte_buf kv;         /* serialized key/value pairs */
+    byte_buf kv; /* serialized key/value pairs */
     uint64_t n_kv;
-    char **keys;         /* for the duplicate check */
+    char **keys; /* for the duplicate check */
     size_t n_keys, cap_keys;
     gguf_tensor *tensors;
     size_t n_tensors, cap_tensors;
@@ -71,7 +82,8 @@ gguf_writer *gguf_writer_new(void) {
 
 void gguf_writer_free(gguf_writer *w) {
     if (!w) return;
-    for (size_t i = 0; i < w->n_keys; ++i) free(w->keys[i]);
+    for (size_t i = 0; i < w->n_keys; ++i)
+        free(w->keys[i]);
     free(w->keys);
     free(w->kv.p);
     free(w->tensors);
@@ -87,7 +99,8 @@ const char *gguf_writer_error(const gguf_writer *w) {
 static int buf_put(byte_buf *b, const void *p, size_t n) {
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n) cap *= 2;
+        while (cap < b->len + n)
+            cap *= 2;
         uint8_t *q = realloc(b->p, cap);
         if (!q) return -1;
         b->p = q;
@@ -190,8 +203,8 @@ lt_status gguf_set_str(gguf_writer *w, const char *key, const char *v) {
     return LT_OK;
 }
 
-static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const void *v,
-                          size_t n, size_t esize) {
+static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const void *v, size_t n,
+                          size_t esize) {
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, VT_ARRAY);
     if (st != LT_OK) return st;
@@ -271,7 +284,8 @@ lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const in
     memset(t, 0, sizeof *t);
     snprintf(t->name, sizeof t->name, "%s", name);
     t->n_dims = n_dims;
-    for (int d = 0; d < n_dims; ++d) t->ne[d] = ne[d];
+    for (int d = 0; d < n_dims; ++d)
+        t->ne[d] = ne[d];
     t->type = type;
     t->fill = fill;
     t->fill_ctx = fill_ctx;
@@ -305,15 +319,17 @@ static void quantize_chunk(gguf_type type, const float *src, uint8_t *dst, int64
     if (n_threads > nrows) n_threads = (int)nrows;
     if (type == GGUF_TYPE_F32 || n_threads < 1) n_threads = 1;
     for (int i = 0; i < n_threads; ++i) {
-        jobs[i] = (quant_job){type, src, dst, ne0, nrows * i / n_threads,
-                              nrows * (i + 1) / n_threads, row_bytes};
+        jobs[i] = (quant_job){
+            type, src, dst, ne0, nrows * i / n_threads, nrows * (i + 1) / n_threads, row_bytes};
     }
     for (int i = 1; i < n_threads; ++i)
         started[i] = pthread_create(&tid[i], NULL, quant_rows, &jobs[i]) == 0;
     quant_rows(&jobs[0]);
     for (int i = 1; i < n_threads; ++i) {
-        if (started[i]) pthread_join(tid[i], NULL);
-        else quant_rows(&jobs[i]); /* could not start a thread: do its share here */
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            quant_rows(&jobs[i]); /* could not start a thread: do its share here */
     }
 }
 
@@ -357,7 +373,8 @@ static lt_status build_header(gguf_writer *w, byte_buf *b) {
         if (buf_str(b, t->name, strlen(t->name)) || buf_u32(b, (uint32_t)t->n_dims))
             return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
         for (int d = 0; d < t->n_dims; ++d)
-            if (buf_u64(b, (uint64_t)t->ne[d])) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+            if (buf_u64(b, (uint64_t)t->ne[d]))
+                return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
         if (buf_u32(b, (uint32_t)t->type) || buf_u64(b, t->offset))
             return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
     }
@@ -370,7 +387,8 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
                               uint64_t total) {
     const int64_t ne0 = t->ne[0];
     int64_t nrows = 1;
-    for (int d = 1; d < t->n_dims; ++d) nrows *= t->ne[d];
+    for (int d = 1; d < t->n_dims; ++d)
+        nrows *= t->ne[d];
     const size_t row_bytes = gguf_row_bytes(t->type, ne0);
     /* chunk: about 4M weights (16 MiB of fp32), at least one row */
     int64_t chunk = ((int64_t)1 << 22) / ne0;
@@ -453,7 +471,8 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         return st;
     }
     uint64_t total = 0;
-    for (size_t i = 0; i < w->n_tensors; ++i) total += w->tensors[i].size;
+    for (size_t i = 0; i < w->n_tensors; ++i)
+        total += w->tensors[i].size;
 
     /* temp file next to the target: "<dir>/.<name>.tmp-XXXXXX" */
     size_t plen = strlen(path);
@@ -513,8 +532,8 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     f = NULL;
     if (overwrite) {
         if (rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot rename the finished temp file into place: %s",
-                      path, strerror(errno));
+            st = fail(w, LT_ERR_IO, "%s: cannot rename the finished temp file into place: %s", path,
+                      strerror(errno));
             goto fail_unlink;
         }
     } else if (link(tmp, path) != 0) { /* never replaces a file that appeared meanwhile */
@@ -525,8 +544,8 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         }
         /* a file system without hard links: check again, then rename */
         if (stat(path, &sb) == 0 || rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s",
-                      path, strerror(stat(path, &sb) == 0 ? EEXIST : errno));
+            st = fail(w, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s", path,
+                      strerror(stat(path, &sb) == 0 ? EEXIST : errno));
             goto fail_unlink;
         }
     } else {

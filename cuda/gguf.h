@@ -136,10 +136,10 @@ lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const in
                           gguf_type type, gguf_fill_fn fill, void *fill_ctx);
 
 typedef struct gguf_write_opts {
-    int overwrite;               /* 0: refuse when path exists (checked before and at rename) */
-    int n_threads;               /* quantization threads; 0 = online CPUs (at most 16) */
-    const atomic_int *cancel;    /* polled between chunks; non-zero -> LT_CANCELLED */
-    gguf_progress_fn progress;   /* may be NULL */
+    int overwrite;             /* 0: refuse when path exists (checked before and at rename) */
+    int n_threads;             /* quantization threads; 0 = online CPUs (at most 16) */
+    const atomic_int *cancel;  /* polled between chunks; non-zero -> LT_CANCELLED */
+    gguf_progress_fn progress; /* may be NULL */
     void *progress_ctx;
 } gguf_write_opts;
 
@@ -160,13 +160,13 @@ typedef struct gguf_export_opts {
     int n_threads;            /* 0 = online CPUs */
     const char *name;         /* general.name; NULL = the source's folder name */
     const atomic_int *cancel; /* polled between chunks; may be NULL */
-    const lt_callbacks *cb;   /* message + progress("export", bytes done, bytes total); may be NULL */
+    const lt_callbacks *cb; /* message + progress("export", bytes done, bytes total); may be NULL */
 } gguf_export_opts;
 
 typedef struct gguf_export_result {
-    uint64_t bytes;   /* file size */
+    uint64_t bytes; /* file size */
     int n_tensors;
-    int n_fallback;   /* tensors written in a fallback type (rows not a multiple of the block) */
+    int n_fallback; /* tensors written in a fallback type (rows not a multiple of the block) */
 } gguf_export_result;
 
 /* Writes model m (with its enabled LoRA adapters merged in fp32) and tokenizer tok as a GGUF
@@ -175,13 +175,6 @@ typedef struct gguf_export_result {
 lt_status gguf_export_gemma3(struct gemma3_model *m, const struct lt_tokenizer *tok,
                              struct lt_ctx *dev, const char *path, const gguf_export_opts *o,
                              gguf_export_result *res, char *err);
-
-/* Provided by session.c (engine-internal): begins an engine call on s (clears its error and
- * cancel flag) and lends the loaded model, tokenizer, backend context, cancel flag and the
- * session's error buffer (LT_ERRLEN bytes, read by lt_last_error) for the call's duration.
- * Returns LT_ERR_STATE with the message set when no model is loaded. */
-lt_status lt_session_lend(lt_session *s, struct gemma3_model **m, struct lt_tokenizer **tok,
-                          struct lt_ctx **ctx, atomic_int **cancel, char **err);
 
 /* HF weight name -> llama.cpp tensor name ("model.layers.3.mlp.up_proj.weight" ->
  * "blk.3.ffn_up.weight"); *layer (-1 outside layers) and *role (a gguf_role). 0 or -1. */

@@ -20,9 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/gemma3_device.h"
 #include "cuda/gguf.h"
 #include "cuda/model.h"
 #include "cuda/tokenizer.h"
+#include "cuda/train.h"
 
 /* Gemma 3's chat template (REFERENCE §2.3), used when the checkpoint ships none (random:,
  * tiny): lathe trains in this format, so llama.cpp should chat in it too. */
@@ -75,23 +77,23 @@ typedef struct export_ctx export_ctx;
 
 typedef struct tensor_src {
     export_ctx *ex;
-    const lt_tensor *t;   /* [rows, ne0] (1-D tensors: one row) */
-    const lt_lora *lora;  /* merged when non-NULL and enabled */
-    float add;            /* +1 for norms */
-    float mul;            /* applied after add (q_norm compensation); 1 otherwise */
-    float *lora_a;        /* [r, in] fp32 host copy, loaded on first use */
+    const lt_tensor *t;  /* [rows, ne0] (1-D tensors: one row) */
+    const lt_lora *lora; /* merged when non-NULL and enabled */
+    float add;           /* +1 for norms */
+    float mul;           /* applied after add (q_norm compensation); 1 otherwise */
+    float *lora_a;       /* [r, in] fp32 host copy, loaded on first use */
 } tensor_src;
 
 struct export_ctx {
-    lt_ctx *dev;          /* backend holding the weights; NULL = host memory */
-    uint8_t *stage;       /* staging for device reads */
+    lt_ctx *dev;    /* backend holding the weights; NULL = host memory */
+    uint8_t *stage; /* staging for device reads */
     size_t stage_cap;
     tensor_src *srcs;
     int n_srcs, cap_srcs;
     /* vocabulary */
     const lt_tokenizer *tok;
     int n_vocab;
-    char **pieces;        /* overrides from tokenizer_config.json (NULL = tok_piece) */
+    char **pieces; /* overrides from tokenizer_config.json (NULL = tok_piece) */
     float *scores;
     int32_t *types;
     char pad_buf[32];
@@ -104,13 +106,14 @@ static lt_status read_bytes(export_ctx *ex, void *dst, const void *src, size_t n
         return LT_OK;
     }
     lt_status st = ex->dev->be->download(ex->dev, dst, src, n);
-    if (st != LT_OK) snprintf(err, errlen, "reading weights from %s: %s", ex->dev->be->name, ex->dev->err);
+    if (st != LT_OK)
+        snprintf(err, errlen, "reading weights from %s: %s", ex->dev->be->name, ex->dev->err);
     return st;
 }
 
 /* dst[n] fp32 <- n elements of t starting at element `first`. */
-static lt_status read_f32(export_ctx *ex, const lt_tensor *t, int64_t first, int64_t n,
-                          float *dst, char *err, size_t errlen) {
+static lt_status read_f32(export_ctx *ex, const lt_tensor *t, int64_t first, int64_t n, float *dst,
+                          char *err, size_t errlen) {
     size_t es = lt_dtype_size(t->dtype);
     const uint8_t *src = (const uint8_t *)t->data + (size_t)first * es;
     if (t->dtype == LT_F32) return read_bytes(ex, dst, src, (size_t)n * 4, err, errlen);
@@ -175,7 +178,8 @@ static lt_status fill_tensor(void *vctx, int64_t row0, int64_t nrows, float *dst
                 for (int64_t k = 0; k < r; ++k) {
                     const float c = lo->scale * brows[o * r + k];
                     const float *arow = s->lora_a + k * ne0;
-                    for (int64_t j = 0; j < ne0; ++j) wrow[j] += c * arow[j];
+                    for (int64_t j = 0; j < ne0; ++j)
+                        wrow[j] += c * arow[j];
                 }
             }
         }
@@ -183,7 +187,8 @@ static lt_status fill_tensor(void *vctx, int64_t row0, int64_t nrows, float *dst
         if (st != LT_OK) return st;
     }
     if (s->add != 0.0f || s->mul != 1.0f)
-        for (int64_t i = 0; i < nrows * ne0; ++i) dst[i] = (dst[i] + s->add) * s->mul;
+        for (int64_t i = 0; i < nrows * ne0; ++i)
+            dst[i] = (dst[i] + s->add) * s->mul;
     return LT_OK;
 }
 
@@ -262,7 +267,8 @@ static char *slurp(const char *dir, const char *name) {
     char *buf = NULL;
     if (fseek(f, 0, SEEK_END) == 0) {
         long n = ftell(f);
-        if (n >= 0 && n < (64L << 20) && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1))) {
+        if (n >= 0 && n < (64L << 20) && fseek(f, 0, SEEK_SET) == 0 &&
+            (buf = malloc((size_t)n + 1))) {
             if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
                 free(buf);
                 buf = NULL;
@@ -278,8 +284,7 @@ static char *slurp(const char *dir, const char *name) {
 /* tokenizer_config.json's added_tokens_decoder overrides piece text and type, as the
  * converter does (special -> control, else user-defined; score -1000). Also returns its
  * chat_template (malloc'd) when there is one. Absent file: no change. */
-static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **chat,
-                                        char *err) {
+static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **chat, char *err) {
     char *text = slurp(dir, "tokenizer_config.json");
     if (!text) return LT_OK;
     json_error_t je;
@@ -379,7 +384,8 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
         return 1;
     }
     if (t->ndim < 1 || t->ndim > 2 || !t->data) {
-        snprintf(wc->err, LT_ERRLEN, "gguf export: weight '%s' has %d dims or no data", hf, t->ndim);
+        snprintf(wc->err, LT_ERRLEN, "gguf export: weight '%s' has %d dims or no data", hf,
+                 t->ndim);
         wc->st = LT_ERR_FORMAT;
         return 1;
     }
@@ -408,11 +414,13 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
         /* the adapter, when this weight is an lt_weight with one */
         const gemma3_model *m = wc->m;
         const lt_weight *lw = NULL;
-        if (t == &m->embed_tokens.w) lw = &m->embed_tokens;
-        else if (t == &m->lm_head.w) lw = &m->lm_head;
+        if (t == &m->embed_tokens.w)
+            lw = &m->embed_tokens;
+        else if (t == &m->lm_head.w)
+            lw = &m->lm_head;
         else if (layer >= 0 && layer < m->cfg.num_hidden_layers) {
             const gemma3_layer *L = &m->layers[layer];
-            const lt_weight *all[] = {&L->q_proj, &L->k_proj, &L->v_proj, &L->o_proj,
+            const lt_weight *all[] = {&L->q_proj,    &L->k_proj,  &L->v_proj,   &L->o_proj,
                                       &L->gate_proj, &L->up_proj, &L->down_proj};
             for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i)
                 if (t == &all[i]->w) lw = all[i];
@@ -462,18 +470,18 @@ static void on_progress(void *vctx, const char *tensor, int64_t done, int64_t to
     if (pb->cb && pb->cb->progress) pb->cb->progress(pb->cb->ctx, "export", done, total);
 }
 
-#define CHECK(call)                                                                         \
-    do {                                                                                    \
-        st = (call);                                                                        \
-        if (st != LT_OK) {                                                                  \
-            snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));                           \
-            goto done;                                                                      \
-        }                                                                                   \
+#define CHECK(call)                                                                                \
+    do {                                                                                           \
+        st = (call);                                                                               \
+        if (st != LT_OK) {                                                                         \
+            snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));                                  \
+            goto done;                                                                             \
+        }                                                                                          \
     } while (0)
 
 lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *dev,
-                             const char *path, const gguf_export_opts *o,
-                             gguf_export_result *res, char *err) {
+                             const char *path, const gguf_export_opts *o, gguf_export_result *res,
+                             char *err) {
     const gemma3_config *c = &m->cfg;
     export_ctx ex = {0};
     walk_ctx wc = {0};
@@ -500,14 +508,17 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
                  "llama.cpp's gemma3 cannot express it");
         return LT_ERR_ARG;
     }
-    if (c->rope[GEMMA3_SLIDING].factor != 1.0 || strcmp(c->rope[GEMMA3_SLIDING].type, "linear") == 0) {
-        snprintf(err, LT_ERRLEN,
-                 "gguf export: RoPE scaling on sliding layers is not supported by llama.cpp's gemma3");
+    if (c->rope[GEMMA3_SLIDING].factor != 1.0 ||
+        strcmp(c->rope[GEMMA3_SLIDING].type, "linear") == 0) {
+        snprintf(
+            err, LT_ERRLEN,
+            "gguf export: RoPE scaling on sliding layers is not supported by llama.cpp's gemma3");
         return LT_ERR_ARG;
     }
     if (c->attn_logit_softcapping != 0.0) {
         snprintf(err, LT_ERRLEN,
-                 "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention softcap");
+                 "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention "
+                 "softcap");
         return LT_ERR_ARG;
     }
     /* llama.cpp scales scores by 1/sqrt(hd) (1/sqrt(H/nh) when block_count is 62); the model
@@ -583,9 +594,11 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     /* period 1: every layer is global; period > L: every layer slides */
     if (period > 1) {
         CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window", (uint32_t)c->sliding_window));
-        if (period != 6) CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window_pattern", (uint32_t)period));
+        if (period != 6)
+            CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window_pattern", (uint32_t)period));
         if (c->rope[GEMMA3_SLIDING].theta != 10000.0)
-            CHECK(gguf_set_f32(w, "gemma3.rope.freq_base_swa", (float)c->rope[GEMMA3_SLIDING].theta));
+            CHECK(
+                gguf_set_f32(w, "gemma3.rope.freq_base_swa", (float)c->rope[GEMMA3_SLIDING].theta));
     } else {
         CHECK(gguf_set_u32(w, "gemma3.attention.sliding_window", 0)); /* all layers global */
     }
@@ -653,10 +666,12 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     }
 
 done:
-    for (int i = 0; i < ex.n_srcs; ++i) free(ex.srcs[i].lora_a);
+    for (int i = 0; i < ex.n_srcs; ++i)
+        free(ex.srcs[i].lora_a);
     free(ex.srcs);
     if (ex.pieces)
-        for (int i = 0; i < ex.n_vocab; ++i) free(ex.pieces[i]);
+        for (int i = 0; i < ex.n_vocab; ++i)
+            free(ex.pieces[i]);
     free(ex.pieces);
     free(ex.scores);
     free(ex.types);
@@ -668,33 +683,37 @@ done:
 
 /* ---- the public entry point ------------------------------------------------------------- */
 
-/* session.c lends the loaded model for the duration of one engine call (declared in gguf.h).
- * Weak until session.c defines it, so the engine links either way; lt_export_gguf then
- * reports that export is not wired in yet. */
-extern lt_status lt_session_lend(lt_session *s, struct gemma3_model **m,
-                                 struct lt_tokenizer **tok, struct lt_ctx **ctx,
-                                 atomic_int **cancel, char **err) __attribute__((weak));
-
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
                          const lt_callbacks *cb, lt_export_result *res) {
-    gemma3_model *m = NULL;
-    lt_tokenizer *tok = NULL;
-    lt_ctx *ctx = NULL;
-    atomic_int *cancel = NULL;
-    char *err = NULL;
     if (res) memset(res, 0, sizeof *res);
     if (!s) return LT_ERR_ARG;
-    if (!lt_session_lend) return LT_ERR_STATE; /* session.c does not lend its model yet */
-    lt_status st = lt_session_lend(s, &m, &tok, &ctx, &cancel, &err);
-    if (st != LT_OK) return st; /* the session wrote its message ("no model loaded") */
+    /* the session's model, tokenizer, backend and cancel flag, for this one call */
+    session_view v;
+    session_view_get(s, &v);
+    char *err = v.err;
+    err[0] = '\0';
+    atomic_store(v.cancel, 0);
+    if (!v.model || !v.tok) {
+        snprintf(err, LT_ERRLEN, "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
+        return LT_ERR_STATE;
+    }
+    gemma3_model *m = v.model;
+    lt_tokenizer *tok = v.tok;
+    lt_ctx *ctx = v.ctx;
+    atomic_int *cancel = v.cancel;
+    lt_status st;
     gguf_export_opts o = {.overwrite = overwrite, .cancel = cancel, .cb = cb};
     if (gguf_ftype_parse(type ? type : "f16", &o.ftype) != 0) {
-        snprintf(err, LT_ERRLEN, "type=%s: not a GGUF type lathe writes; use one of %s",
-                 type, GGUF_FTYPE_CHOICES);
+        snprintf(err, LT_ERRLEN, "type=%s: not a GGUF type lathe writes; use one of %s", type,
+                 GGUF_FTYPE_CHOICES);
         return LT_ERR_ARG;
     }
-    /* the CPU backend's memory is host memory: read it in place */
-    lt_ctx *dev = ctx && ctx->be != &lt_backend_cpu ? ctx : NULL;
+    /* a model copied to the GPU is read back through its backend; a host model in place */
+    lt_ctx *dev = gemma3_on_device(m) ? ctx : NULL;
+    if (gemma3_on_device(m) && !ctx) {
+        snprintf(err, LT_ERRLEN, "gguf export: the model is on a device but no backend was lent");
+        return LT_ERR_STATE;
+    }
     gguf_export_result r;
     st = gguf_export_gemma3(m, tok, dev, path, &o, &r, err);
     if (st == LT_OK && res) {

@@ -36,7 +36,7 @@ uint16_t gguf_fp32_to_fp16(float f) {
     uint32_t a = x & 0x7fffffffu;
     if (a >= 0x7f800000u) /* inf stays inf; NaN becomes a quiet NaN */
         return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
-    if (a >= 0x38800000u) { /* >= 2^-14: a normal fp16 (or overflow to inf) */
+    if (a >= 0x38800000u) {           /* >= 2^-14: a normal fp16 (or overflow to inf) */
         uint32_t r = a - 0x38000000u; /* exponent bias 127 -> 15 */
         uint32_t h = r >> 13, rest = r & 0x1fffu;
         if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h; /* ties to even */
@@ -44,9 +44,9 @@ uint16_t gguf_fp32_to_fp16(float f) {
     }
     if (a < 0x33000000u) return sign; /* below half the smallest subnormal: zero */
     /* fp16 subnormal: count units of 2^-24 with round-to-nearest-even. */
-    uint32_t e = a >> 23;                       /* 102..112 */
-    uint32_t m = (a & 0x7fffffu) | 0x800000u;   /* value = m * 2^(e-150) */
-    uint32_t shift = 126u - e;                  /* 14..24 */
+    uint32_t e = a >> 23;                     /* 102..112 */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u; /* value = m * 2^(e-150) */
+    uint32_t shift = 126u - e;                /* 14..24 */
     uint32_t h = m >> shift, rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
     if (rest > half || (rest == half && (h & 1u))) ++h;
     return sign | (uint16_t)h;
@@ -74,9 +74,20 @@ float gguf_bf16_to_fp32(uint16_t h) {
     return float_of((uint32_t)h << 16);
 }
 
+/* roundf (half away from zero) for |v| < 2^31, inline: the library call dominated q8_0. */
+static int round_half_away(float v) {
+    int i = (int)v;            /* truncates toward zero */
+    float frac = v - (float)i; /* exact for |v| < 2^23 */
+    return i + (frac >= 0.5f) - (frac <= -0.5f);
+}
+
 /* Round to nearest, ties to even, as ggml's k-quant helper does (|v| < 2^22 here). */
 static int nearest_int(float v) {
-    return (int)lrintf(v);
+    /* adding 1.5 * 2^23 leaves round-to-nearest-even(v) in the low mantissa bits */
+    float big = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &big, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
 }
 
 static void put_half(uint8_t *p, float v) {
@@ -103,40 +114,58 @@ int64_t gguf_type_block_len(gguf_type t) {
     switch (t) {
     case GGUF_TYPE_F32:
     case GGUF_TYPE_F16:
-    case GGUF_TYPE_BF16: return 1;
+    case GGUF_TYPE_BF16:
+        return 1;
     case GGUF_TYPE_Q4_0:
     case GGUF_TYPE_Q5_0:
-    case GGUF_TYPE_Q8_0: return 32;
+    case GGUF_TYPE_Q8_0:
+        return 32;
     case GGUF_TYPE_Q4_K:
-    case GGUF_TYPE_Q6_K: return 256;
+    case GGUF_TYPE_Q6_K:
+        return 256;
     }
     return 0;
 }
 
 size_t gguf_type_block_bytes(gguf_type t) {
     switch (t) {
-    case GGUF_TYPE_F32: return 4;
+    case GGUF_TYPE_F32:
+        return 4;
     case GGUF_TYPE_F16:
-    case GGUF_TYPE_BF16: return 2;
-    case GGUF_TYPE_Q4_0: return 18;  /* f16 d; u8 qs[16] */
-    case GGUF_TYPE_Q5_0: return 22;  /* f16 d; u8 qh[4]; u8 qs[16] */
-    case GGUF_TYPE_Q8_0: return 34;  /* f16 d; i8 qs[32] */
-    case GGUF_TYPE_Q4_K: return 144; /* f16 d, dmin; u8 scales[12]; u8 qs[128] */
-    case GGUF_TYPE_Q6_K: return 210; /* u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d */
+    case GGUF_TYPE_BF16:
+        return 2;
+    case GGUF_TYPE_Q4_0:
+        return 18; /* f16 d; u8 qs[16] */
+    case GGUF_TYPE_Q5_0:
+        return 22; /* f16 d; u8 qh[4]; u8 qs[16] */
+    case GGUF_TYPE_Q8_0:
+        return 34; /* f16 d; i8 qs[32] */
+    case GGUF_TYPE_Q4_K:
+        return 144; /* f16 d, dmin; u8 scales[12]; u8 qs[128] */
+    case GGUF_TYPE_Q6_K:
+        return 210; /* u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d */
     }
     return 0;
 }
 
 const char *gguf_type_name(gguf_type t) {
     switch (t) {
-    case GGUF_TYPE_F32: return "f32";
-    case GGUF_TYPE_F16: return "f16";
-    case GGUF_TYPE_BF16: return "bf16";
-    case GGUF_TYPE_Q4_0: return "q4_0";
-    case GGUF_TYPE_Q5_0: return "q5_0";
-    case GGUF_TYPE_Q8_0: return "q8_0";
-    case GGUF_TYPE_Q4_K: return "q4_K";
-    case GGUF_TYPE_Q6_K: return "q6_K";
+    case GGUF_TYPE_F32:
+        return "f32";
+    case GGUF_TYPE_F16:
+        return "f16";
+    case GGUF_TYPE_BF16:
+        return "bf16";
+    case GGUF_TYPE_Q4_0:
+        return "q4_0";
+    case GGUF_TYPE_Q5_0:
+        return "q5_0";
+    case GGUF_TYPE_Q8_0:
+        return "q8_0";
+    case GGUF_TYPE_Q4_K:
+        return "q4_K";
+    case GGUF_TYPE_Q6_K:
+        return "q6_K";
     }
     return "?";
 }
@@ -152,18 +181,21 @@ size_t gguf_row_bytes(gguf_type t, int64_t n) {
 static void quantize_q8_0(const float *x, uint8_t *y, int64_t n) {
     for (int64_t b = 0; b < n / 32; ++b, x += 32, y += 34) {
         float amax = 0.0f;
-        for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
+        for (int j = 0; j < 32; ++j)
+            amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         put_half(y, d);
-        for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        for (int j = 0; j < 32; ++j)
+            y[2 + j] = (uint8_t)(int8_t)round_half_away(x[j] * id);
     }
 }
 
 static void dequantize_q8_0(const uint8_t *s, float *y, int64_t n) {
     for (int64_t b = 0; b < n / 32; ++b, s += 34, y += 32) {
         const float d = get_half(s);
-        for (int j = 0; j < 32; ++j) y[j] = d * (float)(int8_t)s[2 + j];
+        for (int j = 0; j < 32; ++j)
+            y[j] = d * (float)(int8_t)s[2 + j];
     }
 }
 
@@ -216,7 +248,8 @@ static void quantize_q5_0(const float *x, uint8_t *y, int64_t n) {
             qh |= (uint32_t)((lo >> 4) & 1u) << j;
             qh |= (uint32_t)((hi >> 4) & 1u) << (j + 16);
         }
-        for (int k = 0; k < 4; ++k) y[2 + k] = (uint8_t)(qh >> (8 * k));
+        for (int k = 0; k < 4; ++k)
+            y[2 + k] = (uint8_t)(qh >> (8 * k));
     }
 }
 
@@ -251,7 +284,8 @@ static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint
     }
     if (min > 0) min = 0;
     if (max == min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
+        for (int i = 0; i < n; ++i)
+            L[i] = 0;
         *neg_min = -min;
         return 0.0f;
     }
@@ -321,9 +355,11 @@ static void quantize_q4_K(const float *x, uint8_t *y, int64_t n) {
         for (int j = 0; j < 8; ++j) { /* sub-block j: x[32j .. 32j+31] */
             const float *xs = x + 32 * j;
             float sum_x2 = 0;
-            for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+            for (int l = 0; l < 32; ++l)
+                sum_x2 += xs[l] * xs[l];
             const float av_x = sqrtf(sum_x2 / 32);
-            for (int l = 0; l < 32; ++l) w[l] = av_x + fabsf(xs[l]);
+            for (int l = 0; l < 32; ++l)
+                w[l] = av_x + fabsf(xs[l]);
             scales[j] = fit_scale_min(32, 15, xs, w, L + 32 * j, &mins[j], Laux, -1.0f, 0.1f, 20);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
@@ -371,8 +407,10 @@ static void dequantize_q4_K(const uint8_t *s, float *y, int64_t n) {
             uint8_t s1, m1, s2, m2;
             q4k_scale_min(2 * c, sc, &s1, &m1);
             q4k_scale_min(2 * c + 1, sc, &s2, &m2);
-            for (int l = 0; l < 32; ++l) *y++ = d * s1 * (float)(qs[l] & 0x0f) - dmin * m1;
-            for (int l = 0; l < 32; ++l) *y++ = d * s2 * (float)(qs[l] >> 4) - dmin * m2;
+            for (int l = 0; l < 32; ++l)
+                *y++ = d * s1 * (float)(qs[l] & 0x0f) - dmin * m1;
+            for (int l = 0; l < 32; ++l)
+                *y++ = d * s2 * (float)(qs[l] >> 4) - dmin * m2;
         }
     }
 }
@@ -389,7 +427,8 @@ static float fit_scale_symmetric(int n, int nmax, const float *x, int8_t *L) {
         }
     }
     if (amax < 1e-15f) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
+        for (int i = 0; i < n; ++i)
+            L[i] = 0;
         return 0.0f;
     }
     float iscale = -(float)nmax / max;
@@ -445,7 +484,8 @@ static void quantize_q6_K(const float *x, uint8_t *y, int64_t n) {
         }
         const float iscale = -128.0f / max_scale;
         put_half(y + 208, 1.0f / iscale);
-        for (int j = 0; j < 16; ++j) sc[j] = (int8_t)imin(127, nearest_int(iscale * scales[j]));
+        for (int j = 0; j < 16; ++j)
+            sc[j] = (int8_t)imin(127, nearest_int(iscale * scales[j]));
         const float dall = get_half(y + 208);
         for (int j = 0; j < 16; ++j) {
             const float d = dall * (float)sc[j];
@@ -464,7 +504,8 @@ static void quantize_q6_K(const float *x, uint8_t *y, int64_t n) {
                 uint8_t q3 = (uint8_t)Lh[l + 64], q4 = (uint8_t)Lh[l + 96];
                 ql[l] = (uint8_t)((q1 & 0x0f) | ((q3 & 0x0f) << 4));
                 ql[l + 32] = (uint8_t)((q2 & 0x0f) | ((q4 & 0x0f) << 4));
-                qh[l] = (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+                qh[l] =
+                    (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
             }
         }
     }
@@ -497,7 +538,9 @@ int gguf_quantize_row(gguf_type t, const float *x, void *dst, int64_t n) {
     uint8_t *y = dst;
     if (gguf_row_bytes(t, n) == 0) return -1;
     switch (t) {
-    case GGUF_TYPE_F32: memcpy(y, x, (size_t)n * 4); return 0;
+    case GGUF_TYPE_F32:
+        memcpy(y, x, (size_t)n * 4);
+        return 0;
     case GGUF_TYPE_F16:
         for (int64_t i = 0; i < n; ++i) {
             uint16_t h = gguf_fp32_to_fp16(x[i]);
@@ -510,11 +553,21 @@ int gguf_quantize_row(gguf_type t, const float *x, void *dst, int64_t n) {
             memcpy(y + 2 * i, &h, 2);
         }
         return 0;
-    case GGUF_TYPE_Q8_0: quantize_q8_0(x, y, n); return 0;
-    case GGUF_TYPE_Q4_0: quantize_q4_0(x, y, n); return 0;
-    case GGUF_TYPE_Q5_0: quantize_q5_0(x, y, n); return 0;
-    case GGUF_TYPE_Q4_K: quantize_q4_K(x, y, n); return 0;
-    case GGUF_TYPE_Q6_K: quantize_q6_K(x, y, n); return 0;
+    case GGUF_TYPE_Q8_0:
+        quantize_q8_0(x, y, n);
+        return 0;
+    case GGUF_TYPE_Q4_0:
+        quantize_q4_0(x, y, n);
+        return 0;
+    case GGUF_TYPE_Q5_0:
+        quantize_q5_0(x, y, n);
+        return 0;
+    case GGUF_TYPE_Q4_K:
+        quantize_q4_K(x, y, n);
+        return 0;
+    case GGUF_TYPE_Q6_K:
+        quantize_q6_K(x, y, n);
+        return 0;
     }
     return -1;
 }
@@ -523,7 +576,9 @@ int gguf_dequantize_row(gguf_type t, const void *src, float *y, int64_t n) {
     const uint8_t *s = src;
     if (gguf_row_bytes(t, n) == 0) return -1;
     switch (t) {
-    case GGUF_TYPE_F32: memcpy(y, s, (size_t)n * 4); return 0;
+    case GGUF_TYPE_F32:
+        memcpy(y, s, (size_t)n * 4);
+        return 0;
     case GGUF_TYPE_F16:
         for (int64_t i = 0; i < n; ++i) {
             uint16_t h;
@@ -538,11 +593,21 @@ int gguf_dequantize_row(gguf_type t, const void *src, float *y, int64_t n) {
             y[i] = gguf_bf16_to_fp32(h);
         }
         return 0;
-    case GGUF_TYPE_Q8_0: dequantize_q8_0(s, y, n); return 0;
-    case GGUF_TYPE_Q4_0: dequantize_q4_0(s, y, n); return 0;
-    case GGUF_TYPE_Q5_0: dequantize_q5_0(s, y, n); return 0;
-    case GGUF_TYPE_Q4_K: dequantize_q4_K(s, y, n); return 0;
-    case GGUF_TYPE_Q6_K: dequantize_q6_K(s, y, n); return 0;
+    case GGUF_TYPE_Q8_0:
+        dequantize_q8_0(s, y, n);
+        return 0;
+    case GGUF_TYPE_Q4_0:
+        dequantize_q4_0(s, y, n);
+        return 0;
+    case GGUF_TYPE_Q5_0:
+        dequantize_q5_0(s, y, n);
+        return 0;
+    case GGUF_TYPE_Q4_K:
+        dequantize_q4_K(s, y, n);
+        return 0;
+    case GGUF_TYPE_Q6_K:
+        dequantize_q6_K(s, y, n);
+        return 0;
     }
     return -1;
 }
@@ -576,8 +641,7 @@ const char *gguf_ftype_name(gguf_ftype f) {
 
 /* llama-quantize's "more bits" layers: the first and last eighth, and every third between. */
 static int layer_wants_more_bits(int layer, int n_layers) {
-    return layer < n_layers / 8 || layer >= 7 * n_layers / 8 ||
-           (layer - n_layers / 8) % 3 == 2;
+    return layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2;
 }
 
 gguf_type gguf_choose_type(gguf_ftype f, gguf_role role, int64_t ne0, int layer, int n_layers,
@@ -586,10 +650,15 @@ gguf_type gguf_choose_type(gguf_ftype f, gguf_role role, int64_t ne0, int layer,
     if (fallback) *fallback = 0;
     if (role == GGUF_ROLE_NORM) return GGUF_TYPE_F32;
     switch (f) {
-    case GGUF_FTYPE_F32: return GGUF_TYPE_F32;
-    case GGUF_FTYPE_F16: return GGUF_TYPE_F16;
-    case GGUF_FTYPE_BF16: return GGUF_TYPE_BF16;
-    case GGUF_FTYPE_Q8_0: t = GGUF_TYPE_Q8_0; break; /* the converter: every matrix */
+    case GGUF_FTYPE_F32:
+        return GGUF_TYPE_F32;
+    case GGUF_FTYPE_F16:
+        return GGUF_TYPE_F16;
+    case GGUF_FTYPE_BF16:
+        return GGUF_TYPE_BF16;
+    case GGUF_FTYPE_Q8_0:
+        t = GGUF_TYPE_Q8_0;
+        break; /* the converter: every matrix */
     case GGUF_FTYPE_Q4_0:
     case GGUF_FTYPE_Q4_K_M:
         t = f == GGUF_FTYPE_Q4_0 ? GGUF_TYPE_Q4_0 : GGUF_TYPE_Q4_K;
@@ -597,16 +666,20 @@ gguf_type gguf_choose_type(gguf_ftype f, gguf_role role, int64_t ne0, int layer,
          * do not split into 256-weight super-blocks. */
         if (role == GGUF_ROLE_OUTPUT || (role == GGUF_ROLE_TOKEN_EMBD && tied))
             t = ne0 % gguf_type_block_len(t) != 0 ? GGUF_TYPE_Q8_0 : GGUF_TYPE_Q6_K;
-        else if (f == GGUF_FTYPE_Q4_K_M && (role == GGUF_ROLE_ATTN_V || role == GGUF_ROLE_FFN_DOWN) &&
+        else if (f == GGUF_FTYPE_Q4_K_M &&
+                 (role == GGUF_ROLE_ATTN_V || role == GGUF_ROLE_FFN_DOWN) &&
                  layer_wants_more_bits(layer, n_layers))
             t = GGUF_TYPE_Q6_K;
         break;
-    default: return GGUF_TYPE_F32;
+    default:
+        return GGUF_TYPE_F32;
     }
     if (ne0 % gguf_type_block_len(t) != 0) { /* llama-quantize's fallbacks */
         if (fallback) *fallback = 1;
-        if (t == GGUF_TYPE_Q4_K) t = GGUF_TYPE_Q5_0;
-        else if (t == GGUF_TYPE_Q6_K) t = GGUF_TYPE_Q8_0;
+        if (t == GGUF_TYPE_Q4_K)
+            t = GGUF_TYPE_Q5_0;
+        else if (t == GGUF_TYPE_Q6_K)
+            t = GGUF_TYPE_Q8_0;
         if (ne0 % gguf_type_block_len(t) != 0) t = GGUF_TYPE_F16;
     }
     return t;

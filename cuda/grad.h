@@ -7,8 +7,9 @@
  * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
  *
  * lt_grad_ops holds the small vector ops the trainer needs beyond the table (fill, scale,
- * sum of squares, dropout). They belong in backend.h's table once a second backend exists;
- * until then lt_grad_ops_for(be) returns the CPU set for the CPU backend and NULL otherwise.
+ * sum of squares, dropout). They could move into backend.h's table; until then
+ * lt_grad_ops_for(be) returns the set of the CPU backend (here) or of the CUDA backend
+ * (lt_grad_ops_cuda, backend_cuda.cu) and NULL for a backend without one.
  * cross_entropy accumulates the head's gradient only when dh is wanted (a call without dh is
  * a loss-only evaluation). This file must not know Gemma.
  */
@@ -21,22 +22,20 @@
 
 lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
                               const lt_weight *w);
-lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
-                               lt_tensor x, lt_tensor w, float eps);
-lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta,
-                            float factor);
+lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x,
+                               lt_tensor w, float eps);
+lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor);
 lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                  lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                  lt_tensor qpos, lt_tensor kpos, int window, float scale);
 lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
                              lt_tensor gate, lt_tensor up);
-lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
-                                 lt_tensor ids, float scale);
+lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids,
+                                 float scale);
 lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
                             const lt_weight *head, lt_tensor targets, float grad_scale);
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
-                    float lr, float beta1, float beta2, float eps, float weight_decay,
-                    int step);
+                    float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
 typedef struct lt_grad_ops {
     /* t[:] = value (fp32) */
@@ -48,8 +47,7 @@ typedef struct lt_grad_ops {
     /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
      * mul / (1 - p), keep = hash(seed, i) >= p. Calling it twice with the same seed gives
      * the same mask (forward, recompute and backward agree). y may alias x. */
-    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
-                         uint64_t seed);
+    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 } lt_grad_ops;
 
 extern const lt_grad_ops lt_grad_ops_cpu;

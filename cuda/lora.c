@@ -22,17 +22,26 @@ static const char *const MODULES[7] = {"self_attn.q_proj", "self_attn.k_proj", "
 
 static lt_weight *layer_module(gemma3_layer *L, int k) {
     switch (k) {
-    case 0: return &L->q_proj;
-    case 1: return &L->k_proj;
-    case 2: return &L->v_proj;
-    case 3: return &L->o_proj;
-    case 4: return &L->gate_proj;
-    case 5: return &L->up_proj;
-    default: return &L->down_proj;
+    case 0:
+        return &L->q_proj;
+    case 1:
+        return &L->k_proj;
+    case 2:
+        return &L->v_proj;
+    case 3:
+        return &L->o_proj;
+    case 4:
+        return &L->gate_proj;
+    case 5:
+        return &L->up_proj;
+    default:
+        return &L->down_proj;
     }
 }
 
-static int looks_like_regex(const char *s) { return strpbrk(s, "*()[]|^$+?\\") != NULL; }
+static int looks_like_regex(const char *s) {
+    return strpbrk(s, "*()[]|^$+?\\") != NULL;
+}
 
 /* "q" -> "q_proj"; "q_proj" stays. Writes into out. */
 static void short_to_proj(const char *w, char *out, size_t cap) {
@@ -79,8 +88,9 @@ static int regex_matches(const char *pattern, const char *module, int *bad) {
 }
 
 /* A regex may be written against the multimodal names PEFT sees on Gemma3ForConditionalGeneration
- * ("model.language_model.layers.N..." or, before transformers 4.52, "language_model.model.layers.N..."):
- * on a multimodal checkpoint every spelling of the module is tried. */
+ * ("model.language_model.layers.N..." or, before transformers 4.52,
+ * "language_model.model.layers.N..."): on a multimodal checkpoint every spelling of the module is
+ * tried. */
 static int target_matches(const lt_adapters *a, const char *module, int *bad) {
     if (!a->targets_regex) return list_matches(a->targets, module);
     if (regex_matches(a->targets, module, bad)) return 1;
@@ -99,9 +109,12 @@ int lora_module_matches(const lt_adapters *a, const char *module) {
 
 /* ---- parameters ------------------------------------------------------------------------- */
 
-static void *zalloc(lt_ctx *ctx, size_t bytes) { return ctx->be->alloc(ctx, bytes ? bytes : 4); }
+static void *zalloc(lt_ctx *ctx, size_t bytes) {
+    return ctx->be->alloc(ctx, bytes ? bytes : 4);
+}
 
-static lt_status add_param(lt_adapters *a, const char *name, lt_tensor *value, void *grad, int decay) {
+static lt_status add_param(lt_adapters *a, const char *name, lt_tensor *value, void *grad,
+                           int decay) {
     train_param *np = realloc(a->params, sizeof(train_param) * (size_t)(a->n_params + 1));
     if (!np) return LT_ERR_MEMORY;
     a->params = np;
@@ -164,7 +177,8 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
             if (!host) return LT_ERR_MEMORY;
             double bound = 1.0 / sqrt((double)in);
             for (size_t i = 0; i < na; i++)
-                host[i] = (float)((((double)(mix64(&rs) >> 11)) / 9007199254740992.0 * 2.0 - 1.0) * bound);
+                host[i] = (float)((((double)(mix64(&rs) >> 11)) / 9007199254740992.0 * 2.0 - 1.0) *
+                                  bound);
             lt_status rc = ctx->be->upload(ctx, A, host, na * 4);
             free(host);
             if (rc != LT_OK) return rc;
@@ -179,13 +193,15 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
         }
     }
     if (a->n_slots == 0) {
-        snprintf(err, LT_ERRLEN,
-                 "%%lora: targets='%s' matches no linear layer; use names from q,k,v,o,gate,up,down "
-                 "(or q_proj, ...) or a regex over names like model.layers.0.self_attn.q_proj",
-                 a->targets);
+        snprintf(
+            err, LT_ERRLEN,
+            "%%lora: targets='%s' matches no linear layer; use names from q,k,v,o,gate,up,down "
+            "(or q_proj, ...) or a regex over names like model.layers.0.self_attn.q_proj",
+            a->targets);
         return LT_ERR_ARG;
     }
-    for (int i = 0; i < a->n_slots; i++) a->slots[i].w->lora = &a->slots[i].lora;
+    for (int i = 0; i < a->n_slots; i++)
+        a->slots[i].w->lora = &a->slots[i].lora;
     return LT_OK;
 }
 
@@ -214,8 +230,10 @@ static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
 static lt_status attach_full(lt_adapters *a, char *err) {
     gemma3_model *m = a->model;
     if (a->ctx->be != &lt_backend_cpu) {
-        snprintf(err, LT_ERRLEN, "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
-                 "(this model is on %s); use LoRA", a->ctx->be->name);
+        snprintf(err, LT_ERRLEN,
+                 "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
+                 "(this model is on %s); use LoRA",
+                 a->ctx->be->name);
         return LT_ERR_STATE;
     }
     int L = m->cfg.num_hidden_layers;
@@ -236,12 +254,15 @@ static lt_status attach_full(lt_adapters *a, char *err) {
     }
     for (int l = 0; l < L; l++) {
         gemma3_layer *ly = &m->layers[l];
-        lt_tensor *norms[NG_COUNT] = {&ly->input_layernorm, &ly->q_norm, &ly->k_norm,
-                                      &ly->post_attention_layernorm, &ly->pre_feedforward_layernorm,
+        lt_tensor *norms[NG_COUNT] = {&ly->input_layernorm,
+                                      &ly->q_norm,
+                                      &ly->k_norm,
+                                      &ly->post_attention_layernorm,
+                                      &ly->pre_feedforward_layernorm,
                                       &ly->post_feedforward_layernorm};
-        static const char *const NN[NG_COUNT] = {"input_layernorm", "self_attn.q_norm", "self_attn.k_norm",
-                                                 "post_attention_layernorm", "pre_feedforward_layernorm",
-                                                 "post_feedforward_layernorm"};
+        static const char *const NN[NG_COUNT] = {
+            "input_layernorm",          "self_attn.q_norm",          "self_attn.k_norm",
+            "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"};
         for (int k = 0; k < NG_COUNT; k++) {
             void *g = zalloc(a->ctx, lt_tensor_bytes(norms[k]));
             if (!g) goto oom;
@@ -267,7 +288,8 @@ static lt_status attach_full(lt_adapters *a, char *err) {
     if (add_param(a, "model.norm.weight", &m->norm, g, 0) != LT_OK) goto oom;
     return LT_OK;
 oom:
-    snprintf(err, LT_ERRLEN, "%%lora full=true: out of memory for fp32 weights and gradients "
+    snprintf(err, LT_ERRLEN,
+             "%%lora full=true: out of memory for fp32 weights and gradients "
              "(full fine-tuning needs about 4x the fp32 model size; try LoRA)");
     return LT_ERR_MEMORY;
 }
@@ -276,14 +298,17 @@ oom:
 static void detach_full(lt_adapters *a) {
     gemma3_model *m = a->model;
     lt_weight *mats[2] = {&m->embed_tokens, &m->lm_head};
-    for (int i = 0; i < 2; i++) mats[i]->grad_w.data = NULL;
+    for (int i = 0; i < 2; i++)
+        mats[i]->grad_w.data = NULL;
     for (int l = 0; l < m->cfg.num_hidden_layers; l++)
-        for (int k = 0; k < 7; k++) layer_module(&m->layers[l], k)->grad_w.data = NULL;
+        for (int k = 0; k < 7; k++)
+            layer_module(&m->layers[l], k)->grad_w.data = NULL;
     /* gradient buffers are the params' grads (released in lora_free); the fp32 weight copies
      * stay referenced by the model, so they are not freed here (see lora_free). */
 }
 
-lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lora_opts *o, char *err) {
+lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lora_opts *o,
+                      char *err) {
     *out = NULL;
     if (!m) {
         snprintf(err, LT_ERRLEN, "%%lora: no model loaded (%%load one first)");
@@ -294,7 +319,8 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
         return LT_ERR_ARG;
     }
     if (!(o->dropout >= 0 && o->dropout < 1)) {
-        snprintf(err, LT_ERRLEN, "%%lora: dropout=%g; accepted: a number from 0 to below 1", o->dropout);
+        snprintf(err, LT_ERRLEN, "%%lora: dropout=%g; accepted: a number from 0 to below 1",
+                 o->dropout);
         return LT_ERR_ARG;
     }
     lt_adapters *a = calloc(1, sizeof *a);
@@ -306,7 +332,9 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
     a->alpha = o->alpha;
     a->rslora = o->rslora;
     a->dropout = o->dropout;
-    const char *t = o->targets && *o->targets ? o->targets : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+    const char *t = o->targets && *o->targets
+                        ? o->targets
+                        : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
     a->targets_regex = looks_like_regex(t);
     if (!a->targets_regex) {
         /* normalise the list to PEFT's spelling */
@@ -350,7 +378,8 @@ void lora_free(lt_adapters *a) {
     }
     if (a->full) {
         detach_full(a);
-        for (int i = 0; i < a->n_params; i++) ctx->be->release(ctx, a->params[i].grad.data);
+        for (int i = 0; i < a->n_params; i++)
+            ctx->be->release(ctx, a->params[i].grad.data);
         for (int i = 0; i < a->n_owned; i++) {
             owned_copy *c = &a->owned[i];
             lt_convert(c->orig, c->orig_dtype, c->copy, LT_F32, lt_tensor_numel(c->t));
@@ -371,7 +400,8 @@ void lora_free(lt_adapters *a) {
 lt_status lora_zero_grads(lt_adapters *a) {
     const lt_grad_ops *g = lt_grad_ops_for(a->ctx->be);
     if (!g) {
-        snprintf(a->ctx->err, LT_ERRLEN, "training is not implemented on the %s backend yet", a->ctx->be->name);
+        snprintf(a->ctx->err, LT_ERRLEN, "training is not implemented on the %s backend yet",
+                 a->ctx->be->name);
         return LT_ERR_STATE;
     }
     for (int i = 0; i < a->n_params; i++) {
@@ -382,7 +412,8 @@ lt_status lora_zero_grads(lt_adapters *a) {
 }
 
 void lora_enable(lt_adapters *a, int on) {
-    for (int i = 0; i < a->n_slots; i++) a->slots[i].lora.enabled = on;
+    for (int i = 0; i < a->n_slots; i++)
+        a->slots[i].lora.enabled = on;
 }
 
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap) {
@@ -406,10 +437,9 @@ lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *ou
             float b = sc * B[o * r + k];
             if (b == 0.0f) continue;
             const float *ar = A + k * I;
-            for (int64_t i = 0; i < I; i++) row[i] += b * ar[i];
+            for (int64_t i = 0; i < I; i++)
+                row[i] += b * ar[i];
         }
     }
-    (void)a;
-    (void)err;
     return LT_OK;
 }

@@ -28,14 +28,16 @@ double optim_lr_factor(lr_schedule s, int step, int warmup, int total) {
         return f > 0 ? f : 0;
     }
     case SCHED_CONSTANT:
-    default: return 1.0;
+    default:
+        return 1.0;
     }
 }
 
 lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
     const lt_grad_ops *g = lt_grad_ops_for(a->ctx->be);
     if (!g) {
-        snprintf(err, LT_ERRLEN, "training is not implemented on the %s backend yet", a->ctx->be->name);
+        snprintf(err, LT_ERRLEN, "training is not implemented on the %s backend yet",
+                 a->ctx->be->name);
         return LT_ERR_STATE;
     }
     double total = 0;
@@ -51,8 +53,10 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
     double n = sqrt(total);
     *norm = n;
     if (!isfinite(n)) {
-        snprintf(err, LT_ERRLEN, "the gradient is not finite (norm %g): the loss diverged; lower lr= "
-                 "or set max_grad_norm=", n);
+        snprintf(err, LT_ERRLEN,
+                 "the gradient is not finite (norm %g): the loss diverged; lower lr= "
+                 "or set max_grad_norm=",
+                 n);
         return LT_ERR_ARG;
     }
     if (max_norm > 0) {
@@ -70,7 +74,8 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
 lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, char *err) {
     lt_ctx *ctx = a->ctx;
     if (!ctx->be->adamw) {
-        snprintf(err, LT_ERRLEN, "the adamw op is not implemented on the %s backend", ctx->be->name);
+        snprintf(err, LT_ERRLEN, "the adamw op is not implemented on the %s backend",
+                 ctx->be->name);
         return LT_ERR_STATE;
     }
     for (int i = 0; i < a->n_params; i++) {
@@ -86,8 +91,8 @@ lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, ch
                 return LT_ERR_MEMORY;
             }
         }
-        lt_status rc = ctx->be->adamw(ctx, *p->value, p->grad, p->m, p->v, lr, o->beta1, o->beta2, o->eps,
-                                      p->decay ? o->weight_decay : 0.0f, step);
+        lt_status rc = ctx->be->adamw(ctx, *p->value, p->grad, p->m, p->v, lr, o->beta1, o->beta2,
+                                      o->eps, p->decay ? o->weight_decay : 0.0f, step);
         if (rc != LT_OK) {
             snprintf(err, LT_ERRLEN, "%s", ctx->err);
             return rc;

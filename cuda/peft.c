@@ -94,7 +94,7 @@ static lt_status af_write(afile *f, const void *data, size_t n, char *err) {
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) {
             perr(err, "%s: write failed (%s); the previous copy is kept", f->path,
-                     w < 0 ? strerror(errno) : "no space");
+                 w < 0 ? strerror(errno) : "no space");
             return LT_ERR_IO;
         }
         p += w;
@@ -115,7 +115,7 @@ static lt_status af_finish(afile *f, char *err) {
     if (bad) {
         unlink(f->tmp);
         perr(err, "%s: could not flush the file to disk (%s); the previous copy is kept", f->path,
-                 strerror(e));
+             strerror(e));
         return LT_ERR_IO;
     }
     return LT_OK;
@@ -161,7 +161,8 @@ lt_status file_write_atomic(const char *path, const void *data, size_t n, char *
     return rc;
 }
 
-/* ---- safetensors writer ----------------------------------------------------------------------- */
+/* ---- safetensors writer -----------------------------------------------------------------------
+ */
 
 /* Writes the whole file to an open afile. */
 static lt_status st_emit(afile *f, const st_out *t, int n, const char *metadata_json, char *err) {
@@ -180,8 +181,8 @@ static lt_status st_emit(afile *f, const st_out *t, int n, const char *metadata_
             numel *= t[i].shape[d];
         }
         uint64_t bytes = (uint64_t)numel * lt_dtype_size(t[i].dtype);
-        json_t *e = json_pack("{s:s, s:o, s:[I, I]}", "dtype", lt_dtype_name(t[i].dtype), "shape", shape,
-                              "data_offsets", (json_int_t)off, (json_int_t)(off + bytes));
+        json_t *e = json_pack("{s:s, s:o, s:[I, I]}", "dtype", lt_dtype_name(t[i].dtype), "shape",
+                              shape, "data_offsets", (json_int_t)off, (json_int_t)(off + bytes));
         if (!e) {
             json_decref(hdr);
             return LT_ERR_MEMORY;
@@ -207,7 +208,8 @@ static lt_status st_emit(afile *f, const st_out *t, int n, const char *metadata_
     free(h);
     for (int i = 0; i < n && rc == LT_OK; i++) {
         int64_t numel = 1;
-        for (int d = 0; d < t[i].ndim; d++) numel *= t[i].shape[d];
+        for (int d = 0; d < t[i].ndim; d++)
+            numel *= t[i].shape[d];
         rc = af_write(f, t[i].data, (size_t)numel * lt_dtype_size(t[i].dtype), err);
     }
     return rc;
@@ -229,7 +231,8 @@ lt_status st_write(const char *path, const st_out *t, int n, const char *metadat
     return rc;
 }
 
-/* ---- a set of files committed together ---------------------------------------------------------- */
+/* ---- a set of files committed together ----------------------------------------------------------
+ */
 
 #define MAX_SET 8
 
@@ -239,7 +242,8 @@ typedef struct file_set {
 } file_set;
 
 static void set_abort(file_set *s) {
-    for (int i = 0; i < s->n; i++) af_abort(&s->f[i]);
+    for (int i = 0; i < s->n; i++)
+        af_abort(&s->f[i]);
     s->n = 0;
 }
 
@@ -279,7 +283,8 @@ static lt_status set_copy(file_set *s, const char *path, const char *src, char *
     s->n++;
     char buf[1 << 16];
     size_t r;
-    while (rc == LT_OK && (r = fread(buf, 1, sizeof buf, in)) > 0) rc = af_write(f, buf, r, err);
+    while (rc == LT_OK && (r = fread(buf, 1, sizeof buf, in)) > 0)
+        rc = af_write(f, buf, r, err);
     if (rc == LT_OK && ferror(in)) {
         perr(err, "%s: read error", src);
         rc = LT_ERR_IO;
@@ -294,7 +299,8 @@ static lt_status set_commit(file_set *s, const char *dir, char *err) {
     for (int i = 0; i < s->n; i++) {
         if (rename(s->f[i].tmp, s->f[i].path) != 0) {
             perr(err, "%s: rename failed (%s)", s->f[i].path, strerror(errno));
-            for (int j = i; j < s->n; j++) unlink(s->f[j].tmp);
+            for (int j = i; j < s->n; j++)
+                unlink(s->f[j].tmp);
             return LT_ERR_IO;
         }
     }
@@ -336,7 +342,8 @@ static const void *host_of(lt_ctx *ctx, const lt_tensor *t, host_pool *hp) {
 }
 
 static void pool_free(host_pool *hp) {
-    for (int i = 0; i < hp->n; i++) free(hp->p[i]);
+    for (int i = 0; i < hp->n; i++)
+        free(hp->p[i]);
     free(hp->p);
     hp->p = NULL;
     hp->n = 0;
@@ -435,7 +442,8 @@ static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***nam
     *names = nm;
     return LT_OK;
 oom:
-    for (int i = 0; i < n; i++) free(nm[i]);
+    for (int i = 0; i < n; i++)
+        free(nm[i]);
     free(nm);
     free(t);
     return LT_ERR_MEMORY;
@@ -443,7 +451,8 @@ oom:
 
 static void free_names(char **nm, int n) {
     if (!nm) return;
-    for (int i = 0; i < n; i++) free(nm[i]);
+    for (int i = 0; i < n; i++)
+        free(nm[i]);
     free(nm);
 }
 
@@ -486,7 +495,8 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
 /* Finds the tensor of a slot under any PEFT key spelling. */
 static const st_tensor *find_lora(const st_set *st, const lora_slot *s, char ab) {
     const char *rest = s->module + strlen("model.");
-    static const char *const PRE[] = {"base_model.model.model.", "base_model.model.model.language_model.",
+    static const char *const PRE[] = {"base_model.model.model.",
+                                      "base_model.model.model.language_model.",
                                       "base_model.model.language_model.model."};
     char key[512];
     for (int i = 0; i < 3; i++) {
@@ -499,7 +509,8 @@ static const st_tensor *find_lora(const st_set *st, const lora_slot *s, char ab)
     return NULL;
 }
 
-lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const char *dir, char *err) {
+lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const char *dir,
+                            char *err) {
     *out = NULL;
     char path[4200];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
@@ -520,7 +531,8 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     } else if (json_is_true(json_object_get(c, "use_dora"))) {
         perr(err, "%s: use_dora=true (DoRA) is not supported", path);
         rc = LT_ERR_FORMAT;
-    } else if (json_object_size(json_object_get(c, "rank_pattern")) || json_object_size(json_object_get(c, "alpha_pattern"))) {
+    } else if (json_object_size(json_object_get(c, "rank_pattern")) ||
+               json_object_size(json_object_get(c, "alpha_pattern"))) {
         perr(err, "%s: rank_pattern/alpha_pattern (per-module ranks) are not supported", path);
         rc = LT_ERR_FORMAT;
     } else if (r && !json_is_integer(r)) {
@@ -573,15 +585,15 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
             const st_tensor *t = find_lora(&st, s, k == 0 ? 'A' : 'B');
             lt_tensor *dst = k == 0 ? &s->lora.a : &s->lora.b;
             if (!t) {
-                perr(err, "%s: no lora_%c tensor for %s (the config targets it)", path, k ? 'B' : 'A',
-                         s->module);
+                perr(err, "%s: no lora_%c tensor for %s (the config targets it)", path,
+                     k ? 'B' : 'A', s->module);
                 rc = LT_ERR_FORMAT;
-            } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 || t->shape[0] != dst->shape[0] ||
-                       t->shape[1] != dst->shape[1]) {
+            } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 ||
+                       t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
                 char sh[64];
                 perr(err, "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
-                         t->dtype_name, st_shape_str(t, sh, sizeof sh), (long long)dst->shape[0],
-                         (long long)dst->shape[1]);
+                     t->dtype_name, st_shape_str(t, sh, sizeof sh), (long long)dst->shape[0],
+                     (long long)dst->shape[1]);
                 rc = LT_ERR_FORMAT;
             } else {
                 int64_t n = lt_tensor_numel(dst);
@@ -599,13 +611,17 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
         }
     }
     int lora_tensors = 0;
-    for (int i = 0; i < st.n_tensors; i++) lora_tensors += strstr(st.tensors[i].name, ".lora_") != NULL;
+    for (int i = 0; i < st.n_tensors; i++)
+        lora_tensors += strstr(st.tensors[i].name, ".lora_") != NULL;
     if (rc == LT_OK && lora_tensors > used) {
-        perr(err, "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
-                 path, lora_tensors, used);
+        perr(err,
+             "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
+             path, lora_tensors, used);
         /* vision-tower adapters of a multimodal checkpoint are the one acceptable case */
-        if (!m->cfg.multimodal) rc = LT_ERR_FORMAT;
-        else err[0] = 0;
+        if (!m->cfg.multimodal)
+            rc = LT_ERR_FORMAT;
+        else
+            err[0] = 0;
     }
     st_close(&st);
     if (rc != LT_OK) {
@@ -648,18 +664,22 @@ static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
     json_object_set_new(j, "rope_theta", json_real(c->rope[GEMMA3_FULL].theta));
     json_object_set_new(j, "rope_local_base_freq", json_real(c->rope[GEMMA3_SLIDING].theta));
     if (c->rope[GEMMA3_FULL].factor != 1.0)
-        json_object_set_new(j, "rope_scaling", json_pack("{s:s, s:f}", "rope_type", "linear", "factor",
-                                                         c->rope[GEMMA3_FULL].factor));
+        json_object_set_new(
+            j, "rope_scaling",
+            json_pack("{s:s, s:f}", "rope_type", "linear", "factor", c->rope[GEMMA3_FULL].factor));
     else
         json_object_set_new(j, "rope_scaling", json_null());
     json_t *lt = json_array();
     for (int l = 0; l < c->num_hidden_layers; l++)
-        json_array_append_new(lt, json_string(c->layer_types[l] == GEMMA3_FULL ? "full_attention" : "sliding_attention"));
+        json_array_append_new(
+            lt,
+            json_string(c->layer_types[l] == GEMMA3_FULL ? "full_attention" : "sliding_attention"));
     json_object_set_new(j, "layer_types", lt);
     if (c->bos_id >= 0) json_object_set_new(j, "bos_token_id", json_integer(c->bos_id));
     if (c->pad_id >= 0) json_object_set_new(j, "pad_token_id", json_integer(c->pad_id));
     json_t *eos = json_array();
-    for (int i = 0; i < c->n_eos_ids; i++) json_array_append_new(eos, json_integer(c->eos_ids[i]));
+    for (int i = 0; i < c->n_eos_ids; i++)
+        json_array_append_new(eos, json_integer(c->eos_ids[i]));
     json_object_set_new(j, "eos_token_id", eos);
     json_object_set_new(j, "torch_dtype", json_string(torch_dtype(dt)));
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
@@ -710,7 +730,8 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     w->names[w->n] = nm;
     st_out *o = &w->t[w->n++];
     *o = (st_out){nm, w->dt, t->ndim, {0}, buf};
-    for (int d = 0; d < t->ndim; d++) o->shape[d] = t->shape[d];
+    for (int d = 0; d < t->ndim; d++)
+        o->shape[d] = t->shape[d];
     return 0;
 oom:
     free(f32);
@@ -719,13 +740,17 @@ oom:
     return 1;
 }
 
-lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *src_dir, const char *tokenizer_path,
-                           const char *dtype, const char *dir, char *err) {
+lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+                           const char *tokenizer_path, const char *dtype, const char *dir,
+                           char *err) {
     lt_dtype dt = m->dtype;
     if (dtype && strcmp(dtype, "auto") != 0) {
-        if (!strcmp(dtype, "fp32")) dt = LT_F32;
-        else if (!strcmp(dtype, "fp16")) dt = LT_F16;
-        else if (!strcmp(dtype, "bf16")) dt = LT_BF16;
+        if (!strcmp(dtype, "fp32"))
+            dt = LT_F32;
+        else if (!strcmp(dtype, "fp16"))
+            dt = LT_F16;
+        else if (!strcmp(dtype, "bf16"))
+            dt = LT_BF16;
         else {
             perr(err, "%%save dtype=%s; accepted: auto|fp32|fp16|bf16", dtype);
             return LT_ERR_ARG;
@@ -733,15 +758,24 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
     }
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
     if (a && a->ctx->be != &lt_backend_cpu) {
-        perr(err, "%%save merged=: not available on the %s backend yet; save the adapter (%%save adapter=DIR), "
-             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=", a->ctx->be->name);
+        perr(err,
+             "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
+             "adapter=DIR), "
+             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
+             a->ctx->be->name);
         return LT_ERR_STATE;
     }
     lt_status rc = dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
-    merge_walk w = {a, dt, calloc((size_t)nw + 1, sizeof(st_out)), calloc((size_t)nw + 1, sizeof(char *)),
-                    calloc((size_t)nw + 1, sizeof(void *)), 0, err, LT_OK};
+    merge_walk w = {a,
+                    dt,
+                    calloc((size_t)nw + 1, sizeof(st_out)),
+                    calloc((size_t)nw + 1, sizeof(char *)),
+                    calloc((size_t)nw + 1, sizeof(void *)),
+                    0,
+                    err,
+                    LT_OK};
     if (!w.t || !w.names || !w.bufs) {
         w.rc = LT_ERR_MEMORY;
         perr(err, "out of memory");
@@ -854,7 +888,8 @@ oom:
     rc = LT_ERR_MEMORY;
     perr(err, "checkpoint %s: out of memory", dir);
 out:
-    for (int i = 0; on && i < n * 2; i++) free(on[i]);
+    for (int i = 0; on && i < n * 2; i++)
+        free(on[i]);
     free(on);
     free(ov);
     free(pv);
@@ -884,8 +919,10 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
         size_t bytes = lt_tensor_bytes(p->value);
         const st_tensor *t = st_find(&ps, p->name);
         if (!t || t->dtype != LT_F32 || t->nbytes != bytes) {
-            perr(err, "%s/params.safetensors: no F32 tensor %s of the right shape (was the "
-                     "checkpoint made with other %%lora options?)", dir, p->name);
+            perr(err,
+                 "%s/params.safetensors: no F32 tensor %s of the right shape (was the "
+                 "checkpoint made with other %%lora options?)",
+                 dir, p->name);
             rc = LT_ERR_FORMAT;
             break;
         }

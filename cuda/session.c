@@ -547,13 +547,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     lt_rng rng;
     rng_seed(&rng, o->seed);
     int n = 0;
-    /* the cache may hold the prompt already when it extends the previous sequence exactly */
-    if (s->cache_ready && s->n_cached == n_prompt && !memcmp(s->cached, prompt, sizeof(int32_t) * (size_t)n_prompt)) {
-        /* the last logits are not kept: re-run the last token */
-        gemma3_cache_reset(&s->cache, &s->ctx);
-        s->n_cached = 0;
-    }
-    rc = feed(s, prompt, n_prompt, last);
+    rc = feed(s, prompt, n_prompt, last); /* reuses the cache when the prompt extends it */
     for (int i = 0; rc == LT_OK && i < o->max_new; i++) {
         if (cancelled(s)) {
             rc = fail(s, LT_CANCELLED, "cancelled after %d tokens", n);

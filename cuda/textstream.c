@@ -22,40 +22,59 @@ static void stream_emit(textstream *st, const char *p, size_t n) {
     memcpy(st->all + st->len, p, n);
     st->len += n;
     st->all[st->len] = 0;
-    if (st->emit) {
-        char piece[600];
-        memcpy(piece, p, n < sizeof piece - 1 ? n : sizeof piece - 1);
-        piece[n < sizeof piece - 1 ? n : sizeof piece - 1] = 0;
-        st->emit(st->ctx, piece);
+    if (st->emit) { /* the callback gets a NUL-terminated copy: the tail of `all` */
+        st->emit(st->ctx, st->all + st->len - n);
     }
 }
 
-/* Length a UTF-8 lead byte announces (1 for ASCII and for invalid leads, passed through). */
-static int utf8_len(unsigned char c) {
+/* Classifies the bytes at p (avail of them): > 0 = a valid character of that length,
+ * 0 = a valid but unfinished prefix, -1 = invalid (the first byte is replaced by U+FFFD).
+ * Strict like jansson and Python: no overlongs, no surrogates, nothing above U+10FFFF. */
+static int utf8_char(const unsigned char *p, int avail) {
+    unsigned char c = p[0];
+    int n;
+    unsigned char lo = 0x80, hi = 0xbf; /* allowed range of the second byte */
     if (c < 0x80) return 1;
-    if ((c & 0xe0) == 0xc0) return 2;
-    if ((c & 0xf0) == 0xe0) return 3;
-    if ((c & 0xf8) == 0xf0) return 4;
-    return 1;
+    if (c >= 0xc2 && c <= 0xdf) n = 2;
+    else if (c >= 0xe0 && c <= 0xef) {
+        n = 3;
+        if (c == 0xe0) lo = 0xa0;
+        if (c == 0xed) hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        n = 4;
+        if (c == 0xf0) lo = 0x90;
+        if (c == 0xf4) hi = 0x8f;
+    } else {
+        return -1;
+    }
+    for (int j = 1; j < n; j++) {
+        if (j >= avail) return 0;
+        unsigned char b = p[j];
+        if (j == 1 ? (b < lo || b > hi) : (b & 0xc0) != 0x80) return -1;
+    }
+    return n;
 }
 
 void textstream_add(textstream *st, const char *bytes, int n) {
-    char buf[600];
-    int k = 0;
+    char buf[600], out[1800];
+    int k = 0, o = 0;
     for (int i = 0; i < st->npend; i++) buf[k++] = st->pend[i];
     for (int i = 0; i < n && k < (int)sizeof buf; i++) buf[k++] = bytes[i];
     int done = 0;
     while (done < k) {
-        int need = utf8_len((unsigned char)buf[done]);
-        if (need > 1) {
-            int avail = k - done < need ? k - done : need, okc = 1;
-            for (int j = 1; j < avail; j++) okc &= ((unsigned char)buf[done + j] & 0xc0) == 0x80;
-            if (!okc) need = 1;          /* broken sequence: pass the lead byte through */
-            else if (avail < need) break; /* unfinished: wait for the next token */
+        int len = utf8_char((const unsigned char *)buf + done, k - done);
+        if (len == 0) break; /* unfinished: wait for the next token */
+        if (len < 0) {       /* invalid byte: U+FFFD, as a UTF-8 decoder with errors=replace */
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            done += 1;
+            continue;
         }
-        done += need;
+        memcpy(out + o, buf + done, (size_t)len);
+        o += len;
+        done += len;
     }
-    stream_emit(st, buf, (size_t)done);
+    stream_emit(st, out, (size_t)o);
     st->npend = k - done;
     memcpy(st->pend, buf + done, (size_t)st->npend);
 }

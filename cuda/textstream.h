@@ -2,8 +2,9 @@
  * Engine-private.
  *
  * Tokens carry bytes (byte-fallback pieces may hold part of a character); textstream_add keeps
- * an unfinished character back until its last byte arrives, and textstream_finish turns a
- * character that never finished into U+FFFD. Everything emitted is also kept in `all`.
+ * an unfinished character back until its last byte arrives; bytes that can never form valid
+ * UTF-8 become U+FFFD, and textstream_finish turns a character that never finished into
+ * U+FFFD. So every piece is valid UTF-8 (JSON-safe). Everything emitted is kept in `all`.
  */
 #ifndef LATHE_TEXTSTREAM_H
 #define LATHE_TEXTSTREAM_H

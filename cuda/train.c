@@ -28,21 +28,25 @@
 #include <unistd.h>
 
 #include "cuda/train.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend_cuda.h"
+#endif
 
 struct lt_trainer {
     lt_adapters *ad;
     /* the current run */
-    int active;          /* a run exists */
+    int active; /* a run exists */
     int finished;
-    char key[4096];      /* its options, canonical, to recognise "the same %train again" */
-    int step, total;     /* optimizer steps done / planned */
-    int64_t pos;         /* units consumed (global stream position) */
+    char key[4096];  /* its options, canonical, to recognise "the same %train again" */
+    int step, total; /* optimizer steps done / planned */
+    int64_t pos;     /* units consumed (global stream position) */
     int64_t tokens;
     float *losses;
     int n_losses, cap_losses;
 };
 
-static lt_status failf(char *err, lt_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static lt_status failf(char *err, lt_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static lt_status failf(char *err, lt_status st, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -109,8 +113,10 @@ static void call_begin(session_view *v) {
 static void hooks_set(lt_adapters *a, int on) {
     for (int i = 0; a && i < a->n_slots; i++) {
         lora_slot *sl = &a->slots[i];
-        if (on) sl->w->lora = &sl->lora;
-        else if (sl->w->lora == &sl->lora) sl->w->lora = NULL;
+        if (on)
+            sl->w->lora = &sl->lora;
+        else if (sl->w->lora == &sl->lora)
+            sl->w->lora = NULL;
     }
 }
 
@@ -138,7 +144,8 @@ lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callback
     session_view v;
     session_view_get(s, &v);
     call_begin(&v);
-    if (!v.model) return failf(v.err, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
+    if (!v.model)
+        return failf(v.err, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
     lt_trainer *t = trainer_get(&v);
     if (!t) return failf(v.err, LT_ERR_MEMORY, "out of memory");
     lt_adapters *a = NULL;
@@ -203,22 +210,37 @@ void lt_train_opts_default(lt_train_opts *o) {
 }
 
 static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *err) {
-    if (!(o->lr > 0) || !isfinite(o->lr)) return failf(err, LT_ERR_ARG, "%%train: lr=%g; it must be a number > 0", o->lr);
+    if (!(o->lr > 0) || !isfinite(o->lr))
+        return failf(err, LT_ERR_ARG, "%%train: lr=%g; it must be a number > 0", o->lr);
     if (o->batch < 1) return failf(err, LT_ERR_ARG, "%%train: batch=%d; it must be >= 1", o->batch);
-    if (o->grad_accum < 1) return failf(err, LT_ERR_ARG, "%%train: grad_accum=%d; it must be >= 1", o->grad_accum);
-    if (o->steps < 0) return failf(err, LT_ERR_ARG, "%%train: steps=%d; it must be >= 0 (0 = from epochs)", o->steps);
+    if (o->grad_accum < 1)
+        return failf(err, LT_ERR_ARG, "%%train: grad_accum=%d; it must be >= 1", o->grad_accum);
+    if (o->steps < 0)
+        return failf(err, LT_ERR_ARG, "%%train: steps=%d; it must be >= 0 (0 = from epochs)",
+                     o->steps);
     if (o->steps == 0 && !(o->epochs > 0))
-        return failf(err, LT_ERR_ARG, "%%train: epochs=%g; give epochs > 0 or steps >= 1", o->epochs);
-    if (o->warmup < 0) return failf(err, LT_ERR_ARG, "%%train: warmup=%d; it must be >= 0 steps", o->warmup);
-    if (o->weight_decay < 0) return failf(err, LT_ERR_ARG, "%%train: weight_decay=%g must be >= 0", o->weight_decay);
-    if (o->max_grad_norm < 0) return failf(err, LT_ERR_ARG, "%%train: max_grad_norm=%g must be >= 0 (0 = off)", o->max_grad_norm);
-    if (o->save_every < 0) return failf(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
-    if (o->max_seq < 0) return failf(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
+        return failf(err, LT_ERR_ARG, "%%train: epochs=%g; give epochs > 0 or steps >= 1",
+                     o->epochs);
+    if (o->warmup < 0)
+        return failf(err, LT_ERR_ARG, "%%train: warmup=%d; it must be >= 0 steps", o->warmup);
+    if (o->weight_decay < 0)
+        return failf(err, LT_ERR_ARG, "%%train: weight_decay=%g must be >= 0", o->weight_decay);
+    if (o->max_grad_norm < 0)
+        return failf(err, LT_ERR_ARG, "%%train: max_grad_norm=%g must be >= 0 (0 = off)",
+                     o->max_grad_norm);
+    if (o->save_every < 0)
+        return failf(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
+    if (o->max_seq < 0)
+        return failf(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
     const char *s = o->schedule ? o->schedule : "linear";
-    if (!strcmp(s, "constant")) *sched = SCHED_CONSTANT;
-    else if (!strcmp(s, "linear")) *sched = SCHED_LINEAR;
-    else if (!strcmp(s, "cosine")) *sched = SCHED_COSINE;
-    else return failf(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine", s);
+    if (!strcmp(s, "constant"))
+        *sched = SCHED_CONSTANT;
+    else if (!strcmp(s, "linear"))
+        *sched = SCHED_LINEAR;
+    else if (!strcmp(s, "cosine"))
+        *sched = SCHED_COSINE;
+    else
+        return failf(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine", s);
     if (o->optim && strcmp(o->optim, "adamw") != 0)
         return failf(err, LT_ERR_ARG, "%%train: optim=%s; accepted: adamw", o->optim);
     return LT_OK;
@@ -227,15 +249,19 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
 /* The options that define a run, as one canonical string. */
 static void opts_key(const lt_train_opts *o, int max_seq, char *out, size_t cap) {
     snprintf(out, cap,
-             "data=%s|format=%s|batch=%d|grad_accum=%d|steps=%d|epochs=%.9g|lr=%.9g|warmup=%d|schedule=%s|"
-             "wd=%.9g|clip=%.9g|b1=%.9g|b2=%.9g|eps=%.9g|max_seq=%d|ro=%d|packing=%d|seed=%llu|shuffle=%d",
-             o->data ? o->data : "", o->format ? o->format : "auto", o->batch, o->grad_accum, o->steps,
-             (double)o->epochs, (double)o->lr, o->warmup, o->schedule ? o->schedule : "linear",
-             (double)o->weight_decay, (double)o->max_grad_norm, (double)o->beta1, (double)o->beta2, (double)o->eps,
-             max_seq, o->responses_only, o->packing, (unsigned long long)o->seed, o->shuffle);
+             "data=%s|format=%s|batch=%d|grad_accum=%d|steps=%d|epochs=%.9g|lr=%.9g|warmup=%d|"
+             "schedule=%s|"
+             "wd=%.9g|clip=%.9g|b1=%.9g|b2=%.9g|eps=%.9g|max_seq=%d|ro=%d|packing=%d|seed=%llu|"
+             "shuffle=%d",
+             o->data ? o->data : "", o->format ? o->format : "auto", o->batch, o->grad_accum,
+             o->steps, (double)o->epochs, (double)o->lr, o->warmup,
+             o->schedule ? o->schedule : "linear", (double)o->weight_decay,
+             (double)o->max_grad_norm, (double)o->beta1, (double)o->beta2, (double)o->eps, max_seq,
+             o->responses_only, o->packing, (unsigned long long)o->seed, o->shuffle);
 }
 
-/* ---- units and the data stream ------------------------------------------------------------------ */
+/* ---- units and the data stream ------------------------------------------------------------------
+ */
 
 typedef struct unit_list {
     int *start, *count; /* unit u = samples idx[start[u] .. start[u]+count[u]) */
@@ -294,7 +320,8 @@ static int stream_unit(stream *s, int64_t pos) {
     int64_t e = pos / n;
     if (!s->shuffle) return (int)(pos % n);
     if (e != s->epoch_cached) {
-        for (int i = 0; i < n; i++) s->perm[i] = i;
+        for (int i = 0; i < n; i++)
+            s->perm[i] = i;
         uint64_t st = mix(s->seed ^ mix((uint64_t)e + 1));
         for (int i = n - 1; i > 0; i--) { /* Fisher-Yates */
             st = mix(st);
@@ -314,7 +341,8 @@ static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t 
     int N = 0, nseg = 0;
     for (int k = 0; k < nu; k++) {
         int u = stream_unit(st, pos + k);
-        for (int j = 0; j < st->u->count[u]; j++) N += d->s[st->u->idx[st->u->start[u] + j]].n;
+        for (int j = 0; j < st->u->count[u]; j++)
+            N += d->s[st->u->idx[st->u->start[u] + j]].n;
         nseg += st->u->count[u];
     }
     b->ids = malloc(sizeof(int32_t) * (size_t)N);
@@ -348,21 +376,24 @@ static void batch_free(train_batch *b) {
     memset(b, 0, sizeof *b);
 }
 
-/* ---- checkpoints ------------------------------------------------------------------------------ */
+/* ---- checkpoints ------------------------------------------------------------------------------
+ */
 
 static char *state_json(const lt_trainer *t, const lt_train_opts *o, int max_seq, int n_units) {
     json_t *j = json_object();
     json_t *losses = json_array();
-    for (int i = 0; i < t->n_losses; i++) json_array_append_new(losses, json_real(t->losses[i]));
-    json_t *opts = json_pack("{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:i, s:b, s:b, "
-                             "s:I, s:b}",
-                             "data", o->data ? o->data : "", "format", o->format ? o->format : "auto", "batch",
-                             o->batch, "grad_accum", o->grad_accum, "steps", o->steps, "epochs", (double)o->epochs,
-                             "lr", (double)o->lr, "warmup", o->warmup, "schedule", o->schedule ? o->schedule : "linear",
-                             "weight_decay", (double)o->weight_decay, "max_grad_norm", (double)o->max_grad_norm,
-                             "beta1", (double)o->beta1, "beta2", (double)o->beta2, "eps", (double)o->eps, "max_seq",
-                             max_seq, "responses_only", o->responses_only, "packing", o->packing, "seed",
-                             (json_int_t)o->seed, "shuffle", o->shuffle);
+    for (int i = 0; i < t->n_losses; i++)
+        json_array_append_new(losses, json_real(t->losses[i]));
+    json_t *opts = json_pack(
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:i, s:b, s:b, "
+        "s:I, s:b}",
+        "data", o->data ? o->data : "", "format", o->format ? o->format : "auto", "batch", o->batch,
+        "grad_accum", o->grad_accum, "steps", o->steps, "epochs", (double)o->epochs, "lr",
+        (double)o->lr, "warmup", o->warmup, "schedule", o->schedule ? o->schedule : "linear",
+        "weight_decay", (double)o->weight_decay, "max_grad_norm", (double)o->max_grad_norm, "beta1",
+        (double)o->beta1, "beta2", (double)o->beta2, "eps", (double)o->eps, "max_seq", max_seq,
+        "responses_only", o->responses_only, "packing", o->packing, "seed", (json_int_t)o->seed,
+        "shuffle", o->shuffle);
     json_object_set_new(j, "format_version", json_integer(1));
     json_object_set_new(j, "step", json_integer(t->step));
     json_object_set_new(j, "total_steps", json_integer(t->total));
@@ -409,20 +440,24 @@ typedef struct resumed {
     char data[2048], format[16], schedule[16];
 } resumed;
 
-static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t **state, char *err) {
+static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t **state,
+                            char *err) {
     char p[4200];
     snprintf(p, sizeof p, "%s/trainer_state.json", ck);
     json_error_t je;
     json_t *j = json_load_file(p, 0, &je);
-    if (!j) return failf(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck, je.text);
+    if (!j)
+        return failf(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck,
+                     je.text);
     json_t *op = json_object_get(j, "options");
     if (!json_is_object(op) || !json_is_integer(json_object_get(j, "step"))) {
         json_decref(j);
         return failf(err, LT_ERR_FORMAT, "%s: keys 'options' and 'step' are missing", p);
     }
-#define GETS(k, dst)                                                                                    \
-    snprintf(r->dst, sizeof r->dst, "%s",                                                               \
-             json_is_string(json_object_get(op, k)) ? json_string_value(json_object_get(op, k)) : "")
+#define GETS(k, dst)                                                                               \
+    snprintf(r->dst, sizeof r->dst, "%s",                                                          \
+             json_is_string(json_object_get(op, k)) ? json_string_value(json_object_get(op, k))    \
+                                                    : "")
 #define GETN(k) json_number_value(json_object_get(op, k))
     GETS("data", data);
     GETS("format", format);
@@ -454,39 +489,65 @@ static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t
 
 /* ---- the memory plan ------------------------------------------------------------------------ */
 
-static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, int64_t max_tokens, const lt_train_callbacks *cb,
-                             char *err) {
+/* Bytes free where the training buffers will live: the GPU's free memory plus the blocks
+ * lathe's CUDA allocator holds but does not use; host memory on the CPU. 0 = unknown. */
+static double memory_available(lt_ctx *ctx, const char **where) {
+#ifdef HAVE_CUDA
+    if (ctx && ctx->be == &lt_backend_cuda) {
+        lt_cuda_mem cm;
+        lt_cuda_memory(ctx, &cm);
+        *where = "GPU memory";
+        return (double)cm.free + (double)(cm.reserved > cm.in_use ? cm.reserved - cm.in_use : 0);
+    }
+#else
+    (void)ctx;
+#endif
+    *where = "memory";
+    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+}
+
+static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
+                             int64_t max_tokens, const lt_train_callbacks *cb, char *err) {
     const gemma3_config *c = &m->cfg;
-    double H = c->hidden_size, I = c->intermediate_size, L = c->num_hidden_layers, N = (double)max_tokens;
-    double QD = (double)c->num_attention_heads * c->head_dim, KD = (double)c->num_key_value_heads * c->head_dim;
+    double H = c->hidden_size, I = c->intermediate_size, L = c->num_hidden_layers,
+           N = (double)max_tokens;
+    double QD = (double)c->num_attention_heads * c->head_dim,
+           KD = (double)c->num_key_value_heads * c->head_dim;
     double weights = (double)m->weight_bytes;
     double trainable = (double)a->n_trainable * 4 * 4; /* value (LoRA) + grad + m + v */
     double ckpt = L * N * H * 4;
-    double layer = N * (9 * H + 3 * QD + 4 * KD + 3 * I) * 4 + N * (3 * H + 2 * QD + 2 * KD + 3 * I) * 4;
+    double layer =
+        N * (9 * H + 3 * QD + 4 * KD + 3 * I) * 4 + N * (3 * H + 2 * QD + 2 * KD + 3 * I) * 4;
     double ce = 8.0 * 1024 * 1024 * 4 + N * H * 4;
     double total = trainable + ckpt + layer + ce;
-    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    double avail = pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+    const char *where;
+    double avail = memory_available(ctx, &where);
     if (cb && cb->message) {
         char msg[512];
         snprintf(msg, sizeof msg,
-                 "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, layer checkpoints "
-                 "%.1f MiB, one layer's activations %.1f MiB, loss %.1f MiB: %.1f MiB more (%lld tokens per "
+                 "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, "
+                 "layer checkpoints "
+                 "%.1f MiB, one layer's activations %.1f MiB, loss %.1f MiB: %.1f MiB more (%lld "
+                 "tokens per "
                  "micro-batch)",
-                 weights / 1048576, trainable / 1048576, ckpt / 1048576, layer / 1048576, ce / 1048576,
-                 total / 1048576, (long long)max_tokens);
+                 weights / 1048576, trainable / 1048576, ckpt / 1048576, layer / 1048576,
+                 ce / 1048576, total / 1048576, (long long)max_tokens);
         cb->message(cb->ctx, msg);
     }
     if (avail > 0 && total > avail)
         return failf(err, LT_ERR_MEMORY,
-                     "%%train needs about %.0f MiB more memory but %.0f MiB are free: lower batch= or max_seq=, "
-                     "or use grad_accum= for the same effective batch", total / 1048576, avail / 1048576);
+                     "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
+                     "or max_seq=, or use grad_accum= for the same effective batch",
+                     total / 1048576, where, avail / 1048576);
     return LT_OK;
 }
 
-/* ---- %train ----------------------------------------------------------------------------------- */
+/* ---- %train -----------------------------------------------------------------------------------
+ */
 
-static void say(const lt_train_callbacks *cb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void say(const lt_train_callbacks *cb, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void say(const lt_train_callbacks *cb, const char *fmt, ...) {
     if (!cb || !cb->message) return;
     char buf[1500];
@@ -502,7 +563,8 @@ static void data_message(void *ctx, const char *text) {
     if (cb && cb->message) cb->message(cb->ctx, text);
 }
 
-lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_callbacks *cb, lt_train_result *res) {
+lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_callbacks *cb,
+                   lt_train_result *res) {
     session_view v;
     session_view_get(s, &v);
     call_begin(&v);
@@ -510,7 +572,8 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     if (!res) res = &dummy;
     memset(res, 0, sizeof *res);
     char *err = v.err;
-    if (!v.model) return failf(err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
+    if (!v.model)
+        return failf(err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
     lt_trainer *t = *v.trainer;
     lt_train_opts o = *o_in;
     resumed rs;
@@ -520,8 +583,11 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
 
     if (o_in->resume && *o_in->resume) {
         if (resolve_checkpoint(o_in->resume, ck, sizeof ck) != 0)
-            return failf(err, LT_ERR_IO, "%%train resume=%s: no checkpoint there (a folder with trainer_state.json, "
-                         "or a save= folder holding checkpoint-N folders)", o_in->resume);
+            return failf(
+                err, LT_ERR_IO,
+                "%%train resume=%s: no checkpoint there (a folder with trainer_state.json, "
+                "or a save= folder holding checkpoint-N folders)",
+                o_in->resume);
         if ((rc = read_state(ck, &o, &rs, &state, err)) != LT_OK) return rc;
         o.save = o_in->save;
         o.save_every = o_in->save_every;
@@ -559,13 +625,16 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     }
     if (!t || !t->ad) {
         json_decref(state);
-        return failf(err, LT_ERR_STATE, "%%train: nothing to train: attach adapters first (%%lora, or %%lora full=true)");
+        return failf(
+            err, LT_ERR_STATE,
+            "%%train: nothing to train: attach adapters first (%%lora, or %%lora full=true)");
     }
     lt_adapters *ad = t->ad;
     lr_schedule sched = SCHED_LINEAR;
     if ((rc = check_opts(&o, &sched, err)) != LT_OK) goto out_state;
     int max_seq = o.max_seq > 0 ? o.max_seq : v.max_seq;
-    if (max_seq <= 0 || max_seq > v.model->cfg.max_position_embeddings) max_seq = v.model->cfg.max_position_embeddings;
+    if (max_seq <= 0 || max_seq > v.model->cfg.max_position_embeddings)
+        max_seq = v.model->cfg.max_position_embeddings;
     if (o.save && *o.save && (rc = dir_prepare(o.save, err)) != LT_OK) {
         char tmp[LT_ERRLEN];
         snprintf(tmp, sizeof tmp, "%s", err);
@@ -604,12 +673,15 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         json_t *x;
         json_array_foreach(ls, i, x) push_loss(t, (float)json_number_value(x));
         if (json_integer_value(json_object_get(state, "units")) != u.n) {
-            rc = failf(err, LT_ERR_ARG, "resume=%s: the data now makes %d units but the checkpoint was made with %lld; "
-                       "resume needs the same data and options", ck, u.n,
-                       (long long)json_integer_value(json_object_get(state, "units")));
+            rc = failf(
+                err, LT_ERR_ARG,
+                "resume=%s: the data now makes %d units but the checkpoint was made with %lld; "
+                "resume needs the same data and options",
+                ck, u.n, (long long)json_integer_value(json_object_get(state, "units")));
             goto out_units;
         }
-        say(cb, "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total, o.save ? o.save : "none");
+        say(cb, "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total,
+            o.save ? o.save : "none");
     } else if (t->active && !t->finished && strcmp(t->key, key) == 0) {
         say(cb, "continuing the interrupted run at step %d/%d", t->step, t->total);
     } else {
@@ -619,18 +691,24 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         t->total = total;
     }
     if (t->step >= t->total) {
-        rc = failf(err, LT_ERR_ARG, "%%train: this run already did its %d steps; change an option (steps=, data=, ...) "
-                   "to start a new one", t->total);
+        rc = failf(
+            err, LT_ERR_ARG,
+            "%%train: this run already did its %d steps; change an option (steps=, data=, ...) "
+            "to start a new one",
+            t->total);
         goto out_units;
     }
-    say(cb, "%d samples (%s, %lld tokens, %lld trained), %d %s, %d steps (%d per epoch), %lld trainable parameters",
-        d.n, d.format, (long long)d.n_tokens, (long long)d.n_labels, u.n, o.packing ? "packed rows" : "units", t->total,
-        steps_per_epoch, (long long)ad->n_trainable);
+    say(cb,
+        "%d samples (%s, %lld tokens, %lld trained), %d %s, %d steps (%d per epoch), %lld "
+        "trainable parameters",
+        d.n, d.format, (long long)d.n_tokens, (long long)d.n_labels, u.n,
+        o.packing ? "packed rows" : "units", t->total, steps_per_epoch, (long long)ad->n_trainable);
     {
         int64_t maxtok = 0;
-        for (int i = 0; i < d.n; i++) maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
+        for (int i = 0; i < d.n; i++)
+            maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
         maxtok = (o.packing ? max_seq : maxtok) * (int64_t)o.batch;
-        if ((rc = memory_plan(v.model, ad, maxtok, cb, err)) != LT_OK) goto out_units;
+        if ((rc = memory_plan(v.model, ad, v.ctx, maxtok, cb, err)) != LT_OK) goto out_units;
     }
     res->n_samples = d.n;
     res->n_truncated = d.n_truncated;
@@ -644,7 +722,8 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         rc = failf(err, LT_ERR_MEMORY, "out of memory");
         goto out_stream;
     }
-    optim_opts oo = {o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.max_grad_norm, o.warmup, sched};
+    optim_opts oo = {o.lr,           o.beta1,         o.beta2,  o.eps,
+                     o.weight_decay, o.max_grad_norm, o.warmup, sched};
     double t0 = now_s();
     int64_t run_tokens = 0;
     int first = 1;
@@ -671,7 +750,8 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
             }
             double ls = 0;
             uint64_t dseed = mix(o.seed ^ mix((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
-            rc = gemma3_train_batch(v.model, v.ctx, ad, &mb[k], 1.0f / (float)(labels > 0 ? labels : 1), 1,
+            rc = gemma3_train_batch(v.model, v.ctx, ad, &mb[k],
+                                    1.0f / (float)(labels > 0 ? labels : 1), 1,
                                     ad->dropout > 0 ? dseed : 0, &ls);
             if (rc != LT_OK) {
                 failf(err, rc, "%%train step %d: %s", t->step + 1, v.ctx->err);
@@ -698,13 +778,23 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         first = 0;
         res->last_loss = loss;
         res->steps_done = t->step;
-        for (int k = 0; k < o.grad_accum; k++) batch_free(&mb[k]);
+        for (int k = 0; k < o.grad_accum; k++)
+            batch_free(&mb[k]);
         if (cb && cb->step) {
             double el = now_s() - t0;
             int done_here = t->step - res->first_step, left = t->total - t->step;
-            lt_train_progress p = {t->step, t->total, (float)((double)t->pos / u.n), loss, lr, gnorm,
-                                   el > 0 ? run_tokens / el : 0, el, done_here > 0 ? el / done_here * left : 0,
-                                   t->tokens, t->losses, t->n_losses};
+            lt_train_progress p = {t->step,
+                                   t->total,
+                                   (float)((double)t->pos / u.n),
+                                   loss,
+                                   lr,
+                                   gnorm,
+                                   el > 0 ? run_tokens / el : 0,
+                                   el,
+                                   done_here > 0 ? el / done_here * left : 0,
+                                   t->tokens,
+                                   t->losses,
+                                   t->n_losses};
             cb->step(cb->ctx, &p);
         }
         int last = t->step == t->total;
@@ -721,8 +811,11 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
             if (rc != LT_OK) {
                 char tmp[LT_ERRLEN];
                 snprintf(tmp, sizeof tmp, "%s", err);
-                failf(err, rc, "checkpoint at step %d failed: %s (training stopped; the weights of step %d are kept "
-                      "in memory)", t->step, tmp, t->step);
+                failf(err, rc,
+                      "checkpoint at step %d failed: %s (training stopped; the weights of step %d "
+                      "are kept "
+                      "in memory)",
+                      t->step, tmp, t->step);
                 goto out_loop;
             }
             memcpy(res->saved, dir, strnlen(dir, sizeof res->saved - 1));
@@ -731,14 +824,17 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     }
     t->finished = 1;
 out_loop:
-    for (int k = 0; k < o.grad_accum && mb; k++) batch_free(&mb[k]);
+    for (int k = 0; k < o.grad_accum && mb; k++)
+        batch_free(&mb[k]);
     res->seconds = now_s() - t0;
     res->tokens = run_tokens;
     res->steps_done = t->step;
     if (rc == LT_CANCELLED) {
         res->interrupted = 1;
-        failf(err, LT_CANCELLED, "training stopped at step %d of %d; the weights are those of step %d. Run the same "
-              "%%train again to continue", t->step, t->total, t->step);
+        failf(err, LT_CANCELLED,
+              "training stopped at step %d of %d; the weights are those of step %d. Run the same "
+              "%%train again to continue",
+              t->step, t->total, t->step);
     }
     if (t->step > res->first_step) session_drop_cache(s);
 out_stream:
@@ -753,7 +849,8 @@ out_state:
     return rc;
 }
 
-/* ---- %save ------------------------------------------------------------------------------------ */
+/* ---- %save ------------------------------------------------------------------------------------
+ */
 
 lt_status lt_save_adapter(lt_session *s, const char *dir) {
     session_view v;
@@ -775,8 +872,10 @@ lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
     if (tp && strncmp(v.model->source, "random:", 7) != 0) {
         snprintf(src, sizeof src, "%s", tp);
         char *slash = strrchr(src, '/');
-        if (slash) *slash = 0;
-        else snprintf(src, sizeof src, ".");
+        if (slash)
+            *slash = 0;
+        else
+            snprintf(src, sizeof src, ".");
     }
     return peft_save_merged(t ? t->ad : NULL, v.model, src, tp, dtype, dir, v.err);
 }

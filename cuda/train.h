@@ -39,7 +39,7 @@ typedef struct train_param {
 typedef struct lora_slot {
     char module[160]; /* canonical module path, "model.layers.3.mlp.down_proj" */
     int layer;
-    lt_weight *w;     /* the model's weight (its ->lora points at .lora below) */
+    lt_weight *w; /* the model's weight (its ->lora points at .lora below) */
     lt_lora lora;
 } lora_slot;
 
@@ -51,10 +51,10 @@ typedef struct gemma3_norm_grads {
 enum { NG_INPUT, NG_QNORM, NG_KNORM, NG_POST_ATTN, NG_PRE_FF, NG_POST_FF, NG_COUNT };
 
 typedef struct owned_copy {
-    lt_tensor *t;      /* the model's tensor, pointing at copy while training */
-    void *orig;        /* its own storage */
+    lt_tensor *t; /* the model's tensor, pointing at copy while training */
+    void *orig;   /* its own storage */
     lt_dtype orig_dtype;
-    void *copy;        /* fp32 */
+    void *copy; /* fp32 */
 } owned_copy;
 
 typedef struct lt_adapters {
@@ -66,7 +66,7 @@ typedef struct lt_adapters {
     float alpha;
     int rslora;
     float dropout;
-    char *targets;       /* as given: "q_proj,k_proj,..." (a list) or a regex */
+    char *targets; /* as given: "q_proj,k_proj,..." (a list) or a regex */
     int targets_regex;
     lora_slot *slots;
     int n_slots;
@@ -81,10 +81,10 @@ typedef struct lt_adapters {
 } lt_adapters;
 
 typedef struct lora_opts {
-    int r;               /* > 0 */
-    float alpha;         /* default 16 */
+    int r;       /* > 0 */
+    float alpha; /* default 16 */
     int rslora;
-    float dropout;       /* [0, 1) */
+    float dropout; /* [0, 1) */
     uint64_t seed;
     const char *targets; /* NULL = q,k,v,o,gate,up,down; short names, *_proj names, or a regex */
     int full;            /* full fine-tuning instead of adapters */
@@ -97,7 +97,9 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
 /* Detaches (model weights point at no adapter again) and frees. After full fine-tuning the
  * trained values stay in the model (written back into its storage, in its dtype). */
 void lora_free(lt_adapters *a);
-/* Expands short target names to the module suffixes PEFT writes ("q" -> "q_proj"). */
+/* 1 when the adapters' targets select this canonical module ("model.layers.3.mlp.up_proj"):
+ * PEFT's list rule (equal, or ends with "." + entry; "q" means "q_proj") or re.fullmatch for a
+ * regex (also tried on the multimodal spellings of the name). */
 int lora_module_matches(const lt_adapters *a, const char *module);
 /* Sets every gradient to zero. */
 lt_status lora_zero_grads(lt_adapters *a);
@@ -119,7 +121,7 @@ typedef struct train_batch {
     int *seg_len;     /* [n_seg] */
     int n_seg;
     int N;
-    int n_labels;     /* targets != -100 */
+    int n_labels; /* targets != -100 */
 } train_batch;
 
 /* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are
@@ -158,7 +160,7 @@ typedef struct train_sample {
     int32_t *ids;  /* [n] */
     uint8_t *mask; /* [n]: 1 = token is a label (trained), 0 = context only */
     int n;
-    int line;      /* 1-based line (JSONL) or record (JSON array) in the file, for messages */
+    int line; /* 1-based line (JSONL) or record (JSON array) in the file, for messages */
 } train_sample;
 
 typedef struct train_data {
@@ -172,9 +174,9 @@ typedef struct train_data {
 
 typedef struct data_opts {
     const char *path;
-    const char *format;  /* "auto", "text", "alpaca", "sharegpt", "messages" */
+    const char *format; /* "auto", "text", "alpaca", "sharegpt", "messages" */
     int max_seq;
-    int responses_only;  /* chat formats: train on model turns only */
+    int responses_only; /* chat formats: train on model turns only */
 } data_opts;
 
 /* Reads and tokenizes the whole dataset; errors name file:line and the field. */
@@ -187,15 +189,14 @@ void data_free(train_data *d);
 /* A tensor to write. */
 typedef struct st_out {
     const char *name;
-    lt_dtype dtype;   /* of the file: F32, F16, BF16 */
+    lt_dtype dtype; /* of the file: F32, F16, BF16 */
     int ndim;
     int64_t shape[4];
     const void *data; /* host, already in `dtype` */
 } st_out;
 
 /* Writes a safetensors file atomically (temp in the same folder, fsync, rename). */
-lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json,
-                   char *err);
+lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json, char *err);
 /* Writes text atomically. */
 lt_status file_write_atomic(const char *path, const void *data, size_t n, char *err);
 /* Creates DIR (and parents) if missing; checks it is a writable directory. */
@@ -218,12 +219,12 @@ typedef struct lt_trainer lt_trainer; /* adapters + the current run (train.c) */
 
 /* The parts of a session the training code uses. */
 typedef struct session_view {
-    gemma3_model *model;     /* NULL when none is loaded */
+    gemma3_model *model; /* NULL when none is loaded */
     lt_tokenizer *tok;
-    lt_ctx *ctx;             /* valid when model != NULL */
-    char *err;               /* LT_ERRLEN: the session's message */
-    atomic_int *cancel;      /* raised by lt_cancel */
-    lt_trainer **trainer;    /* the session's slot (NULL until %lora) */
+    lt_ctx *ctx;          /* valid when model != NULL */
+    char *err;            /* LT_ERRLEN: the session's message */
+    atomic_int *cancel;   /* raised by lt_cancel */
+    lt_trainer **trainer; /* the session's slot (NULL until %lora) */
     int max_seq;
 } session_view;
 void session_view_get(lt_session *s, session_view *v);

@@ -18,6 +18,9 @@ int magic_status(magic_ctx *ctx, const magic_args *a);
 int magic_generate(magic_ctx *ctx, const magic_args *a);
 int magic_chat(magic_ctx *ctx, const magic_args *a);
 
+/* magic_shell.c */
+int magic_shell(magic_ctx *ctx, const magic_args *a);
+
 /* magic_export.c */
 int magic_export_gguf(magic_ctx *ctx, const magic_args *a);
 

@@ -109,7 +109,14 @@ static void model_summary(magic_ctx *ctx, int with_title) {
 }
 
 int magic_load(magic_ctx *ctx, const magic_args *a) {
-    lt_load_opts opts = {arg_str(a, "dtype"), arg_str(a, "device"), (int)arg_int(a, "max_seq")};
+    /* precision= is the GPU's name for dtype= (the frozen weights' type is the matmul type) */
+    const char *dtype = arg_str(a, "dtype"), *precision = arg_str(a, "precision");
+    if (arg_given(a, "precision") && arg_given(a, "dtype") && strcmp(dtype, precision) != 0)
+        return magic_fail(ctx, "CellError",
+                          "%%load: dtype=%s and precision=%s disagree; give one of them", dtype,
+                          precision);
+    if (arg_given(a, "precision")) dtype = precision;
+    lt_load_opts opts = {dtype, arg_str(a, "device"), (int)arg_int(a, "max_seq")};
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
     lt_status st = lt_load(ctx->session, a->pos[0], &opts, &cb);

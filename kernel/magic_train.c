@@ -31,7 +31,8 @@ static void fmt_count(char *out, size_t n, int64_t v) {
         snprintf(out, n, "%lld", (long long)v);
 }
 
-/* ---- %lora ------------------------------------------------------------------------------------ */
+/* ---- %lora ------------------------------------------------------------------------------------
+ */
 
 int magic_lora(magic_ctx *ctx, const magic_args *a) {
     lt_lora_opts o;
@@ -45,8 +46,9 @@ int magic_lora(magic_ctx *ctx, const magic_args *a) {
     o.full = arg_bool(a, "full");
     o.load = arg_str(a, "load");
     if (o.full && o.load && *o.load)
-        return magic_fail(ctx, "CellError", "%%lora: full=true and load= exclude each other (load= reads a "
-                                            "PEFT adapter; full=true trains every weight)");
+        return magic_fail(ctx, "CellError",
+                          "%%lora: full=true and load= exclude each other (load= reads a "
+                          "PEFT adapter; full=true trains every weight)");
     lt_callbacks cb = {ctx, say_line, NULL, NULL};
     lt_status st = lt_lora_attach(ctx->session, &o, &cb);
     if (st != LT_OK) return magic_fail_engine(ctx, st);
@@ -68,11 +70,14 @@ int magic_lora(magic_ctx *ctx, const magic_args *a) {
                   "trainable parameters: %s of %s (%.3f%%)\n",
                   info.r, (double)info.alpha, (double)info.scale, info.rslora ? ", rsLoRA" : "",
                   (double)info.dropout, info.n_modules, info.targets, tr, tot, pct);
-        sb_printf(&html, "<p>LoRA attached: r=%d, alpha=%g (scale %g%s), dropout %g on <b>%d</b> modules (<code>",
+        sb_printf(&html,
+                  "<p>LoRA attached: r=%d, alpha=%g (scale %g%s), dropout %g on <b>%d</b> modules "
+                  "(<code>",
                   info.r, (double)info.alpha, (double)info.scale, info.rslora ? ", rsLoRA" : "",
                   (double)info.dropout, info.n_modules);
         sb_html(&html, info.targets);
-        sb_printf(&html, "</code>)<br>trainable parameters: <b>%s</b> of %s (%.3f%%)</p>", tr, tot, pct);
+        sb_printf(&html, "</code>)<br>trainable parameters: <b>%s</b> of %s (%.3f%%)</p>", tr, tot,
+                  pct);
     }
     char *t = sb_take(&text), *h = sb_take(&html);
     if (t && h) display_html(ctx->sink, h, t, NULL, 0);
@@ -81,7 +86,8 @@ int magic_lora(magic_ctx *ctx, const magic_args *a) {
     return 0;
 }
 
-/* ---- %train ----------------------------------------------------------------------------------- */
+/* ---- %train -----------------------------------------------------------------------------------
+ */
 
 typedef struct train_view {
     magic_ctx *ctx;
@@ -98,14 +104,16 @@ static void plot_draw(train_view *v, const lt_train_progress *p, int force) {
     double now = display_now();
     if (!force && v->plot_shown && now - v->plot_last < 0.5) return;
     char title[160];
-    snprintf(title, sizeof title, "training loss (step %d/%d: %.4f)", p->step, p->total_steps, p->loss);
+    snprintf(title, sizeof title, "training loss (step %d/%d: %.4f)", p->step, p->total_steps,
+             p->loss);
     char *svg = display_svg_plot(p->losses, p->n_losses, 480, 200, title);
     if (!svg) return;
     float lo = INFINITY;
-    for (int i = 0; i < p->n_losses; i++) lo = fminf(lo, p->losses[i]);
+    for (int i = 0; i < p->n_losses; i++)
+        lo = fminf(lo, p->losses[i]);
     char text[256];
-    snprintf(text, sizeof text, "loss curve: %d steps, first %.4f, last %.4f, lowest %.4f", p->n_losses,
-             p->n_losses ? (double)p->losses[0] : 0.0, p->loss, (double)lo);
+    snprintf(text, sizeof text, "loss curve: %d steps, first %.4f, last %.4f, lowest %.4f",
+             p->n_losses, p->n_losses ? (double)p->losses[0] : 0.0, p->loss, (double)lo);
     display_html(v->ctx->sink, svg, text, v->plot_id, v->plot_shown);
     free(svg);
     v->plot_shown = 1;
@@ -165,7 +173,8 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
                           "%%train needs data=FILE (a .jsonl or .json dataset), or resume=DIR; "
                           "%%help train lists the options");
     if (o.save_every > 0 && !(o.save && *o.save))
-        return magic_fail(ctx, "CellError", "%%train: save_every=%d needs save=DIR (where checkpoints go)",
+        return magic_fail(ctx, "CellError",
+                          "%%train: save_every=%d needs save=DIR (where checkpoints go)",
                           o.save_every);
     train_view v;
     memset(&v, 0, sizeof v);
@@ -177,25 +186,31 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
         char extra[160] = "";
         if (v.have_last) bar_extra(&v.last, extra, sizeof extra);
         progress_end(&v.bar, r.steps_done, extra,
-                     st == LT_OK ? "done" : st == LT_CANCELLED ? "interrupted" : "failed");
+                     st == LT_OK          ? "done"
+                     : st == LT_CANCELLED ? "interrupted"
+                                          : "failed");
         if (v.have_last) plot_draw(&v, &v.last, 1);
     }
     if (st == LT_CANCELLED) {
-        magic_print(ctx, "interrupted: the weights are those of step %d of %d; run the same %%train again "
-                         "to continue from there\n", r.steps_done, r.total_steps);
+        magic_print(
+            ctx,
+            "interrupted: the weights are those of step %d of %d; run the same %%train again "
+            "to continue from there\n",
+            r.steps_done, r.total_steps);
         return magic_fail_engine(ctx, st);
     }
     if (st != LT_OK) return magic_fail_engine(ctx, st);
     char el[32];
     display_duration(el, sizeof el, r.seconds);
     int done = r.steps_done - r.first_step;
-    magic_print(ctx, "trained %d step%s in %s (%.0f tokens/s): loss %.4f -> %.4f%s%s\n", done, done == 1 ? "" : "s",
-                el, r.seconds > 0 ? r.tokens / r.seconds : 0.0, r.first_loss, r.last_loss,
-                r.saved[0] ? "; last checkpoint " : "", r.saved);
+    magic_print(ctx, "trained %d step%s in %s (%.0f tokens/s): loss %.4f -> %.4f%s%s\n", done,
+                done == 1 ? "" : "s", el, r.seconds > 0 ? r.tokens / r.seconds : 0.0, r.first_loss,
+                r.last_loss, r.saved[0] ? "; last checkpoint " : "", r.saved);
     return 0;
 }
 
-/* ---- %save ------------------------------------------------------------------------------------ */
+/* ---- %save ------------------------------------------------------------------------------------
+ */
 
 int magic_save(magic_ctx *ctx, const magic_args *a) {
     const char *ad = arg_str(a, "adapter"), *mg = arg_str(a, "merged");
@@ -204,7 +219,8 @@ int magic_save(magic_ctx *ctx, const magic_args *a) {
         return magic_fail(ctx, "CellError",
                           "%%save takes one of adapter=DIR (a PEFT adapter) or merged=DIR (a full "
                           "checkpoint with the adapters merged)");
-    lt_status st = has_a ? lt_save_adapter(ctx->session, ad) : lt_save_merged(ctx->session, mg, arg_str(a, "dtype"));
+    lt_status st = has_a ? lt_save_adapter(ctx->session, ad)
+                         : lt_save_merged(ctx->session, mg, arg_str(a, "dtype"));
     if (st != LT_OK) return magic_fail_engine(ctx, st);
     if (has_a)
         magic_print(ctx,
@@ -213,10 +229,11 @@ int magic_save(magic_ctx *ctx, const magic_args *a) {
                     "peft.PeftModel.from_pretrained(model, \"%s\")\n",
                     ad, ad, ad);
     else
-        magic_print(ctx,
-                    "saved the merged model to %s (config.json + model.safetensors + tokenizer.model)\n"
-                    "load it here with %%load %s, or with transformers' "
-                    "AutoModelForCausalLM.from_pretrained(\"%s\")\n",
-                    mg, mg, mg);
+        magic_print(
+            ctx,
+            "saved the merged model to %s (config.json + model.safetensors + tokenizer.model)\n"
+            "load it here with %%load %s, or with transformers' "
+            "AutoModelForCausalLM.from_pretrained(\"%s\")\n",
+            mg, mg, mg);
     return 0;
 }

@@ -52,7 +52,10 @@ static const opt_spec clear_opts[] = {
 static const opt_spec load_opts[] = {
     {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
      "storage type of the frozen weights (auto = as stored; computed in fp32 on the CPU)"},
-    {"device", OPT_CHOICE, "auto", "auto|cpu|cuda", NO_RANGE, "where the model runs"},
+    {"device", OPT_CHOICE, "auto", "auto|cpu|cuda", NO_RANGE,
+     "where the model runs (auto: the GPU when there is one)"},
+    {"precision", OPT_CHOICE, "auto", "auto|fp32|bf16|fp16", NO_RANGE,
+     "GPU matmul precision (auto: bf16 on sm_80 and newer, fp16 on the T4); the same as dtype="},
     {"max_seq", OPT_INT, "0", NULL, 0, 1048576, 0,
      "longest sequence (0 = the config's, at most 8192)"},
     {NULL}};
@@ -132,7 +135,8 @@ static const magic_spec table[] = {
      "Shows the loaded model (source, architecture, dtype, device, parameters, memory), "
      "what was skipped (a vision tower), and the engine's state.",
      magic_status},
-    {"load", 0, "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] [max_seq=N]",
+    {"load", 0, "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] "
+            "[precision=auto|fp32|bf16|fp16] [max_seq=N]",
      1, 1, "SOURCE", NULL, load_opts, "load a Gemma 3 model and its tokenizer",
      "SOURCE is a directory (config.json, *.safetensors, tokenizer.model), a Hugging Face "
      "cache id such as google/gemma-3-1b-it (looked up under $HF_HOME/hub or "
@@ -190,6 +194,11 @@ static const magic_spec table[] = {
      "loadable by transformers and by %load DIR. Files are written atomically: a failed "
      "save keeps the previous copy.",
      magic_save},
+    {"shell", 1, "%%shell", 0, 0, NULL, NULL, no_opts, "run the cell body as a shell script",
+     "Runs the cell body with /bin/sh -c in the notebook's folder (like IPython's %%bash), "
+     "showing stdout and stderr as they come. Interrupt stops it; a non-zero exit status "
+     "fails the cell.",
+     magic_shell},
     {"sleep", 0, "%sleep SECONDS", 1, 1, "SECONDS", &seconds_type, no_opts,
      "wait with a live progress bar (tests the plumbing)",
      "Waits SECONDS (0 to 86400) showing a progress bar updated in place. An interrupt "

@@ -60,3 +60,27 @@ write("notebooks/finetune.ipynb", [
     new_code_cell("%load tiny\n%lora load=/tmp/lathe-finetune/polite-adapter"),
     new_code_cell("%%chat temperature=0 max_new=24\nTell me about rivers."),
 ])
+
+write("notebooks/export.ipynb", [
+    new_markdown_cell("# From the notebook to llama.cpp\n\nFine-tune `tiny` for a few steps, "
+                      "then write it as GGUF files that llama.cpp, Ollama and LM Studio load "
+                      "(`%export_gguf` merges the LoRA adapters into the weights first), and run "
+                      "them with a real llama.cpp: the answer is the one lathe gives here."),
+    new_code_cell("%load tiny\n%lora r=16 alpha=32\n"
+                  "%train data=data/polite.jsonl batch=4 steps=30 lr=3e-3 warmup=3"),
+    new_markdown_cell("Greedy decoding (`temperature=0`) of one chat turn, by lathe:"),
+    new_code_cell("%%chat temperature=0 max_new=20\nTell me about rivers."),
+    new_markdown_cell("Two files: 16-bit floats, and llama.cpp's 8-bit `q8_0`. Each is written "
+                      "atomically; `overwrite=true` replaces an earlier export."),
+    new_code_cell("%export_gguf /tmp/lathe-export/tiny-f16.gguf type=f16 overwrite=true\n"
+                  "%export_gguf /tmp/lathe-export/tiny-q8_0.gguf type=q8_0 overwrite=true"),
+    new_markdown_cell("llama.cpp (the prebuilt build inside the npm package `node-llama-cpp`, "
+                      "installed by `npm ci` in `tests/gguf`) runs each file with the same "
+                      "chat turn and greedy decoding:"),
+    new_code_cell("%%shell\ntest -d ../tests/gguf/node_modules || "
+                  "(cd ../tests/gguf && npm ci --no-audit --no-fund --loglevel=error)\n"
+                  "node ../tests/gguf/generate.mjs /tmp/lathe-export/tiny-f16.gguf "
+                  "--chat \"Tell me about rivers.\" 20"),
+    new_code_cell("%%shell\nnode ../tests/gguf/generate.mjs /tmp/lathe-export/tiny-q8_0.gguf "
+                  "--chat \"Tell me about rivers.\" 20"),
+])

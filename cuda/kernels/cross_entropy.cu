@@ -11,13 +11,16 @@
 #include "cuda/kernels/kernels.h"
 
 __device__ __forceinline__ void put_x(void *dst, lt_dtype dt, int64_t i, float v) {
-    if (dt == LT_BF16) ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
-    else if (dt == LT_F16) ((__half *)dst)[i] = __float2half_rn(fminf(fmaxf(v, -65504.0f), 65504.0f));
-    else ((float *)dst)[i] = v;
+    if (dt == LT_BF16)
+        ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
+    else if (dt == LT_F16)
+        ((__half *)dst)[i] = __float2half_rn(fminf(fmaxf(v, -65504.0f), 65504.0f));
+    else
+        ((float *)dst)[i] = v;
 }
 
-__global__ void xent_rows_kernel(const float *logits, const int32_t *targets, int64_t V, float *loss, void *dlog,
-                                 lt_dtype dt, float gmul, int *bad) {
+__global__ void xent_rows_kernel(const float *logits, const int32_t *targets, int64_t V,
+                                 float *loss, void *dlog, lt_dtype dt, float gmul, int *bad) {
     __shared__ float shm[32], shs[32];
     __shared__ float lse_sh;
     int64_t r = blockIdx.x;
@@ -27,7 +30,8 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
         if (tg != -100 && threadIdx.x == 0) atomicExch(bad, 1);
         if (threadIdx.x == 0) loss[r] = 0.0f;
         if (dlog)
-            for (int64_t s = threadIdx.x; s < V; s += blockDim.x) put_x(dlog, dt, r * V + s, 0.0f);
+            for (int64_t s = threadIdx.x; s < V; s += blockDim.x)
+                put_x(dlog, dt, r * V + s, 0.0f);
         return;
     }
     /* online max / sum per thread, then combined across the block */
@@ -44,7 +48,8 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
     for (int o = 16; o > 0; o >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sum, o);
         float mm = fmaxf(m, m2);
-        sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
+        sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) +
+              (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
         m = mm;
     }
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -58,9 +63,11 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
         m = lane < nw ? shm[lane] : -INFINITY;
         sum = lane < nw ? shs[lane] : 0.0f;
         for (int o = 16; o > 0; o >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sum, o);
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o),
+                  s2 = __shfl_xor_sync(0xffffffffu, sum, o);
             float mm = fmaxf(m, m2);
-            sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
+            sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) +
+                  (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
             m = mm;
         }
         if (lane == 0) {
@@ -77,7 +84,9 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
     }
 }
 
-void k_xent_rows(cudaStream_t st, const float *logits, const int32_t *targets, int64_t Tc, int64_t V, float *loss,
-                 void *dlog, lt_dtype dt, float gmul, int *bad) {
-    if (Tc > 0) xent_rows_kernel<<<(unsigned)Tc, 1024, 0, st>>>(logits, targets, V, loss, dlog, dt, gmul, bad);
+void k_xent_rows(cudaStream_t st, const float *logits, const int32_t *targets, int64_t Tc,
+                 int64_t V, float *loss, void *dlog, lt_dtype dt, float gmul, int *bad) {
+    if (Tc > 0)
+        xent_rows_kernel<<<(unsigned)Tc, 1024, 0, st>>>(logits, targets, V, loss, dlog, dt, gmul,
+                                                        bad);
 }

@@ -19,12 +19,17 @@ static inline unsigned grid_for(int64_t n, int threads) {
 
 #define FP16_MAX 65504.0f
 
-__device__ __forceinline__ float clamp_h(float v) { return fminf(fmaxf(v, -FP16_MAX), FP16_MAX); }
+__device__ __forceinline__ float clamp_h(float v) {
+    return fminf(fmaxf(v, -FP16_MAX), FP16_MAX);
+}
 
 __device__ __forceinline__ void store_as(void *dst, lt_dtype dt, int64_t i, float v) {
-    if (dt == LT_BF16) ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
-    else if (dt == LT_F16) ((__half *)dst)[i] = __float2half_rn(v == v ? clamp_h(v) : v);
-    else ((float *)dst)[i] = v;
+    if (dt == LT_BF16)
+        ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
+    else if (dt == LT_F16)
+        ((__half *)dst)[i] = __float2half_rn(v == v ? clamp_h(v) : v);
+    else
+        ((float *)dst)[i] = v;
 }
 
 __device__ __forceinline__ float load_as(const void *src, lt_dtype dt, int64_t i) {
@@ -37,7 +42,8 @@ __device__ __forceinline__ float load_as(const void *src, lt_dtype dt, int64_t i
 
 __global__ void absmax_kernel(const float *x, int64_t n, unsigned *out) {
     float m = 0.0f;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
         float a = fabsf(x[i]);
         if (!(a <= m)) m = a; /* NaN wins, so a NaN input is seen */
     }
@@ -84,25 +90,27 @@ void k_scale_from_absmax(cudaStream_t st, const unsigned *amax_bits, float *scal
 
 /* ---- casts ---------------------------------------------------------------------------------- */
 
-__global__ void cast_rows_kernel(void *dst, lt_dtype dt, int64_t ldd, const float *src, int64_t lds, int64_t rows,
-                                 int64_t cols, const float *scale) {
+__global__ void cast_rows_kernel(void *dst, lt_dtype dt, int64_t ldd, const float *src, int64_t lds,
+                                 int64_t rows, int64_t cols, const float *scale) {
     float s = scale ? *scale : 1.0f;
     int64_t n = rows * cols;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
         int64_t r = i / cols, c = i - r * cols;
         store_as(dst, dt, r * ldd + c, src[r * lds + c] * s);
     }
 }
 
-void k_cast_rows(cudaStream_t st, void *dst, lt_dtype dt, int64_t ldd, const float *src, int64_t lds, int64_t rows,
-                 int64_t cols, const float *scale) {
+void k_cast_rows(cudaStream_t st, void *dst, lt_dtype dt, int64_t ldd, const float *src,
+                 int64_t lds, int64_t rows, int64_t cols, const float *scale) {
     int64_t n = rows * cols;
     if (n <= 0) return;
     cast_rows_kernel<<<grid_for(n, 256), 256, 0, st>>>(dst, dt, ldd, src, lds, rows, cols, scale);
 }
 
 __global__ void convert_kernel(void *dst, lt_dtype dt, const void *src, lt_dtype sdt, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         store_as(dst, dt, i, load_as(src, sdt, i));
 }
 
@@ -119,10 +127,12 @@ void k_make_alpha(cudaStream_t st, float *out, float c, const float *a, const fl
     make_alpha_kernel<<<1, 1, 0, st>>>(out, c, a, b);
 }
 
-/* ---- add, scale, GeGLU ------------------------------------------------------------------------ */
+/* ---- add, scale, GeGLU ------------------------------------------------------------------------
+ */
 
 __global__ void add_kernel(float *y, const float *x, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         y[i] += x[i];
 }
 
@@ -131,7 +141,8 @@ void k_add(cudaStream_t st, float *y, const float *x, int64_t n) {
 }
 
 __global__ void scale_vec_kernel(float *x, int64_t n, float s) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         x[i] *= s;
 }
 
@@ -147,7 +158,8 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 __global__ void geglu_kernel(float *y, const float *g, const float *u, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         y[i] = gelu_tanh(g[i]) * u[i];
 }
 
@@ -155,64 +167,73 @@ void k_geglu(cudaStream_t st, float *y, const float *g, const float *u, int64_t 
     if (n > 0) geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, g, u, n);
 }
 
-__global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, const float *g, const float *u,
-                                      int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+__global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, const float *g,
+                                      const float *u, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
         float x = g[i], d = dy[i];
         float z = GELU_K0 * (x + GELU_K1 * x * x * x);
         float th = tanhf(z);
         float gl = 0.5f * x * (1.0f + th);
-        float dgl = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
+        float dgl = 0.5f * (1.0f + th) +
+                    0.5f * x * (1.0f - th * th) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
         float uv = u[i];
         if (dg) dg[i] = d * uv * dgl;
         if (du) du[i] = d * gl;
     }
 }
 
-void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g, const float *u,
-                      int64_t n) {
+void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g,
+                      const float *u, int64_t n) {
     if (n > 0) geglu_backward_kernel<<<grid_for(n, 256), 256, 0, st>>>(dg, du, dy, g, u, n);
 }
 
-/* ---- embedding --------------------------------------------------------------------------------- */
+/* ---- embedding ---------------------------------------------------------------------------------
+ */
 
-__global__ void embedding_kernel(float *h, const int32_t *ids, const void *table, lt_dtype dt, int64_t V, int64_t H,
-                                 float scale, int *bad) {
+__global__ void embedding_kernel(float *h, const int32_t *ids, const void *table, lt_dtype dt,
+                                 int64_t V, int64_t H, float scale, int *bad) {
     int64_t t = blockIdx.x;
     int32_t id = ids[t];
     float *o = h + t * H;
     if (id < 0 || id >= V) {
         if (threadIdx.x == 0) atomicExch(bad, 1);
-        for (int64_t i = threadIdx.x; i < H; i += blockDim.x) o[i] = 0.0f;
+        for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
+            o[i] = 0.0f;
         return;
     }
-    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) o[i] = load_as(table, dt, (int64_t)id * H + i) * scale;
+    for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = load_as(table, dt, (int64_t)id * H + i) * scale;
 }
 
-void k_embedding(cudaStream_t st, float *h, const int32_t *ids, int64_t T, const void *table, lt_dtype dt, int64_t V,
-                 int64_t H, float scale, int *bad) {
+void k_embedding(cudaStream_t st, float *h, const int32_t *ids, int64_t T, const void *table,
+                 lt_dtype dt, int64_t V, int64_t H, float scale, int *bad) {
     if (T > 0) embedding_kernel<<<(unsigned)T, 256, 0, st>>>(h, ids, table, dt, V, H, scale, bad);
 }
 
-__global__ void embedding_backward_kernel(float *grad, const float *dh, const int32_t *ids, int64_t V, int64_t H,
-                                          float scale) {
+__global__ void embedding_backward_kernel(float *grad, const float *dh, const int32_t *ids,
+                                          int64_t V, int64_t H, float scale) {
     int64_t t = blockIdx.x;
     int32_t id = ids[t];
     if (id < 0 || id >= V) return;
-    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) atomicAdd(&grad[(int64_t)id * H + i], dh[t * H + i] * scale);
+    for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
+        atomicAdd(&grad[(int64_t)id * H + i], dh[t * H + i] * scale);
 }
 
-void k_embedding_backward(cudaStream_t st, float *grad, const float *dh, const int32_t *ids, int64_t T, int64_t V,
-                          int64_t H, float scale) {
+void k_embedding_backward(cudaStream_t st, float *grad, const float *dh, const int32_t *ids,
+                          int64_t T, int64_t V, int64_t H, float scale) {
     if (T > 0) embedding_backward_kernel<<<(unsigned)T, 256, 0, st>>>(grad, dh, ids, V, H, scale);
 }
 
-/* ---- AdamW --------------------------------------------------------------------------------------- */
+/* ---- AdamW
+ * --------------------------------------------------------------------------------------- */
 
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-                             float eps, float wd, float step_size, float bc2_sqrt) {
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, int64_t n, float lr,
+                             float b1, float b2, float eps, float wd, float step_size,
+                             float bc2_sqrt) {
     float decay = 1.0f - lr * wd;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
         float gi = g[i];
         float pi = wd != 0.0f ? p[i] * decay : p[i];
         float mi = b1 * m[i] + (1.0f - b1) * gi;
@@ -223,15 +244,19 @@ __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, int64
     }
 }
 
-void k_adamw(cudaStream_t st, float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-             float eps, float wd, float step_size, float bc2_sqrt) {
-    if (n > 0) adamw_kernel<<<grid_for(n, 256), 256, 0, st>>>(p, g, m, v, n, lr, b1, b2, eps, wd, step_size, bc2_sqrt);
+void k_adamw(cudaStream_t st, float *p, const float *g, float *m, float *v, int64_t n, float lr,
+             float b1, float b2, float eps, float wd, float step_size, float bc2_sqrt) {
+    if (n > 0)
+        adamw_kernel<<<grid_for(n, 256), 256, 0, st>>>(p, g, m, v, n, lr, b1, b2, eps, wd,
+                                                       step_size, bc2_sqrt);
 }
 
-/* ---- the trainer's extra ops (grad.h): fill, sum of squares, dropout ---------------------------- */
+/* ---- the trainer's extra ops (grad.h): fill, sum of squares, dropout ----------------------------
+ */
 
 __global__ void fill_kernel(float *x, int64_t n, float v) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         x[i] = v;
 }
 
@@ -241,16 +266,19 @@ void k_fill(cudaStream_t st, float *x, int64_t n, float v) {
 
 __global__ void sumsq_kernel(const float *x, int64_t n, double *out) {
     double s = 0;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         s += (double)x[i] * x[i];
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, o);
     __shared__ double sh[32];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     if (lane == 0) sh[w] = s;
     __syncthreads();
     if (w == 0) {
         s = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        for (int o = 16; o > 0; o >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) atomicAdd(out, s);
     }
 }
@@ -270,11 +298,14 @@ __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t i, float p)
     return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
 }
 
-__global__ void dropout_kernel(float *y, const float *x, int64_t n, float p, float keep, uint64_t seed) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+__global__ void dropout_kernel(float *y, const float *x, int64_t n, float p, float keep,
+                               uint64_t seed) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
         y[i] = dropout_keep(seed, (uint64_t)i, p) ? x[i] * keep : 0.0f;
 }
 
-void k_dropout(cudaStream_t st, float *y, const float *x, int64_t n, float p, float keep, uint64_t seed) {
+void k_dropout(cudaStream_t st, float *y, const float *x, int64_t n, float p, float keep,
+               uint64_t seed) {
     if (n > 0) dropout_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, x, n, p, keep, seed);
 }

@@ -8,14 +8,16 @@
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result. */
 __device__ float block_sum(float v, float *sh /* [33] */) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     __syncthreads(); /* sh may still be read by a previous call */
     if (lane == 0) sh[w] = v;
     __syncthreads();
     if (w == 0) {
         v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == 0) sh[32] = v;
     }
     __syncthreads();
@@ -24,7 +26,8 @@ __device__ float block_sum(float v, float *sh /* [33] */) {
 
 static int threads_for(int64_t D) {
     int t = 32;
-    while (t < D && t < 512) t <<= 1;
+    while (t < D && t < 512)
+        t <<= 1;
     return t;
 }
 
@@ -33,25 +36,30 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t
     const float *xr = x + blockIdx.x * D;
     float *yr = y + blockIdx.x * D;
     float ss = 0.0f;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+        ss += xr[i] * xr[i];
     ss = block_sum(ss, sh);
     float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = (xr[i] * r) * (1.0f + w[i]);
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+        yr[i] = (xr[i] * r) * (1.0f + w[i]);
 }
 
-void k_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int64_t N, int64_t D, float eps) {
+void k_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int64_t N, int64_t D,
+               float eps) {
     if (N <= 0) return;
     rmsnorm_kernel<<<(unsigned)N, threads_for(D), 0, st>>>(y, x, w, D, eps);
 }
 
 /* y = x r (1+w), r = (mean x² + eps)^-1/2:
  * dx_i = r (1+w_i) dy_i - x_i r³/D Σ_j dy_j (1+w_j) x_j;  dw_i += dy_i x_i r. */
-__global__ void rmsnorm_backward_kernel(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                                        int64_t N, int64_t D, float eps, int dw_shared) {
+__global__ void rmsnorm_backward_kernel(float *dx, float *dw, const float *dy, const float *x,
+                                        const float *w, int64_t N, int64_t D, float eps,
+                                        int dw_shared) {
     extern __shared__ float sdw[]; /* [D] when dw_shared */
     __shared__ float sh[33];
     if (dw && dw_shared)
-        for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sdw[i] = 0.0f;
+        for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+            sdw[i] = 0.0f;
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         const float *xr = x + n * D, *dyr = dy + n * D;
         float ss = 0.0f, dot = 0.0f;
@@ -67,33 +75,38 @@ __global__ void rmsnorm_backward_kernel(float *dx, float *dw, const float *dy, c
             float xi = xr[i], di = dyr[i];
             if (dx) dx[n * D + i] = r * (1.0f + w[i]) * di - xi * c;
             if (dw) {
-                if (dw_shared) sdw[i] += di * xi * r;
-                else atomicAdd(&dw[i], di * xi * r);
+                if (dw_shared)
+                    sdw[i] += di * xi * r;
+                else
+                    atomicAdd(&dw[i], di * xi * r);
             }
         }
     }
     if (dw && dw_shared) {
         __syncthreads();
-        for (int64_t i = threadIdx.x; i < D; i += blockDim.x) atomicAdd(&dw[i], sdw[i]);
+        for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+            atomicAdd(&dw[i], sdw[i]);
     }
 }
 
-void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, const float *x, const float *w,
-                        int64_t N, int64_t D, float eps, int n_sm) {
+void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, const float *x,
+                        const float *w, int64_t N, int64_t D, float eps, int n_sm) {
     if (N <= 0) return;
     int64_t blocks = (int64_t)(n_sm > 0 ? n_sm : 80) * 8;
     if (blocks > N) blocks = N;
     int dw_shared = dw && D <= 8192;
     size_t smem = dw_shared ? (size_t)D * sizeof(float) : 0;
-    rmsnorm_backward_kernel<<<(unsigned)blocks, threads_for(D), smem, st>>>(dx, dw, dy, x, w, N, D, eps, dw_shared);
+    rmsnorm_backward_kernel<<<(unsigned)blocks, threads_for(D), smem, st>>>(dx, dw, dy, x, w, N, D,
+                                                                            eps, dw_shared);
 }
 
 /* One thread per (t, j): rotates pair (j, j+hd/2) of every head of token t. */
-__global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq, int64_t T, int64_t heads,
-                            int64_t hd, int dir) {
+__global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq, int64_t T,
+                            int64_t heads, int64_t hd, int dir) {
     int64_t half = hd / 2;
     int64_t n = T * half;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = i / half, j = i - t * half;
         float ang = (float)pos[t] * inv_freq[j];
         float c = cosf(ang), s = sinf(ang) * (float)dir;
@@ -106,8 +119,8 @@ __global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq,
     }
 }
 
-void k_rope(cudaStream_t st, float *x, const int32_t *pos, const float *inv_freq, int64_t T, int64_t heads, int64_t hd,
-            int dir) {
+void k_rope(cudaStream_t st, float *x, const int32_t *pos, const float *inv_freq, int64_t T,
+            int64_t heads, int64_t hd, int dir) {
     int64_t n = T * (hd / 2);
     if (n <= 0) return;
     int64_t b = (n + 255) / 256;

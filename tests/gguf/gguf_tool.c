@@ -3,7 +3,14 @@
  *
  *   gguf_tool export DIR OUT.gguf TYPE [--overwrite]      (prints size and seconds as JSON)
  *   gguf_tool export random:4b OUT.gguf TYPE              (real shapes, seeded random weights,
- *                                                          DIR/tokenizer.model from LATHE_TOKENIZER)
+ *                                                          DIR/tokenizer.model from
+ * LATHE_TOKENIZER) gguf_tool export DIR OUT.gguf TYPE --cuda             (CUDA builds: the weights
+ * are copied to the GPU in fp32 first and exported from there; the file must equal the host one)
+ *   gguf_tool export-lora DIR OUT.gguf on|off             (attaches a seeded rank-4 adapter to
+ *                                                          layer 0's q_proj and layer 1's
+ *                                                          down_proj, exports f32, reads the file
+ *                                                          back; prints the largest error against
+ *                                                          W + scale*B*A, or W when off)
  *   gguf_tool greedy DIR --ids 2,17,... --n N             (prints {"greedy": [...]})
  *   gguf_tool ppl DIR --ids 2,17,...                      (prints {"logp": [log p(ids[t+1])],
  *                                                          "nll": .., "ppl": .., "n": ..})
@@ -21,10 +28,15 @@
 #include <string.h>
 #include <time.h>
 
+#include "config.h"
 #include "cuda/backend.h"
+#include "cuda/gemma3_device.h"
 #include "cuda/gguf.h"
 #include "cuda/model.h"
 #include "cuda/tokenizer.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend_cuda.h"
+#endif
 
 static int parse_ids(const char *s, int32_t **ids, int *n) {
     int cap = 16;
@@ -87,7 +99,8 @@ static uint64_t rget(rfile *f, int n) {
         f->bad = 1;
         return 0;
     }
-    for (int i = 0; i < n; ++i) v |= (uint64_t)f->buf[f->pos + i] << (8 * i);
+    for (int i = 0; i < n; ++i)
+        v |= (uint64_t)f->buf[f->pos + i] << (8 * i);
     f->pos += (size_t)n;
     return v;
 }
@@ -99,7 +112,8 @@ static void rskip_value(rfile *f, uint32_t type) {
     } else if (type == 9) {
         uint32_t et = (uint32_t)rget(f, 4);
         uint64_t n = rget(f, 8);
-        for (uint64_t i = 0; i < n && !f->bad; ++i) rskip_value(f, et);
+        for (uint64_t i = 0; i < n && !f->bad; ++i)
+            rskip_value(f, et);
     } else if (type < 13) {
         f->pos += (size_t)size[type];
     } else {
@@ -135,8 +149,10 @@ static int rfile_open(rfile *f, const char *path) {
         memcpy(f->t[i].name, f->buf + f->pos, nl);
         f->pos += nl;
         f->t[i].n_dims = (int)rget(f, 4);
-        for (int d = 0; d < 4; ++d) f->t[i].ne[d] = 1;
-        for (int d = 0; d < f->t[i].n_dims && d < 4; ++d) f->t[i].ne[d] = (int64_t)rget(f, 8);
+        for (int d = 0; d < 4; ++d)
+            f->t[i].ne[d] = 1;
+        for (int d = 0; d < f->t[i].n_dims && d < 4; ++d)
+            f->t[i].ne[d] = (int64_t)rget(f, 8);
         f->t[i].type = (uint32_t)rget(f, 4);
         f->t[i].offset = rget(f, 8);
     }
@@ -147,7 +163,7 @@ static int rfile_open(rfile *f, const char *path) {
 typedef struct swap_ctx {
     rfile *f;
     float q_norm_mul;
-    void **saved;     /* original data pointers, restored before the model is freed */
+    void **saved; /* original data pointers, restored before the model is freed */
     lt_dtype *saved_dt;
     int n;
     char err[256];
@@ -179,11 +195,13 @@ static int swap_weight(void *user, const char *hf, lt_tensor *t) {
         return 1;
     }
     for (int64_t r = 0; r < n / ne0; ++r)
-        gguf_dequantize_row((gguf_type)rt->type, sc->f->buf + sc->f->data + rt->offset + (size_t)r * rb,
-                            x + r * ne0, ne0);
+        gguf_dequantize_row((gguf_type)rt->type,
+                            sc->f->buf + sc->f->data + rt->offset + (size_t)r * rb, x + r * ne0,
+                            ne0);
     if (role == GGUF_ROLE_NORM) {
         float mul = strstr(name, "attn_q_norm") ? sc->q_norm_mul : 1.0f;
-        for (int64_t i = 0; i < n; ++i) x[i] = x[i] / mul - 1.0f;
+        for (int64_t i = 0; i < n; ++i)
+            x[i] = x[i] / mul - 1.0f;
     }
     sc->saved[sc->n] = t->data;
     sc->saved_dt[sc->n] = t->dtype;
@@ -201,6 +219,60 @@ static int restore_weight(void *user, const char *hf, lt_tensor *t) {
     t->dtype = sc->saved_dt[sc->n];
     sc->n++;
     return 0;
+}
+
+/* ---- LoRA merge check ---------------------------------------------------------------------- */
+
+static float lcg_uniform(uint64_t *st) {
+    *st = *st * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((*st >> 40) & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+/* Attaches an adapter (host fp32) to w; returns it (caller frees a/b data). */
+static lt_lora *attach_lora(lt_weight *w, int r, float scale, int enabled, uint64_t seed) {
+    int64_t out = w->w.shape[0], in = w->w.shape[1];
+    lt_lora *lo = calloc(1, sizeof *lo);
+    float *a = malloc((size_t)(r * in) * sizeof *a), *b = malloc((size_t)(out * r) * sizeof *b);
+    if (!lo || !a || !b) return NULL;
+    for (int64_t i = 0; i < r * in; ++i)
+        a[i] = lcg_uniform(&seed);
+    for (int64_t i = 0; i < out * r; ++i)
+        b[i] = lcg_uniform(&seed);
+    lo->a = lt_tensor_2d(LT_F32, a, r, in);
+    lo->b = lt_tensor_2d(LT_F32, b, out, r);
+    lo->scale = scale;
+    lo->enabled = enabled;
+    w->lora = lo;
+    return lo;
+}
+
+/* max |file - (W + scale*B*A)| over the tensor (the adapter term when enabled). */
+static double merged_error(rfile *f, const char *gguf_name, const lt_weight *w, const lt_lora *lo,
+                           int enabled, double *adapter_size) {
+    rtensor *rt = NULL;
+    for (uint64_t i = 0; i < f->n_t; ++i)
+        if (strcmp(f->t[i].name, gguf_name) == 0) rt = &f->t[i];
+    int64_t out = w->w.shape[0], in = w->w.shape[1], r = lo->a.shape[0];
+    if (!rt || rt->type != GGUF_TYPE_F32 || rt->ne[0] != in || rt->ne[1] != out) return INFINITY;
+    const float *file = (const float *)(f->buf + f->data + rt->offset);
+    float *wf = malloc((size_t)(out * in) * sizeof *wf);
+    lt_to_f32(wf, w->w.data, w->w.dtype, out * in);
+    const float *A = lo->a.data, *B = lo->b.data;
+    double worst = 0;
+    *adapter_size = 0;
+    for (int64_t o = 0; o < out; ++o) {
+        for (int64_t j = 0; j < in; ++j) {
+            double d = 0;
+            for (int64_t k = 0; k < r; ++k)
+                d += (double)B[o * r + k] * A[k * in + j];
+            d *= lo->scale;
+            *adapter_size = fmax(*adapter_size, fabs(d));
+            double want = wf[o * in + j] + (enabled ? d : 0.0);
+            worst = fmax(worst, fabs(file[o * in + j] - want));
+        }
+    }
+    free(wf);
+    return worst;
 }
 
 /* fp32 logits of every position: [n, V]. */
@@ -255,12 +327,42 @@ int main(int argc, char **argv) {
             fprintf(stderr, "gguf_tool: type '%s': use one of %s\n", argv[4], GGUF_FTYPE_CHOICES);
             return 2;
         }
-        o.overwrite = argc > 5 && strcmp(argv[5], "--overwrite") == 0;
+        int on_cuda = 0;
+        for (int i = 5; i < argc; ++i) {
+            if (strcmp(argv[i], "--overwrite") == 0)
+                o.overwrite = 1;
+            else if (strcmp(argv[i], "--cuda") == 0)
+                on_cuda = 1;
+        }
         o.cb = &cb;
+        gemma3_model *src = m;
+        lt_ctx *dev = NULL;
+#ifdef HAVE_CUDA
+        lt_ctx cuctx;
+        if (on_cuda) {
+            if (lt_ctx_init(&cuctx, &lt_backend_cuda, 0) != LT_OK ||
+                gemma3_to_device(&src, m, &cuctx, LT_F32, err) != LT_OK) {
+                fprintf(stderr, "gguf_tool: cuda: %s %s\n", cuctx.err, err);
+                return 1;
+            }
+            dev = &cuctx;
+        }
+#else
+        if (on_cuda) {
+            fprintf(stderr, "gguf_tool: --cuda: this build has no CUDA backend\n");
+            return 2;
+        }
+#endif
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        lt_status st = gguf_export_gemma3(m, tok, NULL, argv[3], &o, &res, err);
+        lt_status st = gguf_export_gemma3(src, tok, dev, argv[3], &o, &res, err);
         clock_gettime(CLOCK_MONOTONIC, &t1);
+#ifdef HAVE_CUDA
+        if (on_cuda) {
+            gemma3_model_release(src, &cuctx);
+            lt_ctx_shutdown(&cuctx);
+        }
+#endif
         if (st != LT_OK) {
             fprintf(stderr, "gguf_tool: export: %s\n", err);
             rc = 1;
@@ -269,6 +371,33 @@ int main(int argc, char **argv) {
                    (unsigned long long)res.bytes, res.n_tensors, res.n_fallback,
                    (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
         }
+    } else if (strcmp(argv[1], "export-lora") == 0 && argc >= 5) {
+        int on = strcmp(argv[4], "on") == 0;
+        lt_lora *l0 = attach_lora(&m->layers[0].q_proj, 4, 0.5f, on, 11);
+        lt_lora *l1 = m->cfg.num_hidden_layers > 1
+                          ? attach_lora(&m->layers[1].down_proj, 4, 2.0f, on, 12)
+                          : NULL;
+        gguf_export_opts o = {.ftype = GGUF_FTYPE_F32, .overwrite = 1};
+        gguf_export_result res;
+        rfile f;
+        if (!l0 || !l1 || gguf_export_gemma3(m, tok, NULL, argv[3], &o, &res, err) != LT_OK ||
+            rfile_open(&f, argv[3])) {
+            fprintf(stderr, "gguf_tool: export-lora: %s\n", err[0] ? err : "setup failed");
+            return 1;
+        }
+        double s0, s1;
+        double e0 = merged_error(&f, "blk.0.attn_q.weight", &m->layers[0].q_proj, l0, on, &s0);
+        double e1 = merged_error(&f, "blk.1.ffn_down.weight", &m->layers[1].down_proj, l1, on, &s1);
+        printf("{\"max_err\": %.9g, \"adapter_max\": %.9g}\n", fmax(e0, e1), fmin(s0, s1));
+        lt_lora *ls[2] = {l0, l1};
+        for (int i = 0; i < 2; ++i) {
+            free(ls[i]->a.data);
+            free(ls[i]->b.data);
+            free(ls[i]);
+        }
+        m->layers[0].q_proj.lora = m->layers[1].down_proj.lora = NULL;
+        free(f.buf);
+        free(f.t);
     } else if ((strcmp(argv[1], "greedy") == 0 || strcmp(argv[1], "ppl") == 0) && argc >= 5 &&
                strcmp(argv[3], "--ids") == 0) {
         int32_t *ids;
@@ -336,7 +465,8 @@ int main(int argc, char **argv) {
                 for (int t = 0; t + 1 < n; ++t) {
                     const float *row = lg + (size_t)t * V;
                     double mx = row[argmax(row, V)], se = 0;
-                    for (int i = 0; i < V; ++i) se += exp((double)row[i] - mx);
+                    for (int i = 0; i < V; ++i)
+                        se += exp((double)row[i] - mx);
                     double lp = row[ids[t + 1]] - mx - log(se);
                     printf("%s%.7f", t ? ", " : "", lp);
                     nll += -lp;

@@ -470,6 +470,14 @@ def test_k_quants_through_llama_cpp(setup_ok, outdir, held_out, t):
     assert math.exp(mine["nll"] - base["nll"]) <= 1.15, f"wide {t}: perplexity ratio vs the f32 model"
 
 
+@pytest.mark.parametrize("state", ["on", "off"])
+def test_lora_is_merged(setup_ok, outdir, state):
+    """Enabled adapters are merged in fp32 (W + scale*B*A); disabled ones are left out."""
+    res, _ = tool("export-lora", TINY, str(outdir / f"lora-{state}.gguf"), state)
+    assert res["adapter_max"] > 1e-2, "the adapter must change the weight visibly"
+    assert res["max_err"] < 1e-5, f"merged weight off by {res['max_err']}"
+
+
 def test_refuses_to_overwrite(tiny_files):
     path = tiny_files["f16"][0]
     before = open(path, "rb").read()

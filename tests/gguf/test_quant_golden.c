@@ -37,14 +37,30 @@ static float rand_normal(void) {
 static void fill_pattern(float *x, int64_t n, int p) {
     for (int64_t i = 0; i < n; ++i) {
         switch (p) {
-        case 0: x[i] = 0.02f * rand_normal(); break;                       /* like weights */
-        case 1: x[i] = rand_uniform() < 0.01 ? 40.0f * rand_normal() : rand_normal(); break;
-        case 2: x[i] = 0.0f; break;
-        case 3: x[i] = 0.37f; break;
-        case 4: x[i] = (i % 97 == 5) ? -3.0f : 1e-3f * rand_normal(); break;
-        case 5: x[i] = 1e-30f * rand_normal(); break;                      /* tiny scales */
-        case 6: x[i] = (float)((i / 32) % 2 ? 1 : -1) * fabsf(rand_normal()); break;
-        default: x[i] = 1.0f + 0.1f * rand_normal(); break;                /* like norms+1 */
+        case 0:
+            x[i] = 0.02f * rand_normal();
+            break; /* like weights */
+        case 1:
+            x[i] = rand_uniform() < 0.01 ? 40.0f * rand_normal() : rand_normal();
+            break;
+        case 2:
+            x[i] = 0.0f;
+            break;
+        case 3:
+            x[i] = 0.37f;
+            break;
+        case 4:
+            x[i] = (i % 97 == 5) ? -3.0f : 1e-3f * rand_normal();
+            break;
+        case 5:
+            x[i] = 1e-30f * rand_normal();
+            break; /* tiny scales */
+        case 6:
+            x[i] = (float)((i / 32) % 2 ? 1 : -1) * fabsf(rand_normal());
+            break;
+        default:
+            x[i] = 1.0f + 0.1f * rand_normal();
+            break; /* like norms+1 */
         }
     }
 }

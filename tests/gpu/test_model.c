@@ -76,7 +76,8 @@ static float *npy_read(const char *path, int64_t *rows, int64_t *cols) {
 static int json_ints(json_t *a, int32_t **out) {
     int n = (int)json_array_size(a);
     *out = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
-    for (int i = 0; i < n; i++) (*out)[i] = (int32_t)json_integer_value(json_array_get(a, (size_t)i));
+    for (int i = 0; i < n; i++)
+        (*out)[i] = (int32_t)json_integer_value(json_array_get(a, (size_t)i));
     return n;
 }
 
@@ -91,7 +92,8 @@ static lt_session *load(const char *dir, const char *device, const char *dtype) 
     return s;
 }
 
-/* ---- 1. fixtures -------------------------------------------------------------------------------- */
+/* ---- 1. fixtures --------------------------------------------------------------------------------
+ */
 
 static void test_fixture(const char *name, const char *model_dir, const char *ref_dir) {
     char path[4200], tn[256];
@@ -125,12 +127,15 @@ static void test_fixture(const char *name, const char *model_dir, const char *re
                   r3 = lt_logits(gbf, ids, n, &lb, &V);
         snprintf(tn, sizeof tn, "%s: logits on both backends", name);
         if (ok(r1 == LT_OK && r2 == LT_OK && r3 == LT_OK && V == C && n == R, tn)) {
-            double e1 = rel_err(lg, want, R * C), e2 = rel_err(lg, lc, R * C), e3 = rel_err(lb, want, R * C);
-            snprintf(tn, sizeof tn, "%s: cuda fp32 logits vs transformers rel %.2e <= 1e-4", name, e1);
+            double e1 = rel_err(lg, want, R * C), e2 = rel_err(lg, lc, R * C),
+                   e3 = rel_err(lb, want, R * C);
+            snprintf(tn, sizeof tn, "%s: cuda fp32 logits vs transformers rel %.2e <= 1e-4", name,
+                     e1);
             ok(e1 <= 1e-4, tn);
             snprintf(tn, sizeof tn, "%s: cuda fp32 logits vs cpu rel %.2e <= 1e-5", name, e2);
             ok(e2 <= 1e-5, tn);
-            snprintf(tn, sizeof tn, "%s: cuda bf16 logits vs transformers rel %.2e <= 2e-2", name, e3);
+            snprintf(tn, sizeof tn, "%s: cuda bf16 logits vs transformers rel %.2e <= 2e-2", name,
+                     e3);
             ok(e3 <= 2e-2, tn);
         } else {
             diag("%s | %s", lt_last_error(gpu), lt_last_error(gbf));
@@ -144,8 +149,11 @@ static void test_fixture(const char *name, const char *model_dir, const char *re
         int noc = 0, nog = 0;
         r1 = lt_generate_ids(cpu, prompt, np, &go, &oc, &noc);
         r2 = lt_generate_ids(gpu, prompt, np, &go, &og, &nog);
-        int same = r1 == LT_OK && r2 == LT_OK && noc == nog && !memcmp(oc, og, sizeof(int32_t) * (size_t)noc);
-        snprintf(tn, sizeof tn, "%s: greedy generation on cuda (fp32) is identical to the cpu's (%d tokens)", name, nog);
+        int same = r1 == LT_OK && r2 == LT_OK && noc == nog &&
+                   !memcmp(oc, og, sizeof(int32_t) * (size_t)noc);
+        snprintf(tn, sizeof tn,
+                 "%s: greedy generation on cuda (fp32) is identical to the cpu's (%d tokens)", name,
+                 nog);
         if (!ok(same, tn)) diag("%s", lt_last_error(gpu));
         int match = r2 == LT_OK && nog == ng && !memcmp(og, gids, sizeof(int32_t) * (size_t)ng);
         snprintf(tn, sizeof tn, "%s: greedy generation on cuda matches transformers' 12 ids", name);
@@ -158,7 +166,8 @@ out:
     free(want), free(ids), free(prompt), free(gids);
 }
 
-/* ---- 2. forward + backward parity of one micro-batch ---------------------------------------------- */
+/* ---- 2. forward + backward parity of one micro-batch
+ * ---------------------------------------------- */
 
 typedef struct pair {
     lt_ctx cpu, gpu;
@@ -205,7 +214,9 @@ static double grads_rel(pair *p) {
 
 static int pair_open(pair *p, const char *dir, lt_dtype dt, char *err) {
     memset(p, 0, sizeof *p);
-    if (lt_ctx_init(&p->cpu, &lt_backend_cpu, 0) != LT_OK || lt_ctx_init(&p->gpu, &lt_backend_cuda, 0) != LT_OK) return -1;
+    if (lt_ctx_init(&p->cpu, &lt_backend_cpu, 0) != LT_OK ||
+        lt_ctx_init(&p->gpu, &lt_backend_cuda, 0) != LT_OK)
+        return -1;
     lt_cuda_set_precision(&p->gpu, dt);
     if (gemma3_load_dir(&p->hm, dir, "fp32", NULL, err) != LT_OK) return -1;
     if (gemma3_to_device(&p->dm, p->hm, &p->gpu, dt, err) != LT_OK) return -1;
@@ -234,20 +245,23 @@ static void make_batch(train_batch *b, int vocab) {
         ids[i] = (int32_t)((z >> 33) % (uint64_t)vocab);
     }
     for (int s = 0, o = 0; s < 2; o += seg[s], s++)
-        for (int t = 0; t < seg[s]; t++) tg[o + t] = (t + 1 < seg[s] && (t % 9) != 4) ? ids[o + t + 1] : -100;
+        for (int t = 0; t < seg[s]; t++)
+            tg[o + t] = (t + 1 < seg[s] && (t % 9) != 4) ? ids[o + t + 1] : -100;
     b->ids = ids;
     b->targets = tg;
     b->seg_len = seg;
     b->n_seg = 2;
     b->N = 96;
     b->n_labels = 0;
-    for (int i = 0; i < 96; i++) b->n_labels += tg[i] != -100;
+    for (int i = 0; i < 96; i++)
+        b->n_labels += tg[i] != -100;
 }
 
 static void test_backward(const char *dir, lt_dtype dt, double tol) {
     char err[LT_ERRLEN] = "", tn[200];
     pair p;
-    if (!ok(pair_open(&p, dir, dt, err) == 0, "backward parity: models and adapters on both backends")) {
+    if (!ok(pair_open(&p, dir, dt, err) == 0,
+            "backward parity: models and adapters on both backends")) {
         diag("%s %s %s", err, p.cpu.err, p.gpu.err);
         return;
     }
@@ -259,17 +273,19 @@ static void test_backward(const char *dir, lt_dtype dt, double tol) {
     if (!ok(r1 == LT_OK && r2 == LT_OK, "backward parity: one packed micro-batch runs on both")) {
         diag("%s | %s", p.cpu.err, p.gpu.err);
     } else {
-        snprintf(tn, sizeof tn, "forward parity (%s): loss %.6f vs cpu %.6f", lt_dtype_user_name(dt), lg, lc);
+        snprintf(tn, sizeof tn, "forward parity (%s): loss %.6f vs cpu %.6f",
+                 lt_dtype_user_name(dt), lg, lc);
         ok(fabs(lg - lc) <= tol * fabs(lc), tn);
         double e = grads_rel(&p);
-        snprintf(tn, sizeof tn, "backward parity (%s): every adapter gradient, rel %.2e <= %.0e", lt_dtype_user_name(dt),
-                 e, tol);
+        snprintf(tn, sizeof tn, "backward parity (%s): every adapter gradient, rel %.2e <= %.0e",
+                 lt_dtype_user_name(dt), e, tol);
         ok(e <= tol, tn);
     }
     pair_close(&p);
 }
 
-/* ---- 3. fp16 with a residual stream beyond 65504 --------------------------------------------------- */
+/* ---- 3. fp16 with a residual stream beyond 65504
+ * --------------------------------------------------- */
 
 static void test_fp16_range(const char *dir) {
     char err[LT_ERRLEN] = "", tn[200];
@@ -283,15 +299,18 @@ static void test_fp16_range(const char *dir) {
      * residual then holds ~1e5 and more). The norms keep every other activation O(1). */
     gemma3_model *hm = p.hm;
     for (int l = 0; l < hm->cfg.num_hidden_layers; l++) {
-        float *w = hm->layers[l].pre_feedforward_layernorm.data, *w2 = hm->layers[l].post_feedforward_layernorm.data;
-        for (int64_t i = 0; i < hm->cfg.hidden_size; i++) w[i] = 2999.0f, w2[i] = 99999.0f;
+        float *w = hm->layers[l].pre_feedforward_layernorm.data,
+              *w2 = hm->layers[l].post_feedforward_layernorm.data;
+        for (int64_t i = 0; i < hm->cfg.hidden_size; i++)
+            w[i] = 2999.0f, w2[i] = 99999.0f;
     }
     lora_free(p.da);
     p.da = NULL;
     gemma3_model_release(p.dm, &p.gpu);
     p.dm = NULL;
     lora_opts lo = {.r = 8, .alpha = 16.0f, .seed = 5};
-    if (gemma3_to_device(&p.dm, hm, &p.gpu, LT_F16, err) != LT_OK || lora_attach(&p.da, p.dm, &p.gpu, &lo, err) != LT_OK) {
+    if (gemma3_to_device(&p.dm, hm, &p.gpu, LT_F16, err) != LT_OK ||
+        lora_attach(&p.da, p.dm, &p.gpu, &lo, err) != LT_OK) {
         ok(0, "fp16 range: device copy of the modified model");
         diag("%s", err);
         pair_close(&p);
@@ -300,18 +319,21 @@ static void test_fp16_range(const char *dir) {
     randomize_b(&p);
     int T = 24, H = hm->cfg.hidden_size, L = hm->cfg.num_hidden_layers, V = hm->cfg.vocab_size;
     int32_t ids[24];
-    for (int i = 0; i < T; i++) ids[i] = (i * 131 + 7) % V;
+    for (int i = 0; i < T; i++)
+        ids[i] = (i * 131 + 7) % V;
     float *lc = malloc(sizeof(float) * (size_t)T * V), *lg = malloc(sizeof(float) * (size_t)T * V);
     float *res = malloc(sizeof(float) * (size_t)L * T * H);
     gemma3_outputs o = {.logits = lc, .layer_inputs = res};
     lt_status r1 = gemma3_forward(hm, &p.cpu, ids, T, NULL, &o);
     lt_status r2 = gemma3_forward_host(p.dm, &p.gpu, ids, T, NULL, lg, NULL);
     float mx = 0;
-    for (int64_t i = 0; i < (int64_t)L * T * H; i++) mx = fabsf(res[i]) > mx ? fabsf(res[i]) : mx;
+    for (int64_t i = 0; i < (int64_t)L * T * H; i++)
+        mx = fabsf(res[i]) > mx ? fabsf(res[i]) : mx;
     snprintf(tn, sizeof tn, "fp16 range: the residual stream reaches %.3g > 65504", mx);
     ok(r1 == LT_OK && mx > 65504.0f, tn);
     int naive_inf = 0;
-    for (int64_t i = 0; i < (int64_t)L * T * H && !naive_inf; i++) naive_inf = isinf(lt_f16_to_f32(lt_f32_to_f16(res[i])));
+    for (int64_t i = 0; i < (int64_t)L * T * H && !naive_inf; i++)
+        naive_inf = isinf(lt_f16_to_f32(lt_f32_to_f16(res[i])));
     ok(naive_inf, "fp16 range: a naive fp16 residual overflows to inf");
     double e = r2 == LT_OK ? rel_err(lg, lc, (int64_t)T * V) : INFINITY;
     snprintf(tn, sizeof tn, "fp16 range: fp16-path logits vs fp32 cpu rel %.2e <= 1e-2", e);
@@ -325,10 +347,14 @@ static void test_fp16_range(const char *dir) {
     if (r2 == LT_OK) r2 = optim_step(p.da, &oo, oo.lr, 1, err);
     double lsg2 = 0;
     if (r2 == LT_OK) r2 = lora_zero_grads(p.da);
-    if (r2 == LT_OK) r2 = gemma3_train_batch(p.dm, &p.gpu, p.da, &b, 1.0f / (float)b.n_labels, 1, 0, &lsg2);
-    snprintf(tn, sizeof tn, "fp16 range: trains on the fp16 path with a finite loss (%.4g, then %.4g; cpu %.4g)",
+    if (r2 == LT_OK)
+        r2 = gemma3_train_batch(p.dm, &p.gpu, p.da, &b, 1.0f / (float)b.n_labels, 1, 0, &lsg2);
+    snprintf(tn, sizeof tn,
+             "fp16 range: trains on the fp16 path with a finite loss (%.4g, then %.4g; cpu %.4g)",
              lsg / b.n_labels, lsg2 / b.n_labels, lsc / b.n_labels);
-    if (!ok(r1 == LT_OK && r2 == LT_OK && isfinite(lsg) && isfinite(lsg2) && fabs(lsg - lsc) <= 1e-2 * fabs(lsc), tn))
+    if (!ok(r1 == LT_OK && r2 == LT_OK && isfinite(lsg) && isfinite(lsg2) &&
+                fabs(lsg - lsc) <= 1e-2 * fabs(lsc),
+            tn))
         diag("%s | %s", p.gpu.err, err);
     double ge = grads_rel(&p);
     (void)ge;
@@ -336,7 +362,8 @@ static void test_fp16_range(const char *dir) {
     pair_close(&p);
 }
 
-/* ---- 4 and 5: training through the session API ------------------------------------------------------ */
+/* ---- 4 and 5: training through the session API
+ * ------------------------------------------------------ */
 
 typedef struct curve {
     double loss[128];
@@ -348,8 +375,8 @@ static void on_step(void *ctx, const lt_train_progress *pr) {
     if (c->n < 128) c->loss[c->n++] = pr->loss;
 }
 
-static int train_run(const char *device, const char *dtype, const char *lora_load, int steps, float lr, float clip,
-                     curve *c) {
+static int train_run(const char *device, const char *dtype, const char *lora_load, int steps,
+                     float lr, float clip, curve *c) {
     char tiny[2100], data[2100];
     snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
     snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
@@ -401,7 +428,8 @@ static void test_peft_fixture(void) {
     curve g, c;
     int r2 = train_run("cuda", "fp32", initial, 3, 0.01f, 0.0f, &g);
     int r1 = train_run("cpu", "fp32", initial, 3, 0.01f, 0.0f, &c);
-    if (!ok(ref && r1 == 0 && r2 == 0 && g.n == 3, "peft fixture: three AdamW steps on cpu and cuda")) {
+    if (!ok(ref && r1 == 0 && r2 == 0 && g.n == 3,
+            "peft fixture: three AdamW steps on cpu and cuda")) {
         json_decref(ref);
         return;
     }
@@ -415,7 +443,8 @@ static void test_peft_fixture(void) {
     }
     snprintf(tn, sizeof tn, "peft fixture on cuda: step losses vs peft rel %.2e <= 1e-4", worst);
     ok(worst <= 1e-4, tn);
-    snprintf(tn, sizeof tn, "peft fixture: cuda losses vs cpu rel %.2e <= 1e-5", curve_max_rel(&g, &c));
+    snprintf(tn, sizeof tn, "peft fixture: cuda losses vs cpu rel %.2e <= 1e-5",
+             curve_max_rel(&g, &c));
     ok(curve_max_rel(&g, &c) <= 1e-5, tn);
     json_decref(ref);
 }
@@ -426,19 +455,24 @@ static void test_curve(void) {
     int r1 = train_run("cpu", "fp32", NULL, 100, 2e-3f, 1.0f, &c);
     int r2 = train_run("cuda", "fp32", NULL, 100, 2e-3f, 1.0f, &g);
     int r3 = train_run("cuda", "bf16", NULL, 100, 2e-3f, 1.0f, &b);
-    if (!ok(r1 == 0 && r2 == 0 && r3 == 0 && c.n == 100, "100-step LoRA run on cpu, cuda fp32 and cuda bf16")) return;
+    if (!ok(r1 == 0 && r2 == 0 && r3 == 0 && c.n == 100,
+            "100-step LoRA run on cpu, cuda fp32 and cuda bf16"))
+        return;
     double e32 = curve_max_rel(&g, &c), e16 = curve_max_rel(&b, &c);
-    diag("loss at steps 1/25/50/75/100: cpu %.4f %.4f %.4f %.4f %.4f", c.loss[0], c.loss[24], c.loss[49], c.loss[74],
-         c.loss[99]);
-    diag("                          cuda fp32 %.4f %.4f %.4f %.4f %.4f", g.loss[0], g.loss[24], g.loss[49], g.loss[74],
-         g.loss[99]);
-    diag("                          cuda bf16 %.4f %.4f %.4f %.4f %.4f", b.loss[0], b.loss[24], b.loss[49], b.loss[74],
-         b.loss[99]);
-    snprintf(tn, sizeof tn, "100-step curve: cuda fp32 tracks cpu, worst step rel %.2e <= 1e-3", e32);
+    diag("loss at steps 1/25/50/75/100: cpu %.4f %.4f %.4f %.4f %.4f", c.loss[0], c.loss[24],
+         c.loss[49], c.loss[74], c.loss[99]);
+    diag("                          cuda fp32 %.4f %.4f %.4f %.4f %.4f", g.loss[0], g.loss[24],
+         g.loss[49], g.loss[74], g.loss[99]);
+    diag("                          cuda bf16 %.4f %.4f %.4f %.4f %.4f", b.loss[0], b.loss[24],
+         b.loss[49], b.loss[74], b.loss[99]);
+    snprintf(tn, sizeof tn, "100-step curve: cuda fp32 tracks cpu, worst step rel %.2e <= 1e-3",
+             e32);
     ok(e32 <= 1e-3, tn);
-    snprintf(tn, sizeof tn, "100-step curve: cuda bf16 tracks cpu, worst step rel %.2e <= 2e-2", e16);
+    snprintf(tn, sizeof tn, "100-step curve: cuda bf16 tracks cpu, worst step rel %.2e <= 2e-2",
+             e16);
     ok(e16 <= 2e-2, tn);
-    ok(c.loss[99] < c.loss[0] && g.loss[99] < g.loss[0] && b.loss[99] < b.loss[0], "100-step curve: the loss falls");
+    ok(c.loss[99] < c.loss[0] && g.loss[99] < g.loss[0] && b.loss[99] < b.loss[0],
+       "100-step curve: the loss falls");
 }
 
 int main(void) {

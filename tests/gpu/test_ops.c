@@ -33,14 +33,17 @@ static uint64_t rng_next(void) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
-static float urand(void) { return (float)((rng_next() >> 11) * (1.0 / 9007199254740992.0)); }
+static float urand(void) {
+    return (float)((rng_next() >> 11) * (1.0 / 9007199254740992.0));
+}
 static float nrand(void) { /* roughly normal */
     return (urand() + urand() + urand() + urand() - 2.0f) * 1.7320508f;
 }
 
 static float *rand_f32(int64_t n, float sd) {
     float *p = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    for (int64_t i = 0; i < n; i++) p[i] = nrand() * sd;
+    for (int64_t i = 0; i < n; i++)
+        p[i] = nrand() * sd;
     return p;
 }
 
@@ -60,7 +63,8 @@ static void *dev_put(const void *h, size_t bytes) {
 /* A device fp32 buffer of n elements filled with NaN (poison). */
 static float *dev_poison(int64_t n) {
     float *h = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    for (int64_t i = 0; i < n; i++) h[i] = NAN;
+    for (int64_t i = 0; i < n; i++)
+        h[i] = NAN;
     float *d = dev_put(h, sizeof(float) * (size_t)(n ? n : 1));
     free(h);
     return d;
@@ -69,7 +73,8 @@ static float *dev_poison(int64_t n) {
 static float *dev_get(const void *d, int64_t n) {
     float *h = malloc(sizeof(float) * (size_t)(n ? n : 1));
     if (gpu.be->download(&gpu, h, d, sizeof(float) * (size_t)n) != LT_OK) {
-        for (int64_t i = 0; i < n; i++) h[i] = NAN;
+        for (int64_t i = 0; i < n; i++)
+            h[i] = NAN;
     }
     return h;
 }
@@ -85,7 +90,8 @@ static double rel_err(const float *got, const float *ref, int64_t n) {
     return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
-static void check_close(const char *name, const float *got_dev, const float *ref, int64_t n, double tol) {
+static void check_close(const char *name, const float *got_dev, const float *ref, int64_t n,
+                        double tol) {
     float *got = dev_get(got_dev, n);
     double e = rel_err(got, ref, n);
     char buf[256];
@@ -94,19 +100,29 @@ static void check_close(const char *name, const float *got_dev, const float *ref
     free(got);
 }
 
-static double tol_for(lt_dtype dt) { return dt == LT_F32 ? 1e-5 : 1e-2; }
+static double tol_for(lt_dtype dt) {
+    return dt == LT_F32 ? 1e-5 : 1e-2;
+}
 
-static lt_tensor t2(lt_dtype dt, void *p, int64_t a, int64_t b) { return lt_tensor_2d(dt, p, a, b); }
-static lt_tensor t3(lt_dtype dt, void *p, int64_t a, int64_t b, int64_t c) { return lt_tensor_3d(dt, p, a, b, c); }
-static lt_tensor t1(lt_dtype dt, void *p, int64_t a) { return lt_tensor_1d(dt, p, a); }
+static lt_tensor t2(lt_dtype dt, void *p, int64_t a, int64_t b) {
+    return lt_tensor_2d(dt, p, a, b);
+}
+static lt_tensor t3(lt_dtype dt, void *p, int64_t a, int64_t b, int64_t c) {
+    return lt_tensor_3d(dt, p, a, b, c);
+}
+static lt_tensor t1(lt_dtype dt, void *p, int64_t a) {
+    return lt_tensor_1d(dt, p, a);
+}
 
 /* ---- forward + backward of linear with an adapter -------------------------------------------- */
 
-static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int64_t out, float xsd) {
+static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int64_t out,
+                        float xsd) {
     char name[128];
     double tol = tol_for(wdt);
     int64_t r = 8;
-    float *x = rand_f32(T * in, xsd), *wf = rand_f32(out * in, 0.05f), *dy = rand_f32(T * out, 1.0f);
+    float *x = rand_f32(T * in, xsd), *wf = rand_f32(out * in, 0.05f),
+          *dy = rand_f32(T * out, 1.0f);
     void *wh = as_dtype(wf, out * in, wdt);
     float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
     lt_lora lo_c = {0}, lo_g = {0};
@@ -119,9 +135,12 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     lo_c.scale = 2.0f;
     lo_c.enabled = 1;
     lt_weight w_c = {t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in)};
-    float *y_c = malloc(sizeof(float) * (size_t)(T * out)), *dx_c = malloc(sizeof(float) * (size_t)(T * in));
+    float *y_c = malloc(sizeof(float) * (size_t)(T * out)),
+          *dx_c = malloc(sizeof(float) * (size_t)(T * in));
     lt_status rc = cpu.be->linear(&cpu, t2(LT_F32, y_c, T, out), t2(LT_F32, x, T, in), &w_c);
-    if (rc == LT_OK) rc = cpu_linear_backward(&cpu, t2(LT_F32, dx_c, T, in), t2(LT_F32, dy, T, out), t2(LT_F32, x, T, in), &w_c);
+    if (rc == LT_OK)
+        rc = cpu_linear_backward(&cpu, t2(LT_F32, dx_c, T, in), t2(LT_F32, dy, T, out),
+                                 t2(LT_F32, x, T, in), &w_c);
     if (rc != LT_OK) diag("cpu linear: %s", cpu.err);
 
     float *xg = dev_put(x, (size_t)(T * in) * 4), *dyg = dev_put(dy, (size_t)(T * out) * 4);
@@ -140,11 +159,14 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
     snprintf(name, sizeof name, "linear %s%s y", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
     check_close(name, yg, y_c, T * out, tol);
-    rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxg, T, in), t2(LT_F32, dyg, T, out), t2(LT_F32, xg, T, in), &w_g);
+    rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxg, T, in), t2(LT_F32, dyg, T, out),
+                                 t2(LT_F32, xg, T, in), &w_g);
     if (rc != LT_OK) diag("%s", gpu.err);
-    snprintf(name, sizeof name, "linear_backward %s%s dx", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
+    snprintf(name, sizeof name, "linear_backward %s%s dx", lt_dtype_user_name(wdt),
+             with_lora ? "+lora" : "");
     check_close(name, dxg, dx_c, T * in, tol);
-    snprintf(name, sizeof name, "linear_backward %s%s grad_w", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
+    snprintf(name, sizeof name, "linear_backward %s%s grad_w", lt_dtype_user_name(wdt),
+             with_lora ? "+lora" : "");
     check_close(name, w_g.grad_w.data, gw_c, out * in, tol);
     if (with_lora) {
         snprintf(name, sizeof name, "linear_backward %s+lora grad_a", lt_dtype_user_name(wdt));
@@ -152,26 +174,30 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
         snprintf(name, sizeof name, "linear_backward %s+lora grad_b", lt_dtype_user_name(wdt));
         check_close(name, lo_g.grad_b.data, gb_c, out * r, tol);
     }
-    free(x), free(wf), free(dy), free(wh), free(a), free(b), free(ga_c), free(gb_c), free(gw_c), free(y_c), free(dx_c);
+    free(x), free(wf), free(dy), free(wh), free(a), free(b), free(ga_c), free(gb_c), free(gw_c),
+        free(y_c), free(dx_c);
 }
 
-/* ---- norms, rope, geglu, add, embedding ------------------------------------------------------------ */
+/* ---- norms, rope, geglu, add, embedding
+ * ------------------------------------------------------------ */
 
 static void test_rmsnorm(int64_t N, int64_t D) {
     char name[96];
     float *x = rand_f32(N * D, 3.0f), *w = rand_f32(D, 0.5f), *dy = rand_f32(N * D, 1.0f);
-    float *y_c = malloc(sizeof(float) * (size_t)(N * D)), *dx_c = malloc(sizeof(float) * (size_t)(N * D));
+    float *y_c = malloc(sizeof(float) * (size_t)(N * D)),
+          *dx_c = malloc(sizeof(float) * (size_t)(N * D));
     float *dw_c = calloc((size_t)D, 4);
     cpu.be->rmsnorm(&cpu, t2(LT_F32, y_c, N, D), t2(LT_F32, x, N, D), t1(LT_F32, w, D), 1e-6f);
-    cpu_rmsnorm_backward(&cpu, t2(LT_F32, dx_c, N, D), t1(LT_F32, dw_c, D), t2(LT_F32, dy, N, D), t2(LT_F32, x, N, D),
-                         t1(LT_F32, w, D), 1e-6f);
-    float *xg = dev_put(x, (size_t)(N * D) * 4), *wg = dev_put(w, (size_t)D * 4), *dyg = dev_put(dy, (size_t)(N * D) * 4);
+    cpu_rmsnorm_backward(&cpu, t2(LT_F32, dx_c, N, D), t1(LT_F32, dw_c, D), t2(LT_F32, dy, N, D),
+                         t2(LT_F32, x, N, D), t1(LT_F32, w, D), 1e-6f);
+    float *xg = dev_put(x, (size_t)(N * D) * 4), *wg = dev_put(w, (size_t)D * 4),
+          *dyg = dev_put(dy, (size_t)(N * D) * 4);
     float *yg = dev_poison(N * D), *dxg = dev_poison(N * D), *dwg = dev_put(NULL, (size_t)D * 4);
     gpu.be->rmsnorm(&gpu, t2(LT_F32, yg, N, D), t2(LT_F32, xg, N, D), t1(LT_F32, wg, D), 1e-6f);
     snprintf(name, sizeof name, "rmsnorm [%lld,%lld]", (long long)N, (long long)D);
     check_close(name, yg, y_c, N * D, 1e-5);
-    gpu.be->rmsnorm_backward(&gpu, t2(LT_F32, dxg, N, D), t1(LT_F32, dwg, D), t2(LT_F32, dyg, N, D), t2(LT_F32, xg, N, D),
-                             t1(LT_F32, wg, D), 1e-6f);
+    gpu.be->rmsnorm_backward(&gpu, t2(LT_F32, dxg, N, D), t1(LT_F32, dwg, D), t2(LT_F32, dyg, N, D),
+                             t2(LT_F32, xg, N, D), t1(LT_F32, wg, D), 1e-6f);
     snprintf(name, sizeof name, "rmsnorm_backward dx [%lld,%lld]", (long long)N, (long long)D);
     check_close(name, dxg, dx_c, N * D, 1e-5);
     snprintf(name, sizeof name, "rmsnorm_backward dw [%lld,%lld]", (long long)N, (long long)D);
@@ -186,7 +212,8 @@ static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float fact
     char name[96];
     float *x = rand_f32(T * nh * hd, 1.0f);
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(rng_next() % (uint64_t)maxpos);
+    for (int64_t t = 0; t < T; t++)
+        pos[t] = (int32_t)(rng_next() % (uint64_t)maxpos);
     float *y_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
     memcpy(y_c, x, sizeof(float) * (size_t)(T * nh * hd));
     cpu.be->rope(&cpu, t3(LT_F32, y_c, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
@@ -211,18 +238,20 @@ static void test_geglu_add(int64_t n) {
     float *y_c = malloc(sizeof(float) * (size_t)n), *dg_c = malloc(sizeof(float) * (size_t)n),
           *du_c = malloc(sizeof(float) * (size_t)n);
     cpu.be->geglu(&cpu, t1(LT_F32, y_c, n), t1(LT_F32, g, n), t1(LT_F32, u, n));
-    cpu_geglu_backward(&cpu, t1(LT_F32, dg_c, n), t1(LT_F32, du_c, n), t1(LT_F32, dy, n), t1(LT_F32, g, n),
-                       t1(LT_F32, u, n));
-    float *gg = dev_put(g, (size_t)n * 4), *ug = dev_put(u, (size_t)n * 4), *dyg = dev_put(dy, (size_t)n * 4);
+    cpu_geglu_backward(&cpu, t1(LT_F32, dg_c, n), t1(LT_F32, du_c, n), t1(LT_F32, dy, n),
+                       t1(LT_F32, g, n), t1(LT_F32, u, n));
+    float *gg = dev_put(g, (size_t)n * 4), *ug = dev_put(u, (size_t)n * 4),
+          *dyg = dev_put(dy, (size_t)n * 4);
     float *yg = dev_poison(n), *dgg = dev_poison(n), *dug = dev_poison(n);
     gpu.be->geglu(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n), t1(LT_F32, ug, n));
     check_close("geglu", yg, y_c, n, 1e-5);
-    gpu.be->geglu_backward(&gpu, t1(LT_F32, dgg, n), t1(LT_F32, dug, n), t1(LT_F32, dyg, n), t1(LT_F32, gg, n),
-                           t1(LT_F32, ug, n));
+    gpu.be->geglu_backward(&gpu, t1(LT_F32, dgg, n), t1(LT_F32, dug, n), t1(LT_F32, dyg, n),
+                           t1(LT_F32, gg, n), t1(LT_F32, ug, n));
     check_close("geglu_backward dgate", dgg, dg_c, n, 1e-5);
     check_close("geglu_backward dup", dug, du_c, n, 1e-5);
     /* add: y += x */
-    for (int64_t i = 0; i < n; i++) y_c[i] += g[i];
+    for (int64_t i = 0; i < n; i++)
+        y_c[i] += g[i];
     gpu.be->add(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n));
     check_close("add", yg, y_c, n, 1e-6);
     free(g), free(u), free(dy), free(y_c), free(dg_c), free(du_c);
@@ -234,7 +263,8 @@ static void test_embedding(lt_dtype dt) {
     float *tf = rand_f32(V * H, 0.5f), *dh = rand_f32(T * H, 1.0f);
     void *th = as_dtype(tf, V * H, dt);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++) ids[t] = (int32_t)(rng_next() % (uint64_t)V);
+    for (int64_t t = 0; t < T; t++)
+        ids[t] = (int32_t)(rng_next() % (uint64_t)V);
     ids[3] = ids[7]; /* a repeated id: the backward must add both rows */
     float *h_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
     lt_weight tab_c = {t2(dt, th, V, H), NULL, t2(LT_F32, gw_c, V, H)};
@@ -244,7 +274,8 @@ static void test_embedding(lt_dtype dt) {
     lt_weight tab_g = {t2(dt, dev_put(th, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
                        t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
     float *hg = dev_poison(T * H), *dhg = dev_put(dh, (size_t)(T * H) * 4);
-    lt_status rc = gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 33.9411f);
+    lt_status rc =
+        gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 33.9411f);
     snprintf(name, sizeof name, "embedding %s", lt_dtype_user_name(dt));
     if (rc != LT_OK) diag("%s", gpu.err);
     check_close(name, hg, h_c, T * H, 1e-6);
@@ -255,59 +286,77 @@ static void test_embedding(lt_dtype dt) {
     ids[0] = (int32_t)V;
     gpu.be->upload(&gpu, idg, ids, 4);
     rc = gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 1.0f);
-    ok(rc == LT_ERR_ARG && strstr(gpu.err, "outside the vocabulary"), "embedding: an id outside [0, V) is LT_ERR_ARG");
+    ok(rc == LT_ERR_ARG && strstr(gpu.err, "outside the vocabulary"),
+       "embedding: an id outside [0, V) is LT_ERR_ARG");
     free(tf), free(dh), free(th), free(ids), free(h_c), free(gw_c);
 }
 
-/* ---- attention ---------------------------------------------------------------------------------- */
+/* ---- attention ----------------------------------------------------------------------------------
+ */
 
-static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int64_t nkv, int64_t hd, int window,
-                           int decode) {
+static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int64_t nkv, int64_t hd,
+                           int window, int decode) {
     char name[160];
     double tol = tol_for(prec);
     float scale = 1.0f / 16.0f;
-    float *q = rand_f32(T * nh * hd, 1.0f), *k = rand_f32(S * nkv * hd, 1.0f), *v = rand_f32(S * nkv * hd, 1.0f);
+    float *q = rand_f32(T * nh * hd, 1.0f), *k = rand_f32(S * nkv * hd, 1.0f),
+          *v = rand_f32(S * nkv * hd, 1.0f);
     float *dout = rand_f32(T * nh * hd, 1.0f);
     int32_t *qp = malloc(sizeof(int32_t) * (size_t)T), *kp = malloc(sizeof(int32_t) * (size_t)S);
-    if (decode == 2) { /* two packed samples: positions restart (the mask, not the index, decides) */
-        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)(t % (T / 2));
-        for (int64_t s = 0; s < S; s++) kp[s] = (int32_t)(s % (S / 2));
+    if (decode ==
+        2) { /* two packed samples: positions restart (the mask, not the index, decides) */
+        for (int64_t t = 0; t < T; t++)
+            qp[t] = (int32_t)(t % (T / 2));
+        for (int64_t s = 0; s < S; s++)
+            kp[s] = (int32_t)(s % (S / 2));
     } else if (decode) { /* a ring cache: some slots empty (-1), positions out of order */
-        for (int64_t s = 0; s < S; s++) kp[s] = (s % 7 == 3) ? -1 : (int32_t)((s * 37) % S);
-        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)(S - T + t);
+        for (int64_t s = 0; s < S; s++)
+            kp[s] = (s % 7 == 3) ? -1 : (int32_t)((s * 37) % S);
+        for (int64_t t = 0; t < T; t++)
+            qp[t] = (int32_t)(S - T + t);
     } else {
-        for (int64_t t = 0; t < T; t++) qp[t] = (int32_t)t;
-        for (int64_t s = 0; s < S; s++) kp[s] = (int32_t)s;
+        for (int64_t t = 0; t < T; t++)
+            qp[t] = (int32_t)t;
+        for (int64_t s = 0; s < S; s++)
+            kp[s] = (int32_t)s;
     }
     float *o_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
-    cpu.be->attention(&cpu, t2(LT_F32, o_c, T, nh * hd), t3(LT_F32, q, T, nh, hd), t3(LT_F32, k, S, nkv, hd),
-                      t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T), t1(LT_I32, kp, S), window, scale);
+    cpu.be->attention(&cpu, t2(LT_F32, o_c, T, nh * hd), t3(LT_F32, q, T, nh, hd),
+                      t3(LT_F32, k, S, nkv, hd), t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T),
+                      t1(LT_I32, kp, S), window, scale);
     lt_cuda_set_precision(&gpu, prec);
     float *qg = dev_put(q, (size_t)(T * nh * hd) * 4), *kg = dev_put(k, (size_t)(S * nkv * hd) * 4),
-          *vg = dev_put(v, (size_t)(S * nkv * hd) * 4), *dog = dev_put(dout, (size_t)(T * nh * hd) * 4);
+          *vg = dev_put(v, (size_t)(S * nkv * hd) * 4),
+          *dog = dev_put(dout, (size_t)(T * nh * hd) * 4);
     int32_t *qpg = dev_put(qp, (size_t)T * 4), *kpg = dev_put(kp, (size_t)S * 4);
     float *og = dev_poison(T * nh * hd);
     lt_status rc = gpu.be->attention(&gpu, t2(LT_F32, og, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
-                                     t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, qpg, T),
-                                     t1(LT_I32, kpg, S), window, scale);
+                                     t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd),
+                                     t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window, scale);
     if (rc != LT_OK) diag("%s", gpu.err);
     snprintf(name, sizeof name, "attention %s T=%lld S=%lld nh=%lld nkv=%lld hd=%lld window=%d%s",
-             lt_dtype_user_name(prec), (long long)T, (long long)S, (long long)nh, (long long)nkv, (long long)hd, window,
-             decode == 1 ? " (cache)" : decode == 2 ? " (restarting positions)" : "");
+             lt_dtype_user_name(prec), (long long)T, (long long)S, (long long)nh, (long long)nkv,
+             (long long)hd, window,
+             decode == 1   ? " (cache)"
+             : decode == 2 ? " (restarting positions)"
+                           : "");
     check_close(name, og, o_c, T * nh * hd, tol);
     if (decode != 1) {
-        float *dq_c = malloc(sizeof(float) * (size_t)(T * nh * hd)), *dk_c = malloc(sizeof(float) * (size_t)(S * nkv * hd)),
+        float *dq_c = malloc(sizeof(float) * (size_t)(T * nh * hd)),
+              *dk_c = malloc(sizeof(float) * (size_t)(S * nkv * hd)),
               *dv_c = malloc(sizeof(float) * (size_t)(S * nkv * hd));
         cpu_attention_backward(&cpu, t3(LT_F32, dq_c, T, nh, hd), t3(LT_F32, dk_c, S, nkv, hd),
-                               t3(LT_F32, dv_c, S, nkv, hd), t2(LT_F32, dout, T, nh * hd), t3(LT_F32, q, T, nh, hd),
-                               t3(LT_F32, k, S, nkv, hd), t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T),
-                               t1(LT_I32, kp, S), window, scale);
-        float *dqg = dev_poison(T * nh * hd), *dkg = dev_poison(S * nkv * hd), *dvg = dev_poison(S * nkv * hd);
-        rc = gpu.be->attention_backward(&gpu, t3(LT_F32, dqg, T, nh, hd), t3(LT_F32, dkg, S, nkv, hd),
-                                        t3(LT_F32, dvg, S, nkv, hd), t2(LT_F32, dog, T, nh * hd),
-                                        t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, S, nkv, hd),
-                                        t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window,
-                                        scale);
+                               t3(LT_F32, dv_c, S, nkv, hd), t2(LT_F32, dout, T, nh * hd),
+                               t3(LT_F32, q, T, nh, hd), t3(LT_F32, k, S, nkv, hd),
+                               t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T), t1(LT_I32, kp, S),
+                               window, scale);
+        float *dqg = dev_poison(T * nh * hd), *dkg = dev_poison(S * nkv * hd),
+              *dvg = dev_poison(S * nkv * hd);
+        rc = gpu.be->attention_backward(&gpu, t3(LT_F32, dqg, T, nh, hd),
+                                        t3(LT_F32, dkg, S, nkv, hd), t3(LT_F32, dvg, S, nkv, hd),
+                                        t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
+                                        t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd),
+                                        t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window, scale);
         if (rc != LT_OK) diag("%s", gpu.err);
         char n2[200];
         snprintf(n2, sizeof n2, "%s backward dq", name);
@@ -321,7 +370,8 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
     free(q), free(k), free(v), free(dout), free(qp), free(kp), free(o_c);
 }
 
-/* ---- fused cross-entropy, AdamW, the trainer's extra ops ------------------------------------------ */
+/* ---- fused cross-entropy, AdamW, the trainer's extra ops
+ * ------------------------------------------ */
 
 static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
     char name[128];
@@ -329,23 +379,24 @@ static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
     float *h = rand_f32(T * H, 1.0f), *wf = rand_f32(V * H, 0.2f);
     void *wh = as_dtype(wf, V * H, dt);
     int32_t *tg = malloc(sizeof(int32_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++) tg[t] = (t % 5 == 2) ? -100 : (int32_t)(rng_next() % (uint64_t)V);
+    for (int64_t t = 0; t < T; t++)
+        tg[t] = (t % 5 == 2) ? -100 : (int32_t)(rng_next() % (uint64_t)V);
     float *dh_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
     lt_weight head_c = {t2(dt, wh, V, H), NULL, t2(LT_F32, gw_c, V, H)};
     double loss_c = 0, loss_g = 0;
     float gs = 1.0f / (float)T;
-    lt_status rc = cpu_cross_entropy(&cpu, &loss_c, t2(LT_F32, dh_c, T, H), t2(LT_F32, h, T, H), &head_c,
-                                     t1(LT_I32, tg, T), gs);
+    lt_status rc = cpu_cross_entropy(&cpu, &loss_c, t2(LT_F32, dh_c, T, H), t2(LT_F32, h, T, H),
+                                     &head_c, t1(LT_I32, tg, T), gs);
     if (rc != LT_OK) diag("cpu: %s", cpu.err);
     float *hg = dev_put(h, (size_t)(T * H) * 4), *dhg = dev_poison(T * H);
     int32_t *tgg = dev_put(tg, (size_t)T * 4);
     lt_weight head_g = {t2(dt, dev_put(wh, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
                         t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
-    rc = gpu.be->cross_entropy(&gpu, &loss_g, t2(LT_F32, dhg, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T),
-                               gs);
+    rc = gpu.be->cross_entropy(&gpu, &loss_g, t2(LT_F32, dhg, T, H), t2(LT_F32, hg, T, H), &head_g,
+                               t1(LT_I32, tgg, T), gs);
     if (rc != LT_OK) diag("%s", gpu.err);
-    snprintf(name, sizeof name, "cross_entropy %s T=%lld V=%lld loss %.6f vs %.6f", lt_dtype_user_name(dt), (long long)T,
-             (long long)V, loss_g, loss_c);
+    snprintf(name, sizeof name, "cross_entropy %s T=%lld V=%lld loss %.6f vs %.6f",
+             lt_dtype_user_name(dt), (long long)T, (long long)V, loss_g, loss_c);
     ok(fabs(loss_g - loss_c) <= tol * fabs(loss_c) + 1e-6, name);
     snprintf(name, sizeof name, "cross_entropy %s dh", lt_dtype_user_name(dt));
     check_close(name, dhg, dh_c, T * H, tol);
@@ -353,26 +404,31 @@ static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
     check_close(name, head_g.grad_w.data, gw_c, V * H, tol);
     /* loss only: no gradient touched */
     double l2 = 0;
-    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T), gs);
-    ok(rc == LT_OK && fabs(l2 - loss_g) <= 1e-6 * fabs(loss_g), "cross_entropy loss-only call gives the same loss");
+    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g,
+                               t1(LT_I32, tgg, T), gs);
+    ok(rc == LT_OK && fabs(l2 - loss_g) <= 1e-6 * fabs(loss_g),
+       "cross_entropy loss-only call gives the same loss");
     tg[1] = (int32_t)V;
     gpu.be->upload(&gpu, tgg, tg, (size_t)T * 4);
-    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g, t1(LT_I32, tgg, T), gs);
+    rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g,
+                               t1(LT_I32, tgg, T), gs);
     ok(rc == LT_ERR_ARG, "cross_entropy: a target outside the vocabulary is LT_ERR_ARG");
     free(h), free(wf), free(wh), free(tg), free(dh_c), free(gw_c);
 }
 
 static void test_adamw_and_extras(void) {
     int64_t n = 10007;
-    float *p = rand_f32(n, 1.0f), *g = rand_f32(n, 0.1f), *m = rand_f32(n, 0.01f), *v = malloc(4 * (size_t)n);
-    for (int64_t i = 0; i < n; i++) v[i] = urand() * 0.01f;
-    float *pg = dev_put(p, (size_t)n * 4), *gg = dev_put(g, (size_t)n * 4), *mg = dev_put(m, (size_t)n * 4),
-          *vg = dev_put(v, (size_t)n * 4);
+    float *p = rand_f32(n, 1.0f), *g = rand_f32(n, 0.1f), *m = rand_f32(n, 0.01f),
+          *v = malloc(4 * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        v[i] = urand() * 0.01f;
+    float *pg = dev_put(p, (size_t)n * 4), *gg = dev_put(g, (size_t)n * 4),
+          *mg = dev_put(m, (size_t)n * 4), *vg = dev_put(v, (size_t)n * 4);
     for (int step = 1; step <= 3; step++) {
-        cpu_adamw(&cpu, t1(LT_F32, p, n), t1(LT_F32, g, n), t1(LT_F32, m, n), t1(LT_F32, v, n), 1e-3f, 0.9f, 0.999f,
-                  1e-8f, 0.01f, step);
-        gpu.be->adamw(&gpu, t1(LT_F32, pg, n), t1(LT_F32, gg, n), t1(LT_F32, mg, n), t1(LT_F32, vg, n), 1e-3f, 0.9f,
-                      0.999f, 1e-8f, 0.01f, step);
+        cpu_adamw(&cpu, t1(LT_F32, p, n), t1(LT_F32, g, n), t1(LT_F32, m, n), t1(LT_F32, v, n),
+                  1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+        gpu.be->adamw(&gpu, t1(LT_F32, pg, n), t1(LT_F32, gg, n), t1(LT_F32, mg, n),
+                      t1(LT_F32, vg, n), 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
     }
     check_close("adamw param after 3 steps", pg, p, n, 1e-6);
     check_close("adamw exp_avg_sq", vg, v, n, 1e-6);
@@ -386,10 +442,12 @@ static void test_adamw_and_extras(void) {
     gx->dropout(&gpu, t1(LT_F32, yg, n), t1(LT_F32, gg, n), 0.3f, 2.0f, 12345);
     check_close("dropout (same mask)", yg, y_c, n, 1e-7);
     gx->scale(&gpu, t1(LT_F32, yg, n), 0.5f);
-    for (int64_t i = 0; i < n; i++) y_c[i] *= 0.5f;
+    for (int64_t i = 0; i < n; i++)
+        y_c[i] *= 0.5f;
     check_close("scale", yg, y_c, n, 1e-7);
     gx->fill(&gpu, t1(LT_F32, yg, n), 0.25f);
-    for (int64_t i = 0; i < n; i++) y_c[i] = 0.25f;
+    for (int64_t i = 0; i < n; i++)
+        y_c[i] = 0.25f;
     check_close("fill", yg, y_c, n, 0);
     free(p), free(g), free(m), free(v), free(y_c);
 }
@@ -398,9 +456,11 @@ static void test_adamw_and_extras(void) {
 static void test_fp16_range(void) {
     int64_t T = 16, in = 256, out = 64;
     float *x = rand_f32(T * in, 1.0f);
-    for (int64_t i = 0; i < T * in; i += 7) x[i] *= 3.0e5f; /* a GeGLU product of Gemma 3 size */
+    for (int64_t i = 0; i < T * in; i += 7)
+        x[i] *= 3.0e5f; /* a GeGLU product of Gemma 3 size */
     int naive_inf = 0;
-    for (int64_t i = 0; i < T * in; i++) naive_inf |= isinf(lt_f16_to_f32(lt_f32_to_f16(x[i])));
+    for (int64_t i = 0; i < T * in; i++)
+        naive_inf |= isinf(lt_f16_to_f32(lt_f32_to_f16(x[i])));
     ok(naive_inf, "fp16: a plain cast of the input overflows to inf (the naive path)");
     free(x);
     /* the same input through the scaled path */
@@ -412,11 +472,13 @@ int main(void) {
     const char *seed = getenv("LATHE_TEST_SEED");
     rng_state = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
     setenv("LATHE_CUDA_CHUNK_ROWS", "128", 0); /* several attention / loss chunks at test sizes */
+    setenv("LATHE_CUDA_KEYRANGE_ROWS", "128", 0); /* and the key-range path (off by default) */
     if (lt_cuda_device_count() == 0) {
         printf("1..0 # SKIP no CUDA device (make check-gpu runs these on a GPU machine)\n");
         return 0;
     }
-    if (lt_ctx_init(&cpu, &lt_backend_cpu, 0) != LT_OK || lt_ctx_init(&gpu, &lt_backend_cuda, 0) != LT_OK) {
+    if (lt_ctx_init(&cpu, &lt_backend_cpu, 0) != LT_OK ||
+        lt_ctx_init(&gpu, &lt_backend_cuda, 0) != LT_OK) {
         printf("1..0 # SKIP cannot start a backend: %s %s\n", cpu.err, gpu.err);
         return 0;
     }
@@ -443,22 +505,26 @@ int main(void) {
         test_attention(dts[i], 1, 64, 4, 1, 256, 8, 1);
         test_cross_entropy(dts[i], 37, 5000, 64);
     }
-    test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0); /* several query chunks, key ranges */
+    test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0);  /* several query chunks, key ranges */
     test_attention(LT_F32, 520, 520, 4, 1, 256, 100, 0); /* sliding window over several chunks */
     test_attention(LT_F32, 400, 400, 4, 2, 128, 0, 2);
+    test_attention(LT_BF16, 1100, 1100, 4, 1, 128, 0, 0); /* rows of 1025..2048 keys */
+    test_attention(LT_F32, 2, 5000, 4, 2, 128, 0, 1);     /* a long cache: the generic softmax */
     test_attention(LT_F16, 400, 400, 4, 2, 128, 64, 2);
-    test_cross_entropy(LT_BF16, 300, 262144, 128);      /* the real vocabulary, several chunks */
+    test_cross_entropy(LT_BF16, 300, 262144, 128); /* the real vocabulary, several chunks */
     test_adamw_and_extras();
     test_fp16_range();
     { /* an allocation the device cannot hold is a clean error, and the ctx still works */
         void *huge = gpu.be->alloc(&gpu, (size_t)1 << 50);
-        ok(!huge && strstr(gpu.err, "out of device memory"), "a CUDA out-of-memory is an error value");
+        ok(!huge && strstr(gpu.err, "out of device memory"),
+           "a CUDA out-of-memory is an error value");
         if (huge) gpu.be->release(&gpu, huge);
         test_geglu_add(1000);
     }
     lt_cuda_mem mem;
     lt_cuda_memory(&gpu, &mem);
-    diag("device memory: in use %.1f MiB, peak %.1f MiB", mem.in_use / 1048576.0, mem.peak / 1048576.0);
+    diag("device memory: in use %.1f MiB, peak %.1f MiB", mem.in_use / 1048576.0,
+         mem.peak / 1048576.0);
     lt_ctx_shutdown(&gpu);
     lt_ctx_shutdown(&cpu);
     return tap_done();

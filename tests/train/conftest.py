@@ -20,6 +20,7 @@ def lathe_run(script, cwd, timeout=600):
         f.write(script)
     env = dict(os.environ)
     env.setdefault("LATHE_THREADS", "2")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # parallel test suites on 2 cores
     r = subprocess.run([os.path.join(BUILDDIR, "lathe"), "run", path], cwd=cwd, capture_output=True,
                        text=True, timeout=timeout, env=env)
     return r.returncode, r.stdout, r.stderr

@@ -138,6 +138,37 @@ static void test_generate(lt_session *s) {
     ok(lt_generate(s, "x", &o, NULL, &out) == LT_ERR_ARG && strstr(lt_last_error(s), "top_p"), "a bad top_p is named");
 }
 
+/* The session reuses its KV cache when a new sequence extends the cached one: the result must
+ * equal a fresh computation. */
+static void test_cache_reuse(lt_session *s) {
+    int32_t *p = NULL, *g = NULL, *h = NULL, *all = NULL;
+    int np = 0, ng = 0, nh = 0, na = 0;
+    lt_gen_opts o;
+    lt_gen_opts_default(&o);
+    o.temperature = 0;
+    lt_tokenize(s, "<bos><start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n", &p, &np);
+    o.max_new = 5;
+    lt_status r1 = lt_generate_ids(s, p, np, &o, &g, &ng);
+    int32_t *ext = malloc(sizeof(int32_t) * (size_t)(np + ng));
+    memcpy(ext, p, sizeof(int32_t) * (size_t)np);
+    if (ng) memcpy(ext + np, g, sizeof(int32_t) * (size_t)ng);
+    o.max_new = 4;
+    lt_status r2 = lt_generate_ids(s, ext, np + ng, &o, &h, &nh); /* extends the cache */
+    char *junk = NULL;
+    lt_generate(s, "unrelated", &o, NULL, &junk); /* replaces the cache */
+    free(junk);
+    o.max_new = 9;
+    lt_status r3 = lt_generate_ids(s, p, np, &o, &all, &na);
+    int same = r1 == LT_OK && r2 == LT_OK && r3 == LT_OK && ng == 5 && nh == 4 && na == 9 &&
+               !memcmp(all, g, 5 * sizeof(int32_t)) && !memcmp(all + 5, h, 4 * sizeof(int32_t));
+    ok(same, "continuing from the cached prefix == generating from scratch");
+    free(p);
+    free(g);
+    free(h);
+    free(all);
+    free(ext);
+}
+
 static void test_chat(lt_session *s) {
     const char *roles[] = {"system", "user", "assistant"}, *contents[] = {"Be brief.", " Hi ", "Yo"};
     char *text = NULL;
@@ -165,8 +196,19 @@ static void test_chat(lt_session *s) {
     char *first = reply ? strdup(reply) : NULL;
     free(reply);
     rc = lt_chat(s, "And then?", &o, NULL, &reply);
-    is_int(rc, LT_OK, "chat turn 2 (history re-rendered)");
+    is_int(rc, LT_OK, "chat turn 2 (history re-rendered and re-tokenized, as transformers does)");
+    char *second = reply;
+    /* the same two turns again, but with the cache invalidated in between: same reply */
+    lt_chat_reset(s);
+    lt_chat(s, "Hello there", &o, NULL, &reply);
     free(reply);
+    char *junk = NULL;
+    lt_generate(s, "something else entirely", &o, NULL, &junk);
+    free(junk);
+    rc = lt_chat(s, "And then?", &o, NULL, &reply);
+    ok(rc == LT_OK && second && reply && !strcmp(second, reply), "turn 2 after another call in between gives the same reply");
+    free(reply);
+    free(second);
     lt_chat_reset(s);
     rc = lt_chat(s, "Hello there", &o, NULL, &reply);
     ok(rc == LT_OK && first && reply && !strcmp(first, reply), "after reset, the same first turn gives the same reply");
@@ -233,6 +275,7 @@ int main(void) {
     unsetenv("LATHE_TINY_DIR");
     test_load_and_tokens(s);
     test_generate(s);
+    test_cache_reuse(s);
     test_chat(s);
     test_hf_cache(s);
     test_random(s);

@@ -66,7 +66,10 @@ static void test_half(void) {
     }
     ok(all, "fp16 -> fp32 -> fp16 is the identity on all finite halves");
     is_int(gguf_fp32_to_bf16(1.0f), 0x3f80, "bf16(1) = 0x3f80");
-    union { uint32_t u; float f; } v;
+    union {
+        uint32_t u;
+        float f;
+    } v;
     v.u = 0x3f808000u;
     is_int(gguf_fp32_to_bf16(v.f), 0x3f80, "bf16 tie rounds to even (down)");
     v.u = 0x3f818000u;
@@ -80,12 +83,14 @@ static void test_half(void) {
 static void test_q8_0_block(void) {
     float x[32];
     uint8_t b[34];
-    for (int j = 0; j < 32; ++j) x[j] = (float)(4 * j - 64);
+    for (int j = 0; j < 32; ++j)
+        x[j] = (float)(4 * j - 64);
     x[0] = -127.0f; /* amax 127 -> d = 1 exactly */
     ok(gguf_quantize_row(GGUF_TYPE_Q8_0, x, b, 32) == 0, "q8_0: quantize 32");
     is_int(le16(b), 0x3c00, "q8_0: d = 1.0 as fp16, first two bytes");
     int same = 1;
-    for (int j = 0; j < 32; ++j) same &= (int8_t)b[2 + j] == (int8_t)x[j];
+    for (int j = 0; j < 32; ++j)
+        same &= (int8_t)b[2 + j] == (int8_t)x[j];
     ok(same, "q8_0: qs[j] = x[j] / d, one signed byte each, in order");
     x[5] = 2.5f; /* 2.5 rounds half away from zero -> 3 */
     x[6] = -2.5f;
@@ -94,18 +99,21 @@ static void test_q8_0_block(void) {
     float z[32] = {0};
     gguf_quantize_row(GGUF_TYPE_Q8_0, z, b, 32);
     int zeros = 1;
-    for (int j = 0; j < 34; ++j) zeros &= b[j] == 0;
+    for (int j = 0; j < 34; ++j)
+        zeros &= b[j] == 0;
     ok(zeros, "q8_0: an all-zero block is all zero bytes");
 }
 
 static void test_q4_0_block(void) {
     float x[32];
     uint8_t b[18];
-    for (int j = 0; j < 32; ++j) x[j] = (float)(j % 16) - 8.0f; /* -8..7: d = -8/-8 = 1 */
+    for (int j = 0; j < 32; ++j)
+        x[j] = (float)(j % 16) - 8.0f; /* -8..7: d = -8/-8 = 1 */
     ok(gguf_quantize_row(GGUF_TYPE_Q4_0, x, b, 32) == 0, "q4_0: quantize 32");
     is_int(le16(b), 0x3c00, "q4_0: d = (signed max)/-8 = 1.0");
     int same = 1;
-    for (int j = 0; j < 16; ++j) same &= b[2 + j] == (uint8_t)(j | (j << 4));
+    for (int j = 0; j < 16; ++j)
+        same &= b[2 + j] == (uint8_t)(j | (j << 4));
     ok(same, "q4_0: byte j = code(j) | code(j+16) << 4, code = x/d + 8");
     x[0] = 8.0f; /* positive extreme -> d = -1; 8 maps to code 0 */
     gguf_quantize_row(GGUF_TYPE_Q4_0, x, b, 32);
@@ -131,7 +139,8 @@ static void test_q5_0_block(void) {
     float y[32];
     ok(gguf_dequantize_row(GGUF_TYPE_Q5_0, b, y, 32) == 0, "q5_0: dequantize 32");
     int good = 1;
-    for (int j = 0; j < 32; ++j) good &= y[j] == 0.5f * (float)(j - 16);
+    for (int j = 0; j < 32; ++j)
+        good &= y[j] == 0.5f * (float)(j - 16);
     ok(good, "q5_0: value = d * (code - 16), 5th bit of weight j in qh bit j");
     float x[32];
     uint8_t c[22];
@@ -139,7 +148,8 @@ static void test_q5_0_block(void) {
     gguf_quantize_row(GGUF_TYPE_Q5_0, x, c, 32);
     gguf_dequantize_row(GGUF_TYPE_Q5_0, c, y, 32);
     good = 1;
-    for (int j = 0; j < 32; ++j) good &= y[j] == x[j];
+    for (int j = 0; j < 32; ++j)
+        good &= y[j] == x[j];
     ok(good, "q5_0: a block on the grid survives a round trip");
 }
 
@@ -159,7 +169,8 @@ static void test_q4_K_block(void) {
     b[0] = 0x00, b[1] = 0x3c; /* d = 1 */
     b[2] = 0x00, b[3] = 0x38; /* dmin = 0.5 */
     pack_q4k_scales(b + 4, s, m);
-    for (int l = 0; l < 128; ++l) b[16 + l] = (uint8_t)((l * 7) & 0xff);
+    for (int l = 0; l < 128; ++l)
+        b[16 + l] = (uint8_t)((l * 7) & 0xff);
     float y[256];
     ok(gguf_dequantize_row(GGUF_TYPE_Q4_K, b, y, 256) == 0, "q4_K: dequantize 256");
     int good = 1;
@@ -189,9 +200,12 @@ static void test_q4_K_block(void) {
 static void test_q6_K_block(void) {
     uint8_t b[210];
     int8_t sc[16];
-    for (int k = 0; k < 16; ++k) sc[k] = (int8_t)(k * 9 - 70);
-    for (int i = 0; i < 128; ++i) b[i] = (uint8_t)((i * 37 + 11) & 0xff); /* ql */
-    for (int i = 0; i < 64; ++i) b[128 + i] = (uint8_t)((i * 73 + 5) & 0xff); /* qh */
+    for (int k = 0; k < 16; ++k)
+        sc[k] = (int8_t)(k * 9 - 70);
+    for (int i = 0; i < 128; ++i)
+        b[i] = (uint8_t)((i * 37 + 11) & 0xff); /* ql */
+    for (int i = 0; i < 64; ++i)
+        b[128 + i] = (uint8_t)((i * 73 + 5) & 0xff); /* qh */
     memcpy(b + 192, sc, 16);
     b[208] = 0x00, b[209] = 0x34; /* d = 0.25 */
     float y[256];
@@ -201,7 +215,10 @@ static void test_q6_K_block(void) {
         /* weight i: half h = i/128, r = i%128, l = r%32, quarter g = r/32 */
         int h = i / 128, r = i % 128, l = r % 32, g = r / 32;
         const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
-        int low = g == 0 ? ql[l] & 15 : g == 1 ? ql[l + 32] & 15 : g == 2 ? ql[l] >> 4 : ql[l + 32] >> 4;
+        int low = g == 0   ? ql[l] & 15
+                  : g == 1 ? ql[l + 32] & 15
+                  : g == 2 ? ql[l] >> 4
+                           : ql[l + 32] >> 4;
         int high = (qh[l] >> (2 * g)) & 3;
         int q = (low | (high << 4)) - 32;
         float want = 0.25f * (float)sc[i / 16] * (float)q;
@@ -228,9 +245,9 @@ static void test_round_trip(void) {
         gguf_type t;
         double rel_rmse; /* bound on rmse / std */
     } cases[] = {
-        {GGUF_TYPE_F32, 0},      {GGUF_TYPE_F16, 4e-4},   {GGUF_TYPE_BF16, 3e-3},
-        {GGUF_TYPE_Q8_0, 0.01},  {GGUF_TYPE_Q6_K, 0.03},  {GGUF_TYPE_Q5_0, 0.06},
-        {GGUF_TYPE_Q4_K, 0.10},  {GGUF_TYPE_Q4_0, 0.12},
+        {GGUF_TYPE_F32, 0},     {GGUF_TYPE_F16, 4e-4},  {GGUF_TYPE_BF16, 3e-3},
+        {GGUF_TYPE_Q8_0, 0.01}, {GGUF_TYPE_Q6_K, 0.03}, {GGUF_TYPE_Q5_0, 0.06},
+        {GGUF_TYPE_Q4_K, 0.10}, {GGUF_TYPE_Q4_0, 0.12},
     };
     const int n = 4096;
     float *x = malloc(n * sizeof *x), *y = malloc(n * sizeof *y);
@@ -239,7 +256,8 @@ static void test_round_trip(void) {
         ok(0, "round trip: allocate");
         return;
     }
-    for (int i = 0; i < n; ++i) x[i] = 0.02f * gauss();
+    for (int i = 0; i < n; ++i)
+        x[i] = 0.02f * gauss();
     double prev = -1;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; ++c) {
         gguf_type t = cases[c].t;
@@ -264,7 +282,8 @@ static void test_round_trip(void) {
                 /* slack: d itself is stored as fp16 (relative error 2^-11 on up to 127 steps) */
                 worst_block = fmax(worst_block, e / (amax / div * 1.13));
             }
-            snprintf(name, sizeof name, "%s: every error within its block's step bound (%.3f of it)",
+            snprintf(name, sizeof name,
+                     "%s: every error within its block's step bound (%.3f of it)",
                      gguf_type_name(t), worst_block);
             ok(worst_block <= 1.0, name);
         }
@@ -318,7 +337,8 @@ static void test_policy(void) {
     for (int i = 0; i < 34; ++i) {
         gguf_type want = more[i] ? GGUF_TYPE_Q6_K : GGUF_TYPE_Q4_K;
         agree &= gguf_choose_type(GGUF_FTYPE_Q4_K_M, GGUF_ROLE_ATTN_V, 2560, i, 34, 1, &fb) == want;
-        agree &= gguf_choose_type(GGUF_FTYPE_Q4_K_M, GGUF_ROLE_FFN_DOWN, 10240, i, 34, 1, &fb) == want;
+        agree &=
+            gguf_choose_type(GGUF_FTYPE_Q4_K_M, GGUF_ROLE_FFN_DOWN, 10240, i, 34, 1, &fb) == want;
     }
     ok(agree, "q4_k_m 4B: attn_v and ffn_down get q6_K on llama-quantize's 'more bits' layers");
     /* 1B shapes: hidden 1152 is not a multiple of 256 */
@@ -336,8 +356,8 @@ static void test_policy(void) {
            "q4_k_m: a row of 48 falls back to f16");
     is_int(gguf_choose_type(GGUF_FTYPE_Q4_0, GGUF_ROLE_TOKEN_EMBD, 2560, -1, 34, 1, &fb),
            GGUF_TYPE_Q6_K, "q4_0 4B: tied token_embd -> q6_K (llama-quantize)");
-    is_int(gguf_choose_type(GGUF_FTYPE_Q4_0, GGUF_ROLE_ATTN_V, 2560, 0, 34, 1, &fb),
-           GGUF_TYPE_Q4_0, "q4_0: attn_v stays q4_0");
+    is_int(gguf_choose_type(GGUF_FTYPE_Q4_0, GGUF_ROLE_ATTN_V, 2560, 0, 34, 1, &fb), GGUF_TYPE_Q4_0,
+           "q4_0: attn_v stays q4_0");
 }
 
 /* ---- the writer ------------------------------------------------------------------------- */
@@ -374,7 +394,8 @@ static uint64_t rd(reader *r, int n) {
         r->bad = 1;
         return 0;
     }
-    for (int i = 0; i < n; ++i) v |= (uint64_t)r->p[i] << (8 * i);
+    for (int i = 0; i < n; ++i)
+        v |= (uint64_t)r->p[i] << (8 * i);
     r->p += n;
     return v;
 }
@@ -520,7 +541,8 @@ static void test_writer(const char *dir) {
         snprintf(name, sizeof name, "tensor %d: name %s", i, names[i]);
         is_str(tn, names[i], name);
         int dims = (int)rd(&r, 4), good = dims == nd[i];
-        for (int d = 0; d < dims && d < 2; ++d) good &= (int64_t)rd(&r, 8) == ne[i][d];
+        for (int d = 0; d < dims && d < 2; ++d)
+            good &= (int64_t)rd(&r, 8) == ne[i][d];
         snprintf(name, sizeof name, "tensor %d: dims and ne (fastest first)", i);
         ok(good, name);
         snprintf(name, sizeof name, "tensor %d: type %s", i, gguf_type_name((gguf_type)types[i]));
@@ -532,7 +554,8 @@ static void test_writer(const char *dir) {
     ok(!r.bad, "reader stayed inside the file");
     size_t data = ((size_t)(r.p - file) + 31) / 32 * 32;
     int pad_zero = 1;
-    for (const uint8_t *q = r.p; q < file + data; ++q) pad_zero &= *q == 0;
+    for (const uint8_t *q = r.p; q < file + data; ++q)
+        pad_zero &= *q == 0;
     ok(pad_zero, "header padded with zeros to 32");
     is_int((long long)offs[0], 0, "first tensor at data offset 0");
     is_int((long long)offs[1], 448, "second after 3*144 = 432 bytes, aligned to 448");
@@ -549,7 +572,8 @@ static void test_writer(const char *dir) {
         for (int64_t rr = 0; rr < nr; ++rr)
             gguf_quantize_row((gguf_type)types[i], x + rr * ne0, want + rr * rb, ne0);
         snprintf(name, sizeof name, "tensor %d: data bytes equal gguf_quantize_row's", i);
-        ok(data + offs[i] + rb * (size_t)nr <= n && memcmp(file + data + offs[i], want, rb * (size_t)nr) == 0,
+        ok(data + offs[i] + rb * (size_t)nr <= n &&
+               memcmp(file + data + offs[i], want, rb * (size_t)nr) == 0,
            name);
         free(x);
         free(want);
@@ -593,7 +617,8 @@ static void test_writer(const char *dir) {
     src a2 = {256, 3, -1, &cancel};
     w = make_writer(&a2, &b, &c);
     gguf_write_opts wo_c = {.cancel = &cancel};
-    is_int(gguf_writer_write(w, path2, &wo_c, NULL), LT_CANCELLED, "writer: cancel -> LT_CANCELLED");
+    is_int(gguf_writer_write(w, path2, &wo_c, NULL), LT_CANCELLED,
+           "writer: cancel -> LT_CANCELLED");
     gguf_writer_free(w);
     ok(access(path2, F_OK) != 0 && count_entries(dir) == 1, "writer: nothing left after cancel");
 
@@ -604,12 +629,13 @@ static void test_writer(const char *dir) {
            "add_tensor: row 100 for q8_0 refused");
     ok(strstr(gguf_writer_error(w), "x.weight") && strstr(gguf_writer_error(w), "32"),
        "... naming the tensor and the block length");
-    is_int(gguf_add_tensor(w, "a-name-that-is-much-longer-than-sixty-three-bytes-for-sure.weight", 2,
-                           ne_ok, GGUF_TYPE_F32, fill_pattern, &a),
+    is_int(gguf_add_tensor(w, "a-name-that-is-much-longer-than-sixty-three-bytes-for-sure.weight",
+                           2, ne_ok, GGUF_TYPE_F32, fill_pattern, &a),
            LT_ERR_ARG, "add_tensor: name over 63 bytes refused");
     is_int(gguf_add_tensor(w, "y", 5, ne_ok, GGUF_TYPE_F32, fill_pattern, &a), LT_ERR_ARG,
            "add_tensor: 5 dims refused");
-    is_int(gguf_add_tensor(w, "y", 2, ne_ok, GGUF_TYPE_F32, fill_pattern, &a), LT_OK, "add_tensor y");
+    is_int(gguf_add_tensor(w, "y", 2, ne_ok, GGUF_TYPE_F32, fill_pattern, &a), LT_OK,
+           "add_tensor y");
     is_int(gguf_add_tensor(w, "y", 2, ne_ok, GGUF_TYPE_F32, fill_pattern, &a), LT_ERR_ARG,
            "add_tensor: duplicate name refused");
     is_int(gguf_set_u32(w, "a.b", 1), LT_OK, "set a.b");

@@ -28,7 +28,8 @@ static float frand(void) {
 static lt_tensor rand_t(int64_t a, int64_t b, float amp) {
     int64_t n = a * (b ? b : 1);
     float *p = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) p[i] = amp * frand();
+    for (int64_t i = 0; i < n; i++)
+        p[i] = amp * frand();
     return b ? lt_tensor_2d(LT_F32, p, a, b) : lt_tensor_1d(LT_F32, p, a);
 }
 
@@ -81,10 +82,21 @@ static void micro_free(gemma3_model *m) {
     free(m->norm.data);
     for (int l = 0; l < 2; l++) {
         gemma3_layer *L = &m->layers[l];
-        lt_tensor *ts[] = {&L->input_layernorm, &L->post_attention_layernorm, &L->pre_feedforward_layernorm,
-                           &L->post_feedforward_layernorm, &L->q_norm, &L->k_norm, &L->q_proj.w, &L->k_proj.w,
-                           &L->v_proj.w, &L->o_proj.w, &L->gate_proj.w, &L->up_proj.w, &L->down_proj.w};
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) free(ts[i]->data);
+        lt_tensor *ts[] = {&L->input_layernorm,
+                           &L->post_attention_layernorm,
+                           &L->pre_feedforward_layernorm,
+                           &L->post_feedforward_layernorm,
+                           &L->q_norm,
+                           &L->k_norm,
+                           &L->q_proj.w,
+                           &L->k_proj.w,
+                           &L->v_proj.w,
+                           &L->o_proj.w,
+                           &L->gate_proj.w,
+                           &L->up_proj.w,
+                           &L->down_proj.w};
+        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
+            free(ts[i]->data);
     }
     free(m->layers);
     free(m);
@@ -134,8 +146,10 @@ static double ce_rows(const float *logits, const int32_t *t, int n, int V) {
         if (t[i] == -100) continue;
         const float *z = logits + (size_t)i * V;
         double mx = -1e30, se = 0;
-        for (int j = 0; j < V; j++) mx = fmax(mx, z[j]);
-        for (int j = 0; j < V; j++) se += exp(z[j] - mx);
+        for (int j = 0; j < V; j++)
+            mx = fmax(mx, z[j]);
+        for (int j = 0; j < V; j++)
+            se += exp(z[j] - mx);
         s += mx + log(se) - z[t[i]];
     }
     return s;
@@ -155,7 +169,8 @@ static void test_loss_matches_forward(void) {
         off += seg[s];
     }
     double got = loss_now();
-    is_close(got, want, 1e-4 * fabs(want), "packed training loss = Σ CE of gemma3_forward per sample");
+    is_close(got, want, 1e-4 * fabs(want),
+             "packed training loss = Σ CE of gemma3_forward per sample");
 }
 
 static void test_lora(float dropout) {
@@ -170,7 +185,8 @@ static void test_lora(float dropout) {
     is_int(AD->n_slots, 14, "14 adapted linears in 2 layers");
     for (int i = 0; i < AD->n_slots; i++) { /* B = 0 makes A's gradient 0: give B values */
         lt_tensor *b = &AD->slots[i].lora.b;
-        for (int64_t k = 0; k < lt_tensor_numel(b); k++) ((float *)b->data)[k] = 0.3f * frand();
+        for (int64_t k = 0; k < lt_tensor_numel(b); k++)
+            ((float *)b->data)[k] = 0.3f * frand();
     }
     SEED = dropout > 0 ? 1234 : 0;
     lora_zero_grads(AD);
@@ -198,7 +214,8 @@ static void test_lora(float dropout) {
         double n0 = 0, n1 = 0, n2 = 0, direct = 0;
         for (int i = 0; i < AD->n_params; i++) {
             const float *g = AD->params[i].grad.data;
-            for (int64_t k = 0; k < lt_tensor_numel(&AD->params[i].grad); k++) direct += (double)g[k] * g[k];
+            for (int64_t k = 0; k < lt_tensor_numel(&AD->params[i].grad); k++)
+                direct += (double)g[k] * g[k];
         }
         optim_clip(AD, 0, &n0, err);
         is_close(n0, sqrt(direct), 1e-9 * n0, "optim_clip reports the global L2 norm");
@@ -223,7 +240,8 @@ static void test_lora(float dropout) {
     lora_free(AD);
     AD = NULL;
     int hooked = 0;
-    for (int l = 0; l < 2; l++) hooked += M->layers[l].q_proj.lora != NULL || M->layers[l].down_proj.lora != NULL;
+    for (int l = 0; l < 2; l++)
+        hooked += M->layers[l].q_proj.lora != NULL || M->layers[l].down_proj.lora != NULL;
     ok(hooked == 0, "lora_free detaches every adapter");
 }
 

@@ -25,16 +25,20 @@ static float frand(void) { /* uniform in [-1, 1) */
 
 static float *rvec(int64_t n, float amp) {
     float *v = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) v[i] = amp * frand();
+    for (int64_t i = 0; i < n; i++)
+        v[i] = amp * frand();
     return v;
 }
 
-static float *zvec(int64_t n) { return calloc((size_t)n, sizeof(float)); }
+static float *zvec(int64_t n) {
+    return calloc((size_t)n, sizeof(float));
+}
 
 /* L = Σ r·y in double */
 static double dotr(const float *r, const float *y, int64_t n) {
     double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)r[i] * y[i];
+    for (int64_t i = 0; i < n; i++)
+        s += (double)r[i] * y[i];
     return s;
 }
 
@@ -164,9 +168,10 @@ static void test_rmsnorm(void) {
     s.r = rvec(s.N * s.D, 1);
     s.w = rvec(s.D, 0.5f);
     float *dx = zvec(s.N * s.D), *dw = zvec(s.D);
-    is_int(cpu_rmsnorm_backward(&ctx, lt_tensor_2d(LT_F32, dx, s.N, s.D), lt_tensor_1d(LT_F32, dw, s.D),
-                                lt_tensor_2d(LT_F32, s.r, s.N, s.D), lt_tensor_2d(LT_F32, s.x, s.N, s.D),
-                                lt_tensor_1d(LT_F32, s.w, s.D), 1e-6f),
+    is_int(cpu_rmsnorm_backward(&ctx, lt_tensor_2d(LT_F32, dx, s.N, s.D),
+                                lt_tensor_1d(LT_F32, dw, s.D), lt_tensor_2d(LT_F32, s.r, s.N, s.D),
+                                lt_tensor_2d(LT_F32, s.x, s.N, s.D), lt_tensor_1d(LT_F32, s.w, s.D),
+                                1e-6f),
            LT_OK, "rmsnorm_backward runs");
     check_grad("rmsnorm dx", rms_loss, &s, s.x, dx, s.N * s.D, 1e-2f, 2e-3);
     check_grad("rmsnorm dw", rms_loss, &s, s.w, dw, s.D, 1e-2f, 2e-3);
@@ -200,8 +205,8 @@ static void test_rope(void) {
     s.r = rvec(n, 1);
     float *dx = malloc(sizeof(float) * (size_t)n);
     memcpy(dx, s.r, sizeof(float) * (size_t)n);
-    is_int(cpu_rope_backward(&ctx, lt_tensor_3d(LT_F32, dx, s.T, s.nh, s.hd), lt_tensor_1d(LT_I32, pos, s.T),
-                             s.theta, s.factor),
+    is_int(cpu_rope_backward(&ctx, lt_tensor_3d(LT_F32, dx, s.T, s.nh, s.hd),
+                             lt_tensor_1d(LT_I32, pos, s.T), s.theta, s.factor),
            LT_OK, "rope_backward runs");
     check_grad("rope dx", rope_loss, &s, s.x, dx, n, 1e-2f, 2e-3);
     free(s.x), free(s.y), free(s.r), free(dx);
@@ -223,8 +228,8 @@ static double att_loss(void *p) {
                              lt_tensor_3d(LT_F32, s->q, s->T, s->nh, s->hd),
                              lt_tensor_3d(LT_F32, s->k, s->S, s->nkv, s->hd),
                              lt_tensor_3d(LT_F32, s->v, s->S, s->nkv, s->hd),
-                             lt_tensor_1d(LT_I32, s->qpos, s->T), lt_tensor_1d(LT_I32, s->kpos, s->S),
-                             s->window, s->scale);
+                             lt_tensor_1d(LT_I32, s->qpos, s->T),
+                             lt_tensor_1d(LT_I32, s->kpos, s->S), s->window, s->scale);
     return dotr(s->r, s->out, s->T * s->nh * s->hd);
 }
 
@@ -242,16 +247,15 @@ static void test_attention(int window) {
     s.q = rvec(nq, 1), s.k = rvec(nk, 1), s.v = rvec(nk, 1);
     s.out = zvec(nq), s.r = rvec(nq, 1);
     float *dq = zvec(nq), *dk = zvec(nk), *dv = zvec(nk);
-    is_int(cpu_attention_backward(&ctx, lt_tensor_3d(LT_F32, dq, s.T, s.nh, s.hd),
-                                  lt_tensor_3d(LT_F32, dk, s.S, s.nkv, s.hd),
-                                  lt_tensor_3d(LT_F32, dv, s.S, s.nkv, s.hd),
-                                  lt_tensor_2d(LT_F32, s.r, s.T, s.nh * s.hd),
-                                  lt_tensor_3d(LT_F32, s.q, s.T, s.nh, s.hd),
-                                  lt_tensor_3d(LT_F32, s.k, s.S, s.nkv, s.hd),
-                                  lt_tensor_3d(LT_F32, s.v, s.S, s.nkv, s.hd),
-                                  lt_tensor_1d(LT_I32, qpos, s.T), lt_tensor_1d(LT_I32, kpos, s.S),
-                                  s.window, s.scale),
-           LT_OK, "attention_backward runs");
+    is_int(
+        cpu_attention_backward(
+            &ctx, lt_tensor_3d(LT_F32, dq, s.T, s.nh, s.hd),
+            lt_tensor_3d(LT_F32, dk, s.S, s.nkv, s.hd), lt_tensor_3d(LT_F32, dv, s.S, s.nkv, s.hd),
+            lt_tensor_2d(LT_F32, s.r, s.T, s.nh * s.hd), lt_tensor_3d(LT_F32, s.q, s.T, s.nh, s.hd),
+            lt_tensor_3d(LT_F32, s.k, s.S, s.nkv, s.hd),
+            lt_tensor_3d(LT_F32, s.v, s.S, s.nkv, s.hd), lt_tensor_1d(LT_I32, qpos, s.T),
+            lt_tensor_1d(LT_I32, kpos, s.S), s.window, s.scale),
+        LT_OK, "attention_backward runs");
     char name[64];
     snprintf(name, sizeof name, "attention (window %d) dq", window);
     check_grad(name, att_loss, &s, s.q, dq, nq, 1e-2f, 3e-3);
@@ -260,7 +264,8 @@ static void test_attention(int window) {
     snprintf(name, sizeof name, "attention (window %d) dv", window);
     check_grad(name, att_loss, &s, s.v, dv, nk, 1e-2f, 3e-3);
     float mk = 0;
-    for (int64_t i = 0; i < s.nkv * s.hd; i++) mk += fabsf(dk[2 * s.nkv * s.hd + i]) + fabsf(dv[2 * s.nkv * s.hd + i]);
+    for (int64_t i = 0; i < s.nkv * s.hd; i++)
+        mk += fabsf(dk[2 * s.nkv * s.hd + i]) + fabsf(dv[2 * s.nkv * s.hd + i]);
     ok(mk == 0.0f, "a masked key gets no gradient");
     free(s.q), free(s.k), free(s.v), free(s.out), free(s.r), free(dq), free(dk), free(dv);
 }
@@ -304,8 +309,8 @@ typedef struct emb_st {
 static double emb_loss(void *p) {
     emb_st *s = p;
     lt_weight w = {lt_tensor_2d(LT_F32, s->table, s->V, s->H), NULL, {0}};
-    lt_backend_cpu.embedding(&ctx, lt_tensor_2d(LT_F32, s->h, s->T, s->H), lt_tensor_1d(LT_I32, s->ids, s->T),
-                             &w, s->scale);
+    lt_backend_cpu.embedding(&ctx, lt_tensor_2d(LT_F32, s->h, s->T, s->H),
+                             lt_tensor_1d(LT_I32, s->ids, s->T), &w, s->scale);
     return dotr(s->r, s->h, s->T * s->H);
 }
 
@@ -315,9 +320,10 @@ static void test_embedding(void) {
     s.scale = 2.5f;
     s.table = rvec(s.V * s.H, 1), s.h = zvec(s.T * s.H), s.r = rvec(s.T * s.H, 1);
     float *gw = zvec(s.V * s.H);
-    lt_weight w = {lt_tensor_2d(LT_F32, s.table, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H)};
-    is_int(cpu_embedding_backward(&ctx, &w, lt_tensor_2d(LT_F32, s.r, s.T, s.H), lt_tensor_1d(LT_I32, ids, s.T),
-                                  s.scale),
+    lt_weight w = {lt_tensor_2d(LT_F32, s.table, s.V, s.H), NULL,
+                   lt_tensor_2d(LT_F32, gw, s.V, s.H)};
+    is_int(cpu_embedding_backward(&ctx, &w, lt_tensor_2d(LT_F32, s.r, s.T, s.H),
+                                  lt_tensor_1d(LT_I32, ids, s.T), s.scale),
            LT_OK, "embedding_backward runs");
     check_grad("embedding grad_w", emb_loss, &s, s.table, gw, s.V * s.H, 1e-2f, 2e-3);
     free(s.table), free(s.h), free(s.r), free(gw);
@@ -352,10 +358,12 @@ static void test_cross_entropy(void) {
         double z[11], mx = -1e30, se = 0;
         for (int64_t j = 0; j < s.V; j++) {
             z[j] = 0;
-            for (int64_t i = 0; i < s.H; i++) z[j] += (double)s.h[t * s.H + i] * s.E[j * s.H + i];
+            for (int64_t i = 0; i < s.H; i++)
+                z[j] += (double)s.h[t * s.H + i] * s.E[j * s.H + i];
             mx = z[j] > mx ? z[j] : mx;
         }
-        for (int64_t j = 0; j < s.V; j++) se += exp(z[j] - mx);
+        for (int64_t j = 0; j < s.V; j++)
+            se += exp(z[j] - mx);
         want += mx + log(se) - z[tg[t]];
     }
     double got = 2 * ce_loss(&s);
@@ -363,18 +371,22 @@ static void test_cross_entropy(void) {
     float *dh = zvec(s.T * s.H), *gw = zvec(s.V * s.H);
     lt_weight w = {lt_tensor_2d(LT_F32, s.E, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H)};
     double L = 0;
-    is_int(cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, dh, s.T, s.H), lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w,
-                             lt_tensor_1d(LT_I32, tg, s.T), 0.5f),
+    is_int(cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, dh, s.T, s.H),
+                             lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w, lt_tensor_1d(LT_I32, tg, s.T),
+                             0.5f),
            LT_OK, "cross_entropy with gradients runs");
     check_grad("cross_entropy dh", ce_loss, &s, s.h, dh, s.T * s.H, 1e-2f, 2e-3);
     check_grad("cross_entropy head grad", ce_loss, &s, s.E, gw, s.V * s.H, 1e-2f, 2e-3);
     float ign = 0;
-    for (int64_t i = 0; i < s.H; i++) ign += fabsf(dh[1 * s.H + i]);
+    for (int64_t i = 0; i < s.H; i++)
+        ign += fabsf(dh[1 * s.H + i]);
     ok(ign == 0.0f, "an ignored target (-100) gets no gradient");
     int32_t bad[5] = {2, 11, 0, 0, 0};
     lt_status st = cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, NULL, s.T, s.H),
-                                     lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w, lt_tensor_1d(LT_I32, bad, s.T), 1);
-    ok(st == LT_ERR_ARG && strstr(ctx.err, "target 11"), "a target outside the vocabulary is an error");
+                                     lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w,
+                                     lt_tensor_1d(LT_I32, bad, s.T), 1);
+    ok(st == LT_ERR_ARG && strstr(ctx.err, "target 11"),
+       "a target outside the vocabulary is an error");
     free(s.h), free(s.E), free(dh), free(gw);
 }
 
@@ -389,8 +401,8 @@ static void test_adamw(void) {
     for (int step = 1; step <= 2; step++) {
         const float *g = step == 1 ? g1 : g2;
         cpu_adamw(&ctx, lt_tensor_1d(LT_F32, p, 3), lt_tensor_1d(LT_F32, (void *)g, 3),
-                  lt_tensor_1d(LT_F32, m, 3), lt_tensor_1d(LT_F32, v, 3), (float)lr, (float)b1, (float)b2,
-                  (float)eps, (float)wd, step);
+                  lt_tensor_1d(LT_F32, m, 3), lt_tensor_1d(LT_F32, v, 3), (float)lr, (float)b1,
+                  (float)b2, (float)eps, (float)wd, step);
         if (step == 1) p0_step1 = p[0];
         for (int i = 0; i < 3; i++) {
             pd[i] *= 1 - lr * wd;
@@ -401,7 +413,8 @@ static void test_adamw(void) {
         }
     }
     double err = 0;
-    for (int i = 0; i < 3; i++) err = fmax(err, fabs(p[i] - pd[i]));
+    for (int i = 0; i < 3; i++)
+        err = fmax(err, fabs(p[i] - pd[i]));
     if (!ok(err < 1e-6, "adamw: two steps match torch.optim.AdamW's formula"))
         diag("max error %g", err);
     is_close(p0_step1, 0.89, 1e-6, "adamw step 1 by hand: 1*(1-0.01) - 0.1*0.5/0.5 = 0.89");
@@ -413,7 +426,8 @@ static void test_extra_ops(void) {
     const lt_grad_ops *g = lt_grad_ops_for(&lt_backend_cpu);
     ok(g != NULL, "the CPU backend has the extra training ops");
     float x[1000], y[1000];
-    for (int i = 0; i < 1000; i++) x[i] = 1.0f;
+    for (int i = 0; i < 1000; i++)
+        x[i] = 1.0f;
     g->dropout(&ctx, lt_tensor_1d(LT_F32, y, 1000), lt_tensor_1d(LT_F32, x, 1000), 0.25f, 1.0f, 77);
     int kept = 0, same = 1;
     for (int i = 0; i < 1000; i++) {
@@ -422,7 +436,8 @@ static void test_extra_ops(void) {
     }
     ok(kept > 700 && kept < 800 && same, "dropout keeps about 1-p and scales by 1/(1-p)");
     float y2[1000];
-    g->dropout(&ctx, lt_tensor_1d(LT_F32, y2, 1000), lt_tensor_1d(LT_F32, x, 1000), 0.25f, 1.0f, 77);
+    g->dropout(&ctx, lt_tensor_1d(LT_F32, y2, 1000), lt_tensor_1d(LT_F32, x, 1000), 0.25f, 1.0f,
+               77);
     ok(memcmp(y, y2, sizeof y) == 0, "dropout with the same seed gives the same mask");
     double ss = 0;
     g->sumsq(&ctx, &ss, lt_tensor_1d(LT_F32, y, 1000));

@@ -107,7 +107,9 @@ static lt_session *fresh(void) {
     return s;
 }
 
-static void path(char *out, size_t n, const char *name) { snprintf(out, n, "%s/%s", tmp, name); }
+static void path(char *out, size_t n, const char *name) {
+    snprintf(out, n, "%s/%s", tmp, name);
+}
 
 static void test_interrupt_and_resume(void) {
     char full[600], part[600], ckdir[600], resumed[600], a1[700], a2[700];
@@ -137,7 +139,8 @@ static void test_interrupt_and_resume(void) {
     lt_status rc = lt_train(s, &o, &cb, &r);
     is_int(rc, LT_CANCELLED, "a cancel stops the run");
     ok(r.interrupted && r.steps_done == 2, "it stopped after step 2");
-    ok(strstr(lt_last_error(s), "step 2") != NULL, "the message says which step's weights are kept");
+    ok(strstr(lt_last_error(s), "step 2") != NULL,
+       "the message says which step's weights are kept");
     diag("%s", lt_last_error(s));
     st.stop_at = 0;
     rc = lt_train(s, &o, &cb, &r);
@@ -238,7 +241,8 @@ static void test_grad_accum_and_packing(void) {
     o.max_seq = 2048;
     st.s = s;
     is_int(lt_train(s, &o, &cb, &r), LT_OK, "packing=true trains");
-    is_close(st.losses[0], unpacked, 1e-5 * unpacked, "one packed row of 6 samples = 6 samples unpacked");
+    is_close(st.losses[0], unpacked, 1e-5 * unpacked,
+             "one packed row of 6 samples = 6 samples unpacked");
     lt_session_free(s);
 }
 
@@ -263,11 +267,13 @@ static void test_bad_input(void) {
 
     path(f, sizeof f, "notjson.jsonl");
     write_file(f, "{\"text\": \"fine\"}\n{\"text\": oops}\n");
-    expect_error(s, &o, "notjson.jsonl line 2: not valid JSON", "a line that is not JSON names file:line");
+    expect_error(s, &o, "notjson.jsonl line 2: not valid JSON",
+                 "a line that is not JSON names file:line");
 
     path(f, sizeof f, "nomodel.jsonl");
     write_file(f, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
-    expect_error(s, &o, "line 1: the conversation has no model turn", "a conversation with no model turn");
+    expect_error(s, &o, "line 1: the conversation has no model turn",
+                 "a conversation with no model turn");
 
     path(f, sizeof f, "mixed.jsonl");
     write_file(f, "{\"text\": \"a\"}\n{\"instruction\": \"b\", \"output\": \"c\"}\n");
@@ -278,10 +284,12 @@ static void test_bad_input(void) {
     expect_error(s, &o, "messages[0].role is 'robot'", "an unknown role names the field");
 
     path(f, sizeof f, "long.jsonl");
-    write_file(f, "{\"messages\": [{\"role\": \"user\", \"content\": \"one two three four five six seven eight "
+    write_file(f, "{\"messages\": [{\"role\": \"user\", \"content\": \"one two three four five six "
+                  "seven eight "
                   "nine ten eleven twelve\"}, {\"role\": \"model\", \"content\": \"ok\"}]}\n");
     o.max_seq = 8;
-    expect_error(s, &o, "max_seq=8 cuts off every trained token", "a sample longer than max_seq with nothing left to train");
+    expect_error(s, &o, "max_seq=8 cuts off every trained token",
+                 "a sample longer than max_seq with nothing left to train");
     o.max_seq = 0;
 
     o.data = data_text;
@@ -319,7 +327,8 @@ static void test_bad_input(void) {
     o.steps = 1;
     lt_train_result r;
     is_int(lt_train(s, &o, NULL, &r), LT_OK, "after all those errors the session still trains");
-    ok(lt_save_adapter(s, "/proc/lathe-no") != LT_OK, "%save adapter= into an unwritable folder is an error");
+    ok(lt_save_adapter(s, "/proc/lathe-no") != LT_OK,
+       "%save adapter= into an unwritable folder is an error");
     lt_session_free(s);
 }
 
@@ -354,16 +363,19 @@ static void test_failed_save_keeps_previous(void) {
     lt_status rc = lt_save_adapter(s, dir);
     setrlimit(RLIMIT_FSIZE, &old);
     ok(rc == LT_ERR_IO, "a save that fails half-way is an error");
-    ok(strstr(lt_last_error(s), "previous copy is kept") != NULL, "the message says the previous copy is kept");
+    ok(strstr(lt_last_error(s), "previous copy is kept") != NULL,
+       "the message says the previous copy is kept");
     diag("%s", lt_last_error(s));
     ok(same_file(file, copy), "the previous adapter is intact, byte for byte");
     DIR *d = opendir(dir);
     int temps = 0;
     struct dirent *e;
-    while (d && (e = readdir(d))) temps += strstr(e->d_name, ".tmp-") != NULL;
+    while (d && (e = readdir(d)))
+        temps += strstr(e->d_name, ".tmp-") != NULL;
     if (d) closedir(d);
     is_int(temps, 0, "no temp file is left behind");
-    ok(lt_save_adapter(s, dir) == LT_OK && !same_file(file, copy), "the next save (no limit) replaces it");
+    ok(lt_save_adapter(s, dir) == LT_OK && !same_file(file, copy),
+       "the next save (no limit) replaces it");
     /* merged save round trip */
     char merged[600];
     path(merged, sizeof merged, "merged");
@@ -377,7 +389,8 @@ static void test_failed_save_keeps_previous(void) {
     lt_logits(s, ids, 6, &la, &V);
     lt_logits(s2, ids, 6, &lb, &V);
     double md = 0;
-    for (int i = 0; la && lb && i < 6 * V; i++) md = fmax(md, fabs((double)la[i] - lb[i]));
+    for (int i = 0; la && lb && i < 6 * V; i++)
+        md = fmax(md, fabs((double)la[i] - lb[i]));
     ok(la && lb && md < 1e-4, "merged logits = base + adapter logits");
     diag("max |diff| %g", md);
     free(la);
