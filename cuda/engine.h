@@ -76,6 +76,9 @@ typedef struct lt_model_info {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
     int skipped_vision;    /* 1 when a vision tower/projector was present and skipped */
+    /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
+     * and the card's free and total bytes. */
+    int64_t gpu_in_use, gpu_peak, gpu_free, gpu_total;
 } lt_model_info;
 void lt_model_info_get(const lt_session *s, lt_model_info *info);
 

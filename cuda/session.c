@@ -405,6 +405,16 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->sliding_window = c->sliding_window;
     info->max_seq = s->max_seq;
     info->skipped_vision = m->skipped_vision;
+#ifdef HAVE_CUDA
+    if (s->ctx_ready && s->ctx.be == &lt_backend_cuda) {
+        lt_cuda_mem cm;
+        lt_cuda_memory((lt_ctx *)&s->ctx, &cm);
+        info->gpu_in_use = (int64_t)cm.in_use;
+        info->gpu_peak = (int64_t)cm.peak;
+        info->gpu_free = (int64_t)cm.free;
+        info->gpu_total = (int64_t)cm.total;
+    }
+#endif
 }
 
 /* ---- tokens ----------------------------------------------------------------------------------- */

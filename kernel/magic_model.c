@@ -95,6 +95,31 @@ static void model_summary(magic_ctx *ctx, int with_title) {
         sb_printf(&html, "<tr><td>shape</td><td>");
         sb_html(&html, shape);
         sb_printf(&html, "</td></tr>");
+        lt_lora_info lora;
+        lt_lora_info_get(ctx->session, &lora);
+        char adapters[512] = "none (%lora attaches LoRA adapters)";
+        if (lora.attached && lora.full)
+            snprintf(adapters, sizeof adapters, "full fine-tuning: %.2fM trainable, %d steps done",
+                     lora.n_trainable / 1e6, lora.steps_done);
+        else if (lora.attached)
+            snprintf(adapters, sizeof adapters,
+                     "LoRA r=%d alpha=%g%s dropout=%g on %d modules (%s): %.2fM trainable, "
+                     "%d steps done",
+                     lora.r, lora.alpha, lora.rslora ? " rslora" : "", lora.dropout,
+                     lora.n_modules, lora.targets, lora.n_trainable / 1e6, lora.steps_done);
+        sb_printf(&text, "%-18s %s\n", "adapters", adapters);
+        sb_printf(&html, "<tr><td>adapters</td><td>");
+        sb_html(&html, adapters);
+        sb_printf(&html, "</td></tr>");
+        if (info.gpu_total > 0) {
+            char used[32], peak[32], total[32], gpu[128];
+            display_bytes(used, sizeof used, (double)info.gpu_in_use);
+            display_bytes(peak, sizeof peak, (double)info.gpu_peak);
+            display_bytes(total, sizeof total, (double)info.gpu_total);
+            snprintf(gpu, sizeof gpu, "%s in use, %s at peak, of %s", used, peak, total);
+            sb_printf(&text, "%-18s %s\n", "GPU memory", gpu);
+            sb_printf(&html, "<tr><td>GPU memory</td><td>%s</td></tr>", gpu);
+        }
         if (info.skipped_vision) {
             const char *note = "text only: the vision tower and projector were skipped";
             sb_printf(&text, "%-18s %s\n", "note", note);

@@ -1,6 +1,7 @@
 """notebooks/finetune.ipynb executed with `jupyter nbconvert --execute` on the lathe kernel: load
 tiny, attach LoRA, train with the live progress bar and loss curve (each one display updated in
-place), save the adapter, reload it on a fresh base model and chat in the trained form."""
+place), save the adapter (the training loss at least halves), reload it on a fresh base model
+and chat in the trained form."""
 import os
 
 from conftest import SRCDIR, code_cells, outputs_text
@@ -35,7 +36,8 @@ def test_finetune_notebook(execute_notebook):
     summary = outputs_text(train)
     assert "trained 60 steps" in summary, summary
     first, last = summary.split("loss ")[-1].split(" -> ")
-    assert float(last.split()[0]) < float(first) - 2.0, summary
+    # tiny's tied embedding has a trained-like scale (std 0.16): LoRA halves the loss (~11 -> <1)
+    assert float(last.split()[0]) < float(first) / 2, summary
 
     saved = outputs_text(cells["%save adapter=/tmp/lathe-finetune/polite-adapter"])
     assert "saved the adapter" in saved, saved

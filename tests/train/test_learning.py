@@ -1,14 +1,16 @@
 """It learns: fine-tuning models/tiny on notebooks/data/polite.jsonl (40 chat samples whose
 answers all read "Sure! Here is a short note about X. Thanks for asking!") makes the model
-answer a held-out prompt in that form, and lowers the training loss.
+answer a held-out prompt in that form, and at least halves the training loss: LoRA (frozen,
+tied output head) as well as full fine-tuning.
 
-models/tiny has random weights with a tied, frozen output head whose rows are small
-(|E_j| ~ 0.23, hidden 128): with the final norm frozen too, no LoRA update can push a logit
-more than ~2.7 above the rest, so the loss of LoRA training has a floor near
-ln(4096) - 2.7 = 5.6 nats (from 8.3). LoRA is therefore asserted to learn the form and to take
-the loss most of the way to that floor; full fine-tuning (which trains the head) must halve it.
+models/tiny has random weights with a tied embedding of std 0.16 (rows of norm ~1.8, logits of
+the random model within about +-15), so its starting loss on the answers is ~11.3 nats, above
+the uniform ln(4096) = 8.3: halving it means going well below uniform, i.e. really predicting
+the answers. (With transformers' default init, std 0.02, a frozen tied head could not move a
+logit by more than ~2.7 and LoRA could not get below ~5.6 nats.)
 """
 import json
+import math
 import os
 import re
 
@@ -33,7 +35,8 @@ Tell me about rivers.
     losses = losses_of(work, 60)
     first, last = losses[0], sum(losses[-5:]) / 5
     assert first > 8.0, losses[:3]
-    assert last < first - 2.0, f"LoRA loss {first:.3f} -> {last:.3f}"
+    assert last < first / 2, f"LoRA loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
+    assert last < math.log(4096) / 2, f"LoRA loss {last:.3f} is not far below uniform"
     reply = out.strip().splitlines()[-1]
     assert reply.startswith("Sure! Here is a short note about"), reply
     assert reply.endswith("Thanks for asking!"), reply
