@@ -48,8 +48,8 @@ struct lt_backend;
  * cuBLAS handle), and the message of the last failed op. */
 typedef struct lt_ctx {
     const struct lt_backend *be;
-    void *impl;        /* backend-private */
-    int n_threads;     /* CPU: worker threads (0 = all cores) */
+    void *impl;    /* backend-private */
+    int n_threads; /* CPU: worker threads (0 = all cores) */
     char err[LT_ERRLEN];
 } lt_ctx;
 
@@ -57,9 +57,9 @@ typedef struct lt_backend {
     const char *name; /* "cpu", "cuda" */
 
     /* ---- lifetime and memory -------------------------------------------------------- */
-    lt_status (*init)(lt_ctx *ctx);   /* fills ctx->impl */
-    void (*shutdown)(lt_ctx *ctx);    /* frees ctx->impl */
-    void *(*alloc)(lt_ctx *ctx, size_t bytes);  /* NULL + ctx->err on failure; zeroed */
+    lt_status (*init)(lt_ctx *ctx);            /* fills ctx->impl */
+    void (*shutdown)(lt_ctx *ctx);             /* frees ctx->impl */
+    void *(*alloc)(lt_ctx *ctx, size_t bytes); /* NULL + ctx->err on failure; zeroed */
     void (*release)(lt_ctx *ctx, void *p);
     lt_status (*upload)(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes);
     lt_status (*download)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
@@ -102,8 +102,7 @@ typedef struct lt_backend {
     lt_status (*rmsnorm_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
                                   lt_tensor x, lt_tensor w, float eps);
     /* In place on dx ([T, heads, hd]): the inverse rotation. */
-    lt_status (*rope_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta,
-                               float factor);
+    lt_status (*rope_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor);
     /* dq: [T, nh, hd]; dk, dv: [S, nkv, hd] (written); dout: [T, nh*hd]. Recomputes softmax. */
     lt_status (*attention_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                     lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
@@ -122,8 +121,7 @@ typedef struct lt_backend {
                                const lt_weight *head, lt_tensor targets, float grad_scale);
     /* One AdamW step on an fp32 parameter in place (PyTorch semantics, decoupled decay). */
     lt_status (*adamw)(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
-                       float lr, float beta1, float beta2, float eps, float weight_decay,
-                       int step);
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 } lt_backend;
 
 /* The CPU reference backend (backend_cpu.c). */

@@ -69,7 +69,8 @@ static void *pool_worker(void *vp) {
     unsigned seen = 0;
     for (;;) {
         pthread_mutex_lock(&p->mu);
-        while (p->gen == seen && !p->stop) pthread_cond_wait(&p->cv_work, &p->mu);
+        while (p->gen == seen && !p->stop)
+            pthread_cond_wait(&p->cv_work, &p->mu);
         if (p->stop) {
             pthread_mutex_unlock(&p->mu);
             return NULL;
@@ -89,7 +90,8 @@ static void *pool_worker(void *vp) {
 static void pool_run(cpu_pool *p, pool_fn fn, void *arg, int n_tasks) {
     if (n_tasks <= 0) return;
     if (!p || p->n_threads <= 1 || n_tasks == 1) {
-        for (int i = 0; i < n_tasks; i++) fn(arg, i, n_tasks);
+        for (int i = 0; i < n_tasks; i++)
+            fn(arg, i, n_tasks);
         return;
     }
     pthread_mutex_lock(&p->mu);
@@ -109,7 +111,8 @@ static void pool_run(cpu_pool *p, pool_fn fn, void *arg, int n_tasks) {
         pool_finish_one(p);
     }
     pthread_mutex_lock(&p->mu);
-    while (p->done < p->n_tasks) pthread_cond_wait(&p->cv_done, &p->mu);
+    while (p->done < p->n_tasks)
+        pthread_cond_wait(&p->cv_done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -119,7 +122,8 @@ static void pool_free(cpu_pool *p) {
     p->stop = 1;
     pthread_cond_broadcast(&p->cv_work);
     pthread_mutex_unlock(&p->mu);
-    for (int i = 0; i < p->n_threads - 1; i++) pthread_join(p->th[i], NULL);
+    for (int i = 0; i < p->n_threads - 1; i++)
+        pthread_join(p->th[i], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv_work);
     pthread_cond_destroy(&p->cv_done);
@@ -150,7 +154,9 @@ static cpu_pool *pool_new(int n_threads) {
     return p;
 }
 
-static cpu_pool *ctx_pool(lt_ctx *ctx) { return ctx ? (cpu_pool *)ctx->impl : NULL; }
+static cpu_pool *ctx_pool(lt_ctx *ctx) {
+    return ctx ? (cpu_pool *)ctx->impl : NULL;
+}
 
 static int pool_threads(lt_ctx *ctx) {
     cpu_pool *p = ctx_pool(ctx);
@@ -164,11 +170,20 @@ static lt_status fail(lt_ctx *ctx, const char *op, const char *msg) {
     return LT_ERR_ARG;
 }
 
-#define REQUIRE(cond, op, msg) do { if (!(cond)) return fail(ctx, op, msg); } while (0)
+#define REQUIRE(cond, op, msg)                                                                     \
+    do {                                                                                           \
+        if (!(cond)) return fail(ctx, op, msg);                                                    \
+    } while (0)
 
-static int is_f32(const lt_tensor *t) { return t->dtype == LT_F32 && t->data; }
-static int is_float(lt_dtype d) { return d == LT_F32 || d == LT_F16 || d == LT_BF16; }
-static int64_t last_dim(const lt_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
+static int is_f32(const lt_tensor *t) {
+    return t->dtype == LT_F32 && t->data;
+}
+static int is_float(lt_dtype d) {
+    return d == LT_F32 || d == LT_F16 || d == LT_BF16;
+}
+static int64_t last_dim(const lt_tensor *t) {
+    return t->ndim ? t->shape[t->ndim - 1] : 1;
+}
 
 /* ---- memory ---------------------------------------------------------------------------------- */
 
@@ -198,14 +213,18 @@ static void *cpu_alloc(lt_ctx *ctx, size_t bytes) {
     return p;
 }
 
-static void cpu_release(lt_ctx *ctx, void *p) { free(p); }
+static void cpu_release(lt_ctx *ctx, void *p) {
+    free(p);
+}
 
 static lt_status cpu_memcpy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     if (bytes) memmove(dst, src, bytes);
     return LT_OK;
 }
 
-static lt_status cpu_sync(lt_ctx *ctx) { return LT_OK; }
+static lt_status cpu_sync(lt_ctx *ctx) {
+    return LT_OK;
+}
 
 /* ---- matmul ------------------------------------------------------------------------------------
  * y[T, out] = x[T, in] · W[out, in]ᵀ. The C loop widens ROWS weight rows at a time into a
@@ -238,7 +257,8 @@ LT_HOT static float dot_f32(const float *a, const float *b, int64_t n) {
         acc += va * vb;
     }
     float s = hsum8(acc);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 
@@ -257,13 +277,15 @@ LT_HOT static void dot4_f32(const float *x, const float *const *w, int nr, int64
     }
     for (int k = 0; k < nr; k++) {
         float s = hsum8(acc[k]);
-        for (int64_t j = i; j < n; j++) s += x[j] * w[k][j];
+        for (int64_t j = i; j < n; j++)
+            s += x[j] * w[k][j];
         out[k] = s;
     }
 }
 
 /* The same for bf16 rows, widened in registers (bf16 = the top half of an fp32). */
-LT_HOT static void dot4_bf16(const float *x, const uint16_t *const *w, int nr, int64_t n, float *out) {
+LT_HOT static void dot4_bf16(const float *x, const uint16_t *const *w, int nr, int64_t n,
+                             float *out) {
     v8f acc[4] = {{0}, {0}, {0}, {0}};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -280,7 +302,8 @@ LT_HOT static void dot4_bf16(const float *x, const uint16_t *const *w, int nr, i
     }
     for (int k = 0; k < nr; k++) {
         float s = hsum8(acc[k]);
-        for (int64_t j = i; j < n; j++) s += x[j] * lt_bf16_to_f32(w[k][j]);
+        for (int64_t j = i; j < n; j++)
+            s += x[j] * lt_bf16_to_f32(w[k][j]);
         out[k] = s;
     }
 }
@@ -293,7 +316,8 @@ LT_HOT static void widen_bf16(float *dst, const uint16_t *s, int64_t n) {
         v8u u = __builtin_convertvector(vh, v8u) << 16;
         memcpy(dst + i, &u, sizeof u);
     }
-    for (; i < n; i++) dst[i] = lt_bf16_to_f32(s[i]);
+    for (; i < n; i++)
+        dst[i] = lt_bf16_to_f32(s[i]);
 }
 
 static inline void widen_row(float *dst, const void *w, lt_dtype wt, int64_t row, int64_t in) {
@@ -301,7 +325,8 @@ static inline void widen_row(float *dst, const void *w, lt_dtype wt, int64_t row
         widen_bf16(dst, (const uint16_t *)w + row * in, in);
     } else if (wt == LT_F16) {
         const uint16_t *s = (const uint16_t *)w + row * in;
-        for (int64_t i = 0; i < in; i++) dst[i] = lt_f16_to_f32(s[i]);
+        for (int64_t i = 0; i < in; i++)
+            dst[i] = lt_f16_to_f32(s[i]);
     } else {
         memcpy(dst, (const float *)w + row * in, (size_t)in * 4);
     }
@@ -349,8 +374,10 @@ static void mm_task(void *arg, int task, int n_tasks) {
         for (int64_t t = 0; t < j->T; t++) {
             const float *xt = j->x + t * j->in;
             float *yt = j->y + t * j->out + r;
-            if (j->wt == LT_BF16) dot4_bf16(xt, hrows, nr, j->in, yt);
-            else dot4_f32(xt, rows, nr, j->in, yt);
+            if (j->wt == LT_BF16)
+                dot4_bf16(xt, hrows, nr, j->in, yt);
+            else
+                dot4_f32(xt, rows, nr, j->in, yt);
         }
     }
     free(buf);
@@ -377,18 +404,19 @@ static void widen_task(void *arg, int task, int n_tasks) {
     widen_job *j = arg;
     int64_t per = (j->nrows + n_tasks - 1) / n_tasks;
     int64_t a = (int64_t)task * per, b = a + per < j->nrows ? a + per : j->nrows;
-    for (int64_t r = a; r < b; r++) widen_row(j->dst + r * j->in, j->w, j->wt, j->r0 + r, j->in);
+    for (int64_t r = a; r < b; r++)
+        widen_row(j->dst + r * j->in, j->w, j->wt, j->r0 + r, j->in);
 }
 #endif
 
-lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt_dtype wt, int64_t T,
-                        int64_t in, int64_t out, int use_blas) {
+lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt_dtype wt,
+                        int64_t T, int64_t in, int64_t out, int use_blas) {
     if (T <= 0 || out <= 0) return LT_OK;
 #ifdef HAVE_CBLAS
     if (use_blas && (wt == LT_F32 || T >= 8)) {
         if (wt == LT_F32) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)out, (int)in, 1.0f, x, (int)in,
-                        (const float *)w, (int)in, 0.0f, y, (int)out);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)out, (int)in, 1.0f, x,
+                        (int)in, (const float *)w, (int)in, 0.0f, y, (int)out);
             return LT_OK;
         }
         /* 16-bit weights: widen a band of rows (about 16 MB), multiply it, move on. */
@@ -397,16 +425,17 @@ lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt
         if (band > out) band = out;
         float *wf = malloc(sizeof(float) * (size_t)(band * in));
         if (!wf) {
-            if (ctx) snprintf(ctx->err, LT_ERRLEN, "cpu matmul: out of memory (%lld x %lld band)", (long long)band,
-                              (long long)in);
+            if (ctx)
+                snprintf(ctx->err, LT_ERRLEN, "cpu matmul: out of memory (%lld x %lld band)",
+                         (long long)band, (long long)in);
             return LT_ERR_MEMORY;
         }
         for (int64_t r0 = 0; r0 < out; r0 += band) {
             int64_t nr = r0 + band <= out ? band : out - r0;
             widen_job wj = {wf, w, wt, r0, nr, in};
             pool_run(ctx_pool(ctx), widen_task, &wj, pool_threads(ctx) * 2);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nr, (int)in, 1.0f, x, (int)in, wf,
-                        (int)in, 0.0f, y + r0, (int)out);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nr, (int)in, 1.0f, x,
+                        (int)in, wf, (int)in, 0.0f, y + r0, (int)out);
         }
         free(wf);
         return LT_OK;
@@ -428,13 +457,14 @@ lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt
 static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *op = "linear";
     REQUIRE(is_f32(&x) && is_f32(&y), op, "x and y must be fp32 tensors");
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), op, "weight must be a 2-D float tensor");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), op,
+            "weight must be a 2-D float tensor");
     int64_t out = w->w.shape[0], in = w->w.shape[1];
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
     if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
         char a[64], b[64], c[64];
-        snprintf(ctx->err, LT_ERRLEN, "cpu linear: shapes do not agree: y %s = x %s · W%s^T", lt_shape_str(&y, a, 64),
-                 lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
+        snprintf(ctx->err, LT_ERRLEN, "cpu linear: shapes do not agree: y %s = x %s · W%s^T",
+                 lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
         return LT_ERR_ARG;
     }
     lt_status rc = lt_cpu_matmul(ctx, y.data, x.data, w->w.data, w->w.dtype, T, in, out, 1);
@@ -442,7 +472,8 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
     /* adapter: y += scale * (x·Aᵀ)·Bᵀ;  A: [r, in], B: [out, r] fp32 */
     const lt_lora *lo = w->lora;
     int64_t r = lo->a.shape[0];
-    REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op, "adapter shapes do not agree");
+    REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
+            "adapter shapes do not agree");
     float *xa = malloc(sizeof(float) * (size_t)(T * r));
     float *d = malloc(sizeof(float) * (size_t)(T * out));
     if (!xa || !d) {
@@ -452,34 +483,41 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
         return LT_ERR_MEMORY;
     }
     rc = lt_cpu_matmul(ctx, xa, x.data, lo->a.data, LT_F32, T, in, r, 1); /* xa: [T, r] */
-    if (rc == LT_OK) rc = lt_cpu_matmul(ctx, d, xa, lo->b.data, LT_F32, T, r, out, 1); /* d: [T, out] */
+    if (rc == LT_OK)
+        rc = lt_cpu_matmul(ctx, d, xa, lo->b.data, LT_F32, T, r, out, 1); /* d: [T, out] */
     if (rc == LT_OK) {
         float *yy = y.data;
-        for (int64_t i = 0; i < T * out; i++) yy[i] += lo->scale * d[i];
+        for (int64_t i = 0; i < T * out; i++)
+            yy[i] += lo->scale * d[i];
     }
     free(xa);
     free(d);
     return rc;
 }
 
-/* ---- elementwise and row ops ------------------------------------------------------------------- */
+/* ---- elementwise and row ops -------------------------------------------------------------------
+ */
 
-static lt_status cpu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table, float scale) {
+static lt_status cpu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table,
+                               float scale) {
     const char *op = "embedding";
     REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, op, "h must be fp32 and ids I32");
-    REQUIRE(table && table->w.ndim == 2 && is_float(table->w.dtype), op, "table must be a 2-D float tensor");
+    REQUIRE(table && table->w.ndim == 2 && is_float(table->w.dtype), op,
+            "table must be a 2-D float tensor");
     int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
     REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, op, "h must be [T, H]");
     const int32_t *id = ids.data;
     float *out = h.data;
     for (int64_t t = 0; t < T; t++) {
         if (id[t] < 0 || id[t] >= V) {
-            snprintf(ctx->err, LT_ERRLEN, "token id %d at position %lld is outside the vocabulary [0, %lld)", id[t],
+            snprintf(ctx->err, LT_ERRLEN,
+                     "token id %d at position %lld is outside the vocabulary [0, %lld)", id[t],
                      (long long)t, (long long)V);
             return LT_ERR_ARG;
         }
         widen_row(out + t * H, table->w.data, table->w.dtype, id[t], H);
-        for (int64_t i = 0; i < H; i++) out[t * H + i] *= scale;
+        for (int64_t i = 0; i < H; i++)
+            out[t * H + i] *= scale;
     }
     return LT_OK;
 }
@@ -488,28 +526,33 @@ static lt_status cpu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w,
     const char *op = "rmsnorm";
     REQUIRE(is_f32(&x) && is_f32(&y) && is_f32(&w), op, "x, y and w must be fp32");
     int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-    REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D, op, "x, y must be [N, numel(w)]");
+    REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D, op,
+            "x, y must be [N, numel(w)]");
     const float *xs = x.data, *ws = w.data;
     float *ys = y.data;
     for (int64_t n = 0; n < N; n++) {
         const float *xr = xs + n * D;
         float *yr = ys + n * D;
         double ss = 0;
-        for (int64_t i = 0; i < D; i++) ss += (double)xr[i] * xr[i];
+        for (int64_t i = 0; i < D; i++)
+            ss += (double)xr[i] * xr[i];
         float r = 1.0f / sqrtf((float)(ss / (double)D) + eps);
-        for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] * r) * (1.0f + ws[i]);
+        for (int64_t i = 0; i < D; i++)
+            yr[i] = (xr[i] * r) * (1.0f + ws[i]);
     }
     return LT_OK;
 }
 
 static lt_status cpu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor) {
     const char *op = "rope";
-    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data, op, "x must be fp32 [T, heads, hd], pos I32");
+    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data, op,
+            "x must be fp32 [T, heads, hd], pos I32");
     int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2], half = hd / 2;
     REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, op, "pos must be [T] and hd even");
     float inv[512];
     REQUIRE(half <= 512, op, "head_dim above 1024");
-    for (int64_t j = 0; j < half; j++) inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
+    for (int64_t j = 0; j < half; j++)
+        inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
     const int32_t *p = pos.data;
     float *xs = x.data;
     for (int64_t t = 0; t < T; t++) {
@@ -576,24 +619,31 @@ static void attn_task(void *arg, int task, int n_tasks) {
             if (sc[s] == 0.0f) continue;
             float p = sc[s] * inv;
             const float *vv = j->v + (s * j->nkv + kh) * j->hd;
-            for (int64_t d = 0; d < j->hd; d++) o[d] += p * vv[d];
+            for (int64_t d = 0; d < j->hd; d++)
+                o[d] += p * vv[d];
         }
     }
     free(sc);
 }
 
-static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v, lt_tensor qpos,
-                               lt_tensor kpos, int window, float scale) {
+static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                               lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     const char *op = "attention";
-    REQUIRE(is_f32(&out) && is_f32(&q) && is_f32(&k) && is_f32(&v), op, "out, q, k, v must be fp32");
-    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, op, "q must be [T, nh, hd], k and v [S, nkv, hd]");
-    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, op, "positions must be I32");
+    REQUIRE(is_f32(&out) && is_f32(&q) && is_f32(&k) && is_f32(&v), op,
+            "out, q, k, v must be fp32");
+    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, op,
+            "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, op,
+            "positions must be I32");
     int64_t T = q.shape[0], nh = q.shape[1], hd = q.shape[2], S = k.shape[0], nkv = k.shape[1];
-    REQUIRE(k.shape[2] == hd && v.shape[0] == S && v.shape[1] == nkv && v.shape[2] == hd, op, "k, v shapes disagree");
+    REQUIRE(k.shape[2] == hd && v.shape[0] == S && v.shape[1] == nkv && v.shape[2] == hd, op,
+            "k, v shapes disagree");
     REQUIRE(nkv > 0 && nh % nkv == 0, op, "nh must be a multiple of nkv");
     REQUIRE(lt_tensor_numel(&out) == T * nh * hd, op, "out must be [T, nh*hd]");
-    REQUIRE(lt_tensor_numel(&qpos) == T && lt_tensor_numel(&kpos) == S, op, "qpos must be [T] and kpos [S]");
-    attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, T, S, nh, nkv, hd, window, scale, 0};
+    REQUIRE(lt_tensor_numel(&qpos) == T && lt_tensor_numel(&kpos) == S, op,
+            "qpos must be [T] and kpos [S]");
+    attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, T,
+                  S,        nh,     nkv,    hd,     window,    scale,     0};
     int nt = pool_threads(ctx) * 4;
     if (nt > T * nh) nt = (int)(T * nh);
     pool_run(ctx_pool(ctx), attn_task, &j, nt);
@@ -608,7 +658,8 @@ static lt_status cpu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor u
     const char *op = "geglu";
     REQUIRE(is_f32(&y) && is_f32(&gate) && is_f32(&up), op, "y, gate, up must be fp32");
     int64_t n = lt_tensor_numel(&gate);
-    REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n, op, "y, gate, up must have one shape");
+    REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n, op,
+            "y, gate, up must have one shape");
     const float k0 = 0.7978845608028654f; /* sqrt(2/pi) */
     const float *g = gate.data, *u = up.data;
     float *o = y.data;
@@ -622,11 +673,13 @@ static lt_status cpu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor u
 
 static lt_status cpu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
     const char *op = "add";
-    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), op, "y, x must be fp32, one shape");
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), op,
+            "y, x must be fp32, one shape");
     float *a = y.data;
     const float *b = x.data;
     int64_t n = lt_tensor_numel(&y);
-    for (int64_t i = 0; i < n; i++) a[i] += b[i];
+    for (int64_t i = 0; i < n; i++)
+        a[i] += b[i];
     return LT_OK;
 }
 

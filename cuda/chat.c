@@ -21,7 +21,8 @@ static void sb_put(sbuf *b, const char *s, size_t n) {
     if (b->oom) return;
     if (b->len + n + 1 > b->cap) {
         size_t nc = b->cap ? b->cap : 256;
-        while (nc < b->len + n + 1) nc *= 2;
+        while (nc < b->len + n + 1)
+            nc *= 2;
         char *np = realloc(b->p, nc);
         if (!np) {
             b->oom = 1;
@@ -35,17 +36,20 @@ static void sb_put(sbuf *b, const char *s, size_t n) {
     b->p[b->len] = 0;
 }
 
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+static void sb_puts(sbuf *b, const char *s) {
+    sb_put(b, s, strlen(s));
+}
 
 /* Length of the whitespace character at s (Python str.isspace), 0 if none. */
 static int space_len(const unsigned char *s, size_t avail) {
     if (avail >= 1 && ((*s >= 0x09 && *s <= 0x0d) || (*s >= 0x1c && *s <= 0x20))) return 1;
     if (avail >= 2 && s[0] == 0xc2 && (s[1] == 0x85 || s[1] == 0xa0)) return 2;
     if (avail >= 3) {
-        unsigned cp = ((unsigned)(s[0] & 0x0f) << 12) | ((unsigned)(s[1] & 0x3f) << 6) | (s[2] & 0x3f);
+        unsigned cp =
+            ((unsigned)(s[0] & 0x0f) << 12) | ((unsigned)(s[1] & 0x3f) << 6) | (s[2] & 0x3f);
         if ((s[0] & 0xf0) == 0xe0 && (s[1] & 0xc0) == 0x80 && (s[2] & 0xc0) == 0x80 &&
-            (cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200a) || cp == 0x2028 || cp == 0x2029 || cp == 0x202f ||
-             cp == 0x205f || cp == 0x3000))
+            (cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200a) || cp == 0x2028 || cp == 0x2029 ||
+             cp == 0x202f || cp == 0x205f || cp == 0x3000))
             return 3;
     }
     return 0;
@@ -56,20 +60,24 @@ static void sb_put_stripped(sbuf *b, const char *s) {
     const unsigned char *p = (const unsigned char *)s;
     size_t n = strlen(s), a = 0, e = n;
     int k;
-    while (a < n && (k = space_len(p + a, n - a)) > 0) a += (size_t)k;
+    while (a < n && (k = space_len(p + a, n - a)) > 0)
+        a += (size_t)k;
     /* from the end: step back over whole characters */
     while (e > a) {
         size_t st = e - 1;
-        while (st > a && (p[st] & 0xc0) == 0x80) st--; /* start of the last character */
+        while (st > a && (p[st] & 0xc0) == 0x80)
+            st--; /* start of the last character */
         k = space_len(p + st, e - st);
-        if (k > 0 && st + (size_t)k == e) e = st;
-        else break;
+        if (k > 0 && st + (size_t)k == e)
+            e = st;
+        else
+            break;
     }
     sb_put(b, s + a, e - a);
 }
 
-lt_status chat_render(const char *const *roles, const char *const *contents, int n, int add_generation_prompt,
-                      char **out, char *err) {
+lt_status chat_render(const char *const *roles, const char *const *contents, int n,
+                      int add_generation_prompt, char **out, char *err) {
     *out = NULL;
     sbuf b = {0};
     sb_puts(&b, "<bos>");
@@ -94,8 +102,10 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
         int idx = i - first;
         int is_user = !strcmp(roles[i], "user");
         if (is_user != (idx % 2 == 0)) {
-            snprintf(err, LT_ERRLEN, "Conversation roles must alternate user/assistant/user/assistant/... "
-                                     "(message %d has role '%s')", i, roles[i]);
+            snprintf(err, LT_ERRLEN,
+                     "Conversation roles must alternate user/assistant/user/assistant/... "
+                     "(message %d has role '%s')",
+                     i, roles[i]);
             free(b.p);
             return LT_ERR_ARG;
         }

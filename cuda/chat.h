@@ -12,7 +12,7 @@
 #include "cuda/engine.h"
 
 /* *out malloc'd. err: LT_ERRLEN bytes. */
-lt_status chat_render(const char *const *roles, const char *const *contents, int n, int add_generation_prompt,
-                      char **out, char *err);
+lt_status chat_render(const char *const *roles, const char *const *contents, int n,
+                      int add_generation_prompt, char **out, char *err);
 
 #endif

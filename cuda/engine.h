@@ -20,13 +20,13 @@ extern "C" {
 
 typedef enum lt_status {
     LT_OK = 0,
-    LT_ERR_ARG = 1,     /* a bad option value or an impossible request */
-    LT_ERR_IO = 2,      /* a file could not be read or written */
-    LT_ERR_FORMAT = 3,  /* a file is not what it claims (config, safetensors, tokenizer, data) */
-    LT_ERR_MEMORY = 4,  /* out of host or device memory (or the memory plan says it won't fit) */
-    LT_ERR_DEVICE = 5,  /* a CUDA / cuBLAS failure */
-    LT_ERR_STATE = 6,   /* e.g. no model loaded */
-    LT_CANCELLED = 7,   /* the cancel flag was raised */
+    LT_ERR_ARG = 1,    /* a bad option value or an impossible request */
+    LT_ERR_IO = 2,     /* a file could not be read or written */
+    LT_ERR_FORMAT = 3, /* a file is not what it claims (config, safetensors, tokenizer, data) */
+    LT_ERR_MEMORY = 4, /* out of host or device memory (or the memory plan says it won't fit) */
+    LT_ERR_DEVICE = 5, /* a CUDA / cuBLAS failure */
+    LT_ERR_STATE = 6,  /* e.g. no model loaded */
+    LT_CANCELLED = 7,  /* the cancel flag was raised */
 } lt_status;
 
 typedef struct lt_session lt_session;
@@ -68,14 +68,14 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
 typedef struct lt_model_info {
     int loaded;
     char source[512];
-    char arch[64];         /* "gemma3_text" */
-    char dtype[16];        /* storage dtype of frozen weights */
-    char device[16];       /* "cpu" or "cuda" */
-    int64_t n_params;      /* text model parameters */
-    int64_t weight_bytes;  /* bytes the weights take in memory */
+    char arch[64];        /* "gemma3_text" */
+    char dtype[16];       /* storage dtype of frozen weights */
+    char device[16];      /* "cpu" or "cuda" */
+    int64_t n_params;     /* text model parameters */
+    int64_t weight_bytes; /* bytes the weights take in memory */
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
-    int skipped_vision;    /* 1 when a vision tower/projector was present and skipped */
+    int skipped_vision; /* 1 when a vision tower/projector was present and skipped */
     /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
      * and the card's free and total bytes. */
     int64_t gpu_in_use, gpu_peak, gpu_free, gpu_total;
@@ -95,11 +95,11 @@ lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text);
 lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab);
 
 typedef struct lt_gen_opts {
-    int max_new;        /* default 256 */
-    float temperature;  /* 0 = greedy; Gemma default 1.0 */
-    int top_k;          /* 0 = off; Gemma default 64 */
-    float top_p;        /* 1 = off; Gemma default 0.95 */
-    float min_p;        /* 0 = off */
+    int max_new;       /* default 256 */
+    float temperature; /* 0 = greedy; Gemma default 1.0 */
+    int top_k;         /* 0 = off; Gemma default 64 */
+    float top_p;       /* 1 = off; Gemma default 0.95 */
+    float min_p;       /* 0 = off */
     uint64_t seed;
 } lt_gen_opts;
 /* Fills Gemma's defaults (temperature 1, top_k 64, top_p 0.95, min_p 0, max_new 256). */
@@ -149,11 +149,11 @@ typedef struct lt_lora_info {
     int r;
     float alpha, scale, dropout;
     int rslora;
-    int n_modules;        /* adapted linear layers */
-    int64_t n_trainable;  /* trainable parameters */
-    int64_t n_total;      /* model parameters */
+    int n_modules;       /* adapted linear layers */
+    int64_t n_trainable; /* trainable parameters */
+    int64_t n_total;     /* model parameters */
     char targets[256];
-    int steps_done;       /* optimizer steps taken in this session's current run */
+    int steps_done; /* optimizer steps taken in this session's current run */
 } lt_lora_info;
 void lt_lora_info_get(const lt_session *s, lt_lora_info *info);
 
@@ -161,47 +161,47 @@ void lt_lora_info_get(const lt_session *s, lt_lora_info *info);
 lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb);
 
 typedef struct lt_train_opts {
-    const char *data;      /* .jsonl / .json file */
-    const char *format;    /* "auto", "text", "alpaca", "sharegpt", "messages" */
-    int batch;             /* samples (or packed rows) per micro-batch (default 2) */
-    int grad_accum;        /* micro-batches per optimizer step (default 1) */
-    int steps;             /* optimizer steps; 0 = from epochs */
-    float epochs;          /* used when steps = 0 (default 1) */
-    float lr;              /* > 0 (default 2e-4) */
-    int warmup;            /* warmup steps (default 0) */
-    const char *schedule;  /* "constant", "linear" (default), "cosine" */
-    const char *optim;     /* "adamw" */
-    float weight_decay;    /* decoupled, matrices only (default 0) */
-    float max_grad_norm;   /* 0 = off (default 1.0) */
+    const char *data;        /* .jsonl / .json file */
+    const char *format;      /* "auto", "text", "alpaca", "sharegpt", "messages" */
+    int batch;               /* samples (or packed rows) per micro-batch (default 2) */
+    int grad_accum;          /* micro-batches per optimizer step (default 1) */
+    int steps;               /* optimizer steps; 0 = from epochs */
+    float epochs;            /* used when steps = 0 (default 1) */
+    float lr;                /* > 0 (default 2e-4) */
+    int warmup;              /* warmup steps (default 0) */
+    const char *schedule;    /* "constant", "linear" (default), "cosine" */
+    const char *optim;       /* "adamw" */
+    float weight_decay;      /* decoupled, matrices only (default 0) */
+    float max_grad_norm;     /* 0 = off (default 1.0) */
     float beta1, beta2, eps; /* AdamW (0.9, 0.999, 1e-8) */
-    int max_seq;           /* 0 = the session's max_seq (default 1024 cap) */
-    int responses_only;    /* chat formats: labels only on model turns (default 1) */
-    int packing;           /* pack samples into rows of max_seq (default 0) */
-    uint64_t seed;         /* data order and dropout (default 3407) */
-    int shuffle;           /* shuffle the samples every epoch (default 1) */
-    const char *save;      /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
-    int save_every;        /* steps between checkpoints; 0 = only at the end when save is set */
-    const char *resume;    /* a checkpoint (or a save= folder: its latest) to continue */
+    int max_seq;             /* 0 = the session's max_seq (default 1024 cap) */
+    int responses_only;      /* chat formats: labels only on model turns (default 1) */
+    int packing;             /* pack samples into rows of max_seq (default 0) */
+    uint64_t seed;           /* data order and dropout (default 3407) */
+    int shuffle;             /* shuffle the samples every epoch (default 1) */
+    const char *save;        /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
+    int save_every;          /* steps between checkpoints; 0 = only at the end when save is set */
+    const char *resume;      /* a checkpoint (or a save= folder: its latest) to continue */
 } lt_train_opts;
 void lt_train_opts_default(lt_train_opts *o);
 
 /* One optimizer step's report. losses: every step's loss so far (for the live plot). */
 typedef struct lt_train_progress {
     int step, total_steps;
-    float epoch;          /* fractional epoch */
-    double loss;          /* mean CE over the step's label tokens */
-    double lr;            /* learning rate used for this step */
-    double grad_norm;     /* before clipping */
-    double tokens_per_s;  /* input tokens per second, this run */
+    float epoch;         /* fractional epoch */
+    double loss;         /* mean CE over the step's label tokens */
+    double lr;           /* learning rate used for this step */
+    double grad_norm;    /* before clipping */
+    double tokens_per_s; /* input tokens per second, this run */
     double elapsed_s, eta_s;
-    int64_t tokens;       /* input tokens seen in this run */
+    int64_t tokens; /* input tokens seen in this run */
     const float *losses;
     int n_losses;
 } lt_train_progress;
 
 typedef struct lt_train_callbacks {
     void *ctx;
-    void (*message)(void *ctx, const char *text); /* plan, notes, warnings; may be NULL */
+    void (*message)(void *ctx, const char *text);        /* plan, notes, warnings; may be NULL */
     void (*step)(void *ctx, const lt_train_progress *p); /* after every optimizer step */
 } lt_train_callbacks;
 
@@ -209,10 +209,10 @@ typedef struct lt_train_result {
     int steps_done, total_steps, first_step;
     double first_loss, last_loss, seconds;
     int64_t tokens;
-    int interrupted;      /* stopped by lt_cancel: weights are those of step steps_done */
+    int interrupted; /* stopped by lt_cancel: weights are those of step steps_done */
     int n_samples, n_truncated;
     char format[16];
-    char saved[1024];     /* last checkpoint written, "" if none */
+    char saved[1024]; /* last checkpoint written, "" if none */
 } lt_train_result;
 
 /* Supervised fine-tuning of the attached adapters (or full weights) on a dataset. Polls the

@@ -20,7 +20,8 @@
 #include "cuda/model.h"
 #include "cuda/safetensors.h"
 
-/* ---- storage ---------------------------------------------------------------------------------- */
+/* ---- storage ----------------------------------------------------------------------------------
+ */
 
 struct gemma3_storage {
     st_set st; /* mapped checkpoint (may be empty) */
@@ -44,7 +45,8 @@ static void *storage_alloc(gemma3_storage *s, size_t bytes) {
 void gemma3_model_free(gemma3_model *m) {
     if (!m) return;
     if (m->storage) {
-        for (int i = 0; i < m->storage->n_blocks; i++) free(m->storage->blocks[i]);
+        for (int i = 0; i < m->storage->n_blocks; i++)
+            free(m->storage->blocks[i]);
         free(m->storage->blocks);
         st_close(&m->storage->st);
         free(m->storage);
@@ -66,14 +68,15 @@ static gemma3_model *model_new(const gemma3_config *cfg, char *err) {
     return m;
 }
 
-/* ---- the weight table: names, shapes, where each lives in the struct --------------------------- */
+/* ---- the weight table: names, shapes, where each lives in the struct ---------------------------
+ */
 
 typedef enum { W_MATRIX, W_NORM } wkind;
 
 typedef struct wdesc {
     const char *suffix; /* after "model.layers.{i}." */
     wkind kind;
-    size_t off;         /* offsetof in gemma3_layer of the lt_weight or lt_tensor */
+    size_t off; /* offsetof in gemma3_layer of the lt_weight or lt_tensor */
 } wdesc;
 
 #define LOFF(f) offsetof(gemma3_layer, f)
@@ -104,23 +107,36 @@ static void layer_shape(const gemma3_config *c, int k, int64_t shape[2], int *nd
         *ndim = 1;
         shape[0] = strstr(s, "q_norm") || strstr(s, "k_norm") ? hd : H;
         shape[1] = 0;
-    } else if (strstr(s, "q_proj")) { shape[0] = qo; shape[1] = H; }
-    else if (strstr(s, "k_proj") || strstr(s, "v_proj")) { shape[0] = kvo; shape[1] = H; }
-    else if (strstr(s, "o_proj")) { shape[0] = H; shape[1] = qo; }
-    else if (strstr(s, "down_proj")) { shape[0] = H; shape[1] = I; }
-    else { shape[0] = I; shape[1] = H; } /* gate, up */
+    } else if (strstr(s, "q_proj")) {
+        shape[0] = qo;
+        shape[1] = H;
+    } else if (strstr(s, "k_proj") || strstr(s, "v_proj")) {
+        shape[0] = kvo;
+        shape[1] = H;
+    } else if (strstr(s, "o_proj")) {
+        shape[0] = H;
+        shape[1] = qo;
+    } else if (strstr(s, "down_proj")) {
+        shape[0] = H;
+        shape[1] = I;
+    } else {
+        shape[0] = I;
+        shape[1] = H;
+    } /* gate, up */
 }
 
 /* The i-th weight of the stable order: name, kind, tensor slot, expected shape. */
-static lt_tensor *weight_slot(gemma3_model *m, int i, char *name, size_t cap, wkind *kind, int64_t shape[2],
-                              int *ndim) {
+static lt_tensor *weight_slot(gemma3_model *m, int i, char *name, size_t cap, wkind *kind,
+                              int64_t shape[2], int *ndim) {
     const gemma3_config *c = &m->cfg;
     int L = c->num_hidden_layers;
     int64_t V = c->vocab_size, H = c->hidden_size;
     if (i == 0) {
         snprintf(name, cap, "model.embed_tokens.weight");
         *kind = W_MATRIX;
-        shape[0] = V; shape[1] = H; *ndim = 2;
+        shape[0] = V;
+        shape[1] = H;
+        *ndim = 2;
         return &m->embed_tokens.w;
     }
     i -= 1;
@@ -137,13 +153,17 @@ static lt_tensor *weight_slot(gemma3_model *m, int i, char *name, size_t cap, wk
     if (i == 0) {
         snprintf(name, cap, "model.norm.weight");
         *kind = W_NORM;
-        shape[0] = H; shape[1] = 0; *ndim = 1;
+        shape[0] = H;
+        shape[1] = 0;
+        *ndim = 1;
         return &m->norm;
     }
     if (i == 1 && !c->tie_word_embeddings) {
         snprintf(name, cap, "lm_head.weight");
         *kind = W_MATRIX;
-        shape[0] = V; shape[1] = H; *ndim = 2;
+        shape[0] = V;
+        shape[1] = H;
+        *ndim = 2;
         return &m->lm_head.w;
     }
     return NULL;
@@ -174,41 +194,60 @@ int gemma3_weights_foreach(gemma3_model *m, gemma3_weight_visit fn, void *user) 
     return 0;
 }
 
-/* ---- loading from a checkpoint ------------------------------------------------------------------ */
+/* ---- loading from a checkpoint ------------------------------------------------------------------
+ */
 
 static int parse_dtype_opt(const char *s, int *is_auto, lt_dtype *dt) {
     *is_auto = 0;
-    if (!s || !*s || !strcmp(s, "auto")) { *is_auto = 1; return 0; }
-    if (!strcmp(s, "fp32") || !strcmp(s, "float32") || !strcmp(s, "f32")) { *dt = LT_F32; return 0; }
-    if (!strcmp(s, "fp16") || !strcmp(s, "float16") || !strcmp(s, "f16")) { *dt = LT_F16; return 0; }
-    if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) { *dt = LT_BF16; return 0; }
+    if (!s || !*s || !strcmp(s, "auto")) {
+        *is_auto = 1;
+        return 0;
+    }
+    if (!strcmp(s, "fp32") || !strcmp(s, "float32") || !strcmp(s, "f32")) {
+        *dt = LT_F32;
+        return 0;
+    }
+    if (!strcmp(s, "fp16") || !strcmp(s, "float16") || !strcmp(s, "f16")) {
+        *dt = LT_F16;
+        return 0;
+    }
+    if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) {
+        *dt = LT_BF16;
+        return 0;
+    }
     return -1;
 }
 
-static const char *const text_prefixes[] = {"model.", "language_model.model.", "model.language_model."};
+static const char *const text_prefixes[] = {"model.", "language_model.model.",
+                                            "model.language_model."};
 
 static int is_vision_name(const char *n) {
     return !strncmp(n, "vision_tower.", 13) || !strncmp(n, "model.vision_tower.", 19) ||
-           !strncmp(n, "multi_modal_projector.", 22) || !strncmp(n, "model.multi_modal_projector.", 28);
+           !strncmp(n, "multi_modal_projector.", 22) ||
+           !strncmp(n, "model.multi_modal_projector.", 28);
 }
 
 /* Places tensor `src` into slot t: converted (or mapped, when dtype and alignment allow). */
-static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *src, const char *name, wkind kind,
-                              int is_auto, lt_dtype want, const int64_t shape[2], int ndim, char *err) {
+static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *src, const char *name,
+                              wkind kind, int is_auto, lt_dtype want, const int64_t shape[2],
+                              int ndim, char *err) {
     const char *file = m->storage->st.files[src->file].path;
     if (!src->dtype_ok || src->dtype == LT_I32) {
-        snprintf(err, LT_ERRLEN, "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints are not yet)",
+        snprintf(err, LT_ERRLEN,
+                 "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints "
+                 "are not yet)",
                  file, name, src->dtype_name);
         return LT_ERR_FORMAT;
     }
     int match = src->ndim == ndim;
-    for (int d = 0; match && d < ndim; d++) match = src->shape[d] == shape[d];
+    for (int d = 0; match && d < ndim; d++)
+        match = src->shape[d] == shape[d];
     if (!match) {
         char got[96], exp[96];
         lt_tensor e = {.ndim = ndim, .shape = {shape[0], shape[1]}};
         st_shape_str(src, got, sizeof got);
-        snprintf(err, LT_ERRLEN, "%s: tensor '%s' has shape %s but config.json implies %s", file, name, got,
-                 lt_shape_str(&e, exp, sizeof exp));
+        snprintf(err, LT_ERRLEN, "%s: tensor '%s' has shape %s but config.json implies %s", file,
+                 name, got, lt_shape_str(&e, exp, sizeof exp));
         return LT_ERR_FORMAT;
     }
     lt_dtype dt = kind == W_NORM ? LT_F32 : (is_auto ? src->dtype : want);
@@ -222,7 +261,8 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
     } else {
         t->data = storage_alloc(m->storage, (size_t)n * lt_dtype_size(dt));
         if (!t->data) {
-            snprintf(err, LT_ERRLEN, "%s: out of memory converting '%s' to %s", file, name, lt_dtype_user_name(dt));
+            snprintf(err, LT_ERRLEN, "%s: out of memory converting '%s' to %s", file, name,
+                     lt_dtype_user_name(dt));
             return LT_ERR_MEMORY;
         }
         if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
@@ -243,12 +283,14 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
     return LT_OK;
 }
 
-lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype, const lt_callbacks *cb, char *err) {
+lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
+                          const lt_callbacks *cb, char *err) {
     *out = NULL;
     int is_auto;
     lt_dtype want = LT_F32;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
-        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)", dtype);
+        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
+                 dtype);
         return LT_ERR_ARG;
     }
     char path[4096];
@@ -275,7 +317,8 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
     }
     if (!prefix) {
         snprintf(err, LT_ERRLEN,
-                 "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., language_model.model., model.language_model.)",
+                 "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., "
+                 "language_model.model., model.language_model.)",
                  st->n_files ? st->files[0].path : dir);
         gemma3_model_free(m);
         return LT_ERR_FORMAT;
@@ -303,8 +346,9 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
             }
         }
         if (!src) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s' is missing (config.json says %d layers%s)", dir, name,
-                     cfg.num_hidden_layers, cfg.tie_word_embeddings ? "" : ", untied head");
+            snprintf(err, LT_ERRLEN, "%s: tensor '%s' is missing (config.json says %d layers%s)",
+                     dir, name, cfg.num_hidden_layers,
+                     cfg.tie_word_embeddings ? "" : ", untied head");
             rc = LT_ERR_FORMAT;
             break;
         }
@@ -320,7 +364,8 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
     return LT_OK;
 }
 
-/* ---- random weights ------------------------------------------------------------------------------ */
+/* ---- random weights
+ * ------------------------------------------------------------------------------ */
 
 static uint64_t splitmix64(uint64_t *s) {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
@@ -371,11 +416,15 @@ static void *fill_worker(void *arg) {
         for (int64_t e = off; e < end; e += 4) {
             uint64_t r = splitmix64(&s);
             for (int q = 0; q < 4 && e + q < end; q++) {
-                float u = (float)((r >> (16 * q)) & 0xffffu) * (1.0f / 65536.0f) + (0.5f / 65536.0f);
+                float u =
+                    (float)((r >> (16 * q)) & 0xffffu) * (1.0f / 65536.0f) + (0.5f / 65536.0f);
                 float v = (2.0f * u - 1.0f) * a;
-                if (it->dt == LT_F32) ((float *)it->data)[e + q] = v;
-                else if (it->dt == LT_BF16) ((uint16_t *)it->data)[e + q] = lt_f32_to_bf16(v);
-                else ((uint16_t *)it->data)[e + q] = lt_f32_to_f16(v);
+                if (it->dt == LT_F32)
+                    ((float *)it->data)[e + q] = v;
+                else if (it->dt == LT_BF16)
+                    ((uint16_t *)it->data)[e + q] = lt_f32_to_bf16(v);
+                else
+                    ((uint16_t *)it->data)[e + q] = lt_f32_to_f16(v);
             }
         }
     }
@@ -398,7 +447,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     int is_auto;
     lt_dtype want = LT_BF16;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
-        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)", dtype);
+        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
+                 dtype);
         return LT_ERR_ARG;
     }
     if (is_auto) want = LT_BF16;
@@ -424,10 +474,12 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     int64_t avail = mem_available_bytes();
     if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         snprintf(err, LT_ERRLEN,
-                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only %.1f GB of memory "
+                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
+                 "%.1f GB of memory "
                  "is available (%s)",
                  size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
-                 want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b" : "try dtype=bf16 or a smaller size");
+                 want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b"
+                                 : "try dtype=bf16 or a smaller size");
         gemma3_model_free(m);
         return LT_ERR_MEMORY;
     }
@@ -453,7 +505,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
         t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
         uint64_t ts = splitmix64(&sm);
         if (!t->data) {
-            snprintf(err, LT_ERRLEN, "out of memory allocating '%s' (%s)", name, lt_dtype_user_name(t->dtype));
+            snprintf(err, LT_ERRLEN, "out of memory allocating '%s' (%s)", name,
+                     lt_dtype_user_name(t->dtype));
             free(items);
             gemma3_model_free(m);
             return LT_ERR_MEMORY;
@@ -477,7 +530,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     for (int i = 1; i < nt; i++)
         if (pthread_create(&th[started], NULL, fill_worker, &job) == 0) started++;
     fill_worker(&job);
-    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
     pthread_mutex_destroy(&job.mu);
     free(items);
     m->dtype = want;
@@ -485,10 +539,12 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     return LT_OK;
 }
 
-/* ---- KV cache ----------------------------------------------------------------------------------- */
+/* ---- KV cache -----------------------------------------------------------------------------------
+ */
 
 static int cache_cap_for(const gemma3_config *cfg, int l, int max_seq, int *ring) {
-    if (gemma3_layer_kind(cfg, l) == GEMMA3_SLIDING && cfg->sliding_window + GEMMA3_CHUNK < max_seq) {
+    if (gemma3_layer_kind(cfg, l) == GEMMA3_SLIDING &&
+        cfg->sliding_window + GEMMA3_CHUNK < max_seq) {
         *ring = 1;
         return cfg->sliding_window + GEMMA3_CHUNK;
     }
@@ -530,7 +586,8 @@ lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *c
 /* Marks every slot of layer l empty (kpos = -1). */
 static lt_status cache_clear_layer(gemma3_cache_layer *cl, lt_ctx *ctx, int from) {
     int32_t neg[256];
-    for (int i = 0; i < 256; i++) neg[i] = -1;
+    for (int i = 0; i < 256; i++)
+        neg[i] = -1;
     for (int s = from; s < cl->cap; s += 256) {
         int k = cl->cap - s < 256 ? cl->cap - s : 256;
         lt_status rc = ctx->be->upload(ctx, cl->kpos + s, neg, sizeof(int32_t) * (size_t)k);
@@ -557,10 +614,12 @@ void gemma3_cache_free(gemma3_cache *c, lt_ctx *ctx) {
 }
 
 /* Grows a full-attention layer so that it holds `need` positions. */
-static lt_status cache_grow(gemma3_cache_layer *cl, lt_ctx *ctx, size_t row, int need, int max_seq) {
+static lt_status cache_grow(gemma3_cache_layer *cl, lt_ctx *ctx, size_t row, int need,
+                            int max_seq) {
     if (need <= cl->cap) return LT_OK;
     int cap = cl->cap ? cl->cap : 256;
-    while (cap < need) cap *= 2;
+    while (cap < need)
+        cap *= 2;
     if (cap > max_seq) cap = max_seq;
     float *k = ctx->be->alloc(ctx, row * (size_t)cap), *v = ctx->be->alloc(ctx, row * (size_t)cap);
     int32_t *kp = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)cap);
@@ -589,28 +648,33 @@ static lt_status cache_grow(gemma3_cache_layer *cl, lt_ctx *ctx, size_t row, int
 }
 
 /* Writes T rows of k/v (positions p0..p0+T-1) into layer l's slots. */
-static lt_status cache_write(gemma3_cache *c, lt_ctx *ctx, int l, const float *k, const float *v, int p0, int T,
-                             size_t row) {
+static lt_status cache_write(gemma3_cache *c, lt_ctx *ctx, int l, const float *k, const float *v,
+                             int p0, int T, size_t row) {
     gemma3_cache_layer *cl = &c->layers[l];
     for (int t = 0; t < T;) {
         int slot = cl->ring ? (p0 + t) % cl->cap : p0 + t;
         int run = cl->cap - slot < T - t ? cl->cap - slot : T - t; /* contiguous slots */
-        lt_status rc = ctx->be->copy(ctx, (char *)cl->k + row * (size_t)slot, (const char *)k + row * (size_t)t,
-                                     row * (size_t)run);
+        lt_status rc = ctx->be->copy(ctx, (char *)cl->k + row * (size_t)slot,
+                                     (const char *)k + row * (size_t)t, row * (size_t)run);
         if (rc == LT_OK)
-            rc = ctx->be->copy(ctx, (char *)cl->v + row * (size_t)slot, (const char *)v + row * (size_t)t,
-                               row * (size_t)run);
-        for (int i = 0; i < run; i++) c->kpos_host[i] = p0 + t + i;
-        if (rc == LT_OK) rc = ctx->be->upload(ctx, cl->kpos + slot, c->kpos_host, sizeof(int32_t) * (size_t)run);
+            rc = ctx->be->copy(ctx, (char *)cl->v + row * (size_t)slot,
+                               (const char *)v + row * (size_t)t, row * (size_t)run);
+        for (int i = 0; i < run; i++)
+            c->kpos_host[i] = p0 + t + i;
+        if (rc == LT_OK)
+            rc = ctx->be->upload(ctx, cl->kpos + slot, c->kpos_host, sizeof(int32_t) * (size_t)run);
         if (rc != LT_OK) return rc;
         t += run;
     }
     return LT_OK;
 }
 
-/* ---- forward -------------------------------------------------------------------------------------- */
+/* ---- forward
+ * -------------------------------------------------------------------------------------- */
 
-float gemma3_embed_scale(const gemma3_model *m) { return (float)sqrt((double)m->cfg.hidden_size); }
+float gemma3_embed_scale(const gemma3_model *m) {
+    return (float)sqrt((double)m->cfg.hidden_size);
+}
 
 typedef struct fwd_bufs {
     float *h, *a, *q, *k, *v, *att, *o, *gate, *up;
@@ -619,14 +683,16 @@ typedef struct fwd_bufs {
 
 static void bufs_free(fwd_bufs *b, lt_ctx *ctx) {
     void *all[] = {b->h, b->a, b->q, b->k, b->v, b->att, b->o, b->gate, b->up, b->ids, b->pos};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ctx->be->release(ctx, all[i]);
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        ctx->be->release(ctx, all[i]);
     memset(b, 0, sizeof *b);
 }
 
 static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, int T) {
     size_t H = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     size_t qo = (size_t)c->num_attention_heads * (size_t)c->head_dim;
-    size_t kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim, t = (size_t)T, f = sizeof(float);
+    size_t kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim, t = (size_t)T,
+           f = sizeof(float);
     memset(b, 0, sizeof *b);
     b->h = ctx->be->alloc(ctx, t * H * f);
     b->a = ctx->be->alloc(ctx, t * H * f);
@@ -639,37 +705,42 @@ static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, in
     b->up = ctx->be->alloc(ctx, t * I * f);
     b->ids = ctx->be->alloc(ctx, t * sizeof(int32_t));
     b->pos = ctx->be->alloc(ctx, t * sizeof(int32_t));
-    if (!b->h || !b->a || !b->q || !b->k || !b->v || !b->att || !b->o || !b->gate || !b->up || !b->ids || !b->pos) {
+    if (!b->h || !b->a || !b->q || !b->k || !b->v || !b->att || !b->o || !b->gate || !b->up ||
+        !b->ids || !b->pos) {
         bufs_free(b, ctx);
         return LT_ERR_MEMORY;
     }
     return LT_OK;
 }
 
-#define TRY(x) do { rc = (x); if (rc != LT_OK) goto done; } while (0)
+#define TRY(x)                                                                                     \
+    do {                                                                                           \
+        rc = (x);                                                                                  \
+        if (rc != LT_OK) goto done;                                                                \
+    } while (0)
 
 /* One decoder layer on the chunk held in b->h ([T, H], updated in place). */
-static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T, int p0,
-                               gemma3_cache *cache) {
+static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
+                               int p0, gemma3_cache *cache) {
     const gemma3_config *c = &m->cfg;
     const gemma3_layer *w = &m->layers[l];
     const lt_backend *be = ctx->be;
-    int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, nkv = c->num_key_value_heads,
-            hd = c->head_dim;
+    int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads,
+            nkv = c->num_key_value_heads, hd = c->head_dim;
     float eps = (float)c->rms_norm_eps;
     gemma3_layer_type kind = gemma3_layer_kind(c, l);
     const gemma3_rope *rp = &c->rope[kind];
     lt_status rc = LT_OK;
 
-    lt_tensor h = lt_tensor_2d(LT_F32, b->h, T, H);          /* residual stream [T, H] */
-    lt_tensor a = lt_tensor_2d(LT_F32, b->a, T, H);          /* normed input [T, H] */
-    lt_tensor q2 = lt_tensor_2d(LT_F32, b->q, T, nh * hd);   /* [T, nh*hd] */
-    lt_tensor k2 = lt_tensor_2d(LT_F32, b->k, T, nkv * hd);  /* [T, nkv*hd] */
+    lt_tensor h = lt_tensor_2d(LT_F32, b->h, T, H);         /* residual stream [T, H] */
+    lt_tensor a = lt_tensor_2d(LT_F32, b->a, T, H);         /* normed input [T, H] */
+    lt_tensor q2 = lt_tensor_2d(LT_F32, b->q, T, nh * hd);  /* [T, nh*hd] */
+    lt_tensor k2 = lt_tensor_2d(LT_F32, b->k, T, nkv * hd); /* [T, nkv*hd] */
     lt_tensor v2 = lt_tensor_2d(LT_F32, b->v, T, nkv * hd);
-    lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);    /* [T, nh, hd] */
-    lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd);   /* [T, nkv, hd] */
+    lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);  /* [T, nh, hd] */
+    lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd); /* [T, nkv, hd] */
     lt_tensor v3 = lt_tensor_3d(LT_F32, b->v, T, nkv, hd);
-    lt_tensor qh = lt_tensor_2d(LT_F32, b->q, T * nh, hd);   /* per-head rows for q_norm */
+    lt_tensor qh = lt_tensor_2d(LT_F32, b->q, T * nh, hd); /* per-head rows for q_norm */
     lt_tensor kh = lt_tensor_2d(LT_F32, b->k, T * nkv, hd);
     lt_tensor att = lt_tensor_2d(LT_F32, b->att, T, nh * hd);
     lt_tensor o = lt_tensor_2d(LT_F32, b->o, T, H);
@@ -719,8 +790,8 @@ done:
     return rc;
 }
 
-lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T, gemma3_cache *cache,
-                         const gemma3_outputs *out) {
+lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                         gemma3_cache *cache, const gemma3_outputs *out) {
     const gemma3_config *c = &m->cfg;
     const lt_backend *be = ctx->be;
     int64_t H = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
@@ -731,13 +802,15 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
     }
     int base = cache ? cache->len : 0;
     if (cache && base + T > cache->max_seq) {
-        snprintf(ctx->err, LT_ERRLEN, "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)",
-                 base + T, cache->max_seq);
+        snprintf(ctx->err, LT_ERRLEN,
+                 "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)", base + T,
+                 cache->max_seq);
         return LT_ERR_ARG;
     }
     for (int t = 0; t < T; t++)
         if (ids[t] < 0 || ids[t] >= V) {
-            snprintf(ctx->err, LT_ERRLEN, "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t], t,
+            snprintf(ctx->err, LT_ERRLEN,
+                     "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t], t,
                      (long long)V);
             return LT_ERR_ARG;
         }
@@ -758,7 +831,8 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
     for (int t0 = 0; t0 < T; t0 += chunk) {
         int n = T - t0 < chunk ? T - t0 : chunk;
         int p0 = base + t0;
-        for (int i = 0; i < n; i++) pos_host[i] = p0 + i;
+        for (int i = 0; i < n; i++)
+            pos_host[i] = p0 + i;
         TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
         TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
         lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
@@ -766,8 +840,9 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
         TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
         for (int l = 0; l < L; l++) {
             if (out && out->layer_inputs) /* checkpoint: the residual entering layer l, [L, T, H] */
-                TRY(be->copy(ctx, out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H, b.h,
-                             sizeof(float) * (size_t)(n * H)));
+                TRY(be->copy(ctx,
+                             out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H,
+                             b.h, sizeof(float) * (size_t)(n * H)));
             TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
         }
         if (cache) cache->len = p0 + n;
@@ -775,9 +850,11 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
         lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
         TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
         if (out && out->hidden)
-            TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a, sizeof(float) * (size_t)(n * H)));
+            TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
+                         sizeof(float) * (size_t)(n * H)));
         if (out && out->logits)
-            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V), hn, head));
+            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
+                           hn, head));
         if (out && out->last_logits && t0 + n == T)
             TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
                            lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));

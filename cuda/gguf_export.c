@@ -694,7 +694,8 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int 
     err[0] = '\0';
     atomic_store(v.cancel, 0);
     if (!v.model || !v.tok) {
-        snprintf(err, LT_ERRLEN, "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
+        snprintf(err, LT_ERRLEN,
+                 "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
         return LT_ERR_STATE;
     }
     gemma3_model *m = v.model;

@@ -62,7 +62,8 @@ static int get_int(cfg_reader *r, json_t *obj, const char *key, int *out, int re
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         if (required) {
-            snprintf(r->err, LT_ERRLEN, "%s: required key '%s%s' is missing (an integer)", r->what, r->prefix, key);
+            snprintf(r->err, LT_ERRLEN, "%s: required key '%s%s' is missing (an integer)", r->what,
+                     r->prefix, key);
             return -1;
         }
         return 0;
@@ -77,7 +78,8 @@ static int get_int(cfg_reader *r, json_t *obj, const char *key, int *out, int re
     }
     json_int_t x = json_integer_value(v);
     if (x < -1000000000 || x > 1000000000) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %lld is out of range", r->what, r->prefix, key, (long long)x);
+        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %lld is out of range", r->what, r->prefix,
+                 key, (long long)x);
         return -1;
     }
     *out = (int)x;
@@ -140,27 +142,33 @@ static int get_ids(cfg_reader *r, json_t *obj, const char *key, int *ids, int *n
         return 1;
     }
 bad:
-    snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not an integer or a list of 1-4 integers", r->what, r->prefix, key);
+    snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not an integer or a list of 1-4 integers",
+             r->what, r->prefix, key);
     return -1;
 }
 
 /* One RoPE description: {"rope_type"|"type": "default"|"linear", "factor": f, "rope_theta": t}. */
-static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out, int theta_required) {
+static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
+                    int theta_required) {
     if (!json_is_object(v)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not an object like {\"rope_type\": \"linear\", \"factor\": 8.0}",
-                 r->what, r->prefix, key);
+        snprintf(
+            r->err, LT_ERRLEN,
+            "%s: key '%s%s' is not an object like {\"rope_type\": \"linear\", \"factor\": 8.0}",
+            r->what, r->prefix, key);
         return -1;
     }
     char type[32] = "default";
     json_t *t = json_object_get(v, "rope_type");
     if (!t) t = json_object_get(v, "type");
     if (t && !json_is_string(t)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_type' is not a string", r->what, r->prefix, key);
+        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_type' is not a string", r->what, r->prefix,
+                 key);
         return -1;
     }
     if (t) snprintf(type, sizeof type, "%s", json_string_value(t));
     if (strcmp(type, "default") && strcmp(type, "linear")) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_type' = '%s' is not supported (accepted: default, linear)",
+        snprintf(r->err, LT_ERRLEN,
+                 "%s: key '%s%s.rope_type' = '%s' is not supported (accepted: default, linear)",
                  r->what, r->prefix, key, type);
         return -1;
     }
@@ -169,7 +177,8 @@ static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
     if (!strcmp(type, "linear")) {
         json_t *f = json_object_get(v, "factor");
         if (!json_is_number(f) || json_number_value(f) <= 0) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.factor' must be a positive number for linear RoPE scaling",
+            snprintf(r->err, LT_ERRLEN,
+                     "%s: key '%s%s.factor' must be a positive number for linear RoPE scaling",
                      r->what, r->prefix, key);
             return -1;
         }
@@ -178,12 +187,14 @@ static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
     json_t *th = json_object_get(v, "rope_theta");
     if (th) {
         if (!json_is_number(th) || json_number_value(th) <= 0) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is not a positive number", r->what, r->prefix, key);
+            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is not a positive number",
+                     r->what, r->prefix, key);
             return -1;
         }
         out->theta = json_number_value(th);
     } else if (theta_required) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is missing", r->what, r->prefix, key);
+        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is missing", r->what, r->prefix,
+                 key);
         return -1;
     }
     return 1;
@@ -191,7 +202,10 @@ static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
 
 /* Fills c from one text-config object (flat root or text_config). */
 static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
-#define CHECK(x) do { if ((x) < 0) return LT_ERR_FORMAT; } while (0)
+#define CHECK(x)                                                                                   \
+    do {                                                                                           \
+        if ((x) < 0) return LT_ERR_FORMAT;                                                         \
+    } while (0)
     CHECK(get_int(r, o, "hidden_size", &c->hidden_size, 1));
     CHECK(get_int(r, o, "intermediate_size", &c->intermediate_size, 1));
     CHECK(get_int(r, o, "num_hidden_layers", &c->num_hidden_layers, 1));
@@ -229,45 +243,61 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
     json_t *rp = json_object_get(o, "rope_parameters");
     if (rp && !json_is_null(rp)) {
         if (!json_is_object(rp)) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%srope_parameters' is not an object", r->what, r->prefix);
+            snprintf(r->err, LT_ERRLEN, "%s: key '%srope_parameters' is not an object", r->what,
+                     r->prefix);
             return LT_ERR_FORMAT;
         }
-        json_t *full = json_object_get(rp, "full_attention"), *slide = json_object_get(rp, "sliding_attention");
+        json_t *full = json_object_get(rp, "full_attention"),
+               *slide = json_object_get(rp, "sliding_attention");
         if (full || slide) {
-            if (full) CHECK(get_rope(r, full, "rope_parameters.full_attention", &c->rope[GEMMA3_FULL], 0));
-            if (slide) CHECK(get_rope(r, slide, "rope_parameters.sliding_attention", &c->rope[GEMMA3_SLIDING], 0));
+            if (full)
+                CHECK(
+                    get_rope(r, full, "rope_parameters.full_attention", &c->rope[GEMMA3_FULL], 0));
+            if (slide)
+                CHECK(get_rope(r, slide, "rope_parameters.sliding_attention",
+                               &c->rope[GEMMA3_SLIDING], 0));
         } else {
             CHECK(get_rope(r, rp, "rope_parameters", &c->rope[GEMMA3_FULL], 0));
         }
     }
 
     /* sanity of what we read */
-    struct { const char *k; int v; } pos[] = {
-        {"hidden_size", c->hidden_size}, {"intermediate_size", c->intermediate_size},
-        {"num_hidden_layers", c->num_hidden_layers}, {"num_attention_heads", c->num_attention_heads},
-        {"num_key_value_heads", c->num_key_value_heads}, {"head_dim", c->head_dim},
-        {"vocab_size", c->vocab_size}, {"max_position_embeddings", c->max_position_embeddings},
-        {"sliding_window", c->sliding_window}, {"sliding_window_pattern", c->sliding_window_pattern},
+    struct {
+        const char *k;
+        int v;
+    } pos[] = {
+        {"hidden_size", c->hidden_size},
+        {"intermediate_size", c->intermediate_size},
+        {"num_hidden_layers", c->num_hidden_layers},
+        {"num_attention_heads", c->num_attention_heads},
+        {"num_key_value_heads", c->num_key_value_heads},
+        {"head_dim", c->head_dim},
+        {"vocab_size", c->vocab_size},
+        {"max_position_embeddings", c->max_position_embeddings},
+        {"sliding_window", c->sliding_window},
+        {"sliding_window_pattern", c->sliding_window_pattern},
     };
     for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
         if (pos[i].v <= 0) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %d must be a positive integer", r->what, r->prefix, pos[i].k,
-                     pos[i].v);
+            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %d must be a positive integer", r->what,
+                     r->prefix, pos[i].k, pos[i].v);
             return LT_ERR_FORMAT;
         }
     if (c->num_hidden_layers > GEMMA3_MAX_LAYERS) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%snum_hidden_layers' = %d exceeds %d", r->what, r->prefix,
-                 c->num_hidden_layers, GEMMA3_MAX_LAYERS);
+        snprintf(r->err, LT_ERRLEN, "%s: key '%snum_hidden_layers' = %d exceeds %d", r->what,
+                 r->prefix, c->num_hidden_layers, GEMMA3_MAX_LAYERS);
         return LT_ERR_FORMAT;
     }
     if (c->num_attention_heads % c->num_key_value_heads) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%snum_attention_heads' = %d is not a multiple of num_key_value_heads = %d",
-                 r->what, r->prefix, c->num_attention_heads, c->num_key_value_heads);
+        snprintf(
+            r->err, LT_ERRLEN,
+            "%s: key '%snum_attention_heads' = %d is not a multiple of num_key_value_heads = %d",
+            r->what, r->prefix, c->num_attention_heads, c->num_key_value_heads);
         return LT_ERR_FORMAT;
     }
     if (c->head_dim % 2) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%shead_dim' = %d must be even (RoPE rotates pairs)", r->what, r->prefix,
-                 c->head_dim);
+        snprintf(r->err, LT_ERRLEN, "%s: key '%shead_dim' = %d must be even (RoPE rotates pairs)",
+                 r->what, r->prefix, c->head_dim);
         return LT_ERR_FORMAT;
     }
     if (c->query_pre_attn_scalar <= 0 || c->rms_norm_eps <= 0) {
@@ -275,18 +305,23 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
                  c->query_pre_attn_scalar <= 0 ? "query_pre_attn_scalar" : "rms_norm_eps");
         return LT_ERR_FORMAT;
     }
-    if (strcmp(c->hidden_activation, "gelu_pytorch_tanh") && strcmp(c->hidden_activation, "gelu_tanh")) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%shidden_activation' = '%s' is not supported (accepted: gelu_pytorch_tanh)",
-                 r->what, r->prefix, c->hidden_activation);
+    if (strcmp(c->hidden_activation, "gelu_pytorch_tanh") &&
+        strcmp(c->hidden_activation, "gelu_tanh")) {
+        snprintf(
+            r->err, LT_ERRLEN,
+            "%s: key '%shidden_activation' = '%s' is not supported (accepted: gelu_pytorch_tanh)",
+            r->what, r->prefix, c->hidden_activation);
         return LT_ERR_FORMAT;
     }
     if (c->attention_bias) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%sattention_bias' = true is not supported (Gemma 3 has no biases)",
+        snprintf(r->err, LT_ERRLEN,
+                 "%s: key '%sattention_bias' = true is not supported (Gemma 3 has no biases)",
                  r->what, r->prefix);
         return LT_ERR_FORMAT;
     }
     if (c->attn_logit_softcapping != 0) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%sattn_logit_softcapping' is not supported (Gemma 3 uses null)", r->what,
+        snprintf(r->err, LT_ERRLEN,
+                 "%s: key '%sattn_logit_softcapping' is not supported (Gemma 3 uses null)", r->what,
                  r->prefix);
         return LT_ERR_FORMAT;
     }
@@ -295,25 +330,30 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
     json_t *lt = json_object_get(o, "layer_types");
     if (lt && !json_is_null(lt)) {
         if (!json_is_array(lt) || (int)json_array_size(lt) != c->num_hidden_layers) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%slayer_types' must be a list of %d strings (one per layer)", r->what,
-                     r->prefix, c->num_hidden_layers);
+            snprintf(r->err, LT_ERRLEN,
+                     "%s: key '%slayer_types' must be a list of %d strings (one per layer)",
+                     r->what, r->prefix, c->num_hidden_layers);
             return LT_ERR_FORMAT;
         }
         for (int l = 0; l < c->num_hidden_layers; l++) {
             json_t *e = json_array_get(lt, (size_t)l);
             const char *s = json_is_string(e) ? json_string_value(e) : "";
-            if (!strcmp(s, "full_attention")) c->layer_types[l] = GEMMA3_FULL;
-            else if (!strcmp(s, "sliding_attention")) c->layer_types[l] = GEMMA3_SLIDING;
+            if (!strcmp(s, "full_attention"))
+                c->layer_types[l] = GEMMA3_FULL;
+            else if (!strcmp(s, "sliding_attention"))
+                c->layer_types[l] = GEMMA3_SLIDING;
             else {
                 snprintf(r->err, LT_ERRLEN,
-                         "%s: key '%slayer_types[%d]' must be \"full_attention\" or \"sliding_attention\"", r->what,
-                         r->prefix, l);
+                         "%s: key '%slayer_types[%d]' must be \"full_attention\" or "
+                         "\"sliding_attention\"",
+                         r->what, r->prefix, l);
                 return LT_ERR_FORMAT;
             }
         }
     } else {
         for (int l = 0; l < c->num_hidden_layers; l++)
-            c->layer_types[l] = ((l + 1) % c->sliding_window_pattern == 0) ? GEMMA3_FULL : GEMMA3_SLIDING;
+            c->layer_types[l] =
+                ((l + 1) % c->sliding_window_pattern == 0) ? GEMMA3_FULL : GEMMA3_SLIDING;
     }
     return LT_OK;
 #undef CHECK
@@ -324,7 +364,8 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     json_error_t je;
     json_t *root = json_loads(json, 0, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: garbled JSON (line %d, column %d: %s)", what, je.line, je.column, je.text);
+        snprintf(err, LT_ERRLEN, "%s: garbled JSON (line %d, column %d: %s)", what, je.line,
+                 je.column, je.text);
         return LT_ERR_FORMAT;
     }
     lt_status rc = LT_ERR_FORMAT;
@@ -336,18 +377,24 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     char mt[32] = "";
     if (get_str(&r, root, "model_type", mt, sizeof mt) < 0) goto done;
     if (!mt[0]) {
-        snprintf(err, LT_ERRLEN, "%s: required key 'model_type' is missing (expected \"gemma3_text\" or \"gemma3\")", what);
+        snprintf(
+            err, LT_ERRLEN,
+            "%s: required key 'model_type' is missing (expected \"gemma3_text\" or \"gemma3\")",
+            what);
         goto done;
     }
     json_t *arch = json_object_get(root, "architectures");
     if (json_is_array(arch) && json_is_string(json_array_get(arch, 0)))
-        snprintf(c->architecture, sizeof c->architecture, "%s", json_string_value(json_array_get(arch, 0)));
+        snprintf(c->architecture, sizeof c->architecture, "%s",
+                 json_string_value(json_array_get(arch, 0)));
     snprintf(c->model_type, sizeof c->model_type, "%s", mt);
     if (!strcmp(mt, "gemma3")) {
         json_t *tc = json_object_get(root, "text_config");
         if (!json_is_object(tc)) {
-            snprintf(err, LT_ERRLEN, "%s: key 'text_config' is missing or not an object (model_type gemma3 needs it)",
-                     what);
+            snprintf(
+                err, LT_ERRLEN,
+                "%s: key 'text_config' is missing or not an object (model_type gemma3 needs it)",
+                what);
             goto done;
         }
         c->multimodal = 1;
@@ -355,7 +402,8 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
         char tmt[32] = "";
         if (get_str(&r, tc, "model_type", tmt, sizeof tmt) < 0) goto done;
         if (tmt[0] && strcmp(tmt, "gemma3_text")) {
-            snprintf(err, LT_ERRLEN, "%s: key 'text_config.model_type' = '%s' is not gemma3_text", what, tmt);
+            snprintf(err, LT_ERRLEN, "%s: key 'text_config.model_type' = '%s' is not gemma3_text",
+                     what, tmt);
             goto done;
         }
         if (read_text(&r, tc, c) != LT_OK) goto done;
@@ -377,11 +425,14 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     } else if (!strcmp(mt, "gemma3_text")) {
         if (read_text(&r, root, c) != LT_OK) goto done;
         if (c->final_logit_softcapping != 0) {
-            snprintf(err, LT_ERRLEN, "%s: key 'final_logit_softcapping' is not supported (Gemma 3 uses null)", what);
+            snprintf(err, LT_ERRLEN,
+                     "%s: key 'final_logit_softcapping' is not supported (Gemma 3 uses null)",
+                     what);
             goto done;
         }
     } else {
-        snprintf(err, LT_ERRLEN, "%s: model_type '%s' is not Gemma 3 (accepted: gemma3_text, gemma3)", what, mt);
+        snprintf(err, LT_ERRLEN,
+                 "%s: model_type '%s' is not Gemma 3 (accepted: gemma3_text, gemma3)", what, mt);
         goto done;
     }
     rc = LT_OK;
@@ -473,7 +524,8 @@ lt_status gemma3_config_preset(gemma3_config *c, const char *size, char *err) {
             c->layer_types[l] = ((l + 1) % 6 == 0) ? GEMMA3_FULL : GEMMA3_SLIDING;
         return LT_OK;
     }
-    snprintf(err, LT_ERRLEN, "random:gemma-3-%s: unknown size (accepted: 270m, 1b, 4b, 12b, 27b)", size);
+    snprintf(err, LT_ERRLEN, "random:gemma-3-%s: unknown size (accepted: 270m, 1b, 4b, 12b, 27b)",
+             size);
     return LT_ERR_ARG;
 }
 
@@ -489,7 +541,8 @@ void gemma3_config_set_tokens(gemma3_config *c, const lt_tokenizer *tok) {
     for (int i = 0; i < 2; i++) {
         if (add[i] < 0) continue;
         int dup = 0;
-        for (int j = 0; j < c->n_eos_ids; j++) dup |= c->eos_ids[j] == add[i];
+        for (int j = 0; j < c->n_eos_ids; j++)
+            dup |= c->eos_ids[j] == add[i];
         if (!dup && c->n_eos_ids < 4) c->eos_ids[c->n_eos_ids++] = add[i];
     }
 }

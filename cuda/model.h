@@ -37,16 +37,16 @@ typedef struct gemma3_config {
     char model_type[32];   /* top-level: "gemma3_text" or "gemma3" */
     int multimodal;        /* 1 when config.json is the nested Gemma3Config style */
 
-    int hidden_size;             /* H */
-    int intermediate_size;       /* I */
-    int num_hidden_layers;       /* L */
-    int num_attention_heads;     /* nh */
-    int num_key_value_heads;     /* nkv */
-    int head_dim;                /* hd (nh*hd != H in general) */
-    int vocab_size;              /* embedding rows V: 262144 (270M/1B) or 262208 (4B+) */
-    int max_position_embeddings; /* 32768 / 131072 */
-    int sliding_window;          /* 512 / 1024 */
-    int sliding_window_pattern;  /* 6 (legacy key; layer_types wins when present) */
+    int hidden_size;                /* H */
+    int intermediate_size;          /* I */
+    int num_hidden_layers;          /* L */
+    int num_attention_heads;        /* nh */
+    int num_key_value_heads;        /* nkv */
+    int head_dim;                   /* hd (nh*hd != H in general) */
+    int vocab_size;                 /* embedding rows V: 262144 (270M/1B) or 262208 (4B+) */
+    int max_position_embeddings;    /* 32768 / 131072 */
+    int sliding_window;             /* 512 / 1024 */
+    int sliding_window_pattern;     /* 6 (legacy key; layer_types wins when present) */
     double query_pre_attn_scalar;   /* attention scale = query_pre_attn_scalar^-0.5 */
     double rms_norm_eps;            /* 1e-6 */
     double final_logit_softcapping; /* 0 = none (Gemma 3: null) */
@@ -55,15 +55,15 @@ typedef struct gemma3_config {
     int tie_word_embeddings;        /* 1 for every Gemma 3 */
     int attention_bias;             /* 0 */
 
-    gemma3_rope rope[2];                          /* indexed by gemma3_layer_type */
-    uint8_t layer_types[GEMMA3_MAX_LAYERS];      /* gemma3_layer_type per layer */
+    gemma3_rope rope[2];                    /* indexed by gemma3_layer_type */
+    uint8_t layer_types[GEMMA3_MAX_LAYERS]; /* gemma3_layer_type per layer */
 
     /* Special ids: from config.json where given, then confirmed/filled by piece from the
      * tokenizer (gemma3_config_set_tokens). -1 = unknown. */
     int bos_id, eos_id, pad_id;
-    int eos_ids[4], n_eos_ids;     /* generation stop ids, e.g. [1, 106] */
-    int start_of_turn_id;          /* "<start_of_turn>" (105) */
-    int end_of_turn_id;            /* "<end_of_turn>" (106) */
+    int eos_ids[4], n_eos_ids; /* generation stop ids, e.g. [1, 106] */
+    int start_of_turn_id;      /* "<start_of_turn>" (105) */
+    int end_of_turn_id;        /* "<end_of_turn>" (106) */
 } gemma3_config;
 
 /* Transformers' Gemma3TextConfig defaults for keys a sparse text_config leaves out
@@ -130,8 +130,8 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
                           const lt_callbacks *cb, char *err);
 /* Real shapes, seeded random weights (normal-ish, std 0.02; norms 0). size: "1b" etc.
  * dtype NULL/"auto" = bf16. Refuses with a clear message when it would not fit in memory. */
-lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed,
-                             const char *dtype, const lt_callbacks *cb, char *err);
+lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed, const char *dtype,
+                             const lt_callbacks *cb, char *err);
 void gemma3_model_free(gemma3_model *m);
 
 /* Every text weight, in a stable order: embed_tokens, then per layer in the table order of
@@ -154,22 +154,21 @@ int gemma3_weights_foreach(gemma3_model *m, gemma3_weight_visit fn, void *user);
 #define GEMMA3_CHUNK 256
 
 typedef struct gemma3_cache_layer {
-    float *k, *v;   /* [cap, nkv, hd] fp32 */
-    int32_t *kpos;  /* [cap] position held by each slot, -1 = empty (backend memory) */
+    float *k, *v;  /* [cap, nkv, hd] fp32 */
+    int32_t *kpos; /* [cap] position held by each slot, -1 = empty (backend memory) */
     int cap;
-    int ring;       /* 1 = sliding ring buffer (slot = pos % cap) */
+    int ring; /* 1 = sliding ring buffer (slot = pos % cap) */
 } gemma3_cache_layer;
 
 typedef struct gemma3_cache {
     gemma3_cache_layer *layers; /* [L] */
     int n_layers;
-    int len;        /* tokens seen so far (next position) */
+    int len; /* tokens seen so far (next position) */
     int max_seq;
     int32_t *kpos_host; /* scratch */
 } gemma3_cache;
 
-lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *cfg,
-                            int max_seq);
+lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *cfg, int max_seq);
 void gemma3_cache_reset(gemma3_cache *c, lt_ctx *ctx); /* len = 0, slots emptied */
 void gemma3_cache_free(gemma3_cache *c, lt_ctx *ctx);
 

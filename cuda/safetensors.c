@@ -25,10 +25,13 @@ static const char *base_name(const char *p) {
 
 /* Element size of a safetensors dtype name; 0 if unknown. */
 static size_t st_dtype_size(const char *d) {
-    static const struct { const char *n; size_t sz; } table[] = {
-        {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"I32", 4}, {"I16", 2},
-        {"I8", 1},  {"U64", 8}, {"U32", 4}, {"U16", 2},  {"U8", 1},   {"BOOL", 1},
-        {"F8_E4M3", 1}, {"F8_E5M2", 1},
+    static const struct {
+        const char *n;
+        size_t sz;
+    } table[] = {
+        {"F64", 8}, {"F32", 4}, {"F16", 2},  {"BF16", 2},    {"I64", 8},
+        {"I32", 4}, {"I16", 2}, {"I8", 1},   {"U64", 8},     {"U32", 4},
+        {"U16", 2}, {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (!strcmp(d, table[i].n)) return table[i].sz;
@@ -50,13 +53,17 @@ static int cmp_by_offset(const void *a, const void *b) {
     return 0;
 }
 
-static void tensor_free_fields(st_tensor *t) { free(t->name); }
+static void tensor_free_fields(st_tensor *t) {
+    free(t->name);
+}
 
 void st_close(st_set *s) {
-    for (int i = 0; i < s->n_tensors; i++) tensor_free_fields(&s->tensors[i]);
+    for (int i = 0; i < s->n_tensors; i++)
+        tensor_free_fields(&s->tensors[i]);
     free(s->tensors);
     for (int i = 0; i < s->n_files; i++) {
-        if (s->files[i].map && s->files[i].map != MAP_FAILED) munmap(s->files[i].map, s->files[i].size);
+        if (s->files[i].map && s->files[i].map != MAP_FAILED)
+            munmap(s->files[i].map, s->files[i].size);
         free(s->files[i].path);
     }
     free(s->files);
@@ -79,20 +86,24 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     st_file *f = &s->files[fi];
     const unsigned char *p = f->map;
     if (f->size < 8) {
-        snprintf(err, LT_ERRLEN, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)",
+        snprintf(err, LT_ERRLEN,
+                 "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)",
                  f->path, f->size);
         return LT_ERR_FORMAT;
     }
     uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | p[i];
+    for (int i = 7; i >= 0; i--)
+        hlen = (hlen << 8) | p[i];
     if (hlen > ST_MAX_HEADER) {
         snprintf(err, LT_ERRLEN,
-                 "%s: safetensors header length %llu is larger than the 100 MB limit (corrupt or not a safetensors file)",
+                 "%s: safetensors header length %llu is larger than the 100 MB limit (corrupt or "
+                 "not a safetensors file)",
                  f->path, (unsigned long long)hlen);
         return LT_ERR_FORMAT;
     }
     if (hlen > f->size - 8) {
-        snprintf(err, LT_ERRLEN, "%s: safetensors header length %llu runs past the end of the file (%zu bytes)",
+        snprintf(err, LT_ERRLEN,
+                 "%s: safetensors header length %llu runs past the end of the file (%zu bytes)",
                  f->path, (unsigned long long)hlen, f->size);
         return LT_ERR_FORMAT;
     }
@@ -103,8 +114,8 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     json_error_t je;
     json_t *root = json_loadb(hdr, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: garbled safetensors JSON header (line %d, column %d: %s)", f->path,
-                 je.line, je.column, je.text);
+        snprintf(err, LT_ERRLEN, "%s: garbled safetensors JSON header (line %d, column %d: %s)",
+                 f->path, je.line, je.column, je.text);
         return LT_ERR_FORMAT;
     }
     if (!json_is_object(root)) {
@@ -128,15 +139,18 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     json_object_foreach(root, key, val) {
         if (!strcmp(key, "__metadata__")) continue;
         if (!json_is_object(val)) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': header entry is not an object", f->path, key);
+            snprintf(err, LT_ERRLEN, "%s: tensor '%s': header entry is not an object", f->path,
+                     key);
             rc = LT_ERR_FORMAT;
             break;
         }
         json_t *jd = json_object_get(val, "dtype"), *js = json_object_get(val, "shape"),
                *jo = json_object_get(val, "data_offsets");
-        if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) || json_array_size(jo) != 2) {
+        if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) ||
+            json_array_size(jo) != 2) {
             snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': header entry needs \"dtype\" (string), \"shape\" (list) and \"data_offsets\" ([begin, end])",
+                     "%s: tensor '%s': header entry needs \"dtype\" (string), \"shape\" (list) and "
+                     "\"data_offsets\" ([begin, end])",
                      f->path, key);
             rc = LT_ERR_FORMAT;
             break;
@@ -154,8 +168,8 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
         snprintf(t.dtype_name, sizeof t.dtype_name, "%s", dn);
         t.dtype_ok = lt_dtype_parse(dn, &t.dtype) == 0;
         if (json_array_size(js) > 8) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': %zu dimensions (at most 8 supported)", f->path, key,
-                     json_array_size(js));
+            snprintf(err, LT_ERRLEN, "%s: tensor '%s': %zu dimensions (at most 8 supported)",
+                     f->path, key, json_array_size(js));
             rc = LT_ERR_FORMAT;
             break;
         }
@@ -164,36 +178,48 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
         int bad = 0;
         for (int d = 0; d < t.ndim; d++) {
             uint64_t dim;
-            if (json_u64(json_array_get(js, (size_t)d), &dim) || dim > (1ull << 40)) { bad = 1; break; }
+            if (json_u64(json_array_get(js, (size_t)d), &dim) || dim > (1ull << 40)) {
+                bad = 1;
+                break;
+            }
             t.shape[d] = (int64_t)dim;
-            if (dim && numel > UINT64_MAX / dim / 8) { bad = 1; break; }
+            if (dim && numel > UINT64_MAX / dim / 8) {
+                bad = 1;
+                break;
+            }
             numel *= dim;
         }
         if (bad) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': shape must be a list of non-negative integers", f->path, key);
+            snprintf(err, LT_ERRLEN,
+                     "%s: tensor '%s': shape must be a list of non-negative integers", f->path,
+                     key);
             rc = LT_ERR_FORMAT;
             break;
         }
         uint64_t b, e;
         if (json_u64(json_array_get(jo, 0), &b) || json_u64(json_array_get(jo, 1), &e) || b > e) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': data_offsets must be [begin, end] with 0 <= begin <= end",
+            snprintf(err, LT_ERRLEN,
+                     "%s: tensor '%s': data_offsets must be [begin, end] with 0 <= begin <= end",
                      f->path, key);
             rc = LT_ERR_FORMAT;
             break;
         }
         if (e > data_size) {
             snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data (%llu bytes; file truncated?)",
-                     f->path, key, (unsigned long long)b, (unsigned long long)e, (unsigned long long)data_size);
+                     "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data "
+                     "(%llu bytes; file truncated?)",
+                     f->path, key, (unsigned long long)b, (unsigned long long)e,
+                     (unsigned long long)data_size);
             rc = LT_ERR_FORMAT;
             break;
         }
         if (e - b != numel * esz) {
             char sh[128];
-            snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': %llu bytes in data_offsets but dtype %s x shape %s needs %llu",
-                     f->path, key, (unsigned long long)(e - b), dn, st_shape_str(&t, sh, sizeof sh),
-                     (unsigned long long)(numel * esz));
+            snprintf(
+                err, LT_ERRLEN,
+                "%s: tensor '%s': %llu bytes in data_offsets but dtype %s x shape %s needs %llu",
+                f->path, key, (unsigned long long)(e - b), dn, st_shape_str(&t, sh, sizeof sh),
+                (unsigned long long)(numel * esz));
             rc = LT_ERR_FORMAT;
             break;
         }
@@ -218,13 +244,15 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
             snprintf(err, LT_ERRLEN, "%s: out of memory", f->path);
             return LT_ERR_MEMORY;
         }
-        for (int i = 0; i < n; i++) order[i] = &s->tensors[first + i];
+        for (int i = 0; i < n; i++)
+            order[i] = &s->tensors[first + i];
         qsort(order, (size_t)n, sizeof *order, cmp_by_offset);
         for (int i = 1; i < n; i++) {
             const char *prev_end = (const char *)order[i - 1]->data + order[i - 1]->nbytes;
-            if (order[i]->nbytes && order[i - 1]->nbytes && (const char *)order[i]->data < prev_end) {
-                snprintf(err, LT_ERRLEN, "%s: tensors '%s' and '%s' have overlapping data_offsets", f->path,
-                         order[i - 1]->name, order[i]->name);
+            if (order[i]->nbytes && order[i - 1]->nbytes &&
+                (const char *)order[i]->data < prev_end) {
+                snprintf(err, LT_ERRLEN, "%s: tensors '%s' and '%s' have overlapping data_offsets",
+                         f->path, order[i - 1]->name, order[i]->name);
                 free(order);
                 return LT_ERR_FORMAT;
             }
@@ -287,13 +315,15 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     json_error_t je;
     json_t *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: %s (line %d, column %d)", index_path, je.text, je.line, je.column);
+        snprintf(err, LT_ERRLEN, "%s: %s (line %d, column %d)", index_path, je.text, je.line,
+                 je.column);
         return access(index_path, R_OK) == 0 ? LT_ERR_FORMAT : LT_ERR_IO;
     }
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(wm) || json_object_size(wm) == 0) {
         json_decref(root);
-        snprintf(err, LT_ERRLEN, "%s: key 'weight_map' is missing or not a non-empty object {tensor: shard file}",
+        snprintf(err, LT_ERRLEN,
+                 "%s: key 'weight_map' is missing or not a non-empty object {tensor: shard file}",
                  index_path);
         return LT_ERR_FORMAT;
     }
@@ -301,7 +331,10 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", index_path);
     char *slash = strrchr(dir, '/');
-    if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
+    if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, sizeof dir, ".");
 
     lt_status rc = LT_OK;
     const char *key;
@@ -315,7 +348,8 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
         }
         const char *shard = json_string_value(val);
         if (strchr(shard, '/') || !strcmp(shard, "..") || !*shard) {
-            snprintf(err, LT_ERRLEN, "%s: weight_map['%s'] = '%s' is not a plain file name", index_path, key, shard);
+            snprintf(err, LT_ERRLEN, "%s: weight_map['%s'] = '%s' is not a plain file name",
+                     index_path, key, shard);
             rc = LT_ERR_FORMAT;
             break;
         }
@@ -333,14 +367,16 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
         json_object_foreach(wm, key, val) {
             const st_tensor *t = st_find(s, key);
             if (!t) {
-                snprintf(err, LT_ERRLEN, "%s: tensor '%s' is listed in the index but missing from %s", index_path,
+                snprintf(err, LT_ERRLEN,
+                         "%s: tensor '%s' is listed in the index but missing from %s", index_path,
                          key, json_string_value(val));
                 rc = LT_ERR_FORMAT;
                 break;
             }
             if (strcmp(base_name(s->files[t->file].path), json_string_value(val)) != 0) {
-                snprintf(err, LT_ERRLEN, "%s: tensor '%s' is listed in %s but found in %s", index_path, key,
-                         json_string_value(val), base_name(s->files[t->file].path));
+                snprintf(err, LT_ERRLEN, "%s: tensor '%s' is listed in %s but found in %s",
+                         index_path, key, json_string_value(val),
+                         base_name(s->files[t->file].path));
                 rc = LT_ERR_FORMAT;
                 break;
             }
@@ -350,8 +386,9 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     for (int i = 0; rc == LT_OK && i < s->n_tensors; i++) {
         const st_tensor *t = st_find(s, s->tensors[i].name);
         if (t != &s->tensors[i]) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s' appears in both %s and %s", index_path, t->name,
-                     base_name(s->files[t->file].path), base_name(s->files[s->tensors[i].file].path));
+            snprintf(err, LT_ERRLEN, "%s: tensor '%s' appears in both %s and %s", index_path,
+                     t->name, base_name(s->files[t->file].path),
+                     base_name(s->files[s->tensors[i].file].path));
             rc = LT_ERR_FORMAT;
         }
     }
@@ -375,16 +412,20 @@ lt_status st_open(st_set *s, const char *path, char *err) {
         } else {
             snprintf(p, sizeof p, "%s/model.safetensors", path);
             if (access(p, F_OK) != 0) {
-                snprintf(err, LT_ERRLEN,
-                         "%s: no model.safetensors or model.safetensors.index.json in this directory", path);
+                snprintf(
+                    err, LT_ERRLEN,
+                    "%s: no model.safetensors or model.safetensors.index.json in this directory",
+                    path);
                 return LT_ERR_IO;
             }
             rc = st_open_file(s, p, err);
         }
     } else {
         size_t n = strlen(path);
-        if (n > 5 && !strcmp(path + n - 5, ".json")) rc = open_index(s, path, err);
-        else rc = st_open_file(s, path, err);
+        if (n > 5 && !strcmp(path + n - 5, ".json"))
+            rc = open_index(s, path, err);
+        else
+            rc = st_open_file(s, path, err);
     }
     if (rc != LT_OK) st_close(s);
     return rc;

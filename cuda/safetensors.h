@@ -18,14 +18,14 @@
 
 typedef struct st_tensor {
     char *name;
-    char dtype_name[12];  /* as written: "BF16", "F32", "U8", ... */
-    int dtype_ok;         /* 1 when dtype is F32/F16/BF16/I32 (lt_dtype in .dtype) */
+    char dtype_name[12]; /* as written: "BF16", "F32", "U8", ... */
+    int dtype_ok;        /* 1 when dtype is F32/F16/BF16/I32 (lt_dtype in .dtype) */
     lt_dtype dtype;
     int ndim;
     int64_t shape[8];
-    const void *data;     /* inside the mapping */
+    const void *data; /* inside the mapping */
     size_t nbytes;
-    int file;             /* index into st_set.files */
+    int file; /* index into st_set.files */
 } st_tensor;
 
 typedef struct st_file {

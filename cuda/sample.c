@@ -21,10 +21,13 @@ static uint64_t splitmix(uint64_t *s) {
 
 void rng_seed(lt_rng *r, uint64_t seed) {
     uint64_t s = seed;
-    for (int i = 0; i < 4; i++) r->s[i] = splitmix(&s);
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix(&s);
 }
 
-static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static inline uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
 
 uint64_t rng_next(lt_rng *r) {
     uint64_t *s = r->s;
@@ -38,7 +41,9 @@ uint64_t rng_next(lt_rng *r) {
     return result;
 }
 
-double rng_uniform(lt_rng *r) { return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0); }
+double rng_uniform(lt_rng *r) {
+    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+}
 
 lt_status sampler_init(sampler *s, int vocab) {
     s->vocab = vocab;
@@ -64,7 +69,8 @@ lt_status gen_opts_check(const lt_gen_opts *o, char *err) {
         return LT_ERR_ARG;
     }
     if (!(o->temperature >= 0) || !isfinite(o->temperature)) {
-        snprintf(err, LT_ERRLEN, "temperature=%g must be a number >= 0 (0 = greedy)", o->temperature);
+        snprintf(err, LT_ERRLEN, "temperature=%g must be a number >= 0 (0 = greedy)",
+                 o->temperature);
         return LT_ERR_ARG;
     }
     if (o->top_k < 0) {
@@ -100,8 +106,10 @@ static float kth_largest(const float *v, int n, int k, float *tmp) {
         float pivot = tmp[lo + (hi - lo) / 2];
         int i = lo, j = hi;
         while (i <= j) {
-            while (tmp[i] > pivot) i++;
-            while (tmp[j] < pivot) j--;
+            while (tmp[i] > pivot)
+                i++;
+            while (tmp[j] < pivot)
+                j--;
             if (i <= j) {
                 float t = tmp[i];
                 tmp[i] = tmp[j];
@@ -110,9 +118,12 @@ static float kth_largest(const float *v, int n, int k, float *tmp) {
                 j--;
             }
         }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            break;
     }
     return tmp[want];
 }
@@ -127,7 +138,8 @@ int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *
     }
     /* scaled scores in val (indexed by id) */
     float *val = s->val;
-    for (int i = 0; i < V; i++) val[i] = logits[i] / o->temperature;
+    for (int i = 0; i < V; i++)
+        val[i] = logits[i] / o->temperature;
     int n = 0;
     if (o->top_k > 0 && o->top_k < V) {
         /* HF keeps every score >= the k-th largest (ties at the boundary survive) */
@@ -142,34 +154,41 @@ int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *
         for (int i = 0; i < V; i++)
             if (val[i] >= thr) s->idx[n++] = i;
     } else {
-        for (int i = 0; i < V; i++) s->idx[n++] = i;
+        for (int i = 0; i < V; i++)
+            s->idx[n++] = i;
     }
     qsort_r(s->idx, (size_t)n, sizeof(int32_t), cmp_desc, val);
     /* softmax over the candidates (descending) */
     float mx = val[s->idx[0]];
     double sum = 0;
-    for (int i = 0; i < n; i++) sum += exp((double)val[s->idx[i]] - mx);
+    for (int i = 0; i < n; i++)
+        sum += exp((double)val[s->idx[i]] - mx);
     /* top_p: from the smallest, drop while the tail mass is <= 1 - top_p; keep at least one */
     if (o->top_p < 1.0f) {
         double tail = 0, cut = 1.0 - (double)o->top_p;
         int keep = n;
         for (int i = n - 1; i >= 1; i--) {
             tail += exp((double)val[s->idx[i]] - mx) / sum;
-            if (tail <= cut) keep = i;
-            else break;
+            if (tail <= cut)
+                keep = i;
+            else
+                break;
         }
         n = keep;
         sum = 0;
-        for (int i = 0; i < n; i++) sum += exp((double)val[s->idx[i]] - mx);
+        for (int i = 0; i < n; i++)
+            sum += exp((double)val[s->idx[i]] - mx);
     }
     /* min_p: drop probabilities below min_p * the top probability */
     if (o->min_p > 0) {
         double top = 1.0 / sum; /* p of the best = exp(0)/sum */
         int keep = 1;
-        while (keep < n && exp((double)val[s->idx[keep]] - mx) / sum >= o->min_p * top) keep++;
+        while (keep < n && exp((double)val[s->idx[keep]] - mx) / sum >= o->min_p * top)
+            keep++;
         n = keep;
         sum = 0;
-        for (int i = 0; i < n; i++) sum += exp((double)val[s->idx[i]] - mx);
+        for (int i = 0; i < n; i++)
+            sum += exp((double)val[s->idx[i]] - mx);
     }
     double u = rng_uniform(rng) * sum, acc = 0;
     for (int i = 0; i < n; i++) {

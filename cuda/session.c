@@ -114,11 +114,17 @@ void lt_session_free(lt_session *s) {
     free(s);
 }
 
-const char *lt_last_error(const lt_session *s) { return s ? s->err : "no session"; }
+const char *lt_last_error(const lt_session *s) {
+    return s ? s->err : "no session";
+}
 
-void lt_cancel(lt_session *s) { atomic_store(&s->cancel, 1); }
+void lt_cancel(lt_session *s) {
+    atomic_store(&s->cancel, 1);
+}
 
-static int cancelled(lt_session *s) { return atomic_load(&s->cancel) != 0; }
+static int cancelled(lt_session *s) {
+    return atomic_load(&s->cancel) != 0;
+}
 
 /* ---- resolving a source ------------------------------------------------------------------- */
 
@@ -163,16 +169,20 @@ static lt_status tiny_dir(lt_session *s, char *out, size_t cap) {
         strncat(where, i ? ", " : "", sizeof where - strlen(where) - 1);
         strncat(where, tried[i], sizeof where - strlen(where) - 1);
     }
-    return fail(s, LT_ERR_IO, "tiny: the embedded model was not found (looked in %s; set LATHE_TINY_DIR)", where);
+    return fail(s, LT_ERR_IO,
+                "tiny: the embedded model was not found (looked in %s; set LATHE_TINY_DIR)", where);
 }
 
 /* A Hugging Face cache id ("google/gemma-3-1b-it") -> snapshot directory. */
 static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t cap) {
     char hub[1024];
     const char *hc = getenv("HF_HUB_CACHE"), *hh = getenv("HF_HOME"), *home = getenv("HOME");
-    if (hc && *hc) snprintf(hub, sizeof hub, "%s", hc);
-    else if (hh && *hh) snprintf(hub, sizeof hub, "%s/hub", hh);
-    else snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", home ? home : "");
+    if (hc && *hc)
+        snprintf(hub, sizeof hub, "%s", hc);
+    else if (hh && *hh)
+        snprintf(hub, sizeof hub, "%s/hub", hh);
+    else
+        snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", home ? home : "");
     char repo[1400];
     snprintf(repo, sizeof repo, "%s/models--", hub);
     size_t k = strlen(repo);
@@ -187,7 +197,8 @@ static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t ca
     repo[k] = 0;
     if (!is_dir(repo))
         return fail(s, LT_ERR_IO,
-                    "%s: not a directory, and not in the Hugging Face cache (looked for %s; set HF_HOME, or download "
+                    "%s: not a directory, and not in the Hugging Face cache (looked for %s; set "
+                    "HF_HOME, or download "
                     "it first with `huggingface-cli download %s`)",
                     id, repo, id);
     char rev[256] = "", path[2000];
@@ -229,8 +240,8 @@ static int looks_like_hf_id(const char *s) {
     if (!slash || slash == s || !slash[1] || strchr(slash + 1, '/')) return 0;
     if (s[0] == '.' || s[0] == '~') return 0;
     for (const char *p = s; *p; p++)
-        if (!(*p == '/' || *p == '-' || *p == '_' || *p == '.' || (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'z') ||
-              (*p >= 'A' && *p <= 'Z')))
+        if (!(*p == '/' || *p == '-' || *p == '_' || *p == '.' || (*p >= '0' && *p <= '9') ||
+              (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')))
             return 0;
     return 1;
 }
@@ -241,10 +252,12 @@ static void cb_message(const lt_callbacks *cb, const char *m) {
     if (cb && cb->message) cb->message(cb->ctx, m);
 }
 
-lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, const lt_callbacks *cb) {
+lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
+                  const lt_callbacks *cb) {
     call_begin(s);
     if (!source || !*source)
-        return fail(s, LT_ERR_ARG, "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
+        return fail(s, LT_ERR_ARG,
+                    "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
     const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
     const char *device = opts && opts->device ? opts->device : "auto";
     /* CUDA helper (issue 5): device=cuda, or auto when a GPU is present, runs on the GPU. */
@@ -252,14 +265,18 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
 #ifdef HAVE_CUDA
     want_cuda = !strcmp(device, "cuda") || (!strcmp(device, "auto") && lt_cuda_device_count() > 0);
     if (want_cuda && lt_cuda_device_count() == 0)
-        return fail(s, LT_ERR_DEVICE, "device=cuda: no CUDA device is available (accepted here: auto, cpu)");
+        return fail(s, LT_ERR_DEVICE,
+                    "device=cuda: no CUDA device is available (accepted here: auto, cpu)");
 #endif
     if (strcmp(device, "auto") && strcmp(device, "cpu") && !want_cuda) {
         if (!strcmp(device, "cuda"))
-            return fail(s, LT_ERR_DEVICE, "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
-        return fail(s, LT_ERR_ARG, "device='%s' is not accepted (accepted: auto, cpu, cuda)", device);
+            return fail(s, LT_ERR_DEVICE,
+                        "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
+        return fail(s, LT_ERR_ARG, "device='%s' is not accepted (accepted: auto, cpu, cuda)",
+                    device);
     }
-    if (opts && opts->max_seq < 0) return fail(s, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)", opts->max_seq);
+    if (opts && opts->max_seq < 0)
+        return fail(s, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)", opts->max_seq);
     if (!s->ctx_ready) {
         const char *th = getenv("LATHE_THREADS");
         if (lt_ctx_init(&s->ctx, &lt_backend_cpu, th ? atoi(th) : 0) != LT_OK)
@@ -292,13 +309,15 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
             if (rc != LT_OK) return rc;
         } else {
             return fail(s, LT_ERR_ARG,
-                        "load: '%s' is not a directory (accepted: a model directory, a Hugging Face id like "
+                        "load: '%s' is not a directory (accepted: a model directory, a Hugging "
+                        "Face id like "
                         "google/gemma-3-1b-it, tiny, random:gemma-3-1b)",
                         source);
         }
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
         if (!is_file(tokpath))
-            return fail(s, LT_ERR_IO, "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
+            return fail(s, LT_ERR_IO,
+                        "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
         rc = gemma3_load_dir(&m, dir, dtype, cb, s->err);
         if (rc != LT_OK) return rc;
         if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
@@ -310,8 +329,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
         return rc;
     }
     if (tok_size(tok) > m->cfg.vocab_size) {
-        rc = fail(s, LT_ERR_FORMAT, "%s: the tokenizer has %d pieces but the model has only %d embedding rows", tokpath,
-                  tok_size(tok), m->cfg.vocab_size);
+        rc = fail(s, LT_ERR_FORMAT,
+                  "%s: the tokenizer has %d pieces but the model has only %d embedding rows",
+                  tokpath, tok_size(tok), m->cfg.vocab_size);
         tok_free(tok);
         gemma3_model_free(m);
         return rc;
@@ -320,8 +340,8 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts, c
     int max_seq = opts && opts->max_seq > 0 ? opts->max_seq : m->cfg.max_position_embeddings;
     if (!(opts && opts->max_seq > 0) && max_seq > 8192) max_seq = 8192;
     if (max_seq > m->cfg.max_position_embeddings) {
-        rc = fail(s, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d", max_seq,
-                  m->cfg.max_position_embeddings);
+        rc = fail(s, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d",
+                  max_seq, m->cfg.max_position_embeddings);
         tok_free(tok);
         gemma3_model_free(m);
         return rc;
@@ -390,7 +410,8 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     const gemma3_config *c = &m->cfg;
     info->loaded = 1;
     snprintf(info->source, sizeof info->source, "%s", m->source);
-    snprintf(info->arch, sizeof info->arch, "%s", c->model_type[0] && !c->multimodal ? c->model_type : "gemma3_text");
+    snprintf(info->arch, sizeof info->arch, "%s",
+             c->model_type[0] && !c->multimodal ? c->model_type : "gemma3_text");
     snprintf(info->dtype, sizeof info->dtype, "%s", lt_dtype_user_name(m->dtype));
     snprintf(info->device, sizeof info->device, "%s", s->device);
     info->n_params = m->n_params;
@@ -417,10 +438,12 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
 #endif
 }
 
-/* ---- tokens ----------------------------------------------------------------------------------- */
+/* ---- tokens -----------------------------------------------------------------------------------
+ */
 
 static lt_status need_model(lt_session *s) {
-    if (!s->model || !s->tok) return fail(s, LT_ERR_STATE, "no model loaded (run %%load first, e.g. %%load tiny)");
+    if (!s->model || !s->tok)
+        return fail(s, LT_ERR_STATE, "no model loaded (run %%load first, e.g. %%load tiny)");
     return LT_OK;
 }
 
@@ -439,7 +462,8 @@ lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text) {
     return tok_decode(s->tok, ids, n, text, s->err);
 }
 
-/* ---- running ------------------------------------------------------------------------------------ */
+/* ---- running ------------------------------------------------------------------------------------
+ */
 
 lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab) {
     call_begin(s);
@@ -447,14 +471,16 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     lt_status rc = need_model(s);
     if (rc != LT_OK) return rc;
     if (n <= 0) return fail(s, LT_ERR_ARG, "logits: no token ids");
-    if (n > s->max_seq) return fail(s, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
+    if (n > s->max_seq)
+        return fail(s, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
     int V = s->model->cfg.vocab_size;
     float *out = malloc(sizeof(float) * (size_t)n * (size_t)V);
     if (!out) return fail(s, LT_ERR_MEMORY, "logits: out of memory for [%d, %d] fp32", n, V);
     gemma3_cache cache;
     rc = gemma3_cache_init(&cache, &s->ctx, &s->model->cfg, n);
     if (rc == LT_OK) {
-        rc = gemma3_forward_host(s->model, &s->ctx, ids, n, &cache, out, NULL); /* host out (issue 5) */
+        rc = gemma3_forward_host(s->model, &s->ctx, ids, n, &cache, out,
+                                 NULL); /* host out (issue 5) */
         gemma3_cache_free(&cache, &s->ctx);
     }
     if (rc != LT_OK) {
@@ -484,7 +510,8 @@ static int is_stop(const gemma3_config *c, int id) {
 static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
     if (s->n_cached + n > s->cap_cached) {
         int nc = s->cap_cached ? s->cap_cached : 256;
-        while (nc < s->n_cached + n) nc *= 2;
+        while (nc < s->n_cached + n)
+            nc *= 2;
         int32_t *np = realloc(s->cached, sizeof(int32_t) * (size_t)nc);
         if (!np) return fail(s, LT_ERR_MEMORY, "out of memory");
         s->cached = np;
@@ -506,13 +533,16 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
         s->n_cached = 0;
     }
     int start = 0;
-    if (s->n_cached < n && s->n_cached > 0 && !memcmp(s->cached, ids, sizeof(int32_t) * (size_t)s->n_cached)) {
+    if (s->n_cached < n && s->n_cached > 0 &&
+        !memcmp(s->cached, ids, sizeof(int32_t) * (size_t)s->n_cached)) {
         start = s->n_cached; /* extend */
     } else {
         gemma3_cache_reset(&s->cache, &s->ctx);
         s->n_cached = 0;
     }
-    if (n > s->max_seq) return fail(s, LT_ERR_ARG, "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
+    if (n > s->max_seq)
+        return fail(s, LT_ERR_ARG, "%d tokens exceed max_seq %d (load with a larger max_seq=)", n,
+                    s->max_seq);
     /* chunk the prompt so a cancel is seen between chunks */
     for (int t = start; t < n; t += GEMMA3_CHUNK) {
         int k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
@@ -521,7 +551,8 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
             s->n_cached = 0;
             return fail(s, LT_CANCELLED, "cancelled");
         }
-        rc = gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* issue 5 */
+        rc =
+            gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* issue 5 */
         if (rc != LT_OK) {
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
@@ -536,8 +567,9 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
 
 /* The generation loop shared by generate, generate_ids and chat. Appends generated ids to
  * *gen (malloc'd) and streams text when st is not NULL. */
-static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prompt, const lt_gen_opts *o,
-                                textstream *st, int32_t **gen, int *n_gen, int include_stop) {
+static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prompt,
+                                const lt_gen_opts *o, textstream *st, int32_t **gen, int *n_gen,
+                                int include_stop) {
     *gen = NULL;
     *n_gen = 0;
     lt_status rc = gen_opts_check(o, s->err);
@@ -595,8 +627,8 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     return rc;
 }
 
-lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen_opts *o, int32_t **out_ids,
-                          int *n_out) {
+lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen_opts *o,
+                          int32_t **out_ids, int *n_out) {
     call_begin(s);
     *out_ids = NULL;
     *n_out = 0;
@@ -609,7 +641,8 @@ lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen
     }
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= s->model->cfg.vocab_size)
-            return fail(s, LT_ERR_ARG, "token id %d at position %d is outside the vocabulary [0, %d)", ids[i], i,
+            return fail(s, LT_ERR_ARG,
+                        "token id %d at position %d is outside the vocabulary [0, %d)", ids[i], i,
                         s->model->cfg.vocab_size);
     rc = run_generation(s, ids, n, o, NULL, out_ids, n_out, 1);
     if (rc != LT_OK && rc != LT_CANCELLED) {
@@ -639,7 +672,8 @@ static lt_status encode_with_bos(lt_session *s, const char *text, int32_t **ids,
     return LT_OK;
 }
 
-lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o, const lt_callbacks *cb, char **out) {
+lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
+                      const lt_callbacks *cb, char **out) {
     call_begin(s);
     if (out) *out = NULL;
     lt_status rc = need_model(s);
@@ -693,19 +727,21 @@ static lt_status history_push(lt_session *s, const char *role, const char *conte
 lt_status lt_chat_system(lt_session *s, const char *system_text) {
     call_begin(s);
     char *copy = NULL;
-    if (system_text && !(copy = strdup(system_text))) return fail(s, LT_ERR_MEMORY, "out of memory");
+    if (system_text && !(copy = strdup(system_text)))
+        return fail(s, LT_ERR_MEMORY, "out of memory");
     free(s->system);
     s->system = copy;
     return LT_OK;
 }
 
-lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents, int n,
-                         int add_generation_prompt, char **text) {
+lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents,
+                         int n, int add_generation_prompt, char **text) {
     call_begin(s);
     return chat_render(roles, contents, n, add_generation_prompt, text, s->err);
 }
 
-lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o, const lt_callbacks *cb, char **reply) {
+lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
+                  const lt_callbacks *cb, char **reply) {
     call_begin(s);
     if (reply) *reply = NULL;
     lt_status rc = need_model(s);
@@ -718,7 +754,8 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o, co
     }
     /* messages: [system] + history + this user turn */
     int n = s->n_msgs + 1 + (s->system ? 1 : 0), k = 0;
-    const char **roles = malloc(sizeof(char *) * (size_t)n), **contents = malloc(sizeof(char *) * (size_t)n);
+    const char **roles = malloc(sizeof(char *) * (size_t)n),
+               **contents = malloc(sizeof(char *) * (size_t)n);
     if (!roles || !contents) {
         free(roles);
         free(contents);
@@ -776,4 +813,6 @@ void session_view_get(lt_session *s, session_view *v) {
     v->max_seq = s->max_seq;
 }
 
-void session_drop_cache(lt_session *s) { cache_drop(s); }
+void session_drop_cache(lt_session *s) {
+    cache_drop(s);
+}

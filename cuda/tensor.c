@@ -11,46 +11,64 @@
 
 size_t lt_dtype_size(lt_dtype t) {
     switch (t) {
-    case LT_F32: return 4;
-    case LT_F16: return 2;
-    case LT_BF16: return 2;
-    case LT_I32: return 4;
+    case LT_F32:
+        return 4;
+    case LT_F16:
+        return 2;
+    case LT_BF16:
+        return 2;
+    case LT_I32:
+        return 4;
     }
     return 0;
 }
 
 const char *lt_dtype_name(lt_dtype t) {
     switch (t) {
-    case LT_F32: return "F32";
-    case LT_F16: return "F16";
-    case LT_BF16: return "BF16";
-    case LT_I32: return "I32";
+    case LT_F32:
+        return "F32";
+    case LT_F16:
+        return "F16";
+    case LT_BF16:
+        return "BF16";
+    case LT_I32:
+        return "I32";
     }
     return "?";
 }
 
 const char *lt_dtype_user_name(lt_dtype t) {
     switch (t) {
-    case LT_F32: return "fp32";
-    case LT_F16: return "fp16";
-    case LT_BF16: return "bf16";
-    case LT_I32: return "i32";
+    case LT_F32:
+        return "fp32";
+    case LT_F16:
+        return "fp16";
+    case LT_BF16:
+        return "bf16";
+    case LT_I32:
+        return "i32";
     }
     return "?";
 }
 
 int lt_dtype_parse(const char *name, lt_dtype *out) {
-    if (!strcmp(name, "F32")) *out = LT_F32;
-    else if (!strcmp(name, "F16")) *out = LT_F16;
-    else if (!strcmp(name, "BF16")) *out = LT_BF16;
-    else if (!strcmp(name, "I32")) *out = LT_I32;
-    else return -1;
+    if (!strcmp(name, "F32"))
+        *out = LT_F32;
+    else if (!strcmp(name, "F16"))
+        *out = LT_F16;
+    else if (!strcmp(name, "BF16"))
+        *out = LT_BF16;
+    else if (!strcmp(name, "I32"))
+        *out = LT_I32;
+    else
+        return -1;
     return 0;
 }
 
 int64_t lt_tensor_numel(const lt_tensor *t) {
     int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    for (int i = 0; i < t->ndim; i++)
+        n *= t->shape[i];
     return n;
 }
 
@@ -83,7 +101,10 @@ const char *lt_shape_str(const lt_tensor *t, char *buf, size_t cap) {
 }
 
 uint16_t lt_f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v = {.f = f};
+    union {
+        uint32_t u;
+        float f;
+    } v = {.f = f};
     if ((v.u & 0x7f800000u) == 0x7f800000u && (v.u & 0x007fffffu)) /* NaN: keep it quiet */
         return (uint16_t)((v.u >> 16) | 0x0040u);
     uint32_t round = 0x7fffu + ((v.u >> 16) & 1u);
@@ -94,7 +115,10 @@ float lt_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
     uint32_t man = h & 0x3ffu;
-    union { uint32_t u; float f; } v;
+    union {
+        uint32_t u;
+        float f;
+    } v;
     if (exp == 0) {
         /* zero or subnormal: man * 2^-24 */
         float f = (float)man * 5.9604644775390625e-08f;
@@ -108,7 +132,10 @@ float lt_f16_to_f32(uint16_t h) {
 }
 
 uint16_t lt_f32_to_f16(float f) {
-    union { uint32_t u; float f; } v = {.f = f};
+    union {
+        uint32_t u;
+        float f;
+    } v = {.f = f};
     uint16_t sign = (uint16_t)((v.u >> 16) & 0x8000u);
     uint32_t a = v.u & 0x7fffffffu;
     if (a >= 0x7f800000u) /* inf or NaN */
@@ -117,7 +144,10 @@ uint16_t lt_f32_to_f16(float f) {
         return (uint16_t)(sign | 0x7c00u);
     if (a < 0x38800000u) { /* below the smallest normal 2^-14: subnormal or zero */
         float af;
-        union { uint32_t u; float f; } w = {.u = a};
+        union {
+            uint32_t u;
+            float f;
+        } w = {.u = a};
         af = w.f;
         /* value / 2^-24, rounded to nearest even by the FPU */
         float q = af * 16777216.0f;
@@ -133,10 +163,12 @@ void lt_to_f32(float *dst, const void *src, lt_dtype src_t, int64_t n) {
         memmove(dst, src, (size_t)n * 4);
     } else if (src_t == LT_BF16) {
         const uint16_t *s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = lt_bf16_to_f32(s[i]);
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = lt_bf16_to_f32(s[i]);
     } else if (src_t == LT_F16) {
         const uint16_t *s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = lt_f16_to_f32(s[i]);
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = lt_f16_to_f32(s[i]);
     }
 }
 
@@ -152,9 +184,12 @@ void lt_convert(void *dst, lt_dtype dst_t, const void *src, lt_dtype src_t, int6
     uint16_t *d = dst;
     for (int64_t i = 0; i < n; i++) {
         float f;
-        if (src_t == LT_F32) f = ((const float *)src)[i];
-        else if (src_t == LT_BF16) f = lt_bf16_to_f32(((const uint16_t *)src)[i]);
-        else f = lt_f16_to_f32(((const uint16_t *)src)[i]);
+        if (src_t == LT_F32)
+            f = ((const float *)src)[i];
+        else if (src_t == LT_BF16)
+            f = lt_bf16_to_f32(((const uint16_t *)src)[i]);
+        else
+            f = lt_f16_to_f32(((const uint16_t *)src)[i]);
         d[i] = dst_t == LT_BF16 ? lt_f32_to_bf16(f) : lt_f32_to_f16(f);
     }
 }

@@ -54,7 +54,10 @@ const char *lt_shape_str(const lt_tensor *t, char *buf, size_t cap);
 
 /* Scalar conversions. bf16 from fp32 rounds to nearest even (as torch does); NaN stays NaN. */
 static inline float lt_bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
+    union {
+        uint32_t u;
+        float f;
+    } v;
     v.u = (uint32_t)h << 16;
     return v.f;
 }

@@ -10,7 +10,8 @@ static void stream_emit(textstream *st, const char *p, size_t n) {
     if (!n) return;
     if (st->len + n + 1 > st->cap) {
         size_t nc = st->cap ? st->cap * 2 : 256;
-        while (nc < st->len + n + 1) nc *= 2;
+        while (nc < st->len + n + 1)
+            nc *= 2;
         char *np = realloc(st->all, nc);
         if (!np) {
             st->oom = 1;
@@ -35,7 +36,8 @@ static int utf8_char(const unsigned char *p, int avail) {
     int n;
     unsigned char lo = 0x80, hi = 0xbf; /* allowed range of the second byte */
     if (c < 0x80) return 1;
-    if (c >= 0xc2 && c <= 0xdf) n = 2;
+    if (c >= 0xc2 && c <= 0xdf)
+        n = 2;
     else if (c >= 0xe0 && c <= 0xef) {
         n = 3;
         if (c == 0xe0) lo = 0xa0;
@@ -58,8 +60,10 @@ static int utf8_char(const unsigned char *p, int avail) {
 void textstream_add(textstream *st, const char *bytes, int n) {
     char buf[600], out[1800];
     int k = 0, o = 0;
-    for (int i = 0; i < st->npend; i++) buf[k++] = st->pend[i];
-    for (int i = 0; i < n && k < (int)sizeof buf; i++) buf[k++] = bytes[i];
+    for (int i = 0; i < st->npend; i++)
+        buf[k++] = st->pend[i];
+    for (int i = 0; i < n && k < (int)sizeof buf; i++)
+        buf[k++] = bytes[i];
     int done = 0;
     while (done < k) {
         int len = utf8_char((const unsigned char *)buf + done, k - done);

@@ -48,11 +48,22 @@ static bool read_varint(const unsigned char *&p, const unsigned char *end, uint6
 static bool skip_field(const unsigned char *&p, const unsigned char *end, int wire) {
     uint64_t v;
     switch (wire) {
-    case 0: return read_varint(p, end, v);
-    case 1: if (end - p < 8) return false; p += 8; return true;
-    case 2: if (!read_varint(p, end, v) || (uint64_t)(end - p) < v) return false; p += v; return true;
-    case 5: if (end - p < 4) return false; p += 4; return true;
-    default: return false;
+    case 0:
+        return read_varint(p, end, v);
+    case 1:
+        if (end - p < 8) return false;
+        p += 8;
+        return true;
+    case 2:
+        if (!read_varint(p, end, v) || (uint64_t)(end - p) < v) return false;
+        p += v;
+        return true;
+    case 5:
+        if (end - p < 4) return false;
+        p += 4;
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -108,7 +119,8 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
         fclose(f);
         auto st = t->sp.Load(path);
         if (!st.ok()) {
-            snprintf(err, LT_ERRLEN, "%s: not a SentencePiece model (%s)", path, st.ToString().c_str());
+            snprintf(err, LT_ERRLEN, "%s: not a SentencePiece model (%s)", path,
+                     st.ToString().c_str());
             delete t;
             return LT_ERR_FORMAT;
         }
@@ -132,7 +144,8 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
                 t->special.emplace(s, i);
                 t->special_first[(unsigned char)s[0]] = true;
                 bool seen = false;
-                for (size_t L : t->special_lens) seen |= L == s.size();
+                for (size_t L : t->special_lens)
+                    seen |= L == s.size();
                 if (!seen) t->special_lens.push_back(s.size());
             }
         }
@@ -146,9 +159,13 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
     return LT_OK;
 }
 
-extern "C" void tok_free(lt_tokenizer *t) { delete t; }
+extern "C" void tok_free(lt_tokenizer *t) {
+    delete t;
+}
 
-extern "C" const char *tok_path(const lt_tokenizer *t) { return t->path.c_str(); }
+extern "C" const char *tok_path(const lt_tokenizer *t) {
+    return t->path.c_str();
+}
 
 static lt_status ids_out(const std::vector<int> &v, int32_t **ids, int *n, char *err) {
     *ids = (int32_t *)malloc(sizeof(int32_t) * (v.size() + 1));
@@ -156,12 +173,14 @@ static lt_status ids_out(const std::vector<int> &v, int32_t **ids, int *n, char 
         snprintf(err, LT_ERRLEN, "tokenizer: out of memory");
         return LT_ERR_MEMORY;
     }
-    for (size_t i = 0; i < v.size(); i++) (*ids)[i] = v[i];
+    for (size_t i = 0; i < v.size(); i++)
+        (*ids)[i] = v[i];
     *n = (int)v.size();
     return LT_OK;
 }
 
-static bool sp_encode(const lt_tokenizer *t, const char *s, size_t len, std::vector<int> &out, char *err) {
+static bool sp_encode(const lt_tokenizer *t, const char *s, size_t len, std::vector<int> &out,
+                      char *err) {
     std::vector<int> part;
     auto st = t->sp.Encode(absl::string_view(s, len), &part);
     if (!st.ok()) {
@@ -172,7 +191,8 @@ static bool sp_encode(const lt_tokenizer *t, const char *s, size_t len, std::vec
     return true;
 }
 
-extern "C" lt_status tok_encode(const lt_tokenizer *t, const char *text, int32_t **ids, int *n, char *err) {
+extern "C" lt_status tok_encode(const lt_tokenizer *t, const char *text, int32_t **ids, int *n,
+                                char *err) {
     try {
         std::vector<int> v;
         if (!sp_encode(t, text, strlen(text), v, err)) return LT_ERR_ARG;
@@ -183,8 +203,8 @@ extern "C" lt_status tok_encode(const lt_tokenizer *t, const char *text, int32_t
     }
 }
 
-extern "C" lt_status tok_encode_special(const lt_tokenizer *t, const char *text, int32_t **ids, int *n,
-                                        char *err) {
+extern "C" lt_status tok_encode_special(const lt_tokenizer *t, const char *text, int32_t **ids,
+                                        int *n, char *err) {
     try {
         std::vector<int> v;
         size_t len = strlen(text), start = 0, i = 0;
@@ -219,7 +239,8 @@ extern "C" lt_status tok_encode_special(const lt_tokenizer *t, const char *text,
     }
 }
 
-extern "C" lt_status tok_decode(const lt_tokenizer *t, const int32_t *ids, int n, char **text, char *err) {
+extern "C" lt_status tok_decode(const lt_tokenizer *t, const int32_t *ids, int n, char **text,
+                                char *err) {
     try {
         std::vector<int> v;
         int size = (int)t->pieces.size();
@@ -283,7 +304,9 @@ extern "C" int tok_piece_to_id(const lt_tokenizer *t, const char *piece) {
     return id;
 }
 
-extern "C" int tok_size(const lt_tokenizer *t) { return (int)t->pieces.size(); }
+extern "C" int tok_size(const lt_tokenizer *t) {
+    return (int)t->pieces.size();
+}
 
 extern "C" const char *tok_piece(const lt_tokenizer *t, int id) {
     if (id < 0 || id >= (int)t->pieces.size()) return "";
@@ -300,7 +323,15 @@ extern "C" int tok_type(const lt_tokenizer *t, int id) {
     return t->types[(size_t)id];
 }
 
-extern "C" int tok_bos_id(const lt_tokenizer *t) { return t->sp.bos_id(); }
-extern "C" int tok_eos_id(const lt_tokenizer *t) { return t->sp.eos_id(); }
-extern "C" int tok_pad_id(const lt_tokenizer *t) { return t->sp.pad_id(); }
-extern "C" int tok_unk_id(const lt_tokenizer *t) { return t->sp.unk_id(); }
+extern "C" int tok_bos_id(const lt_tokenizer *t) {
+    return t->sp.bos_id();
+}
+extern "C" int tok_eos_id(const lt_tokenizer *t) {
+    return t->sp.eos_id();
+}
+extern "C" int tok_pad_id(const lt_tokenizer *t) {
+    return t->sp.pad_id();
+}
+extern "C" int tok_unk_id(const lt_tokenizer *t) {
+    return t->sp.unk_id();
+}

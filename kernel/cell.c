@@ -156,7 +156,8 @@ static void call_free(cell_call *c) {
 
 void cell_program_free(cell_program *prog) {
     if (!prog) return;
-    for (int i = 0; i < prog->ncalls; ++i) call_free(&prog->calls[i]);
+    for (int i = 0; i < prog->ncalls; ++i)
+        call_free(&prog->calls[i]);
     free(prog->calls);
     prog->calls = NULL;
     prog->ncalls = 0;
@@ -181,7 +182,8 @@ static int call_push_word(cell_call *c, const cell_word *w) {
 /* The text of the offending line, shortened, for messages. */
 static void line_excerpt(const char *s, size_t len, size_t i, char *out, size_t outlen) {
     size_t j = i, n = 0;
-    while (j < len && s[j] != '\n' && s[j] != '\r' && n + 4 < outlen && n < 40) out[n++] = s[j++];
+    while (j < len && s[j] != '\n' && s[j] != '\r' && n + 4 < outlen && n < 40)
+        out[n++] = s[j++];
     if (j < len && s[j] != '\n' && s[j] != '\r') {
         out[n++] = '.';
         out[n++] = '.';
@@ -204,7 +206,8 @@ int cell_parse(const char *s, size_t len, cell_program *prog, cell_parse_error *
             continue;
         }
         if (s[i] == '#') { /* comment to the end of the physical line */
-            while (i < len && s[i] != '\n') ++i;
+            while (i < len && s[i] != '\n')
+                ++i;
             continue;
         }
         if (s[i] != '%') {
@@ -225,7 +228,8 @@ int cell_parse(const char *s, size_t len, cell_program *prog, cell_parse_error *
             ++i;
         }
         size_t name_start = i;
-        while (i < len && is_name_char(s[i])) ++i;
+        while (i < len && is_name_char(s[i]))
+            ++i;
         if (i == name_start || (i < len && s[i] != ' ' && s[i] != '\t' && s[i] != '\n' &&
                                 s[i] != '\r' && !continuation_len(s, len, i))) {
             char excerpt[64];
@@ -255,7 +259,8 @@ int cell_parse(const char *s, size_t len, cell_program *prog, cell_parse_error *
             }
             i = next;
         }
-        while (i < len && s[i] != '\n') ++i; /* a trailing comment */
+        while (i < len && s[i] != '\n')
+            ++i; /* a trailing comment */
         if (call.is_cell) {
             size_t body = i < len ? i + 1 : len;
             call.body = strndup(s + body, len - body);
@@ -281,12 +286,14 @@ fail:
 int cell_is_incomplete(const char *s, size_t len) {
     /* trailing continuation */
     size_t e = len;
-    while (e > 0 && (s[e - 1] == '\n' || s[e - 1] == '\r')) --e;
+    while (e > 0 && (s[e - 1] == '\n' || s[e - 1] == '\r'))
+        --e;
     if (e > 0 && s[e - 1] == '\\' && e < len) return 1;
     if (len > 0 && s[len - 1] == '\\') return 1;
     /* a %%magic whose body has not been ended by an empty line */
     size_t i = 0;
-    while (i < len && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i;
+    while (i < len && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r'))
+        ++i;
     if (i + 1 < len && s[i] == '%' && s[i + 1] == '%') {
         if (len < 2) return 1;
         return !(s[len - 1] == '\n' && (len >= 2 && s[len - 2] == '\n'));
@@ -306,12 +313,15 @@ char *cell_word_at(const char *s, size_t len, size_t pos, size_t *start) {
 char *cell_magic_of_line(const char *s, size_t len, size_t pos) {
     if (pos > len) pos = len;
     size_t b = pos;
-    while (b > 0 && s[b - 1] != '\n') --b;
-    while (b < len && (s[b] == ' ' || s[b] == '\t')) ++b;
+    while (b > 0 && s[b - 1] != '\n')
+        --b;
+    while (b < len && (s[b] == ' ' || s[b] == '\t'))
+        ++b;
     if (b >= len || s[b] != '%') return NULL;
     ++b;
     if (b < len && s[b] == '%') ++b;
     size_t e = b;
-    while (e < len && is_name_char(s[e])) ++e;
+    while (e < len && is_name_char(s[e]))
+        ++e;
     return e > b ? strndup(s + b, e - b) : NULL;
 }

@@ -11,19 +11,19 @@
 #include <stddef.h>
 
 typedef struct cell_word {
-    char *key;   /* option name for key=value, NULL for a positional word */
-    char *value; /* unquoted text */
+    char *key;         /* option name for key=value, NULL for a positional word */
+    char *value;       /* unquoted text */
     size_t start, end; /* byte span of the whole word in the cell */
 } cell_word;
 
 typedef struct cell_call {
-    char *name;      /* magic name without the % signs */
-    int is_cell;     /* 1 for %%name */
+    char *name;  /* magic name without the % signs */
+    int is_cell; /* 1 for %%name */
     cell_word *words;
     int nwords;
-    char *body;      /* %%name: the rest of the cell; NULL for line magics */
-    int line;        /* 1-based line of the call */
-    size_t start;    /* byte offset of the '%' */
+    char *body;   /* %%name: the rest of the cell; NULL for line magics */
+    int line;     /* 1-based line of the call */
+    size_t start; /* byte offset of the '%' */
 } cell_call;
 
 typedef struct cell_program {
@@ -32,8 +32,8 @@ typedef struct cell_program {
 } cell_program;
 
 typedef struct cell_parse_error {
-    int line;        /* 1-based */
-    size_t offset;   /* byte offset of the problem */
+    int line;      /* 1-based */
+    size_t offset; /* byte offset of the problem */
     char message[512];
 } cell_parse_error;
 

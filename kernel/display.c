@@ -23,7 +23,8 @@ static int sb_reserve(strbuf_t *b, size_t extra) {
     if (b->oom) return -1;
     if (b->len + extra + 1 <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) cap *= 2;
+    while (cap < b->len + extra + 1)
+        cap *= 2;
     char *p = realloc(b->data, cap);
     if (!p) {
         b->oom = 1;
@@ -57,11 +58,20 @@ void sb_printf(strbuf_t *b, const char *fmt, ...) {
 void sb_html(strbuf_t *b, const char *s) {
     for (; *s; ++s) {
         switch (*s) {
-        case '&': sb_append(b, "&amp;", 5); break;
-        case '<': sb_append(b, "&lt;", 4); break;
-        case '>': sb_append(b, "&gt;", 4); break;
-        case '"': sb_append(b, "&quot;", 6); break;
-        default: sb_append(b, s, 1);
+        case '&':
+            sb_append(b, "&amp;", 5);
+            break;
+        case '<':
+            sb_append(b, "&lt;", 4);
+            break;
+        case '>':
+            sb_append(b, "&gt;", 4);
+            break;
+        case '"':
+            sb_append(b, "&quot;", 6);
+            break;
+        default:
+            sb_append(b, s, 1);
         }
     }
 }
@@ -136,7 +146,8 @@ static void progress_draw(progress_bar *p, int64_t done, const char *extra, cons
     sb_init(&html);
     int width = 30, fill = (int)(frac * width + 0.5);
     sb_printf(&text, "%s [", p->label);
-    for (int i = 0; i < width; ++i) sb_append(&text, i < fill ? "#" : "-", 1);
+    for (int i = 0; i < width; ++i)
+        sb_append(&text, i < fill ? "#" : "-", 1);
     if (p->total > 0)
         sb_printf(&text, "] %lld/%lld", (long long)done, (long long)p->total);
     else

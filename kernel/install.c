@@ -112,8 +112,10 @@ int install_main(int argc, char **argv) {
     for (const char *p = name; *p; ++p)
         if (!(((*p | 32) >= 'a' && (*p | 32) <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' ||
               *p == '.' || *p == '_')) {
-            fprintf(stderr, "lathe install: kernel name '%s' may hold only letters, digits, "
-                            "'-', '.', '_'\n", name);
+            fprintf(stderr,
+                    "lathe install: kernel name '%s' may hold only letters, digits, "
+                    "'-', '.', '_'\n",
+                    name);
             return 2;
         }
     char self[PATH_MAX];
@@ -143,10 +145,10 @@ int install_main(int argc, char **argv) {
         fprintf(stderr, "lathe install: cannot create %s: %s (try --user)\n", dir, strerror(errno));
         return 1;
     }
-    json_t *spec = json_pack("{s:[s,s,s,s], s:s, s:s, s:s, s:{}, s:s}", "argv", self, "kernel",
-                             "-f", "{connection_file}", "display_name", "Lathe (Gemma 3)",
-                             "language", "lathe", "interrupt_mode", "message", "metadata",
-                             "kernel_protocol_version", "5.4");
+    json_t *spec =
+        json_pack("{s:[s,s,s,s], s:s, s:s, s:s, s:{}, s:s}", "argv", self, "kernel", "-f",
+                  "{connection_file}", "display_name", "Lathe (Gemma 3)", "language", "lathe",
+                  "interrupt_mode", "message", "metadata", "kernel_protocol_version", "5.4");
     char *text = spec ? json_dumps(spec, JSON_INDENT(2)) : NULL;
     json_decref(spec);
     if (!text) {

@@ -126,7 +126,8 @@ static size_t cp_to_byte(const char *s, size_t len, int cp) {
     size_t i = 0;
     for (int n = 0; i < len && n < cp; ++n) {
         ++i;
-        while (i < len && ((unsigned char)s[i] & 0xC0) == 0x80) ++i;
+        while (i < len && ((unsigned char)s[i] & 0xC0) == 0x80)
+            ++i;
     }
     return i;
 }
@@ -149,12 +150,16 @@ static void add_match(json_t *matches, const char *m) {
 }
 
 /* Sources %load offers before the user has typed a path. */
-static const char *const load_sources[] = {
-    "tiny", "random:gemma-3-270m", "random:gemma-3-1b", "random:gemma-3-4b",
-    "random:gemma-3-12b", "random:gemma-3-27b", NULL};
+static const char *const load_sources[] = {"tiny",
+                                           "random:gemma-3-270m",
+                                           "random:gemma-3-1b",
+                                           "random:gemma-3-4b",
+                                           "random:gemma-3-12b",
+                                           "random:gemma-3-27b",
+                                           NULL};
 
-json_t *interp_complete(interp *in, const char *code, size_t len, int cursor_pos,
-                        int *cursor_start, int *cursor_end) {
+json_t *interp_complete(interp *in, const char *code, size_t len, int cursor_pos, int *cursor_start,
+                        int *cursor_end) {
     (void)in;
     json_t *matches = json_array();
     size_t pos = cp_to_byte(code, len, cursor_pos < 0 ? 0 : cursor_pos);
@@ -215,15 +220,16 @@ done:
 
 /* ---- inspection ------------------------------------------------------------------------- */
 
-json_t *interp_inspect(interp *in, const char *code, size_t len, int cursor_pos,
-                       int detail_level) {
+json_t *interp_inspect(interp *in, const char *code, size_t len, int cursor_pos, int detail_level) {
     (void)in;
     (void)detail_level;
     size_t pos = cp_to_byte(code, len, cursor_pos < 0 ? 0 : cursor_pos);
     /* the whole word around the cursor */
     size_t b = pos, e = pos;
-    while (b > 0 && code[b - 1] != ' ' && code[b - 1] != '\t' && code[b - 1] != '\n') --b;
-    while (e < len && code[e] != ' ' && code[e] != '\t' && code[e] != '\n' && code[e] != '\r') ++e;
+    while (b > 0 && code[b - 1] != ' ' && code[b - 1] != '\t' && code[b - 1] != '\n')
+        --b;
+    while (e < len && code[e] != ' ' && code[e] != '\t' && code[e] != '\n' && code[e] != '\r')
+        ++e;
     char *word = strndup(code + b, e - b);
     char *magic = cell_magic_of_line(code, len, pos);
     const magic_spec *m = magic ? magics_find(magic) : NULL;

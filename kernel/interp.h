@@ -23,8 +23,7 @@ typedef struct lt_sink {
      * is an object (may be empty). display_id: NULL for none. update != 0 means
      * update_display_data of an earlier display with the same id. The sink does not
      * take ownership of data/metadata (it may json_incref them). */
-    void (*display)(void *ctx, json_t *data, json_t *metadata, const char *display_id,
-                    int update);
+    void (*display)(void *ctx, json_t *data, json_t *metadata, const char *display_id, int update);
     /* The cell's result value (execute_result); same ownership rule. */
     void (*result)(void *ctx, json_t *data, json_t *metadata);
     /* Ask the user for a line of text. Returns 0 and a malloc'd *value, or -1 when input
@@ -60,13 +59,12 @@ void interp_interrupt(interp *in);
 
 /* Completion at cursor_pos (a code-point offset). Returns a new array of matches and sets
  * *cursor_start / *cursor_end (code points) to the span a match replaces. */
-json_t *interp_complete(interp *in, const char *code, size_t len, int cursor_pos,
-                        int *cursor_start, int *cursor_end);
+json_t *interp_complete(interp *in, const char *code, size_t len, int cursor_pos, int *cursor_start,
+                        int *cursor_end);
 
 /* Help for the magic or option under cursor_pos: a new MIME bundle object, or NULL when
  * nothing is there. detail_level 0 or 1. */
-json_t *interp_inspect(interp *in, const char *code, size_t len, int cursor_pos,
-                       int detail_level);
+json_t *interp_inspect(interp *in, const char *code, size_t len, int cursor_pos, int detail_level);
 
 /* "complete", "incomplete" (sets *indent to a static string) or "invalid". */
 const char *interp_is_complete(interp *in, const char *code, size_t len, const char **indent);

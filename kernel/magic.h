@@ -51,24 +51,24 @@ typedef struct magic_args {
 /* The state a handler may use. */
 typedef struct magic_ctx {
     const lt_sink *sink;
-    lt_session *session;                 /* the engine session (created on first use) */
-    volatile sig_atomic_t *interrupted;  /* raised by interp_interrupt */
-    interp_error *err;                   /* fill through magic_fail */
-    int exec_index;                      /* counts cells run in this process */
+    lt_session *session;                /* the engine session (created on first use) */
+    volatile sig_atomic_t *interrupted; /* raised by interp_interrupt */
+    interp_error *err;                  /* fill through magic_fail */
+    int exec_index;                     /* counts cells run in this process */
 } magic_ctx;
 
 typedef int (*magic_fn)(magic_ctx *ctx, const magic_args *a);
 
 typedef struct magic_spec {
-    const char *name;      /* without % */
-    int cell;              /* 1: a %%cell magic (takes a body) */
-    const char *usage;     /* "%load SOURCE [dtype=...] ..." */
-    int min_pos, max_pos;  /* positional words accepted */
-    const char *pos_name;  /* "SOURCE", for messages */
+    const char *name;         /* without % */
+    int cell;                 /* 1: a %%cell magic (takes a body) */
+    const char *usage;        /* "%load SOURCE [dtype=...] ..." */
+    int min_pos, max_pos;     /* positional words accepted */
+    const char *pos_name;     /* "SOURCE", for messages */
     const opt_spec *pos_type; /* the type every positional must have; NULL = any text */
-    const opt_spec *opts;  /* terminated by {NULL} */
-    const char *summary;   /* one line for the %help table */
-    const char *help;      /* paragraphs for %help NAME and inspection */
+    const opt_spec *opts;     /* terminated by {NULL} */
+    const char *summary;      /* one line for the %help table */
+    const char *help;         /* paragraphs for %help NAME and inspection */
     magic_fn fn;
 } magic_spec;
 

@@ -22,9 +22,11 @@ int magic_help(magic_ctx *ctx, const magic_args *a) {
         return 0;
     }
     const char *name = a->pos[0];
-    while (*name == '%') ++name;
+    while (*name == '%')
+        ++name;
     const magic_spec *m = magics_find(name);
-    if (!m) return magic_fail(ctx, "CellError", "%%help: no magic named '%s'; %%help lists them", name);
+    if (!m)
+        return magic_fail(ctx, "CellError", "%%help: no magic named '%s'; %%help lists them", name);
     char *text = magic_help_text(m), *html = magic_help_html(m);
     if (text && html) display_html(ctx->sink, html, text, NULL, 0);
     free(text);
@@ -35,7 +37,8 @@ int magic_help(magic_ctx *ctx, const magic_args *a) {
 int magic_echo(magic_ctx *ctx, const magic_args *a) {
     strbuf_t b;
     sb_init(&b);
-    for (int i = 0; i < a->npos; ++i) sb_printf(&b, "%s%s", i ? " " : "", a->pos[i]);
+    for (int i = 0; i < a->npos; ++i)
+        sb_printf(&b, "%s%s", i ? " " : "", a->pos[i]);
     sb_printf(&b, "\n");
     char *text = sb_take(&b);
     if (!text) return magic_fail(ctx, "MemoryError", "out of memory");
@@ -49,7 +52,8 @@ int magic_input(magic_ctx *ctx, const magic_args *a) {
     const char *prompt = a->npos ? a->pos[0] : "";
     if (!ctx->sink->input ||
         ctx->sink->input(ctx->sink->ctx, prompt, arg_bool(a, "password"), &value) != 0) {
-        if (*ctx->interrupted) return magic_fail(ctx, "KeyboardInterrupt", "interrupted while waiting for input");
+        if (*ctx->interrupted)
+            return magic_fail(ctx, "KeyboardInterrupt", "interrupted while waiting for input");
         return magic_fail(ctx, "StdinNotImplementedError",
                           "%%input: this front end does not accept input (allow_stdin is off)");
     }

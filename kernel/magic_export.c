@@ -42,13 +42,15 @@ int magic_export_gguf(magic_ctx *ctx, const magic_args *a) {
     export_view v = {ctx, {0}, 0};
     lt_callbacks cb = {&v, export_message, export_progress, NULL};
     lt_export_result res = {0};
-    lt_status st = lt_export_gguf(ctx->session, path, arg_str(a, "type"),
-                                  arg_bool(a, "overwrite"), &cb, &res);
+    lt_status st =
+        lt_export_gguf(ctx->session, path, arg_str(a, "type"), arg_bool(a, "overwrite"), &cb, &res);
     if (v.open) {
         char size[64];
         display_bytes(size, sizeof size, (double)res.bytes);
         progress_end(&v.bar, st == LT_OK ? v.bar.total : 0, st == LT_OK ? size : NULL,
-                     st == LT_OK ? "done" : st == LT_CANCELLED ? "interrupted" : "failed");
+                     st == LT_OK          ? "done"
+                     : st == LT_CANCELLED ? "interrupted"
+                                          : "failed");
     }
     if (st != LT_OK) return magic_fail_engine(ctx, st);
     char size[64];

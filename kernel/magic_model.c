@@ -50,8 +50,10 @@ static lt_callbacks view_callbacks(engine_view *v, magic_ctx *ctx) {
 
 static void view_close(engine_view *v, lt_status st) {
     if (v->bar_open)
-        progress_end(&v->bar, st == LT_OK ? v->bar.total : v->bar.total,
-                     NULL, st == LT_OK ? "done" : st == LT_CANCELLED ? "interrupted" : "failed");
+        progress_end(&v->bar, st == LT_OK ? v->bar.total : v->bar.total, NULL,
+                     st == LT_OK          ? "done"
+                     : st == LT_CANCELLED ? "interrupted"
+                                          : "failed");
 }
 
 /* ---- %load / %status -------------------------------------------------------------------- */
@@ -105,8 +107,8 @@ static void model_summary(magic_ctx *ctx, int with_title) {
             snprintf(adapters, sizeof adapters,
                      "LoRA r=%d alpha=%g%s dropout=%g on %d modules (%s): %.2fM trainable, "
                      "%d steps done",
-                     lora.r, lora.alpha, lora.rslora ? " rslora" : "", lora.dropout,
-                     lora.n_modules, lora.targets, lora.n_trainable / 1e6, lora.steps_done);
+                     lora.r, lora.alpha, lora.rslora ? " rslora" : "", lora.dropout, lora.n_modules,
+                     lora.targets, lora.n_trainable / 1e6, lora.steps_done);
         sb_printf(&text, "%-18s %s\n", "adapters", adapters);
         sb_printf(&html, "<tr><td>adapters</td><td>");
         sb_html(&html, adapters);
@@ -195,9 +197,11 @@ int magic_chat(magic_ctx *ctx, const magic_args *a) {
     }
     /* the body, trimmed */
     const char *body = a->body ? a->body : "";
-    while (*body == '\n' || *body == ' ' || *body == '\t' || *body == '\r') ++body;
+    while (*body == '\n' || *body == ' ' || *body == '\t' || *body == '\r')
+        ++body;
     size_t n = strlen(body);
-    while (n > 0 && (body[n - 1] == '\n' || body[n - 1] == ' ' || body[n - 1] == '\r')) --n;
+    while (n > 0 && (body[n - 1] == '\n' || body[n - 1] == ' ' || body[n - 1] == '\r'))
+        --n;
     if (n == 0) {
         if (a->npos == 1) {
             magic_print(ctx, "conversation reset\n");

@@ -36,13 +36,15 @@ int magic_shell(magic_ctx *ctx, const magic_args *a) {
     int out[2], err[2];
     if (pipe(out)) {
         free(command);
-        return magic_fail(ctx, "ShellError", "%%%%shell: cannot create a pipe: %s", strerror(errno));
+        return magic_fail(ctx, "ShellError", "%%%%shell: cannot create a pipe: %s",
+                          strerror(errno));
     }
     if (pipe(err)) {
         close(out[0]);
         close(out[1]);
         free(command);
-        return magic_fail(ctx, "ShellError", "%%%%shell: cannot create a pipe: %s", strerror(errno));
+        return magic_fail(ctx, "ShellError", "%%%%shell: cannot create a pipe: %s",
+                          strerror(errno));
     }
     pid_t pid = fork();
     if (pid == 0) { /* child: only async-signal-safe calls until exec */
@@ -63,7 +65,8 @@ int magic_shell(magic_ctx *ctx, const magic_args *a) {
     if (pid < 0) {
         close(out[0]);
         close(err[0]);
-        return magic_fail(ctx, "ShellError", "%%%%shell: cannot start /bin/sh: %s", strerror(errno));
+        return magic_fail(ctx, "ShellError", "%%%%shell: cannot start /bin/sh: %s",
+                          strerror(errno));
     }
     setpgid(pid, pid); /* also from the parent, so a signal cannot race the child's call */
 

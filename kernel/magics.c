@@ -23,31 +23,37 @@
 #define NO_RANGE 1, 0, 0 /* min > max: unbounded */
 
 /* Sampling options shared by %generate and %%chat (Gemma 3's generation_config defaults). */
-#define SAMPLING_OPTS                                                                         \
-    {"max_new", OPT_INT, "256", NULL, 1, 32768, 0, "most new tokens to generate"},            \
-        {"temperature", OPT_FLOAT, "1.0", NULL, 0, 100, 0,                                    \
-         "sampling temperature; 0 = greedy (Gemma default 1.0)"},                             \
-        {"top_k", OPT_INT, "64", NULL, 0, 1000000, 0, "keep the k most likely tokens; 0 = off"}, \
-        {"top_p", OPT_FLOAT, "0.95", NULL, 0, 1, 1, "nucleus sampling mass; 1 = off"},        \
+#define SAMPLING_OPTS                                                                              \
+    {"max_new", OPT_INT, "256", NULL, 1, 32768, 0, "most new tokens to generate"},                 \
+        {"temperature",                                                                            \
+         OPT_FLOAT,                                                                                \
+         "1.0",                                                                                    \
+         NULL,                                                                                     \
+         0,                                                                                        \
+         100,                                                                                      \
+         0,                                                                                        \
+         "sampling temperature; 0 = greedy (Gemma default 1.0)"},                                  \
+        {"top_k", OPT_INT, "64", NULL, 0, 1000000, 0, "keep the k most likely tokens; 0 = off"},   \
+        {"top_p", OPT_FLOAT, "0.95", NULL, 0, 1, 1, "nucleus sampling mass; 1 = off"},             \
         {"min_p", OPT_FLOAT, "0", NULL, 0, 1, 0, "drop tokens below min_p x the top probability"}, \
-        {"seed", OPT_INT, "0", NULL, 0, 9007199254740991.0, 0, "random seed for sampling"}
+    {                                                                                              \
+        "seed", OPT_INT, "0", NULL, 0, 9007199254740991.0, 0, "random seed for sampling"           \
+    }
 
 static const opt_spec no_opts[] = {{NULL}};
 
-static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NULL, NULL, 0, 86400, 0,
-                                      "how long to wait"};
+static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NULL, NULL,
+                                      0,         86400,     0,    "how long to wait"};
 
 static const opt_spec echo_opts[] = {
     {"stream", OPT_CHOICE, "stdout", "stdout|stderr", NO_RANGE, "which stream to print on"},
     {NULL}};
 
 static const opt_spec input_opts[] = {
-    {"password", OPT_BOOL, "false", NULL, NO_RANGE, "hide what is typed"},
-    {NULL}};
+    {"password", OPT_BOOL, "false", NULL, NO_RANGE, "hide what is typed"}, {NULL}};
 
 static const opt_spec clear_opts[] = {
-    {"wait", OPT_BOOL, "false", NULL, NO_RANGE, "clear only when the next output arrives"},
-    {NULL}};
+    {"wait", OPT_BOOL, "false", NULL, NO_RANGE, "clear only when the next output arrives"}, {NULL}};
 
 static const opt_spec load_opts[] = {
     {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
@@ -76,7 +82,8 @@ static const opt_spec export_opts[] = {
 
 static const opt_spec lora_opts[] = {
     {"r", OPT_INT, "16", NULL, 1, 4096, 0, "adapter rank"},
-    {"alpha", OPT_FLOAT, "16", NULL, 0, 1e6, 1, "lora_alpha: the adapter output is scaled by alpha/r"},
+    {"alpha", OPT_FLOAT, "16", NULL, 0, 1e6, 1,
+     "lora_alpha: the adapter output is scaled by alpha/r"},
     {"dropout", OPT_FLOAT, "0", NULL, 0, 0.95, 0, "dropout on the adapter input while training"},
     {"targets", OPT_STRING, "q,k,v,o,gate,up,down", NULL, NO_RANGE,
      "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) or a regex over "
@@ -84,7 +91,8 @@ static const opt_spec lora_opts[] = {
     {"rslora", OPT_BOOL, "false", NULL, NO_RANGE, "rank-stabilised scale alpha/sqrt(r)"},
     {"seed", OPT_INT, "3407", NULL, 0, 9007199254740991.0, 0, "initialisation seed"},
     {"load", OPT_STRING, NULL, NULL, NO_RANGE, "a PEFT adapter folder to load (and train further)"},
-    {"full", OPT_BOOL, "false", NULL, NO_RANGE, "full fine-tuning: train every weight, no adapters"},
+    {"full", OPT_BOOL, "false", NULL, NO_RANGE,
+     "full fine-tuning: train every weight, no adapters"},
     {NULL}};
 
 static const opt_spec train_opts[] = {
@@ -135,8 +143,9 @@ static const magic_spec table[] = {
      "Shows the loaded model (source, architecture, dtype, device, parameters, memory), "
      "what was skipped (a vision tower), and the engine's state.",
      magic_status},
-    {"load", 0, "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] "
-            "[precision=auto|fp32|bf16|fp16] [max_seq=N]",
+    {"load", 0,
+     "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] "
+     "[precision=auto|fp32|bf16|fp16] [max_seq=N]",
      1, 1, "SOURCE", NULL, load_opts, "load a Gemma 3 model and its tokenizer",
      "SOURCE is a directory (config.json, *.safetensors, tokenizer.model), a Hugging Face "
      "cache id such as google/gemma-3-1b-it (looked up under $HF_HOME/hub or "
@@ -144,8 +153,9 @@ static const magic_spec table[] = {
      "lathe), or random:gemma-3-{270m,1b,4b,12b,27b} (real shapes, seeded random weights). "
      "A failed load keeps the model that was loaded before.",
      magic_load},
-    {"generate", 0, "%generate PROMPT [max_new=N] [temperature=T] [top_k=K] [top_p=P] "
-                    "[min_p=M] [seed=S]",
+    {"generate", 0,
+     "%generate PROMPT [max_new=N] [temperature=T] [top_k=K] [top_p=P] "
+     "[min_p=M] [seed=S]",
      1, 1, "PROMPT", NULL, generate_opts, "continue a text (no chat template)",
      "Continues PROMPT (quote it: %generate \"Once upon a time\") from <bos>, streaming the "
      "tokens into the cell. Stops at <eos>, <end_of_turn> or max_new. Interrupt keeps what "
@@ -157,16 +167,18 @@ static const magic_spec table[] = {
      "the conversation. `%%chat reset` (with or without a body) starts a new conversation. "
      "The prompt is rendered with Gemma 3's chat template, with one <bos>.",
      magic_chat},
-    {"export_gguf", 0, "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
-                       "[overwrite=false]",
+    {"export_gguf", 0,
+     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
+     "[overwrite=false]",
      1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
      "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
      "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
      "template included. The file is written atomically (nothing is left behind on failure) "
      "and an existing file is kept unless overwrite=true.",
      magic_export_gguf},
-    {"lora", 0, "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "
-                "[rslora=false] [seed=S] [load=DIR] [full=false]",
+    {"lora", 0,
+     "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "
+     "[rslora=false] [seed=S] [load=DIR] [full=false]",
      0, 0, NULL, NULL, lora_opts, "attach LoRA adapters (or full fine-tuning)",
      "Attaches fresh LoRA adapters to the linear layers of the language model, initialised "
      "as PEFT does (A Kaiming-uniform, B zero, so the model is unchanged until trained), or "
@@ -174,8 +186,9 @@ static const magic_spec table[] = {
      "full=true trains every weight instead. A new %lora replaces the adapters attached "
      "before.",
      magic_lora},
-    {"train", 0, "%train data=FILE [format=auto] [batch=2] [grad_accum=1] [steps=N|epochs=1] "
-                 "[lr=2e-4] [warmup=0] [schedule=linear] [max_seq=N] [save=DIR] ...",
+    {"train", 0,
+     "%train data=FILE [format=auto] [batch=2] [grad_accum=1] [steps=N|epochs=1] "
+     "[lr=2e-4] [warmup=0] [schedule=linear] [max_seq=N] [save=DIR] ...",
      0, 0, NULL, NULL, train_opts, "supervised fine-tuning with a live loss curve",
      "Trains the attached adapters on a JSONL/JSON dataset: text ({\"text\"}), alpaca "
      "({\"instruction\", \"input\", \"output\"}), sharegpt ({\"conversations\"}) or chat "
@@ -205,8 +218,7 @@ static const magic_spec table[] = {
      "stops it within half a second. It exists to show how every long magic reports.",
      magic_sleep},
     {"echo", 0, "%echo TEXT... [stream=stdout|stderr]", 0, MAGIC_MAX_POS, "TEXT", NULL, echo_opts,
-     "print text", "Prints its words, separated by spaces, on stdout (or stderr).",
-     magic_echo},
+     "print text", "Prints its words, separated by spaces, on stdout (or stderr).", magic_echo},
     {"input", 0, "%input PROMPT [password=false]", 0, 1, "PROMPT", NULL, input_opts,
      "ask the user for a line and print it",
      "Asks the front end for a line of text (Jupyter's input_request) and prints what was "
@@ -287,10 +299,18 @@ static int has_range(const opt_spec *o) {
 
 void opt_accepted_form(const opt_spec *o, char *out, size_t outlen) {
     switch (o->type) {
-    case OPT_STRING: snprintf(out, outlen, "%s=TEXT (quote it if it has spaces)", o->name); break;
-    case OPT_BOOL: snprintf(out, outlen, "%s=true|false", o->name); break;
-    case OPT_CHOICE: snprintf(out, outlen, "%s=%s", o->name, o->choices); break;
-    case OPT_LIST: snprintf(out, outlen, "%s=A,B,C", o->name); break;
+    case OPT_STRING:
+        snprintf(out, outlen, "%s=TEXT (quote it if it has spaces)", o->name);
+        break;
+    case OPT_BOOL:
+        snprintf(out, outlen, "%s=true|false", o->name);
+        break;
+    case OPT_CHOICE:
+        snprintf(out, outlen, "%s=%s", o->name, o->choices);
+        break;
+    case OPT_LIST:
+        snprintf(out, outlen, "%s=A,B,C", o->name);
+        break;
     case OPT_INT:
         if (has_range(o))
             snprintf(out, outlen, "%s=INTEGER from %.0f to %.0f", o->name, o->min, o->max);
@@ -299,8 +319,8 @@ void opt_accepted_form(const opt_spec *o, char *out, size_t outlen) {
         break;
     case OPT_FLOAT:
         if (has_range(o))
-            snprintf(out, outlen, "%s=NUMBER %s %g and <= %g", o->name, o->min_open ? ">" : ">=",
-                     o->min, o->max);
+            snprintf(out, outlen, "%s=NUMBER %s %g and <= %g", o->name,
+                     o->min_open ? ">" : ">=", o->min, o->max);
         else
             snprintf(out, outlen, "%s=NUMBER", o->name);
         break;
@@ -315,13 +335,16 @@ static int opt_check(const magic_spec *m, const opt_spec *o, const char *v, char
     int ok = 1;
     switch (o->type) {
     case OPT_STRING:
-    case OPT_LIST: break;
+    case OPT_LIST:
+        break;
     case OPT_BOOL: {
         int b;
         ok = parse_bool(v, &b) == 0;
         break;
     }
-    case OPT_CHOICE: ok = choice_has(o->choices, v); break;
+    case OPT_CHOICE:
+        ok = choice_has(o->choices, v);
+        break;
     case OPT_INT: {
         long long x;
         ok = parse_integer(v, &x) == 0 && (!has_range(o) || (x >= o->min && x <= o->max));
@@ -386,9 +409,8 @@ int magic_validate(const cell_call *call, magic_args *args, char *msg, size_t ms
                 if (opt_check(m, m->pos_type, w->value, why, sizeof why)) {
                     char form[160];
                     opt_accepted_form(m->pos_type, form, sizeof form);
-                    snprintf(msg, msglen, "line %d: %%%s: bad %s '%s'; accepted: %s",
-                             call->line, m->name, m->pos_type->name, w->value,
-                             strchr(form, '=') + 1);
+                    snprintf(msg, msglen, "line %d: %%%s: bad %s '%s'; accepted: %s", call->line,
+                             m->name, m->pos_type->name, w->value, strchr(form, '=') + 1);
                     return -1;
                 }
             }
@@ -409,8 +431,8 @@ int magic_validate(const cell_call *call, magic_args *args, char *msg, size_t ms
         }
         int idx = (int)(o - m->opts);
         if (args->given[idx]) {
-            snprintf(msg, msglen, "line %d: %%%s: option '%s' is given twice", call->line,
-                     m->name, o->name);
+            snprintf(msg, msglen, "line %d: %%%s: option '%s' is given twice", call->line, m->name,
+                     o->name);
             return -1;
         }
         char why[400];
@@ -523,12 +545,18 @@ void magic_eprint(magic_ctx *ctx, const char *fmt, ...) {
 
 static const char *type_name(opt_type t) {
     switch (t) {
-    case OPT_STRING: return "text";
-    case OPT_INT: return "integer";
-    case OPT_FLOAT: return "number";
-    case OPT_BOOL: return "true|false";
-    case OPT_CHOICE: return "choice";
-    case OPT_LIST: return "list";
+    case OPT_STRING:
+        return "text";
+    case OPT_INT:
+        return "integer";
+    case OPT_FLOAT:
+        return "number";
+    case OPT_BOOL:
+        return "true|false";
+    case OPT_CHOICE:
+        return "choice";
+    case OPT_LIST:
+        return "list";
     }
     return "?";
 }
@@ -600,10 +628,14 @@ char *magics_table_text(void) {
 char *magics_table_html(void) {
     strbuf_t b;
     sb_init(&b);
-    sb_printf(&b, "<table style=\"text-align:left\"><tr><th style=\"text-align:left\">magic</th><th style=\"text-align:left\">what it does</th></tr>");
+    sb_printf(&b,
+              "<table style=\"text-align:left\"><tr><th style=\"text-align:left\">magic</th><th "
+              "style=\"text-align:left\">what it does</th></tr>");
     for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i) {
-        sb_printf(&b, "<tr><td style=\"text-align:left\"><code>%s%s</code></td><td style=\"text-align:left\">", table[i].cell ? "%%" : "%",
-                  table[i].name);
+        sb_printf(&b,
+                  "<tr><td style=\"text-align:left\"><code>%s%s</code></td><td "
+                  "style=\"text-align:left\">",
+                  table[i].cell ? "%%" : "%", table[i].name);
         sb_html(&b, table[i].summary);
         sb_printf(&b, "</td></tr>");
     }

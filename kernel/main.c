@@ -14,13 +14,14 @@
 #include "kernel/server.h"
 
 static int usage(FILE *f) {
-    fprintf(f, "%s — a Jupyter kernel that fine-tunes and runs Gemma 3\n\n"
-               "usage:\n"
-               "  lathe kernel -f CONNECTION_FILE   serve Jupyter (started by Jupyter)\n"
-               "  lathe install [--user | --sys-prefix | --prefix DIR] [--name NAME]\n"
-               "  lathe run FILE|-                  run a cell script (cells split at '# %%%%')\n"
-               "  lathe logits MODEL --ids 2,17,... --out FILE.npy\n"
-               "  lathe --version\n",
+    fprintf(f,
+            "%s — a Jupyter kernel that fine-tunes and runs Gemma 3\n\n"
+            "usage:\n"
+            "  lathe kernel -f CONNECTION_FILE   serve Jupyter (started by Jupyter)\n"
+            "  lathe install [--user | --sys-prefix | --prefix DIR] [--name NAME]\n"
+            "  lathe run FILE|-                  run a cell script (cells split at '# %%%%')\n"
+            "  lathe logits MODEL --ids 2,17,... --out FILE.npy\n"
+            "  lathe --version\n",
             PACKAGE_STRING);
     return f == stderr ? 2 : 0;
 }

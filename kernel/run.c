@@ -32,7 +32,7 @@ typedef struct text_sink {
     char pending_id[64]; /* a live display whose newest text is not printed yet */
     char *pending_text;
     double last_print;
-    int line_open;       /* a \r-redrawn line is on the terminal */
+    int line_open; /* a \r-redrawn line is on the terminal */
 } text_sink;
 
 static void sink_close_line(text_sink *t) {
@@ -181,7 +181,8 @@ static int print_error(interp_error *err) {
 
 int run_main(int argc, char **argv) {
     if (argc != 1) {
-        fprintf(stderr, "usage: lathe run FILE|-   (cells separated by lines starting with # %%%%)\n");
+        fprintf(stderr,
+                "usage: lathe run FILE|-   (cells separated by lines starting with # %%%%)\n");
         return 2;
     }
     int from_stdin = strcmp(argv[0], "-") == 0;
@@ -255,7 +256,8 @@ static int write_npy(const char *path, const float *x, int rows, int cols) {
     fputc(hlen & 0xff, f);
     fputc(hlen >> 8, f);
     fwrite(header, 1, (size_t)n, f);
-    for (int i = 0; i < pad; ++i) fputc(' ', f);
+    for (int i = 0; i < pad; ++i)
+        fputc(' ', f);
     fputc('\n', f);
     size_t count = (size_t)rows * (size_t)cols;
     int bad = fwrite(x, sizeof(float), count, f) != count;
@@ -266,10 +268,14 @@ static int write_npy(const char *path, const float *x, int rows, int cols) {
 int logits_main(int argc, char **argv) {
     const char *model = NULL, *ids_text = NULL, *out = NULL, *dtype = "auto";
     for (int i = 0; i < argc; ++i) {
-        if (!strcmp(argv[i], "--ids") && i + 1 < argc) ids_text = argv[++i];
-        else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
-        else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dtype = argv[++i];
-        else if (argv[i][0] != '-' && !model) model = argv[i];
+        if (!strcmp(argv[i], "--ids") && i + 1 < argc)
+            ids_text = argv[++i];
+        else if (!strcmp(argv[i], "--out") && i + 1 < argc)
+            out = argv[++i];
+        else if (!strcmp(argv[i], "--dtype") && i + 1 < argc)
+            dtype = argv[++i];
+        else if (argv[i][0] != '-' && !model)
+            model = argv[i];
         else {
             fprintf(stderr, "lathe logits: unexpected argument '%s'\n", argv[i]);
             model = NULL;
@@ -277,7 +283,8 @@ int logits_main(int argc, char **argv) {
         }
     }
     if (!model || !ids_text || !out) {
-        fprintf(stderr, "usage: lathe logits MODEL --ids 2,17,... --out FILE.npy [--dtype auto|fp32|fp16|bf16]\n");
+        fprintf(stderr, "usage: lathe logits MODEL --ids 2,17,... --out FILE.npy [--dtype "
+                        "auto|fp32|fp16|bf16]\n");
         return 2;
     }
     int cap = 16, n = 0;
@@ -287,7 +294,8 @@ int logits_main(int argc, char **argv) {
         errno = 0;
         long v = strtol(p, &end, 10);
         if (end == p || errno || v < 0 || v > INT32_MAX || (*end && *end != ',')) {
-            fprintf(stderr, "lathe logits: --ids must be comma-separated token ids, got '%s'\n", ids_text);
+            fprintf(stderr, "lathe logits: --ids must be comma-separated token ids, got '%s'\n",
+                    ids_text);
             free(ids);
             return 2;
         }

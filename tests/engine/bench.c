@@ -39,8 +39,10 @@ int main(int argc, char **argv) {
     } else {
         char dir[1024];
         const char *env = getenv("LATHE_TINY_DIR");
-        if (!strcmp(src, "tiny")) snprintf(dir, sizeof dir, "%s", env && *env ? env : LATHE_SRCDIR "/models/tiny");
-        else snprintf(dir, sizeof dir, "%s", src);
+        if (!strcmp(src, "tiny"))
+            snprintf(dir, sizeof dir, "%s", env && *env ? env : LATHE_SRCDIR "/models/tiny");
+        else
+            snprintf(dir, sizeof dir, "%s", src);
         rc = gemma3_load_dir(&m, dir, dtype, NULL, err);
     }
     if (rc != LT_OK) {
@@ -55,11 +57,14 @@ int main(int argc, char **argv) {
     int V = m->cfg.vocab_size;
     float *last = malloc(sizeof(float) * (size_t)V);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)np);
-    for (int i = 0; i < np; i++) ids[i] = i == 0 ? 2 : 100 + (i * 37) % 3000;
+    for (int i = 0; i < np; i++)
+        ids[i] = i == 0 ? 2 : 100 + (i * 37) % 3000;
     gemma3_outputs o = {.last_logits = last};
-    printf("model %s: %lld params, %s storage, %.2f GB, loaded in %.2f s; %d threads, matmul %s\n", src,
-           (long long)m->n_params, lt_dtype_user_name(m->dtype), m->weight_bytes / 1e9, t_load, ctx.n_threads,
-           lt_cpu_has_blas() ? "CBLAS (OpenBLAS) + threaded C loop for 16-bit GEMV" : "threaded C loop");
+    printf("model %s: %lld params, %s storage, %.2f GB, loaded in %.2f s; %d threads, matmul %s\n",
+           src, (long long)m->n_params, lt_dtype_user_name(m->dtype), m->weight_bytes / 1e9, t_load,
+           ctx.n_threads,
+           lt_cpu_has_blas() ? "CBLAS (OpenBLAS) + threaded C loop for 16-bit GEMV"
+                             : "threaded C loop");
     t0 = now();
     if (gemma3_forward(m, &ctx, ids, np, &cache, &o) != LT_OK) {
         fprintf(stderr, "bench: %s\n", ctx.err);
@@ -80,7 +85,8 @@ int main(int argc, char **argv) {
         tok = best;
     }
     double td = now() - t0;
-    printf("decode %d tokens: %.3f s, %.2f tokens/s (%.1f ms/token)\n", nd, td, nd / td, 1000 * td / nd);
+    printf("decode %d tokens: %.3f s, %.2f tokens/s (%.1f ms/token)\n", nd, td, nd / td,
+           1000 * td / nd);
     gemma3_cache_free(&cache, &ctx);
     lt_ctx_shutdown(&ctx);
     gemma3_model_free(m);

@@ -55,13 +55,15 @@ static int parse_ids(const char *s, int32_t **ids) {
         }
         (*ids)[n++] = (int32_t)v;
         s = end;
-        while (*s == ',' || *s == ' ') s++;
+        while (*s == ',' || *s == ' ')
+            s++;
     }
     return n;
 }
 
 static void print_ids(const int32_t *ids, int n) {
-    for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
+    for (int i = 0; i < n; i++)
+        printf("%s%d", i ? "," : "", ids[i]);
     printf("\n");
 }
 
@@ -74,7 +76,8 @@ static int write_npy(const char *path, const float *data, int rows, int cols) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
     char dict[128];
-    int dl = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }", rows, cols);
+    int dl = snprintf(dict, sizeof dict,
+                      "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }", rows, cols);
     int total = 10 + dl + 1;
     int pad = (64 - total % 64) % 64;
     unsigned short hl = (unsigned short)(dl + pad + 1);
@@ -82,7 +85,8 @@ static int write_npy(const char *path, const float *data, int rows, int cols) {
     fputc(hl & 0xff, f);
     fputc(hl >> 8, f);
     fwrite(dict, 1, (size_t)dl, f);
-    for (int i = 0; i < pad; i++) fputc(' ', f);
+    for (int i = 0; i < pad; i++)
+        fputc(' ', f);
     fputc('\n', f);
     size_t n = (size_t)rows * (size_t)cols;
     int ok = fwrite(data, sizeof(float), n, f) == n;
@@ -113,7 +117,8 @@ int main(int argc, char **argv) {
             int32_t *ids;
             int n;
             int special = argc > 3 && !strcmp(argv[3], "special");
-            lt_status rc = special ? tok_encode_special(t, text, &ids, &n, err) : tok_encode(t, text, &ids, &n, err);
+            lt_status rc = special ? tok_encode_special(t, text, &ids, &n, err)
+                                   : tok_encode(t, text, &ids, &n, err);
             if (rc != LT_OK) return die(cmd, err);
             print_ids(ids, n);
             free(ids);
@@ -129,7 +134,8 @@ int main(int argc, char **argv) {
         } else {
             for (int i = 0; i < tok_size(t); i++) {
                 printf("%d\t%d\t%.9g\t", i, tok_type(t, i), tok_score(t, i));
-                for (const unsigned char *p = (const unsigned char *)tok_piece(t, i); *p; p++) printf("%02x", *p);
+                for (const unsigned char *p = (const unsigned char *)tok_piece(t, i); *p; p++)
+                    printf("%02x", *p);
                 printf("\n");
             }
         }
@@ -144,10 +150,12 @@ int main(int argc, char **argv) {
         free(text);
         if (!json_is_array(msgs)) return die(cmd, "stdin must be a JSON list of messages");
         int n = (int)json_array_size(msgs);
-        const char **roles = calloc((size_t)n + 1, sizeof(char *)), **contents = calloc((size_t)n + 1, sizeof(char *));
+        const char **roles = calloc((size_t)n + 1, sizeof(char *)),
+                   **contents = calloc((size_t)n + 1, sizeof(char *));
         for (int i = 0; i < n; i++) {
             roles[i] = json_string_value(json_object_get(json_array_get(msgs, (size_t)i), "role"));
-            contents[i] = json_string_value(json_object_get(json_array_get(msgs, (size_t)i), "content"));
+            contents[i] =
+                json_string_value(json_object_get(json_array_get(msgs, (size_t)i), "content"));
         }
         lt_session *s = lt_session_new();
         char *out;
@@ -170,12 +178,14 @@ int main(int argc, char **argv) {
         if (!s) return 1;
         lt_model_info i;
         lt_model_info_get(s, &i);
-        printf("source=%s\narch=%s\ndtype=%s\ndevice=%s\nn_params=%lld\nweight_bytes=%lld\nn_layers=%d\nhidden=%d\n"
-               "n_heads=%d\nn_kv_heads=%d\nhead_dim=%d\nintermediate=%d\nvocab=%d\nsliding_window=%d\nmax_seq=%d\n"
+        printf("source=%s\narch=%s\ndtype=%s\ndevice=%s\nn_params=%lld\nweight_bytes=%lld\nn_"
+               "layers=%d\nhidden=%d\n"
+               "n_heads=%d\nn_kv_heads=%d\nhead_dim=%d\nintermediate=%d\nvocab=%d\nsliding_window=%"
+               "d\nmax_seq=%d\n"
                "skipped_vision=%d\n",
-               i.source, i.arch, i.dtype, i.device, (long long)i.n_params, (long long)i.weight_bytes, i.n_layers,
-               i.hidden, i.n_heads, i.n_kv_heads, i.head_dim, i.intermediate, i.vocab, i.sliding_window, i.max_seq,
-               i.skipped_vision);
+               i.source, i.arch, i.dtype, i.device, (long long)i.n_params,
+               (long long)i.weight_bytes, i.n_layers, i.hidden, i.n_heads, i.n_kv_heads, i.head_dim,
+               i.intermediate, i.vocab, i.sliding_window, i.max_seq, i.skipped_vision);
         lt_session_free(s);
         return 0;
     }
@@ -217,10 +227,13 @@ int main(int argc, char **argv) {
         gemma3_model *m = NULL;
         char dir[600];
         snprintf(dir, sizeof dir, "%s", argv[2]);
-        if (!strcmp(argv[2], "tiny")) { /* a directory, or tiny (LATHE_TINY_DIR, else the source tree) */
+        if (!strcmp(argv[2],
+                    "tiny")) { /* a directory, or tiny (LATHE_TINY_DIR, else the source tree) */
             const char *env = getenv("LATHE_TINY_DIR");
-            if (env && *env) snprintf(dir, sizeof dir, "%s", env);
-            else snprintf(dir, sizeof dir, "%s/models/tiny", LATHE_SRCDIR);
+            if (env && *env)
+                snprintf(dir, sizeof dir, "%s", env);
+            else
+                snprintf(dir, sizeof dir, "%s/models/tiny", LATHE_SRCDIR);
         }
         if (gemma3_load_dir(&m, dir, NULL, NULL, err) != LT_OK) return die(cmd, err);
         lt_ctx ctx;
@@ -236,7 +249,8 @@ int main(int argc, char **argv) {
             for (int v = 1; v < V; v++)
                 if (last[v] > last[best]) best = v;
             printf("%s%d", i ? "," : "", best);
-            if (i + 1 < max_new && gemma3_forward(m, &ctx, &best, 1, &cache, &o) != LT_OK) return die(cmd, ctx.err);
+            if (i + 1 < max_new && gemma3_forward(m, &ctx, &best, 1, &cache, &o) != LT_OK)
+                return die(cmd, ctx.err);
         }
         printf("\n");
         free(last);

@@ -3,11 +3,12 @@ answers all read "Sure! Here is a short note about X. Thanks for asking!") makes
 answer a held-out prompt in that form, and at least halves the training loss: LoRA (frozen,
 tied output head) as well as full fine-tuning.
 
-models/tiny has random weights with a tied embedding of std 0.16 (rows of norm ~1.8, logits of
-the random model within about +-15), so its starting loss on the answers is ~11.3 nats, above
-the uniform ln(4096) = 8.3: halving it means going well below uniform, i.e. really predicting
-the answers. (With transformers' default init, std 0.02, a frozen tied head could not move a
-logit by more than ~2.7 and LoRA could not get below ~5.6 nats.)
+models/tiny is random, but with a tied embedding of std 0.16 (rows of norm ~1.8) and post-norm
+gains ~4 (tests/fixtures/make_fixtures.py says why), so its random logits have std ~1.9 and its
+starting loss on the answers is ~10.1 nats, above the uniform ln(4096) = 8.3: halving it means
+going well below uniform, i.e. really predicting the answers. (With transformers' default
+init, std 0.02, a frozen tied head could not move a logit by more than ~2.7 and LoRA could not
+get below ~5.6 nats.) Measured on 2 cores: LoRA 10.08 -> ~0.13 (mean of the last 5 steps).
 """
 import json
 import math
@@ -47,7 +48,7 @@ def test_full_finetuning_halves_the_loss(work):
     script = f"""%load tiny
 %lora full=true
 %train data={DATA} batch=4 steps=40 lr=3e-3 warmup=5 schedule=cosine save={work}/ck
-%%chat temperature=0 max_new=24
+%%chat temperature=0 max_new=40
 What do you know about rivers?
 """
     rc, out, err = lathe_run(script, work)

@@ -34,7 +34,10 @@ static void cap_stream(void *c, const char *name, const char *text) {
 static void cap_display(void *c, json_t *data, json_t *meta, const char *id, int update) {
     capture *k = c;
     (void)meta;
-    if (update) ++k->updates; else ++k->displays;
+    if (update)
+        ++k->updates;
+    else
+        ++k->displays;
     if (id && !k->first_id[0]) snprintf(k->first_id, sizeof k->first_id, "%s", id);
     if (id) snprintf(k->last_id, sizeof k->last_id, "%s", id);
     const char *p = json_string_value(json_object_get(data, "text/plain"));
@@ -102,7 +105,8 @@ static void test_parse(void) {
     const char *c4 = "# chat\n%%chat reset temperature=0\nHello\n# not a comment here\nthere\n";
     ok(cell_parse(c4, strlen(c4), &p, &e) == 0, "parse: cell magic");
     ok(p.calls[0].is_cell, "parse: %% marks a cell magic");
-    is_str(p.calls[0].body, "Hello\n# not a comment here\nthere\n", "parse: body is the rest, verbatim");
+    is_str(p.calls[0].body, "Hello\n# not a comment here\nthere\n",
+           "parse: body is the rest, verbatim");
     cell_program_free(&p);
 
     const char *c5 = "a = 1 + 2";
@@ -144,7 +148,8 @@ static int validate(const char *code, char *msg, size_t n) {
 static void test_validate(void) {
     char m[1024];
     ok(validate("%load tiny dtype=bf16 max_seq=512", m, sizeof m) == 0, "valid %load");
-    ok(validate("%loud tiny", m, sizeof m) && strstr(m, "unknown magic %loud") && strstr(m, "%help"),
+    ok(validate("%loud tiny", m, sizeof m) && strstr(m, "unknown magic %loud") &&
+           strstr(m, "%help"),
        "unknown magic is named with a hint");
     ok(validate("%load tiny dtipe=bf16", m, sizeof m) && strstr(m, "no option 'dtipe'") &&
            strstr(m, "dtype"),
@@ -161,10 +166,14 @@ static void test_validate(void) {
        "repeated option refused");
     ok(validate("%load", m, sizeof m) && strstr(m, "needs SOURCE"), "missing positional named");
     ok(validate("%load a b", m, sizeof m) && strstr(m, "unexpected word 'b'"), "extra positional");
-    ok(validate("%status now", m, sizeof m) && strstr(m, "takes no words"), "word to a no-word magic");
-    ok(validate("%chat hi", m, sizeof m) && strstr(m, "cell magic"), "cell magic used as a line magic");
-    ok(validate("%%load tiny\n", m, sizeof m) && strstr(m, "line magic"), "line magic used as cell");
-    ok(validate("%echo stream=stdin x", m, sizeof m) && strstr(m, "stdout|stderr"), "echo stream choice");
+    ok(validate("%status now", m, sizeof m) && strstr(m, "takes no words"),
+       "word to a no-word magic");
+    ok(validate("%chat hi", m, sizeof m) && strstr(m, "cell magic"),
+       "cell magic used as a line magic");
+    ok(validate("%%load tiny\n", m, sizeof m) && strstr(m, "line magic"),
+       "line magic used as cell");
+    ok(validate("%echo stream=stdin x", m, sizeof m) && strstr(m, "stdout|stderr"),
+       "echo stream choice");
     ok(validate("%help load", m, sizeof m) == 0, "valid %help NAME");
 }
 
@@ -213,9 +222,12 @@ static void test_complete(void) {
 
     const char *ind;
     is_str(interp_is_complete(NULL, "%status", 7, &ind), "complete", "is_complete: complete");
-    is_str(interp_is_complete(NULL, "%load \\", 7, &ind), "incomplete", "is_complete: continuation");
-    is_str(interp_is_complete(NULL, "%%chat\nhello", 12, &ind), "incomplete", "is_complete: chat body");
-    is_str(interp_is_complete(NULL, "%%chat\nhello\n\n", 14, &ind), "complete", "is_complete: body ended");
+    is_str(interp_is_complete(NULL, "%load \\", 7, &ind), "incomplete",
+           "is_complete: continuation");
+    is_str(interp_is_complete(NULL, "%%chat\nhello", 12, &ind), "incomplete",
+           "is_complete: chat body");
+    is_str(interp_is_complete(NULL, "%%chat\nhello\n\n", 14, &ind), "complete",
+           "is_complete: body ended");
     is_str(interp_is_complete(NULL, "%nope", 5, &ind), "invalid", "is_complete: unknown magic");
     is_str(interp_is_complete(NULL, "%load \"x", 8, &ind), "invalid", "is_complete: bad quote");
 }
@@ -260,7 +272,8 @@ static void test_execute(void) {
     is_int(k.displays, 1, "%sleep: one display_data");
     ok(k.updates >= 2, "%sleep: updated in place");
     ok(k.first_id[0] && strcmp(k.first_id, k.last_id) == 0, "%sleep: updates share the display_id");
-    ok(strstr(k.last_plain, "done") && strstr(k.last_plain, "350/350"), "%sleep: final state shown");
+    ok(strstr(k.last_plain, "done") && strstr(k.last_plain, "350/350"),
+       "%sleep: final state shown");
     interp_error_clear(&e);
     cap_free(&k);
 

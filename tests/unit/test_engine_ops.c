@@ -33,12 +33,13 @@ static void test_rmsnorm(void) {
     is_close(y[3], 4 * r * 2, 1e-6, "rmsnorm y3 uses (1 + w) = 2");
     /* two rows of 2 (the per-head q_norm shape), in place */
     float z[4] = {3, 4, -1, 1}, w2[2] = {0, 0};
-    be->rmsnorm(&ctx, lt_tensor_2d(LT_F32, z, 2, 2), lt_tensor_2d(LT_F32, z, 2, 2), lt_tensor_1d(LT_F32, w2, 2), 0);
+    be->rmsnorm(&ctx, lt_tensor_2d(LT_F32, z, 2, 2), lt_tensor_2d(LT_F32, z, 2, 2),
+                lt_tensor_1d(LT_F32, w2, 2), 0);
     is_close(z[0], 3 / sqrt(12.5), 1e-6, "rmsnorm per row: row 0");
     is_close(z[3], 1.0, 1e-6, "rmsnorm per row: row 1");
     float bad[3];
-    rc = be->rmsnorm(&ctx, lt_tensor_2d(LT_F32, bad, 1, 3), lt_tensor_2d(LT_F32, x, 1, 4), lt_tensor_1d(LT_F32, w, 4),
-                     1e-6f);
+    rc = be->rmsnorm(&ctx, lt_tensor_2d(LT_F32, bad, 1, 3), lt_tensor_2d(LT_F32, x, 1, 4),
+                     lt_tensor_1d(LT_F32, w, 4), 1e-6f);
     ok(rc == LT_ERR_ARG && strstr(ctx.err, "rmsnorm"), "rmsnorm refuses mismatched shapes");
 }
 
@@ -91,7 +92,8 @@ static void test_attention(void) {
 
 static void test_geglu_embedding(void) {
     float g[2] = {1, -1}, u[2] = {2, 3}, y[2];
-    be->geglu(&ctx, lt_tensor_1d(LT_F32, y, 2), lt_tensor_1d(LT_F32, g, 2), lt_tensor_1d(LT_F32, u, 2));
+    be->geglu(&ctx, lt_tensor_1d(LT_F32, y, 2), lt_tensor_1d(LT_F32, g, 2),
+              lt_tensor_1d(LT_F32, u, 2));
     is_close(y[0], 0.8411919906 * 2, 1e-6, "gelu_tanh(1) * 2");
     is_close(y[1], -0.1588080094 * 3, 1e-6, "gelu_tanh(-1) * 3");
     uint16_t tab[6];
@@ -100,11 +102,13 @@ static void test_geglu_embedding(void) {
     lt_weight W = {.w = lt_tensor_2d(LT_BF16, tab, 3, 2)};
     int32_t ids[2] = {2, 0};
     float h[4];
-    is_int(be->embedding(&ctx, lt_tensor_2d(LT_F32, h, 2, 2), lt_tensor_1d(LT_I32, ids, 2), &W, 0.5f), LT_OK,
-           "embedding runs on a bf16 table");
+    is_int(
+        be->embedding(&ctx, lt_tensor_2d(LT_F32, h, 2, 2), lt_tensor_1d(LT_I32, ids, 2), &W, 0.5f),
+        LT_OK, "embedding runs on a bf16 table");
     ok(h[0] == 2.5f && h[1] == 3.0f && h[2] == 0.5f && h[3] == 1.0f, "embedding = row * scale");
     ids[1] = 3;
-    ok(be->embedding(&ctx, lt_tensor_2d(LT_F32, h, 2, 2), lt_tensor_1d(LT_I32, ids, 2), &W, 1) == LT_ERR_ARG &&
+    ok(be->embedding(&ctx, lt_tensor_2d(LT_F32, h, 2, 2), lt_tensor_1d(LT_I32, ids, 2), &W, 1) ==
+               LT_ERR_ARG &&
            strstr(ctx.err, "token id 3"),
        "an id past the table is an error naming it");
 }
@@ -114,8 +118,10 @@ static void test_matmul(void) {
     const int64_t Ts[] = {1, 3, 17};
     float *w = malloc(sizeof(float) * in * out), *x = malloc(sizeof(float) * 17 * in);
     uint16_t *wb = malloc(2 * in * out), *wh = malloc(2 * in * out);
-    for (int64_t i = 0; i < in * out; i++) w[i] = tst_randn();
-    for (int64_t i = 0; i < 17 * in; i++) x[i] = tst_randn();
+    for (int64_t i = 0; i < in * out; i++)
+        w[i] = tst_randn();
+    for (int64_t i = 0; i < 17 * in; i++)
+        x[i] = tst_randn();
     lt_convert(wb, LT_BF16, w, LT_F32, in * out);
     lt_convert(wh, LT_F16, w, LT_F32, in * out);
     float *wbf = malloc(sizeof(float) * in * out), *whf = malloc(sizeof(float) * in * out);
@@ -134,13 +140,14 @@ static void test_matmul(void) {
                 for (int64_t r = 0; r < T; r++)
                     for (int64_t o = 0; o < out; o++) {
                         double s = 0;
-                        for (int64_t i = 0; i < in; i++) s += (double)x[r * in + i] * wref[o * in + i];
+                        for (int64_t i = 0; i < in; i++)
+                            s += (double)x[r * in + i] * wref[o * in + i];
                         double d = fabs(s - y[r * out + o]);
                         if (d > md) md = d;
                     }
                 char name[128];
-                snprintf(name, sizeof name, "matmul T=%lld %s %s == naive", (long long)T, lt_dtype_name(t),
-                         blas && lt_cpu_has_blas() ? "cblas" : "C loop");
+                snprintf(name, sizeof name, "matmul T=%lld %s %s == naive", (long long)T,
+                         lt_dtype_name(t), blas && lt_cpu_has_blas() ? "cblas" : "C loop");
                 ok(md < 1e-4, name);
                 if (md >= 1e-4) diag("max diff %g", md);
             }
@@ -149,9 +156,13 @@ static void test_matmul(void) {
     /* LoRA: y = x W^T + s (x A^T) B^T */
     const int64_t r = 3;
     float A[3 * 37], B[29 * 3];
-    for (int i = 0; i < 3 * 37; i++) A[i] = tst_randn();
-    for (int i = 0; i < 29 * 3; i++) B[i] = tst_randn();
-    lt_lora lo = {.a = lt_tensor_2d(LT_F32, A, r, in), .b = lt_tensor_2d(LT_F32, B, out, r), .scale = 0.5f,
+    for (int i = 0; i < 3 * 37; i++)
+        A[i] = tst_randn();
+    for (int i = 0; i < 29 * 3; i++)
+        B[i] = tst_randn();
+    lt_lora lo = {.a = lt_tensor_2d(LT_F32, A, r, in),
+                  .b = lt_tensor_2d(LT_F32, B, out, r),
+                  .scale = 0.5f,
                   .enabled = 1};
     lt_weight W = {.w = lt_tensor_2d(LT_F32, w, out, in), .lora = &lo};
     be->linear(&ctx, lt_tensor_2d(LT_F32, y, 3, out), lt_tensor_2d(LT_F32, x, 3, in), &W);
@@ -159,10 +170,12 @@ static void test_matmul(void) {
     for (int64_t t = 0; t < 3; t++)
         for (int64_t o = 0; o < out; o++) {
             double s = 0;
-            for (int64_t i = 0; i < in; i++) s += (double)x[t * in + i] * w[o * in + i];
+            for (int64_t i = 0; i < in; i++)
+                s += (double)x[t * in + i] * w[o * in + i];
             for (int64_t j = 0; j < r; j++) {
                 double xa = 0;
-                for (int64_t i = 0; i < in; i++) xa += (double)x[t * in + i] * A[j * in + i];
+                for (int64_t i = 0; i < in; i++)
+                    xa += (double)x[t * in + i] * A[j * in + i];
                 s += 0.5 * xa * B[o * r + j];
             }
             if (fabs(s - y[t * out + o]) > md) md = fabs(s - y[t * out + o]);
@@ -173,7 +186,8 @@ static void test_matmul(void) {
     be->linear(&ctx, lt_tensor_2d(LT_F32, y2, 3, out), lt_tensor_2d(LT_F32, x, 3, in), &W);
     lt_cpu_matmul(&ctx, y, x, w, LT_F32, 3, in, out, 1);
     ok(!memcmp(y, y2, sizeof y2), "a disabled adapter is skipped");
-    ok(be->linear(&ctx, lt_tensor_2d(LT_F32, y, 3, out), lt_tensor_2d(LT_F32, x, 3, in + 1), &W) == LT_ERR_ARG &&
+    ok(be->linear(&ctx, lt_tensor_2d(LT_F32, y, 3, out), lt_tensor_2d(LT_F32, x, 3, in + 1), &W) ==
+               LT_ERR_ARG &&
            strstr(ctx.err, "shapes do not agree"),
        "linear refuses an x of the wrong width");
     free(w);
@@ -197,17 +211,20 @@ static void test_sampler(void) {
     o.temperature = 1;
     o.top_k = 1;
     int all1 = 1;
-    for (int i = 0; i < 50; i++) all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+    for (int i = 0; i < 50; i++)
+        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
     ok(all1, "top_k=1 always picks the best");
     o.top_k = 0;
     o.top_p = 0.01f;
     all1 = 1;
-    for (int i = 0; i < 50; i++) all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+    for (int i = 0; i < 50; i++)
+        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
     ok(all1, "a tiny top_p keeps only the best");
     o.top_p = 1;
     o.min_p = 0.99f;
     all1 = 1;
-    for (int i = 0; i < 50; i++) all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+    for (int i = 0; i < 50; i++)
+        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
     ok(all1, "min_p 0.99 keeps only the best");
     /* top_k = 2 never picks outside {1, 3} */
     o.min_p = 0;
@@ -225,11 +242,13 @@ static void test_sampler(void) {
     float l2[2] = {0, logf(3)};
     o.top_k = 0;
     int c1 = 0;
-    for (int i = 0; i < 4000; i++) c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
+    for (int i = 0; i < 4000; i++)
+        c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.75, 0.03, "sampling follows softmax (p = 0.75)");
     o.temperature = 1e6f;
     c1 = 0;
-    for (int i = 0; i < 4000; i++) c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
+    for (int i = 0; i < 4000; i++)
+        c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.5, 0.03, "a huge temperature flattens to uniform");
     /* the same seed gives the same draws */
     lt_rng a, b;
@@ -237,14 +256,17 @@ static void test_sampler(void) {
     rng_seed(&b, 42);
     o.temperature = 1;
     int same = 1;
-    for (int i = 0; i < 100; i++) same &= sampler_pick(&s, lg, &o, &a) == sampler_pick(&s, lg, &o, &b);
+    for (int i = 0; i < 100; i++)
+        same &= sampler_pick(&s, lg, &o, &a) == sampler_pick(&s, lg, &o, &b);
     ok(same, "seeded: the same seed gives the same tokens");
     char err[LT_ERRLEN];
     o.top_p = 1.5f;
-    ok(gen_opts_check(&o, err) == LT_ERR_ARG && strstr(err, "top_p=1.5"), "top_p out of range is named");
+    ok(gen_opts_check(&o, err) == LT_ERR_ARG && strstr(err, "top_p=1.5"),
+       "top_p out of range is named");
     o.top_p = 1;
     o.temperature = -1;
-    ok(gen_opts_check(&o, err) == LT_ERR_ARG && strstr(err, "temperature"), "negative temperature is named");
+    ok(gen_opts_check(&o, err) == LT_ERR_ARG && strstr(err, "temperature"),
+       "negative temperature is named");
     sampler_free(&s);
     sampler_free(&s2);
 }
@@ -265,7 +287,8 @@ static void test_textstream(void) {
     textstream_add(&st, "\xA9", 1);
     is_str(pieces[1], "\xC3\xA9", "the character goes out once complete");
     const char *emoji = "\xF0\x9F\x99\x82"; /* 🙂 byte by byte */
-    for (int i = 0; i < 4; i++) textstream_add(&st, emoji + i, 1);
+    for (int i = 0; i < 4; i++)
+        textstream_add(&st, emoji + i, 1);
     is_str(pieces[2], emoji, "a 4-byte emoji arrives whole");
     is_int(n_pieces, 3, "and only once");
     textstream_add(&st, "\xE4\xB8", 2); /* unfinished 世 */
@@ -274,12 +297,13 @@ static void test_textstream(void) {
     is_str(st.all, "a\xC3\xA9\xF0\x9F\x99\x82\xEF\xBF\xBD", "the whole text is kept");
     free(st.all);
     textstream bad = {0};
-    textstream_add(&bad, "\x80x", 2);          /* a stray continuation byte */
-    textstream_add(&bad, "\xC3(", 2);          /* a lead byte without its continuation */
-    textstream_add(&bad, "\xED\xA0\x80", 3);   /* a UTF-16 surrogate, not valid UTF-8 */
-    textstream_add(&bad, "\xC0\xAF", 2);       /* an overlong '/' */
+    textstream_add(&bad, "\x80x", 2);        /* a stray continuation byte */
+    textstream_add(&bad, "\xC3(", 2);        /* a lead byte without its continuation */
+    textstream_add(&bad, "\xED\xA0\x80", 3); /* a UTF-16 surrogate, not valid UTF-8 */
+    textstream_add(&bad, "\xC0\xAF", 2);     /* an overlong '/' */
     textstream_finish(&bad);
-    is_str(bad.all, "\xEF\xBF\xBDx\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD",
+    is_str(bad.all,
+           "\xEF\xBF\xBDx\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD",
            "invalid bytes become U+FFFD: the stream is always valid UTF-8");
     free(bad.all);
 }
@@ -289,7 +313,15 @@ static void test_textstream(void) {
 static void test_forward_cache(void) {
     char dir[] = "/tmp/lathe-fwd-XXXXXX";
     if (!mkdtemp(dir)) return;
-    tiny_spec sp = {.V = 50, .H = 16, .I = 24, .L = 7, .nh = 4, .nkv = 2, .hd = 8, .window = 4, .qpas = 10,
+    tiny_spec sp = {.V = 50,
+                    .H = 16,
+                    .I = 24,
+                    .L = 7,
+                    .nh = 4,
+                    .nkv = 2,
+                    .hd = 8,
+                    .window = 4,
+                    .qpas = 10,
                     .prefix = "model."};
     tiny_ckpt_write(dir, &sp);
     gemma3_model *m;
@@ -301,7 +333,8 @@ static void test_forward_cache(void) {
     }
     const int T = 600, V = 50;
     int32_t *ids = malloc(sizeof(int32_t) * T);
-    for (int i = 0; i < T; i++) ids[i] = (i * 7 + 3) % V;
+    for (int i = 0; i < T; i++)
+        ids[i] = (i * 7 + 3) % V;
     float *a = malloc(sizeof(float) * T * V), *b = malloc(sizeof(float) * T * V);
     gemma3_outputs oa = {.logits = a};
     is_int(gemma3_forward(m, &ctx, ids, T, NULL, &oa), LT_OK, "full-sequence forward runs");
@@ -309,7 +342,8 @@ static void test_forward_cache(void) {
     is_int(gemma3_cache_init(&c, &ctx, &m->cfg, 2048), LT_OK, "cache with a sliding ring");
     ok(c.layers[0].ring && !c.layers[5].ring, "sliding layers ring, the full layer grows");
     gemma3_outputs ob = {.logits = b};
-    is_int(gemma3_forward(m, &ctx, ids, T - 10, &c, &ob), LT_OK, "chunked prefill through the cache");
+    is_int(gemma3_forward(m, &ctx, ids, T - 10, &c, &ob), LT_OK,
+           "chunked prefill through the cache");
     for (int t = T - 10; t < T; t++) {
         gemma3_outputs o1 = {.logits = b + (size_t)t * V};
         gemma3_forward(m, &ctx, ids + t, 1, &c, &o1);
@@ -329,7 +363,8 @@ static void test_forward_cache(void) {
     gemma3_outputs ol = {.last_logits = last};
     gemma3_forward(m, &ctx, ids, T, &c, &ol);
     double dl = 0;
-    for (int v = 0; v < V; v++) dl += fabs(last[v] - a[(size_t)(T - 1) * V + v]);
+    for (int v = 0; v < V; v++)
+        dl += fabs(last[v] - a[(size_t)(T - 1) * V + v]);
     ok(dl > 1e-3, "the sliding window changes the result (the mask is not a no-op)");
     gemma3_cache_free(&c, &ctx);
     gemma3_model_free(m);

@@ -81,52 +81,68 @@ int main(void) {
         fputs("abc", f);
         fclose(f);
     }
-    expect_error(p("short.safetensors"), "short.safetensors", "shorter than the 8-byte", "a 3-byte file is refused");
+    expect_error(p("short.safetensors"), "short.safetensors", "shorter than the 8-byte",
+                 "a 3-byte file is refused");
 
     st_raw(p("huge.safetensors"), "{}", NULL, 0, 200ull * 1000 * 1000);
-    expect_error(p("huge.safetensors"), "huge.safetensors", "100 MB", "a header length above 100 MB is refused");
+    expect_error(p("huge.safetensors"), "huge.safetensors", "100 MB",
+                 "a header length above 100 MB is refused");
 
     st_raw(p("pastend.safetensors"), "{}", NULL, 0, 5000);
     expect_error(p("pastend.safetensors"), "pastend.safetensors", "past the end of the file",
                  "a header length past the end of the file is refused");
 
     st_raw(p("garbled.safetensors"), "{\"a\": {\"dtype\": \"F32\", \"shape\": [1], ", NULL, 0, 0);
-    expect_error(p("garbled.safetensors"), "garbled.safetensors", "garbled", "garbled JSON is refused");
+    expect_error(p("garbled.safetensors"), "garbled.safetensors", "garbled",
+                 "garbled JSON is refused");
 
     {
         float f[2] = {1, 2};
-        st_raw(p("offsets.safetensors"), "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", f, 8, 0);
-        expect_error(p("offsets.safetensors"), "'w'", "past the end", "offsets past the end name the tensor");
+        st_raw(p("offsets.safetensors"),
+               "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", f, 8, 0);
+        expect_error(p("offsets.safetensors"), "'w'", "past the end",
+                     "offsets past the end name the tensor");
 
         st_raw(p("overlap.safetensors"),
                "{\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
                "\"y\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
                f, 8, 0);
-        expect_error(p("overlap.safetensors"), "'x'", "overlapping", "overlapping ranges name both tensors");
+        expect_error(p("overlap.safetensors"), "'x'", "overlapping",
+                     "overlapping ranges name both tensors");
         expect_error(p("overlap.safetensors"), "'y'", "overlap.safetensors", "... and the file");
 
-        st_raw(p("size.safetensors"), "{\"w\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,8]}}", f, 8, 0);
-        expect_error(p("size.safetensors"), "'w'", "needs 6", "dtype size x shape != byte count names the tensor");
+        st_raw(p("size.safetensors"),
+               "{\"w\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,8]}}", f, 8, 0);
+        expect_error(p("size.safetensors"), "'w'", "needs 6",
+                     "dtype size x shape != byte count names the tensor");
 
-        st_raw(p("dtype.safetensors"), "{\"w\":{\"dtype\":\"F99\",\"shape\":[2],\"data_offsets\":[0,8]}}", f, 8, 0);
-        expect_error(p("dtype.safetensors"), "'w'", "unknown dtype 'F99'", "an unknown dtype names the tensor");
+        st_raw(p("dtype.safetensors"),
+               "{\"w\":{\"dtype\":\"F99\",\"shape\":[2],\"data_offsets\":[0,8]}}", f, 8, 0);
+        expect_error(p("dtype.safetensors"), "'w'", "unknown dtype 'F99'",
+                     "an unknown dtype names the tensor");
 
-        st_raw(p("neg.safetensors"), "{\"w\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", f, 8, 0);
-        expect_error(p("neg.safetensors"), "'w'", "non-negative", "a negative dimension is refused");
+        st_raw(p("neg.safetensors"),
+               "{\"w\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", f, 8, 0);
+        expect_error(p("neg.safetensors"), "'w'", "non-negative",
+                     "a negative dimension is refused");
 
         st_raw(p("keys.safetensors"), "{\"w\":{\"dtype\":\"F32\",\"shape\":[2]}}", f, 8, 0);
-        expect_error(p("keys.safetensors"), "'w'", "data_offsets", "a missing data_offsets is refused");
+        expect_error(p("keys.safetensors"), "'w'", "data_offsets",
+                     "a missing data_offsets is refused");
 
         st_raw(p("arr.safetensors"), "[1,2,3]", f, 8, 0);
-        expect_error(p("arr.safetensors"), "arr.safetensors", "not a JSON object", "a non-object header is refused");
+        expect_error(p("arr.safetensors"), "arr.safetensors", "not a JSON object",
+                     "a non-object header is refused");
 
         st_raw(p("dup.safetensors"),
                "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
                "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
                f, 8, 0);
-        expect_error(p("dup.safetensors"), "dup.safetensors", "garbled", "duplicate tensor names are refused");
+        expect_error(p("dup.safetensors"), "dup.safetensors", "garbled",
+                     "duplicate tensor names are refused");
     }
-    expect_error(p("nonexistent.safetensors"), "nonexistent.safetensors", NULL, "a missing file names the path");
+    expect_error(p("nonexistent.safetensors"), "nonexistent.safetensors", NULL,
+                 "a missing file names the path");
 
     /* ---- sharded: an index over two shards ---- */
     {
@@ -137,7 +153,8 @@ int main(void) {
         st_raw(p("sharded/model-00002-of-00002.safetensors"),
                "{\"t.b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,12]}}", b, 12, 0);
         FILE *f = fopen(p("sharded/model.safetensors.index.json"), "w");
-        fprintf(f, "{\"metadata\":{\"total_size\":20},\"weight_map\":{\"t.a\":\"model-00001-of-00002.safetensors\","
+        fprintf(f, "{\"metadata\":{\"total_size\":20},\"weight_map\":{\"t.a\":\"model-00001-of-"
+                   "00002.safetensors\","
                    "\"t.b\":\"model-00002-of-00002.safetensors\"}}");
         fclose(f);
         st_set s;
@@ -151,26 +168,31 @@ int main(void) {
         if (rc == LT_OK) st_close(&s);
 
         mkdir(p("badidx"), 0755);
-        st_raw(p("badidx/one.safetensors"), "{\"t.a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", a, 8, 0);
+        st_raw(p("badidx/one.safetensors"),
+               "{\"t.a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", a, 8, 0);
         f = fopen(p("badidx/model.safetensors.index.json"), "w");
         fprintf(f, "{\"weight_map\":{\"t.a\":\"one.safetensors\",\"t.zz\":\"one.safetensors\"}}");
         fclose(f);
-        expect_error(p("badidx"), "'t.zz'", "missing from one.safetensors", "an indexed tensor missing from its shard");
+        expect_error(p("badidx"), "'t.zz'", "missing from one.safetensors",
+                     "an indexed tensor missing from its shard");
 
         mkdir(p("noshard"), 0755);
         f = fopen(p("noshard/model.safetensors.index.json"), "w");
         fprintf(f, "{\"weight_map\":{\"t.a\":\"gone.safetensors\"}}");
         fclose(f);
-        expect_error(p("noshard"), "gone.safetensors", "cannot open", "a missing shard names its path");
+        expect_error(p("noshard"), "gone.safetensors", "cannot open",
+                     "a missing shard names its path");
 
         mkdir(p("garbidx"), 0755);
         f = fopen(p("garbidx/model.safetensors.index.json"), "w");
         fprintf(f, "{\"weight_map\": {\"t.a\": ");
         fclose(f);
-        expect_error(p("garbidx"), "model.safetensors.index.json", NULL, "a garbled index names the index file");
+        expect_error(p("garbidx"), "model.safetensors.index.json", NULL,
+                     "a garbled index names the index file");
 
         mkdir(p("empty"), 0755);
-        expect_error(p("empty"), "no model.safetensors", NULL, "a directory without weights says so");
+        expect_error(p("empty"), "no model.safetensors", NULL,
+                     "a directory without weights says so");
     }
 
     /* ---- conversions used by the loader ---- */

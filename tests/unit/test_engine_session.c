@@ -26,7 +26,11 @@ typedef struct collect {
 
 static int utf8_valid(const unsigned char *p) {
     while (*p) {
-        int n = *p < 0x80 ? 1 : (*p & 0xe0) == 0xc0 ? 2 : (*p & 0xf0) == 0xe0 ? 3 : (*p & 0xf8) == 0xf0 ? 4 : 0;
+        int n = *p < 0x80             ? 1
+                : (*p & 0xe0) == 0xc0 ? 2
+                : (*p & 0xf0) == 0xe0 ? 3
+                : (*p & 0xf8) == 0xf0 ? 4
+                                      : 0;
         if (!n) return 0;
         for (int i = 1; i < n; i++)
             if ((p[i] & 0xc0) != 0x80) return 0;
@@ -47,13 +51,15 @@ static void test_load_and_tokens(lt_session *s) {
     lt_model_info info;
     int32_t *ids;
     int n;
-    is_int(lt_tokenize(s, "x", &ids, &n), LT_ERR_STATE, "tokenize without a model is a state error");
+    is_int(lt_tokenize(s, "x", &ids, &n), LT_ERR_STATE,
+           "tokenize without a model is a state error");
     ok(strstr(lt_last_error(s), "%load") != NULL, "... and says to %load first");
     lt_status rc = lt_load(s, "tiny", NULL, NULL);
     is_int(rc, LT_OK, "%load tiny");
     if (rc != LT_OK) diag("%s", lt_last_error(s));
     lt_model_info_get(s, &info);
-    ok(info.loaded && info.hidden == 128 && info.n_layers == 4 && info.vocab == 4096 && info.n_kv_heads == 2,
+    ok(info.loaded && info.hidden == 128 && info.n_layers == 4 && info.vocab == 4096 &&
+           info.n_kv_heads == 2,
        "tiny: hidden 128, 4 layers, 2 kv heads, vocab 4096");
     is_str(info.source, "tiny", "info.source is tiny");
     is_str(info.dtype, "fp32", "tiny is stored fp32");
@@ -61,14 +67,17 @@ static void test_load_and_tokens(lt_session *s) {
 
     /* failures leave tiny loaded */
     rc = lt_load(s, "/nonexistent/model/dir", NULL, NULL);
-    ok(rc != LT_OK && strstr(lt_last_error(s), "/nonexistent/model/dir"), "a missing directory is named");
+    ok(rc != LT_OK && strstr(lt_last_error(s), "/nonexistent/model/dir"),
+       "a missing directory is named");
     lt_load_opts bad = {.dtype = "int7"};
     rc = lt_load(s, "tiny", &bad, NULL);
     ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "int7"), "a bad dtype= is named");
     lt_load_opts cu = {.device = "cuda"};
-    is_int(lt_load(s, "tiny", &cu, NULL), LT_ERR_DEVICE, "device=cuda without CUDA is a device error");
+    is_int(lt_load(s, "tiny", &cu, NULL), LT_ERR_DEVICE,
+           "device=cuda without CUDA is a device error");
     rc = lt_load(s, "random:gemma-3-9b", NULL, NULL);
-    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "270m, 1b, 4b, 12b, 27b"), "an unknown random size lists sizes");
+    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "270m, 1b, 4b, 12b, 27b"),
+       "an unknown random size lists sizes");
     lt_model_info_get(s, &info);
     ok(info.loaded && !strcmp(info.source, "tiny"), "after failed loads tiny is still loaded");
 
@@ -86,7 +95,8 @@ static void test_load_and_tokens(lt_session *s) {
     rc = lt_logits(s, seq, 4, &lg, &V);
     ok(rc == LT_OK && V == 4096, "logits: [4, 4096]");
     int finite = 1;
-    for (int i = 0; rc == LT_OK && i < 4 * V; i++) finite &= lg[i] == lg[i] && lg[i] < 1e30f && lg[i] > -1e30f;
+    for (int i = 0; rc == LT_OK && i < 4 * V; i++)
+        finite &= lg[i] == lg[i] && lg[i] < 1e30f && lg[i] > -1e30f;
     ok(finite, "logits are finite");
     if (rc == LT_OK) free(lg);
     seq[2] = 5000;
@@ -122,12 +132,14 @@ static void test_generate(lt_session *s) {
     cb.ctx = &c3;
     rc = lt_generate(s, "Tell me a story", &o, &cb, &out);
     is_int(rc, LT_CANCELLED, "a cancel between tokens returns LT_CANCELLED");
-    ok(out && !strcmp(out, c3.text) && c3.n_pieces <= 4, "a cancelled call keeps what was generated");
+    ok(out && !strcmp(out, c3.text) && c3.n_pieces <= 4,
+       "a cancelled call keeps what was generated");
     free(out);
     o.max_new = 3;
     collect c4 = {0};
     cb.ctx = &c4;
-    is_int(lt_generate(s, "again", &o, &cb, &out), LT_OK, "the next call runs (the flag is cleared)");
+    is_int(lt_generate(s, "again", &o, &cb, &out), LT_OK,
+           "the next call runs (the flag is cleared)");
     free(out);
     o.max_new = 0;
     rc = lt_generate(s, "nothing", &o, NULL, &out);
@@ -135,7 +147,8 @@ static void test_generate(lt_session *s) {
     free(out);
     o.max_new = 5;
     o.top_p = 2;
-    ok(lt_generate(s, "x", &o, NULL, &out) == LT_ERR_ARG && strstr(lt_last_error(s), "top_p"), "a bad top_p is named");
+    ok(lt_generate(s, "x", &o, NULL, &out) == LT_ERR_ARG && strstr(lt_last_error(s), "top_p"),
+       "a bad top_p is named");
 }
 
 /* The session reuses its KV cache when a new sequence extends the cached one: the result must
@@ -146,7 +159,10 @@ static void test_cache_reuse(lt_session *s) {
     lt_gen_opts o;
     lt_gen_opts_default(&o);
     o.temperature = 0;
-    lt_tokenize(s, "<bos><start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n", &p, &np);
+    lt_tokenize(s,
+                "<bos><start_of_turn>user\nWrite a haiku about the "
+                "sea.<end_of_turn>\n<start_of_turn>model\n",
+                &p, &np);
     o.max_new = 5;
     lt_status r1 = lt_generate_ids(s, p, np, &o, &g, &ng);
     int32_t *ext = malloc(sizeof(int32_t) * (size_t)(np + ng));
@@ -170,16 +186,19 @@ static void test_cache_reuse(lt_session *s) {
 }
 
 static void test_chat(lt_session *s) {
-    const char *roles[] = {"system", "user", "assistant"}, *contents[] = {"Be brief.", " Hi ", "Yo"};
+    const char *roles[] = {"system", "user", "assistant"},
+               *contents[] = {"Be brief.", " Hi ", "Yo"};
     char *text = NULL;
     lt_status rc = lt_chat_render(s, roles, contents, 3, 1, &text);
     is_str(rc == LT_OK ? text : "",
-           "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n"
+           "<bos><start_of_turn>user\nBe "
+           "brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n"
            "<start_of_turn>model\n",
            "chat_render: system folded, trimmed, assistant -> model");
     free(text);
     const char *r2[] = {"user", "user"}, *c2[] = {"a", "b"};
-    ok(lt_chat_render(s, r2, c2, 2, 1, &text) == LT_ERR_ARG && strstr(lt_last_error(s), "alternate"),
+    ok(lt_chat_render(s, r2, c2, 2, 1, &text) == LT_ERR_ARG &&
+           strstr(lt_last_error(s), "alternate"),
        "non-alternating roles: the template's error");
 
     lt_gen_opts o;
@@ -206,12 +225,14 @@ static void test_chat(lt_session *s) {
     lt_generate(s, "something else entirely", &o, NULL, &junk);
     free(junk);
     rc = lt_chat(s, "And then?", &o, NULL, &reply);
-    ok(rc == LT_OK && second && reply && !strcmp(second, reply), "turn 2 after another call in between gives the same reply");
+    ok(rc == LT_OK && second && reply && !strcmp(second, reply),
+       "turn 2 after another call in between gives the same reply");
     free(reply);
     free(second);
     lt_chat_reset(s);
     rc = lt_chat(s, "Hello there", &o, NULL, &reply);
-    ok(rc == LT_OK && first && reply && !strcmp(first, reply), "after reset, the same first turn gives the same reply");
+    ok(rc == LT_OK && first && reply && !strcmp(first, reply),
+       "after reset, the same first turn gives the same reply");
     free(reply);
     free(first);
     lt_chat_system(s, NULL);
@@ -225,10 +246,12 @@ static void test_hf_cache(lt_session *s) {
     setenv("HF_HOME", home, 1);
     unsetenv("HF_HUB_CACHE");
     lt_status rc = lt_load(s, "acme/tiny-gemma", NULL, NULL);
-    ok(rc == LT_ERR_IO && strstr(lt_last_error(s), home) && strstr(lt_last_error(s), "models--acme--tiny-gemma"),
+    ok(rc == LT_ERR_IO && strstr(lt_last_error(s), home) &&
+           strstr(lt_last_error(s), "models--acme--tiny-gemma"),
        "an id not in the cache says where it looked");
     snprintf(p, sizeof p, "%s/hub/models--acme--tiny-gemma/snapshots/0123abc", home);
-    snprintf(cmd, sizeof cmd, "mkdir -p %s %s/hub/models--acme--tiny-gemma/refs && cp %s/models/tiny/* %s/ && "
+    snprintf(cmd, sizeof cmd,
+             "mkdir -p %s %s/hub/models--acme--tiny-gemma/refs && cp %s/models/tiny/* %s/ && "
              "printf 0123abc > %s/hub/models--acme--tiny-gemma/refs/main",
              p, home, LATHE_SRCDIR, p, home);
     if (system(cmd) != 0) diag("setup failed: %s", cmd);
