@@ -9,10 +9,12 @@
  */
 #include <dirent.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -610,8 +612,34 @@ static void test_writer(const char *dir) {
     free(after);
     is_int(count_entries(dir), 1, "writer: the temp file was removed");
 
+    /* disk full half-way (RLIMIT_FSIZE makes write() fail with EFBIG, as a full disk fails
+     * with ENOSPC): an error naming the file, the previous file intact, no temp file left */
+    {
+        size_t n_old = 0;
+        uint8_t *old = slurp(path, &n_old);
+        struct rlimit saved, small;
+        getrlimit(RLIMIT_FSIZE, &saved);
+        small = saved;
+        small.rlim_cur = 700; /* past the header, inside the tensor data */
+        signal(SIGXFSZ, SIG_IGN);
+        setrlimit(RLIMIT_FSIZE, &small);
+        w = make_writer(&a, &b, &c);
+        st = gguf_writer_write(w, path, &wo_over, NULL);
+        setrlimit(RLIMIT_FSIZE, &saved);
+        is_int(st, LT_ERR_IO, "writer: a write that fails half-way (disk full) is an I/O error");
+        ok(strstr(gguf_writer_error(w), path) != NULL, "... naming the file");
+        gguf_writer_free(w);
+        size_t n_new = 0;
+        uint8_t *now = slurp(path, &n_new);
+        ok(old && now && n_old == n_new && memcmp(old, now, n_new) == 0,
+           "writer: the previous file is intact after the failed write");
+        is_int(count_entries(dir), 1, "writer: no partial temp file left behind");
+        free(old);
+        free(now);
+    }
+
     /* cancel */
-    char path2[600];
+    char path2[1200];
     snprintf(path2, sizeof path2, "%s/cancelled.gguf", dir);
     atomic_int cancel = 0;
     src a2 = {256, 3, -1, &cancel};
@@ -645,6 +673,8 @@ static void test_writer(const char *dir) {
     char dirpath[600];
     snprintf(dirpath, sizeof dirpath, "%s/", dir);
     is_int(gguf_writer_write(w, dir, &wo_over, NULL), LT_ERR_ARG, "writing onto a folder refused");
+    snprintf(path2, sizeof path2, "%s/x.gguf", path); /* a file used as a folder: unwritable */
+    is_int(gguf_writer_write(w, path2, &wo, NULL), LT_ERR_IO, "unwritable path is an I/O error");
     snprintf(path2, sizeof path2, "%s/no/such/folder/x.gguf", dir);
     is_int(gguf_writer_write(w, path2, &wo, NULL), LT_ERR_IO, "missing folder is an I/O error");
     ok(strstr(gguf_writer_error(w), path2) != NULL, "... naming the path");
