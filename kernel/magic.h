@@ -94,8 +94,6 @@ int magic_fail_engine(magic_ctx *ctx, lt_status st);
 
 /* Output helpers over the sink. */
 void magic_print(magic_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void magic_eprint(magic_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
 /* Renders help: the %help table, or one magic's full help (text and HTML). */
 char *magic_help_text(const magic_spec *m);
 char *magic_help_html(const magic_spec *m);

@@ -16,7 +16,7 @@ typedef struct export_view {
 
 static void export_message(void *p, const char *text) {
     export_view *v = p;
-    magic_eprint(v->ctx, "%s\n", text);
+    magic_print(v->ctx, "%s\n", text);
 }
 
 static void export_progress(void *p, const char *what, int64_t done, int64_t total) {

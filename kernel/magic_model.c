@@ -19,9 +19,11 @@ typedef struct engine_view {
     char bar_what[64];
 } engine_view;
 
+/* Engine notes ("loading tokenizer", the memory plan) are information, not errors: stdout,
+ * which front ends do not paint as an error. */
 static void view_message(void *p, const char *text) {
     engine_view *v = p;
-    magic_eprint(v->ctx, "%s\n", text);
+    magic_print(v->ctx, "%s\n", text);
 }
 
 static void view_progress(void *p, const char *what, int64_t done, int64_t total) {

@@ -139,7 +139,7 @@ static const magic_spec table[] = {
      "Without a name, lists every magic with a one-line summary. With a name (with or "
      "without %), shows its usage, every option with type, default and meaning.",
      magic_help},
-    {"status", 0, "%status", 0, 0, NULL, NULL, no_opts, "what is loaded, memory, last run",
+    {"status", 0, "%status", 0, 0, NULL, NULL, no_opts, "what is loaded: model, memory, adapters",
      "Shows the loaded model (source, architecture, dtype, device, parameters, memory), "
      "what was skipped (a vision tower), and the engine's state.",
      magic_status},
@@ -167,15 +167,6 @@ static const magic_spec table[] = {
      "the conversation. `%%chat reset` (with or without a body) starts a new conversation. "
      "The prompt is rendered with Gemma 3's chat template, with one <bos>.",
      magic_chat},
-    {"export_gguf", 0,
-     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
-     "[overwrite=false]",
-     1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
-     "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
-     "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
-     "template included. The file is written atomically (nothing is left behind on failure) "
-     "and an existing file is kept unless overwrite=true.",
-     magic_export_gguf},
     {"lora", 0,
      "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "
      "[rslora=false] [seed=S] [load=DIR] [full=false]",
@@ -207,6 +198,15 @@ static const magic_spec table[] = {
      "loadable by transformers and by %load DIR. Files are written atomically: a failed "
      "save keeps the previous copy.",
      magic_save},
+    {"export_gguf", 0,
+     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
+     "[overwrite=false]",
+     1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
+     "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
+     "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
+     "template included. The file is written atomically (nothing is left behind on failure) "
+     "and an existing file is kept unless overwrite=true.",
+     magic_export_gguf},
     {"shell", 1, "%%shell", 0, 0, NULL, NULL, no_opts, "run the cell body as a shell script",
      "Runs the cell body with /bin/sh -c in the notebook's folder (like IPython's %%bash), "
      "showing stdout and stderr as they come. Interrupt stops it; a non-zero exit status "
@@ -534,13 +534,6 @@ void magic_print(magic_ctx *ctx, const char *fmt, ...) {
     va_end(ap);
 }
 
-void magic_eprint(magic_ctx *ctx, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vprint(ctx, "stderr", fmt, ap);
-    va_end(ap);
-}
-
 /* ---- help ------------------------------------------------------------------------------- */
 
 static const char *type_name(opt_type t) {
@@ -619,9 +612,11 @@ char *magics_table_text(void) {
     strbuf_t b;
     sb_init(&b);
     sb_printf(&b, "lathe magics (%%help NAME for details):\n");
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i)
-        sb_printf(&b, "  %s%-10s %s\n", table[i].cell ? "%%" : "%", table[i].name,
-                  table[i].summary);
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; ++i) {
+        char name[64];
+        snprintf(name, sizeof name, "%s%s", table[i].cell ? "%%" : "%", table[i].name);
+        sb_printf(&b, "  %-13s %s\n", name, table[i].summary);
+    }
     return sb_take(&b);
 }
 
