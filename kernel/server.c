@@ -861,6 +861,15 @@ static int on_comm_ignore(chan *ch, const jp_msg *req, int aborting) {
     return 0;
 }
 
+/* The process that started the kernel: jupyter_client puts its pid in JPY_PARENT_PID. When
+ * it is gone (killed, or a notebook's Python kernel that started lathe exited) nobody can
+ * reach this kernel any more, so it stops, as ipykernel's parent poller does. 0 = unknown. */
+static pid_t launcher_pid(void) {
+    const char *p = getenv("JPY_PARENT_PID");
+    long v = p ? strtol(p, NULL, 10) : 0;
+    return v > 1 && (pid_t)v == getppid() ? (pid_t)v : 0;
+}
+
 static void request_stop(server *s) {
     pthread_mutex_lock(&s->stop_lock);
     atomic_store(&s->stopping, 1);
@@ -1215,9 +1224,19 @@ int server_run(const char *connection_file, interp *in) {
         log_msg("kernel ready: shell %s, session %s", s->conn.endpoint[JP_SHELL], s->sess.session);
     }
 
+    pid_t launcher = launcher_pid();
     pthread_mutex_lock(&s->stop_lock);
-    while (!atomic_load(&s->stopping))
-        pthread_cond_wait(&s->stop_cond, &s->stop_lock);
+    while (!atomic_load(&s->stopping)) {
+        struct timespec tick;
+        clock_gettime(CLOCK_REALTIME, &tick);
+        tick.tv_sec += 1;
+        pthread_cond_timedwait(&s->stop_cond, &s->stop_lock, &tick);
+        if (launcher && getppid() != launcher && !atomic_load(&s->stopping)) {
+            log_msg("the process that started the kernel (pid %d) is gone: stopping",
+                    (int)launcher);
+            atomic_store(&s->stopping, 1);
+        }
+    }
     pthread_mutex_unlock(&s->stop_lock);
 
     /* Shutdown: stop a running cell, give the threads a moment, flush iopub, leave. */

@@ -84,3 +84,30 @@ write("notebooks/export.ipynb", [
     new_code_cell("%%shell\nnode ../tests/gguf/generate.mjs /tmp/lathe-export/tiny-q8_0.gguf "
                   "--chat \"Tell me about rivers.\" 20"),
 ])
+
+PY_KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+             "accelerator": "GPU", "colab": {"gpuType": "T4"}}
+nb = new_notebook(cells=[
+    new_markdown_cell("# lathe on Google Colab\n\nHosted Colab runs only its own Python kernel, so "
+                      "lathe comes in as an IPython extension: `%load_ext lathe` starts a lathe "
+                      "kernel beside Colab's and `%%lathe` cells run in it, with their progress "
+                      "bars and loss curves shown here. Pick *Runtime > Change runtime type > T4 "
+                      "GPU* first. (This notebook needs Colab's network and GPU, so CI does not "
+                      "run it; the extension itself is tested in `tests/notebooks/test_ipython_ext.py`.)"),
+    new_code_cell("!git clone --depth 1 https://github.com/lathe-ml/lathe /content/lathe\n"
+                  "!cd /content/lathe && ./quickstart   # apt packages, build, kernelspec, a first notebook"),
+    new_code_cell("import sys\nsys.path.insert(0, '/content/lathe/ipython')\n%load_ext lathe"),
+    new_markdown_cell("lathe never downloads: fetch the checkpoint into the Hugging Face cache "
+                      "first (Gemma needs its licence accepted and a token: "
+                      "`huggingface-cli login`)."),
+    new_code_cell("!huggingface-cli download google/gemma-3-1b-it"),
+    new_code_cell("%%lathe\n%load google/gemma-3-1b-it device=cuda\n%status"),
+    new_code_cell("%%lathe\n%lora r=16 alpha=32\n"
+                  "%train data=/content/lathe/notebooks/data/polite.jsonl batch=4 steps=60 lr=2e-4"),
+    new_code_cell("%%lathe\n%%chat temperature=0 max_new=64\nTell me about rivers."),
+    new_code_cell("%%lathe\n%save adapter=/content/polite-adapter\n"
+                  "%export_gguf /content/gemma-3-1b-polite-q8_0.gguf type=q8_0"),
+], metadata=PY_KERNEL)
+for i, c in enumerate(nb.cells):
+    c["id"] = "cell-%d" % i
+nbformat.write(nb, "notebooks/colab.ipynb")

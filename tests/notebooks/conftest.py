@@ -27,9 +27,9 @@ def jupyter_env(tmp_path_factory):
 @pytest.fixture
 def execute_notebook(jupyter_env, tmp_path):
     """Runs `jupyter nbconvert --to notebook --execute` and returns the executed notebook."""
-    def run(path, allow_errors=False, timeout=900):
+    def run(path, allow_errors=False, timeout=900, kernel="lathe"):
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-               "--ExecutePreprocessor.kernel_name=lathe",
+               "--ExecutePreprocessor.kernel_name=%s" % kernel,
                "--ExecutePreprocessor.timeout=%d" % timeout,
                "--output-dir", str(tmp_path), path]
         if allow_errors:
