@@ -52,7 +52,7 @@ static lt_callbacks view_callbacks(engine_view *v, magic_ctx *ctx) {
 
 static void view_close(engine_view *v, lt_status st) {
     if (v->bar_open)
-        progress_end(&v->bar, st == LT_OK ? v->bar.total : v->bar.total, NULL,
+        progress_end(&v->bar, v->bar.total, NULL,
                      st == LT_OK          ? "done"
                      : st == LT_CANCELLED ? "interrupted"
                                           : "failed");
