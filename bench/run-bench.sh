@@ -14,6 +14,8 @@ if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
     export LATHE_CUDA_SOFTMAX_GENERIC=1
     $B/test_ops > "$out/test_ops_generic.log" 2>&1
 fi
+# the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered too
+LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
 $B/test_model > "$out/test_model.log" 2>&1
 for a in "1b bf16" "1b fp16" "4b bf16" "4b fp16"; do
     timeout 150 $B/bench_train $a 2048 2 8 3 >> "$out/bench_lathe.log" 2>&1

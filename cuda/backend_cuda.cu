@@ -2,9 +2,10 @@
  *
  * Owns the device ctx (stream, cuBLAS handle, a caching allocator, device scalars), the GEMM
  * helper (row-major over cuBLAS, fp32 accumulation always) and the op orchestration: linear
- * and its adapter path, chunked attention, chunked fused cross-entropy, norms, RoPE, GeGLU,
- * embedding, AdamW. The element kernels live in the cuda/kernels/ folder. backend_cpu.c is the
- * specification; tests/gpu/test_ops.c compares the two. Must not know Gemma.
+ * and its adapter path, attention (fused kernels on the 16-bit paths, cuBLAS chunks otherwise),
+ * chunked fused cross-entropy, norms, RoPE, GeGLU, embedding, AdamW. The element kernels live in
+ * the cuda/kernels/ folder. backend_cpu.c is the specification; tests/gpu/test_ops.c compares
+ * the two. Must not know Gemma.
  *
  * Precision (DESIGN.md §5): activations, norms, softmax, RoPE, loss and the residual stream
  * stay fp32. A linear layer computes in its weight's storage dtype: fp32 weights -> fp32 GEMM
@@ -62,6 +63,8 @@ typedef struct cu_impl {
                               known; < 0 (the default) turns key ranges off: on the H200 the extra
                               smaller GEMMs cost more than the masked work they skip (1b: 186 vs
                               170 ms a step at 512 rows; bench/results-2026-11-30.txt) */
+    int flash; /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
+    size_t smem_optin; /* shared memory a block may opt in to */
     cudaStream_t stream;
     cublasHandle_t blas;
     lt_dtype prec;
@@ -570,6 +573,9 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->cc = prop.major * 10 + prop.minor;
         I->n_sm = prop.multiProcessorCount;
         I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
+        I->smem_optin = prop.sharedMemPerBlockOptin;
+        const char *fl = getenv("LATHE_CUDA_FLASH");
+        I->flash = !(fl && strcmp(fl, "0") == 0);
         const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
         I->max_rows = cr ? atoll(cr) : 0;
         const char *kr = getenv("LATHE_CUDA_KEYRANGE_ROWS");
@@ -953,6 +959,16 @@ done:
     return rc;
 }
 
+/* Whether the fused kernels (kernels/attention.cu) take this call: a 16-bit path, head dim
+ * 128 or 256, a device with the tensor-core instructions and shared memory they need, sizes
+ * that fit int. Anything else (fp32 above all) runs the chunked cuBLAS path. */
+static int flash_ok(lt_ctx *ctx, const attn_dims *D, lt_dtype cdt, int backward) {
+    cu_impl *I = impl_of(ctx);
+    if (!I->flash || cdt == LT_F32) return 0;
+    if (D->T > INT32_MAX / 2 || D->S > INT32_MAX / 2 || D->nh > 65535) return 0; /* grid dims */
+    return k_flash_supported(cdt, (int)D->hd, I->cc, I->smem_optin, backward);
+}
+
 static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
                               lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     const char *opname = "attention";
@@ -976,6 +992,15 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
         opnd K, V;
         TRY(pack_all(ctx, &k, cdt, &K));
         TRY(pack_all(ctx, &v, cdt, &V));
+        if (flash_ok(ctx, &D, cdt, 0)) {
+            opnd Q;
+            TRY(pack_all(ctx, &q, cdt, &Q));
+            k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, (float *)out.data, NULL, NULL,
+                            NULL, (const int32_t *)qpos.data, (const int32_t *)kpos.data, (int)T,
+                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv);
+            LAUNCHED();
+            goto done;
+        }
         float *qs = NULL, *qinv = NULL;
         if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
         int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
@@ -1228,6 +1253,34 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         opnd K, V;
         TRY(pack_all(ctx, &k, cdt, &K));
         TRY(pack_all(ctx, &v, cdt, &V));
+        if (flash_ok(ctx, &D, cdt, 1)) {
+            /* pass 1: the forward again for each row's log-sum-exp and D = Σ dout·out; pass 2:
+             * dq (written), dk and dv (accumulated into the zeroes above) */
+            opnd Q, DO;
+            TRY(pack_all(ctx, &q, cdt, &Q));
+            lt_tensor d3 = dout;
+            d3.ndim = 3;
+            d3.shape[0] = T;
+            d3.shape[1] = nh;
+            d3.shape[2] = hd;
+            TRY(pack_all(ctx, &d3, cdt, &DO));
+            float *lse = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
+            float *dd = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
+            if (!lse || !dd) {
+                rc = LT_ERR_MEMORY;
+                goto done;
+            }
+            const int32_t *qp = (const int32_t *)qpos.data, *kp = (const int32_t *)kpos.data;
+            k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, NULL, lse, dd,
+                            (const float *)dout.data, qp, kp, (int)T, (int)S, (int)nh, (int)nkv,
+                            window, scale, Q.inv, K.inv, V.inv);
+            LAUNCHED();
+            k_flash_backward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, DO.p, lse, dd,
+                             (float *)dq.data, (float *)dk.data, (float *)dv.data, qp, kp, (int)T,
+                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv, DO.inv);
+            LAUNCHED();
+            goto done;
+        }
         float *qs = NULL, *qinv = NULL, *ds = NULL, *dinv = NULL;
         if (cdt == LT_F16) {
             TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));

@@ -90,6 +90,28 @@ void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int 
 /* dS = P * (dP - sum(P * dP)) per row, in place into dp (fp32); rows [rows, S]. */
 void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows, int64_t S);
 
+/* Fused (flash-style) attention on the 16-bit paths, backend.h's attention contract. Inputs are
+ * packed 16-bit (dt = LT_BF16 or LT_F16): Qp, dOp [nh, T, hd], Kp, Vp [nkv, S, hd], each times a
+ * power-of-two scale whose inverse is the matching *inv device scalar (NULL = 1). Only hd 128 and
+ * 256; k_flash_supported says whether this device and shape can run them (backward: also the
+ * backward kernels). */
+int k_flash_supported(lt_dtype dt, int hd, int cc, size_t smem_optin, int backward);
+/* lse == NULL: out [T, nh*hd] fp32 (written). Otherwise (the backward's first pass) out is not
+ * touched and lse, dd [nh, T] fp32 get the row log-sum-exp (of the scaled scores) and
+ * Σ_d dout·out, with dout [T, nh*hd] fp32. */
+void k_flash_forward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
+                     const void *Vp, float *out, float *lse, float *dd, const float *dout,
+                     const int32_t *qpos, const int32_t *kpos, int T, int S, int nh, int nkv,
+                     int window, float scale, const float *qinv, const float *kinv,
+                     const float *vinv);
+/* dq [T, nh, hd] written (may be NULL); dk, dv [S, nkv, hd] ACCUMULATED (zero them first; either
+ * may be NULL), from k_flash_forward's lse and dd. */
+void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
+                      const void *Vp, const void *dOp, const float *lse, const float *dd, float *dq,
+                      float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S,
+                      int nh, int nkv, int window, float scale, const float *qinv,
+                      const float *kinv, const float *vinv, const float *dinv);
+
 /* ---- cross_entropy.cu ------------------------------------------------------------------------ */
 
 /* For each row of logits [Tc, V] (fp32): loss[t] = lse - logit[target] (0 when target is -100);
