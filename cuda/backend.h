@@ -122,7 +122,23 @@ typedef struct lt_backend {
     /* One AdamW step on an fp32 parameter in place (PyTorch semantics, decoupled decay). */
     lt_status (*adamw)(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                        float lr, float beta1, float beta2, float eps, float weight_decay, int step);
+
+    /* ---- the small fp32 vector ops the trainer needs ------------------------------------- */
+    /* t[:] = value */
+    lt_status (*fill)(lt_ctx *ctx, lt_tensor t, float value);
+    /* t *= s */
+    lt_status (*scale)(lt_ctx *ctx, lt_tensor t, float s);
+    /* *out (host) = sum of t^2 in double */
+    lt_status (*sumsq)(lt_ctx *ctx, double *out, lt_tensor t);
+    /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
+     * mul / (1 - p), keep = lt_dropout_keep(seed, i, p) (grad.h). The same seed gives the same
+     * mask, so forward, recompute and backward agree. y may alias x. */
+    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 } lt_backend;
+
+/* The name of the first training op (backward ops, loss, optimizer, vector ops) a backend
+ * lacks, or NULL when it has them all: the trainer checks once, up front. */
+const char *lt_backend_missing_training_op(const lt_backend *be);
 
 /* The CPU reference backend (backend_cpu.c). */
 extern const lt_backend lt_backend_cpu;

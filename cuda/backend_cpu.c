@@ -709,6 +709,10 @@ const lt_backend lt_backend_cpu = {
     .embedding_backward = cpu_embedding_backward,
     .cross_entropy = cpu_cross_entropy,
     .adamw = cpu_adamw,
+    .fill = cpu_fill,
+    .scale = cpu_scale,
+    .sumsq = cpu_sumsq,
+    .dropout = cpu_dropout,
 };
 
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads) {

@@ -22,12 +22,6 @@
 #endif
 
 #include "cuda/grad.h"
-#ifdef HAVE_CUDA
-#include "cuda/backend_cuda.h" /* lt_backend_cuda, lt_grad_ops_cuda (backend_cuda.cu) */
-#endif
-#ifdef HAVE_CUDA
-#include "cuda/backend_cuda.h" /* lt_grad_ops_cuda (issue 5) */
-#endif
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -485,7 +479,7 @@ lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, l
 
 /* ---- the extra ops ------------------------------------------------------------------------ */
 
-static lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value) {
+lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value) {
     CHECK(f32_ok(&t), "fill", "t must be fp32");
     float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
@@ -497,7 +491,7 @@ static lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value) {
     return LT_OK;
 }
 
-static lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s) {
+lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s) {
     CHECK(f32_ok(&t), "scale", "t must be fp32");
     float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
@@ -506,7 +500,7 @@ static lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s) {
     return LT_OK;
 }
 
-static lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
+lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
     CHECK(f32_ok(&t), "sumsq", "t must be fp32");
     const float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
@@ -517,8 +511,7 @@ static lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
     return LT_OK;
 }
 
-static lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
-                             uint64_t seed) {
+lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed) {
     CHECK(f32_ok(&y) && f32_ok(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "dropout",
           "y, x must be fp32 of one shape");
     CHECK(p >= 0.0f && p < 1.0f, "dropout", "p must be in [0, 1)");
@@ -531,17 +524,24 @@ static lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, flo
     return LT_OK;
 }
 
-const lt_grad_ops lt_grad_ops_cpu = {
-    .fill = cpu_fill,
-    .scale = cpu_scale,
-    .sumsq = cpu_sumsq,
-    .dropout = cpu_dropout,
-};
-
-const lt_grad_ops *lt_grad_ops_for(const lt_backend *be) {
-    if (be == &lt_backend_cpu) return &lt_grad_ops_cpu;
-#ifdef HAVE_CUDA
-    if (be == &lt_backend_cuda) return &lt_grad_ops_cuda;
-#endif
+const char *lt_backend_missing_training_op(const lt_backend *be) {
+    const struct {
+        const char *name;
+        int present;
+    } ops[] = {
+        {"linear_backward", be->linear_backward != NULL},
+        {"rmsnorm_backward", be->rmsnorm_backward != NULL},
+        {"rope_backward", be->rope_backward != NULL},
+        {"attention_backward", be->attention_backward != NULL},
+        {"geglu_backward", be->geglu_backward != NULL},
+        {"cross_entropy", be->cross_entropy != NULL},
+        {"adamw", be->adamw != NULL},
+        {"fill", be->fill != NULL},
+        {"scale", be->scale != NULL},
+        {"sumsq", be->sumsq != NULL},
+        {"dropout", be->dropout != NULL},
+    };
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+        if (!ops[i].present) return ops[i].name;
     return NULL;
 }

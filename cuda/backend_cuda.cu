@@ -1480,34 +1480,8 @@ done:
 /* ---- the table --------------------------------------------------------------------------------
  */
 
-extern "C" const lt_backend lt_backend_cuda = {
-    .name = "cuda",
-    .init = cu_init,
-    .shutdown = cu_shutdown,
-    .alloc = cu_alloc,
-    .release = cu_release,
-    .upload = cu_upload,
-    .download = cu_download,
-    .copy = cu_copy,
-    .sync = cu_sync,
-    .embedding = cu_embedding,
-    .linear = cu_linear,
-    .rmsnorm = cu_rmsnorm,
-    .rope = cu_rope,
-    .attention = cu_attention,
-    .geglu = cu_geglu,
-    .add = cu_add,
-    .linear_backward = cu_linear_backward,
-    .rmsnorm_backward = cu_rmsnorm_backward,
-    .rope_backward = cu_rope_backward,
-    .attention_backward = cu_attention_backward,
-    .geglu_backward = cu_geglu_backward,
-    .embedding_backward = cu_embedding_backward,
-    .cross_entropy = cu_cross_entropy,
-    .adamw = cu_adamw,
-};
-
-/* ---- the trainer's extra ops (grad.h) -----------------------------------------------------------
+/* ---- the trainer's vector ops (backend.h)
+ * -----------------------------------------------------------
  */
 
 static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
@@ -1572,7 +1546,34 @@ done:
     return op_end(ctx, rc);
 }
 
-extern "C" const lt_grad_ops lt_grad_ops_cuda = {
+/* ---- the op table ------------------------------------------------------------------------------
+ */
+
+extern "C" const lt_backend lt_backend_cuda = {
+    .name = "cuda",
+    .init = cu_init,
+    .shutdown = cu_shutdown,
+    .alloc = cu_alloc,
+    .release = cu_release,
+    .upload = cu_upload,
+    .download = cu_download,
+    .copy = cu_copy,
+    .sync = cu_sync,
+    .embedding = cu_embedding,
+    .linear = cu_linear,
+    .rmsnorm = cu_rmsnorm,
+    .rope = cu_rope,
+    .attention = cu_attention,
+    .geglu = cu_geglu,
+    .add = cu_add,
+    .linear_backward = cu_linear_backward,
+    .rmsnorm_backward = cu_rmsnorm_backward,
+    .rope_backward = cu_rope_backward,
+    .attention_backward = cu_attention_backward,
+    .geglu_backward = cu_geglu_backward,
+    .embedding_backward = cu_embedding_backward,
+    .cross_entropy = cu_cross_entropy,
+    .adamw = cu_adamw,
     .fill = cu_fill,
     .scale = cu_scale_op,
     .sumsq = cu_sumsq,

@@ -16,9 +16,6 @@ extern "C" {
 #endif
 
 extern const lt_backend lt_backend_cuda;
-/* The trainer's extra ops (grad.h's lt_grad_ops) on the GPU: fill, scale, sumsq, dropout. */
-struct lt_grad_ops;
-extern const struct lt_grad_ops lt_grad_ops_cuda;
 
 /* Number of usable CUDA devices (0 when there is no GPU or no driver; never an error). */
 int lt_cuda_device_count(void);

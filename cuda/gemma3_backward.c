@@ -43,7 +43,6 @@ typedef struct tb_ctx {
     const gemma3_model *m;
     lt_ctx *ctx;
     const lt_backend *be;
-    const lt_grad_ops *g;
     lt_adapters *ad;
     const train_batch *b;
     tb_bufs *B;
@@ -84,10 +83,10 @@ static lt_status lin_fwd(tb_ctx *c, lt_tensor y, lt_tensor x, const lt_weight *w
     lt_weight wa = {lo->a, NULL, {0}}, wb = {lo->b, NULL, {0}};
     lt_tensor xd = t2(c->B->s_in, c->N, in), u = t2(c->B->s_r, c->N, r),
               y2 = t2(c->B->s_out, c->N, out);
-    if ((rc = c->g->dropout(c->ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    if ((rc = c->be->dropout(c->ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
     if ((rc = c->be->linear(c->ctx, u, xd, &wa)) != LT_OK) return rc; /* u: [N, r] */
     if ((rc = c->be->linear(c->ctx, y2, u, &wb)) != LT_OK) return rc; /* y2: [N, out] */
-    if ((rc = c->g->scale(c->ctx, y2, lo->scale)) != LT_OK) return rc;
+    if ((rc = c->be->scale(c->ctx, y2, lo->scale)) != LT_OK) return rc;
     return c->be->add(c->ctx, y, y2);
 }
 
@@ -106,17 +105,17 @@ static lt_status lin_bwd(tb_ctx *c, lt_tensor dx, lt_tensor dy, lt_tensor x, con
     lt_tensor xd = t2(c->B->s_in, c->N, in), u = t2(c->B->s_r, c->N, r);
     lt_tensor dys = t2(c->B->s_out, c->N, out), du = t2(c->B->s_r2, c->N, r),
               dxd = t2(c->B->s_in2, c->N, in);
-    if ((rc = c->g->dropout(c->ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    if ((rc = c->be->dropout(c->ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
     if ((rc = c->be->linear(c->ctx, u, xd, &wa)) != LT_OK) return rc;
     if ((rc = c->be->copy(c->ctx, dys.data, dy.data, lt_tensor_bytes(&dys))) != LT_OK) return rc;
-    if ((rc = c->g->scale(c->ctx, dys, lo->scale)) != LT_OK) return rc;
+    if ((rc = c->be->scale(c->ctx, dys, lo->scale)) != LT_OK) return rc;
     /* through B: du = s·dy·B, grad_B += s·dyᵀ·u; through A: dxd = du·A, grad_A += duᵀ·xd */
     if ((rc = c->be->linear_backward(c->ctx, du, dys, u, &wb)) != LT_OK) return rc;
     if ((rc = c->be->linear_backward(c->ctx, dx.data ? dxd : none2(c->N, in), du, xd, &wa)) !=
         LT_OK)
         return rc;
     if (!dx.data) return LT_OK;
-    if ((rc = c->g->dropout(c->ctx, dxd, dxd, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    if ((rc = c->be->dropout(c->ctx, dxd, dxd, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
     return c->be->add(c->ctx, dx, dxd);
 }
 
@@ -342,14 +341,9 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
         snprintf(ctx->err, LT_ERRLEN, "train: empty micro-batch");
         return LT_ERR_ARG;
     }
-    if (grads && (!be->linear_backward || !be->rmsnorm_backward || !be->rope_backward ||
-                  !be->attention_backward || !be->geglu_backward || !be->cross_entropy)) {
-        snprintf(ctx->err, LT_ERRLEN,
-                 "training: a backward op is not implemented on the %s backend", be->name);
-        return LT_ERR_STATE;
-    }
-    if (!be->cross_entropy) {
-        snprintf(ctx->err, LT_ERRLEN, "the loss op is not implemented on the %s backend", be->name);
+    const char *missing = lt_backend_missing_training_op(be);
+    if (missing) {
+        snprintf(ctx->err, LT_ERRLEN, "training: the %s backend has no %s op", be->name, missing);
         return LT_ERR_STATE;
     }
     tb_bufs B;
@@ -357,7 +351,6 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     c.m = m;
     c.ctx = ctx;
     c.be = be;
-    c.g = lt_grad_ops_for(be);
     c.ad = ad;
     c.b = b;
     c.B = &B;
@@ -374,11 +367,6 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     c.rmax = ad ? ad->r : 0;
     c.drop_seed = dropout_seed;
     c.training = dropout_seed != 0; /* LoRA dropout on only when the caller gives a seed */
-    if (!c.g) {
-        snprintf(ctx->err, LT_ERRLEN, "training is not implemented on the %s backend yet",
-                 be->name);
-        return LT_ERR_STATE;
-    }
     int64_t N = c.N, H = c.H, L = cfg->num_hidden_layers;
     lt_status rc = bufs_get(&c, grads);
     if (rc != LT_OK) {

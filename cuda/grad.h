@@ -6,10 +6,8 @@
  * them. The conventions are backend.h's: a backward op WRITES the input gradient and
  * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
  *
- * lt_grad_ops holds the small vector ops the trainer needs beyond the table (fill, scale,
- * sum of squares, dropout). They could move into backend.h's table; until then
- * lt_grad_ops_for(be) returns the set of the CPU backend (here) or of the CUDA backend
- * (lt_grad_ops_cuda, backend_cuda.cu) and NULL for a backend without one.
+ * It also implements the table's small vector ops for the trainer on the CPU (fill, scale,
+ * sum of squares, dropout) and holds the dropout keep-test every backend shares.
  * cross_entropy accumulates the head's gradient only when dh is wanted (a call without dh is
  * a loss-only evaluation). This file must not know Gemma.
  */
@@ -37,22 +35,11 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
-typedef struct lt_grad_ops {
-    /* t[:] = value (fp32) */
-    lt_status (*fill)(lt_ctx *ctx, lt_tensor t, float value);
-    /* t *= s (fp32) */
-    lt_status (*scale)(lt_ctx *ctx, lt_tensor t, float s);
-    /* *out (host) = Σ t² in double (fp32 tensor) */
-    lt_status (*sumsq)(lt_ctx *ctx, double *out, lt_tensor t);
-    /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
-     * mul / (1 - p), keep = hash(seed, i) >= p. Calling it twice with the same seed gives
-     * the same mask (forward, recompute and backward agree). y may alias x. */
-    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
-} lt_grad_ops;
-
-extern const lt_grad_ops lt_grad_ops_cpu;
-/* The extra ops of a backend, or NULL when it has none yet. */
-const lt_grad_ops *lt_grad_ops_for(const lt_backend *be);
+/* The CPU side of the table's small vector ops for the trainer (backend.h). */
+lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value);
+lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
+lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
+lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 
 /* The dropout keep-test, shared by every backend: 1 when element i survives. */
 static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {

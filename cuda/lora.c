@@ -398,14 +398,8 @@ void lora_free(lt_adapters *a) {
 }
 
 lt_status lora_zero_grads(lt_adapters *a) {
-    const lt_grad_ops *g = lt_grad_ops_for(a->ctx->be);
-    if (!g) {
-        snprintf(a->ctx->err, LT_ERRLEN, "training is not implemented on the %s backend yet",
-                 a->ctx->be->name);
-        return LT_ERR_STATE;
-    }
     for (int i = 0; i < a->n_params; i++) {
-        lt_status rc = g->fill(a->ctx, a->params[i].grad, 0.0f);
+        lt_status rc = a->ctx->be->fill(a->ctx, a->params[i].grad, 0.0f);
         if (rc != LT_OK) return rc;
     }
     return LT_OK;

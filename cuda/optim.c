@@ -34,16 +34,11 @@ double optim_lr_factor(lr_schedule s, int step, int warmup, int total) {
 }
 
 lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
-    const lt_grad_ops *g = lt_grad_ops_for(a->ctx->be);
-    if (!g) {
-        snprintf(err, LT_ERRLEN, "training is not implemented on the %s backend yet",
-                 a->ctx->be->name);
-        return LT_ERR_STATE;
-    }
+    const lt_backend *be = a->ctx->be;
     double total = 0;
     for (int i = 0; i < a->n_params; i++) {
         double s = 0;
-        lt_status rc = g->sumsq(a->ctx, &s, a->params[i].grad);
+        lt_status rc = be->sumsq(a->ctx, &s, a->params[i].grad);
         if (rc != LT_OK) {
             snprintf(err, LT_ERRLEN, "%s", a->ctx->err);
             return rc;
@@ -64,7 +59,7 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
         double coef = (double)max_norm / (n + 1e-6);
         if (coef < 1.0)
             for (int i = 0; i < a->n_params; i++) {
-                lt_status rc = g->scale(a->ctx, a->params[i].grad, (float)coef);
+                lt_status rc = be->scale(a->ctx, a->params[i].grad, (float)coef);
                 if (rc != LT_OK) return rc;
             }
     }

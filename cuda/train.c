@@ -574,6 +574,12 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     char *err = v.err;
     if (!v.model)
         return failf(err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
+    const char *missing = lt_backend_missing_training_op(v.ctx->be);
+    if (missing)
+        return failf(err, LT_ERR_STATE,
+                     "%%train: the %s backend has no %s op; %%load the model "
+                     "with device=cpu",
+                     v.ctx->be->name, missing);
     lt_trainer *t = *v.trainer;
     lt_train_opts o = *o_in;
     resumed rs;
