@@ -1265,18 +1265,16 @@ int server_run(const char *connection_file, interp *in) {
         _exit(status);
     }
     g_srv = NULL;
-    if (shell_done) {
-        zmq_ctx_term(s->ctx); /* waits at most LINGER_MS for unsent messages */
-        for (int i = 0; i < s->out.n_upd; i++) {
-            free(s->out.upd[i].id);
-            json_decref(s->out.upd[i].content);
-        }
-        json_decref(s->out.parent);
-        history_free(s);
-        conn_free(&s->conn);
-        free(s->out.s_buf);
-        free(s);
+    zmq_ctx_term(s->ctx); /* waits at most LINGER_MS for unsent messages */
+    for (int i = 0; i < s->out.n_upd; i++) {
+        free(s->out.upd[i].id);
+        json_decref(s->out.upd[i].content);
     }
+    json_decref(s->out.parent);
+    history_free(s);
+    conn_free(&s->conn);
+    free(s->out.s_buf);
+    free(s);
     log_msg("kernel stopped");
     if (log_fd != 2) {
         close(log_fd);
