@@ -12,8 +12,9 @@
  *     and checks they agree, returning LT_ERR_ARG with ctx->err filled when they do not;
  *   - a `*_backward` op ACCUMULATES (+=) into weight/adapter gradients and WRITES (=) the
  *     input gradient, like llm.c; a NULL gradient pointer (data == NULL) means "not needed".
- * Backward slots are declared now so the training code has a seam; a backend leaves a slot
- * NULL until it implements it (callers check, and report "op X not implemented on cpu").
+ * Both backends fill every slot. The training ops (backward, loss, optimizer, vector ops)
+ * are checked once before training starts (lt_backend_missing_training_op), so a future
+ * backend may leave them NULL and still run inference.
  *
  * This file owns the op table, lt_ctx, lt_weight and lt_lora. It must not know Gemma.
  */

@@ -67,12 +67,7 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
 }
 
 lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, char *err) {
-    lt_ctx *ctx = a->ctx;
-    if (!ctx->be->adamw) {
-        snprintf(err, LT_ERRLEN, "the adamw op is not implemented on the %s backend",
-                 ctx->be->name);
-        return LT_ERR_STATE;
-    }
+    lt_ctx *ctx = a->ctx; /* lt_train checked that the backend has every training op */
     for (int i = 0; i < a->n_params; i++) {
         train_param *p = &a->params[i];
         if (!p->m.data) {
