@@ -239,8 +239,9 @@ typedef struct lt_export_result {
 /* Writes the loaded model, enabled LoRA adapters merged (in fp32), as a GGUF file llama.cpp
  * loads. type: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m" (per-tensor types as llama.cpp's
  * converter / llama-quantize choose them). Refuses to replace an existing file unless
- * overwrite; written atomically (nothing appears on failure or cancel). Progress goes to
- * cb->progress("export", bytes done, bytes total), notes to cb->message. res may be NULL. */
+ * overwrite; written atomically (nothing appears on failure or cancel); a missing folder
+ * is created. Progress goes to cb->progress("export", bytes done, bytes total), notes to
+ * cb->message. res may be NULL. */
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
                          const lt_callbacks *cb, lt_export_result *res);
 

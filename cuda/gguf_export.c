@@ -709,6 +709,13 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int 
                  GGUF_FTYPE_CHOICES);
         return LT_ERR_ARG;
     }
+    /* the folder is created when missing, as %save creates its folder */
+    const char *slash = path ? strrchr(path, '/') : NULL;
+    if (slash && slash != path) {
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
+        if ((st = dir_prepare(parent, err)) != LT_OK) return st;
+    }
     /* a model copied to the GPU is read back through its backend; a host model in place */
     lt_ctx *dev = gemma3_on_device(m) ? ctx : NULL;
     if (gemma3_on_device(m) && !ctx) {

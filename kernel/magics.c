@@ -205,7 +205,7 @@ static const magic_spec table[] = {
      "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
      "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
      "template included. The file is written atomically (nothing is left behind on failure) "
-     "and an existing file is kept unless overwrite=true.",
+     "and an existing file is kept unless overwrite=true. A missing folder is created.",
      magic_export_gguf},
     {"shell", 1, "%%shell", 0, 0, NULL, NULL, no_opts, "run the cell body as a shell script",
      "Runs the cell body with /bin/sh -c in the notebook's folder (like IPython's %%bash), "
