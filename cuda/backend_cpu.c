@@ -626,11 +626,9 @@ static void attn_task(void *arg, int task, int n_tasks) {
     free(sc);
 }
 
-static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
-                               lt_tensor qpos, lt_tensor kpos, int window, float scale) {
-    const char *op = "attention";
-    REQUIRE(is_f32(&out) && is_f32(&q) && is_f32(&k) && is_f32(&v), op,
-            "out, q, k, v must be fp32");
+lt_status cpu_attention_dims(lt_ctx *ctx, const char *op, lt_tensor q, lt_tensor k, lt_tensor v,
+                             lt_tensor qpos, lt_tensor kpos, cpu_attn_dims *d) {
+    REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), op, "q, k, v must be fp32");
     REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, op,
             "q must be [T, nh, hd], k and v [S, nkv, hd]");
     REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, op,
@@ -639,9 +637,21 @@ static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tenso
     REQUIRE(k.shape[2] == hd && v.shape[0] == S && v.shape[1] == nkv && v.shape[2] == hd, op,
             "k, v shapes disagree");
     REQUIRE(nkv > 0 && nh % nkv == 0, op, "nh must be a multiple of nkv");
-    REQUIRE(lt_tensor_numel(&out) == T * nh * hd, op, "out must be [T, nh*hd]");
     REQUIRE(lt_tensor_numel(&qpos) == T && lt_tensor_numel(&kpos) == S, op,
             "qpos must be [T] and kpos [S]");
+    *d = (cpu_attn_dims){T, nh, hd, S, nkv};
+    return LT_OK;
+}
+
+static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                               lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    const char *op = "attention";
+    cpu_attn_dims d;
+    lt_status rc = cpu_attention_dims(ctx, op, q, k, v, qpos, kpos, &d);
+    if (rc != LT_OK) return rc;
+    int64_t T = d.T, nh = d.nh, hd = d.hd, S = d.S, nkv = d.nkv;
+    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == T * nh * hd, op,
+            "out must be fp32 [T, nh*hd]");
     attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, T,
                   S,        nh,     nkv,    hd,     window,    scale,     0};
     int nt = pool_threads(ctx) * 4;

@@ -228,18 +228,12 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
                                  lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                  lt_tensor qpos, lt_tensor kpos, int window, float scale) {
     const char *op = "attention_backward";
-    CHECK(f32_ok(&q) && f32_ok(&k) && f32_ok(&v) && f32_ok(&dout), op,
-          "q, k, v and dout must be fp32");
-    CHECK(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, op,
-          "q must be [T, nh, hd], k and v [S, nkv, hd]");
-    CHECK(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data, op,
-          "positions must be I32");
-    int64_t T = q.shape[0], nh = q.shape[1], hd = q.shape[2], S = k.shape[0], nkv = k.shape[1];
-    CHECK(k.shape[2] == hd && v.shape[0] == S && v.shape[1] == nkv && v.shape[2] == hd, op,
-          "k, v shapes disagree");
-    CHECK(nkv > 0 && nh % nkv == 0, op, "nh must be a multiple of nkv");
-    CHECK(lt_tensor_numel(&dout) == T * nh * hd, op, "dout must be [T, nh*hd]");
-    CHECK(lt_tensor_numel(&qpos) == T && lt_tensor_numel(&kpos) == S, op, "qpos [T], kpos [S]");
+    cpu_attn_dims dims;
+    lt_status rc = cpu_attention_dims(ctx, op, q, k, v, qpos, kpos, &dims);
+    if (rc != LT_OK) return rc;
+    int64_t T = dims.T, nh = dims.nh, hd = dims.hd, S = dims.S, nkv = dims.nkv;
+    CHECK(f32_ok(&dout) && lt_tensor_numel(&dout) == T * nh * hd, op,
+          "dout must be fp32 [T, nh*hd]");
     CHECK(f32_ok(&dq) && lt_tensor_numel(&dq) == T * nh * hd, op, "dq must be fp32 [T, nh, hd]");
     CHECK(f32_ok(&dk) && lt_tensor_numel(&dk) == S * nkv * hd, op, "dk must be fp32 [S, nkv, hd]");
     CHECK(f32_ok(&dv) && lt_tensor_numel(&dv) == S * nkv * hd, op, "dv must be fp32 [S, nkv, hd]");

@@ -1477,12 +1477,7 @@ done:
     return op_end(ctx, rc);
 }
 
-/* ---- the table --------------------------------------------------------------------------------
- */
-
-/* ---- the trainer's vector ops (backend.h)
- * -----------------------------------------------------------
- */
+/* ---- the trainer's vector ops (backend.h) ---------------------------------------------------- */
 
 static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
     const char *opname = "fill";

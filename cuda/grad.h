@@ -35,6 +35,15 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
+/* The attention contract of backend.h, checked once for the forward and the backward: q, k,
+ * v fp32 [T, nh, hd] / [S, nkv, hd], I32 positions [T] and [S], nh a multiple of nkv.
+ * Fills the sizes; LT_ERR_ARG with ctx->err naming op otherwise. */
+typedef struct cpu_attn_dims {
+    int64_t T, nh, hd, S, nkv;
+} cpu_attn_dims;
+lt_status cpu_attention_dims(lt_ctx *ctx, const char *op, lt_tensor q, lt_tensor k, lt_tensor v,
+                             lt_tensor qpos, lt_tensor kpos, cpu_attn_dims *d);
+
 /* The CPU side of the table's small vector ops for the trainer (backend.h). */
 lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value);
 lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
