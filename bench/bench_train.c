@@ -7,7 +7,9 @@
  * model), per-layer activation checkpointing (gemma3_train_batch always checkpoints), AdamW.
  * Prints one JSON line: tokens/s over STEPS timed steps after WARM warm-up steps, peak memory
  * of lathe's allocator (what torch.cuda.max_memory_allocated counts) and the device's used
- * memory, then a per-op time breakdown from CUDA events (one extra profiled step).
+ * memory, then a per-op time breakdown from CUDA events (one extra profiled step). The
+ * layer checkpoints live in page-locked host memory (gemma3_backward.c) and are not in the
+ * peak; their size is printed with the memory plan's other parts.
  * Owns nothing else; not a test.
  */
 #ifdef HAVE_CONFIG_H
@@ -90,6 +92,17 @@ int main(int argc, char **argv) {
     optim_opts oo = {
         .lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
     double loss = 0, t0 = 0;
+    size_t act_bytes, ckpt_bytes;
+    gemma3_train_bytes(m, ad, N, 0, &act_bytes, &ckpt_bytes);
+    printf("# memory: weights %.2f GiB, trainable + grads + AdamW %.2f GiB, one layer's "
+           "activations %.2f GiB (device), layer checkpoints %.2f GiB (page-locked host)\n",
+           m->weight_bytes / 1073741824.0, ad->n_trainable * 16.0 / 1073741824.0,
+           act_bytes / 1073741824.0, ckpt_bytes / 1073741824.0);
+    {
+        lt_cuda_mem mem0;
+        lt_cuda_memory(&ctx, &mem0);
+        printf("# in use before the first step: %.2f GiB\n", mem0.in_use / 1073741824.0);
+    }
     lt_cuda_reset_peak(&ctx);
     for (int it = 0; it < warm + steps + 1; it++) {
         if (it == warm) {
@@ -118,14 +131,16 @@ int main(int argc, char **argv) {
                    "\"batch\": %d, \"gc\": true, "
                    "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": "
                    "%.2f, "
-                   "\"loss\": %.4f, \"trainable\": %lld}\n",
+                   "\"loss\": %.4f, \"trainable\": %lld, \"peak_op\": \"%s\"}\n",
                    size, prec, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
                    (mem.total - mem.free) / 1073741824.0, loss / b.n_labels,
-                   (long long)ad->n_trainable);
+                   (long long)ad->n_trainable, mem.peak_op);
             fflush(stdout);
         }
     }
     char rep[8192];
+    if (lt_cuda_peak_report(&ctx, rep, sizeof rep) > 0)
+        printf("# device blocks live at the peak (%s):\n%s", size, rep);
     lt_cuda_profile_report(&ctx, rep, sizeof rep);
     printf("# per-op time of one step (%s %s, CUDA events):\n%s", size, prec, rep);
     lora_free(ad);

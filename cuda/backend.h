@@ -66,6 +66,23 @@ typedef struct lt_backend {
     lt_status (*download)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
     lt_status (*copy)(lt_ctx *ctx, void *dst, const void *src, size_t bytes); /* device->device */
     lt_status (*sync)(lt_ctx *ctx);
+    /* Off-device storage for activation checkpoints (DESIGN §5: the per-layer inputs the
+     * backward recomputes from). host_alloc: host memory the stash copies reach at full speed
+     * (page-locked on CUDA, plain on the CPU); NULL + ctx->err on failure. stash_out / stash_in
+     * copy between it and backend memory BESIDE the ops: each copy starts once every op queued
+     * before it is done, and later ops may run while it runs; stash_wait makes every op queued
+     * after it wait until all those copies are done (it does not block the host). A buffer a
+     * copy reads or writes is the caller's to keep still until the next stash_wait. */
+    void *(*host_alloc)(lt_ctx *ctx, size_t bytes);
+    void (*host_release)(lt_ctx *ctx, void *p); /* waits for copies still using p */
+    lt_status (*stash_out)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
+    lt_status (*stash_in)(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes);
+    lt_status (*stash_wait)(lt_ctx *ctx);
+    /* Lends the backend `bytes` of the caller's backend memory at p: the temporaries of the
+     * ops that follow come from it, as far as it goes, instead of new allocations, until
+     * lend(ctx, NULL, 0). The caller leaves that memory alone meanwhile. The trainer lends its
+     * idle layer buffers to the loss this way. A backend may ignore the loan (the CPU does). */
+    void (*lend)(lt_ctx *ctx, void *p, size_t bytes);
 
     /* ---- forward ops ------------------------------------------------------------------ */
     /* h[t,:] = table[ids[t], :] * scale.  h: [T, H] fp32; ids: [T] I32; table: [V, H] any
@@ -108,7 +125,8 @@ typedef struct lt_backend {
     lt_status (*attention_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                     lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                     lt_tensor qpos, lt_tensor kpos, int window, float scale);
-    /* dgate, dup from dy and the forward inputs. */
+    /* dgate, dup from dy and the forward inputs. Elementwise: dgate may alias gate and dup may
+     * alias up (the trainer writes them in place). */
     lt_status (*geglu_backward)(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
                                 lt_tensor gate, lt_tensor up);
     /* Accumulates dh * scale into table->grad_w rows (only when training the embedding). */

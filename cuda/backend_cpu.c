@@ -226,6 +226,24 @@ static lt_status cpu_sync(lt_ctx *ctx) {
     return LT_OK;
 }
 
+/* The CPU's "off-device" memory is its own: the stash copies are plain copies, done when they
+ * return, so there is nothing to wait for. */
+static void *cpu_host_alloc(lt_ctx *ctx, size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p && ctx)
+        snprintf(ctx->err, LT_ERRLEN, "cpu: out of memory allocating %zu bytes for checkpoints",
+                 bytes);
+    return p;
+}
+
+static lt_status cpu_stash_wait(lt_ctx *ctx) {
+    return LT_OK;
+}
+
+static void cpu_lend(lt_ctx *ctx, void *p, size_t bytes) {
+    (void)ctx, (void)p, (void)bytes; /* temporaries come from malloc, one op at a time */
+}
+
 /* ---- matmul ------------------------------------------------------------------------------------
  * y[T, out] = x[T, in] · W[out, in]ᵀ. The C loop widens ROWS weight rows at a time into a
  * per-task fp32 buffer and dots each with every x row; 8 independent partial sums per dot let
@@ -703,6 +721,12 @@ const lt_backend lt_backend_cpu = {
     .download = cpu_memcpy,
     .copy = cpu_memcpy,
     .sync = cpu_sync,
+    .host_alloc = cpu_host_alloc,
+    .host_release = cpu_release,
+    .stash_out = cpu_memcpy,
+    .stash_in = cpu_memcpy,
+    .stash_wait = cpu_stash_wait,
+    .lend = cpu_lend,
     .embedding = cpu_embedding,
     .linear = cpu_linear,
     .rmsnorm = cpu_rmsnorm,

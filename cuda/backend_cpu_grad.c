@@ -534,6 +534,9 @@ const char *lt_backend_missing_training_op(const lt_backend *be) {
         {"scale", be->scale != NULL},
         {"sumsq", be->sumsq != NULL},
         {"dropout", be->dropout != NULL},
+        {"host_alloc", be->host_alloc != NULL && be->host_release != NULL},
+        {"stash_out", be->stash_out != NULL && be->stash_in != NULL && be->stash_wait != NULL},
+        {"lend", be->lend != NULL},
     };
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (!ops[i].present) return ops[i].name;

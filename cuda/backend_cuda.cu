@@ -38,6 +38,7 @@ extern "C" {
 typedef struct cu_block {
     void *p;
     size_t size;
+    const char *op; /* the op that took it (NULL: a caller's buffer) */
 } cu_block;
 
 typedef struct cu_rope_table {
@@ -67,14 +68,29 @@ typedef struct cu_impl {
     size_t smem_optin; /* shared memory a block may opt in to */
     cudaStream_t stream;
     cublasHandle_t blas;
+    /* the stash (checkpoint offload): copies run on their own stream, ordered after the ops
+     * queued before them by ev_ops; ev_stash marks the last copy for stash_wait */
+    cudaStream_t stash_stream;
+    cudaEvent_t ev_ops, ev_stash;
+    struct {
+        void *p;
+        size_t bytes;
+        int used;
+    } pinned[4]; /* page-locked blocks kept for the next training step (allocating is slow) */
     lt_dtype prec;
     /* caching allocator: one stream, so a block released here may be reused by the next op */
     cu_block *live, *freeb;
     int n_live, cap_live, n_free, cap_free;
     size_t in_use, peak, reserved;
+    const char *peak_op; /* the op during which peak was reached (NULL: outside ops) */
+    cu_block *peak_live; /* LATHE_CUDA_PEAK_BLOCKS=1: the live blocks at the peak */
+    int n_peak_live, peak_blocks;
     /* per-op temporaries, released at op end */
     void *tmp[32];
     int n_tmp;
+    /* memory a caller lent for temporaries (lend): handed out from the start at every op */
+    char *lent;
+    size_t lent_bytes, lent_used;
     /* device scalars: [0] = 0, [1] = 1, the rest handed out per op */
     float *dscal;
     int next_slot;
@@ -190,10 +206,12 @@ static int64_t last_dim(const lt_tensor *t) {
 
 /* ---- allocator ---------------------------------------------------------------------------- */
 
+/* Sizes are rounded to 512 bytes below 1 MiB and to 128 KiB above: a coarser step wastes
+ * real memory on the hundreds of small adapter tensors (2 MiB steps cost 0.3 GiB at 4B). */
 static size_t round_size(size_t b) {
     if (b == 0) b = 1;
     if (b < (1u << 20)) return (b + 511) & ~(size_t)511;
-    return (b + (2u << 20) - 1) & ~((size_t)(2u << 20) - 1);
+    return (b + (128u << 10) - 1) & ~((size_t)(128u << 10) - 1);
 }
 
 static int push_block(cu_block **arr, int *n, int *cap, cu_block b) {
@@ -223,10 +241,11 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
     int best = -1;
     for (int i = 0; i < I->n_free; i++) {
         size_t s = I->freeb[i].size;
-        if (s >= need && s <= need + need / 4 + (2u << 20) && (best < 0 || s < I->freeb[best].size))
+        if (s >= need && s <= need + need / 16 + (2u << 20) &&
+            (best < 0 || s < I->freeb[best].size))
             best = i;
     }
-    cu_block b = {NULL, need};
+    cu_block b = {NULL, need, NULL};
     if (best >= 0) {
         b = I->freeb[best];
         I->freeb[best] = I->freeb[--I->n_free];
@@ -257,7 +276,19 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
         return NULL;
     }
     I->in_use += b.size;
-    if (I->in_use > I->peak) I->peak = I->in_use;
+    I->live[I->n_live - 1].op = I->cur_op;
+    if (I->in_use > I->peak) {
+        I->peak = I->in_use;
+        I->peak_op = I->cur_op;
+        if (I->peak_blocks) { /* a snapshot for lt_cuda_peak_report (a measuring aid) */
+            cu_block *s = (cu_block *)realloc(I->peak_live, sizeof(cu_block) * (size_t)I->n_live);
+            if (s) {
+                memcpy(s, I->live, sizeof(cu_block) * (size_t)I->n_live);
+                I->peak_live = s;
+                I->n_peak_live = I->n_live;
+            }
+        }
+    }
     return b.p;
 }
 
@@ -350,6 +381,7 @@ static void prof_close(cu_impl *I, int k) {
 static void op_begin(lt_ctx *ctx, const char *name) {
     cu_impl *I = impl_of(ctx);
     I->n_tmp = 0;
+    I->lent_used = 0;
     I->next_slot = 2;
     I->cur_op = name;
     I->cur_prof = -1;
@@ -391,12 +423,19 @@ static lt_status op_end(lt_ctx *ctx, lt_status rc) {
     I->n_tmp = 0;
     prof_close(I, I->cur_prof);
     I->cur_prof = -1;
+    I->cur_op = NULL;
     return rc;
 }
 
 /* A temporary for the current op (released by op_end). */
 static void *tmp_get(lt_ctx *ctx, size_t bytes) {
     cu_impl *I = impl_of(ctx);
+    size_t need = (bytes + 255) & ~(size_t)255;
+    if (I->lent && I->lent_bytes - I->lent_used >= need) { /* from the loan first */
+        void *p = I->lent + I->lent_used;
+        I->lent_used += need;
+        return p;
+    }
     if (I->n_tmp == (int)(sizeof I->tmp / sizeof I->tmp[0])) {
         snprintf(ctx->err, LT_ERRLEN, "cuda %s: too many temporaries (internal)", I->cur_op);
         return NULL;
@@ -471,17 +510,19 @@ static cudaDataType_t cuda_type(lt_dtype d) {
  * op(A) = A ([M,K], lda) or Aᵀ (A stored [K,M]); same for B. alpha = c * (*ia) * (*ib) (the
  * operands' inverse scales; device) or plain c. beta is 0 or 1. fp32 accumulation always;
  * fp32 operands run as true fp32 (no TF32). */
-static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
-                      const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
-                      int64_t sB, int beta1, float *C, int64_t ldc, int64_t sC, int batch) {
+static lt_status gemm_as(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
+                         const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
+                         int64_t sB, int beta1, void *C, lt_dtype ct, int64_t ldc, int64_t sC,
+                         int batch) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
+    size_t csz = ct == LT_F32 ? 4 : 2;
     if (M <= 0 || N <= 0 || batch <= 0) return LT_OK;
     if (K <= 0) { /* empty inner dimension: C = beta C */
         if (!beta1) {
             for (int b = 0; b < batch; b++)
-                CU_TRY(cudaMemset2DAsync(C + b * sC, (size_t)ldc * 4, 0, (size_t)N * 4, (size_t)M,
-                                         I->stream));
+                CU_TRY(cudaMemset2DAsync((char *)C + (size_t)(b * sC) * csz, (size_t)ldc * csz, 0,
+                                         (size_t)N * csz, (size_t)M, I->stream));
         }
         return LT_OK;
     }
@@ -506,15 +547,49 @@ static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t
         if (batch == 1) {
             BLAS_TRY(cublasGemmEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p,
                                   cuda_type(B->dt), (int)ldb, A->p, cuda_type(A->dt), (int)lda,
-                                  beta, C, CUDA_R_32F, (int)ldc, CUBLAS_COMPUTE_32F,
+                                  beta, C, cuda_type(ct), (int)ldc, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
         } else {
             BLAS_TRY(cublasGemmStridedBatchedEx(
                 I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p, cuda_type(B->dt), (int)ldb,
-                sB, A->p, cuda_type(A->dt), (int)lda, sA, beta, C, CUDA_R_32F, (int)ldc, sC, batch,
-                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                sB, A->p, cuda_type(A->dt), (int)lda, sA, beta, C, cuda_type(ct), (int)ldc, sC,
+                batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
         prof_close(I, pk);
+    }
+done:
+    return rc;
+}
+
+/* gemm_as with an fp32 C: what every op but the adapters' small products uses. */
+static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
+                      const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
+                      int64_t sB, int beta1, float *C, int64_t ldc, int64_t sC, int batch) {
+    return gemm_as(ctx, ta, tb, M, N, K, c, A, lda, sA, B, ldb, sB, beta1, C, LT_F32, ldc, sC,
+                   batch);
+}
+
+/* P [rows, r] = X · Aᵀ-style adapter products as a bf16 operand, straight from the GEMM (fp32
+ * accumulation, one rounding: what a cast of the fp32 result gives) — on the bf16 path, where
+ * no scale is needed. Other paths get the fp32 product in *f32 and its scaled cast. */
+static lt_status small_product(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K,
+                               const opnd *A, int64_t lda, const opnd *B, int64_t ldb, lt_dtype cdt,
+                               float **f32, opnd *P) {
+    lt_status rc = LT_OK;
+    if (cdt == LT_BF16) {
+        void *p = tmp_get(ctx, (size_t)(M * N) * 2);
+        if (!p) return LT_ERR_MEMORY;
+        TRY(gemm_as(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, LT_BF16, N, 0, 1));
+        *P = (opnd){p, LT_BF16, NULL};
+        if (f32) *f32 = NULL;
+        return LT_OK;
+    }
+    {
+        float *p = (float *)tmp_get(ctx, (size_t)(M * N) * 4);
+        if (!p) return LT_ERR_MEMORY;
+        TRY(gemm(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, N, 0, 1));
+        TRY(to_cdt(ctx, p, M, N, cdt, P));
+        if (f32) *f32 = p;
     }
 done:
     return rc;
@@ -578,12 +653,17 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->flash = !(fl && strcmp(fl, "0") == 0);
         const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
         I->max_rows = cr ? atoll(cr) : 0;
+        const char *pb = getenv("LATHE_CUDA_PEAK_BLOCKS");
+        I->peak_blocks = pb && strcmp(pb, "1") == 0;
         const char *kr = getenv("LATHE_CUDA_KEYRANGE_ROWS");
         I->keyrange_rows = kr ? atoll(kr) : -1; /* off: measured slower on the H200 (bench/) */
         const char *pe = getenv("LATHE_PRECISION");
         lt_dtype d;
         if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &d) == 0) I->prec = d;
         CU_TRY(cudaStreamCreateWithFlags(&I->stream, cudaStreamNonBlocking));
+        CU_TRY(cudaStreamCreateWithFlags(&I->stash_stream, cudaStreamNonBlocking));
+        CU_TRY(cudaEventCreateWithFlags(&I->ev_ops, cudaEventDisableTiming));
+        CU_TRY(cudaEventCreateWithFlags(&I->ev_stash, cudaEventDisableTiming));
         BLAS_TRY(cublasCreate(&I->blas));
         BLAS_TRY(cublasSetStream(I->blas, I->stream));
         BLAS_TRY(cublasSetMathMode(I->blas, CUBLAS_DEFAULT_MATH));
@@ -607,11 +687,18 @@ static void cu_shutdown(lt_ctx *ctx) {
     cu_impl *I = impl_of(ctx);
     if (!I) return;
     if (I->stream) cudaStreamSynchronize(I->stream);
+    if (I->stash_stream) cudaStreamSynchronize(I->stash_stream);
+    for (int i = 0; i < 4; i++)
+        if (I->pinned[i].p) cudaFreeHost(I->pinned[i].p);
+    if (I->ev_ops) cudaEventDestroy(I->ev_ops);
+    if (I->ev_stash) cudaEventDestroy(I->ev_stash);
+    if (I->stash_stream) cudaStreamDestroy(I->stash_stream);
     for (int i = 0; i < I->n_live; i++)
         cudaFree(I->live[i].p);
     free_cached(I);
     free(I->live);
     free(I->freeb);
+    free(I->peak_live);
     for (int i = 0; i < I->n_rope; i++)
         cudaFree(I->rope[i].d);
     for (int i = 0; i < 8; i++)
@@ -675,6 +762,92 @@ done:
 static lt_status cu_sync(lt_ctx *ctx) {
     lt_status rc = LT_OK;
     CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+/* ---- the stash: checkpoints in page-locked host memory ------------------------------------------
+ * A training step keeps each layer's input for the backward; on the GPU those inputs go to host
+ * memory while the next layers run, and come back one layer ahead of the backward that needs
+ * them (gemma3_backward.c). Page-locked memory lets the copies run beside the kernels; its
+ * blocks are kept for the next step because allocating them takes a while. */
+static void *cu_host_alloc(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    int best = -1;
+    for (int i = 0; i < 4; i++) /* the smallest kept block that is big enough */
+        if (I->pinned[i].p && !I->pinned[i].used && I->pinned[i].bytes >= bytes &&
+            (best < 0 || I->pinned[i].bytes < I->pinned[best].bytes))
+            best = i;
+    if (best >= 0) {
+        I->pinned[best].used = 1;
+        return I->pinned[best].p;
+    }
+    int slot_i = -1;
+    for (int i = 0; i < 4 && slot_i < 0; i++)
+        if (!I->pinned[i].p) slot_i = i;
+    for (int i = 0; i < 4 && slot_i < 0; i++) /* all four kept: drop an unused one */
+        if (!I->pinned[i].used) {
+            cudaFreeHost(I->pinned[i].p);
+            I->pinned[i].p = NULL;
+            slot_i = i;
+        }
+    void *p = NULL;
+    cudaError_t e =
+        slot_i < 0 ? cudaErrorMemoryAllocation : cudaHostAlloc(&p, bytes ? bytes : 1, 0);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        snprintf(ctx->err, LT_ERRLEN,
+                 "cuda: could not lock %.1f MiB of host memory for checkpoints",
+                 (double)bytes / 1048576.0);
+        return NULL;
+    }
+    I->pinned[slot_i].p = p;
+    I->pinned[slot_i].bytes = bytes;
+    I->pinned[slot_i].used = 1;
+    return p;
+}
+
+static void cu_host_release(lt_ctx *ctx, void *p) {
+    cu_impl *I = impl_of(ctx);
+    if (!p) return;
+    cudaStreamSynchronize(I->stash_stream); /* no copy may still be using it */
+    for (int i = 0; i < 4; i++)
+        if (I->pinned[i].p == p) I->pinned[i].used = 0;
+}
+
+static lt_status stash_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes,
+                            cudaMemcpyKind kind) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaEventRecord(I->ev_ops, I->stream));
+    CU_TRY(cudaStreamWaitEvent(I->stash_stream, I->ev_ops, 0));
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, kind, I->stash_stream));
+    CU_TRY(cudaEventRecord(I->ev_stash, I->stash_stream));
+done:
+    return rc;
+}
+
+static lt_status cu_stash_out(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes) {
+    return stash_copy(ctx, host_dst, src, bytes, cudaMemcpyDefault);
+}
+
+static lt_status cu_stash_in(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes) {
+    seen_forget(impl_of(ctx), dst, bytes);
+    return stash_copy(ctx, dst, host_src, bytes, cudaMemcpyDefault);
+}
+
+static void cu_lend(lt_ctx *ctx, void *p, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    I->lent = p ? (char *)p : NULL;
+    I->lent_bytes = p ? bytes : 0;
+    I->lent_used = 0;
+}
+
+static lt_status cu_stash_wait(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    CU_TRY(cudaStreamWaitEvent(I->stream, I->ev_stash, 0));
 done:
     return rc;
 }
@@ -747,13 +920,7 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             opnd A, B, XA;
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
-            float *xa = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* xa: [T, r] fp32 */
-            if (!xa) {
-                rc = LT_ERR_MEMORY;
-                goto done;
-            }
-            TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
-            TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
+            TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, NULL, &XA)); /* [T, r] */
             /* y = scale · XA [T, r] · B [out, r]ᵀ */
             TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out,
                      0, 1));
@@ -1108,20 +1275,12 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
             opnd A, B, XA, G;
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
-            float *xa = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* x·Aᵀ: [T, r] */
-            float *gg = (float *)tmp_get(ctx, (size_t)(T * r) * 4); /* dy·B:  [T, r] */
-            if (!xa || !gg) {
-                rc = LT_ERR_MEMORY;
-                goto done;
-            }
-            TRY(gemm(ctx, 0, 1, T, r, in, 1.0f, &X, in, 0, &A, in, 0, 0, xa, r, 0, 1));
-            TRY(gemm(ctx, 0, 0, T, r, out, 1.0f, &DY, out, 0, &B, r, 0, 0, gg, r, 0, 1));
-            if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA */
-                TRY(to_cdt(ctx, xa, T, r, cdt, &XA));
+            if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA, XA = x·Aᵀ [T, r] */
+                TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, NULL, &XA));
                 TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
                          (float *)lo->grad_b.data, r, 0, 1));
             }
-            TRY(to_cdt(ctx, gg, T, r, cdt, &G));
+            TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, NULL, &G)); /* dy·B */
             if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
                 TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
                          (float *)lo->grad_a.data, in, 0, 1));
@@ -1255,7 +1414,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         TRY(pack_all(ctx, &v, cdt, &V));
         if (flash_ok(ctx, &D, cdt, 1)) {
             /* pass 1: the forward again for each row's log-sum-exp and D = Σ dout·out; pass 2:
-             * dq (written), dk and dv (accumulated into the zeroes above) */
+             * dq, dk and dv, accumulated into the zeroes above (one kernel where it fits) */
             opnd Q, DO;
             TRY(pack_all(ctx, &q, cdt, &Q));
             lt_tensor d3 = dout;
@@ -1277,7 +1436,8 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             LAUNCHED();
             k_flash_backward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, DO.p, lse, dd,
                              (float *)dq.data, (float *)dk.data, (float *)dv.data, qp, kp, (int)T,
-                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv, DO.inv);
+                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv, DO.inv,
+                             I->smem_optin);
             LAUNCHED();
             goto done;
         }
@@ -1381,7 +1541,9 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             rc = LT_ERR_MEMORY;
             goto done;
         }
-        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB */
+        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB
+         * (fewer rows made the step slower on the H200: 64 rows of Gemma's vocabulary took
+         * the 4B loss from 26 to 62 ms); the trainer lends its idle layer memory for them */
         int64_t per_row = V * (4 + (cdt == LT_F32 ? 0 : 2));
         int64_t Tc = (256ll << 20) / per_row;
         if (I->max_rows > 0 && Tc > I->max_rows) Tc = I->max_rows;
@@ -1554,6 +1716,12 @@ extern "C" const lt_backend lt_backend_cuda = {
     .download = cu_download,
     .copy = cu_copy,
     .sync = cu_sync,
+    .host_alloc = cu_host_alloc,
+    .host_release = cu_host_release,
+    .stash_out = cu_stash_out,
+    .stash_in = cu_stash_in,
+    .stash_wait = cu_stash_wait,
+    .lend = cu_lend,
     .embedding = cu_embedding,
     .linear = cu_linear,
     .rmsnorm = cu_rmsnorm,
@@ -1623,12 +1791,16 @@ extern "C" void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m) {
     cu_impl *I = impl_of(ctx);
     m->in_use = I->in_use;
     m->peak = I->peak;
+    m->peak_op = I->peak_op ? I->peak_op : "";
     m->reserved = I->reserved;
     if (cudaMemGetInfo(&m->free, &m->total) != cudaSuccess) cudaGetLastError();
 }
 
 extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {
-    if (is_cuda_ctx(ctx)) impl_of(ctx)->peak = impl_of(ctx)->in_use;
+    if (is_cuda_ctx(ctx)) {
+        impl_of(ctx)->peak = impl_of(ctx)->in_use;
+        impl_of(ctx)->peak_op = NULL;
+    }
 }
 
 extern "C" void lt_cuda_trim(lt_ctx *ctx) {
@@ -1679,4 +1851,40 @@ extern "C" int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap) {
     }
     I->n_totals = 0;
     return (int)(k < cap ? k : cap - 1);
+}
+
+extern "C" int lt_cuda_peak_report(lt_ctx *ctx, char *buf, size_t cap) {
+    size_t k = 0;
+    if (!is_cuda_ctx(ctx) || !cap) return 0;
+    cu_impl *I = impl_of(ctx);
+    buf[0] = 0;
+    /* blocks of one size taken by one op, grouped, biggest groups first */
+    int n = I->n_peak_live;
+    char *done_mark = (char *)calloc((size_t)n + 1, 1);
+    if (!done_mark) return 0;
+    for (;;) {
+        int best = -1;
+        double best_total = 0;
+        for (int i = 0; i < n; i++) {
+            if (done_mark[i]) continue;
+            double tot = 0;
+            for (int j = i; j < n; j++)
+                if (!done_mark[j] && I->peak_live[j].size == I->peak_live[i].size &&
+                    I->peak_live[j].op == I->peak_live[i].op)
+                    tot += (double)I->peak_live[j].size;
+            if (tot > best_total) best_total = tot, best = i;
+        }
+        if (best < 0) break;
+        int count = 0;
+        for (int j = best; j < n; j++)
+            if (!done_mark[j] && I->peak_live[j].size == I->peak_live[best].size &&
+                I->peak_live[j].op == I->peak_live[best].op)
+                done_mark[j] = 1, count++;
+        if (k < cap)
+            k += (size_t)snprintf(buf + k, cap - k, "  %4d x %9.2f MiB = %9.2f MiB  %s\n", count,
+                                  I->peak_live[best].size / 1048576.0, best_total / 1048576.0,
+                                  I->peak_live[best].op ? I->peak_live[best].op : "(buffers)");
+    }
+    free(done_mark);
+    return (int)(k < cap ? k : cap);
 }

@@ -33,10 +33,11 @@ lt_dtype lt_cuda_precision(lt_ctx *ctx);
 int lt_cuda_parse_precision(lt_ctx *ctx, const char *word, lt_dtype *out);
 
 typedef struct lt_cuda_mem {
-    size_t in_use;   /* bytes handed out by the backend's allocator now */
-    size_t peak;     /* high-water mark of in_use since the last reset */
-    size_t reserved; /* bytes the allocator holds from CUDA (in use + cached) */
-    size_t free;     /* cudaMemGetInfo */
+    size_t in_use;       /* bytes handed out by the backend's allocator now */
+    size_t peak;         /* high-water mark of in_use since the last reset */
+    const char *peak_op; /* the op that reached it ("" = between ops) */
+    size_t reserved;     /* bytes the allocator holds from CUDA (in use + cached) */
+    size_t free;         /* cudaMemGetInfo */
     size_t total;
 } lt_cuda_mem;
 void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m);
@@ -52,6 +53,9 @@ lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, 
  * and clears the totals. Returns the number of bytes written. */
 void lt_cuda_profile(lt_ctx *ctx, int on);
 int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap);
+/* With LATHE_CUDA_PEAK_BLOCKS=1 in the environment at init: the blocks live at the last peak,
+ * grouped by size and by the op that took them, biggest groups first (a measuring aid). */
+int lt_cuda_peak_report(lt_ctx *ctx, char *buf, size_t cap);
 
 #ifdef __cplusplus
 }

@@ -510,31 +510,32 @@ static double memory_available(lt_ctx *ctx, const char **where) {
 static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
                              int64_t max_tokens, const lt_train_callbacks *cb, char *err) {
     const gemma3_config *c = &m->cfg;
-    double H = c->hidden_size, I = c->intermediate_size, L = c->num_hidden_layers,
-           N = (double)max_tokens;
+    double H = c->hidden_size, N = (double)max_tokens;
     double QD = (double)c->num_attention_heads * c->head_dim,
            KD = (double)c->num_key_value_heads * c->head_dim;
     double weights = (double)m->weight_bytes;
     double trainable = (double)a->n_trainable * 4 * 4; /* value (LoRA) + grad + m + v */
-    double ckpt = L * N * H * 4;
-    double layer =
-        N * (9 * H + 3 * QD + 4 * KD + 3 * I) * 4 + N * (3 * H + 2 * QD + 2 * KD + 3 * I) * 4;
-    double ce = 8.0 * 1024 * 1024 * 4 + N * H * 4;
-    double total = trainable + ckpt + layer + ce;
+    size_t dev_bytes, host_bytes;
+    gemma3_train_bytes(m, a, max_tokens, a->dropout > 0.0f && !a->full, &dev_bytes, &host_bytes);
+    double layer = (double)dev_bytes;
+    /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
+    double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;
+    double total = trainable + layer + work;
     const char *where;
     double avail = memory_available(ctx, &where);
+    int on_device = strcmp(where, "GPU memory") == 0;
     if (cb && cb->message) {
-        char msg[512];
+        char msg[600];
         snprintf(msg, sizeof msg,
                  "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, "
-                 "layer checkpoints "
-                 "%.1f MiB, one layer's activations %.1f MiB, loss %.1f MiB: %.1f MiB more (%lld "
-                 "tokens per "
-                 "micro-batch)",
-                 weights / 1048576, trainable / 1048576, ckpt / 1048576, layer / 1048576,
-                 ce / 1048576, total / 1048576, (long long)max_tokens);
+                 "activations of one layer %.1f MiB, workspace %.1f MiB: %.1f MiB more %s; layer "
+                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)",
+                 weights / 1048576, trainable / 1048576, layer / 1048576, work / 1048576,
+                 total / 1048576, where, (double)host_bytes / 1048576,
+                 on_device ? "host memory" : "memory", (long long)max_tokens);
         cb->message(cb->ctx, msg);
     }
+    if (!on_device) total += (double)host_bytes;
     if (avail > 0 && total > avail)
         return failf(err, LT_ERR_MEMORY,
                      "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "

@@ -15,6 +15,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cuda/kernels/kernels.h"
 
@@ -38,6 +39,33 @@ __global__ void pack_heads_kernel(void *dst, lt_dtype dt, const float *src, int6
     }
 }
 
+/* The same, four values a thread (hd % 4 == 0) with 32-bit index arithmetic (fewer than 2^31
+ * groups of four): 16-byte loads and 8-byte stores, a few integer operations per four values.
+ * Every attention call packs q, k, v (and dout) this way, so it is on the training path. */
+__global__ void pack_heads4_kernel(void *dst, lt_dtype dt, const float *src, int64_t t0, int Tq,
+                                   int heads, int hd4, const float *scale) {
+    float s = scale ? *scale : 1.0f;
+    const int per_head = Tq * hd4, n = heads * per_head;
+    const float4 *s4 = (const float4 *)src + t0 * heads * hd4;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        int h = i / per_head, rem = i - h * per_head, t = rem / hd4, d = rem - t * hd4;
+        float4 v = s4[((int64_t)t * heads + h) * hd4 + d];
+        v.x *= s, v.y *= s, v.z *= s, v.w *= s;
+        if (dt == LT_BF16) {
+            __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+            ((uint2 *)dst)[i] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
+        } else if (dt == LT_F16) {
+            float c[4] = {v.x, v.y, v.z, v.w};
+            for (int j = 0; j < 4; j++)
+                c[j] = c[j] == c[j] ? fminf(fmaxf(c[j], -65504.0f), 65504.0f) : c[j];
+            __half2 a = __floats2half2_rn(c[0], c[1]), b = __floats2half2_rn(c[2], c[3]);
+            ((uint2 *)dst)[i] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
+        } else {
+            ((float4 *)dst)[i] = v;
+        }
+    }
+}
+
 static unsigned blocks_for(int64_t n) {
     int64_t b = (n + 255) / 256;
     if (b > 65535LL * 8) b = 65535LL * 8;
@@ -47,7 +75,13 @@ static unsigned blocks_for(int64_t n) {
 void k_pack_heads(cudaStream_t st, void *dst, lt_dtype dt, const float *src, int64_t t0, int64_t Tq,
                   int64_t heads, int64_t hd, const float *scale) {
     int64_t n = heads * Tq * hd;
-    if (n > 0)
+    if (n <= 0) return;
+    size_t align = dt == LT_F32 ? 15 : 7;
+    if (hd % 4 == 0 && n / 4 < INT_MAX && ((uintptr_t)src & 15) == 0 &&
+        ((uintptr_t)dst & align) == 0)
+        pack_heads4_kernel<<<blocks_for(n / 4), 256, 0, st>>>(dst, dt, src, t0, (int)Tq, (int)heads,
+                                                              (int)(hd / 4), scale);
+    else
         pack_heads_kernel<<<blocks_for(n), 256, 0, st>>>(dst, dt, src, t0, Tq, heads, hd, scale);
 }
 
@@ -334,12 +368,12 @@ template <int HD> __device__ __forceinline__ int fa_ld() {
 /* dst[r][:] = src[row0 + r][:] for r < rows (zeros past n): src is [n, HD] 16-bit. On sm_80 and
  * newer the copies are asynchronous (cp.async, one commit group per call): fa_wait<N> waits
  * until at most N groups are still in flight. Below sm_80 they are plain loads. */
-template <int HD>
+template <int HD, int NT = FA_THREADS>
 __device__ __forceinline__ void fa_load(uint16_t *dst, const uint16_t *src, int row0, int n,
                                         int rows) {
     const int per = HD / 8; /* 16-byte pieces per row */
 #pragma unroll 4
-    for (int i = threadIdx.x; i < rows * per; i += FA_THREADS) {
+    for (int i = threadIdx.x; i < rows * per; i += NT) {
         int r = i / per, c = (i - r * per) * 8;
         uint16_t *d = dst + r * fa_ld<HD>() + c;
         bool in = row0 + r < n;
@@ -400,6 +434,28 @@ __device__ __forceinline__ void fa_frag_bn2(uint32_t *b, const uint16_t *t, int 
     fa_ldsm_t(b, t + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * fa_ld<HD>() + n0 + (l >> 4) * 8);
 }
 
+/* The same fragments from tiles of any row length ld (the fused backward's [64][BQ + 8] tiles):
+ * A with A[m][k] = t[r0 + m][k0 + k], and A read transposed, A[m][k] = t[k0 + k][m0 + m]. */
+__device__ __forceinline__ void fa_frag_a_ld(uint32_t *a, const uint16_t *t, int ld, int r0,
+                                             int k0) {
+    const int l = threadIdx.x & 31;
+    fa_ldsm(a, t + (r0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + k0 + (l >> 4) * 8);
+}
+__device__ __forceinline__ void fa_frag_at(uint32_t *a, const uint16_t *t, int ld, int m0, int k0) {
+    const int l = threadIdx.x & 31;
+    fa_ldsm_t(a, t + (k0 + (l & 7) + (l >> 4) * 8) * ld + m0 + ((l >> 3) & 1) * 8);
+}
+
+/* p[0] += a, p[1] += b in global fp32 (one vector atomic on sm_90 and newer). */
+__device__ __forceinline__ void fa_add2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd((float2 *)p, make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 __device__ __forceinline__ float fa_quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -434,6 +490,7 @@ __device__ __forceinline__ fa_scales fa_scales_make(float scale, const float *qi
 }
 
 /* Positions of the block's own rows into pos_s (INT_MIN past n) and their min/max into mm. */
+template <int ROWS = FA_ROWS>
 __device__ __forceinline__ void fa_own_positions(int *pos_s, int *mm, const int32_t *pos, int row0,
                                                  int n, int invalid) {
     if (threadIdx.x == 0) {
@@ -441,7 +498,7 @@ __device__ __forceinline__ void fa_own_positions(int *pos_s, int *mm, const int3
         mm[1] = INT_MIN;
     }
     __syncthreads();
-    if (threadIdx.x < FA_ROWS) {
+    if (threadIdx.x < ROWS) {
         int r = row0 + threadIdx.x;
         int p = r < n ? pos[r] : invalid;
         pos_s[threadIdx.x] = p;
@@ -926,10 +983,216 @@ __global__ void __launch_bounds__(FA_THREADS)
     }
 }
 
+/* Backward in one pass over key blocks (FlashAttention-2's order), where shared memory allows
+ * (about 155 KiB a block at hd 256, 88 KiB at hd 128; not a T4): a block owns 64 keys of kv head
+ * kvh for query head h = g · kvh + blockIdx.z, keeps their K and V on the chip and streams the
+ * visible query tiles (BQ = 64 rows): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ give Pᵀ and dSᵀ, staged in shared
+ * memory in 16 bits; then dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers, and dQ += dS·K leaves
+ * through fp32 atomics. Five products per tile pair where the split kernels above need eight. Eight
+ * warps: warp w takes key rows 16 · (w % 4) (query rows for dQ) and half of the columns (w / 4) of
+ * every product. The next tile's dO and Q load while dK and dQ are computed. dq, dk, dv are
+ * ACCUMULATED (the caller zeroes them). Grid (ceil(S/64), nkv, g). */
+#define FB_THREADS 256
+#define FB_BQ 64
+
+/* The first query tile at or after t0 with a row that can see a key in [kmin, kmax] (T if
+ * none). A block-wide barrier. */
+__device__ __forceinline__ int fb_next_tile(int t0, int T, const int32_t *qpos, int kmin, int kmax,
+                                            int window) {
+    for (; t0 < T; t0 += FB_BQ) {
+        int any = 0;
+        if (threadIdx.x < FB_BQ && t0 + (int)threadIdx.x < T) {
+            int p = qpos[t0 + threadIdx.x];
+            any = p >= kmin && (window <= 0 || (long long)p - kmax < window);
+        }
+        if (__syncthreads_or(any)) break;
+    }
+    return t0 < T ? t0 : T;
+}
+
+template <typename T16, int HD>
+__global__ void __launch_bounds__(FB_THREADS)
+    flash_bwd_kernel(const uint16_t *Qp, const uint16_t *Kp, const uint16_t *Vp,
+                     const uint16_t *dOp, const float *lse, const float *dd, float *dq, float *dk,
+                     float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S, int nh,
+                     int nkv, int g, int window, float scale, const float *qinv, const float *kinv,
+                     const float *vinv, const float *dinv) {
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    constexpr int BQ = FB_BQ, LD = HD + 8, LP = BQ + 8, HH = HD / 2, QH = BQ / 2;
+    uint16_t *Ks = (uint16_t *)fa_smem;           /* [64][LD] */
+    uint16_t *Vs = Ks + FA_ROWS * LD;             /* [64][LD] */
+    uint16_t *Qs = Vs + FA_ROWS * LD;             /* [BQ][LD] */
+    uint16_t *dOs = Qs + BQ * LD;                 /* [BQ][LD] */
+    uint16_t *Ps = dOs + BQ * LD;                 /* [64][LP]: Pᵀ, keys x queries */
+    uint16_t *dSs = Ps + FA_ROWS * LP;            /* [64][LP]: dSᵀ (times F) */
+    float *lse_s = (float *)(dSs + FA_ROWS * LP); /* [BQ] */
+    float *dd_s = lse_s + BQ;                     /* [BQ] */
+    int *qp_s = (int *)(dd_s + BQ);               /* [BQ] */
+    int *kp_s = qp_s + BQ;                        /* [64] */
+    int *mm = kp_s + FA_ROWS;                     /* [2] */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    const int wr = warp & 3, wc = warp >> 2;
+    const int kvh = blockIdx.y, h = kvh * g + blockIdx.z, s0 = blockIdx.x * FA_ROWS;
+    const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
+    fa_load<HD, FB_THREADS>(Ks, Kp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
+    fa_load<HD, FB_THREADS>(Vs, Vp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
+    fa_own_positions(kp_s, mm, kpos, s0, S, -1);
+    const int kmin = mm[0], kmax = mm[1];
+    const uint16_t *Qh = Qp + (size_t)h * T * HD, *dOh = dOp + (size_t)h * T * HD;
+    int t0 = kmin == INT_MAX ? T : fb_next_tile(0, T, qpos, kmin, kmax, window);
+    if (t0 >= T) { /* no visible pair: nothing to add */
+        fa_wait<0>();
+        return;
+    }
+    /* tile metadata (positions, lse, D) into shared memory; read after the next barrier */
+    auto meta = [&](int tt) {
+        if (threadIdx.x < BQ) {
+            int t = tt + threadIdx.x;
+            qp_s[threadIdx.x] = t < T ? qpos[t] : INT_MIN;
+            lse_s[threadIdx.x] = t < T ? lse[(size_t)h * T + t] : INFINITY;
+            dd_s[threadIdx.x] = t < T ? dd[(size_t)h * T + t] * sc.f : 0.0f;
+        }
+    };
+    meta(t0);
+    fa_load<HD, FB_THREADS>(dOs, dOh, t0, T, BQ);
+    fa_load<HD, FB_THREADS>(Qs, Qh, t0, T, BQ);
+    const int r0 = wr * 16 + gq; /* this thread's key rows r0, r0 + 8 (query rows in dQ) */
+    const int kp0 = kp_s[r0], kp1 = kp_s[r0 + 8];
+    float ak[HD / 16][4], av[HD / 16][4];
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            ak[n][e] = av[n][e] = 0.0f;
+    const float pq = scale * sc.kin / sc.f;
+    while (t0 < T) {
+        fa_wait<0>();
+        __syncthreads(); /* Q, dO and the metadata are in; the last tile's dS is read */
+        float s[QH / 8][4], dp[QH / 8][4];
+#pragma unroll
+        for (int j = 0; j < QH / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll 4
+        for (int kk = 0; kk < HD; kk += 16) {
+            uint32_t a[4], b[4];
+            fa_frag_a<HD>(a, Ks, wr * 16, kk);
+#pragma unroll
+            for (int j = 0; j < QH / 8; j += 2) {
+                fa_frag_bt2<HD>(b, Qs, wc * QH + j * 8, kk);
+                fa_mma<T16>(s[j], a, b);
+                fa_mma<T16>(s[j + 1], a, b + 2);
+            }
+            fa_frag_a<HD>(a, Vs, wr * 16, kk);
+#pragma unroll
+            for (int j = 0; j < QH / 8; j += 2) {
+                fa_frag_bt2<HD>(b, dOs, wc * QH + j * 8, kk);
+                fa_mma<T16>(dp[j], a, b);
+                fa_mma<T16>(dp[j + 1], a, b + 2);
+            }
+        }
+        /* Pᵀ and dSᵀ' = Pᵀ · (dPᵀ · cp - D · F), to shared memory */
+#pragma unroll
+        for (int j = 0; j < QH / 8; j++) {
+            const int c = wc * QH + j * 8 + tq * 2;
+            float p[4], d[4];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int qp = qp_s[c + e];
+                const float ls = lse_s[c + e], dc = dd_s[c + e];
+                p[e] = fa_visible(qp, kp0, window) ? exp2f(s[j][e] * sc.qk - ls) : 0.0f;
+                p[2 + e] = fa_visible(qp, kp1, window) ? exp2f(s[j][2 + e] * sc.qk - ls) : 0.0f;
+                d[e] = p[e] * (dp[j][e] * sc.cp - dc);
+                d[2 + e] = p[2 + e] * (dp[j][2 + e] * sc.cp - dc);
+            }
+            *(uint32_t *)(Ps + r0 * LP + c) = fa_pack<T16>::two(p[0], p[1]);
+            *(uint32_t *)(Ps + (r0 + 8) * LP + c) = fa_pack<T16>::two(p[2], p[3]);
+            *(uint32_t *)(dSs + r0 * LP + c) = fa_pack<T16>::two(d[0], d[1]);
+            *(uint32_t *)(dSs + (r0 + 8) * LP + c) = fa_pack<T16>::two(d[2], d[3]);
+        }
+        __syncthreads();
+        /* dV += Pᵀ · dO */
+#pragma unroll
+        for (int kk = 0; kk < BQ; kk += 16) {
+            uint32_t a[4], b[4];
+            fa_frag_a_ld(a, Ps, LP, wr * 16, kk);
+#pragma unroll
+            for (int n = 0; n < HH / 8; n += 2) {
+                fa_frag_bn2<HD>(b, dOs, kk, wc * HH + n * 8);
+                fa_mma<T16>(av[n], a, b);
+                fa_mma<T16>(av[n + 1], a, b + 2);
+            }
+        }
+        const int tn = fb_next_tile(t0 + BQ, T, qpos, kmin, kmax, window); /* a barrier: dO free */
+        if (tn < T) fa_load<HD, FB_THREADS>(dOs, dOh, tn, T, BQ);
+            /* dK += dSᵀ · Q */
+#pragma unroll
+        for (int kk = 0; kk < BQ; kk += 16) {
+            uint32_t a[4], b[4];
+            fa_frag_a_ld(a, dSs, LP, wr * 16, kk);
+#pragma unroll
+            for (int n = 0; n < HH / 8; n += 2) {
+                fa_frag_bn2<HD>(b, Qs, kk, wc * HH + n * 8);
+                fa_mma<T16>(ak[n], a, b);
+                fa_mma<T16>(ak[n + 1], a, b + 2);
+            }
+        }
+        __syncthreads(); /* Q and the metadata are free */
+        if (tn < T) {
+            meta(tn);
+            fa_load<HD, FB_THREADS>(Qs, Qh, tn, T, BQ);
+        }
+        /* dQ += dS · K: query rows r0, r0 + 8 of the tile, 16 columns at a time */
+        uint32_t a[FA_ROWS / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FA_ROWS / 16; kk++)
+            fa_frag_at(a[kk], dSs, LP, wr * 16, kk * 16);
+        const int ta = t0 + r0, tb = ta + 8;
+        float *qa = dq + ((size_t)ta * nh + h) * HD, *qb = dq + ((size_t)tb * nh + h) * HD;
+#pragma unroll 2
+        for (int n = 0; n < HH / 8; n += 2) {
+            float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int kk = 0; kk < FA_ROWS / 16; kk++) {
+                uint32_t b[4];
+                fa_frag_bn2<HD>(b, Ks, kk * 16, wc * HH + n * 8);
+                fa_mma<T16>(c[0], a[kk], b);
+                fa_mma<T16>(c[1], a[kk], b + 2);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int d = wc * HH + (n + i) * 8 + tq * 2;
+                if (ta < T) fa_add2(qa + d, c[i][0] * pq, c[i][1] * pq);
+                if (tb < T) fa_add2(qb + d, c[i][2] * pq, c[i][3] * pq);
+            }
+        }
+        t0 = tn;
+    }
+    const float pk = scale * sc.qin / sc.f, pv = sc.din;
+    const int sa = s0 + r0, sb = sa + 8;
+#pragma unroll
+    for (int n = 0; n < HH / 8; n++) {
+        const int d = wc * HH + n * 8 + tq * 2;
+        if (sa < S) {
+            fa_add2(dk + ((size_t)sa * nkv + kvh) * HD + d, ak[n][0] * pk, ak[n][1] * pk);
+            fa_add2(dv + ((size_t)sa * nkv + kvh) * HD + d, av[n][0] * pv, av[n][1] * pv);
+        }
+        if (sb < S) {
+            fa_add2(dk + ((size_t)sb * nkv + kvh) * HD + d, ak[n][2] * pk, ak[n][3] * pk);
+            fa_add2(dv + ((size_t)sb * nkv + kvh) * HD + d, av[n][2] * pv, av[n][3] * pv);
+        }
+    }
+}
+
 /* ---- launchers ---- */
 
 static size_t fa_fwd_smem(int hd, int bn) {
     return (size_t)(FA_ROWS + 2 * bn) * (hd + 8) * 2 + (FA_ROWS + bn + 2) * 4;
+}
+static size_t fa_bwd_smem(int hd) {
+    return (size_t)(2 * FA_ROWS + 2 * FB_BQ) * (hd + 8) * 2 +
+           (size_t)2 * FA_ROWS * (FB_BQ + 8) * 2 + (size_t)(3 * FB_BQ + FA_ROWS + 2) * 4;
 }
 static size_t fa_dq_smem(int hd, int bn) {
     return (size_t)(2 * FA_ROWS + 2 * bn) * (hd + 8) * 2 + (FA_ROWS + bn + 2) * 4;
@@ -1028,15 +1291,35 @@ static void fa_dkv_launch(cudaStream_t st, const uint16_t *Qp, const uint16_t *K
                                     nh / nkv, window, scale, qinv, kinv, vinv, dinv);
 }
 
+/* Whether the backward takes the one-pass kernel (flash_bwd_kernel): where its shared memory fits.
+ * LATHE_CUDA_FLASH_BWD=split keeps the three-kernel one (a fallback switch, and for A/B runs). */
+static int fa_bwd_fused(int hd, size_t smem_optin) {
+    static int split = -1;
+    if (split < 0) {
+        const char *e = getenv("LATHE_CUDA_FLASH_BWD");
+        split = e && strcmp(e, "split") == 0;
+    }
+    return !split && fa_bwd_smem(hd) <= smem_optin;
+}
+
 template <typename T16, int HD>
 static void fa_backward_t(cudaStream_t st, const void *Qv, const void *Kv, const void *Vv,
                           const void *dOv, const float *lse, const float *dd, float *dq, float *dk,
                           float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S, int nh,
                           int nkv, int window, float scale, const float *qinv, const float *kinv,
-                          const float *vinv, const float *dinv) {
+                          const float *vinv, const float *dinv, size_t smem_optin) {
     constexpr int BN = HD > 128 ? 32 : 64, BQ = HD > 128 ? 32 : 64;
     const uint16_t *Qp = (const uint16_t *)Qv, *Kp = (const uint16_t *)Kv,
                    *Vp = (const uint16_t *)Vv, *dOp = (const uint16_t *)dOv;
+    if (dq && dk && dv && fa_bwd_fused(HD, smem_optin)) {
+        size_t sm = fa_bwd_smem(HD);
+        auto k = flash_bwd_kernel<T16, HD>;
+        fa_smem_attr(k, sm);
+        dim3 grid((unsigned)((S + FA_ROWS - 1) / FA_ROWS), (unsigned)nkv, (unsigned)(nh / nkv));
+        k<<<grid, FB_THREADS, sm, st>>>(Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S, nh,
+                                        nkv, nh / nkv, window, scale, qinv, kinv, vinv, dinv);
+        return;
+    }
     if (dq) {
         size_t sm = fa_dq_smem(HD, BN);
         auto k = flash_bwd_dq_kernel<T16, HD, BN>;
@@ -1065,21 +1348,23 @@ void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, cons
                       const void *Vp, const void *dOp, const float *lse, const float *dd, float *dq,
                       float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S,
                       int nh, int nkv, int window, float scale, const float *qinv,
-                      const float *kinv, const float *vinv, const float *dinv) {
+                      const float *kinv, const float *vinv, const float *dinv, size_t smem_optin) {
     if (T <= 0 || S <= 0) return;
     if (dt == LT_BF16) {
         if (hd == 128)
             fa_backward_t<__nv_bfloat16, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
-                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv);
+                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
+                                              smem_optin);
         else
             fa_backward_t<__nv_bfloat16, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
-                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv);
+                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
+                                              smem_optin);
     } else {
         if (hd == 128)
             fa_backward_t<__half, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv);
+                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, smem_optin);
         else
             fa_backward_t<__half, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv);
+                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, smem_optin);
     }
 }

@@ -104,13 +104,14 @@ void k_flash_forward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const
                      const int32_t *qpos, const int32_t *kpos, int T, int S, int nh, int nkv,
                      int window, float scale, const float *qinv, const float *kinv,
                      const float *vinv);
-/* dq [T, nh, hd] written (may be NULL); dk, dv [S, nkv, hd] ACCUMULATED (zero them first; either
- * may be NULL), from k_flash_forward's lse and dd. */
+/* dq [T, nh, hd], dk, dv [S, nkv, hd] ACCUMULATED (zero them first; any may be NULL), from
+ * k_flash_forward's lse and dd. smem_optin (the device's opt-in shared memory per block) picks
+ * the one-pass kernel where it fits, else three passes (dq, then dk and dv). */
 void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
                       const void *Vp, const void *dOp, const float *lse, const float *dd, float *dq,
                       float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S,
                       int nh, int nkv, int window, float scale, const float *qinv,
-                      const float *kinv, const float *vinv, const float *dinv);
+                      const float *kinv, const float *vinv, const float *dinv, size_t smem_optin);
 
 /* ---- cross_entropy.cu ------------------------------------------------------------------------ */
 

@@ -469,6 +469,46 @@ static void test_fp16_range(void) {
     test_linear(LT_F16, 1, T, in, out, 3.0e5f);
 }
 
+/* The stash (checkpoint offload): a copy out starts after the op queued before it (it must see
+ * that op's result, with no host sync in between), the buffer may be rewritten after
+ * stash_wait, and the copy back returns the saved values. Page-locked blocks are reused. */
+static void test_stash(void) {
+    const int64_t n = (int64_t)3 << 20; /* 12 MiB: long enough for copy and kernels to overlap */
+    float *host_in = malloc(sizeof(float) * (size_t)n), *back = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        host_in[i] = nrand();
+    float *d = gpu.be->alloc(&gpu, sizeof(float) * (size_t)n);
+    float *d2 = gpu.be->alloc(&gpu, sizeof(float) * (size_t)n);
+    float *h = gpu.be->host_alloc(&gpu, sizeof(float) * (size_t)n);
+    ok(d && d2 && h, "stash: device buffers and page-locked host memory");
+    if (!d || !d2 || !h) goto out;
+    lt_tensor t = lt_tensor_1d(LT_F32, d, n);
+    gpu.be->upload(&gpu, d, host_in, sizeof(float) * (size_t)n);
+    gpu.be->scale(&gpu, t, 2.0f);                             /* queued, not waited for */
+    gpu.be->stash_out(&gpu, h, d, sizeof(float) * (size_t)n); /* must see the doubled values */
+    gpu.be->stash_wait(&gpu);
+    gpu.be->fill(&gpu, t, -1.0f); /* rewrites the source once the copy is done */
+    gpu.be->stash_in(&gpu, d2, h, sizeof(float) * (size_t)n);
+    gpu.be->stash_wait(&gpu);
+    gpu.be->scale(&gpu, lt_tensor_1d(LT_F32, d2, n), 0.5f); /* runs after the copy back */
+    lt_status rc = gpu.be->download(&gpu, back, d2, sizeof(float) * (size_t)n);
+    int same = rc == LT_OK;
+    for (int64_t i = 0; i < n && same; i++)
+        same = back[i] == host_in[i];
+    ok(same, "stash: out after an op, rewrite, back in, then an op: the values round-trip");
+    gpu.be->download(&gpu, back, d, sizeof(float) * 4);
+    ok(back[0] == -1.0f && back[3] == -1.0f, "stash: the source was rewritten after stash_wait");
+    gpu.be->host_release(&gpu, h);
+    float *h2 = gpu.be->host_alloc(&gpu, sizeof(float) * (size_t)(n / 2));
+    ok(h2 == h, "stash: a released page-locked block is reused for a smaller request");
+    gpu.be->host_release(&gpu, h2);
+out:
+    gpu.be->release(&gpu, d);
+    gpu.be->release(&gpu, d2);
+    free(host_in);
+    free(back);
+}
+
 int main(void) {
     const char *seed = getenv("LATHE_TEST_SEED");
     rng_state = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
@@ -512,8 +552,13 @@ int main(void) {
     test_attention(LT_BF16, 1100, 1100, 4, 1, 128, 0, 0); /* rows of 1025..2048 keys */
     test_attention(LT_F32, 2, 5000, 4, 2, 128, 0, 1);     /* a long cache: the generic softmax */
     test_attention(LT_F16, 400, 400, 4, 2, 128, 64, 2);
+    /* the fused kernels over many tiles: a window, GQA, T not a multiple of 64 */
+    test_attention(LT_BF16, 700, 700, 4, 2, 256, 300, 0);
+    test_attention(LT_F16, 334, 334, 4, 2, 256, 100, 2);
+    test_attention(LT_BF16, 1030, 1030, 16, 4, 128, 500, 0); /* 128-row forward blocks */
     test_cross_entropy(LT_BF16, 300, 262144, 128); /* the real vocabulary, several chunks */
     test_adamw_and_extras();
+    test_stash();
     test_fp16_range();
     { /* an allocation the device cannot hold is a clean error, and the ctx still works */
         void *huge = gpu.be->alloc(&gpu, (size_t)1 << 50);
