@@ -4,10 +4,11 @@
 #   random:gemma-3-1b / 4b in bf16 and fp16 (bench_train), and transformers + PEFT on the same
 #   shapes (bench/hf_baseline.py, a copy of ../shared/bench/hf_baseline.py; checkpointing on).
 # Usage there: sh bench/run-bench.sh OUTDIR, with the binaries packed in .device-pack/ (see
-# ../shared/DEVICE.md): .device-pack/bin/{test_ops,test_model,bench_train}.
+# ../shared/DEVICE.md): .device-pack/bin/{test_ops,test_model,bench_train} (PACK=DIR for another).
 out=${1:-.}
-B=.device-pack/bin
-export LD_LIBRARY_PATH=$PWD/.device-pack/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
+P=${PACK:-.device-pack}
+B=$P/bin
+export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
 if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
     echo "test_ops failed: rerunning with LATHE_CUDA_SOFTMAX_GENERIC=1" | tee -a "$out/test_ops.log"
