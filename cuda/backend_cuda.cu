@@ -1805,8 +1805,15 @@ extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {
 
 extern "C" void lt_cuda_trim(lt_ctx *ctx) {
     if (!is_cuda_ctx(ctx)) return;
-    cudaStreamSynchronize(impl_of(ctx)->stream);
-    free_cached(impl_of(ctx));
+    cu_impl *I = impl_of(ctx);
+    cudaStreamSynchronize(I->stream);
+    cudaStreamSynchronize(I->stash_stream);
+    free_cached(I);
+    for (int i = 0; i < 4; i++) /* page-locked blocks no step holds now */
+        if (I->pinned[i].p && !I->pinned[i].used) {
+            cudaFreeHost(I->pinned[i].p);
+            I->pinned[i].p = NULL;
+        }
 }
 
 extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src,

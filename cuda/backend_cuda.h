@@ -42,7 +42,8 @@ typedef struct lt_cuda_mem {
 } lt_cuda_mem;
 void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m);
 void lt_cuda_reset_peak(lt_ctx *ctx);
-/* Gives cached (free) blocks back to CUDA. */
+/* Gives cached (free) blocks back to CUDA, and the page-locked host blocks of the checkpoint
+ * stash back to the system (the trainer calls it when %train ends). */
 void lt_cuda_trim(lt_ctx *ctx);
 
 /* Device-side dtype conversion of n elements (fp16 results clamped to ±65504). */

@@ -844,6 +844,9 @@ out_loop:
               t->step, t->total, t->step);
     }
     if (t->step > res->first_step) session_drop_cache(s);
+#ifdef HAVE_CUDA
+    lt_cuda_trim(v.ctx); /* the step's cached blocks and its page-locked checkpoint memory */
+#endif
 out_stream:
     free(mb);
     free(st.perm);

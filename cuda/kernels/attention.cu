@@ -446,9 +446,10 @@ __device__ __forceinline__ void fa_frag_at(uint32_t *a, const uint16_t *t, int l
     fa_ldsm_t(a, t + (k0 + (l & 7) + (l >> 4) * 8) * ld + m0 + ((l >> 3) & 1) * 8);
 }
 
-/* p[0] += a, p[1] += b in global fp32 (one vector atomic on sm_90 and newer). */
+/* p[0] += a, p[1] += b in global fp32 (one vector atomic on sm_90 and newer; built with CUDA 13
+ * only, since the float2 overload is recent: Colab's CUDA 12 takes the two scalar atomics). */
 __device__ __forceinline__ void fa_add2(float *p, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 13
     atomicAdd((float2 *)p, make_float2(a, b));
 #else
     atomicAdd(p, a);
