@@ -551,14 +551,18 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     float escale = gemma3_embed_scale(m);
 
     /* forward: the residual stream starts as E[ids]·sqrt(H); each layer's input is stashed on
-     * the way out while the layer runs (its output goes to the other buffer) */
+     * the way out while the layer's MLP and the next layer's attention run (its output goes to
+     * the other buffer). stash_wait waits for every copy issued, so each copy is issued after
+     * the wait that its layer's MLP needs, not before it. */
     float **res = B.res;
     TRY(be->embedding(ctx, t2(res[0], N, H), ids, &m->embed_tokens, escale));
     for (int l = 0; l < L; l++) {
         float *x = res[l & 1], *out = res[(l + 1) & 1];
-        if (grads) TRY(be->stash_out(ctx, B.layer_in + (size_t)l * (size_t)(N * H), x, row_bytes));
         TRY(attn_block_fwd(&c, l, x));
-        TRY(be->stash_wait(ctx)); /* out was layer l - 1's input: its copy must be done */
+        if (grads) {
+            TRY(be->stash_wait(ctx)); /* out was layer l - 1's input: its copy must be done */
+            TRY(be->stash_out(ctx, B.layer_in + (size_t)l * (size_t)(N * H), x, row_bytes));
+        }
         TRY(mlp_fwd(&c, l, out));
     }
     float *hfin = res[L & 1], *hn = res[(L + 1) & 1];
