@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <stdint.h>
+
 #include "cuda/kernels/kernels.h"
 
 static inline unsigned grid_for(int64_t n, int threads) {
@@ -136,8 +138,26 @@ __global__ void add_kernel(float *y, const float *x, int64_t n) {
         y[i] += x[i];
 }
 
+/* Whether float4 forms may run: n a multiple of 4 and every pointer on a 16-byte boundary. */
+static bool vec4_ok(int64_t n, const void *a, const void *b, const void *c, const void *d) {
+    uintptr_t m = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+    return n % 4 == 0 && (m & 15) == 0;
+}
+
+__global__ void add4_kernel(float4 *y, const float4 *x, int64_t n4) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float4 a = y[i], b = x[i];
+        y[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+    }
+}
+
 void k_add(cudaStream_t st, float *y, const float *x, int64_t n) {
-    if (n > 0) add_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, x, n);
+    if (n <= 0) return;
+    if (vec4_ok(n, y, x, NULL, NULL))
+        add4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>((float4 *)y, (const float4 *)x, n / 4);
+    else
+        add_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, x, n);
 }
 
 __global__ void scale_vec_kernel(float *x, int64_t n, float s) {
@@ -163,8 +183,22 @@ __global__ void geglu_kernel(float *y, const float *g, const float *u, int64_t n
         y[i] = gelu_tanh(g[i]) * u[i];
 }
 
+__global__ void geglu4_kernel(float4 *y, const float4 *g, const float4 *u, int64_t n4) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float4 a = g[i], b = u[i];
+        y[i] = make_float4(gelu_tanh(a.x) * b.x, gelu_tanh(a.y) * b.y, gelu_tanh(a.z) * b.z,
+                           gelu_tanh(a.w) * b.w);
+    }
+}
+
 void k_geglu(cudaStream_t st, float *y, const float *g, const float *u, int64_t n) {
-    if (n > 0) geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, g, u, n);
+    if (n <= 0) return;
+    if (vec4_ok(n, y, g, u, NULL))
+        geglu4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>((float4 *)y, (const float4 *)g,
+                                                            (const float4 *)u, n / 4);
+    else
+        geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, g, u, n);
 }
 
 __global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, const float *g,
@@ -183,9 +217,41 @@ __global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, con
     }
 }
 
+/* One element of the GeGLU backward (the scalar kernel's arithmetic). */
+__device__ __forceinline__ void geglu_grad1(float x, float d, float uv, float *dg, float *du) {
+    float z = GELU_K0 * (x + GELU_K1 * x * x * x);
+    float th = tanhf(z);
+    float gl = 0.5f * x * (1.0f + th);
+    float dgl = 0.5f * (1.0f + th) +
+                0.5f * x * (1.0f - th * th) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
+    *dg = d * uv * dgl;
+    *du = d * gl;
+}
+
+/* float4 form; dg may alias g and du may alias u (each element is read before it is written). */
+__global__ void geglu_backward4_kernel(float4 *dg, float4 *du, const float4 *dy, const float4 *g,
+                                       const float4 *u, int64_t n4) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float4 x = g[i], d = dy[i], uv = u[i], a, b;
+        geglu_grad1(x.x, d.x, uv.x, &a.x, &b.x);
+        geglu_grad1(x.y, d.y, uv.y, &a.y, &b.y);
+        geglu_grad1(x.z, d.z, uv.z, &a.z, &b.z);
+        geglu_grad1(x.w, d.w, uv.w, &a.w, &b.w);
+        if (dg) dg[i] = a;
+        if (du) du[i] = b;
+    }
+}
+
 void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g,
                       const float *u, int64_t n) {
-    if (n > 0) geglu_backward_kernel<<<grid_for(n, 256), 256, 0, st>>>(dg, du, dy, g, u, n);
+    if (n <= 0) return;
+    if (vec4_ok(n, dg, du, dy, g) && vec4_ok(n, u, NULL, NULL, NULL))
+        geglu_backward4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>(
+            (float4 *)dg, (float4 *)du, (const float4 *)dy, (const float4 *)g, (const float4 *)u,
+            n / 4);
+    else
+        geglu_backward_kernel<<<grid_for(n, 256), 256, 0, st>>>(dg, du, dy, g, u, n);
 }
 
 /* ---- embedding ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
  * cpu_rmsnorm / cpu_rope are the specification. The RoPE frequencies come in from the host
  * (computed there with the CPU's expression) so that both backends rotate by the same angles.
  */
+#include <stdint.h>
+
 #include "cuda/kernels/kernels.h"
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result. */
@@ -44,10 +46,78 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t
         yr[i] = (xr[i] * r) * (1.0f + w[i]);
 }
 
+/* The float4 form, for rows of D = 4·D4 floats on 16-byte boundaries (every norm of the
+ * Gemma shapes): a thread keeps its VPT float4s of the row in registers, so x is read once
+ * (the plain kernel reads it twice), with 16-byte loads and stores. Same arithmetic. */
+template <int VPT>
+__global__ void rmsnorm4_kernel(float4 *y, const float4 *x, const float4 *w, int D4, float D,
+                                float eps) {
+    __shared__ float sh[33];
+    const float4 *xr = x + (int64_t)blockIdx.x * D4;
+    float4 v[VPT];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    ss = block_sum(ss, sh);
+    float r = 1.0f / sqrtf(ss / D + eps);
+    float4 *yr = y + (int64_t)blockIdx.x * D4;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= D4) break;
+        float4 g = w[i], o;
+        o.x = (v[k].x * r) * (1.0f + g.x);
+        o.y = (v[k].y * r) * (1.0f + g.y);
+        o.z = (v[k].z * r) * (1.0f + g.z);
+        o.w = (v[k].w * r) * (1.0f + g.w);
+        yr[i] = o;
+    }
+}
+
+/* Float4s a thread holds for a row of D4 float4s (1, 2, 4 or 8; 0 = the row is too long or
+ * unaligned for the float4 kernels) and the block size that goes with it. */
+static int vec_plan(int64_t D, const void *a, const void *b, const void *c, const void *d,
+                    int *threads) {
+    uintptr_t m = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+    if (D % 4 != 0 || (m & 15) != 0) return 0;
+    int64_t D4 = D / 4;
+    for (int vpt = 1; vpt <= 8; vpt <<= 1) {
+        int64_t t = (D4 + vpt - 1) / vpt;
+        if (t <= 256) {
+            *threads = (int)((t + 31) / 32 * 32);
+            return vpt;
+        }
+    }
+    return 0;
+}
+
 void k_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int64_t N, int64_t D,
                float eps) {
     if (N <= 0) return;
-    rmsnorm_kernel<<<(unsigned)N, threads_for(D), 0, st>>>(y, x, w, D, eps);
+    int th = 0, vpt = vec_plan(D, y, x, w, NULL, &th);
+    float4 *y4 = (float4 *)y;
+    const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
+    int D4 = (int)(D / 4);
+    switch (vpt) {
+    case 1:
+        rmsnorm4_kernel<1><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        break;
+    case 2:
+        rmsnorm4_kernel<2><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        break;
+    case 4:
+        rmsnorm4_kernel<4><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        break;
+    case 8:
+        rmsnorm4_kernel<8><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        break;
+    default:
+        rmsnorm_kernel<<<(unsigned)N, threads_for(D), 0, st>>>(y, x, w, D, eps);
+    }
 }
 
 /* y = x r (1+w), r = (mean x² + eps)^-1/2:
@@ -89,11 +159,94 @@ __global__ void rmsnorm_backward_kernel(float *dx, float *dw, const float *dy, c
     }
 }
 
+/* The float4 form (see rmsnorm4_kernel): a thread owns the same VPT float4 columns of every row
+ * it visits, so it keeps (1 + w) and its share of dw in registers and adds dw once at the end.
+ * dx may alias dy (each thread reads its elements before it writes them). */
+template <int VPT>
+__global__ void rmsnorm_backward4_kernel(float4 *dx, float *dw, const float4 *dy, const float4 *x,
+                                         const float4 *w, int64_t N, int D4, float D, float eps) {
+    __shared__ float sh[33];
+    float4 w1[VPT], dwa[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        float4 g = i < D4 ? w[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        w1[k] = make_float4(1.0f + g.x, 1.0f + g.y, 1.0f + g.z, 1.0f + g.w);
+        dwa[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+        const float4 *xr = x + n * D4, *dyr = dy + n * D4;
+        float4 xv[VPT], dv[VPT];
+        float ss = 0.0f, dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            xv[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            dv[k] = i < D4 ? dyr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
+            dot += dv[k].x * w1[k].x * xv[k].x + dv[k].y * w1[k].y * xv[k].y +
+                   dv[k].z * w1[k].z * xv[k].z + dv[k].w * w1[k].w * xv[k].w;
+        }
+        ss = block_sum(ss, sh);
+        dot = block_sum(dot, sh);
+        float r = 1.0f / sqrtf(ss / D + eps);
+        float c = r * r * r / D * dot;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i >= D4) break;
+            if (dx) {
+                float4 o;
+                o.x = r * w1[k].x * dv[k].x - xv[k].x * c;
+                o.y = r * w1[k].y * dv[k].y - xv[k].y * c;
+                o.z = r * w1[k].z * dv[k].z - xv[k].z * c;
+                o.w = r * w1[k].w * dv[k].w - xv[k].w * c;
+                dx[n * D4 + i] = o;
+            }
+            dwa[k].x += dv[k].x * xv[k].x * r;
+            dwa[k].y += dv[k].y * xv[k].y * r;
+            dwa[k].z += dv[k].z * xv[k].z * r;
+            dwa[k].w += dv[k].w * xv[k].w * r;
+        }
+    }
+    if (!dw) return;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= D4) break;
+        atomicAdd(&dw[4 * i], dwa[k].x);
+        atomicAdd(&dw[4 * i + 1], dwa[k].y);
+        atomicAdd(&dw[4 * i + 2], dwa[k].z);
+        atomicAdd(&dw[4 * i + 3], dwa[k].w);
+    }
+}
+
 void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, const float *x,
                         const float *w, int64_t N, int64_t D, float eps, int n_sm) {
     if (N <= 0) return;
     int64_t blocks = (int64_t)(n_sm > 0 ? n_sm : 80) * 8;
     if (blocks > N) blocks = N;
+    int th = 0, vpt = vec_plan(D, dx ? (const void *)dx : (const void *)dy, dy, x, w, &th);
+    float4 *dx4 = (float4 *)dx;
+    const float4 *dy4 = (const float4 *)dy, *x4 = (const float4 *)x, *w4 = (const float4 *)w;
+    int D4 = (int)(D / 4);
+    unsigned g = (unsigned)blocks;
+    switch (vpt) {
+    case 1:
+        rmsnorm_backward4_kernel<1><<<g, th, 0, st>>>(dx4, dw, dy4, x4, w4, N, D4, (float)D, eps);
+        return;
+    case 2:
+        rmsnorm_backward4_kernel<2><<<g, th, 0, st>>>(dx4, dw, dy4, x4, w4, N, D4, (float)D, eps);
+        return;
+    case 4:
+        rmsnorm_backward4_kernel<4><<<g, th, 0, st>>>(dx4, dw, dy4, x4, w4, N, D4, (float)D, eps);
+        return;
+    case 8:
+        rmsnorm_backward4_kernel<8><<<g, th, 0, st>>>(dx4, dw, dy4, x4, w4, N, D4, (float)D, eps);
+        return;
+    default:
+        break;
+    }
     int dw_shared = dw && D <= 8192;
     size_t smem = dw_shared ? (size_t)D * sizeof(float) : 0;
     rmsnorm_backward_kernel<<<(unsigned)blocks, threads_for(D), smem, st>>>(dx, dw, dy, x, w, N, D,

@@ -536,6 +536,7 @@ int main(void) {
     test_rmsnorm(33, 1152);
     test_rmsnorm(4 * 70, 256);
     test_rmsnorm(5, 5376);
+    test_rmsnorm(9, 130); /* a row length the float4 kernels do not take: the plain ones */
     test_rope(40, 4, 256, 10000.0f, 1.0f, 4096);
     test_rope(40, 8, 128, 1000000.0f, 8.0f, 30000);
     test_geglu_add(100003);
