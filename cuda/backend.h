@@ -83,6 +83,11 @@ typedef struct lt_backend {
      * lend(ctx, NULL, 0). The caller leaves that memory alone meanwhile. The trainer lends its
      * idle layer buffers to the loss this way. A backend may ignore the loan (the CPU does). */
     void (*lend)(lt_ctx *ctx, void *p, size_t bytes);
+    /* 1 when this ctx's matmuls read their activations as BF16 (the CUDA bf16 path): then the
+     * trainer stores the activations that only feed matmuls (norm outputs, the GeGLU product)
+     * in BF16, the very values linear would round them to, and skips linear's cast. 0 on the
+     * CPU, whose matmuls read fp32. */
+    int (*bf16_activations)(lt_ctx *ctx);
 
     /* ---- forward ops ------------------------------------------------------------------ */
     /* h[t,:] = table[ids[t], :] * scale.  h: [T, H] fp32; ids: [T] I32; table: [V, H] any
@@ -90,10 +95,12 @@ typedef struct lt_backend {
     lt_status (*embedding)(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table,
                            float scale);
     /* y = x·Wᵀ (+ lora.scale·(x·Aᵀ)·Bᵀ when w->lora && enabled).
-     * y: [T, out] fp32; x: [T, in] fp32; w->w: [out, in]. */
+     * y: [T, out] fp32; x: [T, in] fp32, or BF16 when w->w is BF16 (a matmul-only activation,
+     * see bf16_activations); w->w: [out, in]. */
     lt_status (*linear)(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w);
     /* Gemma RMSNorm over the last dim D = numel(w):
-     * y = x * rsqrt(mean(x²) + eps) * (1 + w), all fp32. x, y: [N, D] (y may alias x).
+     * y = x * rsqrt(mean(x²) + eps) * (1 + w), computed in fp32. x, y: [N, D] (y may alias x);
+     * y may be BF16 (rounded to nearest even; then it must not alias x).
      * Used for the layer norms ([T, H]) and for q_norm/k_norm ([T*heads, hd]). */
     lt_status (*rmsnorm)(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps);
     /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.
@@ -106,14 +113,16 @@ typedef struct lt_backend {
      * scores = q·k * scale, softmax in fp32. A query with no visible key gets zeros. */
     lt_status (*attention)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
                            lt_tensor qpos, lt_tensor kpos, int window, float scale);
-    /* y = gelu_tanh(gate) * up. All [T, I] fp32 (y may alias gate). */
+    /* y = gelu_tanh(gate) * up. All [T, I] fp32 (y may alias gate); y may be BF16 (rounded to
+     * nearest even; then not aliasing). */
     lt_status (*geglu)(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up);
     /* y += x (same shape, fp32): the residual add. */
     lt_status (*add)(lt_ctx *ctx, lt_tensor y, lt_tensor x);
 
     /* ---- backward ops (NULL until implemented; see conventions above) -------------------- */
     /* dx = dy·W (+ adapter path); accumulates w->grad_w, lora grad_a/grad_b when present.
-     * dy: [T, out]; x: [T, in] (the forward input); dx: [T, in]. */
+     * dy: [T, out]; x: [T, in] (the forward input: fp32, or BF16 as linear takes it);
+     * dx: [T, in]. */
     lt_status (*linear_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
                                  const lt_weight *w);
     /* dx from dy, x, w; dw (fp32 [D]) accumulated when dw.data != NULL. */

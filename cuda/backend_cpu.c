@@ -240,6 +240,11 @@ static lt_status cpu_stash_wait(lt_ctx *ctx) {
     return LT_OK;
 }
 
+static int cpu_no_bf16_activations(lt_ctx *ctx) {
+    (void)ctx;
+    return 0; /* the reference reads fp32 activations */
+}
+
 static void cpu_lend(lt_ctx *ctx, void *p, size_t bytes) {
     (void)ctx, (void)p, (void)bytes; /* temporaries come from malloc, one op at a time */
 }
@@ -472,11 +477,31 @@ lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt
     return LT_OK;
 }
 
+const float *cpu_as_f32(const lt_tensor *x, float **owned) {
+    *owned = NULL;
+    if (x->dtype == LT_F32) return x->data;
+    int64_t n = lt_tensor_numel(x);
+    float *f = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (!f) return NULL;
+    lt_convert(f, LT_F32, x->data, x->dtype, n);
+    return *owned = f;
+}
+
+/* y (fp32, or BF16 per backend.h) at i. */
+static inline void put_out(lt_tensor *y, int64_t i, float v) {
+    if (y->dtype == LT_BF16)
+        ((uint16_t *)y->data)[i] = lt_f32_to_bf16(v);
+    else
+        ((float *)y->data)[i] = v;
+}
+
 static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *op = "linear";
-    REQUIRE(is_f32(&x) && is_f32(&y), op, "x and y must be fp32 tensors");
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), op,
             "weight must be a 2-D float tensor");
+    REQUIRE(is_f32(&y) && x.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            op, "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
     int64_t out = w->w.shape[0], in = w->w.shape[1];
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
     if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
@@ -485,22 +510,34 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
                  lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
         return LT_ERR_ARG;
     }
-    lt_status rc = lt_cpu_matmul(ctx, y.data, x.data, w->w.data, w->w.dtype, T, in, out, 1);
-    if (rc != LT_OK || !w->lora || !w->lora->enabled || !w->lora->a.data) return rc;
+    float *xown;
+    const float *xf = cpu_as_f32(&x, &xown);
+    if (!xf) {
+        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory widening a bf16 input");
+        return LT_ERR_MEMORY;
+    }
+    lt_status rc = lt_cpu_matmul(ctx, y.data, xf, w->w.data, w->w.dtype, T, in, out, 1);
+    if (rc != LT_OK || !w->lora || !w->lora->enabled || !w->lora->a.data) {
+        free(xown);
+        return rc;
+    }
     /* adapter: y += scale * (x·Aᵀ)·Bᵀ;  A: [r, in], B: [out, r] fp32 */
     const lt_lora *lo = w->lora;
     int64_t r = lo->a.shape[0];
-    REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
-            "adapter shapes do not agree");
-    float *xa = malloc(sizeof(float) * (size_t)(T * r));
-    float *d = malloc(sizeof(float) * (size_t)(T * out));
-    if (!xa || !d) {
-        free(xa);
-        free(d);
-        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory for the adapter path");
-        return LT_ERR_MEMORY;
+    float *xa = NULL, *d = NULL;
+    if (lo->a.shape[1] != in || lo->b.shape[0] != out || lo->b.shape[1] != r) {
+        snprintf(ctx->err, LT_ERRLEN, "cpu %s: adapter shapes do not agree", op);
+        rc = LT_ERR_ARG;
+        goto out;
     }
-    rc = lt_cpu_matmul(ctx, xa, x.data, lo->a.data, LT_F32, T, in, r, 1); /* xa: [T, r] */
+    xa = malloc(sizeof(float) * (size_t)(T * r));
+    d = malloc(sizeof(float) * (size_t)(T * out));
+    if (!xa || !d) {
+        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory for the adapter path");
+        rc = LT_ERR_MEMORY;
+        goto out;
+    }
+    rc = lt_cpu_matmul(ctx, xa, xf, lo->a.data, LT_F32, T, in, r, 1); /* xa: [T, r] */
     if (rc == LT_OK)
         rc = lt_cpu_matmul(ctx, d, xa, lo->b.data, LT_F32, T, r, out, 1); /* d: [T, out] */
     if (rc == LT_OK) {
@@ -508,8 +545,10 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
         for (int64_t i = 0; i < T * out; i++)
             yy[i] += lo->scale * d[i];
     }
+out:
     free(xa);
     free(d);
+    free(xown);
     return rc;
 }
 
@@ -542,21 +581,20 @@ static lt_status cpu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt
 
 static lt_status cpu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps) {
     const char *op = "rmsnorm";
-    REQUIRE(is_f32(&x) && is_f32(&y) && is_f32(&w), op, "x, y and w must be fp32");
+    REQUIRE(is_f32(&x) && is_f32(&w) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16), op,
+            "x and w must be fp32, y fp32 or bf16");
     int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
     REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D, op,
             "x, y must be [N, numel(w)]");
     const float *xs = x.data, *ws = w.data;
-    float *ys = y.data;
     for (int64_t n = 0; n < N; n++) {
         const float *xr = xs + n * D;
-        float *yr = ys + n * D;
         double ss = 0;
         for (int64_t i = 0; i < D; i++)
             ss += (double)xr[i] * xr[i];
         float r = 1.0f / sqrtf((float)(ss / (double)D) + eps);
         for (int64_t i = 0; i < D; i++)
-            yr[i] = (xr[i] * r) * (1.0f + ws[i]);
+            put_out(&y, n * D + i, (xr[i] * r) * (1.0f + ws[i]));
     }
     return LT_OK;
 }
@@ -684,17 +722,17 @@ static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tenso
 
 static lt_status cpu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up) {
     const char *op = "geglu";
-    REQUIRE(is_f32(&y) && is_f32(&gate) && is_f32(&up), op, "y, gate, up must be fp32");
+    REQUIRE(is_f32(&gate) && is_f32(&up) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16), op,
+            "gate, up must be fp32, y fp32 or bf16");
     int64_t n = lt_tensor_numel(&gate);
     REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n, op,
             "y, gate, up must have one shape");
     const float k0 = 0.7978845608028654f; /* sqrt(2/pi) */
     const float *g = gate.data, *u = up.data;
-    float *o = y.data;
     for (int64_t i = 0; i < n; i++) {
         float x = g[i];
         float gl = 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
-        o[i] = gl * u[i];
+        put_out(&y, i, gl * u[i]);
     }
     return LT_OK;
 }
@@ -727,6 +765,7 @@ const lt_backend lt_backend_cpu = {
     .stash_in = cpu_memcpy,
     .stash_wait = cpu_stash_wait,
     .lend = cpu_lend,
+    .bf16_activations = cpu_no_bf16_activations,
     .embedding = cpu_embedding,
     .linear = cpu_linear,
     .rmsnorm = cpu_rmsnorm,

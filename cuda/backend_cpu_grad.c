@@ -85,17 +85,6 @@ static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, c
 
 /* The weight as fp32: the data itself when it is F32, else a malloc'd widened copy
  * (*owned set). NULL on out-of-memory. */
-static const float *weight_f32(const lt_tensor *w, float **owned) {
-    *owned = NULL;
-    if (w->dtype == LT_F32) return w->data;
-    int64_t n = lt_tensor_numel(w);
-    float *buf = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    if (!buf) return NULL;
-    lt_to_f32(buf, w->data, w->dtype, n);
-    *owned = buf;
-    return buf;
-}
-
 /* ---- linear ------------------------------------------------------------------------------
  * Forward: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.  With u = x·Aᵀ [T, r] and g = dy·B [T, r]:
  *   dx  = dy·W + s·g·A          grad_W += dyᵀ·x
@@ -106,37 +95,41 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     const char *op = "linear_backward";
     CHECK(w && w->w.ndim == 2 && w->w.data, op, "weight must be a 2-D tensor");
     int64_t out = w->w.shape[0], in = w->w.shape[1];
-    CHECK(f32_ok(&dy) && f32_ok(&x), op, "dy and x must be fp32");
+    CHECK(f32_ok(&dy) && x.data &&
+              (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+          op, "dy must be fp32, x fp32 (or bf16 with a bf16 weight)");
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
     CHECK(last_dim(&x) == in && last_dim(&dy) == out && lt_tensor_numel(&dy) == T * out, op,
           "shapes do not agree: dy [T, out], x [T, in], W [out, in]");
     if (wanted(&dx))
         CHECK(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == T * in, op, "dx must be fp32 [T, in]");
-    const float *dyd = dy.data, *xd = x.data;
-
-    if (wanted(&dx)) {
-        float *wbuf;
-        const float *wf = weight_f32(&w->w, &wbuf);
-        if (!wf) return grad_oom(ctx, op);
-        gemm(0, 0, T, in, out, 1.0f, dyd, wf, 0.0f, dx.data); /* dx: [T, in] = dy·W */
-        free(wbuf);
-    }
-    if (w->grad_w.data) {
+    if (w->grad_w.data)
         CHECK(w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in, op,
               "grad_w must be fp32 [out, in]");
-        gemm(1, 0, out, in, T, 1.0f, dyd, xd, 1.0f, w->grad_w.data); /* [out, in] += dyᵀ·x */
-    }
     const lt_lora *lo = w->lora;
-    if (!lo || !lo->enabled || !lo->a.data) return LT_OK;
-    int64_t r = lo->a.shape[0];
-    CHECK(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
-          "adapter shapes do not agree");
-    float *u = malloc(sizeof(float) * (size_t)(T * r + 1));
-    float *g = malloc(sizeof(float) * (size_t)(T * r + 1));
+    int use_lora = lo && lo->enabled && lo->a.data;
+    int64_t r = use_lora ? lo->a.shape[0] : 0;
+    if (use_lora)
+        CHECK(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
+              "adapter shapes do not agree");
+    float *xown, *wbuf = NULL, *u = NULL, *g = NULL;
+    const float *dyd = dy.data, *xd = cpu_as_f32(&x, &xown), *wf = NULL;
+    lt_status rc = LT_OK;
+    if (!xd) return grad_oom(ctx, op);
+    if (wanted(&dx)) {
+        if (!(wf = cpu_as_f32(&w->w, &wbuf))) {
+            rc = grad_oom(ctx, op);
+            goto out;
+        }
+        gemm(0, 0, T, in, out, 1.0f, dyd, wf, 0.0f, dx.data); /* dx: [T, in] = dy·W */
+    }
+    if (w->grad_w.data) gemm(1, 0, out, in, T, 1.0f, dyd, xd, 1.0f, w->grad_w.data); /* += dyᵀ·x */
+    if (!use_lora) goto out;
+    u = malloc(sizeof(float) * (size_t)(T * r + 1));
+    g = malloc(sizeof(float) * (size_t)(T * r + 1));
     if (!u || !g) {
-        free(u);
-        free(g);
-        return grad_oom(ctx, op);
+        rc = grad_oom(ctx, op);
+        goto out;
     }
     const float *A = lo->a.data, *B = lo->b.data;
     gemm(0, 1, T, r, in, 1.0f, xd, A, 0.0f, u);   /* u: [T, r] = x·Aᵀ */
@@ -144,9 +137,12 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     if (lo->grad_b.data) gemm(1, 0, out, r, T, lo->scale, dyd, u, 1.0f, lo->grad_b.data);
     if (lo->grad_a.data) gemm(1, 0, r, in, T, lo->scale, g, xd, 1.0f, lo->grad_a.data);
     if (wanted(&dx)) gemm(0, 0, T, in, r, lo->scale, g, A, 1.0f, dx.data); /* dx += s·g·A */
+out:
     free(u);
     free(g);
-    return LT_OK;
+    free(wbuf);
+    free(xown);
+    return rc;
 }
 
 /* ---- rmsnorm -----------------------------------------------------------------------------
@@ -392,7 +388,7 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
     float *wbuf = NULL;
     const float *wf = NULL;
     if (wanted(&dh) || want_gw) {
-        wf = weight_f32(&head->w, &wbuf);
+        wf = cpu_as_f32(&head->w, &wbuf);
         if (!wf) {
             free(z);
             return grad_oom(ctx, op);

@@ -837,6 +837,10 @@ static lt_status cu_stash_in(lt_ctx *ctx, void *dst, const void *host_src, size_
     return stash_copy(ctx, dst, host_src, bytes, cudaMemcpyDefault);
 }
 
+static int cu_bf16_activations(lt_ctx *ctx) {
+    return impl_of(ctx)->prec == LT_BF16;
+}
+
 static void cu_lend(lt_ctx *ctx, void *p, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     I->lent = p ? (char *)p : NULL;
@@ -893,9 +897,11 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
     const char *opname = "linear";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&x) && is_f32(&y), "x and y must be fp32 tensors");
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
             "weight must be a 2-D float tensor");
+    REQUIRE(is_f32(&y) && x.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -907,8 +913,8 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             goto done;
         }
         lt_dtype cdt = w->w.dtype;
-        opnd X, W = {w->w.data, cdt, NULL};
-        TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        opnd X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
+        if (x.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
         /* The adapter path goes first and writes y; the main GEMM then adds into it (beta 1),
@@ -938,12 +944,13 @@ static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, 
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&x) && is_f32(&y) && is_f32(&w), "x, y and w must be fp32");
+    REQUIRE(is_f32(&x) && is_f32(&w) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+            "x and w must be fp32, y fp32 or bf16");
     {
         int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
         REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D,
                 "x, y must be [N, numel(w)]");
-        k_rmsnorm(I->stream, (float *)y.data, (const float *)x.data, (const float *)w.data, N, D,
+        k_rmsnorm(I->stream, y.data, y.dtype, (const float *)x.data, (const float *)w.data, N, D,
                   eps);
         LAUNCHED();
     }
@@ -1213,12 +1220,13 @@ static lt_status cu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up
     const char *opname = "geglu";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&y) && is_f32(&gate) && is_f32(&up), "y, gate, up must be fp32");
+    REQUIRE(is_f32(&gate) && is_f32(&up) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+            "gate, up must be fp32, y fp32 or bf16");
     {
         int64_t n = lt_tensor_numel(&gate);
         REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n,
                 "y, gate, up must have one shape");
-        k_geglu(impl_of(ctx)->stream, (float *)y.data, (const float *)gate.data,
+        k_geglu(impl_of(ctx)->stream, y.data, y.dtype, (const float *)gate.data,
                 (const float *)up.data, n);
         LAUNCHED();
     }
@@ -1246,10 +1254,12 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&dy) && is_f32(&x), "dy and x must be fp32 tensors");
     REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
             "weight must be a 2-D float tensor");
+    REQUIRE(is_f32(&dy) && x.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            "dy must be fp32, x fp32 (or bf16 with a bf16 weight)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -1262,9 +1272,10 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
         lt_dtype cdt = w->w.dtype;
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
-        opnd DY, X = {NULL, LT_F32, NULL}, W = {w->w.data, cdt, NULL};
+        opnd DY, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
         TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
-        if (w->grad_w.data || use_lora) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        if ((w->grad_w.data || use_lora) && x.dtype == LT_F32)
+            TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
             TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1,
                      (float *)w->grad_w.data, in, 0, 1));
@@ -1722,6 +1733,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .stash_in = cu_stash_in,
     .stash_wait = cu_stash_wait,
     .lend = cu_lend,
+    .bf16_activations = cu_bf16_activations,
     .embedding = cu_embedding,
     .linear = cu_linear,
     .rmsnorm = cu_rmsnorm,

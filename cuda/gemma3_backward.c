@@ -69,7 +69,8 @@ typedef struct tb_ctx {
     const train_batch *b;
     tb_bufs *B;
     int64_t N, H, I, nh, nkv, hd, QD, KD, maxdim;
-    int64_t R; /* rows per MLP block */
+    int64_t R;    /* rows per MLP block */
+    lt_dtype adt; /* a, m, act (they only feed matmuls): BF16 where the matmuls read bf16 */
     int64_t rmax;
     uint64_t drop_seed;
     int training; /* LoRA dropout on (a nonzero seed was given) */
@@ -83,6 +84,10 @@ static lt_tensor t3(float *p, int64_t a, int64_t b, int64_t c) {
 }
 static lt_tensor none2(int64_t a, int64_t b) {
     return lt_tensor_2d(LT_F32, NULL, a, b);
+}
+/* A matmul-only activation (a, m, act): [a, b] of c->adt. */
+static lt_tensor tact(const tb_ctx *c, float *p, int64_t a, int64_t b) {
+    return lt_tensor_2d(c->adt, p, a, b);
 }
 
 static uint64_t module_seed(uint64_t seed, int layer, int k) {
@@ -204,7 +209,7 @@ static lt_status attn_block_fwd(tb_ctx *c, int l, float *x) {
     lt_tensor pos = lt_tensor_1d(LT_I32, B->pos, N);
     lt_status rc = LT_OK;
 
-    lt_tensor a = t2(B->a, N, H);
+    lt_tensor a = tact(c, B->a, N, H);
     TRY(be->rmsnorm(ctx, a, t2(x, N, H), w->input_layernorm, eps)); /* a: [N, H] */
     TRY(lin_fwd(c, t2(B->qr, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
     TRY(lin_fwd(c, t2(B->kr, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
@@ -232,8 +237,8 @@ static lt_status mlp_block_fwd(tb_ctx *c, int l, int64_t r0, int64_t n) {
     tb_bufs *B = c->B;
     int64_t H = c->H, I = c->I;
     float eps = (float)c->m->cfg.rms_norm_eps;
-    lt_tensor m = t2(B->m, n, H), gate = t2(B->gate, n, I), up = t2(B->up, n, I),
-              act = t2(B->act, n, I);
+    lt_tensor m = tact(c, B->m, n, H), gate = t2(B->gate, n, I), up = t2(B->up, n, I),
+              act = tact(c, B->act, n, I);
     lt_status rc = LT_OK;
     TRY(c->be->rmsnorm(c->ctx, m, t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
     TRY(lin_fwd(c, gate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
@@ -280,12 +285,12 @@ static lt_status mlp_bwd(tb_ctx *c, int l) {
     for (int64_t r0 = 0; r0 < c->N; r0 += c->R) {
         int64_t n = c->N - r0 < c->R ? c->N - r0 : c->R;
         lt_tensor dh = t2(B->dh + r0 * H, n, H), dx = t2(B->dx + r0 * H, n, H),
-                  dm = t2(B->dm, n, H), m = t2(B->m, n, H);
+                  dm = t2(B->dm, n, H), m = tact(c, B->m, n, H);
         TRY(mlp_block_fwd(c, l, r0, n));
         /* h = h1 + post_ff(f): dh flows to h1 unchanged, plus through the branch */
         TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_POST_FF, H), dh, t2(B->f, n, H),
                                  w->post_feedforward_layernorm, eps)); /* dx = dL/df */
-        TRY(lin_bwd(c, t2(B->dact, n, I), dx, t2(B->act, n, I), &w->down_proj,
+        TRY(lin_bwd(c, t2(B->dact, n, I), dx, tact(c, B->act, n, I), &w->down_proj,
                     module_seed(c->drop_seed, l, 6), r0));
         /* in place: dL/dgate over gate, dL/dup over up (backend.h allows it) */
         lt_tensor gate = t2(B->gate, n, I), up = t2(B->up, n, I);
@@ -332,7 +337,7 @@ static lt_status attn_block_bwd(tb_ctx *c, int l, const float *x) {
     TRY(be->rmsnorm_backward(ctx, t2(B->dk, N * c->nkv, c->hd), norm_grad(c, l, NG_KNORM, c->hd),
                              t2(B->dk, N * c->nkv, c->hd), t2(B->kr, N * c->nkv, c->hd), w->k_norm,
                              eps));
-    lt_tensor a = t2(B->a, N, H);
+    lt_tensor a = tact(c, B->a, N, H);
     TRY(lin_bwd(c, da, t2(B->dq, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
     TRY(lin_bwd(c, dx, t2(B->dk, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
     TRY(be->add(ctx, da, dx));
@@ -357,6 +362,11 @@ static size_t al(size_t floats) {
     return (floats + 63) / 64 * 64;
 }
 
+/* Floats that k matmul-only activations take (two to a float in BF16). */
+static size_t act_floats(const tb_ctx *c, size_t k) {
+    return c->adt == LT_F32 ? k : (k + 1) / 2;
+}
+
 /* The layer block's tensors in order: a, o, h1 [N, H]; qr, qn, att [N, QD]; kr, kn, v [N, KD];
  * then the scratch. Returns its size in floats; with B, points the tensors into it. */
 static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
@@ -365,22 +375,24 @@ static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
     float **ts[9] = {B ? &B->a : NULL,  B ? &B->o : NULL,  B ? &B->h1 : NULL,
                      B ? &B->qr : NULL, B ? &B->qn : NULL, B ? &B->att : NULL,
                      B ? &B->kr : NULL, B ? &B->kn : NULL, B ? &B->v : NULL};
-    size_t sz[9] = {N * H, N * H, N * H, N * QD, N * QD, N * QD, N * KD, N * KD, N * KD};
+    size_t sz[9] = {
+        act_floats(c, N * H), N * H, N * H, N * QD, N * QD, N * QD, N * KD, N * KD, N * KD};
     size_t off = 0;
     for (int i = 0; i < 9; i++) {
         if (B) *ts[i] = B->layer + off;
         off += al(sz[i]);
     }
     /* the MLP block (m, f, dm [R, H]; gate, up, act, dact [R, I]) or the attention gradients */
-    size_t mlp = (grads ? 3 : 2) * al(R * H) + (grads ? 4 : 3) * al(R * I);
+    size_t mlp = (grads ? 2 : 1) * al(R * H) + al(act_floats(c, R * H)) +
+                 (grads ? 3 : 2) * al(R * I) + al(act_floats(c, R * I));
     size_t attn_grads = grads ? 2 * al(N * QD) + 2 * al(N * KD) + al(N * H) : 0;
     if (B) {
         float *p = B->scratch = B->layer + off;
-        B->m = p, p += al(R * H);
+        B->m = p, p += al(act_floats(c, R * H));
         B->f = p, p += al(R * H);
         B->gate = p, p += al(R * I);
         B->up = p, p += al(R * I);
-        B->act = p, p += al(R * I);
+        B->act = p, p += al(act_floats(c, R * I));
         if (grads) {
             B->dact = p, p += al(R * I);
             B->dm = p;
@@ -463,6 +475,15 @@ static lt_status bufs_get(tb_ctx *c, int grads) {
     return LT_OK;
 }
 
+/* The dtype of the matmul-only activations: BF16 when the backend's matmuls read bf16 from
+ * bf16 weights (linear would round them to that anyway: the same bits, no cast, half the
+ * memory) and no LoRA dropout runs (dropout reads them as fp32); F32 otherwise. */
+static lt_dtype act_dtype(lt_ctx *ctx, const gemma3_model *m, const lt_adapters *ad, int training) {
+    int drop = training && ad && !ad->full && ad->dropout > 0.0f;
+    int bf16 = ctx && ctx->be->bf16_activations && ctx->be->bf16_activations(ctx);
+    return bf16 && !drop && m->dtype == LT_BF16 ? LT_BF16 : LT_F32;
+}
+
 /* Sizes and blocking of one call (no allocation). */
 static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const lt_adapters *ad) {
     c->N = N;
@@ -479,8 +500,8 @@ static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const lt_ada
     c->R = mlp_block_rows(N, c->I);
 }
 
-void gemma3_train_bytes(const gemma3_model *m, const lt_adapters *ad, int64_t N, int dropout,
-                        size_t *device, size_t *host) {
+void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *ad, int64_t N,
+                        int dropout, size_t *device, size_t *host) {
     tb_bufs B;
     tb_ctx c = {0};
     c.m = m;
@@ -488,6 +509,7 @@ void gemma3_train_bytes(const gemma3_model *m, const lt_adapters *ad, int64_t N,
     c.B = &B;
     c.training = dropout;
     tb_dims(&c, &m->cfg, N, ad);
+    c.adt = act_dtype(ctx, m, ad, dropout);
     tb_want want[32];
     int n = bufs_plan(&c, 1, want);
     *device = 0;
@@ -521,6 +543,7 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     c.drop_seed = dropout_seed;
     c.training = dropout_seed != 0; /* LoRA dropout on only when the caller gives a seed */
     tb_dims(&c, cfg, b->N, ad);
+    c.adt = act_dtype(ctx, m, ad, c.training);
     int64_t N = c.N, H = c.H, L = cfg->num_hidden_layers;
     size_t row_bytes = sizeof(float) * (size_t)(N * H);
     lt_status rc = bufs_get(&c, grads);

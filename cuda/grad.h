@@ -35,6 +35,11 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
+/* A tensor's values as fp32: its own data when it is fp32, else (a 16-bit weight, or a BF16
+ * matmul-only activation) a widened copy in *owned, which the caller frees (*owned is NULL
+ * otherwise). NULL when out of memory. */
+const float *cpu_as_f32(const lt_tensor *x, float **owned);
+
 /* The attention contract of backend.h, checked once for the forward and the backward: q, k,
  * v fp32 [T, nh, hd] / [S, nkv, hd], I32 positions [T] and [S], nh a multiple of nkv.
  * Fills the sizes; LT_ERR_ARG with ctx->err naming op otherwise. */

@@ -516,7 +516,8 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     double weights = (double)m->weight_bytes;
     double trainable = (double)a->n_trainable * 4 * 4; /* value (LoRA) + grad + m + v */
     size_t dev_bytes, host_bytes;
-    gemma3_train_bytes(m, a, max_tokens, a->dropout > 0.0f && !a->full, &dev_bytes, &host_bytes);
+    gemma3_train_bytes(m, ctx, a, max_tokens, a->dropout > 0.0f && !a->full, &dev_bytes,
+                       &host_bytes);
     double layer = (double)dev_bytes;
     /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
     double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;

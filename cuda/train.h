@@ -136,8 +136,8 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
  * layer's activations and gradients, the residual stream, the loss's input; not the
  * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
  * dropout: LoRA dropout on (its scratch counts). */
-void gemma3_train_bytes(const gemma3_model *m, const lt_adapters *ad, int64_t N, int dropout,
-                        size_t *device, size_t *host);
+void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *ad, int64_t N,
+                        int dropout, size_t *device, size_t *host);
 
 /* ---- optimizer (optim.c) --------------------------------------------------------------- */
 

@@ -177,28 +177,41 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(GELU_K0 * (x + GELU_K1 * x * x * x)));
 }
 
-__global__ void geglu_kernel(float *y, const float *g, const float *u, int64_t n) {
+/* y fp32, or bf16 (round to nearest even) for the matmul-only GeGLU product. */
+__global__ void geglu_kernel(void *y, lt_dtype ydt, const float *g, const float *u, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        y[i] = gelu_tanh(g[i]) * u[i];
-}
-
-__global__ void geglu4_kernel(float4 *y, const float4 *g, const float4 *u, int64_t n4) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
          i += (int64_t)gridDim.x * blockDim.x) {
-        float4 a = g[i], b = u[i];
-        y[i] = make_float4(gelu_tanh(a.x) * b.x, gelu_tanh(a.y) * b.y, gelu_tanh(a.z) * b.z,
-                           gelu_tanh(a.w) * b.w);
+        float v = gelu_tanh(g[i]) * u[i];
+        if (ydt == LT_BF16)
+            ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+        else
+            ((float *)y)[i] = v;
     }
 }
 
-void k_geglu(cudaStream_t st, float *y, const float *g, const float *u, int64_t n) {
+__global__ void geglu4_kernel(void *y, lt_dtype ydt, const float4 *g, const float4 *u, int64_t n4) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float4 a = g[i], b = u[i];
+        float4 v = make_float4(gelu_tanh(a.x) * b.x, gelu_tanh(a.y) * b.y, gelu_tanh(a.z) * b.z,
+                               gelu_tanh(a.w) * b.w);
+        if (ydt == LT_BF16) {
+            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y),
+                           hi = __floats2bfloat162_rn(v.z, v.w);
+            ((uint2 *)y)[i] = make_uint2(*(uint32_t *)&lo, *(uint32_t *)&hi);
+        } else {
+            ((float4 *)y)[i] = v;
+        }
+    }
+}
+
+void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float *u, int64_t n) {
     if (n <= 0) return;
     if (vec4_ok(n, y, g, u, NULL))
-        geglu4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>((float4 *)y, (const float4 *)g,
+        geglu4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>(y, ydt, (const float4 *)g,
                                                             (const float4 *)u, n / 4);
     else
-        geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, g, u, n);
+        geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, ydt, g, u, n);
 }
 
 __global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, const float *g,

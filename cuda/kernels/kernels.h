@@ -37,7 +37,8 @@ void k_make_alpha(cudaStream_t st, float *out, float c, const float *a, const fl
 /* y += x */
 void k_add(cudaStream_t st, float *y, const float *x, int64_t n);
 /* y = gelu_tanh(g) * u */
-void k_geglu(cudaStream_t st, float *y, const float *g, const float *u, int64_t n);
+/* y: fp32, or BF16 (the matmul-only activation, rounded to nearest even). */
+void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float *u, int64_t n);
 /* dg = dy * u * gelu'(g), du = dy * gelu(g) (either may be NULL) */
 void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g,
                       const float *u, int64_t n);
@@ -64,8 +65,9 @@ void k_scale(cudaStream_t st, float *x, int64_t n, float s);
 /* ---- norm_rope.cu ---------------------------------------------------------------------------- */
 
 /* y = x * rsqrt(mean(x^2) + eps) * (1 + w) per row; x, y: [N, D] (may alias). */
-void k_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int64_t N, int64_t D,
-               float eps);
+/* y: fp32, or BF16 (the matmul-only activation, rounded to nearest even). */
+void k_rmsnorm(cudaStream_t st, void *y, lt_dtype ydt, const float *x, const float *w, int64_t N,
+               int64_t D, float eps);
 /* dx written (may be NULL), dw accumulated (may be NULL). */
 void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, const float *x,
                         const float *w, int64_t N, int64_t D, float eps, int n_sm);

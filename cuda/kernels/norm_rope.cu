@@ -4,9 +4,34 @@
  * cpu_rmsnorm / cpu_rope are the specification. The RoPE frequencies come in from the host
  * (computed there with the CPU's expression) so that both backends rotate by the same angles.
  */
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "cuda/kernels/kernels.h"
+
+/* The norm's output: fp32, or bf16 (round to nearest even) for a matmul-only activation. */
+template <bool BF> struct norm_out;
+template <> struct norm_out<false> {
+    typedef float T;
+    typedef float4 T4;
+    static __device__ __forceinline__ float one(float v) {
+        return v;
+    }
+    static __device__ __forceinline__ float4 four(float4 v) {
+        return v;
+    }
+};
+template <> struct norm_out<true> {
+    typedef __nv_bfloat16 T;
+    typedef uint2 T4;
+    static __device__ __forceinline__ __nv_bfloat16 one(float v) {
+        return __float2bfloat16_rn(v);
+    }
+    static __device__ __forceinline__ uint2 four(float4 v) {
+        __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+        return make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
+    }
+};
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result. */
 __device__ float block_sum(float v, float *sh /* [33] */) {
@@ -33,25 +58,27 @@ static int threads_for(int64_t D) {
     return t;
 }
 
-__global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t D, float eps) {
+template <bool BF>
+__global__ void rmsnorm_kernel(typename norm_out<BF>::T *y, const float *x, const float *w,
+                               int64_t D, float eps) {
     __shared__ float sh[33];
     const float *xr = x + blockIdx.x * D;
-    float *yr = y + blockIdx.x * D;
+    typename norm_out<BF>::T *yr = y + blockIdx.x * D;
     float ss = 0.0f;
     for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
         ss += xr[i] * xr[i];
     ss = block_sum(ss, sh);
     float r = 1.0f / sqrtf(ss / (float)D + eps);
     for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
-        yr[i] = (xr[i] * r) * (1.0f + w[i]);
+        yr[i] = norm_out<BF>::one((xr[i] * r) * (1.0f + w[i]));
 }
 
 /* The float4 form, for rows of D = 4·D4 floats on 16-byte boundaries (every norm of the
  * Gemma shapes): a thread keeps its VPT float4s of the row in registers, so x is read once
  * (the plain kernel reads it twice), with 16-byte loads and stores. Same arithmetic. */
-template <int VPT>
-__global__ void rmsnorm4_kernel(float4 *y, const float4 *x, const float4 *w, int D4, float D,
-                                float eps) {
+template <int VPT, bool BF>
+__global__ void rmsnorm4_kernel(typename norm_out<BF>::T4 *y, const float4 *x, const float4 *w,
+                                int D4, float D, float eps) {
     __shared__ float sh[33];
     const float4 *xr = x + (int64_t)blockIdx.x * D4;
     float4 v[VPT];
@@ -64,7 +91,7 @@ __global__ void rmsnorm4_kernel(float4 *y, const float4 *x, const float4 *w, int
     }
     ss = block_sum(ss, sh);
     float r = 1.0f / sqrtf(ss / D + eps);
-    float4 *yr = y + (int64_t)blockIdx.x * D4;
+    typename norm_out<BF>::T4 *yr = y + (int64_t)blockIdx.x * D4;
 #pragma unroll
     for (int k = 0; k < VPT; k++) {
         int i = threadIdx.x + k * blockDim.x;
@@ -74,7 +101,7 @@ __global__ void rmsnorm4_kernel(float4 *y, const float4 *x, const float4 *w, int
         o.y = (v[k].y * r) * (1.0f + g.y);
         o.z = (v[k].z * r) * (1.0f + g.z);
         o.w = (v[k].w * r) * (1.0f + g.w);
-        yr[i] = o;
+        yr[i] = norm_out<BF>::four(o);
     }
 }
 
@@ -95,29 +122,41 @@ static int vec_plan(int64_t D, const void *a, const void *b, const void *c, cons
     return 0;
 }
 
-void k_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int64_t N, int64_t D,
-               float eps) {
-    if (N <= 0) return;
+template <bool BF>
+static void rmsnorm_launch(cudaStream_t st, void *y, const float *x, const float *w, int64_t N,
+                           int64_t D, float eps) {
+    typedef typename norm_out<BF>::T T;
+    typedef typename norm_out<BF>::T4 T4;
     int th = 0, vpt = vec_plan(D, y, x, w, NULL, &th);
-    float4 *y4 = (float4 *)y;
+    T4 *y4 = (T4 *)y;
     const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
     int D4 = (int)(D / 4);
+    unsigned g = (unsigned)N;
     switch (vpt) {
     case 1:
-        rmsnorm4_kernel<1><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        rmsnorm4_kernel<1, BF><<<g, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
         break;
     case 2:
-        rmsnorm4_kernel<2><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        rmsnorm4_kernel<2, BF><<<g, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
         break;
     case 4:
-        rmsnorm4_kernel<4><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        rmsnorm4_kernel<4, BF><<<g, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
         break;
     case 8:
-        rmsnorm4_kernel<8><<<(unsigned)N, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
+        rmsnorm4_kernel<8, BF><<<g, th, 0, st>>>(y4, x4, w4, D4, (float)D, eps);
         break;
     default:
-        rmsnorm_kernel<<<(unsigned)N, threads_for(D), 0, st>>>(y, x, w, D, eps);
+        rmsnorm_kernel<BF><<<g, threads_for(D), 0, st>>>((T *)y, x, w, D, eps);
     }
+}
+
+void k_rmsnorm(cudaStream_t st, void *y, lt_dtype ydt, const float *x, const float *w, int64_t N,
+               int64_t D, float eps) {
+    if (N <= 0) return;
+    if (ydt == LT_BF16)
+        rmsnorm_launch<true>(st, y, x, w, N, D, eps);
+    else
+        rmsnorm_launch<false>(st, y, x, w, N, D, eps);
 }
 
 /* y = x r (1+w), r = (mean x² + eps)^-1/2:

@@ -257,6 +257,115 @@ static void test_geglu_add(int64_t n) {
     free(g), free(u), free(dy), free(y_c), free(dg_c), free(du_c);
 }
 
+/* ---- matmul-only activations in bf16 (backend.h bf16_activations) ---------------------------- */
+
+/* n bf16 values on the device, widened on the host. */
+static float *dev_get_bf16(const void *d, int64_t n) {
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(n ? n : 1));
+    float *f = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    if (gpu.be->download(&gpu, h, d, sizeof(uint16_t) * (size_t)n) != LT_OK)
+        memset(h, 0xff, sizeof(uint16_t) * (size_t)n); /* NaNs */
+    lt_convert(f, LT_F32, h, LT_BF16, n);
+    free(h);
+    return f;
+}
+
+static int same_floats(const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0) return 0;
+    return 1;
+}
+
+/* A norm or GeGLU writing bf16 rounds what it would write in fp32 (the CPU does the same), and
+ * linear / linear_backward given that bf16 x give exactly what they give for the same values in
+ * fp32 (the cast they skip is the rounding already done). */
+static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
+    char name[128];
+    int64_t r = 8;
+    /* rmsnorm and geglu with bf16 outputs vs the CPU's */
+    float *x = rand_f32(T * in, 3.0f), *w = rand_f32(in, 0.5f), *u = rand_f32(T * in, 1.0f);
+    uint16_t *yc = malloc(sizeof(uint16_t) * (size_t)(T * in));
+    float *ycf = malloc(sizeof(float) * (size_t)(T * in));
+    float *xg = dev_put(x, (size_t)(T * in) * 4), *wg = dev_put(w, (size_t)in * 4),
+          *ug = dev_put(u, (size_t)(T * in) * 4);
+    void *yg = dev_put(NULL, (size_t)(T * in) * 2);
+    cpu.be->rmsnorm(&cpu, t2(LT_BF16, yc, T, in), t2(LT_F32, x, T, in), t1(LT_F32, w, in), 1e-6f);
+    lt_status rc = gpu.be->rmsnorm(&gpu, t2(LT_BF16, yg, T, in), t2(LT_F32, xg, T, in),
+                                   t1(LT_F32, wg, in), 1e-6f);
+    lt_convert(ycf, LT_F32, yc, LT_BF16, T * in);
+    float *got = dev_get_bf16(yg, T * in);
+    double e = rel_err(got, ycf, T * in);
+    snprintf(name, sizeof name, "rmsnorm to bf16 [%lld,%lld]: rel err %.2e <= 1e-2", (long long)T,
+             (long long)in, e);
+    ok(rc == LT_OK && e <= 1e-2, name);
+    free(got);
+    cpu.be->geglu(&cpu, t2(LT_BF16, yc, T, in), t2(LT_F32, x, T, in), t2(LT_F32, u, T, in));
+    rc = gpu.be->geglu(&gpu, t2(LT_BF16, yg, T, in), t2(LT_F32, xg, T, in), t2(LT_F32, ug, T, in));
+    lt_convert(ycf, LT_F32, yc, LT_BF16, T * in);
+    got = dev_get_bf16(yg, T * in);
+    e = rel_err(got, ycf, T * in);
+    snprintf(name, sizeof name, "geglu to bf16 [%lld,%lld]: rel err %.2e <= 1e-2", (long long)T,
+             (long long)in, e);
+    ok(rc == LT_OK && e <= 1e-2, name);
+    free(got);
+
+    /* linear and linear_backward: bf16 x vs the same values in fp32, bf16 weight, LoRA on */
+    uint16_t *xb = as_dtype(x, T * in, LT_BF16);
+    float *xw = malloc(sizeof(float) * (size_t)(T * in)); /* the bf16 values, widened */
+    lt_convert(xw, LT_F32, xb, LT_BF16, T * in);
+    float *wf = rand_f32(out * in, 0.05f), *dy = rand_f32(T * out, 1.0f);
+    float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
+    void *wh = as_dtype(wf, out * in, LT_BF16);
+    void *wgd = dev_put(wh, (size_t)(out * in) * 2);
+    float *ag = dev_put(a, (size_t)(r * in) * 4), *bg = dev_put(b, (size_t)(out * r) * 4);
+    float *dyg = dev_put(dy, (size_t)(T * out) * 4);
+    void *xbg = dev_put(xb, (size_t)(T * in) * 2);
+    float *xwg = dev_put(xw, (size_t)(T * in) * 4);
+    float *res[2][4]; /* per run: y, dx, grad_a, grad_b (host) */
+    for (int run = 0; run < 2; run++) {
+        lt_lora lo = {0};
+        lo.a = t2(LT_F32, ag, r, in);
+        lo.b = t2(LT_F32, bg, out, r);
+        lo.grad_a = t2(LT_F32, dev_put(NULL, (size_t)(r * in) * 4), r, in);
+        lo.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
+        lo.scale = 2.0f;
+        lo.enabled = 1;
+        lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}};
+        lt_tensor xt = run ? t2(LT_F32, xwg, T, in) : t2(LT_BF16, xbg, T, in);
+        float *yo = dev_poison(T * out), *dxo = dev_poison(T * in);
+        rc = gpu.be->linear(&gpu, t2(LT_F32, yo, T, out), xt, &wt);
+        if (rc == LT_OK)
+            rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxo, T, in), t2(LT_F32, dyg, T, out), xt,
+                                         &wt);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        res[run][0] = dev_get(yo, T * out);
+        res[run][1] = dev_get(dxo, T * in);
+        res[run][2] = dev_get(lo.grad_a.data, r * in);
+        res[run][3] = dev_get(lo.grad_b.data, out * r);
+    }
+    ok(same_floats(res[0][0], res[1][0], T * out) && same_floats(res[0][1], res[1][1], T * in) &&
+           same_floats(res[0][2], res[1][2], r * in) && same_floats(res[0][3], res[1][3], out * r),
+       "linear and linear_backward with a bf16 x: the same bits as with its values in fp32");
+    /* the CPU takes a bf16 x too: the same as its widened values */
+    lt_lora loc = {0};
+    loc.a = t2(LT_F32, a, r, in);
+    loc.b = t2(LT_F32, b, out, r);
+    loc.scale = 2.0f;
+    loc.enabled = 1;
+    lt_weight wc = {t2(LT_BF16, wh, out, in), &loc, {0}};
+    float *y1 = malloc(sizeof(float) * (size_t)(T * out)),
+          *y2 = malloc(sizeof(float) * (size_t)(T * out));
+    lt_status r1 = cpu.be->linear(&cpu, t2(LT_F32, y1, T, out), t2(LT_BF16, xb, T, in), &wc);
+    lt_status r2 = cpu.be->linear(&cpu, t2(LT_F32, y2, T, out), t2(LT_F32, xw, T, in), &wc);
+    ok(r1 == LT_OK && r2 == LT_OK && same_floats(y1, y2, T * out),
+       "cpu linear with a bf16 x: the same bits as with its values in fp32");
+    for (int run = 0; run < 2; run++)
+        for (int k = 0; k < 4; k++)
+            free(res[run][k]);
+    free(x), free(w), free(u), free(yc), free(ycf), free(xb), free(xw), free(wf), free(dy), free(a),
+        free(b), free(wh), free(y1), free(y2);
+}
+
 static void test_embedding(lt_dtype dt) {
     char name[96];
     int64_t V = 3000, H = 96, T = 50;
@@ -540,6 +649,7 @@ int main(void) {
     test_rope(40, 4, 256, 10000.0f, 1.0f, 4096);
     test_rope(40, 8, 128, 1000000.0f, 8.0f, 30000);
     test_geglu_add(100003);
+    if (lt_cuda_compute_capability(&gpu) >= 80) test_bf16_activations(70, 1152, 256);
     for (int i = 0; i < 3; i++) {
         test_attention(dts[i], 70, 70, 4, 2, 128, 0, 0);
         test_attention(dts[i], 70, 70, 4, 1, 256, 16, 0);
