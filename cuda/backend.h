@@ -84,9 +84,9 @@ typedef struct lt_backend {
      * idle layer buffers to the loss this way. A backend may ignore the loan (the CPU does). */
     void (*lend)(lt_ctx *ctx, void *p, size_t bytes);
     /* 1 when this ctx's matmuls read their activations as BF16 (the CUDA bf16 path): then the
-     * trainer stores the activations that only feed matmuls (norm outputs, the GeGLU product)
-     * in BF16, the very values linear would round them to, and skips linear's cast. 0 on the
-     * CPU, whose matmuls read fp32. */
+     * trainer stores the activations and gradients that only feed matmuls (norm outputs, the
+     * GeGLU product, its gradients) in BF16, the very values linear / linear_backward would
+     * round them to, and skips their casts. 0 on the CPU, whose matmuls read fp32. */
     int (*bf16_activations)(lt_ctx *ctx);
 
     /* ---- forward ops ------------------------------------------------------------------ */
@@ -121,8 +121,8 @@ typedef struct lt_backend {
 
     /* ---- backward ops (NULL until implemented; see conventions above) -------------------- */
     /* dx = dy·W (+ adapter path); accumulates w->grad_w, lora grad_a/grad_b when present.
-     * dy: [T, out]; x: [T, in] (the forward input: fp32, or BF16 as linear takes it);
-     * dx: [T, in]. */
+     * dy: [T, out]; x: [T, in] (the forward input); dx: [T, in] fp32. dy and x are fp32, or
+     * BF16 with a BF16 weight (matmul-only activations and gradients, see bf16_activations). */
     lt_status (*linear_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
                                  const lt_weight *w);
     /* dx from dy, x, w; dw (fp32 [D]) accumulated when dw.data != NULL. */
@@ -134,8 +134,9 @@ typedef struct lt_backend {
     lt_status (*attention_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                     lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                     lt_tensor qpos, lt_tensor kpos, int window, float scale);
-    /* dgate, dup from dy and the forward inputs. Elementwise: dgate may alias gate and dup may
-     * alias up (the trainer writes them in place). */
+    /* dgate, dup from dy and the forward inputs. Elementwise: fp32 dgate may alias gate and
+     * dup may alias up. dgate and dup may be BF16 instead (one dtype for both; rounded to
+     * nearest even; not aliasing): gradients that only feed matmuls. */
     lt_status (*geglu_backward)(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
                                 lt_tensor gate, lt_tensor up);
     /* Accumulates dh * scale into table->grad_w rows (only when training the embedding). */

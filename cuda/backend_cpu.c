@@ -487,14 +487,6 @@ const float *cpu_as_f32(const lt_tensor *x, float **owned) {
     return *owned = f;
 }
 
-/* y (fp32, or BF16 per backend.h) at i. */
-static inline void put_out(lt_tensor *y, int64_t i, float v) {
-    if (y->dtype == LT_BF16)
-        ((uint16_t *)y->data)[i] = lt_f32_to_bf16(v);
-    else
-        ((float *)y->data)[i] = v;
-}
-
 static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *op = "linear";
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), op,
@@ -594,7 +586,7 @@ static lt_status cpu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w,
             ss += (double)xr[i] * xr[i];
         float r = 1.0f / sqrtf((float)(ss / (double)D) + eps);
         for (int64_t i = 0; i < D; i++)
-            put_out(&y, n * D + i, (xr[i] * r) * (1.0f + ws[i]));
+            cpu_store(&y, n * D + i, (xr[i] * r) * (1.0f + ws[i]));
     }
     return LT_OK;
 }
@@ -732,7 +724,7 @@ static lt_status cpu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor u
     for (int64_t i = 0; i < n; i++) {
         float x = g[i];
         float gl = 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
-        put_out(&y, i, gl * u[i]);
+        cpu_store(&y, i, gl * u[i]);
     }
     return LT_OK;
 }

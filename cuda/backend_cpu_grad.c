@@ -95,9 +95,10 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     const char *op = "linear_backward";
     CHECK(w && w->w.ndim == 2 && w->w.data, op, "weight must be a 2-D tensor");
     int64_t out = w->w.shape[0], in = w->w.shape[1];
-    CHECK(f32_ok(&dy) && x.data &&
-              (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-          op, "dy must be fp32, x fp32 (or bf16 with a bf16 weight)");
+    CHECK(x.data && dy.data &&
+              (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
+              (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+          op, "dy and x must be fp32 (or bf16 with a bf16 weight)");
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
     CHECK(last_dim(&x) == in && last_dim(&dy) == out && lt_tensor_numel(&dy) == T * out, op,
           "shapes do not agree: dy [T, out], x [T, in], W [out, in]");
@@ -112,10 +113,13 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     if (use_lora)
         CHECK(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
               "adapter shapes do not agree");
-    float *xown, *wbuf = NULL, *u = NULL, *g = NULL;
-    const float *dyd = dy.data, *xd = cpu_as_f32(&x, &xown), *wf = NULL;
+    float *xown, *dyown, *wbuf = NULL, *u = NULL, *g = NULL;
+    const float *xd = cpu_as_f32(&x, &xown), *dyd = cpu_as_f32(&dy, &dyown), *wf = NULL;
     lt_status rc = LT_OK;
-    if (!xd) return grad_oom(ctx, op);
+    if (!xd || !dyd) {
+        rc = grad_oom(ctx, op);
+        goto out;
+    }
     if (wanted(&dx)) {
         if (!(wf = cpu_as_f32(&w->w, &wbuf))) {
             rc = grad_oom(ctx, op);
@@ -142,6 +146,7 @@ out:
     free(g);
     free(wbuf);
     free(xown);
+    free(dyown);
     return rc;
 }
 
@@ -306,12 +311,15 @@ lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_ten
     CHECK(f32_ok(&dy) && f32_ok(&gate) && f32_ok(&up), op, "dy, gate, up must be fp32");
     int64_t n = lt_tensor_numel(&gate);
     CHECK(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n, op, "dy, gate, up: one shape");
+    /* fp32, or bf16 for gradients that only feed matmuls (backend.h) */
     if (wanted(&dgate))
-        CHECK(dgate.dtype == LT_F32 && lt_tensor_numel(&dgate) == n, op, "dgate shape");
-    if (wanted(&dup)) CHECK(dup.dtype == LT_F32 && lt_tensor_numel(&dup) == n, op, "dup shape");
+        CHECK((dgate.dtype == LT_F32 || dgate.dtype == LT_BF16) && lt_tensor_numel(&dgate) == n, op,
+              "dgate must be fp32 or bf16, gate's shape");
+    if (wanted(&dup))
+        CHECK((dup.dtype == LT_F32 || dup.dtype == LT_BF16) && lt_tensor_numel(&dup) == n, op,
+              "dup must be fp32 or bf16, up's shape");
     const float k0 = 0.7978845608028654f, c = 0.044715f;
     const float *g = gate.data, *u = up.data, *d = dy.data;
-    float *dg = dgate.data, *du = dup.data;
     for (int64_t i = 0; i < n; i++) {
         float x = g[i], di = d[i];
         float th = tanhf(k0 * (x + c * x * x * x));
@@ -319,8 +327,8 @@ lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_ten
         float dgl =
             0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * k0 * (1.0f + 3.0f * c * x * x);
         float ui = u[i];
-        if (du) du[i] = di * gl;
-        if (dg) dg[i] = di * ui * dgl;
+        if (wanted(&dup)) cpu_store(&dup, i, di * gl);
+        if (wanted(&dgate)) cpu_store(&dgate, i, di * ui * dgl);
     }
     return LT_OK;
 }

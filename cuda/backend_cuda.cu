@@ -1257,9 +1257,10 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
             "weight must be a 2-D float tensor");
-    REQUIRE(is_f32(&dy) && x.data &&
-                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-            "dy must be fp32, x fp32 (or bf16 with a bf16 weight)");
+    REQUIRE(x.data && dy.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
+                (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            "dy and x must be fp32 (or bf16 with a bf16 weight)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -1272,8 +1273,8 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
         lt_dtype cdt = w->w.dtype;
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
-        opnd DY, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
-        TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
+        opnd DY = {dy.data, LT_BF16, NULL}, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
+        if (dy.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
         if ((w->grad_w.data || use_lora) && x.dtype == LT_F32)
             TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
@@ -1492,9 +1493,12 @@ static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, 
                 "dy, gate, up must have one shape");
         REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
         REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
-        k_geglu_backward(impl_of(ctx)->stream, (float *)dgate.data, (float *)dup.data,
-                         (const float *)dy.data, (const float *)gate.data, (const float *)up.data,
-                         n);
+        lt_dtype odt = dgate.data ? dgate.dtype : dup.dtype;
+        REQUIRE((odt == LT_F32 || odt == LT_BF16) && (!dgate.data || dgate.dtype == odt) &&
+                    (!dup.data || dup.dtype == odt),
+                "dgate and dup must be fp32 or bf16, one dtype");
+        k_geglu_backward(impl_of(ctx)->stream, dgate.data, dup.data, odt, (const float *)dy.data,
+                         (const float *)gate.data, (const float *)up.data, n);
         LAUNCHED();
     }
 done:

@@ -53,8 +53,9 @@ typedef struct tb_bufs {
     float *a, *qr, *qn, *kr, *kn, *v, *att, *o, *h1;
     float *scratch; /* the MLP blocks' tensors, then the attention gradients (below) */
     /* in scratch: [R, H] m, f, dm; [R, I] gate, up, act, dact (R = MLP block rows); the
-     * backward writes dL/dgate and dL/dup over gate and up */
-    float *m, *f, *dm, *gate, *up, *act, *dact;
+     * backward writes dL/dgate and dL/dup over gate and up in fp32, or (bf16 activations) over
+     * act and into dup16 */
+    float *m, *f, *dm, *gate, *up, *act, *dact, *dup16;
     /* in scratch too, after the MLP: [N, QD] dq, datt; [N, KD] dk, dv; [N, H] da */
     float *dq, *dk, *dv, *datt, *da;
     /* dropout scratch: [N, max(in, out)] x3 and [N, r] x2 */
@@ -292,11 +293,13 @@ static lt_status mlp_bwd(tb_ctx *c, int l) {
                                  w->post_feedforward_layernorm, eps)); /* dx = dL/df */
         TRY(lin_bwd(c, t2(B->dact, n, I), dx, tact(c, B->act, n, I), &w->down_proj,
                     module_seed(c->drop_seed, l, 6), r0));
-        /* in place: dL/dgate over gate, dL/dup over up (backend.h allows it) */
-        lt_tensor gate = t2(B->gate, n, I), up = t2(B->up, n, I);
-        TRY(be->geglu_backward(ctx, gate, up, t2(B->dact, n, I), gate, up));
-        TRY(lin_bwd(c, dm, gate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
-        TRY(lin_bwd(c, dx, up, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
+        /* dL/dgate, dL/dup feed only the matmuls: in fp32 in place over gate and up (backend.h
+         * allows it), in bf16 over act (read for the last time above) and into dup16 */
+        lt_tensor gate = t2(B->gate, n, I), up = t2(B->up, n, I), dgate = gate, dup = up;
+        if (c->adt == LT_BF16) dgate = tact(c, B->act, n, I), dup = tact(c, B->dup16, n, I);
+        TRY(be->geglu_backward(ctx, dgate, dup, t2(B->dact, n, I), gate, up));
+        TRY(lin_bwd(c, dm, dgate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
+        TRY(lin_bwd(c, dx, dup, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
         TRY(be->add(ctx, dm, dx)); /* dm = dL/dm */
         TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_PRE_FF, H), dm,
                                  t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
@@ -383,8 +386,9 @@ static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
         off += al(sz[i]);
     }
     /* the MLP block (m, f, dm [R, H]; gate, up, act, dact [R, I]) or the attention gradients */
+    size_t dup16 = grads && c->adt != LT_F32 ? al(act_floats(c, R * I)) : 0;
     size_t mlp = (grads ? 2 : 1) * al(R * H) + al(act_floats(c, R * H)) +
-                 (grads ? 3 : 2) * al(R * I) + al(act_floats(c, R * I));
+                 (grads ? 3 : 2) * al(R * I) + al(act_floats(c, R * I)) + dup16;
     size_t attn_grads = grads ? 2 * al(N * QD) + 2 * al(N * KD) + al(N * H) : 0;
     if (B) {
         float *p = B->scratch = B->layer + off;
@@ -395,6 +399,7 @@ static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
         B->act = p, p += al(act_floats(c, R * I));
         if (grads) {
             B->dact = p, p += al(R * I);
+            B->dup16 = dup16 ? p : NULL, p += dup16;
             B->dm = p;
             p = B->scratch; /* the attention gradients: alive only after the MLP's backward */
             B->dq = p, p += al(N * QD);

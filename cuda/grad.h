@@ -35,6 +35,15 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
+/* Stores v at element i of an fp32 tensor, or of a BF16 one (rounded to nearest even): the
+ * outputs backend.h lets be BF16 (matmul-only activations and gradients). */
+static inline void cpu_store(lt_tensor *t, int64_t i, float v) {
+    if (t->dtype == LT_BF16)
+        ((uint16_t *)t->data)[i] = lt_f32_to_bf16(v);
+    else
+        ((float *)t->data)[i] = v;
+}
+
 /* A tensor's values as fp32: its own data when it is fp32, else (a 16-bit weight, or a BF16
  * matmul-only activation) a widened copy in *owned, which the caller frees (*owned is NULL
  * otherwise). NULL when out of memory. */

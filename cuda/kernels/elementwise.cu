@@ -214,23 +214,7 @@ void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float
         geglu_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, ydt, g, u, n);
 }
 
-__global__ void geglu_backward_kernel(float *dg, float *du, const float *dy, const float *g,
-                                      const float *u, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float x = g[i], d = dy[i];
-        float z = GELU_K0 * (x + GELU_K1 * x * x * x);
-        float th = tanhf(z);
-        float gl = 0.5f * x * (1.0f + th);
-        float dgl = 0.5f * (1.0f + th) +
-                    0.5f * x * (1.0f - th * th) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
-        float uv = u[i];
-        if (dg) dg[i] = d * uv * dgl;
-        if (du) du[i] = d * gl;
-    }
-}
-
-/* One element of the GeGLU backward (the scalar kernel's arithmetic). */
+/* One element of the GeGLU backward. */
 __device__ __forceinline__ void geglu_grad1(float x, float d, float uv, float *dg, float *du) {
     float z = GELU_K0 * (x + GELU_K1 * x * x * x);
     float th = tanhf(z);
@@ -241,9 +225,38 @@ __device__ __forceinline__ void geglu_grad1(float x, float d, float uv, float *d
     *du = d * gl;
 }
 
-/* float4 form; dg may alias g and du may alias u (each element is read before it is written). */
-__global__ void geglu_backward4_kernel(float4 *dg, float4 *du, const float4 *dy, const float4 *g,
-                                       const float4 *u, int64_t n4) {
+/* dg, du: fp32, or bf16 (rounded to nearest even) when they only feed matmuls. */
+__device__ __forceinline__ void put_grad(void *p, bool bf, int64_t i, float v) {
+    if (bf)
+        ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+__global__ void geglu_backward_kernel(void *dg, void *du, bool bf, const float *dy, const float *g,
+                                      const float *u, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float a, b;
+        geglu_grad1(g[i], dy[i], u[i], &a, &b);
+        if (dg) put_grad(dg, bf, i, a);
+        if (du) put_grad(du, bf, i, b);
+    }
+}
+
+__device__ __forceinline__ void put_grad4(void *p, bool bf, int64_t i, float4 v) {
+    if (bf) {
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        ((uint2 *)p)[i] = make_uint2(*(uint32_t *)&lo, *(uint32_t *)&hi);
+    } else {
+        ((float4 *)p)[i] = v;
+    }
+}
+
+/* float4 form; fp32 dg may alias g and du may alias u (each element is read before it is
+ * written; bf16 outputs must not alias: they would overwrite inputs other threads read). */
+__global__ void geglu_backward4_kernel(void *dg, void *du, bool bf, const float4 *dy,
+                                       const float4 *g, const float4 *u, int64_t n4) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
          i += (int64_t)gridDim.x * blockDim.x) {
         float4 x = g[i], d = dy[i], uv = u[i], a, b;
@@ -251,20 +264,20 @@ __global__ void geglu_backward4_kernel(float4 *dg, float4 *du, const float4 *dy,
         geglu_grad1(x.y, d.y, uv.y, &a.y, &b.y);
         geglu_grad1(x.z, d.z, uv.z, &a.z, &b.z);
         geglu_grad1(x.w, d.w, uv.w, &a.w, &b.w);
-        if (dg) dg[i] = a;
-        if (du) du[i] = b;
+        if (dg) put_grad4(dg, bf, i, a);
+        if (du) put_grad4(du, bf, i, b);
     }
 }
 
-void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g,
-                      const float *u, int64_t n) {
+void k_geglu_backward(cudaStream_t st, void *dg, void *du, lt_dtype odt, const float *dy,
+                      const float *g, const float *u, int64_t n) {
     if (n <= 0) return;
+    bool bf = odt == LT_BF16;
     if (vec4_ok(n, dg, du, dy, g) && vec4_ok(n, u, NULL, NULL, NULL))
         geglu_backward4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>(
-            (float4 *)dg, (float4 *)du, (const float4 *)dy, (const float4 *)g, (const float4 *)u,
-            n / 4);
+            dg, du, bf, (const float4 *)dy, (const float4 *)g, (const float4 *)u, n / 4);
     else
-        geglu_backward_kernel<<<grid_for(n, 256), 256, 0, st>>>(dg, du, dy, g, u, n);
+        geglu_backward_kernel<<<grid_for(n, 256), 256, 0, st>>>(dg, du, bf, dy, g, u, n);
 }
 
 /* ---- embedding ---------------------------------------------------------------------------------

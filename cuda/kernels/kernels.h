@@ -39,9 +39,10 @@ void k_add(cudaStream_t st, float *y, const float *x, int64_t n);
 /* y = gelu_tanh(g) * u */
 /* y: fp32, or BF16 (the matmul-only activation, rounded to nearest even). */
 void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float *u, int64_t n);
-/* dg = dy * u * gelu'(g), du = dy * gelu(g) (either may be NULL) */
-void k_geglu_backward(cudaStream_t st, float *dg, float *du, const float *dy, const float *g,
-                      const float *u, int64_t n);
+/* dg = dy * u * gelu'(g), du = dy * gelu(g) (either may be NULL), of dtype odt: fp32, or BF16
+ * for gradients that only feed matmuls (then not aliasing g or u). */
+void k_geglu_backward(cudaStream_t st, void *dg, void *du, lt_dtype odt, const float *dy,
+                      const float *g, const float *u, int64_t n);
 /* h[t, :] = table[ids[t], :] * scale; ids out of range set *bad (and write zeros). */
 void k_embedding(cudaStream_t st, float *h, const int32_t *ids, int64_t T, const void *table,
                  lt_dtype dt, int64_t V, int64_t H, float scale, int *bad);

@@ -308,17 +308,41 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
              (long long)in, e);
     ok(rc == LT_OK && e <= 1e-2, name);
     free(got);
+    /* geglu_backward with bf16 dgate, dup vs the CPU's */
+    {
+        uint16_t *dgc = malloc(sizeof(uint16_t) * (size_t)(T * in)),
+                 *duc = malloc(sizeof(uint16_t) * (size_t)(T * in));
+        float *dyv = rand_f32(T * in, 1.0f), *dgcf = malloc(sizeof(float) * (size_t)(T * in)),
+              *ducf = malloc(sizeof(float) * (size_t)(T * in));
+        float *dyvg = dev_put(dyv, (size_t)(T * in) * 4);
+        void *dgg = dev_put(NULL, (size_t)(T * in) * 2), *dug = dev_put(NULL, (size_t)(T * in) * 2);
+        cpu_geglu_backward(&cpu, t2(LT_BF16, dgc, T, in), t2(LT_BF16, duc, T, in),
+                           t2(LT_F32, dyv, T, in), t2(LT_F32, x, T, in), t2(LT_F32, u, T, in));
+        rc = gpu.be->geglu_backward(&gpu, t2(LT_BF16, dgg, T, in), t2(LT_BF16, dug, T, in),
+                                    t2(LT_F32, dyvg, T, in), t2(LT_F32, xg, T, in),
+                                    t2(LT_F32, ug, T, in));
+        lt_convert(dgcf, LT_F32, dgc, LT_BF16, T * in);
+        lt_convert(ducf, LT_F32, duc, LT_BF16, T * in);
+        float *g1 = dev_get_bf16(dgg, T * in), *g2 = dev_get_bf16(dug, T * in);
+        double e1 = rel_err(g1, dgcf, T * in), e2 = rel_err(g2, ducf, T * in);
+        snprintf(name, sizeof name, "geglu_backward to bf16: rel err %.2e, %.2e <= 1e-2", e1, e2);
+        ok(rc == LT_OK && e1 <= 1e-2 && e2 <= 1e-2, name);
+        free(dgc), free(duc), free(dyv), free(dgcf), free(ducf), free(g1), free(g2);
+    }
 
-    /* linear and linear_backward: bf16 x vs the same values in fp32, bf16 weight, LoRA on */
+    /* linear and linear_backward: bf16 x and dy vs the same values in fp32, bf16 weight, LoRA */
     uint16_t *xb = as_dtype(x, T * in, LT_BF16);
     float *xw = malloc(sizeof(float) * (size_t)(T * in)); /* the bf16 values, widened */
     lt_convert(xw, LT_F32, xb, LT_BF16, T * in);
     float *wf = rand_f32(out * in, 0.05f), *dy = rand_f32(T * out, 1.0f);
+    uint16_t *dyb = as_dtype(dy, T * out, LT_BF16);
+    lt_convert(dy, LT_F32, dyb, LT_BF16, T * out); /* dy: the bf16 values, widened */
     float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
     void *wh = as_dtype(wf, out * in, LT_BF16);
     void *wgd = dev_put(wh, (size_t)(out * in) * 2);
     float *ag = dev_put(a, (size_t)(r * in) * 4), *bg = dev_put(b, (size_t)(out * r) * 4);
     float *dyg = dev_put(dy, (size_t)(T * out) * 4);
+    void *dybg = dev_put(dyb, (size_t)(T * out) * 2);
     void *xbg = dev_put(xb, (size_t)(T * in) * 2);
     float *xwg = dev_put(xw, (size_t)(T * in) * 4);
     float *res[2][4]; /* per run: y, dx, grad_a, grad_b (host) */
@@ -332,11 +356,10 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
         lo.enabled = 1;
         lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}};
         lt_tensor xt = run ? t2(LT_F32, xwg, T, in) : t2(LT_BF16, xbg, T, in);
+        lt_tensor dyt = run ? t2(LT_F32, dyg, T, out) : t2(LT_BF16, dybg, T, out);
         float *yo = dev_poison(T * out), *dxo = dev_poison(T * in);
         rc = gpu.be->linear(&gpu, t2(LT_F32, yo, T, out), xt, &wt);
-        if (rc == LT_OK)
-            rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxo, T, in), t2(LT_F32, dyg, T, out), xt,
-                                         &wt);
+        if (rc == LT_OK) rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxo, T, in), dyt, xt, &wt);
         if (rc != LT_OK) diag("%s", gpu.err);
         res[run][0] = dev_get(yo, T * out);
         res[run][1] = dev_get(dxo, T * in);
@@ -345,7 +368,8 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
     }
     ok(same_floats(res[0][0], res[1][0], T * out) && same_floats(res[0][1], res[1][1], T * in) &&
            same_floats(res[0][2], res[1][2], r * in) && same_floats(res[0][3], res[1][3], out * r),
-       "linear and linear_backward with a bf16 x: the same bits as with its values in fp32");
+       "linear and linear_backward with a bf16 x and dy: the same bits as with their values in "
+       "fp32");
     /* the CPU takes a bf16 x too: the same as its widened values */
     lt_lora loc = {0};
     loc.a = t2(LT_F32, a, r, in);
@@ -363,7 +387,7 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
         for (int k = 0; k < 4; k++)
             free(res[run][k]);
     free(x), free(w), free(u), free(yc), free(ycf), free(xb), free(xw), free(wf), free(dy), free(a),
-        free(b), free(wh), free(y1), free(y2);
+        free(b), free(wh), free(y1), free(y2), free(dyb);
 }
 
 static void test_embedding(lt_dtype dt) {

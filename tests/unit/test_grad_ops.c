@@ -5,6 +5,10 @@
  * (L(x + h e_i) − L(x − h e_i)) / 2h on small random shapes (GQA, a sliding window, a masked
  * key, a query that sees nothing; 16-bit weights; ignored targets). Also: the cross-entropy's
  * loss value against a direct computation, and AdamW against the torch formula in double.
+ * Last, the BF16 matmul-only tensors backend.h allows: rmsnorm, geglu and geglu_backward
+ * writing BF16 give their fp32 results rounded to nearest even; linear and linear_backward
+ * given a BF16 x or dy give the same bits as given those values in fp32; a BF16 x with an
+ * fp32 weight is refused.
  */
 #include <math.h>
 #include <stdint.h>
@@ -444,11 +448,92 @@ static void test_extra_ops(void) {
     is_close(ss, kept / (0.75 * 0.75), 1e-3, "sumsq");
 }
 
+/* ---- BF16 matmul-only tensors --------------------------------------------------------------- */
+
+static int rounded_equal(const uint16_t *got, const float *f, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (got[i] != lt_f32_to_bf16(f[i])) return 0;
+    return 1;
+}
+
+static int bits_equal(const float *a, const float *b, int64_t n) {
+    return memcmp(a, b, sizeof(float) * (size_t)n) == 0;
+}
+
+static void test_bf16_tensors(void) {
+    const int64_t T = 5, in = 8, out = 6, r = 3;
+    float *x = rvec(T * in, 2), *w = rvec(in, 0.5f), *u = rvec(T * in, 1), *d = rvec(T * in, 1);
+    float *yf = zvec(T * in), *gf = zvec(T * in), *uf = zvec(T * in);
+    uint16_t *yb = calloc((size_t)(T * in), 2), *gb = calloc((size_t)(T * in), 2),
+             *ub = calloc((size_t)(T * in), 2);
+    const lt_backend *be = &lt_backend_cpu;
+    be->rmsnorm(&ctx, lt_tensor_2d(LT_F32, yf, T, in), lt_tensor_2d(LT_F32, x, T, in),
+                lt_tensor_1d(LT_F32, w, in), 1e-6f);
+    lt_status rc = be->rmsnorm(&ctx, lt_tensor_2d(LT_BF16, yb, T, in),
+                               lt_tensor_2d(LT_F32, x, T, in), lt_tensor_1d(LT_F32, w, in), 1e-6f);
+    ok(rc == LT_OK && rounded_equal(yb, yf, T * in), "rmsnorm to bf16 = its fp32 output rounded");
+    be->geglu(&ctx, lt_tensor_2d(LT_F32, yf, T, in), lt_tensor_2d(LT_F32, x, T, in),
+              lt_tensor_2d(LT_F32, u, T, in));
+    rc = be->geglu(&ctx, lt_tensor_2d(LT_BF16, yb, T, in), lt_tensor_2d(LT_F32, x, T, in),
+                   lt_tensor_2d(LT_F32, u, T, in));
+    ok(rc == LT_OK && rounded_equal(yb, yf, T * in), "geglu to bf16 = its fp32 output rounded");
+    be->geglu_backward(&ctx, lt_tensor_1d(LT_F32, gf, T * in), lt_tensor_1d(LT_F32, uf, T * in),
+                       lt_tensor_1d(LT_F32, d, T * in), lt_tensor_1d(LT_F32, x, T * in),
+                       lt_tensor_1d(LT_F32, u, T * in));
+    rc = be->geglu_backward(&ctx, lt_tensor_1d(LT_BF16, gb, T * in),
+                            lt_tensor_1d(LT_BF16, ub, T * in), lt_tensor_1d(LT_F32, d, T * in),
+                            lt_tensor_1d(LT_F32, x, T * in), lt_tensor_1d(LT_F32, u, T * in));
+    ok(rc == LT_OK && rounded_equal(gb, gf, T * in) && rounded_equal(ub, uf, T * in),
+       "geglu_backward to bf16 = its fp32 gradients rounded");
+
+    /* linear / linear_backward: bf16 x and dy vs their values widened to fp32 */
+    float *wf = rvec(out * in, 0.3f), *dy = rvec(T * out, 1), *a = rvec(r * in, 0.3f),
+          *b = rvec(out * r, 0.3f);
+    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(out * in)),
+             *xb = malloc(sizeof(uint16_t) * (size_t)(T * in)),
+             *dyb = malloc(sizeof(uint16_t) * (size_t)(T * out));
+    lt_convert(wb, LT_BF16, wf, LT_F32, out * in);
+    lt_convert(xb, LT_BF16, x, LT_F32, T * in);
+    lt_convert(x, LT_F32, xb, LT_BF16, T * in); /* x: the bf16 values */
+    lt_convert(dyb, LT_BF16, dy, LT_F32, T * out);
+    lt_convert(dy, LT_F32, dyb, LT_BF16, T * out);
+    float *y[2], *dx[2], *ga[2], *gb2[2];
+    for (int k = 0; k < 2; k++) {
+        y[k] = zvec(T * out), dx[k] = zvec(T * in), ga[k] = zvec(r * in), gb2[k] = zvec(out * r);
+        lt_lora lo = {lt_tensor_2d(LT_F32, a, r, in),
+                      lt_tensor_2d(LT_F32, b, out, r),
+                      lt_tensor_2d(LT_F32, ga[k], r, in),
+                      lt_tensor_2d(LT_F32, gb2[k], out, r),
+                      2.0f,
+                      0.0f,
+                      1};
+        lt_weight wt = {lt_tensor_2d(LT_BF16, wb, out, in), &lo, {0}};
+        lt_tensor xt = k ? lt_tensor_2d(LT_F32, x, T, in) : lt_tensor_2d(LT_BF16, xb, T, in);
+        lt_tensor dyt = k ? lt_tensor_2d(LT_F32, dy, T, out) : lt_tensor_2d(LT_BF16, dyb, T, out);
+        be->linear(&ctx, lt_tensor_2d(LT_F32, y[k], T, out), xt, &wt);
+        be->linear_backward(&ctx, lt_tensor_2d(LT_F32, dx[k], T, in), dyt, xt, &wt);
+    }
+    ok(bits_equal(y[0], y[1], T * out) && bits_equal(dx[0], dx[1], T * in) &&
+           bits_equal(ga[0], ga[1], r * in) && bits_equal(gb2[0], gb2[1], out * r),
+       "linear and linear_backward with bf16 x and dy: the bits of their fp32 values");
+    /* bad input: a bf16 x with an fp32 weight */
+    lt_weight wf32 = {lt_tensor_2d(LT_F32, wf, out, in), NULL, {0}};
+    rc = be->linear(&ctx, lt_tensor_2d(LT_F32, y[0], T, out), lt_tensor_2d(LT_BF16, xb, T, in),
+                    &wf32);
+    ok(rc == LT_ERR_ARG && strstr(ctx.err, "bf16"), "a bf16 x with an fp32 weight is refused");
+    diag("%s", ctx.err);
+    for (int k = 0; k < 2; k++)
+        free(y[k]), free(dx[k]), free(ga[k]), free(gb2[k]);
+    free(x), free(w), free(u), free(d), free(yf), free(gf), free(uf), free(yb), free(gb), free(ub),
+        free(wf), free(dy), free(a), free(b), free(wb), free(xb), free(dyb);
+}
+
 int main(void) {
     lt_ctx_init(&ctx, &lt_backend_cpu, 2);
     test_linear(0, LT_F32);
     test_linear(1, LT_F32);
     test_linear(1, LT_BF16);
+    test_bf16_tensors();
     test_rmsnorm();
     test_rope();
     test_attention(0);
