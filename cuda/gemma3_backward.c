@@ -13,7 +13,11 @@
  * backward that needs them. The MLP, whose [tokens, intermediate] tensors are the largest, runs
  * a block of rows at a time (exact: it works token by token), and in the backward each block's
  * recompute is followed at once by its backward, so no [N, I] tensor ever exists whole. The
- * attention gradients reuse the MLP blocks' scratch: the two are never alive together.
+ * attention gradients reuse the MLP blocks' scratch: the two are never alive together, and the
+ * whole layer block is lent to the loss, which runs between the last layer and the backward.
+ * Where the backend's matmuls read bf16 (be->bf16_activations), the tensors that only feed
+ * matmuls (the norms' outputs, the GeGLU product and its gradients) are kept in bf16: the
+ * values linear would round them to anyway.
  *
  * LoRA dropout (when > 0) runs the adapter path as separate ops with a mask that is a pure
  * function of a seed and the element's place in the whole [N, in] input, so the recompute, the
