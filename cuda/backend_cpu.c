@@ -591,8 +591,8 @@ static lt_status cpu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w,
     return LT_OK;
 }
 
-static lt_status cpu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor) {
-    const char *op = "rope";
+lt_status cpu_rotate(lt_ctx *ctx, const char *op, lt_tensor x, lt_tensor pos, float theta,
+                     float factor, float dir) {
     REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data, op,
             "x must be fp32 [T, heads, hd], pos I32");
     int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2], half = hd / 2;
@@ -606,7 +606,7 @@ static lt_status cpu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, 
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < half; j++) {
             float ang = (float)p[t] * inv[j];
-            float c = cosf(ang), s = sinf(ang);
+            float c = cosf(ang), s = sinf(ang) * dir;
             for (int64_t h = 0; h < nh; h++) {
                 float *v = xs + (t * nh + h) * hd;
                 float a = v[j], b = v[j + half];
@@ -616,6 +616,10 @@ static lt_status cpu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, 
         }
     }
     return LT_OK;
+}
+
+static lt_status cpu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor) {
+    return cpu_rotate(ctx, "rope", x, pos, theta, factor, 1.0f);
 }
 
 typedef struct attn_job {

@@ -193,30 +193,7 @@ lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tenso
  * rotation by −θ. Angles are computed exactly as backend_cpu.c's forward computes them. */
 
 lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor) {
-    const char *op = "rope_backward";
-    CHECK(f32_ok(&dx) && dx.ndim == 3 && pos.dtype == LT_I32 && pos.data, op,
-          "dx must be fp32 [T, heads, hd], pos I32");
-    int64_t T = dx.shape[0], nh = dx.shape[1], hd = dx.shape[2], half = hd / 2;
-    CHECK(lt_tensor_numel(&pos) == T && hd % 2 == 0 && half <= 512, op,
-          "pos must be [T] and hd even (<= 1024)");
-    float inv[512];
-    for (int64_t j = 0; j < half; j++)
-        inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
-    const int32_t *p = pos.data;
-    float *xs = dx.data;
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t j = 0; j < half; j++) {
-            float ang = (float)p[t] * inv[j];
-            float c = cosf(ang), s = sinf(ang);
-            for (int64_t h = 0; h < nh; h++) {
-                float *v = xs + (t * nh + h) * hd;
-                float a = v[j], b = v[j + half];
-                v[j] = a * c + b * s;
-                v[j + half] = b * c - a * s;
-            }
-        }
-    }
-    return LT_OK;
+    return cpu_rotate(ctx, "rope_backward", dx, pos, theta, factor, -1.0f);
 }
 
 /* ---- attention ---------------------------------------------------------------------------

@@ -571,17 +571,16 @@ static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t
 
 /* P [rows, r] = X · Aᵀ-style adapter products as a bf16 operand, straight from the GEMM (fp32
  * accumulation, one rounding: what a cast of the fp32 result gives) — on the bf16 path, where
- * no scale is needed. Other paths get the fp32 product in *f32 and its scaled cast. */
+ * no scale is needed. Other paths compute the fp32 product and cast it (scaled on fp16). */
 static lt_status small_product(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K,
                                const opnd *A, int64_t lda, const opnd *B, int64_t ldb, lt_dtype cdt,
-                               float **f32, opnd *P) {
+                               opnd *P) {
     lt_status rc = LT_OK;
     if (cdt == LT_BF16) {
         void *p = tmp_get(ctx, (size_t)(M * N) * 2);
         if (!p) return LT_ERR_MEMORY;
         TRY(gemm_as(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, LT_BF16, N, 0, 1));
         *P = (opnd){p, LT_BF16, NULL};
-        if (f32) *f32 = NULL;
         return LT_OK;
     }
     {
@@ -589,7 +588,6 @@ static lt_status small_product(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N
         if (!p) return LT_ERR_MEMORY;
         TRY(gemm(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, N, 0, 1));
         TRY(to_cdt(ctx, p, M, N, cdt, P));
-        if (f32) *f32 = p;
     }
 done:
     return rc;
@@ -815,26 +813,27 @@ static void cu_host_release(lt_ctx *ctx, void *p) {
         if (I->pinned[i].p == p) I->pinned[i].used = 0;
 }
 
-static lt_status stash_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes,
-                            cudaMemcpyKind kind) {
+static lt_status stash_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     if (!bytes) return LT_OK;
     CU_TRY(cudaEventRecord(I->ev_ops, I->stream));
     CU_TRY(cudaStreamWaitEvent(I->stash_stream, I->ev_ops, 0));
-    CU_TRY(cudaMemcpyAsync(dst, src, bytes, kind, I->stash_stream));
+    /* host or device memory on either side (a checkpoint buffer may be device memory when no
+     * page-locked memory was had): the direction comes from the addresses */
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, I->stash_stream));
     CU_TRY(cudaEventRecord(I->ev_stash, I->stash_stream));
 done:
     return rc;
 }
 
 static lt_status cu_stash_out(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes) {
-    return stash_copy(ctx, host_dst, src, bytes, cudaMemcpyDefault);
+    return stash_copy(ctx, host_dst, src, bytes);
 }
 
 static lt_status cu_stash_in(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes) {
     seen_forget(impl_of(ctx), dst, bytes);
-    return stash_copy(ctx, dst, host_src, bytes, cudaMemcpyDefault);
+    return stash_copy(ctx, dst, host_src, bytes);
 }
 
 static int cu_bf16_activations(lt_ctx *ctx) {
@@ -926,7 +925,7 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             opnd A, B, XA;
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
-            TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, NULL, &XA)); /* [T, r] */
+            TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA)); /* [T, r] */
             /* y = scale · XA [T, r] · B [out, r]ᵀ */
             TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out,
                      0, 1));
@@ -1288,11 +1287,11 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
             TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
             TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
             if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA, XA = x·Aᵀ [T, r] */
-                TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, NULL, &XA));
+                TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA));
                 TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
                          (float *)lo->grad_b.data, r, 0, 1));
             }
-            TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, NULL, &G)); /* dy·B */
+            TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, &G)); /* dy·B */
             if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
                 TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
                          (float *)lo->grad_a.data, in, 0, 1));

@@ -55,10 +55,9 @@ typedef struct tb_bufs {
     float *layer;
     size_t layer_bytes;
     float *a, *qr, *qn, *kr, *kn, *v, *att, *o, *h1;
-    float *scratch; /* the MLP blocks' tensors, then the attention gradients (below) */
-    /* in scratch: [R, H] m, f, dm; [R, I] gate, up, act, dact (R = MLP block rows); the
-     * backward writes dL/dgate and dL/dup over gate and up in fp32, or (bf16 activations) over
-     * act and into dup16 */
+    /* after them, the scratch, first the MLP block's tensors: [R, H] m, f, dm; [R, I] gate, up,
+     * act, dact (R = MLP block rows); the backward writes dL/dgate and dL/dup over gate and up in
+     * fp32, or (bf16 activations) over act and into dup16 */
     float *m, *f, *dm, *gate, *up, *act, *dact, *dup16;
     /* in scratch too, after the MLP: [N, QD] dq, datt; [N, KD] dk, dv; [N, H] da */
     float *dq, *dk, *dv, *datt, *da;
@@ -395,7 +394,7 @@ static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
                  (grads ? 3 : 2) * al(R * I) + al(act_floats(c, R * I)) + dup16;
     size_t attn_grads = grads ? 2 * al(N * QD) + 2 * al(N * KD) + al(N * H) : 0;
     if (B) {
-        float *p = B->scratch = B->layer + off;
+        float *scratch = B->layer + off, *p = scratch;
         B->m = p, p += al(act_floats(c, R * H));
         B->f = p, p += al(R * H);
         B->gate = p, p += al(R * I);
@@ -405,7 +404,7 @@ static size_t layer_carve(const tb_ctx *c, int grads, tb_bufs *B) {
             B->dact = p, p += al(R * I);
             B->dup16 = dup16 ? p : NULL, p += dup16;
             B->dm = p;
-            p = B->scratch; /* the attention gradients: alive only after the MLP's backward */
+            p = scratch; /* the attention gradients: alive only after the MLP's backward */
             B->dq = p, p += al(N * QD);
             B->datt = p, p += al(N * QD);
             B->dk = p, p += al(N * KD);

@@ -35,6 +35,11 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 
+/* Rotate-half RoPE in place on x ([T, heads, hd] fp32) by the angles of backend.h's rope, times
+ * dir: +1 is the rope op, -1 its inverse (rope_backward). op names the caller in errors. */
+lt_status cpu_rotate(lt_ctx *ctx, const char *op, lt_tensor x, lt_tensor pos, float theta,
+                     float factor, float dir);
+
 /* Stores v at element i of an fp32 tensor, or of a BF16 one (rounded to nearest even): the
  * outputs backend.h lets be BF16 (matmul-only activations and gradients). */
 static inline void cpu_store(lt_tensor *t, int64_t i, float v) {

@@ -138,12 +138,6 @@ __global__ void add_kernel(float *y, const float *x, int64_t n) {
         y[i] += x[i];
 }
 
-/* Whether float4 forms may run: n a multiple of 4 and every pointer on a 16-byte boundary. */
-static bool vec4_ok(int64_t n, const void *a, const void *b, const void *c, const void *d) {
-    uintptr_t m = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
-    return n % 4 == 0 && (m & 15) == 0;
-}
-
 __global__ void add4_kernel(float4 *y, const float4 *x, int64_t n4) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -154,7 +148,7 @@ __global__ void add4_kernel(float4 *y, const float4 *x, int64_t n4) {
 
 void k_add(cudaStream_t st, float *y, const float *x, int64_t n) {
     if (n <= 0) return;
-    if (vec4_ok(n, y, x, NULL, NULL))
+    if (k_vec4_ok(n, y, x, NULL, NULL))
         add4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>((float4 *)y, (const float4 *)x, n / 4);
     else
         add_kernel<<<grid_for(n, 256), 256, 0, st>>>(y, x, n);
@@ -207,7 +201,7 @@ __global__ void geglu4_kernel(void *y, lt_dtype ydt, const float4 *g, const floa
 
 void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float *u, int64_t n) {
     if (n <= 0) return;
-    if (vec4_ok(n, y, g, u, NULL))
+    if (k_vec4_ok(n, y, g, u, NULL))
         geglu4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>(y, ydt, (const float4 *)g,
                                                             (const float4 *)u, n / 4);
     else
@@ -273,7 +267,7 @@ void k_geglu_backward(cudaStream_t st, void *dg, void *du, lt_dtype odt, const f
                       const float *g, const float *u, int64_t n) {
     if (n <= 0) return;
     bool bf = odt == LT_BF16;
-    if (vec4_ok(n, dg, du, dy, g) && vec4_ok(n, u, NULL, NULL, NULL))
+    if (k_vec4_ok(n, dg, du, dy, g) && k_vec4_ok(n, u, NULL, NULL, NULL))
         geglu_backward4_kernel<<<grid_for(n / 4, 256), 256, 0, st>>>(
             dg, du, bf, (const float4 *)dy, (const float4 *)g, (const float4 *)u, n / 4);
     else

@@ -36,6 +36,13 @@ void k_convert(cudaStream_t st, void *dst, lt_dtype dt, const void *src, lt_dtyp
 void k_make_alpha(cudaStream_t st, float *out, float c, const float *a, const float *b);
 /* y += x */
 void k_add(cudaStream_t st, float *y, const float *x, int64_t n);
+/* Whether the float4 kernel forms may take n elements (or rows of n): n a multiple of 4 and every
+ * pointer (NULL counts as aligned) on a 16-byte boundary. */
+static inline bool k_vec4_ok(int64_t n, const void *a, const void *b, const void *c,
+                             const void *d) {
+    uintptr_t m = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+    return n % 4 == 0 && (m & 15) == 0;
+}
 /* y = gelu_tanh(g) * u */
 /* y: fp32, or BF16 (the matmul-only activation, rounded to nearest even). */
 void k_geglu(cudaStream_t st, void *y, lt_dtype ydt, const float *g, const float *u, int64_t n);

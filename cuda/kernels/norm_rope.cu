@@ -109,8 +109,7 @@ __global__ void rmsnorm4_kernel(typename norm_out<BF>::T4 *y, const float4 *x, c
  * unaligned for the float4 kernels) and the block size that goes with it. */
 static int vec_plan(int64_t D, const void *a, const void *b, const void *c, const void *d,
                     int *threads) {
-    uintptr_t m = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
-    if (D % 4 != 0 || (m & 15) != 0) return 0;
+    if (!k_vec4_ok(D, a, b, c, d)) return 0;
     int64_t D4 = D / 4;
     for (int vpt = 1; vpt <= 8; vpt <<= 1) {
         int64_t t = (D4 + vpt - 1) / vpt;
