@@ -21,10 +21,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "cuda/backend_cuda.h"
-#include "cuda/gemma3_device.h"
-#include "cuda/model.h"
-#include "cuda/train.h"
+#include "cuda/backend/cuda/backend_cuda.h"
+#include "cuda/model/gemma3_device.h"
+#include "cuda/model/model.h"
+#include "cuda/train/train.h"
 
 static double now_s(void) {
     struct timespec ts;

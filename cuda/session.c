@@ -20,17 +20,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/chat.h"
+#include "cuda/text/chat.h"
 #include "cuda/engine.h"
-#include "cuda/gemma3_device.h" /* CUDA helper (issue 5): device copies of the model */
-#include "cuda/model.h"
-#include "cuda/sample.h"
-#include "cuda/textstream.h"
-#include "cuda/tokenizer.h"
+#include "cuda/model/gemma3_device.h" /* CUDA helper (issue 5): device copies of the model */
+#include "cuda/model/model.h"
+#include "cuda/model/sample.h"
+#include "cuda/text/textstream.h"
+#include "cuda/text/tokenizer.h"
 #ifdef HAVE_CUDA
-#include "cuda/backend_cuda.h" /* CUDA helper (issue 5) */
+#include "cuda/backend/cuda/backend_cuda.h" /* CUDA helper (issue 5) */
 #endif
-#include "cuda/train.h"
+#include "cuda/train/train.h"
 
 #ifndef LATHE_DATADIR
 #define LATHE_DATADIR "/usr/local/share/lathe"

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "cuda/model.h"
+#include "cuda/model/model.h"
 
 static double now(void) {
     struct timespec t;

@@ -18,8 +18,8 @@
 #include <string.h>
 
 #include "cuda/engine.h"
-#include "cuda/model.h"
-#include "cuda/tokenizer.h"
+#include "cuda/model/model.h"
+#include "cuda/text/tokenizer.h"
 
 static char *read_all(FILE *f) {
     size_t cap = 4096, len = 0;

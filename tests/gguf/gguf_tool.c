@@ -29,13 +29,13 @@
 #include <time.h>
 
 #include "config.h"
-#include "cuda/backend.h"
-#include "cuda/gemma3_device.h"
-#include "cuda/gguf.h"
-#include "cuda/model.h"
-#include "cuda/tokenizer.h"
+#include "cuda/backend/backend.h"
+#include "cuda/model/gemma3_device.h"
+#include "cuda/formats/gguf.h"
+#include "cuda/model/model.h"
+#include "cuda/text/tokenizer.h"
 #ifdef HAVE_CUDA
-#include "cuda/backend_cuda.h"
+#include "cuda/backend/cuda/backend_cuda.h"
 #endif
 
 static int parse_ids(const char *s, int32_t **ids, int *n) {

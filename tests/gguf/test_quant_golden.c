@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/gguf.h"
+#include "cuda/formats/gguf.h"
 #include "tests/unit/tap.h"
 
 typedef size_t (*quantize_chunk_fn)(int type, const float *src, void *dst, int64_t start,

@@ -25,11 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/backend_cuda.h"
+#include "cuda/backend/cuda/backend_cuda.h"
 #include "cuda/engine.h"
-#include "cuda/gemma3_device.h"
-#include "cuda/model.h"
-#include "cuda/train.h"
+#include "cuda/model/gemma3_device.h"
+#include "cuda/model/model.h"
+#include "cuda/train/train.h"
 #include "tests/unit/tap.h"
 
 static char srcdir[2048];

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cuda/train.h"
+#include "cuda/train/train.h"
 #include "tests/unit/tap.h"
 
 #ifndef LATHE_SRCDIR

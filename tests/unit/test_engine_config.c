@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/model.h"
+#include "cuda/model/model.h"
 #include "tests/engine/st_write.h"
 #include "tests/unit/tap.h"
 

@@ -11,10 +11,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/backend.h"
-#include "cuda/model.h"
-#include "cuda/sample.h"
-#include "cuda/textstream.h"
+#include "cuda/backend/backend.h"
+#include "cuda/model/model.h"
+#include "cuda/model/sample.h"
+#include "cuda/text/textstream.h"
 #include "tests/engine/st_write.h"
 #include "tests/unit/tap.h"
 

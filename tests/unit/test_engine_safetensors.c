@@ -8,7 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/safetensors.h"
+#include "cuda/formats/safetensors.h"
 #include "tests/engine/st_write.h"
 #include "tests/unit/tap.h"
 

@@ -18,7 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/gguf.h"
+#include "cuda/formats/gguf.h"
 #include "tests/unit/tap.h"
 
 static uint64_t rng = 88172645463325252ull;

@@ -15,8 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/grad.h"
-#include "cuda/train.h"
+#include "cuda/backend/cpu/grad.h"
+#include "cuda/train/train.h"
 #include "tests/unit/tap.h"
 
 static lt_ctx ctx;

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/grad.h"
+#include "cuda/backend/cpu/grad.h"
 #include "tests/unit/tap.h"
 
 static lt_ctx ctx;

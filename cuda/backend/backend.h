@@ -1,0 +1,186 @@
+/* backend.h — the table of ops every device implements (DESIGN.md §5). Engine-private.
+ *
+ * Model code (gemma3.c, lora.c, train.c) is written once against this table and never
+ * branches on the device. backend_cpu.c is the fp32 reference and the specification of
+ * backend_cuda.cu: same op, same name, same test. All tensor data pointers passed to an op are
+ * memory of that backend (host memory for "cpu"); move data with upload/download.
+ *
+ * Conventions for every op:
+ *   - activations, norms' weights, positions-derived values, softmax and loss are fp32;
+ *     frozen weights (lt_weight.w) may be F32/F16/BF16 and are converted inside the op;
+ *   - shapes are row-major, [rows, features]; an op reads its sizes from the tensors' shapes
+ *     and checks they agree, returning LT_ERR_ARG with ctx->err filled when they do not;
+ *   - a `*_backward` op ACCUMULATES (+=) into weight/adapter gradients and WRITES (=) the
+ *     input gradient, like llm.c; a NULL gradient pointer (data == NULL) means "not needed".
+ * Both backends fill every slot. The training ops (backward, loss, optimizer, vector ops)
+ * are checked once before training starts (lt_backend_missing_training_op), so a future
+ * backend may leave them NULL and still run inference.
+ *
+ * This file owns the op table, lt_ctx, lt_weight and lt_lora. It must not know Gemma.
+ */
+#ifndef LATHE_BACKEND_H
+#define LATHE_BACKEND_H
+
+#include "cuda/base/tensor.h"
+
+/* A LoRA adapter on one linear layer: y += scale * (x·Aᵀ)·Bᵀ. Owned by lora.c (the training
+ * helper may add fields at the end). */
+typedef struct lt_lora {
+    lt_tensor a;      /* [r, in]  fp32 */
+    lt_tensor b;      /* [out, r] fp32 */
+    lt_tensor grad_a; /* [r, in]  fp32, accumulated by linear_backward; data NULL = frozen */
+    lt_tensor grad_b; /* [out, r] fp32 */
+    float scale;      /* alpha / r, or alpha / sqrt(r) for rsLoRA */
+    float dropout;    /* 0 = none */
+    int enabled;      /* 0 = skip the adapter (the GRPO reference policy) */
+} lt_lora;
+
+/* A frozen linear weight, however it is stored, plus its optional adapter. `linear` computes
+ * x·Wᵀ (+ the adapter) for every storage format in one place. */
+typedef struct lt_weight {
+    lt_tensor w;      /* [out, in]: F32, F16 or BF16 (NF4/int8 later, behind this struct) */
+    lt_lora *lora;    /* NULL = no adapter */
+    lt_tensor grad_w; /* [out, in] fp32 for full fine-tuning; data NULL = frozen */
+} lt_weight;
+
+struct lt_backend;
+
+/* One per session and device: which backend, its private state (thread pool, CUDA stream,
+ * cuBLAS handle), and the message of the last failed op. */
+typedef struct lt_ctx {
+    const struct lt_backend *be;
+    void *impl;    /* backend-private */
+    int n_threads; /* CPU: worker threads (0 = all cores) */
+    char err[LT_ERRLEN];
+} lt_ctx;
+
+typedef struct lt_backend {
+    const char *name; /* "cpu", "cuda" */
+
+    /* ---- lifetime and memory -------------------------------------------------------- */
+    lt_status (*init)(lt_ctx *ctx);            /* fills ctx->impl */
+    void (*shutdown)(lt_ctx *ctx);             /* frees ctx->impl */
+    void *(*alloc)(lt_ctx *ctx, size_t bytes); /* NULL + ctx->err on failure; zeroed */
+    void (*release)(lt_ctx *ctx, void *p);
+    lt_status (*upload)(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes);
+    lt_status (*download)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
+    lt_status (*copy)(lt_ctx *ctx, void *dst, const void *src, size_t bytes); /* device->device */
+    lt_status (*sync)(lt_ctx *ctx);
+    /* Off-device storage for activation checkpoints (DESIGN §5: the per-layer inputs the
+     * backward recomputes from). host_alloc: host memory the stash copies reach at full speed
+     * (page-locked on CUDA, plain on the CPU); NULL + ctx->err on failure. stash_out / stash_in
+     * copy between it and backend memory BESIDE the ops: each copy starts once every op queued
+     * before it is done, and later ops may run while it runs; stash_wait makes every op queued
+     * after it wait until all those copies are done (it does not block the host). A buffer a
+     * copy reads or writes is the caller's to keep still until the next stash_wait. */
+    void *(*host_alloc)(lt_ctx *ctx, size_t bytes);
+    void (*host_release)(lt_ctx *ctx, void *p); /* waits for copies still using p */
+    lt_status (*stash_out)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
+    lt_status (*stash_in)(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes);
+    lt_status (*stash_wait)(lt_ctx *ctx);
+    /* Lends the backend `bytes` of the caller's backend memory at p: the temporaries of the
+     * ops that follow come from it, as far as it goes, instead of new allocations, until
+     * lend(ctx, NULL, 0). The caller leaves that memory alone meanwhile. The trainer lends its
+     * idle layer buffers to the loss this way. A backend may ignore the loan (the CPU does). */
+    void (*lend)(lt_ctx *ctx, void *p, size_t bytes);
+    /* 1 when this ctx's matmuls read their activations as BF16 (the CUDA bf16 path): then the
+     * trainer stores the activations and gradients that only feed matmuls (norm outputs, the
+     * GeGLU product, its gradients) in BF16, the very values linear / linear_backward would
+     * round them to, and skips their casts. 0 on the CPU, whose matmuls read fp32. */
+    int (*bf16_activations)(lt_ctx *ctx);
+
+    /* ---- forward ops ------------------------------------------------------------------ */
+    /* h[t,:] = table[ids[t], :] * scale.  h: [T, H] fp32; ids: [T] I32; table: [V, H] any
+     * float dtype. An id outside [0, V) is LT_ERR_ARG. */
+    lt_status (*embedding)(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table,
+                           float scale);
+    /* y = x·Wᵀ (+ lora.scale·(x·Aᵀ)·Bᵀ when w->lora && enabled).
+     * y: [T, out] fp32; x: [T, in] fp32, or BF16 when w->w is BF16 (a matmul-only activation,
+     * see bf16_activations); w->w: [out, in]. */
+    lt_status (*linear)(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w);
+    /* Gemma RMSNorm over the last dim D = numel(w):
+     * y = x * rsqrt(mean(x²) + eps) * (1 + w), computed in fp32. x, y: [N, D] (y may alias x);
+     * y may be BF16 (rounded to nearest even; then it must not alias x).
+     * Used for the layer norms ([T, H]) and for q_norm/k_norm ([T*heads, hd]). */
+    lt_status (*rmsnorm)(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps);
+    /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.
+     * angle_j = (pos / factor) * theta^(-2j/hd); factor = 1 for no scaling. */
+    lt_status (*rope)(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor);
+    /* Causal (+ sliding window) GQA attention.
+     * out: [T, nh*hd]; q: [T, nh, hd]; k, v: [S, nkv, hd]; qpos: [T] I32; kpos: [S] I32.
+     * Key s is visible to query t iff kpos[s] >= 0 && kpos[s] <= qpos[t] &&
+     * (window <= 0 || qpos[t] - kpos[s] < window). Query head j uses KV head j / (nh/nkv).
+     * scores = q·k * scale, softmax in fp32. A query with no visible key gets zeros. */
+    lt_status (*attention)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                           lt_tensor qpos, lt_tensor kpos, int window, float scale);
+    /* y = gelu_tanh(gate) * up. All [T, I] fp32 (y may alias gate); y may be BF16 (rounded to
+     * nearest even; then not aliasing). */
+    lt_status (*geglu)(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up);
+    /* y += x (same shape, fp32): the residual add. */
+    lt_status (*add)(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+
+    /* ---- backward ops (NULL until implemented; see conventions above) -------------------- */
+    /* dx = dy·W (+ adapter path); accumulates w->grad_w, lora grad_a/grad_b when present.
+     * dy: [T, out]; x: [T, in] (the forward input); dx: [T, in] fp32. dy and x are fp32, or
+     * BF16 with a BF16 weight (matmul-only activations and gradients, see bf16_activations). */
+    lt_status (*linear_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                                 const lt_weight *w);
+    /* dx from dy, x, w; dw (fp32 [D]) accumulated when dw.data != NULL. */
+    lt_status (*rmsnorm_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
+                                  lt_tensor x, lt_tensor w, float eps);
+    /* In place on dx ([T, heads, hd]): the inverse rotation. */
+    lt_status (*rope_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor);
+    /* dq: [T, nh, hd]; dk, dv: [S, nkv, hd] (written); dout: [T, nh*hd]. Recomputes softmax. */
+    lt_status (*attention_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                    lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                    lt_tensor qpos, lt_tensor kpos, int window, float scale);
+    /* dgate, dup from dy and the forward inputs. Elementwise: fp32 dgate may alias gate and
+     * dup may alias up. dgate and dup may be BF16 instead (one dtype for both; rounded to
+     * nearest even; not aliasing): gradients that only feed matmuls. */
+    lt_status (*geglu_backward)(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
+                                lt_tensor gate, lt_tensor up);
+    /* Accumulates dh * scale into table->grad_w rows (only when training the embedding). */
+    lt_status (*embedding_backward)(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
+                                    lt_tensor ids, float scale);
+    /* Fused, chunked cross-entropy over the tied head: never holds [T, V] logits.
+     * h: [T, H] (after the final norm); targets: [T] I32 (-100 = ignored).
+     * *loss_sum (host) = Σ CE over non-ignored rows; dh (if data != NULL) = grad_scale *
+     * d(Σ CE)/dh, written; head gradients accumulated when head->grad_w / lora present. */
+    lt_status (*cross_entropy)(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
+                               const lt_weight *head, lt_tensor targets, float grad_scale);
+    /* One AdamW step on an fp32 parameter in place (PyTorch semantics, decoupled decay). */
+    lt_status (*adamw)(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int step);
+
+    /* ---- the small fp32 vector ops the trainer needs ------------------------------------- */
+    /* t[:] = value */
+    lt_status (*fill)(lt_ctx *ctx, lt_tensor t, float value);
+    /* t *= s */
+    lt_status (*scale)(lt_ctx *ctx, lt_tensor t, float s);
+    /* *out (host) = sum of t^2 in double */
+    lt_status (*sumsq)(lt_ctx *ctx, double *out, lt_tensor t);
+    /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
+     * mul / (1 - p), keep = lt_dropout_keep(seed, i, p) (grad.h). The same seed gives the same
+     * mask, so forward, recompute and backward agree. y may alias x. */
+    lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
+} lt_backend;
+
+/* The name of the first training op (backward ops, loss, optimizer, vector ops) a backend
+ * lacks, or NULL when it has them all: the trainer checks once, up front. */
+const char *lt_backend_missing_training_op(const lt_backend *be);
+
+/* The CPU reference backend (backend_cpu.c). */
+extern const lt_backend lt_backend_cpu;
+
+/* Helpers over the table (backend_cpu.c): create a ctx for a backend (init called). */
+lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads);
+void lt_ctx_shutdown(lt_ctx *ctx);
+
+/* The CPU matmul kernel, exposed for tests and benches: y[T,out] = x[T,in]·W[out,in]ᵀ with W
+ * of any float dtype. use_blas 0 forces the plain threaded C loop even when CBLAS is built. */
+lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt_dtype wt,
+                        int64_t T, int64_t in, int64_t out, int use_blas);
+/* 1 when this build has CBLAS. */
+int lt_cpu_has_blas(void);
+
+#endif

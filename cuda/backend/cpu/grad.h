@@ -1,0 +1,81 @@
+/* grad.h — the CPU backward ops and the few extra ops training needs. Engine-private.
+ *
+ * backend_cpu_grad.c implements the backward slots of backend.h (linear_backward,
+ * rmsnorm_backward, rope_backward, attention_backward, geglu_backward, embedding_backward,
+ * cross_entropy, adamw) for the fp32 reference backend; backend_cpu.c points its table at
+ * them. The conventions are backend.h's: a backward op WRITES the input gradient and
+ * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
+ *
+ * It also implements the table's small vector ops for the trainer on the CPU (fill, scale,
+ * sum of squares, dropout) and holds the dropout keep-test every backend shares.
+ * cross_entropy accumulates the head's gradient only when dh is wanted (a call without dh is
+ * a loss-only evaluation). This file must not know Gemma.
+ */
+#ifndef LATHE_GRAD_H
+#define LATHE_GRAD_H
+
+#include <stdint.h>
+
+#include "cuda/backend/backend.h"
+
+lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                              const lt_weight *w);
+lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x,
+                               lt_tensor w, float eps);
+lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta, float factor);
+lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                 lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                 lt_tensor qpos, lt_tensor kpos, int window, float scale);
+lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
+                             lt_tensor gate, lt_tensor up);
+lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids,
+                                 float scale);
+lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
+                            const lt_weight *head, lt_tensor targets, float grad_scale);
+lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, int step);
+
+/* Rotate-half RoPE in place on x ([T, heads, hd] fp32) by the angles of backend.h's rope, times
+ * dir: +1 is the rope op, -1 its inverse (rope_backward). op names the caller in errors. */
+lt_status cpu_rotate(lt_ctx *ctx, const char *op, lt_tensor x, lt_tensor pos, float theta,
+                     float factor, float dir);
+
+/* Stores v at element i of an fp32 tensor, or of a BF16 one (rounded to nearest even): the
+ * outputs backend.h lets be BF16 (matmul-only activations and gradients). */
+static inline void cpu_store(lt_tensor *t, int64_t i, float v) {
+    if (t->dtype == LT_BF16)
+        ((uint16_t *)t->data)[i] = lt_f32_to_bf16(v);
+    else
+        ((float *)t->data)[i] = v;
+}
+
+/* A tensor's values as fp32: its own data when it is fp32, else (a 16-bit weight, or a BF16
+ * matmul-only activation) a widened copy in *owned, which the caller frees (*owned is NULL
+ * otherwise). NULL when out of memory. */
+const float *cpu_as_f32(const lt_tensor *x, float **owned);
+
+/* The attention contract of backend.h, checked once for the forward and the backward: q, k,
+ * v fp32 [T, nh, hd] / [S, nkv, hd], I32 positions [T] and [S], nh a multiple of nkv.
+ * Fills the sizes; LT_ERR_ARG with ctx->err naming op otherwise. */
+typedef struct cpu_attn_dims {
+    int64_t T, nh, hd, S, nkv;
+} cpu_attn_dims;
+lt_status cpu_attention_dims(lt_ctx *ctx, const char *op, lt_tensor q, lt_tensor k, lt_tensor v,
+                             lt_tensor qpos, lt_tensor kpos, cpu_attn_dims *d);
+
+/* The CPU side of the table's small vector ops for the trainer (backend.h). */
+lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value);
+lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
+lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
+lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
+
+/* The dropout keep-test, shared by every backend: 1 when element i survives. */
+static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
+}
+
+#endif

@@ -1,0 +1,1912 @@
+/* backend_cuda.cu — the CUDA backend: lt_backend_cuda, every op of backend.h on one stream.
+ *
+ * Owns the device ctx (stream, cuBLAS handle, a caching allocator, device scalars), the GEMM
+ * helper (row-major over cuBLAS, fp32 accumulation always) and the op orchestration: linear
+ * and its adapter path, attention (fused kernels on the 16-bit paths, cuBLAS chunks otherwise),
+ * chunked fused cross-entropy, norms, RoPE, GeGLU, embedding, AdamW. The element kernels live in
+ * the cuda/kernels/ folder. backend_cpu.c is the specification; tests/gpu/test_ops.c compares
+ * the two. Must not know Gemma.
+ *
+ * Precision (DESIGN.md §5): activations, norms, softmax, RoPE, loss and the residual stream
+ * stay fp32. A linear layer computes in its weight's storage dtype: fp32 weights -> fp32 GEMM
+ * (no TF32), bf16/fp16 weights -> the fp32 input is cast to that dtype, the GEMM accumulates and
+ * writes fp32. On the fp16 path every cast input is first scaled by a power of two chosen from
+ * its absolute maximum (so 65504 is never reached and small gradients do not flush to zero);
+ * the GEMM's alpha undoes the scale exactly. The scale lives in device memory and alpha is
+ * read by cuBLAS from there: no op waits for the host except those that must return a host
+ * value (embedding's id check, the loss).
+ *
+ * Errors are values: every CUDA and cuBLAS call goes through CU_TRY / BLAS_TRY, which fill
+ * ctx->err and return LT_ERR_DEVICE (LT_ERR_MEMORY for out-of-memory). Nothing exits.
+ */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "cuda/backend/cuda/backend_cuda.h"
+#include "cuda/backend/cpu/grad.h"
+}
+#include "cuda/backend/cuda/kernels/kernels.h"
+
+/* ---- ctx state --------------------------------------------------------------------------- */
+
+typedef struct cu_block {
+    void *p;
+    size_t size;
+    const char *op; /* the op that took it (NULL: a caller's buffer) */
+} cu_block;
+
+typedef struct cu_rope_table {
+    float theta, factor;
+    int hd;
+    float *d; /* [hd/2] */
+} cu_rope_table;
+
+#define CU_SLOTS 64
+#define CU_PROF_CAP 8192
+#define CU_PROF_NAMES 48
+
+typedef struct cu_prof_total {
+    const char *name;
+    double ms;
+    long calls;
+} cu_prof_total;
+
+typedef struct cu_impl {
+    int device, cc, n_sm;
+    int64_t max_rows; /* LATHE_CUDA_CHUNK_ROWS: caps attention / loss chunks (tests), 0 = none */
+    int64_t keyrange_rows; /* LATHE_CUDA_KEYRANGE_ROWS: query rows per chunk when key ranges are
+                              known; < 0 (the default) turns key ranges off: on the H200 the extra
+                              smaller GEMMs cost more than the masked work they skip (1b: 186 vs
+                              170 ms a step at 512 rows; bench/results-2026-11-30.txt) */
+    int flash; /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
+    size_t smem_optin; /* shared memory a block may opt in to */
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    /* the stash (checkpoint offload): copies run on their own stream, ordered after the ops
+     * queued before them by ev_ops; ev_stash marks the last copy for stash_wait */
+    cudaStream_t stash_stream;
+    cudaEvent_t ev_ops, ev_stash;
+    struct {
+        void *p;
+        size_t bytes;
+        int used;
+    } pinned[4]; /* page-locked blocks kept for the next training step (allocating is slow) */
+    lt_dtype prec;
+    /* caching allocator: one stream, so a block released here may be reused by the next op */
+    cu_block *live, *freeb;
+    int n_live, cap_live, n_free, cap_free;
+    size_t in_use, peak, reserved;
+    const char *peak_op; /* the op during which peak was reached (NULL: outside ops) */
+    cu_block *peak_live; /* LATHE_CUDA_PEAK_BLOCKS=1: the live blocks at the peak */
+    int n_peak_live, peak_blocks;
+    /* per-op temporaries, released at op end */
+    void *tmp[32];
+    int n_tmp;
+    /* memory a caller lent for temporaries (lend): handed out from the start at every op */
+    char *lent;
+    size_t lent_bytes, lent_used;
+    /* device scalars: [0] = 0, [1] = 1, the rest handed out per op */
+    float *dscal;
+    int next_slot;
+    unsigned *dbits; /* absmax bit patterns, one per slot */
+    int *dflag;
+    cu_rope_table rope[16];
+    int n_rope;
+    /* profiling */
+    int prof;
+    cudaEvent_t ev[2 * CU_PROF_CAP];
+    const char *prof_name[CU_PROF_CAP];
+    int n_prof, n_ev_made;
+    cu_prof_total totals[CU_PROF_NAMES];
+    int n_totals;
+    const char *cur_op;
+    int cur_prof; /* profile entry of the op in progress, -1 = none */
+    /* host copies of the last small uploads (token positions): lets attention skip masked key
+     * ranges without reading positions back (a read-back would stall the stream) */
+    struct {
+        const char *dev;
+        size_t bytes;
+        void *host;
+    } seen[8];
+    int n_seen_next;
+} cu_impl;
+
+static cu_impl *impl_of(lt_ctx *ctx) {
+    return (cu_impl *)ctx->impl;
+}
+
+static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file,
+                           int line) {
+    lt_status rc = (e == cudaErrorMemoryAllocation) ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file,
+             line);
+    if (e != cudaErrorMemoryAllocation) cudaGetLastError(); /* clear a non-sticky error */
+    return rc;
+}
+
+static const char *blas_name(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+        return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+        return "allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE:
+        return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+        return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+        return "execution failed";
+    case CUBLAS_STATUS_INTERNAL_ERROR:
+        return "internal error";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+        return "not supported";
+    default:
+        return "error";
+    }
+}
+
+static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file,
+                             int line) {
+    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s,
+             file, line);
+    return s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+}
+
+/* The one checking macro per kind: on failure, set rc and jump to the op's `done:` label. */
+#define CU_TRY(call)                                                                               \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            rc = cu_report(ctx, #call, e_, __FILE__, __LINE__);                                    \
+            goto done;                                                                             \
+        }                                                                                          \
+    } while (0)
+#define BLAS_TRY(call)                                                                             \
+    do {                                                                                           \
+        cublasStatus_t s_ = (call);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
+            rc = blas_report(ctx, #call, s_, __FILE__, __LINE__);                                  \
+            goto done;                                                                             \
+        }                                                                                          \
+    } while (0)
+/* After a kernel launch. */
+#define LAUNCHED() CU_TRY(cudaGetLastError())
+#define TRY(x)                                                                                     \
+    do {                                                                                           \
+        if ((rc = (x)) != LT_OK) goto done;                                                        \
+    } while (0)
+
+static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
+    snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
+    return LT_ERR_ARG;
+}
+#define REQUIRE(cond, msg)                                                                         \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            rc = arg_fail(ctx, opname, msg);                                                       \
+            goto done;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+static int is_f32(const lt_tensor *t) {
+    return t->dtype == LT_F32 && t->data;
+}
+static int is_float(lt_dtype d) {
+    return d == LT_F32 || d == LT_F16 || d == LT_BF16;
+}
+static int64_t last_dim(const lt_tensor *t) {
+    return t->ndim ? t->shape[t->ndim - 1] : 1;
+}
+
+/* ---- allocator ---------------------------------------------------------------------------- */
+
+/* Sizes are rounded to 512 bytes below 1 MiB and to 128 KiB above: a coarser step wastes
+ * real memory on the hundreds of small adapter tensors (2 MiB steps cost 0.3 GiB at 4B). */
+static size_t round_size(size_t b) {
+    if (b == 0) b = 1;
+    if (b < (1u << 20)) return (b + 511) & ~(size_t)511;
+    return (b + (128u << 10) - 1) & ~((size_t)(128u << 10) - 1);
+}
+
+static int push_block(cu_block **arr, int *n, int *cap, cu_block b) {
+    if (*n == *cap) {
+        int nc = *cap ? *cap * 2 : 64;
+        cu_block *na = (cu_block *)realloc(*arr, sizeof(cu_block) * (size_t)nc);
+        if (!na) return -1;
+        *arr = na;
+        *cap = nc;
+    }
+    (*arr)[(*n)++] = b;
+    return 0;
+}
+
+static void free_cached(cu_impl *I) {
+    for (int i = 0; i < I->n_free; i++) {
+        cudaFree(I->freeb[i].p);
+        I->reserved -= I->freeb[i].size;
+    }
+    I->n_free = 0;
+}
+
+/* A block of at least `bytes` from the cache or from cudaMalloc; NULL + ctx->err on failure. */
+static void *pool_get(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    size_t need = round_size(bytes);
+    int best = -1;
+    for (int i = 0; i < I->n_free; i++) {
+        size_t s = I->freeb[i].size;
+        if (s >= need && s <= need + need / 16 + (2u << 20) &&
+            (best < 0 || s < I->freeb[best].size))
+            best = i;
+    }
+    cu_block b = {NULL, need, NULL};
+    if (best >= 0) {
+        b = I->freeb[best];
+        I->freeb[best] = I->freeb[--I->n_free];
+    } else {
+        cudaError_t e = cudaMalloc(&b.p, need);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            free_cached(I);
+            e = cudaMalloc(&b.p, need);
+        }
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            size_t fr = 0, tot = 0;
+            cudaMemGetInfo(&fr, &tot);
+            snprintf(ctx->err, LT_ERRLEN,
+                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
+                     "free %.1f of %.1f MiB);"
+                     " try a smaller batch or max_seq",
+                     need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+            return NULL;
+        }
+        I->reserved += need;
+    }
+    if (push_block(&I->live, &I->n_live, &I->cap_live, b) != 0) {
+        cudaFree(b.p);
+        I->reserved -= b.size;
+        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory tracking an allocation");
+        return NULL;
+    }
+    I->in_use += b.size;
+    I->live[I->n_live - 1].op = I->cur_op;
+    if (I->in_use > I->peak) {
+        I->peak = I->in_use;
+        I->peak_op = I->cur_op;
+        if (I->peak_blocks) { /* a snapshot for lt_cuda_peak_report (a measuring aid) */
+            cu_block *s = (cu_block *)realloc(I->peak_live, sizeof(cu_block) * (size_t)I->n_live);
+            if (s) {
+                memcpy(s, I->live, sizeof(cu_block) * (size_t)I->n_live);
+                I->peak_live = s;
+                I->n_peak_live = I->n_live;
+            }
+        }
+    }
+    return b.p;
+}
+
+static void seen_forget(cu_impl *I, const void *p, size_t bytes);
+
+static void pool_put(lt_ctx *ctx, void *p) {
+    cu_impl *I = impl_of(ctx);
+    if (!p || !I) return;
+    for (int i = I->n_live - 1; i >= 0; i--) {
+        if (I->live[i].p == p) {
+            cu_block b = I->live[i];
+            seen_forget(I, b.p, b.size);
+            I->live[i] = I->live[--I->n_live];
+            I->in_use -= b.size;
+            if (push_block(&I->freeb, &I->n_free, &I->cap_free, b) != 0) {
+                cudaFree(b.p); /* could not cache it: give it back */
+                I->reserved -= b.size;
+            }
+            return;
+        }
+    }
+}
+
+/* ---- host copies of small uploads ------------------------------------------------------------ */
+
+/* Forgets every remembered upload overlapping [p, p + bytes) (written by something else now). */
+static void seen_forget(cu_impl *I, const void *p, size_t bytes) {
+    const char *a = (const char *)p, *b = a + bytes;
+    for (int i = 0; i < 8; i++) {
+        if (!I->seen[i].dev) continue;
+        const char *c = I->seen[i].dev, *d = c + I->seen[i].bytes;
+        if (c < b && a < d) {
+            free(I->seen[i].host);
+            I->seen[i].dev = NULL;
+            I->seen[i].host = NULL;
+        }
+    }
+}
+
+static void seen_remember(cu_impl *I, const void *dev, const void *host, size_t bytes) {
+    seen_forget(I, dev, bytes);
+    if (bytes == 0 || bytes > (256u << 10) || bytes % 4) return;
+    void *h = malloc(bytes);
+    if (!h) return;
+    memcpy(h, host, bytes);
+    int k = I->n_seen_next++ & 7;
+    free(I->seen[k].host);
+    I->seen[k].dev = (const char *)dev;
+    I->seen[k].bytes = bytes;
+    I->seen[k].host = h;
+}
+
+/* The host copy of n int32 at device address p, if an upload put them there; else NULL. */
+static const int32_t *seen_lookup(cu_impl *I, const void *p, int64_t n) {
+    const char *a = (const char *)p;
+    for (int i = 0; i < 8; i++) {
+        const char *c = I->seen[i].dev;
+        if (c && a >= c && a + n * 4 <= c + I->seen[i].bytes && (a - c) % 4 == 0)
+            return (const int32_t *)((const char *)I->seen[i].host + (a - c));
+    }
+    return NULL;
+}
+
+/* ---- op bracket: temporaries, scalar slots, profiling -------------------------------------- */
+
+static void prof_flush(cu_impl *I);
+
+/* Opens a timed region (an op, or a GEMM inside one): returns its entry or -1. */
+static int prof_open(cu_impl *I, const char *name) {
+    if (!I->prof || I->n_prof >= CU_PROF_CAP) return -1;
+    int k = I->n_prof;
+    while (I->n_ev_made < 2 * (k + 1)) {
+        if (cudaEventCreate(&I->ev[I->n_ev_made]) != cudaSuccess) {
+            cudaGetLastError();
+            I->prof = 0;
+            return -1;
+        }
+        I->n_ev_made++;
+    }
+    cudaEventRecord(I->ev[2 * k], I->stream);
+    I->prof_name[k] = name;
+    I->n_prof++;
+    return k;
+}
+
+static void prof_close(cu_impl *I, int k) {
+    if (k >= 0) cudaEventRecord(I->ev[2 * k + 1], I->stream);
+}
+
+static void op_begin(lt_ctx *ctx, const char *name) {
+    cu_impl *I = impl_of(ctx);
+    I->n_tmp = 0;
+    I->lent_used = 0;
+    I->next_slot = 2;
+    I->cur_op = name;
+    I->cur_prof = -1;
+    if (I->prof) {
+        if (I->n_prof > CU_PROF_CAP - 256) prof_flush(I); /* nothing is open between ops */
+        I->cur_prof = prof_open(I, name);
+    }
+}
+
+static void prof_flush(cu_impl *I) {
+    if (!I->n_prof) return;
+    cudaEventSynchronize(I->ev[2 * I->n_prof - 1]);
+    for (int k = 0; k < I->n_prof; k++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, I->ev[2 * k], I->ev[2 * k + 1]) != cudaSuccess) {
+            cudaGetLastError();
+            continue;
+        }
+        int j = 0;
+        while (j < I->n_totals && strcmp(I->totals[j].name, I->prof_name[k]) != 0)
+            j++;
+        if (j == I->n_totals) {
+            if (I->n_totals == CU_PROF_NAMES) continue;
+            I->totals[I->n_totals].name = I->prof_name[k];
+            I->totals[I->n_totals].ms = 0;
+            I->totals[I->n_totals].calls = 0;
+            I->n_totals++;
+        }
+        I->totals[j].ms += ms;
+        I->totals[j].calls++;
+    }
+    I->n_prof = 0;
+}
+
+static lt_status op_end(lt_ctx *ctx, lt_status rc) {
+    cu_impl *I = impl_of(ctx);
+    for (int i = 0; i < I->n_tmp; i++)
+        pool_put(ctx, I->tmp[i]);
+    I->n_tmp = 0;
+    prof_close(I, I->cur_prof);
+    I->cur_prof = -1;
+    I->cur_op = NULL;
+    return rc;
+}
+
+/* A temporary for the current op (released by op_end). */
+static void *tmp_get(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    size_t need = (bytes + 255) & ~(size_t)255;
+    if (I->lent && I->lent_bytes - I->lent_used >= need) { /* from the loan first */
+        void *p = I->lent + I->lent_used;
+        I->lent_used += need;
+        return p;
+    }
+    if (I->n_tmp == (int)(sizeof I->tmp / sizeof I->tmp[0])) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda %s: too many temporaries (internal)", I->cur_op);
+        return NULL;
+    }
+    void *p = pool_get(ctx, bytes);
+    if (p) I->tmp[I->n_tmp++] = p;
+    return p;
+}
+
+static float *slot(lt_ctx *ctx, unsigned **bits) {
+    cu_impl *I = impl_of(ctx);
+    int k = I->next_slot++;
+    if (k >= CU_SLOTS) k = 2 + (k - 2) % (CU_SLOTS - 2); /* never reached: an op uses a handful */
+    if (bits) *bits = I->dbits + k;
+    return I->dscal + k;
+}
+
+/* ---- operands in the matmul dtype ---------------------------------------------------------- */
+
+typedef struct opnd {
+    const void *p;
+    lt_dtype dt;
+    const float *inv; /* device 1/scale, or NULL for 1 */
+} opnd;
+
+/* Scale for an fp32 tensor about to be cast to fp16: *scale, *inv (device). */
+static lt_status fp16_scale(lt_ctx *ctx, const float *x, int64_t n, float **scale, float **inv) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    unsigned *bits;
+    float *s = slot(ctx, &bits), *iv = slot(ctx, NULL);
+    CU_TRY(cudaMemsetAsync(bits, 0, sizeof(unsigned), I->stream));
+    k_absmax(I->stream, x, n, bits);
+    LAUNCHED();
+    k_scale_from_absmax(I->stream, bits, s, iv);
+    LAUNCHED();
+    *scale = s;
+    *inv = iv;
+done:
+    return rc;
+}
+
+/* x [rows, cols] fp32 (row stride cols) as a matmul operand of dtype cdt. */
+static lt_status to_cdt(lt_ctx *ctx, const float *x, int64_t rows, int64_t cols, lt_dtype cdt,
+                        opnd *o) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    o->p = x;
+    o->dt = LT_F32;
+    o->inv = NULL;
+    if (cdt == LT_F32) return LT_OK;
+    {
+        void *d = tmp_get(ctx, (size_t)(rows * cols) * 2);
+        float *s = NULL, *iv = NULL;
+        if (!d) return LT_ERR_MEMORY;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, x, rows * cols, &s, &iv));
+        k_cast_rows(I->stream, d, cdt, cols, x, cols, rows, cols, s);
+        LAUNCHED();
+        o->p = d;
+        o->dt = cdt;
+        o->inv = iv;
+    }
+done:
+    return rc;
+}
+
+static cudaDataType_t cuda_type(lt_dtype d) {
+    return d == LT_F16 ? CUDA_R_16F : d == LT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* Row-major C[M,N] (fp32, ldc) = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, batched by strides.
+ * op(A) = A ([M,K], lda) or Aᵀ (A stored [K,M]); same for B. alpha = c * (*ia) * (*ib) (the
+ * operands' inverse scales; device) or plain c. beta is 0 or 1. fp32 accumulation always;
+ * fp32 operands run as true fp32 (no TF32). */
+static lt_status gemm_as(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
+                         const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
+                         int64_t sB, int beta1, void *C, lt_dtype ct, int64_t ldc, int64_t sC,
+                         int batch) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    size_t csz = ct == LT_F32 ? 4 : 2;
+    if (M <= 0 || N <= 0 || batch <= 0) return LT_OK;
+    if (K <= 0) { /* empty inner dimension: C = beta C */
+        if (!beta1) {
+            for (int b = 0; b < batch; b++)
+                CU_TRY(cudaMemset2DAsync((char *)C + (size_t)(b * sC) * csz, (size_t)ldc * csz, 0,
+                                         (size_t)N * csz, (size_t)M, I->stream));
+        }
+        return LT_OK;
+    }
+    {
+        const float *ia = A->inv, *ib = B->inv;
+        float hal = c, hbe = beta1 ? 1.0f : 0.0f;
+        const void *alpha = &hal, *beta = &hbe;
+        cublasPointerMode_t pm = CUBLAS_POINTER_MODE_HOST;
+        if (ia || ib) {
+            float *a = slot(ctx, NULL);
+            k_make_alpha(I->stream, a, c, ia, ib);
+            LAUNCHED();
+            alpha = a;
+            beta = I->dscal + (beta1 ? 1 : 0);
+            pm = CUBLAS_POINTER_MODE_DEVICE;
+        }
+        BLAS_TRY(cublasSetPointerMode(I->blas, pm));
+        int pk = prof_open(I, "  (cuBLAS GEMMs in the ops above)");
+        cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                          opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        /* column-major view: Cᵀ[N,M] = op(B)ᵀ · op(A)ᵀ */
+        if (batch == 1) {
+            BLAS_TRY(cublasGemmEx(I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p,
+                                  cuda_type(B->dt), (int)ldb, A->p, cuda_type(A->dt), (int)lda,
+                                  beta, C, cuda_type(ct), (int)ldc, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+        } else {
+            BLAS_TRY(cublasGemmStridedBatchedEx(
+                I->blas, opB, opA, (int)N, (int)M, (int)K, alpha, B->p, cuda_type(B->dt), (int)ldb,
+                sB, A->p, cuda_type(A->dt), (int)lda, sA, beta, C, cuda_type(ct), (int)ldc, sC,
+                batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+        prof_close(I, pk);
+    }
+done:
+    return rc;
+}
+
+/* gemm_as with an fp32 C: what every op but the adapters' small products uses. */
+static lt_status gemm(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float c,
+                      const opnd *A, int64_t lda, int64_t sA, const opnd *B, int64_t ldb,
+                      int64_t sB, int beta1, float *C, int64_t ldc, int64_t sC, int batch) {
+    return gemm_as(ctx, ta, tb, M, N, K, c, A, lda, sA, B, ldb, sB, beta1, C, LT_F32, ldc, sC,
+                   batch);
+}
+
+/* P [rows, r] = X · Aᵀ-style adapter products as a bf16 operand, straight from the GEMM (fp32
+ * accumulation, one rounding: what a cast of the fp32 result gives) — on the bf16 path, where
+ * no scale is needed. Other paths compute the fp32 product and cast it (scaled on fp16). */
+static lt_status small_product(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K,
+                               const opnd *A, int64_t lda, const opnd *B, int64_t ldb, lt_dtype cdt,
+                               opnd *P) {
+    lt_status rc = LT_OK;
+    if (cdt == LT_BF16) {
+        void *p = tmp_get(ctx, (size_t)(M * N) * 2);
+        if (!p) return LT_ERR_MEMORY;
+        TRY(gemm_as(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, LT_BF16, N, 0, 1));
+        *P = (opnd){p, LT_BF16, NULL};
+        return LT_OK;
+    }
+    {
+        float *p = (float *)tmp_get(ctx, (size_t)(M * N) * 4);
+        if (!p) return LT_ERR_MEMORY;
+        TRY(gemm(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, N, 0, 1));
+        TRY(to_cdt(ctx, p, M, N, cdt, P));
+    }
+done:
+    return rc;
+}
+
+/* ---- lifetime and memory ops ---------------------------------------------------------------- */
+
+extern "C" int lt_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+static int parse_prec(const char *w, lt_dtype *out) {
+    if (!strcmp(w, "fp16") || !strcmp(w, "f16") || !strcmp(w, "float16"))
+        *out = LT_F16;
+    else if (!strcmp(w, "bf16") || !strcmp(w, "bfloat16"))
+        *out = LT_BF16;
+    else if (!strcmp(w, "fp32") || !strcmp(w, "f32") || !strcmp(w, "float32"))
+        *out = LT_F32;
+    else
+        return -1;
+    return 0;
+}
+
+static void cu_shutdown(lt_ctx *ctx);
+
+static lt_status cu_init(lt_ctx *ctx) {
+    lt_status rc = LT_OK;
+    cu_impl *I = (cu_impl *)calloc(1, sizeof(cu_impl));
+    if (!I) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory");
+        return LT_ERR_MEMORY;
+    }
+    ctx->impl = I;
+    {
+        int n = 0;
+        cudaError_t e = cudaGetDeviceCount(&n);
+        if (e != cudaSuccess || n == 0) {
+            cudaGetLastError();
+            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s",
+                     e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
+            free(I);
+            ctx->impl = NULL;
+            return LT_ERR_DEVICE;
+        }
+        const char *dv = getenv("LATHE_CUDA_DEVICE");
+        I->device = dv ? atoi(dv) : 0;
+        if (I->device < 0 || I->device >= n) I->device = 0;
+        CU_TRY(cudaSetDevice(I->device));
+        cudaDeviceProp prop;
+        CU_TRY(cudaGetDeviceProperties(&prop, I->device));
+        I->cc = prop.major * 10 + prop.minor;
+        I->n_sm = prop.multiProcessorCount;
+        I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
+        I->smem_optin = prop.sharedMemPerBlockOptin;
+        const char *fl = getenv("LATHE_CUDA_FLASH");
+        I->flash = !(fl && strcmp(fl, "0") == 0);
+        const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
+        I->max_rows = cr ? atoll(cr) : 0;
+        const char *pb = getenv("LATHE_CUDA_PEAK_BLOCKS");
+        I->peak_blocks = pb && strcmp(pb, "1") == 0;
+        const char *kr = getenv("LATHE_CUDA_KEYRANGE_ROWS");
+        I->keyrange_rows = kr ? atoll(kr) : -1; /* off: measured slower on the H200 (bench/) */
+        const char *pe = getenv("LATHE_PRECISION");
+        lt_dtype d;
+        if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &d) == 0) I->prec = d;
+        CU_TRY(cudaStreamCreateWithFlags(&I->stream, cudaStreamNonBlocking));
+        CU_TRY(cudaStreamCreateWithFlags(&I->stash_stream, cudaStreamNonBlocking));
+        CU_TRY(cudaEventCreateWithFlags(&I->ev_ops, cudaEventDisableTiming));
+        CU_TRY(cudaEventCreateWithFlags(&I->ev_stash, cudaEventDisableTiming));
+        BLAS_TRY(cublasCreate(&I->blas));
+        BLAS_TRY(cublasSetStream(I->blas, I->stream));
+        BLAS_TRY(cublasSetMathMode(I->blas, CUBLAS_DEFAULT_MATH));
+        CU_TRY(cudaMalloc((void **)&I->dscal, sizeof(float) * CU_SLOTS));
+        CU_TRY(cudaMalloc((void **)&I->dbits, sizeof(unsigned) * CU_SLOTS));
+        CU_TRY(cudaMalloc((void **)&I->dflag, sizeof(int) * 4));
+        float init[2] = {0.0f, 1.0f};
+        CU_TRY(cudaMemcpy(I->dscal, init, sizeof init, cudaMemcpyHostToDevice));
+    }
+done:
+    if (rc != LT_OK) {
+        char keep[LT_ERRLEN];
+        memcpy(keep, ctx->err, LT_ERRLEN);
+        cu_shutdown(ctx);
+        memcpy(ctx->err, keep, LT_ERRLEN);
+    }
+    return rc;
+}
+
+static void cu_shutdown(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    if (!I) return;
+    if (I->stream) cudaStreamSynchronize(I->stream);
+    if (I->stash_stream) cudaStreamSynchronize(I->stash_stream);
+    for (int i = 0; i < 4; i++)
+        if (I->pinned[i].p) cudaFreeHost(I->pinned[i].p);
+    if (I->ev_ops) cudaEventDestroy(I->ev_ops);
+    if (I->ev_stash) cudaEventDestroy(I->ev_stash);
+    if (I->stash_stream) cudaStreamDestroy(I->stash_stream);
+    for (int i = 0; i < I->n_live; i++)
+        cudaFree(I->live[i].p);
+    free_cached(I);
+    free(I->live);
+    free(I->freeb);
+    free(I->peak_live);
+    for (int i = 0; i < I->n_rope; i++)
+        cudaFree(I->rope[i].d);
+    for (int i = 0; i < 8; i++)
+        free(I->seen[i].host);
+    for (int i = 0; i < I->n_ev_made; i++)
+        cudaEventDestroy(I->ev[i]);
+    if (I->dscal) cudaFree(I->dscal);
+    if (I->dbits) cudaFree(I->dbits);
+    if (I->dflag) cudaFree(I->dflag);
+    if (I->blas) cublasDestroy(I->blas);
+    if (I->stream) cudaStreamDestroy(I->stream);
+    cudaGetLastError();
+    free(I);
+    ctx->impl = NULL;
+}
+
+static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    void *p = pool_get(ctx, bytes);
+    if (p && cudaMemsetAsync(p, 0, bytes ? bytes : 1, I->stream) != cudaSuccess) {
+        cudaGetLastError();
+        pool_put(ctx, p);
+        snprintf(ctx->err, LT_ERRLEN, "cuda: clearing a new buffer failed");
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_release(lt_ctx *ctx, void *p) {
+    pool_put(ctx, p);
+}
+
+static lt_status cu_upload(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    seen_remember(impl_of(ctx), dst, src, bytes);
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_of(ctx)->stream));
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream)); /* the caller may free src at once */
+done:
+    return rc;
+}
+
+static lt_status cu_download(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_of(ctx)->stream));
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+static lt_status cu_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    seen_forget(impl_of(ctx), dst, bytes);
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+static lt_status cu_sync(lt_ctx *ctx) {
+    lt_status rc = LT_OK;
+    CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
+done:
+    return rc;
+}
+
+/* ---- the stash: checkpoints in page-locked host memory ------------------------------------------
+ * A training step keeps each layer's input for the backward; on the GPU those inputs go to host
+ * memory while the next layers run, and come back one layer ahead of the backward that needs
+ * them (gemma3_backward.c). Page-locked memory lets the copies run beside the kernels; its
+ * blocks are kept for the next step because allocating them takes a while. */
+static void *cu_host_alloc(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    int best = -1;
+    for (int i = 0; i < 4; i++) /* the smallest kept block that is big enough */
+        if (I->pinned[i].p && !I->pinned[i].used && I->pinned[i].bytes >= bytes &&
+            (best < 0 || I->pinned[i].bytes < I->pinned[best].bytes))
+            best = i;
+    if (best >= 0) {
+        I->pinned[best].used = 1;
+        return I->pinned[best].p;
+    }
+    int slot_i = -1;
+    for (int i = 0; i < 4 && slot_i < 0; i++)
+        if (!I->pinned[i].p) slot_i = i;
+    for (int i = 0; i < 4 && slot_i < 0; i++) /* all four kept: drop an unused one */
+        if (!I->pinned[i].used) {
+            cudaFreeHost(I->pinned[i].p);
+            I->pinned[i].p = NULL;
+            slot_i = i;
+        }
+    void *p = NULL;
+    cudaError_t e =
+        slot_i < 0 ? cudaErrorMemoryAllocation : cudaHostAlloc(&p, bytes ? bytes : 1, 0);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        snprintf(ctx->err, LT_ERRLEN,
+                 "cuda: could not lock %.1f MiB of host memory for checkpoints",
+                 (double)bytes / 1048576.0);
+        return NULL;
+    }
+    I->pinned[slot_i].p = p;
+    I->pinned[slot_i].bytes = bytes;
+    I->pinned[slot_i].used = 1;
+    return p;
+}
+
+static void cu_host_release(lt_ctx *ctx, void *p) {
+    cu_impl *I = impl_of(ctx);
+    if (!p) return;
+    cudaStreamSynchronize(I->stash_stream); /* no copy may still be using it */
+    for (int i = 0; i < 4; i++)
+        if (I->pinned[i].p == p) I->pinned[i].used = 0;
+}
+
+static lt_status stash_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    if (!bytes) return LT_OK;
+    CU_TRY(cudaEventRecord(I->ev_ops, I->stream));
+    CU_TRY(cudaStreamWaitEvent(I->stash_stream, I->ev_ops, 0));
+    /* host or device memory on either side (a checkpoint buffer may be device memory when no
+     * page-locked memory was had): the direction comes from the addresses */
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, I->stash_stream));
+    CU_TRY(cudaEventRecord(I->ev_stash, I->stash_stream));
+done:
+    return rc;
+}
+
+static lt_status cu_stash_out(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes) {
+    return stash_copy(ctx, host_dst, src, bytes);
+}
+
+static lt_status cu_stash_in(lt_ctx *ctx, void *dst, const void *host_src, size_t bytes) {
+    seen_forget(impl_of(ctx), dst, bytes);
+    return stash_copy(ctx, dst, host_src, bytes);
+}
+
+static int cu_bf16_activations(lt_ctx *ctx) {
+    return impl_of(ctx)->prec == LT_BF16;
+}
+
+static void cu_lend(lt_ctx *ctx, void *p, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    I->lent = p ? (char *)p : NULL;
+    I->lent_bytes = p ? bytes : 0;
+    I->lent_used = 0;
+}
+
+static lt_status cu_stash_wait(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    CU_TRY(cudaStreamWaitEvent(I->stream, I->ev_stash, 0));
+done:
+    return rc;
+}
+
+/* ---- forward ops --------------------------------------------------------------------------------
+ */
+
+static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_weight *table,
+                              float scale) {
+    const char *opname = "embedding";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int bad = 0;
+    REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, "h must be fp32 and ids I32");
+    REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype),
+            "table must be a 2-D float tensor");
+    {
+        int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
+        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
+        k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data,
+                    table->w.dtype, V, H, scale, I->dflag);
+        LAUNCHED();
+        CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaStreamSynchronize(I->stream));
+        if (bad) {
+            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)",
+                     (long long)V);
+            rc = LT_ERR_ARG;
+        }
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* A 2-D fp32 adapter matrix as an operand of dtype cdt. */
+static lt_status adapter_opnd(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o) {
+    return to_cdt(ctx, (const float *)t->data, t->shape[0], t->shape[1], cdt, o);
+}
+
+static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
+    const char *opname = "linear";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+            "weight must be a 2-D float tensor");
+    REQUIRE(is_f32(&y) && x.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
+    {
+        int64_t out = w->w.shape[0], in = w->w.shape[1];
+        int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
+        if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
+            char a[64], b[64], c[64];
+            snprintf(ctx->err, LT_ERRLEN, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
+                     lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
+            rc = LT_ERR_ARG;
+            goto done;
+        }
+        lt_dtype cdt = w->w.dtype;
+        opnd X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
+        if (x.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        const lt_lora *lo = w->lora;
+        int use_lora = lo && lo->enabled && lo->a.data;
+        /* The adapter path goes first and writes y; the main GEMM then adds into it (beta 1),
+         * where reading y hides under its arithmetic, instead of a second pass over y. */
+        if (use_lora) {
+            int64_t r = lo->a.shape[0];
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                    "adapter shapes do not agree");
+            opnd A, B, XA;
+            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA)); /* [T, r] */
+            /* y = scale · XA [T, r] · B [out, r]ᵀ */
+            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out,
+                     0, 1));
+        }
+        /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
+        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data, out,
+                 0, 1));
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps) {
+    const char *opname = "rmsnorm";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&x) && is_f32(&w) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+            "x and w must be fp32, y fp32 or bf16");
+    {
+        int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D,
+                "x, y must be [N, numel(w)]");
+        k_rmsnorm(I->stream, y.data, y.dtype, (const float *)x.data, (const float *)w.data, N, D,
+                  eps);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* The [hd/2] inverse frequencies, computed on the host with backend_cpu.c's expression. */
+static lt_status rope_table(lt_ctx *ctx, float theta, float factor, int hd, const float **out) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    for (int i = 0; i < I->n_rope; i++)
+        if (I->rope[i].theta == theta && I->rope[i].factor == factor && I->rope[i].hd == hd) {
+            *out = I->rope[i].d;
+            return LT_OK;
+        }
+    {
+        float inv[512];
+        int half = hd / 2;
+        for (int j = 0; j < half; j++)
+            inv[j] = (1.0f / powf(theta, (float)(2 * j) / (float)hd)) / factor;
+        int k = I->n_rope < 16 ? I->n_rope++ : 15;
+        if (k == 15 && I->rope[15].d) {
+            cudaFree(I->rope[15].d);
+            I->rope[15].d = NULL;
+        }
+        CU_TRY(cudaMalloc((void **)&I->rope[k].d, sizeof(float) * (size_t)half));
+        CU_TRY(cudaMemcpy(I->rope[k].d, inv, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice));
+        I->rope[k].theta = theta;
+        I->rope[k].factor = factor;
+        I->rope[k].hd = hd;
+        *out = I->rope[k].d;
+    }
+done:
+    return rc;
+}
+
+static lt_status rope_common(lt_ctx *ctx, const char *opname, lt_tensor x, lt_tensor pos,
+                             float theta, float factor, int dir) {
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data,
+            "x must be fp32 [T, heads, hd], pos I32");
+    {
+        int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2];
+        REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, "pos must be [T] and hd even");
+        REQUIRE(hd <= 1024, "head_dim above 1024");
+        const float *inv = NULL;
+        TRY(rope_table(ctx, theta, factor, (int)hd, &inv));
+        k_rope(I->stream, (float *)x.data, (const int32_t *)pos.data, inv, T, nh, hd, dir);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rope(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor) {
+    return rope_common(ctx, "rope", x, pos, theta, factor, +1);
+}
+
+static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float theta,
+                                  float factor) {
+    return rope_common(ctx, "rope_backward", dx, pos, theta, factor, -1);
+}
+
+/* Query rows per attention chunk: the chunk's [nh, Tq, S] buffers stay under ~256 MiB. */
+static int64_t attn_chunk(lt_ctx *ctx, int64_t T, int64_t nh, int64_t S, int backward) {
+    int64_t per_row = nh * S * (backward ? 12 : 6);
+    int64_t tq = (256ll << 20) / (per_row ? per_row : 1);
+    if (tq > 64) tq &= ~(int64_t)63;
+    if (impl_of(ctx)->max_rows > 0 && tq > impl_of(ctx)->max_rows) tq = impl_of(ctx)->max_rows;
+    if (tq < 1) tq = 1;
+    if (tq > T) tq = T;
+    return tq;
+}
+
+typedef struct attn_dims {
+    int64_t T, S, nh, nkv, hd, g;
+} attn_dims;
+
+static lt_status attn_check(lt_ctx *ctx, const char *opname, lt_tensor q, lt_tensor k, lt_tensor v,
+                            lt_tensor qpos, lt_tensor kpos, attn_dims *d) {
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), "q, k, v must be fp32");
+    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3,
+            "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data,
+            "positions must be I32");
+    d->T = q.shape[0];
+    d->nh = q.shape[1];
+    d->hd = q.shape[2];
+    d->S = k.shape[0];
+    d->nkv = k.shape[1];
+    REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv &&
+                v.shape[2] == d->hd,
+            "k, v shapes disagree");
+    REQUIRE(d->nkv > 0 && d->nh % d->nkv == 0, "nh must be a multiple of nkv");
+    REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S,
+            "qpos must be [T] and kpos [S]");
+    d->g = d->nh / d->nkv;
+done:
+    return rc;
+}
+
+/* Key ranges per query chunk: [smin, smin + slen) holds every key visible to any query of the
+ * chunk (causal and sliding-window masks cut the rest), so each chunk multiplies only by those.
+ * Positions always reach the device through upload (model code never computes them on the
+ * device; every op writes fp32, positions are I32), so the backend keeps a host copy of recent
+ * small uploads and reads positions from there; a read-back would stall the stream. Copies are
+ * forgotten when their memory is released, copied over or uploaded again. Without a copy every
+ * chunk takes all S keys (still right: the mask decides). */
+typedef struct key_plan {
+    const int32_t *qp, *kp; /* host views of the positions (from remembered uploads), or NULL */
+} key_plan;
+
+static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos,
+                               const lt_tensor *kpos, int64_t T, int64_t S) {
+    kpn->qp = kpn->kp = NULL;
+    cu_impl *I = impl_of(ctx);
+    if (T < 64 || S < 128 || I->keyrange_rows < 0)
+        return LT_OK; /* decode, small inputs: every key */
+    kpn->qp = seen_lookup(I, qpos->data, T);
+    kpn->kp = seen_lookup(I, kpos->data, S);
+    if (!kpn->qp || !kpn->kp) kpn->qp = kpn->kp = NULL;
+    return LT_OK;
+}
+
+static void key_plan_free(key_plan *kpn) {
+    kpn->qp = kpn->kp = NULL;
+}
+
+static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, int window,
+                      int64_t *smin, int64_t *slen) {
+    *smin = 0;
+    *slen = S;
+    if (!kpn->qp) return;
+    int32_t qmin = kpn->qp[t0], qmax = kpn->qp[t0];
+    for (int64_t t = t0; t < t0 + tq; t++) {
+        if (kpn->qp[t] < qmin) qmin = kpn->qp[t];
+        if (kpn->qp[t] > qmax) qmax = kpn->qp[t];
+    }
+    int64_t lo = -1, hi = -1;
+    for (int64_t s = 0; s < S; s++) {
+        int32_t k = kpn->kp[s];
+        if (k < 0 || k > qmax || (window > 0 && (int64_t)qmin - k >= window)) continue;
+        if (lo < 0) lo = s;
+        hi = s;
+    }
+    if (lo < 0) { /* nothing visible: one key, which the mask hides (rows become zeros) */
+        *smin = 0;
+        *slen = 1;
+        return;
+    }
+    *smin = lo;
+    *slen = hi - lo + 1;
+}
+
+static opnd opnd_at(const opnd *o, int64_t elems) {
+    opnd r = *o;
+    r.p = (const char *)o->p + elems * (o->dt == LT_F32 ? 4 : 2);
+    return r;
+}
+
+/* Whole-tensor packing of k or v ([S, nkv, hd] fp32) into [nkv, S, hd] of dtype cdt. */
+static lt_status pack_all(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int64_t S = t->shape[0], H = t->shape[1], hd = t->shape[2];
+    float *s = NULL, *iv = NULL;
+    void *d = tmp_get(ctx, (size_t)(S * H * hd) * (cdt == LT_F32 ? 4 : 2));
+    if (!d) return LT_ERR_MEMORY;
+    if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)t->data, S * H * hd, &s, &iv));
+    k_pack_heads(I->stream, d, cdt, (const float *)t->data, 0, S, H, hd, s);
+    LAUNCHED();
+    o->p = d;
+    o->dt = cdt;
+    o->inv = iv;
+done:
+    return rc;
+}
+
+/* Whether the fused kernels (kernels/attention.cu) take this call: a 16-bit path, head dim
+ * 128 or 256, a device with the tensor-core instructions and shared memory they need, sizes
+ * that fit int. Anything else (fp32 above all) runs the chunked cuBLAS path. */
+static int flash_ok(lt_ctx *ctx, const attn_dims *D, lt_dtype cdt, int backward) {
+    cu_impl *I = impl_of(ctx);
+    if (!I->flash || cdt == LT_F32) return 0;
+    if (D->T > INT32_MAX / 2 || D->S > INT32_MAX / 2 || D->nh > 65535) return 0; /* grid dims */
+    return k_flash_supported(cdt, (int)D->hd, I->cc, I->smem_optin, backward);
+}
+
+static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                              lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    const char *opname = "attention";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    key_plan kpn = {NULL, NULL};
+    attn_dims D;
+    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd,
+            "out must be fp32 [T, nh*hd]");
+    if (D.T == 0) goto done;
+    {
+        lt_dtype cdt = I->prec;
+        size_t esz = cdt == LT_F32 ? 4 : 2;
+        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd, g = D.g;
+        if (S == 0) {
+            CU_TRY(cudaMemsetAsync(out.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
+            goto done;
+        }
+        opnd K, V;
+        TRY(pack_all(ctx, &k, cdt, &K));
+        TRY(pack_all(ctx, &v, cdt, &V));
+        if (flash_ok(ctx, &D, cdt, 0)) {
+            opnd Q;
+            TRY(pack_all(ctx, &q, cdt, &Q));
+            k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, (float *)out.data, NULL, NULL,
+                            NULL, (const int32_t *)qpos.data, (const int32_t *)kpos.data, (int)T,
+                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv);
+            LAUNCHED();
+            goto done;
+        }
+        float *qs = NULL, *qinv = NULL;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+        int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
+        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows)
+            Tq = I->keyrange_rows; /* smaller chunks skip more masked keys */
+        void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        float *oc = (float *)tmp_get(ctx, (size_t)(nh * Tq * hd) * 4);
+        if (!qc || !sc || (cdt != LT_F32 && !p16) || !oc) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        int mark = I->next_slot; /* a chunk's device scalars are dead once its GEMMs are queued */
+        for (int64_t t0 = 0; t0 < T; t0 += Tq) {
+            int64_t tq = T - t0 < Tq ? T - t0 : Tq, s0, sl;
+            I->next_slot = mark;
+            key_range(&kpn, t0, tq, S, window, &s0, &sl);
+            k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
+            LAUNCHED();
+            opnd Q = {qc, cdt, qinv}, Ks = opnd_at(&K, s0 * hd), Vs = opnd_at(&V, s0 * hd);
+            /* per KV head: scores [g*tq, sl] = Q_group [g*tq, hd] · K_kv[s0:s0+sl]ᵀ * scale */
+            TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc,
+                     sl, g * tq * sl, (int)nkv));
+            k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
+                             (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
+            LAUNCHED();
+            opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
+            /* o [g*tq, hd] = P [g*tq, sl] · V_kv [s0:s0+sl, hd] */
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0, oc,
+                     hd, g * tq * hd, (int)nkv));
+            k_unpack_heads(I->stream, (float *)out.data, oc, t0, tq, nh, hd);
+            LAUNCHED();
+        }
+    }
+done:
+    key_plan_free(&kpn);
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up) {
+    const char *opname = "geglu";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&gate) && is_f32(&up) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+            "gate, up must be fp32, y fp32 or bf16");
+    {
+        int64_t n = lt_tensor_numel(&gate);
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n,
+                "y, gate, up must have one shape");
+        k_geglu(impl_of(ctx)->stream, y.data, y.dtype, (const float *)gate.data,
+                (const float *)up.data, n);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
+    const char *opname = "add";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+            "y, x must be fp32, one shape");
+    k_add(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&y));
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+/* ---- backward ops -------------------------------------------------------------------------------
+ */
+
+static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                                    const lt_weight *w) {
+    const char *opname = "linear_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+            "weight must be a 2-D float tensor");
+    REQUIRE(x.data && dy.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
+                (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            "dy and x must be fp32 (or bf16 with a bf16 weight)");
+    {
+        int64_t out = w->w.shape[0], in = w->w.shape[1];
+        int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
+        REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out,
+                "dy must be [T, out], x [T, in]");
+        REQUIRE(!dx.data || lt_tensor_numel(&dx) == T * in, "dx must be [T, in]");
+        REQUIRE(!w->grad_w.data ||
+                    (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
+                "grad_w must be fp32 [out, in]");
+        lt_dtype cdt = w->w.dtype;
+        const lt_lora *lo = w->lora;
+        int use_lora = lo && lo->enabled && lo->a.data;
+        opnd DY = {dy.data, LT_BF16, NULL}, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
+        if (dy.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
+        if ((w->grad_w.data || use_lora) && x.dtype == LT_F32)
+            TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
+            TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1,
+                     (float *)w->grad_w.data, in, 0, 1));
+        if (use_lora) {
+            int64_t r = lo->a.shape[0];
+            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                    "adapter shapes do not agree");
+            opnd A, B, XA, G;
+            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA, XA = x·Aᵀ [T, r] */
+                TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA));
+                TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
+                         (float *)lo->grad_b.data, r, 0, 1));
+            }
+            TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, &G)); /* dy·B */
+            if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
+                TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
+                         (float *)lo->grad_a.data, in, 0, 1));
+            if (dx.data) /* dx = scale · G [T, r] · A [r, in]  (the main GEMM adds to it below) */
+                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0, (float *)dx.data,
+                         in, 0, 1));
+        }
+        if (dx.data) /* dx [T, in] (+)= DY [T, out] · W [out, in] */
+            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora,
+                     (float *)dx.data, in, 0, 1));
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy,
+                                     lt_tensor x, lt_tensor w, float eps) {
+    const char *opname = "rmsnorm_backward";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&dy) && is_f32(&x) && is_f32(&w), "dy, x and w must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D,
+                "x, dy must be [N, numel(w)]");
+        REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D),
+                "dx must be fp32 [N, D]");
+        REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D),
+                "dw must be fp32 [D]");
+        k_rmsnorm_backward(I->stream, (float *)dx.data, (float *)dw.data, (const float *)dy.data,
+                           (const float *)x.data, (const float *)w.data, N, D, eps, I->n_sm);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* The chunk loop of attention_backward (see there). */
+static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, const attn_dims *D,
+                                 lt_dtype cdt, const opnd *K, const opnd *V, float *qs, float *qinv,
+                                 float *ds, float *dinv, void *qc, void *doc, float *sc, float *dp,
+                                 void *p16, void *ds16, float *dqc, int64_t ldkv, lt_tensor dq,
+                                 lt_tensor dk, lt_tensor dv, lt_tensor dout, lt_tensor q,
+                                 lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    int64_t T = D->T, S = D->S, nh = D->nh, nkv = D->nkv, hd = D->hd, g = D->g;
+    int mark = I->next_slot; /* a chunk's device scalars are dead once its GEMMs are queued */
+    for (int64_t t0 = 0; t0 < T; t0 += Tq) {
+        int64_t tq = T - t0 < Tq ? T - t0 : Tq, s0, sl;
+        I->next_slot = mark;
+        key_range(kpn, t0, tq, S, window, &s0, &sl);
+        k_pack_heads(I->stream, qc, cdt, (const float *)q.data, t0, tq, nh, hd, qs);
+        LAUNCHED();
+        k_pack_heads(I->stream, doc, cdt, (const float *)dout.data, t0, tq, nh, hd, ds);
+        LAUNCHED();
+        opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv}, Ks = opnd_at(K, s0 * hd),
+             Vs = opnd_at(V, s0 * hd);
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl,
+                 g * tq * sl, (int)nkv));
+        /* sc <- P (fp32), p16 <- P in cdt */
+        k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data,
+                         (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
+        LAUNCHED();
+        opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
+        /* dP [g*tq, sl] = dO [g*tq, hd] · V_kv [s0:s0+sl, hd]ᵀ */
+        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp, sl,
+                 g * tq * sl, (int)nkv));
+        /* dv_kv [s0:s0+sl, hd] += P_groupᵀ [sl, g*tq] · dO_group [g*tq, hd] */
+        if (dv.data)
+            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, 1.0f, &P, sl, g * tq * sl, &DO, hd, g * tq * hd, 1,
+                     (float *)dv.data + s0 * ldkv, ldkv, hd, (int)nkv));
+        /* dS = P ⊙ (dP - rowsum(P ⊙ dP)), in place in dp */
+        k_softmax_backward(I->stream, dp, sc, nh * tq, sl);
+        LAUNCHED();
+        opnd DS = {dp, LT_F32, NULL};
+        if (cdt != LT_F32) {
+            float *s2 = NULL, *i2 = NULL;
+            if (cdt == LT_F16) TRY(fp16_scale(ctx, dp, nh * tq * sl, &s2, &i2));
+            k_cast_rows(I->stream, ds16, cdt, sl, dp, sl, nh * tq, sl, s2);
+            LAUNCHED();
+            DS.p = ds16;
+            DS.dt = cdt;
+            DS.inv = i2;
+        }
+        /* dk_kv [s0:s0+sl, hd] += scale · dS_groupᵀ · Q_group */
+        if (dk.data)
+            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, scale, &DS, sl, g * tq * sl, &Q, hd, g * tq * hd, 1,
+                     (float *)dk.data + s0 * ldkv, ldkv, hd, (int)nkv));
+        /* dq_group [g*tq, hd] = scale · dS_group · K_kv[s0:s0+sl] */
+        if (dq.data) {
+            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0,
+                     dqc, hd, g * tq * hd, (int)nkv));
+            k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
+            LAUNCHED();
+        }
+    }
+done:
+    return rc;
+}
+
+static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                       lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                       lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    const char *opname = "attention_backward";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    key_plan kpn = {NULL, NULL};
+    attn_dims D;
+    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd,
+            "dout must be fp32 [T, nh*hd]");
+    REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd),
+            "dq must be fp32 [T, nh, hd]");
+    REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd),
+            "dk must be fp32 [S, nkv, hd]");
+    REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd),
+            "dv must be fp32 [S, nkv, hd]");
+    {
+        lt_dtype cdt = I->prec;
+        size_t esz = cdt == LT_F32 ? 4 : 2;
+        int64_t T = D.T, S = D.S, nh = D.nh, nkv = D.nkv, hd = D.hd;
+        if (dk.data) CU_TRY(cudaMemsetAsync(dk.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
+        if (dv.data) CU_TRY(cudaMemsetAsync(dv.data, 0, (size_t)(S * nkv * hd) * 4, I->stream));
+        if (dq.data) CU_TRY(cudaMemsetAsync(dq.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
+        if (T == 0 || S == 0) goto done;
+        opnd K, V;
+        TRY(pack_all(ctx, &k, cdt, &K));
+        TRY(pack_all(ctx, &v, cdt, &V));
+        if (flash_ok(ctx, &D, cdt, 1)) {
+            /* pass 1: the forward again for each row's log-sum-exp and D = Σ dout·out; pass 2:
+             * dq, dk and dv, accumulated into the zeroes above (one kernel where it fits) */
+            opnd Q, DO;
+            TRY(pack_all(ctx, &q, cdt, &Q));
+            lt_tensor d3 = dout;
+            d3.ndim = 3;
+            d3.shape[0] = T;
+            d3.shape[1] = nh;
+            d3.shape[2] = hd;
+            TRY(pack_all(ctx, &d3, cdt, &DO));
+            float *lse = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
+            float *dd = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
+            if (!lse || !dd) {
+                rc = LT_ERR_MEMORY;
+                goto done;
+            }
+            const int32_t *qp = (const int32_t *)qpos.data, *kp = (const int32_t *)kpos.data;
+            k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, NULL, lse, dd,
+                            (const float *)dout.data, qp, kp, (int)T, (int)S, (int)nh, (int)nkv,
+                            window, scale, Q.inv, K.inv, V.inv);
+            LAUNCHED();
+            k_flash_backward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, DO.p, lse, dd,
+                             (float *)dq.data, (float *)dk.data, (float *)dv.data, qp, kp, (int)T,
+                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv, DO.inv,
+                             I->smem_optin);
+            LAUNCHED();
+            goto done;
+        }
+        float *qs = NULL, *qinv = NULL, *ds = NULL, *dinv = NULL;
+        if (cdt == LT_F16) {
+            TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+            TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
+        }
+        int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
+        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows) Tq = I->keyrange_rows;
+        void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
+        float *sc = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        float *dp = (float *)tmp_get(ctx, (size_t)(nh * Tq * S) * 4);
+        void *p16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        void *ds16 = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(nh * Tq * S) * 2);
+        float *dqc = (float *)tmp_get(ctx, (size_t)(nh * Tq * hd) * 4);
+        if (!qc || !doc || !sc || !dp || !dqc || (cdt != LT_F32 && (!p16 || !ds16))) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        int64_t ldkv = nkv * hd; /* row stride of dk, dv: [S, nkv, hd] */
+        rc = attn_bwd_chunks(ctx, &kpn, Tq, &D, cdt, &K, &V, qs, qinv, ds, dinv, qc, doc, sc, dp,
+                             p16, ds16, dqc, ldkv, dq, dk, dv, dout, q, qpos, kpos, window, scale);
+    }
+done:
+    key_plan_free(&kpn);
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
+                                   lt_tensor gate, lt_tensor up) {
+    const char *opname = "geglu_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&dy) && is_f32(&gate) && is_f32(&up), "dy, gate, up must be fp32");
+    {
+        int64_t n = lt_tensor_numel(&gate);
+        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n,
+                "dy, gate, up must have one shape");
+        REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
+        REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
+        lt_dtype odt = dgate.data ? dgate.dtype : dup.dtype;
+        REQUIRE((odt == LT_F32 || odt == LT_BF16) && (!dgate.data || dgate.dtype == odt) &&
+                    (!dup.data || dup.dtype == odt),
+                "dgate and dup must be fp32 or bf16, one dtype");
+        k_geglu_backward(impl_of(ctx)->stream, dgate.data, dup.data, odt, (const float *)dy.data,
+                         (const float *)gate.data, (const float *)up.data, n);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
+                                       lt_tensor ids, float scale) {
+    const char *opname = "embedding_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(table && table->w.ndim == 2, "table must be 2-D");
+    if (!table->grad_w.data) goto done; /* frozen embedding: nothing to accumulate */
+    REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32,
+            "dh, grad fp32 and ids I32");
+    {
+        int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
+        REQUIRE(lt_tensor_numel(&dh) == T * H, "dh must be [T, H]");
+        k_embedding_backward(impl_of(ctx)->stream, (float *)table->grad_w.data,
+                             (const float *)dh.data, (const int32_t *)ids.data, T, V, H, scale);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
+                                  const lt_weight *head, lt_tensor targets, float grad_scale) {
+    const char *opname = "cross_entropy";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    float *loss = NULL;
+    int bad = 0;
+    REQUIRE(loss_sum, "loss_sum is NULL");
+    REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
+            "h must be fp32 and targets I32");
+    REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype),
+            "head must be a 2-D float tensor");
+    REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data),
+            "an adapter on the output head is not supported");
+    {
+        int64_t V = head->w.shape[0], H = head->w.shape[1], T = lt_tensor_numel(&targets);
+        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H),
+                "dh must be fp32 [T, H]");
+        int want_grad = dh.data != NULL; /* a loss-only call leaves the head's gradient alone */
+        lt_dtype cdt = head->w.dtype;
+        *loss_sum = 0;
+        if (T == 0) goto done;
+        loss = (float *)malloc(sizeof(float) * (size_t)T);
+        float *dloss = (float *)tmp_get(ctx, sizeof(float) * (size_t)T);
+        if (!loss || !dloss) {
+            if (!loss) snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: out of host memory");
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB
+         * (fewer rows made the step slower on the H200: 64 rows of Gemma's vocabulary took
+         * the 4B loss from 26 to 62 ms); the trainer lends its idle layer memory for them */
+        int64_t per_row = V * (4 + (cdt == LT_F32 ? 0 : 2));
+        int64_t Tc = (256ll << 20) / per_row;
+        if (I->max_rows > 0 && Tc > I->max_rows) Tc = I->max_rows;
+        if (Tc < 1) Tc = 1;
+        if (Tc > T) Tc = T;
+        float *logits = (float *)tmp_get(ctx, (size_t)(Tc * V) * 4);
+        void *dlog = cdt == LT_F32 ? (void *)logits
+                                   : (want_grad ? tmp_get(ctx, (size_t)(Tc * V) * 2) : NULL);
+        if (!logits || (want_grad && !dlog)) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        /* |softmax - onehot| <= 1: on fp16 multiply by 2^12 so that tiny probabilities keep their
+         * bits; alpha of the gradient GEMMs divides it out again. */
+        float gmul = cdt == LT_F16 ? 4096.0f : 1.0f;
+        float *hs = NULL, *hinv = NULL;
+        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)h.data, T * H, &hs, &hinv));
+        void *hc = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(Tc * H) * 2);
+        if (cdt != LT_F32 && !hc) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
+        opnd W = {head->w.data, cdt, NULL};
+        int mark = I->next_slot;
+        for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+            int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+            I->next_slot = mark;
+            const float *hrow = (const float *)h.data + t0 * H;
+            opnd Hc = {hrow, LT_F32, NULL};
+            if (cdt != LT_F32) {
+                k_cast_rows(I->stream, hc, cdt, H, hrow, H, tc, H, hs);
+                LAUNCHED();
+                Hc.p = hc;
+                Hc.dt = cdt;
+                Hc.inv = hinv;
+            }
+            /* logits [tc, V] = Hc [tc, H] · W [V, H]ᵀ */
+            TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
+            k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0,
+                        want_grad ? dlog : NULL, cdt, gmul, I->dflag);
+            LAUNCHED();
+            if (!want_grad) continue;
+            opnd DL = {dlog, cdt, NULL};
+            if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
+                TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0,
+                         (float *)dh.data + t0 * H, H, 0, 1));
+            if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
+                TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1,
+                         (float *)head->grad_w.data, H, 0, 1));
+        }
+        CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost,
+                               I->stream));
+        CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
+        CU_TRY(cudaStreamSynchronize(I->stream));
+        if (bad) {
+            snprintf(ctx->err, LT_ERRLEN,
+                     "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
+                     (long long)V);
+            rc = LT_ERR_ARG;
+            goto done;
+        }
+        double s = 0;
+        for (int64_t t = 0; t < T; t++)
+            s += loss[t];
+        *loss_sum = s;
+    }
+done:
+    free(loss);
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
+                          float lr, float beta1, float beta2, float eps, float weight_decay,
+                          int step) {
+    const char *opname = "adamw";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v),
+            "param, grad, m, v must be fp32");
+    REQUIRE(step >= 1, "step counts from 1");
+    {
+        int64_t n = lt_tensor_numel(&param);
+        REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n,
+                "param, grad, m, v must have one shape");
+        double bc1 = 1.0 - pow((double)beta1, step), bc2 = 1.0 - pow((double)beta2, step);
+        k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data,
+                (float *)m.data, (float *)v.data, n, lr, beta1, beta2, eps, weight_decay,
+                (float)(lr / bc1), (float)sqrt(bc2));
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+/* ---- the trainer's vector ops (backend.h) ---------------------------------------------------- */
+
+static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
+    const char *opname = "fill";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&t), "t must be fp32");
+    if (value == 0.0f)
+        CU_TRY(cudaMemsetAsync(t.data, 0, lt_tensor_bytes(&t), impl_of(ctx)->stream));
+    else {
+        k_fill(impl_of(ctx)->stream, (float *)t.data, lt_tensor_numel(&t), value);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_scale_op(lt_ctx *ctx, lt_tensor t, float s) {
+    const char *opname = "scale";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&t), "t must be fp32");
+    k_scale(impl_of(ctx)->stream, (float *)t.data, lt_tensor_numel(&t), s);
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
+    const char *opname = "sumsq";
+    op_begin(ctx, opname);
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    double *d = NULL;
+    REQUIRE(is_f32(&t) && out, "t must be fp32");
+    d = (double *)tmp_get(ctx, sizeof(double));
+    if (!d) {
+        rc = LT_ERR_MEMORY;
+        goto done;
+    }
+    CU_TRY(cudaMemsetAsync(d, 0, sizeof(double), I->stream));
+    k_sumsq(I->stream, (const float *)t.data, lt_tensor_numel(&t), d);
+    LAUNCHED();
+    CU_TRY(cudaMemcpyAsync(out, d, sizeof(double), cudaMemcpyDeviceToHost, I->stream));
+    CU_TRY(cudaStreamSynchronize(I->stream));
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
+                            uint64_t seed) {
+    const char *opname = "dropout";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+            "y, x must be fp32 of one shape");
+    REQUIRE(p >= 0.0f && p < 1.0f, "p must be in [0, 1)");
+    k_dropout(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x), p,
+              mul / (1.0f - p), seed);
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+/* ---- the op table ------------------------------------------------------------------------------
+ */
+
+extern "C" const lt_backend lt_backend_cuda = {
+    .name = "cuda",
+    .init = cu_init,
+    .shutdown = cu_shutdown,
+    .alloc = cu_alloc,
+    .release = cu_release,
+    .upload = cu_upload,
+    .download = cu_download,
+    .copy = cu_copy,
+    .sync = cu_sync,
+    .host_alloc = cu_host_alloc,
+    .host_release = cu_host_release,
+    .stash_out = cu_stash_out,
+    .stash_in = cu_stash_in,
+    .stash_wait = cu_stash_wait,
+    .lend = cu_lend,
+    .bf16_activations = cu_bf16_activations,
+    .embedding = cu_embedding,
+    .linear = cu_linear,
+    .rmsnorm = cu_rmsnorm,
+    .rope = cu_rope,
+    .attention = cu_attention,
+    .geglu = cu_geglu,
+    .add = cu_add,
+    .linear_backward = cu_linear_backward,
+    .rmsnorm_backward = cu_rmsnorm_backward,
+    .rope_backward = cu_rope_backward,
+    .attention_backward = cu_attention_backward,
+    .geglu_backward = cu_geglu_backward,
+    .embedding_backward = cu_embedding_backward,
+    .cross_entropy = cu_cross_entropy,
+    .adamw = cu_adamw,
+    .fill = cu_fill,
+    .scale = cu_scale_op,
+    .sumsq = cu_sumsq,
+    .dropout = cu_dropout,
+};
+
+/* ---- extras (backend_cuda.h) -------------------------------------------------------------------
+ */
+
+static int is_cuda_ctx(lt_ctx *ctx) {
+    return ctx && ctx->be == &lt_backend_cuda && ctx->impl;
+}
+
+extern "C" lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx) {
+    lt_dtype d = LT_BF16;
+    if (is_cuda_ctx(ctx)) d = impl_of(ctx)->cc >= 80 ? LT_BF16 : LT_F16;
+    const char *pe = getenv("LATHE_PRECISION");
+    lt_dtype e;
+    if (pe && *pe && strcmp(pe, "auto") != 0 && parse_prec(pe, &e) == 0) d = e;
+    return d;
+}
+
+extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) {
+    return is_cuda_ctx(ctx) ? impl_of(ctx)->cc : 0;
+}
+
+extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
+    if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
+    if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
+        snprintf(ctx->err, LT_ERRLEN, "cuda: precision must be fp16, bf16 or fp32");
+        return LT_ERR_ARG;
+    }
+    impl_of(ctx)->prec = dt;
+    return LT_OK;
+}
+
+extern "C" lt_dtype lt_cuda_precision(lt_ctx *ctx) {
+    return is_cuda_ctx(ctx) ? impl_of(ctx)->prec : LT_F32;
+}
+
+extern "C" int lt_cuda_parse_precision(lt_ctx *ctx, const char *word, lt_dtype *out) {
+    if (!word || !strcmp(word, "auto") || !*word) {
+        *out = lt_cuda_policy_dtype(ctx);
+        return 0;
+    }
+    return parse_prec(word, out);
+}
+
+extern "C" void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m) {
+    memset(m, 0, sizeof *m);
+    if (!is_cuda_ctx(ctx)) return;
+    cu_impl *I = impl_of(ctx);
+    m->in_use = I->in_use;
+    m->peak = I->peak;
+    m->peak_op = I->peak_op ? I->peak_op : "";
+    m->reserved = I->reserved;
+    if (cudaMemGetInfo(&m->free, &m->total) != cudaSuccess) cudaGetLastError();
+}
+
+extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {
+    if (is_cuda_ctx(ctx)) {
+        impl_of(ctx)->peak = impl_of(ctx)->in_use;
+        impl_of(ctx)->peak_op = NULL;
+    }
+}
+
+extern "C" void lt_cuda_trim(lt_ctx *ctx) {
+    if (!is_cuda_ctx(ctx)) return;
+    cu_impl *I = impl_of(ctx);
+    cudaStreamSynchronize(I->stream);
+    cudaStreamSynchronize(I->stash_stream);
+    free_cached(I);
+    for (int i = 0; i < 4; i++) /* page-locked blocks no step holds now */
+        if (I->pinned[i].p && !I->pinned[i].used) {
+            cudaFreeHost(I->pinned[i].p);
+            I->pinned[i].p = NULL;
+        }
+}
+
+extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src,
+                                     lt_dtype sdt, int64_t n) {
+    lt_status rc = LT_OK;
+    if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
+    k_convert(impl_of(ctx)->stream, dst, dt, src, sdt, n);
+    LAUNCHED();
+done:
+    return rc;
+}
+
+extern "C" void lt_cuda_profile(lt_ctx *ctx, int on) {
+    if (!is_cuda_ctx(ctx)) return;
+    cu_impl *I = impl_of(ctx);
+    if (!on) prof_flush(I);
+    I->prof = on;
+}
+
+static int cmp_total(const void *a, const void *b) {
+    double x = ((const cu_prof_total *)a)->ms, y = ((const cu_prof_total *)b)->ms;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+extern "C" int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap) {
+    if (!is_cuda_ctx(ctx) || !cap) return 0;
+    cu_impl *I = impl_of(ctx);
+    prof_flush(I);
+    qsort(I->totals, (size_t)I->n_totals, sizeof I->totals[0], cmp_total);
+    double all = 0;
+    for (int i = 0; i < I->n_totals; i++)
+        if (I->totals[i].name[0] != ' ')
+            all += I->totals[i].ms; /* nested entries are not added twice */
+    size_t k = 0;
+    buf[0] = 0;
+    for (int i = 0; i < I->n_totals && k < cap; i++) {
+        int w = snprintf(buf + k, cap - k, "%-34s %8ld calls %10.2f ms %5.1f%%\n",
+                         I->totals[i].name, I->totals[i].calls, I->totals[i].ms,
+                         all > 0 ? 100.0 * I->totals[i].ms / all : 0.0);
+        if (w < 0) break;
+        k += (size_t)w;
+    }
+    I->n_totals = 0;
+    return (int)(k < cap ? k : cap - 1);
+}
+
+extern "C" int lt_cuda_peak_report(lt_ctx *ctx, char *buf, size_t cap) {
+    size_t k = 0;
+    if (!is_cuda_ctx(ctx) || !cap) return 0;
+    cu_impl *I = impl_of(ctx);
+    buf[0] = 0;
+    /* blocks of one size taken by one op, grouped, biggest groups first */
+    int n = I->n_peak_live;
+    char *done_mark = (char *)calloc((size_t)n + 1, 1);
+    if (!done_mark) return 0;
+    for (;;) {
+        int best = -1;
+        double best_total = 0;
+        for (int i = 0; i < n; i++) {
+            if (done_mark[i]) continue;
+            double tot = 0;
+            for (int j = i; j < n; j++)
+                if (!done_mark[j] && I->peak_live[j].size == I->peak_live[i].size &&
+                    I->peak_live[j].op == I->peak_live[i].op)
+                    tot += (double)I->peak_live[j].size;
+            if (tot > best_total) best_total = tot, best = i;
+        }
+        if (best < 0) break;
+        int count = 0;
+        for (int j = best; j < n; j++)
+            if (!done_mark[j] && I->peak_live[j].size == I->peak_live[best].size &&
+                I->peak_live[j].op == I->peak_live[best].op)
+                done_mark[j] = 1, count++;
+        if (k < cap)
+            k += (size_t)snprintf(buf + k, cap - k, "  %4d x %9.2f MiB = %9.2f MiB  %s\n", count,
+                                  I->peak_live[best].size / 1048576.0, best_total / 1048576.0,
+                                  I->peak_live[best].op ? I->peak_live[best].op : "(buffers)");
+    }
+    free(done_mark);
+    return (int)(k < cap ? k : cap);
+}

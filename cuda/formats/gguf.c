@@ -1,0 +1,567 @@
+/* gguf.c — the GGUF v3 writer: typed metadata, tensor infos, aligned tensor data.
+ *
+ * Owns the byte layout of the file (REFERENCE §3.1): header, key/value pairs serialized as
+ * they are added, tensor infos with 32-byte aligned offsets, zero padding, then each tensor's
+ * rows, filled as fp32 by the caller's callback and quantized by gguf_quant.c on a few
+ * threads, chunk by chunk, so that memory stays bounded whatever the model size.
+ * The file is written atomically: a temp file in the target's folder, fsync, then rename (or
+ * link, when overwriting is not allowed, so an existing file is never replaced); on any
+ * failure or cancel the temp file is removed and the target is untouched.
+ * Must not touch: the sources it reads through callbacks, anything outside its own file.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cuda/formats/gguf.h"
+
+enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
+
+/* GGUF value types (REFERENCE §3.1). */
+enum {
+    VT_U8 = 0,
+    VT_I8 = 1,
+    VT_U16 = 2,
+    VT_I16 = 3,
+    VT_U32 = 4,
+    VT_I32 = 5,
+    VT_F32 = 6,
+    VT_BOOL = 7,
+    VT_STRING = 8,
+    VT_ARRAY = 9,
+    VT_U64 = 10,
+    VT_I64 = 11,
+    VT_F64 = 12,
+};
+
+typedef struct gguf_tensor {
+    char name[GGUF_MAX_NAME + 1];
+    int n_dims;
+    int64_t ne[GGUF_MAX_DIMS];
+    gguf_type type;
+    gguf_fill_fn fill;
+    void *fill_ctx;
+    uint64_t offset; /* from the start of the data section */
+    uint64_t size;   /* bytes */
+} gguf_tensor;
+
+typedef struct byte_buf {
+    uint8_t *p;
+    size_t len, cap;
+} byte_buf;
+
+struct gguf_writer {
+    byte_buf kv; /* serialized key/value pairs */
+    uint64_t n_kv;
+    char **keys; /* for the duplicate check */
+    size_t n_keys, cap_keys;
+    gguf_tensor *tensors;
+    size_t n_tensors, cap_tensors;
+    int has_alignment;
+    char err[512];
+};
+
+static lt_status fail(gguf_writer *w, lt_status st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(w->err, sizeof w->err, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+gguf_writer *gguf_writer_new(void) {
+    return calloc(1, sizeof(gguf_writer));
+}
+
+void gguf_writer_free(gguf_writer *w) {
+    if (!w) return;
+    for (size_t i = 0; i < w->n_keys; ++i)
+        free(w->keys[i]);
+    free(w->keys);
+    free(w->kv.p);
+    free(w->tensors);
+    free(w);
+}
+
+const char *gguf_writer_error(const gguf_writer *w) {
+    return w ? w->err : "out of memory";
+}
+
+/* ---- serialization helpers -------------------------------------------------------------- */
+
+static int buf_put(byte_buf *b, const void *p, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n)
+            cap *= 2;
+        uint8_t *q = realloc(b->p, cap);
+        if (!q) return -1;
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_u32(byte_buf *b, uint32_t v) {
+    return buf_put(b, &v, 4); /* configure refuses big-endian hosts: host order is LE */
+}
+
+static int buf_u64(byte_buf *b, uint64_t v) {
+    return buf_put(b, &v, 8);
+}
+
+static int buf_str(byte_buf *b, const char *s, size_t n) {
+    return buf_u64(b, (uint64_t)n) || buf_put(b, s, n);
+}
+
+/* Validates a key and appends "key, value type" to the kv buffer. */
+static lt_status kv_begin(gguf_writer *w, const char *key, uint32_t vtype) {
+    if (!key || !*key) return fail(w, LT_ERR_ARG, "gguf: empty metadata key");
+    size_t n = strlen(key);
+    if (n >= 65536) return fail(w, LT_ERR_ARG, "gguf: metadata key longer than 65535 bytes");
+    for (size_t i = 0; i < n; ++i) {
+        char c = key[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_'))
+            return fail(w, LT_ERR_ARG,
+                        "gguf: metadata key '%s': use lowercase ASCII, digits, '.' and '_'", key);
+    }
+    for (size_t i = 0; i < w->n_keys; ++i)
+        if (strcmp(w->keys[i], key) == 0)
+            return fail(w, LT_ERR_ARG, "gguf: metadata key '%s' set twice", key);
+    if (w->n_keys == w->cap_keys) {
+        size_t cap = w->cap_keys ? 2 * w->cap_keys : 64;
+        char **k = realloc(w->keys, cap * sizeof *k);
+        if (!k) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        w->keys = k;
+        w->cap_keys = cap;
+    }
+    char *copy = strdup(key);
+    if (!copy) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    if (buf_str(&w->kv, key, n) || buf_u32(&w->kv, vtype)) {
+        free(copy);
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    w->keys[w->n_keys++] = copy;
+    ++w->n_kv;
+    if (strcmp(key, "general.alignment") == 0) w->has_alignment = 1;
+    return LT_OK;
+}
+
+static lt_status kv_scalar(gguf_writer *w, const char *key, uint32_t vtype, const void *v,
+                           size_t n) {
+    size_t mark = w->kv.len;
+    lt_status st = kv_begin(w, key, vtype);
+    if (st != LT_OK) return st;
+    if (buf_put(&w->kv, v, n)) {
+        w->kv.len = mark;
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    return LT_OK;
+}
+
+lt_status gguf_set_u32(gguf_writer *w, const char *key, uint32_t v) {
+    if (key && strcmp(key, "general.alignment") == 0 && v != GGUF_ALIGN)
+        return fail(w, LT_ERR_ARG, "gguf: general.alignment must be %d", GGUF_ALIGN);
+    return kv_scalar(w, key, VT_U32, &v, 4);
+}
+
+lt_status gguf_set_i32(gguf_writer *w, const char *key, int32_t v) {
+    return kv_scalar(w, key, VT_I32, &v, 4);
+}
+
+lt_status gguf_set_u64(gguf_writer *w, const char *key, uint64_t v) {
+    return kv_scalar(w, key, VT_U64, &v, 8);
+}
+
+lt_status gguf_set_f32(gguf_writer *w, const char *key, float v) {
+    return kv_scalar(w, key, VT_F32, &v, 4);
+}
+
+lt_status gguf_set_bool(gguf_writer *w, const char *key, int v) {
+    uint8_t b = v ? 1 : 0;
+    return kv_scalar(w, key, VT_BOOL, &b, 1);
+}
+
+lt_status gguf_set_str(gguf_writer *w, const char *key, const char *v) {
+    if (!v) return fail(w, LT_ERR_ARG, "gguf: metadata '%s': NULL string", key ? key : "");
+    size_t mark = w->kv.len;
+    lt_status st = kv_begin(w, key, VT_STRING);
+    if (st != LT_OK) return st;
+    if (buf_str(&w->kv, v, strlen(v))) {
+        w->kv.len = mark;
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    return LT_OK;
+}
+
+static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const void *v, size_t n,
+                          size_t esize) {
+    size_t mark = w->kv.len;
+    lt_status st = kv_begin(w, key, VT_ARRAY);
+    if (st != LT_OK) return st;
+    if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) || buf_put(&w->kv, v, n * esize)) {
+        w->kv.len = mark;
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    return LT_OK;
+}
+
+lt_status gguf_set_arr_f32(gguf_writer *w, const char *key, const float *v, size_t n) {
+    return kv_array(w, key, VT_F32, v, n, 4);
+}
+
+lt_status gguf_set_arr_i32(gguf_writer *w, const char *key, const int32_t *v, size_t n) {
+    return kv_array(w, key, VT_I32, v, n, 4);
+}
+
+lt_status gguf_set_arr_str(gguf_writer *w, const char *key, size_t n,
+                           const char *(*get)(void *ctx, size_t i), void *ctx) {
+    size_t mark = w->kv.len;
+    lt_status st = kv_begin(w, key, VT_ARRAY);
+    if (st != LT_OK) return st;
+    if (buf_u32(&w->kv, VT_STRING) || buf_u64(&w->kv, (uint64_t)n)) goto oom;
+    for (size_t i = 0; i < n; ++i) {
+        const char *s = get(ctx, i);
+        if (!s) {
+            w->kv.len = mark;
+            return fail(w, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu", key, i);
+        }
+        if (buf_str(&w->kv, s, strlen(s))) goto oom;
+    }
+    return LT_OK;
+oom:
+    w->kv.len = mark;
+    return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+}
+
+/* ---- tensors ---------------------------------------------------------------------------- */
+
+lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const int64_t *ne,
+                          gguf_type type, gguf_fill_fn fill, void *fill_ctx) {
+    if (!name || !*name) return fail(w, LT_ERR_ARG, "gguf: empty tensor name");
+    if (strlen(name) > GGUF_MAX_NAME)
+        return fail(w, LT_ERR_ARG, "gguf: tensor name '%s' is longer than %d bytes", name,
+                    GGUF_MAX_NAME);
+    if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
+        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': %d dimensions (accepted: 1 to 4)", name,
+                    n_dims);
+    if (!fill) return fail(w, LT_ERR_ARG, "gguf: tensor '%s': no fill callback", name);
+    if (gguf_type_block_len(type) == 0)
+        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': unsupported type id %d", name, (int)type);
+    uint64_t nrows = 1;
+    for (int d = 0; d < n_dims; ++d) {
+        if (ne[d] < 1 || ne[d] > ((int64_t)1 << 40))
+            return fail(w, LT_ERR_ARG, "gguf: tensor '%s': dimension %d is %lld", name, d,
+                        (long long)ne[d]);
+        if (d > 0) nrows *= (uint64_t)ne[d];
+    }
+    size_t row = gguf_row_bytes(type, ne[0]);
+    if (row == 0)
+        return fail(w, LT_ERR_ARG,
+                    "gguf: tensor '%s': row length %lld is not a multiple of %s's block of %lld",
+                    name, (long long)ne[0], gguf_type_name(type),
+                    (long long)gguf_type_block_len(type));
+    for (size_t i = 0; i < w->n_tensors; ++i)
+        if (strcmp(w->tensors[i].name, name) == 0)
+            return fail(w, LT_ERR_ARG, "gguf: tensor '%s' added twice", name);
+    if (w->n_tensors == w->cap_tensors) {
+        size_t cap = w->cap_tensors ? 2 * w->cap_tensors : 256;
+        gguf_tensor *t = realloc(w->tensors, cap * sizeof *t);
+        if (!t) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        w->tensors = t;
+        w->cap_tensors = cap;
+    }
+    gguf_tensor *t = &w->tensors[w->n_tensors++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->n_dims = n_dims;
+    for (int d = 0; d < n_dims; ++d)
+        t->ne[d] = ne[d];
+    t->type = type;
+    t->fill = fill;
+    t->fill_ctx = fill_ctx;
+    t->size = (uint64_t)row * nrows;
+    return LT_OK;
+}
+
+/* ---- parallel quantization of one chunk ------------------------------------------------- */
+
+typedef struct quant_job {
+    gguf_type type;
+    const float *src; /* [nrows, ne0] */
+    uint8_t *dst;     /* [nrows, row bytes] */
+    int64_t ne0, row0, row1;
+    size_t row_bytes;
+} quant_job;
+
+static void *quant_rows(void *arg) {
+    quant_job *j = arg;
+    for (int64_t r = j->row0; r < j->row1; ++r)
+        gguf_quantize_row(j->type, j->src + r * j->ne0, j->dst + (size_t)r * j->row_bytes, j->ne0);
+    return NULL;
+}
+
+static void quantize_chunk(gguf_type type, const float *src, uint8_t *dst, int64_t nrows,
+                           int64_t ne0, size_t row_bytes, int n_threads) {
+    quant_job jobs[16];
+    pthread_t tid[16];
+    int started[16] = {0};
+    if (n_threads > 16) n_threads = 16;
+    if (n_threads > nrows) n_threads = (int)nrows;
+    if (type == GGUF_TYPE_F32 || n_threads < 1) n_threads = 1;
+    for (int i = 0; i < n_threads; ++i) {
+        jobs[i] = (quant_job){
+            type, src, dst, ne0, nrows * i / n_threads, nrows * (i + 1) / n_threads, row_bytes};
+    }
+    for (int i = 1; i < n_threads; ++i)
+        started[i] = pthread_create(&tid[i], NULL, quant_rows, &jobs[i]) == 0;
+    quant_rows(&jobs[0]);
+    for (int i = 1; i < n_threads; ++i) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            quant_rows(&jobs[i]); /* could not start a thread: do its share here */
+    }
+}
+
+/* ---- writing the file ------------------------------------------------------------------- */
+
+static int write_all(FILE *f, const void *p, size_t n) {
+    return fwrite(p, 1, n, f) == n ? 0 : -1;
+}
+
+static int write_zeros(FILE *f, size_t n) {
+    static const uint8_t zeros[GGUF_ALIGN];
+    while (n > 0) {
+        size_t k = n < sizeof zeros ? n : sizeof zeros;
+        if (write_all(f, zeros, k)) return -1;
+        n -= k;
+    }
+    return 0;
+}
+
+static uint64_t align_up(uint64_t v) {
+    return (v + GGUF_ALIGN - 1) / GGUF_ALIGN * GGUF_ALIGN;
+}
+
+static int online_cpus(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 16 ? 16 : (int)n;
+}
+
+/* Serializes header, metadata and tensor infos into b. */
+static lt_status build_header(gguf_writer *w, byte_buf *b) {
+    uint64_t off = 0;
+    for (size_t i = 0; i < w->n_tensors; ++i) {
+        w->tensors[i].offset = off;
+        off = align_up(off + w->tensors[i].size);
+    }
+    if (buf_u32(b, 0x46554747u) || buf_u32(b, 3) || buf_u64(b, (uint64_t)w->n_tensors) ||
+        buf_u64(b, w->n_kv) || buf_put(b, w->kv.p, w->kv.len))
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    for (size_t i = 0; i < w->n_tensors; ++i) {
+        const gguf_tensor *t = &w->tensors[i];
+        if (buf_str(b, t->name, strlen(t->name)) || buf_u32(b, (uint32_t)t->n_dims))
+            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        for (int d = 0; d < t->n_dims; ++d)
+            if (buf_u64(b, (uint64_t)t->ne[d]))
+                return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        if (buf_u32(b, (uint32_t)t->type) || buf_u64(b, t->offset))
+            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    return LT_OK;
+}
+
+/* Streams one tensor: fill fp32 rows chunk by chunk, quantize, write. */
+static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, const char *path,
+                              const gguf_write_opts *o, int n_threads, uint64_t *done,
+                              uint64_t total) {
+    const int64_t ne0 = t->ne[0];
+    int64_t nrows = 1;
+    for (int d = 1; d < t->n_dims; ++d)
+        nrows *= t->ne[d];
+    const size_t row_bytes = gguf_row_bytes(t->type, ne0);
+    /* chunk: about 4M weights (16 MiB of fp32), at least one row */
+    int64_t chunk = ((int64_t)1 << 22) / ne0;
+    if (chunk < 1) chunk = 1;
+    if (chunk > nrows) chunk = nrows;
+    float *src = malloc((size_t)chunk * (size_t)ne0 * sizeof *src);
+    uint8_t *dst = t->type == GGUF_TYPE_F32 ? NULL : malloc((size_t)chunk * row_bytes);
+    if (!src || (t->type != GGUF_TYPE_F32 && !dst)) {
+        free(src);
+        free(dst);
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory for tensor '%s' (%lld-row chunk)",
+                    t->name, (long long)chunk);
+    }
+    lt_status st = LT_OK;
+    for (int64_t r = 0; r < nrows && st == LT_OK; r += chunk) {
+        int64_t n = nrows - r < chunk ? nrows - r : chunk;
+        if (o && o->cancel && atomic_load(o->cancel)) {
+            st = fail(w, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
+            break;
+        }
+        char msg[256] = "";
+        st = t->fill(t->fill_ctx, r, n, src, msg, sizeof msg);
+        if (st != LT_OK) {
+            st = fail(w, st, "gguf: tensor '%s': %s", t->name, msg[0] ? msg : "source failed");
+            break;
+        }
+        /* src: [n, ne0] fp32 -> dst: [n, row_bytes] in t->type */
+        const void *out = src;
+        if (t->type != GGUF_TYPE_F32) {
+            quantize_chunk(t->type, src, dst, n, ne0, row_bytes, n_threads);
+            out = dst;
+        }
+        if (write_all(f, out, (size_t)n * row_bytes)) {
+            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            break;
+        }
+        *done += (uint64_t)n * row_bytes;
+        if (o && o->progress) o->progress(o->progress_ctx, t->name, (int64_t)*done, (int64_t)total);
+    }
+    free(src);
+    free(dst);
+    return st;
+}
+
+/* fsyncs the folder holding path so the rename itself is durable (best effort). */
+static void sync_folder(const char *path) {
+    char *copy = strdup(path);
+    if (!copy) return;
+    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+    free(copy);
+}
+
+lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
+                            uint64_t *bytes) {
+    const int overwrite = opts && opts->overwrite;
+    int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : online_cpus();
+    struct stat sb;
+    w->err[0] = '\0';
+    if (!path || !*path) return fail(w, LT_ERR_ARG, "gguf: empty output path");
+    if (stat(path, &sb) == 0) {
+        if (S_ISDIR(sb.st_mode))
+            return fail(w, LT_ERR_ARG, "%s: is a directory; give a file name ending in .gguf",
+                        path);
+        if (!overwrite)
+            return fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
+    }
+    if (!w->has_alignment) {
+        lt_status st = gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
+        if (st != LT_OK) return st;
+    }
+
+    byte_buf head = {0};
+    lt_status st = build_header(w, &head);
+    if (st != LT_OK) {
+        free(head.p);
+        return st;
+    }
+    uint64_t total = 0;
+    for (size_t i = 0; i < w->n_tensors; ++i)
+        total += w->tensors[i].size;
+
+    /* temp file next to the target: "<dir>/.<name>.tmp-XXXXXX" */
+    size_t plen = strlen(path);
+    char *tmp = malloc(plen + 32);
+    if (!tmp) {
+        free(head.p);
+        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    }
+    const char *slash = strrchr(path, '/');
+    size_t dlen = slash ? (size_t)(slash - path) + 1 : 0;
+    snprintf(tmp, plen + 32, "%.*s.%s.tmp-XXXXXX", (int)dlen, path, path + dlen);
+    int fd = mkstemp(tmp);
+    if (fd < 0) {
+        st = fail(w, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
+                  strerror(errno));
+        free(tmp);
+        free(head.p);
+        return st;
+    }
+    (void)fchmod(fd, 0644);
+    FILE *f = fdopen(fd, "wb");
+    if (!f) {
+        st = fail(w, LT_ERR_IO, "%s: %s", tmp, strerror(errno));
+        close(fd);
+        goto fail_unlink;
+    }
+    setvbuf(f, NULL, _IOFBF, 1 << 22);
+
+    if (write_all(f, head.p, head.len) || write_zeros(f, align_up(head.len) - head.len)) {
+        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        goto fail_close;
+    }
+    uint64_t pos = 0, done = 0; /* position inside the data section */
+    for (size_t i = 0; i < w->n_tensors; ++i) {
+        const gguf_tensor *t = &w->tensors[i];
+        if (write_zeros(f, t->offset - pos)) {
+            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            goto fail_close;
+        }
+        st = write_tensor(w, f, t, path, opts, n_threads, &done, total);
+        if (st != LT_OK) goto fail_close;
+        pos = t->offset + t->size;
+    }
+    if (write_zeros(f, align_up(pos) - pos)) { /* llama.cpp accepts either; keep it aligned */
+        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        goto fail_close;
+    }
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        st = fail(w, LT_ERR_IO, "%s: cannot flush to disk: %s", path, strerror(errno));
+        goto fail_close;
+    }
+    if (fclose(f) != 0) {
+        f = NULL;
+        st = fail(w, LT_ERR_IO, "%s: close failed: %s", path, strerror(errno));
+        goto fail_unlink;
+    }
+    f = NULL;
+    if (overwrite) {
+        if (rename(tmp, path) != 0) {
+            st = fail(w, LT_ERR_IO, "%s: cannot rename the finished temp file into place: %s", path,
+                      strerror(errno));
+            goto fail_unlink;
+        }
+    } else if (link(tmp, path) != 0) { /* never replaces a file that appeared meanwhile */
+        int e = errno;
+        if (e == EEXIST) {
+            st = fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
+            goto fail_unlink;
+        }
+        /* a file system without hard links: check again, then rename */
+        if (stat(path, &sb) == 0 || rename(tmp, path) != 0) {
+            st = fail(w, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s", path,
+                      strerror(stat(path, &sb) == 0 ? EEXIST : errno));
+            goto fail_unlink;
+        }
+    } else {
+        unlink(tmp);
+    }
+    sync_folder(path);
+    if (bytes) *bytes = align_up(head.len) + align_up(pos);
+    free(tmp);
+    free(head.p);
+    return LT_OK;
+
+fail_close:
+    fclose(f);
+fail_unlink:
+    unlink(tmp);
+    free(tmp);
+    free(head.p);
+    return st;
+}

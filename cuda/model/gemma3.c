@@ -1,0 +1,866 @@
+/* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random), the weight
+ * walk for exporters, the KV cache, and the forward pass written against backend.h.
+ *
+ * Owns gemma3_model and gemma3_cache. The forward reads like REFERENCE.md §1.2 and never
+ * branches on the device: every op goes through ctx->be. It keeps what the backward pass will
+ * need (each layer's input, when asked) and nothing else. Config parsing is hfconfig.c; file
+ * access is safetensors.c; sampling and sessions live elsewhere.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cuda/model/model.h"
+#include "cuda/formats/safetensors.h"
+
+/* ---- storage ----------------------------------------------------------------------------------
+ */
+
+struct gemma3_storage {
+    st_set st; /* mapped checkpoint (may be empty) */
+    void **blocks;
+    int n_blocks, cap_blocks;
+};
+
+static void *storage_alloc(gemma3_storage *s, size_t bytes) {
+    if (s->n_blocks == s->cap_blocks) {
+        int nc = s->cap_blocks ? s->cap_blocks * 2 : 64;
+        void **nb = realloc(s->blocks, sizeof(void *) * (size_t)nc);
+        if (!nb) return NULL;
+        s->blocks = nb;
+        s->cap_blocks = nc;
+    }
+    void *p = malloc(bytes ? bytes : 1);
+    if (p) s->blocks[s->n_blocks++] = p;
+    return p;
+}
+
+void gemma3_model_free(gemma3_model *m) {
+    if (!m) return;
+    if (m->storage) {
+        for (int i = 0; i < m->storage->n_blocks; i++)
+            free(m->storage->blocks[i]);
+        free(m->storage->blocks);
+        st_close(&m->storage->st);
+        free(m->storage);
+    }
+    free(m->layers);
+    free(m);
+}
+
+static gemma3_model *model_new(const gemma3_config *cfg, char *err) {
+    gemma3_model *m = calloc(1, sizeof *m);
+    if (m) m->storage = calloc(1, sizeof *m->storage);
+    if (m) m->layers = calloc((size_t)cfg->num_hidden_layers, sizeof(gemma3_layer));
+    if (!m || !m->storage || !m->layers) {
+        gemma3_model_free(m);
+        snprintf(err, LT_ERRLEN, "out of memory creating the model");
+        return NULL;
+    }
+    m->cfg = *cfg;
+    return m;
+}
+
+/* ---- the weight table: names, shapes, where each lives in the struct ---------------------------
+ */
+
+typedef enum { W_MATRIX, W_NORM } wkind;
+
+typedef struct wdesc {
+    const char *suffix; /* after "model.layers.{i}." */
+    wkind kind;
+    size_t off; /* offsetof in gemma3_layer of the lt_weight or lt_tensor */
+} wdesc;
+
+#define LOFF(f) offsetof(gemma3_layer, f)
+static const wdesc layer_table[] = {
+    {"input_layernorm.weight", W_NORM, LOFF(input_layernorm)},
+    {"self_attn.q_proj.weight", W_MATRIX, LOFF(q_proj)},
+    {"self_attn.k_proj.weight", W_MATRIX, LOFF(k_proj)},
+    {"self_attn.v_proj.weight", W_MATRIX, LOFF(v_proj)},
+    {"self_attn.o_proj.weight", W_MATRIX, LOFF(o_proj)},
+    {"self_attn.q_norm.weight", W_NORM, LOFF(q_norm)},
+    {"self_attn.k_norm.weight", W_NORM, LOFF(k_norm)},
+    {"post_attention_layernorm.weight", W_NORM, LOFF(post_attention_layernorm)},
+    {"pre_feedforward_layernorm.weight", W_NORM, LOFF(pre_feedforward_layernorm)},
+    {"mlp.gate_proj.weight", W_MATRIX, LOFF(gate_proj)},
+    {"mlp.up_proj.weight", W_MATRIX, LOFF(up_proj)},
+    {"mlp.down_proj.weight", W_MATRIX, LOFF(down_proj)},
+    {"post_feedforward_layernorm.weight", W_NORM, LOFF(post_feedforward_layernorm)},
+};
+#define N_LAYER_W ((int)(sizeof layer_table / sizeof layer_table[0]))
+
+/* Expected shape of a layer weight. */
+static void layer_shape(const gemma3_config *c, int k, int64_t shape[2], int *ndim) {
+    int64_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim;
+    int64_t qo = (int64_t)c->num_attention_heads * hd, kvo = (int64_t)c->num_key_value_heads * hd;
+    const char *s = layer_table[k].suffix;
+    *ndim = 2;
+    if (layer_table[k].kind == W_NORM) {
+        *ndim = 1;
+        shape[0] = strstr(s, "q_norm") || strstr(s, "k_norm") ? hd : H;
+        shape[1] = 0;
+    } else if (strstr(s, "q_proj")) {
+        shape[0] = qo;
+        shape[1] = H;
+    } else if (strstr(s, "k_proj") || strstr(s, "v_proj")) {
+        shape[0] = kvo;
+        shape[1] = H;
+    } else if (strstr(s, "o_proj")) {
+        shape[0] = H;
+        shape[1] = qo;
+    } else if (strstr(s, "down_proj")) {
+        shape[0] = H;
+        shape[1] = I;
+    } else {
+        shape[0] = I;
+        shape[1] = H;
+    } /* gate, up */
+}
+
+/* The i-th weight of the stable order: name, kind, tensor slot, expected shape. */
+static lt_tensor *weight_slot(gemma3_model *m, int i, char *name, size_t cap, wkind *kind,
+                              int64_t shape[2], int *ndim) {
+    const gemma3_config *c = &m->cfg;
+    int L = c->num_hidden_layers;
+    int64_t V = c->vocab_size, H = c->hidden_size;
+    if (i == 0) {
+        snprintf(name, cap, "model.embed_tokens.weight");
+        *kind = W_MATRIX;
+        shape[0] = V;
+        shape[1] = H;
+        *ndim = 2;
+        return &m->embed_tokens.w;
+    }
+    i -= 1;
+    if (i < L * N_LAYER_W) {
+        int l = i / N_LAYER_W, k = i % N_LAYER_W;
+        snprintf(name, cap, "model.layers.%d.%s", l, layer_table[k].suffix);
+        *kind = layer_table[k].kind;
+        layer_shape(c, k, shape, ndim);
+        char *base = (char *)&m->layers[l] + layer_table[k].off;
+        /* lt_weight starts with its lt_tensor w, so both kinds point at an lt_tensor */
+        return (lt_tensor *)base;
+    }
+    i -= L * N_LAYER_W;
+    if (i == 0) {
+        snprintf(name, cap, "model.norm.weight");
+        *kind = W_NORM;
+        shape[0] = H;
+        shape[1] = 0;
+        *ndim = 1;
+        return &m->norm;
+    }
+    if (i == 1 && !c->tie_word_embeddings) {
+        snprintf(name, cap, "lm_head.weight");
+        *kind = W_MATRIX;
+        shape[0] = V;
+        shape[1] = H;
+        *ndim = 2;
+        return &m->lm_head.w;
+    }
+    return NULL;
+}
+
+int gemma3_weight_count(const gemma3_model *m) {
+    return 1 + m->cfg.num_hidden_layers * N_LAYER_W + 1 + (m->cfg.tie_word_embeddings ? 0 : 1);
+}
+
+lt_tensor *gemma3_weight_at(gemma3_model *m, int i, char *name, size_t cap) {
+    wkind k;
+    int64_t shape[2];
+    int nd;
+    char tmp[160];
+    if (i < 0 || i >= gemma3_weight_count(m)) return NULL;
+    lt_tensor *t = weight_slot(m, i, name ? name : tmp, name ? cap : sizeof tmp, &k, shape, &nd);
+    return t;
+}
+
+int gemma3_weights_foreach(gemma3_model *m, gemma3_weight_visit fn, void *user) {
+    char name[160];
+    int n = gemma3_weight_count(m);
+    for (int i = 0; i < n; i++) {
+        lt_tensor *t = gemma3_weight_at(m, i, name, sizeof name);
+        int r = fn(user, name, t);
+        if (r) return r;
+    }
+    return 0;
+}
+
+/* ---- loading from a checkpoint ------------------------------------------------------------------
+ */
+
+static int parse_dtype_opt(const char *s, int *is_auto, lt_dtype *dt) {
+    *is_auto = 0;
+    if (!s || !*s || !strcmp(s, "auto")) {
+        *is_auto = 1;
+        return 0;
+    }
+    if (!strcmp(s, "fp32") || !strcmp(s, "float32") || !strcmp(s, "f32")) {
+        *dt = LT_F32;
+        return 0;
+    }
+    if (!strcmp(s, "fp16") || !strcmp(s, "float16") || !strcmp(s, "f16")) {
+        *dt = LT_F16;
+        return 0;
+    }
+    if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) {
+        *dt = LT_BF16;
+        return 0;
+    }
+    return -1;
+}
+
+static const char *const text_prefixes[] = {"model.", "language_model.model.",
+                                            "model.language_model."};
+
+static int is_vision_name(const char *n) {
+    return !strncmp(n, "vision_tower.", 13) || !strncmp(n, "model.vision_tower.", 19) ||
+           !strncmp(n, "multi_modal_projector.", 22) ||
+           !strncmp(n, "model.multi_modal_projector.", 28);
+}
+
+/* Places tensor `src` into slot t: converted (or mapped, when dtype and alignment allow). */
+static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *src, const char *name,
+                              wkind kind, int is_auto, lt_dtype want, const int64_t shape[2],
+                              int ndim, char *err) {
+    const char *file = m->storage->st.files[src->file].path;
+    if (!src->dtype_ok || src->dtype == LT_I32) {
+        snprintf(err, LT_ERRLEN,
+                 "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints "
+                 "are not yet)",
+                 file, name, src->dtype_name);
+        return LT_ERR_FORMAT;
+    }
+    int match = src->ndim == ndim;
+    for (int d = 0; match && d < ndim; d++)
+        match = src->shape[d] == shape[d];
+    if (!match) {
+        char got[96], exp[96];
+        lt_tensor e = {.ndim = ndim, .shape = {shape[0], shape[1]}};
+        st_shape_str(src, got, sizeof got);
+        snprintf(err, LT_ERRLEN, "%s: tensor '%s' has shape %s but config.json implies %s", file,
+                 name, got, lt_shape_str(&e, exp, sizeof exp));
+        return LT_ERR_FORMAT;
+    }
+    lt_dtype dt = kind == W_NORM ? LT_F32 : (is_auto ? src->dtype : want);
+    t->dtype = dt;
+    t->ndim = ndim;
+    t->shape[0] = shape[0];
+    t->shape[1] = ndim > 1 ? shape[1] : 0;
+    int64_t n = lt_tensor_numel(t);
+    if (dt == src->dtype && ((uintptr_t)src->data % lt_dtype_size(dt)) == 0) {
+        t->data = (void *)src->data; /* zero-copy: private mapping */
+    } else {
+        t->data = storage_alloc(m->storage, (size_t)n * lt_dtype_size(dt));
+        if (!t->data) {
+            snprintf(err, LT_ERRLEN, "%s: out of memory converting '%s' to %s", file, name,
+                     lt_dtype_user_name(dt));
+            return LT_ERR_MEMORY;
+        }
+        if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
+            lt_convert(t->data, dt, src->data, src->dtype, n);
+        } else { /* unaligned in the file: copy to an aligned scratch first */
+            void *tmp = malloc(src->nbytes);
+            if (!tmp) {
+                snprintf(err, LT_ERRLEN, "%s: out of memory reading '%s'", file, name);
+                return LT_ERR_MEMORY;
+            }
+            memcpy(tmp, src->data, src->nbytes);
+            lt_convert(t->data, dt, tmp, src->dtype, n);
+            free(tmp);
+        }
+    }
+    m->weight_bytes += (int64_t)lt_tensor_bytes(t);
+    m->n_params += n;
+    return LT_OK;
+}
+
+lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
+                          const lt_callbacks *cb, char *err) {
+    *out = NULL;
+    int is_auto;
+    lt_dtype want = LT_F32;
+    if (parse_dtype_opt(dtype, &is_auto, &want)) {
+        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
+                 dtype);
+        return LT_ERR_ARG;
+    }
+    char path[4096];
+    gemma3_config cfg;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    lt_status rc = gemma3_config_load(&cfg, path, err);
+    if (rc != LT_OK) return rc;
+    gemma3_model *m = model_new(&cfg, err);
+    if (!m) return LT_ERR_MEMORY;
+    snprintf(m->source, sizeof m->source, "%s", dir);
+    if (cb && cb->message) cb->message(cb->ctx, "mapping safetensors");
+    rc = st_open(&m->storage->st, dir, err);
+    if (rc != LT_OK) {
+        gemma3_model_free(m);
+        return rc;
+    }
+    const st_set *st = &m->storage->st;
+    /* which text prefix does this checkpoint use? */
+    const char *prefix = NULL;
+    for (size_t i = 0; i < sizeof text_prefixes / sizeof text_prefixes[0] && !prefix; i++) {
+        char n[256];
+        snprintf(n, sizeof n, "%sembed_tokens.weight", text_prefixes[i]);
+        if (st_find(st, n)) prefix = text_prefixes[i];
+    }
+    if (!prefix) {
+        snprintf(err, LT_ERRLEN,
+                 "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., "
+                 "language_model.model., model.language_model.)",
+                 st->n_files ? st->files[0].path : dir);
+        gemma3_model_free(m);
+        return LT_ERR_FORMAT;
+    }
+    for (int i = 0; i < st->n_tensors; i++)
+        if (is_vision_name(st->tensors[i].name)) m->skipped_vision = 1;
+
+    int n = gemma3_weight_count(m);
+    for (int i = 0; i < n && rc == LT_OK; i++) {
+        char canon[160], name[256];
+        wkind kind;
+        int64_t shape[2];
+        int nd;
+        lt_tensor *slot = weight_slot(m, i, canon, sizeof canon, &kind, shape, &nd);
+        const st_tensor *src = NULL;
+        if (!strncmp(canon, "model.", 6)) {
+            snprintf(name, sizeof name, "%s%s", prefix, canon + 6);
+            src = st_find(st, name);
+        } else { /* lm_head.weight, untied */
+            snprintf(name, sizeof name, "lm_head.weight");
+            src = st_find(st, name);
+            if (!src) {
+                snprintf(name, sizeof name, "language_model.lm_head.weight");
+                src = st_find(st, name);
+            }
+        }
+        if (!src) {
+            snprintf(err, LT_ERRLEN, "%s: tensor '%s' is missing (config.json says %d layers%s)",
+                     dir, name, cfg.num_hidden_layers,
+                     cfg.tie_word_embeddings ? "" : ", untied head");
+            rc = LT_ERR_FORMAT;
+            break;
+        }
+        rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
+        if (cb && cb->progress) cb->progress(cb->ctx, "loading weights", i + 1, n);
+    }
+    if (rc != LT_OK) {
+        gemma3_model_free(m);
+        return rc;
+    }
+    m->dtype = m->embed_tokens.w.dtype;
+    *out = m;
+    return LT_OK;
+}
+
+/* ---- random weights
+ * ------------------------------------------------------------------------------ */
+
+static uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+typedef struct fill_item {
+    void *data;
+    lt_dtype dt;
+    int64_t n;
+    uint64_t seed;
+} fill_item;
+
+typedef struct fill_job {
+    fill_item *items;
+    int n_items;
+    int next_chunk_item;
+    int64_t next_chunk_off;
+    pthread_mutex_t mu;
+} fill_job;
+
+#define FILL_CHUNK (1 << 20)
+
+/* Fills chunks of the items; the value of element e of item i depends only on (seed, i, e),
+ * so the result does not depend on the number of threads. Uniform with std 0.02. */
+static void *fill_worker(void *arg) {
+    fill_job *j = arg;
+    const float a = 0.02f * 1.7320508f;
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        if (j->next_chunk_item >= j->n_items) {
+            pthread_mutex_unlock(&j->mu);
+            return NULL;
+        }
+        fill_item *it = &j->items[j->next_chunk_item];
+        int64_t off = j->next_chunk_off;
+        j->next_chunk_off += FILL_CHUNK;
+        if (j->next_chunk_off >= it->n) {
+            j->next_chunk_item++;
+            j->next_chunk_off = 0;
+        }
+        pthread_mutex_unlock(&j->mu);
+        int64_t end = off + FILL_CHUNK < it->n ? off + FILL_CHUNK : it->n;
+        uint64_t s = it->seed ^ ((uint64_t)(off / FILL_CHUNK) * 0xd1b54a32d192ed03ull);
+        /* four 16-bit uniforms per 64-bit draw: plenty of resolution for bf16/fp16 weights */
+        for (int64_t e = off; e < end; e += 4) {
+            uint64_t r = splitmix64(&s);
+            for (int q = 0; q < 4 && e + q < end; q++) {
+                float u =
+                    (float)((r >> (16 * q)) & 0xffffu) * (1.0f / 65536.0f) + (0.5f / 65536.0f);
+                float v = (2.0f * u - 1.0f) * a;
+                if (it->dt == LT_F32)
+                    ((float *)it->data)[e + q] = v;
+                else if (it->dt == LT_BF16)
+                    ((uint16_t *)it->data)[e + q] = lt_f32_to_bf16(v);
+                else
+                    ((uint16_t *)it->data)[e + q] = lt_f32_to_f16(v);
+            }
+        }
+    }
+}
+
+static int64_t mem_available_bytes(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    long long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    fclose(f);
+    return kb < 0 ? -1 : (int64_t)kb * 1024;
+}
+
+lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed, const char *dtype,
+                             const lt_callbacks *cb, char *err) {
+    *out = NULL;
+    int is_auto;
+    lt_dtype want = LT_BF16;
+    if (parse_dtype_opt(dtype, &is_auto, &want)) {
+        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
+                 dtype);
+        return LT_ERR_ARG;
+    }
+    if (is_auto) want = LT_BF16;
+    gemma3_config cfg;
+    lt_status rc = gemma3_config_preset(&cfg, size, err);
+    if (rc != LT_OK) return rc;
+    gemma3_model *m = model_new(&cfg, err);
+    if (!m) return LT_ERR_MEMORY;
+    snprintf(m->source, sizeof m->source, "random:gemma-3-%s", size);
+
+    /* plan: sizes first, refuse before allocating when it cannot fit */
+    int n = gemma3_weight_count(m);
+    int64_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        char name[160];
+        wkind kind;
+        int64_t shape[2];
+        int nd;
+        weight_slot(m, i, name, sizeof name, &kind, shape, &nd);
+        int64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
+        bytes += numel * (int64_t)(kind == W_NORM ? 4 : lt_dtype_size(want));
+    }
+    int64_t avail = mem_available_bytes();
+    if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
+        snprintf(err, LT_ERRLEN,
+                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
+                 "%.1f GB of memory "
+                 "is available (%s)",
+                 size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
+                 want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b"
+                                 : "try dtype=bf16 or a smaller size");
+        gemma3_model_free(m);
+        return LT_ERR_MEMORY;
+    }
+    fill_item *items = calloc((size_t)n, sizeof *items);
+    if (!items) {
+        gemma3_model_free(m);
+        snprintf(err, LT_ERRLEN, "out of memory");
+        return LT_ERR_MEMORY;
+    }
+    int n_items = 0;
+    uint64_t sm = seed;
+    for (int i = 0; i < n; i++) {
+        char name[160];
+        wkind kind;
+        int64_t shape[2];
+        int nd;
+        lt_tensor *t = weight_slot(m, i, name, sizeof name, &kind, shape, &nd);
+        t->ndim = nd;
+        t->shape[0] = shape[0];
+        t->shape[1] = nd == 2 ? shape[1] : 0;
+        t->dtype = kind == W_NORM ? LT_F32 : want;
+        int64_t numel = lt_tensor_numel(t);
+        t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
+        uint64_t ts = splitmix64(&sm);
+        if (!t->data) {
+            snprintf(err, LT_ERRLEN, "out of memory allocating '%s' (%s)", name,
+                     lt_dtype_user_name(t->dtype));
+            free(items);
+            gemma3_model_free(m);
+            return LT_ERR_MEMORY;
+        }
+        if (kind == W_NORM) {
+            memset(t->data, 0, lt_tensor_bytes(t)); /* Gemma's (1 + w) norms start at w = 0 */
+        } else {
+            items[n_items++] = (fill_item){t->data, t->dtype, numel, ts};
+        }
+        m->n_params += numel;
+        m->weight_bytes += (int64_t)lt_tensor_bytes(t);
+    }
+    if (cb && cb->message) cb->message(cb->ctx, "filling random weights");
+    fill_job job = {.items = items, .n_items = n_items};
+    pthread_mutex_init(&job.mu, NULL);
+    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    int nt = nc > 0 ? (int)nc : 1;
+    if (nt > 64) nt = 64;
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 1; i < nt; i++)
+        if (pthread_create(&th[started], NULL, fill_worker, &job) == 0) started++;
+    fill_worker(&job);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&job.mu);
+    free(items);
+    m->dtype = want;
+    *out = m;
+    return LT_OK;
+}
+
+/* ---- KV cache -----------------------------------------------------------------------------------
+ */
+
+static int cache_cap_for(const gemma3_config *cfg, int l, int max_seq, int *ring) {
+    if (gemma3_layer_kind(cfg, l) == GEMMA3_SLIDING &&
+        cfg->sliding_window + GEMMA3_CHUNK < max_seq) {
+        *ring = 1;
+        return cfg->sliding_window + GEMMA3_CHUNK;
+    }
+    *ring = 0;
+    return 0; /* full layers grow on demand */
+}
+
+lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *cfg, int max_seq) {
+    memset(c, 0, sizeof *c);
+    c->n_layers = cfg->num_hidden_layers;
+    c->max_seq = max_seq;
+    c->layers = calloc((size_t)c->n_layers, sizeof *c->layers);
+    c->kpos_host = malloc(sizeof(int32_t) * (GEMMA3_CHUNK + 1));
+    if (!c->layers || !c->kpos_host) {
+        free(c->layers);
+        free(c->kpos_host);
+        memset(c, 0, sizeof *c);
+        snprintf(ctx->err, LT_ERRLEN, "out of memory creating the KV cache");
+        return LT_ERR_MEMORY;
+    }
+    size_t row = (size_t)cfg->num_key_value_heads * (size_t)cfg->head_dim * sizeof(float);
+    for (int l = 0; l < c->n_layers; l++) {
+        gemma3_cache_layer *cl = &c->layers[l];
+        int cap = cache_cap_for(cfg, l, max_seq, &cl->ring);
+        if (!cap) continue;
+        cl->k = ctx->be->alloc(ctx, row * (size_t)cap);
+        cl->v = ctx->be->alloc(ctx, row * (size_t)cap);
+        cl->kpos = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)cap);
+        if (!cl->k || !cl->v || !cl->kpos) {
+            gemma3_cache_free(c, ctx);
+            return LT_ERR_MEMORY;
+        }
+        cl->cap = cap;
+    }
+    gemma3_cache_reset(c, ctx);
+    return LT_OK;
+}
+
+/* Marks every slot of layer l empty (kpos = -1). */
+static lt_status cache_clear_layer(gemma3_cache_layer *cl, lt_ctx *ctx, int from) {
+    int32_t neg[256];
+    for (int i = 0; i < 256; i++)
+        neg[i] = -1;
+    for (int s = from; s < cl->cap; s += 256) {
+        int k = cl->cap - s < 256 ? cl->cap - s : 256;
+        lt_status rc = ctx->be->upload(ctx, cl->kpos + s, neg, sizeof(int32_t) * (size_t)k);
+        if (rc != LT_OK) return rc;
+    }
+    return LT_OK;
+}
+
+void gemma3_cache_reset(gemma3_cache *c, lt_ctx *ctx) {
+    c->len = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].cap) cache_clear_layer(&c->layers[l], ctx, 0);
+}
+
+void gemma3_cache_free(gemma3_cache *c, lt_ctx *ctx) {
+    for (int l = 0; c->layers && l < c->n_layers; l++) {
+        ctx->be->release(ctx, c->layers[l].k);
+        ctx->be->release(ctx, c->layers[l].v);
+        ctx->be->release(ctx, c->layers[l].kpos);
+    }
+    free(c->layers);
+    free(c->kpos_host);
+    memset(c, 0, sizeof *c);
+}
+
+/* Grows a full-attention layer so that it holds `need` positions. */
+static lt_status cache_grow(gemma3_cache_layer *cl, lt_ctx *ctx, size_t row, int need,
+                            int max_seq) {
+    if (need <= cl->cap) return LT_OK;
+    int cap = cl->cap ? cl->cap : 256;
+    while (cap < need)
+        cap *= 2;
+    if (cap > max_seq) cap = max_seq;
+    float *k = ctx->be->alloc(ctx, row * (size_t)cap), *v = ctx->be->alloc(ctx, row * (size_t)cap);
+    int32_t *kp = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)cap);
+    if (!k || !v || !kp) {
+        ctx->be->release(ctx, k);
+        ctx->be->release(ctx, v);
+        ctx->be->release(ctx, kp);
+        return LT_ERR_MEMORY;
+    }
+    lt_status rc = LT_OK;
+    if (cl->cap) {
+        rc = ctx->be->copy(ctx, k, cl->k, row * (size_t)cl->cap);
+        if (rc == LT_OK) rc = ctx->be->copy(ctx, v, cl->v, row * (size_t)cl->cap);
+        if (rc == LT_OK) rc = ctx->be->copy(ctx, kp, cl->kpos, sizeof(int32_t) * (size_t)cl->cap);
+    }
+    ctx->be->release(ctx, cl->k);
+    ctx->be->release(ctx, cl->v);
+    ctx->be->release(ctx, cl->kpos);
+    int old = cl->cap;
+    cl->k = k;
+    cl->v = v;
+    cl->kpos = kp;
+    cl->cap = cap;
+    if (rc == LT_OK) rc = cache_clear_layer(cl, ctx, old);
+    return rc;
+}
+
+/* Writes T rows of k/v (positions p0..p0+T-1) into layer l's slots. */
+static lt_status cache_write(gemma3_cache *c, lt_ctx *ctx, int l, const float *k, const float *v,
+                             int p0, int T, size_t row) {
+    gemma3_cache_layer *cl = &c->layers[l];
+    for (int t = 0; t < T;) {
+        int slot = cl->ring ? (p0 + t) % cl->cap : p0 + t;
+        int run = cl->cap - slot < T - t ? cl->cap - slot : T - t; /* contiguous slots */
+        lt_status rc = ctx->be->copy(ctx, (char *)cl->k + row * (size_t)slot,
+                                     (const char *)k + row * (size_t)t, row * (size_t)run);
+        if (rc == LT_OK)
+            rc = ctx->be->copy(ctx, (char *)cl->v + row * (size_t)slot,
+                               (const char *)v + row * (size_t)t, row * (size_t)run);
+        for (int i = 0; i < run; i++)
+            c->kpos_host[i] = p0 + t + i;
+        if (rc == LT_OK)
+            rc = ctx->be->upload(ctx, cl->kpos + slot, c->kpos_host, sizeof(int32_t) * (size_t)run);
+        if (rc != LT_OK) return rc;
+        t += run;
+    }
+    return LT_OK;
+}
+
+/* ---- forward
+ * -------------------------------------------------------------------------------------- */
+
+float gemma3_embed_scale(const gemma3_model *m) {
+    return (float)sqrt((double)m->cfg.hidden_size);
+}
+
+typedef struct fwd_bufs {
+    float *h, *a, *q, *k, *v, *att, *o, *gate, *up;
+    int32_t *ids, *pos;
+} fwd_bufs;
+
+static void bufs_free(fwd_bufs *b, lt_ctx *ctx) {
+    void *all[] = {b->h, b->a, b->q, b->k, b->v, b->att, b->o, b->gate, b->up, b->ids, b->pos};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        ctx->be->release(ctx, all[i]);
+    memset(b, 0, sizeof *b);
+}
+
+static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, int T) {
+    size_t H = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
+    size_t qo = (size_t)c->num_attention_heads * (size_t)c->head_dim;
+    size_t kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim, t = (size_t)T,
+           f = sizeof(float);
+    memset(b, 0, sizeof *b);
+    b->h = ctx->be->alloc(ctx, t * H * f);
+    b->a = ctx->be->alloc(ctx, t * H * f);
+    b->q = ctx->be->alloc(ctx, t * qo * f);
+    b->k = ctx->be->alloc(ctx, t * kvo * f);
+    b->v = ctx->be->alloc(ctx, t * kvo * f);
+    b->att = ctx->be->alloc(ctx, t * qo * f);
+    b->o = ctx->be->alloc(ctx, t * H * f);
+    b->gate = ctx->be->alloc(ctx, t * I * f);
+    b->up = ctx->be->alloc(ctx, t * I * f);
+    b->ids = ctx->be->alloc(ctx, t * sizeof(int32_t));
+    b->pos = ctx->be->alloc(ctx, t * sizeof(int32_t));
+    if (!b->h || !b->a || !b->q || !b->k || !b->v || !b->att || !b->o || !b->gate || !b->up ||
+        !b->ids || !b->pos) {
+        bufs_free(b, ctx);
+        return LT_ERR_MEMORY;
+    }
+    return LT_OK;
+}
+
+#define TRY(x)                                                                                     \
+    do {                                                                                           \
+        rc = (x);                                                                                  \
+        if (rc != LT_OK) goto done;                                                                \
+    } while (0)
+
+/* One decoder layer on the chunk held in b->h ([T, H], updated in place). */
+static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
+                               int p0, gemma3_cache *cache) {
+    const gemma3_config *c = &m->cfg;
+    const gemma3_layer *w = &m->layers[l];
+    const lt_backend *be = ctx->be;
+    int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads,
+            nkv = c->num_key_value_heads, hd = c->head_dim;
+    float eps = (float)c->rms_norm_eps;
+    gemma3_layer_type kind = gemma3_layer_kind(c, l);
+    const gemma3_rope *rp = &c->rope[kind];
+    lt_status rc = LT_OK;
+
+    lt_tensor h = lt_tensor_2d(LT_F32, b->h, T, H);         /* residual stream [T, H] */
+    lt_tensor a = lt_tensor_2d(LT_F32, b->a, T, H);         /* normed input [T, H] */
+    lt_tensor q2 = lt_tensor_2d(LT_F32, b->q, T, nh * hd);  /* [T, nh*hd] */
+    lt_tensor k2 = lt_tensor_2d(LT_F32, b->k, T, nkv * hd); /* [T, nkv*hd] */
+    lt_tensor v2 = lt_tensor_2d(LT_F32, b->v, T, nkv * hd);
+    lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);  /* [T, nh, hd] */
+    lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd); /* [T, nkv, hd] */
+    lt_tensor v3 = lt_tensor_3d(LT_F32, b->v, T, nkv, hd);
+    lt_tensor qh = lt_tensor_2d(LT_F32, b->q, T * nh, hd); /* per-head rows for q_norm */
+    lt_tensor kh = lt_tensor_2d(LT_F32, b->k, T * nkv, hd);
+    lt_tensor att = lt_tensor_2d(LT_F32, b->att, T, nh * hd);
+    lt_tensor o = lt_tensor_2d(LT_F32, b->o, T, H);
+    lt_tensor gate = lt_tensor_2d(LT_F32, b->gate, T, I);
+    lt_tensor up = lt_tensor_2d(LT_F32, b->up, T, I);
+    lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
+
+    /* attention block: a = norm(h); q,k,v; qk-norm; rope; attend; h += post_norm(o) */
+    TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
+    TRY(be->linear(ctx, q2, a, &w->q_proj));
+    TRY(be->linear(ctx, k2, a, &w->k_proj));
+    TRY(be->linear(ctx, v2, a, &w->v_proj));
+    TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
+    TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
+    TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
+    TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
+    int window = kind == GEMMA3_SLIDING ? c->sliding_window : 0;
+    float scale = (float)(1.0 / sqrt(c->query_pre_attn_scalar));
+    if (cache) {
+        size_t row = (size_t)(nkv * hd) * sizeof(float);
+        gemma3_cache_layer *cl = &cache->layers[l];
+        if (!cl->ring && cl->cap < p0 + T) {
+            rc = cache_grow(cl, ctx, row, p0 + T, cache->max_seq);
+            if (rc != LT_OK) goto done;
+        }
+        TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
+        lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
+        lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
+        lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
+        TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+    } else {
+        TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
+    }
+    TRY(be->linear(ctx, o, att, &w->o_proj));
+    TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
+    TRY(be->add(ctx, h, o));
+
+    /* MLP block: m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f) */
+    TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
+    TRY(be->linear(ctx, gate, a, &w->gate_proj));
+    TRY(be->linear(ctx, up, a, &w->up_proj));
+    TRY(be->geglu(ctx, gate, gate, up));
+    TRY(be->linear(ctx, o, gate, &w->down_proj));
+    TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
+    TRY(be->add(ctx, h, o));
+done:
+    return rc;
+}
+
+lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                         gemma3_cache *cache, const gemma3_outputs *out) {
+    const gemma3_config *c = &m->cfg;
+    const lt_backend *be = ctx->be;
+    int64_t H = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    lt_status rc = LT_OK;
+    if (T <= 0) {
+        snprintf(ctx->err, LT_ERRLEN, "forward: no tokens");
+        return LT_ERR_ARG;
+    }
+    int base = cache ? cache->len : 0;
+    if (cache && base + T > cache->max_seq) {
+        snprintf(ctx->err, LT_ERRLEN,
+                 "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)", base + T,
+                 cache->max_seq);
+        return LT_ERR_ARG;
+    }
+    for (int t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= V) {
+            snprintf(ctx->err, LT_ERRLEN,
+                     "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t], t,
+                     (long long)V);
+            return LT_ERR_ARG;
+        }
+    int chunk = cache ? (T < GEMMA3_CHUNK ? T : GEMMA3_CHUNK) : T;
+    fwd_bufs b;
+    if (bufs_alloc(&b, ctx, c, chunk) != LT_OK) {
+        snprintf(ctx->err, LT_ERRLEN, "out of memory for the activations of %d tokens", chunk);
+        return LT_ERR_MEMORY;
+    }
+    int32_t *pos_host = malloc(sizeof(int32_t) * (size_t)chunk);
+    if (!pos_host) {
+        bufs_free(&b, ctx);
+        snprintf(ctx->err, LT_ERRLEN, "out of memory");
+        return LT_ERR_MEMORY;
+    }
+    const lt_weight *head = gemma3_head(m);
+    float escale = gemma3_embed_scale(m);
+    for (int t0 = 0; t0 < T; t0 += chunk) {
+        int n = T - t0 < chunk ? T - t0 : chunk;
+        int p0 = base + t0;
+        for (int i = 0; i < n; i++)
+            pos_host[i] = p0 + i;
+        TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
+        TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
+        lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
+        /* h = E[ids] * sqrt(H)   [n, H] */
+        TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
+        for (int l = 0; l < L; l++) {
+            if (out && out->layer_inputs) /* checkpoint: the residual entering layer l, [L, T, H] */
+                TRY(be->copy(ctx,
+                             out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H,
+                             b.h, sizeof(float) * (size_t)(n * H)));
+            TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
+        }
+        if (cache) cache->len = p0 + n;
+        /* final norm, then the tied head */
+        lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
+        TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
+        if (out && out->hidden)
+            TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
+                         sizeof(float) * (size_t)(n * H)));
+        if (out && out->logits)
+            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
+                           hn, head));
+        if (out && out->last_logits && t0 + n == T)
+            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
+                           lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));
+    }
+done:
+    free(pos_host);
+    bufs_free(&b, ctx);
+    return rc;
+}

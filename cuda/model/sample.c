@@ -1,0 +1,199 @@
+/* sample.c — temperature / top_k / top_p / min_p sampling and the seeded RNG (see sample.h).
+ *
+ * Owns the sampler scratch. Works on host fp32 logits; never touches the model.
+ */
+#define _GNU_SOURCE /* qsort_r */
+#include "cuda/model/sample.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/base/tensor.h"
+
+static uint64_t splitmix(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void rng_seed(lt_rng *r, uint64_t seed) {
+    uint64_t s = seed;
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix(&s);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
+
+uint64_t rng_next(lt_rng *r) {
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+double rng_uniform(lt_rng *r) {
+    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+lt_status sampler_init(sampler *s, int vocab) {
+    s->vocab = vocab;
+    s->idx = malloc(sizeof(int32_t) * (size_t)vocab);
+    s->val = malloc(sizeof(float) * (size_t)vocab);
+    if (!s->idx || !s->val) {
+        sampler_free(s);
+        return LT_ERR_MEMORY;
+    }
+    return LT_OK;
+}
+
+void sampler_free(sampler *s) {
+    free(s->idx);
+    free(s->val);
+    s->idx = NULL;
+    s->val = NULL;
+}
+
+lt_status gen_opts_check(const lt_gen_opts *o, char *err) {
+    if (o->max_new < 0) {
+        snprintf(err, LT_ERRLEN, "max_new=%d must be >= 0", o->max_new);
+        return LT_ERR_ARG;
+    }
+    if (!(o->temperature >= 0) || !isfinite(o->temperature)) {
+        snprintf(err, LT_ERRLEN, "temperature=%g must be a number >= 0 (0 = greedy)",
+                 o->temperature);
+        return LT_ERR_ARG;
+    }
+    if (o->top_k < 0) {
+        snprintf(err, LT_ERRLEN, "top_k=%d must be >= 0 (0 = off)", o->top_k);
+        return LT_ERR_ARG;
+    }
+    if (!(o->top_p > 0 && o->top_p <= 1)) {
+        snprintf(err, LT_ERRLEN, "top_p=%g must be in (0, 1] (1 = off)", o->top_p);
+        return LT_ERR_ARG;
+    }
+    if (!(o->min_p >= 0 && o->min_p <= 1)) {
+        snprintf(err, LT_ERRLEN, "min_p=%g must be in [0, 1] (0 = off)", o->min_p);
+        return LT_ERR_ARG;
+    }
+    return LT_OK;
+}
+
+/* Sorting candidates by value, descending (ties: lower id first, for determinism). */
+static int cmp_desc(const void *a, const void *b, void *vals) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    const float *v = vals;
+    float vx = v[x], vy = v[y];
+    if (vx > vy) return -1;
+    if (vx < vy) return 1;
+    return (x > y) - (x < y);
+}
+
+/* k-th largest value of v[0..n) (1-based k), by quickselect on a copy in tmp. */
+static float kth_largest(const float *v, int n, int k, float *tmp) {
+    memcpy(tmp, v, sizeof(float) * (size_t)n);
+    int lo = 0, hi = n - 1, want = k - 1; /* index in descending order */
+    while (lo < hi) {
+        float pivot = tmp[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (tmp[i] > pivot)
+                i++;
+            while (tmp[j] < pivot)
+                j--;
+            if (i <= j) {
+                float t = tmp[i];
+                tmp[i] = tmp[j];
+                tmp[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            break;
+    }
+    return tmp[want];
+}
+
+int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng) {
+    int V = s->vocab;
+    if (o->temperature <= 0) { /* greedy: first maximum, like torch.argmax */
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    /* scaled scores in val (indexed by id) */
+    float *val = s->val;
+    for (int i = 0; i < V; i++)
+        val[i] = logits[i] / o->temperature;
+    int n = 0;
+    if (o->top_k > 0 && o->top_k < V) {
+        /* HF keeps every score >= the k-th largest (ties at the boundary survive) */
+        float *tmp = malloc(sizeof(float) * (size_t)V);
+        float thr;
+        if (tmp) {
+            thr = kth_largest(val, V, o->top_k, tmp);
+            free(tmp);
+        } else { /* no memory for the copy: fall back to a full sort below */
+            thr = -INFINITY;
+        }
+        for (int i = 0; i < V; i++)
+            if (val[i] >= thr) s->idx[n++] = i;
+    } else {
+        for (int i = 0; i < V; i++)
+            s->idx[n++] = i;
+    }
+    qsort_r(s->idx, (size_t)n, sizeof(int32_t), cmp_desc, val);
+    /* softmax over the candidates (descending) */
+    float mx = val[s->idx[0]];
+    double sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += exp((double)val[s->idx[i]] - mx);
+    /* top_p: from the smallest, drop while the tail mass is <= 1 - top_p; keep at least one */
+    if (o->top_p < 1.0f) {
+        double tail = 0, cut = 1.0 - (double)o->top_p;
+        int keep = n;
+        for (int i = n - 1; i >= 1; i--) {
+            tail += exp((double)val[s->idx[i]] - mx) / sum;
+            if (tail <= cut)
+                keep = i;
+            else
+                break;
+        }
+        n = keep;
+        sum = 0;
+        for (int i = 0; i < n; i++)
+            sum += exp((double)val[s->idx[i]] - mx);
+    }
+    /* min_p: drop probabilities below min_p * the top probability */
+    if (o->min_p > 0) {
+        double top = 1.0 / sum; /* p of the best = exp(0)/sum */
+        int keep = 1;
+        while (keep < n && exp((double)val[s->idx[keep]] - mx) / sum >= o->min_p * top)
+            keep++;
+        n = keep;
+        sum = 0;
+        for (int i = 0; i < n; i++)
+            sum += exp((double)val[s->idx[i]] - mx);
+    }
+    double u = rng_uniform(rng) * sum, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += exp((double)val[s->idx[i]] - mx);
+        if (u < acc) return s->idx[i];
+    }
+    return s->idx[n - 1];
+}

@@ -1,0 +1,131 @@
+/* chat.c — the Gemma 3 chat template (see chat.h): a string builder and Python's strip().
+ *
+ * Owns nothing beyond the returned string. Must render byte-for-byte what jinja2 renders
+ * from the Hub template; tests/engine compares the two.
+ */
+#include "cuda/text/chat.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/base/tensor.h"
+
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t nc = b->cap ? b->cap : 256;
+        while (nc < b->len + n + 1)
+            nc *= 2;
+        char *np = realloc(b->p, nc);
+        if (!np) {
+            b->oom = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = nc;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+
+static void sb_puts(sbuf *b, const char *s) {
+    sb_put(b, s, strlen(s));
+}
+
+/* Length of the whitespace character at s (Python str.isspace), 0 if none. */
+static int space_len(const unsigned char *s, size_t avail) {
+    if (avail >= 1 && ((*s >= 0x09 && *s <= 0x0d) || (*s >= 0x1c && *s <= 0x20))) return 1;
+    if (avail >= 2 && s[0] == 0xc2 && (s[1] == 0x85 || s[1] == 0xa0)) return 2;
+    if (avail >= 3) {
+        unsigned cp =
+            ((unsigned)(s[0] & 0x0f) << 12) | ((unsigned)(s[1] & 0x3f) << 6) | (s[2] & 0x3f);
+        if ((s[0] & 0xf0) == 0xe0 && (s[1] & 0xc0) == 0x80 && (s[2] & 0xc0) == 0x80 &&
+            (cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200a) || cp == 0x2028 || cp == 0x2029 ||
+             cp == 0x202f || cp == 0x205f || cp == 0x3000))
+            return 3;
+    }
+    return 0;
+}
+
+/* Python's str.strip(): appends the stripped text. */
+static void sb_put_stripped(sbuf *b, const char *s) {
+    const unsigned char *p = (const unsigned char *)s;
+    size_t n = strlen(s), a = 0, e = n;
+    int k;
+    while (a < n && (k = space_len(p + a, n - a)) > 0)
+        a += (size_t)k;
+    /* from the end: step back over whole characters */
+    while (e > a) {
+        size_t st = e - 1;
+        while (st > a && (p[st] & 0xc0) == 0x80)
+            st--; /* start of the last character */
+        k = space_len(p + st, e - st);
+        if (k > 0 && st + (size_t)k == e)
+            e = st;
+        else
+            break;
+    }
+    sb_put(b, s + a, e - a);
+}
+
+lt_status chat_render(const char *const *roles, const char *const *contents, int n,
+                      int add_generation_prompt, char **out, char *err) {
+    *out = NULL;
+    sbuf b = {0};
+    sb_puts(&b, "<bos>");
+    int first = 0;
+    const char *prefix = NULL;
+    for (int i = 0; i < n; i++)
+        if (!roles[i] || !contents[i]) {
+            snprintf(err, LT_ERRLEN, "chat message %d has no %s", i, roles[i] ? "content" : "role");
+            free(b.p);
+            return LT_ERR_ARG;
+        }
+    if (n <= 0) { /* the Hub template fails on messages[0] too */
+        snprintf(err, LT_ERRLEN, "chat template: no messages");
+        free(b.p);
+        return LT_ERR_ARG;
+    }
+    if (!strcmp(roles[0], "system")) {
+        prefix = contents[0];
+        first = 1;
+    }
+    for (int i = first; i < n; i++) {
+        int idx = i - first;
+        int is_user = !strcmp(roles[i], "user");
+        if (is_user != (idx % 2 == 0)) {
+            snprintf(err, LT_ERRLEN,
+                     "Conversation roles must alternate user/assistant/user/assistant/... "
+                     "(message %d has role '%s')",
+                     i, roles[i]);
+            free(b.p);
+            return LT_ERR_ARG;
+        }
+        const char *role = !strcmp(roles[i], "assistant") ? "model" : roles[i];
+        sb_puts(&b, "<start_of_turn>");
+        sb_puts(&b, role);
+        sb_puts(&b, "\n");
+        if (idx == 0 && prefix) {
+            sb_puts(&b, prefix); /* the system text is not trimmed by the template */
+            sb_puts(&b, "\n\n");
+        }
+        sb_put_stripped(&b, contents[i]);
+        sb_puts(&b, "<end_of_turn>\n");
+    }
+    if (add_generation_prompt) sb_puts(&b, "<start_of_turn>model\n");
+    if (b.oom) {
+        free(b.p);
+        snprintf(err, LT_ERRLEN, "chat template: out of memory");
+        return LT_ERR_MEMORY;
+    }
+    *out = b.p;
+    return LT_OK;
+}

@@ -1,0 +1,439 @@
+/* lora.c — which weights train: LoRA adapters on the targeted linear layers (PEFT's
+ * initialisation and naming), or every weight for full fine-tuning.
+ *
+ * Owns lt_adapters: the adapter tensors, their gradients, the list of train_param the
+ * optimizer walks, and (full fine-tuning) fp32 copies of 16-bit weights plus the norm
+ * gradients. Attaching points each targeted lt_weight's `lora` at its slot; lora_free points
+ * them back at nothing. It must not touch the forward code or the model's storage.
+ */
+#include <math.h>
+#include <regex.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/backend/cpu/grad.h"
+#include "cuda/train/train.h"
+
+/* The seven linear modules of a decoder layer, in gemma3_layer's order. */
+static const char *const MODULES[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                       "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                       "mlp.down_proj"};
+
+static lt_weight *layer_module(gemma3_layer *L, int k) {
+    switch (k) {
+    case 0:
+        return &L->q_proj;
+    case 1:
+        return &L->k_proj;
+    case 2:
+        return &L->v_proj;
+    case 3:
+        return &L->o_proj;
+    case 4:
+        return &L->gate_proj;
+    case 5:
+        return &L->up_proj;
+    default:
+        return &L->down_proj;
+    }
+}
+
+static int looks_like_regex(const char *s) {
+    return strpbrk(s, "*()[]|^$+?\\") != NULL;
+}
+
+/* "q" -> "q_proj"; "q_proj" stays. Writes into out. */
+static void short_to_proj(const char *w, char *out, size_t cap) {
+    static const char *const S[] = {"q", "k", "v", "o", "gate", "up", "down"};
+    for (size_t i = 0; i < 7; i++)
+        if (strcmp(w, S[i]) == 0) {
+            snprintf(out, cap, "%s_proj", w);
+            return;
+        }
+    snprintf(out, cap, "%s", w);
+}
+
+/* List semantics of PEFT: the module name equals an entry or ends with "." + entry. */
+static int list_matches(const char *list, const char *module) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", list);
+    char *save = NULL;
+    for (char *w = strtok_r(buf, ", ", &save); w; w = strtok_r(NULL, ", ", &save)) {
+        char e[96];
+        short_to_proj(w, e, sizeof e);
+        size_t n = strlen(module), m = strlen(e);
+        if (strcmp(module, e) == 0) return 1;
+        if (n > m && strcmp(module + n - m, e) == 0 && module[n - m - 1] == '.') return 1;
+    }
+    return 0;
+}
+
+/* re.fullmatch semantics via an anchored POSIX extended regex. */
+static int regex_matches(const char *pattern, const char *module, int *bad) {
+    size_t n = strlen(pattern) + 8;
+    char *anch = malloc(n);
+    if (!anch) return 0;
+    snprintf(anch, n, "^(%s)$", pattern);
+    regex_t re;
+    int rc = regcomp(&re, anch, REG_EXTENDED | REG_NOSUB);
+    free(anch);
+    if (rc != 0) {
+        *bad = 1;
+        return 0;
+    }
+    int hit = regexec(&re, module, 0, NULL, 0) == 0;
+    regfree(&re);
+    return hit;
+}
+
+/* A regex may be written against the multimodal names PEFT sees on Gemma3ForConditionalGeneration
+ * ("model.language_model.layers.N..." or, before transformers 4.52,
+ * "language_model.model.layers.N..."): on a multimodal checkpoint every spelling of the module is
+ * tried. */
+static int target_matches(const lt_adapters *a, const char *module, int *bad) {
+    if (!a->targets_regex) return list_matches(a->targets, module);
+    if (regex_matches(a->targets, module, bad)) return 1;
+    if (*bad || !a->model->cfg.multimodal || strncmp(module, "model.", 6) != 0) return 0;
+    char alt[256];
+    snprintf(alt, sizeof alt, "model.language_model.%s", module + 6);
+    if (regex_matches(a->targets, alt, bad)) return 1;
+    snprintf(alt, sizeof alt, "language_model.model.%s", module + 6);
+    return regex_matches(a->targets, alt, bad);
+}
+
+int lora_module_matches(const lt_adapters *a, const char *module) {
+    int bad = 0;
+    return target_matches(a, module, &bad);
+}
+
+/* ---- parameters ------------------------------------------------------------------------- */
+
+static void *zalloc(lt_ctx *ctx, size_t bytes) {
+    return ctx->be->alloc(ctx, bytes ? bytes : 4);
+}
+
+static lt_status add_param(lt_adapters *a, const char *name, lt_tensor *value, void *grad,
+                           int decay) {
+    train_param *np = realloc(a->params, sizeof(train_param) * (size_t)(a->n_params + 1));
+    if (!np) return LT_ERR_MEMORY;
+    a->params = np;
+    train_param *p = &a->params[a->n_params++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->value = value;
+    p->grad = *value;
+    p->grad.dtype = LT_F32;
+    p->grad.data = grad;
+    p->decay = decay;
+    a->n_trainable += lt_tensor_numel(value);
+    return LT_OK;
+}
+
+static uint64_t mix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
+    gemma3_model *m = a->model;
+    lt_ctx *ctx = a->ctx;
+    int L = m->cfg.num_hidden_layers;
+    a->slots = calloc((size_t)L * 7, sizeof(lora_slot));
+    if (!a->slots) return LT_ERR_MEMORY;
+    uint64_t rs = o->seed ^ 0x6c6f7261ull; /* "lora" */
+    for (int l = 0; l < L; l++) {
+        for (int k = 0; k < 7; k++) {
+            char module[160];
+            snprintf(module, sizeof module, "model.layers.%d.%s", l, MODULES[k]);
+            int bad = 0;
+            int hit = target_matches(a, module, &bad);
+            if (bad) {
+                snprintf(err, LT_ERRLEN, "%%lora: targets='%s' is not a valid regular expression",
+                         a->targets);
+                return LT_ERR_ARG;
+            }
+            if (!hit) continue;
+            lora_slot *s = &a->slots[a->n_slots++];
+            snprintf(s->module, sizeof s->module, "%s", module);
+            s->layer = l;
+            s->w = layer_module(&m->layers[l], k);
+            int64_t out = s->w->w.shape[0], in = s->w->w.shape[1], r = a->r;
+            size_t na = (size_t)(r * in), nb = (size_t)(out * r);
+            float *A = zalloc(ctx, na * 4), *B = zalloc(ctx, nb * 4);
+            float *gA = zalloc(ctx, na * 4), *gB = zalloc(ctx, nb * 4);
+            s->lora.a = lt_tensor_2d(LT_F32, A, r, in);
+            s->lora.b = lt_tensor_2d(LT_F32, B, out, r);
+            s->lora.grad_a = lt_tensor_2d(LT_F32, gA, r, in);
+            s->lora.grad_b = lt_tensor_2d(LT_F32, gB, out, r);
+            if (!A || !B || !gA || !gB) {
+                snprintf(err, LT_ERRLEN, "%%lora: out of memory for the adapters");
+                return LT_ERR_MEMORY;
+            }
+            /* A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)); B = 0 */
+            float *host = malloc(na * 4);
+            if (!host) return LT_ERR_MEMORY;
+            double bound = 1.0 / sqrt((double)in);
+            for (size_t i = 0; i < na; i++)
+                host[i] = (float)((((double)(mix64(&rs) >> 11)) / 9007199254740992.0 * 2.0 - 1.0) *
+                                  bound);
+            lt_status rc = ctx->be->upload(ctx, A, host, na * 4);
+            free(host);
+            if (rc != LT_OK) return rc;
+            s->lora.scale = a->rslora ? a->alpha / sqrtf((float)r) : a->alpha / (float)r;
+            s->lora.dropout = a->dropout;
+            s->lora.enabled = 1;
+            char name[192];
+            snprintf(name, sizeof name, "%s.lora_A.weight", module);
+            if (add_param(a, name, &s->lora.a, gA, 1) != LT_OK) return LT_ERR_MEMORY;
+            snprintf(name, sizeof name, "%s.lora_B.weight", module);
+            if (add_param(a, name, &s->lora.b, gB, 1) != LT_OK) return LT_ERR_MEMORY;
+        }
+    }
+    if (a->n_slots == 0) {
+        snprintf(
+            err, LT_ERRLEN,
+            "%%lora: targets='%s' matches no linear layer; use names from q,k,v,o,gate,up,down "
+            "(or q_proj, ...) or a regex over names like model.layers.0.self_attn.q_proj",
+            a->targets);
+        return LT_ERR_ARG;
+    }
+    for (int i = 0; i < a->n_slots; i++)
+        a->slots[i].w->lora = &a->slots[i].lora;
+    return LT_OK;
+}
+
+/* Full fine-tuning: every weight and norm trains; 16-bit matrices get an fp32 copy that the
+ * model points at while the adapters live (lora_free writes the trained values back into
+ * the model's own storage, in its dtype, and restores the pointer). */
+static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
+    if (t->dtype == LT_F32) return LT_OK;
+    int64_t n = lt_tensor_numel(t);
+    float *dev = zalloc(a->ctx, sizeof(float) * (size_t)n);
+    owned_copy *no = realloc(a->owned, sizeof(owned_copy) * (size_t)(a->n_owned + 1));
+    if (!dev || !no) {
+        if (dev) a->ctx->be->release(a->ctx, dev);
+        if (no) a->owned = no;
+        return LT_ERR_MEMORY;
+    }
+    a->owned = no;
+    /* the CPU backend's weights are host memory (a device backend would convert on device) */
+    lt_to_f32(dev, t->data, t->dtype, n);
+    a->owned[a->n_owned++] = (owned_copy){t, t->data, t->dtype, dev};
+    t->data = dev;
+    t->dtype = LT_F32;
+    return LT_OK;
+}
+
+static lt_status attach_full(lt_adapters *a, char *err) {
+    gemma3_model *m = a->model;
+    if (a->ctx->be != &lt_backend_cpu) {
+        snprintf(err, LT_ERRLEN,
+                 "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
+                 "(this model is on %s); use LoRA",
+                 a->ctx->be->name);
+        return LT_ERR_STATE;
+    }
+    int L = m->cfg.num_hidden_layers;
+    int64_t H = m->cfg.hidden_size;
+    a->ng.layers = calloc((size_t)L * NG_COUNT, sizeof(lt_tensor));
+    if (!a->ng.layers) return LT_ERR_MEMORY;
+    char name[192];
+    lt_weight *mats[2] = {&m->embed_tokens, m->lm_head.w.data ? &m->lm_head : NULL};
+    for (int i = 0; i < 2; i++) {
+        if (!mats[i]) continue;
+        if (own_f32(a, &mats[i]->w) != LT_OK) goto oom;
+        void *g = zalloc(a->ctx, lt_tensor_bytes(&mats[i]->w));
+        if (!g) goto oom;
+        mats[i]->grad_w = mats[i]->w;
+        mats[i]->grad_w.data = g;
+        snprintf(name, sizeof name, "%s", i == 0 ? "model.embed_tokens.weight" : "lm_head.weight");
+        if (add_param(a, name, &mats[i]->w, g, 1) != LT_OK) goto oom;
+    }
+    for (int l = 0; l < L; l++) {
+        gemma3_layer *ly = &m->layers[l];
+        lt_tensor *norms[NG_COUNT] = {&ly->input_layernorm,
+                                      &ly->q_norm,
+                                      &ly->k_norm,
+                                      &ly->post_attention_layernorm,
+                                      &ly->pre_feedforward_layernorm,
+                                      &ly->post_feedforward_layernorm};
+        static const char *const NN[NG_COUNT] = {
+            "input_layernorm",          "self_attn.q_norm",          "self_attn.k_norm",
+            "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"};
+        for (int k = 0; k < NG_COUNT; k++) {
+            void *g = zalloc(a->ctx, lt_tensor_bytes(norms[k]));
+            if (!g) goto oom;
+            a->ng.layers[l * NG_COUNT + k] = *norms[k];
+            a->ng.layers[l * NG_COUNT + k].data = g;
+            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, NN[k]);
+            if (add_param(a, name, norms[k], g, 0) != LT_OK) goto oom;
+        }
+        for (int k = 0; k < 7; k++) {
+            lt_weight *w = layer_module(ly, k);
+            if (own_f32(a, &w->w) != LT_OK) goto oom;
+            void *g = zalloc(a->ctx, lt_tensor_bytes(&w->w));
+            if (!g) goto oom;
+            w->grad_w = w->w;
+            w->grad_w.data = g;
+            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, MODULES[k]);
+            if (add_param(a, name, &w->w, g, 1) != LT_OK) goto oom;
+        }
+    }
+    void *g = zalloc(a->ctx, (size_t)H * 4);
+    if (!g) goto oom;
+    a->ng.final = lt_tensor_1d(LT_F32, g, H);
+    if (add_param(a, "model.norm.weight", &m->norm, g, 0) != LT_OK) goto oom;
+    return LT_OK;
+oom:
+    snprintf(err, LT_ERRLEN,
+             "%%lora full=true: out of memory for fp32 weights and gradients "
+             "(full fine-tuning needs about 4x the fp32 model size; try LoRA)");
+    return LT_ERR_MEMORY;
+}
+
+/* Drops the gradient buffers of full fine-tuning and unhooks the weights. */
+static void detach_full(lt_adapters *a) {
+    gemma3_model *m = a->model;
+    lt_weight *mats[2] = {&m->embed_tokens, &m->lm_head};
+    for (int i = 0; i < 2; i++)
+        mats[i]->grad_w.data = NULL;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int k = 0; k < 7; k++)
+            layer_module(&m->layers[l], k)->grad_w.data = NULL;
+    /* gradient buffers are the params' grads (released in lora_free); the fp32 weight copies
+     * stay referenced by the model, so they are not freed here (see lora_free). */
+}
+
+lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lora_opts *o,
+                      char *err) {
+    *out = NULL;
+    if (!m) {
+        snprintf(err, LT_ERRLEN, "%%lora: no model loaded (%%load one first)");
+        return LT_ERR_STATE;
+    }
+    if (!o->full && o->r <= 0) {
+        snprintf(err, LT_ERRLEN, "%%lora: r=%d; the rank must be a positive integer", o->r);
+        return LT_ERR_ARG;
+    }
+    if (!(o->dropout >= 0 && o->dropout < 1)) {
+        snprintf(err, LT_ERRLEN, "%%lora: dropout=%g; accepted: a number from 0 to below 1",
+                 o->dropout);
+        return LT_ERR_ARG;
+    }
+    lt_adapters *a = calloc(1, sizeof *a);
+    if (!a) return LT_ERR_MEMORY;
+    a->model = m;
+    a->ctx = ctx;
+    a->full = o->full;
+    a->r = o->r;
+    a->alpha = o->alpha;
+    a->rslora = o->rslora;
+    a->dropout = o->dropout;
+    const char *t = o->targets && *o->targets
+                        ? o->targets
+                        : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+    a->targets_regex = looks_like_regex(t);
+    if (!a->targets_regex) {
+        /* normalise the list to PEFT's spelling */
+        char buf[512], norm[512] = "";
+        snprintf(buf, sizeof buf, "%s", t);
+        char *save = NULL;
+        for (char *w = strtok_r(buf, ", ", &save); w; w = strtok_r(NULL, ", ", &save)) {
+            char e[96];
+            short_to_proj(w, e, sizeof e);
+            size_t n = strlen(norm);
+            snprintf(norm + n, sizeof norm - n, "%s%s", n ? "," : "", e);
+        }
+        a->targets = strdup(norm);
+    } else {
+        a->targets = strdup(t);
+    }
+    if (!a->targets) {
+        free(a);
+        return LT_ERR_MEMORY;
+    }
+    lt_status rc = o->full ? attach_full(a, err) : attach_lora(a, o, err);
+    if (rc != LT_OK) {
+        if (rc == LT_ERR_MEMORY && !err[0]) snprintf(err, LT_ERRLEN, "%%lora: out of memory");
+        lora_free(a);
+        return rc;
+    }
+    *out = a;
+    return LT_OK;
+}
+
+void lora_free(lt_adapters *a) {
+    if (!a) return;
+    lt_ctx *ctx = a->ctx;
+    for (int i = 0; i < a->n_slots; i++) {
+        lora_slot *s = &a->slots[i];
+        if (s->w && s->w->lora == &s->lora) s->w->lora = NULL;
+        ctx->be->release(ctx, s->lora.a.data);
+        ctx->be->release(ctx, s->lora.b.data);
+        ctx->be->release(ctx, s->lora.grad_a.data);
+        ctx->be->release(ctx, s->lora.grad_b.data);
+    }
+    if (a->full) {
+        detach_full(a);
+        for (int i = 0; i < a->n_params; i++)
+            ctx->be->release(ctx, a->params[i].grad.data);
+        for (int i = 0; i < a->n_owned; i++) {
+            owned_copy *c = &a->owned[i];
+            lt_convert(c->orig, c->orig_dtype, c->copy, LT_F32, lt_tensor_numel(c->t));
+            c->t->data = c->orig;
+            c->t->dtype = c->orig_dtype;
+            ctx->be->release(ctx, c->copy);
+        }
+    }
+    optim_reset(a);
+    free(a->ng.layers);
+    free(a->slots);
+    free(a->params);
+    free(a->targets);
+    free(a->owned);
+    free(a);
+}
+
+lt_status lora_zero_grads(lt_adapters *a) {
+    for (int i = 0; i < a->n_params; i++) {
+        lt_status rc = a->ctx->be->fill(a->ctx, a->params[i].grad, 0.0f);
+        if (rc != LT_OK) return rc;
+    }
+    return LT_OK;
+}
+
+void lora_enable(lt_adapters *a, int on) {
+    for (int i = 0; i < a->n_slots; i++)
+        a->slots[i].lora.enabled = on;
+}
+
+void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap) {
+    const char *rest = s->module + strlen("model.");
+    if (a->model->cfg.multimodal)
+        snprintf(out, cap, "base_model.model.model.language_model.%s", rest);
+    else
+        snprintf(out, cap, "base_model.model.model.%s", rest);
+}
+
+lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err) {
+    const lt_tensor *w = &s->w->w;
+    int64_t O = w->shape[0], I = w->shape[1], r = s->lora.a.shape[0];
+    lt_to_f32(out, w->data, w->dtype, O * I);
+    const float *A = s->lora.a.data, *B = s->lora.b.data;
+    float sc = s->lora.scale;
+    /* W' = W + s·B·A, in fp32: [O, I] += [O, r]·[r, I] */
+    for (int64_t o = 0; o < O; o++) {
+        float *row = out + o * I;
+        for (int64_t k = 0; k < r; k++) {
+            float b = sc * B[o * r + k];
+            if (b == 0.0f) continue;
+            const float *ar = A + k * I;
+            for (int64_t i = 0; i < I; i++)
+                row[i] += b * ar[i];
+        }
+    }
+    return LT_OK;
+}

@@ -1,0 +1,892 @@
+/* train.c — supervised fine-tuning (%train) and the session glue of %lora and %save.
+ *
+ * One optimizer step = grad_accum micro-batches of `batch` units (a unit is one sample, or
+ * with packing one row of samples packed up to max_seq). Gradients of the step are summed
+ * and normalised by the label tokens of the whole step (REFERENCE §6.3), clipped by global
+ * norm, then AdamW updates with the scheduled learning rate. The data stream runs through
+ * the units epoch after epoch, shuffled per epoch with the seed (or in file order).
+ *
+ * Owns lt_trainer: the adapters of the session and the current run (options, position,
+ * losses), so that an interrupted %train continues where it stopped, and checkpoints
+ * (save=, save_every=) can be resumed (resume=). A cancel is honoured between
+ * micro-batches; weights change only in the optimizer update, so an interrupted step leaves
+ * the weights of the last complete step. Must not print; reports through callbacks.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <dirent.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cuda/train/train.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend/cuda/backend_cuda.h"
+#endif
+
+struct lt_trainer {
+    lt_adapters *ad;
+    /* the current run */
+    int active; /* a run exists */
+    int finished;
+    char key[4096];  /* its options, canonical, to recognise "the same %train again" */
+    int step, total; /* optimizer steps done / planned */
+    int64_t pos;     /* units consumed (global stream position) */
+    int64_t tokens;
+    float *losses;
+    int n_losses, cap_losses;
+};
+
+static lt_status failf(char *err, lt_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static lt_status failf(char *err, lt_status st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, LT_ERRLEN, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void run_reset(lt_trainer *t) {
+    t->active = t->finished = 0;
+    t->key[0] = 0;
+    t->step = t->total = 0;
+    t->pos = t->tokens = 0;
+    t->n_losses = 0;
+    if (t->ad) optim_reset(t->ad);
+}
+
+void trainer_free(lt_trainer *t) {
+    if (!t) return;
+    lora_free(t->ad);
+    free(t->losses);
+    free(t);
+}
+
+static lt_trainer *trainer_get(session_view *v) {
+    if (!*v->trainer) *v->trainer = calloc(1, sizeof(lt_trainer));
+    return *v->trainer;
+}
+
+static int push_loss(lt_trainer *t, float l) {
+    if (t->n_losses == t->cap_losses) {
+        int nc = t->cap_losses ? t->cap_losses * 2 : 64;
+        float *nl = realloc(t->losses, sizeof(float) * (size_t)nc);
+        if (!nl) return -1;
+        t->losses = nl;
+        t->cap_losses = nc;
+    }
+    t->losses[t->n_losses++] = l;
+    return 0;
+}
+
+/* ---- %lora ----------------------------------------------------------------------------------- */
+
+void lt_lora_opts_default(lt_lora_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->r = 16;
+    o->alpha = 16;
+    o->seed = 3407;
+}
+
+static void call_begin(session_view *v) {
+    v->err[0] = 0;
+    atomic_store(v->cancel, 0);
+}
+
+/* Replacing adapters: the old ones are unhooked first (so a failed attach can hook them back),
+ * except full fine-tuning, which is freed first (its trained weights stay in the model). */
+static void hooks_set(lt_adapters *a, int on) {
+    for (int i = 0; a && i < a->n_slots; i++) {
+        lora_slot *sl = &a->slots[i];
+        if (on)
+            sl->w->lora = &sl->lora;
+        else if (sl->w->lora == &sl->lora)
+            sl->w->lora = NULL;
+    }
+}
+
+static void swap_begin(lt_trainer *t) {
+    if (!t || !t->ad) return;
+    if (t->ad->full) {
+        lora_free(t->ad);
+        t->ad = NULL;
+        return;
+    }
+    hooks_set(t->ad, 0);
+}
+
+static void swap_end(lt_trainer *t, lt_adapters *fresh) {
+    if (!fresh) { /* failed: the old adapters come back */
+        if (t && t->ad) hooks_set(t->ad, 1);
+        return;
+    }
+    if (t->ad) lora_free(t->ad); /* unhooked: frees only its own tensors */
+    t->ad = fresh;
+    run_reset(t);
+}
+
+lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb) {
+    session_view v;
+    session_view_get(s, &v);
+    call_begin(&v);
+    if (!v.model)
+        return failf(v.err, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
+    lt_trainer *t = trainer_get(&v);
+    if (!t) return failf(v.err, LT_ERR_MEMORY, "out of memory");
+    lt_adapters *a = NULL;
+    lt_status rc;
+    swap_begin(t);
+    if (o->load && *o->load) {
+        rc = peft_load_adapter(&a, v.model, v.ctx, o->load, v.err);
+    } else {
+        lora_opts lo = {o->r, o->alpha, o->rslora, o->dropout, o->seed, o->targets, o->full};
+        rc = lora_attach(&a, v.model, v.ctx, &lo, v.err);
+    }
+    swap_end(t, rc == LT_OK ? a : NULL);
+    session_drop_cache(s);
+    if (rc != LT_OK) return rc;
+    if (cb && cb->message && o->load && *o->load) {
+        char m[1200];
+        snprintf(m, sizeof m, "loaded the adapter in %s", o->load);
+        cb->message(cb->ctx, m);
+    }
+    return LT_OK;
+}
+
+void lt_lora_info_get(const lt_session *cs, lt_lora_info *info) {
+    memset(info, 0, sizeof *info);
+    session_view v;
+    session_view_get((lt_session *)cs, &v);
+    lt_trainer *t = *v.trainer;
+    if (!v.model || !t || !t->ad) return;
+    const lt_adapters *a = t->ad;
+    info->attached = 1;
+    info->full = a->full;
+    info->r = a->r;
+    info->alpha = a->alpha;
+    info->rslora = a->rslora;
+    info->dropout = a->dropout;
+    info->scale = a->n_slots ? a->slots[0].lora.scale : 0;
+    info->n_modules = a->n_slots;
+    info->n_trainable = a->n_trainable;
+    info->n_total = v.model->n_params;
+    snprintf(info->targets, sizeof info->targets, "%s", a->full ? "all weights" : a->targets);
+    info->steps_done = t->step;
+}
+
+/* ---- options --------------------------------------------------------------------------------- */
+
+void lt_train_opts_default(lt_train_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->format = "auto";
+    o->batch = 2;
+    o->grad_accum = 1;
+    o->epochs = 1;
+    o->lr = 2e-4f;
+    o->schedule = "linear";
+    o->optim = "adamw";
+    o->max_grad_norm = 1.0f;
+    o->beta1 = 0.9f;
+    o->beta2 = 0.999f;
+    o->eps = 1e-8f;
+    o->responses_only = 1;
+    o->seed = 3407;
+    o->shuffle = 1;
+}
+
+static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *err) {
+    if (!(o->lr > 0) || !isfinite(o->lr))
+        return failf(err, LT_ERR_ARG, "%%train: lr=%g; it must be a number > 0", o->lr);
+    if (o->batch < 1) return failf(err, LT_ERR_ARG, "%%train: batch=%d; it must be >= 1", o->batch);
+    if (o->grad_accum < 1)
+        return failf(err, LT_ERR_ARG, "%%train: grad_accum=%d; it must be >= 1", o->grad_accum);
+    if (o->steps < 0)
+        return failf(err, LT_ERR_ARG, "%%train: steps=%d; it must be >= 0 (0 = from epochs)",
+                     o->steps);
+    if (o->steps == 0 && !(o->epochs > 0))
+        return failf(err, LT_ERR_ARG, "%%train: epochs=%g; give epochs > 0 or steps >= 1",
+                     o->epochs);
+    if (o->warmup < 0)
+        return failf(err, LT_ERR_ARG, "%%train: warmup=%d; it must be >= 0 steps", o->warmup);
+    if (o->weight_decay < 0)
+        return failf(err, LT_ERR_ARG, "%%train: weight_decay=%g must be >= 0", o->weight_decay);
+    if (o->max_grad_norm < 0)
+        return failf(err, LT_ERR_ARG, "%%train: max_grad_norm=%g must be >= 0 (0 = off)",
+                     o->max_grad_norm);
+    if (o->save_every < 0)
+        return failf(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
+    if (o->max_seq < 0)
+        return failf(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
+    const char *s = o->schedule ? o->schedule : "linear";
+    if (!strcmp(s, "constant"))
+        *sched = SCHED_CONSTANT;
+    else if (!strcmp(s, "linear"))
+        *sched = SCHED_LINEAR;
+    else if (!strcmp(s, "cosine"))
+        *sched = SCHED_COSINE;
+    else
+        return failf(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine", s);
+    if (o->optim && strcmp(o->optim, "adamw") != 0)
+        return failf(err, LT_ERR_ARG, "%%train: optim=%s; accepted: adamw", o->optim);
+    return LT_OK;
+}
+
+/* The options that define a run, as one canonical string. */
+static void opts_key(const lt_train_opts *o, int max_seq, char *out, size_t cap) {
+    snprintf(out, cap,
+             "data=%s|format=%s|batch=%d|grad_accum=%d|steps=%d|epochs=%.9g|lr=%.9g|warmup=%d|"
+             "schedule=%s|"
+             "wd=%.9g|clip=%.9g|b1=%.9g|b2=%.9g|eps=%.9g|max_seq=%d|ro=%d|packing=%d|seed=%llu|"
+             "shuffle=%d",
+             o->data ? o->data : "", o->format ? o->format : "auto", o->batch, o->grad_accum,
+             o->steps, (double)o->epochs, (double)o->lr, o->warmup,
+             o->schedule ? o->schedule : "linear", (double)o->weight_decay,
+             (double)o->max_grad_norm, (double)o->beta1, (double)o->beta2, (double)o->eps, max_seq,
+             o->responses_only, o->packing, (unsigned long long)o->seed, o->shuffle);
+}
+
+/* ---- units and the data stream ------------------------------------------------------------------
+ */
+
+typedef struct unit_list {
+    int *start, *count; /* unit u = samples idx[start[u] .. start[u]+count[u]) */
+    int *idx;
+    int n;
+} unit_list;
+
+static void units_free(unit_list *u) {
+    free(u->start);
+    free(u->count);
+    free(u->idx);
+    memset(u, 0, sizeof *u);
+}
+
+/* One unit per sample, or (packing) rows filled in file order up to max_seq tokens. */
+static int units_build(unit_list *u, const train_data *d, int packing, int max_seq) {
+    memset(u, 0, sizeof *u);
+    u->start = malloc(sizeof(int) * (size_t)d->n);
+    u->count = malloc(sizeof(int) * (size_t)d->n);
+    u->idx = malloc(sizeof(int) * (size_t)d->n);
+    if (!u->start || !u->count || !u->idx) return -1;
+    int fill = 0;
+    for (int i = 0; i < d->n; i++) {
+        u->idx[i] = i;
+        if (packing && u->n > 0 && fill + d->s[i].n <= max_seq) {
+            u->count[u->n - 1]++;
+            fill += d->s[i].n;
+            continue;
+        }
+        u->start[u->n] = i;
+        u->count[u->n] = 1;
+        u->n++;
+        fill = d->s[i].n;
+    }
+    return 0;
+}
+
+static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* The unit at global stream position pos: epoch = pos / n, shuffled per epoch. */
+typedef struct stream {
+    const unit_list *u;
+    int shuffle;
+    uint64_t seed;
+    int64_t epoch_cached;
+    int *perm;
+} stream;
+
+static int stream_unit(stream *s, int64_t pos) {
+    int n = s->u->n;
+    int64_t e = pos / n;
+    if (!s->shuffle) return (int)(pos % n);
+    if (e != s->epoch_cached) {
+        for (int i = 0; i < n; i++)
+            s->perm[i] = i;
+        uint64_t st = mix(s->seed ^ mix((uint64_t)e + 1));
+        for (int i = n - 1; i > 0; i--) { /* Fisher-Yates */
+            st = mix(st);
+            int j = (int)(st % (uint64_t)(i + 1));
+            int x = s->perm[i];
+            s->perm[i] = s->perm[j];
+            s->perm[j] = x;
+        }
+        s->epoch_cached = e;
+    }
+    return s->perm[pos % n];
+}
+
+/* Packs the samples of `nu` units starting at stream position pos into one micro-batch. */
+static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t pos, int nu) {
+    memset(b, 0, sizeof *b);
+    int N = 0, nseg = 0;
+    for (int k = 0; k < nu; k++) {
+        int u = stream_unit(st, pos + k);
+        for (int j = 0; j < st->u->count[u]; j++)
+            N += d->s[st->u->idx[st->u->start[u] + j]].n;
+        nseg += st->u->count[u];
+    }
+    b->ids = malloc(sizeof(int32_t) * (size_t)N);
+    b->targets = malloc(sizeof(int32_t) * (size_t)N);
+    b->seg_len = malloc(sizeof(int) * (size_t)nseg);
+    if (!b->ids || !b->targets || !b->seg_len) return -1;
+    int t = 0;
+    for (int k = 0; k < nu; k++) {
+        int u = stream_unit(st, pos + k);
+        for (int j = 0; j < st->u->count[u]; j++) {
+            const train_sample *s = &d->s[st->u->idx[st->u->start[u] + j]];
+            b->seg_len[b->n_seg++] = s->n;
+            for (int i = 0; i < s->n; i++) {
+                b->ids[t + i] = s->ids[i];
+                /* token i predicts token i+1 when that one is a label */
+                int lab = i + 1 < s->n && s->mask[i + 1];
+                b->targets[t + i] = lab ? s->ids[i + 1] : -100;
+                b->n_labels += lab;
+            }
+            t += s->n;
+        }
+    }
+    b->N = N;
+    return 0;
+}
+
+static void batch_free(train_batch *b) {
+    free(b->ids);
+    free(b->targets);
+    free(b->seg_len);
+    memset(b, 0, sizeof *b);
+}
+
+/* ---- checkpoints ------------------------------------------------------------------------------
+ */
+
+static char *state_json(const lt_trainer *t, const lt_train_opts *o, int max_seq, int n_units) {
+    json_t *j = json_object();
+    json_t *losses = json_array();
+    for (int i = 0; i < t->n_losses; i++)
+        json_array_append_new(losses, json_real(t->losses[i]));
+    json_t *opts = json_pack(
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:i, s:b, s:b, "
+        "s:I, s:b}",
+        "data", o->data ? o->data : "", "format", o->format ? o->format : "auto", "batch", o->batch,
+        "grad_accum", o->grad_accum, "steps", o->steps, "epochs", (double)o->epochs, "lr",
+        (double)o->lr, "warmup", o->warmup, "schedule", o->schedule ? o->schedule : "linear",
+        "weight_decay", (double)o->weight_decay, "max_grad_norm", (double)o->max_grad_norm, "beta1",
+        (double)o->beta1, "beta2", (double)o->beta2, "eps", (double)o->eps, "max_seq", max_seq,
+        "responses_only", o->responses_only, "packing", o->packing, "seed", (json_int_t)o->seed,
+        "shuffle", o->shuffle);
+    json_object_set_new(j, "format_version", json_integer(1));
+    json_object_set_new(j, "step", json_integer(t->step));
+    json_object_set_new(j, "total_steps", json_integer(t->total));
+    json_object_set_new(j, "position", json_integer(t->pos));
+    json_object_set_new(j, "tokens", json_integer(t->tokens));
+    json_object_set_new(j, "units", json_integer(n_units));
+    json_object_set_new(j, "full", json_boolean(t->ad->full));
+    json_object_set_new(j, "losses", losses);
+    json_object_set_new(j, "options", opts);
+    char *text = json_dumps(j, JSON_INDENT(1) | JSON_SORT_KEYS);
+    json_decref(j);
+    return text;
+}
+
+/* The checkpoint folder to resume: DIR itself when it has trainer_state.json, else its
+ * checkpoint-N with the largest N. */
+static int resolve_checkpoint(const char *dir, char *out, size_t cap) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s/trainer_state.json", dir);
+    if (access(p, R_OK) == 0) {
+        snprintf(out, cap, "%s", dir);
+        return 0;
+    }
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    struct dirent *e;
+    long best = -1;
+    while ((e = readdir(d))) {
+        char *end;
+        if (strncmp(e->d_name, "checkpoint-", 11) != 0) continue;
+        long n = strtol(e->d_name + 11, &end, 10);
+        if (*end || n <= best) continue;
+        snprintf(p, sizeof p, "%s/%s/trainer_state.json", dir, e->d_name);
+        if (access(p, R_OK) == 0) best = n;
+    }
+    closedir(d);
+    if (best < 0) return -1;
+    snprintf(out, cap, "%s/checkpoint-%ld", dir, best);
+    return 0;
+}
+
+/* Strings of options read back from a checkpoint live here. */
+typedef struct resumed {
+    char data[2048], format[16], schedule[16];
+} resumed;
+
+static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t **state,
+                            char *err) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s/trainer_state.json", ck);
+    json_error_t je;
+    json_t *j = json_load_file(p, 0, &je);
+    if (!j)
+        return failf(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck,
+                     je.text);
+    json_t *op = json_object_get(j, "options");
+    if (!json_is_object(op) || !json_is_integer(json_object_get(j, "step"))) {
+        json_decref(j);
+        return failf(err, LT_ERR_FORMAT, "%s: keys 'options' and 'step' are missing", p);
+    }
+#define GETS(k, dst)                                                                               \
+    snprintf(r->dst, sizeof r->dst, "%s",                                                          \
+             json_is_string(json_object_get(op, k)) ? json_string_value(json_object_get(op, k))    \
+                                                    : "")
+#define GETN(k) json_number_value(json_object_get(op, k))
+    GETS("data", data);
+    GETS("format", format);
+    GETS("schedule", schedule);
+    o->data = r->data;
+    o->format = r->format;
+    o->schedule = r->schedule;
+    o->batch = (int)GETN("batch");
+    o->grad_accum = (int)GETN("grad_accum");
+    o->steps = (int)GETN("steps");
+    o->epochs = (float)GETN("epochs");
+    o->lr = (float)GETN("lr");
+    o->warmup = (int)GETN("warmup");
+    o->weight_decay = (float)GETN("weight_decay");
+    o->max_grad_norm = (float)GETN("max_grad_norm");
+    o->beta1 = (float)GETN("beta1");
+    o->beta2 = (float)GETN("beta2");
+    o->eps = (float)GETN("eps");
+    o->max_seq = (int)GETN("max_seq");
+    o->responses_only = json_is_true(json_object_get(op, "responses_only"));
+    o->packing = json_is_true(json_object_get(op, "packing"));
+    o->shuffle = json_is_true(json_object_get(op, "shuffle"));
+    o->seed = (uint64_t)json_integer_value(json_object_get(op, "seed"));
+#undef GETS
+#undef GETN
+    *state = j;
+    return LT_OK;
+}
+
+/* ---- the memory plan ------------------------------------------------------------------------ */
+
+/* Bytes free where the training buffers will live: the GPU's free memory plus the blocks
+ * lathe's CUDA allocator holds but does not use; host memory on the CPU. 0 = unknown. */
+static double memory_available(lt_ctx *ctx, const char **where) {
+#ifdef HAVE_CUDA
+    if (ctx && ctx->be == &lt_backend_cuda) {
+        lt_cuda_mem cm;
+        lt_cuda_memory(ctx, &cm);
+        *where = "GPU memory";
+        return (double)cm.free + (double)(cm.reserved > cm.in_use ? cm.reserved - cm.in_use : 0);
+    }
+#else
+    (void)ctx;
+#endif
+    *where = "memory";
+    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+}
+
+static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
+                             int64_t max_tokens, const lt_train_callbacks *cb, char *err) {
+    const gemma3_config *c = &m->cfg;
+    double H = c->hidden_size, N = (double)max_tokens;
+    double QD = (double)c->num_attention_heads * c->head_dim,
+           KD = (double)c->num_key_value_heads * c->head_dim;
+    double weights = (double)m->weight_bytes;
+    double trainable = (double)a->n_trainable * 4 * 4; /* value (LoRA) + grad + m + v */
+    size_t dev_bytes, host_bytes;
+    gemma3_train_bytes(m, ctx, a, max_tokens, a->dropout > 0.0f && !a->full, &dev_bytes,
+                       &host_bytes);
+    double layer = (double)dev_bytes;
+    /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
+    double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;
+    double total = trainable + layer + work;
+    const char *where;
+    double avail = memory_available(ctx, &where);
+    int on_device = strcmp(where, "GPU memory") == 0;
+    if (cb && cb->message) {
+        char msg[600];
+        snprintf(msg, sizeof msg,
+                 "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, "
+                 "activations of one layer %.1f MiB, workspace %.1f MiB: %.1f MiB more %s; layer "
+                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)",
+                 weights / 1048576, trainable / 1048576, layer / 1048576, work / 1048576,
+                 total / 1048576, where, (double)host_bytes / 1048576,
+                 on_device ? "host memory" : "memory", (long long)max_tokens);
+        cb->message(cb->ctx, msg);
+    }
+    if (!on_device) total += (double)host_bytes;
+    if (avail > 0 && total > avail)
+        return failf(err, LT_ERR_MEMORY,
+                     "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
+                     "or max_seq=, or use grad_accum= for the same effective batch",
+                     total / 1048576, where, avail / 1048576);
+    return LT_OK;
+}
+
+/* ---- %train -----------------------------------------------------------------------------------
+ */
+
+static void say(const lt_train_callbacks *cb, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void say(const lt_train_callbacks *cb, const char *fmt, ...) {
+    if (!cb || !cb->message) return;
+    char buf[1500];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    cb->message(cb->ctx, buf);
+}
+
+static void data_message(void *ctx, const char *text) {
+    const lt_train_callbacks *cb = ctx;
+    if (cb && cb->message) cb->message(cb->ctx, text);
+}
+
+lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_callbacks *cb,
+                   lt_train_result *res) {
+    session_view v;
+    session_view_get(s, &v);
+    call_begin(&v);
+    lt_train_result dummy;
+    if (!res) res = &dummy;
+    memset(res, 0, sizeof *res);
+    char *err = v.err;
+    if (!v.model)
+        return failf(err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
+    const char *missing = lt_backend_missing_training_op(v.ctx->be);
+    if (missing)
+        return failf(err, LT_ERR_STATE,
+                     "%%train: the %s backend has no %s op; %%load the model "
+                     "with device=cpu",
+                     v.ctx->be->name, missing);
+    lt_trainer *t = *v.trainer;
+    lt_train_opts o = *o_in;
+    resumed rs;
+    json_t *state = NULL;
+    char ck[4096] = "";
+    lt_status rc = LT_OK;
+
+    if (o_in->resume && *o_in->resume) {
+        if (resolve_checkpoint(o_in->resume, ck, sizeof ck) != 0)
+            return failf(
+                err, LT_ERR_IO,
+                "%%train resume=%s: no checkpoint there (a folder with trainer_state.json, "
+                "or a save= folder holding checkpoint-N folders)",
+                o_in->resume);
+        if ((rc = read_state(ck, &o, &rs, &state, err)) != LT_OK) return rc;
+        o.save = o_in->save;
+        o.save_every = o_in->save_every;
+        o.resume = NULL;
+        if (o_in->data && *o_in->data) o.data = o_in->data; /* the same data, moved */
+        /* the adapters of the checkpoint replace the session's */
+        t = trainer_get(&v);
+        if (!t) {
+            json_decref(state);
+            return failf(err, LT_ERR_MEMORY, "out of memory");
+        }
+        lt_adapters *a = NULL;
+        if (json_is_true(json_object_get(state, "full"))) {
+            if (!t->ad || !t->ad->full) {
+                lora_opts lo = {.full = 1};
+                swap_begin(t);
+                rc = lora_attach(&a, v.model, v.ctx, &lo, err);
+                swap_end(t, rc == LT_OK ? a : NULL);
+            }
+        } else {
+            swap_begin(t);
+            rc = peft_load_adapter(&a, v.model, v.ctx, ck, err);
+            swap_end(t, rc == LT_OK ? a : NULL);
+        }
+        if (rc != LT_OK) {
+            json_decref(state);
+            return rc;
+        }
+        run_reset(t);
+        if ((rc = ckpt_load(t->ad, ck, err)) != LT_OK) {
+            json_decref(state);
+            return rc;
+        }
+        session_drop_cache(s);
+    }
+    if (!t || !t->ad) {
+        json_decref(state);
+        return failf(
+            err, LT_ERR_STATE,
+            "%%train: nothing to train: attach adapters first (%%lora, or %%lora full=true)");
+    }
+    lt_adapters *ad = t->ad;
+    lr_schedule sched = SCHED_LINEAR;
+    if ((rc = check_opts(&o, &sched, err)) != LT_OK) goto out_state;
+    int max_seq = o.max_seq > 0 ? o.max_seq : v.max_seq;
+    if (max_seq <= 0 || max_seq > v.model->cfg.max_position_embeddings)
+        max_seq = v.model->cfg.max_position_embeddings;
+    if (o.save && *o.save && (rc = dir_prepare(o.save, err)) != LT_OK) {
+        char tmp[LT_ERRLEN];
+        snprintf(tmp, sizeof tmp, "%s", err);
+        failf(err, rc, "%%train save=: %s", tmp);
+        goto out_state;
+    }
+
+    /* data */
+    train_data d;
+    data_opts dopt = {o.data, o.format, max_seq, o.responses_only};
+    lt_callbacks dcb = {(void *)cb, data_message, NULL, NULL};
+    if ((rc = data_load(&d, &dopt, v.tok, &v.model->cfg, &dcb, err)) != LT_OK) goto out_state;
+    unit_list u;
+    if (units_build(&u, &d, o.packing, max_seq) != 0) {
+        rc = failf(err, LT_ERR_MEMORY, "out of memory");
+        goto out_data;
+    }
+    int per_step = o.batch * o.grad_accum;
+    int steps_per_epoch = (u.n + per_step - 1) / per_step;
+    int total = o.steps > 0 ? o.steps : (int)ceil((double)o.epochs * u.n / per_step);
+    if (total < 1) total = 1;
+
+    /* continue the same run, or start a new one */
+    char key[4096];
+    opts_key(&o, max_seq, key, sizeof key);
+    if (state) {
+        t->active = 1;
+        t->finished = 0;
+        snprintf(t->key, sizeof t->key, "%s", key);
+        t->step = (int)json_integer_value(json_object_get(state, "step"));
+        t->pos = (int64_t)json_integer_value(json_object_get(state, "position"));
+        t->tokens = (int64_t)json_integer_value(json_object_get(state, "tokens"));
+        t->total = total;
+        json_t *ls = json_object_get(state, "losses");
+        size_t i;
+        json_t *x;
+        json_array_foreach(ls, i, x) push_loss(t, (float)json_number_value(x));
+        if (json_integer_value(json_object_get(state, "units")) != u.n) {
+            rc = failf(
+                err, LT_ERR_ARG,
+                "resume=%s: the data now makes %d units but the checkpoint was made with %lld; "
+                "resume needs the same data and options",
+                ck, u.n, (long long)json_integer_value(json_object_get(state, "units")));
+            goto out_units;
+        }
+        say(cb, "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total,
+            o.save ? o.save : "none");
+    } else if (t->active && !t->finished && strcmp(t->key, key) == 0) {
+        say(cb, "continuing the interrupted run at step %d/%d", t->step, t->total);
+    } else {
+        run_reset(t);
+        t->active = 1;
+        snprintf(t->key, sizeof t->key, "%s", key);
+        t->total = total;
+    }
+    if (t->step >= t->total) {
+        rc = failf(
+            err, LT_ERR_ARG,
+            "%%train: this run already did its %d steps; change an option (steps=, data=, ...) "
+            "to start a new one",
+            t->total);
+        goto out_units;
+    }
+    say(cb,
+        "%d samples (%s, %lld tokens, %lld trained), %d %s, %d steps (%d per epoch), %lld "
+        "trainable parameters",
+        d.n, d.format, (long long)d.n_tokens, (long long)d.n_labels, u.n,
+        o.packing ? "packed rows" : "units", t->total, steps_per_epoch, (long long)ad->n_trainable);
+    {
+        int64_t maxtok = 0;
+        for (int i = 0; i < d.n; i++)
+            maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
+        maxtok = (o.packing ? max_seq : maxtok) * (int64_t)o.batch;
+        if ((rc = memory_plan(v.model, ad, v.ctx, maxtok, cb, err)) != LT_OK) goto out_units;
+    }
+    res->n_samples = d.n;
+    res->n_truncated = d.n_truncated;
+    snprintf(res->format, sizeof res->format, "%s", d.format);
+    res->first_step = t->step;
+    res->total_steps = t->total;
+
+    stream st = {&u, o.shuffle, o.seed, -1, malloc(sizeof(int) * (size_t)u.n)};
+    train_batch *mb = calloc((size_t)o.grad_accum, sizeof(train_batch));
+    if (!st.perm || !mb) {
+        rc = failf(err, LT_ERR_MEMORY, "out of memory");
+        goto out_stream;
+    }
+    optim_opts oo = {o.lr,           o.beta1,         o.beta2,  o.eps,
+                     o.weight_decay, o.max_grad_norm, o.warmup, sched};
+    double t0 = now_s();
+    int64_t run_tokens = 0;
+    int first = 1;
+    while (t->step < t->total) {
+        /* the step's micro-batches, and its label count (the normaliser, §6.3) */
+        int64_t labels = 0, step_tokens = 0;
+        for (int k = 0; k < o.grad_accum; k++) {
+            if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch) != 0) {
+                rc = failf(err, LT_ERR_MEMORY, "out of memory");
+                goto out_loop;
+            }
+            labels += mb[k].n_labels;
+            step_tokens += mb[k].N;
+        }
+        if ((rc = lora_zero_grads(ad)) != LT_OK) {
+            failf(err, rc, "%s", v.ctx->err);
+            goto out_loop;
+        }
+        double loss_sum = 0;
+        for (int k = 0; k < o.grad_accum; k++) {
+            if (atomic_load(v.cancel)) {
+                rc = LT_CANCELLED;
+                goto out_loop;
+            }
+            double ls = 0;
+            uint64_t dseed = mix(o.seed ^ mix((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
+            rc = gemma3_train_batch(v.model, v.ctx, ad, &mb[k],
+                                    1.0f / (float)(labels > 0 ? labels : 1), 1,
+                                    ad->dropout > 0 ? dseed : 0, &ls);
+            if (rc != LT_OK) {
+                failf(err, rc, "%%train step %d: %s", t->step + 1, v.ctx->err);
+                goto out_loop;
+            }
+            loss_sum += ls;
+        }
+        if (atomic_load(v.cancel)) {
+            rc = LT_CANCELLED;
+            goto out_loop;
+        }
+        double gnorm = 0;
+        if ((rc = optim_clip(ad, o.max_grad_norm, &gnorm, err)) != LT_OK) goto out_loop;
+        double lr = (double)o.lr * optim_lr_factor(sched, t->step, o.warmup, t->total);
+        if ((rc = optim_step(ad, &oo, (float)lr, t->step + 1, err)) != LT_OK) goto out_loop;
+        /* the step is complete */
+        double loss = loss_sum / (double)(labels > 0 ? labels : 1);
+        t->step++;
+        t->pos += per_step;
+        t->tokens += step_tokens;
+        run_tokens += step_tokens;
+        push_loss(t, (float)loss);
+        if (first) res->first_loss = loss;
+        first = 0;
+        res->last_loss = loss;
+        res->steps_done = t->step;
+        for (int k = 0; k < o.grad_accum; k++)
+            batch_free(&mb[k]);
+        if (cb && cb->step) {
+            double el = now_s() - t0;
+            int done_here = t->step - res->first_step, left = t->total - t->step;
+            lt_train_progress p = {t->step,
+                                   t->total,
+                                   (float)((double)t->pos / u.n),
+                                   loss,
+                                   lr,
+                                   gnorm,
+                                   el > 0 ? run_tokens / el : 0,
+                                   el,
+                                   done_here > 0 ? el / done_here * left : 0,
+                                   t->tokens,
+                                   t->losses,
+                                   t->n_losses};
+            cb->step(cb->ctx, &p);
+        }
+        int last = t->step == t->total;
+        if (o.save && *o.save && ((o.save_every > 0 && t->step % o.save_every == 0) || last)) {
+            char dir[4200];
+            snprintf(dir, sizeof dir, "%s/checkpoint-%d", o.save, t->step);
+            char *sj = state_json(t, &o, max_seq, u.n);
+            if (!sj) {
+                rc = failf(err, LT_ERR_MEMORY, "out of memory");
+                goto out_loop;
+            }
+            rc = ckpt_save(ad, dir, sj, err);
+            free(sj);
+            if (rc != LT_OK) {
+                char tmp[LT_ERRLEN];
+                snprintf(tmp, sizeof tmp, "%s", err);
+                failf(err, rc,
+                      "checkpoint at step %d failed: %s (training stopped; the weights of step %d "
+                      "are kept "
+                      "in memory)",
+                      t->step, tmp, t->step);
+                goto out_loop;
+            }
+            memcpy(res->saved, dir, strnlen(dir, sizeof res->saved - 1));
+            res->saved[strnlen(dir, sizeof res->saved - 1)] = 0;
+        }
+    }
+    t->finished = 1;
+out_loop:
+    for (int k = 0; k < o.grad_accum && mb; k++)
+        batch_free(&mb[k]);
+    res->seconds = now_s() - t0;
+    res->tokens = run_tokens;
+    res->steps_done = t->step;
+    if (rc == LT_CANCELLED) {
+        res->interrupted = 1;
+        failf(err, LT_CANCELLED,
+              "training stopped at step %d of %d; the weights are those of step %d. Run the same "
+              "%%train again to continue",
+              t->step, t->total, t->step);
+    }
+    if (t->step > res->first_step) session_drop_cache(s);
+#ifdef HAVE_CUDA
+    lt_cuda_trim(v.ctx); /* the step's cached blocks and its page-locked checkpoint memory */
+#endif
+out_stream:
+    free(mb);
+    free(st.perm);
+out_units:
+    units_free(&u);
+out_data:
+    data_free(&d);
+out_state:
+    json_decref(state);
+    return rc;
+}
+
+/* ---- %save ------------------------------------------------------------------------------------
+ */
+
+lt_status lt_save_adapter(lt_session *s, const char *dir) {
+    session_view v;
+    session_view_get(s, &v);
+    call_begin(&v);
+    if (!v.model) return failf(v.err, LT_ERR_STATE, "%%save: no model loaded");
+    lt_trainer *t = *v.trainer;
+    return peft_save_adapter(t ? t->ad : NULL, dir, v.err);
+}
+
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
+    session_view v;
+    session_view_get(s, &v);
+    call_begin(&v);
+    if (!v.model) return failf(v.err, LT_ERR_STATE, "%%save: no model loaded");
+    lt_trainer *t = *v.trainer;
+    char src[4096] = "";
+    const char *tp = v.tok ? tok_path(v.tok) : NULL;
+    if (tp && strncmp(v.model->source, "random:", 7) != 0) {
+        snprintf(src, sizeof src, "%s", tp);
+        char *slash = strrchr(src, '/');
+        if (slash)
+            *slash = 0;
+        else
+            snprintf(src, sizeof src, ".");
+    }
+    return peft_save_merged(t ? t->ad : NULL, v.model, src, tp, dtype, dir, v.err);
+}

@@ -1,0 +1,249 @@
+/* train.h — the fine-tuning subsystem inside the engine: adapters, trainable parameters,
+ * the model's backward pass, the optimizer, datasets, and the files they are saved as.
+ * Engine-private.
+ *
+ *   lora.c             lt_adapters: which weights train (LoRA slots or full fine-tuning),
+ *                      PEFT initialisation, target matching, merging
+ *   gemma3_backward.c  one micro-batch: forward with per-layer checkpoints, fused loss,
+ *                      backward with per-layer recompute (packed samples, no padding)
+ *   optim.c            AdamW state, learning-rate schedules, gradient clipping
+ *   data.c             JSONL/JSON datasets -> token ids + label masks; batching and packing
+ *   peft.c             safetensors writer, PEFT adapters, merged checkpoints, train checkpoints
+ *   train.c            the %train loop (lt_train) and the session glue
+ * Nothing here includes kernel/ or protocol/.
+ */
+#ifndef LATHE_TRAIN_H
+#define LATHE_TRAIN_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "cuda/backend/backend.h"
+#include "cuda/model/model.h"
+#include "cuda/text/tokenizer.h"
+
+/* ---- trainable parameters (lora.c) ----------------------------------------------------- */
+
+/* One tensor the optimizer updates: value (fp32, in place), its gradient and AdamW state.
+ * All data pointers are backend memory owned by lt_adapters (value may be the model's own
+ * tensor for full fine-tuning). */
+typedef struct train_param {
+    char name[192];   /* PEFT / HF name, e.g. "model.layers.0.self_attn.q_proj.lora_A.weight" */
+    lt_tensor *value; /* fp32 */
+    lt_tensor grad;   /* fp32, same shape */
+    lt_tensor m, v;   /* AdamW exp_avg, exp_avg_sq (fp32); data NULL until the first step */
+    int decay;        /* 1 = weight decay applies (matrices), 0 = norms */
+} train_param;
+
+/* One adapted linear layer. */
+typedef struct lora_slot {
+    char module[160]; /* canonical module path, "model.layers.3.mlp.down_proj" */
+    int layer;
+    lt_weight *w; /* the model's weight (its ->lora points at .lora below) */
+    lt_lora lora;
+} lora_slot;
+
+/* Norm-weight gradients for full fine-tuning, per layer in gemma3_layer's order. */
+typedef struct gemma3_norm_grads {
+    lt_tensor *layers; /* [L][6]: input, q_norm, k_norm, post_attention, pre_ff, post_ff */
+    lt_tensor final;   /* [H] */
+} gemma3_norm_grads;
+enum { NG_INPUT, NG_QNORM, NG_KNORM, NG_POST_ATTN, NG_PRE_FF, NG_POST_FF, NG_COUNT };
+
+typedef struct owned_copy {
+    lt_tensor *t; /* the model's tensor, pointing at copy while training */
+    void *orig;   /* its own storage */
+    lt_dtype orig_dtype;
+    void *copy; /* fp32 */
+} owned_copy;
+
+typedef struct lt_adapters {
+    gemma3_model *model; /* not owned */
+    lt_ctx *ctx;         /* not owned */
+    int full;            /* 1 = full fine-tuning (every weight trains), 0 = LoRA */
+    /* LoRA */
+    int r;
+    float alpha;
+    int rslora;
+    float dropout;
+    char *targets; /* as given: "q_proj,k_proj,..." (a list) or a regex */
+    int targets_regex;
+    lora_slot *slots;
+    int n_slots;
+    /* full fine-tuning: fp32 copies made of 16-bit weights (owned) and norm gradients */
+    owned_copy *owned;
+    int n_owned;
+    gemma3_norm_grads ng;
+    /* what the optimizer sees */
+    train_param *params;
+    int n_params;
+    int64_t n_trainable;
+} lt_adapters;
+
+typedef struct lora_opts {
+    int r;       /* > 0 */
+    float alpha; /* default 16 */
+    int rslora;
+    float dropout; /* [0, 1) */
+    uint64_t seed;
+    const char *targets; /* NULL = q,k,v,o,gate,up,down; short names, *_proj names, or a regex */
+    int full;            /* full fine-tuning instead of adapters */
+} lora_opts;
+
+/* Attaches fresh adapters (PEFT init: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), or makes every
+ * weight trainable (full). On failure nothing is attached. err: LT_ERRLEN. */
+lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lora_opts *o,
+                      char *err);
+/* Detaches (model weights point at no adapter again) and frees. After full fine-tuning the
+ * trained values stay in the model (written back into its storage, in its dtype). */
+void lora_free(lt_adapters *a);
+/* 1 when the adapters' targets select this canonical module ("model.layers.3.mlp.up_proj"):
+ * PEFT's list rule (equal, or ends with "." + entry; "q" means "q_proj") or re.fullmatch for a
+ * regex (also tried on the multimodal spellings of the name). */
+int lora_module_matches(const lt_adapters *a, const char *module);
+/* Sets every gradient to zero. */
+lt_status lora_zero_grads(lt_adapters *a);
+/* Enables/disables every adapter (GRPO's reference policy; merged export). */
+void lora_enable(lt_adapters *a, int on);
+/* The "base_model.model." PEFT key prefix's module path for slot i (multimodal aware). */
+void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap);
+/* W' = W + s·B·A for every slot, into a caller-provided fp32 buffer of slot->w's shape. */
+lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err);
+
+/* ---- backward (gemma3_backward.c) ------------------------------------------------------ */
+
+/* One micro-batch: n_seg samples packed into one row of N tokens (no padding); attention
+ * stays inside each sample (positions restart at 0 per sample). targets[t] is the id token
+ * t must predict, or -100. */
+typedef struct train_batch {
+    int32_t *ids;     /* [N] host */
+    int32_t *targets; /* [N] host */
+    int *seg_len;     /* [n_seg] */
+    int n_seg;
+    int N;
+    int n_labels; /* targets != -100 */
+} train_batch;
+
+/* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are
+ * ACCUMULATED into the adapters' (or full weights') gradients, scaled by grad_scale
+ * (1 / label tokens of the whole optimizer step, REFERENCE §6.3). *loss_sum = Σ CE. ad may
+ * be NULL (no trainable weights: loss only). dropout_seed != 0 turns LoRA dropout on, with
+ * masks derived from it (0 = no dropout: evaluation). */
+lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad,
+                             const train_batch *b, float grad_scale, int grads,
+                             uint64_t dropout_seed, double *loss_sum);
+/* What gemma3_train_batch with grads allocates for N tokens: *device in backend memory (one
+ * layer's activations and gradients, the residual stream, the loss's input; not the
+ * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
+ * dropout: LoRA dropout on (its scratch counts). */
+void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *ad, int64_t N,
+                        int dropout, size_t *device, size_t *host);
+
+/* ---- optimizer (optim.c) --------------------------------------------------------------- */
+
+typedef enum { SCHED_CONSTANT, SCHED_LINEAR, SCHED_COSINE } lr_schedule;
+
+typedef struct optim_opts {
+    float lr, beta1, beta2, eps, weight_decay, max_grad_norm;
+    int warmup;
+    lr_schedule schedule;
+} optim_opts;
+
+/* transformers' get_{constant,linear,cosine}_schedule_with_warmup multiplier for the
+ * optimizer step `step` (0-based: the first update uses step 0) of `total`. */
+double optim_lr_factor(lr_schedule s, int step, int warmup, int total);
+/* torch.nn.utils.clip_grad_norm_ over every parameter: returns the total norm before
+ * clipping in *norm; scales when max_norm > 0 and the norm exceeds it. */
+lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err);
+/* One AdamW update of every parameter (allocates m/v on first use). step counts from 1. */
+lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, char *err);
+/* Frees the AdamW state (a new %lora or a fresh optimizer). */
+void optim_reset(lt_adapters *a);
+
+/* ---- data (data.c) --------------------------------------------------------------------- */
+
+typedef struct train_sample {
+    int32_t *ids;  /* [n] */
+    uint8_t *mask; /* [n]: 1 = token is a label (trained), 0 = context only */
+    int n;
+    int line; /* 1-based line (JSONL) or record (JSON array) in the file, for messages */
+} train_sample;
+
+typedef struct train_data {
+    train_sample *s;
+    int n;
+    char path[512];
+    char format[16]; /* the detected/forced format */
+    int n_truncated;
+    int64_t n_tokens, n_labels;
+} train_data;
+
+typedef struct data_opts {
+    const char *path;
+    const char *format; /* "auto", "text", "alpaca", "sharegpt", "messages" */
+    int max_seq;
+    int responses_only; /* chat formats: train on model turns only */
+} data_opts;
+
+/* Reads and tokenizes the whole dataset; errors name file:line and the field. */
+lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
+                    const gemma3_config *cfg, const lt_callbacks *cb, char *err);
+void data_free(train_data *d);
+
+/* ---- files (peft.c) -------------------------------------------------------------------- */
+
+/* A tensor to write. */
+typedef struct st_out {
+    const char *name;
+    lt_dtype dtype; /* of the file: F32, F16, BF16 */
+    int ndim;
+    int64_t shape[4];
+    const void *data; /* host, already in `dtype` */
+} st_out;
+
+/* Writes a safetensors file atomically (temp in the same folder, fsync, rename). */
+lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json, char *err);
+/* Writes text atomically. */
+lt_status file_write_atomic(const char *path, const void *data, size_t n, char *err);
+/* Creates DIR (and parents) if missing; checks it is a writable directory. */
+lt_status dir_prepare(const char *dir, char *err);
+
+/* PEFT adapter: adapter_config.json + adapter_model.safetensors (fp32). */
+lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err);
+/* Reads a PEFT adapter into new adapters on m. */
+lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const char *dir,
+                            char *err);
+/* Merged checkpoint: config.json (as loaded) + model.safetensors (dtype: "bf16", "fp16" or
+ * "fp32") + tokenizer.model. */
+lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+                           const char *tokenizer_path, const char *dtype, const char *dir,
+                           char *err);
+
+/* ---- the session's side (session.c implements these three; train.c the rest) ----------- */
+
+typedef struct lt_trainer lt_trainer; /* adapters + the current run (train.c) */
+
+/* The parts of a session the training code uses. */
+typedef struct session_view {
+    gemma3_model *model; /* NULL when none is loaded */
+    lt_tokenizer *tok;
+    lt_ctx *ctx;          /* valid when model != NULL */
+    char *err;            /* LT_ERRLEN: the session's message */
+    atomic_int *cancel;   /* raised by lt_cancel */
+    lt_trainer **trainer; /* the session's slot (NULL until %lora) */
+    int max_seq;
+} session_view;
+void session_view_get(lt_session *s, session_view *v);
+/* Forgets the generation KV cache (the weights changed). */
+void session_drop_cache(lt_session *s);
+/* Detaches and frees the adapters and run state; session.c calls it before it frees or
+ * replaces the model (NULL is fine). */
+void trainer_free(lt_trainer *t);
+
+/* Training checkpoints (peft.c): the trainable tensors, AdamW state and a trainer_state.json
+ * text, written as one atomic set under dir; for LoRA also a PEFT adapter. */
+lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
+/* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
+lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);
+
+#endif
