@@ -93,7 +93,7 @@ int main(int argc, char **argv) {
         .lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
     double loss = 0, t0 = 0;
     size_t act_bytes, ckpt_bytes;
-    gemma3_train_bytes(m, &ctx, ad, N, 0, &act_bytes, &ckpt_bytes);
+    gemma3_train_bytes(m, &ctx, lora_trainable(ad), N, 0, &act_bytes, &ckpt_bytes);
     printf("# memory: weights %.2f GiB, trainable + grads + AdamW %.2f GiB, one layer's "
            "activations %.2f GiB (device), layer checkpoints %.2f GiB (page-locked host)\n",
            m->weight_bytes / 1073741824.0, ad->n_trainable * 16.0 / 1073741824.0,
@@ -115,7 +115,8 @@ int main(int argc, char **argv) {
         }
         lt_status rc = lora_zero_grads(ad);
         if (rc == LT_OK)
-            rc = gemma3_train_batch(m, &ctx, ad, &b, 1.0f / (float)b.n_labels, 1, 0, &loss);
+            rc = gemma3_train_batch(m, &ctx, lora_trainable(ad), &b, 1.0f / (float)b.n_labels, 1, 0,
+                                    &loss);
         if (rc == LT_OK)
             rc = optim_step(ad, &oo, oo.lr, it + 1, err) == LT_OK ? LT_OK : LT_ERR_STATE;
         if (rc != LT_OK) {

@@ -20,17 +20,18 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cuda/text/chat.h"
 #include "cuda/engine.h"
-#include "cuda/model/gemma3_device.h" /* CUDA helper (issue 5): device copies of the model */
+#include "cuda/export/gguf_export.h"
+#include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/sample.h"
+#include "cuda/text/chat.h"
 #include "cuda/text/textstream.h"
 #include "cuda/text/tokenizer.h"
-#ifdef HAVE_CUDA
-#include "cuda/backend/cuda/backend_cuda.h" /* CUDA helper (issue 5) */
-#endif
 #include "cuda/train/train.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend/cuda/backend_cuda.h"
+#endif
 
 #ifndef LATHE_DATADIR
 #define LATHE_DATADIR "/usr/local/share/lathe"
@@ -801,18 +802,120 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
     return rc;
 }
 
-/* ---- for the training code (train.h) -------------------------------------------------------- */
+/* ---- fine-tuning and export: the trainer and the exporters get what they work on ---------- */
 
-void session_view_get(lt_session *s, session_view *v) {
-    v->model = s->model;
-    v->tok = s->tok;
-    v->ctx = &s->ctx;
-    v->err = s->err;
-    v->cancel = &s->cancel;
-    v->trainer = &s->trainer;
-    v->max_seq = s->max_seq;
+static trainer_env session_env(lt_session *s) {
+    trainer_env e = {s->model, s->tok, &s->ctx, &s->cancel, s->max_seq};
+    return e;
 }
 
-void session_drop_cache(lt_session *s) {
+lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb) {
+    call_begin(s);
+    if (!s->model)
+        return fail(s, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
+    if (!s->trainer && !(s->trainer = trainer_new()))
+        return fail(s, LT_ERR_MEMORY, "out of memory");
+    trainer_env env = session_env(s);
+    lt_status rc = trainer_attach(s->trainer, &env, o, s->err);
     cache_drop(s);
+    if (rc != LT_OK) return rc;
+    if (cb && cb->message && o->load && *o->load) {
+        char m[1200];
+        snprintf(m, sizeof m, "loaded the adapter in %s", o->load);
+        cb->message(cb->ctx, m);
+    }
+    return LT_OK;
+}
+
+void lt_lora_info_get(const lt_session *s, lt_lora_info *info) {
+    memset(info, 0, sizeof *info);
+    const lt_adapters *a = trainer_adapters(s->trainer);
+    if (!s->model || !a) return;
+    info->attached = 1;
+    info->full = a->full;
+    info->r = a->r;
+    info->alpha = a->alpha;
+    info->rslora = a->rslora;
+    info->dropout = a->dropout;
+    info->scale = a->n_slots ? a->slots[0].lora.scale : 0;
+    info->n_modules = a->n_slots;
+    info->n_trainable = a->n_trainable;
+    info->n_total = s->model->n_params;
+    snprintf(info->targets, sizeof info->targets, "%s", a->full ? "all weights" : a->targets);
+    info->steps_done = trainer_steps_done(s->trainer);
+}
+
+lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbacks *cb,
+                   lt_train_result *res) {
+    call_begin(s);
+    if (res) memset(res, 0, sizeof *res);
+    if (!s->model)
+        return fail(s, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
+    int resuming = o->resume && *o->resume;
+    if (!resuming && !trainer_adapters(s->trainer))
+        return fail(s, LT_ERR_STATE,
+                    "%%train: nothing to train: attach adapters first (%%lora, or %%lora "
+                    "full=true)");
+    if (!s->trainer && !(s->trainer = trainer_new()))
+        return fail(s, LT_ERR_MEMORY, "out of memory");
+    trainer_env env = session_env(s);
+    int changed = 0;
+    lt_status rc = trainer_run(s->trainer, &env, o, cb, res, &changed, s->err);
+    if (changed) cache_drop(s);
+    return rc;
+}
+
+lt_status lt_save_adapter(lt_session *s, const char *dir) {
+    call_begin(s);
+    if (!s->model) return fail(s, LT_ERR_STATE, "%%save: no model loaded");
+    return peft_save_adapter(trainer_adapters(s->trainer), dir, s->err);
+}
+
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
+    call_begin(s);
+    if (!s->model) return fail(s, LT_ERR_STATE, "%%save: no model loaded");
+    /* the checkpoint's own folder, to copy what a merged save keeps from it */
+    char src[4096] = "";
+    const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    if (tp && strncmp(s->model->source, "random:", 7) != 0) {
+        snprintf(src, sizeof src, "%s", tp);
+        char *slash = strrchr(src, '/');
+        if (slash)
+            *slash = 0;
+        else
+            snprintf(src, sizeof src, ".");
+    }
+    return peft_save_merged(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
+}
+
+lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
+                         const lt_callbacks *cb, lt_export_result *res) {
+    if (res) memset(res, 0, sizeof *res);
+    if (!s) return LT_ERR_ARG;
+    call_begin(s);
+    if (!s->model || !s->tok)
+        return fail(s, LT_ERR_STATE,
+                    "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
+    gguf_export_opts o = {.overwrite = overwrite, .cancel = &s->cancel, .cb = cb};
+    if (gguf_ftype_parse(type ? type : "f16", &o.ftype) != 0)
+        return fail(s, LT_ERR_ARG, "type=%s: not a GGUF type lathe writes; use one of %s", type,
+                    GGUF_FTYPE_CHOICES);
+    /* the folder is created when missing, as %save creates its folder */
+    const char *slash = path ? strrchr(path, '/') : NULL;
+    lt_status st;
+    if (slash && slash != path) {
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
+        if ((st = dir_prepare(parent, s->err)) != LT_OK) return st;
+    }
+    /* a model copied to the GPU is read back through its backend; a host model in place */
+    lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL;
+    gguf_export_result r;
+    st = gguf_export_gemma3(s->model, s->tok, dev, path, &o, &r, s->err);
+    if (st == LT_OK && res) {
+        res->bytes = r.bytes;
+        res->n_tensors = r.n_tensors;
+        res->n_fallback = r.n_fallback;
+    }
+    return st;
 }

@@ -45,6 +45,17 @@ typedef struct lt_weight {
 
 struct lt_backend;
 
+/* A backend's memory now. `where` names it for messages ("GPU memory", "memory"). */
+typedef struct lt_mem_info {
+    const char *where;
+    int on_device; /* 1 when buffers live off the host (then checkpoints go to host memory) */
+    size_t in_use; /* bytes the backend's allocator hands out now (0 when it does not count) */
+    size_t peak;   /* high-water mark of in_use */
+    size_t cached; /* bytes it holds from the system but does not use (reusable) */
+    size_t free;   /* bytes the system can still give (0 = unknown) */
+    size_t total;
+} lt_mem_info;
+
 /* One per session and device: which backend, its private state (thread pool, CUDA stream,
  * cuBLAS handle), and the message of the last failed op. */
 typedef struct lt_ctx {
@@ -88,6 +99,15 @@ typedef struct lt_backend {
      * GeGLU product, its gradients) in BF16, the very values linear / linear_backward would
      * round them to, and skips their casts. 0 on the CPU, whose matmuls read fp32. */
     int (*bf16_activations)(lt_ctx *ctx);
+    /* dst = src converted, n elements of F32/F16/BF16, both in backend memory (fp16 results
+     * clamped to ±65504 as the last guard): weights placed in the policy's dtype. */
+    lt_status (*convert)(lt_ctx *ctx, void *dst, lt_dtype dst_t, const void *src, lt_dtype src_t,
+                         int64_t n);
+    /* Where this backend's buffers live and how much room is left there, for the memory plan
+     * and %status. */
+    void (*memory)(lt_ctx *ctx, lt_mem_info *m);
+    /* Gives cached buffers and page-locked host blocks back to the system (when %train ends). */
+    void (*trim)(lt_ctx *ctx);
 
     /* ---- forward ops ------------------------------------------------------------------ */
     /* h[t,:] = table[ids[t], :] * scale.  h: [T, H] fp32; ids: [T] I32; table: [V, H] any
@@ -160,10 +180,19 @@ typedef struct lt_backend {
     /* *out (host) = sum of t^2 in double */
     lt_status (*sumsq)(lt_ctx *ctx, double *out, lt_tensor t);
     /* Inverted dropout with a mask that is a pure function of (seed, index): y = x * keep *
-     * mul / (1 - p), keep = lt_dropout_keep(seed, i, p) (grad.h). The same seed gives the same
+     * mul / (1 - p), keep = lt_dropout_keep(seed, i, p) (below). The same seed gives the same
      * mask, so forward, recompute and backward agree. y may alias x. */
     lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 } lt_backend;
+
+/* The dropout keep-test, shared by every backend: 1 when element i survives. */
+static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
+}
 
 /* The name of the first training op (backward ops, loss, optimizer, vector ops) a backend
  * lacks, or NULL when it has them all: the trainer checks once, up front. */

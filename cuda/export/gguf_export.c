@@ -20,11 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/export/gguf_export.h"
 #include "cuda/model/gemma3_device.h"
-#include "cuda/formats/gguf.h"
-#include "cuda/model/model.h"
 #include "cuda/text/tokenizer.h"
-#include "cuda/train/train.h"
 
 /* Gemma 3's chat template (REFERENCE §2.3), used when the checkpoint ships none (random:,
  * tiny): lathe trains in this format, so llama.cpp should chat in it too. */
@@ -678,56 +676,5 @@ done:
     free(ex.stage);
     free(chat);
     gguf_writer_free(w);
-    return st;
-}
-
-/* ---- the public entry point ------------------------------------------------------------- */
-
-lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
-                         const lt_callbacks *cb, lt_export_result *res) {
-    if (res) memset(res, 0, sizeof *res);
-    if (!s) return LT_ERR_ARG;
-    /* the session's model, tokenizer, backend and cancel flag, for this one call */
-    session_view v;
-    session_view_get(s, &v);
-    char *err = v.err;
-    err[0] = '\0';
-    atomic_store(v.cancel, 0);
-    if (!v.model || !v.tok) {
-        snprintf(err, LT_ERRLEN,
-                 "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
-        return LT_ERR_STATE;
-    }
-    gemma3_model *m = v.model;
-    lt_tokenizer *tok = v.tok;
-    lt_ctx *ctx = v.ctx;
-    atomic_int *cancel = v.cancel;
-    lt_status st;
-    gguf_export_opts o = {.overwrite = overwrite, .cancel = cancel, .cb = cb};
-    if (gguf_ftype_parse(type ? type : "f16", &o.ftype) != 0) {
-        snprintf(err, LT_ERRLEN, "type=%s: not a GGUF type lathe writes; use one of %s", type,
-                 GGUF_FTYPE_CHOICES);
-        return LT_ERR_ARG;
-    }
-    /* the folder is created when missing, as %save creates its folder */
-    const char *slash = path ? strrchr(path, '/') : NULL;
-    if (slash && slash != path) {
-        char parent[4096];
-        snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
-        if ((st = dir_prepare(parent, err)) != LT_OK) return st;
-    }
-    /* a model copied to the GPU is read back through its backend; a host model in place */
-    lt_ctx *dev = gemma3_on_device(m) ? ctx : NULL;
-    if (gemma3_on_device(m) && !ctx) {
-        snprintf(err, LT_ERRLEN, "gguf export: the model is on a device but no backend was lent");
-        return LT_ERR_STATE;
-    }
-    gguf_export_result r;
-    st = gguf_export_gemma3(m, tok, dev, path, &o, &r, err);
-    if (st == LT_OK && res) {
-        res->bytes = r.bytes;
-        res->n_tensors = r.n_tensors;
-        res->n_fallback = r.n_fallback;
-    }
     return st;
 }

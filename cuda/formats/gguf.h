@@ -1,13 +1,12 @@
 /* gguf.h — lathe's own GGUF v3 writer and ggml-compatible quantizers (engine-private).
  *
- * Three layers, one header:
+ * Two layers, one header:
  *   - block formats: fp32 -> f32/f16/bf16/q8_0/q4_0/q5_0/q4_K/q6_K rows, byte-compatible with
  *     ggml's reference quantizers (gguf_quant.c), and the inverse for tests;
  *   - the writer: typed metadata, tensor infos, 32-byte aligned data, written atomically
  *     (temp file in the target folder, fsync, rename), streaming tensors through a fill
- *     callback so a model never has to exist twice in memory (gguf.c);
- *   - the Gemma 3 exporter: lt_export_gguf in engine.h, built on gguf_export_gemma3 below
- *     (gguf_export.c).
+ *     callback so a model never has to exist twice in memory (gguf.c).
+ * The Gemma 3 exporter built on these is cuda/export/gguf_export.h.
  * Errors are values: every function that can fail returns an lt_status and leaves a message
  * in the writer (gguf_writer_error). Nothing here prints, exits or aborts.
  * Must not touch: the model's weights (sources are read-only), anything outside cuda/.
@@ -147,38 +146,6 @@ typedef struct gguf_write_opts {
  * removed on every failure). *bytes (may be NULL) receives the file size. */
 lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
                             uint64_t *bytes);
-
-/* ---- the Gemma 3 exporter (gguf_export.c) ----------------------------------------------- */
-
-struct gemma3_model;
-struct lt_tokenizer;
-struct lt_ctx;
-
-typedef struct gguf_export_opts {
-    gguf_ftype ftype;
-    int overwrite;
-    int n_threads;            /* 0 = online CPUs */
-    const char *name;         /* general.name; NULL = the source's folder name */
-    const atomic_int *cancel; /* polled between chunks; may be NULL */
-    const lt_callbacks *cb; /* message + progress("export", bytes done, bytes total); may be NULL */
-} gguf_export_opts;
-
-typedef struct gguf_export_result {
-    uint64_t bytes; /* file size */
-    int n_tensors;
-    int n_fallback; /* tensors written in a fallback type (rows not a multiple of the block) */
-} gguf_export_result;
-
-/* Writes model m (with its enabled LoRA adapters merged in fp32) and tokenizer tok as a GGUF
- * file llama.cpp loads. dev: the backend holding the weights (NULL = host memory).
- * err: LT_ERRLEN bytes. The model is not modified. */
-lt_status gguf_export_gemma3(struct gemma3_model *m, const struct lt_tokenizer *tok,
-                             struct lt_ctx *dev, const char *path, const gguf_export_opts *o,
-                             gguf_export_result *res, char *err);
-
-/* HF weight name -> llama.cpp tensor name ("model.layers.3.mlp.up_proj.weight" ->
- * "blk.3.ffn_up.weight"); *layer (-1 outside layers) and *role (a gguf_role). 0 or -1. */
-int gguf_export_tensor_name(const char *hf, char *out, size_t cap, int *layer, int *role);
 
 #ifdef __cplusplus
 }

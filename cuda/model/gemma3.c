@@ -17,8 +17,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cuda/model/model.h"
 #include "cuda/formats/safetensors.h"
+#include "cuda/model/model.h"
 
 /* ---- storage ----------------------------------------------------------------------------------
  */
@@ -863,4 +863,22 @@ done:
     free(pos_host);
     bufs_free(&b, ctx);
     return rc;
+}
+
+void gemma3_config_set_tokens(gemma3_config *c, const lt_tokenizer *tok) {
+    int id;
+    if ((id = tok_piece_to_id(tok, "<bos>")) >= 0) c->bos_id = id;
+    if ((id = tok_piece_to_id(tok, "<eos>")) >= 0) c->eos_id = id;
+    if ((id = tok_piece_to_id(tok, "<pad>")) >= 0) c->pad_id = id;
+    c->start_of_turn_id = tok_piece_to_id(tok, "<start_of_turn>");
+    c->end_of_turn_id = tok_piece_to_id(tok, "<end_of_turn>");
+    /* stop list: config's list plus eos and <end_of_turn>, without duplicates */
+    int add[2] = {c->eos_id, c->end_of_turn_id};
+    for (int i = 0; i < 2; i++) {
+        if (add[i] < 0) continue;
+        int dup = 0;
+        for (int j = 0; j < c->n_eos_ids; j++)
+            dup |= c->eos_ids[j] == add[i];
+        if (!dup && c->n_eos_ids < 4) c->eos_ids[c->n_eos_ids++] = add[i];
+    }
 }

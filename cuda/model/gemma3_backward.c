@@ -3,7 +3,7 @@
  * The samples of a micro-batch are packed into one row of N tokens with no padding: every
  * matmul, norm and activation runs on all N tokens at once, while attention runs per sample
  * (positions restart at 0 for each sample, so a sample never sees another one). The
- * forward keeps only each layer's input (activation checkpointing, DESIGN §5); the backward
+ * forward keeps only each layer's input (activation checkpointing); the backward
  * recomputes one layer at a time from its input, keeping that layer's intermediates, then
  * walks back through it. The layer code follows gemma3.c's layer_forward op for op (same
  * ops, same order), so the loss here equals the inference forward's.
@@ -29,8 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/backend/cpu/grad.h"
-#include "cuda/train/train.h"
+#include "cuda/model/model.h"
 
 #define TRY(x)                                                                                     \
     do {                                                                                           \
@@ -69,7 +68,7 @@ typedef struct tb_ctx {
     const gemma3_model *m;
     lt_ctx *ctx;
     const lt_backend *be;
-    lt_adapters *ad;
+    const gemma3_trainable *tr;
     const train_batch *b;
     tb_bufs *B;
     int64_t N, H, I, nh, nkv, hd, QD, KD, maxdim;
@@ -271,7 +270,8 @@ done:
 }
 
 static lt_tensor norm_grad(tb_ctx *c, int l, int k, int64_t n) {
-    if (c->ad && c->ad->full && c->ad->ng.layers) return c->ad->ng.layers[l * NG_COUNT + k];
+    if (c->tr && c->tr->full && c->tr->ng && c->tr->ng->layers)
+        return c->tr->ng->layers[l * NG_COUNT + k];
     return lt_tensor_1d(LT_F32, NULL, n);
 }
 
@@ -433,7 +433,7 @@ static int bufs_plan(const tb_ctx *c, int grads, tb_want *want) {
         WANT(B->dh, N * H * f);
         WANT(B->dx, N * H * f);
     }
-    int drop = c->ad && !c->ad->full && c->ad->dropout > 0.0f && c->training;
+    int drop = c->tr && !c->tr->full && c->tr->dropout > 0.0f && c->training;
     if (drop) {
         size_t md = (size_t)c->maxdim, r = (size_t)(c->rmax > 0 ? c->rmax : 1);
         WANT(B->s_in, N * md * f);
@@ -486,14 +486,15 @@ static lt_status bufs_get(tb_ctx *c, int grads) {
 /* The dtype of the matmul-only activations: BF16 when the backend's matmuls read bf16 from
  * bf16 weights (linear would round them to that anyway: the same bits, no cast, half the
  * memory) and no LoRA dropout runs (dropout reads them as fp32); F32 otherwise. */
-static lt_dtype act_dtype(lt_ctx *ctx, const gemma3_model *m, const lt_adapters *ad, int training) {
-    int drop = training && ad && !ad->full && ad->dropout > 0.0f;
+static lt_dtype act_dtype(lt_ctx *ctx, const gemma3_model *m, const gemma3_trainable *tr,
+                          int training) {
+    int drop = training && tr && !tr->full && tr->dropout > 0.0f;
     int bf16 = ctx && ctx->be->bf16_activations && ctx->be->bf16_activations(ctx);
     return bf16 && !drop && m->dtype == LT_BF16 ? LT_BF16 : LT_F32;
 }
 
 /* Sizes and blocking of one call (no allocation). */
-static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const lt_adapters *ad) {
+static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const gemma3_trainable *tr) {
     c->N = N;
     c->H = cfg->hidden_size;
     c->I = cfg->intermediate_size;
@@ -504,20 +505,20 @@ static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const lt_ada
     c->KD = c->nkv * c->hd;
     c->maxdim = c->I > c->H ? c->I : c->H;
     if (c->QD > c->maxdim) c->maxdim = c->QD;
-    c->rmax = ad ? ad->r : 0;
+    c->rmax = tr ? tr->max_rank : 0;
     c->R = mlp_block_rows(N, c->I);
 }
 
-void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *ad, int64_t N,
+void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr, int64_t N,
                         int dropout, size_t *device, size_t *host) {
     tb_bufs B;
     tb_ctx c = {0};
     c.m = m;
-    c.ad = (lt_adapters *)ad;
+    c.tr = tr;
     c.B = &B;
     c.training = dropout;
-    tb_dims(&c, &m->cfg, N, ad);
-    c.adt = act_dtype(ctx, m, ad, dropout);
+    tb_dims(&c, &m->cfg, N, tr);
+    c.adt = act_dtype(ctx, m, tr, dropout);
     tb_want want[32];
     int n = bufs_plan(&c, 1, want);
     *device = 0;
@@ -526,7 +527,7 @@ void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *a
     *host = (size_t)m->cfg.num_hidden_layers * (size_t)(N * c.H) * sizeof(float);
 }
 
-lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad,
+lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr,
                              const train_batch *b, float grad_scale, int grads,
                              uint64_t dropout_seed, double *loss_sum) {
     const gemma3_config *cfg = &m->cfg;
@@ -545,13 +546,13 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     c.m = m;
     c.ctx = ctx;
     c.be = be;
-    c.ad = ad;
+    c.tr = tr;
     c.b = b;
     c.B = &B;
     c.drop_seed = dropout_seed;
     c.training = dropout_seed != 0; /* LoRA dropout on only when the caller gives a seed */
-    tb_dims(&c, cfg, b->N, ad);
-    c.adt = act_dtype(ctx, m, ad, c.training);
+    tb_dims(&c, cfg, b->N, tr);
+    c.adt = act_dtype(ctx, m, tr, c.training);
     int64_t N = c.N, H = c.H, L = cfg->num_hidden_layers;
     size_t row_bytes = sizeof(float) * (size_t)(N * H);
     lt_status rc = bufs_get(&c, grads);
@@ -610,7 +611,7 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad
     /* backward: final norm, then each layer from the top, recomputed from its input, which
      * comes back into res[l & 1] while layer l + 1 runs (hn, then hfin, are free by then) */
     {
-        lt_tensor fin = (ad && ad->full) ? ad->ng.final : lt_tensor_1d(LT_F32, NULL, H);
+        lt_tensor fin = (tr && tr->full && tr->ng) ? tr->ng->final : lt_tensor_1d(LT_F32, NULL, H);
         TRY(be->rmsnorm_backward(ctx, t2(B.dh, N, H), fin, t2(B.dx, N, H), t2(hfin, N, H), m->norm,
                                  eps));
     }

@@ -17,9 +17,6 @@
 #include <string.h>
 
 #include "cuda/model/gemma3_device.h"
-#ifdef HAVE_CUDA
-#include "cuda/backend/cuda/backend_cuda.h"
-#endif
 
 /* ---- registry of device models ----------------------------------------------------------------
  */
@@ -104,13 +101,8 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     if (want == t->dtype) {
         rc = ctx->be->upload(ctx, dst, t->data, bytes);
     } else {
-#ifdef HAVE_CUDA
         rc = ctx->be->upload(ctx, j->stage, t->data, lt_tensor_bytes(t));
-        if (rc == LT_OK) rc = lt_cuda_convert(ctx, dst, want, j->stage, t->dtype, n);
-#else
-        rc = LT_ERR_STATE;
-        snprintf(ctx->err, LT_ERRLEN, "no device backend in this build");
-#endif
+        if (rc == LT_OK) rc = ctx->be->convert(ctx, dst, want, j->stage, t->dtype, n);
     }
     if (rc != LT_OK) {
         snprintf(j->err, LT_ERRLEN, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);

@@ -15,74 +15,12 @@
 
 #include "cuda/backend/backend.h"
 #include "cuda/base/tensor.h"
+#include "cuda/formats/hfconfig.h"
 #include "cuda/text/tokenizer.h"
 
-#define GEMMA3_MAX_LAYERS 256
-
-/* ---- config -------------------------------------------------------------------------- */
-
-typedef enum gemma3_layer_type {
-    GEMMA3_SLIDING = 0, /* "sliding_attention": local window, rope_local_base_freq */
-    GEMMA3_FULL = 1,    /* "full_attention": global, rope_theta (+ rope_scaling) */
-} gemma3_layer_type;
-
-typedef struct gemma3_rope {
-    char type[16]; /* "default" or "linear" */
-    double theta;  /* base: 1e4 sliding, 1e6 full */
-    double factor; /* linear scaling: positions / factor; 1.0 = none */
-} gemma3_rope;
-
-typedef struct gemma3_config {
-    char architecture[64]; /* "Gemma3ForCausalLM" / "Gemma3ForConditionalGeneration" */
-    char model_type[32];   /* top-level: "gemma3_text" or "gemma3" */
-    int multimodal;        /* 1 when config.json is the nested Gemma3Config style */
-
-    int hidden_size;                /* H */
-    int intermediate_size;          /* I */
-    int num_hidden_layers;          /* L */
-    int num_attention_heads;        /* nh */
-    int num_key_value_heads;        /* nkv */
-    int head_dim;                   /* hd (nh*hd != H in general) */
-    int vocab_size;                 /* embedding rows V: 262144 (270M/1B) or 262208 (4B+) */
-    int max_position_embeddings;    /* 32768 / 131072 */
-    int sliding_window;             /* 512 / 1024 */
-    int sliding_window_pattern;     /* 6 (legacy key; layer_types wins when present) */
-    double query_pre_attn_scalar;   /* attention scale = query_pre_attn_scalar^-0.5 */
-    double rms_norm_eps;            /* 1e-6 */
-    double final_logit_softcapping; /* 0 = none (Gemma 3: null) */
-    double attn_logit_softcapping;  /* 0 = none (Gemma 3: null) */
-    char hidden_activation[32];     /* "gelu_pytorch_tanh" */
-    int tie_word_embeddings;        /* 1 for every Gemma 3 */
-    int attention_bias;             /* 0 */
-
-    gemma3_rope rope[2];                    /* indexed by gemma3_layer_type */
-    uint8_t layer_types[GEMMA3_MAX_LAYERS]; /* gemma3_layer_type per layer */
-
-    /* Special ids: from config.json where given, then confirmed/filled by piece from the
-     * tokenizer (gemma3_config_set_tokens). -1 = unknown. */
-    int bos_id, eos_id, pad_id;
-    int eos_ids[4], n_eos_ids; /* generation stop ids, e.g. [1, 106] */
-    int start_of_turn_id;      /* "<start_of_turn>" (105) */
-    int end_of_turn_id;        /* "<end_of_turn>" (106) */
-} gemma3_config;
-
-/* Transformers' Gemma3TextConfig defaults for keys a sparse text_config leaves out
- * (REFERENCE §1.1). Required shape keys (hidden_size, ...) are left 0. */
-void gemma3_config_defaults(gemma3_config *c);
-/* Parses config.json (flat gemma3_text, nested gemma3 + text_config, transformers-5
- * layer_types/rope_parameters). err names config.json and the key. */
-lt_status gemma3_config_load(gemma3_config *c, const char *path, char *err);
-/* The same from JSON text already in memory; `what` names the source in errors. */
-lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *what, char *err);
-/* Real shapes of a released size: "270m", "1b", "4b", "12b", "27b". */
-lt_status gemma3_config_preset(gemma3_config *c, const char *size, char *err);
 /* Fills bos/eos/pad/turn ids by piece from the tokenizer (keeps config values when the
  * tokenizer lacks a piece) and sets the stop list to {eos, <end_of_turn>}. */
 void gemma3_config_set_tokens(gemma3_config *c, const lt_tokenizer *tok);
-/* Layer l's type. */
-static inline gemma3_layer_type gemma3_layer_kind(const gemma3_config *c, int l) {
-    return (gemma3_layer_type)c->layer_types[l];
-}
 
 /* ---- weights ------------------------------------------------------------------------- */
 
@@ -197,5 +135,51 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
  * reference always computes in fp32, whatever the storage dtype). HF run in bf16/fp16 rounds
  * it to that dtype (REFERENCE §1.2.1); a 16-bit GPU path may choose to match that. */
 float gemma3_embed_scale(const gemma3_model *m);
+
+/* ---- training passes (gemma3_backward.c) ------------------------------------------------ */
+
+/* Norm-weight gradients for full fine-tuning, per layer in gemma3_layer's order. */
+typedef struct gemma3_norm_grads {
+    lt_tensor *layers; /* [L][6]: input, q_norm, k_norm, post_attention, pre_ff, post_ff */
+    lt_tensor final;   /* [H] */
+} gemma3_norm_grads;
+enum { NG_INPUT, NG_QNORM, NG_KNORM, NG_POST_ATTN, NG_PRE_FF, NG_POST_FF, NG_COUNT };
+
+/* What trains, as far as the backward needs to know: the trainer fills it from its adapters.
+ * The LoRA gradients themselves hang on the weights (lt_weight.lora). */
+typedef struct gemma3_trainable {
+    int full;                    /* every weight trains: norm gradients go to *ng */
+    const gemma3_norm_grads *ng; /* full fine-tuning only */
+    float dropout;               /* LoRA dropout probability (0 = none) */
+    int max_rank;                /* the adapters' rank (scratch sizes); 0 = no adapters */
+} gemma3_trainable;
+
+/* One micro-batch: n_seg samples packed into one row of N tokens (no padding); attention
+ * stays inside each sample (positions restart at 0 per sample). targets[t] is the id token
+ * t must predict, or -100. */
+typedef struct train_batch {
+    int32_t *ids;     /* [N] host */
+    int32_t *targets; /* [N] host */
+    int *seg_len;     /* [n_seg] */
+    int n_seg;
+    int N;
+    int n_labels; /* targets != -100 */
+} train_batch;
+
+/* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are
+ * ACCUMULATED into the adapters' (or full weights') gradients, scaled by grad_scale
+ * (1 / label tokens of the whole optimizer step, as transformers does since its gradient
+ * accumulation fix). *loss_sum = Σ CE. tr may
+ * be NULL (no trainable weights: loss only). dropout_seed != 0 turns LoRA dropout on, with
+ * masks derived from it (0 = no dropout: evaluation). */
+lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr,
+                             const train_batch *b, float grad_scale, int grads,
+                             uint64_t dropout_seed, double *loss_sum);
+/* What gemma3_train_batch with grads allocates for N tokens: *device in backend memory (one
+ * layer's activations and gradients, the residual stream, the loss's input; not the
+ * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
+ * dropout: LoRA dropout on (its scratch counts). */
+void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr, int64_t N,
+                        int dropout, size_t *device, size_t *host);
 
 #endif

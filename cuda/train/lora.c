@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/backend/cpu/grad.h"
 #include "cuda/train/train.h"
 
 /* The seven linear modules of a decoder layer, in gemma3_layer's order. */
@@ -395,6 +394,12 @@ void lora_free(lt_adapters *a) {
     free(a->targets);
     free(a->owned);
     free(a);
+}
+
+const gemma3_trainable *lora_trainable(lt_adapters *a) {
+    if (!a) return NULL;
+    a->tr = (gemma3_trainable){a->full, &a->ng, a->dropout, a->full ? 0 : a->r};
+    return &a->tr;
 }
 
 lt_status lora_zero_grads(lt_adapters *a) {

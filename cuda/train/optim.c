@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda/backend/cpu/grad.h"
 #include "cuda/train/train.h"
 
 double optim_lr_factor(lr_schedule s, int step, int warmup, int total) {

@@ -28,9 +28,6 @@
 #include <unistd.h>
 
 #include "cuda/train/train.h"
-#ifdef HAVE_CUDA
-#include "cuda/backend/cuda/backend_cuda.h"
-#endif
 
 struct lt_trainer {
     lt_adapters *ad;
@@ -77,9 +74,16 @@ void trainer_free(lt_trainer *t) {
     free(t);
 }
 
-static lt_trainer *trainer_get(session_view *v) {
-    if (!*v->trainer) *v->trainer = calloc(1, sizeof(lt_trainer));
-    return *v->trainer;
+lt_trainer *trainer_new(void) {
+    return calloc(1, sizeof(lt_trainer));
+}
+
+lt_adapters *trainer_adapters(const lt_trainer *t) {
+    return t ? t->ad : NULL;
+}
+
+int trainer_steps_done(const lt_trainer *t) {
+    return t ? t->step : 0;
 }
 
 static int push_loss(lt_trainer *t, float l) {
@@ -101,11 +105,6 @@ void lt_lora_opts_default(lt_lora_opts *o) {
     o->r = 16;
     o->alpha = 16;
     o->seed = 3407;
-}
-
-static void call_begin(session_view *v) {
-    v->err[0] = 0;
-    atomic_store(v->cancel, 0);
 }
 
 /* Replacing adapters: the old ones are unhooked first (so a failed attach can hook them back),
@@ -140,53 +139,18 @@ static void swap_end(lt_trainer *t, lt_adapters *fresh) {
     run_reset(t);
 }
 
-lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb) {
-    session_view v;
-    session_view_get(s, &v);
-    call_begin(&v);
-    if (!v.model)
-        return failf(v.err, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
-    lt_trainer *t = trainer_get(&v);
-    if (!t) return failf(v.err, LT_ERR_MEMORY, "out of memory");
+lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_opts *o, char *err) {
     lt_adapters *a = NULL;
     lt_status rc;
     swap_begin(t);
     if (o->load && *o->load) {
-        rc = peft_load_adapter(&a, v.model, v.ctx, o->load, v.err);
+        rc = peft_load_adapter(&a, env->model, env->ctx, o->load, err);
     } else {
         lora_opts lo = {o->r, o->alpha, o->rslora, o->dropout, o->seed, o->targets, o->full};
-        rc = lora_attach(&a, v.model, v.ctx, &lo, v.err);
+        rc = lora_attach(&a, env->model, env->ctx, &lo, err);
     }
     swap_end(t, rc == LT_OK ? a : NULL);
-    session_drop_cache(s);
-    if (rc != LT_OK) return rc;
-    if (cb && cb->message && o->load && *o->load) {
-        char m[1200];
-        snprintf(m, sizeof m, "loaded the adapter in %s", o->load);
-        cb->message(cb->ctx, m);
-    }
-    return LT_OK;
-}
-
-void lt_lora_info_get(const lt_session *cs, lt_lora_info *info) {
-    memset(info, 0, sizeof *info);
-    session_view v;
-    session_view_get((lt_session *)cs, &v);
-    lt_trainer *t = *v.trainer;
-    if (!v.model || !t || !t->ad) return;
-    const lt_adapters *a = t->ad;
-    info->attached = 1;
-    info->full = a->full;
-    info->r = a->r;
-    info->alpha = a->alpha;
-    info->rslora = a->rslora;
-    info->dropout = a->dropout;
-    info->scale = a->n_slots ? a->slots[0].lora.scale : 0;
-    info->n_modules = a->n_slots;
-    info->n_trainable = a->n_trainable;
-    info->n_total = v.model->n_params;
-    snprintf(info->targets, sizeof info->targets, "%s", a->full ? "all weights" : a->targets);
-    info->steps_done = t->step;
+    return rc;
 }
 
 /* ---- options --------------------------------------------------------------------------------- */
@@ -489,22 +453,11 @@ static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t
 
 /* ---- the memory plan ------------------------------------------------------------------------ */
 
-/* Bytes free where the training buffers will live: the GPU's free memory plus the blocks
- * lathe's CUDA allocator holds but does not use; host memory on the CPU. 0 = unknown. */
-static double memory_available(lt_ctx *ctx, const char **where) {
-#ifdef HAVE_CUDA
-    if (ctx && ctx->be == &lt_backend_cuda) {
-        lt_cuda_mem cm;
-        lt_cuda_memory(ctx, &cm);
-        *where = "GPU memory";
-        return (double)cm.free + (double)(cm.reserved > cm.in_use ? cm.reserved - cm.in_use : 0);
-    }
-#else
-    (void)ctx;
-#endif
-    *where = "memory";
-    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    return pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+/* Bytes free where the training buffers will live: the backend's free memory plus the blocks
+ * its allocator holds but does not use. 0 = unknown. */
+static double memory_available(lt_ctx *ctx, lt_mem_info *mi) {
+    ctx->be->memory(ctx, mi);
+    return (double)mi->free + (double)mi->cached;
 }
 
 static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
@@ -516,15 +469,16 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     double weights = (double)m->weight_bytes;
     double trainable = (double)a->n_trainable * 4 * 4; /* value (LoRA) + grad + m + v */
     size_t dev_bytes, host_bytes;
-    gemma3_train_bytes(m, ctx, a, max_tokens, a->dropout > 0.0f && !a->full, &dev_bytes,
-                       &host_bytes);
+    gemma3_train_bytes(m, ctx, lora_trainable((lt_adapters *)a), max_tokens,
+                       a->dropout > 0.0f && !a->full, &dev_bytes, &host_bytes);
     double layer = (double)dev_bytes;
     /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
     double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;
     double total = trainable + layer + work;
-    const char *where;
-    double avail = memory_available(ctx, &where);
-    int on_device = strcmp(where, "GPU memory") == 0;
+    lt_mem_info mi;
+    double avail = memory_available(ctx, &mi);
+    const char *where = mi.where;
+    int on_device = mi.on_device;
     if (cb && cb->message) {
         char msg[600];
         snprintf(msg, sizeof msg,
@@ -565,24 +519,19 @@ static void data_message(void *ctx, const char *text) {
     if (cb && cb->message) cb->message(cb->ctx, text);
 }
 
-lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_callbacks *cb,
-                   lt_train_result *res) {
-    session_view v;
-    session_view_get(s, &v);
-    call_begin(&v);
+lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o_in,
+                      const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
+                      char *err) {
     lt_train_result dummy;
     if (!res) res = &dummy;
     memset(res, 0, sizeof *res);
-    char *err = v.err;
-    if (!v.model)
-        return failf(err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
-    const char *missing = lt_backend_missing_training_op(v.ctx->be);
+    *weights_changed = 0;
+    const char *missing = lt_backend_missing_training_op(env->ctx->be);
     if (missing)
         return failf(err, LT_ERR_STATE,
                      "%%train: the %s backend has no %s op; %%load the model "
                      "with device=cpu",
-                     v.ctx->be->name, missing);
-    lt_trainer *t = *v.trainer;
+                     env->ctx->be->name, missing);
     lt_train_opts o = *o_in;
     resumed rs;
     json_t *state = NULL;
@@ -601,23 +550,18 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         o.save_every = o_in->save_every;
         o.resume = NULL;
         if (o_in->data && *o_in->data) o.data = o_in->data; /* the same data, moved */
-        /* the adapters of the checkpoint replace the session's */
-        t = trainer_get(&v);
-        if (!t) {
-            json_decref(state);
-            return failf(err, LT_ERR_MEMORY, "out of memory");
-        }
+        /* the adapters of the checkpoint replace the ones attached */
         lt_adapters *a = NULL;
         if (json_is_true(json_object_get(state, "full"))) {
             if (!t->ad || !t->ad->full) {
                 lora_opts lo = {.full = 1};
                 swap_begin(t);
-                rc = lora_attach(&a, v.model, v.ctx, &lo, err);
+                rc = lora_attach(&a, env->model, env->ctx, &lo, err);
                 swap_end(t, rc == LT_OK ? a : NULL);
             }
         } else {
             swap_begin(t);
-            rc = peft_load_adapter(&a, v.model, v.ctx, ck, err);
+            rc = peft_load_adapter(&a, env->model, env->ctx, ck, err);
             swap_end(t, rc == LT_OK ? a : NULL);
         }
         if (rc != LT_OK) {
@@ -629,9 +573,9 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
             json_decref(state);
             return rc;
         }
-        session_drop_cache(s);
+        *weights_changed = 1;
     }
-    if (!t || !t->ad) {
+    if (!t->ad) {
         json_decref(state);
         return failf(
             err, LT_ERR_STATE,
@@ -640,9 +584,9 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     lt_adapters *ad = t->ad;
     lr_schedule sched = SCHED_LINEAR;
     if ((rc = check_opts(&o, &sched, err)) != LT_OK) goto out_state;
-    int max_seq = o.max_seq > 0 ? o.max_seq : v.max_seq;
-    if (max_seq <= 0 || max_seq > v.model->cfg.max_position_embeddings)
-        max_seq = v.model->cfg.max_position_embeddings;
+    int max_seq = o.max_seq > 0 ? o.max_seq : env->max_seq;
+    if (max_seq <= 0 || max_seq > env->model->cfg.max_position_embeddings)
+        max_seq = env->model->cfg.max_position_embeddings;
     if (o.save && *o.save && (rc = dir_prepare(o.save, err)) != LT_OK) {
         char tmp[LT_ERRLEN];
         snprintf(tmp, sizeof tmp, "%s", err);
@@ -654,7 +598,7 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
     train_data d;
     data_opts dopt = {o.data, o.format, max_seq, o.responses_only};
     lt_callbacks dcb = {(void *)cb, data_message, NULL, NULL};
-    if ((rc = data_load(&d, &dopt, v.tok, &v.model->cfg, &dcb, err)) != LT_OK) goto out_state;
+    if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {
         rc = failf(err, LT_ERR_MEMORY, "out of memory");
@@ -716,7 +660,7 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
         for (int i = 0; i < d.n; i++)
             maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
         maxtok = (o.packing ? max_seq : maxtok) * (int64_t)o.batch;
-        if ((rc = memory_plan(v.model, ad, v.ctx, maxtok, cb, err)) != LT_OK) goto out_units;
+        if ((rc = memory_plan(env->model, ad, env->ctx, maxtok, cb, err)) != LT_OK) goto out_units;
     }
     res->n_samples = d.n;
     res->n_truncated = d.n_truncated;
@@ -747,27 +691,27 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o_in, const lt_train_call
             step_tokens += mb[k].N;
         }
         if ((rc = lora_zero_grads(ad)) != LT_OK) {
-            failf(err, rc, "%s", v.ctx->err);
+            failf(err, rc, "%s", env->ctx->err);
             goto out_loop;
         }
         double loss_sum = 0;
         for (int k = 0; k < o.grad_accum; k++) {
-            if (atomic_load(v.cancel)) {
+            if (atomic_load(env->cancel)) {
                 rc = LT_CANCELLED;
                 goto out_loop;
             }
             double ls = 0;
             uint64_t dseed = mix(o.seed ^ mix((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
-            rc = gemma3_train_batch(v.model, v.ctx, ad, &mb[k],
+            rc = gemma3_train_batch(env->model, env->ctx, lora_trainable(ad), &mb[k],
                                     1.0f / (float)(labels > 0 ? labels : 1), 1,
                                     ad->dropout > 0 ? dseed : 0, &ls);
             if (rc != LT_OK) {
-                failf(err, rc, "%%train step %d: %s", t->step + 1, v.ctx->err);
+                failf(err, rc, "%%train step %d: %s", t->step + 1, env->ctx->err);
                 goto out_loop;
             }
             loss_sum += ls;
         }
-        if (atomic_load(v.cancel)) {
+        if (atomic_load(env->cancel)) {
             rc = LT_CANCELLED;
             goto out_loop;
         }
@@ -844,10 +788,9 @@ out_loop:
               "%%train again to continue",
               t->step, t->total, t->step);
     }
-    if (t->step > res->first_step) session_drop_cache(s);
-#ifdef HAVE_CUDA
-    lt_cuda_trim(v.ctx); /* the step's cached blocks and its page-locked checkpoint memory */
-#endif
+    if (t->step > res->first_step) *weights_changed = 1;
+    env->ctx->be->trim(
+        env->ctx); /* the step's cached blocks and its page-locked checkpoint memory */
 out_stream:
     free(mb);
     free(st.perm);
@@ -858,35 +801,4 @@ out_data:
 out_state:
     json_decref(state);
     return rc;
-}
-
-/* ---- %save ------------------------------------------------------------------------------------
- */
-
-lt_status lt_save_adapter(lt_session *s, const char *dir) {
-    session_view v;
-    session_view_get(s, &v);
-    call_begin(&v);
-    if (!v.model) return failf(v.err, LT_ERR_STATE, "%%save: no model loaded");
-    lt_trainer *t = *v.trainer;
-    return peft_save_adapter(t ? t->ad : NULL, dir, v.err);
-}
-
-lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
-    session_view v;
-    session_view_get(s, &v);
-    call_begin(&v);
-    if (!v.model) return failf(v.err, LT_ERR_STATE, "%%save: no model loaded");
-    lt_trainer *t = *v.trainer;
-    char src[4096] = "";
-    const char *tp = v.tok ? tok_path(v.tok) : NULL;
-    if (tp && strncmp(v.model->source, "random:", 7) != 0) {
-        snprintf(src, sizeof src, "%s", tp);
-        char *slash = strrchr(src, '/');
-        if (slash)
-            *slash = 0;
-        else
-            snprintf(src, sizeof src, ".");
-    }
-    return peft_save_merged(t ? t->ad : NULL, v.model, src, tp, dtype, dir, v.err);
 }

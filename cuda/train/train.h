@@ -43,13 +43,6 @@ typedef struct lora_slot {
     lt_lora lora;
 } lora_slot;
 
-/* Norm-weight gradients for full fine-tuning, per layer in gemma3_layer's order. */
-typedef struct gemma3_norm_grads {
-    lt_tensor *layers; /* [L][6]: input, q_norm, k_norm, post_attention, pre_ff, post_ff */
-    lt_tensor final;   /* [H] */
-} gemma3_norm_grads;
-enum { NG_INPUT, NG_QNORM, NG_KNORM, NG_POST_ATTN, NG_PRE_FF, NG_POST_FF, NG_COUNT };
-
 typedef struct owned_copy {
     lt_tensor *t; /* the model's tensor, pointing at copy while training */
     void *orig;   /* its own storage */
@@ -74,6 +67,7 @@ typedef struct lt_adapters {
     owned_copy *owned;
     int n_owned;
     gemma3_norm_grads ng;
+    gemma3_trainable tr; /* what the backward sees of the above (lora_trainable) */
     /* what the optimizer sees */
     train_param *params;
     int n_params;
@@ -101,6 +95,9 @@ void lora_free(lt_adapters *a);
  * PEFT's list rule (equal, or ends with "." + entry; "q" means "q_proj") or re.fullmatch for a
  * regex (also tried on the multimodal spellings of the name). */
 int lora_module_matches(const lt_adapters *a, const char *module);
+/* What the model's backward needs to know of these adapters (NULL for NULL): a view kept
+ * inside a, valid while a lives. */
+const gemma3_trainable *lora_trainable(lt_adapters *a);
 /* Sets every gradient to zero. */
 lt_status lora_zero_grads(lt_adapters *a);
 /* Enables/disables every adapter (GRPO's reference policy; merged export). */
@@ -109,35 +106,6 @@ void lora_enable(lt_adapters *a, int on);
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap);
 /* W' = W + s·B·A for every slot, into a caller-provided fp32 buffer of slot->w's shape. */
 lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err);
-
-/* ---- backward (gemma3_backward.c) ------------------------------------------------------ */
-
-/* One micro-batch: n_seg samples packed into one row of N tokens (no padding); attention
- * stays inside each sample (positions restart at 0 per sample). targets[t] is the id token
- * t must predict, or -100. */
-typedef struct train_batch {
-    int32_t *ids;     /* [N] host */
-    int32_t *targets; /* [N] host */
-    int *seg_len;     /* [n_seg] */
-    int n_seg;
-    int N;
-    int n_labels; /* targets != -100 */
-} train_batch;
-
-/* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are
- * ACCUMULATED into the adapters' (or full weights') gradients, scaled by grad_scale
- * (1 / label tokens of the whole optimizer step, REFERENCE §6.3). *loss_sum = Σ CE. ad may
- * be NULL (no trainable weights: loss only). dropout_seed != 0 turns LoRA dropout on, with
- * masks derived from it (0 = no dropout: evaluation). */
-lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, lt_adapters *ad,
-                             const train_batch *b, float grad_scale, int grads,
-                             uint64_t dropout_seed, double *loss_sum);
-/* What gemma3_train_batch with grads allocates for N tokens: *device in backend memory (one
- * layer's activations and gradients, the residual stream, the loss's input; not the
- * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
- * dropout: LoRA dropout on (its scratch counts). */
-void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const lt_adapters *ad, int64_t N,
-                        int dropout, size_t *device, size_t *host);
 
 /* ---- optimizer (optim.c) --------------------------------------------------------------- */
 
@@ -219,26 +187,37 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
                            const char *tokenizer_path, const char *dtype, const char *dir,
                            char *err);
 
-/* ---- the session's side (session.c implements these three; train.c the rest) ----------- */
+/* ---- the trainer (train.c) ----------------------------------------------------------- */
 
-typedef struct lt_trainer lt_trainer; /* adapters + the current run (train.c) */
+/* The adapters attached to a model and the current %train run (options, position, losses),
+ * so that an interrupted run continues where it stopped. */
+typedef struct lt_trainer lt_trainer;
 
-/* The parts of a session the training code uses. */
-typedef struct session_view {
-    gemma3_model *model; /* NULL when none is loaded */
-    lt_tokenizer *tok;
-    lt_ctx *ctx;          /* valid when model != NULL */
-    char *err;            /* LT_ERRLEN: the session's message */
-    atomic_int *cancel;   /* raised by lt_cancel */
-    lt_trainer **trainer; /* the session's slot (NULL until %lora) */
-    int max_seq;
-} session_view;
-void session_view_get(lt_session *s, session_view *v);
-/* Forgets the generation KV cache (the weights changed). */
-void session_drop_cache(lt_session *s);
-/* Detaches and frees the adapters and run state; session.c calls it before it frees or
- * replaces the model (NULL is fine). */
+/* What the trainer works on, lent for one call and never kept. */
+typedef struct trainer_env {
+    gemma3_model *model;
+    const lt_tokenizer *tok;
+    lt_ctx *ctx;
+    atomic_int *cancel; /* raised from another thread: the run stops between micro-batches */
+    int max_seq;        /* the model's max_seq as loaded (0 = the config's) */
+} trainer_env;
+
+lt_trainer *trainer_new(void); /* NULL when out of memory */
+/* Detaches and frees the adapters and the run state (NULL is fine). Call it before the model
+ * the adapters hang on is freed or replaced. */
 void trainer_free(lt_trainer *t);
+/* The attached adapters (NULL: none), and the optimizer steps of the current run. */
+lt_adapters *trainer_adapters(const lt_trainer *t);
+int trainer_steps_done(const lt_trainer *t);
+/* Attaches fresh adapters (or a PEFT adapter folder, o->load) to env->model, replacing the
+ * attached ones; on failure the old ones stay attached. */
+lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_opts *o, char *err);
+/* One %train call: runs (or continues, or resumes from a checkpoint) supervised fine-tuning
+ * of the attached adapters. *weights_changed = 1 when the model's effective weights changed
+ * (the caller's generation cache is stale). A cancel keeps the last complete step. */
+lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o,
+                      const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
+                      char *err);
 
 /* Training checkpoints (peft.c): the trainable tensors, AdamW state and a trainer_state.json
  * text, written as one atomic set under dir; for LoRA also a PEFT adapter. */

@@ -30,8 +30,9 @@
 
 #include "config.h"
 #include "cuda/backend/backend.h"
-#include "cuda/model/gemma3_device.h"
+#include "cuda/export/gguf_export.h"
 #include "cuda/formats/gguf.h"
+#include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/text/tokenizer.h"
 #ifdef HAVE_CUDA

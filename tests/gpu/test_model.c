@@ -268,8 +268,10 @@ static void test_backward(const char *dir, lt_dtype dt, double tol) {
     train_batch b;
     make_batch(&b, p.hm->cfg.vocab_size);
     double lc = 0, lg = 0;
-    lt_status r1 = gemma3_train_batch(p.hm, &p.cpu, p.ha, &b, 1.0f / (float)b.n_labels, 1, 0, &lc);
-    lt_status r2 = gemma3_train_batch(p.dm, &p.gpu, p.da, &b, 1.0f / (float)b.n_labels, 1, 0, &lg);
+    lt_status r1 = gemma3_train_batch(p.hm, &p.cpu, lora_trainable(p.ha), &b,
+                                      1.0f / (float)b.n_labels, 1, 0, &lc);
+    lt_status r2 = gemma3_train_batch(p.dm, &p.gpu, lora_trainable(p.da), &b,
+                                      1.0f / (float)b.n_labels, 1, 0, &lg);
     if (!ok(r1 == LT_OK && r2 == LT_OK, "backward parity: one packed micro-batch runs on both")) {
         diag("%s | %s", p.cpu.err, p.gpu.err);
     } else {
@@ -341,14 +343,17 @@ static void test_fp16_range(const char *dir) {
     train_batch b;
     make_batch(&b, V);
     double lsc = 0, lsg = 0;
-    r1 = gemma3_train_batch(hm, &p.cpu, p.ha, &b, 1.0f / (float)b.n_labels, 1, 0, &lsc);
-    r2 = gemma3_train_batch(p.dm, &p.gpu, p.da, &b, 1.0f / (float)b.n_labels, 1, 0, &lsg);
+    r1 = gemma3_train_batch(hm, &p.cpu, lora_trainable(p.ha), &b, 1.0f / (float)b.n_labels, 1, 0,
+                            &lsc);
+    r2 = gemma3_train_batch(p.dm, &p.gpu, lora_trainable(p.da), &b, 1.0f / (float)b.n_labels, 1, 0,
+                            &lsg);
     optim_opts oo = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f};
     if (r2 == LT_OK) r2 = optim_step(p.da, &oo, oo.lr, 1, err);
     double lsg2 = 0;
     if (r2 == LT_OK) r2 = lora_zero_grads(p.da);
     if (r2 == LT_OK)
-        r2 = gemma3_train_batch(p.dm, &p.gpu, p.da, &b, 1.0f / (float)b.n_labels, 1, 0, &lsg2);
+        r2 = gemma3_train_batch(p.dm, &p.gpu, lora_trainable(p.da), &b, 1.0f / (float)b.n_labels, 1,
+                                0, &lsg2);
     snprintf(tn, sizeof tn,
              "fp16 range: trains on the fp16 path with a finite loss (%.4g, then %.4g; cpu %.4g)",
              lsg / b.n_labels, lsg2 / b.n_labels, lsc / b.n_labels);

@@ -20,8 +20,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "cuda/backend/cuda/backend_cuda.h"
 #include "cuda/backend/cpu/grad.h"
+#include "cuda/backend/cuda/backend_cuda.h"
 #include "tests/unit/tap.h"
 
 static lt_ctx cpu, gpu;

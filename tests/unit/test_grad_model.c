@@ -116,7 +116,7 @@ static uint64_t SEED;
 
 static double loss_now(void) {
     double L = 0;
-    lt_status st = gemma3_train_batch(M, &ctx, AD, &batch, 1.0f, 0, SEED, &L);
+    lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 1.0f, 0, SEED, &L);
     if (st != LT_OK) diag("loss failed: %s", ctx.err);
     return L;
 }
@@ -193,7 +193,7 @@ static void test_lora(float dropout) {
     SEED = dropout > 0 ? 1234 : 0;
     lora_zero_grads(AD);
     double L = 0;
-    st = gemma3_train_batch(M, &ctx, AD, &batch, 1.0f, 1, SEED, &L);
+    st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 1.0f, 1, SEED, &L);
     is_int(st, LT_OK, "train_batch with gradients");
     is_close(L, loss_now(), 1e-9 * fabs(L) + 1e-9, "the loss with and without gradients agree");
     const char *tag = dropout > 0 ? " (dropout 0.3)" : "";
@@ -209,7 +209,7 @@ static void test_lora(float dropout) {
     if (dropout == 0) {
         /* accumulation with grad_scale: a second call with 0.5 adds half */
         float g0 = ((float *)AD->slots[0].lora.grad_b.data)[1];
-        gemma3_train_batch(M, &ctx, AD, &batch, 0.5f, 1, 0, &L);
+        gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 0.5f, 1, 0, &L);
         is_close(((float *)AD->slots[0].lora.grad_b.data)[1], 1.5 * g0, 1e-4 * fabs(g0) + 1e-6,
                  "gradients accumulate, scaled by grad_scale");
         /* clipping (torch clip_grad_norm_): the global norm is scaled down to max_norm */
@@ -232,7 +232,8 @@ static void test_lora(float dropout) {
         double first = loss_now(), last = first;
         for (int step = 1; step <= 5; step++) {
             lora_zero_grads(AD);
-            gemma3_train_batch(M, &ctx, AD, &batch, 1.0f / batch.n_labels, 1, 0, &last);
+            gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 1.0f / batch.n_labels, 1, 0,
+                               &last);
             optim_step(AD, &oo, oo.lr, step, err);
         }
         last = loss_now();
@@ -256,7 +257,7 @@ static void test_full(void) {
     SEED = 0;
     double L;
     lora_zero_grads(AD);
-    st = gemma3_train_batch(M, &ctx, AD, &batch, 1.0f, 1, 0, &L);
+    st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 1.0f, 1, 0, &L);
     is_int(st, LT_OK, "full backward runs");
     for (int i = 0; i < AD->n_params; i++) {
         train_param *p = &AD->params[i];

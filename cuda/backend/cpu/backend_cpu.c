@@ -745,6 +745,28 @@ static lt_status cpu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
     return LT_OK;
 }
 
+static lt_status cpu_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt,
+                             int64_t n) {
+    (void)ctx;
+    lt_convert(dst, dt, src, sdt, n);
+    return LT_OK;
+}
+
+/* Host memory: what the system reports as available (the planner's limit on the CPU). */
+static void cpu_memory(lt_ctx *ctx, lt_mem_info *m) {
+    (void)ctx;
+    memset(m, 0, sizeof *m);
+    m->where = "memory";
+    long avail = sysconf(_SC_AVPHYS_PAGES), all = sysconf(_SC_PHYS_PAGES),
+         psz = sysconf(_SC_PAGESIZE);
+    if (avail > 0 && psz > 0) m->free = (size_t)avail * (size_t)psz;
+    if (all > 0 && psz > 0) m->total = (size_t)all * (size_t)psz;
+}
+
+static void cpu_trim(lt_ctx *ctx) {
+    (void)ctx; /* malloc'd buffers are freed as they go */
+}
+
 const lt_backend lt_backend_cpu = {
     .name = "cpu",
     .init = cpu_init,
@@ -762,6 +784,9 @@ const lt_backend lt_backend_cpu = {
     .stash_wait = cpu_stash_wait,
     .lend = cpu_lend,
     .bf16_activations = cpu_no_bf16_activations,
+    .convert = cpu_convert,
+    .memory = cpu_memory,
+    .trim = cpu_trim,
     .embedding = cpu_embedding,
     .linear = cpu_linear,
     .rmsnorm = cpu_rmsnorm,

@@ -7,7 +7,7 @@
  * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
  *
  * It also implements the table's small vector ops for the trainer on the CPU (fill, scale,
- * sum of squares, dropout) and holds the dropout keep-test every backend shares.
+ * sum of squares, dropout).
  * cross_entropy accumulates the head's gradient only when dh is wanted (a call without dh is
  * a loss-only evaluation). This file must not know Gemma.
  */
@@ -68,14 +68,5 @@ lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value);
 lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
 lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
 lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
-
-/* The dropout keep-test, shared by every backend: 1 when element i survives. */
-static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
-}
 
 #endif

@@ -28,8 +28,8 @@
 #include <string.h>
 
 extern "C" {
-#include "cuda/backend/cuda/backend_cuda.h"
 #include "cuda/backend/cpu/grad.h"
+#include "cuda/backend/cuda/backend_cuda.h"
 }
 #include "cuda/backend/cuda/kernels/kernels.h"
 
@@ -1720,6 +1720,24 @@ done:
 /* ---- the op table ------------------------------------------------------------------------------
  */
 
+static lt_status cu_convert_op(lt_ctx *ctx, void *dst, lt_dtype dt, const void *src, lt_dtype sdt,
+                               int64_t n) {
+    return lt_cuda_convert(ctx, dst, dt, src, sdt, n);
+}
+
+static void cu_memory_op(lt_ctx *ctx, lt_mem_info *m) {
+    lt_cuda_mem cm;
+    lt_cuda_memory(ctx, &cm);
+    memset(m, 0, sizeof *m);
+    m->where = "GPU memory";
+    m->on_device = 1;
+    m->in_use = cm.in_use;
+    m->peak = cm.peak;
+    m->cached = cm.reserved > cm.in_use ? cm.reserved - cm.in_use : 0;
+    m->free = cm.free;
+    m->total = cm.total;
+}
+
 extern "C" const lt_backend lt_backend_cuda = {
     .name = "cuda",
     .init = cu_init,
@@ -1737,6 +1755,9 @@ extern "C" const lt_backend lt_backend_cuda = {
     .stash_wait = cu_stash_wait,
     .lend = cu_lend,
     .bf16_activations = cu_bf16_activations,
+    .convert = cu_convert_op,
+    .memory = cu_memory_op,
+    .trim = lt_cuda_trim,
     .embedding = cu_embedding,
     .linear = cu_linear,
     .rmsnorm = cu_rmsnorm,
