@@ -1,0 +1,157 @@
+/* quant.cu — dequantization of bitsandbytes' 4-bit (NF4) and 8-bit (LLM.int8) weights on the GPU.
+ *
+ * The byte layouts are bitsandbytes' own (functional.py quantize_4bit / Int8Params), so a
+ * pre-quantized checkpoint's tensors are uploaded as they are and decoded here:
+ *   - NF4: the row-major flattened weight in blocks (64 elements by default), one fp32 absmax per
+ *     block, two 4-bit code indices per byte with the EVEN element in the HIGH nibble;
+ *     w = NF4[idx] * absmax[i / blocksize].
+ *   - double quantization: the block absmax values are themselves 8-bit codes into a 256-entry
+ *     table (bitsandbytes' signed dynamic map), in blocks of 256 with one fp32 scale each, plus
+ *     one offset: absmax[b] = table[q[b]] * absmax2[b / 256] + offset.
+ *   - int8: w[r, c] = W8[r, c] * SCB[r] / 127 (row-wise absmax).
+ * The linear op decodes a weight into 16-bit scratch and hands it to cuBLAS (training and
+ * prefill); k_nf4_gemv computes a few rows (decoding) straight from the packed bytes. Every
+ * decode does its arithmetic in fp32 and rounds once to the output dtype, as the CPU reference
+ * does. This file owns no memory.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/backend/cuda/kernels/kernels.h"
+
+/* bitsandbytes' NF4 code (functional.py get_4bit_type("nf4")), index -> value. */
+__constant__ float nf4_code[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+static int grid_for_n(int64_t n, int threads) {
+    int64_t g = (n + threads - 1) / threads;
+    return (int)(g < 65535 ? (g > 0 ? g : 1) : 65535);
+}
+
+__device__ __forceinline__ void store_out(void *dst, lt_dtype dt, int64_t i, float v) {
+    if (dt == LT_F16)
+        ((__half *)dst)[i] = __float2half_rn(v);
+    else if (dt == LT_BF16)
+        ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
+    else
+        ((float *)dst)[i] = v;
+}
+
+__global__ void nested_absmax_kernel(float *absmax, const uint8_t *q, const float *table,
+                                     const float *absmax2, float offset, int64_t nblocks,
+                                     int nested_blocksize) {
+    for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nblocks;
+         b += (int64_t)gridDim.x * blockDim.x)
+        absmax[b] = table[q[b]] * absmax2[b / nested_blocksize] + offset;
+}
+
+void k_nested_absmax(cudaStream_t st, float *absmax, const uint8_t *q, const float *table,
+                     const float *absmax2, float offset, int64_t nblocks, int nested_blocksize) {
+    if (nblocks <= 0) return;
+    nested_absmax_kernel<<<grid_for_n(nblocks, 256), 256, 0, st>>>(
+        absmax, q, table, absmax2, offset, nblocks, nested_blocksize);
+}
+
+/* One thread per packed byte: two outputs. */
+__global__ void nf4_dequant_kernel(void *dst, lt_dtype dt, const uint8_t *packed,
+                                   const float *absmax, int64_t n, int blocksize) {
+    int64_t nbytes = (n + 1) / 2;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < nbytes;
+         j += (int64_t)gridDim.x * blockDim.x) {
+        uint8_t b = packed[j];
+        int64_t i = 2 * j;
+        store_out(dst, dt, i, nf4_code[b >> 4] * absmax[i / blocksize]);
+        if (i + 1 < n) store_out(dst, dt, i + 1, nf4_code[b & 15] * absmax[(i + 1) / blocksize]);
+    }
+}
+
+void k_nf4_dequant(cudaStream_t st, void *dst, lt_dtype dt, const uint8_t *packed,
+                   const float *absmax, int64_t n, int blocksize) {
+    if (n <= 0) return;
+    nf4_dequant_kernel<<<grid_for_n((n + 1) / 2, 256), 256, 0, st>>>(dst, dt, packed, absmax, n,
+                                                                     blocksize);
+}
+
+__global__ void int8_dequant_kernel(void *dst, lt_dtype dt, const int8_t *w, const float *scb,
+                                    int64_t rows, int64_t cols) {
+    int64_t n = rows * cols;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        store_out(dst, dt, i, (float)w[i] * (scb[i / cols] / 127.0f));
+}
+
+void k_int8_dequant(cudaStream_t st, void *dst, lt_dtype dt, const int8_t *w, const float *scb,
+                    int64_t rows, int64_t cols) {
+    if (rows <= 0 || cols <= 0) return;
+    int8_dequant_kernel<<<grid_for_n(rows * cols, 256), 256, 0, st>>>(dst, dt, w, scb, rows, cols);
+}
+
+/* y[t, o] = Σ_i x[t, i] · w[o, i] for t < T (T <= 8), w NF4. One warp per output row: the lanes
+ * walk the row's packed bytes 4 at a time (8 weights), so a row is read once for all T inputs.
+ * accumulate: y += instead of =. */
+#define GEMV_MAX_T 8
+__global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
+                                const float *absmax, int64_t T, int64_t in, int64_t out,
+                                int blocksize, int accumulate) {
+    int warps = blockDim.x / 32, lane = threadIdx.x & 31;
+    int64_t o = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
+    if (o >= out) return;
+    float acc[GEMV_MAX_T];
+    for (int t = 0; t < GEMV_MAX_T; t++)
+        acc[t] = 0.0f;
+    const int64_t row0 = o * in; /* element index of the row's first weight */
+    for (int64_t c = (int64_t)lane * 8; c < in; c += 32 * 8) {
+        /* 8 weights from 4 bytes; in is a multiple of 8 (checked by the caller) */
+        uint32_t word = *(const uint32_t *)(packed + (row0 + c) / 2);
+        float wv[8];
+        for (int k = 0; k < 4; k++) {
+            uint8_t b = (uint8_t)(word >> (8 * k));
+            int64_t e = row0 + c + 2 * k;
+            wv[2 * k] = nf4_code[b >> 4] * absmax[e / blocksize];
+            wv[2 * k + 1] = nf4_code[b & 15] * absmax[(e + 1) / blocksize];
+        }
+        for (int t = 0; t < T; t++) {
+            const float *xr = x + t * in + c;
+            float s = 0.0f;
+            for (int k = 0; k < 8; k++)
+                s += xr[k] * wv[k];
+            acc[t] += s;
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float s = acc[t];
+        for (int off = 16; off > 0; off >>= 1)
+            s += __shfl_down_sync(0xffffffffu, s, off);
+        if (lane == 0) y[t * out + o] = accumulate ? y[t * out + o] + s : s;
+    }
+}
+
+int k_nf4_gemv_ok(int64_t T, int64_t in, const void *packed) {
+    return T >= 1 && T <= GEMV_MAX_T && in % 8 == 0 && ((uintptr_t)packed & 3) == 0;
+}
+
+void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed,
+                const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
+                int accumulate) {
+    if (out <= 0) return;
+    const int threads = 256, rows_per_block = threads / 32;
+    int64_t blocks = (out + rows_per_block - 1) / rows_per_block;
+    nf4_gemv_kernel<<<(unsigned)blocks, threads, 0, st>>>(y, x, packed, absmax, T, in, out,
+                                                          blocksize, accumulate);
+}
