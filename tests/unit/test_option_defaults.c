@@ -204,6 +204,13 @@ static int field_matches_text(const field *f, const char *text) {
     return 0;
 }
 
+/* "%train" or "%%chat", for messages. */
+static const char *magic_label(const magic_spec *m) {
+    static char b[64];
+    snprintf(b, sizeof b, "%s%s", m->cell ? "%%" : "%", m->name);
+    return b;
+}
+
 /* ---- validating a call the way a cell does ---------------------------------------------- */
 
 /* Parses and validates `%name [x...] [key="value"]` (a body for cell magics); 0 on success. */
@@ -211,7 +218,7 @@ static int call_validate(const magic_spec *m, const char *key, const char *value
                          magic_args *a, char *msg, size_t msglen) {
     strbuf_t b;
     sb_init(&b);
-    sb_printf(&b, "%s%s", m->cell ? "%%" : "%", m->name);
+    sb_printf(&b, "%s", magic_label(m));
     for (int i = 0; i < m->min_pos; ++i)
         sb_printf(&b, " x");
     if (key) sb_printf(&b, " %s=\"%s\"", key, value);
@@ -282,15 +289,15 @@ static void test_mapped_options(void) {
             if (!o->engine) continue;
             char what[256];
             const field *f = field_find(o->engine, o->name);
-            snprintf(what, sizeof what, "%%%s %s= maps onto the field %s.%s", m->name, o->name,
+            snprintf(what, sizeof what, "%s %s= maps onto the field %s.%s", magic_label(m), o->name,
                      o->engine, o->name);
             if (!ok(f != NULL && engine_lists(o->engine, o->name), what)) continue;
-            snprintf(what, sizeof what, "%%%s %s=: no literal default beside the engine's", m->name,
-                     o->name);
+            snprintf(what, sizeof what, "%s %s=: no literal default beside the engine's",
+                     magic_label(m), o->name);
             ok(o->def == NULL, what);
             const char *def = opt_default(o);
-            snprintf(what, sizeof what, "%%%s %s=: default is lt_option_default(\"%s\", \"%s\")",
-                     m->name, o->name, o->engine, o->name);
+            snprintf(what, sizeof what, "%s %s=: default is lt_option_default(\"%s\", \"%s\")",
+                     magic_label(m), o->name, o->engine, o->name);
             ok(def == lt_option_default(o->engine, o->name), what);
 
             /* the three renderings of %help */
@@ -301,7 +308,7 @@ static void test_mapped_options(void) {
             ok(help && strstr(help, want), what);
             char *one = opt_help_text(m, o);
             snprintf(want, sizeof want, "default: %s\n", def ? def : "(none)");
-            snprintf(what, sizeof what, "option help of %%%s %s= shows %s", m->name, o->name,
+            snprintf(what, sizeof what, "option help of %s %s= shows %s", magic_label(m), o->name,
                      def ? def : "(none)");
             ok(one && strstr(one, want), what);
             free(one);
@@ -310,7 +317,7 @@ static void test_mapped_options(void) {
             const char *end = row ? strstr(row, "</tr>") : NULL;
             snprintf(want, sizeof want, "</code></td><td>%s</td>", def ? def : "");
             const char *cell = row ? strstr(row, want) : NULL;
-            snprintf(what, sizeof what, "HTML help of %%%s shows %s=%s", m->name, o->name,
+            snprintf(what, sizeof what, "HTML help of %s shows %s=%s", magic_label(m), o->name,
                      def ? def : "");
             ok(cell && end && cell < end, what);
 
@@ -318,12 +325,12 @@ static void test_mapped_options(void) {
             cell_program p;
             magic_args a;
             char msg[1024] = "";
-            snprintf(what, sizeof what, "%%%s validates without %s=", m->name, o->name);
+            snprintf(what, sizeof what, "%s validates without %s=", magic_label(m), o->name);
             if (ok(call_validate(m, NULL, NULL, &p, &a, msg, sizeof msg) == 0, what)) {
                 char got[128];
                 field_show(f, got, sizeof got);
                 snprintf(what, sizeof what,
-                         "%%%s %s= left out: %s (%%help) = %s (lt_%s_opts_default)", m->name,
+                         "%s %s= left out: %s (%%help) = %s (lt_%s_opts_default)", magic_label(m),
                          o->name, def ? def : "none", got, o->engine);
                 ok(arg_str(&a, o->name) == def && field_matches(f, &a, o->name), what);
                 ++checked;
@@ -332,7 +339,7 @@ static void test_mapped_options(void) {
             }
             cell_program_free(&p);
             if (def) { /* the default is a value the option accepts */
-                snprintf(what, sizeof what, "%%%s %s=%s is accepted", m->name, o->name, def);
+                snprintf(what, sizeof what, "%s %s=%s is accepted", magic_label(m), o->name, def);
                 if (!ok(call_validate(m, o->name, def, &p, &a, msg, sizeof msg) == 0, what))
                     diag("%s", msg);
                 cell_program_free(&p);
@@ -368,9 +375,8 @@ static void test_no_literal_copies(void) {
             for (const opt_spec *o = m->opts; o->name; ++o) {
                 if (o->engine) continue;
                 char what[200];
-                snprintf(what, sizeof what,
-                         "%%%s %s= (default %s) is kernel-only, not a field of %s", m->name,
-                         o->name, o->def ? o->def : "none", groups[g]);
+                snprintf(what, sizeof what, "%s %s= (default %s) is kernel-only, not a field of %s",
+                         magic_label(m), o->name, o->def ? o->def : "none", groups[g]);
                 ok(field_find(groups[g], o->name) == NULL, what);
             }
         }
@@ -389,7 +395,7 @@ static void test_reachable(void) {
         for (int k = 0; k < nmagic; ++k)
             for (const opt_spec *o = all[k].opts; o->name; ++o)
                 if (o->engine && !strcmp(o->engine, f->group) && !strcmp(o->name, f->name)) {
-                    int w = snprintf(by + n, sizeof by - n, " %%%s", all[k].name);
+                    int w = snprintf(by + n, sizeof by - n, " %s", magic_label(&all[k]));
                     if (w > 0 && (size_t)w < sizeof by - n) n += (size_t)w;
                 }
         char what[400];
@@ -434,8 +440,8 @@ static void test_usage_lines(void) {
                 if (o && !is_placeholder(v, vl)) {
                     const char *def = opt_default(o);
                     char what[300];
-                    snprintf(what, sizeof what, "usage of %%%s says %s=%.*s; the default is %s",
-                             m->name, name, (int)vl, v, def ? def : "none");
+                    snprintf(what, sizeof what, "usage of %s says %s=%.*s; the default is %s",
+                             magic_label(m), name, (int)vl, v, def ? def : "none");
                     ok(def && strlen(def) == vl && !strncmp(def, v, vl), what);
                     ++seen;
                 }
