@@ -5,7 +5,7 @@
  * options a cell leaves out, so a default cannot differ between the two.
  *
  * Owns the tables and the fill functions only. It checks no option values (lt_load,
- * lt_lora_attach and lt_train do) and includes nothing but cuda/engine.h.
+ * lt_lora_attach and lt_train do) and includes nothing of the engine but cuda/engine.h.
  */
 #include <stddef.h>
 #include <stdlib.h>
