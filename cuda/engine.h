@@ -56,6 +56,8 @@ typedef struct lt_load_opts {
     const char *device; /* "auto", "cpu", "cuda"; NULL = auto */
     int max_seq;        /* 0 = the config's max_position_embeddings, capped at 8192 */
 } lt_load_opts;
+/* Fills the defaults (dtype and device "auto", max_seq 0) from lt_option_default("load", ...). */
+void lt_load_opts_default(lt_load_opts *o);
 
 /* SOURCE: a directory; a Hugging Face cache id ("google/gemma-3-1b-it", looked up under
  * $HF_HOME/hub or ~/.cache/huggingface/hub; no network); "tiny"; "random:gemma-3-1b" (and
@@ -102,7 +104,8 @@ typedef struct lt_gen_opts {
     float min_p;       /* 0 = off */
     uint64_t seed;
 } lt_gen_opts;
-/* Fills Gemma's defaults (temperature 1, top_k 64, top_p 0.95, min_p 0, max_new 256). */
+/* Fills Gemma's defaults (temperature 1, top_k 64, top_p 0.95, min_p 0, max_new 256) from
+ * lt_option_default("gen", ...). */
 void lt_gen_opts_default(lt_gen_opts *o);
 
 /* Continues raw text (BOS + tokens of prompt), streaming pieces through cb->text. If out is
@@ -141,6 +144,7 @@ typedef struct lt_lora_opts {
     int full;            /* 1 = full fine-tuning: every weight trains, no adapters */
     const char *load;    /* a PEFT adapter folder to continue from (its config wins) */
 } lt_lora_opts;
+/* Fills the defaults from lt_option_default("lora", ...). */
 void lt_lora_opts_default(lt_lora_opts *o);
 
 /* What is attached (for %lora's summary and %status). */
@@ -183,7 +187,23 @@ typedef struct lt_train_opts {
     int save_every;          /* steps between checkpoints; 0 = only at the end when save is set */
     const char *resume;      /* a checkpoint (or a save= folder: its latest) to continue */
 } lt_train_opts;
+/* Fills the defaults from lt_option_default("train", ...). */
 void lt_train_opts_default(lt_train_opts *o);
+
+/* ---- option defaults (cuda/session_options.c) ------------------------------------------- */
+
+/* Every default of the options structs above is written once, as text, in a table per struct:
+ * group "load" (lt_load_opts), "gen" (lt_gen_opts), "lora" (lt_lora_opts), "train"
+ * (lt_train_opts). Each field has one entry, named as the field (and as the magic option that
+ * sets it). The text is what %help shows and what the kernel parses for an option left out:
+ * integers in decimal, numbers as strtod reads them ("2e-4"), flags "true"/"false", text as
+ * is. The lt_*_opts_default functions fill their struct by parsing the same texts. */
+
+/* group.name's default; NULL when the field is unset by default (NULL / 0, e.g. train's data)
+ * or when the group or the name is unknown. The text lives as long as the program. */
+const char *lt_option_default(const char *group, const char *name);
+/* The name of group's i-th field (i = 0, 1, ...); NULL past the last or for an unknown group. */
+const char *lt_option_name(const char *group, int i);
 
 /* One optimizer step's report. losses: every step's loss so far (for the live plot). */
 typedef struct lt_train_progress {

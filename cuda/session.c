@@ -493,15 +493,6 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     return LT_OK;
 }
 
-void lt_gen_opts_default(lt_gen_opts *o) {
-    o->max_new = 256;
-    o->temperature = 1.0f;
-    o->top_k = 64;
-    o->top_p = 0.95f;
-    o->min_p = 0.0f;
-    o->seed = 0;
-}
-
 static int is_stop(const gemma3_config *c, int id) {
     for (int i = 0; i < c->n_eos_ids; i++)
         if (c->eos_ids[i] == id) return 1;

@@ -26,7 +26,9 @@ typedef enum opt_type {
 typedef struct opt_spec {
     const char *name;
     opt_type type;
-    const char *def;     /* default as text; NULL = unset */
+    const char *def;     /* default as text (kernel-only options); NULL = unset */
+    const char *engine;  /* engine options group ("train", ...) whose field `name` this option
+                          * sets: its default is lt_option_default(engine, name), def is NULL */
     const char *choices; /* OPT_CHOICE: "a|b|c" */
     double min, max;     /* OPT_INT / OPT_FLOAT bounds (ignored when min > max) */
     int min_open;        /* 1: the value must be strictly greater than min */
@@ -76,6 +78,9 @@ typedef struct magic_spec {
 const magic_spec *magics_find(const char *name);
 const magic_spec *magics_all(int *n);
 const opt_spec *magic_opt_find(const magic_spec *m, const char *name);
+/* An option's default as text (the engine's for an option with `engine`); NULL = unset. What
+ * %help shows and what validation fills in for an option left out. */
+const char *opt_default(const opt_spec *o);
 
 /* Option accessors (by name; the name must be in the spec: a typo is a bug, caught by
  * tests). Values were range-checked during validation. */

@@ -145,7 +145,11 @@ int magic_load(magic_ctx *ctx, const magic_args *a) {
                           "%%load: dtype=%s and precision=%s disagree; give one of them", dtype,
                           precision);
     if (arg_given(a, "precision")) dtype = precision;
-    lt_load_opts opts = {dtype, arg_str(a, "device"), (int)arg_int(a, "max_seq")};
+    lt_load_opts opts;
+    lt_load_opts_default(&opts);
+    opts.dtype = dtype;
+    opts.device = arg_str(a, "device");
+    opts.max_seq = (int)arg_int(a, "max_seq");
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
     lt_status st = lt_load(ctx->session, a->pos[0], &opts, &cb);

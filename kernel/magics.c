@@ -2,7 +2,11 @@
  * errors, typed accessors, and help rendering (%help, inspection, error hints).
  *
  * Adding a magic = one handler in kernel/magic_*.c + one entry here. Nothing else in the
- * kernel lists magic or option names.
+ * kernel lists magic or option names. An option that sets a field of an engine options struct
+ * (lt_train_opts' lr, ...) writes no default here: it names the engine's group
+ * (FROM_ENGINE) and %help and validation read the engine's lt_option_default, the same text
+ * the engine's lt_*_opts_default parse. Only kernel-only options (%echo stream=, %load
+ * precision=, %export_gguf type=) keep their defaults in this table.
  */
 #include "kernel/magic.h"
 
@@ -22,47 +26,71 @@
 
 #define NO_RANGE 1, 0, 0 /* min > max: unbounded */
 
-/* Sampling options shared by %generate and %%chat (Gemma 3's generation_config defaults). */
+/* The default of an option (the def and engine fields of opt_spec). An option that sets a field
+ * of an engine options struct takes the engine's default, so it is written once, in the engine;
+ * only options the kernel alone knows write theirs here. */
+#define FROM_ENGINE(group) NULL, group /* lt_option_default(group, the option's name) */
+#define DEFAULT(text) text, NULL       /* a kernel-only option's default */
+#define NO_DEFAULT NULL, NULL          /* a kernel-only option, unset unless given */
+
+/* Sampling options shared by %generate and %%chat. */
 #define SAMPLING_OPTS                                                                              \
-    {"max_new", OPT_INT, "256", NULL, 1, 32768, 0, "most new tokens to generate"},                 \
+    {"max_new", OPT_INT, FROM_ENGINE("gen"), NULL, 1, 32768, 0, "most new tokens to generate"},    \
         {"temperature",                                                                            \
          OPT_FLOAT,                                                                                \
-         "1.0",                                                                                    \
+         FROM_ENGINE("gen"),                                                                       \
          NULL,                                                                                     \
          0,                                                                                        \
          100,                                                                                      \
          0,                                                                                        \
          "sampling temperature; 0 = greedy (Gemma default 1.0)"},                                  \
-        {"top_k", OPT_INT, "64", NULL, 0, 1000000, 0, "keep the k most likely tokens; 0 = off"},   \
-        {"top_p", OPT_FLOAT, "0.95", NULL, 0, 1, 1, "nucleus sampling mass; 1 = off"},             \
-        {"min_p", OPT_FLOAT, "0", NULL, 0, 1, 0, "drop tokens below min_p x the top probability"}, \
+        {"top_k",                                                                                  \
+         OPT_INT,                                                                                  \
+         FROM_ENGINE("gen"),                                                                       \
+         NULL,                                                                                     \
+         0,                                                                                        \
+         1000000,                                                                                  \
+         0,                                                                                        \
+         "keep the k most likely tokens; 0 = off"},                                                \
+        {"top_p", OPT_FLOAT, FROM_ENGINE("gen"), NULL, 0, 1, 1, "nucleus sampling mass; 1 = off"}, \
+        {"min_p",                                                                                  \
+         OPT_FLOAT,                                                                                \
+         FROM_ENGINE("gen"),                                                                       \
+         NULL,                                                                                     \
+         0,                                                                                        \
+         1,                                                                                        \
+         0,                                                                                        \
+         "drop tokens below min_p x the top probability"},                                         \
     {                                                                                              \
-        "seed", OPT_INT, "0", NULL, 0, 9007199254740991.0, 0, "random seed for sampling"           \
+        "seed", OPT_INT, FROM_ENGINE("gen"), NULL, 0, 9007199254740991.0, 0,                       \
+            "random seed for sampling"                                                             \
     }
 
 static const opt_spec no_opts[] = {{NULL}};
 
-static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NULL, NULL,
-                                      0,         86400,     0,    "how long to wait"};
+static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NO_DEFAULT, NULL,
+                                      0,         86400,     0,          "how long to wait"};
 
-static const opt_spec echo_opts[] = {
-    {"stream", OPT_CHOICE, "stdout", "stdout|stderr", NO_RANGE, "which stream to print on"},
-    {NULL}};
+static const opt_spec echo_opts[] = {{"stream", OPT_CHOICE, DEFAULT("stdout"), "stdout|stderr",
+                                      NO_RANGE, "which stream to print on"},
+                                     {NULL}};
 
 static const opt_spec input_opts[] = {
-    {"password", OPT_BOOL, "false", NULL, NO_RANGE, "hide what is typed"}, {NULL}};
+    {"password", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "hide what is typed"}, {NULL}};
 
 static const opt_spec clear_opts[] = {
-    {"wait", OPT_BOOL, "false", NULL, NO_RANGE, "clear only when the next output arrives"}, {NULL}};
+    {"wait", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "clear only when the next output arrives"},
+    {NULL}};
 
+/* precision= is the kernel's other name for dtype=; %load passes one of them as dtype. */
 static const opt_spec load_opts[] = {
-    {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
+    {"dtype", OPT_CHOICE, FROM_ENGINE("load"), "auto|fp32|fp16|bf16", NO_RANGE,
      "storage type of the frozen weights (auto = as stored; computed in fp32 on the CPU)"},
-    {"device", OPT_CHOICE, "auto", "auto|cpu|cuda", NO_RANGE,
+    {"device", OPT_CHOICE, FROM_ENGINE("load"), "auto|cpu|cuda", NO_RANGE,
      "where the model runs (auto: the GPU when there is one)"},
-    {"precision", OPT_CHOICE, "auto", "auto|fp32|bf16|fp16", NO_RANGE,
+    {"precision", OPT_CHOICE, DEFAULT("auto"), "auto|fp32|bf16|fp16", NO_RANGE,
      "GPU matmul precision (auto: bf16 on sm_80 and newer, fp16 on the T4); the same as dtype="},
-    {"max_seq", OPT_INT, "0", NULL, 0, 1048576, 0,
+    {"max_seq", OPT_INT, FROM_ENGINE("load"), NULL, 0, 1048576, 0,
      "longest sequence (0 = the config's, at most 8192)"},
     {NULL}};
 
@@ -70,67 +98,81 @@ static const opt_spec generate_opts[] = {SAMPLING_OPTS, {NULL}};
 
 static const opt_spec chat_opts[] = {
     SAMPLING_OPTS,
-    {"system", OPT_STRING, NULL, NULL, NO_RANGE,
+    {"system", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
      "system prompt (Gemma folds it into the first user turn); \"\" clears it"},
     {NULL}};
 
+/* type= and overwrite= are arguments of lt_export_gguf, not fields of an options struct. */
 static const opt_spec export_opts[] = {
-    {"type", OPT_CHOICE, "f16", "f32|f16|bf16|q8_0|q4_0|q4_k_m", NO_RANGE,
+    {"type", OPT_CHOICE, DEFAULT("f16"), "f32|f16|bf16|q8_0|q4_0|q4_k_m", NO_RANGE,
      "tensor type (q4_k_m mixes Q4_K and Q6_K as llama.cpp does)"},
-    {"overwrite", OPT_BOOL, "false", NULL, NO_RANGE, "replace an existing file"},
+    {"overwrite", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "replace an existing file"},
     {NULL}};
 
 static const opt_spec lora_opts[] = {
-    {"r", OPT_INT, "16", NULL, 1, 4096, 0, "adapter rank"},
-    {"alpha", OPT_FLOAT, "16", NULL, 0, 1e6, 1,
+    {"r", OPT_INT, FROM_ENGINE("lora"), NULL, 1, 4096, 0, "adapter rank"},
+    {"alpha", OPT_FLOAT, FROM_ENGINE("lora"), NULL, 0, 1e6, 1,
      "lora_alpha: the adapter output is scaled by alpha/r"},
-    {"dropout", OPT_FLOAT, "0", NULL, 0, 0.95, 0, "dropout on the adapter input while training"},
-    {"targets", OPT_STRING, "q,k,v,o,gate,up,down", NULL, NO_RANGE,
+    {"dropout", OPT_FLOAT, FROM_ENGINE("lora"), NULL, 0, 0.95, 0,
+     "dropout on the adapter input while training"},
+    {"targets", OPT_STRING, FROM_ENGINE("lora"), NULL, NO_RANGE,
      "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) or a regex over "
      "names like model.layers.0.self_attn.q_proj"},
-    {"rslora", OPT_BOOL, "false", NULL, NO_RANGE, "rank-stabilised scale alpha/sqrt(r)"},
-    {"seed", OPT_INT, "3407", NULL, 0, 9007199254740991.0, 0, "initialisation seed"},
-    {"load", OPT_STRING, NULL, NULL, NO_RANGE, "a PEFT adapter folder to load (and train further)"},
-    {"full", OPT_BOOL, "false", NULL, NO_RANGE,
+    {"rslora", OPT_BOOL, FROM_ENGINE("lora"), NULL, NO_RANGE,
+     "rank-stabilised scale alpha/sqrt(r)"},
+    {"seed", OPT_INT, FROM_ENGINE("lora"), NULL, 0, 9007199254740991.0, 0, "initialisation seed"},
+    {"load", OPT_STRING, FROM_ENGINE("lora"), NULL, NO_RANGE,
+     "a PEFT adapter folder to load (and train further)"},
+    {"full", OPT_BOOL, FROM_ENGINE("lora"), NULL, NO_RANGE,
      "full fine-tuning: train every weight, no adapters"},
     {NULL}};
 
 static const opt_spec train_opts[] = {
-    {"data", OPT_STRING, NULL, NULL, NO_RANGE, "the dataset: a .jsonl or .json file"},
-    {"format", OPT_CHOICE, "auto", "auto|text|alpaca|sharegpt|messages", NO_RANGE,
+    {"data", OPT_STRING, FROM_ENGINE("train"), NULL, NO_RANGE,
+     "the dataset: a .jsonl or .json file"},
+    {"format", OPT_CHOICE, FROM_ENGINE("train"), "auto|text|alpaca|sharegpt|messages", NO_RANGE,
      "record format (auto: from the first record's fields)"},
-    {"batch", OPT_INT, "2", NULL, 1, 4096, 0, "samples per micro-batch (per-device batch size)"},
-    {"grad_accum", OPT_INT, "1", NULL, 1, 65536, 0, "micro-batches per optimizer step"},
-    {"steps", OPT_INT, "0", NULL, 0, 100000000, 0, "optimizer steps; 0 = from epochs"},
-    {"epochs", OPT_FLOAT, "1", NULL, 0, 100000, 1, "passes over the data (when steps=0)"},
-    {"lr", OPT_FLOAT, "2e-4", NULL, 0, 10, 1, "peak learning rate"},
-    {"warmup", OPT_INT, "0", NULL, 0, 100000000, 0, "warmup steps (linear from 0)"},
-    {"schedule", OPT_CHOICE, "linear", "constant|linear|cosine", NO_RANGE,
+    {"batch", OPT_INT, FROM_ENGINE("train"), NULL, 1, 4096, 0,
+     "samples per micro-batch (per-device batch size)"},
+    {"grad_accum", OPT_INT, FROM_ENGINE("train"), NULL, 1, 65536, 0,
+     "micro-batches per optimizer step"},
+    {"steps", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
+     "optimizer steps; 0 = from epochs"},
+    {"epochs", OPT_FLOAT, FROM_ENGINE("train"), NULL, 0, 100000, 1,
+     "passes over the data (when steps=0)"},
+    {"lr", OPT_FLOAT, FROM_ENGINE("train"), NULL, 0, 10, 1, "peak learning rate"},
+    {"warmup", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
+     "warmup steps (linear from 0)"},
+    {"schedule", OPT_CHOICE, FROM_ENGINE("train"), "constant|linear|cosine", NO_RANGE,
      "learning-rate schedule after warmup"},
-    {"optim", OPT_CHOICE, "adamw", "adamw", NO_RANGE, "optimizer (AdamW, fp32 state)"},
-    {"weight_decay", OPT_FLOAT, "0", NULL, 0, 10, 0, "decoupled weight decay (not on norms)"},
-    {"max_grad_norm", OPT_FLOAT, "1.0", NULL, 0, 1e9, 0, "clip the global gradient norm; 0 = off"},
-    {"max_seq", OPT_INT, "0", NULL, 0, 1048576, 0,
+    {"optim", OPT_CHOICE, FROM_ENGINE("train"), "adamw", NO_RANGE, "optimizer (AdamW, fp32 state)"},
+    {"weight_decay", OPT_FLOAT, FROM_ENGINE("train"), NULL, 0, 10, 0,
+     "decoupled weight decay (not on norms)"},
+    {"max_grad_norm", OPT_FLOAT, FROM_ENGINE("train"), NULL, 0, 1e9, 0,
+     "clip the global gradient norm; 0 = off"},
+    {"max_seq", OPT_INT, FROM_ENGINE("train"), NULL, 0, 1048576, 0,
      "cut samples longer than this many tokens (0 = the model's max_seq)"},
-    {"responses_only", OPT_BOOL, "true", NULL, NO_RANGE,
+    {"responses_only", OPT_BOOL, FROM_ENGINE("train"), NULL, NO_RANGE,
      "chat formats: train on the model turns only"},
-    {"packing", OPT_BOOL, "false", NULL, NO_RANGE,
+    {"packing", OPT_BOOL, FROM_ENGINE("train"), NULL, NO_RANGE,
      "pack several samples into each row of max_seq tokens (attention stays inside each)"},
-    {"seed", OPT_INT, "3407", NULL, 0, 9007199254740991.0, 0, "data order and dropout seed"},
-    {"shuffle", OPT_BOOL, "true", NULL, NO_RANGE, "shuffle the samples every epoch"},
-    {"save", OPT_STRING, NULL, NULL, NO_RANGE,
+    {"seed", OPT_INT, FROM_ENGINE("train"), NULL, 0, 9007199254740991.0, 0,
+     "data order and dropout seed"},
+    {"shuffle", OPT_BOOL, FROM_ENGINE("train"), NULL, NO_RANGE, "shuffle the samples every epoch"},
+    {"save", OPT_STRING, FROM_ENGINE("train"), NULL, NO_RANGE,
      "folder for checkpoints (SAVE/checkpoint-STEP, with optimizer state)"},
-    {"save_every", OPT_INT, "0", NULL, 0, 100000000, 0,
+    {"save_every", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
      "steps between checkpoints (0 = only at the end)"},
-    {"resume", OPT_STRING, NULL, NULL, NO_RANGE,
+    {"resume", OPT_STRING, FROM_ENGINE("train"), NULL, NO_RANGE,
      "continue from a checkpoint (or the latest one in a save= folder)"},
     {NULL}};
 
+/* adapter=, merged= and dtype= are arguments of lt_save_adapter / lt_save_merged. */
 static const opt_spec save_opts[] = {
-    {"adapter", OPT_STRING, NULL, NULL, NO_RANGE, "write a PEFT adapter folder"},
-    {"merged", OPT_STRING, NULL, NULL, NO_RANGE,
+    {"adapter", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE, "write a PEFT adapter folder"},
+    {"merged", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
      "write a transformers checkpoint with the adapters merged"},
-    {"dtype", OPT_CHOICE, "auto", "auto|fp32|fp16|bf16", NO_RANGE,
+    {"dtype", OPT_CHOICE, DEFAULT("auto"), "auto|fp32|fp16|bf16", NO_RANGE,
      "merged weights' dtype (auto = as loaded)"},
     {NULL}};
 
@@ -247,6 +289,10 @@ const opt_spec *magic_opt_find(const magic_spec *m, const char *name) {
     for (const opt_spec *o = m->opts; o->name; ++o)
         if (strcmp(o->name, name) == 0) return o;
     return NULL;
+}
+
+const char *opt_default(const opt_spec *o) {
+    return o->engine ? lt_option_default(o->engine, o->name) : o->def;
 }
 
 /* ---- typed values ----------------------------------------------------------------------- */
@@ -449,7 +495,7 @@ int magic_validate(const cell_call *call, magic_args *args, char *msg, size_t ms
         return -1;
     }
     for (int i = 0; m->opts[i].name; ++i)
-        if (!args->given[i]) args->value[i] = m->opts[i].def;
+        if (!args->given[i]) args->value[i] = opt_default(&m->opts[i]);
     return 0;
 }
 
@@ -557,10 +603,11 @@ static const char *type_name(opt_type t) {
 char *opt_help_text(const magic_spec *m, const opt_spec *o) {
     char form[160];
     opt_accepted_form(o, form, sizeof form);
+    const char *def = opt_default(o);
     strbuf_t b;
     sb_init(&b);
     sb_printf(&b, "%%%s option %s (%s)\n  %s\n  accepted: %s\n  default: %s\n", m->name, o->name,
-              type_name(o->type), o->help, form, o->def ? o->def : "(none)");
+              type_name(o->type), o->help, form, def ? def : "(none)");
     return sb_take(&b);
 }
 
@@ -573,8 +620,9 @@ char *magic_help_text(const magic_spec *m) {
         for (const opt_spec *o = m->opts; o->name; ++o) {
             char form[160];
             opt_accepted_form(o, form, sizeof form);
+            const char *def = opt_default(o);
             sb_printf(&b, "  %-13s %s (default %s)\n                accepted: %s\n", o->name,
-                      o->help, o->def ? o->def : "none", form);
+                      o->help, def ? def : "none", form);
         }
     }
     return sb_take(&b);
@@ -597,7 +645,8 @@ char *magic_help_html(const magic_spec *m) {
             sb_printf(&b, "<tr><td><code>%s</code></td><td><code>", o->name);
             sb_html(&b, form);
             sb_printf(&b, "</code></td><td>");
-            sb_html(&b, o->def ? o->def : "");
+            const char *def = opt_default(o);
+            sb_html(&b, def ? def : "");
             sb_printf(&b, "</td><td>");
             sb_html(&b, o->help);
             sb_printf(&b, "</td></tr>");

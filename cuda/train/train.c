@@ -100,13 +100,6 @@ static int push_loss(lt_trainer *t, float l) {
 
 /* ---- %lora ----------------------------------------------------------------------------------- */
 
-void lt_lora_opts_default(lt_lora_opts *o) {
-    memset(o, 0, sizeof *o);
-    o->r = 16;
-    o->alpha = 16;
-    o->seed = 3407;
-}
-
 /* Replacing adapters: the old ones are unhooked first (so a failed attach can hook them back),
  * except full fine-tuning, which is freed first (its trained weights stay in the model). */
 static void hooks_set(lt_adapters *a, int on) {
@@ -154,24 +147,6 @@ lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_op
 }
 
 /* ---- options --------------------------------------------------------------------------------- */
-
-void lt_train_opts_default(lt_train_opts *o) {
-    memset(o, 0, sizeof *o);
-    o->format = "auto";
-    o->batch = 2;
-    o->grad_accum = 1;
-    o->epochs = 1;
-    o->lr = 2e-4f;
-    o->schedule = "linear";
-    o->optim = "adamw";
-    o->max_grad_norm = 1.0f;
-    o->beta1 = 0.9f;
-    o->beta2 = 0.999f;
-    o->eps = 1e-8f;
-    o->responses_only = 1;
-    o->seed = 3407;
-    o->shuffle = 1;
-}
 
 static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *err) {
     if (!(o->lr > 0) || !isfinite(o->lr))
