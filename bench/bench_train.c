@@ -2,7 +2,7 @@
  *
  * usage: bench_train SIZE PRECISION [SEQ BATCH STEPS WARM]
  *   SIZE: 270m | 1b | 4b | 12b (random:gemma-3-SIZE shapes); PRECISION: bf16 | fp16 | fp32
- * The same work as ../shared/bench/hf_baseline.py: random weights, LoRA r=32 alpha=32 on all 7
+ * The same work as bench/hf_baseline.py: random weights, LoRA r=32 alpha=32 on all 7
  * linear layers of every layer, batch x SEQ random tokens (labels = the ids, shifted inside the
  * model), per-layer activation checkpointing (gemma3_train_batch always checkpoints), AdamW.
  * Prints one JSON line: tokens/s over STEPS timed steps after WARM warm-up steps, peak memory

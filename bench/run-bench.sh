@@ -1,10 +1,11 @@
 #!/bin/sh
-# run-bench.sh — the GPU-machine half of issue 5's checks and benchmark, in one command:
+# run-bench.sh — the GPU-machine half of the CUDA backend's checks and benchmark, in one command:
 #   make check-gpu's two programs (TAP logs), lathe's LoRA training benchmark on
 #   random:gemma-3-1b / 4b in bf16 and fp16 (bench_train), and transformers + PEFT on the same
-#   shapes (bench/hf_baseline.py, a copy of ../shared/bench/hf_baseline.py; checkpointing on).
-# Usage there: sh bench/run-bench.sh OUTDIR, with the binaries packed in .device-pack/ (see
-# ../shared/DEVICE.md): .device-pack/bin/{test_ops,test_model,bench_train} (PACK=DIR for another).
+#   shapes (bench/hf_baseline.py; checkpointing on).
+# Usage there: sh bench/run-bench.sh OUTDIR, with the binaries packed in .device-pack/ (the
+# programs in bin/, the shared libraries the GPU machine lacks in lib/):
+# .device-pack/bin/{test_ops,test_model,bench_train} (PACK=DIR for another).
 out=${1:-.}
 P=${PACK:-.device-pack}
 B=$P/bin

@@ -104,7 +104,7 @@ void lt_session_free(lt_session *s) {
     if (!s) return;
     cache_drop(s);
     trainer_free(s->trainer);
-    gemma3_model_release(s->model, &s->ctx); /* host or device model (issue 5) */
+    gemma3_model_release(s->model, &s->ctx); /* host or device model */
     tok_free(s->tok);
     if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
     lt_chat_reset(s);
@@ -261,7 +261,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
                     "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
     const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
     const char *device = opts && opts->device ? opts->device : "auto";
-    /* CUDA helper (issue 5): device=cuda, or auto when a GPU is present, runs on the GPU. */
+    /* device=cuda, or auto when a GPU is present, runs on the GPU (the CUDA backend). */
     int want_cuda = 0;
 #ifdef HAVE_CUDA
     want_cuda = !strcmp(device, "cuda") || (!strcmp(device, "auto") && lt_cuda_device_count() > 0);
@@ -348,7 +348,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         return rc;
     }
 #ifdef HAVE_CUDA
-    /* CUDA helper (issue 5): copy the weights to the GPU in the policy dtype (bf16 on sm_80+,
+    /* The CUDA backend: copy the weights to the GPU in the policy dtype (bf16 on sm_80+,
      * fp16 on the T4; dtype= overrides), on a CUDA ctx that replaces the session's below. */
     lt_ctx cuctx;
     int new_ctx = 0;
@@ -382,7 +382,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
     cache_drop(s);
     trainer_free(s->trainer); /* adapters belong to the old model */
     s->trainer = NULL;
-    gemma3_model_release(s->model, &s->ctx); /* host or device model (issue 5) */
+    gemma3_model_release(s->model, &s->ctx); /* host or device model */
 #ifdef HAVE_CUDA
     if (new_ctx) { /* the old model is gone: its ctx can go too */
         if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
@@ -481,7 +481,7 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     rc = gemma3_cache_init(&cache, &s->ctx, &s->model->cfg, n);
     if (rc == LT_OK) {
         rc = gemma3_forward_host(s->model, &s->ctx, ids, n, &cache, out,
-                                 NULL); /* host out (issue 5) */
+                                 NULL); /* logits in host memory */
         gemma3_cache_free(&cache, &s->ctx);
     }
     if (rc != LT_OK) {
@@ -544,7 +544,7 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
             return fail(s, LT_CANCELLED, "cancelled");
         }
         rc =
-            gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* issue 5 */
+            gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* to host */
         if (rc != LT_OK) {
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
@@ -600,7 +600,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         }
         if (i + 1 == o->max_new) break;
         if (s->n_cached + 1 > s->max_seq) break; /* context full: stop quietly */
-        rc = gemma3_forward_host(s->model, &s->ctx, &id, 1, &s->cache, NULL, last); /* issue 5 */
+        rc = gemma3_forward_host(s->model, &s->ctx, &id, 1, &s->cache, NULL, last); /* to host */
         if (rc != LT_OK) {
             rc = fail(s, rc, "%s", s->ctx.err);
             gemma3_cache_reset(&s->cache, &s->ctx);

@@ -1,4 +1,4 @@
-/* cell.c — the cell language's parser (DESIGN.md §3): text in, a list of magic calls out.
+/* cell.c — the cell language's parser (syntax in cell.h): text in, a list of magic calls out.
  *
  * It knows the syntax only: which magics exist and what their options mean is magics.c's
  * business. Words keep their byte spans so completion and inspection can find what is

@@ -1,4 +1,4 @@
-/* cell.h — cell text -> magic calls (DESIGN.md §3). Pure parsing: no magic table, no I/O.
+/* cell.h — cell text -> magic calls. Pure parsing: no magic table, no I/O.
  *
  * A cell is lines. `#` starts a comment (outside quotes). A line magic is
  * `%name positional key=value ...`; a value may be quoted ("..." with \" and \\ escapes).

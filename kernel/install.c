@@ -1,5 +1,6 @@
 /* install.c — `lathe install [--user|--sys-prefix|--prefix DIR] [--name NAME]`: writes the
- * kernelspec (kernel.json + logos) where Jupyter looks for it (JUPYTER.md §8).
+ * kernelspec (kernel.json + logos) where Jupyter looks for it (the folders `jupyter kernelspec
+ * install` uses: jupyter_client's docs/kernels.rst, "Kernel specs").
  *
  * argv names this very binary by absolute path, so the spec works from a build tree as well
  * as from an installed prefix; `--exec PATH` names another (`make install` uses it, since
@@ -63,7 +64,10 @@ static int write_atomic(const char *path, const void *data, size_t n) {
     return 0;
 }
 
-/* The kernels folder for each install flavour (JUPYTER.md §8). */
+/* The kernels folder for each install flavour, as `jupyter kernelspec install` picks it: --user
+ * ~/.local/share/jupyter/kernels (or under $JUPYTER_DATA_DIR / $XDG_DATA_HOME), --sys-prefix
+ * /usr/share/jupyter/kernels (Debian's sys.prefix), --prefix P P/share/jupyter/kernels, and
+ * /usr/local/share/jupyter/kernels otherwise. */
 static int kernels_dir(const char *mode, const char *prefix, char *out, size_t n) {
     if (strcmp(mode, "--user") == 0) {
         const char *data = getenv("JUPYTER_DATA_DIR");

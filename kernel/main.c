@@ -1,4 +1,4 @@
-/* main.c — the `lathe` program: one binary, several doors (DESIGN.md §2).
+/* main.c — the `lathe` program: one binary, several doors (entry points):
  *   lathe kernel -f CONNECTION_FILE   what Jupyter starts (the kernelspec's argv)
  *   lathe install [--user|...]        writes the kernelspec
  *   lathe run FILE|-                  runs cells without Jupyter

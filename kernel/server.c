@@ -1,6 +1,6 @@
 /* server.c — the ZeroMQ kernel server: sockets, threads, request handlers, the iopub sink.
  *
- * Owns the five sockets named by the connection file and the four threads of DESIGN.md §4:
+ * Owns the five sockets named by the connection file and the four threads that serve them:
  *   heartbeat  ROUTER that echoes every message verbatim;
  *   iopub      PUB socket fed by an inproc PULL: every other thread pushes finished, signed
  *              frames, so only this thread touches PUB. It also flushes output that was held

@@ -1,12 +1,12 @@
 /* server.h — the ZeroMQ kernel server: five sockets, four threads, one interpreter.
  *
- * server_run binds the endpoints named by a Jupyter connection file and serves the
- * messaging protocol 5.4 until a shutdown_request arrives (JUPYTER.md, DESIGN.md §4):
- * heartbeat thread (echo), iopub publisher thread (fed through an inproc PULL socket),
- * control thread (shutdown, interrupt, kernel_info and the other non-execute requests),
- * shell thread (execute and everything else; owns the stdin socket and runs cells through
- * interp_execute). SIGINT only interrupts the running cell. Logs go to the kernel's own
- * stderr with a "lathe:" prefix.
+ * server_run binds the endpoints named by a Jupyter connection file and serves the messaging
+ * protocol 5.4 (jupyter_client's docs/messaging.rst) until a shutdown_request arrives, on four
+ * threads: heartbeat thread (echo), iopub publisher thread (fed through an inproc PULL socket),
+ * control thread (shutdown, interrupt, kernel_info and the other non-execute requests), shell
+ * thread (execute and everything else; owns the stdin socket and runs cells through
+ * interp_execute). SIGINT only interrupts the running cell. Logs go to the kernel's own stderr with
+ * a "lathe:" prefix.
  */
 #ifndef LATHE_SERVER_H
 #define LATHE_SERVER_H

@@ -1,9 +1,9 @@
 /* connection.c — reads a Jupyter connection file into endpoints, key and signature scheme.
  *
- * Owns jp_connection and the conn_* functions. The file is the JSON object a client writes
- * before starting the kernel (JUPYTER.md §1): transport, ip, five *_port integers, key,
- * signature_scheme. The key is used byte for byte (never hex-decoded); an empty key turns
- * signing off. Unknown fields are ignored. Endpoints are "tcp://IP:PORT" or
+ * Owns jp_connection and the conn_* functions. The file is the JSON object a client writes before
+ * starting the kernel (jupyter_client's docs/kernels.rst, "Connection files"): transport, ip, five
+ * *_port integers, key, signature_scheme. The key is used byte for byte (never hex-decoded); an
+ * empty key turns signing off. Unknown fields are ignored. Endpoints are "tcp://IP:PORT" or
  * "ipc://IP-PORT". Touches no socket: binding is the server's job.
  */
 #include "protocol/protocol.h"

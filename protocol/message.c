@@ -1,10 +1,10 @@
 /* message.c — headers, ids, dates, and the reply / broadcast builders.
  *
- * Owns what goes into a header (JUPYTER.md §4): msg_id (UUID4), session (one UUID4 per
- * process), username, date (ISO 8601 UTC with microseconds and "Z"), msg_type, version
- * "5.4". A reply copies the request's identities and its header verbatim as parent_header;
- * a broadcast gets a "kernel.<session>.<msg_type>" topic frame. Builds jp_msg values only:
- * encoding and sending are wire.c's and the server's.
+ * Owns what goes into a header (jupyter_client's docs/messaging.rst, "Message Header"): msg_id
+ * (UUID4), session (one UUID4 per process), username, date (ISO 8601 UTC with microseconds and
+ * "Z"), msg_type, version "5.4". A reply copies the request's identities and its header verbatim as
+ * parent_header; a broadcast gets a "kernel.<session>.<msg_type>" topic frame. Builds jp_msg values
+ * only: encoding and sending are wire.c's and the server's.
  */
 #include "protocol/protocol.h"
 

@@ -1,6 +1,7 @@
 /* wire.c — multipart ZeroMQ frames <-> jp_msg, HMAC-SHA256 signing, UTF-8 repair.
  *
- * Owns the byte layout of a Jupyter message (JUPYTER.md §3):
+ * Owns the byte layout of a Jupyter message (jupyter_client's docs/messaging.rst,
+ * "The Wire Protocol"):
  *   [ident...] "<IDS|MSG>" signature header parent_header metadata content [buffer...]
  * The signature is the lowercase hex HMAC-SHA256 (libsodium) of the four JSON parts exactly
  * as received or sent, compared in constant time; an empty key means "unsigned". JSON parts

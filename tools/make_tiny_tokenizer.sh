@@ -31,7 +31,7 @@ trap 'rm -rf "$tmp"' EXIT INT TERM
 
 # Fixed file order, so the corpus (and the result) never depends on the locale or the filesystem.
 for f in prose.txt code.txt multilingual.txt chat.txt \
-         docs-DESIGN.md docs-DEVICE.md docs-JUPYTER.md docs-REFERENCE.md docs-STYLE-ANCHORS.md; do
+         docs-design.txt docs-device.txt docs-jupyter.txt docs-reference.txt docs-style-anchors.txt; do
     cat "$here/tiny-corpus/$f"
     printf '\n'
 done >"$tmp/corpus.txt"

@@ -1,4 +1,4 @@
-/* backend.h — the table of ops every device implements (DESIGN.md §5). Engine-private.
+/* backend.h — the table of ops every device implements, forward and backward. Engine-private.
  *
  * Model code (gemma3.c, lora.c, train.c) is written once against this table and never
  * branches on the device. backend_cpu.c is the fp32 reference and the specification of
@@ -23,8 +23,8 @@
 
 #include "cuda/base/tensor.h"
 
-/* A LoRA adapter on one linear layer: y += scale * (x·Aᵀ)·Bᵀ. Owned by lora.c (the training
- * helper may add fields at the end). */
+/* A LoRA adapter on one linear layer: y += scale * (x·Aᵀ)·Bᵀ. Owned by lora.c (training code
+ * may add fields at the end). */
 typedef struct lt_lora {
     lt_tensor a;      /* [r, in]  fp32 */
     lt_tensor b;      /* [out, r] fp32 */
@@ -77,7 +77,7 @@ typedef struct lt_backend {
     lt_status (*download)(lt_ctx *ctx, void *host_dst, const void *src, size_t bytes);
     lt_status (*copy)(lt_ctx *ctx, void *dst, const void *src, size_t bytes); /* device->device */
     lt_status (*sync)(lt_ctx *ctx);
-    /* Off-device storage for activation checkpoints (DESIGN §5: the per-layer inputs the
+    /* Off-device storage for activation checkpoints (the per-layer inputs the
      * backward recomputes from). host_alloc: host memory the stash copies reach at full speed
      * (page-locked on CUDA, plain on the CPU); NULL + ctx->err on failure. stash_out / stash_in
      * copy between it and backend memory BESIDE the ops: each copy starts once every op queued

@@ -1,14 +1,16 @@
 /* gguf_export.c — a loaded Gemma 3 (plus its LoRA adapters, merged) to a GGUF llama.cpp runs.
  *
  * Walks the model with gemma3_weights_foreach and declares each tensor under its llama.cpp
- * name (REFERENCE §3.4), fastest dimension first, with the type llama.cpp's own tools would
- * pick (gguf_choose_type). Rows are produced on demand: read from host or backend memory,
- * widened to fp32, LoRA merged (W + scale·B·A) in fp32, +1 folded into every norm weight,
- * then quantized by the writer. Metadata: the gemma3.* keys with the exact value types
- * llama.cpp checks (§3.2), the SentencePiece vocabulary (§3.3), special ids, chat template.
- * Where llama.cpp hard-codes a Gemma 3 rule that the model's config breaks (§3.5b) the
- * exporter compensates when it can (query_pre_attn_scalar, via q_norm) and refuses with a
- * clear message when it cannot (a layer-type layout that is not periodic).
+ * name (as llama.cpp's convert_hf_to_gguf.py names it), fastest dimension first, with the type
+ * llama.cpp's own tools would pick (gguf_choose_type). Rows are produced on demand: read from
+ * host or backend memory, widened to fp32, LoRA merged (W + scale·B·A) in fp32, +1 folded into
+ * every norm weight, then quantized by the writer. Metadata: the gemma3.* keys with the exact
+ * value types llama.cpp's loader checks (counts u32, eps and frequencies f32), the SentencePiece
+ * vocabulary as convert_hf_to_gguf.py lists it, special ids, chat template. Where llama.cpp
+ * hard-codes a Gemma 3 rule that the model's config breaks (its attention scale ignores
+ * query_pre_attn_scalar; the global layer is the last of each period) the exporter compensates
+ * when it can (query_pre_attn_scalar, via q_norm) and refuses with a clear message when it
+ * cannot (a layer-type layout that is not periodic).
  * Must not touch: the model's weights (read-only here), the session, files other than the
  * output (the writer owns that) — except reading the checkpoint's tokenizer_config.json /
  * chat_template files next to the weights.
@@ -24,7 +26,8 @@
 #include "cuda/model/gemma3_device.h"
 #include "cuda/text/tokenizer.h"
 
-/* Gemma 3's chat template (REFERENCE §2.3), used when the checkpoint ships none (random:,
+/* Gemma 3's chat template (verbatim: transformers' convert_gemma3_weights.py _CHAT_TEMPLATE,
+ * what the Hub's -it checkpoints ship), used when the checkpoint ships none (random:,
  * tiny): lathe trains in this format, so llama.cpp should chat in it too. */
 static const char gemma3_chat_template[] =
     "{{ bos_token }}\n"
@@ -497,7 +500,8 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
         return LT_ERR_STATE;
     }
 
-    /* Rules llama.cpp hard-codes for gemma3 (REFERENCE §3.5b). */
+    /* Rules llama.cpp hard-codes for gemma3 (not read from the file): attention scale
+     * 1/sqrt(head_dim), or 1/sqrt(hidden/heads) at 62 layers; the global layer ends a period. */
     const int L = c->num_hidden_layers;
     int period = layer_period(c);
     if (period == 0) {
@@ -533,7 +537,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     int n_weights = gemma3_weight_count(m);
     ex.dev = dev;
     ex.tok = tok;
-    ex.n_vocab = (int)m->embed_tokens.w.shape[0]; /* token list = embedding rows (§3.3) */
+    ex.n_vocab = (int)m->embed_tokens.w.shape[0]; /* token list = embedding rows */
     ex.cap_srcs = n_weights;
     ex.srcs = calloc((size_t)n_weights + 1, sizeof *ex.srcs);
     ex.scores = malloc((size_t)ex.n_vocab * sizeof *ex.scores);
@@ -578,7 +582,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     CHECK(gguf_set_u32(w, "general.quantization_version", 2));
     CHECK(gguf_set_u32(w, "general.alignment", 32));
 
-    /* gemma3.* (§3.2): counts u32, eps and frequencies f32 */
+    /* gemma3.* as convert_hf_to_gguf.py writes them: counts u32, eps and frequencies f32 */
     CHECK(gguf_set_u32(w, "gemma3.context_length", (uint32_t)c->max_position_embeddings));
     CHECK(gguf_set_u32(w, "gemma3.embedding_length", (uint32_t)c->hidden_size));
     CHECK(gguf_set_u32(w, "gemma3.block_count", (uint32_t)L));
@@ -607,7 +611,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     if (c->final_logit_softcapping != 0.0)
         CHECK(gguf_set_f32(w, "gemma3.final_logit_softcapping", (float)c->final_logit_softcapping));
 
-    /* tokenizer.* (§3.3) */
+    /* tokenizer.* (the SentencePiece path of convert_hf_to_gguf.py) */
     CHECK(gguf_set_str(w, "tokenizer.ggml.model", "llama"));
     CHECK(gguf_set_str(w, "tokenizer.ggml.pre", "default"));
     CHECK(gguf_set_arr_str(w, "tokenizer.ggml.tokens", (size_t)ex.n_vocab, vocab_piece, &ex));

@@ -1,6 +1,7 @@
 /* peft.c — the files training writes and reads: a safetensors writer, PEFT adapters
- * (adapter_config.json + adapter_model.safetensors, REFERENCE §5), merged checkpoints that
- * transformers loads (config.json + model.safetensors + tokenizer.model), and atomic writes.
+ * (adapter_config.json + adapter_model.safetensors, as peft's save_pretrained writes them),
+ * merged checkpoints that transformers loads (config.json + model.safetensors +
+ * tokenizer.model), and atomic writes.
  *
  * Every file is written as a temp file in the destination folder, fsync'd, then renamed over
  * the old name; a save of several files writes all temps first and renames only when every
@@ -357,7 +358,8 @@ static char *adapter_config_json(const lt_adapters *a) {
     if (a->targets_regex) {
         targets = json_string(a->targets);
     } else if (a->model->cfg.multimodal) {
-        /* a plain list would also match the vision tower's q/k/v/o in PEFT (REFERENCE §5.4):
+        /* a plain list would also match the vision tower's q/k/v/o in PEFT (peft's
+         * tuners_utils.py check_target_module_exists matches any name ending in "." + entry):
          * a regex keeps the adapter on the language model */
         char re[700], alts[512] = "";
         snprintf(re, sizeof re, "%s", a->targets);

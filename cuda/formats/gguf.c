@@ -1,6 +1,6 @@
 /* gguf.c — the GGUF v3 writer: typed metadata, tensor infos, aligned tensor data.
  *
- * Owns the byte layout of the file (REFERENCE §3.1): header, key/value pairs serialized as
+ * Owns the byte layout of the file (ggml's docs/gguf.md): header, key/value pairs serialized as
  * they are added, tensor infos with 32-byte aligned offsets, zero padding, then each tensor's
  * rows, filled as fp32 by the caller's callback and quantized by gguf_quant.c on a few
  * threads, chunk by chunk, so that memory stays bounded whatever the model size.
@@ -24,7 +24,7 @@
 
 enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
 
-/* GGUF value types (REFERENCE §3.1). */
+/* GGUF value types (ggml's docs/gguf.md, gguf_metadata_value_type). */
 enum {
     VT_U8 = 0,
     VT_I8 = 1,

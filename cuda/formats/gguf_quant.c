@@ -335,7 +335,8 @@ static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint
     return scale;
 }
 
-/* 6-bit sub-block scale k and min k of a q4_K block (packing described in REFERENCE §3.5). */
+/* 6-bit sub-block scale k and min k of a q4_K block, packed as ggml's ggml-quants.c
+ * get_scale_min_k4 unpacks them. */
 static void q4k_scale_min(int k, const uint8_t *sc, uint8_t *d, uint8_t *m) {
     if (k < 4) {
         *d = sc[k] & 63;

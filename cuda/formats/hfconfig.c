@@ -1,7 +1,8 @@
 /* hfconfig.c — config.json -> gemma3_config, in every style Gemma 3 has shipped.
  *
  * Styles: flat `gemma3_text` (270M, 1B); nested `gemma3` whose `text_config` may be sparse
- * (4B: missing keys take transformers' Gemma3TextConfig defaults, REFERENCE §1.1); and the
+ * (4B: missing keys take the defaults of transformers' configuration_gemma3.py Gemma3TextConfig);
+ * and the
  * transformers-5 spelling (`layer_types`, `rope_parameters` keyed by layer type). The shape
  * keys hidden_size, intermediate_size and num_hidden_layers are required in every style (the
  * class defaults describe no released size). Also the presets for `random:` models.

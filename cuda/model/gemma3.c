@@ -1,7 +1,8 @@
 /* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random), the weight
  * walk for exporters, the KV cache, and the forward pass written against backend.h.
  *
- * Owns gemma3_model and gemma3_cache. The forward reads like REFERENCE.md §1.2 and never
+ * Owns gemma3_model and gemma3_cache. The forward reads like transformers' modeling_gemma3.py
+ * (Gemma3TextModel.forward) and never
  * branches on the device: every op goes through ctx->be. It keeps what the backward pass will
  * need (each layer's input, when asked) and nothing else. Config parsing is hfconfig.c; file
  * access is safetensors.c; sampling and sessions live elsewhere.

@@ -1,7 +1,7 @@
 /* gemma3_device.h — a Gemma 3 model whose weights live in a backend's memory. Engine-private.
  *
  * gemma3_to_device copies a loaded (host) gemma3_model into the memory of ctx's backend: the
- * matrices in the storage dtype the precision policy picked (DESIGN.md §5: bf16 on sm_80+,
+ * matrices in the storage dtype the precision policy picked (bf16 on sm_80+,
  * fp16 on the T4, fp32 on request), the norms in fp32. The copy is an ordinary gemma3_model,
  * so gemma3.c, lora.c and train.c run on it unchanged; free it with gemma3_model_release,
  * which frees either kind. gemma3_forward_host runs a forward whose logits land in host

@@ -1,6 +1,6 @@
 /* model.h — Gemma 3 inside the engine: config, weights, KV cache and forward. Engine-private.
  *
- * gemma3_config holds every text hyper-parameter of REFERENCE.md §1.1, already resolved
+ * gemma3_config holds every text hyper-parameter of transformers' Gemma3TextConfig, resolved
  * (defaults filled, layer types expanded per layer, RoPE per layer type). gemma3_model holds
  * the text weights under their Hugging Face names (canonical `model.` prefix, the
  * Gemma3ForCausalLM tree) so exporters can walk them with gemma3_weights_foreach in a stable
@@ -72,8 +72,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
                              const lt_callbacks *cb, char *err);
 void gemma3_model_free(gemma3_model *m);
 
-/* Every text weight, in a stable order: embed_tokens, then per layer in the table order of
- * REFERENCE §1.5 (input_layernorm, q, k, v, o, q_norm, k_norm, post_attention_layernorm,
+/* Every text weight, in a stable order: embed_tokens, then per layer in this order
+ * (input_layernorm, q, k, v, o, q_norm, k_norm, post_attention_layernorm,
  * pre_feedforward_layernorm, gate, up, down, post_feedforward_layernorm), then norm, then
  * lm_head only when untied. Names are canonical HF names with the `model.` prefix
  * ("model.layers.3.self_attn.q_proj.weight", "lm_head.weight"). */
@@ -133,7 +133,8 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
 
 /* Embedding scale: (float)sqrt(H), what HF uses when the model runs in fp32 (the CPU
  * reference always computes in fp32, whatever the storage dtype). HF run in bf16/fp16 rounds
- * it to that dtype (REFERENCE §1.2.1); a 16-bit GPU path may choose to match that. */
+ * it to that dtype (transformers' Gemma3TextScaledWordEmbedding casts its fp32 scale to the
+ * weight dtype: 34.0 for the 1B in bf16); a 16-bit GPU path may choose to match that. */
 float gemma3_embed_scale(const gemma3_model *m);
 
 /* ---- training passes (gemma3_backward.c) ------------------------------------------------ */

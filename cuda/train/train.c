@@ -2,7 +2,8 @@
  *
  * One optimizer step = grad_accum micro-batches of `batch` units (a unit is one sample, or
  * with packing one row of samples packed up to max_seq). Gradients of the step are summed
- * and normalised by the label tokens of the whole step (REFERENCE §6.3), clipped by global
+ * and normalised by the label tokens of the whole step (as transformers' ForCausalLMLoss does given
+ * num_items_in_batch; not a mean of micro-batch means), clipped by global
  * norm, then AdamW updates with the scheduled learning rate. The data stream runs through
  * the units epoch after epoch, shuffled per epoch with the seed (or in file order).
  *
@@ -655,7 +656,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     int64_t run_tokens = 0;
     int first = 1;
     while (t->step < t->total) {
-        /* the step's micro-batches, and its label count (the normaliser, §6.3) */
+        /* the step's micro-batches, and its label count (the loss normaliser) */
         int64_t labels = 0, step_tokens = 0;
         for (int k = 0; k < o.grad_accum; k++) {
             if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch) != 0) {

@@ -1,5 +1,5 @@
 """lathe's IPython extension: lathe cells inside a Python notebook (hosted Colab, or any
-IPython kernel), the third door of DESIGN.md §2.
+IPython kernel): the third way into lathe, beside `lathe kernel` (Jupyter) and `lathe run`.
 
     %load_ext lathe          # once: starts a lathe kernel next to this Python kernel
     %%lathe                  # each cell: the body runs in lathe, its outputs show here

@@ -1,5 +1,6 @@
 """test_chat.py — the engine's native Gemma 3 chat template against the Hub's Jinja template
-(REFERENCE.md §2.3, verbatim) rendered by python3-jinja2 the way transformers renders it."""
+(transformers' convert_gemma3_weights.py _CHAT_TEMPLATE, verbatim) rendered by python3-jinja2
+the way transformers renders it."""
 import json
 
 import jinja2

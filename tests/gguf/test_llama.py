@@ -14,8 +14,9 @@ the three config-style fixtures:
   * quantized types stay within a stated perplexity bound of f16 on that text;
   * the metadata keys carry the value types llama.cpp checks, norms carry the +1.
 
-Where a fixture breaks a rule llama.cpp hard-codes for gemma3 (REFERENCE.md section 3.5b),
-the exporter compensates and the tests below say which rule:
+Where a fixture breaks a rule llama.cpp hard-codes for gemma3 (llama.cpp reads no attention
+scale from the file, and older builds no layer pattern), the exporter compensates and the tests
+below say which rule:
   - models/tiny has layer_types period 4 (llama.cpp defaults to 6): written as
     gemma3.attention.sliding_window_pattern = 4;
   - flat (head_dim 24, query_pre_attn_scalar 20) and tf5 (16 vs 24): llama.cpp always scales

@@ -6,9 +6,9 @@
  *     the CPU's and to transformers' in fp32; device=auto picks the GPU;
  *  2. forward + backward parity of one packed micro-batch with LoRA adapters (loss and every
  *     adapter gradient, fp32 1e-4; bf16 reported and bounded at 5e-2);
- *  3. DESIGN.md §5 on fp16: a model whose residual stream exceeds 65504 (a naive fp16 cast of
- *     it is inf) gives logits within 1e-2 of the fp32 CPU reference and trains with a finite
- *     loss on the fp16 path;
+ *  3. the fp16 rule (a value cast to fp16 never becomes inf): a model whose residual stream
+ *     exceeds 65504 (a naive fp16 cast of it is inf) gives logits within 1e-2 of the fp32 CPU
+ *     reference and trains with a finite loss on the fp16 path;
  *  4. the PEFT fixture's three AdamW steps on the GPU (losses vs peft's, 1e-4);
  *  5. a 100-step LoRA run on tiny whose loss curve tracks the CPU's (fp32 1e-3, bf16 2e-2).
  * Prints TAP; skips without a GPU. LATHE_SRCDIR (env, else the configure-time path) finds the

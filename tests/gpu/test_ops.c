@@ -1,13 +1,13 @@
 /* test_ops.c — every op of the CUDA backend against the CPU reference, on fresh random inputs.
  *
- * For each op: random inputs (a new seed per run unless LATHE_TEST_SEED is set), the CPU
- * backend's result (backend_cpu.c / backend_cpu_grad.c: the specification) and the CUDA
- * backend's, compared by ‖gpu − cpu‖ / ‖cpu‖. Outputs on the GPU are poisoned with NaN first,
- * so an element the kernel forgot to write fails the check. Tolerances: 1e-5 when the op runs
- * in fp32 (fp32 weights, precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule of
- * DESIGN.md §5: inputs far beyond 65504 go through a linear layer on fp16 weights and come out
- * finite and right, where a plain cast to fp16 overflows. Prints TAP; needs a GPU (it prints
- * a skip plan without one). Owns nothing else.
+ * For each op: random inputs (a new seed per run unless LATHE_TEST_SEED is set), the CPU backend's
+ * result (backend_cpu.c / backend_cpu_grad.c: the specification) and the CUDA backend's, compared
+ * by ‖gpu − cpu‖ / ‖cpu‖. Outputs on the GPU are poisoned with NaN first, so an element the kernel
+ * forgot to write fails the check. Tolerances: 1e-5 when the op runs in fp32 (fp32 weights,
+ * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
+ * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
+ * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
+ * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
@@ -586,7 +586,7 @@ static void test_adamw_and_extras(void) {
     free(p), free(g), free(m), free(v), free(y_c);
 }
 
-/* DESIGN.md §5: an input far beyond fp16's range through fp16 weights stays finite and right. */
+/* The fp16 rule: an input far beyond fp16's range through fp16 weights stays finite and right. */
 static void test_fp16_range(void) {
     int64_t T = 16, in = 256, out = 64;
     float *x = rand_f32(T * in, 1.0f);

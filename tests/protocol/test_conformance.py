@@ -1,4 +1,4 @@
-"""test_conformance — jupyter_kernel_test's KernelTests against lathe (JUPYTER.md §12).
+"""test_conformance — jupyter_kernel_test's KernelTests against lathe.
 
 `import jupyter_kernel_test as jkt` (not `from ... import KernelTests`): a base class imported
 into this module would be collected too and run against the default python3 kernel.

@@ -1,6 +1,7 @@
 """test_kernel — lathe's kernel server through jupyter_client's KernelManager.
 
-Checks every message type the server handles (JUPYTER.md §5-§6): kernel_info, execute
+Checks every message type the server handles, with busy/idle around each (jupyter_client's
+docs/messaging.rst, "Kernel status" and the request/reply sections): kernel_info, execute
 (counter, execute_input, stream, display_data/update_display_data, execute_result, error,
 silent, store_history, stop_on_error), is_complete, complete (code points), inspect,
 history, comm_*, interrupt (message and SIGINT), stdin input_request, restart and shutdown.

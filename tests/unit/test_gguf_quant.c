@@ -1,11 +1,11 @@
 /* test_gguf_quant.c — lathe's GGUF block formats, type policy and writer, without llama.cpp.
  *
- * Checks: fp16/bf16 rounding on edge values; q8_0/q4_0 bytes of hand-made blocks; q5_0,
- * q4_K, q6_K layouts by decoding hand-packed blocks against the formulas of REFERENCE §3.5;
- * round-trip error bounds per type on Gaussian rows; llama.cpp's per-tensor type choice for
- * real Gemma 3 shapes; and the writer: a file parsed back byte by byte, alignment, refusal to
- * overwrite, atomicity (a failing or cancelled write leaves no file and no temp file), and
- * bad inputs reported by name. Writes only under a fresh folder in $TMPDIR (or /tmp).
+ * Checks: fp16/bf16 rounding on edge values; q8_0/q4_0 bytes of hand-made blocks; q5_0, q4_K, q6_K
+ * layouts by decoding hand-packed blocks against the formulas of ggml's ggml-quants.c
+ * (dequantize_row_*); round-trip error bounds per type on Gaussian rows; llama.cpp's per-tensor
+ * type choice for real Gemma 3 shapes; and the writer: a file parsed back byte by byte, alignment,
+ * refusal to overwrite, atomicity (a failing or cancelled write leaves no file and no temp file),
+ * and bad inputs reported by name. Writes only under a fresh folder in $TMPDIR (or /tmp).
  */
 #include <dirent.h>
 #include <math.h>
@@ -155,7 +155,7 @@ static void test_q5_0_block(void) {
     ok(good, "q5_0: a block on the grid survives a round trip");
 }
 
-/* Packs 6-bit scale s[k] and min m[k] the way REFERENCE §3.5 unpacks them. */
+/* Packs 6-bit scale s[k] and min m[k] the way ggml's get_scale_min_k4 unpacks them. */
 static void pack_q4k_scales(uint8_t sc[12], const int s[8], const int m[8]) {
     memset(sc, 0, 12);
     for (int k = 0; k < 4; ++k) {
@@ -183,7 +183,7 @@ static void test_q4_K_block(void) {
         if (y[i] != want) good = 0;
     }
     ok(good, "q4_K: value = d*sc_k*q - dmin*m_k with the 12-byte 6-bit scale packing and "
-             "nibble order of REFERENCE §3.5");
+             "nibble order of ggml's block_q4_K");
     /* A block on the grid of its own scales quantizes back to itself. */
     float x[256];
     uint8_t c[144];

@@ -7,7 +7,7 @@
  * the cuda/kernels/ folder. backend_cpu.c is the specification; tests/gpu/test_ops.c compares
  * the two. Must not know Gemma.
  *
- * Precision (DESIGN.md §5): activations, norms, softmax, RoPE, loss and the residual stream
+ * Precision: activations, norms, softmax, RoPE, loss and the residual stream
  * stay fp32. A linear layer computes in its weight's storage dtype: fp32 weights -> fp32 GEMM
  * (no TF32), bf16/fp16 weights -> the fp32 input is cast to that dtype, the GEMM accumulates and
  * writes fp32. On the fp16 path every cast input is first scaled by a power of two chosen from

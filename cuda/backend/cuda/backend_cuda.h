@@ -2,7 +2,7 @@
  *
  * Only compiled-in when HAVE_CUDA is defined; callers guard their use with #ifdef HAVE_CUDA.
  * The op table itself is lt_backend_cuda (backend_cuda.cu), used through lt_ctx like the CPU
- * one. These extras let the loader pick the precision policy (DESIGN.md §5), the planner read
+ * one. These extras let the loader pick the precision policy (bf16 or fp16), the planner read
  * device memory, and benches read a per-op time breakdown. This header must not include any
  * CUDA header, so plain C files can use it.
  */
@@ -20,8 +20,9 @@ extern const lt_backend lt_backend_cuda;
 /* Number of usable CUDA devices (0 when there is no GPU or no driver; never an error). */
 int lt_cuda_device_count(void);
 
-/* The precision policy of DESIGN.md §5 for this ctx's device: LT_BF16 on sm_80 and newer,
- * LT_F16 below (the T4). LATHE_PRECISION=fp16|bf16|fp32 in the environment overrides it. */
+/* The precision policy for this ctx's device (the dtype of matmul inputs; the rest stays
+ * fp32): LT_BF16 on sm_80 and newer, LT_F16 below (the T4). LATHE_PRECISION=fp16|bf16|fp32 in the
+ * environment overrides it. */
 lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx);
 /* Compute capability as 10*major+minor (75, 80, 90), 0 if unknown. */
 int lt_cuda_compute_capability(lt_ctx *ctx);

@@ -1,5 +1,5 @@
 /* elementwise.cu — the CUDA kernels that touch each element once: casts with power-of-two
- * scaling (DESIGN.md §5's fp16 rule), dtype conversion, residual add, GeGLU and its backward,
+ * scaling (so fp16 never overflows), dtype conversion, residual add, GeGLU and its backward,
  * embedding gather/scatter, AdamW.
  *
  * Owns these kernels and their launchers (declared in kernels.h). Math is fp32; 16-bit values
