@@ -289,8 +289,8 @@ static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **
     json_t *root = json_loads(text, 0, &je);
     free(text);
     if (!root || !json_is_object(root)) {
-        snprintf(err, LT_ERRLEN, "%s/tokenizer_config.json: not a JSON object (line %d: %s)", dir,
-                 je.line, je.text);
+        lt_fail(err, LT_ERR_FORMAT, "%s/tokenizer_config.json: not a JSON object (line %d: %s)",
+                dir, je.line, je.text);
         json_decref(root);
         return LT_ERR_FORMAT;
     }
@@ -307,8 +307,7 @@ static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **
             int special = json_is_true(json_object_get(val, "special")) || looks_special(piece);
             if (!ex->pieces && !(ex->pieces = calloc((size_t)ex->n_vocab, sizeof(char *)))) {
                 json_decref(root);
-                snprintf(err, LT_ERRLEN, "out of memory");
-                return LT_ERR_MEMORY;
+                return lt_fail(err, LT_ERR_MEMORY, "out of memory");
             }
             free(ex->pieces[id]);
             ex->pieces[id] = strdup(piece);
@@ -377,14 +376,13 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     char name[96];
     int layer = -1, role = 0;
     if (gguf_export_tensor_name(hf, name, sizeof name, &layer, &role) != 0) {
-        snprintf(wc->err, LT_ERRLEN, "gguf export: no llama.cpp name for weight '%s'", hf);
-        wc->st = LT_ERR_FORMAT;
+        wc->st =
+            lt_fail(wc->err, LT_ERR_FORMAT, "gguf export: no llama.cpp name for weight '%s'", hf);
         return 1;
     }
     if (t->ndim < 1 || t->ndim > 2 || !t->data) {
-        snprintf(wc->err, LT_ERRLEN, "gguf export: weight '%s' has %d dims or no data", hf,
-                 t->ndim);
-        wc->st = LT_ERR_FORMAT;
+        wc->st = lt_fail(wc->err, LT_ERR_FORMAT, "gguf export: weight '%s' has %d dims or no data",
+                         hf, t->ndim);
         return 1;
     }
     int64_t ne[2] = {t->shape[t->ndim - 1], t->ndim == 2 ? t->shape[0] : 1};
@@ -397,8 +395,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
                  (long long)ne[0], gguf_type_name(type));
     if (ex->n_srcs == ex->cap_srcs) {
         /* the writer keeps pointers to the sources: grow before any is handed out */
-        snprintf(wc->err, LT_ERRLEN, "gguf export: more weights than counted");
-        wc->st = LT_ERR_STATE;
+        wc->st = lt_fail(wc->err, LT_ERR_STATE, "gguf export: more weights than counted");
         return 1;
     }
     tensor_src *s = &ex->srcs[ex->n_srcs++];
@@ -427,8 +424,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     }
     lt_status st = gguf_add_tensor(wc->w, name, t->ndim, ne, type, fill_tensor, s);
     if (st != LT_OK) {
-        snprintf(wc->err, LT_ERRLEN, "%s", gguf_writer_error(wc->w));
-        wc->st = st;
+        wc->st = lt_fail(wc->err, st, "%s", gguf_writer_error(wc->w));
         return 1;
     }
     return 0;
@@ -472,7 +468,7 @@ static void on_progress(void *vctx, const char *tensor, int64_t done, int64_t to
     do {                                                                                           \
         st = (call);                                                                               \
         if (st != LT_OK) {                                                                         \
-            snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));                                  \
+            lt_fail(err, st, "%s", gguf_writer_error(w));                                          \
             goto done;                                                                             \
         }                                                                                          \
     } while (0)
@@ -489,35 +485,33 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     err[0] = '\0';
     if (res) memset(res, 0, sizeof *res);
     if (!o) {
-        snprintf(err, LT_ERRLEN, "gguf export: no options");
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "gguf export: no options");
     }
     if (!tok) {
-        snprintf(err, LT_ERRLEN, "gguf export: the model has no tokenizer; llama.cpp needs one");
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE,
+                       "gguf export: the model has no tokenizer; llama.cpp needs one");
     }
 
     /* Rules llama.cpp hard-codes for gemma3 (REFERENCE §3.5b). */
     const int L = c->num_hidden_layers;
     int period = layer_period(c);
     if (period == 0) {
-        snprintf(err, LT_ERRLEN,
-                 "gguf export: layer_types is not periodic (full attention every p-th layer); "
-                 "llama.cpp's gemma3 cannot express it");
-        return LT_ERR_ARG;
+        return lt_fail(
+            err, LT_ERR_ARG,
+            "gguf export: layer_types is not periodic (full attention every p-th layer); "
+            "llama.cpp's gemma3 cannot express it");
     }
     if (c->rope[GEMMA3_SLIDING].factor != 1.0 ||
         strcmp(c->rope[GEMMA3_SLIDING].type, "linear") == 0) {
-        snprintf(
-            err, LT_ERRLEN,
+        return lt_fail(
+            err, LT_ERR_ARG,
             "gguf export: RoPE scaling on sliding layers is not supported by llama.cpp's gemma3");
-        return LT_ERR_ARG;
     }
     if (c->attn_logit_softcapping != 0.0) {
-        snprintf(err, LT_ERRLEN,
-                 "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention "
-                 "softcap");
-        return LT_ERR_ARG;
+        return lt_fail(
+            err, LT_ERR_ARG,
+            "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention "
+            "softcap");
     }
     /* llama.cpp scales scores by 1/sqrt(hd) (1/sqrt(H/nh) when block_count is 62); the model
      * wants query_pre_attn_scalar^-1/2. q_norm's output feeds q linearly (RoPE is linear),
@@ -540,8 +534,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     ex.types = malloc((size_t)ex.n_vocab * sizeof *ex.types);
     w = gguf_writer_new();
     if (!ex.srcs || !ex.scores || !ex.types || !w) {
-        snprintf(err, LT_ERRLEN, "gguf export: out of memory");
-        st = LT_ERR_MEMORY;
+        st = lt_fail(err, LT_ERR_MEMORY, "gguf export: out of memory");
         goto done;
     }
     for (int i = 0; i < ex.n_vocab; ++i) {
@@ -563,8 +556,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     }
     chat = find_chat_template(src_dir[0] ? src_dir : NULL, from_config);
     if (!chat) {
-        snprintf(err, LT_ERRLEN, "gguf export: out of memory");
-        st = LT_ERR_MEMORY;
+        st = lt_fail(err, LT_ERR_MEMORY, "gguf export: out of memory");
         goto done;
     }
 
@@ -654,7 +646,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     uint64_t bytes = 0;
     st = gguf_writer_write(w, path, &wo, &bytes);
     if (st != LT_OK) {
-        snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));
+        lt_fail(err, st, "%s", gguf_writer_error(w));
         goto done;
     }
     if (res) {

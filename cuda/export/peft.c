@@ -13,7 +13,6 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,21 +22,11 @@
 #include "cuda/formats/safetensors.h"
 #include "cuda/train/train.h"
 
-/* err = the formatted message (vsnprintf: long paths are cut, never overflow). */
-static void perr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void perr(char *err, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, LT_ERRLEN, fmt, ap);
-    va_end(ap);
-}
-
 /* ---- atomic files ---------------------------------------------------------------------------- */
 
 lt_status dir_prepare(const char *dir, char *err) {
     if (!dir || !*dir) {
-        perr(err, "no folder given");
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "no folder given");
     }
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s", dir);
@@ -45,23 +34,20 @@ lt_status dir_prepare(const char *dir, char *err) {
         if (*p != '/') continue;
         *p = 0;
         if (mkdir(tmp, 0777) != 0 && errno != EEXIST) {
-            perr(err, "%s: cannot create the folder %s (%s)", dir, tmp, strerror(errno));
-            return LT_ERR_IO;
+            return lt_fail(err, LT_ERR_IO, "%s: cannot create the folder %s (%s)", dir, tmp,
+                           strerror(errno));
         }
         *p = '/';
     }
     if (mkdir(tmp, 0777) != 0 && errno != EEXIST) {
-        perr(err, "%s: cannot create the folder (%s)", dir, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot create the folder (%s)", dir, strerror(errno));
     }
     struct stat st;
     if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        perr(err, "%s: exists and is not a folder", dir);
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: exists and is not a folder", dir);
     }
     if (access(dir, W_OK) != 0) {
-        perr(err, "%s: the folder is not writable (%s)", dir, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: the folder is not writable (%s)", dir, strerror(errno));
     }
     return LT_OK;
 }
@@ -81,8 +67,7 @@ static lt_status af_open(afile *f, const char *path, char *err) {
     snprintf(f->tmp, sizeof f->tmp, "%.*s.%s.tmp-%ld", (int)dl, path, base, (long)getpid());
     f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (f->fd < 0) {
-        perr(err, "%s: cannot create a file here (%s)", path, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot create a file here (%s)", path, strerror(errno));
     }
     return LT_OK;
 }
@@ -93,9 +78,8 @@ static lt_status af_write(afile *f, const void *data, size_t n, char *err) {
         ssize_t w = write(f->fd, p, n > (1u << 30) ? (1u << 30) : n);
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) {
-            perr(err, "%s: write failed (%s); the previous copy is kept", f->path,
-                 w < 0 ? strerror(errno) : "no space");
-            return LT_ERR_IO;
+            return lt_fail(err, LT_ERR_IO, "%s: write failed (%s); the previous copy is kept",
+                           f->path, w < 0 ? strerror(errno) : "no space");
         }
         p += w;
         n -= (size_t)w;
@@ -114,9 +98,9 @@ static lt_status af_finish(afile *f, char *err) {
     f->fd = -1;
     if (bad) {
         unlink(f->tmp);
-        perr(err, "%s: could not flush the file to disk (%s); the previous copy is kept", f->path,
-             strerror(e));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO,
+                       "%s: could not flush the file to disk (%s); the previous copy is kept",
+                       f->path, strerror(e));
     }
     return LT_OK;
 }
@@ -129,7 +113,7 @@ static void af_abort(afile *f) {
 
 static lt_status af_commit(afile *f, char *err) {
     if (rename(f->tmp, f->path) != 0) {
-        perr(err, "%s: rename failed (%s)", f->path, strerror(errno));
+        lt_fail(err, LT_ERR_IO, "%s: rename failed (%s)", f->path, strerror(errno));
         unlink(f->tmp);
         return LT_ERR_IO;
     }
@@ -221,7 +205,7 @@ lt_status st_write(const char *path, const st_out *t, int n, const char *metadat
     if (rc != LT_OK) return rc;
     rc = st_emit(&f, t, n, metadata_json, err);
     if (rc != LT_OK) {
-        if (rc == LT_ERR_MEMORY) perr(err, "%s: out of memory", path);
+        if (rc == LT_ERR_MEMORY) lt_fail(err, rc, "%s: out of memory", path);
         af_abort(&f);
         return rc;
     }
@@ -262,7 +246,7 @@ static lt_status set_st(file_set *s, const char *path, const st_out *t, int n, c
     if (rc != LT_OK) return rc;
     s->n++;
     rc = st_emit(f, t, n, "{\"format\":\"pt\"}", err);
-    if (rc == LT_ERR_MEMORY) perr(err, "%s: out of memory", path);
+    if (rc == LT_ERR_MEMORY) lt_fail(err, rc, "%s: out of memory", path);
     if (rc != LT_OK) return rc;
     return af_finish(f, err);
 }
@@ -271,8 +255,7 @@ static lt_status set_st(file_set *s, const char *path, const st_out *t, int n, c
 static lt_status set_copy(file_set *s, const char *path, const char *src, char *err) {
     FILE *in = fopen(src, "rb");
     if (!in) {
-        perr(err, "%s: cannot read (%s)", src, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot read (%s)", src, strerror(errno));
     }
     afile *f = &s->f[s->n];
     lt_status rc = af_open(f, path, err);
@@ -286,8 +269,7 @@ static lt_status set_copy(file_set *s, const char *path, const char *src, char *
     while (rc == LT_OK && (r = fread(buf, 1, sizeof buf, in)) > 0)
         rc = af_write(f, buf, r, err);
     if (rc == LT_OK && ferror(in)) {
-        perr(err, "%s: read error", src);
-        rc = LT_ERR_IO;
+        rc = lt_fail(err, LT_ERR_IO, "%s: read error", src);
     }
     fclose(in);
     if (rc != LT_OK) return rc;
@@ -298,7 +280,7 @@ static lt_status set_copy(file_set *s, const char *path, const char *src, char *
 static lt_status set_commit(file_set *s, const char *dir, char *err) {
     for (int i = 0; i < s->n; i++) {
         if (rename(s->f[i].tmp, s->f[i].path) != 0) {
-            perr(err, "%s: rename failed (%s)", s->f[i].path, strerror(errno));
+            lt_fail(err, LT_ERR_IO, "%s: rename failed (%s)", s->f[i].path, strerror(errno));
             for (int j = i; j < s->n; j++)
                 unlink(s->f[j].tmp);
             return LT_ERR_IO;
@@ -458,12 +440,11 @@ static void free_names(char **nm, int n) {
 
 lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     if (!a) {
-        perr(err, "%%save adapter=: no adapters attached (%%lora first)");
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE, "%%save adapter=: no adapters attached (%%lora first)");
     }
     if (a->full) {
-        perr(err, "%%save adapter=: full fine-tuning has no adapter; use %%save merged=DIR");
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%save adapter=: full fine-tuning has no adapter; use %%save merged=DIR");
     }
     lt_status rc = dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
@@ -474,8 +455,7 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     if (!cfg || adapter_tensors(a, &t, &nm, &hp) != LT_OK) {
         free(cfg);
         pool_free(&hp);
-        perr(err, "%%save adapter=%s: out of memory", dir);
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "%%save adapter=%s: out of memory", dir);
     }
     char p1[4200], p2[4200];
     snprintf(p1, sizeof p1, "%s/adapter_model.safetensors", dir);
@@ -517,8 +497,8 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     json_error_t je;
     json_t *c = json_load_file(path, 0, &je);
     if (!c) {
-        perr(err, "%%lora load=%s: cannot read adapter_config.json (%s)", dir, je.text);
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%%lora load=%s: cannot read adapter_config.json (%s)", dir,
+                       je.text);
     }
     lt_status rc = LT_OK;
     json_t *pt = json_object_get(c, "peft_type");
@@ -526,18 +506,15 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     json_t *tm = json_object_get(c, "target_modules");
     char targets[1024] = "";
     if (!json_is_string(pt) || strcmp(json_string_value(pt), "LORA") != 0) {
-        perr(err, "%s: peft_type is not \"LORA\"", path);
-        rc = LT_ERR_FORMAT;
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: peft_type is not \"LORA\"", path);
     } else if (json_is_true(json_object_get(c, "use_dora"))) {
-        perr(err, "%s: use_dora=true (DoRA) is not supported", path);
-        rc = LT_ERR_FORMAT;
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: use_dora=true (DoRA) is not supported", path);
     } else if (json_object_size(json_object_get(c, "rank_pattern")) ||
                json_object_size(json_object_get(c, "alpha_pattern"))) {
-        perr(err, "%s: rank_pattern/alpha_pattern (per-module ranks) are not supported", path);
-        rc = LT_ERR_FORMAT;
+        rc = lt_fail(err, LT_ERR_FORMAT,
+                     "%s: rank_pattern/alpha_pattern (per-module ranks) are not supported", path);
     } else if (r && !json_is_integer(r)) {
-        perr(err, "%s: key 'r' is not an integer", path);
-        rc = LT_ERR_FORMAT;
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: key 'r' is not an integer", path);
     } else if (json_is_string(tm)) {
         snprintf(targets, sizeof targets, "%s", json_string_value(tm));
     } else if (json_is_array(tm)) {
@@ -549,8 +526,8 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
             snprintf(targets + n, sizeof targets - n, "%s%s", n ? "," : "", json_string_value(v));
         }
     } else {
-        perr(err, "%s: key 'target_modules' is missing (a list or a regex)", path);
-        rc = LT_ERR_FORMAT;
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: key 'target_modules' is missing (a list or a regex)",
+                     path);
     }
     lora_opts o = {0};
     if (rc == LT_OK) {
@@ -565,11 +542,9 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     if (rc != LT_OK) return rc;
     /* PEFT's targets for a multimodal model may name vision modules too; we only hold text */
     lt_adapters *a = NULL;
-    char aerr[LT_ERRLEN];
-    rc = lora_attach(&a, m, ctx, &o, aerr);
+    rc = lora_attach(&a, m, ctx, &o, err);
     if (rc != LT_OK) {
-        perr(err, "%%lora load=%s: %s", dir, aerr);
-        return rc;
+        return lt_fail_prefix(err, rc, "%%lora load=%s", dir);
     }
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     st_set st;
@@ -585,22 +560,21 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
             const st_tensor *t = find_lora(&st, s, k == 0 ? 'A' : 'B');
             lt_tensor *dst = k == 0 ? &s->lora.a : &s->lora.b;
             if (!t) {
-                perr(err, "%s: no lora_%c tensor for %s (the config targets it)", path,
-                     k ? 'B' : 'A', s->module);
-                rc = LT_ERR_FORMAT;
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: no lora_%c tensor for %s (the config targets it)", path,
+                             k ? 'B' : 'A', s->module);
             } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 ||
                        t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
                 char sh[64];
-                perr(err, "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
-                     t->dtype_name, st_shape_str(t, sh, sizeof sh), (long long)dst->shape[0],
-                     (long long)dst->shape[1]);
-                rc = LT_ERR_FORMAT;
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
+                             t->dtype_name, st_shape_str(t, sh, sizeof sh),
+                             (long long)dst->shape[0], (long long)dst->shape[1]);
             } else {
                 int64_t n = lt_tensor_numel(dst);
                 float *host = malloc(sizeof(float) * (size_t)n);
                 if (!host) {
-                    rc = LT_ERR_MEMORY;
-                    perr(err, "out of memory");
+                    rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 } else {
                     lt_to_f32(host, t->data, t->dtype, n);
                     rc = ctx->be->upload(ctx, dst->data, host, sizeof(float) * (size_t)n);
@@ -614,9 +588,9 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     for (int i = 0; i < st.n_tensors; i++)
         lora_tensors += strstr(st.tensors[i].name, ".lora_") != NULL;
     if (rc == LT_OK && lora_tensors > used) {
-        perr(err,
-             "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
-             path, lora_tensors, used);
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
+                path, lora_tensors, used);
         /* vision-tower adapters of a multimodal checkpoint are the one acceptable case */
         if (!m->cfg.multimodal)
             rc = LT_ERR_FORMAT;
@@ -735,8 +709,7 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     return 0;
 oom:
     free(f32);
-    snprintf(w->err, LT_ERRLEN, "out of memory while merging %s", name);
-    w->rc = LT_ERR_MEMORY;
+    w->rc = lt_fail(w->err, LT_ERR_MEMORY, "out of memory while merging %s", name);
     return 1;
 }
 
@@ -752,18 +725,18 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
         else if (!strcmp(dtype, "bf16"))
             dt = LT_BF16;
         else {
-            perr(err, "%%save dtype=%s; accepted: auto|fp32|fp16|bf16", dtype);
-            return LT_ERR_ARG;
+            return lt_fail(err, LT_ERR_ARG, "%%save dtype=%s; accepted: auto|fp32|fp16|bf16",
+                           dtype);
         }
     }
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
     if (a && a->ctx->be != &lt_backend_cpu) {
-        perr(err,
-             "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
-             "adapter=DIR), "
-             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
-             a->ctx->be->name);
-        return LT_ERR_STATE;
+        return lt_fail(
+            err, LT_ERR_STATE,
+            "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
+            "adapter=DIR), "
+            "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
+            a->ctx->be->name);
     }
     lt_status rc = dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
@@ -777,8 +750,7 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
                     err,
                     LT_OK};
     if (!w.t || !w.names || !w.bufs) {
-        w.rc = LT_ERR_MEMORY;
-        perr(err, "out of memory");
+        w.rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
     } else {
         gemma3_weights_foreach(m, merge_visit, &w);
     }
@@ -792,8 +764,7 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
             if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
         }
         if (!src_cfg[0] && !(cfg = text_config_json(m, dt))) {
-            rc = LT_ERR_MEMORY;
-            perr(err, "out of memory");
+            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         }
     }
     file_set fs = {.n = 0};
@@ -885,8 +856,7 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
     if (rc != LT_OK) set_abort(&fs);
     goto out;
 oom:
-    rc = LT_ERR_MEMORY;
-    perr(err, "checkpoint %s: out of memory", dir);
+    rc = lt_fail(err, LT_ERR_MEMORY, "checkpoint %s: out of memory", dir);
 out:
     for (int i = 0; on && i < n * 2; i++)
         free(on[i]);
@@ -919,11 +889,10 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
         size_t bytes = lt_tensor_bytes(p->value);
         const st_tensor *t = st_find(&ps, p->name);
         if (!t || t->dtype != LT_F32 || t->nbytes != bytes) {
-            perr(err,
-                 "%s/params.safetensors: no F32 tensor %s of the right shape (was the "
-                 "checkpoint made with other %%lora options?)",
-                 dir, p->name);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s/params.safetensors: no F32 tensor %s of the right shape (was the "
+                         "checkpoint made with other %%lora options?)",
+                         dir, p->name);
             break;
         }
         rc = ctx->be->upload(ctx, p->value->data, t->data, bytes);
@@ -933,8 +902,8 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
             const st_tensor *o = st_find(&os, key);
             if (!o) continue; /* no step taken yet */
             if (o->dtype != LT_F32 || o->nbytes != bytes) {
-                perr(err, "%s/optimizer.safetensors: %s has the wrong shape", dir, key);
-                rc = LT_ERR_FORMAT;
+                rc = lt_fail(err, LT_ERR_FORMAT, "%s/optimizer.safetensors: %s has the wrong shape",
+                             dir, key);
                 break;
             }
             lt_tensor *dst = k ? &p->v : &p->m;
@@ -942,8 +911,7 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
                 *dst = p->grad;
                 dst->data = ctx->be->alloc(ctx, bytes);
                 if (!dst->data) {
-                    rc = LT_ERR_MEMORY;
-                    perr(err, "out of memory");
+                    rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                     break;
                 }
             }

@@ -13,13 +13,13 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/error.h"
 #include "cuda/formats/gguf.h"
 
 enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
@@ -65,16 +65,8 @@ struct gguf_writer {
     gguf_tensor *tensors;
     size_t n_tensors, cap_tensors;
     int has_alignment;
-    char err[512];
+    char err[LT_ERRLEN];
 };
-
-static lt_status fail(gguf_writer *w, lt_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->err, sizeof w->err, fmt, ap);
-    va_end(ap);
-    return st;
-}
 
 gguf_writer *gguf_writer_new(void) {
     return calloc(1, sizeof(gguf_writer));
@@ -125,30 +117,32 @@ static int buf_str(byte_buf *b, const char *s, size_t n) {
 
 /* Validates a key and appends "key, value type" to the kv buffer. */
 static lt_status kv_begin(gguf_writer *w, const char *key, uint32_t vtype) {
-    if (!key || !*key) return fail(w, LT_ERR_ARG, "gguf: empty metadata key");
+    if (!key || !*key) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty metadata key");
     size_t n = strlen(key);
-    if (n >= 65536) return fail(w, LT_ERR_ARG, "gguf: metadata key longer than 65535 bytes");
+    if (n >= 65536)
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata key longer than 65535 bytes");
     for (size_t i = 0; i < n; ++i) {
         char c = key[i];
         if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_'))
-            return fail(w, LT_ERR_ARG,
-                        "gguf: metadata key '%s': use lowercase ASCII, digits, '.' and '_'", key);
+            return lt_fail(w->err, LT_ERR_ARG,
+                           "gguf: metadata key '%s': use lowercase ASCII, digits, '.' and '_'",
+                           key);
     }
     for (size_t i = 0; i < w->n_keys; ++i)
         if (strcmp(w->keys[i], key) == 0)
-            return fail(w, LT_ERR_ARG, "gguf: metadata key '%s' set twice", key);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata key '%s' set twice", key);
     if (w->n_keys == w->cap_keys) {
         size_t cap = w->cap_keys ? 2 * w->cap_keys : 64;
         char **k = realloc(w->keys, cap * sizeof *k);
-        if (!k) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        if (!k) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         w->keys = k;
         w->cap_keys = cap;
     }
     char *copy = strdup(key);
-    if (!copy) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    if (!copy) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     if (buf_str(&w->kv, key, n) || buf_u32(&w->kv, vtype)) {
         free(copy);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     w->keys[w->n_keys++] = copy;
     ++w->n_kv;
@@ -163,14 +157,14 @@ static lt_status kv_scalar(gguf_writer *w, const char *key, uint32_t vtype, cons
     if (st != LT_OK) return st;
     if (buf_put(&w->kv, v, n)) {
         w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
 
 lt_status gguf_set_u32(gguf_writer *w, const char *key, uint32_t v) {
     if (key && strcmp(key, "general.alignment") == 0 && v != GGUF_ALIGN)
-        return fail(w, LT_ERR_ARG, "gguf: general.alignment must be %d", GGUF_ALIGN);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: general.alignment must be %d", GGUF_ALIGN);
     return kv_scalar(w, key, VT_U32, &v, 4);
 }
 
@@ -192,13 +186,13 @@ lt_status gguf_set_bool(gguf_writer *w, const char *key, int v) {
 }
 
 lt_status gguf_set_str(gguf_writer *w, const char *key, const char *v) {
-    if (!v) return fail(w, LT_ERR_ARG, "gguf: metadata '%s': NULL string", key ? key : "");
+    if (!v) return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata '%s': NULL string", key ? key : "");
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, VT_STRING);
     if (st != LT_OK) return st;
     if (buf_str(&w->kv, v, strlen(v))) {
         w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
@@ -210,7 +204,7 @@ static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const
     if (st != LT_OK) return st;
     if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) || buf_put(&w->kv, v, n * esize)) {
         w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
@@ -233,50 +227,52 @@ lt_status gguf_set_arr_str(gguf_writer *w, const char *key, size_t n,
         const char *s = get(ctx, i);
         if (!s) {
             w->kv.len = mark;
-            return fail(w, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu", key, i);
+            return lt_fail(w->err, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu",
+                           key, i);
         }
         if (buf_str(&w->kv, s, strlen(s))) goto oom;
     }
     return LT_OK;
 oom:
     w->kv.len = mark;
-    return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
 }
 
 /* ---- tensors ---------------------------------------------------------------------------- */
 
 lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const int64_t *ne,
                           gguf_type type, gguf_fill_fn fill, void *fill_ctx) {
-    if (!name || !*name) return fail(w, LT_ERR_ARG, "gguf: empty tensor name");
+    if (!name || !*name) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty tensor name");
     if (strlen(name) > GGUF_MAX_NAME)
-        return fail(w, LT_ERR_ARG, "gguf: tensor name '%s' is longer than %d bytes", name,
-                    GGUF_MAX_NAME);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor name '%s' is longer than %d bytes", name,
+                       GGUF_MAX_NAME);
     if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
-        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': %d dimensions (accepted: 1 to 4)", name,
-                    n_dims);
-    if (!fill) return fail(w, LT_ERR_ARG, "gguf: tensor '%s': no fill callback", name);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': %d dimensions (accepted: 1 to 4)",
+                       name, n_dims);
+    if (!fill) return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': no fill callback", name);
     if (gguf_type_block_len(type) == 0)
-        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': unsupported type id %d", name, (int)type);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': unsupported type id %d", name,
+                       (int)type);
     uint64_t nrows = 1;
     for (int d = 0; d < n_dims; ++d) {
         if (ne[d] < 1 || ne[d] > ((int64_t)1 << 40))
-            return fail(w, LT_ERR_ARG, "gguf: tensor '%s': dimension %d is %lld", name, d,
-                        (long long)ne[d]);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': dimension %d is %lld", name, d,
+                           (long long)ne[d]);
         if (d > 0) nrows *= (uint64_t)ne[d];
     }
     size_t row = gguf_row_bytes(type, ne[0]);
     if (row == 0)
-        return fail(w, LT_ERR_ARG,
-                    "gguf: tensor '%s': row length %lld is not a multiple of %s's block of %lld",
-                    name, (long long)ne[0], gguf_type_name(type),
-                    (long long)gguf_type_block_len(type));
+        return lt_fail(w->err, LT_ERR_ARG,
+                       "gguf: tensor '%s': row length %lld is not a multiple of %s's block of %lld",
+                       name, (long long)ne[0], gguf_type_name(type),
+                       (long long)gguf_type_block_len(type));
     for (size_t i = 0; i < w->n_tensors; ++i)
         if (strcmp(w->tensors[i].name, name) == 0)
-            return fail(w, LT_ERR_ARG, "gguf: tensor '%s' added twice", name);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s' added twice", name);
     if (w->n_tensors == w->cap_tensors) {
         size_t cap = w->cap_tensors ? 2 * w->cap_tensors : 256;
         gguf_tensor *t = realloc(w->tensors, cap * sizeof *t);
-        if (!t) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        if (!t) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         w->tensors = t;
         w->cap_tensors = cap;
     }
@@ -367,16 +363,16 @@ static lt_status build_header(gguf_writer *w, byte_buf *b) {
     }
     if (buf_u32(b, 0x46554747u) || buf_u32(b, 3) || buf_u64(b, (uint64_t)w->n_tensors) ||
         buf_u64(b, w->n_kv) || buf_put(b, w->kv.p, w->kv.len))
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     for (size_t i = 0; i < w->n_tensors; ++i) {
         const gguf_tensor *t = &w->tensors[i];
         if (buf_str(b, t->name, strlen(t->name)) || buf_u32(b, (uint32_t)t->n_dims))
-            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+            return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         for (int d = 0; d < t->n_dims; ++d)
             if (buf_u64(b, (uint64_t)t->ne[d]))
-                return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+                return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         if (buf_u32(b, (uint32_t)t->type) || buf_u64(b, t->offset))
-            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+            return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
@@ -399,20 +395,22 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
     if (!src || (t->type != GGUF_TYPE_F32 && !dst)) {
         free(src);
         free(dst);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory for tensor '%s' (%lld-row chunk)",
-                    t->name, (long long)chunk);
+        return lt_fail(w->err, LT_ERR_MEMORY,
+                       "gguf: out of memory for tensor '%s' (%lld-row chunk)", t->name,
+                       (long long)chunk);
     }
     lt_status st = LT_OK;
     for (int64_t r = 0; r < nrows && st == LT_OK; r += chunk) {
         int64_t n = nrows - r < chunk ? nrows - r : chunk;
         if (o && o->cancel && atomic_load(o->cancel)) {
-            st = fail(w, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
+            st = lt_fail(w->err, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
             break;
         }
         char msg[256] = "";
         st = t->fill(t->fill_ctx, r, n, src, msg, sizeof msg);
         if (st != LT_OK) {
-            st = fail(w, st, "gguf: tensor '%s': %s", t->name, msg[0] ? msg : "source failed");
+            st = lt_fail(w->err, st, "gguf: tensor '%s': %s", t->name,
+                         msg[0] ? msg : "source failed");
             break;
         }
         /* src: [n, ne0] fp32 -> dst: [n, row_bytes] in t->type */
@@ -422,7 +420,7 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
             out = dst;
         }
         if (write_all(f, out, (size_t)n * row_bytes)) {
-            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
             break;
         }
         *done += (uint64_t)n * row_bytes;
@@ -451,13 +449,14 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : online_cpus();
     struct stat sb;
     w->err[0] = '\0';
-    if (!path || !*path) return fail(w, LT_ERR_ARG, "gguf: empty output path");
+    if (!path || !*path) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty output path");
     if (stat(path, &sb) == 0) {
         if (S_ISDIR(sb.st_mode))
-            return fail(w, LT_ERR_ARG, "%s: is a directory; give a file name ending in .gguf",
-                        path);
+            return lt_fail(w->err, LT_ERR_ARG,
+                           "%s: is a directory; give a file name ending in .gguf", path);
         if (!overwrite)
-            return fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
+            return lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it",
+                           path);
     }
     if (!w->has_alignment) {
         lt_status st = gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
@@ -479,15 +478,15 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     char *tmp = malloc(plen + 32);
     if (!tmp) {
         free(head.p);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     const char *slash = strrchr(path, '/');
     size_t dlen = slash ? (size_t)(slash - path) + 1 : 0;
     snprintf(tmp, plen + 32, "%.*s.%s.tmp-XXXXXX", (int)dlen, path, path + dlen);
     int fd = mkstemp(tmp);
     if (fd < 0) {
-        st = fail(w, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
-                  strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
+                     strerror(errno));
         free(tmp);
         free(head.p);
         return st;
@@ -495,21 +494,21 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     (void)fchmod(fd, 0644);
     FILE *f = fdopen(fd, "wb");
     if (!f) {
-        st = fail(w, LT_ERR_IO, "%s: %s", tmp, strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: %s", tmp, strerror(errno));
         close(fd);
         goto fail_unlink;
     }
     setvbuf(f, NULL, _IOFBF, 1 << 22);
 
     if (write_all(f, head.p, head.len) || write_zeros(f, align_up(head.len) - head.len)) {
-        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
         goto fail_close;
     }
     uint64_t pos = 0, done = 0; /* position inside the data section */
     for (size_t i = 0; i < w->n_tensors; ++i) {
         const gguf_tensor *t = &w->tensors[i];
         if (write_zeros(f, t->offset - pos)) {
-            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
             goto fail_close;
         }
         st = write_tensor(w, f, t, path, opts, n_threads, &done, total);
@@ -517,35 +516,37 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         pos = t->offset + t->size;
     }
     if (write_zeros(f, align_up(pos) - pos)) { /* llama.cpp accepts either; keep it aligned */
-        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
         goto fail_close;
     }
     if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
-        st = fail(w, LT_ERR_IO, "%s: cannot flush to disk: %s", path, strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: cannot flush to disk: %s", path, strerror(errno));
         goto fail_close;
     }
     if (fclose(f) != 0) {
         f = NULL;
-        st = fail(w, LT_ERR_IO, "%s: close failed: %s", path, strerror(errno));
+        st = lt_fail(w->err, LT_ERR_IO, "%s: close failed: %s", path, strerror(errno));
         goto fail_unlink;
     }
     f = NULL;
     if (overwrite) {
         if (rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot rename the finished temp file into place: %s", path,
-                      strerror(errno));
+            st = lt_fail(w->err, LT_ERR_IO,
+                         "%s: cannot rename the finished temp file into place: %s", path,
+                         strerror(errno));
             goto fail_unlink;
         }
     } else if (link(tmp, path) != 0) { /* never replaces a file that appeared meanwhile */
         int e = errno;
         if (e == EEXIST) {
-            st = fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
+            st = lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it",
+                         path);
             goto fail_unlink;
         }
         /* a file system without hard links: check again, then rename */
         if (stat(path, &sb) == 0 || rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s", path,
-                      strerror(stat(path, &sb) == 0 ? EEXIST : errno));
+            st = lt_fail(w->err, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s",
+                         path, strerror(stat(path, &sb) == 0 ? EEXIST : errno));
             goto fail_unlink;
         }
     } else {

@@ -533,13 +533,12 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     const gemma3_config *cfg = &m->cfg;
     const lt_backend *be = ctx->be;
     if (b->N <= 0 || b->n_seg <= 0) {
-        snprintf(ctx->err, LT_ERRLEN, "train: empty micro-batch");
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "train: empty micro-batch");
     }
     const char *missing = lt_backend_missing_training_op(be);
     if (missing) {
-        snprintf(ctx->err, LT_ERRLEN, "training: the %s backend has no %s op", be->name, missing);
-        return LT_ERR_STATE;
+        return lt_fail(ctx->err, LT_ERR_STATE, "training: the %s backend has no %s op", be->name,
+                       missing);
     }
     tb_bufs B;
     tb_ctx c = {0};
@@ -558,17 +557,15 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     lt_status rc = bufs_get(&c, grads);
     if (rc != LT_OK) {
         bufs_release(ctx, &B);
-        snprintf(ctx->err, LT_ERRLEN,
-                 "out of memory for the activations of a micro-batch of %lld tokens "
-                 "(lower batch= or max_seq=)",
-                 (long long)N);
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY,
+                       "out of memory for the activations of a micro-batch of %lld tokens "
+                       "(lower batch= or max_seq=)",
+                       (long long)N);
     }
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)N);
     if (!pos) {
         bufs_release(ctx, &B);
-        snprintf(ctx->err, LT_ERRLEN, "out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
     }
     /* positions restart at 0 for every packed sample */
     for (int s = 0, t = 0; s < b->n_seg; s++)

@@ -85,12 +85,12 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
     const char *prefix = NULL;
     for (int i = 0; i < n; i++)
         if (!roles[i] || !contents[i]) {
-            snprintf(err, LT_ERRLEN, "chat message %d has no %s", i, roles[i] ? "content" : "role");
+            lt_fail(err, LT_ERR_ARG, "chat message %d has no %s", i, roles[i] ? "content" : "role");
             free(b.p);
             return LT_ERR_ARG;
         }
     if (n <= 0) { /* the Hub template fails on messages[0] too */
-        snprintf(err, LT_ERRLEN, "chat template: no messages");
+        lt_fail(err, LT_ERR_ARG, "chat template: no messages");
         free(b.p);
         return LT_ERR_ARG;
     }
@@ -102,10 +102,10 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
         int idx = i - first;
         int is_user = !strcmp(roles[i], "user");
         if (is_user != (idx % 2 == 0)) {
-            snprintf(err, LT_ERRLEN,
-                     "Conversation roles must alternate user/assistant/user/assistant/... "
-                     "(message %d has role '%s')",
-                     i, roles[i]);
+            lt_fail(err, LT_ERR_ARG,
+                    "Conversation roles must alternate user/assistant/user/assistant/... "
+                    "(message %d has role '%s')",
+                    i, roles[i]);
             free(b.p);
             return LT_ERR_ARG;
         }
@@ -123,8 +123,7 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
     if (add_generation_prompt) sb_puts(&b, "<start_of_turn>model\n");
     if (b.oom) {
         free(b.p);
-        snprintf(err, LT_ERRLEN, "chat template: out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "chat template: out of memory");
     }
     *out = b.p;
     return LT_OK;

@@ -124,8 +124,7 @@ static cu_impl *impl_of(lt_ctx *ctx) {
 static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file,
                            int line) {
     lt_status rc = (e == cudaErrorMemoryAllocation) ? LT_ERR_MEMORY : LT_ERR_DEVICE;
-    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file,
-             line);
+    lt_fail(ctx->err, rc, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file, line);
     if (e != cudaErrorMemoryAllocation) cudaGetLastError(); /* clear a non-sticky error */
     return rc;
 }
@@ -153,9 +152,8 @@ static const char *blas_name(cublasStatus_t s) {
 
 static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file,
                              int line) {
-    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s,
-             file, line);
-    return s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+    return lt_fail(ctx->err, s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE,
+                   "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s, file, line);
 }
 
 /* The one checking macro per kind: on failure, set rc and jump to the op's `done:` label. */
@@ -183,8 +181,7 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
     } while (0)
 
 static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
-    snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
-    return LT_ERR_ARG;
+    return lt_fail(ctx->err, LT_ERR_ARG, "cuda %s: %s", op, msg);
 }
 #define REQUIRE(cond, msg)                                                                         \
     do {                                                                                           \
@@ -260,11 +257,11 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
             cudaGetLastError();
             size_t fr = 0, tot = 0;
             cudaMemGetInfo(&fr, &tot);
-            snprintf(ctx->err, LT_ERRLEN,
-                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
-                     "free %.1f of %.1f MiB);"
-                     " try a smaller batch or max_seq",
-                     need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+            lt_fail(ctx->err, LT_ERR_MEMORY,
+                    "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
+                    "free %.1f of %.1f MiB);"
+                    " try a smaller batch or max_seq",
+                    need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
             return NULL;
         }
         I->reserved += need;
@@ -272,7 +269,7 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
     if (push_block(&I->live, &I->n_live, &I->cap_live, b) != 0) {
         cudaFree(b.p);
         I->reserved -= b.size;
-        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory tracking an allocation");
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory tracking an allocation");
         return NULL;
     }
     I->in_use += b.size;
@@ -437,7 +434,7 @@ static void *tmp_get(lt_ctx *ctx, size_t bytes) {
         return p;
     }
     if (I->n_tmp == (int)(sizeof I->tmp / sizeof I->tmp[0])) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda %s: too many temporaries (internal)", I->cur_op);
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cuda %s: too many temporaries (internal)", I->cur_op);
         return NULL;
     }
     void *p = pool_get(ctx, bytes);
@@ -622,8 +619,7 @@ static lt_status cu_init(lt_ctx *ctx) {
     lt_status rc = LT_OK;
     cu_impl *I = (cu_impl *)calloc(1, sizeof(cu_impl));
     if (!I) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory");
     }
     ctx->impl = I;
     {
@@ -631,8 +627,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         cudaError_t e = cudaGetDeviceCount(&n);
         if (e != cudaSuccess || n == 0) {
             cudaGetLastError();
-            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s",
-                     e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
+            lt_fail(ctx->err, LT_ERR_DEVICE, "cuda: no CUDA device available%s%s",
+                    e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
             free(I);
             ctx->impl = NULL;
             return LT_ERR_DEVICE;
@@ -719,7 +715,7 @@ static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
     if (p && cudaMemsetAsync(p, 0, bytes ? bytes : 1, I->stream) != cudaSuccess) {
         cudaGetLastError();
         pool_put(ctx, p);
-        snprintf(ctx->err, LT_ERRLEN, "cuda: clearing a new buffer failed");
+        lt_fail(ctx->err, LT_ERR_DEVICE, "cuda: clearing a new buffer failed");
         return NULL;
     }
     return p;
@@ -794,9 +790,9 @@ static void *cu_host_alloc(lt_ctx *ctx, size_t bytes) {
         slot_i < 0 ? cudaErrorMemoryAllocation : cudaHostAlloc(&p, bytes ? bytes : 1, 0);
     if (e != cudaSuccess) {
         cudaGetLastError();
-        snprintf(ctx->err, LT_ERRLEN,
-                 "cuda: could not lock %.1f MiB of host memory for checkpoints",
-                 (double)bytes / 1048576.0);
+        lt_fail(ctx->err, LT_ERR_MEMORY,
+                "cuda: could not lock %.1f MiB of host memory for checkpoints",
+                (double)bytes / 1048576.0);
         return NULL;
     }
     I->pinned[slot_i].p = p;
@@ -878,9 +874,8 @@ static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)",
-                     (long long)V);
-            rc = LT_ERR_ARG;
+            rc = lt_fail(ctx->err, LT_ERR_ARG, "a token id is outside the vocabulary [0, %lld)",
+                         (long long)V);
         }
     }
 done:
@@ -906,9 +901,9 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
         if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
             char a[64], b[64], c[64];
-            snprintf(ctx->err, LT_ERRLEN, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
-                     lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
-            rc = LT_ERR_ARG;
+            rc = lt_fail(
+                ctx->err, LT_ERR_ARG, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
+                lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
             goto done;
         }
         lt_dtype cdt = w->w.dtype;
@@ -1551,8 +1546,8 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         loss = (float *)malloc(sizeof(float) * (size_t)T);
         float *dloss = (float *)tmp_get(ctx, sizeof(float) * (size_t)T);
         if (!loss || !dloss) {
-            if (!loss) snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: out of host memory");
             rc = LT_ERR_MEMORY;
+            if (!loss) lt_fail(ctx->err, rc, "cuda cross_entropy: out of host memory");
             goto done;
         }
         /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB
@@ -1614,10 +1609,9 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN,
-                     "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
-                     (long long)V);
-            rc = LT_ERR_ARG;
+            rc = lt_fail(ctx->err, LT_ERR_ARG,
+                         "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
+                         (long long)V);
             goto done;
         }
         double s = 0;
@@ -1802,8 +1796,7 @@ extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) {
 extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
     if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda: precision must be fp16, bf16 or fp32");
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "cuda: precision must be fp16, bf16 or fp32");
     }
     impl_of(ctx)->prec = dt;
     return LT_OK;
