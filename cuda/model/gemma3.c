@@ -706,12 +706,6 @@ static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, in
     return LT_OK;
 }
 
-#define TRY(x)                                                                                     \
-    do {                                                                                           \
-        rc = (x);                                                                                  \
-        if (rc != LT_OK) goto done;                                                                \
-    } while (0)
-
 /* One decoder layer on the chunk held in b->h ([T, H], updated in place). */
 static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
                                int p0, gemma3_cache *cache) {
@@ -742,14 +736,14 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
 
     /* attention block: a = norm(h); q,k,v; qk-norm; rope; attend; h += post_norm(o) */
-    TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
-    TRY(be->linear(ctx, q2, a, &w->q_proj));
-    TRY(be->linear(ctx, k2, a, &w->k_proj));
-    TRY(be->linear(ctx, v2, a, &w->v_proj));
-    TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
-    TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
-    TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
-    TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
+    LT_TRY(be->linear(ctx, q2, a, &w->q_proj));
+    LT_TRY(be->linear(ctx, k2, a, &w->k_proj));
+    LT_TRY(be->linear(ctx, v2, a, &w->v_proj));
+    LT_TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
+    LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
+    LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
     int window = kind == GEMMA3_SLIDING ? c->sliding_window : 0;
     float scale = (float)(1.0 / sqrt(c->query_pre_attn_scalar));
     if (cache) {
@@ -759,26 +753,26 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
             rc = cache_grow(cl, ctx, row, p0 + T, cache->max_seq);
             if (rc != LT_OK) goto done;
         }
-        TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
+        LT_TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
         lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
         lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
         lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
-        TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+        LT_TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
     } else {
-        TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
+        LT_TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
     }
-    TRY(be->linear(ctx, o, att, &w->o_proj));
-    TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
-    TRY(be->add(ctx, h, o));
+    LT_TRY(be->linear(ctx, o, att, &w->o_proj));
+    LT_TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
+    LT_TRY(be->add(ctx, h, o));
 
     /* MLP block: m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f) */
-    TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
-    TRY(be->linear(ctx, gate, a, &w->gate_proj));
-    TRY(be->linear(ctx, up, a, &w->up_proj));
-    TRY(be->geglu(ctx, gate, gate, up));
-    TRY(be->linear(ctx, o, gate, &w->down_proj));
-    TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
-    TRY(be->add(ctx, h, o));
+    LT_TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
+    LT_TRY(be->linear(ctx, gate, a, &w->gate_proj));
+    LT_TRY(be->linear(ctx, up, a, &w->up_proj));
+    LT_TRY(be->geglu(ctx, gate, gate, up));
+    LT_TRY(be->linear(ctx, o, gate, &w->down_proj));
+    LT_TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
+    LT_TRY(be->add(ctx, h, o));
 done:
     return rc;
 }
@@ -822,31 +816,31 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
         int p0 = base + t0;
         for (int i = 0; i < n; i++)
             pos_host[i] = p0 + i;
-        TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
-        TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
+        LT_TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
+        LT_TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
         lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
         /* h = E[ids] * sqrt(H)   [n, H] */
-        TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
+        LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
         for (int l = 0; l < L; l++) {
             if (out && out->layer_inputs) /* checkpoint: the residual entering layer l, [L, T, H] */
-                TRY(be->copy(ctx,
-                             out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H,
-                             b.h, sizeof(float) * (size_t)(n * H)));
-            TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
+                LT_TRY(be->copy(
+                    ctx, out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H, b.h,
+                    sizeof(float) * (size_t)(n * H)));
+            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
         }
         if (cache) cache->len = p0 + n;
         /* final norm, then the tied head */
         lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
-        TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
+        LT_TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
         if (out && out->hidden)
-            TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
-                         sizeof(float) * (size_t)(n * H)));
+            LT_TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
+                            sizeof(float) * (size_t)(n * H)));
         if (out && out->logits)
-            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
-                           hn, head));
+            LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
+                              hn, head));
         if (out && out->last_logits && t0 + n == T)
-            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
-                           lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));
+            LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
+                              lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));
     }
 done:
     free(pos_host);
