@@ -618,7 +618,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         if (r2 != LT_OK) rc = r2;
     }
     if (st) textstream_finish(st);
-    if (st && st->oom && rc == LT_OK)
+    if (st && st->text.oom && rc == LT_OK)
         rc = lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     free(last);
     sampler_free(&sm);
@@ -692,10 +692,9 @@ lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
     free(ids);
     free(gen);
     if (out && (rc == LT_OK || rc == LT_CANCELLED)) {
-        *out = st.all ? st.all : strdup("");
-        st.all = NULL;
+        *out = lt_strbuf_take(&st.text);
     }
-    free(st.all);
+    lt_strbuf_free(&st.text);
     return rc;
 }
 
@@ -788,16 +787,15 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
     free(ids);
     free(gen);
     if (rc == LT_OK || rc == LT_CANCELLED) {
-        const char *ans = st.all ? st.all : "";
+        const char *ans = lt_strbuf_str(&st.text);
         lt_status r1 = history_push(s, "user", user_text);
         lt_status r2 = r1 == LT_OK ? history_push(s, "model", ans) : r1;
         if (r2 != LT_OK) rc = r2;
         if (reply && rc != LT_ERR_MEMORY) {
-            *reply = st.all ? st.all : strdup("");
-            st.all = NULL;
+            *reply = lt_strbuf_take(&st.text);
         }
     }
-    free(st.all);
+    lt_strbuf_free(&st.text);
     return rc;
 }
 

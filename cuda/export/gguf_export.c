@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/text/tokenizer.h"
@@ -262,21 +263,14 @@ static char *slurp(const char *dir, const char *name) {
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    char *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long n = ftell(f);
-        if (n >= 0 && n < (64L << 20) && fseek(f, 0, SEEK_SET) == 0 &&
-            (buf = malloc((size_t)n + 1))) {
-            if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[n] = '\0';
-            }
-        }
-    }
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, (64u << 20) - 1);
     fclose(f);
-    return buf;
+    if (r != 0 || b.oom) {
+        lt_strbuf_free(&b);
+        return NULL;
+    }
+    return lt_strbuf_take(&b);
 }
 
 /* tokenizer_config.json's added_tokens_decoder overrides piece text and type, as the

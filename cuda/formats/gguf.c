@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "cuda/base/error.h"
+#include "cuda/base/strbuf.h"
 #include "cuda/formats/gguf.h"
 
 enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
@@ -52,13 +53,8 @@ typedef struct gguf_tensor {
     uint64_t size;   /* bytes */
 } gguf_tensor;
 
-typedef struct byte_buf {
-    uint8_t *p;
-    size_t len, cap;
-} byte_buf;
-
 struct gguf_writer {
-    byte_buf kv; /* serialized key/value pairs */
+    lt_strbuf kv; /* serialized key/value pairs */
     uint64_t n_kv;
     char **keys; /* for the duplicate check */
     size_t n_keys, cap_keys;
@@ -77,7 +73,7 @@ void gguf_writer_free(gguf_writer *w) {
     for (size_t i = 0; i < w->n_keys; ++i)
         free(w->keys[i]);
     free(w->keys);
-    free(w->kv.p);
+    lt_strbuf_free(&w->kv);
     free(w->tensors);
     free(w);
 }
@@ -88,31 +84,16 @@ const char *gguf_writer_error(const gguf_writer *w) {
 
 /* ---- serialization helpers -------------------------------------------------------------- */
 
-static int buf_put(byte_buf *b, const void *p, size_t n) {
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n)
-            cap *= 2;
-        uint8_t *q = realloc(b->p, cap);
-        if (!q) return -1;
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    return 0;
+static int buf_u32(lt_strbuf *b, uint32_t v) {
+    return lt_strbuf_put(b, &v, 4); /* configure refuses big-endian hosts: host order is LE */
 }
 
-static int buf_u32(byte_buf *b, uint32_t v) {
-    return buf_put(b, &v, 4); /* configure refuses big-endian hosts: host order is LE */
+static int buf_u64(lt_strbuf *b, uint64_t v) {
+    return lt_strbuf_put(b, &v, 8);
 }
 
-static int buf_u64(byte_buf *b, uint64_t v) {
-    return buf_put(b, &v, 8);
-}
-
-static int buf_str(byte_buf *b, const char *s, size_t n) {
-    return buf_u64(b, (uint64_t)n) || buf_put(b, s, n);
+static int buf_str(lt_strbuf *b, const char *s, size_t n) {
+    return buf_u64(b, (uint64_t)n) || lt_strbuf_put(b, s, n);
 }
 
 /* Validates a key and appends "key, value type" to the kv buffer. */
@@ -155,8 +136,8 @@ static lt_status kv_scalar(gguf_writer *w, const char *key, uint32_t vtype, cons
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, vtype);
     if (st != LT_OK) return st;
-    if (buf_put(&w->kv, v, n)) {
-        w->kv.len = mark;
+    if (lt_strbuf_put(&w->kv, v, n)) {
+        lt_strbuf_truncate(&w->kv, mark);
         return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
@@ -191,7 +172,7 @@ lt_status gguf_set_str(gguf_writer *w, const char *key, const char *v) {
     lt_status st = kv_begin(w, key, VT_STRING);
     if (st != LT_OK) return st;
     if (buf_str(&w->kv, v, strlen(v))) {
-        w->kv.len = mark;
+        lt_strbuf_truncate(&w->kv, mark);
         return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
@@ -202,8 +183,9 @@ static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, VT_ARRAY);
     if (st != LT_OK) return st;
-    if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) || buf_put(&w->kv, v, n * esize)) {
-        w->kv.len = mark;
+    if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) ||
+        lt_strbuf_put(&w->kv, v, n * esize)) {
+        lt_strbuf_truncate(&w->kv, mark);
         return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
@@ -226,7 +208,7 @@ lt_status gguf_set_arr_str(gguf_writer *w, const char *key, size_t n,
     for (size_t i = 0; i < n; ++i) {
         const char *s = get(ctx, i);
         if (!s) {
-            w->kv.len = mark;
+            lt_strbuf_truncate(&w->kv, mark);
             return lt_fail(w->err, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu",
                            key, i);
         }
@@ -234,7 +216,7 @@ lt_status gguf_set_arr_str(gguf_writer *w, const char *key, size_t n,
     }
     return LT_OK;
 oom:
-    w->kv.len = mark;
+    lt_strbuf_truncate(&w->kv, mark);
     return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
 }
 
@@ -355,14 +337,14 @@ static int online_cpus(void) {
 }
 
 /* Serializes header, metadata and tensor infos into b. */
-static lt_status build_header(gguf_writer *w, byte_buf *b) {
+static lt_status build_header(gguf_writer *w, lt_strbuf *b) {
     uint64_t off = 0;
     for (size_t i = 0; i < w->n_tensors; ++i) {
         w->tensors[i].offset = off;
         off = align_up(off + w->tensors[i].size);
     }
     if (buf_u32(b, 0x46554747u) || buf_u32(b, 3) || buf_u64(b, (uint64_t)w->n_tensors) ||
-        buf_u64(b, w->n_kv) || buf_put(b, w->kv.p, w->kv.len))
+        buf_u64(b, w->n_kv) || lt_strbuf_put(b, w->kv.p, w->kv.len))
         return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     for (size_t i = 0; i < w->n_tensors; ++i) {
         const gguf_tensor *t = &w->tensors[i];
@@ -463,10 +445,10 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         if (st != LT_OK) return st;
     }
 
-    byte_buf head = {0};
+    lt_strbuf head = {0};
     lt_status st = build_header(w, &head);
     if (st != LT_OK) {
-        free(head.p);
+        lt_strbuf_free(&head);
         return st;
     }
     uint64_t total = 0;
@@ -477,7 +459,7 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     size_t plen = strlen(path);
     char *tmp = malloc(plen + 32);
     if (!tmp) {
-        free(head.p);
+        lt_strbuf_free(&head);
         return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     const char *slash = strrchr(path, '/');
@@ -488,7 +470,7 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         st = lt_fail(w->err, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
                      strerror(errno));
         free(tmp);
-        free(head.p);
+        lt_strbuf_free(&head);
         return st;
     }
     (void)fchmod(fd, 0644);
@@ -555,7 +537,7 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     sync_folder(path);
     if (bytes) *bytes = align_up(head.len) + align_up(pos);
     free(tmp);
-    free(head.p);
+    lt_strbuf_free(&head);
     return LT_OK;
 
 fail_close:
@@ -563,6 +545,6 @@ fail_close:
 fail_unlink:
     unlink(tmp);
     free(tmp);
-    free(head.p);
+    lt_strbuf_free(&head);
     return st;
 }

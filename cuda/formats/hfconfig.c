@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/formats/hfconfig.h"
 
 void gemma3_config_defaults(gemma3_config *c) {
@@ -433,38 +434,19 @@ lt_status gemma3_config_load(gemma3_config *c, const char *path, char *err) {
         return lt_fail(err, LT_ERR_IO, "%s: cannot open (a model directory needs config.json)",
                        path);
     }
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 16384;
-            if (cap > (64u << 20)) {
-                free(buf);
-                fclose(f);
-                return lt_fail(err, LT_ERR_FORMAT, "%s: larger than 64 MB, not a config.json",
-                               path);
-            }
-            char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", path);
-            }
-            buf = nb;
-        }
-        size_t got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-        if (got == 0) break;
-    }
-    int rerr = ferror(f);
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, 64u << 20);
     fclose(f);
-    if (rerr) {
-        free(buf);
-        return lt_fail(err, LT_ERR_IO, "%s: read error", path);
-    }
-    buf[len] = 0;
-    lt_status rc = gemma3_config_parse(c, buf, path, err);
-    free(buf);
+    lt_status rc;
+    if (b.oom)
+        rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", path);
+    else if (r > 0)
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: larger than 64 MB, not a config.json", path);
+    else if (r < 0)
+        rc = lt_fail(err, LT_ERR_IO, "%s: read error", path);
+    else
+        rc = gemma3_config_parse(c, lt_strbuf_str(&b), path, err);
+    lt_strbuf_free(&b);
     return rc;
 }
 

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/text/chat.h"
 #include "cuda/train/train.h"
 
@@ -285,34 +286,17 @@ static char *read_all(const char *path, size_t *len, char *err) {
         lt_fail(err, LT_ERR_IO, "data=%s: cannot open the file (%s)", path, strerror(errno));
         return NULL;
     }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (n + 1 >= cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    int bad = ferror(f);
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, (size_t)-1);
     fclose(f);
-    if (!buf || bad) {
-        free(buf);
-        lt_fail(err, bad ? LT_ERR_IO : LT_ERR_MEMORY, "data=%s: %s", path,
-                bad ? "read error" : "out of memory");
+    if (r != 0 || b.oom) {
+        lt_fail(err, b.oom ? LT_ERR_MEMORY : LT_ERR_IO, "data=%s: %s", path,
+                b.oom ? "out of memory" : "read error");
+        lt_strbuf_free(&b);
         return NULL;
     }
-    buf[n] = 0;
-    *len = n;
-    return buf;
+    *len = b.len;
+    return lt_strbuf_take(&b);
 }
 
 static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts *o, const where *w,
