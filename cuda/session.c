@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/model/gemma3_device.h"
@@ -904,7 +905,7 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int 
     if (slash && slash != path) {
         char parent[4096];
         snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
-        if ((st = dir_prepare(parent, s->err)) != LT_OK) return st;
+        if ((st = lt_dir_prepare(parent, s->err)) != LT_OK) return st;
     }
     /* a model copied to the GPU is read back through its backend; a host model in place */
     lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL;

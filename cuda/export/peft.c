@@ -19,137 +19,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/formats/safetensors.h"
 #include "cuda/train/train.h"
-
-/* ---- atomic files ---------------------------------------------------------------------------- */
-
-lt_status dir_prepare(const char *dir, char *err) {
-    if (!dir || !*dir) {
-        return lt_fail(err, LT_ERR_ARG, "no folder given");
-    }
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s", dir);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(tmp, 0777) != 0 && errno != EEXIST) {
-            return lt_fail(err, LT_ERR_IO, "%s: cannot create the folder %s (%s)", dir, tmp,
-                           strerror(errno));
-        }
-        *p = '/';
-    }
-    if (mkdir(tmp, 0777) != 0 && errno != EEXIST) {
-        return lt_fail(err, LT_ERR_IO, "%s: cannot create the folder (%s)", dir, strerror(errno));
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        return lt_fail(err, LT_ERR_IO, "%s: exists and is not a folder", dir);
-    }
-    if (access(dir, W_OK) != 0) {
-        return lt_fail(err, LT_ERR_IO, "%s: the folder is not writable (%s)", dir, strerror(errno));
-    }
-    return LT_OK;
-}
-
-/* A file being written: fd on "<dir>/.<name>.tmp-<pid>", renamed to path on commit. */
-typedef struct afile {
-    char path[4096], tmp[4200];
-    int fd;
-} afile;
-
-static lt_status af_open(afile *f, const char *path, char *err) {
-    snprintf(f->path, sizeof f->path, "%s", path);
-    char copy[4096];
-    snprintf(copy, sizeof copy, "%s", path);
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    size_t dl = (size_t)(base - path);
-    snprintf(f->tmp, sizeof f->tmp, "%.*s.%s.tmp-%ld", (int)dl, path, base, (long)getpid());
-    f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (f->fd < 0) {
-        return lt_fail(err, LT_ERR_IO, "%s: cannot create a file here (%s)", path, strerror(errno));
-    }
-    return LT_OK;
-}
-
-static lt_status af_write(afile *f, const void *data, size_t n, char *err) {
-    const char *p = data;
-    while (n > 0) {
-        ssize_t w = write(f->fd, p, n > (1u << 30) ? (1u << 30) : n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-            return lt_fail(err, LT_ERR_IO, "%s: write failed (%s); the previous copy is kept",
-                           f->path, w < 0 ? strerror(errno) : "no space");
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return LT_OK;
-}
-
-/* fsync + close; on failure the temp is removed. */
-static lt_status af_finish(afile *f, char *err) {
-    int bad = fsync(f->fd) != 0;
-    int e = errno;
-    if (close(f->fd) != 0 && !bad) {
-        bad = 1;
-        e = errno;
-    }
-    f->fd = -1;
-    if (bad) {
-        unlink(f->tmp);
-        return lt_fail(err, LT_ERR_IO,
-                       "%s: could not flush the file to disk (%s); the previous copy is kept",
-                       f->path, strerror(e));
-    }
-    return LT_OK;
-}
-
-static void af_abort(afile *f) {
-    if (f->fd >= 0) close(f->fd);
-    f->fd = -1;
-    unlink(f->tmp);
-}
-
-static lt_status af_commit(afile *f, char *err) {
-    if (rename(f->tmp, f->path) != 0) {
-        lt_fail(err, LT_ERR_IO, "%s: rename failed (%s)", f->path, strerror(errno));
-        unlink(f->tmp);
-        return LT_ERR_IO;
-    }
-    return LT_OK;
-}
-
-static void dir_sync(const char *path) {
-    char copy[4096];
-    snprintf(copy, sizeof copy, "%s", path);
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-}
-
-lt_status file_write_atomic(const char *path, const void *data, size_t n, char *err) {
-    afile f;
-    lt_status rc = af_open(&f, path, err);
-    if (rc != LT_OK) return rc;
-    rc = af_write(&f, data, n, err);
-    if (rc != LT_OK) {
-        af_abort(&f);
-        return rc;
-    }
-    if ((rc = af_finish(&f, err)) != LT_OK) return rc;
-    rc = af_commit(&f, err);
-    dir_sync(path);
-    return rc;
-}
 
 /* ---- safetensors writer -----------------------------------------------------------------------
  */
 
 /* Writes the whole file to an open afile. */
-static lt_status st_emit(afile *f, const st_out *t, int n, const char *metadata_json, char *err) {
+static lt_status st_emit(lt_afile *f, const st_out *t, int n, const char *metadata_json,
+                         char *err) {
     json_t *hdr = json_object();
     if (!hdr) return LT_ERR_MEMORY;
     if (metadata_json) {
@@ -188,111 +67,40 @@ static lt_status st_emit(afile *f, const st_out *t, int n, const char *metadata_
     memcpy(h + 8, text, hl);
     memset(h + 8 + hl, ' ', padded - hl);
     free(text);
-    lt_status rc = af_write(f, h, padded + 8, err);
+    lt_status rc = lt_afile_write(f, h, padded + 8, err);
     free(h);
     for (int i = 0; i < n && rc == LT_OK; i++) {
         int64_t numel = 1;
         for (int d = 0; d < t[i].ndim; d++)
             numel *= t[i].shape[d];
-        rc = af_write(f, t[i].data, (size_t)numel * lt_dtype_size(t[i].dtype), err);
+        rc = lt_afile_write(f, t[i].data, (size_t)numel * lt_dtype_size(t[i].dtype), err);
     }
     return rc;
 }
 
 lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json, char *err) {
-    afile f;
-    lt_status rc = af_open(&f, path, err);
+    lt_afile f;
+    lt_status rc = lt_afile_open(&f, path, err);
     if (rc != LT_OK) return rc;
     rc = st_emit(&f, t, n, metadata_json, err);
     if (rc != LT_OK) {
         if (rc == LT_ERR_MEMORY) lt_fail(err, rc, "%s: out of memory", path);
-        af_abort(&f);
+        lt_afile_abort(&f);
         return rc;
     }
-    if ((rc = af_finish(&f, err)) != LT_OK) return rc;
-    rc = af_commit(&f, err);
-    dir_sync(path);
-    return rc;
+    if ((rc = lt_afile_finish(&f, err)) != LT_OK) return rc;
+    return lt_afile_commit(&f, 1, err);
 }
 
-/* ---- a set of files committed together ----------------------------------------------------------
- */
-
-#define MAX_SET 8
-
-typedef struct file_set {
-    afile f[MAX_SET];
-    int n;
-} file_set;
-
-static void set_abort(file_set *s) {
-    for (int i = 0; i < s->n; i++)
-        af_abort(&s->f[i]);
-    s->n = 0;
-}
-
-static lt_status set_text(file_set *s, const char *path, const char *text, char *err) {
-    afile *f = &s->f[s->n];
-    lt_status rc = af_open(f, path, err);
+/* A member of a set of files: a safetensors file (PEFT's {"format": "pt"} metadata). */
+static lt_status set_st(lt_afile_set *s, const char *path, const st_out *t, int n, char *err) {
+    lt_afile *f;
+    lt_status rc = lt_afile_set_add(s, path, &f, err);
     if (rc != LT_OK) return rc;
-    s->n++;
-    if ((rc = af_write(f, text, strlen(text), err)) != LT_OK) return rc;
-    return af_finish(f, err);
-}
-
-static lt_status set_st(file_set *s, const char *path, const st_out *t, int n, char *err) {
-    afile *f = &s->f[s->n];
-    lt_status rc = af_open(f, path, err);
-    if (rc != LT_OK) return rc;
-    s->n++;
     rc = st_emit(f, t, n, "{\"format\":\"pt\"}", err);
     if (rc == LT_ERR_MEMORY) lt_fail(err, rc, "%s: out of memory", path);
     if (rc != LT_OK) return rc;
-    return af_finish(f, err);
-}
-
-/* Copies a file's bytes into the set. */
-static lt_status set_copy(file_set *s, const char *path, const char *src, char *err) {
-    FILE *in = fopen(src, "rb");
-    if (!in) {
-        return lt_fail(err, LT_ERR_IO, "%s: cannot read (%s)", src, strerror(errno));
-    }
-    afile *f = &s->f[s->n];
-    lt_status rc = af_open(f, path, err);
-    if (rc != LT_OK) {
-        fclose(in);
-        return rc;
-    }
-    s->n++;
-    char buf[1 << 16];
-    size_t r;
-    while (rc == LT_OK && (r = fread(buf, 1, sizeof buf, in)) > 0)
-        rc = af_write(f, buf, r, err);
-    if (rc == LT_OK && ferror(in)) {
-        rc = lt_fail(err, LT_ERR_IO, "%s: read error", src);
-    }
-    fclose(in);
-    if (rc != LT_OK) return rc;
-    return af_finish(f, err);
-}
-
-/* Renames every temp into place (all were fully written and fsync'd). */
-static lt_status set_commit(file_set *s, const char *dir, char *err) {
-    for (int i = 0; i < s->n; i++) {
-        if (rename(s->f[i].tmp, s->f[i].path) != 0) {
-            lt_fail(err, LT_ERR_IO, "%s: rename failed (%s)", s->f[i].path, strerror(errno));
-            for (int j = i; j < s->n; j++)
-                unlink(s->f[j].tmp);
-            return LT_ERR_IO;
-        }
-    }
-    int fd = open(dir, O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-    s->n = 0;
-    return LT_OK;
+    return lt_afile_finish(f, err);
 }
 
 /* ---- host views of backend tensors ---------------------------------------------------------- */
@@ -446,7 +254,7 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
         return lt_fail(err, LT_ERR_STATE,
                        "%%save adapter=: full fine-tuning has no adapter; use %%save merged=DIR");
     }
-    lt_status rc = dir_prepare(dir, err);
+    lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     char *cfg = adapter_config_json(a);
     st_out *t = NULL;
@@ -460,11 +268,11 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     char p1[4200], p2[4200];
     snprintf(p1, sizeof p1, "%s/adapter_model.safetensors", dir);
     snprintf(p2, sizeof p2, "%s/adapter_config.json", dir);
-    file_set fs = {.n = 0};
+    lt_afile_set fs = {0};
     rc = set_st(&fs, p1, t, a->n_slots * 2, err);
-    if (rc == LT_OK) rc = set_text(&fs, p2, cfg, err);
-    if (rc == LT_OK) rc = set_commit(&fs, dir, err);
-    if (rc != LT_OK) set_abort(&fs);
+    if (rc == LT_OK) rc = lt_afile_set_text(&fs, p2, cfg, err);
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
     free(cfg);
     free(t);
     free_names(nm, a->n_slots * 2);
@@ -738,7 +546,7 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
             a->ctx->be->name);
     }
-    lt_status rc = dir_prepare(dir, err);
+    lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
     merge_walk w = {a,
@@ -767,7 +575,7 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
             rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         }
     }
-    file_set fs = {.n = 0};
+    lt_afile_set fs = {0};
     char p[4200];
     if (rc == LT_OK) {
         snprintf(p, sizeof p, "%s/model.safetensors", dir);
@@ -775,14 +583,15 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
     }
     if (rc == LT_OK) {
         snprintf(p, sizeof p, "%s/config.json", dir);
-        rc = src_cfg[0] ? set_copy(&fs, p, src_cfg, err) : set_text(&fs, p, cfg, err);
+        rc = src_cfg[0] ? lt_afile_set_copy(&fs, p, src_cfg, err)
+                        : lt_afile_set_text(&fs, p, cfg, err);
     }
     if (rc == LT_OK && tokenizer_path) {
         snprintf(p, sizeof p, "%s/tokenizer.model", dir);
-        rc = set_copy(&fs, p, tokenizer_path, err);
+        rc = lt_afile_set_copy(&fs, p, tokenizer_path, err);
     }
-    if (rc == LT_OK) rc = set_commit(&fs, dir, err);
-    if (rc != LT_OK) set_abort(&fs);
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
     for (int i = 0; i < w.n; i++) {
         free(w.bufs[i]);
         free(w.names[i]);
@@ -800,7 +609,7 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
  * (NAME.exp_avg, NAME.exp_avg_sq), trainer_state.json, and for LoRA the PEFT adapter files (so a
  * checkpoint is also a loadable adapter). One set: all written, then all renamed. */
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err) {
-    lt_status rc = dir_prepare(dir, err);
+    lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int n = a->n_params;
     st_out *pv = calloc((size_t)n + 1, sizeof *pv), *ov = calloc((size_t)n * 2 + 1, sizeof *ov);
@@ -832,7 +641,7 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
     if (!a->full) {
         if (!(cfg = adapter_config_json(a)) || adapter_tensors(a, &at, &an, &hp) != LT_OK) goto oom;
     }
-    file_set fs = {.n = 0};
+    lt_afile_set fs = {0};
     char p[4200];
     snprintf(p, sizeof p, "%s/params.safetensors", dir);
     rc = set_st(&fs, p, pv, n, err);
@@ -845,15 +654,15 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
         rc = set_st(&fs, p, at, a->n_slots * 2, err);
         if (rc == LT_OK) {
             snprintf(p, sizeof p, "%s/adapter_config.json", dir);
-            rc = set_text(&fs, p, cfg, err);
+            rc = lt_afile_set_text(&fs, p, cfg, err);
         }
     }
     if (rc == LT_OK) {
         snprintf(p, sizeof p, "%s/trainer_state.json", dir);
-        rc = set_text(&fs, p, state_json, err);
+        rc = lt_afile_set_text(&fs, p, state_json, err);
     }
-    if (rc == LT_OK) rc = set_commit(&fs, dir, err);
-    if (rc != LT_OK) set_abort(&fs);
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
     goto out;
 oom:
     rc = lt_fail(err, LT_ERR_MEMORY, "checkpoint %s: out of memory", dir);

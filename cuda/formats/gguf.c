@@ -4,14 +4,12 @@
  * they are added, tensor infos with 32-byte aligned offsets, zero padding, then each tensor's
  * rows, filled as fp32 by the caller's callback and quantized by gguf_quant.c on a few
  * threads, chunk by chunk, so that memory stays bounded whatever the model size.
- * The file is written atomically: a temp file in the target's folder, fsync, then rename (or
- * link, when overwriting is not allowed, so an existing file is never replaced); on any
- * failure or cancel the temp file is removed and the target is untouched.
+ * The file is written atomically through base/atomic_file.h: a temp file in the target's
+ * folder, fsync, then rename (or link, when overwriting is not allowed, so an existing file is
+ * never replaced); on any failure or cancel the temp file is removed and the target is
+ * untouched.
  * Must not touch: the sources it reads through callbacks, anything outside its own file.
  */
-#include <errno.h>
-#include <fcntl.h>
-#include <libgen.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/base/error.h"
 #include "cuda/base/strbuf.h"
 #include "cuda/formats/gguf.h"
@@ -313,18 +312,15 @@ static void quantize_chunk(gguf_type type, const float *src, uint8_t *dst, int64
 
 /* ---- writing the file ------------------------------------------------------------------- */
 
-static int write_all(FILE *f, const void *p, size_t n) {
-    return fwrite(p, 1, n, f) == n ? 0 : -1;
-}
-
-static int write_zeros(FILE *f, size_t n) {
+static lt_status write_zeros(lt_afile *f, size_t n, char *err) {
     static const uint8_t zeros[GGUF_ALIGN];
     while (n > 0) {
         size_t k = n < sizeof zeros ? n : sizeof zeros;
-        if (write_all(f, zeros, k)) return -1;
+        lt_status st = lt_afile_write(f, zeros, k, err);
+        if (st != LT_OK) return st;
         n -= k;
     }
-    return 0;
+    return LT_OK;
 }
 
 static uint64_t align_up(uint64_t v) {
@@ -360,7 +356,7 @@ static lt_status build_header(gguf_writer *w, lt_strbuf *b) {
 }
 
 /* Streams one tensor: fill fp32 rows chunk by chunk, quantize, write. */
-static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, const char *path,
+static lt_status write_tensor(gguf_writer *w, lt_afile *f, const gguf_tensor *t, const char *path,
                               const gguf_write_opts *o, int n_threads, uint64_t *done,
                               uint64_t total) {
     const int64_t ne0 = t->ne[0];
@@ -401,10 +397,7 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
             quantize_chunk(t->type, src, dst, n, ne0, row_bytes, n_threads);
             out = dst;
         }
-        if (write_all(f, out, (size_t)n * row_bytes)) {
-            st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-            break;
-        }
+        if ((st = lt_afile_write(f, out, (size_t)n * row_bytes, w->err)) != LT_OK) break;
         *done += (uint64_t)n * row_bytes;
         if (o && o->progress) o->progress(o->progress_ctx, t->name, (int64_t)*done, (int64_t)total);
     }
@@ -413,16 +406,8 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
     return st;
 }
 
-/* fsyncs the folder holding path so the rename itself is durable (best effort). */
-static void sync_folder(const char *path) {
-    char *copy = strdup(path);
-    if (!copy) return;
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
-    }
-    free(copy);
+static lt_status exists_error(gguf_writer *w, const char *path) {
+    return lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
 }
 
 lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
@@ -436,9 +421,7 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         if (S_ISDIR(sb.st_mode))
             return lt_fail(w->err, LT_ERR_ARG,
                            "%s: is a directory; give a file name ending in .gguf", path);
-        if (!overwrite)
-            return lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it",
-                           path);
+        if (!overwrite) return exists_error(w, path);
     }
     if (!w->has_alignment) {
         lt_status st = gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
@@ -455,96 +438,32 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     for (size_t i = 0; i < w->n_tensors; ++i)
         total += w->tensors[i].size;
 
-    /* temp file next to the target: "<dir>/.<name>.tmp-XXXXXX" */
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 32);
-    if (!tmp) {
-        lt_strbuf_free(&head);
-        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
-    }
-    const char *slash = strrchr(path, '/');
-    size_t dlen = slash ? (size_t)(slash - path) + 1 : 0;
-    snprintf(tmp, plen + 32, "%.*s.%s.tmp-XXXXXX", (int)dlen, path, path + dlen);
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        st = lt_fail(w->err, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
-                     strerror(errno));
-        free(tmp);
+    lt_afile f;
+    st = lt_afile_open(&f, path, w->err);
+    if (st != LT_OK) {
         lt_strbuf_free(&head);
         return st;
     }
-    (void)fchmod(fd, 0644);
-    FILE *f = fdopen(fd, "wb");
-    if (!f) {
-        st = lt_fail(w->err, LT_ERR_IO, "%s: %s", tmp, strerror(errno));
-        close(fd);
-        goto fail_unlink;
-    }
-    setvbuf(f, NULL, _IOFBF, 1 << 22);
-
-    if (write_all(f, head.p, head.len) || write_zeros(f, align_up(head.len) - head.len)) {
-        st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-        goto fail_close;
-    }
+    st = lt_afile_write(&f, head.p, head.len, w->err);
+    if (st == LT_OK) st = write_zeros(&f, align_up(head.len) - head.len, w->err);
     uint64_t pos = 0, done = 0; /* position inside the data section */
-    for (size_t i = 0; i < w->n_tensors; ++i) {
+    for (size_t i = 0; i < w->n_tensors && st == LT_OK; ++i) {
         const gguf_tensor *t = &w->tensors[i];
-        if (write_zeros(f, t->offset - pos)) {
-            st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-            goto fail_close;
-        }
-        st = write_tensor(w, f, t, path, opts, n_threads, &done, total);
-        if (st != LT_OK) goto fail_close;
+        st = write_zeros(&f, t->offset - pos, w->err);
+        if (st == LT_OK) st = write_tensor(w, &f, t, path, opts, n_threads, &done, total);
         pos = t->offset + t->size;
     }
-    if (write_zeros(f, align_up(pos) - pos)) { /* llama.cpp accepts either; keep it aligned */
-        st = lt_fail(w->err, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-        goto fail_close;
+    if (st == LT_OK) /* llama.cpp accepts either; keep it aligned */
+        st = write_zeros(&f, align_up(pos) - pos, w->err);
+    if (st != LT_OK) {
+        lt_afile_abort(&f);
+        lt_strbuf_free(&head);
+        return st;
     }
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
-        st = lt_fail(w->err, LT_ERR_IO, "%s: cannot flush to disk: %s", path, strerror(errno));
-        goto fail_close;
-    }
-    if (fclose(f) != 0) {
-        f = NULL;
-        st = lt_fail(w->err, LT_ERR_IO, "%s: close failed: %s", path, strerror(errno));
-        goto fail_unlink;
-    }
-    f = NULL;
-    if (overwrite) {
-        if (rename(tmp, path) != 0) {
-            st = lt_fail(w->err, LT_ERR_IO,
-                         "%s: cannot rename the finished temp file into place: %s", path,
-                         strerror(errno));
-            goto fail_unlink;
-        }
-    } else if (link(tmp, path) != 0) { /* never replaces a file that appeared meanwhile */
-        int e = errno;
-        if (e == EEXIST) {
-            st = lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it",
-                         path);
-            goto fail_unlink;
-        }
-        /* a file system without hard links: check again, then rename */
-        if (stat(path, &sb) == 0 || rename(tmp, path) != 0) {
-            st = lt_fail(w->err, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s",
-                         path, strerror(stat(path, &sb) == 0 ? EEXIST : errno));
-            goto fail_unlink;
-        }
-    } else {
-        unlink(tmp);
-    }
-    sync_folder(path);
-    if (bytes) *bytes = align_up(head.len) + align_up(pos);
-    free(tmp);
-    lt_strbuf_free(&head);
-    return LT_OK;
-
-fail_close:
-    fclose(f);
-fail_unlink:
-    unlink(tmp);
-    free(tmp);
+    st = lt_afile_finish(&f, w->err);
+    if (st == LT_OK) st = lt_afile_commit(&f, overwrite, w->err);
+    if (f.existed) st = exists_error(w, path); /* it appeared while we wrote */
+    if (st == LT_OK && bytes) *bytes = align_up(head.len) + align_up(pos);
     lt_strbuf_free(&head);
     return st;
 }

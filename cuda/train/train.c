@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/train/train.h"
 
 struct lt_trainer {
@@ -579,7 +580,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     int max_seq = o.max_seq > 0 ? o.max_seq : env->max_seq;
     if (max_seq <= 0 || max_seq > env->model->cfg.max_position_embeddings)
         max_seq = env->model->cfg.max_position_embeddings;
-    if (o.save && *o.save && (rc = dir_prepare(o.save, err)) != LT_OK) {
+    if (o.save && *o.save && (rc = lt_dir_prepare(o.save, err)) != LT_OK) {
         lt_fail_prefix(err, rc, "%%train save=");
         goto out_state;
     }

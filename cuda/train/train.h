@@ -171,10 +171,6 @@ typedef struct st_out {
 
 /* Writes a safetensors file atomically (temp in the same folder, fsync, rename). */
 lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json, char *err);
-/* Writes text atomically. */
-lt_status file_write_atomic(const char *path, const void *data, size_t n, char *err);
-/* Creates DIR (and parents) if missing; checks it is a writable directory. */
-lt_status dir_prepare(const char *dir, char *err);
 
 /* PEFT adapter: adapter_config.json + adapter_model.safetensors (fp32). */
 lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err);
