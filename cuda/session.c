@@ -22,6 +22,7 @@
 #include "cuda/base/atomic_file.h"
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
+#include "cuda/export/merged.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/sample.h"
@@ -884,7 +885,7 @@ lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
         else
             snprintf(src, sizeof src, ".");
     }
-    return peft_save_merged(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
+    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
 }
 
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
