@@ -180,7 +180,8 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
 #define CU_REQUIRE(cond, msg)                                                                      \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
-            rc = lt_fail(ctx->err, LT_ERR_ARG, "cuda %s: %s", opname, msg);                        \
+            lt_fail(ctx->err, LT_ERR_ARG, "cuda %s: %s", opname, msg);                             \
+            rc = LT_ERR_ARG; /* seen by the compiler: an op's outputs are set when rc is LT_OK */  \
             goto done;                                                                             \
         }                                                                                          \
     } while (0)
