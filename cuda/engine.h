@@ -132,7 +132,7 @@ lt_status lt_chat_system(lt_session *s, const char *system_text);
 lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *const *contents,
                          int n, int add_generation_prompt, char **text);
 
-/* ---- fine-tuning (cuda/lora.c, train.c, peft.c) ------------------------------------------ */
+/* ---- fine-tuning (cuda/train/, cuda/export/merged.c) ----------------------------------- */
 
 typedef struct lt_lora_opts {
     int r;               /* rank, > 0 (default 16) */

@@ -12,7 +12,6 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +19,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
+#include "cuda/export/merged.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/sample.h"
@@ -63,14 +64,6 @@ struct lt_session {
     /* fine-tuning: adapters and the current run (train.c) */
     lt_trainer *trainer;
 };
-
-static lt_status fail(lt_session *s, lt_status rc, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(s->err, sizeof s->err, fmt, ap);
-    va_end(ap);
-    return rc;
-}
 
 /* Starts a call: clears the error and the cancel flag. */
 static void call_begin(lt_session *s) {
@@ -170,8 +163,9 @@ static lt_status tiny_dir(lt_session *s, char *out, size_t cap) {
         strncat(where, i ? ", " : "", sizeof where - strlen(where) - 1);
         strncat(where, tried[i], sizeof where - strlen(where) - 1);
     }
-    return fail(s, LT_ERR_IO,
-                "tiny: the embedded model was not found (looked in %s; set LATHE_TINY_DIR)", where);
+    return lt_fail(s->err, LT_ERR_IO,
+                   "tiny: the embedded model was not found (looked in %s; set LATHE_TINY_DIR)",
+                   where);
 }
 
 /* A Hugging Face cache id ("google/gemma-3-1b-it") -> snapshot directory. */
@@ -197,11 +191,11 @@ static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t ca
     }
     repo[k] = 0;
     if (!is_dir(repo))
-        return fail(s, LT_ERR_IO,
-                    "%s: not a directory, and not in the Hugging Face cache (looked for %s; set "
-                    "HF_HOME, or download "
-                    "it first with `huggingface-cli download %s`)",
-                    id, repo, id);
+        return lt_fail(s->err, LT_ERR_IO,
+                       "%s: not a directory, and not in the Hugging Face cache (looked for %s; set "
+                       "HF_HOME, or download "
+                       "it first with `huggingface-cli download %s`)",
+                       id, repo, id);
     char rev[256] = "", path[2000];
     snprintf(path, sizeof path, "%s/refs/main", repo);
     FILE *f = fopen(path, "r");
@@ -216,7 +210,7 @@ static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t ca
     /* no usable ref: the newest snapshot */
     snprintf(path, sizeof path, "%s/snapshots", repo);
     DIR *d = opendir(path);
-    if (!d) return fail(s, LT_ERR_IO, "%s: %s has no snapshots/ folder", id, repo);
+    if (!d) return lt_fail(s->err, LT_ERR_IO, "%s: %s has no snapshots/ folder", id, repo);
     struct dirent *e;
     time_t best = 0;
     int found = 0;
@@ -232,7 +226,7 @@ static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t ca
         }
     }
     closedir(d);
-    if (!found) return fail(s, LT_ERR_IO, "%s: no snapshot under %s", id, path);
+    if (!found) return lt_fail(s->err, LT_ERR_IO, "%s: no snapshot under %s", id, path);
     return LT_OK;
 }
 
@@ -257,8 +251,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
                   const lt_callbacks *cb) {
     call_begin(s);
     if (!source || !*source)
-        return fail(s, LT_ERR_ARG,
-                    "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
+        return lt_fail(
+            s->err, LT_ERR_ARG,
+            "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
     const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
     const char *device = opts && opts->device ? opts->device : "auto";
     /* device=cuda, or auto when a GPU is present, runs on the GPU (the CUDA backend). */
@@ -266,22 +261,24 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
 #ifdef HAVE_CUDA
     want_cuda = !strcmp(device, "cuda") || (!strcmp(device, "auto") && lt_cuda_device_count() > 0);
     if (want_cuda && lt_cuda_device_count() == 0)
-        return fail(s, LT_ERR_DEVICE,
-                    "device=cuda: no CUDA device is available (accepted here: auto, cpu)");
+        return lt_fail(s->err, LT_ERR_DEVICE,
+                       "device=cuda: no CUDA device is available (accepted here: auto, cpu)");
 #endif
     if (strcmp(device, "auto") && strcmp(device, "cpu") && !want_cuda) {
         if (!strcmp(device, "cuda"))
-            return fail(s, LT_ERR_DEVICE,
-                        "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
-        return fail(s, LT_ERR_ARG, "device='%s' is not accepted (accepted: auto, cpu, cuda)",
-                    device);
+            return lt_fail(
+                s->err, LT_ERR_DEVICE,
+                "device=cuda: this build has no CUDA backend (accepted here: auto, cpu)");
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "device='%s' is not accepted (accepted: auto, cpu, cuda)", device);
     }
     if (opts && opts->max_seq < 0)
-        return fail(s, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)", opts->max_seq);
+        return lt_fail(s->err, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)",
+                       opts->max_seq);
     if (!s->ctx_ready) {
         const char *th = getenv("LATHE_THREADS");
         if (lt_ctx_init(&s->ctx, &lt_backend_cpu, th ? atoi(th) : 0) != LT_OK)
-            return fail(s, LT_ERR_MEMORY, "%s", s->ctx.err);
+            return lt_fail(s->err, LT_ERR_MEMORY, "%s", s->ctx.err);
         s->ctx_ready = 1;
     }
 
@@ -293,7 +290,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         const char *size = source + 7;
         if (!strncmp(size, "gemma-3-", 8)) size += 8;
         rc = tiny_dir(s, dir, sizeof dir);
-        if (rc != LT_OK) return fail(s, rc, "%s: needs the tiny tokenizer: %s", source, s->err);
+        if (rc != LT_OK) return lt_fail_prefix(s->err, rc, "%s: needs the tiny tokenizer", source);
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
         cb_message(cb, "allocating random weights");
         rc = gemma3_load_random(&m, size, RANDOM_SEED, dtype, cb, s->err);
@@ -309,16 +306,16 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
             rc = hf_snapshot(s, source, dir, sizeof dir);
             if (rc != LT_OK) return rc;
         } else {
-            return fail(s, LT_ERR_ARG,
-                        "load: '%s' is not a directory (accepted: a model directory, a Hugging "
-                        "Face id like "
-                        "google/gemma-3-1b-it, tiny, random:gemma-3-1b)",
-                        source);
+            return lt_fail(s->err, LT_ERR_ARG,
+                           "load: '%s' is not a directory (accepted: a model directory, a Hugging "
+                           "Face id like "
+                           "google/gemma-3-1b-it, tiny, random:gemma-3-1b)",
+                           source);
         }
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
         if (!is_file(tokpath))
-            return fail(s, LT_ERR_IO,
-                        "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
+            return lt_fail(s->err, LT_ERR_IO,
+                           "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
         rc = gemma3_load_dir(&m, dir, dtype, cb, s->err);
         if (rc != LT_OK) return rc;
         if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
@@ -330,9 +327,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         return rc;
     }
     if (tok_size(tok) > m->cfg.vocab_size) {
-        rc = fail(s, LT_ERR_FORMAT,
-                  "%s: the tokenizer has %d pieces but the model has only %d embedding rows",
-                  tokpath, tok_size(tok), m->cfg.vocab_size);
+        rc = lt_fail(s->err, LT_ERR_FORMAT,
+                     "%s: the tokenizer has %d pieces but the model has only %d embedding rows",
+                     tokpath, tok_size(tok), m->cfg.vocab_size);
         tok_free(tok);
         gemma3_model_free(m);
         return rc;
@@ -341,8 +338,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
     int max_seq = opts && opts->max_seq > 0 ? opts->max_seq : m->cfg.max_position_embeddings;
     if (!(opts && opts->max_seq > 0) && max_seq > 8192) max_seq = 8192;
     if (max_seq > m->cfg.max_position_embeddings) {
-        rc = fail(s, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d",
-                  max_seq, m->cfg.max_position_embeddings);
+        rc =
+            lt_fail(s->err, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d",
+                    max_seq, m->cfg.max_position_embeddings);
         tok_free(tok);
         gemma3_model_free(m);
         return rc;
@@ -355,7 +353,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
     if (want_cuda) {
         if (!s->ctx_ready || s->ctx.be != &lt_backend_cuda) {
             if (lt_ctx_init(&cuctx, &lt_backend_cuda, 0) != LT_OK) {
-                rc = fail(s, LT_ERR_DEVICE, "device=cuda: %s", cuctx.err);
+                rc = lt_fail(s->err, LT_ERR_DEVICE, "device=cuda: %s", cuctx.err);
                 tok_free(tok);
                 gemma3_model_free(m);
                 return rc;
@@ -444,7 +442,8 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
 
 static lt_status need_model(lt_session *s) {
     if (!s->model || !s->tok)
-        return fail(s, LT_ERR_STATE, "no model loaded (run %%load first, e.g. %%load tiny)");
+        return lt_fail(s->err, LT_ERR_STATE,
+                       "no model loaded (run %%load first, e.g. %%load tiny)");
     return LT_OK;
 }
 
@@ -452,7 +451,7 @@ lt_status lt_tokenize(lt_session *s, const char *text, int32_t **ids, int *n) {
     call_begin(s);
     lt_status rc = need_model(s);
     if (rc != LT_OK) return rc;
-    if (!text) return fail(s, LT_ERR_ARG, "tokenize: no text");
+    if (!text) return lt_fail(s->err, LT_ERR_ARG, "tokenize: no text");
     return tok_encode_special(s->tok, text, ids, n, s->err);
 }
 
@@ -471,12 +470,13 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     *logits = NULL;
     lt_status rc = need_model(s);
     if (rc != LT_OK) return rc;
-    if (n <= 0) return fail(s, LT_ERR_ARG, "logits: no token ids");
+    if (n <= 0) return lt_fail(s->err, LT_ERR_ARG, "logits: no token ids");
     if (n > s->max_seq)
-        return fail(s, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
+        return lt_fail(s->err, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
     int V = s->model->cfg.vocab_size;
     float *out = malloc(sizeof(float) * (size_t)n * (size_t)V);
-    if (!out) return fail(s, LT_ERR_MEMORY, "logits: out of memory for [%d, %d] fp32", n, V);
+    if (!out)
+        return lt_fail(s->err, LT_ERR_MEMORY, "logits: out of memory for [%d, %d] fp32", n, V);
     gemma3_cache cache;
     rc = gemma3_cache_init(&cache, &s->ctx, &s->model->cfg, n);
     if (rc == LT_OK) {
@@ -486,7 +486,7 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     }
     if (rc != LT_OK) {
         free(out);
-        return fail(s, rc, "%s", s->ctx.err);
+        return lt_fail(s->err, rc, "%s", s->ctx.err);
     }
     *logits = out;
     *vocab = V;
@@ -505,7 +505,7 @@ static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
         while (nc < s->n_cached + n)
             nc *= 2;
         int32_t *np = realloc(s->cached, sizeof(int32_t) * (size_t)nc);
-        if (!np) return fail(s, LT_ERR_MEMORY, "out of memory");
+        if (!np) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         s->cached = np;
         s->cap_cached = nc;
     }
@@ -520,7 +520,7 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
     lt_status rc;
     if (!s->cache_ready) {
         rc = gemma3_cache_init(&s->cache, &s->ctx, &s->model->cfg, s->max_seq);
-        if (rc != LT_OK) return fail(s, rc, "%s", s->ctx.err);
+        if (rc != LT_OK) return lt_fail(s->err, rc, "%s", s->ctx.err);
         s->cache_ready = 1;
         s->n_cached = 0;
     }
@@ -533,27 +533,27 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
         s->n_cached = 0;
     }
     if (n > s->max_seq)
-        return fail(s, LT_ERR_ARG, "%d tokens exceed max_seq %d (load with a larger max_seq=)", n,
-                    s->max_seq);
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
     /* chunk the prompt so a cancel is seen between chunks */
     for (int t = start; t < n; t += GEMMA3_CHUNK) {
         int k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
         if (cancelled(s)) {
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
-            return fail(s, LT_CANCELLED, "cancelled");
+            return lt_fail(s->err, LT_CANCELLED, "cancelled");
         }
         rc =
             gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* to host */
         if (rc != LT_OK) {
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
-            return fail(s, rc, "%s", s->ctx.err);
+            return lt_fail(s->err, rc, "%s", s->ctx.err);
         }
         rc = cached_push(s, ids + t, k);
         if (rc != LT_OK) return rc;
     }
-    if (start == n) return fail(s, LT_ERR_STATE, "internal: nothing to feed");
+    if (start == n) return lt_fail(s->err, LT_ERR_STATE, "internal: nothing to feed");
     return LT_OK;
 }
 
@@ -566,7 +566,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     *n_gen = 0;
     lt_status rc = gen_opts_check(o, s->err);
     if (rc != LT_OK) return rc;
-    if (n_prompt <= 0) return fail(s, LT_ERR_ARG, "generate: empty prompt");
+    if (n_prompt <= 0) return lt_fail(s->err, LT_ERR_ARG, "generate: empty prompt");
     const gemma3_config *c = &s->model->cfg;
     int V = c->vocab_size;
     float *last = malloc(sizeof(float) * (size_t)V);
@@ -576,7 +576,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         free(last);
         free(out);
         sampler_free(&sm);
-        return fail(s, LT_ERR_MEMORY, "generate: out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     }
     lt_rng rng;
     rng_seed(&rng, o->seed);
@@ -584,7 +584,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     rc = feed(s, prompt, n_prompt, last); /* reuses the cache when the prompt extends it */
     for (int i = 0; rc == LT_OK && i < o->max_new; i++) {
         if (cancelled(s)) {
-            rc = fail(s, LT_CANCELLED, "cancelled after %d tokens", n);
+            rc = lt_fail(s->err, LT_CANCELLED, "cancelled after %d tokens", n);
             break;
         }
         int id = sampler_pick(&sm, last, o, &rng);
@@ -602,7 +602,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         if (s->n_cached + 1 > s->max_seq) break; /* context full: stop quietly */
         rc = gemma3_forward_host(s->model, &s->ctx, &id, 1, &s->cache, NULL, last); /* to host */
         if (rc != LT_OK) {
-            rc = fail(s, rc, "%s", s->ctx.err);
+            rc = lt_fail(s->err, rc, "%s", s->ctx.err);
             gemma3_cache_reset(&s->cache, &s->ctx);
             s->n_cached = 0;
             break;
@@ -611,7 +611,8 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
         if (r2 != LT_OK) rc = r2;
     }
     if (st) textstream_finish(st);
-    if (st && st->oom && rc == LT_OK) rc = fail(s, LT_ERR_MEMORY, "generate: out of memory");
+    if (st && st->text.oom && rc == LT_OK)
+        rc = lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     free(last);
     sampler_free(&sm);
     *gen = out;
@@ -633,9 +634,9 @@ lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen
     }
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= s->model->cfg.vocab_size)
-            return fail(s, LT_ERR_ARG,
-                        "token id %d at position %d is outside the vocabulary [0, %d)", ids[i], i,
-                        s->model->cfg.vocab_size);
+            return lt_fail(s->err, LT_ERR_ARG,
+                           "token id %d at position %d is outside the vocabulary [0, %d)", ids[i],
+                           i, s->model->cfg.vocab_size);
     rc = run_generation(s, ids, n, o, NULL, out_ids, n_out, 1);
     if (rc != LT_OK && rc != LT_CANCELLED) {
         free(*out_ids);
@@ -654,7 +655,7 @@ static lt_status encode_with_bos(lt_session *s, const char *text, int32_t **ids,
     int32_t *all = malloc(sizeof(int32_t) * (size_t)(k + 1));
     if (!all) {
         free(t);
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     }
     all[0] = s->model->cfg.bos_id;
     memcpy(all + 1, t, sizeof(int32_t) * (size_t)k);
@@ -684,10 +685,9 @@ lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
     free(ids);
     free(gen);
     if (out && (rc == LT_OK || rc == LT_CANCELLED)) {
-        *out = st.all ? st.all : strdup("");
-        st.all = NULL;
+        *out = lt_strbuf_take(&st.text);
     }
-    free(st.all);
+    lt_strbuf_free(&st.text);
     return rc;
 }
 
@@ -697,10 +697,10 @@ static lt_status history_push(lt_session *s, const char *role, const char *conte
     if (s->n_msgs == s->cap_msgs) {
         int nc = s->cap_msgs ? s->cap_msgs * 2 : 16;
         char **r = realloc(s->roles, sizeof(char *) * (size_t)nc);
-        if (!r) return fail(s, LT_ERR_MEMORY, "out of memory");
+        if (!r) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         s->roles = r;
         char **c = realloc(s->contents, sizeof(char *) * (size_t)nc);
-        if (!c) return fail(s, LT_ERR_MEMORY, "out of memory");
+        if (!c) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         s->contents = c;
         s->cap_msgs = nc;
     }
@@ -708,7 +708,7 @@ static lt_status history_push(lt_session *s, const char *role, const char *conte
     if (!rr || !cc) {
         free(rr);
         free(cc);
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     }
     s->roles[s->n_msgs] = rr;
     s->contents[s->n_msgs] = cc;
@@ -720,7 +720,7 @@ lt_status lt_chat_system(lt_session *s, const char *system_text) {
     call_begin(s);
     char *copy = NULL;
     if (system_text && !(copy = strdup(system_text)))
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     free(s->system);
     s->system = copy;
     return LT_OK;
@@ -738,7 +738,7 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
     if (reply) *reply = NULL;
     lt_status rc = need_model(s);
     if (rc != LT_OK) return rc;
-    if (!user_text) return fail(s, LT_ERR_ARG, "chat: no message");
+    if (!user_text) return lt_fail(s->err, LT_ERR_ARG, "chat: no message");
     lt_gen_opts d;
     if (!o) {
         lt_gen_opts_default(&d);
@@ -751,7 +751,7 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
     if (!roles || !contents) {
         free(roles);
         free(contents);
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     }
     if (s->system) {
         roles[k] = "system";
@@ -780,16 +780,15 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
     free(ids);
     free(gen);
     if (rc == LT_OK || rc == LT_CANCELLED) {
-        const char *ans = st.all ? st.all : "";
+        const char *ans = lt_strbuf_str(&st.text);
         lt_status r1 = history_push(s, "user", user_text);
         lt_status r2 = r1 == LT_OK ? history_push(s, "model", ans) : r1;
         if (r2 != LT_OK) rc = r2;
         if (reply && rc != LT_ERR_MEMORY) {
-            *reply = st.all ? st.all : strdup("");
-            st.all = NULL;
+            *reply = lt_strbuf_take(&st.text);
         }
     }
-    free(st.all);
+    lt_strbuf_free(&st.text);
     return rc;
 }
 
@@ -803,9 +802,10 @@ static trainer_env session_env(lt_session *s) {
 lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb) {
     call_begin(s);
     if (!s->model)
-        return fail(s, LT_ERR_STATE, "%%lora: no model loaded (%%load tiny, or a checkpoint)");
+        return lt_fail(s->err, LT_ERR_STATE,
+                       "%%lora: no model loaded (%%load tiny, or a checkpoint)");
     if (!s->trainer && !(s->trainer = trainer_new()))
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     trainer_env env = session_env(s);
     lt_status rc = trainer_attach(s->trainer, &env, o, s->err);
     cache_drop(s);
@@ -841,14 +841,14 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
     call_begin(s);
     if (res) memset(res, 0, sizeof *res);
     if (!s->model)
-        return fail(s, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
+        return lt_fail(s->err, LT_ERR_STATE, "%%train: no model loaded (%%load tiny, then %%lora)");
     int resuming = o->resume && *o->resume;
     if (!resuming && !trainer_adapters(s->trainer))
-        return fail(s, LT_ERR_STATE,
-                    "%%train: nothing to train: attach adapters first (%%lora, or %%lora "
-                    "full=true)");
+        return lt_fail(s->err, LT_ERR_STATE,
+                       "%%train: nothing to train: attach adapters first (%%lora, or %%lora "
+                       "full=true)");
     if (!s->trainer && !(s->trainer = trainer_new()))
-        return fail(s, LT_ERR_MEMORY, "out of memory");
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     trainer_env env = session_env(s);
     int changed = 0;
     lt_status rc = trainer_run(s->trainer, &env, o, cb, res, &changed, s->err);
@@ -858,13 +858,13 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
 
 lt_status lt_save_adapter(lt_session *s, const char *dir) {
     call_begin(s);
-    if (!s->model) return fail(s, LT_ERR_STATE, "%%save: no model loaded");
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
     return peft_save_adapter(trainer_adapters(s->trainer), dir, s->err);
 }
 
 lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
     call_begin(s);
-    if (!s->model) return fail(s, LT_ERR_STATE, "%%save: no model loaded");
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
     /* the checkpoint's own folder, to copy what a merged save keeps from it */
     char src[4096] = "";
     const char *tp = s->tok ? tok_path(s->tok) : NULL;
@@ -876,7 +876,7 @@ lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
         else
             snprintf(src, sizeof src, ".");
     }
-    return peft_save_merged(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
+    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
 }
 
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
@@ -885,19 +885,19 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int 
     if (!s) return LT_ERR_ARG;
     call_begin(s);
     if (!s->model || !s->tok)
-        return fail(s, LT_ERR_STATE,
-                    "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
+        return lt_fail(s->err, LT_ERR_STATE,
+                       "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
     gguf_export_opts o = {.overwrite = overwrite, .cancel = &s->cancel, .cb = cb};
     if (gguf_ftype_parse(type ? type : "f16", &o.ftype) != 0)
-        return fail(s, LT_ERR_ARG, "type=%s: not a GGUF type lathe writes; use one of %s", type,
-                    GGUF_FTYPE_CHOICES);
+        return lt_fail(s->err, LT_ERR_ARG, "type=%s: not a GGUF type lathe writes; use one of %s",
+                       type, GGUF_FTYPE_CHOICES);
     /* the folder is created when missing, as %save creates its folder */
     const char *slash = path ? strrchr(path, '/') : NULL;
     lt_status st;
     if (slash && slash != path) {
         char parent[4096];
         snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
-        if ((st = dir_prepare(parent, s->err)) != LT_OK) return st;
+        if ((st = lt_dir_prepare(parent, s->err)) != LT_OK) return st;
     }
     /* a model copied to the GPU is read back through its backend; a host model in place */
     lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL;

@@ -3,8 +3,8 @@
  * A tensor does not own its data; whoever allocated the pointer frees it (the model's
  * storage, a backend buffer, a mapped file). Shapes are row-major, PyTorch order: a weight is
  * [out, in]; activations are [T, H] (tokens, features). This file also holds the small
- * helpers every module needs: dtype names and sizes, fp16/bf16 <-> fp32 conversion, and the
- * engine's error-buffer convention (LT_ERRLEN). It knows nothing of models or devices.
+ * helpers every module needs: dtype names and sizes, fp16/bf16 <-> fp32 conversion; it brings
+ * the engine's error convention (error.h) along. It knows nothing of models or devices.
  */
 #ifndef LATHE_TENSOR_H
 #define LATHE_TENSOR_H
@@ -12,11 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cuda/base/error.h"
 #include "cuda/engine.h"
-
-/* Every internal call that can fail takes `char *err` of LT_ERRLEN bytes and returns an
- * lt_status; on failure it writes a one-line message naming the file/key/tensor. */
-#define LT_ERRLEN 1024
 
 typedef enum lt_dtype {
     LT_F32 = 0,

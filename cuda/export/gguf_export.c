@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/text/tokenizer.h"
@@ -265,21 +266,14 @@ static char *slurp(const char *dir, const char *name) {
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    char *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long n = ftell(f);
-        if (n >= 0 && n < (64L << 20) && fseek(f, 0, SEEK_SET) == 0 &&
-            (buf = malloc((size_t)n + 1))) {
-            if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[n] = '\0';
-            }
-        }
-    }
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, (64u << 20) - 1);
     fclose(f);
-    return buf;
+    if (r != 0 || b.oom) {
+        lt_strbuf_free(&b);
+        return NULL;
+    }
+    return lt_strbuf_take(&b);
 }
 
 /* tokenizer_config.json's added_tokens_decoder overrides piece text and type, as the
@@ -292,8 +286,8 @@ static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **
     json_t *root = json_loads(text, 0, &je);
     free(text);
     if (!root || !json_is_object(root)) {
-        snprintf(err, LT_ERRLEN, "%s/tokenizer_config.json: not a JSON object (line %d: %s)", dir,
-                 je.line, je.text);
+        lt_fail(err, LT_ERR_FORMAT, "%s/tokenizer_config.json: not a JSON object (line %d: %s)",
+                dir, je.line, je.text);
         json_decref(root);
         return LT_ERR_FORMAT;
     }
@@ -310,8 +304,7 @@ static lt_status apply_tokenizer_config(export_ctx *ex, const char *dir, char **
             int special = json_is_true(json_object_get(val, "special")) || looks_special(piece);
             if (!ex->pieces && !(ex->pieces = calloc((size_t)ex->n_vocab, sizeof(char *)))) {
                 json_decref(root);
-                snprintf(err, LT_ERRLEN, "out of memory");
-                return LT_ERR_MEMORY;
+                return lt_fail(err, LT_ERR_MEMORY, "out of memory");
             }
             free(ex->pieces[id]);
             ex->pieces[id] = strdup(piece);
@@ -380,14 +373,13 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     char name[96];
     int layer = -1, role = 0;
     if (gguf_export_tensor_name(hf, name, sizeof name, &layer, &role) != 0) {
-        snprintf(wc->err, LT_ERRLEN, "gguf export: no llama.cpp name for weight '%s'", hf);
-        wc->st = LT_ERR_FORMAT;
+        wc->st =
+            lt_fail(wc->err, LT_ERR_FORMAT, "gguf export: no llama.cpp name for weight '%s'", hf);
         return 1;
     }
     if (t->ndim < 1 || t->ndim > 2 || !t->data) {
-        snprintf(wc->err, LT_ERRLEN, "gguf export: weight '%s' has %d dims or no data", hf,
-                 t->ndim);
-        wc->st = LT_ERR_FORMAT;
+        wc->st = lt_fail(wc->err, LT_ERR_FORMAT, "gguf export: weight '%s' has %d dims or no data",
+                         hf, t->ndim);
         return 1;
     }
     int64_t ne[2] = {t->shape[t->ndim - 1], t->ndim == 2 ? t->shape[0] : 1};
@@ -400,8 +392,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
                  (long long)ne[0], gguf_type_name(type));
     if (ex->n_srcs == ex->cap_srcs) {
         /* the writer keeps pointers to the sources: grow before any is handed out */
-        snprintf(wc->err, LT_ERRLEN, "gguf export: more weights than counted");
-        wc->st = LT_ERR_STATE;
+        wc->st = lt_fail(wc->err, LT_ERR_STATE, "gguf export: more weights than counted");
         return 1;
     }
     tensor_src *s = &ex->srcs[ex->n_srcs++];
@@ -430,8 +421,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
     }
     lt_status st = gguf_add_tensor(wc->w, name, t->ndim, ne, type, fill_tensor, s);
     if (st != LT_OK) {
-        snprintf(wc->err, LT_ERRLEN, "%s", gguf_writer_error(wc->w));
-        wc->st = st;
+        wc->st = lt_fail(wc->err, st, "%s", gguf_writer_error(wc->w));
         return 1;
     }
     return 0;
@@ -475,7 +465,7 @@ static void on_progress(void *vctx, const char *tensor, int64_t done, int64_t to
     do {                                                                                           \
         st = (call);                                                                               \
         if (st != LT_OK) {                                                                         \
-            snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));                                  \
+            lt_fail(err, st, "%s", gguf_writer_error(w));                                          \
             goto done;                                                                             \
         }                                                                                          \
     } while (0)
@@ -492,12 +482,11 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     err[0] = '\0';
     if (res) memset(res, 0, sizeof *res);
     if (!o) {
-        snprintf(err, LT_ERRLEN, "gguf export: no options");
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "gguf export: no options");
     }
     if (!tok) {
-        snprintf(err, LT_ERRLEN, "gguf export: the model has no tokenizer; llama.cpp needs one");
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE,
+                       "gguf export: the model has no tokenizer; llama.cpp needs one");
     }
 
     /* Rules llama.cpp hard-codes for gemma3 (not read from the file): attention scale
@@ -505,23 +494,22 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     const int L = c->num_hidden_layers;
     int period = layer_period(c);
     if (period == 0) {
-        snprintf(err, LT_ERRLEN,
-                 "gguf export: layer_types is not periodic (full attention every p-th layer); "
-                 "llama.cpp's gemma3 cannot express it");
-        return LT_ERR_ARG;
+        return lt_fail(
+            err, LT_ERR_ARG,
+            "gguf export: layer_types is not periodic (full attention every p-th layer); "
+            "llama.cpp's gemma3 cannot express it");
     }
     if (c->rope[GEMMA3_SLIDING].factor != 1.0 ||
         strcmp(c->rope[GEMMA3_SLIDING].type, "linear") == 0) {
-        snprintf(
-            err, LT_ERRLEN,
+        return lt_fail(
+            err, LT_ERR_ARG,
             "gguf export: RoPE scaling on sliding layers is not supported by llama.cpp's gemma3");
-        return LT_ERR_ARG;
     }
     if (c->attn_logit_softcapping != 0.0) {
-        snprintf(err, LT_ERRLEN,
-                 "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention "
-                 "softcap");
-        return LT_ERR_ARG;
+        return lt_fail(
+            err, LT_ERR_ARG,
+            "gguf export: attn_logit_softcapping is set; llama.cpp's gemma3 has no attention "
+            "softcap");
     }
     /* llama.cpp scales scores by 1/sqrt(hd) (1/sqrt(H/nh) when block_count is 62); the model
      * wants query_pre_attn_scalar^-1/2. q_norm's output feeds q linearly (RoPE is linear),
@@ -544,8 +532,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     ex.types = malloc((size_t)ex.n_vocab * sizeof *ex.types);
     w = gguf_writer_new();
     if (!ex.srcs || !ex.scores || !ex.types || !w) {
-        snprintf(err, LT_ERRLEN, "gguf export: out of memory");
-        st = LT_ERR_MEMORY;
+        st = lt_fail(err, LT_ERR_MEMORY, "gguf export: out of memory");
         goto done;
     }
     for (int i = 0; i < ex.n_vocab; ++i) {
@@ -567,8 +554,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     }
     chat = find_chat_template(src_dir[0] ? src_dir : NULL, from_config);
     if (!chat) {
-        snprintf(err, LT_ERRLEN, "gguf export: out of memory");
-        st = LT_ERR_MEMORY;
+        st = lt_fail(err, LT_ERR_MEMORY, "gguf export: out of memory");
         goto done;
     }
 
@@ -658,7 +644,7 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
     uint64_t bytes = 0;
     st = gguf_writer_write(w, path, &wo, &bytes);
     if (st != LT_OK) {
-        snprintf(err, LT_ERRLEN, "%s", gguf_writer_error(w));
+        lt_fail(err, st, "%s", gguf_writer_error(w));
         goto done;
     }
     if (res) {

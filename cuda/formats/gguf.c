@@ -4,22 +4,22 @@
  * they are added, tensor infos with 32-byte aligned offsets, zero padding, then each tensor's
  * rows, filled as fp32 by the caller's callback and quantized by gguf_quant.c on a few
  * threads, chunk by chunk, so that memory stays bounded whatever the model size.
- * The file is written atomically: a temp file in the target's folder, fsync, then rename (or
- * link, when overwriting is not allowed, so an existing file is never replaced); on any
- * failure or cancel the temp file is removed and the target is untouched.
+ * The file is written atomically through base/atomic_file.h: a temp file in the target's
+ * folder, fsync, then rename (or link, when overwriting is not allowed, so an existing file is
+ * never replaced); on any failure or cancel the temp file is removed and the target is
+ * untouched.
  * Must not touch: the sources it reads through callbacks, anything outside its own file.
  */
-#include <errno.h>
-#include <fcntl.h>
-#include <libgen.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
+#include "cuda/base/error.h"
+#include "cuda/base/strbuf.h"
 #include "cuda/formats/gguf.h"
 
 enum { GGUF_ALIGN = 32, GGUF_MAX_NAME = 63, GGUF_MAX_DIMS = 4 };
@@ -52,29 +52,16 @@ typedef struct gguf_tensor {
     uint64_t size;   /* bytes */
 } gguf_tensor;
 
-typedef struct byte_buf {
-    uint8_t *p;
-    size_t len, cap;
-} byte_buf;
-
 struct gguf_writer {
-    byte_buf kv; /* serialized key/value pairs */
+    lt_strbuf kv; /* serialized key/value pairs */
     uint64_t n_kv;
     char **keys; /* for the duplicate check */
     size_t n_keys, cap_keys;
     gguf_tensor *tensors;
     size_t n_tensors, cap_tensors;
     int has_alignment;
-    char err[512];
+    char err[LT_ERRLEN];
 };
-
-static lt_status fail(gguf_writer *w, lt_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->err, sizeof w->err, fmt, ap);
-    va_end(ap);
-    return st;
-}
 
 gguf_writer *gguf_writer_new(void) {
     return calloc(1, sizeof(gguf_writer));
@@ -85,7 +72,7 @@ void gguf_writer_free(gguf_writer *w) {
     for (size_t i = 0; i < w->n_keys; ++i)
         free(w->keys[i]);
     free(w->keys);
-    free(w->kv.p);
+    lt_strbuf_free(&w->kv);
     free(w->tensors);
     free(w);
 }
@@ -96,59 +83,46 @@ const char *gguf_writer_error(const gguf_writer *w) {
 
 /* ---- serialization helpers -------------------------------------------------------------- */
 
-static int buf_put(byte_buf *b, const void *p, size_t n) {
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n)
-            cap *= 2;
-        uint8_t *q = realloc(b->p, cap);
-        if (!q) return -1;
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    return 0;
+static int buf_u32(lt_strbuf *b, uint32_t v) {
+    return lt_strbuf_put(b, &v, 4); /* configure refuses big-endian hosts: host order is LE */
 }
 
-static int buf_u32(byte_buf *b, uint32_t v) {
-    return buf_put(b, &v, 4); /* configure refuses big-endian hosts: host order is LE */
+static int buf_u64(lt_strbuf *b, uint64_t v) {
+    return lt_strbuf_put(b, &v, 8);
 }
 
-static int buf_u64(byte_buf *b, uint64_t v) {
-    return buf_put(b, &v, 8);
-}
-
-static int buf_str(byte_buf *b, const char *s, size_t n) {
-    return buf_u64(b, (uint64_t)n) || buf_put(b, s, n);
+static int buf_str(lt_strbuf *b, const char *s, size_t n) {
+    return buf_u64(b, (uint64_t)n) || lt_strbuf_put(b, s, n);
 }
 
 /* Validates a key and appends "key, value type" to the kv buffer. */
 static lt_status kv_begin(gguf_writer *w, const char *key, uint32_t vtype) {
-    if (!key || !*key) return fail(w, LT_ERR_ARG, "gguf: empty metadata key");
+    if (!key || !*key) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty metadata key");
     size_t n = strlen(key);
-    if (n >= 65536) return fail(w, LT_ERR_ARG, "gguf: metadata key longer than 65535 bytes");
+    if (n >= 65536)
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata key longer than 65535 bytes");
     for (size_t i = 0; i < n; ++i) {
         char c = key[i];
         if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_'))
-            return fail(w, LT_ERR_ARG,
-                        "gguf: metadata key '%s': use lowercase ASCII, digits, '.' and '_'", key);
+            return lt_fail(w->err, LT_ERR_ARG,
+                           "gguf: metadata key '%s': use lowercase ASCII, digits, '.' and '_'",
+                           key);
     }
     for (size_t i = 0; i < w->n_keys; ++i)
         if (strcmp(w->keys[i], key) == 0)
-            return fail(w, LT_ERR_ARG, "gguf: metadata key '%s' set twice", key);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata key '%s' set twice", key);
     if (w->n_keys == w->cap_keys) {
         size_t cap = w->cap_keys ? 2 * w->cap_keys : 64;
         char **k = realloc(w->keys, cap * sizeof *k);
-        if (!k) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        if (!k) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         w->keys = k;
         w->cap_keys = cap;
     }
     char *copy = strdup(key);
-    if (!copy) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    if (!copy) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     if (buf_str(&w->kv, key, n) || buf_u32(&w->kv, vtype)) {
         free(copy);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     w->keys[w->n_keys++] = copy;
     ++w->n_kv;
@@ -161,16 +135,16 @@ static lt_status kv_scalar(gguf_writer *w, const char *key, uint32_t vtype, cons
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, vtype);
     if (st != LT_OK) return st;
-    if (buf_put(&w->kv, v, n)) {
-        w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    if (lt_strbuf_put(&w->kv, v, n)) {
+        lt_strbuf_truncate(&w->kv, mark);
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
 
 lt_status gguf_set_u32(gguf_writer *w, const char *key, uint32_t v) {
     if (key && strcmp(key, "general.alignment") == 0 && v != GGUF_ALIGN)
-        return fail(w, LT_ERR_ARG, "gguf: general.alignment must be %d", GGUF_ALIGN);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: general.alignment must be %d", GGUF_ALIGN);
     return kv_scalar(w, key, VT_U32, &v, 4);
 }
 
@@ -192,13 +166,13 @@ lt_status gguf_set_bool(gguf_writer *w, const char *key, int v) {
 }
 
 lt_status gguf_set_str(gguf_writer *w, const char *key, const char *v) {
-    if (!v) return fail(w, LT_ERR_ARG, "gguf: metadata '%s': NULL string", key ? key : "");
+    if (!v) return lt_fail(w->err, LT_ERR_ARG, "gguf: metadata '%s': NULL string", key ? key : "");
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, VT_STRING);
     if (st != LT_OK) return st;
     if (buf_str(&w->kv, v, strlen(v))) {
-        w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        lt_strbuf_truncate(&w->kv, mark);
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
@@ -208,9 +182,10 @@ static lt_status kv_array(gguf_writer *w, const char *key, uint32_t etype, const
     size_t mark = w->kv.len;
     lt_status st = kv_begin(w, key, VT_ARRAY);
     if (st != LT_OK) return st;
-    if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) || buf_put(&w->kv, v, n * esize)) {
-        w->kv.len = mark;
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    if (buf_u32(&w->kv, etype) || buf_u64(&w->kv, (uint64_t)n) ||
+        lt_strbuf_put(&w->kv, v, n * esize)) {
+        lt_strbuf_truncate(&w->kv, mark);
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
@@ -232,51 +207,53 @@ lt_status gguf_set_arr_str(gguf_writer *w, const char *key, size_t n,
     for (size_t i = 0; i < n; ++i) {
         const char *s = get(ctx, i);
         if (!s) {
-            w->kv.len = mark;
-            return fail(w, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu", key, i);
+            lt_strbuf_truncate(&w->kv, mark);
+            return lt_fail(w->err, LT_ERR_FORMAT, "gguf: metadata '%s': no string for entry %zu",
+                           key, i);
         }
         if (buf_str(&w->kv, s, strlen(s))) goto oom;
     }
     return LT_OK;
 oom:
-    w->kv.len = mark;
-    return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+    lt_strbuf_truncate(&w->kv, mark);
+    return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
 }
 
 /* ---- tensors ---------------------------------------------------------------------------- */
 
 lt_status gguf_add_tensor(gguf_writer *w, const char *name, int n_dims, const int64_t *ne,
                           gguf_type type, gguf_fill_fn fill, void *fill_ctx) {
-    if (!name || !*name) return fail(w, LT_ERR_ARG, "gguf: empty tensor name");
+    if (!name || !*name) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty tensor name");
     if (strlen(name) > GGUF_MAX_NAME)
-        return fail(w, LT_ERR_ARG, "gguf: tensor name '%s' is longer than %d bytes", name,
-                    GGUF_MAX_NAME);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor name '%s' is longer than %d bytes", name,
+                       GGUF_MAX_NAME);
     if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
-        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': %d dimensions (accepted: 1 to 4)", name,
-                    n_dims);
-    if (!fill) return fail(w, LT_ERR_ARG, "gguf: tensor '%s': no fill callback", name);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': %d dimensions (accepted: 1 to 4)",
+                       name, n_dims);
+    if (!fill) return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': no fill callback", name);
     if (gguf_type_block_len(type) == 0)
-        return fail(w, LT_ERR_ARG, "gguf: tensor '%s': unsupported type id %d", name, (int)type);
+        return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': unsupported type id %d", name,
+                       (int)type);
     uint64_t nrows = 1;
     for (int d = 0; d < n_dims; ++d) {
         if (ne[d] < 1 || ne[d] > ((int64_t)1 << 40))
-            return fail(w, LT_ERR_ARG, "gguf: tensor '%s': dimension %d is %lld", name, d,
-                        (long long)ne[d]);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s': dimension %d is %lld", name, d,
+                           (long long)ne[d]);
         if (d > 0) nrows *= (uint64_t)ne[d];
     }
     size_t row = gguf_row_bytes(type, ne[0]);
     if (row == 0)
-        return fail(w, LT_ERR_ARG,
-                    "gguf: tensor '%s': row length %lld is not a multiple of %s's block of %lld",
-                    name, (long long)ne[0], gguf_type_name(type),
-                    (long long)gguf_type_block_len(type));
+        return lt_fail(w->err, LT_ERR_ARG,
+                       "gguf: tensor '%s': row length %lld is not a multiple of %s's block of %lld",
+                       name, (long long)ne[0], gguf_type_name(type),
+                       (long long)gguf_type_block_len(type));
     for (size_t i = 0; i < w->n_tensors; ++i)
         if (strcmp(w->tensors[i].name, name) == 0)
-            return fail(w, LT_ERR_ARG, "gguf: tensor '%s' added twice", name);
+            return lt_fail(w->err, LT_ERR_ARG, "gguf: tensor '%s' added twice", name);
     if (w->n_tensors == w->cap_tensors) {
         size_t cap = w->cap_tensors ? 2 * w->cap_tensors : 256;
         gguf_tensor *t = realloc(w->tensors, cap * sizeof *t);
-        if (!t) return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        if (!t) return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         w->tensors = t;
         w->cap_tensors = cap;
     }
@@ -335,18 +312,15 @@ static void quantize_chunk(gguf_type type, const float *src, uint8_t *dst, int64
 
 /* ---- writing the file ------------------------------------------------------------------- */
 
-static int write_all(FILE *f, const void *p, size_t n) {
-    return fwrite(p, 1, n, f) == n ? 0 : -1;
-}
-
-static int write_zeros(FILE *f, size_t n) {
+static lt_status write_zeros(lt_afile *f, size_t n, char *err) {
     static const uint8_t zeros[GGUF_ALIGN];
     while (n > 0) {
         size_t k = n < sizeof zeros ? n : sizeof zeros;
-        if (write_all(f, zeros, k)) return -1;
+        lt_status st = lt_afile_write(f, zeros, k, err);
+        if (st != LT_OK) return st;
         n -= k;
     }
-    return 0;
+    return LT_OK;
 }
 
 static uint64_t align_up(uint64_t v) {
@@ -359,30 +333,30 @@ static int online_cpus(void) {
 }
 
 /* Serializes header, metadata and tensor infos into b. */
-static lt_status build_header(gguf_writer *w, byte_buf *b) {
+static lt_status build_header(gguf_writer *w, lt_strbuf *b) {
     uint64_t off = 0;
     for (size_t i = 0; i < w->n_tensors; ++i) {
         w->tensors[i].offset = off;
         off = align_up(off + w->tensors[i].size);
     }
     if (buf_u32(b, 0x46554747u) || buf_u32(b, 3) || buf_u64(b, (uint64_t)w->n_tensors) ||
-        buf_u64(b, w->n_kv) || buf_put(b, w->kv.p, w->kv.len))
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+        buf_u64(b, w->n_kv) || lt_strbuf_put(b, w->kv.p, w->kv.len))
+        return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     for (size_t i = 0; i < w->n_tensors; ++i) {
         const gguf_tensor *t = &w->tensors[i];
         if (buf_str(b, t->name, strlen(t->name)) || buf_u32(b, (uint32_t)t->n_dims))
-            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+            return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         for (int d = 0; d < t->n_dims; ++d)
             if (buf_u64(b, (uint64_t)t->ne[d]))
-                return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+                return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
         if (buf_u32(b, (uint32_t)t->type) || buf_u64(b, t->offset))
-            return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
+            return lt_fail(w->err, LT_ERR_MEMORY, "gguf: out of memory");
     }
     return LT_OK;
 }
 
 /* Streams one tensor: fill fp32 rows chunk by chunk, quantize, write. */
-static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, const char *path,
+static lt_status write_tensor(gguf_writer *w, lt_afile *f, const gguf_tensor *t, const char *path,
                               const gguf_write_opts *o, int n_threads, uint64_t *done,
                               uint64_t total) {
     const int64_t ne0 = t->ne[0];
@@ -399,20 +373,22 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
     if (!src || (t->type != GGUF_TYPE_F32 && !dst)) {
         free(src);
         free(dst);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory for tensor '%s' (%lld-row chunk)",
-                    t->name, (long long)chunk);
+        return lt_fail(w->err, LT_ERR_MEMORY,
+                       "gguf: out of memory for tensor '%s' (%lld-row chunk)", t->name,
+                       (long long)chunk);
     }
     lt_status st = LT_OK;
     for (int64_t r = 0; r < nrows && st == LT_OK; r += chunk) {
         int64_t n = nrows - r < chunk ? nrows - r : chunk;
         if (o && o->cancel && atomic_load(o->cancel)) {
-            st = fail(w, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
+            st = lt_fail(w->err, LT_CANCELLED, "gguf: export cancelled; %s was not written", path);
             break;
         }
         char msg[256] = "";
         st = t->fill(t->fill_ctx, r, n, src, msg, sizeof msg);
         if (st != LT_OK) {
-            st = fail(w, st, "gguf: tensor '%s': %s", t->name, msg[0] ? msg : "source failed");
+            st = lt_fail(w->err, st, "gguf: tensor '%s': %s", t->name,
+                         msg[0] ? msg : "source failed");
             break;
         }
         /* src: [n, ne0] fp32 -> dst: [n, row_bytes] in t->type */
@@ -421,10 +397,7 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
             quantize_chunk(t->type, src, dst, n, ne0, row_bytes, n_threads);
             out = dst;
         }
-        if (write_all(f, out, (size_t)n * row_bytes)) {
-            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-            break;
-        }
+        if ((st = lt_afile_write(f, out, (size_t)n * row_bytes, w->err)) != LT_OK) break;
         *done += (uint64_t)n * row_bytes;
         if (o && o->progress) o->progress(o->progress_ctx, t->name, (int64_t)*done, (int64_t)total);
     }
@@ -433,16 +406,8 @@ static lt_status write_tensor(gguf_writer *w, FILE *f, const gguf_tensor *t, con
     return st;
 }
 
-/* fsyncs the folder holding path so the rename itself is durable (best effort). */
-static void sync_folder(const char *path) {
-    char *copy = strdup(path);
-    if (!copy) return;
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
-    }
-    free(copy);
+static lt_status exists_error(gguf_writer *w, const char *path) {
+    return lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
 }
 
 lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
@@ -451,117 +416,54 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
     int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : online_cpus();
     struct stat sb;
     w->err[0] = '\0';
-    if (!path || !*path) return fail(w, LT_ERR_ARG, "gguf: empty output path");
+    if (!path || !*path) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty output path");
     if (stat(path, &sb) == 0) {
         if (S_ISDIR(sb.st_mode))
-            return fail(w, LT_ERR_ARG, "%s: is a directory; give a file name ending in .gguf",
-                        path);
-        if (!overwrite)
-            return fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
+            return lt_fail(w->err, LT_ERR_ARG,
+                           "%s: is a directory; give a file name ending in .gguf", path);
+        if (!overwrite) return exists_error(w, path);
     }
     if (!w->has_alignment) {
         lt_status st = gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
         if (st != LT_OK) return st;
     }
 
-    byte_buf head = {0};
+    lt_strbuf head = {0};
     lt_status st = build_header(w, &head);
     if (st != LT_OK) {
-        free(head.p);
+        lt_strbuf_free(&head);
         return st;
     }
     uint64_t total = 0;
     for (size_t i = 0; i < w->n_tensors; ++i)
         total += w->tensors[i].size;
 
-    /* temp file next to the target: "<dir>/.<name>.tmp-XXXXXX" */
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 32);
-    if (!tmp) {
-        free(head.p);
-        return fail(w, LT_ERR_MEMORY, "gguf: out of memory");
-    }
-    const char *slash = strrchr(path, '/');
-    size_t dlen = slash ? (size_t)(slash - path) + 1 : 0;
-    snprintf(tmp, plen + 32, "%.*s.%s.tmp-XXXXXX", (int)dlen, path, path + dlen);
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        st = fail(w, LT_ERR_IO, "%s: cannot create a temp file in its folder: %s", path,
-                  strerror(errno));
-        free(tmp);
-        free(head.p);
+    lt_afile f;
+    st = lt_afile_open(&f, path, w->err);
+    if (st != LT_OK) {
+        lt_strbuf_free(&head);
         return st;
     }
-    (void)fchmod(fd, 0644);
-    FILE *f = fdopen(fd, "wb");
-    if (!f) {
-        st = fail(w, LT_ERR_IO, "%s: %s", tmp, strerror(errno));
-        close(fd);
-        goto fail_unlink;
-    }
-    setvbuf(f, NULL, _IOFBF, 1 << 22);
-
-    if (write_all(f, head.p, head.len) || write_zeros(f, align_up(head.len) - head.len)) {
-        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-        goto fail_close;
-    }
+    st = lt_afile_write(&f, head.p, head.len, w->err);
+    if (st == LT_OK) st = write_zeros(&f, align_up(head.len) - head.len, w->err);
     uint64_t pos = 0, done = 0; /* position inside the data section */
-    for (size_t i = 0; i < w->n_tensors; ++i) {
+    for (size_t i = 0; i < w->n_tensors && st == LT_OK; ++i) {
         const gguf_tensor *t = &w->tensors[i];
-        if (write_zeros(f, t->offset - pos)) {
-            st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-            goto fail_close;
-        }
-        st = write_tensor(w, f, t, path, opts, n_threads, &done, total);
-        if (st != LT_OK) goto fail_close;
+        st = write_zeros(&f, t->offset - pos, w->err);
+        if (st == LT_OK) st = write_tensor(w, &f, t, path, opts, n_threads, &done, total);
         pos = t->offset + t->size;
     }
-    if (write_zeros(f, align_up(pos) - pos)) { /* llama.cpp accepts either; keep it aligned */
-        st = fail(w, LT_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-        goto fail_close;
+    if (st == LT_OK) /* llama.cpp accepts either; keep it aligned */
+        st = write_zeros(&f, align_up(pos) - pos, w->err);
+    if (st != LT_OK) {
+        lt_afile_abort(&f);
+        lt_strbuf_free(&head);
+        return st;
     }
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
-        st = fail(w, LT_ERR_IO, "%s: cannot flush to disk: %s", path, strerror(errno));
-        goto fail_close;
-    }
-    if (fclose(f) != 0) {
-        f = NULL;
-        st = fail(w, LT_ERR_IO, "%s: close failed: %s", path, strerror(errno));
-        goto fail_unlink;
-    }
-    f = NULL;
-    if (overwrite) {
-        if (rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot rename the finished temp file into place: %s", path,
-                      strerror(errno));
-            goto fail_unlink;
-        }
-    } else if (link(tmp, path) != 0) { /* never replaces a file that appeared meanwhile */
-        int e = errno;
-        if (e == EEXIST) {
-            st = fail(w, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
-            goto fail_unlink;
-        }
-        /* a file system without hard links: check again, then rename */
-        if (stat(path, &sb) == 0 || rename(tmp, path) != 0) {
-            st = fail(w, LT_ERR_IO, "%s: cannot move the finished temp file into place: %s", path,
-                      strerror(stat(path, &sb) == 0 ? EEXIST : errno));
-            goto fail_unlink;
-        }
-    } else {
-        unlink(tmp);
-    }
-    sync_folder(path);
-    if (bytes) *bytes = align_up(head.len) + align_up(pos);
-    free(tmp);
-    free(head.p);
-    return LT_OK;
-
-fail_close:
-    fclose(f);
-fail_unlink:
-    unlink(tmp);
-    free(tmp);
-    free(head.p);
+    st = lt_afile_finish(&f, w->err);
+    if (st == LT_OK) st = lt_afile_commit(&f, overwrite, w->err);
+    if (f.existed) st = exists_error(w, path); /* it appeared while we wrote */
+    if (st == LT_OK && bytes) *bytes = align_up(head.len) + align_up(pos);
+    lt_strbuf_free(&head);
     return st;
 }

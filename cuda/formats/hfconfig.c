@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/formats/hfconfig.h"
 
 void gemma3_config_defaults(gemma3_config *c) {
@@ -63,8 +64,8 @@ static int get_int(cfg_reader *r, json_t *obj, const char *key, int *out, int re
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         if (required) {
-            snprintf(r->err, LT_ERRLEN, "%s: required key '%s%s' is missing (an integer)", r->what,
-                     r->prefix, key);
+            lt_fail(r->err, LT_ERR_FORMAT, "%s: required key '%s%s' is missing (an integer)",
+                    r->what, r->prefix, key);
             return -1;
         }
         return 0;
@@ -74,13 +75,13 @@ static int get_int(cfg_reader *r, json_t *obj, const char *key, int *out, int re
         return 1;
     }
     if (!json_is_integer(v)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not an integer", r->what, r->prefix, key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' is not an integer", r->what, r->prefix, key);
         return -1;
     }
     json_int_t x = json_integer_value(v);
     if (x < -1000000000 || x > 1000000000) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %lld is out of range", r->what, r->prefix,
-                 key, (long long)x);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' = %lld is out of range", r->what, r->prefix,
+                key, (long long)x);
         return -1;
     }
     *out = (int)x;
@@ -95,7 +96,7 @@ static int get_num(cfg_reader *r, json_t *obj, const char *key, double *out, dou
         return 1;
     }
     if (!json_is_number(v)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not a number", r->what, r->prefix, key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' is not a number", r->what, r->prefix, key);
         return -1;
     }
     *out = json_number_value(v);
@@ -106,7 +107,7 @@ static int get_str(cfg_reader *r, json_t *obj, const char *key, char *out, size_
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_string(v)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not a string", r->what, r->prefix, key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' is not a string", r->what, r->prefix, key);
         return -1;
     }
     snprintf(out, cap, "%s", json_string_value(v));
@@ -117,7 +118,7 @@ static int get_bool(cfg_reader *r, json_t *obj, const char *key, int *out) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_boolean(v)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not true/false", r->what, r->prefix, key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' is not true/false", r->what, r->prefix, key);
         return -1;
     }
     *out = json_is_true(v);
@@ -143,8 +144,8 @@ static int get_ids(cfg_reader *r, json_t *obj, const char *key, int *ids, int *n
         return 1;
     }
 bad:
-    snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' is not an integer or a list of 1-4 integers",
-             r->what, r->prefix, key);
+    lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' is not an integer or a list of 1-4 integers",
+            r->what, r->prefix, key);
     return -1;
 }
 
@@ -152,25 +153,24 @@ bad:
 static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
                     int theta_required) {
     if (!json_is_object(v)) {
-        snprintf(
-            r->err, LT_ERRLEN,
-            "%s: key '%s%s' is not an object like {\"rope_type\": \"linear\", \"factor\": 8.0}",
-            r->what, r->prefix, key);
+        lt_fail(r->err, LT_ERR_FORMAT,
+                "%s: key '%s%s' is not an object like {\"rope_type\": \"linear\", \"factor\": 8.0}",
+                r->what, r->prefix, key);
         return -1;
     }
     char type[32] = "default";
     json_t *t = json_object_get(v, "rope_type");
     if (!t) t = json_object_get(v, "type");
     if (t && !json_is_string(t)) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_type' is not a string", r->what, r->prefix,
-                 key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s.rope_type' is not a string", r->what,
+                r->prefix, key);
         return -1;
     }
     if (t) snprintf(type, sizeof type, "%s", json_string_value(t));
     if (strcmp(type, "default") && strcmp(type, "linear")) {
-        snprintf(r->err, LT_ERRLEN,
-                 "%s: key '%s%s.rope_type' = '%s' is not supported (accepted: default, linear)",
-                 r->what, r->prefix, key, type);
+        lt_fail(r->err, LT_ERR_FORMAT,
+                "%s: key '%s%s.rope_type' = '%s' is not supported (accepted: default, linear)",
+                r->what, r->prefix, key, type);
         return -1;
     }
     snprintf(out->type, sizeof out->type, "%s", type);
@@ -178,9 +178,9 @@ static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
     if (!strcmp(type, "linear")) {
         json_t *f = json_object_get(v, "factor");
         if (!json_is_number(f) || json_number_value(f) <= 0) {
-            snprintf(r->err, LT_ERRLEN,
-                     "%s: key '%s%s.factor' must be a positive number for linear RoPE scaling",
-                     r->what, r->prefix, key);
+            lt_fail(r->err, LT_ERR_FORMAT,
+                    "%s: key '%s%s.factor' must be a positive number for linear RoPE scaling",
+                    r->what, r->prefix, key);
             return -1;
         }
         out->factor = json_number_value(f);
@@ -188,14 +188,14 @@ static int get_rope(cfg_reader *r, json_t *v, const char *key, gemma3_rope *out,
     json_t *th = json_object_get(v, "rope_theta");
     if (th) {
         if (!json_is_number(th) || json_number_value(th) <= 0) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is not a positive number",
-                     r->what, r->prefix, key);
+            lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s.rope_theta' is not a positive number",
+                    r->what, r->prefix, key);
             return -1;
         }
         out->theta = json_number_value(th);
     } else if (theta_required) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s.rope_theta' is missing", r->what, r->prefix,
-                 key);
+        lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s.rope_theta' is missing", r->what, r->prefix,
+                key);
         return -1;
     }
     return 1;
@@ -244,9 +244,8 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
     json_t *rp = json_object_get(o, "rope_parameters");
     if (rp && !json_is_null(rp)) {
         if (!json_is_object(rp)) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%srope_parameters' is not an object", r->what,
-                     r->prefix);
-            return LT_ERR_FORMAT;
+            return lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%srope_parameters' is not an object",
+                           r->what, r->prefix);
         }
         json_t *full = json_object_get(rp, "full_attention"),
                *slide = json_object_get(rp, "sliding_attention");
@@ -280,61 +279,53 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
     };
     for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
         if (pos[i].v <= 0) {
-            snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' = %d must be a positive integer", r->what,
-                     r->prefix, pos[i].k, pos[i].v);
-            return LT_ERR_FORMAT;
+            return lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' = %d must be a positive integer",
+                           r->what, r->prefix, pos[i].k, pos[i].v);
         }
     if (c->num_hidden_layers > GEMMA3_MAX_LAYERS) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%snum_hidden_layers' = %d exceeds %d", r->what,
-                 r->prefix, c->num_hidden_layers, GEMMA3_MAX_LAYERS);
-        return LT_ERR_FORMAT;
+        return lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%snum_hidden_layers' = %d exceeds %d",
+                       r->what, r->prefix, c->num_hidden_layers, GEMMA3_MAX_LAYERS);
     }
     if (c->num_attention_heads % c->num_key_value_heads) {
-        snprintf(
-            r->err, LT_ERRLEN,
+        return lt_fail(
+            r->err, LT_ERR_FORMAT,
             "%s: key '%snum_attention_heads' = %d is not a multiple of num_key_value_heads = %d",
             r->what, r->prefix, c->num_attention_heads, c->num_key_value_heads);
-        return LT_ERR_FORMAT;
     }
     if (c->head_dim % 2) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%shead_dim' = %d must be even (RoPE rotates pairs)",
-                 r->what, r->prefix, c->head_dim);
-        return LT_ERR_FORMAT;
+        return lt_fail(r->err, LT_ERR_FORMAT,
+                       "%s: key '%shead_dim' = %d must be even (RoPE rotates pairs)", r->what,
+                       r->prefix, c->head_dim);
     }
     if (c->query_pre_attn_scalar <= 0 || c->rms_norm_eps <= 0) {
-        snprintf(r->err, LT_ERRLEN, "%s: key '%s%s' must be positive", r->what, r->prefix,
-                 c->query_pre_attn_scalar <= 0 ? "query_pre_attn_scalar" : "rms_norm_eps");
-        return LT_ERR_FORMAT;
+        return lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' must be positive", r->what, r->prefix,
+                       c->query_pre_attn_scalar <= 0 ? "query_pre_attn_scalar" : "rms_norm_eps");
     }
     if (strcmp(c->hidden_activation, "gelu_pytorch_tanh") &&
         strcmp(c->hidden_activation, "gelu_tanh")) {
-        snprintf(
-            r->err, LT_ERRLEN,
+        return lt_fail(
+            r->err, LT_ERR_FORMAT,
             "%s: key '%shidden_activation' = '%s' is not supported (accepted: gelu_pytorch_tanh)",
             r->what, r->prefix, c->hidden_activation);
-        return LT_ERR_FORMAT;
     }
     if (c->attention_bias) {
-        snprintf(r->err, LT_ERRLEN,
-                 "%s: key '%sattention_bias' = true is not supported (Gemma 3 has no biases)",
-                 r->what, r->prefix);
-        return LT_ERR_FORMAT;
+        return lt_fail(r->err, LT_ERR_FORMAT,
+                       "%s: key '%sattention_bias' = true is not supported (Gemma 3 has no biases)",
+                       r->what, r->prefix);
     }
     if (c->attn_logit_softcapping != 0) {
-        snprintf(r->err, LT_ERRLEN,
-                 "%s: key '%sattn_logit_softcapping' is not supported (Gemma 3 uses null)", r->what,
-                 r->prefix);
-        return LT_ERR_FORMAT;
+        return lt_fail(r->err, LT_ERR_FORMAT,
+                       "%s: key '%sattn_logit_softcapping' is not supported (Gemma 3 uses null)",
+                       r->what, r->prefix);
     }
 
     /* layer types: explicit list wins; else the legacy pattern */
     json_t *lt = json_object_get(o, "layer_types");
     if (lt && !json_is_null(lt)) {
         if (!json_is_array(lt) || (int)json_array_size(lt) != c->num_hidden_layers) {
-            snprintf(r->err, LT_ERRLEN,
-                     "%s: key '%slayer_types' must be a list of %d strings (one per layer)",
-                     r->what, r->prefix, c->num_hidden_layers);
-            return LT_ERR_FORMAT;
+            return lt_fail(r->err, LT_ERR_FORMAT,
+                           "%s: key '%slayer_types' must be a list of %d strings (one per layer)",
+                           r->what, r->prefix, c->num_hidden_layers);
         }
         for (int l = 0; l < c->num_hidden_layers; l++) {
             json_t *e = json_array_get(lt, (size_t)l);
@@ -344,11 +335,10 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
             else if (!strcmp(s, "sliding_attention"))
                 c->layer_types[l] = GEMMA3_SLIDING;
             else {
-                snprintf(r->err, LT_ERRLEN,
-                         "%s: key '%slayer_types[%d]' must be \"full_attention\" or "
-                         "\"sliding_attention\"",
-                         r->what, r->prefix, l);
-                return LT_ERR_FORMAT;
+                return lt_fail(r->err, LT_ERR_FORMAT,
+                               "%s: key '%slayer_types[%d]' must be \"full_attention\" or "
+                               "\"sliding_attention\"",
+                               r->what, r->prefix, l);
             }
         }
     } else {
@@ -365,23 +355,21 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     json_error_t je;
     json_t *root = json_loads(json, 0, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: garbled JSON (line %d, column %d: %s)", what, je.line,
-                 je.column, je.text);
-        return LT_ERR_FORMAT;
+        return lt_fail(err, LT_ERR_FORMAT, "%s: garbled JSON (line %d, column %d: %s)", what,
+                       je.line, je.column, je.text);
     }
     lt_status rc = LT_ERR_FORMAT;
     cfg_reader r = {.what = what, .prefix = "", .err = err};
     if (!json_is_object(root)) {
-        snprintf(err, LT_ERRLEN, "%s: not a JSON object", what);
+        lt_fail(err, LT_ERR_FORMAT, "%s: not a JSON object", what);
         goto done;
     }
     char mt[32] = "";
     if (get_str(&r, root, "model_type", mt, sizeof mt) < 0) goto done;
     if (!mt[0]) {
-        snprintf(
-            err, LT_ERRLEN,
-            "%s: required key 'model_type' is missing (expected \"gemma3_text\" or \"gemma3\")",
-            what);
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: required key 'model_type' is missing (expected \"gemma3_text\" or \"gemma3\")",
+                what);
         goto done;
     }
     json_t *arch = json_object_get(root, "architectures");
@@ -392,8 +380,8 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     if (!strcmp(mt, "gemma3")) {
         json_t *tc = json_object_get(root, "text_config");
         if (!json_is_object(tc)) {
-            snprintf(
-                err, LT_ERRLEN,
+            lt_fail(
+                err, LT_ERR_FORMAT,
                 "%s: key 'text_config' is missing or not an object (model_type gemma3 needs it)",
                 what);
             goto done;
@@ -403,8 +391,8 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
         char tmt[32] = "";
         if (get_str(&r, tc, "model_type", tmt, sizeof tmt) < 0) goto done;
         if (tmt[0] && strcmp(tmt, "gemma3_text")) {
-            snprintf(err, LT_ERRLEN, "%s: key 'text_config.model_type' = '%s' is not gemma3_text",
-                     what, tmt);
+            lt_fail(err, LT_ERR_FORMAT,
+                    "%s: key 'text_config.model_type' = '%s' is not gemma3_text", what, tmt);
             goto done;
         }
         if (read_text(&r, tc, c) != LT_OK) goto done;
@@ -426,14 +414,13 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
     } else if (!strcmp(mt, "gemma3_text")) {
         if (read_text(&r, root, c) != LT_OK) goto done;
         if (c->final_logit_softcapping != 0) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: key 'final_logit_softcapping' is not supported (Gemma 3 uses null)",
-                     what);
+            lt_fail(err, LT_ERR_FORMAT,
+                    "%s: key 'final_logit_softcapping' is not supported (Gemma 3 uses null)", what);
             goto done;
         }
     } else {
-        snprintf(err, LT_ERRLEN,
-                 "%s: model_type '%s' is not Gemma 3 (accepted: gemma3_text, gemma3)", what, mt);
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: model_type '%s' is not Gemma 3 (accepted: gemma3_text, gemma3)", what, mt);
         goto done;
     }
     rc = LT_OK;
@@ -445,43 +432,22 @@ done:
 lt_status gemma3_config_load(gemma3_config *c, const char *path, char *err) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        snprintf(err, LT_ERRLEN, "%s: cannot open (a model directory needs config.json)", path);
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot open (a model directory needs config.json)",
+                       path);
     }
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 16384;
-            if (cap > (64u << 20)) {
-                free(buf);
-                fclose(f);
-                snprintf(err, LT_ERRLEN, "%s: larger than 64 MB, not a config.json", path);
-                return LT_ERR_FORMAT;
-            }
-            char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                snprintf(err, LT_ERRLEN, "%s: out of memory", path);
-                return LT_ERR_MEMORY;
-            }
-            buf = nb;
-        }
-        size_t got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-        if (got == 0) break;
-    }
-    int rerr = ferror(f);
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, 64u << 20);
     fclose(f);
-    if (rerr) {
-        free(buf);
-        snprintf(err, LT_ERRLEN, "%s: read error", path);
-        return LT_ERR_IO;
-    }
-    buf[len] = 0;
-    lt_status rc = gemma3_config_parse(c, buf, path, err);
-    free(buf);
+    lt_status rc;
+    if (b.oom)
+        rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", path);
+    else if (r > 0)
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: larger than 64 MB, not a config.json", path);
+    else if (r < 0)
+        rc = lt_fail(err, LT_ERR_IO, "%s: read error", path);
+    else
+        rc = gemma3_config_parse(c, lt_strbuf_str(&b), path, err);
+    lt_strbuf_free(&b);
     return rc;
 }
 
@@ -525,7 +491,6 @@ lt_status gemma3_config_preset(gemma3_config *c, const char *size, char *err) {
             c->layer_types[l] = ((l + 1) % 6 == 0) ? GEMMA3_FULL : GEMMA3_SLIDING;
         return LT_OK;
     }
-    snprintf(err, LT_ERRLEN, "random:gemma-3-%s: unknown size (accepted: 270m, 1b, 4b, 12b, 27b)",
-             size);
-    return LT_ERR_ARG;
+    return lt_fail(err, LT_ERR_ARG,
+                   "random:gemma-3-%s: unknown size (accepted: 270m, 1b, 4b, 12b, 27b)", size);
 }

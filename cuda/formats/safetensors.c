@@ -86,26 +86,26 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     st_file *f = &s->files[fi];
     const unsigned char *p = f->map;
     if (f->size < 8) {
-        snprintf(err, LT_ERRLEN,
-                 "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)",
-                 f->path, f->size);
-        return LT_ERR_FORMAT;
+        return lt_fail(
+            err, LT_ERR_FORMAT,
+            "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)",
+            f->path, f->size);
     }
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | p[i];
     if (hlen > ST_MAX_HEADER) {
-        snprintf(err, LT_ERRLEN,
-                 "%s: safetensors header length %llu is larger than the 100 MB limit (corrupt or "
-                 "not a safetensors file)",
-                 f->path, (unsigned long long)hlen);
-        return LT_ERR_FORMAT;
+        return lt_fail(
+            err, LT_ERR_FORMAT,
+            "%s: safetensors header length %llu is larger than the 100 MB limit (corrupt or "
+            "not a safetensors file)",
+            f->path, (unsigned long long)hlen);
     }
     if (hlen > f->size - 8) {
-        snprintf(err, LT_ERRLEN,
-                 "%s: safetensors header length %llu runs past the end of the file (%zu bytes)",
-                 f->path, (unsigned long long)hlen, f->size);
-        return LT_ERR_FORMAT;
+        return lt_fail(
+            err, LT_ERR_FORMAT,
+            "%s: safetensors header length %llu runs past the end of the file (%zu bytes)", f->path,
+            (unsigned long long)hlen, f->size);
     }
     const char *hdr = (const char *)p + 8;
     const unsigned char *data = p + 8 + hlen;
@@ -114,21 +114,19 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     json_error_t je;
     json_t *root = json_loadb(hdr, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: garbled safetensors JSON header (line %d, column %d: %s)",
-                 f->path, je.line, je.column, je.text);
-        return LT_ERR_FORMAT;
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: garbled safetensors JSON header (line %d, column %d: %s)", f->path,
+                       je.line, je.column, je.text);
     }
     if (!json_is_object(root)) {
         json_decref(root);
-        snprintf(err, LT_ERRLEN, "%s: safetensors header is not a JSON object", f->path);
-        return LT_ERR_FORMAT;
+        return lt_fail(err, LT_ERR_FORMAT, "%s: safetensors header is not a JSON object", f->path);
     }
     size_t n_new = json_object_size(root);
     st_tensor *grown = realloc(s->tensors, sizeof(st_tensor) * ((size_t)s->n_tensors + n_new + 1));
     if (!grown) {
         json_decref(root);
-        snprintf(err, LT_ERRLEN, "%s: out of memory reading the header", f->path);
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading the header", f->path);
     }
     s->tensors = grown;
     int first = s->n_tensors;
@@ -139,20 +137,19 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     json_object_foreach(root, key, val) {
         if (!strcmp(key, "__metadata__")) continue;
         if (!json_is_object(val)) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': header entry is not an object", f->path,
-                     key);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s': header entry is not an object",
+                         f->path, key);
             break;
         }
         json_t *jd = json_object_get(val, "dtype"), *js = json_object_get(val, "shape"),
                *jo = json_object_get(val, "data_offsets");
         if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) ||
             json_array_size(jo) != 2) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': header entry needs \"dtype\" (string), \"shape\" (list) and "
-                     "\"data_offsets\" ([begin, end])",
-                     f->path, key);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(
+                err, LT_ERR_FORMAT,
+                "%s: tensor '%s': header entry needs \"dtype\" (string), \"shape\" (list) and "
+                "\"data_offsets\" ([begin, end])",
+                f->path, key);
             break;
         }
         st_tensor t;
@@ -161,16 +158,16 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
         const char *dn = json_string_value(jd);
         size_t esz = st_dtype_size(dn);
         if (!esz) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': unknown dtype '%s'", f->path, key, dn);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s': unknown dtype '%s'", f->path, key,
+                         dn);
             break;
         }
         snprintf(t.dtype_name, sizeof t.dtype_name, "%s", dn);
         t.dtype_ok = lt_dtype_parse(dn, &t.dtype) == 0;
         if (json_array_size(js) > 8) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s': %zu dimensions (at most 8 supported)",
-                     f->path, key, json_array_size(js));
-            rc = LT_ERR_FORMAT;
+            rc =
+                lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s': %zu dimensions (at most 8 supported)",
+                        f->path, key, json_array_size(js));
             break;
         }
         t.ndim = (int)json_array_size(js);
@@ -190,45 +187,41 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
             numel *= dim;
         }
         if (bad) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': shape must be a list of non-negative integers", f->path,
-                     key);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s: tensor '%s': shape must be a list of non-negative integers", f->path,
+                         key);
             break;
         }
         uint64_t b, e;
         if (json_u64(json_array_get(jo, 0), &b) || json_u64(json_array_get(jo, 1), &e) || b > e) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': data_offsets must be [begin, end] with 0 <= begin <= end",
-                     f->path, key);
-            rc = LT_ERR_FORMAT;
+            rc =
+                lt_fail(err, LT_ERR_FORMAT,
+                        "%s: tensor '%s': data_offsets must be [begin, end] with 0 <= begin <= end",
+                        f->path, key);
             break;
         }
         if (e > data_size) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data "
-                     "(%llu bytes; file truncated?)",
-                     f->path, key, (unsigned long long)b, (unsigned long long)e,
-                     (unsigned long long)data_size);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data "
+                         "(%llu bytes; file truncated?)",
+                         f->path, key, (unsigned long long)b, (unsigned long long)e,
+                         (unsigned long long)data_size);
             break;
         }
         if (e - b != numel * esz) {
             char sh[128];
-            snprintf(
-                err, LT_ERRLEN,
+            rc = lt_fail(
+                err, LT_ERR_FORMAT,
                 "%s: tensor '%s': %llu bytes in data_offsets but dtype %s x shape %s needs %llu",
                 f->path, key, (unsigned long long)(e - b), dn, st_shape_str(&t, sh, sizeof sh),
                 (unsigned long long)(numel * esz));
-            rc = LT_ERR_FORMAT;
             break;
         }
         t.data = data + b;
         t.nbytes = (size_t)(e - b);
         t.name = strdup(key);
         if (!t.name) {
-            snprintf(err, LT_ERRLEN, "%s: out of memory", f->path);
-            rc = LT_ERR_MEMORY;
+            rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", f->path);
             break;
         }
         s->tensors[s->n_tensors++] = t;
@@ -241,8 +234,7 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
     if (n > 1) {
         st_tensor **order = malloc(sizeof(st_tensor *) * (size_t)n);
         if (!order) {
-            snprintf(err, LT_ERRLEN, "%s: out of memory", f->path);
-            return LT_ERR_MEMORY;
+            return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", f->path);
         }
         for (int i = 0; i < n; i++)
             order[i] = &s->tensors[first + i];
@@ -251,8 +243,9 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
             const char *prev_end = (const char *)order[i - 1]->data + order[i - 1]->nbytes;
             if (order[i]->nbytes && order[i - 1]->nbytes &&
                 (const char *)order[i]->data < prev_end) {
-                snprintf(err, LT_ERRLEN, "%s: tensors '%s' and '%s' have overlapping data_offsets",
-                         f->path, order[i - 1]->name, order[i]->name);
+                lt_fail(err, LT_ERR_FORMAT,
+                        "%s: tensors '%s' and '%s' have overlapping data_offsets", f->path,
+                        order[i - 1]->name, order[i]->name);
                 free(order);
                 return LT_ERR_FORMAT;
             }
@@ -265,46 +258,41 @@ static lt_status parse_header(st_set *s, int fi, char *err) {
 lt_status st_open_file(st_set *s, const char *file, char *err) {
     st_file *grown = realloc(s->files, sizeof(st_file) * ((size_t)s->n_files + 1));
     if (!grown) {
-        snprintf(err, LT_ERRLEN, "%s: out of memory", file);
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", file);
     }
     s->files = grown;
     st_file *f = &s->files[s->n_files];
     memset(f, 0, sizeof *f);
     f->path = strdup(file);
     if (!f->path) {
-        snprintf(err, LT_ERRLEN, "%s: out of memory", file);
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", file);
     }
     s->n_files++;
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        snprintf(err, LT_ERRLEN, "%s: cannot open: %s", file, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot open: %s", file, strerror(errno));
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
-        snprintf(err, LT_ERRLEN, "%s: cannot stat: %s", file, strerror(errno));
+        lt_fail(err, LT_ERR_IO, "%s: cannot stat: %s", file, strerror(errno));
         close(fd);
         return LT_ERR_IO;
     }
     if (!S_ISREG(sb.st_mode)) {
-        snprintf(err, LT_ERRLEN, "%s: not a regular file", file);
+        lt_fail(err, LT_ERR_IO, "%s: not a regular file", file);
         close(fd);
         return LT_ERR_IO;
     }
     f->size = (size_t)sb.st_size;
     if (f->size == 0) {
         close(fd);
-        snprintf(err, LT_ERRLEN, "%s: empty file, not a safetensors file", file);
-        return LT_ERR_FORMAT;
+        return lt_fail(err, LT_ERR_FORMAT, "%s: empty file, not a safetensors file", file);
     }
     f->map = mmap(NULL, f->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        snprintf(err, LT_ERRLEN, "%s: cannot map: %s", file, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: cannot map: %s", file, strerror(errno));
     }
     return parse_header(s, s->n_files - 1, err);
 }
@@ -315,17 +303,16 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     json_error_t je;
     json_t *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: %s (line %d, column %d)", index_path, je.text, je.line,
-                 je.column);
-        return access(index_path, R_OK) == 0 ? LT_ERR_FORMAT : LT_ERR_IO;
+        return lt_fail(err, access(index_path, R_OK) == 0 ? LT_ERR_FORMAT : LT_ERR_IO,
+                       "%s: %s (line %d, column %d)", index_path, je.text, je.line, je.column);
     }
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(wm) || json_object_size(wm) == 0) {
         json_decref(root);
-        snprintf(err, LT_ERRLEN,
-                 "%s: key 'weight_map' is missing or not a non-empty object {tensor: shard file}",
-                 index_path);
-        return LT_ERR_FORMAT;
+        return lt_fail(
+            err, LT_ERR_FORMAT,
+            "%s: key 'weight_map' is missing or not a non-empty object {tensor: shard file}",
+            index_path);
     }
     /* directory of the index */
     char dir[4096];
@@ -342,15 +329,14 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     /* open each distinct shard once, in first-mention order */
     json_object_foreach(wm, key, val) {
         if (!json_is_string(val)) {
-            snprintf(err, LT_ERRLEN, "%s: weight_map['%s'] is not a file name", index_path, key);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT, "%s: weight_map['%s'] is not a file name", index_path,
+                         key);
             break;
         }
         const char *shard = json_string_value(val);
         if (strchr(shard, '/') || !strcmp(shard, "..") || !*shard) {
-            snprintf(err, LT_ERRLEN, "%s: weight_map['%s'] = '%s' is not a plain file name",
-                     index_path, key, shard);
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT, "%s: weight_map['%s'] = '%s' is not a plain file name",
+                         index_path, key, shard);
             break;
         }
         char path[8192];
@@ -367,17 +353,15 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
         json_object_foreach(wm, key, val) {
             const st_tensor *t = st_find(s, key);
             if (!t) {
-                snprintf(err, LT_ERRLEN,
-                         "%s: tensor '%s' is listed in the index but missing from %s", index_path,
-                         key, json_string_value(val));
-                rc = LT_ERR_FORMAT;
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: tensor '%s' is listed in the index but missing from %s",
+                             index_path, key, json_string_value(val));
                 break;
             }
             if (strcmp(base_name(s->files[t->file].path), json_string_value(val)) != 0) {
-                snprintf(err, LT_ERRLEN, "%s: tensor '%s' is listed in %s but found in %s",
-                         index_path, key, json_string_value(val),
-                         base_name(s->files[t->file].path));
-                rc = LT_ERR_FORMAT;
+                rc = lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s' is listed in %s but found in %s",
+                             index_path, key, json_string_value(val),
+                             base_name(s->files[t->file].path));
                 break;
             }
         }
@@ -386,10 +370,9 @@ static lt_status open_index(st_set *s, const char *index_path, char *err) {
     for (int i = 0; rc == LT_OK && i < s->n_tensors; i++) {
         const st_tensor *t = st_find(s, s->tensors[i].name);
         if (t != &s->tensors[i]) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s' appears in both %s and %s", index_path,
-                     t->name, base_name(s->files[t->file].path),
-                     base_name(s->files[s->tensors[i].file].path));
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s' appears in both %s and %s",
+                         index_path, t->name, base_name(s->files[t->file].path),
+                         base_name(s->files[s->tensors[i].file].path));
         }
     }
     json_decref(root);
@@ -400,8 +383,7 @@ lt_status st_open(st_set *s, const char *path, char *err) {
     memset(s, 0, sizeof *s);
     struct stat sb;
     if (stat(path, &sb) != 0) {
-        snprintf(err, LT_ERRLEN, "%s: %s", path, strerror(errno));
-        return LT_ERR_IO;
+        return lt_fail(err, LT_ERR_IO, "%s: %s", path, strerror(errno));
     }
     lt_status rc;
     if (S_ISDIR(sb.st_mode)) {
@@ -412,11 +394,10 @@ lt_status st_open(st_set *s, const char *path, char *err) {
         } else {
             snprintf(p, sizeof p, "%s/model.safetensors", path);
             if (access(p, F_OK) != 0) {
-                snprintf(
-                    err, LT_ERRLEN,
+                return lt_fail(
+                    err, LT_ERR_IO,
                     "%s: no model.safetensors or model.safetensors.index.json in this directory",
                     path);
-                return LT_ERR_IO;
             }
             rc = st_open_file(s, p, err);
         }

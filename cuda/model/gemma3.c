@@ -62,7 +62,7 @@ static gemma3_model *model_new(const gemma3_config *cfg, char *err) {
     if (m) m->layers = calloc((size_t)cfg->num_hidden_layers, sizeof(gemma3_layer));
     if (!m || !m->storage || !m->layers) {
         gemma3_model_free(m);
-        snprintf(err, LT_ERRLEN, "out of memory creating the model");
+        lt_fail(err, LT_ERR_MEMORY, "out of memory creating the model");
         return NULL;
     }
     m->cfg = *cfg;
@@ -234,11 +234,11 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
                               int ndim, char *err) {
     const char *file = m->storage->st.files[src->file].path;
     if (!src->dtype_ok || src->dtype == LT_I32) {
-        snprintf(err, LT_ERRLEN,
-                 "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints "
-                 "are not yet)",
-                 file, name, src->dtype_name);
-        return LT_ERR_FORMAT;
+        return lt_fail(
+            err, LT_ERR_FORMAT,
+            "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints "
+            "are not yet)",
+            file, name, src->dtype_name);
     }
     int match = src->ndim == ndim;
     for (int d = 0; match && d < ndim; d++)
@@ -247,9 +247,9 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
         char got[96], exp[96];
         lt_tensor e = {.ndim = ndim, .shape = {shape[0], shape[1]}};
         st_shape_str(src, got, sizeof got);
-        snprintf(err, LT_ERRLEN, "%s: tensor '%s' has shape %s but config.json implies %s", file,
-                 name, got, lt_shape_str(&e, exp, sizeof exp));
-        return LT_ERR_FORMAT;
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: tensor '%s' has shape %s but config.json implies %s", file, name, got,
+                       lt_shape_str(&e, exp, sizeof exp));
     }
     lt_dtype dt = kind == W_NORM ? LT_F32 : (is_auto ? src->dtype : want);
     t->dtype = dt;
@@ -262,17 +262,15 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
     } else {
         t->data = storage_alloc(m->storage, (size_t)n * lt_dtype_size(dt));
         if (!t->data) {
-            snprintf(err, LT_ERRLEN, "%s: out of memory converting '%s' to %s", file, name,
-                     lt_dtype_user_name(dt));
-            return LT_ERR_MEMORY;
+            return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory converting '%s' to %s", file,
+                           name, lt_dtype_user_name(dt));
         }
         if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
             lt_convert(t->data, dt, src->data, src->dtype, n);
         } else { /* unaligned in the file: copy to an aligned scratch first */
             void *tmp = malloc(src->nbytes);
             if (!tmp) {
-                snprintf(err, LT_ERRLEN, "%s: out of memory reading '%s'", file, name);
-                return LT_ERR_MEMORY;
+                return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading '%s'", file, name);
             }
             memcpy(tmp, src->data, src->nbytes);
             lt_convert(t->data, dt, tmp, src->dtype, n);
@@ -290,9 +288,8 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
     int is_auto;
     lt_dtype want = LT_F32;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
-        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
-                 dtype);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG,
+                       "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)", dtype);
     }
     char path[4096];
     gemma3_config cfg;
@@ -317,10 +314,10 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
         if (st_find(st, n)) prefix = text_prefixes[i];
     }
     if (!prefix) {
-        snprintf(err, LT_ERRLEN,
-                 "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., "
-                 "language_model.model., model.language_model.)",
-                 st->n_files ? st->files[0].path : dir);
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., "
+                "language_model.model., model.language_model.)",
+                st->n_files ? st->files[0].path : dir);
         gemma3_model_free(m);
         return LT_ERR_FORMAT;
     }
@@ -347,10 +344,9 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
             }
         }
         if (!src) {
-            snprintf(err, LT_ERRLEN, "%s: tensor '%s' is missing (config.json says %d layers%s)",
-                     dir, name, cfg.num_hidden_layers,
-                     cfg.tie_word_embeddings ? "" : ", untied head");
-            rc = LT_ERR_FORMAT;
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s: tensor '%s' is missing (config.json says %d layers%s)", dir, name,
+                         cfg.num_hidden_layers, cfg.tie_word_embeddings ? "" : ", untied head");
             break;
         }
         rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
@@ -448,9 +444,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     int is_auto;
     lt_dtype want = LT_BF16;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
-        snprintf(err, LT_ERRLEN, "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)",
-                 dtype);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG,
+                       "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)", dtype);
     }
     if (is_auto) want = LT_BF16;
     gemma3_config cfg;
@@ -474,21 +469,20 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
     }
     int64_t avail = mem_available_bytes();
     if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
-        snprintf(err, LT_ERRLEN,
-                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
-                 "%.1f GB of memory "
-                 "is available (%s)",
-                 size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
-                 want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b"
-                                 : "try dtype=bf16 or a smaller size");
+        lt_fail(err, LT_ERR_MEMORY,
+                "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
+                "%.1f GB of memory "
+                "is available (%s)",
+                size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
+                want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b"
+                                : "try dtype=bf16 or a smaller size");
         gemma3_model_free(m);
         return LT_ERR_MEMORY;
     }
     fill_item *items = calloc((size_t)n, sizeof *items);
     if (!items) {
         gemma3_model_free(m);
-        snprintf(err, LT_ERRLEN, "out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     }
     int n_items = 0;
     uint64_t sm = seed;
@@ -506,8 +500,8 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
         t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
         uint64_t ts = splitmix64(&sm);
         if (!t->data) {
-            snprintf(err, LT_ERRLEN, "out of memory allocating '%s' (%s)", name,
-                     lt_dtype_user_name(t->dtype));
+            lt_fail(err, LT_ERR_MEMORY, "out of memory allocating '%s' (%s)", name,
+                    lt_dtype_user_name(t->dtype));
             free(items);
             gemma3_model_free(m);
             return LT_ERR_MEMORY;
@@ -563,8 +557,7 @@ lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *c
         free(c->layers);
         free(c->kpos_host);
         memset(c, 0, sizeof *c);
-        snprintf(ctx->err, LT_ERRLEN, "out of memory creating the KV cache");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory creating the KV cache");
     }
     size_t row = (size_t)cfg->num_key_value_heads * (size_t)cfg->head_dim * sizeof(float);
     for (int l = 0; l < c->n_layers; l++) {
@@ -714,12 +707,6 @@ static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, in
     return LT_OK;
 }
 
-#define TRY(x)                                                                                     \
-    do {                                                                                           \
-        rc = (x);                                                                                  \
-        if (rc != LT_OK) goto done;                                                                \
-    } while (0)
-
 /* One decoder layer on the chunk held in b->h ([T, H], updated in place). */
 static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
                                int p0, gemma3_cache *cache) {
@@ -750,14 +737,14 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
 
     /* attention block: a = norm(h); q,k,v; qk-norm; rope; attend; h += post_norm(o) */
-    TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
-    TRY(be->linear(ctx, q2, a, &w->q_proj));
-    TRY(be->linear(ctx, k2, a, &w->k_proj));
-    TRY(be->linear(ctx, v2, a, &w->v_proj));
-    TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
-    TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
-    TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
-    TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
+    LT_TRY(be->linear(ctx, q2, a, &w->q_proj));
+    LT_TRY(be->linear(ctx, k2, a, &w->k_proj));
+    LT_TRY(be->linear(ctx, v2, a, &w->v_proj));
+    LT_TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
+    LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
+    LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
     int window = kind == GEMMA3_SLIDING ? c->sliding_window : 0;
     float scale = (float)(1.0 / sqrt(c->query_pre_attn_scalar));
     if (cache) {
@@ -767,26 +754,26 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
             rc = cache_grow(cl, ctx, row, p0 + T, cache->max_seq);
             if (rc != LT_OK) goto done;
         }
-        TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
+        LT_TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
         lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
         lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
         lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
-        TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+        LT_TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
     } else {
-        TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
+        LT_TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
     }
-    TRY(be->linear(ctx, o, att, &w->o_proj));
-    TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
-    TRY(be->add(ctx, h, o));
+    LT_TRY(be->linear(ctx, o, att, &w->o_proj));
+    LT_TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
+    LT_TRY(be->add(ctx, h, o));
 
     /* MLP block: m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f) */
-    TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
-    TRY(be->linear(ctx, gate, a, &w->gate_proj));
-    TRY(be->linear(ctx, up, a, &w->up_proj));
-    TRY(be->geglu(ctx, gate, gate, up));
-    TRY(be->linear(ctx, o, gate, &w->down_proj));
-    TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
-    TRY(be->add(ctx, h, o));
+    LT_TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
+    LT_TRY(be->linear(ctx, gate, a, &w->gate_proj));
+    LT_TRY(be->linear(ctx, up, a, &w->up_proj));
+    LT_TRY(be->geglu(ctx, gate, gate, up));
+    LT_TRY(be->linear(ctx, o, gate, &w->down_proj));
+    LT_TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
+    LT_TRY(be->add(ctx, h, o));
 done:
     return rc;
 }
@@ -798,34 +785,30 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
     int64_t H = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
     lt_status rc = LT_OK;
     if (T <= 0) {
-        snprintf(ctx->err, LT_ERRLEN, "forward: no tokens");
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "forward: no tokens");
     }
     int base = cache ? cache->len : 0;
     if (cache && base + T > cache->max_seq) {
-        snprintf(ctx->err, LT_ERRLEN,
-                 "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)", base + T,
-                 cache->max_seq);
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG,
+                       "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)",
+                       base + T, cache->max_seq);
     }
     for (int t = 0; t < T; t++)
         if (ids[t] < 0 || ids[t] >= V) {
-            snprintf(ctx->err, LT_ERRLEN,
-                     "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t], t,
-                     (long long)V);
-            return LT_ERR_ARG;
+            return lt_fail(ctx->err, LT_ERR_ARG,
+                           "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t],
+                           t, (long long)V);
         }
     int chunk = cache ? (T < GEMMA3_CHUNK ? T : GEMMA3_CHUNK) : T;
     fwd_bufs b;
     if (bufs_alloc(&b, ctx, c, chunk) != LT_OK) {
-        snprintf(ctx->err, LT_ERRLEN, "out of memory for the activations of %d tokens", chunk);
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory for the activations of %d tokens",
+                       chunk);
     }
     int32_t *pos_host = malloc(sizeof(int32_t) * (size_t)chunk);
     if (!pos_host) {
         bufs_free(&b, ctx);
-        snprintf(ctx->err, LT_ERRLEN, "out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
     }
     const lt_weight *head = gemma3_head(m);
     float escale = gemma3_embed_scale(m);
@@ -834,31 +817,31 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
         int p0 = base + t0;
         for (int i = 0; i < n; i++)
             pos_host[i] = p0 + i;
-        TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
-        TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
+        LT_TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
+        LT_TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
         lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
         /* h = E[ids] * sqrt(H)   [n, H] */
-        TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
+        LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
         for (int l = 0; l < L; l++) {
             if (out && out->layer_inputs) /* checkpoint: the residual entering layer l, [L, T, H] */
-                TRY(be->copy(ctx,
-                             out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H,
-                             b.h, sizeof(float) * (size_t)(n * H)));
-            TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
+                LT_TRY(be->copy(
+                    ctx, out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H, b.h,
+                    sizeof(float) * (size_t)(n * H)));
+            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
         }
         if (cache) cache->len = p0 + n;
         /* final norm, then the tied head */
         lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
-        TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
+        LT_TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
         if (out && out->hidden)
-            TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
-                         sizeof(float) * (size_t)(n * H)));
+            LT_TRY(be->copy(ctx, out->hidden + (size_t)t0 * (size_t)H, b.a,
+                            sizeof(float) * (size_t)(n * H)));
         if (out && out->logits)
-            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
-                           hn, head));
+            LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->logits + (size_t)t0 * (size_t)V, n, V),
+                              hn, head));
         if (out && out->last_logits && t0 + n == T)
-            TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
-                           lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));
+            LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out->last_logits, 1, V),
+                              lt_tensor_2d(LT_F32, b.a + (size_t)(n - 1) * (size_t)H, 1, H), head));
     }
 done:
     free(pos_host);

@@ -31,12 +31,6 @@
 
 #include "cuda/model/model.h"
 
-#define TRY(x)                                                                                     \
-    do {                                                                                           \
-        rc = (x);                                                                                  \
-        if (rc != LT_OK) goto done;                                                                \
-    } while (0)
-
 /* Everything one call needs, in backend memory unless noted. */
 typedef struct tb_bufs {
     int32_t *ids, *pos, *tg;
@@ -213,22 +207,23 @@ static lt_status attn_block_fwd(tb_ctx *c, int l, float *x) {
     lt_status rc = LT_OK;
 
     lt_tensor a = tact(c, B->a, N, H);
-    TRY(be->rmsnorm(ctx, a, t2(x, N, H), w->input_layernorm, eps)); /* a: [N, H] */
-    TRY(lin_fwd(c, t2(B->qr, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
-    TRY(lin_fwd(c, t2(B->kr, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
-    TRY(lin_fwd(c, t2(B->v, N, c->KD), a, &w->v_proj, module_seed(c->drop_seed, l, 2), 0));
+    LT_TRY(be->rmsnorm(ctx, a, t2(x, N, H), w->input_layernorm, eps)); /* a: [N, H] */
+    LT_TRY(lin_fwd(c, t2(B->qr, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
+    LT_TRY(lin_fwd(c, t2(B->kr, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
+    LT_TRY(lin_fwd(c, t2(B->v, N, c->KD), a, &w->v_proj, module_seed(c->drop_seed, l, 2), 0));
     /* qk-norm over each head's hd, then rope: qn/kn are what attention sees */
-    TRY(be->rmsnorm(ctx, t2(B->qn, N * c->nh, c->hd), t2(B->qr, N * c->nh, c->hd), w->q_norm, eps));
-    TRY(be->rmsnorm(ctx, t2(B->kn, N * c->nkv, c->hd), t2(B->kr, N * c->nkv, c->hd), w->k_norm,
-                    eps));
-    TRY(be->rope(ctx, t3(B->qn, N, c->nh, c->hd), pos, (float)rp->theta, (float)rp->factor));
-    TRY(be->rope(ctx, t3(B->kn, N, c->nkv, c->hd), pos, (float)rp->theta, (float)rp->factor));
-    TRY(attend(c, l, 0)); /* att: [N, nh*hd] */
-    TRY(lin_fwd(c, t2(B->o, N, H), t2(B->att, N, c->QD), &w->o_proj,
-                module_seed(c->drop_seed, l, 3), 0));
+    LT_TRY(
+        be->rmsnorm(ctx, t2(B->qn, N * c->nh, c->hd), t2(B->qr, N * c->nh, c->hd), w->q_norm, eps));
+    LT_TRY(be->rmsnorm(ctx, t2(B->kn, N * c->nkv, c->hd), t2(B->kr, N * c->nkv, c->hd), w->k_norm,
+                       eps));
+    LT_TRY(be->rope(ctx, t3(B->qn, N, c->nh, c->hd), pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(be->rope(ctx, t3(B->kn, N, c->nkv, c->hd), pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(attend(c, l, 0)); /* att: [N, nh*hd] */
+    LT_TRY(lin_fwd(c, t2(B->o, N, H), t2(B->att, N, c->QD), &w->o_proj,
+                   module_seed(c->drop_seed, l, 3), 0));
     /* h1 = post_attention_layernorm(o) + x (fp32 addition commutes: the same bits as x + ...) */
-    TRY(be->rmsnorm(ctx, t2(B->h1, N, H), t2(B->o, N, H), w->post_attention_layernorm, eps));
-    TRY(be->add(ctx, t2(B->h1, N, H), t2(x, N, H)));
+    LT_TRY(be->rmsnorm(ctx, t2(B->h1, N, H), t2(B->o, N, H), w->post_attention_layernorm, eps));
+    LT_TRY(be->add(ctx, t2(B->h1, N, H), t2(x, N, H)));
 done:
     return rc;
 }
@@ -243,11 +238,11 @@ static lt_status mlp_block_fwd(tb_ctx *c, int l, int64_t r0, int64_t n) {
     lt_tensor m = tact(c, B->m, n, H), gate = t2(B->gate, n, I), up = t2(B->up, n, I),
               act = tact(c, B->act, n, I);
     lt_status rc = LT_OK;
-    TRY(c->be->rmsnorm(c->ctx, m, t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
-    TRY(lin_fwd(c, gate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
-    TRY(lin_fwd(c, up, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
-    TRY(c->be->geglu(c->ctx, act, gate, up));
-    TRY(lin_fwd(c, t2(B->f, n, H), act, &w->down_proj, module_seed(c->drop_seed, l, 6), r0));
+    LT_TRY(c->be->rmsnorm(c->ctx, m, t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
+    LT_TRY(lin_fwd(c, gate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
+    LT_TRY(lin_fwd(c, up, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
+    LT_TRY(c->be->geglu(c->ctx, act, gate, up));
+    LT_TRY(lin_fwd(c, t2(B->f, n, H), act, &w->down_proj, module_seed(c->drop_seed, l, 6), r0));
 done:
     return rc;
 }
@@ -260,10 +255,10 @@ static lt_status mlp_fwd(tb_ctx *c, int l, float *layer_out) {
     for (int64_t r0 = 0; r0 < c->N; r0 += c->R) {
         int64_t n = c->N - r0 < c->R ? c->N - r0 : c->R;
         lt_tensor out = t2(layer_out + r0 * H, n, H);
-        TRY(mlp_block_fwd(c, l, r0, n));
-        TRY(c->be->rmsnorm(c->ctx, out, t2(c->B->f, n, H), w->post_feedforward_layernorm,
-                           (float)c->m->cfg.rms_norm_eps));
-        TRY(c->be->add(c->ctx, out, t2(c->B->h1 + r0 * H, n, H)));
+        LT_TRY(mlp_block_fwd(c, l, r0, n));
+        LT_TRY(c->be->rmsnorm(c->ctx, out, t2(c->B->f, n, H), w->post_feedforward_layernorm,
+                              (float)c->m->cfg.rms_norm_eps));
+        LT_TRY(c->be->add(c->ctx, out, t2(c->B->h1 + r0 * H, n, H)));
     }
 done:
     return rc;
@@ -290,23 +285,23 @@ static lt_status mlp_bwd(tb_ctx *c, int l) {
         int64_t n = c->N - r0 < c->R ? c->N - r0 : c->R;
         lt_tensor dh = t2(B->dh + r0 * H, n, H), dx = t2(B->dx + r0 * H, n, H),
                   dm = t2(B->dm, n, H), m = tact(c, B->m, n, H);
-        TRY(mlp_block_fwd(c, l, r0, n));
+        LT_TRY(mlp_block_fwd(c, l, r0, n));
         /* h = h1 + post_ff(f): dh flows to h1 unchanged, plus through the branch */
-        TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_POST_FF, H), dh, t2(B->f, n, H),
-                                 w->post_feedforward_layernorm, eps)); /* dx = dL/df */
-        TRY(lin_bwd(c, t2(B->dact, n, I), dx, tact(c, B->act, n, I), &w->down_proj,
-                    module_seed(c->drop_seed, l, 6), r0));
+        LT_TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_POST_FF, H), dh, t2(B->f, n, H),
+                                    w->post_feedforward_layernorm, eps)); /* dx = dL/df */
+        LT_TRY(lin_bwd(c, t2(B->dact, n, I), dx, tact(c, B->act, n, I), &w->down_proj,
+                       module_seed(c->drop_seed, l, 6), r0));
         /* dL/dgate, dL/dup feed only the matmuls: in fp32 in place over gate and up (backend.h
          * allows it), in bf16 over act (read for the last time above) and into dup16 */
         lt_tensor gate = t2(B->gate, n, I), up = t2(B->up, n, I), dgate = gate, dup = up;
         if (c->adt == LT_BF16) dgate = tact(c, B->act, n, I), dup = tact(c, B->dup16, n, I);
-        TRY(be->geglu_backward(ctx, dgate, dup, t2(B->dact, n, I), gate, up));
-        TRY(lin_bwd(c, dm, dgate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
-        TRY(lin_bwd(c, dx, dup, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
-        TRY(be->add(ctx, dm, dx)); /* dm = dL/dm */
-        TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_PRE_FF, H), dm,
-                                 t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
-        TRY(be->add(ctx, dh, dx)); /* dh = dL/dh1 */
+        LT_TRY(be->geglu_backward(ctx, dgate, dup, t2(B->dact, n, I), gate, up));
+        LT_TRY(lin_bwd(c, dm, dgate, m, &w->gate_proj, module_seed(c->drop_seed, l, 4), r0));
+        LT_TRY(lin_bwd(c, dx, dup, m, &w->up_proj, module_seed(c->drop_seed, l, 5), r0));
+        LT_TRY(be->add(ctx, dm, dx)); /* dm = dL/dm */
+        LT_TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_PRE_FF, H), dm,
+                                    t2(B->h1 + r0 * H, n, H), w->pre_feedforward_layernorm, eps));
+        LT_TRY(be->add(ctx, dh, dx)); /* dh = dL/dh1 */
     }
 done:
     return rc;
@@ -328,30 +323,30 @@ static lt_status attn_block_bwd(tb_ctx *c, int l, const float *x) {
     lt_status rc = LT_OK;
 
     /* h1 = x + post_attn(o) */
-    TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_POST_ATTN, H), dh, t2(B->o, N, H),
-                             w->post_attention_layernorm, eps)); /* dx = dL/do */
-    TRY(lin_bwd(c, t2(B->datt, N, c->QD), dx, t2(B->att, N, c->QD), &w->o_proj,
-                module_seed(c->drop_seed, l, 3), 0));
-    TRY(attend(c, l, 1)); /* dq, dk, dv (roped) */
-    TRY(be->rope_backward(ctx, t3(B->dq, N, c->nh, c->hd), pos, (float)rp->theta,
-                          (float)rp->factor));
-    TRY(be->rope_backward(ctx, t3(B->dk, N, c->nkv, c->hd), pos, (float)rp->theta,
-                          (float)rp->factor));
-    TRY(be->rmsnorm_backward(ctx, t2(B->dq, N * c->nh, c->hd), norm_grad(c, l, NG_QNORM, c->hd),
-                             t2(B->dq, N * c->nh, c->hd), t2(B->qr, N * c->nh, c->hd), w->q_norm,
-                             eps));
-    TRY(be->rmsnorm_backward(ctx, t2(B->dk, N * c->nkv, c->hd), norm_grad(c, l, NG_KNORM, c->hd),
-                             t2(B->dk, N * c->nkv, c->hd), t2(B->kr, N * c->nkv, c->hd), w->k_norm,
-                             eps));
+    LT_TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_POST_ATTN, H), dh, t2(B->o, N, H),
+                                w->post_attention_layernorm, eps)); /* dx = dL/do */
+    LT_TRY(lin_bwd(c, t2(B->datt, N, c->QD), dx, t2(B->att, N, c->QD), &w->o_proj,
+                   module_seed(c->drop_seed, l, 3), 0));
+    LT_TRY(attend(c, l, 1)); /* dq, dk, dv (roped) */
+    LT_TRY(be->rope_backward(ctx, t3(B->dq, N, c->nh, c->hd), pos, (float)rp->theta,
+                             (float)rp->factor));
+    LT_TRY(be->rope_backward(ctx, t3(B->dk, N, c->nkv, c->hd), pos, (float)rp->theta,
+                             (float)rp->factor));
+    LT_TRY(be->rmsnorm_backward(ctx, t2(B->dq, N * c->nh, c->hd), norm_grad(c, l, NG_QNORM, c->hd),
+                                t2(B->dq, N * c->nh, c->hd), t2(B->qr, N * c->nh, c->hd), w->q_norm,
+                                eps));
+    LT_TRY(be->rmsnorm_backward(ctx, t2(B->dk, N * c->nkv, c->hd), norm_grad(c, l, NG_KNORM, c->hd),
+                                t2(B->dk, N * c->nkv, c->hd), t2(B->kr, N * c->nkv, c->hd),
+                                w->k_norm, eps));
     lt_tensor a = tact(c, B->a, N, H);
-    TRY(lin_bwd(c, da, t2(B->dq, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
-    TRY(lin_bwd(c, dx, t2(B->dk, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
-    TRY(be->add(ctx, da, dx));
-    TRY(lin_bwd(c, dx, t2(B->dv, N, c->KD), a, &w->v_proj, module_seed(c->drop_seed, l, 2), 0));
-    TRY(be->add(ctx, da, dx)); /* da = dL/da */
-    TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_INPUT, H), da, t2((float *)x, N, H),
-                             w->input_layernorm, eps));
-    TRY(be->add(ctx, dh, dx)); /* dh = dL/dx */
+    LT_TRY(lin_bwd(c, da, t2(B->dq, N, c->QD), a, &w->q_proj, module_seed(c->drop_seed, l, 0), 0));
+    LT_TRY(lin_bwd(c, dx, t2(B->dk, N, c->KD), a, &w->k_proj, module_seed(c->drop_seed, l, 1), 0));
+    LT_TRY(be->add(ctx, da, dx));
+    LT_TRY(lin_bwd(c, dx, t2(B->dv, N, c->KD), a, &w->v_proj, module_seed(c->drop_seed, l, 2), 0));
+    LT_TRY(be->add(ctx, da, dx)); /* da = dL/da */
+    LT_TRY(be->rmsnorm_backward(ctx, dx, norm_grad(c, l, NG_INPUT, H), da, t2((float *)x, N, H),
+                                w->input_layernorm, eps));
+    LT_TRY(be->add(ctx, dh, dx)); /* dh = dL/dx */
 done:
     return rc;
 }
@@ -533,13 +528,12 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     const gemma3_config *cfg = &m->cfg;
     const lt_backend *be = ctx->be;
     if (b->N <= 0 || b->n_seg <= 0) {
-        snprintf(ctx->err, LT_ERRLEN, "train: empty micro-batch");
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "train: empty micro-batch");
     }
     const char *missing = lt_backend_missing_training_op(be);
     if (missing) {
-        snprintf(ctx->err, LT_ERRLEN, "training: the %s backend has no %s op", be->name, missing);
-        return LT_ERR_STATE;
+        return lt_fail(ctx->err, LT_ERR_STATE, "training: the %s backend has no %s op", be->name,
+                       missing);
     }
     tb_bufs B;
     tb_ctx c = {0};
@@ -558,17 +552,15 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     lt_status rc = bufs_get(&c, grads);
     if (rc != LT_OK) {
         bufs_release(ctx, &B);
-        snprintf(ctx->err, LT_ERRLEN,
-                 "out of memory for the activations of a micro-batch of %lld tokens "
-                 "(lower batch= or max_seq=)",
-                 (long long)N);
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY,
+                       "out of memory for the activations of a micro-batch of %lld tokens "
+                       "(lower batch= or max_seq=)",
+                       (long long)N);
     }
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)N);
     if (!pos) {
         bufs_release(ctx, &B);
-        snprintf(ctx->err, LT_ERRLEN, "out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
     }
     /* positions restart at 0 for every packed sample */
     for (int s = 0, t = 0; s < b->n_seg; s++)
@@ -576,9 +568,9 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
             pos[t++] = i;
     const lt_weight *head = gemma3_head(m);
     float eps = (float)cfg->rms_norm_eps;
-    TRY(be->upload(ctx, B.ids, b->ids, sizeof(int32_t) * (size_t)N));
-    TRY(be->upload(ctx, B.pos, pos, sizeof(int32_t) * (size_t)N));
-    TRY(be->upload(ctx, B.tg, b->targets, sizeof(int32_t) * (size_t)N));
+    LT_TRY(be->upload(ctx, B.ids, b->ids, sizeof(int32_t) * (size_t)N));
+    LT_TRY(be->upload(ctx, B.pos, pos, sizeof(int32_t) * (size_t)N));
+    LT_TRY(be->upload(ctx, B.tg, b->targets, sizeof(int32_t) * (size_t)N));
     lt_tensor ids = lt_tensor_1d(LT_I32, B.ids, N);
     float escale = gemma3_embed_scale(m);
 
@@ -587,19 +579,19 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
      * the other buffer). stash_wait waits for every copy issued, so each copy is issued after
      * the wait that its layer's MLP needs, not before it. */
     float **res = B.res;
-    TRY(be->embedding(ctx, t2(res[0], N, H), ids, &m->embed_tokens, escale));
+    LT_TRY(be->embedding(ctx, t2(res[0], N, H), ids, &m->embed_tokens, escale));
     for (int l = 0; l < L; l++) {
         float *x = res[l & 1], *out = res[(l + 1) & 1];
-        TRY(attn_block_fwd(&c, l, x));
+        LT_TRY(attn_block_fwd(&c, l, x));
         if (grads) {
-            TRY(be->stash_wait(ctx)); /* out was layer l - 1's input: its copy must be done */
-            TRY(be->stash_out(ctx, B.layer_in + (size_t)l * (size_t)(N * H), x, row_bytes));
+            LT_TRY(be->stash_wait(ctx)); /* out was layer l - 1's input: its copy must be done */
+            LT_TRY(be->stash_out(ctx, B.layer_in + (size_t)l * (size_t)(N * H), x, row_bytes));
         }
-        TRY(mlp_fwd(&c, l, out));
+        LT_TRY(mlp_fwd(&c, l, out));
     }
     float *hfin = res[L & 1], *hn = res[(L + 1) & 1];
-    TRY(be->stash_wait(ctx)); /* hn was the last layer's input */
-    TRY(be->rmsnorm(ctx, t2(hn, N, H), t2(hfin, N, H), m->norm, eps)); /* hn: [N, H] */
+    LT_TRY(be->stash_wait(ctx)); /* hn was the last layer's input */
+    LT_TRY(be->rmsnorm(ctx, t2(hn, N, H), t2(hfin, N, H), m->norm, eps)); /* hn: [N, H] */
     /* fused loss: Σ CE and dhn = grad_scale·dΣCE/dhn (into B.dx), its logits chunks in the
      * layer block, idle until the backward */
     be->lend(ctx, B.layer, B.layer_bytes);
@@ -612,23 +604,23 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
      * comes back into res[l & 1] while layer l + 1 runs (hn, then hfin, are free by then) */
     {
         lt_tensor fin = (tr && tr->full && tr->ng) ? tr->ng->final : lt_tensor_1d(LT_F32, NULL, H);
-        TRY(be->rmsnorm_backward(ctx, t2(B.dh, N, H), fin, t2(B.dx, N, H), t2(hfin, N, H), m->norm,
-                                 eps));
+        LT_TRY(be->rmsnorm_backward(ctx, t2(B.dh, N, H), fin, t2(B.dx, N, H), t2(hfin, N, H),
+                                    m->norm, eps));
     }
-    TRY(be->stash_in(ctx, res[(L - 1) & 1], B.layer_in + (size_t)(L - 1) * (size_t)(N * H),
-                     row_bytes));
+    LT_TRY(be->stash_in(ctx, res[(L - 1) & 1], B.layer_in + (size_t)(L - 1) * (size_t)(N * H),
+                        row_bytes));
     for (int l = (int)L - 1; l >= 0; l--) {
         float *x_in = res[l & 1];
-        TRY(be->stash_wait(ctx)); /* layer l's input has arrived */
+        LT_TRY(be->stash_wait(ctx)); /* layer l's input has arrived */
         if (l > 0) /* the other buffer's last reader (layer l + 1, or the final norm) is queued */
-            TRY(be->stash_in(ctx, res[(l - 1) & 1], B.layer_in + (size_t)(l - 1) * (size_t)(N * H),
-                             row_bytes));
-        TRY(attn_block_fwd(&c, l, x_in));
-        TRY(mlp_bwd(&c, l));
-        TRY(attn_block_bwd(&c, l, x_in));
+            LT_TRY(be->stash_in(ctx, res[(l - 1) & 1],
+                                B.layer_in + (size_t)(l - 1) * (size_t)(N * H), row_bytes));
+        LT_TRY(attn_block_fwd(&c, l, x_in));
+        LT_TRY(mlp_bwd(&c, l));
+        LT_TRY(attn_block_bwd(&c, l, x_in));
     }
     if (m->embed_tokens.grad_w.data && be->embedding_backward)
-        TRY(be->embedding_backward(ctx, &m->embed_tokens, t2(B.dh, N, H), ids, escale));
+        LT_TRY(be->embedding_backward(ctx, &m->embed_tokens, t2(B.dh, N, H), ids, escale));
 done:
     free(pos);
     bufs_release(ctx, &B);

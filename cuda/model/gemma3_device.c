@@ -105,7 +105,7 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
         if (rc == LT_OK) rc = ctx->be->convert(ctx, dst, want, j->stage, t->dtype, n);
     }
     if (rc != LT_OK) {
-        snprintf(j->err, LT_ERRLEN, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);
+        lt_fail(j->err, rc, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);
         return 1;
     }
     t->data = dst;
@@ -117,8 +117,7 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
                            char *err) {
     *out = NULL;
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
-        snprintf(err, LT_ERRLEN, "device weights: dtype must be fp32, fp16 or bf16");
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "device weights: dtype must be fp32, fp16 or bf16");
     }
     int L = host->cfg.num_hidden_layers;
     gemma3_model *m = malloc(sizeof *m);
@@ -126,8 +125,7 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     if (!m || !layers) {
         free(m);
         free(layers);
-        snprintf(err, LT_ERRLEN, "out of host memory copying the model description");
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "out of host memory copying the model description");
     }
     *m = *host;
     memcpy(layers, host->layers, sizeof(gemma3_layer) * (size_t)L);
@@ -152,8 +150,8 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     gemma3_weights_foreach(m, place_one, &j);
     j.arena = ctx->be->alloc(ctx, j.total);
     if (!j.arena) {
-        snprintf(err, LT_ERRLEN, "not enough %s memory for the weights (%.2f GiB in %s): %.900s",
-                 ctx->be->name, j.total / 1073741824.0, lt_dtype_user_name(dt), ctx->err);
+        lt_fail(err, LT_ERR_MEMORY, "not enough %s memory for the weights (%.2f GiB in %s): %.900s",
+                ctx->be->name, j.total / 1073741824.0, lt_dtype_user_name(dt), ctx->err);
         free(layers);
         free(m);
         return LT_ERR_MEMORY;
@@ -161,8 +159,8 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     if (j.stage_cap) {
         j.stage = ctx->be->alloc(ctx, j.stage_cap);
         if (!j.stage) {
-            snprintf(err, LT_ERRLEN, "not enough %s memory to convert the weights: %.900s",
-                     ctx->be->name, ctx->err);
+            lt_fail(err, LT_ERR_MEMORY, "not enough %s memory to convert the weights: %.900s",
+                    ctx->be->name, ctx->err);
             ctx->be->release(ctx, j.arena);
             free(layers);
             free(m);
@@ -182,11 +180,10 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
         }
         pthread_mutex_unlock(&dev_mu);
         if (slot < 0) {
-            snprintf(err, LT_ERRLEN, "too many models on the device at once (%d)", DEV_MAX);
-            rc = LT_ERR_STATE;
+            rc = lt_fail(err, LT_ERR_STATE, "too many models on the device at once (%d)", DEV_MAX);
         }
     } else if (!bad) {
-        snprintf(err, LT_ERRLEN, "copying the weights to %s: %.900s", ctx->be->name, ctx->err);
+        lt_fail(err, rc, "copying the weights to %s: %.900s", ctx->be->name, ctx->err);
     }
     if (rc != LT_OK) {
         ctx->be->release(ctx, j.arena);

@@ -65,25 +65,20 @@ void sampler_free(sampler *s) {
 
 lt_status gen_opts_check(const lt_gen_opts *o, char *err) {
     if (o->max_new < 0) {
-        snprintf(err, LT_ERRLEN, "max_new=%d must be >= 0", o->max_new);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "max_new=%d must be >= 0", o->max_new);
     }
     if (!(o->temperature >= 0) || !isfinite(o->temperature)) {
-        snprintf(err, LT_ERRLEN, "temperature=%g must be a number >= 0 (0 = greedy)",
-                 o->temperature);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "temperature=%g must be a number >= 0 (0 = greedy)",
+                       o->temperature);
     }
     if (o->top_k < 0) {
-        snprintf(err, LT_ERRLEN, "top_k=%d must be >= 0 (0 = off)", o->top_k);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "top_k=%d must be >= 0 (0 = off)", o->top_k);
     }
     if (!(o->top_p > 0 && o->top_p <= 1)) {
-        snprintf(err, LT_ERRLEN, "top_p=%g must be in (0, 1] (1 = off)", o->top_p);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "top_p=%g must be in (0, 1] (1 = off)", o->top_p);
     }
     if (!(o->min_p >= 0 && o->min_p <= 1)) {
-        snprintf(err, LT_ERRLEN, "min_p=%g must be in [0, 1] (0 = off)", o->min_p);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "min_p=%g must be in [0, 1] (0 = off)", o->min_p);
     }
     return LT_OK;
 }

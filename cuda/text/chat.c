@@ -1,44 +1,14 @@
-/* chat.c — the Gemma 3 chat template (see chat.h): a string builder and Python's strip().
+/* chat.c — the Gemma 3 chat template (see chat.h), built on base/strbuf.h, and Python's strip().
  *
  * Owns nothing beyond the returned string. Must render byte-for-byte what jinja2 renders
  * from the Hub template; tests/engine compares the two.
  */
 #include "cuda/text/chat.h"
 
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include "cuda/base/tensor.h"
-
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t nc = b->cap ? b->cap : 256;
-        while (nc < b->len + n + 1)
-            nc *= 2;
-        char *np = realloc(b->p, nc);
-        if (!np) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static void sb_puts(sbuf *b, const char *s) {
-    sb_put(b, s, strlen(s));
-}
+#include "cuda/base/error.h"
+#include "cuda/base/strbuf.h"
 
 /* Length of the whitespace character at s (Python str.isspace), 0 if none. */
 static int space_len(const unsigned char *s, size_t avail) {
@@ -56,7 +26,7 @@ static int space_len(const unsigned char *s, size_t avail) {
 }
 
 /* Python's str.strip(): appends the stripped text. */
-static void sb_put_stripped(sbuf *b, const char *s) {
+static void sb_put_stripped(lt_strbuf *b, const char *s) {
     const unsigned char *p = (const unsigned char *)s;
     size_t n = strlen(s), a = 0, e = n;
     int k;
@@ -73,27 +43,22 @@ static void sb_put_stripped(sbuf *b, const char *s) {
         else
             break;
     }
-    sb_put(b, s + a, e - a);
+    lt_strbuf_put(b, s + a, e - a);
 }
 
 lt_status chat_render(const char *const *roles, const char *const *contents, int n,
                       int add_generation_prompt, char **out, char *err) {
     *out = NULL;
-    sbuf b = {0};
-    sb_puts(&b, "<bos>");
+    for (int i = 0; i < n; i++)
+        if (!roles[i] || !contents[i])
+            return lt_fail(err, LT_ERR_ARG, "chat message %d has no %s", i,
+                           roles[i] ? "content" : "role");
+    if (n <= 0) /* the Hub template fails on messages[0] too */
+        return lt_fail(err, LT_ERR_ARG, "chat template: no messages");
+    lt_strbuf b = {0};
+    lt_strbuf_puts(&b, "<bos>");
     int first = 0;
     const char *prefix = NULL;
-    for (int i = 0; i < n; i++)
-        if (!roles[i] || !contents[i]) {
-            snprintf(err, LT_ERRLEN, "chat message %d has no %s", i, roles[i] ? "content" : "role");
-            free(b.p);
-            return LT_ERR_ARG;
-        }
-    if (n <= 0) { /* the Hub template fails on messages[0] too */
-        snprintf(err, LT_ERRLEN, "chat template: no messages");
-        free(b.p);
-        return LT_ERR_ARG;
-    }
     if (!strcmp(roles[0], "system")) {
         prefix = contents[0];
         first = 1;
@@ -102,30 +67,28 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
         int idx = i - first;
         int is_user = !strcmp(roles[i], "user");
         if (is_user != (idx % 2 == 0)) {
-            snprintf(err, LT_ERRLEN,
-                     "Conversation roles must alternate user/assistant/user/assistant/... "
-                     "(message %d has role '%s')",
-                     i, roles[i]);
-            free(b.p);
-            return LT_ERR_ARG;
+            lt_strbuf_free(&b);
+            return lt_fail(err, LT_ERR_ARG,
+                           "Conversation roles must alternate user/assistant/user/assistant/... "
+                           "(message %d has role '%s')",
+                           i, roles[i]);
         }
         const char *role = !strcmp(roles[i], "assistant") ? "model" : roles[i];
-        sb_puts(&b, "<start_of_turn>");
-        sb_puts(&b, role);
-        sb_puts(&b, "\n");
+        lt_strbuf_puts(&b, "<start_of_turn>");
+        lt_strbuf_puts(&b, role);
+        lt_strbuf_puts(&b, "\n");
         if (idx == 0 && prefix) {
-            sb_puts(&b, prefix); /* the system text is not trimmed by the template */
-            sb_puts(&b, "\n\n");
+            lt_strbuf_puts(&b, prefix); /* the system text is not trimmed by the template */
+            lt_strbuf_puts(&b, "\n\n");
         }
         sb_put_stripped(&b, contents[i]);
-        sb_puts(&b, "<end_of_turn>\n");
+        lt_strbuf_puts(&b, "<end_of_turn>\n");
     }
-    if (add_generation_prompt) sb_puts(&b, "<start_of_turn>model\n");
+    if (add_generation_prompt) lt_strbuf_puts(&b, "<start_of_turn>model\n");
     if (b.oom) {
-        free(b.p);
-        snprintf(err, LT_ERRLEN, "chat template: out of memory");
-        return LT_ERR_MEMORY;
+        lt_strbuf_free(&b);
+        return lt_fail(err, LT_ERR_MEMORY, "chat template: out of memory");
     }
-    *out = b.p;
+    *out = lt_strbuf_take(&b);
     return LT_OK;
 }

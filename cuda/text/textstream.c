@@ -3,28 +3,12 @@
  */
 #include "cuda/text/textstream.h"
 
-#include <stdlib.h>
 #include <string.h>
 
 static void stream_emit(textstream *st, const char *p, size_t n) {
-    if (!n) return;
-    if (st->len + n + 1 > st->cap) {
-        size_t nc = st->cap ? st->cap * 2 : 256;
-        while (nc < st->len + n + 1)
-            nc *= 2;
-        char *np = realloc(st->all, nc);
-        if (!np) {
-            st->oom = 1;
-            return;
-        }
-        st->all = np;
-        st->cap = nc;
-    }
-    memcpy(st->all + st->len, p, n);
-    st->len += n;
-    st->all[st->len] = 0;
-    if (st->emit) { /* the callback gets a NUL-terminated copy: the tail of `all` */
-        st->emit(st->ctx, st->all + st->len - n);
+    if (!n || lt_strbuf_put(&st->text, p, n) != 0) return;
+    if (st->emit) { /* the callback gets a NUL-terminated copy: the tail of `text` */
+        st->emit(st->ctx, st->text.p + st->text.len - n);
     }
 }
 

@@ -106,21 +106,20 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
     *out = nullptr;
     lt_tokenizer *t = new (std::nothrow) lt_tokenizer();
     if (!t) {
-        snprintf(err, LT_ERRLEN, "%s: out of memory", path);
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", path);
     }
     try {
         FILE *f = fopen(path, "rb");
         if (!f) {
-            snprintf(err, LT_ERRLEN, "%s: cannot open the SentencePiece tokenizer model", path);
+            lt_fail(err, LT_ERR_IO, "%s: cannot open the SentencePiece tokenizer model", path);
             delete t;
             return LT_ERR_IO;
         }
         fclose(f);
         auto st = t->sp.Load(path);
         if (!st.ok()) {
-            snprintf(err, LT_ERRLEN, "%s: not a SentencePiece model (%s)", path,
-                     st.ToString().c_str());
+            lt_fail(err, LT_ERR_FORMAT, "%s: not a SentencePiece model (%s)", path,
+                    st.ToString().c_str());
             delete t;
             return LT_ERR_FORMAT;
         }
@@ -128,7 +127,8 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
         int n = t->sp.GetPieceSize();
         std::string proto = t->sp.serialized_model_proto();
         if (!proto_piece_types(proto, t->types) || (int)t->types.size() != n) {
-            snprintf(err, LT_ERRLEN, "%s: could not read piece types from the model proto", path);
+            lt_fail(err, LT_ERR_FORMAT, "%s: could not read piece types from the model proto",
+                    path);
             delete t;
             return LT_ERR_FORMAT;
         }
@@ -151,7 +151,7 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
         }
         std::sort(t->special_lens.begin(), t->special_lens.end(), std::greater<size_t>());
     } catch (const std::exception &e) {
-        snprintf(err, LT_ERRLEN, "%s: %s", path, e.what());
+        lt_fail(err, LT_ERR_FORMAT, "%s: %s", path, e.what());
         delete t;
         return LT_ERR_FORMAT;
     }
@@ -170,8 +170,7 @@ extern "C" const char *tok_path(const lt_tokenizer *t) {
 static lt_status ids_out(const std::vector<int> &v, int32_t **ids, int *n, char *err) {
     *ids = (int32_t *)malloc(sizeof(int32_t) * (v.size() + 1));
     if (!*ids) {
-        snprintf(err, LT_ERRLEN, "tokenizer: out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "tokenizer: out of memory");
     }
     for (size_t i = 0; i < v.size(); i++)
         (*ids)[i] = v[i];
@@ -184,7 +183,7 @@ static bool sp_encode(const lt_tokenizer *t, const char *s, size_t len, std::vec
     std::vector<int> part;
     auto st = t->sp.Encode(absl::string_view(s, len), &part);
     if (!st.ok()) {
-        snprintf(err, LT_ERRLEN, "tokenizer: %s", st.ToString().c_str());
+        lt_fail(err, LT_ERR_ARG, "tokenizer: %s", st.ToString().c_str());
         return false;
     }
     out.insert(out.end(), part.begin(), part.end());
@@ -198,8 +197,7 @@ extern "C" lt_status tok_encode(const lt_tokenizer *t, const char *text, int32_t
         if (!sp_encode(t, text, strlen(text), v, err)) return LT_ERR_ARG;
         return ids_out(v, ids, n, err);
     } catch (const std::exception &e) {
-        snprintf(err, LT_ERRLEN, "tokenizer: %s", e.what());
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "tokenizer: %s", e.what());
     }
 }
 
@@ -234,8 +232,7 @@ extern "C" lt_status tok_encode_special(const lt_tokenizer *t, const char *text,
         if (len > start && !sp_encode(t, text + start, len - start, v, err)) return LT_ERR_ARG;
         return ids_out(v, ids, n, err);
     } catch (const std::exception &e) {
-        snprintf(err, LT_ERRLEN, "tokenizer: %s", e.what());
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "tokenizer: %s", e.what());
     }
 }
 
@@ -249,20 +246,17 @@ extern "C" lt_status tok_decode(const lt_tokenizer *t, const int32_t *ids, int n
         std::string s;
         auto st = t->sp.Decode(v, &s);
         if (!st.ok()) {
-            snprintf(err, LT_ERRLEN, "tokenizer: %s", st.ToString().c_str());
-            return LT_ERR_ARG;
+            return lt_fail(err, LT_ERR_ARG, "tokenizer: %s", st.ToString().c_str());
         }
         *text = (char *)malloc(s.size() + 1);
         if (!*text) {
-            snprintf(err, LT_ERRLEN, "tokenizer: out of memory");
-            return LT_ERR_MEMORY;
+            return lt_fail(err, LT_ERR_MEMORY, "tokenizer: out of memory");
         }
         memcpy(*text, s.data(), s.size());
         (*text)[s.size()] = 0;
         return LT_OK;
     } catch (const std::exception &e) {
-        snprintf(err, LT_ERRLEN, "tokenizer: %s", e.what());
-        return LT_ERR_MEMORY;
+        return lt_fail(err, LT_ERR_MEMORY, "tokenizer: %s", e.what());
     }
 }
 

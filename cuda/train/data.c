@@ -14,25 +14,15 @@
  */
 #include <errno.h>
 #include <jansson.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/text/chat.h"
 #include "cuda/train/train.h"
 
 #define MAX_TURNS 512
-
-static lt_status fail(char *err, lt_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static lt_status fail(char *err, lt_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, LT_ERRLEN, fmt, ap);
-    va_end(ap);
-    return st;
-}
 
 /* ---- growing token buffer --------------------------------------------------------------- */
 
@@ -65,7 +55,7 @@ static lt_status tb_text(tokbuf *b, const lt_tokenizer *tok, const char *text, s
                          uint8_t label, char *err) {
     if (len == 0) return LT_OK;
     char *piece = strndup(text, len);
-    if (!piece) return fail(err, LT_ERR_MEMORY, "out of memory");
+    if (!piece) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     int32_t *ids = NULL;
     int n = 0;
     lt_status st = tok_encode_special(tok, piece, &ids, &n, err);
@@ -73,7 +63,7 @@ static lt_status tb_text(tokbuf *b, const lt_tokenizer *tok, const char *text, s
     if (st != LT_OK) return st;
     int r = tb_push(b, ids, n, label);
     free(ids);
-    return r ? fail(err, LT_ERR_MEMORY, "out of memory") : LT_OK;
+    return r ? lt_fail(err, LT_ERR_MEMORY, "out of memory") : LT_OK;
 }
 
 /* ---- one record ---------------------------------------------------------------------------- */
@@ -101,13 +91,13 @@ static const char *str_field(json_t *rec, const char *key, int required, const w
     json_t *v = json_object_get(rec, key);
     if (!v) {
         if (required)
-            fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is missing", w->file, w->unit, w->line,
-                 key);
+            lt_fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is missing", w->file, w->unit,
+                    w->line, key);
         return NULL;
     }
     if (!json_is_string(v)) {
-        fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a string", w->file, w->unit, w->line,
-             key);
+        lt_fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a string", w->file, w->unit,
+                w->line, key);
         return NULL;
     }
     return json_string_value(v);
@@ -143,11 +133,11 @@ static void conv_free(conv *c) {
 }
 
 static lt_status conv_add(conv *c, const char *role, char *content, const where *w, char *err) {
-    if (!content) return fail(err, LT_ERR_MEMORY, "out of memory");
+    if (!content) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     if (c->n >= MAX_TURNS) {
         free(content);
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: more than %d turns", w->file, w->unit, w->line,
-                    MAX_TURNS);
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: more than %d turns", w->file, w->unit,
+                       w->line, MAX_TURNS);
     }
     c->roles[c->n] = role;
     c->contents[c->n++] = content;
@@ -167,28 +157,28 @@ static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const cha
                                 const char *ckey, const where *w, char *err) {
     json_t *list = json_object_get(rec, key);
     if (!json_is_array(list))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a list", w->file, w->unit,
-                    w->line, key);
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a list", w->file, w->unit,
+                       w->line, key);
     size_t i;
     json_t *m;
     json_array_foreach(list, i, m) {
         if (!json_is_object(m))
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu] is not an object", w->file, w->unit,
-                        w->line, key, i);
+            return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu] is not an object", w->file,
+                           w->unit, w->line, key, i);
         json_t *r = json_object_get(m, rkey), *ct = json_object_get(m, ckey);
         if (!json_is_string(r))
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not a string",
-                        w->file, w->unit, w->line, key, i, rkey);
+            return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not a string",
+                           w->file, w->unit, w->line, key, i, rkey);
         const char *role = norm_role(json_string_value(r));
         if (!role)
-            return fail(err, LT_ERR_FORMAT,
-                        "%s %s %d: %s[%zu].%s is '%s'; accepted: user, human, assistant, model, "
-                        "gpt, system",
-                        w->file, w->unit, w->line, key, i, rkey, json_string_value(r));
+            return lt_fail(err, LT_ERR_FORMAT,
+                           "%s %s %d: %s[%zu].%s is '%s'; accepted: user, human, assistant, model, "
+                           "gpt, system",
+                           w->file, w->unit, w->line, key, i, rkey, json_string_value(r));
         char *text = ct ? content_text(ct) : NULL;
         if (!text)
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not text", w->file,
-                        w->unit, w->line, key, i, ckey);
+            return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not text",
+                           w->file, w->unit, w->line, key, i, ckey);
         lt_status st = conv_add(c, role, text, w, err);
         if (st != LT_OK) return st;
     }
@@ -202,32 +192,31 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
     for (int i = 0; i < c->n; i++)
         has_model |= !strcmp(c->roles[i], "model");
     if (!has_model)
-        return fail(err, LT_ERR_FORMAT,
-                    "%s %s %d: the conversation has no model turn (nothing to train on)", w->file,
-                    w->unit, w->line);
-    char cerr[LT_ERRLEN];
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s %s %d: the conversation has no model turn (nothing to train on)",
+                       w->file, w->unit, w->line);
     char *full = NULL;
-    lt_status st = chat_render(c->roles, (const char *const *)c->contents, c->n, 0, &full, cerr);
+    lt_status st = chat_render(c->roles, (const char *const *)c->contents, c->n, 0, &full, err);
     if (st != LT_OK)
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: %s", w->file, w->unit, w->line, cerr);
+        return lt_fail_prefix(err, LT_ERR_FORMAT, "%s %s %d", w->file, w->unit, w->line);
     size_t done = 0;
     for (int i = 0; i < c->n && st == LT_OK; i++) {
         if (strcmp(c->roles[i], "model") != 0) continue;
         char *pre = NULL, *upto = NULL;
-        st = chat_render(c->roles, (const char *const *)c->contents, i, 1, &pre, cerr);
+        st = chat_render(c->roles, (const char *const *)c->contents, i, 1, &pre, err);
         if (st == LT_OK)
-            st = chat_render(c->roles, (const char *const *)c->contents, i + 1, 0, &upto, cerr);
+            st = chat_render(c->roles, (const char *const *)c->contents, i + 1, 0, &upto, err);
         if (st != LT_OK) {
             free(pre);
             free(upto);
-            st = fail(err, LT_ERR_FORMAT, "%s %s %d: %s", w->file, w->unit, w->line, cerr);
+            st = lt_fail_prefix(err, LT_ERR_FORMAT, "%s %s %d", w->file, w->unit, w->line);
             break;
         }
         size_t a = strlen(pre), e = strlen(upto);
         if (a < done || e < a || strncmp(full, pre, a) != 0 || strncmp(full, upto, e) != 0) {
-            st =
-                fail(err, LT_ERR_FORMAT, "%s %s %d: the chat template does not render turn by turn",
-                     w->file, w->unit, w->line);
+            st = lt_fail(err, LT_ERR_FORMAT,
+                         "%s %s %d: the chat template does not render turn by turn", w->file,
+                         w->unit, w->line);
         } else {
             st = tb_text(b, tok, full + done, a - done, responses_only ? 0 : 1, err); /* context */
             if (st == LT_OK) st = tb_text(b, tok, full + a, e - a, 1, err); /* the model turn */
@@ -245,17 +234,17 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
 static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokenizer *tok, int bos,
                                int responses_only, const where *w, char *err) {
     if (!json_is_object(rec))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w->file,
-                    w->unit, w->line);
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w->file,
+                       w->unit, w->line);
     if (f == F_TEXT) {
         err[0] = 0;
         const char *text = str_field(rec, "text", 1, w, err);
         if (!text) return LT_ERR_FORMAT;
         if (!*text)
-            return fail(err, LT_ERR_FORMAT, "%s %s %d: field 'text' is empty", w->file, w->unit,
-                        w->line);
+            return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: field 'text' is empty", w->file, w->unit,
+                           w->line);
         int32_t b0 = bos;
-        if (tb_push(b, &b0, 1, 0)) return fail(err, LT_ERR_MEMORY, "out of memory");
+        if (tb_push(b, &b0, 1, 0)) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
         return tb_text(b, tok, text, strlen(text), 1, err);
     }
     conv c = {0};
@@ -268,7 +257,7 @@ static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokeniz
         if (!ins || !out || err[0]) return LT_ERR_FORMAT;
         size_t n = strlen(ins) + (inp ? strlen(inp) : 0) + 3;
         char *user = malloc(n);
-        if (!user) return fail(err, LT_ERR_MEMORY, "out of memory");
+        if (!user) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
         snprintf(user, n, "%s%s%s", ins, inp && *inp ? "\n\n" : "", inp && *inp ? inp : "");
         const char *sys = json_is_string(json_object_get(rec, "system"))
                               ? json_string_value(json_object_get(rec, "system"))
@@ -294,37 +283,20 @@ static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokeniz
 static char *read_all(const char *path, size_t *len, char *err) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fail(err, LT_ERR_IO, "data=%s: cannot open the file (%s)", path, strerror(errno));
+        lt_fail(err, LT_ERR_IO, "data=%s: cannot open the file (%s)", path, strerror(errno));
         return NULL;
     }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (n + 1 >= cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    int bad = ferror(f);
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, (size_t)-1);
     fclose(f);
-    if (!buf || bad) {
-        free(buf);
-        fail(err, bad ? LT_ERR_IO : LT_ERR_MEMORY, "data=%s: %s", path,
-             bad ? "read error" : "out of memory");
+    if (r != 0 || b.oom) {
+        lt_fail(err, b.oom ? LT_ERR_MEMORY : LT_ERR_IO, "data=%s: %s", path,
+                b.oom ? "out of memory" : "read error");
+        lt_strbuf_free(&b);
         return NULL;
     }
-    buf[n] = 0;
-    *len = n;
-    return buf;
+    *len = b.len;
+    return lt_strbuf_take(&b);
 }
 
 static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts *o, const where *w,
@@ -334,7 +306,7 @@ static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts 
         for (int i = 1; i < o->max_seq; i++)
             labels += b->mask[i];
         if (labels == 0) {
-            return fail(
+            return lt_fail(
                 err, LT_ERR_FORMAT,
                 "%s %s %d: the sample is %d tokens and max_seq=%d cuts off every trained token; "
                 "raise max_seq= or shorten the sample",
@@ -353,10 +325,10 @@ static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts 
     for (int i = 1; i < b->n; i++)
         labels += b->mask[i];
     if (labels == 0)
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: the sample has no token to train on", w->file,
-                    w->unit, line);
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: the sample has no token to train on", w->file,
+                       w->unit, line);
     train_sample *ns = realloc(d->s, sizeof(train_sample) * (size_t)(d->n + 1));
-    if (!ns) return fail(err, LT_ERR_MEMORY, "out of memory");
+    if (!ns) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     d->s = ns;
     d->s[d->n++] = (train_sample){b->ids, b->mask, b->n, line};
     d->n_tokens += b->n;
@@ -371,12 +343,12 @@ static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, in
     where w = *w0;
     w.line = line;
     if (!json_is_object(rec))
-        return fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w.file, w.unit,
-                    line);
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w.file,
+                       w.unit, line);
     if (*f == F_UNKNOWN) {
         *f = detect(rec);
         if (*f == F_UNKNOWN)
-            return fail(
+            return lt_fail(
                 err, LT_ERR_FORMAT,
                 "%s %s %d: cannot tell the format: expected a field 'text' (text), 'instruction' + "
                 "'output' (alpaca), 'conversations' (sharegpt) or 'messages' (messages); or set "
@@ -384,10 +356,10 @@ static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, in
                 w.file, w.unit, line);
         snprintf(d->format, sizeof d->format, "%s", FMT_NAMES[*f]);
     } else if (!forced && detect(rec) != *f) {
-        return fail(err, LT_ERR_FORMAT,
-                    "%s %s %d: the record is not in the %s format of the first record%s", w.file,
-                    w.unit, line, FMT_NAMES[*f],
-                    detect(rec) == F_UNKNOWN ? " (no known field)" : "");
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s %s %d: the record is not in the %s format of the first record%s", w.file,
+                       w.unit, line, FMT_NAMES[*f],
+                       detect(rec) == F_UNKNOWN ? " (no known field)" : "");
     }
     tokbuf b = {0};
     lt_status st = record_tokens(rec, *f, &b, tok, bos, o->responses_only, &w, err);
@@ -401,7 +373,7 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                     const gemma3_config *cfg, const lt_callbacks *cb, char *err) {
     memset(d, 0, sizeof *d);
     if (!o->path || !*o->path)
-        return fail(err, LT_ERR_ARG, "%%train: data= is required (a .jsonl or .json file)");
+        return lt_fail(err, LT_ERR_ARG, "%%train: data= is required (a .jsonl or .json file)");
     snprintf(d->path, sizeof d->path, "%s", o->path);
     const char *file = strrchr(o->path, '/') ? strrchr(o->path, '/') + 1 : o->path;
     fmt_t f = F_UNKNOWN;
@@ -410,9 +382,9 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
         for (int i = 0; i < 4; i++)
             if (!strcmp(o->format, FMT_NAMES[i])) f = (fmt_t)i;
         if (f == F_UNKNOWN)
-            return fail(err, LT_ERR_ARG,
-                        "%%train: format=%s; accepted: auto|text|alpaca|sharegpt|messages",
-                        o->format);
+            return lt_fail(err, LT_ERR_ARG,
+                           "%%train: format=%s; accepted: auto|text|alpaca|sharegpt|messages",
+                           o->format);
         forced = 1;
         snprintf(d->format, sizeof d->format, "%s", o->format);
     }
@@ -430,10 +402,10 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
         json_t *arr = json_loadb(text, len, 0, &je);
         where w = {file, 0, "record"};
         if (!arr) {
-            st = fail(err, LT_ERR_FORMAT, "%s line %d column %d: not valid JSON: %s", file, je.line,
-                      je.column, je.text);
+            st = lt_fail(err, LT_ERR_FORMAT, "%s line %d column %d: not valid JSON: %s", file,
+                         je.line, je.column, je.text);
         } else if (!json_is_array(arr)) {
-            st = fail(err, LT_ERR_FORMAT, "%s: expected a JSON array of records", file);
+            st = lt_fail(err, LT_ERR_FORMAT, "%s: expected a JSON array of records", file);
         } else {
             size_t i;
             json_t *rec;
@@ -459,8 +431,8 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                 json_error_t je;
                 json_t *rec = json_loadb(s, n, 0, &je);
                 if (!rec)
-                    st = fail(err, LT_ERR_FORMAT, "%s line %d: not valid JSON (%s at column %d)",
-                              file, line, je.text, je.column);
+                    st = lt_fail(err, LT_ERR_FORMAT, "%s line %d: not valid JSON (%s at column %d)",
+                                 file, line, je.text, je.column);
                 else
                     st = one_record(d, rec, &f, forced, line, o, tok, bos, &w, cb, err);
                 json_decref(rec);
@@ -470,7 +442,7 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
     }
     free(text);
     if (st == LT_OK && d->n == 0)
-        st = fail(err, LT_ERR_FORMAT, "%s: the dataset is empty (no records)", file);
+        st = lt_fail(err, LT_ERR_FORMAT, "%s: the dataset is empty (no records)", file);
     if (st != LT_OK) data_free(d);
     return st;
 }

@@ -150,9 +150,9 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
             int bad = 0;
             int hit = target_matches(a, module, &bad);
             if (bad) {
-                snprintf(err, LT_ERRLEN, "%%lora: targets='%s' is not a valid regular expression",
-                         a->targets);
-                return LT_ERR_ARG;
+                return lt_fail(err, LT_ERR_ARG,
+                               "%%lora: targets='%s' is not a valid regular expression",
+                               a->targets);
             }
             if (!hit) continue;
             lora_slot *s = &a->slots[a->n_slots++];
@@ -168,8 +168,7 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
             s->lora.grad_a = lt_tensor_2d(LT_F32, gA, r, in);
             s->lora.grad_b = lt_tensor_2d(LT_F32, gB, out, r);
             if (!A || !B || !gA || !gB) {
-                snprintf(err, LT_ERRLEN, "%%lora: out of memory for the adapters");
-                return LT_ERR_MEMORY;
+                return lt_fail(err, LT_ERR_MEMORY, "%%lora: out of memory for the adapters");
             }
             /* A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)); B = 0 */
             float *host = malloc(na * 4);
@@ -192,12 +191,11 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
         }
     }
     if (a->n_slots == 0) {
-        snprintf(
-            err, LT_ERRLEN,
+        return lt_fail(
+            err, LT_ERR_ARG,
             "%%lora: targets='%s' matches no linear layer; use names from q,k,v,o,gate,up,down "
             "(or q_proj, ...) or a regex over names like model.layers.0.self_attn.q_proj",
             a->targets);
-        return LT_ERR_ARG;
     }
     for (int i = 0; i < a->n_slots; i++)
         a->slots[i].w->lora = &a->slots[i].lora;
@@ -229,11 +227,10 @@ static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
 static lt_status attach_full(lt_adapters *a, char *err) {
     gemma3_model *m = a->model;
     if (a->ctx->be != &lt_backend_cpu) {
-        snprintf(err, LT_ERRLEN,
-                 "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
-                 "(this model is on %s); use LoRA",
-                 a->ctx->be->name);
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
+                       "(this model is on %s); use LoRA",
+                       a->ctx->be->name);
     }
     int L = m->cfg.num_hidden_layers;
     int64_t H = m->cfg.hidden_size;
@@ -287,10 +284,9 @@ static lt_status attach_full(lt_adapters *a, char *err) {
     if (add_param(a, "model.norm.weight", &m->norm, g, 0) != LT_OK) goto oom;
     return LT_OK;
 oom:
-    snprintf(err, LT_ERRLEN,
-             "%%lora full=true: out of memory for fp32 weights and gradients "
-             "(full fine-tuning needs about 4x the fp32 model size; try LoRA)");
-    return LT_ERR_MEMORY;
+    return lt_fail(err, LT_ERR_MEMORY,
+                   "%%lora full=true: out of memory for fp32 weights and gradients "
+                   "(full fine-tuning needs about 4x the fp32 model size; try LoRA)");
 }
 
 /* Drops the gradient buffers of full fine-tuning and unhooks the weights. */
@@ -310,17 +306,14 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
                       char *err) {
     *out = NULL;
     if (!m) {
-        snprintf(err, LT_ERRLEN, "%%lora: no model loaded (%%load one first)");
-        return LT_ERR_STATE;
+        return lt_fail(err, LT_ERR_STATE, "%%lora: no model loaded (%%load one first)");
     }
     if (!o->full && o->r <= 0) {
-        snprintf(err, LT_ERRLEN, "%%lora: r=%d; the rank must be a positive integer", o->r);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "%%lora: r=%d; the rank must be a positive integer", o->r);
     }
     if (!(o->dropout >= 0 && o->dropout < 1)) {
-        snprintf(err, LT_ERRLEN, "%%lora: dropout=%g; accepted: a number from 0 to below 1",
-                 o->dropout);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG, "%%lora: dropout=%g; accepted: a number from 0 to below 1",
+                       o->dropout);
     }
     lt_adapters *a = calloc(1, sizeof *a);
     if (!a) return LT_ERR_MEMORY;
@@ -356,7 +349,7 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
     }
     lt_status rc = o->full ? attach_full(a, err) : attach_lora(a, o, err);
     if (rc != LT_OK) {
-        if (rc == LT_ERR_MEMORY && !err[0]) snprintf(err, LT_ERRLEN, "%%lora: out of memory");
+        if (rc == LT_ERR_MEMORY && !err[0]) lt_fail(err, rc, "%%lora: out of memory");
         lora_free(a);
         return rc;
     }

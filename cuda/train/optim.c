@@ -39,19 +39,17 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
         double s = 0;
         lt_status rc = be->sumsq(a->ctx, &s, a->params[i].grad);
         if (rc != LT_OK) {
-            snprintf(err, LT_ERRLEN, "%s", a->ctx->err);
-            return rc;
+            return lt_fail(err, rc, "%s", a->ctx->err);
         }
         total += s;
     }
     double n = sqrt(total);
     *norm = n;
     if (!isfinite(n)) {
-        snprintf(err, LT_ERRLEN,
-                 "the gradient is not finite (norm %g): the loss diverged; lower lr= "
-                 "or set max_grad_norm=",
-                 n);
-        return LT_ERR_ARG;
+        return lt_fail(err, LT_ERR_ARG,
+                       "the gradient is not finite (norm %g): the loss diverged; lower lr= "
+                       "or set max_grad_norm=",
+                       n);
     }
     if (max_norm > 0) {
         /* torch: clip_coef = max_norm / (total_norm + 1e-6), applied when < 1 */
@@ -76,15 +74,14 @@ lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, ch
             p->m.data = ctx->be->alloc(ctx, bytes);
             p->v.data = ctx->be->alloc(ctx, bytes);
             if (!p->m.data || !p->v.data) {
-                snprintf(err, LT_ERRLEN, "out of memory for the AdamW state of %s", p->name);
-                return LT_ERR_MEMORY;
+                return lt_fail(err, LT_ERR_MEMORY, "out of memory for the AdamW state of %s",
+                               p->name);
             }
         }
         lt_status rc = ctx->be->adamw(ctx, *p->value, p->grad, p->m, p->v, lr, o->beta1, o->beta2,
                                       o->eps, p->decay ? o->weight_decay : 0.0f, step);
         if (rc != LT_OK) {
-            snprintf(err, LT_ERRLEN, "%s", ctx->err);
-            return rc;
+            return lt_fail(err, rc, "%s", ctx->err);
         }
     }
     return LT_OK;

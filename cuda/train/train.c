@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/train/train.h"
 
 struct lt_trainer {
@@ -42,16 +43,6 @@ struct lt_trainer {
     float *losses;
     int n_losses, cap_losses;
 };
-
-static lt_status failf(char *err, lt_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static lt_status failf(char *err, lt_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, LT_ERRLEN, fmt, ap);
-    va_end(ap);
-    return st;
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -151,27 +142,28 @@ lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_op
 
 static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *err) {
     if (!(o->lr > 0) || !isfinite(o->lr))
-        return failf(err, LT_ERR_ARG, "%%train: lr=%g; it must be a number > 0", o->lr);
-    if (o->batch < 1) return failf(err, LT_ERR_ARG, "%%train: batch=%d; it must be >= 1", o->batch);
+        return lt_fail(err, LT_ERR_ARG, "%%train: lr=%g; it must be a number > 0", o->lr);
+    if (o->batch < 1)
+        return lt_fail(err, LT_ERR_ARG, "%%train: batch=%d; it must be >= 1", o->batch);
     if (o->grad_accum < 1)
-        return failf(err, LT_ERR_ARG, "%%train: grad_accum=%d; it must be >= 1", o->grad_accum);
+        return lt_fail(err, LT_ERR_ARG, "%%train: grad_accum=%d; it must be >= 1", o->grad_accum);
     if (o->steps < 0)
-        return failf(err, LT_ERR_ARG, "%%train: steps=%d; it must be >= 0 (0 = from epochs)",
-                     o->steps);
+        return lt_fail(err, LT_ERR_ARG, "%%train: steps=%d; it must be >= 0 (0 = from epochs)",
+                       o->steps);
     if (o->steps == 0 && !(o->epochs > 0))
-        return failf(err, LT_ERR_ARG, "%%train: epochs=%g; give epochs > 0 or steps >= 1",
-                     o->epochs);
+        return lt_fail(err, LT_ERR_ARG, "%%train: epochs=%g; give epochs > 0 or steps >= 1",
+                       o->epochs);
     if (o->warmup < 0)
-        return failf(err, LT_ERR_ARG, "%%train: warmup=%d; it must be >= 0 steps", o->warmup);
+        return lt_fail(err, LT_ERR_ARG, "%%train: warmup=%d; it must be >= 0 steps", o->warmup);
     if (o->weight_decay < 0)
-        return failf(err, LT_ERR_ARG, "%%train: weight_decay=%g must be >= 0", o->weight_decay);
+        return lt_fail(err, LT_ERR_ARG, "%%train: weight_decay=%g must be >= 0", o->weight_decay);
     if (o->max_grad_norm < 0)
-        return failf(err, LT_ERR_ARG, "%%train: max_grad_norm=%g must be >= 0 (0 = off)",
-                     o->max_grad_norm);
+        return lt_fail(err, LT_ERR_ARG, "%%train: max_grad_norm=%g must be >= 0 (0 = off)",
+                       o->max_grad_norm);
     if (o->save_every < 0)
-        return failf(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
+        return lt_fail(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
     if (o->max_seq < 0)
-        return failf(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
+        return lt_fail(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
     const char *s = o->schedule ? o->schedule : "linear";
     if (!strcmp(s, "constant"))
         *sched = SCHED_CONSTANT;
@@ -180,9 +172,10 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
     else if (!strcmp(s, "cosine"))
         *sched = SCHED_COSINE;
     else
-        return failf(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine", s);
+        return lt_fail(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine",
+                       s);
     if (o->optim && strcmp(o->optim, "adamw") != 0)
-        return failf(err, LT_ERR_ARG, "%%train: optim=%s; accepted: adamw", o->optim);
+        return lt_fail(err, LT_ERR_ARG, "%%train: optim=%s; accepted: adamw", o->optim);
     return LT_OK;
 }
 
@@ -387,12 +380,12 @@ static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t
     json_error_t je;
     json_t *j = json_load_file(p, 0, &je);
     if (!j)
-        return failf(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck,
-                     je.text);
+        return lt_fail(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck,
+                       je.text);
     json_t *op = json_object_get(j, "options");
     if (!json_is_object(op) || !json_is_integer(json_object_get(j, "step"))) {
         json_decref(j);
-        return failf(err, LT_ERR_FORMAT, "%s: keys 'options' and 'step' are missing", p);
+        return lt_fail(err, LT_ERR_FORMAT, "%s: keys 'options' and 'step' are missing", p);
     }
 #define GETS(k, dst)                                                                               \
     snprintf(r->dst, sizeof r->dst, "%s",                                                          \
@@ -468,10 +461,10 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     }
     if (!on_device) total += (double)host_bytes;
     if (avail > 0 && total > avail)
-        return failf(err, LT_ERR_MEMORY,
-                     "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
-                     "or max_seq=, or use grad_accum= for the same effective batch",
-                     total / 1048576, where, avail / 1048576);
+        return lt_fail(err, LT_ERR_MEMORY,
+                       "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
+                       "or max_seq=, or use grad_accum= for the same effective batch",
+                       total / 1048576, where, avail / 1048576);
     return LT_OK;
 }
 
@@ -504,10 +497,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     *weights_changed = 0;
     const char *missing = lt_backend_missing_training_op(env->ctx->be);
     if (missing)
-        return failf(err, LT_ERR_STATE,
-                     "%%train: the %s backend has no %s op; %%load the model "
-                     "with device=cpu",
-                     env->ctx->be->name, missing);
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%train: the %s backend has no %s op; %%load the model "
+                       "with device=cpu",
+                       env->ctx->be->name, missing);
     lt_train_opts o = *o_in;
     resumed rs;
     json_t *state = NULL;
@@ -516,7 +509,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
 
     if (o_in->resume && *o_in->resume) {
         if (resolve_checkpoint(o_in->resume, ck, sizeof ck) != 0)
-            return failf(
+            return lt_fail(
                 err, LT_ERR_IO,
                 "%%train resume=%s: no checkpoint there (a folder with trainer_state.json, "
                 "or a save= folder holding checkpoint-N folders)",
@@ -553,7 +546,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     }
     if (!t->ad) {
         json_decref(state);
-        return failf(
+        return lt_fail(
             err, LT_ERR_STATE,
             "%%train: nothing to train: attach adapters first (%%lora, or %%lora full=true)");
     }
@@ -563,10 +556,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     int max_seq = o.max_seq > 0 ? o.max_seq : env->max_seq;
     if (max_seq <= 0 || max_seq > env->model->cfg.max_position_embeddings)
         max_seq = env->model->cfg.max_position_embeddings;
-    if (o.save && *o.save && (rc = dir_prepare(o.save, err)) != LT_OK) {
-        char tmp[LT_ERRLEN];
-        snprintf(tmp, sizeof tmp, "%s", err);
-        failf(err, rc, "%%train save=: %s", tmp);
+    if (o.save && *o.save && (rc = lt_dir_prepare(o.save, err)) != LT_OK) {
+        lt_fail_prefix(err, rc, "%%train save=");
         goto out_state;
     }
 
@@ -577,7 +568,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {
-        rc = failf(err, LT_ERR_MEMORY, "out of memory");
+        rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         goto out_data;
     }
     int per_step = o.batch * o.grad_accum;
@@ -601,7 +592,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         json_t *x;
         json_array_foreach(ls, i, x) push_loss(t, (float)json_number_value(x));
         if (json_integer_value(json_object_get(state, "units")) != u.n) {
-            rc = failf(
+            rc = lt_fail(
                 err, LT_ERR_ARG,
                 "resume=%s: the data now makes %d units but the checkpoint was made with %lld; "
                 "resume needs the same data and options",
@@ -619,7 +610,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         t->total = total;
     }
     if (t->step >= t->total) {
-        rc = failf(
+        rc = lt_fail(
             err, LT_ERR_ARG,
             "%%train: this run already did its %d steps; change an option (steps=, data=, ...) "
             "to start a new one",
@@ -647,7 +638,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     stream st = {&u, o.shuffle, o.seed, -1, malloc(sizeof(int) * (size_t)u.n)};
     train_batch *mb = calloc((size_t)o.grad_accum, sizeof(train_batch));
     if (!st.perm || !mb) {
-        rc = failf(err, LT_ERR_MEMORY, "out of memory");
+        rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         goto out_stream;
     }
     optim_opts oo = {o.lr,           o.beta1,         o.beta2,  o.eps,
@@ -660,14 +651,14 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         int64_t labels = 0, step_tokens = 0;
         for (int k = 0; k < o.grad_accum; k++) {
             if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch) != 0) {
-                rc = failf(err, LT_ERR_MEMORY, "out of memory");
+                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 goto out_loop;
             }
             labels += mb[k].n_labels;
             step_tokens += mb[k].N;
         }
         if ((rc = lora_zero_grads(ad)) != LT_OK) {
-            failf(err, rc, "%s", env->ctx->err);
+            lt_fail(err, rc, "%s", env->ctx->err);
             goto out_loop;
         }
         double loss_sum = 0;
@@ -682,7 +673,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                                     1.0f / (float)(labels > 0 ? labels : 1), 1,
                                     ad->dropout > 0 ? dseed : 0, &ls);
             if (rc != LT_OK) {
-                failf(err, rc, "%%train step %d: %s", t->step + 1, env->ctx->err);
+                lt_fail(err, rc, "%%train step %d: %s", t->step + 1, env->ctx->err);
                 goto out_loop;
             }
             loss_sum += ls;
@@ -731,7 +722,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             snprintf(dir, sizeof dir, "%s/checkpoint-%d", o.save, t->step);
             char *sj = state_json(t, &o, max_seq, u.n);
             if (!sj) {
-                rc = failf(err, LT_ERR_MEMORY, "out of memory");
+                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 goto out_loop;
             }
             rc = ckpt_save(ad, dir, sj, err);
@@ -739,11 +730,12 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             if (rc != LT_OK) {
                 char tmp[LT_ERRLEN];
                 snprintf(tmp, sizeof tmp, "%s", err);
-                failf(err, rc,
-                      "checkpoint at step %d failed: %s (training stopped; the weights of step %d "
-                      "are kept "
-                      "in memory)",
-                      t->step, tmp, t->step);
+                lt_fail(
+                    err, rc,
+                    "checkpoint at step %d failed: %s (training stopped; the weights of step %d "
+                    "are kept "
+                    "in memory)",
+                    t->step, tmp, t->step);
                 goto out_loop;
             }
             memcpy(res->saved, dir, strnlen(dir, sizeof res->saved - 1));
@@ -759,10 +751,10 @@ out_loop:
     res->steps_done = t->step;
     if (rc == LT_CANCELLED) {
         res->interrupted = 1;
-        failf(err, LT_CANCELLED,
-              "training stopped at step %d of %d; the weights are those of step %d. Run the same "
-              "%%train again to continue",
-              t->step, t->total, t->step);
+        lt_fail(err, LT_CANCELLED,
+                "training stopped at step %d of %d; the weights are those of step %d. Run the same "
+                "%%train again to continue",
+                t->step, t->total, t->step);
     }
     if (t->step > res->first_step) *weights_changed = 1;
     env->ctx->be->trim(

@@ -8,7 +8,8 @@
  *                      backward with per-layer recompute (packed samples, no padding)
  *   optim.c            AdamW state, learning-rate schedules, gradient clipping
  *   data.c             JSONL/JSON datasets -> token ids + label masks; batching and packing
- *   peft.c             safetensors writer, PEFT adapters, merged checkpoints, train checkpoints
+ *   peft_adapter.c     PEFT adapter folders (adapter_config.json + adapter_model.safetensors)
+ *   checkpoint.c       training checkpoints (trainable tensors, AdamW state, a PEFT adapter)
  *   train.c            the %train loop (lt_train) and the session glue
  * Nothing here includes kernel/ or protocol/.
  */
@@ -19,6 +20,7 @@
 #include <stdint.h>
 
 #include "cuda/backend/backend.h"
+#include "cuda/base/atomic_file.h"
 #include "cuda/model/model.h"
 #include "cuda/text/tokenizer.h"
 
@@ -158,34 +160,17 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                     const gemma3_config *cfg, const lt_callbacks *cb, char *err);
 void data_free(train_data *d);
 
-/* ---- files (peft.c) -------------------------------------------------------------------- */
+/* ---- PEFT adapters (peft_adapter.c) ----------------------------------------------------- */
 
-/* A tensor to write. */
-typedef struct st_out {
-    const char *name;
-    lt_dtype dtype; /* of the file: F32, F16, BF16 */
-    int ndim;
-    int64_t shape[4];
-    const void *data; /* host, already in `dtype` */
-} st_out;
-
-/* Writes a safetensors file atomically (temp in the same folder, fsync, rename). */
-lt_status st_write(const char *path, const st_out *t, int n, const char *metadata_json, char *err);
-/* Writes text atomically. */
-lt_status file_write_atomic(const char *path, const void *data, size_t n, char *err);
-/* Creates DIR (and parents) if missing; checks it is a writable directory. */
-lt_status dir_prepare(const char *dir, char *err);
-
-/* PEFT adapter: adapter_config.json + adapter_model.safetensors (fp32). */
+/* PEFT adapter: adapter_config.json + adapter_model.safetensors (fp32) under dir. */
 lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err);
 /* Reads a PEFT adapter into new adapters on m. */
 lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const char *dir,
                             char *err);
-/* Merged checkpoint: config.json (as loaded) + model.safetensors (dtype: "bf16", "fp16" or
- * "fp32") + tokenizer.model. */
-lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *src_dir,
-                           const char *tokenizer_path, const char *dtype, const char *dir,
-                           char *err);
+/* Adds the two adapter files under dir to the set s (the LoRA adapters a; not full fine-tuning).
+ * what names the save in an out-of-memory message ("checkpoint DIR"). */
+lt_status peft_adapter_write(lt_afile_set *s, const lt_adapters *a, const char *dir,
+                             const char *what, char *err);
 
 /* ---- the trainer (train.c) ----------------------------------------------------------- */
 
@@ -219,8 +204,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                       const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
                       char *err);
 
-/* Training checkpoints (peft.c): the trainable tensors, AdamW state and a trainer_state.json
- * text, written as one atomic set under dir; for LoRA also a PEFT adapter. */
+/* ---- training checkpoints (checkpoint.c) ---------------------------------------------- */
+
+/* The trainable tensors, AdamW state and a trainer_state.json text, written as one atomic set
+ * under dir; for LoRA also a PEFT adapter. */
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
 /* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
 lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);

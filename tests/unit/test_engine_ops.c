@@ -294,18 +294,18 @@ static void test_textstream(void) {
     textstream_add(&st, "\xE4\xB8", 2); /* unfinished 世 */
     textstream_finish(&st);
     is_str(pieces[3], "\xEF\xBF\xBD", "an unfinished character ends as U+FFFD");
-    is_str(st.all, "a\xC3\xA9\xF0\x9F\x99\x82\xEF\xBF\xBD", "the whole text is kept");
-    free(st.all);
+    is_str(st.text.p, "a\xC3\xA9\xF0\x9F\x99\x82\xEF\xBF\xBD", "the whole text is kept");
+    lt_strbuf_free(&st.text);
     textstream bad = {0};
     textstream_add(&bad, "\x80x", 2);        /* a stray continuation byte */
     textstream_add(&bad, "\xC3(", 2);        /* a lead byte without its continuation */
     textstream_add(&bad, "\xED\xA0\x80", 3); /* a UTF-16 surrogate, not valid UTF-8 */
     textstream_add(&bad, "\xC0\xAF", 2);     /* an overlong '/' */
     textstream_finish(&bad);
-    is_str(bad.all,
+    is_str(bad.text.p,
            "\xEF\xBF\xBDx\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD",
            "invalid bytes become U+FFFD: the stream is always valid UTF-8");
-    free(bad.all);
+    lt_strbuf_free(&bad.text);
 }
 
 /* The forward: full-sequence (no cache) vs chunked KV cache with a sliding ring vs one token

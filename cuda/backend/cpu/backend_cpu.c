@@ -165,16 +165,6 @@ static int pool_threads(lt_ctx *ctx) {
 
 /* ---- argument checks ------------------------------------------------------------------------ */
 
-static lt_status fail(lt_ctx *ctx, const char *op, const char *msg) {
-    if (ctx) snprintf(ctx->err, LT_ERRLEN, "cpu %s: %s", op, msg);
-    return LT_ERR_ARG;
-}
-
-#define REQUIRE(cond, op, msg)                                                                     \
-    do {                                                                                           \
-        if (!(cond)) return fail(ctx, op, msg);                                                    \
-    } while (0)
-
 static int is_f32(const lt_tensor *t) {
     return t->dtype == LT_F32 && t->data;
 }
@@ -195,8 +185,7 @@ static lt_status cpu_init(lt_ctx *ctx) {
     }
     ctx->impl = pool_new(n);
     if (!ctx->impl) {
-        snprintf(ctx->err, LT_ERRLEN, "cpu: out of memory creating the thread pool");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu: out of memory creating the thread pool");
     }
     ctx->n_threads = ((cpu_pool *)ctx->impl)->n_threads;
     return LT_OK;
@@ -209,7 +198,8 @@ static void cpu_shutdown(lt_ctx *ctx) {
 
 static void *cpu_alloc(lt_ctx *ctx, size_t bytes) {
     void *p = calloc(1, bytes ? bytes : 1);
-    if (!p && ctx) snprintf(ctx->err, LT_ERRLEN, "cpu: out of memory allocating %zu bytes", bytes);
+    if (!p && ctx)
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cpu: out of memory allocating %zu bytes", bytes);
     return p;
 }
 
@@ -231,8 +221,8 @@ static lt_status cpu_sync(lt_ctx *ctx) {
 static void *cpu_host_alloc(lt_ctx *ctx, size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p && ctx)
-        snprintf(ctx->err, LT_ERRLEN, "cpu: out of memory allocating %zu bytes for checkpoints",
-                 bytes);
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cpu: out of memory allocating %zu bytes for checkpoints",
+                bytes);
     return p;
 }
 
@@ -448,10 +438,9 @@ lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt
         if (band > out) band = out;
         float *wf = malloc(sizeof(float) * (size_t)(band * in));
         if (!wf) {
-            if (ctx)
-                snprintf(ctx->err, LT_ERRLEN, "cpu matmul: out of memory (%lld x %lld band)",
-                         (long long)band, (long long)in);
-            return LT_ERR_MEMORY;
+            return lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY,
+                           "cpu matmul: out of memory (%lld x %lld band)", (long long)band,
+                           (long long)in);
         }
         for (int64_t r0 = 0; r0 < out; r0 += band) {
             int64_t nr = r0 + band <= out ? band : out - r0;
@@ -471,8 +460,7 @@ lt_status lt_cpu_matmul(lt_ctx *ctx, float *y, const float *x, const void *w, lt
     if (nt > out / MM_ROWS) nt = (int)(out / MM_ROWS) > 0 ? (int)(out / MM_ROWS) : 1;
     pool_run(ctx_pool(ctx), mm_task, &j, nt);
     if (j.oom) {
-        if (ctx) snprintf(ctx->err, LT_ERRLEN, "cpu matmul: out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu matmul: out of memory");
     }
     return LT_OK;
 }
@@ -498,15 +486,14 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
     if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
         char a[64], b[64], c[64];
-        snprintf(ctx->err, LT_ERRLEN, "cpu linear: shapes do not agree: y %s = x %s · W%s^T",
-                 lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "cpu linear: shapes do not agree: y %s = x %s · W%s^T",
+                       lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64),
+                       lt_shape_str(&w->w, c, 64));
     }
     float *xown;
     const float *xf = cpu_as_f32(&x, &xown);
     if (!xf) {
-        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory widening a bf16 input");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu linear: out of memory widening a bf16 input");
     }
     lt_status rc = lt_cpu_matmul(ctx, y.data, xf, w->w.data, w->w.dtype, T, in, out, 1);
     if (rc != LT_OK || !w->lora || !w->lora->enabled || !w->lora->a.data) {
@@ -518,15 +505,13 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
     int64_t r = lo->a.shape[0];
     float *xa = NULL, *d = NULL;
     if (lo->a.shape[1] != in || lo->b.shape[0] != out || lo->b.shape[1] != r) {
-        snprintf(ctx->err, LT_ERRLEN, "cpu %s: adapter shapes do not agree", op);
-        rc = LT_ERR_ARG;
+        rc = lt_fail(ctx->err, LT_ERR_ARG, "cpu %s: adapter shapes do not agree", op);
         goto out;
     }
     xa = malloc(sizeof(float) * (size_t)(T * r));
     d = malloc(sizeof(float) * (size_t)(T * out));
     if (!xa || !d) {
-        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory for the adapter path");
-        rc = LT_ERR_MEMORY;
+        rc = lt_fail(ctx->err, LT_ERR_MEMORY, "cpu linear: out of memory for the adapter path");
         goto out;
     }
     rc = lt_cpu_matmul(ctx, xa, xf, lo->a.data, LT_F32, T, in, r, 1); /* xa: [T, r] */
@@ -559,10 +544,9 @@ static lt_status cpu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt
     float *out = h.data;
     for (int64_t t = 0; t < T; t++) {
         if (id[t] < 0 || id[t] >= V) {
-            snprintf(ctx->err, LT_ERRLEN,
-                     "token id %d at position %lld is outside the vocabulary [0, %lld)", id[t],
-                     (long long)t, (long long)V);
-            return LT_ERR_ARG;
+            return lt_fail(ctx->err, LT_ERR_ARG,
+                           "token id %d at position %lld is outside the vocabulary [0, %lld)",
+                           id[t], (long long)t, (long long)V);
         }
         widen_row(out + t * H, table->w.data, table->w.dtype, id[t], H);
         for (int64_t i = 0; i < H; i++)
@@ -710,8 +694,7 @@ static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tenso
     if (nt > T * nh) nt = (int)(T * nh);
     pool_run(ctx_pool(ctx), attn_task, &j, nt);
     if (j.oom) {
-        snprintf(ctx->err, LT_ERRLEN, "cpu attention: out of memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu attention: out of memory");
     }
     return LT_OK;
 }

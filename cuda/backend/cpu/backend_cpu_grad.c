@@ -25,21 +25,6 @@
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
-static lt_status grad_fail(lt_ctx *ctx, const char *op, const char *msg) {
-    if (ctx) snprintf(ctx->err, LT_ERRLEN, "cpu %s: %s", op, msg);
-    return LT_ERR_ARG;
-}
-
-static lt_status grad_oom(lt_ctx *ctx, const char *op) {
-    if (ctx) snprintf(ctx->err, LT_ERRLEN, "cpu %s: out of memory", op);
-    return LT_ERR_MEMORY;
-}
-
-#define CHECK(cond, op, msg)                                                                       \
-    do {                                                                                           \
-        if (!(cond)) return grad_fail(ctx, op, msg);                                               \
-    } while (0)
-
 static int f32_ok(const lt_tensor *t) {
     return t->dtype == LT_F32 && t->data != NULL;
 }
@@ -93,36 +78,37 @@ static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, c
 lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
                               const lt_weight *w) {
     const char *op = "linear_backward";
-    CHECK(w && w->w.ndim == 2 && w->w.data, op, "weight must be a 2-D tensor");
+    REQUIRE(w && w->w.ndim == 2 && w->w.data, op, "weight must be a 2-D tensor");
     int64_t out = w->w.shape[0], in = w->w.shape[1];
-    CHECK(x.data && dy.data &&
-              (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
-              (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-          op, "dy and x must be fp32 (or bf16 with a bf16 weight)");
+    REQUIRE(x.data && dy.data &&
+                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
+                (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+            op, "dy and x must be fp32 (or bf16 with a bf16 weight)");
     int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
-    CHECK(last_dim(&x) == in && last_dim(&dy) == out && lt_tensor_numel(&dy) == T * out, op,
-          "shapes do not agree: dy [T, out], x [T, in], W [out, in]");
+    REQUIRE(last_dim(&x) == in && last_dim(&dy) == out && lt_tensor_numel(&dy) == T * out, op,
+            "shapes do not agree: dy [T, out], x [T, in], W [out, in]");
     if (wanted(&dx))
-        CHECK(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == T * in, op, "dx must be fp32 [T, in]");
+        REQUIRE(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == T * in, op,
+                "dx must be fp32 [T, in]");
     if (w->grad_w.data)
-        CHECK(w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in, op,
-              "grad_w must be fp32 [out, in]");
+        REQUIRE(w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in, op,
+                "grad_w must be fp32 [out, in]");
     const lt_lora *lo = w->lora;
     int use_lora = lo && lo->enabled && lo->a.data;
     int64_t r = use_lora ? lo->a.shape[0] : 0;
     if (use_lora)
-        CHECK(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
-              "adapter shapes do not agree");
+        REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r, op,
+                "adapter shapes do not agree");
     float *xown, *dyown, *wbuf = NULL, *u = NULL, *g = NULL;
     const float *xd = cpu_as_f32(&x, &xown), *dyd = cpu_as_f32(&dy, &dyown), *wf = NULL;
     lt_status rc = LT_OK;
     if (!xd || !dyd) {
-        rc = grad_oom(ctx, op);
+        rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
         goto out;
     }
     if (wanted(&dx)) {
         if (!(wf = cpu_as_f32(&w->w, &wbuf))) {
-            rc = grad_oom(ctx, op);
+            rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
             goto out;
         }
         gemm(0, 0, T, in, out, 1.0f, dyd, wf, 0.0f, dx.data); /* dx: [T, in] = dy·W */
@@ -132,7 +118,7 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     u = malloc(sizeof(float) * (size_t)(T * r + 1));
     g = malloc(sizeof(float) * (size_t)(T * r + 1));
     if (!u || !g) {
-        rc = grad_oom(ctx, op);
+        rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
         goto out;
     }
     const float *A = lo->a.data, *B = lo->b.data;
@@ -157,14 +143,14 @@ out:
 lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x,
                                lt_tensor w, float eps) {
     const char *op = "rmsnorm_backward";
-    CHECK(f32_ok(&dy) && f32_ok(&x) && f32_ok(&w), op, "dy, x and w must be fp32");
+    REQUIRE(f32_ok(&dy) && f32_ok(&x) && f32_ok(&w), op, "dy, x and w must be fp32");
     int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-    CHECK(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D, op,
-          "x and dy must be [N, numel(w)]");
+    REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D, op,
+            "x and dy must be [N, numel(w)]");
     if (wanted(&dx))
-        CHECK(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D, op, "dx must be [N, D]");
+        REQUIRE(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D, op, "dx must be [N, D]");
     if (wanted(&dw))
-        CHECK(dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D, op, "dw must be fp32 [D]");
+        REQUIRE(dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D, op, "dw must be fp32 [D]");
     const float *xs = x.data, *ws = w.data, *dys = dy.data;
     float *dxs = dx.data, *dws = dw.data;
     for (int64_t n = 0; n < N; n++) {
@@ -210,11 +196,13 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
     lt_status rc = cpu_attention_dims(ctx, op, q, k, v, qpos, kpos, &dims);
     if (rc != LT_OK) return rc;
     int64_t T = dims.T, nh = dims.nh, hd = dims.hd, S = dims.S, nkv = dims.nkv;
-    CHECK(f32_ok(&dout) && lt_tensor_numel(&dout) == T * nh * hd, op,
-          "dout must be fp32 [T, nh*hd]");
-    CHECK(f32_ok(&dq) && lt_tensor_numel(&dq) == T * nh * hd, op, "dq must be fp32 [T, nh, hd]");
-    CHECK(f32_ok(&dk) && lt_tensor_numel(&dk) == S * nkv * hd, op, "dk must be fp32 [S, nkv, hd]");
-    CHECK(f32_ok(&dv) && lt_tensor_numel(&dv) == S * nkv * hd, op, "dv must be fp32 [S, nkv, hd]");
+    REQUIRE(f32_ok(&dout) && lt_tensor_numel(&dout) == T * nh * hd, op,
+            "dout must be fp32 [T, nh*hd]");
+    REQUIRE(f32_ok(&dq) && lt_tensor_numel(&dq) == T * nh * hd, op, "dq must be fp32 [T, nh, hd]");
+    REQUIRE(f32_ok(&dk) && lt_tensor_numel(&dk) == S * nkv * hd, op,
+            "dk must be fp32 [S, nkv, hd]");
+    REQUIRE(f32_ok(&dv) && lt_tensor_numel(&dv) == S * nkv * hd, op,
+            "dv must be fp32 [S, nkv, hd]");
     const float *Q = q.data, *K = k.data, *V = v.data, *dO = dout.data;
     const int32_t *qp = qpos.data, *kp = kpos.data;
     float *dQ = dq.data, *dK = dk.data, *dV = dv.data;
@@ -222,7 +210,7 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
     memset(dK, 0, sizeof(float) * (size_t)(S * nkv * hd));
     memset(dV, 0, sizeof(float) * (size_t)(S * nkv * hd));
     float *P = malloc(sizeof(float) * (size_t)(2 * S + 1));
-    if (!P) return grad_oom(ctx, op);
+    if (!P) return lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
     float *dP = P + S;
     int64_t group = nh / nkv;
     for (int64_t t = 0; t < T; t++) {
@@ -285,16 +273,16 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
 lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
                              lt_tensor gate, lt_tensor up) {
     const char *op = "geglu_backward";
-    CHECK(f32_ok(&dy) && f32_ok(&gate) && f32_ok(&up), op, "dy, gate, up must be fp32");
+    REQUIRE(f32_ok(&dy) && f32_ok(&gate) && f32_ok(&up), op, "dy, gate, up must be fp32");
     int64_t n = lt_tensor_numel(&gate);
-    CHECK(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n, op, "dy, gate, up: one shape");
+    REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n, op, "dy, gate, up: one shape");
     /* fp32, or bf16 for gradients that only feed matmuls (backend.h) */
     if (wanted(&dgate))
-        CHECK((dgate.dtype == LT_F32 || dgate.dtype == LT_BF16) && lt_tensor_numel(&dgate) == n, op,
-              "dgate must be fp32 or bf16, gate's shape");
+        REQUIRE((dgate.dtype == LT_F32 || dgate.dtype == LT_BF16) && lt_tensor_numel(&dgate) == n,
+                op, "dgate must be fp32 or bf16, gate's shape");
     if (wanted(&dup))
-        CHECK((dup.dtype == LT_F32 || dup.dtype == LT_BF16) && lt_tensor_numel(&dup) == n, op,
-              "dup must be fp32 or bf16, up's shape");
+        REQUIRE((dup.dtype == LT_F32 || dup.dtype == LT_BF16) && lt_tensor_numel(&dup) == n, op,
+                "dup must be fp32 or bf16, up's shape");
     const float k0 = 0.7978845608028654f, c = 0.044715f;
     const float *g = gate.data, *u = up.data, *d = dy.data;
     for (int64_t i = 0; i < n; i++) {
@@ -315,18 +303,20 @@ lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_ten
 lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids,
                                  float scale) {
     const char *op = "embedding_backward";
-    CHECK(table && table->w.ndim == 2, op, "table must be a 2-D tensor");
+    REQUIRE(table && table->w.ndim == 2, op, "table must be a 2-D tensor");
     if (!table->grad_w.data) return LT_OK; /* the embedding is frozen */
     int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
-    CHECK(f32_ok(&dh) && ids.dtype == LT_I32 && ids.data && lt_tensor_numel(&dh) == T * H, op,
-          "dh must be fp32 [T, H] and ids I32 [T]");
-    CHECK(table->grad_w.dtype == LT_F32 && lt_tensor_numel(&table->grad_w) == V * H, op,
-          "grad_w must be fp32 [V, H]");
+    REQUIRE(f32_ok(&dh) && ids.dtype == LT_I32 && ids.data && lt_tensor_numel(&dh) == T * H, op,
+            "dh must be fp32 [T, H] and ids I32 [T]");
+    REQUIRE(table->grad_w.dtype == LT_F32 && lt_tensor_numel(&table->grad_w) == V * H, op,
+            "grad_w must be fp32 [V, H]");
     const int32_t *id = ids.data;
     const float *d = dh.data;
     float *gw = table->grad_w.data;
     for (int64_t t = 0; t < T; t++) {
-        if (id[t] < 0 || id[t] >= V) return grad_fail(ctx, op, "token id outside the vocabulary");
+        if (id[t] < 0 || id[t] >= V)
+            return lt_fail(ctx ? ctx->err : NULL, LT_ERR_ARG,
+                           "cpu %s: token id outside the vocabulary", op);
         float *row = gw + (int64_t)id[t] * H;
         for (int64_t i = 0; i < H; i++)
             row[i] += scale * d[t * H + i];
@@ -343,40 +333,39 @@ lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor 
 lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
                             const lt_weight *head, lt_tensor targets, float grad_scale) {
     const char *op = "cross_entropy";
-    CHECK(head && head->w.ndim == 2 && head->w.data, op, "head must be a 2-D tensor");
+    REQUIRE(head && head->w.ndim == 2 && head->w.data, op, "head must be a 2-D tensor");
     int64_t V = head->w.shape[0], H = head->w.shape[1];
-    CHECK(f32_ok(&h) && last_dim(&h) == H, op, "h must be fp32 [T, H]");
+    REQUIRE(f32_ok(&h) && last_dim(&h) == H, op, "h must be fp32 [T, H]");
     int64_t T = lt_tensor_numel(&h) / H;
-    CHECK(targets.dtype == LT_I32 && targets.data && lt_tensor_numel(&targets) == T, op,
-          "targets must be I32 [T]");
+    REQUIRE(targets.dtype == LT_I32 && targets.data && lt_tensor_numel(&targets) == T, op,
+            "targets must be I32 [T]");
     if (wanted(&dh))
-        CHECK(dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H, op, "dh must be [T, H]");
+        REQUIRE(dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H, op, "dh must be [T, H]");
     int want_gw =
         head->grad_w.data != NULL && wanted(&dh); /* a loss-only call leaves grads alone */
     if (want_gw)
-        CHECK(head->grad_w.dtype == LT_F32 && lt_tensor_numel(&head->grad_w) == V * H, op,
-              "head grad_w must be fp32 [V, H]");
+        REQUIRE(head->grad_w.dtype == LT_F32 && lt_tensor_numel(&head->grad_w) == V * H, op,
+                "head grad_w must be fp32 [V, H]");
     const int32_t *tg = targets.data;
     for (int64_t t = 0; t < T; t++)
         if (tg[t] != -100 && (tg[t] < 0 || tg[t] >= V)) {
-            snprintf(ctx->err, LT_ERRLEN,
-                     "cpu cross_entropy: target %d at row %lld is outside "
-                     "[0, %lld) and is not -100",
-                     tg[t], (long long)t, (long long)V);
-            return LT_ERR_ARG;
+            return lt_fail(ctx->err, LT_ERR_ARG,
+                           "cpu cross_entropy: target %d at row %lld is outside "
+                           "[0, %lld) and is not -100",
+                           tg[t], (long long)t, (long long)V);
         }
     int64_t chunk = (int64_t)(8u << 20) / V;
     if (chunk < 1) chunk = 1;
     if (chunk > T) chunk = T;
     float *z = malloc(sizeof(float) * (size_t)(chunk * V + 1));
-    if (!z) return grad_oom(ctx, op);
+    if (!z) return lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
     float *wbuf = NULL;
     const float *wf = NULL;
     if (wanted(&dh) || want_gw) {
         wf = cpu_as_f32(&head->w, &wbuf);
         if (!wf) {
             free(z);
-            return grad_oom(ctx, op);
+            return lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
         }
     }
     const float *hs = h.data;
@@ -431,12 +420,12 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step) {
     const char *op = "adamw";
-    CHECK(f32_ok(&param) && f32_ok(&grad) && f32_ok(&m) && f32_ok(&v), op,
-          "param, grad, m, v must be fp32");
+    REQUIRE(f32_ok(&param) && f32_ok(&grad) && f32_ok(&m) && f32_ok(&v), op,
+            "param, grad, m, v must be fp32");
     int64_t n = lt_tensor_numel(&param);
-    CHECK(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n, op,
-          "param, grad, m, v must have one shape");
-    CHECK(step >= 1, op, "step counts from 1");
+    REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n, op,
+            "param, grad, m, v must have one shape");
+    REQUIRE(step >= 1, op, "step counts from 1");
     float *p = param.data, *mm = m.data, *vv = v.data;
     const float *g = grad.data;
     double bc1 = 1.0 - pow((double)beta1, step), bc2 = 1.0 - pow((double)beta2, step);
@@ -455,7 +444,7 @@ lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, l
 /* ---- the extra ops ------------------------------------------------------------------------ */
 
 lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value) {
-    CHECK(f32_ok(&t), "fill", "t must be fp32");
+    REQUIRE(f32_ok(&t), "fill", "t must be fp32");
     float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
     if (value == 0.0f)
@@ -467,7 +456,7 @@ lt_status cpu_fill(lt_ctx *ctx, lt_tensor t, float value) {
 }
 
 lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s) {
-    CHECK(f32_ok(&t), "scale", "t must be fp32");
+    REQUIRE(f32_ok(&t), "scale", "t must be fp32");
     float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
     for (int64_t i = 0; i < n; i++)
@@ -476,7 +465,7 @@ lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s) {
 }
 
 lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
-    CHECK(f32_ok(&t), "sumsq", "t must be fp32");
+    REQUIRE(f32_ok(&t), "sumsq", "t must be fp32");
     const float *p = t.data;
     int64_t n = lt_tensor_numel(&t);
     double s = 0;
@@ -487,9 +476,9 @@ lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
 }
 
 lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed) {
-    CHECK(f32_ok(&y) && f32_ok(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "dropout",
-          "y, x must be fp32 of one shape");
-    CHECK(p >= 0.0f && p < 1.0f, "dropout", "p must be in [0, 1)");
+    REQUIRE(f32_ok(&y) && f32_ok(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), "dropout",
+            "y, x must be fp32 of one shape");
+    REQUIRE(p >= 0.0f && p < 1.0f, "dropout", "p must be in [0, 1)");
     const float *xs = x.data;
     float *ys = y.data;
     float keep = mul / (1.0f - p);

@@ -18,6 +18,13 @@
 
 #include "cuda/backend/backend.h"
 
+/* The argument check of every CPU op (backend_cpu.c and backend_cpu_grad.c): on failure
+ * ctx->err = "cpu <op>: <msg>" (ctx may be NULL) and the op returns LT_ERR_ARG at once. */
+#define REQUIRE(cond, op, msg)                                                                     \
+    do {                                                                                           \
+        if (!(cond)) return lt_fail(ctx ? ctx->err : NULL, LT_ERR_ARG, "cpu %s: %s", op, msg);     \
+    } while (0)
+
 lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x,
                               const lt_weight *w);
 lt_status cpu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor dy, lt_tensor x,

@@ -124,8 +124,7 @@ static cu_impl *impl_of(lt_ctx *ctx) {
 static lt_status cu_report(lt_ctx *ctx, const char *what, cudaError_t e, const char *file,
                            int line) {
     lt_status rc = (e == cudaErrorMemoryAllocation) ? LT_ERR_MEMORY : LT_ERR_DEVICE;
-    snprintf(ctx->err, LT_ERRLEN, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file,
-             line);
+    lt_fail(ctx->err, rc, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file, line);
     if (e != cudaErrorMemoryAllocation) cudaGetLastError(); /* clear a non-sticky error */
     return rc;
 }
@@ -153,9 +152,8 @@ static const char *blas_name(cublasStatus_t s) {
 
 static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, const char *file,
                              int line) {
-    snprintf(ctx->err, LT_ERRLEN, "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s,
-             file, line);
-    return s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE;
+    return lt_fail(ctx->err, s == CUBLAS_STATUS_ALLOC_FAILED ? LT_ERR_MEMORY : LT_ERR_DEVICE,
+                   "cublas: %s failed: %s (%d) (%s:%d)", what, blas_name(s), (int)s, file, line);
 }
 
 /* The one checking macro per kind: on failure, set rc and jump to the op's `done:` label. */
@@ -177,19 +175,13 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
     } while (0)
 /* After a kernel launch. */
 #define LAUNCHED() CU_TRY(cudaGetLastError())
-#define TRY(x)                                                                                     \
-    do {                                                                                           \
-        if ((rc = (x)) != LT_OK) goto done;                                                        \
-    } while (0)
-
-static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
-    snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
-    return LT_ERR_ARG;
-}
-#define REQUIRE(cond, msg)                                                                         \
+/* An op's argument check: ctx->err = "cuda <opname>: <msg>", rc = LT_ERR_ARG, then done:. (An
+ * op's other lt_status calls go through base/error.h's LT_TRY.) */
+#define CU_REQUIRE(cond, msg)                                                                      \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
-            rc = arg_fail(ctx, opname, msg);                                                       \
+            lt_fail(ctx->err, LT_ERR_ARG, "cuda %s: %s", opname, msg);                             \
+            rc = LT_ERR_ARG; /* seen by the compiler: an op's outputs are set when rc is LT_OK */  \
             goto done;                                                                             \
         }                                                                                          \
     } while (0)
@@ -260,11 +252,11 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
             cudaGetLastError();
             size_t fr = 0, tot = 0;
             cudaMemGetInfo(&fr, &tot);
-            snprintf(ctx->err, LT_ERRLEN,
-                     "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
-                     "free %.1f of %.1f MiB);"
-                     " try a smaller batch or max_seq",
-                     need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+            lt_fail(ctx->err, LT_ERR_MEMORY,
+                    "cuda: out of device memory allocating %.1f MiB (in use by lathe %.1f MiB, "
+                    "free %.1f of %.1f MiB);"
+                    " try a smaller batch or max_seq",
+                    need / 1048576.0, I->in_use / 1048576.0, fr / 1048576.0, tot / 1048576.0);
             return NULL;
         }
         I->reserved += need;
@@ -272,7 +264,7 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
     if (push_block(&I->live, &I->n_live, &I->cap_live, b) != 0) {
         cudaFree(b.p);
         I->reserved -= b.size;
-        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory tracking an allocation");
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory tracking an allocation");
         return NULL;
     }
     I->in_use += b.size;
@@ -437,7 +429,7 @@ static void *tmp_get(lt_ctx *ctx, size_t bytes) {
         return p;
     }
     if (I->n_tmp == (int)(sizeof I->tmp / sizeof I->tmp[0])) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda %s: too many temporaries (internal)", I->cur_op);
+        lt_fail(ctx->err, LT_ERR_MEMORY, "cuda %s: too many temporaries (internal)", I->cur_op);
         return NULL;
     }
     void *p = pool_get(ctx, bytes);
@@ -491,7 +483,7 @@ static lt_status to_cdt(lt_ctx *ctx, const float *x, int64_t rows, int64_t cols,
         void *d = tmp_get(ctx, (size_t)(rows * cols) * 2);
         float *s = NULL, *iv = NULL;
         if (!d) return LT_ERR_MEMORY;
-        if (cdt == LT_F16) TRY(fp16_scale(ctx, x, rows * cols, &s, &iv));
+        if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, x, rows * cols, &s, &iv));
         k_cast_rows(I->stream, d, cdt, cols, x, cols, rows, cols, s);
         LAUNCHED();
         o->p = d;
@@ -579,15 +571,15 @@ static lt_status small_product(lt_ctx *ctx, int ta, int tb, int64_t M, int64_t N
     if (cdt == LT_BF16) {
         void *p = tmp_get(ctx, (size_t)(M * N) * 2);
         if (!p) return LT_ERR_MEMORY;
-        TRY(gemm_as(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, LT_BF16, N, 0, 1));
+        LT_TRY(gemm_as(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, LT_BF16, N, 0, 1));
         *P = (opnd){p, LT_BF16, NULL};
         return LT_OK;
     }
     {
         float *p = (float *)tmp_get(ctx, (size_t)(M * N) * 4);
         if (!p) return LT_ERR_MEMORY;
-        TRY(gemm(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, N, 0, 1));
-        TRY(to_cdt(ctx, p, M, N, cdt, P));
+        LT_TRY(gemm(ctx, ta, tb, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0, p, N, 0, 1));
+        LT_TRY(to_cdt(ctx, p, M, N, cdt, P));
     }
 done:
     return rc;
@@ -622,8 +614,7 @@ static lt_status cu_init(lt_ctx *ctx) {
     lt_status rc = LT_OK;
     cu_impl *I = (cu_impl *)calloc(1, sizeof(cu_impl));
     if (!I) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda: out of host memory");
-        return LT_ERR_MEMORY;
+        return lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory");
     }
     ctx->impl = I;
     {
@@ -631,8 +622,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         cudaError_t e = cudaGetDeviceCount(&n);
         if (e != cudaSuccess || n == 0) {
             cudaGetLastError();
-            snprintf(ctx->err, LT_ERRLEN, "cuda: no CUDA device available%s%s",
-                     e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
+            lt_fail(ctx->err, LT_ERR_DEVICE, "cuda: no CUDA device available%s%s",
+                    e != cudaSuccess ? ": " : "", e != cudaSuccess ? cudaGetErrorString(e) : "");
             free(I);
             ctx->impl = NULL;
             return LT_ERR_DEVICE;
@@ -719,7 +710,7 @@ static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
     if (p && cudaMemsetAsync(p, 0, bytes ? bytes : 1, I->stream) != cudaSuccess) {
         cudaGetLastError();
         pool_put(ctx, p);
-        snprintf(ctx->err, LT_ERRLEN, "cuda: clearing a new buffer failed");
+        lt_fail(ctx->err, LT_ERR_DEVICE, "cuda: clearing a new buffer failed");
         return NULL;
     }
     return p;
@@ -794,9 +785,9 @@ static void *cu_host_alloc(lt_ctx *ctx, size_t bytes) {
         slot_i < 0 ? cudaErrorMemoryAllocation : cudaHostAlloc(&p, bytes ? bytes : 1, 0);
     if (e != cudaSuccess) {
         cudaGetLastError();
-        snprintf(ctx->err, LT_ERRLEN,
-                 "cuda: could not lock %.1f MiB of host memory for checkpoints",
-                 (double)bytes / 1048576.0);
+        lt_fail(ctx->err, LT_ERR_MEMORY,
+                "cuda: could not lock %.1f MiB of host memory for checkpoints",
+                (double)bytes / 1048576.0);
         return NULL;
     }
     I->pinned[slot_i].p = p;
@@ -865,12 +856,12 @@ static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     int bad = 0;
-    REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, "h must be fp32 and ids I32");
-    REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype),
-            "table must be a 2-D float tensor");
+    CU_REQUIRE(is_f32(&h) && ids.dtype == LT_I32 && ids.data, "h must be fp32 and ids I32");
+    CU_REQUIRE(table && table->w.ndim == 2 && table->w.data && is_float(table->w.dtype),
+               "table must be a 2-D float tensor");
     {
         int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
-        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        CU_REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
         CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
         k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data,
                     table->w.dtype, V, H, scale, I->dflag);
@@ -878,9 +869,8 @@ static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN, "a token id is outside the vocabulary [0, %lld)",
-                     (long long)V);
-            rc = LT_ERR_ARG;
+            rc = lt_fail(ctx->err, LT_ERR_ARG, "a token id is outside the vocabulary [0, %lld)",
+                         (long long)V);
         }
     }
 done:
@@ -896,43 +886,43 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
     const char *opname = "linear";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
-            "weight must be a 2-D float tensor");
-    REQUIRE(is_f32(&y) && x.data &&
-                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-            "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
+    CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+               "weight must be a 2-D float tensor");
+    CU_REQUIRE(is_f32(&y) && x.data &&
+                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+               "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
         if (last_dim(&x) != in || last_dim(&y) != out || lt_tensor_numel(&y) != T * out) {
             char a[64], b[64], c[64];
-            snprintf(ctx->err, LT_ERRLEN, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
-                     lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
-            rc = LT_ERR_ARG;
+            rc = lt_fail(
+                ctx->err, LT_ERR_ARG, "cuda linear: shapes do not agree: y %s = x %s · W%s^T",
+                lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
             goto done;
         }
         lt_dtype cdt = w->w.dtype;
         opnd X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
-        if (x.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        if (x.dtype == LT_F32) LT_TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
         /* The adapter path goes first and writes y; the main GEMM then adds into it (beta 1),
          * where reading y hides under its arithmetic, instead of a second pass over y. */
         if (use_lora) {
             int64_t r = lo->a.shape[0];
-            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
-                    "adapter shapes do not agree");
+            CU_REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                       "adapter shapes do not agree");
             opnd A, B, XA;
-            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
-            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
-            TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA)); /* [T, r] */
+            LT_TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            LT_TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            LT_TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA)); /* [T, r] */
             /* y = scale · XA [T, r] · B [out, r]ᵀ */
-            TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data, out,
-                     0, 1));
+            LT_TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data,
+                        out, 0, 1));
         }
         /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
-        TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data, out,
-                 0, 1));
+        LT_TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data,
+                    out, 0, 1));
     }
 done:
     return op_end(ctx, rc);
@@ -943,12 +933,12 @@ static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, 
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&x) && is_f32(&w) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
-            "x and w must be fp32, y fp32 or bf16");
+    CU_REQUIRE(is_f32(&x) && is_f32(&w) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+               "x and w must be fp32, y fp32 or bf16");
     {
         int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D,
-                "x, y must be [N, numel(w)]");
+        CU_REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&y) == N * D,
+                   "x, y must be [N, numel(w)]");
         k_rmsnorm(I->stream, y.data, y.dtype, (const float *)x.data, (const float *)w.data, N, D,
                   eps);
         LAUNCHED();
@@ -992,14 +982,14 @@ static lt_status rope_common(lt_ctx *ctx, const char *opname, lt_tensor x, lt_te
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data,
-            "x must be fp32 [T, heads, hd], pos I32");
+    CU_REQUIRE(is_f32(&x) && x.ndim == 3 && pos.dtype == LT_I32 && pos.data,
+               "x must be fp32 [T, heads, hd], pos I32");
     {
         int64_t T = x.shape[0], nh = x.shape[1], hd = x.shape[2];
-        REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, "pos must be [T] and hd even");
-        REQUIRE(hd <= 1024, "head_dim above 1024");
+        CU_REQUIRE(lt_tensor_numel(&pos) == T && hd % 2 == 0, "pos must be [T] and hd even");
+        CU_REQUIRE(hd <= 1024, "head_dim above 1024");
         const float *inv = NULL;
-        TRY(rope_table(ctx, theta, factor, (int)hd, &inv));
+        LT_TRY(rope_table(ctx, theta, factor, (int)hd, &inv));
         k_rope(I->stream, (float *)x.data, (const int32_t *)pos.data, inv, T, nh, hd, dir);
         LAUNCHED();
     }
@@ -1034,22 +1024,22 @@ typedef struct attn_dims {
 static lt_status attn_check(lt_ctx *ctx, const char *opname, lt_tensor q, lt_tensor k, lt_tensor v,
                             lt_tensor qpos, lt_tensor kpos, attn_dims *d) {
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), "q, k, v must be fp32");
-    REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3,
-            "q must be [T, nh, hd], k and v [S, nkv, hd]");
-    REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data,
-            "positions must be I32");
+    CU_REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v), "q, k, v must be fp32");
+    CU_REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3,
+               "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    CU_REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && qpos.data && kpos.data,
+               "positions must be I32");
     d->T = q.shape[0];
     d->nh = q.shape[1];
     d->hd = q.shape[2];
     d->S = k.shape[0];
     d->nkv = k.shape[1];
-    REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv &&
-                v.shape[2] == d->hd,
-            "k, v shapes disagree");
-    REQUIRE(d->nkv > 0 && d->nh % d->nkv == 0, "nh must be a multiple of nkv");
-    REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S,
-            "qpos must be [T] and kpos [S]");
+    CU_REQUIRE(k.shape[2] == d->hd && v.shape[0] == d->S && v.shape[1] == d->nkv &&
+                   v.shape[2] == d->hd,
+               "k, v shapes disagree");
+    CU_REQUIRE(d->nkv > 0 && d->nh % d->nkv == 0, "nh must be a multiple of nkv");
+    CU_REQUIRE(lt_tensor_numel(&qpos) == d->T && lt_tensor_numel(&kpos) == d->S,
+               "qpos must be [T] and kpos [S]");
     d->g = d->nh / d->nkv;
 done:
     return rc;
@@ -1122,7 +1112,7 @@ static lt_status pack_all(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opnd *o
     float *s = NULL, *iv = NULL;
     void *d = tmp_get(ctx, (size_t)(S * H * hd) * (cdt == LT_F32 ? 4 : 2));
     if (!d) return LT_ERR_MEMORY;
-    if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)t->data, S * H * hd, &s, &iv));
+    if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, (const float *)t->data, S * H * hd, &s, &iv));
     k_pack_heads(I->stream, d, cdt, (const float *)t->data, 0, S, H, hd, s);
     LAUNCHED();
     o->p = d;
@@ -1150,9 +1140,9 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
     lt_status rc = LT_OK;
     key_plan kpn = {NULL, NULL};
     attn_dims D;
-    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
-    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd,
-            "out must be fp32 [T, nh*hd]");
+    LT_TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    CU_REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd,
+               "out must be fp32 [T, nh*hd]");
     if (D.T == 0) goto done;
     {
         lt_dtype cdt = I->prec;
@@ -1163,11 +1153,11 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             goto done;
         }
         opnd K, V;
-        TRY(pack_all(ctx, &k, cdt, &K));
-        TRY(pack_all(ctx, &v, cdt, &V));
+        LT_TRY(pack_all(ctx, &k, cdt, &K));
+        LT_TRY(pack_all(ctx, &v, cdt, &V));
         if (flash_ok(ctx, &D, cdt, 0)) {
             opnd Q;
-            TRY(pack_all(ctx, &q, cdt, &Q));
+            LT_TRY(pack_all(ctx, &q, cdt, &Q));
             k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, (float *)out.data, NULL, NULL,
                             NULL, (const int32_t *)qpos.data, (const int32_t *)kpos.data, (int)T,
                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv);
@@ -1175,9 +1165,9 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             goto done;
         }
         float *qs = NULL, *qinv = NULL;
-        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+        if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
         int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
-        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
         if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows)
             Tq = I->keyrange_rows; /* smaller chunks skip more masked keys */
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
@@ -1197,15 +1187,15 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             LAUNCHED();
             opnd Q = {qc, cdt, qinv}, Ks = opnd_at(&K, s0 * hd), Vs = opnd_at(&V, s0 * hd);
             /* per KV head: scores [g*tq, sl] = Q_group [g*tq, hd] · K_kv[s0:s0+sl]ᵀ * scale */
-            TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc,
-                     sl, g * tq * sl, (int)nkv));
+            LT_TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0,
+                        sc, sl, g * tq * sl, (int)nkv));
             k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
                              (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
             LAUNCHED();
             opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
             /* o [g*tq, hd] = P [g*tq, sl] · V_kv [s0:s0+sl, hd] */
-            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0, oc,
-                     hd, g * tq * hd, (int)nkv));
+            LT_TRY(gemm(ctx, 0, 0, g * tq, hd, sl, 1.0f, &P, sl, g * tq * sl, &Vs, hd, S * hd, 0,
+                        oc, hd, g * tq * hd, (int)nkv));
             k_unpack_heads(I->stream, (float *)out.data, oc, t0, tq, nh, hd);
             LAUNCHED();
         }
@@ -1219,12 +1209,12 @@ static lt_status cu_geglu(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up
     const char *opname = "geglu";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&gate) && is_f32(&up) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
-            "gate, up must be fp32, y fp32 or bf16");
+    CU_REQUIRE(is_f32(&gate) && is_f32(&up) && y.data && (y.dtype == LT_F32 || y.dtype == LT_BF16),
+               "gate, up must be fp32, y fp32 or bf16");
     {
         int64_t n = lt_tensor_numel(&gate);
-        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n,
-                "y, gate, up must have one shape");
+        CU_REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&y) == n,
+                   "y, gate, up must have one shape");
         k_geglu(impl_of(ctx)->stream, y.data, y.dtype, (const float *)gate.data,
                 (const float *)up.data, n);
         LAUNCHED();
@@ -1237,8 +1227,8 @@ static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
     const char *opname = "add";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
-            "y, x must be fp32, one shape");
+    CU_REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+               "y, x must be fp32, one shape");
     k_add(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&y));
     LAUNCHED();
 done:
@@ -1253,55 +1243,55 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
-            "weight must be a 2-D float tensor");
-    REQUIRE(x.data && dy.data &&
-                (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
-                (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-            "dy and x must be fp32 (or bf16 with a bf16 weight)");
+    CU_REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
+    CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
+               "weight must be a 2-D float tensor");
+    CU_REQUIRE(x.data && dy.data &&
+                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
+                   (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
+               "dy and x must be fp32 (or bf16 with a bf16 weight)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
-        REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out,
-                "dy must be [T, out], x [T, in]");
-        REQUIRE(!dx.data || lt_tensor_numel(&dx) == T * in, "dx must be [T, in]");
-        REQUIRE(!w->grad_w.data ||
-                    (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
-                "grad_w must be fp32 [out, in]");
+        CU_REQUIRE(last_dim(&x) == in && lt_tensor_numel(&dy) == T * out && last_dim(&dy) == out,
+                   "dy must be [T, out], x [T, in]");
+        CU_REQUIRE(!dx.data || lt_tensor_numel(&dx) == T * in, "dx must be [T, in]");
+        CU_REQUIRE(!w->grad_w.data ||
+                       (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
+                   "grad_w must be fp32 [out, in]");
         lt_dtype cdt = w->w.dtype;
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
         opnd DY = {dy.data, LT_BF16, NULL}, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
-        if (dy.dtype == LT_F32) TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
+        if (dy.dtype == LT_F32) LT_TRY(to_cdt(ctx, (const float *)dy.data, T, out, cdt, &DY));
         if ((w->grad_w.data || use_lora) && x.dtype == LT_F32)
-            TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+            LT_TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
         if (w->grad_w.data) /* grad_w [out, in] += DYᵀ · X */
-            TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1,
-                     (float *)w->grad_w.data, in, 0, 1));
+            LT_TRY(gemm(ctx, 1, 0, out, in, T, 1.0f, &DY, out, 0, &X, in, 0, 1,
+                        (float *)w->grad_w.data, in, 0, 1));
         if (use_lora) {
             int64_t r = lo->a.shape[0];
-            REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
-                    "adapter shapes do not agree");
+            CU_REQUIRE(lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r,
+                       "adapter shapes do not agree");
             opnd A, B, XA, G;
-            TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
-            TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
+            LT_TRY(adapter_opnd(ctx, &lo->a, cdt, &A));
+            LT_TRY(adapter_opnd(ctx, &lo->b, cdt, &B));
             if (lo->grad_b.data) { /* grad_b [out, r] += scale · DYᵀ · XA, XA = x·Aᵀ [T, r] */
-                TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA));
-                TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
-                         (float *)lo->grad_b.data, r, 0, 1));
+                LT_TRY(small_product(ctx, 0, 1, T, r, in, &X, in, &A, in, cdt, &XA));
+                LT_TRY(gemm(ctx, 1, 0, out, r, T, lo->scale, &DY, out, 0, &XA, r, 0, 1,
+                            (float *)lo->grad_b.data, r, 0, 1));
             }
-            TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, &G)); /* dy·B */
+            LT_TRY(small_product(ctx, 0, 0, T, r, out, &DY, out, &B, r, cdt, &G)); /* dy·B */
             if (lo->grad_a.data) /* grad_a [r, in] += scale · Gᵀ · X */
-                TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
-                         (float *)lo->grad_a.data, in, 0, 1));
+                LT_TRY(gemm(ctx, 1, 0, r, in, T, lo->scale, &G, r, 0, &X, in, 0, 1,
+                            (float *)lo->grad_a.data, in, 0, 1));
             if (dx.data) /* dx = scale · G [T, r] · A [r, in]  (the main GEMM adds to it below) */
-                TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0, (float *)dx.data,
-                         in, 0, 1));
+                LT_TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0,
+                            (float *)dx.data, in, 0, 1));
         }
         if (dx.data) /* dx [T, in] (+)= DY [T, out] · W [out, in] */
-            TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora,
-                     (float *)dx.data, in, 0, 1));
+            LT_TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora,
+                        (float *)dx.data, in, 0, 1));
     }
 done:
     return op_end(ctx, rc);
@@ -1313,15 +1303,15 @@ static lt_status cu_rmsnorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&dy) && is_f32(&x) && is_f32(&w), "dy, x and w must be fp32");
+    CU_REQUIRE(is_f32(&dy) && is_f32(&x) && is_f32(&w), "dy, x and w must be fp32");
     {
         int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
-        REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D,
-                "x, dy must be [N, numel(w)]");
-        REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D),
-                "dx must be fp32 [N, D]");
-        REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D),
-                "dw must be fp32 [D]");
+        CU_REQUIRE(D > 0 && lt_tensor_numel(&x) == N * D && lt_tensor_numel(&dy) == N * D,
+                   "x, dy must be [N, numel(w)]");
+        CU_REQUIRE(!dx.data || (dx.dtype == LT_F32 && lt_tensor_numel(&dx) == N * D),
+                   "dx must be fp32 [N, D]");
+        CU_REQUIRE(!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D),
+                   "dw must be fp32 [D]");
         k_rmsnorm_backward(I->stream, (float *)dx.data, (float *)dw.data, (const float *)dy.data,
                            (const float *)x.data, (const float *)w.data, N, D, eps, I->n_sm);
         LAUNCHED();
@@ -1351,27 +1341,27 @@ static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, c
         LAUNCHED();
         opnd Q = {qc, cdt, qinv}, DO = {doc, cdt, dinv}, Ks = opnd_at(K, s0 * hd),
              Vs = opnd_at(V, s0 * hd);
-        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc, sl,
-                 g * tq * sl, (int)nkv));
+        LT_TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0, sc,
+                    sl, g * tq * sl, (int)nkv));
         /* sc <- P (fp32), p16 <- P in cdt */
         k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data,
                          (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
         LAUNCHED();
         opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
         /* dP [g*tq, sl] = dO [g*tq, hd] · V_kv [s0:s0+sl, hd]ᵀ */
-        TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp, sl,
-                 g * tq * sl, (int)nkv));
+        LT_TRY(gemm(ctx, 0, 1, g * tq, sl, hd, 1.0f, &DO, hd, g * tq * hd, &Vs, hd, S * hd, 0, dp,
+                    sl, g * tq * sl, (int)nkv));
         /* dv_kv [s0:s0+sl, hd] += P_groupᵀ [sl, g*tq] · dO_group [g*tq, hd] */
         if (dv.data)
-            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, 1.0f, &P, sl, g * tq * sl, &DO, hd, g * tq * hd, 1,
-                     (float *)dv.data + s0 * ldkv, ldkv, hd, (int)nkv));
+            LT_TRY(gemm(ctx, 1, 0, sl, hd, g * tq, 1.0f, &P, sl, g * tq * sl, &DO, hd, g * tq * hd,
+                        1, (float *)dv.data + s0 * ldkv, ldkv, hd, (int)nkv));
         /* dS = P ⊙ (dP - rowsum(P ⊙ dP)), in place in dp */
         k_softmax_backward(I->stream, dp, sc, nh * tq, sl);
         LAUNCHED();
         opnd DS = {dp, LT_F32, NULL};
         if (cdt != LT_F32) {
             float *s2 = NULL, *i2 = NULL;
-            if (cdt == LT_F16) TRY(fp16_scale(ctx, dp, nh * tq * sl, &s2, &i2));
+            if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, dp, nh * tq * sl, &s2, &i2));
             k_cast_rows(I->stream, ds16, cdt, sl, dp, sl, nh * tq, sl, s2);
             LAUNCHED();
             DS.p = ds16;
@@ -1380,12 +1370,12 @@ static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, c
         }
         /* dk_kv [s0:s0+sl, hd] += scale · dS_groupᵀ · Q_group */
         if (dk.data)
-            TRY(gemm(ctx, 1, 0, sl, hd, g * tq, scale, &DS, sl, g * tq * sl, &Q, hd, g * tq * hd, 1,
-                     (float *)dk.data + s0 * ldkv, ldkv, hd, (int)nkv));
+            LT_TRY(gemm(ctx, 1, 0, sl, hd, g * tq, scale, &DS, sl, g * tq * sl, &Q, hd, g * tq * hd,
+                        1, (float *)dk.data + s0 * ldkv, ldkv, hd, (int)nkv));
         /* dq_group [g*tq, hd] = scale · dS_group · K_kv[s0:s0+sl] */
         if (dq.data) {
-            TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0,
-                     dqc, hd, g * tq * hd, (int)nkv));
+            LT_TRY(gemm(ctx, 0, 0, g * tq, hd, sl, scale, &DS, sl, g * tq * sl, &Ks, hd, S * hd, 0,
+                        dqc, hd, g * tq * hd, (int)nkv));
             k_unpack_heads(I->stream, (float *)dq.data, dqc, t0, tq, nh, hd);
             LAUNCHED();
         }
@@ -1403,15 +1393,15 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
     lt_status rc = LT_OK;
     key_plan kpn = {NULL, NULL};
     attn_dims D;
-    TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
-    REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd,
-            "dout must be fp32 [T, nh*hd]");
-    REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd),
-            "dq must be fp32 [T, nh, hd]");
-    REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd),
-            "dk must be fp32 [S, nkv, hd]");
-    REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd),
-            "dv must be fp32 [S, nkv, hd]");
+    LT_TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
+    CU_REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd,
+               "dout must be fp32 [T, nh*hd]");
+    CU_REQUIRE(!dq.data || (dq.dtype == LT_F32 && lt_tensor_numel(&dq) == D.T * D.nh * D.hd),
+               "dq must be fp32 [T, nh, hd]");
+    CU_REQUIRE(!dk.data || (dk.dtype == LT_F32 && lt_tensor_numel(&dk) == D.S * D.nkv * D.hd),
+               "dk must be fp32 [S, nkv, hd]");
+    CU_REQUIRE(!dv.data || (dv.dtype == LT_F32 && lt_tensor_numel(&dv) == D.S * D.nkv * D.hd),
+               "dv must be fp32 [S, nkv, hd]");
     {
         lt_dtype cdt = I->prec;
         size_t esz = cdt == LT_F32 ? 4 : 2;
@@ -1421,19 +1411,19 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         if (dq.data) CU_TRY(cudaMemsetAsync(dq.data, 0, (size_t)(T * nh * hd) * 4, I->stream));
         if (T == 0 || S == 0) goto done;
         opnd K, V;
-        TRY(pack_all(ctx, &k, cdt, &K));
-        TRY(pack_all(ctx, &v, cdt, &V));
+        LT_TRY(pack_all(ctx, &k, cdt, &K));
+        LT_TRY(pack_all(ctx, &v, cdt, &V));
         if (flash_ok(ctx, &D, cdt, 1)) {
             /* pass 1: the forward again for each row's log-sum-exp and D = Σ dout·out; pass 2:
              * dq, dk and dv, accumulated into the zeroes above (one kernel where it fits) */
             opnd Q, DO;
-            TRY(pack_all(ctx, &q, cdt, &Q));
+            LT_TRY(pack_all(ctx, &q, cdt, &Q));
             lt_tensor d3 = dout;
             d3.ndim = 3;
             d3.shape[0] = T;
             d3.shape[1] = nh;
             d3.shape[2] = hd;
-            TRY(pack_all(ctx, &d3, cdt, &DO));
+            LT_TRY(pack_all(ctx, &d3, cdt, &DO));
             float *lse = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
             float *dd = (float *)tmp_get(ctx, (size_t)(nh * T) * 4);
             if (!lse || !dd) {
@@ -1454,11 +1444,11 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         }
         float *qs = NULL, *qinv = NULL, *ds = NULL, *dinv = NULL;
         if (cdt == LT_F16) {
-            TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
-            TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
+            LT_TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
+            LT_TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
         }
         int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
-        TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
         if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows) Tq = I->keyrange_rows;
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
@@ -1485,17 +1475,17 @@ static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, 
     const char *opname = "geglu_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&dy) && is_f32(&gate) && is_f32(&up), "dy, gate, up must be fp32");
+    CU_REQUIRE(is_f32(&dy) && is_f32(&gate) && is_f32(&up), "dy, gate, up must be fp32");
     {
         int64_t n = lt_tensor_numel(&gate);
-        REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n,
-                "dy, gate, up must have one shape");
-        REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
-        REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
+        CU_REQUIRE(lt_tensor_numel(&up) == n && lt_tensor_numel(&dy) == n,
+                   "dy, gate, up must have one shape");
+        CU_REQUIRE(!dgate.data || lt_tensor_numel(&dgate) == n, "dgate must match gate");
+        CU_REQUIRE(!dup.data || lt_tensor_numel(&dup) == n, "dup must match up");
         lt_dtype odt = dgate.data ? dgate.dtype : dup.dtype;
-        REQUIRE((odt == LT_F32 || odt == LT_BF16) && (!dgate.data || dgate.dtype == odt) &&
-                    (!dup.data || dup.dtype == odt),
-                "dgate and dup must be fp32 or bf16, one dtype");
+        CU_REQUIRE((odt == LT_F32 || odt == LT_BF16) && (!dgate.data || dgate.dtype == odt) &&
+                       (!dup.data || dup.dtype == odt),
+                   "dgate and dup must be fp32 or bf16, one dtype");
         k_geglu_backward(impl_of(ctx)->stream, dgate.data, dup.data, odt, (const float *)dy.data,
                          (const float *)gate.data, (const float *)up.data, n);
         LAUNCHED();
@@ -1509,13 +1499,13 @@ static lt_status cu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_t
     const char *opname = "embedding_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(table && table->w.ndim == 2, "table must be 2-D");
+    CU_REQUIRE(table && table->w.ndim == 2, "table must be 2-D");
     if (!table->grad_w.data) goto done; /* frozen embedding: nothing to accumulate */
-    REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32,
-            "dh, grad fp32 and ids I32");
+    CU_REQUIRE(is_f32(&dh) && ids.dtype == LT_I32 && ids.data && table->grad_w.dtype == LT_F32,
+               "dh, grad fp32 and ids I32");
     {
         int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
-        REQUIRE(lt_tensor_numel(&dh) == T * H, "dh must be [T, H]");
+        CU_REQUIRE(lt_tensor_numel(&dh) == T * H, "dh must be [T, H]");
         k_embedding_backward(impl_of(ctx)->stream, (float *)table->grad_w.data,
                              (const float *)dh.data, (const int32_t *)ids.data, T, V, H, scale);
         LAUNCHED();
@@ -1532,18 +1522,18 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
     lt_status rc = LT_OK;
     float *loss = NULL;
     int bad = 0;
-    REQUIRE(loss_sum, "loss_sum is NULL");
-    REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
-            "h must be fp32 and targets I32");
-    REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype),
-            "head must be a 2-D float tensor");
-    REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data),
-            "an adapter on the output head is not supported");
+    CU_REQUIRE(loss_sum, "loss_sum is NULL");
+    CU_REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
+               "h must be fp32 and targets I32");
+    CU_REQUIRE(head && head->w.ndim == 2 && head->w.data && is_float(head->w.dtype),
+               "head must be a 2-D float tensor");
+    CU_REQUIRE(!(head->lora && head->lora->enabled && head->lora->a.data),
+               "an adapter on the output head is not supported");
     {
         int64_t V = head->w.shape[0], H = head->w.shape[1], T = lt_tensor_numel(&targets);
-        REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
-        REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H),
-                "dh must be fp32 [T, H]");
+        CU_REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
+        CU_REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H),
+                   "dh must be fp32 [T, H]");
         int want_grad = dh.data != NULL; /* a loss-only call leaves the head's gradient alone */
         lt_dtype cdt = head->w.dtype;
         *loss_sum = 0;
@@ -1551,8 +1541,8 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         loss = (float *)malloc(sizeof(float) * (size_t)T);
         float *dloss = (float *)tmp_get(ctx, sizeof(float) * (size_t)T);
         if (!loss || !dloss) {
-            if (!loss) snprintf(ctx->err, LT_ERRLEN, "cuda cross_entropy: out of host memory");
             rc = LT_ERR_MEMORY;
+            if (!loss) lt_fail(ctx->err, rc, "cuda cross_entropy: out of host memory");
             goto done;
         }
         /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB
@@ -1574,7 +1564,7 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
          * bits; alpha of the gradient GEMMs divides it out again. */
         float gmul = cdt == LT_F16 ? 4096.0f : 1.0f;
         float *hs = NULL, *hinv = NULL;
-        if (cdt == LT_F16) TRY(fp16_scale(ctx, (const float *)h.data, T * H, &hs, &hinv));
+        if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, (const float *)h.data, T * H, &hs, &hinv));
         void *hc = cdt == LT_F32 ? NULL : tmp_get(ctx, (size_t)(Tc * H) * 2);
         if (cdt != LT_F32 && !hc) {
             rc = LT_ERR_MEMORY;
@@ -1596,28 +1586,27 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
                 Hc.inv = hinv;
             }
             /* logits [tc, V] = Hc [tc, H] · W [V, H]ᵀ */
-            TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
+            LT_TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
             k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0,
                         want_grad ? dlog : NULL, cdt, gmul, I->dflag);
             LAUNCHED();
             if (!want_grad) continue;
             opnd DL = {dlog, cdt, NULL};
             if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
-                TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0,
-                         (float *)dh.data + t0 * H, H, 0, 1));
+                LT_TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0,
+                            (float *)dh.data + t0 * H, H, 0, 1));
             if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
-                TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1,
-                         (float *)head->grad_w.data, H, 0, 1));
+                LT_TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1,
+                            (float *)head->grad_w.data, H, 0, 1));
         }
         CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost,
                                I->stream));
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
-            snprintf(ctx->err, LT_ERRLEN,
-                     "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
-                     (long long)V);
-            rc = LT_ERR_ARG;
+            rc = lt_fail(ctx->err, LT_ERR_ARG,
+                         "cuda cross_entropy: a target is outside [0, %lld) and is not -100",
+                         (long long)V);
             goto done;
         }
         double s = 0;
@@ -1636,13 +1625,14 @@ static lt_status cu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tenso
     const char *opname = "adamw";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v),
-            "param, grad, m, v must be fp32");
-    REQUIRE(step >= 1, "step counts from 1");
+    CU_REQUIRE(is_f32(&param) && is_f32(&grad) && is_f32(&m) && is_f32(&v),
+               "param, grad, m, v must be fp32");
+    CU_REQUIRE(step >= 1, "step counts from 1");
     {
         int64_t n = lt_tensor_numel(&param);
-        REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n && lt_tensor_numel(&v) == n,
-                "param, grad, m, v must have one shape");
+        CU_REQUIRE(lt_tensor_numel(&grad) == n && lt_tensor_numel(&m) == n &&
+                       lt_tensor_numel(&v) == n,
+                   "param, grad, m, v must have one shape");
         double bc1 = 1.0 - pow((double)beta1, step), bc2 = 1.0 - pow((double)beta2, step);
         k_adamw(impl_of(ctx)->stream, (float *)param.data, (const float *)grad.data,
                 (float *)m.data, (float *)v.data, n, lr, beta1, beta2, eps, weight_decay,
@@ -1659,7 +1649,7 @@ static lt_status cu_fill(lt_ctx *ctx, lt_tensor t, float value) {
     const char *opname = "fill";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&t), "t must be fp32");
+    CU_REQUIRE(is_f32(&t), "t must be fp32");
     if (value == 0.0f)
         CU_TRY(cudaMemsetAsync(t.data, 0, lt_tensor_bytes(&t), impl_of(ctx)->stream));
     else {
@@ -1674,7 +1664,7 @@ static lt_status cu_scale_op(lt_ctx *ctx, lt_tensor t, float s) {
     const char *opname = "scale";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&t), "t must be fp32");
+    CU_REQUIRE(is_f32(&t), "t must be fp32");
     k_scale(impl_of(ctx)->stream, (float *)t.data, lt_tensor_numel(&t), s);
     LAUNCHED();
 done:
@@ -1687,7 +1677,7 @@ static lt_status cu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     double *d = NULL;
-    REQUIRE(is_f32(&t) && out, "t must be fp32");
+    CU_REQUIRE(is_f32(&t) && out, "t must be fp32");
     d = (double *)tmp_get(ctx, sizeof(double));
     if (!d) {
         rc = LT_ERR_MEMORY;
@@ -1707,9 +1697,9 @@ static lt_status cu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, floa
     const char *opname = "dropout";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
-            "y, x must be fp32 of one shape");
-    REQUIRE(p >= 0.0f && p < 1.0f, "p must be in [0, 1)");
+    CU_REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+               "y, x must be fp32 of one shape");
+    CU_REQUIRE(p >= 0.0f && p < 1.0f, "p must be in [0, 1)");
     k_dropout(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x), p,
               mul / (1.0f - p), seed);
     LAUNCHED();
@@ -1802,8 +1792,7 @@ extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) {
 extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {
     if (!is_cuda_ctx(ctx)) return LT_ERR_STATE;
     if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) {
-        snprintf(ctx->err, LT_ERRLEN, "cuda: precision must be fp16, bf16 or fp32");
-        return LT_ERR_ARG;
+        return lt_fail(ctx->err, LT_ERR_ARG, "cuda: precision must be fp16, bf16 or fp32");
     }
     impl_of(ctx)->prec = dt;
     return LT_OK;

@@ -1,0 +1,24 @@
+/* host_view.h — host-readable bytes of backend tensors, for code that writes them to files
+ * (adapters, checkpoints). Engine-private.
+ *
+ * On the CPU backend a tensor's data is host memory and is used as it is; a device backend's
+ * tensor is downloaded into a malloc'd copy kept in a pool, which the caller frees once the
+ * bytes were written. Owns only the pool's copies.
+ */
+#ifndef LATHE_HOST_VIEW_H
+#define LATHE_HOST_VIEW_H
+
+#include "cuda/backend/backend.h"
+
+typedef struct lt_host_pool {
+    void **p;
+    int n;
+} lt_host_pool; /* = {0} to start */
+
+/* t's bytes in host memory (t->data itself on the CPU backend, else a copy in hp); NULL when
+ * out of memory or when the download failed (ctx->err says which). NULL data stays NULL. */
+const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp);
+/* Frees every copy and empties the pool. */
+void lt_host_pool_free(lt_host_pool *hp);
+
+#endif

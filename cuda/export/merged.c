@@ -1,0 +1,204 @@
+/* merged.c — the merged checkpoint %save merged= writes: a folder transformers loads as a plain
+ * model (config.json + model.safetensors + tokenizer.model), every enabled LoRA adapter merged
+ * into its weight (W' = W + s·B·A in fp32, then cast to the chosen dtype).
+ *
+ * config.json is the loaded one when there was one (a text model's folder), else a flat
+ * Gemma3TextConfig written from the model's config. The three files are one atomic set:
+ * written, then renamed together. Owns nothing after a call returns; reads the model and the
+ * adapters and changes neither.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cuda/base/atomic_file.h"
+#include "cuda/export/merged.h"
+#include "cuda/formats/safetensors_write.h"
+
+static const char *torch_dtype(lt_dtype d) {
+    return d == LT_BF16 ? "bfloat16" : d == LT_F16 ? "float16" : "float32";
+}
+
+/* A flat Gemma3TextConfig (transformers reads it as Gemma3ForCausalLM). */
+static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
+    const gemma3_config *c = &m->cfg;
+    json_t *j = json_object();
+    json_object_set_new(j, "architectures", json_pack("[s]", "Gemma3ForCausalLM"));
+    json_object_set_new(j, "model_type", json_string("gemma3_text"));
+    json_object_set_new(j, "hidden_size", json_integer(c->hidden_size));
+    json_object_set_new(j, "intermediate_size", json_integer(c->intermediate_size));
+    json_object_set_new(j, "num_hidden_layers", json_integer(c->num_hidden_layers));
+    json_object_set_new(j, "num_attention_heads", json_integer(c->num_attention_heads));
+    json_object_set_new(j, "num_key_value_heads", json_integer(c->num_key_value_heads));
+    json_object_set_new(j, "head_dim", json_integer(c->head_dim));
+    json_object_set_new(j, "vocab_size", json_integer(c->vocab_size));
+    json_object_set_new(j, "max_position_embeddings", json_integer(c->max_position_embeddings));
+    json_object_set_new(j, "sliding_window", json_integer(c->sliding_window));
+    json_object_set_new(j, "query_pre_attn_scalar", json_real(c->query_pre_attn_scalar));
+    json_object_set_new(j, "rms_norm_eps", json_real(c->rms_norm_eps));
+    json_object_set_new(j, "hidden_activation", json_string("gelu_pytorch_tanh"));
+    json_object_set_new(j, "final_logit_softcapping", json_null());
+    json_object_set_new(j, "attn_logit_softcapping", json_null());
+    json_object_set_new(j, "attention_bias", json_false());
+    json_object_set_new(j, "attention_dropout", json_real(0));
+    json_object_set_new(j, "tie_word_embeddings", json_boolean(!m->lm_head.w.data));
+    json_object_set_new(j, "rope_theta", json_real(c->rope[GEMMA3_FULL].theta));
+    json_object_set_new(j, "rope_local_base_freq", json_real(c->rope[GEMMA3_SLIDING].theta));
+    if (c->rope[GEMMA3_FULL].factor != 1.0)
+        json_object_set_new(
+            j, "rope_scaling",
+            json_pack("{s:s, s:f}", "rope_type", "linear", "factor", c->rope[GEMMA3_FULL].factor));
+    else
+        json_object_set_new(j, "rope_scaling", json_null());
+    json_t *lt = json_array();
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        json_array_append_new(
+            lt,
+            json_string(c->layer_types[l] == GEMMA3_FULL ? "full_attention" : "sliding_attention"));
+    json_object_set_new(j, "layer_types", lt);
+    if (c->bos_id >= 0) json_object_set_new(j, "bos_token_id", json_integer(c->bos_id));
+    if (c->pad_id >= 0) json_object_set_new(j, "pad_token_id", json_integer(c->pad_id));
+    json_t *eos = json_array();
+    for (int i = 0; i < c->n_eos_ids; i++)
+        json_array_append_new(eos, json_integer(c->eos_ids[i]));
+    json_object_set_new(j, "eos_token_id", eos);
+    json_object_set_new(j, "torch_dtype", json_string(torch_dtype(dt)));
+    char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(j);
+    return text;
+}
+
+typedef struct merge_walk {
+    const lt_adapters *a;
+    lt_dtype dt;
+    st_out *t;
+    char **names;
+    void **bufs;
+    int n;
+    char *err;
+    lt_status rc;
+} merge_walk;
+
+static const lora_slot *slot_of(const lt_adapters *a, const lt_tensor *t) {
+    if (!a) return NULL;
+    for (int i = 0; i < a->n_slots; i++)
+        if (&a->slots[i].w->w == t) return &a->slots[i];
+    return NULL;
+}
+
+static int merge_visit(void *user, const char *name, lt_tensor *t) {
+    merge_walk *w = user;
+    int64_t n = lt_tensor_numel(t);
+    const lora_slot *s = slot_of(w->a, t);
+    float *f32 = NULL;
+    if (s) { /* W' = W + s·B·A in fp32, then cast */
+        f32 = malloc(sizeof(float) * (size_t)n);
+        if (!f32 || lora_merged_weight(w->a, s, f32, w->err) != LT_OK) goto oom;
+    }
+    void *buf = malloc((size_t)n * lt_dtype_size(w->dt));
+    char *nm = strdup(name);
+    if (!buf || !nm) {
+        free(buf);
+        free(nm);
+        goto oom;
+    }
+    if (f32)
+        lt_convert(buf, w->dt, f32, LT_F32, n);
+    else
+        lt_convert(buf, w->dt, t->data, t->dtype, n);
+    free(f32);
+    w->bufs[w->n] = buf;
+    w->names[w->n] = nm;
+    st_out *o = &w->t[w->n++];
+    *o = (st_out){nm, w->dt, t->ndim, {0}, buf};
+    for (int d = 0; d < t->ndim; d++)
+        o->shape[d] = t->shape[d];
+    return 0;
+oom:
+    free(f32);
+    w->rc = lt_fail(w->err, LT_ERR_MEMORY, "out of memory while merging %s", name);
+    return 1;
+}
+
+lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+                      const char *tokenizer_path, const char *dtype, const char *dir, char *err) {
+    lt_dtype dt = m->dtype;
+    if (dtype && strcmp(dtype, "auto") != 0) {
+        if (!strcmp(dtype, "fp32"))
+            dt = LT_F32;
+        else if (!strcmp(dtype, "fp16"))
+            dt = LT_F16;
+        else if (!strcmp(dtype, "bf16"))
+            dt = LT_BF16;
+        else {
+            return lt_fail(err, LT_ERR_ARG, "%%save dtype=%s; accepted: auto|fp32|fp16|bf16",
+                           dtype);
+        }
+    }
+    if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
+    if (a && a->ctx->be != &lt_backend_cpu) {
+        return lt_fail(
+            err, LT_ERR_STATE,
+            "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
+            "adapter=DIR), "
+            "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
+            a->ctx->be->name);
+    }
+    lt_status rc = lt_dir_prepare(dir, err);
+    if (rc != LT_OK) return rc;
+    int nw = gemma3_weight_count(m);
+    merge_walk w = {a,
+                    dt,
+                    calloc((size_t)nw + 1, sizeof(st_out)),
+                    calloc((size_t)nw + 1, sizeof(char *)),
+                    calloc((size_t)nw + 1, sizeof(void *)),
+                    0,
+                    err,
+                    LT_OK};
+    if (!w.t || !w.names || !w.bufs) {
+        w.rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    } else {
+        gemma3_weights_foreach(m, merge_visit, &w);
+    }
+    rc = w.rc;
+    char *cfg = NULL;
+    char src_cfg[4200] = "";
+    if (rc == LT_OK) {
+        /* keep the loaded config.json when there is one (text models); else write one */
+        if (src_dir && *src_dir && !m->cfg.multimodal) {
+            snprintf(src_cfg, sizeof src_cfg, "%s/config.json", src_dir);
+            if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
+        }
+        if (!src_cfg[0] && !(cfg = text_config_json(m, dt))) {
+            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        }
+    }
+    lt_afile_set fs = {0};
+    char p[4200];
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/model.safetensors", dir);
+        rc = st_write_member(&fs, p, w.t, w.n, ST_METADATA_PT, err);
+    }
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/config.json", dir);
+        rc = src_cfg[0] ? lt_afile_set_copy(&fs, p, src_cfg, err)
+                        : lt_afile_set_text(&fs, p, cfg, err);
+    }
+    if (rc == LT_OK && tokenizer_path) {
+        snprintf(p, sizeof p, "%s/tokenizer.model", dir);
+        rc = lt_afile_set_copy(&fs, p, tokenizer_path, err);
+    }
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    for (int i = 0; i < w.n; i++) {
+        free(w.bufs[i]);
+        free(w.names[i]);
+    }
+    free(w.t);
+    free(w.names);
+    free(w.bufs);
+    free(cfg);
+    return rc;
+}

@@ -1,0 +1,132 @@
+/* checkpoint.c — training checkpoints: what %train save= writes every save_every steps and a
+ * resumed run reads back.
+ *
+ * DIR holds params.safetensors (every trainable tensor under its train_param name),
+ * optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq: AdamW's state, once a step was taken),
+ * trainer_state.json (the run's position, written by train.c) and, for LoRA, the PEFT adapter
+ * files, so that a checkpoint is also a loadable adapter. They are one atomic set: all are
+ * written, then all renamed, so a failed save keeps the previous checkpoint whole. Owns
+ * nothing after a call returns; ckpt_load writes only into the adapters it is given.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/backend/host_view.h"
+#include "cuda/base/atomic_file.h"
+#include "cuda/formats/safetensors.h"
+#include "cuda/formats/safetensors_write.h"
+#include "cuda/train/train.h"
+
+/* DIR/params.safetensors (every trainable tensor by its train_param name), optimizer.safetensors
+ * (NAME.exp_avg, NAME.exp_avg_sq), trainer_state.json, and for LoRA the PEFT adapter files (so a
+ * checkpoint is also a loadable adapter). One set: all written, then all renamed. */
+lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err) {
+    lt_status rc = lt_dir_prepare(dir, err);
+    if (rc != LT_OK) return rc;
+    int n = a->n_params;
+    st_out *pv = calloc((size_t)n + 1, sizeof *pv), *ov = calloc((size_t)n * 2 + 1, sizeof *ov);
+    char **on = calloc((size_t)n * 2 + 1, sizeof *on);
+    lt_host_pool hp = {0};
+    char what[4200];
+    snprintf(what, sizeof what, "checkpoint %s", dir);
+    if (!pv || !ov || !on) goto oom;
+    int no = 0;
+    for (int i = 0; i < n; i++) {
+        const train_param *p = &a->params[i];
+        const void *val = lt_host_view(a->ctx, p->value, &hp);
+        if (!val) goto oom;
+        pv[i] = (st_out){p->name, LT_F32, p->value->ndim, {0}, val};
+        memcpy(pv[i].shape, p->value->shape, sizeof pv[i].shape);
+        if (!p->m.data) continue;
+        for (int k = 0; k < 2; k++) {
+            size_t len = strlen(p->name) + 16;
+            if (!(on[no] = malloc(len))) goto oom;
+            snprintf(on[no], len, "%s.%s", p->name, k ? "exp_avg_sq" : "exp_avg");
+            const void *st = lt_host_view(a->ctx, k ? &p->v : &p->m, &hp);
+            if (!st) goto oom;
+            ov[no] = (st_out){on[no], LT_F32, p->value->ndim, {0}, st};
+            memcpy(ov[no].shape, p->value->shape, sizeof ov[no].shape);
+            no++;
+        }
+    }
+    lt_afile_set fs = {0};
+    char p[4200];
+    snprintf(p, sizeof p, "%s/params.safetensors", dir);
+    rc = st_write_member(&fs, p, pv, n, ST_METADATA_PT, err);
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/optimizer.safetensors", dir);
+        rc = st_write_member(&fs, p, ov, no, ST_METADATA_PT, err);
+    }
+    if (rc == LT_OK && !a->full) rc = peft_adapter_write(&fs, a, dir, what, err);
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/trainer_state.json", dir);
+        rc = lt_afile_set_text(&fs, p, state_json, err);
+    }
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    goto out;
+oom:
+    rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", what);
+out:
+    for (int i = 0; on && i < n * 2; i++)
+        free(on[i]);
+    free(on);
+    free(ov);
+    free(pv);
+    lt_host_pool_free(&hp);
+    return rc;
+}
+
+/* Loads params.safetensors and optimizer.safetensors of DIR into a (names must match). */
+lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
+    char path[4200];
+    st_set ps, os;
+    snprintf(path, sizeof path, "%s/params.safetensors", dir);
+    lt_status rc = st_open(&ps, path, err);
+    if (rc != LT_OK) return rc;
+    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+    rc = st_open(&os, path, err);
+    if (rc != LT_OK) {
+        st_close(&ps);
+        return rc;
+    }
+    lt_ctx *ctx = a->ctx;
+    for (int i = 0; i < a->n_params && rc == LT_OK; i++) {
+        train_param *p = &a->params[i];
+        size_t bytes = lt_tensor_bytes(p->value);
+        const st_tensor *t = st_find(&ps, p->name);
+        if (!t || t->dtype != LT_F32 || t->nbytes != bytes) {
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s/params.safetensors: no F32 tensor %s of the right shape (was the "
+                         "checkpoint made with other %%lora options?)",
+                         dir, p->name);
+            break;
+        }
+        rc = ctx->be->upload(ctx, p->value->data, t->data, bytes);
+        char key[256];
+        for (int k = 0; k < 2 && rc == LT_OK; k++) {
+            snprintf(key, sizeof key, "%s.%s", p->name, k ? "exp_avg_sq" : "exp_avg");
+            const st_tensor *o = st_find(&os, key);
+            if (!o) continue; /* no step taken yet */
+            if (o->dtype != LT_F32 || o->nbytes != bytes) {
+                rc = lt_fail(err, LT_ERR_FORMAT, "%s/optimizer.safetensors: %s has the wrong shape",
+                             dir, key);
+                break;
+            }
+            lt_tensor *dst = k ? &p->v : &p->m;
+            if (!dst->data) {
+                *dst = p->grad;
+                dst->data = ctx->be->alloc(ctx, bytes);
+                if (!dst->data) {
+                    rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+                    break;
+                }
+            }
+            rc = ctx->be->upload(ctx, dst->data, o->data, bytes);
+        }
+    }
+    st_close(&ps);
+    st_close(&os);
+    return rc;
+}

@@ -1,0 +1,305 @@
+/* peft_adapter.c — the trainer's adapter files, in PEFT's format: adapter_config.json (the
+ * LoRA options, target_modules) and adapter_model.safetensors (every lora_A / lora_B in fp32
+ * under PEFT's "base_model.model." names), written as one atomic set; and their reading into
+ * fresh adapters (PEFT's key spellings of text and multimodal Gemma 3 checkpoints accepted).
+ *
+ * The adapter is the trainer's own file format: %save adapter= writes it, %lora load= and a
+ * resumed %train read it, and every LoRA checkpoint holds one (checkpoint.c), so it lives in
+ * train/, below the exporters. Owns nothing after a call returns; must not change the model
+ * except through the adapters it creates.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/backend/host_view.h"
+#include "cuda/base/atomic_file.h"
+#include "cuda/base/strbuf.h"
+#include "cuda/formats/safetensors.h"
+#include "cuda/formats/safetensors_write.h"
+#include "cuda/train/train.h"
+
+/* adapter_config.json as PEFT's LoraConfig.save_pretrained writes it (sorted keys, a 2-space
+ * indent, a final newline); NULL when out of memory. */
+static char *adapter_config_json(const lt_adapters *a) {
+    json_t *c = json_object();
+    json_t *targets;
+    if (a->targets_regex) {
+        targets = json_string(a->targets);
+    } else if (a->model->cfg.multimodal) {
+        /* a plain list would also match the vision tower's q/k/v/o in PEFT (its suffix match
+         * sees every module of that name): a regex keeps the adapter on the language model */
+        char re[700], alts[512] = "";
+        snprintf(re, sizeof re, "%s", a->targets);
+        size_t n = 0;
+        char *save = NULL;
+        for (char *w = strtok_r(re, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+            snprintf(alts + n, sizeof alts - n, "%s%s", n ? "|" : "", w);
+            n = strlen(alts);
+        }
+        snprintf(re, sizeof re, ".*language_model.*\\.(%s)", alts);
+        targets = json_string(re);
+    } else {
+        targets = json_array();
+        char buf[512];
+        snprintf(buf, sizeof buf, "%s", a->targets);
+        char *save = NULL;
+        for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save))
+            json_array_append_new(targets, json_string(w));
+    }
+    const char *src = a->model->source[0] ? a->model->source : "google/gemma-3-1b-it";
+    json_object_set_new(c, "peft_type", json_string("LORA"));
+    json_object_set_new(c, "task_type", json_string("CAUSAL_LM"));
+    json_object_set_new(c, "base_model_name_or_path", json_string(src));
+    json_object_set_new(c, "revision", json_null());
+    json_object_set_new(c, "r", json_integer(a->r));
+    json_object_set_new(c, "lora_alpha", json_real(a->alpha));
+    json_object_set_new(c, "lora_dropout", json_real(a->dropout));
+    json_object_set_new(c, "bias", json_string("none"));
+    json_object_set_new(c, "use_rslora", json_boolean(a->rslora));
+    json_object_set_new(c, "use_dora", json_false());
+    json_object_set_new(c, "fan_in_fan_out", json_false());
+    json_object_set_new(c, "init_lora_weights", json_true());
+    json_object_set_new(c, "inference_mode", json_true());
+    json_object_set_new(c, "target_modules", targets);
+    json_object_set_new(c, "modules_to_save", json_null());
+    json_object_set_new(c, "layers_to_transform", json_null());
+    json_object_set_new(c, "layers_pattern", json_null());
+    json_object_set_new(c, "rank_pattern", json_object());
+    json_object_set_new(c, "alpha_pattern", json_object());
+    json_object_set_new(c, "exclude_modules", json_null());
+    char *text = json_dumps(c, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(c);
+    if (!text) return NULL;
+    lt_strbuf b = {0}; /* PEFT ends the file with a newline */
+    lt_strbuf_puts(&b, text);
+    lt_strbuf_puts(&b, "\n");
+    free(text);
+    if (b.oom) {
+        lt_strbuf_free(&b);
+        return NULL;
+    }
+    return lt_strbuf_take(&b);
+}
+
+/* The adapter tensors as st_out entries with PEFT names; names are malloc'd in *names. */
+static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***names,
+                                 lt_host_pool *hp) {
+    int n = a->n_slots * 2;
+    st_out *t = calloc((size_t)n + 1, sizeof *t);
+    char **nm = calloc((size_t)n + 1, sizeof *nm);
+    if (!t || !nm) {
+        free(t);
+        free(nm);
+        return LT_ERR_MEMORY;
+    }
+    for (int i = 0; i < a->n_slots; i++) {
+        const lora_slot *s = &a->slots[i];
+        char mod[256];
+        lora_peft_module(a, s, mod, sizeof mod);
+        for (int k = 0; k < 2; k++) {
+            const lt_tensor *x = k == 0 ? &s->lora.a : &s->lora.b;
+            size_t len = strlen(mod) + 24;
+            char *name = malloc(len);
+            if (!name) goto oom;
+            snprintf(name, len, "%s.lora_%c.weight", mod, k == 0 ? 'A' : 'B');
+            nm[2 * i + k] = name;
+            const void *data = lt_host_view(a->ctx, x, hp);
+            if (!data) goto oom;
+            t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[0], x->shape[1]}, data};
+        }
+    }
+    *out = t;
+    *names = nm;
+    return LT_OK;
+oom:
+    for (int i = 0; i < n; i++)
+        free(nm[i]);
+    free(nm);
+    free(t);
+    return LT_ERR_MEMORY;
+}
+
+static void free_names(char **nm, int n) {
+    if (!nm) return;
+    for (int i = 0; i < n; i++)
+        free(nm[i]);
+    free(nm);
+}
+
+lt_status peft_adapter_write(lt_afile_set *s, const lt_adapters *a, const char *dir,
+                             const char *what, char *err) {
+    char *cfg = adapter_config_json(a);
+    st_out *t = NULL;
+    char **nm = NULL;
+    lt_host_pool hp = {0};
+    lt_status rc = LT_OK;
+    if (!cfg || adapter_tensors(a, &t, &nm, &hp) != LT_OK)
+        rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", what);
+    char p[4200];
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+        rc = st_write_member(s, p, t, a->n_slots * 2, ST_METADATA_PT, err);
+    }
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+        rc = lt_afile_set_text(s, p, cfg, err);
+    }
+    free(cfg);
+    free(t);
+    free_names(nm, a->n_slots * 2);
+    lt_host_pool_free(&hp);
+    return rc;
+}
+
+lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
+    if (!a)
+        return lt_fail(err, LT_ERR_STATE, "%%save adapter=: no adapters attached (%%lora first)");
+    if (a->full)
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%save adapter=: full fine-tuning has no adapter; use %%save merged=DIR");
+    lt_status rc = lt_dir_prepare(dir, err);
+    if (rc != LT_OK) return rc;
+    char what[4200];
+    snprintf(what, sizeof what, "%%save adapter=%s", dir);
+    lt_afile_set fs = {0};
+    rc = peft_adapter_write(&fs, a, dir, what, err);
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    return rc;
+}
+
+/* Finds the tensor of a slot under any PEFT key spelling. */
+static const st_tensor *find_lora(const st_set *st, const lora_slot *s, char ab) {
+    const char *rest = s->module + strlen("model.");
+    static const char *const PRE[] = {"base_model.model.model.",
+                                      "base_model.model.model.language_model.",
+                                      "base_model.model.language_model.model."};
+    char key[512];
+    for (int i = 0; i < 3; i++) {
+        snprintf(key, sizeof key, "%s%s.lora_%c.weight", PRE[i], rest, ab);
+        const st_tensor *t = st_find(st, key);
+        if (t) return t;
+        snprintf(key, sizeof key, "%s%s.lora_%c.default.weight", PRE[i], rest, ab);
+        if ((t = st_find(st, key))) return t;
+    }
+    return NULL;
+}
+
+lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const char *dir,
+                            char *err) {
+    *out = NULL;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    json_error_t je;
+    json_t *c = json_load_file(path, 0, &je);
+    if (!c) {
+        return lt_fail(err, LT_ERR_IO, "%%lora load=%s: cannot read adapter_config.json (%s)", dir,
+                       je.text);
+    }
+    lt_status rc = LT_OK;
+    json_t *pt = json_object_get(c, "peft_type");
+    json_t *r = json_object_get(c, "r"), *alpha = json_object_get(c, "lora_alpha");
+    json_t *tm = json_object_get(c, "target_modules");
+    char targets[1024] = "";
+    if (!json_is_string(pt) || strcmp(json_string_value(pt), "LORA") != 0) {
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: peft_type is not \"LORA\"", path);
+    } else if (json_is_true(json_object_get(c, "use_dora"))) {
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: use_dora=true (DoRA) is not supported", path);
+    } else if (json_object_size(json_object_get(c, "rank_pattern")) ||
+               json_object_size(json_object_get(c, "alpha_pattern"))) {
+        rc = lt_fail(err, LT_ERR_FORMAT,
+                     "%s: rank_pattern/alpha_pattern (per-module ranks) are not supported", path);
+    } else if (r && !json_is_integer(r)) {
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: key 'r' is not an integer", path);
+    } else if (json_is_string(tm)) {
+        snprintf(targets, sizeof targets, "%s", json_string_value(tm));
+    } else if (json_is_array(tm)) {
+        size_t i;
+        json_t *v;
+        json_array_foreach(tm, i, v) {
+            if (!json_is_string(v)) continue;
+            size_t n = strlen(targets);
+            snprintf(targets + n, sizeof targets - n, "%s%s", n ? "," : "", json_string_value(v));
+        }
+    } else {
+        rc = lt_fail(err, LT_ERR_FORMAT, "%s: key 'target_modules' is missing (a list or a regex)",
+                     path);
+    }
+    lora_opts o = {0};
+    if (rc == LT_OK) {
+        o.r = r ? (int)json_integer_value(r) : 8;
+        o.alpha = alpha && json_is_number(alpha) ? (float)json_number_value(alpha) : 8.0f;
+        o.rslora = json_is_true(json_object_get(c, "use_rslora"));
+        json_t *dr = json_object_get(c, "lora_dropout");
+        o.dropout = dr && json_is_number(dr) ? (float)json_number_value(dr) : 0.0f;
+        o.targets = targets;
+    }
+    json_decref(c);
+    if (rc != LT_OK) return rc;
+    /* PEFT's targets for a multimodal model may name vision modules too; we only hold text */
+    lt_adapters *a = NULL;
+    rc = lora_attach(&a, m, ctx, &o, err);
+    if (rc != LT_OK) {
+        return lt_fail_prefix(err, rc, "%%lora load=%s", dir);
+    }
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    st_set st;
+    rc = st_open(&st, path, err);
+    if (rc != LT_OK) {
+        lora_free(a);
+        return rc;
+    }
+    int used = 0;
+    for (int i = 0; i < a->n_slots && rc == LT_OK; i++) {
+        lora_slot *s = &a->slots[i];
+        for (int k = 0; k < 2 && rc == LT_OK; k++) {
+            const st_tensor *t = find_lora(&st, s, k == 0 ? 'A' : 'B');
+            lt_tensor *dst = k == 0 ? &s->lora.a : &s->lora.b;
+            if (!t) {
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: no lora_%c tensor for %s (the config targets it)", path,
+                             k ? 'B' : 'A', s->module);
+            } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 ||
+                       t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
+                char sh[64];
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
+                             t->dtype_name, st_shape_str(t, sh, sizeof sh),
+                             (long long)dst->shape[0], (long long)dst->shape[1]);
+            } else {
+                int64_t n = lt_tensor_numel(dst);
+                float *host = malloc(sizeof(float) * (size_t)n);
+                if (!host) {
+                    rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+                } else {
+                    lt_to_f32(host, t->data, t->dtype, n);
+                    rc = ctx->be->upload(ctx, dst->data, host, sizeof(float) * (size_t)n);
+                    free(host);
+                    used++;
+                }
+            }
+        }
+    }
+    int lora_tensors = 0;
+    for (int i = 0; i < st.n_tensors; i++)
+        lora_tensors += strstr(st.tensors[i].name, ".lora_") != NULL;
+    if (rc == LT_OK && lora_tensors > used) {
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
+                path, lora_tensors, used);
+        /* vision-tower adapters of a multimodal checkpoint are the one acceptable case */
+        if (!m->cfg.multimodal)
+            rc = LT_ERR_FORMAT;
+        else
+            err[0] = 0;
+    }
+    st_close(&st);
+    if (rc != LT_OK) {
+        lora_free(a);
+        return rc;
+    }
+    *out = a;
+    return LT_OK;
+}
