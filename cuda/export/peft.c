@@ -590,7 +590,7 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
                 perr(err, "%s: no lora_%c tensor for %s (the config targets it)", path,
                      k ? 'B' : 'A', s->module);
                 rc = LT_ERR_FORMAT;
-            } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 ||
+            } else if (!t->dtype_ok || !lt_dtype_is_float(t->dtype) || t->ndim != 2 ||
                        t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
                 char sh[64];
                 perr(err, "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
@@ -690,6 +690,7 @@ static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
 }
 
 typedef struct merge_walk {
+    gemma3_model *m;
     const lt_adapters *a;
     lt_dtype dt;
     st_out *t;
@@ -711,10 +712,15 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     merge_walk *w = user;
     int64_t n = lt_tensor_numel(t);
     const lora_slot *s = slot_of(w->a, t);
+    const lt_weight *owner = gemma3_weight_owner(w->m, t);
     float *f32 = NULL;
     if (s) { /* W' = W + s·B·A in fp32, then cast */
         f32 = malloc(sizeof(float) * (size_t)n);
         if (!f32 || lora_merged_weight(w->a, s, f32, w->err) != LT_OK) goto oom;
+    } else if (owner && owner->q.kind != LT_QUANT_NONE) { /* NF4/int8: dequantized to fp32 */
+        f32 = malloc(sizeof(float) * (size_t)n);
+        if (!f32) goto oom;
+        lt_weight_dequantize_rows(owner, 0, t->shape[0], f32);
     }
     void *buf = malloc((size_t)n * lt_dtype_size(w->dt));
     char *nm = strdup(name);
@@ -770,7 +776,8 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
     lt_status rc = dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
-    merge_walk w = {a,
+    merge_walk w = {m,
+                    a,
                     dt,
                     calloc((size_t)nw + 1, sizeof(st_out)),
                     calloc((size_t)nw + 1, sizeof(char *)),

@@ -186,6 +186,11 @@ static lt_status arg_fail(lt_ctx *ctx, const char *op, const char *msg) {
     snprintf(ctx->err, LT_ERRLEN, "cuda %s: %s", op, msg);
     return LT_ERR_ARG;
 }
+/* What a quantized weight meets here until the NF4/int8 kernels exist. */
+#define NO_QUANT_KERNELS                                                                           \
+    "NF4/int8 weights are not supported by the CUDA backend yet (it has no dequantize kernels); "  \
+    "load the model with device=cpu"
+
 #define REQUIRE(cond, msg)                                                                         \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
@@ -896,6 +901,7 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
     const char *opname = "linear";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
+    REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
             "weight must be a 2-D float tensor");
     REQUIRE(is_f32(&y) && x.data &&
@@ -1253,6 +1259,7 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
+    REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
     REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
     REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
             "weight must be a 2-D float tensor");
