@@ -248,7 +248,8 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
 /* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). */
 lt_status lt_save_adapter(lt_session *s, const char *dir);
 /* A merged checkpoint transformers loads: config.json + model.safetensors + tokenizer.model.
- * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". */
+ * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". A quantized (NF4/int8) base is merged
+ * into its dequantized weights and saved in 16 bits. */
 lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype);
 
 /* ---- export (cuda/gguf_export.c) -------------------------------------------------------- */

@@ -285,7 +285,8 @@ static int logits_option(const char *arg, lt_load_opts *o) {
 
 int logits_main(int argc, char **argv) {
     const char *model = NULL, *ids_text = NULL, *out = NULL;
-    lt_load_opts opts = {.dtype = "auto", .device = "auto", .max_seq = 0, .quant = "none"};
+    lt_load_opts opts;
+    lt_load_opts_default(&opts);
     for (int i = 0; i < argc; ++i) {
         if (!strcmp(argv[i], "--ids") && i + 1 < argc)
             ids_text = argv[++i];

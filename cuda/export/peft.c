@@ -796,7 +796,8 @@ lt_status peft_save_merged(const lt_adapters *a, gemma3_model *m, const char *sr
     char src_cfg[4200] = "";
     if (rc == LT_OK) {
         /* keep the loaded config.json when there is one (text models); else write one */
-        if (src_dir && *src_dir && !m->cfg.multimodal) {
+        /* a pre-quantized checkpoint's config.json describes its quantization: not copied */
+        if (src_dir && *src_dir && !m->cfg.multimodal && !m->prequantized) {
             snprintf(src_cfg, sizeof src_cfg, "%s/config.json", src_dir);
             if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
         }

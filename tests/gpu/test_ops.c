@@ -134,7 +134,8 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     lo_c.grad_b = t2(LT_F32, gb_c, out, r);
     lo_c.scale = 2.0f;
     lo_c.enabled = 1;
-    lt_weight w_c = {t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in)};
+    lt_weight w_c = {
+        t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in), {0}};
     float *y_c = malloc(sizeof(float) * (size_t)(T * out)),
           *dx_c = malloc(sizeof(float) * (size_t)(T * in));
     lt_status rc = cpu.be->linear(&cpu, t2(LT_F32, y_c, T, out), t2(LT_F32, x, T, in), &w_c);
@@ -150,8 +151,10 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     lo_g.b = t2(LT_F32, dev_put(b, (size_t)(out * r) * 4), out, r);
     lo_g.grad_a = t2(LT_F32, dev_put(NULL, (size_t)(r * in) * 4), r, in);
     lo_g.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
-    lt_weight w_g = {t2(wdt, wg, out, in), with_lora ? &lo_g : NULL,
-                     t2(LT_F32, dev_put(NULL, (size_t)(out * in) * 4), out, in)};
+    lt_weight w_g = {t2(wdt, wg, out, in),
+                     with_lora ? &lo_g : NULL,
+                     t2(LT_F32, dev_put(NULL, (size_t)(out * in) * 4), out, in),
+                     {0}};
     float *yg = dev_poison(T * out), *dxg = dev_poison(T * in);
     rc = gpu.be->linear(&gpu, t2(LT_F32, yg, T, out), t2(LT_F32, xg, T, in), &w_g);
     snprintf(name, sizeof name, "linear %s%s [%lld,%lld]x[%lld,%lld] runs", lt_dtype_user_name(wdt),
@@ -354,7 +357,7 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
         lo.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
         lo.scale = 2.0f;
         lo.enabled = 1;
-        lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}};
+        lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}, {0}};
         lt_tensor xt = run ? t2(LT_F32, xwg, T, in) : t2(LT_BF16, xbg, T, in);
         lt_tensor dyt = run ? t2(LT_F32, dyg, T, out) : t2(LT_BF16, dybg, T, out);
         float *yo = dev_poison(T * out), *dxo = dev_poison(T * in);

@@ -180,7 +180,7 @@ static int cmd_grads(char **argv) {
     int seg = N;
     train_batch b = {ids, targets, &seg, 1, N, N - 1};
     double loss = 0;
-    if (gemma3_train_batch(m, &ctx, a, &b, 1.0f, 1, 0, &loss) != LT_OK)
+    if (gemma3_train_batch(m, &ctx, lora_trainable(a), &b, 1.0f, 1, 0, &loss) != LT_OK)
         return die("grads", ctx.err);
     printf("loss\t%.9g\n", loss);
     for (int i = 0; i < a->n_slots; i++) {

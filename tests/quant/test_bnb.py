@@ -402,3 +402,46 @@ def test_bad_checkpoints_give_clear_errors_and_the_session_goes_on(tmp_path):
     # the messages say what to change
     assert "re-save" in errs[0] and "quant=nf4" in errs[0]
     assert "elements" in errs[1]
+
+
+# ---- a notebook's QLoRA cell through `lathe run` -------------------------------------------
+
+def run_cells(script, tmp_path):
+    path = tmp_path / "cells.lathe"
+    path.write_text(script)
+    env = dict(os.environ, LATHE_TINY_DIR=TINY)
+    p = subprocess.run([LATHE, "run", str(path)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, env=env)
+    assert p.returncode == 0, p.stderr.decode() + p.stdout.decode()
+    return p.stdout.decode()
+
+
+def test_qlora_train_save_and_export_through_magics(tmp_path):
+    q, f = tmp_path / "q", tmp_path / "f"
+    deq, _ = bnb_ref.write_quantized(TINY, q, "nf4", True)
+    bnb_ref.write_dequantized(TINY, f, deq)
+    data = os.path.join(SRCDIR, "notebooks", "data", "polite.jsonl")
+    outs = {}
+    for tag, src in (("q", q), ("f", f)):
+        outs[tag] = run_cells(
+            f"%load {src}\n%status\n%lora r=4 alpha=8 seed=1\n"
+            f"%train data={data} steps=2 batch=2 lr=1e-3 seed=3 max_grad_norm=0\n"
+            f"%save adapter={tmp_path}/ad_{tag}\n%save merged={tmp_path}/mg_{tag}\n"
+            f"%export_gguf {tmp_path}/m_{tag}.gguf type=f32\n", tmp_path)
+    assert "nf4 (double quant), 28 linears (pre-quantized checkpoint)" in outs["q"]
+    assert "merged into its dequantized weights" in outs["q"]
+    assert "dequantized to fp32 for the export" in outs["q"]
+    assert "merged into its dequantized" not in outs["f"]
+    a = bnb_ref.read_safetensors(tmp_path / "ad_q" / "adapter_model.safetensors")
+    b = bnb_ref.read_safetensors(tmp_path / "ad_f" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 56
+    for k in a:
+        assert np.allclose(a[k][1], b[k][1], rtol=1e-3, atol=1e-6), k
+    ma = bnb_ref.read_dir(tmp_path / "mg_q")
+    mb = bnb_ref.read_dir(tmp_path / "mg_f")
+    assert sorted(ma) == sorted(mb)
+    for k in ma:
+        assert ma[k][0] == "F32" and np.allclose(ma[k][1], mb[k][1], rtol=1e-4, atol=1e-6), k
+    assert "quantization_config" not in json.load(open(tmp_path / "mg_q" / "config.json"))
+    ga, gb = (tmp_path / "m_q.gguf").read_bytes(), (tmp_path / "m_f.gguf").read_bytes()
+    assert len(ga) == len(gb) and len(ga) > 1 << 20

@@ -1,9 +1,10 @@
 /* backend_cpu.c — the fp32 reference backend: the specification of every op in backend.h.
  *
  * Owns the CPU op table (lt_backend_cpu) and its thread pool. Every op computes in fp32 on host
- * memory; frozen weights stored as F16/BF16 are widened inside the matmul. Matmuls go through
- * CBLAS when the build has it (HAVE_CBLAS) and through a plain threaded C loop otherwise (the
- * loop is also what decode uses for 16-bit weights: a GEMV is memory-bound, and widening the
+ * memory; frozen weights stored as F16/BF16 are widened inside the matmul, NF4/int8 weights are
+ * dequantized a band of rows at a time (backend_cpu_quant.c) and multiplied as fp32. Matmuls go
+ * through CBLAS when the build has it (HAVE_CBLAS) and through a plain threaded C loop otherwise
+ * (the loop is also what decode uses for 16-bit weights: a GEMV is memory-bound, and widening the
  * whole matrix first would double the traffic). Keep it simple and correct: the CUDA backend
  * is tested against this file. Knows nothing of Gemma.
  */
