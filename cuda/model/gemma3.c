@@ -464,11 +464,18 @@ static lt_status place_linear(gemma3_model *m, lt_weight *w, const char *name, c
                               quant_plan *p, int is_auto, lt_dtype want, const int64_t shape[2],
                               char *err) {
     const st_set *st = &m->storage->st;
-    char module[256], cmod[256];
+    char module[256];
     snprintf(module, sizeof module, "%.*s", (int)(strlen(name) - 7), name); /* - ".weight" */
-    snprintf(cmod, sizeof cmod, "%.*s", (int)(strlen(canon) - 7), canon);
-    int skip =
-        p->cfg.present && (bnb_config_skips(&p->cfg, module) || bnb_config_skips(&p->cfg, cmod));
+    /* the skip list may spell the text tower as the module tree or as the saved keys do
+     * (transformers renames Gemma3ForConditionalGeneration's keys on save): try every prefix */
+    int skip = 0;
+    for (size_t i = 0; p->cfg.present && !skip && i < sizeof text_prefixes / sizeof *text_prefixes;
+         i++) {
+        char mod[256];
+        snprintf(mod, sizeof mod, "%s%.*s", text_prefixes[i], (int)(strlen(canon) - 7 - 6),
+                 canon + 6); /* canon: "model." + rest + ".weight" */
+        skip = bnb_config_skips(&p->cfg, mod);
+    }
     bnb_group g;
     lt_status rc = bnb_group_read(st, name, shape[0], shape[1], &g, err);
     if (rc != LT_OK) return rc;
