@@ -454,3 +454,16 @@ def test_qlora_train_save_and_export_through_magics(tmp_path):
     assert "quantization_config" not in json.load(open(tmp_path / "mg_q" / "config.json"))
     ga, gb = (tmp_path / "m_q.gguf").read_bytes(), (tmp_path / "m_f.gguf").read_bytes()
     assert len(ga) == len(gb) and len(ga) > 1 << 20
+
+
+def test_lathe_logits_takes_load_options_and_refuses_unknown_ones(tmp_path):
+    def run(*opts):
+        return subprocess.run([LATHE, "logits", TINY, *opts, "--ids", "2,10", "--out",
+                               str(tmp_path / "l.npy")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    p = run("colour=blue")
+    assert p.returncode == 2 and b"unknown option 'colour=blue'" in p.stderr
+    p = run("quant=nf5")
+    assert p.returncode == 1 and b"quant='nf5' is not accepted (accepted: none, nf4, int8)" in p.stderr
+    p = run("quant=int8", "device=cpu")
+    assert p.returncode == 0 and np.load(tmp_path / "l.npy").shape == (2, 4096)
