@@ -55,6 +55,8 @@ typedef struct lt_load_opts {
     const char *dtype;  /* "auto" (as stored), "fp32", "fp16", "bf16"; NULL = auto */
     const char *device; /* "auto", "cpu", "cuda"; NULL = auto */
     int max_seq;        /* 0 = the config's max_position_embeddings, capped at 8192 */
+    const char *quant;  /* linears: "none" (NULL), "nf4" (NF4 + double quant, bitsandbytes'
+                           layout), "int8" (LLM.int8); pre-quantized checkpoints load as stored */
 } lt_load_opts;
 /* Fills the defaults (dtype and device "auto", max_seq 0) from lt_option_default("load", ...). */
 void lt_load_opts_default(lt_load_opts *o);
@@ -78,6 +80,7 @@ typedef struct lt_model_info {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
     int skipped_vision; /* 1 when a vision tower/projector was present and skipped */
+    char quant[128];    /* "nf4 (double quant), 28 linears; ..." or "" when not quantized */
     /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
      * and the card's free and total bytes. */
     int64_t gpu_in_use, gpu_peak, gpu_free, gpu_total;
@@ -245,7 +248,8 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
 /* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). */
 lt_status lt_save_adapter(lt_session *s, const char *dir);
 /* A merged checkpoint transformers loads: config.json + model.safetensors + tokenizer.model.
- * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". */
+ * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". A quantized (NF4/int8) base is merged
+ * into its dequantized weights and saved in 16 bits. */
 lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype);
 
 /* ---- export (cuda/gguf_export.c) -------------------------------------------------------- */

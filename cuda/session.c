@@ -256,6 +256,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
             "load: no source (a directory, a Hugging Face id, tiny, or random:gemma-3-1b)");
     const char *dtype = opts && opts->dtype ? opts->dtype : "auto";
     const char *device = opts && opts->device ? opts->device : "auto";
+    const char *quant = opts && opts->quant ? opts->quant : "none";
     /* device=cuda, or auto when a GPU is present, runs on the GPU (the CUDA backend). */
     int want_cuda = 0;
 #ifdef HAVE_CUDA
@@ -292,6 +293,11 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         rc = tiny_dir(s, dir, sizeof dir);
         if (rc != LT_OK) return lt_fail_prefix(s->err, rc, "%s: needs the tiny tokenizer", source);
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
+        if (strcmp(quant, "none") != 0)
+            return lt_fail(s->err, LT_ERR_ARG,
+                           "%s: quant=%s applies to checkpoints; random weights are not quantized "
+                           "(load without quant=)",
+                           source, quant);
         cb_message(cb, "allocating random weights");
         rc = gemma3_load_random(&m, size, RANDOM_SEED, dtype, cb, s->err);
         if (rc != LT_OK) return rc;
@@ -316,7 +322,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         if (!is_file(tokpath))
             return lt_fail(s->err, LT_ERR_IO,
                            "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
-        rc = gemma3_load_dir(&m, dir, dtype, cb, s->err);
+        rc = gemma3_load_dir_quant(&m, dir, dtype, quant, cb, s->err);
         if (rc != LT_OK) return rc;
         if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
     }
@@ -425,6 +431,7 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->sliding_window = c->sliding_window;
     info->max_seq = s->max_seq;
     info->skipped_vision = m->skipped_vision;
+    gemma3_quant_summary(m, info->quant, sizeof info->quant);
 #ifdef HAVE_CUDA
     if (s->ctx_ready && s->ctx.be == &lt_backend_cuda) {
         lt_cuda_mem cm;

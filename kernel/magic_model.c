@@ -78,8 +78,13 @@ static void model_summary(magic_ctx *ctx, int with_title) {
         else
             snprintf(params, sizeof params, "%.2fM", info.n_params / 1e6);
         const char *rows[][2] = {
-            {"source", info.source}, {"architecture", info.arch}, {"device", info.device},
-            {"dtype", info.dtype},   {"parameters", params},      {"weights in memory", mem},
+            {"source", info.source},
+            {"architecture", info.arch},
+            {"device", info.device},
+            {"dtype", info.dtype},
+            {"quantization", info.quant[0] ? info.quant : "none"},
+            {"parameters", params},
+            {"weights in memory", mem},
         };
         char shape[256];
         snprintf(shape, sizeof shape,
@@ -150,6 +155,7 @@ int magic_load(magic_ctx *ctx, const magic_args *a) {
     opts.dtype = dtype;
     opts.device = arg_str(a, "device");
     opts.max_seq = (int)arg_int(a, "max_seq");
+    opts.quant = arg_str(a, "quant");
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
     lt_status st = lt_load(ctx->session, a->pos[0], &opts, &cb);

@@ -235,5 +235,12 @@ int magic_save(magic_ctx *ctx, const magic_args *a) {
             "load it here with %%load %s, or with transformers' "
             "AutoModelForCausalLM.from_pretrained(\"%s\")\n",
             mg, mg, mg);
+    lt_model_info info;
+    lt_model_info_get(ctx->session, &info);
+    if (has_m && info.quant[0])
+        magic_print(ctx,
+                    "the base was quantized (%s): the adapters were merged into its dequantized "
+                    "weights, saved in 16 bits (%%load ... quant=nf4 quantizes it again)\n",
+                    info.quant);
     return 0;
 }

@@ -92,6 +92,10 @@ static const opt_spec load_opts[] = {
      "GPU matmul precision (auto: bf16 on sm_80 and newer, fp16 on the T4); the same as dtype="},
     {"max_seq", OPT_INT, FROM_ENGINE("load"), NULL, 0, 1048576, 0,
      "longest sequence (0 = the config's, at most 8192)"},
+    {"quant", OPT_CHOICE, FROM_ENGINE("load"), "none|nf4|int8|dynamic", NO_RANGE,
+     "quantize the linears as they load, in bitsandbytes' formats: nf4 (NF4 + double quant, "
+     "QLoRA's base) or int8 (LLM.int8); embeddings and norms stay 16-bit; a pre-quantized "
+     "checkpoint loads as stored"},
     {NULL}};
 
 static const opt_spec generate_opts[] = {SAMPLING_OPTS, {NULL}};

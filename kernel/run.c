@@ -265,16 +265,44 @@ static int write_npy(const char *path, const float *x, int rows, int cols) {
     return 0;
 }
 
+/* One of %load's options given as key=value after MODEL; 0 when it is one. */
+static int logits_option(const char *arg, lt_load_opts *o) {
+    const char *eq = strchr(arg, '=');
+    size_t k = eq ? (size_t)(eq - arg) : 0;
+    if (!eq) return -1;
+    if (k == 5 && !strncmp(arg, "dtype", k))
+        o->dtype = eq + 1;
+    else if (k == 6 && !strncmp(arg, "device", k))
+        o->device = eq + 1;
+    else if (k == 5 && !strncmp(arg, "quant", k))
+        o->quant = eq + 1;
+    else if (k == 7 && !strncmp(arg, "max_seq", k))
+        o->max_seq = atoi(eq + 1);
+    else
+        return -1;
+    return 0;
+}
+
 int logits_main(int argc, char **argv) {
-    const char *model = NULL, *ids_text = NULL, *out = NULL, *dtype = "auto";
+    const char *model = NULL, *ids_text = NULL, *out = NULL;
+    lt_load_opts opts;
+    lt_load_opts_default(&opts);
     for (int i = 0; i < argc; ++i) {
         if (!strcmp(argv[i], "--ids") && i + 1 < argc)
             ids_text = argv[++i];
         else if (!strcmp(argv[i], "--out") && i + 1 < argc)
             out = argv[++i];
         else if (!strcmp(argv[i], "--dtype") && i + 1 < argc)
-            dtype = argv[++i];
-        else if (argv[i][0] != '-' && !model)
+            opts.dtype = argv[++i];
+        else if (argv[i][0] != '-' && model && strchr(argv[i], '=')) {
+            if (logits_option(argv[i], &opts)) {
+                fprintf(stderr,
+                        "lathe logits: unknown option '%s' (accepted: dtype=, device=, "
+                        "quant=, max_seq=, as %%load takes them)\n",
+                        argv[i]);
+                return 2;
+            }
+        } else if (argv[i][0] != '-' && !model)
             model = argv[i];
         else {
             fprintf(stderr, "lathe logits: unexpected argument '%s'\n", argv[i]);
@@ -283,8 +311,9 @@ int logits_main(int argc, char **argv) {
         }
     }
     if (!model || !ids_text || !out) {
-        fprintf(stderr, "usage: lathe logits MODEL --ids 2,17,... --out FILE.npy [--dtype "
-                        "auto|fp32|fp16|bf16]\n");
+        fprintf(stderr, "usage: lathe logits MODEL [dtype=auto|fp32|fp16|bf16] "
+                        "[device=auto|cpu|cuda] [quant=none|nf4|int8] --ids 2,17,... --out "
+                        "FILE.npy\n");
         return 2;
     }
     int cap = 16, n = 0;
@@ -313,7 +342,6 @@ int logits_main(int argc, char **argv) {
         return 2;
     }
     lt_session *s = lt_session_new();
-    lt_load_opts opts = {dtype, "auto", 0};
     lt_status st = s ? lt_load(s, model, &opts, NULL) : LT_ERR_MEMORY;
     float *logits = NULL;
     int vocab = 0;

@@ -7,7 +7,9 @@
  *
  * Conventions for every op:
  *   - activations, norms' weights, positions-derived values, softmax and loss are fp32;
- *     frozen weights (lt_weight.w) may be F32/F16/BF16 and are converted inside the op;
+ *     frozen weights (lt_weight.w) may be F32/F16/BF16, or NF4/int8 (lt_quant) for linear and
+ *     linear_backward, and are converted inside the op; a backend that cannot compute a
+ *     format refuses it with LT_ERR_ARG and a message naming what is missing;
  *   - shapes are row-major, [rows, features]; an op reads its sizes from the tensors' shapes
  *     and checks they agree, returning LT_ERR_ARG with ctx->err filled when they do not;
  *   - a `*_backward` op ACCUMULATES (+=) into weight/adapter gradients and WRITES (=) the
@@ -35,13 +37,51 @@ typedef struct lt_lora {
     int enabled;      /* 0 = skip the adapter (the GRPO reference policy) */
 } lt_lora;
 
+/* How a frozen weight's bytes encode its values: plain floats, or one of bitsandbytes' formats
+ * (formats/bnb.c writes and reads them; lt_weight_dequantize_rows is the arithmetic).
+ *   NF4 (bitsandbytes' quantize_4bit, quant_type "nf4"): w.dtype U8, w.data holds out*in/2
+ *   bytes; element e of the row-major flattened weight is the HIGH nibble of byte e/2 when e is
+ *   even and the low nibble when odd; its value is code[nibble] * absmax[e / blocksize], where
+ *   absmax is fp32, or with double quantization (nested) absmax[b] = code2[qabsmax[b]] *
+ *   absmax2[b / nested_blocksize] + offset, each step rounded to fp32.
+ *   INT8 (LLM.int8, Linear8bitLt): w.dtype I8 [out, in]; value = (w8 * scb[row]) / 127, computed
+ *   as bitsandbytes' int8_vectorwise_dequant does: w8 * scb, then * 7.874015718698502e-3. */
+typedef enum lt_quant_kind {
+    LT_QUANT_NONE = 0, /* w is F32, F16 or BF16 */
+    LT_QUANT_NF4 = 1,
+    LT_QUANT_INT8 = 2,
+} lt_quant_kind;
+
+typedef struct lt_quant {
+    lt_quant_kind kind;
+    int blocksize;          /* NF4: elements per absmax (64) */
+    const float *code;      /* NF4: [16] the quant_map (index -> value) */
+    const float *absmax;    /* NF4: [n_blocks] fp32; NULL when nested */
+    const uint8_t *qabsmax; /* NF4 nested: [n_blocks] dynamic-map codes of absmax - offset */
+    const float *absmax2;   /* NF4 nested: [ceil(n_blocks / nested_blocksize)] fp32 */
+    const float *code2;     /* NF4 nested: [256] the signed dynamic map (nested_quant_map) */
+    int nested_blocksize;   /* NF4 nested: 256 */
+    float offset;           /* NF4 nested: mean of the fp32 absmax */
+    const float *scb;       /* INT8: [out] fp32 row absmax (SCB) */
+} lt_quant;
+
 /* A frozen linear weight, however it is stored, plus its optional adapter. `linear` computes
- * x·Wᵀ (+ the adapter) for every storage format in one place. */
+ * x·Wᵀ (+ the adapter) for every storage format in one place. A quantized weight is frozen:
+ * it has no grad_w (LoRA adapters on it train as usual). */
 typedef struct lt_weight {
-    lt_tensor w;      /* [out, in]: F32, F16 or BF16 (NF4/int8 later, behind this struct) */
+    lt_tensor w;      /* [out, in] logical shape: F32, F16, BF16, or U8/I8 per q.kind */
     lt_lora *lora;    /* NULL = no adapter */
     lt_tensor grad_w; /* [out, in] fp32 for full fine-tuning; data NULL = frozen */
+    lt_quant q;       /* kind LT_QUANT_NONE for 16/32-bit weights */
 } lt_weight;
+
+/* Bytes a weight's storage takes (packed codes + quantization state for NF4/int8). */
+size_t lt_weight_bytes(const lt_weight *w);
+/* Rows r0 .. r0+nr-1 of a weight in host memory, as fp32 into dst ([nr, in]), for every storage
+ * format: 16-bit widened, NF4 and int8 dequantized exactly as bitsandbytes' dequantize_4bit /
+ * int8_vectorwise_dequant compute them in fp32 (backends/default/ops.py). The CPU backend's
+ * quantized matmuls, the exporters and the tests all use this one function. */
+void lt_weight_dequantize_rows(const lt_weight *w, int64_t r0, int64_t nr, float *dst);
 
 struct lt_backend;
 

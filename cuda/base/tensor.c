@@ -19,6 +19,9 @@ size_t lt_dtype_size(lt_dtype t) {
         return 2;
     case LT_I32:
         return 4;
+    case LT_U8:
+    case LT_I8:
+        return 1;
     }
     return 0;
 }
@@ -33,6 +36,10 @@ const char *lt_dtype_name(lt_dtype t) {
         return "BF16";
     case LT_I32:
         return "I32";
+    case LT_U8:
+        return "U8";
+    case LT_I8:
+        return "I8";
     }
     return "?";
 }
@@ -47,6 +54,10 @@ const char *lt_dtype_user_name(lt_dtype t) {
         return "bf16";
     case LT_I32:
         return "i32";
+    case LT_U8:
+        return "u8";
+    case LT_I8:
+        return "i8";
     }
     return "?";
 }
@@ -60,6 +71,10 @@ int lt_dtype_parse(const char *name, lt_dtype *out) {
         *out = LT_BF16;
     else if (!strcmp(name, "I32"))
         *out = LT_I32;
+    else if (!strcmp(name, "U8"))
+        *out = LT_U8;
+    else if (!strcmp(name, "I8"))
+        *out = LT_I8;
     else
         return -1;
     return 0;

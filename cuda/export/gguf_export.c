@@ -81,6 +81,7 @@ typedef struct tensor_src {
     export_ctx *ex;
     const lt_tensor *t;  /* [rows, ne0] (1-D tensors: one row) */
     const lt_lora *lora; /* merged when non-NULL and enabled */
+    const lt_weight *qw; /* an NF4/int8 weight (host memory): dequantized to fp32 rows */
     float add;           /* +1 for norms */
     float mul;           /* applied after add (q_norm compensation); 1 otherwise */
     float *lora_a;       /* [r, in] fp32 host copy, loaded on first use */
@@ -148,7 +149,11 @@ static lt_status fill_tensor(void *vctx, int64_t row0, int64_t nrows, float *dst
     const lt_tensor *t = s->t;
     const int64_t ne0 = t->shape[t->ndim - 1];
     /* dst: [nrows, ne0] fp32 */
-    lt_status st = read_f32(s->ex, t, row0 * ne0, nrows * ne0, dst, err, errlen);
+    lt_status st = LT_OK;
+    if (s->qw)
+        lt_weight_dequantize_rows(s->qw, row0, nrows, dst);
+    else
+        st = read_f32(s->ex, t, row0 * ne0, nrows * ne0, dst, err, errlen);
     if (st != LT_OK) return st;
     const lt_lora *lo = s->lora;
     if (lo && lo->enabled && lo->a.data && lo->b.data && lo->scale != 0.0f) {
@@ -418,6 +423,7 @@ static int visit_weight(void *user, const char *hf, lt_tensor *t) {
                 if (t == &all[i]->w) lw = all[i];
         }
         if (lw) s->lora = lw->lora;
+        if (lw && lw->q.kind != LT_QUANT_NONE) s->qw = lw;
     }
     lt_status st = gguf_add_tensor(wc->w, name, t->ndim, ne, type, fill_tensor, s);
     if (st != LT_OK) {
@@ -522,6 +528,13 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
             "query_pre_attn_scalar %g differs from llama.cpp's fixed %g: q_norm scaled by %.6f",
             qpas, rule, (double)wc.q_norm_mul);
 
+    if (m->n_quantized) {
+        char qs[128];
+        say(o->cb,
+            "the %s base is dequantized to fp32 for the export (as bitsandbytes' "
+            "dequantize does), then written as the chosen type",
+            gemma3_quant_summary(m, qs, sizeof qs));
+    }
     int n_weights = gemma3_weight_count(m);
     ex.dev = dev;
     ex.tok = tok;

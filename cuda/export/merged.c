@@ -71,6 +71,7 @@ static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
 }
 
 typedef struct merge_walk {
+    gemma3_model *m;
     const lt_adapters *a;
     lt_dtype dt;
     st_out *t;
@@ -92,10 +93,15 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     merge_walk *w = user;
     int64_t n = lt_tensor_numel(t);
     const lora_slot *s = slot_of(w->a, t);
+    const lt_weight *owner = gemma3_weight_owner(w->m, t);
     float *f32 = NULL;
     if (s) { /* W' = W + s·B·A in fp32, then cast */
         f32 = malloc(sizeof(float) * (size_t)n);
         if (!f32 || lora_merged_weight(w->a, s, f32, w->err) != LT_OK) goto oom;
+    } else if (owner && owner->q.kind != LT_QUANT_NONE) { /* NF4/int8: dequantized to fp32 */
+        f32 = malloc(sizeof(float) * (size_t)n);
+        if (!f32) goto oom;
+        lt_weight_dequantize_rows(owner, 0, t->shape[0], f32);
     }
     void *buf = malloc((size_t)n * lt_dtype_size(w->dt));
     char *nm = strdup(name);
@@ -149,7 +155,8 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
     lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
-    merge_walk w = {a,
+    merge_walk w = {m,
+                    a,
                     dt,
                     calloc((size_t)nw + 1, sizeof(st_out)),
                     calloc((size_t)nw + 1, sizeof(char *)),
@@ -166,8 +173,9 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
     char *cfg = NULL;
     char src_cfg[4200] = "";
     if (rc == LT_OK) {
-        /* keep the loaded config.json when there is one (text models); else write one */
-        if (src_dir && *src_dir && !m->cfg.multimodal) {
+        /* keep the loaded config.json when there is one (text models); else write one; a
+         * pre-quantized checkpoint's config.json describes its quantization: not copied */
+        if (src_dir && *src_dir && !m->cfg.multimodal && !m->prequantized) {
             snprintf(src_cfg, sizeof src_cfg, "%s/config.json", src_dir);
             if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
         }

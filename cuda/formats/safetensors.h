@@ -19,7 +19,7 @@
 typedef struct st_tensor {
     char *name;
     char dtype_name[12]; /* as written: "BF16", "F32", "U8", ... */
-    int dtype_ok;        /* 1 when dtype is F32/F16/BF16/I32 (lt_dtype in .dtype) */
+    int dtype_ok;        /* 1 when dtype is F32/F16/BF16/I32/U8/I8 (lt_dtype in .dtype) */
     lt_dtype dtype;
     int ndim;
     int64_t shape[8];

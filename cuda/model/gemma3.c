@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors.h"
 #include "cuda/model/model.h"
 
@@ -233,12 +234,12 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
                               wkind kind, int is_auto, lt_dtype want, const int64_t shape[2],
                               int ndim, char *err) {
     const char *file = m->storage->st.files[src->file].path;
-    if (!src->dtype_ok || src->dtype == LT_I32) {
-        return lt_fail(
-            err, LT_ERR_FORMAT,
-            "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; quantized checkpoints "
-            "are not yet)",
-            file, name, src->dtype_name);
+    if (!src->dtype_ok || !lt_dtype_is_float(src->dtype)) {
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16; only the q, k, v, "
+                       "o, gate, up and down projections may be stored quantized, never the "
+                       "embedding, norms or head)",
+                       file, name, src->dtype_name);
     }
     int match = src->ndim == ndim;
     for (int d = 0; match && d < ndim; d++)
@@ -282,8 +283,263 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
     return LT_OK;
 }
 
+/* ---- quantized linears (bitsandbytes NF4 / LLM.int8) ------------------------------------------
+ * A linear is placed one of three ways: as stored when the checkpoint holds it quantized (its
+ * quant-state floats copied to aligned memory, the packed codes mapped), quantized here from
+ * its 16-bit tensor (one fp32 copy of that tensor at a time: never the whole 16-bit model), or
+ * as a 16-bit tensor like every other weight. */
+
+typedef struct quant_plan {
+    lt_quant_kind kind; /* what 16-bit linears become (NONE: they stay 16-bit) */
+    int nested;         /* NF4 with double quantization */
+    const char *why;    /* "quant=nf4" or "quantization_config" (messages) */
+    bnb_config cfg;     /* config.json's quantization_config (present = 0 when none) */
+    float *code2;       /* the dynamic map, once per model (storage) */
+} quant_plan;
+
+static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_path, char *err) {
+    memset(p, 0, sizeof *p);
+    lt_status rc = bnb_config_load(&p->cfg, cfg_path, err);
+    if (rc != LT_OK) return rc;
+    const char *q = quant && *quant ? quant : "none";
+    lt_quant_kind want = LT_QUANT_NONE;
+    if (!strcmp(q, "nf4")) {
+        want = LT_QUANT_NF4;
+    } else if (!strcmp(q, "int8")) {
+        want = LT_QUANT_INT8;
+    } else if (!strcmp(q, "dynamic")) {
+        rc =
+            lt_fail(err, LT_ERR_ARG,
+                    "quant=dynamic is not built yet (it would keep the most sensitive layers in 16 "
+                    "bits); use quant=nf4, or load a pre-quantized unsloth-bnb-4bit checkpoint, "
+                    "whose llm_int8_skip_modules list is honoured");
+    } else if (strcmp(q, "none") != 0) {
+        rc = lt_fail(err, LT_ERR_ARG, "quant='%s' is not accepted (accepted: none, nf4, int8)", q);
+    }
+    if (rc == LT_OK && p->cfg.present) {
+        lt_quant_kind ck = p->cfg.kind == BNB_NF4 ? LT_QUANT_NF4 : LT_QUANT_INT8;
+        if (want != LT_QUANT_NONE && want != ck) {
+            snprintf(
+                err, LT_ERRLEN,
+                "%.700s: this checkpoint is quantized to %s (quantization_config); quant=%.20s "
+                "cannot re-quantize it: load it with quant=%s or without quant=",
+                cfg_path, ck == LT_QUANT_NF4 ? "nf4" : "int8", q,
+                ck == LT_QUANT_NF4 ? "nf4" : "int8");
+            rc = LT_ERR_ARG;
+        }
+        p->kind = ck;
+        p->nested = p->cfg.double_quant;
+        p->why = "quantization_config";
+    } else {
+        p->kind = want;
+        p->nested = want == LT_QUANT_NF4;
+        p->why = want == LT_QUANT_NF4 ? "quant=nf4" : "quant=int8";
+    }
+    if (rc != LT_OK) bnb_config_free(&p->cfg);
+    return rc;
+}
+
+/* An aligned copy of an F32 quant-state tensor in the model's storage. */
+static const float *copy_f32(gemma3_model *m, const st_tensor *t) {
+    float *d = storage_alloc(m->storage, t->nbytes);
+    if (d) memcpy(d, t->data, t->nbytes);
+    return d;
+}
+
+static lt_status place_prequantized(gemma3_model *m, lt_weight *w, const bnb_group *g, int64_t out,
+                                    int64_t in, const char *name, char *err) {
+    lt_quant *q = &w->q;
+    memset(q, 0, sizeof *q);
+    w->w = lt_tensor_2d(g->kind == BNB_NF4 ? LT_U8 : LT_I8, (void *)g->weight->data, out, in);
+    int oom = 0;
+    if (g->kind == BNB_NF4) {
+        q->kind = LT_QUANT_NF4;
+        q->blocksize = g->blocksize;
+        oom |= !(q->code = copy_f32(m, g->quant_map));
+        if (g->nested) {
+            q->qabsmax = g->absmax->data;
+            oom |= !(q->absmax2 = copy_f32(m, g->nested_absmax));
+            oom |= !(q->code2 = copy_f32(m, g->nested_quant_map));
+            q->nested_blocksize = g->nested_blocksize;
+            q->offset = (float)g->offset;
+        } else {
+            oom |= !(q->absmax = copy_f32(m, g->absmax));
+        }
+    } else {
+        q->kind = LT_QUANT_INT8;
+        oom |= !(q->scb = copy_f32(m, g->scb));
+    }
+    if (oom) {
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory reading the quantization state of '%s'",
+                       name);
+    }
+    return LT_OK;
+}
+
+/* Quantizes the 16-bit tensor src into w as plan p says. */
+static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
+                                 int64_t out, int64_t in, const char *name, char *err) {
+    const char *file = m->storage->st.files[src->file].path;
+    if (!src->dtype_ok || !lt_dtype_is_float(src->dtype) || src->ndim != 2 ||
+        src->shape[0] != out || src->shape[1] != in) {
+        char got[96];
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: tensor '%s' is %s %s; %s needs an F32/F16/BF16 [%lld, %lld] weight",
+                       file, name, src->dtype_name, st_shape_str(src, got, sizeof got), p->why,
+                       (long long)out, (long long)in);
+    }
+    int64_t n = out * in;
+    float *x = malloc(sizeof(float) * (size_t)n); /* one fp32 copy of this tensor */
+    void *tmp = NULL;
+    if (x && ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0 && (tmp = malloc(src->nbytes)))
+        memcpy(tmp, src->data, src->nbytes);
+    int unaligned = ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0;
+    if (!x || (unaligned && !tmp)) {
+        free(x);
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
+    }
+    lt_to_f32(x, tmp ? tmp : src->data, src->dtype, n);
+    free(tmp);
+    lt_quant *q = &w->q;
+    memset(q, 0, sizeof *q);
+    lt_status rc = LT_OK;
+    if (p->kind == LT_QUANT_INT8) {
+        int8_t *w8 = storage_alloc(m->storage, (size_t)n);
+        float *scb = storage_alloc(m->storage, sizeof(float) * (size_t)out);
+        if (w8 && scb) {
+            bnb_int8_quantize(x, out, in, w8, scb);
+            w->w = lt_tensor_2d(LT_I8, w8, out, in);
+            q->kind = LT_QUANT_INT8;
+            q->scb = scb;
+        } else {
+            rc = LT_ERR_MEMORY;
+        }
+    } else {
+        int64_t bs = BNB_NF4_BLOCKSIZE, nb = (n + bs - 1) / bs;
+        uint8_t *packed = storage_alloc(m->storage, (size_t)((n + 1) / 2));
+        float *absmax = p->nested ? malloc(sizeof(float) * (size_t)nb)
+                                  : storage_alloc(m->storage, sizeof(float) * (size_t)nb);
+        if (p->nested && !p->code2 && (p->code2 = storage_alloc(m->storage, 256 * sizeof(float))))
+            bnb_dynamic_map(p->code2);
+        if (packed && absmax && (!p->nested || p->code2)) {
+            bnb_nf4_quantize(x, n, (int)bs, packed, absmax);
+            w->w = lt_tensor_2d(LT_U8, packed, out, in);
+            q->kind = LT_QUANT_NF4;
+            q->blocksize = (int)bs;
+            q->code = bnb_nf4_code;
+            if (p->nested) {
+                int64_t nb2 = (nb + BNB_NESTED_BLOCKSIZE - 1) / BNB_NESTED_BLOCKSIZE;
+                uint8_t *qa = storage_alloc(m->storage, (size_t)nb);
+                float *a2 = storage_alloc(m->storage, sizeof(float) * (size_t)nb2);
+                if (qa && a2)
+                    rc = bnb_double_quantize(absmax, nb, p->code2, BNB_NESTED_BLOCKSIZE, qa, a2,
+                                             &q->offset);
+                else
+                    rc = LT_ERR_MEMORY;
+                q->qabsmax = qa;
+                q->absmax2 = a2;
+                q->code2 = p->code2;
+                q->nested_blocksize = BNB_NESTED_BLOCKSIZE;
+            } else {
+                q->absmax = absmax;
+            }
+        } else {
+            rc = LT_ERR_MEMORY;
+        }
+        if (p->nested) free(absmax);
+    }
+    free(x);
+    if (rc != LT_OK)
+        return lt_fail(err, LT_ERR_FORMAT, "%s: out of memory quantizing '%s'", file, name);
+    return rc;
+}
+
+/* One of the seven projections of a layer: as stored, quantized here, or 16-bit. */
+static lt_status place_linear(gemma3_model *m, lt_weight *w, const char *name, const char *canon,
+                              quant_plan *p, int is_auto, lt_dtype want, const int64_t shape[2],
+                              char *err) {
+    const st_set *st = &m->storage->st;
+    char module[256];
+    snprintf(module, sizeof module, "%.*s", (int)(strlen(name) - 7), name); /* - ".weight" */
+    /* the skip list may spell the text tower as the module tree or as the saved keys do
+     * (transformers renames Gemma3ForConditionalGeneration's keys on save): try every prefix */
+    int skip = 0;
+    for (size_t i = 0; p->cfg.present && !skip && i < sizeof text_prefixes / sizeof *text_prefixes;
+         i++) {
+        char mod[256];
+        snprintf(mod, sizeof mod, "%s%.*s", text_prefixes[i], (int)(strlen(canon) - 7 - 6),
+                 canon + 6); /* canon: "model." + rest + ".weight" */
+        skip = bnb_config_skips(&p->cfg, mod);
+    }
+    bnb_group g;
+    lt_status rc = bnb_group_read(st, name, shape[0], shape[1], &g, err);
+    if (rc != LT_OK) return rc;
+    if (g.kind != BNB_PLAIN) {
+        lt_quant_kind k = g.kind == BNB_NF4 ? LT_QUANT_NF4 : LT_QUANT_INT8;
+        if (skip) {
+            snprintf(err, LT_ERRLEN,
+                     "%s: '%s' is listed in llm_int8_skip_modules (kept in 16 bits) but stored "
+                     "quantized; fix quantization_config or the checkpoint",
+                     st->files[g.weight->file].path, module);
+        }
+        if (p->kind != LT_QUANT_NONE && p->kind != k) {
+            return lt_fail(err, LT_ERR_FORMAT, "%s: '%s' is stored %s but %s asks for %s",
+                           st->files[g.weight->file].path, name, k == LT_QUANT_NF4 ? "nf4" : "int8",
+                           p->why, p->kind == LT_QUANT_NF4 ? "nf4" : "int8");
+        }
+        rc = place_prequantized(m, w, &g, shape[0], shape[1], name, err);
+        m->prequantized = 1;
+        if (rc == LT_OK && k == LT_QUANT_NF4 && g.nested) m->quant_nested = 1;
+        m->quant = k;
+    } else if (skip || p->kind == LT_QUANT_NONE) {
+        rc = place_tensor(m, &w->w, g.weight, name, W_MATRIX, is_auto, want, shape, 2, err);
+        if (skip) m->n_kept16++;
+        return rc;
+    } else {
+        rc = quantize_linear(m, w, g.weight, p, shape[0], shape[1], name, err);
+        m->quant = p->kind;
+        if (p->nested) m->quant_nested = 1;
+    }
+    if (rc != LT_OK) return rc;
+    m->n_quantized++;
+    m->n_params += shape[0] * shape[1];
+    m->weight_bytes += (int64_t)lt_weight_bytes(w);
+    return LT_OK;
+}
+
+const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap) {
+    if (!m->n_quantized) {
+        snprintf(buf, cap, "%s", "");
+        return buf;
+    }
+    char kept[64] = "";
+    if (m->n_kept16) snprintf(kept, sizeof kept, "; %d kept in 16 bits", m->n_kept16);
+    snprintf(buf, cap, "%s%s, %d linears%s%s", m->quant == LT_QUANT_NF4 ? "nf4" : "int8",
+             m->quant_nested ? " (double quant)" : "", m->n_quantized, kept,
+             m->prequantized ? " (pre-quantized checkpoint)" : " (quantized at load)");
+    return buf;
+}
+
+lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t) {
+    if (t == &m->embed_tokens.w) return &m->embed_tokens;
+    if (t == &m->lm_head.w) return &m->lm_head;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
+        gemma3_layer *L = &m->layers[l];
+        lt_weight *all[] = {&L->q_proj,    &L->k_proj,  &L->v_proj,   &L->o_proj,
+                            &L->gate_proj, &L->up_proj, &L->down_proj};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+            if (t == &all[i]->w) return all[i];
+    }
+    return NULL;
+}
+
 lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
                           const lt_callbacks *cb, char *err) {
+    return gemma3_load_dir_quant(out, dir, dtype, NULL, cb, err);
+}
+
+lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char *dtype,
+                                const char *quant, const lt_callbacks *cb, char *err) {
     *out = NULL;
     int is_auto;
     lt_dtype want = LT_F32;
@@ -296,12 +552,19 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
     snprintf(path, sizeof path, "%s/config.json", dir);
     lt_status rc = gemma3_config_load(&cfg, path, err);
     if (rc != LT_OK) return rc;
+    quant_plan plan;
+    rc = plan_quant(&plan, quant, path, err);
+    if (rc != LT_OK) return rc;
     gemma3_model *m = model_new(&cfg, err);
-    if (!m) return LT_ERR_MEMORY;
+    if (!m) {
+        bnb_config_free(&plan.cfg);
+        return LT_ERR_MEMORY;
+    }
     snprintf(m->source, sizeof m->source, "%s", dir);
     if (cb && cb->message) cb->message(cb->ctx, "mapping safetensors");
     rc = st_open(&m->storage->st, dir, err);
     if (rc != LT_OK) {
+        bnb_config_free(&plan.cfg);
         gemma3_model_free(m);
         return rc;
     }
@@ -318,6 +581,7 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
                 "%s: no embed_tokens.weight under any Gemma 3 prefix (looked for model., "
                 "language_model.model., model.language_model.)",
                 st->n_files ? st->files[0].path : dir);
+        bnb_config_free(&plan.cfg);
         gemma3_model_free(m);
         return LT_ERR_FORMAT;
     }
@@ -349,9 +613,14 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
                          cfg.num_hidden_layers, cfg.tie_word_embeddings ? "" : ", untied head");
             break;
         }
-        rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
+        int linear = kind == W_MATRIX && i >= 1 && i <= cfg.num_hidden_layers * N_LAYER_W;
+        if (linear)
+            rc = place_linear(m, (lt_weight *)slot, name, canon, &plan, is_auto, want, shape, err);
+        else
+            rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
         if (cb && cb->progress) cb->progress(cb->ctx, "loading weights", i + 1, n);
     }
+    bnb_config_free(&plan.cfg);
     if (rc != LT_OK) {
         gemma3_model_free(m);
         return rc;

@@ -123,7 +123,7 @@ static lt_status lin_fwd(tb_ctx *c, lt_tensor y, lt_tensor x, const lt_weight *w
     rc = c->be->linear(c->ctx, y, x, w); /* base path */
     lo->enabled = 1;
     if (rc != LT_OK) return rc;
-    lt_weight wa = {lo->a, NULL, {0}}, wb = {lo->b, NULL, {0}};
+    lt_weight wa = {.w = lo->a}, wb = {.w = lo->b};
     lt_tensor xd = t2(c->B->s_in, n, in), u = t2(c->B->s_r, n, r), y2 = t2(c->B->s_out, n, out);
     seed = rows_seed(seed, r0, in);
     if ((rc = c->be->dropout(c->ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
@@ -144,7 +144,7 @@ static lt_status lin_bwd(tb_ctx *c, lt_tensor dx, lt_tensor dy, lt_tensor x, con
     rc = c->be->linear_backward(c->ctx, dx, dy, x, w); /* base path: dx = dy·W (+ grad_w) */
     lo->enabled = 1;
     if (rc != LT_OK) return rc;
-    lt_weight wa = {lo->a, NULL, lo->grad_a}, wb = {lo->b, NULL, lo->grad_b};
+    lt_weight wa = {.w = lo->a, .grad_w = lo->grad_a}, wb = {.w = lo->b, .grad_w = lo->grad_b};
     lt_tensor xd = t2(c->B->s_in, n, in), u = t2(c->B->s_r, n, r);
     lt_tensor dys = t2(c->B->s_out, n, out), du = t2(c->B->s_r2, n, r),
               dxd = t2(c->B->s_in2, n, in);

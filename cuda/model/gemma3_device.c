@@ -4,7 +4,8 @@
  * 256-byte-aligned tensors) and the registry that tells device copies from host models, plus
  * gemma3_forward_host. The matrices are converted on the device when the policy dtype differs
  * from the loaded one (fp16 results clamped to ±65504 as the last guard; Gemma 3's weights sit
- * far inside that range). Does not touch gemma3.c's storage or the host model, which the
+ * far inside that range). NF4/int8 weights are refused (no device kernels for them yet). Does
+ * not touch gemma3.c's storage or the host model, which the
  * caller still owns. See gemma3_device.h.
  */
 #ifdef HAVE_CONFIG_H
@@ -85,6 +86,14 @@ static lt_dtype target_dtype(const lt_tensor *t, lt_dtype dt) {
 static int place_one(void *user, const char *name, lt_tensor *t) {
     place_job *j = user;
     if (!t || !t->data) return 0; /* an absent (tied) head */
+    if (t->dtype == LT_U8 || t->dtype == LT_I8) {
+        snprintf(j->err, LT_ERRLEN,
+                 "%.100s is %s: the %s backend has no NF4/int8 dequantize kernels yet; load the "
+                 "model with device=cpu to run or train it quantized, or without quant= (a "
+                 "16-bit checkpoint) to use the GPU",
+                 name, t->dtype == LT_U8 ? "nf4" : "int8", j->ctx->be->name);
+        return 1;
+    }
     lt_dtype want = target_dtype(t, j->dt);
     int64_t n = lt_tensor_numel(t);
     size_t bytes = (size_t)n * lt_dtype_size(want);
@@ -147,7 +156,11 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     m->lm_head.grad_w.data = NULL;
 
     place_job j = {.ctx = ctx, .dt = dt, .sizing = 1, .err = err};
-    gemma3_weights_foreach(m, place_one, &j);
+    if (gemma3_weights_foreach(m, place_one, &j)) { /* a weight no device format can hold */
+        free(layers);
+        free(m);
+        return LT_ERR_ARG;
+    }
     j.arena = ctx->be->alloc(ctx, j.total);
     if (!j.arena) {
         lt_fail(err, LT_ERR_MEMORY, "not enough %s memory for the weights (%.2f GiB in %s): %.900s",

@@ -48,11 +48,17 @@ typedef struct gemma3_model {
     lt_weight lm_head;      /* [V, H] only when a checkpoint is untied; w.data NULL if tied */
     lt_tensor norm;         /* [H] fp32: the final norm */
     gemma3_layer *layers;   /* [L] */
-    lt_dtype dtype;         /* storage dtype of the matrices; norms are always fp32 */
+    lt_dtype dtype;         /* storage dtype of the 16-bit matrices; norms are always fp32 */
     int skipped_vision;     /* vision tower / projector tensors were present and skipped */
-    int64_t n_params;       /* text parameters */
-    int64_t weight_bytes;   /* bytes the weights take in memory */
-    char source[512];       /* directory or "random:gemma-3-1b" */
+    /* bitsandbytes quantization of the linears (q, k, v, o, gate, up, down; never the
+     * embedding, norms or head): kind of the quantized ones, how many, how many were kept in
+     * 16 bits by llm_int8_skip_modules, and whether the checkpoint came quantized */
+    lt_quant_kind quant;
+    int quant_nested; /* NF4 with double quantization */
+    int n_quantized, n_kept16, prequantized;
+    int64_t n_params;     /* text parameters */
+    int64_t weight_bytes; /* bytes the weights take in memory */
+    char source[512];     /* directory or "random:gemma-3-1b" */
     gemma3_storage *storage;
 } gemma3_model;
 
@@ -66,6 +72,19 @@ static inline const lt_weight *gemma3_head(const gemma3_model *m) {
  * cb may be NULL. On failure *out stays NULL and nothing leaks. */
 lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
                           const lt_callbacks *cb, char *err);
+/* The same with quantization of the linears: quant NULL/"none" keeps 16-bit linears 16-bit,
+ * "nf4" (NF4 with double quantization, as QLoRA does) or "int8" (LLM.int8) quantizes each one
+ * as it is read. Tensors a checkpoint stores quantized (bitsandbytes' layout) load as they
+ * are; with a quantization_config in config.json, the linears it does not list in
+ * llm_int8_skip_modules are quantized its way and the listed ones stay 16-bit. dtype applies
+ * to what stays 16-bit. "dynamic" is refused (not built yet). */
+lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char *dtype,
+                                const char *quant, const lt_callbacks *cb, char *err);
+/* The lt_weight whose storage tensor is t (a tensor of the weight walk), or NULL for norms. */
+lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t);
+/* "nf4 (double quant), 28 linears; 2 kept in 16 bits" into buf ("" when nothing is
+ * quantized). */
+const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap);
 /* Real shapes, seeded random weights (normal-ish, std 0.02; norms 0). size: "1b" etc.
  * dtype NULL/"auto" = bf16. Refuses with a clear message when it would not fit in memory. */
 lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed, const char *dtype,

@@ -234,6 +234,14 @@ static lt_status attach_full(lt_adapters *a, char *err) {
     }
     int L = m->cfg.num_hidden_layers;
     int64_t H = m->cfg.hidden_size;
+    if (m->n_quantized) {
+        return lt_fail(
+            err, LT_ERR_STATE,
+            "%%lora full=true: this model's linears are %s (frozen, no gradients); train "
+            "LoRA adapters on them, or load the 16-bit checkpoint without quant= for full "
+            "fine-tuning",
+            m->quant == LT_QUANT_NF4 ? "NF4" : "int8");
+    }
     a->ng.layers = calloc((size_t)L * NG_COUNT, sizeof(lt_tensor));
     if (!a->ng.layers) return LT_ERR_MEMORY;
     char name[192];
@@ -419,7 +427,7 @@ void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_
 lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err) {
     const lt_tensor *w = &s->w->w;
     int64_t O = w->shape[0], I = w->shape[1], r = s->lora.a.shape[0];
-    lt_to_f32(out, w->data, w->dtype, O * I);
+    lt_weight_dequantize_rows(s->w, 0, O, out); /* 16-bit widened, NF4/int8 dequantized */
     const float *A = s->lora.a.data, *B = s->lora.b.data;
     float sc = s->lora.scale;
     /* W' = W + s·B·A, in fp32: [O, I] += [O, r]·[r, I] */

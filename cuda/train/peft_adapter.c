@@ -261,7 +261,7 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
                 rc = lt_fail(err, LT_ERR_FORMAT,
                              "%s: no lora_%c tensor for %s (the config targets it)", path,
                              k ? 'B' : 'A', s->module);
-            } else if (!t->dtype_ok || t->dtype == LT_I32 || t->ndim != 2 ||
+            } else if (!t->dtype_ok || !lt_dtype_is_float(t->dtype) || t->ndim != 2 ||
                        t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
                 char sh[64];
                 rc = lt_fail(err, LT_ERR_FORMAT,

@@ -134,7 +134,8 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     lo_c.grad_b = t2(LT_F32, gb_c, out, r);
     lo_c.scale = 2.0f;
     lo_c.enabled = 1;
-    lt_weight w_c = {t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in)};
+    lt_weight w_c = {
+        t2(wdt, wh, out, in), with_lora ? &lo_c : NULL, t2(LT_F32, gw_c, out, in), {0}};
     float *y_c = malloc(sizeof(float) * (size_t)(T * out)),
           *dx_c = malloc(sizeof(float) * (size_t)(T * in));
     lt_status rc = cpu.be->linear(&cpu, t2(LT_F32, y_c, T, out), t2(LT_F32, x, T, in), &w_c);
@@ -150,8 +151,10 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     lo_g.b = t2(LT_F32, dev_put(b, (size_t)(out * r) * 4), out, r);
     lo_g.grad_a = t2(LT_F32, dev_put(NULL, (size_t)(r * in) * 4), r, in);
     lo_g.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
-    lt_weight w_g = {t2(wdt, wg, out, in), with_lora ? &lo_g : NULL,
-                     t2(LT_F32, dev_put(NULL, (size_t)(out * in) * 4), out, in)};
+    lt_weight w_g = {t2(wdt, wg, out, in),
+                     with_lora ? &lo_g : NULL,
+                     t2(LT_F32, dev_put(NULL, (size_t)(out * in) * 4), out, in),
+                     {0}};
     float *yg = dev_poison(T * out), *dxg = dev_poison(T * in);
     rc = gpu.be->linear(&gpu, t2(LT_F32, yg, T, out), t2(LT_F32, xg, T, in), &w_g);
     snprintf(name, sizeof name, "linear %s%s [%lld,%lld]x[%lld,%lld] runs", lt_dtype_user_name(wdt),
@@ -354,7 +357,7 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
         lo.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
         lo.scale = 2.0f;
         lo.enabled = 1;
-        lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}};
+        lt_weight wt = {t2(LT_BF16, wgd, out, in), &lo, {0}, {0}};
         lt_tensor xt = run ? t2(LT_F32, xwg, T, in) : t2(LT_BF16, xbg, T, in);
         lt_tensor dyt = run ? t2(LT_F32, dyg, T, out) : t2(LT_BF16, dybg, T, out);
         float *yo = dev_poison(T * out), *dxo = dev_poison(T * in);
@@ -376,7 +379,7 @@ static void test_bf16_activations(int64_t T, int64_t in, int64_t out) {
     loc.b = t2(LT_F32, b, out, r);
     loc.scale = 2.0f;
     loc.enabled = 1;
-    lt_weight wc = {t2(LT_BF16, wh, out, in), &loc, {0}};
+    lt_weight wc = {t2(LT_BF16, wh, out, in), &loc, {0}, {0}};
     float *y1 = malloc(sizeof(float) * (size_t)(T * out)),
           *y2 = malloc(sizeof(float) * (size_t)(T * out));
     lt_status r1 = cpu.be->linear(&cpu, t2(LT_F32, y1, T, out), t2(LT_BF16, xb, T, in), &wc);
@@ -400,12 +403,14 @@ static void test_embedding(lt_dtype dt) {
         ids[t] = (int32_t)(rng_next() % (uint64_t)V);
     ids[3] = ids[7]; /* a repeated id: the backward must add both rows */
     float *h_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
-    lt_weight tab_c = {t2(dt, th, V, H), NULL, t2(LT_F32, gw_c, V, H)};
+    lt_weight tab_c = {t2(dt, th, V, H), NULL, t2(LT_F32, gw_c, V, H), {0}};
     cpu.be->embedding(&cpu, t2(LT_F32, h_c, T, H), t1(LT_I32, ids, T), &tab_c, 33.9411f);
     cpu_embedding_backward(&cpu, &tab_c, t2(LT_F32, dh, T, H), t1(LT_I32, ids, T), 33.9411f);
     int32_t *idg = dev_put(ids, (size_t)T * 4);
-    lt_weight tab_g = {t2(dt, dev_put(th, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
-                       t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
+    lt_weight tab_g = {t2(dt, dev_put(th, (size_t)(V * H) * lt_dtype_size(dt)), V, H),
+                       NULL,
+                       t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H),
+                       {0}};
     float *hg = dev_poison(T * H), *dhg = dev_put(dh, (size_t)(T * H) * 4);
     lt_status rc =
         gpu.be->embedding(&gpu, t2(LT_F32, hg, T, H), t1(LT_I32, idg, T), &tab_g, 33.9411f);
@@ -515,7 +520,7 @@ static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
     for (int64_t t = 0; t < T; t++)
         tg[t] = (t % 5 == 2) ? -100 : (int32_t)(rng_next() % (uint64_t)V);
     float *dh_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
-    lt_weight head_c = {t2(dt, wh, V, H), NULL, t2(LT_F32, gw_c, V, H)};
+    lt_weight head_c = {t2(dt, wh, V, H), NULL, t2(LT_F32, gw_c, V, H), {0}};
     double loss_c = 0, loss_g = 0;
     float gs = 1.0f / (float)T;
     lt_status rc = cpu_cross_entropy(&cpu, &loss_c, t2(LT_F32, dh_c, T, H), t2(LT_F32, h, T, H),
@@ -523,8 +528,10 @@ static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
     if (rc != LT_OK) diag("cpu: %s", cpu.err);
     float *hg = dev_put(h, (size_t)(T * H) * 4), *dhg = dev_poison(T * H);
     int32_t *tgg = dev_put(tg, (size_t)T * 4);
-    lt_weight head_g = {t2(dt, dev_put(wh, (size_t)(V * H) * lt_dtype_size(dt)), V, H), NULL,
-                        t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H)};
+    lt_weight head_g = {t2(dt, dev_put(wh, (size_t)(V * H) * lt_dtype_size(dt)), V, H),
+                        NULL,
+                        t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H),
+                        {0}};
     rc = gpu.be->cross_entropy(&gpu, &loss_g, t2(LT_F32, dhg, T, H), t2(LT_F32, hg, T, H), &head_g,
                                t1(LT_I32, tgg, T), gs);
     if (rc != LT_OK) diag("%s", gpu.err);

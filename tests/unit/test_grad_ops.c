@@ -312,7 +312,7 @@ typedef struct emb_st {
 
 static double emb_loss(void *p) {
     emb_st *s = p;
-    lt_weight w = {lt_tensor_2d(LT_F32, s->table, s->V, s->H), NULL, {0}};
+    lt_weight w = {lt_tensor_2d(LT_F32, s->table, s->V, s->H), NULL, {0}, {0}};
     lt_backend_cpu.embedding(&ctx, lt_tensor_2d(LT_F32, s->h, s->T, s->H),
                              lt_tensor_1d(LT_I32, s->ids, s->T), &w, s->scale);
     return dotr(s->r, s->h, s->T * s->H);
@@ -324,8 +324,8 @@ static void test_embedding(void) {
     s.scale = 2.5f;
     s.table = rvec(s.V * s.H, 1), s.h = zvec(s.T * s.H), s.r = rvec(s.T * s.H, 1);
     float *gw = zvec(s.V * s.H);
-    lt_weight w = {lt_tensor_2d(LT_F32, s.table, s.V, s.H), NULL,
-                   lt_tensor_2d(LT_F32, gw, s.V, s.H)};
+    lt_weight w = {
+        lt_tensor_2d(LT_F32, s.table, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H), {0}};
     is_int(cpu_embedding_backward(&ctx, &w, lt_tensor_2d(LT_F32, s.r, s.T, s.H),
                                   lt_tensor_1d(LT_I32, ids, s.T), s.scale),
            LT_OK, "embedding_backward runs");
@@ -343,7 +343,7 @@ typedef struct ce_st {
 
 static double ce_loss(void *p) {
     ce_st *s = p;
-    lt_weight w = {lt_tensor_2d(LT_F32, s->E, s->V, s->H), NULL, {0}};
+    lt_weight w = {lt_tensor_2d(LT_F32, s->E, s->V, s->H), NULL, {0}, {0}};
     double L = 0;
     lt_tensor none = lt_tensor_2d(LT_F32, NULL, s->T, s->H);
     cpu_cross_entropy(&ctx, &L, none, lt_tensor_2d(LT_F32, s->h, s->T, s->H), &w,
@@ -373,7 +373,8 @@ static void test_cross_entropy(void) {
     double got = 2 * ce_loss(&s);
     is_close(got, want, 1e-4 * want, "cross_entropy loss_sum = Σ CE over non-ignored rows");
     float *dh = zvec(s.T * s.H), *gw = zvec(s.V * s.H);
-    lt_weight w = {lt_tensor_2d(LT_F32, s.E, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H)};
+    lt_weight w = {
+        lt_tensor_2d(LT_F32, s.E, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H), {0}};
     double L = 0;
     is_int(cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, dh, s.T, s.H),
                              lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w, lt_tensor_1d(LT_I32, tg, s.T),
@@ -507,7 +508,7 @@ static void test_bf16_tensors(void) {
                       2.0f,
                       0.0f,
                       1};
-        lt_weight wt = {lt_tensor_2d(LT_BF16, wb, out, in), &lo, {0}};
+        lt_weight wt = {lt_tensor_2d(LT_BF16, wb, out, in), &lo, {0}, {0}};
         lt_tensor xt = k ? lt_tensor_2d(LT_F32, x, T, in) : lt_tensor_2d(LT_BF16, xb, T, in);
         lt_tensor dyt = k ? lt_tensor_2d(LT_F32, dy, T, out) : lt_tensor_2d(LT_BF16, dyb, T, out);
         be->linear(&ctx, lt_tensor_2d(LT_F32, y[k], T, out), xt, &wt);
@@ -517,7 +518,7 @@ static void test_bf16_tensors(void) {
            bits_equal(ga[0], ga[1], r * in) && bits_equal(gb2[0], gb2[1], out * r),
        "linear and linear_backward with bf16 x and dy: the bits of their fp32 values");
     /* bad input: a bf16 x with an fp32 weight */
-    lt_weight wf32 = {lt_tensor_2d(LT_F32, wf, out, in), NULL, {0}};
+    lt_weight wf32 = {lt_tensor_2d(LT_F32, wf, out, in), NULL, {0}, {0}};
     rc = be->linear(&ctx, lt_tensor_2d(LT_F32, y[0], T, out), lt_tensor_2d(LT_BF16, xb, T, in),
                     &wf32);
     ok(rc == LT_ERR_ARG && strstr(ctx.err, "bf16"), "a bf16 x with an fp32 weight is refused");

@@ -1,9 +1,10 @@
 /* backend_cpu.c — the fp32 reference backend: the specification of every op in backend.h.
  *
  * Owns the CPU op table (lt_backend_cpu) and its thread pool. Every op computes in fp32 on host
- * memory; frozen weights stored as F16/BF16 are widened inside the matmul. Matmuls go through
- * CBLAS when the build has it (HAVE_CBLAS) and through a plain threaded C loop otherwise (the
- * loop is also what decode uses for 16-bit weights: a GEMV is memory-bound, and widening the
+ * memory; frozen weights stored as F16/BF16 are widened inside the matmul, NF4/int8 weights are
+ * dequantized a band of rows at a time (backend_cpu_quant.c) and multiplied as fp32. Matmuls go
+ * through CBLAS when the build has it (HAVE_CBLAS) and through a plain threaded C loop otherwise
+ * (the loop is also what decode uses for 16-bit weights: a GEMV is memory-bound, and widening the
  * whole matrix first would double the traffic). Keep it simple and correct: the CUDA backend
  * is tested against this file. Knows nothing of Gemma.
  */
@@ -475,10 +476,70 @@ const float *cpu_as_f32(const lt_tensor *x, float **owned) {
     return *owned = f;
 }
 
+/* ---- quantized weights (NF4, int8): dequantized a band of rows at a time ---------------------
+ * A band of about 16 MB of fp32 rows is dequantized by the pool (lt_weight_dequantize_rows),
+ * then multiplied like an fp32 weight: never the whole matrix in fp32 at once. */
+
+typedef struct band_job {
+    const lt_weight *w;
+    int64_t r0, nr;
+    float *dst;
+} band_job;
+
+static void band_task(void *arg, int task, int n_tasks) {
+    band_job *j = arg;
+    int64_t per = (j->nr + n_tasks - 1) / n_tasks;
+    int64_t a = (int64_t)task * per, b = a + per < j->nr ? a + per : j->nr;
+    if (a < b) lt_weight_dequantize_rows(j->w, j->r0 + a, b - a, j->dst + a * j->w->w.shape[1]);
+}
+
+int64_t cpu_band_rows(const lt_weight *w) {
+    int64_t in = w->w.shape[1] > 0 ? w->w.shape[1] : 1;
+    int64_t band = (int64_t)(4u << 20) / in;
+    if (band < 16) band = 16;
+    return band < w->w.shape[0] ? band : w->w.shape[0];
+}
+
+void cpu_dequantize_band(lt_ctx *ctx, const lt_weight *w, int64_t r0, int64_t nr, float *dst) {
+    band_job j = {w, r0, nr, dst};
+    int nt = pool_threads(ctx) * 2;
+    if (nt > nr) nt = (int)nr;
+    pool_run(ctx_pool(ctx), band_task, &j, nt > 0 ? nt : 1);
+}
+
+/* y [T, out] = x [T, in] · Wᵀ for an NF4 / int8 weight. */
+static lt_status quant_matmul(lt_ctx *ctx, float *y, const float *x, const lt_weight *w,
+                              int64_t T) {
+    int64_t out = w->w.shape[0], in = w->w.shape[1], band = cpu_band_rows(w);
+    float *wf = malloc(sizeof(float) * (size_t)(band * in));
+    float *yb = band < out ? malloc(sizeof(float) * (size_t)(T * band)) : NULL;
+    lt_status rc = LT_OK;
+    if (!wf || (band < out && !yb)) {
+        snprintf(ctx->err, LT_ERRLEN, "cpu linear: out of memory dequantizing a %lld x %lld band",
+                 (long long)band, (long long)in);
+        rc = LT_ERR_MEMORY;
+    }
+    for (int64_t r0 = 0; rc == LT_OK && r0 < out; r0 += band) {
+        int64_t nr = r0 + band <= out ? band : out - r0;
+        cpu_dequantize_band(ctx, w, r0, nr, wf);
+        if (!yb) { /* one band: the whole output */
+            rc = lt_cpu_matmul(ctx, y, x, wf, LT_F32, T, in, nr, 1);
+            break;
+        }
+        rc = lt_cpu_matmul(ctx, yb, x, wf, LT_F32, T, in, nr, 1); /* yb: [T, nr] */
+        for (int64_t t = 0; rc == LT_OK && t < T; t++)
+            memcpy(y + t * out + r0, yb + t * nr, sizeof(float) * (size_t)nr);
+    }
+    free(wf);
+    free(yb);
+    return rc;
+}
+
 static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *op = "linear";
-    REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype), op,
-            "weight must be a 2-D float tensor");
+    int quant = w && w->q.kind != LT_QUANT_NONE;
+    REQUIRE(w && w->w.ndim == 2 && w->w.data && (quant || is_float(w->w.dtype)), op,
+            "weight must be a 2-D float, NF4 or int8 tensor");
     REQUIRE(is_f32(&y) && x.data &&
                 (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
             op, "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
@@ -495,7 +556,8 @@ static lt_status cpu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weig
     if (!xf) {
         return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu linear: out of memory widening a bf16 input");
     }
-    lt_status rc = lt_cpu_matmul(ctx, y.data, xf, w->w.data, w->w.dtype, T, in, out, 1);
+    lt_status rc = quant ? quant_matmul(ctx, y.data, xf, w, T)
+                         : lt_cpu_matmul(ctx, y.data, xf, w->w.data, w->w.dtype, T, in, out, 1);
     if (rc != LT_OK || !w->lora || !w->lora->enabled || !w->lora->a.data) {
         free(xown);
         return rc;

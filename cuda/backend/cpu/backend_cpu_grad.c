@@ -90,6 +90,10 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
     if (wanted(&dx))
         REQUIRE(dx.dtype == LT_F32 && lt_tensor_numel(&dx) == T * in, op,
                 "dx must be fp32 [T, in]");
+    int quant = w->q.kind != LT_QUANT_NONE;
+    REQUIRE(!quant || !w->grad_w.data, op,
+            "an NF4 / int8 weight is frozen: it has no grad_w (train LoRA adapters on it, or load "
+            "the model without quant= for full fine-tuning)");
     if (w->grad_w.data)
         REQUIRE(w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in, op,
                 "grad_w must be fp32 [out, in]");
@@ -106,7 +110,25 @@ lt_status cpu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor
         rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
         goto out;
     }
-    if (wanted(&dx)) {
+    if (wanted(&dx) && quant) {
+        /* dx = Σ over bands of rows: dy[:, band] · W[band, :], W dequantized band by band */
+        int64_t band = cpu_band_rows(w);
+        wbuf = malloc(sizeof(float) * (size_t)(band * in));
+        float *dyb = malloc(sizeof(float) * (size_t)(T * band));
+        if (!wbuf || !dyb) {
+            free(dyb);
+            rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
+            goto out;
+        }
+        for (int64_t r0 = 0; r0 < out; r0 += band) {
+            int64_t nr = r0 + band <= out ? band : out - r0;
+            cpu_dequantize_band(ctx, w, r0, nr, wbuf);
+            for (int64_t t = 0; t < T; t++) /* dyb: [T, nr] */
+                memcpy(dyb + t * nr, dyd + t * out + r0, sizeof(float) * (size_t)nr);
+            gemm(0, 0, T, in, nr, 1.0f, dyb, wbuf, r0 ? 1.0f : 0.0f, dx.data);
+        }
+        free(dyb);
+    } else if (wanted(&dx)) {
         if (!(wf = cpu_as_f32(&w->w, &wbuf))) {
             rc = lt_fail(ctx ? ctx->err : NULL, LT_ERR_MEMORY, "cpu %s: out of memory", op);
             goto out;

@@ -61,6 +61,11 @@ static inline void cpu_store(lt_tensor *t, int64_t i, float v) {
  * otherwise). NULL when out of memory. */
 const float *cpu_as_f32(const lt_tensor *x, float **owned);
 
+/* Quantized (NF4 / int8) weights on the CPU: rows per dequantized band (about 16 MB of fp32),
+ * and rows r0 .. r0+nr-1 dequantized into dst ([nr, in] fp32) by the thread pool. */
+int64_t cpu_band_rows(const lt_weight *w);
+void cpu_dequantize_band(lt_ctx *ctx, const lt_weight *w, int64_t r0, int64_t nr, float *dst);
+
 /* The attention contract of backend.h, checked once for the forward and the backward: q, k,
  * v fp32 [T, nh, hd] / [S, nkv, hd], I32 positions [T] and [S], nh a multiple of nkv.
  * Fills the sizes; LT_ERR_ARG with ctx->err naming op otherwise. */

@@ -175,6 +175,11 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
     } while (0)
 /* After a kernel launch. */
 #define LAUNCHED() CU_TRY(cudaGetLastError())
+/* What a quantized weight meets here until the NF4/int8 kernels exist. */
+#define NO_QUANT_KERNELS                                                                           \
+    "NF4/int8 weights are not supported by the CUDA backend yet (it has no dequantize kernels); "  \
+    "load the model with device=cpu"
+
 /* An op's argument check: ctx->err = "cuda <opname>: <msg>", rc = LT_ERR_ARG, then done:. (An
  * op's other lt_status calls go through base/error.h's LT_TRY.) */
 #define CU_REQUIRE(cond, msg)                                                                      \
@@ -886,6 +891,7 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
     const char *opname = "linear";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
+    CU_REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
     CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
                "weight must be a 2-D float tensor");
     CU_REQUIRE(is_f32(&y) && x.data &&
@@ -1243,6 +1249,7 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
+    CU_REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
     CU_REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
     CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
                "weight must be a 2-D float tensor");
