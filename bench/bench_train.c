@@ -1,7 +1,9 @@
 /* bench_train.c — LoRA training throughput and peak memory of lathe's CUDA backend.
  *
- * usage: bench_train SIZE PRECISION [SEQ BATCH STEPS WARM]
- *   SIZE: 270m | 1b | 4b | 12b (random:gemma-3-SIZE shapes); PRECISION: bf16 | fp16 | fp32
+ * usage: bench_train SIZE PRECISION [SEQ BATCH STEPS WARM QUANT RANK]
+ *   SIZE: 270m | 1b | 4b | 12b | 27b (random:gemma-3-SIZE shapes); PRECISION: bf16 | fp16 | fp32;
+ *   QUANT: none (default) | nf4 (QLoRA: NF4 with double quantization) | int8; RANK: LoRA r (32).
+ *   LATHE_CUDA_MEMORY_CAP=15G makes the run fit a T4's usable memory or fail cleanly.
  * The same work as bench/hf_baseline.py: random weights, LoRA r=32 alpha=32 on all 7
  * linear layers of every layer, batch x SEQ random tokens (labels = the ids, shifted inside the
  * model), per-layer activation checkpointing (gemma3_train_batch always checkpoints), AdamW.
@@ -34,13 +36,16 @@ static double now_s(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_train SIZE(270m|1b|4b|12b) PRECISION(bf16|fp16|fp32) [SEQ "
-                        "BATCH STEPS WARM]\n");
+        fprintf(stderr,
+                "usage: bench_train SIZE(270m|1b|4b|12b|27b) PRECISION(bf16|fp16|fp32) [SEQ "
+                "BATCH STEPS WARM QUANT(none|nf4|int8) RANK]\n");
         return 2;
     }
     const char *size = argv[1], *prec = argv[2];
     int seq = argc > 3 ? atoi(argv[3]) : 2048, batch = argc > 4 ? atoi(argv[4]) : 2;
     int steps = argc > 5 ? atoi(argv[5]) : 8, warm = argc > 6 ? atoi(argv[6]) : 3;
+    const char *quant = argc > 7 ? argv[7] : "none";
+    int rank = argc > 8 ? atoi(argv[8]) : 32;
     char err[LT_ERRLEN];
     lt_ctx ctx;
     if (lt_ctx_init(&ctx, &lt_backend_cuda, 0) != LT_OK) {
@@ -54,14 +59,18 @@ int main(int argc, char **argv) {
     }
     lt_cuda_set_precision(&ctx, dt);
     gemma3_model *host = NULL, *m = NULL;
-    if (gemma3_load_random(&host, size, 1234, "bf16", NULL, err) != LT_OK ||
+    if (getenv("LATHE_CUDA_MEMORY_CAP"))
+        printf("# memory cap LATHE_CUDA_MEMORY_CAP=%s\n", getenv("LATHE_CUDA_MEMORY_CAP"));
+    double tl = now_s();
+    if (gemma3_load_random_quant(&host, size, 1234, "bf16", quant, NULL, err) != LT_OK ||
         gemma3_to_device(&m, host, &ctx, dt, err) != LT_OK) {
         fprintf(stderr, "bench_train: %s\n", err);
         return 1;
     }
     gemma3_model_free(host);
+    printf("# random weights (%s) drawn and placed in %.1f s\n", quant, now_s() - tl);
     lt_adapters *ad = NULL;
-    lora_opts lo = {.r = 32, .alpha = 32.0f, .seed = 7};
+    lora_opts lo = {.r = rank, .alpha = (float)rank, .seed = 7};
     if (lora_attach(&ad, m, &ctx, &lo, err) != LT_OK) {
         fprintf(stderr, "bench_train: lora: %s\n", err);
         return 1;
@@ -128,14 +137,15 @@ int main(int argc, char **argv) {
             double dt_s = (now_s() - t0) / steps;
             lt_cuda_mem mem;
             lt_cuda_memory(&ctx, &mem);
-            printf("{\"engine\": \"lathe\", \"size\": \"%s\", \"dtype\": \"%s\", \"seq\": %d, "
-                   "\"batch\": %d, \"gc\": true, "
-                   "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": "
-                   "%.2f, "
-                   "\"loss\": %.4f, \"trainable\": %lld, \"peak_op\": \"%s\"}\n",
-                   size, prec, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
-                   (mem.total - mem.free) / 1073741824.0, loss / b.n_labels,
-                   (long long)ad->n_trainable, mem.peak_op);
+            printf(
+                "{\"engine\": \"lathe\", \"size\": \"%s\", \"dtype\": \"%s\", \"quant\": \"%s\", "
+                "\"rank\": %d, \"seq\": %d, \"batch\": %d, \"gc\": true, "
+                "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": "
+                "%.2f, "
+                "\"loss\": %.4f, \"trainable\": %lld, \"peak_op\": \"%s\"}\n",
+                size, prec, quant, rank, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
+                (mem.total - mem.free) / 1073741824.0, loss / b.n_labels,
+                (long long)ad->n_trainable, mem.peak_op);
             fflush(stdout);
         }
     }

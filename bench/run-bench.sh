@@ -1,28 +1,39 @@
 #!/bin/sh
-# run-bench.sh — the GPU-machine half of the CUDA backend's checks and benchmark, in one command:
-#   make check-gpu's two programs (TAP logs), lathe's LoRA training benchmark on
-#   random:gemma-3-1b / 4b in bf16 and fp16 (bench_train), and transformers + PEFT on the same
-#   shapes (bench/hf_baseline.py; checkpointing on).
-# Usage there: sh bench/run-bench.sh OUTDIR, with the binaries packed in .device-pack/ (the
-# programs in bin/, the shared libraries the GPU machine lacks in lib/):
-# .device-pack/bin/{test_ops,test_model,bench_train} (PACK=DIR for another).
+# run-bench.sh — every GPU check and benchmark, for the GPU machine, in one command:
+#   checks  make check-gpu's two programs (TAP logs): every op against the CPU reference
+#           (16-bit, fused-attention and fallback paths, NF4/int8 weights), the whole model,
+#           training and QLoRA against the CPU and the transformers / PEFT fixtures;
+#   train   lathe's LoRA training on random:gemma-3-1b / 4b in bf16 and fp16 (bench_train) and
+#           transformers + PEFT on the same shapes (bench/hf_baseline.py; checkpointing on);
+#   qlora   QLoRA (NF4 + double quant, LoRA r=16 on all 7 linears, batch 1 x 2048): 4B, 12B
+#           and 27B peak memory, 12B on the fp16 path under a 15 GiB cap (a T4's usable
+#           memory, LATHE_CUDA_MEMORY_CAP), and tokens/s against lathe's own 16-bit LoRA at
+#           the same shape (bitsandbytes is not on the machine);
+#   all     the three (the default).
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|all], with the binaries packed
+# in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
+# libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 out=${1:-.}
+what=${2:-all}
 P=${PACK:-.device-pack}
 B=$P/bin
 export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
-if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
-    echo "test_ops failed: rerunning with LATHE_CUDA_SOFTMAX_GENERIC=1" | tee -a "$out/test_ops.log"
-    export LATHE_CUDA_SOFTMAX_GENERIC=1
-    $B/test_ops > "$out/test_ops_generic.log" 2>&1
-fi
-# the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered too
-LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
-$B/test_model > "$out/test_model.log" 2>&1
-for a in "1b bf16" "1b fp16" "4b bf16" "4b fp16"; do
-    timeout 150 $B/bench_train $a 2048 2 8 3 >> "$out/bench_lathe.log" 2>&1
-done
-timeout 300 python3 -c "
+case $what in all|checks)
+    if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
+        echo "test_ops failed: rerunning with LATHE_CUDA_SOFTMAX_GENERIC=1" | tee -a "$out/test_ops.log"
+        LATHE_CUDA_SOFTMAX_GENERIC=1 $B/test_ops > "$out/test_ops_generic.log" 2>&1
+    fi
+    # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
+    LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
+    $B/test_model > "$out/test_model.log" 2>&1
+    grep -h -E '^not ok|^1\.\.' "$out"/test_*.log
+esac
+case $what in all|train)
+    for a in "1b bf16" "1b fp16" "4b bf16" "4b fp16"; do
+        timeout 150 $B/bench_train $a 2048 2 8 3 >> "$out/bench_lathe.log" 2>&1
+    done
+    timeout 300 python3 -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch, transformers
 print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), flush=True)
@@ -30,6 +41,16 @@ for s in ('1b', '4b'):
     for d in (torch.bfloat16, torch.float16):
         h.run(s, d, 2048, 2, True)
 " 2>&1 | grep -v -i warn >> "$out/bench_hf.log"
+    grep -h '^{' "$out/bench_lathe.log" "$out/bench_hf.log"
+esac
+case $what in all|qlora)
+    # SIZE PRECISION SEQ BATCH STEPS WARM QUANT RANK
+    for a in "4b bf16 2048 1 6 2 none 16" "4b bf16 2048 1 6 2 nf4 16" "4b fp16 2048 1 6 2 nf4 16" \
+             "12b bf16 2048 1 4 2 none 16" "12b bf16 2048 1 4 2 nf4 16" "27b bf16 2048 1 3 1 nf4 16"; do
+        timeout 240 $B/bench_train $a >> "$out/bench_qlora.log" 2>&1
+    done
+    LATHE_CUDA_MEMORY_CAP=15G timeout 240 $B/bench_train 12b fp16 2048 1 4 2 nf4 16 \
+        >> "$out/bench_qlora.log" 2>&1
+    grep -h -E '^\{|^bench_train|drawn and placed|memory cap' "$out/bench_qlora.log"
+esac
 cat "$out/device.txt"
-grep -h -E '^not ok|^1\.\.' "$out"/test_*.log
-grep -h '^{' "$out/bench_lathe.log" "$out/bench_hf.log"

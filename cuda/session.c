@@ -293,13 +293,8 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         rc = tiny_dir(s, dir, sizeof dir);
         if (rc != LT_OK) return lt_fail_prefix(s->err, rc, "%s: needs the tiny tokenizer", source);
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
-        if (strcmp(quant, "none") != 0)
-            return lt_fail(s->err, LT_ERR_ARG,
-                           "%s: quant=%s applies to checkpoints; random weights are not quantized "
-                           "(load without quant=)",
-                           source, quant);
         cb_message(cb, "allocating random weights");
-        rc = gemma3_load_random(&m, size, RANDOM_SEED, dtype, cb, s->err);
+        rc = gemma3_load_random_quant(&m, size, RANDOM_SEED, dtype, quant, cb, s->err);
         if (rc != LT_OK) return rc;
         snprintf(m->source, sizeof m->source, "%s", source);
     } else {

@@ -299,7 +299,7 @@ typedef struct quant_plan {
 
 static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_path, char *err) {
     memset(p, 0, sizeof *p);
-    lt_status rc = bnb_config_load(&p->cfg, cfg_path, err);
+    lt_status rc = cfg_path ? bnb_config_load(&p->cfg, cfg_path, err) : LT_OK; /* NULL: random */
     if (rc != LT_OK) return rc;
     const char *q = quant && *quant ? quant : "none";
     lt_quant_kind want = LT_QUANT_NONE;
@@ -376,6 +376,105 @@ static lt_status place_prequantized(gemma3_model *m, lt_weight *w, const bnb_gro
     return LT_OK;
 }
 
+/* NF4 quantization of n values on every core: blocks are independent, so the work splits at
+ * block boundaries (a chunk of whole blocks, the last one ending the tensor) and the bytes are
+ * those of one bnb_nf4_quantize call over the whole tensor. */
+typedef struct nf4_job {
+    const float *x;
+    int64_t n, chunk;
+    int bs;
+    uint8_t *packed;
+    float *absmax;
+    int64_t next;
+    pthread_mutex_t mu;
+} nf4_job;
+
+static void *nf4_worker(void *arg) {
+    nf4_job *j = arg;
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        int64_t off = j->next;
+        j->next += j->chunk;
+        pthread_mutex_unlock(&j->mu);
+        if (off >= j->n) return NULL;
+        int64_t len = off + j->chunk <= j->n ? j->chunk : j->n - off;
+        bnb_nf4_quantize(j->x + off, len, j->bs, j->packed + off / 2, j->absmax + off / j->bs);
+    }
+}
+
+static int n_workers(void) {
+    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    return nc < 1 ? 1 : nc > 64 ? 64 : (int)nc;
+}
+
+static void nf4_quantize_all_cores(const float *x, int64_t n, int bs, uint8_t *packed,
+                                   float *absmax) {
+    nf4_job j = {
+        .x = x, .n = n, .chunk = (int64_t)bs * 4096, .bs = bs, .packed = packed, .absmax = absmax};
+    pthread_mutex_init(&j.mu, NULL);
+    pthread_t th[64];
+    int started = 0, nt = n > j.chunk ? n_workers() : 1;
+    for (int i = 1; i < nt; i++)
+        if (pthread_create(&th[started], NULL, nf4_worker, &j) == 0) started++;
+    nf4_worker(&j);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&j.mu);
+}
+
+/* Quantizes the fp32 weight x [out, in] into w as plan p says (storage in m). LT_OK, or
+ * LT_ERR_MEMORY. */
+static lt_status quantize_values(gemma3_model *m, lt_weight *w, const float *x, quant_plan *p,
+                                 int64_t out, int64_t in) {
+    int64_t n = out * in;
+    lt_quant *q = &w->q;
+    memset(q, 0, sizeof *q);
+    if (p->kind == LT_QUANT_INT8) {
+        int8_t *w8 = storage_alloc(m->storage, (size_t)n);
+        float *scb = storage_alloc(m->storage, sizeof(float) * (size_t)out);
+        if (!w8 || !scb) return LT_ERR_MEMORY;
+        bnb_int8_quantize(x, out, in, w8, scb);
+        w->w = lt_tensor_2d(LT_I8, w8, out, in);
+        q->kind = LT_QUANT_INT8;
+        q->scb = scb;
+        return LT_OK;
+    }
+    lt_status rc = LT_OK;
+    int64_t bs = BNB_NF4_BLOCKSIZE, nb = (n + bs - 1) / bs;
+    uint8_t *packed = storage_alloc(m->storage, (size_t)((n + 1) / 2));
+    float *absmax = p->nested ? malloc(sizeof(float) * (size_t)nb)
+                              : storage_alloc(m->storage, sizeof(float) * (size_t)nb);
+    if (p->nested && !p->code2 && (p->code2 = storage_alloc(m->storage, 256 * sizeof(float))))
+        bnb_dynamic_map(p->code2);
+    if (packed && absmax && (!p->nested || p->code2)) {
+        nf4_quantize_all_cores(x, n, (int)bs, packed, absmax);
+        w->w = lt_tensor_2d(LT_U8, packed, out, in);
+        q->kind = LT_QUANT_NF4;
+        q->blocksize = (int)bs;
+        q->code = bnb_nf4_code;
+        if (p->nested) {
+            int64_t nb2 = (nb + BNB_NESTED_BLOCKSIZE - 1) / BNB_NESTED_BLOCKSIZE;
+            uint8_t *qa = storage_alloc(m->storage, (size_t)nb);
+            float *a2 = storage_alloc(m->storage, sizeof(float) * (size_t)nb2);
+            if (qa && a2)
+                rc = bnb_double_quantize(absmax, nb, p->code2, BNB_NESTED_BLOCKSIZE, qa, a2,
+                                         &q->offset);
+            else
+                rc = LT_ERR_MEMORY;
+            q->qabsmax = qa;
+            q->absmax2 = a2;
+            q->code2 = p->code2;
+            q->nested_blocksize = BNB_NESTED_BLOCKSIZE;
+        } else {
+            q->absmax = absmax;
+        }
+    } else {
+        rc = LT_ERR_MEMORY;
+    }
+    if (p->nested) free(absmax);
+    return rc;
+}
+
 /* Quantizes the 16-bit tensor src into w as plan p says. */
 static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
                                  int64_t out, int64_t in, const char *name, char *err) {
@@ -391,67 +490,18 @@ static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor 
     int64_t n = out * in;
     float *x = malloc(sizeof(float) * (size_t)n); /* one fp32 copy of this tensor */
     void *tmp = NULL;
-    if (x && ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0 && (tmp = malloc(src->nbytes)))
-        memcpy(tmp, src->data, src->nbytes);
     int unaligned = ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0;
+    if (x && unaligned && (tmp = malloc(src->nbytes))) memcpy(tmp, src->data, src->nbytes);
     if (!x || (unaligned && !tmp)) {
         free(x);
         return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
     }
     lt_to_f32(x, tmp ? tmp : src->data, src->dtype, n);
     free(tmp);
-    lt_quant *q = &w->q;
-    memset(q, 0, sizeof *q);
-    lt_status rc = LT_OK;
-    if (p->kind == LT_QUANT_INT8) {
-        int8_t *w8 = storage_alloc(m->storage, (size_t)n);
-        float *scb = storage_alloc(m->storage, sizeof(float) * (size_t)out);
-        if (w8 && scb) {
-            bnb_int8_quantize(x, out, in, w8, scb);
-            w->w = lt_tensor_2d(LT_I8, w8, out, in);
-            q->kind = LT_QUANT_INT8;
-            q->scb = scb;
-        } else {
-            rc = LT_ERR_MEMORY;
-        }
-    } else {
-        int64_t bs = BNB_NF4_BLOCKSIZE, nb = (n + bs - 1) / bs;
-        uint8_t *packed = storage_alloc(m->storage, (size_t)((n + 1) / 2));
-        float *absmax = p->nested ? malloc(sizeof(float) * (size_t)nb)
-                                  : storage_alloc(m->storage, sizeof(float) * (size_t)nb);
-        if (p->nested && !p->code2 && (p->code2 = storage_alloc(m->storage, 256 * sizeof(float))))
-            bnb_dynamic_map(p->code2);
-        if (packed && absmax && (!p->nested || p->code2)) {
-            bnb_nf4_quantize(x, n, (int)bs, packed, absmax);
-            w->w = lt_tensor_2d(LT_U8, packed, out, in);
-            q->kind = LT_QUANT_NF4;
-            q->blocksize = (int)bs;
-            q->code = bnb_nf4_code;
-            if (p->nested) {
-                int64_t nb2 = (nb + BNB_NESTED_BLOCKSIZE - 1) / BNB_NESTED_BLOCKSIZE;
-                uint8_t *qa = storage_alloc(m->storage, (size_t)nb);
-                float *a2 = storage_alloc(m->storage, sizeof(float) * (size_t)nb2);
-                if (qa && a2)
-                    rc = bnb_double_quantize(absmax, nb, p->code2, BNB_NESTED_BLOCKSIZE, qa, a2,
-                                             &q->offset);
-                else
-                    rc = LT_ERR_MEMORY;
-                q->qabsmax = qa;
-                q->absmax2 = a2;
-                q->code2 = p->code2;
-                q->nested_blocksize = BNB_NESTED_BLOCKSIZE;
-            } else {
-                q->absmax = absmax;
-            }
-        } else {
-            rc = LT_ERR_MEMORY;
-        }
-        if (p->nested) free(absmax);
-    }
+    lt_status rc = quantize_values(m, w, x, p, out, in);
     free(x);
-    if (rc != LT_OK)
-        return lt_fail(err, LT_ERR_FORMAT, "%s: out of memory quantizing '%s'", file, name);
-    return rc;
+    if (rc != LT_OK) return lt_fail(err, rc, "%s: out of memory quantizing '%s'", file, name);
+    return LT_OK;
 }
 
 /* One of the seven projections of a layer: as stored, quantized here, or 16-bit. */
@@ -476,12 +526,11 @@ static lt_status place_linear(gemma3_model *m, lt_weight *w, const char *name, c
     if (rc != LT_OK) return rc;
     if (g.kind != BNB_PLAIN) {
         lt_quant_kind k = g.kind == BNB_NF4 ? LT_QUANT_NF4 : LT_QUANT_INT8;
-        if (skip) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: '%s' is listed in llm_int8_skip_modules (kept in 16 bits) but stored "
-                     "quantized; fix quantization_config or the checkpoint",
-                     st->files[g.weight->file].path, module);
-        }
+        if (skip)
+            return lt_fail(err, LT_ERR_FORMAT,
+                           "%s: '%s' is listed in llm_int8_skip_modules (kept in 16 bits) but "
+                           "stored quantized; fix quantization_config or the checkpoint",
+                           st->files[g.weight->file].path, module);
         if (p->kind != LT_QUANT_NONE && p->kind != k) {
             return lt_fail(err, LT_ERR_FORMAT, "%s: '%s' is stored %s but %s asks for %s",
                            st->files[g.weight->file].path, name, k == LT_QUANT_NF4 ? "nf4" : "int8",
@@ -709,6 +758,27 @@ static int64_t mem_available_bytes(void) {
 
 lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed, const char *dtype,
                              const lt_callbacks *cb, char *err) {
+    return gemma3_load_random_quant(out, size, seed, dtype, NULL, cb, err);
+}
+
+/* Fills the items on every core. */
+static void fill_all_cores(fill_item *items, int n_items) {
+    fill_job job = {.items = items, .n_items = n_items};
+    pthread_mutex_init(&job.mu, NULL);
+    int nt = n_workers();
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 1; i < nt; i++)
+        if (pthread_create(&th[started], NULL, fill_worker, &job) == 0) started++;
+    fill_worker(&job);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&job.mu);
+}
+
+lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_t seed,
+                                   const char *dtype, const char *quant, const lt_callbacks *cb,
+                                   char *err) {
     *out = NULL;
     int is_auto;
     lt_dtype want = LT_BF16;
@@ -717,8 +787,11 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
                        "dtype='%s' is not accepted (accepted: auto, fp32, fp16, bf16)", dtype);
     }
     if (is_auto) want = LT_BF16;
+    quant_plan qp;
+    lt_status rc = plan_quant(&qp, quant, NULL, err);
+    if (rc != LT_OK) return rc;
     gemma3_config cfg;
-    lt_status rc = gemma3_config_preset(&cfg, size, err);
+    rc = gemma3_config_preset(&cfg, size, err);
     if (rc != LT_OK) return rc;
     gemma3_model *m = model_new(&cfg, err);
     if (!m) return LT_ERR_MEMORY;
@@ -726,36 +799,53 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
 
     /* plan: sizes first, refuse before allocating when it cannot fit */
     int n = gemma3_weight_count(m);
-    int64_t bytes = 0;
+    int64_t bytes = 0, largest = 0;
     for (int i = 0; i < n; i++) {
         char name[160];
         wkind kind;
         int64_t shape[2];
         int nd;
-        weight_slot(m, i, name, sizeof name, &kind, shape, &nd);
+        lt_tensor *t = weight_slot(m, i, name, sizeof name, &kind, shape, &nd);
         int64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
-        bytes += numel * (int64_t)(kind == W_NORM ? 4 : lt_dtype_size(want));
+        lt_weight *w = gemma3_weight_owner(m, t);
+        int quantized = qp.kind != LT_QUANT_NONE && w && w != &m->embed_tokens && w != &m->lm_head;
+        if (quantized && numel > largest) largest = numel;
+        bytes += quantized        ? numel * (qp.kind == LT_QUANT_NF4 ? 9 : 16) / 16
+                 : kind == W_NORM ? numel * 4
+                                  : numel * (int64_t)lt_dtype_size(want);
     }
+    bytes += largest * 4; /* the fp32 draw of one linear */
     int64_t avail = mem_available_bytes();
     if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         lt_fail(err, LT_ERR_MEMORY,
                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
-                "%.1f GB of memory "
-                "is available (%s)",
-                size, bytes / 1e9, lt_dtype_user_name(want), avail / 1e9,
-                want == LT_BF16 ? "try a smaller size, e.g. random:gemma-3-1b"
-                                : "try dtype=bf16 or a smaller size");
+                "%.1f GB of memory is available (%s)",
+                size, bytes / 1e9,
+                qp.kind == LT_QUANT_NONE  ? lt_dtype_user_name(want)
+                : qp.kind == LT_QUANT_NF4 ? "nf4"
+                                          : "int8",
+                avail / 1e9,
+                qp.kind == LT_QUANT_NF4 ? "try a smaller size"
+                : want == LT_BF16       ? "try quant=nf4 or a smaller size, e.g. random:gemma-3-1b"
+                                        : "try dtype=bf16, quant=nf4 or a smaller size");
         gemma3_model_free(m);
+        bnb_config_free(&qp.cfg);
         return LT_ERR_MEMORY;
     }
     fill_item *items = calloc((size_t)n, sizeof *items);
-    if (!items) {
+    float *draw = largest ? malloc(sizeof(float) * (size_t)largest) : NULL;
+    if (!items || (largest && !draw)) {
+        free(items), free(draw);
         gemma3_model_free(m);
+        bnb_config_free(&qp.cfg);
         return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     }
+    if (cb && cb->message)
+        cb->message(cb->ctx, qp.kind != LT_QUANT_NONE ? "drawing and quantizing random weights"
+                                                      : "filling random weights");
     int n_items = 0;
     uint64_t sm = seed;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n && rc == LT_OK; i++) {
         char name[160];
         wkind kind;
         int64_t shape[2];
@@ -766,38 +856,47 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
         t->shape[1] = nd == 2 ? shape[1] : 0;
         t->dtype = kind == W_NORM ? LT_F32 : want;
         int64_t numel = lt_tensor_numel(t);
-        t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
         uint64_t ts = splitmix64(&sm);
+        lt_weight *w = gemma3_weight_owner(m, t);
+        m->n_params += numel;
+        if (qp.kind != LT_QUANT_NONE && w && w != &m->embed_tokens && w != &m->lm_head) {
+            fill_item one = {draw, LT_F32, numel, ts};
+            fill_all_cores(&one, 1);
+            rc = quantize_values(m, w, draw, &qp, shape[0], shape[1]);
+            if (rc != LT_OK) {
+                lt_fail(err, rc, "out of memory quantizing '%s'", name);
+                break;
+            }
+            m->n_quantized++;
+            m->weight_bytes += (int64_t)lt_weight_bytes(w);
+            continue;
+        }
+        t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
         if (!t->data) {
-            lt_fail(err, LT_ERR_MEMORY, "out of memory allocating '%s' (%s)", name,
-                    lt_dtype_user_name(t->dtype));
-            free(items);
-            gemma3_model_free(m);
-            return LT_ERR_MEMORY;
+            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory allocating '%s' (%s)", name,
+                         lt_dtype_user_name(t->dtype));
+            break;
         }
         if (kind == W_NORM) {
             memset(t->data, 0, lt_tensor_bytes(t)); /* Gemma's (1 + w) norms start at w = 0 */
         } else {
             items[n_items++] = (fill_item){t->data, t->dtype, numel, ts};
         }
-        m->n_params += numel;
         m->weight_bytes += (int64_t)lt_tensor_bytes(t);
     }
-    if (cb && cb->message) cb->message(cb->ctx, "filling random weights");
-    fill_job job = {.items = items, .n_items = n_items};
-    pthread_mutex_init(&job.mu, NULL);
-    long nc = sysconf(_SC_NPROCESSORS_ONLN);
-    int nt = nc > 0 ? (int)nc : 1;
-    if (nt > 64) nt = 64;
-    pthread_t th[64];
-    int started = 0;
-    for (int i = 1; i < nt; i++)
-        if (pthread_create(&th[started], NULL, fill_worker, &job) == 0) started++;
-    fill_worker(&job);
-    for (int i = 0; i < started; i++)
-        pthread_join(th[i], NULL);
-    pthread_mutex_destroy(&job.mu);
+    free(draw);
+    if (rc == LT_OK) fill_all_cores(items, n_items);
     free(items);
+    if (rc != LT_OK) {
+        gemma3_model_free(m);
+        bnb_config_free(&qp.cfg);
+        return rc;
+    }
+    if (qp.kind != LT_QUANT_NONE) {
+        m->quant = qp.kind;
+        m->quant_nested = qp.nested;
+    }
+    bnb_config_free(&qp.cfg);
     m->dtype = want;
     *out = m;
     return LT_OK;

@@ -4,9 +4,9 @@
  * 256-byte-aligned tensors) and the registry that tells device copies from host models, plus
  * gemma3_forward_host. The matrices are converted on the device when the policy dtype differs
  * from the loaded one (fp16 results clamped to ±65504 as the last guard; Gemma 3's weights sit
- * far inside that range). NF4/int8 weights are refused (no device kernels for them yet). Does
- * not touch gemma3.c's storage or the host model, which the
- * caller still owns. See gemma3_device.h.
+ * far inside that range). NF4/int8 weights go as they are stored, with their quantization
+ * state; the backend decodes them inside its matmuls. Does not touch gemma3.c's storage or
+ * the host model, which the caller still owns. See gemma3_device.h.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
@@ -70,6 +70,7 @@ static size_t align256(size_t n) {
 
 typedef struct place_job {
     lt_ctx *ctx;
+    gemma3_model *m; /* the device copy being filled */
     lt_dtype dt;
     char *arena;
     size_t off, total;
@@ -83,17 +84,61 @@ static lt_dtype target_dtype(const lt_tensor *t, lt_dtype dt) {
     return t->ndim == 2 ? dt : LT_F32;
 }
 
+/* Backend memory for n bytes of the arena (sizing: only counted), filled from host src. */
+static void *place_bytes(place_job *j, const void *src, size_t n, lt_status *rc) {
+    if (j->sizing) {
+        j->total += align256(n);
+        return NULL;
+    }
+    void *dst = j->arena + j->off;
+    j->off += align256(n);
+    if (*rc == LT_OK) *rc = j->ctx->be->upload(j->ctx, dst, src, n);
+    return dst;
+}
+
+/* An NF4 / int8 weight goes as it is stored: its packed codes and every array of its
+ * quantization state, with the state's pointers moved to the device copies. */
+static int place_quantized(place_job *j, const char *name, lt_tensor *t) {
+    lt_weight *w = gemma3_weight_owner(j->m, t);
+    if (!w || w->q.kind == LT_QUANT_NONE) {
+        lt_fail(j->err, LT_ERR_ARG, "%.100s is stored as %s but is not a quantized linear weight",
+                name, lt_dtype_user_name(t->dtype));
+        return 1;
+    }
+    lt_quant *q = &w->q;
+    int64_t n = lt_tensor_numel(t), out = t->shape[0];
+    lt_status rc = LT_OK;
+    if (q->kind == LT_QUANT_NF4) {
+        int64_t nb = (n + q->blocksize - 1) / q->blocksize;
+        void *codes = place_bytes(j, t->data, (size_t)((n + 1) / 2), &rc);
+        const float *code = place_bytes(j, q->code, 16 * sizeof(float), &rc);
+        if (q->qabsmax) {
+            int64_t nb2 = (nb + q->nested_blocksize - 1) / q->nested_blocksize;
+            const uint8_t *qa = place_bytes(j, q->qabsmax, (size_t)nb, &rc);
+            const float *a2 = place_bytes(j, q->absmax2, (size_t)nb2 * sizeof(float), &rc);
+            const float *c2 = place_bytes(j, q->code2, 256 * sizeof(float), &rc);
+            if (!j->sizing) q->qabsmax = qa, q->absmax2 = a2, q->code2 = c2;
+        } else {
+            const float *am = place_bytes(j, q->absmax, (size_t)nb * sizeof(float), &rc);
+            if (!j->sizing) q->absmax = am;
+        }
+        if (!j->sizing) t->data = codes, q->code = code;
+    } else {
+        void *w8 = place_bytes(j, t->data, (size_t)n, &rc);
+        const float *scb = place_bytes(j, q->scb, (size_t)out * sizeof(float), &rc);
+        if (!j->sizing) t->data = w8, q->scb = scb;
+    }
+    if (rc != LT_OK) {
+        lt_fail(j->err, rc, "placing %.100s on %s: %.800s", name, j->ctx->be->name, j->ctx->err);
+        return 1;
+    }
+    return 0;
+}
+
 static int place_one(void *user, const char *name, lt_tensor *t) {
     place_job *j = user;
     if (!t || !t->data) return 0; /* an absent (tied) head */
-    if (t->dtype == LT_U8 || t->dtype == LT_I8) {
-        snprintf(j->err, LT_ERRLEN,
-                 "%.100s is %s: the %s backend has no NF4/int8 dequantize kernels yet; load the "
-                 "model with device=cpu to run or train it quantized, or without quant= (a "
-                 "16-bit checkpoint) to use the GPU",
-                 name, t->dtype == LT_U8 ? "nf4" : "int8", j->ctx->be->name);
-        return 1;
-    }
+    if (t->dtype == LT_U8 || t->dtype == LT_I8) return place_quantized(j, name, t);
     lt_dtype want = target_dtype(t, j->dt);
     int64_t n = lt_tensor_numel(t);
     size_t bytes = (size_t)n * lt_dtype_size(want);
@@ -155,7 +200,7 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     m->embed_tokens.grad_w.data = NULL;
     m->lm_head.grad_w.data = NULL;
 
-    place_job j = {.ctx = ctx, .dt = dt, .sizing = 1, .err = err};
+    place_job j = {.ctx = ctx, .m = m, .dt = dt, .sizing = 1, .err = err};
     if (gemma3_weights_foreach(m, place_one, &j)) { /* a weight no device format can hold */
         free(layers);
         free(m);

@@ -89,6 +89,12 @@ const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap);
  * dtype NULL/"auto" = bf16. Refuses with a clear message when it would not fit in memory. */
 lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed, const char *dtype,
                              const lt_callbacks *cb, char *err);
+/* The same with quant "nf4" (double quantization) or "int8" (NULL/"none": 16-bit): each linear
+ * is drawn in fp32 and quantized at once, so the 16-bit model never exists (27B in NF4 needs
+ * about 16 GB of host memory, not 54). */
+lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_t seed,
+                                   const char *dtype, const char *quant, const lt_callbacks *cb,
+                                   char *err);
 void gemma3_model_free(gemma3_model *m);
 
 /* Every text weight, in a stable order: embed_tokens, then per layer in this order

@@ -10,7 +10,9 @@
  *     exceeds 65504 (a naive fp16 cast of it is inf) gives logits within 1e-2 of the fp32 CPU
  *     reference and trains with a finite loss on the fp16 path;
  *  4. the PEFT fixture's three AdamW steps on the GPU (losses vs peft's, 1e-4);
- *  5. a 100-step LoRA run on tiny whose loss curve tracks the CPU's (fp32 1e-3, bf16 2e-2).
+ *  5. a 100-step LoRA run on tiny whose loss curve tracks the CPU's (fp32 1e-3, bf16 2e-2);
+ *  6. QLoRA: tiny quantized at load (nf4 with double quant, int8) gives the CPU's logits and
+ *     greedy ids on the GPU, and its LoRA curve tracks the CPU's.
  * Prints TAP; skips without a GPU. LATHE_SRCDIR (env, else the configure-time path) finds the
  * fixtures. Owns nothing else.
  */
@@ -81,15 +83,20 @@ static int json_ints(json_t *a, int32_t **out) {
     return n;
 }
 
-static lt_session *load(const char *dir, const char *device, const char *dtype) {
+static lt_session *load_quant(const char *dir, const char *device, const char *dtype,
+                              const char *quant) {
     lt_session *s = lt_session_new();
-    lt_load_opts o = {.dtype = dtype, .device = device, .max_seq = 512};
+    lt_load_opts o = {.dtype = dtype, .device = device, .max_seq = 512, .quant = quant};
     if (lt_load(s, dir, &o, NULL) != LT_OK) {
         diag("load %s on %s (%s): %s", dir, device, dtype, lt_last_error(s));
         lt_session_free(s);
         return NULL;
     }
     return s;
+}
+
+static lt_session *load(const char *dir, const char *device, const char *dtype) {
+    return load_quant(dir, device, dtype, NULL);
 }
 
 /* ---- 1. fixtures --------------------------------------------------------------------------------
@@ -380,12 +387,12 @@ static void on_step(void *ctx, const lt_train_progress *pr) {
     if (c->n < 128) c->loss[c->n++] = pr->loss;
 }
 
-static int train_run(const char *device, const char *dtype, const char *lora_load, int steps,
-                     float lr, float clip, curve *c) {
+static int train_run_quant(const char *device, const char *dtype, const char *quant,
+                           const char *lora_load, int steps, float lr, float clip, curve *c) {
     char tiny[2100], data[2100];
     snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
     snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
-    lt_session *s = load(tiny, device, dtype);
+    lt_session *s = load_quant(tiny, device, dtype, quant);
     if (!s) return -1;
     lt_lora_opts lo;
     lt_lora_opts_default(&lo);
@@ -412,6 +419,11 @@ static int train_run(const char *device, const char *dtype, const char *lora_loa
     if (rc) diag("train on %s/%s: %s", device, dtype, lt_last_error(s));
     lt_session_free(s);
     return rc;
+}
+
+static int train_run(const char *device, const char *dtype, const char *lora_load, int steps,
+                     float lr, float clip, curve *c) {
+    return train_run_quant(device, dtype, NULL, lora_load, steps, lr, clip, c);
 }
 
 /* Worst step difference of two loss curves, relative to max(|b|, floor) nats: floor 0 is
@@ -490,6 +502,66 @@ static void test_curve(void) {
        "100-step curve: the loss falls");
 }
 
+/* ---- 6. QLoRA: NF4 / int8 bases on the GPU ------------------------------------------------------
+ */
+
+/* tiny quantized at load (quant=nf4: double quantization; int8) runs and trains on the GPU as on
+ * the CPU, which decodes the same bytes: logits of a sequence (the decode-into-scratch path),
+ * greedy ids (decoding one token at a time: the NF4 GEMV path), and a 40-step LoRA curve. */
+static void test_qlora(const char *quant) {
+    char tiny[2100], tn[200];
+    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
+    lt_session *c = load_quant(tiny, "cpu", "fp32", quant),
+               *g = load_quant(tiny, "cuda", "fp32", quant);
+    if (!ok(c && g, "tiny loads quantized on the CPU and the GPU")) {
+        lt_session_free(c), lt_session_free(g);
+        return;
+    }
+    int32_t ids[24];
+    for (int i = 0; i < 24; i++)
+        ids[i] = i == 0 ? 2 : 10 + (i * 37) % 200;
+    float *lc = NULL, *lg = NULL;
+    int vc = 0, vg = 0;
+    lt_status r1 = lt_logits(c, ids, 24, &lc, &vc), r2 = lt_logits(g, ids, 24, &lg, &vg);
+    double e =
+        r1 == LT_OK && r2 == LT_OK && vc == vg ? rel_err(lg, lc, (int64_t)24 * vc) : INFINITY;
+    snprintf(tn, sizeof tn, "%s: GPU fp32 logits = CPU logits (rel %.2e <= 1e-4)", quant, e);
+    ok(e <= 1e-4, tn);
+    free(lc), free(lg);
+    lt_gen_opts go;
+    lt_gen_opts_default(&go);
+    go.temperature = 0;
+    go.max_new = 12;
+    int32_t *oc = NULL, *og = NULL;
+    int nc = 0, ng = 0;
+    r1 = lt_generate_ids(c, ids, 6, &go, &oc, &nc);
+    r2 = lt_generate_ids(g, ids, 6, &go, &og, &ng);
+    snprintf(tn, sizeof tn, "%s: greedy ids on the GPU equal the CPU's (%d tokens)", quant, nc);
+    ok(r1 == LT_OK && r2 == LT_OK && nc == ng && nc > 0 &&
+           !memcmp(oc, og, sizeof(int32_t) * (size_t)nc),
+       tn);
+    free(oc), free(og);
+    lt_session_free(c), lt_session_free(g);
+    curve cc, gc, bc;
+    int t1 = train_run_quant("cpu", "fp32", quant, NULL, 40, 2e-3f, 1.0f, &cc);
+    int t2 = train_run_quant("cuda", "fp32", quant, NULL, 40, 2e-3f, 1.0f, &gc);
+    int t3 = train_run_quant("cuda", "bf16", quant, NULL, 40, 2e-3f, 1.0f, &bc);
+    snprintf(tn, sizeof tn, "%s: 40-step QLoRA runs on cpu, cuda fp32 and cuda bf16", quant);
+    if (!ok(t1 == 0 && t2 == 0 && t3 == 0 && cc.n == 40, tn)) return;
+    double e32 = curve_max_rel(&gc, &cc), e16 = curve_max_diff(&bc, &cc, 1.0);
+    diag("%s loss at steps 1/20/40: cpu %.4f %.4f %.4f, cuda fp32 %.4f %.4f %.4f, bf16 %.4f %.4f "
+         "%.4f",
+         quant, cc.loss[0], cc.loss[19], cc.loss[39], gc.loss[0], gc.loss[19], gc.loss[39],
+         bc.loss[0], bc.loss[19], bc.loss[39]);
+    snprintf(tn, sizeof tn, "%s QLoRA curve: cuda fp32 tracks cpu, worst step rel %.2e <= 1e-3",
+             quant, e32);
+    ok(e32 <= 1e-3, tn);
+    snprintf(tn, sizeof tn, "%s QLoRA curve: cuda bf16 tracks cpu, worst |diff| %.2e <= 2e-2",
+             quant, e16);
+    ok(e16 <= 2e-2, tn);
+    ok(cc.loss[39] < cc.loss[0] && gc.loss[39] < gc.loss[0], "QLoRA: the loss falls");
+}
+
 int main(void) {
     const char *sd = getenv("LATHE_SRCDIR");
 #ifdef LATHE_SRCDIR
@@ -524,5 +596,7 @@ int main(void) {
     test_fp16_range(m);
     test_peft_fixture();
     test_curve();
+    test_qlora("nf4");
+    test_qlora("int8");
     return tap_done();
 }

@@ -22,6 +22,7 @@
 
 #include "cuda/backend/cpu/grad.h"
 #include "cuda/backend/cuda/backend_cuda.h"
+#include "cuda/formats/bnb.h"
 #include "tests/unit/tap.h"
 
 static lt_ctx cpu, gpu;
@@ -179,6 +180,154 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
     }
     free(x), free(wf), free(dy), free(wh), free(a), free(b), free(ga_c), free(gb_c), free(gw_c),
         free(y_c), free(dx_c);
+}
+
+/* ---- NF4 / int8 weights (bitsandbytes' layouts) ------------------------------------------------
+ */
+
+/* A weight quantized on the host as bitsandbytes does (formats/bnb.c), and its device copy. */
+typedef struct qweight {
+    lt_weight host, dev;
+    void *bufs[8];
+    int n;
+} qweight;
+
+static void *keep(qweight *q, void *p) {
+    q->bufs[q->n++] = p;
+    return p;
+}
+
+static void qweight_make(qweight *q, lt_quant_kind kind, int nested, const float *wf, int64_t out,
+                         int64_t in) {
+    memset(q, 0, sizeof *q);
+    int64_t n = out * in, bs = 64, nb = (n + bs - 1) / bs;
+    lt_quant hq = {.kind = kind}, dq;
+    lt_tensor hw;
+    static float dyn[256];
+    bnb_dynamic_map(dyn);
+    if (kind == LT_QUANT_NF4) {
+        uint8_t *packed = keep(q, malloc((size_t)(n + 1) / 2));
+        float *absmax = keep(q, malloc(sizeof(float) * (size_t)nb));
+        bnb_nf4_quantize(wf, n, (int)bs, packed, absmax);
+        hw = t2(LT_U8, packed, out, in);
+        hq.blocksize = (int)bs;
+        hq.code = bnb_nf4_code;
+        if (nested) {
+            int64_t nb2 = (nb + 255) / 256;
+            uint8_t *qa = keep(q, malloc((size_t)nb));
+            float *a2 = keep(q, malloc(sizeof(float) * (size_t)nb2));
+            bnb_double_quantize(absmax, nb, dyn, 256, qa, a2, &hq.offset);
+            hq.qabsmax = qa, hq.absmax2 = a2, hq.code2 = dyn, hq.nested_blocksize = 256;
+        } else {
+            hq.absmax = absmax;
+        }
+        dq = hq;
+        dq.code = dev_put(hq.code, 16 * 4);
+        if (nested) {
+            dq.qabsmax = dev_put(hq.qabsmax, (size_t)nb);
+            dq.absmax2 = dev_put(hq.absmax2, (size_t)((nb + 255) / 256) * 4);
+            dq.code2 = dev_put(hq.code2, 256 * 4);
+        } else {
+            dq.absmax = dev_put(hq.absmax, (size_t)nb * 4);
+        }
+        q->dev.w = t2(LT_U8, dev_put(packed, (size_t)(n + 1) / 2), out, in);
+    } else {
+        int8_t *w8 = keep(q, malloc((size_t)n));
+        float *scb = keep(q, malloc(sizeof(float) * (size_t)out));
+        bnb_int8_quantize(wf, out, in, w8, scb);
+        hw = t2(LT_I8, w8, out, in);
+        hq.scb = scb;
+        dq = hq;
+        dq.scb = dev_put(scb, (size_t)out * 4);
+        q->dev.w = t2(LT_I8, dev_put(w8, (size_t)n), out, in);
+    }
+    q->host.w = hw;
+    q->host.q = hq;
+    q->dev.q = dq;
+}
+
+static void qweight_free(qweight *q) {
+    for (int i = 0; i < q->n; i++)
+        free(q->bufs[i]);
+}
+
+/* linear and linear_backward (dx, adapter grads) on an NF4 / int8 weight, the GPU decoding it in
+ * precision prec, against the CPU's fp32 arithmetic on the same bytes. T <= 8 with NF4 takes the
+ * GEMV path (fp32). And, in fp32 precision, the decode itself must equal the CPU's bit for bit:
+ * an identity input makes y = Wᵀ exactly. */
+static void test_quant_linear(lt_quant_kind kind, int nested, lt_dtype prec, int64_t T, int64_t in,
+                              int64_t out) {
+    char name[160], what[64];
+    snprintf(what, sizeof what, "%s%s %s T=%lld", kind == LT_QUANT_NF4 ? "nf4" : "int8",
+             nested ? "+dq" : "", lt_dtype_user_name(prec), (long long)T);
+    lt_cuda_set_precision(&gpu, prec);
+    double tol = prec == LT_F32 ? 1e-4 : 1e-2;
+    int64_t r = 8;
+    float *wf = rand_f32(out * in, 0.05f), *x = rand_f32(T * in, 1.0f),
+          *dy = rand_f32(T * out, 1.0f);
+    float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
+    qweight q;
+    qweight_make(&q, kind, nested, wf, out, in);
+    lt_lora lo_c = {0}, lo_g;
+    float *ga_c = calloc((size_t)(r * in), 4), *gb_c = calloc((size_t)(out * r), 4);
+    lo_c.a = t2(LT_F32, a, r, in);
+    lo_c.b = t2(LT_F32, b, out, r);
+    lo_c.grad_a = t2(LT_F32, ga_c, r, in);
+    lo_c.grad_b = t2(LT_F32, gb_c, out, r);
+    lo_c.scale = 2.0f;
+    lo_c.enabled = 1;
+    lo_g = lo_c;
+    lo_g.a = t2(LT_F32, dev_put(a, (size_t)(r * in) * 4), r, in);
+    lo_g.b = t2(LT_F32, dev_put(b, (size_t)(out * r) * 4), out, r);
+    lo_g.grad_a = t2(LT_F32, dev_put(NULL, (size_t)(r * in) * 4), r, in);
+    lo_g.grad_b = t2(LT_F32, dev_put(NULL, (size_t)(out * r) * 4), out, r);
+    q.host.lora = &lo_c;
+    q.dev.lora = &lo_g;
+    float *y_c = malloc(sizeof(float) * (size_t)(T * out)),
+          *dx_c = malloc(sizeof(float) * (size_t)(T * in));
+    lt_status rc = cpu.be->linear(&cpu, t2(LT_F32, y_c, T, out), t2(LT_F32, x, T, in), &q.host);
+    if (rc == LT_OK)
+        rc = cpu_linear_backward(&cpu, t2(LT_F32, dx_c, T, in), t2(LT_F32, dy, T, out),
+                                 t2(LT_F32, x, T, in), &q.host);
+    if (rc != LT_OK) diag("cpu quantized linear: %s", cpu.err);
+    float *xg = dev_put(x, (size_t)(T * in) * 4), *dyg = dev_put(dy, (size_t)(T * out) * 4);
+    float *yg = dev_poison(T * out), *dxg = dev_poison(T * in);
+    rc = gpu.be->linear(&gpu, t2(LT_F32, yg, T, out), t2(LT_F32, xg, T, in), &q.dev);
+    snprintf(name, sizeof name, "linear %s+lora runs", what);
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "linear %s+lora y", what);
+    check_close(name, yg, y_c, T * out, tol);
+    rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxg, T, in), t2(LT_F32, dyg, T, out),
+                                 t2(LT_F32, xg, T, in), &q.dev);
+    snprintf(name, sizeof name, "linear_backward %s+lora runs", what);
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "linear_backward %s dx", what);
+    check_close(name, dxg, dx_c, T * in, prec == LT_F32 ? 1e-4 : 1e-2);
+    snprintf(name, sizeof name, "linear_backward %s grad_a", what);
+    check_close(name, lo_g.grad_a.data, ga_c, r * in, prec == LT_F32 ? 1e-4 : 1e-2);
+    snprintf(name, sizeof name, "linear_backward %s grad_b", what);
+    check_close(name, lo_g.grad_b.data, gb_c, out * r, prec == LT_F32 ? 1e-4 : 1e-2);
+    if (prec == LT_F32) { /* the decode, bit for bit: y = I · Wᵀ with the adapter off */
+        float *eye = calloc((size_t)(in * in), 4),
+              *ref = malloc(sizeof(float) * (size_t)(out * in));
+        for (int64_t i = 0; i < in; i++)
+            eye[i * in + i] = 1.0f;
+        lt_weight_dequantize_rows(&q.host, 0, out, ref);
+        float *eg = dev_put(eye, (size_t)(in * in) * 4), *wt = dev_poison(in * out);
+        lo_g.enabled = 0;
+        rc = gpu.be->linear(&gpu, t2(LT_F32, wt, in, out), t2(LT_F32, eg, in, in), &q.dev);
+        float *got = dev_get(wt, in * out);
+        int64_t bad = rc == LT_OK ? 0 : 1;
+        for (int64_t o = 0; o < out && !bad; o++)
+            for (int64_t i = 0; i < in; i++)
+                if (memcmp(&got[i * out + o], &ref[o * in + i], 4) != 0) bad++;
+        snprintf(name, sizeof name, "%s decodes bit for bit as the CPU reference", what);
+        ok(bad == 0, name);
+        free(eye), free(ref), free(got);
+    }
+    lt_cuda_set_precision(&gpu, lt_cuda_policy_dtype(&gpu));
+    qweight_free(&q);
+    free(wf), free(x), free(dy), free(a), free(b), free(ga_c), free(gb_c), free(y_c), free(dx_c);
 }
 
 /* ---- norms, rope, geglu, add, embedding
@@ -672,6 +821,13 @@ int main(void) {
         test_linear(dts[i], 1, 37, 96, 80, 1.0f);
         test_linear(dts[i], 1, 300, 1152, 256, 1.0f);
         test_embedding(dts[i]);
+    }
+    for (int k = 0; k < 3; k++) { /* nf4, nf4 + double quant, int8 */
+        lt_quant_kind kind = k < 2 ? LT_QUANT_NF4 : LT_QUANT_INT8;
+        test_quant_linear(kind, k == 1, LT_F32, 37, 320, 96);
+        test_quant_linear(kind, k == 1, LT_BF16, 70, 1152, 256);
+        test_quant_linear(kind, k == 1, LT_F16, 70, 1152, 256);
+        test_quant_linear(kind, k == 1, LT_BF16, 3, 1152, 256); /* decoding: GEMV for nf4 */
     }
     test_rmsnorm(33, 1152);
     test_rmsnorm(4 * 70, 256);

@@ -467,3 +467,18 @@ def test_lathe_logits_takes_load_options_and_refuses_unknown_ones(tmp_path):
     assert p.returncode == 1 and b"quant='nf5' is not accepted (accepted: none, nf4, int8)" in p.stderr
     p = run("quant=int8", "device=cpu")
     assert p.returncode == 0 and np.load(tmp_path / "l.npy").shape == (2, 4096)
+
+
+@pytest.mark.parametrize("kind,ratio", [("nf4", 0.75), ("int8", 0.9)])
+def test_random_weights_quantize_as_they_are_drawn(tmp_path, kind, ratio):
+    """random:gemma-3-270m quant=...: every linear quantized (126 of them), the weights take less
+    memory than the bf16 model's, and the model runs. The embedding stays bf16, so the ratio to
+    bf16 is bounded well above NF4's quarter."""
+    def weights_mib(out):
+        line = [x for x in out.splitlines() if x.startswith("weights in memory")][-1]
+        return float(line.split()[3])
+    base = run_cells("%load random:gemma-3-270m\n%status\n", tmp_path)
+    out = run_cells("%%load random:gemma-3-270m quant=%s\n%%status\n"
+                    "%%generate \"Hi\" max_new=2 temperature=0\n" % kind, tmp_path)
+    assert "%s%s, 126 linears (quantized at load)" % (kind, " (double quant)" if kind == "nf4" else "") in out
+    assert weights_mib(out) < ratio * weights_mib(base)

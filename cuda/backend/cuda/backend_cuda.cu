@@ -82,6 +82,8 @@ typedef struct cu_impl {
     cu_block *live, *freeb;
     int n_live, cap_live, n_free, cap_free;
     size_t in_use, peak, reserved;
+    size_t cap; /* LATHE_CUDA_MEMORY_CAP: the most device memory lathe may take (0 = the card's);
+                   "15G" makes an H100 or H200 stand in for a T4's usable 15 GiB */
     const char *peak_op; /* the op during which peak was reached (NULL: outside ops) */
     cu_block *peak_live; /* LATHE_CUDA_PEAK_BLOCKS=1: the live blocks at the peak */
     int n_peak_live, peak_blocks;
@@ -175,11 +177,6 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
     } while (0)
 /* After a kernel launch. */
 #define LAUNCHED() CU_TRY(cudaGetLastError())
-/* What a quantized weight meets here until the NF4/int8 kernels exist. */
-#define NO_QUANT_KERNELS                                                                           \
-    "NF4/int8 weights are not supported by the CUDA backend yet (it has no dequantize kernels); "  \
-    "load the model with device=cpu"
-
 /* An op's argument check: ctx->err = "cuda <opname>: <msg>", rc = LT_ERR_ARG, then done:. (An
  * op's other lt_status calls go through base/error.h's LT_TRY.) */
 #define CU_REQUIRE(cond, msg)                                                                      \
@@ -247,6 +244,14 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
         b = I->freeb[best];
         I->freeb[best] = I->freeb[--I->n_free];
     } else {
+        if (I->cap && I->reserved + need > I->cap) free_cached(I);
+        if (I->cap && I->reserved + need > I->cap) {
+            lt_fail(ctx->err, LT_ERR_MEMORY,
+                    "cuda: out of device memory allocating %.1f MiB: lathe holds %.1f MiB of its "
+                    "%.1f MiB cap (LATHE_CUDA_MEMORY_CAP); try a smaller batch or max_seq",
+                    need / 1048576.0, I->reserved / 1048576.0, I->cap / 1048576.0);
+            return NULL;
+        }
         cudaError_t e = cudaMalloc(&b.p, need);
         if (e != cudaSuccess) {
             cudaGetLastError();
@@ -645,6 +650,16 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->smem_optin = prop.sharedMemPerBlockOptin;
         const char *fl = getenv("LATHE_CUDA_FLASH");
         I->flash = !(fl && strcmp(fl, "0") == 0);
+        const char *mc = getenv("LATHE_CUDA_MEMORY_CAP"); /* bytes, or with a K/M/G suffix */
+        if (mc && *mc) {
+            char *end;
+            double v = strtod(mc, &end);
+            double mul = *end == 'G' || *end == 'g'   ? 1073741824.0
+                         : *end == 'M' || *end == 'm' ? 1048576.0
+                         : *end == 'K' || *end == 'k' ? 1024.0
+                                                      : 1.0;
+            if (v > 0) I->cap = (size_t)(v * mul);
+        }
         const char *cr = getenv("LATHE_CUDA_CHUNK_ROWS");
         I->max_rows = cr ? atoll(cr) : 0;
         const char *pb = getenv("LATHE_CUDA_PEAK_BLOCKS");
@@ -887,16 +902,80 @@ static lt_status adapter_opnd(lt_ctx *ctx, const lt_tensor *t, lt_dtype cdt, opn
     return to_cdt(ctx, (const float *)t->data, t->shape[0], t->shape[1], cdt, o);
 }
 
+/* ---- NF4 / int8 weights (bitsandbytes' layouts, see backend.h) ----------------------------- */
+
+/* The dtype a weight's matmuls run in: its own storage, or for NF4/int8 the precision the loader
+ * set from the policy (bf16 on sm_80 and newer, fp16 on the T4). */
+static lt_dtype weight_cdt(lt_ctx *ctx, const lt_weight *w) {
+    return w->q.kind == LT_QUANT_NONE ? w->w.dtype : impl_of(ctx)->prec;
+}
+
+static int weight_ok(const lt_weight *w) {
+    if (!w || w->w.ndim != 2 || !w->w.data) return 0;
+    if (w->q.kind == LT_QUANT_NF4)
+        return w->w.dtype == LT_U8 && w->q.code && w->q.blocksize > 0 &&
+               (w->q.absmax || (w->q.qabsmax && w->q.absmax2 && w->q.code2));
+    if (w->q.kind == LT_QUANT_INT8) return w->w.dtype == LT_I8 && w->q.scb;
+    return is_float(w->w.dtype);
+}
+
+/* The fp32 absmax of every NF4 block: the stored one, or decoded from double quantization into
+ * op scratch. */
+static lt_status nf4_absmax(lt_ctx *ctx, const lt_weight *w, const float **out) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    const lt_quant *q = &w->q;
+    *out = q->absmax;
+    if (!q->qabsmax) return LT_OK;
+    {
+        int64_t n = lt_tensor_numel(&w->w), nb = (n + q->blocksize - 1) / q->blocksize;
+        float *a = (float *)tmp_get(ctx, (size_t)nb * 4);
+        if (!a) return LT_ERR_MEMORY;
+        k_nested_absmax(I->stream, a, q->qabsmax, q->code2, q->absmax2, q->offset, nb,
+                        q->nested_blocksize);
+        LAUNCHED();
+        *out = a;
+    }
+done:
+    return rc;
+}
+
+/* W as a GEMM operand in cdt: its own data, or an NF4/int8 weight decoded into op scratch (one
+ * layer's weight at a time: the largest Gemma 3 linear is 115M weights, 231 MB in 16 bits). */
+static lt_status weight_opnd(lt_ctx *ctx, const lt_weight *w, lt_dtype cdt, opnd *o) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    o->p = w->w.data;
+    o->dt = cdt;
+    o->inv = NULL;
+    if (w->q.kind == LT_QUANT_NONE) return LT_OK;
+    {
+        int64_t out = w->w.shape[0], in = w->w.shape[1], n = out * in;
+        void *d = tmp_get(ctx, (size_t)n * lt_dtype_size(cdt));
+        if (!d) return LT_ERR_MEMORY;
+        if (w->q.kind == LT_QUANT_NF4) {
+            const float *am;
+            LT_TRY(nf4_absmax(ctx, w, &am));
+            k_nf4_dequant(I->stream, d, cdt, (const uint8_t *)w->w.data, w->q.code, am, n,
+                          w->q.blocksize);
+        } else {
+            k_int8_dequant(I->stream, d, cdt, (const int8_t *)w->w.data, w->q.scb, out, in);
+        }
+        LAUNCHED();
+        o->p = d;
+    }
+done:
+    return rc;
+}
+
 static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *opname = "linear";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    CU_REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
-    CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
-               "weight must be a 2-D float tensor");
+    CU_REQUIRE(weight_ok(w), "weight must be a 2-D float tensor, or NF4 / int8 with its state");
     CU_REQUIRE(is_f32(&y) && x.data &&
-                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-               "y must be fp32, x fp32 (or bf16 with a bf16 weight)");
+                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && weight_cdt(ctx, w) == LT_BF16)),
+               "y must be fp32, x fp32 (or bf16 where the weight computes in bf16)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -907,11 +986,16 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
                 lt_shape_str(&y, a, 64), lt_shape_str(&x, b, 64), lt_shape_str(&w->w, c, 64));
             goto done;
         }
-        lt_dtype cdt = w->w.dtype;
-        opnd X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
-        if (x.dtype == LT_F32) LT_TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        lt_dtype cdt = weight_cdt(ctx, w);
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
+        /* decoding a few tokens through an NF4 weight: read its packed bytes once, in fp32 */
+        int gemv = w->q.kind == LT_QUANT_NF4 && x.dtype == LT_F32 &&
+                   k_nf4_gemv_ok(T, in, w->w.data) && !getenv("LATHE_CUDA_NO_GEMV");
+        opnd X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
+        if (x.dtype == LT_F32 && (!gemv || use_lora))
+            LT_TRY(to_cdt(ctx, (const float *)x.data, T, in, cdt, &X));
+        if (!gemv) LT_TRY(weight_opnd(ctx, w, cdt, &W));
         /* The adapter path goes first and writes y; the main GEMM then adds into it (beta 1),
          * where reading y hides under its arithmetic, instead of a second pass over y. */
         if (use_lora) {
@@ -1249,14 +1333,14 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
     const char *opname = "linear_backward";
     op_begin(ctx, opname);
     lt_status rc = LT_OK;
-    CU_REQUIRE(!w || w->q.kind == LT_QUANT_NONE, NO_QUANT_KERNELS);
     CU_REQUIRE(!dx.data || dx.dtype == LT_F32, "dx must be fp32");
-    CU_REQUIRE(w && w->w.ndim == 2 && w->w.data && is_float(w->w.dtype),
-               "weight must be a 2-D float tensor");
+    CU_REQUIRE(weight_ok(w), "weight must be a 2-D float tensor, or NF4 / int8 with its state");
+    CU_REQUIRE(w->q.kind == LT_QUANT_NONE || !w->grad_w.data,
+               "an NF4 / int8 weight is frozen: it has no grad_w (train LoRA adapters on it)");
     CU_REQUIRE(x.data && dy.data &&
-                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && w->w.dtype == LT_BF16)) &&
-                   (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && w->w.dtype == LT_BF16)),
-               "dy and x must be fp32 (or bf16 with a bf16 weight)");
+                   (x.dtype == LT_F32 || (x.dtype == LT_BF16 && weight_cdt(ctx, w) == LT_BF16)) &&
+                   (dy.dtype == LT_F32 || (dy.dtype == LT_BF16 && weight_cdt(ctx, w) == LT_BF16)),
+               "dy and x must be fp32 (or bf16 where the weight computes in bf16)");
     {
         int64_t out = w->w.shape[0], in = w->w.shape[1];
         int64_t T = lt_tensor_numel(&x) / (in ? in : 1);
@@ -1266,7 +1350,7 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
         CU_REQUIRE(!w->grad_w.data ||
                        (w->grad_w.dtype == LT_F32 && lt_tensor_numel(&w->grad_w) == out * in),
                    "grad_w must be fp32 [out, in]");
-        lt_dtype cdt = w->w.dtype;
+        lt_dtype cdt = weight_cdt(ctx, w);
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
         opnd DY = {dy.data, LT_BF16, NULL}, X = {x.data, LT_BF16, NULL}, W = {w->w.data, cdt, NULL};
@@ -1296,6 +1380,7 @@ static lt_status cu_linear_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_
                 LT_TRY(gemm(ctx, 0, 0, T, in, r, lo->scale, &G, r, 0, &A, in, 0, 0,
                             (float *)dx.data, in, 0, 1));
         }
+        if (dx.data) LT_TRY(weight_opnd(ctx, w, cdt, &W));
         if (dx.data) /* dx [T, in] (+)= DY [T, out] · W [out, in] */
             LT_TRY(gemm(ctx, 0, 0, T, in, out, 1.0f, &DY, out, 0, &W, in, 0, use_lora,
                         (float *)dx.data, in, 0, 1));
@@ -1826,6 +1911,11 @@ extern "C" void lt_cuda_memory(lt_ctx *ctx, lt_cuda_mem *m) {
     m->peak_op = I->peak_op ? I->peak_op : "";
     m->reserved = I->reserved;
     if (cudaMemGetInfo(&m->free, &m->total) != cudaSuccess) cudaGetLastError();
+    if (I->cap) { /* what the cap leaves, as a card of that size would */
+        size_t left = I->cap > I->reserved ? I->cap - I->reserved : 0;
+        if (left < m->free) m->free = left;
+        if (I->cap < m->total) m->total = I->cap;
+    }
 }
 
 extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {

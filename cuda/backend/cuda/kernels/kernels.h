@@ -138,17 +138,17 @@ void k_xent_rows(cudaStream_t st, const float *logits, const int32_t *targets, i
  * offset, for b < nblocks (fp32 out; table is the 256-entry map). */
 void k_nested_absmax(cudaStream_t st, float *absmax, const uint8_t *q, const float *table,
                      const float *absmax2, float offset, int64_t nblocks, int nested_blocksize);
-/* dst[i] (dtype dt) = NF4[code i] * absmax[i / blocksize], i < n; packed holds two codes a byte,
- * the even element in the high nibble. */
+/* dst[i] (dtype dt) = code[index i] * absmax[i / blocksize], i < n; packed holds two indices a
+ * byte, the even element in the high nibble; code: the [16] quant_map. */
 void k_nf4_dequant(cudaStream_t st, void *dst, lt_dtype dt, const uint8_t *packed,
-                   const float *absmax, int64_t n, int blocksize);
-/* dst[r, c] (dtype dt) = w[r, c] * scb[r] / 127. */
+                   const float *code, const float *absmax, int64_t n, int blocksize);
+/* dst[r, c] (dtype dt) = w[r, c] * scb[r] * (1/127), in that order. */
 void k_int8_dequant(cudaStream_t st, void *dst, lt_dtype dt, const int8_t *w, const float *scb,
                     int64_t rows, int64_t cols);
 /* y[T, out] (+)= x[T, in] · Wᵀ with W NF4 [out, in], read once for all T rows (decoding). Only
  * where k_nf4_gemv_ok: 1 <= T <= 8, in a multiple of 8, packed 4-byte aligned. */
 int k_nf4_gemv_ok(int64_t T, int64_t in, const void *packed);
-void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed,
+void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed, const float *code,
                 const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
                 int accumulate);
 

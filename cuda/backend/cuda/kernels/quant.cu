@@ -10,34 +10,16 @@
  *     one offset: absmax[b] = table[q[b]] * absmax2[b / 256] + offset.
  *   - int8: w[r, c] = W8[r, c] * SCB[r] / 127 (row-wise absmax).
  * The linear op decodes a weight into 16-bit scratch and hands it to cuBLAS (training and
- * prefill); k_nf4_gemv computes a few rows (decoding) straight from the packed bytes. Every
- * decode does its arithmetic in fp32 and rounds once to the output dtype, as the CPU reference
- * does. This file owns no memory.
+ * prefill); k_nf4_gemv computes a few rows (decoding) straight from the packed bytes. The code
+ * table is the checkpoint's own quant_map (device memory). Every product and sum is one fp32
+ * operation in the order the CPU reference (backend_cpu_quant.c) performs it, with explicit
+ * _rn intrinsics so nvcc cannot contract them into an FMA: into fp32 the two decodes agree bit
+ * for bit. This file owns no memory.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "cuda/backend/cuda/kernels/kernels.h"
-
-/* bitsandbytes' NF4 code (functional.py get_4bit_type("nf4")), index -> value. */
-__constant__ float nf4_code[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
 
 static int grid_for_n(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
@@ -58,7 +40,7 @@ __global__ void nested_absmax_kernel(float *absmax, const uint8_t *q, const floa
                                      int nested_blocksize) {
     for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nblocks;
          b += (int64_t)gridDim.x * blockDim.x)
-        absmax[b] = table[q[b]] * absmax2[b / nested_blocksize] + offset;
+        absmax[b] = __fadd_rn(__fmul_rn(table[q[b]], absmax2[b / nested_blocksize]), offset);
 }
 
 void k_nested_absmax(cudaStream_t st, float *absmax, const uint8_t *q, const float *table,
@@ -69,23 +51,24 @@ void k_nested_absmax(cudaStream_t st, float *absmax, const uint8_t *q, const flo
 }
 
 /* One thread per packed byte: two outputs. */
-__global__ void nf4_dequant_kernel(void *dst, lt_dtype dt, const uint8_t *packed,
+__global__ void nf4_dequant_kernel(void *dst, lt_dtype dt, const uint8_t *packed, const float *code,
                                    const float *absmax, int64_t n, int blocksize) {
     int64_t nbytes = (n + 1) / 2;
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < nbytes;
          j += (int64_t)gridDim.x * blockDim.x) {
         uint8_t b = packed[j];
         int64_t i = 2 * j;
-        store_out(dst, dt, i, nf4_code[b >> 4] * absmax[i / blocksize]);
-        if (i + 1 < n) store_out(dst, dt, i + 1, nf4_code[b & 15] * absmax[(i + 1) / blocksize]);
+        store_out(dst, dt, i, __fmul_rn(code[b >> 4], absmax[i / blocksize]));
+        if (i + 1 < n)
+            store_out(dst, dt, i + 1, __fmul_rn(code[b & 15], absmax[(i + 1) / blocksize]));
     }
 }
 
 void k_nf4_dequant(cudaStream_t st, void *dst, lt_dtype dt, const uint8_t *packed,
-                   const float *absmax, int64_t n, int blocksize) {
+                   const float *code, const float *absmax, int64_t n, int blocksize) {
     if (n <= 0) return;
-    nf4_dequant_kernel<<<grid_for_n((n + 1) / 2, 256), 256, 0, st>>>(dst, dt, packed, absmax, n,
-                                                                     blocksize);
+    nf4_dequant_kernel<<<grid_for_n((n + 1) / 2, 256), 256, 0, st>>>(dst, dt, packed, code, absmax,
+                                                                     n, blocksize);
 }
 
 __global__ void int8_dequant_kernel(void *dst, lt_dtype dt, const int8_t *w, const float *scb,
@@ -93,7 +76,9 @@ __global__ void int8_dequant_kernel(void *dst, lt_dtype dt, const int8_t *w, con
     int64_t n = rows * cols;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
-        store_out(dst, dt, i, (float)w[i] * (scb[i / cols] / 127.0f));
+        /* as bitsandbytes' int8_vectorwise_dequant: w8 * SCB, then * (1/127) in fp32 */
+        store_out(dst, dt, i,
+                  __fmul_rn(__fmul_rn((float)w[i], scb[i / cols]), 7.874015718698502e-3f));
 }
 
 void k_int8_dequant(cudaStream_t st, void *dst, lt_dtype dt, const int8_t *w, const float *scb,
@@ -107,8 +92,11 @@ void k_int8_dequant(cudaStream_t st, void *dst, lt_dtype dt, const int8_t *w, co
  * accumulate: y += instead of =. */
 #define GEMV_MAX_T 8
 __global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
-                                const float *absmax, int64_t T, int64_t in, int64_t out,
-                                int blocksize, int accumulate) {
+                                const float *code_g, const float *absmax, int64_t T, int64_t in,
+                                int64_t out, int blocksize, int accumulate) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = code_g[threadIdx.x];
+    __syncthreads();
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int64_t o = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
     if (o >= out) return;
@@ -123,8 +111,8 @@ __global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
         for (int k = 0; k < 4; k++) {
             uint8_t b = (uint8_t)(word >> (8 * k));
             int64_t e = row0 + c + 2 * k;
-            wv[2 * k] = nf4_code[b >> 4] * absmax[e / blocksize];
-            wv[2 * k + 1] = nf4_code[b & 15] * absmax[(e + 1) / blocksize];
+            wv[2 * k] = __fmul_rn(code[b >> 4], absmax[e / blocksize]);
+            wv[2 * k + 1] = __fmul_rn(code[b & 15], absmax[(e + 1) / blocksize]);
         }
         for (int t = 0; t < T; t++) {
             const float *xr = x + t * in + c;
@@ -146,12 +134,12 @@ int k_nf4_gemv_ok(int64_t T, int64_t in, const void *packed) {
     return T >= 1 && T <= GEMV_MAX_T && in % 8 == 0 && ((uintptr_t)packed & 3) == 0;
 }
 
-void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed,
+void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed, const float *code,
                 const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
                 int accumulate) {
     if (out <= 0) return;
     const int threads = 256, rows_per_block = threads / 32;
     int64_t blocks = (out + rows_per_block - 1) / rows_per_block;
-    nf4_gemv_kernel<<<(unsigned)blocks, threads, 0, st>>>(y, x, packed, absmax, T, in, out,
+    nf4_gemv_kernel<<<(unsigned)blocks, threads, 0, st>>>(y, x, packed, code, absmax, T, in, out,
                                                           blocksize, accumulate);
 }
