@@ -1,17 +1,16 @@
-/* train.h — the fine-tuning subsystem inside the engine: adapters, trainable parameters,
- * the model's backward pass, the optimizer, datasets, and the files they are saved as.
- * Engine-private.
+/* train.h — the fine-tuning room: adapters, trainable parameters, the optimizer, datasets,
+ * the %train loop, and the files the trainer writes and reads. Engine-private. The model's
+ * forward and backward passes it drives are cuda/model/ (gemma3_train_batch).
  *
  *   lora.c             lt_adapters: which weights train (LoRA slots or full fine-tuning),
  *                      PEFT initialisation, target matching, merging
- *   gemma3_backward.c  one micro-batch: forward with per-layer checkpoints, fused loss,
- *                      backward with per-layer recompute (packed samples, no padding)
  *   optim.c            AdamW state, learning-rate schedules, gradient clipping
  *   data.c             JSONL/JSON datasets -> token ids + label masks; batching and packing
  *   peft_adapter.c     PEFT adapter folders (adapter_config.json + adapter_model.safetensors)
  *   checkpoint.c       training checkpoints (trainable tensors, AdamW state, a PEFT adapter)
- *   train.c            the %train loop (lt_train) and the session glue
- * Nothing here includes kernel/ or protocol/.
+ *   train.c            lt_trainer: the %train loop (trainer_run), given the model, tokenizer,
+ *                      backend and cancel flag it works on for one call
+ * May include model/, text/, formats/, backend/ and base/; never the session or export/.
  */
 #ifndef LATHE_TRAIN_H
 #define LATHE_TRAIN_H
