@@ -392,14 +392,14 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         lt_ctx *dc = new_ctx ? &cuctx : &s->ctx;
         lt_dtype pdt;
         if (lt_cuda_parse_precision(dc, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(dc);
-        lt_cuda_set_precision(dc, pdt);
         rc = device_fit_check(s, m, dc, !new_ctx, source, quant, pdt);
-        if (rc != LT_OK) {
+        if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
             tok_free(tok);
             gemma3_model_free(m);
             if (new_ctx) lt_ctx_shutdown(&cuctx);
             return rc;
         }
+        lt_cuda_set_precision(dc, pdt);
         gemma3_model *dm = NULL;
         cb_message(cb, "copying weights to the GPU");
         rc = gemma3_to_device(&dm, m, dc, pdt, s->err);
