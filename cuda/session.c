@@ -247,6 +247,34 @@ static void cb_message(const lt_callbacks *cb, const char *m) {
     if (cb && cb->message) cb->message(cb->ctx, m);
 }
 
+#ifdef HAVE_CUDA
+/* Refuses a device load whose weights cannot fit in what dc's memory has free (its cache
+ * counted; LATHE_CUDA_MEMORY_CAP caps it), before anything is allocated there, naming the
+ * quantized loads that would fit. shared: dc is the session's ctx (its model stays until this
+ * load succeeds). quant: what the user asked for. */
+static lt_status device_fit_check(lt_session *s, const gemma3_model *m, lt_ctx *dc, int shared,
+                                  const char *source, const char *quant, lt_dtype pdt) {
+    lt_mem_info mi;
+    dc->be->memory(dc, &mi);
+    size_t need = gemma3_device_need(m, pdt);
+    if (!mi.total || !need) return LT_OK; /* unknown room, or a weight gemma3_to_device refuses */
+    const char *how = m->quant == LT_QUANT_NF4    ? "nf4"
+                      : m->quant == LT_QUANT_INT8 ? "int8"
+                                                  : "none";
+    if (m->quant != LT_QUANT_NONE && !m->prequantized && !strcmp(quant, "dynamic")) how = quant;
+    gemma3_fit f = {.name = source,
+                    .where = mi.where,
+                    .dt = pdt,
+                    .quant = how,
+                    .fixed = m->prequantized,
+                    .need = need,
+                    .held = shared && s->model && gemma3_on_device(s->model)
+                                ? (size_t)s->model->weight_bytes
+                                : 0};
+    return gemma3_fit_check(&m->cfg, &f, mi.free + mi.cached, s->err);
+}
+#endif
+
 lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
                   const lt_callbacks *cb) {
     call_begin(s);
@@ -364,6 +392,13 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         lt_ctx *dc = new_ctx ? &cuctx : &s->ctx;
         lt_dtype pdt;
         if (lt_cuda_parse_precision(dc, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(dc);
+        rc = device_fit_check(s, m, dc, !new_ctx, source, quant, pdt);
+        if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
+            tok_free(tok);
+            gemma3_model_free(m);
+            if (new_ctx) lt_ctx_shutdown(&cuctx);
+            return rc;
+        }
         lt_cuda_set_precision(dc, pdt);
         gemma3_model *dm = NULL;
         cb_message(cb, "copying weights to the GPU");
