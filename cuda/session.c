@@ -23,6 +23,7 @@
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/export/merged.h"
+#include "cuda/export/quantized.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/sample.h"
@@ -899,21 +900,41 @@ lt_status lt_save_adapter(lt_session *s, const char *dir) {
     return peft_save_adapter(trainer_adapters(s->trainer), dir, s->err);
 }
 
-lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
-    call_begin(s);
-    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
-    /* the checkpoint's own folder, to copy what a merged save keeps from it */
-    char src[4096] = "";
+/* The folder the model was loaded from (where its config.json is), "" for random weights. */
+static void source_dir(const lt_session *s, char *src, size_t cap) {
     const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    src[0] = 0;
     if (tp && strncmp(s->model->source, "random:", 7) != 0) {
-        snprintf(src, sizeof src, "%s", tp);
+        snprintf(src, cap, "%s", tp);
         char *slash = strrchr(src, '/');
         if (slash)
             *slash = 0;
         else
-            snprintf(src, sizeof src, ".");
+            snprintf(src, cap, ".");
     }
-    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
+}
+
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype,
+                         const lt_callbacks *cb) {
+    call_begin(s);
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
+    /* the checkpoint's own folder, to copy what a merged save keeps from it */
+    char src[4096];
+    source_dir(s, src, sizeof src);
+    const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, cb, s->err);
+}
+
+lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,
+                            const lt_callbacks *cb) {
+    call_begin(s);
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
+    char src[4096];
+    source_dir(s, src, sizeof src);
+    const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL; /* read back through it */
+    return quantized_save(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb,
+                          s->err);
 }
 
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,

@@ -107,6 +107,10 @@ void lora_enable(lt_adapters *a, int on);
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap);
 /* W' = W + s·B·A for every slot, into a caller-provided fp32 buffer of slot->w's shape. */
 lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err);
+/* w += s·B·A in fp32, w: a caller-provided [out, in] base (lora_merged_weight's second step,
+ * for a base read from elsewhere than the model's weight, such as the 16-bit checkpoint a
+ * quantized model was made from). */
+void lora_add_delta(const lora_slot *s, float *w);
 
 /* ---- optimizer (optim.c) --------------------------------------------------------------- */
 
