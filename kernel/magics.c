@@ -94,8 +94,11 @@ static const opt_spec load_opts[] = {
      "longest sequence (0 = the config's, at most 8192)"},
     {"quant", OPT_CHOICE, FROM_ENGINE("load"), "none|nf4|int8|dynamic", NO_RANGE,
      "quantize the linears as they load, in bitsandbytes' formats: nf4 (NF4 + double quant, "
-     "QLoRA's base) or int8 (LLM.int8); embeddings and norms stay 16-bit; a pre-quantized "
-     "checkpoint loads as stored"},
+     "QLoRA's base), int8 (LLM.int8) or dynamic (nf4, except the linears quantization hurts "
+     "most, measured at load, which stay 16-bit); embeddings and norms stay 16-bit; a "
+     "pre-quantized checkpoint loads as stored"},
+    {"quant_keep", OPT_FLOAT, FROM_ENGINE("load"), NULL, 0, 1, 0,
+     "quant=dynamic: the most it keeps in 16 bits, as a fraction of the linear parameters"},
     {NULL}};
 
 static const opt_spec generate_opts[] = {SAMPLING_OPTS, {NULL}};
