@@ -13,6 +13,7 @@
 # Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
+# HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
 out=${1:-.}
 what=${2:-all}
 P=${PACK:-.device-pack}
@@ -37,9 +38,10 @@ case $what in all|train)
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch, transformers
 print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), flush=True)
+dts = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 for s in ('1b', '4b'):
-    for d in (torch.bfloat16, torch.float16):
-        h.run(s, d, 2048, 2, True)
+    for d in '${HF_DTYPES:-bf16 fp16}'.split():
+        h.run(s, dts[d], 2048, 2, True)
 " 2>&1 | grep -v -i warn >> "$out/bench_hf.log"
     grep -h '^{' "$out/bench_lathe.log" "$out/bench_hf.log"
 esac

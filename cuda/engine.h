@@ -280,9 +280,18 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
 /* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). */
 lt_status lt_save_adapter(lt_session *s, const char *dir);
 /* A merged checkpoint transformers loads: config.json + model.safetensors + tokenizer.model.
- * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". A quantized (NF4/int8) base is merged
- * into its dequantized weights and saved in 16 bits. */
-lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype);
+ * dtype: "auto" (as loaded), "fp32", "fp16", "bf16". A quantized (NF4/int8) base is saved in
+ * 16 bits: a model quantized at load merges into the original 16-bit weights of the checkpoint
+ * it still maps, a pre-quantized one into its dequantized weights; cb->message (cb may be
+ * NULL) says which. */
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype, const lt_callbacks *cb);
+/* A bitsandbytes checkpoint of a quantized model (NF4 or int8), as transformers saves one and
+ * loads with bitsandbytes: config.json (with quantization_config) + model.safetensors +
+ * tokenizer.model. The 16-bit parts (embedding, norms, linears kept in 16 bits) are written in
+ * dtype ("auto" = as loaded, "fp32", "fp16", "bf16"). Attached adapters are not in it (it
+ * holds the quantized base; cb->message says so). A 16-bit model is refused (LT_ERR_STATE). */
+lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,
+                            const lt_callbacks *cb);
 
 /* ---- export (cuda/gguf_export.c) -------------------------------------------------------- */
 

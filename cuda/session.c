@@ -23,6 +23,7 @@
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/export/merged.h"
+#include "cuda/export/quantized.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
@@ -267,6 +268,34 @@ static lt_status dynamic_spec(lt_session *s, gemma3_load_spec *spec, const lt_lo
     return rc;
 }
 
+#ifdef HAVE_CUDA
+/* Refuses a device load whose weights cannot fit in what dc's memory has free (its cache
+ * counted; LATHE_CUDA_MEMORY_CAP caps it), before anything is allocated there, naming the
+ * quantized loads that would fit. shared: dc is the session's ctx (its model stays until this
+ * load succeeds). quant: what the user asked for. */
+static lt_status device_fit_check(lt_session *s, const gemma3_model *m, lt_ctx *dc, int shared,
+                                  const char *source, const char *quant, lt_dtype pdt) {
+    lt_mem_info mi;
+    dc->be->memory(dc, &mi);
+    size_t need = gemma3_device_need(m, pdt);
+    if (!mi.total || !need) return LT_OK; /* unknown room, or a weight gemma3_to_device refuses */
+    const char *how = m->quant == LT_QUANT_NF4    ? "nf4"
+                      : m->quant == LT_QUANT_INT8 ? "int8"
+                                                  : "none";
+    if (m->quant != LT_QUANT_NONE && !m->prequantized && !strcmp(quant, "dynamic")) how = quant;
+    gemma3_fit f = {.name = source,
+                    .where = mi.where,
+                    .dt = pdt,
+                    .quant = how,
+                    .fixed = m->prequantized,
+                    .need = need,
+                    .held = shared && s->model && gemma3_on_device(s->model)
+                                ? (size_t)s->model->weight_bytes
+                                : 0};
+    return gemma3_fit_check(&m->cfg, &f, mi.free + mi.cached, s->err);
+}
+#endif
+
 lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
                   const lt_callbacks *cb) {
     call_begin(s);
@@ -398,6 +427,13 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         lt_ctx *dc = new_ctx ? &cuctx : &s->ctx;
         lt_dtype pdt;
         if (lt_cuda_parse_precision(dc, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(dc);
+        rc = device_fit_check(s, m, dc, !new_ctx, source, quant, pdt);
+        if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
+            tok_free(tok);
+            gemma3_model_free(m);
+            if (new_ctx) lt_ctx_shutdown(&cuctx);
+            return rc;
+        }
         lt_cuda_set_precision(dc, pdt);
         gemma3_model *dm = NULL;
         cb_message(cb, "copying weights to the GPU");
@@ -909,21 +945,41 @@ lt_status lt_save_adapter(lt_session *s, const char *dir) {
     return peft_save_adapter(trainer_adapters(s->trainer), dir, s->err);
 }
 
-lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype) {
-    call_begin(s);
-    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
-    /* the checkpoint's own folder, to copy what a merged save keeps from it */
-    char src[4096] = "";
+/* The folder the model was loaded from (where its config.json is), "" for random weights. */
+static void source_dir(const lt_session *s, char *src, size_t cap) {
     const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    src[0] = 0;
     if (tp && strncmp(s->model->source, "random:", 7) != 0) {
-        snprintf(src, sizeof src, "%s", tp);
+        snprintf(src, cap, "%s", tp);
         char *slash = strrchr(src, '/');
         if (slash)
             *slash = 0;
         else
-            snprintf(src, sizeof src, ".");
+            snprintf(src, cap, ".");
     }
-    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, s->err);
+}
+
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype,
+                         const lt_callbacks *cb) {
+    call_begin(s);
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
+    /* the checkpoint's own folder, to copy what a merged save keeps from it */
+    char src[4096];
+    source_dir(s, src, sizeof src);
+    const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, cb, s->err);
+}
+
+lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,
+                            const lt_callbacks *cb) {
+    call_begin(s);
+    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
+    char src[4096];
+    source_dir(s, src, sizeof src);
+    const char *tp = s->tok ? tok_path(s->tok) : NULL;
+    lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL; /* read back through it */
+    return quantized_save(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb,
+                          s->err);
 }
 
 lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,

@@ -1,7 +1,8 @@
 /* magic_train.c — the fine-tuning magics: %lora (attach adapters), %train (supervised
- * fine-tuning with a live progress bar and loss curve) and %save (PEFT adapter or merged
- * checkpoint). They translate options into engine calls (lt_lora_attach, lt_train,
- * lt_save_*) and engine reports into sink output; the engine does the work.
+ * fine-tuning with a live progress bar and loss curve) and %save (PEFT adapter, merged
+ * checkpoint, or the quantized base as a bitsandbytes checkpoint). They translate options into
+ * engine calls (lt_lora_attach, lt_train, lt_save_*) and engine reports into sink output; the
+ * engine does the work.
  *
  * %train shows two displays updated in place: a progress bar (step/total, loss, lr,
  * tokens/s, elapsed, ETA) and an SVG loss curve, each with a text/plain fallback, then a
@@ -213,34 +214,41 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
  */
 
 int magic_save(magic_ctx *ctx, const magic_args *a) {
-    const char *ad = arg_str(a, "adapter"), *mg = arg_str(a, "merged");
-    int has_a = ad && *ad, has_m = mg && *mg;
-    if (has_a == has_m)
+    const char *ad = arg_str(a, "adapter"), *mg = arg_str(a, "merged"),
+               *qd = arg_str(a, "quantized");
+    int has_a = ad && *ad, has_m = mg && *mg, has_q = qd && *qd;
+    if (has_a + has_m + has_q != 1)
         return magic_fail(ctx, "CellError",
-                          "%%save takes one of adapter=DIR (a PEFT adapter) or merged=DIR (a full "
-                          "checkpoint with the adapters merged)");
-    lt_status st = has_a ? lt_save_adapter(ctx->session, ad)
-                         : lt_save_merged(ctx->session, mg, arg_str(a, "dtype"));
+                          "%%save takes one of adapter=DIR (a PEFT adapter), merged=DIR (a full "
+                          "checkpoint with the adapters merged) or quantized=DIR (the NF4/int8 "
+                          "base as a bitsandbytes checkpoint)");
+    lt_callbacks cb = {ctx, say_line, NULL, NULL};
+    lt_status st = has_a   ? lt_save_adapter(ctx->session, ad)
+                   : has_m ? lt_save_merged(ctx->session, mg, arg_str(a, "dtype"), &cb)
+                           : lt_save_quantized(ctx->session, qd, arg_str(a, "dtype"), &cb);
     if (st != LT_OK) return magic_fail_engine(ctx, st);
-    if (has_a)
+    if (has_a) {
         magic_print(ctx,
                     "saved the adapter to %s (adapter_config.json + adapter_model.safetensors)\n"
                     "load it here with %%lora load=%s, or in Python with "
                     "peft.PeftModel.from_pretrained(model, \"%s\")\n",
                     ad, ad, ad);
-    else
+    } else if (has_m) {
         magic_print(
             ctx,
             "saved the merged model to %s (config.json + model.safetensors + tokenizer.model)\n"
             "load it here with %%load %s, or with transformers' "
             "AutoModelForCausalLM.from_pretrained(\"%s\")\n",
             mg, mg, mg);
-    lt_model_info info;
-    lt_model_info_get(ctx->session, &info);
-    if (has_m && info.quant[0])
+    } else {
+        lt_model_info info;
+        lt_model_info_get(ctx->session, &info);
         magic_print(ctx,
-                    "the base was quantized (%s): the adapters were merged into its dequantized "
-                    "weights, saved in 16 bits (%%load ... quant=nf4 quantizes it again)\n",
-                    info.quant);
+                    "saved the quantized model to %s (config.json with quantization_config + "
+                    "model.safetensors + tokenizer.model): %s\n"
+                    "load it here with %%load %s, or with transformers and bitsandbytes: "
+                    "AutoModelForCausalLM.from_pretrained(\"%s\")\n",
+                    qd, info.quant, qd, qd);
+    }
     return 0;
 }

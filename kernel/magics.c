@@ -174,13 +174,16 @@ static const opt_spec train_opts[] = {
      "continue from a checkpoint (or the latest one in a save= folder)"},
     {NULL}};
 
-/* adapter=, merged= and dtype= are arguments of lt_save_adapter / lt_save_merged. */
+/* adapter=, merged=, quantized= and dtype= are arguments of lt_save_adapter, lt_save_merged
+ * and lt_save_quantized. */
 static const opt_spec save_opts[] = {
     {"adapter", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE, "write a PEFT adapter folder"},
     {"merged", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
      "write a transformers checkpoint with the adapters merged"},
+    {"quantized", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
+     "write the quantized base (NF4/int8) as a bitsandbytes checkpoint, adapters left out"},
     {"dtype", OPT_CHOICE, DEFAULT("auto"), "auto|fp32|fp16|bf16", NO_RANGE,
-     "merged weights' dtype (auto = as loaded)"},
+     "dtype of the 16-bit weights written (auto = as loaded)"},
     {NULL}};
 
 static const magic_spec table[] = {
@@ -242,13 +245,18 @@ static const magic_spec table[] = {
      "the same %train again to continue. save=DIR keeps checkpoints; resume=DIR continues "
      "one.",
      magic_train},
-    {"save", 0, "%save adapter=DIR | merged=DIR [dtype=auto|fp32|fp16|bf16]", 0, 0, NULL, NULL,
-     save_opts, "save a PEFT adapter or a merged checkpoint",
+    {"save", 0, "%save adapter=DIR | merged=DIR | quantized=DIR [dtype=auto|fp32|fp16|bf16]", 0, 0,
+     NULL, NULL, save_opts, "save a PEFT adapter, a merged or a quantized checkpoint",
      "adapter=DIR writes adapter_config.json and adapter_model.safetensors, loadable by "
      "peft.PeftModel.from_pretrained and by %lora load=DIR. merged=DIR writes config.json, "
      "model.safetensors and tokenizer.model with the adapters merged into the weights, "
-     "loadable by transformers and by %load DIR. Files are written atomically: a failed "
-     "save keeps the previous copy.",
+     "loadable by transformers and by %load DIR; a model quantized at load is merged into "
+     "the original 16-bit weights of its checkpoint, a pre-quantized one into its dequantized "
+     "weights. quantized=DIR writes a model loaded with quant=nf4 or quant=int8 (or from a "
+     "bitsandbytes checkpoint) in bitsandbytes' layout, with quantization_config in "
+     "config.json, loadable by transformers with bitsandbytes and by %load DIR; adapters are "
+     "not in it (save them with adapter=). Files are written atomically: a failed save keeps "
+     "the previous copy.",
      magic_save},
     {"export_gguf", 0,
      "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "

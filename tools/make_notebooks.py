@@ -85,6 +85,76 @@ write("notebooks/export.ipynb", [
                   "--chat \"Tell me about rivers.\" 20"),
 ])
 
+write("notebooks/qlora.ipynb", [
+    new_markdown_cell("# QLoRA: Gemma 3 12B on a free T4\n\n"
+                      "Unsloth's Gemma 3 notebooks fine-tune Gemma 3 12B on Colab's free T4 by "
+                      "loading the base model in 4 bits (bitsandbytes NF4, the QLoRA recipe) and "
+                      "training LoRA adapters on top of it. This notebook is that recipe in lathe: "
+                      "load in 4 bits, attach rank-16 LoRA adapters to all seven linears of every "
+                      "layer, train on the model's turns, then keep the result three ways: the "
+                      "adapter, a merged 16-bit checkpoint and a GGUF file for llama.cpp.\n\n"
+                      "The cells run `tiny` (Gemma 3's architecture, a few million parameters) so "
+                      "that they finish on a CPU in seconds; CI runs them that way. On a T4, put "
+                      "`unsloth/gemma-3-12b-it` where they say `tiny` and use the learning rate "
+                      "below; everything else stays as it is."),
+    new_markdown_cell("## Load in 4 bits\n\n"
+                      "Gemma 3 12B has 11.8 billion text parameters (lathe loads the language model "
+                      "and skips the vision tower). In 16 bits its weights take 21.9 GiB of GPU "
+                      "memory; the T4 has 15 GB, about 14.7 GiB of it free. `quant=nf4` quantizes "
+                      "the seven linears of every layer (q, k, v, o, gate, up, down) as they load, "
+                      "the way bitsandbytes' `quantize_4bit` does with double quantization: half a "
+                      "byte per weight plus about 0.127 bit per weight of scales. The embedding and "
+                      "the norms stay 16 and 32 bits (fp16 on the T4, which has no bf16 tensor "
+                      "cores), so the 12B takes 7.0 GiB. A 16-bit load that cannot fit is refused "
+                      "before anything goes to the GPU, with the sizes of the loads that would:\n\n"
+                      "    google/gemma-3-12b-it needs 22.0 GiB of GPU memory in fp16 but 14.7 GiB "
+                      "are free: load it with quant=nf4 (7.1 GiB) or quant=dynamic (8.6 GiB), or "
+                      "device=cpu\n\n"
+                      "On the T4 (lathe never downloads: `huggingface-cli download "
+                      "unsloth/gemma-3-12b-it` first):\n\n"
+                      "    %load unsloth/gemma-3-12b-it quant=nf4\n\n"
+                      "or a checkpoint stored in 4 bits already, which loads as stored (the modules "
+                      "its `llm_int8_skip_modules` lists stay 16-bit):\n\n"
+                      "    %load unsloth/gemma-3-12b-it-bnb-4bit"),
+    new_code_cell("%load tiny quant=nf4"),
+    new_markdown_cell("## LoRA on all seven linears\n\n"
+                      "Rank 16 on q, k, v, o, gate, up and down of every layer, alpha equal to the "
+                      "rank and no dropout, as Unsloth's notebooks attach them. The adapters are "
+                      "fp32 and train; the NF4 base stays frozen and is decoded inside each matmul. "
+                      "On the 12B that is 65.5 million trainable parameters: about 1 GiB with their "
+                      "gradients and AdamW's two moments, so weights and adapters take about 8 GiB "
+                      "of the T4 and the rest is left for activations (checkpointed per layer)."),
+    new_code_cell("%lora r=16 alpha=16 dropout=0"),
+    new_markdown_cell("## Train\n\n"
+                      "The settings of Unsloth's notebooks: 2 conversations per micro-batch, 4 "
+                      "micro-batches per step, 5 warmup steps, a linear schedule, weight decay "
+                      "0.01, and the loss on the model's turns only (`responses_only=true`, the "
+                      "default, as Unsloth's `train_on_responses_only` does); 60 steps make a "
+                      "short run. `tiny` starts from "
+                      "random weights, so it trains at lr=3e-3 here; on the 12B use Unsloth's "
+                      "lr=2e-4 (%train's default):\n\n"
+                      "    %train data=data/polite.jsonl batch=2 grad_accum=4 steps=60 lr=2e-4 "
+                      "warmup=5 schedule=linear weight_decay=0.01\n\n"
+                      "`%train` prints its memory plan before the first step and refuses a batch "
+                      "that would not fit. Any chat dataset in the `messages` or ShareGPT format "
+                      "works (Unsloth's notebooks use FineTome-100k)."),
+    new_code_cell("%train data=data/polite.jsonl batch=2 grad_accum=4 steps=60 lr=3e-3 warmup=5 "
+                  "schedule=linear weight_decay=0.01"),
+    new_markdown_cell("The model now answers in the trained form, on the 4-bit base with the "
+                      "adapters:"),
+    new_code_cell("%%chat temperature=0 max_new=24\nTell me about rivers."),
+    new_markdown_cell("## Save\n\n"
+                      "As Unsloth's notebooks end: the adapter alone in PEFT's format "
+                      "(`peft.PeftModel.from_pretrained` and `%lora load=` read it; 262 MB for the "
+                      "12B at rank 16), a merged checkpoint (the adapters merged into the "
+                      "dequantized base, written in 16 bits for transformers and `%load`, 23.5 GB "
+                      "for the 12B; `%load DIR quant=nf4` quantizes it again), and a GGUF file for "
+                      "llama.cpp, Ollama and LM Studio in `q8_0` (12.5 GB for the 12B)."),
+    new_code_cell("%save adapter=/tmp/lathe-qlora/gemma-3-adapter"),
+    new_code_cell("%save merged=/tmp/lathe-qlora/gemma-3-merged"),
+    new_code_cell("%export_gguf /tmp/lathe-qlora/gemma-3-q8_0.gguf type=q8_0 overwrite=true"),
+])
+
 PY_KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
              "accelerator": "GPU", "colab": {"gpuType": "T4"}}
 nb = new_notebook(cells=[

@@ -77,6 +77,15 @@ typedef struct lt_weight {
 
 /* Bytes a weight's storage takes (packed codes + quantization state for NF4/int8). */
 size_t lt_weight_bytes(const lt_weight *w);
+/* The arrays a weight of n elements in `rows` rows is stored as, in bytes, in this order:
+ * 16/32-bit: the tensor (n * elem); NF4: the packed codes ((n + 1) / 2), code [16] fp32, then
+ * absmax [ceil(n / blocksize)] fp32, or with double quantization (nested_blocksize > 0)
+ * qabsmax [n_blocks] u8, absmax2 [ceil(n_blocks / nested_blocksize)] fp32, code2 [256] fp32;
+ * int8: w8 [n], scb [rows] fp32. Returns how many (at most LT_WEIGHT_MAX_PARTS). The one
+ * formula behind lt_weight_bytes, the device placement and the memory estimates. */
+#define LT_WEIGHT_MAX_PARTS 5
+int lt_weight_parts(lt_quant_kind kind, int64_t n, int64_t rows, size_t elem, int blocksize,
+                    int nested_blocksize, size_t parts[LT_WEIGHT_MAX_PARTS]);
 /* Rows r0 .. r0+nr-1 of a weight in host memory, as fp32 into dst ([nr, in]), for every storage
  * format: 16-bit widened, NF4 and int8 dequantized exactly as bitsandbytes' dequantize_4bit /
  * int8_vectorwise_dequant compute them in fp32 (backends/default/ops.py). The CPU backend's

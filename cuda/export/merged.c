@@ -1,11 +1,16 @@
 /* merged.c — the merged checkpoint %save merged= writes: a folder transformers loads as a plain
- * model (config.json + model.safetensors + tokenizer.model), every enabled LoRA adapter merged
- * into its weight (W' = W + s·B·A in fp32, then cast to the chosen dtype).
+ * model (config.json + model.safetensors + tokenizer.model), every LoRA adapter merged into its
+ * weight (W' = W + s·B·A in fp32, then cast to the chosen dtype).
  *
- * config.json is the loaded one when there was one (a text model's folder), else a flat
- * Gemma3TextConfig written from the model's config. The three files are one atomic set:
- * written, then renamed together. Owns nothing after a call returns; reads the model and the
- * adapters and changes neither.
+ * The base W of a quantized linear is its original 16-bit weight when the model was quantized
+ * at load and still maps that checkpoint (the adapter lands on the weights the user started
+ * from, as merging a QLoRA adapter into the 16-bit model does), and its dequantized NF4/int8
+ * values otherwise (a pre-quantized checkpoint, random weights); a message says which. config.json
+ * is the loaded one when there was one (a text model's folder), else a flat Gemma3TextConfig
+ * written from the model's config. The three files are one atomic set: written, then renamed
+ * together. Also the dtype, torch-name and config helpers quantized.c shares. Owns nothing after a
+ * call returns; reads the model and the adapters and changes neither. Host models only (a model on
+ * a device is refused).
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -15,14 +20,35 @@
 
 #include "cuda/base/atomic_file.h"
 #include "cuda/export/merged.h"
+#include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors_write.h"
+#include "cuda/model/gemma3_device.h"
 
-static const char *torch_dtype(lt_dtype d) {
+const char *merged_torch_dtype(lt_dtype d) {
     return d == LT_BF16 ? "bfloat16" : d == LT_F16 ? "float16" : "float32";
 }
 
+lt_status merged_parse_dtype(const gemma3_model *m, const char *dtype, const char *what,
+                             lt_dtype *out, char *err) {
+    lt_dtype dt = m->dtype;
+    if (dtype && strcmp(dtype, "auto") != 0) {
+        if (!strcmp(dtype, "fp32"))
+            dt = LT_F32;
+        else if (!strcmp(dtype, "fp16"))
+            dt = LT_F16;
+        else if (!strcmp(dtype, "bf16"))
+            dt = LT_BF16;
+        else
+            return lt_fail(err, LT_ERR_ARG, "%s dtype=%s; accepted: auto|fp32|fp16|bf16", what,
+                           dtype);
+    }
+    if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
+    *out = dt;
+    return LT_OK;
+}
+
 /* A flat Gemma3TextConfig (transformers reads it as Gemma3ForCausalLM). */
-static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
+char *merged_text_config(const gemma3_model *m, lt_dtype dt) {
     const gemma3_config *c = &m->cfg;
     json_t *j = json_object();
     json_object_set_new(j, "architectures", json_pack("[s]", "Gemma3ForCausalLM"));
@@ -64,7 +90,7 @@ static char *text_config_json(const gemma3_model *m, lt_dtype dt) {
     for (int i = 0; i < c->n_eos_ids; i++)
         json_array_append_new(eos, json_integer(c->eos_ids[i]));
     json_object_set_new(j, "eos_token_id", eos);
-    json_object_set_new(j, "torch_dtype", json_string(torch_dtype(dt)));
+    json_object_set_new(j, "torch_dtype", json_string(merged_torch_dtype(dt)));
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
     json_decref(j);
     return text;
@@ -78,9 +104,31 @@ typedef struct merge_walk {
     char **names;
     void **bufs;
     int n;
+    int n_original, n_dequantized; /* quantized linears saved from each base */
     char *err;
     lt_status rc;
 } merge_walk;
+
+/* The original 16-bit weight of a linear quantized at load, as fp32 into f32 (out*in), from
+ * the checkpoint the model still maps. 0 when there is none (pre-quantized, random, device). */
+static int original_weight(const gemma3_model *m, const char *name, const lt_tensor *t,
+                           float *f32) {
+    const st_tensor *src = gemma3_source_tensor(m, name, NULL, NULL, 0);
+    if (!src || !src->dtype_ok || !lt_dtype_is_float(src->dtype) || src->ndim != 2 ||
+        src->shape[0] != t->shape[0] || src->shape[1] != t->shape[1])
+        return 0;
+    int64_t n = t->shape[0] * t->shape[1];
+    if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
+        lt_to_f32(f32, src->data, src->dtype, n);
+        return 1;
+    }
+    void *tmp = malloc(src->nbytes); /* unaligned in the file */
+    if (!tmp) return 0;
+    memcpy(tmp, src->data, src->nbytes);
+    lt_to_f32(f32, tmp, src->dtype, n);
+    free(tmp);
+    return 1;
+}
 
 static const lora_slot *slot_of(const lt_adapters *a, const lt_tensor *t) {
     if (!a) return NULL;
@@ -95,13 +143,20 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     const lora_slot *s = slot_of(w->a, t);
     const lt_weight *owner = gemma3_weight_owner(w->m, t);
     float *f32 = NULL;
-    if (s) { /* W' = W + s·B·A in fp32, then cast */
-        f32 = malloc(sizeof(float) * (size_t)n);
-        if (!f32 || lora_merged_weight(w->a, s, f32, w->err) != LT_OK) goto oom;
-    } else if (owner && owner->q.kind != LT_QUANT_NONE) { /* NF4/int8: dequantized to fp32 */
+    int quantized = owner && owner->q.kind != LT_QUANT_NONE;
+    if (quantized) { /* the base: the original 16-bit weight, else NF4/int8 dequantized */
         f32 = malloc(sizeof(float) * (size_t)n);
         if (!f32) goto oom;
-        lt_weight_dequantize_rows(owner, 0, t->shape[0], f32);
+        if (original_weight(w->m, name, t, f32)) {
+            w->n_original++;
+        } else {
+            lt_weight_dequantize_rows(owner, 0, t->shape[0], f32);
+            w->n_dequantized++;
+        }
+        if (s) lora_add_delta(s, f32); /* W' = W + s·B·A in fp32, then cast */
+    } else if (s) {
+        f32 = malloc(sizeof(float) * (size_t)n);
+        if (!f32 || lora_merged_weight(w->a, s, f32, w->err) != LT_OK) goto oom;
     }
     void *buf = malloc((size_t)n * lt_dtype_size(w->dt));
     char *nm = strdup(name);
@@ -128,31 +183,52 @@ oom:
     return 1;
 }
 
-lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
-                      const char *tokenizer_path, const char *dtype, const char *dir, char *err) {
-    lt_dtype dt = m->dtype;
-    if (dtype && strcmp(dtype, "auto") != 0) {
-        if (!strcmp(dtype, "fp32"))
-            dt = LT_F32;
-        else if (!strcmp(dtype, "fp16"))
-            dt = LT_F16;
-        else if (!strcmp(dtype, "bf16"))
-            dt = LT_BF16;
-        else {
-            return lt_fail(err, LT_ERR_ARG, "%%save dtype=%s; accepted: auto|fp32|fp16|bf16",
-                           dtype);
-        }
+/* What the merge did with a quantized base, for the caller's log. */
+static void merge_report(const gemma3_model *m, const lt_adapters *a, const merge_walk *w,
+                         const char *src_dir, const lt_callbacks *cb) {
+    if (!cb || !cb->message || !m->n_quantized) return;
+    char q[160], msg[4800];
+    gemma3_quant_summary(m, q, sizeof q);
+    const char *kind = m->quant == LT_QUANT_NF4 ? "NF4" : "int8";
+    int adapters = a && a->n_slots > 0;
+    const char *what = adapters ? "the adapters were merged into" : "saved";
+    const char *from = src_dir && *src_dir ? src_dir : m->source;
+    if (w->n_original && !w->n_dequantized) {
+        snprintf(msg, sizeof msg, "%s the original 16-bit weights of %s (the base was %s)", what,
+                 from, q);
+    } else if (w->n_original) { /* a checkpoint storing some linears quantized, some not */
+        snprintf(msg, sizeof msg,
+                 "%s the original 16-bit weights of %s for the %d linears it stores in 16 bits, "
+                 "and into the dequantized %s base for the %d it stores pre-quantized (%s)",
+                 what, from, w->n_original, kind, w->n_dequantized, q);
+    } else {
+        const char *why = m->prequantized ? "the checkpoint is pre-quantized"
+                          : !strncmp(m->source, "random:", 7)
+                              ? "random weights were quantized as they were drawn"
+                              : "the 16-bit checkpoint is no longer at hand";
+        snprintf(msg, sizeof msg,
+                 "%s the dequantized %s base: %s (%s); written in 16 bits (%%load ... quant=%s "
+                 "quantizes it again)",
+                 what, kind, why, q, m->quant == LT_QUANT_NF4 ? "nf4" : "int8");
     }
-    if (dt != LT_F32 && dt != LT_F16 && dt != LT_BF16) dt = LT_BF16;
-    if (a && a->ctx->be != &lt_backend_cpu) {
+    cb->message(cb->ctx, msg);
+}
+
+lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+                      const char *tokenizer_path, const char *dtype, const char *dir,
+                      const lt_callbacks *cb, char *err) {
+    lt_dtype dt;
+    lt_status rc = merged_parse_dtype(m, dtype, "%save", &dt, err);
+    if (rc != LT_OK) return rc;
+    if ((a && a->ctx->be != &lt_backend_cpu) || gemma3_on_device(m)) {
         return lt_fail(
             err, LT_ERR_STATE,
             "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
             "adapter=DIR), "
             "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
-            a->ctx->be->name);
+            a ? a->ctx->be->name : "GPU");
     }
-    lt_status rc = lt_dir_prepare(dir, err);
+    rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
     merge_walk w = {m,
@@ -161,6 +237,8 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
                     calloc((size_t)nw + 1, sizeof(st_out)),
                     calloc((size_t)nw + 1, sizeof(char *)),
                     calloc((size_t)nw + 1, sizeof(void *)),
+                    0,
+                    0,
                     0,
                     err,
                     LT_OK};
@@ -179,7 +257,12 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
             snprintf(src_cfg, sizeof src_cfg, "%s/config.json", src_dir);
             if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
         }
-        if (!src_cfg[0] && !(cfg = text_config_json(m, dt))) {
+        bnb_config qc = {0}; /* a quantization_config there would claim the 16-bit copy is not */
+        char qerr[LT_ERRLEN];
+        if (src_cfg[0] && bnb_config_load(&qc, src_cfg, qerr) == LT_OK && qc.present)
+            src_cfg[0] = 0;
+        bnb_config_free(&qc);
+        if (!src_cfg[0] && !(cfg = merged_text_config(m, dt))) {
             rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         }
     }
@@ -200,6 +283,7 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
     }
     if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
     if (rc != LT_OK) lt_afile_set_abort(&fs);
+    if (rc == LT_OK) merge_report(m, a, &w, src_dir, cb);
     for (int i = 0; i < w.n; i++) {
         free(w.bufs[i]);
         free(w.names[i]);

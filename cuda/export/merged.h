@@ -1,6 +1,7 @@
 /* merged.h — the merged-checkpoint exporter: a loaded model with its trained adapters merged
- * in, as a folder transformers loads (config.json + model.safetensors + tokenizer.model).
- * Engine-private; the session calls it for %save merged=.
+ * in, as a folder transformers loads (config.json + model.safetensors + tokenizer.model), and
+ * the small helpers the quantized exporter (quantized.h) shares with it. Engine-private; the
+ * session calls it for %save merged=.
  */
 #ifndef LATHE_MERGED_H
 #define LATHE_MERGED_H
@@ -11,8 +12,21 @@
 /* Writes dir/config.json (the one of src_dir when it has one, else generated),
  * dir/model.safetensors (dtype: "auto" = the model's, "bf16", "fp16" or "fp32") and, when
  * tokenizer_path is given, dir/tokenizer.model, as one atomic set. a: the adapters to merge
- * (NULL = none; the CPU backend only for now). err: LT_ERRLEN bytes. */
+ * (NULL = none; host models on the CPU backend only for now). A quantized linear's base is its
+ * original 16-bit weight when the model was quantized at load from a checkpoint it still maps,
+ * else its dequantized values; cb->message (cb may be NULL) says which. err: LT_ERRLEN bytes. */
 lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
-                      const char *tokenizer_path, const char *dtype, const char *dir, char *err);
+                      const char *tokenizer_path, const char *dtype, const char *dir,
+                      const lt_callbacks *cb, char *err);
+
+/* dtype "auto" (NULL: the model's storage dtype, bf16 when that is not a float type), "fp32",
+ * "fp16" or "bf16" -> *out; anything else is an LT_ERR_ARG naming `what` ("%save"). */
+lt_status merged_parse_dtype(const gemma3_model *m, const char *dtype, const char *what,
+                             lt_dtype *out, char *err);
+/* transformers' spelling of a float dtype: "bfloat16", "float16", "float32". */
+const char *merged_torch_dtype(lt_dtype d);
+/* A flat Gemma3TextConfig for m (transformers reads it as Gemma3ForCausalLM) with torch_dtype
+ * dt, as indented JSON text (malloc'd; NULL when out of memory). */
+char *merged_text_config(const gemma3_model *m, lt_dtype dt);
 
 #endif

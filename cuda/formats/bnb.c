@@ -370,6 +370,95 @@ lt_status bnb_group_read(const st_set *st, const char *weight_name, int64_t out,
     return LT_OK;
 }
 
+/* ---- writing a checkpoint -------------------------------------------------------------------- */
+
+int bnb_py_float(double v, char *buf, size_t cap) {
+    if (isnan(v)) return snprintf(buf, cap, "NaN");
+    if (isinf(v)) return snprintf(buf, cap, "%sInfinity", v < 0 ? "-" : "");
+    if (v == 0) return snprintf(buf, cap, "%s0.0", signbit(v) ? "-" : "");
+    char e[48];
+    for (int p = 1; p <= 17; p++) { /* the shortest correctly rounded digits that read back */
+        snprintf(e, sizeof e, "%.*e", p - 1, v);
+        if (strtod(e, NULL) == v) break;
+    }
+    const char *c = e;
+    int neg = *c == '-';
+    if (neg) c++;
+    char d[24];
+    int nd = 0;
+    for (; *c && *c != 'e' && nd < 20; c++)
+        if (*c != '.') d[nd++] = *c;
+    while (nd > 1 && d[nd - 1] == '0')
+        nd--;
+    d[nd] = 0;
+    int decpt = atoi(c + 1) + 1; /* v = 0.d * 10^decpt */
+    char out[64];
+    size_t k = 0;
+    if (neg) out[k++] = '-';
+    if (decpt <= -4 || decpt > 16) { /* d.ddde+XX */
+        out[k++] = d[0];
+        if (nd > 1) out[k++] = '.';
+        for (int i = 1; i < nd; i++)
+            out[k++] = d[i];
+        k += (size_t)snprintf(out + k, sizeof out - k, "e%c%02d", decpt - 1 < 0 ? '-' : '+',
+                              abs(decpt - 1));
+    } else if (decpt <= 0) { /* 0.000ddd */
+        out[k++] = '0';
+        out[k++] = '.';
+        for (int i = 0; i < -decpt; i++)
+            out[k++] = '0';
+        for (int i = 0; i < nd; i++)
+            out[k++] = d[i];
+    } else { /* ddd.ddd, or ddd000.0 */
+        for (int i = 0; i < nd || i < decpt; i++) {
+            if (i == decpt) out[k++] = '.';
+            out[k++] = i < nd ? d[i] : '0';
+        }
+        if (decpt >= nd) {
+            out[k++] = '.';
+            out[k++] = '0';
+        }
+    }
+    out[k] = 0;
+    return snprintf(buf, cap, "%s", out);
+}
+
+int bnb_nf4_state_json(char *buf, size_t cap, int blocksize, const char *dtype, int64_t out,
+                       int64_t in, int nested, int nested_blocksize, float offset) {
+    char off[64] = "";
+    if (nested) bnb_py_float((double)offset, off, sizeof off);
+    if (!nested)
+        return snprintf(buf, cap,
+                        "{\"quant_type\": \"nf4\", \"blocksize\": %d, \"dtype\": \"%s\", "
+                        "\"shape\": [%lld, %lld]}",
+                        blocksize, dtype, (long long)out, (long long)in);
+    return snprintf(buf, cap,
+                    "{\"quant_type\": \"nf4\", \"blocksize\": %d, \"dtype\": \"%s\", "
+                    "\"shape\": [%lld, %lld], \"nested_blocksize\": %d, \"nested_dtype\": "
+                    "\"float32\", \"nested_offset\": %s}",
+                    blocksize, dtype, (long long)out, (long long)in, nested_blocksize, off);
+}
+
+char *bnb_config_to_json(bnb_kind kind, int double_quant, const char *compute_dtype,
+                         const char *const *skip, int n_skip) {
+    int nf4 = kind == BNB_NF4;
+    json_t *list = skip ? json_array() : json_null();
+    for (int i = 0; skip && i < n_skip; i++)
+        json_array_append_new(list, json_string(skip[i]));
+    json_t *q = json_pack(
+        "{s:s, s:b, s:b, s:b, s:b, s:f, s:o, s:b, s:b, s:s, s:b, s:s, s:s}", "quant_method",
+        "bitsandbytes", "_load_in_4bit", nf4, "_load_in_8bit", !nf4, "load_in_4bit", nf4,
+        "load_in_8bit", !nf4, "llm_int8_threshold", 6.0, "llm_int8_skip_modules", list,
+        "llm_int8_enable_fp32_cpu_offload", 0, "llm_int8_has_fp16_weight", 0, "bnb_4bit_quant_type",
+        nf4 ? "nf4" : "fp4", "bnb_4bit_use_double_quant", nf4 && double_quant,
+        "bnb_4bit_compute_dtype", nf4 && compute_dtype ? compute_dtype : "float32",
+        "bnb_4bit_quant_storage", "uint8");
+    if (!q) return NULL;
+    char *text = json_dumps(q, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(q);
+    return text;
+}
+
 /* ---- quantization_config ------------------------------------------------------------------- */
 
 void bnb_config_free(bnb_config *c) {

@@ -88,6 +88,36 @@ typedef struct bnb_group {
 lt_status bnb_group_read(const st_set *st, const char *weight_name, int64_t out, int64_t in,
                          bnb_group *g, char *err);
 
+/* ---- writing a checkpoint ------------------------------------------------------------------ */
+
+/* Python's repr(float(v)) (what json.dumps writes for a float): the shortest digits that read
+ * back as v, fixed notation for a decimal exponent in -4 < e <= 16 with ".0" added to whole
+ * numbers ("6.0", "0.0001"), else d.ddde+XX with a signed exponent of at least two digits
+ * ("1e-05", "1e+16"); "NaN", "Infinity". Returns the length, as snprintf does. */
+int bnb_py_float(double v, char *buf, size_t cap);
+
+/* The text QuantState.as_dict(packed=True) packs into P.weight.quant_state.bitsandbytes__nf4
+ * (bitsandbytes' utils.py pack_dict_to_tensor: json.dumps of the non-tensor entries, in
+ * as_dict's order, with Python's default ", " and ": " separators), byte for byte:
+ * {"quant_type": "nf4", "blocksize": B, "dtype": D, "shape": [OUT, IN]} and, double-quantized,
+ * "nested_blocksize": NB, "nested_dtype": "float32", "nested_offset": repr(offset) before the
+ * closing brace. dtype: the weight's torch dtype name before quantization ("bfloat16").
+ * Returns the length, as snprintf does. */
+int bnb_nf4_state_json(char *buf, size_t cap, int blocksize, const char *dtype, int64_t out,
+                       int64_t in, int nested, int nested_blocksize, float offset);
+
+/* config.json's quantization_config as transformers' BitsAndBytesConfig(...).to_dict() writes
+ * it, every key of it: quant_method "bitsandbytes", _load_in_4bit / _load_in_8bit and
+ * load_in_4bit / load_in_8bit, llm_int8_threshold 6.0, llm_int8_skip_modules (the n_skip names,
+ * or null when skip is NULL), llm_int8_enable_fp32_cpu_offload and llm_int8_has_fp16_weight
+ * false, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype and
+ * bnb_4bit_quant_storage "uint8". kind BNB_NF4: quant type "nf4", double_quant and
+ * compute_dtype ("bfloat16") as given; BNB_INT8: the 4-bit keys at BitsAndBytesConfig's
+ * defaults ("fp4", false, "float32"). Compact JSON text of the object, sorted keys (malloc'd;
+ * NULL when out of memory). */
+char *bnb_config_to_json(bnb_kind kind, int double_quant, const char *compute_dtype,
+                         const char *const *skip, int n_skip);
+
 /* ---- config.json's quantization_config --------------------------------------------------- */
 
 typedef struct bnb_config {

@@ -699,6 +699,29 @@ static lt_status dir_linear_keep16(void *user, gemma3_model *m, int l, int k, lt
     return place_tensor(m, &w->w, src, name, W_MATRIX, d->is_auto, d->want, shape, 2, err);
 }
 
+const st_tensor *gemma3_source_tensor(const gemma3_model *m, const char *canon, const st_set **st,
+                                      char *name, size_t cap) {
+    if (!m->storage || !m->storage->st.n_tensors) return NULL;
+    const st_set *set = &m->storage->st;
+    static const char *const heads[] = {"lm_head.weight", "language_model.lm_head.weight"};
+    char n[256];
+    const st_tensor *t = NULL;
+    int text = !strncmp(canon, "model.", 6);
+    size_t count = text ? sizeof text_prefixes / sizeof *text_prefixes : 2;
+    for (size_t i = 0; !t && i < count; i++) {
+        if (text)
+            snprintf(n, sizeof n, "%s%s", text_prefixes[i], canon + 6);
+        else if (!strcmp(canon, "lm_head.weight"))
+            snprintf(n, sizeof n, "%s", heads[i]);
+        else
+            return NULL;
+        t = st_find(set, n);
+    }
+    if (t && st) *st = set;
+    if (t && name) snprintf(name, cap, "%s", n);
+    return t;
+}
+
 lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
                           const lt_callbacks *cb, char *err) {
     return gemma3_load_dir_quant(out, dir, dtype, NULL, cb, err);

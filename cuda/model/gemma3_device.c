@@ -6,7 +6,9 @@
  * from the loaded one (fp16 results clamped to ±65504 as the last guard; Gemma 3's weights sit
  * far inside that range). NF4/int8 weights go as they are stored, with their quantization
  * state; the backend decodes them inside its matmuls. Does not touch gemma3.c's storage or
- * the host model, which the caller still owns. See gemma3_device.h.
+ * the host model, which the caller still owns. Also owns the arithmetic of what a device copy
+ * takes (from a config or from a loaded model, through lt_weight_parts) and the refusal of a
+ * load that cannot fit, which names the quantized loads that would. See gemma3_device.h.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/formats/bnb.h"
 #include "cuda/model/gemma3_device.h"
 
 /* ---- registry of device models ----------------------------------------------------------------
@@ -106,26 +109,27 @@ static int place_quantized(place_job *j, const char *name, lt_tensor *t) {
         return 1;
     }
     lt_quant *q = &w->q;
-    int64_t n = lt_tensor_numel(t), out = t->shape[0];
+    int nested = q->kind == LT_QUANT_NF4 && q->qabsmax;
+    size_t sz[LT_WEIGHT_MAX_PARTS];
+    lt_weight_parts(q->kind, lt_tensor_numel(t), t->shape[0], 1, q->blocksize,
+                    nested ? q->nested_blocksize : 0, sz);
     lt_status rc = LT_OK;
     if (q->kind == LT_QUANT_NF4) {
-        int64_t nb = (n + q->blocksize - 1) / q->blocksize;
-        void *codes = place_bytes(j, t->data, (size_t)((n + 1) / 2), &rc);
-        const float *code = place_bytes(j, q->code, 16 * sizeof(float), &rc);
-        if (q->qabsmax) {
-            int64_t nb2 = (nb + q->nested_blocksize - 1) / q->nested_blocksize;
-            const uint8_t *qa = place_bytes(j, q->qabsmax, (size_t)nb, &rc);
-            const float *a2 = place_bytes(j, q->absmax2, (size_t)nb2 * sizeof(float), &rc);
-            const float *c2 = place_bytes(j, q->code2, 256 * sizeof(float), &rc);
+        void *codes = place_bytes(j, t->data, sz[0], &rc);
+        const float *code = place_bytes(j, q->code, sz[1], &rc);
+        if (nested) {
+            const uint8_t *qa = place_bytes(j, q->qabsmax, sz[2], &rc);
+            const float *a2 = place_bytes(j, q->absmax2, sz[3], &rc);
+            const float *c2 = place_bytes(j, q->code2, sz[4], &rc);
             if (!j->sizing) q->qabsmax = qa, q->absmax2 = a2, q->code2 = c2;
         } else {
-            const float *am = place_bytes(j, q->absmax, (size_t)nb * sizeof(float), &rc);
+            const float *am = place_bytes(j, q->absmax, sz[2], &rc);
             if (!j->sizing) q->absmax = am;
         }
         if (!j->sizing) t->data = codes, q->code = code;
     } else {
-        void *w8 = place_bytes(j, t->data, (size_t)n, &rc);
-        const float *scb = place_bytes(j, q->scb, (size_t)out * sizeof(float), &rc);
+        void *w8 = place_bytes(j, t->data, sz[0], &rc);
+        const float *scb = place_bytes(j, q->scb, sz[1], &rc);
         if (!j->sizing) t->data = w8, q->scb = scb;
     }
     if (rc != LT_OK) {
@@ -144,8 +148,8 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     size_t bytes = (size_t)n * lt_dtype_size(want);
     if (j->sizing) {
         j->total += align256(bytes);
-        if (want != t->dtype && lt_tensor_bytes(t) > j->stage_cap)
-            j->stage_cap = lt_tensor_bytes(t);
+        size_t sb = lt_tensor_bytes(t) < GEMMA3_STAGE_MAX ? lt_tensor_bytes(t) : GEMMA3_STAGE_MAX;
+        if (want != t->dtype && sb > j->stage_cap) j->stage_cap = sb;
         return 0;
     }
     lt_ctx *ctx = j->ctx;
@@ -154,9 +158,18 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     lt_status rc;
     if (want == t->dtype) {
         rc = ctx->be->upload(ctx, dst, t->data, bytes);
-    } else {
-        rc = ctx->be->upload(ctx, j->stage, t->data, lt_tensor_bytes(t));
-        if (rc == LT_OK) rc = ctx->be->convert(ctx, dst, want, j->stage, t->dtype, n);
+    } else { /* through the stage, a stage-full at a time */
+        size_t ses = lt_dtype_size(t->dtype), des = lt_dtype_size(want);
+        int64_t per = (int64_t)(j->stage_cap / ses);
+        rc = LT_OK;
+        for (int64_t i = 0; i < n && rc == LT_OK; i += per) {
+            int64_t k = n - i < per ? n - i : per;
+            rc = ctx->be->upload(ctx, j->stage, (const char *)t->data + (size_t)i * ses,
+                                 (size_t)k * ses);
+            if (rc == LT_OK)
+                rc = ctx->be->convert(ctx, (char *)dst + (size_t)i * des, want, j->stage, t->dtype,
+                                      k);
+        }
     }
     if (rc != LT_OK) {
         lt_fail(j->err, rc, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);
@@ -253,6 +266,132 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     m->weight_bytes = (int64_t)j.total;
     *out = m;
     return LT_OK;
+}
+
+/* ---- what a device copy takes ------------------------------------------------------------------
+ */
+
+static int device_dtype_ok(lt_dtype dt) {
+    return dt == LT_F32 || dt == LT_F16 || dt == LT_BF16;
+}
+
+/* The arena bytes of one [rows, cols] weight stored as kind (elem: bytes of a 16/32-bit value),
+ * laid out as place_one / place_quantized lay it out. NF4 is quant=nf4's: double quantization. */
+static size_t weight_arena_bytes(lt_quant_kind kind, int64_t rows, int64_t cols, size_t elem) {
+    size_t parts[LT_WEIGHT_MAX_PARTS], bytes = 0;
+    int np = lt_weight_parts(kind, rows * cols, rows, elem, BNB_NF4_BLOCKSIZE, BNB_NESTED_BLOCKSIZE,
+                             parts);
+    for (int i = 0; i < np; i++)
+        bytes += align256(parts[i]);
+    return bytes;
+}
+
+size_t gemma3_device_bytes(const gemma3_config *c, lt_dtype dt, const char *quant) {
+    const char *q = quant && *quant ? quant : "none";
+    lt_quant_kind kind = LT_QUANT_NONE;
+    int dynamic = 0;
+    if (!strcmp(q, "nf4")) {
+        kind = LT_QUANT_NF4;
+    } else if (!strcmp(q, "int8")) {
+        kind = LT_QUANT_INT8;
+    } else if (!strcmp(q, "dynamic")) {
+        kind = LT_QUANT_NF4;
+        dynamic = 1;
+    } else if (strcmp(q, "none") != 0) {
+        return 0;
+    }
+    if (!device_dtype_ok(dt)) return 0;
+    size_t es = lt_dtype_size(dt);
+    int64_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
+    int64_t qo = (int64_t)c->num_attention_heads * hd, kvo = (int64_t)c->num_key_value_heads * hd;
+    /* q, k, v, o, gate, up, down: [out, in] */
+    const int64_t lin[7][2] = {{qo, H}, {kvo, H}, {kvo, H}, {H, qo}, {I, H}, {I, H}, {H, I}};
+    size_t lin16 = 0, linq = 0;
+    for (int k = 0; k < 7; k++) {
+        lin16 += weight_arena_bytes(LT_QUANT_NONE, lin[k][0], lin[k][1], es);
+        linq += weight_arena_bytes(kind, lin[k][0], lin[k][1], es);
+    }
+    size_t layer_lin = dynamic ? linq + (lin16 - linq) / 10 : linq;
+    /* input, post-attention, pre- and post-feedforward norms [H]; q_norm, k_norm [hd] */
+    size_t layer_norms =
+        4 * align256((size_t)H * sizeof(float)) + 2 * align256((size_t)hd * sizeof(float));
+    size_t embed = weight_arena_bytes(LT_QUANT_NONE, V, H, es);
+    size_t total = embed + align256((size_t)H * sizeof(float)); /* + the final norm */
+    if (!c->tie_word_embeddings) total += embed;
+    return total + (size_t)c->num_hidden_layers * (layer_lin + layer_norms);
+}
+
+size_t gemma3_device_need(const gemma3_model *host, lt_dtype dt) {
+    if (!device_dtype_ok(dt)) return 0;
+    gemma3_model view = *host; /* the walk wants a mutable model; sizing changes nothing */
+    char err[LT_ERRLEN];
+    place_job j = {.m = &view, .dt = dt, .sizing = 1, .err = err};
+    if (gemma3_weights_foreach(&view, place_one, &j)) return 0;
+    return j.total + j.stage_cap;
+}
+
+/* "7.6 GiB", "12.3 MiB", "40.0 KiB" */
+static const char *size_text(size_t b, char *buf, size_t cap) {
+    if (b >= ((size_t)1 << 30))
+        snprintf(buf, cap, "%.1f GiB", b / 1073741824.0);
+    else if (b >= ((size_t)1 << 20))
+        snprintf(buf, cap, "%.1f MiB", b / 1048576.0);
+    else
+        snprintf(buf, cap, "%.1f KiB", b / 1024.0);
+    return buf;
+}
+
+lt_status gemma3_fit_check(const gemma3_config *c, const gemma3_fit *f, size_t free_bytes,
+                           char *err) {
+    const char *q = f->quant && *f->quant ? f->quant : "none";
+    /* an estimate's stage: at most the cap, at most the largest tensor (the embedding) in fp32 */
+    size_t stage = (size_t)c->vocab_size * (size_t)c->hidden_size * sizeof(float);
+    if (stage > GEMMA3_STAGE_MAX) stage = GEMMA3_STAGE_MAX;
+    size_t est = gemma3_device_bytes(c, f->dt, q);
+    if (!est)
+        return lt_fail(err, LT_ERR_ARG, "%s: no device size for quant='%s' in %s", f->name, q,
+                       lt_dtype_user_name(f->dt));
+    size_t need = f->need ? f->need : est + stage;
+    if (need <= free_bytes) return LT_OK;
+
+    char b1[32], b2[32], b3[32];
+    const char *in = !strcmp(q, "none")      ? lt_dtype_user_name(f->dt)
+                     : !strcmp(q, "dynamic") ? "dynamic 4-bit"
+                                             : q;
+    int n = snprintf(err, LT_ERRLEN, "%.200s needs %s of %s in %s%s but %s are free", f->name,
+                     size_text(need, b1, sizeof b1), f->where ? f->where : "device memory", in,
+                     f->fixed ? " (as the checkpoint stores it)" : "",
+                     size_text(free_bytes, b2, sizeof b2));
+    if (f->held && n < LT_ERRLEN)
+        n += snprintf(err + n, LT_ERRLEN - (size_t)n,
+                      " (the model loaded now holds %s of it until another load succeeds)",
+                      size_text(f->held, b3, sizeof b3));
+    /* the quantized loads that would fit, smallest first */
+    const char *alts[2] = {"nf4", "dynamic"};
+    int n_fit = 0;
+    size_t smallest = 0;
+    const char *smallest_q = NULL;
+    for (int i = 0; i < 2 && !f->fixed; i++) {
+        if (!strcmp(alts[i], q)) continue;
+        size_t a = gemma3_device_bytes(c, f->dt, alts[i]) + stage;
+        if (a >= need) continue;
+        if (!smallest || a < smallest) smallest = a, smallest_q = alts[i];
+        if (a > free_bytes || n >= LT_ERRLEN) continue;
+        n += snprintf(err + n, LT_ERRLEN - (size_t)n, "%s quant=%s (%s)",
+                      n_fit ? " or" : ": load it with", alts[i], size_text(a, b1, sizeof b1));
+        n_fit++;
+    }
+    if (n < LT_ERRLEN) {
+        if (n_fit)
+            snprintf(err + n, LT_ERRLEN - (size_t)n, ", or device=cpu");
+        else if (smallest)
+            snprintf(err + n, LT_ERRLEN - (size_t)n,
+                     "; even quant=%s would need %s: load a smaller model, or device=cpu",
+                     smallest_q, size_text(smallest, b1, sizeof b1));
+        else
+            snprintf(err + n, LT_ERRLEN - (size_t)n, ": load a smaller model, or device=cpu");
+    }
+    return LT_ERR_MEMORY;
 }
 
 lt_status gemma3_forward_host(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,

@@ -5,8 +5,11 @@
  * fp16 on the T4, fp32 on request), the norms in fp32. The copy is an ordinary gemma3_model,
  * so gemma3.c, lora.c and train.c run on it unchanged; free it with gemma3_model_release,
  * which frees either kind. gemma3_forward_host runs a forward whose logits land in host
- * memory whatever the backend. Compiled with or without CUDA (without, nothing is ever on a
- * device and release is gemma3_model_free). Must not include kernel/ or protocol/.
+ * memory whatever the backend. gemma3_device_bytes / gemma3_device_need say how much device
+ * memory the copy takes, and gemma3_fit_check refuses a load that cannot fit before anything
+ * is allocated, naming the quantized loads that would. Compiled with or without CUDA
+ * (without, nothing is ever on a device and release is gemma3_model_free). Must not include
+ * kernel/ or protocol/.
  */
 #ifndef LATHE_GEMMA3_DEVICE_H
 #define LATHE_GEMMA3_DEVICE_H
@@ -17,6 +20,42 @@
  * On failure *out stays NULL, nothing leaks, err names what failed. */
 lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt,
                            char *err);
+
+/* ---- what a device copy takes ------------------------------------------------------------------
+ * gemma3_to_device allocates one arena for every weight (each tensor rounded up to 256 bytes)
+ * plus, while it copies, a staging buffer of at most GEMMA3_STAGE_MAX bytes for the tensors it
+ * converts to another dtype. */
+#define GEMMA3_STAGE_MAX ((size_t)64 << 20)
+
+/* The arena gemma3_to_device allocates for a model of config c with its 16-bit matrices in dt
+ * and its 7 linears of every layer as quant says: NULL/"none" (dt), "nf4" (bitsandbytes NF4
+ * with double quantization, blocksize 64, as quant=nf4 quantizes), "int8" (LLM.int8), or
+ * "dynamic" (an estimate: NF4 with a tenth of the linear parameters kept in dt). The embedding
+ * (and an untied head) are in dt, the norms fp32. 0 for another quant or dtype. */
+size_t gemma3_device_bytes(const gemma3_config *c, lt_dtype dt, const char *quant);
+/* What gemma3_to_device(host, dt) would allocate, exactly: the arena plus the staging buffer.
+ * 0 when a weight has no device format (gemma3_to_device then says which). */
+size_t gemma3_device_need(const gemma3_model *host, lt_dtype dt);
+
+/* A load about to go to a device, for gemma3_fit_check. */
+typedef struct gemma3_fit {
+    const char *name;  /* the model as the user named it ("google/gemma-3-12b-it") */
+    const char *where; /* the memory, for the message ("GPU memory") */
+    lt_dtype dt;       /* the device's 16-bit (or fp32) storage dtype */
+    const char *quant; /* how the linears load: "none", "nf4", "int8", "dynamic" */
+    int fixed;         /* 1: the checkpoint is stored quantized, quant= cannot change it */
+    size_t need;       /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
+    size_t held;       /* bytes of that memory the model loaded now keeps until this one loads */
+} gemma3_fit;
+
+/* LT_OK when f->need bytes (or the estimate for c) fit in free_bytes. Otherwise
+ * LT_ERR_MEMORY with err saying what it needs and what is free, and which loads would fit:
+ * quant=nf4 and quant=dynamic with their sizes (those smaller than this one that fit), or a
+ * smaller model when none does; device=cpu always. LT_ERR_ARG for an unknown quant. Pure:
+ * it allocates nothing and reads no device. */
+lt_status gemma3_fit_check(const gemma3_config *c, const gemma3_fit *f, size_t free_bytes,
+                           char *err);
+
 /* 1 when m was made by gemma3_to_device. */
 int gemma3_on_device(const gemma3_model *m);
 /* Frees a model of either kind (ctx: the one a device model was made with; unused for host

@@ -16,6 +16,7 @@
 #include "cuda/backend/backend.h"
 #include "cuda/base/tensor.h"
 #include "cuda/formats/hfconfig.h"
+#include "cuda/formats/safetensors.h"
 #include "cuda/text/tokenizer.h"
 
 /* Fills bos/eos/pad/turn ids by piece from the tokenizer (keeps config values when the
@@ -106,6 +107,15 @@ lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3
                                const lt_callbacks *cb, char *err);
 /* The lt_weight whose storage tensor is t (a tensor of the weight walk), or NULL for norms. */
 lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t);
+/* The checkpoint tensor a weight was loaded from, as the model still maps it: the tensor
+ * stored under the canonical name `canon` ("model.layers.3.mlp.up_proj.weight",
+ * "lm_head.weight") in whichever text prefix the checkpoint uses. For a linear quantized at
+ * load it is the original 16-bit weight; for a pre-quantized one, P.weight (read its group
+ * with bnb_group_read on *st). NULL for random weights and for models copied to a device
+ * (their host mapping is gone). st (may be NULL) receives the set, name (cap bytes, may be
+ * NULL) the checkpoint's own name. */
+const st_tensor *gemma3_source_tensor(const gemma3_model *m, const char *canon, const st_set **st,
+                                      char *name, size_t cap);
 /* "nf4 (double quant), 28 linears; 2 kept in 16 bits" into buf ("" when nothing is
  * quantized). */
 const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap);

@@ -424,10 +424,9 @@ void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_
         snprintf(out, cap, "base_model.model.model.%s", rest);
 }
 
-lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err) {
+void lora_add_delta(const lora_slot *s, float *out) {
     const lt_tensor *w = &s->w->w;
     int64_t O = w->shape[0], I = w->shape[1], r = s->lora.a.shape[0];
-    lt_weight_dequantize_rows(s->w, 0, O, out); /* 16-bit widened, NF4/int8 dequantized */
     const float *A = s->lora.a.data, *B = s->lora.b.data;
     float sc = s->lora.scale;
     /* W' = W + s·B·A, in fp32: [O, I] += [O, r]·[r, I] */
@@ -441,5 +440,12 @@ lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *ou
                 row[i] += b * ar[i];
         }
     }
+}
+
+lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err) {
+    (void)a;
+    (void)err;
+    lt_weight_dequantize_rows(s->w, 0, s->w->w.shape[0], out); /* 16-bit widened, NF4/int8 */
+    lora_add_delta(s, out);
     return LT_OK;
 }

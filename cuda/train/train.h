@@ -1,17 +1,16 @@
-/* train.h — the fine-tuning subsystem inside the engine: adapters, trainable parameters,
- * the model's backward pass, the optimizer, datasets, and the files they are saved as.
- * Engine-private.
+/* train.h — the fine-tuning room: adapters, trainable parameters, the optimizer, datasets,
+ * the %train loop, and the files the trainer writes and reads. Engine-private. The model's
+ * forward and backward passes it drives are cuda/model/ (gemma3_train_batch).
  *
  *   lora.c             lt_adapters: which weights train (LoRA slots or full fine-tuning),
  *                      PEFT initialisation, target matching, merging
- *   gemma3_backward.c  one micro-batch: forward with per-layer checkpoints, fused loss,
- *                      backward with per-layer recompute (packed samples, no padding)
  *   optim.c            AdamW state, learning-rate schedules, gradient clipping
  *   data.c             JSONL/JSON datasets -> token ids + label masks; batching and packing
  *   peft_adapter.c     PEFT adapter folders (adapter_config.json + adapter_model.safetensors)
  *   checkpoint.c       training checkpoints (trainable tensors, AdamW state, a PEFT adapter)
- *   train.c            the %train loop (lt_train) and the session glue
- * Nothing here includes kernel/ or protocol/.
+ *   train.c            lt_trainer: the %train loop (trainer_run), given the model, tokenizer,
+ *                      backend and cancel flag it works on for one call
+ * May include model/, text/, formats/, backend/ and base/; never the session or export/.
  */
 #ifndef LATHE_TRAIN_H
 #define LATHE_TRAIN_H
@@ -108,6 +107,10 @@ void lora_enable(lt_adapters *a, int on);
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap);
 /* W' = W + s·B·A for every slot, into a caller-provided fp32 buffer of slot->w's shape. */
 lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err);
+/* w += s·B·A in fp32, w: a caller-provided [out, in] base (lora_merged_weight's second step,
+ * for a base read from elsewhere than the model's weight, such as the 16-bit checkpoint a
+ * quantized model was made from). */
+void lora_add_delta(const lora_slot *s, float *w);
 
 /* ---- optimizer (optim.c) --------------------------------------------------------------- */
 

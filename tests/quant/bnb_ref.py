@@ -9,8 +9,8 @@ signed dynamic map (create_dynamic_map, torch.linspace in fp32 as its 8-wide CPU
 it), double quantization (offset = mean of the absmax, absmax - offset quantized in blocks of
 256), their dequantization, and LLM.int8 as Int8Params quantizes (fp16 first, row absmax, round
 half to even). It also writes checkpoints in the exact layout bitsandbytes and transformers save
-(QuantState.as_dict(packed=True) names, dtypes and the quant_state JSON; P.weight int8 + P.SCB),
-and reads safetensors of any dtype.
+(QuantState.as_dict(packed=True) names, dtypes and the quant_state JSON; P.weight int8 + P.SCB +
+P.weight_format), and reads safetensors of any dtype.
 What it owns: nothing on disk beyond the directories it is asked to write. Needs only numpy.
 """
 
@@ -257,16 +257,23 @@ def nf4_group(prefix, w, nested, dtype_name="float32"):
 
 
 def int8_group(prefix, w):
+    """Linear8bitLt._save_to_state_dict: P.weight int8, P.SCB fp32 and P.weight_format, a uint8
+    scalar (0 = "row", the only layout bitsandbytes still saves)."""
     w8, scb = quantize_int8(w)
-    return ({prefix + ".weight": ("I8", w8), prefix + ".SCB": ("F32", scb)},
+    return ({prefix + ".weight": ("I8", w8), prefix + ".SCB": ("F32", scb),
+             prefix + ".weight_format": ("U8", np.array(0, dtype=np.uint8))},
             dequantize_int8(w8, scb))
 
 
 def quant_config(kind, nested=True, skip=None, compute="float32"):
-    """quantization_config as transformers' BitsAndBytesConfig.to_dict() writes it."""
-    return {"_load_in_4bit": kind == "nf4", "_load_in_8bit": kind == "int8",
-            "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
-            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(nested),
+    """quantization_config as transformers' BitsAndBytesConfig.to_dict() writes it; for int8
+    the 4-bit keys keep BitsAndBytesConfig's defaults (fp4, no double quant, float32)."""
+    nf4 = kind == "nf4"
+    return {"_load_in_4bit": nf4, "_load_in_8bit": kind == "int8",
+            "bnb_4bit_compute_dtype": compute if nf4 else "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": "nf4" if nf4 else "fp4",
+            "bnb_4bit_use_double_quant": nf4 and bool(nested),
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
             "load_in_4bit": kind == "nf4", "load_in_8bit": kind == "int8",

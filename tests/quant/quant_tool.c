@@ -23,6 +23,13 @@
  *                                                     "ERR<TAB>message"), then GOOD must load
  *                                                     and give logits ("OK"); KEEP is
  *                                                     quant_keep (default 0.1)
+ *   quant_tool pyfloat HEX...                         bnb_py_float of each double (given as
+ *                                                     a C99 hex float), one per line
+ *   quant_tool script STEP...                         one session, step by step, each printing
+ *                                                     "OK<TAB>..." or "ERR<TAB>message":
+ *                                                     load=SRC[:QUANT[:KEEP]] (device=cpu),
+ *                                                     saveq=DIR (lt_save_quantized), logits
+ *                                                     (prints a weighted sum of the logits)
  * Raw files are little-endian arrays with no header. Test tool only: errors go to stderr,
  * exit status 1.
  */
@@ -288,11 +295,53 @@ static int cmd_session(int argc, char **argv) {
     return 0;
 }
 
+static int cmd_script(int argc, char **argv) {
+    lt_session *s = lt_session_new();
+    for (int i = 2; i < argc; i++) {
+        lt_status rc;
+        char *arg = argv[i], note[64] = "";
+        if (!strncmp(arg, "load=", 5)) {
+            lt_load_opts o = {.device = "cpu"};
+            split_src(arg + 5, &o);
+            rc = lt_load(s, arg + 5, &o, NULL);
+        } else if (!strncmp(arg, "saveq=", 6)) {
+            rc = lt_save_quantized(s, arg + 6, "auto", NULL);
+        } else if (!strcmp(arg, "logits")) {
+            int32_t ids[4] = {2, 10, 20, 30};
+            float *logits = NULL;
+            int vocab = 0;
+            rc = lt_logits(s, ids, 4, &logits, &vocab);
+            double sum = 0; /* a checksum of every logit */
+            for (int k = 0; rc == LT_OK && k < 4 * vocab; k++)
+                sum += logits[k] * (double)(k % 97 + 1);
+            if (rc == LT_OK) snprintf(note, sizeof note, "%.17g", sum);
+            free(logits);
+        } else {
+            return die("script", "steps are load=SRC[:QUANT], saveq=DIR and logits");
+        }
+        if (rc == LT_OK)
+            printf("OK\t%s\n", note);
+        else
+            printf("ERR\t%s\n", lt_last_error(s));
+    }
+    lt_session_free(s);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return die("usage", "see the header of quant_tool.c");
     if (!strcmp(argv[1], "dequant") && argc >= 5) return cmd_dequant(argv);
     if (!strcmp(argv[1], "grads") && argc >= 6) return cmd_grads(argv);
     if (!strcmp(argv[1], "dynamic") && argc >= 5) return cmd_dynamic(argv);
     if (!strcmp(argv[1], "session")) return cmd_session(argc, argv);
+    if (!strcmp(argv[1], "script")) return cmd_script(argc, argv);
+    if (!strcmp(argv[1], "pyfloat")) {
+        for (int i = 2; i < argc; i++) {
+            char buf[64];
+            bnb_py_float(strtod(argv[i], NULL), buf, sizeof buf);
+            printf("%s\n", buf);
+        }
+        return 0;
+    }
     return cmd_codec(argc, argv);
 }

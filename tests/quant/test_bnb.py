@@ -438,9 +438,9 @@ def test_qlora_train_save_and_export_through_magics(tmp_path):
             f"%save adapter={tmp_path}/ad_{tag}\n%save merged={tmp_path}/mg_{tag}\n"
             f"%export_gguf {tmp_path}/m_{tag}.gguf type=f32\n", tmp_path)
     assert "nf4 (double quant), 28 linears (pre-quantized checkpoint)" in outs["q"]
-    assert "merged into its dequantized weights" in outs["q"]
+    assert "merged into the dequantized NF4 base: the checkpoint is pre-quantized" in outs["q"]
     assert "dequantized to fp32 for the export" in outs["q"]
-    assert "merged into its dequantized" not in outs["f"]
+    assert "merged into the" not in outs["f"]
     a = bnb_ref.read_safetensors(tmp_path / "ad_q" / "adapter_model.safetensors")
     b = bnb_ref.read_safetensors(tmp_path / "ad_f" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and len(a) == 56

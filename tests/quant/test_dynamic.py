@@ -315,3 +315,24 @@ def test_random_weights_measure_flat_errors(tmp_path):
     scores = [float(x.rsplit("(score ", 1)[1].rstrip(")")) for x in out.splitlines()
               if x.startswith("  kept in 16 bits")]
     assert scores and max(scores) < 1.2 * 2                   # 2 = the score of a median linear
+
+
+def test_save_quantized_lists_the_kept_linears_in_the_skip_list(tmp_path):
+    """%save quantized= from a quant=dynamic model writes what Unsloth's dynamic 4-bit uploads
+    hold: NF4 linears in bitsandbytes' layout and the kept ones 16-bit, named in
+    llm_int8_skip_modules; loading it back gives the same weights."""
+    d = tmp_path / "m"
+    target = outlier_copy(d, 1, "mlp.down_proj")
+    _, mods, lin, _ = dynamic(d, 0.1, tmp_path / "dyn")
+    kept = {n for n, m in mods.items() if m["kept"]}
+    assert target in kept
+    sq = tmp_path / "sq"
+    run_cells(f"%load {d} quant=dynamic\n%save quantized={sq}\n", tmp_path)
+    qc = json.load(open(sq / "config.json"))["quantization_config"]
+    skip = set(qc["llm_int8_skip_modules"])
+    assert {s for s in skip if ".layers." in s} == kept
+    info, back = dequant(sq, "-", tmp_path / "back")
+    assert int(info["kept16"]) == len(kept) and "pre-quantized checkpoint" in info["summary"]
+    assert sorted(back) == sorted(lin)
+    for name in lin:
+        assert bits_equal(back[name], lin[name]), name

@@ -1,8 +1,8 @@
 /* backend_cpu_grad.c — the fp32 reference backward ops, the fused cross-entropy and AdamW.
  *
  * Each function is the derivative of one forward op of backend_cpu.c, written out by hand
- * (llm.c style) and checked against finite differences in tests/unit/test_grad_ops.c. They
- * follow backend.h's conventions: input gradients are WRITTEN, weight and adapter gradients
+ * (llm.c style) and checked against finite differences in tests/engine/backend/test_grad_ops.c.
+ * They follow backend.h's conventions: input gradients are WRITTEN, weight and adapter gradients
  * ACCUMULATED, and a tensor whose data is NULL is not wanted. Matmuls go through CBLAS when
  * the build has it, else through plain loops; 16-bit frozen weights are widened to fp32.
  * This file owns nothing but its functions; backend_cpu.c owns the table that points here.

@@ -2,10 +2,10 @@
  * 16-bit weights widened, bitsandbytes NF4 (with or without double quantization) and LLM.int8
  * weights dequantized to fp32.
  *
- * Owns lt_weight_dequantize_rows and lt_weight_bytes (backend.h). This is the arithmetic the
- * CPU backend's quantized linear / linear_backward multiply with, the exporters merge from,
- * and a CUDA dequantize kernel must reproduce bit for bit. Every product and sum is one fp32
- * operation in the order bitsandbytes' backends/default/ops.py performs it (nested absmax:
+ * Owns lt_weight_dequantize_rows, lt_weight_parts and lt_weight_bytes (backend.h). This is the
+ * arithmetic the CPU backend's quantized linear / linear_backward multiply with, the exporters
+ * merge from, and a CUDA dequantize kernel must reproduce bit for bit. Every product and sum is one
+ * fp32 operation in the order bitsandbytes' backends/default/ops.py performs it (nested absmax:
  * code2[q] * absmax2, then + offset; weight: code[nibble] * absmax; int8: w8 * SCB, then
  * * 7.874015718698502e-3). No FMA: this file is built for the baseline target only. It does
  * not quantize (formats/bnb.c does) and knows nothing of checkpoints or Gemma.
@@ -14,22 +14,40 @@
 
 #include "cuda/backend/backend.h"
 
+int lt_weight_parts(lt_quant_kind kind, int64_t n, int64_t rows, size_t elem, int blocksize,
+                    int nested_blocksize, size_t parts[LT_WEIGHT_MAX_PARTS]) {
+    if (kind == LT_QUANT_NF4) {
+        int64_t nb = (n + blocksize - 1) / blocksize;
+        parts[0] = (size_t)((n + 1) / 2);
+        parts[1] = 16 * sizeof(float);
+        if (nested_blocksize <= 0) {
+            parts[2] = (size_t)nb * sizeof(float);
+            return 3;
+        }
+        int64_t nb2 = (nb + nested_blocksize - 1) / nested_blocksize;
+        parts[2] = (size_t)nb;
+        parts[3] = (size_t)nb2 * sizeof(float);
+        parts[4] = 256 * sizeof(float);
+        return 5;
+    }
+    if (kind == LT_QUANT_INT8) {
+        parts[0] = (size_t)n;
+        parts[1] = (size_t)rows * sizeof(float);
+        return 2;
+    }
+    parts[0] = (size_t)n * elem;
+    return 1;
+}
+
 size_t lt_weight_bytes(const lt_weight *w) {
     const lt_quant *q = &w->q;
-    int64_t n = lt_tensor_numel(&w->w);
-    if (q->kind == LT_QUANT_NF4) {
-        int64_t nb = (n + q->blocksize - 1) / q->blocksize;
-        size_t bytes = (size_t)((n + 1) / 2) + 16 * sizeof(float);
-        if (q->qabsmax) {
-            int64_t nb2 = (nb + q->nested_blocksize - 1) / q->nested_blocksize;
-            bytes += (size_t)nb + (size_t)nb2 * sizeof(float) + 256 * sizeof(float);
-        } else {
-            bytes += (size_t)nb * sizeof(float);
-        }
-        return bytes;
-    }
-    if (q->kind == LT_QUANT_INT8) return (size_t)n + (size_t)w->w.shape[0] * sizeof(float);
-    return lt_tensor_bytes(&w->w);
+    size_t parts[LT_WEIGHT_MAX_PARTS], bytes = 0;
+    int np =
+        lt_weight_parts(q->kind, lt_tensor_numel(&w->w), w->w.shape[0], lt_dtype_size(w->w.dtype),
+                        q->blocksize, q->qabsmax ? q->nested_blocksize : 0, parts);
+    for (int i = 0; i < np; i++)
+        bytes += parts[i];
+    return bytes;
 }
 
 /* The fp32 scale of NF4 block b. */

@@ -1,4 +1,4 @@
-/* test_engine_base.c — the engine's small shared pieces: the error setters (error.h), the
+/* test_base.c — the engine's small shared pieces: the error setters (error.h), the
  * string buffer (strbuf.h), atomic files and sets of files (atomic_file.h), the safetensors
  * writer read back through the reader, and the host view of a CPU tensor.
  *

@@ -1,4 +1,4 @@
-/* test_engine_safetensors.c — safetensors reading: good single and sharded files, every dtype
+/* test_safetensors.c — safetensors reading: good single and sharded files, every dtype
  * we compute with, and each kind of broken header (written here, byte by byte), each of which
  * must give a clear error naming the file and, where there is one, the tensor.
  */

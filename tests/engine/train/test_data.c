@@ -1,4 +1,4 @@
-/* test_train_data.c — datasets (data.c) and learning-rate schedules (optim.c).
+/* test_data.c — datasets (data.c) and learning-rate schedules (optim.c).
  *
  * Data, with the tiny tokenizer: each format is detected from its fields and can be forced;
  * text = BOS + tokens, every token a label, no EOS; chat formats render Gemma's template with

@@ -7,7 +7,11 @@ import re
 import pytest
 import sentencepiece as spm
 
-from enginetool import TINY_TOKENIZER, ids_of, run
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), ".."))  # enginetool.py
+from enginetool import TINY_TOKENIZER, ids_of, run  # noqa: E402
 
 sp = spm.SentencePieceProcessor(model_file=TINY_TOKENIZER)
 

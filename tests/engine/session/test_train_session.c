@@ -379,7 +379,7 @@ static void test_failed_save_keeps_previous(void) {
     /* merged save round trip */
     char merged[600];
     path(merged, sizeof merged, "merged");
-    is_int(lt_save_merged(s, merged, "fp32"), LT_OK, "%save merged= writes a checkpoint");
+    is_int(lt_save_merged(s, merged, "fp32", NULL), LT_OK, "%save merged= writes a checkpoint");
     lt_session *s2 = lt_session_new();
     lt_load_opts lo = {.dtype = "auto", .device = "cpu"};
     is_int(lt_load(s2, merged, &lo, NULL), LT_OK, "the merged checkpoint loads back");

@@ -1,4 +1,4 @@
-/* test_engine_ops.c — the CPU reference ops against small hand-computed values (RMSNorm, RoPE,
+/* test_cpu_ops.c — the CPU reference ops against small hand-computed values (RMSNorm, RoPE,
  * attention with GQA / causal / sliding masks, GeGLU, embedding), the matmul paths (CBLAS, the
  * threaded C loop, F32/F16/BF16 weights, the LoRA path) against a naive double product, the
  * sampler, the UTF-8 text stream, and the forward pass: chunked KV-cache decoding with a sliding

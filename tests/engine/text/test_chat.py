@@ -7,7 +7,11 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from enginetool import run
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), ".."))  # enginetool.py
+from enginetool import run  # noqa: E402
 
 TEMPLATE = r"""{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}

@@ -1,4 +1,4 @@
-/* test_engine_config.c — config.json in its three styles, the class defaults a sparse
+/* test_config.c — config.json in its three styles, the class defaults a sparse
  * text_config leans on, every bad key (missing, wrong type, garbled), the random:* presets, and
  * loading checkpoints: the three weight prefixes, skipped vision tensors, the tied head, and
  * tensors that are missing or shaped unlike the config.

@@ -16,7 +16,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from enginetool import FIXTURES, SRCDIR, TINY_TOKENIZER, csv, ids_of, run
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # enginetool.py
+from enginetool import FIXTURES, SRCDIR, TINY_TOKENIZER, csv, ids_of, run  # noqa: E402
 
 sys.path.insert(0, FIXTURES)
 import gemma3_ref  # noqa: E402

@@ -1,4 +1,4 @@
-/* test_engine_session.c — engine.h end to end on the CPU: %load sources (tiny, a directory, a
+/* test_session.c — engine.h end to end on the CPU: %load sources (tiny, a directory, a
  * Hugging Face cache id under a fake HF_HOME, random:*), a failed load keeping the previous
  * model, tokenize/detokenize, logits, streaming generation (pieces are whole UTF-8, their
  * concatenation is the result, seeds reproduce), cancel, chat with history and system prompt.
