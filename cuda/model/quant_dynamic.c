@@ -25,7 +25,8 @@
 /* ---- calibration text --------------------------------------------------------------------- */
 
 /* Written for lathe: ordinary prose (a scene, an explanation, advice, numbers, a quotation),
- * about 430 tokens with Gemma 3's tokenizer. Changing it changes which linears stay 16-bit. */
+ * about 2000 characters: 660 tokens with the tiny model's tokenizer, fewer with Gemma 3's
+ * larger vocabulary. Changing it changes which linears stay 16-bit. */
 static const char calibration_text[] =
     "The river town woke slowly on market days. Before the sun had cleared the hills, the "
     "baker had already pulled forty loaves from the oven, and the smell of warm bread drifted "
