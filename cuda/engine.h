@@ -56,9 +56,14 @@ typedef struct lt_load_opts {
     const char *device; /* "auto", "cpu", "cuda"; NULL = auto */
     int max_seq;        /* 0 = the config's max_position_embeddings, capped at 8192 */
     const char *quant;  /* linears: "none" (NULL), "nf4" (NF4 + double quant, bitsandbytes'
-                           layout), "int8" (LLM.int8); pre-quantized checkpoints load as stored */
+                           layout), "int8" (LLM.int8), "dynamic" (NF4 + double quant, except the
+                           linears whose quantization hurts most, measured at load, which stay
+                           16-bit); pre-quantized checkpoints load as stored */
+    float quant_keep;   /* quant=dynamic: the most it keeps in 16 bits, as a fraction of the
+                           linear parameters, in [0, 1] (default 0.1) */
 } lt_load_opts;
-/* Fills the defaults (dtype and device "auto", max_seq 0) from lt_option_default("load", ...). */
+/* Fills the defaults (dtype and device "auto", max_seq 0, quant "none", quant_keep 0.1) from
+ * lt_option_default("load", ...). */
 void lt_load_opts_default(lt_load_opts *o);
 
 /* SOURCE: a directory; a Hugging Face cache id ("google/gemma-3-1b-it", looked up under
@@ -86,6 +91,33 @@ typedef struct lt_model_info {
     int64_t gpu_in_use, gpu_peak, gpu_free, gpu_total;
 } lt_model_info;
 void lt_model_info_get(const lt_session *s, lt_model_info *info);
+
+/* quant=dynamic: what loading measured for each linear (q, k, v, o, gate, up, down of every
+ * layer) and which ones it kept in 16 bits. Both errors are relative Frobenius norms: the
+ * weight error |W - dequant(quant(W))| / |W|, and the output error |X·Wᵀ - X·dequant(W)ᵀ| /
+ * |X·Wᵀ|, X being the inputs the 16-bit model gives that linear on a fixed calibration text. */
+typedef struct lt_quant_module {
+    char name[96];       /* "model.layers.3.mlp.down_proj" */
+    int64_t n_params;    /* out x in */
+    double weight_error; /* as NF4 with double quantization would store it */
+    double output_error;
+    double score; /* weight_error / median + output_error / median (medians over all linears) */
+    int kept;     /* 1 = kept in 16 bits */
+} lt_quant_module;
+
+typedef struct lt_quant_info {
+    int dynamic;           /* 1 when the loaded model came from quant=dynamic (else all 0) */
+    double keep;           /* quant_keep: the budget, a fraction of the linear parameters */
+    int64_t linear_params; /* of every linear */
+    int64_t kept_params;   /* of the kept ones: at most keep x linear_params */
+    int n_modules, n_kept;
+    int n_calib;                /* calibration tokens the output errors were measured on */
+    double median_weight_error; /* over the linears that were quantized (0 when none) */
+    double median_output_error;
+} lt_quant_info;
+/* Fills info and copies the first cap modules (the model's order: layer by layer, q, k, v, o,
+ * gate, up, down) into mods (may be NULL when cap is 0). */
+void lt_quant_info_get(const lt_session *s, lt_quant_info *info, lt_quant_module *mods, int cap);
 
 /* ---- tokens ----------------------------------------------------------------------------- */
 

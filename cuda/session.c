@@ -26,6 +26,7 @@
 #include "cuda/export/quantized.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
+#include "cuda/model/quant_dynamic.h"
 #include "cuda/model/sample.h"
 #include "cuda/text/chat.h"
 #include "cuda/text/textstream.h"
@@ -51,6 +52,8 @@ struct lt_session {
     lt_ctx ctx;
     gemma3_model *model;
     lt_tokenizer *tok;
+    qdyn_report quant_report; /* quant=dynamic's measures of the loaded model (else empty) */
+    qdyn_report quant_next;   /* those of the model lt_load is loading, until it swaps in */
     int max_seq;
     char device[16];
     /* generation cache and the ids whose K/V it holds */
@@ -100,6 +103,8 @@ void lt_session_free(lt_session *s) {
     trainer_free(s->trainer);
     gemma3_model_release(s->model, &s->ctx); /* host or device model */
     tok_free(s->tok);
+    qdyn_report_free(&s->quant_report);
+    qdyn_report_free(&s->quant_next);
     if (s->ctx_ready) lt_ctx_shutdown(&s->ctx);
     lt_chat_reset(s);
     free(s->roles);
@@ -248,6 +253,21 @@ static void cb_message(const lt_callbacks *cb, const char *m) {
     if (cb && cb->message) cb->message(cb->ctx, m);
 }
 
+/* quant=dynamic's part of the load spec: the budget, the calibration tokens (with the
+ * tokenizer the model will use) and where the report goes. *ids is the caller's to free. */
+static lt_status dynamic_spec(lt_session *s, gemma3_load_spec *spec, const lt_load_opts *opts,
+                              const char *tokpath, int32_t **ids, qdyn_report *report) {
+    const char *def = lt_option_default("load", "quant_keep");
+    spec->quant_keep = opts ? opts->quant_keep : (def ? strtod(def, NULL) : 0.1);
+    if (strcmp(spec->quant, "dynamic") != 0) return LT_OK;
+    const char *th = getenv("LATHE_THREADS");
+    spec->n_threads = th ? atoi(th) : 0;
+    spec->report = report;
+    lt_status rc = qdyn_calibration_ids(tokpath, ids, &spec->n_calib, s->err);
+    spec->calib_ids = *ids;
+    return rc;
+}
+
 #ifdef HAVE_CUDA
 /* Refuses a device load whose weights cannot fit in what dc's memory has free (its cache
  * counted; LATHE_CUDA_MEMORY_CAP caps it), before anything is allocated there, naming the
@@ -302,6 +322,11 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         return lt_fail(s->err, LT_ERR_ARG,
                        "device='%s' is not accepted (accepted: auto, cpu, cuda)", device);
     }
+    if (opts && !(opts->quant_keep >= 0 && opts->quant_keep <= 1))
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "quant_keep=%g is outside [0, 1] (the fraction of the linear parameters "
+                       "quant=dynamic may keep in 16 bits; 0 keeps none, like quant=nf4)",
+                       (double)opts->quant_keep);
     if (opts && opts->max_seq < 0)
         return lt_fail(s->err, LT_ERR_ARG, "max_seq=%d must be >= 0 (0 = the model's)",
                        opts->max_seq);
@@ -316,14 +341,20 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
     lt_tokenizer *tok = NULL;
     char dir[2048], tokpath[2200];
     lt_status rc;
+    gemma3_load_spec spec = {.dtype = dtype, .quant = quant};
+    int32_t *calib = NULL;
+    qdyn_report_free(&s->quant_next);
     if (!strncmp(source, "random:", 7)) {
         const char *size = source + 7;
         if (!strncmp(size, "gemma-3-", 8)) size += 8;
         rc = tiny_dir(s, dir, sizeof dir);
         if (rc != LT_OK) return lt_fail_prefix(s->err, rc, "%s: needs the tiny tokenizer", source);
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
+        rc = dynamic_spec(s, &spec, opts, tokpath, &calib, &s->quant_next);
+        if (rc != LT_OK) return rc;
         cb_message(cb, "allocating random weights");
-        rc = gemma3_load_random_quant(&m, size, RANDOM_SEED, dtype, quant, cb, s->err);
+        rc = gemma3_load_random_spec(&m, size, RANDOM_SEED, &spec, cb, s->err);
+        free(calib);
         if (rc != LT_OK) return rc;
         snprintf(m->source, sizeof m->source, "%s", source);
     } else {
@@ -346,7 +377,10 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         if (!is_file(tokpath))
             return lt_fail(s->err, LT_ERR_IO,
                            "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
-        rc = gemma3_load_dir_quant(&m, dir, dtype, quant, cb, s->err);
+        rc = dynamic_spec(s, &spec, opts, tokpath, &calib, &s->quant_next);
+        if (rc != LT_OK) return rc;
+        rc = gemma3_load_dir_spec(&m, dir, &spec, cb, s->err);
+        free(calib);
         if (rc != LT_OK) return rc;
         if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
     }
@@ -432,6 +466,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
 #endif
     snprintf(s->device, sizeof s->device, "%s", want_cuda ? "cuda" : "cpu");
     tok_free(s->tok);
+    qdyn_report_free(&s->quant_report);
+    s->quant_report = s->quant_next; /* empty unless quant=dynamic */
+    memset(&s->quant_next, 0, sizeof s->quant_next);
     s->model = m;
     s->tok = tok;
     s->max_seq = max_seq;
@@ -473,6 +510,14 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
         info->gpu_total = (int64_t)cm.total;
     }
 #endif
+}
+
+void lt_quant_info_get(const lt_session *s, lt_quant_info *info, lt_quant_module *mods, int cap) {
+    memset(info, 0, sizeof *info);
+    if (!s || !s->model || !s->quant_report.mods) return;
+    *info = s->quant_report.info;
+    for (int i = 0; mods && i < cap && i < info->n_modules; i++)
+        mods[i] = s->quant_report.mods[i];
 }
 
 /* ---- tokens -----------------------------------------------------------------------------------

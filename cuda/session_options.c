@@ -35,6 +35,7 @@ static const field_default load_defaults[] = {FIELD(lt_load_opts, dtype, FIELD_T
                                               FIELD(lt_load_opts, device, FIELD_TEXT, "auto"),
                                               FIELD(lt_load_opts, max_seq, FIELD_INT, "0"),
                                               FIELD(lt_load_opts, quant, FIELD_TEXT, "none"),
+                                              FIELD(lt_load_opts, quant_keep, FIELD_FLOAT, "0.1"),
                                               {NULL}};
 
 /* Gemma 3's sampling defaults: temperature 1.0, top_k 64, top_p 0.95. */

@@ -60,6 +60,53 @@ static void view_close(engine_view *v, lt_status st) {
 
 /* ---- %load / %status -------------------------------------------------------------------- */
 
+/* One row of the summary, in the text and the HTML table. */
+static void summary_row(strbuf_t *text, strbuf_t *html, const char *label, const char *value) {
+    sb_printf(text, "%-18s %s\n", label, value);
+    sb_printf(html, "<tr><td>");
+    sb_html(html, label);
+    sb_printf(html, "</td><td>");
+    sb_html(html, value);
+    sb_printf(html, "</td></tr>");
+}
+
+static int by_score(const void *a, const void *b) {
+    const lt_quant_module *x = a, *y = b;
+    return (x->score < y->score) - (x->score > y->score); /* worst first */
+}
+
+/* quant=dynamic: what it kept in 16 bits and why (the two errors of each kept linear, worst
+ * first, against the median of the quantized ones). */
+static void dynamic_rows(magic_ctx *ctx, strbuf_t *text, strbuf_t *html) {
+    lt_quant_info qi;
+    lt_quant_info_get(ctx->session, &qi, NULL, 0);
+    if (!qi.dynamic) return;
+    lt_quant_module *mods = calloc((size_t)(qi.n_modules > 0 ? qi.n_modules : 1), sizeof *mods);
+    if (!mods) return;
+    lt_quant_info_get(ctx->session, &qi, mods, qi.n_modules);
+    char line[320];
+    snprintf(line, sizeof line,
+             "%d of %d linears kept in 16 bits, %.1f%% of the linear parameters (quant_keep=%g), "
+             "chosen by their quantization errors on %d calibration tokens",
+             qi.n_kept, qi.n_modules,
+             qi.linear_params ? 100.0 * (double)qi.kept_params / (double)qi.linear_params : 0.0,
+             qi.keep, qi.n_calib);
+    summary_row(text, html, "quant=dynamic", line);
+    int k = 0;
+    for (int i = 0; i < qi.n_modules; i++)
+        if (mods[i].kept) mods[k++] = mods[i];
+    qsort(mods, (size_t)k, sizeof *mods, by_score);
+    for (int i = 0; i < k; i++) {
+        snprintf(line, sizeof line, "%s: weight error %.3g, output error %.3g (score %.2f)",
+                 mods[i].name, mods[i].weight_error, mods[i].output_error, mods[i].score);
+        summary_row(text, html, "  kept in 16 bits", line);
+    }
+    snprintf(line, sizeof line, "weight error %.3g, output error %.3g (median of %d)",
+             qi.median_weight_error, qi.median_output_error, qi.n_modules - qi.n_kept);
+    summary_row(text, html, "  quantized", line);
+    free(mods);
+}
+
 static void model_summary(magic_ctx *ctx, int with_title) {
     lt_model_info info;
     lt_model_info_get(ctx->session, &info);
@@ -100,6 +147,7 @@ static void model_summary(magic_ctx *ctx, int with_title) {
             sb_html(&html, rows[i][1]);
             sb_printf(&html, "</code></td></tr>");
         }
+        dynamic_rows(ctx, &text, &html);
         sb_printf(&text, "%-18s %s\n", "shape", shape);
         sb_printf(&html, "<tr><td>shape</td><td>");
         sb_html(&html, shape);
@@ -156,6 +204,11 @@ int magic_load(magic_ctx *ctx, const magic_args *a) {
     opts.device = arg_str(a, "device");
     opts.max_seq = (int)arg_int(a, "max_seq");
     opts.quant = arg_str(a, "quant");
+    opts.quant_keep = (float)arg_float(a, "quant_keep");
+    if (arg_given(a, "quant_keep") && strcmp(opts.quant, "dynamic") != 0)
+        return magic_fail(ctx, "CellError",
+                          "%%load: quant_keep= applies to quant=dynamic only (it is the most "
+                          "quant=dynamic keeps in 16 bits); add quant=dynamic or leave it out");
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
     lt_status st = lt_load(ctx->session, a->pos[0], &opts, &cb);

@@ -94,8 +94,11 @@ static const opt_spec load_opts[] = {
      "longest sequence (0 = the config's, at most 8192)"},
     {"quant", OPT_CHOICE, FROM_ENGINE("load"), "none|nf4|int8|dynamic", NO_RANGE,
      "quantize the linears as they load, in bitsandbytes' formats: nf4 (NF4 + double quant, "
-     "QLoRA's base) or int8 (LLM.int8); embeddings and norms stay 16-bit; a pre-quantized "
-     "checkpoint loads as stored"},
+     "QLoRA's base), int8 (LLM.int8) or dynamic (nf4, except the linears quantization hurts "
+     "most, measured at load, which stay 16-bit); embeddings and norms stay 16-bit; a "
+     "pre-quantized checkpoint loads as stored"},
+    {"quant_keep", OPT_FLOAT, FROM_ENGINE("load"), NULL, 0, 1, 0,
+     "quant=dynamic: the most it keeps in 16 bits, as a fraction of the linear parameters"},
     {NULL}};
 
 static const opt_spec generate_opts[] = {SAMPLING_OPTS, {NULL}};
@@ -190,11 +193,14 @@ static const magic_spec table[] = {
      magic_help},
     {"status", 0, "%status", 0, 0, NULL, NULL, no_opts, "what is loaded: model, memory, adapters",
      "Shows the loaded model (source, architecture, dtype, device, parameters, memory), "
-     "what was skipped (a vision tower), and the engine's state.",
+     "what was skipped (a vision tower), which linears quant=dynamic kept in 16 bits and "
+     "why (their weight and output errors against the quantized ones' median), and the "
+     "engine's state.",
      magic_status},
     {"load", 0,
      "%load SOURCE [dtype=auto|fp32|fp16|bf16] [device=auto|cpu|cuda] "
-     "[precision=auto|fp32|bf16|fp16] [max_seq=N]",
+     "[precision=auto|fp32|bf16|fp16] [max_seq=N] [quant=none|nf4|int8|dynamic] "
+     "[quant_keep=0.1]",
      1, 1, "SOURCE", NULL, load_opts, "load a Gemma 3 model and its tokenizer",
      "SOURCE is a directory (config.json, *.safetensors, tokenizer.model), a Hugging Face "
      "cache id such as google/gemma-3-1b-it (looked up under $HF_HOME/hub or "

@@ -265,7 +265,8 @@ static int write_npy(const char *path, const float *x, int rows, int cols) {
     return 0;
 }
 
-/* One of %load's options given as key=value after MODEL; 0 when it is one. */
+/* One of %load's options given as key=value after MODEL: 0 when it is one, 1 when it is one
+ * with a value that is not a number, -1 when it is none. */
 static int logits_option(const char *arg, lt_load_opts *o) {
     const char *eq = strchr(arg, '=');
     size_t k = eq ? (size_t)(eq - arg) : 0;
@@ -276,7 +277,13 @@ static int logits_option(const char *arg, lt_load_opts *o) {
         o->device = eq + 1;
     else if (k == 5 && !strncmp(arg, "quant", k))
         o->quant = eq + 1;
-    else if (k == 7 && !strncmp(arg, "max_seq", k))
+    else if (k == 10 && !strncmp(arg, "quant_keep", k)) {
+        char *end;
+        errno = 0;
+        double v = strtod(eq + 1, &end);
+        if (end == eq + 1 || *end || errno) return 1; /* a bad value */
+        o->quant_keep = (float)v;
+    } else if (k == 7 && !strncmp(arg, "max_seq", k))
         o->max_seq = atoi(eq + 1);
     else
         return -1;
@@ -295,10 +302,15 @@ int logits_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--dtype") && i + 1 < argc)
             opts.dtype = argv[++i];
         else if (argv[i][0] != '-' && model && strchr(argv[i], '=')) {
-            if (logits_option(argv[i], &opts)) {
+            int bad = logits_option(argv[i], &opts);
+            if (bad > 0) {
+                fprintf(stderr, "lathe logits: '%s': the value is not a number\n", argv[i]);
+                return 2;
+            }
+            if (bad) {
                 fprintf(stderr,
                         "lathe logits: unknown option '%s' (accepted: dtype=, device=, "
-                        "quant=, max_seq=, as %%load takes them)\n",
+                        "quant=, quant_keep=NUMBER, max_seq=, as %%load takes them)\n",
                         argv[i]);
                 return 2;
             }
@@ -312,8 +324,8 @@ int logits_main(int argc, char **argv) {
     }
     if (!model || !ids_text || !out) {
         fprintf(stderr, "usage: lathe logits MODEL [dtype=auto|fp32|fp16|bf16] "
-                        "[device=auto|cpu|cuda] [quant=none|nf4|int8] --ids 2,17,... --out "
-                        "FILE.npy\n");
+                        "[device=auto|cpu|cuda] [quant=none|nf4|int8|dynamic] [quant_keep=0.1] "
+                        "--ids 2,17,... --out FILE.npy\n");
         return 2;
     }
     int cap = 16, n = 0;

@@ -1,5 +1,6 @@
-/* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random), the weight
- * walk for exporters, the KV cache, and the forward pass written against backend.h.
+/* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random, with the
+ * linears quantized at load when asked, quant=dynamic's layer-by-layer calibration included),
+ * the weight walk for exporters, the KV cache, and the forward pass written against backend.h.
  *
  * Owns gemma3_model and gemma3_cache. The forward reads like transformers' modeling_gemma3.py
  * (Gemma3TextModel.forward) and never
@@ -21,6 +22,7 @@
 #include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors.h"
 #include "cuda/model/model.h"
+#include "cuda/model/quant_dynamic.h"
 
 /* ---- storage ----------------------------------------------------------------------------------
  */
@@ -42,6 +44,17 @@ static void *storage_alloc(gemma3_storage *s, size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
     if (p) s->blocks[s->n_blocks++] = p;
     return p;
+}
+
+/* Frees one block storage_alloc gave (NULL: nothing). */
+static void storage_release(gemma3_storage *s, const void *p) {
+    if (!p) return;
+    for (int i = s->n_blocks - 1; i >= 0; i--) {
+        if (s->blocks[i] != p) continue;
+        free(s->blocks[i]);
+        s->blocks[i] = s->blocks[--s->n_blocks];
+        return;
+    }
 }
 
 void gemma3_model_free(gemma3_model *m) {
@@ -98,6 +111,22 @@ static const wdesc layer_table[] = {
     {"post_feedforward_layernorm.weight", W_NORM, LOFF(post_feedforward_layernorm)},
 };
 #define N_LAYER_W ((int)(sizeof layer_table / sizeof layer_table[0]))
+
+/* The seven linears of a layer, in the order q, k, v, o, gate, up, down: their rows of
+ * layer_table. */
+#define N_LINEAR 7
+static const int linear_row[N_LINEAR] = {1, 2, 3, 4, 9, 10, 11};
+
+static lt_weight *layer_linear(gemma3_layer *L, int k) {
+    return (lt_weight *)((char *)L + layer_table[linear_row[k]].off);
+}
+
+/* The linear index (0..6) of layer_table row r, or -1 for a norm. */
+static int linear_of_row(int r) {
+    for (int k = 0; k < N_LINEAR; k++)
+        if (linear_row[k] == r) return k;
+    return -1;
+}
 
 /* Expected shape of a layer weight. */
 static void layer_shape(const gemma3_config *c, int k, int64_t shape[2], int *ndim) {
@@ -292,6 +321,7 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
 typedef struct quant_plan {
     lt_quant_kind kind; /* what 16-bit linears become (NONE: they stay 16-bit) */
     int nested;         /* NF4 with double quantization */
+    int dynamic;        /* quant=dynamic: NF4 + double quant, the worst linears kept 16-bit */
     const char *why;    /* "quant=nf4" or "quantization_config" (messages) */
     bnb_config cfg;     /* config.json's quantization_config (present = 0 when none) */
     float *code2;       /* the dynamic map, once per model (storage) */
@@ -308,15 +338,20 @@ static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_pa
     } else if (!strcmp(q, "int8")) {
         want = LT_QUANT_INT8;
     } else if (!strcmp(q, "dynamic")) {
-        rc =
-            lt_fail(err, LT_ERR_ARG,
-                    "quant=dynamic is not built yet (it would keep the most sensitive layers in 16 "
-                    "bits); use quant=nf4, or load a pre-quantized unsloth-bnb-4bit checkpoint, "
-                    "whose llm_int8_skip_modules list is honoured");
+        want = LT_QUANT_NF4;
+        p->dynamic = 1;
     } else if (strcmp(q, "none") != 0) {
-        rc = lt_fail(err, LT_ERR_ARG, "quant='%s' is not accepted (accepted: none, nf4, int8)", q);
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "quant='%s' is not accepted (accepted: none, nf4, int8, dynamic)", q);
     }
-    if (rc == LT_OK && p->cfg.present) {
+    if (rc == LT_OK && p->cfg.present && p->dynamic) {
+        snprintf(err, LT_ERRLEN,
+                 "%.700s: this checkpoint is already quantized (quantization_config: %s); "
+                 "quant=dynamic quantizes a 16-bit checkpoint itself. Load this one without "
+                 "quant=: the linears its llm_int8_skip_modules lists stay 16-bit",
+                 cfg_path, p->cfg.kind == BNB_NF4 ? "nf4" : "int8");
+        rc = LT_ERR_ARG;
+    } else if (rc == LT_OK && p->cfg.present) {
         lt_quant_kind ck = p->cfg.kind == BNB_NF4 ? LT_QUANT_NF4 : LT_QUANT_INT8;
         if (want != LT_QUANT_NONE && want != ck) {
             snprintf(
@@ -333,7 +368,7 @@ static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_pa
     } else {
         p->kind = want;
         p->nested = want == LT_QUANT_NF4;
-        p->why = want == LT_QUANT_NF4 ? "quant=nf4" : "quant=int8";
+        p->why = p->dynamic ? "quant=dynamic" : want == LT_QUANT_NF4 ? "quant=nf4" : "quant=int8";
     }
     if (rc != LT_OK) bnb_config_free(&p->cfg);
     return rc;
@@ -475,33 +510,42 @@ static lt_status quantize_values(gemma3_model *m, lt_weight *w, const float *x, 
     return rc;
 }
 
-/* Quantizes the 16-bit tensor src into w as plan p says. */
-static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
-                                 int64_t out, int64_t in, const char *name, char *err) {
+/* The 16-bit (or fp32) linear src [out, in] as fp32 into x (out x in floats); why names what
+ * asks for it in messages. */
+static lt_status linear_to_f32(gemma3_model *m, const st_tensor *src, int64_t out, int64_t in,
+                               const char *name, const char *why, float *x, char *err) {
     const char *file = m->storage->st.files[src->file].path;
     if (!src->dtype_ok || !lt_dtype_is_float(src->dtype) || src->ndim != 2 ||
         src->shape[0] != out || src->shape[1] != in) {
         char got[96];
         return lt_fail(err, LT_ERR_FORMAT,
                        "%s: tensor '%s' is %s %s; %s needs an F32/F16/BF16 [%lld, %lld] weight",
-                       file, name, src->dtype_name, st_shape_str(src, got, sizeof got), p->why,
+                       file, name, src->dtype_name, st_shape_str(src, got, sizeof got), why,
                        (long long)out, (long long)in);
     }
-    int64_t n = out * in;
-    float *x = malloc(sizeof(float) * (size_t)n); /* one fp32 copy of this tensor */
     void *tmp = NULL;
     int unaligned = ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0;
-    if (x && unaligned && (tmp = malloc(src->nbytes))) memcpy(tmp, src->data, src->nbytes);
-    if (!x || (unaligned && !tmp)) {
-        free(x);
-        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
-    }
-    lt_to_f32(x, tmp ? tmp : src->data, src->dtype, n);
+    if (unaligned && !(tmp = malloc(src->nbytes)))
+        return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading '%s'", file, name);
+    if (tmp) memcpy(tmp, src->data, src->nbytes);
+    lt_to_f32(x, tmp ? tmp : src->data, src->dtype, out * in);
     free(tmp);
-    lt_status rc = quantize_values(m, w, x, p, out, in);
-    free(x);
-    if (rc != LT_OK) return lt_fail(err, rc, "%s: out of memory quantizing '%s'", file, name);
     return LT_OK;
+}
+
+/* Quantizes the 16-bit tensor src into w as plan p says. */
+static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
+                                 int64_t out, int64_t in, const char *name, char *err) {
+    const char *file = m->storage->st.files[src->file].path;
+    float *x = malloc(sizeof(float) * (size_t)(out * in)); /* one fp32 copy of this tensor */
+    if (!x) return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
+    lt_status rc = linear_to_f32(m, src, out, in, name, p->why, x, err);
+    if (rc == LT_OK) {
+        rc = quantize_values(m, w, x, p, out, in);
+        if (rc != LT_OK) lt_fail(err, rc, "%s: out of memory quantizing '%s'", file, name);
+    }
+    free(x);
+    return rc;
 }
 
 /* One of the seven projections of a layer: as stored, quantized here, or 16-bit. */
@@ -557,12 +601,14 @@ static lt_status place_linear(gemma3_model *m, lt_weight *w, const char *name, c
 }
 
 const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap) {
-    if (!m->n_quantized) {
+    if (!m->n_quantized && !m->quant_dynamic) {
         snprintf(buf, cap, "%s", "");
         return buf;
     }
     char kept[64] = "";
-    if (m->n_kept16) snprintf(kept, sizeof kept, "; %d kept in 16 bits", m->n_kept16);
+    if (m->n_kept16)
+        snprintf(kept, sizeof kept, "; %d kept in 16 bits%s", m->n_kept16,
+                 m->quant_dynamic ? " by quant=dynamic" : "");
     snprintf(buf, cap, "%s%s, %d linears%s%s", m->quant == LT_QUANT_NF4 ? "nf4" : "int8",
              m->quant_nested ? " (double quant)" : "", m->n_quantized, kept,
              m->prequantized ? " (pre-quantized checkpoint)" : " (quantized at load)");
@@ -580,6 +626,77 @@ lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t) {
             if (t == &all[i]->w) return all[i];
     }
     return NULL;
+}
+
+/* quant=dynamic's own options, checked before anything loads. */
+static lt_status dynamic_check(const quant_plan *p, const gemma3_load_spec *spec, char *err) {
+    if (!p->dynamic) return LT_OK;
+    double keep = spec->quant_keep;
+    if (!(keep >= 0 && keep <= 1))
+        return lt_fail(err, LT_ERR_ARG,
+                       "quant_keep=%g is outside [0, 1] (the fraction of the linear parameters "
+                       "quant=dynamic may keep in 16 bits; 0 keeps none, like quant=nf4)",
+                       keep);
+    if (!spec->calib_ids || spec->n_calib < 1)
+        return lt_fail(err, LT_ERR_ARG,
+                       "quant=dynamic needs the calibration tokens (qdyn_calibration_ids)");
+    return LT_OK;
+}
+
+/* quant=dynamic (defined after the forward, which it runs): where the linears come from.
+ * read: linear k (0..6: q, k, v, o, gate, up, down) of layer l as fp32 into x [out, in];
+ * keep16: places it in w the way the final model keeps it in 16 bits, adding its parameters
+ * and bytes to the model's counts. */
+typedef struct dyn_source {
+    lt_status (*read)(void *user, gemma3_model *m, int l, int k, float *x, char *err);
+    lt_status (*keep16)(void *user, gemma3_model *m, int l, int k, lt_weight *w, char *err);
+    void *user;
+} dyn_source;
+
+static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_spec *spec,
+                              const dyn_source *src, const lt_callbacks *cb, char *err);
+
+/* A checkpoint's linears for quant=dynamic: mapped 16-bit tensors. */
+typedef struct dir_linears {
+    const char *prefix; /* the text prefix the checkpoint uses */
+    int is_auto;
+    lt_dtype want; /* what kept linears become unless is_auto */
+} dir_linears;
+
+static const st_tensor *dir_linear_find(const dir_linears *d, gemma3_model *m, int l, int k,
+                                        char *name, size_t cap, int64_t shape[2], char *err) {
+    int nd;
+    snprintf(name, cap, "%slayers.%d.%s", d->prefix, l, layer_table[linear_row[k]].suffix);
+    layer_shape(&m->cfg, linear_row[k], shape, &nd);
+    bnb_group g;
+    if (bnb_group_read(&m->storage->st, name, shape[0], shape[1], &g, err) != LT_OK) return NULL;
+    if (g.kind != BNB_PLAIN) {
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: '%s' is stored quantized (bitsandbytes' layout); quant=dynamic quantizes a "
+                "16-bit checkpoint itself: load this one without quant=",
+                m->storage->st.files[g.weight->file].path, name);
+        return NULL;
+    }
+    return g.weight;
+}
+
+static lt_status dir_linear_read(void *user, gemma3_model *m, int l, int k, float *x, char *err) {
+    char name[256];
+    int64_t shape[2];
+    const st_tensor *src = dir_linear_find(user, m, l, k, name, sizeof name, shape, err);
+    if (!src) return LT_ERR_FORMAT;
+    return linear_to_f32(m, src, shape[0], shape[1], name, "quant=dynamic", x, err);
+}
+
+static lt_status dir_linear_keep16(void *user, gemma3_model *m, int l, int k, lt_weight *w,
+                                   char *err) {
+    const dir_linears *d = user;
+    char name[256];
+    int64_t shape[2];
+    const st_tensor *src = dir_linear_find(d, m, l, k, name, sizeof name, shape, err);
+    if (!src) return LT_ERR_FORMAT;
+    memset(w, 0, sizeof *w);
+    return place_tensor(m, &w->w, src, name, W_MATRIX, d->is_auto, d->want, shape, 2, err);
 }
 
 const st_tensor *gemma3_source_tensor(const gemma3_model *m, const char *canon, const st_set **st,
@@ -612,7 +729,14 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
 
 lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char *dtype,
                                 const char *quant, const lt_callbacks *cb, char *err) {
+    gemma3_load_spec spec = {.dtype = dtype, .quant = quant};
+    return gemma3_load_dir_spec(out, dir, &spec, cb, err);
+}
+
+lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3_load_spec *spec,
+                               const lt_callbacks *cb, char *err) {
     *out = NULL;
+    const char *dtype = spec->dtype, *quant = spec->quant;
     int is_auto;
     lt_dtype want = LT_F32;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
@@ -626,6 +750,7 @@ lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char 
     if (rc != LT_OK) return rc;
     quant_plan plan;
     rc = plan_quant(&plan, quant, path, err);
+    if (rc == LT_OK && (rc = dynamic_check(&plan, spec, err)) != LT_OK) bnb_config_free(&plan.cfg);
     if (rc != LT_OK) return rc;
     gemma3_model *m = model_new(&cfg, err);
     if (!m) {
@@ -686,11 +811,18 @@ lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char 
             break;
         }
         int linear = kind == W_MATRIX && i >= 1 && i <= cfg.num_hidden_layers * N_LAYER_W;
-        if (linear)
+        if (linear && plan.dynamic)
+            ; /* measured and placed layer by layer below */
+        else if (linear)
             rc = place_linear(m, (lt_weight *)slot, name, canon, &plan, is_auto, want, shape, err);
         else
             rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
         if (cb && cb->progress) cb->progress(cb->ctx, "loading weights", i + 1, n);
+    }
+    if (rc == LT_OK && plan.dynamic) {
+        dir_linears d = {prefix, is_auto, want};
+        dyn_source src = {dir_linear_read, dir_linear_keep16, &d};
+        rc = load_dynamic(m, &plan, spec, &src, cb, err);
     }
     bnb_config_free(&plan.cfg);
     if (rc != LT_OK) {
@@ -799,10 +931,53 @@ static void fill_all_cores(fill_item *items, int n_items) {
     pthread_mutex_destroy(&job.mu);
 }
 
+/* Random weights' linears for quant=dynamic: drawn again from their seeds. */
+typedef struct random_linears {
+    const uint64_t *seeds; /* [L * 7] */
+    lt_dtype want;         /* what kept linears become */
+} random_linears;
+
+static lt_status random_linear_read(void *user, gemma3_model *m, int l, int k, float *x,
+                                    char *err) {
+    const random_linears *r = user;
+    (void)err;
+    int64_t shape[2];
+    int nd;
+    layer_shape(&m->cfg, linear_row[k], shape, &nd);
+    fill_item one = {x, LT_F32, shape[0] * shape[1], r->seeds[l * N_LINEAR + k]};
+    fill_all_cores(&one, 1);
+    return LT_OK;
+}
+
+static lt_status random_linear_keep16(void *user, gemma3_model *m, int l, int k, lt_weight *w,
+                                      char *err) {
+    const random_linears *r = user;
+    int64_t shape[2];
+    int nd;
+    layer_shape(&m->cfg, linear_row[k], shape, &nd);
+    memset(w, 0, sizeof *w);
+    w->w = lt_tensor_2d(r->want, NULL, shape[0], shape[1]);
+    w->w.data = storage_alloc(m->storage, lt_tensor_bytes(&w->w));
+    if (!w->w.data)
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory allocating layer %d's linear %d", l, k);
+    fill_item one = {w->w.data, r->want, shape[0] * shape[1], r->seeds[l * N_LINEAR + k]};
+    fill_all_cores(&one, 1);
+    m->n_params += shape[0] * shape[1];
+    m->weight_bytes += (int64_t)lt_tensor_bytes(&w->w);
+    return LT_OK;
+}
+
 lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_t seed,
                                    const char *dtype, const char *quant, const lt_callbacks *cb,
                                    char *err) {
+    gemma3_load_spec spec = {.dtype = dtype, .quant = quant};
+    return gemma3_load_random_spec(out, size, seed, &spec, cb, err);
+}
+
+lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t seed,
+                                  const gemma3_load_spec *spec, const lt_callbacks *cb, char *err) {
     *out = NULL;
+    const char *dtype = spec->dtype, *quant = spec->quant;
     int is_auto;
     lt_dtype want = LT_BF16;
     if (parse_dtype_opt(dtype, &is_auto, &want)) {
@@ -812,6 +987,7 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
     if (is_auto) want = LT_BF16;
     quant_plan qp;
     lt_status rc = plan_quant(&qp, quant, NULL, err);
+    if (rc == LT_OK) rc = dynamic_check(&qp, spec, err);
     if (rc != LT_OK) return rc;
     gemma3_config cfg;
     rc = gemma3_config_preset(&cfg, size, err);
@@ -822,7 +998,7 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
 
     /* plan: sizes first, refuse before allocating when it cannot fit */
     int n = gemma3_weight_count(m);
-    int64_t bytes = 0, largest = 0;
+    int64_t bytes = 0, largest = 0, linear_params = 0, layer_linears = 0;
     for (int i = 0; i < n; i++) {
         char name[160];
         wkind kind;
@@ -833,11 +1009,18 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
         lt_weight *w = gemma3_weight_owner(m, t);
         int quantized = qp.kind != LT_QUANT_NONE && w && w != &m->embed_tokens && w != &m->lm_head;
         if (quantized && numel > largest) largest = numel;
+        if (quantized) linear_params += numel;
+        if (quantized && i <= N_LAYER_W) layer_linears += numel; /* layer 0's seven */
         bytes += quantized        ? numel * (qp.kind == LT_QUANT_NF4 ? 9 : 16) / 16
                  : kind == W_NORM ? numel * 4
                                   : numel * (int64_t)lt_dtype_size(want);
     }
-    bytes += largest * 4; /* the fp32 draw of one linear */
+    double keep = spec->quant_keep;
+    if (qp.dynamic) /* one layer's linears in fp32, and the kept ones in 16 bits */
+        bytes += layer_linears * 4 +
+                 (int64_t)(keep * (double)linear_params) * (int64_t)lt_dtype_size(want);
+    else
+        bytes += largest * 4; /* the fp32 draw of one linear */
     int64_t avail = mem_available_bytes();
     if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         lt_fail(err, LT_ERR_MEMORY,
@@ -856,9 +1039,10 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
         return LT_ERR_MEMORY;
     }
     fill_item *items = calloc((size_t)n, sizeof *items);
-    float *draw = largest ? malloc(sizeof(float) * (size_t)largest) : NULL;
-    if (!items || (largest && !draw)) {
-        free(items), free(draw);
+    float *draw = largest && !qp.dynamic ? malloc(sizeof(float) * (size_t)largest) : NULL;
+    uint64_t *seeds = qp.dynamic ? calloc((size_t)cfg.num_hidden_layers * N_LINEAR, 8) : NULL;
+    if (!items || (largest && !qp.dynamic && !draw) || (qp.dynamic && !seeds)) {
+        free(items), free(draw), free(seeds);
         gemma3_model_free(m);
         bnb_config_free(&qp.cfg);
         return lt_fail(err, LT_ERR_MEMORY, "out of memory");
@@ -881,8 +1065,13 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
         int64_t numel = lt_tensor_numel(t);
         uint64_t ts = splitmix64(&sm);
         lt_weight *w = gemma3_weight_owner(m, t);
+        int linear = w && w != &m->embed_tokens && w != &m->lm_head;
+        if (linear && qp.dynamic) { /* drawn, measured and placed layer by layer below */
+            seeds[(i - 1) / N_LAYER_W * N_LINEAR + linear_of_row((i - 1) % N_LAYER_W)] = ts;
+            continue;
+        }
         m->n_params += numel;
-        if (qp.kind != LT_QUANT_NONE && w && w != &m->embed_tokens && w != &m->lm_head) {
+        if (qp.kind != LT_QUANT_NONE && linear) {
             fill_item one = {draw, LT_F32, numel, ts};
             fill_all_cores(&one, 1);
             rc = quantize_values(m, w, draw, &qp, shape[0], shape[1]);
@@ -910,12 +1099,18 @@ lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_
     free(draw);
     if (rc == LT_OK) fill_all_cores(items, n_items);
     free(items);
+    if (rc == LT_OK && qp.dynamic) {
+        random_linears r = {seeds, want};
+        dyn_source src = {random_linear_read, random_linear_keep16, &r};
+        rc = load_dynamic(m, &qp, spec, &src, cb, err);
+    }
+    free(seeds);
     if (rc != LT_OK) {
         gemma3_model_free(m);
         bnb_config_free(&qp.cfg);
         return rc;
     }
-    if (qp.kind != LT_QUANT_NONE) {
+    if (qp.kind != LT_QUANT_NONE && !qp.dynamic) {
         m->quant = qp.kind;
         m->quant_nested = qp.nested;
     }
@@ -1098,9 +1293,25 @@ static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, in
     return LT_OK;
 }
 
-/* One decoder layer on the chunk held in b->h ([T, H], updated in place). */
+/* What quant=dynamic's calibration keeps of a layer's forward: for each linear k (q, k, v, o,
+ * gate, up, down), its input x[k] [T, in] and its output y[k] [T, out], backend memory. */
+typedef struct layer_capture {
+    float *x[N_LINEAR], *y[N_LINEAR];
+} layer_capture;
+
+/* Copies linear k's input and output into cap (NULL: nothing to keep). */
+static lt_status capture_io(lt_ctx *ctx, const layer_capture *cap, int k, lt_tensor x,
+                            lt_tensor y) {
+    if (!cap) return LT_OK;
+    lt_status rc = ctx->be->copy(ctx, cap->x[k], x.data, lt_tensor_bytes(&x));
+    if (rc == LT_OK) rc = ctx->be->copy(ctx, cap->y[k], y.data, lt_tensor_bytes(&y));
+    return rc;
+}
+
+/* One decoder layer on the chunk held in b->h ([T, H], updated in place); cap (NULL in every
+ * forward but quant=dynamic's calibration) keeps each linear's input and output. */
 static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
-                               int p0, gemma3_cache *cache) {
+                               int p0, gemma3_cache *cache, const layer_capture *cap) {
     const gemma3_config *c = &m->cfg;
     const gemma3_layer *w = &m->layers[l];
     const lt_backend *be = ctx->be;
@@ -1130,8 +1341,11 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     /* attention block: a = norm(h); q,k,v; qk-norm; rope; attend; h += post_norm(o) */
     LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
     LT_TRY(be->linear(ctx, q2, a, &w->q_proj));
+    LT_TRY(capture_io(ctx, cap, 0, a, q2));
     LT_TRY(be->linear(ctx, k2, a, &w->k_proj));
+    LT_TRY(capture_io(ctx, cap, 1, a, k2));
     LT_TRY(be->linear(ctx, v2, a, &w->v_proj));
+    LT_TRY(capture_io(ctx, cap, 2, a, v2));
     LT_TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
     LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
     LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
@@ -1154,15 +1368,19 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
         LT_TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
     }
     LT_TRY(be->linear(ctx, o, att, &w->o_proj));
+    LT_TRY(capture_io(ctx, cap, 3, att, o));
     LT_TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
     LT_TRY(be->add(ctx, h, o));
 
     /* MLP block: m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f) */
     LT_TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
     LT_TRY(be->linear(ctx, gate, a, &w->gate_proj));
+    LT_TRY(capture_io(ctx, cap, 4, a, gate));
     LT_TRY(be->linear(ctx, up, a, &w->up_proj));
+    LT_TRY(capture_io(ctx, cap, 5, a, up));
     LT_TRY(be->geglu(ctx, gate, gate, up));
     LT_TRY(be->linear(ctx, o, gate, &w->down_proj));
+    LT_TRY(capture_io(ctx, cap, 6, gate, o));
     LT_TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
     LT_TRY(be->add(ctx, h, o));
 done:
@@ -1218,7 +1436,7 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
                 LT_TRY(be->copy(
                     ctx, out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H, b.h,
                     sizeof(float) * (size_t)(n * H)));
-            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache));
+            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache, NULL));
         }
         if (cache) cache->len = p0 + n;
         /* final norm, then the tied head */
@@ -1237,6 +1455,163 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
 done:
     free(pos_host);
     bufs_free(&b, ctx);
+    return rc;
+}
+
+/* ---- quant=dynamic ------------------------------------------------------------------------
+ * Streams the layers. Layer l's seven linears are read in fp32 (one layer at a time: the whole
+ * 16-bit model never sits in memory) and the calibration hidden states run through the layer
+ * with them: the 16-bit model's forward, each linear's input X and output X·Wᵀ kept. Then each
+ * linear is quantized as quant=nf4 does (NF4 + double quant), its weight error taken from the
+ * residual W - dequant(W), its output error from X·(W - dequant(W))ᵀ (one product instead of
+ * two, and no cancellation), and its fp32 copy dropped. The forward runs on a CPU context of its
+ * own (the weights are host memory, whatever device the model goes to afterwards). Once every
+ * layer is measured, qdyn_report_choose picks the linears kept in 16 bits within the budget;
+ * those give their quantized bytes back and are placed again from the source. */
+
+static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_spec *spec,
+                              const dyn_source *src, const lt_callbacks *cb, char *err) {
+    const gemma3_config *c = &m->cfg;
+    int L = c->num_hidden_layers, T = spec->n_calib;
+    double keep = spec->quant_keep;
+    err[0] = 0;
+    if (T > c->max_position_embeddings) T = c->max_position_embeddings;
+    for (int t = 0; t < T; t++)
+        if (spec->calib_ids[t] < 0 || spec->calib_ids[t] >= c->vocab_size)
+            return lt_fail(err, LT_ERR_ARG,
+                           "quant=dynamic: calibration token %d at position %d is outside the "
+                           "vocabulary [0, %d)",
+                           spec->calib_ids[t], t, c->vocab_size);
+    qdyn_report rep;
+    if (qdyn_report_init(&rep, L * N_LINEAR) != LT_OK)
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    lt_ctx ctx;
+    if (lt_ctx_init(&ctx, &lt_backend_cpu, spec->n_threads) != LT_OK) {
+        qdyn_report_free(&rep);
+        return lt_fail(err, LT_ERR_MEMORY, "quant=dynamic: %s", ctx.err);
+    }
+    const lt_backend *be = ctx.be;
+    layer_capture cap = {{0}, {0}};
+    float *wf[N_LINEAR] = {0}, *dy = NULL;
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
+    fwd_bufs b;
+    int have_bufs = bufs_alloc(&b, &ctx, c, T) == LT_OK;
+    int64_t max_out = 0, shape[N_LINEAR][2];
+    int oom = !pos || !have_bufs;
+    for (int k = 0; k < N_LINEAR; k++) {
+        int nd;
+        layer_shape(c, linear_row[k], shape[k], &nd);
+        if (shape[k][0] > max_out) max_out = shape[k][0];
+        cap.x[k] = be->alloc(&ctx, sizeof(float) * (size_t)(T * shape[k][1]));
+        cap.y[k] = be->alloc(&ctx, sizeof(float) * (size_t)(T * shape[k][0]));
+        oom |= !cap.x[k] || !cap.y[k];
+    }
+    dy = be->alloc(&ctx, sizeof(float) * (size_t)(T * max_out));
+    lt_status rc = LT_OK;
+    if (oom || !dy) {
+        rc = lt_fail(err, LT_ERR_MEMORY,
+                     "out of memory for quant=dynamic's calibration (%d tokens)", T);
+        goto done;
+    }
+    for (int t = 0; t < T; t++)
+        pos[t] = t;
+    LT_TRY(be->upload(&ctx, b.pos, pos, sizeof(int32_t) * (size_t)T));
+    LT_TRY(be->upload(&ctx, b.ids, spec->calib_ids, sizeof(int32_t) * (size_t)T));
+    LT_TRY(be->embedding(&ctx, lt_tensor_2d(LT_F32, b.h, T, c->hidden_size),
+                         lt_tensor_1d(LT_I32, b.ids, T), &m->embed_tokens, gemma3_embed_scale(m)));
+    if (cb && cb->message) {
+        char msg[160];
+        snprintf(msg, sizeof msg,
+                 "quant=dynamic: measuring each linear's quantization error on %d calibration "
+                 "tokens",
+                 T);
+        cb->message(cb->ctx, msg);
+    }
+    for (int l = 0; l < L; l++) {
+        gemma3_layer *ly = &m->layers[l];
+        for (int k = 0; k < N_LINEAR; k++) {
+            int64_t out = shape[k][0], in = shape[k][1];
+            wf[k] = malloc(sizeof(float) * (size_t)(out * in));
+            if (!wf[k]) {
+                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory reading layer %d's linears", l);
+                goto done;
+            }
+            LT_TRY(src->read(src->user, m, l, k, wf[k], err));
+            *layer_linear(ly, k) = (lt_weight){.w = lt_tensor_2d(LT_F32, wf[k], out, in)};
+        }
+        rc = layer_forward(m, &ctx, l, &b, T, 0, NULL, &cap);
+        if (rc != LT_OK) {
+            lt_fail(err, rc, "quant=dynamic: the calibration forward of layer %d: %s", l, ctx.err);
+            goto done;
+        }
+        for (int k = 0; k < N_LINEAR; k++) {
+            int64_t out = shape[k][0], in = shape[k][1];
+            lt_weight *w = layer_linear(ly, k);
+            lt_quant_module *mod = &rep.mods[l * N_LINEAR + k];
+            const char *suffix = layer_table[linear_row[k]].suffix;
+            snprintf(mod->name, sizeof mod->name, "model.layers.%d.%.*s", l,
+                     (int)strlen(suffix) - 7, suffix); /* - ".weight" */
+            mod->n_params = out * in;
+            rc = quantize_values(m, w, wf[k], p, out, in);
+            if (rc != LT_OK) {
+                lt_fail(err, rc, "out of memory quantizing '%s'", mod->name);
+                goto done;
+            }
+            double sq_w, sq_d;
+            LT_TRY(qdyn_residual(w, wf[k], out, in, &sq_w, &sq_d, err)); /* wf[k] = W - deq */
+            lt_weight resid = {.w = lt_tensor_2d(LT_F32, wf[k], out, in)};
+            rc = be->linear(&ctx, lt_tensor_2d(LT_F32, dy, T, out),
+                            lt_tensor_2d(LT_F32, cap.x[k], T, in), &resid);
+            if (rc != LT_OK) {
+                lt_fail(err, rc, "quant=dynamic: measuring '%s': %s", mod->name, ctx.err);
+                goto done;
+            }
+            mod->weight_error = qdyn_ratio(sq_d, sq_w);
+            mod->output_error = qdyn_ratio(qdyn_sumsq(dy, T * out), qdyn_sumsq(cap.y[k], T * out));
+            free(wf[k]);
+            wf[k] = NULL;
+        }
+        if (cb && cb->progress) cb->progress(cb->ctx, "measuring and quantizing", l + 1, L);
+    }
+    if (qdyn_report_choose(&rep, keep) != LT_OK) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        goto done;
+    }
+    for (int i = 0; i < L * N_LINEAR; i++) {
+        lt_weight *w = layer_linear(&m->layers[i / N_LINEAR], i % N_LINEAR);
+        if (rep.mods[i].kept) {
+            storage_release(m->storage, w->w.data); /* the quantized bytes it will not use */
+            storage_release(m->storage, w->q.qabsmax);
+            storage_release(m->storage, w->q.absmax2);
+            LT_TRY(src->keep16(src->user, m, i / N_LINEAR, i % N_LINEAR, w, err));
+            m->n_kept16++;
+        } else {
+            m->n_quantized++;
+            m->n_params += rep.mods[i].n_params;
+            m->weight_bytes += (int64_t)lt_weight_bytes(w);
+        }
+    }
+    m->quant = LT_QUANT_NF4;
+    m->quant_nested = 1;
+    m->quant_dynamic = 1;
+    m->quant_keep = (float)keep;
+    rep.info.n_calib = T;
+    if (spec->report) {
+        *spec->report = rep; /* moved: the caller frees it */
+        memset(&rep, 0, sizeof rep);
+    }
+done:
+    if (rc != LT_OK && !err[0]) lt_fail(err, rc, "quant=dynamic: %s", ctx.err);
+    for (int k = 0; k < N_LINEAR; k++) {
+        free(wf[k]);
+        be->release(&ctx, cap.x[k]);
+        be->release(&ctx, cap.y[k]);
+    }
+    be->release(&ctx, dy);
+    if (have_bufs) bufs_free(&b, &ctx);
+    free(pos);
+    lt_ctx_shutdown(&ctx);
+    qdyn_report_free(&rep);
     return rc;
 }
 

@@ -53,10 +53,13 @@ typedef struct gemma3_model {
     int skipped_vision;     /* vision tower / projector tensors were present and skipped */
     /* bitsandbytes quantization of the linears (q, k, v, o, gate, up, down; never the
      * embedding, norms or head): kind of the quantized ones, how many, how many were kept in
-     * 16 bits by llm_int8_skip_modules, and whether the checkpoint came quantized */
+     * 16 bits (by llm_int8_skip_modules or by quant=dynamic), and whether the checkpoint came
+     * quantized */
     lt_quant_kind quant;
     int quant_nested; /* NF4 with double quantization */
     int n_quantized, n_kept16, prequantized;
+    int quant_dynamic;    /* quant=dynamic chose the n_kept16 linears kept in 16 bits */
+    float quant_keep;     /* its budget (fraction of the linear parameters) */
     int64_t n_params;     /* text parameters */
     int64_t weight_bytes; /* bytes the weights take in memory */
     char source[512];     /* directory or "random:gemma-3-1b" */
@@ -68,6 +71,23 @@ static inline const lt_weight *gemma3_head(const gemma3_model *m) {
     return m->lm_head.w.data ? &m->lm_head : &m->embed_tokens;
 }
 
+/* How to load: the options of gemma3_load_dir_spec / gemma3_load_random_spec. */
+typedef struct qdyn_report qdyn_report; /* quant_dynamic.h */
+typedef struct gemma3_load_spec {
+    const char *dtype; /* NULL/"auto", "fp32", "fp16", "bf16": what stays 16-bit */
+    const char *quant; /* NULL/"none", "nf4", "int8", "dynamic" */
+    /* quant=dynamic: NF4 + double quant for every linear except the worst, measured at load,
+     * which stay 16-bit: at most quant_keep (in [0, 1]) of the linear parameters. The output
+     * errors are measured on calib_ids (qdyn_calibration_ids: BOS + the calibration text),
+     * with n_threads CPU threads (0 = every core); report, when not NULL, receives what was
+     * measured and chosen (the caller frees it with qdyn_report_free). */
+    double quant_keep;
+    const int32_t *calib_ids;
+    int n_calib;
+    int n_threads;
+    qdyn_report *report;
+} gemma3_load_spec;
+
 /* Loads a Hugging Face directory (config.json + model.safetensors or the sharded index).
  * dtype: "auto"/NULL (as stored; mapped, not copied, when aligned), "fp32", "fp16", "bf16".
  * cb may be NULL. On failure *out stays NULL and nothing leaks. */
@@ -78,9 +98,13 @@ lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype
  * as it is read. Tensors a checkpoint stores quantized (bitsandbytes' layout) load as they
  * are; with a quantization_config in config.json, the linears it does not list in
  * llm_int8_skip_modules are quantized its way and the listed ones stay 16-bit. dtype applies
- * to what stays 16-bit. "dynamic" is refused (not built yet). */
+ * to what stays 16-bit. "dynamic" needs gemma3_load_dir_spec (its calibration tokens). */
 lt_status gemma3_load_dir_quant(gemma3_model **out, const char *dir, const char *dtype,
                                 const char *quant, const lt_callbacks *cb, char *err);
+/* The same with every option, quant=dynamic's included. quant=dynamic streams the layers (one
+ * layer's linears in fp32 at a time) and refuses a checkpoint that is already quantized. */
+lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3_load_spec *spec,
+                               const lt_callbacks *cb, char *err);
 /* The lt_weight whose storage tensor is t (a tensor of the weight walk), or NULL for norms. */
 lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t);
 /* The checkpoint tensor a weight was loaded from, as the model still maps it: the tensor
@@ -105,6 +129,10 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
 lt_status gemma3_load_random_quant(gemma3_model **out, const char *size, uint64_t seed,
                                    const char *dtype, const char *quant, const lt_callbacks *cb,
                                    char *err);
+/* The same with every option (quant=dynamic measures random weights too: their errors are
+ * flat, so which linears stay 16-bit matters little). */
+lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t seed,
+                                  const gemma3_load_spec *spec, const lt_callbacks *cb, char *err);
 void gemma3_model_free(gemma3_model *m);
 
 /* Every text weight, in a stable order: embed_tokens, then per layer in this order

@@ -11,8 +11,9 @@
  *     reference and trains with a finite loss on the fp16 path;
  *  4. the PEFT fixture's three AdamW steps on the GPU (losses vs peft's, 1e-4);
  *  5. a 100-step LoRA run on tiny whose loss curve tracks the CPU's (fp32 1e-3, bf16 2e-2);
- *  6. QLoRA: tiny quantized at load (nf4 with double quant, int8) gives the CPU's logits and
- *     greedy ids on the GPU, and its LoRA curve tracks the CPU's.
+ *  6. QLoRA: tiny quantized at load (nf4 with double quant, int8, dynamic: nf4 with the worst
+ *     linears kept 16-bit) gives the CPU's logits and greedy ids on the GPU, and its LoRA curve
+ *     tracks the CPU's.
  * Prints TAP; skips without a GPU. LATHE_SRCDIR (env, else the configure-time path) finds the
  * fixtures. Owns nothing else.
  */
@@ -86,7 +87,8 @@ static int json_ints(json_t *a, int32_t **out) {
 static lt_session *load_quant(const char *dir, const char *device, const char *dtype,
                               const char *quant) {
     lt_session *s = lt_session_new();
-    lt_load_opts o = {.dtype = dtype, .device = device, .max_seq = 512, .quant = quant};
+    lt_load_opts o = {
+        .dtype = dtype, .device = device, .max_seq = 512, .quant = quant, .quant_keep = 0.1f};
     if (lt_load(s, dir, &o, NULL) != LT_OK) {
         diag("load %s on %s (%s): %s", dir, device, dtype, lt_last_error(s));
         lt_session_free(s);
@@ -505,7 +507,8 @@ static void test_curve(void) {
 /* ---- 6. QLoRA: NF4 / int8 bases on the GPU ------------------------------------------------------
  */
 
-/* tiny quantized at load (quant=nf4: double quantization; int8) runs and trains on the GPU as on
+/* tiny quantized at load (quant=nf4: double quantization; int8; dynamic: a mix of NF4 and
+ * 16-bit linears, chosen on the host whatever the device) runs and trains on the GPU as on
  * the CPU, which decodes the same bytes: logits of a sequence (the decode-into-scratch path),
  * greedy ids (decoding one token at a time: the NF4 GEMV path), and a 40-step LoRA curve. */
 static void test_qlora(const char *quant) {
@@ -516,6 +519,14 @@ static void test_qlora(const char *quant) {
     if (!ok(c && g, "tiny loads quantized on the CPU and the GPU")) {
         lt_session_free(c), lt_session_free(g);
         return;
+    }
+    if (!strcmp(quant, "dynamic")) {
+        lt_quant_info qc, qg;
+        lt_quant_info_get(c, &qc, NULL, 0);
+        lt_quant_info_get(g, &qg, NULL, 0);
+        ok(qc.dynamic && qg.dynamic && qc.n_kept > 0 && qc.n_kept == qg.n_kept &&
+               qc.kept_params == qg.kept_params,
+           "dynamic: the GPU model keeps the CPU's choice of 16-bit linears");
     }
     int32_t ids[24];
     for (int i = 0; i < 24; i++)
@@ -598,5 +609,6 @@ int main(void) {
     test_curve();
     test_qlora("nf4");
     test_qlora("int8");
+    test_qlora("dynamic");
     return tap_done();
 }

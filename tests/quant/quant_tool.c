@@ -9,18 +9,25 @@
  *   quant_tool dequant DIR QUANT OUTDIR               load DIR (quant= QUANT), write every
  *                                                     linear as fp32 (lt_weight_dequantize_rows)
  *                                                     to OUTDIR/NAME.f32; print the summary
+ *   quant_tool dynamic DIR KEEP OUTDIR                load DIR with quant=dynamic quant_keep=KEEP
+ *                                                     (calibrated with DIR/tokenizer.model), write
+ *                                                     every linear as dequant does; print the
+ *                                                     summary, the calibration ids and each
+ *                                                     linear's errors, score and kept flag
  *   quant_tool grads DIR QUANT OUTDIR IDS             LoRA r=4 (B filled, seeded) on every
  *                                                     linear, one micro-batch with gradients:
  *                                                     prints the loss, writes each adapter's
  *                                                     grad_A / grad_B and the model's logits
- *   quant_tool session SRC[:QUANT]... -- GOOD[:QUANT] one session: each SRC must fail (prints
+ *   quant_tool session SRC[:QUANT[:KEEP]]... -- GOOD[:QUANT[:KEEP]]
+ *                                                     one session: each SRC must fail (prints
  *                                                     "ERR<TAB>message"), then GOOD must load
- *                                                     and give logits ("OK")
+ *                                                     and give logits ("OK"); KEEP is
+ *                                                     quant_keep (default 0.1)
  *   quant_tool pyfloat HEX...                         bnb_py_float of each double (given as
  *                                                     a C99 hex float), one per line
  *   quant_tool script STEP...                         one session, step by step, each printing
  *                                                     "OK<TAB>..." or "ERR<TAB>message":
- *                                                     load=SRC[:QUANT] (device=cpu),
+ *                                                     load=SRC[:QUANT[:KEEP]] (device=cpu),
  *                                                     saveq=DIR (lt_save_quantized), logits
  *                                                     (prints a weighted sum of the logits)
  * Raw files are little-endian arrays with no header. Test tool only: errors go to stderr,
@@ -33,6 +40,7 @@
 #include "cuda/engine.h"
 #include "cuda/formats/bnb.h"
 #include "cuda/model/model.h"
+#include "cuda/model/quant_dynamic.h"
 #include "cuda/train/train.h"
 
 static void *slurp(const char *path, size_t *n) {
@@ -131,11 +139,9 @@ static const char *quant_arg(const char *q) {
     return !strcmp(q, "-") ? NULL : q;
 }
 
-static int cmd_dequant(char **argv) {
-    char err[LT_ERRLEN], path[4096], name[192], sum[160];
-    gemma3_model *m = NULL;
-    if (gemma3_load_dir_quant(&m, argv[2], NULL, quant_arg(argv[3]), NULL, err) != LT_OK)
-        return die("dequant", err);
+/* Every linear of m as fp32 (dequantized or widened) into outdir/NAME.f32, then the summary. */
+static int write_linears(gemma3_model *m, const char *what, const char *outdir) {
+    char path[4096], name[192], sum[160];
     int n = gemma3_weight_count(m);
     for (int i = 0; i < n; i++) {
         lt_tensor *t = gemma3_weight_at(m, i, name, sizeof name);
@@ -144,16 +150,60 @@ static int cmd_dequant(char **argv) {
         int64_t rows = t->shape[0], cols = t->shape[1];
         float *f = malloc(sizeof(float) * (size_t)(rows * cols));
         lt_weight_dequantize_rows(w, 0, rows, f);
-        snprintf(path, sizeof path, "%s/%s.f32", argv[4], name);
+        snprintf(path, sizeof path, "%s/%s.f32", outdir, name);
         int bad = spill(path, f, sizeof(float) * (size_t)(rows * cols));
         free(f);
-        if (bad) return die("dequant", path);
+        if (bad) return die(what, path);
     }
     printf("summary\t%s\nquantized\t%d\nkept16\t%d\nbytes\t%lld\n",
            gemma3_quant_summary(m, sum, sizeof sum), m->n_quantized, m->n_kept16,
            (long long)m->weight_bytes);
-    gemma3_model_free(m);
     return 0;
+}
+
+static int cmd_dequant(char **argv) {
+    char err[LT_ERRLEN];
+    gemma3_model *m = NULL;
+    if (gemma3_load_dir_quant(&m, argv[2], NULL, quant_arg(argv[3]), NULL, err) != LT_OK)
+        return die("dequant", err);
+    int rc = write_linears(m, "dequant", argv[4]);
+    gemma3_model_free(m);
+    return rc;
+}
+
+static int cmd_dynamic(char **argv) {
+    char err[LT_ERRLEN] = "", tokpath[4096];
+    snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", argv[2]);
+    int32_t *ids = NULL;
+    int n = 0;
+    if (qdyn_calibration_ids(tokpath, &ids, &n, err) != LT_OK) return die("dynamic", err);
+    qdyn_report rep;
+    gemma3_load_spec spec = {.quant = "dynamic",
+                             .quant_keep = atof(argv[3]),
+                             .calib_ids = ids,
+                             .n_calib = n,
+                             .n_threads = 2,
+                             .report = &rep};
+    gemma3_model *m = NULL;
+    if (gemma3_load_dir_spec(&m, argv[2], &spec, NULL, err) != LT_OK) return die("dynamic", err);
+    int rc = write_linears(m, "dynamic", argv[4]);
+    const lt_quant_info *in = &rep.info;
+    printf("calib");
+    for (int i = 0; i < in->n_calib; i++)
+        printf("%c%d", i ? ',' : '\t', ids[i]);
+    printf("\nlinear_params\t%lld\nkept_params\t%lld\nn_kept\t%d\nmedian_weight\t%.17g\n"
+           "median_output\t%.17g\n",
+           (long long)in->linear_params, (long long)in->kept_params, in->n_kept,
+           in->median_weight_error, in->median_output_error);
+    for (int i = 0; i < in->n_modules; i++) {
+        const lt_quant_module *q = &rep.mods[i];
+        printf("module\t%s\t%lld\t%.17g\t%.17g\t%.17g\t%d\n", q->name, (long long)q->n_params,
+               q->weight_error, q->output_error, q->score, q->kept);
+    }
+    qdyn_report_free(&rep);
+    gemma3_model_free(m);
+    free(ids);
+    return rc;
 }
 
 static int cmd_grads(char **argv) {
@@ -205,13 +255,18 @@ static int cmd_grads(char **argv) {
     return 0;
 }
 
-/* "DIR:QUANT" -> dir, quant */
-static void split_src(char *arg, const char **quant) {
-    char *c = strrchr(arg, ':');
-    *quant = NULL;
-    if (c) {
-        *c = 0;
-        *quant = c + 1;
+/* "DIR[:QUANT[:KEEP]]" -> dir, o->quant, o->quant_keep (0.1 when not given) */
+static void split_src(char *arg, lt_load_opts *o) {
+    char *slash = strrchr(arg, '/'), *c = strchr(slash ? slash : arg, ':');
+    o->quant = NULL;
+    o->quant_keep = 0.1f;
+    if (!c) return;
+    *c = 0;
+    o->quant = c + 1;
+    char *k = strchr(c + 1, ':');
+    if (k) {
+        *k = 0;
+        o->quant_keep = (float)atof(k + 1);
     }
 }
 
@@ -220,13 +275,13 @@ static int cmd_session(int argc, char **argv) {
     int i = 2;
     for (; i < argc && strcmp(argv[i], "--"); i++) {
         lt_load_opts o = {.device = "cpu"};
-        split_src(argv[i], &o.quant);
+        split_src(argv[i], &o);
         if (lt_load(s, argv[i], &o, NULL) == LT_OK) return die("session", "a bad load succeeded");
         printf("ERR\t%s\n", lt_last_error(s));
     }
     if (i + 1 >= argc) return die("session", "no GOOD source after --");
     lt_load_opts o = {.device = "cpu"};
-    split_src(argv[i + 1], &o.quant);
+    split_src(argv[i + 1], &o);
     if (lt_load(s, argv[i + 1], &o, NULL) != LT_OK) return die("session", lt_last_error(s));
     int32_t ids[4] = {2, 10, 20, 30};
     float *logits = NULL;
@@ -247,7 +302,7 @@ static int cmd_script(int argc, char **argv) {
         char *arg = argv[i], note[64] = "";
         if (!strncmp(arg, "load=", 5)) {
             lt_load_opts o = {.device = "cpu"};
-            split_src(arg + 5, &o.quant);
+            split_src(arg + 5, &o);
             rc = lt_load(s, arg + 5, &o, NULL);
         } else if (!strncmp(arg, "saveq=", 6)) {
             rc = lt_save_quantized(s, arg + 6, "auto", NULL);
@@ -277,6 +332,7 @@ int main(int argc, char **argv) {
     if (argc < 3) return die("usage", "see the header of quant_tool.c");
     if (!strcmp(argv[1], "dequant") && argc >= 5) return cmd_dequant(argv);
     if (!strcmp(argv[1], "grads") && argc >= 6) return cmd_grads(argv);
+    if (!strcmp(argv[1], "dynamic") && argc >= 5) return cmd_dynamic(argv);
     if (!strcmp(argv[1], "session")) return cmd_session(argc, argv);
     if (!strcmp(argv[1], "script")) return cmd_script(argc, argv);
     if (!strcmp(argv[1], "pyfloat")) {

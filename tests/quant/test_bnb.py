@@ -399,9 +399,9 @@ def test_bad_checkpoints_give_clear_errors_and_the_session_goes_on(tmp_path):
         "fp4_config": "fp4 is not supported: use an nf4 checkpoint",
         "int8_no_scb": "SCB",
         "mismatch": "cannot re-quantize",
-        "dynamic": "not built yet",
+        "dynamic": "already quantized",
     }
-    args = [str(cases[k]) for k in cases] + [f"{good}:int8", f"{TINY}:dynamic", "--", str(good)]
+    args = [str(cases[k]) for k in cases] + [f"{good}:int8", f"{good}:dynamic", "--", str(good)]
     out = tool("session", *args).stdout.decode().splitlines()
     errs = [line.split("\t", 1)[1] for line in out if line.startswith("ERR\t")]
     assert len(errs) == len(expect)
@@ -464,7 +464,7 @@ def test_lathe_logits_takes_load_options_and_refuses_unknown_ones(tmp_path):
     p = run("colour=blue")
     assert p.returncode == 2 and b"unknown option 'colour=blue'" in p.stderr
     p = run("quant=nf5")
-    assert p.returncode == 1 and b"quant='nf5' is not accepted (accepted: none, nf4, int8)" in p.stderr
+    assert p.returncode == 1 and b"quant='nf5' is not accepted (accepted: none, nf4, int8, dynamic)" in p.stderr
     p = run("quant=int8", "device=cpu")
     assert p.returncode == 0 and np.load(tmp_path / "l.npy").shape == (2, 4096)
 

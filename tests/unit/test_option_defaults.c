@@ -45,6 +45,7 @@ static const field fields[] = {
     F("load", lt_load_opts, device, K_TEXT),
     F("load", lt_load_opts, max_seq, K_INT),
     F("load", lt_load_opts, quant, K_TEXT),
+    F("load", lt_load_opts, quant_keep, K_FLOAT),
 
     F("gen", lt_gen_opts, max_new, K_INT),
     F("gen", lt_gen_opts, temperature, K_FLOAT),

@@ -97,7 +97,7 @@ static lt_train_opts base_opts(void) {
 
 static lt_session *fresh(void) {
     lt_session *s = lt_session_new();
-    lt_load_opts lo = {"auto", "cpu", 0, NULL};
+    lt_load_opts lo = {.dtype = "auto", .device = "cpu"};
     if (lt_load(s, "tiny", &lo, NULL) != LT_OK) diag("load tiny: %s", lt_last_error(s));
     lt_lora_opts l;
     lt_lora_opts_default(&l);
@@ -179,7 +179,7 @@ static void test_interrupt_and_resume(void) {
 
     /* the saved adapter loads back */
     s = lt_session_new();
-    lt_load_opts lo = {"auto", "cpu", 0, NULL};
+    lt_load_opts lo = {.dtype = "auto", .device = "cpu"};
     lt_load(s, "tiny", &lo, NULL);
     lt_lora_opts l;
     lt_lora_opts_default(&l);
@@ -381,7 +381,7 @@ static void test_failed_save_keeps_previous(void) {
     path(merged, sizeof merged, "merged");
     is_int(lt_save_merged(s, merged, "fp32", NULL), LT_OK, "%save merged= writes a checkpoint");
     lt_session *s2 = lt_session_new();
-    lt_load_opts lo = {"auto", "cpu", 0, NULL};
+    lt_load_opts lo = {.dtype = "auto", .device = "cpu"};
     is_int(lt_load(s2, merged, &lo, NULL), LT_OK, "the merged checkpoint loads back");
     int32_t ids[6] = {2, 100, 200, 300, 400, 500};
     float *la = NULL, *lb = NULL;
