@@ -9,7 +9,9 @@
 #           and 27B peak memory, 12B on the fp16 path under a 15 GiB cap (a T4's usable
 #           memory, LATHE_CUDA_MEMORY_CAP), and tokens/s against lathe's own 16-bit LoRA at
 #           the same shape (bitsandbytes is not on the machine);
-#   all     the three (the default).
+#   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
+#           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
+#   all     checks, train and qlora (the default).
 # Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
@@ -54,5 +56,19 @@ case $what in all|qlora)
     LATHE_CUDA_MEMORY_CAP=15G timeout 240 $B/bench_train 12b fp16 2048 1 4 2 nf4 16 \
         >> "$out/bench_qlora.log" 2>&1
     grep -h -E '^\{|^bench_train|drawn and placed|memory cap' "$out/bench_qlora.log"
+esac
+case $what in quick)
+    timeout 150 sh "$0" "$out" checks
+    timeout 75 $B/bench_train 4b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
+    timeout 120 python3 -c "
+import sys; sys.path.insert(0, 'bench')
+import hf_baseline as h, torch
+h.run('4b', torch.bfloat16, 2048, 2, True)
+" 2>&1 | grep -v -i warn >> "$out/bench_hf.log"
+    for a in "4b bf16 2048 1 6 2 none 16" "4b bf16 2048 1 6 2 nf4 16" "12b bf16 2048 1 3 1 nf4 16"; do
+        timeout 90 $B/bench_train $a >> "$out/bench_qlora.log" 2>&1
+    done
+    timeout 60 $B/bench_train 1b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
+    grep -h -E '^\{|^bench_train|drawn and placed' "$out"/bench_*.log
 esac
 cat "$out/device.txt"
