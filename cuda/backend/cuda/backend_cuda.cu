@@ -1010,9 +1010,17 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
             LT_TRY(gemm(ctx, 0, 1, T, out, r, lo->scale, &XA, r, 0, &B, r, 0, 0, (float *)y.data,
                         out, 0, 1));
         }
-        /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
-        LT_TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora, (float *)y.data,
-                    out, 0, 1));
+        if (gemv) {
+            const float *am;
+            LT_TRY(nf4_absmax(ctx, w, &am));
+            k_nf4_gemv(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data,
+                       (const uint8_t *)w->w.data, w->q.code, am, T, in, out, w->q.blocksize,
+                       use_lora);
+            LAUNCHED();
+        } else { /* y [T, out] (+)= X [T, in] · W [out, in]ᵀ */
+            LT_TRY(gemm(ctx, 0, 1, T, out, in, 1.0f, &X, in, 0, &W, in, 0, use_lora,
+                        (float *)y.data, out, 0, 1));
+        }
     }
 done:
     return op_end(ctx, rc);
