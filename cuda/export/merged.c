@@ -207,7 +207,7 @@ static void merge_report(const gemma3_model *m, const lt_adapters *a, const merg
                               ? "random weights were quantized as they were drawn"
                               : "the 16-bit checkpoint is no longer at hand";
         snprintf(msg, sizeof msg,
-                 "%s the dequantized %s base: %s (%s); written in 16 bits (%%load ... quant=%s "
+                 "%s the dequantized %s base: %s (%s); written unquantized (%%load ... quant=%s "
                  "quantizes it again)",
                  what, kind, why, q, m->quant == LT_QUANT_NF4 ? "nf4" : "int8");
     }

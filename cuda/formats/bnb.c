@@ -317,10 +317,9 @@ lt_status bnb_group_read(const st_set *st, const char *weight_name, int64_t out,
                          bnb_group *g, char *err) {
     memset(g, 0, sizeof *g);
     g->weight = st_find(st, weight_name);
-    if (!g->weight) {
-        snprintf(err, LT_ERRLEN, "%s: tensor '%s' is missing",
-                 st->n_files ? st->files[0].path : "checkpoint", weight_name);
-    }
+    if (!g->weight)
+        return lt_fail(err, LT_ERR_FORMAT, "%s: tensor '%s' is missing",
+                       st->n_files ? st->files[0].path : "checkpoint", weight_name);
     const char *file = file_of(st, g->weight);
     if (find2(st, weight_name, ".quant_state.bitsandbytes__fp4")) {
         return lt_fail(err, LT_ERR_FORMAT,
