@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "cuda/formats/bnb.h"
@@ -533,6 +534,19 @@ static lt_status linear_to_f32(gemma3_model *m, const st_tensor *src, int64_t ou
     return LT_OK;
 }
 
+/* The pages of a mapped checkpoint tensor no longer needed in memory (its fp32 copy is made)
+ * go back to the system, so quantizing at load holds about one tensor of the 16-bit model at
+ * a time rather than every page it has read. The mapping stays, and the file gives the bytes
+ * back if they are read again (a merged save from the original weights). Only whole pages
+ * inside the tensor are released, so a neighbour's bytes are never touched. */
+static void release_pages(const void *data, size_t bytes) {
+    long ps = sysconf(_SC_PAGESIZE);
+    if (ps <= 0) return;
+    uintptr_t a = ((uintptr_t)data + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1);
+    uintptr_t b = ((uintptr_t)data + bytes) & ~((uintptr_t)ps - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 /* Quantizes the 16-bit tensor src into w as plan p says. */
 static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
                                  int64_t out, int64_t in, const char *name, char *err) {
@@ -541,6 +555,7 @@ static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor 
     if (!x) return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
     lt_status rc = linear_to_f32(m, src, out, in, name, p->why, x, err);
     if (rc == LT_OK) {
+        release_pages(src->data, src->nbytes);
         rc = quantize_values(m, w, x, p, out, in);
         if (rc != LT_OK) lt_fail(err, rc, "%s: out of memory quantizing '%s'", file, name);
     }
