@@ -117,17 +117,7 @@ static int original_weight(const gemma3_model *m, const char *name, const lt_ten
     if (!src || !src->dtype_ok || !lt_dtype_is_float(src->dtype) || src->ndim != 2 ||
         src->shape[0] != t->shape[0] || src->shape[1] != t->shape[1])
         return 0;
-    int64_t n = t->shape[0] * t->shape[1];
-    if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
-        lt_to_f32(f32, src->data, src->dtype, n);
-        return 1;
-    }
-    void *tmp = malloc(src->nbytes); /* unaligned in the file */
-    if (!tmp) return 0;
-    memcpy(tmp, src->data, src->nbytes);
-    lt_to_f32(f32, tmp, src->dtype, n);
-    free(tmp);
-    return 1;
+    return st_convert(src, f32, LT_F32) == LT_OK;
 }
 
 static const lora_slot *slot_of(const lt_adapters *a, const lt_tensor *t) {
@@ -214,6 +204,26 @@ static void merge_report(const gemma3_model *m, const lt_adapters *a, const merg
     cb->message(cb->ctx, msg);
 }
 
+lt_status merged_write_folder(const char *dir, const st_out *t, int n, const char *config_path,
+                              const char *config, const char *tokenizer_path, char *err) {
+    lt_afile_set fs = {0};
+    char p[4200];
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    lt_status rc = st_write_member(&fs, p, t, n, ST_METADATA_PT, err);
+    if (rc == LT_OK) {
+        snprintf(p, sizeof p, "%s/config.json", dir);
+        rc = config_path ? lt_afile_set_copy(&fs, p, config_path, err)
+                         : lt_afile_set_text(&fs, p, config, err);
+    }
+    if (rc == LT_OK && tokenizer_path) {
+        snprintf(p, sizeof p, "%s/tokenizer.model", dir);
+        rc = lt_afile_set_copy(&fs, p, tokenizer_path, err);
+    }
+    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
+    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    return rc;
+}
+
 lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
                       const char *tokenizer_path, const char *dtype, const char *dir,
                       const lt_callbacks *cb, char *err) {
@@ -266,23 +276,9 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir
             rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         }
     }
-    lt_afile_set fs = {0};
-    char p[4200];
-    if (rc == LT_OK) {
-        snprintf(p, sizeof p, "%s/model.safetensors", dir);
-        rc = st_write_member(&fs, p, w.t, w.n, ST_METADATA_PT, err);
-    }
-    if (rc == LT_OK) {
-        snprintf(p, sizeof p, "%s/config.json", dir);
-        rc = src_cfg[0] ? lt_afile_set_copy(&fs, p, src_cfg, err)
-                        : lt_afile_set_text(&fs, p, cfg, err);
-    }
-    if (rc == LT_OK && tokenizer_path) {
-        snprintf(p, sizeof p, "%s/tokenizer.model", dir);
-        rc = lt_afile_set_copy(&fs, p, tokenizer_path, err);
-    }
-    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
-    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    if (rc == LT_OK)
+        rc = merged_write_folder(dir, w.t, w.n, src_cfg[0] ? src_cfg : NULL, cfg, tokenizer_path,
+                                 err);
     if (rc == LT_OK) merge_report(m, a, &w, src_dir, cb);
     for (int i = 0; i < w.n; i++) {
         free(w.bufs[i]);

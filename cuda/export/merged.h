@@ -6,6 +6,7 @@
 #ifndef LATHE_MERGED_H
 #define LATHE_MERGED_H
 
+#include "cuda/formats/safetensors_write.h"
 #include "cuda/model/model.h"
 #include "cuda/train/train.h"
 
@@ -28,5 +29,10 @@ const char *merged_torch_dtype(lt_dtype d);
 /* A flat Gemma3TextConfig for m (transformers reads it as Gemma3ForCausalLM) with torch_dtype
  * dt, as indented JSON text (malloc'd; NULL when out of memory). */
 char *merged_text_config(const gemma3_model *m, lt_dtype dt);
+/* A checkpoint folder as one atomic set: dir/model.safetensors (the n tensors t),
+ * dir/config.json (a copy of the file config_path when it is given, else the text config) and,
+ * when tokenizer_path is given, a copy of it as dir/tokenizer.model. All appear, or none. */
+lt_status merged_write_folder(const char *dir, const st_out *t, int n, const char *config_path,
+                              const char *config, const char *tokenizer_path, char *err);
 
 #endif
