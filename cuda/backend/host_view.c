@@ -5,9 +5,8 @@
 
 #include <stdlib.h>
 
-const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp) {
-    if (!t->data || ctx->be == &lt_backend_cpu) return t->data;
-    size_t bytes = lt_tensor_bytes(t);
+const void *lt_host_bytes(lt_ctx *ctx, const void *p, size_t bytes, lt_host_pool *hp) {
+    if (!p || !ctx || ctx->be == &lt_backend_cpu) return p;
     void *buf = malloc(bytes ? bytes : 1);
     void **np = realloc(hp->p, sizeof(void *) * (size_t)(hp->n + 1));
     if (np) hp->p = np;
@@ -17,12 +16,16 @@ const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp) {
                 ctx->be->name, bytes);
         return NULL;
     }
-    if (ctx->be->download(ctx, buf, t->data, bytes) != LT_OK) {
+    if (ctx->be->download(ctx, buf, p, bytes) != LT_OK) {
         free(buf);
         return NULL;
     }
     hp->p[hp->n++] = buf;
     return buf;
+}
+
+const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp) {
+    return lt_host_bytes(ctx, t->data, lt_tensor_bytes(t), hp);
 }
 
 void lt_host_pool_free(lt_host_pool *hp) {

@@ -18,6 +18,9 @@ typedef struct lt_host_pool {
 /* t's bytes in host memory (t->data itself on the CPU backend, else a copy in hp); NULL when
  * out of memory or when the download failed (ctx->err says which). NULL data stays NULL. */
 const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp);
+/* The same for `bytes` bytes of backend memory at p (quantization state, not a tensor); a NULL
+ * ctx means p is host memory. */
+const void *lt_host_bytes(lt_ctx *ctx, const void *p, size_t bytes, lt_host_pool *hp);
 /* Frees every copy and empties the pool. */
 void lt_host_pool_free(lt_host_pool *hp);
 

@@ -26,7 +26,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cuda/base/atomic_file.h"
+#include "cuda/backend/host_view.h"
 #include "cuda/export/merged.h"
 #include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors_write.h"
@@ -37,9 +37,10 @@ typedef struct qsave {
     lt_dtype dt;
     st_out *t;
     int n, cap;
-    void **own; /* every allocation the tensors point into */
+    void **own; /* the names and converted copies the tensors point into */
     int n_own, cap_own;
-    char **skip; /* module names kept in 16 bits (pointers into own) */
+    lt_host_pool hp; /* host copies of a device model's bytes */
+    char **skip;     /* module names kept in 16 bits (pointers into own) */
     int n_skip;
     char *err;
     lt_status rc; /* the first failure; err says what */
@@ -72,15 +73,10 @@ static char *keep_str(qsave *q, const char *a, const char *b) {
 
 /* n bytes at p in host memory: p itself for a host model, else a downloaded copy. */
 static const void *host_bytes(qsave *q, const void *p, size_t n) {
-    if (!q->dev || !p) return p;
-    void *h = keep(q, malloc(n ? n : 1));
-    if (!h) return NULL;
-    if (q->dev->be->download(q->dev, h, p, n) != LT_OK) {
-        if (q->rc == LT_OK)
-            q->rc = lt_fail(q->err, LT_ERR_DEVICE, "reading weights from %s: %s", q->dev->be->name,
-                            q->dev->err);
-        return NULL;
-    }
+    const void *h = lt_host_bytes(q->dev, p, n, &q->hp);
+    if (!h && p && q->rc == LT_OK)
+        q->rc = lt_fail(q->err, LT_ERR_DEVICE, "reading weights from %s: %s", q->dev->be->name,
+                        q->dev->err);
     return h;
 }
 
@@ -270,22 +266,7 @@ lt_status quantized_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, con
         rc = q.rc != LT_OK ? q.rc : fail(&q, "the weights");
     char *cfg = rc == LT_OK ? config_text(&q, src_dir, err) : NULL;
     if (rc == LT_OK && !cfg) rc = LT_ERR_MEMORY;
-    lt_afile_set fs = {0};
-    char p[4200];
-    if (rc == LT_OK) {
-        snprintf(p, sizeof p, "%s/model.safetensors", dir);
-        rc = st_write_member(&fs, p, q.t, q.n, ST_METADATA_PT, err);
-    }
-    if (rc == LT_OK) {
-        snprintf(p, sizeof p, "%s/config.json", dir);
-        rc = lt_afile_set_text(&fs, p, cfg, err);
-    }
-    if (rc == LT_OK && tokenizer_path) {
-        snprintf(p, sizeof p, "%s/tokenizer.model", dir);
-        rc = lt_afile_set_copy(&fs, p, tokenizer_path, err);
-    }
-    if (rc == LT_OK) rc = lt_afile_set_commit(&fs, err);
-    if (rc != LT_OK) lt_afile_set_abort(&fs);
+    if (rc == LT_OK) rc = merged_write_folder(dir, q.t, q.n, NULL, cfg, tokenizer_path, err);
     if (rc == LT_OK && cb && cb->message && a && (a->n_slots > 0 || a->full)) {
         char msg[4600];
         snprintf(msg, sizeof msg,
@@ -298,6 +279,7 @@ lt_status quantized_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, con
     for (int i = 0; i < q.n_own; i++)
         free(q.own[i]);
     free(q.own);
+    lt_host_pool_free(&q.hp);
     free(q.t);
     free(q.skip);
     free(cfg);
