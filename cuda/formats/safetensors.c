@@ -38,6 +38,20 @@ static size_t st_dtype_size(const char *d) {
     return 0;
 }
 
+lt_status st_convert(const st_tensor *t, void *dst, lt_dtype dt) {
+    int64_t n = (int64_t)(t->nbytes / lt_dtype_size(t->dtype));
+    if (((uintptr_t)t->data % lt_dtype_size(t->dtype)) == 0) {
+        lt_convert(dst, dt, t->data, t->dtype, n);
+        return LT_OK;
+    }
+    void *tmp = malloc(t->nbytes); /* unaligned in the file */
+    if (!tmp) return LT_ERR_MEMORY;
+    memcpy(tmp, t->data, t->nbytes);
+    lt_convert(dst, dt, tmp, t->dtype, n);
+    free(tmp);
+    return LT_OK;
+}
+
 const char *st_shape_str(const st_tensor *t, char *buf, size_t cap) {
     size_t k = (size_t)snprintf(buf, cap, "[");
     for (int i = 0; i < t->ndim && k < cap; i++)

@@ -48,6 +48,10 @@ lt_status st_open(st_set *s, const char *path, char *err);
 lt_status st_open_file(st_set *s, const char *file, char *err);
 const st_tensor *st_find(const st_set *s, const char *name);
 void st_close(st_set *s);
+/* The tensor's elements converted to dt into dst (numel elements), through an aligned scratch
+ * copy when the tensor is not aligned to its element size in the file. t must be F32, F16 or
+ * BF16, and so must dt. LT_OK, or LT_ERR_MEMORY (no message: the caller names the tensor). */
+lt_status st_convert(const st_tensor *t, void *dst, lt_dtype dt);
 /* Shape as "[a, b]" (for messages). */
 const char *st_shape_str(const st_tensor *t, char *buf, size_t cap);
 

@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "cuda/base/threads.h"
 #include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors.h"
 #include "cuda/model/model.h"
@@ -296,17 +297,8 @@ static lt_status place_tensor(gemma3_model *m, lt_tensor *t, const st_tensor *sr
             return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory converting '%s' to %s", file,
                            name, lt_dtype_user_name(dt));
         }
-        if (((uintptr_t)src->data % lt_dtype_size(src->dtype)) == 0) {
-            lt_convert(t->data, dt, src->data, src->dtype, n);
-        } else { /* unaligned in the file: copy to an aligned scratch first */
-            void *tmp = malloc(src->nbytes);
-            if (!tmp) {
-                return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading '%s'", file, name);
-            }
-            memcpy(tmp, src->data, src->nbytes);
-            lt_convert(t->data, dt, tmp, src->dtype, n);
-            free(tmp);
-        }
+        if (st_convert(src, t->data, dt) != LT_OK)
+            return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading '%s'", file, name);
     }
     m->weight_bytes += (int64_t)lt_tensor_bytes(t);
     m->n_params += n;
@@ -346,22 +338,20 @@ static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_pa
                      "quant='%s' is not accepted (accepted: none, nf4, int8, dynamic)", q);
     }
     if (rc == LT_OK && p->cfg.present && p->dynamic) {
-        snprintf(err, LT_ERRLEN,
-                 "%.700s: this checkpoint is already quantized (quantization_config: %s); "
-                 "quant=dynamic quantizes a 16-bit checkpoint itself. Load this one without "
-                 "quant=: the linears its llm_int8_skip_modules lists stay 16-bit",
-                 cfg_path, p->cfg.kind == BNB_NF4 ? "nf4" : "int8");
-        rc = LT_ERR_ARG;
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "%.700s: this checkpoint is already quantized (quantization_config: %s); "
+                     "quant=dynamic quantizes a 16-bit checkpoint itself. Load this one without "
+                     "quant=: the linears its llm_int8_skip_modules lists stay 16-bit",
+                     cfg_path, p->cfg.kind == BNB_NF4 ? "nf4" : "int8");
     } else if (rc == LT_OK && p->cfg.present) {
         lt_quant_kind ck = p->cfg.kind == BNB_NF4 ? LT_QUANT_NF4 : LT_QUANT_INT8;
         if (want != LT_QUANT_NONE && want != ck) {
-            snprintf(
-                err, LT_ERRLEN,
+            rc = lt_fail(
+                err, LT_ERR_ARG,
                 "%.700s: this checkpoint is quantized to %s (quantization_config); quant=%.20s "
                 "cannot re-quantize it: load it with quant=%s or without quant=",
                 cfg_path, ck == LT_QUANT_NF4 ? "nf4" : "int8", q,
                 ck == LT_QUANT_NF4 ? "nf4" : "int8");
-            rc = LT_ERR_ARG;
         }
         p->kind = ck;
         p->nested = p->cfg.double_quant;
@@ -438,23 +428,12 @@ static void *nf4_worker(void *arg) {
     }
 }
 
-static int n_workers(void) {
-    long nc = sysconf(_SC_NPROCESSORS_ONLN);
-    return nc < 1 ? 1 : nc > 64 ? 64 : (int)nc;
-}
-
 static void nf4_quantize_all_cores(const float *x, int64_t n, int bs, uint8_t *packed,
                                    float *absmax) {
     nf4_job j = {
         .x = x, .n = n, .chunk = (int64_t)bs * 4096, .bs = bs, .packed = packed, .absmax = absmax};
     pthread_mutex_init(&j.mu, NULL);
-    pthread_t th[64];
-    int started = 0, nt = n > j.chunk ? n_workers() : 1;
-    for (int i = 1; i < nt; i++)
-        if (pthread_create(&th[started], NULL, nf4_worker, &j) == 0) started++;
-    nf4_worker(&j);
-    for (int i = 0; i < started; i++)
-        pthread_join(th[i], NULL);
+    lt_run_on_cores(nf4_worker, &j, (long)((n + j.chunk - 1) / j.chunk));
     pthread_mutex_destroy(&j.mu);
 }
 
@@ -524,13 +503,8 @@ static lt_status linear_to_f32(gemma3_model *m, const st_tensor *src, int64_t ou
                        file, name, src->dtype_name, st_shape_str(src, got, sizeof got), why,
                        (long long)out, (long long)in);
     }
-    void *tmp = NULL;
-    int unaligned = ((uintptr_t)src->data % lt_dtype_size(src->dtype)) != 0;
-    if (unaligned && !(tmp = malloc(src->nbytes)))
+    if (st_convert(src, x, LT_F32) != LT_OK)
         return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory reading '%s'", file, name);
-    if (tmp) memcpy(tmp, src->data, src->nbytes);
-    lt_to_f32(x, tmp ? tmp : src->data, src->dtype, out * in);
-    free(tmp);
     return LT_OK;
 }
 
@@ -633,13 +607,9 @@ const char *gemma3_quant_summary(const gemma3_model *m, char *buf, size_t cap) {
 lt_weight *gemma3_weight_owner(gemma3_model *m, const lt_tensor *t) {
     if (t == &m->embed_tokens.w) return &m->embed_tokens;
     if (t == &m->lm_head.w) return &m->lm_head;
-    for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
-        gemma3_layer *L = &m->layers[l];
-        lt_weight *all[] = {&L->q_proj,    &L->k_proj,  &L->v_proj,   &L->o_proj,
-                            &L->gate_proj, &L->up_proj, &L->down_proj};
-        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-            if (t == &all[i]->w) return all[i];
-    }
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int k = 0; k < N_LINEAR; k++)
+            if (t == &layer_linear(&m->layers[l], k)->w) return layer_linear(&m->layers[l], k);
     return NULL;
 }
 
@@ -935,14 +905,7 @@ lt_status gemma3_load_random(gemma3_model **out, const char *size, uint64_t seed
 static void fill_all_cores(fill_item *items, int n_items) {
     fill_job job = {.items = items, .n_items = n_items};
     pthread_mutex_init(&job.mu, NULL);
-    int nt = n_workers();
-    pthread_t th[64];
-    int started = 0;
-    for (int i = 1; i < nt; i++)
-        if (pthread_create(&th[started], NULL, fill_worker, &job) == 0) started++;
-    fill_worker(&job);
-    for (int i = 0; i < started; i++)
-        pthread_join(th[i], NULL);
+    lt_run_on_cores(fill_worker, &job, 0);
     pthread_mutex_destroy(&job.mu);
 }
 

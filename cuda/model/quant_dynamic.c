@@ -18,8 +18,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
+#include "cuda/base/threads.h"
 #include "cuda/model/quant_dynamic.h"
 
 /* ---- calibration text --------------------------------------------------------------------- */
@@ -120,11 +120,6 @@ static void *resid_worker(void *arg) {
     return NULL;
 }
 
-static int n_cores(void) {
-    long nc = sysconf(_SC_NPROCESSORS_ONLN);
-    return nc < 1 ? 1 : nc > 64 ? 64 : (int)nc;
-}
-
 lt_status qdyn_residual(const lt_weight *q, float *x, int64_t out, int64_t in, double *sq_w,
                         double *sq_d, char *err) {
     resid_job j = {.q = q, .x = x, .out = out, .in = in};
@@ -137,14 +132,7 @@ lt_status qdyn_residual(const lt_weight *q, float *x, int64_t out, int64_t in, d
         return lt_fail(err, LT_ERR_MEMORY, "out of memory measuring a quantization error");
     }
     pthread_mutex_init(&j.mu, NULL);
-    pthread_t th[64];
-    int started = 0, nt = j.n_chunks > 1 ? n_cores() : 1;
-    if (nt > j.n_chunks) nt = (int)j.n_chunks;
-    for (int i = 1; i < nt; i++)
-        if (pthread_create(&th[started], NULL, resid_worker, &j) == 0) started++;
-    resid_worker(&j);
-    for (int i = 0; i < started; i++)
-        pthread_join(th[i], NULL);
+    lt_run_on_cores(resid_worker, &j, (long)(j.n_chunks > 1 ? j.n_chunks : 1));
     pthread_mutex_destroy(&j.mu);
     double sw = 0, sd = 0;
     for (int64_t c = 0; c < j.n_chunks; c++) {
