@@ -229,10 +229,10 @@ void lt_train_opts_default(lt_train_opts *o);
 
 /* Every default of the options structs above is written once, as text, in a table per struct:
  * group "load" (lt_load_opts), "gen" (lt_gen_opts), "lora" (lt_lora_opts), "train"
- * (lt_train_opts). Each field has one entry, named as the field (and as the magic option that
- * sets it). The text is what %help shows and what the kernel parses for an option left out:
- * integers in decimal, numbers as strtod reads them ("2e-4"), flags "true"/"false", text as
- * is. The lt_*_opts_default functions fill their struct by parsing the same texts. */
+ * (lt_train_opts), "grpo" (lt_grpo_opts). Each field has one entry, named as the field (and as the
+ * magic option that sets it). The text is what %help shows and what the kernel parses for an option
+ * left out: integers in decimal, numbers as strtod reads them ("2e-4"), flags "true"/"false", text
+ * as is. The lt_*_opts_default functions fill their struct by parsing the same texts. */
 
 /* group.name's default; NULL when the field is unset by default (NULL / 0, e.g. train's data)
  * or when the group or the name is unknown. The text lives as long as the program. */
@@ -276,6 +276,84 @@ typedef struct lt_train_result {
  * (or with resume=) continues from there. res may be NULL. */
 lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbacks *cb,
                    lt_train_result *res);
+
+/* ---- reinforcement learning: %grpo (cuda/train/grpo.c) -------------------------------- */
+
+typedef struct lt_grpo_opts {
+    const char *data;          /* JSONL: "prompt" (text, or a list of chat messages) + fields */
+    const char *reward;        /* reward functions: built-in names and/or "exec:COMMAND" */
+    const char *weights;       /* one weight per reward, commas; NULL = all 1 */
+    const char *markers;       /* the format rewards' four markers, commas; NULL = defaults */
+    int group;                 /* completions per prompt (default 8) */
+    int batch;                 /* prompts per generation (default 1) */
+    int micro;                 /* completions per forward/backward pass; 0 = group */
+    int steps;                 /* optimizer steps (default 50) */
+    float lr;                  /* default 5e-6 */
+    int warmup;                /* warmup steps (default 0) */
+    const char *schedule;      /* "constant", "linear" (default), "cosine" */
+    float weight_decay;        /* default 0 */
+    float max_grad_norm;       /* default 1.0; 0 = off */
+    float beta;                /* KL coefficient (default 0: no reference pass) */
+    float epsilon;             /* lower clipping range (0.2) */
+    float epsilon_high;        /* upper clipping range (0.2) */
+    const char *loss;          /* "dapo" (default), "grpo", "bnpo", "dr_grpo" */
+    const char *scale_rewards; /* "group" (default), "batch", "none" */
+    int max_prompt;            /* prompt tokens kept (the last ones; default 256) */
+    int max_completion;        /* new tokens per completion (default 256) */
+    float temperature;         /* sampling temperature, also in the log-probabilities (1.0) */
+    float top_p;               /* 1 = off */
+    int top_k;                 /* 0 = off */
+    int iterations;            /* optimizer steps per generation (TRL's num_iterations; 1) */
+    uint64_t seed;             /* prompt order and sampling (default 3407) */
+    int shuffle;               /* shuffle the prompts every epoch (default true) */
+    int show_every;            /* print one sampled completion every N steps (0 = never; 5) */
+    float reward_timeout;      /* seconds an exec: reward may take per step (default 120) */
+    const char *log;           /* JSON lines, one per step; NULL = none */
+} lt_grpo_opts;
+/* Fills the defaults from lt_option_default("grpo", ...). */
+void lt_grpo_opts_default(lt_grpo_opts *o);
+
+/* One optimizer step's report, with TRL's metrics. */
+typedef struct lt_grpo_progress {
+    int step, total_steps;
+    double loss, lr, grad_norm;
+    double reward, reward_std; /* mean total reward; mean of the groups' std */
+    int n_rewards;             /* reward functions */
+    const char *const *reward_names;
+    const double *reward_mean, *reward_func_std; /* [n_rewards] */
+    double kl;                                   /* mean per-token k3 KL (0 when beta = 0) */
+    double completion_length;                    /* mean tokens per completion */
+    double clipped_ratio;                        /* completions that reached max_completion */
+    double clip_ratio;                           /* tokens whose ratio was clipped */
+    double sample_tok_s, train_tok_s, elapsed_s, eta_s;
+    const float *rewards; /* every step's mean reward so far (the live curve) */
+    int n_steps_logged;
+    /* one completion to show this step, or NULL: its prompt, text and total reward */
+    const char *show_prompt, *show_completion;
+    double show_reward;
+} lt_grpo_progress;
+
+typedef struct lt_grpo_callbacks {
+    void *ctx;
+    void (*message)(void *ctx, const char *text);       /* plan and notes; may be NULL */
+    void (*step)(void *ctx, const lt_grpo_progress *p); /* after every optimizer step */
+} lt_grpo_callbacks;
+
+typedef struct lt_grpo_result {
+    int steps_done, total_steps;
+    double first_reward, last_reward, seconds;
+    int interrupted; /* weights are those of step steps_done */
+    int n_prompts;
+} lt_grpo_result;
+
+/* GRPO on the attached LoRA adapters: each generation samples group completions for each of
+ * batch prompts (the adapters active), scores them with the rewards, and takes `iterations`
+ * optimizer steps on TRL's loss; the reference policy of the KL term is the model with the
+ * adapters switched off. A cancel (polled between decode steps and micro-batches) keeps the
+ * weights of the last complete step and returns LT_CANCELLED with res->interrupted. Each call
+ * starts a fresh optimizer (a following %train does too). res may be NULL. */
+lt_status lt_grpo(lt_session *s, const lt_grpo_opts *o, const lt_grpo_callbacks *cb,
+                  lt_grpo_result *res);
 
 /* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). */
 lt_status lt_save_adapter(lt_session *s, const char *dir);

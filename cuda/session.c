@@ -939,6 +939,23 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
     return rc;
 }
 
+lt_status lt_grpo(lt_session *s, const lt_grpo_opts *o, const lt_grpo_callbacks *cb,
+                  lt_grpo_result *res) {
+    call_begin(s);
+    if (res) memset(res, 0, sizeof *res);
+    if (!s->model)
+        return lt_fail(s->err, LT_ERR_STATE, "%%grpo: no model loaded (%%load tiny, then %%lora)");
+    if (!trainer_adapters(s->trainer))
+        return lt_fail(s->err, LT_ERR_STATE,
+                       "%%grpo: nothing to train: attach LoRA adapters first (%%lora)");
+    trainer_env env = session_env(s);
+    trainer_forget_run(s->trainer); /* a later %train starts a fresh run */
+    cache_drop(s);                  /* the rollout and the updates change what the cache holds */
+    lt_status rc = grpo_run(trainer_adapters(s->trainer), &env, o, cb, res, s->err);
+    cache_drop(s);
+    return rc;
+}
+
 lt_status lt_save_adapter(lt_session *s, const char *dir) {
     call_begin(s);
     if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");

@@ -1,6 +1,6 @@
 /* session_options.c — the one place the defaults of the engine's options structs are written:
- * a table per struct (lt_load_opts, lt_gen_opts, lt_lora_opts, lt_train_opts) holding each
- * field's default as text, and the lt_*_opts_default functions, which fill a struct by parsing
+ * a table per struct (lt_load_opts, lt_gen_opts, lt_lora_opts, lt_train_opts, lt_grpo_opts) holding
+ * each field's default as text, and the lt_*_opts_default functions, which fill a struct by parsing
  * that text. The kernel reads the same texts through lt_option_default for %help and for the
  * options a cell leaves out, so a default cannot differ between the two.
  *
@@ -87,14 +87,48 @@ static const field_default train_defaults[] = {
     FIELD(lt_train_opts, resume, FIELD_TEXT, NULL),
     {NULL}};
 
+/* GRPO: lr 5e-6, group 8, epsilon 0.2 both sides, beta 0 and loss "dapo" are TRL's
+ * GRPOConfig defaults (trl/trainer/grpo_config.py: learning_rate 1e-6 there, 5e-6 in Unsloth's
+ * Gemma 3 GRPO notebook); scale_rewards "group" is TRL's default normalisation. */
+static const field_default grpo_defaults[] = {
+    FIELD(lt_grpo_opts, data, FIELD_TEXT, NULL),
+    FIELD(lt_grpo_opts, reward, FIELD_TEXT, NULL),
+    FIELD(lt_grpo_opts, weights, FIELD_TEXT, NULL),
+    FIELD(lt_grpo_opts, markers, FIELD_TEXT,
+          "<start_working_out>,<end_working_out>,<SOLUTION>,</SOLUTION>"),
+    FIELD(lt_grpo_opts, group, FIELD_INT, "8"),
+    FIELD(lt_grpo_opts, batch, FIELD_INT, "1"),
+    FIELD(lt_grpo_opts, micro, FIELD_INT, "0"),
+    FIELD(lt_grpo_opts, steps, FIELD_INT, "50"),
+    FIELD(lt_grpo_opts, lr, FIELD_FLOAT, "5e-6"),
+    FIELD(lt_grpo_opts, warmup, FIELD_INT, "0"),
+    FIELD(lt_grpo_opts, schedule, FIELD_TEXT, "linear"),
+    FIELD(lt_grpo_opts, weight_decay, FIELD_FLOAT, "0"),
+    FIELD(lt_grpo_opts, max_grad_norm, FIELD_FLOAT, "1.0"),
+    FIELD(lt_grpo_opts, beta, FIELD_FLOAT, "0.0"),
+    FIELD(lt_grpo_opts, epsilon, FIELD_FLOAT, "0.2"),
+    FIELD(lt_grpo_opts, epsilon_high, FIELD_FLOAT, "0.2"),
+    FIELD(lt_grpo_opts, loss, FIELD_TEXT, "dapo"),
+    FIELD(lt_grpo_opts, scale_rewards, FIELD_TEXT, "group"),
+    FIELD(lt_grpo_opts, max_prompt, FIELD_INT, "256"),
+    FIELD(lt_grpo_opts, max_completion, FIELD_INT, "768"),
+    FIELD(lt_grpo_opts, temperature, FIELD_FLOAT, "1.0"),
+    FIELD(lt_grpo_opts, top_p, FIELD_FLOAT, "1.0"),
+    FIELD(lt_grpo_opts, top_k, FIELD_INT, "0"),
+    FIELD(lt_grpo_opts, iterations, FIELD_INT, "1"),
+    FIELD(lt_grpo_opts, seed, FIELD_U64, "3407"),
+    FIELD(lt_grpo_opts, shuffle, FIELD_FLAG, "true"),
+    FIELD(lt_grpo_opts, show_every, FIELD_INT, "5"),
+    FIELD(lt_grpo_opts, reward_timeout, FIELD_FLOAT, "120"),
+    FIELD(lt_grpo_opts, log, FIELD_TEXT, NULL),
+    {NULL}};
+
 static const struct {
     const char *group;
     const field_default *fields;
 } groups[] = {
-    {"load", load_defaults},
-    {"gen", gen_defaults},
-    {"lora", lora_defaults},
-    {"train", train_defaults},
+    {"load", load_defaults},   {"gen", gen_defaults},   {"lora", lora_defaults},
+    {"train", train_defaults}, {"grpo", grpo_defaults},
 };
 
 static const field_default *group_find(const char *group) {
@@ -157,4 +191,8 @@ void lt_lora_opts_default(lt_lora_opts *o) {
 
 void lt_train_opts_default(lt_train_opts *o) {
     fields_fill(o, sizeof *o, train_defaults);
+}
+
+void lt_grpo_opts_default(lt_grpo_opts *o) {
+    fields_fill(o, sizeof *o, grpo_defaults);
 }

@@ -29,4 +29,7 @@ int magic_lora(magic_ctx *ctx, const magic_args *a);
 int magic_train(magic_ctx *ctx, const magic_args *a);
 int magic_save(magic_ctx *ctx, const magic_args *a);
 
+/* magic_grpo.c */
+int magic_grpo(magic_ctx *ctx, const magic_args *a);
+
 #endif

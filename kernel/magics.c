@@ -174,6 +174,59 @@ static const opt_spec train_opts[] = {
      "continue from a checkpoint (or the latest one in a save= folder)"},
     {NULL}};
 
+/* Every %grpo option is a field of lt_grpo_opts: defaults are the engine's. */
+static const opt_spec grpo_opts[] = {
+    {"data", OPT_STRING, FROM_ENGINE("grpo"), NULL, NO_RANGE,
+     "JSON lines: \"prompt\" (a text or chat messages) and any fields the rewards read"},
+    {"reward", OPT_STRING, FROM_ENGINE("grpo"), NULL, NO_RANGE,
+     "rewards, commas: format, format_approx, answer, number, and last \"exec:COMMAND\""},
+    {"weights", OPT_STRING, FROM_ENGINE("grpo"), NULL, NO_RANGE,
+     "one weight per reward, commas (default all 1); the total is their weighted sum"},
+    {"markers", OPT_STRING, FROM_ENGINE("grpo"), NULL, NO_RANGE,
+     "the format rewards' four markers: reasoning start, end, solution start, end"},
+    {"group", OPT_INT, FROM_ENGINE("grpo"), NULL, 2, 4096, 0, "completions sampled per prompt"},
+    {"batch", OPT_INT, FROM_ENGINE("grpo"), NULL, 1, 4096, 0, "prompts per generation"},
+    {"micro", OPT_INT, FROM_ENGINE("grpo"), NULL, 0, 65536, 0,
+     "completions per forward/backward pass (0 = group); lower it to save memory"},
+    {"steps", OPT_INT, FROM_ENGINE("grpo"), NULL, 1, 100000000, 0, "optimizer steps"},
+    {"lr", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 10, 1, "peak learning rate (AdamW)"},
+    {"warmup", OPT_INT, FROM_ENGINE("grpo"), NULL, 0, 100000000, 0, "warmup steps"},
+    {"schedule", OPT_CHOICE, FROM_ENGINE("grpo"), "constant|linear|cosine", NO_RANGE,
+     "learning-rate schedule after warmup"},
+    {"weight_decay", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 10, 0, "AdamW's decoupled decay"},
+    {"max_grad_norm", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1e9, 0,
+     "clip the gradient's global norm (0 = off)"},
+    {"beta", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1e6, 0,
+     "KL coefficient against the model without adapters (0 = no reference pass)"},
+    {"epsilon", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1, 0,
+     "lower clipping range of the probability ratio"},
+    {"epsilon_high", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1e6, 0,
+     "upper clipping range (default: epsilon)"},
+    {"loss", OPT_CHOICE, FROM_ENGINE("grpo"), "dapo|grpo|bnpo|dr_grpo", NO_RANGE,
+     "how token losses are summed and divided, as TRL's loss_type"},
+    {"scale_rewards", OPT_CHOICE, FROM_ENGINE("grpo"), "group|batch|none", NO_RANGE,
+     "divide advantages by the group's reward std, the batch's, or not at all"},
+    {"max_prompt", OPT_INT, FROM_ENGINE("grpo"), NULL, 2, 1048576, 0,
+     "prompt tokens kept (longer prompts keep their end)"},
+    {"max_completion", OPT_INT, FROM_ENGINE("grpo"), NULL, 1, 1048576, 0,
+     "new tokens per completion"},
+    {"temperature", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 100, 1,
+     "sampling temperature (the log-probabilities use it too)"},
+    {"top_p", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1, 1, "nucleus sampling (1 = off)"},
+    {"top_k", OPT_INT, FROM_ENGINE("grpo"), NULL, 0, 1000000, 0, "top-k sampling (0 = off)"},
+    {"iterations", OPT_INT, FROM_ENGINE("grpo"), NULL, 1, 1000, 0,
+     "optimizer steps per generation (TRL's num_iterations; > 1 clips the ratio)"},
+    {"seed", OPT_INT, FROM_ENGINE("grpo"), NULL, 0, 9007199254740991.0, 0,
+     "prompt order and sampling"},
+    {"shuffle", OPT_BOOL, FROM_ENGINE("grpo"), NULL, NO_RANGE, "shuffle the prompts every epoch"},
+    {"show_every", OPT_INT, FROM_ENGINE("grpo"), NULL, 0, 100000000, 0,
+     "print one sampled completion every N steps (0 = never)"},
+    {"reward_timeout", OPT_FLOAT, FROM_ENGINE("grpo"), NULL, 0, 1e6, 1,
+     "seconds an exec: reward may take to score one step's completions"},
+    {"log", OPT_STRING, FROM_ENGINE("grpo"), NULL, NO_RANGE,
+     "write one JSON object per step (TRL's metric names) to this file"},
+    {NULL}};
+
 /* adapter=, merged=, quantized= and dtype= are arguments of lt_save_adapter, lt_save_merged
  * and lt_save_quantized. */
 static const opt_spec save_opts[] = {
@@ -245,6 +298,30 @@ static const magic_spec table[] = {
      "the same %train again to continue. save=DIR keeps checkpoints; resume=DIR continues "
      "one.",
      magic_train},
+    {"grpo", 0,
+     "%grpo data=FILE reward=R[,R...] [weights=W,...] [group=8] [batch=1] [steps=50] "
+     "[lr=5e-6] [beta=0] [epsilon=0.2] [loss=dapo|grpo|bnpo|dr_grpo] "
+     "[max_completion=768] [temperature=1] [log=FILE] ...",
+     0, 0, NULL, NULL, grpo_opts, "reinforcement learning with reward functions (GRPO)",
+     "Trains the attached LoRA adapters with GRPO, as TRL's GRPOTrainer: for each of batch "
+     "prompts, samples group completions with the adapters active (batched, with a KV "
+     "cache; the prompt is prefilled once per group), scores each with the rewards, turns "
+     "the weighted sum into advantages within its group and takes an AdamW step on TRL's "
+     "clipped loss (the four loss types), with the model without adapters as the KL "
+     "reference when beta > 0. Data: JSON lines with \"prompt\" (a text, or chat messages "
+     "rendered with Gemma's template and the generation prompt) and any other fields. "
+     "Built-in rewards, with markers R_START,R_END,S_START,S_END (markers=): format (3.0 when "
+     "the completion is R_START...R_END...S_START answer S_END), format_approx (+0.5 for each "
+     "marker seen exactly once, -1.0 otherwise), answer (the row's \"answer\": 3.0 equal, 1.5 "
+     "equal after trimming, 0.5 within 10%, 0.25 within 20%, else -1.0; -0.5 not a number), "
+     "number (1.5 when the first number after S_START equals the answer). \"exec:COMMAND\" "
+     "runs COMMAND once through /bin/sh in the notebook's folder: it reads one JSON object a "
+     "line, {\"prompt\", \"completion\", the row's fields}, and answers one line each, a "
+     "number or null (no reward); a crash, a bad line or a timeout stops %grpo with the "
+     "program's name and the line. Shows a progress bar, the reward curve and every "
+     "show_every steps a sampled completion. An interrupt stops at the next decode step or "
+     "micro-batch and keeps the weights of the last complete step.",
+     magic_grpo},
     {"save", 0, "%save adapter=DIR | merged=DIR | quantized=DIR [dtype=auto|fp32|fp16|bf16]", 0, 0,
      NULL, NULL, save_opts, "save a PEFT adapter, a merged or a quantized checkpoint",
      "adapter=DIR writes adapter_config.json and adapter_model.safetensors, loadable by "

@@ -12,6 +12,18 @@
 
 #include "cuda/train/train.h"
 
+int optim_schedule_parse(const char *name, lr_schedule *s) {
+    if (!name || !strcmp(name, "linear"))
+        *s = SCHED_LINEAR;
+    else if (!strcmp(name, "constant"))
+        *s = SCHED_CONSTANT;
+    else if (!strcmp(name, "cosine"))
+        *s = SCHED_COSINE;
+    else
+        return -1;
+    return 0;
+}
+
 double optim_lr_factor(lr_schedule s, int step, int warmup, int total) {
     if (step < warmup) return (double)step / (double)(warmup > 1 ? warmup : 1);
     double rest = (double)(total - warmup > 1 ? total - warmup : 1);

@@ -70,6 +70,10 @@ lt_trainer *trainer_new(void) {
     return calloc(1, sizeof(lt_trainer));
 }
 
+void trainer_forget_run(lt_trainer *t) {
+    if (t) run_reset(t);
+}
+
 lt_adapters *trainer_adapters(const lt_trainer *t) {
     return t ? t->ad : NULL;
 }
@@ -164,16 +168,9 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
         return lt_fail(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
     if (o->max_seq < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
-    const char *s = o->schedule ? o->schedule : "linear";
-    if (!strcmp(s, "constant"))
-        *sched = SCHED_CONSTANT;
-    else if (!strcmp(s, "linear"))
-        *sched = SCHED_LINEAR;
-    else if (!strcmp(s, "cosine"))
-        *sched = SCHED_COSINE;
-    else
+    if (optim_schedule_parse(o->schedule, sched) != 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine",
-                       s);
+                       o->schedule);
     if (o->optim && strcmp(o->optim, "adamw") != 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: optim=%s; accepted: adamw", o->optim);
     return LT_OK;

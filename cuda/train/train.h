@@ -10,6 +10,9 @@
  *   checkpoint.c       training checkpoints (trainable tensors, AdamW state, a PEFT adapter)
  *   train.c            lt_trainer: the %train loop (trainer_run), given the model, tokenizer,
  *                      backend and cancel flag it works on for one call
+ *   grpo.c             the %grpo loop (grpo_run): rollouts, rewards, TRL's GRPO loss
+ *   grpo_loss.c        GRPO's advantages and per-token loss (grpo_loss.h)
+ *   rewards.c          GRPO's reward functions, built-in and exec: programs (rewards.h)
  * May include model/, text/, formats/, backend/ and base/; never the session or export/.
  */
 #ifndef LATHE_TRAIN_H
@@ -122,6 +125,8 @@ typedef struct optim_opts {
     lr_schedule schedule;
 } optim_opts;
 
+/* "constant", "linear" (also for NULL), "cosine" into *s; -1 for another name. */
+int optim_schedule_parse(const char *name, lr_schedule *s);
 /* transformers' get_{constant,linear,cosine}_schedule_with_warmup multiplier for the
  * optimizer step `step` (0-based: the first update uses step 0) of `total`. */
 double optim_lr_factor(lr_schedule s, int step, int warmup, int total);
@@ -206,6 +211,17 @@ lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_op
 lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o,
                       const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
                       char *err);
+
+/* Forgets the current %train run (its position, losses and AdamW state), keeping the adapters:
+ * another trainer (%grpo) is about to change them. */
+void trainer_forget_run(lt_trainer *t);
+
+/* ---- GRPO (grpo.c) ---------------------------------------------------------------------- */
+
+/* One %grpo call on the LoRA adapters a (fresh AdamW state), with the model, tokenizer,
+ * backend and cancel flag of env. Sampling, rewards and the loss are described in grpo.c. */
+lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o,
+                   const lt_grpo_callbacks *cb, lt_grpo_result *res, char *err);
 
 /* ---- training checkpoints (checkpoint.c) ---------------------------------------------- */
 
