@@ -9,10 +9,14 @@
 #           and 27B peak memory, 12B on the fp16 path under a 15 GiB cap (a T4's usable
 #           memory, LATHE_CUDA_MEMORY_CAP), and tokens/s against lathe's own 16-bit LoRA at
 #           the same shape (bitsandbytes is not on the machine);
+#   grpo    GRPO's sampling for 1B (bf16 and fp16; 8 and 64 completions at once, 256 new tokens,
+#           hf_generate.py's top_k 64 / top_p 0.95 and GRPO's untruncated sampling) and
+#           transformers' generate on the same shapes (bench/hf_generate.py), then a whole GRPO step (1B, group 8,
+#           256 new tokens) with its time split;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
-# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|all], with the binaries packed
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
@@ -56,6 +60,21 @@ case $what in all|qlora)
     LATHE_CUDA_MEMORY_CAP=15G timeout 240 $B/bench_train 12b fp16 2048 1 4 2 nf4 16 \
         >> "$out/bench_qlora.log" 2>&1
     grep -h -E '^\{|^bench_train|drawn and placed|memory cap' "$out/bench_qlora.log"
+esac
+case $what in grpo)
+    R=$B/bench_rollout
+    for a in "1b bf16 1 8 256" "1b bf16 8 8 256" "1b fp16 1 8 256" "1b fp16 8 8 256" \
+             "1b bf16 1 8 256 128 0 1" "1b bf16 8 8 256 128 0 1"; do
+        timeout 120 $R sample $a >> "$out/bench_grpo.log" 2>&1
+    done
+    timeout 150 $R step 1b bf16 8 256 >> "$out/bench_grpo.log" 2>&1
+    timeout 100 $R step 1b fp16 8 256 >> "$out/bench_grpo.log" 2>&1
+    timeout 200 python3 -c "
+import sys; sys.path.insert(0, 'bench')
+import hf_generate as g
+g.run('1b', 8, 256); g.run('1b', 64, 256)
+" 2>&1 | grep -v -i warn >> "$out/bench_grpo.log"
+    grep -h -E '^\{|^bench_rollout' "$out/bench_grpo.log"
 esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
