@@ -245,9 +245,9 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
                              const train_batch *b, float grad_scale, int grads,
                              uint64_t dropout_seed, double *loss_sum);
 /* What gemma3_train_batch with grads allocates for N tokens: *device in backend memory (one
- * layer's activations and gradients, the residual stream, the loss's input; not the
- * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
- * dropout: LoRA dropout on (its scratch counts). */
+ * layer's activations and gradients, the residual stream, the loss's input, its per-token
+ * weights and log-probabilities; not the temporaries inside ops), *host off the device (the
+ * layer checkpoints, be->host_alloc). dropout: LoRA dropout on (its scratch counts). */
 void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr, int64_t N,
                         int dropout, size_t *device, size_t *host);
 
