@@ -212,11 +212,16 @@ typedef struct lt_backend {
     lt_status (*embedding_backward)(lt_ctx *ctx, const lt_weight *table, lt_tensor dh,
                                     lt_tensor ids, float scale);
     /* Fused, chunked cross-entropy over the tied head: never holds [T, V] logits.
-     * h: [T, H] (after the final norm); targets: [T] I32 (-100 = ignored).
-     * *loss_sum (host) = Σ CE over non-ignored rows; dh (if data != NULL) = grad_scale *
-     * d(Σ CE)/dh, written; head gradients accumulated when head->grad_w / lora present. */
+     * h: [T, H] (after the final norm); targets: [T] I32 (-100 = ignored). The logits are
+     * z = logit_scale * h·headᵀ (1 = plain; a sampling temperature's 1/T). row_weight: fp32
+     * [T] w_t (any sign, 0 allowed), or data NULL = every w_t 1. *loss_sum (host) =
+     * Σ w_t·CE_t over non-ignored rows; dh (if data != NULL) = grad_scale * d(Σ w_t·CE_t)/dh,
+     * written; head gradients (weighted alike) accumulated when head->grad_w present.
+     * row_logp (if data != NULL): fp32 [T], written: log_softmax(z_t)[target_t] = -CE_t,
+     * unweighted, 0 for ignored rows. */
     lt_status (*cross_entropy)(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
-                               const lt_weight *head, lt_tensor targets, float grad_scale);
+                               const lt_weight *head, lt_tensor targets, lt_tensor row_weight,
+                               lt_tensor row_logp, float logit_scale, float grad_scale);
     /* One AdamW step on an fp32 parameter in place (PyTorch semantics, decoupled decay). */
     lt_status (*adamw)(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                        float lr, float beta1, float beta2, float eps, float weight_decay, int step);

@@ -34,6 +34,7 @@
 /* Everything one call needs, in backend memory unless noted. */
 typedef struct tb_bufs {
     int32_t *ids, *pos, *tg;
+    float *rw, *lp;  /* [N] the targets' loss weights and log-probabilities (when asked for) */
     float *layer_in; /* [L, N, H] checkpoints: host_alloc memory (device memory if none) */
     int layer_in_on_host;
     /* [N, H] x2, the residual stream: layer l reads res[l & 1] and writes res[(l + 1) & 1],
@@ -421,6 +422,10 @@ static int bufs_plan(const tb_ctx *c, int grads, tb_want *want) {
     WANT(B->ids, N * 4);
     WANT(B->pos, N * 4);
     WANT(B->tg, N * 4);
+    /* the loss weights and log-probabilities: counted by gemma3_train_bytes (no batch), held
+     * only by a batch that gives or asks for them */
+    if (!c->b || c->b->weights) WANT(B->rw, N * f);
+    if (!c->b || c->b->logp) WANT(B->lp, N * f);
     WANT(B->res[0], N * H * f);
     WANT(B->res[1], N * H * f);
     WANT(B->layer, B->layer_bytes);
@@ -450,8 +455,8 @@ static void bufs_release(lt_ctx *ctx, tb_bufs *B) {
         else
             ctx->be->release(ctx, B->layer_in);
     }
-    void *owned[] = {B->ids, B->pos,  B->tg,    B->res[0], B->res[1], B->layer, B->dh,
-                     B->dx,  B->s_in, B->s_in2, B->s_out,  B->s_r,    B->s_r2};
+    void *owned[] = {B->ids, B->pos, B->tg,   B->rw,    B->lp,    B->res[0], B->res[1], B->layer,
+                     B->dh,  B->dx,  B->s_in, B->s_in2, B->s_out, B->s_r,    B->s_r2};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++)
         ctx->be->release(ctx, owned[i]);
     memset(B, 0, sizeof *B);
@@ -530,6 +535,10 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     if (b->N <= 0 || b->n_seg <= 0) {
         return lt_fail(ctx->err, LT_ERR_ARG, "train: empty micro-batch");
     }
+    float lscale = b->logit_scale == 0.0f ? 1.0f : b->logit_scale;
+    if (!(lscale > 0.0f) || !isfinite(lscale)) {
+        return lt_fail(ctx->err, LT_ERR_ARG, "train: logit_scale must be finite and positive");
+    }
     const char *missing = lt_backend_missing_training_op(be);
     if (missing) {
         return lt_fail(ctx->err, LT_ERR_STATE, "training: the %s backend has no %s op", be->name,
@@ -571,6 +580,7 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     LT_TRY(be->upload(ctx, B.ids, b->ids, sizeof(int32_t) * (size_t)N));
     LT_TRY(be->upload(ctx, B.pos, pos, sizeof(int32_t) * (size_t)N));
     LT_TRY(be->upload(ctx, B.tg, b->targets, sizeof(int32_t) * (size_t)N));
+    if (b->weights) LT_TRY(be->upload(ctx, B.rw, b->weights, sizeof(float) * (size_t)N));
     lt_tensor ids = lt_tensor_1d(LT_I32, B.ids, N);
     float escale = gemma3_embed_scale(m);
 
@@ -592,12 +602,14 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
     float *hfin = res[L & 1], *hn = res[(L + 1) & 1];
     LT_TRY(be->stash_wait(ctx)); /* hn was the last layer's input */
     LT_TRY(be->rmsnorm(ctx, t2(hn, N, H), t2(hfin, N, H), m->norm, eps)); /* hn: [N, H] */
-    /* fused loss: Σ CE and dhn = grad_scale·dΣCE/dhn (into B.dx), its logits chunks in the
+    /* fused loss: Σ w·CE and dhn = grad_scale·dΣw·CE/dhn (into B.dx), its logits chunks in the
      * layer block, idle until the backward */
     be->lend(ctx, B.layer, B.layer_bytes);
     rc = be->cross_entropy(ctx, loss_sum, grads ? t2(B.dx, N, H) : none2(N, H), t2(hn, N, H), head,
-                           lt_tensor_1d(LT_I32, B.tg, N), grad_scale);
+                           lt_tensor_1d(LT_I32, B.tg, N), lt_tensor_1d(LT_F32, B.rw, N),
+                           lt_tensor_1d(LT_F32, B.lp, N), lscale, grad_scale);
     be->lend(ctx, NULL, 0);
+    if (rc == LT_OK && b->logp) rc = be->download(ctx, b->logp, B.lp, sizeof(float) * (size_t)N);
     if (rc != LT_OK || !grads) goto done;
 
     /* backward: final norm, then each layer from the top, recomputed from its input, which

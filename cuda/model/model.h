@@ -220,29 +220,34 @@ typedef struct gemma3_trainable {
 
 /* One micro-batch: n_seg samples packed into one row of N tokens (no padding); attention
  * stays inside each sample (positions restart at 0 per sample). targets[t] is the id token
- * t must predict, or -100. */
+ * t must predict, or -100. The last three fields zero (SFT) give the plain loss Σ CE. */
 typedef struct train_batch {
     int32_t *ids;     /* [N] host */
     int32_t *targets; /* [N] host */
     int *seg_len;     /* [n_seg] */
     int n_seg;
     int N;
-    int n_labels; /* targets != -100 */
+    int n_labels;         /* targets != -100 */
+    const float *weights; /* [N] host: each target token's loss weight (any sign); NULL = 1 */
+    float *logp;          /* [N] host out: each target token's log-probability (0 where -100);
+                             NULL = not wanted */
+    float logit_scale;    /* 0 or 1 = plain logits; GRPO: 1/temperature */
 } train_batch;
 
 /* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are
  * ACCUMULATED into the adapters' (or full weights') gradients, scaled by grad_scale
  * (1 / label tokens of the whole optimizer step, as transformers does since its gradient
- * accumulation fix). *loss_sum = Σ CE. tr may
+ * accumulation fix). *loss_sum = Σ w·CE (w = b->weights, or 1), over logits times
+ * b->logit_scale; b->logp, when given, receives each token's log-probability. tr may
  * be NULL (no trainable weights: loss only). dropout_seed != 0 turns LoRA dropout on, with
  * masks derived from it (0 = no dropout: evaluation). */
 lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr,
                              const train_batch *b, float grad_scale, int grads,
                              uint64_t dropout_seed, double *loss_sum);
 /* What gemma3_train_batch with grads allocates for N tokens: *device in backend memory (one
- * layer's activations and gradients, the residual stream, the loss's input; not the
- * temporaries inside ops), *host off the device (the layer checkpoints, be->host_alloc).
- * dropout: LoRA dropout on (its scratch counts). */
+ * layer's activations and gradients, the residual stream, the loss's input, its per-token
+ * weights and log-probabilities; not the temporaries inside ops), *host off the device (the
+ * layer checkpoints, be->host_alloc). dropout: LoRA dropout on (its scratch counts). */
 void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr, int64_t N,
                         int dropout, size_t *device, size_t *host);
 

@@ -45,7 +45,8 @@ int grpo_scale_parse(const char *name);
  * unbiased (n - 1) std of the group (GRPO_SCALE_GROUP) or of all n_rows (GRPO_SCALE_BATCH) plus
  * 1e-4, as TRL computes them. A group of one has std 0 (torch gives NaN; TRL's groups are never
  * of one). group_std (may be NULL) receives each row's group std (TRL's reward_std metric is
- * their mean). */
+ * their mean). (A group below 1 makes all rows one group; when group does not divide n_rows
+ * the last, shorter group is a group of its own.) */
 void grpo_advantages(const double *rewards, int n_rows, int group, grpo_scale scale, double *adv,
                      double *group_std);
 
@@ -60,27 +61,28 @@ typedef struct grpo_loss_opts {
  * arrays (only completion tokens; the prompt is not there). */
 typedef struct grpo_loss_in {
     int n_seq;
-    const int *off, *len;    /* [n_seq] */
-    const double *adv;       /* [n_seq] */
-    const float *logp;       /* [n_tok] log-probabilities under the current policy */
-    const float *old_logp;   /* [n_tok] those of the policy that sampled; NULL = logp (ratio 1) */
-    const float *ref_logp;   /* [n_tok] under the reference policy; needed when beta != 0 */
-    int n_accum;             /* micro-batches in the optimizer step (>= 1) */
-    int64_t n_items;         /* dapo: completion tokens in the whole optimizer step (>= 1) */
+    const int *off, *len;  /* [n_seq] */
+    const double *adv;     /* [n_seq] */
+    const float *logp;     /* [n_tok] log-probabilities under the current policy */
+    const float *old_logp; /* [n_tok] those of the policy that sampled; NULL = logp (ratio 1) */
+    const float *ref_logp; /* [n_tok] under the reference policy; needed when beta != 0 */
+    int n_accum;           /* micro-batches in the optimizer step (>= 1) */
+    int64_t n_items;       /* dapo: completion tokens in the whole optimizer step (>= 1) */
 } grpo_loss_in;
 
 /* What TRL logs, summed over the micro-batch's completion tokens (the trainer divides). */
 typedef struct grpo_loss_stats {
-    double loss;          /* the micro-batch's loss, aggregated as above */
-    double kl_sum;        /* Σ per-token k3 KL (0 when beta == 0 and ref_logp NULL) */
-    int64_t n_tok;        /* completion tokens */
-    int64_t n_clip_low;   /* tokens with ratio < 1 - eps_low and A < 0 */
-    int64_t n_clip_high;  /* tokens with ratio > 1 + eps_high and A > 0 */
+    double loss;         /* the micro-batch's loss, aggregated as above */
+    double kl_sum;       /* Σ per-token k3 KL (0 when beta == 0 and ref_logp NULL) */
+    int64_t n_tok;       /* completion tokens */
+    int64_t n_clip_low;  /* tokens with ratio < 1 - eps_low and A < 0 */
+    int64_t n_clip_high; /* tokens with ratio > 1 + eps_high and A > 0 */
 } grpo_loss_stats;
 
 /* The loss of one micro-batch and coef[t] = dLoss/dlogp[t] for every token (n_tok entries,
  * n_tok = the end of the last sequence's range). LT_ERR_ARG (err: LT_ERRLEN) when an option or
- * an input is out of range (beta != 0 without ref_logp, n_accum < 1, ...). */
+ * an input is out of range (beta != 0 without ref_logp, n_accum < 1, ...). (The ranges must be
+ * in order and not overlap; a token in no range gets coef 0. coef or st may be NULL.) */
 lt_status grpo_loss(const grpo_loss_opts *o, const grpo_loss_in *in, float *coef,
                     grpo_loss_stats *st, char *err);
 

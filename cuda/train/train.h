@@ -8,6 +8,8 @@
  *   data.c             JSONL/JSON datasets -> token ids + label masks; batching and packing
  *   peft_adapter.c     PEFT adapter folders (adapter_config.json + adapter_model.safetensors)
  *   checkpoint.c       training checkpoints (trainable tensors, AdamW state, a PEFT adapter)
+ *   grpo_loss.c        GRPO advantages and TRL's per-token losses with dLoss/dlogp (its own
+ *                      header, grpo_loss.h)
  *   train.c            lt_trainer: the %train loop (trainer_run), given the model, tokenizer,
  *                      backend and cancel flag it works on for one call
  *   grpo.c             the %grpo loop (grpo_run): rollouts, rewards, TRL's GRPO loss

@@ -249,6 +249,7 @@ static void make_batch(train_batch *b, int vocab) {
     static int32_t ids[96], tg[96];
     static int seg[2] = {40, 56};
     uint64_t z = 3;
+    memset(b, 0, sizeof *b); /* no weights, no logp, plain logits: the SFT loss */
     for (int i = 0; i < 96; i++) {
         z = z * 6364136223846793005ull + 1442695040888963407ull;
         ids[i] = (int32_t)((z >> 33) % (uint64_t)vocab);

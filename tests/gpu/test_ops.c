@@ -660,49 +660,70 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
 /* ---- fused cross-entropy, AdamW, the trainer's extra ops
  * ------------------------------------------ */
 
-static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H) {
-    char name[128];
+/* weighted: row weights of both signs, zeros and two magnitudes (GRPO's are ~1e-3), a logit
+ * scale of 1/0.7 and the per-row log-probabilities; else the plain SFT call. */
+static void test_cross_entropy(lt_dtype dt, int64_t T, int64_t V, int64_t H, int weighted) {
+    char name[160];
     double tol = tol_for(dt);
+    const char *tag = weighted ? " weighted" : "";
     float *h = rand_f32(T * H, 1.0f), *wf = rand_f32(V * H, 0.2f);
     void *wh = as_dtype(wf, V * H, dt);
     int32_t *tg = malloc(sizeof(int32_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++)
+    float *rw = malloc(sizeof(float) * (size_t)T), *lp_c = malloc(sizeof(float) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) {
         tg[t] = (t % 5 == 2) ? -100 : (int32_t)(rng_next() % (uint64_t)V);
+        rw[t] = t % 3 == 0 ? 0.0f : ((float)(t % 4) - 1.5f) * (t % 2 ? 1e-3f : 1.0f);
+    }
+    float scale = weighted ? 1.0f / 0.7f : 1.0f;
     float *dh_c = malloc(sizeof(float) * (size_t)(T * H)), *gw_c = calloc((size_t)(V * H), 4);
     lt_weight head_c = {t2(dt, wh, V, H), NULL, t2(LT_F32, gw_c, V, H), {0}};
     double loss_c = 0, loss_g = 0;
     float gs = 1.0f / (float)T;
+    lt_tensor nov = t1(LT_F32, NULL, T);
     lt_status rc = cpu_cross_entropy(&cpu, &loss_c, t2(LT_F32, dh_c, T, H), t2(LT_F32, h, T, H),
-                                     &head_c, t1(LT_I32, tg, T), gs);
+                                     &head_c, t1(LT_I32, tg, T), weighted ? t1(LT_F32, rw, T) : nov,
+                                     t1(LT_F32, lp_c, T), scale, gs);
     if (rc != LT_OK) diag("cpu: %s", cpu.err);
+    double mag = 0; /* Σ |w|·CE: the loss's scale when weights of both signs cancel */
+    for (int64_t t = 0; t < T; t++)
+        mag += (weighted ? fabs((double)rw[t]) : 1.0) * fabs((double)lp_c[t]);
     float *hg = dev_put(h, (size_t)(T * H) * 4), *dhg = dev_poison(T * H);
+    float *rwg = dev_put(rw, (size_t)T * 4), *lpg = dev_poison(T);
     int32_t *tgg = dev_put(tg, (size_t)T * 4);
     lt_weight head_g = {t2(dt, dev_put(wh, (size_t)(V * H) * lt_dtype_size(dt)), V, H),
                         NULL,
                         t2(LT_F32, dev_put(NULL, (size_t)(V * H) * 4), V, H),
                         {0}};
+    lt_tensor rwt = weighted ? t1(LT_F32, rwg, T) : nov;
     rc = gpu.be->cross_entropy(&gpu, &loss_g, t2(LT_F32, dhg, T, H), t2(LT_F32, hg, T, H), &head_g,
-                               t1(LT_I32, tgg, T), gs);
+                               t1(LT_I32, tgg, T), rwt, t1(LT_F32, lpg, T), scale, gs);
     if (rc != LT_OK) diag("%s", gpu.err);
-    snprintf(name, sizeof name, "cross_entropy %s T=%lld V=%lld loss %.6f vs %.6f",
+    snprintf(name, sizeof name, "cross_entropy%s %s T=%lld V=%lld loss %.6f vs %.6f", tag,
              lt_dtype_user_name(dt), (long long)T, (long long)V, loss_g, loss_c);
-    ok(fabs(loss_g - loss_c) <= tol * fabs(loss_c) + 1e-6, name);
-    snprintf(name, sizeof name, "cross_entropy %s dh", lt_dtype_user_name(dt));
+    ok(fabs(loss_g - loss_c) <= tol * mag + 1e-6, name);
+    snprintf(name, sizeof name, "cross_entropy%s %s dh", tag, lt_dtype_user_name(dt));
     check_close(name, dhg, dh_c, T * H, tol);
-    snprintf(name, sizeof name, "cross_entropy %s head grad_w", lt_dtype_user_name(dt));
+    snprintf(name, sizeof name, "cross_entropy%s %s head grad_w", tag, lt_dtype_user_name(dt));
     check_close(name, head_g.grad_w.data, gw_c, V * H, tol);
+    snprintf(name, sizeof name, "cross_entropy%s %s row_logp", tag, lt_dtype_user_name(dt));
+    check_close(name, lpg, lp_c, T, tol);
     /* loss only: no gradient touched */
     double l2 = 0;
     rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g,
-                               t1(LT_I32, tgg, T), gs);
-    ok(rc == LT_OK && fabs(l2 - loss_g) <= 1e-6 * fabs(loss_g),
+                               t1(LT_I32, tgg, T), rwt, nov, scale, gs);
+    ok(rc == LT_OK && fabs(l2 - loss_g) <= 1e-6 * mag,
        "cross_entropy loss-only call gives the same loss");
     tg[1] = (int32_t)V;
     gpu.be->upload(&gpu, tgg, tg, (size_t)T * 4);
     rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g,
-                               t1(LT_I32, tgg, T), gs);
+                               t1(LT_I32, tgg, T), rwt, nov, scale, gs);
     ok(rc == LT_ERR_ARG, "cross_entropy: a target outside the vocabulary is LT_ERR_ARG");
-    free(h), free(wf), free(wh), free(tg), free(dh_c), free(gw_c);
+    if (weighted) {
+        rc = gpu.be->cross_entropy(&gpu, &l2, t2(LT_F32, NULL, T, H), t2(LT_F32, hg, T, H), &head_g,
+                                   t1(LT_I32, tgg, T), t1(LT_F32, rwg, T - 1), nov, scale, gs);
+        ok(rc == LT_ERR_ARG, "cross_entropy: a row_weight of the wrong size is LT_ERR_ARG");
+    }
+    free(h), free(wf), free(wh), free(tg), free(rw), free(lp_c), free(dh_c), free(gw_c);
 }
 
 static void test_adamw_and_extras(void) {
@@ -842,7 +863,8 @@ int main(void) {
         test_attention(dts[i], 70, 70, 4, 1, 256, 16, 0);
         test_attention(dts[i], 3, 100, 8, 4, 256, 0, 1);
         test_attention(dts[i], 1, 64, 4, 1, 256, 8, 1);
-        test_cross_entropy(dts[i], 37, 5000, 64);
+        test_cross_entropy(dts[i], 37, 5000, 64, 0);
+        test_cross_entropy(dts[i], 37, 5000, 64, 1);
     }
     test_attention(LT_BF16, 600, 600, 8, 2, 256, 0, 0);  /* several query chunks, key ranges */
     test_attention(LT_F32, 520, 520, 4, 1, 256, 100, 0); /* sliding window over several chunks */
@@ -854,7 +876,8 @@ int main(void) {
     test_attention(LT_BF16, 700, 700, 4, 2, 256, 300, 0);
     test_attention(LT_F16, 334, 334, 4, 2, 256, 100, 2);
     test_attention(LT_BF16, 1030, 1030, 16, 4, 128, 500, 0); /* 128-row forward blocks */
-    test_cross_entropy(LT_BF16, 300, 262144, 128); /* the real vocabulary, several chunks */
+    test_cross_entropy(LT_BF16, 300, 262144, 128, 0); /* the real vocabulary, several chunks */
+    test_cross_entropy(LT_F16, 300, 262144, 128, 1);
     test_adamw_and_extras();
     test_stash();
     test_fp16_range();

@@ -235,7 +235,8 @@ static int cmd_grads(char **argv) {
     for (int t = 0; t < N; t++)
         targets[t] = t + 1 < N ? ids[t + 1] : -100;
     int seg = N;
-    train_batch b = {ids, targets, &seg, 1, N, N - 1};
+    train_batch b = {
+        .ids = ids, .targets = targets, .seg_len = &seg, .n_seg = 1, .N = N, .n_labels = N - 1};
     double loss = 0;
     if (gemma3_train_batch(m, &ctx, lora_trainable(a), &b, 1.0f, 1, 0, &loss) != LT_OK)
         return die("grads", ctx.err);

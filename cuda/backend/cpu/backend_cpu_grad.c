@@ -348,12 +348,13 @@ lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor 
 
 /* ---- fused cross-entropy -----------------------------------------------------------------
  * Rows are processed in chunks so that only [chunk, V] logits exist at a time. For a row with
- * target y: CE = logsumexp(z) − z_y, dz = softmax(z) − onehot(y), dh = dz·E, grad_E += dzᵀ·h
- * (both scaled by grad_scale). A call without dh is a loss-only call: it accumulates no head
- * gradient either. */
+ * target y, logits z = s·h·Eᵀ (s = logit_scale) and weight w: CE = logsumexp(z) − z_y,
+ * dz = softmax(z) − onehot(y), and with g = grad_scale·w·s: dh = g·dz·E, grad_E += g·dzᵀ·h.
+ * A call without dh is a loss-only call: it accumulates no head gradient either. */
 
 lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
-                            const lt_weight *head, lt_tensor targets, float grad_scale) {
+                            const lt_weight *head, lt_tensor targets, lt_tensor row_weight,
+                            lt_tensor row_logp, float logit_scale, float grad_scale) {
     const char *op = "cross_entropy";
     REQUIRE(head && head->w.ndim == 2 && head->w.data, op, "head must be a 2-D tensor");
     int64_t V = head->w.shape[0], H = head->w.shape[1];
@@ -363,6 +364,14 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
             "targets must be I32 [T]");
     if (wanted(&dh))
         REQUIRE(dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H, op, "dh must be [T, H]");
+    if (wanted(&row_weight))
+        REQUIRE(row_weight.dtype == LT_F32 && lt_tensor_numel(&row_weight) == T, op,
+                "row_weight must be fp32 [T]");
+    if (wanted(&row_logp))
+        REQUIRE(row_logp.dtype == LT_F32 && lt_tensor_numel(&row_logp) == T, op,
+                "row_logp must be fp32 [T]");
+    REQUIRE(isfinite(logit_scale) && logit_scale > 0.0f, op,
+            "logit_scale must be finite and positive");
     int want_gw =
         head->grad_w.data != NULL && wanted(&dh); /* a loss-only call leaves grads alone */
     if (want_gw)
@@ -376,6 +385,8 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
                            "[0, %lld) and is not -100",
                            tg[t], (long long)t, (long long)V);
         }
+    const float *rw = row_weight.data;
+    float *lp = row_logp.data;
     int64_t chunk = (int64_t)(8u << 20) / V;
     if (chunk < 1) chunk = 1;
     if (chunk > T) chunk = T;
@@ -395,7 +406,7 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
     lt_status rc = LT_OK;
     for (int64_t t0 = 0; t0 < T && rc == LT_OK; t0 += chunk) {
         int64_t c = t0 + chunk <= T ? chunk : T - t0;
-        /* z: [c, V] = h[t0:t0+c]·Eᵀ */
+        /* z: [c, V] = s·h[t0:t0+c]·Eᵀ */
         rc = lt_cpu_matmul(ctx, z, hs + t0 * H, head->w.data, head->w.dtype, c, H, V, 1);
         if (rc != LT_OK) break;
         int any = 0;
@@ -404,9 +415,13 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
             int32_t y = tg[t0 + i];
             if (y == -100) {
                 memset(zr, 0, sizeof(float) * (size_t)V);
+                if (lp) lp[t0 + i] = 0.0f;
                 continue;
             }
             any = 1;
+            if (logit_scale != 1.0f)
+                for (int64_t j = 0; j < V; j++)
+                    zr[j] *= logit_scale;
             float mx = -INFINITY;
             for (int64_t j = 0; j < V; j++)
                 mx = zr[j] > mx ? zr[j] : mx;
@@ -414,12 +429,16 @@ lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tens
             for (int64_t j = 0; j < V; j++)
                 se += exp((double)(zr[j] - mx));
             double lse = (double)mx + log(se);
-            total += lse - (double)zr[y];
+            double ce = lse - (double)zr[y];
+            double w = rw ? (double)rw[t0 + i] : 1.0;
+            total += w * ce;
+            if (lp) lp[t0 + i] = (float)-ce;
+            float g = (float)(w * (double)grad_scale * (double)logit_scale);
             for (int64_t j = 0; j < V; j++)
-                zr[j] = (float)exp((double)zr[j] - lse) * grad_scale;
-            zr[y] -= grad_scale;
+                zr[j] = (float)exp((double)zr[j] - lse) * g;
+            zr[y] -= g;
         }
-        /* z now holds grad_scale·dz (zero rows for ignored targets) */
+        /* z now holds grad_scale·w·s·dz (zero rows for ignored targets) */
         if (wanted(&dh)) {
             float *dhs = (float *)dh.data + t0 * H;
             if (any)

@@ -38,7 +38,8 @@ lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_ten
 lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids,
                                  float scale);
 lt_status cpu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
-                            const lt_weight *head, lt_tensor targets, float grad_scale);
+                            const lt_weight *head, lt_tensor targets, lt_tensor row_weight,
+                            lt_tensor row_logp, float logit_scale, float grad_scale);
 lt_status cpu_adamw(lt_ctx *ctx, lt_tensor param, lt_tensor grad, lt_tensor m, lt_tensor v,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int step);
 

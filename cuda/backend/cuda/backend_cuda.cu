@@ -1614,13 +1614,17 @@ done:
     return op_end(ctx, rc);
 }
 
+/* The logit scale s goes into the logits GEMM's alpha and into the gradient GEMMs' alpha
+ * (dz/dh carries s); the row weight goes into the row kernel's (softmax - onehot), so no pass
+ * over [T, V] is added. */
 static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, lt_tensor h,
-                                  const lt_weight *head, lt_tensor targets, float grad_scale) {
+                                  const lt_weight *head, lt_tensor targets, lt_tensor row_weight,
+                                  lt_tensor row_logp, float logit_scale, float grad_scale) {
     const char *opname = "cross_entropy";
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    float *loss = NULL;
+    float *loss = NULL, *wh = NULL;
     int bad = 0;
     CU_REQUIRE(loss_sum, "loss_sum is NULL");
     CU_REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
@@ -1634,16 +1638,32 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
         CU_REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
         CU_REQUIRE(!dh.data || (dh.dtype == LT_F32 && lt_tensor_numel(&dh) == T * H),
                    "dh must be fp32 [T, H]");
+        CU_REQUIRE(!row_weight.data || (is_f32(&row_weight) && lt_tensor_numel(&row_weight) == T),
+                   "row_weight must be fp32 [T]");
+        CU_REQUIRE(!row_logp.data || (is_f32(&row_logp) && lt_tensor_numel(&row_logp) == T),
+                   "row_logp must be fp32 [T]");
+        CU_REQUIRE(isfinite(logit_scale) && logit_scale > 0.0f,
+                   "logit_scale must be finite and positive");
         int want_grad = dh.data != NULL; /* a loss-only call leaves the head's gradient alone */
+        const float *rw = (const float *)row_weight.data;
         lt_dtype cdt = head->w.dtype;
         *loss_sum = 0;
         if (T == 0) goto done;
         loss = (float *)malloc(sizeof(float) * (size_t)T);
+        if (rw) wh = (float *)malloc(sizeof(float) * (size_t)T);
         float *dloss = (float *)tmp_get(ctx, sizeof(float) * (size_t)T);
-        if (!loss || !dloss) {
+        if (!loss || (rw && !wh) || !dloss) {
             rc = LT_ERR_MEMORY;
-            if (!loss) lt_fail(ctx->err, rc, "cuda cross_entropy: out of host memory");
+            if (!loss || (rw && !wh))
+                lt_fail(ctx->err, rc, "cuda cross_entropy: out of host memory");
             goto done;
+        }
+        /* the weights on the host: the loss sums w·CE in double, and fp16 sizes each chunk's
+         * gradient multiplier by the chunk's largest |w| */
+        if (rw) {
+            CU_TRY(cudaMemcpyAsync(wh, rw, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost,
+                                   I->stream));
+            if (cdt == LT_F16 && want_grad) CU_TRY(cudaStreamSynchronize(I->stream));
         }
         /* rows per chunk: logits [Tc, V] fp32 plus their gradient in cdt stay near 256 MiB
          * (fewer rows made the step slower on the H200: 64 rows of Gemma's vocabulary took
@@ -1660,8 +1680,8 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             rc = LT_ERR_MEMORY;
             goto done;
         }
-        /* |softmax - onehot| <= 1: on fp16 multiply by 2^12 so that tiny probabilities keep their
-         * bits; alpha of the gradient GEMMs divides it out again. */
+        /* |softmax - onehot| <= 1: on fp16 multiply by 2^12 (over the chunk's largest |w|) so that
+         * tiny probabilities keep their bits; alpha of the gradient GEMMs divides it out again. */
         float gmul = cdt == LT_F16 ? 4096.0f : 1.0f;
         float *hs = NULL, *hinv = NULL;
         if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, (const float *)h.data, T * H, &hs, &hinv));
@@ -1685,18 +1705,26 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
                 Hc.dt = cdt;
                 Hc.inv = hinv;
             }
-            /* logits [tc, V] = Hc [tc, H] · W [V, H]ᵀ */
-            LT_TRY(gemm(ctx, 0, 1, tc, V, H, 1.0f, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
+            /* logits [tc, V] = s · Hc [tc, H] · W [V, H]ᵀ */
+            LT_TRY(gemm(ctx, 0, 1, tc, V, H, logit_scale, &Hc, H, 0, &W, H, 0, 0, logits, V, 0, 1));
+            if (cdt == LT_F16 && want_grad && rw) {
+                float wmax = 0.0f;
+                for (int64_t t = t0; t < t0 + tc; t++)
+                    wmax = fabsf(wh[t]) > wmax ? fabsf(wh[t]) : wmax;
+                gmul = wmax > 0.0f && isfinite(wmax) ? 4096.0f / wmax : 4096.0f;
+            }
             k_xent_rows(I->stream, logits, (const int32_t *)targets.data + t0, tc, V, dloss + t0,
+                        row_logp.data ? (float *)row_logp.data + t0 : NULL, rw ? rw + t0 : NULL,
                         want_grad ? dlog : NULL, cdt, gmul, I->dflag);
             LAUNCHED();
             if (!want_grad) continue;
             opnd DL = {dlog, cdt, NULL};
-            if (dh.data) /* dh [tc, H] = grad_scale · dlog [tc, V] · W [V, H] */
-                LT_TRY(gemm(ctx, 0, 0, tc, H, V, grad_scale / gmul, &DL, V, 0, &W, H, 0, 0,
+            float ga = grad_scale * logit_scale / gmul;
+            if (dh.data) /* dh [tc, H] = grad_scale · s · dlog [tc, V] · W [V, H] */
+                LT_TRY(gemm(ctx, 0, 0, tc, H, V, ga, &DL, V, 0, &W, H, 0, 0,
                             (float *)dh.data + t0 * H, H, 0, 1));
-            if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · dlogᵀ · Hc */
-                LT_TRY(gemm(ctx, 1, 0, V, H, tc, grad_scale / gmul, &DL, V, 0, &Hc, H, 0, 1,
+            if (head->grad_w.data && dh.data) /* grad_w [V, H] += grad_scale · s · dlogᵀ · Hc */
+                LT_TRY(gemm(ctx, 1, 0, V, H, tc, ga, &DL, V, 0, &Hc, H, 0, 1,
                             (float *)head->grad_w.data, H, 0, 1));
         }
         CU_TRY(cudaMemcpyAsync(loss, dloss, sizeof(float) * (size_t)T, cudaMemcpyDeviceToHost,
@@ -1710,12 +1738,17 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
             goto done;
         }
         double s = 0;
-        for (int64_t t = 0; t < T; t++)
-            s += loss[t];
+        if (wh)
+            for (int64_t t = 0; t < T; t++)
+                s += (double)wh[t] * (double)loss[t];
+        else
+            for (int64_t t = 0; t < T; t++)
+                s += loss[t];
         *loss_sum = s;
     }
 done:
     free(loss);
+    free(wh);
     return op_end(ctx, rc);
 }
 

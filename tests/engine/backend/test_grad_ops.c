@@ -4,7 +4,9 @@
  * backward op called with dy = r must give dL/dx and dL/dθ. Each is compared with
  * (L(x + h e_i) − L(x − h e_i)) / 2h on small random shapes (GQA, a sliding window, a masked
  * key, a query that sees nothing; 16-bit weights; ignored targets). Also: the cross-entropy's
- * loss value against a direct computation, and AdamW against the torch formula in double.
+ * loss value against a direct computation (plain, and with row weights of both signs and a
+ * logit scale, with its per-row log-probabilities), and AdamW against the torch formula in
+ * double.
  * Last, the BF16 matmul-only tensors backend.h allows: rmsnorm, geglu and geglu_backward
  * writing BF16 give their fp32 results rounded to nearest even; linear and linear_backward
  * given a BF16 x or dy give the same bits as given those values in fp32; a BF16 x with an
@@ -339,6 +341,8 @@ typedef struct ce_st {
     int64_t T, V, H;
     float *h, *E;
     int32_t *tg;
+    float *w;    /* row weights (NULL = 1) */
+    float scale; /* logit scale */
 } ce_st;
 
 static double ce_loss(void *p) {
@@ -347,38 +351,44 @@ static double ce_loss(void *p) {
     double L = 0;
     lt_tensor none = lt_tensor_2d(LT_F32, NULL, s->T, s->H);
     cpu_cross_entropy(&ctx, &L, none, lt_tensor_2d(LT_F32, s->h, s->T, s->H), &w,
-                      lt_tensor_1d(LT_I32, s->tg, s->T), 1.0f);
+                      lt_tensor_1d(LT_I32, s->tg, s->T), lt_tensor_1d(LT_F32, s->w, s->T),
+                      lt_tensor_1d(LT_F32, NULL, s->T), s->scale, 1.0f);
     return L * 0.5; /* grad_scale 0.5 below */
+}
+
+/* log_softmax(scale·h_t·Eᵀ)[target_t] in double, straight from the definition */
+static double ce_direct_logp(const ce_st *s, int64_t t) {
+    double z[64], mx = -1e300, se = 0;
+    for (int64_t j = 0; j < s->V; j++) {
+        z[j] = 0;
+        for (int64_t i = 0; i < s->H; i++)
+            z[j] += (double)s->h[t * s->H + i] * s->E[j * s->H + i];
+        z[j] *= s->scale;
+        mx = z[j] > mx ? z[j] : mx;
+    }
+    for (int64_t j = 0; j < s->V; j++)
+        se += exp(z[j] - mx);
+    return z[s->tg[t]] - mx - log(se);
 }
 
 static void test_cross_entropy(void) {
     int32_t tg[5] = {2, -100, 10, 0, 2};
-    ce_st s = {5, 11, 6, NULL, NULL, tg};
+    ce_st s = {5, 11, 6, NULL, NULL, tg, NULL, 1.0f};
     s.h = rvec(s.T * s.H, 1.5f), s.E = rvec(s.V * s.H, 1);
     /* the loss value against a direct log-softmax */
     double want = 0;
-    for (int64_t t = 0; t < s.T; t++) {
-        if (tg[t] == -100) continue;
-        double z[11], mx = -1e30, se = 0;
-        for (int64_t j = 0; j < s.V; j++) {
-            z[j] = 0;
-            for (int64_t i = 0; i < s.H; i++)
-                z[j] += (double)s.h[t * s.H + i] * s.E[j * s.H + i];
-            mx = z[j] > mx ? z[j] : mx;
-        }
-        for (int64_t j = 0; j < s.V; j++)
-            se += exp(z[j] - mx);
-        want += mx + log(se) - z[tg[t]];
-    }
+    for (int64_t t = 0; t < s.T; t++)
+        if (tg[t] != -100) want -= ce_direct_logp(&s, t);
     double got = 2 * ce_loss(&s);
     is_close(got, want, 1e-4 * want, "cross_entropy loss_sum = Σ CE over non-ignored rows");
     float *dh = zvec(s.T * s.H), *gw = zvec(s.V * s.H);
     lt_weight w = {
         lt_tensor_2d(LT_F32, s.E, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw, s.V, s.H), {0}};
+    lt_tensor nov = lt_tensor_1d(LT_F32, NULL, s.T);
     double L = 0;
     is_int(cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, dh, s.T, s.H),
                              lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w, lt_tensor_1d(LT_I32, tg, s.T),
-                             0.5f),
+                             nov, nov, 1.0f, 0.5f),
            LT_OK, "cross_entropy with gradients runs");
     check_grad("cross_entropy dh", ce_loss, &s, s.h, dh, s.T * s.H, 1e-2f, 2e-3);
     check_grad("cross_entropy head grad", ce_loss, &s, s.E, gw, s.V * s.H, 1e-2f, 2e-3);
@@ -386,12 +396,79 @@ static void test_cross_entropy(void) {
     for (int64_t i = 0; i < s.H; i++)
         ign += fabsf(dh[1 * s.H + i]);
     ok(ign == 0.0f, "an ignored target (-100) gets no gradient");
+    /* explicit weights of 1 give the very bits of no weights (the SFT call) */
+    float ones[5] = {1, 1, 1, 1, 1}, lp[5];
+    float *dh1 = zvec(s.T * s.H), *gw1 = zvec(s.V * s.H);
+    lt_weight w1 = {
+        lt_tensor_2d(LT_F32, s.E, s.V, s.H), NULL, lt_tensor_2d(LT_F32, gw1, s.V, s.H), {0}};
+    double L1 = 0;
+    is_int(cpu_cross_entropy(&ctx, &L1, lt_tensor_2d(LT_F32, dh1, s.T, s.H),
+                             lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w1,
+                             lt_tensor_1d(LT_I32, tg, s.T), lt_tensor_1d(LT_F32, ones, s.T),
+                             lt_tensor_1d(LT_F32, lp, s.T), 1.0f, 0.5f),
+           LT_OK, "cross_entropy with weights of 1 and row_logp runs");
+    ok(L1 == L && !memcmp(dh1, dh, sizeof(float) * (size_t)(s.T * s.H)) &&
+           !memcmp(gw1, gw, sizeof(float) * (size_t)(s.V * s.H)),
+       "weights of 1 give the same loss, dh and head gradient bits as no weights");
+    double lps = 0;
+    for (int t = 0; t < 5; t++)
+        lps += lp[t];
+    ok(lp[1] == 0.0f && fabs(lps + L) <= 1e-5 * L, "row_logp sums to -loss; 0 for an ignored row");
     int32_t bad[5] = {2, 11, 0, 0, 0};
     lt_status st = cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, NULL, s.T, s.H),
                                      lt_tensor_2d(LT_F32, s.h, s.T, s.H), &w,
-                                     lt_tensor_1d(LT_I32, bad, s.T), 1);
+                                     lt_tensor_1d(LT_I32, bad, s.T), nov, nov, 1.0f, 1);
     ok(st == LT_ERR_ARG && strstr(ctx.err, "target 11"),
        "a target outside the vocabulary is an error");
+    free(s.h), free(s.E), free(dh), free(gw), free(dh1), free(gw1);
+}
+
+/* Row weights of both signs and zero, and a logit scale (GRPO's 1/temperature): the loss is
+ * Σ w_t·CE_t of the scaled logits, the gradients are its derivatives, row_logp the unweighted
+ * log-probabilities. */
+static void test_cross_entropy_weighted(void) {
+    enum { T = 7, V = 13, H = 5 };
+    int32_t tg[T] = {4, 12, -100, 0, 7, 4, 9};
+    float wt[T] = {1.3f, -0.7f, 5.0f, 0.0f, 2.1f, -1.6f, 0.45f};
+    ce_st s = {T, V, H, NULL, NULL, tg, wt, 1.0f / 0.7f};
+    s.h = rvec(T * H, 1.5f), s.E = rvec(V * H, 1);
+    double want = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (tg[t] != -100) want -= wt[t] * ce_direct_logp(&s, t);
+    float *dh = zvec(T * H), *gw = zvec(V * H), lp[T];
+    for (int t = 0; t < T; t++)
+        lp[t] = 99.0f; /* every row must be written */
+    lt_weight w = {lt_tensor_2d(LT_F32, s.E, V, H), NULL, lt_tensor_2d(LT_F32, gw, V, H), {0}};
+    double L = 0;
+    is_int(cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, dh, T, H),
+                             lt_tensor_2d(LT_F32, s.h, T, H), &w, lt_tensor_1d(LT_I32, tg, T),
+                             lt_tensor_1d(LT_F32, wt, T), lt_tensor_1d(LT_F32, lp, T), s.scale,
+                             0.5f),
+           LT_OK, "weighted, scaled cross_entropy runs");
+    is_close(L, want, 1e-5 * fabs(want), "weighted loss_sum = Σ w·CE of the scaled logits");
+    double lerr = 0;
+    for (int64_t t = 0; t < T; t++) {
+        double d = tg[t] == -100 ? fabs(lp[t]) : fabs(lp[t] - ce_direct_logp(&s, t));
+        lerr = d > lerr ? d : lerr;
+    }
+    if (!ok(lerr <= 1e-5, "row_logp = log_softmax(scaled logits)[target], 0 where ignored"))
+        diag("max error %.3g", lerr);
+    check_grad("weighted cross_entropy dh", ce_loss, &s, s.h, dh, T * H, 1e-2f, 2e-3);
+    check_grad("weighted cross_entropy head grad", ce_loss, &s, s.E, gw, V * H, 1e-2f, 2e-3);
+    float zr = 0;
+    for (int64_t i = 0; i < H; i++)
+        zr += fabsf(dh[3 * H + i]) + fabsf(dh[2 * H + i]);
+    ok(zr == 0.0f, "a row of weight 0, and an ignored row of weight 5, get no gradient");
+    lt_tensor nov = lt_tensor_1d(LT_F32, NULL, T);
+    lt_status st = cpu_cross_entropy(
+        &ctx, &L, lt_tensor_2d(LT_F32, NULL, T, H), lt_tensor_2d(LT_F32, s.h, T, H), &w,
+        lt_tensor_1d(LT_I32, tg, T), lt_tensor_1d(LT_F32, wt, T - 1), nov, 1.0f, 1.0f);
+    ok(st == LT_ERR_ARG && strstr(ctx.err, "row_weight"),
+       "a row_weight of the wrong size is refused");
+    st = cpu_cross_entropy(&ctx, &L, lt_tensor_2d(LT_F32, NULL, T, H),
+                           lt_tensor_2d(LT_F32, s.h, T, H), &w, lt_tensor_1d(LT_I32, tg, T), nov,
+                           nov, 0.0f, 1.0f);
+    ok(st == LT_ERR_ARG && strstr(ctx.err, "logit_scale"), "a logit_scale of 0 is refused");
     free(s.h), free(s.E), free(dh), free(gw);
 }
 
@@ -542,6 +619,7 @@ int main(void) {
     test_geglu();
     test_embedding();
     test_cross_entropy();
+    test_cross_entropy_weighted();
     test_adamw();
     test_extra_ops();
     lt_ctx_shutdown(&ctx);

@@ -6,8 +6,10 @@
  * packed sample (packing keeps samples apart); LoRA A/B gradients, with and without
  * dropout, and full fine-tuning gradients (matrices, norms, embedding) match central
  * differences of the loss; gradients accumulate across calls; AdamW steps lower the loss.
- * The loss and gradient checks run again with the MLP in blocks of rows (gemma3_backward.c
- * does that for large models) that do not divide the token count.
+ * GRPO's weighted pass: per-token log-probabilities against the forward's scaled logits, and
+ * the weighted LoRA gradient against the weighted sum of single-token gradients and against
+ * central differences. The loss and gradient checks run again with the MLP in blocks of rows
+ * (gemma3_backward.c does that for large models) that do not divide the token count.
  */
 #include <math.h>
 #include <stdint.h>
@@ -108,15 +110,17 @@ static void micro_free(gemma3_model *m) {
 static int32_t ids[13] = {2, 5, 9, 11, 3, 30, 7, 2, 8, 8, 21, 39, 4};
 static int32_t tgt[13] = {5, 9, 11, 3, 30, 7, -100, 8, 8, -100, 39, 4, -100};
 static int seg[2] = {7, 6};
-static train_batch batch = {ids, tgt, seg, 2, 13, 10};
+static train_batch batch = {
+    .ids = ids, .targets = tgt, .seg_len = seg, .n_seg = 2, .N = 13, .n_labels = 10};
 
 static gemma3_model *M;
 static lt_adapters *AD;
 static uint64_t SEED;
+static const train_batch *CUR = &batch; /* the batch loss_now evaluates */
 
 static double loss_now(void) {
     double L = 0;
-    lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &batch, 1.0f, 0, SEED, &L);
+    lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(AD), CUR, 1.0f, 0, SEED, &L);
     if (st != LT_OK) diag("loss failed: %s", ctx.err);
     return L;
 }
@@ -273,6 +277,112 @@ static void test_full(void) {
     ok(M->embed_tokens.grad_w.data == NULL, "lora_free unhooks full fine-tuning gradients");
 }
 
+/* GRPO's pass: per-token loss weights of both signs (and 0), a logit scale of 1/0.7 and the
+ * per-token log-probabilities. logp must be log_softmax(gemma3_forward's logits / 0.7) at the
+ * target; the loss Σ w·CE; the LoRA gradient Σ_t w_t × (the gradient of token t's loss alone,
+ * a batch whose only weight is 1 at t), and the weighted loss's central differences. */
+static void test_weighted(void) {
+    lora_opts o = {.r = 3, .alpha = 6, .seed = 7};
+    char err[LT_ERRLEN] = "";
+    if (lora_attach(&AD, M, &ctx, &o, err) != LT_OK) {
+        diag("lora_attach: %s", err);
+        ok(0, "lora_attach for the weighted pass");
+        return;
+    }
+    for (int i = 0; i < AD->n_slots; i++) {
+        lt_tensor *b = &AD->slots[i].lora.b;
+        for (int64_t k = 0; k < lt_tensor_numel(b); k++)
+            ((float *)b->data)[k] = 0.3f * frand();
+    }
+    SEED = 0;
+    const float scale = 1.0f / 0.7f;
+    float w[13] = {0.8f,  -1.3f, 0.0f, 2.2f, -0.4f, 1.1f, 3.0f,
+                   -2.0f, 0.6f,  9.0f, 1.7f, -0.9f, 4.0f};
+    float logp[13];
+    for (int t = 0; t < 13; t++)
+        logp[t] = 77.0f; /* every token must be written */
+    train_batch wb = batch;
+    wb.weights = w;
+    wb.logp = logp;
+    wb.logit_scale = scale;
+    /* direct: log_softmax of the forward's logits, scaled */
+    double want_lp[13] = {0}, want_loss = 0;
+    for (int s = 0, off = 0; s < 2; off += seg[s], s++) {
+        float *logits = malloc(sizeof(float) * (size_t)seg[s] * 40);
+        gemma3_outputs out = {0};
+        out.logits = logits;
+        if (gemma3_forward(M, &ctx, ids + off, seg[s], NULL, &out) != LT_OK)
+            diag("forward: %s", ctx.err);
+        for (int i = 0; i < seg[s]; i++) {
+            int32_t y = tgt[off + i];
+            if (y == -100) continue;
+            const float *z = logits + (size_t)i * 40;
+            double mx = -1e30, se = 0;
+            for (int j = 0; j < 40; j++)
+                mx = fmax(mx, scale * (double)z[j]);
+            for (int j = 0; j < 40; j++)
+                se += exp(scale * (double)z[j] - mx);
+            want_lp[off + i] = scale * (double)z[y] - mx - log(se);
+            want_loss -= w[off + i] * want_lp[off + i];
+        }
+        free(logits);
+    }
+    lora_zero_grads(AD);
+    double L = 0;
+    lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &wb, 1.0f, 1, 0, &L);
+    is_int(st, LT_OK, "train_batch with weights, logp and a logit scale");
+    double e = 0;
+    for (int t = 0; t < 13; t++)
+        e = fmax(e, fabs(logp[t] - want_lp[t]));
+    if (!ok(e <= 1e-5, "logp = log_softmax(forward logits / 0.7) at the target, 0 where -100"))
+        diag("max error %.3g", e);
+    is_close(L, want_loss, 1e-5 * fabs(want_loss), "the weighted loss is Σ w·CE");
+    /* the gradient, against Σ_t w_t × the gradient of token t alone */
+    int64_t n = 0;
+    for (int i = 0; i < AD->n_params; i++)
+        n += lt_tensor_numel(&AD->params[i].grad);
+    double *got = calloc((size_t)n, sizeof(double)), *sum = calloc((size_t)n, sizeof(double));
+    for (int i = 0, k = 0; i < AD->n_params; i++)
+        for (int64_t j = 0; j < lt_tensor_numel(&AD->params[i].grad); j++)
+            got[k++] = ((float *)AD->params[i].grad.data)[j];
+    for (int t = 0; t < 13; t++) {
+        if (tgt[t] == -100 || w[t] == 0.0f) continue;
+        float one[13] = {0};
+        one[t] = 1.0f;
+        train_batch ob = batch;
+        ob.weights = one;
+        ob.logit_scale = scale;
+        lora_zero_grads(AD);
+        gemma3_train_batch(M, &ctx, lora_trainable(AD), &ob, 1.0f, 1, 0, &L);
+        for (int i = 0, k = 0; i < AD->n_params; i++)
+            for (int64_t j = 0; j < lt_tensor_numel(&AD->params[i].grad); j++)
+                sum[k++] += (double)w[t] * ((float *)AD->params[i].grad.data)[j];
+    }
+    double maxerr = 0, maxg = 1e-9;
+    for (int64_t k = 0; k < n; k++) {
+        maxerr = fmax(maxerr, fabs(got[k] - sum[k]));
+        maxg = fmax(maxg, fabs(sum[k]));
+    }
+    if (!ok(maxerr / maxg <= 1e-4, "LoRA gradient with weights = Σ w_t × token t's own gradient"))
+        diag("max error %.3g, max |grad| %.3g", maxerr, maxg);
+    /* and central differences of the weighted loss */
+    lora_zero_grads(AD);
+    gemma3_train_batch(M, &ctx, lora_trainable(AD), &wb, 1.0f, 1, 0, &L);
+    CUR = &wb;
+    lora_slot *s = &AD->slots[8];
+    fd_check("weighted, scaled loss: o_proj lora_B", s->lora.b.data, s->lora.grad_b.data,
+             lt_tensor_numel(&s->lora.b), 12, 5e-3);
+    fd_check("weighted, scaled loss: o_proj lora_A", s->lora.a.data, s->lora.grad_a.data,
+             lt_tensor_numel(&s->lora.a), 12, 5e-3);
+    CUR = &batch;
+    wb.logit_scale = -1.0f;
+    st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &wb, 1.0f, 0, 0, &L);
+    ok(st == LT_ERR_ARG && strstr(ctx.err, "logit_scale"), "a negative logit_scale is refused");
+    free(got), free(sum);
+    lora_free(AD);
+    AD = NULL;
+}
+
 /* Blocking the MLP's rows changes nothing but the order of sums: the dropout loss (its masks
  * placed by the element's index in the whole input) is the same with and without blocks. */
 static void test_blocks_keep_masks(void) {
@@ -311,6 +421,7 @@ int main(void) {
     test_lora(0.3f);
     test_full();
     test_blocks_keep_masks();
+    test_weighted();
     /* the MLP in blocks of 5 rows (13 tokens: 5 + 5 + 3), as large models run it: the same
      * checks must hold, dropout masks included */
     setenv("LATHE_TRAIN_MLP_ROWS", "5", 1);

@@ -1,9 +1,11 @@
 /* cross_entropy.cu — the row kernel of the fused, chunked cross-entropy: for one chunk of rows'
- * logits ([Tc, V] fp32, computed by cuBLAS from the final hidden state), the log-sum-exp, the
- * loss of each row and, for the backward, (softmax - onehot) in the matmul dtype.
+ * logits ([Tc, V] fp32, computed by cuBLAS from the final hidden state, the logit scale already
+ * applied), the log-sum-exp, the loss of each row, its log-probability of the target and, for
+ * the backward, (softmax - onehot) times the row's weight in the matmul dtype.
  *
  * backend_cuda.cu owns the chunking (full [T, V] logits are never held). This file owns only
- * this kernel (kernels.h). Rows whose target is -100 are ignored (loss 0, gradient 0).
+ * this kernel (kernels.h). Rows whose target is -100 are ignored (loss 0, log-probability 0,
+ * gradient 0).
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,7 +22,8 @@ __device__ __forceinline__ void put_x(void *dst, lt_dtype dt, int64_t i, float v
 }
 
 __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, int64_t V,
-                                 float *loss, void *dlog, lt_dtype dt, float gmul, int *bad) {
+                                 float *loss, float *logp, const float *weight, void *dlog,
+                                 lt_dtype dt, float gmul, int *bad) {
     __shared__ float shm[32], shs[32];
     __shared__ float lse_sh;
     int64_t r = blockIdx.x;
@@ -28,7 +31,10 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
     const float *row = logits + r * V;
     if (tg == -100 || tg < 0 || tg >= V) {
         if (tg != -100 && threadIdx.x == 0) atomicExch(bad, 1);
-        if (threadIdx.x == 0) loss[r] = 0.0f;
+        if (threadIdx.x == 0) {
+            loss[r] = 0.0f;
+            if (logp) logp[r] = 0.0f;
+        }
         if (dlog)
             for (int64_t s = threadIdx.x; s < V; s += blockDim.x)
                 put_x(dlog, dt, r * V + s, 0.0f);
@@ -73,20 +79,22 @@ __global__ void xent_rows_kernel(const float *logits, const int32_t *targets, in
         if (lane == 0) {
             lse_sh = m + logf(sum);
             loss[r] = lse_sh - row[tg];
+            if (logp) logp[r] = row[tg] - lse_sh;
         }
     }
     __syncthreads();
     if (!dlog) return;
-    float lse = lse_sh;
+    float lse = lse_sh, g = weight ? weight[r] * gmul : gmul;
     for (int64_t s = threadIdx.x; s < V; s += blockDim.x) {
         float p = expf(row[s] - lse) - (s == tg ? 1.0f : 0.0f);
-        put_x(dlog, dt, r * V + s, p * gmul);
+        put_x(dlog, dt, r * V + s, p * g);
     }
 }
 
 void k_xent_rows(cudaStream_t st, const float *logits, const int32_t *targets, int64_t Tc,
-                 int64_t V, float *loss, void *dlog, lt_dtype dt, float gmul, int *bad) {
+                 int64_t V, float *loss, float *logp, const float *weight, void *dlog, lt_dtype dt,
+                 float gmul, int *bad) {
     if (Tc > 0)
-        xent_rows_kernel<<<(unsigned)Tc, 1024, 0, st>>>(logits, targets, V, loss, dlog, dt, gmul,
-                                                        bad);
+        xent_rows_kernel<<<(unsigned)Tc, 1024, 0, st>>>(logits, targets, V, loss, logp, weight,
+                                                        dlog, dt, gmul, bad);
 }

@@ -126,10 +126,12 @@ void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, cons
 /* ---- cross_entropy.cu ------------------------------------------------------------------------ */
 
 /* For each row of logits [Tc, V] (fp32): loss[t] = lse - logit[target] (0 when target is -100);
- * when dlog != NULL also dlog[t, :] = (softmax - onehot) * gmul in dtype dt (zeros for ignored
- * rows). A target outside [0, V) sets *bad. */
+ * when logp != NULL also logp[t] = -loss[t]; when dlog != NULL also dlog[t, :] = (softmax -
+ * onehot) * weight[t] * gmul in dtype dt (weight NULL = 1; zeros for ignored rows). A target
+ * outside [0, V) sets *bad. */
 void k_xent_rows(cudaStream_t st, const float *logits, const int32_t *targets, int64_t Tc,
-                 int64_t V, float *loss, void *dlog, lt_dtype dt, float gmul, int *bad);
+                 int64_t V, float *loss, float *logp, const float *weight, void *dlog, lt_dtype dt,
+                 float gmul, int *bad);
 
 /* ---- quant.cu ---------------------------------------------------------------------------------
  */
