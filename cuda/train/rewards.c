@@ -19,14 +19,15 @@
  * exec: the program runs under /bin/sh -c in its own process group, stdin and stdout on pipes,
  * stderr on a third pipe of which the last lines are kept to quote in error messages (nothing of
  * it reaches the kernel's own stderr). PYTHONUNBUFFERED=1 is added to its environment unless set,
- * so a Python program's print() arrives line by line; other programs must flush each line. The
- * payload is written and the answers read in one poll() loop, so a program may answer as it
- * reads or read everything first; SIGPIPE is blocked in the calling thread around each write
- * (and a SIGPIPE that write raised is taken back), so process-wide signal handling is untouched.
+ * so a Python program's print() arrives line by line; other programs must flush each line (and
+ * read line by line: mawk needs -W interactive). The payload is written and the answers read in
+ * one poll() loop, so a program may answer as it reads or read everything first; SIGPIPE is
+ * blocked in the calling thread around each write (and a SIGPIPE that write raised is taken
+ * back), so process-wide signal handling is untouched.
  *
  * Owns the reward_set, its programs and their pipes; touches nothing of the model or session.
  */
-#define _GNU_SOURCE /* pipe2, environ */
+#define _GNU_SOURCE /* pipe2, environ, posix_spawn_file_actions_addchdir_np */
 
 #include "cuda/train/rewards.h"
 
@@ -37,6 +38,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -406,7 +408,6 @@ static void prog_kill(reward_prog *p) {
     close_fd(&p->err_fd);
     if (p->pid > 0) {
         kill(-p->pid, SIGKILL);
-        kill(p->pid, SIGKILL); /* in case it has not reached its own group yet */
         while (waitpid(p->pid, NULL, 0) < 0 && errno == EINTR) {
         }
         p->pid = 0;
@@ -502,41 +503,13 @@ static char **child_environment(void) {
     return env;
 }
 
-/* After fork: only async-signal-safe calls until execve. */
-static void child_exec(const int in[2], const int out[2], const int errp[2], const char *cwd,
-                       char *const argv[], char *const envp[]) {
-    setpgid(0, 0);
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    sigaction(SIGPIPE, &dfl, NULL);
-    sigaction(SIGINT, &dfl, NULL);
-    dup2(in[0], 0); /* dup2 clears close-on-exec on 0, 1, 2; the pipes' own fds close at exec */
-    dup2(out[1], 1);
-    dup2(errp[1], 2);
-    if (cwd && chdir(cwd) != 0) {
-        static const char m[] = "lathe: cannot enter the reward program's working directory\n";
-        ssize_t r = write(2, m, sizeof m - 1);
-        (void)r;
-        _exit(126);
-    }
-    execve("/bin/sh", argv, envp);
-    _exit(127);
-}
-
 static lt_status prog_start(reward_prog *p, const char *name, const char *cmd, const char *cwd,
                             char *err) {
     p->in_fd = p->out_fd = p->err_fd = -1;
-    if (cwd) {
-        struct stat st;
-        if (stat(cwd, &st) != 0 || !S_ISDIR(st.st_mode))
-            return lt_fail(err, LT_ERR_ARG,
-                           "reward %s: the working directory %s is not a folder (%s)", name, cwd,
-                           errno ? strerror(errno) : "not a directory");
-    }
+    struct stat st;
+    if (cwd && (stat(cwd, &st) != 0 || !S_ISDIR(st.st_mode)))
+        return lt_fail(err, LT_ERR_ARG, "reward %s: the working directory %s is not a folder", name,
+                       cwd);
     int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
     if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(errp, O_CLOEXEC)) {
         int e = errno;
@@ -547,24 +520,42 @@ static lt_status prog_start(reward_prog *p, const char *name, const char *cmd, c
         }
         return lt_fail(err, LT_ERR_ARG, "reward %s: cannot create a pipe: %s", name, strerror(e));
     }
+    /* posix_spawn (a vfork-style clone in glibc) rather than fork: no copy of the page tables
+     * of a process that maps a whole model, nothing to keep async-signal-safe */
     char **envp = child_environment();
     char sh[] = "sh", dash_c[] = "-c";
     char *argv[] = {sh, dash_c, (char *)cmd, NULL};
-    pid_t pid = envp ? fork() : -1;
-    if (pid == 0) child_exec(in, out, errp, cwd, argv, envp);
-    int e = errno;
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&at);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0); /* the pipes' own fds close at exec */
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, errp[1], 2);
+    if (cwd) posix_spawn_file_actions_addchdir_np(&fa, cwd);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+                                      POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setpgroup(&at, 0);        /* its own group, killed as one */
+    posix_spawnattr_setsigmask(&at, &none);   /* nothing blocked ... */
+    posix_spawnattr_setsigdefault(&at, &all); /* ... nothing ignored (SIGPIPE, SIGINT) */
+    pid_t pid = -1;
+    int e = envp ? posix_spawn(&pid, "/bin/sh", &fa, &at, argv, envp) : ENOMEM;
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
     free(envp);
     close_fd(&in[0]);
     close_fd(&out[1]);
     close_fd(&errp[1]);
-    if (pid < 0) {
+    if (e != 0) {
         close_fd(&in[1]);
         close_fd(&out[0]);
         close_fd(&errp[0]);
-        return lt_fail(err, LT_ERR_ARG, "reward %s: cannot start /bin/sh: %s", name,
-                       envp ? strerror(e) : "out of memory");
+        return lt_fail(err, LT_ERR_ARG, "reward %s: cannot start /bin/sh%s%s: %s", name,
+                       cwd ? " in " : "", cwd ? cwd : "", strerror(e));
     }
-    setpgid(pid, pid); /* also here, so a kill of the group cannot come before the child's */
     p->pid = pid;
     p->in_fd = in[1];
     p->out_fd = out[0];
