@@ -647,8 +647,9 @@ static lt_status prog_ended(reward_prog *p, const char *name, int got, int n, do
     }
     stderr_note(p, note, sizeof note);
     return prog_fail(p, LT_ERR_ARG, err,
-                     "reward %s: the program %s after answering %d of %d completions%s%s", name,
-                     how, got, n, got < n ? " (it must print one line per completion)" : "", note);
+                     "reward %s: the program %s after answering %d of %d completions (it must "
+                     "print one line per completion)%s",
+                     name, how, got, n, note);
 }
 
 /* Writes the n JSON lines of payload and reads n answers into scores[0, n). */
