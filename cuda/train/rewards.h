@@ -16,6 +16,12 @@
  * line back for each, in order: a number, or null ("no reward for this one"). A crash, a line
  * that is not a number, too few lines or no answer within the timeout fails reward_score with a
  * message that names the program and quotes the bad line; the program is then stopped.
+ * Details of exec: the row's own "prompt" and "completion" fields, if any, are replaced by ours;
+ * an answer line is a number strtod reads whole (whitespace around it allowed; nan and inf
+ * refused) or null; the program's stderr is kept (its last line is quoted in errors), not
+ * passed on; PYTHONUNBUFFERED=1 is set for it, other programs must flush after each line.
+ * Statuses: LT_ERR_ARG for bad options, bad rows and a failing program, LT_ERR_MEMORY, LT_ERR_IO
+ * for a failed pipe call.
  */
 #ifndef LATHE_REWARDS_H
 #define LATHE_REWARDS_H
@@ -55,7 +61,6 @@ typedef struct reward_item {
 
 /* scores[f * n + i] = reward f of item i, NaN for "no reward" (exec's null, TRL's None). A
  * program that fails leaves the set unusable for exec (later calls fail at once). */
-lt_status reward_score(reward_set *rs, const reward_item *items, int n, double *scores,
-                       char *err);
+lt_status reward_score(reward_set *rs, const reward_item *items, int n, double *scores, char *err);
 
 #endif
