@@ -250,6 +250,24 @@ static void test_sampler(void) {
     for (int i = 0; i < 4000; i++)
         c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.5, 0.03, "a huge temperature flattens to uniform");
+    /* no truncation (top_k 0, top_p 1, min_p 0) draws without sorting: it still follows the
+     * softmax of logits / temperature over every id */
+    {
+        int cnt[5] = {0};
+        o.temperature = 0.7f;
+        o.top_p = 1;
+        o.min_p = 0;
+        for (int i = 0; i < 40000; i++)
+            cnt[sampler_pick(&s, lg, &o, &rng)]++;
+        double z = 0, worst = 0;
+        for (int i = 0; i < 5; i++)
+            z += exp(lg[i] / 0.7);
+        for (int i = 0; i < 5; i++) {
+            double d = fabs(cnt[i] / 40000.0 - exp(lg[i] / 0.7) / z);
+            if (d > worst) worst = d;
+        }
+        is_close(worst, 0, 0.01, "untruncated sampling follows the softmax over every id");
+    }
     /* the same seed gives the same draws */
     lt_rng a, b;
     rng_seed(&a, 42);
