@@ -6,9 +6,11 @@
  * each of its rows (the rows keep gemma3_cache's layout, gemma3_cache_slots, so the copy is
  * slot for slot). Every decode step runs one forward over the rows still running: the layer's
  * norms and linears through gemma3_layer_qkv / gemma3_layer_finish on [rows, H], each row's
- * K/V appended to its own cache and its query attending that cache alone, the final norm and
- * the head on [rows, H]; then each row samples from its logits on the host. Rows that stop
- * leave the batch. Written against the op table only; must not touch the trainer or a session.
+ * K/V appended to its own cache and its query attending that cache alone (one attention_rows
+ * op per layer; one attention op per row where a backend lacks it), the final norm and the
+ * head on [rows, H]; then each row samples from its logits on the host. Rows that stop leave
+ * the batch: the next step's batch is the running rows, in row order. Written against the op table
+ * only; must not touch the trainer or a session.
  */
 #include "cuda/model/rollout.h"
 
@@ -43,18 +45,22 @@ uint64_t rollout_row_seed(uint64_t seed, int p, int j) {
 /* ---- the rows' KV caches ------------------------------------------------------------------ */
 
 /* Layer l of every row: [n_rows, slots, nkv, hd] fp32 K and V, position p of a row in slot
- * p % slots (gemma3_cache's layout). kpos[kind] ([n_rows, kslots[kind]] I32, the position each
- * slot holds or -1) serves the per-row attention op; every layer of a kind shares it. */
+ * p % slots (gemma3_cache's layout, and attention_rows'). Without attention_rows, kpos[kind]
+ * ([n_rows, kslots[kind]] I32, the position each slot holds or -1) serves the per-row
+ * attention op; every layer of a kind shares it. step: a step's I32 inputs, backend [3, n]
+ * (ids, positions, cache rows), uploaded at once from step_host. */
 typedef struct rollout_state {
     const gemma3_model *m;
     lt_ctx *ctx;
     int n_rows, max_len;
-    size_t kvo; /* floats of one token's K (nkv * hd) */
+    int batched; /* the backend has attention_rows */
+    size_t kvo;  /* floats of one token's K (nkv * hd) */
     float **k, **v;
     int *slots;
     int32_t *kpos[2];
     int kslots[2];
     int32_t *kpos_host; /* [max kslots] scratch */
+    int32_t *step, *step_host;
     float *logits;      /* backend [n_rows, V] */
     float *logits_host; /* [n_rows, V] */
     gemma3_acts b;      /* [n_rows] decode activations (allocated after prefill) */
@@ -77,7 +83,7 @@ size_t gemma3_rollout_bytes(const gemma3_model *m, int n_rows, int max_len) {
         prefill += layer_kv_bytes(c, l, 1, max_len) + (size_t)s * sizeof(int32_t);
         ks[gemma3_layer_kind(c, l)] = s;
     }
-    kp = (size_t)n_rows * (size_t)(ks[0] + ks[1]) * sizeof(int32_t);
+    kp = (size_t)n_rows * (size_t)(ks[0] + ks[1] + 3) * sizeof(int32_t); /* + the step's ids */
     size_t logits = (size_t)n_rows * (size_t)c->vocab_size * sizeof(float);
     int chunk = max_len < GEMMA3_CHUNK ? max_len : GEMMA3_CHUNK;
     size_t prefill_acts = gemma3_acts_bytes(c, chunk) + (size_t)chunk * sizeof(int32_t);
@@ -95,11 +101,13 @@ static void state_free(rollout_state *st) {
     for (int i = 0; i < 2; i++)
         ctx->be->release(ctx, st->kpos[i]);
     ctx->be->release(ctx, st->logits);
+    ctx->be->release(ctx, st->step);
     if (st->have_acts) gemma3_acts_free(&st->b, ctx);
     free(st->k);
     free(st->v);
     free(st->slots);
     free(st->kpos_host);
+    free(st->step_host);
     free(st->logits_host);
     memset(st, 0, sizeof *st);
 }
@@ -115,6 +123,7 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     st->n_rows = n_rows;
     st->max_len = max_len;
     st->kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim;
+    st->batched = ctx->be->attention_rows != NULL;
     st->k = calloc((size_t)L, sizeof *st->k);
     st->v = calloc((size_t)L, sizeof *st->v);
     st->slots = calloc((size_t)L, sizeof *st->slots);
@@ -131,14 +140,16 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     }
     int most = 1;
     for (int i = 0; i < 2; i++) {
-        if (!st->kslots[i]) continue;
+        if (!st->kslots[i] || st->batched) continue;
         if (st->kslots[i] > most) most = st->kslots[i];
         st->kpos[i] = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)n_rows * (size_t)st->kslots[i]);
         if (!st->kpos[i]) goto oom;
     }
     st->kpos_host = malloc(sizeof(int32_t) * (size_t)most);
     st->logits = ctx->be->alloc(ctx, sizeof(float) * V * (size_t)n_rows);
-    if (!st->kpos_host || !st->logits) goto oom;
+    st->step = ctx->be->alloc(ctx, sizeof(int32_t) * 3 * (size_t)n_rows);
+    st->step_host = malloc(sizeof(int32_t) * 3 * (size_t)n_rows);
+    if (!st->kpos_host || !st->logits || !st->step || !st->step_host) goto oom;
     return LT_OK;
 oom:
     state_free(st);
@@ -160,7 +171,7 @@ static lt_status row_take_prompt(rollout_state *st, const gemma3_cache *pc, int 
     }
     for (int i = 0; i < 2; i++) {
         int ks = st->kslots[i];
-        if (!ks) continue;
+        if (!ks || st->batched) continue;
         for (int s = 0; s < ks; s++) /* the latest position < P that lands in slot s */
             st->kpos_host[s] = P <= ks ? (s < P ? s : -1) : s + ks * ((P - 1 - s) / ks);
         LT_TRY(ctx->be->upload(ctx, st->kpos[i] + (size_t)r * (size_t)ks, st->kpos_host,
@@ -170,10 +181,11 @@ done:
     return rc;
 }
 
-/* Layer l's attention for the n active rows (row[i], query at pos[i] in b.q): each row's new
- * K/V go into its own cache, then its query attends that cache alone (one attention op per
- * row, with the row's kpos). */
-static lt_status attend_rows(rollout_state *st, int l, const int *row, const int32_t *pos, int n) {
+/* Layer l's attention for the n active rows (row[i], query at pos[i] in b->q): each row's new
+ * K/V go into its own cache, then its query attends that cache alone. rows_dev: row[] in
+ * backend memory. */
+static lt_status attend_rows(rollout_state *st, const gemma3_acts *b, int l, const int *row,
+                             const int32_t *pos, const int32_t *rows_dev, int n) {
     const gemma3_config *c = &st->m->cfg;
     lt_ctx *ctx = st->ctx;
     int64_t nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
@@ -181,16 +193,27 @@ static lt_status attend_rows(rollout_state *st, int l, const int *row, const int
     int s = st->slots[l], kind = gemma3_layer_kind(c, l), window = gemma3_layer_window(c, l);
     float scale = gemma3_attn_scale(c);
     lt_status rc = LT_OK;
+    if (st->batched) {
+        lt_tensor out = lt_tensor_2d(LT_F32, b->att, n, (int64_t)qo);
+        lt_tensor q = lt_tensor_3d(LT_F32, b->q, n, nh, hd);
+        lt_tensor kn = lt_tensor_3d(LT_F32, b->k, n, nkv, hd),
+                  vn = lt_tensor_3d(LT_F32, b->v, n, nkv, hd);
+        lt_tensor kc = lt_tensor_4d(LT_F32, st->k[l], st->n_rows, s, nkv, hd);
+        lt_tensor vc = lt_tensor_4d(LT_F32, st->v[l], st->n_rows, s, nkv, hd);
+        return ctx->be->attention_rows(ctx, out, q, kn, vn, kc, vc,
+                                       lt_tensor_1d(LT_I32, (void *)rows_dev, n),
+                                       lt_tensor_1d(LT_I32, b->pos, n), window, scale);
+    }
     for (int i = 0; i < n; i++) {
         size_t base = (size_t)row[i] * (size_t)s, slot = (size_t)(pos[i] % s);
         float *kr = st->k[l] + base * kvo, *vr = st->v[l] + base * kvo;
-        LT_TRY(ctx->be->copy(ctx, kr + slot * kvo, st->b.k + (size_t)i * kvo, kvo * sizeof(float)));
-        LT_TRY(ctx->be->copy(ctx, vr + slot * kvo, st->b.v + (size_t)i * kvo, kvo * sizeof(float)));
-        lt_tensor out = lt_tensor_2d(LT_F32, st->b.att + (size_t)i * qo, 1, (int64_t)qo);
-        lt_tensor q = lt_tensor_3d(LT_F32, st->b.q + (size_t)i * qo, 1, nh, hd);
+        LT_TRY(ctx->be->copy(ctx, kr + slot * kvo, b->k + (size_t)i * kvo, kvo * sizeof(float)));
+        LT_TRY(ctx->be->copy(ctx, vr + slot * kvo, b->v + (size_t)i * kvo, kvo * sizeof(float)));
+        lt_tensor out = lt_tensor_2d(LT_F32, b->att + (size_t)i * qo, 1, (int64_t)qo);
+        lt_tensor q = lt_tensor_3d(LT_F32, b->q + (size_t)i * qo, 1, nh, hd);
         lt_tensor kc = lt_tensor_3d(LT_F32, kr, s, nkv, hd),
                   vc = lt_tensor_3d(LT_F32, vr, s, nkv, hd);
-        lt_tensor qp = lt_tensor_1d(LT_I32, st->b.pos + i, 1);
+        lt_tensor qp = lt_tensor_1d(LT_I32, b->pos + i, 1);
         lt_tensor kp = lt_tensor_1d(LT_I32, st->kpos[kind] + base, s);
         LT_TRY(ctx->be->attention(ctx, out, q, kc, vc, qp, kp, window, scale));
     }
@@ -208,24 +231,32 @@ static lt_status decode_step(rollout_state *st, const int *row, const int32_t *i
     const lt_backend *be = ctx->be;
     int64_t H = c->hidden_size, V = c->vocab_size;
     lt_status rc = LT_OK;
-    LT_TRY(be->upload(ctx, st->b.ids, ids, sizeof(int32_t) * (size_t)n));
-    LT_TRY(be->upload(ctx, st->b.pos, pos, sizeof(int32_t) * (size_t)n));
-    for (int i = 0; i < n; i++) /* the slot each row's new token takes, in both kinds */
+    int32_t *sh = st->step_host;
+    for (int i = 0; i < n; i++) {
+        sh[i] = ids[i];
+        sh[n + i] = pos[i];
+        sh[2 * n + i] = row[i];
+    }
+    LT_TRY(be->upload(ctx, st->step, sh, sizeof(int32_t) * 3 * (size_t)n));
+    gemma3_acts b = st->b; /* this step's ids and positions */
+    b.ids = st->step;
+    b.pos = st->step + n;
+    for (int i = 0; i < n && !st->batched; i++) /* the slot each row's new token takes */
         for (int k = 0; k < 2; k++) {
             int ks = st->kslots[k];
             if (!ks) continue;
             LT_TRY(be->upload(ctx, st->kpos[k] + (size_t)row[i] * (size_t)ks + pos[i] % ks, &pos[i],
                               sizeof(int32_t)));
         }
-    lt_tensor h = lt_tensor_2d(LT_F32, st->b.h, n, H);
-    LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, st->b.ids, n), &m->embed_tokens,
+    lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
+    LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens,
                          gemma3_embed_scale(m)));
     for (int l = 0; l < c->num_hidden_layers; l++) {
-        LT_TRY(gemma3_layer_qkv(m, ctx, l, &st->b, n));
-        LT_TRY(attend_rows(st, l, row, pos, n));
-        LT_TRY(gemma3_layer_finish(m, ctx, l, &st->b, n));
+        LT_TRY(gemma3_layer_qkv(m, ctx, l, &b, n));
+        LT_TRY(attend_rows(st, &b, l, row, pos, st->step + 2 * n, n));
+        LT_TRY(gemma3_layer_finish(m, ctx, l, &b, n));
     }
-    lt_tensor hn = lt_tensor_2d(LT_F32, st->b.a, n, H);
+    lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
     LT_TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
     LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, st->logits, n, V), hn, gemma3_head(m)));
     LT_TRY(be->download(ctx, st->logits_host, st->logits, sizeof(float) * (size_t)(n * V)));

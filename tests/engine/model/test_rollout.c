@@ -1,6 +1,7 @@
 /* test_rollout.c — gemma3_rollout (model/rollout.c), the batched sampler GRPO runs, on a micro
  * Gemma 3 built in memory (2 layers: one sliding with a window of 4, one full; GQA 2:1; random
- * norms; fp32 weights) on the CPU backend, wrapped to count its allocations.
+ * norms; fp32 weights) on the CPU backend, wrapped to count its allocations; once with the
+ * attention_rows op and once without it (one attention op per row).
  *
  * Checks: at temperature 0 every row equals one-sequence greedy generation (gemma3_forward
  * with a gemma3_cache, argmax) token for token, for 3 prompts of different lengths x group 4,
@@ -25,7 +26,7 @@
 
 /* ---- a CPU backend that counts what it hands out ------------------------------------------- */
 
-static lt_backend counting;
+static lt_backend counting, per_row; /* per_row: no attention_rows (one attention op per row) */
 static long live_blocks;
 static size_t live_bytes, peak_bytes;
 static int downloads, cancel_at_download; /* raise `cancel` at that download (0 = never) */
@@ -394,11 +395,18 @@ int main(void) {
     counting.alloc = cnt_alloc;
     counting.release = cnt_release;
     counting.download = cnt_download;
+    per_row = counting;
+    per_row.attention_rows = NULL;
     lt_ctx_init(&ctx, &counting, 2);
     M = micro_model();
-    test_greedy();
-    test_seeded();
-    test_stops();
+    for (int pass = 0; pass < 2; pass++) { /* attention_rows, then one attention op per row */
+        diag("%s", pass ? "one attention op per row" : "attention_rows");
+        ctx.be = pass ? &per_row : &counting;
+        test_greedy();
+        test_seeded();
+        test_stops();
+    }
+    ctx.be = &counting;
     test_bad_input();
     test_cancel();
     micro_free(M);
