@@ -8,9 +8,10 @@
  * weights carry, as they are (enabled or not; never merged). Each row samples with its own RNG,
  * seeded by rollout_row_seed from (opts->seed, its prompt, its index in the group), so a row's
  * tokens depend neither on which other rows run beside it nor on the group size; temperature 0
- * is greedy and then equals gemma3_forward-based generation token for token. A row stops at a stop id of the config (eos, <end_of_turn>), which it keeps as its last
- * token (GRPO's completion mask includes the first EOS), or at max_new tokens (clipped).
- * Written once against the op table: runs on the CPU and on CUDA.
+ * is greedy and then equals gemma3_forward-based generation token for token. A row stops at a stop
+ * id of the config (eos, <end_of_turn>), which it keeps as its last token (GRPO's completion mask
+ * includes the first EOS), or at max_new tokens (clipped). Written once against the op table: runs
+ * on the CPU and on CUDA.
  */
 #ifndef LATHE_ROLLOUT_H
 #define LATHE_ROLLOUT_H
@@ -21,13 +22,13 @@
 #include "cuda/model/model.h"
 
 typedef struct rollout_out {
-    int n_rows;    /* n_prompts * group */
-    int max_new;   /* row stride of ids */
-    int32_t *ids;  /* [n_rows, max_new] completion tokens (malloc'd); row r's first len[r] */
-    int *len;      /* [n_rows] tokens of row r, its stop token included */
-    int *stopped;  /* [n_rows] 1 = ended with a stop id, 0 = reached max_new (clipped) */
-    int64_t prefill_tokens; /* prompt tokens run (each prompt once) */
-    int64_t new_tokens;     /* tokens sampled, over every row */
+    int n_rows;   /* n_prompts * group */
+    int max_new;  /* row stride of ids */
+    int32_t *ids; /* [n_rows, max_new] completion tokens (malloc'd); row r's first len[r] */
+    int *len;     /* [n_rows] tokens of row r, its stop token included */
+    int *stopped; /* [n_rows] 1 = ended with a stop id, 0 = reached max_new (clipped) */
+    int64_t prefill_tokens;     /* prompt tokens run (each prompt once) */
+    int64_t new_tokens;         /* tokens sampled, over every row */
     double prefill_s, decode_s; /* wall time of the two phases */
 } rollout_out;
 
