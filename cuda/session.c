@@ -576,12 +576,6 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     return LT_OK;
 }
 
-static int is_stop(const gemma3_config *c, int id) {
-    for (int i = 0; i < c->n_eos_ids; i++)
-        if (c->eos_ids[i] == id) return 1;
-    return 0;
-}
-
 static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
     if (s->n_cached + n > s->cap_cached) {
         int nc = s->cap_cached ? s->cap_cached : 256;
@@ -671,7 +665,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
             break;
         }
         int id = sampler_pick(&sm, last, o, &rng);
-        if (is_stop(c, id)) {
+        if (gemma3_is_stop(c, id)) {
             if (include_stop) out[n++] = id;
             break;
         }

@@ -187,6 +187,19 @@ typedef struct lt_backend {
     lt_status (*geglu)(lt_ctx *ctx, lt_tensor y, lt_tensor gate, lt_tensor up);
     /* y += x (same shape, fp32): the residual add. */
     lt_status (*add)(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+    /* Decode attention over per-row KV caches: one new token for each of R rows (batched
+     * sampling). kc, vc: [N, S, nkv, hd] fp32, N row caches of S slots; rows: [R] I32, the cache
+     * row of each query (distinct, in [0, N)); qpos: [R] I32 (>= 0); q: [R, nh, hd]; k_new,
+     * v_new: [R, nkv, hd]; out: [R, nh*hd]. First k_new[i], v_new[i] are written into slot
+     * qpos[i] % S of row rows[i]. Then query i attends that row alone, which holds its
+     * positions 0..qpos[i], position p in slot p % S (a ring once qpos[i] >= S): slot s holds
+     * position qpos[i] - d, d = (qpos[i] - s) mod S, and is visible iff d <= qpos[i] and
+     * (window <= 0 || d < window). Scores, softmax and GQA as attention (which it equals with
+     * kpos[s] = qpos[i] - d, or -1 where that is negative). A backend may leave it NULL: the
+     * sampler then calls attention once per row. */
+    lt_status (*attention_rows)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k_new,
+                                lt_tensor v_new, lt_tensor kc, lt_tensor vc, lt_tensor rows,
+                                lt_tensor qpos, int window, float scale);
 
     /* ---- backward ops (NULL until implemented; see conventions above) -------------------- */
     /* dx = dy·W (+ adapter path); accumulates w->grad_w, lora grad_a/grad_b when present.

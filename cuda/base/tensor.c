@@ -106,6 +106,11 @@ lt_tensor lt_tensor_3d(lt_dtype dt, void *data, int64_t d0, int64_t d1, int64_t 
     return t;
 }
 
+lt_tensor lt_tensor_4d(lt_dtype dt, void *data, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+    lt_tensor t = {.dtype = dt, .ndim = 4, .shape = {d0, d1, d2, d3}, .data = data};
+    return t;
+}
+
 const char *lt_shape_str(const lt_tensor *t, char *buf, size_t cap) {
     size_t k = 0;
     k += (size_t)snprintf(buf + k, cap - k, "[");

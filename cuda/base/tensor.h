@@ -52,6 +52,7 @@ size_t lt_tensor_bytes(const lt_tensor *t);
 lt_tensor lt_tensor_1d(lt_dtype dt, void *data, int64_t d0);
 lt_tensor lt_tensor_2d(lt_dtype dt, void *data, int64_t d0, int64_t d1);
 lt_tensor lt_tensor_3d(lt_dtype dt, void *data, int64_t d0, int64_t d1, int64_t d2);
+lt_tensor lt_tensor_4d(lt_dtype dt, void *data, int64_t d0, int64_t d1, int64_t d2, int64_t d3);
 /* "[262144, 1152]" into buf. */
 const char *lt_shape_str(const lt_tensor *t, char *buf, size_t cap);
 

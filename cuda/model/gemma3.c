@@ -1111,6 +1111,11 @@ static int cache_cap_for(const gemma3_config *cfg, int l, int max_seq, int *ring
     return 0; /* full layers grow on demand */
 }
 
+int gemma3_cache_slots(const gemma3_config *cfg, int l, int max_len) {
+    int ring, cap = cache_cap_for(cfg, l, max_len, &ring);
+    return ring ? cap : max_len;
+}
+
 lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *cfg, int max_seq) {
     memset(c, 0, sizeof *c);
     c->n_layers = cfg->num_hidden_layers;
@@ -1234,39 +1239,46 @@ float gemma3_embed_scale(const gemma3_model *m) {
     return (float)sqrt((double)m->cfg.hidden_size);
 }
 
-typedef struct fwd_bufs {
-    float *h, *a, *q, *k, *v, *att, *o, *gate, *up;
-    int32_t *ids, *pos;
-} fwd_bufs;
-
-static void bufs_free(fwd_bufs *b, lt_ctx *ctx) {
+void gemma3_acts_free(gemma3_acts *b, lt_ctx *ctx) {
     void *all[] = {b->h, b->a, b->q, b->k, b->v, b->att, b->o, b->gate, b->up, b->ids, b->pos};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         ctx->be->release(ctx, all[i]);
     memset(b, 0, sizeof *b);
 }
 
-static lt_status bufs_alloc(fwd_bufs *b, lt_ctx *ctx, const gemma3_config *c, int T) {
+/* The bytes of each buffer of gemma3_acts for T rows, in the struct's order. */
+static void acts_sizes(const gemma3_config *c, int T, size_t sz[11]) {
     size_t H = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     size_t qo = (size_t)c->num_attention_heads * (size_t)c->head_dim;
     size_t kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim, t = (size_t)T,
            f = sizeof(float);
+    size_t all[11] = {t * H * f,   t * H * f,           t * qo * f,         t * kvo * f,
+                      t * kvo * f, t * qo * f,          t * H * f,          t * I * f,
+                      t * I * f,   t * sizeof(int32_t), t * sizeof(int32_t)};
+    memcpy(sz, all, sizeof all);
+}
+
+size_t gemma3_acts_bytes(const gemma3_config *c, int T) {
+    size_t sz[11], n = 0;
+    acts_sizes(c, T, sz);
+    for (int i = 0; i < 11; i++)
+        n += sz[i];
+    return n;
+}
+
+lt_status gemma3_acts_alloc(gemma3_acts *b, lt_ctx *ctx, const gemma3_config *c, int T) {
+    size_t sz[11];
+    acts_sizes(c, T, sz);
     memset(b, 0, sizeof *b);
-    b->h = ctx->be->alloc(ctx, t * H * f);
-    b->a = ctx->be->alloc(ctx, t * H * f);
-    b->q = ctx->be->alloc(ctx, t * qo * f);
-    b->k = ctx->be->alloc(ctx, t * kvo * f);
-    b->v = ctx->be->alloc(ctx, t * kvo * f);
-    b->att = ctx->be->alloc(ctx, t * qo * f);
-    b->o = ctx->be->alloc(ctx, t * H * f);
-    b->gate = ctx->be->alloc(ctx, t * I * f);
-    b->up = ctx->be->alloc(ctx, t * I * f);
-    b->ids = ctx->be->alloc(ctx, t * sizeof(int32_t));
-    b->pos = ctx->be->alloc(ctx, t * sizeof(int32_t));
-    if (!b->h || !b->a || !b->q || !b->k || !b->v || !b->att || !b->o || !b->gate || !b->up ||
-        !b->ids || !b->pos) {
-        bufs_free(b, ctx);
-        return LT_ERR_MEMORY;
+    void **all[] = {(void **)&b->h,  (void **)&b->a,   (void **)&b->q,  (void **)&b->k,
+                    (void **)&b->v,  (void **)&b->att, (void **)&b->o,  (void **)&b->gate,
+                    (void **)&b->up, (void **)&b->ids, (void **)&b->pos};
+    for (int i = 0; i < 11; i++) {
+        *all[i] = ctx->be->alloc(ctx, sz[i]);
+        if (!*all[i]) {
+            gemma3_acts_free(b, ctx);
+            return LT_ERR_MEMORY;
+        }
     }
     return LT_OK;
 }
@@ -1286,18 +1298,18 @@ static lt_status capture_io(lt_ctx *ctx, const layer_capture *cap, int k, lt_ten
     return rc;
 }
 
-/* One decoder layer on the chunk held in b->h ([T, H], updated in place); cap (NULL in every
- * forward but quant=dynamic's calibration) keeps each linear's input and output. */
-static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bufs *b, int T,
-                               int p0, gemma3_cache *cache, const layer_capture *cap) {
+/* The attention input of layer l on the T rows of b->h at positions b->pos: a = norm(h); q, k,
+ * v; qk-norm; RoPE. cap (NULL in every forward but quant=dynamic's calibration) keeps each
+ * linear's input and output. */
+static lt_status layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b, int T,
+                           const layer_capture *cap) {
     const gemma3_config *c = &m->cfg;
     const gemma3_layer *w = &m->layers[l];
     const lt_backend *be = ctx->be;
-    int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads,
-            nkv = c->num_key_value_heads, hd = c->head_dim;
+    int64_t H = c->hidden_size, nh = c->num_attention_heads, nkv = c->num_key_value_heads,
+            hd = c->head_dim;
     float eps = (float)c->rms_norm_eps;
-    gemma3_layer_type kind = gemma3_layer_kind(c, l);
-    const gemma3_rope *rp = &c->rope[kind];
+    const gemma3_rope *rp = &c->rope[gemma3_layer_kind(c, l)];
     lt_status rc = LT_OK;
 
     lt_tensor h = lt_tensor_2d(LT_F32, b->h, T, H);         /* residual stream [T, H] */
@@ -1307,16 +1319,10 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     lt_tensor v2 = lt_tensor_2d(LT_F32, b->v, T, nkv * hd);
     lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);  /* [T, nh, hd] */
     lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd); /* [T, nkv, hd] */
-    lt_tensor v3 = lt_tensor_3d(LT_F32, b->v, T, nkv, hd);
     lt_tensor qh = lt_tensor_2d(LT_F32, b->q, T * nh, hd); /* per-head rows for q_norm */
     lt_tensor kh = lt_tensor_2d(LT_F32, b->k, T * nkv, hd);
-    lt_tensor att = lt_tensor_2d(LT_F32, b->att, T, nh * hd);
-    lt_tensor o = lt_tensor_2d(LT_F32, b->o, T, H);
-    lt_tensor gate = lt_tensor_2d(LT_F32, b->gate, T, I);
-    lt_tensor up = lt_tensor_2d(LT_F32, b->up, T, I);
     lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
 
-    /* attention block: a = norm(h); q,k,v; qk-norm; rope; attend; h += post_norm(o) */
     LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
     LT_TRY(be->linear(ctx, q2, a, &w->q_proj));
     LT_TRY(capture_io(ctx, cap, 0, a, q2));
@@ -1328,29 +1334,33 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
     LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
     LT_TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
-    int window = kind == GEMMA3_SLIDING ? c->sliding_window : 0;
-    float scale = (float)(1.0 / sqrt(c->query_pre_attn_scalar));
-    if (cache) {
-        size_t row = (size_t)(nkv * hd) * sizeof(float);
-        gemma3_cache_layer *cl = &cache->layers[l];
-        if (!cl->ring && cl->cap < p0 + T) {
-            rc = cache_grow(cl, ctx, row, p0 + T, cache->max_seq);
-            if (rc != LT_OK) goto done;
-        }
-        LT_TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
-        lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
-        lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
-        lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
-        LT_TRY(be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
-    } else {
-        LT_TRY(be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
-    }
+done:
+    return rc;
+}
+
+/* The rest of layer l once b->att holds the attention output: h += post_norm(o_proj(att));
+ * then the MLP block, m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f). */
+static lt_status layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b,
+                              int T, const layer_capture *cap) {
+    const gemma3_config *c = &m->cfg;
+    const gemma3_layer *w = &m->layers[l];
+    const lt_backend *be = ctx->be;
+    int64_t H = c->hidden_size, I = c->intermediate_size,
+            qo = (int64_t)c->num_attention_heads * c->head_dim;
+    float eps = (float)c->rms_norm_eps;
+    lt_status rc = LT_OK;
+
+    lt_tensor h = lt_tensor_2d(LT_F32, b->h, T, H);
+    lt_tensor a = lt_tensor_2d(LT_F32, b->a, T, H);
+    lt_tensor att = lt_tensor_2d(LT_F32, b->att, T, qo);
+    lt_tensor o = lt_tensor_2d(LT_F32, b->o, T, H);
+    lt_tensor gate = lt_tensor_2d(LT_F32, b->gate, T, I);
+    lt_tensor up = lt_tensor_2d(LT_F32, b->up, T, I);
+
     LT_TRY(be->linear(ctx, o, att, &w->o_proj));
     LT_TRY(capture_io(ctx, cap, 3, att, o));
     LT_TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
     LT_TRY(be->add(ctx, h, o));
-
-    /* MLP block: m = norm(h); f = down(gelu(gate(m)) * up(m)); h += post_norm(f) */
     LT_TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
     LT_TRY(be->linear(ctx, gate, a, &w->gate_proj));
     LT_TRY(capture_io(ctx, cap, 4, a, gate));
@@ -1363,6 +1373,59 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, fwd_bu
     LT_TRY(be->add(ctx, h, o));
 done:
     return rc;
+}
+
+lt_status gemma3_layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b, int T) {
+    return layer_qkv(m, ctx, l, b, T, NULL);
+}
+
+lt_status gemma3_layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b,
+                              int T) {
+    return layer_finish(m, ctx, l, b, T, NULL);
+}
+
+/* One decoder layer on the chunk held in b->h ([T, H], updated in place) at positions
+ * p0 .. p0+T-1 (b->pos); with a cache, K/V are appended to it and attention sees it all. */
+static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, gemma3_acts *b, int T,
+                               int p0, gemma3_cache *cache, const layer_capture *cap) {
+    const gemma3_config *c = &m->cfg;
+    int64_t nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
+    lt_status rc = LT_OK;
+    lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);  /* [T, nh, hd] */
+    lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd); /* [T, nkv, hd] */
+    lt_tensor v3 = lt_tensor_3d(LT_F32, b->v, T, nkv, hd);
+    lt_tensor att = lt_tensor_2d(LT_F32, b->att, T, nh * hd);
+    lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
+
+    LT_TRY(layer_qkv(m, ctx, l, b, T, cap));
+    int window = gemma3_layer_window(c, l);
+    float scale = gemma3_attn_scale(c);
+    if (cache) {
+        size_t row = (size_t)(nkv * hd) * sizeof(float);
+        gemma3_cache_layer *cl = &cache->layers[l];
+        if (!cl->ring && cl->cap < p0 + T) {
+            rc = cache_grow(cl, ctx, row, p0 + T, cache->max_seq);
+            if (rc != LT_OK) goto done;
+        }
+        LT_TRY(cache_write(cache, ctx, l, b->k, b->v, p0, T, row));
+        lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
+        lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
+        lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
+        LT_TRY(ctx->be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+    } else {
+        LT_TRY(ctx->be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
+    }
+    LT_TRY(layer_finish(m, ctx, l, b, T, cap));
+done:
+    return rc;
+}
+
+int gemma3_layer_window(const gemma3_config *c, int l) {
+    return gemma3_layer_kind(c, l) == GEMMA3_SLIDING ? c->sliding_window : 0;
+}
+
+float gemma3_attn_scale(const gemma3_config *c) {
+    return (float)(1.0 / sqrt(c->query_pre_attn_scalar));
 }
 
 lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
@@ -1387,14 +1450,14 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
                            t, (long long)V);
         }
     int chunk = cache ? (T < GEMMA3_CHUNK ? T : GEMMA3_CHUNK) : T;
-    fwd_bufs b;
-    if (bufs_alloc(&b, ctx, c, chunk) != LT_OK) {
+    gemma3_acts b;
+    if (gemma3_acts_alloc(&b, ctx, c, chunk) != LT_OK) {
         return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory for the activations of %d tokens",
                        chunk);
     }
     int32_t *pos_host = malloc(sizeof(int32_t) * (size_t)chunk);
     if (!pos_host) {
-        bufs_free(&b, ctx);
+        gemma3_acts_free(&b, ctx);
         return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
     }
     const lt_weight *head = gemma3_head(m);
@@ -1432,7 +1495,7 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
     }
 done:
     free(pos_host);
-    bufs_free(&b, ctx);
+    gemma3_acts_free(&b, ctx);
     return rc;
 }
 
@@ -1472,8 +1535,8 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
     layer_capture cap = {{0}, {0}};
     float *wf[N_LINEAR] = {0}, *dy = NULL;
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
-    fwd_bufs b;
-    int have_bufs = bufs_alloc(&b, &ctx, c, T) == LT_OK;
+    gemma3_acts b;
+    int have_bufs = gemma3_acts_alloc(&b, &ctx, c, T) == LT_OK;
     int64_t max_out = 0, shape[N_LINEAR][2];
     int oom = !pos || !have_bufs;
     for (int k = 0; k < N_LINEAR; k++) {
@@ -1586,11 +1649,17 @@ done:
         be->release(&ctx, cap.y[k]);
     }
     be->release(&ctx, dy);
-    if (have_bufs) bufs_free(&b, &ctx);
+    if (have_bufs) gemma3_acts_free(&b, &ctx);
     free(pos);
     lt_ctx_shutdown(&ctx);
     qdyn_report_free(&rep);
     return rc;
+}
+
+int gemma3_is_stop(const gemma3_config *c, int id) {
+    for (int i = 0; i < c->n_eos_ids; i++)
+        if (c->eos_ids[i] == id) return 1;
+    return 0;
 }
 
 void gemma3_config_set_tokens(gemma3_config *c, const lt_tokenizer *tok) {

@@ -22,6 +22,8 @@
 /* Fills bos/eos/pad/turn ids by piece from the tokenizer (keeps config values when the
  * tokenizer lacks a piece) and sets the stop list to {eos, <end_of_turn>}. */
 void gemma3_config_set_tokens(gemma3_config *c, const lt_tokenizer *tok);
+/* 1 when id is in the config's stop list (generation ends there). */
+int gemma3_is_stop(const gemma3_config *c, int id);
 
 /* ---- weights ------------------------------------------------------------------------- */
 
@@ -173,6 +175,12 @@ lt_status gemma3_cache_init(gemma3_cache *c, lt_ctx *ctx, const gemma3_config *c
 void gemma3_cache_reset(gemma3_cache *c, lt_ctx *ctx); /* len = 0, slots emptied */
 void gemma3_cache_free(gemma3_cache *c, lt_ctx *ctx);
 
+/* The slots layer l needs to hold any max_len positions the way gemma3_cache lays them out:
+ * max_len for full layers, min(window + GEMMA3_CHUNK, max_len) for sliding ones. Position p
+ * sits in slot p % slots in a gemma3_cache of any max_seq >= max_len (a batched decoder that
+ * keeps this layout can take a cache's slots as they are). */
+int gemma3_cache_slots(const gemma3_config *cfg, int l, int max_len);
+
 /* What a forward call returns/keeps. All pointers are backend memory, caller-allocated;
  * any may be NULL.
  *   logits:       [T, V] fp32 for every input token (lt_logits)
@@ -199,6 +207,30 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
  * it to that dtype (transformers' Gemma3TextScaledWordEmbedding casts its fp32 scale to the
  * weight dtype: 34.0 for the 1B in bf16); a 16-bit GPU path may choose to match that. */
 float gemma3_embed_scale(const gemma3_model *m);
+
+/* ---- the forward in pieces, for a decoder that attends its own way (rollout.c) ---------- */
+
+/* The activations of T rows of one layer, backend memory: h [T, H] the residual stream,
+ * a [T, H] normed input, q [T, nh, hd], k and v [T, nkv, hd], att [T, nh*hd] the attention
+ * output, o [T, H], gate and up [T, I], ids and pos [T] I32. */
+typedef struct gemma3_acts {
+    float *h, *a, *q, *k, *v, *att, *o, *gate, *up;
+    int32_t *ids, *pos;
+} gemma3_acts;
+
+lt_status gemma3_acts_alloc(gemma3_acts *b, lt_ctx *ctx, const gemma3_config *c, int T);
+void gemma3_acts_free(gemma3_acts *b, lt_ctx *ctx);
+size_t gemma3_acts_bytes(const gemma3_config *c, int T); /* what gemma3_acts_alloc takes */
+/* Layer l up to attention, on the T rows of b->h at positions b->pos: a = norm(h), then q, k,
+ * v (qk-normed, RoPE'd) into b->q, b->k, b->v. */
+lt_status gemma3_layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b, int T);
+/* The rest of layer l once b->att holds the attention output: o_proj, post-norm, residual, the
+ * MLP block. gemma3_forward's layer is gemma3_layer_qkv, attention, gemma3_layer_finish. */
+lt_status gemma3_layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const gemma3_acts *b,
+                              int T);
+/* Layer l's attention window (0 = full) and the score scale 1/sqrt(query_pre_attn_scalar). */
+int gemma3_layer_window(const gemma3_config *c, int l);
+float gemma3_attn_scale(const gemma3_config *c);
 
 /* ---- training passes (gemma3_backward.c) ------------------------------------------------ */
 

@@ -6,11 +6,12 @@
  * cache shared by its group; then every step decodes one token for every row still running, in
  * one forward over all of them (the linears see [rows, H]), with the adapters the model's
  * weights carry, as they are (enabled or not; never merged). Each row samples with its own RNG,
- * seeded from (opts->seed, row), so a row's tokens do not depend on which other rows run
- * beside it; temperature 0 is greedy and then equals gemma3_forward-based generation token for
- * token. A row stops at a stop id of the config (eos, <end_of_turn>), which it keeps as its last
- * token (GRPO's completion mask includes the first EOS), or at max_new tokens (clipped).
- * Written once against the op table: runs on the CPU and on CUDA.
+ * seeded by rollout_row_seed from (opts->seed, its prompt, its index in the group), so a row's
+ * tokens depend neither on which other rows run beside it nor on the group size; temperature 0
+ * is greedy and then equals gemma3_forward-based generation token for token. A row stops at a stop
+ * id of the config (eos, <end_of_turn>), which it keeps as its last token (GRPO's completion mask
+ * includes the first EOS), or at max_new tokens (clipped). Written once against the op table: runs
+ * on the CPU and on CUDA.
  */
 #ifndef LATHE_ROLLOUT_H
 #define LATHE_ROLLOUT_H
@@ -21,13 +22,13 @@
 #include "cuda/model/model.h"
 
 typedef struct rollout_out {
-    int n_rows;    /* n_prompts * group */
-    int max_new;   /* row stride of ids */
-    int32_t *ids;  /* [n_rows, max_new] completion tokens (malloc'd); row r's first len[r] */
-    int *len;      /* [n_rows] tokens of row r, its stop token included */
-    int *stopped;  /* [n_rows] 1 = ended with a stop id, 0 = reached max_new (clipped) */
-    int64_t prefill_tokens; /* prompt tokens run (each prompt once) */
-    int64_t new_tokens;     /* tokens sampled, over every row */
+    int n_rows;   /* n_prompts * group */
+    int max_new;  /* row stride of ids */
+    int32_t *ids; /* [n_rows, max_new] completion tokens (malloc'd); row r's first len[r] */
+    int *len;     /* [n_rows] tokens of row r, its stop token included */
+    int *stopped; /* [n_rows] 1 = ended with a stop id, 0 = reached max_new (clipped) */
+    int64_t prefill_tokens;     /* prompt tokens run (each prompt once) */
+    int64_t new_tokens;         /* tokens sampled, over every row */
     double prefill_s, decode_s; /* wall time of the two phases */
 } rollout_out;
 
@@ -40,6 +41,10 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
                          const int *prompt_len, int n_prompts, int group, const lt_gen_opts *o,
                          int max_seq, atomic_int *cancel, rollout_out *out, char *err);
 void rollout_out_free(rollout_out *out);
+
+/* The seed of the RNG (rng_seed) that prompt p's j-th row samples with: replaying a row one
+ * sequence at a time with it gives the same tokens. */
+uint64_t rollout_row_seed(uint64_t seed, int p, int j);
 
 /* Backend memory gemma3_rollout allocates for n_rows rows of at most max_len tokens each
  * (prompt + completion), the KV caches included: the GRPO memory plan. */

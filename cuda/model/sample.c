@@ -123,6 +123,31 @@ static float kth_largest(const float *v, int n, int k, float *tmp) {
     return tmp[want];
 }
 
+/* No truncation (top_k 0, top_p 1, min_p 0): a draw from the whole softmax, in id order, with
+ * no sort — two passes over the vocabulary (GRPO samples 262,144 ids this way every token). */
+static int pick_full(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng) {
+    int V = s->vocab;
+    float inv_t = 1.0f / o->temperature, mx = -INFINITY;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    mx *= inv_t;
+    double sum = 0;
+    for (int i = 0; i < V; i++) {
+        float e = expf(logits[i] * inv_t - mx);
+        s->val[i] = e;
+        sum += e;
+    }
+    double u = rng_uniform(rng) * sum, acc = 0;
+    int last = 0;
+    for (int i = 0; i < V; i++) {
+        if (s->val[i] == 0.0f) continue;
+        acc += s->val[i];
+        last = i;
+        if (u < acc) return i;
+    }
+    return last; /* rounding left u at the very top: the last id with any mass */
+}
+
 int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng) {
     int V = s->vocab;
     if (o->temperature <= 0) { /* greedy: first maximum, like torch.argmax */
@@ -131,6 +156,7 @@ int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *
             if (logits[i] > logits[best]) best = i;
         return best;
     }
+    if (o->top_k == 0 && o->top_p >= 1.0f && o->min_p <= 0) return pick_full(s, logits, o, rng);
     /* scaled scores in val (indexed by id) */
     float *val = s->val;
     for (int i = 0; i < V; i++)

@@ -7,6 +7,7 @@
  * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
  * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
  * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
+ * attention_rows (decode over per-row ring caches) also checks the caches after its append.
  * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
 #ifdef HAVE_CONFIG_H
@@ -657,6 +658,54 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
     free(q), free(k), free(v), free(dout), free(qp), free(kp), free(o_c);
 }
 
+/* attention_rows (decode over per-row ring caches): R queries over R distinct rows of N caches
+ * of S slots, positions drawn in [0, 2S) so some rings have wrapped; the output and both caches
+ * after the append. */
+static void test_attention_rows(int64_t N, int64_t S, int64_t R, int64_t nh, int64_t nkv,
+                                int64_t hd, int window) {
+    char name[160];
+    float scale = 1.0f / 16.0f;
+    int64_t cn = N * S * nkv * hd;
+    float *q = rand_f32(R * nh * hd, 1.0f), *kn = rand_f32(R * nkv * hd, 1.0f),
+          *vn = rand_f32(R * nkv * hd, 1.0f), *kc = rand_f32(cn, 1.0f), *vc = rand_f32(cn, 1.0f);
+    int32_t *rows = malloc(sizeof(int32_t) * (size_t)R), *qp = malloc(sizeof(int32_t) * (size_t)R);
+    for (int64_t i = 0; i < R; i++) {
+        rows[i] = (int32_t)((i * 7 + 3) % N); /* distinct while N does not divide 7 */
+        qp[i] = (int32_t)(rng_next() % (uint64_t)(2 * S));
+    }
+    float *kg = dev_put(kc, (size_t)cn * 4), *vg = dev_put(vc, (size_t)cn * 4);
+    float *qg = dev_put(q, (size_t)(R * nh * hd) * 4),
+          *kng = dev_put(kn, (size_t)(R * nkv * hd) * 4),
+          *vng = dev_put(vn, (size_t)(R * nkv * hd) * 4);
+    int32_t *rg = dev_put(rows, (size_t)R * 4), *qpg = dev_put(qp, (size_t)R * 4);
+    float *o_c = malloc(sizeof(float) * (size_t)(R * nh * hd)), *og = dev_poison(R * nh * hd);
+    lt_status rc = cpu.be->attention_rows(
+        &cpu, t2(LT_F32, o_c, R, nh * hd), t3(LT_F32, q, R, nh, hd), t3(LT_F32, kn, R, nkv, hd),
+        t3(LT_F32, vn, R, nkv, hd), lt_tensor_4d(LT_F32, kc, N, S, nkv, hd),
+        lt_tensor_4d(LT_F32, vc, N, S, nkv, hd), t1(LT_I32, rows, R), t1(LT_I32, qp, R), window,
+        scale);
+    if (rc != LT_OK) diag("%s", cpu.err);
+    rc = gpu.be->attention_rows(&gpu, t2(LT_F32, og, R, nh * hd), t3(LT_F32, qg, R, nh, hd),
+                                t3(LT_F32, kng, R, nkv, hd), t3(LT_F32, vng, R, nkv, hd),
+                                lt_tensor_4d(LT_F32, kg, N, S, nkv, hd),
+                                lt_tensor_4d(LT_F32, vg, N, S, nkv, hd), t1(LT_I32, rg, R),
+                                t1(LT_I32, qpg, R), window, scale);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name,
+             "attention_rows N=%lld S=%lld R=%lld nh=%lld nkv=%lld hd=%lld window=%d", (long long)N,
+             (long long)S, (long long)R, (long long)nh, (long long)nkv, (long long)hd, window);
+    check_close(name, og, o_c, R * nh * hd, 1e-5);
+    char n2[200];
+    snprintf(n2, sizeof n2, "%s: K cache after the append", name);
+    check_close(n2, kg, kc, cn, 0);
+    snprintf(n2, sizeof n2, "%s: V cache after the append", name);
+    check_close(n2, vg, vc, cn, 0);
+    void *dev[] = {kg, vg, qg, kng, vng, rg, qpg, og};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        gpu.be->release(&gpu, dev[i]);
+    free(q), free(kn), free(vn), free(kc), free(vc), free(rows), free(qp), free(o_c);
+}
+
 /* ---- fused cross-entropy, AdamW, the trainer's extra ops
  * ------------------------------------------ */
 
@@ -876,6 +925,10 @@ int main(void) {
     test_attention(LT_BF16, 700, 700, 4, 2, 256, 300, 0);
     test_attention(LT_F16, 334, 334, 4, 2, 256, 100, 2);
     test_attention(LT_BF16, 1030, 1030, 16, 4, 128, 500, 0); /* 128-row forward blocks */
+    test_attention_rows(10, 300, 7, 4, 1, 256, 0);           /* Gemma 3 1B's heads, rings wrapped */
+    test_attention_rows(10, 300, 7, 4, 1, 256, 100);         /* a sliding window */
+    test_attention_rows(4, 5000, 3, 8, 2, 128, 0);           /* long caches: many key blocks */
+    test_attention_rows(64, 40, 64, 4, 2, 72, 16);    /* many rows; hd not a multiple of 32 */
     test_cross_entropy(LT_BF16, 300, 262144, 128, 0); /* the real vocabulary, several chunks */
     test_cross_entropy(LT_F16, 300, 262144, 128, 1);
     test_adamw_and_extras();

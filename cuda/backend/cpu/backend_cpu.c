@@ -678,6 +678,37 @@ typedef struct attn_job {
     int oom;
 } attn_job;
 
+/* One query head over S keys (kpos/qp mask, backend.h's rule); sc: [S] scratch. */
+static void attn_head(const attn_job *j, const float *qv, float *o, const float *k, const float *v,
+                      const int32_t *kpos, int32_t qp, int64_t kh, float *sc) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < j->S; s++) {
+        int32_t kp = kpos[s];
+        if (kp < 0 || kp > qp || (j->window > 0 && qp - kp >= j->window)) {
+            sc[s] = -INFINITY;
+            continue;
+        }
+        sc[s] = dot_f32(qv, k + (s * j->nkv + kh) * j->hd, j->hd) * j->scale;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    memset(o, 0, sizeof(float) * (size_t)j->hd);
+    if (mx == -INFINITY) return; /* nothing visible */
+    double sum = 0;
+    for (int64_t s = 0; s < j->S; s++) {
+        float e = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - mx);
+        sc[s] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (int64_t s = 0; s < j->S; s++) {
+        if (sc[s] == 0.0f) continue;
+        float p = sc[s] * inv;
+        const float *vv = v + (s * j->nkv + kh) * j->hd;
+        for (int64_t d = 0; d < j->hd; d++)
+            o[d] += p * vv[d];
+    }
+}
+
 static void attn_task(void *arg, int task, int n_tasks) {
     attn_job *j = arg;
     int64_t total = j->T * j->nh, per = (total + n_tasks - 1) / n_tasks;
@@ -690,38 +721,47 @@ static void attn_task(void *arg, int task, int n_tasks) {
     }
     int64_t group = j->nh / j->nkv;
     for (int64_t th = a; th < b; th++) {
-        int64_t t = th / j->nh, h = th % j->nh, kh = h / group;
-        const float *qv = j->q + (t * j->nh + h) * j->hd;
-        float *o = j->out + (t * j->nh + h) * j->hd;
-        int32_t qp = j->qpos[t];
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < j->S; s++) {
-            int32_t kp = j->kpos[s];
-            if (kp < 0 || kp > qp || (j->window > 0 && qp - kp >= j->window)) {
-                sc[s] = -INFINITY;
-                continue;
-            }
-            sc[s] = dot_f32(qv, j->k + (s * j->nkv + kh) * j->hd, j->hd) * j->scale;
-            if (sc[s] > mx) mx = sc[s];
-        }
-        memset(o, 0, sizeof(float) * (size_t)j->hd);
-        if (mx == -INFINITY) continue; /* nothing visible */
-        double sum = 0;
-        for (int64_t s = 0; s < j->S; s++) {
-            float e = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - mx);
-            sc[s] = e;
-            sum += e;
-        }
-        float inv = (float)(1.0 / sum);
-        for (int64_t s = 0; s < j->S; s++) {
-            if (sc[s] == 0.0f) continue;
-            float p = sc[s] * inv;
-            const float *vv = j->v + (s * j->nkv + kh) * j->hd;
-            for (int64_t d = 0; d < j->hd; d++)
-                o[d] += p * vv[d];
-        }
+        int64_t t = th / j->nh, h = th % j->nh;
+        attn_head(j, j->q + (t * j->nh + h) * j->hd, j->out + (t * j->nh + h) * j->hd, j->k, j->v,
+                  j->kpos, j->qpos[t], h / group, sc);
     }
     free(sc);
+}
+
+/* attention_rows: query t (head h) over cache row rows[t] ([S, nkv, hd] at k + rows[t]*S*nkv*hd),
+ * with the positions that row's ring layout implies in place of kpos. */
+typedef struct attn_rows_job {
+    attn_job a;
+    const int32_t *rows;
+} attn_rows_job;
+
+static void attn_rows_task(void *arg, int task, int n_tasks) {
+    attn_rows_job *rj = arg;
+    attn_job *j = &rj->a;
+    int64_t total = j->T * j->nh, per = (total + n_tasks - 1) / n_tasks;
+    int64_t a = (int64_t)task * per, b = a + per < total ? a + per : total;
+    if (a >= b) return;
+    float *sc = malloc(sizeof(float) * (size_t)j->S);
+    int32_t *kp = malloc(sizeof(int32_t) * (size_t)j->S);
+    if (!sc || !kp) {
+        free(sc);
+        free(kp);
+        j->oom = 1;
+        return;
+    }
+    int64_t group = j->nh / j->nkv, row = j->S * j->nkv * j->hd;
+    for (int64_t th = a; th < b; th++) {
+        int64_t t = th / j->nh, h = th % j->nh;
+        int32_t qp = j->qpos[t];
+        for (int64_t s = 0; s < j->S; s++) {
+            int64_t d = ((qp - s) % j->S + j->S) % j->S;
+            kp[s] = d <= qp ? (int32_t)(qp - d) : -1;
+        }
+        attn_head(j, j->q + (t * j->nh + h) * j->hd, j->out + (t * j->nh + h) * j->hd,
+                  j->k + rj->rows[t] * row, j->v + rj->rows[t] * row, kp, qp, h / group, sc);
+    }
+    free(sc);
+    free(kp);
 }
 
 lt_status cpu_attention_dims(lt_ctx *ctx, const char *op, lt_tensor q, lt_tensor k, lt_tensor v,
@@ -758,6 +798,46 @@ static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tenso
     if (j.oom) {
         return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu attention: out of memory");
     }
+    return LT_OK;
+}
+
+static lt_status cpu_attention_rows(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k_new,
+                                    lt_tensor v_new, lt_tensor kc, lt_tensor vc, lt_tensor rows,
+                                    lt_tensor qpos, int window, float scale) {
+    const char *op = "attention_rows";
+    REQUIRE(is_f32(&q) && is_f32(&k_new) && is_f32(&v_new) && is_f32(&kc) && is_f32(&vc) &&
+                is_f32(&out),
+            op, "q, k_new, v_new, kc, vc and out must be fp32");
+    REQUIRE(q.ndim == 3 && k_new.ndim == 3 && v_new.ndim == 3 && kc.ndim == 4 && vc.ndim == 4, op,
+            "q must be [R, nh, hd], k_new and v_new [R, nkv, hd], kc and vc [N, S, nkv, hd]");
+    int64_t R = q.shape[0], nh = q.shape[1], hd = q.shape[2], N = kc.shape[0], S = kc.shape[1],
+            nkv = kc.shape[2];
+    REQUIRE(kc.shape[3] == hd && !memcmp(kc.shape, vc.shape, sizeof(int64_t) * 4), op,
+            "kc, vc must be [N, S, nkv, hd] alike");
+    REQUIRE(k_new.shape[0] == R && k_new.shape[1] == nkv && k_new.shape[2] == hd &&
+                !memcmp(k_new.shape, v_new.shape, sizeof(int64_t) * 3),
+            op, "k_new, v_new must be [R, nkv, hd]");
+    REQUIRE(nkv > 0 && nh % nkv == 0 && S > 0, op, "nh must be a multiple of nkv, S > 0");
+    REQUIRE(lt_tensor_numel(&out) == R * nh * hd, op, "out must be [R, nh*hd]");
+    REQUIRE(rows.dtype == LT_I32 && qpos.dtype == LT_I32 && rows.data && qpos.data &&
+                lt_tensor_numel(&rows) == R && lt_tensor_numel(&qpos) == R,
+            op, "rows and qpos must be I32 [R]");
+    const int32_t *rw = rows.data, *qp = qpos.data;
+    for (int64_t i = 0; i < R; i++)
+        REQUIRE(rw[i] >= 0 && rw[i] < N && qp[i] >= 0, op, "a row is outside [0, N) or a qpos < 0");
+    size_t tok = (size_t)(nkv * hd), row = (size_t)S * tok;
+    for (int64_t i = 0; i < R; i++) { /* append each row's new K/V */
+        size_t at = (size_t)rw[i] * row + (size_t)(qp[i] % S) * tok;
+        memcpy((float *)kc.data + at, (const float *)k_new.data + (size_t)i * tok, tok * 4);
+        memcpy((float *)vc.data + at, (const float *)v_new.data + (size_t)i * tok, tok * 4);
+    }
+    if (R == 0) return LT_OK;
+    attn_rows_job j = {
+        {out.data, q.data, kc.data, vc.data, qp, NULL, R, S, nh, nkv, hd, window, scale, 0}, rw};
+    int nt = pool_threads(ctx) * 4;
+    if (nt > R * nh) nt = (int)(R * nh);
+    pool_run(ctx_pool(ctx), attn_rows_task, &j, nt);
+    if (j.a.oom) return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu attention_rows: out of memory");
     return LT_OK;
 }
 
@@ -839,6 +919,7 @@ const lt_backend lt_backend_cpu = {
     .attention = cpu_attention,
     .geglu = cpu_geglu,
     .add = cpu_add,
+    .attention_rows = cpu_attention_rows,
     /* backward ops and the training ops: backend_cpu_grad.c (grad.h) */
     .linear_backward = cpu_linear_backward,
     .rmsnorm_backward = cpu_rmsnorm_backward,

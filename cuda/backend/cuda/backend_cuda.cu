@@ -1333,6 +1333,53 @@ done:
     return op_end(ctx, rc);
 }
 
+/* Decode attention of R rows over their own ring caches (backend.h; kernels/attention.cu). The
+ * rows' values are not checked here (that would read them back): a row outside [0, N) or a
+ * negative position writes nothing and gives zeros. */
+static lt_status cu_attention_rows(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k_new,
+                                   lt_tensor v_new, lt_tensor kc, lt_tensor vc, lt_tensor rows,
+                                   lt_tensor qpos, int window, float scale) {
+    const char *opname = "attention_rows";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&q) && is_f32(&k_new) && is_f32(&v_new) && is_f32(&kc) && is_f32(&vc) &&
+                   is_f32(&out),
+               "q, k_new, v_new, kc, vc and out must be fp32");
+    CU_REQUIRE(q.ndim == 3 && k_new.ndim == 3 && v_new.ndim == 3 && kc.ndim == 4 && vc.ndim == 4,
+               "q must be [R, nh, hd], k_new and v_new [R, nkv, hd], kc and vc [N, S, nkv, hd]");
+    {
+        int64_t R = q.shape[0], nh = q.shape[1], hd = q.shape[2], N = kc.shape[0], S = kc.shape[1],
+                nkv = kc.shape[2];
+        CU_REQUIRE(kc.shape[3] == hd && !memcmp(kc.shape, vc.shape, sizeof(int64_t) * 4),
+                   "kc, vc must be [N, S, nkv, hd] alike");
+        CU_REQUIRE(k_new.shape[0] == R && k_new.shape[1] == nkv && k_new.shape[2] == hd &&
+                       !memcmp(k_new.shape, v_new.shape, sizeof(int64_t) * 3),
+                   "k_new, v_new must be [R, nkv, hd]");
+        CU_REQUIRE(nkv > 0 && nh % nkv == 0 && S > 0, "nh must be a multiple of nkv, S > 0");
+        CU_REQUIRE(lt_tensor_numel(&out) == R * nh * hd, "out must be [R, nh*hd]");
+        CU_REQUIRE(rows.dtype == LT_I32 && qpos.dtype == LT_I32 && rows.data && qpos.data &&
+                       lt_tensor_numel(&rows) == R && lt_tensor_numel(&qpos) == R,
+                   "rows and qpos must be I32 [R]");
+        CU_REQUIRE(hd <= 256, "head dim must be at most 256");
+        CU_REQUIRE(R < 65536 && nh < 65536 && N < INT32_MAX && S < INT32_MAX / 2,
+                   "sizes beyond the kernel's grid");
+        if (R == 0) goto done;
+        float *part =
+            (float *)tmp_get(ctx, k_attention_rows_scratch((int)R, (int)S, (int)nh, (int)hd));
+        if (!part) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        k_attention_rows(impl_of(ctx)->stream, (float *)out.data, (const float *)q.data,
+                         (const float *)k_new.data, (const float *)v_new.data, (float *)kc.data,
+                         (float *)vc.data, (const int32_t *)rows.data, (const int32_t *)qpos.data,
+                         (int)R, (int)N, (int)S, (int)nh, (int)nkv, (int)hd, window, scale, part);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
 /* ---- backward ops -------------------------------------------------------------------------------
  */
 
@@ -1888,6 +1935,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .attention = cu_attention,
     .geglu = cu_geglu,
     .add = cu_add,
+    .attention_rows = cu_attention_rows,
     .linear_backward = cu_linear_backward,
     .rmsnorm_backward = cu_rmsnorm_backward,
     .rope_backward = cu_rope_backward,

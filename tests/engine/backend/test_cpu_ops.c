@@ -1,8 +1,9 @@
 /* test_cpu_ops.c — the CPU reference ops against small hand-computed values (RMSNorm, RoPE,
- * attention with GQA / causal / sliding masks, GeGLU, embedding), the matmul paths (CBLAS, the
- * threaded C loop, F32/F16/BF16 weights, the LoRA path) against a naive double product, the
- * sampler, the UTF-8 text stream, and the forward pass: chunked KV-cache decoding with a sliding
- * ring must give the logits of the plain full-sequence forward.
+ * attention with GQA / causal / sliding masks, GeGLU, embedding), attention_rows against the
+ * attention op per row, the matmul paths (CBLAS, the threaded C loop, F32/F16/BF16 weights, the
+ * LoRA path) against a naive double product, the sampler, the UTF-8 text stream, and the
+ * forward pass: chunked KV-cache decoding with a sliding ring must give the logits of the plain
+ * full-sequence forward.
  */
 #include <math.h>
 #include <stdio.h>
@@ -88,6 +89,67 @@ static void test_attention(void) {
     be->attention(&ctx, O, Q, K, Vt, P, P, 0, s2);
     double p1 = sqrt(3.0) / (1 + sqrt(3.0));
     is_close(out[5], p1 * 8, 1e-5, "the scale multiplies q.k");
+}
+
+/* attention_rows against the attention op called once per row on that row's cache, with the
+ * kpos its ring layout implies: N = 5 caches of S = 7 slots, 3 queries (one before the ring
+ * wraps, two after), GQA 4:2, full and sliding windows. */
+static void test_attention_rows(void) {
+    enum { N = 5, S = 7, R = 3, NH = 4, NKV = 2, HD = 8 };
+    int32_t rows[R] = {4, 0, 2}, qpos[R] = {3, 12, 20};
+    static float kc[N * S * NKV * HD], vc[N * S * NKV * HD], kr[N * S * NKV * HD],
+        vr[N * S * NKV * HD];
+    float q[R * NH * HD], kn[R * NKV * HD], vn[R * NKV * HD], out[R * NH * HD], ref[R * NH * HD];
+    uint64_t x = 5;
+    float *all[] = {kc, vc, q, kn, vn};
+    size_t sizes[] = {sizeof kc, sizeof vc, sizeof q, sizeof kn, sizeof vn};
+    for (int a = 0; a < 5; a++)
+        for (size_t i = 0; i < sizes[a] / sizeof(float); i++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            all[a][i] = (float)((double)(x >> 11) / 9007199254740992.0 * 2 - 1);
+        }
+    int windows[2] = {0, 5};
+    for (int w = 0; w < 2; w++) {
+        memcpy(kr, kc, sizeof kc);
+        memcpy(vr, vc, sizeof vc);
+        int tok = NKV * HD, row = S * tok;
+        for (int i = 0; i < R; i++) { /* the reference: append, then attend with kpos */
+            memcpy(kr + rows[i] * row + (qpos[i] % S) * tok, kn + i * tok, sizeof(float) * tok);
+            memcpy(vr + rows[i] * row + (qpos[i] % S) * tok, vn + i * tok, sizeof(float) * tok);
+            int32_t kp[S];
+            for (int sl = 0; sl < S; sl++) {
+                int d = ((qpos[i] - sl) % S + S) % S;
+                kp[sl] = d <= qpos[i] ? qpos[i] - d : -1;
+            }
+            be->attention(&ctx, lt_tensor_2d(LT_F32, ref + i * NH * HD, 1, NH * HD),
+                          lt_tensor_3d(LT_F32, q + i * NH * HD, 1, NH, HD),
+                          lt_tensor_3d(LT_F32, kr + rows[i] * row, S, NKV, HD),
+                          lt_tensor_3d(LT_F32, vr + rows[i] * row, S, NKV, HD),
+                          lt_tensor_1d(LT_I32, qpos + i, 1), lt_tensor_1d(LT_I32, kp, S),
+                          windows[w], 0.35f);
+        }
+        float k2[N * S * NKV * HD], v2[N * S * NKV * HD];
+        memcpy(k2, kc, sizeof kc);
+        memcpy(v2, vc, sizeof vc);
+        lt_status rc = be->attention_rows(
+            &ctx, lt_tensor_2d(LT_F32, out, R, NH * HD), lt_tensor_3d(LT_F32, q, R, NH, HD),
+            lt_tensor_3d(LT_F32, kn, R, NKV, HD), lt_tensor_3d(LT_F32, vn, R, NKV, HD),
+            lt_tensor_4d(LT_F32, k2, N, S, NKV, HD), lt_tensor_4d(LT_F32, v2, N, S, NKV, HD),
+            lt_tensor_1d(LT_I32, rows, R), lt_tensor_1d(LT_I32, qpos, R), windows[w], 0.35f);
+        ok(rc == LT_OK && !memcmp(out, ref, sizeof out),
+           windows[w] ? "attention_rows = attention per row over its ring (window 5)"
+                      : "attention_rows = attention per row over its ring (full)");
+        ok(!memcmp(k2, kr, sizeof kc) && !memcmp(v2, vr, sizeof vc),
+           "attention_rows appends each row's K/V at slot qpos % S of its row, nothing else");
+    }
+    int32_t bad[R] = {4, 5, 2};
+    ok(be->attention_rows(
+           &ctx, lt_tensor_2d(LT_F32, out, R, NH * HD), lt_tensor_3d(LT_F32, q, R, NH, HD),
+           lt_tensor_3d(LT_F32, kn, R, NKV, HD), lt_tensor_3d(LT_F32, vn, R, NKV, HD),
+           lt_tensor_4d(LT_F32, kc, N, S, NKV, HD), lt_tensor_4d(LT_F32, vc, N, S, NKV, HD),
+           lt_tensor_1d(LT_I32, bad, R), lt_tensor_1d(LT_I32, qpos, R), 0, 1.0f) == LT_ERR_ARG &&
+           strstr(ctx.err, "attention_rows"),
+       "attention_rows refuses a row outside [0, N)");
 }
 
 static void test_geglu_embedding(void) {
@@ -250,6 +312,24 @@ static void test_sampler(void) {
     for (int i = 0; i < 4000; i++)
         c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.5, 0.03, "a huge temperature flattens to uniform");
+    /* no truncation (top_k 0, top_p 1, min_p 0) draws without sorting: it still follows the
+     * softmax of logits / temperature over every id */
+    {
+        int cnt[5] = {0};
+        o.temperature = 0.7f;
+        o.top_p = 1;
+        o.min_p = 0;
+        for (int i = 0; i < 40000; i++)
+            cnt[sampler_pick(&s, lg, &o, &rng)]++;
+        double z = 0, worst = 0;
+        for (int i = 0; i < 5; i++)
+            z += exp(lg[i] / 0.7);
+        for (int i = 0; i < 5; i++) {
+            double d = fabs(cnt[i] / 40000.0 - exp(lg[i] / 0.7) / z);
+            if (d > worst) worst = d;
+        }
+        is_close(worst, 0, 0.01, "untruncated sampling follows the softmax over every id");
+    }
     /* the same seed gives the same draws */
     lt_rng a, b;
     rng_seed(&a, 42);
@@ -382,6 +462,7 @@ int main(void) {
     test_rmsnorm();
     test_rope();
     test_attention();
+    test_attention_rows();
     test_geglu_embedding();
     test_matmul();
     test_sampler();

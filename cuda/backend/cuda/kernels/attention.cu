@@ -1369,3 +1369,150 @@ void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, cons
                                        nh, nkv, window, scale, qinv, kinv, vinv, dinv, smem_optin);
     }
 }
+
+/* ---- attention_rows: one decode query per row, each over its own ring cache -------------------
+ * backend.h's contract: row rows[i] of kc, vc ([N, S, nkv, hd] fp32) holds positions 0..qpos[i],
+ * position p in slot p % S; slot s is visible iff d = (qpos[i] - s) mod S satisfies d <= qpos[i]
+ * and (window <= 0 || d < window). The append writes the rows' new K/V first (same stream).
+ * Then flash-decoding: block (b, h, i) takes keys [b*kpb, (b+1)*kpb) for query i's head h (kpb
+ * from 32 keys, doubled while the grid would pass AR_BLOCKS blocks: short chains per warp, the
+ * whole GPU busy at 8 rows), each warp a strided share of them with an online softmax in fp32 (q
+ * and the output row spread over the lanes, hd / 32 values each); the warps merge in shared memory
+ * into a partial (max, sum, unnormalised output) and a second kernel merges the partials of every
+ * block. A row outside [0, N) or a negative position (the CPU refuses them) writes nothing and
+ * reads zeros. */
+
+#define AR_WARPS 4
+#define AR_BLOCKS 2048
+#define AR_MAXV 8 /* values per lane: hd <= 256 */
+
+__global__ void rows_append_kernel(float *kc, float *vc, const float *kn, const float *vn,
+                                   const int32_t *rows, const int32_t *qpos, int R, int N, int S,
+                                   int tok) {
+    int64_t n = (int64_t)R * tok;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / tok), e = (int)(i - (int64_t)r * tok), row = rows[r], qp = qpos[r];
+        if (row < 0 || row >= N || qp < 0) continue;
+        int64_t at = ((int64_t)row * S + qp % S) * tok + e;
+        kc[at] = kn[i];
+        vc[at] = vn[i];
+    }
+}
+
+__global__ void __launch_bounds__(AR_WARPS * 32)
+    rows_attend_kernel(float *part, const float *q, const float *kc, const float *vc,
+                       const int32_t *rows, const int32_t *qpos, int N, int S, int nh, int nkv,
+                       int hd, int window, float scale, int kpb) {
+    __shared__ float sm[AR_WARPS][2 + AR_MAXV * 32];
+    const int b = blockIdx.x, h = blockIdx.y, i = blockIdx.z, n_split = gridDim.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = rows[i], qp = qpos[i], kh = h / (nh / nkv);
+    const bool valid = row >= 0 && row < N && qp >= 0;
+    const float *qr = q + ((int64_t)i * nh + h) * hd;
+    float qv[AR_MAXV], acc[AR_MAXV];
+#pragma unroll
+    for (int j = 0; j < AR_MAXV; j++) {
+        int d = lane + 32 * j;
+        qv[j] = d < hd ? qr[d] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const int64_t kvs = (int64_t)nkv * hd;
+    const int s0 = b * kpb, s1 = min(S, s0 + kpb);
+    const float *kb = kc + (valid ? (int64_t)row : 0) * S * kvs + (int64_t)kh * hd;
+    const float *vb = vc + (valid ? (int64_t)row : 0) * S * kvs + (int64_t)kh * hd;
+    for (int s = s0 + warp; valid && s < s1; s += AR_WARPS) { /* s is the same across a warp */
+        int d = ((qp - s) % S + S) % S;
+        if (d > qp || (window > 0 && d >= window)) continue;
+        const float *kr = kb + (int64_t)s * kvs, *vr = vb + (int64_t)s * kvs;
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < AR_MAXV; j++)
+            if (lane + 32 * j < hd) dot += qv[j] * kr[lane + 32 * j];
+#pragma unroll
+        for (int off = 16; off; off >>= 1)
+            dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        float sc = dot * scale, mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int j = 0; j < AR_MAXV; j++)
+            if (lane + 32 * j < hd) acc[j] = acc[j] * corr + p * vr[lane + 32 * j];
+        m = mn;
+    }
+    if (lane == 0) {
+        sm[warp][0] = m;
+        sm[warp][1] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < AR_MAXV; j++)
+        if (lane + 32 * j < hd) sm[warp][2 + lane + 32 * j] = acc[j];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < AR_WARPS; w++)
+        M = fmaxf(M, sm[w][0]);
+    float *dst = part + (((int64_t)i * nh + h) * n_split + b) * (hd + 2);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < AR_WARPS; w++)
+            if (sm[w][0] != -INFINITY) o += sm[w][2 + d] * expf(sm[w][0] - M);
+        dst[2 + d] = o;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        for (int w = 0; w < AR_WARPS; w++)
+            if (sm[w][0] != -INFINITY) L += sm[w][1] * expf(sm[w][0] - M);
+        dst[0] = M;
+        dst[1] = L;
+    }
+}
+
+/* out[(i*nh + h)*hd + d] from the n_split partials of query i, head h (block i*nh + h). */
+__global__ void rows_combine_kernel(float *out, const float *part, int n_split, int hd) {
+    const int64_t ih = blockIdx.x;
+    const float *p = part + ih * n_split * (hd + 2);
+    float M = -INFINITY, L = 0.0f;
+    for (int b = 0; b < n_split; b++)
+        M = fmaxf(M, p[(int64_t)b * (hd + 2)]);
+    for (int b = 0; b < n_split; b++) {
+        float mb = p[(int64_t)b * (hd + 2)];
+        if (mb != -INFINITY) L += p[(int64_t)b * (hd + 2) + 1] * expf(mb - M);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int b = 0; b < n_split; b++) {
+            float mb = p[(int64_t)b * (hd + 2)];
+            if (mb != -INFINITY) o += p[(int64_t)b * (hd + 2) + 2 + d] * expf(mb - M);
+        }
+        out[ih * hd + d] = L > 0.0f ? o / L : 0.0f;
+    }
+}
+
+/* Keys per block of rows_attend_kernel, and how many blocks a query head takes. */
+static int rows_keys_per_block(int R, int S, int nh, int *n_split) {
+    int kpb = 32;
+    while (kpb < 4096 && (int64_t)R * nh * ((S + kpb - 1) / kpb) > AR_BLOCKS)
+        kpb *= 2;
+    *n_split = (S + kpb - 1) / kpb;
+    return kpb;
+}
+
+size_t k_attention_rows_scratch(int R, int S, int nh, int hd) {
+    int n_split;
+    rows_keys_per_block(R, S, nh, &n_split);
+    return sizeof(float) * (size_t)R * (size_t)nh * (size_t)n_split * (size_t)(hd + 2);
+}
+
+void k_attention_rows(cudaStream_t st, float *out, const float *q, const float *kn, const float *vn,
+                      float *kc, float *vc, const int32_t *rows, const int32_t *qpos, int R, int N,
+                      int S, int nh, int nkv, int hd, int window, float scale, float *part) {
+    if (R <= 0 || S <= 0) return;
+    int tok = nkv * hd;
+    rows_append_kernel<<<blocks_for((int64_t)R * tok), 256, 0, st>>>(kc, vc, kn, vn, rows, qpos, R,
+                                                                     N, S, tok);
+    int n_split, kpb = rows_keys_per_block(R, S, nh, &n_split);
+    rows_attend_kernel<<<dim3((unsigned)n_split, (unsigned)nh, (unsigned)R), AR_WARPS * 32, 0,
+                         st>>>(part, q, kc, vc, rows, qpos, N, S, nh, nkv, hd, window, scale, kpb);
+    unsigned threads = hd < 256 ? (unsigned)((hd + 31) / 32) * 32 : 256;
+    rows_combine_kernel<<<(unsigned)(R * nh), threads, 0, st>>>(out, part, n_split, hd);
+}

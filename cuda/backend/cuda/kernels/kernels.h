@@ -123,6 +123,15 @@ void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, cons
                       int nh, int nkv, int window, float scale, const float *qinv,
                       const float *kinv, const float *vinv, const float *dinv, size_t smem_optin);
 
+/* backend.h's attention_rows: the new K/V kn, vn [R, nkv, hd] appended into the row caches kc,
+ * vc [N, S, nkv, hd] at slot qpos[i] % S of row rows[i], then out [R, nh*hd] (written) from
+ * q [R, nh, hd] over each row's ring. hd <= 256. part: device scratch of
+ * k_attention_rows_scratch(R, S, nh, hd) bytes. */
+size_t k_attention_rows_scratch(int R, int S, int nh, int hd);
+void k_attention_rows(cudaStream_t st, float *out, const float *q, const float *kn, const float *vn,
+                      float *kc, float *vc, const int32_t *rows, const int32_t *qpos, int R, int N,
+                      int S, int nh, int nkv, int hd, int window, float scale, float *part);
+
 /* ---- cross_entropy.cu ------------------------------------------------------------------------ */
 
 /* For each row of logits [Tc, V] (fp32): loss[t] = lse - logit[target] (0 when target is -100);
