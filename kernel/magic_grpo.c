@@ -22,7 +22,8 @@ typedef struct grpo_view {
     char plot_id[80];
     double plot_last;
     int plot_shown;
-    lt_grpo_progress last;
+    lt_grpo_progress last; /* its pointers into the engine's buffers cleared; rewards below */
+    float *rewards;        /* a copy of the reward curve, for the last draw after the run */
     int have_last;
 } grpo_view;
 
@@ -61,6 +62,16 @@ static void grpo_step(void *pv, const lt_grpo_progress *p) {
     }
     v->last = *p;
     v->last.show_prompt = v->last.show_completion = NULL; /* not kept past the call */
+    v->last.reward_names = NULL;
+    v->last.reward_mean = v->last.reward_func_std = NULL;
+    v->last.n_rewards = 0;
+    float *r = realloc(v->rewards, sizeof(float) * (size_t)(p->n_steps_logged + 1));
+    if (r) {
+        memcpy(r, p->rewards, sizeof(float) * (size_t)p->n_steps_logged);
+        v->rewards = r;
+    }
+    v->last.rewards = v->rewards;
+    v->last.n_steps_logged = r ? p->n_steps_logged : 0;
     v->have_last = 1;
     if (p->show_completion) {
         magic_print(v->ctx, "--- step %d: reward %.3f", p->step, p->show_reward);
@@ -133,6 +144,7 @@ int magic_grpo(magic_ctx *ctx, const magic_args *a) {
                                           : "failed");
         if (v.have_last) grpo_plot(&v, &v.last, 1);
     }
+    free(v.rewards);
     if (st == LT_CANCELLED) {
         magic_print(ctx,
                     "interrupted: the adapters hold the weights of step %d of %d; %%save "
