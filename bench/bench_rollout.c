@@ -64,8 +64,9 @@ static int bench_sample(int argc, char **argv) {
     const char *size = argv[2], *prec = argv[3];
     int P = atoi(argv[4]), G = atoi(argv[5]), NEW = atoi(argv[6]);
     int plen = argc > 7 ? atoi(argv[7]) : 128;
-    lt_gen_opts o = {NEW, 1.0f, argc > 8 ? atoi(argv[8]) : 64,
-                     argc > 9 ? (float)atof(argv[9]) : 0.95f, 0.0f, 11};
+    lt_gen_opts o = {
+        NEW,  1.0f, argc > 8 ? atoi(argv[8]) : 64, argc > 9 ? (float)atof(argv[9]) : 0.95f,
+        0.0f, 11};
     lt_ctx ctx;
     gemma3_model *m = load(&ctx, size, prec);
     if (!m) return 1;
@@ -117,8 +118,7 @@ static void step_report(void *u, const lt_grpo_progress *p) {
     (void)u;
     printf("{\"bench\": \"grpo_step\", \"step\": %d, \"seconds\": %.2f, \"sampling_tok_s\": %.0f, "
            "\"training_tok_s\": %.0f, \"completion_length\": %.1f, \"loss\": %.6g}\n",
-           p->step, p->elapsed_s, p->sample_tok_s, p->train_tok_s, p->completion_length,
-           p->loss);
+           p->step, p->elapsed_s, p->sample_tok_s, p->train_tok_s, p->completion_length, p->loss);
 }
 
 static void step_message(void *u, const char *text) {
@@ -144,9 +144,10 @@ static int bench_step(char **argv) {
     FILE *f = fopen(data, "w");
     if (!f) return 1;
     for (int i = 0; i < 4; i++)
-        fprintf(f, "{\"prompt\": \"Problem %d: Ana has %d apples and buys %d more. How many "
-                   "apples does she have? Show your working out, then the answer.\", "
-                   "\"answer\": \"%d\"}\n",
+        fprintf(f,
+                "{\"prompt\": \"Problem %d: Ana has %d apples and buys %d more. How many "
+                "apples does she have? Show your working out, then the answer.\", "
+                "\"answer\": \"%d\"}\n",
                 i, 10 + i, 3 + i, 13 + 2 * i);
     fclose(f);
     lt_adapters *ad = NULL;

@@ -299,9 +299,9 @@ static const magic_spec table[] = {
      "one.",
      magic_train},
     {"grpo", 0,
-     "%grpo data=FILE reward=R[,R...] [weights=W,...] [group=8] [batch=1] [steps=50] "
-     "[lr=5e-6] [beta=0] [epsilon=0.2] [loss=dapo|grpo|bnpo|dr_grpo] "
-     "[max_completion=768] [temperature=1] [log=FILE] ...",
+     "%grpo data=FILE reward=R[,R...] [weights=LIST] [group=8] [batch=1] [steps=50] "
+     "[lr=5e-6] [beta=0.0] [epsilon=0.2] [loss=dapo|grpo|bnpo|dr_grpo] "
+     "[max_completion=768] [temperature=1.0] [log=FILE] ...",
      0, 0, NULL, NULL, grpo_opts, "reinforcement learning with reward functions (GRPO)",
      "Trains the attached LoRA adapters with GRPO, as TRL's GRPOTrainer: for each of batch "
      "prompts, samples group completions with the adapters active (batched, with a KV "

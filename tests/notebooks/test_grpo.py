@@ -77,21 +77,21 @@ def test_grpo_bad_inputs(execute_notebook, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
     (tmp_path / "noprompt.jsonl").write_text(json.dumps(row) + "\n" + '{"answer": "3"}\n')
     (tmp_path / "notjson.jsonl").write_text("this is not json\n")
-    g = "data=good.jsonl group=2 steps=1 max_prompt=32 max_completion=4"
+    g = "data=good.jsonl group=2 max_prompt=32 max_completion=4"
     calls = [
         ("%load tiny", None),
-        ("%grpo " + g + " reward=format", "%lora"),
+        ("%grpo " + g + " steps=1 reward=format", "%lora"),
         ("%lora r=4", None),
         ("%grpo data=missing.jsonl reward=format", "missing.jsonl"),
         ("%grpo data=noprompt.jsonl reward=format group=2 steps=1", "noprompt.jsonl:2"),
         ("%grpo data=notjson.jsonl reward=format group=2 steps=1", "notjson.jsonl:1"),
-        ("%grpo " + g + " reward=bogus", "bogus"),
-        ("%grpo " + g + " reward=format,answer weights=1", "weights"),
-        ("%grpo " + g + " reward=\"exec:python3 crash.py\"", "crash.py"),
-        ("%grpo " + g + " reward=\"exec:python3 abc.py\"", "abc"),
-        ("%grpo " + g + " reward=\"exec:python3 few.py\"", "few.py"),
-        ("%grpo " + g + " reward=\"exec:python3 silent.py\" reward_timeout=1", "silent.py"),
-        ("%grpo " + g + " reward=\"exec:./no-such-program\"", "no-such-program"),
+        ("%grpo " + g + " steps=1 reward=bogus", "bogus"),
+        ("%grpo " + g + " steps=1 reward=format,answer weights=1", "weights"),
+        ("%grpo " + g + " steps=1 reward=\"exec:python3 crash.py\"", "crash.py"),
+        ("%grpo " + g + " steps=1 reward=\"exec:python3 abc.py\"", "abc"),
+        ("%grpo " + g + " steps=1 reward=\"exec:python3 few.py\"", "few.py"),
+        ("%grpo " + g + " steps=1 reward=\"exec:python3 silent.py\" reward_timeout=1", "silent.py"),
+        ("%grpo " + g + " steps=1 reward=\"exec:./no-such-program\"", "no-such-program"),
         ("%grpo " + g + " reward=\"format,exec:python3 ok.py\" steps=2", None),
     ]
     nb = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None,

@@ -113,7 +113,8 @@ def test_interrupt_grpo_between_steps_and_mid_sampling(kernel, tmp_path):
     assert f"the adapters hold the weights of step {stopped}" in text, text
     # mid-sampling: a long rollout, interrupted as soon as it starts
     reply, text = run_until_steps(km, kc, grpo.replace("max_completion=16", "max_completion=1800")
-                                  .replace("max_prompt=128", "max_prompt=200") + " steps=3 group=8",
+                                  .replace("max_prompt=128", "max_prompt=200").replace("group=4", "group=8")
+                                  + " steps=3",
                                   0, label="grpo", on_text="memory plan")
     c = reply["content"]
     assert c["ename"] == "KeyboardInterrupt" and "after step 0 of 3" in c["evalue"], c

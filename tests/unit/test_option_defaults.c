@@ -1,7 +1,7 @@
 /* test_option_defaults.c — the defaults %help shows are the defaults the engine uses.
  *
  * An option that sets a field of an engine options struct (lt_load_opts, lt_gen_opts,
- * lt_lora_opts, lt_train_opts) takes its default from the engine's table
+ * lt_lora_opts, lt_train_opts, lt_grpo_opts) takes its default from the engine's table
  * (lt_option_default); lt_*_opts_default fill the structs from the same table. This test
  * holds its own map of every field of those structs (name, type, offset, written from
  * cuda/engine.h) and checks, for every magic option mapped to a field, that the default the
@@ -86,10 +86,39 @@ static const field fields[] = {
     F("train", lt_train_opts, save, K_TEXT),
     F("train", lt_train_opts, save_every, K_INT),
     F("train", lt_train_opts, resume, K_TEXT),
+    F("grpo", lt_grpo_opts, data, K_TEXT),
+    F("grpo", lt_grpo_opts, reward, K_TEXT),
+    F("grpo", lt_grpo_opts, weights, K_TEXT),
+    F("grpo", lt_grpo_opts, markers, K_TEXT),
+    F("grpo", lt_grpo_opts, group, K_INT),
+    F("grpo", lt_grpo_opts, batch, K_INT),
+    F("grpo", lt_grpo_opts, micro, K_INT),
+    F("grpo", lt_grpo_opts, steps, K_INT),
+    F("grpo", lt_grpo_opts, lr, K_FLOAT),
+    F("grpo", lt_grpo_opts, warmup, K_INT),
+    F("grpo", lt_grpo_opts, schedule, K_TEXT),
+    F("grpo", lt_grpo_opts, weight_decay, K_FLOAT),
+    F("grpo", lt_grpo_opts, max_grad_norm, K_FLOAT),
+    F("grpo", lt_grpo_opts, beta, K_FLOAT),
+    F("grpo", lt_grpo_opts, epsilon, K_FLOAT),
+    F("grpo", lt_grpo_opts, epsilon_high, K_FLOAT),
+    F("grpo", lt_grpo_opts, loss, K_TEXT),
+    F("grpo", lt_grpo_opts, scale_rewards, K_TEXT),
+    F("grpo", lt_grpo_opts, max_prompt, K_INT),
+    F("grpo", lt_grpo_opts, max_completion, K_INT),
+    F("grpo", lt_grpo_opts, temperature, K_FLOAT),
+    F("grpo", lt_grpo_opts, top_p, K_FLOAT),
+    F("grpo", lt_grpo_opts, top_k, K_INT),
+    F("grpo", lt_grpo_opts, iterations, K_INT),
+    F("grpo", lt_grpo_opts, seed, K_U64),
+    F("grpo", lt_grpo_opts, shuffle, K_FLAG),
+    F("grpo", lt_grpo_opts, show_every, K_INT),
+    F("grpo", lt_grpo_opts, reward_timeout, K_FLOAT),
+    F("grpo", lt_grpo_opts, log, K_TEXT),
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 
-static const char *const groups[] = {"load", "gen", "lora", "train"};
+static const char *const groups[] = {"load", "gen", "lora", "train", "grpo"};
 #define N_GROUPS ((int)(sizeof groups / sizeof groups[0]))
 
 /* The structs as lt_*_opts_default fill them, over bytes that are not zero, so a field the
@@ -98,22 +127,26 @@ static lt_load_opts load_d;
 static lt_gen_opts gen_d;
 static lt_lora_opts lora_d;
 static lt_train_opts train_d;
+static lt_grpo_opts grpo_d;
 
 static void structs_fill(void) {
     memset(&load_d, 0xA5, sizeof load_d);
     memset(&gen_d, 0xA5, sizeof gen_d);
     memset(&lora_d, 0xA5, sizeof lora_d);
     memset(&train_d, 0xA5, sizeof train_d);
+    memset(&grpo_d, 0xA5, sizeof grpo_d);
     lt_load_opts_default(&load_d);
     lt_gen_opts_default(&gen_d);
     lt_lora_opts_default(&lora_d);
     lt_train_opts_default(&train_d);
+    lt_grpo_opts_default(&grpo_d);
 }
 
 static const char *field_at(const field *f) {
     const char *base = !strcmp(f->group, "load")   ? (const char *)&load_d
                        : !strcmp(f->group, "gen")  ? (const char *)&gen_d
                        : !strcmp(f->group, "lora") ? (const char *)&lora_d
+                       : !strcmp(f->group, "grpo") ? (const char *)&grpo_d
                                                    : (const char *)&train_d;
     return base + f->offset;
 }
@@ -317,7 +350,13 @@ static void test_mapped_options(void) {
             snprintf(want, sizeof want, "<tr><td><code>%s</code></td>", o->name);
             const char *row = html ? strstr(html, want) : NULL;
             const char *end = row ? strstr(row, "</tr>") : NULL;
-            snprintf(want, sizeof want, "</code></td><td>%s</td>", def ? def : "");
+            char esc[300] = ""; /* the default as HTML text: <, > and & escaped */
+            for (const char *c = def ? def : ""; *c && strlen(esc) + 6 < sizeof esc; ++c)
+                strcat(esc, *c == '<'   ? "&lt;"
+                            : *c == '>' ? "&gt;"
+                            : *c == '&' ? "&amp;"
+                                        : (char[2]){*c, 0});
+            snprintf(want, sizeof want, "</code></td><td>%s</td>", esc);
             const char *cell = row ? strstr(row, want) : NULL;
             snprintf(what, sizeof what, "HTML help of %s shows %s=%s", magic_label(m), o->name,
                      def ? def : "");
