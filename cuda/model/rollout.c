@@ -8,20 +8,26 @@
  * norms and linears through gemma3_layer_qkv / gemma3_layer_finish on [rows, H], each row's
  * K/V appended to its own cache and its query attending that cache alone (one attention_rows
  * op per layer; one attention op per row where a backend lacks it), the final norm and the
- * head on [rows, H]; then each row samples from its logits on the host. Rows that stop leave
+ * head on [rows, H]; then each row samples from its logits on the host (the rows spread over
+ * threads when the vocabulary is large, each row with its own RNG). Rows that stop leave
  * the batch: the next step's batch is the running rows, in row order. Written against the op table
  * only; must not touch the trainer or a session.
  */
 #include "cuda/model/rollout.h"
 
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "cuda/base/threads.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/sample.h"
+
+#define PICK_THREADS 16       /* samplers (threads) at most */
+#define PICK_SPREAD (1 << 16) /* logits per step from which the draws spread over threads */
 
 void rollout_out_free(rollout_out *out) {
     if (!out) return;
@@ -74,15 +80,19 @@ static size_t layer_kv_bytes(const gemma3_config *c, int l, int n_rows, int max_
 
 size_t gemma3_rollout_bytes(const gemma3_model *m, int n_rows, int max_len) {
     const gemma3_config *c = &m->cfg;
-    size_t rows = 0, prefill = 0, kp = 0;
+    size_t rows = 0, prefill = 0, kp = 0, grow = 0;
     int ks[2] = {0, 0};
     for (int l = 0; l < c->num_hidden_layers; l++) {
         rows += layer_kv_bytes(c, l, n_rows, max_len);
-        /* the prefill cache: at most the same slots for one sequence, with their kpos */
+        /* the prefill cache: at most the same slots for one sequence, with their kpos; a layer
+         * that grows holds its old slots too for a moment (one layer at a time) */
         int s = gemma3_cache_slots(c, l, max_len);
-        prefill += layer_kv_bytes(c, l, 1, max_len) + (size_t)s * sizeof(int32_t);
+        size_t one = layer_kv_bytes(c, l, 1, max_len) + (size_t)s * sizeof(int32_t);
+        prefill += one;
+        if (s == max_len && one > grow) grow = one;
         ks[gemma3_layer_kind(c, l)] = s;
     }
+    prefill += grow;
     kp = (size_t)n_rows * (size_t)(ks[0] + ks[1] + 3) * sizeof(int32_t); /* + the step's ids */
     size_t logits = (size_t)n_rows * (size_t)c->vocab_size * sizeof(float);
     int chunk = max_len < GEMMA3_CHUNK ? max_len : GEMMA3_CHUNK;
@@ -299,6 +309,43 @@ static lt_status check_args(const gemma3_model *m, const int32_t *const *prompts
     return LT_OK;
 }
 
+/* ---- the draws of one step ------------------------------------------------------------------
+ * Row row[i] picks from logits + i * stride. Each row has its own RNG and each thread its own
+ * sampler, so threads may take the rows in any order: the ids are the same. */
+typedef struct pick_job {
+    sampler *sm;
+    int n_sm;
+    const float *logits;
+    size_t stride;
+    const int *row;
+    int n;
+    const lt_gen_opts *o;
+    lt_rng *rng;
+    int32_t *picked; /* [n] */
+    atomic_int next_sm, next;
+} pick_job;
+
+static void *pick_worker(void *arg) {
+    pick_job *j = arg;
+    int k = atomic_fetch_add(&j->next_sm, 1);
+    if (k >= j->n_sm) return NULL;
+    for (int i; (i = atomic_fetch_add(&j->next, 1)) < j->n;)
+        j->picked[i] =
+            sampler_pick(&j->sm[k], j->logits + (size_t)i * j->stride, j->o, &j->rng[j->row[i]]);
+    return NULL;
+}
+
+static void pick_rows(pick_job *j, const float *logits, size_t stride, const int *row, int n) {
+    j->logits = logits;
+    j->stride = stride;
+    j->row = row;
+    j->n = n;
+    atomic_store(&j->next_sm, 0);
+    atomic_store(&j->next, 0);
+    int spread = (size_t)n * (size_t)j->sm[0].vocab >= PICK_SPREAD;
+    lt_run_on_cores(pick_worker, j, spread ? (n < j->n_sm ? n : j->n_sm) : 1);
+}
+
 /* err = "rollout: <what><the op's message>" (err may be ctx->err itself). */
 static lt_status fail_op(char *err, const lt_ctx *ctx, lt_status rc, const char *what) {
     char why[LT_ERRLEN];
@@ -343,14 +390,21 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
     lt_rng *rng = malloc(sizeof(lt_rng) * (size_t)N);
     int *active = malloc(sizeof(int) * (size_t)N);
     int32_t *next = malloc(sizeof(int32_t) * (size_t)N), *pos = malloc(sizeof(int32_t) * (size_t)N);
-    sampler sm = {0};
+    int n_sm = N < PICK_THREADS ? N : PICK_THREADS;
+    sampler *sm = calloc((size_t)n_sm, sizeof *sm);
+    int32_t *picked = malloc(sizeof(int32_t) * (size_t)N);
+    int *grp = malloc(sizeof(int) * (size_t)N);
+    pick_job pj = {.sm = sm, .n_sm = n_sm, .o = o, .rng = rng, .picked = picked};
     rollout_state st = {0};
     gemma3_cache pc = {0};
     int have_st = 0, have_pc = 0, n_act = 0;
     double t0 = now_s(), t1 = t0;
     char what[64];
-    if (!out->ids || !out->len || !out->stopped || !rng || !active || !next || !pos ||
-        sampler_init(&sm, V) != LT_OK) {
+    int sm_ok = sm != NULL;
+    for (int k = 0; sm_ok && k < n_sm; k++)
+        sm_ok = sampler_init(&sm[k], V) == LT_OK;
+    if (!out->ids || !out->len || !out->stopped || !rng || !active || !next || !pos || !picked ||
+        !grp || !sm_ok) {
         rc = lt_fail(err, LT_ERR_MEMORY, "rollout: out of memory for %d rows", N);
         goto done;
     }
@@ -384,8 +438,11 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
             goto done;
         }
         out->prefill_tokens += prompt_len[p];
+        for (int j = 0; j < group; j++)
+            grp[j] = p * group + j;
+        pick_rows(&pj, st.logits_host, 0, grp, group); /* every row of the group, one logits */
         for (int j = 0; j < group; j++) {
-            int r = p * group + j, id = sampler_pick(&sm, st.logits_host, o, &rng[r]);
+            int r = grp[j], id = picked[j];
             if (row_push(out, c, r, id)) {
                 active[n_act] = r;
                 next[n_act] = id;
@@ -413,10 +470,10 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
             rc = fail_op(err, ctx, rc, "");
             goto done;
         }
+        pick_rows(&pj, st.logits_host, (size_t)V, active, n_act);
         int kept = 0;
         for (int i = 0; i < n_act; i++) {
-            int r = active[i];
-            int id = sampler_pick(&sm, st.logits_host + (size_t)i * (size_t)V, o, &rng[r]);
+            int r = active[i], id = picked[i];
             if (row_push(out, c, r, id)) {
                 active[kept] = r;
                 next[kept] = id;
@@ -429,7 +486,11 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
 done:
     if (have_pc) gemma3_cache_free(&pc, ctx);
     if (have_st) state_free(&st);
-    sampler_free(&sm);
+    for (int k = 0; sm && k < n_sm; k++)
+        sampler_free(&sm[k]);
+    free(sm);
+    free(picked);
+    free(grp);
     free(rng);
     free(active);
     free(next);

@@ -49,7 +49,8 @@ lt_status sampler_init(sampler *s, int vocab) {
     s->vocab = vocab;
     s->idx = malloc(sizeof(int32_t) * (size_t)vocab);
     s->val = malloc(sizeof(float) * (size_t)vocab);
-    if (!s->idx || !s->val) {
+    s->blk = malloc(sizeof(double) * (size_t)(vocab / SAMPLER_BLOCK + 1));
+    if (!s->idx || !s->val || !s->blk) {
         sampler_free(s);
         return LT_ERR_MEMORY;
     }
@@ -59,8 +60,10 @@ lt_status sampler_init(sampler *s, int vocab) {
 void sampler_free(sampler *s) {
     free(s->idx);
     free(s->val);
+    free(s->blk);
     s->idx = NULL;
     s->val = NULL;
+    s->blk = NULL;
 }
 
 lt_status gen_opts_check(const lt_gen_opts *o, char *err) {
@@ -123,29 +126,97 @@ static float kth_largest(const float *v, int n, int k, float *tmp) {
     return tmp[want];
 }
 
-/* No truncation (top_k 0, top_p 1, min_p 0): a draw from the whole softmax, in id order, with
- * no sort — two passes over the vocabulary (GRPO samples 262,144 ids this way every token). */
+/* Four-wide vectors: native on every x86-64 (SSE2) and ARM64 (NEON), so comparisons and
+ * conversions stay in vector registers. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f v4_select(v4i mask, v4f a, v4f b) { /* mask ? a : b, lane by lane */
+    return (v4f)(((v4i)a & mask) | ((v4i)b & ~mask));
+}
+
+/* e^x for x <= 0, four at a time, as Cephes' expf computes it: n = round(x log2 e),
+ * r = x - n ln 2 (in two parts), e^r by its degree-7 polynomial, times 2^n; below -87 gives 0. */
+static inline v4f exp4(v4f x) {
+    v4i live = x >= -87.0f;
+    x = v4_select(live, x, (v4f){0} - 87.0f); /* keep the conversions in range */
+    v4f fx = x * 1.44269504088896341f + 0.5f;
+    v4i n = __builtin_convertvector(fx, v4i); /* toward zero, then down to the floor */
+    n += (v4i)(__builtin_convertvector(n, v4f) > fx);
+    v4f nf = __builtin_convertvector(n, v4f);
+    v4f r = x - nf * 0.693359375f + nf * 2.12194440e-4f, z = r * r;
+    v4f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    v4i bits = (n + 127) << 23;
+    v4f scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return (v4f)((v4i)(p * scale) & live);
+}
+
+/* No truncation (top_k 0, top_p 1, min_p 0): a draw from the whole softmax in id order, no sort
+ * (GRPO samples 262,144 ids this way every token). val[i] = e^((logit_i - max) / T); blk[b] =
+ * the sum of block b (SAMPLER_BLOCK ids); u * total walks the blocks, then the drawn block's
+ * ids in order. */
 static int pick_full(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng) {
-    int V = s->vocab;
-    float inv_t = 1.0f / o->temperature, mx = -INFINITY;
-    for (int i = 0; i < V; i++)
+    int V = s->vocab, V16 = V & ~15;
+    float inv_t = 1.0f / o->temperature;
+    v4f m4[4];
+    for (int k = 0; k < 4; k++)
+        m4[k] = (v4f){0} - INFINITY;
+    for (int i = 0; i < V16; i += 16) /* four independent chains */
+        for (int k = 0; k < 4; k++) {
+            v4f x;
+            memcpy(&x, logits + i + 4 * k, sizeof x);
+            m4[k] = v4_select(x > m4[k], x, m4[k]);
+        }
+    float mx = -INFINITY;
+    for (int k = 0; k < 16; k++)
+        if (m4[k / 4][k % 4] > mx) mx = m4[k / 4][k % 4];
+    for (int i = V16; i < V; i++)
         if (logits[i] > mx) mx = logits[i];
-    mx *= inv_t;
-    double sum = 0;
-    for (int i = 0; i < V; i++) {
-        float e = expf(logits[i] * inv_t - mx);
-        s->val[i] = e;
-        sum += e;
+    double total = 0;
+    int nb = (V + SAMPLER_BLOCK - 1) / SAMPLER_BLOCK;
+    for (int b = 0; b < nb; b++) {
+        int i0 = b * SAMPLER_BLOCK, i1 = i0 + SAMPLER_BLOCK < V ? i0 + SAMPLER_BLOCK : V;
+        v4f acc0 = {0}, acc1 = {0};
+        int i = i0;
+        for (; i + 8 <= i1; i += 8) {
+            v4f x0, x1;
+            memcpy(&x0, logits + i, sizeof x0);
+            memcpy(&x1, logits + i + 4, sizeof x1);
+            x0 = exp4((x0 - mx) * inv_t);
+            x1 = exp4((x1 - mx) * inv_t);
+            memcpy(s->val + i, &x0, sizeof x0);
+            memcpy(s->val + i + 4, &x1, sizeof x1);
+            acc0 += x0;
+            acc1 += x1;
+        }
+        v4f acc = acc0 + acc1;
+        double bs = ((double)acc[0] + acc[1]) + ((double)acc[2] + acc[3]);
+        for (; i < i1; i++) { /* the vocabulary's last few ids */
+            v4f e = exp4((v4f){(logits[i] - mx) * inv_t});
+            s->val[i] = e[0];
+            bs += e[0];
+        }
+        s->blk[b] = bs;
+        total += bs;
     }
-    double u = rng_uniform(rng) * sum, acc = 0;
+    double u = rng_uniform(rng) * total, acc = 0;
+    int b = 0;
+    while (b + 1 < nb && acc + s->blk[b] <= u)
+        acc += s->blk[b++];
     int last = 0;
-    for (int i = 0; i < V; i++) {
+    for (int i = b * SAMPLER_BLOCK; i < V; i++) { /* rounding may carry past the block */
         if (s->val[i] == 0.0f) continue;
         acc += s->val[i];
         last = i;
         if (u < acc) return i;
     }
-    return last; /* rounding left u at the very top: the last id with any mass */
+    return last; /* u at the very top: the last id with any mass */
 }
 
 int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng) {

@@ -25,11 +25,16 @@ typedef struct sampler {
     int vocab;
     int32_t *idx; /* [vocab] scratch */
     float *val;   /* [vocab] scratch */
+    double *blk;  /* [vocab / SAMPLER_BLOCK + 1] scratch: block sums of the untruncated draw */
 } sampler;
+#define SAMPLER_BLOCK 256
 
 lt_status sampler_init(sampler *s, int vocab);
 void sampler_free(sampler *s);
-/* Picks the next id from logits [vocab]; returns it (>= 0). The logits are not modified. */
+/* Picks the next id from logits [vocab]; returns it (>= 0). The logits are not modified. With no
+ * truncation (top_k 0, top_p 1, min_p 0) it draws from the whole softmax in id order with no
+ * sort: e^x four at a time (Cephes' expf polynomial, relative error below 2e-7), block sums,
+ * then a walk to the drawn block. One sampler per thread; distinct samplers may run at once. */
 int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng);
 
 /* Checks option ranges; err names the option and the accepted range. */

@@ -330,6 +330,28 @@ static void test_sampler(void) {
         }
         is_close(worst, 0, 0.01, "untruncated sampling follows the softmax over every id");
     }
+    { /* over several blocks and a ragged tail (1003 ids): mass on blocks 0 and 3 and the tail */
+        sampler big;
+        sampler_init(&big, 1003);
+        float *lb = malloc(sizeof(float) * 1003);
+        for (int i = 0; i < 1003; i++)
+            lb[i] = (i == 7 || i == 800) ? 3.0f : i >= 1000 ? 2.0f : -2.0f;
+        o.temperature = 1;
+        int hit[4] = {0}; /* 7, 800, 1000..1002, the rest */
+        for (int i = 0; i < 40000; i++) {
+            int id = sampler_pick(&big, lb, &o, &rng);
+            hit[id == 7 ? 0 : id == 800 ? 1 : id >= 1000 ? 2 : 3]++;
+        }
+        double e3 = exp(3.0), e2 = exp(2.0), em = exp(-2.0), z = 2 * e3 + 3 * e2 + 998 * em;
+        double want[4] = {e3 / z, e3 / z, 3 * e2 / z, 998 * em / z}, worst = 0;
+        for (int k = 0; k < 4; k++) {
+            double d = fabs(hit[k] / 40000.0 - want[k]);
+            if (d > worst) worst = d;
+        }
+        is_close(worst, 0, 0.012, "untruncated sampling over blocks and a ragged tail");
+        free(lb);
+        sampler_free(&big);
+    }
     /* the same seed gives the same draws */
     lt_rng a, b;
     rng_seed(&a, 42);

@@ -9,9 +9,10 @@
  * equal one-sequence sampling replayed with rollout_row_seed (rows stopping at different steps
  * leave the batch), with and without truncation; the same seed gives the same rows, row j of a
  * prompt is the same with group 4 or 2, rows of a group differ; stop ids end a row and are
- * kept, flags and lengths agree; bad input is refused naming the problem; a cancel before or
- * during the call returns LT_CANCELLED with nothing left behind; the backend memory the call
- * takes at its peak is within gemma3_rollout_bytes.
+ * kept, flags and lengths agree; with a vocabulary wide enough that the draws spread over
+ * threads, rows are still reproducible and equal their replays; bad input is refused naming the
+ * problem; a cancel before or during the call returns LT_CANCELLED with nothing left behind; the
+ * backend memory the call takes at its peak is within gemma3_rollout_bytes.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -78,7 +79,7 @@ static lt_tensor rand_t(int64_t a, int64_t b, float amp) {
 
 enum { H = 16, I = 24, QD = 16, KD = 8, HD = 8, V = 48, NL = 2 };
 
-static gemma3_model *micro_model(void) {
+static gemma3_model *micro_model(int vocab) {
     gemma3_model *m = calloc(1, sizeof *m);
     gemma3_config *c = &m->cfg;
     gemma3_config_defaults(c);
@@ -88,7 +89,7 @@ static gemma3_model *micro_model(void) {
     c->num_attention_heads = 2;
     c->num_key_value_heads = 1;
     c->head_dim = HD;
-    c->vocab_size = V;
+    c->vocab_size = vocab;
     c->sliding_window = 4;
     c->query_pre_attn_scalar = 8;
     c->rms_norm_eps = 1e-6;
@@ -99,7 +100,7 @@ static gemma3_model *micro_model(void) {
     c->rope[GEMMA3_FULL].theta = 1e6;
     c->rope[GEMMA3_FULL].factor = 1;
     c->n_eos_ids = 0; /* no stop ids unless a test sets them */
-    m->embed_tokens.w = rand_t(V, H, 1.0f);
+    m->embed_tokens.w = rand_t(vocab, H, 1.0f);
     m->norm = rand_t(H, 0, 0.3f);
     m->layers = calloc(NL, sizeof(gemma3_layer));
     for (int l = 0; l < NL; l++) {
@@ -159,11 +160,11 @@ static int reference(const int32_t *prompt, int P, const lt_gen_opts *o, uint64_
     gemma3_cache c;
     sampler sm;
     lt_rng r;
-    float last[V];
-    int n = 0;
+    int n = 0, vocab = M->cfg.vocab_size;
+    float *last = malloc(sizeof(float) * (size_t)vocab);
     *stopped = 0;
     rng_seed(&r, seed);
-    if (gemma3_cache_init(&c, &ctx, &M->cfg, max_seq) != LT_OK || sampler_init(&sm, V) != LT_OK)
+    if (gemma3_cache_init(&c, &ctx, &M->cfg, max_seq) != LT_OK || sampler_init(&sm, vocab) != LT_OK)
         return -1;
     gemma3_outputs fo = {.last_logits = last};
     lt_status rc = gemma3_forward(M, &ctx, prompt, P, &c, &fo);
@@ -178,6 +179,7 @@ static int reference(const int32_t *prompt, int P, const lt_gen_opts *o, uint64_
     }
     gemma3_cache_free(&c, &ctx);
     sampler_free(&sm);
+    free(last);
     return rc == LT_OK ? n : -1;
 }
 
@@ -338,6 +340,28 @@ static void test_stops(void) {
     is_int(live_blocks, 0, "nothing left in backend memory");
 }
 
+/* A vocabulary of 8192 ids x 8 rows: the draws spread over threads (rollout.c's PICK_SPREAD). */
+static void test_wide(void) {
+    char err[LT_ERRLEN] = "";
+    gemma3_model *keep = M;
+    M = micro_model(8192);
+    lt_gen_opts o = opts(30, 1, 11);
+    rollout_out a, b;
+    int ran = run(2, 4, &o, 256, &a, err) == LT_OK && run(2, 4, &o, 256, &b, err) == LT_OK;
+    if (ok(ran, "a rollout over 8192 ids runs")) {
+        ok(!memcmp(a.ids, b.ids, sizeof(int32_t) * 8 * 30),
+           "draws spread over threads: the same seed gives the same rows");
+        is_int(rows_match_reference(&a, 2, 4, &o, 256), 8,
+               "draws spread over threads: every row equals its one-sequence replay");
+        rollout_out_free(&a);
+        rollout_out_free(&b);
+    } else {
+        diag("%s", err);
+    }
+    micro_free(M);
+    M = keep;
+}
+
 static void test_bad_input(void) {
     char err[LT_ERRLEN] = "";
     lt_gen_opts o = opts(20, 0, 1);
@@ -398,7 +422,7 @@ int main(void) {
     per_row = counting;
     per_row.attention_rows = NULL;
     lt_ctx_init(&ctx, &counting, 2);
-    M = micro_model();
+    M = micro_model(V);
     for (int pass = 0; pass < 2; pass++) { /* attention_rows, then one attention op per row */
         diag("%s", pass ? "one attention op per row" : "attention_rows");
         ctx.be = pass ? &per_row : &counting;
@@ -407,6 +431,7 @@ int main(void) {
         test_stops();
     }
     ctx.be = &counting;
+    test_wide();
     test_bad_input();
     test_cancel();
     micro_free(M);
