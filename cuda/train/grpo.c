@@ -600,7 +600,7 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
                        "%%grpo trains LoRA adapters (its reference policy is the model with them "
                        "switched off): attach them with %%lora first");
     grpo_loss_opts lo;
-    grpo_scale scale;
+    grpo_scale scale = GRPO_SCALE_GROUP;
     lr_schedule sched;
     lt_status rc = check_opts(o, &lo, &scale, &sched, err);
     if (rc != LT_OK) return rc;
