@@ -253,3 +253,46 @@ char *display_svg_plot(const float *ys, int n, int w, int h, const char *title) 
     sb_printf(&b, "</svg>");
     return sb_take(&b);
 }
+
+/* ---- a run's bar and curve ---------------------------------------------------------------- */
+
+static void run_view_plot(run_view *v, int force) {
+    double now = display_now();
+    if (!force && v->plot_shown && now - v->plot_last < 0.5) return;
+    char *svg = display_svg_plot(v->ys, v->n, 480, 200, v->title);
+    if (!svg) return;
+    display_html(v->bar.sink, svg, v->text, v->plot_id, v->plot_shown);
+    free(svg);
+    v->plot_shown = 1;
+    v->plot_last = now;
+}
+
+void run_view_step(run_view *v, const lt_sink *sink, const char *label, int step, int total,
+                   const float *ys, int n, const char *extra, const char *title, const char *text) {
+    if (!v->open) {
+        progress_begin(&v->bar, sink, label, total);
+        snprintf(v->plot_id, sizeof v->plot_id, "%s-curve", v->bar.id);
+        v->open = 1;
+    }
+    float *c = realloc(v->ys, sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (c) {
+        memcpy(c, ys, sizeof(float) * (size_t)n);
+        v->ys = c;
+        v->n = n;
+    }
+    snprintf(v->extra, sizeof v->extra, "%s", extra);
+    snprintf(v->title, sizeof v->title, "%s", title);
+    snprintf(v->text, sizeof v->text, "%s", text);
+    progress_update(&v->bar, step, v->extra, step == total);
+    run_view_plot(v, step == total);
+}
+
+void run_view_end(run_view *v, int done, const char *status) {
+    if (v->open) {
+        progress_end(&v->bar, done, v->extra, status);
+        if (v->n > 0) run_view_plot(v, 1);
+    }
+    free(v->ys);
+    v->ys = NULL;
+    v->n = 0;
+}

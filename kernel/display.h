@@ -60,4 +60,25 @@ void progress_end(progress_bar *p, int64_t done, const char *extra, const char *
 /* An SVG line plot of ys (n points, x = 1..n), w x h pixels, with axis labels. */
 char *display_svg_plot(const float *ys, int n, int w, int h, const char *title);
 
+/* A training run's live view: a progress bar and, under it, a curve (%train's loss, %grpo's
+ * reward), both updated in place. The curve is redrawn at most twice a second unless it is
+ * the last step. The view keeps its own copy of the curve and of the last texts, so the final
+ * draw after the run needs nothing of the engine's. */
+typedef struct run_view {
+    progress_bar bar;
+    int open;
+    char plot_id[80];
+    double plot_last;
+    int plot_shown;
+    float *ys; /* the curve's copy */
+    int n;
+    char extra[200], title[160], text[256]; /* the bar's extra text, the plot's title and its
+                                               text/plain fallback */
+} run_view;
+/* One step: opens the view (label, total) on the first call, then draws. */
+void run_view_step(run_view *v, const lt_sink *sink, const char *label, int step, int total,
+                   const float *ys, int n, const char *extra, const char *title, const char *text);
+/* After the run (opened or not): the bar at `done` with status, the curve once more; frees. */
+void run_view_end(run_view *v, int done, const char *status);
+
 #endif

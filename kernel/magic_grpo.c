@@ -17,62 +17,11 @@
 
 typedef struct grpo_view {
     magic_ctx *ctx;
-    progress_bar bar;
-    int open;
-    char plot_id[80];
-    double plot_last;
-    int plot_shown;
-    lt_grpo_progress last; /* its pointers into the engine's buffers cleared; rewards below */
-    float *rewards;        /* a copy of the reward curve, for the last draw after the run */
-    int have_last;
+    run_view view;
 } grpo_view;
-
-static void grpo_plot(grpo_view *v, const lt_grpo_progress *p, int force) {
-    double now = display_now();
-    if (!force && v->plot_shown && now - v->plot_last < 0.5) return;
-    char title[160];
-    snprintf(title, sizeof title, "mean reward (step %d/%d: %.4f)", p->step, p->total_steps,
-             p->reward);
-    char *svg = display_svg_plot(p->rewards, p->n_steps_logged, 480, 200, title);
-    if (!svg) return;
-    float hi = -INFINITY;
-    for (int i = 0; i < p->n_steps_logged; i++)
-        hi = fmaxf(hi, p->rewards[i]);
-    char text[256];
-    snprintf(text, sizeof text, "reward curve: %d steps, first %.4f, last %.4f, highest %.4f",
-             p->n_steps_logged, p->n_steps_logged ? (double)p->rewards[0] : 0.0, p->reward,
-             (double)hi);
-    display_html(v->ctx->sink, svg, text, v->plot_id, v->plot_shown);
-    free(svg);
-    v->plot_shown = 1;
-    v->plot_last = now;
-}
-
-static void grpo_bar_extra(const lt_grpo_progress *p, char *out, size_t n) {
-    snprintf(out, n, "reward %.3f ± %.3f  loss %.4f  kl %.4f  len %.0f  %.0f/%.0f tok/s", p->reward,
-             p->reward_std, p->loss, p->kl, p->completion_length, p->sample_tok_s, p->train_tok_s);
-}
 
 static void grpo_step(void *pv, const lt_grpo_progress *p) {
     grpo_view *v = pv;
-    if (!v->open) {
-        progress_begin(&v->bar, v->ctx->sink, "grpo", p->total_steps);
-        snprintf(v->plot_id, sizeof v->plot_id, "%s-reward", v->bar.id);
-        v->open = 1;
-    }
-    v->last = *p;
-    v->last.show_prompt = v->last.show_completion = NULL; /* not kept past the call */
-    v->last.reward_names = NULL;
-    v->last.reward_mean = v->last.reward_func_std = NULL;
-    v->last.n_rewards = 0;
-    float *r = realloc(v->rewards, sizeof(float) * (size_t)(p->n_steps_logged + 1));
-    if (r) {
-        memcpy(r, p->rewards, sizeof(float) * (size_t)p->n_steps_logged);
-        v->rewards = r;
-    }
-    v->last.rewards = v->rewards;
-    v->last.n_steps_logged = r ? p->n_steps_logged : 0;
-    v->have_last = 1;
     if (p->show_completion) {
         magic_print(v->ctx, "--- step %d: reward %.3f", p->step, p->show_reward);
         for (int i = 0; i < p->n_rewards; i++)
@@ -80,10 +29,20 @@ static void grpo_step(void *pv, const lt_grpo_progress *p) {
                         p->reward_mean[i]);
         magic_print(v->ctx, "%s ---\n%s\n", p->n_rewards ? ")" : "", p->show_completion);
     }
-    char extra[200];
-    grpo_bar_extra(p, extra, sizeof extra);
-    progress_update(&v->bar, p->step, extra, p->step == p->total_steps);
-    grpo_plot(v, p, p->step == p->total_steps);
+    char extra[200], title[160], text[256];
+    snprintf(extra, sizeof extra,
+             "reward %.3f ± %.3f  loss %.4f  kl %.4f  len %.0f  %.0f/%.0f tok/s", p->reward,
+             p->reward_std, p->loss, p->kl, p->completion_length, p->sample_tok_s, p->train_tok_s);
+    snprintf(title, sizeof title, "mean reward (step %d/%d: %.4f)", p->step, p->total_steps,
+             p->reward);
+    float hi = -INFINITY;
+    for (int i = 0; i < p->n_steps_logged; i++)
+        hi = fmaxf(hi, p->rewards[i]);
+    snprintf(text, sizeof text, "reward curve: %d steps, first %.4f, last %.4f, highest %.4f",
+             p->n_steps_logged, p->n_steps_logged ? (double)p->rewards[0] : 0.0, p->reward,
+             (double)hi);
+    run_view_step(&v->view, v->ctx->sink, "grpo", p->step, p->total_steps, p->rewards,
+                  p->n_steps_logged, extra, title, text);
 }
 
 static void grpo_message(void *pv, const char *text) {
@@ -135,16 +94,10 @@ int magic_grpo(magic_ctx *ctx, const magic_args *a) {
     lt_grpo_callbacks cb = {&v, grpo_message, grpo_step};
     lt_grpo_result r;
     lt_status st = lt_grpo(ctx->session, &o, &cb, &r);
-    if (v.open) {
-        char extra[200] = "";
-        if (v.have_last) grpo_bar_extra(&v.last, extra, sizeof extra);
-        progress_end(&v.bar, r.steps_done, extra,
-                     st == LT_OK          ? "done"
-                     : st == LT_CANCELLED ? "interrupted"
-                                          : "failed");
-        if (v.have_last) grpo_plot(&v, &v.last, 1);
-    }
-    free(v.rewards);
+    run_view_end(&v.view, r.steps_done,
+                 st == LT_OK          ? "done"
+                 : st == LT_CANCELLED ? "interrupted"
+                                      : "failed");
     if (st == LT_CANCELLED) {
         magic_print(ctx,
                     "interrupted: the adapters hold the weights of step %d of %d; %%save "

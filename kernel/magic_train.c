@@ -92,53 +92,23 @@ int magic_lora(magic_ctx *ctx, const magic_args *a) {
 
 typedef struct train_view {
     magic_ctx *ctx;
-    progress_bar bar;
-    int open;
-    char plot_id[80];
-    double plot_last;
-    int plot_shown;
-    lt_train_progress last;
-    int have_last;
+    run_view view;
 } train_view;
-
-static void plot_draw(train_view *v, const lt_train_progress *p, int force) {
-    double now = display_now();
-    if (!force && v->plot_shown && now - v->plot_last < 0.5) return;
-    char title[160];
-    snprintf(title, sizeof title, "training loss (step %d/%d: %.4f)", p->step, p->total_steps,
-             p->loss);
-    char *svg = display_svg_plot(p->losses, p->n_losses, 480, 200, title);
-    if (!svg) return;
-    float lo = INFINITY;
-    for (int i = 0; i < p->n_losses; i++)
-        lo = fminf(lo, p->losses[i]);
-    char text[256];
-    snprintf(text, sizeof text, "loss curve: %d steps, first %.4f, last %.4f, lowest %.4f",
-             p->n_losses, p->n_losses ? (double)p->losses[0] : 0.0, p->loss, (double)lo);
-    display_html(v->ctx->sink, svg, text, v->plot_id, v->plot_shown);
-    free(svg);
-    v->plot_shown = 1;
-    v->plot_last = now;
-}
-
-static void bar_extra(const lt_train_progress *p, char *out, size_t n) {
-    snprintf(out, n, "loss %.4f  lr %.2e  %.0f tok/s  epoch %.2f", p->loss, p->lr, p->tokens_per_s,
-             (double)p->epoch);
-}
 
 static void train_step(void *pv, const lt_train_progress *p) {
     train_view *v = pv;
-    if (!v->open) {
-        progress_begin(&v->bar, v->ctx->sink, "train", p->total_steps);
-        snprintf(v->plot_id, sizeof v->plot_id, "%s-loss", v->bar.id);
-        v->open = 1;
-    }
-    v->last = *p;
-    v->have_last = 1;
-    char extra[160];
-    bar_extra(p, extra, sizeof extra);
-    progress_update(&v->bar, p->step, extra, p->step == p->total_steps);
-    plot_draw(v, p, p->step == p->total_steps);
+    char extra[160], title[160], text[256];
+    snprintf(extra, sizeof extra, "loss %.4f  lr %.2e  %.0f tok/s  epoch %.2f", p->loss, p->lr,
+             p->tokens_per_s, (double)p->epoch);
+    snprintf(title, sizeof title, "training loss (step %d/%d: %.4f)", p->step, p->total_steps,
+             p->loss);
+    float lo = INFINITY;
+    for (int i = 0; i < p->n_losses; i++)
+        lo = fminf(lo, p->losses[i]);
+    snprintf(text, sizeof text, "loss curve: %d steps, first %.4f, last %.4f, lowest %.4f",
+             p->n_losses, p->n_losses ? (double)p->losses[0] : 0.0, p->loss, (double)lo);
+    run_view_step(&v->view, v->ctx->sink, "train", p->step, p->total_steps, p->losses, p->n_losses,
+                  extra, title, text);
 }
 
 static void train_message(void *pv, const char *text) {
@@ -183,15 +153,10 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
     lt_train_callbacks cb = {&v, train_message, train_step};
     lt_train_result r;
     lt_status st = lt_train(ctx->session, &o, &cb, &r);
-    if (v.open) {
-        char extra[160] = "";
-        if (v.have_last) bar_extra(&v.last, extra, sizeof extra);
-        progress_end(&v.bar, r.steps_done, extra,
-                     st == LT_OK          ? "done"
-                     : st == LT_CANCELLED ? "interrupted"
-                                          : "failed");
-        if (v.have_last) plot_draw(&v, &v.last, 1);
-    }
+    run_view_end(&v.view, r.steps_done,
+                 st == LT_OK          ? "done"
+                 : st == LT_CANCELLED ? "interrupted"
+                                      : "failed");
     if (st == LT_CANCELLED) {
         magic_print(
             ctx,
