@@ -21,7 +21,6 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,18 +37,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void say(const lt_grpo_callbacks *cb, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void say(const lt_grpo_callbacks *cb, const char *fmt, ...) {
-    if (!cb || !cb->message) return;
-    char buf[1500];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    cb->message(cb->ctx, buf);
 }
 
 /* ---- the prompts ------------------------------------------------------------------------ */
@@ -280,10 +267,11 @@ static lt_status memory_plan(const trainer_env *env, lt_adapters *a, int rows, i
     double avail = (double)mi.free + (double)mi.cached;
     double train = (double)dev + trainable + (mi.on_device ? 0 : (double)host);
     double need = fmax((double)roll, train);
-    say(cb,
-        "memory plan: rollout %.1f MiB (KV cache for %d completions of up to %d tokens), "
-        "training %.1f MiB (%d completions per pass), in %s; %.0f MiB free",
-        (double)roll / 1048576, rows, max_len, train / 1048576, micro, mi.where, avail / 1048576);
+    train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+              "memory plan: rollout %.1f MiB (KV cache for %d completions of up to %d tokens), "
+              "training %.1f MiB (%d completions per pass), in %s; %.0f MiB free",
+              (double)roll / 1048576, rows, max_len, train / 1048576, micro, mi.where,
+              avail / 1048576);
     if (avail <= 0 || need <= avail) return LT_OK;
     /* the largest group that fits at this length, then the length at this group */
     int g = o->group;
@@ -660,12 +648,12 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
         rc = lt_fail(err, LT_ERR_IO, "%%grpo: cannot write log=%s (%s)", o->log, strerror(errno));
         goto out;
     }
-    say(cb,
-        "GRPO: %d prompts%s, %d per generation x %d completions, up to %d new tokens each; "
-        "loss %s, beta %g, %d iteration%s per generation; rewards: %s",
-        pl.n, pl.n_truncated ? " (some cut to max_prompt)" : "", o->batch, o->group,
-        o->max_completion, grpo_loss_type_name(lo.type), (double)o->beta, o->iterations,
-        o->iterations == 1 ? "" : "s", o->reward);
+    train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+              "GRPO: %d prompts%s, %d per generation x %d completions, up to %d new tokens each; "
+              "loss %s, beta %g, %d iteration%s per generation; rewards: %s",
+              pl.n, pl.n_truncated ? " (some cut to max_prompt)" : "", o->batch, o->group,
+              o->max_completion, grpo_loss_type_name(lo.type), (double)o->beta, o->iterations,
+              o->iterations == 1 ? "" : "s", o->reward);
     optim_reset(a);
     optim_opts oo = {o->lr,     0.9f, 0.999f, 1e-8f, o->weight_decay, o->max_grad_norm,
                      o->warmup, sched};

@@ -468,16 +468,14 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
 /* ---- %train -----------------------------------------------------------------------------------
  */
 
-static void say(const lt_train_callbacks *cb, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void say(const lt_train_callbacks *cb, const char *fmt, ...) {
-    if (!cb || !cb->message) return;
+void train_say(void (*message)(void *ctx, const char *text), void *ctx, const char *fmt, ...) {
+    if (!message) return;
     char buf[1500];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    cb->message(cb->ctx, buf);
+    message(ctx, buf);
 }
 
 static void data_message(void *ctx, const char *text) {
@@ -596,10 +594,12 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                 ck, u.n, (long long)json_integer_value(json_object_get(state, "units")));
             goto out_units;
         }
-        say(cb, "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total,
-            o.save ? o.save : "none");
+        train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+                  "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total,
+                  o.save ? o.save : "none");
     } else if (t->active && !t->finished && strcmp(t->key, key) == 0) {
-        say(cb, "continuing the interrupted run at step %d/%d", t->step, t->total);
+        train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+                  "continuing the interrupted run at step %d/%d", t->step, t->total);
     } else {
         run_reset(t);
         t->active = 1;
@@ -614,11 +614,12 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             t->total);
         goto out_units;
     }
-    say(cb,
-        "%d samples (%s, %lld tokens, %lld trained), %d %s, %d steps (%d per epoch), %lld "
-        "trainable parameters",
-        d.n, d.format, (long long)d.n_tokens, (long long)d.n_labels, u.n,
-        o.packing ? "packed rows" : "units", t->total, steps_per_epoch, (long long)ad->n_trainable);
+    train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+              "%d samples (%s, %lld tokens, %lld trained), %d %s, %d steps (%d per epoch), %lld "
+              "trainable parameters",
+              d.n, d.format, (long long)d.n_tokens, (long long)d.n_labels, u.n,
+              o.packing ? "packed rows" : "units", t->total, steps_per_epoch,
+              (long long)ad->n_trainable);
     {
         int64_t maxtok = 0;
         for (int i = 0; i < d.n; i++)

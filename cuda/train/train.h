@@ -214,6 +214,11 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                       const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
                       char *err);
 
+/* Formats a message and hands it to message(ctx, text), when message is not NULL: how the
+ * trainers (%train, %grpo) report through their callbacks. */
+void train_say(void (*message)(void *ctx, const char *text), void *ctx, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* Forgets the current %train run (its position, losses and AdamW state), keeping the adapters:
  * another trainer (%grpo) is about to change them. */
 void trainer_forget_run(lt_trainer *t);
