@@ -456,3 +456,43 @@ void data_free(train_data *d) {
     d->s = NULL;
     d->n = 0;
 }
+
+/* ---- the visiting order -------------------------------------------------------------------- */
+
+uint64_t train_mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+int epoch_order_init(epoch_order *o, int n, int shuffle, uint64_t seed) {
+    *o = (epoch_order){n, shuffle, seed, -1, NULL};
+    if (shuffle && !(o->perm = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1)))) return -1;
+    return 0;
+}
+
+int epoch_order_at(epoch_order *o, int64_t pos) {
+    int n = o->n;
+    int64_t e = pos / n;
+    if (!o->shuffle) return (int)(pos % n);
+    if (e != o->epoch) {
+        for (int i = 0; i < n; i++)
+            o->perm[i] = i;
+        uint64_t st = train_mix64(o->seed ^ train_mix64((uint64_t)e + 1));
+        for (int i = n - 1; i > 0; i--) { /* Fisher-Yates */
+            st = train_mix64(st);
+            int j = (int)(st % (uint64_t)(i + 1));
+            int x = o->perm[i];
+            o->perm[i] = o->perm[j];
+            o->perm[j] = x;
+        }
+        o->epoch = e;
+    }
+    return o->perm[pos % n];
+}
+
+void epoch_order_free(epoch_order *o) {
+    free(o->perm);
+    o->perm = NULL;
+}

@@ -472,44 +472,9 @@ static void nan_mean_std(const double *x, int n, double *mean, double *std) {
     *std = k > 1 ? sqrt(v / (k - 1)) : (k == 1 ? 0 : NAN);
 }
 
-static uint64_t mix64(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-/* The order prompts are visited in: epoch after epoch, each shuffled with the seed and the
- * epoch (Fisher-Yates), or in file order. Positions only grow, so one epoch's order is kept. */
-typedef struct prompt_order {
-    int *perm; /* [n] the current epoch's order; NULL = file order */
-    int n, epoch;
-    uint64_t seed;
-} prompt_order;
-
-static uint64_t mix64(uint64_t x);
-
-static int order_at(prompt_order *o, int64_t pos) {
-    int e = (int)(pos / o->n), i = (int)(pos % o->n);
-    if (!o->perm) return i;
-    if (e != o->epoch) {
-        for (int k = 0; k < o->n; k++)
-            o->perm[k] = k;
-        uint64_t s = mix64(o->seed ^ mix64((uint64_t)e + 0x51));
-        for (int k = o->n - 1; k > 0; k--) {
-            s = mix64(s);
-            int j = (int)(s % (uint64_t)(k + 1)), t = o->perm[k];
-            o->perm[k] = o->perm[j];
-            o->perm[j] = t;
-        }
-        o->epoch = e;
-    }
-    return o->perm[i];
-}
-
 /* Samples and scores one generation: batch prompts from the stream at *pos. */
 static lt_status generate(const trainer_env *env, const lt_grpo_opts *o, const prompt_list *pl,
-                          prompt_order *ord, int64_t *pos, reward_set *rw, int step, int max_seq,
+                          epoch_order *ord, int64_t *pos, reward_set *rw, int step, int max_seq,
                           generation *g, char *err) {
     int R = o->batch * o->group, F = reward_count(rw);
     memset(g, 0, sizeof *g);
@@ -523,7 +488,7 @@ static lt_status generate(const trainer_env *env, const lt_grpo_opts *o, const p
         return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     }
     for (int b = 0; b < o->batch; b++) {
-        const grpo_prompt *p = &pl->p[order_at(ord, *pos + b)];
+        const grpo_prompt *p = &pl->p[epoch_order_at(ord, *pos + b)];
         pp[b] = p->ids;
         pn[b] = p->n;
         for (int k = 0; k < o->group; k++)
@@ -532,7 +497,7 @@ static lt_status generate(const trainer_env *env, const lt_grpo_opts *o, const p
     *pos += o->batch;
     lt_gen_opts go = {
         o->max_completion, o->temperature, o->top_k,
-        o->top_p,          0.0f,           mix64(o->seed ^ mix64((uint64_t)step + 1))};
+        o->top_p,          0.0f,           train_mix64(o->seed ^ train_mix64((uint64_t)step + 1))};
     lt_status rc = gemma3_rollout(env->model, env->ctx, pp, pn, o->batch, o->group, &go, max_seq,
                                   env->cancel, &g->ro, err);
     free(pp);
@@ -616,7 +581,7 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
     reward_opts ro = {o->reward, o->weights, o->markers, getcwd(cwd, sizeof cwd) ? cwd : NULL,
                       o->reward_timeout};
     FILE *logf = NULL;
-    prompt_order ord = {NULL, pl.n, -1, o->seed};
+    epoch_order ord = {0};
     double t_start = now_s();
     float *curve = NULL;
     const char **names = NULL;
@@ -637,8 +602,8 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
     rstd = malloc(sizeof(double) * (size_t)(F + 1));
     curve = malloc(sizeof(float) * (size_t)o->steps);
     mbs = calloc((size_t)n_micro, sizeof *mbs);
-    if (o->shuffle) ord.perm = malloc(sizeof(int) * (size_t)pl.n);
-    if (!names || !rmean || !rstd || !curve || !mbs || (o->shuffle && !ord.perm)) {
+    int order_failed = epoch_order_init(&ord, pl.n, o->shuffle, o->seed);
+    if (!names || !rmean || !rstd || !curve || !mbs || order_failed) {
         rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         goto out;
     }
@@ -744,7 +709,8 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
                 for (int t = 0; t < mb->n_tok; t++)
                     w[mb->pos[t]] = -mb->coef[t];
                 uint64_t dseed =
-                    mix64(o->seed ^ mix64((uint64_t)step * 1024u + (uint64_t)k + 7)) | 1u;
+                    train_mix64(o->seed ^ train_mix64((uint64_t)step * 1024u + (uint64_t)k + 7)) |
+                    1u;
                 if ((rc = micro_pass(env, a, mb, 1, a->dropout > 0 ? dseed : 0, &rs, err)) != LT_OK)
                     goto out;
                 if (!pre) {
@@ -834,7 +800,7 @@ out:
     generation_free(&g);
     if (logf) fclose(logf);
     reward_set_free(rw);
-    free(ord.perm);
+    epoch_order_free(&ord);
     free(curve);
     free(names);
     free(rmean);

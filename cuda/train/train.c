@@ -229,48 +229,18 @@ static int units_build(unit_list *u, const train_data *d, int packing, int max_s
     return 0;
 }
 
-static uint64_t mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-/* The unit at global stream position pos: epoch = pos / n, shuffled per epoch. */
+/* The units in stream order (epoch_order over the units). */
 typedef struct stream {
     const unit_list *u;
-    int shuffle;
-    uint64_t seed;
-    int64_t epoch_cached;
-    int *perm;
+    epoch_order order;
 } stream;
-
-static int stream_unit(stream *s, int64_t pos) {
-    int n = s->u->n;
-    int64_t e = pos / n;
-    if (!s->shuffle) return (int)(pos % n);
-    if (e != s->epoch_cached) {
-        for (int i = 0; i < n; i++)
-            s->perm[i] = i;
-        uint64_t st = mix(s->seed ^ mix((uint64_t)e + 1));
-        for (int i = n - 1; i > 0; i--) { /* Fisher-Yates */
-            st = mix(st);
-            int j = (int)(st % (uint64_t)(i + 1));
-            int x = s->perm[i];
-            s->perm[i] = s->perm[j];
-            s->perm[j] = x;
-        }
-        s->epoch_cached = e;
-    }
-    return s->perm[pos % n];
-}
 
 /* Packs the samples of `nu` units starting at stream position pos into one micro-batch. */
 static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t pos, int nu) {
     memset(b, 0, sizeof *b);
     int N = 0, nseg = 0;
     for (int k = 0; k < nu; k++) {
-        int u = stream_unit(st, pos + k);
+        int u = epoch_order_at(&st->order, pos + k);
         for (int j = 0; j < st->u->count[u]; j++)
             N += d->s[st->u->idx[st->u->start[u] + j]].n;
         nseg += st->u->count[u];
@@ -281,7 +251,7 @@ static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t 
     if (!b->ids || !b->targets || !b->seg_len) return -1;
     int t = 0;
     for (int k = 0; k < nu; k++) {
-        int u = stream_unit(st, pos + k);
+        int u = epoch_order_at(&st->order, pos + k);
         for (int j = 0; j < st->u->count[u]; j++) {
             const train_sample *s = &d->s[st->u->idx[st->u->start[u] + j]];
             b->seg_len[b->n_seg++] = s->n;
@@ -633,9 +603,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     res->first_step = t->step;
     res->total_steps = t->total;
 
-    stream st = {&u, o.shuffle, o.seed, -1, malloc(sizeof(int) * (size_t)u.n)};
+    stream st = {&u, {0}};
+    int order_failed = epoch_order_init(&st.order, u.n, o.shuffle, o.seed);
     train_batch *mb = calloc((size_t)o.grad_accum, sizeof(train_batch));
-    if (!st.perm || !mb) {
+    if (order_failed || !mb) {
         rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
         goto out_stream;
     }
@@ -666,7 +637,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                 goto out_loop;
             }
             double ls = 0;
-            uint64_t dseed = mix(o.seed ^ mix((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
+            uint64_t dseed =
+                train_mix64(o.seed ^ train_mix64((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
             rc = gemma3_train_batch(env->model, env->ctx, lora_trainable(ad), &mb[k],
                                     1.0f / (float)(labels > 0 ? labels : 1), 1,
                                     ad->dropout > 0 ? dseed : 0, &ls);
@@ -759,7 +731,7 @@ out_loop:
         env->ctx); /* the step's cached blocks and its page-locked checkpoint memory */
 out_stream:
     free(mb);
-    free(st.perm);
+    epoch_order_free(&st.order);
 out_units:
     units_free(&u);
 out_data:

@@ -170,6 +170,24 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                     const gemma3_config *cfg, const lt_callbacks *cb, char *err);
 void data_free(train_data *d);
 
+/* The order a trainer visits n items in: epoch after epoch (epoch = pos / n), each shuffled with
+ * the seed and the epoch (Fisher-Yates drawing from train_mix64), or in file order. Positions
+ * only grow, so one epoch's order is kept. */
+typedef struct epoch_order {
+    int n, shuffle;
+    uint64_t seed;
+    int64_t epoch; /* the epoch perm holds (-1: none yet) */
+    int *perm;     /* [n] */
+} epoch_order;
+
+/* 0, or -1 when out of memory. */
+int epoch_order_init(epoch_order *o, int n, int shuffle, uint64_t seed);
+/* The item at stream position pos. */
+int epoch_order_at(epoch_order *o, int64_t pos);
+void epoch_order_free(epoch_order *o);
+/* splitmix64's finaliser: the trainers' seeds for data order, dropout and sampling. */
+uint64_t train_mix64(uint64_t x);
+
 /* ---- PEFT adapters (peft_adapter.c) ----------------------------------------------------- */
 
 /* PEFT adapter: adapter_config.json + adapter_model.safetensors (fp32) under dir. */
