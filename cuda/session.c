@@ -648,11 +648,9 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     int V = c->vocab_size;
     float *last = malloc(sizeof(float) * (size_t)V);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(o->max_new + 1));
-    sampler sm = {0};
-    if (!last || !out || sampler_init(&sm, V) != LT_OK) {
+    if (!last || !out) {
         free(last);
         free(out);
-        sampler_free(&sm);
         return lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     }
     lt_rng rng;
@@ -664,7 +662,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
             rc = lt_fail(s->err, LT_CANCELLED, "cancelled after %d tokens", n);
             break;
         }
-        int id = sampler_pick(&sm, last, o, &rng);
+        int id = sampler_pick(last, V, o, &rng);
         if (gemma3_is_stop(c, id)) {
             if (include_stop) out[n++] = id;
             break;
@@ -691,7 +689,6 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     if (st && st->text.oom && rc == LT_OK)
         rc = lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     free(last);
-    sampler_free(&sm);
     *gen = out;
     *n_gen = n;
     return rc;

@@ -82,4 +82,8 @@ lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
 lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
 lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 
+/* sample_rows (backend_cpu_sample.c): backend.h's sampling rule on the host. */
+lt_status cpu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                          const lt_sample_opts *o);
+
 #endif

@@ -1380,6 +1380,33 @@ done:
     return op_end(ctx, rc);
 }
 
+static lt_status cu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                                const lt_sample_opts *o) {
+    const char *opname = "sample_rows";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(o, "options are required");
+    CU_REQUIRE(is_f32(&logits) && logits.ndim == 2, "logits must be fp32 [R, V]");
+    CU_REQUIRE(logits.shape[1] > 0 && logits.shape[1] < INT32_MAX && logits.shape[0] < INT32_MAX,
+               "logits' sizes are out of range");
+    {
+        int64_t R = logits.shape[0], V = logits.shape[1];
+        CU_REQUIRE(ids.dtype == LT_I32 && lt_tensor_numel(&ids) == R && (ids.data || !R),
+                   "ids must be I32 [R]");
+        CU_REQUIRE(bits.dtype == LT_I32 && lt_tensor_numel(&bits) == R && (bits.data || !R),
+                   "bits must be I32 [R]");
+        CU_REQUIRE(o->top_k >= 0 && o->top_p > 0 && o->top_p <= 1 && o->min_p >= 0 && o->min_p <= 1,
+                   "top_k must be >= 0, top_p in (0, 1] and min_p in [0, 1]");
+        if (R == 0) goto done;
+        k_sample_rows(impl_of(ctx)->stream, (int32_t *)ids.data, (const float *)logits.data,
+                      (const int32_t *)bits.data, (int)R, (int)V, o->inv_temp, o->top_k, o->top_p,
+                      o->min_p);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
 /* ---- backward ops -------------------------------------------------------------------------------
  */
 
@@ -1936,6 +1963,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .geglu = cu_geglu,
     .add = cu_add,
     .attention_rows = cu_attention_rows,
+    .sample_rows = cu_sample_rows,
     .linear_backward = cu_linear_backward,
     .rmsnorm_backward = cu_rmsnorm_backward,
     .rope_backward = cu_rope_backward,

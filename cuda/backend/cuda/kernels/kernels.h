@@ -163,4 +163,10 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
                 const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
                 int accumulate);
 
+/* ---- sample.cu ----------------------------------------------------------------------------- */
+
+/* backend.h's sample_rows: ids[r] drawn from logits [R, V] with bits[r] (sample_rule.h). */
+void k_sample_rows(cudaStream_t st, int32_t *ids, const float *logits, const int32_t *bits, int R,
+                   int V, float inv_temp, int top_k, float top_p, float min_p);
+
 #endif
