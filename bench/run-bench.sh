@@ -2,7 +2,9 @@
 # run-bench.sh — every GPU check and benchmark, for the GPU machine, in one command:
 #   checks  make check-gpu's two programs (TAP logs): every op against the CPU reference
 #           (16-bit, fused-attention and fallback paths, NF4/int8 weights), the whole model,
-#           training and QLoRA against the CPU and the transformers / PEFT fixtures;
+#           training and QLoRA against the CPU and the transformers / PEFT fixtures, and one
+#           GRPO step against torch + peft (tests/fixtures/make_grpo_fixture.py, made here
+#           when the fixture is not committed yet; copied to OUTDIR/grpo_fixture);
 #   train   lathe's LoRA training on random:gemma-3-1b / 4b in bf16 and fp16 (bench_train) and
 #           transformers + PEFT on the same shapes (bench/hf_baseline.py; checkpointing on);
 #   qlora   QLoRA (NF4 + double quant, LoRA r=16 on all 7 linears, batch 1 x 2048): 4B, 12B
@@ -17,7 +19,7 @@
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
 # Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|quick|all], with the binaries packed
-# in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
+# in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
 out=${1:-.}
@@ -34,6 +36,12 @@ case $what in all|checks)
     # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
     LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
     $B/test_model > "$out/test_model.log" 2>&1
+    # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA
+    if [ ! -f tests/fixtures/grpo/reference.json ] &&
+        timeout 300 python3 tests/fixtures/make_grpo_fixture.py > "$out/grpo_fixture.log" 2>&1; then
+        cp -r tests/fixtures/grpo "$out/grpo_fixture"
+    fi
+    $B/test_grpo_parity > "$out/test_grpo_parity.log" 2>&1
     grep -h -E '^not ok|^1\.\.' "$out"/test_*.log
 esac
 case $what in all|train)
