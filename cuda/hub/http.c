@@ -125,9 +125,10 @@ static size_t on_header(char *line, size_t size, size_t nitems, void *ctx) {
     while (vlen && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
         vlen--;
 #define IS(name) (klen == sizeof(name) - 1 && !strncasecmp(line, name, klen))
-    if (IS("Location"))
+    if (IS("Location")) {
         copy_value(r->location, sizeof r->location, v, vlen);
-    else if (IS("ETag"))
+        r->location_cut = vlen >= sizeof r->location;
+    } else if (IS("ETag"))
         copy_value(r->etag, sizeof r->etag, v, vlen);
     else if (IS("X-Linked-Etag"))
         copy_value(r->linked_etag, sizeof r->linked_etag, v, vlen);

@@ -31,12 +31,16 @@ typedef enum hub_net {
     HUB_NET_BROKEN = 2,      /* the response started and then broke (dropped, stalled) */
 } hub_net;
 
+/* The longest URL kept (a CDN's signed Location runs to a few thousand bytes). */
+#define HUB_URL 16384
+
 /* The headers of the last response (the last hop when redirects were followed). */
 typedef struct hub_response {
     long status;
     hub_net net;
-    char url[2048];          /* the URL that answered */
-    char location[2048];     /* Location, as sent */
+    char url[HUB_URL];       /* the URL that answered */
+    char location[HUB_URL];  /* Location, as sent */
+    int location_cut;        /* 1 when Location was longer than HUB_URL - 1 bytes */
     char etag[256];          /* ETag, as sent */
     char linked_etag[256];   /* X-Linked-Etag (the LFS file's SHA-256 on a redirect) */
     char commit[128];        /* X-Repo-Commit */

@@ -572,7 +572,7 @@ static void progress_init(progress_view *p, hub_job *j, const char *file, int64_
 typedef struct file_meta {
     char etag[256];
     int64_t size;
-    char location[2048];
+    char location[HUB_URL]; /* a CDN's signed URLs run to a few thousand bytes */
 } file_meta;
 
 static lt_status file_head(hub_job *j, const char *file, file_meta *m) {
@@ -580,7 +580,7 @@ static lt_status file_head(hub_job *j, const char *file, file_meta *m) {
     lt_strbuf_printf(&b, "%s/%s/resolve/%s/", j->set.endpoint, j->repo, j->commit);
     url_quote(&b, file, 1);
     if (b.oom) return lt_fail(j->err, LT_ERR_MEMORY, "out of memory");
-    char url[2048];
+    char url[HUB_URL];
     snprintf(url, sizeof url, "%s", b.p);
     lt_strbuf_free(&b);
     hub_response r;
@@ -588,6 +588,9 @@ static lt_status file_head(hub_job *j, const char *file, file_meta *m) {
     for (int hop = 0;; hop++) {
         rc = hub_http_head(j->http, url, same_origin(url, j->set.endpoint), &r, j->err);
         if (rc != LT_OK) return lt_fail_prefix(j->err, rc, "%s: HEAD %s", file, url);
+        if (r.location_cut)
+            return lt_fail(j->err, LT_ERR_IO, "%s: a redirect to a URL longer than %d bytes", url,
+                           HUB_URL - 1);
         int relative =
             r.status >= 300 && r.status < 400 && r.location[0] == '/' && r.location[1] != '/';
         if (!relative) break;
@@ -632,9 +635,9 @@ static int is_sha256(const char *s) {
     return n == 64;
 }
 
+/* As http_get: a second before retrying a break that brought no bytes. */
 static void pause_once(void) {
-    struct timespec ts = {1,
-                          0}; /* as http_get: a second before retrying a break without progress */
+    struct timespec ts = {1, 0};
     nanosleep(&ts, NULL);
 }
 
@@ -671,6 +674,11 @@ static lt_status download_part(hub_job *j, const char *file, const file_meta *m,
             restarted = 1;
             continue;
         }
+        if (rc == LT_OK && r.status >= 400 && !auth) /* a CDN: its signed URL, not the token */
+            return lt_fail(j->err, LT_ERR_IO,
+                           "%s: the download server %.*s answered HTTP %ld (its signed link may "
+                           "have expired: load again)",
+                           file, (int)url_origin_len(m->location), m->location, r.status);
         if (rc == LT_OK && r.status >= 400) return refusal(j, &r, m->location);
         if (rc == LT_OK && r.status != 200 && r.status != 206)
             return lt_fail(j->err, LT_ERR_IO, "%s: HTTP %ld to a GET", m->location, r.status);
