@@ -33,6 +33,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -655,6 +656,13 @@ static lt_status download_part(hub_job *j, const char *file, const file_meta *m,
     if (have > 0)
         say(j, "%s: resuming the partial download at byte %lld of %lld", file, (long long)have,
             (long long)m->size);
+    struct statvfs fs; /* as _check_disk_space: a note, not a refusal */
+    if (fstatvfs(fd, &fs) == 0 && (int64_t)fs.f_bavail * (int64_t)fs.f_frsize < m->size - have) {
+        char need[32], room[32];
+        human_size(need, sizeof need, m->size - have);
+        human_size(room, sizeof room, (int64_t)fs.f_bavail * (int64_t)fs.f_frsize);
+        say(j, "%s: needs %s more, and the disk of %s has %s free", file, need, part, room);
+    }
     progress_view pv;
     progress_init(&pv, j, file, m->size);
     on_bytes(&pv, have, m->size);
@@ -881,10 +889,10 @@ lt_status hub_snapshot(const char *spec, const lt_callbacks *cb, const atomic_in
     if (rc != LT_OK) goto done;
 
     /* The commit is known and the Hub answers: fetch what is missing. */
-    if (strcmp(j->rev, j->commit) != 0) {
-        rc = hub_cache_write_ref(&j->rc, j->rev, j->commit, err);
-        if (rc != LT_OK) goto done;
-    }
+    if (strcmp(j->rev, j->commit) != 0 && hub_cache_write_ref(&j->rc, j->rev, j->commit, err))
+        say(j, "%s: the ref is not recorded (%s); the snapshot is used all the same", j->repo,
+            err); /* a read-only cache: huggingface_hub goes on as well */
+    err[0] = 0;
     if (!info_has(&info, "config.json")) {
         rc = lt_fail(err, LT_ERR_FORMAT,
                      "%s (commit %s) has no config.json: not a model lathe loads", j->repo,

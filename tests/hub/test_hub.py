@@ -8,7 +8,9 @@ layout huggingface_hub reads (refs, relative symlinks into blobs/ named by ETag,
 files chosen (nothing else of the repository is fetched); @REVISION; a sharded checkpoint
 through its index; the LFS 302 to a CDN on another host (no token sent there); a relative
 307 of a renamed repository; HF_HUB_CACHE; the token from HF_TOKEN and from the token file as
-"Authorization: Bearer"; the progress bar per file in a cell.
+"Authorization: Bearer"; the progress bar per file in a cell; an interrupt mid-file (the part
+is kept and resumed); huggingface_hub's lock on a blob respected (lathe waits and links the
+blob the other tool wrote); two loads at once downloading a blob once.
 Bad inputs tried: a gated repository without a token (401: the message names HF_TOKEN and the
 model page) and with a token that has no access (403); an unknown repository (401
 RepoNotFound) and an unknown revision (404 RevisionNotFound); a connection dropped mid-file
@@ -19,6 +21,7 @@ connections, with a complete cached snapshot (used, with a note saying so) and w
 incomplete one (refused, naming what is missing); an API answering 500 (the cache is used);
 ids that are not Hub ids (checked in the C unit test, test_hub_unit.c).
 """
+import fcntl
 import hashlib
 import os
 import signal
@@ -38,6 +41,11 @@ IDS = "2,17,40,1000,7,311"
 TINY = os.path.join(SRCDIR, "models", "tiny")
 FLAT = os.path.join(SRCDIR, "tests", "fixtures", "flat")
 TF5 = os.path.join(SRCDIR, "tests", "fixtures", "tf5")
+# small files lathe takes beside the weights (transformers reads them too)
+TINY_EXTRA = {"generation_config.json": b'{"bos_token_id": 2, "eos_token_id": [1, 106]}\n',
+              "tokenizer_config.json": b'{"add_bos_token": true}\n'}
+TINY_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+              "tokenizer_config.json"]
 HF_VARS = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN",
            "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
            "XDG_CACHE_HOME")
@@ -58,9 +66,9 @@ def read(path):
 def hub():
     s = HubServer()
     tiny = Repo("tiny-org/tiny")
-    extra = {"README.md": b"# tiny\n", "pytorch_model.bin": b"pickles are not read",
-             "original/model.safetensors": b"a subfolder is not read",
-             "unused.safetensors": b"no index names it"}
+    extra = dict(TINY_EXTRA, **{"README.md": b"# tiny\n", "pytorch_model.bin": b"not read",
+                                "original/model.safetensors": b"a subfolder is not read",
+                                "unused.safetensors": b"no index names it"})
     s.main = tiny.add_commit(folder_files(TINY, extra))
     s.v1 = tiny.add_commit(folder_files(FLAT), refs=("v1",))
     s.add_repo(tiny)
@@ -141,7 +149,7 @@ def test_first_download_gives_the_folders_logits(hub, home, reference, tmp_path)
     assert [r["path"] for r in api] == ["/api/models/tiny-org/tiny/revision/main"]
     fetched = sorted({r["path"].split("/resolve/%s/" % hub.main)[1]
                       for r in hub.requests("resolve")})
-    assert fetched == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert fetched == TINY_FILES
     # the LFS files came from the CDN host, once each
     cdn = [r for r in hub.requests("cdn") if r["method"] == "GET"]
     assert sorted(r["path"].split("?")[0] for r in cdn) == sorted(
@@ -157,20 +165,20 @@ def test_cache_layout_is_huggingface_hubs(hub, home, tmp_path):
     assert sorted(os.listdir(root)) == ["blobs", "refs", "snapshots"]
     assert read(os.path.join(root, "refs", "main")) == hub.main.encode()  # no newline
     snap = os.path.join(root, "snapshots", hub.main)
-    assert sorted(os.listdir(snap)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(snap)) == TINY_FILES
     for name in os.listdir(snap):
         p = os.path.join(snap, name)
-        data = read(os.path.join(TINY, name))
+        data = TINY_EXTRA[name] if name in TINY_EXTRA else read(os.path.join(TINY, name))
         assert os.path.islink(p)
         link = os.readlink(p)
         # LFS files are named by their SHA-256, the others by their git blob sha1
-        etag = sha256(data) if name != "config.json" else hashlib.sha1(
-            b"blob %d\0" % len(data) + data).hexdigest()
+        lfs = name.endswith((".safetensors", ".model"))
+        etag = sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         assert link == "../../blobs/" + etag, (name, link)
         assert read(p) == data
     blobs = os.listdir(os.path.join(root, "blobs"))
     assert not [b for b in blobs if b.endswith(".incomplete")]
-    assert len(blobs) == 3
+    assert len(blobs) == len(TINY_FILES)
     locks = os.path.join(home, "hub", ".locks", "models--tiny-org--tiny")
     assert sorted(os.listdir(locks)) == sorted(b + ".lock" for b in blobs)
 
@@ -238,8 +246,8 @@ def test_progress_bar_per_file_in_the_cell(hub, home, tmp_path):
     rc, out, err = load_cell("tiny-org/tiny", home, hub.endpoint, tmp_path)
     assert rc == 0, out + err
     assert "tiny-org/tiny: downloading from " + hub.endpoint in out
-    assert "3 files downloaded" in out
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+    assert "%d files downloaded" % len(TINY_FILES) in out
+    for name in TINY_FILES:
         assert name + " (KiB) [" in err, err
     size_kib = (os.path.getsize(os.path.join(TINY, "model.safetensors")) + 1023) // 1024
     assert "model.safetensors (KiB) [##############################] %d/%d" % (
@@ -454,3 +462,83 @@ def test_missing_file_is_fetched_into_an_existing_snapshot(hub, home, reference,
     assert [r["path"].rsplit("/", 1)[1] for r in hub.requests("resolve")] == ["tokenizer.model"]
     # its blob was still there: linked again, not downloaded
     assert hub.requests("cdn") == []
+
+
+# ---- two tools, one cache -------------------------------------------------------------------
+
+def wait_for(cond, what, proc=None, seconds=120):
+    """Polls cond until it holds (a deadline, never a fixed wait a busy machine outruns)."""
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        assert proc is None or proc.poll() is None, what + ": the process ended first"
+        time.sleep(0.02)
+
+
+def heads_of(hub, name):
+    return [r for r in hub.requests("resolve") if r["method"] == "HEAD"
+            and r["path"].endswith("/" + name)]
+
+
+def test_waits_for_another_tools_lock_and_uses_its_blob(hub, home, reference, tmp_path):
+    """huggingface_hub holds .locks/<folder>/<etag>.lock (filelock: flock) while it writes a
+    blob: lathe waits for it, then links the blob the other tool wrote instead of fetching."""
+    data = read(os.path.join(TINY, "model.safetensors"))
+    digest = sha256(data)
+    locks = os.path.join(home, "hub", ".locks", "models--tiny-org--tiny")
+    blobs = os.path.join(repo_dir(home, "tiny-org/tiny"), "blobs")
+    os.makedirs(locks)
+    os.makedirs(blobs)
+    fd = os.open(os.path.join(locks, digest + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    out = str(tmp_path / "a.npy")
+    p = subprocess.Popen([LATHE, "logits", "tiny-org/tiny", "--ids", IDS, "--out", out],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=lathe_env(home, hub.endpoint))
+    try:
+        wait_for(lambda: heads_of(hub, "model.safetensors"), "lathe's HEAD", p)
+        with open(os.path.join(blobs, digest + ".tmp"), "wb") as f:
+            f.write(data)
+        os.rename(os.path.join(blobs, digest + ".tmp"), os.path.join(blobs, digest))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        _, err = p.communicate(timeout=300)
+    finally:
+        os.close(fd)
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert read(out) == reference["tiny"]
+    assert not [r for r in hub.requests("cdn") if r["path"].startswith("/cdn/" + digest)]
+
+
+def test_two_loads_at_once_download_a_blob_once(hub, home, reference, tmp_path):
+    data = read(os.path.join(TINY, "model.safetensors"))
+    digest = sha256(data)
+    cut = len(data) // 4
+    sent, release = threading.Event(), threading.Event()
+    hub.stall_after[digest] = (cut, sent, release)
+    procs = []
+    try:
+        for k in range(2):
+            procs.append(subprocess.Popen(
+                [LATHE, "logits", "tiny-org/tiny", "--ids", IDS, "--out",
+                 str(tmp_path / ("%d.npy" % k))], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=lathe_env(home, hub.endpoint)))
+            if k == 0:
+                assert sent.wait(120), "the first download never started"
+        # the second has asked for the file's metadata; the first holds the blob's lock
+        wait_for(lambda: len(heads_of(hub, "model.safetensors")) == 2, "the second HEAD",
+                 procs[1])
+        release.set()  # the first's transfer breaks here and resumes
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        release.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for k, p in enumerate(procs):
+        assert p.returncode == 0, errs[k]
+        assert read(str(tmp_path / ("%d.npy" % k))) == reference["tiny"]
+    gets = [r["range"] for r in hub.requests("cdn")
+            if r["path"].startswith("/cdn/" + digest) and r["method"] == "GET"]
+    assert gets == [None, "bytes=%d-" % cut]
