@@ -229,10 +229,9 @@ static void url_quote(lt_strbuf *b, const char *s, int keep_slash) {
 
 /* "scheme://host[:port]" of url, for "is this the endpoint's host" and relative redirects. */
 static size_t url_origin_len(const char *url) {
-    const char *p = strstr(url, "://");
-    if (!p) return 0;
-    p += 3;
-    return (size_t)(p - url) + strcspn(p, "/?#");
+    size_t k = !strncasecmp(url, "http://", 7) ? 7 : !strncasecmp(url, "https://", 8) ? 8 : 0;
+    size_t host = k ? strcspn(url + k, "/?#") : 0;
+    return host ? k + host : 0; /* 0: not an absolute http(s) URL */
 }
 
 static int same_origin(const char *a, const char *b) {
@@ -826,6 +825,11 @@ lt_status hub_snapshot(const char *spec, const lt_callbacks *cb, const atomic_in
     }
     hub_settings_read(&j->set);
     hub_cache_init(&j->rc, j->set.cache, j->repo);
+    if (!url_origin_len(j->set.endpoint)) {
+        rc = lt_fail(err, LT_ERR_ARG, "HF_ENDPOINT='%.300s' is not an http:// or https:// URL",
+                     j->set.endpoint);
+        goto done;
+    }
 
     /* No request: offline, no HTTP client, or a commit whose snapshot is complete. */
     if (j->set.offline) {

@@ -98,6 +98,8 @@ class HubServer:
         #                        body stops there, sent is set, and it waits for release
         self.corrupt = set()  # sha256 whose bytes are served wrong
         self.api_status = None  # answer every API call with this status
+        self.api_body = None  # answer every API call with these bytes (status 200)
+        self.linked_etag = None  # the X-Linked-Etag of every LFS file, as sent
 
     def add_repo(self, repo):
         self.repos[repo.repo_id] = repo
@@ -176,6 +178,9 @@ class HubServer:
             def api(self, repo_id, rev, head):
                 if server.api_status:
                     return self.error(server.api_status, "", "the test says so", head)
+                if server.api_body is not None:
+                    return self.reply(200, [("Content-Type", "application/json")],
+                                      server.api_body, head)
                 if repo_id in server.renamed:
                     new = server.renamed[repo_id]
                     loc = "/api/models/%s/revision/%s" % (new, urllib.parse.quote(rev, safe=""))
@@ -223,7 +228,8 @@ class HubServer:
                     loc = "%s/cdn/%s?Policy=%s&Signature=test" % (server.cdn, digest, "p" * 3000)
                     return self.reply(302, common + [
                         ("Location", loc), ("ETag", '"%s"' % git_blob_sha1(b"pointer " + data[:64])),
-                        ("X-Linked-Etag", '"%s"' % digest), ("X-Linked-Size", str(len(data)))],
+                        ("X-Linked-Etag", server.linked_etag or '"%s"' % digest),
+                        ("X-Linked-Size", str(len(data)))],
                         b"", head)
                 self.reply(200, common + [("ETag", '"%s"' % git_blob_sha1(data))], data, head)
 

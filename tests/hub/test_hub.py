@@ -19,7 +19,9 @@ length); a blob whose bytes do not match its SHA-256 ETag (refused, nothing kept
 name); HF_HUB_OFFLINE=1 with and without a cached snapshot; an endpoint that refuses
 connections, with a complete cached snapshot (used, with a note saying so) and with an
 incomplete one (refused, naming what is missing); an API answering 500 (the cache is used);
-ids that are not Hub ids (checked in the C unit test, test_hub_unit.c).
+an X-Linked-Etag that is a path ("../../../escaped": refused, nothing written outside); an API
+answer that is not JSON (a captive portal's page); an HF_ENDPOINT that is not a URL; ids that
+are not Hub ids (checked in the C unit test, test_hub_unit.c).
 """
 import fcntl
 import hashlib
@@ -391,6 +393,28 @@ def test_wrong_checksum_is_refused_and_nothing_kept(hub, home, tmp_path):
     rc, err, _ = logits("bad-org/tiny", home, hub.endpoint, str(tmp_path / "b.npy"))
     assert rc == 1 and "SHA-256" not in err  # these bytes are no checkpoint, but they arrived
     assert os.path.exists(os.path.join(root, "blobs", digest))
+
+
+def test_an_etag_that_is_a_path_is_refused(hub, home, tmp_path):
+    hub.linked_etag = '"../../../escaped"'
+    rc, err, _ = logits("tiny-org/tiny", home, hub.endpoint, str(tmp_path / "a.npy"))
+    assert rc == 1
+    assert "is not a usable blob name" in err
+    assert not os.path.exists(os.path.join(home, "escaped"))
+    assert not os.path.exists(os.path.join(home, "hub", "escaped"))
+
+
+def test_an_api_answer_that_is_not_json(hub, home, tmp_path):
+    hub.api_body = b"<html>a captive portal</html>"
+    rc, err, _ = logits("tiny-org/tiny", home, hub.endpoint, str(tmp_path / "a.npy"))
+    assert rc == 1
+    assert "not the Hub's revision answer" in err
+
+
+def test_an_endpoint_that_is_not_a_url(hub, home, tmp_path):
+    rc, err, _ = logits("tiny-org/tiny", home, "huggingface.co", str(tmp_path / "a.npy"))
+    assert rc == 1
+    assert "HF_ENDPOINT='huggingface.co' is not an http:// or https:// URL" in err
 
 
 # ---- no Hub ---------------------------------------------------------------------------------
