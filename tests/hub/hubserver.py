@@ -5,8 +5,9 @@ What it answers, as huggingface.co does:
 - GET /api/models/ORG/NAME/revision/REV: {"id", "sha", "siblings": [{"rfilename"}]}; an unknown
   repository is 401 with X-Error-Code: RepoNotFound (the Hub's answer without a token), an
   unknown revision 404 with X-Error-Code: RevisionNotFound.
-- HEAD/GET /ORG/NAME/resolve/REV/FILE: a regular file is 200 with ETag = its git blob sha1 and
-  X-Repo-Commit; an LFS file (*.safetensors, tokenizer.model) is a 302 to the CDN with
+- HEAD/GET /ORG/NAME/resolve/REV/FILE: a regular file is a relative 307 to
+  /api/resolve-cache/models/ORG/NAME/COMMIT/FILE, which answers 200 with ETag = its git blob
+  sha1 and X-Repo-Commit (huggingface.co answers so since 2025); an LFS file (*.safetensors, tokenizer.model) is a 302 to the CDN with
   X-Linked-Etag = its SHA-256, X-Linked-Size and X-Repo-Commit. The CDN is the same server
   reached as http://localhost:PORT, another host than the endpoint http://127.0.0.1:PORT, so
   a client that sends its token to the CDN is caught.
@@ -165,6 +166,10 @@ class HubServer:
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
                     self.record("api")
                     return self.api(parts[2] + "/" + parts[3], "/".join(parts[5:]), head)
+                if parts[:3] == ["api", "resolve-cache", "models"] and len(parts) >= 7:
+                    self.record("resolve-cache")
+                    return self.resolve_cache(parts[3] + "/" + parts[4], parts[5],
+                                              "/".join(parts[6:]), head)
                 if len(parts) >= 5 and parts[2] == "resolve":
                     self.record("resolve")
                     return self.resolve(parts[0] + "/" + parts[1], parts[3], "/".join(parts[4:]),
@@ -231,7 +236,19 @@ class HubServer:
                         ("X-Linked-Etag", server.linked_etag or '"%s"' % digest),
                         ("X-Linked-Size", str(len(data)))],
                         b"", head)
-                self.reply(200, common + [("ETag", '"%s"' % git_blob_sha1(data))], data, head)
+                # as huggingface.co does now: a relative 307 to its resolve cache
+                loc = "/api/resolve-cache/models/%s/%s/%s?etag=%%22%s%%22" % (
+                    repo_id, sha, urllib.parse.quote(filename), git_blob_sha1(data))
+                self.reply(307, common + [("Location", loc)], b"", head)
+
+            def resolve_cache(self, repo_id, sha, filename, head):
+                repo = server.repos.get(repo_id)
+                files = repo.commits.get(sha) if repo else None
+                if files is None or filename not in files:
+                    return self.error(404, "EntryNotFound", filename + " does not exist", head)
+                data = files[filename]
+                self.reply(200, [("X-Repo-Commit", sha), ("ETag", '"%s"' % git_blob_sha1(data))],
+                           data, head)
 
             def cdn(self, digest, head):
                 data = server.blobs.get(digest)

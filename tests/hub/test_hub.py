@@ -152,6 +152,10 @@ def test_first_download_gives_the_folders_logits(hub, home, reference, tmp_path)
     fetched = sorted({r["path"].split("/resolve/%s/" % hub.main)[1]
                       for r in hub.requests("resolve")})
     assert fetched == TINY_FILES
+    # the regular files through the relative 307 to the resolve cache, with auth kept
+    cached = sorted({r["path"].split("?")[0].rsplit("/", 1)[1]
+                     for r in hub.requests("resolve-cache")})
+    assert cached == ["config.json", "generation_config.json", "tokenizer_config.json"]
     # the LFS files came from the CDN host, once each
     cdn = [r for r in hub.requests("cdn") if r["method"] == "GET"]
     assert sorted(r["path"].split("?")[0] for r in cdn) == sorted(
@@ -274,7 +278,7 @@ def test_gated_with_hf_token_sends_bearer_and_not_to_the_cdn(hub, home, referenc
                           {"HF_TOKEN": "hf_good"})
     assert rc == 0, err
     assert npy == reference["tiny"]
-    to_hub = hub.requests("api") + hub.requests("resolve")
+    to_hub = hub.requests("api") + hub.requests("resolve") + hub.requests("resolve-cache")
     assert to_hub and all(r["authorization"] == "Bearer hf_good" for r in to_hub)
     cdn = hub.requests("cdn")
     assert cdn and all(r["authorization"] is None for r in cdn)
