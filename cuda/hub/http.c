@@ -18,7 +18,9 @@
 #include <strings.h>
 #include <unistd.h>
 
-#ifdef HAVE_LIBCURL
+/* LATHE_HUB_WITHOUT_CURL builds the client a configure without libcurl gives (the tests build
+ * both). */
+#if defined(HAVE_LIBCURL) && !defined(LATHE_HUB_WITHOUT_CURL)
 #include <curl/curl.h>
 #include <pthread.h>
 
