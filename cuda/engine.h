@@ -66,8 +66,9 @@ typedef struct lt_load_opts {
  * lt_option_default("load", ...). */
 void lt_load_opts_default(lt_load_opts *o);
 
-/* SOURCE: a directory; a Hugging Face cache id ("google/gemma-3-1b-it", looked up under
- * $HF_HOME/hub or ~/.cache/huggingface/hub; no network); "tiny"; "random:gemma-3-1b" (and
+/* SOURCE: a directory; a Hugging Face id ("google/gemma-3-1b-it[@REVISION]": its snapshot in
+ * the Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, with what is missing downloaded from
+ * $HF_ENDPOINT as huggingface_hub does; progress per file); "tiny"; "random:gemma-3-1b" (and
  * 270m/4b/12b/27b: real shapes, seeded random weights). Replaces any model already loaded
  * only when the new one loaded completely. */
 lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
