@@ -27,6 +27,8 @@ what=${2:-all}
 P=${PACK:-.device-pack}
 B=$P/bin
 export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
+# the references run on the machine's own libraries, not the packed ones
+PY="env LD_LIBRARY_PATH=${LD_LIBRARY_PATH#$PWD/$P/lib:} python3"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
 case $what in all|checks)
     if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
@@ -38,7 +40,7 @@ case $what in all|checks)
     $B/test_model > "$out/test_model.log" 2>&1
     # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA
     if [ ! -f tests/fixtures/grpo/reference.json ] &&
-        timeout 300 python3 tests/fixtures/make_grpo_fixture.py > "$out/grpo_fixture.log" 2>&1; then
+        timeout 300 $PY tests/fixtures/make_grpo_fixture.py > "$out/grpo_fixture.log" 2>&1; then
         cp -r tests/fixtures/grpo "$out/grpo_fixture"
     fi
     $B/test_grpo_parity > "$out/test_grpo_parity.log" 2>&1
@@ -48,7 +50,7 @@ case $what in all|train)
     for a in "1b bf16" "1b fp16" "4b bf16" "4b fp16"; do
         timeout 150 $B/bench_train $a 2048 2 8 3 >> "$out/bench_lathe.log" 2>&1
     done
-    timeout 300 python3 -c "
+    timeout 300 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch, transformers
 print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), flush=True)
@@ -77,7 +79,7 @@ case $what in grpo)
     done
     timeout 150 $R step 1b bf16 8 256 >> "$out/bench_grpo.log" 2>&1
     timeout 100 $R step 1b fp16 8 256 >> "$out/bench_grpo.log" 2>&1
-    timeout 200 python3 -c "
+    timeout 200 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_generate as g
 g.run('1b', 8, 256); g.run('1b', 64, 256)
@@ -87,7 +89,7 @@ esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
     timeout 75 $B/bench_train 4b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
-    timeout 120 python3 -c "
+    timeout 120 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch
 h.run('4b', torch.bfloat16, 2048, 2, True)
