@@ -40,6 +40,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -861,13 +864,51 @@ static int on_comm_ignore(chan *ch, const jp_msg *req, int aborting) {
     return 0;
 }
 
-/* The process that started the kernel: jupyter_client puts its pid in JPY_PARENT_PID. When
- * it is gone (killed, or a notebook's Python kernel that started lathe exited) nobody can
- * reach this kernel any more, so it stops, as ipykernel's parent poller does. 0 = unknown. */
-static pid_t launcher_pid(void) {
-    const char *p = getenv("JPY_PARENT_PID");
-    long v = p ? strtol(p, NULL, 10) : 0;
-    return v > 1 && (pid_t)v == getppid() ? (pid_t)v : 0;
+/* ---- the launcher ------------------------------------------------------------------ */
+
+/* The process that started the kernel. Nobody can reach a kernel whose launcher is gone
+ * (killed, or a notebook's Python kernel that started lathe exited), so it stops, as
+ * ipykernel's parent poller does. Recorded at exec time (server_watch_launcher), so a launcher
+ * that dies while the kernel is still starting is noticed too. */
+static pid_t g_launcher;   /* getppid() at exec time */
+static pid_t g_jpy_parent; /* JPY_PARENT_PID when it names another process, else 0 */
+static volatile sig_atomic_t g_parent_signal;
+
+static void on_parent_death(int sig) {
+    (void)sig;
+    g_parent_signal = 1;
+}
+
+void server_watch_launcher(void) {
+    g_launcher = getppid();
+    const char *p = getenv("JPY_PARENT_PID"); /* jupyter_client's launcher.py sets it */
+    char *end = NULL;
+    long v = p ? strtol(p, &end, 10) : 0;
+    g_jpy_parent = (v > 1 && end && *end == '\0' && (pid_t)v != g_launcher) ? (pid_t)v : 0;
+#ifdef __linux__
+    /* Linux tells us when the parent dies (PR_SET_PDEATHSIG); the handler only raises a
+     * flag, the main loop decides (it also fires when the launcher's thread that forked us
+     * exits while the launcher lives on). */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_parent_death;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGHUP, &sa, NULL);
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) != 0)
+        log_msg("cannot ask to be told when the launcher dies: %s", strerror(errno));
+        /* a parent that died before the prctl is seen by the main loop's first look */
+#endif
+}
+
+/* The pid of the launcher when it is gone, else 0: the parent recorded at exec time is no
+ * longer our parent, or JPY_PARENT_PID (when it names another process, e.g. through a
+ * wrapper; or a launcher that died before exec) no longer exists. */
+static pid_t launcher_gone(void) {
+    g_parent_signal = 0;
+    if (g_launcher > 1 && getppid() != g_launcher) return g_launcher;
+    if (g_jpy_parent && kill(g_jpy_parent, 0) < 0 && errno == ESRCH) return g_jpy_parent;
+    return 0;
 }
 
 static void request_stop(server *s) {
@@ -1224,18 +1265,24 @@ int server_run(const char *connection_file, interp *in) {
         log_msg("kernel ready: shell %s, session %s", s->conn.endpoint[JP_SHELL], s->sess.session);
     }
 
-    pid_t launcher = launcher_pid();
     pthread_mutex_lock(&s->stop_lock);
     while (!atomic_load(&s->stopping)) {
+        int told = g_parent_signal;
+        pid_t gone = launcher_gone();
+        if (gone) {
+            log_msg("the process that started the kernel (pid %d) is gone%s: stopping", (int)gone,
+                    told ? " (parent-death signal)" : "");
+            atomic_store(&s->stopping, 1);
+            break;
+        }
         struct timespec tick;
         clock_gettime(CLOCK_REALTIME, &tick);
-        tick.tv_sec += 1;
-        pthread_cond_timedwait(&s->stop_cond, &s->stop_lock, &tick);
-        if (launcher && getppid() != launcher && !atomic_load(&s->stopping)) {
-            log_msg("the process that started the kernel (pid %d) is gone: stopping",
-                    (int)launcher);
-            atomic_store(&s->stopping, 1);
+        tick.tv_nsec += 250000000L; /* look again 4 times a second */
+        if (tick.tv_nsec >= 1000000000L) {
+            tick.tv_sec++;
+            tick.tv_nsec -= 1000000000L;
         }
+        pthread_cond_timedwait(&s->stop_cond, &s->stop_lock, &tick);
     }
     pthread_mutex_unlock(&s->stop_lock);
 
