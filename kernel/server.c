@@ -10,8 +10,10 @@
  *   shell      ROUTER + stdin ROUTER: runs cells through interp_execute with an lt_sink that
  *              turns what a cell shows into iopub messages.
  * busy/idle is published around every request on shell and control, unknown types included.
- * Bad input (wrong signature, missing frames, malformed JSON, unknown types) is logged and
- * dropped; the kernel keeps serving. SIGINT only interrupts the running cell.
+ * Bad input (wrong signature, missing frames) is logged and dropped; a correctly signed
+ * request that is malformed (JSON parts, header, content fields) or of an unknown type gets
+ * an error reply (status "error", ename/evalue) between busy and idle; the kernel keeps
+ * serving. SIGINT only interrupts the running cell.
  * The sink may be called from any thread while a cell runs (e.g. an engine worker reporting
  * progress): every output goes through the output queue's mutex, which also serialises the
  * shell thread's PUSH socket.
@@ -235,6 +237,36 @@ static json_t *error_content(const char *ename, const char *evalue, json_t *trac
     }
     json_object_set_new(c, "traceback", tb);
     return c;
+}
+
+/* Whether a request of this type, malformed or unknown, is answered with an error: every
+ * type but replies (a reply to a reply could go back and forth) and the comm messages, which
+ * never have replies. A type that cannot be read gets an answer too. */
+static int wants_error_reply(const char *type) {
+    if (!type) return 1;
+    size_t n = strlen(type);
+    if (n >= 6 && strcmp(type + n - 6, "_reply") == 0) return 0;
+    return strncmp(type, "comm_", 5) != 0;
+}
+
+/* The error reply to a request that cannot be served; "error_reply" when its type is not
+ * known. An execute_request's reply also carries the execution counter. */
+static void send_error_reply(chan *ch, const jp_msg *req, const char *ename, const char *evalue) {
+    json_t *c = error_content(ename, evalue, NULL);
+    const char *type = msg_type(req);
+    if (c && type && strcmp(type, "execute_request") == 0 && ch->is_shell)
+        json_object_set_new(c, "execution_count", json_integer(ch->srv->execution_count));
+    if (type) {
+        send_reply(ch, req, c);
+        return;
+    }
+    jp_msg m;
+    if (!c || msg_reply(&ch->srv->sess, req, "error_reply", c, &m) < 0) {
+        log_msg("%s: out of memory building error_reply", ch->name);
+        return;
+    }
+    send_msg(ch->srv, ch->sock, &m);
+    jp_msg_free(&m);
 }
 
 /* ---- output throttle ------------------------------------------------------------------ */
@@ -639,6 +671,52 @@ static int on_kernel_info(chan *ch, const jp_msg *req, int aborting) {
     return 0;
 }
 
+static const char *json_kind(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+    case JSON_REAL:
+        return "a number";
+    case JSON_TRUE:
+    case JSON_FALSE:
+        return "a boolean";
+    default:
+        return "null";
+    }
+}
+
+/* An execute_request's content: a string `code`; the optional flags booleans and
+ * user_expressions an object when present (null counts as absent). 0 with the reason. */
+static int execute_fields_ok(const json_t *content, char *why, size_t len) {
+    json_t *code = json_object_get(content, "code");
+    if (!json_is_string(code)) {
+        snprintf(why, len, "execute_request content needs a string 'code'%s%s",
+                 code ? ", not " : "", code ? json_kind(code) : "");
+        return 0;
+    }
+    static const char *const flags[] = {"silent", "store_history", "allow_stdin", "stop_on_error"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        json_t *v = json_object_get(content, flags[i]);
+        if (v && !json_is_null(v) && !json_is_boolean(v)) {
+            snprintf(why, len, "execute_request '%s' must be true or false, not %s", flags[i],
+                     json_kind(v));
+            return 0;
+        }
+    }
+    json_t *ue = json_object_get(content, "user_expressions");
+    if (ue && !json_is_null(ue) && !json_is_object(ue)) {
+        snprintf(why, len, "execute_request 'user_expressions' must be an object, not %s",
+                 json_kind(ue));
+        return 0;
+    }
+    return 1;
+}
+
 static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     server *s = ch->srv;
     json_t *content = req->content;
@@ -649,11 +727,9 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
                                  "execute_request is served on the shell channel only", NULL));
         return 0;
     }
-    if (!json_is_string(jcode)) {
-        json_t *c =
-            error_content("BadRequest", "execute_request content needs a string 'code'", NULL);
-        if (c) json_object_set_new(c, "execution_count", json_integer(s->execution_count));
-        send_reply(ch, req, c);
+    char why[160];
+    if (!execute_fields_ok(content, why, sizeof why)) {
+        send_error_reply(ch, req, "BadRequest", why);
         return 0;
     }
     int silent = json_is_true(json_object_get(content, "silent"));
@@ -966,17 +1042,50 @@ static int handle_request(chan *ch, const jp_msg *req, int aborting) {
             break;
         }
     }
-    if (!known) log_msg("%s: unknown msg_type '%.100s': no reply", ch->name, type);
+    if (!known) {
+        int answer = wants_error_reply(type);
+        log_msg("%s: unknown msg_type '%.100s'%s", ch->name, type,
+                answer ? ": error reply" : ": no reply");
+        if (answer) {
+            char ev[200];
+            snprintf(ev, sizeof ev, "lathe does not serve '%.100s' on the %s channel", type,
+                     ch->name);
+            send_error_reply(ch, req, "UnknownMessageType", ev);
+        }
+    }
     publish_status(ch, req->header, "idle");
     if (known && strcmp(type, "shutdown_request") == 0) request_stop(ch->srv);
     return abort;
 }
 
-/* Decodes and serves one received message; bad ones are logged and dropped. */
+/* A correctly signed message whose parts are malformed: busy, an error reply naming what is
+ * wrong (so the client does not wait for its own timeout), idle. */
+static void answer_malformed(chan *ch, const jp_frame *f, size_t n, const char *why) {
+    jp_msg req;
+    if (wire_salvage(f, n, &req) < 0) {
+        log_msg("%s: dropped a message: %s", ch->name, why);
+        return;
+    }
+    const char *type = msg_type(&req);
+    int answer = wants_error_reply(type);
+    log_msg("%s: malformed %.100s: %s%s", ch->name, type ? type : "message", why,
+            answer ? ": error reply" : ": dropped");
+    publish_status(ch, req.header, "busy");
+    if (answer) send_error_reply(ch, &req, "BadRequest", why);
+    publish_status(ch, req.header, "idle");
+    jp_msg_free(&req);
+}
+
+/* Decodes and serves one received message; bad ones are logged and dropped, authentic but
+ * malformed ones get an error reply. */
 static int serve_frames(chan *ch, jp_frame *f, size_t n, int aborting) {
     jp_msg req;
     char err[JP_ERRLEN];
     int rc = wire_decode(&ch->srv->auth, f, n, &req, err, sizeof err);
+    if (rc == WIRE_ERR_JSON || rc == WIRE_ERR_HEADER) {
+        answer_malformed(ch, f, n, err);
+        return 0;
+    }
     if (rc != WIRE_OK) {
         log_msg("%s: dropped a message: %s", ch->name, err);
         return 0;

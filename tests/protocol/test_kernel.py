@@ -1,6 +1,7 @@
 """test_kernel — lathe's kernel server through jupyter_client's KernelManager.
 
-Checks every message type the server handles, with busy/idle around each (jupyter_client's
+Checks every message type the server handles (and the error reply to malformed or unknown
+requests), with busy/idle around each (jupyter_client's
 docs/messaging.rst, "Kernel status" and the request/reply sections): kernel_info, execute
 (counter, execute_input, stream, display_data/update_display_data, execute_result, error,
 silent, store_history, stop_on_error), is_complete, complete (code points), inspect,
@@ -67,6 +68,33 @@ def test_kernel_info_on_control(kernel):
     assert reply["content"]["implementation"] == "lathe"
     io = collect_iopub(kc, msg["header"]["msg_id"])
     assert [m["content"]["execution_state"] for m in io] == ["busy", "idle"]
+
+
+@pytest.mark.parametrize("msg_type,content,ename,reply_type", [
+    ("execute_request", {"silent": False}, "BadRequest", "execute_reply"),
+    ("execute_request", {"code": ["%echo x"]}, "BadRequest", "execute_reply"),
+    ("execute_request", {"code": "%echo x", "silent": "no"}, "BadRequest", "execute_reply"),
+    ("frobnicate_request", {}, "UnknownMessageType", "frobnicate_reply")])
+def test_malformed_request_gets_error_reply(kernel, msg_type, content, ename, reply_type):
+    """A correctly signed request that cannot be served is answered (with an error), so the
+    client does not wait for its own timeout; busy/idle as for any request; nothing runs."""
+    km, kc = kernel
+    flush(kc)
+    msg = kc.session.msg(msg_type, content)
+    kc.shell_channel.send(msg)
+    reply = shell_reply(kc, msg["header"]["msg_id"])
+    assert reply["msg_type"] == reply_type
+    c = reply["content"]
+    assert c["status"] == "error" and c["ename"] == ename, c
+    assert c["evalue"] and isinstance(c["traceback"], list)
+    if reply_type == "execute_reply":
+        assert isinstance(c["execution_count"], int)
+    check_header(reply)
+    io = collect_iopub(kc, msg["header"]["msg_id"])
+    assert [(m["msg_type"], m["content"].get("execution_state")) for m in io] == [
+        ("status", "busy"), ("status", "idle")]
+    r, io = execute(kc, "%echo still-serving")
+    assert r["content"]["status"] == "ok" and stream_text(io) == "still-serving\n"
 
 
 def test_execute_stream_order_and_counter(kernel):
@@ -356,16 +384,16 @@ def test_comms(kernel):
         kc.get_shell_msg(timeout=0.5)  # no replies to comm_* messages
 
 
-def test_unknown_msg_type_gets_busy_idle(kernel):
+def test_unknown_msg_type_is_answered_and_logged(kernel):
     km, kc = kernel
     flush(kc)
     msg = kc.session.msg("frobnicate_request", {})
     kc.shell_channel.send(msg)
+    reply = shell_reply(kc, msg["header"]["msg_id"])
+    assert reply["content"]["status"] == "error"
     io = collect_iopub(kc, msg["header"]["msg_id"])
     assert [m["content"]["execution_state"] for m in io] == ["busy", "idle"]
-    with pytest.raises(Exception):
-        kc.get_shell_msg(timeout=0.5)
-    assert "frobnicate_request" in kernel_log(km)
+    assert "unknown msg_type 'frobnicate_request': error reply" in kernel_log(km)
 
 
 def test_stdin_input_request(kernel):
