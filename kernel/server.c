@@ -9,6 +9,9 @@
  *              (they must work while a cell runs);
  *   shell      ROUTER + stdin ROUTER: runs cells through interp_execute with an lt_sink that
  *              turns what a cell shows into iopub messages.
+ * A fifth thread reads pipes put over file descriptors 1 and 2: what the engine's libraries
+ * and child processes write there becomes the running cell's stdout/stderr (in order with the
+ * cell's own output, every byte in before its reply), and goes to the log between cells.
  * busy/idle is published around every request on shell and control, unknown types included.
  * Bad input (wrong signature, missing frames) is logged and dropped; a correctly signed
  * request that is malformed (JSON parts, header, content fields) or of an unknown type gets
@@ -35,6 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -117,6 +121,25 @@ typedef struct hist_entry {
     char *output; /* text/plain of the execute_result, or NULL */
 } hist_entry;
 
+/* What the process writes to file descriptors 1 and 2 (the engine, SentencePiece, the CUDA
+ * runtime, child processes): pipes over fds 1/2 and a reader thread. While a cell runs the
+ * bytes become that cell's stream output; otherwise they go where fds 1/2 went before (the
+ * kernel's log). The kernel's own log_msg writes to a copy of the original fd 2, never to a
+ * pipe, so it cannot loop back into a cell. */
+typedef struct capture {
+    int rd[2];                 /* read ends: [0] fd 1 (stdout), [1] fd 2 (stderr); -1 = off */
+    int orig[2];               /* the original fds 1 and 2 */
+    pthread_mutex_t lock;      /* held while bytes read from a pipe are forwarded, so that a drain
+                                  sees everything read before it */
+    void *push;                /* the running cell's PUSH socket (under out.lock), or NULL */
+    int silent;                /* the running cell is silent: its bytes go to the log */
+    unsigned char carry[2][4]; /* an incomplete UTF-8 sequence at the end of the last read */
+    size_t n_carry[2];
+    atomic_int stop;
+    pthread_t thread;
+    int thread_ok;
+} capture;
+
 typedef struct server {
     void *ctx;
     jp_connection conn;
@@ -139,6 +162,7 @@ typedef struct server {
     size_t n_hist, cap_hist;
 
     outq out;
+    capture cap;
 } server;
 
 /* One request-serving thread's view. */
@@ -340,9 +364,8 @@ static void outq_end(server *s, void *sock) {
     pthread_mutex_unlock(&q->lock);
 }
 
-static void outq_stream(server *s, void *sock, const char *name, const char *text) {
+static void outq_stream(server *s, void *sock, const char *name, const char *text, size_t len) {
     outq *q = &s->out;
-    size_t len = strlen(text);
     if (len == 0) return;
     int wake = 0;
     pthread_mutex_lock(&q->lock);
@@ -507,6 +530,172 @@ static int json_int_or(const json_t *c, const char *key, int dflt) {
     return dflt;
 }
 
+/* ---- fds 1 and 2 ---------------------------------------------------------------------- */
+
+#define CAPTURE_READ 65536
+
+/* Bytes at the end of b[0..n) that begin a UTF-8 sequence the read cut short. */
+static size_t utf8_cut_tail(const unsigned char *b, size_t n) {
+    for (size_t k = 1; k <= 3 && k <= n; k++) {
+        unsigned char c = b[n - k];
+        if ((c & 0xC0) == 0x80) continue;
+        size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return need > k ? k : 0;
+    }
+    return 0;
+}
+
+static void write_all(int fd, const unsigned char *b, size_t n) {
+    while (fd >= 0 && n > 0) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        b += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Sends n bytes read from pipe `which` (after its carried bytes) to the running cell, or to
+ * the original fd. `last` flushes an incomplete sequence as it is. Caller holds cap.lock. */
+static void capture_forward_locked(server *s, int which, const unsigned char *b, size_t n,
+                                   int last) {
+    capture *c = &s->cap;
+    unsigned char buf[CAPTURE_READ + 4];
+    size_t len = c->n_carry[which];
+    memcpy(buf, c->carry[which], len);
+    if (n > sizeof buf - len) n = sizeof buf - len; /* callers read at most CAPTURE_READ */
+    memcpy(buf + len, b, n);
+    len += n;
+    size_t tail = last ? 0 : utf8_cut_tail(buf, len);
+    memcpy(c->carry[which], buf + len - tail, tail);
+    c->n_carry[which] = tail;
+    len -= tail;
+    if (len == 0) return;
+    if (c->push && !c->silent)
+        outq_stream(s, c->push, which ? "stderr" : "stdout", (const char *)buf, len);
+    else
+        write_all(c->orig[which], buf, len);
+}
+
+/* Reads what pipe `which` holds (at most `max_reads` reads) and forwards it. Returns 1 when
+ * more may be waiting. Caller holds cap.lock. */
+static int capture_read_locked(server *s, int which, int max_reads) {
+    unsigned char buf[CAPTURE_READ];
+    for (int i = 0; i < max_reads; i++) {
+        ssize_t n = read(s->cap.rd[which], buf, sizeof buf);
+        if (n < 0 && errno == EINTR) {
+            i--;
+            continue;
+        }
+        if (n <= 0) return 0;
+        capture_forward_locked(s, which, buf, (size_t)n, 0);
+    }
+    return 1;
+}
+
+/* Everything written to fds 1/2 before this call reaches its destination before any output
+ * queued after it: called before each of a cell's own outputs, so the two stay in order. */
+static void capture_drain(server *s) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    fflush(stdout); /* outside cap.lock: a writer blocked on a full pipe needs the reader */
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    for (int w = 0; w < 2; w++)
+        capture_read_locked(s, w, 256); /* 16 MB at most: a writer that never stops */
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* From now on fds 1/2 belong to the cell that publishes through push (NULL: none). */
+static void capture_switch(server *s, void *push, int silent) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    fflush(stdout);
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    for (int w = 0; w < 2; w++) {
+        capture_read_locked(s, w, 256);
+        if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
+    }
+    c->push = push;
+    c->silent = silent;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void *capture_main(void *arg) {
+    server *s = arg;
+    capture *c = &s->cap;
+    while (!atomic_load(&c->stop)) {
+        struct pollfd fds[2] = {{c->rd[0], POLLIN, 0}, {c->rd[1], POLLIN, 0}};
+        int rc = poll(fds, 2, POLL_MS);
+        if (rc < 0 && errno != EINTR) {
+            log_msg("capture: poll failed: %s", strerror(errno));
+            break;
+        }
+        if (rc <= 0) continue;
+        pthread_mutex_lock(&c->lock);
+        for (int w = 0; w < 2; w++)
+            if (fds[w].revents & (POLLIN | POLLHUP)) capture_read_locked(s, w, 16);
+        pthread_mutex_unlock(&c->lock);
+    }
+    return NULL;
+}
+
+/* Puts pipes over fds 1 and 2. On failure logs why and leaves them alone (rd = -1). */
+static void capture_open(server *s) {
+    capture *c = &s->cap;
+    c->rd[0] = c->rd[1] = c->orig[0] = c->orig[1] = -1;
+    pthread_mutex_init(&c->lock, NULL);
+    int p[2][2] = {{-1, -1}, {-1, -1}};
+    if (pipe2(p[0], O_CLOEXEC) < 0 || pipe2(p[1], O_CLOEXEC) < 0) {
+        log_msg("output of libraries stays in this log: cannot create a pipe: %s", strerror(errno));
+        for (int w = 0; w < 2; w++)
+            for (int k = 0; k < 2; k++)
+                if (p[w][k] >= 0) close(p[w][k]);
+        return;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    for (int w = 0; w < 2; w++) {
+        c->orig[w] = fcntl(w + 1, F_DUPFD_CLOEXEC, 3);
+        fcntl(p[w][0], F_SETFL, fcntl(p[w][0], F_GETFL) | O_NONBLOCK);
+        dup2(p[w][1], w + 1); /* without O_CLOEXEC: child processes write here too */
+        close(p[w][1]);
+        c->rd[w] = p[w][0];
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a pipe would make stdio buffer whole blocks */
+}
+
+/* Gives fds 1/2 back, forwarding what is left to them. */
+static void capture_close(server *s) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    atomic_store(&c->stop, 1);
+    if (c->thread_ok) pthread_join(c->thread, NULL);
+    fflush(stdout);
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    c->push = NULL;
+    for (int w = 0; w < 2; w++) {
+        capture_read_locked(s, w, 256);
+        if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
+        if (c->orig[w] >= 0) {
+            dup2(c->orig[w], w + 1);
+            close(c->orig[w]);
+        } else { /* it was closed: a later write must not meet a pipe without a reader */
+            int null = open("/dev/null", O_WRONLY);
+            if (null >= 0) {
+                dup2(null, w + 1);
+                close(null);
+            }
+        }
+        close(c->rd[w]);
+        c->rd[w] = c->orig[w] = -1;
+    }
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_destroy(&c->lock);
+}
+
 /* ---- the sink: what a running cell shows ---------------------------------------------- */
 
 typedef struct exec_ctx {
@@ -522,7 +711,8 @@ static void sink_stream(void *ctx, const char *name, const char *text) {
     exec_ctx *x = ctx;
     if (x->silent || !text) return;
     const char *n = (name && strcmp(name, "stderr") == 0) ? "stderr" : "stdout";
-    outq_stream(x->ch->srv, x->ch->push, n, text);
+    capture_drain(x->ch->srv);
+    outq_stream(x->ch->srv, x->ch->push, n, text, strlen(text));
 }
 
 static json_t *display_content(json_t *data, json_t *metadata, const char *display_id) {
@@ -548,6 +738,7 @@ static void sink_display(void *ctx, json_t *data, json_t *metadata, const char *
         log_msg("update_display_data without a display_id was dropped");
         return;
     }
+    capture_drain(s);
     json_t *c = display_content(data, metadata, display_id);
     if (!c) {
         log_msg("out of memory building display_data");
@@ -570,6 +761,7 @@ static void sink_result(void *ctx, json_t *data, json_t *metadata) {
         x->result_text = strdup(plain);
     }
     if (x->silent) return;
+    capture_drain(s);
     json_t *c = json_pack("{s:i, s:o, s:o}", "execution_count", x->execution_count, "data",
                           json_deep_copy(data), "metadata",
                           json_is_object(metadata) ? json_deep_copy(metadata) : json_object());
@@ -579,6 +771,7 @@ static void sink_result(void *ctx, json_t *data, json_t *metadata) {
 static void sink_clear(void *ctx, int wait) {
     exec_ctx *x = ctx;
     if (x->silent) return;
+    capture_drain(x->ch->srv);
     json_t *c = json_pack("{s:b}", "wait", wait);
     if (c) outq_publish(x->ch->srv, x->ch->push, "clear_output", c, NULL);
 }
@@ -592,6 +785,7 @@ static int sink_input(void *ctx, const char *prompt, int password, char **value)
     *value = NULL;
     if (!x->allow_stdin || !sock) return -1;
     int gen0 = atomic_load(&s->interrupt_gen);
+    capture_drain(s);
     outq_flush_stream(s, x->ch->push);
 
     /* Drop stale replies first. */
@@ -756,9 +950,11 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     lt_sink sink = {&x, sink_stream, sink_display, sink_result, sink_input, sink_clear};
     interp_error e = {NULL, NULL, NULL};
     outq_begin(s, req->header);
+    capture_switch(s, ch->push, silent);
     interp_acquire(ch);
     int rc = interp_execute(s->in, json_string_value(jcode), json_string_length(jcode), &sink, &e);
     pthread_mutex_unlock(&s->interp_lock);
+    capture_switch(s, NULL, 0); /* what the cell wrote to fds 1/2 is in it, to the last byte */
     outq_end(s, ch->push);
 
     if (store) history_add(s, count, json_string_value(jcode), x.result_text);
@@ -1320,6 +1516,7 @@ int server_run(const char *connection_file, interp *in) {
     pthread_mutex_init(&s->interp_lock, NULL);
     pthread_mutex_init(&s->hist_lock, NULL);
     pthread_mutex_init(&s->out.lock, NULL);
+    capture_open(s);
 
     /* Every thread started from here on (ours and libzmq's I/O thread) inherits this mask:
      * SIGINT is taken by the main thread only, so no socket call sees EINTR from it. */
@@ -1330,6 +1527,7 @@ int server_run(const char *connection_file, interp *in) {
     s->ctx = zmq_ctx_new();
     if (!s->ctx || open_sockets(s) < 0) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
+        capture_close(s);
         if (s->ctx) {
             close_all(s);
             zmq_ctx_term(s->ctx);
@@ -1342,6 +1540,7 @@ int server_run(const char *connection_file, interp *in) {
     if (!push) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         log_msg("cannot connect to %s: %s", IOPUB_INPROC, zmq_strerror(errno));
+        capture_close(s);
         close_all(s);
         zmq_ctx_term(s->ctx);
         conn_free(&s->conn);
@@ -1355,6 +1554,13 @@ int server_run(const char *connection_file, interp *in) {
     int ok_hb = pthread_create(&t_hb, NULL, heartbeat_main, s) == 0;
     int ok_control = pthread_create(&t_control, NULL, control_main, s) == 0;
     int ok_shell = pthread_create(&t_shell, NULL, shell_main, s) == 0;
+    if (s->cap.rd[0] >= 0) {
+        s->cap.thread_ok = pthread_create(&s->cap.thread, NULL, capture_main, s) == 0;
+        if (!s->cap.thread_ok) {
+            log_msg("cannot start the thread that reads fds 1 and 2: they stay in this log");
+            capture_close(s);
+        }
+    }
 
     g_srv = s;
     struct sigaction sa, old_sa;
@@ -1409,6 +1615,7 @@ int server_run(const char *connection_file, interp *in) {
             log_msg("the running cell did not stop within 2 s; exiting without it");
         }
     }
+    if (shell_done) capture_close(s);
     zmq_send(push, "STOP", 4, 0);
     zmq_close(push);
     if (ok_iopub) pthread_join(t_iopub, NULL);

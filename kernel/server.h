@@ -5,9 +5,10 @@
  * threads: heartbeat thread (echo), iopub publisher thread (fed through an inproc PULL socket),
  * control thread (shutdown, interrupt, kernel_info and the other non-execute requests), shell
  * thread (execute and everything else; owns the stdin socket and runs cells through
- * interp_execute). SIGINT only interrupts the running cell. The kernel stops by itself when the
- * process that started it is gone. Logs go to the kernel's own stderr with
- * a "lathe:" prefix.
+ * interp_execute). What is written to file descriptors 1 and 2 while a cell runs (libraries,
+ * child processes) is that cell's stdout/stderr. SIGINT only interrupts the running cell. The
+ * kernel stops by itself when the process that started it is gone. Logs go to the kernel's own
+ * stderr with a "lathe:" prefix.
  */
 #ifndef LATHE_SERVER_H
 #define LATHE_SERVER_H
