@@ -16,20 +16,45 @@ def write(path, cells):
 
 
 write("notebooks/quickstart.ipynb", [
-    new_markdown_cell("# lathe quickstart\n\nA cell holds magics. `%help` lists them; "
-                      "`%help NAME` explains one and its options."),
+    new_markdown_cell("# lathe quickstart\n\nThe whole job in a minute on a laptop's CPU: load a "
+                      "model, attach LoRA adapters, fine-tune it on a small chat dataset while the "
+                      "loss curve draws itself, save the adapter, chat with the result and export "
+                      "it for llama.cpp. A cell holds magics; `%help` lists them and `%help NAME` "
+                      "explains one and its options."),
     new_code_cell("%help"),
-    new_markdown_cell("Load the small model shipped with lathe (`tiny`: Gemma 3's architecture, "
-                      "a few million parameters, random weights until you train it). Any "
-                      "Gemma 3 checkpoint directory or Hugging Face cache id works the same way."),
+    new_markdown_cell("## Load\n\n`tiny` is the small model shipped with lathe: Gemma 3's "
+                      "architecture with 1.3 million parameters, so that everything here runs in "
+                      "seconds. **Its weights are random until it trains**: before training it "
+                      "answers gibberish, as the next cell shows. Any Gemma 3 checkpoint "
+                      "directory or Hugging Face id (`google/gemma-3-1b-it`) loads the same way, "
+                      "and the cells below work on it unchanged."),
     new_code_cell("%load tiny"),
+    new_code_cell("%%chat temperature=0 max_new=16\nTell me about rivers."),
+    new_markdown_cell("## LoRA\n\nRank-16 adapters on every linear layer (q, k, v, o, gate, up, "
+                      "down). They start at zero (B = 0, as PEFT's do), so the model is unchanged "
+                      "until it trains; only they train."),
+    new_code_cell("%lora r=16 alpha=32"),
+    new_markdown_cell("## Train\n\n`data/polite.jsonl` holds 40 chat conversations whose answers "
+                      "all follow one pattern (\"Sure! Here is a short note about ... Thanks for "
+                      "asking!\"); only the model's turns are trained. The progress bar and the "
+                      "loss curve update in place; *Kernel > Interrupt* stops at the next "
+                      "micro-batch and keeps the last complete step."),
+    new_code_cell("%train data=data/polite.jsonl batch=4 steps=30 lr=3e-3 warmup=3"),
+    new_markdown_cell("## Chat\n\nThe same question as before training (`reset` starts a new "
+                      "conversation), on a topic the dataset does not have: the answer now takes "
+                      "the trained form."),
+    new_code_cell("%%chat reset temperature=0 max_new=24\nTell me about rivers."),
+    new_markdown_cell("## Save and export\n\nThe adapter in PEFT's format "
+                      "(`peft.PeftModel.from_pretrained` and `%lora load=` read it), and the model "
+                      "with the adapter merged in as a GGUF file that llama.cpp, Ollama and LM "
+                      "Studio run."),
+    new_code_cell("%save adapter=/tmp/lathe-quickstart/polite-adapter"),
+    new_code_cell("%export_gguf /tmp/lathe-quickstart/polite-q8_0.gguf type=q8_0 overwrite=true"),
+    new_markdown_cell("`%status` shows what is loaded. Next: `finetune.ipynb` (LoRA in more "
+                      "detail), `qlora.ipynb` (Gemma 3 12B in 4 bits on a T4), `export.ipynb` "
+                      "(llama.cpp), `grpo.ipynb` (reinforcement learning), `colab.ipynb` "
+                      "(Google Colab)."),
     new_code_cell("%status"),
-    new_markdown_cell("Chat uses Gemma 3's chat template. `temperature=0` is greedy decoding."),
-    new_code_cell("%%chat temperature=0 max_new=24\nHello! Who are you?"),
-    new_code_cell("%generate \"The capital of France is\" temperature=0 max_new=16"),
-    new_markdown_cell("Long magics show a progress bar that updates in place, and stop "
-                      "cleanly on *Kernel > Interrupt*."),
-    new_code_cell("%sleep 1"),
 ])
 
 write("notebooks/finetune.ipynb", [
