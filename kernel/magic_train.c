@@ -139,6 +139,15 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
     o.save = arg_str(a, "save");
     o.save_every = (int)arg_int(a, "save_every");
     o.resume = arg_str(a, "resume");
+    /* which options the cell wrote: with resume= they replace the checkpoint's, or are refused */
+    char given[1024] = "";
+    for (int i = 0; lt_option_name("train", i); i++) {
+        const char *name = lt_option_name("train", i);
+        size_t used = strlen(given);
+        if (arg_given(a, name) && used + strlen(name) + 2 < sizeof given)
+            snprintf(given + used, sizeof given - used, "%s%s", used ? "," : "", name);
+    }
+    o.given = given;
     if ((!o.data || !*o.data) && !(o.resume && *o.resume))
         return magic_fail(ctx, "CellError",
                           "%%train needs data=FILE (a .jsonl or .json dataset), or resume=DIR; "

@@ -86,6 +86,7 @@ static const field fields[] = {
     F("train", lt_train_opts, save, K_TEXT),
     F("train", lt_train_opts, save_every, K_INT),
     F("train", lt_train_opts, resume, K_TEXT),
+    INTERNAL("train", lt_train_opts, given, K_TEXT),
     F("grpo", lt_grpo_opts, data, K_TEXT),
     F("grpo", lt_grpo_opts, reward, K_TEXT),
     F("grpo", lt_grpo_opts, weights, K_TEXT),
