@@ -220,7 +220,9 @@ typedef struct lt_train_opts {
     int shuffle;             /* shuffle the samples every epoch (default 1) */
     const char *save;        /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
     int save_every;          /* steps between checkpoints; 0 = only at the end when save is set */
-    const char *resume;      /* a checkpoint (or a save= folder: its latest) to continue */
+    int keep; /* checkpoints kept in save (the newest; older ones go once a new one is complete);
+                 0 = all */
+    const char *resume; /* a checkpoint (or a save= folder: its latest) to continue */
     /* With resume=: the comma-separated names of the options the caller set ("steps,lr").
      * Those that change only the run's length or the optimizer (steps, epochs, lr, warmup,
      * schedule, weight_decay, max_grad_norm) replace the checkpoint's, and the run says so;

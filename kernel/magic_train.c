@@ -138,6 +138,7 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
     o.shuffle = arg_bool(a, "shuffle");
     o.save = arg_str(a, "save");
     o.save_every = (int)arg_int(a, "save_every");
+    o.keep = (int)arg_int(a, "keep");
     o.resume = arg_str(a, "resume");
     /* which options the cell wrote: with resume= they replace the checkpoint's, or are refused */
     char given[1024] = "";
@@ -156,6 +157,9 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
         return magic_fail(ctx, "CellError",
                           "%%train: save_every=%d needs save=DIR (where checkpoints go)",
                           o.save_every);
+    if (o.keep > 0 && !(o.save && *o.save))
+        return magic_fail(ctx, "CellError",
+                          "%%train: keep=%d needs save=DIR (the checkpoints it keeps)", o.keep);
     train_view v;
     memset(&v, 0, sizeof v);
     v.ctx = ctx;

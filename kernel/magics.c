@@ -173,6 +173,9 @@ static const opt_spec train_opts[] = {
      "folder for checkpoints (SAVE/checkpoint-STEP, with optimizer state)"},
     {"save_every", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
      "steps between checkpoints (0 = only at the end)"},
+    {"keep", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
+     "checkpoints kept in save= (the newest; an older one goes once a newer is complete; "
+     "0 = all)"},
     {"resume", OPT_STRING, FROM_ENGINE("train"), NULL, NO_RANGE,
      "continue from a checkpoint (or the latest one in a save= folder)"},
     {NULL}};

@@ -167,6 +167,7 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
                        o->max_grad_norm);
     if (o->save_every < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
+    if (o->keep < 0) return lt_fail(err, LT_ERR_ARG, "%%train: keep=%d must be >= 0", o->keep);
     if (o->max_seq < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
     if (optim_schedule_parse(o->schedule, sched) != 0)
@@ -596,6 +597,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         }
         o.save = o_in->save;
         o.save_every = o_in->save_every;
+        o.keep = o_in->keep;
         o.resume = NULL;
         if (o_in->data && *o_in->data) o.data = o_in->data; /* the same data, moved */
         /* the adapters of the checkpoint replace the ones attached */
@@ -824,6 +826,12 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             }
             memcpy(res->saved, dir, strnlen(dir, sizeof res->saved - 1));
             res->saved[strnlen(dir, sizeof res->saved - 1)] = 0;
+            /* only now that the new one is complete may older ones go */
+            char gone[1200];
+            ckpt_prune(o.save, t->step, o.keep, gone, sizeof gone);
+            if (gone[0])
+                train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL, "keep=%d: removed %s",
+                          o.keep, gone);
         }
     }
     t->finished = 1;

@@ -85,6 +85,7 @@ static const field fields[] = {
     F("train", lt_train_opts, shuffle, K_FLAG),
     F("train", lt_train_opts, save, K_TEXT),
     F("train", lt_train_opts, save_every, K_INT),
+    F("train", lt_train_opts, keep, K_INT),
     F("train", lt_train_opts, resume, K_TEXT),
     INTERNAL("train", lt_train_opts, given, K_TEXT),
     F("grpo", lt_grpo_opts, data, K_TEXT),
