@@ -532,7 +532,7 @@ static int json_int_or(const json_t *c, const char *key, int dflt) {
 
 /* ---- fds 1 and 2 ---------------------------------------------------------------------- */
 
-#define CAPTURE_READ 65536
+#define CAPTURE_READ 16384 /* bytes per read: two buffers of it live on the caller's stack */
 
 /* Bytes at the end of b[0..n) that begin a UTF-8 sequence the read cut short. */
 static size_t utf8_cut_tail(const unsigned char *b, size_t n) {
@@ -578,7 +578,7 @@ static void capture_forward_locked(server *s, int which, const unsigned char *b,
 }
 
 /* Reads what pipe `which` holds (at most `max_reads` reads) and forwards it. Returns 1 when
- * more may be waiting. Caller holds cap.lock. */
+ * more may be waiting, 0 when it is empty, -1 at its end. Caller holds cap.lock. */
 static int capture_read_locked(server *s, int which, int max_reads) {
     unsigned char buf[CAPTURE_READ];
     for (int i = 0; i < max_reads; i++) {
@@ -587,7 +587,8 @@ static int capture_read_locked(server *s, int which, int max_reads) {
             i--;
             continue;
         }
-        if (n <= 0) return 0;
+        if (n == 0) return -1; /* every write end closed (someone closed fd 1 or 2) */
+        if (n < 0) return 0;
         capture_forward_locked(s, which, buf, (size_t)n, 0);
     }
     return 1;
@@ -602,7 +603,7 @@ static void capture_drain(server *s) {
     fflush(stderr);
     pthread_mutex_lock(&c->lock);
     for (int w = 0; w < 2; w++)
-        capture_read_locked(s, w, 256); /* 16 MB at most: a writer that never stops */
+        capture_read_locked(s, w, 1024); /* 16 MB at most: a writer that never stops */
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -614,7 +615,7 @@ static void capture_switch(server *s, void *push, int silent) {
     fflush(stderr);
     pthread_mutex_lock(&c->lock);
     for (int w = 0; w < 2; w++) {
-        capture_read_locked(s, w, 256);
+        capture_read_locked(s, w, 1024);
         if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
     }
     c->push = push;
@@ -625,8 +626,10 @@ static void capture_switch(server *s, void *push, int silent) {
 static void *capture_main(void *arg) {
     server *s = arg;
     capture *c = &s->cap;
+    int ended[2] = {0, 0};
     while (!atomic_load(&c->stop)) {
-        struct pollfd fds[2] = {{c->rd[0], POLLIN, 0}, {c->rd[1], POLLIN, 0}};
+        struct pollfd fds[2] = {{ended[0] ? -1 : c->rd[0], POLLIN, 0},
+                                {ended[1] ? -1 : c->rd[1], POLLIN, 0}};
         int rc = poll(fds, 2, POLL_MS);
         if (rc < 0 && errno != EINTR) {
             log_msg("capture: poll failed: %s", strerror(errno));
@@ -635,7 +638,8 @@ static void *capture_main(void *arg) {
         if (rc <= 0) continue;
         pthread_mutex_lock(&c->lock);
         for (int w = 0; w < 2; w++)
-            if (fds[w].revents & (POLLIN | POLLHUP)) capture_read_locked(s, w, 16);
+            if ((fds[w].revents & (POLLIN | POLLHUP)) && capture_read_locked(s, w, 64) < 0)
+                ended[w] = 1; /* polling it again would spin */
         pthread_mutex_unlock(&c->lock);
     }
     return NULL;
@@ -677,7 +681,7 @@ static void capture_close(server *s) {
     pthread_mutex_lock(&c->lock);
     c->push = NULL;
     for (int w = 0; w < 2; w++) {
-        capture_read_locked(s, w, 256);
+        capture_read_locked(s, w, 1024);
         if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
         if (c->orig[w] >= 0) {
             dup2(c->orig[w], w + 1);
