@@ -221,7 +221,16 @@ typedef struct lt_train_opts {
     int shuffle;             /* shuffle the samples every epoch (default 1) */
     const char *save;        /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
     int save_every;          /* steps between checkpoints; 0 = only at the end when save is set */
-    const char *resume;      /* a checkpoint (or a save= folder: its latest) to continue */
+    int keep; /* checkpoints kept in save (the newest; older ones go once a new one is complete);
+                 0 = all */
+    const char *resume; /* a checkpoint (or a save= folder: its latest) to continue */
+    /* With resume=: the comma-separated names of the options the caller set ("steps,lr").
+     * Those that change only the run's length or the optimizer (steps, epochs, lr, warmup,
+     * schedule, weight_decay, max_grad_norm) replace the checkpoint's, and the run says so;
+     * one that changes the batches (format, batch, grad_accum, max_seq, responses_only,
+     * packing, seed, shuffle) and differs from the checkpoint's is refused. NULL: the
+     * checkpoint's options, all of them (data=, save= and save_every= still apply). */
+    const char *given;
 } lt_train_opts;
 /* Fills the defaults from lt_option_default("train", ...). */
 void lt_train_opts_default(lt_train_opts *o);

@@ -272,5 +272,10 @@ lt_status grpo_grads_given(lt_adapters *a, const trainer_env *env, const lt_grpo
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
 /* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
 lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);
+/* keep= of %train: with the checkpoint of `step` complete in save/checkpoint-STEP, removes the
+ * folders save/checkpoint-N with N < step but the keep - 1 newest of them (keep > 0). Folders
+ * of later steps (another run's) and anything that is not a checkpoint stay. Writes the names
+ * removed, or what could not be removed, into note (cap bytes; "" when nothing). */
+void ckpt_prune(const char *save, int step, int keep, char *note, size_t cap);
 
 #endif
