@@ -904,7 +904,9 @@ lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype,
     char src[4096];
     source_dir(s, src, sizeof src);
     const char *tp = s->tok ? tok_path(s->tok) : NULL;
-    return merged_save(trainer_adapters(s->trainer), s->model, src, tp, dtype, dir, cb, s->err);
+    lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL; /* read back through it */
+    return merged_save(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb,
+                       s->err);
 }
 
 lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,

@@ -1,5 +1,5 @@
 /* host_view.h — host-readable bytes of backend tensors, for code that writes them to files
- * (adapters, checkpoints). Engine-private.
+ * (adapters, checkpoints, merged and quantized saves). Engine-private.
  *
  * On the CPU backend a tensor's data is host memory and is used as it is; a device backend's
  * tensor is downloaded into a malloc'd copy kept in a pool, which the caller frees once the
@@ -21,6 +21,9 @@ const void *lt_host_view(lt_ctx *ctx, const lt_tensor *t, lt_host_pool *hp);
 /* The same for `bytes` bytes of backend memory at p (quantization state, not a tensor); a NULL
  * ctx means p is host memory. */
 const void *lt_host_bytes(lt_ctx *ctx, const void *p, size_t bytes, lt_host_pool *hp);
+/* *out = w with its bytes and quantization state in host memory (copies in hp on a device
+ * backend; w itself on the CPU), no adapter; -1 when a download failed (ctx->err says why). */
+int lt_host_weight(lt_ctx *ctx, const lt_weight *w, lt_weight *out, lt_host_pool *hp);
 /* Frees every copy and empties the pool. */
 void lt_host_pool_free(lt_host_pool *hp);
 

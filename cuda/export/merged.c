@@ -9,8 +9,8 @@
  * is the loaded one when there was one (a text model's folder), else a flat Gemma3TextConfig
  * written from the model's config. The three files are one atomic set: written, then renamed
  * together. Also the dtype, torch-name and config helpers quantized.c shares. Owns nothing after a
- * call returns; reads the model and the adapters and changes neither. Host models only (a model on
- * a device is refused).
+ * call returns; reads the model and the adapters and changes neither. A model on a device is read
+ * back weight by weight (with its quantization state and adapter) and merged on the host.
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cuda/backend/host_view.h"
 #include "cuda/base/atomic_file.h"
 #include "cuda/export/merged.h"
 #include "cuda/formats/bnb.h"
@@ -98,6 +99,7 @@ char *merged_text_config(const gemma3_model *m, lt_dtype dt) {
 
 typedef struct merge_walk {
     gemma3_model *m;
+    lt_ctx *dev; /* NULL: a host model */
     const lt_adapters *a;
     lt_dtype dt;
     st_out *t;
@@ -132,6 +134,34 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     int64_t n = lt_tensor_numel(t);
     const lora_slot *s = slot_of(w->a, t);
     const lt_weight *owner = gemma3_weight_owner(w->m, t);
+    const void *data = t->data;
+    lt_host_pool hp = {0};
+    lt_weight host_w;
+    lora_slot host_s;
+    if (w->dev) { /* the weight, its state and its adapter, read back into host memory */
+        int bad = 0;
+        if (owner) {
+            bad = lt_host_weight(w->dev, owner, &host_w, &hp);
+            owner = &host_w;
+            data = host_w.w.data;
+        } else {
+            bad = !(data = lt_host_view(w->dev, t, &hp)) && t->data;
+        }
+        if (!bad && s) {
+            host_s = *s;
+            host_s.w = &host_w;
+            host_s.lora.a.data = (void *)lt_host_view(w->dev, &s->lora.a, &hp);
+            host_s.lora.b.data = (void *)lt_host_view(w->dev, &s->lora.b, &hp);
+            bad = !owner || !host_s.lora.a.data || !host_s.lora.b.data;
+            s = &host_s;
+        }
+        if (bad) {
+            lt_host_pool_free(&hp);
+            w->rc = lt_fail(w->err, LT_ERR_DEVICE, "reading %s back from %s: %s", name,
+                            w->dev->be->name, w->dev->err);
+            return 1;
+        }
+    }
     float *f32 = NULL;
     int quantized = owner && owner->q.kind != LT_QUANT_NONE;
     if (quantized) { /* the base: the original 16-bit weight, else NF4/int8 dequantized */
@@ -158,8 +188,9 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     if (f32)
         lt_convert(buf, w->dt, f32, LT_F32, n);
     else
-        lt_convert(buf, w->dt, t->data, t->dtype, n);
+        lt_convert(buf, w->dt, data, t->dtype, n);
     free(f32);
+    lt_host_pool_free(&hp);
     w->bufs[w->n] = buf;
     w->names[w->n] = nm;
     st_out *o = &w->t[w->n++];
@@ -169,6 +200,7 @@ static int merge_visit(void *user, const char *name, lt_tensor *t) {
     return 0;
 oom:
     free(f32);
+    lt_host_pool_free(&hp);
     w->rc = lt_fail(w->err, LT_ERR_MEMORY, "out of memory while merging %s", name);
     return 1;
 }
@@ -224,24 +256,21 @@ lt_status merged_write_folder(const char *dir, const st_out *t, int n, const cha
     return rc;
 }
 
-lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const char *src_dir,
                       const char *tokenizer_path, const char *dtype, const char *dir,
                       const lt_callbacks *cb, char *err) {
     lt_dtype dt;
     lt_status rc = merged_parse_dtype(m, dtype, "%save", &dt, err);
     if (rc != LT_OK) return rc;
-    if ((a && a->ctx->be != &lt_backend_cpu) || gemma3_on_device(m)) {
-        return lt_fail(
-            err, LT_ERR_STATE,
-            "%%save merged=: not available on the %s backend yet; save the adapter (%%save "
-            "adapter=DIR), "
-            "then %%load the model with device=cpu, %%lora load=DIR and %%save merged=",
-            a ? a->ctx->be->name : "GPU");
-    }
+    if (gemma3_on_device(m) && !dev)
+        return lt_fail(err, LT_ERR_ARG,
+                       "%%save merged=: the model is on a device, and no backend "
+                       "to read it back through was given");
     rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int nw = gemma3_weight_count(m);
     merge_walk w = {m,
+                    gemma3_on_device(m) ? dev : NULL,
                     a,
                     dt,
                     calloc((size_t)nw + 1, sizeof(st_out)),

@@ -13,10 +13,12 @@
 /* Writes dir/config.json (the one of src_dir when it has one, else generated),
  * dir/model.safetensors (dtype: "auto" = the model's, "bf16", "fp16" or "fp32") and, when
  * tokenizer_path is given, dir/tokenizer.model, as one atomic set. a: the adapters to merge
- * (NULL = none; host models on the CPU backend only for now). A quantized linear's base is its
+ * (NULL = none). dev: the backend a model on a device lives in (NULL for a host model): each
+ * weight and its adapter are read back one at a time and merged on the host, in fp32, as for a
+ * host model. A quantized linear's base is its
  * original 16-bit weight when the model was quantized at load from a checkpoint it still maps,
  * else its dequantized values; cb->message (cb may be NULL) says which. err: LT_ERRLEN bytes. */
-lt_status merged_save(const lt_adapters *a, gemma3_model *m, const char *src_dir,
+lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const char *src_dir,
                       const char *tokenizer_path, const char *dtype, const char *dir,
                       const lt_callbacks *cb, char *err);
 

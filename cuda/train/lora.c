@@ -216,8 +216,11 @@ static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
         return LT_ERR_MEMORY;
     }
     a->owned = no;
-    /* the CPU backend's weights are host memory (a device backend would convert on device) */
-    lt_to_f32(dev, t->data, t->dtype, n);
+    lt_status rc = a->ctx->be->convert(a->ctx, dev, LT_F32, t->data, t->dtype, n);
+    if (rc != LT_OK) {
+        a->ctx->be->release(a->ctx, dev);
+        return rc;
+    }
     a->owned[a->n_owned++] = (owned_copy){t, t->data, t->dtype, dev};
     t->data = dev;
     t->dtype = LT_F32;
@@ -226,12 +229,6 @@ static lt_status own_f32(lt_adapters *a, lt_tensor *t) {
 
 static lt_status attach_full(lt_adapters *a, char *err) {
     gemma3_model *m = a->model;
-    if (a->ctx->be != &lt_backend_cpu) {
-        return lt_fail(err, LT_ERR_STATE,
-                       "%%lora full=true: full fine-tuning runs on the CPU backend only for now "
-                       "(this model is on %s); use LoRA",
-                       a->ctx->be->name);
-    }
     int L = m->cfg.num_hidden_layers;
     int64_t H = m->cfg.hidden_size;
     if (m->n_quantized) {
@@ -382,7 +379,9 @@ void lora_free(lt_adapters *a) {
             ctx->be->release(ctx, a->params[i].grad.data);
         for (int i = 0; i < a->n_owned; i++) {
             owned_copy *c = &a->owned[i];
-            lt_convert(c->orig, c->orig_dtype, c->copy, LT_F32, lt_tensor_numel(c->t));
+            /* the trained values back into the model's own storage, in its dtype */
+            (void)ctx->be->convert(ctx, c->orig, c->orig_dtype, c->copy, LT_F32,
+                                   lt_tensor_numel(c->t));
             c->t->data = c->orig;
             c->t->dtype = c->orig_dtype;
             ctx->be->release(ctx, c->copy);

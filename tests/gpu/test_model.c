@@ -14,7 +14,9 @@
  *  5. a 100-step LoRA run on tiny whose loss curve tracks the CPU's (fp32 1e-3, bf16 2e-2);
  *  6. QLoRA: tiny quantized at load (nf4 with double quant, int8, dynamic: nf4 with the worst
  *     linears kept 16-bit) gives the CPU's logits and greedy ids on the GPU, and its LoRA curve
- *     tracks the CPU's.
+ *     tracks the CPU's;
+ *  7. full fine-tuning (%lora full=true) on the GPU tracks the CPU's losses, and %save merged=
+ *     from a model on the GPU writes the CPU's tensors.
  * Prints TAP; skips without a GPU. LATHE_SRCDIR (env, else the configure-time path) finds the
  * fixtures. Owns nothing else.
  */
@@ -502,6 +504,124 @@ static double curve_max_rel(const curve *a, const curve *b) {
     return curve_max_diff(a, b, 0.0);
 }
 
+/* Full fine-tuning (every weight and norm in fp32 with AdamW) of tiny for `steps` steps. */
+static int train_full(const char *device, int steps, curve *c) {
+    char tiny[2100], data[2100];
+    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
+    snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
+    lt_session *s = load_quant(tiny, device, "fp32", NULL);
+    if (!s) return -1;
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.full = 1;
+    int rc = -1;
+    if (lt_lora_attach(s, &lo, NULL) == LT_OK) {
+        lt_train_opts to;
+        lt_train_opts_default(&to);
+        to.data = data;
+        to.batch = 2;
+        to.steps = steps;
+        to.lr = 1e-4f;
+        to.schedule = "constant";
+        to.max_grad_norm = 1.0f;
+        to.shuffle = 0;
+        to.weight_decay = 0;
+        lt_train_callbacks cb = {.ctx = c, .step = on_step};
+        memset(c, 0, sizeof *c);
+        if (lt_train(s, &to, &cb, NULL) == LT_OK) rc = 0;
+    }
+    if (rc) diag("full fine-tuning on %s: %s", device, lt_last_error(s));
+    lt_session_free(s);
+    return rc;
+}
+
+/* LoRA on tiny (4 steps of %train), then %save merged= in fp32: dir holds the checkpoint. */
+static int merged_from(const char *device, const char *dir) {
+    char tiny[2100], data[2100];
+    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
+    snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
+    lt_session *s = load(tiny, device, "fp32");
+    if (!s) return -1;
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.r = 8;
+    lo.alpha = 16;
+    lo.seed = 3;
+    lt_train_opts to;
+    lt_train_opts_default(&to);
+    to.data = data;
+    to.batch = 2;
+    to.steps = 4;
+    to.lr = 1e-2f;
+    to.shuffle = 0;
+    int rc = lt_lora_attach(s, &lo, NULL) == LT_OK && lt_train(s, &to, NULL, NULL) == LT_OK &&
+                     lt_save_merged(s, dir, "fp32", NULL) == LT_OK
+                 ? 0
+                 : -1;
+    if (rc) diag("merged save on %s: %s", device, lt_last_error(s));
+    lt_session_free(s);
+    return rc;
+}
+
+/* %save merged= from a model on CUDA: the same tensors as from the CPU (every weight read back,
+ * the adapters merged on the host). */
+static void test_merged_save(void) {
+    char dc[] = "/tmp/lathe-merged-cpu-XXXXXX", dg[] = "/tmp/lathe-merged-gpu-XXXXXX";
+    if (!mkdtemp(dc) || !mkdtemp(dg)) return;
+    int r1 = merged_from("cpu", dc), r2 = merged_from("cuda", dg);
+    double num = 0, den = 0;
+    int n = 0, missing = 0;
+    if (!r1 && !r2) {
+        gemma3_model *a = NULL, *b = NULL;
+        char err[LT_ERRLEN];
+        if (gemma3_load_dir(&a, dc, "fp32", NULL, err) != LT_OK ||
+            gemma3_load_dir(&b, dg, "fp32", NULL, err) != LT_OK) {
+            diag("%s", err);
+            missing = 1;
+        } else {
+            n = gemma3_weight_count(a);
+            for (int l = 0; l < a->cfg.num_hidden_layers; l++)
+                for (int k = 0; k < 7; k++) {
+                    gemma3_layer *la = &a->layers[l], *lb = &b->layers[l];
+                    lt_weight *ma[7] = {&la->q_proj,    &la->k_proj,  &la->v_proj,   &la->o_proj,
+                                        &la->gate_proj, &la->up_proj, &la->down_proj};
+                    lt_weight *mb[7] = {&lb->q_proj,    &lb->k_proj,  &lb->v_proj,   &lb->o_proj,
+                                        &lb->gate_proj, &lb->up_proj, &lb->down_proj};
+                    lt_weight *wa = ma[k], *wb = mb[k];
+                    const float *x = wa->w.data, *y = wb->w.data;
+                    for (int64_t e = 0; e < lt_tensor_numel(&wa->w); e++) {
+                        num += ((double)x[e] - y[e]) * ((double)x[e] - y[e]);
+                        den += (double)x[e] * x[e];
+                    }
+                }
+        }
+        gemma3_model_free(a);
+        gemma3_model_free(b);
+    }
+    double rel = den > 0 && !missing ? sqrt(num / den) : INFINITY;
+    char tn[200];
+    snprintf(tn, sizeof tn,
+             "%%save merged= from cuda: %d tensors, the linears vs cpu's rel %.2e <= 1e-5", n, rel);
+    ok(!r1 && !r2 && rel <= 1e-5, tn);
+    char cmd[200];
+    snprintf(cmd, sizeof cmd, "rm -rf %s %s", dc, dg);
+    if (system(cmd) != 0) diag("cleanup failed");
+}
+
+/* %lora full=true on CUDA follows the CPU's loss curve (fp32 on both). */
+static void test_full_finetune(void) {
+    curve c, g;
+    int r1 = train_full("cpu", 6, &c), r2 = train_full("cuda", 6, &g);
+    double d = r1 || r2 ? INFINITY : curve_max_rel(&g, &c);
+    char tn[160];
+    snprintf(tn, sizeof tn, "full fine-tuning: cuda's 6 losses vs cpu's rel %.2e <= 1e-4", d);
+    ok(d <= 1e-4, tn);
+    if (!r1 && !r2)
+        diag("full: cpu %.5f -> %.5f, cuda %.5f -> %.5f", c.loss[0], c.loss[c.n - 1], g.loss[0],
+             g.loss[g.n - 1]);
+    ok(!r1 && c.n == 6 && c.loss[5] < c.loss[0], "full fine-tuning lowers the loss");
+}
+
 static void test_peft_fixture(void) {
     char path[2200], initial[2200], tn[200];
     snprintf(path, sizeof path, "%s/tests/fixtures/peft/reference.json", srcdir);
@@ -664,6 +784,8 @@ int main(void) {
     snprintf(m, sizeof m, "%s/models/tiny", srcdir);
     test_fp16_range(m);
     test_peft_fixture();
+    test_full_finetune();
+    test_merged_save();
     test_curve();
     test_qlora("nf4");
     test_qlora("int8");
