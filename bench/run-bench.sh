@@ -15,10 +15,14 @@
 #           hf_generate.py's top_k 64 / top_p 0.95 and GRPO's untruncated sampling) and
 #           transformers' generate on the same shapes (bench/hf_generate.py), then a whole GRPO step (1B, group 8,
 #           256 new tokens) with its time split;
+#   flow    the notebook flow on the GPU (bench/gpu_flow.lathe through `lathe run`: load, LoRA,
+#           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
+#           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
+#           for llama.cpp here;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
-# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|quick|all], with the binaries packed
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|flow|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
@@ -85,6 +89,18 @@ import hf_generate as g
 g.run('1b', 8, 256); g.run('1b', 64, 256)
 " 2>&1 | grep -v -i warn >> "$out/bench_grpo.log"
     grep -h -E '^\{|^bench_rollout' "$out/bench_grpo.log"
+esac
+case $what in flow)
+    # the notebook flow on the GPU (bench/gpu_flow.lathe), read back by transformers + PEFT
+    mkdir -p "$out/flow"
+    sed -e "s|@DEVICE@|cuda|g" -e "s|@OUT@|$out/flow|g" bench/gpu_flow.lathe > "$out/flow.lathe"
+    timeout 300 $B/lathe run "$out/flow.lathe" > "$out/flow.log" 2>&1
+    echo "lathe run: exit $?" >> "$out/flow.log"
+    timeout 60 $B/lathe logits "$out/flow/merged" device=cuda dtype=fp32 \
+        --ids 2,651,1203,77,3001,18,940,12,33,1500,2047,812 --out "$out/flow/lathe_logits.npy" \
+        >> "$out/flow.log" 2>&1
+    timeout 240 $PY bench/check_flow.py "$out/flow" >> "$out/flow.log" 2>&1
+    grep -h -E 'exit|Error|error|checks|^\{' "$out/flow.log"
 esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
