@@ -447,8 +447,11 @@ static void on_step(void *ctx, const lt_train_progress *pr) {
     if (c->n < 128) c->loss[c->n++] = pr->loss;
 }
 
-static int train_run_quant(const char *device, const char *dtype, const char *quant,
-                           const char *lora_load, int steps, float lr, float clip, curve *c) {
+/* %lora (r=8, or full=1: full fine-tuning) then %train on the PEFT fixture's rows; the losses
+ * into c. */
+static int train_session(const char *device, const char *dtype, const char *quant,
+                         const char *lora_load, int full, int steps, float lr, float clip,
+                         curve *c) {
     char tiny[2100], data[2100];
     snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
     snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
@@ -460,6 +463,7 @@ static int train_run_quant(const char *device, const char *dtype, const char *qu
     lo.alpha = 16;
     lo.seed = 11;
     lo.load = lora_load;
+    lo.full = full;
     int rc = -1;
     if (lt_lora_attach(s, &lo, NULL) == LT_OK) {
         lt_train_opts to;
@@ -481,9 +485,14 @@ static int train_run_quant(const char *device, const char *dtype, const char *qu
     return rc;
 }
 
+static int train_run_quant(const char *device, const char *dtype, const char *quant,
+                           const char *lora_load, int steps, float lr, float clip, curve *c) {
+    return train_session(device, dtype, quant, lora_load, 0, steps, lr, clip, c);
+}
+
 static int train_run(const char *device, const char *dtype, const char *lora_load, int steps,
                      float lr, float clip, curve *c) {
-    return train_run_quant(device, dtype, NULL, lora_load, steps, lr, clip, c);
+    return train_session(device, dtype, NULL, lora_load, 0, steps, lr, clip, c);
 }
 
 /* Worst step difference of two loss curves, relative to max(|b|, floor) nats: floor 0 is
@@ -506,33 +515,7 @@ static double curve_max_rel(const curve *a, const curve *b) {
 
 /* Full fine-tuning (every weight and norm in fp32 with AdamW) of tiny for `steps` steps. */
 static int train_full(const char *device, int steps, curve *c) {
-    char tiny[2100], data[2100];
-    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
-    snprintf(data, sizeof data, "%s/tests/fixtures/peft/data.jsonl", srcdir);
-    lt_session *s = load_quant(tiny, device, "fp32", NULL);
-    if (!s) return -1;
-    lt_lora_opts lo;
-    lt_lora_opts_default(&lo);
-    lo.full = 1;
-    int rc = -1;
-    if (lt_lora_attach(s, &lo, NULL) == LT_OK) {
-        lt_train_opts to;
-        lt_train_opts_default(&to);
-        to.data = data;
-        to.batch = 2;
-        to.steps = steps;
-        to.lr = 1e-4f;
-        to.schedule = "constant";
-        to.max_grad_norm = 1.0f;
-        to.shuffle = 0;
-        to.weight_decay = 0;
-        lt_train_callbacks cb = {.ctx = c, .step = on_step};
-        memset(c, 0, sizeof *c);
-        if (lt_train(s, &to, &cb, NULL) == LT_OK) rc = 0;
-    }
-    if (rc) diag("full fine-tuning on %s: %s", device, lt_last_error(s));
-    lt_session_free(s);
-    return rc;
+    return train_session(device, "fp32", NULL, NULL, 1, steps, 1e-4f, 1.0f, c);
 }
 
 /* LoRA on tiny (4 steps of %train), then %save merged= in fp32: dir holds the checkpoint. */
