@@ -14,7 +14,7 @@
 #   grpo    GRPO's sampling for 1B (bf16 and fp16; 8 and 64 completions at once, 256 new tokens,
 #           hf_generate.py's top_k 64 / top_p 0.95 and GRPO's untruncated sampling) and
 #           transformers' generate on the same shapes (bench/hf_generate.py), then a whole GRPO step (1B, group 8,
-#           256 new tokens) with its time split;
+#           256 new tokens) with its time split; grpo-short: bf16 only;
 #   flow    the notebook flow on the GPU (bench/gpu_flow.lathe through `lathe run`: load, LoRA,
 #           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
@@ -75,14 +75,16 @@ case $what in all|qlora)
         >> "$out/bench_qlora.log" 2>&1
     grep -h -E '^\{|^bench_train|drawn and placed|memory cap' "$out/bench_qlora.log"
 esac
-case $what in grpo)
+case $what in grpo|grpo-short)
     R=$B/bench_rollout
-    for a in "1b bf16 1 8 256" "1b bf16 8 8 256" "1b fp16 1 8 256" "1b fp16 8 8 256" \
-             "1b bf16 1 8 256 128 0 1" "1b bf16 8 8 256 128 0 1"; do
+    runs='"1b bf16 1 8 256" "1b bf16 8 8 256" "1b bf16 1 8 256 128 0 1" "1b bf16 8 8 256 128 0 1"'
+    [ "$what" = grpo ] && runs="$runs \"1b fp16 1 8 256\" \"1b fp16 8 8 256\""
+    eval "set -- $runs"
+    for a in "$@"; do
         timeout 120 $R sample $a >> "$out/bench_grpo.log" 2>&1
     done
     timeout 150 $R step 1b bf16 8 256 >> "$out/bench_grpo.log" 2>&1
-    timeout 100 $R step 1b fp16 8 256 >> "$out/bench_grpo.log" 2>&1
+    [ "$what" = grpo ] && timeout 100 $R step 1b fp16 8 256 >> "$out/bench_grpo.log" 2>&1
     timeout 200 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_generate as g
