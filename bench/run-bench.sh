@@ -19,10 +19,11 @@
 #           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
 #           for llama.cpp here;
+#   lease   checks (no fallback rerun), flow, the vision fixture, grpo-short: under 9 minutes;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
-# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|flow|quick|all], with the binaries packed
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|flow|lease|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
@@ -40,7 +41,7 @@ case $what in all|checks)
         LATHE_CUDA_SOFTMAX_GENERIC=1 $B/test_ops > "$out/test_ops_generic.log" 2>&1
     fi
     # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
-    LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
+    [ -z "$SHORT" ] && LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
     $B/test_model > "$out/test_model.log" 2>&1
     # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA
     if [ ! -f tests/fixtures/grpo/reference.json ] &&
@@ -103,6 +104,20 @@ case $what in flow)
         >> "$out/flow.log" 2>&1
     timeout 240 $PY bench/check_flow.py "$out/flow" >> "$out/flow.log" 2>&1
     grep -h -E 'exit|Error|error|checks|^\{' "$out/flow.log"
+esac
+case $what in lease)
+    # everything new since the last lease, in one call under 9 minutes: the checks (without the
+    # no-flash rerun), the flow, the vision fixture when its script is here, GRPO's bf16 runs
+    SHORT=1 timeout 240 sh "$0" "$out" checks
+    timeout 120 sh "$0" "$out" flow
+    if [ -f tests/fixtures/make_vision_fixture.py ]; then
+        mkdir -p "$out/vision"
+        timeout 120 $PY tests/fixtures/make_vision_fixture.py --out "$out/vision" \
+            > "$out/vision_fixture.log" 2>&1
+        echo "vision fixture: exit $?" >> "$out/vision_fixture.log"
+        tail -3 "$out/vision_fixture.log"
+    fi
+    timeout 200 sh "$0" "$out" grpo-short
 esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
