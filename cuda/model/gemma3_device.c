@@ -198,6 +198,11 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     memcpy(layers, host->layers, sizeof(gemma3_layer) * (size_t)L);
     m->layers = layers;
     m->storage = NULL;
+    m->vision = NULL; /* the image tower stays on the host model (no device copy yet) */
+    snprintf(m->vision_error, sizeof m->vision_error, "%s",
+             host->vision ? "the image tower runs on the CPU backend only (load the model with "
+                            "device=cpu to use images)"
+                          : host->vision_error);
     /* adapters belong to whoever attaches them on the device copy */
     m->embed_tokens.lora = NULL;
     m->lm_head.lora = NULL;

@@ -82,4 +82,10 @@ lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
 lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
 lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 
+/* The image tower's ops on the CPU (backend_cpu_vision.c; backend.h states them). */
+lt_status cpu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b, float eps);
+lt_status cpu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b);
+lt_status cpu_gelu(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+lt_status cpu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k);
+
 #endif
