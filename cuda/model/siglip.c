@@ -19,8 +19,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The Hub's files and transformers 4.5x write the SiglipVisionModel's own `vision_model.`
+ * level; transformers 5 keeps the tower's modules one level up (model.vision_tower.embeddings.
+ * in memory), and files written from that tree have no `vision_model.`. */
 static const char *const tower_prefixes[] = {"vision_tower.vision_model.",
-                                             "model.vision_tower.vision_model."};
+                                             "model.vision_tower.vision_model.", "vision_tower.",
+                                             "model.vision_tower."};
 static const char *const proj_prefixes[] = {"multi_modal_projector.",
                                             "model.multi_modal_projector."};
 
@@ -140,10 +144,11 @@ lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config 
     if (!pfx || !ppfx)
         return lt_fail(err, LT_ERR_FORMAT,
                        "image tower: config.json has a vision_config but the checkpoint has no "
-                       "%s (looked under %s and %s)",
+                       "%s (looked under %s)",
                        !pfx ? "embeddings.patch_embedding.weight" : "mm_input_projection_weight",
-                       !pfx ? tower_prefixes[0] : proj_prefixes[0],
-                       !pfx ? tower_prefixes[1] : proj_prefixes[1]);
+                       !pfx ? "vision_tower.vision_model., model.vision_tower.vision_model., "
+                              "vision_tower., model.vision_tower."
+                            : "multi_modal_projector., model.multi_modal_projector.");
     siglip_tower *t = calloc(1, sizeof *t);
     if (t) t->layers = calloc((size_t)vc->num_hidden_layers, sizeof(siglip_layer));
     if (!t || !t->layers) {

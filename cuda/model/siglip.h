@@ -2,11 +2,11 @@
  *
  * siglip_tower holds the weights of transformers' SiglipVisionModel (vision_use_head false) and
  * Gemma3MultiModalProjector, read from a checkpoint under any of the prefixes the loaders
- * accept (vision_tower.vision_model. / model.vision_tower.vision_model.,
- * multi_modal_projector. / model.multi_modal_projector.). siglip_encode turns one image's
- * pixel values ([3, S, S], image.h's img_load_pixels) into mm_tokens_per_image rows of the
- * text hidden size: the soft tokens gemma3_forward_images puts at the image tokens' positions.
- * Written once against backend.h like the text forward; a backend without the image ops
+ * accept (vision_tower.vision_model. / model.vision_tower.vision_model. / vision_tower. /
+ * model.vision_tower., and multi_modal_projector. / model.multi_modal_projector.). siglip_encode
+ * turns one image's pixel values ([3, S, S], image.h's img_load_pixels) into mm_tokens_per_image
+ * rows of the text hidden size: the soft tokens gemma3_forward_images puts at the image tokens'
+ * positions. Written once against backend.h like the text forward; a backend without the image ops
  * (lt_backend_missing_vision_op) is refused with a message. Must not include kernel/,
  * protocol/ or anything above model/.
  */

@@ -24,7 +24,8 @@ import numpy as np
 
 import gemma3_ref
 
-TOWER = ("vision_tower.vision_model.", "model.vision_tower.vision_model.")
+TOWER = ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.",
+         "model.vision_tower.")
 PROJ = ("multi_modal_projector.", "model.multi_modal_projector.")
 LAYOUTS = {  # text, tower, projector prefixes on disk
     "hub": ("language_model.model.", TOWER[0], PROJ[0]),
