@@ -160,27 +160,43 @@ def test_bad_input_is_refused(work):
 
 
 GOLDEN = os.path.join(FIX, "vision")
+NO_GOLDEN = ("tests/fixtures/vision/ not generated yet: run tests/fixtures/make_vision_fixture.py "
+             "with transformers on the GPU machine")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(GOLDEN, "reference.json")),
-                    reason="tests/fixtures/vision/ not generated yet: run "
-                           "tests/fixtures/make_vision_fixture.py with transformers on the GPU machine")
-def test_transformers_golden(work):
+def golden_ref():
     with open(os.path.join(GOLDEN, "reference.json")) as f:
-        ref = json.load(f)
-    img = os.path.join(GOLDEN, ref["image"])
-    ids = ref["ids"]
+        return json.load(f)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(GOLDEN, "reference.json")), reason=NO_GOLDEN)
+def test_transformers_golden(work):
+    ref = golden_ref()
+    want = np.load(os.path.join(GOLDEN, ref["logits"]))
+    assert ref["models"], "the script saved no model"
     for model in ref["models"]:  # every layout the script saved
-        got = lathe_logits(os.path.join(GOLDEN, model), ids, [img], str(work / "golden.npy"))
-        close(got, np.load(os.path.join(GOLDEN, ref["logits"])))
-    # our preprocessing against the processor's pixel values, when the script had them
-    if ref.get("resized_pixels"):
-        cfg, t = vr.load_checkpoint(os.path.join(GOLDEN, ref["models"][0]))
-        side = cfg["vision_config"]["image_size"]
-        src = np.load(os.path.join(GOLDEN, ref["resized_source"]))  # the PNG's uint8 pixels
-        ours = vr.pixels(vr.pil_bilinear(src, side, side))
-        theirs = np.load(os.path.join(GOLDEN, ref["resized_pixels"]))[0]
-        assert np.abs(ours - theirs).max() <= 1e-6, "PIL bilinear resize differs from the processor's"
-        got = lathe_logits(os.path.join(GOLDEN, ref["models"][0]), ids,
-                           [os.path.join(GOLDEN, ref["resized_image"])], str(work / "golden2.npy"))
-        close(got, np.load(os.path.join(GOLDEN, ref["resized_logits"])))
+        got = lathe_logits(os.path.join(GOLDEN, model), ref["ids"],
+                           [os.path.join(GOLDEN, ref["image"])], str(work / "golden.npy"))
+        close(got, want)
+    cfg, t = vr.load_checkpoint(os.path.join(GOLDEN, ref["models"][0]))
+    px = np.load(os.path.join(GOLDEN, "pixel_values.npy"))[0].astype(np.float64)
+    close(vr.logits(cfg, t, ref["ids"], vr.image_features(cfg, t, px)), want)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(GOLDEN, "reference.json")), reason=NO_GOLDEN)
+def test_transformers_resize_golden(work):
+    ref = golden_ref()
+    if not ref.get("resized_pixels"):
+        pytest.skip(f"the golden has no resized image ({ref.get('processor')})")
+    if ref.get("resized_processor") != "Gemma3ImageProcessor":
+        pytest.skip(f"the golden's processor is {ref.get('resized_processor')}, not the PIL one")
+    model = os.path.join(GOLDEN, ref["models"][0])
+    cfg, _ = vr.load_checkpoint(model)
+    side = cfg["vision_config"]["image_size"]
+    src = np.load(os.path.join(GOLDEN, ref["resized_source"]))  # the PNG's uint8 pixels
+    ours = vr.pixels(vr.pil_bilinear(src, side, side))
+    theirs = np.load(os.path.join(GOLDEN, ref["resized_pixels"]))[0]
+    assert np.abs(ours - theirs).max() <= 1e-6, "PIL bilinear resize differs from the processor's"
+    got = lathe_logits(model, ref["ids"], [os.path.join(GOLDEN, ref["resized_image"])],
+                       str(work / "golden2.npy"))
+    close(got, np.load(os.path.join(GOLDEN, ref["resized_logits"])))

@@ -277,7 +277,7 @@ def logits(cfg, t, ids, feats, bidir=True):
                       spec["num_key_value_heads"], spec["head_dim"])
     eps = spec["rms_norm_eps"]
     E = w["embed_tokens.weight"]
-    img = cfg.get("image_token_index", 262144)
+    img = _top(cfg, "image_token", 262144)
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
     is_img = ids == img
@@ -326,10 +326,19 @@ def logits(cfg, t, ids, feats, bidir=True):
     return h @ E.T
 
 
+def _top(cfg, key, default):
+    """Gemma3Config's top-level ids under either spelling (*_index, or *_id)."""
+    for k in (key + "_index", key + "_id"):
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
 def image_ids(cfg, text_before=(2, 300, 301), text_after=(302, 303, 304, 305, 306, 307), n_images=1):
     """[bos, text..., (boi, mm x image, eoi) per image, text...]."""
     mm = cfg.get("mm_tokens_per_image", 256)
     out = list(text_before)
     for _ in range(n_images):
-        out += [cfg["boi_token_index"]] + [cfg["image_token_index"]] * mm + [cfg["eoi_token_index"]]
+        out += [_top(cfg, "boi_token", 255999)] + [_top(cfg, "image_token", 262144)] * mm
+        out += [_top(cfg, "eoi_token", 256000)]
     return out + list(text_after)
