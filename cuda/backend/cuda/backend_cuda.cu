@@ -1948,6 +1948,13 @@ extern "C" const lt_backend lt_backend_cuda = {
     .scale = cu_scale_op,
     .sumsq = cu_sumsq,
     .dropout = cu_dropout,
+    /* the image tower's ops and the image block's attention: not on the GPU yet (the image
+     * code names the missing op and asks for device=cpu) */
+    .layernorm = NULL,
+    .add_bias = NULL,
+    .gelu = NULL,
+    .avg_pool = NULL,
+    .attention_span = NULL,
 };
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------------------
