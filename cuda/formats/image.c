@@ -13,8 +13,9 @@
  *
  * Known differences from PIL: a PNG with a gAMA chunk far from sRGB is gamma-corrected by
  * libpng's simplified API (PIL ignores gAMA), and 16-bit PNGs are reduced to 8 bits by libpng
- * (PIL keeps the high byte); a JPEG in CMYK is refused (PIL converts it). Owns only these
- * conversions.
+ * (PIL keeps the high byte); a JPEG in CMYK is refused (PIL converts it); an EXIF orientation
+ * is not applied (transformers' load_image applies ImageOps.exif_transpose when it opens a path
+ * itself; a PIL image handed to the processor is used as it is). Owns only these conversions.
  */
 #include "cuda/formats/image.h"
 
