@@ -232,6 +232,124 @@ done:
     return LT_OK;
 }
 
+/* ---- a device copy --------------------------------------------------------------------------- */
+
+/* Every tensor of t in a fixed order; matrix[i] = 1 for the linears' weights. Returns the count
+ * (ts / matrix may be NULL to count). */
+static int tower_tensors(siglip_tower *t, lt_tensor **ts, int *matrix) {
+    int n = 0;
+#define PUT(x, m)                                                                                  \
+    do {                                                                                           \
+        if (ts) ts[n] = &(x);                                                                      \
+        if (matrix) matrix[n] = (m);                                                               \
+        n++;                                                                                       \
+    } while (0)
+    PUT(t->patch.w, 1);
+    PUT(t->patch_b, 0);
+    PUT(t->pos, 0);
+    for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+        siglip_layer *L = &t->layers[l];
+        PUT(L->ln1_w, 0);
+        PUT(L->ln1_b, 0);
+        PUT(L->q.w, 1);
+        PUT(L->q_b, 0);
+        PUT(L->k.w, 1);
+        PUT(L->k_b, 0);
+        PUT(L->v.w, 1);
+        PUT(L->v_b, 0);
+        PUT(L->o.w, 1);
+        PUT(L->o_b, 0);
+        PUT(L->ln2_w, 0);
+        PUT(L->ln2_b, 0);
+        PUT(L->fc1.w, 1);
+        PUT(L->fc1_b, 0);
+        PUT(L->fc2.w, 1);
+        PUT(L->fc2_b, 0);
+    }
+    PUT(t->post_w, 0);
+    PUT(t->post_b, 0);
+    PUT(t->mm_norm, 0);
+    PUT(t->mm_proj.w, 1);
+#undef PUT
+    return n;
+}
+
+static size_t round256(size_t n) {
+    return (n + 255) & ~(size_t)255;
+}
+
+void siglip_release(siglip_tower *t, lt_ctx *ctx) {
+    if (!t) return;
+    if (t->arena && ctx && ctx->be) ctx->be->release(ctx, t->arena);
+    siglip_free(t);
+}
+
+lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err) {
+    *out = NULL;
+    const lt_backend *be = ctx->be;
+    siglip_tower *d = calloc(1, sizeof *d);
+    int L = host->cfg.num_hidden_layers;
+    if (d) {
+        *d = *host;
+        d->blocks = NULL;
+        d->n_blocks = d->cap_blocks = 0;
+        d->arena = NULL;
+        d->layers = malloc(sizeof(siglip_layer) * (size_t)L);
+    }
+    int n = tower_tensors((siglip_tower *)host, NULL, NULL);
+    lt_tensor **hs = malloc(sizeof *hs * (size_t)n), **ds = malloc(sizeof *ds * (size_t)n);
+    int *mat = malloc(sizeof *mat * (size_t)n);
+    lt_status rc = LT_OK;
+    if (!d || !d->layers || !hs || !ds || !mat) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "image tower: out of host memory copying it");
+        goto done;
+    }
+    memcpy(d->layers, host->layers, sizeof(siglip_layer) * (size_t)L);
+    tower_tensors((siglip_tower *)host, hs, mat);
+    tower_tensors(d, ds, NULL);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += round256((size_t)lt_tensor_numel(hs[i]) * lt_dtype_size(mat[i] ? dt : LT_F32));
+    d->arena = be->alloc(ctx, total);
+    if (!d->arena) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "image tower: not enough %s memory (%.1f MiB): %s",
+                     be->name, total / 1048576.0, ctx->err);
+        goto done;
+    }
+    size_t off = 0;
+    for (int i = 0; i < n && rc == LT_OK; i++) {
+        const lt_tensor *s = hs[i];
+        lt_dtype want = mat[i] ? dt : LT_F32;
+        int64_t cnt = lt_tensor_numel(s);
+        char *dst = (char *)d->arena + off;
+        if (s->dtype == want) {
+            rc = be->upload(ctx, dst, s->data, lt_tensor_bytes(s));
+        } else { /* stored F16/BF16/F32 -> the device dtype, converted there */
+            void *stage = be->alloc(ctx, lt_tensor_bytes(s));
+            rc = stage ? be->upload(ctx, stage, s->data, lt_tensor_bytes(s)) : LT_ERR_MEMORY;
+            if (rc == LT_OK) rc = be->convert(ctx, dst, want, stage, s->dtype, cnt);
+            if (rc == LT_OK) rc = be->sync(ctx); /* the stage is released next */
+            if (stage) be->release(ctx, stage);
+        }
+        ds[i]->data = dst;
+        ds[i]->dtype = want;
+        off += round256((size_t)cnt * lt_dtype_size(want));
+    }
+    if (rc == LT_OK) rc = be->sync(ctx);
+    if (rc != LT_OK) lt_fail(err, rc, "image tower: copying it to %s: %s", be->name, ctx->err);
+done:
+    free(hs);
+    free(ds);
+    free(mat);
+    if (rc != LT_OK) {
+        siglip_release(d, ctx);
+        return rc;
+    }
+    *out = d;
+    return LT_OK;
+}
+
 /* ---- forward ------------------------------------------------------------------------------ */
 
 /* y = x·Wᵀ + b */

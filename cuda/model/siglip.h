@@ -40,6 +40,7 @@ typedef struct siglip_tower {
     char prefix[48], proj_prefix[48]; /* the checkpoint's prefixes (messages, exporters) */
     void **blocks;                    /* host allocations (converted tensors) */
     int n_blocks, cap_blocks;
+    void *arena; /* a device copy's backend memory (siglip_to_device), or NULL */
 } siglip_tower;
 
 /* 1 when st holds a SigLIP tower under a prefix siglip_load reads. */
@@ -50,6 +51,14 @@ int siglip_present(const st_set *st);
  * err names the tensor. */
 lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config *c, char *err);
 void siglip_free(siglip_tower *t);
+
+/* *out = a copy of host in ctx's memory: the matrices in dt (F32/F16/BF16), the vectors fp32,
+ * all in one arena. Free it with siglip_release (ctx: the same backend). On failure *out is
+ * NULL and err says why. */
+lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err);
+/* Frees a tower of either kind (a device copy's arena through ctx). NULL is fine. */
+void siglip_release(siglip_tower *t, lt_ctx *ctx);
 
 /* One image: pixels [3, S, S] fp32 in host memory (S = image_size) -> out [mm, H] fp32 in
  * ctx's memory (mm = mm_tokens_per_image). Computes SiglipVisionModel's last hidden state

@@ -129,6 +129,10 @@ def test_block_across_a_chunk_boundary(work):
 
 @pytest.mark.parametrize("name", ["nested", "tf5"])
 def test_committed_fixtures_with_an_image(work, name):
+    """Loading from the committed layouts (BF16 under language_model.model. / vision_tower.
+    vision_model.; F16 in shards under model.language_model. / model.vision_tower., image id past
+    the embedding). Their projector is zero (transformers' init), so the soft tokens are zero:
+    this checks the layouts and the block, the random checkpoints above check the tower."""
     d = os.path.join(FIX, name)
     cfg, t = vr.load_checkpoint(d)
     side = cfg["vision_config"]["image_size"]

@@ -163,4 +163,17 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
                 const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
                 int accumulate);
 
+/* ---- vision.cu: the image tower's ops and the image block's attention (backend.h) ----------- */
+void k_layernorm(cudaStream_t st, float *y, const float *x, const float *w, const float *b,
+                 int64_t N, int64_t D, float eps);
+void k_add_bias(cudaStream_t st, float *y, const float *b, int64_t N, int64_t D);
+void k_gelu(cudaStream_t st, float *y, const float *x, int64_t n);
+void k_avg_pool(cudaStream_t st, float *y, const float *x, int64_t g, int64_t k, int64_t D);
+/* attention_span keeps a query's S scores in shared memory: S at most this many keys. */
+#define K_SPAN_MAX_KEYS 12000
+int k_attention_span_ok(int64_t S);
+void k_attention_span(cudaStream_t st, float *out, const float *q, const float *k, const float *v,
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t T,
+                      int64_t S, int64_t nh, int64_t nkv, int64_t hd, int window, float scale);
+
 #endif
