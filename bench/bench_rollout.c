@@ -7,7 +7,8 @@
  *   random prompts of PROMPT_LEN (128) tokens, GROUP completions each, NEW new tokens at
  *   temperature 1 (top_k 64, top_p 0.95 as that script, or the given ones; GRPO samples with
  *   top_k 0 and top_p 1). Random weights rarely sample a stop id, so rows run to NEW tokens;
- *   the JSON line counts the tokens actually sampled.
+ *   the JSON line counts the tokens actually sampled; then 32 tokens more, profiled op by op
+ *   (GPU time per op beside the wall clock).
  * step: one GRPO generation of GROUP completions of NEW tokens for one prompt and its optimizer
  *   step (LoRA r=16 on all 7 linears, loss dapo, beta 0), through grpo_run with the built-in
  *   format_approx reward; the tokenizer is tiny's (random ids outside its 4096 pieces decode
@@ -111,6 +112,24 @@ static int bench_sample(int argc, char **argv) {
            size, prec, P, G, NEW, plen, o.top_k, (double)o.top_p, out.new_tokens / dt, dt,
            (long long)out.new_tokens, out.prefill_s, out.decode_s, mem.peak / 1073741824.0);
     rollout_out_free(&out);
+    /* 32 more tokens, op by op: the GPU's time per op against the wall clock (the rest is the
+     * host launching, waiting and drawing) */
+    lt_gen_opts prof = o;
+    prof.max_new = 32;
+    lt_cuda_profile(&ctx, 1);
+    t0 = now_s();
+    if (gemma3_rollout(m, &ctx, (const int32_t *const *)pr, pl, P, G, &prof, plen + NEW + 8, NULL,
+                       &out, err) == LT_OK) {
+        ctx.be->sync(&ctx);
+        printf("# profiled: %lld tokens in %.3f s wall (decode %.3f s)\n",
+               (long long)out.new_tokens, now_s() - t0, out.decode_s);
+        rollout_out_free(&out);
+    }
+    lt_cuda_profile(&ctx, 0);
+    char rep[8192];
+    lt_cuda_profile_report(&ctx, rep, sizeof rep);
+    for (char *line = strtok(rep, "\n"); line; line = strtok(NULL, "\n"))
+        printf("#   %s\n", line);
     return 0;
 }
 

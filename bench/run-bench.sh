@@ -2,7 +2,9 @@
 # run-bench.sh — every GPU check and benchmark, for the GPU machine, in one command:
 #   checks  make check-gpu's two programs (TAP logs): every op against the CPU reference
 #           (16-bit, fused-attention and fallback paths, NF4/int8 weights), the whole model,
-#           training and QLoRA against the CPU and the transformers / PEFT fixtures;
+#           training and QLoRA against the CPU and the transformers / PEFT fixtures, and one
+#           GRPO step against torch + peft (tests/fixtures/make_grpo_fixture.py, made here
+#           when the fixture is not committed yet; copied to OUTDIR/grpo_fixture);
 #   train   lathe's LoRA training on random:gemma-3-1b / 4b in bf16 and fp16 (bench_train) and
 #           transformers + PEFT on the same shapes (bench/hf_baseline.py; checkpointing on);
 #   qlora   QLoRA (NF4 + double quant, LoRA r=16 on all 7 linears, batch 1 x 2048): 4B, 12B
@@ -17,7 +19,7 @@
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
 # Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|quick|all], with the binaries packed
-# in .device-pack/ (.device-pack/bin/{test_ops,test_model,bench_train} and the shared
+# in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
 out=${1:-.}
@@ -25,6 +27,8 @@ what=${2:-all}
 P=${PACK:-.device-pack}
 B=$P/bin
 export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
+# the references run on the machine's own libraries, not the packed ones
+PY="env LD_LIBRARY_PATH=${LD_LIBRARY_PATH#$PWD/$P/lib:} python3"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
 case $what in all|checks)
     if ! $B/test_ops > "$out/test_ops.log" 2>&1; then
@@ -34,13 +38,19 @@ case $what in all|checks)
     # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
     LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
     $B/test_model > "$out/test_model.log" 2>&1
+    # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA
+    if [ ! -f tests/fixtures/grpo/reference.json ] &&
+        timeout 300 $PY tests/fixtures/make_grpo_fixture.py > "$out/grpo_fixture.log" 2>&1; then
+        cp -r tests/fixtures/grpo "$out/grpo_fixture"
+    fi
+    $B/test_grpo_parity > "$out/test_grpo_parity.log" 2>&1
     grep -h -E '^not ok|^1\.\.' "$out"/test_*.log
 esac
 case $what in all|train)
     for a in "1b bf16" "1b fp16" "4b bf16" "4b fp16"; do
         timeout 150 $B/bench_train $a 2048 2 8 3 >> "$out/bench_lathe.log" 2>&1
     done
-    timeout 300 python3 -c "
+    timeout 300 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch, transformers
 print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), flush=True)
@@ -69,7 +79,7 @@ case $what in grpo)
     done
     timeout 150 $R step 1b bf16 8 256 >> "$out/bench_grpo.log" 2>&1
     timeout 100 $R step 1b fp16 8 256 >> "$out/bench_grpo.log" 2>&1
-    timeout 200 python3 -c "
+    timeout 200 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_generate as g
 g.run('1b', 8, 256); g.run('1b', 64, 256)
@@ -79,7 +89,7 @@ esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
     timeout 75 $B/bench_train 4b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
-    timeout 120 python3 -c "
+    timeout 120 $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import hf_baseline as h, torch
 h.run('4b', torch.bfloat16, 2048, 2, True)

@@ -66,8 +66,9 @@ typedef struct lt_load_opts {
  * lt_option_default("load", ...). */
 void lt_load_opts_default(lt_load_opts *o);
 
-/* SOURCE: a directory; a Hugging Face cache id ("google/gemma-3-1b-it", looked up under
- * $HF_HOME/hub or ~/.cache/huggingface/hub; no network); "tiny"; "random:gemma-3-1b" (and
+/* SOURCE: a directory; a Hugging Face id ("google/gemma-3-1b-it[@REVISION]": its snapshot in
+ * the Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, with what is missing downloaded from
+ * $HF_ENDPOINT as huggingface_hub does; progress per file); "tiny"; "random:gemma-3-1b" (and
  * 270m/4b/12b/27b: real shapes, seeded random weights). Replaces any model already loaded
  * only when the new one loaded completely. */
 lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
@@ -227,7 +228,16 @@ typedef struct lt_train_opts {
     int shuffle;             /* shuffle the samples every epoch (default 1) */
     const char *save;        /* checkpoint folder (DIR/checkpoint-STEP); NULL = none */
     int save_every;          /* steps between checkpoints; 0 = only at the end when save is set */
-    const char *resume;      /* a checkpoint (or a save= folder: its latest) to continue */
+    int keep; /* checkpoints kept in save (the newest; older ones go once a new one is complete);
+                 0 = all */
+    const char *resume; /* a checkpoint (or a save= folder: its latest) to continue */
+    /* With resume=: the comma-separated names of the options the caller set ("steps,lr").
+     * Those that change only the run's length or the optimizer (steps, epochs, lr, warmup,
+     * schedule, weight_decay, max_grad_norm) replace the checkpoint's, and the run says so;
+     * one that changes the batches (format, batch, grad_accum, max_seq, responses_only,
+     * packing, seed, shuffle) and differs from the checkpoint's is refused. NULL: the
+     * checkpoint's options, all of them (data=, save= and save_every= still apply). */
+    const char *given;
 } lt_train_opts;
 /* Fills the defaults from lt_option_default("train", ...). */
 void lt_train_opts_default(lt_train_opts *o);

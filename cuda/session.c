@@ -1,16 +1,16 @@
 /* session.c — implements engine.h: a session holds one model, its tokenizer, a KV cache, the
  * chat history and the cancel flag.
  *
- * Owns lt_session and the resolution of a %load SOURCE (directory, Hugging Face cache id,
- * "tiny", "random:gemma-3-SIZE"). A call that fails leaves the session as it was: a new model
- * replaces the old one only once it loaded completely. Streams generated text in pieces that
- * never split a UTF-8 character. Must not print, exit or know about Jupyter.
+ * Owns lt_session and the resolution of a %load SOURCE (directory, Hugging Face id ORG/NAME
+ * [@REVISION] through cuda/hub/, "tiny", "random:gemma-3-SIZE"). A call that fails leaves the
+ * session as it was: a new model replaces the old one only once it loaded completely. Streams
+ * generated text in pieces that never split a UTF-8 character. Must not print, exit or know about
+ * Jupyter.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
 #endif
 
-#include <dirent.h>
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -25,6 +25,7 @@
 #include "cuda/export/merged.h"
 #include "cuda/export/quantized.h"
 #include "cuda/formats/image.h"
+#include "cuda/hub/hub.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
@@ -176,79 +177,6 @@ static lt_status tiny_dir(lt_session *s, char *out, size_t cap) {
                    where);
 }
 
-/* A Hugging Face cache id ("google/gemma-3-1b-it") -> snapshot directory. */
-static lt_status hf_snapshot(lt_session *s, const char *id, char *out, size_t cap) {
-    char hub[1024];
-    const char *hc = getenv("HF_HUB_CACHE"), *hh = getenv("HF_HOME"), *home = getenv("HOME");
-    if (hc && *hc)
-        snprintf(hub, sizeof hub, "%s", hc);
-    else if (hh && *hh)
-        snprintf(hub, sizeof hub, "%s/hub", hh);
-    else
-        snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", home ? home : "");
-    char repo[1400];
-    snprintf(repo, sizeof repo, "%s/models--", hub);
-    size_t k = strlen(repo);
-    for (const char *p = id; *p && k + 3 < sizeof repo; p++) {
-        if (*p == '/') {
-            repo[k++] = '-';
-            repo[k++] = '-';
-        } else {
-            repo[k++] = *p;
-        }
-    }
-    repo[k] = 0;
-    if (!is_dir(repo))
-        return lt_fail(s->err, LT_ERR_IO,
-                       "%s: not a directory, and not in the Hugging Face cache (looked for %s; set "
-                       "HF_HOME, or download "
-                       "it first with `huggingface-cli download %s`)",
-                       id, repo, id);
-    char rev[256] = "", path[2000];
-    snprintf(path, sizeof path, "%s/refs/main", repo);
-    FILE *f = fopen(path, "r");
-    if (f) {
-        if (fgets(rev, sizeof rev, f)) rev[strcspn(rev, "\r\n \t")] = 0;
-        fclose(f);
-    }
-    if (rev[0]) {
-        snprintf(out, cap, "%s/snapshots/%s", repo, rev);
-        if (is_dir(out)) return LT_OK;
-    }
-    /* no usable ref: the newest snapshot */
-    snprintf(path, sizeof path, "%s/snapshots", repo);
-    DIR *d = opendir(path);
-    if (!d) return lt_fail(s->err, LT_ERR_IO, "%s: %s has no snapshots/ folder", id, repo);
-    struct dirent *e;
-    time_t best = 0;
-    int found = 0;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;
-        char p[2400];
-        struct stat sb;
-        snprintf(p, sizeof p, "%s/%s", path, e->d_name);
-        if (stat(p, &sb) == 0 && S_ISDIR(sb.st_mode) && (!found || sb.st_mtime > best)) {
-            best = sb.st_mtime;
-            path_join(out, cap, p, "");
-            found = 1;
-        }
-    }
-    closedir(d);
-    if (!found) return lt_fail(s->err, LT_ERR_IO, "%s: no snapshot under %s", id, path);
-    return LT_OK;
-}
-
-static int looks_like_hf_id(const char *s) {
-    const char *slash = strchr(s, '/');
-    if (!slash || slash == s || !slash[1] || strchr(slash + 1, '/')) return 0;
-    if (s[0] == '.' || s[0] == '~') return 0;
-    for (const char *p = s; *p; p++)
-        if (!(*p == '/' || *p == '-' || *p == '_' || *p == '.' || (*p >= '0' && *p <= '9') ||
-              (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')))
-            return 0;
-    return 1;
-}
-
 /* ---- loading ------------------------------------------------------------------------------- */
 
 static void cb_message(const lt_callbacks *cb, const char *m) {
@@ -341,7 +269,7 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
 
     gemma3_model *m = NULL;
     lt_tokenizer *tok = NULL;
-    char dir[2048], tokpath[2200];
+    char dir[2048], tokpath[2200], repo[300], rev[300];
     lt_status rc;
     gemma3_load_spec spec = {.dtype = dtype, .quant = quant};
     int32_t *calib = NULL;
@@ -365,14 +293,15 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
             if (rc != LT_OK) return rc;
         } else if (is_dir(source)) {
             snprintf(dir, sizeof dir, "%s", source);
-        } else if (looks_like_hf_id(source)) {
-            rc = hf_snapshot(s, source, dir, sizeof dir);
+        } else if (hub_parse_id(source, repo, sizeof repo, rev, sizeof rev)) {
+            /* the Hugging Face cache, downloading what is missing (cuda/hub/) */
+            rc = hub_snapshot(source, cb, &s->cancel, dir, sizeof dir, s->err);
             if (rc != LT_OK) return rc;
         } else {
             return lt_fail(s->err, LT_ERR_ARG,
                            "load: '%s' is not a directory (accepted: a model directory, a Hugging "
                            "Face id like "
-                           "google/gemma-3-1b-it, tiny, random:gemma-3-1b)",
+                           "google/gemma-3-1b-it[@REVISION], tiny, random:gemma-3-1b)",
                            source);
         }
         snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
@@ -710,11 +639,9 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     int V = c->vocab_size;
     float *last = malloc(sizeof(float) * (size_t)V);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(o->max_new + 1));
-    sampler sm = {0};
-    if (!last || !out || sampler_init(&sm, V) != LT_OK) {
+    if (!last || !out) {
         free(last);
         free(out);
-        sampler_free(&sm);
         return lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     }
     lt_rng rng;
@@ -726,7 +653,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
             rc = lt_fail(s->err, LT_CANCELLED, "cancelled after %d tokens", n);
             break;
         }
-        int id = sampler_pick(&sm, last, o, &rng);
+        int id = sampler_pick(last, V, o, &rng);
         if (gemma3_is_stop(c, id)) {
             if (include_stop) out[n++] = id;
             break;
@@ -753,7 +680,6 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     if (st && st->text.oom && rc == LT_OK)
         rc = lt_fail(s->err, LT_ERR_MEMORY, "generate: out of memory");
     free(last);
-    sampler_free(&sm);
     *gen = out;
     *n_gen = n;
     return rc;

@@ -84,7 +84,9 @@ static const field_default train_defaults[] = {
     FIELD(lt_train_opts, shuffle, FIELD_FLAG, "true"),
     FIELD(lt_train_opts, save, FIELD_TEXT, NULL),
     FIELD(lt_train_opts, save_every, FIELD_INT, "0"),
+    FIELD(lt_train_opts, keep, FIELD_INT, "0"),
     FIELD(lt_train_opts, resume, FIELD_TEXT, NULL),
+    FIELD(lt_train_opts, given, FIELD_TEXT, NULL),
     {NULL}};
 
 /* GRPO: lr 5e-6, group 8, epsilon 0.2 both sides, beta 0 and loss "dapo" are TRL's

@@ -3,9 +3,11 @@
  * %sleep is the reference for every long-running magic: a live progress bar updated in
  * place and an interrupt honoured within half a second.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -42,7 +44,22 @@ int magic_echo(magic_ctx *ctx, const magic_args *a) {
     sb_printf(&b, "\n");
     char *text = sb_take(&b);
     if (!text) return magic_fail(ctx, "MemoryError", "out of memory");
-    if (ctx->sink->stream) ctx->sink->stream(ctx->sink->ctx, arg_str(a, "stream"), text);
+    int err = strcmp(arg_str(a, "stream"), "stderr") == 0;
+    if (arg_bool(a, "fd")) {
+        for (size_t off = 0, len = strlen(text); off < len;) {
+            ssize_t w = write(err ? 2 : 1, text + off, len - off);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                int e = errno;
+                free(text);
+                return magic_fail(ctx, "OSError", "%%echo: cannot write to fd %d: %s", err ? 2 : 1,
+                                  strerror(e));
+            }
+            off += (size_t)w;
+        }
+    } else if (ctx->sink->stream) {
+        ctx->sink->stream(ctx->sink->ctx, err ? "stderr" : "stdout", text);
+    }
     free(text);
     return 0;
 }

@@ -53,6 +53,10 @@ int magic_shell(magic_ctx *ctx, const magic_args *a) {
         if (devnull >= 0) dup2(devnull, 0);
         dup2(out[1], 1);
         dup2(err[1], 2);
+        /* only fds 1 and 2 may hold the write ends: a command left running in the
+         * background would otherwise keep the cell waiting for the end of its output */
+        if (out[1] > 2) close(out[1]);
+        if (err[1] > 2) close(err[1]);
         close(out[0]);
         close(err[0]);
         signal(SIGINT, SIG_DFL);

@@ -138,7 +138,17 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
     o.shuffle = arg_bool(a, "shuffle");
     o.save = arg_str(a, "save");
     o.save_every = (int)arg_int(a, "save_every");
+    o.keep = (int)arg_int(a, "keep");
     o.resume = arg_str(a, "resume");
+    /* which options the cell wrote: with resume= they replace the checkpoint's, or are refused */
+    char given[1024] = "";
+    for (int i = 0; lt_option_name("train", i); i++) {
+        const char *name = lt_option_name("train", i);
+        size_t used = strlen(given);
+        if (arg_given(a, name) && used + strlen(name) + 2 < sizeof given)
+            snprintf(given + used, sizeof given - used, "%s%s", used ? "," : "", name);
+    }
+    o.given = given;
     if ((!o.data || !*o.data) && !(o.resume && *o.resume))
         return magic_fail(ctx, "CellError",
                           "%%train needs data=FILE (a .jsonl or .json dataset), or resume=DIR; "
@@ -147,6 +157,9 @@ int magic_train(magic_ctx *ctx, const magic_args *a) {
         return magic_fail(ctx, "CellError",
                           "%%train: save_every=%d needs save=DIR (where checkpoints go)",
                           o.save_every);
+    if (o.keep > 0 && !(o.save && *o.save))
+        return magic_fail(ctx, "CellError",
+                          "%%train: keep=%d needs save=DIR (the checkpoints it keeps)", o.keep);
     train_view v;
     memset(&v, 0, sizeof v);
     v.ctx = ctx;

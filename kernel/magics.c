@@ -71,9 +71,12 @@ static const opt_spec no_opts[] = {{NULL}};
 static const opt_spec seconds_type = {"SECONDS", OPT_FLOAT, NO_DEFAULT, NULL,
                                       0,         86400,     0,          "how long to wait"};
 
-static const opt_spec echo_opts[] = {{"stream", OPT_CHOICE, DEFAULT("stdout"), "stdout|stderr",
-                                      NO_RANGE, "which stream to print on"},
-                                     {NULL}};
+static const opt_spec echo_opts[] = {
+    {"stream", OPT_CHOICE, DEFAULT("stdout"), "stdout|stderr", NO_RANGE,
+     "which stream to print on"},
+    {"fd", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE,
+     "write to the process's file descriptor 1 or 2, as a library would"},
+    {NULL}};
 
 static const opt_spec input_opts[] = {
     {"password", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "hide what is typed"}, {NULL}};
@@ -170,6 +173,9 @@ static const opt_spec train_opts[] = {
      "folder for checkpoints (SAVE/checkpoint-STEP, with optimizer state)"},
     {"save_every", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
      "steps between checkpoints (0 = only at the end)"},
+    {"keep", OPT_INT, FROM_ENGINE("train"), NULL, 0, 100000000, 0,
+     "checkpoints kept in save= (the newest; an older one goes once a newer is complete; "
+     "0 = all)"},
     {"resume", OPT_STRING, FROM_ENGINE("train"), NULL, NO_RANGE,
      "continue from a checkpoint (or the latest one in a save= folder)"},
     {NULL}};
@@ -354,8 +360,11 @@ static const magic_spec table[] = {
      "Waits SECONDS (0 to 86400) showing a progress bar updated in place. An interrupt "
      "stops it within half a second. It exists to show how every long magic reports.",
      magic_sleep},
-    {"echo", 0, "%echo TEXT... [stream=stdout|stderr]", 0, MAGIC_MAX_POS, "TEXT", NULL, echo_opts,
-     "print text", "Prints its words, separated by spaces, on stdout (or stderr).", magic_echo},
+    {"echo", 0, "%echo TEXT... [stream=stdout|stderr] [fd=false]", 0, MAGIC_MAX_POS, "TEXT", NULL,
+     echo_opts, "print text",
+     "Prints its words, separated by spaces, on stdout (or stderr). With fd=true it writes them "
+     "to file descriptor 1 (or 2) instead, the way the engine's libraries print.",
+     magic_echo},
     {"input", 0, "%input PROMPT [password=false]", 0, 1, "PROMPT", NULL, input_opts,
      "ask the user for a line and print it",
      "Asks the front end for a line of text (Jupyter's input_request) and prints what was "

@@ -28,6 +28,7 @@ static int usage(FILE *f) {
 }
 
 static int kernel_main(int argc, char **argv) {
+    server_watch_launcher(); /* first: the launcher may die while the kernel starts */
     const char *conn = NULL;
     for (int i = 0; i < argc; ++i) {
         if ((!strcmp(argv[i], "-f") || !strcmp(argv[i], "--connection-file")) && i + 1 < argc)

@@ -9,9 +9,14 @@
  *              (they must work while a cell runs);
  *   shell      ROUTER + stdin ROUTER: runs cells through interp_execute with an lt_sink that
  *              turns what a cell shows into iopub messages.
+ * A fifth thread reads pipes put over file descriptors 1 and 2: what the engine's libraries
+ * and child processes write there becomes the running cell's stdout/stderr (in order with the
+ * cell's own output, every byte in before its reply), and goes to the log between cells.
  * busy/idle is published around every request on shell and control, unknown types included.
- * Bad input (wrong signature, missing frames, malformed JSON, unknown types) is logged and
- * dropped; the kernel keeps serving. SIGINT only interrupts the running cell.
+ * Bad input (wrong signature, missing frames) is logged and dropped; a correctly signed
+ * request that is malformed (JSON parts, header, content fields) or of an unknown type gets
+ * an error reply (status "error", ename/evalue) between busy and idle; the kernel keeps
+ * serving. SIGINT only interrupts the running cell.
  * The sink may be called from any thread while a cell runs (e.g. an engine worker reporting
  * progress): every output goes through the output queue's mutex, which also serialises the
  * shell thread's PUSH socket.
@@ -33,6 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -40,6 +46,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -112,6 +121,25 @@ typedef struct hist_entry {
     char *output; /* text/plain of the execute_result, or NULL */
 } hist_entry;
 
+/* What the process writes to file descriptors 1 and 2 (the engine, SentencePiece, the CUDA
+ * runtime, child processes): pipes over fds 1/2 and a reader thread. While a cell runs the
+ * bytes become that cell's stream output; otherwise they go where fds 1/2 went before (the
+ * kernel's log). The kernel's own log_msg writes to a copy of the original fd 2, never to a
+ * pipe, so it cannot loop back into a cell. */
+typedef struct capture {
+    int rd[2];                 /* read ends: [0] fd 1 (stdout), [1] fd 2 (stderr); -1 = off */
+    int orig[2];               /* the original fds 1 and 2 */
+    pthread_mutex_t lock;      /* held while bytes read from a pipe are forwarded, so that a drain
+                                  sees everything read before it */
+    void *push;                /* the running cell's PUSH socket (under out.lock), or NULL */
+    int silent;                /* the running cell is silent: its bytes go to the log */
+    unsigned char carry[2][4]; /* an incomplete UTF-8 sequence at the end of the last read */
+    size_t n_carry[2];
+    atomic_int stop;
+    pthread_t thread;
+    int thread_ok;
+} capture;
+
 typedef struct server {
     void *ctx;
     jp_connection conn;
@@ -134,6 +162,7 @@ typedef struct server {
     size_t n_hist, cap_hist;
 
     outq out;
+    capture cap;
 } server;
 
 /* One request-serving thread's view. */
@@ -234,6 +263,36 @@ static json_t *error_content(const char *ename, const char *evalue, json_t *trac
     return c;
 }
 
+/* Whether a request of this type, malformed or unknown, is answered with an error: every
+ * type but replies (a reply to a reply could go back and forth) and the comm messages, which
+ * never have replies. A type that cannot be read gets an answer too. */
+static int wants_error_reply(const char *type) {
+    if (!type) return 1;
+    size_t n = strlen(type);
+    if (n >= 6 && strcmp(type + n - 6, "_reply") == 0) return 0;
+    return strncmp(type, "comm_", 5) != 0;
+}
+
+/* The error reply to a request that cannot be served; "error_reply" when its type is not
+ * known. An execute_request's reply also carries the execution counter. */
+static void send_error_reply(chan *ch, const jp_msg *req, const char *ename, const char *evalue) {
+    json_t *c = error_content(ename, evalue, NULL);
+    const char *type = msg_type(req);
+    if (c && type && strcmp(type, "execute_request") == 0 && ch->is_shell)
+        json_object_set_new(c, "execution_count", json_integer(ch->srv->execution_count));
+    if (type) {
+        send_reply(ch, req, c);
+        return;
+    }
+    jp_msg m;
+    if (!c || msg_reply(&ch->srv->sess, req, "error_reply", c, &m) < 0) {
+        log_msg("%s: out of memory building error_reply", ch->name);
+        return;
+    }
+    send_msg(ch->srv, ch->sock, &m);
+    jp_msg_free(&m);
+}
+
 /* ---- output throttle ------------------------------------------------------------------ */
 
 static void wake_iopub(void *push) {
@@ -305,9 +364,8 @@ static void outq_end(server *s, void *sock) {
     pthread_mutex_unlock(&q->lock);
 }
 
-static void outq_stream(server *s, void *sock, const char *name, const char *text) {
+static void outq_stream(server *s, void *sock, const char *name, const char *text, size_t len) {
     outq *q = &s->out;
-    size_t len = strlen(text);
     if (len == 0) return;
     int wake = 0;
     pthread_mutex_lock(&q->lock);
@@ -472,6 +530,176 @@ static int json_int_or(const json_t *c, const char *key, int dflt) {
     return dflt;
 }
 
+/* ---- fds 1 and 2 ---------------------------------------------------------------------- */
+
+#define CAPTURE_READ 16384 /* bytes per read: two buffers of it live on the caller's stack */
+
+/* Bytes at the end of b[0..n) that begin a UTF-8 sequence the read cut short. */
+static size_t utf8_cut_tail(const unsigned char *b, size_t n) {
+    for (size_t k = 1; k <= 3 && k <= n; k++) {
+        unsigned char c = b[n - k];
+        if ((c & 0xC0) == 0x80) continue;
+        size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return need > k ? k : 0;
+    }
+    return 0;
+}
+
+static void write_all(int fd, const unsigned char *b, size_t n) {
+    while (fd >= 0 && n > 0) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        b += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Sends n bytes read from pipe `which` (after its carried bytes) to the running cell, or to
+ * the original fd. `last` flushes an incomplete sequence as it is. Caller holds cap.lock. */
+static void capture_forward_locked(server *s, int which, const unsigned char *b, size_t n,
+                                   int last) {
+    capture *c = &s->cap;
+    unsigned char buf[CAPTURE_READ + 4];
+    size_t len = c->n_carry[which];
+    memcpy(buf, c->carry[which], len);
+    if (n > sizeof buf - len) n = sizeof buf - len; /* callers read at most CAPTURE_READ */
+    memcpy(buf + len, b, n);
+    len += n;
+    size_t tail = last ? 0 : utf8_cut_tail(buf, len);
+    memcpy(c->carry[which], buf + len - tail, tail);
+    c->n_carry[which] = tail;
+    len -= tail;
+    if (len == 0) return;
+    if (c->push && !c->silent)
+        outq_stream(s, c->push, which ? "stderr" : "stdout", (const char *)buf, len);
+    else
+        write_all(c->orig[which], buf, len);
+}
+
+/* Reads what pipe `which` holds (at most `max_reads` reads) and forwards it. Returns 1 when
+ * more may be waiting, 0 when it is empty, -1 at its end. Caller holds cap.lock. */
+static int capture_read_locked(server *s, int which, int max_reads) {
+    unsigned char buf[CAPTURE_READ];
+    for (int i = 0; i < max_reads; i++) {
+        ssize_t n = read(s->cap.rd[which], buf, sizeof buf);
+        if (n < 0 && errno == EINTR) {
+            i--;
+            continue;
+        }
+        if (n == 0) return -1; /* every write end closed (someone closed fd 1 or 2) */
+        if (n < 0) return 0;
+        capture_forward_locked(s, which, buf, (size_t)n, 0);
+    }
+    return 1;
+}
+
+/* Everything written to fds 1/2 before this call reaches its destination before any output
+ * queued after it: called before each of a cell's own outputs, so the two stay in order. */
+static void capture_drain(server *s) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    fflush(stdout); /* outside cap.lock: a writer blocked on a full pipe needs the reader */
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    for (int w = 0; w < 2; w++)
+        capture_read_locked(s, w, 1024); /* 16 MB at most: a writer that never stops */
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* From now on fds 1/2 belong to the cell that publishes through push (NULL: none). */
+static void capture_switch(server *s, void *push, int silent) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    fflush(stdout);
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    for (int w = 0; w < 2; w++) {
+        capture_read_locked(s, w, 1024);
+        if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
+    }
+    c->push = push;
+    c->silent = silent;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void *capture_main(void *arg) {
+    server *s = arg;
+    capture *c = &s->cap;
+    int ended[2] = {0, 0};
+    while (!atomic_load(&c->stop)) {
+        struct pollfd fds[2] = {{ended[0] ? -1 : c->rd[0], POLLIN, 0},
+                                {ended[1] ? -1 : c->rd[1], POLLIN, 0}};
+        int rc = poll(fds, 2, POLL_MS);
+        if (rc < 0 && errno != EINTR) {
+            log_msg("capture: poll failed: %s", strerror(errno));
+            break;
+        }
+        if (rc <= 0) continue;
+        pthread_mutex_lock(&c->lock);
+        for (int w = 0; w < 2; w++)
+            if ((fds[w].revents & (POLLIN | POLLHUP)) && capture_read_locked(s, w, 64) < 0)
+                ended[w] = 1; /* polling it again would spin */
+        pthread_mutex_unlock(&c->lock);
+    }
+    return NULL;
+}
+
+/* Puts pipes over fds 1 and 2. On failure logs why and leaves them alone (rd = -1). */
+static void capture_open(server *s) {
+    capture *c = &s->cap;
+    c->rd[0] = c->rd[1] = c->orig[0] = c->orig[1] = -1;
+    pthread_mutex_init(&c->lock, NULL);
+    int p[2][2] = {{-1, -1}, {-1, -1}};
+    if (pipe2(p[0], O_CLOEXEC) < 0 || pipe2(p[1], O_CLOEXEC) < 0) {
+        log_msg("output of libraries stays in this log: cannot create a pipe: %s", strerror(errno));
+        for (int w = 0; w < 2; w++)
+            for (int k = 0; k < 2; k++)
+                if (p[w][k] >= 0) close(p[w][k]);
+        return;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    for (int w = 0; w < 2; w++) {
+        c->orig[w] = fcntl(w + 1, F_DUPFD_CLOEXEC, 3);
+        fcntl(p[w][0], F_SETFL, fcntl(p[w][0], F_GETFL) | O_NONBLOCK);
+        dup2(p[w][1], w + 1); /* without O_CLOEXEC: child processes write here too */
+        close(p[w][1]);
+        c->rd[w] = p[w][0];
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a pipe would make stdio buffer whole blocks */
+}
+
+/* Gives fds 1/2 back, forwarding what is left to them. */
+static void capture_close(server *s) {
+    capture *c = &s->cap;
+    if (c->rd[0] < 0) return;
+    atomic_store(&c->stop, 1);
+    if (c->thread_ok) pthread_join(c->thread, NULL);
+    fflush(stdout);
+    fflush(stderr);
+    pthread_mutex_lock(&c->lock);
+    c->push = NULL;
+    for (int w = 0; w < 2; w++) {
+        capture_read_locked(s, w, 1024);
+        if (c->n_carry[w]) capture_forward_locked(s, w, NULL, 0, 1);
+        if (c->orig[w] >= 0) {
+            dup2(c->orig[w], w + 1);
+            close(c->orig[w]);
+        } else { /* it was closed: a later write must not meet a pipe without a reader */
+            int null = open("/dev/null", O_WRONLY);
+            if (null >= 0) {
+                dup2(null, w + 1);
+                close(null);
+            }
+        }
+        close(c->rd[w]);
+        c->rd[w] = c->orig[w] = -1;
+    }
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_destroy(&c->lock);
+}
+
 /* ---- the sink: what a running cell shows ---------------------------------------------- */
 
 typedef struct exec_ctx {
@@ -487,7 +715,8 @@ static void sink_stream(void *ctx, const char *name, const char *text) {
     exec_ctx *x = ctx;
     if (x->silent || !text) return;
     const char *n = (name && strcmp(name, "stderr") == 0) ? "stderr" : "stdout";
-    outq_stream(x->ch->srv, x->ch->push, n, text);
+    capture_drain(x->ch->srv);
+    outq_stream(x->ch->srv, x->ch->push, n, text, strlen(text));
 }
 
 static json_t *display_content(json_t *data, json_t *metadata, const char *display_id) {
@@ -513,6 +742,7 @@ static void sink_display(void *ctx, json_t *data, json_t *metadata, const char *
         log_msg("update_display_data without a display_id was dropped");
         return;
     }
+    capture_drain(s);
     json_t *c = display_content(data, metadata, display_id);
     if (!c) {
         log_msg("out of memory building display_data");
@@ -535,6 +765,7 @@ static void sink_result(void *ctx, json_t *data, json_t *metadata) {
         x->result_text = strdup(plain);
     }
     if (x->silent) return;
+    capture_drain(s);
     json_t *c = json_pack("{s:i, s:o, s:o}", "execution_count", x->execution_count, "data",
                           json_deep_copy(data), "metadata",
                           json_is_object(metadata) ? json_deep_copy(metadata) : json_object());
@@ -544,6 +775,7 @@ static void sink_result(void *ctx, json_t *data, json_t *metadata) {
 static void sink_clear(void *ctx, int wait) {
     exec_ctx *x = ctx;
     if (x->silent) return;
+    capture_drain(x->ch->srv);
     json_t *c = json_pack("{s:b}", "wait", wait);
     if (c) outq_publish(x->ch->srv, x->ch->push, "clear_output", c, NULL);
 }
@@ -557,6 +789,7 @@ static int sink_input(void *ctx, const char *prompt, int password, char **value)
     *value = NULL;
     if (!x->allow_stdin || !sock) return -1;
     int gen0 = atomic_load(&s->interrupt_gen);
+    capture_drain(s);
     outq_flush_stream(s, x->ch->push);
 
     /* Drop stale replies first. */
@@ -636,6 +869,52 @@ static int on_kernel_info(chan *ch, const jp_msg *req, int aborting) {
     return 0;
 }
 
+static const char *json_kind(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+    case JSON_REAL:
+        return "a number";
+    case JSON_TRUE:
+    case JSON_FALSE:
+        return "a boolean";
+    default:
+        return "null";
+    }
+}
+
+/* An execute_request's content: a string `code`; the optional flags booleans and
+ * user_expressions an object when present (null counts as absent). 0 with the reason. */
+static int execute_fields_ok(const json_t *content, char *why, size_t len) {
+    json_t *code = json_object_get(content, "code");
+    if (!json_is_string(code)) {
+        snprintf(why, len, "execute_request content needs a string 'code'%s%s",
+                 code ? ", not " : "", code ? json_kind(code) : "");
+        return 0;
+    }
+    static const char *const flags[] = {"silent", "store_history", "allow_stdin", "stop_on_error"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        json_t *v = json_object_get(content, flags[i]);
+        if (v && !json_is_null(v) && !json_is_boolean(v)) {
+            snprintf(why, len, "execute_request '%s' must be true or false, not %s", flags[i],
+                     json_kind(v));
+            return 0;
+        }
+    }
+    json_t *ue = json_object_get(content, "user_expressions");
+    if (ue && !json_is_null(ue) && !json_is_object(ue)) {
+        snprintf(why, len, "execute_request 'user_expressions' must be an object, not %s",
+                 json_kind(ue));
+        return 0;
+    }
+    return 1;
+}
+
 static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     server *s = ch->srv;
     json_t *content = req->content;
@@ -646,11 +925,9 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
                                  "execute_request is served on the shell channel only", NULL));
         return 0;
     }
-    if (!json_is_string(jcode)) {
-        json_t *c =
-            error_content("BadRequest", "execute_request content needs a string 'code'", NULL);
-        if (c) json_object_set_new(c, "execution_count", json_integer(s->execution_count));
-        send_reply(ch, req, c);
+    char why[160];
+    if (!execute_fields_ok(content, why, sizeof why)) {
+        send_error_reply(ch, req, "BadRequest", why);
         return 0;
     }
     int silent = json_is_true(json_object_get(content, "silent"));
@@ -677,9 +954,11 @@ static int on_execute(chan *ch, const jp_msg *req, int aborting) {
     lt_sink sink = {&x, sink_stream, sink_display, sink_result, sink_input, sink_clear};
     interp_error e = {NULL, NULL, NULL};
     outq_begin(s, req->header);
+    capture_switch(s, ch->push, silent);
     interp_acquire(ch);
     int rc = interp_execute(s->in, json_string_value(jcode), json_string_length(jcode), &sink, &e);
     pthread_mutex_unlock(&s->interp_lock);
+    capture_switch(s, NULL, 0); /* what the cell wrote to fds 1/2 is in it, to the last byte */
     outq_end(s, ch->push);
 
     if (store) history_add(s, count, json_string_value(jcode), x.result_text);
@@ -861,13 +1140,51 @@ static int on_comm_ignore(chan *ch, const jp_msg *req, int aborting) {
     return 0;
 }
 
-/* The process that started the kernel: jupyter_client puts its pid in JPY_PARENT_PID. When
- * it is gone (killed, or a notebook's Python kernel that started lathe exited) nobody can
- * reach this kernel any more, so it stops, as ipykernel's parent poller does. 0 = unknown. */
-static pid_t launcher_pid(void) {
-    const char *p = getenv("JPY_PARENT_PID");
-    long v = p ? strtol(p, NULL, 10) : 0;
-    return v > 1 && (pid_t)v == getppid() ? (pid_t)v : 0;
+/* ---- the launcher ------------------------------------------------------------------ */
+
+/* The process that started the kernel. Nobody can reach a kernel whose launcher is gone
+ * (killed, or a notebook's Python kernel that started lathe exited), so it stops, as
+ * ipykernel's parent poller does. Recorded at exec time (server_watch_launcher), so a launcher
+ * that dies while the kernel is still starting is noticed too. */
+static pid_t g_launcher;   /* getppid() at exec time */
+static pid_t g_jpy_parent; /* JPY_PARENT_PID when it names another process, else 0 */
+static volatile sig_atomic_t g_parent_signal;
+
+static void on_parent_death(int sig) {
+    (void)sig;
+    g_parent_signal = 1;
+}
+
+void server_watch_launcher(void) {
+    g_launcher = getppid();
+    const char *p = getenv("JPY_PARENT_PID"); /* jupyter_client's launcher.py sets it */
+    char *end = NULL;
+    long v = p ? strtol(p, &end, 10) : 0;
+    g_jpy_parent = (v > 1 && end && *end == '\0' && (pid_t)v != g_launcher) ? (pid_t)v : 0;
+#ifdef __linux__
+    /* Linux tells us when the parent dies (PR_SET_PDEATHSIG); the handler only raises a
+     * flag, the main loop decides (it also fires when the launcher's thread that forked us
+     * exits while the launcher lives on). */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_parent_death;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGHUP, &sa, NULL);
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) != 0)
+        log_msg("cannot ask to be told when the launcher dies: %s", strerror(errno));
+        /* a parent that died before the prctl is seen by the main loop's first look */
+#endif
+}
+
+/* The pid of the launcher when it is gone, else 0: the parent recorded at exec time is no
+ * longer our parent, or JPY_PARENT_PID (when it names another process, e.g. through a
+ * wrapper; or a launcher that died before exec) no longer exists. */
+static pid_t launcher_gone(void) {
+    g_parent_signal = 0;
+    if (g_launcher > 1 && getppid() != g_launcher) return g_launcher;
+    if (g_jpy_parent && kill(g_jpy_parent, 0) < 0 && errno == ESRCH) return g_jpy_parent;
+    return 0;
 }
 
 static void request_stop(server *s) {
@@ -925,17 +1242,50 @@ static int handle_request(chan *ch, const jp_msg *req, int aborting) {
             break;
         }
     }
-    if (!known) log_msg("%s: unknown msg_type '%.100s': no reply", ch->name, type);
+    if (!known) {
+        int answer = wants_error_reply(type);
+        log_msg("%s: unknown msg_type '%.100s'%s", ch->name, type,
+                answer ? ": error reply" : ": no reply");
+        if (answer) {
+            char ev[200];
+            snprintf(ev, sizeof ev, "lathe does not serve '%.100s' on the %s channel", type,
+                     ch->name);
+            send_error_reply(ch, req, "UnknownMessageType", ev);
+        }
+    }
     publish_status(ch, req->header, "idle");
     if (known && strcmp(type, "shutdown_request") == 0) request_stop(ch->srv);
     return abort;
 }
 
-/* Decodes and serves one received message; bad ones are logged and dropped. */
+/* A correctly signed message whose parts are malformed: busy, an error reply naming what is
+ * wrong (so the client does not wait for its own timeout), idle. */
+static void answer_malformed(chan *ch, const jp_frame *f, size_t n, const char *why) {
+    jp_msg req;
+    if (wire_salvage(f, n, &req) < 0) {
+        log_msg("%s: dropped a message: %s", ch->name, why);
+        return;
+    }
+    const char *type = msg_type(&req);
+    int answer = wants_error_reply(type);
+    log_msg("%s: malformed %.100s: %s%s", ch->name, type ? type : "message", why,
+            answer ? ": error reply" : ": dropped");
+    publish_status(ch, req.header, "busy");
+    if (answer) send_error_reply(ch, &req, "BadRequest", why);
+    publish_status(ch, req.header, "idle");
+    jp_msg_free(&req);
+}
+
+/* Decodes and serves one received message; bad ones are logged and dropped, authentic but
+ * malformed ones get an error reply. */
 static int serve_frames(chan *ch, jp_frame *f, size_t n, int aborting) {
     jp_msg req;
     char err[JP_ERRLEN];
     int rc = wire_decode(&ch->srv->auth, f, n, &req, err, sizeof err);
+    if (rc == WIRE_ERR_JSON || rc == WIRE_ERR_HEADER) {
+        answer_malformed(ch, f, n, err);
+        return 0;
+    }
     if (rc != WIRE_OK) {
         log_msg("%s: dropped a message: %s", ch->name, err);
         return 0;
@@ -1170,6 +1520,7 @@ int server_run(const char *connection_file, interp *in) {
     pthread_mutex_init(&s->interp_lock, NULL);
     pthread_mutex_init(&s->hist_lock, NULL);
     pthread_mutex_init(&s->out.lock, NULL);
+    capture_open(s);
 
     /* Every thread started from here on (ours and libzmq's I/O thread) inherits this mask:
      * SIGINT is taken by the main thread only, so no socket call sees EINTR from it. */
@@ -1180,6 +1531,7 @@ int server_run(const char *connection_file, interp *in) {
     s->ctx = zmq_ctx_new();
     if (!s->ctx || open_sockets(s) < 0) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
+        capture_close(s);
         if (s->ctx) {
             close_all(s);
             zmq_ctx_term(s->ctx);
@@ -1192,6 +1544,7 @@ int server_run(const char *connection_file, interp *in) {
     if (!push) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         log_msg("cannot connect to %s: %s", IOPUB_INPROC, zmq_strerror(errno));
+        capture_close(s);
         close_all(s);
         zmq_ctx_term(s->ctx);
         conn_free(&s->conn);
@@ -1205,6 +1558,13 @@ int server_run(const char *connection_file, interp *in) {
     int ok_hb = pthread_create(&t_hb, NULL, heartbeat_main, s) == 0;
     int ok_control = pthread_create(&t_control, NULL, control_main, s) == 0;
     int ok_shell = pthread_create(&t_shell, NULL, shell_main, s) == 0;
+    if (s->cap.rd[0] >= 0) {
+        s->cap.thread_ok = pthread_create(&s->cap.thread, NULL, capture_main, s) == 0;
+        if (!s->cap.thread_ok) {
+            log_msg("cannot start the thread that reads fds 1 and 2: they stay in this log");
+            capture_close(s);
+        }
+    }
 
     g_srv = s;
     struct sigaction sa, old_sa;
@@ -1224,18 +1584,24 @@ int server_run(const char *connection_file, interp *in) {
         log_msg("kernel ready: shell %s, session %s", s->conn.endpoint[JP_SHELL], s->sess.session);
     }
 
-    pid_t launcher = launcher_pid();
     pthread_mutex_lock(&s->stop_lock);
     while (!atomic_load(&s->stopping)) {
+        int told = g_parent_signal;
+        pid_t gone = launcher_gone();
+        if (gone) {
+            log_msg("the process that started the kernel (pid %d) is gone%s: stopping", (int)gone,
+                    told ? " (parent-death signal)" : "");
+            atomic_store(&s->stopping, 1);
+            break;
+        }
         struct timespec tick;
         clock_gettime(CLOCK_REALTIME, &tick);
-        tick.tv_sec += 1;
-        pthread_cond_timedwait(&s->stop_cond, &s->stop_lock, &tick);
-        if (launcher && getppid() != launcher && !atomic_load(&s->stopping)) {
-            log_msg("the process that started the kernel (pid %d) is gone: stopping",
-                    (int)launcher);
-            atomic_store(&s->stopping, 1);
+        tick.tv_nsec += 250000000L; /* look again 4 times a second */
+        if (tick.tv_nsec >= 1000000000L) {
+            tick.tv_sec++;
+            tick.tv_nsec -= 1000000000L;
         }
+        pthread_cond_timedwait(&s->stop_cond, &s->stop_lock, &tick);
     }
     pthread_mutex_unlock(&s->stop_lock);
 
@@ -1253,6 +1619,7 @@ int server_run(const char *connection_file, interp *in) {
             log_msg("the running cell did not stop within 2 s; exiting without it");
         }
     }
+    if (shell_done) capture_close(s);
     zmq_send(push, "STOP", 4, 0);
     zmq_close(push);
     if (ok_iopub) pthread_join(t_iopub, NULL);

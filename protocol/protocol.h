@@ -117,6 +117,14 @@ int wire_verify(const jp_auth *auth, const jp_frame *sig, const jp_frame parts[4
  * buffers. Returns WIRE_OK and fills *m, or a WIRE_ERR_* code with err set. */
 int wire_decode(const jp_auth *auth, const jp_frame *frames, size_t n, jp_msg *m, char *err,
                 size_t errlen);
+/* For a message that wire_decode refused with WIRE_ERR_JSON or WIRE_ERR_HEADER, i.e. one whose
+ * signature verified but whose parts are malformed: fills *m with what an error reply needs —
+ * the identities and the header (as parsed; when it is not a JSON object, the string values of
+ * msg_id, msg_type, session, username, date and version found in its text, so a header cut
+ * short still names its request). header is then an object, possibly empty, without a
+ * msg_type that is not a string; the other parts stay NULL. Call it only after such a
+ * verdict: it does not check the signature. 0, or -1 (no delimiter, too few frames, OOM). */
+int wire_salvage(const jp_frame *frames, size_t n, jp_msg *m);
 /* Serialises *m to frames: identities, delimiter, signature, 4 compact JSON parts,
  * buffers. NULL JSON parts are sent as {}. Returns 0 and a new frame array (free with
  * jp_frames_free), or -1. */

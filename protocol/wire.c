@@ -328,6 +328,69 @@ nomem:
     return WIRE_ERR_NOMEM;
 }
 
+/* The string value of "key" in JSON text that does not parse (e.g. cut short): the first
+ * `"key" : "..."` found, unescaped by jansson. NULL when absent or not a plain string. */
+static json_t *scan_string(const unsigned char *s, size_t len, const char *key) {
+    size_t kl = strlen(key);
+    for (size_t i = 0; i + kl + 2 <= len; i++) {
+        if (s[i] != '"' || memcmp(s + i + 1, key, kl) != 0 || s[i + 1 + kl] != '"') continue;
+        size_t j = i + kl + 2;
+        while (j < len && (s[j] == ' ' || s[j] == '\t' || s[j] == '\n' || s[j] == '\r'))
+            j++;
+        if (j >= len || s[j] != ':') continue;
+        j++;
+        while (j < len && (s[j] == ' ' || s[j] == '\t' || s[j] == '\n' || s[j] == '\r'))
+            j++;
+        if (j >= len || s[j] != '"') continue;
+        size_t k = j + 1;
+        while (k < len && s[k] != '"')
+            k += s[k] == '\\' ? 2 : 1;
+        if (k >= len) return NULL;
+        size_t n;
+        char *text = json_text_repair(s + j, k + 1 - j, &n);
+        json_t *v = text ? json_loadb(text, n, JSON_DECODE_ANY, NULL) : NULL;
+        free(text);
+        if (json_is_string(v)) return v;
+        json_decref(v);
+        return NULL;
+    }
+    return NULL;
+}
+
+int wire_salvage(const jp_frame *frames, size_t n, jp_msg *m) {
+    jp_msg_init(m);
+    size_t d = 0;
+    while (d < n && !(frames[d].len == JP_DELIMITER_LEN &&
+                      memcmp(frames[d].data, JP_DELIMITER, JP_DELIMITER_LEN) == 0))
+        d++;
+    if (d == n || n - d - 1 < 5) return -1;
+    if (d > 0) {
+        m->idents = jp_frames_dup(frames, d);
+        if (!m->idents) return -1;
+        m->n_idents = d;
+    }
+    char err[JP_ERRLEN];
+    const jp_frame *h = &frames[d + 2];
+    m->header = part_load(h, "header", err, sizeof err);
+    if (!m->header) {
+        static const char *const keys[] = {"msg_id",   "msg_type", "session",
+                                           "username", "date",     "version"};
+        m->header = json_object();
+        if (!m->header) {
+            jp_msg_free(m);
+            return -1;
+        }
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+            json_t *v = scan_string(h->data, h->len, keys[i]);
+            if (v) json_object_set_new(m->header, keys[i], v);
+        }
+    }
+    /* a msg_type or msg_id that is not a string is no use to a reply */
+    if (!json_is_string(json_object_get(m->header, "msg_type")))
+        json_object_del(m->header, "msg_type");
+    return 0;
+}
+
 int wire_encode(const jp_auth *auth, const jp_msg *m, jp_frame **out, size_t *n_out, char *err,
                 size_t errlen) {
     *out = NULL;

@@ -16,20 +16,45 @@ def write(path, cells):
 
 
 write("notebooks/quickstart.ipynb", [
-    new_markdown_cell("# lathe quickstart\n\nA cell holds magics. `%help` lists them; "
-                      "`%help NAME` explains one and its options."),
+    new_markdown_cell("# lathe quickstart\n\nThe whole job in a minute on a laptop's CPU: load a "
+                      "model, attach LoRA adapters, fine-tune it on a small chat dataset while the "
+                      "loss curve draws itself, save the adapter, chat with the result and export "
+                      "it for llama.cpp. A cell holds magics; `%help` lists them and `%help NAME` "
+                      "explains one and its options."),
     new_code_cell("%help"),
-    new_markdown_cell("Load the small model shipped with lathe (`tiny`: Gemma 3's architecture, "
-                      "a few million parameters, random weights until you train it). Any "
-                      "Gemma 3 checkpoint directory or Hugging Face cache id works the same way."),
+    new_markdown_cell("## Load\n\n`tiny` is the small model shipped with lathe: Gemma 3's "
+                      "architecture with 1.3 million parameters, so that everything here runs in "
+                      "seconds. **Its weights are random until it trains**: before training it "
+                      "answers gibberish, as the next cell shows. Any Gemma 3 checkpoint "
+                      "directory or Hugging Face id (`google/gemma-3-1b-it`) loads the same way, "
+                      "and the cells below work on it unchanged."),
     new_code_cell("%load tiny"),
+    new_code_cell("%%chat temperature=0 max_new=16\nTell me about rivers."),
+    new_markdown_cell("## LoRA\n\nRank-16 adapters on every linear layer (q, k, v, o, gate, up, "
+                      "down). They start at zero (B = 0, as PEFT's do), so the model is unchanged "
+                      "until it trains; only they train."),
+    new_code_cell("%lora r=16 alpha=32"),
+    new_markdown_cell("## Train\n\n`data/polite.jsonl` holds 40 chat conversations whose answers "
+                      "all follow one pattern (\"Sure! Here is a short note about ... Thanks for "
+                      "asking!\"); only the model's turns are trained. The progress bar and the "
+                      "loss curve update in place; *Kernel > Interrupt* stops at the next "
+                      "micro-batch and keeps the last complete step."),
+    new_code_cell("%train data=data/polite.jsonl batch=4 steps=30 lr=3e-3 warmup=3"),
+    new_markdown_cell("## Chat\n\nThe same question as before training (`reset` starts a new "
+                      "conversation), on a topic the dataset does not have: the answer now takes "
+                      "the trained form."),
+    new_code_cell("%%chat reset temperature=0 max_new=24\nTell me about rivers."),
+    new_markdown_cell("## Save and export\n\nThe adapter in PEFT's format "
+                      "(`peft.PeftModel.from_pretrained` and `%lora load=` read it), and the model "
+                      "with the adapter merged in as a GGUF file that llama.cpp, Ollama and LM "
+                      "Studio run."),
+    new_code_cell("%save adapter=/tmp/lathe-quickstart/polite-adapter"),
+    new_code_cell("%export_gguf /tmp/lathe-quickstart/polite-q8_0.gguf type=q8_0 overwrite=true"),
+    new_markdown_cell("`%status` shows what is loaded. Next: `finetune.ipynb` (LoRA in more "
+                      "detail), `qlora.ipynb` (Gemma 3 12B in 4 bits on a T4), `export.ipynb` "
+                      "(llama.cpp), `grpo.ipynb` (reinforcement learning), `colab.ipynb` "
+                      "(Google Colab)."),
     new_code_cell("%status"),
-    new_markdown_cell("Chat uses Gemma 3's chat template. `temperature=0` is greedy decoding."),
-    new_code_cell("%%chat temperature=0 max_new=24\nHello! Who are you?"),
-    new_code_cell("%generate \"The capital of France is\" temperature=0 max_new=16"),
-    new_markdown_cell("Long magics show a progress bar that updates in place, and stop "
-                      "cleanly on *Kernel > Interrupt*."),
-    new_code_cell("%sleep 1"),
 ])
 
 write("notebooks/finetune.ipynb", [
@@ -160,23 +185,59 @@ PY_KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "lang
 nb = new_notebook(cells=[
     new_markdown_cell("# lathe on Google Colab\n\nHosted Colab runs only its own Python kernel, so "
                       "lathe comes in as an IPython extension: `%load_ext lathe` starts a lathe "
-                      "kernel beside Colab's and `%%lathe` cells run in it, with their progress "
-                      "bars and loss curves shown here. Pick *Runtime > Change runtime type > T4 "
-                      "GPU* first. (This notebook needs Colab's network and GPU, so CI does not "
-                      "run it; the extension itself is tested in `tests/notebooks/test_ipython_ext.py`.)"),
-    new_code_cell("!git clone --depth 1 https://github.com/lathe-ml/lathe /content/lathe\n"
-                  "!cd /content/lathe && ./quickstart   # apt packages, build, kernelspec, a first notebook"),
-    new_code_cell("import sys\nsys.path.insert(0, '/content/lathe/ipython')\n%load_ext lathe"),
-    new_markdown_cell("lathe never downloads: fetch the checkpoint into the Hugging Face cache "
-                      "first (Gemma needs its licence accepted and a token: "
-                      "`huggingface-cli login`)."),
-    new_code_cell("!huggingface-cli download google/gemma-3-1b-it"),
-    new_code_cell("%%lathe\n%load google/gemma-3-1b-it device=cuda\n%status"),
-    new_code_cell("%%lathe\n%lora r=16 alpha=32\n"
-                  "%train data=/content/lathe/notebooks/data/polite.jsonl batch=4 steps=60 lr=2e-4"),
-    new_code_cell("%%lathe\n%%chat temperature=0 max_new=64\nTell me about rivers."),
-    new_code_cell("%%lathe\n%save adapter=/content/polite-adapter\n"
-                  "%export_gguf /content/gemma-3-1b-polite-q8_0.gguf type=q8_0"),
+                      "kernel beside Colab's and `%%lathe` cells run in it, with their output, "
+                      "progress bars and loss curves shown here; the stop button interrupts them. "
+                      "Pick *Runtime > Change runtime type > T4 GPU* first: on a GPU the notebook "
+                      "fine-tunes Gemma 3 1B; without one it runs the same cells on `tiny`, "
+                      "lathe's own small model (random weights until it trains), which is how CI "
+                      "runs this notebook (`tests/notebooks/test_ipython_ext.py`)."),
+    new_markdown_cell("Get lathe and build it (`./quickstart`: Debian packages, the build, the "
+                      "kernelspec). Where lathe is built and installed already, this cell says so "
+                      "and skips both."),
+    new_code_cell("import os, sys\n"
+                  "from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel\n"
+                  "SRC = os.environ.get('LATHE_SRCDIR', '/content/lathe')\n"
+                  "try:\n"
+                  "    lathe_bin = KernelSpecManager().get_kernel_spec('lathe').argv[0]\n"
+                  "except NoSuchKernel:\n"
+                  "    lathe_bin = None\n"
+                  "if lathe_bin and os.access(lathe_bin, os.X_OK):\n"
+                  "    print('lathe is built and installed already (%s): no clone, no ./quickstart'"
+                  " % lathe_bin)\n"
+                  "else:\n"
+                  "    if not os.path.isdir(SRC):\n"
+                  "        !git clone --depth 1 https://github.com/lathe-ml/lathe {SRC}\n"
+                  "    !cd {SRC} && ./quickstart   # apt packages, build, kernelspec, a first notebook\n"
+                  "sys.path.insert(0, os.path.join(SRC, 'ipython'))\n"
+                  "os.chdir(os.path.join(SRC, 'notebooks'))   # lathe starts here: data/ is beside it"),
+    new_markdown_cell("On a GPU, Gemma 3 1B from the Hugging Face Hub (Gemma needs its licence "
+                      "accepted and a token: `huggingface-cli login`); otherwise `tiny`. The "
+                      "one-line form `%lathe` takes these Python values in braces, as every IPython "
+                      "magic line does."),
+    new_code_cell("import shutil, tempfile\n"
+                  "if shutil.which('nvidia-smi'):\n"
+                  "    MODEL, DEVICE, STEPS, LR, OUT = 'google/gemma-3-1b-it', 'cuda', 60, '2e-4', "
+                  "'/content'\n"
+                  "    !huggingface-cli download {MODEL}\n"
+                  "else:\n"
+                  "    MODEL, DEVICE, STEPS, LR, OUT = 'tiny', 'cpu', 30, '3e-3', "
+                  "tempfile.mkdtemp(prefix='lathe-colab-')\n"
+                  "print(MODEL, 'on', DEVICE)"),
+    new_code_cell("%load_ext lathe"),
+    new_code_cell("%lathe %load {MODEL} device={DEVICE}"),
+    new_code_cell("%%lathe\n%status"),
+    new_markdown_cell("LoRA adapters on every linear layer, then training on `data/polite.jsonl` "
+                      "(40 conversations whose answers all follow one pattern). The progress bar "
+                      "and the loss curve update in place; the stop button ends the run at the "
+                      "next micro-batch and keeps the last complete step."),
+    new_code_cell("%%lathe\n%lora r=16 alpha=32"),
+    new_code_cell("%lathe %train data=data/polite.jsonl batch=4 steps={STEPS} lr={LR} warmup=3"),
+    new_markdown_cell("A topic the dataset does not have; the answer takes the trained form."),
+    new_code_cell("%%lathe\n%%chat temperature=0 max_new=24\nTell me about rivers."),
+    new_markdown_cell("Keep the result: the adapter in PEFT's format, and a GGUF file for "
+                      "llama.cpp, Ollama and LM Studio."),
+    new_code_cell("%lathe %save adapter={OUT}/polite-adapter"),
+    new_code_cell("%lathe %export_gguf {OUT}/polite-q8_0.gguf type=q8_0 overwrite=true"),
 ], metadata=PY_KERNEL)
 for i, c in enumerate(nb.cells):
     c["id"] = "cell-%d" % i

@@ -105,6 +105,14 @@ typedef struct lt_mem_info {
     size_t total;
 } lt_mem_info;
 
+/* sample_rows' settings (the same for every row of a call). */
+typedef struct lt_sample_opts {
+    float inv_temp; /* 1 / temperature; <= 0 = greedy */
+    int top_k;      /* 0 = off */
+    float top_p;    /* 1 = off */
+    float min_p;    /* 0 = off */
+} lt_sample_opts;
+
 /* One per session and device: which backend, its private state (thread pool, CUDA stream,
  * cuBLAS handle), and the message of the last failed op. */
 typedef struct lt_ctx {
@@ -200,6 +208,21 @@ typedef struct lt_backend {
     lt_status (*attention_rows)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k_new,
                                 lt_tensor v_new, lt_tensor kc, lt_tensor vc, lt_tensor rows,
                                 lt_tensor qpos, int window, float scale);
+    /* Batched sampling: one token id per row of logits ([R, V] fp32), written to ids ([R]
+     * I32), with bits ([R] I32) the row's 32 random bits. The rule (sample_rule.h has its
+     * arithmetic; every backend follows it to the integer):
+     *   inv_temp <= 0: the first maximum (greedy). Otherwise m = the row's maximum and
+     *   w_j = lt_sample_weight(l_j, m, inv_temp); the candidates start as every id, then
+     *   top_k in [1, V): keep key(l_j) >= the key of the top_k-th largest logit (ties kept);
+     *   top_p < 1: with W the candidates' weight, keep key(l_j) >= the smallest key v whose
+     *     candidates at or below v weigh more than lt_sample_cut(W, top_p);
+     *   min_p > 0: keep w_j >= lt_sample_floor(min_p);
+     *   S = the candidates' weight, t = lt_sample_target(S, bits); the id is the first
+     *   candidate (in id order) at which the running weight exceeds t (S == 0, only with NaN
+     *   logits: the first maximum).
+     * A backend may leave it NULL: the sampler then draws on the host. */
+    lt_status (*sample_rows)(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                             const lt_sample_opts *o);
 
     /* ---- backward ops (NULL until implemented; see conventions above) -------------------- */
     /* dx = dy·W (+ adapter path); accumulates w->grad_w, lora grad_a/grad_b when present.

@@ -1,16 +1,27 @@
 /* atomic_file.c — temp file, fsync, rename (see atomic_file.h). Owns only the temp files it
- * creates; never touches a target except by the final rename or link.
+ * creates, and the stale ones earlier writes to the same target left behind when they were
+ * killed (a temp's name carries its writer's pid, and the writer holds a lock on it while it
+ * writes): those are removed by the next write to that target, never one whose writer may
+ * still run. Never touches a target except by the final rename or link.
  */
 #include "cuda/base/atomic_file.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+/* A temp without a pid in its name (older lathe: ".NAME.tmp-XXXXXX") is only taken for stale
+ * once it has not been written for this long. */
+#define LEGACY_TEMP_AGE_S (10 * 60)
 
 lt_status lt_dir_prepare(const char *dir, char *err) {
     if (!dir || !*dir) return lt_fail(err, LT_ERR_ARG, "no folder given");
@@ -35,6 +46,55 @@ lt_status lt_dir_prepare(const char *dir, char *err) {
     return LT_OK;
 }
 
+/* ---- stale temps ---------------------------------------------------------------------------- */
+
+/* Whether the temp `name` (in the folder dirfd) belongs to a writer that is gone: its name's pid
+ * (".NAME.tmp-PID-XXXXXX", or ".NAME.tmp-PID") names no process, or, for a name without a pid,
+ * it has not changed for LEGACY_TEMP_AGE_S; and in both cases nobody holds its lock. */
+static int temp_is_stale(int dirfd, const char *name, const char *rest) {
+    const char *p = rest;
+    long pid = 0;
+    while (*p >= '0' && *p <= '9' && pid < 100000000)
+        pid = pid * 10 + (*p++ - '0');
+    int has_pid = p > rest && (*p == '-' || *p == 0);
+    if (has_pid) {
+        if ((pid_t)pid == getpid()) return 0; /* this process: maybe another writer of ours */
+        if (pid <= 0 || kill((pid_t)pid, 0) == 0 || errno != ESRCH) return 0;
+    } else if (strlen(rest) != 6) {
+        return 0; /* not a name this file makes */
+    }
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return 0;
+    struct stat st;
+    int stale = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+                (has_pid || time(NULL) - st.st_mtime > LEGACY_TEMP_AGE_S) &&
+                flock(fd, LOCK_EX | LOCK_NB) == 0;
+    close(fd); /* releases the lock: the unlink follows at once */
+    return stale;
+}
+
+/* Removes the temps that earlier, killed writes to path left beside it (best effort). */
+static void stale_temps_remove(const char *path) {
+    char dir[4096], prefix[4200];
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    if (slash)
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash == path ? 1 : slash - path), path);
+    else
+        snprintf(dir, sizeof dir, ".");
+    int n = snprintf(prefix, sizeof prefix, ".%s.tmp-", base);
+    if (n <= 0 || (size_t)n >= sizeof prefix) return;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, prefix, (size_t)n) != 0) continue;
+        if (temp_is_stale(dirfd(d), e->d_name, e->d_name + n))
+            (void)unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+}
+
 /* ---- one file ------------------------------------------------------------------------------- */
 
 lt_status lt_afile_open(lt_afile *f, const char *path, char *err) {
@@ -45,7 +105,9 @@ lt_status lt_afile_open(lt_afile *f, const char *path, char *err) {
         return lt_fail(err, LT_ERR_ARG, "%.200s...: path too long", path);
     snprintf(f->path, sizeof f->path, "%s", path);
     const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    snprintf(f->tmp, sizeof f->tmp, "%.*s.%s.tmp-XXXXXX", (int)(base - path), path, base);
+    stale_temps_remove(path);
+    snprintf(f->tmp, sizeof f->tmp, "%.*s.%s.tmp-%ld-XXXXXX", (int)(base - path), path, base,
+             (long)getpid());
     f->fd = mkstemp(f->tmp);
     if (f->fd < 0) {
         f->tmp[0] = 0;
@@ -53,7 +115,8 @@ lt_status lt_afile_open(lt_afile *f, const char *path, char *err) {
                        strerror(errno));
     }
     (void)fcntl(f->fd, F_SETFD, FD_CLOEXEC);
-    (void)fchmod(f->fd, 0644); /* mkstemp makes it 0600 */
+    (void)flock(f->fd, LOCK_EX | LOCK_NB); /* held while it writes: see temp_is_stale */
+    (void)fchmod(f->fd, 0644);             /* mkstemp makes it 0600 */
     return LT_OK;
 }
 

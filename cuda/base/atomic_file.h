@@ -1,11 +1,15 @@
 /* atomic_file.h — files that appear whole or not at all. Engine-private.
  *
- * A file is written as a temp file beside its target ("<dir>/.<name>.tmp-XXXXXX"), fsync'd,
+ * A file is written as a temp file beside its target ("<dir>/.<name>.tmp-PID-XXXXXX", locked
+ * with flock while it is written), fsync'd,
  * then renamed over the target (or, in no-replace mode, hard-linked to it, so a file that
  * appeared meanwhile is never replaced), and the folder is fsync'd so the rename itself is
  * durable. A set of files (an adapter, a checkpoint) writes every temp first and renames only
  * when all of them were written. On any failure the temps are removed and the previous files
- * are untouched. Also: the whole-file write and the folder check the savers start with.
+ * are untouched. A write that was killed leaves its temp behind: the next write to the same
+ * target removes such temps, but only those whose writer is gone (no process has the pid in
+ * the name, nobody holds the lock). Also: the whole-file write and the folder check the savers
+ * start with.
  * Owns only its temp files; errors name the target path (err: LT_ERRLEN bytes).
  */
 #ifndef LATHE_ATOMIC_FILE_H

@@ -8,26 +8,21 @@
  * norms and linears through gemma3_layer_qkv / gemma3_layer_finish on [rows, H], each row's
  * K/V appended to its own cache and its query attending that cache alone (one attention_rows
  * op per layer; one attention op per row where a backend lacks it), the final norm and the
- * head on [rows, H]; then each row samples from its logits on the host (the rows spread over
- * threads when the vocabulary is large, each row with its own RNG). Rows that stop leave
- * the batch: the next step's batch is the running rows, in row order. Written against the op table
- * only; must not touch the trainer or a session.
+ * head on [rows, H]; then each row draws its token where the logits are (the sample_rows op,
+ * with 32 bits from the row's own RNG), and only the ids come back to the host. Rows that stop
+ * leave the batch: the next step's batch is the running rows, in row order. Written against
+ * the op table only; must not touch the trainer or a session.
  */
 #include "cuda/model/rollout.h"
 
 #include <limits.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "cuda/base/threads.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/sample.h"
-
-#define PICK_THREADS 16       /* samplers (threads) at most */
-#define PICK_SPREAD (1 << 16) /* logits per step from which the draws spread over threads */
 
 void rollout_out_free(rollout_out *out) {
     if (!out) return;
@@ -53,8 +48,8 @@ uint64_t rollout_row_seed(uint64_t seed, int p, int j) {
 /* Layer l of every row: [n_rows, slots, nkv, hd] fp32 K and V, position p of a row in slot
  * p % slots (gemma3_cache's layout, and attention_rows'). Without attention_rows, kpos[kind]
  * ([n_rows, kslots[kind]] I32, the position each slot holds or -1) serves the per-row
- * attention op; every layer of a kind shares it. step: a step's I32 inputs, backend [3, n]
- * (ids, positions, cache rows), uploaded at once from step_host. */
+ * attention op; every layer of a kind shares it. step: a step's I32 inputs, backend [4, n]
+ * (ids, positions, cache rows, the draws' random bits), uploaded at once from step_host. */
 typedef struct rollout_state {
     const gemma3_model *m;
     lt_ctx *ctx;
@@ -67,9 +62,9 @@ typedef struct rollout_state {
     int kslots[2];
     int32_t *kpos_host; /* [max kslots] scratch */
     int32_t *step, *step_host;
-    float *logits;      /* backend [n_rows, V] */
-    float *logits_host; /* [n_rows, V] */
-    gemma3_acts b;      /* [n_rows] decode activations (allocated after prefill) */
+    float *logits;  /* backend [n_rows, V] */
+    int32_t *drawn; /* backend [n_rows]: sample_rows' ids */
+    gemma3_acts b;  /* [n_rows] decode activations (allocated after prefill) */
     int have_acts;
 } rollout_state;
 
@@ -93,7 +88,7 @@ size_t gemma3_rollout_bytes(const gemma3_model *m, int n_rows, int max_len) {
         ks[gemma3_layer_kind(c, l)] = s;
     }
     prefill += grow;
-    kp = (size_t)n_rows * (size_t)(ks[0] + ks[1] + 3) * sizeof(int32_t); /* + the step's ids */
+    kp = (size_t)n_rows * (size_t)(ks[0] + ks[1] + 5) * sizeof(int32_t); /* + the step's I32s */
     size_t logits = (size_t)n_rows * (size_t)c->vocab_size * sizeof(float);
     int chunk = max_len < GEMMA3_CHUNK ? max_len : GEMMA3_CHUNK;
     size_t prefill_acts = gemma3_acts_bytes(c, chunk) + (size_t)chunk * sizeof(int32_t);
@@ -112,13 +107,13 @@ static void state_free(rollout_state *st) {
         ctx->be->release(ctx, st->kpos[i]);
     ctx->be->release(ctx, st->logits);
     ctx->be->release(ctx, st->step);
+    ctx->be->release(ctx, st->drawn);
     if (st->have_acts) gemma3_acts_free(&st->b, ctx);
     free(st->k);
     free(st->v);
     free(st->slots);
     free(st->kpos_host);
     free(st->step_host);
-    free(st->logits_host);
     memset(st, 0, sizeof *st);
 }
 
@@ -137,8 +132,7 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     st->k = calloc((size_t)L, sizeof *st->k);
     st->v = calloc((size_t)L, sizeof *st->v);
     st->slots = calloc((size_t)L, sizeof *st->slots);
-    st->logits_host = malloc(sizeof(float) * V * (size_t)n_rows);
-    if (!st->k || !st->v || !st->slots || !st->logits_host) goto oom;
+    if (!st->k || !st->v || !st->slots) goto oom;
     for (int l = 0; l < L; l++) {
         int s = gemma3_cache_slots(c, l, max_len);
         size_t half = layer_kv_bytes(c, l, n_rows, max_len) / 2;
@@ -157,9 +151,10 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     }
     st->kpos_host = malloc(sizeof(int32_t) * (size_t)most);
     st->logits = ctx->be->alloc(ctx, sizeof(float) * V * (size_t)n_rows);
-    st->step = ctx->be->alloc(ctx, sizeof(int32_t) * 3 * (size_t)n_rows);
-    st->step_host = malloc(sizeof(int32_t) * 3 * (size_t)n_rows);
-    if (!st->kpos_host || !st->logits || !st->step || !st->step_host) goto oom;
+    st->step = ctx->be->alloc(ctx, sizeof(int32_t) * 4 * (size_t)n_rows);
+    st->step_host = malloc(sizeof(int32_t) * 4 * (size_t)n_rows);
+    st->drawn = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)n_rows);
+    if (!st->kpos_host || !st->logits || !st->step || !st->step_host || !st->drawn) goto oom;
     return LT_OK;
 oom:
     state_free(st);
@@ -231,10 +226,26 @@ done:
     return rc;
 }
 
-/* One token for each of the n active rows: ids[i] at position pos[i] of row row[i]; their
- * logits land in st->logits_host [n, V]. */
+/* The draws of n rows from st->logits [n, V], with their bits at bits_dev (backend [n]):
+ * the ids into picked (host). */
+static lt_status draw_rows(rollout_state *st, const lt_sample_opts *so, const int32_t *bits_dev,
+                           int n, int32_t *picked) {
+    lt_ctx *ctx = st->ctx;
+    int64_t V = st->m->cfg.vocab_size;
+    lt_status rc = LT_OK;
+    LT_TRY(ctx->be->sample_rows(ctx, lt_tensor_1d(LT_I32, st->drawn, n),
+                                lt_tensor_2d(LT_F32, st->logits, n, V),
+                                lt_tensor_1d(LT_I32, (void *)bits_dev, n), so));
+    LT_TRY(ctx->be->download(ctx, picked, st->drawn, sizeof(int32_t) * (size_t)n));
+done:
+    return rc;
+}
+
+/* One token for each of the n active rows: ids[i] at position pos[i] of row row[i], then each
+ * row's draw with the next bits of its RNG (rng[row[i]]): the new ids into picked. */
 static lt_status decode_step(rollout_state *st, const int *row, const int32_t *ids,
-                             const int32_t *pos, int n) {
+                             const int32_t *pos, int n, lt_rng *rng, const lt_sample_opts *so,
+                             int32_t *picked) {
     const gemma3_model *m = st->m;
     const gemma3_config *c = &m->cfg;
     lt_ctx *ctx = st->ctx;
@@ -246,8 +257,9 @@ static lt_status decode_step(rollout_state *st, const int *row, const int32_t *i
         sh[i] = ids[i];
         sh[n + i] = pos[i];
         sh[2 * n + i] = row[i];
+        sh[3 * n + i] = (int32_t)rng_bits(&rng[row[i]]);
     }
-    LT_TRY(be->upload(ctx, st->step, sh, sizeof(int32_t) * 3 * (size_t)n));
+    LT_TRY(be->upload(ctx, st->step, sh, sizeof(int32_t) * 4 * (size_t)n));
     gemma3_acts b = st->b; /* this step's ids and positions */
     b.ids = st->step;
     b.pos = st->step + n;
@@ -269,7 +281,7 @@ static lt_status decode_step(rollout_state *st, const int *row, const int32_t *i
     lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
     LT_TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
     LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, st->logits, n, V), hn, gemma3_head(m)));
-    LT_TRY(be->download(ctx, st->logits_host, st->logits, sizeof(float) * (size_t)(n * V)));
+    LT_TRY(draw_rows(st, so, st->step + 3 * n, n, picked));
 done:
     return rc;
 }
@@ -309,43 +321,6 @@ static lt_status check_args(const gemma3_model *m, const int32_t *const *prompts
     return LT_OK;
 }
 
-/* ---- the draws of one step ------------------------------------------------------------------
- * Row row[i] picks from logits + i * stride. Each row has its own RNG and each thread its own
- * sampler, so threads may take the rows in any order: the ids are the same. */
-typedef struct pick_job {
-    sampler *sm;
-    int n_sm;
-    const float *logits;
-    size_t stride;
-    const int *row;
-    int n;
-    const lt_gen_opts *o;
-    lt_rng *rng;
-    int32_t *picked; /* [n] */
-    atomic_int next_sm, next;
-} pick_job;
-
-static void *pick_worker(void *arg) {
-    pick_job *j = arg;
-    int k = atomic_fetch_add(&j->next_sm, 1);
-    if (k >= j->n_sm) return NULL;
-    for (int i; (i = atomic_fetch_add(&j->next, 1)) < j->n;)
-        j->picked[i] =
-            sampler_pick(&j->sm[k], j->logits + (size_t)i * j->stride, j->o, &j->rng[j->row[i]]);
-    return NULL;
-}
-
-static void pick_rows(pick_job *j, const float *logits, size_t stride, const int *row, int n) {
-    j->logits = logits;
-    j->stride = stride;
-    j->row = row;
-    j->n = n;
-    atomic_store(&j->next_sm, 0);
-    atomic_store(&j->next, 0);
-    int spread = (size_t)n * (size_t)j->sm[0].vocab >= PICK_SPREAD;
-    lt_run_on_cores(pick_worker, j, spread ? (n < j->n_sm ? n : j->n_sm) : 1);
-}
-
 /* err = "rollout: <what><the op's message>" (err may be ctx->err itself). */
 static lt_status fail_op(char *err, const lt_ctx *ctx, lt_status rc, const char *what) {
     char why[LT_ERRLEN];
@@ -377,6 +352,12 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
         if (ctx->err != err) snprintf(ctx->err, sizeof ctx->err, "%s", err);
         return rc;
     }
+    if (!ctx->be->sample_rows) {
+        rc = lt_fail(err, LT_ERR_ARG, "rollout: the %s backend has no sample_rows op",
+                     ctx->be->name);
+        if (ctx->err != err) snprintf(ctx->err, sizeof ctx->err, "%s", err);
+        return rc;
+    }
     const gemma3_config *c = &m->cfg;
     int N = n_prompts * group, max_new = o->max_new, V = c->vocab_size, longest = 0;
     for (int p = 0; p < n_prompts; p++)
@@ -390,21 +371,14 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
     lt_rng *rng = malloc(sizeof(lt_rng) * (size_t)N);
     int *active = malloc(sizeof(int) * (size_t)N);
     int32_t *next = malloc(sizeof(int32_t) * (size_t)N), *pos = malloc(sizeof(int32_t) * (size_t)N);
-    int n_sm = N < PICK_THREADS ? N : PICK_THREADS;
-    sampler *sm = calloc((size_t)n_sm, sizeof *sm);
     int32_t *picked = malloc(sizeof(int32_t) * (size_t)N);
-    int *grp = malloc(sizeof(int) * (size_t)N);
-    pick_job pj = {.sm = sm, .n_sm = n_sm, .o = o, .rng = rng, .picked = picked};
+    lt_sample_opts so = gen_sample_opts(o);
     rollout_state st = {0};
     gemma3_cache pc = {0};
     int have_st = 0, have_pc = 0, n_act = 0;
     double t0 = now_s(), t1 = t0;
     char what[64];
-    int sm_ok = sm != NULL;
-    for (int k = 0; sm_ok && k < n_sm; k++)
-        sm_ok = sampler_init(&sm[k], V) == LT_OK;
-    if (!out->ids || !out->len || !out->stopped || !rng || !active || !next || !pos || !picked ||
-        !grp || !sm_ok) {
+    if (!out->ids || !out->len || !out->stopped || !rng || !active || !next || !pos || !picked) {
         rc = lt_fail(err, LT_ERR_MEMORY, "rollout: out of memory for %d rows", N);
         goto done;
     }
@@ -428,21 +402,24 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
         gemma3_cache_reset(&pc, ctx);
         gemma3_outputs fo = {.last_logits = st.logits};
         rc = gemma3_forward(m, ctx, prompts[p], prompt_len[p], &pc, &fo);
-        if (rc == LT_OK)
-            rc = ctx->be->download(ctx, st.logits_host, st.logits, sizeof(float) * (size_t)V);
-        for (int j = 0; rc == LT_OK && j < group; j++)
+        for (int j = 0; rc == LT_OK && j < group; j++) { /* row j: the caches, logits, bits */
             rc = row_take_prompt(&st, &pc, p * group + j, prompt_len[p]);
+            if (rc == LT_OK && j > 0)
+                rc = ctx->be->copy(ctx, st.logits + (size_t)j * (size_t)V, st.logits,
+                                   sizeof(float) * (size_t)V);
+            st.step_host[j] = (int32_t)rng_bits(&rng[p * group + j]);
+        }
+        if (rc == LT_OK)
+            rc = ctx->be->upload(ctx, st.step, st.step_host, sizeof(int32_t) * (size_t)group);
+        if (rc == LT_OK) rc = draw_rows(&st, &so, st.step, group, picked);
         if (rc != LT_OK) {
             snprintf(what, sizeof what, "prompt %d: ", p);
             rc = fail_op(err, ctx, rc, what);
             goto done;
         }
         out->prefill_tokens += prompt_len[p];
-        for (int j = 0; j < group; j++)
-            grp[j] = p * group + j;
-        pick_rows(&pj, st.logits_host, 0, grp, group); /* every row of the group, one logits */
         for (int j = 0; j < group; j++) {
-            int r = grp[j], id = picked[j];
+            int r = p * group + j, id = picked[j];
             if (row_push(out, c, r, id)) {
                 active[n_act] = r;
                 next[n_act] = id;
@@ -466,11 +443,10 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
             rc = lt_fail(err, LT_CANCELLED, "rollout: cancelled");
             goto done;
         }
-        if ((rc = decode_step(&st, active, next, pos, n_act)) != LT_OK) {
+        if ((rc = decode_step(&st, active, next, pos, n_act, rng, &so, picked)) != LT_OK) {
             rc = fail_op(err, ctx, rc, "");
             goto done;
         }
-        pick_rows(&pj, st.logits_host, (size_t)V, active, n_act);
         int kept = 0;
         for (int i = 0; i < n_act; i++) {
             int r = active[i], id = picked[i];
@@ -486,11 +462,7 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
 done:
     if (have_pc) gemma3_cache_free(&pc, ctx);
     if (have_st) state_free(&st);
-    for (int k = 0; sm && k < n_sm; k++)
-        sampler_free(&sm[k]);
-    free(sm);
     free(picked);
-    free(grp);
     free(rng);
     free(active);
     free(next);

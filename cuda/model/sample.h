@@ -1,15 +1,18 @@
-/* sample.h — next-token choice from fp32 logits, and the seeded RNG. Engine-private.
+/* sample.h — next-token choice from fp32 logits on the host, and the seeded RNG. Engine-private.
  *
- * Follows Hugging Face's generate order: temperature, then top_k, top_p, min_p, then a draw
- * from the softmax of what is left. temperature 0 = greedy (argmax, first index on ties).
- * The RNG is xoshiro256** seeded through splitmix64: the same seed gives the same tokens here
- * (it does not reproduce torch's generator).
+ * One sampling rule serves %generate, %%chat and GRPO's rollouts: backend.h's sample_rows
+ * (temperature, then top_k, top_p, min_p, then a draw in id order from what is left; temperature
+ * 0 = greedy, the first maximum). sampler_pick applies it to host logits through the CPU
+ * backend's op, so a draw on the host and a draw on the GPU agree given the same 32 random
+ * bits. The RNG is xoshiro256** seeded through splitmix64: the same seed gives the same tokens
+ * here (it does not reproduce torch's generator).
  */
 #ifndef LATHE_SAMPLE_H
 #define LATHE_SAMPLE_H
 
 #include <stdint.h>
 
+#include "cuda/backend/backend.h"
 #include "cuda/engine.h"
 
 typedef struct lt_rng {
@@ -18,24 +21,15 @@ typedef struct lt_rng {
 
 void rng_seed(lt_rng *r, uint64_t seed);
 uint64_t rng_next(lt_rng *r);
-/* Uniform in [0, 1). */
-double rng_uniform(lt_rng *r);
+/* The 32 random bits of one draw (sample_rows' bits). */
+uint32_t rng_bits(lt_rng *r);
 
-typedef struct sampler {
-    int vocab;
-    int32_t *idx; /* [vocab] scratch */
-    float *val;   /* [vocab] scratch */
-    double *blk;  /* [vocab / SAMPLER_BLOCK + 1] scratch: block sums of the untruncated draw */
-} sampler;
-#define SAMPLER_BLOCK 256
+/* sample_rows' settings for generation options (checked by gen_opts_check). */
+lt_sample_opts gen_sample_opts(const lt_gen_opts *o);
 
-lt_status sampler_init(sampler *s, int vocab);
-void sampler_free(sampler *s);
-/* Picks the next id from logits [vocab]; returns it (>= 0). The logits are not modified. With no
- * truncation (top_k 0, top_p 1, min_p 0) it draws from the whole softmax in id order with no
- * sort: e^x four at a time (Cephes' expf polynomial, relative error below 2e-7), block sums,
- * then a walk to the drawn block. One sampler per thread; distinct samplers may run at once. */
-int sampler_pick(sampler *s, const float *logits, const lt_gen_opts *o, lt_rng *rng);
+/* Picks the next id from host logits [vocab] with the next bits of rng; returns it (>= 0).
+ * The logits are not modified; safe to call from several threads with distinct RNGs. */
+int sampler_pick(const float *logits, int vocab, const lt_gen_opts *o, lt_rng *rng);
 
 /* Checks option ranges; err names the option and the accepted range. */
 lt_status gen_opts_check(const lt_gen_opts *o, char *err);

@@ -5,12 +5,18 @@
  * optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq: AdamW's state, once a step was taken),
  * trainer_state.json (the run's position, written by train.c) and, for LoRA, the PEFT adapter
  * files, so that a checkpoint is also a loadable adapter. They are one atomic set: all are
- * written, then all renamed, so a failed save keeps the previous checkpoint whole. Owns
+ * written, then all renamed, so a failed save keeps the previous checkpoint whole. keep=
+ * (ckpt_prune) removes older checkpoint folders of the run once a new one is complete. Owns
  * nothing after a call returns; ckpt_load writes only into the adapters it is given.
  */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "cuda/backend/host_view.h"
 #include "cuda/base/atomic_file.h"
@@ -129,4 +135,75 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
     st_close(&ps);
     st_close(&os);
     return rc;
+}
+
+/* ---- keep= ---------------------------------------------------------------------------------- */
+
+/* The step of a "checkpoint-N" folder name, or -1. */
+static long ckpt_step_of(const char *name) {
+    if (strncmp(name, "checkpoint-", 11) != 0 || name[11] < '0' || name[11] > '9') return -1;
+    char *end;
+    long n = strtol(name + 11, &end, 10);
+    return *end ? -1 : n;
+}
+
+/* Removes one checkpoint folder: trainer_state.json first (so that a folder half removed is
+ * no longer taken for a checkpoint), then its other files, then the folder. A folder holding
+ * anything but plain files stays (rmdir fails): 0, or -1 with errno. */
+static int ckpt_remove(const char *dir) {
+    char p[4400];
+    snprintf(p, sizeof p, "%s/trainer_state.json", dir);
+    if (unlink(p) != 0 && errno != ENOENT) return -1;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        struct stat st;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISDIR(st.st_mode))
+            (void)unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+    return rmdir(dir);
+}
+
+static int long_desc(const void *a, const void *b) {
+    long x = *(const long *)a, y = *(const long *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+void ckpt_prune(const char *save, int step, int keep, char *note, size_t cap) {
+    note[0] = 0;
+    if (keep <= 0) return;
+    DIR *d = opendir(save);
+    if (!d) return;
+    long *older = NULL;
+    size_t n = 0, cap_n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        long s = ckpt_step_of(e->d_name);
+        if (s < 0 || s >= step) continue;
+        char ts[4400];
+        snprintf(ts, sizeof ts, "%s/%s/trainer_state.json", save, e->d_name);
+        if (access(ts, F_OK) != 0) continue; /* not a complete checkpoint: not ours to judge */
+        if (n == cap_n) {
+            size_t nc = cap_n ? cap_n * 2 : 16;
+            long *g = realloc(older, nc * sizeof *g);
+            if (!g) break;
+            older = g;
+            cap_n = nc;
+        }
+        older[n++] = s;
+    }
+    closedir(d);
+    if (n > 0) qsort(older, n, sizeof *older, long_desc);
+    size_t used = 0;
+    for (size_t i = (size_t)keep - 1; i < n; i++) { /* the new one counts as one of keep */
+        char dir[4200];
+        snprintf(dir, sizeof dir, "%s/checkpoint-%ld", save, older[i]);
+        int ok = ckpt_remove(dir) == 0;
+        int w = snprintf(note + used, cap - used, "%scheckpoint-%ld%s", used ? ", " : "", older[i],
+                         ok ? "" : " (could not remove it)");
+        if (w > 0 && (size_t)w < cap - used) used += (size_t)w;
+    }
+    free(older);
 }

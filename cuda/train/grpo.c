@@ -434,6 +434,102 @@ static lt_status micro_pass(const trainer_env *env, lt_adapters *a, micro_batch 
     return LT_OK;
 }
 
+/* The generation's completions, micro completions at a time, into mbs[0..n_micro). */
+static lt_status generation_micro_build(const generation *g, micro_batch *mbs, int n_micro,
+                                        int micro, float logit_scale, char *err) {
+    for (int k = 0; k < n_micro; k++) {
+        micro_free(&mbs[k]);
+        int r0 = k * micro, n = r0 + micro <= g->rows ? micro : g->rows - r0;
+        if (micro_build(&mbs[k], g, r0, n, logit_scale) != 0)
+            return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    }
+    return LT_OK;
+}
+
+/* The reference policy's log-probabilities (the same model with the adapters off) into
+ * g->ref_logp. */
+static lt_status generation_ref_logp(const trainer_env *env, lt_adapters *a, generation *g,
+                                     micro_batch *mbs, int n_micro, run_stats *rs, char *err) {
+    if (!(g->ref_logp = malloc(sizeof(float) * (size_t)(g->n_tok + 1))))
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    lt_status rc = LT_OK;
+    lora_enable(a, 0);
+    for (int k = 0; k < n_micro && rc == LT_OK; k++) {
+        rc = micro_pass(env, a, &mbs[k], 0, 0, rs, err);
+        if (rc == LT_OK) {
+            micro_gather_logp(&mbs[k]);
+            memcpy(g->ref_logp + g->tok_off[mbs[k].r0], mbs[k].logp,
+                   sizeof(float) * (size_t)mbs[k].n_tok);
+        }
+    }
+    lora_enable(a, 1);
+    return rc;
+}
+
+/* Iteration `it` of a generation's optimizer steps, up to the gradient: for each micro-batch
+ * the current log-probabilities when the loss needs them first (it > 0, or a KL term), TRL's
+ * loss and its per-token derivative, then one weighted backward; the adapters' gradients
+ * accumulate (the caller zeroes them), tot sums the micro-batches' statistics. The first
+ * iteration keeps the log-probabilities as old_logp when later iterations need them. */
+static lt_status generation_grads(const trainer_env *env, lt_adapters *a, const lt_grpo_opts *o,
+                                  const grpo_loss_opts *lo, generation *g, micro_batch *mbs,
+                                  int n_micro, int it, int step, run_stats *rs,
+                                  grpo_loss_stats *tot, char *err) {
+    int need_old = o->iterations > 1;
+    lt_status rc = LT_OK;
+    memset(tot, 0, sizeof *tot);
+    if (need_old && !g->old_logp && !(g->old_logp = malloc(sizeof(float) * (size_t)(g->n_tok + 1))))
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    for (int k = 0; k < n_micro; k++) {
+        micro_batch *mb = &mbs[k];
+        if (atomic_load(env->cancel)) return LT_CANCELLED;
+        /* the current log-probabilities, when the loss needs them before the backward */
+        int pre = it > 0 || o->beta != 0;
+        if (pre) {
+            if ((rc = micro_pass(env, a, mb, 0, 0, rs, err)) != LT_OK) return rc;
+            micro_gather_logp(mb);
+            if (it == 0 && need_old)
+                memcpy(g->old_logp + g->tok_off[mb->r0], mb->logp,
+                       sizeof(float) * (size_t)mb->n_tok);
+        } else {
+            for (int t = 0; t < mb->n_tok; t++)
+                mb->logp[t] = 0; /* unused: old = current, so the ratio is 1 */
+        }
+        grpo_loss_in in = {mb->n,
+                           mb->off,
+                           mb->len,
+                           g->adv + mb->r0,
+                           mb->logp,
+                           (it > 0 && need_old) ? g->old_logp + g->tok_off[mb->r0] : NULL,
+                           g->ref_logp ? g->ref_logp + g->tok_off[mb->r0] : NULL,
+                           n_micro,
+                           g->n_tok > 0 ? g->n_tok : 1};
+        grpo_loss_stats st;
+        char lerr[LT_ERRLEN];
+        if ((rc = grpo_loss(lo, &in, mb->coef, &st, lerr)) != LT_OK)
+            return lt_fail(err, rc, "%%grpo: %s", lerr);
+        float *w = (float *)mb->b.weights;
+        for (int t = 0; t < mb->n_tok; t++)
+            w[mb->pos[t]] = -mb->coef[t];
+        uint64_t dseed =
+            train_mix64(o->seed ^ train_mix64((uint64_t)step * 1024u + (uint64_t)k + 7)) | 1u;
+        if ((rc = micro_pass(env, a, mb, 1, a->dropout > 0 ? dseed : 0, rs, err)) != LT_OK)
+            return rc;
+        if (!pre) {
+            micro_gather_logp(mb);
+            if (need_old)
+                memcpy(g->old_logp + g->tok_off[mb->r0], mb->logp,
+                       sizeof(float) * (size_t)mb->n_tok);
+        }
+        tot->loss += st.loss;
+        tot->kl_sum += st.kl_sum;
+        tot->n_tok += st.n_tok;
+        tot->n_clip_low += st.n_clip_low;
+        tot->n_clip_high += st.n_clip_high;
+    }
+    return LT_OK;
+}
+
 static lt_status log_line(FILE *f, const lt_grpo_progress *p) {
     if (!f) return LT_OK;
     fprintf(f, "{\"step\": %d, \"loss\": %.9g, \"reward\": %.9g, \"reward_std\": %.9g", p->step,
@@ -635,96 +731,21 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
         sample_s += g.ro.prefill_s + g.ro.decode_s;
         sampled += g.ro.new_tokens;
         grpo_advantages(g.total, R, o->group, scale, g.adv, g.group_std);
-        for (int k = 0; k < n_micro; k++) {
-            micro_free(&mbs[k]);
-            int r0 = k * micro, n = r0 + micro <= R ? micro : R - r0;
-            if (micro_build(&mbs[k], &g, r0, n, logit_scale) != 0) {
-                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
-                goto out;
-            }
-        }
-        int need_old = o->iterations > 1;
-        if (need_old && !(g.old_logp = malloc(sizeof(float) * (size_t)(g.n_tok + 1)))) {
-            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        if ((rc = generation_micro_build(&g, mbs, n_micro, micro, logit_scale, err)) != LT_OK)
             goto out;
-        }
-        if (o->beta != 0) { /* the reference policy: the same model, adapters off */
-            if (!(g.ref_logp = malloc(sizeof(float) * (size_t)(g.n_tok + 1)))) {
-                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
-                goto out;
-            }
-            lora_enable(a, 0);
-            for (int k = 0; k < n_micro && rc == LT_OK; k++) {
-                rc = micro_pass(env, a, &mbs[k], 0, 0, &rs, err);
-                if (rc == LT_OK) {
-                    micro_gather_logp(&mbs[k]);
-                    memcpy(g.ref_logp + g.tok_off[mbs[k].r0], mbs[k].logp,
-                           sizeof(float) * (size_t)mbs[k].n_tok);
-                }
-            }
-            lora_enable(a, 1);
-            if (rc != LT_OK) goto out;
-        }
+        if (o->beta != 0 && /* the reference policy: the same model, adapters off */
+            (rc = generation_ref_logp(env, a, &g, mbs, n_micro, &rs, err)) != LT_OK)
+            goto out;
         /* ---- its optimizer steps ---- */
         for (int it = 0; it < o->iterations && step < o->steps; it++) {
             if ((rc = lora_zero_grads(a)) != LT_OK) {
                 lt_fail(err, rc, "%s", env->ctx->err);
                 goto out;
             }
-            grpo_loss_stats tot = {0};
-            for (int k = 0; k < n_micro; k++) {
-                micro_batch *mb = &mbs[k];
-                if (atomic_load(env->cancel)) {
-                    rc = LT_CANCELLED;
-                    goto out;
-                }
-                /* the current log-probabilities, when the loss needs them before the backward */
-                int pre = it > 0 || o->beta != 0;
-                if (pre) {
-                    if ((rc = micro_pass(env, a, mb, 0, 0, &rs, err)) != LT_OK) goto out;
-                    micro_gather_logp(mb);
-                    if (it == 0 && need_old)
-                        memcpy(g.old_logp + g.tok_off[mb->r0], mb->logp,
-                               sizeof(float) * (size_t)mb->n_tok);
-                } else {
-                    for (int t = 0; t < mb->n_tok; t++)
-                        mb->logp[t] = 0; /* unused: old = current, so the ratio is 1 */
-                }
-                grpo_loss_in in = {mb->n,
-                                   mb->off,
-                                   mb->len,
-                                   g.adv + mb->r0,
-                                   mb->logp,
-                                   (it > 0 && need_old) ? g.old_logp + g.tok_off[mb->r0] : NULL,
-                                   g.ref_logp ? g.ref_logp + g.tok_off[mb->r0] : NULL,
-                                   n_micro,
-                                   g.n_tok > 0 ? g.n_tok : 1};
-                grpo_loss_stats st;
-                char lerr[LT_ERRLEN];
-                if ((rc = grpo_loss(&lo, &in, mb->coef, &st, lerr)) != LT_OK) {
-                    lt_fail(err, rc, "%%grpo: %s", lerr);
-                    goto out;
-                }
-                float *w = (float *)mb->b.weights;
-                for (int t = 0; t < mb->n_tok; t++)
-                    w[mb->pos[t]] = -mb->coef[t];
-                uint64_t dseed =
-                    train_mix64(o->seed ^ train_mix64((uint64_t)step * 1024u + (uint64_t)k + 7)) |
-                    1u;
-                if ((rc = micro_pass(env, a, mb, 1, a->dropout > 0 ? dseed : 0, &rs, err)) != LT_OK)
-                    goto out;
-                if (!pre) {
-                    micro_gather_logp(mb);
-                    if (need_old)
-                        memcpy(g.old_logp + g.tok_off[mb->r0], mb->logp,
-                               sizeof(float) * (size_t)mb->n_tok);
-                }
-                tot.loss += st.loss;
-                tot.kl_sum += st.kl_sum;
-                tot.n_tok += st.n_tok;
-                tot.n_clip_low += st.n_clip_low;
-                tot.n_clip_high += st.n_clip_high;
-            }
+            grpo_loss_stats tot;
+            if ((rc = generation_grads(env, a, o, &lo, &g, mbs, n_micro, it, step, &rs, &tot,
+                                       err)) != LT_OK)
+                goto out;
             if (atomic_load(env->cancel)) {
                 rc = LT_CANCELLED;
                 goto out;
@@ -806,5 +827,74 @@ out:
     free(rmean);
     free(rstd);
     prompts_free(&pl);
+    return rc;
+}
+
+lt_status grpo_grads_given(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o,
+                           const grpo_given *in, double *loss, char *err) {
+    grpo_loss_opts lo;
+    grpo_scale scale;
+    lr_schedule sched;
+    lt_status rc = check_opts(o, &lo, &scale, &sched, err);
+    if (rc != LT_OK) return rc;
+    if (!a || a->full || !in || in->n_prompts < 1)
+        return lt_fail(err, LT_ERR_ARG, "grpo_grads_given: LoRA adapters and prompts are needed");
+    int R = in->n_prompts * o->group, micro = o->micro > 0 ? o->micro : o->group, longest = 0;
+    if (micro > R) micro = R;
+    int n_micro = (R + micro - 1) / micro;
+    for (int r = 0; r < R; r++)
+        if (in->completion_len[r] > longest) longest = in->completion_len[r];
+    generation g = {0};
+    grpo_prompt *pr = calloc((size_t)in->n_prompts, sizeof *pr);
+    micro_batch *mbs = calloc((size_t)n_micro, sizeof *mbs);
+    g.rows = R;
+    g.prompt = malloc(sizeof *g.prompt * (size_t)R);
+    g.ro.n_rows = R;
+    g.ro.max_new = longest > 0 ? longest : 1;
+    g.ro.ids = calloc((size_t)R * (size_t)g.ro.max_new, sizeof(int32_t));
+    g.ro.len = calloc((size_t)R, sizeof(int));
+    g.ro.stopped = calloc((size_t)R, sizeof(int));
+    g.total = malloc(sizeof(double) * (size_t)R);
+    g.adv = malloc(sizeof(double) * (size_t)R);
+    g.group_std = malloc(sizeof(double) * (size_t)R);
+    g.tok_off = malloc(sizeof(int) * (size_t)R);
+    if (!pr || !mbs || !g.prompt || !g.ro.ids || !g.ro.len || !g.ro.stopped || !g.total || !g.adv ||
+        !g.group_std || !g.tok_off) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        goto out;
+    }
+    for (int p = 0; p < in->n_prompts; p++) {
+        pr[p].ids = (int32_t *)in->prompt[p];
+        pr[p].n = in->prompt_len[p];
+    }
+    for (int r = 0; r < R; r++) {
+        g.prompt[r] = &pr[r / o->group];
+        g.ro.len[r] = in->completion_len[r];
+        memcpy(g.ro.ids + (size_t)r * (size_t)g.ro.max_new, in->completion[r],
+               sizeof(int32_t) * (size_t)in->completion_len[r]);
+        g.total[r] = in->reward[r];
+        g.tok_off[r] = (int)g.n_tok;
+        g.n_tok += in->completion_len[r];
+    }
+    grpo_advantages(g.total, R, o->group, scale, g.adv, g.group_std);
+    run_stats rs = {0};
+    grpo_loss_stats tot;
+    if ((rc = generation_micro_build(&g, mbs, n_micro, micro, 1.0f / o->temperature, err)) != LT_OK)
+        goto out;
+    if (o->beta != 0 && (rc = generation_ref_logp(env, a, &g, mbs, n_micro, &rs, err)) != LT_OK)
+        goto out;
+    if ((rc = lora_zero_grads(a)) != LT_OK) {
+        lt_fail(err, rc, "%s", env->ctx->err);
+        goto out;
+    }
+    if ((rc = generation_grads(env, a, o, &lo, &g, mbs, n_micro, 0, 0, &rs, &tot, err)) != LT_OK)
+        goto out;
+    if (loss) *loss = tot.loss;
+out:
+    for (int k = 0; mbs && k < n_micro; k++)
+        micro_free(&mbs[k]);
+    free(mbs);
+    generation_free(&g);
+    free(pr);
     return rc;
 }

@@ -21,6 +21,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -166,6 +167,7 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
                        o->max_grad_norm);
     if (o->save_every < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: save_every=%d must be >= 0", o->save_every);
+    if (o->keep < 0) return lt_fail(err, LT_ERR_ARG, "%%train: keep=%d must be >= 0", o->keep);
     if (o->max_seq < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
     if (optim_schedule_parse(o->schedule, sched) != 0)
@@ -387,6 +389,113 @@ static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t
     return LT_OK;
 }
 
+/* ---- resume= with other options ------------------------------------------------------------ */
+
+/* The options a resumed run may be given anew: APPLY ones replace the checkpoint's (the length
+ * of the run, the optimizer), SAME ones must equal it (they decide the batches: another value
+ * would not continue the run but make another one). */
+typedef enum resume_rule { RESUME_APPLY, RESUME_SAME } resume_rule;
+typedef struct resume_field {
+    const char *name;
+    char kind; /* i int, f float, u uint64, b flag, s text */
+    size_t off;
+    resume_rule rule;
+} resume_field;
+
+#define RF(n, k, r)                                                                                \
+    { #n, k, offsetof(lt_train_opts, n), r }
+static const resume_field resume_fields[] = {
+    RF(steps, 'i', RESUME_APPLY),
+    RF(epochs, 'f', RESUME_APPLY),
+    RF(lr, 'f', RESUME_APPLY),
+    RF(warmup, 'i', RESUME_APPLY),
+    RF(schedule, 's', RESUME_APPLY),
+    RF(weight_decay, 'f', RESUME_APPLY),
+    RF(max_grad_norm, 'f', RESUME_APPLY),
+    RF(format, 's', RESUME_SAME),
+    RF(batch, 'i', RESUME_SAME),
+    RF(grad_accum, 'i', RESUME_SAME),
+    RF(max_seq, 'i', RESUME_SAME),
+    RF(responses_only, 'b', RESUME_SAME),
+    RF(packing, 'b', RESUME_SAME),
+    RF(seed, 'u', RESUME_SAME),
+    RF(shuffle, 'b', RESUME_SAME),
+};
+#undef RF
+
+/* Whether name is one of the comma-separated names in list. */
+static int name_listed(const char *list, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = list; p && *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return 1;
+        p = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+static void field_text(const lt_train_opts *o, const resume_field *f, char *out, size_t cap) {
+    const char *at = (const char *)o + f->off;
+    switch (f->kind) {
+    case 'i':
+        snprintf(out, cap, "%d", *(const int *)at);
+        break;
+    case 'b':
+        snprintf(out, cap, "%s", *(const int *)at ? "true" : "false");
+        break;
+    case 'f':
+        snprintf(out, cap, "%g", (double)*(const float *)at);
+        break;
+    case 'u':
+        snprintf(out, cap, "%llu", (unsigned long long)*(const uint64_t *)at);
+        break;
+    default: {
+        const char *v = *(const char *const *)at;
+        snprintf(out, cap, "%s", v ? v : "");
+    }
+    }
+}
+
+/* o holds the checkpoint's options; the ones given in o_in (o_in->given) replace them or are
+ * refused, per resume_fields. `applied` lists what changed, for the resume message. */
+static lt_status resume_merge(lt_train_opts *o, const lt_train_opts *o_in, const char *ck,
+                              int ck_step, char *applied, size_t cap, char *err) {
+    applied[0] = 0;
+    if (!o_in->given) return LT_OK;
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof resume_fields / sizeof resume_fields[0]; i++) {
+        const resume_field *f = &resume_fields[i];
+        if (!name_listed(o_in->given, f->name)) continue;
+        char was[2100], now[2100];
+        field_text(o, f, was, sizeof was);
+        field_text(o_in, f, now, sizeof now);
+        if (strcmp(was, now) == 0) continue;
+        if (f->rule == RESUME_SAME)
+            return lt_fail(err, LT_ERR_ARG,
+                           "%%train resume=%s: %s=%s differs from the checkpoint's %s=%s, and a "
+                           "resumed run needs the batches of the run it continues: leave %s= out "
+                           "(the checkpoint's is used), or train anew without resume=",
+                           ck, f->name, now, f->name, was, f->name);
+        size_t sz = f->kind == 's'   ? sizeof(const char *)
+                    : f->kind == 'f' ? sizeof(float)
+                    : f->kind == 'u' ? sizeof(uint64_t)
+                                     : sizeof(int);
+        memcpy((char *)o + f->off, (const char *)o_in + f->off, sz);
+        int n = snprintf(applied + used, cap - used, "%s%s=%s (the checkpoint's: %s)",
+                         used ? ", " : "", f->name, now, was);
+        if (n > 0 && (size_t)n < cap - used) used += (size_t)n;
+    }
+    /* epochs= alone measures the run in epochs, as without resume= */
+    if (name_listed(o_in->given, "epochs") && !name_listed(o_in->given, "steps")) o->steps = 0;
+    if (name_listed(o_in->given, "steps") && o->steps > 0 && o->steps <= ck_step)
+        return lt_fail(err, LT_ERR_ARG,
+                       "%%train resume=%s: the checkpoint is at step %d already, so steps=%d "
+                       "leaves nothing to do: give more steps (the total of the run)",
+                       ck, ck_step, o->steps);
+    return LT_OK;
+}
+
 /* ---- the memory plan ------------------------------------------------------------------------ */
 
 /* Bytes free where the training buffers will live: the backend's free memory plus the blocks
@@ -469,7 +578,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     lt_train_opts o = *o_in;
     resumed rs;
     json_t *state = NULL;
-    char ck[4096] = "";
+    char ck[4096] = "", applied[1200] = "";
     lt_status rc = LT_OK;
 
     if (o_in->resume && *o_in->resume) {
@@ -480,8 +589,15 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                 "or a save= folder holding checkpoint-N folders)",
                 o_in->resume);
         if ((rc = read_state(ck, &o, &rs, &state, err)) != LT_OK) return rc;
+        if ((rc =
+                 resume_merge(&o, o_in, ck, (int)json_integer_value(json_object_get(state, "step")),
+                              applied, sizeof applied, err)) != LT_OK) {
+            json_decref(state);
+            return rc;
+        }
         o.save = o_in->save;
         o.save_every = o_in->save_every;
+        o.keep = o_in->keep;
         o.resume = NULL;
         if (o_in->data && *o_in->data) o.data = o_in->data; /* the same data, moved */
         /* the adapters of the checkpoint replace the ones attached */
@@ -565,8 +681,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             goto out_units;
         }
         train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
-                  "resuming %s at step %d/%d (its options; save=%s)", ck, t->step, total,
-                  o.save ? o.save : "none");
+                  "resuming %s at step %d/%d with its options%s%s; save=%s", ck, t->step, total,
+                  applied[0] ? " but " : "", applied, o.save ? o.save : "none");
     } else if (t->active && !t->finished && strcmp(t->key, key) == 0) {
         train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
                   "continuing the interrupted run at step %d/%d", t->step, t->total);
@@ -710,6 +826,12 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             }
             memcpy(res->saved, dir, strnlen(dir, sizeof res->saved - 1));
             res->saved[strnlen(dir, sizeof res->saved - 1)] = 0;
+            /* only now that the new one is complete may older ones go */
+            char gone[1200];
+            ckpt_prune(o.save, t->step, o.keep, gone, sizeof gone);
+            if (gone[0])
+                train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL, "keep=%d: removed %s",
+                          o.keep, gone);
         }
     }
     t->finished = 1;

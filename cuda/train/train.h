@@ -248,6 +248,23 @@ void trainer_forget_run(lt_trainer *t);
 lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o,
                    const lt_grpo_callbacks *cb, lt_grpo_result *res, char *err);
 
+/* GRPO's gradient on given completions, without sampling or reward programs: row r of the
+ * n_prompts * o->group rows is completion[r] (its stop token included, as a rollout leaves it)
+ * of prompt r / group, with reward[r]. Advantages, the reference pass (o->beta != 0) and the
+ * first iteration's weighted backward run as in grpo_run, micro-batch for micro-batch; the
+ * adapters' gradients are zeroed, then left holding the step's gradient (no optimizer step),
+ * *loss its loss. For parity checks against another implementation of TRL's formulas. */
+typedef struct grpo_given {
+    int n_prompts;
+    const int32_t *const *prompt; /* [n_prompts] BOS + prompt tokens */
+    const int *prompt_len;
+    const int32_t *const *completion; /* [rows] */
+    const int *completion_len;
+    const double *reward; /* [rows] */
+} grpo_given;
+lt_status grpo_grads_given(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o,
+                           const grpo_given *in, double *loss, char *err);
+
 /* ---- training checkpoints (checkpoint.c) ---------------------------------------------- */
 
 /* The trainable tensors, AdamW state and a trainer_state.json text, written as one atomic set
@@ -255,5 +272,10 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
 /* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
 lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);
+/* keep= of %train: with the checkpoint of `step` complete in save/checkpoint-STEP, removes the
+ * folders save/checkpoint-N with N < step but the keep - 1 newest of them (keep > 0). Folders
+ * of later steps (another run's) and anything that is not a checkpoint stay. Writes the names
+ * removed, or what could not be removed, into note (cap bytes; "" when nothing). */
+void ckpt_prune(const char *save, int step, int keep, char *note, size_t cap);
 
 #endif

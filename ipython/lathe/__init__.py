@@ -6,6 +6,8 @@ IPython kernel): the third way into lathe, beside `lathe kernel` (Jupyter) and `
     %load tiny
     %status
 
+    %lathe %train data=d.jsonl steps={STEPS}   # one line; IPython puts Python values in
+
 Hosted Colab runs only its own Python kernel and ignores other kernelspecs, so this bridges
 to lathe through the Jupyter protocol itself: the extension starts the installed `lathe`
 kernelspec with jupyter_client (the package every IPython kernel already has) and relays each
@@ -50,7 +52,16 @@ class LatheBridge:
             raise
         self.handles = {}  # lathe display_id -> IPython DisplayHandle
 
-    def close(self):
+    def close(self, at_exit=False):
+        """Stops the lathe kernel. At interpreter exit the event loop jupyter_client's
+        KernelManager waits on may be gone, so only a shutdown_request is sent there (lathe
+        also stops by itself once this process, its launcher, has ended)."""
+        if at_exit:
+            try:
+                self.kc.shutdown()
+            finally:
+                self.kc.stop_channels()
+            return
         try:
             self.kc.stop_channels()
         finally:
@@ -132,11 +143,13 @@ class LatheBridge:
 _bridge = None
 
 
-def _lathe_cell(line, cell):
+def _lathe_cell(line, cell=None):
+    """%%lathe (a cell: its line, then its body) and %lathe (one line). IPython expands
+    {expr} and $name in the line (only there), so Python values reach lathe that way."""
     global _bridge
     if _bridge is None or not _bridge.km.is_alive():
         _bridge = LatheBridge()
-        atexit.register(_shutdown)
+        atexit.register(_shutdown, True)
     code = (line + "\n" if line.strip() else "") + (cell or "")
     try:
         _bridge.run(code)
@@ -148,21 +161,21 @@ def _lathe_cell(line, cell):
 def load_ipython_extension(ipython):
     """%load_ext lathe: registers %%lathe and starts the lathe kernel."""
     global _bridge
-    ipython.register_magic_function(_lathe_cell, magic_kind="cell", magic_name="lathe")
+    ipython.register_magic_function(_lathe_cell, magic_kind="line_cell", magic_name="lathe")
     if _bridge is None or not _bridge.km.is_alive():
         started = time.time()
         _bridge = LatheBridge()
-        atexit.register(_shutdown)
+        atexit.register(_shutdown, True)
         print("lathe kernel started in %.1f s (log: %s); run lathe cells with %%%%lathe" %
               (time.time() - started, _bridge.log_path))
 
 
-def _shutdown():
+def _shutdown(at_exit=False):
     """Stops the lathe kernel (at unload, and when this Python process exits)."""
     global _bridge
     if _bridge is not None:
         try:
-            _bridge.close()
+            _bridge.close(at_exit)
         finally:
             _bridge = None
 

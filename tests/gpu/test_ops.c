@@ -7,7 +7,8 @@
  * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
  * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
  * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
- * attention_rows (decode over per-row ring caches) also checks the caches after its append.
+ * attention_rows (decode over per-row ring caches) also checks the caches after its append;
+ * sample_rows must draw the CPU's ids exactly.
  * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
 #ifdef HAVE_CONFIG_H
@@ -122,6 +123,8 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
                         float xsd) {
     char name[128];
     double tol = tol_for(wdt);
+    /* a few rows on 16-bit weights take gemv.cu's fp32 arithmetic: as close as fp32 */
+    double fwd_tol = wdt != LT_F32 && T <= 8 && in % 8 == 0 ? 1e-4 : tol;
     int64_t r = 8;
     float *x = rand_f32(T * in, xsd), *wf = rand_f32(out * in, 0.05f),
           *dy = rand_f32(T * out, 1.0f);
@@ -163,7 +166,7 @@ static void test_linear(lt_dtype wdt, int with_lora, int64_t T, int64_t in, int6
              with_lora ? "+lora" : "", (long long)T, (long long)in, (long long)out, (long long)in);
     if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
     snprintf(name, sizeof name, "linear %s%s y", lt_dtype_user_name(wdt), with_lora ? "+lora" : "");
-    check_close(name, yg, y_c, T * out, tol);
+    check_close(name, yg, y_c, T * out, fwd_tol);
     rc = gpu.be->linear_backward(&gpu, t2(LT_F32, dxg, T, in), t2(LT_F32, dyg, T, out),
                                  t2(LT_F32, xg, T, in), &w_g);
     if (rc != LT_OK) diag("%s", gpu.err);
@@ -706,6 +709,53 @@ static void test_attention_rows(int64_t N, int64_t S, int64_t R, int64_t nh, int
     free(q), free(kn), free(vn), free(kc), free(vc), free(rows), free(qp), free(o_c);
 }
 
+/* sample_rows: the GPU's draws equal the CPU reference's, id for id, from the same logits and
+ * bits, for each of the options (a grid of values, so ties at every threshold; some -inf). */
+static void test_sample_rows(int64_t R, int64_t V) {
+    float *lg = malloc(sizeof(float) * (size_t)(R * V));
+    for (int64_t i = 0; i < R * V; i++)
+        lg[i] = i % 1009 == 3 ? -INFINITY : (float)(int)(nrand() * 24.0f) / 8.0f;
+    int32_t *bits = malloc(sizeof(int32_t) * (size_t)R),
+            *ids_c = malloc(sizeof(int32_t) * (size_t)R),
+            *ids_g = malloc(sizeof(int32_t) * (size_t)R);
+    float *lg_d = dev_put(lg, sizeof(float) * (size_t)(R * V));
+    int32_t *bits_d = dev_put(NULL, sizeof(int32_t) * (size_t)R),
+            *ids_d = dev_put(NULL, sizeof(int32_t) * (size_t)R);
+    lt_sample_opts cases[] = {
+        {0, 0, 1, 0},    {1, 0, 1, 0},     {1, 64, 1, 0},        {1 / 0.7f, 64, 0.95f, 0},
+        {1, 0, 0.9f, 0}, {1, 0, 1, 0.05f}, {0.5f, 5, 0.5f, 0.2f}};
+    int mismatch = 0, failed = 0;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        for (int64_t r = 0; r < R; r++)
+            bits[r] = (int32_t)(rng_next() >> 32);
+        gpu.be->upload(&gpu, bits_d, bits, sizeof(int32_t) * (size_t)R);
+        lt_status a = cpu.be->sample_rows(&cpu, t1(LT_I32, ids_c, R), t2(LT_F32, lg, R, V),
+                                          t1(LT_I32, bits, R), &cases[c]);
+        lt_status b = gpu.be->sample_rows(&gpu, t1(LT_I32, ids_d, R), t2(LT_F32, lg_d, R, V),
+                                          t1(LT_I32, bits_d, R), &cases[c]);
+        if (a != LT_OK || b != LT_OK ||
+            gpu.be->download(&gpu, ids_g, ids_d, sizeof(int32_t) * (size_t)R) != LT_OK) {
+            diag("sample_rows: %s %s", cpu.err, gpu.err);
+            failed = 1;
+            continue;
+        }
+        for (int64_t r = 0; r < R; r++)
+            if (ids_c[r] != ids_g[r]) {
+                if (mismatch++ < 3)
+                    diag("case %zu row %lld: cpu %d, gpu %d", c, (long long)r, ids_c[r], ids_g[r]);
+            }
+    }
+    char name[120];
+    snprintf(name, sizeof name,
+             "sample_rows R=%lld V=%lld: the GPU draws the CPU's ids (%d differ)", (long long)R,
+             (long long)V, mismatch);
+    ok(!failed && mismatch == 0, name);
+    gpu.be->release(&gpu, lg_d);
+    gpu.be->release(&gpu, bits_d);
+    gpu.be->release(&gpu, ids_d);
+    free(lg), free(bits), free(ids_c), free(ids_g);
+}
+
 /* ---- fused cross-entropy, AdamW, the trainer's extra ops
  * ------------------------------------------ */
 
@@ -890,6 +940,9 @@ int main(void) {
         test_linear(dts[i], 0, 37, 96, 80, 1.0f);
         test_linear(dts[i], 1, 37, 96, 80, 1.0f);
         test_linear(dts[i], 1, 300, 1152, 256, 1.0f);
+        test_linear(dts[i], 1, 8, 1152, 256, 1.0f); /* decoding rows: gemv.cu for 16 bits */
+        test_linear(dts[i], 0, 1, 6912, 1152, 1.0f);
+        test_linear(dts[i], 1, 3, 100, 80, 1.0f); /* in % 8 != 0: the GEMM path */
         test_embedding(dts[i]);
     }
     for (int k = 0; k < 3; k++) { /* nf4, nf4 + double quant, int8 */
@@ -928,7 +981,10 @@ int main(void) {
     test_attention_rows(10, 300, 7, 4, 1, 256, 0);           /* Gemma 3 1B's heads, rings wrapped */
     test_attention_rows(10, 300, 7, 4, 1, 256, 100);         /* a sliding window */
     test_attention_rows(4, 5000, 3, 8, 2, 128, 0);           /* long caches: many key blocks */
-    test_attention_rows(64, 40, 64, 4, 2, 72, 16);    /* many rows; hd not a multiple of 32 */
+    test_attention_rows(64, 40, 64, 4, 2, 72, 16); /* many rows; hd not a multiple of 32 */
+    test_sample_rows(8, 262144);                   /* GRPO's group on the real vocabulary */
+    test_sample_rows(64, 262144);
+    test_sample_rows(3, 4099);                        /* the tiny model's size, ragged */
     test_cross_entropy(LT_BF16, 300, 262144, 128, 0); /* the real vocabulary, several chunks */
     test_cross_entropy(LT_F16, 300, 262144, 128, 1);
     test_adamw_and_extras();

@@ -7,7 +7,8 @@ test_grpo_bad_inputs runs a notebook of bad calls, each of which must fail with 
 says what to change while the kernel carries on, and then a good call that works. Bad inputs
 tried: %grpo before %lora, a missing data file, a line without "prompt", a line that is not
 JSON, an unknown reward, a weight count that disagrees, and reward programs that crash, print
-a non-number, answer too few lines, never answer (timeout) or do not exist."""
+a non-number, answer too few lines, never answer (timeout) or do not exist, and a rollout far
+larger than the machine's memory (refused by the memory plan with a group= that fits)."""
 import json
 import os
 
@@ -92,6 +93,10 @@ def test_grpo_bad_inputs(execute_notebook, tmp_path):
         ("%grpo " + g + " steps=1 reward=\"exec:python3 few.py\"", "few.py"),
         ("%grpo " + g + " steps=1 reward=\"exec:python3 silent.py\" reward_timeout=1", "silent.py"),
         ("%grpo " + g + " steps=1 reward=\"exec:./no-such-program\"", "no-such-program"),
+        # a rollout far beyond this machine's memory: refused before anything is allocated,
+        # naming a group= that would fit
+        ("%grpo data=good.jsonl max_prompt=32 max_completion=2000 group=4096 batch=64 steps=1 "
+         "reward=format", "try group="),
         ("%grpo " + g + " reward=\"format,exec:python3 ok.py\" steps=2", None),
     ]
     nb = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None,

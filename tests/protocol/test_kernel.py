@@ -1,6 +1,7 @@
 """test_kernel — lathe's kernel server through jupyter_client's KernelManager.
 
-Checks every message type the server handles, with busy/idle around each (jupyter_client's
+Checks every message type the server handles (and the error reply to malformed or unknown
+requests), with busy/idle around each (jupyter_client's
 docs/messaging.rst, "Kernel status" and the request/reply sections): kernel_info, execute
 (counter, execute_input, stream, display_data/update_display_data, execute_result, error,
 silent, store_history, stop_on_error), is_complete, complete (code points), inspect,
@@ -67,6 +68,33 @@ def test_kernel_info_on_control(kernel):
     assert reply["content"]["implementation"] == "lathe"
     io = collect_iopub(kc, msg["header"]["msg_id"])
     assert [m["content"]["execution_state"] for m in io] == ["busy", "idle"]
+
+
+@pytest.mark.parametrize("msg_type,content,ename,reply_type", [
+    ("execute_request", {"silent": False}, "BadRequest", "execute_reply"),
+    ("execute_request", {"code": ["%echo x"]}, "BadRequest", "execute_reply"),
+    ("execute_request", {"code": "%echo x", "silent": "no"}, "BadRequest", "execute_reply"),
+    ("frobnicate_request", {}, "UnknownMessageType", "frobnicate_reply")])
+def test_malformed_request_gets_error_reply(kernel, msg_type, content, ename, reply_type):
+    """A correctly signed request that cannot be served is answered (with an error), so the
+    client does not wait for its own timeout; busy/idle as for any request; nothing runs."""
+    km, kc = kernel
+    flush(kc)
+    msg = kc.session.msg(msg_type, content)
+    kc.shell_channel.send(msg)
+    reply = shell_reply(kc, msg["header"]["msg_id"])
+    assert reply["msg_type"] == reply_type
+    c = reply["content"]
+    assert c["status"] == "error" and c["ename"] == ename, c
+    assert c["evalue"] and isinstance(c["traceback"], list)
+    if reply_type == "execute_reply":
+        assert isinstance(c["execution_count"], int)
+    check_header(reply)
+    io = collect_iopub(kc, msg["header"]["msg_id"])
+    assert [(m["msg_type"], m["content"].get("execution_state")) for m in io] == [
+        ("status", "busy"), ("status", "idle")]
+    r, io = execute(kc, "%echo still-serving")
+    assert r["content"]["status"] == "ok" and stream_text(io) == "still-serving\n"
 
 
 def test_execute_stream_order_and_counter(kernel):
@@ -356,16 +384,16 @@ def test_comms(kernel):
         kc.get_shell_msg(timeout=0.5)  # no replies to comm_* messages
 
 
-def test_unknown_msg_type_gets_busy_idle(kernel):
+def test_unknown_msg_type_is_answered_and_logged(kernel):
     km, kc = kernel
     flush(kc)
     msg = kc.session.msg("frobnicate_request", {})
     kc.shell_channel.send(msg)
+    reply = shell_reply(kc, msg["header"]["msg_id"])
+    assert reply["content"]["status"] == "error"
     io = collect_iopub(kc, msg["header"]["msg_id"])
     assert [m["content"]["execution_state"] for m in io] == ["busy", "idle"]
-    with pytest.raises(Exception):
-        kc.get_shell_msg(timeout=0.5)
-    assert "frobnicate_request" in kernel_log(km)
+    assert "unknown msg_type 'frobnicate_request': error reply" in kernel_log(km)
 
 
 def test_stdin_input_request(kernel):
@@ -497,3 +525,83 @@ def test_stream_coalescing_keeps_text_and_order(kernel):
     for name, text in got:
         assert text == "s-%d\n" % int(text[2:-1]), "one line per message here"
         assert name == ("stderr" if int(text[2:-1]) % 2 else "stdout")
+
+
+# ---- what the process writes to fds 1 and 2 ----------------------------------------------
+
+def pieces(msgs):
+    """The cell's stream output as (name, text) runs, consecutive runs of a name merged."""
+    out = []
+    for m in msgs:
+        if m["msg_type"] != "stream":
+            continue
+        name, text = m["content"]["name"], m["content"]["text"]
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + text)
+        else:
+            out.append((name, text))
+    return out
+
+
+def test_fd_output_reaches_the_cell_in_order(kernel):
+    """Bytes written to fds 1/2 (as the engine's libraries do: %echo fd=true) are the cell's
+    stdout/stderr, in order with what the cell shows itself."""
+    km, kc = kernel
+    flush(kc)
+    r, io = execute(kc, "%echo own-1\n%echo lib-1 fd=true\n%echo own-2\n"
+                        "%echo lib-2 stream=stderr fd=true\n%echo own-3\n"
+                        "%echo lib-3 fd=true")
+    assert r["content"]["status"] == "ok"
+    assert pieces(io) == [("stdout", "own-1\nlib-1\nown-2\n"), ("stderr", "lib-2\n"),
+                          ("stdout", "own-3\nlib-3\n")]
+    assert "lib-1" not in kernel_log(km), "it went to the cell, not to the log"
+
+
+def test_fd_output_of_a_child_is_complete_at_the_cell_end(kernel):
+    """A child writing to the kernel's own fd 1 (its /proc/PPID/fd/1) more than a pipe holds,
+    right up to the end of the cell, and a UTF-8 character cut across two writes on fd 2:
+    every byte is in the cell before its idle."""
+    km, kc = kernel
+    flush(kc)
+    code = ("%%shell\n"
+            "head -c 300000 /dev/zero | tr '\\0' x > /proc/$PPID/fd/1\n"
+            "printf '\\303' > /proc/$PPID/fd/2; printf '\\251\\n' > /proc/$PPID/fd/2\n"
+            "printf 'tail' > /proc/$PPID/fd/1\n")
+    r, io = execute(kc, code, timeout=60)
+    assert r["content"]["status"] == "ok"
+    assert stream_text(io) == "x" * 300000 + "tail"
+    assert stream_text(io, "stderr") == "\u00e9\n"
+
+
+def test_kernel_log_stays_out_of_the_cell(kernel):
+    """What the kernel logs while a cell runs goes to its log, not into the cell: the cell
+    waits for input (so it surely runs) while control gets a request that is logged."""
+    km, kc = kernel
+    flush(kc)
+    msg_id = kc.execute("%echo before\n%input x\n%echo after", allow_stdin=True)
+    assert kc.get_stdin_msg(timeout=TIMEOUT)["msg_type"] == "input_request"
+    msg = kc.session.msg("logged_while_running_request", {})
+    kc.control_channel.send(msg)
+    reply = kc.get_control_msg(timeout=TIMEOUT)
+    assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+    kc.input("typed")
+    assert shell_reply(kc, msg_id)["content"]["status"] == "ok"
+    io = collect_iopub(kc, msg_id)
+    assert pieces(io) == [("stdout", "before\ntyped\nafter\n")]
+    assert "logged_while_running_request" in kernel_log(km)
+
+
+def test_fd_output_between_cells_goes_to_the_log(fresh_kernel, tmp_path):
+    """A child left running writes to fd 2 once the cell is over (the test says when, by
+    creating a file after the cell's idle): that goes to the kernel's log."""
+    km, kc = fresh_kernel()
+    mark = tmp_path / "cell-is-over"
+    r, io = execute(kc, "%%%%shell\n(while [ ! -e %s ]; do sleep 0.01; done;"
+                        " echo between-cells > /proc/$PPID/fd/2) >/dev/null 2>&1 &" % mark)
+    assert r["content"]["status"] == "ok"
+    assert "between-cells" not in stream_text(io, "stderr")
+    mark.write_text("")
+    deadline = time.time() + TIMEOUT
+    while "between-cells" not in kernel_log(km) and time.time() < deadline:
+        time.sleep(0.05)
+    assert "between-cells" in kernel_log(km)

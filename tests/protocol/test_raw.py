@@ -1,7 +1,8 @@
 """test_raw — bad input on raw ZeroMQ sockets; after each, the kernel still answers.
 
 Every case sends hand-made frames (signed with the kernel's key by Python's hmac) from our
-own DEALER socket, checks that nothing (or the right thing) comes back, that the kernel
+own DEALER socket, checks that nothing comes back (bad signature or framing) or the right
+thing (an error reply to a correctly signed but malformed or unknown request), that the kernel
 logged it to stderr with a "lathe:" prefix, and that a kernel_info_request is still answered.
 """
 import json
@@ -21,9 +22,20 @@ def shell(raw):
 
 @pytest.fixture
 def iopub(raw):
+    """A SUB socket known to be subscribed: kernel_info requests until one's status arrives
+    (jupyter_client's wait_for_ready handshake), so no message is lost to a slow join."""
     sub = raw.socket(raw.zmq.SUB, "iopub")
-    time.sleep(0.3)  # let the subscription reach the PUB socket
-    return sub
+    probe = raw.socket(raw.zmq.DEALER, "shell")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        frames, header = raw.frames("kernel_info_request")
+        probe.send_multipart(frames)
+        got = raw.recv(sub, timeout=0.5)
+        if got and got[2].get("msg_id") == header["msg_id"]:
+            while raw.recv(sub, timeout=0.2) is not None:  # this probe's idle, and others'
+                pass
+            return sub
+    raise AssertionError("iopub never delivered a status")
 
 
 def kernel_info_works(raw, sock):
@@ -99,7 +111,29 @@ def test_extra_frames_are_buffers(raw, shell):
     assert parent["msg_id"] == header["msg_id"]
 
 
-@pytest.mark.parametrize("part", [0, 1, 2, 3])
+def statuses(raw, iopub, msg_id):
+    """busy/idle states published with parent msg_id, up to idle."""
+    states = []
+    deadline = time.time() + 10
+    while "idle" not in states and time.time() < deadline:
+        got = raw.recv(iopub, timeout=1)
+        if got and got[2].get("msg_id") == msg_id and got[1]["msg_type"] == "status":
+            states.append(got[3]["execution_state"])
+    return states
+
+
+def error_reply(raw, sock):
+    got = raw.recv(sock)
+    assert got is not None, "no error reply: the client would wait for its own timeout"
+    idents, h, parent, content = got
+    assert content["status"] == "error", content
+    assert isinstance(content["ename"], str) and content["ename"]
+    assert isinstance(content["evalue"], str) and content["evalue"]
+    assert isinstance(content["traceback"], list)
+    return h, parent, content
+
+
+@pytest.mark.parametrize("part", [1, 2, 3])
 @pytest.mark.parametrize("bad", [b"{\"a\":", b"[1, 2]", b"", b"\xff\xfe"])
 def test_malformed_json(kernel, raw, shell, part, bad):
     header = raw.header("kernel_info_request")
@@ -107,8 +141,37 @@ def test_malformed_json(kernel, raw, shell, part, bad):
     parts[part] = bad
     frames, _ = raw.frames("kernel_info_request", raw_parts=parts)
     shell.send_multipart(frames)
-    assert no_reply(raw, shell)
-    assert "dropped a message" in kernel_log(kernel[0])
+    h, parent, c = error_reply(raw, shell)
+    name = ["header", "parent_header", "metadata", "content"][part]
+    assert h["msg_type"] == "kernel_info_reply" and parent == header
+    assert c["ename"] == "BadRequest" and name in c["evalue"], c
+    assert "malformed kernel_info_request" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+@pytest.mark.parametrize("bad", [b"{\"a\":", b"[1, 2]", b"", b"\xff\xfe"])
+def test_malformed_header(kernel, raw, shell, bad):
+    frames, _ = raw.frames("kernel_info_request", raw_parts=[bad, b"{}", b"{}", b"{}"])
+    shell.send_multipart(frames)
+    h, parent, c = error_reply(raw, shell)
+    # nothing names the request: the reply says so in its own type
+    assert h["msg_type"] == "error_reply" and parent == {}
+    assert c["ename"] == "BadRequest" and "header" in c["evalue"]
+    assert kernel_info_works(raw, shell)
+
+
+def test_header_cut_short_still_names_its_request(kernel, raw, shell, iopub):
+    header = raw.header("execute_request")
+    text = json.dumps(header).encode()[:-1]  # no closing brace
+    frames, _ = raw.frames("execute_request",
+                           raw_parts=[text, b"{}", b"{}", b'{"code": "%echo x"}'])
+    shell.send_multipart(frames)
+    h, parent, c = error_reply(raw, shell)
+    assert h["msg_type"] == "execute_reply"
+    assert parent["msg_id"] == header["msg_id"] and parent["session"] == header["session"]
+    assert c["ename"] == "BadRequest" and "header is not valid JSON" in c["evalue"]
+    assert isinstance(c["execution_count"], int)
+    assert statuses(raw, iopub, header["msg_id"]) == ["busy", "idle"]
     assert kernel_info_works(raw, shell)
 
 
@@ -117,22 +180,28 @@ def test_header_without_msg_type(raw, shell):
     del h["msg_type"]
     frames, _ = raw.frames("kernel_info_request", header=h)
     shell.send_multipart(frames)
-    assert no_reply(raw, shell)
+    rh, parent, c = error_reply(raw, shell)
+    assert rh["msg_type"] == "error_reply" and parent == h
+    assert "msg_type" in c["evalue"]
     assert kernel_info_works(raw, shell)
 
 
 def test_unknown_msg_type(kernel, raw, shell, iopub):
     frames, header = raw.frames("no_such_request")
     shell.send_multipart(frames)
-    assert no_reply(raw, shell)
-    states = []
-    deadline = time.time() + 5
-    while len(states) < 2 and time.time() < deadline:
-        got = raw.recv(iopub, timeout=1)
-        if got and got[2].get("msg_id") == header["msg_id"]:
-            states.append(got[3]["execution_state"])
-    assert states == ["busy", "idle"]
+    h, parent, c = error_reply(raw, shell)
+    assert h["msg_type"] == "no_such_reply" and parent["msg_id"] == header["msg_id"]
+    assert c["ename"] == "UnknownMessageType" and "no_such_request" in c["evalue"]
+    assert statuses(raw, iopub, header["msg_id"]) == ["busy", "idle"]
     assert "no_such_request" in kernel_log(kernel[0])
+    assert kernel_info_works(raw, shell)
+
+
+def test_unknown_reply_type_gets_no_reply(kernel, raw, shell, iopub):
+    frames, header = raw.frames("stray_reply")
+    shell.send_multipart(frames)
+    assert statuses(raw, iopub, header["msg_id"]) == ["busy", "idle"]
+    assert no_reply(raw, shell)
     assert kernel_info_works(raw, shell)
 
 
@@ -244,19 +313,36 @@ def test_control_bad_input(kernel, raw):
     frames, _ = raw.frames("kernel_info_request", sig=b"f" * 64)
     control.send_multipart(frames)
     assert no_reply(raw, control)
-    frames, _ = raw.frames("kernel_info_request", raw_parts=[b"{", b"{}", b"{}", b"{}"])
+    header = raw.header("kernel_info_request")
+    frames, _ = raw.frames("kernel_info_request",
+                           raw_parts=[json.dumps(header).encode(), b"{}", b"{}", b"{"])
     control.send_multipart(frames)
-    assert no_reply(raw, control)
+    h, parent, c = error_reply(raw, control)  # signed but malformed: answered on control too
+    assert parent["msg_id"] == header["msg_id"] and c["ename"] == "BadRequest"
     assert kernel_info_works(raw, control)
 
 
-@pytest.mark.parametrize("content", [{"code": 5}, {}, {"code": None, "silent": "yes"}])
-def test_execute_without_string_code(raw, shell, content):
+@pytest.mark.parametrize("content,field", [
+    ({"code": 5}, "code"), ({}, "code"), ({"code": None, "silent": "yes"}, "code"),
+    ({"code": "%echo x", "silent": "yes"}, "silent"),
+    ({"code": "%echo x", "store_history": 1}, "store_history"),
+    ({"code": "%echo x", "stop_on_error": "false"}, "stop_on_error"),
+    ({"code": "%echo x", "allow_stdin": []}, "allow_stdin"),
+    ({"code": "%echo x", "user_expressions": [1]}, "user_expressions")])
+def test_execute_with_malformed_content(raw, shell, iopub, content, field):
     frames, header = raw.frames("execute_request", content)
     shell.send_multipart(frames)
-    idents, h, parent, c = raw.recv(shell)
-    assert parent["msg_id"] == header["msg_id"]
-    assert c["status"] == "error" and c["ename"] == "BadRequest"
+    h, parent, c = error_reply(raw, shell)
+    assert h["msg_type"] == "execute_reply" and parent["msg_id"] == header["msg_id"]
+    assert c["ename"] == "BadRequest" and "'%s'" % field in c["evalue"], c
+    assert isinstance(c["execution_count"], int)
+    io = []
+    deadline = time.time() + 10
+    while time.time() < deadline and not (io and io[-1] == ("status", "idle")):
+        got = raw.recv(iopub, timeout=1)
+        if got and got[2].get("msg_id") == header["msg_id"]:
+            io.append((got[1]["msg_type"], got[3].get("execution_state")))
+    assert io == [("status", "busy"), ("status", "idle")], "not run: no execute_input"
     assert kernel_info_works(raw, shell)
 
 

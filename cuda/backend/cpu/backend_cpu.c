@@ -945,6 +945,7 @@ const lt_backend lt_backend_cpu = {
     .geglu = cpu_geglu,
     .add = cpu_add,
     .attention_rows = cpu_attention_rows,
+    .sample_rows = cpu_sample_rows,
     /* backward ops and the training ops: backend_cpu_grad.c (grad.h) */
     .linear_backward = cpu_linear_backward,
     .rmsnorm_backward = cpu_rmsnorm_backward,

@@ -82,6 +82,9 @@ lt_status cpu_scale(lt_ctx *ctx, lt_tensor t, float s);
 lt_status cpu_sumsq(lt_ctx *ctx, double *out, lt_tensor t);
 lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
 
+/* sample_rows (backend_cpu_sample.c): backend.h's sampling rule on the host. */
+lt_status cpu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                          const lt_sample_opts *o);
 /* The image tower's ops on the CPU (backend_cpu_vision.c; backend.h states them). */
 lt_status cpu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b, float eps);
 lt_status cpu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b);

@@ -64,7 +64,8 @@ typedef struct cu_impl {
                               known; < 0 (the default) turns key ranges off: on the H200 the extra
                               smaller GEMMs cost more than the masked work they skip (1b: 186 vs
                               170 ms a step at 512 rows; bench/results-2026-11-30.txt) */
-    int flash; /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
+    int flash;  /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
+    int gemv16; /* LATHE_CUDA_GEMV=0 sends few-row linears through cuBLAS like the rest */
     size_t smem_optin; /* shared memory a block may opt in to */
     cudaStream_t stream;
     cublasHandle_t blas;
@@ -650,6 +651,8 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->smem_optin = prop.sharedMemPerBlockOptin;
         const char *fl = getenv("LATHE_CUDA_FLASH");
         I->flash = !(fl && strcmp(fl, "0") == 0);
+        const char *gv = getenv("LATHE_CUDA_GEMV");
+        I->gemv16 = !(gv && strcmp(gv, "0") == 0);
         const char *mc = getenv("LATHE_CUDA_MEMORY_CAP"); /* bytes, or with a K/M/G suffix */
         if (mc && *mc) {
             char *end;
@@ -989,6 +992,29 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
         lt_dtype cdt = weight_cdt(ctx, w);
         const lt_lora *lo = w->lora;
         int use_lora = lo && lo->enabled && lo->a.data;
+        /* decoding a few tokens through a 16-bit weight: two launches, no casts (gemv.cu) */
+        int r = use_lora ? (int)lo->a.shape[0] : 0;
+        if (w->q.kind == LT_QUANT_NONE && (cdt == LT_BF16 || cdt == LT_F16) && x.dtype == LT_F32 &&
+            impl_of(ctx)->gemv16 && k_gemv16_ok(T, in, r, x.data, w->w.data)) {
+            CU_REQUIRE(!use_lora ||
+                           (lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r),
+                       "adapter shapes do not agree");
+            float *xa = NULL;
+            if (use_lora) {
+                if (!(xa = (float *)tmp_get(ctx, sizeof(float) * (size_t)(T * r)))) {
+                    rc = LT_ERR_MEMORY;
+                    goto done;
+                }
+                k_lora_xa(impl_of(ctx)->stream, xa, (const float *)x.data,
+                          (const float *)lo->a.data, T, in, r);
+                LAUNCHED();
+            }
+            k_gemv16(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, w->w.data, cdt,
+                     T, in, out, xa, use_lora ? (const float *)lo->b.data : NULL, r,
+                     use_lora ? lo->scale : 0.0f, 0);
+            LAUNCHED();
+            goto done;
+        }
         /* decoding a few tokens through an NF4 weight: read its packed bytes once, in fp32 */
         int gemv = w->q.kind == LT_QUANT_NF4 && x.dtype == LT_F32 &&
                    k_nf4_gemv_ok(T, in, w->w.data) && !getenv("LATHE_CUDA_NO_GEMV");
@@ -1473,6 +1499,33 @@ static lt_status cu_attention_rows(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_t
                          (const float *)k_new.data, (const float *)v_new.data, (float *)kc.data,
                          (float *)vc.data, (const int32_t *)rows.data, (const int32_t *)qpos.data,
                          (int)R, (int)N, (int)S, (int)nh, (int)nkv, (int)hd, window, scale, part);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                                const lt_sample_opts *o) {
+    const char *opname = "sample_rows";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(o, "options are required");
+    CU_REQUIRE(is_f32(&logits) && logits.ndim == 2, "logits must be fp32 [R, V]");
+    CU_REQUIRE(logits.shape[1] > 0 && logits.shape[1] < INT32_MAX && logits.shape[0] < INT32_MAX,
+               "logits' sizes are out of range");
+    {
+        int64_t R = logits.shape[0], V = logits.shape[1];
+        CU_REQUIRE(ids.dtype == LT_I32 && lt_tensor_numel(&ids) == R && (ids.data || !R),
+                   "ids must be I32 [R]");
+        CU_REQUIRE(bits.dtype == LT_I32 && lt_tensor_numel(&bits) == R && (bits.data || !R),
+                   "bits must be I32 [R]");
+        CU_REQUIRE(o->top_k >= 0 && o->top_p > 0 && o->top_p <= 1 && o->min_p >= 0 && o->min_p <= 1,
+                   "top_k must be >= 0, top_p in (0, 1] and min_p in [0, 1]");
+        if (R == 0) goto done;
+        k_sample_rows(impl_of(ctx)->stream, (int32_t *)ids.data, (const float *)logits.data,
+                      (const int32_t *)bits.data, (int)R, (int)V, o->inv_temp, o->top_k, o->top_p,
+                      o->min_p);
         LAUNCHED();
     }
 done:
@@ -2035,6 +2088,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .geglu = cu_geglu,
     .add = cu_add,
     .attention_rows = cu_attention_rows,
+    .sample_rows = cu_sample_rows,
     .linear_backward = cu_linear_backward,
     .rmsnorm_backward = cu_rmsnorm_backward,
     .rope_backward = cu_rope_backward,

@@ -1,7 +1,8 @@
 /* test_cpu_ops.c — the CPU reference ops against small hand-computed values (RMSNorm, RoPE,
  * attention with GQA / causal / sliding masks, GeGLU, embedding), attention_rows against the
  * attention op per row, the matmul paths (CBLAS, the threaded C loop, F32/F16/BF16 weights, the
- * LoRA path) against a naive double product, the sampler, the UTF-8 text stream, and the
+ * LoRA path) against a naive double product, the sampler and sample_rows (against a sort-based
+ * reading of its rule), the UTF-8 text stream, and the
  * forward pass: chunked KV-cache decoding with a sliding ring must give the logits of the plain
  * full-sequence forward.
  */
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "cuda/backend/backend.h"
+#include "cuda/backend/sample_rule.h"
 #include "cuda/model/model.h"
 #include "cuda/model/sample.h"
 #include "cuda/text/textstream.h"
@@ -261,56 +263,52 @@ static void test_matmul(void) {
 }
 
 static void test_sampler(void) {
-    sampler s;
-    sampler_init(&s, 5);
     float lg[5] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f};
     lt_gen_opts o;
     lt_gen_opts_default(&o);
     lt_rng rng;
     rng_seed(&rng, 7);
     o.temperature = 0;
-    is_int(sampler_pick(&s, lg, &o, &rng), 1, "temperature 0 is argmax");
+    is_int(sampler_pick(lg, 5, &o, &rng), 1, "temperature 0 is argmax");
     o.temperature = 1;
     o.top_k = 1;
     int all1 = 1;
     for (int i = 0; i < 50; i++)
-        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+        all1 &= sampler_pick(lg, 5, &o, &rng) == 1;
     ok(all1, "top_k=1 always picks the best");
     o.top_k = 0;
     o.top_p = 0.01f;
     all1 = 1;
     for (int i = 0; i < 50; i++)
-        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+        all1 &= sampler_pick(lg, 5, &o, &rng) == 1;
     ok(all1, "a tiny top_p keeps only the best");
     o.top_p = 1;
     o.min_p = 0.99f;
     all1 = 1;
     for (int i = 0; i < 50; i++)
-        all1 &= sampler_pick(&s, lg, &o, &rng) == 1;
+        all1 &= sampler_pick(lg, 5, &o, &rng) == 1;
     ok(all1, "min_p 0.99 keeps only the best");
     /* top_k = 2 never picks outside {1, 3} */
     o.min_p = 0;
     o.top_k = 2;
     int outside = 0, seen3 = 0;
     for (int i = 0; i < 400; i++) {
-        int id = sampler_pick(&s, lg, &o, &rng);
+        int id = sampler_pick(lg, 5, &o, &rng);
         outside |= id != 1 && id != 3;
         seen3 |= id == 3;
     }
     ok(!outside && seen3, "top_k=2 samples both and only the top two");
     /* frequencies: logits (0, ln 3) -> p = (.25, .75) */
-    sampler s2;
-    sampler_init(&s2, 2);
     float l2[2] = {0, logf(3)};
     o.top_k = 0;
     int c1 = 0;
     for (int i = 0; i < 4000; i++)
-        c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
+        c1 += sampler_pick(l2, 2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.75, 0.03, "sampling follows softmax (p = 0.75)");
     o.temperature = 1e6f;
     c1 = 0;
     for (int i = 0; i < 4000; i++)
-        c1 += sampler_pick(&s2, l2, &o, &rng) == 1;
+        c1 += sampler_pick(l2, 2, &o, &rng) == 1;
     is_close(c1 / 4000.0, 0.5, 0.03, "a huge temperature flattens to uniform");
     /* no truncation (top_k 0, top_p 1, min_p 0) draws without sorting: it still follows the
      * softmax of logits / temperature over every id */
@@ -320,7 +318,7 @@ static void test_sampler(void) {
         o.top_p = 1;
         o.min_p = 0;
         for (int i = 0; i < 40000; i++)
-            cnt[sampler_pick(&s, lg, &o, &rng)]++;
+            cnt[sampler_pick(lg, 5, &o, &rng)]++;
         double z = 0, worst = 0;
         for (int i = 0; i < 5; i++)
             z += exp(lg[i] / 0.7);
@@ -331,15 +329,13 @@ static void test_sampler(void) {
         is_close(worst, 0, 0.01, "untruncated sampling follows the softmax over every id");
     }
     { /* over several blocks and a ragged tail (1003 ids): mass on blocks 0 and 3 and the tail */
-        sampler big;
-        sampler_init(&big, 1003);
         float *lb = malloc(sizeof(float) * 1003);
         for (int i = 0; i < 1003; i++)
             lb[i] = (i == 7 || i == 800) ? 3.0f : i >= 1000 ? 2.0f : -2.0f;
         o.temperature = 1;
         int hit[4] = {0}; /* 7, 800, 1000..1002, the rest */
         for (int i = 0; i < 40000; i++) {
-            int id = sampler_pick(&big, lb, &o, &rng);
+            int id = sampler_pick(lb, 1003, &o, &rng);
             hit[id == 7 ? 0 : id == 800 ? 1 : id >= 1000 ? 2 : 3]++;
         }
         double e3 = exp(3.0), e2 = exp(2.0), em = exp(-2.0), z = 2 * e3 + 3 * e2 + 998 * em;
@@ -350,7 +346,6 @@ static void test_sampler(void) {
         }
         is_close(worst, 0, 0.012, "untruncated sampling over blocks and a ragged tail");
         free(lb);
-        sampler_free(&big);
     }
     /* the same seed gives the same draws */
     lt_rng a, b;
@@ -359,7 +354,7 @@ static void test_sampler(void) {
     o.temperature = 1;
     int same = 1;
     for (int i = 0; i < 100; i++)
-        same &= sampler_pick(&s, lg, &o, &a) == sampler_pick(&s, lg, &o, &b);
+        same &= sampler_pick(lg, 5, &o, &a) == sampler_pick(lg, 5, &o, &b);
     ok(same, "seeded: the same seed gives the same tokens");
     char err[LT_ERRLEN];
     o.top_p = 1.5f;
@@ -369,8 +364,128 @@ static void test_sampler(void) {
     o.temperature = -1;
     ok(gen_opts_check(&o, err) == LT_ERR_ARG && strstr(err, "temperature"),
        "negative temperature is named");
-    sampler_free(&s);
-    sampler_free(&s2);
+}
+
+/* ---- sample_rows against a sort-based reading of backend.h's rule --------------------------
+ * The reference sorts the ids by logit, applies top_k at the k-th value (ties kept), top_p by
+ * walking the values from the smallest up with their cumulative weight, min_p by weight, then
+ * walks the survivors in id order: the same rule as the op's radix selections, another way. */
+static const float *sort_vals;
+static int by_logit_desc(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    float vx = sort_vals[x], vy = sort_vals[y];
+    return vx > vy ? -1 : vx < vy ? 1 : (x > y) - (x < y);
+}
+
+static int ref_sample(const float *x, int V, uint32_t bits, const lt_sample_opts *o) {
+    int *ord = malloc(sizeof(int) * (size_t)V);
+    char *keep = calloc((size_t)V, 1);
+    for (int j = 0; j < V; j++)
+        ord[j] = j;
+    sort_vals = x;
+    qsort(ord, (size_t)V, sizeof(int), by_logit_desc);
+    int best = ord[0], id = best;
+    if (o->inv_temp > 0) {
+        float m = x[best];
+        int n = V; /* candidates: ord[0..n) */
+        if (o->top_k > 0 && o->top_k < V)
+            while (n > o->top_k && x[ord[n - 1]] < x[ord[o->top_k - 1]])
+                n--;
+        if (o->top_p < 1) {
+            uint64_t total = 0;
+            for (int i = 0; i < n; i++)
+                total += lt_sample_weight(x[ord[i]], m, o->inv_temp);
+            uint64_t cut = lt_sample_cut(total, o->top_p), at_or_below = total;
+            int keep_n = n;
+            for (int i = 0; i < n;) { /* from the top: the weight at or below value x[ord[i]] */
+                int e = i;
+                uint64_t group = 0;
+                while (e < n && x[ord[e]] == x[ord[i]])
+                    group += lt_sample_weight(x[ord[e++]], m, o->inv_temp);
+                if (at_or_below <= cut) {
+                    keep_n = i;
+                    break;
+                }
+                at_or_below -= group;
+                i = e;
+            }
+            n = keep_n;
+        }
+        uint64_t fl = lt_sample_floor(o->min_p), S = 0;
+        for (int i = 0; i < n; i++)
+            if (lt_sample_weight(x[ord[i]], m, o->inv_temp) >= fl) keep[ord[i]] = 1;
+        for (int j = 0; j < V; j++)
+            if (keep[j]) S += lt_sample_weight(x[j], m, o->inv_temp);
+        uint64_t t = lt_sample_target(S, bits), acc = 0;
+        for (int j = 0; S && j < V; j++) {
+            if (!keep[j]) continue;
+            acc += lt_sample_weight(x[j], m, o->inv_temp);
+            if (acc > t) {
+                id = j;
+                break;
+            }
+        }
+    }
+    free(ord);
+    free(keep);
+    return id;
+}
+
+static void test_sample_rows(void) {
+    enum { R = 40, V = 3001 };
+    float *lg = malloc(sizeof(float) * R * V);
+    int32_t bits[R], ids[R];
+    uint64_t st = 12345;
+    for (int i = 0; i < R * V; i++) { /* values on a grid of 1/8: many ties */
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        lg[i] = (float)((int)(st >> 40) % 64 - 40) / 8.0f;
+        if (i % 997 == 5) lg[i] = -INFINITY;
+    }
+    lt_sample_opts cases[] = {{0, 0, 1, 0},         {1, 0, 1, 0},        {1, 64, 1, 0},
+                              {0.7f, 64, 0.95f, 0}, {1.3f, 0, 0.9f, 0},  {1, 0, 1, 0.05f},
+                              {2, 5, 0.5f, 0.2f},   {1, 1, 1, 0},        {1, 0, 1e-6f, 0},
+                              {1, V - 1, 1, 0},     {1e-6f, 0, 0.99f, 0}};
+    int n_cases = (int)(sizeof cases / sizeof cases[0]), all_same = 1, valid = 1;
+    for (int c = 0; c < n_cases; c++)
+        for (int rep = 0; rep < 3; rep++) {
+            for (int r = 0; r < R; r++) {
+                st = st * 6364136223846793005ull + 1442695040888963407ull;
+                bits[r] = (int32_t)(st >> 32);
+            }
+            lt_status rc =
+                be->sample_rows(&ctx, lt_tensor_1d(LT_I32, ids, R), lt_tensor_2d(LT_F32, lg, R, V),
+                                lt_tensor_1d(LT_I32, bits, R), &cases[c]);
+            if (rc != LT_OK) {
+                diag("%s", ctx.err);
+                all_same = 0;
+            }
+            for (int r = 0; r < R; r++) {
+                int want = ref_sample(lg + (size_t)r * V, V, (uint32_t)bits[r], &cases[c]);
+                if (ids[r] != want) {
+                    if (all_same) diag("case %d row %d: op %d, reference %d", c, r, ids[r], want);
+                    all_same = 0;
+                }
+                valid &= ids[r] >= 0 && ids[r] < V && lg[(size_t)r * V + ids[r]] > -INFINITY;
+            }
+        }
+    ok(all_same, "sample_rows = the sort-based reading of the rule (ties, -inf, every option)");
+    ok(valid, "sample_rows never draws an id of probability 0");
+    /* extremes of the bits: the first and the last candidate of the walk */
+    float two[2] = {0, 0};
+    int32_t b0 = 0, b1 = -1, id = -1;
+    lt_sample_opts plain = {1, 0, 1, 0};
+    be->sample_rows(&ctx, lt_tensor_1d(LT_I32, &id, 1), lt_tensor_2d(LT_F32, two, 1, 2),
+                    lt_tensor_1d(LT_I32, &b0, 1), &plain);
+    is_int(id, 0, "bits 0 draw the first candidate");
+    be->sample_rows(&ctx, lt_tensor_1d(LT_I32, &id, 1), lt_tensor_2d(LT_F32, two, 1, 2),
+                    lt_tensor_1d(LT_I32, &b1, 1), &plain);
+    is_int(id, 1, "bits 2^32-1 draw the last candidate");
+    lt_sample_opts bad = {1, -1, 1, 0};
+    ok(be->sample_rows(&ctx, lt_tensor_1d(LT_I32, &id, 1), lt_tensor_2d(LT_F32, two, 1, 2),
+                       lt_tensor_1d(LT_I32, &b0, 1), &bad) == LT_ERR_ARG &&
+           strstr(ctx.err, "top_k"),
+       "sample_rows refuses a negative top_k, naming it");
+    free(lg);
 }
 
 static char pieces[16][64];
@@ -488,6 +603,7 @@ int main(void) {
     test_geglu_embedding();
     test_matmul();
     test_sampler();
+    test_sample_rows();
     test_textstream();
     test_forward_cache();
     lt_ctx_shutdown(&ctx);

@@ -158,18 +158,16 @@ static gemma3_model *M;
 static int reference(const int32_t *prompt, int P, const lt_gen_opts *o, uint64_t seed, int max_seq,
                      int32_t *out, int *stopped) {
     gemma3_cache c;
-    sampler sm;
     lt_rng r;
     int n = 0, vocab = M->cfg.vocab_size;
     float *last = malloc(sizeof(float) * (size_t)vocab);
     *stopped = 0;
     rng_seed(&r, seed);
-    if (gemma3_cache_init(&c, &ctx, &M->cfg, max_seq) != LT_OK || sampler_init(&sm, vocab) != LT_OK)
-        return -1;
+    if (gemma3_cache_init(&c, &ctx, &M->cfg, max_seq) != LT_OK) return -1;
     gemma3_outputs fo = {.last_logits = last};
     lt_status rc = gemma3_forward(M, &ctx, prompt, P, &c, &fo);
     while (rc == LT_OK && n < o->max_new) {
-        int id = sampler_pick(&sm, last, o, &r);
+        int id = sampler_pick(last, vocab, o, &r);
         out[n++] = id;
         if (gemma3_is_stop(&M->cfg, id)) {
             *stopped = 1;
@@ -178,7 +176,6 @@ static int reference(const int32_t *prompt, int P, const lt_gen_opts *o, uint64_
         if (n < o->max_new) rc = gemma3_forward(M, &ctx, &id, 1, &c, &fo);
     }
     gemma3_cache_free(&c, &ctx);
-    sampler_free(&sm);
     free(last);
     return rc == LT_OK ? n : -1;
 }

@@ -245,6 +245,7 @@ static void test_hf_cache(lt_session *s) {
     char p[1024], cmd[4096];
     setenv("HF_HOME", home, 1);
     unsetenv("HF_HUB_CACHE");
+    setenv("HF_ENDPOINT", "http://127.0.0.1:9", 1); /* nothing listens: the Hub is unreachable */
     lt_status rc = lt_load(s, "acme/tiny-gemma", NULL, NULL);
     ok(rc == LT_ERR_IO && strstr(lt_last_error(s), home) &&
            strstr(lt_last_error(s), "models--acme--tiny-gemma"),
@@ -264,6 +265,7 @@ static void test_hf_cache(lt_session *s) {
     snprintf(cmd, sizeof cmd, "rm -rf %s", home);
     if (system(cmd) != 0) diag("cleanup failed");
     unsetenv("HF_HOME");
+    unsetenv("HF_ENDPOINT");
 }
 
 static void test_random(lt_session *s) {

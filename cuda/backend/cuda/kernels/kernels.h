@@ -163,6 +163,26 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
                 const float *absmax, int64_t T, int64_t in, int64_t out, int blocksize,
                 int accumulate);
 
+/* ---- gemv.cu ------------------------------------------------------------------------------- */
+
+/* Whether the few-row linear takes T rows of in (T <= 8, in % 8 == 0, rank r <= 64, x and w on
+ * 16-byte boundaries). */
+int k_gemv16_ok(int64_t T, int64_t in, int r, const void *x, const void *w);
+/* xa [T, r] = x [T, in] · A [r, in]ᵀ, fp32. */
+void k_lora_xa(cudaStream_t st, float *xa, const float *x, const float *a, int64_t T, int64_t in,
+               int r);
+/* y [T, out] (+)= x [T, in] · W [out, in]ᵀ (W bf16 or fp16) + scale · xa [T, r] · B [out, r]ᵀ
+ * (xa NULL: no adapter), fp32 products and sums. */
+void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype dt, int64_t T,
+              int64_t in, int64_t out, const float *xa, const float *b, int r, float scale,
+              int accumulate);
+
+/* ---- sample.cu ----------------------------------------------------------------------------- */
+
+/* backend.h's sample_rows: ids[r] drawn from logits [R, V] with bits[r] (sample_rule.h). */
+void k_sample_rows(cudaStream_t st, int32_t *ids, const float *logits, const int32_t *bits, int R,
+                   int V, float inv_temp, int top_k, float top_p, float min_p);
+
 /* ---- vision.cu: the image tower's ops and the image block's attention (backend.h) ----------- */
 void k_layernorm(cudaStream_t st, float *y, const float *x, const float *w, const float *b,
                  int64_t N, int64_t D, float eps);
