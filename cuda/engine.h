@@ -131,6 +131,13 @@ lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text);
 
 /* fp32 logits of one sequence: *logits is malloc'd [n, vocab] row-major. */
 lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab);
+/* The same for a sequence with images: the ids carry one block per image (<start_of_image>,
+ * mm_tokens_per_image image tokens, <end_of_image>, as Gemma 3's processor writes them), and
+ * images[i] (a PNG or JPEG file) fills the i-th block's image tokens, read and resized as
+ * transformers' Gemma3ImageProcessor does and encoded by the model's image tower. Refused for a
+ * model without a tower, a wrong number of image tokens, or an image file that cannot be read. */
+lt_status lt_logits_image(lt_session *s, const int32_t *ids, int n, const char *const *images,
+                          int n_images, float **logits, int *vocab);
 
 typedef struct lt_gen_opts {
     int max_new;       /* default 256 */

@@ -24,11 +24,13 @@
 #include "cuda/export/gguf_export.h"
 #include "cuda/export/merged.h"
 #include "cuda/export/quantized.h"
+#include "cuda/formats/image.h"
 #include "cuda/hub/hub.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
 #include "cuda/model/sample.h"
+#include "cuda/model/siglip.h"
 #include "cuda/text/chat.h"
 #include "cuda/text/textstream.h"
 #include "cuda/text/tokenizer.h"
@@ -499,6 +501,66 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     if (rc != LT_OK) {
         free(out);
         return lt_fail(s->err, rc, "%s", s->ctx.err);
+    }
+    *logits = out;
+    *vocab = V;
+    return LT_OK;
+}
+
+lt_status lt_logits_image(lt_session *s, const int32_t *ids, int n, const char *const *images,
+                          int n_images, float **logits, int *vocab) {
+    call_begin(s);
+    *logits = NULL;
+    lt_status rc = need_model(s);
+    if (rc != LT_OK) return rc;
+    const gemma3_model *m = s->model;
+    if (n <= 0) return lt_fail(s->err, LT_ERR_ARG, "logits: no token ids");
+    if (n > s->max_seq)
+        return lt_fail(s->err, LT_ERR_ARG, "logits: %d tokens exceed max_seq %d", n, s->max_seq);
+    if (n_images <= 0) return lt_fail(s->err, LT_ERR_ARG, "logits: no image given");
+    if (!m->vision)
+        return lt_fail(s->err, LT_ERR_ARG, "images: %s",
+                       m->vision_error[0] ? m->vision_error
+                                          : "this model has no image tower (a text-only model)");
+    const siglip_tower *t = m->vision;
+    lt_ctx *ctx = &s->ctx;
+    const lt_backend *be = ctx->be;
+    int side = t->cfg.image_size, mm = t->cfg.mm_tokens_per_image, V = m->cfg.vocab_size;
+    size_t H = (size_t)m->cfg.hidden_size, rows = (size_t)mm * (size_t)n_images;
+    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    float *emb = be->alloc(ctx, sizeof(float) * rows * H);
+    float *dev_logits = be->alloc(ctx, sizeof(float) * (size_t)n * (size_t)V);
+    float *out = malloc(sizeof(float) * (size_t)n * (size_t)V);
+    if (!px || !emb || !dev_logits || !out) {
+        rc = lt_fail(s->err, LT_ERR_MEMORY, "logits: out of memory for %d images and [%d, %d]",
+                     n_images, n, V);
+        goto done;
+    }
+    for (int i = 0; i < n_images && rc == LT_OK; i++) {
+        rc = img_load_pixels(px, images[i], side, s->err);
+        if (rc == LT_OK && (rc = siglip_encode(t, ctx, px, emb + (size_t)i * mm * H)) != LT_OK)
+            lt_fail(s->err, rc, "%s: %s", images[i], ctx->err);
+    }
+    if (rc == LT_OK) {
+        gemma3_cache cache;
+        gemma3_images gi = {emb, (int)rows};
+        gemma3_outputs o = {.logits = dev_logits};
+        rc = gemma3_cache_init(&cache, ctx, &m->cfg, n);
+        if (rc == LT_OK) {
+            rc = gemma3_forward_images(m, ctx, ids, n, &cache, &o, &gi);
+            gemma3_cache_free(&cache, ctx);
+        }
+        if (rc == LT_OK)
+            rc = be->download(ctx, out, dev_logits, sizeof(float) * (size_t)n * (size_t)V);
+        if (rc != LT_OK) lt_fail(s->err, rc, "%s", ctx->err);
+    }
+done:
+    free(px);
+    if (emb) be->release(ctx, emb);
+    if (dev_logits) be->release(ctx, dev_logits);
+    if (rc != LT_OK) {
+        free(out);
+        return rc;
     }
     *logits = out;
     *vocab = V;

@@ -2,7 +2,7 @@
  *   lathe kernel -f CONNECTION_FILE   what Jupyter starts (the kernelspec's argv)
  *   lathe install [--user|...]        writes the kernelspec
  *   lathe run FILE|-                  runs cells without Jupyter
- *   lathe logits MODEL [key=value ...] --ids ... --out FILE.npy
+ *   lathe logits MODEL [key=value ...] [--image FILE] --ids ... --out FILE.npy
  */
 #include <stdio.h>
 #include <string.h>
@@ -20,7 +20,8 @@ static int usage(FILE *f) {
             "  lathe kernel -f CONNECTION_FILE   serve Jupyter (started by Jupyter)\n"
             "  lathe install [--user | --sys-prefix | --prefix DIR] [--name NAME]\n"
             "  lathe run FILE|-                  run a cell script (cells split at '# %%%%')\n"
-            "  lathe logits MODEL [dtype= device= quant=] --ids 2,17,... --out FILE.npy\n"
+            "  lathe logits MODEL [dtype= device= quant=] [--image FILE] --ids 2,17,... "
+            "--out FILE.npy\n"
             "  lathe --version\n",
             PACKAGE_STRING);
     return f == stderr ? 2 : 0;

@@ -7,7 +7,8 @@
  * "percent" format, so a notebook exported as a script runs as it is). The first failing
  * cell stops the run with exit status 1. SIGINT interrupts the running cell.
  *
- * Also `lathe logits`, which writes one sequence's fp32 logits as a NumPy .npy file.
+ * Also `lathe logits`, which writes one sequence's fp32 logits as a NumPy .npy file (with
+ * --image FILE, the sequence's image blocks take that image through the model's tower).
  */
 #include "kernel/run.h"
 
@@ -292,6 +293,8 @@ static int logits_option(const char *arg, lt_load_opts *o) {
 
 int logits_main(int argc, char **argv) {
     const char *model = NULL, *ids_text = NULL, *out = NULL;
+    const char *images[16];
+    int n_images = 0;
     lt_load_opts opts;
     lt_load_opts_default(&opts);
     for (int i = 0; i < argc; ++i) {
@@ -299,7 +302,13 @@ int logits_main(int argc, char **argv) {
             ids_text = argv[++i];
         else if (!strcmp(argv[i], "--out") && i + 1 < argc)
             out = argv[++i];
-        else if (!strcmp(argv[i], "--dtype") && i + 1 < argc)
+        else if (!strcmp(argv[i], "--image") && i + 1 < argc) {
+            if (n_images == (int)(sizeof images / sizeof *images)) {
+                fprintf(stderr, "lathe logits: at most %d --image files\n", n_images);
+                return 2;
+            }
+            images[n_images++] = argv[++i];
+        } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc)
             opts.dtype = argv[++i];
         else if (argv[i][0] != '-' && model && strchr(argv[i], '=')) {
             int bad = logits_option(argv[i], &opts);
@@ -325,7 +334,9 @@ int logits_main(int argc, char **argv) {
     if (!model || !ids_text || !out) {
         fprintf(stderr, "usage: lathe logits MODEL [dtype=auto|fp32|fp16|bf16] "
                         "[device=auto|cpu|cuda] [quant=none|nf4|int8|dynamic] [quant_keep=0.1] "
-                        "--ids 2,17,... --out FILE.npy\n");
+                        "[--image FILE.png|FILE.jpg ...] --ids 2,17,... --out FILE.npy\n"
+                        "  (with --image, the ids carry one image block per image: "
+                        "<start_of_image>, mm_tokens_per_image image tokens, <end_of_image>)\n");
         return 2;
     }
     int cap = 16, n = 0;
@@ -357,7 +368,10 @@ int logits_main(int argc, char **argv) {
     lt_status st = s ? lt_load(s, model, &opts, NULL) : LT_ERR_MEMORY;
     float *logits = NULL;
     int vocab = 0;
-    if (st == LT_OK) st = lt_logits(s, ids, n, &logits, &vocab);
+    if (st == LT_OK && n_images)
+        st = lt_logits_image(s, ids, n, images, n_images, &logits, &vocab);
+    else if (st == LT_OK)
+        st = lt_logits(s, ids, n, &logits, &vocab);
     int rc = 0;
     if (st != LT_OK) {
         fprintf(stderr, "lathe logits: %s\n", s ? lt_last_error(s) : "out of memory");

@@ -273,6 +273,32 @@ typedef struct lt_backend {
      * mul / (1 - p), keep = lt_dropout_keep(seed, i, p) (below). The same seed gives the same
      * mask, so forward, recompute and backward agree. y may alias x. */
     lt_status (*dropout)(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul, uint64_t seed);
+
+    /* ---- the image tower's ops and the image block's attention -------------------------
+     * NULL where a backend lacks them: the image code then refuses with a message naming the
+     * missing op (lt_backend_missing_vision_op), and text-only work is unaffected. */
+    /* LayerNorm with bias over the last dim D = numel(w), in fp32:
+     * y = (x - mean) * rsqrt(var + eps) * w + b, var the biased variance (torch's layer_norm).
+     * x, y: [N, D] fp32 (y may alias x); w, b: [D] fp32. */
+    lt_status (*layernorm)(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b,
+                           float eps);
+    /* y[n, :] += b for every row n: a linear's bias. y: [N, D] fp32; b: [D] fp32. */
+    lt_status (*add_bias)(lt_ctx *ctx, lt_tensor y, lt_tensor b);
+    /* y = gelu_tanh(x) elementwise (the tanh approximation, as geglu's), fp32; y may alias x. */
+    lt_status (*gelu)(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+    /* Average pooling of a square grid: x [g*g, D] holds grid cell (r, c) in row r*g + c;
+     * y [(g/k)*(g/k), D] holds the mean of each k x k block, block (i, j) in row i*(g/k) + j,
+     * the sum taken in fp32 and divided by k*k (torch's AvgPool2d(kernel=k, stride=k)). g must
+     * be a multiple of k. */
+    lt_status (*avg_pool)(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k);
+    /* attention, plus one extra span of key positions per query: key s is visible to query t
+     * iff attention's rule holds, OR kpos[s] >= 0 && span[t, 0] <= kpos[s] <= span[t, 1]
+     * (window and causality do not apply inside the span). span: [T, 2] I32; a query with
+     * span[t, 0] > span[t, 1] (e.g. 0, -1) has none. This is transformers' or_mask for
+     * Gemma 3's image blocks: an image token sees every token of its own block. */
+    lt_status (*attention_span)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
+                                lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
+                                float scale);
 } lt_backend;
 
 /* The dropout keep-test, shared by every backend: 1 when element i survives. */
@@ -287,6 +313,9 @@ static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
 /* The name of the first training op (backward ops, loss, optimizer, vector ops) a backend
  * lacks, or NULL when it has them all: the trainer checks once, up front. */
 const char *lt_backend_missing_training_op(const lt_backend *be);
+/* The name of the first image op (layernorm, add_bias, gelu, avg_pool, attention_span) a
+ * backend lacks, or NULL when it has them all. */
+const char *lt_backend_missing_vision_op(const lt_backend *be);
 
 /* The CPU reference backend (backend_cpu.c). */
 extern const lt_backend lt_backend_cpu;

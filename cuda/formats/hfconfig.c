@@ -350,6 +350,85 @@ static lt_status read_text(cfg_reader *r, json_t *o, gemma3_config *c) {
 #undef CHECK
 }
 
+/* The vision side of a nested gemma3 config: vision_config (SiglipVisionConfig's class defaults
+ * for what it leaves out) and Gemma3Config's top-level image fields (their defaults too). */
+static lt_status read_vision(cfg_reader *r, json_t *root, gemma3_vision_config *v) {
+    memset(v, 0, sizeof *v);
+    json_t *vc = json_object_get(root, "vision_config");
+    if (!vc || json_is_null(vc)) return LT_OK;
+    if (!json_is_object(vc))
+        return lt_fail(r->err, LT_ERR_FORMAT, "%s: key 'vision_config' is not an object", r->what);
+    /* transformers' SiglipVisionConfig defaults */
+    v->hidden_size = 768;
+    v->intermediate_size = 3072;
+    v->num_hidden_layers = 12;
+    v->num_attention_heads = 12;
+    v->num_channels = 3;
+    v->image_size = 224;
+    v->patch_size = 16;
+    v->layer_norm_eps = 1e-6;
+    snprintf(v->hidden_act, sizeof v->hidden_act, "gelu_pytorch_tanh");
+    /* transformers' Gemma3Config defaults */
+    v->mm_tokens_per_image = 256;
+    v->image_token_id = 262144;
+    v->boi_token_id = 255999;
+    v->eoi_token_id = 256000;
+    cfg_reader vr = {.what = r->what, .prefix = "vision_config.", .err = r->err};
+    char vmt[48] = "";
+    if (get_str(&vr, vc, "model_type", vmt, sizeof vmt) < 0) return LT_ERR_FORMAT;
+    if (vmt[0] && strcmp(vmt, "siglip_vision_model"))
+        return lt_fail(r->err, LT_ERR_FORMAT,
+                       "%s: key 'vision_config.model_type' = '%s' is not siglip_vision_model",
+                       r->what, vmt);
+    if (get_int(&vr, vc, "hidden_size", &v->hidden_size, 0) < 0 ||
+        get_int(&vr, vc, "intermediate_size", &v->intermediate_size, 0) < 0 ||
+        get_int(&vr, vc, "num_hidden_layers", &v->num_hidden_layers, 0) < 0 ||
+        get_int(&vr, vc, "num_attention_heads", &v->num_attention_heads, 0) < 0 ||
+        get_int(&vr, vc, "num_channels", &v->num_channels, 0) < 0 ||
+        get_int(&vr, vc, "image_size", &v->image_size, 0) < 0 ||
+        get_int(&vr, vc, "patch_size", &v->patch_size, 0) < 0 ||
+        get_num(&vr, vc, "layer_norm_eps", &v->layer_norm_eps, 1e-6) < 0 ||
+        get_str(&vr, vc, "hidden_act", v->hidden_act, sizeof v->hidden_act) < 0)
+        return LT_ERR_FORMAT;
+    int head = 0;
+    if (get_bool(&vr, vc, "vision_use_head", &head) < 0) return LT_ERR_FORMAT;
+    /* the top level: either spelling (Gemma3Config's attribute_map maps *_id to *_index) */
+    static const char *const keys[4][2] = {{"mm_tokens_per_image", NULL},
+                                           {"image_token_index", "image_token_id"},
+                                           {"boi_token_index", "boi_token_id"},
+                                           {"eoi_token_index", "eoi_token_id"}};
+    int *dst[4] = {&v->mm_tokens_per_image, &v->image_token_id, &v->boi_token_id, &v->eoi_token_id};
+    for (int i = 0; i < 4; i++) {
+        int got = get_int(r, root, keys[i][0], dst[i], 0);
+        if (got == 0 && keys[i][1]) got = get_int(r, root, keys[i][1], dst[i], 0);
+        if (got < 0) return LT_ERR_FORMAT;
+    }
+    const char *bad = NULL;
+    if (v->hidden_size <= 0 || v->intermediate_size <= 0 || v->num_hidden_layers <= 0 ||
+        v->num_attention_heads <= 0 || v->image_size <= 0 || v->patch_size <= 0)
+        bad = "its sizes must be positive";
+    else if (v->num_channels != 3)
+        bad = "num_channels must be 3 (RGB)";
+    else if (v->hidden_size % v->num_attention_heads)
+        bad = "hidden_size must be a multiple of num_attention_heads";
+    else if (v->image_size % v->patch_size)
+        bad = "image_size must be a multiple of patch_size";
+    else if (strcmp(v->hidden_act, "gelu_pytorch_tanh"))
+        bad = "hidden_act must be gelu_pytorch_tanh (the only activation Gemma 3's tower uses)";
+    if (bad) return lt_fail(r->err, LT_ERR_FORMAT, "%s: vision_config: %s", r->what, bad);
+    int grid = v->image_size / v->patch_size, side = 0;
+    while ((side + 1) * (side + 1) <= v->mm_tokens_per_image)
+        side++;
+    if (v->mm_tokens_per_image <= 0 || side * side != v->mm_tokens_per_image || grid % side)
+        return lt_fail(r->err, LT_ERR_FORMAT,
+                       "%s: mm_tokens_per_image %d must be a square whose side divides the %d x %d "
+                       "patch grid (image_size %d / patch_size %d)",
+                       r->what, v->mm_tokens_per_image, grid, grid, v->image_size, v->patch_size);
+    (void)head; /* Gemma 3 never uses SigLIP's pooling head; its weights, if any, are ignored */
+    v->present = 1;
+    return LT_OK;
+}
+
 lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *what, char *err) {
     gemma3_config_defaults(c);
     json_error_t je;
@@ -399,6 +478,12 @@ lt_status gemma3_config_parse(gemma3_config *c, const char *json, const char *wh
         c->final_logit_softcapping = 0; /* Gemma3ForConditionalGeneration never applies it */
         /* top-level ids (eos [1, 106]) are what generation uses */
         r.prefix = "";
+        /* a vision_config lathe cannot use leaves the text model loadable: the reason is kept
+         * and the image tower is not read */
+        if (read_vision(&r, root, &c->vision) != LT_OK) {
+            memset(&c->vision, 0, sizeof c->vision);
+            snprintf(c->vision.error, sizeof c->vision.error, "%s", err);
+        }
         int ids[4], n = 0, got = get_ids(&r, root, "eos_token_id", ids, &n);
         if (got < 0) goto done;
         if (got) {

@@ -29,6 +29,28 @@ typedef struct gemma3_rope {
     double factor; /* linear scaling: positions / factor; 1.0 = none */
 } gemma3_rope;
 
+/* The image side of a multimodal (Gemma3ForConditionalGeneration) config.json: its
+ * vision_config (transformers' SiglipVisionConfig, class defaults for the keys it leaves out)
+ * and the top-level image fields of Gemma3Config. present = 0 for a text-only config, and for
+ * a vision_config lathe cannot use (error says why; the text model still loads). */
+typedef struct gemma3_vision_config {
+    int present;
+    int hidden_size;         /* SigLIP width D (768 default; 1152 in Gemma 3) */
+    int intermediate_size;   /* its MLP width (3072; 4304) */
+    int num_hidden_layers;   /* encoder layers (12; 27) */
+    int num_attention_heads; /* (12; 16) */
+    int num_channels;        /* 3 */
+    int image_size;          /* side of the square input (224; 896) */
+    int patch_size;          /* conv kernel = stride (16; 14) */
+    double layer_norm_eps;   /* 1e-6 */
+    char hidden_act[32];     /* "gelu_pytorch_tanh" */
+    int mm_tokens_per_image; /* soft tokens per image after pooling (256) */
+    int image_token_id;      /* image_token_index (262144) */
+    int boi_token_id;        /* boi_token_index, <start_of_image> (255999) */
+    int eoi_token_id;        /* eoi_token_index, <end_of_image> (256000) */
+    char error[LT_ERRLEN];   /* present = 0 although a vision_config exists: why */
+} gemma3_vision_config;
+
 typedef struct gemma3_config {
     char architecture[64]; /* "Gemma3ForCausalLM" / "Gemma3ForConditionalGeneration" */
     char model_type[32];   /* top-level: "gemma3_text" or "gemma3" */
@@ -61,6 +83,8 @@ typedef struct gemma3_config {
     int eos_ids[4], n_eos_ids; /* generation stop ids, e.g. [1, 106] */
     int start_of_turn_id;      /* "<start_of_turn>" (105) */
     int end_of_turn_id;        /* "<end_of_turn>" (106) */
+
+    gemma3_vision_config vision; /* the image tower's config (present = 0: text only) */
 } gemma3_config;
 
 /* Transformers' Gemma3TextConfig defaults for keys a sparse text_config leaves out

@@ -25,6 +25,7 @@
 #include "cuda/formats/safetensors.h"
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
+#include "cuda/model/siglip.h"
 
 /* ---- storage ----------------------------------------------------------------------------------
  */
@@ -68,6 +69,7 @@ void gemma3_model_free(gemma3_model *m) {
         st_close(&m->storage->st);
         free(m->storage);
     }
+    siglip_free(m->vision);
     free(m->layers);
     free(m);
 }
@@ -707,6 +709,26 @@ const st_tensor *gemma3_source_tensor(const gemma3_model *m, const char *canon, 
     return t;
 }
 
+/* The image tower, when config.json and the checkpoint both have one. A tower that cannot be
+ * read (a quantized one, a shape that disagrees) leaves the text model usable: the reason is
+ * kept in vision_error and the tower counts as skipped. */
+static void load_vision(gemma3_model *m, const st_set *st) {
+    if (!m->cfg.vision.present) {
+        snprintf(m->vision_error, sizeof m->vision_error, "%s",
+                 m->cfg.vision.error[0] ? m->cfg.vision.error
+                                        : "this model has no image tower (a text-only config)");
+        return;
+    }
+    if (!siglip_present(st)) {
+        snprintf(m->vision_error, sizeof m->vision_error,
+                 "config.json has a vision_config but the checkpoint has no image tower");
+        return;
+    }
+    char err[LT_ERRLEN];
+    if (siglip_load(&m->vision, st, &m->cfg, err) != LT_OK)
+        snprintf(m->vision_error, sizeof m->vision_error, "%s", err);
+}
+
 lt_status gemma3_load_dir(gemma3_model **out, const char *dir, const char *dtype,
                           const lt_callbacks *cb, char *err) {
     return gemma3_load_dir_quant(out, dir, dtype, NULL, cb, err);
@@ -815,6 +837,7 @@ lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3
         return rc;
     }
     m->dtype = m->embed_tokens.w.dtype;
+    load_vision(m, st);
     *out = m;
     return LT_OK;
 }
@@ -1385,9 +1408,12 @@ lt_status gemma3_layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const g
 }
 
 /* One decoder layer on the chunk held in b->h ([T, H], updated in place) at positions
- * p0 .. p0+T-1 (b->pos); with a cache, K/V are appended to it and attention sees it all. */
+ * p0 .. p0+T-1 (b->pos); with a cache, K/V are appended to it and attention sees it all.
+ * span (backend memory [T, 2] I32, or NULL): the image blocks' extra visible positions
+ * (attention_span). */
 static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, gemma3_acts *b, int T,
-                               int p0, gemma3_cache *cache, const layer_capture *cap) {
+                               int p0, gemma3_cache *cache, const layer_capture *cap,
+                               int32_t *span) {
     const gemma3_config *c = &m->cfg;
     int64_t nh = c->num_attention_heads, nkv = c->num_key_value_heads, hd = c->head_dim;
     lt_status rc = LT_OK;
@@ -1411,7 +1437,14 @@ static lt_status layer_forward(const gemma3_model *m, lt_ctx *ctx, int l, gemma3
         lt_tensor kc = lt_tensor_3d(LT_F32, cl->k, cl->cap, nkv, hd); /* [cap, nkv, hd] */
         lt_tensor vc = lt_tensor_3d(LT_F32, cl->v, cl->cap, nkv, hd);
         lt_tensor kp = lt_tensor_1d(LT_I32, cl->kpos, cl->cap);
-        LT_TRY(ctx->be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+        if (span)
+            LT_TRY(ctx->be->attention_span(ctx, att, q3, kc, vc, pos, kp,
+                                           lt_tensor_2d(LT_I32, span, T, 2), window, scale));
+        else
+            LT_TRY(ctx->be->attention(ctx, att, q3, kc, vc, pos, kp, window, scale));
+    } else if (span) {
+        LT_TRY(ctx->be->attention_span(ctx, att, q3, k3, v3, pos, pos,
+                                       lt_tensor_2d(LT_I32, span, T, 2), window, scale));
     } else {
         LT_TRY(ctx->be->attention(ctx, att, q3, k3, v3, pos, pos, window, scale));
     }
@@ -1430,10 +1463,41 @@ float gemma3_attn_scale(const gemma3_config *c) {
 
 lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
                          gemma3_cache *cache, const gemma3_outputs *out) {
+    return gemma3_forward_images(m, ctx, ids, T, cache, out, NULL);
+}
+
+/* Checks the image tokens of ids against img: their count, and that the backend has the
+ * image block's attention. */
+static lt_status images_check(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                              const gemma3_images *img) {
+    const gemma3_vision_config *vc = &m->cfg.vision;
+    if (!vc->present)
+        return lt_fail(ctx->err, LT_ERR_ARG, "image embeddings given to a model without images");
+    if (!ctx->be->attention_span)
+        return lt_fail(ctx->err, LT_ERR_ARG,
+                       "the %s backend has no 'attention_span' op, which image blocks need (load "
+                       "the model with device=cpu to use images)",
+                       ctx->be->name);
+    int n = 0;
+    for (int t = 0; t < T; t++)
+        n += ids[t] == vc->image_token_id;
+    if (n != img->n_tokens)
+        return lt_fail(ctx->err, LT_ERR_ARG,
+                       "the ids hold %d image tokens (id %d) but %d image embeddings were given "
+                       "(each image takes %d: <start_of_image>, %d image tokens, <end_of_image>)",
+                       n, vc->image_token_id, img->n_tokens, vc->mm_tokens_per_image,
+                       vc->mm_tokens_per_image);
+    return LT_OK;
+}
+
+lt_status gemma3_forward_images(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                                gemma3_cache *cache, const gemma3_outputs *out,
+                                const gemma3_images *img) {
     const gemma3_config *c = &m->cfg;
     const lt_backend *be = ctx->be;
     int64_t H = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
     lt_status rc = LT_OK;
+    if (img && img->n_tokens == 0) img = NULL;
     if (T <= 0) {
         return lt_fail(ctx->err, LT_ERR_ARG, "forward: no tokens");
     }
@@ -1443,41 +1507,92 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
                        "sequence of %d tokens exceeds max_seq %d (load with a larger max_seq=)",
                        base + T, cache->max_seq);
     }
+    int image_id = img ? c->vision.image_token_id : -1;
     for (int t = 0; t < T; t++)
-        if (ids[t] < 0 || ids[t] >= V) {
+        if ((ids[t] < 0 || ids[t] >= V) && ids[t] != image_id) {
             return lt_fail(ctx->err, LT_ERR_ARG,
                            "token id %d at position %d is outside the vocabulary [0, %lld)", ids[t],
                            t, (long long)V);
         }
+    if (img && (rc = images_check(m, ctx, ids, T, img)) != LT_OK) return rc;
     int chunk = cache ? (T < GEMMA3_CHUNK ? T : GEMMA3_CHUNK) : T;
     gemma3_acts b;
     if (gemma3_acts_alloc(&b, ctx, c, chunk) != LT_OK) {
         return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory for the activations of %d tokens",
                        chunk);
     }
-    int32_t *pos_host = malloc(sizeof(int32_t) * (size_t)chunk);
-    if (!pos_host) {
+    int32_t *pos_host = malloc(sizeof(int32_t) * (size_t)chunk * (img ? 3 : 1));
+    int32_t *span_host = img ? pos_host + chunk : NULL; /* [chunk, 2] */
+    int32_t *span = img ? be->alloc(ctx, sizeof(int32_t) * 2 * (size_t)chunk) : NULL;
+    int32_t *ids_host = img ? malloc(sizeof(int32_t) * (size_t)chunk) : NULL;
+    if (!pos_host || (img && (!span || !ids_host))) {
+        free(pos_host);
+        free(ids_host);
+        if (span) be->release(ctx, span);
         gemma3_acts_free(&b, ctx);
         return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
     }
     const lt_weight *head = gemma3_head(m);
     float escale = gemma3_embed_scale(m);
-    for (int t0 = 0; t0 < T; t0 += chunk) {
-        int n = T - t0 < chunk ? T - t0 : chunk;
+    int next_image = 0; /* the embeds row of the next image token */
+    for (int t0 = 0, n = 0; t0 < T; t0 += n) {
+        n = T - t0 < chunk ? T - t0 : chunk;
+        if (img && t0 + n < T && ids[t0 + n - 1] == image_id && ids[t0 + n] == image_id) {
+            int s0 = t0 + n - 1; /* an image block would straddle two chunks: end before it */
+            while (s0 > t0 && ids[s0 - 1] == image_id)
+                s0--;
+            if (s0 == t0) {
+                rc = lt_fail(ctx->err, LT_ERR_ARG,
+                             "an image block of more than %d image tokens does not fit one "
+                             "chunk",
+                             chunk);
+                goto done;
+            }
+            n = s0 - t0;
+        }
         int p0 = base + t0;
         for (int i = 0; i < n; i++)
             pos_host[i] = p0 + i;
         LT_TRY(be->upload(ctx, b.pos, pos_host, sizeof(int32_t) * (size_t)n));
-        LT_TRY(be->upload(ctx, b.ids, ids + t0, sizeof(int32_t) * (size_t)n));
+        const int32_t *chunk_ids = ids + t0;
+        if (img) { /* image tokens look up row 0 when their id lies past the embedding */
+            for (int i = 0; i < n; i++)
+                ids_host[i] = ids[t0 + i] == image_id && image_id >= V ? 0 : ids[t0 + i];
+            chunk_ids = ids_host;
+        }
+        LT_TRY(be->upload(ctx, b.ids, chunk_ids, sizeof(int32_t) * (size_t)n));
         lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
         /* h = E[ids] * sqrt(H)   [n, H] */
         LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens, escale));
+        if (img) { /* image rows take the projected image embeddings; each block sees itself */
+            for (int i = 0; i < n;) {
+                if (ids[t0 + i] != image_id) {
+                    span_host[2 * i] = 0;
+                    span_host[2 * i + 1] = -1;
+                    i++;
+                    continue;
+                }
+                int j = i;
+                while (j < n && ids[t0 + j] == image_id)
+                    j++;
+                LT_TRY(be->copy(ctx, b.h + (size_t)i * (size_t)H,
+                                img->embeds + (size_t)next_image * (size_t)H,
+                                sizeof(float) * (size_t)(j - i) * (size_t)H));
+                next_image += j - i;
+                for (int u = i; u < j; u++) {
+                    span_host[2 * u] = p0 + i;
+                    span_host[2 * u + 1] = p0 + j - 1;
+                }
+                i = j;
+            }
+            LT_TRY(be->upload(ctx, span, span_host, sizeof(int32_t) * 2 * (size_t)n));
+        }
         for (int l = 0; l < L; l++) {
             if (out && out->layer_inputs) /* checkpoint: the residual entering layer l, [L, T, H] */
                 LT_TRY(be->copy(
                     ctx, out->layer_inputs + ((size_t)l * (size_t)T + (size_t)t0) * (size_t)H, b.h,
                     sizeof(float) * (size_t)(n * H)));
-            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache, NULL));
+            LT_TRY(layer_forward(m, ctx, l, &b, n, p0, cache, NULL, span));
         }
         if (cache) cache->len = p0 + n;
         /* final norm, then the tied head */
@@ -1495,6 +1610,8 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
     }
 done:
     free(pos_host);
+    free(ids_host);
+    if (span) be->release(ctx, span);
     gemma3_acts_free(&b, ctx);
     return rc;
 }
@@ -1580,7 +1697,7 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
             LT_TRY(src->read(src->user, m, l, k, wf[k], err));
             *layer_linear(ly, k) = (lt_weight){.w = lt_tensor_2d(LT_F32, wf[k], out, in)};
         }
-        rc = layer_forward(m, &ctx, l, &b, T, 0, NULL, &cap);
+        rc = layer_forward(m, &ctx, l, &b, T, 0, NULL, &cap, NULL);
         if (rc != LT_OK) {
             lt_fail(err, rc, "quant=dynamic: the calibration forward of layer %d: %s", l, ctx.err);
             goto done;

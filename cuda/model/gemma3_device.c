@@ -21,6 +21,7 @@
 
 #include "cuda/formats/bnb.h"
 #include "cuda/model/gemma3_device.h"
+#include "cuda/model/siglip.h"
 
 /* ---- registry of device models ----------------------------------------------------------------
  */
@@ -60,6 +61,7 @@ void gemma3_model_release(gemma3_model *m, lt_ctx *ctx) {
         return;
     }
     if (arena && ctx && ctx->be && ctx->be->release) ctx->be->release(ctx, arena);
+    siglip_release(m->vision, ctx);
     free(m->layers);
     free(m);
 }
@@ -180,6 +182,21 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
     return 0;
 }
 
+/* The image tower of a device copy: copied when the backend has the image ops; otherwise (or
+ * when it does not fit) the text model goes on without it and vision_error says why. */
+static void device_vision(gemma3_model *m, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt) {
+    if (!host->vision) return; /* vision_error came with the copy */
+    const char *missing = lt_backend_missing_vision_op(ctx->be);
+    char err[LT_ERRLEN];
+    if (missing)
+        snprintf(m->vision_error, sizeof m->vision_error,
+                 "the %s backend has no '%s' op, which the image tower needs (load the model "
+                 "with device=cpu to use images)",
+                 ctx->be->name, missing);
+    else if (siglip_to_device(&m->vision, host->vision, ctx, dt, err) != LT_OK)
+        snprintf(m->vision_error, sizeof m->vision_error, "%s", err);
+}
+
 lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt,
                            char *err) {
     *out = NULL;
@@ -198,6 +215,7 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     memcpy(layers, host->layers, sizeof(gemma3_layer) * (size_t)L);
     m->layers = layers;
     m->storage = NULL;
+    m->vision = NULL; /* copied below, once the text weights are placed */
     /* adapters belong to whoever attaches them on the device copy */
     m->embed_tokens.lora = NULL;
     m->lm_head.lora = NULL;
@@ -264,6 +282,7 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     }
     m->dtype = dt;
     m->weight_bytes = (int64_t)j.total;
+    device_vision(m, host, ctx, dt);
     *out = m;
     return LT_OK;
 }

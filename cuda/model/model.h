@@ -53,6 +53,12 @@ typedef struct gemma3_model {
     gemma3_layer *layers;   /* [L] */
     lt_dtype dtype;         /* storage dtype of the 16-bit matrices; norms are always fp32 */
     int skipped_vision;     /* vision tower / projector tensors were present and skipped */
+    /* the image tower + projector (siglip.h), NULL when the checkpoint has none, when it could
+     * not be read and on device copies (vision_error then says why; the text model works).
+     * skipped_vision keeps meaning "the checkpoint has vision tensors" whether or not the tower
+     * was read. */
+    struct siglip_tower *vision;
+    char vision_error[LT_ERRLEN];
     /* bitsandbytes quantization of the linears (q, k, v, o, gate, up, down; never the
      * embedding, norms or head): kind of the quantized ones, how many, how many were kept in
      * 16 bits (by llm_int8_skip_modules or by quant=dynamic), and whether the checkpoint came
@@ -201,6 +207,23 @@ typedef struct gemma3_outputs {
  * (layer_inputs/hidden need cache == NULL or T <= GEMMA3_CHUNK). ids: host memory. */
 lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
                          gemma3_cache *cache, const gemma3_outputs *out);
+
+/* Images in a forward: the image tokens of ids (cfg.vision.image_token_id), in order, take the
+ * rows of embeds instead of their embedding (not scaled by sqrt(H)), as transformers'
+ * Gemma3Model masked_scatter does; and each run of consecutive image tokens (one image's
+ * block) attends within itself in both directions, on top of the causal (and sliding) mask,
+ * as transformers' token_type_ids or-mask does. A run never straddles two chunks. */
+typedef struct gemma3_images {
+    const float *embeds; /* backend memory [n_tokens, H] fp32 (siglip_encode's output) */
+    int n_tokens;        /* must equal the number of image tokens in ids */
+} gemma3_images;
+
+/* gemma3_forward with images (img NULL or n_tokens 0: exactly gemma3_forward). An image token
+ * id >= V (a config whose image_token_index lies past the embedding) is looked up as id 0,
+ * as transformers does, before its row is replaced. */
+lt_status gemma3_forward_images(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids, int T,
+                                gemma3_cache *cache, const gemma3_outputs *out,
+                                const gemma3_images *img);
 
 /* Embedding scale: (float)sqrt(H), what HF uses when the model runs in fp32 (the CPU
  * reference always computes in fp32, whatever the storage dtype). HF run in bf16/fp16 rounds

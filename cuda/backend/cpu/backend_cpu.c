@@ -676,15 +676,18 @@ typedef struct attn_job {
     int window;
     float scale;
     int oom;
+    const int32_t *span; /* attention_span: [T, 2] extra visible key positions; NULL = none */
 } attn_job;
 
-/* One query head over S keys (kpos/qp mask, backend.h's rule); sc: [S] scratch. */
+/* One query head over S keys (kpos/qp mask, backend.h's rule, plus the query's span [2] of
+ * attention_span when not NULL); sc: [S] scratch. */
 static void attn_head(const attn_job *j, const float *qv, float *o, const float *k, const float *v,
-                      const int32_t *kpos, int32_t qp, int64_t kh, float *sc) {
+                      const int32_t *kpos, int32_t qp, int64_t kh, float *sc, const int32_t *span) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < j->S; s++) {
         int32_t kp = kpos[s];
-        if (kp < 0 || kp > qp || (j->window > 0 && qp - kp >= j->window)) {
+        int in_span = span && kp >= 0 && kp >= span[0] && kp <= span[1];
+        if (!in_span && (kp < 0 || kp > qp || (j->window > 0 && qp - kp >= j->window))) {
             sc[s] = -INFINITY;
             continue;
         }
@@ -723,7 +726,7 @@ static void attn_task(void *arg, int task, int n_tasks) {
     for (int64_t th = a; th < b; th++) {
         int64_t t = th / j->nh, h = th % j->nh;
         attn_head(j, j->q + (t * j->nh + h) * j->hd, j->out + (t * j->nh + h) * j->hd, j->k, j->v,
-                  j->kpos, j->qpos[t], h / group, sc);
+                  j->kpos, j->qpos[t], h / group, sc, j->span ? j->span + 2 * t : NULL);
     }
     free(sc);
 }
@@ -758,7 +761,7 @@ static void attn_rows_task(void *arg, int task, int n_tasks) {
             kp[s] = d <= qp ? (int32_t)(qp - d) : -1;
         }
         attn_head(j, j->q + (t * j->nh + h) * j->hd, j->out + (t * j->nh + h) * j->hd,
-                  j->k + rj->rows[t] * row, j->v + rj->rows[t] * row, kp, qp, h / group, sc);
+                  j->k + rj->rows[t] * row, j->v + rj->rows[t] * row, kp, qp, h / group, sc, NULL);
     }
     free(sc);
     free(kp);
@@ -790,14 +793,35 @@ static lt_status cpu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tenso
     int64_t T = d.T, nh = d.nh, hd = d.hd, S = d.S, nkv = d.nkv;
     REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == T * nh * hd, op,
             "out must be fp32 [T, nh*hd]");
-    attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, T,
-                  S,        nh,     nkv,    hd,     window,    scale,     0};
+    attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, T,   S,
+                  nh,       nkv,    hd,     window, scale,     0,         NULL};
     int nt = pool_threads(ctx) * 4;
     if (nt > T * nh) nt = (int)(T * nh);
     pool_run(ctx_pool(ctx), attn_task, &j, nt);
     if (j.oom) {
         return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu attention: out of memory");
     }
+    return LT_OK;
+}
+
+static lt_status cpu_attention_span(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k,
+                                    lt_tensor v, lt_tensor qpos, lt_tensor kpos, lt_tensor span,
+                                    int window, float scale) {
+    const char *op = "attention_span";
+    cpu_attn_dims d;
+    lt_status rc = cpu_attention_dims(ctx, op, q, k, v, qpos, kpos, &d);
+    if (rc != LT_OK) return rc;
+    REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == d.T * d.nh * d.hd, op,
+            "out must be fp32 [T, nh*hd]");
+    REQUIRE(span.dtype == LT_I32 && span.data && lt_tensor_numel(&span) == 2 * d.T, op,
+            "span must be I32 [T, 2]");
+    attn_job j = {out.data, q.data, k.data, v.data, qpos.data, kpos.data, d.T,      d.S,
+                  d.nh,     d.nkv,  d.hd,   window, scale,     0,         span.data};
+    int nt = pool_threads(ctx) * 4;
+    if (nt > d.T * d.nh) nt = (int)(d.T * d.nh);
+    if (nt < 1) return LT_OK;
+    pool_run(ctx_pool(ctx), attn_task, &j, nt);
+    if (j.oom) return lt_fail(ctx->err, LT_ERR_MEMORY, "cpu attention_span: out of memory");
     return LT_OK;
 }
 
@@ -833,7 +857,8 @@ static lt_status cpu_attention_rows(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_
     }
     if (R == 0) return LT_OK;
     attn_rows_job j = {
-        {out.data, q.data, kc.data, vc.data, qp, NULL, R, S, nh, nkv, hd, window, scale, 0}, rw};
+        {out.data, q.data, kc.data, vc.data, qp, NULL, R, S, nh, nkv, hd, window, scale, 0, NULL},
+        rw};
     int nt = pool_threads(ctx) * 4;
     if (nt > R * nh) nt = (int)(R * nh);
     pool_run(ctx_pool(ctx), attn_rows_task, &j, nt);
@@ -934,6 +959,12 @@ const lt_backend lt_backend_cpu = {
     .scale = cpu_scale,
     .sumsq = cpu_sumsq,
     .dropout = cpu_dropout,
+    /* the image tower (backend_cpu_vision.c) and the image block's attention */
+    .layernorm = cpu_layernorm,
+    .add_bias = cpu_add_bias,
+    .gelu = cpu_gelu,
+    .avg_pool = cpu_avg_pool,
+    .attention_span = cpu_attention_span,
 };
 
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads) {

@@ -85,5 +85,10 @@ lt_status cpu_dropout(lt_ctx *ctx, lt_tensor y, lt_tensor x, float p, float mul,
 /* sample_rows (backend_cpu_sample.c): backend.h's sampling rule on the host. */
 lt_status cpu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt_tensor bits,
                           const lt_sample_opts *o);
+/* The image tower's ops on the CPU (backend_cpu_vision.c; backend.h states them). */
+lt_status cpu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b, float eps);
+lt_status cpu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b);
+lt_status cpu_gelu(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+lt_status cpu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k);
 
 #endif

@@ -1359,6 +1359,105 @@ done:
     return op_end(ctx, rc);
 }
 
+/* ---- the image tower's ops and the image block's attention (backend.h; kernels/vision.cu) */
+
+static lt_status cu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b,
+                              float eps) {
+    const char *opname = "layernorm";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&y) && is_f32(&x) && is_f32(&w) && is_f32(&b), "x, y, w, b must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+        CU_REQUIRE(D > 0 && lt_tensor_numel(&b) == D && lt_tensor_numel(&x) == N * D &&
+                       lt_tensor_numel(&y) == N * D,
+                   "x, y must be [N, D] with w, b [D]");
+        k_layernorm(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data,
+                    (const float *)w.data, (const float *)b.data, N, D, eps);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b) {
+    const char *opname = "add_bias";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&y) && is_f32(&b), "y, b must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&b), n = lt_tensor_numel(&y);
+        CU_REQUIRE(D > 0 && n % D == 0, "y must be [N, D] with b [D]");
+        k_add_bias(impl_of(ctx)->stream, (float *)y.data, (const float *)b.data, n / D, D);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_gelu(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
+    const char *opname = "gelu";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&y) && is_f32(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x),
+               "y, x must be fp32, one shape");
+    k_gelu(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, lt_tensor_numel(&x));
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k) {
+    const char *opname = "avg_pool";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&y) && is_f32(&x) && x.ndim == 2 && y.ndim == 2,
+               "x, y must be fp32 [rows, D]");
+    {
+        int64_t cells = x.shape[0], D = x.shape[1], g = 0;
+        while ((g + 1) * (g + 1) <= cells)
+            g++;
+        CU_REQUIRE(g * g == cells && k > 0 && g % k == 0,
+                   "x must be a square grid g*g of rows with g a multiple of k");
+        CU_REQUIRE(y.shape[0] == (g / k) * (g / k) && y.shape[1] == D, "y must be [(g/k)^2, D]");
+        k_avg_pool(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, g, k, D);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_attention_span(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k,
+                                   lt_tensor v, lt_tensor qpos, lt_tensor kpos, lt_tensor span,
+                                   int window, float scale) {
+    const char *opname = "attention_span";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&q) && is_f32(&k) && is_f32(&v) && is_f32(&out),
+               "q, k, v and out must be fp32");
+    CU_REQUIRE(q.ndim == 3 && k.ndim == 3 && v.ndim == 3,
+               "q must be [T, nh, hd], k and v [S, nkv, hd]");
+    {
+        int64_t T = q.shape[0], nh = q.shape[1], hd = q.shape[2], S = k.shape[0], nkv = k.shape[1];
+        CU_REQUIRE(k.shape[2] == hd && v.shape[0] == S && v.shape[1] == nkv && v.shape[2] == hd,
+                   "k, v shapes disagree");
+        CU_REQUIRE(nkv > 0 && nh % nkv == 0, "nh must be a multiple of nkv");
+        CU_REQUIRE(qpos.dtype == LT_I32 && kpos.dtype == LT_I32 && span.dtype == LT_I32 &&
+                       lt_tensor_numel(&qpos) == T && lt_tensor_numel(&kpos) == S &&
+                       lt_tensor_numel(&span) == 2 * T,
+                   "qpos must be I32 [T], kpos [S], span [T, 2]");
+        CU_REQUIRE(lt_tensor_numel(&out) == T * nh * hd, "out must be [T, nh*hd]");
+        CU_REQUIRE(k_attention_span_ok(S), "more keys than the kernel holds (12000)");
+        k_attention_span(impl_of(ctx)->stream, (float *)out.data, (const float *)q.data,
+                         (const float *)k.data, (const float *)v.data, (const int32_t *)qpos.data,
+                         (const int32_t *)kpos.data, (const int32_t *)span.data, T, S, nh, nkv, hd,
+                         window, scale);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
 /* Decode attention of R rows over their own ring caches (backend.h; kernels/attention.cu). The
  * rows' values are not checked here (that would read them back): a row outside [0, N) or a
  * negative position writes nothing and gives zeros. */
@@ -2002,6 +2101,12 @@ extern "C" const lt_backend lt_backend_cuda = {
     .scale = cu_scale_op,
     .sumsq = cu_sumsq,
     .dropout = cu_dropout,
+    /* the image tower's ops and the image block's attention (kernels/vision.cu) */
+    .layernorm = cu_layernorm,
+    .add_bias = cu_add_bias,
+    .gelu = cu_gelu,
+    .avg_pool = cu_avg_pool,
+    .attention_span = cu_attention_span,
 };
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------------------

@@ -183,4 +183,17 @@ void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype
 void k_sample_rows(cudaStream_t st, int32_t *ids, const float *logits, const int32_t *bits, int R,
                    int V, float inv_temp, int top_k, float top_p, float min_p);
 
+/* ---- vision.cu: the image tower's ops and the image block's attention (backend.h) ----------- */
+void k_layernorm(cudaStream_t st, float *y, const float *x, const float *w, const float *b,
+                 int64_t N, int64_t D, float eps);
+void k_add_bias(cudaStream_t st, float *y, const float *b, int64_t N, int64_t D);
+void k_gelu(cudaStream_t st, float *y, const float *x, int64_t n);
+void k_avg_pool(cudaStream_t st, float *y, const float *x, int64_t g, int64_t k, int64_t D);
+/* attention_span keeps a query's S scores in shared memory: S at most this many keys. */
+#define K_SPAN_MAX_KEYS 12000
+int k_attention_span_ok(int64_t S);
+void k_attention_span(cudaStream_t st, float *out, const float *q, const float *k, const float *v,
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t T,
+                      int64_t S, int64_t nh, int64_t nkv, int64_t hd, int window, float scale);
+
 #endif

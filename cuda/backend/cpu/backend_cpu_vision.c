@@ -1,0 +1,113 @@
+/* backend_cpu_vision.c — the CPU reference of the image tower's ops: LayerNorm with bias, a
+ * linear's bias, GELU (tanh approximation) and the square-grid average pool (backend.h states
+ * each). The image block's attention (attention_span) shares the attention kernel in
+ * backend_cpu.c, which points the table at these.
+ *
+ * Owns nothing but these four functions; fp32 on host memory, single-threaded (next to the
+ * tower's matmuls they are cheap). Knows nothing of SigLIP or Gemma.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/backend/backend.h"
+#include "cuda/backend/cpu/grad.h"
+
+static int f32_ok(const lt_tensor *t) {
+    return t->dtype == LT_F32 && t->data != NULL;
+}
+
+lt_status cpu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_tensor b,
+                        float eps) {
+    const char *op = "layernorm";
+    REQUIRE(f32_ok(&y) && f32_ok(&x) && f32_ok(&w) && f32_ok(&b), op, "x, y, w, b must be fp32");
+    int64_t D = lt_tensor_numel(&w), n = lt_tensor_numel(&x);
+    REQUIRE(D > 0 && lt_tensor_numel(&b) == D && n % D == 0 && lt_tensor_numel(&y) == n, op,
+            "x, y must be [N, D] with w, b [D]");
+    const float *xs = x.data, *ws = w.data, *bs = b.data;
+    float *ys = y.data;
+    for (int64_t r = 0; r < n / D; r++) {
+        const float *xr = xs + r * D;
+        float *yr = ys + r * D;
+        /* two passes in double: the mean, then the biased variance around it */
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < D; i++)
+            mean += xr[i];
+        mean /= (double)D;
+        for (int64_t i = 0; i < D; i++) {
+            double d = xr[i] - mean;
+            var += d * d;
+        }
+        var /= (double)D;
+        float m = (float)mean, inv = (float)(1.0 / sqrt(var + (double)eps));
+        for (int64_t i = 0; i < D; i++)
+            yr[i] = (xr[i] - m) * inv * ws[i] + bs[i];
+    }
+    return LT_OK;
+}
+
+lt_status cpu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b) {
+    const char *op = "add_bias";
+    REQUIRE(f32_ok(&y) && f32_ok(&b), op, "y, b must be fp32");
+    int64_t D = lt_tensor_numel(&b), n = lt_tensor_numel(&y);
+    REQUIRE(D > 0 && n % D == 0, op, "y must be [N, D] with b [D]");
+    float *ys = y.data;
+    const float *bs = b.data;
+    for (int64_t i = 0; i < n; i++)
+        ys[i] += bs[i % D];
+    return LT_OK;
+}
+
+lt_status cpu_gelu(lt_ctx *ctx, lt_tensor y, lt_tensor x) {
+    const char *op = "gelu";
+    REQUIRE(f32_ok(&y) && f32_ok(&x) && lt_tensor_numel(&y) == lt_tensor_numel(&x), op,
+            "y, x must be fp32, one shape");
+    const float k0 = 0.7978845608028654f; /* sqrt(2/pi), as geglu */
+    const float *xs = x.data;
+    float *ys = y.data;
+    int64_t n = lt_tensor_numel(&x);
+    for (int64_t i = 0; i < n; i++) {
+        float u = xs[i];
+        ys[i] = 0.5f * u * (1.0f + tanhf(k0 * (u + 0.044715f * u * u * u)));
+    }
+    return LT_OK;
+}
+
+lt_status cpu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k) {
+    const char *op = "avg_pool";
+    REQUIRE(f32_ok(&y) && f32_ok(&x) && x.ndim == 2 && y.ndim == 2, op,
+            "x, y must be fp32 [rows, D]");
+    int64_t cells = x.shape[0], D = x.shape[1], g = 0;
+    while ((g + 1) * (g + 1) <= cells)
+        g++;
+    REQUIRE(g * g == cells && k > 0 && g % k == 0, op,
+            "x must be a square grid g*g of rows with g a multiple of k");
+    int64_t o = g / k;
+    REQUIRE(y.shape[0] == o * o && y.shape[1] == D, op, "y must be [(g/k)^2, D]");
+    float *ys = y.data;
+    const float *xs = x.data;
+    float div = (float)(k * k);
+    for (int64_t i = 0; i < o; i++)
+        for (int64_t j = 0; j < o; j++) {
+            float *yr = ys + (i * o + j) * D;
+            memset(yr, 0, sizeof(float) * (size_t)D);
+            for (int64_t r = i * k; r < (i + 1) * k; r++)
+                for (int64_t c = j * k; c < (j + 1) * k; c++) {
+                    const float *xr = xs + (r * g + c) * D;
+                    for (int64_t d = 0; d < D; d++)
+                        yr[d] += xr[d];
+                }
+            for (int64_t d = 0; d < D; d++)
+                yr[d] /= div;
+        }
+    return LT_OK;
+}
+
+const char *lt_backend_missing_vision_op(const lt_backend *be) {
+    if (!be->layernorm) return "layernorm";
+    if (!be->add_bias) return "add_bias";
+    if (!be->gelu) return "gelu";
+    if (!be->avg_pool) return "avg_pool";
+    if (!be->attention_span) return "attention_span";
+    return NULL;
+}

@@ -1,0 +1,452 @@
+/* siglip.c — the SigLIP image tower and Gemma 3's multimodal projector: loading from a
+ * checkpoint and the forward of one image, written against backend.h (siglip.h says what).
+ *
+ * The forward reads like transformers' modeling_siglip.py (SiglipVisionEmbeddings, the
+ * encoder layers, post_layernorm) followed by modeling_gemma3.py's Gemma3MultiModalProjector:
+ *   x = patches · Wpatchᵀ + b + pos            the conv with stride = kernel = patch size is a
+ *                                               linear on each flattened (c, y, x) patch
+ *   per layer: x += o(attn(ln1(x))), x += fc2(gelu_tanh(fc1(ln2(x))))   biases everywhere,
+ *              attention bidirectional (every patch sees every patch), scale head_dim^-0.5
+ *   x = post_layernorm(x)
+ *   y = rmsnorm(avg_pool_k(x)) (1 + w), eps = the vision layer_norm_eps; out = y · Wproj
+ * Bidirectional attention is the table's attention op with every position 0 (then every key
+ * satisfies kpos <= qpos). Owns siglip_tower; never branches on the device.
+ */
+#include "cuda/model/siglip.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The Hub's files and transformers 4.5x write the SiglipVisionModel's own `vision_model.`
+ * level; transformers 5 keeps the tower's modules one level up (model.vision_tower.embeddings.
+ * in memory), and files written from that tree have no `vision_model.`. */
+static const char *const tower_prefixes[] = {"vision_tower.vision_model.",
+                                             "model.vision_tower.vision_model.", "vision_tower.",
+                                             "model.vision_tower."};
+static const char *const proj_prefixes[] = {"multi_modal_projector.",
+                                            "model.multi_modal_projector."};
+
+void siglip_free(siglip_tower *t) {
+    if (!t) return;
+    for (int i = 0; i < t->n_blocks; i++)
+        free(t->blocks[i]);
+    free(t->blocks);
+    free(t->layers);
+    free(t);
+}
+
+static void *tower_alloc(siglip_tower *t, size_t bytes) {
+    if (t->n_blocks == t->cap_blocks) {
+        int nc = t->cap_blocks ? t->cap_blocks * 2 : 64;
+        void **nb = realloc(t->blocks, sizeof(void *) * (size_t)nc);
+        if (!nb) return NULL;
+        t->blocks = nb;
+        t->cap_blocks = nc;
+    }
+    void *p = malloc(bytes ? bytes : 1);
+    if (p) t->blocks[t->n_blocks++] = p;
+    return p;
+}
+
+int siglip_present(const st_set *st) {
+    for (size_t i = 0; i < sizeof tower_prefixes / sizeof *tower_prefixes; i++) {
+        char n[160];
+        snprintf(n, sizeof n, "%sembeddings.patch_embedding.weight", tower_prefixes[i]);
+        if (st_find(st, n)) return 1;
+    }
+    return 0;
+}
+
+/* The tensor pfx+suffix with the given shape (ndim dims of dims[]), or an error naming it. */
+static lt_status find(const st_set *st, const char *pfx, const char *suffix, int ndim,
+                      const int64_t *dims, const st_tensor **out, char *err) {
+    char name[256];
+    snprintf(name, sizeof name, "%s%s", pfx, suffix);
+    const st_tensor *s = st_find(st, name);
+    if (!s)
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "image tower: tensor '%s' is missing (config.json has a vision_config)",
+                       name);
+    int ok = s->ndim == ndim && s->dtype_ok && lt_dtype_is_float(s->dtype);
+    for (int d = 0; ok && d < ndim; d++)
+        ok = s->shape[d] == dims[d];
+    if (!ok) {
+        char got[96];
+        st_shape_str(s, got, sizeof got);
+        char want[96] = "[";
+        for (int d = 0; d < ndim; d++)
+            snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", d ? ", " : "",
+                     (long long)dims[d]);
+        snprintf(want + strlen(want), sizeof want - strlen(want), "]");
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "image tower: tensor '%s' is %s %s, but vision_config implies float %s",
+                       name, s->dtype_name, got, want);
+    }
+    *out = s;
+    return LT_OK;
+}
+
+/* A vector [n] converted to fp32. */
+static lt_status load_vec(siglip_tower *t, const st_set *st, const char *pfx, const char *suffix,
+                          int64_t n, lt_tensor *dst, char *err) {
+    const st_tensor *s;
+    lt_status rc = find(st, pfx, suffix, 1, &n, &s, err);
+    if (rc != LT_OK) return rc;
+    float *p = tower_alloc(t, sizeof(float) * (size_t)n);
+    if (!p || st_convert(s, p, LT_F32) != LT_OK)
+        return lt_fail(err, LT_ERR_MEMORY, "image tower: out of memory reading '%s%s'", pfx,
+                       suffix);
+    *dst = lt_tensor_1d(LT_F32, p, n);
+    t->n_params += n;
+    return LT_OK;
+}
+
+/* A matrix seen as [rows, cols] (the tensor's own shape is dims[ndim]): mapped as stored when
+ * it is a float dtype aligned to its element, else converted to fp32. */
+static lt_status load_mat(siglip_tower *t, const st_set *st, const char *pfx, const char *suffix,
+                          int ndim, const int64_t *dims, int64_t rows, int64_t cols, lt_weight *w,
+                          char *err) {
+    const st_tensor *s;
+    lt_status rc = find(st, pfx, suffix, ndim, dims, &s, err);
+    if (rc != LT_OK) return rc;
+    memset(w, 0, sizeof *w);
+    if (((uintptr_t)s->data % lt_dtype_size(s->dtype)) == 0) {
+        w->w = lt_tensor_2d(s->dtype, (void *)s->data, rows, cols);
+    } else {
+        float *p = tower_alloc(t, sizeof(float) * (size_t)(rows * cols));
+        if (!p || st_convert(s, p, LT_F32) != LT_OK)
+            return lt_fail(err, LT_ERR_MEMORY, "image tower: out of memory reading '%s%s'", pfx,
+                           suffix);
+        w->w = lt_tensor_2d(LT_F32, p, rows, cols);
+    }
+    t->n_params += rows * cols;
+    return LT_OK;
+}
+
+lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config *c, char *err) {
+    *out = NULL;
+    const gemma3_vision_config *vc = &c->vision;
+    if (!vc->present)
+        return lt_fail(err, LT_ERR_ARG, "image tower: config.json has no vision_config");
+    const char *pfx = NULL, *ppfx = NULL;
+    for (size_t i = 0; i < sizeof tower_prefixes / sizeof *tower_prefixes && !pfx; i++) {
+        char n[160];
+        snprintf(n, sizeof n, "%sembeddings.patch_embedding.weight", tower_prefixes[i]);
+        if (st_find(st, n)) pfx = tower_prefixes[i];
+    }
+    for (size_t i = 0; i < sizeof proj_prefixes / sizeof *proj_prefixes && !ppfx; i++) {
+        char n[160];
+        snprintf(n, sizeof n, "%smm_input_projection_weight", proj_prefixes[i]);
+        if (st_find(st, n)) ppfx = proj_prefixes[i];
+    }
+    if (!pfx || !ppfx)
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "image tower: config.json has a vision_config but the checkpoint has no "
+                       "%s (looked under %s)",
+                       !pfx ? "embeddings.patch_embedding.weight" : "mm_input_projection_weight",
+                       !pfx ? "vision_tower.vision_model., model.vision_tower.vision_model., "
+                              "vision_tower., model.vision_tower."
+                            : "multi_modal_projector., model.multi_modal_projector.");
+    siglip_tower *t = calloc(1, sizeof *t);
+    if (t) t->layers = calloc((size_t)vc->num_hidden_layers, sizeof(siglip_layer));
+    if (!t || !t->layers) {
+        siglip_free(t);
+        return lt_fail(err, LT_ERR_MEMORY, "image tower: out of memory");
+    }
+    t->cfg = *vc;
+    t->text_hidden = c->hidden_size;
+    snprintf(t->prefix, sizeof t->prefix, "%s", pfx);
+    snprintf(t->proj_prefix, sizeof t->proj_prefix, "%s", ppfx);
+    int64_t D = vc->hidden_size, I = vc->intermediate_size, p = vc->patch_size,
+            g = vc->image_size / vc->patch_size, H = c->hidden_size;
+    lt_status rc = LT_OK;
+    {
+        int64_t conv[4] = {D, vc->num_channels, p, p}, pos[2] = {g * g, D};
+        LT_TRY(load_mat(t, st, pfx, "embeddings.patch_embedding.weight", 4, conv, D,
+                        vc->num_channels * p * p, &t->patch, err));
+        LT_TRY(load_vec(t, st, pfx, "embeddings.patch_embedding.bias", D, &t->patch_b, err));
+        const st_tensor *s;
+        LT_TRY(find(st, pfx, "embeddings.position_embedding.weight", 2, pos, &s, err));
+        float *pe = tower_alloc(t, sizeof(float) * (size_t)(g * g * D));
+        if (!pe || st_convert(s, pe, LT_F32) != LT_OK) {
+            rc = lt_fail(err, LT_ERR_MEMORY, "image tower: out of memory");
+            goto done;
+        }
+        t->pos = lt_tensor_2d(LT_F32, pe, g * g, D);
+        t->n_params += g * g * D;
+    }
+    for (int l = 0; l < vc->num_hidden_layers; l++) {
+        siglip_layer *L = &t->layers[l];
+        char lp[160];
+        snprintf(lp, sizeof lp, "%sencoder.layers.%d.", pfx, l);
+        int64_t dd[2] = {D, D}, id[2] = {I, D}, di[2] = {D, I};
+        LT_TRY(load_vec(t, st, lp, "layer_norm1.weight", D, &L->ln1_w, err));
+        LT_TRY(load_vec(t, st, lp, "layer_norm1.bias", D, &L->ln1_b, err));
+        LT_TRY(load_mat(t, st, lp, "self_attn.q_proj.weight", 2, dd, D, D, &L->q, err));
+        LT_TRY(load_vec(t, st, lp, "self_attn.q_proj.bias", D, &L->q_b, err));
+        LT_TRY(load_mat(t, st, lp, "self_attn.k_proj.weight", 2, dd, D, D, &L->k, err));
+        LT_TRY(load_vec(t, st, lp, "self_attn.k_proj.bias", D, &L->k_b, err));
+        LT_TRY(load_mat(t, st, lp, "self_attn.v_proj.weight", 2, dd, D, D, &L->v, err));
+        LT_TRY(load_vec(t, st, lp, "self_attn.v_proj.bias", D, &L->v_b, err));
+        LT_TRY(load_mat(t, st, lp, "self_attn.out_proj.weight", 2, dd, D, D, &L->o, err));
+        LT_TRY(load_vec(t, st, lp, "self_attn.out_proj.bias", D, &L->o_b, err));
+        LT_TRY(load_vec(t, st, lp, "layer_norm2.weight", D, &L->ln2_w, err));
+        LT_TRY(load_vec(t, st, lp, "layer_norm2.bias", D, &L->ln2_b, err));
+        LT_TRY(load_mat(t, st, lp, "mlp.fc1.weight", 2, id, I, D, &L->fc1, err));
+        LT_TRY(load_vec(t, st, lp, "mlp.fc1.bias", I, &L->fc1_b, err));
+        LT_TRY(load_mat(t, st, lp, "mlp.fc2.weight", 2, di, D, I, &L->fc2, err));
+        LT_TRY(load_vec(t, st, lp, "mlp.fc2.bias", D, &L->fc2_b, err));
+    }
+    LT_TRY(load_vec(t, st, pfx, "post_layernorm.weight", D, &t->post_w, err));
+    LT_TRY(load_vec(t, st, pfx, "post_layernorm.bias", D, &t->post_b, err));
+    LT_TRY(load_vec(t, st, ppfx, "mm_soft_emb_norm.weight", D, &t->mm_norm, err));
+    {
+        /* stored input-major [D, H] and used as x @ W (not nn.Linear): transposed here into
+         * the [out, in] = [H, D] the linear op takes */
+        int64_t dh[2] = {D, H};
+        const st_tensor *s;
+        LT_TRY(find(st, ppfx, "mm_input_projection_weight", 2, dh, &s, err));
+        float *tmp = malloc(sizeof(float) * (size_t)(D * H));
+        float *wt = tower_alloc(t, sizeof(float) * (size_t)(D * H));
+        if (!tmp || !wt || st_convert(s, tmp, LT_F32) != LT_OK) {
+            free(tmp);
+            rc = lt_fail(err, LT_ERR_MEMORY, "image tower: out of memory");
+            goto done;
+        }
+        for (int64_t i = 0; i < D; i++)
+            for (int64_t j = 0; j < H; j++)
+                wt[j * D + i] = tmp[i * H + j];
+        free(tmp);
+        memset(&t->mm_proj, 0, sizeof t->mm_proj);
+        t->mm_proj.w = lt_tensor_2d(LT_F32, wt, H, D);
+        t->n_params += D * H;
+    }
+done:
+    if (rc != LT_OK) {
+        siglip_free(t);
+        return rc;
+    }
+    *out = t;
+    return LT_OK;
+}
+
+/* ---- a device copy --------------------------------------------------------------------------- */
+
+/* Every tensor of t in a fixed order; matrix[i] = 1 for the linears' weights. Returns the count
+ * (ts / matrix may be NULL to count). */
+static int tower_tensors(siglip_tower *t, lt_tensor **ts, int *matrix) {
+    int n = 0;
+#define PUT(x, m)                                                                                  \
+    do {                                                                                           \
+        if (ts) ts[n] = &(x);                                                                      \
+        if (matrix) matrix[n] = (m);                                                               \
+        n++;                                                                                       \
+    } while (0)
+    PUT(t->patch.w, 1);
+    PUT(t->patch_b, 0);
+    PUT(t->pos, 0);
+    for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+        siglip_layer *L = &t->layers[l];
+        PUT(L->ln1_w, 0);
+        PUT(L->ln1_b, 0);
+        PUT(L->q.w, 1);
+        PUT(L->q_b, 0);
+        PUT(L->k.w, 1);
+        PUT(L->k_b, 0);
+        PUT(L->v.w, 1);
+        PUT(L->v_b, 0);
+        PUT(L->o.w, 1);
+        PUT(L->o_b, 0);
+        PUT(L->ln2_w, 0);
+        PUT(L->ln2_b, 0);
+        PUT(L->fc1.w, 1);
+        PUT(L->fc1_b, 0);
+        PUT(L->fc2.w, 1);
+        PUT(L->fc2_b, 0);
+    }
+    PUT(t->post_w, 0);
+    PUT(t->post_b, 0);
+    PUT(t->mm_norm, 0);
+    PUT(t->mm_proj.w, 1);
+#undef PUT
+    return n;
+}
+
+static size_t round256(size_t n) {
+    return (n + 255) & ~(size_t)255;
+}
+
+void siglip_release(siglip_tower *t, lt_ctx *ctx) {
+    if (!t) return;
+    if (t->arena && ctx && ctx->be) ctx->be->release(ctx, t->arena);
+    siglip_free(t);
+}
+
+lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err) {
+    *out = NULL;
+    const lt_backend *be = ctx->be;
+    siglip_tower *d = calloc(1, sizeof *d);
+    int L = host->cfg.num_hidden_layers;
+    if (d) {
+        *d = *host;
+        d->blocks = NULL;
+        d->n_blocks = d->cap_blocks = 0;
+        d->arena = NULL;
+        d->layers = malloc(sizeof(siglip_layer) * (size_t)L);
+    }
+    int n = tower_tensors((siglip_tower *)host, NULL, NULL);
+    lt_tensor **hs = malloc(sizeof *hs * (size_t)n), **ds = malloc(sizeof *ds * (size_t)n);
+    int *mat = malloc(sizeof *mat * (size_t)n);
+    lt_status rc = LT_OK;
+    if (!d || !d->layers || !hs || !ds || !mat) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "image tower: out of host memory copying it");
+        goto done;
+    }
+    memcpy(d->layers, host->layers, sizeof(siglip_layer) * (size_t)L);
+    tower_tensors((siglip_tower *)host, hs, mat);
+    tower_tensors(d, ds, NULL);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += round256((size_t)lt_tensor_numel(hs[i]) * lt_dtype_size(mat[i] ? dt : LT_F32));
+    d->arena = be->alloc(ctx, total);
+    if (!d->arena) {
+        rc = lt_fail(err, LT_ERR_MEMORY, "image tower: not enough %s memory (%.1f MiB): %s",
+                     be->name, total / 1048576.0, ctx->err);
+        goto done;
+    }
+    size_t off = 0;
+    for (int i = 0; i < n && rc == LT_OK; i++) {
+        const lt_tensor *s = hs[i];
+        lt_dtype want = mat[i] ? dt : LT_F32;
+        int64_t cnt = lt_tensor_numel(s);
+        char *dst = (char *)d->arena + off;
+        if (s->dtype == want) {
+            rc = be->upload(ctx, dst, s->data, lt_tensor_bytes(s));
+        } else { /* stored F16/BF16/F32 -> the device dtype, converted there */
+            void *stage = be->alloc(ctx, lt_tensor_bytes(s));
+            rc = stage ? be->upload(ctx, stage, s->data, lt_tensor_bytes(s)) : LT_ERR_MEMORY;
+            if (rc == LT_OK) rc = be->convert(ctx, dst, want, stage, s->dtype, cnt);
+            if (rc == LT_OK) rc = be->sync(ctx); /* the stage is released next */
+            if (stage) be->release(ctx, stage);
+        }
+        ds[i]->data = dst;
+        ds[i]->dtype = want;
+        off += round256((size_t)cnt * lt_dtype_size(want));
+    }
+    if (rc == LT_OK) rc = be->sync(ctx);
+    if (rc != LT_OK) lt_fail(err, rc, "image tower: copying it to %s: %s", be->name, ctx->err);
+done:
+    free(hs);
+    free(ds);
+    free(mat);
+    if (rc != LT_OK) {
+        siglip_release(d, ctx);
+        return rc;
+    }
+    *out = d;
+    return LT_OK;
+}
+
+/* ---- forward ------------------------------------------------------------------------------ */
+
+/* y = x·Wᵀ + b */
+static lt_status linear_b(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w, lt_tensor b) {
+    lt_status rc = ctx->be->linear(ctx, y, x, w);
+    return rc == LT_OK ? ctx->be->add_bias(ctx, y, b) : rc;
+}
+
+lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out) {
+    const lt_backend *be = ctx->be;
+    const char *missing = lt_backend_missing_vision_op(be);
+    if (missing)
+        return lt_fail(ctx->err, LT_ERR_ARG,
+                       "the %s backend has no '%s' op, which the image tower needs (load the "
+                       "model with device=cpu to use images)",
+                       be->name, missing);
+    const gemma3_vision_config *c = &t->cfg;
+    int64_t D = c->hidden_size, I = c->intermediate_size, p = c->patch_size, S = c->image_size,
+            g = S / p, P = g * g, C = c->num_channels, K = C * p * p, nh = c->num_attention_heads,
+            hd = D / nh, H = t->text_hidden, side = 0;
+    while ((side + 1) * (side + 1) <= c->mm_tokens_per_image)
+        side++;
+    int64_t M = side * side;
+    float eps = (float)c->layer_norm_eps, scale = (float)(1.0 / sqrt((double)hd));
+    lt_status rc = LT_OK;
+
+    /* patches on the host: row r*g + cc holds channel-major (ch, y, x) of patch (r, cc), the
+     * order of the conv weight [D, C, p, p] flattened */
+    float *host = malloc(sizeof(float) * (size_t)(P * K));
+    int32_t *zeros = calloc((size_t)P, sizeof(int32_t));
+    float *patches = NULL, *x = NULL, *a = NULL, *q = NULL, *k = NULL, *v = NULL, *att = NULL,
+          *f = NULL, *pooled = NULL;
+    int32_t *pos0 = NULL;
+    if (!host || !zeros) {
+        rc = lt_fail(ctx->err, LT_ERR_MEMORY, "image tower: out of host memory");
+        goto done;
+    }
+    for (int64_t r = 0; r < g; r++)
+        for (int64_t cc = 0; cc < g; cc++)
+            for (int64_t ch = 0; ch < C; ch++)
+                for (int64_t yy = 0; yy < p; yy++)
+                    for (int64_t xx = 0; xx < p; xx++)
+                        host[(r * g + cc) * K + (ch * p + yy) * p + xx] =
+                            pixels[(ch * S + r * p + yy) * S + cc * p + xx];
+    size_t fs = sizeof(float);
+    patches = be->alloc(ctx, fs * (size_t)(P * K));
+    x = be->alloc(ctx, fs * (size_t)(P * D));
+    a = be->alloc(ctx, fs * (size_t)(P * D));
+    q = be->alloc(ctx, fs * (size_t)(P * D));
+    k = be->alloc(ctx, fs * (size_t)(P * D));
+    v = be->alloc(ctx, fs * (size_t)(P * D));
+    att = be->alloc(ctx, fs * (size_t)(P * D));
+    f = be->alloc(ctx, fs * (size_t)(P * I));
+    pooled = be->alloc(ctx, fs * (size_t)(M * D));
+    pos0 = be->alloc(ctx, sizeof(int32_t) * (size_t)P);
+    if (!patches || !x || !a || !q || !k || !v || !att || !f || !pooled || !pos0) {
+        rc = lt_fail(ctx->err, LT_ERR_MEMORY,
+                     "image tower: out of %s memory for the activations of %lld patches", be->name,
+                     (long long)P);
+        goto done;
+    }
+    LT_TRY(be->upload(ctx, patches, host, fs * (size_t)(P * K)));
+    LT_TRY(be->upload(ctx, pos0, zeros, sizeof(int32_t) * (size_t)P));
+    lt_tensor X = lt_tensor_2d(LT_F32, x, P, D), A = lt_tensor_2d(LT_F32, a, P, D);
+    lt_tensor Q = lt_tensor_2d(LT_F32, q, P, D), Kt = lt_tensor_2d(LT_F32, k, P, D);
+    lt_tensor V = lt_tensor_2d(LT_F32, v, P, D), ATT = lt_tensor_2d(LT_F32, att, P, D);
+    lt_tensor F = lt_tensor_2d(LT_F32, f, P, I), POS = lt_tensor_1d(LT_I32, pos0, P);
+    LT_TRY(linear_b(ctx, X, lt_tensor_2d(LT_F32, patches, P, K), &t->patch, t->patch_b));
+    LT_TRY(be->add(ctx, X, t->pos));
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const siglip_layer *L = &t->layers[l];
+        LT_TRY(be->layernorm(ctx, A, X, L->ln1_w, L->ln1_b, eps));
+        LT_TRY(linear_b(ctx, Q, A, &L->q, L->q_b));
+        LT_TRY(linear_b(ctx, Kt, A, &L->k, L->k_b));
+        LT_TRY(linear_b(ctx, V, A, &L->v, L->v_b));
+        LT_TRY(be->attention(ctx, ATT, lt_tensor_3d(LT_F32, q, P, nh, hd),
+                             lt_tensor_3d(LT_F32, k, P, nh, hd), lt_tensor_3d(LT_F32, v, P, nh, hd),
+                             POS, POS, 0, scale));
+        LT_TRY(linear_b(ctx, A, ATT, &L->o, L->o_b));
+        LT_TRY(be->add(ctx, X, A));
+        LT_TRY(be->layernorm(ctx, A, X, L->ln2_w, L->ln2_b, eps));
+        LT_TRY(linear_b(ctx, F, A, &L->fc1, L->fc1_b));
+        LT_TRY(be->gelu(ctx, F, F));
+        LT_TRY(linear_b(ctx, A, F, &L->fc2, L->fc2_b));
+        LT_TRY(be->add(ctx, X, A));
+    }
+    LT_TRY(be->layernorm(ctx, X, X, t->post_w, t->post_b, eps));
+    /* the projector */
+    lt_tensor PO = lt_tensor_2d(LT_F32, pooled, M, D);
+    LT_TRY(be->avg_pool(ctx, PO, X, (int)(g / side)));
+    LT_TRY(be->rmsnorm(ctx, PO, PO, t->mm_norm, eps));
+    LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, out, M, H), PO, &t->mm_proj));
+done:
+    free(host);
+    free(zeros);
+    void *all[] = {patches, x, a, q, k, v, att, f, pooled, pos0};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (all[i]) be->release(ctx, all[i]);
+    return rc;
+}

@@ -1,0 +1,70 @@
+/* siglip.h — Gemma 3's image tower (SigLIP) and its multimodal projector. Engine-private.
+ *
+ * siglip_tower holds the weights of transformers' SiglipVisionModel (vision_use_head false) and
+ * Gemma3MultiModalProjector, read from a checkpoint under any of the prefixes the loaders
+ * accept (vision_tower.vision_model. / model.vision_tower.vision_model. / vision_tower. /
+ * model.vision_tower., and multi_modal_projector. / model.multi_modal_projector.). siglip_encode
+ * turns one image's pixel values ([3, S, S], image.h's img_load_pixels) into mm_tokens_per_image
+ * rows of the text hidden size: the soft tokens gemma3_forward_images puts at the image tokens'
+ * positions. Written once against backend.h like the text forward; a backend without the image ops
+ * (lt_backend_missing_vision_op) is refused with a message. Must not include kernel/,
+ * protocol/ or anything above model/.
+ */
+#ifndef LATHE_SIGLIP_H
+#define LATHE_SIGLIP_H
+
+#include "cuda/backend/backend.h"
+#include "cuda/formats/hfconfig.h"
+#include "cuda/formats/safetensors.h"
+
+typedef struct siglip_layer {
+    lt_tensor ln1_w, ln1_b;       /* layer_norm1 [D] fp32 */
+    lt_weight q, k, v, o;         /* self_attn q/k/v/out_proj [D, D] */
+    lt_tensor q_b, k_b, v_b, o_b; /* their biases [D] fp32 */
+    lt_tensor ln2_w, ln2_b;       /* layer_norm2 [D] fp32 */
+    lt_weight fc1, fc2;           /* mlp.fc1 [I, D], mlp.fc2 [D, I] */
+    lt_tensor fc1_b, fc2_b;       /* [I], [D] fp32 */
+} siglip_layer;
+
+typedef struct siglip_tower {
+    gemma3_vision_config cfg;
+    int text_hidden;          /* H: the projector's output width */
+    lt_weight patch;          /* patch_embedding conv [D, 3, p, p] as a linear [D, 3*p*p] */
+    lt_tensor patch_b;        /* [D] fp32 */
+    lt_tensor pos;            /* position_embedding [P, D] fp32, P = (S/p)^2 */
+    siglip_layer *layers;     /* [num_hidden_layers] */
+    lt_tensor post_w, post_b; /* post_layernorm [D] fp32 */
+    lt_tensor mm_norm;        /* mm_soft_emb_norm [D] fp32 (Gemma RMSNorm, 1 + w) */
+    lt_weight mm_proj;        /* mm_input_projection_weight, transposed to [H, D] fp32 */
+    int64_t n_params;
+    char prefix[48], proj_prefix[48]; /* the checkpoint's prefixes (messages, exporters) */
+    void **blocks;                    /* host allocations (converted tensors) */
+    int n_blocks, cap_blocks;
+    void *arena; /* a device copy's backend memory (siglip_to_device), or NULL */
+} siglip_tower;
+
+/* 1 when st holds a SigLIP tower under a prefix siglip_load reads. */
+int siglip_present(const st_set *st);
+/* Reads the tower and projector for a model whose config c has c->vision.present. The
+ * matrices are mapped as stored when F32/F16/BF16 and aligned (st must stay open while the
+ * tower lives), the vectors and the projector converted to fp32. On failure *out is NULL and
+ * err names the tensor. */
+lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config *c, char *err);
+void siglip_free(siglip_tower *t);
+
+/* *out = a copy of host in ctx's memory: the matrices in dt (F32/F16/BF16), the vectors fp32,
+ * all in one arena. Free it with siglip_release (ctx: the same backend). On failure *out is
+ * NULL and err says why. */
+lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           char *err);
+/* Frees a tower of either kind (a device copy's arena through ctx). NULL is fine. */
+void siglip_release(siglip_tower *t, lt_ctx *ctx);
+
+/* One image: pixels [3, S, S] fp32 in host memory (S = image_size) -> out [mm, H] fp32 in
+ * ctx's memory (mm = mm_tokens_per_image). Computes SiglipVisionModel's last hidden state
+ * (patch embedding + position embeddings, the encoder layers with bidirectional attention,
+ * post_layernorm) and Gemma3MultiModalProjector on it (avg-pool to mm tokens, RMSNorm with
+ * 1 + w, the projection). */
+lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out);
+
+#endif
