@@ -43,6 +43,7 @@ case $what in all|checks)
     # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
     [ -z "$SHORT" ] && LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
     $B/test_model > "$out/test_model.log" 2>&1
+    [ -x $B/test_vision_gpu ] && $B/test_vision_gpu > "$out/test_vision_gpu.log" 2>&1
     # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA
     if [ ! -f tests/fixtures/grpo/reference.json ] &&
         timeout 300 $PY tests/fixtures/make_grpo_fixture.py > "$out/grpo_fixture.log" 2>&1; then
