@@ -107,18 +107,19 @@ case $what in flow)
     grep -h -E 'exit|Error|error|checks|^\{' "$out/flow.log"
 esac
 case $what in lease)
-    # everything new since the last lease, in one call under 9 minutes: the checks (without the
-    # no-flash rerun), the flow, the vision fixture when its script is here, GRPO's bf16 runs
-    SHORT=1 timeout 240 sh "$0" "$out" checks
-    timeout 120 sh "$0" "$out" flow
+    # everything new since the last lease, in one call under 8 minutes, most needed first: the
+    # checks (without the no-flash rerun), the vision fixture when its script is here, GRPO's
+    # bf16 runs, the flow
+    SHORT=1 timeout 230 sh "$0" "$out" checks
     if [ -f tests/fixtures/make_vision_fixture.py ]; then
         mkdir -p "$out/vision"
-        timeout 120 $PY tests/fixtures/make_vision_fixture.py --out "$out/vision" \
+        timeout 60 $PY tests/fixtures/make_vision_fixture.py --out "$out/vision" \
             > "$out/vision_fixture.log" 2>&1
         echo "vision fixture: exit $?" >> "$out/vision_fixture.log"
         tail -3 "$out/vision_fixture.log"
     fi
-    timeout 200 sh "$0" "$out" grpo-short
+    timeout 150 sh "$0" "$out" grpo-short
+    timeout 90 sh "$0" "$out" flow
 esac
 case $what in quick)
     timeout 150 sh "$0" "$out" checks
