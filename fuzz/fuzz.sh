@@ -52,7 +52,8 @@ case $mode in
     configure_dir
     echo "sanitize: building the unit tests and the harnesses in $dir"
     $MAKE -C "$dir" --no-print-directory $unit $(programs)
-    $MAKE -C "$dir" --no-print-directory check TESTS="$unit fuzz/run-check" check_PROGRAMS="$unit"
+    $MAKE -C "$dir" --no-print-directory check TESTS="$unit fuzz/run-check" check_PROGRAMS="$unit" \
+      FUZZ_CHECK_SECONDS="${FUZZ_CHECK_SECONDS:-10}"
     ;;
   run)
     secs=$2
