@@ -69,18 +69,16 @@ static int regex_small(const char *p) {
             if (++depth >= 64) return 0;
             total[depth] = last[depth] = 0;
             continue;
-        } else if (c == ')') {
-            if (depth == 0) return 1; /* regcomp refuses it */
+        } else if (c == ')' && depth > 0) { /* an unmatched ')' is a literal for glibc */
             atom = total[depth--] + 1;
-        } else if (c == '+' || c == '{') {
+        } else if (c == '+' || (c == '{' && strchr(p + i, '}'))) {
             double copies = 2;
             if (c == '{') {
                 char *end = NULL;
                 long m = strtol(p + i + 1, &end, 10), n = m;
                 if (end && *end == ',') n = end[1] == '}' ? m + 1 : strtol(end + 1, &end, 10);
-                while (p[i] && p[i] != '}')
+                while (p[i] != '}')
                     i++;
-                if (!p[i]) return 1;
                 copies = (double)(n > m ? n : m);
                 if (copies < 1) copies = 1;
             }
@@ -393,7 +391,13 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
                         ? o->targets
                         : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
     a->targets_regex = looks_like_regex(t);
-    if (a->targets_regex && !regex_small(t)) {
+    /* checked as regex_matches compiles it, wrapped: a ')' in t may close that group */
+    size_t tn = strlen(t) + 3;
+    char *wrapped = a->targets_regex ? malloc(tn) : NULL;
+    if (wrapped) snprintf(wrapped, tn, "(%s)", t);
+    int small = !a->targets_regex || (wrapped && regex_small(wrapped));
+    free(wrapped);
+    if (!small) {
         free(a);
         return lt_fail(err, LT_ERR_ARG,
                        "%%lora: targets='%.200s' repeats too much for a regex (stacked or nested "
