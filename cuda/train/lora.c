@@ -42,12 +42,14 @@ static int looks_like_regex(const char *s) {
     return strpbrk(s, "*()[]|^$+?\\") != NULL;
 }
 
-/* 1 when glibc's regcomp can build the regex in bounded memory. regcomp expands x+ into x x*
- * and x{m,n} into n copies of x, so stacked or nested repetitions grow exponentially
- * ("a++++..." or "((a{50}){50}){50}" take gigabytes); this walks the pattern estimating the
- * copies regcomp makes and refuses more than REGEX_MAX_NODES. Bracket expressions and escapes
- * count as one atom. */
-#define REGEX_MAX_NODES 20000
+/* 1 when glibc's regcomp can build the regex in bounded memory and regexec match it in bounded
+ * time. regcomp expands x+ into x x* and x{m,n} into n copies of x, so stacked or nested
+ * repetitions grow exponentially ("a++++..." or "((a{50}){50}){50}" take gigabytes), and
+ * regexec's DFA over thousands of copies of one atom takes minutes; this walks the pattern
+ * estimating the copies regcomp makes and refuses more than REGEX_MAX_NODES in all or
+ * REGEX_MAX_COPIES of one atom. Bracket expressions and escapes count as one atom. */
+#define REGEX_MAX_NODES 4096
+#define REGEX_MAX_COPIES 256
 static int regex_small(const char *p) {
     double total[64], last[64];
     int depth = 0;
@@ -84,7 +86,7 @@ static int regex_small(const char *p) {
             }
             total[depth] += last[depth] * (copies - 1);
             last[depth] *= copies;
-            if (total[depth] > REGEX_MAX_NODES) return 0;
+            if (total[depth] > REGEX_MAX_NODES || last[depth] > REGEX_MAX_COPIES) return 0;
             continue;
         } else if (c == '*' || c == '?' || c == '|') {
             total[depth] += 1;
