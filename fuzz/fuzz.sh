@@ -8,6 +8,8 @@
 #   fuzz.sh run SECONDS 'NAMES'  the same build, then each harness (NAMES, or every one) for
 #                                SECONDS from its committed corpus; new inputs are kept in
 #                                sanitize/fuzz/corpus/NAME, findings in sanitize/fuzz/findings/.
+#   fuzz.sh merge 'NAMES'        minimise the committed corpus fuzz/corpus/NAME together with
+#                                what `run` found (-merge=1), keeping regress-* inputs.
 # The environment comes from the make rule: FUZZ_CC, FUZZ_CXX, HAVE_FUZZ, FUZZ_WHY,
 # SANITIZE_CFLAGS, SANITIZE_DIR, LATHE_SRCDIR, LATHE_BUILDDIR, FUZZ_NAMES, MAKE.
 # Without clang + libFuzzer it prints why and exits 0.
@@ -82,8 +84,28 @@ case $mode in
     done
     exit $status
     ;;
+  merge)
+    # Folds what `run` found into the committed corpus: libFuzzer's -merge=1 keeps the smallest
+    # inputs that cover every feature of the committed and found inputs; regress-* files (the
+    # inputs of fixed bugs) are always kept.
+    names=${2:-}
+    [ -n "$names" ] || names=$FUZZ_NAMES
+    configure_dir
+    for n in $names; do
+      $MAKE -C "$dir" --no-print-directory "fuzz/fuzz_$n"
+      out="$dir/fuzz/merged/$n"
+      rm -rf "$out"
+      mkdir -p "$out" "$dir/fuzz/corpus/$n"
+      (cd "$dir/fuzz" && "./fuzz_$n" -merge=1 -rss_limit_mb=2048 -timeout=30 \
+        -max_len="$(max_len "$n")" "$out" "$src/fuzz/corpus/$n" "$dir/fuzz/corpus/$n" \
+        >"$dir/fuzz/$n-merge.log" 2>&1)
+      find "$src/fuzz/corpus/$n" -type f ! -name 'regress-*' -delete
+      for f in "$out"/*; do [ -f "$f" ] && cp "$f" "$src/fuzz/corpus/$n/seed-$(basename "$f" | cut -c1-16)"; done
+      echo "fuzz: $n corpus: $(ls "$src/fuzz/corpus/$n" | wc -l) files, $(du -sb "$src/fuzz/corpus/$n" | cut -f1) bytes"
+    done
+    ;;
   *)
-    echo "usage: fuzz.sh check 'UNIT' | run SECONDS 'NAMES'" >&2
+    echo "usage: fuzz.sh check 'UNIT' | run SECONDS 'NAMES' | merge 'NAMES'" >&2
     exit 2
     ;;
 esac
