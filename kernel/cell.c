@@ -98,6 +98,8 @@ static size_t read_word(const char *s, size_t len, size_t i, int *line, cell_wor
                                "write \\\" for a quote and \\\\ for a backslash)",
                                *line);
                     free(b.data);
+                    free(w->key); /* key="unterminated: the key was already taken */
+                    w->key = NULL;
                     return (size_t)-1;
                 }
                 if (s[i] == '"') {

@@ -52,7 +52,7 @@ static int get_string(json_t *root, const char *name, const char *dflt, char **o
         snprintf(err, errlen, "connection file: out of memory");
         return -1;
     }
-    memcpy(*out, s, n);
+    if (n) memcpy(*out, s, n); /* s is NULL for an absent key without a default */
     (*out)[n] = '\0';
     if (out_len) *out_len = n;
     return 0;

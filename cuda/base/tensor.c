@@ -178,17 +178,29 @@ uint16_t lt_f32_to_f16(float f) {
     return (uint16_t)(sign | (uint16_t)((rounded - 0x38000000u) >> 13));
 }
 
+/* Element i of a 16-bit array that may sit at any address (tensors mapped from a file need not
+ * be aligned to their element size): memcpy is the defined unaligned load, one instruction. */
+static inline uint16_t load_u16(const void *p, int64_t i) {
+    uint16_t v;
+    memcpy(&v, (const char *)p + 2 * i, sizeof v);
+    return v;
+}
+
+static inline float load_f32(const void *p, int64_t i) {
+    float v;
+    memcpy(&v, (const char *)p + 4 * i, sizeof v);
+    return v;
+}
+
 void lt_to_f32(float *dst, const void *src, lt_dtype src_t, int64_t n) {
     if (src_t == LT_F32) {
         memmove(dst, src, (size_t)n * 4);
     } else if (src_t == LT_BF16) {
-        const uint16_t *s = src;
         for (int64_t i = 0; i < n; i++)
-            dst[i] = lt_bf16_to_f32(s[i]);
+            dst[i] = lt_bf16_to_f32(load_u16(src, i));
     } else if (src_t == LT_F16) {
-        const uint16_t *s = src;
         for (int64_t i = 0; i < n; i++)
-            dst[i] = lt_f16_to_f32(s[i]);
+            dst[i] = lt_f16_to_f32(load_u16(src, i));
     }
 }
 
@@ -205,11 +217,11 @@ void lt_convert(void *dst, lt_dtype dst_t, const void *src, lt_dtype src_t, int6
     for (int64_t i = 0; i < n; i++) {
         float f;
         if (src_t == LT_F32)
-            f = ((const float *)src)[i];
+            f = load_f32(src, i);
         else if (src_t == LT_BF16)
-            f = lt_bf16_to_f32(((const uint16_t *)src)[i]);
+            f = lt_bf16_to_f32(load_u16(src, i));
         else
-            f = lt_f16_to_f32(((const uint16_t *)src)[i]);
+            f = lt_f16_to_f32(load_u16(src, i));
         d[i] = dst_t == LT_BF16 ? lt_f32_to_bf16(f) : lt_f32_to_f16(f);
     }
 }

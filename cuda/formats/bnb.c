@@ -230,10 +230,9 @@ static lt_status read_nf4(const st_set *st, const char *wname, const st_tensor *
     json_error_t je;
     json_t *j = json_loadb(qs->data, qs->nbytes, 0, &je);
     if (!j || !json_is_object(j)) {
-        return lt_fail(err, LT_ERR_FORMAT,
-                       "%s: tensor '%s' is not the JSON quant_state bitsandbytes writes "
-                       "(%s)",
-                       file, qs->name, j ? "not an object" : je.text);
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s: tensor '%s' is not the JSON quant_state bitsandbytes writes (%s)", file,
+                qs->name, j ? "not an object" : je.text);
         json_decref(j);
         return LT_ERR_FORMAT;
     }
@@ -293,10 +292,10 @@ static lt_status read_nf4(const st_set *st, const char *wname, const st_tensor *
     if (g->nested) {
         json_int_t nb2 = json_is_integer(nbs) ? json_integer_value(nbs) : 0;
         if (nb2 < 32 || nb2 > 4096 || (nb2 & (nb2 - 1)) || !json_is_number(nof)) {
-            snprintf(err, LT_ERRLEN,
-                     "%s: '%s' is double-quantized but its quant_state lacks a valid "
-                     "nested_blocksize / nested_offset",
-                     file, wname);
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s: '%s' is double-quantized but its quant_state lacks a valid "
+                         "nested_blocksize / nested_offset",
+                         file, wname);
             goto done;
         }
         g->nested_blocksize = (int)nb2;
@@ -482,13 +481,11 @@ static lt_status config_from(bnb_config *c, json_t *root, const char *what, char
     lt_status rc = LT_OK;
     if (!q || json_is_null(q)) goto done;
     rc = LT_ERR_FORMAT;
-    if (!json_is_object(q)) {
+    if (!json_is_object(q))
         return lt_fail(err, LT_ERR_FORMAT, "%s: quantization_config is not an object", what);
-        goto done;
-    }
     json_t *m = json_object_get(q, "quant_method");
     if (!json_is_string(m) || strcmp(json_string_value(m), "bitsandbytes") != 0) {
-        rc = lt_fail(err, LT_ERR_MEMORY,
+        rc = lt_fail(err, LT_ERR_FORMAT,
                      "%s: quantization_config.quant_method is %s; only bitsandbytes (nf4, int8) "
                      "checkpoints load here: use the 16-bit original (optionally with quant=nf4)",
                      what, json_is_string(m) ? json_string_value(m) : "missing");
@@ -556,9 +553,7 @@ lt_status bnb_config_parse(bnb_config *c, const char *json, const char *what, ch
     memset(c, 0, sizeof *c);
     json_error_t je;
     json_t *root = json_loads(json, 0, &je);
-    if (!root) {
-        snprintf(err, LT_ERRLEN, "%s: %s (line %d)", what, je.text, je.line);
-    }
+    if (!root) return lt_fail(err, LT_ERR_FORMAT, "%s: %s (line %d)", what, je.text, je.line);
     lt_status rc = config_from(c, root, what, err);
     json_decref(root);
     return rc;

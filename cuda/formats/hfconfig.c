@@ -71,7 +71,13 @@ static int get_int(cfg_reader *r, json_t *obj, const char *key, int *out, int re
         return 0;
     }
     if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v))) {
-        *out = (int)json_real_value(v);
+        double d = json_real_value(v); /* 1024.0: a whole number written as a real */
+        if (d < -1000000000.0 || d > 1000000000.0) {
+            lt_fail(r->err, LT_ERR_FORMAT, "%s: key '%s%s' = %g is out of range", r->what,
+                    r->prefix, key, d);
+            return -1;
+        }
+        *out = (int)d;
         return 1;
     }
     if (!json_is_integer(v)) {

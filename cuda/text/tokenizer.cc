@@ -135,8 +135,27 @@ extern "C" lt_status tok_load(lt_tokenizer **out, const char *path, char *err) {
         t->pieces.resize((size_t)n);
         t->scores.resize((size_t)n);
         memset(t->special_first, 0, sizeof t->special_first);
+        /* SentencePiece loads a model whose pieces repeat a string or hold a NUL byte; ids and
+         * text would then disagree, so such a model is refused */
+        std::unordered_map<std::string, int> by_piece;
+        by_piece.reserve((size_t)n);
         for (int i = 0; i < n; i++) {
             t->pieces[(size_t)i] = t->sp.IdToPiece(i);
+            if (t->pieces[(size_t)i].find('\0') != std::string::npos) {
+                /* the C API hands pieces out as C strings (GGUF export, special matching) */
+                lt_fail(err, LT_ERR_FORMAT,
+                        "%s: piece %d holds a NUL byte: not a valid SentencePiece model", path, i);
+                delete t;
+                return LT_ERR_FORMAT;
+            }
+            auto dup = by_piece.emplace(t->pieces[(size_t)i], i);
+            if (!dup.second) {
+                lt_fail(err, LT_ERR_FORMAT,
+                        "%s: pieces %d and %d are both '%.40s': not a valid SentencePiece model",
+                        path, dup.first->second, i, t->pieces[(size_t)i].c_str());
+                delete t;
+                return LT_ERR_FORMAT;
+            }
             t->scores[(size_t)i] = t->sp.GetScore(i);
             int ty = t->types[(size_t)i];
             if ((ty == TOK_CONTROL || ty == TOK_USER_DEFINED) && !t->pieces[(size_t)i].empty()) {

@@ -152,38 +152,46 @@ static lt_status prompt_add(prompt_list *l, json_t *rec, const lt_tokenizer *tok
 }
 
 static lt_status prompts_load(prompt_list *l, const char *path, const lt_tokenizer *tok,
-                              const gemma3_config *cfg, int max_prompt, char *err) {
+                              const gemma3_config *cfg, int max_prompt, const atomic_int *cancel,
+                              char *err) {
     memset(l, 0, sizeof *l);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return lt_fail(err, LT_ERR_IO,
-                       "%%grpo: cannot read data=%s (%s): give a JSON-lines file with a "
-                       "\"prompt\" on each line",
-                       path, strerror(errno));
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t got;
-    int lineno = 0;
-    lt_status rc = LT_OK;
-    while (rc == LT_OK && (got = getline(&line, &cap, f)) >= 0) {
-        lineno++;
+    /* the trainers' one reader: a regular file only, bounded lines, a BOM skipped, cancellable */
+    char what[600];
+    snprintf(what, sizeof what, "%%grpo data=%s", path);
+    data_reader r;
+    lt_status rc = data_reader_open(&r, path, what, 0, 0, cancel, NULL, err);
+    if (rc != LT_OK) {
+        data_reader_close(&r);
+        if (rc == LT_ERR_IO && strstr(err, "cannot open"))
+            snprintf(err + strlen(err), LT_ERRLEN - strlen(err),
+                     ": give a JSON-lines file with a \"prompt\" on each line");
+        return rc;
+    }
+    for (;;) {
+        char *line = NULL;
+        size_t len = 0;
+        if ((rc = data_reader_line(&r, &line, &len, err)) != LT_OK || !line) break;
+        if (cancel && atomic_load(cancel)) {
+            rc = lt_fail(err, LT_CANCELLED, "%s: cancelled at line %d", what, r.line);
+            break;
+        }
         const char *q = line;
-        while (*q == ' ' || *q == '\t' || *q == '\r' || *q == '\n')
+        while (*q == ' ' || *q == '\t' || *q == '\r')
             q++;
-        if (!*q) continue;
+        if (!*q && (size_t)(q - line) == len) continue;
         char where[600];
-        snprintf(where, sizeof where, "%s:%d", path, lineno);
+        snprintf(where, sizeof where, "%s:%d", path, r.line);
         json_error_t je;
-        json_t *rec = json_loads(line, 0, &je);
+        json_t *rec = json_loadb(line, len, 0, &je);
         if (!rec || !json_is_object(rec))
             rc = lt_fail(err, LT_ERR_ARG, "%s: not a JSON object (%s): one object per line", where,
                          rec ? "another JSON value" : je.text);
         else
             rc = prompt_add(l, rec, tok, cfg, max_prompt, where, err);
         json_decref(rec);
+        if (rc != LT_OK) break;
     }
-    free(line);
-    fclose(f);
+    data_reader_close(&r);
     if (rc == LT_OK && l->n == 0)
         rc = lt_fail(err, LT_ERR_ARG, "%%grpo: data=%s holds no prompts", path);
     if (rc != LT_OK) prompts_free(l);
@@ -665,7 +673,8 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
     if (micro > R) micro = R;
 
     prompt_list pl;
-    if ((rc = prompts_load(&pl, o->data, env->tok, &m->cfg, o->max_prompt, err)) != LT_OK)
+    if ((rc = prompts_load(&pl, o->data, env->tok, &m->cfg, o->max_prompt, env->cancel, err)) !=
+        LT_OK)
         return rc;
     int longest = 0;
     for (int i = 0; i < pl.n; i++)

@@ -42,6 +42,63 @@ static int looks_like_regex(const char *s) {
     return strpbrk(s, "*()[]|^$+?\\") != NULL;
 }
 
+/* 1 when glibc's regcomp can build the regex in bounded memory and regexec match it in bounded
+ * time. regcomp expands x+ into x x* and x{m,n} into n copies of x, so stacked or nested
+ * repetitions grow exponentially ("a++++..." or "((a{50}){50}){50}" take gigabytes), and
+ * regexec's DFA over thousands of copies of one atom takes minutes; this walks the pattern
+ * estimating the copies regcomp makes and refuses more than REGEX_MAX_NODES in all or
+ * REGEX_MAX_COPIES of one atom. Bracket expressions and escapes count as one atom. */
+#define REGEX_MAX_NODES 4096
+#define REGEX_MAX_COPIES 256
+static int regex_small(const char *p) {
+    double total[64], last[64];
+    int depth = 0;
+    total[0] = last[0] = 0;
+    for (size_t i = 0; p[i]; i++) {
+        char c = p[i];
+        double atom = 1;
+        if (c == '\\') {
+            if (p[i + 1]) i++;
+        } else if (c == '[') {
+            size_t j = i + 1;
+            if (p[j] == '^') j++;
+            if (p[j] == ']') j++;
+            while (p[j] && p[j] != ']')
+                j++;
+            if (!p[j]) return 1; /* regcomp refuses it */
+            i = j;
+        } else if (c == '(') {
+            if (++depth >= 64) return 0;
+            total[depth] = last[depth] = 0;
+            continue;
+        } else if (c == ')' && depth > 0) { /* an unmatched ')' is a literal for glibc */
+            atom = total[depth--] + 1;
+        } else if (c == '+' || (c == '{' && strchr(p + i, '}'))) {
+            double copies = 2;
+            if (c == '{') {
+                char *end = NULL;
+                long m = strtol(p + i + 1, &end, 10), n = m;
+                if (end && *end == ',') n = end[1] == '}' ? m + 1 : strtol(end + 1, &end, 10);
+                while (p[i] != '}')
+                    i++;
+                copies = (double)(n > m ? n : m);
+                if (copies < 1) copies = 1;
+            }
+            total[depth] += last[depth] * (copies - 1);
+            last[depth] *= copies;
+            if (total[depth] > REGEX_MAX_NODES || last[depth] > REGEX_MAX_COPIES) return 0;
+            continue;
+        } else if (c == '*' || c == '?' || c == '|') {
+            total[depth] += 1;
+            continue;
+        }
+        total[depth] += atom;
+        last[depth] = atom;
+        if (total[depth] > REGEX_MAX_NODES) return 0;
+    }
+    return total[0] <= REGEX_MAX_NODES;
+}
+
 /* "q" -> "q_proj"; "q_proj" stays. Writes into out. */
 static void short_to_proj(const char *w, char *out, size_t cap) {
     static const char *const S[] = {"q", "k", "v", "o", "gate", "up", "down"};
@@ -333,6 +390,20 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
                         ? o->targets
                         : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
     a->targets_regex = looks_like_regex(t);
+    /* checked as regex_matches compiles it, wrapped: a ')' in t may close that group */
+    size_t tn = strlen(t) + 3;
+    char *wrapped = a->targets_regex ? malloc(tn) : NULL;
+    if (wrapped) snprintf(wrapped, tn, "(%s)", t);
+    int small = !a->targets_regex || (wrapped && regex_small(wrapped));
+    free(wrapped);
+    if (!small) {
+        free(a);
+        return lt_fail(err, LT_ERR_ARG,
+                       "%%lora: targets='%.200s' repeats too much for a regex (stacked or nested "
+                       "repetitions such as a++ or (x{50}){50} expand to more than %d states); "
+                       "write a simpler regex or a list of names",
+                       t, REGEX_MAX_NODES);
+    }
     if (!a->targets_regex) {
         /* normalise the list to PEFT's spelling */
         char buf[512], norm[512] = "";

@@ -213,6 +213,10 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
                      "%s: rank_pattern/alpha_pattern (per-module ranks) are not supported", path);
     } else if (r && !json_is_integer(r)) {
         rc = lt_fail(err, LT_ERR_FORMAT, "%s: key 'r' is not an integer", path);
+    } else if (r && (json_integer_value(r) < 1 || json_integer_value(r) > 65536)) {
+        rc = lt_fail(err, LT_ERR_FORMAT,
+                     "%s: key 'r' = %lld is out of range (a rank from 1 to 65536)", path,
+                     (long long)json_integer_value(r));
     } else if (json_is_string(tm)) {
         snprintf(targets, sizeof targets, "%s", json_string_value(tm));
     } else if (json_is_array(tm)) {

@@ -562,6 +562,18 @@ static void data_message(void *ctx, const char *text) {
     if (cb && cb->message) cb->message(cb->ctx, text);
 }
 
+/* Reading a large dataset (64 MiB or more) shows as a line per tenth of the file. */
+static void data_progress(void *ctx, const char *what, int64_t done, int64_t total) {
+    const lt_train_callbacks *cb = ctx;
+    if (!cb || !cb->message || total < ((int64_t)64 << 20) || done <= 0) return;
+    int64_t step = total / 10, chunk = (int64_t)1 << 20;
+    if (done < total && done / step == (done - chunk) / step) return; /* reads are 1 MiB chunks */
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s the dataset: %lld of %lld MiB", what, (long long)(done >> 20),
+             (long long)(total >> 20));
+    cb->message(cb->ctx, msg);
+}
+
 lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o_in,
                       const lt_train_callbacks *cb, lt_train_result *res, int *weights_changed,
                       char *err) {
@@ -644,8 +656,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
 
     /* data */
     train_data d;
-    data_opts dopt = {o.data, o.format, max_seq, o.responses_only};
-    lt_callbacks dcb = {(void *)cb, data_message, NULL, NULL};
+    data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0};
+    lt_callbacks dcb = {(void *)cb, data_message, data_progress, NULL};
     if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {

@@ -158,17 +158,60 @@ typedef struct train_data {
     int64_t n_tokens, n_labels;
 } train_data;
 
+/* What a dataset file may hold, by default: a file of at most 4 GiB (LATHE_DATA_MAX_BYTES
+ * overrides it, in bytes), read line by line, each JSON line (one record) at most 64 MiB
+ * (LATHE_DATA_MAX_ROW); a JSON array file is parsed whole, so it may be at most 1 GiB (and
+ * never more than the file limit). */
+#define DATA_MAX_FILE_BYTES (4ull << 30)
+#define DATA_MAX_ROW_BYTES ((size_t)64 << 20)
+#define DATA_MAX_ARRAY_BYTES (1ull << 30)
+
 typedef struct data_opts {
     const char *path;
     const char *format; /* "auto", "text", "alpaca", "sharegpt", "messages" */
     int max_seq;
-    int responses_only; /* chat formats: train on model turns only */
+    int responses_only;       /* chat formats: train on model turns only */
+    const atomic_int *cancel; /* polled while reading and between records; NULL = none */
+    uint64_t max_file_bytes;  /* 0 = LATHE_DATA_MAX_BYTES or DATA_MAX_FILE_BYTES */
+    size_t max_row_bytes;     /* 0 = LATHE_DATA_MAX_ROW or DATA_MAX_ROW_BYTES */
 } data_opts;
 
-/* Reads and tokenizes the whole dataset; errors name file:line and the field. */
+/* Reads and tokenizes the whole dataset; errors name file:line and the field. Only a regular
+ * file is read (a directory, FIFO, device or socket is refused by name, before any blocking
+ * read); a UTF-8 byte order mark is skipped; the limits above are named when exceeded; a
+ * record is tokenized only as far as max_seq can use. A raised cancel flag stops it with
+ * LT_CANCELLED; cb->progress (when set) hears "reading" bytes of the file's size. */
 lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                     const gemma3_config *cfg, const lt_callbacks *cb, char *err);
 void data_free(train_data *d);
+
+/* The reader under data_load, for every file of records a trainer reads (%grpo's prompts
+ * too): a regular file only, read in chunks with the cancel flag polled between them, lines
+ * of at most max_row bytes, the whole file at most max_file bytes, a leading UTF-8 BOM
+ * skipped. `what` starts every message ("%train data=x.jsonl"). */
+typedef struct data_reader {
+    int fd;
+    char *buf;
+    size_t cap, pos, len, scan;
+    uint64_t size, done, max_file;
+    size_t max_row;
+    int eof, line; /* line: the number of the line last returned (1-based) */
+    const atomic_int *cancel;
+    const lt_callbacks *cb;
+    char what[600];
+} data_reader;
+
+/* Opens path after checking what it is; 0 limits take the defaults (and the environment). */
+lt_status data_reader_open(data_reader *r, const char *path, const char *what, uint64_t max_file,
+                           size_t max_row, const atomic_int *cancel, const lt_callbacks *cb,
+                           char *err);
+/* The next line without its "\n" (NUL-terminated in the reader's buffer, valid until the next
+ * call; it may hold NUL bytes, *len counts them): LT_OK with *line NULL at the end of the file. */
+lt_status data_reader_line(data_reader *r, char **line, size_t *len, char *err);
+/* The rest of the file as one NUL-terminated text (in the reader's buffer), for a JSON array:
+ * at most max_bytes of it. */
+lt_status data_reader_rest(data_reader *r, uint64_t max_bytes, char **text, size_t *len, char *err);
+void data_reader_close(data_reader *r);
 
 /* The order a trainer visits n items in: epoch after epoch (epoch = pos / n), each shuffled with
  * the seed and the epoch (Fisher-Yates drawing from train_mix64), or in file order. Positions

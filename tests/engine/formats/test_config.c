@@ -1,7 +1,9 @@
 /* test_config.c — config.json in its three styles, the class defaults a sparse
  * text_config leans on, every bad key (missing, wrong type, garbled), the random:* presets, and
  * loading checkpoints: the three weight prefixes, skipped vision tensors, the tied head, and
- * tensors that are missing or shaped unlike the config.
+ * tensors that are missing or shaped unlike the config. bitsandbytes' quantization_config
+ * refused when garbled or of another method (LT_ERR_FORMAT), and a double-quantized NF4 group
+ * whose quant_state lacks nested_blocksize refused (it was accepted with its state missing).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cuda/formats/bnb.h"
 #include "cuda/model/model.h"
 #include "tests/engine/st_write.h"
 #include "tests/unit/tap.h"
@@ -120,6 +123,11 @@ static void test_bad(void) {
                "\"rms_norm_eps\":\"tiny\"}",
                "'rms_norm_eps' is not a number", "a string where a number belongs");
     expect_bad("{\"model_type\": \"gemma3_text\", \"hidden_size\": 8,", "garbled", "garbled JSON");
+    expect_bad(
+        "{\"model_type\":\"gemma3_text\",\"hidden_size\":8,\"intermediate_size\":3e84,"
+        "\"num_hidden_layers\":2}",
+        "'intermediate_size' = 3e+84 is out of range",
+        "a whole number written as a huge real is out of range (was a float-to-int overflow)");
     expect_bad("{\"hidden_size\":8}", "'model_type'", "missing model_type");
     expect_bad("{\"model_type\":\"llama\",\"hidden_size\":8}", "llama", "a non-Gemma model_type");
     expect_bad("{\"model_type\":\"gemma3\"}", "'text_config'", "gemma3 without text_config");
@@ -308,6 +316,49 @@ static void test_load(void) {
     }
 }
 
+static void test_bnb(void) {
+    bnb_config q;
+    err[0] = 0;
+    ok(bnb_config_parse(&q, "{\"quantization_config\": ", "config.json", err) == LT_ERR_FORMAT &&
+           strstr(err, "config.json"),
+       "bnb: a garbled config.json is an error, not 'no quantization_config'");
+    ok(bnb_config_parse(&q, "{\"quantization_config\": {\"quant_method\": \"gptq\"}}",
+                        "config.json", err) == LT_ERR_FORMAT &&
+           strstr(err, "quant_method is gptq"),
+       "bnb: another quant_method is a format error naming it");
+    is_int(bnb_config_parse(&q, "{\"quantization_config\": 3}", "config.json", err), LT_ERR_FORMAT,
+           "bnb: a quantization_config that is not an object");
+    /* a double-quantized NF4 weight [1, 4] whose quant_state has no nested_blocksize */
+    const char *js = "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", "
+                     "\"shape\": [1, 4], \"nested_offset\": 0.5}";
+    size_t jl = strlen(js);
+    char hdr[1024];
+    snprintf(
+        hdr, sizeof hdr,
+        "{\"w.weight\":{\"dtype\":\"U8\",\"shape\":[2,1],\"data_offsets\":[0,2]},"
+        "\"w.weight.quant_map\":{\"dtype\":\"F32\",\"shape\":[16],\"data_offsets\":[2,66]},"
+        "\"w.weight.absmax\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[66,67]},"
+        "\"w.weight.nested_absmax\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[67,71]},"
+        "\"w.weight.quant_state.bitsandbytes__nf4\":{\"dtype\":\"U8\",\"shape\":[%zu],"
+        "\"data_offsets\":[71,%zu]}}",
+        jl, 71 + jl);
+    unsigned char data[512] = {0};
+    memcpy(data + 71, js, jl);
+    char path[600];
+    snprintf(path, sizeof path, "%s/nested.safetensors", tmp);
+    st_set st;
+    bnb_group g;
+    if (st_raw(path, hdr, data, 71 + jl, 0) == 0 && st_open(&st, path, err) == LT_OK) {
+        ok(bnb_group_read(&st, "w.weight", 1, 4, &g, err) == LT_ERR_FORMAT &&
+               strstr(err, "lacks a valid nested_blocksize"),
+           "bnb: a nested NF4 group without nested_blocksize is refused");
+        st_close(&st);
+    } else {
+        ok(0, "bnb: writing the nested test checkpoint");
+        diag("%s", err);
+    }
+}
+
 int main(void) {
     snprintf(tmp, sizeof tmp, "/tmp/lathe-cfg-XXXXXX");
     if (!mkdtemp(tmp)) return 1;
@@ -315,6 +366,7 @@ int main(void) {
     test_bad();
     test_presets();
     test_load();
+    test_bnb();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0) diag("could not remove %s", tmp);

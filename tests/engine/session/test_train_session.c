@@ -322,6 +322,29 @@ static void test_bad_input(void) {
     is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a regex target");
     lt_lora_info_get(s, &info);
     is_int(info.n_modules, 4, "the regex selects q and v of layers 0 and 1");
+    /* glibc's regcomp copies x+ and x{m,n}: stacked repetitions took gigabytes */
+    char blow[200];
+    snprintf(blow, sizeof blow, "q_proj%s", "+++++++++++++++++++++++++++++++++++++++++++++++++++");
+    l.targets = blow;
+    ok(lt_lora_attach(s, &l, NULL) == LT_ERR_ARG && strstr(lt_last_error(s), "repeats too much"),
+       "a regex of stacked repetitions (q_proj+++...) is refused before regcomp");
+    l.targets = "((q{50}){50}){50}";
+    ok(lt_lora_attach(s, &l, NULL) == LT_ERR_ARG && strstr(lt_last_error(s), "repeats too much"),
+       "a regex of nested bounded repetitions is refused before regcomp");
+    l.targets = ".*layers\\.[0-9]{1,2}\\.self_attn\\.(q|v)_proj";
+    is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a regex with a small {1,2} is accepted");
+    char adir[600], acfg[700];
+    path(adir, sizeof adir, "bad-rank");
+    mkdir(adir, 0700);
+    snprintf(acfg, sizeof acfg, "%s/adapter_config.json", adir);
+    write_file(acfg,
+               "{\"peft_type\": \"LORA\", \"r\": 2147483656, \"target_modules\": [\"q_proj\"]}");
+    l.targets = NULL;
+    l.load = adir;
+    ok(lt_lora_attach(s, &l, NULL) != LT_OK &&
+           strstr(lt_last_error(s), "'r' = 2147483656 is out of range"),
+       "a PEFT adapter_config.json with r beyond int is refused (it wrapped to r=8)");
+    l.load = NULL;
 
     o.data = data_text;
     o.steps = 1;

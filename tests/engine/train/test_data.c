@@ -6,11 +6,23 @@
  * "<end_of_turn>\n" that closes them; alpaca joins instruction and input with a blank line;
  * sharegpt maps human/gpt; a JSON array works like JSONL with record numbers in errors;
  * samples longer than max_seq are cut and counted.
+ * Reading safely: a directory, a FIFO (with no writer: a blocking read would hang, so an alarm
+ * fails the test instead), a character device and a socket are each refused by name; the file
+ * and line limits are named (from data_opts and from LATHE_DATA_MAX_BYTES / _ROW); a UTF-8 BOM
+ * is skipped in JSONL and JSON arrays; a NUL byte is named; a 4 MB record with max_seq=16 is
+ * cut before tokenizing (the same first tokens as its start, in well under a second); the
+ * cancel flag stops reading, before and between chunks; progress hears "reading" up to the size.
  * Schedules: transformers' get_{constant,linear,cosine}_schedule_with_warmup at chosen steps.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cuda/train/train.h"
@@ -54,7 +66,7 @@ static void pieces(const train_sample *s, int labelled, char *out, size_t cap) {
 
 static lt_status load(train_data *d, const char *path, const char *format, int max_seq, int ro,
                       char *err) {
-    data_opts o = {path, format, max_seq, ro};
+    data_opts o = {.path = path, .format = format, .max_seq = max_seq, .responses_only = ro};
     return data_load(d, &o, tok, &cfg, NULL, err);
 }
 
@@ -153,6 +165,206 @@ static void test_formats(void) {
        "an unknown format");
 }
 
+static lt_status load_opts(train_data *d, data_opts *o, char *err) {
+    return data_load(d, o, tok, &cfg, NULL, err);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static atomic_int cancel_flag;
+static int64_t progress_done, progress_total;
+static int progress_calls;
+
+static void progress_cancel_after_first(void *ctx, const char *what, int64_t done, int64_t total) {
+    (void)ctx;
+    if (strcmp(what, "reading") == 0) atomic_store(&cancel_flag, 1);
+    progress_done = done;
+    progress_total = total;
+}
+
+static void progress_record(void *ctx, const char *what, int64_t done, int64_t total) {
+    (void)ctx;
+    if (strcmp(what, "reading") != 0) return;
+    progress_calls++;
+    progress_done = done;
+    progress_total = total;
+}
+
+static void on_alarm(int sig) {
+    (void)sig;
+    static const char msg[] = "not ok - data_load blocked on a FIFO (alarm after 20 s)\n";
+    if (write(1, msg, sizeof msg - 1) < 0) _exit(2);
+    _exit(1);
+}
+
+static void test_safe_reading(void) {
+    train_data d;
+    char err[LT_ERRLEN], p[600];
+
+    /* not regular files, each named */
+    ok(load(&d, tmpdir, "auto", 0, 1, err) == LT_ERR_IO && strstr(err, "is a directory"),
+       "bad input: a directory says 'is a directory'");
+    diag("%s", err);
+    snprintf(p, sizeof p, "%s/fifo.jsonl", tmpdir);
+    if (mkfifo(p, 0600) == 0) {
+        signal(SIGALRM, on_alarm);
+        alarm(20);
+        ok(load(&d, p, "auto", 0, 1, err) == LT_ERR_IO && strstr(err, "is a FIFO (named pipe)"),
+           "bad input: a FIFO with no writer is refused by name, without blocking");
+        alarm(0);
+        diag("%s", err);
+    } else {
+        ok(0, "bad input: mkfifo for the FIFO test");
+    }
+    ok(load(&d, "/dev/zero", "auto", 0, 1, err) == LT_ERR_IO &&
+           strstr(err, "is a character device"),
+       "bad input: /dev/zero (a character device) is refused by name, never read");
+    snprintf(p, sizeof p, "%s/sock", tmpdir);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(p) < sizeof sa.sun_path) memcpy(sa.sun_path, p, strlen(p) + 1);
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+        ok(load(&d, p, "auto", 0, 1, err) == LT_ERR_IO && strstr(err, "is a socket"),
+           "bad input: a socket is refused by name");
+    } else {
+        ok(0, "bad input: a unix socket for the socket test");
+    }
+    if (fd >= 0) close(fd);
+
+    /* limits, named in the message */
+    const char *two = write_tmp("two.jsonl", "{\"text\": \"one two three\"}\n"
+                                             "{\"text\": \"four five six seven eight nine\"}\n");
+    data_opts o = {two, "auto", 0, 1, NULL, 40, 0};
+    ok(load_opts(&d, &o, err) == LT_ERR_ARG && strstr(err, "over the 40 bytes limit") &&
+           strstr(err, "LATHE_DATA_MAX_BYTES"),
+       "bad input: a file over the file limit is refused, naming the limit and how to raise it");
+    diag("%s", err);
+    setenv("LATHE_DATA_MAX_BYTES", "50", 1);
+    o.max_file_bytes = 0;
+    ok(load_opts(&d, &o, err) == LT_ERR_ARG && strstr(err, "over the 50 bytes limit"),
+       "bad input: LATHE_DATA_MAX_BYTES sets the file limit");
+    unsetenv("LATHE_DATA_MAX_BYTES");
+    o.max_row_bytes = 30;
+    ok(load_opts(&d, &o, err) == LT_ERR_ARG && strstr(err, "two.jsonl line 2") &&
+           strstr(err, "longer than the 30 bytes limit for one record") &&
+           strstr(err, "LATHE_DATA_MAX_ROW"),
+       "bad input: a line over the row limit is refused, naming the line and the limit");
+    diag("%s", err);
+    o.max_row_bytes = 0;
+    setenv("LATHE_DATA_MAX_ROW", "30", 1);
+    ok(load_opts(&d, &o, err) == LT_ERR_ARG && strstr(err, "30 bytes limit"),
+       "bad input: LATHE_DATA_MAX_ROW sets the row limit");
+    unsetenv("LATHE_DATA_MAX_ROW");
+    is_int(load_opts(&d, &o, err), LT_OK, "the same file loads within the default limits");
+    is_int(d.n, 2, "both records");
+    data_free(&d);
+
+    /* a UTF-8 byte order mark is skipped */
+    const char *bom = write_tmp("bom.jsonl", "\xEF\xBB\xBF{\"text\": \"with a BOM\"}\n");
+    ok(load(&d, bom, "auto", 0, 1, err) == LT_OK && d.n == 1,
+       "bad input: a UTF-8 BOM before JSON lines is skipped");
+    char got[512];
+    pieces(&d.s[0], 1, got, sizeof got);
+    is_str(got, "with a BOM", "the BOM is not part of the first record");
+    data_free(&d);
+    bom = write_tmp("bom.json", "\xEF\xBB\xBF [{\"text\": \"array\"}]");
+    ok(load(&d, bom, "auto", 0, 1, err) == LT_OK && d.n == 1,
+       "bad input: a UTF-8 BOM before a JSON array is skipped");
+    data_free(&d);
+
+    /* a NUL byte */
+    snprintf(p, sizeof p, "%s/nul.jsonl", tmpdir);
+    FILE *f = fopen(p, "wb");
+    fwrite("{\"text\": \"a\"}\n{\"text\": \"b\0c\"}\n", 1, 30, f);
+    fclose(f);
+    ok(load(&d, p, "auto", 0, 1, err) == LT_ERR_FORMAT &&
+           strstr(err, "line 2: a NUL byte at column 12"),
+       "bad input: a NUL byte is named with its line and column");
+    diag("%s", err);
+
+    /* an over-long record is cut before tokenizing */
+    size_t big = 4u << 20;
+    char *text = malloc(big + 32);
+    size_t k = (size_t)snprintf(text, 32, "{\"text\": \"");
+    for (size_t i = 0; k < big; i++)
+        text[k++] = "abc de fghij klm nopq "[i % 22];
+    memcpy(text + k, "\"}\n", 4);
+    snprintf(p, sizeof p, "%s/huge.jsonl", tmpdir);
+    f = fopen(p, "wb");
+    fputs(text, f);
+    fclose(f);
+    double t0 = now_s();
+    lt_status st = load(&d, p, "auto", 16, 1, err);
+    double secs = now_s() - t0;
+    ok(st == LT_OK && d.n == 1 && d.s[0].n == 16 && d.n_truncated == 1,
+       "bad input: a 4 MB record with max_seq=16 loads as 16 tokens, counted as truncated");
+    ok(secs < 2.5,
+       "bad input: the 4 MB record is cut before tokenizing (under 2.5 s; 7.6 s uncut)");
+    diag("4 MB record: %.3f s", secs);
+    int32_t *ids = NULL;
+    int n = 0;
+    text[10 + 400] = '\0';
+    if (st == LT_OK && tok_encode_special(tok, text + 10, &ids, &n, err) == LT_OK && n >= 15) {
+        int same = 1;
+        for (int i = 0; i < 15; i++)
+            same &= d.s[0].ids[i + 1] == ids[i];
+        ok(same, "the cut sample's tokens are those of the record's start");
+    } else {
+        ok(0, "the cut sample's tokens are those of the record's start");
+    }
+    free(ids);
+    if (st == LT_OK) data_free(&d);
+    /* the same in a chat format: the long model turn is cut, its first tokens stay labels */
+    k = (size_t)snprintf(text, 96,
+                         "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, "
+                         "{\"role\": \"assistant\", \"content\": \"");
+    for (size_t i = 0; k < big; i++)
+        text[k++] = "xyz uvw "[i % 8];
+    memcpy(text + k, "\"}]}\n", 6);
+    f = fopen(p, "wb");
+    fputs(text, f);
+    fclose(f);
+    t0 = now_s();
+    st = load(&d, p, "auto", 32, 1, err);
+    secs = now_s() - t0;
+    ok(st == LT_OK && d.n == 1 && d.s[0].n == 32 && d.n_truncated == 1 && d.n_labels > 0,
+       "bad input: a 4 MB model turn with max_seq=32 is cut, keeping labels");
+    ok(secs < 2.5, "bad input: the 4 MB chat record is cut before tokenizing (under 2.5 s)");
+    if (st == LT_OK) data_free(&d);
+    free(text);
+
+    /* cancel: before reading, and between chunks (a 3 MiB file, 1 MiB chunks) */
+    atomic_store(&cancel_flag, 1);
+    data_opts oc = {two, "auto", 0, 1, &cancel_flag, 0, 0};
+    ok(load_opts(&d, &oc, err) == LT_CANCELLED && strstr(err, "cancelled"),
+       "bad input: a raised cancel flag stops the read");
+    atomic_store(&cancel_flag, 0);
+    snprintf(p, sizeof p, "%s/three.jsonl", tmpdir);
+    f = fopen(p, "wb");
+    for (int i = 0; i < 3 * 1024 * 32; i++)
+        fprintf(f, "{\"text\": \"%019d\"}\n", i); /* 32 bytes a line */
+    fclose(f);
+    lt_callbacks cb = {NULL, NULL, progress_cancel_after_first, NULL};
+    oc.path = p;
+    ok(data_load(&d, &oc, tok, &cfg, &cb, err) == LT_CANCELLED && strstr(err, "cancelled") &&
+           progress_done < progress_total,
+       "bad input: a cancel raised while reading stops between chunks, before the end");
+    diag("%s", err);
+    atomic_store(&cancel_flag, 0);
+    progress_calls = 0;
+    cb.progress = progress_record;
+    oc.cancel = NULL;
+    ok(data_load(&d, &oc, tok, &cfg, &cb, err) == LT_OK && d.n == 3 * 1024 * 32,
+       "the 3 MiB file loads");
+    ok(progress_calls >= 3 && progress_done == progress_total && progress_total == 3 << 20,
+       "progress hears 'reading' chunk by chunk up to the file's size");
+    data_free(&d);
+}
+
 static void test_schedules(void) {
     /* transformers: warmup 2, 10 steps */
     is_close(optim_lr_factor(SCHED_LINEAR, 0, 2, 10), 0.0, 1e-12, "warmup starts at 0");
@@ -184,6 +396,7 @@ int main(void) {
     gemma3_config_defaults(&cfg);
     gemma3_config_set_tokens(&cfg, tok);
     test_formats();
+    test_safe_reading();
     test_schedules();
     tok_free(tok);
     char cmd[400];

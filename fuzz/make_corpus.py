@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""make_corpus.py — writes the seed corpora of the fuzz harnesses into fuzz/corpus/NAME/.
+
+Seeds come from the repository's own fixtures (tests/fixtures, models/tiny, notebooks/data,
+notebooks/*.ipynb) and from small files built here in each format (safetensors headers,
+bitsandbytes NF4 / int8 groups, wire frames, GGUF blocks), so every harness starts past its
+format's first checks. Run from the repository root; afterwards minimise with libFuzzer's
+-merge=1 (FUZZING.md says how). Standard library only.
+"""
+import hashlib
+import json
+import os
+import struct
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "fuzz", "corpus")
+
+
+def put(name, data):
+    if isinstance(data, str):
+        data = data.encode()
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "seed-" + hashlib.sha1(data).hexdigest()[:16]), "wb") as f:
+        f.write(data)
+
+
+def read(rel):
+    with open(os.path.join(ROOT, rel), "rb") as f:
+        return f.read()
+
+
+# ---- safetensors --------------------------------------------------------------------------
+def safetensors(tensors, metadata=None, pad=True):
+    """tensors: list of (name, dtype, shape, bytes)."""
+    hdr, off, blob = {}, 0, b""
+    if metadata is not None:
+        hdr["__metadata__"] = metadata
+    for name, dt, shape, data in tensors:
+        hdr[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(data)]}
+        off += len(data)
+        blob += data
+    h = json.dumps(hdr, separators=(",", ":")).encode()
+    if pad:
+        h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + blob
+
+
+def f32(vals):
+    return struct.pack("<%df" % len(vals), *vals)
+
+
+put("safetensors", safetensors([("w", "F32", [2, 2], f32([1, 2, 3, 4]))], {"format": "pt"}))
+put("safetensors", safetensors([("a", "BF16", [3], b"\x80\x3f" * 3), ("b", "F16", [1, 2], b"\x00\x3c" * 2),
+                                ("c", "I32", [1], b"\x01\0\0\0"), ("d", "U8", [0], b""),
+                                ("e", "F64", [1], b"\0" * 8), ("f", "BOOL", [2], b"\x01\x00")]))
+put("safetensors", safetensors([("x", "F32", [], f32([7]))], pad=False))
+put("safetensors", "{\"weight_map\": {\"x\": \"a.safetensors\", \"y\": \"b.safetensors\"}, "
+                   "\"metadata\": {\"total_size\": 24}}")
+put("safetensors", "{\"weight_map\": {\"x\": \"a.safetensors\", \"z\": \"a.safetensors\"}}")
+
+# ---- bitsandbytes ---------------------------------------------------------------------------
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+       0.07958029955625534, 0.16093020141124725, 0.24611230850219727, 0.33791524171829224,
+       0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def nf4_group(prefix, out, inn, nested):
+    n = out * inn
+    bs = 64
+    nb = (n + bs - 1) // bs
+    st = {"quant_type": "nf4", "blocksize": bs, "dtype": "bfloat16", "shape": [out, inn]}
+    t = [(prefix + ".weight", "U8", [(n + 1) // 2, 1], bytes(range(256))[: (n + 1) // 2] if n < 512 else b"\x12" * ((n + 1) // 2)),
+         (prefix + ".weight.quant_map", "F32", [16], f32(NF4))]
+    if nested:
+        st.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.5})
+        t.append((prefix + ".weight.absmax", "U8", [nb], bytes([128] * nb)))
+        t.append((prefix + ".weight.nested_absmax", "F32", [(nb + 255) // 256], f32([0.25] * ((nb + 255) // 256))))
+        t.append((prefix + ".weight.nested_quant_map", "F32", [256], f32([i / 128 - 1 for i in range(256)])))
+    else:
+        t.append((prefix + ".weight.absmax", "F32", [nb], f32([0.5] * nb)))
+    js = json.dumps(st).encode()
+    t.append((prefix + ".weight.quant_state.bitsandbytes__nf4", "U8", [len(js)], js))
+    return t
+
+
+put("bnb", safetensors(nf4_group("model.layers.0.self_attn.q_proj", 4, 32, False)))
+put("bnb", safetensors(nf4_group("model.layers.0.mlp.up_proj", 8, 40, True)))
+put("bnb", safetensors([("model.layers.0.mlp.down_proj.weight", "I8", [2, 4], bytes([1, 2, 3, 4, 255, 254, 253, 0])),
+                        ("model.layers.0.mlp.down_proj.SCB", "F32", [2], f32([1.5, 2.0])),
+                        ("model.norm.weight", "F32", [2], f32([1, 1]))]))
+put("bnb", safetensors([("model.layers.1.self_attn.k_proj.weight", "U8", [4, 1], b"\x01\x02\x03\x04"),
+                        ("model.layers.1.self_attn.k_proj.weight.quant_state.bitsandbytes__fp4", "U8", [2], b"{}")]))
+
+# ---- config.json ------------------------------------------------------------------------------
+for rel in ["models/tiny/config.json", "tests/fixtures/flat/config.json",
+            "tests/fixtures/nested/config.json", "tests/fixtures/tf5/config.json"]:
+    put("hfconfig", read(rel))
+cfg = json.loads(read("models/tiny/config.json"))
+cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                              "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                              "bnb_4bit_compute_dtype": "bfloat16",
+                              "llm_int8_skip_modules": ["lm_head", "model.layers.0.mlp"]}
+put("hfconfig", json.dumps(cfg))
+cfg["quantization_config"] = {"quant_method": "bitsandbytes", "_load_in_8bit": True,
+                              "llm_int8_skip_modules": None}
+put("hfconfig", json.dumps(cfg))
+
+# ---- datasets (byte 0: format % 5, responses_only bit 3, max_seq bits 4-7) --------------------
+def data(opt, text):
+    put("data", bytes([opt]) + (text.encode() if isinstance(text, str) else text))
+
+
+data(0, read("tests/fixtures/peft/data.jsonl"))
+data(0x18, b"".join(read("notebooks/data/polite.jsonl").splitlines(True)[:6]))
+data(0x21, '{"text": "The cat sat on the mat."}\n\n{"text": "Bonjour \\u00e9 \\ud83d\\ude42"}\n')
+data(0x02, '{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}\n')
+data(0x13, '[{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"}, '
+           '{"from": "gpt", "value": "hello"}]}]')
+data(0x0c, '{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, '
+           '{"type": "text", "text": "b"}]}, {"role": "model", "content": "c<end_of_turn>"}]}\r\n')
+data(0x00, b"\xef\xbb\xbf" + b'{"text": "a BOM first"}\n')
+data(0xf1, b'{"text": "' + b"long " * 300 + b'"}\n')
+
+# ---- PEFT adapter_config.json -------------------------------------------------------------------
+put("peft", read("tests/fixtures/peft/final/adapter_config.json"))
+put("peft", json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"]}))
+put("peft", json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True,
+                        "lora_dropout": 0.1, "target_modules": ".*\\.(q_proj|v_proj)"}))
+put("peft", json.dumps({"peft_type": "LORA", "use_dora": True, "target_modules": ["q_proj"]}))
+
+# ---- connection files -------------------------------------------------------------------------
+put("connection", json.dumps({"shell_port": 50001, "iopub_port": 50002, "stdin_port": 50003,
+                              "control_port": 50004, "hb_port": 50005, "ip": "127.0.0.1",
+                              "key": "a0436f6c-1916-498b-8eb9-e81ab9368e84", "transport": "tcp",
+                              "signature_scheme": "hmac-sha256", "kernel_name": "lathe"}))
+put("connection", json.dumps({"shell_port": "1", "iopub_port": 2, "stdin_port": 3,
+                              "control_port": 4, "hb_port": 5, "ip": "/tmp/k", "key": "",
+                              "transport": "ipc"}))
+
+# ---- cells ----------------------------------------------------------------------------------------
+cells = set()
+for nb in sorted(os.listdir(os.path.join(ROOT, "notebooks"))):
+    if nb.endswith(".ipynb"):
+        for c in json.loads(read("notebooks/" + nb))["cells"]:
+            if c["cell_type"] == "code":
+                src = "".join(c["source"])
+                if src.lstrip().startswith("%"):
+                    cells.add(src)
+for c in sorted(cells)[:40]:
+    put("cell", c)
+put("cell", '%train data="a b.jsonl" lr=2e-4 \\\n  steps=3 # comment\n%%chat max_new=5\nhi "there"')
+put("cell", "%lora r=8 targets=q,v\n%help train\n%generate prompt=\"x\\\"y\" temperature=0.5")
+
+# ---- wire frames (byte 0: bit 0 signed, bit 1 the harness signs) --------------------------------
+def frames(mode, parts):
+    out = bytes([mode])
+    for p in parts:
+        p = p.encode() if isinstance(p, str) else p
+        out += struct.pack("<H", len(p)) + p
+    return out
+
+
+hdr = json.dumps({"msg_id": "1", "msg_type": "execute_request", "session": "s", "username": "u",
+                  "date": "2026-01-01T00:00:00.000000Z", "version": "5.4"})
+content = json.dumps({"code": "%help", "silent": False, "store_history": True,
+                      "user_expressions": {}, "allow_stdin": False})
+put("wire", frames(0, ["ident", "<IDS|MSG>", "", hdr, "{}", "{}", content]))
+put("wire", frames(3, ["<IDS|MSG>", "0" * 64, hdr, "{}", "{\"x\": [1, 2.5, null]}", content, b"\x00\xff"]))
+put("wire", frames(1, ["a", "b", "<IDS|MSG>", "f" * 64, hdr, "{}", "{}", "{}"]))
+put("wire", frames(2, ["<IDS|MSG>", "", json.dumps({"msg_id": "\\ud800", "msg_type": "kernel_info_request"}),
+                       "{}", "{}", "{\"s\": \"\\u0000 \\udfff\"}"]))
+
+# ---- GGUF blocks (byte 0: type) -------------------------------------------------------------------
+SIZES = [4, 2, 2, 34, 18, 22, 144, 210]
+for t, bb in enumerate(SIZES):
+    put("gguf", bytes([t]) + bytes((i * 37 + t) & 0xFF for i in range(2 * bb)) + b"q4_k_m")
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+put("tokenizer", read("models/tiny/tokenizer.model"))
+print("corpus written under", OUT, file=sys.stderr)
