@@ -518,6 +518,13 @@ static int train_full(const char *device, int steps, curve *c) {
     return train_session(device, "fp32", NULL, NULL, 1, steps, 1e-4f, 1.0f, c);
 }
 
+/* The k-th of a layer's 7 linears: q, k, v, o, gate, up, down. */
+static lt_weight *layer_linear(gemma3_layer *L, int k) {
+    lt_weight *m[7] = {&L->q_proj,    &L->k_proj, &L->v_proj,   &L->o_proj,
+                       &L->gate_proj, &L->up_proj, &L->down_proj};
+    return m[k];
+}
+
 /* LoRA on tiny (4 steps of %train), then %save merged= in fp32: dir holds the checkpoint. */
 static int merged_from(const char *device, const char *dir) {
     char tiny[2100], data[2100];
@@ -546,8 +553,10 @@ static int merged_from(const char *device, const char *dir) {
     return rc;
 }
 
-/* %save merged= from a model on CUDA: the same tensors as from the CPU (every weight read back,
- * the adapters merged on the host). */
+/* %save merged= from a model on CUDA against the same from the CPU. Each device trains its own
+ * adapter (4 steps; the fp32 losses agree to a few 1e-6, AdamW's updates not bit for bit), so the
+ * check is on what the merge added: (merged - base) from cuda vs from cpu, relative to its size.
+ * A merge that dropped the scale or an adapter shows up at rel >= 0.5. */
 static void test_merged_save(void) {
     char dc[] = "/tmp/lathe-merged-cpu-XXXXXX", dg[] = "/tmp/lathe-merged-gpu-XXXXXX";
     if (!mkdtemp(dc) || !mkdtemp(dg)) return;
@@ -555,37 +564,38 @@ static void test_merged_save(void) {
     double num = 0, den = 0;
     int n = 0, missing = 0;
     if (!r1 && !r2) {
-        gemma3_model *a = NULL, *b = NULL;
-        char err[LT_ERRLEN];
+        gemma3_model *a = NULL, *b = NULL, *base = NULL;
+        char err[LT_ERRLEN], tiny[2100];
+        snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir);
         if (gemma3_load_dir(&a, dc, "fp32", NULL, err) != LT_OK ||
-            gemma3_load_dir(&b, dg, "fp32", NULL, err) != LT_OK) {
+            gemma3_load_dir(&b, dg, "fp32", NULL, err) != LT_OK ||
+            gemma3_load_dir(&base, tiny, "fp32", NULL, err) != LT_OK) {
             diag("%s", err);
             missing = 1;
         } else {
             n = gemma3_weight_count(a);
             for (int l = 0; l < a->cfg.num_hidden_layers; l++)
                 for (int k = 0; k < 7; k++) {
-                    gemma3_layer *la = &a->layers[l], *lb = &b->layers[l];
-                    lt_weight *ma[7] = {&la->q_proj,    &la->k_proj,  &la->v_proj,   &la->o_proj,
-                                        &la->gate_proj, &la->up_proj, &la->down_proj};
-                    lt_weight *mb[7] = {&lb->q_proj,    &lb->k_proj,  &lb->v_proj,   &lb->o_proj,
-                                        &lb->gate_proj, &lb->up_proj, &lb->down_proj};
-                    lt_weight *wa = ma[k], *wb = mb[k];
-                    const float *x = wa->w.data, *y = wb->w.data;
-                    for (int64_t e = 0; e < lt_tensor_numel(&wa->w); e++) {
+                    const float *x = layer_linear(&a->layers[l], k)->w.data;
+                    const float *y = layer_linear(&b->layers[l], k)->w.data;
+                    const float *w0 = layer_linear(&base->layers[l], k)->w.data;
+                    int64_t ne = lt_tensor_numel(&layer_linear(&a->layers[l], k)->w);
+                    for (int64_t e = 0; e < ne; e++) {
                         num += ((double)x[e] - y[e]) * ((double)x[e] - y[e]);
-                        den += (double)x[e] * x[e];
+                        den += ((double)x[e] - w0[e]) * ((double)x[e] - w0[e]);
                     }
                 }
         }
         gemma3_model_free(a);
         gemma3_model_free(b);
+        gemma3_model_free(base);
     }
     double rel = den > 0 && !missing ? sqrt(num / den) : INFINITY;
     char tn[200];
     snprintf(tn, sizeof tn,
-             "%%save merged= from cuda: %d tensors, the linears vs cpu's rel %.2e <= 1e-5", n, rel);
-    ok(!r1 && !r2 && rel <= 1e-5, tn);
+             "%%save merged= from cuda: %d tensors, the merged deltas vs cpu's rel %.2e <= 1e-2", n,
+             rel);
+    ok(!r1 && !r2 && rel <= 1e-2, tn);
     char cmd[200];
     snprintf(cmd, sizeof cmd, "rm -rf %s %s", dc, dg);
     if (system(cmd) != 0) diag("cleanup failed");
