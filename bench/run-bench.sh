@@ -26,6 +26,7 @@
 # Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|flow|lease|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
+# Every run leaves OUTDIR/device.txt and OUTDIR/results.tgz (all the logs and files it wrote).
 # HF_DTYPES="bf16" runs transformers + PEFT in bf16 only (default "bf16 fp16").
 out=${1:-.}
 what=${2:-all}
@@ -110,19 +111,19 @@ case $what in lease)
     # everything new since the last lease, in one call under 8 minutes, most needed first: the
     # checks (without the no-flash rerun), the vision fixture when its script is here, GRPO's
     # bf16 runs, the flow
-    SHORT=1 timeout 230 sh "$0" "$out" checks
+    SHORT=1 timeout 230 NESTED=1 sh "$0" "$out" checks
     if [ -f tests/fixtures/make_vision_fixture.py ]; then
         mkdir -p "$out/vision"
         timeout 60 $PY tests/fixtures/make_vision_fixture.py --out "$out/vision" \
             > "$out/vision_fixture.log" 2>&1
         echo "vision fixture: exit $?" >> "$out/vision_fixture.log"
-        tail -3 "$out/vision_fixture.log"
+        grep -E 'diag|FAILED|exit|transformers' "$out/vision_fixture.log" | tail -12
     fi
-    timeout 150 sh "$0" "$out" grpo-short
-    timeout 90 sh "$0" "$out" flow
+    timeout 150 NESTED=1 sh "$0" "$out" grpo-short
+    timeout 90 NESTED=1 sh "$0" "$out" flow
 esac
 case $what in quick)
-    timeout 150 sh "$0" "$out" checks
+    timeout 150 NESTED=1 sh "$0" "$out" checks
     timeout 75 $B/bench_train 4b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
     timeout 120 $PY -c "
 import sys; sys.path.insert(0, 'bench')
@@ -136,3 +137,9 @@ h.run('4b', torch.bfloat16, 2048, 2, True)
     grep -h -E '^\{|^bench_train|drawn and placed' "$out"/bench_*.log
 esac
 cat "$out/device.txt"
+# The device hands back only a few files: everything but device.txt travels as one archive,
+# OUTDIR/results.tgz (logs, fixtures, the flow's checkpoints); `tar -xzf` it here.
+if [ -z "$NESTED" ]; then
+    (cd "$out" && ls -A | grep -v -x -e device.txt -e results.tgz -e .list > .list &&
+        tar -czf results.tgz -T .list && xargs rm -rf < .list && rm -f .list)
+fi

@@ -941,6 +941,8 @@ int main(void) {
         test_linear(dts[i], 1, 37, 96, 80, 1.0f);
         test_linear(dts[i], 1, 300, 1152, 256, 1.0f);
         test_linear(dts[i], 1, 8, 1152, 256, 1.0f); /* decoding rows: gemv.cu for 16 bits */
+        test_linear(dts[i], 1, 5, 1152, 258, 1.0f); /* 4 rows a warp, a ragged last warp */
+        test_linear(dts[i], 0, 2, 6912, 1150, 1.0f);
         test_linear(dts[i], 0, 1, 6912, 1152, 1.0f);
         test_linear(dts[i], 1, 3, 100, 80, 1.0f); /* in % 8 != 0: the GEMM path */
         test_embedding(dts[i]);

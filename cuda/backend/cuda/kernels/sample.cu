@@ -34,18 +34,42 @@ __device__ static uint64_t block_sum_u64(uint64_t v, uint64_t *red) {
 }
 
 /* One radix-selection pass over the keys matching (prefix, mask): the histogram of digit `sh`
- * (counts, or weights when weighted) of the keys >= floor_key. */
+ * (counts, or weights when weighted) of the keys >= floor_key. A row's logits share their top
+ * digits, so most threads of a pass hit one or two bins: the lanes of a warp that share a bin
+ * add once (a count of __popc lanes, or their weights summed over the warp when all 32 agree);
+ * one shared atomic per lane serialized on those bins and made top_k's passes the slowest part
+ * of a decoding step. The sums are integers, so the order of the adds does not matter. */
 __device__ static void radix_hist(unsigned long long *hist, const float *x, int V, uint32_t prefix,
                                   uint32_t mask, int sh, uint32_t floor_key, int weighted, float m,
                                   float inv_t) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x)
         hist[b] = 0;
     __syncthreads();
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        uint32_t key = lt_sample_key(x[j]);
-        if (key < floor_key || (key & mask) != prefix) continue;
-        unsigned long long add = weighted ? lt_sample_weight(x[j], m, inv_t) : 1ull;
-        if (add) atomicAdd(&hist[(key >> sh) & 255u], add);
+    const int lane = threadIdx.x & 31;
+    /* whole warps walk the row together (blockDim is a multiple of 32), so the warp votes see
+     * every lane; lanes past the row's end carry the bin 256, which is never added */
+    for (int base = threadIdx.x - lane; base < V; base += blockDim.x) {
+        int j = base + lane;
+        uint32_t bin = 256u;
+        unsigned long long add = 0;
+        if (j < V) {
+            uint32_t key = lt_sample_key(x[j]);
+            if (key >= floor_key && (key & mask) == prefix) {
+                bin = (key >> sh) & 255u;
+                add = weighted ? lt_sample_weight(x[j], m, inv_t) : 1ull;
+            }
+        }
+        unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (!weighted) {
+            if (bin < 256u && lane == __ffs(peers) - 1)
+                atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
+        } else if (peers == 0xffffffffu) {
+            for (int o = 16; o > 0; o >>= 1)
+                add += __shfl_xor_sync(0xffffffffu, add, o);
+            if (bin < 256u && lane == 0 && add) atomicAdd(&hist[bin], add);
+        } else if (bin < 256u && add) {
+            atomicAdd(&hist[bin], add);
+        }
     }
     __syncthreads();
 }
