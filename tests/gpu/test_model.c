@@ -520,7 +520,7 @@ static int train_full(const char *device, int steps, curve *c) {
 
 /* The k-th of a layer's 7 linears: q, k, v, o, gate, up, down. */
 static lt_weight *layer_linear(gemma3_layer *L, int k) {
-    lt_weight *m[7] = {&L->q_proj,    &L->k_proj, &L->v_proj,   &L->o_proj,
+    lt_weight *m[7] = {&L->q_proj,    &L->k_proj,  &L->v_proj,   &L->o_proj,
                        &L->gate_proj, &L->up_proj, &L->down_proj};
     return m[k];
 }

@@ -60,8 +60,7 @@ __global__ static void gemv16_kernel(float *y, const float *x, const void *w, lt
             float4 a = xr[0], bq = xr[1];
             for (int q = 0; q < ROWS; q++)
                 acc[q][t] += a.x * wv[q][0] + a.y * wv[q][1] + a.z * wv[q][2] + a.w * wv[q][3] +
-                             bq.x * wv[q][4] + bq.y * wv[q][5] + bq.z * wv[q][6] +
-                             bq.w * wv[q][7];
+                             bq.x * wv[q][4] + bq.y * wv[q][5] + bq.z * wv[q][6] + bq.w * wv[q][7];
         }
     }
     for (int q = 0; q < nr; q++) {
@@ -122,13 +121,14 @@ void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype
               int accumulate) {
     if (out <= 0 || T <= 0) return;
     const int threads = 256, warps = threads / 32;
-    if (T == 1) { /* one token: x costs twice the weight's bytes; a row per warp keeps the SMs busy */
+    if (T ==
+        1) { /* one token: x costs twice the weight's bytes; a row per warp keeps the SMs busy */
         int64_t blocks = (out + warps - 1) / warps;
         gemv16_kernel<1><<<(unsigned)blocks, threads, 0, st>>>(y, x, w, dt, (int)T, in, out, xa, b,
-                                                              r, scale, accumulate);
+                                                               r, scale, accumulate);
     } else {
         int64_t blocks = (out + 4 * warps - 1) / (4 * warps);
         gemv16_kernel<4><<<(unsigned)blocks, threads, 0, st>>>(y, x, w, dt, (int)T, in, out, xa, b,
-                                                              r, scale, accumulate);
+                                                               r, scale, accumulate);
     }
 }
