@@ -262,8 +262,10 @@ static const magic_spec table[] = {
      "[quant_keep=0.1]",
      1, 1, "SOURCE", NULL, load_opts, "load a Gemma 3 model and its tokenizer",
      "SOURCE is a directory (config.json, *.safetensors, tokenizer.model), a Hugging Face "
-     "cache id such as google/gemma-3-1b-it (looked up under $HF_HOME/hub or "
-     "~/.cache/huggingface/hub, never downloaded), `tiny` (the small model shipped with "
+     "Hub id ORG/NAME[@REVISION] such as google/gemma-3-1b-it (taken from huggingface_hub's "
+     "cache, $HF_HUB_CACHE or $HF_HOME/hub or ~/.cache/huggingface/hub; what is missing is "
+     "downloaded there from $HF_ENDPOINT with $HF_TOKEN, unless HF_HUB_OFFLINE=1), `tiny` "
+     "(the small model shipped with "
      "lathe), or random:gemma-3-{270m,1b,4b,12b,27b} (real shapes, seeded random weights). "
      "A failed load keeps the model that was loaded before.",
      magic_load},
