@@ -2,7 +2,9 @@
  *
  * usage: bench_train SIZE PRECISION [SEQ BATCH STEPS WARM QUANT RANK]
  *   SIZE: 270m | 1b | 4b | 12b | 27b (random:gemma-3-SIZE shapes); PRECISION: bf16 | fp16 | fp32;
- *   QUANT: none (default) | nf4 (QLoRA: NF4 with double quantization) | int8; RANK: LoRA r (32).
+ *   QUANT: none (default) | nf4 (QLoRA: NF4 with double quantization) | int8; RANK: LoRA r (32),
+ *   or 0 for full fine-tuning (%lora full=true: every weight trains, fp32 master copies,
+ *   gradients and AdamW moments).
  *   LATHE_CUDA_MEMORY_CAP=15G makes the run fit a T4's usable memory or fail cleanly.
  * The same work as bench/hf_baseline.py: random weights, LoRA r=32 alpha=32 on all 7
  * linear layers of every layer, batch x SEQ random tokens (labels = the ids, shifted inside the
@@ -70,7 +72,10 @@ int main(int argc, char **argv) {
     gemma3_model_free(host);
     printf("# random weights (%s) drawn and placed in %.1f s\n", quant, now_s() - tl);
     lt_adapters *ad = NULL;
-    lora_opts lo = {.r = rank, .alpha = (float)rank, .seed = 7};
+    lora_opts lo = {.r = rank > 0 ? rank : 8,
+                    .alpha = (float)(rank > 0 ? rank : 8),
+                    .seed = 7,
+                    .full = rank == 0};
     if (lora_attach(&ad, m, &ctx, &lo, err) != LT_OK) {
         fprintf(stderr, "bench_train: lora: %s\n", err);
         return 1;

@@ -107,11 +107,20 @@ case $what in flow)
     timeout 240 $PY bench/check_flow.py "$out/flow" >> "$out/flow.log" 2>&1
     grep -h -E 'exit|Error|error|checks|^\{' "$out/flow.log"
 esac
+case $what in full)
+    # full fine-tuning (%lora full=true: fp32 master weights, gradients and AdamW moments on the
+    # GPU): what fits a T4's 15 GiB (LATHE_CUDA_MEMORY_CAP) and what it takes on the card
+    for a in "270m fp16 1024 1 3 1 none 0" "1b fp16 1024 1 3 1 none 0"; do
+        LATHE_CUDA_MEMORY_CAP=15G timeout 60 $B/bench_train $a >> "$out/bench_full.log" 2>&1
+    done
+    timeout 60 $B/bench_train 1b bf16 1024 1 3 1 none 0 >> "$out/bench_full.log" 2>&1
+    grep -h -E '^\{|^bench_train|memory cap|^# memory' "$out/bench_full.log"
+esac
 case $what in lease)
     # everything new since the last lease, in one call under 8 minutes, most needed first: the
     # checks (without the no-flash rerun), the vision fixture when its script is here, GRPO's
     # bf16 runs, the flow
-    SHORT=1 timeout 230 NESTED=1 sh "$0" "$out" checks
+    SHORT=1 timeout 230 env NESTED=1 sh "$0" "$out" checks
     if [ -f tests/fixtures/make_vision_fixture.py ]; then
         mkdir -p "$out/vision"
         timeout 60 $PY tests/fixtures/make_vision_fixture.py --out "$out/vision" \
@@ -119,11 +128,12 @@ case $what in lease)
         echo "vision fixture: exit $?" >> "$out/vision_fixture.log"
         grep -E 'diag|FAILED|exit|transformers' "$out/vision_fixture.log" | tail -12
     fi
-    timeout 150 NESTED=1 sh "$0" "$out" grpo-short
-    timeout 90 NESTED=1 sh "$0" "$out" flow
+    timeout 150 env NESTED=1 sh "$0" "$out" grpo-short
+    timeout 90 env NESTED=1 sh "$0" "$out" flow
+    timeout 100 env NESTED=1 sh "$0" "$out" full
 esac
 case $what in quick)
-    timeout 150 NESTED=1 sh "$0" "$out" checks
+    timeout 150 env NESTED=1 sh "$0" "$out" checks
     timeout 75 $B/bench_train 4b bf16 2048 2 6 2 >> "$out/bench_lathe.log" 2>&1
     timeout 120 $PY -c "
 import sys; sys.path.insert(0, 'bench')
