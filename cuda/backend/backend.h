@@ -291,11 +291,15 @@ typedef struct lt_backend {
      * the sum taken in fp32 and divided by k*k (torch's AvgPool2d(kernel=k, stride=k)). g must
      * be a multiple of k. */
     lt_status (*avg_pool)(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k);
-    /* attention, plus one extra span of key positions per query: key s is visible to query t
-     * iff attention's rule holds, OR kpos[s] >= 0 && span[t, 0] <= kpos[s] <= span[t, 1]
-     * (window and causality do not apply inside the span). span: [T, 2] I32; a query with
-     * span[t, 0] > span[t, 1] (e.g. 0, -1) has none. This is transformers' or_mask for
-     * Gemma 3's image blocks: an image token sees every token of its own block. */
+    /* attention, plus one extra span of key positions per query, the later ones included:
+     * key s is visible to query t iff kpos[s] >= 0, (kpos[s] <= qpos[t] OR span[t, 0] <=
+     * kpos[s] <= span[t, 1]), and, with a window, qpos[t] - kpos[s] < window. So causality
+     * does not apply inside the span but the sliding window still cuts it on the past side.
+     * span: [T, 2] I32; a query with span[t, 0] > span[t, 1] (e.g. 0, -1) has none. This is
+     * Gemma 3's image block as transformers 5.17 masks it (token_type_ids; measured against
+     * Gemma3ForConditionalGeneration in tests/fixtures/make_vision_fixture.py): an image token
+     * sees every later token of its own block, and the earlier ones a sliding layer's window
+     * reaches. */
     lt_status (*attention_span)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
                                 lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
                                 float scale);

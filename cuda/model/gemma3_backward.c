@@ -485,12 +485,14 @@ static lt_status bufs_get(tb_ctx *c, int grads) {
 
 /* The dtype of the matmul-only activations: BF16 when the backend's matmuls read bf16 from
  * bf16 weights (linear would round them to that anyway: the same bits, no cast, half the
- * memory) and no LoRA dropout runs (dropout reads them as fp32); F32 otherwise. */
+ * memory) and no LoRA dropout runs (dropout reads them as fp32); F32 otherwise. Full
+ * fine-tuning trains fp32 copies of the weights, whose matmuls read fp32: F32 then. */
 static lt_dtype act_dtype(lt_ctx *ctx, const gemma3_model *m, const gemma3_trainable *tr,
                           int training) {
     int drop = training && tr && !tr->full && tr->dropout > 0.0f;
+    int full = tr && tr->full;
     int bf16 = ctx && ctx->be->bf16_activations && ctx->be->bf16_activations(ctx);
-    return bf16 && !drop && m->dtype == LT_BF16 ? LT_BF16 : LT_F32;
+    return bf16 && !drop && !full && m->dtype == LT_BF16 ? LT_BF16 : LT_F32;
 }
 
 /* Sizes and blocking of one call (no allocation). */

@@ -211,8 +211,9 @@ lt_status gemma3_forward(const gemma3_model *m, lt_ctx *ctx, const int32_t *ids,
 /* Images in a forward: the image tokens of ids (cfg.vision.image_token_id), in order, take the
  * rows of embeds instead of their embedding (not scaled by sqrt(H)), as transformers'
  * Gemma3Model masked_scatter does; and each run of consecutive image tokens (one image's
- * block) attends within itself in both directions, on top of the causal (and sliding) mask,
- * as transformers' token_type_ids or-mask does. A run never straddles two chunks. */
+ * block) also sees the later tokens of its own block, while a sliding layer's window still
+ * limits how far back any token sees: attention_span's rule, the mask transformers 5.17 builds
+ * from token_type_ids. A run never straddles two chunks. */
 typedef struct gemma3_images {
     const float *embeds; /* backend memory [n_tokens, H] fp32 (siglip_encode's output) */
     int n_tokens;        /* must equal the number of image tokens in ids */

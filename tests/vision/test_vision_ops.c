@@ -23,6 +23,38 @@ static double maxdiff(const float *a, const float *b, int n) {
     return m;
 }
 
+/* Key s visible to query t under a span over every key and window 3 (backend.h's rule). */
+static int window_span_visible(int t, int s) {
+    return t - s < 3;
+}
+
+/* Plain softmax attention with an explicit visibility rule: out [T, nh*hd]. */
+static void masked_attention(float *out, const float *q, const float *k, const float *v, int T,
+                             int nh, int nkv, int hd, float scale, int (*visible)(int, int)) {
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            int kh = h / (nh / nkv);
+            double w[64], mx = -1e300, sum = 0;
+            for (int s = 0; s < T; s++) {
+                double d = 0;
+                for (int e = 0; e < hd; e++)
+                    d += (double)q[(t * nh + h) * hd + e] * k[(s * nkv + kh) * hd + e];
+                w[s] = visible(t, s) ? d * scale : -1e300;
+                if (w[s] > mx) mx = w[s];
+            }
+            for (int s = 0; s < T; s++) {
+                w[s] = w[s] <= -1e299 ? 0 : exp(w[s] - mx);
+                sum += w[s];
+            }
+            for (int e = 0; e < hd; e++) {
+                double acc = 0;
+                for (int s = 0; s < T; s++)
+                    acc += w[s] * v[(s * nkv + kh) * hd + e];
+                out[(t * nh + h) * hd + e] = (float)(acc / sum);
+            }
+        }
+}
+
 int main(void) {
     lt_ctx ctx;
     if (lt_ctx_init(&ctx, &lt_backend_cpu, 2) != LT_OK) return 1;
@@ -123,8 +155,15 @@ int main(void) {
         span[2 * t + 1] = T - 1;
     }
     be->attention(&ctx, O1, Q, K, V, Z, Z, 0, sc);
+    be->attention_span(&ctx, O2, Q, K, V, P, P, S, 0, sc);
+    ok(maxdiff(o1, o2, T * NH * HD) < 1e-6,
+       "a span over every key, no window: bidirectional attention");
+    /* with a window the span still loses the keys the window has passed (query - key >= 3),
+     * as transformers 5.17 masks an image block in a sliding layer; every later key stays */
     be->attention_span(&ctx, O2, Q, K, V, P, P, S, 3, sc);
-    ok(maxdiff(o1, o2, T * NH * HD) < 1e-6, "a span over every key is bidirectional attention");
+    masked_attention(o1, q, k, v, T, NH, NKV, HD, sc, window_span_visible);
+    ok(maxdiff(o1, o2, T * NH * HD) < 1e-6,
+       "a span over every key, window 3: every later key, and the earlier ones within 3");
     /* block 2..4: query 2 sees 0..4 with window 0; query 5 (outside) stays causal */
     for (int t = 0; t < T; t++) {
         span[2 * t] = (t >= 2 && t <= 4) ? 2 : 0;

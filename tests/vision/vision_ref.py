@@ -268,10 +268,14 @@ def image_features(cfg, t, px):
     return normed @ t[pp + "mm_input_projection_weight"]
 
 
-def logits(cfg, t, ids, feats, bidir=True, window_in_block=False):
+def logits(cfg, t, ids, feats, bidir=True, window_outside_block=False):
     """float64 logits [T, V]: image tokens take feats' rows (unscaled), the rest E[id]*sqrt(H);
-    attention causal (+ sliding window), OR both tokens in the same run of image tokens.
-    window_in_block (a diagnostic of another reading): the sliding window cuts the block too."""
+    a key is visible when it is not later than the query OR both lie in the same run of image
+    tokens, and (sliding layers) the query is less than the window past it: transformers 5.17's
+    mask from token_type_ids (its sliding window cuts the block on the past side too; measured
+    against Gemma3ForConditionalGeneration by tests/fixtures/make_vision_fixture.py).
+    window_outside_block (a diagnostic of another reading): the window cuts only the causal part,
+    the whole block stays visible."""
     spec = gemma3_ref.spec_from_config(cfg)
     _, w = gemma3_ref.text_weights({k: (None, v) for k, v in t.items()})
     H, nh, nkv, hd = (spec["hidden_size"], spec["num_attention_heads"],
@@ -311,11 +315,11 @@ def logits(cfg, t, ids, feats, bidir=True, window_in_block=False):
         v = np.repeat(v, nh // nkv, axis=1)
         s = np.einsum("qhd,khd->hqk", q, k) * spec["query_pre_attn_scalar"] ** -0.5
         allowed = ki <= qi
-        if bidir and window_in_block:
+        if bidir and not window_outside_block:
             allowed = allowed | same
         if lt == "sliding_attention":
-            allowed = allowed & (np.abs(qi - ki) < spec["sliding_window"])
-        if bidir and not window_in_block:
+            allowed = allowed & (qi - ki < spec["sliding_window"])
+        if bidir and window_outside_block:
             allowed = allowed | same
         s = np.where(allowed[None], s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))

@@ -687,7 +687,7 @@ static void attn_head(const attn_job *j, const float *qv, float *o, const float 
     for (int64_t s = 0; s < j->S; s++) {
         int32_t kp = kpos[s];
         int in_span = span && kp >= 0 && kp >= span[0] && kp <= span[1];
-        if (!in_span && (kp < 0 || kp > qp || (j->window > 0 && qp - kp >= j->window))) {
+        if (kp < 0 || (kp > qp && !in_span) || (j->window > 0 && qp - kp >= j->window)) {
             sc[s] = -INFINITY;
             continue;
         }

@@ -139,7 +139,7 @@ static __global__ void attention_span_kernel(float *out, const float *q, const f
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
         int32_t kp = kpos[s];
         bool in_span = kp >= 0 && kp >= lo && kp <= hi;
-        bool vis = in_span || (kp >= 0 && kp <= qp && (window <= 0 || qp - kp < window));
+        bool vis = kp >= 0 && (kp <= qp || in_span) && (window <= 0 || qp - kp < window);
         float x = -INFINITY;
         if (vis) {
             const float *kv = k + (s * nkv + kh) * hd;
