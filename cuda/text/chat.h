@@ -15,4 +15,10 @@
 lt_status chat_render(const char *const *roles, const char *const *contents, int n,
                       int add_generation_prompt, char **out, char *err);
 
+/* A user turn's content when it carries n_images images before its text, as the same template
+ * renders a content list [{"type": "image"} x n_images, {"type": "text", "text": text}]: one
+ * "<start_of_image>" per image, then the text stripped (Python's str.strip()). chat_render
+ * strips the whole content again, which leaves this one as it is. *out malloc'd. */
+lt_status chat_user_content(const char *text, int n_images, char **out, char *err);
+
 #endif
