@@ -86,6 +86,8 @@ typedef struct lt_model_info {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
     int skipped_vision; /* 1 when a vision tower/projector was present and skipped */
+    int image_tokens;   /* tokens an image takes in a chat (its block: mm_tokens_per_image + 2)
+                           when the image tower loaded (lt_chat_images works), else 0 */
     char quant[128];    /* "nf4 (double quant), 28 linears; ..." or "" when not quantized */
     /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
      * and the card's free and total bytes. */
