@@ -1,11 +1,12 @@
 /* session.c — implements engine.h: a session holds one model, its tokenizer, a KV cache, the
- * chat history and the cancel flag.
+ * chat history (with the soft tokens of its images) and the cancel flag.
  *
  * Owns lt_session and the resolution of a %load SOURCE (directory, Hugging Face id ORG/NAME
  * [@REVISION] through cuda/hub/, "tiny", "random:gemma-3-SIZE"). A call that fails leaves the
  * session as it was: a new model replaces the old one only once it loaded completely. Streams
- * generated text in pieces that never split a UTF-8 character. Must not print, exit or know about
- * Jupyter.
+ * generated text in pieces that never split a UTF-8 character. The cache remembers which image
+ * filled each cached position, so equal ids with other images never reuse it. Must not print, exit
+ * or know about Jupyter.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"

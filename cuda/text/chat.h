@@ -5,6 +5,7 @@
  * blank line, roles alternating user / non-user (else the template's own error), "assistant"
  * spelled "model", content trimmed as Python's str.strip() does, every turn closed by
  * "<end_of_turn>\n", and "<start_of_turn>model\n" appended when add_generation_prompt is set.
+ * A user turn's images are "<start_of_image>" markers before its text (chat_user_content).
  */
 #ifndef LATHE_CHAT_H
 #define LATHE_CHAT_H
