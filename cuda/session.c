@@ -458,7 +458,7 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->vocab = c->vocab_size;
     info->sliding_window = c->sliding_window;
     info->max_seq = s->max_seq;
-    info->skipped_vision = m->skipped_vision && !m->vision;
+    info->skipped_vision = m->skipped_vision;
     info->image_tokens = m->vision ? c->vision.mm_tokens_per_image + 2 : 0;
     gemma3_quant_summary(m, info->quant, sizeof info->quant);
 #ifdef HAVE_CUDA
