@@ -11,7 +11,8 @@
  * is never reused across different images behind equal ids; bad input (a missing file, a file
  * that is not an image, a truncated PNG, "<start_of_image>" in the text, a text-only model, a
  * conversation longer than max_seq) is refused with a message, the history unchanged and the
- * session usable. TAP.
+ * session usable. TAP. The model runs on the CPU; LATHE_TEST_DEVICE=cuda runs the
+ * multimodal loads on the GPU instead (a manual check; make check stays on the CPU).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +31,11 @@
 #define BOI 8      /* boi_token_index */
 #define EOI 9      /* eoi_token_index */
 #define IMAGE 4096 /* image_token_index */
+
+static const char *test_device(void) {
+    const char *d = getenv("LATHE_TEST_DEVICE");
+    return d && *d ? d : "cpu";
+}
 
 static const char *srcdir(void) {
     const char *s = getenv("LATHE_SRCDIR");
@@ -437,7 +443,7 @@ static void test_max_seq(const char *dir, const char *rgb) {
     lt_session *s = lt_session_new();
     lt_load_opts lo;
     lt_load_opts_default(&lo);
-    lo.device = "cpu";
+    lo.device = test_device();
     lo.dtype = "fp32";
     lo.max_seq = 40;
     if (lt_load(s, dir, &lo, NULL) != LT_OK) {
@@ -473,7 +479,7 @@ int main(void) {
     lt_session *s = lt_session_new();
     lt_load_opts lo;
     lt_load_opts_default(&lo);
-    lo.device = "cpu";
+    lo.device = test_device();
     lo.dtype = "fp32";
     lt_status rc = lt_load(s, dir, &lo, NULL);
     ok(rc == LT_OK, "load the multimodal fixture");
