@@ -180,7 +180,7 @@ static void model_summary(magic_ctx *ctx, int with_title) {
         if (info.image_tokens) {
             char note[160];
             snprintf(note, sizeof note,
-                     "images: %%%%chat image=FILE (the image tower is loaded; %d tokens an image)",
+                     "images: %%%%chat image=FILE (the vision tower is loaded; %d tokens an image)",
                      info.image_tokens);
             sb_printf(&text, "%-18s %s\n", "note", note);
             sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
