@@ -86,6 +86,8 @@ typedef struct lt_model_info {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
     int skipped_vision; /* 1 when a vision tower/projector was present and skipped */
+    int image_tokens;   /* tokens an image takes in a chat (its block: mm_tokens_per_image + 2)
+                           when the image tower loaded (lt_chat_images works), else 0 */
     char quant[128];    /* "nf4 (double quant), 28 linears; ..." or "" when not quantized */
     /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
      * and the card's free and total bytes. */
@@ -165,6 +167,23 @@ lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen
  * BOS), generates the model turn, streams it and appends it to the history. */
 lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
                   const lt_callbacks *cb, char **reply);
+/* lt_chat with images: the user turn carries n_images images (PNG or JPEG files) before its
+ * text, as Hugging Face's chat messages [{"type": "image"}, ..., {"type": "text", "text":
+ * user_text}] do: the template writes "<start_of_image>" per image and each becomes an image
+ * block ("\n\n", <start_of_image>, mm_tokens_per_image image tokens, <end_of_image>, "\n\n"),
+ * as transformers' processing_gemma3.py expands it; the tower's soft tokens fill the block.
+ * The history keeps every image's soft tokens (in host memory), so later turns re-render the
+ * earlier images at their places without reading the files again. Refused, the history
+ * unchanged: a model without an image tower, a file that cannot be read or is not a PNG or
+ * JPEG, a conversation longer than max_seq. n_images 0 is lt_chat. */
+lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const *images,
+                         int n_images, const lt_gen_opts *o, const lt_callbacks *cb, char **reply);
+/* The ids the next lt_chat_images(s, user_text, n_images images) prefills: [system], the
+ * history, this user turn and "<start_of_turn>model\n", one BOS; runs nothing (the images
+ * are only counted). *ids malloc'd. */
+lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, int n_images, int32_t **ids,
+                             int *n);
+/* Forgets the conversation: its messages and its images. */
 void lt_chat_reset(lt_session *s);
 /* Sets or clears (NULL) the system prompt (Gemma folds it into the first user turn). */
 lt_status lt_chat_system(lt_session *s, const char *system_text);

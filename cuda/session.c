@@ -1,11 +1,12 @@
 /* session.c — implements engine.h: a session holds one model, its tokenizer, a KV cache, the
- * chat history and the cancel flag.
+ * chat history (with the soft tokens of its images) and the cancel flag.
  *
  * Owns lt_session and the resolution of a %load SOURCE (directory, Hugging Face id ORG/NAME
  * [@REVISION] through cuda/hub/, "tiny", "random:gemma-3-SIZE"). A call that fails leaves the
  * session as it was: a new model replaces the old one only once it loaded completely. Streams
- * generated text in pieces that never split a UTF-8 character. Must not print, exit or know about
- * Jupyter.
+ * generated text in pieces that never split a UTF-8 character. The cache remembers which image
+ * filled each cached position, so equal ids with other images never reuse it. Must not print, exit
+ * or know about Jupyter.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
@@ -32,6 +33,7 @@
 #include "cuda/model/sample.h"
 #include "cuda/model/siglip.h"
 #include "cuda/text/chat.h"
+#include "cuda/text/chat_image.h"
 #include "cuda/text/textstream.h"
 #include "cuda/text/tokenizer.h"
 #include "cuda/train/train.h"
@@ -48,6 +50,21 @@
 
 #define RANDOM_SEED 20250312u /* random:* weights are the same on every machine */
 
+/* One image of the chat: its soft tokens (siglip_encode's output, [mm_tokens_per_image,
+ * hidden]) kept in host memory, so later turns put the same rows at its block without reading
+ * the file again, and a serial no other image of the session shares: the cache compares
+ * serials, so equal ids with a different image never reuse it. */
+typedef struct chat_img {
+    uint64_t serial;
+    float *emb;
+} chat_img;
+
+/* The images of a prompt, in the order of its image blocks. */
+typedef struct prompt_imgs {
+    const chat_img *const *img;
+    int n;
+} prompt_imgs;
+
 struct lt_session {
     char err[LT_ERRLEN];
     atomic_int cancel;
@@ -63,11 +80,17 @@ struct lt_session {
     gemma3_cache cache;
     int cache_ready;
     int32_t *cached;
+    uint64_t *cached_src; /* per cached id: 0, or the serial of the image whose row it took */
     int n_cached, cap_cached;
-    /* chat */
+    /* chat: the messages, how many images each user turn carried (before its text), and
+     * those images in the order they appear */
     char *system;
     char **roles, **contents;
+    int *msg_imgs;
     int n_msgs, cap_msgs;
+    chat_img *imgs;
+    int n_imgs, cap_imgs;
+    uint64_t img_serial; /* the last serial given */
     /* fine-tuning: adapters and the current run (train.c) */
     lt_trainer *trainer;
 };
@@ -98,6 +121,9 @@ void lt_chat_reset(lt_session *s) {
         free(s->contents[i]);
     }
     s->n_msgs = 0;
+    for (int i = 0; i < s->n_imgs; i++)
+        free(s->imgs[i].emb);
+    s->n_imgs = 0;
 }
 
 void lt_session_free(lt_session *s) {
@@ -112,7 +138,10 @@ void lt_session_free(lt_session *s) {
     lt_chat_reset(s);
     free(s->roles);
     free(s->contents);
+    free(s->msg_imgs);
+    free(s->imgs);
     free(s->cached);
+    free(s->cached_src);
     free(s->system);
     free(s);
 }
@@ -430,6 +459,7 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->sliding_window = c->sliding_window;
     info->max_seq = s->max_seq;
     info->skipped_vision = m->skipped_vision;
+    info->image_tokens = m->vision ? c->vision.mm_tokens_per_image + 2 : 0;
     gemma3_quant_summary(m, info->quant, sizeof info->quant);
 #ifdef HAVE_CUDA
     if (s->ctx_ready && s->ctx.be == &lt_backend_cuda) {
@@ -567,7 +597,8 @@ done:
     return LT_OK;
 }
 
-static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
+/* Appends ids (and the image serial of each, src; NULL = none) to what the cache holds. */
+static lt_status cached_push(lt_session *s, const int32_t *ids, const uint64_t *src, int n) {
     if (s->n_cached + n > s->cap_cached) {
         int nc = s->cap_cached ? s->cap_cached : 256;
         while (nc < s->n_cached + n)
@@ -575,51 +606,146 @@ static lt_status cached_push(lt_session *s, const int32_t *ids, int n) {
         int32_t *np = realloc(s->cached, sizeof(int32_t) * (size_t)nc);
         if (!np) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         s->cached = np;
+        uint64_t *ns = realloc(s->cached_src, sizeof(uint64_t) * (size_t)nc);
+        if (!ns) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        s->cached_src = ns;
         s->cap_cached = nc;
     }
     memcpy(s->cached + s->n_cached, ids, sizeof(int32_t) * (size_t)n);
+    if (src)
+        memcpy(s->cached_src + s->n_cached, src, sizeof(uint64_t) * (size_t)n);
+    else
+        memset(s->cached_src + s->n_cached, 0, sizeof(uint64_t) * (size_t)n);
     s->n_cached += n;
     return LT_OK;
 }
 
-/* Feeds ids into the session cache, reusing the cached prefix when the new sequence extends it;
- * leaves the logits of the last id in last (host [V]). */
-static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
+/* 1 when the first n cached ids took their rows from the images src names (NULL: none). */
+static int cached_src_equal(const lt_session *s, const uint64_t *src, int n) {
+    for (int i = 0; i < n; i++)
+        if (s->cached_src[i] != (src ? src[i] : 0)) return 0;
+    return 1;
+}
+
+/* One chunk of a prompt holding ni image tokens, the j0-th image token of the prompt first:
+ * their rows come from pi's soft tokens; the K/V go into the session cache. */
+static lt_status forward_chunk_images(lt_session *s, const int32_t *ids, int k,
+                                      const prompt_imgs *pi, int j0, int ni, float *last) {
+    lt_ctx *ctx = &s->ctx;
+    const lt_backend *be = ctx->be;
+    size_t H = (size_t)s->model->cfg.hidden_size, V = (size_t)s->model->cfg.vocab_size;
+    int mm = s->model->cfg.vision.mm_tokens_per_image;
+    float *rows = malloc(sizeof(float) * (size_t)ni * H);
+    float *demb = be->alloc(ctx, sizeof(float) * (size_t)ni * H);
+    float *dlast = be->alloc(ctx, sizeof(float) * V);
+    lt_status rc = LT_OK;
+    if (!rows || !demb || !dlast) {
+        rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for %d image rows", ni);
+        goto done;
+    }
+    for (int r = 0; r < ni; r++) {
+        int j = j0 + r;
+        memcpy(rows + (size_t)r * H, pi->img[j / mm]->emb + (size_t)(j % mm) * H,
+               sizeof(float) * H);
+    }
+    gemma3_images gi = {demb, ni};
+    gemma3_outputs o = {.last_logits = dlast};
+    rc = be->upload(ctx, demb, rows, sizeof(float) * (size_t)ni * H);
+    if (rc == LT_OK) rc = gemma3_forward_images(s->model, ctx, ids, k, &s->cache, &o, &gi);
+    if (rc == LT_OK) rc = be->download(ctx, last, dlast, sizeof(float) * V);
+    if (rc != LT_OK) lt_fail(s->err, rc, "%s", ctx->err);
+done:
+    free(rows);
+    if (demb) be->release(ctx, demb);
+    if (dlast) be->release(ctx, dlast);
+    return rc;
+}
+
+/* Feeds ids into the session cache, reusing the cached prefix when the new sequence extends it
+ * with the same images at the same places (pi: the prompt's images in block order, NULL or
+ * empty for none; a prefix never ends inside an image block); leaves the logits of the last id
+ * in last (host [V]). */
+static lt_status feed(lt_session *s, const int32_t *ids, int n, const prompt_imgs *pi,
+                      float *last) {
     lt_status rc;
+    if (n > s->max_seq)
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
+    uint64_t *src = NULL; /* per id: the serial of the image whose row it takes, or 0 */
+    if (pi && pi->n > 0) {
+        const gemma3_vision_config *vc = &s->model->cfg.vision;
+        int mm = vc->mm_tokens_per_image, j = 0;
+        if (!(src = calloc((size_t)n, sizeof *src)))
+            return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        for (int t = 0; t < n; t++)
+            if (ids[t] == vc->image_token_id) {
+                if (j < pi->n * mm) src[t] = pi->img[j / mm]->serial;
+                j++;
+            }
+        if (j != pi->n * mm) {
+            free(src);
+            return lt_fail(s->err, LT_ERR_STATE,
+                           "internal: %d image tokens in the prompt for %d images of %d", j, pi->n,
+                           mm);
+        }
+    }
     if (!s->cache_ready) {
         rc = gemma3_cache_init(&s->cache, &s->ctx, &s->model->cfg, s->max_seq);
-        if (rc != LT_OK) return lt_fail(s->err, rc, "%s", s->ctx.err);
+        if (rc != LT_OK) {
+            free(src);
+            return lt_fail(s->err, rc, "%s", s->ctx.err);
+        }
         s->cache_ready = 1;
         s->n_cached = 0;
     }
-    int start = 0;
-    if (s->n_cached < n && s->n_cached > 0 &&
-        !memcmp(s->cached, ids, sizeof(int32_t) * (size_t)s->n_cached)) {
-        start = s->n_cached; /* extend */
+    int start = 0, c = s->n_cached;
+    if (c < n && c > 0 && !memcmp(s->cached, ids, sizeof(int32_t) * (size_t)c) &&
+        cached_src_equal(s, src, c) && !(src && src[c - 1] && src[c])) {
+        start = c; /* extend */
     } else {
         gemma3_cache_reset(&s->cache, &s->ctx);
         s->n_cached = 0;
     }
-    if (n > s->max_seq)
-        return lt_fail(s->err, LT_ERR_ARG,
-                       "%d tokens exceed max_seq %d (load with a larger max_seq=)", n, s->max_seq);
-    /* chunk the prompt so a cancel is seen between chunks */
-    for (int t = start; t < n; t += GEMMA3_CHUNK) {
-        int k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
+    int j = 0; /* image tokens before t */
+    for (int t = 0; src && t < start; t++)
+        j += src[t] != 0;
+    /* chunk the prompt so a cancel is seen between chunks; an image block stays in one */
+    rc = LT_OK;
+    for (int t = start, k; t < n && rc == LT_OK; t += k) {
+        k = n - t < GEMMA3_CHUNK ? n - t : GEMMA3_CHUNK;
+        if (src && t + k < n && src[t + k - 1] && src[t + k]) {
+            int s0 = t + k - 1;
+            while (s0 > t && src[s0 - 1])
+                s0--;
+            if (s0 == t) {
+                rc = lt_fail(s->err, LT_ERR_ARG,
+                             "an image block of more than %d image tokens does not fit one chunk",
+                             GEMMA3_CHUNK);
+                break;
+            }
+            k = s0 - t;
+        }
         if (cancelled(s)) {
-            gemma3_cache_reset(&s->cache, &s->ctx);
-            s->n_cached = 0;
-            return lt_fail(s->err, LT_CANCELLED, "cancelled");
+            rc = lt_fail(s->err, LT_CANCELLED, "cancelled");
+            break;
         }
-        rc =
-            gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last); /* to host */
-        if (rc != LT_OK) {
-            gemma3_cache_reset(&s->cache, &s->ctx);
-            s->n_cached = 0;
-            return lt_fail(s->err, rc, "%s", s->ctx.err);
+        int ni = 0;
+        for (int i = 0; src && i < k; i++)
+            ni += src[t + i] != 0;
+        if (ni) {
+            rc = forward_chunk_images(s, ids + t, k, pi, j, ni, last);
+            j += ni;
+        } else {
+            rc = gemma3_forward_host(s->model, &s->ctx, ids + t, k, &s->cache, NULL, last);
+            if (rc != LT_OK) lt_fail(s->err, rc, "%s", s->ctx.err);
         }
-        rc = cached_push(s, ids + t, k);
-        if (rc != LT_OK) return rc;
+        if (rc == LT_OK) rc = cached_push(s, ids + t, src ? src + t : NULL, k);
+    }
+    free(src);
+    if (rc != LT_OK) {
+        gemma3_cache_reset(&s->cache, &s->ctx);
+        s->n_cached = 0;
+        return rc;
     }
     if (start == n) return lt_fail(s->err, LT_ERR_STATE, "internal: nothing to feed");
     return LT_OK;
@@ -628,8 +754,8 @@ static lt_status feed(lt_session *s, const int32_t *ids, int n, float *last) {
 /* The generation loop shared by generate, generate_ids and chat. Appends generated ids to
  * *gen (malloc'd) and streams text when st is not NULL. */
 static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prompt,
-                                const lt_gen_opts *o, textstream *st, int32_t **gen, int *n_gen,
-                                int include_stop) {
+                                const prompt_imgs *pi, const lt_gen_opts *o, textstream *st,
+                                int32_t **gen, int *n_gen, int include_stop) {
     *gen = NULL;
     *n_gen = 0;
     lt_status rc = gen_opts_check(o, s->err);
@@ -647,7 +773,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
     lt_rng rng;
     rng_seed(&rng, o->seed);
     int n = 0;
-    rc = feed(s, prompt, n_prompt, last); /* reuses the cache when the prompt extends it */
+    rc = feed(s, prompt, n_prompt, pi, last); /* reuses the cache when the prompt extends it */
     for (int i = 0; rc == LT_OK && i < o->max_new; i++) {
         if (cancelled(s)) {
             rc = lt_fail(s->err, LT_CANCELLED, "cancelled after %d tokens", n);
@@ -673,7 +799,7 @@ static lt_status run_generation(lt_session *s, const int32_t *prompt, int n_prom
             s->n_cached = 0;
             break;
         }
-        lt_status r2 = cached_push(s, &id, 1);
+        lt_status r2 = cached_push(s, &id, NULL, 1);
         if (r2 != LT_OK) rc = r2;
     }
     if (st) textstream_finish(st);
@@ -702,7 +828,7 @@ lt_status lt_generate_ids(lt_session *s, const int32_t *ids, int n, const lt_gen
             return lt_fail(s->err, LT_ERR_ARG,
                            "token id %d at position %d is outside the vocabulary [0, %d)", ids[i],
                            i, s->model->cfg.vocab_size);
-    rc = run_generation(s, ids, n, o, NULL, out_ids, n_out, 1);
+    rc = run_generation(s, ids, n, NULL, o, NULL, out_ids, n_out, 1);
     if (rc != LT_OK && rc != LT_CANCELLED) {
         free(*out_ids);
         *out_ids = NULL;
@@ -746,7 +872,7 @@ lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
     rc = encode_with_bos(s, prompt ? prompt : "", &ids, &n);
     if (rc != LT_OK) return rc;
     textstream st = {.emit = cb ? cb->text : NULL, .ctx = cb ? cb->ctx : NULL};
-    rc = run_generation(s, ids, n, o, &st, &gen, &ng, 0);
+    rc = run_generation(s, ids, n, NULL, o, &st, &gen, &ng, 0);
     free(ids);
     free(gen);
     if (out && (rc == LT_OK || rc == LT_CANCELLED)) {
@@ -758,7 +884,7 @@ lt_status lt_generate(lt_session *s, const char *prompt, const lt_gen_opts *o,
 
 /* ---- chat ------------------------------------------------------------------------------------ */
 
-static lt_status history_push(lt_session *s, const char *role, const char *content) {
+static lt_status history_push(lt_session *s, const char *role, const char *content, int n_img) {
     if (s->n_msgs == s->cap_msgs) {
         int nc = s->cap_msgs ? s->cap_msgs * 2 : 16;
         char **r = realloc(s->roles, sizeof(char *) * (size_t)nc);
@@ -767,6 +893,9 @@ static lt_status history_push(lt_session *s, const char *role, const char *conte
         char **c = realloc(s->contents, sizeof(char *) * (size_t)nc);
         if (!c) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         s->contents = c;
+        int *mi = realloc(s->msg_imgs, sizeof(int) * (size_t)nc);
+        if (!mi) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        s->msg_imgs = mi;
         s->cap_msgs = nc;
     }
     char *rr = strdup(role), *cc = strdup(content);
@@ -777,6 +906,7 @@ static lt_status history_push(lt_session *s, const char *role, const char *conte
     }
     s->roles[s->n_msgs] = rr;
     s->contents[s->n_msgs] = cc;
+    s->msg_imgs[s->n_msgs] = n_img;
     s->n_msgs++;
     return LT_OK;
 }
@@ -797,64 +927,253 @@ lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *co
     return chat_render(roles, contents, n, add_generation_prompt, text, s->err);
 }
 
-lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
-                  const lt_callbacks *cb, char **reply) {
-    call_begin(s);
-    if (reply) *reply = NULL;
-    lt_status rc = need_model(s);
-    if (rc != LT_OK) return rc;
-    if (!user_text) return lt_fail(s->err, LT_ERR_ARG, "chat: no message");
-    lt_gen_opts d;
-    if (!o) {
-        lt_gen_opts_default(&d);
-        o = &d;
-    }
-    /* messages: [system] + history + this user turn */
+/* The ids of [system] + history + a user turn with user_text after n_images images, and the
+ * generation prompt, with one BOS. A conversation without images is tokenized as text (a
+ * literal "<start_of_image>" stays that token); one with images has each user turn's images
+ * rendered as the Hub template renders image content parts and expanded into image blocks as
+ * Gemma 3's processor expands them (chat_image.h). *total_imgs: the images of the prompt. */
+static lt_status chat_prompt(lt_session *s, const char *user_text, int n_images, int32_t **ids,
+                             int *nid, int *total_imgs) {
+    *ids = NULL;
+    *nid = 0;
+    int total = n_images;
+    for (int i = 0; i < s->n_msgs; i++)
+        total += s->msg_imgs[i];
+    *total_imgs = total;
     int n = s->n_msgs + 1 + (s->system ? 1 : 0), k = 0;
     const char **roles = malloc(sizeof(char *) * (size_t)n),
                **contents = malloc(sizeof(char *) * (size_t)n);
-    if (!roles || !contents) {
-        free(roles);
-        free(contents);
-        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+    char **owned = calloc((size_t)n, sizeof(char *)); /* contents built here */
+    lt_status rc = LT_OK;
+    if (!roles || !contents || !owned) {
+        rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        goto done;
     }
     if (s->system) {
         roles[k] = "system";
         contents[k++] = s->system;
     }
-    for (int i = 0; i < s->n_msgs; i++) {
-        roles[k] = s->roles[i];
-        contents[k++] = s->contents[i];
+    for (int i = 0; i <= s->n_msgs && rc == LT_OK; i++) {
+        int last = i == s->n_msgs, ni = last ? n_images : s->msg_imgs[i];
+        roles[k] = last ? "user" : s->roles[i];
+        contents[k] = last ? user_text : s->contents[i];
+        if (ni > 0 && (rc = chat_user_content(contents[k], ni, &owned[k], s->err)) == LT_OK)
+            contents[k] = owned[k];
+        k++;
     }
-    roles[k] = "user";
-    contents[k++] = user_text;
     char *text = NULL;
-    rc = chat_render(roles, contents, k, 1, &text, s->err);
-    free(roles);
-    free(contents);
-    if (rc != LT_OK) return rc;
+    if (rc == LT_OK) rc = chat_render(roles, contents, k, 1, &text, s->err);
+    if (rc != LT_OK) goto done;
     /* the template's "<bos>" text becomes the BOS id; the rest is tokenized with specials */
     const char *body = !strncmp(text, "<bos>", 5) ? text + 5 : text;
-    int32_t *ids = NULL, *gen = NULL;
-    int nid = 0, ng = 0;
-    rc = encode_with_bos(s, body, &ids, &nid);
+    if (total == 0) {
+        rc = encode_with_bos(s, body, ids, nid);
+    } else {
+        const gemma3_vision_config *vc = &s->model->cfg.vision;
+        chat_image_tokens it = {vc->boi_token_id, vc->image_token_id, vc->eoi_token_id,
+                                vc->mm_tokens_per_image};
+        int32_t *t = NULL, *all = NULL;
+        int m = 0;
+        rc = chat_image_ids(s->tok, body, &it, total, &t, &m, s->err);
+        if (rc == LT_OK && !(all = malloc(sizeof(int32_t) * (size_t)(m + 1))))
+            rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        if (rc == LT_OK) {
+            all[0] = s->model->cfg.bos_id;
+            memcpy(all + 1, t, sizeof(int32_t) * (size_t)m);
+            *ids = all;
+            *nid = m + 1;
+        }
+        free(t);
+    }
     free(text);
+done:
+    for (int i = 0; owned && i < n; i++)
+        free(owned[i]);
+    free(owned);
+    free(roles);
+    free(contents);
+    return rc;
+}
+
+/* Images need a model with an image tower. */
+static lt_status need_tower(lt_session *s) {
+    if (s->model->vision) return LT_OK;
+    return lt_fail(s->err, LT_ERR_ARG,
+                   "chat: images need a Gemma 3 checkpoint with an image tower (e.g. "
+                   "google/gemma-3-4b-it); %s",
+                   s->model->vision_error[0] ? s->model->vision_error
+                                             : "this model is text-only (no vision tower)");
+}
+
+/* The checks of a chat turn with n_images images that need no file read. */
+static lt_status chat_check(lt_session *s, const char *user_text, const char *const *images,
+                            int n_images) {
+    lt_status rc = need_model(s);
     if (rc != LT_OK) return rc;
+    if (!user_text) return lt_fail(s->err, LT_ERR_ARG, "chat: no message");
+    if (n_images < 0 || (n_images > 0 && !images))
+        return lt_fail(s->err, LT_ERR_ARG, "chat: %d images and no list of files", n_images);
+    for (int i = 0; images && i < n_images; i++)
+        if (!images[i] || !*images[i])
+            return lt_fail(s->err, LT_ERR_ARG, "chat: image %d of %d has no file name", i + 1,
+                           n_images);
+    return n_images > 0 ? need_tower(s) : LT_OK;
+}
+
+/* Refuses a prompt longer than max_seq, counting what its images take. */
+static lt_status chat_fits(lt_session *s, int nid, int total_imgs) {
+    if (nid <= s->max_seq || total_imgs == 0) return LT_OK;
+    int mm = s->model->cfg.vision.mm_tokens_per_image;
+    return lt_fail(s->err, LT_ERR_ARG,
+                   "chat: the conversation takes %d tokens, more than max_seq %d (its %d image(s) "
+                   "take %d each: <start_of_image>, %d image tokens, <end_of_image>); start a new "
+                   "conversation (%%chat reset), send fewer images, or load with a larger "
+                   "max_seq=",
+                   nid, s->max_seq, total_imgs, mm + 2, mm);
+}
+
+/* Reads and encodes n image files into out[0..n) (soft tokens in host memory, fresh serials).
+ * On failure nothing is left allocated. */
+static lt_status encode_images(lt_session *s, const char *const *paths, int n, chat_img *out) {
+    const siglip_tower *t = s->model->vision;
+    lt_ctx *ctx = &s->ctx;
+    const lt_backend *be = ctx->be;
+    int side = t->cfg.image_size;
+    size_t bytes =
+        sizeof(float) * (size_t)t->cfg.mm_tokens_per_image * (size_t)s->model->cfg.hidden_size;
+    memset(out, 0, sizeof *out * (size_t)n);
+    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    float *dev = be->alloc(ctx, bytes);
+    lt_status rc = LT_OK;
+    if (!px || !dev) rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
+    for (int i = 0; i < n && rc == LT_OK; i++) {
+        if (cancelled(s)) {
+            rc = lt_fail(s->err, LT_CANCELLED, "cancelled");
+            break;
+        }
+        rc = img_load_pixels(px, paths[i], side, s->err);
+        if (rc != LT_OK) {
+            lt_fail_prefix(s->err, rc, "chat: image %d of %d (PNG or JPEG files are read)", i + 1,
+                           n);
+            break;
+        }
+        if ((rc = siglip_encode(t, ctx, px, dev)) != LT_OK) {
+            lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+            break;
+        }
+        if (!(out[i].emb = malloc(bytes))) {
+            rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
+            break;
+        }
+        if ((rc = be->download(ctx, out[i].emb, dev, bytes)) != LT_OK) {
+            lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+            break;
+        }
+        out[i].serial = ++s->img_serial;
+    }
+    free(px);
+    if (dev) be->release(ctx, dev);
+    if (rc != LT_OK)
+        for (int i = 0; i < n; i++) {
+            free(out[i].emb);
+            out[i].emb = NULL;
+        }
+    return rc;
+}
+
+lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, int n_images, int32_t **ids,
+                             int *n) {
+    call_begin(s);
+    *ids = NULL;
+    *n = 0;
+    lt_status rc = chat_check(s, user_text, NULL, 0);
+    if (rc == LT_OK && n_images < 0) rc = lt_fail(s->err, LT_ERR_ARG, "chat: %d images", n_images);
+    if (rc == LT_OK && n_images > 0) rc = need_tower(s);
+    if (rc != LT_OK) return rc;
+    int total = 0;
+    return chat_prompt(s, user_text, n_images, ids, n, &total);
+}
+
+lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const *images,
+                         int n_images, const lt_gen_opts *o, const lt_callbacks *cb, char **reply) {
+    call_begin(s);
+    if (reply) *reply = NULL;
+    lt_status rc = chat_check(s, user_text, images, n_images);
+    if (rc != LT_OK) return rc;
+    lt_gen_opts d;
+    if (!o) {
+        lt_gen_opts_default(&d);
+        o = &d;
+    }
+    if ((rc = gen_opts_check(o, s->err)) != LT_OK) return rc;
+    int32_t *ids = NULL, *gen = NULL;
+    int nid = 0, ng = 0, total = 0;
+    rc = chat_prompt(s, user_text, n_images, &ids, &nid, &total);
+    if (rc == LT_OK) rc = chat_fits(s, nid, total);
+    /* room for this turn in the history, so that a finished turn is always recorded */
+    if (rc == LT_OK && s->n_imgs + n_images > s->cap_imgs) {
+        int nc = s->cap_imgs ? s->cap_imgs : 8;
+        while (nc < s->n_imgs + n_images)
+            nc *= 2;
+        chat_img *ni = realloc(s->imgs, sizeof(chat_img) * (size_t)nc);
+        if (ni) {
+            s->imgs = ni;
+            s->cap_imgs = nc;
+        } else {
+            rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+        }
+    }
+    /* the new images go after the history's, where they are kept once the turn is done */
+    chat_img *fresh = rc == LT_OK ? s->imgs + s->n_imgs : NULL;
+    if (rc == LT_OK && n_images > 0) rc = encode_images(s, images, n_images, fresh);
+    const chat_img **all = NULL;
+    if (rc == LT_OK && total > 0 && !(all = malloc(sizeof(chat_img *) * (size_t)total)))
+        rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+    for (int i = 0; all && i < total; i++)
+        all[i] = &s->imgs[i];
+    if (rc != LT_OK) {
+        if (fresh)
+            for (int i = 0; i < n_images; i++)
+                free(fresh[i].emb);
+        free(ids);
+        return rc;
+    }
+    prompt_imgs pi = {all, total};
     textstream st = {.emit = cb ? cb->text : NULL, .ctx = cb ? cb->ctx : NULL};
-    rc = run_generation(s, ids, nid, o, &st, &gen, &ng, 0);
+    rc = run_generation(s, ids, nid, &pi, o, &st, &gen, &ng, 0);
     free(ids);
     free(gen);
+    free(all);
+    int kept = 0;
     if (rc == LT_OK || rc == LT_CANCELLED) {
         const char *ans = lt_strbuf_str(&st.text);
-        lt_status r1 = history_push(s, "user", user_text);
-        lt_status r2 = r1 == LT_OK ? history_push(s, "model", ans) : r1;
-        if (r2 != LT_OK) rc = r2;
+        lt_status r1 = history_push(s, "user", user_text, n_images);
+        lt_status r2 = r1 == LT_OK ? history_push(s, "model", ans, 0) : r1;
+        if (r1 == LT_OK && r2 != LT_OK) { /* a user turn without its reply: take it back */
+            s->n_msgs--;
+            free(s->roles[s->n_msgs]);
+            free(s->contents[s->n_msgs]);
+        }
+        if (r2 == LT_OK) {
+            s->n_imgs += n_images; /* the turn is in the history: so are its images */
+            kept = 1;
+        } else {
+            rc = r2;
+        }
         if (reply && rc != LT_ERR_MEMORY) {
             *reply = lt_strbuf_take(&st.text);
         }
     }
+    if (!kept)
+        for (int i = 0; i < n_images; i++)
+            free(fresh[i].emb);
     lt_strbuf_free(&st.text);
     return rc;
+}
+
+lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
+                  const lt_callbacks *cb, char **reply) {
+    return lt_chat_images(s, user_text, NULL, 0, o, cb, reply);
 }
 
 /* ---- fine-tuning and export: the trainer and the exporters get what they work on ---------- */

@@ -177,7 +177,14 @@ static void model_summary(magic_ctx *ctx, int with_title) {
             sb_printf(&text, "%-18s %s\n", "GPU memory", gpu);
             sb_printf(&html, "<tr><td>GPU memory</td><td>%s</td></tr>", gpu);
         }
-        if (info.skipped_vision) {
+        if (info.image_tokens) {
+            char note[160];
+            snprintf(note, sizeof note,
+                     "images: %%%%chat image=FILE (the vision tower is loaded; %d tokens an image)",
+                     info.image_tokens);
+            sb_printf(&text, "%-18s %s\n", "note", note);
+            sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
+        } else if (info.skipped_vision) {
             const char *note = "text only: the vision tower and projector were skipped";
             sb_printf(&text, "%-18s %s\n", "note", note);
             sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
@@ -247,6 +254,8 @@ int magic_generate(magic_ctx *ctx, const magic_args *a) {
     return 0;
 }
 
+#define MAX_CHAT_IMAGES 64 /* image= files in one message */
+
 int magic_chat(magic_ctx *ctx, const magic_args *a) {
     if (a->npos == 1) {
         if (strcmp(a->pos[0], "reset") != 0)
@@ -267,7 +276,8 @@ int magic_chat(magic_ctx *ctx, const magic_args *a) {
     size_t n = strlen(body);
     while (n > 0 && (body[n - 1] == '\n' || body[n - 1] == ' ' || body[n - 1] == '\r'))
         --n;
-    if (n == 0) {
+    const char *image = arg_given(a, "image") ? arg_str(a, "image") : NULL;
+    if (n == 0 && !(image && *image)) {
         if (a->npos == 1) {
             magic_print(ctx, "conversation reset\n");
             return 0;
@@ -276,14 +286,39 @@ int magic_chat(magic_ctx *ctx, const magic_args *a) {
                           "%%%%chat: the cell body is your message and it is empty; write it "
                           "on the lines after %%%%chat");
     }
+    /* image=A,B: the files, split at the commas */
+    char *list = image ? strdup(image) : NULL;
+    const char *files[MAX_CHAT_IMAGES];
+    int n_files = 0;
+    if (image && !list) return magic_fail(ctx, "MemoryError", "out of memory");
+    for (char *p = list, *e; p; p = e ? e + 1 : NULL) {
+        e = strchr(p, ',');
+        if (e) *e = 0;
+        if (!*p) {
+            free(list);
+            return magic_fail(ctx, "CellError",
+                              "%%%%chat: image= has an empty file name; write "
+                              "image=FILE or image=FILE,FILE");
+        }
+        if (n_files == MAX_CHAT_IMAGES) {
+            free(list);
+            return magic_fail(ctx, "CellError", "%%%%chat: image= takes at most %d files",
+                              MAX_CHAT_IMAGES);
+        }
+        files[n_files++] = p;
+    }
     char *msg = strndup(body, n);
-    if (!msg) return magic_fail(ctx, "MemoryError", "out of memory");
+    if (!msg) {
+        free(list);
+        return magic_fail(ctx, "MemoryError", "out of memory");
+    }
     lt_gen_opts o;
     gen_opts_from(a, &o);
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
-    lt_status st = lt_chat(ctx->session, msg, &o, &cb, NULL);
+    lt_status st = lt_chat_images(ctx->session, msg, files, n_files, &o, &cb, NULL);
     free(msg);
+    free(list);
     magic_print(ctx, "\n");
     if (st != LT_OK) return magic_fail_engine(ctx, st);
     return 0;

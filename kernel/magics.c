@@ -110,6 +110,9 @@ static const opt_spec chat_opts[] = {
     SAMPLING_OPTS,
     {"system", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
      "system prompt (Gemma folds it into the first user turn); \"\" clears it"},
+    {"image", OPT_LIST, NO_DEFAULT, NULL, NO_RANGE,
+     "PNG or JPEG files this message shows the model, before its text (a multimodal Gemma 3 "
+     "checkpoint)"},
     {NULL}};
 
 /* type= and overwrite= are arguments of lt_export_gguf, not fields of an options struct. */
@@ -277,11 +280,17 @@ static const magic_spec table[] = {
      "tokens into the cell. Stops at <eos>, <end_of_turn> or max_new. Interrupt keeps what "
      "was generated.",
      magic_generate},
-    {"chat", 1, "%%chat [reset] [system=TEXT] [max_new=N] [temperature=T] ...", 0, 1, "reset", NULL,
-     chat_opts, "chat with the model (multi-turn, Gemma chat template)",
+    {"chat", 1,
+     "%%chat [reset] [image=FILE[,FILE...]] [system=TEXT] [max_new=N] [temperature=T] ...", 0, 1,
+     "reset", NULL, chat_opts, "chat with the model (multi-turn, Gemma chat template, images)",
      "The cell body is your message; the model's reply streams into the cell and both join "
-     "the conversation. `%%chat reset` (with or without a body) starts a new conversation. "
-     "The prompt is rendered with Gemma 3's chat template, with one <bos>.",
+     "the conversation. `%%chat reset` (with or without a body) starts a new conversation, "
+     "images included. The prompt is rendered with Gemma 3's chat template, with one <bos>. "
+     "image=cat.png,dog.jpg puts those pictures in the message, before its text, for a "
+     "multimodal Gemma 3 checkpoint (e.g. google/gemma-3-4b-it): each takes "
+     "mm_tokens_per_image + 2 tokens (258 for Gemma 3) of max_seq, and later turns still see "
+     "it. Relative paths are read from the kernel's working directory, as %train data= is. "
+     "With image= the body may be empty.",
      magic_chat},
     {"lora", 0,
      "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "

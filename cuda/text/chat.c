@@ -92,3 +92,17 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
     *out = lt_strbuf_take(&b);
     return LT_OK;
 }
+
+lt_status chat_user_content(const char *text, int n_images, char **out, char *err) {
+    *out = NULL;
+    lt_strbuf b = {0};
+    for (int i = 0; i < n_images; i++)
+        lt_strbuf_puts(&b, "<start_of_image>");
+    sb_put_stripped(&b, text ? text : "");
+    if (b.oom) {
+        lt_strbuf_free(&b);
+        return lt_fail(err, LT_ERR_MEMORY, "chat template: out of memory");
+    }
+    *out = lt_strbuf_take(&b);
+    return LT_OK;
+}

@@ -5,6 +5,7 @@
  * blank line, roles alternating user / non-user (else the template's own error), "assistant"
  * spelled "model", content trimmed as Python's str.strip() does, every turn closed by
  * "<end_of_turn>\n", and "<start_of_turn>model\n" appended when add_generation_prompt is set.
+ * A user turn's images are "<start_of_image>" markers before its text (chat_user_content).
  */
 #ifndef LATHE_CHAT_H
 #define LATHE_CHAT_H
@@ -14,5 +15,11 @@
 /* *out malloc'd. err: LT_ERRLEN bytes. */
 lt_status chat_render(const char *const *roles, const char *const *contents, int n,
                       int add_generation_prompt, char **out, char *err);
+
+/* A user turn's content when it carries n_images images before its text, as the same template
+ * renders a content list [{"type": "image"} x n_images, {"type": "text", "text": text}]: one
+ * "<start_of_image>" per image, then the text stripped (Python's str.strip()). chat_render
+ * strips the whole content again, which leaves this one as it is. *out malloc'd. */
+lt_status chat_user_content(const char *text, int n_images, char **out, char *err);
 
 #endif

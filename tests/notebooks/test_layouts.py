@@ -1,7 +1,7 @@
 """%load + %%chat in a notebook (nbconvert) on every committed checkpoint layout: the flat
 legacy config (model.), the nested sparse 4B-style config (language_model.model., bf16,
-vision tower skipped), the transformers-5 nested config (model.language_model., sharded, f16,
-vision tower skipped)."""
+with a vision tower), the transformers-5 nested config (model.language_model., sharded, f16,
+with a vision tower); %status names the vision tower of the two multimodal ones."""
 import os
 
 import nbformat

@@ -1,0 +1,517 @@
+/* test_chat_image.c — lt_chat_images end to end on the CPU, on a copy of the committed tf5
+ * fixture (a tiny Gemma3ForConditionalGeneration: one SigLIP layer, 4 soft tokens per image,
+ * the image token past the embedding) whose projector, zero in the fixture (transformers'
+ * init), gets random values so that the soft tokens carry the image.
+ *
+ * Checks: the prompt ids hold one image block per image where Gemma 3's processor
+ * (transformers' processing_gemma3.py) puts it, against ids built here from lt_tokenize; a
+ * greedy image chat replies what greedy decoding over lt_logits_image of the same ids and
+ * images gives; another image changes the logits; later turns re-render the earlier images (the
+ * replies follow lt_logits_image over the whole conversation with all its images); the cache
+ * is never reused across different images behind equal ids; bad input (a missing file, a file
+ * that is not an image, a truncated PNG, "<start_of_image>" in the text, a text-only model, a
+ * conversation longer than max_seq) is refused with a message, the history unchanged and the
+ * session usable. TAP. The model runs on the CPU; LATHE_TEST_DEVICE=cuda runs the
+ * multimodal loads on the GPU instead (a manual check; make check stays on the CPU).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cuda/engine.h"
+#include "tests/unit/tap.h"
+
+#ifndef LATHE_SRCDIR
+#define LATHE_SRCDIR "."
+#endif
+
+#define PROJ "model.multi_modal_projector.mm_input_projection_weight"
+#define MM 4       /* tf5's mm_tokens_per_image */
+#define BOI 8      /* boi_token_index */
+#define EOI 9      /* eoi_token_index */
+#define IMAGE 4096 /* image_token_index */
+
+static const char *test_device(void) {
+    const char *d = getenv("LATHE_TEST_DEVICE");
+    return d && *d ? d : "cpu";
+}
+
+static const char *srcdir(void) {
+    const char *s = getenv("LATHE_SRCDIR");
+    return s && *s ? s : LATHE_SRCDIR;
+}
+
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *p = malloc((size_t)len + 1);
+    if (p && fread(p, 1, (size_t)len, f) != (size_t)len) {
+        free(p);
+        p = NULL;
+    }
+    fclose(f);
+    if (p) p[len] = 0;
+    *n = (size_t)len;
+    return p;
+}
+
+static int spill(const char *path, const void *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return -1;
+    int rc = fwrite(p, 1, n, f) == n ? 0 : -1;
+    return fclose(f) == 0 ? rc : -1;
+}
+
+/* Copies tf5 into dir, the projector (F16) filled with random values in +-[1/32, 1). */
+static int make_fixture(const char *dir) {
+    static const char *files[] = {"config.json",
+                                  "tokenizer.model",
+                                  "model.safetensors.index.json",
+                                  "model-00001-of-00003.safetensors",
+                                  "model-00002-of-00003.safetensors",
+                                  "model-00003-of-00003.safetensors"};
+    int patched = 0;
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char from[4096], to[4096];
+        snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", srcdir(), files[i]);
+        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
+        size_t n;
+        char *p = slurp(from, &n);
+        if (!p) return -1;
+        int st = strstr(files[i], ".safetensors") && !strstr(files[i], "index");
+        const char *hit = st && n > 8 ? strstr(p + 8, "\"" PROJ "\"") : NULL;
+        if (hit) {
+            uint64_t hlen = 0;
+            for (int b = 7; b >= 0; b--)
+                hlen = hlen << 8 | (unsigned char)p[b];
+            long a = 0, e = 0;
+            const char *off = strstr(hit, "\"data_offsets\"");
+            if (!off || sscanf(strchr(off, '[') + 1, "%ld , %ld", &a, &e) != 2 ||
+                8 + hlen + (uint64_t)e > n) {
+                free(p);
+                return -1;
+            }
+            unsigned char *w = (unsigned char *)p + 8 + hlen + a;
+            unsigned s = 4242;
+            for (long k = 0; k < (e - a) / 2; k++) {
+                s = s * 1664525u + 1013904223u;
+                unsigned r = s >> 8;
+                unsigned h = (r & 1) << 15 | (10 + (r >> 1) % 5) << 10 | ((r >> 4) & 0x3ff);
+                w[2 * k] = (unsigned char)(h & 0xff);
+                w[2 * k + 1] = (unsigned char)(h >> 8);
+            }
+            patched = 1;
+        }
+        int rc = spill(to, p, n);
+        free(p);
+        if (rc) return -1;
+    }
+    return patched ? 0 : -1;
+}
+
+typedef struct collect {
+    char text[8192];
+} collect;
+
+static void on_text(void *ctx, const char *piece) {
+    collect *c = ctx;
+    strncat(c->text, piece, sizeof c->text - strlen(c->text) - 1);
+}
+
+static lt_gen_opts greedy(int max_new) {
+    lt_gen_opts o;
+    lt_gen_opts_default(&o);
+    o.temperature = 0;
+    o.max_new = max_new;
+    return o;
+}
+
+static int one_id(lt_session *s, const char *piece) {
+    int32_t *ids = NULL;
+    int n = 0, id = -1;
+    if (lt_tokenize(s, piece, &ids, &n) == LT_OK && n == 1) id = ids[0];
+    free(ids);
+    return id;
+}
+
+/* The text greedy decoding over lt_logits_image gives for steps tokens after ids (with the
+ * images), stopping at <eos> / <end_of_turn>. *last: the last row of the first call. */
+static char *greedy_ref(lt_session *s, const int32_t *ids, int n, const char *const *imgs, int ni,
+                        int steps, float *first_row) {
+    int stop1 = one_id(s, "<eos>"), stop2 = one_id(s, "<end_of_turn>");
+    int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n + steps));
+    memcpy(seq, ids, sizeof(int32_t) * (size_t)n);
+    int len = n;
+    for (int k = 0; k < steps; k++) {
+        float *lg = NULL;
+        int V = 0;
+        if (lt_logits_image(s, seq, len, imgs, ni, &lg, &V) != LT_OK) {
+            diag("lt_logits_image: %s", lt_last_error(s));
+            free(seq);
+            return NULL;
+        }
+        const float *row = lg + (size_t)(len - 1) * V;
+        if (k == 0 && first_row) memcpy(first_row, row, sizeof(float) * (size_t)V);
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        free(lg);
+        if (best == stop1 || best == stop2) break;
+        seq[len++] = best;
+    }
+    char *text = NULL;
+    if (lt_detokenize(s, seq + n, len - n, &text) != LT_OK) text = NULL;
+    free(seq);
+    return text;
+}
+
+/* ids == want, printing the first difference */
+static int same_ids(const int32_t *got, int ng, const int32_t *want, int nw) {
+    for (int i = 0; i < ng && i < nw; i++)
+        if (got[i] != want[i]) {
+            diag("ids differ at %d: %d vs %d", i, got[i], want[i]);
+            return 0;
+        }
+    if (ng != nw) diag("%d ids, want %d", ng, nw);
+    return ng == nw;
+}
+
+static void push_text(lt_session *s, int32_t *out, int *n, const char *text) {
+    int32_t *t = NULL;
+    int k = 0;
+    if (lt_tokenize(s, text, &t, &k) == LT_OK) {
+        memcpy(out + *n, t, sizeof(int32_t) * (size_t)k);
+        *n += k;
+    }
+    free(t);
+}
+
+static void push_block(int32_t *out, int *n) {
+    out[(*n)++] = BOI;
+    for (int i = 0; i < MM; i++)
+        out[(*n)++] = IMAGE;
+    out[(*n)++] = EOI;
+}
+
+/* The prompt ids of the next turn, for comparing histories. */
+static int32_t *prompt_ids(lt_session *s, const char *text, int ni, int *n) {
+    int32_t *ids = NULL;
+    if (lt_chat_prompt_ids(s, text, ni, &ids, n) != LT_OK) {
+        diag("lt_chat_prompt_ids: %s", lt_last_error(s));
+        *n = 0;
+    }
+    return ids;
+}
+
+static void test_rendering(lt_session *s) {
+    int32_t want[256];
+    int nw = 0, n = 0;
+    want[nw++] = 2; /* BOS */
+    push_text(s, want, &nw, "<start_of_turn>user\n\n\n");
+    push_block(want, &nw);
+    push_text(s, want, &nw, "\n\nWhat is it?<end_of_turn>\n<start_of_turn>model\n");
+    int32_t *got = prompt_ids(s, "  What is it?\n", 1, &n);
+    ok(got && same_ids(got, n, want, nw),
+       "one image: <start_of_turn>user\\n + \\n\\n, the block, \\n\\n + the stripped text");
+    free(got);
+
+    nw = 0;
+    want[nw++] = 2;
+    push_text(s, want, &nw, "<start_of_turn>user\n\n\n");
+    push_block(want, &nw);
+    push_text(s, want, &nw, "\n\n\n\n");
+    push_block(want, &nw);
+    push_text(s, want, &nw, "\n\nCompare.<end_of_turn>\n<start_of_turn>model\n");
+    got = prompt_ids(s, "Compare.", 2, &n);
+    ok(got && same_ids(got, n, want, nw), "two images: two blocks, \\n\\n\\n\\n between them");
+    int blocks = 0, images = 0;
+    for (int i = 0; got && i < n; i++) {
+        blocks += got[i] == BOI;
+        images += got[i] == IMAGE;
+        if (got[i] == BOI) {
+            int run = 0;
+            while (i + 1 + run < n && got[i + 1 + run] == IMAGE)
+                run++;
+            if (run != MM || i + 1 + run >= n || got[i + 1 + run] != EOI) blocks = -100;
+        }
+    }
+    ok(blocks == 2 && images == 2 * MM,
+       "each image is <start_of_image>, mm image tokens, <end_of_image>");
+    free(got);
+
+    lt_chat_system(s, "Be brief.");
+    nw = 0;
+    want[nw++] = 2;
+    push_text(s, want, &nw, "<start_of_turn>user\nBe brief.\n\n\n\n");
+    push_block(want, &nw);
+    push_text(s, want, &nw, "\n\nHi<end_of_turn>\n<start_of_turn>model\n");
+    got = prompt_ids(s, "Hi", 1, &n);
+    ok(got && same_ids(got, n, want, nw), "a system prompt comes before the image");
+    free(got);
+    lt_chat_system(s, NULL);
+
+    /* no image: the ids of the text template, as lt_chat always rendered them */
+    const char *roles[1] = {"user"}, *contents[1] = {"Hello"};
+    char *text = NULL;
+    lt_chat_render(s, roles, contents, 1, 1, &text);
+    nw = 0;
+    want[nw++] = 2;
+    push_text(s, want, &nw, text ? text + 5 : "");
+    free(text);
+    got = prompt_ids(s, "Hello", 0, &n);
+    ok(got && same_ids(got, n, want, nw), "no image: the text template's ids");
+    free(got);
+}
+
+/* One greedy turn against greedy_ref over the same ids and images; 1 when they agree. */
+static int turn_matches(lt_session *s, const char *text, const char *const *new_imgs, int n_new,
+                        const char *const *all_imgs, int n_all, int steps, const char *what) {
+    int n = 0;
+    int32_t *ids = prompt_ids(s, text, n_new, &n);
+    char *want = ids ? greedy_ref(s, ids, n, all_imgs, n_all, steps, NULL) : NULL;
+    free(ids);
+    collect c = {""};
+    lt_callbacks cb = {&c, NULL, NULL, on_text};
+    lt_gen_opts o = greedy(steps);
+    char *reply = NULL;
+    lt_status rc = lt_chat_images(s, text, new_imgs, n_new, &o, &cb, &reply);
+    if (rc != LT_OK) diag("%s: %s", what, lt_last_error(s));
+    int good = rc == LT_OK && want && reply && !strcmp(reply, want) && !strcmp(c.text, reply);
+    if (!good)
+        diag("%s: reply '%s', streamed '%s', want '%s'", what, reply ? reply : "(null)", c.text,
+             want ? want : "(null)");
+    free(want);
+    free(reply);
+    return good;
+}
+
+static void test_replies(lt_session *s, const char *rgb, const char *grey, const char *rgba) {
+    const char *one[1] = {rgb}, *other[1] = {grey};
+    lt_chat_reset(s);
+    ok(turn_matches(s, "Describe the image.", one, 1, one, 1, 4, "rgb"),
+       "an image chat replies greedy lt_logits_image's tokens over the same ids and image");
+    lt_chat_reset(s);
+    ok(turn_matches(s, "Describe the image.", other, 1, other, 1, 4, "grey"),
+       "... with another image too (a fresh conversation, the same ids)");
+
+    /* another image changes the logits after its block */
+    lt_chat_reset(s);
+    int n = 0;
+    int32_t *ids = prompt_ids(s, "Describe the image.", 1, &n);
+    float *a = NULL, *b = NULL;
+    int V = 0;
+    lt_status r1 = lt_logits_image(s, ids, n, one, 1, &a, &V);
+    lt_status r2 = lt_logits_image(s, ids, n, other, 1, &b, &V);
+    double diff = 0;
+    for (int v = 0; r1 == LT_OK && r2 == LT_OK && v < V; v++) {
+        double d = a[(size_t)(n - 1) * V + v] - b[(size_t)(n - 1) * V + v];
+        diff = d > diff ? d : -d > diff ? -d : diff;
+    }
+    diag("largest change of the last logits between the images: %g", diff);
+    ok(r1 == LT_OK && r2 == LT_OK && diff > 1e-3, "another image changes the logits");
+    free(a);
+    free(b);
+    free(ids);
+
+    /* later turns re-render the earlier images: their soft tokens at their blocks */
+    lt_chat_reset(s);
+    const char *both[2] = {rgb, grey}, *last[1] = {rgba};
+    ok(turn_matches(s, "What is this?", one, 1, one, 1, 3, "turn 1"), "turn 1 with an image");
+    ok(turn_matches(s, "And this one?", other, 1, both, 2, 3, "turn 2"),
+       "turn 2 with a second image: its reply follows lt_logits_image with both images");
+    ok(turn_matches(s, "Compare them.", NULL, 0, both, 2, 3, "turn 3"),
+       "turn 3, text only: the two earlier images are still in its prompt");
+    ok(turn_matches(s, "And with two at once?", (const char *const[]){grey, rgba}, 2,
+                    (const char *const[]){rgb, grey, grey, rgba}, 4, 3, "turn 4"),
+       "turn 4 with two images: four blocks, in order");
+    ok(turn_matches(s, "Again.", last, 1, (const char *const[]){rgb, grey, grey, rgba, rgba}, 5, 2,
+                    "turn 5"),
+       "turn 5: the history's images and a new one");
+
+    /* equal ids, another image: the cache of the rgb prompt must not be reused */
+    lt_chat_reset(s);
+    lt_gen_opts o = greedy(1);
+    char *reply = NULL;
+    int np = 0;
+    int32_t *p1 = prompt_ids(s, "Describe the image.", 1, &np);
+    lt_chat_images(s, "Describe the image.", one, 1, &o, NULL, &reply); /* caches its prompt */
+    free(reply);
+    lt_chat_reset(s);
+    const char *longer = "Describe the image.<end_of_turn>\n<start_of_turn>model\nA colour.";
+    int nl = 0;
+    int32_t *p2 = prompt_ids(s, longer, 1, &nl);
+    int extends = p1 && p2 && nl > np && !memcmp(p1, p2, sizeof(int32_t) * (size_t)np);
+    ok(extends, "(a prompt with another image whose ids extend the cached ones)");
+    free(p1);
+    free(p2);
+    ok(turn_matches(s, longer, other, 1, other, 1, 4, "cache"),
+       "equal ids with another image: the reply follows that image (the cache is not reused)");
+}
+
+static void test_bad_input(lt_session *s, const char *rgb, const char *dir) {
+    lt_chat_reset(s);
+    const char *one[1] = {rgb};
+    lt_gen_opts o = greedy(2);
+    char *reply = NULL;
+    lt_chat_images(s, "First.", one, 1, &o, NULL, &reply);
+    free(reply);
+    int n0 = 0;
+    int32_t *before = prompt_ids(s, "Next.", 0, &n0);
+
+    char missing[4200], junk[4200], trunc[4200];
+    snprintf(missing, sizeof missing, "%s/no-such.png", dir);
+    snprintf(junk, sizeof junk, "%s/junk.png", dir);
+    snprintf(trunc, sizeof trunc, "%s/truncated.png", dir);
+    spill(junk, "this is not an image\n", 21);
+    size_t pn;
+    char *png = slurp(rgb, &pn);
+    if (png) spill(trunc, png, pn / 2);
+    free(png);
+    struct {
+        const char *text, *file;
+        lt_status want;
+        const char *says, *what;
+    } bad[] = {
+        {"Look.", missing, LT_ERR_IO, "no-such.png", "a missing image file"},
+        {"Look.", junk, LT_ERR_FORMAT, "not a PNG or JPEG", "a file that is not an image"},
+        {"Look.", trunc, LT_ERR_FORMAT, "PNG", "a truncated PNG"},
+        {"Look at <start_of_image> here.", rgb, LT_ERR_ARG, "<start_of_image>",
+         "a message that writes <start_of_image> itself"},
+        {"Look.", "", LT_ERR_ARG, "no file name", "an empty file name"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        const char *imgs[2] = {rgb, bad[i].file};
+        reply = NULL;
+        lt_status rc = lt_chat_images(s, bad[i].text, imgs, 2, &o, NULL, &reply);
+        char name[200];
+        snprintf(name, sizeof name, "%s is refused with a message", bad[i].what);
+        ok(rc == bad[i].want && strstr(lt_last_error(s), bad[i].says) && !reply, name);
+        if (rc != bad[i].want || !strstr(lt_last_error(s), bad[i].says))
+            diag("rc %d: %s", rc, lt_last_error(s));
+        int n1 = 0;
+        int32_t *after = prompt_ids(s, "Next.", 0, &n1);
+        snprintf(name, sizeof name, "... the history is unchanged after %s", bad[i].what);
+        ok(before && after && same_ids(after, n1, before, n0), name);
+        free(after);
+    }
+    ok(lt_chat_images(s, "Next.", NULL, 0, &o, NULL, &reply) == LT_OK && reply,
+       "the conversation goes on after the refused turns");
+    free(reply);
+    free(before);
+}
+
+static void test_text_only_model(void) {
+    lt_session *s = lt_session_new();
+    lt_load_opts lo;
+    lt_load_opts_default(&lo);
+    lo.device = "cpu";
+    if (lt_load(s, "tiny", &lo, NULL) != LT_OK) {
+        ok(0, "load tiny");
+        diag("%s", lt_last_error(s));
+        lt_session_free(s);
+        return;
+    }
+    char png[4096];
+    snprintf(png, sizeof png, "%s/tests/vision/data/rgb.png", srcdir());
+    const char *one[1] = {png};
+    lt_gen_opts o = greedy(2);
+    char *reply = NULL;
+    lt_status rc = lt_chat_images(s, "Look.", one, 1, &o, NULL, &reply);
+    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "image tower"),
+       "an image for a text-only model is refused, naming the image tower");
+    diag("%s", lt_last_error(s));
+    int32_t *ids = NULL;
+    int n = 0;
+    ok(lt_chat_prompt_ids(s, "Look.", 1, &ids, &n) == LT_ERR_ARG && !ids,
+       "... and so is rendering its prompt");
+    ok(lt_chat(s, "Hello", &o, NULL, &reply) == LT_OK && reply, "... and text chat still works");
+    free(reply);
+    ids = prompt_ids(s, "Again", 0, &n);
+    int turns = 0;
+    for (int i = 0; ids && i < n; i++)
+        turns += ids[i] == one_id(s, "<start_of_turn>");
+    ok(turns == 4, "... with one earlier turn in the history (the refused one is not)");
+    free(ids);
+    lt_session_free(s);
+}
+
+static void test_max_seq(const char *dir, const char *rgb) {
+    lt_session *s = lt_session_new();
+    lt_load_opts lo;
+    lt_load_opts_default(&lo);
+    lo.device = test_device();
+    lo.dtype = "fp32";
+    lo.max_seq = 40;
+    if (lt_load(s, dir, &lo, NULL) != LT_OK) {
+        ok(0, "load the fixture with max_seq=40");
+        diag("%s", lt_last_error(s));
+        lt_session_free(s);
+        return;
+    }
+    const char *six[6] = {rgb, rgb, rgb, rgb, rgb, rgb};
+    lt_gen_opts o = greedy(2);
+    char *reply = NULL;
+    lt_status rc = lt_chat_images(s, "Count them.", six, 6, &o, NULL, &reply);
+    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "max_seq") && strstr(lt_last_error(s), "each"),
+       "images past max_seq are refused, saying what an image takes");
+    diag("%s", lt_last_error(s));
+    ok(lt_chat_images(s, "Count it.", six, 1, &o, NULL, &reply) == LT_OK && reply,
+       "... and a turn that fits runs next");
+    if (!reply) diag("%s", lt_last_error(s));
+    free(reply);
+    lt_session_free(s);
+}
+
+int main(void) {
+    char dir[] = "/tmp/lathe-chat-image-XXXXXX";
+    if (!mkdtemp(dir) || make_fixture(dir) != 0) {
+        printf("Bail out! cannot copy tests/fixtures/tf5 into %s\n", dir);
+        return 1;
+    }
+    char rgb[4096], grey[4096], rgba[4096];
+    snprintf(rgb, sizeof rgb, "%s/tests/vision/data/rgb.png", srcdir());
+    snprintf(grey, sizeof grey, "%s/tests/vision/data/grey.png", srcdir());
+    snprintf(rgba, sizeof rgba, "%s/tests/vision/data/rgba.png", srcdir());
+    lt_session *s = lt_session_new();
+    lt_load_opts lo;
+    lt_load_opts_default(&lo);
+    lo.device = test_device();
+    lo.dtype = "fp32";
+    lt_status rc = lt_load(s, dir, &lo, NULL);
+    ok(rc == LT_OK, "load the multimodal fixture");
+    if (rc != LT_OK) {
+        diag("%s", lt_last_error(s));
+        return tap_done();
+    }
+    test_rendering(s);
+    test_replies(s, rgb, grey, rgba);
+    test_bad_input(s, rgb, dir);
+    lt_chat_reset(s);
+    int n = 0;
+    const char *one[1] = {rgb};
+    lt_gen_opts o = greedy(1);
+    char *reply = NULL;
+    lt_chat_images(s, "Hi.", one, 1, &o, NULL, &reply);
+    free(reply);
+    lt_chat_reset(s);
+    int32_t *ids = prompt_ids(s, "Hi.", 0, &n);
+    int images = 0;
+    for (int i = 0; ids && i < n; i++)
+        images += ids[i] == IMAGE;
+    ok(ids && images == 0, "lt_chat_reset forgets the images too");
+    free(ids);
+    lt_session_free(s);
+    test_text_only_model();
+    test_max_seq(dir, rgb);
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (getenv("LATHE_TEST_KEEP")) /* for a closer look */
+        diag("kept %s", dir);
+    else if (system(cmd) != 0)
+        diag("could not remove %s", dir);
+    return tap_done();
+}
