@@ -18,8 +18,9 @@
 #   flow    the notebook flow on the GPU (bench/gpu_flow.lathe through `lathe run`: load, LoRA,
 #           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
-#           for llama.cpp here;
-#   lease   checks (no fallback rerun), flow, the vision fixture, grpo-short: under 9 minutes;
+#           for llama.cpp here (bench/check_flow_gguf.py OUTDIR/flow);
+#   full    full fine-tuning (bench_train RANK 0): what fits 15 GiB, and 1B in bf16;
+#   lease   checks (no fallback rerun), the vision fixture, grpo-short, flow, full: under 9 minutes;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
