@@ -47,16 +47,22 @@ static int looks_like_regex(const char *s) {
  * repetitions grow exponentially ("a++++..." or "((a{50}){50}){50}" take gigabytes), and
  * regexec's DFA over thousands of copies of one atom takes minutes; this walks the pattern
  * estimating the copies regcomp makes and refuses more than REGEX_MAX_NODES in all or
- * REGEX_MAX_COPIES of one atom. Bracket expressions and escapes count as one atom. */
+ * REGEX_MAX_COPIES of one atom. Bracket expressions and escapes count as one atom. A repetition
+ * right after another (a**, (x*)*+) is refused too, as Python's re refuses it ("multiple
+ * repeat"): glibc builds it in time cubic in the stars (64 + 64 stars around a group took 0.6
+ * s, 39 s under ASan); one lazy '?' after a repetition (a*?) is Python's and stays. */
 #define REGEX_MAX_NODES 4096
 #define REGEX_MAX_COPIES 256
 static int regex_small(const char *p) {
     double total[64], last[64];
-    int depth = 0;
+    int depth = 0, rep = 0; /* rep: 1 after a repetition, 2 after its lazy '?' */
     total[0] = last[0] = 0;
     for (size_t i = 0; p[i]; i++) {
         char c = p[i];
         double atom = 1;
+        int is_rep = c == '*' || c == '+' || c == '?' || (c == '{' && strchr(p + i, '}'));
+        if (is_rep && rep && !(c == '?' && rep == 1)) return 0; /* a repeated repetition */
+        rep = is_rep ? (rep == 1 && c == '?' ? 2 : 1) : 0;
         if (c == '\\') {
             if (p[i + 1]) i++;
         } else if (c == '[') {
@@ -389,7 +395,7 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
     const char *t = o->targets && *o->targets
                         ? o->targets
                         : "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
-    a->targets_regex = looks_like_regex(t);
+    a->targets_regex = !o->targets_list && looks_like_regex(t);
     /* checked as regex_matches compiles it, wrapped: a ')' in t may close that group */
     size_t tn = strlen(t) + 3;
     char *wrapped = a->targets_regex ? malloc(tn) : NULL;

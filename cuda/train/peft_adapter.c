@@ -239,6 +239,7 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
         json_t *dr = json_object_get(c, "lora_dropout");
         o.dropout = dr && json_is_number(dr) ? (float)json_number_value(dr) : 0.0f;
         o.targets = targets;
+        o.targets_list = json_is_array(tm);
     }
     json_decref(c);
     if (rc != LT_OK) return rc;

@@ -87,6 +87,9 @@ typedef struct lora_opts {
     float dropout; /* [0, 1) */
     uint64_t seed;
     const char *targets; /* NULL = q,k,v,o,gate,up,down; short names, *_proj names, or a regex */
+    int targets_list;    /* 1: targets is a list of names even where one holds a regex
+                          * character (adapter_config.json's target_modules as a JSON list,
+                          * which PEFT matches by name) */
     int full;            /* full fine-tuning instead of adapters */
 } lora_opts;
 

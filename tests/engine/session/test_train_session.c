@@ -27,6 +27,8 @@
 #include "cuda/engine.h"
 #include "tests/unit/tap.h"
 
+#define STARS64 "****************************************************************"
+
 #ifndef LATHE_SRCDIR
 #define LATHE_SRCDIR "."
 #endif
@@ -333,6 +335,18 @@ static void test_bad_input(void) {
        "a regex of nested bounded repetitions is refused before regcomp");
     l.targets = ".*layers\\.[0-9]{1,2}\\.self_attn\\.(q|v)_proj";
     is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a regex with a small {1,2} is accepted");
+    /* stars stacked on a group of stacked stars: glibc's regcomp took 39 s under ASan (fuzz_peft)
+     */
+    char stars[300];
+    snprintf(stars, sizeof stars, "q_pro%.64s)%.64sj", STARS64, STARS64);
+    l.targets = stars;
+    ok(lt_lora_attach(s, &l, NULL) == LT_ERR_ARG && strstr(lt_last_error(s), "repeats too much"),
+       "bad input: a regex of stacked stars (q_pro**...)**...j) is refused before regcomp");
+    l.targets = "q_pro*";
+    ok(lt_lora_attach(s, &l, NULL) != LT_ERR_ARG || !strstr(lt_last_error(s), "repeats too much"),
+       "one star is not a stacked repetition");
+    l.targets = ".*layers\\.0\\..*?q_proj";
+    is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a lazy .*? (Python's) stays accepted");
     char adir[600], acfg[700];
     path(adir, sizeof adir, "bad-rank");
     mkdir(adir, 0700);
@@ -344,6 +358,11 @@ static void test_bad_input(void) {
     ok(lt_lora_attach(s, &l, NULL) != LT_OK &&
            strstr(lt_last_error(s), "'r' = 2147483656 is out of range"),
        "a PEFT adapter_config.json with r beyond int is refused (it wrapped to r=8)");
+    /* target_modules as a JSON list are names, as PEFT matches them, even with regex characters */
+    write_file(acfg, "{\"peft_type\": \"LORA\", \"r\": 8, \"target_modules\": "
+                     "[\"q_pr**)**oj\", \"k||up\"]}");
+    ok(lt_lora_attach(s, &l, NULL) != LT_OK && strstr(lt_last_error(s), "matches no linear layer"),
+       "bad input: a PEFT list entry with regex characters is a name that matches nothing");
     l.load = NULL;
 
     o.data = data_text;
