@@ -1124,7 +1124,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
         }
     }
     /* the new images go after the history's, where they are kept once the turn is done */
-    chat_img *fresh = rc == LT_OK ? s->imgs + s->n_imgs : NULL;
+    chat_img *fresh = rc == LT_OK && n_images > 0 ? s->imgs + s->n_imgs : NULL;
     if (rc == LT_OK && n_images > 0) rc = encode_images(s, images, n_images, fresh);
     const chat_img **all = NULL;
     if (rc == LT_OK && total > 0 && !(all = malloc(sizeof(chat_img *) * (size_t)total)))
