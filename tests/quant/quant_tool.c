@@ -42,21 +42,10 @@
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
 #include "cuda/train/train.h"
+#include "tests/unit/test_files.h"
 
 static void *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *buf = malloc(len > 0 ? (size_t)len : 1);
-    if (buf && fread(buf, 1, (size_t)len, f) != (size_t)len) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *n = (size_t)len;
-    return buf;
+    return (void *)test_read_file(path, n);
 }
 
 static int spill(const char *path, const void *p, size_t n) {

@@ -14,6 +14,7 @@
 
 #include "cuda/formats/image.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_files.h"
 
 static const char *srcdir(void) {
     const char *s = getenv("LATHE_SRCDIR");
@@ -21,19 +22,7 @@ static const char *srcdir(void) {
 }
 
 static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc((size_t)sz + 1);
-    if (b && fread(b, 1, (size_t)sz, f) != (size_t)sz) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *n = (size_t)sz;
-    return b;
+    return (unsigned char *)test_read_file(path, n);
 }
 
 static void fixture(char *path, size_t cap, const char *name) {

@@ -20,6 +20,7 @@
 
 #include "cuda/formats/gguf.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_files.h"
 
 static uint64_t rng = 88172645463325252ull;
 
@@ -415,19 +416,7 @@ static int rd_str(reader *r, char *out, size_t cap) {
 }
 
 static uint8_t *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc((size_t)len + 1);
-    if (buf && fread(buf, 1, (size_t)len, f) != (size_t)len) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *n = (size_t)len;
-    return buf;
+    return (uint8_t *)test_read_file(path, n);
 }
 
 static int count_entries(const char *dir) {

@@ -21,6 +21,7 @@
 
 #include "cuda/engine.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_files.h"
 
 #ifndef LATHE_SRCDIR
 #define LATHE_SRCDIR "."
@@ -43,20 +44,7 @@ static const char *srcdir(void) {
 }
 
 static char *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = malloc((size_t)len + 1);
-    if (p && fread(p, 1, (size_t)len, f) != (size_t)len) {
-        free(p);
-        p = NULL;
-    }
-    fclose(f);
-    if (p) p[len] = 0;
-    *n = (size_t)len;
-    return p;
+    return (char *)test_read_file(path, n);
 }
 
 static int spill(const char *path, const void *p, size_t n) {

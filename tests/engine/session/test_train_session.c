@@ -26,6 +26,7 @@
 
 #include "cuda/engine.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_files.h"
 
 #define STARS64 "****************************************************************"
 
@@ -44,20 +45,7 @@ static void write_file(const char *path, const char *text) {
 }
 
 static char *read_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)len + 1);
-    if (b && fread(b, 1, (size_t)len, f) != (size_t)len) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    if (b) b[len] = 0;
-    if (n) *n = (size_t)len;
-    return b;
+    return (char *)test_read_file(path, n);
 }
 
 static int same_file(const char *a, const char *b) {
