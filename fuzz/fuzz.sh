@@ -29,7 +29,7 @@ max_len() {
   case $1 in
     wire) echo 65536 ;; connection) echo 4096 ;; cell) echo 4096 ;; safetensors) echo 65536 ;;
     hfconfig) echo 16384 ;; data) echo 65536 ;; peft) echo 8192 ;; gguf) echo 16384 ;;
-    tokenizer) echo 131072 ;; bnb) echo 65536 ;; *) echo 65536 ;;
+    tokenizer) echo 131072 ;; bnb) echo 65536 ;; image) echo 16384 ;; *) echo 65536 ;;
   esac
 }
 
