@@ -24,14 +24,7 @@ if [ "${HAVE_FUZZ:-no}" != yes ]; then
   exit 0
 fi
 
-# max_len per harness: a little over the largest seed of each format.
-max_len() {
-  case $1 in
-    wire) echo 65536 ;; connection) echo 4096 ;; cell) echo 4096 ;; safetensors) echo 65536 ;;
-    hfconfig) echo 16384 ;; data) echo 65536 ;; peft) echo 8192 ;; gguf) echo 16384 ;;
-    tokenizer) echo 131072 ;; bnb) echo 65536 ;; image) echo 16384 ;; *) echo 65536 ;;
-  esac
-}
+. "$src/fuzz/harnesses.sh"
 
 configure_dir() {
   mkdir -p "$dir/fuzz"

@@ -33,6 +33,13 @@
 
 #define IMG_MAX_PIXELS ((int64_t)1 << 28) /* 16384 x 16384: refuse anything larger */
 
+/* The largest image decoded: IMG_MAX_PIXELS, or LATHE_IMAGE_MAX_PIXELS when set (smaller). */
+static int64_t max_pixels(void) {
+    const char *e = getenv("LATHE_IMAGE_MAX_PIXELS");
+    long long v = e && *e ? atoll(e) : 0;
+    return v > 0 && v < IMG_MAX_PIXELS ? (int64_t)v : IMG_MAX_PIXELS;
+}
+
 void img_free(img_rgb *im) {
     if (!im) return;
     free(im->rgb);
@@ -42,9 +49,9 @@ void img_free(img_rgb *im) {
 static lt_status img_alloc(img_rgb *im, int w, int h, const char *what, char *err) {
     if (w <= 0 || h <= 0)
         return lt_fail(err, LT_ERR_FORMAT, "%s: the image has no pixels (%d x %d)", what, w, h);
-    if ((int64_t)w * h > IMG_MAX_PIXELS)
+    if ((int64_t)w * h > max_pixels())
         return lt_fail(err, LT_ERR_ARG, "%s: %d x %d is too large (at most %lld pixels)", what, w,
-                       h, (long long)IMG_MAX_PIXELS);
+                       h, (long long)max_pixels());
     im->rgb = malloc((size_t)w * (size_t)h * 3);
     if (!im->rgb)
         return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory for %d x %d pixels", what, w, h);
@@ -78,9 +85,13 @@ static lt_status decode_png(img_rgb *out, const void *bytes, size_t n, const cha
         png_image_free(&pi);
         return rc;
     }
-    if ((int64_t)pi.width * pi.height > IMG_MAX_PIXELS || pi.width == 0 || pi.height == 0) {
-        lt_status rc = lt_fail(err, LT_ERR_FORMAT, "%s: PNG of %u x %u pixels refused", what,
-                               pi.width, pi.height);
+    if ((int64_t)pi.width * pi.height > max_pixels() || pi.width == 0 || pi.height == 0) {
+        lt_status rc =
+            pi.width == 0 || pi.height == 0
+                ? lt_fail(err, LT_ERR_FORMAT, "%s: the image has no pixels (%u x %u)", what,
+                          pi.width, pi.height)
+                : lt_fail(err, LT_ERR_ARG, "%s: %u x %u is too large (at most %lld pixels)", what,
+                          pi.width, pi.height, (long long)max_pixels());
         png_image_free(&pi);
         return rc;
     }

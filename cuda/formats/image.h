@@ -9,8 +9,9 @@
  * img_pixels rescales by 1/255 and normalizes with mean 0.5 / std 0.5 into [3, H, W] fp32
  * (channel-major), as the processor's rescale and normalize do.
  *
- * Bad input (an empty, truncated or corrupt file, a format it does not read) is refused with
- * a message naming the file. Knows files and pixels, nothing of models.
+ * Bad input (an empty, truncated or corrupt file, a format it does not read, more than 16384 x
+ * 16384 pixels, or fewer where LATHE_IMAGE_MAX_PIXELS says) is refused with a message naming
+ * the file. Knows files and pixels, nothing of models.
  */
 #ifndef LATHE_IMAGE_H
 #define LATHE_IMAGE_H

@@ -217,8 +217,29 @@ static void test_resize(void) {
     ok(px[1] == (float)((float)(1.0 / 255.0) - 0.5f) / 0.5f, "pixels: second pixel, red");
 }
 
+/* LATHE_IMAGE_MAX_PIXELS lowers the size limit (the fuzz harness runs with one), for PNG and
+ * JPEG alike; unset, the 7 x 5 fixture decodes. */
+static void test_pixel_limit(void) {
+    char path[2100], err[LT_ERRLEN];
+    img_rgb im;
+    fixture(path, sizeof path, "rgb.png");
+    setenv("LATHE_IMAGE_MAX_PIXELS", "34", 1);
+    ok(img_load(&im, path, err) == LT_ERR_ARG && strstr(err, "7 x 5 is too large (at most 34"),
+       "bad input: a PNG over LATHE_IMAGE_MAX_PIXELS is refused, naming the limit");
+    unsigned char *jpg = NULL;
+    size_t n = encode_jpeg(&jpg, 9, 4, 90);
+    ok(img_decode(&im, jpg, n, "j", err) == LT_ERR_ARG && strstr(err, "too large"),
+       "bad input: a JPEG over LATHE_IMAGE_MAX_PIXELS is refused");
+    setenv("LATHE_IMAGE_MAX_PIXELS", "35", 1);
+    ok(img_load(&im, path, err) == LT_OK, "at the limit it decodes");
+    img_free(&im);
+    free(jpg);
+    unsetenv("LATHE_IMAGE_MAX_PIXELS");
+}
+
 int main(void) {
     test_png();
+    test_pixel_limit();
     test_jpeg();
     test_bad();
     test_resize();
