@@ -163,6 +163,16 @@ static lt_status decode_jpeg(img_rgb *out, const void *bytes, size_t n, const ch
     jpeg_create_decompress(&ci);
     jpeg_mem_src(&ci, (const unsigned char *)bytes, (unsigned long)n);
     jpeg_read_header(&ci, TRUE);
+    /* the size is checked before jpeg_start_decompress: a progressive JPEG has libjpeg allocate
+     * and zero its whole-image coefficient arrays there, so a small file declaring 30000 x 30000
+     * would take gigabytes; libjpeg's own allowance is bounded the same way */
+    if ((int64_t)ci.image_width * ci.image_height > max_pixels()) {
+        lt_status rc = lt_fail(err, LT_ERR_ARG, "%s: %u x %u is too large (at most %lld pixels)",
+                               what, ci.image_width, ci.image_height, (long long)max_pixels());
+        jpeg_destroy_decompress(&ci);
+        return rc;
+    }
+    ci.mem->max_memory_to_use = (long)(16 * (int64_t)ci.image_width * ci.image_height + (64 << 20));
     ci.out_color_space = JCS_RGB;
     jpeg_start_decompress(&ci);
     if (ci.output_components != 3) {

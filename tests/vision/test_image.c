@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <sys/resource.h>
 
 #include "cuda/formats/image.h"
 #include "tests/unit/tap.h"
@@ -100,6 +101,36 @@ static size_t encode_jpeg(unsigned char **out, int W, int H, int quality) {
             row[x * 3 + 1] = (unsigned char)(y * 255 / (H - 1));
             row[x * 3 + 2] = 128;
         }
+        JSAMPROW r = row;
+        jpeg_write_scanlines(&ci, &r, 1);
+    }
+    jpeg_finish_compress(&ci);
+    jpeg_destroy_compress(&ci);
+    free(row);
+    return (size_t)n;
+}
+
+/* The same gradient as a progressive JPEG (SOF2), quality 80. */
+static size_t encode_jpeg_progressive(unsigned char **out, int W, int H) {
+    struct jpeg_compress_struct ci;
+    struct jpeg_error_mgr je;
+    ci.err = jpeg_std_error(&je);
+    jpeg_create_compress(&ci);
+    unsigned long n = 0;
+    *out = NULL;
+    jpeg_mem_dest(&ci, out, &n);
+    ci.image_width = (JDIMENSION)W;
+    ci.image_height = (JDIMENSION)H;
+    ci.input_components = 3;
+    ci.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&ci);
+    jpeg_set_quality(&ci, 80, TRUE);
+    jpeg_simple_progression(&ci);
+    jpeg_start_compress(&ci, TRUE);
+    unsigned char *row = malloc((size_t)W * 3);
+    while (ci.next_scanline < ci.image_height) {
+        for (int x = 0; x < W * 3; x++)
+            row[x] = (unsigned char)(x * 23 + (int)ci.next_scanline * 41);
         JSAMPROW r = row;
         jpeg_write_scanlines(&ci, &r, 1);
     }
@@ -230,6 +261,28 @@ static void test_pixel_limit(void) {
     size_t n = encode_jpeg(&jpg, 9, 4, 90);
     ok(img_decode(&im, jpg, n, "j", err) == LT_ERR_ARG && strstr(err, "too large"),
        "bad input: a JPEG over LATHE_IMAGE_MAX_PIXELS is refused");
+    /* a progressive JPEG declaring 30000 x 30000 in its frame header: refused before libjpeg
+     * allocates (and zeroes) whole-image coefficient arrays for it */
+    unsetenv("LATHE_IMAGE_MAX_PIXELS");
+    unsigned char *pj = NULL;
+    size_t pn = encode_jpeg_progressive(&pj, 10, 7);
+    int patched = 0;
+    for (size_t i = 0; pj && i + 8 < pn; i++)
+        if (pj[i] == 0xFF && pj[i + 1] == 0xC2) { /* SOF2: length, precision, height, width */
+            pj[i + 5] = pj[i + 7] = 30000 >> 8;
+            pj[i + 6] = pj[i + 8] = 30000 & 255;
+            patched = 1;
+            break;
+        }
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    lt_status prc = img_decode(&im, pj, pn, "huge.jpg", err);
+    getrusage(RUSAGE_SELF, &r1);
+    ok(patched && prc == LT_ERR_ARG && strstr(err, "30000 x 30000 is too large"),
+       "bad input: a progressive JPEG declaring 30000 x 30000 is refused by its header");
+    ok(r1.ru_maxrss - r0.ru_maxrss < 200 * 1024, "... without allocating for it (peak RSS)");
+    if (prc == LT_OK) img_free(&im);
+    free(pj);
     setenv("LATHE_IMAGE_MAX_PIXELS", "35", 1);
     ok(img_load(&im, path, err) == LT_OK, "at the limit it decodes");
     img_free(&im);
