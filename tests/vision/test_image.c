@@ -78,8 +78,9 @@ static void test_png(void) {
     img_free(&im);
 }
 
-/* A W x H RGB JPEG of a smooth gradient, encoded by libjpeg into *out (malloc'd). */
-static size_t encode_jpeg(unsigned char **out, int W, int H, int quality) {
+/* A W x H RGB JPEG of a smooth gradient, encoded by libjpeg into *out (malloc'd); progressive
+ * (SOF2) when asked, baseline otherwise. */
+static size_t encode_jpeg(unsigned char **out, int W, int H, int quality, int progressive) {
     struct jpeg_compress_struct ci;
     struct jpeg_error_mgr je;
     ci.err = jpeg_std_error(&je);
@@ -93,6 +94,7 @@ static size_t encode_jpeg(unsigned char **out, int W, int H, int quality) {
     ci.in_color_space = JCS_RGB;
     jpeg_set_defaults(&ci);
     jpeg_set_quality(&ci, quality, TRUE);
+    if (progressive) jpeg_simple_progression(&ci);
     jpeg_start_compress(&ci, TRUE);
     unsigned char *row = malloc((size_t)W * 3);
     for (int y = 0; y < H; y++) {
@@ -110,41 +112,11 @@ static size_t encode_jpeg(unsigned char **out, int W, int H, int quality) {
     return (size_t)n;
 }
 
-/* The same gradient as a progressive JPEG (SOF2), quality 80. */
-static size_t encode_jpeg_progressive(unsigned char **out, int W, int H) {
-    struct jpeg_compress_struct ci;
-    struct jpeg_error_mgr je;
-    ci.err = jpeg_std_error(&je);
-    jpeg_create_compress(&ci);
-    unsigned long n = 0;
-    *out = NULL;
-    jpeg_mem_dest(&ci, out, &n);
-    ci.image_width = (JDIMENSION)W;
-    ci.image_height = (JDIMENSION)H;
-    ci.input_components = 3;
-    ci.in_color_space = JCS_RGB;
-    jpeg_set_defaults(&ci);
-    jpeg_set_quality(&ci, 80, TRUE);
-    jpeg_simple_progression(&ci);
-    jpeg_start_compress(&ci, TRUE);
-    unsigned char *row = malloc((size_t)W * 3);
-    while (ci.next_scanline < ci.image_height) {
-        for (int x = 0; x < W * 3; x++)
-            row[x] = (unsigned char)(x * 23 + (int)ci.next_scanline * 41);
-        JSAMPROW r = row;
-        jpeg_write_scanlines(&ci, &r, 1);
-    }
-    jpeg_finish_compress(&ci);
-    jpeg_destroy_compress(&ci);
-    free(row);
-    return (size_t)n;
-}
-
 static void test_jpeg(void) {
     char err[LT_ERRLEN];
     unsigned char *jpg = NULL;
     int W = 48, H = 32;
-    size_t n = encode_jpeg(&jpg, W, H, 95);
+    size_t n = encode_jpeg(&jpg, W, H, 95, 0);
     img_rgb im;
     ok(img_decode(&im, jpg, n, "gradient.jpg", err) == LT_OK, "a JPEG decodes");
     ok(im.width == W && im.height == H, "the JPEG's size");
@@ -258,14 +230,14 @@ static void test_pixel_limit(void) {
     ok(img_load(&im, path, err) == LT_ERR_ARG && strstr(err, "7 x 5 is too large (at most 34"),
        "bad input: a PNG over LATHE_IMAGE_MAX_PIXELS is refused, naming the limit");
     unsigned char *jpg = NULL;
-    size_t n = encode_jpeg(&jpg, 9, 4, 90);
+    size_t n = encode_jpeg(&jpg, 9, 4, 90, 0);
     ok(img_decode(&im, jpg, n, "j", err) == LT_ERR_ARG && strstr(err, "too large"),
        "bad input: a JPEG over LATHE_IMAGE_MAX_PIXELS is refused");
     /* a progressive JPEG declaring 30000 x 30000 in its frame header: refused before libjpeg
      * allocates (and zeroes) whole-image coefficient arrays for it */
     unsetenv("LATHE_IMAGE_MAX_PIXELS");
     unsigned char *pj = NULL;
-    size_t pn = encode_jpeg_progressive(&pj, 10, 7);
+    size_t pn = encode_jpeg(&pj, 10, 7, 80, 1);
     int patched = 0;
     for (size_t i = 0; pj && i + 8 < pn; i++)
         if (pj[i] == 0xFF && pj[i + 1] == 0xC2) { /* SOF2: length, precision, height, width */
