@@ -11,8 +11,8 @@ Functions:
   pixels(rgb)                             Gemma3ImageProcessor's rescale + normalize, [3, H, W]
   image_features(cfg, t, px)              the tower + projector: [mm_tokens, H] float64
   logits(cfg, t, ids, feats, bidir=True)  float64 logits [T, V] of ids with the image features
-It owns nothing else and imports only numpy and tests/fixtures/gemma3_ref.py (for reading
-checkpoints and config.json's text hyper-parameters).
+It owns nothing else and imports only numpy and tests/fixtures/gemma3_ref.py (for reading and
+writing checkpoints and config.json's text hyper-parameters).
 """
 import json
 import math
@@ -35,34 +35,11 @@ LAYOUTS = {  # text, tower, projector prefixes on disk
 
 # ---- writing ------------------------------------------------------------------------------
 
-def _bf16(a):
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
-    return u.astype(np.uint16)
-
-
-def write_safetensors(path, tensors, dtype="F32"):
-    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name], dtype=np.float32)
-        raw = (_bf16(a) if dtype == "BF16" else a).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def stored(a, dtype):
     """The float64 values a tensor has once stored in dtype."""
     a = np.asarray(a, dtype=np.float32)
     if dtype == "BF16":
-        return (_bf16(a).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return (gemma3_ref.bf16_bits(a).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return a.astype(np.float64)
 
 
@@ -157,7 +134,7 @@ def make_checkpoint(d, layout="hub", seed=1, dtype="F32", image_size=32, patch=4
     t[vp + "post_layernorm.bias"] = n(D)
     t[pp + "mm_soft_emb_norm.weight"] = n(D, std=0.3)
     t[pp + "mm_input_projection_weight"] = n(D, H, std=0.3)  # input-major [D, H]
-    write_safetensors(os.path.join(d, "model.safetensors"), t, dtype)
+    gemma3_ref.write_safetensors(os.path.join(d, "model.safetensors"), t, dtype)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer:

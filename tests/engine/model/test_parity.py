@@ -10,7 +10,6 @@ tests/fixtures/gemma3_ref.py."""
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 
@@ -107,26 +106,6 @@ def test_nested_skips_vision():
 
 # ---- a checkpoint made here -----------------------------------------------------------------
 
-def write_safetensors(path, tensors, dtype):
-    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, arr in tensors.items():
-        if dtype == "BF16":
-            u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-            b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
-        else:
-            b = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def make_checkpoint(d, dtype):
     rng = np.random.default_rng(5)
     V, H, I, L, nh, nkv, hd = 4096, 40, 72, 7, 6, 3, 12
@@ -149,7 +128,7 @@ def make_checkpoint(d, dtype):
                      ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
             t[p + n + ".weight"] = rng.normal(0, 1 / np.sqrt(s[1]), s)
     t["model.norm.weight"] = rng.normal(0, 0.3, (H,))
-    write_safetensors(os.path.join(d, "model.safetensors"), t, dtype)
+    gemma3_ref.write_safetensors(os.path.join(d, "model.safetensors"), t, dtype)
     shutil.copyfile(TINY_TOKENIZER, os.path.join(d, "tokenizer.model"))
 
 
