@@ -136,7 +136,13 @@ lt_status trainer_attach(lt_trainer *t, const trainer_env *env, const lt_lora_op
     if (o->load && *o->load) {
         rc = peft_load_adapter(&a, env->model, env->ctx, o->load, err);
     } else {
-        lora_opts lo = {o->r, o->alpha, o->rslora, o->dropout, o->seed, o->targets, o->full};
+        lora_opts lo = {.r = o->r,
+                        .alpha = o->alpha,
+                        .rslora = o->rslora,
+                        .dropout = o->dropout,
+                        .seed = o->seed,
+                        .targets = o->targets,
+                        .full = o->full};
         rc = lora_attach(&a, env->model, env->ctx, &lo, err);
     }
     swap_end(t, rc == LT_OK ? a : NULL);

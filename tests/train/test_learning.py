@@ -53,6 +53,7 @@ What do you know about rivers?
 """
     rc, out, err = lathe_run(script, work)
     assert rc == 0, out + err
+    assert "full fine-tuning: every weight trains" in out, out
     losses = losses_of(work, 40)
     assert losses[-1] < losses[0] / 2, f"full fine-tuning loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     reply = out.strip().splitlines()[-1]

@@ -335,6 +335,17 @@ static void test_bad_input(void) {
        "one star is not a stacked repetition");
     l.targets = ".*layers\\.0\\..*?q_proj";
     is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a lazy .*? (Python's) stays accepted");
+    /* full=true reaches the trainer (a field added before it in the engine's options once
+     * shifted it into another, and %lora full=true attached LoRA) */
+    l.targets = NULL;
+    l.full = 1;
+    is_int(lt_lora_attach(s, &l, NULL), LT_OK, "full=true attaches");
+    lt_lora_info_get(s, &info);
+    ok(info.full && info.n_trainable == info.n_total,
+       "full=true trains every weight, with no adapters");
+    l.full = 0;
+    l.targets = ".*layers\\.0\\..*?q_proj";
+    is_int(lt_lora_attach(s, &l, NULL), LT_OK, "LoRA again after full fine-tuning");
     char adir[600], acfg[700];
     path(adir, sizeof adir, "bad-rank");
     mkdir(adir, 0700);
