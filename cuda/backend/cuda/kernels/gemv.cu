@@ -8,8 +8,8 @@
  * 16-bit weight values):
  *   k_lora_xa:  xa[t, j] = Σ_i x[t, i] · A[j, i]                  (one block per adapter row j)
  *   k_gemv16:   y[t, o] (+)= Σ_i x[t, i] · W[o, i] + s · Σ_j xa[t, j] · B[o, j]
- *               (one warp per output row, or per 4 rows when several tokens share the weight
- *               loads; 8 weights per lane per load, every t at once)
+ *               (one block per 4 output rows, its threads splitting i; 8 weights per thread
+ *               per load, every t at once)
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,46 +35,57 @@ __device__ static inline void w8_to_f32(uint4 raw, lt_dtype dt, float *w) {
     }
 }
 
-/* ROWS output rows per warp: each 16-byte load of x (from L1) feeds ROWS weight rows, so with
- * 8 tokens the activations' reads no longer outweigh the weight's (one row per warp read 16 bytes
- * of x for every byte of weight and stalled on L1 long before HBM). */
-template <int ROWS>
+/* One block per GEMV16_ROWS output rows; the block's threads split the input dimension (8
+ * weights each per step, every row and every token at once), then reduce: the warps' shuffles,
+ * then the warps' partial sums in shared memory, in a fixed order (the sums do not depend on
+ * timing). Splitting K across the block keeps each thread's chain of dependent loads short:
+ * with a warp per row, down_proj's 6,912 inputs were 27 serial loads a warp on 2 warps an SM,
+ * bound by memory latency, not bandwidth; and each 16-byte load of x feeds 4 weight rows. */
+#define GEMV16_ROWS 4
+#define GEMV16_MAX_WARPS 8
+
 __global__ static void gemv16_kernel(float *y, const float *x, const void *w, lt_dtype dt, int T,
                                      int64_t in, int64_t out, const float *xa, const float *b,
                                      int r, float scale, int accumulate) {
-    int warps = blockDim.x / 32, lane = threadIdx.x & 31;
-    int64_t o0 = ((int64_t)blockIdx.x * warps + threadIdx.x / 32) * ROWS;
-    if (o0 >= out) return;
-    int nr = out - o0 < ROWS ? (int)(out - o0) : ROWS;
-    float acc[ROWS][GEMV16_MAX_T];
-    for (int q = 0; q < ROWS; q++)
+    __shared__ float part[GEMV16_MAX_WARPS][GEMV16_ROWS * GEMV16_MAX_T];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int64_t o0 = (int64_t)blockIdx.x * GEMV16_ROWS;
+    const int nr = out - o0 < GEMV16_ROWS ? (int)(out - o0) : GEMV16_ROWS;
+    float acc[GEMV16_ROWS][GEMV16_MAX_T];
+    for (int q = 0; q < GEMV16_ROWS; q++)
         for (int t = 0; t < GEMV16_MAX_T; t++)
             acc[q][t] = 0.0f;
     const uint16_t *rows = (const uint16_t *)w + o0 * in;
-    for (int64_t c = (int64_t)lane * 8; c < in; c += 32 * 8) {
-        float wv[ROWS][8];
-        for (int q = 0; q < ROWS; q++)
+    for (int64_t c = (int64_t)threadIdx.x * 8; c < in; c += (int64_t)blockDim.x * 8) {
+        float wv[GEMV16_ROWS][8];
+        for (int q = 0; q < GEMV16_ROWS; q++)
             if (q < nr) w8_to_f32(*(const uint4 *)(rows + q * in + c), dt, wv[q]);
         for (int t = 0; t < T; t++) {
             const float4 *xr = (const float4 *)(x + t * in + c);
             float4 a = xr[0], bq = xr[1];
-            for (int q = 0; q < ROWS; q++)
+            for (int q = 0; q < GEMV16_ROWS; q++)
                 acc[q][t] += a.x * wv[q][0] + a.y * wv[q][1] + a.z * wv[q][2] + a.w * wv[q][3] +
                              bq.x * wv[q][4] + bq.y * wv[q][5] + bq.z * wv[q][6] + bq.w * wv[q][7];
         }
     }
-    for (int q = 0; q < nr; q++) {
-        int64_t o = o0 + q;
+    for (int q = 0; q < nr; q++)
         for (int t = 0; t < T; t++) {
             float s = acc[q][t];
-            if (xa) /* the adapter: lanes take B's row o 32 entries apart */
-                for (int j = lane; j < r; j += 32)
-                    s += scale * xa[t * r + j] * b[o * r + j];
             for (int off = 16; off > 0; off >>= 1)
                 s += __shfl_down_sync(0xffffffffu, s, off);
-            if (lane == 0) y[t * out + o] = accumulate ? y[t * out + o] + s : s;
+            if (lane == 0) part[warp][q * GEMV16_MAX_T + t] = s;
         }
-    }
+    __syncthreads();
+    const int q = threadIdx.x / GEMV16_MAX_T, t = threadIdx.x % GEMV16_MAX_T;
+    if (q >= nr || t >= T) return;
+    float s = 0.0f;
+    for (int k = 0; k < warps; k++)
+        s += part[k][q * GEMV16_MAX_T + t];
+    const int64_t o = o0 + q;
+    if (xa) /* the adapter: scale * xa[t, :] . B[o, :] */
+        for (int j = 0; j < r; j++)
+            s += scale * xa[t * r + j] * b[o * r + j];
+    y[t * out + o] = accumulate ? y[t * out + o] + s : s;
 }
 
 __global__ static void lora_xa_kernel(float *xa, const float *x, const float *a, int T, int64_t in,
@@ -113,22 +124,20 @@ int k_gemv16_ok(int64_t T, int64_t in, int r, const void *x, const void *w) {
 void k_lora_xa(cudaStream_t st, float *xa, const float *x, const float *a, int64_t T, int64_t in,
                int r) {
     if (r <= 0 || T <= 0) return;
-    lora_xa_kernel<<<r, 256, 0, st>>>(xa, x, a, (int)T, in, r);
+    /* r blocks only: 32 warps each keep every thread's chain of loads short */
+    lora_xa_kernel<<<r, 1024, 0, st>>>(xa, x, a, (int)T, in, r);
 }
 
 void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype dt, int64_t T,
               int64_t in, int64_t out, const float *xa, const float *b, int r, float scale,
               int accumulate) {
     if (out <= 0 || T <= 0) return;
-    const int threads = 256, warps = threads / 32;
-    if (T ==
-        1) { /* one token: x costs twice the weight's bytes; a row per warp keeps the SMs busy */
-        int64_t blocks = (out + warps - 1) / warps;
-        gemv16_kernel<1><<<(unsigned)blocks, threads, 0, st>>>(y, x, w, dt, (int)T, in, out, xa, b,
-                                                               r, scale, accumulate);
-    } else {
-        int64_t blocks = (out + 4 * warps - 1) / (4 * warps);
-        gemv16_kernel<4><<<(unsigned)blocks, threads, 0, st>>>(y, x, w, dt, (int)T, in, out, xa, b,
-                                                               r, scale, accumulate);
-    }
+    /* enough threads for one step over the input (8 weights a thread), 1 to 8 warps; the
+     * final sums take one thread per (row, token): 32 threads at least */
+    int64_t warps = (in / 8 + 31) / 32;
+    if (warps < 1) warps = 1;
+    if (warps > GEMV16_MAX_WARPS) warps = GEMV16_MAX_WARPS;
+    int64_t blocks = (out + GEMV16_ROWS - 1) / GEMV16_ROWS;
+    gemv16_kernel<<<(unsigned)blocks, (unsigned)(warps * 32), 0, st>>>(y, x, w, dt, (int)T, in, out,
+                                                                       xa, b, r, scale, accumulate);
 }
