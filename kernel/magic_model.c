@@ -314,9 +314,22 @@ int magic_chat(magic_ctx *ctx, const magic_args *a) {
     }
     lt_gen_opts o;
     gen_opts_from(a, &o);
+    lt_image_opts io;
+    lt_image_opts_default(&io);
+    io.pan_and_scan = arg_bool(a, "pan_and_scan");
+    io.pan_and_scan_min_crop_size = (int)arg_int(a, "pan_and_scan_min_crop_size");
+    io.pan_and_scan_max_num_crops = (int)arg_int(a, "pan_and_scan_max_num_crops");
+    io.pan_and_scan_min_ratio_to_activate = arg_float(a, "pan_and_scan_min_ratio_to_activate");
+    if (io.pan_and_scan && n_files == 0) {
+        free(msg);
+        free(list);
+        return magic_fail(ctx, "CellError",
+                          "%%%%chat: pan_and_scan=true crops the images of image=, and this "
+                          "message has none; add image=FILE or leave pan_and_scan out");
+    }
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
-    lt_status st = lt_chat_images(ctx->session, msg, files, n_files, &o, &cb, NULL);
+    lt_status st = lt_chat_images(ctx->session, msg, files, n_files, &io, &o, &cb, NULL);
     free(msg);
     free(list);
     magic_print(ctx, "\n");
