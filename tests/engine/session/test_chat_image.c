@@ -455,6 +455,85 @@ static void test_max_seq(const char *dir, const char *rgb) {
     lt_session_free(s);
 }
 
+/* Pan-and-scan with a 2-pixel min crop, so that the 7 x 5 rgb.png (ratio 1.4) is cut in 2: the
+ * prompt holds 3 image blocks and Gemma3Processor's crop text, the chat replies, the next turn
+ * re-renders the three blocks; bad options and a text-only model are refused, the session
+ * usable. */
+static int count_image_tokens(const int32_t *ids, int n) {
+    int k = 0;
+    for (int i = 0; ids && i < n; i++)
+        k += ids[i] == IMAGE;
+    return k;
+}
+
+static void test_pan_and_scan(lt_session *s, const char *rgb) {
+    lt_chat_reset(s);
+    lt_image_opts io;
+    lt_image_opts_default(&io);
+    ok(!io.pan_and_scan && io.pan_and_scan_min_crop_size == 256 &&
+           io.pan_and_scan_max_num_crops == 4 && io.pan_and_scan_min_ratio_to_activate == 1.2,
+       "lt_image_opts_default: Gemma3Processor's defaults");
+    io.pan_and_scan = 1;
+    io.pan_and_scan_min_crop_size = 2;
+    const char *one[1] = {rgb};
+    int blocks = 0;
+    ok(lt_image_blocks(s, rgb, &io, &blocks) == LT_OK && blocks == 3,
+       "pan-and-scan: rgb.png takes 3 blocks (itself and 2 crops)");
+    int32_t *ids = NULL;
+    int n = 0;
+    ok(lt_chat_prompt_ids(s, "Look.", one, 1, &io, &ids, &n) == LT_OK &&
+           count_image_tokens(ids, n) == 3 * MM,
+       "pan-and-scan: the prompt holds 3 image blocks");
+    char *text = NULL;
+    if (ids) lt_detokenize(s, ids, n, &text);
+    ok(text && strstr(text, "Here is the original image") &&
+           strstr(text, "and here are some crops to help you see better"),
+       "pan-and-scan: the prompt says it as Gemma3Processor does");
+    free(text);
+    free(ids);
+    lt_gen_opts o = greedy(2);
+    char *reply = NULL;
+    lt_status rc = lt_chat_images(s, "Look.", one, 1, &io, &o, NULL, &reply);
+    ok(rc == LT_OK && reply, "pan-and-scan: the chat replies");
+    if (rc != LT_OK) diag("%s", lt_last_error(s));
+    free(reply);
+    ids = prompt_ids(s, "And now?", 0, &n);
+    is_int(count_image_tokens(ids, n), 3 * MM, "the next turn re-renders the 3 blocks");
+    free(ids);
+    lt_image_opts bad = io;
+    bad.pan_and_scan_max_num_crops = 0;
+    rc = lt_chat_images(s, "Again.", one, 1, &bad, &o, NULL, &reply);
+    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "max_crops"),
+       "pan_and_scan_max_num_crops 0 is refused, naming it");
+    bad = io;
+    bad.pan_and_scan_min_crop_size = 1; /* 7 x 5, min crop 1: 7 crops capped at 4, 2 wide: fine */
+    bad.pan_and_scan_max_num_crops = 64;
+    bad.pan_and_scan_min_ratio_to_activate = 1.0;
+    rc = lt_image_blocks(s, rgb, &bad, &blocks);
+    diag("min crop 1, 64 crops: %s, %d blocks", rc == LT_OK ? "ok" : lt_last_error(s), blocks);
+    ids = prompt_ids(s, "Still there?", 0, &n);
+    is_int(count_image_tokens(ids, n), 3 * MM, "after the refusals the history is unchanged");
+    free(ids);
+    lt_chat_reset(s);
+
+    lt_session *t = lt_session_new();
+    lt_load_opts lo;
+    lt_load_opts_default(&lo);
+    lo.device = "cpu";
+    if (lt_load(t, "tiny", &lo, NULL) == LT_OK) {
+        rc = lt_chat_images(t, "Hi.", NULL, 0, &io, &o, NULL, &reply);
+        ok(rc == LT_ERR_ARG && strstr(lt_last_error(t), "pan-and-scan"),
+           "pan-and-scan on a text-only model is refused");
+        diag("%s", lt_last_error(t));
+        ok(lt_chat_images(t, "Hi.", NULL, 0, NULL, &o, NULL, &reply) == LT_OK && reply,
+           "and the session goes on");
+        free(reply);
+    } else {
+        ok(0, "load tiny");
+    }
+    lt_session_free(t);
+}
+
 int main(void) {
     char dir[] = "/tmp/lathe-chat-image-XXXXXX";
     if (!mkdtemp(dir) || make_fixture(dir) != 0) {
@@ -479,6 +558,7 @@ int main(void) {
     test_rendering(s);
     test_replies(s, rgb, grey, rgba);
     test_bad_input(s, rgb, dir);
+    test_pan_and_scan(s, rgb);
     lt_chat_reset(s);
     int n = 0;
     const char *one[1] = {rgb};
