@@ -94,7 +94,7 @@ def test_generate_ids_stops(name):
     assert got == want
 
 
-def test_nested_skips_vision():
+def test_nested_vision_loaded():
     if "nested" not in FIXTURE_NAMES:
         pytest.skip("no nested fixture")
     info = dict(line.split("=", 1) for line in run("info", source_of("nested")).stdout.decode().splitlines())
