@@ -78,17 +78,27 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
 typedef struct lt_model_info {
     int loaded;
     char source[512];
-    char arch[64];        /* "gemma3_text" */
+    char arch[64];        /* "gemma3_text", or "gemma3 (text + image tower)" when the tower
+                             loaded */
     char dtype[16];       /* storage dtype of frozen weights */
     char device[16];      /* "cpu" or "cuda" */
     int64_t n_params;     /* text model parameters */
     int64_t weight_bytes; /* bytes the weights take in memory */
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int sliding_window, max_seq;
-    int skipped_vision; /* 1 when a vision tower/projector was present and skipped */
+    int skipped_vision; /* 1 when the checkpoint has vision tower/projector weights that were
+                           not loaded (vision_note says why), 0 when it has none or they loaded */
     int image_tokens;   /* tokens an image takes in a chat (its block: mm_tokens_per_image + 2)
                            when the image tower loaded (lt_chat_images works), else 0 */
-    char quant[128];    /* "nf4 (double quant), 28 linears; ..." or "" when not quantized */
+    /* The image tower (SigLIP + projector) when it loaded (vision_loaded 1), else all 0 */
+    int vision_loaded;
+    int vision_image_size, vision_patch_size, vision_layers, vision_hidden, vision_heads;
+    int vision_intermediate, vision_mm_tokens; /* mm_tokens_per_image */
+    int64_t vision_params;                     /* tower + projector parameters */
+    char vision_dtype[16];                     /* storage dtype of its matrices */
+    char vision_device[16];                    /* "cpu" or "cuda" */
+    char vision_note[256];                     /* why a checkpoint's tower did not load, or "" */
+    char quant[128]; /* "nf4 (double quant), 28 linears; ..." or "" when not quantized */
     /* GPU memory (device "cuda" only; 0 otherwise): lathe's allocator now and at its peak,
      * and the card's free and total bytes. */
     int64_t gpu_in_use, gpu_peak, gpu_free, gpu_total;
@@ -133,13 +143,35 @@ lt_status lt_detokenize(lt_session *s, const int32_t *ids, int n, char **text);
 
 /* fp32 logits of one sequence: *logits is malloc'd [n, vocab] row-major. */
 lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, int *vocab);
+/* How images are prepared for the image tower, as transformers' Gemma3ImageProcessor and
+ * Gemma3Processor options of the same names do. With pan_and_scan, an image whose aspect
+ * ratio reaches pan_and_scan_min_ratio_to_activate is also cut into 2 to
+ * pan_and_scan_max_num_crops crops along its long side, each at least
+ * pan_and_scan_min_crop_size pixels on both sides (else none), and the tower sees the full
+ * image and then each crop, each resized to its square: the image takes 1 + crops image
+ * blocks, written in the text as the processor writes them ("Here is the original image
+ * <block> and here are some crops to help you see better <block> <block>..."). */
+typedef struct lt_image_opts {
+    int pan_and_scan;                          /* default false (the processor's) */
+    int pan_and_scan_min_crop_size;            /* pixels, >= 1 (default 256) */
+    int pan_and_scan_max_num_crops;            /* in [1, 64] (default 4) */
+    double pan_and_scan_min_ratio_to_activate; /* long side / short side, > 0 (default 1.2) */
+} lt_image_opts;
+/* Fills the defaults (no pan-and-scan; 256, 4, 1.2) from lt_option_default("image", ...). */
+void lt_image_opts_default(lt_image_opts *o);
+
 /* The same for a sequence with images: the ids carry one block per image (<start_of_image>,
  * mm_tokens_per_image image tokens, <end_of_image>, as Gemma 3's processor writes them), and
  * images[i] (a PNG or JPEG file) fills the i-th block's image tokens, read and resized as
- * transformers' Gemma3ImageProcessor does and encoded by the model's image tower. Refused for a
- * model without a tower, a wrong number of image tokens, or an image file that cannot be read. */
+ * transformers' Gemma3ImageProcessor does and encoded by the model's image tower. With
+ * io->pan_and_scan, image i fills 1 + its crops consecutive blocks (the full image, then its
+ * crops). io NULL: the defaults (no pan-and-scan). Refused for a model without a tower, a
+ * wrong number of image tokens, bad io options, or an image file that cannot be read. */
 lt_status lt_logits_image(lt_session *s, const int32_t *ids, int n, const char *const *images,
-                          int n_images, float **logits, int *vocab);
+                          int n_images, const lt_image_opts *io, float **logits, int *vocab);
+/* The image blocks the file at path takes under io (1 + its pan-and-scan crops; 1 without
+ * pan-and-scan, the file then not read). Refused: bad io options, a file that cannot be read. */
+lt_status lt_image_blocks(lt_session *s, const char *path, const lt_image_opts *io, int *blocks);
 
 typedef struct lt_gen_opts {
     int max_new;       /* default 256 */
@@ -175,14 +207,20 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
  * The history keeps every image's soft tokens (in host memory), so later turns re-render the
  * earlier images at their places without reading the files again. Refused, the history
  * unchanged: a model without an image tower, a file that cannot be read or is not a PNG or
- * JPEG, a conversation longer than max_seq. n_images 0 is lt_chat. */
+ * JPEG, a conversation longer than max_seq, bad io options. n_images 0 is lt_chat. io
+ * (NULL = lt_image_opts_default: no pan-and-scan) applies to this turn's images; with
+ * pan_and_scan each image takes its 1 + crops blocks (lt_image_opts), and the history keeps
+ * them so later turns render them the same way. io->pan_and_scan on a model without an image
+ * tower is refused even with no images. */
 lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const *images,
-                         int n_images, const lt_gen_opts *o, const lt_callbacks *cb, char **reply);
-/* The ids the next lt_chat_images(s, user_text, n_images images) prefills: [system], the
- * history, this user turn and "<start_of_turn>model\n", one BOS; runs nothing (the images
- * are only counted). *ids malloc'd. */
-lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, int n_images, int32_t **ids,
-                             int *n);
+                         int n_images, const lt_image_opts *io, const lt_gen_opts *o,
+                         const lt_callbacks *cb, char **reply);
+/* The ids the next lt_chat_images(s, user_text, images, n_images, io) prefills: [system], the
+ * history, this user turn and "<start_of_turn>model\n", one BOS; runs nothing. Without
+ * pan-and-scan the images are only counted (images may be NULL); with it each file is read for
+ * its size (not encoded). *ids malloc'd. */
+lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, const char *const *images,
+                             int n_images, const lt_image_opts *io, int32_t **ids, int *n);
 /* Forgets the conversation: its messages and its images. */
 void lt_chat_reset(lt_session *s);
 /* Sets or clears (NULL) the system prompt (Gemma folds it into the first user turn). */
@@ -264,11 +302,13 @@ void lt_train_opts_default(lt_train_opts *o);
 /* ---- option defaults (cuda/session_options.c) ------------------------------------------- */
 
 /* Every default of the options structs above is written once, as text, in a table per struct:
- * group "load" (lt_load_opts), "gen" (lt_gen_opts), "lora" (lt_lora_opts), "train"
- * (lt_train_opts), "grpo" (lt_grpo_opts). Each field has one entry, named as the field (and as the
- * magic option that sets it). The text is what %help shows and what the kernel parses for an option
- * left out: integers in decimal, numbers as strtod reads them ("2e-4"), flags "true"/"false", text
- * as is. The lt_*_opts_default functions fill their struct by parsing the same texts. */
+ * group "load" (lt_load_opts), "gen" (lt_gen_opts), "image" (lt_image_opts), "lora"
+ * (lt_lora_opts), "train" (lt_train_opts), "grpo" (lt_grpo_opts). Each field has one entry,
+ * named as the field (and as the magic option that sets it). The text is what %help shows and
+ * what the kernel parses for an option left out: integers in decimal, numbers as strtod reads
+ * them ("2e-4"; a float field holds it rounded to float, a double field as strtod gives it),
+ * flags "true"/"false", text as is. The lt_*_opts_default functions fill their struct by
+ * parsing the same texts. */
 
 /* group.name's default; NULL when the field is unset by default (NULL / 0, e.g. train's data)
  * or when the group or the name is unknown. The text lives as long as the program. */

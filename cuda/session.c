@@ -26,6 +26,7 @@
 #include "cuda/export/merged.h"
 #include "cuda/export/quantized.h"
 #include "cuda/formats/image.h"
+#include "cuda/formats/pan_scan.h"
 #include "cuda/hub/hub.h"
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
@@ -50,13 +51,16 @@
 
 #define RANDOM_SEED 20250312u /* random:* weights are the same on every machine */
 
-/* One image of the chat: its soft tokens (siglip_encode's output, [mm_tokens_per_image,
+/* One image block of the chat: its soft tokens (siglip_encode's output, [mm_tokens_per_image,
  * hidden]) kept in host memory, so later turns put the same rows at its block without reading
- * the file again, and a serial no other image of the session shares: the cache compares
- * serials, so equal ids with a different image never reuse it. */
+ * the file again, and a serial no other block of the session shares: the cache compares
+ * serials, so equal ids with a different image never reuse it. A file takes one block, or with
+ * pan-and-scan 1 + its crops: the full image's block has crops = their count, each crop's
+ * block crops = -1. */
 typedef struct chat_img {
     uint64_t serial;
     float *emb;
+    int crops;
 } chat_img;
 
 /* The images of a prompt, in the order of its image blocks. */
@@ -82,8 +86,8 @@ struct lt_session {
     int32_t *cached;
     uint64_t *cached_src; /* per cached id: 0, or the serial of the image whose row it took */
     int n_cached, cap_cached;
-    /* chat: the messages, how many images each user turn carried (before its text), and
-     * those images in the order they appear */
+    /* chat: the messages, how many image files each user turn carried (before its text), and
+     * their image blocks in the order they appear */
     char *system;
     char **roles, **contents;
     int *msg_imgs;
@@ -444,7 +448,9 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->loaded = 1;
     snprintf(info->source, sizeof info->source, "%s", m->source);
     snprintf(info->arch, sizeof info->arch, "%s",
-             c->model_type[0] && !c->multimodal ? c->model_type : "gemma3_text");
+             m->vision                            ? "gemma3 (text + image tower)"
+             : c->model_type[0] && !c->multimodal ? c->model_type
+                                                  : "gemma3_text");
     snprintf(info->dtype, sizeof info->dtype, "%s", lt_dtype_user_name(m->dtype));
     snprintf(info->device, sizeof info->device, "%s", s->device);
     info->n_params = m->n_params;
@@ -458,8 +464,29 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
     info->vocab = c->vocab_size;
     info->sliding_window = c->sliding_window;
     info->max_seq = s->max_seq;
-    info->skipped_vision = m->skipped_vision;
+    /* gemma3_model.skipped_vision says the checkpoint has vision tensors; the info's says
+     * they are there and were not loaded */
+    info->skipped_vision = m->skipped_vision && !m->vision;
     info->image_tokens = m->vision ? c->vision.mm_tokens_per_image + 2 : 0;
+    if (m->vision) {
+        const siglip_tower *t = m->vision;
+        const gemma3_vision_config *vc = &t->cfg;
+        info->vision_loaded = 1;
+        info->vision_image_size = vc->image_size;
+        info->vision_patch_size = vc->patch_size;
+        info->vision_layers = vc->num_hidden_layers;
+        info->vision_hidden = vc->hidden_size;
+        info->vision_heads = vc->num_attention_heads;
+        info->vision_intermediate = vc->intermediate_size;
+        info->vision_mm_tokens = vc->mm_tokens_per_image;
+        info->vision_params = t->n_params;
+        lt_dtype dt = vc->num_hidden_layers > 0 ? t->layers[0].q.w.dtype : t->patch.w.dtype;
+        snprintf(info->vision_dtype, sizeof info->vision_dtype, "%s", lt_dtype_user_name(dt));
+        snprintf(info->vision_device, sizeof info->vision_device, "%s", s->device);
+    } else if (m->skipped_vision) {
+        snprintf(info->vision_note, sizeof info->vision_note, "%s",
+                 m->vision_error[0] ? m->vision_error : "the image tower was not loaded");
+    }
     gemma3_quant_summary(m, info->quant, sizeof info->quant);
 #ifdef HAVE_CUDA
     if (s->ctx_ready && s->ctx.be == &lt_backend_cuda) {
@@ -537,8 +564,70 @@ lt_status lt_logits(lt_session *s, const int32_t *ids, int n, float **logits, in
     return LT_OK;
 }
 
+/* io as pan_scan's options; NULL when io asks for no pan-and-scan. */
+static const pan_scan_opts *pan_scan_of(const lt_image_opts *io, pan_scan_opts *po) {
+    if (!io || !io->pan_and_scan) return NULL;
+    po->min_crop_size = io->pan_and_scan_min_crop_size;
+    po->max_crops = io->pan_and_scan_max_num_crops;
+    po->min_ratio = io->pan_and_scan_min_ratio_to_activate;
+    return po;
+}
+
+/* The pixel values of the blocks of the file at path ([1 + *n_crops, 3, side, side], malloc'd):
+ * the full image and, with po, its pan-and-scan crops. Errors name the file. */
+static lt_status file_pixels(const char *path, int side, const pan_scan_opts *po, float **px,
+                             int *n_crops, char *err) {
+    img_rgb im;
+    lt_status rc = img_load(&im, path, err);
+    if (rc != LT_OK) return rc;
+    rc = pan_scan_pixels(&im, side, po, px, n_crops, err);
+    img_free(&im);
+    if (rc != LT_OK) lt_fail_prefix(err, rc, "%s", path);
+    return rc;
+}
+
+/* The pan-and-scan crops of the file at path under po (0 when po is NULL: nothing read). */
+static lt_status file_crops(const char *path, const pan_scan_opts *po, int *n_crops, char *err) {
+    *n_crops = 0;
+    if (!po) return LT_OK;
+    img_rgb im;
+    lt_status rc = img_load(&im, path, err);
+    if (rc != LT_OK) return rc;
+    pan_scan_box boxes[PAN_SCAN_MAX_CROPS];
+    rc = pan_scan_boxes(im.width, im.height, po, boxes, n_crops, err);
+    img_free(&im);
+    if (rc != LT_OK) lt_fail_prefix(err, rc, "%s", path);
+    return rc;
+}
+
+/* Refuses image options pan_scan cannot use, and pan-and-scan on a model without a tower. */
+static lt_status image_opts_check(lt_session *s, const lt_image_opts *io) {
+    pan_scan_opts po;
+    if (!pan_scan_of(io, &po)) return LT_OK;
+    if (!s->model->vision)
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "pan-and-scan crops images for an image tower, and this model has none "
+                       "(%s); load a multimodal Gemma 3 checkpoint (e.g. google/gemma-3-4b-it)",
+                       s->model->vision_error[0] ? s->model->vision_error : "text only");
+    return pan_scan_opts_check(&po, s->err);
+}
+
+lt_status lt_image_blocks(lt_session *s, const char *path, const lt_image_opts *io, int *blocks) {
+    call_begin(s);
+    *blocks = 0;
+    lt_status rc = need_model(s);
+    if (rc == LT_OK) rc = image_opts_check(s, io);
+    if (rc != LT_OK) return rc;
+    if (!path || !*path) return lt_fail(s->err, LT_ERR_ARG, "images: no file name");
+    pan_scan_opts po;
+    int crops = 0;
+    rc = file_crops(path, pan_scan_of(io, &po), &crops, s->err);
+    if (rc == LT_OK) *blocks = 1 + crops;
+    return rc;
+}
+
 lt_status lt_logits_image(lt_session *s, const int32_t *ids, int n, const char *const *images,
-                          int n_images, float **logits, int *vocab) {
+                          int n_images, const lt_image_opts *io, float **logits, int *vocab) {
     call_begin(s);
     *logits = NULL;
     lt_status rc = need_model(s);
@@ -552,24 +641,43 @@ lt_status lt_logits_image(lt_session *s, const int32_t *ids, int n, const char *
         return lt_fail(s->err, LT_ERR_ARG, "images: %s",
                        m->vision_error[0] ? m->vision_error
                                           : "this model has no image tower (a text-only model)");
+    if ((rc = image_opts_check(s, io)) != LT_OK) return rc;
     const siglip_tower *t = m->vision;
     lt_ctx *ctx = &s->ctx;
     const lt_backend *be = ctx->be;
     int side = t->cfg.image_size, mm = t->cfg.mm_tokens_per_image, V = m->cfg.vocab_size;
-    size_t H = (size_t)m->cfg.hidden_size, rows = (size_t)mm * (size_t)n_images;
-    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    size_t H = (size_t)m->cfg.hidden_size;
+    pan_scan_opts po;
+    const pan_scan_opts *pso = pan_scan_of(io, &po);
+    /* the blocks each file takes, so the embeddings can be sized before any is encoded */
+    int blocks = 0;
+    for (int i = 0; i < n_images && rc == LT_OK; i++) {
+        int c = 0;
+        rc = file_crops(images[i], pso, &c, s->err);
+        blocks += 1 + c;
+    }
+    if (rc != LT_OK) return rc;
+    size_t rows = (size_t)mm * (size_t)blocks;
+    float *px = NULL;
     float *emb = be->alloc(ctx, sizeof(float) * rows * H);
     float *dev_logits = be->alloc(ctx, sizeof(float) * (size_t)n * (size_t)V);
     float *out = malloc(sizeof(float) * (size_t)n * (size_t)V);
-    if (!px || !emb || !dev_logits || !out) {
+    if (!emb || !dev_logits || !out) {
         rc = lt_fail(s->err, LT_ERR_MEMORY, "logits: out of memory for %d images and [%d, %d]",
                      n_images, n, V);
         goto done;
     }
-    for (int i = 0; i < n_images && rc == LT_OK; i++) {
-        rc = img_load_pixels(px, images[i], side, s->err);
-        if (rc == LT_OK && (rc = siglip_encode(t, ctx, px, emb + (size_t)i * mm * H)) != LT_OK)
-            lt_fail(s->err, rc, "%s: %s", images[i], ctx->err);
+    for (int i = 0, b = 0; i < n_images && rc == LT_OK; i++) {
+        int c = 0;
+        free(px);
+        px = NULL;
+        rc = file_pixels(images[i], side, pso, &px, &c, s->err);
+        if (rc == LT_OK && b + 1 + c > blocks)
+            rc = lt_fail(s->err, LT_ERR_IO, "%s: the file changed while it was read", images[i]);
+        for (int k = 0; k <= c && rc == LT_OK; k++, b++)
+            if ((rc = siglip_encode(t, ctx, px + (size_t)k * 3 * side * side,
+                                    emb + (size_t)b * mm * H)) != LT_OK)
+                lt_fail(s->err, rc, "%s: %s", images[i], ctx->err);
     }
     if (rc == LT_OK) {
         gemma3_cache cache;
@@ -927,19 +1035,34 @@ lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *co
     return chat_render(roles, contents, n, add_generation_prompt, text, s->err);
 }
 
-/* The ids of [system] + history + a user turn with user_text after n_images images, and the
- * generation prompt, with one BOS. A conversation without images is tokenized as text (a
- * literal "<start_of_image>" stays that token); one with images has each user turn's images
- * rendered as the Hub template renders image content parts and expanded into image blocks as
- * Gemma 3's processor expands them (chat_image.h). *total_imgs: the images of the prompt. */
-static lt_status chat_prompt(lt_session *s, const char *user_text, int n_images, int32_t **ids,
-                             int *nid, int *total_imgs) {
+/* The ids of [system] + history + a user turn with user_text after n_images images (new_crops:
+ * each one's pan-and-scan crops, NULL = none), and the generation prompt, with one BOS. A
+ * conversation without images is tokenized as text (a literal "<start_of_image>" stays that
+ * token); one with images has each user turn's images rendered as the Hub template renders
+ * image content parts, an image with crops written as Gemma3Processor writes it, and every
+ * marker expanded into an image block as Gemma 3's processor expands them (chat_image.h).
+ * *total_blocks: the image blocks of the prompt. */
+static lt_status chat_prompt(lt_session *s, const char *user_text, int n_images,
+                             const int *new_crops, int32_t **ids, int *nid, int *total_blocks) {
     *ids = NULL;
     *nid = 0;
-    int total = n_images;
+    int files = n_images, total = n_images;
     for (int i = 0; i < s->n_msgs; i++)
-        total += s->msg_imgs[i];
-    *total_imgs = total;
+        files += s->msg_imgs[i];
+    /* every file's crops, in order: the history's from its blocks, then this turn's */
+    int *crops = files ? malloc(sizeof(int) * (size_t)files) : NULL, any = 0;
+    if (files && !crops) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+    int f = 0;
+    for (int b = 0; b < s->n_imgs; b++)
+        if (s->imgs[b].crops >= 0 && f < files - n_images) crops[f++] = s->imgs[b].crops;
+    total = s->n_imgs;
+    for (int i = 0; i < n_images; i++) {
+        crops[f++] = new_crops ? new_crops[i] : 0;
+        total += 1 + crops[f - 1];
+    }
+    for (int i = 0; i < files; i++)
+        any |= crops[i] > 0;
+    *total_blocks = total;
     int n = s->n_msgs + 1 + (s->system ? 1 : 0), k = 0;
     const char **roles = malloc(sizeof(char *) * (size_t)n),
                **contents = malloc(sizeof(char *) * (size_t)n);
@@ -974,7 +1097,10 @@ static lt_status chat_prompt(lt_session *s, const char *user_text, int n_images,
                                 vc->mm_tokens_per_image};
         int32_t *t = NULL, *all = NULL;
         int m = 0;
-        rc = chat_image_ids(s->tok, body, &it, total, &t, &m, s->err);
+        char *pas = NULL;
+        if (any) rc = chat_image_pan_scan_text(body, crops, files, &pas, s->err);
+        if (rc == LT_OK) rc = chat_image_ids(s->tok, pas ? pas : body, &it, total, &t, &m, s->err);
+        free(pas);
         if (rc == LT_OK && !(all = malloc(sizeof(int32_t) * (size_t)(m + 1))))
             rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         if (rc == LT_OK) {
@@ -987,6 +1113,7 @@ static lt_status chat_prompt(lt_session *s, const char *user_text, int n_images,
     }
     free(text);
 done:
+    free(crops);
     for (int i = 0; owned && i < n; i++)
         free(owned[i]);
     free(owned);
@@ -1020,85 +1147,124 @@ static lt_status chat_check(lt_session *s, const char *user_text, const char *co
     return n_images > 0 ? need_tower(s) : LT_OK;
 }
 
-/* Refuses a prompt longer than max_seq, counting what its images take. */
-static lt_status chat_fits(lt_session *s, int nid, int total_imgs) {
-    if (nid <= s->max_seq || total_imgs == 0) return LT_OK;
+/* Refuses a prompt longer than max_seq, counting what its image blocks take. */
+static lt_status chat_fits(lt_session *s, int nid, int total_blocks) {
+    if (nid <= s->max_seq || total_blocks == 0) return LT_OK;
     int mm = s->model->cfg.vision.mm_tokens_per_image;
     return lt_fail(s->err, LT_ERR_ARG,
-                   "chat: the conversation takes %d tokens, more than max_seq %d (its %d image(s) "
-                   "take %d each: <start_of_image>, %d image tokens, <end_of_image>); start a new "
-                   "conversation (%%chat reset), send fewer images, or load with a larger "
-                   "max_seq=",
-                   nid, s->max_seq, total_imgs, mm + 2, mm);
+                   "chat: the conversation takes %d tokens, more than max_seq %d (its %d image "
+                   "block(s) take %d each: <start_of_image>, %d image tokens, <end_of_image>; "
+                   "pan-and-scan adds a block per crop); start a new conversation (%%chat "
+                   "reset), send fewer images, or load with a larger max_seq=",
+                   nid, s->max_seq, total_blocks, mm + 2, mm);
 }
 
-/* Reads and encodes n image files into out[0..n) (soft tokens in host memory, fresh serials).
- * On failure nothing is left allocated. */
-static lt_status encode_images(lt_session *s, const char *const *paths, int n, chat_img *out) {
+/* Reads and encodes n image files into their blocks, out[0..sum of 1 + crops[i]) (soft tokens
+ * in host memory, fresh serials); po: pan-and-scan (NULL = none), crops: what each file was
+ * counted to take. On failure nothing is left allocated. */
+static lt_status encode_images(lt_session *s, const char *const *paths, int n,
+                               const pan_scan_opts *po, const int *crops, chat_img *out) {
     const siglip_tower *t = s->model->vision;
     lt_ctx *ctx = &s->ctx;
     const lt_backend *be = ctx->be;
     int side = t->cfg.image_size;
     size_t bytes =
         sizeof(float) * (size_t)t->cfg.mm_tokens_per_image * (size_t)s->model->cfg.hidden_size;
-    memset(out, 0, sizeof *out * (size_t)n);
-    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    int blocks = 0;
+    for (int i = 0; i < n; i++)
+        blocks += 1 + crops[i];
+    memset(out, 0, sizeof *out * (size_t)blocks);
+    float *px = NULL;
     float *dev = be->alloc(ctx, bytes);
     lt_status rc = LT_OK;
-    if (!px || !dev) rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
-    for (int i = 0; i < n && rc == LT_OK; i++) {
+    if (!dev) rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
+    for (int i = 0, b = 0; i < n && rc == LT_OK; i++) {
         if (cancelled(s)) {
             rc = lt_fail(s->err, LT_CANCELLED, "cancelled");
             break;
         }
-        rc = img_load_pixels(px, paths[i], side, s->err);
+        int c = 0;
+        free(px);
+        px = NULL;
+        rc = file_pixels(paths[i], side, po, &px, &c, s->err);
         if (rc != LT_OK) {
             lt_fail_prefix(s->err, rc, "chat: image %d of %d (PNG or JPEG files are read)", i + 1,
                            n);
             break;
         }
-        if ((rc = siglip_encode(t, ctx, px, dev)) != LT_OK) {
-            lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+        if (c != crops[i]) {
+            rc = lt_fail(s->err, LT_ERR_IO, "chat: %s changed while it was read", paths[i]);
             break;
         }
-        if (!(out[i].emb = malloc(bytes))) {
-            rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
-            break;
+        for (int k = 0; k <= c && rc == LT_OK; k++, b++) {
+            if ((rc = siglip_encode(t, ctx, px + (size_t)k * 3 * side * side, dev)) != LT_OK) {
+                lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+                break;
+            }
+            if (!(out[b].emb = malloc(bytes))) {
+                rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
+                break;
+            }
+            if ((rc = be->download(ctx, out[b].emb, dev, bytes)) != LT_OK) {
+                lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+                break;
+            }
+            out[b].serial = ++s->img_serial;
+            out[b].crops = k == 0 ? c : -1;
         }
-        if ((rc = be->download(ctx, out[i].emb, dev, bytes)) != LT_OK) {
-            lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
-            break;
-        }
-        out[i].serial = ++s->img_serial;
     }
     free(px);
     if (dev) be->release(ctx, dev);
     if (rc != LT_OK)
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < blocks; i++) {
             free(out[i].emb);
             out[i].emb = NULL;
         }
     return rc;
 }
 
-lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, int n_images, int32_t **ids,
-                             int *n) {
+/* The pan-and-scan crops of each of n files under po into crops[] (all 0 when po is NULL). */
+static lt_status count_crops(lt_session *s, const char *const *paths, int n,
+                             const pan_scan_opts *po, int *crops) {
+    for (int i = 0; i < n; i++) {
+        lt_status rc = file_crops(paths[i], po, &crops[i], s->err);
+        if (rc != LT_OK)
+            return lt_fail_prefix(s->err, rc, "chat: image %d of %d (PNG or JPEG files are read)",
+                                  i + 1, n);
+    }
+    return LT_OK;
+}
+
+lt_status lt_chat_prompt_ids(lt_session *s, const char *user_text, const char *const *images,
+                             int n_images, const lt_image_opts *io, int32_t **ids, int *n) {
     call_begin(s);
     *ids = NULL;
     *n = 0;
     lt_status rc = chat_check(s, user_text, NULL, 0);
     if (rc == LT_OK && n_images < 0) rc = lt_fail(s->err, LT_ERR_ARG, "chat: %d images", n_images);
     if (rc == LT_OK && n_images > 0) rc = need_tower(s);
+    if (rc == LT_OK) rc = image_opts_check(s, io);
     if (rc != LT_OK) return rc;
+    pan_scan_opts po;
+    const pan_scan_opts *pso = pan_scan_of(io, &po);
+    if (pso && n_images > 0 && !images)
+        return lt_fail(s->err, LT_ERR_ARG, "chat: pan-and-scan reads the image files: give them");
+    int *crops = n_images > 0 ? calloc((size_t)n_images, sizeof(int)) : NULL;
+    if (n_images > 0 && !crops) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+    if (pso) rc = count_crops(s, images, n_images, pso, crops);
     int total = 0;
-    return chat_prompt(s, user_text, n_images, ids, n, &total);
+    if (rc == LT_OK) rc = chat_prompt(s, user_text, n_images, crops, ids, n, &total);
+    free(crops);
+    return rc;
 }
 
 lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const *images,
-                         int n_images, const lt_gen_opts *o, const lt_callbacks *cb, char **reply) {
+                         int n_images, const lt_image_opts *io, const lt_gen_opts *o,
+                         const lt_callbacks *cb, char **reply) {
     call_begin(s);
     if (reply) *reply = NULL;
     lt_status rc = chat_check(s, user_text, images, n_images);
+    if (rc == LT_OK) rc = image_opts_check(s, io);
     if (rc != LT_OK) return rc;
     lt_gen_opts d;
     if (!o) {
@@ -1106,14 +1272,21 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
         o = &d;
     }
     if ((rc = gen_opts_check(o, s->err)) != LT_OK) return rc;
+    pan_scan_opts po;
+    const pan_scan_opts *pso = pan_scan_of(io, &po);
     int32_t *ids = NULL, *gen = NULL;
-    int nid = 0, ng = 0, total = 0;
-    rc = chat_prompt(s, user_text, n_images, &ids, &nid, &total);
+    int nid = 0, ng = 0, total = 0, nb = n_images; /* nb: this turn's image blocks */
+    int *crops = n_images > 0 ? calloc((size_t)n_images, sizeof(int)) : NULL;
+    if (n_images > 0 && !crops) return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
+    if (pso) rc = count_crops(s, images, n_images, pso, crops);
+    for (int i = 0; i < n_images; i++)
+        nb += crops[i];
+    if (rc == LT_OK) rc = chat_prompt(s, user_text, n_images, crops, &ids, &nid, &total);
     if (rc == LT_OK) rc = chat_fits(s, nid, total);
     /* room for this turn in the history, so that a finished turn is always recorded */
-    if (rc == LT_OK && s->n_imgs + n_images > s->cap_imgs) {
+    if (rc == LT_OK && s->n_imgs + nb > s->cap_imgs) {
         int nc = s->cap_imgs ? s->cap_imgs : 8;
-        while (nc < s->n_imgs + n_images)
+        while (nc < s->n_imgs + nb)
             nc *= 2;
         chat_img *ni = realloc(s->imgs, sizeof(chat_img) * (size_t)nc);
         if (ni) {
@@ -1123,9 +1296,10 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
             rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
         }
     }
-    /* the new images go after the history's, where they are kept once the turn is done */
-    chat_img *fresh = rc == LT_OK && n_images > 0 ? s->imgs + s->n_imgs : NULL;
-    if (rc == LT_OK && n_images > 0) rc = encode_images(s, images, n_images, fresh);
+    /* the new blocks go after the history's, where they are kept once the turn is done */
+    chat_img *fresh = rc == LT_OK && nb > 0 ? s->imgs + s->n_imgs : NULL;
+    if (rc == LT_OK && nb > 0) rc = encode_images(s, images, n_images, pso, crops, fresh);
+    free(crops);
     const chat_img **all = NULL;
     if (rc == LT_OK && total > 0 && !(all = malloc(sizeof(chat_img *) * (size_t)total)))
         rc = lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
@@ -1133,8 +1307,10 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
         all[i] = &s->imgs[i];
     if (rc != LT_OK) {
         if (fresh)
-            for (int i = 0; i < n_images; i++)
+            for (int i = 0; i < nb; i++) {
                 free(fresh[i].emb);
+                fresh[i].emb = NULL;
+            }
         free(ids);
         return rc;
     }
@@ -1155,7 +1331,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
             free(s->contents[s->n_msgs]);
         }
         if (r2 == LT_OK) {
-            s->n_imgs += n_images; /* the turn is in the history: so are its images */
+            s->n_imgs += nb; /* the turn is in the history: so are its image blocks */
             kept = 1;
         } else {
             rc = r2;
@@ -1165,7 +1341,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
         }
     }
     if (!kept)
-        for (int i = 0; i < n_images; i++)
+        for (int i = 0; i < nb; i++)
             free(fresh[i].emb);
     lt_strbuf_free(&st.text);
     return rc;
@@ -1173,7 +1349,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
 
 lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
                   const lt_callbacks *cb, char **reply) {
-    return lt_chat_images(s, user_text, NULL, 0, o, cb, reply);
+    return lt_chat_images(s, user_text, NULL, 0, NULL, o, cb, reply);
 }
 
 /* ---- fine-tuning and export: the trainer and the exporters get what they work on ---------- */

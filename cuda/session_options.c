@@ -1,5 +1,6 @@
 /* session_options.c — the one place the defaults of the engine's options structs are written:
- * a table per struct (lt_load_opts, lt_gen_opts, lt_lora_opts, lt_train_opts, lt_grpo_opts) holding
+ * a table per struct (lt_load_opts, lt_gen_opts, lt_image_opts, lt_lora_opts, lt_train_opts,
+ * lt_grpo_opts) holding
  * each field's default as text, and the lt_*_opts_default functions, which fill a struct by parsing
  * that text. The kernel reads the same texts through lt_option_default for %help and for the
  * options a cell leaves out, so a default cannot differ between the two.
@@ -14,11 +15,12 @@
 #include "cuda/engine.h"
 
 typedef enum field_kind {
-    FIELD_INT,   /* int, written in decimal */
-    FIELD_FLOAT, /* float, written as strtod reads it ("2e-4") */
-    FIELD_U64,   /* uint64_t, in decimal */
-    FIELD_FLAG,  /* int 0/1, written "false"/"true" */
-    FIELD_TEXT,  /* const char *, the text itself */
+    FIELD_INT,    /* int, written in decimal */
+    FIELD_FLOAT,  /* float, written as strtod reads it ("2e-4") */
+    FIELD_DOUBLE, /* double, written as strtod reads it (kept as strtod gives it) */
+    FIELD_U64,    /* uint64_t, in decimal */
+    FIELD_FLAG,   /* int 0/1, written "false"/"true" */
+    FIELD_TEXT,   /* const char *, the text itself */
 } field_kind;
 
 typedef struct field_default {
@@ -46,6 +48,15 @@ static const field_default gen_defaults[] = {FIELD(lt_gen_opts, max_new, FIELD_I
                                              FIELD(lt_gen_opts, min_p, FIELD_FLOAT, "0"),
                                              FIELD(lt_gen_opts, seed, FIELD_U64, "0"),
                                              {NULL}};
+
+/* Gemma3Processor's images_kwargs defaults (transformers' processing_gemma3.py): pan-and-scan
+ * off, min crop 256 pixels, at most 4 crops, from an aspect ratio of 1.2. */
+static const field_default image_defaults[] = {
+    FIELD(lt_image_opts, pan_and_scan, FIELD_FLAG, "false"),
+    FIELD(lt_image_opts, pan_and_scan_min_crop_size, FIELD_INT, "256"),
+    FIELD(lt_image_opts, pan_and_scan_max_num_crops, FIELD_INT, "4"),
+    FIELD(lt_image_opts, pan_and_scan_min_ratio_to_activate, FIELD_DOUBLE, "1.2"),
+    {NULL}};
 
 /* r 16, alpha 16, dropout 0 and seed 3407, the defaults of Unsloth's get_peft_model. */
 static const field_default lora_defaults[] = {
@@ -129,8 +140,8 @@ static const struct {
     const char *group;
     const field_default *fields;
 } groups[] = {
-    {"load", load_defaults},   {"gen", gen_defaults},   {"lora", lora_defaults},
-    {"train", train_defaults}, {"grpo", grpo_defaults},
+    {"load", load_defaults}, {"gen", gen_defaults},     {"image", image_defaults},
+    {"lora", lora_defaults}, {"train", train_defaults}, {"grpo", grpo_defaults},
 };
 
 static const field_default *group_find(const char *group) {
@@ -166,6 +177,9 @@ static void fields_fill(void *opts, size_t size, const field_default *f) {
         case FIELD_FLOAT:
             *(float *)at = (float)strtod(f->text, NULL);
             break;
+        case FIELD_DOUBLE:
+            *(double *)at = strtod(f->text, NULL);
+            break;
         case FIELD_U64:
             *(uint64_t *)at = (uint64_t)strtoull(f->text, NULL, 10);
             break;
@@ -185,6 +199,10 @@ void lt_load_opts_default(lt_load_opts *o) {
 
 void lt_gen_opts_default(lt_gen_opts *o) {
     fields_fill(o, sizeof *o, gen_defaults);
+}
+
+void lt_image_opts_default(lt_image_opts *o) {
+    fields_fill(o, sizeof *o, image_defaults);
 }
 
 void lt_lora_opts_default(lt_lora_opts *o) {

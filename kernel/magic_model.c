@@ -177,17 +177,35 @@ static void model_summary(magic_ctx *ctx, int with_title) {
             sb_printf(&text, "%-18s %s\n", "GPU memory", gpu);
             sb_printf(&html, "<tr><td>GPU memory</td><td>%s</td></tr>", gpu);
         }
-        if (info.image_tokens) {
-            char note[160];
+        if (info.vision_loaded) {
+            char tower[320];
+            snprintf(tower, sizeof tower,
+                     "SigLIP %d x %d images, patch %d, %d layers, hidden %d, %d heads, MLP %d, "
+                     "%d tokens an image (mm_tokens_per_image); %.2fM parameters (with the "
+                     "projector), %s on %s",
+                     info.vision_image_size, info.vision_image_size, info.vision_patch_size,
+                     info.vision_layers, info.vision_hidden, info.vision_heads,
+                     info.vision_intermediate, info.vision_mm_tokens, info.vision_params / 1e6,
+                     info.vision_dtype, info.vision_device);
+            sb_printf(&text, "%-18s %s\n", "image tower", tower);
+            sb_printf(&html, "<tr><td>image tower</td><td>");
+            sb_html(&html, tower);
+            sb_printf(&html, "</td></tr>");
+            char note[200];
             snprintf(note, sizeof note,
-                     "images: %%%%chat image=FILE (the vision tower is loaded; %d tokens an image)",
+                     "images: %%%%chat image=FILE [pan_and_scan=true] (%d tokens an image, and "
+                     "as many again per pan-and-scan crop)",
                      info.image_tokens);
             sb_printf(&text, "%-18s %s\n", "note", note);
             sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
         } else if (info.skipped_vision) {
-            const char *note = "text only: the vision tower and projector were skipped";
+            char note[320];
+            snprintf(note, sizeof note, "text only: the image tower was not loaded (%s)",
+                     info.vision_note);
             sb_printf(&text, "%-18s %s\n", "note", note);
-            sb_printf(&html, "<tr><td>note</td><td>%s</td></tr>", note);
+            sb_printf(&html, "<tr><td>note</td><td>");
+            sb_html(&html, note);
+            sb_printf(&html, "</td></tr>");
         }
         sb_printf(&html, "</table>");
     }
@@ -314,9 +332,22 @@ int magic_chat(magic_ctx *ctx, const magic_args *a) {
     }
     lt_gen_opts o;
     gen_opts_from(a, &o);
+    lt_image_opts io;
+    lt_image_opts_default(&io);
+    io.pan_and_scan = arg_bool(a, "pan_and_scan");
+    io.pan_and_scan_min_crop_size = (int)arg_int(a, "pan_and_scan_min_crop_size");
+    io.pan_and_scan_max_num_crops = (int)arg_int(a, "pan_and_scan_max_num_crops");
+    io.pan_and_scan_min_ratio_to_activate = arg_float(a, "pan_and_scan_min_ratio_to_activate");
+    if (io.pan_and_scan && n_files == 0) {
+        free(msg);
+        free(list);
+        return magic_fail(ctx, "CellError",
+                          "%%%%chat: pan_and_scan=true crops the images of image=, and this "
+                          "message has none; add image=FILE or leave pan_and_scan out");
+    }
     engine_view v;
     lt_callbacks cb = view_callbacks(&v, ctx);
-    lt_status st = lt_chat_images(ctx->session, msg, files, n_files, &o, &cb, NULL);
+    lt_status st = lt_chat_images(ctx->session, msg, files, n_files, &io, &o, &cb, NULL);
     free(msg);
     free(list);
     magic_print(ctx, "\n");

@@ -113,6 +113,15 @@ static const opt_spec chat_opts[] = {
     {"image", OPT_LIST, NO_DEFAULT, NULL, NO_RANGE,
      "PNG or JPEG files this message shows the model, before its text (a multimodal Gemma 3 "
      "checkpoint)"},
+    {"pan_and_scan", OPT_BOOL, FROM_ENGINE("image"), NULL, NO_RANGE,
+     "also show each image of image= cut into crops along its long side when it is elongated "
+     "(Gemma 3's pan-and-scan, as transformers' Gemma3ImageProcessor does it)"},
+    {"pan_and_scan_min_crop_size", OPT_INT, FROM_ENGINE("image"), NULL, 1, 1048576, 0,
+     "pan-and-scan: no crops when one would be narrower than this many pixels"},
+    {"pan_and_scan_max_num_crops", OPT_INT, FROM_ENGINE("image"), NULL, 1, 64, 0,
+     "pan-and-scan: the most crops an image is cut into"},
+    {"pan_and_scan_min_ratio_to_activate", OPT_FLOAT, FROM_ENGINE("image"), NULL, 0, 1e6, 1,
+     "pan-and-scan: crop only images whose long side is at least this times the short side"},
     {NULL}};
 
 /* type= and overwrite= are arguments of lt_export_gguf, not fields of an options struct. */
@@ -281,8 +290,8 @@ static const magic_spec table[] = {
      "was generated.",
      magic_generate},
     {"chat", 1,
-     "%%chat [reset] [image=FILE[,FILE...]] [system=TEXT] [max_new=N] [temperature=T] ...", 0, 1,
-     "reset", NULL, chat_opts, "chat with the model (multi-turn, Gemma chat template, images)",
+     "%%chat [reset] [image=FILE[,FILE...]] [pan_and_scan=false] [system=TEXT] [max_new=N] ...", 0,
+     1, "reset", NULL, chat_opts, "chat with the model (multi-turn, Gemma chat template, images)",
      "The cell body is your message; the model's reply streams into the cell and both join "
      "the conversation. `%%chat reset` (with or without a body) starts a new conversation, "
      "images included. The prompt is rendered with Gemma 3's chat template, with one <bos>. "
@@ -290,7 +299,12 @@ static const magic_spec table[] = {
      "multimodal Gemma 3 checkpoint (e.g. google/gemma-3-4b-it): each takes "
      "mm_tokens_per_image + 2 tokens (258 for Gemma 3) of max_seq, and later turns still see "
      "it. Relative paths are read from the kernel's working directory, as %train data= is. "
-     "With image= the body may be empty.",
+     "With image= the body may be empty. pan_and_scan=true also cuts each elongated image "
+     "(long side at least 1.2 x the short one) into 2 to 4 crops of at least 256 pixels, as "
+     "transformers' Gemma3ImageProcessor(do_pan_and_scan=True) does: the image then takes a "
+     "block for itself and one per crop, written as Gemma3Processor writes it (\"Here is the "
+     "original image ... and here are some crops to help you see better ...\"); a square "
+     "image is not cut.",
      magic_chat},
     {"lora", 0,
      "%lora [r=16] [alpha=16] [dropout=0] [targets=q,k,v,o,gate,up,down] "

@@ -369,7 +369,7 @@ int logits_main(int argc, char **argv) {
     float *logits = NULL;
     int vocab = 0;
     if (st == LT_OK && n_images)
-        st = lt_logits_image(s, ids, n, images, n_images, &logits, &vocab);
+        st = lt_logits_image(s, ids, n, images, n_images, NULL, &logits, &vocab);
     else if (st == LT_OK)
         st = lt_logits(s, ids, n, &logits, &vocab);
     int rc = 0;

@@ -41,17 +41,51 @@ static lt_status append_text(const lt_tokenizer *tok, const char *text, int32_t 
     return LT_OK;
 }
 
+static lt_status marker_count_error(int found, int n_images, char *err) {
+    return lt_fail(err, LT_ERR_ARG,
+                   "the conversation's text holds %d '%s' but %d image(s) were given: Gemma "
+                   "3's processor turns each '%s' into an image, so a message may not "
+                   "write it itself (take it out of the text)",
+                   found, CHAT_IMAGE_MARKER, n_images, CHAT_IMAGE_MARKER);
+}
+
+lt_status chat_image_pan_scan_text(const char *text, const int *crops, int n_images, char **out,
+                                   char *err) {
+    *out = NULL;
+    int found = count_markers(text);
+    if (found != n_images) return marker_count_error(found, n_images, err);
+    lt_strbuf b = {0};
+    const char *p = text;
+    for (int i = 0; i < n_images; i++) {
+        const char *e = strstr(p, CHAT_IMAGE_MARKER);
+        lt_strbuf_put(&b, p, (size_t)(e - p));
+        if (crops[i] > 0) {
+            lt_strbuf_puts(&b, "Here is the original image " CHAT_IMAGE_MARKER
+                               " and here are some crops to help you see better ");
+            for (int j = 0; j < crops[i]; j++) {
+                if (j) lt_strbuf_puts(&b, " ");
+                lt_strbuf_puts(&b, CHAT_IMAGE_MARKER);
+            }
+        } else {
+            lt_strbuf_puts(&b, CHAT_IMAGE_MARKER);
+        }
+        p = e + strlen(CHAT_IMAGE_MARKER);
+    }
+    lt_strbuf_puts(&b, p);
+    if (b.oom) {
+        lt_strbuf_free(&b);
+        return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    }
+    *out = lt_strbuf_take(&b);
+    return LT_OK;
+}
+
 lt_status chat_image_ids(const lt_tokenizer *tok, const char *text, const chat_image_tokens *it,
                          int n_images, int32_t **ids, int *n, char *err) {
     *ids = NULL;
     *n = 0;
     int found = count_markers(text);
-    if (found != n_images)
-        return lt_fail(err, LT_ERR_ARG,
-                       "the conversation's text holds %d '%s' but %d image(s) were given: Gemma "
-                       "3's processor turns each '%s' into an image, so a message may not "
-                       "write it itself (take it out of the text)",
-                       found, CHAT_IMAGE_MARKER, n_images, CHAT_IMAGE_MARKER);
+    if (found != n_images) return marker_count_error(found, n_images, err);
     if (it->mm <= 0) return lt_fail(err, LT_ERR_ARG, "images: mm_tokens_per_image is not set");
     int32_t *out = NULL;
     int len = 0, cap = 0;

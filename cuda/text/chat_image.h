@@ -36,4 +36,15 @@ typedef struct chat_image_tokens {
 lt_status chat_image_ids(const lt_tokenizer *tok, const char *text, const chat_image_tokens *it,
                          int n_images, int32_t **ids, int *n, char *err);
 
+/* Pan-and-scan: text with the marker of each image i whose crops[i] > 0 replaced by what
+ * Gemma3Processor (processing_gemma3.py) writes for an image and its crops,
+ *     "Here is the original image <start_of_image> and here are some crops to help you see "
+ *     "better <start_of_image> <start_of_image> ..." (crops[i] markers joined by spaces),
+ * so that chat_image_ids then expands every marker, the full image's first and its crops' in
+ * order, into an image block. The markers of images without crops stay as they are. A text
+ * whose marker count differs from n_images is refused as chat_image_ids refuses it. *out
+ * malloc'd. */
+lt_status chat_image_pan_scan_text(const char *text, const int *crops, int n_images, char **out,
+                                   char *err);
+
 #endif

@@ -1,8 +1,8 @@
 /* test_option_defaults.c — the defaults %help shows are the defaults the engine uses.
  *
  * An option that sets a field of an engine options struct (lt_load_opts, lt_gen_opts,
- * lt_lora_opts, lt_train_opts, lt_grpo_opts) takes its default from the engine's table
- * (lt_option_default); lt_*_opts_default fill the structs from the same table. This test
+ * lt_image_opts, lt_lora_opts, lt_train_opts, lt_grpo_opts) takes its default from the engine's
+ * table (lt_option_default); lt_*_opts_default fill the structs from the same table. This test
  * holds its own map of every field of those structs (name, type, offset, written from
  * cuda/engine.h) and checks, for every magic option mapped to a field, that the default the
  * kernel shows in %help (text, per-option and HTML) and fills in for an option left out is the
@@ -26,7 +26,7 @@
 
 /* ---- every field of the engine's options structs ----------------------------------------- */
 
-typedef enum field_kind { K_INT, K_FLOAT, K_U64, K_FLAG, K_TEXT } field_kind;
+typedef enum field_kind { K_INT, K_FLOAT, K_DOUBLE, K_U64, K_FLAG, K_TEXT } field_kind;
 
 typedef struct field {
     const char *group, *name;
@@ -53,6 +53,11 @@ static const field fields[] = {
     F("gen", lt_gen_opts, top_p, K_FLOAT),
     F("gen", lt_gen_opts, min_p, K_FLOAT),
     F("gen", lt_gen_opts, seed, K_U64),
+
+    F("image", lt_image_opts, pan_and_scan, K_FLAG),
+    F("image", lt_image_opts, pan_and_scan_min_crop_size, K_INT),
+    F("image", lt_image_opts, pan_and_scan_max_num_crops, K_INT),
+    F("image", lt_image_opts, pan_and_scan_min_ratio_to_activate, K_DOUBLE),
 
     F("lora", lt_lora_opts, r, K_INT),
     F("lora", lt_lora_opts, alpha, K_FLOAT),
@@ -120,13 +125,14 @@ static const field fields[] = {
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 
-static const char *const groups[] = {"load", "gen", "lora", "train", "grpo"};
+static const char *const groups[] = {"load", "gen", "image", "lora", "train", "grpo"};
 #define N_GROUPS ((int)(sizeof groups / sizeof groups[0]))
 
 /* The structs as lt_*_opts_default fill them, over bytes that are not zero, so a field the
  * fill leaves alone shows. */
 static lt_load_opts load_d;
 static lt_gen_opts gen_d;
+static lt_image_opts image_d;
 static lt_lora_opts lora_d;
 static lt_train_opts train_d;
 static lt_grpo_opts grpo_d;
@@ -134,22 +140,25 @@ static lt_grpo_opts grpo_d;
 static void structs_fill(void) {
     memset(&load_d, 0xA5, sizeof load_d);
     memset(&gen_d, 0xA5, sizeof gen_d);
+    memset(&image_d, 0xA5, sizeof image_d);
     memset(&lora_d, 0xA5, sizeof lora_d);
     memset(&train_d, 0xA5, sizeof train_d);
     memset(&grpo_d, 0xA5, sizeof grpo_d);
     lt_load_opts_default(&load_d);
     lt_gen_opts_default(&gen_d);
+    lt_image_opts_default(&image_d);
     lt_lora_opts_default(&lora_d);
     lt_train_opts_default(&train_d);
     lt_grpo_opts_default(&grpo_d);
 }
 
 static const char *field_at(const field *f) {
-    const char *base = !strcmp(f->group, "load")   ? (const char *)&load_d
-                       : !strcmp(f->group, "gen")  ? (const char *)&gen_d
-                       : !strcmp(f->group, "lora") ? (const char *)&lora_d
-                       : !strcmp(f->group, "grpo") ? (const char *)&grpo_d
-                                                   : (const char *)&train_d;
+    const char *base = !strcmp(f->group, "load")    ? (const char *)&load_d
+                       : !strcmp(f->group, "gen")   ? (const char *)&gen_d
+                       : !strcmp(f->group, "image") ? (const char *)&image_d
+                       : !strcmp(f->group, "lora")  ? (const char *)&lora_d
+                       : !strcmp(f->group, "grpo")  ? (const char *)&grpo_d
+                                                    : (const char *)&train_d;
     return base + f->offset;
 }
 
@@ -176,6 +185,9 @@ static void field_show(const field *f, char *out, size_t n) {
     case K_FLOAT:
         snprintf(out, n, "%.9g", (double)*(const float *)at);
         break;
+    case K_DOUBLE:
+        snprintf(out, n, "%.17g", *(const double *)at);
+        break;
     case K_U64:
         snprintf(out, n, "%llu", (unsigned long long)*(const uint64_t *)at);
         break;
@@ -198,6 +210,8 @@ static int field_matches(const field *f, const magic_args *a, const char *opt) {
         return *(const uint64_t *)at == (uint64_t)arg_int(a, opt);
     case K_FLOAT:
         return *(const float *)at == (float)arg_float(a, opt);
+    case K_DOUBLE:
+        return *(const double *)at == arg_float(a, opt);
     case K_FLAG:
         return *(const int *)at == arg_bool(a, opt);
     case K_TEXT: {
@@ -219,6 +233,8 @@ static int field_matches_text(const field *f, const char *text) {
             return *(const uint64_t *)at == 0;
         case K_FLOAT:
             return *(const float *)at == 0.0f;
+        case K_DOUBLE:
+            return *(const double *)at == 0.0;
         default:
             return *(const int *)at == 0;
         }
@@ -230,6 +246,8 @@ static int field_matches_text(const field *f, const char *text) {
         return *(const uint64_t *)at == (uint64_t)strtoll(text, NULL, 10);
     case K_FLOAT:
         return *(const float *)at == (float)strtod(text, NULL);
+    case K_DOUBLE:
+        return *(const double *)at == strtod(text, NULL);
     case K_FLAG:
         return (!strcmp(text, "true") && *(const int *)at == 1) ||
                (!strcmp(text, "false") && *(const int *)at == 0);

@@ -137,7 +137,7 @@ static char *greedy_ref(lt_session *s, const int32_t *ids, int n, const char *co
     for (int k = 0; k < steps; k++) {
         float *lg = NULL;
         int V = 0;
-        if (lt_logits_image(s, seq, len, imgs, ni, &lg, &V) != LT_OK) {
+        if (lt_logits_image(s, seq, len, imgs, ni, NULL, &lg, &V) != LT_OK) {
             diag("lt_logits_image: %s", lt_last_error(s));
             free(seq);
             return NULL;
@@ -188,7 +188,7 @@ static void push_block(int32_t *out, int *n) {
 /* The prompt ids of the next turn, for comparing histories. */
 static int32_t *prompt_ids(lt_session *s, const char *text, int ni, int *n) {
     int32_t *ids = NULL;
-    if (lt_chat_prompt_ids(s, text, ni, &ids, n) != LT_OK) {
+    if (lt_chat_prompt_ids(s, text, NULL, ni, NULL, &ids, n) != LT_OK) {
         diag("lt_chat_prompt_ids: %s", lt_last_error(s));
         *n = 0;
     }
@@ -266,7 +266,7 @@ static int turn_matches(lt_session *s, const char *text, const char *const *new_
     lt_callbacks cb = {&c, NULL, NULL, on_text};
     lt_gen_opts o = greedy(steps);
     char *reply = NULL;
-    lt_status rc = lt_chat_images(s, text, new_imgs, n_new, &o, &cb, &reply);
+    lt_status rc = lt_chat_images(s, text, new_imgs, n_new, NULL, &o, &cb, &reply);
     if (rc != LT_OK) diag("%s: %s", what, lt_last_error(s));
     int good = rc == LT_OK && want && reply && !strcmp(reply, want) && !strcmp(c.text, reply);
     if (!good)
@@ -292,8 +292,8 @@ static void test_replies(lt_session *s, const char *rgb, const char *grey, const
     int32_t *ids = prompt_ids(s, "Describe the image.", 1, &n);
     float *a = NULL, *b = NULL;
     int V = 0;
-    lt_status r1 = lt_logits_image(s, ids, n, one, 1, &a, &V);
-    lt_status r2 = lt_logits_image(s, ids, n, other, 1, &b, &V);
+    lt_status r1 = lt_logits_image(s, ids, n, one, 1, NULL, &a, &V);
+    lt_status r2 = lt_logits_image(s, ids, n, other, 1, NULL, &b, &V);
     double diff = 0;
     for (int v = 0; r1 == LT_OK && r2 == LT_OK && v < V; v++) {
         double d = a[(size_t)(n - 1) * V + v] - b[(size_t)(n - 1) * V + v];
@@ -326,7 +326,8 @@ static void test_replies(lt_session *s, const char *rgb, const char *grey, const
     char *reply = NULL;
     int np = 0;
     int32_t *p1 = prompt_ids(s, "Describe the image.", 1, &np);
-    lt_chat_images(s, "Describe the image.", one, 1, &o, NULL, &reply); /* caches its prompt */
+    lt_chat_images(s, "Describe the image.", one, 1, NULL, &o, NULL,
+                   &reply); /* caches its prompt */
     free(reply);
     lt_chat_reset(s);
     const char *longer = "Describe the image.<end_of_turn>\n<start_of_turn>model\nA colour.";
@@ -345,7 +346,7 @@ static void test_bad_input(lt_session *s, const char *rgb, const char *dir) {
     const char *one[1] = {rgb};
     lt_gen_opts o = greedy(2);
     char *reply = NULL;
-    lt_chat_images(s, "First.", one, 1, &o, NULL, &reply);
+    lt_chat_images(s, "First.", one, 1, NULL, &o, NULL, &reply);
     free(reply);
     int n0 = 0;
     int32_t *before = prompt_ids(s, "Next.", 0, &n0);
@@ -374,7 +375,7 @@ static void test_bad_input(lt_session *s, const char *rgb, const char *dir) {
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         const char *imgs[2] = {rgb, bad[i].file};
         reply = NULL;
-        lt_status rc = lt_chat_images(s, bad[i].text, imgs, 2, &o, NULL, &reply);
+        lt_status rc = lt_chat_images(s, bad[i].text, imgs, 2, NULL, &o, NULL, &reply);
         char name[200];
         snprintf(name, sizeof name, "%s is refused with a message", bad[i].what);
         ok(rc == bad[i].want && strstr(lt_last_error(s), bad[i].says) && !reply, name);
@@ -386,7 +387,7 @@ static void test_bad_input(lt_session *s, const char *rgb, const char *dir) {
         ok(before && after && same_ids(after, n1, before, n0), name);
         free(after);
     }
-    ok(lt_chat_images(s, "Next.", NULL, 0, &o, NULL, &reply) == LT_OK && reply,
+    ok(lt_chat_images(s, "Next.", NULL, 0, NULL, &o, NULL, &reply) == LT_OK && reply,
        "the conversation goes on after the refused turns");
     free(reply);
     free(before);
@@ -408,13 +409,13 @@ static void test_text_only_model(void) {
     const char *one[1] = {png};
     lt_gen_opts o = greedy(2);
     char *reply = NULL;
-    lt_status rc = lt_chat_images(s, "Look.", one, 1, &o, NULL, &reply);
+    lt_status rc = lt_chat_images(s, "Look.", one, 1, NULL, &o, NULL, &reply);
     ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "image tower"),
        "an image for a text-only model is refused, naming the image tower");
     diag("%s", lt_last_error(s));
     int32_t *ids = NULL;
     int n = 0;
-    ok(lt_chat_prompt_ids(s, "Look.", 1, &ids, &n) == LT_ERR_ARG && !ids,
+    ok(lt_chat_prompt_ids(s, "Look.", NULL, 1, NULL, &ids, &n) == LT_ERR_ARG && !ids,
        "... and so is rendering its prompt");
     ok(lt_chat(s, "Hello", &o, NULL, &reply) == LT_OK && reply, "... and text chat still works");
     free(reply);
@@ -443,15 +444,94 @@ static void test_max_seq(const char *dir, const char *rgb) {
     const char *six[6] = {rgb, rgb, rgb, rgb, rgb, rgb};
     lt_gen_opts o = greedy(2);
     char *reply = NULL;
-    lt_status rc = lt_chat_images(s, "Count them.", six, 6, &o, NULL, &reply);
+    lt_status rc = lt_chat_images(s, "Count them.", six, 6, NULL, &o, NULL, &reply);
     ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "max_seq") && strstr(lt_last_error(s), "each"),
        "images past max_seq are refused, saying what an image takes");
     diag("%s", lt_last_error(s));
-    ok(lt_chat_images(s, "Count it.", six, 1, &o, NULL, &reply) == LT_OK && reply,
+    ok(lt_chat_images(s, "Count it.", six, 1, NULL, &o, NULL, &reply) == LT_OK && reply,
        "... and a turn that fits runs next");
     if (!reply) diag("%s", lt_last_error(s));
     free(reply);
     lt_session_free(s);
+}
+
+/* Pan-and-scan with a 2-pixel min crop, so that the 7 x 5 rgb.png (ratio 1.4) is cut in 2: the
+ * prompt holds 3 image blocks and Gemma3Processor's crop text, the chat replies, the next turn
+ * re-renders the three blocks; bad options and a text-only model are refused, the session
+ * usable. */
+static int count_image_tokens(const int32_t *ids, int n) {
+    int k = 0;
+    for (int i = 0; ids && i < n; i++)
+        k += ids[i] == IMAGE;
+    return k;
+}
+
+static void test_pan_and_scan(lt_session *s, const char *rgb) {
+    lt_chat_reset(s);
+    lt_image_opts io;
+    lt_image_opts_default(&io);
+    ok(!io.pan_and_scan && io.pan_and_scan_min_crop_size == 256 &&
+           io.pan_and_scan_max_num_crops == 4 && io.pan_and_scan_min_ratio_to_activate == 1.2,
+       "lt_image_opts_default: Gemma3Processor's defaults");
+    io.pan_and_scan = 1;
+    io.pan_and_scan_min_crop_size = 2;
+    const char *one[1] = {rgb};
+    int blocks = 0;
+    ok(lt_image_blocks(s, rgb, &io, &blocks) == LT_OK && blocks == 3,
+       "pan-and-scan: rgb.png takes 3 blocks (itself and 2 crops)");
+    int32_t *ids = NULL;
+    int n = 0;
+    ok(lt_chat_prompt_ids(s, "Look.", one, 1, &io, &ids, &n) == LT_OK &&
+           count_image_tokens(ids, n) == 3 * MM,
+       "pan-and-scan: the prompt holds 3 image blocks");
+    char *text = NULL;
+    if (ids) lt_detokenize(s, ids, n, &text);
+    ok(text && strstr(text, "Here is the original image") &&
+           strstr(text, "and here are some crops to help you see better"),
+       "pan-and-scan: the prompt says it as Gemma3Processor does");
+    free(text);
+    free(ids);
+    lt_gen_opts o = greedy(2);
+    char *reply = NULL;
+    lt_status rc = lt_chat_images(s, "Look.", one, 1, &io, &o, NULL, &reply);
+    ok(rc == LT_OK && reply, "pan-and-scan: the chat replies");
+    if (rc != LT_OK) diag("%s", lt_last_error(s));
+    free(reply);
+    ids = prompt_ids(s, "And now?", 0, &n);
+    is_int(count_image_tokens(ids, n), 3 * MM, "the next turn re-renders the 3 blocks");
+    free(ids);
+    lt_image_opts bad = io;
+    bad.pan_and_scan_max_num_crops = 0;
+    rc = lt_chat_images(s, "Again.", one, 1, &bad, &o, NULL, &reply);
+    ok(rc == LT_ERR_ARG && strstr(lt_last_error(s), "max_crops"),
+       "pan_and_scan_max_num_crops 0 is refused, naming it");
+    bad = io;
+    bad.pan_and_scan_min_crop_size = 1; /* 7 x 5, min crop 1: 7 crops capped at 4, 2 wide: fine */
+    bad.pan_and_scan_max_num_crops = 64;
+    bad.pan_and_scan_min_ratio_to_activate = 1.0;
+    rc = lt_image_blocks(s, rgb, &bad, &blocks);
+    diag("min crop 1, 64 crops: %s, %d blocks", rc == LT_OK ? "ok" : lt_last_error(s), blocks);
+    ids = prompt_ids(s, "Still there?", 0, &n);
+    is_int(count_image_tokens(ids, n), 3 * MM, "after the refusals the history is unchanged");
+    free(ids);
+    lt_chat_reset(s);
+
+    lt_session *t = lt_session_new();
+    lt_load_opts lo;
+    lt_load_opts_default(&lo);
+    lo.device = "cpu";
+    if (lt_load(t, "tiny", &lo, NULL) == LT_OK) {
+        rc = lt_chat_images(t, "Hi.", NULL, 0, &io, &o, NULL, &reply);
+        ok(rc == LT_ERR_ARG && strstr(lt_last_error(t), "pan-and-scan"),
+           "pan-and-scan on a text-only model is refused");
+        diag("%s", lt_last_error(t));
+        ok(lt_chat_images(t, "Hi.", NULL, 0, NULL, &o, NULL, &reply) == LT_OK && reply,
+           "and the session goes on");
+        free(reply);
+    } else {
+        ok(0, "load tiny");
+    }
+    lt_session_free(t);
 }
 
 int main(void) {
@@ -478,12 +558,13 @@ int main(void) {
     test_rendering(s);
     test_replies(s, rgb, grey, rgba);
     test_bad_input(s, rgb, dir);
+    test_pan_and_scan(s, rgb);
     lt_chat_reset(s);
     int n = 0;
     const char *one[1] = {rgb};
     lt_gen_opts o = greedy(1);
     char *reply = NULL;
-    lt_chat_images(s, "Hi.", one, 1, &o, NULL, &reply);
+    lt_chat_images(s, "Hi.", one, 1, NULL, &o, NULL, &reply);
     free(reply);
     lt_chat_reset(s);
     int32_t *ids = prompt_ids(s, "Hi.", 0, &n);
