@@ -484,7 +484,7 @@ void lt_model_info_get(const lt_session *s, lt_model_info *info) {
         snprintf(info->vision_dtype, sizeof info->vision_dtype, "%s", lt_dtype_user_name(dt));
         snprintf(info->vision_device, sizeof info->vision_device, "%s", s->device);
     } else if (m->skipped_vision) {
-        snprintf(info->vision_note, sizeof info->vision_note, "%s",
+        snprintf(info->vision_note, sizeof info->vision_note, "%.255s",
                  m->vision_error[0] ? m->vision_error : "the image tower was not loaded");
     }
     gemma3_quant_summary(m, info->quant, sizeof info->quant);
