@@ -662,9 +662,25 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
 
     /* data */
     train_data d;
-    data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0};
+    const gemma3_model *gm = env->model;
+    const char *no_tower = gm->vision ? NULL
+                           : gm->vision_error[0]
+                               ? gm->vision_error
+                               : "this model has no image tower (a text-only model)";
+    data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0, no_tower};
     lt_callbacks dcb = {(void *)cb, data_message, data_progress, NULL};
     if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
+    for (int i = 0; i < d.n; i++)
+        if (d.s[i].n_images > 0) {
+            /* the dataset side of images is read and checked; the training forward with the
+             * image tower's soft tokens is not built yet: refuse rather than train the image
+             * tokens as text */
+            rc = lt_fail(err, LT_ERR_STATE,
+                         "%%train: %s %s %d has images, and this build reads image datasets but "
+                         "cannot train on them yet: use text-only rows",
+                         d.file, d.unit, d.s[i].line);
+            goto out_data;
+        }
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {
         rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
