@@ -11,8 +11,10 @@
  * is never reused across different images behind equal ids; bad input (a missing file, a file
  * that is not an image, a truncated PNG, "<start_of_image>" in the text, a text-only model, a
  * conversation longer than max_seq) is refused with a message, the history unchanged and the
- * session usable. TAP. The model runs on the CPU; LATHE_TEST_DEVICE=cuda runs the
- * multimodal loads on the GPU instead (a manual check; make check stays on the CPU).
+ * session usable; %train on a messages row with an image is refused by name (the training
+ * forward does not take soft tokens yet) and text training runs next. TAP. The model runs on the
+ * CPU; LATHE_TEST_DEVICE=cuda runs the multimodal loads on the GPU instead (a manual check; make
+ * check stays on the CPU).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -454,6 +456,39 @@ static void test_max_seq(const char *dir, const char *rgb) {
     lt_session_free(s);
 }
 
+/* %train on a messages dataset with an image: the row is read, and refused by name until the
+ * training forward takes the image tower's soft tokens; text training still runs after. */
+static void test_train_refuses_images(lt_session *s, const char *dir, const char *rgb) {
+    char data[4200], text[8400];
+    snprintf(data, sizeof data, "%s/images.jsonl", dir);
+    snprintf(text, sizeof text,
+             "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+             "\"%s\"}, {\"type\": \"text\", \"text\": \"Colour?\"}]}, {\"role\": \"assistant\", "
+             "\"content\": \"Red.\"}]}\n",
+             rgb);
+    spill(data, text, strlen(text));
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.r = 2;
+    ok(lt_lora_attach(s, &lo, NULL) == LT_OK, "(%lora on the multimodal fixture)");
+    lt_train_opts o;
+    lt_train_opts_default(&o);
+    o.data = data;
+    o.steps = 1;
+    lt_train_result res;
+    lt_status rc = lt_train(s, &o, NULL, &res);
+    ok(rc == LT_ERR_STATE && strstr(lt_last_error(s), "images.jsonl line 1") &&
+           strstr(lt_last_error(s), "cannot train on them yet"),
+       "%train on image rows is refused by name (no silent training of image tokens as text)");
+    diag("%s", lt_last_error(s));
+    snprintf(data, sizeof data, "%s/text.jsonl", dir);
+    const char *t = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": "
+                    "\"assistant\", \"content\": \"Hello.\"}]}\n";
+    spill(data, t, strlen(t));
+    ok(lt_train(s, &o, NULL, &res) == LT_OK && res.steps_done == 1,
+       "... and text training on the same session runs next");
+}
+
 int main(void) {
     char dir[] = "/tmp/lathe-chat-image-XXXXXX";
     if (!mkdtemp(dir) || make_fixture(dir) != 0) {
@@ -492,6 +527,7 @@ int main(void) {
         images += ids[i] == IMAGE;
     ok(ids && images == 0, "lt_chat_reset forgets the images too");
     free(ids);
+    test_train_refuses_images(s, dir, rgb);
     lt_session_free(s);
     test_text_only_model();
     test_max_seq(dir, rgb);
