@@ -526,7 +526,8 @@ static double memory_available(lt_ctx *ctx, lt_mem_info *mi) {
 }
 
 static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
-                             int64_t max_tokens, const lt_train_callbacks *cb, char *err) {
+                             int64_t max_tokens, const train_data *d, int64_t max_img_tokens,
+                             const lt_train_callbacks *cb, char *err) {
     const gemma3_config *c = &m->cfg;
     double H = c->hidden_size, N = (double)max_tokens;
     double QD = (double)c->num_attention_heads * c->head_dim,
@@ -539,23 +540,39 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     double layer = (double)dev_bytes;
     /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
     double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;
-    double total = trainable + layer + work;
+    /* images: the tower's activations for one image (encoding runs before step 1, so the
+     * larger of the two phases counts), each distinct image's soft tokens (host) and a
+     * micro-batch's image rows (the device copy) */
+    double tower = 0, soft = 0;
+    if (d->n_images > 0 && m->vision) {
+        double per = (double)m->cfg.vision.mm_tokens_per_image * H * 4;
+        tower = (double)siglip_encode_bytes(m->vision) + per;
+        soft = per * d->n_images;
+        layer += (double)max_img_tokens * H * 4;
+    }
+    double total = trainable + (layer + work > tower ? layer + work : tower);
     lt_mem_info mi;
     double avail = memory_available(ctx, &mi);
     const char *where = mi.where;
     int on_device = mi.on_device;
     if (cb && cb->message) {
-        char msg[600];
+        char msg[900], img[300] = "";
+        if (tower > 0)
+            snprintf(img, sizeof img,
+                     "; image tower %.1f MiB for one image (before step 1), soft tokens of %d "
+                     "image(s) %.1f MiB in %s",
+                     tower / 1048576, d->n_images, soft / 1048576,
+                     on_device ? "host memory" : "memory");
         snprintf(msg, sizeof msg,
                  "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, "
                  "activations of one layer %.1f MiB, workspace %.1f MiB: %.1f MiB more %s; layer "
-                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)",
+                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)%s",
                  weights / 1048576, trainable / 1048576, layer / 1048576, work / 1048576,
                  total / 1048576, where, (double)host_bytes / 1048576,
-                 on_device ? "host memory" : "memory", (long long)max_tokens);
+                 on_device ? "host memory" : "memory", (long long)max_tokens, img);
         cb->message(cb->ctx, msg);
     }
-    if (!on_device) total += (double)host_bytes;
+    if (!on_device) total += (double)host_bytes + soft;
     if (avail > 0 && total > avail)
         return lt_fail(err, LT_ERR_MEMORY,
                        "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
@@ -808,7 +825,16 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         for (int i = 0; i < d.n; i++)
             maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
         maxtok = (o.packing ? max_seq : maxtok) * (int64_t)o.batch;
-        if ((rc = memory_plan(env->model, ad, env->ctx, maxtok, cb, err)) != LT_OK) goto out_units;
+        int64_t maximg = 0; /* image tokens of the largest unit, times batch (a bound) */
+        for (int i = 0; i < u.n; i++) {
+            int64_t k = 0;
+            for (int j = 0; j < u.count[i]; j++)
+                k += d.s[u.idx[u.start[i] + j]].n_images;
+            maximg = k > maximg ? k : maximg;
+        }
+        maximg *= (int64_t)o.batch * env->model->cfg.vision.mm_tokens_per_image;
+        if ((rc = memory_plan(env->model, ad, env->ctx, maxtok, &d, maximg, cb, err)) != LT_OK)
+            goto out_units;
     }
     res->n_samples = d.n;
     res->n_truncated = d.n_truncated;

@@ -470,6 +470,13 @@ static void image_row(char *data, size_t cap, const char *dir, const char *name,
     spill(data, text, strlen(text));
 }
 
+static char plan_line[2000];
+
+static void on_train_message(void *ctx, const char *text) {
+    (void)ctx;
+    if (strstr(text, "memory plan")) snprintf(plan_line, sizeof plan_line, "%s", text);
+}
+
 static double first_loss(lt_session *s, const char *data, int steps, float lr, double *last) {
     lt_train_opts o;
     lt_train_opts_default(&o);
@@ -481,7 +488,8 @@ static double first_loss(lt_session *s, const char *data, int steps, float lr, d
     o.shuffle = 0;
     lt_train_result res;
     memset(&res, 0, sizeof res);
-    lt_status rc = lt_train(s, &o, NULL, &res);
+    lt_train_callbacks cb = {NULL, on_train_message, NULL};
+    lt_status rc = lt_train(s, &o, &cb, &res);
     if (rc != LT_OK) diag("lt_train: %s", lt_last_error(s));
     if (last) *last = res.last_loss;
     return rc == LT_OK ? res.first_loss : -1;
@@ -538,6 +546,9 @@ static void test_train_images(lt_session *s, const char *dir, const char *rgb, c
     double last = 0, f = first_loss(s, data, 12, 3e-2f, &last);
     diag("12 steps: %.5f -> %.5f", f, last);
     ok(f > 0 && last < f - 0.05, "... training steps lower the loss on the repeated row");
+    diag("%s", plan_line);
+    ok(strstr(plan_line, "image tower") && strstr(plan_line, "soft tokens of 1 image(s)"),
+       "... the memory plan counts the image tower and the soft tokens");
 
     char junk[4200], trunc[4200], bad[4200];
     snprintf(junk, sizeof junk, "%s/junk2.png", dir);
