@@ -322,7 +322,10 @@ static const magic_spec table[] = {
      0, 0, NULL, NULL, train_opts, "supervised fine-tuning with a live loss curve",
      "Trains the attached adapters on a JSONL/JSON dataset: text ({\"text\"}), alpaca "
      "({\"instruction\", \"input\", \"output\"}), sharegpt ({\"conversations\"}) or chat "
-     "messages ({\"messages\"}), rendered with Gemma's chat template. AdamW with fp32 "
+     "messages ({\"messages\"}), rendered with Gemma's chat template. A user message's "
+     "content list may hold images ({\"type\": \"image\", \"image\": PATH}, relative to "
+     "the dataset's folder; device=cpu): each is encoded once by the frozen image tower, its "
+     "tokens never trained, LoRA training the language model. AdamW with fp32 "
      "state; the loss of a step is the mean over all its label tokens across grad_accum "
      "micro-batches. Shows a progress bar and the loss curve while it runs. An interrupt "
      "stops at the next micro-batch and keeps the weights of the last complete step; run "

@@ -303,6 +303,13 @@ typedef struct lt_backend {
     lt_status (*attention_span)(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor k, lt_tensor v,
                                 lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
                                 float scale);
+    /* attention_backward under attention_span's visibility rule (dq, dk, dv written; softmax
+     * recomputed): what training needs for image blocks. NULL where a backend lacks it (the
+     * CPU backend has it; the CUDA one does not yet). */
+    lt_status (*attention_span_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                         lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                         lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
+                                         float scale);
 } lt_backend;
 
 /* The dropout keep-test, shared by every backend: 1 when element i survives. */

@@ -34,8 +34,11 @@
 /* Everything one call needs, in backend memory unless noted. */
 typedef struct tb_bufs {
     int32_t *ids, *pos, *tg;
-    float *rw, *lp;  /* [N] the targets' loss weights and log-probabilities (when asked for) */
-    float *layer_in; /* [L, N, H] checkpoints: host_alloc memory (device memory if none) */
+    int32_t *span;      /* [N, 2] image blocks' extra visible positions (images only) */
+    float *img;         /* [n_image_tokens, H] the image rows (images only) */
+    int32_t *span_host; /* host copy of span; NULL without images */
+    float *rw, *lp;     /* [N] the targets' loss weights and log-probabilities (when asked for) */
+    float *layer_in;    /* [L, N, H] checkpoints: host_alloc memory (device memory if none) */
     int layer_in_on_host;
     /* [N, H] x2, the residual stream: layer l reads res[l & 1] and writes res[(l + 1) & 1],
      * so its input can still be on its way out while the next layer runs; the backward fetches
@@ -178,7 +181,21 @@ static lt_status attend(tb_ctx *c, int l, int backward) {
         lt_tensor v = t3(B->v + t0 * c->KD, n, c->nkv, c->hd);
         lt_tensor pos = lt_tensor_1d(LT_I32, B->pos + t0, n);
         lt_status rc;
-        if (!backward) {
+        int spans = 0; /* does this sample hold an image block? */
+        for (int64_t i = 0; B->span_host && i < n && !spans; i++)
+            spans = B->span_host[2 * (t0 + i)] <= B->span_host[2 * (t0 + i) + 1];
+        if (spans) {
+            lt_tensor sp = lt_tensor_2d(LT_I32, B->span + 2 * t0, n, 2);
+            if (!backward)
+                rc = c->be->attention_span(c->ctx, t2(B->att + t0 * c->QD, n, c->QD), q, k, v, pos,
+                                           pos, sp, window, scale);
+            else
+                rc = c->be->attention_span_backward(c->ctx, t3(B->dq + t0 * c->QD, n, c->nh, c->hd),
+                                                    t3(B->dk + t0 * c->KD, n, c->nkv, c->hd),
+                                                    t3(B->dv + t0 * c->KD, n, c->nkv, c->hd),
+                                                    t2(B->datt + t0 * c->QD, n, c->QD), q, k, v,
+                                                    pos, pos, sp, window, scale);
+        } else if (!backward) {
             rc = c->be->attention(c->ctx, t2(B->att + t0 * c->QD, n, c->QD), q, k, v, pos, pos,
                                   window, scale);
         } else {
@@ -422,6 +439,10 @@ static int bufs_plan(const tb_ctx *c, int grads, tb_want *want) {
     WANT(B->ids, N * 4);
     WANT(B->pos, N * 4);
     WANT(B->tg, N * 4);
+    if (c->b && c->b->n_image_tokens > 0) {
+        WANT(B->span, N * 2 * 4);
+        WANT(B->img, (size_t)c->b->n_image_tokens * H * f);
+    }
     /* the loss weights and log-probabilities: counted by gemma3_train_bytes (no batch), held
      * only by a batch that gives or asks for them */
     if (!c->b || c->b->weights) WANT(B->rw, N * f);
@@ -455,8 +476,10 @@ static void bufs_release(lt_ctx *ctx, tb_bufs *B) {
         else
             ctx->be->release(ctx, B->layer_in);
     }
-    void *owned[] = {B->ids, B->pos, B->tg,   B->rw,    B->lp,    B->res[0], B->res[1], B->layer,
-                     B->dh,  B->dx,  B->s_in, B->s_in2, B->s_out, B->s_r,    B->s_r2};
+    void *owned[] = {B->ids,    B->pos,   B->tg,   B->rw,   B->lp,   B->res[0],
+                     B->res[1], B->layer, B->dh,   B->dx,   B->s_in, B->s_in2,
+                     B->s_out,  B->s_r,   B->s_r2, B->span, B->img};
+    free(B->span_host);
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++)
         ctx->be->release(ctx, owned[i]);
     memset(B, 0, sizeof *B);
@@ -509,6 +532,54 @@ static void tb_dims(tb_ctx *c, const gemma3_config *cfg, int64_t N, const gemma3
     if (c->QD > c->maxdim) c->maxdim = c->QD;
     c->rmax = tr ? tr->max_rank : 0;
     c->R = mlp_block_rows(N, c->I);
+}
+
+/* A batch with images: checks the image tokens against b->n_image_tokens and the backend's
+ * ops, fills B->span_host (per sample positions: each run of image tokens sees its whole run,
+ * the rule gemma3_forward_images applies) and *ids_host (b->ids with image tokens past the
+ * embedding as 0). */
+static lt_status images_prepare(tb_ctx *c, const int32_t *pos, int32_t **ids_host) {
+    const gemma3_config *cfg = &c->m->cfg;
+    const train_batch *b = c->b;
+    lt_ctx *ctx = c->ctx;
+    int64_t N = c->N;
+    int image = cfg->vision.image_token_id;
+    if (!cfg->vision.present || !b->image_embeds)
+        return lt_fail(ctx->err, LT_ERR_ARG, "train: image rows given to a model without images");
+    if (!c->be->attention_span || !c->be->attention_span_backward)
+        return lt_fail(ctx->err, LT_ERR_STATE,
+                       "train: the %s backend has no attention_span%s op, which training on "
+                       "image blocks needs (load the model with device=cpu)",
+                       c->be->name, c->be->attention_span ? "_backward" : "");
+    int64_t k = 0;
+    for (int64_t t = 0; t < N; t++)
+        k += b->ids[t] == image;
+    if (k != b->n_image_tokens)
+        return lt_fail(ctx->err, LT_ERR_ARG,
+                       "train: the batch holds %lld image tokens (id %d) but %d image rows",
+                       (long long)k, image, b->n_image_tokens);
+    c->B->span_host = malloc(sizeof(int32_t) * 2 * (size_t)N);
+    *ids_host = malloc(sizeof(int32_t) * (size_t)N);
+    if (!c->B->span_host || !*ids_host) return lt_fail(ctx->err, LT_ERR_MEMORY, "out of memory");
+    int32_t *sp = c->B->span_host;
+    for (int64_t t = 0; t < N;) {
+        if (b->ids[t] != image) {
+            (*ids_host)[t] = b->ids[t];
+            sp[2 * t] = 0, sp[2 * t + 1] = -1;
+            t++;
+            continue;
+        }
+        int64_t e = t; /* a run inside one sample (positions restart at 0 per sample) */
+        while (e < N && b->ids[e] == image && (e == t || pos[e] == pos[e - 1] + 1))
+            e++;
+        for (int64_t u = t; u < e; u++) {
+            (*ids_host)[u] = image >= cfg->vocab_size ? 0 : image;
+            sp[2 * u] = pos[t];
+            sp[2 * u + 1] = pos[e - 1];
+        }
+        t = e;
+    }
+    return LT_OK;
 }
 
 void gemma3_train_bytes(const gemma3_model *m, lt_ctx *ctx, const gemma3_trainable *tr, int64_t N,
@@ -579,7 +650,17 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
             pos[t++] = i;
     const lt_weight *head = gemma3_head(m);
     float eps = (float)cfg->rms_norm_eps;
-    LT_TRY(be->upload(ctx, B.ids, b->ids, sizeof(int32_t) * (size_t)N));
+    int32_t *ids_host = NULL; /* images: image tokens past the embedding look up row 0 */
+    if (b->n_image_tokens > 0) {
+        rc = images_prepare(&c, pos, &ids_host);
+        if (rc != LT_OK) goto done;
+    }
+    LT_TRY(be->upload(ctx, B.ids, ids_host ? ids_host : b->ids, sizeof(int32_t) * (size_t)N));
+    if (b->n_image_tokens > 0) {
+        LT_TRY(be->upload(ctx, B.span, B.span_host, sizeof(int32_t) * 2 * (size_t)N));
+        LT_TRY(be->upload(ctx, B.img, b->image_embeds,
+                          sizeof(float) * (size_t)b->n_image_tokens * (size_t)H));
+    }
     LT_TRY(be->upload(ctx, B.pos, pos, sizeof(int32_t) * (size_t)N));
     LT_TRY(be->upload(ctx, B.tg, b->targets, sizeof(int32_t) * (size_t)N));
     if (b->weights) LT_TRY(be->upload(ctx, B.rw, b->weights, sizeof(float) * (size_t)N));
@@ -592,6 +673,18 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
      * the wait that its layer's MLP needs, not before it. */
     float **res = B.res;
     LT_TRY(be->embedding(ctx, t2(res[0], N, H), ids, &m->embed_tokens, escale));
+    for (int64_t t = 0, j = 0; b->n_image_tokens > 0 && t < N;) { /* image rows replace them */
+        if (b->ids[t] != cfg->vision.image_token_id) {
+            t++;
+            continue;
+        }
+        int64_t e = t;
+        while (e < N && b->ids[e] == cfg->vision.image_token_id)
+            e++;
+        LT_TRY(be->copy(ctx, res[0] + t * H, B.img + j * H, sizeof(float) * (size_t)((e - t) * H)));
+        j += e - t;
+        t = e;
+    }
     for (int l = 0; l < L; l++) {
         float *x = res[l & 1], *out = res[(l + 1) & 1];
         LT_TRY(attn_block_fwd(&c, l, x));
@@ -633,9 +726,14 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
         LT_TRY(mlp_bwd(&c, l));
         LT_TRY(attn_block_bwd(&c, l, x_in));
     }
-    if (m->embed_tokens.grad_w.data && be->embedding_backward)
+    if (m->embed_tokens.grad_w.data && be->embedding_backward) {
+        for (int64_t t = 0; b->n_image_tokens > 0 && t < N; t++) /* image rows: no embedding */
+            if (b->ids[t] == cfg->vision.image_token_id)
+                LT_TRY(be->fill(ctx, t2(B.dh + t * H, 1, H), 0.0f));
         LT_TRY(be->embedding_backward(ctx, &m->embed_tokens, t2(B.dh, N, H), ids, escale));
+    }
 done:
+    free(ids_host);
     free(pos);
     bufs_release(ctx, &B);
     return rc;

@@ -288,6 +288,12 @@ typedef struct train_batch {
     float *logp;          /* [N] host out: each target token's log-probability (0 where -100);
                              NULL = not wanted */
     float logit_scale;    /* 0 or 1 = plain logits; GRPO: 1/temperature */
+    /* images (gemma3_images' rule, per sample): the rows of the image tokens of ids
+     * (cfg.vision.image_token_id), in order, host memory [n_image_tokens, H] fp32; NULL = none.
+     * They replace those tokens' embeddings, each block sees itself (attention_span and
+     * attention_span_backward), and no gradient flows into them (the tower is frozen). */
+    const float *image_embeds;
+    int n_image_tokens;
 } train_batch;
 
 /* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are

@@ -450,3 +450,14 @@ done:
         if (all[i]) be->release(ctx, all[i]);
     return rc;
 }
+
+size_t siglip_encode_bytes(const siglip_tower *t) {
+    const gemma3_vision_config *c = &t->cfg;
+    size_t D = (size_t)c->hidden_size, I = (size_t)c->intermediate_size, p = (size_t)c->patch_size,
+           g = (size_t)c->image_size / (p ? p : 1), P = g * g, K = (size_t)c->num_channels * p * p,
+           side = 0;
+    while ((side + 1) * (side + 1) <= (size_t)c->mm_tokens_per_image)
+        side++;
+    /* patches, x, a, q, k, v, att, f, pooled, pos0: siglip_encode's allocations */
+    return sizeof(float) * (P * K + 6 * P * D + P * I + side * side * D) + sizeof(int32_t) * P;
+}

@@ -66,5 +66,7 @@ void siglip_release(siglip_tower *t, lt_ctx *ctx);
  * post_layernorm) and Gemma3MultiModalProjector on it (avg-pool to mm tokens, RMSNorm with
  * 1 + w, the projection). */
 lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out);
+/* The backend memory siglip_encode takes for its activations (one image), out not included. */
+size_t siglip_encode_bytes(const siglip_tower *t);
 
 #endif

@@ -5,6 +5,7 @@
  */
 #include "cuda/text/chat.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "cuda/base/error.h"
@@ -93,16 +94,31 @@ lt_status chat_render(const char *const *roles, const char *const *contents, int
     return LT_OK;
 }
 
-lt_status chat_user_content(const char *text, int n_images, char **out, char *err) {
+lt_status chat_parts_content(const chat_part *parts, int n, char **out, char *err) {
     *out = NULL;
     lt_strbuf b = {0};
-    for (int i = 0; i < n_images; i++)
-        lt_strbuf_puts(&b, "<start_of_image>");
-    sb_put_stripped(&b, text ? text : "");
+    for (int i = 0; i < n; i++) {
+        if (parts[i].image)
+            lt_strbuf_puts(&b, "<start_of_image>");
+        else
+            sb_put_stripped(&b, parts[i].text ? parts[i].text : "");
+    }
     if (b.oom) {
         lt_strbuf_free(&b);
         return lt_fail(err, LT_ERR_MEMORY, "chat template: out of memory");
     }
     *out = lt_strbuf_take(&b);
     return LT_OK;
+}
+
+lt_status chat_user_content(const char *text, int n_images, char **out, char *err) {
+    *out = NULL;
+    chat_part *parts = malloc(sizeof(chat_part) * (size_t)(n_images + 1));
+    if (!parts) return lt_fail(err, LT_ERR_MEMORY, "chat template: out of memory");
+    for (int i = 0; i < n_images; i++)
+        parts[i] = (chat_part){1, NULL};
+    parts[n_images] = (chat_part){0, text};
+    lt_status rc = chat_parts_content(parts, n_images + 1, out, err);
+    free(parts);
+    return rc;
 }

@@ -14,6 +14,7 @@
 #ifndef LATHE_CHAT_IMAGE_H
 #define LATHE_CHAT_IMAGE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "cuda/base/error.h"
@@ -28,6 +29,24 @@ typedef struct chat_image_tokens {
 
 /* The marker the chat template writes per image (Gemma 3's tokenizer.boi_token). */
 #define CHAT_IMAGE_MARKER "<start_of_image>"
+
+/* The markers in text's first len bytes. */
+int chat_image_count(const char *text, size_t len);
+
+/* What chat_image_walk hands on: text(ctx, segment) for each non-empty text between the image
+ * blocks, the "\n\n" the processor writes beside a block included, and image(ctx, i) for the
+ * i-th block (0-based) of the text, in order. */
+typedef struct chat_image_visit {
+    lt_status (*text)(void *ctx, const char *segment, char *err);
+    lt_status (*image)(void *ctx, int image, char *err);
+} chat_image_visit;
+
+/* Walks text's first len bytes as Gemma 3's processor expands it: every marker becomes an
+ * image block. chat_image_ids is this walk writing ids; the trainer's datasets (train/data.c)
+ * walk each piece of a rendered conversation the same way. Stops at the first error a visit
+ * returns. */
+lt_status chat_image_walk(const char *text, size_t len, const chat_image_visit *v, void *ctx,
+                          char *err);
 
 /* Tokenizes text (no BOS added; a leading "<bos>" is the caller's to strip) with each of its
  * n_images markers expanded into an image block. A text whose marker count differs from

@@ -28,6 +28,7 @@
 
 #include "cuda/base/strbuf.h"
 #include "cuda/text/chat.h"
+#include "cuda/text/chat_image.h"
 #include "cuda/train/train.h"
 
 #define MAX_TURNS 512
@@ -41,6 +42,11 @@ typedef struct tokbuf {
     int limit;    /* tokens worth having (max_seq + 1); 0 = all */
     size_t piece; /* bytes of text one token covers at most (the longest piece) */
     int cut;      /* 1 when text was left untokenized because of limit */
+    /* image blocks: their config ids, how many were written and where the last one ends */
+    const chat_image_tokens *it;
+    int n_blocks, last_block_end;
+    int *imgs; /* [n_imgs] the record's images (train_data.images), block order */
+    int n_imgs;
 } tokbuf;
 
 static int tb_push(tokbuf *b, const int32_t *ids, int n, uint8_t label) {
@@ -130,21 +136,211 @@ static const char *str_field(json_t *rec, const char *key, int required, const w
     return json_string_value(v);
 }
 
-/* A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined). */
-static char *content_text(json_t *c) {
-    if (json_is_string(c)) return strdup(json_string_value(c));
-    if (!json_is_array(c)) return NULL;
-    size_t total = 1, i;
-    json_t *part;
-    json_array_foreach(c, i, part) {
-        json_t *t = json_is_object(part) ? json_object_get(part, "text") : NULL;
-        if (!json_is_string(t)) return NULL;
-        total += strlen(json_string_value(t));
+/* Where an image part's file is found: its key ("image", else "path", else "url"); a URL must
+ * be a local path or file:// (lathe downloads nothing). NULL with err set. */
+static const char *image_part_path(json_t *part, const char *at, const where *w, char *err) {
+    static const char *const keys[] = {"image", "path", "url"};
+    json_t *v = NULL;
+    const char *key = NULL;
+    for (int k = 0; k < 3 && !v; k++)
+        if ((v = json_object_get(part, keys[k]))) key = keys[k];
+    if (!v) {
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s %s %d: %s is an image part without a file: give {\"type\": \"image\", "
+                "\"image\": \"PATH\"} (a path relative to the dataset's folder, or absolute)",
+                w->file, w->unit, w->line, at);
+        return NULL;
     }
-    char *out = calloc(1, total);
-    if (!out) return NULL;
-    json_array_foreach(c, i, part) strcat(out, json_string_value(json_object_get(part, "text")));
-    return out;
+    if (!json_is_string(v) || !*json_string_value(v)) {
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s %s %d: %s.%s is not a file path (images are read from files: give a path "
+                "relative to the dataset's folder, or an absolute one)",
+                w->file, w->unit, w->line, at, key);
+        return NULL;
+    }
+    const char *p = json_string_value(v);
+    if (!strncmp(p, "file://", 7)) p += 7;
+    if (strstr(p, "://")) {
+        lt_fail(err, LT_ERR_FORMAT,
+                "%s %s %d: %s.%s is '%s': lathe reads image files, it downloads nothing; save "
+                "the image next to the dataset and give its path",
+                w->file, w->unit, w->line, at, key, json_string_value(v));
+        return NULL;
+    }
+    return p;
+}
+
+/* The parse of one record: its images (indices into the dataset's list, in order) and where
+ * relative image paths start from. */
+typedef struct record_images {
+    train_data *d;
+    const data_opts *o;
+    const char *dir; /* the dataset file's folder, "" for the working folder */
+    const chat_image_tokens *it;
+    int *idx;
+    int n, cap;
+    /* the dataset's distinct images: an open-addressing table of indices + 1 (0 = empty) */
+    int **table;
+    int *table_cap;
+} record_images;
+
+static uint64_t fnv1a(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* The index of path in the dataset's image list, added when new. -1 when out of memory. */
+static int image_index(record_images *ri, const char *path, int line) {
+    train_data *d = ri->d;
+    if ((d->n_images + 1) * 2 > *ri->table_cap) { /* grow the table, keeping it half empty */
+        int nc = *ri->table_cap ? *ri->table_cap * 2 : 64;
+        int *nt = calloc((size_t)nc, sizeof(int));
+        if (!nt) return -1;
+        for (int i = 0; i < d->n_images; i++) {
+            size_t h = (size_t)(fnv1a(d->images[i].path) % (uint64_t)nc);
+            while (nt[h])
+                h = (h + 1) % (size_t)nc;
+            nt[h] = i + 1;
+        }
+        free(*ri->table);
+        *ri->table = nt;
+        *ri->table_cap = nc;
+    }
+    int cap = *ri->table_cap, *t = *ri->table;
+    size_t h = (size_t)(fnv1a(path) % (uint64_t)cap);
+    for (; t[h]; h = (h + 1) % (size_t)cap)
+        if (!strcmp(d->images[t[h] - 1].path, path)) return t[h] - 1;
+    train_image *ni = realloc(d->images, sizeof(train_image) * (size_t)(d->n_images + 1));
+    if (!ni) return -1;
+    d->images = ni;
+    char *copy = strdup(path);
+    if (!copy) return -1;
+    d->images[d->n_images] = (train_image){copy, line};
+    t[h] = d->n_images + 1;
+    return d->n_images++;
+}
+
+/* Resolves an image part's path, checks the file (present, a readable regular file) and adds it
+ * to the record's images. */
+static lt_status add_image(record_images *ri, const char *given, const char *at, const where *w,
+                           char *err) {
+    char path[4096];
+    if (given[0] == '/' || !ri->dir[0])
+        snprintf(path, sizeof path, "%s", given);
+    else
+        snprintf(path, sizeof path, "%s/%s", ri->dir, given);
+    struct stat sb;
+    if (stat(path, &sb) != 0)
+        return lt_fail(err, LT_ERR_IO,
+                       "%s %s %d: %s: the image file '%s' cannot be found (%s)%s%s%s; paths "
+                       "are relative to the dataset's folder",
+                       w->file, w->unit, w->line, at, path, strerror(errno),
+                       strcmp(path, given) ? " (as given: " : "", strcmp(path, given) ? given : "",
+                       strcmp(path, given) ? ")" : "");
+    if (!S_ISREG(sb.st_mode))
+        return lt_fail(err, LT_ERR_IO, "%s %s %d: %s: '%s' %s", w->file, w->unit, w->line, at, path,
+                       S_ISDIR(sb.st_mode) ? "is a directory, not an image file (a PNG or JPEG)"
+                                           : "is not a regular file (give a PNG or JPEG file)");
+    if (access(path, R_OK) != 0)
+        return lt_fail(err, LT_ERR_IO,
+                       "%s %s %d: %s: the image file '%s' cannot be read (%s): check its "
+                       "permissions",
+                       w->file, w->unit, w->line, at, path, strerror(errno));
+    int k = image_index(ri, path, w->line);
+    if (k < 0) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    if (ri->n == ri->cap) {
+        int nc = ri->cap ? ri->cap * 2 : 8;
+        int *np = realloc(ri->idx, sizeof(int) * (size_t)nc);
+        if (!np) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        ri->idx = np;
+        ri->cap = nc;
+    }
+    ri->idx[ri->n++] = k;
+    return LT_OK;
+}
+
+/* A message's content: a string, or a list of parts. A user or model message's list renders as
+ * the chat template renders it (chat_parts_content: each text part stripped, an image part as
+ * "<start_of_image>"); a user message's image parts are added to ri. A system message's list is
+ * its text parts joined. *out NULL with err set on a refusal. */
+static lt_status content_text(json_t *c, const char *role, const char *at, record_images *ri,
+                              const where *w, char **out, char *err) {
+    *out = NULL;
+    if (json_is_string(c)) {
+        *out = strdup(json_string_value(c));
+        return *out ? LT_OK : lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    }
+    if (!json_is_array(c))
+        return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s is missing or not text", w->file, w->unit,
+                       w->line, at);
+    size_t n = json_array_size(c), i;
+    chat_part *parts = calloc(n ? n : 1, sizeof(chat_part));
+    if (!parts) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    lt_status st = LT_OK;
+    json_t *part;
+    char pat[200];
+    json_array_foreach(c, i, part) {
+        snprintf(pat, sizeof pat, "%s[%zu]", at, i);
+        json_t *type = json_is_object(part) ? json_object_get(part, "type") : NULL;
+        json_t *text = json_is_object(part) ? json_object_get(part, "text") : NULL;
+        const char *ty = json_is_string(type) ? json_string_value(type) : NULL;
+        if (!json_is_object(part) || (type && !ty)) {
+            st = lt_fail(err, LT_ERR_FORMAT,
+                         "%s %s %d: %s is not a content part ({\"type\": \"text\", \"text\": "
+                         "...} or {\"type\": \"image\", \"image\": PATH})",
+                         w->file, w->unit, w->line, pat);
+        } else if (ty && !strcmp(ty, "image")) {
+            if (strcmp(role, "user") != 0)
+                st = lt_fail(err, LT_ERR_FORMAT,
+                             "%s %s %d: %s is an image in a%s %s message: images go in user "
+                             "messages (Gemma 3 reads images, it never writes them%s); move it "
+                             "into the user message%s",
+                             w->file, w->unit, w->line, pat, strcmp(role, "model") ? "" : "n",
+                             strcmp(role, "model") ? "system" : "assistant",
+                             strcmp(role, "model") ? ", and its chat template keeps only the text "
+                                                     "of a system message"
+                                                   : "",
+                             strcmp(role, "model") ? " after it" : " before it");
+            else if (ri->o->image_refusal)
+                st = lt_fail(err, LT_ERR_ARG,
+                             "%s %s %d: %s is an image, but %s: %%load a Gemma 3 checkpoint with "
+                             "an image tower (e.g. google/gemma-3-4b-it), or train on text-only "
+                             "rows",
+                             w->file, w->unit, w->line, pat, ri->o->image_refusal);
+            else {
+                const char *path = image_part_path(part, pat, w, err);
+                st = path ? add_image(ri, path, pat, w, err) : LT_ERR_FORMAT;
+                parts[i].image = 1;
+            }
+        } else if (!ty || !strcmp(ty, "text")) {
+            if (!json_is_string(text))
+                st = lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s has no 'text' string", w->file,
+                             w->unit, w->line, pat);
+            else
+                parts[i].text = json_string_value(text);
+        } else {
+            st = lt_fail(err, LT_ERR_FORMAT,
+                         "%s %s %d: %s has type '%s'; accepted: text, image (in user messages)",
+                         w->file, w->unit, w->line, pat, ty);
+        }
+        if (st != LT_OK) break;
+    }
+    if (st == LT_OK && !strcmp(role, "system")) { /* the text parts joined */
+        size_t total = 1;
+        for (size_t k = 0; k < n; k++)
+            total += parts[k].text ? strlen(parts[k].text) : 0;
+        char *joined = calloc(1, total);
+        if (!joined) st = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+        for (size_t k = 0; joined && k < n; k++)
+            if (parts[k].text) strcat(joined, parts[k].text);
+        *out = joined;
+    } else if (st == LT_OK) {
+        st = chat_parts_content(parts, (int)n, out, err);
+    }
+    free(parts);
+    return st;
 }
 
 typedef struct conv {
@@ -181,7 +377,7 @@ static const char *norm_role(const char *r) {
 }
 
 static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const char *rkey,
-                                const char *ckey, const where *w, char *err) {
+                                const char *ckey, record_images *ri, const where *w, char *err) {
     json_t *list = json_object_get(rec, key);
     if (!json_is_array(list))
         return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: field '%s' is not a list", w->file, w->unit,
@@ -202,14 +398,59 @@ static lt_status conv_from_list(conv *c, json_t *rec, const char *key, const cha
                            "%s %s %d: %s[%zu].%s is '%s'; accepted: user, human, assistant, model, "
                            "gpt, system",
                            w->file, w->unit, w->line, key, i, rkey, json_string_value(r));
-        char *text = ct ? content_text(ct) : NULL;
-        if (!text)
-            return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s[%zu].%s is missing or not text",
-                           w->file, w->unit, w->line, key, i, ckey);
-        lt_status st = conv_add(c, role, text, w, err);
+        char at[120], *text = NULL;
+        snprintf(at, sizeof at, "%s[%zu].%s", key, i, ckey);
+        lt_status st = ct ? content_text(ct, role, at, ri, w, &text, err)
+                          : lt_fail(err, LT_ERR_FORMAT, "%s %s %d: %s is missing or not text",
+                                    w->file, w->unit, w->line, at);
+        if (st != LT_OK) return st;
+        st = conv_add(c, role, text, w, err);
         if (st != LT_OK) return st;
     }
     return LT_OK;
+}
+
+/* The walk of a piece with image markers (chat_image_walk) into a tokbuf. */
+typedef struct piece_walk {
+    tokbuf *b;
+    const lt_tokenizer *tok;
+    uint8_t label;
+} piece_walk;
+
+static lt_status walk_text(void *ctx, const char *segment, char *err) {
+    piece_walk *pw = ctx;
+    return tb_text(pw->b, pw->tok, segment, strlen(segment), pw->label, err);
+}
+
+/* An image block: never a label. */
+static lt_status walk_image(void *ctx, int image, char *err) {
+    (void)image;
+    piece_walk *pw = ctx;
+    tokbuf *b = pw->b;
+    int k = b->it->mm + 2;
+    int32_t *blk = malloc(sizeof(int32_t) * (size_t)k);
+    if (!blk) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    blk[0] = b->it->boi;
+    for (int j = 0; j < b->it->mm; j++)
+        blk[1 + j] = b->it->image;
+    blk[k - 1] = b->it->eoi;
+    int r = tb_push(b, blk, k, 0);
+    free(blk);
+    if (r) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
+    b->n_blocks++;
+    b->last_block_end = b->n;
+    return LT_OK;
+}
+
+/* A piece of the rendered conversation: its markers become image blocks when the record has
+ * images (b->n_imgs > 0); a text-only record keeps a written "<start_of_image>" as text. */
+static lt_status tb_piece(tokbuf *b, const lt_tokenizer *tok, const char *text, size_t len,
+                          uint8_t label, char *err) {
+    if (b->n_imgs == 0 || chat_image_count(text, len) == 0)
+        return tb_text(b, tok, text, len, label, err);
+    piece_walk pw = {b, tok, label};
+    chat_image_visit v = {walk_text, walk_image};
+    return chat_image_walk(text, len, &v, &pw, err);
 }
 
 /* Renders a conversation and tokenizes it piece by piece with labels. */
@@ -226,6 +467,16 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
     lt_status st = chat_render(c->roles, (const char *const *)c->contents, c->n, 0, &full, err);
     if (st != LT_OK)
         return lt_fail_prefix(err, LT_ERR_FORMAT, "%s %s %d", w->file, w->unit, w->line);
+    int markers = b->n_imgs ? chat_image_count(full, strlen(full)) : 0;
+    if (markers != b->n_imgs) {
+        free(full);
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s %s %d: the conversation's text holds %d '%s' for %d image part(s): "
+                       "Gemma 3's processor turns each '%s' into an image, so a message may not "
+                       "write it itself (take it out of the text)",
+                       w->file, w->unit, w->line, markers, CHAT_IMAGE_MARKER, b->n_imgs,
+                       CHAT_IMAGE_MARKER);
+    }
     size_t done = 0;
     for (int i = 0; i < c->n && st == LT_OK; i++) {
         if (strcmp(c->roles[i], "model") != 0) continue;
@@ -245,7 +496,7 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
                          "%s %s %d: the chat template does not render turn by turn", w->file,
                          w->unit, w->line);
         } else {
-            st = tb_text(b, tok, full + done, a - done, responses_only ? 0 : 1, err); /* context */
+            st = tb_piece(b, tok, full + done, a - done, responses_only ? 0 : 1, err); /* context */
             if (st == LT_OK) st = tb_text(b, tok, full + a, e - a, 1, err); /* the model turn */
             done = e;
         }
@@ -253,13 +504,13 @@ static lt_status conv_tokens(const conv *c, tokbuf *b, const lt_tokenizer *tok, 
         free(upto);
     }
     if (st == LT_OK)
-        st = tb_text(b, tok, full + done, strlen(full) - done, responses_only ? 0 : 1, err);
+        st = tb_piece(b, tok, full + done, strlen(full) - done, responses_only ? 0 : 1, err);
     free(full);
     return st;
 }
 
 static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokenizer *tok, int bos,
-                               int responses_only, const where *w, char *err) {
+                               int responses_only, record_images *ri, const where *w, char *err) {
     if (!json_is_object(rec))
         return lt_fail(err, LT_ERR_FORMAT, "%s %s %d: a record must be a JSON object", w->file,
                        w->unit, w->line);
@@ -296,11 +547,24 @@ static lt_status record_tokens(json_t *rec, fmt_t f, tokbuf *b, const lt_tokeniz
             free(user);
         if (st == LT_OK) st = conv_add(&c, "model", strdup(out), w, err);
     } else if (f == F_SHAREGPT) {
-        st = conv_from_list(&c, rec, "conversations", "from", "value", w, err);
+        st = conv_from_list(&c, rec, "conversations", "from", "value", ri, w, err);
     } else {
-        st = conv_from_list(&c, rec, "messages", "role", "content", w, err);
+        st = conv_from_list(&c, rec, "messages", "role", "content", ri, w, err);
     }
+    b->imgs = ri->idx; /* the tokbuf owns them from here */
+    b->n_imgs = ri->n;
+    ri->idx = NULL;
+    ri->n = ri->cap = 0;
     if (st == LT_OK) st = conv_tokens(&c, b, tok, responses_only, w, err);
+    if (st == LT_OK && b->n_imgs) { /* every image token is one of the blocks' */
+        int64_t k = 0;
+        for (int i = 0; i < b->n; i++)
+            k += b->ids[i] == b->it->image;
+        if (k != (int64_t)b->n_imgs * b->it->mm)
+            st = lt_fail(err, LT_ERR_FORMAT,
+                         "%s %s %d: the text writes the image token (id %d) itself: take it out",
+                         w->file, w->unit, w->line, b->it->image);
+    }
     conv_free(&c);
     return st;
 }
@@ -497,6 +761,13 @@ lt_status data_reader_rest(data_reader *r, uint64_t max_bytes, char **text, size
 
 static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts *o, const where *w,
                             const lt_callbacks *cb, char *err) {
+    if (o->max_seq > 0 && b->n_blocks > 0 && b->last_block_end > o->max_seq)
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s %s %d: the sample's %d image block(s) (%d tokens each) end at token %d, "
+                       "past max_seq=%d: raise max_seq= to at least %d, or give the row fewer "
+                       "images or less text before them",
+                       w->file, w->unit, line, b->n_blocks, b->it->mm + 2, b->last_block_end,
+                       o->max_seq, b->last_block_end);
     if (o->max_seq > 0 && (b->n > o->max_seq || b->cut)) {
         int labels = 0;
         for (int i = 1; i < o->max_seq; i++)
@@ -527,16 +798,17 @@ static lt_status add_sample(train_data *d, tokbuf *b, int line, const data_opts 
     train_sample *ns = realloc(d->s, sizeof(train_sample) * (size_t)(d->n + 1));
     if (!ns) return lt_fail(err, LT_ERR_MEMORY, "out of memory");
     d->s = ns;
-    d->s[d->n++] = (train_sample){b->ids, b->mask, b->n, line};
+    d->s[d->n++] = (train_sample){b->ids, b->mask, b->n, line, b->imgs, b->n_imgs};
     d->n_tokens += b->n;
     d->n_labels += labels;
+    d->n_image_blocks += b->n_imgs;
     memset(b, 0, sizeof *b);
     return LT_OK;
 }
 
 static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, int line,
                             const data_opts *o, const lt_tokenizer *tok, int bos, size_t piece,
-                            const where *w0, const lt_callbacks *cb, char *err) {
+                            record_images *ri, const where *w0, const lt_callbacks *cb, char *err) {
     where w = *w0;
     w.line = line;
     if (!json_is_object(rec))
@@ -561,10 +833,12 @@ static lt_status one_record(train_data *d, json_t *rec, fmt_t *f, int forced, in
     tokbuf b = {0};
     b.limit = o->max_seq > 0 ? o->max_seq + 1 : 0;
     b.piece = piece;
-    lt_status st = record_tokens(rec, *f, &b, tok, bos, o->responses_only, &w, err);
+    b.it = ri->it;
+    lt_status st = record_tokens(rec, *f, &b, tok, bos, o->responses_only, ri, &w, err);
     if (st == LT_OK) st = add_sample(d, &b, line, o, &w, cb, err);
     free(b.ids);
     free(b.mask);
+    free(b.imgs);
     return st;
 }
 
@@ -613,6 +887,22 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
         size_t k = strlen(tok_piece(tok, i));
         if (k > piece) piece = k;
     }
+    /* image parts: their block's ids, and the folder their paths start from */
+    chat_image_tokens it = {0, 0, 0, 0};
+    data_opts oo = *o;
+    if (cfg && cfg->vision.present)
+        it = (chat_image_tokens){cfg->vision.boi_token_id, cfg->vision.image_token_id,
+                                 cfg->vision.eoi_token_id, cfg->vision.mm_tokens_per_image};
+    else if (!oo.image_refusal)
+        oo.image_refusal = "this model has no image tower (a text-only config)";
+    o = &oo;
+    char dir[4096] = "";
+    if (strrchr(o->path, '/'))
+        snprintf(dir, sizeof dir, "%.*s", (int)(strrchr(o->path, '/') - o->path), o->path);
+    if (strrchr(o->path, '/') == o->path) snprintf(dir, sizeof dir, "/");
+    int *table = NULL, table_cap = 0;
+    record_images ri = {d, o, dir, &it, NULL, 0, 0, &table, &table_cap};
+    snprintf(d->file, sizeof d->file, "%s", file);
     char what[600];
     snprintf(what, sizeof what, "data=%s", o->path);
     data_reader r;
@@ -648,7 +938,8 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                     st = lt_fail(err, LT_CANCELLED, "%s: cancelled at record %zu", what, i + 1);
                     break;
                 }
-                st = one_record(d, rec, &f, forced, (int)i + 1, o, tok, bos, piece, &w, cb, err);
+                st = one_record(d, rec, &f, forced, (int)i + 1, o, tok, bos, piece, &ri, &w, cb,
+                                err);
                 if (st != LT_OK) break;
             }
         }
@@ -682,12 +973,15 @@ lt_status data_load(train_data *d, const data_opts *o, const lt_tokenizer *tok,
                 st = lt_fail(err, LT_ERR_FORMAT, "%s line %d: not valid JSON (%s at column %d)",
                              file, line, je.text, je.column);
             else
-                st = one_record(d, rec, &f, forced, line, o, tok, bos, piece, &w, cb, err);
+                st = one_record(d, rec, &f, forced, line, o, tok, bos, piece, &ri, &w, cb, err);
             json_decref(rec);
             if (st != LT_OK) break;
         }
     }
     data_reader_close(&r);
+    free(table);
+    free(ri.idx);
+    d->unit = c == '[' ? "record" : "line";
     if (st == LT_OK && d->n == 0)
         st = lt_fail(err, LT_ERR_FORMAT, "%s: the dataset is empty (no records)", file);
     if (st != LT_OK) data_free(d);
@@ -698,10 +992,16 @@ void data_free(train_data *d) {
     for (int i = 0; i < d->n; i++) {
         free(d->s[i].ids);
         free(d->s[i].mask);
+        free(d->s[i].images);
     }
     free(d->s);
     d->s = NULL;
     d->n = 0;
+    for (int i = 0; i < d->n_images; i++)
+        free(d->images[i].path);
+    free(d->images);
+    d->images = NULL;
+    d->n_images = 0;
 }
 
 /* ---- the visiting order -------------------------------------------------------------------- */

@@ -30,6 +30,8 @@
 #include <unistd.h>
 
 #include "cuda/base/atomic_file.h"
+#include "cuda/formats/image.h"
+#include "cuda/model/siglip.h"
 #include "cuda/train/train.h"
 
 struct lt_trainer {
@@ -244,15 +246,23 @@ typedef struct stream {
 } stream;
 
 /* Packs the samples of `nu` units starting at stream position pos into one micro-batch. */
-static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t pos, int nu) {
+static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t pos, int nu,
+                       const float *soft, int mm, int64_t H) {
     memset(b, 0, sizeof *b);
-    int N = 0, nseg = 0;
+    int N = 0, nseg = 0, nimg = 0;
     for (int k = 0; k < nu; k++) {
         int u = epoch_order_at(&st->order, pos + k);
-        for (int j = 0; j < st->u->count[u]; j++)
+        for (int j = 0; j < st->u->count[u]; j++) {
             N += d->s[st->u->idx[st->u->start[u] + j]].n;
+            nimg += d->s[st->u->idx[st->u->start[u] + j]].n_images;
+        }
         nseg += st->u->count[u];
     }
+    float *rows = NULL; /* the image rows, block after block */
+    if (nimg > 0 && !(rows = malloc(sizeof(float) * (size_t)nimg * (size_t)mm * (size_t)H)))
+        return -1;
+    b->image_embeds = rows;
+    b->n_image_tokens = nimg * mm;
     b->ids = malloc(sizeof(int32_t) * (size_t)N);
     b->targets = malloc(sizeof(int32_t) * (size_t)N);
     b->seg_len = malloc(sizeof(int) * (size_t)nseg);
@@ -263,6 +273,9 @@ static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t 
         for (int j = 0; j < st->u->count[u]; j++) {
             const train_sample *s = &d->s[st->u->idx[st->u->start[u] + j]];
             b->seg_len[b->n_seg++] = s->n;
+            for (int k2 = 0; k2 < s->n_images; k2++, rows += (size_t)mm * (size_t)H)
+                memcpy(rows, soft + (size_t)s->images[k2] * (size_t)mm * (size_t)H,
+                       sizeof(float) * (size_t)mm * (size_t)H);
             for (int i = 0; i < s->n; i++) {
                 b->ids[t + i] = s->ids[i];
                 /* token i predicts token i+1 when that one is a label */
@@ -281,6 +294,7 @@ static void batch_free(train_batch *b) {
     free(b->ids);
     free(b->targets);
     free(b->seg_len);
+    free((float *)b->image_embeds);
     memset(b, 0, sizeof *b);
 }
 
@@ -512,7 +526,8 @@ static double memory_available(lt_ctx *ctx, lt_mem_info *mi) {
 }
 
 static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
-                             int64_t max_tokens, const lt_train_callbacks *cb, char *err) {
+                             int64_t max_tokens, const train_data *d, int64_t max_img_tokens,
+                             const lt_train_callbacks *cb, char *err) {
     const gemma3_config *c = &m->cfg;
     double H = c->hidden_size, N = (double)max_tokens;
     double QD = (double)c->num_attention_heads * c->head_dim,
@@ -525,23 +540,39 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     double layer = (double)dev_bytes;
     /* inside the ops: 16-bit copies of matmul and attention inputs, the loss's logits chunk */
     double work = N * (H + 2 * QD + 2 * KD) * 2 + 8.0 * 1024 * 1024 * 4;
-    double total = trainable + layer + work;
+    /* images: the tower's activations for one image (encoding runs before step 1, so the
+     * larger of the two phases counts), each distinct image's soft tokens (host) and a
+     * micro-batch's image rows (the device copy) */
+    double tower = 0, soft = 0;
+    if (d->n_images > 0 && m->vision) {
+        double per = (double)m->cfg.vision.mm_tokens_per_image * H * 4;
+        tower = (double)siglip_encode_bytes(m->vision) + per;
+        soft = per * d->n_images;
+        layer += (double)max_img_tokens * H * 4;
+    }
+    double total = trainable + (layer + work > tower ? layer + work : tower);
     lt_mem_info mi;
     double avail = memory_available(ctx, &mi);
     const char *where = mi.where;
     int on_device = mi.on_device;
     if (cb && cb->message) {
-        char msg[600];
+        char msg[900], img[300] = "";
+        if (tower > 0)
+            snprintf(img, sizeof img,
+                     "; image tower %.1f MiB for one image (before step 1), soft tokens of %d "
+                     "image(s) %.1f MiB in %s",
+                     tower / 1048576, d->n_images, soft / 1048576,
+                     on_device ? "host memory" : "memory");
         snprintf(msg, sizeof msg,
                  "memory plan: weights %.1f MiB (loaded), trainable + grads + AdamW %.1f MiB, "
                  "activations of one layer %.1f MiB, workspace %.1f MiB: %.1f MiB more %s; layer "
-                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)",
+                 "checkpoints %.1f MiB in %s (%lld tokens per micro-batch)%s",
                  weights / 1048576, trainable / 1048576, layer / 1048576, work / 1048576,
                  total / 1048576, where, (double)host_bytes / 1048576,
-                 on_device ? "host memory" : "memory", (long long)max_tokens);
+                 on_device ? "host memory" : "memory", (long long)max_tokens, img);
         cb->message(cb->ctx, msg);
     }
-    if (!on_device) total += (double)host_bytes;
+    if (!on_device) total += (double)host_bytes + soft;
     if (avail > 0 && total > avail)
         return lt_fail(err, LT_ERR_MEMORY,
                        "%%train needs about %.0f MiB more %s but %.0f MiB are free: lower batch= "
@@ -578,6 +609,64 @@ static void data_progress(void *ctx, const char *what, int64_t done, int64_t tot
     snprintf(msg, sizeof msg, "%s the dataset: %lld of %lld MiB", what, (long long)(done >> 20),
              (long long)(total >> 20));
     cb->message(cb->ctx, msg);
+}
+
+/* The soft tokens of every distinct image of d, made once by the frozen image tower (no
+ * gradient goes through it), into *soft (host memory, [n_images, mm, H]). An image that cannot
+ * be read or is not a PNG or JPEG is refused naming the first row that uses it. */
+static lt_status encode_images(const trainer_env *env, const train_data *d,
+                               const lt_train_callbacks *cb, float **soft, char *err) {
+    const gemma3_model *m = env->model;
+    const siglip_tower *tw = m->vision;
+    lt_ctx *ctx = env->ctx;
+    const lt_backend *be = ctx->be;
+    *soft = NULL;
+    if (!tw)
+        return lt_fail(err, LT_ERR_ARG, "%%train: %s %s %d has images, but %s", d->file, d->unit,
+                       d->images[0].line,
+                       m->vision_error[0] ? m->vision_error : "this model has no image tower");
+    if (!be->attention_span_backward)
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%train: %s %s %d has images, and the %s backend has no "
+                       "attention_span_backward op, which training on image blocks needs: "
+                       "%%load the model with device=cpu",
+                       d->file, d->unit, d->images[0].line, be->name);
+    int side = tw->cfg.image_size;
+    size_t per = (size_t)tw->cfg.mm_tokens_per_image * (size_t)m->cfg.hidden_size;
+    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    float *out = malloc(sizeof(float) * per * (size_t)d->n_images);
+    float *dev = be->alloc(ctx, sizeof(float) * per);
+    lt_status rc = LT_OK;
+    if (!px || !out || !dev) rc = lt_fail(err, LT_ERR_MEMORY, "%%train: out of memory for images");
+    train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+              "encoding %d image(s) with the image tower (once each)", d->n_images);
+    for (int i = 0; i < d->n_images && rc == LT_OK; i++) {
+        const train_image *im = &d->images[i];
+        if (atomic_load(env->cancel)) {
+            rc = lt_fail(err, LT_CANCELLED, "%%train: cancelled while encoding the images");
+            break;
+        }
+        char ierr[LT_ERRLEN];
+        if ((rc = img_load_pixels(px, im->path, side, ierr)) != LT_OK) {
+            lt_fail(err, rc, "%%train: %s %s %d: %s (give a PNG or JPEG file)", d->file, d->unit,
+                    im->line, ierr);
+            break;
+        }
+        if ((rc = siglip_encode(tw, ctx, px, dev)) != LT_OK ||
+            (rc = be->download(ctx, out + per * (size_t)i, dev, sizeof(float) * per)) != LT_OK) {
+            lt_fail(err, rc, "%%train: %s %s %d: %s: %s", d->file, d->unit, im->line, im->path,
+                    ctx->err);
+            break;
+        }
+    }
+    free(px);
+    if (dev) be->release(ctx, dev);
+    if (rc != LT_OK) {
+        free(out);
+        return rc;
+    }
+    *soft = out;
+    return LT_OK;
 }
 
 lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o_in,
@@ -662,9 +751,16 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
 
     /* data */
     train_data d;
-    data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0};
+    float *soft = NULL; /* [d.n_images, mm, H] host: each distinct image's soft tokens */
+    const gemma3_model *gm = env->model;
+    const char *no_tower = gm->vision ? NULL
+                           : gm->vision_error[0]
+                               ? gm->vision_error
+                               : "this model has no image tower (a text-only model)";
+    data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0, no_tower};
     lt_callbacks dcb = {(void *)cb, data_message, data_progress, NULL};
     if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
+    if (d.n_images > 0 && (rc = encode_images(env, &d, cb, &soft, err)) != LT_OK) goto out_data;
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {
         rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
@@ -729,7 +825,16 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         for (int i = 0; i < d.n; i++)
             maxtok = d.s[i].n > maxtok ? d.s[i].n : maxtok;
         maxtok = (o.packing ? max_seq : maxtok) * (int64_t)o.batch;
-        if ((rc = memory_plan(env->model, ad, env->ctx, maxtok, cb, err)) != LT_OK) goto out_units;
+        int64_t maximg = 0; /* image tokens of the largest unit, times batch (a bound) */
+        for (int i = 0; i < u.n; i++) {
+            int64_t k = 0;
+            for (int j = 0; j < u.count[i]; j++)
+                k += d.s[u.idx[u.start[i] + j]].n_images;
+            maximg = k > maximg ? k : maximg;
+        }
+        maximg *= (int64_t)o.batch * env->model->cfg.vision.mm_tokens_per_image;
+        if ((rc = memory_plan(env->model, ad, env->ctx, maxtok, &d, maximg, cb, err)) != LT_OK)
+            goto out_units;
     }
     res->n_samples = d.n;
     res->n_truncated = d.n_truncated;
@@ -753,7 +858,9 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         /* the step's micro-batches, and its label count (the loss normaliser) */
         int64_t labels = 0, step_tokens = 0;
         for (int k = 0; k < o.grad_accum; k++) {
-            if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch) != 0) {
+            if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch, soft,
+                            env->model->cfg.vision.mm_tokens_per_image,
+                            env->model->cfg.hidden_size) != 0) {
                 rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 goto out_loop;
             }
@@ -875,6 +982,7 @@ out_stream:
 out_units:
     units_free(&u);
 out_data:
+    free(soft);
     data_free(&d);
 out_state:
     json_decref(state);

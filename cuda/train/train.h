@@ -149,8 +149,16 @@ typedef struct train_sample {
     int32_t *ids;  /* [n] */
     uint8_t *mask; /* [n]: 1 = token is a label (trained), 0 = context only */
     int n;
-    int line; /* 1-based line (JSONL) or record (JSON array) in the file, for messages */
+    int line;    /* 1-based line (JSONL) or record (JSON array) in the file, for messages */
+    int *images; /* [n_images]: the image of each image block, in order (train_data.images) */
+    int n_images;
 } train_sample;
+
+/* One distinct image file of a dataset (a messages content part {"type": "image", ...}). */
+typedef struct train_image {
+    char *path; /* as it is opened: a relative path resolved against the dataset's folder */
+    int line;   /* the first line (record) naming it, for messages */
+} train_image;
 
 typedef struct train_data {
     train_sample *s;
@@ -159,6 +167,11 @@ typedef struct train_data {
     char format[16]; /* the detected/forced format */
     int n_truncated;
     int64_t n_tokens, n_labels;
+    train_image *images; /* [n_images] distinct image files, in order of first use */
+    int n_images;
+    int64_t n_image_blocks; /* image blocks over every sample */
+    char file[256];         /* the dataset's file name and "line" / "record": for messages */
+    const char *unit;
 } train_data;
 
 /* What a dataset file may hold, by default: a file of at most 4 GiB (LATHE_DATA_MAX_BYTES
@@ -177,9 +190,18 @@ typedef struct data_opts {
     const atomic_int *cancel; /* polled while reading and between records; NULL = none */
     uint64_t max_file_bytes;  /* 0 = LATHE_DATA_MAX_BYTES or DATA_MAX_FILE_BYTES */
     size_t max_row_bytes;     /* 0 = LATHE_DATA_MAX_ROW or DATA_MAX_ROW_BYTES */
+    /* Image parts of messages content lists: NULL accepts them (the model has an image tower;
+     * data_load's cfg gives their tokens), else why the model cannot take them. */
+    const char *image_refusal;
 } data_opts;
 
-/* Reads and tokenizes the whole dataset; errors name file:line and the field. Only a regular
+/* Reads and tokenizes the whole dataset; errors name file:line and the field. A user message's
+ * content list may hold image parts ({"type": "image", "image": PATH}; "path" and a local "url"
+ * are read too), each rendered as the chat template and Gemma 3's processor render it
+ * (chat_image.h): an image block whose tokens are never labels. The files are checked
+ * (present, a readable regular file) and listed once each in d->images; decoding and encoding
+ * them is left to the trainer. A sample whose image blocks do not all fit max_seq is
+ * refused (the text after its last block is cut as for any sample). Only a regular
  * file is read (a directory, FIFO, device or socket is refused by name, before any blocking
  * read); a UTF-8 byte order mark is skipped; the limits above are named when exceeded; a
  * record is tokenized only as far as max_seq can use. A raised cancel flag stops it with

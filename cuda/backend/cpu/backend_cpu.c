@@ -965,6 +965,7 @@ const lt_backend lt_backend_cpu = {
     .gelu = cpu_gelu,
     .avg_pool = cpu_avg_pool,
     .attention_span = cpu_attention_span,
+    .attention_span_backward = cpu_attention_span_backward,
 };
 
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads) {

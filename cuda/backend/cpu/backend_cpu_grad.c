@@ -210,10 +210,12 @@ lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float thet
  * dq = scale Σ dS_s k_s, dk_s += scale dS_s q. Each KV head is one independent task, so the
  * dk/dv accumulation never races. */
 
-lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
-                                 lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
-                                 lt_tensor qpos, lt_tensor kpos, int window, float scale) {
-    const char *op = "attention_backward";
+/* Both backward ops: span NULL (attention_backward) or [T, 2] extra visible key positions per
+ * query (attention_span_backward: backend.h's attention_span rule). */
+static lt_status attn_backward(lt_ctx *ctx, const char *op, lt_tensor dq, lt_tensor dk,
+                               lt_tensor dv, lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                               lt_tensor qpos, lt_tensor kpos, const int32_t *span, int window,
+                               float scale) {
     cpu_attn_dims dims;
     lt_status rc = cpu_attention_dims(ctx, op, q, k, v, qpos, kpos, &dims);
     if (rc != LT_OK) return rc;
@@ -241,7 +243,10 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
             const float *qv = Q + (t * nh + h) * hd, *dov = dO + (t * nh + h) * hd;
             float mx = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
-                if (kp[s] < 0 || kp[s] > qp[t] || (window > 0 && qp[t] - kp[s] >= window)) {
+                int in_span =
+                    span && kp[s] >= 0 && kp[s] >= span[2 * t] && kp[s] <= span[2 * t + 1];
+                if (kp[s] < 0 || (kp[s] > qp[t] && !in_span) ||
+                    (window > 0 && qp[t] - kp[s] >= window)) {
                     P[s] = -INFINITY;
                     continue;
                 }
@@ -286,6 +291,23 @@ lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_ten
     }
     free(P);
     return LT_OK;
+}
+
+lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                 lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                 lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    return attn_backward(ctx, "attention_backward", dq, dk, dv, dout, q, k, v, qpos, kpos, NULL,
+                         window, scale);
+}
+
+lt_status cpu_attention_span_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                      lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                      lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
+                                      float scale) {
+    const char *op = "attention_span_backward";
+    REQUIRE(span.dtype == LT_I32 && span.data && lt_tensor_numel(&span) == 2 * q.shape[0], op,
+            "span must be I32 [T, 2]");
+    return attn_backward(ctx, op, dq, dk, dv, dout, q, k, v, qpos, kpos, span.data, window, scale);
 }
 
 /* ---- geglu -------------------------------------------------------------------------------

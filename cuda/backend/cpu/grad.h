@@ -1,7 +1,8 @@
 /* grad.h — the CPU backward ops and the few extra ops training needs. Engine-private.
  *
  * backend_cpu_grad.c implements the backward slots of backend.h (linear_backward,
- * rmsnorm_backward, rope_backward, attention_backward, geglu_backward, embedding_backward,
+ * rmsnorm_backward, rope_backward, attention_backward (and attention_span_backward),
+ * geglu_backward, embedding_backward,
  * cross_entropy, adamw) for the fp32 reference backend; backend_cpu.c points its table at
  * them. The conventions are backend.h's: a backward op WRITES the input gradient and
  * ACCUMULATES (+=) weight/adapter gradients; a NULL data pointer means "not needed".
@@ -33,6 +34,10 @@ lt_status cpu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, float thet
 lt_status cpu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                  lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                  lt_tensor qpos, lt_tensor kpos, int window, float scale);
+lt_status cpu_attention_span_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                      lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                      lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
+                                      float scale);
 lt_status cpu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
                              lt_tensor gate, lt_tensor up);
 lt_status cpu_embedding_backward(lt_ctx *ctx, const lt_weight *table, lt_tensor dh, lt_tensor ids,

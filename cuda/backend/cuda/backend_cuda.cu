@@ -2107,6 +2107,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .gelu = cu_gelu,
     .avg_pool = cu_avg_pool,
     .attention_span = cu_attention_span,
+    .attention_span_backward = NULL, /* not written yet: training on image blocks is CPU-only */
 };
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------------------

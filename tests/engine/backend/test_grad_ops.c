@@ -226,10 +226,21 @@ typedef struct att_st {
     int32_t *qpos, *kpos;
     int window;
     float scale;
+    int32_t *span; /* attention_span's [T, 2], or NULL */
 } att_st;
 
 static double att_loss(void *p) {
     att_st *s = p;
+    if (s->span) {
+        lt_backend_cpu.attention_span(&ctx, lt_tensor_2d(LT_F32, s->out, s->T, s->nh * s->hd),
+                                      lt_tensor_3d(LT_F32, s->q, s->T, s->nh, s->hd),
+                                      lt_tensor_3d(LT_F32, s->k, s->S, s->nkv, s->hd),
+                                      lt_tensor_3d(LT_F32, s->v, s->S, s->nkv, s->hd),
+                                      lt_tensor_1d(LT_I32, s->qpos, s->T),
+                                      lt_tensor_1d(LT_I32, s->kpos, s->S),
+                                      lt_tensor_2d(LT_I32, s->span, s->T, 2), s->window, s->scale);
+        return dotr(s->r, s->out, s->T * s->nh * s->hd);
+    }
     lt_backend_cpu.attention(&ctx, lt_tensor_2d(LT_F32, s->out, s->T, s->nh * s->hd),
                              lt_tensor_3d(LT_F32, s->q, s->T, s->nh, s->hd),
                              lt_tensor_3d(LT_F32, s->k, s->S, s->nkv, s->hd),
@@ -237,6 +248,40 @@ static double att_loss(void *p) {
                              lt_tensor_1d(LT_I32, s->qpos, s->T),
                              lt_tensor_1d(LT_I32, s->kpos, s->S), s->window, s->scale);
     return dotr(s->r, s->out, s->T * s->nh * s->hd);
+}
+
+/* attention_span_backward: queries 1..3 are an image block (each sees the block's later keys
+ * too), under a window that cuts the block's past side for window 2. */
+static void test_attention_span(int window) {
+    int32_t qpos[6] = {0, 1, 2, 3, 4, 5}, kpos[6] = {0, 1, 2, 3, 4, 5};
+    int32_t span[12] = {0, -1, 1, 3, 1, 3, 1, 3, 0, -1, 0, -1};
+    att_st s = {.T = 6, .S = 6, .nh = 4, .nkv = 2, .hd = 4};
+    s.qpos = qpos;
+    s.kpos = kpos;
+    s.span = span;
+    s.window = window;
+    s.scale = 0.7f;
+    int64_t nq = s.T * s.nh * s.hd, nk = s.S * s.nkv * s.hd;
+    s.q = rvec(nq, 1), s.k = rvec(nk, 1), s.v = rvec(nk, 1);
+    s.out = zvec(nq), s.r = rvec(nq, 1);
+    float *dq = zvec(nq), *dk = zvec(nk), *dv = zvec(nk);
+    is_int(
+        lt_backend_cpu.attention_span_backward(
+            &ctx, lt_tensor_3d(LT_F32, dq, s.T, s.nh, s.hd),
+            lt_tensor_3d(LT_F32, dk, s.S, s.nkv, s.hd), lt_tensor_3d(LT_F32, dv, s.S, s.nkv, s.hd),
+            lt_tensor_2d(LT_F32, s.r, s.T, s.nh * s.hd), lt_tensor_3d(LT_F32, s.q, s.T, s.nh, s.hd),
+            lt_tensor_3d(LT_F32, s.k, s.S, s.nkv, s.hd),
+            lt_tensor_3d(LT_F32, s.v, s.S, s.nkv, s.hd), lt_tensor_1d(LT_I32, qpos, s.T),
+            lt_tensor_1d(LT_I32, kpos, s.S), lt_tensor_2d(LT_I32, span, s.T, 2), s.window, s.scale),
+        LT_OK, "attention_span_backward runs");
+    char name[64];
+    snprintf(name, sizeof name, "attention_span (window %d) dq", window);
+    check_grad(name, att_loss, &s, s.q, dq, nq, 1e-2f, 3e-3);
+    snprintf(name, sizeof name, "attention_span (window %d) dk", window);
+    check_grad(name, att_loss, &s, s.k, dk, nk, 1e-2f, 3e-3);
+    snprintf(name, sizeof name, "attention_span (window %d) dv", window);
+    check_grad(name, att_loss, &s, s.v, dv, nk, 1e-2f, 3e-3);
+    free(s.q), free(s.k), free(s.v), free(s.out), free(s.r), free(dq), free(dk), free(dv);
 }
 
 static void test_attention(int window) {
@@ -616,6 +661,8 @@ int main(void) {
     test_rope();
     test_attention(0);
     test_attention(3);
+    test_attention_span(0);
+    test_attention_span(2);
     test_geglu();
     test_embedding();
     test_cross_entropy();

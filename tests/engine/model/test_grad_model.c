@@ -413,6 +413,85 @@ static void test_blocks_keep_masks(void) {
     SEED = 0;
 }
 
+/* ---- images: an image block of 3 tokens (id 40, past the embedding) in the first sample ---- */
+
+static int32_t img_ids[15] = {2, 5, 9, 40, 40, 40, 11, 3, 30, 7, 2, 8, 8, 21, 39};
+static int32_t img_tgt[15] = {5, 9, -100, -100, -100, -100, 3, 30, 7, -100, 8, 8, 21, 39, -100};
+static int img_seg[2] = {10, 5};
+static float img_rows[3 * 16];
+
+static void test_images(void) {
+    M->cfg.vision.present = 1;
+    M->cfg.vision.image_token_id = 40;
+    M->cfg.vision.mm_tokens_per_image = 3;
+    for (int i = 0; i < 3 * 16; i++)
+        img_rows[i] = frand();
+    train_batch ib = {.ids = img_ids,
+                      .targets = img_tgt,
+                      .seg_len = img_seg,
+                      .n_seg = 2,
+                      .N = 15,
+                      .n_labels = 10,
+                      .image_embeds = img_rows,
+                      .n_image_tokens = 3};
+    /* the loss = Σ CE of gemma3_forward_images per sample (its block sees itself) */
+    double want = 0;
+    int off = 0;
+    for (int s = 0; s < 2; s++) {
+        float *logits = malloc(sizeof(float) * (size_t)img_seg[s] * 40);
+        gemma3_outputs out = {0};
+        out.logits = logits;
+        gemma3_images gi = {img_rows, 3};
+        lt_status st = gemma3_forward_images(M, &ctx, img_ids + off, img_seg[s], NULL, &out,
+                                             s == 0 ? &gi : NULL);
+        if (st != LT_OK) diag("forward: %s", ctx.err);
+        want += ce_rows(logits, img_tgt + off, img_seg[s], 40);
+        free(logits);
+        off += img_seg[s];
+    }
+    CUR = &ib;
+    SEED = 0;
+    double got = loss_now();
+    is_close(got, want, 1e-4 * fabs(want),
+             "images: the training loss = Σ CE of gemma3_forward_images (image rows, block mask)");
+    lora_opts o = {.r = 2, .alpha = 4, .seed = 9};
+    char err[LT_ERRLEN] = "";
+    if (lora_attach(&AD, M, &ctx, &o, err) != LT_OK) {
+        ok(0, "lora_attach");
+        diag("%s", err);
+        CUR = &batch;
+        return;
+    }
+    for (int i = 0; i < AD->n_slots; i++) {
+        lt_tensor *bt = &AD->slots[i].lora.b;
+        for (int64_t k = 0; k < lt_tensor_numel(bt); k++)
+            ((float *)bt->data)[k] = 0.3f * frand();
+    }
+    lora_zero_grads(AD);
+    double L = 0;
+    lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(AD), &ib, 1.0f, 1, 0, &L);
+    is_int(st, LT_OK, "images: a backward with an image block runs");
+    if (st != LT_OK) diag("%s", ctx.err);
+    for (int i = 0; i < AD->n_slots; i += 5) { /* q of layer 0, up of 0, o of 1 */
+        lora_slot *sl = &AD->slots[i];
+        char name[200];
+        snprintf(name, sizeof name, "images: %s lora_A", sl->module);
+        fd_check(name, sl->lora.a.data, sl->lora.grad_a.data, lt_tensor_numel(&sl->lora.a), 12,
+                 2e-2);
+        snprintf(name, sizeof name, "images: %s lora_B", sl->module);
+        fd_check(name, sl->lora.b.data, sl->lora.grad_b.data, lt_tensor_numel(&sl->lora.b), 12,
+                 2e-2);
+    }
+    img_rows[0] += 0.5f; /* the rows are the image: another one changes the loss */
+    double other = loss_now();
+    ok(fabs(other - loss_now()) == 0 && fabs(other - got) > 1e-6 * fabs(got),
+       "images: other image rows change the loss");
+    lora_free(AD);
+    AD = NULL;
+    M->cfg.vision.present = 0;
+    CUR = &batch;
+}
+
 int main(void) {
     lt_ctx_init(&ctx, &lt_backend_cpu, 2);
     M = micro_model();
@@ -422,6 +501,7 @@ int main(void) {
     test_full();
     test_blocks_keep_masks();
     test_weighted();
+    test_images();
     /* the MLP in blocks of 5 rows (13 tokens: 5 + 5 + 3), as large models run it: the same
      * checks must hold, dropout masks included */
     setenv("LATHE_TRAIN_MLP_ROWS", "5", 1);

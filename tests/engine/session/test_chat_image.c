@@ -11,9 +11,13 @@
  * is never reused across different images behind equal ids; bad input (a missing file, a file
  * that is not an image, a truncated PNG, "<start_of_image>" in the text, a text-only model, a
  * conversation longer than max_seq) is refused with a message, the history unchanged and the
- * session usable. TAP. The model runs on the CPU; LATHE_TEST_DEVICE=cuda runs the
- * multimodal loads on the GPU instead (a manual check; make check stays on the CPU).
+ * session usable; %train on a messages row with an image: step 0's loss equals the
+ * cross-entropy of lt_logits_image's logits, training lowers it, another image changes it, and
+ * bad image files are refused by line. TAP. The model runs on the
+ * CPU; LATHE_TEST_DEVICE=cuda runs the multimodal loads on the GPU instead (a manual check; make
+ * check stays on the CPU).
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -534,6 +538,124 @@ static void test_pan_and_scan(lt_session *s, const char *rgb) {
     lt_session_free(t);
 }
 
+/* A one-row messages dataset in dir: a user image (img) and text, the assistant's reply. */
+static void image_row(char *data, size_t cap, const char *dir, const char *name, const char *img) {
+    char text[8400];
+    snprintf(data, cap, "%s/%s", dir, name);
+    snprintf(text, sizeof text,
+             "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+             "\"%s\"}, {\"type\": \"text\", \"text\": \"Colour?\"}]}, {\"role\": \"assistant\", "
+             "\"content\": \"Red and blue.\"}]}\n",
+             img);
+    spill(data, text, strlen(text));
+}
+
+static char plan_line[2000];
+
+static void on_train_message(void *ctx, const char *text) {
+    (void)ctx;
+    if (strstr(text, "memory plan")) snprintf(plan_line, sizeof plan_line, "%s", text);
+}
+
+static double first_loss(lt_session *s, const char *data, int steps, float lr, double *last) {
+    lt_train_opts o;
+    lt_train_opts_default(&o);
+    o.data = data;
+    o.steps = steps;
+    o.lr = lr;
+    o.batch = 1;
+    o.responses_only = 1;
+    o.shuffle = 0;
+    lt_train_result res;
+    memset(&res, 0, sizeof res);
+    lt_train_callbacks cb = {NULL, on_train_message, NULL};
+    lt_status rc = lt_train(s, &o, &cb, &res);
+    if (rc != LT_OK) diag("lt_train: %s", lt_last_error(s));
+    if (last) *last = res.last_loss;
+    return rc == LT_OK ? res.first_loss : -1;
+}
+
+/* %train on image rows: step 0's loss is the cross-entropy of lt_logits_image's logits over the
+ * reply (the training forward is the inference forward), training lowers it, another image
+ * changes it; bad image files are refused by line and the session trains on after. */
+static void test_train_images(lt_session *s, const char *dir, const char *rgb, const char *grey) {
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.r = 2;
+    ok(lt_lora_attach(s, &lo, NULL) == LT_OK, "(%lora on the multimodal fixture)");
+    char data[4200], data2[4200];
+    image_row(data, sizeof data, dir, "rgb.jsonl", rgb);
+    image_row(data2, sizeof data2, dir, "grey.jsonl", grey);
+
+    /* the reference: lt_chat_prompt_ids + the reply, through lt_logits_image */
+    lt_chat_reset(s);
+    int np = 0, nr = 0;
+    int32_t *prompt = prompt_ids(s, "Colour?", 1, &np), *reply = NULL;
+    lt_tokenize(s, "Red and blue.<end_of_turn>\n", &reply, &nr);
+    int n = np + nr;
+    int32_t *all = malloc(sizeof(int32_t) * (size_t)n);
+    memcpy(all, prompt, sizeof(int32_t) * (size_t)np);
+    memcpy(all + np, reply, sizeof(int32_t) * (size_t)nr);
+    const char *one[1] = {rgb};
+    float *lg = NULL;
+    int V = 0;
+    double want = 0;
+    if (lt_logits_image(s, all, n, one, 1, NULL, &lg, &V) == LT_OK) {
+        for (int j = 0; j < nr; j++) {
+            const float *z = lg + (size_t)(np - 1 + j) * V;
+            double mx = -1e30, se = 0;
+            for (int v = 0; v < V; v++)
+                mx = z[v] > mx ? z[v] : mx;
+            for (int v = 0; v < V; v++)
+                se += exp(z[v] - mx);
+            want += mx + log(se) - z[reply[j]];
+        }
+        want /= nr;
+    }
+    free(lg);
+    free(prompt);
+    free(reply);
+    free(all);
+    double got = first_loss(s, data, 1, 1e-9f, NULL);
+    diag("step 0 loss %.7f, from lt_logits_image %.7f", got, want);
+    ok(want > 0 && fabs(got - want) <= 1e-4 * want,
+       "%train on an image row: step 0's loss is lt_logits_image's cross-entropy of the reply");
+    double other = first_loss(s, data2, 1, 1e-9f, NULL);
+    diag("another image: step 0 loss %.7f", other);
+    ok(other > 0 && fabs(other - got) > 1e-5 * got, "... another image changes step 0's loss");
+    double last = 0, f = first_loss(s, data, 12, 3e-2f, &last);
+    diag("12 steps: %.5f -> %.5f", f, last);
+    ok(f > 0 && last < f - 0.05, "... training steps lower the loss on the repeated row");
+    diag("%s", plan_line);
+    ok(strstr(plan_line, "image tower") && strstr(plan_line, "soft tokens of 1 image(s)"),
+       "... the memory plan counts the image tower and the soft tokens");
+
+    char junk[4200], trunc[4200], bad[4200];
+    snprintf(junk, sizeof junk, "%s/junk2.png", dir);
+    snprintf(trunc, sizeof trunc, "%s/trunc2.png", dir);
+    spill(junk, "this is not an image\n", 21);
+    size_t pn;
+    char *png = slurp(rgb, &pn);
+    if (png) spill(trunc, png, pn / 2);
+    free(png);
+    image_row(bad, sizeof bad, dir, "junk.jsonl", junk);
+    lt_train_opts o;
+    lt_train_opts_default(&o);
+    o.data = bad;
+    o.steps = 1;
+    lt_train_result res;
+    ok(lt_train(s, &o, NULL, &res) != LT_OK && strstr(lt_last_error(s), "junk.jsonl line 1") &&
+           strstr(lt_last_error(s), "not a PNG or JPEG"),
+       "%train: a file that is not an image is refused by line");
+    diag("%s", lt_last_error(s));
+    image_row(bad, sizeof bad, dir, "trunc.jsonl", trunc);
+    ok(lt_train(s, &o, NULL, &res) != LT_OK && strstr(lt_last_error(s), "trunc.jsonl line 1") &&
+           strstr(lt_last_error(s), "PNG"),
+       "%train: a truncated PNG is refused by line");
+    diag("%s", lt_last_error(s));
+    ok(first_loss(s, data, 2, 1e-3f, NULL) > 0, "... and image training runs next");
+}
+
 int main(void) {
     char dir[] = "/tmp/lathe-chat-image-XXXXXX";
     if (!mkdtemp(dir) || make_fixture(dir) != 0) {
@@ -573,6 +695,7 @@ int main(void) {
         images += ids[i] == IMAGE;
     ok(ids && images == 0, "lt_chat_reset forgets the images too");
     free(ids);
+    test_train_images(s, dir, rgb, grey);
     lt_session_free(s);
     test_text_only_model();
     test_max_seq(dir, rgb);

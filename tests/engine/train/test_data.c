@@ -238,7 +238,7 @@ static void test_safe_reading(void) {
     /* limits, named in the message */
     const char *two = write_tmp("two.jsonl", "{\"text\": \"one two three\"}\n"
                                              "{\"text\": \"four five six seven eight nine\"}\n");
-    data_opts o = {two, "auto", 0, 1, NULL, 40, 0};
+    data_opts o = {two, "auto", 0, 1, NULL, 40, 0, NULL};
     ok(load_opts(&d, &o, err) == LT_ERR_ARG && strstr(err, "over the 40 bytes limit") &&
            strstr(err, "LATHE_DATA_MAX_BYTES"),
        "bad input: a file over the file limit is refused, naming the limit and how to raise it");
@@ -339,7 +339,7 @@ static void test_safe_reading(void) {
 
     /* cancel: before reading, and between chunks (a 3 MiB file, 1 MiB chunks) */
     atomic_store(&cancel_flag, 1);
-    data_opts oc = {two, "auto", 0, 1, &cancel_flag, 0, 0};
+    data_opts oc = {two, "auto", 0, 1, &cancel_flag, 0, 0, NULL};
     ok(load_opts(&d, &oc, err) == LT_CANCELLED && strstr(err, "cancelled"),
        "bad input: a raised cancel flag stops the read");
     atomic_store(&cancel_flag, 0);
@@ -380,6 +380,199 @@ static void test_schedules(void) {
              "no warmup: full lr at the first step");
 }
 
+/* ---- messages with image parts ----------------------------------------------------------- */
+
+static gemma3_config vcfg; /* cfg with an image tower's config: 4 image tokens per image */
+
+/* Appends tok_encode_special(text) to out with label lab. */
+static void push_enc(int32_t *out, uint8_t *lab, int *n, const char *text, uint8_t l) {
+    int32_t *t = NULL;
+    int k = 0;
+    char err[LT_ERRLEN];
+    if (tok_encode_special(tok, text, &t, &k, err) != LT_OK) return;
+    for (int i = 0; i < k; i++) {
+        out[*n] = t[i];
+        lab[(*n)++] = l;
+    }
+    free(t);
+}
+
+static void push_blk(int32_t *out, uint8_t *lab, int *n) {
+    out[*n] = vcfg.vision.boi_token_id;
+    lab[(*n)++] = 0;
+    for (int i = 0; i < vcfg.vision.mm_tokens_per_image; i++) {
+        out[*n] = vcfg.vision.image_token_id;
+        lab[(*n)++] = 0;
+    }
+    out[*n] = vcfg.vision.eoi_token_id;
+    lab[(*n)++] = 0;
+}
+
+static int same_sample(const train_sample *s, const int32_t *ids, const uint8_t *lab, int n) {
+    if (s->n != n) {
+        diag("%d tokens, want %d", s->n, n);
+        return 0;
+    }
+    for (int i = 0; i < n; i++)
+        if (s->ids[i] != ids[i] || s->mask[i] != lab[i]) {
+            diag("token %d: id %d label %d, want %d %d", i, s->ids[i], s->mask[i], ids[i], lab[i]);
+            return 0;
+        }
+    return 1;
+}
+
+static lt_status load_v(train_data *d, const char *path, int max_seq, int ro, char *err) {
+    data_opts o = {.path = path, .format = "auto", .max_seq = max_seq, .responses_only = ro};
+    return data_load(d, &o, tok, &vcfg, NULL, err);
+}
+
+static void test_images(void) {
+    vcfg = cfg;
+    vcfg.vision.present = 1;
+    vcfg.vision.mm_tokens_per_image = 4;
+    vcfg.vision.boi_token_id = 255999 < tok_size(tok) ? 255999 : 8;
+    vcfg.vision.eoi_token_id = 256000 < tok_size(tok) ? 256000 : 9;
+    vcfg.vision.image_token_id = tok_size(tok); /* past the embedding, as in the tf5 fixture */
+    write_tmp("a.png", "not decoded here");
+    write_tmp("b.png", "not decoded here");
+    char dirimg[600];
+    snprintf(dirimg, sizeof dirimg, "%s/adir.png", tmpdir);
+    mkdir(dirimg, 0755);
+    char err[LT_ERRLEN];
+    train_data d;
+    int32_t want[512];
+    uint8_t lab[512];
+    int n = 0;
+
+    char one[600], two[600]; /* write_tmp's buffer is reused */
+    snprintf(
+        one, sizeof one, "%s",
+        write_tmp(
+            "img1.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+            "\"a.png\"}, {\"type\": \"text\", \"text\": \" What is it? \"}]}, {\"role\": "
+            "\"assistant\", \"content\": \"It is red.\"}]}\n"));
+    push_enc(want, lab, &n, "<bos><start_of_turn>user\n\n\n", 0);
+    push_blk(want, lab, &n);
+    push_enc(want, lab, &n, "\n\nWhat is it?<end_of_turn>\n<start_of_turn>model\n", 0);
+    push_enc(want, lab, &n, "It is red.<end_of_turn>\n", 1);
+    lt_status st = load_v(&d, one, 0, 1, err);
+    if (st != LT_OK) diag("%s", err);
+    ok(st == LT_OK && d.n == 1 && same_sample(&d.s[0], want, lab, n),
+       "images: a user image renders as Gemma 3's processor expands it, its block unlabelled");
+    ok(st == LT_OK && d.n_images == 1 && d.s[0].n_images == 1 && d.s[0].images[0] == 0 &&
+           strstr(d.images[0].path, tmpdir) && strstr(d.images[0].path, "/a.png") &&
+           d.images[0].line == 1,
+       "images: the path is resolved against the dataset's folder, with its line");
+    data_free(&d);
+
+    /* responses_only=false: the text trains, the block still does not */
+    for (int i = 0; i < n; i++)
+        lab[i] = 1; /* <bos> too, as any chat row: nothing predicts it */
+    for (int i = 0; i < n; i++)
+        if (want[i] == vcfg.vision.image_token_id || want[i] == vcfg.vision.boi_token_id ||
+            want[i] == vcfg.vision.eoi_token_id)
+            lab[i] = 0;
+    st = load_v(&d, one, 0, 0, err);
+    ok(st == LT_OK && d.n == 1 && same_sample(&d.s[0], want, lab, n),
+       "images: without responses_only the text is labelled, the image block never");
+    data_free(&d);
+
+    /* two images in a turn, a second turn with the first image again: one file listed once */
+    snprintf(
+        two, sizeof two, "%s",
+        write_tmp(
+            "img2.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"path\": "
+            "\"a.png\"}, {\"type\": \"image\", \"url\": \"file://b.png\"}, {\"type\": \"text\", "
+            "\"text\": \"Compare.\"}]}, {\"role\": \"assistant\", \"content\": [{\"type\": "
+            "\"text\", "
+            "\"text\": \"Same.\"}]}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", "
+            "\"text\": "
+            "\"And \"}, {\"type\": \"image\", \"image\": \"a.png\"}]}, {\"role\": \"assistant\", "
+            "\"content\": \"Red.\"}]}\n"));
+    n = 0;
+    push_enc(want, lab, &n, "<bos><start_of_turn>user\n\n\n", 0);
+    push_blk(want, lab, &n);
+    push_enc(want, lab, &n, "\n\n\n\n", 0);
+    push_blk(want, lab, &n);
+    push_enc(want, lab, &n, "\n\nCompare.<end_of_turn>\n<start_of_turn>model\n", 0);
+    push_enc(want, lab, &n, "Same.<end_of_turn>\n", 1);
+    push_enc(want, lab, &n, "<start_of_turn>user\nAnd\n\n", 0);
+    push_blk(want, lab, &n);
+    push_enc(want, lab, &n, "\n\n<end_of_turn>\n<start_of_turn>model\n", 0);
+    push_enc(want, lab, &n, "Red.<end_of_turn>\n", 1);
+    st = load_v(&d, two, 0, 1, err);
+    if (st != LT_OK) diag("%s", err);
+    ok(st == LT_OK && d.n == 1 && same_sample(&d.s[0], want, lab, n),
+       "images: two in a turn and one in a later turn, each part stripped as the template does");
+    ok(st == LT_OK && d.n_images == 2 && d.s[0].n_images == 3 && d.s[0].images[0] == 0 &&
+           d.s[0].images[1] == 1 && d.s[0].images[2] == 0 && d.n_image_blocks == 3,
+       "images: 'path' and a file:// 'url' are read; a file used twice is listed once");
+    data_free(&d);
+
+    /* max_seq: cutting text after the last block is a truncation; cutting a block is refused */
+    st = load_v(&d, one, 5, 1, err);
+    ok(st == LT_ERR_FORMAT && strstr(err, "line 1") && strstr(err, "max_seq="),
+       "images: a block past max_seq is refused, naming the line and max_seq");
+    diag("%s", err);
+
+    /* a text-only row keeps a written "<start_of_image>" as text, as lt_chat does */
+    const char *lit = write_tmp("lit.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": "
+                                             "\"a <start_of_image> b\"}, {\"role\": \"assistant\", "
+                                             "\"content\": \"ok\"}]}\n");
+    st = load_v(&d, lit, 0, 1, err);
+    ok(st == LT_OK && d.n == 1 && d.s[0].n_images == 0, "images: text-only rows stay text");
+    if (st == LT_OK) data_free(&d);
+
+    struct {
+        const char *row, *says, *what;
+    } bad[] = {
+        {"{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", "
+         "\"content\": [{\"type\": \"image\", \"image\": \"a.png\"}]}]}",
+         "assistant message", "an image in an assistant message"},
+        {"{\"messages\": [{\"role\": \"system\", \"content\": [{\"type\": \"image\", \"image\": "
+         "\"a.png\"}]}, {\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", "
+         "\"content\": \"Yo\"}]}",
+         "system message", "an image in a system message"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+         "\"gone.png\"}]}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}",
+         "cannot be found", "a missing image file"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+         "\"adir.png\"}]}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}",
+         "is a directory", "a directory as the image"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"url\": "
+         "\"https://x.org/a.png\"}]}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}",
+         "downloads nothing", "an http URL"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}, {\"role\": "
+         "\"assistant\", \"content\": \"Yo\"}]}",
+         "without a file", "an image part without a file"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"audio\", \"audio\": "
+         "\"a.wav\"}]}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}",
+         "type 'audio'", "a part of an unknown type"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": "
+         "\"a.png\"}, {\"type\": \"text\", \"text\": \"<start_of_image>\"}]}, {\"role\": "
+         "\"assistant\", \"content\": \"Yo\"}]}",
+         "may not write it itself", "a row with images that writes <start_of_image> itself"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char text[1200];
+        snprintf(text, sizeof text, "%s\n", bad[i].row);
+        const char *p = write_tmp("bad.jsonl", text);
+        st = load_v(&d, p, 0, 1, err);
+        char name[200];
+        snprintf(name, sizeof name, "images, bad input: %s is refused, naming the line",
+                 bad[i].what);
+        ok(st != LT_OK && strstr(err, "bad.jsonl line 1") && strstr(err, bad[i].says), name);
+        diag("%s", err);
+    }
+    /* a model without an image tower */
+    st = load(&d, one, "auto", 0, 1, err);
+    ok(st == LT_ERR_ARG && strstr(err, "line 1") && strstr(err, "image tower"),
+       "images, bad input: a model without an image tower is named");
+    diag("%s", err);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "%s/lathe-data-XXXXXX",
              getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
@@ -398,6 +591,7 @@ int main(void) {
     test_formats();
     test_safe_reading();
     test_schedules();
+    test_images();
     tok_free(tok);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
