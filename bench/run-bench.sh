@@ -20,7 +20,8 @@
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
 #           for llama.cpp here (bench/check_flow_gguf.py OUTDIR/flow);
 #   full    full fine-tuning (bench_train RANK 0): what fits 15 GiB, and 1B in bf16;
-#   lease   checks (no fallback rerun), the vision fixture, grpo-short, flow, full: under 9 minutes;
+#   lease   checks (no fallback rerun), the vision and pan-and-scan fixtures, grpo-short, flow,
+#           full: under 9 minutes;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
@@ -128,6 +129,13 @@ case $what in lease)
             > "$out/vision_fixture.log" 2>&1
         echo "vision fixture: exit $?" >> "$out/vision_fixture.log"
         grep -E 'diag|FAILED|exit|transformers' "$out/vision_fixture.log" | tail -12
+    fi
+    # transformers' pan-and-scan golden (Gemma3ImageProcessor, Gemma3Processor's crop text),
+    # made here while it is not committed; test_pan_scan_golden reads tests/fixtures/pan_scan
+    if [ ! -f tests/fixtures/pan_scan/reference.json ]; then
+        timeout 60 $PY tests/fixtures/make_pan_scan_fixture.py --out "$out/pan_scan" \
+            > "$out/pan_scan_fixture.log" 2>&1
+        echo "pan-and-scan fixture: exit $?" | tee -a "$out/pan_scan_fixture.log"
     fi
     timeout 150 env NESTED=1 sh "$0" "$out" grpo-short
     timeout 90 env NESTED=1 sh "$0" "$out" flow
