@@ -180,13 +180,13 @@ static void model_summary(magic_ctx *ctx, int with_title) {
         if (info.vision_loaded) {
             char tower[320];
             snprintf(tower, sizeof tower,
-                     "SigLIP %d x %d images, patch %d, %d layers, hidden %d, %d heads, MLP %d, "
+                     "SigLIP %d x %d images, patch %d, %d layer%s, hidden %d, %d heads, MLP %d, "
                      "%d tokens an image (mm_tokens_per_image); %.2fM parameters (with the "
                      "projector), %s on %s",
                      info.vision_image_size, info.vision_image_size, info.vision_patch_size,
-                     info.vision_layers, info.vision_hidden, info.vision_heads,
-                     info.vision_intermediate, info.vision_mm_tokens, info.vision_params / 1e6,
-                     info.vision_dtype, info.vision_device);
+                     info.vision_layers, info.vision_layers == 1 ? "" : "s", info.vision_hidden,
+                     info.vision_heads, info.vision_intermediate, info.vision_mm_tokens,
+                     info.vision_params / 1e6, info.vision_dtype, info.vision_device);
             sb_printf(&text, "%-18s %s\n", "image tower", tower);
             sb_printf(&html, "<tr><td>image tower</td><td>");
             sb_html(&html, tower);

@@ -27,7 +27,7 @@ def test_load_and_chat(execute_notebook, tmp_path, layout, dtype):
     assert layout in text and dtype in text, text
     assert outputs_text(chat1).strip() and outputs_text(chat2).strip()
     st = outputs_text(status)
-    if layout in ("nested", "tf5"):
-        assert "vision tower" in st, st
+    if layout in ("nested", "tf5"):  # their towers load and %status describes them
+        assert "text + image tower" in st and "image tower        SigLIP" in st, st
     else:
-        assert "vision" not in st, st
+        assert "vision" not in st and "image tower" not in st, st
