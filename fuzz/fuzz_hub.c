@@ -11,6 +11,7 @@
  *                          '\n'; a status of three digits or 0, sizes -1 or >= 0, fields
  *                          terminated; a relative redirect keeps the URL's host; an accepted
  *                          HEAD gives a size >= 0, a plain blob name and an absolute http(s) URL
+ *                          (the scheme in any case, as URLs allow)
  *   2  hub_ref_parse       a refs/<rev> file: a plain folder name or nothing
  *   3  hub_parse_id        ORG/NAME[@REV] up to its first NUL: one '/', no ".." or "--"; the
  *                          revision has no empty, "." or ".." part; the cache folder
@@ -21,6 +22,8 @@
  * callers word the refusal.
  */
 #include "fuzz/fuzz_util.h"
+
+#include <strings.h>
 
 #include "cuda/hub/cache.h"
 #include "cuda/hub/http.h"
@@ -110,7 +113,8 @@ static void check_headers(const uint8_t *p, size_t n) {
     FUZZ_CHECK(r.status >= 200 && r.status < 400);
     FUZZ_CHECK(m.size >= 0);
     FUZZ_CHECK(plain_name(m.etag, 200));
-    FUZZ_CHECK(strncmp(m.location, "http://", 7) == 0 || strncmp(m.location, "https://", 8) == 0);
+    FUZZ_CHECK(strncasecmp(m.location, "http://", 7) == 0 ||
+               strncasecmp(m.location, "https://", 8) == 0);
     FUZZ_CHECK(terminated(m.location, sizeof m.location));
     FUZZ_CHECK(r.commit[0] == '\0' || strcmp(r.commit, COMMIT) == 0);
 }
