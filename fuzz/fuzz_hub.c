@@ -87,7 +87,6 @@ static void check_headers(const uint8_t *p, size_t n) {
                terminated(r.commit, sizeof r.commit) &&
                terminated(r.error_code, sizeof r.error_code) &&
                terminated(r.error_message, sizeof r.error_message));
-    FUZZ_CHECK(r.location_cut == 0 || strlen(r.location) == sizeof r.location - 1);
 
     /* a relative redirect stays on the endpoint's host (the token goes there) */
     static char url[HUB_URL];
