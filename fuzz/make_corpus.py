@@ -182,4 +182,82 @@ for t, bb in enumerate(SIZES):
 
 # ---- tokenizer ----------------------------------------------------------------------------------
 put("tokenizer", read("models/tiny/tokenizer.model"))
+# ---- the Hub (byte 0: 0 revision JSON, 1 header lines, 2 refs file, 3 id, 4 index, 5 ETag) --------
+# Shaped as tests/hub/hubserver.py and huggingface.co answer; COMMIT is the one fuzz_hub.c checks
+# X-Repo-Commit against.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub(sel, data):
+    put("hub", bytes([sel]) + (data.encode() if isinstance(data, str) else data))
+
+
+tiny_files = sorted(["config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+                     "tokenizer_config.json", "README.md", "pytorch_model.bin",
+                     "original/model.safetensors", "unused.safetensors"])
+hub(0, json.dumps({"id": "tiny-org/tiny", "sha": COMMIT,
+                   "siblings": [{"rfilename": f} for f in tiny_files]}))
+shards = ["model-%05d-of-00003.safetensors" % i for i in (1, 2, 3)]
+hub(0, json.dumps({
+    "_id": "67b5e1b1c2d3e4f5a6b7c8d9", "id": "google/gemma-3-1b-it", "private": False,
+    "pipeline_tag": "text-generation", "library_name": "transformers",
+    "tags": ["transformers", "safetensors", "gemma3_text"], "downloads": 1234567, "likes": 512,
+    "modelId": "google/gemma-3-1b-it", "author": "google", "sha": COMMIT,
+    "lastModified": "2025-04-04T13:12:40.000Z", "gated": "manual", "disabled": False,
+    "config": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+    "siblings": [{"rfilename": ".gitattributes", "blobId": "a6344aac8c09253b3b630fb776ae94478aa0275b",
+                  "size": 1570},
+                 {"rfilename": "config.json", "blobId": "3f4ad7a5c2d5ad8ecf3b0da3d2e2d42d4a3e4f7a",
+                  "size": 899},
+                 {"rfilename": "model.safetensors.index.json",
+                  "blobId": "0b4a4a2d9f1b3b0c6f1a4e6f5d8c2b1a0e9d8c7b", "size": 11391}]
+                + [{"rfilename": s, "blobId": "b" * 40, "size": 4994,
+                    "lfs": {"sha256": "%064x" % (i + 1), "size": 4994, "pointerSize": 135}}
+                   for i, s in enumerate(shards)]
+                + [{"rfilename": "tokenizer.model", "blobId": "c" * 40, "size": 4689074,
+                    "lfs": {"sha256": "1299c11d7cf632ef3b4e11937501358ada021bbdf7c47638d13c0ee982f2e79c",
+                            "size": 4689074, "pointerSize": 132}}],
+    "spaces": [], "createdAt": "2025-03-10T16:34:21.000Z",
+    "safetensors": {"parameters": {"BF16": 999885952}, "total": 999885952},
+    "usedStorage": 4007630072}))
+hub(0, json.dumps({"sha": COMMIT, "siblings": [
+    {"rfilename": "../config.json"}, {"rfilename": "/etc/passwd"}, {"rfilename": ".."},
+    {"rfilename": "config.json"}, {"rfilename": "sub/../model.safetensors"},
+    {"rfilename": "..safetensors"}, {"rfilename": ".hidden.safetensors"}, {"rfilename": 7},
+    {"rfilename": "a\\u0000.safetensors"}, {"rfilename": "C:\\\\x.safetensors"}, {}]}))
+hub(0, '{"sha": "0123456789ABCDEF0123456789abcdef01234567", "siblings": []}')
+hub(0, "<html>a captive portal</html>")
+
+CRLF = "\r\n"
+hub(1, CRLF.join(["HTTP/1.1 302 Found", "X-Repo-Commit: " + COMMIT,
+                  "Location: http://localhost:8080/cdn/%064x?Policy=%s&Signature=test" % (5, "p" * 300),
+                  'ETag: "%s"' % ("d" * 40), 'X-Linked-Etag: "%064x"' % 5, "X-Linked-Size: 4689074",
+                  "Content-Length: 0", "", ""]))
+hub(1, CRLF.join(["HTTP/1.1 307 Temporary Redirect", "X-Repo-Commit: " + COMMIT,
+                  "Location: /api/resolve-cache/models/tiny-org/tiny/%s/config.json?etag=%%22%s%%22"
+                  % (COMMIT, "e" * 40), "Content-Length: 0", "", ""]))
+hub(1, CRLF.join(["HTTP/1.1 307 Temporary Redirect", "Location: /tiny-org/tiny/resolve/main/config.json",
+                  "", "HTTP/1.1 200 OK", "X-Repo-Commit: " + COMMIT, 'ETag: "%s"' % ("e" * 40),
+                  "Content-Length: 899", "", ""]))
+hub(1, CRLF.join(["HTTP/2 206", "content-length: 4000", 'etag: "%064x"' % 5,
+                  "content-range: bytes 689074-4689073/4689074", "", ""]))
+hub(1, CRLF.join(["HTTP/1.1 401 Unauthorized", "X-Error-Code: GatedRepo",
+                  "X-Error-Message: Access to model gated-org/tiny is restricted.", "Content-Length: 52",
+                  "", ""]))
+hub(1, CRLF.join(["HTTP/1.1 302 Found", "Location: //evil.example/x", 'X-Linked-Etag: "../../../escaped"',
+                  "X-Linked-Size: -1", "X-Repo-Commit: " + "f" * 40, "", ""]))
+
+hub(2, COMMIT)
+hub(2, COMMIT + "\n")
+hub(2, "0123abc\n")
+hub(2, "../../../etc")
+for i in ["google/gemma-3-1b-it", "org/name@v1.0", "org/name@refs/pr/1", "a_b/c.d@" + COMMIT,
+          "org/name@a/../b", "a-/b", "org/na--me", "org/name@"]:
+    hub(3, i)
+hub(4, read("tests/fixtures/tf5/model.safetensors.index.json"))
+hub(4, '{"metadata": {"total_size": 8}, "weight_map": {"a": "model-1.safetensors", '
+       '"b": "../model-1.safetensors", "c": "model-1.safetensors"}}')
+for e in ['"%064x"' % 5, 'W/"%s"' % ("d" * 40), '"../../../escaped"', '"."']:
+    hub(5, e)
+
 print("corpus written under", OUT, file=sys.stderr)

@@ -44,25 +44,32 @@ int hub_is_commit(const char *s) {
     return n == 40;
 }
 
+int hub_ref_parse(const char *bytes, size_t len, char *commit, size_t cap) {
+    commit[0] = 0;
+    size_t n = 0;
+    while (n < len && !memchr("\r\n \t", bytes[n], 4))
+        n++;
+    if (n == 0 || n >= cap || bytes[0] == '.') return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((bytes[i] >= '0' && bytes[i] <= '9') || (bytes[i] >= 'a' && bytes[i] <= 'z') ||
+              (bytes[i] >= 'A' && bytes[i] <= 'Z') || bytes[i] == '-' || bytes[i] == '_' ||
+              bytes[i] == '.'))
+            return 0;
+    memcpy(commit, bytes, n);
+    commit[n] = 0;
+    return 1;
+}
+
 int hub_cache_read_ref(const hub_repo_cache *c, const char *rev, char *commit, size_t cap) {
     char path[HUB_PATH + 300];
     snprintf(path, sizeof path, "%s/refs/%s", c->root, rev);
     commit[0] = 0;
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen(path, "rb");
     if (!f) return 0;
-    char line[160] = "";
-    if (!fgets(line, sizeof line, f)) line[0] = 0;
+    char head[256]; /* a name longer than this is no snapshot's */
+    size_t n = fread(head, 1, sizeof head, f);
     fclose(f);
-    line[strcspn(line, "\r\n \t")] = 0;
-    size_t n = strlen(line);
-    if (n == 0 || n >= cap || line[0] == '.') return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!((line[i] >= '0' && line[i] <= '9') || (line[i] >= 'a' && line[i] <= 'z') ||
-              (line[i] >= 'A' && line[i] <= 'Z') || line[i] == '-' || line[i] == '_' ||
-              line[i] == '.'))
-            return 0;
-    memcpy(commit, line, n + 1);
-    return 1;
+    return hub_ref_parse(head, n, commit, cap);
 }
 
 lt_status hub_cache_write_ref(const hub_repo_cache *c, const char *rev, const char *commit,

@@ -41,6 +41,10 @@ int hub_is_commit(const char *s);
  * folder name (huggingface_hub reads the file as it is); 0 when there is no such ref or it
  * holds no usable name. cap: at least 41. */
 int hub_cache_read_ref(const hub_repo_cache *c, const char *rev, char *commit, size_t cap);
+/* The name a ref file's bytes hold (hub_cache_read_ref's parse, pure): its first word (up to a
+ * space, tab, CR or LF), 1 when it is letters, digits, '-', '_' and '.' only, not leading '.',
+ * shorter than cap; else 0 and commit "". */
+int hub_ref_parse(const char *bytes, size_t len, char *commit, size_t cap);
 /* Writes refs/<rev> = commit (no newline, as huggingface_hub writes it), atomically, when it
  * differs. rev may hold '/' (refs/pr/1 is a folder). */
 lt_status hub_cache_write_ref(const hub_repo_cache *c, const char *rev, const char *commit,

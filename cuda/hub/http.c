@@ -12,11 +12,86 @@
 
 #include "cuda/hub/http.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+
+/* ---- headers (with or without libcurl: fuzz/fuzz_hub.c calls them) ------------------------ */
+
+void hub_response_clear(hub_response *r) {
+    memset(r, 0, sizeof *r);
+    r->linked_size = r->content_length = r->range_start = -1;
+}
+
+static void copy_value(char *dst, size_t cap, const char *v, size_t n) {
+    if (n > cap - 1) n = cap - 1;
+    memcpy(dst, v, n);
+    dst[n] = 0;
+}
+
+static int64_t parse_size(const char *v, size_t n) {
+    char tmp[32];
+    if (n == 0 || n >= sizeof tmp) return -1;
+    memcpy(tmp, v, n);
+    tmp[n] = 0;
+    char *end;
+    errno = 0;
+    long long x = strtoll(tmp, &end, 10);
+    if (errno || *end || x < 0) return -1;
+    return (int64_t)x;
+}
+
+void hub_response_header(hub_response *r, const char *line, size_t n) {
+    size_t len = n;
+    while (len && (line[len - 1] == '\r' || line[len - 1] == '\n'))
+        len--;
+    if (len >= 5 && !strncmp(line, "HTTP/", 5)) { /* a new response: forget the last hop's */
+        hub_response_clear(r);
+        /* "HTTP/1.1 200 OK", "HTTP/2 302": 100..999 after the first space, else 0 */
+        const char *sp = memchr(line, ' ', len);
+        size_t at = sp ? (size_t)(sp - line) + 1 : len;
+        if (at + 3 <= len && line[at] >= '1' && line[at] <= '9' &&
+            isdigit((unsigned char)line[at + 1]) && isdigit((unsigned char)line[at + 2]) &&
+            (at + 3 == len || line[at + 3] == ' '))
+            r->status = (line[at] - '0') * 100 + (line[at + 1] - '0') * 10 + (line[at + 2] - '0');
+        return;
+    }
+    const char *colon = memchr(line, ':', len);
+    if (!colon) return;
+    size_t klen = (size_t)(colon - line);
+    const char *v = colon + 1;
+    size_t vlen = len - klen - 1;
+    while (vlen && (*v == ' ' || *v == '\t'))
+        v++, vlen--;
+    while (vlen && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+        vlen--;
+#define IS(name) (klen == sizeof(name) - 1 && !strncasecmp(line, name, klen))
+    if (IS("Location")) {
+        copy_value(r->location, sizeof r->location, v, vlen);
+        r->location_cut = vlen >= sizeof r->location;
+    } else if (IS("ETag"))
+        copy_value(r->etag, sizeof r->etag, v, vlen);
+    else if (IS("X-Linked-Etag"))
+        copy_value(r->linked_etag, sizeof r->linked_etag, v, vlen);
+    else if (IS("X-Repo-Commit"))
+        copy_value(r->commit, sizeof r->commit, v, vlen);
+    else if (IS("X-Error-Code"))
+        copy_value(r->error_code, sizeof r->error_code, v, vlen);
+    else if (IS("X-Error-Message"))
+        copy_value(r->error_message, sizeof r->error_message, v, vlen);
+    else if (IS("X-Linked-Size"))
+        r->linked_size = parse_size(v, vlen);
+    else if (IS("Content-Length"))
+        r->content_length = parse_size(v, vlen);
+    else if (IS("Content-Range") && vlen > 6 && !strncasecmp(v, "bytes ", 6)) {
+        const char *dash = memchr(v + 6, '-', vlen - 6);
+        if (dash) r->range_start = parse_size(v + 6, (size_t)(dash - v - 6));
+    }
+#undef IS
+}
 
 /* LATHE_HUB_WITHOUT_CURL builds the client a configure without libcurl gives (the tests build
  * both). */
@@ -79,76 +154,10 @@ void hub_http_close(hub_http *h) {
     free(h);
 }
 
-/* ---- headers ------------------------------------------------------------------------------ */
-
-static void response_clear(hub_response *r) {
-    memset(r, 0, sizeof *r);
-    r->linked_size = r->content_length = r->range_start = -1;
-}
-
-static void copy_value(char *dst, size_t cap, const char *v, size_t n) {
-    if (n > cap - 1) n = cap - 1;
-    memcpy(dst, v, n);
-    dst[n] = 0;
-}
-
-static int64_t parse_size(const char *v, size_t n) {
-    char tmp[32];
-    if (n == 0 || n >= sizeof tmp) return -1;
-    memcpy(tmp, v, n);
-    tmp[n] = 0;
-    char *end;
-    errno = 0;
-    long long x = strtoll(tmp, &end, 10);
-    if (errno || *end || x < 0) return -1;
-    return (int64_t)x;
-}
-
 /* One header line (curl calls this per line, for every hop of a redirect chain). */
 static size_t on_header(char *line, size_t size, size_t nitems, void *ctx) {
-    hub_response *r = ctx;
     size_t n = size * nitems;
-    size_t len = n;
-    while (len && (line[len - 1] == '\r' || line[len - 1] == '\n'))
-        len--;
-    if (len >= 5 && !strncmp(line, "HTTP/", 5)) { /* a new response: forget the last hop's */
-        response_clear(r);
-        const char *sp = memchr(line, ' ', len);
-        r->status = sp ? strtol(sp + 1, NULL, 10) : 0;
-        return n;
-    }
-    const char *colon = memchr(line, ':', len);
-    if (!colon) return n;
-    size_t klen = (size_t)(colon - line);
-    const char *v = colon + 1;
-    size_t vlen = len - klen - 1;
-    while (vlen && (*v == ' ' || *v == '\t'))
-        v++, vlen--;
-    while (vlen && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
-        vlen--;
-#define IS(name) (klen == sizeof(name) - 1 && !strncasecmp(line, name, klen))
-    if (IS("Location")) {
-        copy_value(r->location, sizeof r->location, v, vlen);
-        r->location_cut = vlen >= sizeof r->location;
-    } else if (IS("ETag"))
-        copy_value(r->etag, sizeof r->etag, v, vlen);
-    else if (IS("X-Linked-Etag"))
-        copy_value(r->linked_etag, sizeof r->linked_etag, v, vlen);
-    else if (IS("X-Repo-Commit"))
-        copy_value(r->commit, sizeof r->commit, v, vlen);
-    else if (IS("X-Error-Code"))
-        copy_value(r->error_code, sizeof r->error_code, v, vlen);
-    else if (IS("X-Error-Message"))
-        copy_value(r->error_message, sizeof r->error_message, v, vlen);
-    else if (IS("X-Linked-Size"))
-        r->linked_size = parse_size(v, vlen);
-    else if (IS("Content-Length"))
-        r->content_length = parse_size(v, vlen);
-    else if (IS("Content-Range") && vlen > 6 && !strncasecmp(v, "bytes ", 6)) {
-        const char *dash = memchr(v + 6, '-', vlen - 6);
-        if (dash) r->range_start = parse_size(v + 6, (size_t)(dash - v - 6));
-    }
-#undef IS
+    hub_response_header(ctx, line, n);
     return n;
 }
 
@@ -164,7 +173,7 @@ static int on_progress(void *ctx, curl_off_t dt, curl_off_t dn, curl_off_t ut, c
 static struct curl_slist *request_begin(hub_http *h, const char *url, int auth, hub_response *r) {
     CURL *c = h->c;
     curl_easy_reset(c);
-    response_clear(r);
+    hub_response_clear(r);
     h->curlerr[0] = 0;
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, h->curlerr);

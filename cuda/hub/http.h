@@ -54,6 +54,13 @@ typedef struct hub_response {
 /* Called as a body is written: bytes of the file so far, its full size (-1 unknown). */
 typedef void (*hub_http_progress)(void *ctx, int64_t done, int64_t total);
 
+/* The headers of a response as curl hands them over, a line at a time (with its CRLF): a
+ * status line ("HTTP/...") starts a new hop and clears what an earlier hop said; the headers
+ * above fill their fields (values cut at the field's size, sizes -1 unless a whole non-negative
+ * decimal). Pure, for fuzz/fuzz_hub.c as well; the same with or without libcurl. */
+void hub_response_clear(hub_response *r);
+void hub_response_header(hub_response *r, const char *line, size_t n);
+
 /* 1 when this build can make requests (it has libcurl), else 0. */
 int hub_http_available(void);
 /* Why it cannot, for messages ("this build of lathe has no libcurl ..."). */

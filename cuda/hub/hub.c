@@ -136,13 +136,22 @@ static int name_char(char c) {
            c == '_' || c == '.';
 }
 
+/* A letter, digit or '_': what ORG and NAME begin and end with (huggingface_hub's
+ * utils/_validators.py REPO_ID_REGEX puts a \b at each end of both). Without it "a-/b" and
+ * "a/-b" would share the cache folder models--a---b. */
+static int edge_char(char c) {
+    return name_char(c) && c != '-' && c != '.';
+}
+
 int hub_parse_id(const char *spec, char *repo, size_t repo_cap, char *rev, size_t rev_cap) {
     const char *at = strchr(spec, '@');
     size_t n = at ? (size_t)(at - spec) : strlen(spec);
     const char *slash = memchr(spec, '/', n);
     if (!slash || slash == spec || (size_t)(slash - spec) + 1 >= n) return 0;
-    if (spec[0] == '.' || memchr(slash + 1, '/', n - (size_t)(slash - spec) - 1)) return 0;
-    if (slash[1] == '.') return 0;
+    if (memchr(slash + 1, '/', n - (size_t)(slash - spec) - 1)) return 0;
+    if (!edge_char(spec[0]) || !edge_char(slash[-1]) || !edge_char(slash[1]) ||
+        !edge_char(spec[n - 1]))
+        return 0;
     for (size_t i = 0; i < n; i++) {
         if (spec[i] == '/') continue;
         if (!name_char(spec[i])) return 0;
@@ -200,7 +209,7 @@ static int shard_name_ok(const char *s) {
 }
 
 /* A blob's name: the normalized ETag (W/ and quotes gone, as _normalize_etag), a plain name. */
-static int etag_normalize(const char *raw, char *out, size_t cap) {
+int hub_etag_name(const char *raw, char *out, size_t cap) {
     const char *p = raw;
     while (*p == 'W' || *p == '/') /* lstrip("W/") */
         p++;
@@ -289,28 +298,21 @@ static int snap_has(const char *snap, const char *file) {
     return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-/* The shards model.safetensors.index.json names (its weight_map's values, each once). */
-static lt_status index_shards(const char *path, char ***out, int *n_out, char *err) {
+void hub_names_free(char **names, int n) {
+    for (int i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+lt_status hub_index_parse(const char *text, size_t len, char ***out, int *n_out, char *err) {
     *out = NULL;
     *n_out = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return lt_fail(err, LT_ERR_IO, "%s: %s", path, strerror(errno));
-    lt_strbuf b = {0};
-    int r = lt_strbuf_read(&b, f, INDEX_MAX);
-    fclose(f);
-    if (r != 0 || b.oom) {
-        lt_strbuf_free(&b);
-        return lt_fail(err, r > 0 ? LT_ERR_FORMAT : LT_ERR_IO, "%s: %s", path,
-                       r > 0 ? "larger than 64 MiB" : "cannot be read");
-    }
     json_error_t je;
-    json_t *root = json_loadb(b.p ? b.p : "", b.len, 0, &je);
-    lt_strbuf_free(&b);
+    json_t *root = json_loadb(text ? text : "", len, 0, &je);
     json_t *map = root ? json_object_get(root, "weight_map") : NULL;
     if (!json_is_object(map)) {
         json_decref(root);
-        return lt_fail(err, LT_ERR_FORMAT, "%s: not a safetensors index (no weight_map object)",
-                       path);
+        return lt_fail(err, LT_ERR_FORMAT, "not a safetensors index (no weight_map object)");
     }
     char **names = NULL;
     int n = 0;
@@ -320,10 +322,9 @@ static lt_status index_shards(const char *path, char ***out, int *n_out, char *e
     json_object_foreach(map, key, v) {
         const char *s = json_string_value(v);
         if (!s || !shard_name_ok(s)) {
-            rc =
-                lt_fail(err, LT_ERR_FORMAT,
-                        "%s: weight_map[\"%.200s\"] is not a .safetensors file name of this folder",
-                        path, key);
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "weight_map[\"%.200s\"] is not a .safetensors file name of this folder",
+                         key);
             break;
         }
         int seen = 0;
@@ -331,7 +332,7 @@ static lt_status index_shards(const char *path, char ***out, int *n_out, char *e
             seen = !strcmp(names[i], s);
         if (seen) continue;
         if (n == MAX_FILES) {
-            rc = lt_fail(err, LT_ERR_FORMAT, "%s: more than %d shards", path, MAX_FILES);
+            rc = lt_fail(err, LT_ERR_FORMAT, "more than %d shards", MAX_FILES);
             break;
         }
         char **more = realloc(names, sizeof *names * (size_t)(n + 1));
@@ -347,9 +348,7 @@ static lt_status index_shards(const char *path, char ***out, int *n_out, char *e
     }
     json_decref(root);
     if (rc != LT_OK) {
-        for (int i = 0; i < n; i++)
-            free(names[i]);
-        free(names);
+        hub_names_free(names, n);
         return rc;
     }
     *out = names;
@@ -357,10 +356,23 @@ static lt_status index_shards(const char *path, char ***out, int *n_out, char *e
     return LT_OK;
 }
 
-static void names_free(char **names, int n) {
-    for (int i = 0; i < n; i++)
-        free(names[i]);
-    free(names);
+/* The shards of the index file at path (hub_index_parse). */
+static lt_status index_shards(const char *path, char ***out, int *n_out, char *err) {
+    *out = NULL;
+    *n_out = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return lt_fail(err, LT_ERR_IO, "%s: %s", path, strerror(errno));
+    lt_strbuf b = {0};
+    int r = lt_strbuf_read(&b, f, INDEX_MAX);
+    fclose(f);
+    if (r != 0 || b.oom) {
+        lt_strbuf_free(&b);
+        return lt_fail(err, r > 0 ? LT_ERR_FORMAT : LT_ERR_IO, "%s: %s", path,
+                       r > 0 ? "larger than 64 MiB" : "cannot be read");
+    }
+    lt_status rc = hub_index_parse(b.p, b.len, out, n_out, err);
+    lt_strbuf_free(&b);
+    return rc == LT_OK ? rc : lt_fail_prefix(err, rc, "%s", path);
 }
 
 /* lathe's test of a cached snapshot: config.json, tokenizer.model, and the weights (the index
@@ -385,7 +397,7 @@ static int snapshot_complete(const char *snap, char *missing, size_t cap) {
         } else {
             for (int i = 0; i < n; i++)
                 if (!snap_has(snap, shards[i])) lt_strbuf_printf(&b, ", %s", shards[i]);
-            names_free(shards, n);
+            hub_names_free(shards, n);
         }
     } else if (!snap_has(snap, "model.safetensors")) {
         lt_strbuf_puts(&b, ", model.safetensors (or model.safetensors.index.json)");
@@ -461,16 +473,56 @@ static lt_status refusal(hub_job *j, const hub_response *r, const char *what) {
 
 /* ---- the revision call ------------------------------------------------------------------- */
 
-typedef struct revision_info {
-    char **files;
-    int n_files;
-} revision_info;
+void hub_revision_free(hub_revision *r) {
+    hub_names_free(r->files, r->n_files);
+    r->files = NULL;
+    r->n_files = 0;
+}
+
+lt_status hub_revision_parse(const char *body, size_t len, hub_revision *out, char *err) {
+    memset(out, 0, sizeof *out);
+    json_error_t je;
+    json_t *root = json_loadb(body ? body : "", len, 0, &je);
+    const char *sha = root ? json_string_value(json_object_get(root, "sha")) : NULL;
+    json_t *sib = root ? json_object_get(root, "siblings") : NULL;
+    if (!sha || !hub_is_commit(sha) || !json_is_array(sib)) {
+        lt_status rc = lt_fail(err, LT_ERR_FORMAT,
+                               "not the Hub's revision answer (expected JSON with a 40-hex \"sha\" "
+                               "and a \"siblings\" list%s%s)",
+                               root ? "" : "; ", root ? "" : je.text);
+        json_decref(root);
+        return rc;
+    }
+    memcpy(out->commit, sha, 41);
+    lt_status rc = LT_OK;
+    size_t i;
+    json_t *e;
+    json_array_foreach(sib, i, e) {
+        const char *name = json_string_value(json_object_get(e, "rfilename"));
+        /* only top-level files are ever taken: "original/x" or "../x" never */
+        if (!name || strchr(name, '/') || !(hub_wanted_file(name) || shard_name_ok(name))) continue;
+        if (out->n_files == MAX_FILES) break;
+        char **more = realloc(out->files, sizeof *more * (size_t)(out->n_files + 1));
+        char *copy = strdup(name);
+        if (!more || !copy) {
+            free(copy);
+            if (more) out->files = more;
+            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+            break;
+        }
+        out->files = more;
+        out->files[out->n_files++] = copy;
+    }
+    json_decref(root);
+    if (rc != LT_OK) hub_revision_free(out);
+    return rc;
+}
 
 /* GET /api/models/{repo}/revision/{rev}: the commit and the files. *reached: 0 when no
  * answer came (or a 5xx/429), so the caller may fall back to the cache; *fallback: 1 when the
  * answer is one huggingface_hub falls back to the cache for (401, 403, a 404 that is not
  * RevisionNotFound). */
-static lt_status revision_get(hub_job *j, revision_info *info, int *reached, int *fallback) {
+static lt_status revision_get(hub_job *j, hub_revision *info, int *reached, int *fallback) {
     memset(info, 0, sizeof *info);
     *reached = 1;
     *fallback = 0;
@@ -499,45 +551,19 @@ static lt_status revision_get(hub_job *j, revision_info *info, int *reached, int
         rc = lt_fail(j->err, LT_ERR_IO, "%s: HTTP %ld (expected 200)", url.p, r.status);
         goto done;
     }
-    json_error_t je;
-    json_t *root = json_loadb(body.p ? body.p : "", body.len, 0, &je);
-    const char *sha = root ? json_string_value(json_object_get(root, "sha")) : NULL;
-    json_t *sib = root ? json_object_get(root, "siblings") : NULL;
-    if (!sha || !hub_is_commit(sha) || !json_is_array(sib)) {
-        rc = lt_fail(j->err, LT_ERR_FORMAT,
-                     "%s: not the Hub's revision answer (expected JSON with a 40-hex \"sha\" and "
-                     "a \"siblings\" list%s%s)",
-                     url.p, root ? "" : "; ", root ? "" : je.text);
-        json_decref(root);
+    rc = hub_revision_parse(body.p, body.len, info, j->err);
+    if (rc != LT_OK) {
+        lt_fail_prefix(j->err, rc, "%s", url.p);
         goto done;
     }
-    memcpy(j->commit, sha, 41);
-    size_t i;
-    json_t *e;
-    json_array_foreach(sib, i, e) {
-        const char *name = json_string_value(json_object_get(e, "rfilename"));
-        /* only top-level files are ever taken: "original/x" or "../x" never */
-        if (!name || strchr(name, '/') || !(hub_wanted_file(name) || shard_name_ok(name))) continue;
-        if (info->n_files == MAX_FILES) break;
-        char **more = realloc(info->files, sizeof *more * (size_t)(info->n_files + 1));
-        char *copy = strdup(name);
-        if (!more || !copy) {
-            free(copy);
-            if (more) info->files = more;
-            rc = lt_fail(j->err, LT_ERR_MEMORY, "out of memory");
-            break;
-        }
-        info->files = more;
-        info->files[info->n_files++] = copy;
-    }
-    json_decref(root);
+    memcpy(j->commit, info->commit, 41);
 done:
     lt_strbuf_free(&url);
     lt_strbuf_free(&body);
     return rc;
 }
 
-static int info_has(const revision_info *info, const char *name) {
+static int info_has(const hub_revision *info, const char *name) {
     for (int i = 0; i < info->n_files; i++)
         if (!strcmp(info->files[i], name)) return 1;
     return 0;
@@ -568,14 +594,49 @@ static void progress_init(progress_view *p, hub_job *j, const char *file, int64_
     p->last = -1;
 }
 
-/* The metadata of a file: HEAD on its resolve URL, following relative redirects only. */
-typedef struct file_meta {
-    char etag[256];
-    int64_t size;
-    char location[HUB_URL]; /* a CDN's signed URLs run to a few thousand bytes */
-} file_meta;
+int hub_redirect_relative(char *url, size_t cap, const hub_response *r) {
+    if (!(r->status >= 300 && r->status < 400 && r->location[0] == '/' && r->location[1] != '/'))
+        return 0;
+    size_t o = url_origin_len(url), n = strlen(r->location);
+    if (o == 0 || o + n >= cap) return -1;
+    memcpy(url + o, r->location, n + 1);
+    return 1;
+}
 
-static lt_status file_head(hub_job *j, const char *file, file_meta *m) {
+lt_status hub_head_meta(const hub_response *r, const char *url, const char *commit,
+                        const char *endpoint, hub_file_meta *m, char *err) {
+    memset(m, 0, sizeof *m);
+    m->size = -1;
+    int redirect = r->status >= 300 && r->status < 400;
+    if (r->status < 200 || (r->status >= 300 && !redirect))
+        return lt_fail(err, LT_ERR_IO, "%s: HTTP %ld to a HEAD", url, r->status);
+    const char *raw = r->linked_etag[0] ? r->linked_etag : r->etag;
+    int64_t size = r->linked_size >= 0 ? r->linked_size : redirect ? -1 : r->content_length;
+    if (!raw[0] || size < 0)
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: the answer has no %s (is HF_ENDPOINT=%s a Hugging Face Hub?)", url,
+                       raw[0] ? "size (X-Linked-Size or Content-Length)" : "ETag", endpoint);
+    if (!hub_etag_name(raw, m->etag, sizeof m->etag))
+        return lt_fail(err, LT_ERR_FORMAT, "%s: the ETag '%.200s' is not a usable blob name", url,
+                       raw);
+    if (r->commit[0] && strcmp(r->commit, commit) != 0)
+        return lt_fail(err, LT_ERR_FORMAT,
+                       "%s: the Hub says it is of commit %.64s, not %s as the revision said", url,
+                       r->commit, commit);
+    if (redirect) {
+        if (url_origin_len(r->location) == 0)
+            return lt_fail(err, LT_ERR_FORMAT, "%s: a redirect to '%.300s', not a URL", url,
+                           r->location);
+        snprintf(m->location, sizeof m->location, "%s", r->location);
+    } else {
+        snprintf(m->location, sizeof m->location, "%s", url);
+    }
+    m->size = size;
+    return LT_OK;
+}
+
+/* The metadata of a file: HEAD on its resolve URL, following relative redirects only. */
+static lt_status file_head(hub_job *j, const char *file, hub_file_meta *m) {
     lt_strbuf b = {0};
     lt_strbuf_printf(&b, "%s/%s/resolve/%s/", j->set.endpoint, j->repo, j->commit);
     url_quote(&b, file, 1);
@@ -591,41 +652,14 @@ static lt_status file_head(hub_job *j, const char *file, file_meta *m) {
         if (r.location_cut)
             return lt_fail(j->err, LT_ERR_IO, "%s: a redirect to a URL longer than %d bytes", url,
                            HUB_URL - 1);
-        int relative =
-            r.status >= 300 && r.status < 400 && r.location[0] == '/' && r.location[1] != '/';
-        if (!relative) break;
-        if (hop == 10) return lt_fail(j->err, LT_ERR_IO, "%s: more than 10 redirects", url);
-        size_t o = url_origin_len(url);
-        if (o + strlen(r.location) >= sizeof url)
+        int followed = hub_redirect_relative(url, sizeof url, &r);
+        if (followed == 0) break;
+        if (followed < 0)
             return lt_fail(j->err, LT_ERR_IO, "%s: a redirect to a URL too long", url);
-        memmove(url + o, r.location, strlen(r.location) + 1);
+        if (hop == 10) return lt_fail(j->err, LT_ERR_IO, "%s: more than 10 redirects", url);
     }
     if (r.status >= 400) return refusal(j, &r, url);
-    int redirect = r.status >= 300 && r.status < 400;
-    if (r.status >= 300 && !redirect)
-        return lt_fail(j->err, LT_ERR_IO, "%s: HTTP %ld to a HEAD", url, r.status);
-    const char *raw = r.linked_etag[0] ? r.linked_etag : r.etag;
-    m->size = r.linked_size >= 0 ? r.linked_size : redirect ? -1 : r.content_length;
-    if (!raw[0] || m->size < 0)
-        return lt_fail(j->err, LT_ERR_FORMAT,
-                       "%s: the answer has no %s (is HF_ENDPOINT=%s a Hugging Face Hub?)", url,
-                       raw[0] ? "size (X-Linked-Size or Content-Length)" : "ETag", j->set.endpoint);
-    if (!etag_normalize(raw, m->etag, sizeof m->etag))
-        return lt_fail(j->err, LT_ERR_FORMAT, "%s: the ETag '%.200s' is not a usable blob name",
-                       url, raw);
-    if (r.commit[0] && strcmp(r.commit, j->commit) != 0)
-        return lt_fail(j->err, LT_ERR_FORMAT,
-                       "%s: the Hub says it is of commit %.64s, not %s as the revision said", url,
-                       r.commit, j->commit);
-    if (redirect) {
-        if (url_origin_len(r.location) == 0)
-            return lt_fail(j->err, LT_ERR_FORMAT, "%s: a redirect to '%.300s', not a URL", url,
-                           r.location);
-        snprintf(m->location, sizeof m->location, "%s", r.location);
-    } else {
-        snprintf(m->location, sizeof m->location, "%s", url);
-    }
-    return LT_OK;
+    return hub_head_meta(&r, url, j->commit, j->set.endpoint, m, j->err);
 }
 
 static int is_sha256(const char *s) {
@@ -642,7 +676,7 @@ static void pause_once(void) {
 }
 
 /* Downloads blob `m` into part (open fd) until it holds m->size bytes. */
-static lt_status download_part(hub_job *j, const char *file, const file_meta *m, int fd,
+static lt_status download_part(hub_job *j, const char *file, const hub_file_meta *m, int fd,
                                const char *part) {
     struct stat sb;
     if (fstat(fd, &sb) != 0) return lt_fail(j->err, LT_ERR_IO, "%s: %s", part, strerror(errno));
@@ -723,7 +757,7 @@ static lt_status download_part(hub_job *j, const char *file, const file_meta *m,
 static lt_status fetch_file(hub_job *j, const char *file, int64_t *bytes) {
     *bytes = 0;
     if (cancelled(j)) return lt_fail(j->err, LT_CANCELLED, "interrupted");
-    file_meta m;
+    hub_file_meta m;
     lt_status rc = file_head(j, file, &m);
     if (rc != LT_OK) return rc;
     char blob[HUB_PATH + 300], part[HUB_PATH + 320];
@@ -814,7 +848,7 @@ lt_status hub_snapshot(const char *spec, const lt_callbacks *cb, const atomic_in
     j->err = err;
     snprintf(j->spec, sizeof j->spec, "%s", spec);
     lt_status rc = LT_OK;
-    revision_info info = {0};
+    hub_revision info = {0};
     char **shards = NULL;
     int n_shards = 0;
     char missing[LT_ERRLEN];
@@ -955,8 +989,8 @@ done:
     if (rc != LT_OK && rc != LT_CANCELLED && j->repo[0] && !strstr(err, j->repo))
         lt_fail_prefix(err, rc, "%s", j->repo);
     hub_http_close(j->http);
-    names_free(info.files, info.n_files);
-    names_free(shards, n_shards);
+    hub_revision_free(&info);
+    hub_names_free(shards, n_shards);
     free(j);
     return rc;
 }

@@ -16,10 +16,12 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "cuda/base/error.h"
 #include "cuda/engine.h"
 #include "cuda/hub/cache.h"
+#include "cuda/hub/http.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,8 +43,9 @@ typedef struct hub_settings {
 void hub_settings_read(hub_settings *s);
 
 /* Splits "ORG/NAME[@REVISION]" into repo and rev ("main" when none). 1 when spec has that
- * shape (repo: one '/', letters, digits, '-', '_', '.', no "--" or ".."; rev: the same and
- * '/', no ".." part), else 0. */
+ * shape (repo: one '/', letters, digits, '-', '_', '.', no "--" or "..", each part beginning
+ * and ending with a letter, digit or '_', as huggingface_hub's validate_repo_id; rev: letters,
+ * digits, '-', '_', '.' and '/', no empty, "." or ".." part), else 0. */
 int hub_parse_id(const char *spec, char *repo, size_t repo_cap, char *rev, size_t rev_cap);
 
 /* The snapshot folder of spec in the cache, complete for lathe (config.json, tokenizer.model and
@@ -55,6 +58,50 @@ lt_status hub_snapshot(const char *spec, const lt_callbacks *cb, const atomic_in
  * (config.json, generation_config.json, the tokenizer files, the weights index and
  * model.safetensors; shards come from the index), else 0. */
 int hub_wanted_file(const char *name);
+
+/* The parsers of what the Hub sends, pure (bytes in, struct out) so that fuzz/fuzz_hub.c
+ * calls the functions hub_snapshot calls. Each refusal writes its reason to err. */
+
+/* The revision API's answer (GET {endpoint}/api/models/{repo}/revision/{rev}): its "sha" (40
+ * lowercase hex digits) and, of its "siblings", the files lathe takes (hub_wanted_file, or a
+ * shard name: letters, digits, '-', '_', '.', not leading '.', ending .safetensors); names in a
+ * folder or with any other byte are left out, so every name kept is a plain file name of the
+ * snapshot folder. At most 256 files. */
+typedef struct hub_revision {
+    char commit[41];
+    char **files;
+    int n_files;
+} hub_revision;
+lt_status hub_revision_parse(const char *body, size_t len, hub_revision *out, char *err);
+void hub_revision_free(hub_revision *r);
+
+/* The shards model.safetensors.index.json names (the values of its weight_map, each once), each
+ * a shard name as above; *out: n_out malloc'd names (free with hub_names_free). */
+lt_status hub_index_parse(const char *text, size_t len, char ***out, int *n_out, char *err);
+void hub_names_free(char **names, int n);
+
+/* A blob's file name from an ETag header (W/ and quotes dropped, as huggingface_hub's
+ * _normalize_etag): 1 when it is a plain name (letters, digits, '-', '_', '.', not leading
+ * '.', at most 200 bytes), else 0. */
+int hub_etag_name(const char *raw, char *out, size_t cap);
+
+/* A relative redirect of a HEAD (3xx, Location "/path", not "//host"): url (an absolute
+ * http(s) URL) becomes its origin + Location. 1 when followed, 0 when r is not such a redirect,
+ * -1 when the new URL would not fit in cap. */
+int hub_redirect_relative(char *url, size_t cap, const hub_response *r);
+
+/* What the HEAD of a file's resolve URL says of it, once relative redirects are followed and a
+ * status of 400 or more is handled: its blob name (X-Linked-Etag, else ETag, as hub_etag_name),
+ * size (X-Linked-Size, else the Content-Length of a 200), and where to GET it (the Location of
+ * a redirect, an absolute http(s) URL, else url). commit: the revision's commit, which
+ * X-Repo-Commit must match when sent. endpoint: named in the messages. */
+typedef struct hub_file_meta {
+    char etag[256];
+    int64_t size;
+    char location[HUB_URL]; /* a CDN's signed URLs run to a few thousand bytes */
+} hub_file_meta;
+lt_status hub_head_meta(const hub_response *r, const char *url, const char *commit,
+                        const char *endpoint, hub_file_meta *m, char *err);
 
 #ifdef __cplusplus
 }

@@ -6,7 +6,8 @@
  * tests/hub/test_hub.py, against a real local server.
  *
  * Bad refs tried: a path ("../../../etc"). Bad ids tried: no slash, two slashes, an empty part, a
- * leading '.', "..", "--", spaces, a shell character, an empty revision, a revision with a ".."
+ * leading '.', "..", "--", a part beginning or ending with '-' or '.' ("a-/b" and "a/-b" would
+ * share one cache folder), spaces, a shell character, an empty revision, a revision with a ".."
  * part, a leading or doubled '/'.
  */
 #include <stdio.h>
@@ -70,16 +71,14 @@ static void test_ids(void) {
     ok(hub_parse_id("a_b/c.d@0123456789abcdef0123456789abcdef01234567", repo, sizeof repo, rev,
                     sizeof rev),
        "id@commit");
-    const char *bad[] = {"noslash",       "a/b/c",
-                         "/name",         "org/",
-                         "./x",           ".org/name",
-                         "org/.name",     "org/na..me",
-                         "org/na--me",    "org/na me",
-                         "org/na;me",     "org/name@",
-                         "org/name@../x", "org/name@a/../b",
-                         "org/name@/x",   "org/name@x//y",
-                         "org/name@x/",   "~/x",
-                         "org/name@a b",  ""};
+    ok(hub_parse_id("_a/b_", repo, sizeof repo, rev, sizeof rev), "'_' may begin and end a part");
+    const char *bad[] = {"noslash", "a/b/c", "/name", "org/", "./x", ".org/name", "org/.name",
+                         "org/na..me", "org/na--me", "org/na me", "org/na;me", "org/name@",
+                         "org/name@../x", "org/name@a/../b", "org/name@/x", "org/name@x//y",
+                         "org/name@x/", "~/x", "org/name@a b", "",
+                         /* ORG or NAME not beginning and ending with a letter, digit or '_':
+                          * "a-/b" and "a/-b" would share the cache folder models--a---b */
+                         "a-/b", "a/-b", "-org/name", "org/name-", "org/name.", "org./name"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         char name[80];
         snprintf(name, sizeof name, "refused: '%s'", bad[i]);
@@ -216,6 +215,75 @@ static void test_refs(void) {
     ok(system(cmd) == 0, "clean up");
 }
 
+/* The Hub's answers through the parsers hub_snapshot uses (fuzz/fuzz_hub.c fuzzes them). */
+static void test_hub_answers(void) {
+    const char *sha = "0123456789abcdef0123456789abcdef01234567";
+    char body[2048], err[LT_ERRLEN];
+    snprintf(
+        body, sizeof body,
+        "{\"sha\": \"%s\", \"siblings\": [{\"rfilename\": \"../config.json\"}, "
+        "{\"rfilename\": \"/etc/passwd\"}, {\"rfilename\": \"..\"}, "
+        "{\"rfilename\": \"sub/../model.safetensors\"}, {\"rfilename\": \"/model.safetensors\"}, "
+        "{\"rfilename\": \".hidden.safetensors\"}, {\"rfilename\": \"a\\\\b.safetensors\"}, "
+        "{\"rfilename\": \"config.json\"}, {\"rfilename\": \"model-1.safetensors\"}, "
+        "{\"rfilename\": \"README.md\"}, {\"rfilename\": 7}, {}]}",
+        sha);
+    hub_revision r;
+    ok(hub_revision_parse(body, strlen(body), &r, err) == LT_OK, "a revision answer");
+    is_str(r.commit, sha, "its commit");
+    is_int(r.n_files, 2, "of its siblings, only plain names lathe takes: no '..', '/', '\\'");
+    ok(r.n_files == 2 && !strcmp(r.files[0], "config.json") &&
+           !strcmp(r.files[1], "model-1.safetensors"),
+       "config.json and the shard");
+    hub_revision_free(&r);
+    const char *bad = "{\"sha\": \"0123\", \"siblings\": []}";
+    ok(hub_revision_parse(bad, strlen(bad), &r, err) == LT_ERR_FORMAT && strstr(err, "40-hex"),
+       "a sha that is not a commit: refused, saying why");
+    const char *idx = "{\"weight_map\": {\"a\": \"../x.safetensors\"}}";
+    char **names;
+    int n;
+    ok(hub_index_parse(idx, strlen(idx), &names, &n, err) == LT_ERR_FORMAT && n == 0,
+       "an index naming ../x.safetensors: refused");
+    char name[256];
+    ok(!hub_etag_name("\"../../x\"", name, sizeof name) &&
+           hub_etag_name("W/\"abc\"", name, sizeof name) && !strcmp(name, "abc"),
+       "ETags: a path is no blob name, W/\"abc\" is abc");
+    hub_response h;
+    hub_response_clear(&h);
+    const char *lines[] = {"HTTP/1.1 307 Temporary Redirect\r\n",
+                           "Location: /x\r\n",
+                           "\r\n",
+                           "HTTP/1.1 302 Found\r\n",
+                           "X-Linked-Size: 12\r\n",
+                           "X-Linked-Etag: \"abc\"\r\n",
+                           "Location: https://cdn.example/b\r\n",
+                           "Content-Range: bytes 5-11/12\r\n",
+                           "\r\n"};
+    for (size_t i = 0; i < sizeof lines / sizeof *lines; i++)
+        hub_response_header(&h, lines[i], strlen(lines[i]));
+    ok(h.status == 302 && h.linked_size == 12 && h.range_start == 5 &&
+           !strcmp(h.location, "https://cdn.example/b"),
+       "headers: the last hop's");
+    hub_file_meta m;
+    ok(hub_head_meta(&h, "https://hub.example/o/n/resolve/c/f", sha, "https://hub.example", &m,
+                     err) == LT_OK &&
+           m.size == 12 && !strcmp(m.etag, "abc") && !strcmp(m.location, "https://cdn.example/b"),
+       "the file's blob, size and download URL");
+    char url[200] = "https://hub.example/o/n/resolve/c/f";
+    hub_response_clear(&h);
+    hub_response_header(&h, "HTTP/2 301\r\n", 12);
+    hub_response_header(&h, "location: /p/q\r\n", 16);
+    ok(hub_redirect_relative(url, sizeof url, &h) == 1 && !strcmp(url, "https://hub.example/p/q"),
+       "a relative redirect keeps the host");
+    hub_response_header(&h, "HTTP/1.1 -200 OK\r\n", 18);
+    ok(h.status == 0, "a status that is not three digits is 0");
+    hub_response_header(&h, "HTTP/2 026\r\n", 12);
+    ok(h.status == 0, "nor one with a leading 0");
+    char commit[129];
+    ok(!hub_ref_parse("a\0b", 3, commit, sizeof commit) && commit[0] == 0,
+       "a ref holding a NUL byte: no name");
+}
+
 static void test_no_hub(void) {
     char dir[] = "/tmp/lathe-hub-none-XXXXXX";
     ok(mkdtemp(dir) != NULL, "an empty HF_HOME");
@@ -239,6 +307,7 @@ int main(void) {
     test_settings();
     test_cache_names();
     test_refs();
+    test_hub_answers();
     test_no_hub();
     return tap_done();
 }
