@@ -238,7 +238,7 @@ static lt_status dynamic_spec(lt_session *s, gemma3_load_spec *spec, const lt_lo
  * and how the linears will be stored: gemma3_device_bytes). shared: dc is the session's ctx
  * (its model stays until this load succeeds). */
 static lt_status device_fit_check(lt_session *s, const gemma3_plan *plan, lt_ctx *dc, int shared,
-                                  const char *source, lt_dtype pdt) {
+                                  const char *source, lt_dtype pdt, double keep) {
     lt_mem_info mi;
     dc->be->memory(dc, &mi);
     if (!mi.total) return LT_OK; /* unknown room */
@@ -250,7 +250,9 @@ static lt_status device_fit_check(lt_session *s, const gemma3_plan *plan, lt_ctx
                     .need = 0,
                     .held = shared && s->model && gemma3_on_device(s->model)
                                 ? (size_t)s->model->weight_bytes
-                                : 0};
+                                : 0,
+                    .keep_given = 1,
+                    .keep = keep};
     return gemma3_fit_check(&plan->cfg, &f, mi.free + mi.cached, s->err);
 }
 #endif
@@ -352,7 +354,9 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
         gemma3_plan plan;
         rc = random_size ? gemma3_plan_random(&plan, random_size, quant, s->err)
                          : gemma3_plan_dir(&plan, dir, quant, s->err);
-        if (rc == LT_OK) rc = device_fit_check(s, &plan, mctx, !new_ctx, source, pdt);
+        const char *kd = lt_option_default("load", "quant_keep");
+        double keep = opts ? opts->quant_keep : (kd ? strtod(kd, NULL) : 0.1);
+        if (rc == LT_OK) rc = device_fit_check(s, &plan, mctx, !new_ctx, source, pdt, keep);
         if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
             if (new_ctx) lt_ctx_shutdown(&cuctx);
             return rc;

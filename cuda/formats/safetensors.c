@@ -434,7 +434,8 @@ int st_release_pages(const st_set *s, const void *p, size_t n) {
             continue;
         long ps = sysconf(_SC_PAGESIZE);
         if (ps <= 0) return 1;
-        uintptr_t lo = (a + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1), hi = e & ~((uintptr_t)ps - 1);
+        uintptr_t lo = (a + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1),
+                  hi = e & ~((uintptr_t)ps - 1);
         if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
         return 1;
     }

@@ -1119,7 +1119,15 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
     else
         bytes += largest * 4; /* the fp32 draw of one linear */
     int64_t avail = mem_available_bytes();
-    if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
+    if (avail > 0 && bytes > avail - ((int64_t)1 << 30) && sink) {
+        lt_fail(err, LT_ERR_MEMORY,
+                "random:gemma-3-%s needs %.1f GB of host memory while its weights go to the "
+                "device one at a time (+1 GB headroom) but only %.1f GB is available",
+                size, bytes / 1e9, avail / 1e9);
+        gemma3_model_free(m);
+        bnb_config_free(&qp.cfg);
+        return LT_ERR_MEMORY;
+    } else if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         lt_fail(err, LT_ERR_MEMORY,
                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
                 "%.1f GB of memory is available (%s)",
@@ -1189,7 +1197,7 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
             }
             if (kind == W_NORM) {
                 memset(t->data, 0, lt_tensor_bytes(t)); /* Gemma's (1 + w) norms start at w = 0 */
-            } else if (sink) { /* drawn now: it leaves the host next */
+            } else if (sink) {                          /* drawn now: it leaves the host next */
                 fill_item one = {t->data, t->dtype, numel, ts};
                 fill_all_cores(&one, 1);
             } else {

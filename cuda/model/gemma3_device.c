@@ -203,8 +203,8 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
 
 /* The image tower of a device copy: copied when the backend has the image ops; otherwise (or
  * when it does not fit) the text model goes on without it and vision_error says why. drop (the
- * host's checkpoint, or NULL): give each host tensor back as soon as it is copied (the host
- * tower is thrown away next). */
+ * host's checkpoint, or NULL to leave the host tower as it is): give each host tensor back as
+ * soon as it is copied (the host tower is thrown away next). */
 static void device_vision(gemma3_model *m, siglip_tower *host_tower, lt_ctx *ctx, lt_dtype dt,
                           const st_set *drop) {
     m->vision = NULL;
@@ -216,7 +216,8 @@ static void device_vision(gemma3_model *m, siglip_tower *host_tower, lt_ctx *ctx
                  "the %s backend has no '%s' op, which the image tower needs (load the model "
                  "with device=cpu to use images)",
                  ctx->be->name, missing);
-    else if (siglip_to_device_dropping(&m->vision, host_tower, ctx, dt, drop, err) != LT_OK)
+    else if ((drop ? siglip_to_device_dropping(&m->vision, host_tower, ctx, dt, drop, err)
+                   : siglip_to_device(&m->vision, host_tower, ctx, dt, err)) != LT_OK)
         snprintf(m->vision_error, sizeof m->vision_error, "%s", err);
 }
 
@@ -329,8 +330,7 @@ static lt_status sink_block(gemma3_device_sink *ds, size_t bytes, const char *na
         return lt_fail(err, LT_ERR_MEMORY,
                        "not enough %s memory for %.100s (%.1f MiB, with %.2f GiB of weights "
                        "placed): %.800s",
-                       ctx->be->name, name, bytes / 1048576.0, ds->bytes / 1073741824.0,
-                       ctx->err);
+                       ctx->be->name, name, bytes / 1048576.0, ds->bytes / 1073741824.0, ctx->err);
     ds->blocks[ds->n_blocks++] = p;
     ds->bytes += bytes;
     *out = p;
@@ -418,8 +418,8 @@ static lt_status sink_place(void *user, gemma3_model *m, const char *name, lt_te
             ds->stage_cap = ds->stage ? need : 0;
             if (!ds->stage)
                 return lt_fail(err, LT_ERR_MEMORY,
-                               "not enough %s memory to convert the weights: %.900s",
-                               ctx->be->name, ctx->err);
+                               "not enough %s memory to convert the weights: %.900s", ctx->be->name,
+                               ctx->err);
         }
         size_t ses = lt_dtype_size(t->dtype), des = lt_dtype_size(want);
         int64_t per = (int64_t)(ds->stage_cap / ses);
@@ -466,7 +466,7 @@ static lt_status sink_finish(void *user, gemma3_model *m, char *err) {
     ds->stage_cap = 0;
     rc = dev_register(m, ds->blocks, ds->n_blocks, err);
     if (rc != LT_OK) return rc; /* abort releases the blocks */
-    ds->blocks = NULL; /* the model owns them now */
+    ds->blocks = NULL;          /* the model owns them now */
     ds->n_blocks = ds->cap_blocks = 0;
     m->dtype = ds->dt;
     m->weight_bytes = (int64_t)ds->bytes;
@@ -560,6 +560,12 @@ lt_status gemma3_fit_check(const gemma3_config *c, const gemma3_fit *f, size_t f
     size_t stage = (size_t)c->vocab_size * (size_t)c->hidden_size * sizeof(float);
     if (stage > GEMMA3_STAGE_MAX) stage = GEMMA3_STAGE_MAX;
     size_t est = gemma3_device_bytes(c, f->dt, q);
+    if (est && !strcmp(q, "dynamic") && f->keep_given) { /* NF4 + keep of the 16-bit linears */
+        size_t nf4 = gemma3_device_bytes(c, f->dt, "nf4"),
+               all16 = gemma3_device_bytes(c, f->dt, "none");
+        double k = f->keep < 0 ? 0 : f->keep > 1 ? 1 : f->keep;
+        est = nf4 + (size_t)(k * (double)(all16 - nf4));
+    }
     if (!est)
         return lt_fail(err, LT_ERR_ARG, "%s: no device size for quant='%s' in %s", f->name, q,
                        lt_dtype_user_name(f->dt));

@@ -73,6 +73,10 @@ typedef struct gemma3_fit {
     int fixed;         /* 1: the checkpoint is stored quantized, quant= cannot change it */
     size_t need;       /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
     size_t held;       /* bytes of that memory the model loaded now keeps until this one loads */
+    /* quant=dynamic's quant_keep for the estimate of this load (keep_given 1): NF4 plus that
+     * fraction of the linears in dt; else the estimate keeps a tenth, as gemma3_device_bytes */
+    int keep_given;
+    double keep;
 } gemma3_fit;
 
 /* LT_OK when f->need bytes (or the estimate for c) fit in free_bytes. Otherwise

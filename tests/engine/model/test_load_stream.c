@@ -214,8 +214,8 @@ static void check_case(const load_case *lc, lt_ctx *ctx) {
     snprintf(nm, sizeof nm, "%s: streamed into the backend", lc->what);
     if (!ok(rc == LT_OK && neu && gemma3_on_device(neu), nm)) diag("%s", err);
     if (rc == LT_OK && host && old) {
-        snprintf(nm, sizeof nm, "%s: %d weights placed one at a time in the walk's order",
-                 lc->what, cs.n_place);
+        snprintf(nm, sizeof nm, "%s: %d weights placed one at a time in the walk's order", lc->what,
+                 cs.n_place);
         ok(walk_order(&cs, host, dynamic) && cs.n_finish == 1 && cs.n_abort == 0, nm);
         snprintf(nm, sizeof nm,
                  "%s: at each place the host storage holds that weight at most (%zu bytes over)",
@@ -247,8 +247,8 @@ static void check_case(const load_case *lc, lt_ctx *ctx) {
                        r_old.mods[i].output_error == r_new.mods[i].output_error;
                 n_kept += r_old.mods[i].kept;
             }
-            snprintf(nm, sizeof nm, "%s: the same measures and the same %d linears kept",
-                     lc->what, n_kept);
+            snprintf(nm, sizeof nm, "%s: the same measures and the same %d linears kept", lc->what,
+                     n_kept);
             ok(same && n_kept > 0, nm);
         }
     }
@@ -361,8 +361,17 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
     /* a tensor with a wrong shape in layer 2: found once layers 0 and 1 are placed */
     char bad[900];
     snprintf(bad, sizeof bad, "%s/bad", tmp);
-    tiny_spec ts = {.V = 256, .H = 64, .I = 128, .L = 4, .nh = 2, .nkv = 1, .hd = 32, .window = 16,
-                    .qpas = 32, .prefix = "model.", .bad_shape = "layers.2.mlp.up_proj"};
+    tiny_spec ts = {.V = 256,
+                    .H = 64,
+                    .I = 128,
+                    .L = 4,
+                    .nh = 2,
+                    .nkv = 1,
+                    .hd = 32,
+                    .window = 16,
+                    .qpas = 32,
+                    .prefix = "model.",
+                    .bad_shape = "layers.2.mlp.up_proj"};
     int wrote = mkdir(bad, 0755) == 0 && tiny_ckpt_write(bad, &ts) == 0;
     count_sink cs;
     gemma3_device_sink_init(&ds, ctx, LT_BF16);
@@ -378,9 +387,12 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
     char tdir[4096], from[4200], to[4200];
     snprintf(tdir, sizeof tdir, "%s/tf5", tmp);
     int ok_copy = mkdir(tdir, 0755) == 0;
-    const char *files[] = {"config.json", "model.safetensors.index.json",
-                           "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-                           "model-00003-of-00003.safetensors", "tokenizer.model"};
+    const char *files[] = {"config.json",
+                           "model.safetensors.index.json",
+                           "model-00001-of-00003.safetensors",
+                           "model-00002-of-00003.safetensors",
+                           "model-00003-of-00003.safetensors",
+                           "tokenizer.model"};
     for (size_t i = 0; ok_copy && i < sizeof files / sizeof *files; i++) {
         snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", srcdir(), files[i]);
         snprintf(to, sizeof to, "%s/%s", tdir, files[i]);
@@ -393,8 +405,7 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
     ok(rc != LT_OK && !b && n_live == live0, "errors: a truncated shard fails, nothing is held");
     diag("%s", err);
     float *la2 = logits_of(a, ctx);
-    ok(la && la2 &&
-           !memcmp(la, la2, sizeof(float) * (size_t)a->cfg.vocab_size * (size_t)N_IDS),
+    ok(la && la2 && !memcmp(la, la2, sizeof(float) * (size_t)a->cfg.vocab_size * (size_t)N_IDS),
        "errors: the model loaded before gives the same logits after every failed load");
     free(la);
     free(la2);
@@ -407,8 +418,8 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
     o.device = "cpu";
     float *l1 = NULL, *l2 = NULL;
     int v1 = 0, v2 = 0;
-    int okl = s && lt_load(s, "tiny", &o, NULL) == LT_OK &&
-              lt_logits(s, ids, N_IDS, &l1, &v1) == LT_OK;
+    int okl =
+        s && lt_load(s, "tiny", &o, NULL) == LT_OK && lt_logits(s, ids, N_IDS, &l1, &v1) == LT_OK;
     o.quant = "nf4";
     lt_status frc = okl ? lt_load(s, tdir, &o, NULL) : LT_OK;
     int okr = okl && frc != LT_OK && lt_logits(s, ids, N_IDS, &l2, &v2) == LT_OK && v1 == v2 &&
@@ -417,6 +428,37 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
     free(l1);
     free(l2);
     lt_session_free(s);
+}
+
+/* ---- the plan: what the fit check knows before a weight is read ------------------------------ */
+
+static void check_plan(const char *tiny, const char *pq) {
+    char err[LT_ERRLEN];
+    gemma3_plan p;
+    ok(gemma3_plan_dir(&p, tiny, "nf4", err) == LT_OK && !strcmp(p.quant, "nf4") &&
+           !p.prequantized && p.cfg.hidden_size == 128,
+       "plan: tiny quant=nf4 (config.json only)");
+    ok(gemma3_plan_dir(&p, tiny, NULL, err) == LT_OK && !strcmp(p.quant, "none"),
+       "plan: tiny without quant= is 16-bit");
+    ok(gemma3_plan_dir(&p, pq, NULL, err) == LT_OK && !strcmp(p.quant, "nf4") && p.prequantized,
+       "plan: a pre-quantized checkpoint says nf4, fixed");
+    ok(gemma3_plan_dir(&p, pq, "dynamic", err) == LT_ERR_ARG && strstr(err, "already quantized"),
+       "plan: quant=dynamic on a pre-quantized checkpoint is refused as the load refuses it");
+    ok(gemma3_plan_dir(&p, tiny, "nf5", err) == LT_ERR_ARG, "plan: an unknown quant is refused");
+    ok(gemma3_plan_random(&p, "27b", "dynamic", err) == LT_OK && !strcmp(p.quant, "dynamic") &&
+           p.cfg.hidden_size == 5376 && p.cfg.num_hidden_layers == 62,
+       "plan: random:27b quant=dynamic");
+    /* quant=dynamic's estimate follows quant_keep: NF4 + keep of the 16-bit linears + stage */
+    size_t nf4 = gemma3_device_bytes(&p.cfg, LT_BF16, "nf4"),
+           all16 = gemma3_device_bytes(&p.cfg, LT_BF16, "none"), stage = (size_t)64 << 20;
+    size_t need = nf4 + (size_t)(0.5 * (double)(all16 - nf4)) + stage;
+    gemma3_fit f = {
+        .name = "random:27b", .dt = LT_BF16, .quant = "dynamic", .keep_given = 1, .keep = 0.5};
+    ok(gemma3_fit_check(&p.cfg, &f, need, err) == LT_OK &&
+           gemma3_fit_check(&p.cfg, &f, need - 1, err) == LT_ERR_MEMORY,
+       "fit: quant=dynamic quant_keep=0.5 needs NF4 + half the 16-bit linears, exactly");
+    f.keep = 0;
+    ok(gemma3_fit_check(&p.cfg, &f, nf4 + stage, err) == LT_OK, "fit: quant_keep=0 is nf4's size");
 }
 
 int main(void) {
@@ -454,6 +496,7 @@ int main(void) {
         {"pre-quantized tiny", pq, NULL, "auto", NULL, LT_BF16},
         {"random:270m nf4", NULL, "270m", "bf16", "nf4", LT_BF16},
     };
+    check_plan(tiny, pq);
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
         check_case(&cases[i], &ctx);
     check_vision(&ctx);
