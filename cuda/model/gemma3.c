@@ -1,6 +1,8 @@
 /* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random, with the
  * linears quantized at load when asked, quant=dynamic's layer-by-layer calibration included),
  * the weight walk for exporters, the KV cache, and the forward pass written against backend.h.
+ * A load with a sink (spec->sink, model.h) hands each weight over the moment it is finished, so
+ * a sink that moves weights off the host keeps host memory at about one tensor.
  *
  * Owns gemma3_model and gemma3_cache. The forward reads like transformers' modeling_gemma3.py
  * (Gemma3TextModel.forward) and never

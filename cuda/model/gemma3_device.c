@@ -8,7 +8,9 @@
  * state; the backend decodes them inside its matmuls. Does not touch gemma3.c's storage or
  * the host model, which the caller still owns. Also owns the arithmetic of what a device copy
  * takes (from a config or from a loaded model, through lt_weight_parts) and the refusal of a
- * load that cannot fit, which names the quantized loads that would. See gemma3_device.h.
+ * load that cannot fit, which names the quantized loads that would, and gemma3_device_sink: the
+ * same placement one weight at a time while a loader runs, each weight in a block of its own,
+ * its host copy given back at once. See gemma3_device.h.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
