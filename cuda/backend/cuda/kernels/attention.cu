@@ -8,7 +8,10 @@
  * kernels mask and normalise them, cuBLAS multiplies by V. The fused kernels (second half of the
  * file) keep scores on the chip. Owns only these kernels (kernels.h). The mask rule is
  * backend.h's: key s is visible to query t iff kpos[s] >= 0, kpos[s] <= qpos[t] and
- * (window <= 0 or qpos[t] - kpos[s] < window).
+ * (window <= 0 or qpos[t] - kpos[s] < window). The chunked softmax also takes attention_span's
+ * [T, 2] table (image blocks): kpos[s] in [span[t, 0], span[t, 1]] is visible past qpos[t] too,
+ * which is how attention_span_backward shares attention_backward's chunk loop; the fused
+ * kernels know only the plain rule (the span op never takes them).
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -135,32 +138,43 @@ __device__ float block_sum_f(float v, float *sh) {
     return sh[32];
 }
 
-__device__ __forceinline__ bool visible(int32_t qp, int32_t kp, int window) {
-    return kp >= 0 && kp <= qp && (window <= 0 || qp - kp < window);
+/* The chunked path's mask: backend.h's rule, plus attention_span's extra span [lo, hi] of key
+ * positions (lo > hi: none), causality waived inside it but not the window. */
+__device__ __forceinline__ bool visible(int32_t qp, int32_t kp, int window, int32_t lo,
+                                        int32_t hi) {
+    return kp >= 0 && (kp <= qp || (kp >= lo && kp <= hi)) && (window <= 0 || qp - kp < window);
+}
+
+/* Query t's span from attention_span's [T, 2] table, or none (span NULL). */
+__device__ __forceinline__ void span_of(const int32_t *span, int64_t t, int32_t *lo, int32_t *hi) {
+    *lo = span ? span[2 * t] : 1;
+    *hi = span ? span[2 * t + 1] : 0;
 }
 
 /* One block per score row (h, i). */
 __global__ void softmax_masked_kernel(float *scores, void *p, lt_dtype dt, int keep_f32,
-                                      const int32_t *qpos, const int32_t *kpos, int64_t t0,
-                                      int64_t Tq, int64_t S, int window) {
+                                      const int32_t *qpos, const int32_t *kpos, const int32_t *span,
+                                      int64_t t0, int64_t Tq, int64_t S, int window) {
     __shared__ float sh[33];
     int64_t r = blockIdx.x;
     int64_t i = r % Tq;
-    int32_t qp = qpos[t0 + i];
+    int32_t qp = qpos[t0 + i], lo, hi;
+    span_of(span, t0 + i, &lo, &hi);
     float *row = scores + r * S;
     float mx = -INFINITY;
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
-        if (visible(qp, kpos[s], window)) mx = fmaxf(mx, row[s]);
+        if (visible(qp, kpos[s], window, lo, hi)) mx = fmaxf(mx, row[s]);
     mx = block_max_f(mx, sh);
     float sum = 0.0f;
     if (mx != -INFINITY)
         for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
-            if (visible(qp, kpos[s], window)) sum += expf(row[s] - mx);
+            if (visible(qp, kpos[s], window, lo, hi)) sum += expf(row[s] - mx);
     sum = block_sum_f(sum, sh);
     float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-        float v =
-            (mx != -INFINITY && visible(qp, kpos[s], window)) ? expf(row[s] - mx) * inv : 0.0f;
+        float v = (mx != -INFINITY && visible(qp, kpos[s], window, lo, hi))
+                      ? expf(row[s] - mx) * inv
+                      : 0.0f;
         if (p) put(p, dt, r * S + s, v);
         if (keep_f32) row[s] = v;
     }
@@ -170,18 +184,20 @@ __global__ void softmax_masked_kernel(float *scores, void *p, lt_dtype dt, int k
  * the scores and one exp per element, for rows up to 256 * PER keys. */
 template <int PER>
 __global__ void softmax_masked_reg_kernel(float *scores, void *p, lt_dtype dt, int keep_f32,
-                                          const int32_t *qpos, const int32_t *kpos, int64_t t0,
-                                          int64_t Tq, int64_t S, int window) {
+                                          const int32_t *qpos, const int32_t *kpos,
+                                          const int32_t *span, int64_t t0, int64_t Tq, int64_t S,
+                                          int window) {
     __shared__ float sh[33];
     int64_t r = blockIdx.x;
-    int32_t qp = qpos[t0 + r % Tq];
+    int32_t qp = qpos[t0 + r % Tq], lo, hi;
+    span_of(span, t0 + r % Tq, &lo, &hi);
     float *row = scores + r * S;
     float v[PER];
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         int64_t s = threadIdx.x + (int64_t)i * blockDim.x;
-        v[i] = (s < S && visible(qp, kpos[s], window)) ? row[s] : -INFINITY;
+        v[i] = (s < S && visible(qp, kpos[s], window, lo, hi)) ? row[s] : -INFINITY;
         mx = fmaxf(mx, v[i]);
     }
     mx = block_max_f(mx, sh);
@@ -204,8 +220,8 @@ __global__ void softmax_masked_reg_kernel(float *scores, void *p, lt_dtype dt, i
 }
 
 void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int keep_f32,
-                      const int32_t *qpos, const int32_t *kpos, int64_t t0, int64_t Tq,
-                      int64_t heads, int64_t S, int window) {
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t t0,
+                      int64_t Tq, int64_t heads, int64_t S, int window) {
     int64_t rows = heads * Tq;
     if (rows <= 0) return;
     static int generic =
@@ -213,27 +229,27 @@ void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int 
     if (generic < 0) generic = getenv("LATHE_CUDA_SOFTMAX_GENERIC") != NULL;
     unsigned g = (unsigned)rows;
     if (generic)
-        softmax_masked_kernel<<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S,
-                                                 window);
+        softmax_masked_kernel<<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq,
+                                                 S, window);
     else if (S <= 256)
         softmax_masked_reg_kernel<1>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 512)
         softmax_masked_reg_kernel<2>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 1024)
         softmax_masked_reg_kernel<4>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 2048)
         softmax_masked_reg_kernel<8>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 4096)
         softmax_masked_reg_kernel<16>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else {
         int th = S >= 1024 ? 512 : (S >= 256 ? 256 : 128);
-        softmax_masked_kernel<<<g, th, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S,
-                                                window);
+        softmax_masked_kernel<<<g, th, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq,
+                                                S, window);
     }
 }
 

@@ -92,11 +92,14 @@ void k_pack_heads(cudaStream_t st, void *dst, lt_dtype dt, const float *src, int
 void k_unpack_heads(cudaStream_t st, float *dst, const float *src, int64_t t0, int64_t Tq,
                     int64_t heads, int64_t hd);
 /* Masked softmax of scores [heads, Tq, S] (already scaled) rows; query row (h, i) has position
- * qpos[t0 + i]. Writes P in dtype dt to p (may be NULL) and fp32 P in place into scores when
- * keep_f32. A row with no visible key becomes zeros. */
+ * qpos[t0 + i]. span: NULL (the plain causal / sliding-window mask) or attention_span's [T, 2]
+ * I32 table on the device, indexed like qpos (row t0 + i), whose [lo, hi] key positions are
+ * visible to that query even past its own position (lo > hi: none). Writes P in dtype dt to p
+ * (may be NULL) and fp32 P in place into scores when keep_f32. A row with no visible key
+ * becomes zeros. */
 void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int keep_f32,
-                      const int32_t *qpos, const int32_t *kpos, int64_t t0, int64_t Tq,
-                      int64_t heads, int64_t S, int window);
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t t0,
+                      int64_t Tq, int64_t heads, int64_t S, int window);
 /* dS = P * (dP - sum(P * dP)) per row, in place into dp (fp32); rows [rows, S]. */
 void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows, int64_t S);
 
