@@ -649,6 +649,13 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->n_sm = prop.multiProcessorCount;
         I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
         I->smem_optin = prop.sharedMemPerBlockOptin;
+        /* LATHE_CUDA_SMEM_OPTIN=BYTES plans the fused attention for a device with less shared
+         * memory a block (65536: a T4's), so a larger card runs the small devices' tiles */
+        const char *so = getenv("LATHE_CUDA_SMEM_OPTIN");
+        if (so && *so) {
+            long long v = atoll(so);
+            if (v > 0 && (size_t)v < I->smem_optin) I->smem_optin = (size_t)v;
+        }
         const char *fl = getenv("LATHE_CUDA_FLASH");
         I->flash = !(fl && strcmp(fl, "0") == 0);
         const char *gv = getenv("LATHE_CUDA_GEMV");
@@ -1292,7 +1299,8 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             LT_TRY(pack_all(ctx, &q, cdt, &Q));
             k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, (float *)out.data, NULL, NULL,
                             NULL, (const int32_t *)qpos.data, (const int32_t *)kpos.data, (int)T,
-                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv);
+                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv,
+                            I->smem_optin);
             LAUNCHED();
             goto done;
         }
@@ -1750,7 +1758,7 @@ static lt_status attn_backward(lt_ctx *ctx, const char *opname, lt_tensor dq, lt
             const int32_t *qp = (const int32_t *)qpos.data, *kp = (const int32_t *)kpos.data;
             k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, NULL, lse, dd,
                             (const float *)dout.data, qp, kp, (int)T, (int)S, (int)nh, (int)nkv,
-                            window, scale, Q.inv, K.inv, V.inv);
+                            window, scale, Q.inv, K.inv, V.inv, I->smem_optin);
             LAUNCHED();
             k_flash_backward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, DO.p, lse, dd,
                              (float *)dq.data, (float *)dk.data, (float *)dv.data, qp, kp, (int)T,
