@@ -1,7 +1,8 @@
 #!/bin/sh
 # run-bench.sh — every GPU check and benchmark, for the GPU machine, in one command:
 #   checks  make check-gpu's two programs (TAP logs): every op against the CPU reference
-#           (16-bit, fused-attention and fallback paths, NF4/int8 weights), the whole model,
+#           (16-bit, fused-attention and fallback paths, NF4/int8 weights; the attention also
+#           with a T4's and a 99 KiB device's tiles, LATHE_CUDA_SMEM_OPTIN), the whole model,
 #           training and QLoRA against the CPU and the transformers / PEFT fixtures, and one
 #           GRPO step against torch + peft (tests/fixtures/make_grpo_fixture.py, made here
 #           when the fixture is not committed yet; copied to OUTDIR/grpo_fixture);
@@ -46,6 +47,10 @@ case $what in all|checks)
     fi
     # the 16-bit attention runs the fused kernels by default; keep the cuBLAS-chunk fallback covered
     [ -z "$SHORT" ] && LATHE_CUDA_FLASH=0 $B/test_ops > "$out/test_ops_noflash.log" 2>&1
+    # the fused attention's tiles for a T4 (64 KiB a block) and for sm_86 / sm_89 (99 KiB), on
+    # this larger card (flash_plan.h; test_flash_plan lists which each architecture takes)
+    LATHE_CUDA_SMEM_OPTIN=65536 $B/test_ops > "$out/test_ops_t4tiles.log" 2>&1
+    LATHE_CUDA_SMEM_OPTIN=101376 $B/test_ops > "$out/test_ops_99k.log" 2>&1
     $B/test_model > "$out/test_model.log" 2>&1
     [ -x $B/test_vision_gpu ] && $B/test_vision_gpu > "$out/test_vision_gpu.log" 2>&1
     # GRPO's reference made here (torch + peft), then lathe's step against it on the CPU and CUDA

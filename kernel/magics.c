@@ -324,7 +324,7 @@ static const magic_spec table[] = {
      "({\"instruction\", \"input\", \"output\"}), sharegpt ({\"conversations\"}) or chat "
      "messages ({\"messages\"}), rendered with Gemma's chat template. A user message's "
      "content list may hold images ({\"type\": \"image\", \"image\": PATH}, relative to "
-     "the dataset's folder; device=cpu): each is encoded once by the frozen image tower, its "
+     "the dataset's folder): each is encoded once by the frozen image tower, its "
      "tokens never trained, LoRA training the language model. AdamW with fp32 "
      "state; the loss of a step is the mean over all its label tokens across grad_accum "
      "micro-batches. Shows a progress bar and the loss curve while it runs. An interrupt "

@@ -304,8 +304,8 @@ typedef struct lt_backend {
                                 lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
                                 float scale);
     /* attention_backward under attention_span's visibility rule (dq, dk, dv written; softmax
-     * recomputed): what training needs for image blocks. NULL where a backend lacks it (the
-     * CPU backend has it; the CUDA one does not yet). */
+     * recomputed): what training needs for image blocks. span as attention_span's. NULL where
+     * a backend lacks it: training on image rows is then refused (both backends have it). */
     lt_status (*attention_span_backward)(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
                                          lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
                                          lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,

@@ -7,7 +7,9 @@
  * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
  * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
  * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
- * attention_rows (decode over per-row ring caches) also checks the caches after its append;
+ * attention_span_backward (image blocks) is checked on block layouts against the CPU's, and with
+ * no block against attention_backward. attention_rows (decode over per-row ring caches) also
+ * checks the caches after its append;
  * sample_rows must draw the CPU's ids exactly.
  * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
@@ -661,6 +663,128 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
     free(q), free(k), free(v), free(dout), free(qp), free(kp), free(o_c);
 }
 
+/* attention_span_backward (image blocks, backend.h's attention_span rule) against the CPU's, on
+ * one sample at positions 0..T-1 as training passes it (q, k, v at the same positions): up to
+ * two image blocks {start, length} (length 0: none), queries outside a block with no span
+ * (0, -1). The CPU's plain attention_backward must differ from its span result wherever there is
+ * a block (so a span op that ignored the table fails), and with no block at all the CUDA span op
+ * must give attention_backward's result (in fp32, the same chunked path: bit for bit).
+ * unseen: the span table lies in an upload too large for the backend's host copies, so the key
+ * ranges cannot read it and every chunk takes every key. */
+static void test_attention_span(lt_dtype prec, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
+                                int window, int64_t b0, int64_t n0, int64_t b1, int64_t n1,
+                                int unseen) {
+    char name[200], n2[260];
+    double tol = tol_for(prec);
+    float scale = 1.0f / 16.0f;
+    int64_t S = T, QN = T * nh * hd, KN = S * nkv * hd;
+    float *q = rand_f32(QN, 1.0f), *k = rand_f32(KN, 1.0f), *v = rand_f32(KN, 1.0f),
+          *dout = rand_f32(QN, 1.0f);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
+    size_t span_n = (size_t)(2 * T) + (unseen ? 70000 : 0); /* > 256 KiB: no host copy kept */
+    int32_t *span = calloc(span_n, sizeof(int32_t));
+    for (int64_t t = 0; t < T; t++) {
+        pos[t] = (int32_t)t;
+        span[2 * t] = 0, span[2 * t + 1] = -1;
+        if (t >= b0 && t < b0 + n0)
+            span[2 * t] = (int32_t)b0, span[2 * t + 1] = (int32_t)(b0 + n0 - 1);
+        if (t >= b1 && t < b1 + n1)
+            span[2 * t] = (int32_t)b1, span[2 * t + 1] = (int32_t)(b1 + n1 - 1);
+    }
+    int blocks = n0 > 0 || n1 > 0;
+    snprintf(name, sizeof name,
+             "attention_span_backward %s T=%lld nh=%lld nkv=%lld hd=%lld window=%d blocks "
+             "[%lld,+%lld) [%lld,+%lld)%s",
+             lt_dtype_user_name(prec), (long long)T, (long long)nh, (long long)nkv, (long long)hd,
+             window, (long long)b0, (long long)n0, (long long)b1, (long long)n1,
+             unseen ? " (table without a host copy)" : "");
+    float *dq_c = malloc(sizeof(float) * (size_t)QN), *dk_c = malloc(sizeof(float) * (size_t)KN),
+          *dv_c = malloc(sizeof(float) * (size_t)KN);
+    float *pq = malloc(sizeof(float) * (size_t)QN), *pk = malloc(sizeof(float) * (size_t)KN),
+          *pv = malloc(sizeof(float) * (size_t)KN);
+    lt_status rc = cpu_attention_span_backward(
+        &cpu, t3(LT_F32, dq_c, T, nh, hd), t3(LT_F32, dk_c, S, nkv, hd),
+        t3(LT_F32, dv_c, S, nkv, hd), t2(LT_F32, dout, T, nh * hd), t3(LT_F32, q, T, nh, hd),
+        t3(LT_F32, k, S, nkv, hd), t3(LT_F32, v, S, nkv, hd), t1(LT_I32, pos, T),
+        t1(LT_I32, pos, S), t2(LT_I32, span, T, 2), window, scale);
+    if (rc != LT_OK) diag("cpu: %s", cpu.err);
+    cpu_attention_backward(
+        &cpu, t3(LT_F32, pq, T, nh, hd), t3(LT_F32, pk, S, nkv, hd), t3(LT_F32, pv, S, nkv, hd),
+        t2(LT_F32, dout, T, nh * hd), t3(LT_F32, q, T, nh, hd), t3(LT_F32, k, S, nkv, hd),
+        t3(LT_F32, v, S, nkv, hd), t1(LT_I32, pos, T), t1(LT_I32, pos, S), window, scale);
+    if (blocks) { /* the layout matters: the reference is not plain causal attention */
+        double e = rel_err(pq, dq_c, QN) + rel_err(pk, dk_c, KN) + rel_err(pv, dv_c, KN);
+        snprintf(n2, sizeof n2, "%s: the blocks change the CPU's gradients (%.2e)", name, e);
+        ok(e > 1e-2, n2);
+    }
+    lt_cuda_set_precision(&gpu, prec);
+    float *qg = dev_put(q, (size_t)QN * 4), *kg = dev_put(k, (size_t)KN * 4),
+          *vg = dev_put(v, (size_t)KN * 4), *dog = dev_put(dout, (size_t)QN * 4);
+    int32_t *pg = dev_put(pos, (size_t)T * 4), *sg = dev_put(span, span_n * 4);
+    float *dqg = dev_poison(QN), *dkg = dev_poison(KN), *dvg = dev_poison(KN);
+    rc = gpu.be->attention_span_backward(
+        &gpu, t3(LT_F32, dqg, T, nh, hd), t3(LT_F32, dkg, S, nkv, hd), t3(LT_F32, dvg, S, nkv, hd),
+        t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, S, nkv, hd),
+        t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, pg, T), t1(LT_I32, pg, S), t2(LT_I32, sg, T, 2),
+        window, scale);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(n2, sizeof n2, "%s runs", name);
+    ok(rc == LT_OK, n2);
+    snprintf(n2, sizeof n2, "%s dq", name);
+    check_close(n2, dqg, dq_c, QN, tol);
+    snprintf(n2, sizeof n2, "%s dk", name);
+    check_close(n2, dkg, dk_c, KN, tol);
+    snprintf(n2, sizeof n2, "%s dv", name);
+    check_close(n2, dvg, dv_c, KN, tol);
+    if (!blocks) { /* no block anywhere: attention_backward's result */
+        float *aq = dev_poison(QN), *ak = dev_poison(KN), *av = dev_poison(KN);
+        rc = gpu.be->attention_backward(
+            &gpu, t3(LT_F32, aq, T, nh, hd), t3(LT_F32, ak, S, nkv, hd), t3(LT_F32, av, S, nkv, hd),
+            t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, S, nkv, hd),
+            t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, pg, T), t1(LT_I32, pg, S), window, scale);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        float *g[3] = {dev_get(dqg, QN), dev_get(dkg, KN), dev_get(dvg, KN)},
+              *a[3] = {dev_get(aq, QN), dev_get(ak, KN), dev_get(av, KN)};
+        int64_t n[3] = {QN, KN, KN};
+        int same = rc == LT_OK;
+        double e = 0;
+        for (int i = 0; i < 3; i++) {
+            same = same && same_floats(g[i], a[i], n[i]);
+            double ei = rel_err(g[i], a[i], n[i]);
+            e = ei > e ? ei : e;
+        }
+        if (prec == LT_F32) {
+            snprintf(n2, sizeof n2, "%s = attention_backward bit for bit (fp32)", name);
+            ok(same, n2);
+        } else {
+            snprintf(n2, sizeof n2, "%s = attention_backward: rel err %.2e <= %.0e", name, e, tol);
+            ok(rc == LT_OK && e <= tol, n2);
+        }
+        for (int i = 0; i < 3; i++)
+            free(g[i]), free(a[i]);
+        gpu.be->release(&gpu, aq), gpu.be->release(&gpu, ak), gpu.be->release(&gpu, av);
+    }
+    { /* the table's checks, the CPU's: I32 [T, 2] */
+        rc = gpu.be->attention_span_backward(
+            &gpu, t3(LT_F32, dqg, T, nh, hd), t3(LT_F32, dkg, S, nkv, hd),
+            t3(LT_F32, dvg, S, nkv, hd), t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
+            t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, pg, T),
+            t1(LT_I32, pg, S), t2(LT_I32, sg, T - 1, 2), window, scale);
+        lt_status rc2 = gpu.be->attention_span_backward(
+            &gpu, t3(LT_F32, dqg, T, nh, hd), t3(LT_F32, dkg, S, nkv, hd),
+            t3(LT_F32, dvg, S, nkv, hd), t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
+            t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, pg, T),
+            t1(LT_I32, pg, S), t2(LT_F32, sg, T, 2), window, scale);
+        snprintf(n2, sizeof n2, "%s: a span table not I32 [T, 2] is LT_ERR_ARG", name);
+        ok(rc == LT_ERR_ARG && rc2 == LT_ERR_ARG && strstr(gpu.err, "span must be I32 [T, 2]"), n2);
+    }
+    gpu.be->release(&gpu, qg), gpu.be->release(&gpu, kg), gpu.be->release(&gpu, vg);
+    gpu.be->release(&gpu, dog), gpu.be->release(&gpu, pg), gpu.be->release(&gpu, sg);
+    gpu.be->release(&gpu, dqg), gpu.be->release(&gpu, dkg), gpu.be->release(&gpu, dvg);
+    free(q), free(k), free(v), free(dout), free(pos), free(span);
+    free(dq_c), free(dk_c), free(dv_c), free(pq), free(pk), free(pv);
+}
+
 /* attention_rows (decode over per-row ring caches): R queries over R distinct rows of N caches
  * of S slots, positions drawn in [0, 2S) so some rings have wrapped; the output and both caches
  * after the append. */
@@ -980,11 +1104,26 @@ int main(void) {
     test_attention(LT_BF16, 700, 700, 4, 2, 256, 300, 0);
     test_attention(LT_F16, 334, 334, 4, 2, 256, 100, 2);
     test_attention(LT_BF16, 1030, 1030, 16, 4, 128, 500, 0); /* 128-row forward blocks */
-    test_attention_rows(10, 300, 7, 4, 1, 256, 0);           /* Gemma 3 1B's heads, rings wrapped */
-    test_attention_rows(10, 300, 7, 4, 1, 256, 100);         /* a sliding window */
-    test_attention_rows(4, 5000, 3, 8, 2, 128, 0);           /* long caches: many key blocks */
-    test_attention_rows(64, 40, 64, 4, 2, 72, 16); /* many rows; hd not a multiple of 32 */
-    test_sample_rows(8, 262144);                   /* GRPO's group on the real vocabulary */
+    for (int i = 0; i < 3; i++) { /* image blocks (training's path; 128-row chunks) */
+        /* Gemma 3 1B's heads; a window < T; a block at the start and one in the middle */
+        test_attention_span(dts[i], 300, 4, 1, 256, 100, 0, 64, 150, 80, 0);
+        /* a window shorter than the block (it cuts the block's past side only) */
+        test_attention_span(dts[i], 200, 4, 1, 32, 16, 60, 50, 0, 0, 0);
+        /* 2/2 heads, one chunk, no key ranges (S < 128), a block at the start */
+        test_attention_span(dts[i], 70, 2, 2, 32, 0, 0, 20, 0, 0, 0);
+        /* a block across the chunk boundary at 256, T not a multiple of 128 */
+        test_attention_span(dts[i], 333, 2, 2, 256, 0, 5, 40, 200, 100, 0);
+        /* the table without a host copy: every chunk takes every key */
+        test_attention_span(dts[i], 300, 4, 1, 128, 0, 100, 100, 0, 0, 1);
+        /* no block anywhere: attention_backward's result (the fused path's in 16 bits) */
+        test_attention_span(dts[i], 300, 4, 1, 256, 100, 0, 0, 0, 0, 0);
+        test_attention_span(dts[i], 70, 2, 2, 32, 0, 0, 0, 0, 0, 0);
+    }
+    test_attention_rows(10, 300, 7, 4, 1, 256, 0);   /* Gemma 3 1B's heads, rings wrapped */
+    test_attention_rows(10, 300, 7, 4, 1, 256, 100); /* a sliding window */
+    test_attention_rows(4, 5000, 3, 8, 2, 128, 0);   /* long caches: many key blocks */
+    test_attention_rows(64, 40, 64, 4, 2, 72, 16);   /* many rows; hd not a multiple of 32 */
+    test_sample_rows(8, 262144);                     /* GRPO's group on the real vocabulary */
     test_sample_rows(64, 262144);
     test_sample_rows(3, 4099);                        /* the tiny model's size, ragged */
     test_cross_entropy(LT_BF16, 300, 262144, 128, 0); /* the real vocabulary, several chunks */

@@ -649,6 +649,13 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->n_sm = prop.multiProcessorCount;
         I->prec = I->cc >= 80 ? LT_BF16 : LT_F16;
         I->smem_optin = prop.sharedMemPerBlockOptin;
+        /* LATHE_CUDA_SMEM_OPTIN=BYTES plans the fused attention for a device with less shared
+         * memory a block (65536: a T4's), so a larger card runs the small devices' tiles */
+        const char *so = getenv("LATHE_CUDA_SMEM_OPTIN");
+        if (so && *so) {
+            long long v = atoll(so);
+            if (v > 0 && (size_t)v < I->smem_optin) I->smem_optin = (size_t)v;
+        }
         const char *fl = getenv("LATHE_CUDA_FLASH");
         I->flash = !(fl && strcmp(fl, "0") == 0);
         const char *gv = getenv("LATHE_CUDA_GEMV");
@@ -1175,25 +1182,29 @@ done:
  * device; every op writes fp32, positions are I32), so the backend keeps a host copy of recent
  * small uploads and reads positions from there; a read-back would stall the stream. Copies are
  * forgotten when their memory is released, copied over or uploaded again. Without a copy every
- * chunk takes all S keys (still right: the mask decides). */
+ * chunk takes all S keys (still right: the mask decides). With attention_span's table (span,
+ * device [T, 2]) a chunk's range also reaches the last key of its queries' spans; without a host
+ * copy of the table, every key. */
 typedef struct key_plan {
     const int32_t *qp, *kp; /* host views of the positions (from remembered uploads), or NULL */
+    const int32_t *sp;      /* host view of the span table, or NULL (none, or qp NULL) */
 } key_plan;
 
 static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos,
-                               const lt_tensor *kpos, int64_t T, int64_t S) {
-    kpn->qp = kpn->kp = NULL;
+                               const lt_tensor *kpos, const int32_t *span, int64_t T, int64_t S) {
+    kpn->qp = kpn->kp = kpn->sp = NULL;
     cu_impl *I = impl_of(ctx);
     if (T < 64 || S < 128 || I->keyrange_rows < 0)
         return LT_OK; /* decode, small inputs: every key */
     kpn->qp = seen_lookup(I, qpos->data, T);
     kpn->kp = seen_lookup(I, kpos->data, S);
-    if (!kpn->qp || !kpn->kp) kpn->qp = kpn->kp = NULL;
+    if (span) kpn->sp = seen_lookup(I, span, 2 * T);
+    if (!kpn->qp || !kpn->kp || (span && !kpn->sp)) kpn->qp = kpn->kp = kpn->sp = NULL;
     return LT_OK;
 }
 
 static void key_plan_free(key_plan *kpn) {
-    kpn->qp = kpn->kp = NULL;
+    kpn->qp = kpn->kp = kpn->sp = NULL;
 }
 
 static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, int window,
@@ -1201,15 +1212,19 @@ static void key_range(const key_plan *kpn, int64_t t0, int64_t tq, int64_t S, in
     *smin = 0;
     *slen = S;
     if (!kpn->qp) return;
-    int32_t qmin = kpn->qp[t0], qmax = kpn->qp[t0];
+    int32_t qmin = kpn->qp[t0], qmax = kpn->qp[t0], reach;
     for (int64_t t = t0; t < t0 + tq; t++) {
         if (kpn->qp[t] < qmin) qmin = kpn->qp[t];
         if (kpn->qp[t] > qmax) qmax = kpn->qp[t];
     }
+    reach = qmax; /* the latest visible position: a query's own, or the end of its span */
+    for (int64_t t = t0; kpn->sp && t < t0 + tq; t++)
+        if (kpn->sp[2 * t] <= kpn->sp[2 * t + 1] && kpn->sp[2 * t + 1] > reach)
+            reach = kpn->sp[2 * t + 1];
     int64_t lo = -1, hi = -1;
     for (int64_t s = 0; s < S; s++) {
         int32_t k = kpn->kp[s];
-        if (k < 0 || k > qmax || (window > 0 && (int64_t)qmin - k >= window)) continue;
+        if (k < 0 || k > reach || (window > 0 && (int64_t)qmin - k >= window)) continue;
         if (lo < 0) lo = s;
         hi = s;
     }
@@ -1262,7 +1277,7 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    key_plan kpn = {NULL, NULL};
+    key_plan kpn = {NULL, NULL, NULL};
     attn_dims D;
     LT_TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
     CU_REQUIRE(is_f32(&out) && lt_tensor_numel(&out) == D.T * D.nh * D.hd,
@@ -1284,14 +1299,15 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             LT_TRY(pack_all(ctx, &q, cdt, &Q));
             k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, (float *)out.data, NULL, NULL,
                             NULL, (const int32_t *)qpos.data, (const int32_t *)kpos.data, (int)T,
-                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv);
+                            (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv,
+                            I->smem_optin);
             LAUNCHED();
             goto done;
         }
         float *qs = NULL, *qinv = NULL;
         if (cdt == LT_F16) LT_TRY(fp16_scale(ctx, (const float *)q.data, T * nh * hd, &qs, &qinv));
         int64_t Tq = attn_chunk(ctx, T, nh, S, 0);
-        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, NULL, T, S));
         if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows)
             Tq = I->keyrange_rows; /* smaller chunks skip more masked keys */
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
@@ -1314,7 +1330,7 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
             LT_TRY(gemm(ctx, 0, 1, g * tq, sl, hd, scale, &Q, hd, g * tq * hd, &Ks, hd, S * hd, 0,
                         sc, sl, g * tq * sl, (int)nkv));
             k_softmax_masked(I->stream, sc, p16, cdt, cdt == LT_F32, (const int32_t *)qpos.data,
-                             (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
+                             (const int32_t *)kpos.data + s0, NULL, t0, tq, nh, sl, window);
             LAUNCHED();
             opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
             /* o [g*tq, hd] = P [g*tq, sl] · V_kv [s0:s0+sl, hd] */
@@ -1619,13 +1635,16 @@ done:
     return op_end(ctx, rc);
 }
 
-/* The chunk loop of attention_backward (see there). */
+/* The chunk loop of attention_backward and attention_span_backward (see attn_backward): span
+ * NULL (plain) or the device [T, 2] table, which only the masked softmax and the key ranges
+ * (kpn) read. */
 static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, const attn_dims *D,
                                  lt_dtype cdt, const opnd *K, const opnd *V, float *qs, float *qinv,
                                  float *ds, float *dinv, void *qc, void *doc, float *sc, float *dp,
                                  void *p16, void *ds16, float *dqc, int64_t ldkv, lt_tensor dq,
                                  lt_tensor dk, lt_tensor dv, lt_tensor dout, lt_tensor q,
-                                 lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+                                 lt_tensor qpos, lt_tensor kpos, const int32_t *span, int window,
+                                 float scale) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     int64_t T = D->T, S = D->S, nh = D->nh, nkv = D->nkv, hd = D->hd, g = D->g;
@@ -1644,7 +1663,7 @@ static lt_status attn_bwd_chunks(lt_ctx *ctx, const key_plan *kpn, int64_t Tq, c
                     sl, g * tq * sl, (int)nkv));
         /* sc <- P (fp32), p16 <- P in cdt */
         k_softmax_masked(I->stream, sc, p16, cdt, 1, (const int32_t *)qpos.data,
-                         (const int32_t *)kpos.data + s0, t0, tq, nh, sl, window);
+                         (const int32_t *)kpos.data + s0, span, t0, tq, nh, sl, window);
         LAUNCHED();
         opnd P = {cdt == LT_F32 ? (const void *)sc : p16, cdt, NULL};
         /* dP [g*tq, sl] = dO [g*tq, hd] · V_kv [s0:s0+sl, hd]ᵀ */
@@ -1683,15 +1702,22 @@ done:
     return rc;
 }
 
-static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
-                                       lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
-                                       lt_tensor qpos, lt_tensor kpos, int window, float scale) {
-    const char *opname = "attention_backward";
+/* Both backward ops, as the CPU backend's attn_backward: span NULL (attention_backward) or
+ * attention_span's [T, 2] table (attention_span_backward: backend.h's rule). The span op runs
+ * the chunked path whatever the precision (the fused kernels know only the plain mask). */
+static lt_status attn_backward(lt_ctx *ctx, const char *opname, lt_tensor dq, lt_tensor dk,
+                               lt_tensor dv, lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                               lt_tensor qpos, lt_tensor kpos, const lt_tensor *span, int window,
+                               float scale) {
     op_begin(ctx, opname);
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
-    key_plan kpn = {NULL, NULL};
+    key_plan kpn = {NULL, NULL, NULL};
     attn_dims D;
+    const int32_t *sp = span ? (const int32_t *)span->data : NULL;
+    CU_REQUIRE(!span ||
+                   (span->dtype == LT_I32 && span->data && lt_tensor_numel(span) == 2 * q.shape[0]),
+               "span must be I32 [T, 2]");
     LT_TRY(attn_check(ctx, opname, q, k, v, qpos, kpos, &D));
     CU_REQUIRE(is_f32(&dout) && lt_tensor_numel(&dout) == D.T * D.nh * D.hd,
                "dout must be fp32 [T, nh*hd]");
@@ -1712,7 +1738,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         opnd K, V;
         LT_TRY(pack_all(ctx, &k, cdt, &K));
         LT_TRY(pack_all(ctx, &v, cdt, &V));
-        if (flash_ok(ctx, &D, cdt, 1)) {
+        if (!sp && flash_ok(ctx, &D, cdt, 1)) {
             /* pass 1: the forward again for each row's log-sum-exp and D = Σ dout·out; pass 2:
              * dq, dk and dv, accumulated into the zeroes above (one kernel where it fits) */
             opnd Q, DO;
@@ -1732,7 +1758,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             const int32_t *qp = (const int32_t *)qpos.data, *kp = (const int32_t *)kpos.data;
             k_flash_forward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, NULL, lse, dd,
                             (const float *)dout.data, qp, kp, (int)T, (int)S, (int)nh, (int)nkv,
-                            window, scale, Q.inv, K.inv, V.inv);
+                            window, scale, Q.inv, K.inv, V.inv, I->smem_optin);
             LAUNCHED();
             k_flash_backward(I->stream, cdt, (int)hd, Q.p, K.p, V.p, DO.p, lse, dd,
                              (float *)dq.data, (float *)dk.data, (float *)dv.data, qp, kp, (int)T,
@@ -1747,7 +1773,7 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
             LT_TRY(fp16_scale(ctx, (const float *)dout.data, T * nh * hd, &ds, &dinv));
         }
         int64_t Tq = attn_chunk(ctx, T, nh, S, 1);
-        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, T, S));
+        LT_TRY(key_plan_make(ctx, &kpn, &qpos, &kpos, sp, T, S));
         if (kpn.qp && I->keyrange_rows > 0 && Tq > I->keyrange_rows) Tq = I->keyrange_rows;
         void *qc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
         void *doc = tmp_get(ctx, (size_t)(nh * Tq * hd) * esz);
@@ -1762,11 +1788,27 @@ static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, 
         }
         int64_t ldkv = nkv * hd; /* row stride of dk, dv: [S, nkv, hd] */
         rc = attn_bwd_chunks(ctx, &kpn, Tq, &D, cdt, &K, &V, qs, qinv, ds, dinv, qc, doc, sc, dp,
-                             p16, ds16, dqc, ldkv, dq, dk, dv, dout, q, qpos, kpos, window, scale);
+                             p16, ds16, dqc, ldkv, dq, dk, dv, dout, q, qpos, kpos, sp, window,
+                             scale);
     }
 done:
     key_plan_free(&kpn);
     return op_end(ctx, rc);
+}
+
+static lt_status cu_attention_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                       lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                       lt_tensor qpos, lt_tensor kpos, int window, float scale) {
+    return attn_backward(ctx, "attention_backward", dq, dk, dv, dout, q, k, v, qpos, kpos, NULL,
+                         window, scale);
+}
+
+static lt_status cu_attention_span_backward(lt_ctx *ctx, lt_tensor dq, lt_tensor dk, lt_tensor dv,
+                                            lt_tensor dout, lt_tensor q, lt_tensor k, lt_tensor v,
+                                            lt_tensor qpos, lt_tensor kpos, lt_tensor span,
+                                            int window, float scale) {
+    return attn_backward(ctx, "attention_span_backward", dq, dk, dv, dout, q, k, v, qpos, kpos,
+                         &span, window, scale);
 }
 
 static lt_status cu_geglu_backward(lt_ctx *ctx, lt_tensor dgate, lt_tensor dup, lt_tensor dy,
@@ -2107,7 +2149,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .gelu = cu_gelu,
     .avg_pool = cu_avg_pool,
     .attention_span = cu_attention_span,
-    .attention_span_backward = NULL, /* not written yet: training on image blocks is CPU-only */
+    .attention_span_backward = cu_attention_span_backward,
 };
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------------------

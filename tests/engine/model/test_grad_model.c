@@ -9,7 +9,9 @@
  * GRPO's weighted pass: per-token log-probabilities against the forward's scaled logits, and
  * the weighted LoRA gradient against the weighted sum of single-token gradients and against
  * central differences. The loss and gradient checks run again with the MLP in blocks of rows
- * (gemma3_backward.c does that for large models) that do not divide the token count.
+ * (gemma3_backward.c does that for large models) that do not divide the token count. Image
+ * rows: the loss against gemma3_forward_images, LoRA gradients against central differences,
+ * and a backend lacking attention_span(_backward) refuses them naming the op.
  */
 #include <math.h>
 #include <stdint.h>
@@ -481,6 +483,26 @@ static void test_images(void) {
         snprintf(name, sizeof name, "images: %s lora_B", sl->module);
         fd_check(name, sl->lora.b.data, sl->lora.grad_b.data, lt_tensor_numel(&sl->lora.b), 12,
                  2e-2);
+    }
+    { /* a backend without attention_span_backward refuses image rows, naming the op (the
+       * CPU and CUDA backends both have it: a copy of the CPU's table without it) */
+        lt_backend lacking = lt_backend_cpu;
+        lacking.attention_span_backward = NULL;
+        lt_ctx lc;
+        double L2 = 0;
+        lt_status r = lt_ctx_init(&lc, &lacking, 1);
+        if (r == LT_OK) r = gemma3_train_batch(M, &lc, lora_trainable(AD), &ib, 1.0f, 1, 0, &L2);
+        ok(r == LT_ERR_STATE && strstr(lc.err, "no attention_span_backward op") &&
+               strstr(lc.err, "image blocks"),
+           "images: a backend without attention_span_backward refuses image rows");
+        diag("%s", lc.err);
+        lacking.attention_span = NULL;
+        r = gemma3_train_batch(M, &lc, lora_trainable(AD), &ib, 1.0f, 1, 0, &L2);
+        ok(r == LT_ERR_STATE && strstr(lc.err, "no attention_span op"),
+           "images: ... and one without attention_span names that op");
+        lt_ctx_shutdown(&lc);
+        r = gemma3_train_batch(M, &ctx, NULL, &ib, 1.0f, 1, 0, &L2);
+        ok(r == LT_OK, "images: ... and the CPU backend still trains on them");
     }
     img_rows[0] += 0.5f; /* the rows are the image: another one changes the loss */
     double other = loss_now();

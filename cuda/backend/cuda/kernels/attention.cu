@@ -8,7 +8,10 @@
  * kernels mask and normalise them, cuBLAS multiplies by V. The fused kernels (second half of the
  * file) keep scores on the chip. Owns only these kernels (kernels.h). The mask rule is
  * backend.h's: key s is visible to query t iff kpos[s] >= 0, kpos[s] <= qpos[t] and
- * (window <= 0 or qpos[t] - kpos[s] < window).
+ * (window <= 0 or qpos[t] - kpos[s] < window). The chunked softmax also takes attention_span's
+ * [T, 2] table (image blocks): kpos[s] in [span[t, 0], span[t, 1]] is visible past qpos[t] too,
+ * which is how attention_span_backward shares attention_backward's chunk loop; the fused
+ * kernels know only the plain rule (the span op never takes them).
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/backend/cuda/kernels/flash_plan.h"
 #include "cuda/backend/cuda/kernels/kernels.h"
 
 __device__ __forceinline__ void put(void *dst, lt_dtype dt, int64_t i, float v) {
@@ -135,32 +139,43 @@ __device__ float block_sum_f(float v, float *sh) {
     return sh[32];
 }
 
-__device__ __forceinline__ bool visible(int32_t qp, int32_t kp, int window) {
-    return kp >= 0 && kp <= qp && (window <= 0 || qp - kp < window);
+/* The chunked path's mask: backend.h's rule, plus attention_span's extra span [lo, hi] of key
+ * positions (lo > hi: none), causality waived inside it but not the window. */
+__device__ __forceinline__ bool visible(int32_t qp, int32_t kp, int window, int32_t lo,
+                                        int32_t hi) {
+    return kp >= 0 && (kp <= qp || (kp >= lo && kp <= hi)) && (window <= 0 || qp - kp < window);
+}
+
+/* Query t's span from attention_span's [T, 2] table, or none (span NULL). */
+__device__ __forceinline__ void span_of(const int32_t *span, int64_t t, int32_t *lo, int32_t *hi) {
+    *lo = span ? span[2 * t] : 1;
+    *hi = span ? span[2 * t + 1] : 0;
 }
 
 /* One block per score row (h, i). */
 __global__ void softmax_masked_kernel(float *scores, void *p, lt_dtype dt, int keep_f32,
-                                      const int32_t *qpos, const int32_t *kpos, int64_t t0,
-                                      int64_t Tq, int64_t S, int window) {
+                                      const int32_t *qpos, const int32_t *kpos, const int32_t *span,
+                                      int64_t t0, int64_t Tq, int64_t S, int window) {
     __shared__ float sh[33];
     int64_t r = blockIdx.x;
     int64_t i = r % Tq;
-    int32_t qp = qpos[t0 + i];
+    int32_t qp = qpos[t0 + i], lo, hi;
+    span_of(span, t0 + i, &lo, &hi);
     float *row = scores + r * S;
     float mx = -INFINITY;
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
-        if (visible(qp, kpos[s], window)) mx = fmaxf(mx, row[s]);
+        if (visible(qp, kpos[s], window, lo, hi)) mx = fmaxf(mx, row[s]);
     mx = block_max_f(mx, sh);
     float sum = 0.0f;
     if (mx != -INFINITY)
         for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
-            if (visible(qp, kpos[s], window)) sum += expf(row[s] - mx);
+            if (visible(qp, kpos[s], window, lo, hi)) sum += expf(row[s] - mx);
     sum = block_sum_f(sum, sh);
     float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-        float v =
-            (mx != -INFINITY && visible(qp, kpos[s], window)) ? expf(row[s] - mx) * inv : 0.0f;
+        float v = (mx != -INFINITY && visible(qp, kpos[s], window, lo, hi))
+                      ? expf(row[s] - mx) * inv
+                      : 0.0f;
         if (p) put(p, dt, r * S + s, v);
         if (keep_f32) row[s] = v;
     }
@@ -170,18 +185,20 @@ __global__ void softmax_masked_kernel(float *scores, void *p, lt_dtype dt, int k
  * the scores and one exp per element, for rows up to 256 * PER keys. */
 template <int PER>
 __global__ void softmax_masked_reg_kernel(float *scores, void *p, lt_dtype dt, int keep_f32,
-                                          const int32_t *qpos, const int32_t *kpos, int64_t t0,
-                                          int64_t Tq, int64_t S, int window) {
+                                          const int32_t *qpos, const int32_t *kpos,
+                                          const int32_t *span, int64_t t0, int64_t Tq, int64_t S,
+                                          int window) {
     __shared__ float sh[33];
     int64_t r = blockIdx.x;
-    int32_t qp = qpos[t0 + r % Tq];
+    int32_t qp = qpos[t0 + r % Tq], lo, hi;
+    span_of(span, t0 + r % Tq, &lo, &hi);
     float *row = scores + r * S;
     float v[PER];
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         int64_t s = threadIdx.x + (int64_t)i * blockDim.x;
-        v[i] = (s < S && visible(qp, kpos[s], window)) ? row[s] : -INFINITY;
+        v[i] = (s < S && visible(qp, kpos[s], window, lo, hi)) ? row[s] : -INFINITY;
         mx = fmaxf(mx, v[i]);
     }
     mx = block_max_f(mx, sh);
@@ -204,8 +221,8 @@ __global__ void softmax_masked_reg_kernel(float *scores, void *p, lt_dtype dt, i
 }
 
 void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int keep_f32,
-                      const int32_t *qpos, const int32_t *kpos, int64_t t0, int64_t Tq,
-                      int64_t heads, int64_t S, int window) {
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t t0,
+                      int64_t Tq, int64_t heads, int64_t S, int window) {
     int64_t rows = heads * Tq;
     if (rows <= 0) return;
     static int generic =
@@ -213,27 +230,27 @@ void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int 
     if (generic < 0) generic = getenv("LATHE_CUDA_SOFTMAX_GENERIC") != NULL;
     unsigned g = (unsigned)rows;
     if (generic)
-        softmax_masked_kernel<<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S,
-                                                 window);
+        softmax_masked_kernel<<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq,
+                                                 S, window);
     else if (S <= 256)
         softmax_masked_reg_kernel<1>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 512)
         softmax_masked_reg_kernel<2>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 1024)
         softmax_masked_reg_kernel<4>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 2048)
         softmax_masked_reg_kernel<8>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else if (S <= 4096)
         softmax_masked_reg_kernel<16>
-            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S, window);
+            <<<g, 256, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq, S, window);
     else {
         int th = S >= 1024 ? 512 : (S >= 256 ? 256 : 128);
-        softmax_masked_kernel<<<g, th, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, t0, Tq, S,
-                                                window);
+        softmax_masked_kernel<<<g, th, 0, st>>>(scores, p, dt, keep_f32, qpos, kpos, span, t0, Tq,
+                                                S, window);
     }
 }
 
@@ -300,15 +317,17 @@ void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows
  *
  * Scores never leave the chip: a block owns 64 rows (queries for the forward and dq kernels, keys
  * for the dk/dv kernel), four warps of 16 rows each, and streams tiles of the other side through
- * shared memory. Products run on tensor cores (mma.sync m16n8k16, fp32 accumulation; on sm_75 as
- * two m16n8k8, fp16 only); the softmax, its running max and sum, the mask and every output stay
+ * shared memory. The tile sizes come from flash_plan.h by the device's shared memory: on a T4
+ * (64 KiB) at head dim 256 the forward streams 16-key tiles and the split backward's blocks own
+ * 32 rows (two warps). Products run on tensor cores (mma.sync m16n8k16, fp32 accumulation; on sm_75
+ * as two m16n8k8, fp16 only); the softmax, its running max and sum, the mask and every output stay
  * fp32. Inputs arrive packed in 16 bits by the caller: q, dout as [nh, T, hd] and k, v as
  * [nkv, S, hd], each times a power-of-two scale on the fp16 path (the inv pointers undo it).
  * Tiles with no visible pair are skipped (the test is exact per key / per query, so any position
  * layout works: causal, sliding window, packed sequences whose positions restart).
  */
-#define FA_ROWS 64     /* rows a block owns */
-#define FA_THREADS 128 /* four warps */
+#define FA_ROWS FLASH_ROWS /* rows a block owns (the split backward may take 32) */
+#define FA_THREADS 128     /* four warps */
 
 template <typename T16> struct fa_pack;
 template <> struct fa_pack<__half> {
@@ -687,9 +706,10 @@ __global__ void __launch_bounds__(FA_THREADS)
     }
 }
 
-/* Backward, query side: dq [T, nh, HD] fp32 (written). Grid (ceil(T/64), nh). */
-template <typename T16, int HD, int BN>
-__global__ void __launch_bounds__(FA_THREADS)
+/* Backward, query side: dq [T, nh, HD] fp32 (written). A block owns ROWS queries (64, or 32
+ * where shared memory is small: a warp per 16 rows). Grid (ceil(T/ROWS), nh). */
+template <typename T16, int HD, int BN, int ROWS>
+__global__ void __launch_bounds__(ROWS * 2)
     flash_bwd_dq_kernel(const uint16_t *Qp, const uint16_t *Kp, const uint16_t *Vp,
                         const uint16_t *dOp, const float *lse, const float *dd, float *dq,
                         const int32_t *qpos, const int32_t *kpos, int T, int S, int nh, int g,
@@ -697,22 +717,22 @@ __global__ void __launch_bounds__(FA_THREADS)
                         const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     constexpr int LD = HD + 8;
-    uint16_t *Qs = (uint16_t *)fa_smem; /* [64][LD] */
-    uint16_t *dOs = Qs + FA_ROWS * LD;  /* [64][LD] */
-    uint16_t *Ks = dOs + FA_ROWS * LD;  /* [BN][LD] */
+    uint16_t *Qs = (uint16_t *)fa_smem; /* [ROWS][LD] */
+    uint16_t *dOs = Qs + ROWS * LD;     /* [ROWS][LD] */
+    uint16_t *Ks = dOs + ROWS * LD;     /* [BN][LD] */
     uint16_t *Vs = Ks + BN * LD;        /* [BN][LD] */
-    int *qp_s = (int *)(Vs + BN * LD);  /* [64] */
-    int *kp_s = qp_s + FA_ROWS;         /* [BN] */
+    int *qp_s = (int *)(Vs + BN * LD);  /* [ROWS] */
+    int *kp_s = qp_s + ROWS;            /* [BN] */
     int *mm = kp_s + BN;                /* [2] */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int h = blockIdx.y, kvh = h / g;
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS; /* the longest rows first */
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * ROWS; /* the longest rows first */
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
     const uint16_t *Kh = Kp + (size_t)kvh * S * HD, *Vh = Vp + (size_t)kvh * S * HD;
-    fa_load<HD>(Qs, Qp + (size_t)h * T * HD, t0, T, FA_ROWS);
-    fa_load<HD>(dOs, dOp + (size_t)h * T * HD, t0, T, FA_ROWS);
+    fa_load<HD, ROWS * 2>(Qs, Qp + (size_t)h * T * HD, t0, T, ROWS);
+    fa_load<HD, ROWS * 2>(dOs, dOp + (size_t)h * T * HD, t0, T, ROWS);
     fa_wait<0>();
-    fa_own_positions(qp_s, mm, qpos, t0, T, INT_MIN);
+    fa_own_positions<ROWS>(qp_s, mm, qpos, t0, T, INT_MIN);
     const int qmin = mm[0], qmax = mm[1];
     const int r0 = warp * 16 + gq, ta = t0 + r0, tb = ta + 8;
     const int qp0 = qp_s[r0], qp1 = qp_s[r0 + 8];
@@ -734,8 +754,8 @@ __global__ void __launch_bounds__(FA_THREADS)
             any = p >= 0 && p <= qmax && (window <= 0 || (long long)qmin - p < window);
         }
         if (!__syncthreads_or(any)) continue;
-        fa_load<HD>(Ks, Kh, s0, S, BN);
-        fa_load<HD>(Vs, Vh, s0, S, BN); /* lands while the scores are computed */
+        fa_load<HD, ROWS * 2>(Ks, Kh, s0, S, BN);
+        fa_load<HD, ROWS * 2>(Vs, Vh, s0, S, BN); /* lands while the scores are computed */
         fa_wait<1>();
         __syncthreads();
         float s[BN / 8][4], dp[BN / 8][4];
@@ -813,9 +833,9 @@ __global__ void __launch_bounds__(FA_THREADS)
 /* Backward, key side: dk, dv [S, nkv, HD] fp32, ACCUMULATED with atomics (the caller zeroes
  * them): query head h = blockIdx.z + g · kvh adds its share. DK / DV pick the outputs (one
  * launch each at HD 256, where both accumulators would not fit in registers).
- * Grid (ceil(S/64), nkv, g). */
-template <typename T16, int HD, int BQ, bool DK, bool DV>
-__global__ void __launch_bounds__(FA_THREADS)
+ * A block owns ROWS keys (64, or 32 where shared memory is small). Grid (ceil(S/ROWS), nkv, g). */
+template <typename T16, int HD, int BQ, bool DK, bool DV, int ROWS>
+__global__ void __launch_bounds__(ROWS * 2)
     flash_bwd_dkv_kernel(const uint16_t *Qp, const uint16_t *Kp, const uint16_t *Vp,
                          const uint16_t *dOp, const float *lse, const float *dd, float *dk,
                          float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S, int nkv,
@@ -823,22 +843,22 @@ __global__ void __launch_bounds__(FA_THREADS)
                          const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     constexpr int LD = HD + 8;
-    uint16_t *Ks = (uint16_t *)fa_smem;          /* [64][LD] */
-    uint16_t *Vs = Ks + FA_ROWS * LD;            /* [64][LD], DK only */
-    uint16_t *Qs = Vs + (DK ? FA_ROWS * LD : 0); /* [BQ][LD] */
-    uint16_t *dOs = Qs + BQ * LD;                /* [BQ][LD] */
-    float *lse_s = (float *)(dOs + BQ * LD);     /* [BQ] */
-    float *dd_s = lse_s + BQ;                    /* [BQ] */
-    int *qp_s = (int *)(dd_s + BQ);              /* [BQ] */
-    int *kp_s = qp_s + BQ;                       /* [64] */
-    int *mm = kp_s + FA_ROWS;                    /* [2] */
+    uint16_t *Ks = (uint16_t *)fa_smem;       /* [ROWS][LD] */
+    uint16_t *Vs = Ks + ROWS * LD;            /* [ROWS][LD], DK only */
+    uint16_t *Qs = Vs + (DK ? ROWS * LD : 0); /* [BQ][LD] */
+    uint16_t *dOs = Qs + BQ * LD;             /* [BQ][LD] */
+    float *lse_s = (float *)(dOs + BQ * LD);  /* [BQ] */
+    float *dd_s = lse_s + BQ;                 /* [BQ] */
+    int *qp_s = (int *)(dd_s + BQ);           /* [BQ] */
+    int *kp_s = qp_s + BQ;                    /* [ROWS] */
+    int *mm = kp_s + ROWS;                    /* [2] */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-    const int kvh = blockIdx.y, h = kvh * g + blockIdx.z, s0 = blockIdx.x * FA_ROWS;
+    const int kvh = blockIdx.y, h = kvh * g + blockIdx.z, s0 = blockIdx.x * ROWS;
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
-    fa_load<HD>(Ks, Kp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
-    if (DK) fa_load<HD>(Vs, Vp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
+    fa_load<HD, ROWS * 2>(Ks, Kp + (size_t)kvh * S * HD, s0, S, ROWS);
+    if (DK) fa_load<HD, ROWS * 2>(Vs, Vp + (size_t)kvh * S * HD, s0, S, ROWS);
     fa_wait<0>();
-    fa_own_positions(kp_s, mm, kpos, s0, S, -1);
+    fa_own_positions<ROWS>(kp_s, mm, kpos, s0, S, -1);
     const int kmin = mm[0], kmax = mm[1];
     if (kmin == INT_MAX) return; /* no visible key in this block: nothing to add */
     const int r0 = warp * 16 + gq, sa = s0 + r0, sb = sa + 8;
@@ -863,8 +883,8 @@ __global__ void __launch_bounds__(FA_THREADS)
             any = t < T && p >= kmin && (window <= 0 || (long long)p - kmax < window);
         }
         if (!__syncthreads_or(any)) continue;
-        fa_load<HD>(Qs, Qh, t0, T, BQ);
-        fa_load<HD>(dOs, dOh, t0, T, BQ); /* lands while the scores are computed */
+        fa_load<HD, ROWS * 2>(Qs, Qh, t0, T, BQ);
+        fa_load<HD, ROWS * 2>(dOs, dOh, t0, T, BQ); /* lands while the scores are computed */
         fa_wait<1>();
         __syncthreads();
         /* transposed scores: rows = this warp's 16 keys, columns = BQ queries */
@@ -994,7 +1014,7 @@ __global__ void __launch_bounds__(FA_THREADS)
  * every product. The next tile's dO and Q load while dK and dQ are computed. dq, dk, dv are
  * ACCUMULATED (the caller zeroes them). Grid (ceil(S/64), nkv, g). */
 #define FB_THREADS 256
-#define FB_BQ 64
+#define FB_BQ FLASH_FB_BQ
 
 /* The first query tile at or after t0 with a row that can see a key in [kmin, kmax] (T if
  * none). A block-wide barrier. */
@@ -1188,42 +1208,10 @@ __global__ void __launch_bounds__(FB_THREADS)
 
 /* ---- launchers ---- */
 
-static size_t fa_fwd_smem(int hd, int bn) {
-    return (size_t)(FA_ROWS + 2 * bn) * (hd + 8) * 2 + (FA_ROWS + bn + 2) * 4;
-}
-static size_t fa_bwd_smem(int hd) {
-    return (size_t)(2 * FA_ROWS + 2 * FB_BQ) * (hd + 8) * 2 +
-           (size_t)2 * FA_ROWS * (FB_BQ + 8) * 2 + (size_t)(3 * FB_BQ + FA_ROWS + 2) * 4;
-}
-static size_t fa_dq_smem(int hd, int bn) {
-    return (size_t)(2 * FA_ROWS + 2 * bn) * (hd + 8) * 2 + (FA_ROWS + bn + 2) * 4;
-}
-static size_t fa_dkv_smem(int hd, int bq, bool dk) {
-    return (size_t)(FA_ROWS + (dk ? FA_ROWS : 0) + 2 * bq) * (hd + 8) * 2 +
-           (size_t)(3 * bq + FA_ROWS + 2) * 4;
-}
-/* key / query tile of each kernel by head dim */
-static int fa_fwd_bn(int hd) {
-    (void)hd;
-    return 64;
-}
-static int fa_dq_bn(int hd) {
-    return hd > 128 ? 32 : 64;
-}
-static int fa_dkv_bq(int hd) {
-    return hd > 128 ? 32 : 64;
-}
-
 int k_flash_supported(lt_dtype dt, int hd, int cc, size_t smem_optin, int backward) {
-    if (hd != 128 && hd != 256) return 0;
     if (dt == LT_BF16 ? cc < 80 : (dt != LT_F16 || cc < 75)) return 0;
-    size_t need = fa_fwd_smem(hd, fa_fwd_bn(hd));
-    if (backward) {
-        size_t a = fa_dq_smem(hd, fa_dq_bn(hd)), b = fa_dkv_smem(hd, fa_dkv_bq(hd), true);
-        if (a > need) need = a;
-        if (b > need) need = b;
-    }
-    return need <= smem_optin;
+    flash_plan p;
+    return flash_plan_make(hd, smem_optin, &p) && flash_plan_fits(&p, backward);
 }
 
 template <typename K> static void fa_smem_attr(K kernel, size_t bytes) {
@@ -1231,76 +1219,128 @@ template <typename K> static void fa_smem_attr(K kernel, size_t bytes) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
 }
 
+template <typename T16, int HD, int BN>
+static void fa_forward_bn(cudaStream_t st, const void *Qp, const void *Kp, const void *Vp,
+                          float *out, float *lse, float *dd, const float *dout, const int32_t *qpos,
+                          const int32_t *kpos, int T, int S, int nh, int nkv, int window,
+                          float scale, const float *qinv, const float *kinv, const float *vinv) {
+    size_t sm = flash_fwd_smem(HD, FA_ROWS, BN);
+    dim3 grid((unsigned)((T + FA_ROWS - 1) / FA_ROWS), (unsigned)nh);
+    auto k = lse ? flash_fwd_kernel<T16, HD, BN, 1> : flash_fwd_kernel<T16, HD, BN, 0>;
+    fa_smem_attr(k, sm);
+    k<<<grid, FA_THREADS, sm, st>>>((const uint16_t *)Qp, (const uint16_t *)Kp,
+                                    (const uint16_t *)Vp, out, lse, dd, dout, qpos, kpos, T, S, nh,
+                                    nh / nkv, window, scale, qinv, kinv, vinv);
+}
+
+/* The forward with the plan's key tile: 64 wherever it fits; at hd 256, 32 on 99 KiB devices
+ * (sm_86, sm_89) and 16 on a T4. */
 template <typename T16, int HD>
 static void fa_forward_t(cudaStream_t st, const void *Qp, const void *Kp, const void *Vp,
                          float *out, float *lse, float *dd, const float *dout, const int32_t *qpos,
                          const int32_t *kpos, int T, int S, int nh, int nkv, int window,
-                         float scale, const float *qinv, const float *kinv, const float *vinv) {
-    constexpr int BN = 64;
-    size_t sm = fa_fwd_smem(HD, BN);
-    dim3 grid((unsigned)((T + FA_ROWS - 1) / FA_ROWS), (unsigned)nh);
-    if (!lse) {
-        auto k = flash_fwd_kernel<T16, HD, BN, 0>;
-        fa_smem_attr(k, sm);
-        k<<<grid, FA_THREADS, sm, st>>>((const uint16_t *)Qp, (const uint16_t *)Kp,
-                                        (const uint16_t *)Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                        nh, nh / nkv, window, scale, qinv, kinv, vinv);
-    } else {
-        auto k = flash_fwd_kernel<T16, HD, BN, 1>;
-        fa_smem_attr(k, sm);
-        k<<<grid, FA_THREADS, sm, st>>>((const uint16_t *)Qp, (const uint16_t *)Kp,
-                                        (const uint16_t *)Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                        nh, nh / nkv, window, scale, qinv, kinv, vinv);
-    }
+                         float scale, const float *qinv, const float *kinv, const float *vinv,
+                         const flash_plan *p) {
+#define FA_FWD_ARGS                                                                                \
+    st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv, window, scale, qinv, kinv, vinv
+    if constexpr (HD <= 128)
+        fa_forward_bn<T16, HD, 64>(FA_FWD_ARGS);
+    else if (p->fwd_bn == 64)
+        fa_forward_bn<T16, HD, 64>(FA_FWD_ARGS);
+    else if (p->fwd_bn == 32)
+        fa_forward_bn<T16, HD, 32>(FA_FWD_ARGS);
+    else
+        fa_forward_bn<T16, HD, 16>(FA_FWD_ARGS);
+#undef FA_FWD_ARGS
 }
 
 void k_flash_forward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
                      const void *Vp, float *out, float *lse, float *dd, const float *dout,
                      const int32_t *qpos, const int32_t *kpos, int T, int S, int nh, int nkv,
                      int window, float scale, const float *qinv, const float *kinv,
-                     const float *vinv) {
-    if (T <= 0) return;
+                     const float *vinv, size_t smem_optin) {
+    flash_plan p;
+    if (T <= 0 || !flash_plan_make(hd, smem_optin, &p)) return;
     if (dt == LT_BF16) {
         if (hd == 128)
             fa_forward_t<__nv_bfloat16, 128>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                             nh, nkv, window, scale, qinv, kinv, vinv);
+                                             nh, nkv, window, scale, qinv, kinv, vinv, &p);
         else
             fa_forward_t<__nv_bfloat16, 256>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                             nh, nkv, window, scale, qinv, kinv, vinv);
+                                             nh, nkv, window, scale, qinv, kinv, vinv, &p);
     } else {
         if (hd == 128)
             fa_forward_t<__half, 128>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv,
-                                      window, scale, qinv, kinv, vinv);
+                                      window, scale, qinv, kinv, vinv, &p);
         else
             fa_forward_t<__half, 256>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv,
-                                      window, scale, qinv, kinv, vinv);
+                                      window, scale, qinv, kinv, vinv, &p);
     }
 }
 
-template <typename T16, int HD, int BQ, bool DK, bool DV>
+template <typename T16, int HD, int BN, int ROWS>
+static void fa_dq_launch(cudaStream_t st, const uint16_t *Qp, const uint16_t *Kp,
+                         const uint16_t *Vp, const uint16_t *dOp, const float *lse, const float *dd,
+                         float *dq, const int32_t *qpos, const int32_t *kpos, int T, int S, int nh,
+                         int nkv, int window, float scale, const float *qinv, const float *kinv,
+                         const float *vinv, const float *dinv) {
+    size_t sm = flash_dq_smem(HD, ROWS, BN);
+    auto k = flash_bwd_dq_kernel<T16, HD, BN, ROWS>;
+    fa_smem_attr(k, sm);
+    dim3 grid((unsigned)((T + ROWS - 1) / ROWS), (unsigned)nh);
+    k<<<grid, ROWS * 2, sm, st>>>(Qp, Kp, Vp, dOp, lse, dd, dq, qpos, kpos, T, S, nh, nh / nkv,
+                                  window, scale, qinv, kinv, vinv, dinv);
+}
+
+template <typename T16, int HD, int BQ, bool DK, bool DV, int ROWS>
 static void fa_dkv_launch(cudaStream_t st, const uint16_t *Qp, const uint16_t *Kp,
                           const uint16_t *Vp, const uint16_t *dOp, const float *lse,
                           const float *dd, float *dk, float *dv, const int32_t *qpos,
                           const int32_t *kpos, int T, int S, int nh, int nkv, int window,
                           float scale, const float *qinv, const float *kinv, const float *vinv,
                           const float *dinv) {
-    size_t sm = fa_dkv_smem(HD, BQ, DK);
-    auto k = flash_bwd_dkv_kernel<T16, HD, BQ, DK, DV>;
+    size_t sm = flash_dkv_smem(HD, ROWS, BQ, DK);
+    auto k = flash_bwd_dkv_kernel<T16, HD, BQ, DK, DV, ROWS>;
     fa_smem_attr(k, sm);
-    dim3 grid((unsigned)((S + FA_ROWS - 1) / FA_ROWS), (unsigned)nkv, (unsigned)(nh / nkv));
-    k<<<grid, FA_THREADS, sm, st>>>(Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos, T, S, nkv,
-                                    nh / nkv, window, scale, qinv, kinv, vinv, dinv);
+    dim3 grid((unsigned)((S + ROWS - 1) / ROWS), (unsigned)nkv, (unsigned)(nh / nkv));
+    k<<<grid, ROWS * 2, sm, st>>>(Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos, T, S, nkv, nh / nkv,
+                                  window, scale, qinv, kinv, vinv, dinv);
 }
 
-/* Whether the backward takes the one-pass kernel (flash_bwd_kernel): where its shared memory fits.
+/* Whether the backward takes the one-pass kernel (flash_bwd_kernel): where the plan says it fits.
  * LATHE_CUDA_FLASH_BWD=split keeps the three-kernel one (a fallback switch, and for A/B runs). */
-static int fa_bwd_fused(int hd, size_t smem_optin) {
+static int fa_bwd_fused(const flash_plan *p) {
     static int split = -1;
     if (split < 0) {
         const char *e = getenv("LATHE_CUDA_FLASH_BWD");
         split = e && strcmp(e, "split") == 0;
     }
-    return !split && fa_bwd_smem(hd) <= smem_optin;
+    return !split && p->bwd_fused;
+}
+
+/* The split backward's tiles, from the plan (flash_plan.h): hd 128 takes 64-row blocks with 64-
+ * or 32-row tiles; hd 256 takes 64-row blocks with 32- or 16-row tiles, or on a T4 32-row
+ * blocks with 16-row tiles. dK and dV in one launch at hd 128, one launch each at hd 256. */
+#define FA_SPLIT_ARGS                                                                              \
+    st, Qp, Kp, Vp, dOp, lse, dd, dq, qpos, kpos, T, S, nh, nkv, window, scale, qinv, kinv, vinv,  \
+        dinv
+#define FA_KV_ARGS                                                                                 \
+    st, Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos, T, S, nh, nkv, window, scale, qinv, kinv,    \
+        vinv, dinv
+template <typename T16, int HD, int BQ, int ROWS>
+static void fa_dkv_split(cudaStream_t st, const uint16_t *Qp, const uint16_t *Kp,
+                         const uint16_t *Vp, const uint16_t *dOp, const float *lse, const float *dd,
+                         float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T,
+                         int S, int nh, int nkv, int window, float scale, const float *qinv,
+                         const float *kinv, const float *vinv, const float *dinv) {
+    if constexpr (HD <= 128) {
+        if (dk && dv) {
+            fa_dkv_launch<T16, HD, BQ, true, true, ROWS>(FA_KV_ARGS);
+            return;
+        }
+    }
+    if (dv) fa_dkv_launch<T16, HD, BQ, false, true, ROWS>(FA_KV_ARGS);
+    if (dk) fa_dkv_launch<T16, HD, BQ, true, false, ROWS>(FA_KV_ARGS);
 }
 
 template <typename T16, int HD>
@@ -1308,12 +1348,11 @@ static void fa_backward_t(cudaStream_t st, const void *Qv, const void *Kv, const
                           const void *dOv, const float *lse, const float *dd, float *dq, float *dk,
                           float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S, int nh,
                           int nkv, int window, float scale, const float *qinv, const float *kinv,
-                          const float *vinv, const float *dinv, size_t smem_optin) {
-    constexpr int BN = HD > 128 ? 32 : 64, BQ = HD > 128 ? 32 : 64;
+                          const float *vinv, const float *dinv, const flash_plan *p) {
     const uint16_t *Qp = (const uint16_t *)Qv, *Kp = (const uint16_t *)Kv,
                    *Vp = (const uint16_t *)Vv, *dOp = (const uint16_t *)dOv;
-    if (dq && dk && dv && fa_bwd_fused(HD, smem_optin)) {
-        size_t sm = fa_bwd_smem(HD);
+    if (dq && dk && dv && fa_bwd_fused(p)) {
+        size_t sm = flash_bwd_smem(HD);
         auto k = flash_bwd_kernel<T16, HD>;
         fa_smem_attr(k, sm);
         dim3 grid((unsigned)((S + FA_ROWS - 1) / FA_ROWS), (unsigned)nkv, (unsigned)(nh / nkv));
@@ -1321,52 +1360,60 @@ static void fa_backward_t(cudaStream_t st, const void *Qv, const void *Kv, const
                                         nkv, nh / nkv, window, scale, qinv, kinv, vinv, dinv);
         return;
     }
-    if (dq) {
-        size_t sm = fa_dq_smem(HD, BN);
-        auto k = flash_bwd_dq_kernel<T16, HD, BN>;
-        fa_smem_attr(k, sm);
-        dim3 grid((unsigned)((T + FA_ROWS - 1) / FA_ROWS), (unsigned)nh);
-        k<<<grid, FA_THREADS, sm, st>>>(Qp, Kp, Vp, dOp, lse, dd, dq, qpos, kpos, T, S, nh,
-                                        nh / nkv, window, scale, qinv, kinv, vinv, dinv);
-    }
     if constexpr (HD <= 128) {
-        if (dk && dv) {
-            fa_dkv_launch<T16, HD, BQ, true, true>(st, Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos,
-                                                   T, S, nh, nkv, window, scale, qinv, kinv, vinv,
-                                                   dinv);
-            return;
+        if (dq) {
+            if (p->dq_bn == 64)
+                fa_dq_launch<T16, HD, 64, 64>(FA_SPLIT_ARGS);
+            else
+                fa_dq_launch<T16, HD, 32, 64>(FA_SPLIT_ARGS);
         }
+        if (p->dkv_bq == 64)
+            fa_dkv_split<T16, HD, 64, 64>(FA_KV_ARGS);
+        else
+            fa_dkv_split<T16, HD, 32, 64>(FA_KV_ARGS);
+    } else {
+        if (dq) {
+            if (p->dq_rows == 64 && p->dq_bn == 32)
+                fa_dq_launch<T16, HD, 32, 64>(FA_SPLIT_ARGS);
+            else if (p->dq_rows == 64)
+                fa_dq_launch<T16, HD, 16, 64>(FA_SPLIT_ARGS);
+            else
+                fa_dq_launch<T16, HD, 16, 32>(FA_SPLIT_ARGS);
+        }
+        if (p->dkv_rows == 64 && p->dkv_bq == 32)
+            fa_dkv_split<T16, HD, 32, 64>(FA_KV_ARGS);
+        else if (p->dkv_rows == 64)
+            fa_dkv_split<T16, HD, 16, 64>(FA_KV_ARGS);
+        else
+            fa_dkv_split<T16, HD, 16, 32>(FA_KV_ARGS);
     }
-    if (dv)
-        fa_dkv_launch<T16, HD, BQ, false, true>(st, Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos, T,
-                                                S, nh, nkv, window, scale, qinv, kinv, vinv, dinv);
-    if (dk)
-        fa_dkv_launch<T16, HD, BQ, true, false>(st, Qp, Kp, Vp, dOp, lse, dd, dk, dv, qpos, kpos, T,
-                                                S, nh, nkv, window, scale, qinv, kinv, vinv, dinv);
 }
+#undef FA_SPLIT_ARGS
+#undef FA_KV_ARGS
 
 void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
                       const void *Vp, const void *dOp, const float *lse, const float *dd, float *dq,
                       float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S,
                       int nh, int nkv, int window, float scale, const float *qinv,
                       const float *kinv, const float *vinv, const float *dinv, size_t smem_optin) {
-    if (T <= 0 || S <= 0) return;
+    flash_plan p;
+    if (T <= 0 || S <= 0 || !flash_plan_make(hd, smem_optin, &p)) return;
     if (dt == LT_BF16) {
         if (hd == 128)
             fa_backward_t<__nv_bfloat16, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
                                               T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
-                                              smem_optin);
+                                              &p);
         else
             fa_backward_t<__nv_bfloat16, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
                                               T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
-                                              smem_optin);
+                                              &p);
     } else {
         if (hd == 128)
             fa_backward_t<__half, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, smem_optin);
+                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, &p);
         else
             fa_backward_t<__half, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, smem_optin);
+                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, &p);
     }
 }
 

@@ -92,11 +92,14 @@ void k_pack_heads(cudaStream_t st, void *dst, lt_dtype dt, const float *src, int
 void k_unpack_heads(cudaStream_t st, float *dst, const float *src, int64_t t0, int64_t Tq,
                     int64_t heads, int64_t hd);
 /* Masked softmax of scores [heads, Tq, S] (already scaled) rows; query row (h, i) has position
- * qpos[t0 + i]. Writes P in dtype dt to p (may be NULL) and fp32 P in place into scores when
- * keep_f32. A row with no visible key becomes zeros. */
+ * qpos[t0 + i]. span: NULL (the plain causal / sliding-window mask) or attention_span's [T, 2]
+ * I32 table on the device, indexed like qpos (row t0 + i), whose [lo, hi] key positions are
+ * visible to that query even past its own position (lo > hi: none). Writes P in dtype dt to p
+ * (may be NULL) and fp32 P in place into scores when keep_f32. A row with no visible key
+ * becomes zeros. */
 void k_softmax_masked(cudaStream_t st, float *scores, void *p, lt_dtype dt, int keep_f32,
-                      const int32_t *qpos, const int32_t *kpos, int64_t t0, int64_t Tq,
-                      int64_t heads, int64_t S, int window);
+                      const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t t0,
+                      int64_t Tq, int64_t heads, int64_t S, int window);
 /* dS = P * (dP - sum(P * dP)) per row, in place into dp (fp32); rows [rows, S]. */
 void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows, int64_t S);
 
@@ -104,7 +107,8 @@ void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows
  * packed 16-bit (dt = LT_BF16 or LT_F16): Qp, dOp [nh, T, hd], Kp, Vp [nkv, S, hd], each times a
  * power-of-two scale whose inverse is the matching *inv device scalar (NULL = 1). Only hd 128 and
  * 256; k_flash_supported says whether this device and shape can run them (backward: also the
- * backward kernels). */
+ * backward kernels). smem_optin (the device's opt-in shared memory a block) picks the tiles
+ * (flash_plan.h). */
 int k_flash_supported(lt_dtype dt, int hd, int cc, size_t smem_optin, int backward);
 /* lse == NULL: out [T, nh*hd] fp32 (written). Otherwise (the backward's first pass) out is not
  * touched and lse, dd [nh, T] fp32 get the row log-sum-exp (of the scaled scores) and
@@ -113,10 +117,10 @@ void k_flash_forward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const
                      const void *Vp, float *out, float *lse, float *dd, const float *dout,
                      const int32_t *qpos, const int32_t *kpos, int T, int S, int nh, int nkv,
                      int window, float scale, const float *qinv, const float *kinv,
-                     const float *vinv);
+                     const float *vinv, size_t smem_optin);
 /* dq [T, nh, hd], dk, dv [S, nkv, hd] ACCUMULATED (zero them first; any may be NULL), from
- * k_flash_forward's lse and dd. smem_optin (the device's opt-in shared memory per block) picks
- * the one-pass kernel where it fits, else three passes (dq, then dk and dv). */
+ * k_flash_forward's lse and dd. smem_optin picks the one-pass kernel where it fits, else the
+ * split passes (dq, then dk and dv) with the plan's tiles. */
 void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const void *Kp,
                       const void *Vp, const void *dOp, const float *lse, const float *dd, float *dq,
                       float *dk, float *dv, const int32_t *qpos, const int32_t *kpos, int T, int S,
