@@ -13,7 +13,12 @@
  * of lathe's allocator (what torch.cuda.max_memory_allocated counts) and the device's used
  * memory, then a per-op time breakdown from CUDA events (one extra profiled step). The
  * layer checkpoints live in page-locked host memory (gemma3_backward.c) and are not in the
- * peak; their size is printed with the memory plan's other parts.
+ * peak; their size is printed with the memory plan's other parts. The weights stream to the GPU
+ * as they are drawn and quantized (gemma3_device_sink, as %load device=cuda does); the JSON
+ * line's load_host_peak_gib is the process's host peak (VmHWM of /proc/self/status) right after
+ * the load, host_peak_gib the same at the end (the layer checkpoints included).
+ * LATHE_BENCH_HOST_LOAD=1 loads the old way instead (the whole model in host memory, then
+ * gemma3_to_device), to compare.
  * Owns nothing else; not a test.
  */
 #ifdef HAVE_CONFIG_H
@@ -29,6 +34,18 @@
 #include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/train/train.h"
+
+/* VmHWM (the peak resident set) of this process, in GiB; 0 when /proc cannot say. */
+static double host_peak_gib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    long long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lld kB", &kb) == 1) break;
+    fclose(f);
+    return kb / 1048576.0;
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -64,13 +81,21 @@ int main(int argc, char **argv) {
     if (getenv("LATHE_CUDA_MEMORY_CAP"))
         printf("# memory cap LATHE_CUDA_MEMORY_CAP=%s\n", getenv("LATHE_CUDA_MEMORY_CAP"));
     double tl = now_s();
-    if (gemma3_load_random_quant(&host, size, 1234, "bf16", quant, NULL, err) != LT_OK ||
-        gemma3_to_device(&m, host, &ctx, dt, err) != LT_OK) {
+    int host_load = getenv("LATHE_BENCH_HOST_LOAD") && atoi(getenv("LATHE_BENCH_HOST_LOAD"));
+    gemma3_device_sink ds;
+    gemma3_device_sink_init(&ds, &ctx, dt);
+    gemma3_load_spec spec = {.dtype = "bf16", .quant = quant, .sink = host_load ? NULL : &ds.sink};
+    lt_status lrc = gemma3_load_random_spec(host_load ? &host : &m, size, 1234, &spec, NULL, err);
+    if (lrc == LT_OK && host_load) lrc = gemma3_to_device(&m, host, &ctx, dt, err);
+    if (lrc != LT_OK) {
         fprintf(stderr, "bench_train: %s\n", err);
         return 1;
     }
     gemma3_model_free(host);
-    printf("# random weights (%s) drawn and placed in %.1f s\n", quant, now_s() - tl);
+    double load_peak = host_peak_gib();
+    printf("# random weights (%s) drawn and placed in %.1f s (%s), host peak %.2f GiB\n", quant,
+           now_s() - tl, host_load ? "whole host model, then copied" : "streamed to the GPU",
+           load_peak);
     lt_adapters *ad = NULL;
     lora_opts lo = {.r = rank > 0 ? rank : 8,
                     .alpha = (float)(rank > 0 ? rank : 8),
@@ -147,10 +172,12 @@ int main(int argc, char **argv) {
                 "\"rank\": %d, \"seq\": %d, \"batch\": %d, \"gc\": true, "
                 "\"step_ms\": %.1f, \"tok_s\": %.0f, \"peak_gib\": %.2f, \"device_used_gib\": "
                 "%.2f, "
-                "\"loss\": %.4f, \"trainable\": %lld, \"peak_op\": \"%s\"}\n",
+                "\"loss\": %.4f, \"trainable\": %lld, \"peak_op\": \"%s\", "
+                "\"load\": \"%s\", \"load_host_peak_gib\": %.2f, \"host_peak_gib\": %.2f}\n",
                 size, prec, quant, rank, seq, batch, dt_s * 1e3, N / dt_s, mem.peak / 1073741824.0,
                 (mem.total - mem.free) / 1073741824.0, loss / b.n_labels,
-                (long long)ad->n_trainable, mem.peak_op);
+                (long long)ad->n_trainable, mem.peak_op, host_load ? "host" : "streamed", load_peak,
+                host_peak_gib());
             fflush(stdout);
         }
     }

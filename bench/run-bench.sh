@@ -11,7 +11,8 @@
 #   qlora   QLoRA (NF4 + double quant, LoRA r=16 on all 7 linears, batch 1 x 2048): 4B, 12B
 #           and 27B peak memory, 12B on the fp16 path under a 15 GiB cap (a T4's usable
 #           memory, LATHE_CUDA_MEMORY_CAP), and tokens/s against lathe's own 16-bit LoRA at
-#           the same shape (bitsandbytes is not on the machine);
+#           the same shape (bitsandbytes is not on the machine), and the host memory a
+#           quantized load takes (streamed; the old whole-model way once for 12b);
 #   grpo    GRPO's sampling for 1B (bf16 and fp16; 8 and 64 completions at once, 256 new tokens,
 #           hf_generate.py's top_k 64 / top_p 0.95 and GRPO's untruncated sampling) and
 #           transformers' generate on the same shapes (bench/hf_generate.py), then a whole GRPO step (1B, group 8,
@@ -83,7 +84,19 @@ case $what in all|qlora)
     done
     LATHE_CUDA_MEMORY_CAP=15G timeout 240 $B/bench_train 12b fp16 2048 1 4 2 nf4 16 \
         >> "$out/bench_qlora.log" 2>&1
-    grep -h -E '^\{|^bench_train|drawn and placed|memory cap' "$out/bench_qlora.log"
+    # host memory of a quantized load (VmHWM; the JSON's load_host_peak_gib): the old way (the
+    # whole NF4 model in host memory, then copied) once for 12b to compare, and random:27b nf4
+    # through the session as %load device=cuda loads it (the peak of the process, ru_maxrss)
+    LATHE_BENCH_HOST_LOAD=1 timeout 240 $B/bench_train 12b bf16 2048 1 1 1 nf4 16 \
+        >> "$out/bench_qlora.log" 2>&1
+    $PY -c 'import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:]).returncode
+print("lathe logits random:gemma-3-27b quant=nf4 device=cuda: exit %d, host peak %.2f GiB"
+      % (r, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1048576.0))' \
+        env LD_LIBRARY_PATH="$LD_LIBRARY_PATH" timeout 300 $B/lathe logits random:gemma-3-27b \
+        quant=nf4 device=cuda --ids 2,651,1203,77 --out "$out/logits_27b_nf4.npy" \
+        >> "$out/bench_qlora.log" 2>&1
+    grep -h -E '^\{|^bench_train|drawn and placed|memory cap|host peak' "$out/bench_qlora.log"
 esac
 case $what in grpo|grpo-short)
     R=$B/bench_rollout

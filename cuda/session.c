@@ -233,29 +233,27 @@ static lt_status dynamic_spec(lt_session *s, gemma3_load_spec *spec, const lt_lo
 
 #ifdef HAVE_CUDA
 /* Refuses a device load whose weights cannot fit in what dc's memory has free (its cache
- * counted; LATHE_CUDA_MEMORY_CAP caps it), before anything is allocated there, naming the
- * quantized loads that would fit. shared: dc is the session's ctx (its model stays until this
- * load succeeds). quant: what the user asked for. */
-static lt_status device_fit_check(lt_session *s, const gemma3_model *m, lt_ctx *dc, int shared,
-                                  const char *source, const char *quant, lt_dtype pdt) {
+ * counted; LATHE_CUDA_MEMORY_CAP caps it), before anything is allocated there or any weight is
+ * read, naming the quantized loads that would fit. The size comes from the plan (config.json
+ * and how the linears will be stored: gemma3_device_bytes). shared: dc is the session's ctx
+ * (its model stays until this load succeeds). */
+static lt_status device_fit_check(lt_session *s, const gemma3_plan *plan, lt_ctx *dc, int shared,
+                                  const char *source, lt_dtype pdt, double keep) {
     lt_mem_info mi;
     dc->be->memory(dc, &mi);
-    size_t need = gemma3_device_need(m, pdt);
-    if (!mi.total || !need) return LT_OK; /* unknown room, or a weight gemma3_to_device refuses */
-    const char *how = m->quant == LT_QUANT_NF4    ? "nf4"
-                      : m->quant == LT_QUANT_INT8 ? "int8"
-                                                  : "none";
-    if (m->quant != LT_QUANT_NONE && !m->prequantized && !strcmp(quant, "dynamic")) how = quant;
+    if (!mi.total) return LT_OK; /* unknown room */
     gemma3_fit f = {.name = source,
                     .where = mi.where,
                     .dt = pdt,
-                    .quant = how,
-                    .fixed = m->prequantized,
-                    .need = need,
+                    .quant = plan->quant,
+                    .fixed = plan->prequantized,
+                    .need = 0,
                     .held = shared && s->model && gemma3_on_device(s->model)
                                 ? (size_t)s->model->weight_bytes
-                                : 0};
-    return gemma3_fit_check(&m->cfg, &f, mi.free + mi.cached, s->err);
+                                : 0,
+                    .keep_given = 1,
+                    .keep = keep};
+    return gemma3_fit_check(&plan->cfg, &f, mi.free + mi.cached, s->err);
 }
 #endif
 
@@ -306,20 +304,13 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
     lt_status rc;
     gemma3_load_spec spec = {.dtype = dtype, .quant = quant};
     int32_t *calib = NULL;
+    const char *random_size = NULL;
     qdyn_report_free(&s->quant_next);
     if (!strncmp(source, "random:", 7)) {
-        const char *size = source + 7;
-        if (!strncmp(size, "gemma-3-", 8)) size += 8;
+        random_size = source + 7;
+        if (!strncmp(random_size, "gemma-3-", 8)) random_size += 8;
         rc = tiny_dir(s, dir, sizeof dir);
         if (rc != LT_OK) return lt_fail_prefix(s->err, rc, "%s: needs the tiny tokenizer", source);
-        snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
-        rc = dynamic_spec(s, &spec, opts, tokpath, &calib, &s->quant_next);
-        if (rc != LT_OK) return rc;
-        cb_message(cb, "allocating random weights");
-        rc = gemma3_load_random_spec(&m, size, RANDOM_SEED, &spec, cb, s->err);
-        free(calib);
-        if (rc != LT_OK) return rc;
-        snprintf(m->source, sizeof m->source, "%s", source);
     } else {
         if (!strcmp(source, "tiny")) {
             rc = tiny_dir(s, dir, sizeof dir);
@@ -337,79 +328,82 @@ lt_status lt_load(lt_session *s, const char *source, const lt_load_opts *opts,
                            "google/gemma-3-1b-it[@REVISION], tiny, random:gemma-3-1b)",
                            source);
         }
-        snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
-        if (!is_file(tokpath))
-            return lt_fail(s->err, LT_ERR_IO,
-                           "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
-        rc = dynamic_spec(s, &spec, opts, tokpath, &calib, &s->quant_next);
-        if (rc != LT_OK) return rc;
+    }
+    snprintf(tokpath, sizeof tokpath, "%s/tokenizer.model", dir);
+    if (!random_size && !is_file(tokpath))
+        return lt_fail(s->err, LT_ERR_IO,
+                       "%s: no tokenizer.model (a SentencePiece model) in this directory", dir);
+    lt_ctx *mctx = &s->ctx; /* where the new model's weights live */
+#ifdef HAVE_CUDA
+    /* The CUDA backend: every weight goes to the GPU as soon as it is read, drawn or quantized
+     * (gemma3_device_sink: the host holds about one tensor at a time), in the policy dtype
+     * (bf16 on sm_80+, fp16 on the T4; dtype= overrides), on a CUDA ctx that replaces the
+     * session's below. The fit check runs first, from config.json and the plan. */
+    lt_ctx cuctx;
+    int new_ctx = 0;
+    lt_dtype pdt = LT_BF16;
+    gemma3_device_sink dsink;
+    if (want_cuda) {
+        if (!s->ctx_ready || s->ctx.be != &lt_backend_cuda) {
+            if (lt_ctx_init(&cuctx, &lt_backend_cuda, 0) != LT_OK)
+                return lt_fail(s->err, LT_ERR_DEVICE, "device=cuda: %s", cuctx.err);
+            new_ctx = 1;
+        }
+        mctx = new_ctx ? &cuctx : &s->ctx;
+        if (lt_cuda_parse_precision(mctx, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(mctx);
+        gemma3_plan plan;
+        rc = random_size ? gemma3_plan_random(&plan, random_size, quant, s->err)
+                         : gemma3_plan_dir(&plan, dir, quant, s->err);
+        const char *kd = lt_option_default("load", "quant_keep");
+        double keep = opts ? opts->quant_keep : (kd ? strtod(kd, NULL) : 0.1);
+        if (rc == LT_OK) rc = device_fit_check(s, &plan, mctx, !new_ctx, source, pdt, keep);
+        if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
+            if (new_ctx) lt_ctx_shutdown(&cuctx);
+            return rc;
+        }
+        gemma3_device_sink_init(&dsink, mctx, pdt);
+        spec.sink = &dsink.sink;
+        cb_message(cb, "loading the weights onto the GPU");
+    }
+#endif
+    rc = dynamic_spec(s, &spec, opts, tokpath, &calib, &s->quant_next);
+    if (rc == LT_OK && random_size) {
+        cb_message(cb, "allocating random weights");
+        rc = gemma3_load_random_spec(&m, random_size, RANDOM_SEED, &spec, cb, s->err);
+        if (rc == LT_OK) snprintf(m->source, sizeof m->source, "%s", source);
+    } else if (rc == LT_OK) {
         rc = gemma3_load_dir_spec(&m, dir, &spec, cb, s->err);
-        free(calib);
-        if (rc != LT_OK) return rc;
-        if (!strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
+        if (rc == LT_OK && !strcmp(source, "tiny")) snprintf(m->source, sizeof m->source, "tiny");
     }
-    cb_message(cb, "loading tokenizer");
-    rc = tok_load(&tok, tokpath, s->err);
-    if (rc != LT_OK) {
-        gemma3_model_free(m);
-        return rc;
+    free(calib);
+    if (rc == LT_OK) {
+        cb_message(cb, "loading tokenizer");
+        rc = tok_load(&tok, tokpath, s->err);
     }
-    if (tok_size(tok) > m->cfg.vocab_size) {
+    if (rc == LT_OK && tok_size(tok) > m->cfg.vocab_size)
         rc = lt_fail(s->err, LT_ERR_FORMAT,
                      "%s: the tokenizer has %d pieces but the model has only %d embedding rows",
                      tokpath, tok_size(tok), m->cfg.vocab_size);
-        tok_free(tok);
-        gemma3_model_free(m);
-        return rc;
+    int max_seq = 0;
+    if (rc == LT_OK) {
+        gemma3_config_set_tokens(&m->cfg, tok);
+        max_seq = opts && opts->max_seq > 0 ? opts->max_seq : m->cfg.max_position_embeddings;
+        if (!(opts && opts->max_seq > 0) && max_seq > 8192) max_seq = 8192;
+        if (max_seq > m->cfg.max_position_embeddings)
+            rc = lt_fail(s->err, LT_ERR_ARG,
+                         "max_seq=%d exceeds the model's max_position_embeddings %d", max_seq,
+                         m->cfg.max_position_embeddings);
     }
-    gemma3_config_set_tokens(&m->cfg, tok);
-    int max_seq = opts && opts->max_seq > 0 ? opts->max_seq : m->cfg.max_position_embeddings;
-    if (!(opts && opts->max_seq > 0) && max_seq > 8192) max_seq = 8192;
-    if (max_seq > m->cfg.max_position_embeddings) {
-        rc =
-            lt_fail(s->err, LT_ERR_ARG, "max_seq=%d exceeds the model's max_position_embeddings %d",
-                    max_seq, m->cfg.max_position_embeddings);
+    if (rc != LT_OK) { /* the session's model and ctx are as they were */
         tok_free(tok);
-        gemma3_model_free(m);
+        gemma3_model_release(m, mctx);
+#ifdef HAVE_CUDA
+        if (new_ctx) lt_ctx_shutdown(&cuctx);
+#endif
         return rc;
     }
 #ifdef HAVE_CUDA
-    /* The CUDA backend: copy the weights to the GPU in the policy dtype (bf16 on sm_80+,
-     * fp16 on the T4; dtype= overrides), on a CUDA ctx that replaces the session's below. */
-    lt_ctx cuctx;
-    int new_ctx = 0;
-    if (want_cuda) {
-        if (!s->ctx_ready || s->ctx.be != &lt_backend_cuda) {
-            if (lt_ctx_init(&cuctx, &lt_backend_cuda, 0) != LT_OK) {
-                rc = lt_fail(s->err, LT_ERR_DEVICE, "device=cuda: %s", cuctx.err);
-                tok_free(tok);
-                gemma3_model_free(m);
-                return rc;
-            }
-            new_ctx = 1;
-        }
-        lt_ctx *dc = new_ctx ? &cuctx : &s->ctx;
-        lt_dtype pdt;
-        if (lt_cuda_parse_precision(dc, dtype, &pdt) != 0) pdt = lt_cuda_policy_dtype(dc);
-        rc = device_fit_check(s, m, dc, !new_ctx, source, quant, pdt);
-        if (rc != LT_OK) { /* before set_precision: a shared ctx stays as its model wants */
-            tok_free(tok);
-            gemma3_model_free(m);
-            if (new_ctx) lt_ctx_shutdown(&cuctx);
-            return rc;
-        }
-        lt_cuda_set_precision(dc, pdt);
-        gemma3_model *dm = NULL;
-        cb_message(cb, "copying weights to the GPU");
-        rc = gemma3_to_device(&dm, m, dc, pdt, s->err);
-        gemma3_model_free(m);
-        if (rc != LT_OK) {
-            tok_free(tok);
-            if (new_ctx) lt_ctx_shutdown(&cuctx);
-            return rc;
-        }
-        m = dm;
-    }
+    if (want_cuda) lt_cuda_set_precision(mctx, pdt);
 #endif
     /* success: swap in */
     cache_drop(s);

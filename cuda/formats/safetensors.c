@@ -426,6 +426,22 @@ lt_status st_open(st_set *s, const char *path, char *err) {
     return rc;
 }
 
+int st_release_pages(const st_set *s, const void *p, size_t n) {
+    uintptr_t a = (uintptr_t)p, e = a + n;
+    for (int i = 0; i < s->n_files; i++) {
+        uintptr_t m = (uintptr_t)s->files[i].map;
+        if (!s->files[i].map || s->files[i].map == MAP_FAILED || a < m || e > m + s->files[i].size)
+            continue;
+        long ps = sysconf(_SC_PAGESIZE);
+        if (ps <= 0) return 1;
+        uintptr_t lo = (a + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1),
+                  hi = e & ~((uintptr_t)ps - 1);
+        if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        return 1;
+    }
+    return 0;
+}
+
 const st_tensor *st_find(const st_set *s, const char *name) {
     /* Linear scan: a few thousand names at most, once per weight at load time. */
     for (int i = 0; i < s->n_tensors; i++)

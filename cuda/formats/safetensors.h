@@ -47,6 +47,12 @@ lt_status st_open(st_set *s, const char *path, char *err);
 /* Opens one file and appends its tensors (used by st_open). */
 lt_status st_open_file(st_set *s, const char *file, char *err);
 const st_tensor *st_find(const st_set *s, const char *name);
+/* Gives the pages of [p, p + n) back to the system when that range lies inside one of the
+ * set's mapped files (only whole pages inside the range: a neighbour's bytes are never
+ * touched). The mapping stays and the file gives the bytes back if they are read again; bytes
+ * written into the private mapping there are lost. 1 when the range was mapped, else 0 (and
+ * nothing is done). For loaders that have copied a tensor elsewhere. */
+int st_release_pages(const st_set *s, const void *p, size_t n);
 void st_close(st_set *s);
 /* The tensor's elements converted to dt into dst (numel elements), through an aligned scratch
  * copy when the tensor is not aligned to its element size in the file. t must be F32, F16 or

@@ -1,6 +1,8 @@
 /* gemma3.c — Gemma 3 text model: weight assembly (from safetensors or random, with the
  * linears quantized at load when asked, quant=dynamic's layer-by-layer calibration included),
  * the weight walk for exporters, the KV cache, and the forward pass written against backend.h.
+ * A load with a sink (spec->sink, model.h) hands each weight over the moment it is finished, so
+ * a sink that moves weights off the host keeps host memory at about one tensor.
  *
  * Owns gemma3_model and gemma3_cache. The forward reads like transformers' modeling_gemma3.py
  * (Gemma3TextModel.forward) and never
@@ -17,8 +19,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include "cuda/base/threads.h"
 #include "cuda/formats/bnb.h"
@@ -33,7 +33,13 @@
 struct gemma3_storage {
     st_set st; /* mapped checkpoint (may be empty) */
     void **blocks;
+    size_t *sizes; /* [n_blocks]: each block's bytes */
     int n_blocks, cap_blocks;
+    size_t live, peak; /* bytes of the blocks now, and at most so far */
+    /* bitsandbytes' dynamic map of the double-quantized absmax, once per model (not a block:
+     * it stays while the storage does, whatever a sink gives back) */
+    float code2[256];
+    int have_code2;
 };
 
 static void *storage_alloc(gemma3_storage *s, size_t bytes) {
@@ -42,36 +48,70 @@ static void *storage_alloc(gemma3_storage *s, size_t bytes) {
         void **nb = realloc(s->blocks, sizeof(void *) * (size_t)nc);
         if (!nb) return NULL;
         s->blocks = nb;
+        size_t *ns = realloc(s->sizes, sizeof(size_t) * (size_t)nc);
+        if (!ns) return NULL;
+        s->sizes = ns;
         s->cap_blocks = nc;
     }
     void *p = malloc(bytes ? bytes : 1);
-    if (p) s->blocks[s->n_blocks++] = p;
+    if (!p) return NULL;
+    s->blocks[s->n_blocks] = p;
+    s->sizes[s->n_blocks++] = bytes;
+    s->live += bytes;
+    if (s->live > s->peak) s->peak = s->live;
     return p;
 }
 
-/* Frees one block storage_alloc gave (NULL: nothing). */
-static void storage_release(gemma3_storage *s, const void *p) {
-    if (!p) return;
+/* Frees one block storage_alloc gave; 1 when p was one (NULL or another pointer: 0). */
+static int storage_release(gemma3_storage *s, const void *p) {
+    if (!p) return 0;
     for (int i = s->n_blocks - 1; i >= 0; i--) {
         if (s->blocks[i] != p) continue;
         free(s->blocks[i]);
-        s->blocks[i] = s->blocks[--s->n_blocks];
-        return;
+        s->live -= s->sizes[i];
+        s->n_blocks--;
+        s->blocks[i] = s->blocks[s->n_blocks];
+        s->sizes[i] = s->sizes[s->n_blocks];
+        return 1;
     }
+    return 0;
+}
+
+static void storage_free(gemma3_storage *s) {
+    if (!s) return;
+    for (int i = 0; i < s->n_blocks; i++)
+        free(s->blocks[i]);
+    free(s->blocks);
+    free(s->sizes);
+    st_close(&s->st);
+    free(s);
 }
 
 void gemma3_model_free(gemma3_model *m) {
     if (!m) return;
-    if (m->storage) {
-        for (int i = 0; i < m->storage->n_blocks; i++)
-            free(m->storage->blocks[i]);
-        free(m->storage->blocks);
-        st_close(&m->storage->st);
-        free(m->storage);
-    }
+    storage_free(m->storage);
     siglip_free(m->vision);
     free(m->layers);
     free(m);
+}
+
+void gemma3_host_release(gemma3_model *m, const void *p, size_t bytes) {
+    if (!p || !m->storage) return;
+    if (!storage_release(m->storage, p)) st_release_pages(&m->storage->st, p, bytes);
+}
+
+void gemma3_host_bytes(const gemma3_model *m, size_t *live, size_t *peak) {
+    *live = m->storage ? m->storage->live : 0;
+    *peak = m->storage ? m->storage->peak : 0;
+}
+
+const st_set *gemma3_host_checkpoint(const gemma3_model *m) {
+    return m->storage && m->storage->st.n_files ? &m->storage->st : NULL;
+}
+
+void gemma3_host_drop(gemma3_model *m) {
+    storage_free(m->storage);
+    m->storage = NULL;
 }
 
 static gemma3_model *model_new(const gemma3_config *cfg, char *err) {
@@ -319,7 +359,6 @@ typedef struct quant_plan {
     int dynamic;        /* quant=dynamic: NF4 + double quant, the worst linears kept 16-bit */
     const char *why;    /* "quant=nf4" or "quantization_config" (messages) */
     bnb_config cfg;     /* config.json's quantization_config (present = 0 when none) */
-    float *code2;       /* the dynamic map, once per model (storage) */
 } quant_plan;
 
 static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_path, char *err) {
@@ -365,6 +404,38 @@ static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_pa
     }
     if (rc != LT_OK) bnb_config_free(&p->cfg);
     return rc;
+}
+
+static void plan_fill(gemma3_plan *out, const quant_plan *p) {
+    snprintf(out->quant, sizeof out->quant, "%s",
+             p->dynamic                 ? "dynamic"
+             : p->kind == LT_QUANT_NF4  ? "nf4"
+             : p->kind == LT_QUANT_INT8 ? "int8"
+                                        : "none");
+    out->prequantized = p->cfg.present;
+}
+
+lt_status gemma3_plan_dir(gemma3_plan *p, const char *dir, const char *quant, char *err) {
+    memset(p, 0, sizeof *p);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    lt_status rc = gemma3_config_load(&p->cfg, path, err);
+    quant_plan qp;
+    if (rc == LT_OK) rc = plan_quant(&qp, quant, path, err);
+    if (rc != LT_OK) return rc;
+    plan_fill(p, &qp);
+    bnb_config_free(&qp.cfg);
+    return LT_OK;
+}
+
+lt_status gemma3_plan_random(gemma3_plan *p, const char *size, const char *quant, char *err) {
+    memset(p, 0, sizeof *p);
+    quant_plan qp;
+    lt_status rc = plan_quant(&qp, quant, NULL, err);
+    if (rc != LT_OK) return rc;
+    plan_fill(p, &qp);
+    bnb_config_free(&qp.cfg);
+    return gemma3_config_preset(&p->cfg, size, err);
 }
 
 /* An aligned copy of an F32 quant-state tensor in the model's storage. */
@@ -461,9 +532,12 @@ static lt_status quantize_values(gemma3_model *m, lt_weight *w, const float *x, 
     uint8_t *packed = storage_alloc(m->storage, (size_t)((n + 1) / 2));
     float *absmax = p->nested ? malloc(sizeof(float) * (size_t)nb)
                               : storage_alloc(m->storage, sizeof(float) * (size_t)nb);
-    if (p->nested && !p->code2 && (p->code2 = storage_alloc(m->storage, 256 * sizeof(float))))
-        bnb_dynamic_map(p->code2);
-    if (packed && absmax && (!p->nested || p->code2)) {
+    float *code2 = m->storage->code2;
+    if (p->nested && !m->storage->have_code2) {
+        bnb_dynamic_map(code2);
+        m->storage->have_code2 = 1;
+    }
+    if (packed && absmax) {
         nf4_quantize_all_cores(x, n, (int)bs, packed, absmax);
         w->w = lt_tensor_2d(LT_U8, packed, out, in);
         q->kind = LT_QUANT_NF4;
@@ -474,13 +548,13 @@ static lt_status quantize_values(gemma3_model *m, lt_weight *w, const float *x, 
             uint8_t *qa = storage_alloc(m->storage, (size_t)nb);
             float *a2 = storage_alloc(m->storage, sizeof(float) * (size_t)nb2);
             if (qa && a2)
-                rc = bnb_double_quantize(absmax, nb, p->code2, BNB_NESTED_BLOCKSIZE, qa, a2,
+                rc = bnb_double_quantize(absmax, nb, code2, BNB_NESTED_BLOCKSIZE, qa, a2,
                                          &q->offset);
             else
                 rc = LT_ERR_MEMORY;
             q->qabsmax = qa;
             q->absmax2 = a2;
-            q->code2 = p->code2;
+            q->code2 = code2;
             q->nested_blocksize = BNB_NESTED_BLOCKSIZE;
         } else {
             q->absmax = absmax;
@@ -511,17 +585,9 @@ static lt_status linear_to_f32(gemma3_model *m, const st_tensor *src, int64_t ou
 }
 
 /* The pages of a mapped checkpoint tensor no longer needed in memory (its fp32 copy is made)
- * go back to the system, so quantizing at load holds about one tensor of the 16-bit model at
- * a time rather than every page it has read. The mapping stays, and the file gives the bytes
- * back if they are read again (a merged save from the original weights). Only whole pages
- * inside the tensor are released, so a neighbour's bytes are never touched. */
-static void release_pages(const void *data, size_t bytes) {
-    long ps = sysconf(_SC_PAGESIZE);
-    if (ps <= 0) return;
-    uintptr_t a = ((uintptr_t)data + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1);
-    uintptr_t b = ((uintptr_t)data + bytes) & ~((uintptr_t)ps - 1);
-    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
-}
+ * go back to the system (st_release_pages), so quantizing at load holds about one tensor of the
+ * 16-bit model at a time rather than every page it has read. The mapping stays, and the file
+ * gives the bytes back if they are read again (a merged save from the original weights). */
 
 /* Quantizes the 16-bit tensor src into w as plan p says. */
 static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor *src, quant_plan *p,
@@ -531,7 +597,7 @@ static lt_status quantize_linear(gemma3_model *m, lt_weight *w, const st_tensor 
     if (!x) return lt_fail(err, LT_ERR_MEMORY, "%s: out of memory quantizing '%s'", file, name);
     lt_status rc = linear_to_f32(m, src, out, in, name, p->why, x, err);
     if (rc == LT_OK) {
-        release_pages(src->data, src->nbytes);
+        st_release_pages(&m->storage->st, src->data, src->nbytes);
         rc = quantize_values(m, w, x, p, out, in);
         if (rc != LT_OK) lt_fail(err, rc, "%s: out of memory quantizing '%s'", file, name);
     }
@@ -640,8 +706,17 @@ typedef struct dyn_source {
     void *user;
 } dyn_source;
 
+/* quant=dynamic's calibration input (calib_embed). */
+typedef struct dyn_calib {
+    float *h0; /* [T, H] fp32, host memory */
+    int T;
+} dyn_calib;
+
+static lt_status calib_embed(const gemma3_model *m, const gemma3_load_spec *spec, dyn_calib *dc,
+                             char *err);
 static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_spec *spec,
-                              const dyn_source *src, const lt_callbacks *cb, char *err);
+                              const dyn_source *src, const dyn_calib *dc, const lt_callbacks *cb,
+                              char *err);
 
 /* A checkpoint's linears for quant=dynamic: mapped 16-bit tensors. */
 typedef struct dir_linears {
@@ -672,7 +747,9 @@ static lt_status dir_linear_read(void *user, gemma3_model *m, int l, int k, floa
     int64_t shape[2];
     const st_tensor *src = dir_linear_find(user, m, l, k, name, sizeof name, shape, err);
     if (!src) return LT_ERR_FORMAT;
-    return linear_to_f32(m, src, shape[0], shape[1], name, "quant=dynamic", x, err);
+    lt_status rc = linear_to_f32(m, src, shape[0], shape[1], name, "quant=dynamic", x, err);
+    if (rc == LT_OK) st_release_pages(&m->storage->st, src->data, src->nbytes);
+    return rc;
 }
 
 static lt_status dir_linear_keep16(void *user, gemma3_model *m, int l, int k, lt_weight *w,
@@ -792,6 +869,8 @@ lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3
     for (int i = 0; i < st->n_tensors; i++)
         if (is_vision_name(st->tensors[i].name)) m->skipped_vision = 1;
 
+    const gemma3_sink *sink = spec->sink;
+    dyn_calib calib = {0};
     int n = gemma3_weight_count(m);
     for (int i = 0; i < n && rc == LT_OK; i++) {
         char canon[160], name[256];
@@ -817,27 +896,37 @@ lt_status gemma3_load_dir_spec(gemma3_model **out, const char *dir, const gemma3
                          cfg.num_hidden_layers, cfg.tie_word_embeddings ? "" : ", untied head");
             break;
         }
-        int linear = kind == W_MATRIX && i >= 1 && i <= cfg.num_hidden_layers * N_LAYER_W;
+        int in_layer = i >= 1 && i <= cfg.num_hidden_layers * N_LAYER_W;
+        int linear = kind == W_MATRIX && in_layer;
         if (linear && plan.dynamic)
             ; /* measured and placed layer by layer below */
         else if (linear)
             rc = place_linear(m, (lt_weight *)slot, name, canon, &plan, is_auto, want, shape, err);
         else
             rc = place_tensor(m, slot, src, name, kind, is_auto, want, shape, nd, err);
+        if (rc == LT_OK && i == 0) m->dtype = slot->dtype;
+        if (rc == LT_OK && i == 0 && plan.dynamic) rc = calib_embed(m, spec, &calib, err);
+        /* quant=dynamic's layers go to the sink once measured (their norms wait on the host) */
+        if (rc == LT_OK && sink && !(plan.dynamic && in_layer))
+            rc = sink->place(sink->user, m, canon, slot, err);
         if (cb && cb->progress) cb->progress(cb->ctx, "loading weights", i + 1, n);
     }
     if (rc == LT_OK && plan.dynamic) {
         dir_linears d = {prefix, is_auto, want};
         dyn_source src = {dir_linear_read, dir_linear_keep16, &d};
-        rc = load_dynamic(m, &plan, spec, &src, cb, err);
+        rc = load_dynamic(m, &plan, spec, &src, &calib, cb, err);
     }
+    free(calib.h0);
     bnb_config_free(&plan.cfg);
+    if (rc == LT_OK) {
+        load_vision(m, st);
+        if (sink) rc = sink->finish(sink->user, m, err);
+    }
     if (rc != LT_OK) {
+        if (sink) sink->abort(sink->user, m);
         gemma3_model_free(m);
         return rc;
     }
-    m->dtype = m->embed_tokens.w.dtype;
-    load_vision(m, st);
     *out = m;
     return LT_OK;
 }
@@ -998,8 +1087,9 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
     snprintf(m->source, sizeof m->source, "random:gemma-3-%s", size);
 
     /* plan: sizes first, refuse before allocating when it cannot fit */
+    const gemma3_sink *sink = spec->sink;
     int n = gemma3_weight_count(m);
-    int64_t bytes = 0, largest = 0, linear_params = 0, layer_linears = 0;
+    int64_t bytes = 0, largest = 0, linear_params = 0, layer_linears = 0, largest16 = 0;
     for (int i = 0; i < n; i++) {
         char name[160];
         wkind kind;
@@ -1012,18 +1102,32 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
         if (quantized && numel > largest) largest = numel;
         if (quantized) linear_params += numel;
         if (quantized && i <= N_LAYER_W) layer_linears += numel; /* layer 0's seven */
-        bytes += quantized        ? numel * (qp.kind == LT_QUANT_NF4 ? 9 : 16) / 16
-                 : kind == W_NORM ? numel * 4
-                                  : numel * (int64_t)lt_dtype_size(want);
+        int64_t tb = quantized        ? numel * (qp.kind == LT_QUANT_NF4 ? 9 : 16) / 16
+                     : kind == W_NORM ? numel * 4
+                                      : numel * (int64_t)lt_dtype_size(want);
+        if (!quantized && tb > largest16) largest16 = tb;
+        bytes += tb;
     }
     double keep = spec->quant_keep;
-    if (qp.dynamic) /* one layer's linears in fp32, and the kept ones in 16 bits */
+    int64_t draw_bytes = largest * 4 + largest * (qp.kind == LT_QUANT_NF4 ? 9 : 16) / 16;
+    if (sink) /* one tensor at a time: the largest 16-bit one, or a linear's draw + its form */
+        bytes = (largest16 > draw_bytes ? largest16 : draw_bytes) +
+                (qp.dynamic ? layer_linears * 4 : 0);
+    else if (qp.dynamic) /* one layer's linears in fp32, and the kept ones in 16 bits */
         bytes += layer_linears * 4 +
                  (int64_t)(keep * (double)linear_params) * (int64_t)lt_dtype_size(want);
     else
         bytes += largest * 4; /* the fp32 draw of one linear */
     int64_t avail = mem_available_bytes();
-    if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
+    if (avail > 0 && bytes > avail - ((int64_t)1 << 30) && sink) {
+        lt_fail(err, LT_ERR_MEMORY,
+                "random:gemma-3-%s needs %.1f GB of host memory while its weights go to the "
+                "device one at a time (+1 GB headroom) but only %.1f GB is available",
+                size, bytes / 1e9, avail / 1e9);
+        gemma3_model_free(m);
+        bnb_config_free(&qp.cfg);
+        return LT_ERR_MEMORY;
+    } else if (avail > 0 && bytes > avail - ((int64_t)1 << 30)) {
         lt_fail(err, LT_ERR_MEMORY,
                 "random:gemma-3-%s needs %.1f GB for its %s weights (+1 GB headroom) but only "
                 "%.1f GB of memory is available (%s)",
@@ -1053,6 +1157,7 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
                                                       : "filling random weights");
     int n_items = 0;
     uint64_t sm = seed;
+    dyn_calib calib = {0};
     for (int i = 0; i < n && rc == LT_OK; i++) {
         char name[160];
         wkind kind;
@@ -1067,6 +1172,7 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
         uint64_t ts = splitmix64(&sm);
         lt_weight *w = gemma3_weight_owner(m, t);
         int linear = w && w != &m->embed_tokens && w != &m->lm_head;
+        int in_layer = i >= 1 && i <= cfg.num_hidden_layers * N_LAYER_W;
         if (linear && qp.dynamic) { /* drawn, measured and placed layer by layer below */
             seeds[(i - 1) / N_LAYER_W * N_LINEAR + linear_of_row((i - 1) % N_LAYER_W)] = ts;
             continue;
@@ -1082,41 +1188,51 @@ lt_status gemma3_load_random_spec(gemma3_model **out, const char *size, uint64_t
             }
             m->n_quantized++;
             m->weight_bytes += (int64_t)lt_weight_bytes(w);
-            continue;
-        }
-        t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
-        if (!t->data) {
-            rc = lt_fail(err, LT_ERR_MEMORY, "out of memory allocating '%s' (%s)", name,
-                         lt_dtype_user_name(t->dtype));
-            break;
-        }
-        if (kind == W_NORM) {
-            memset(t->data, 0, lt_tensor_bytes(t)); /* Gemma's (1 + w) norms start at w = 0 */
         } else {
-            items[n_items++] = (fill_item){t->data, t->dtype, numel, ts};
+            t->data = storage_alloc(m->storage, lt_tensor_bytes(t));
+            if (!t->data) {
+                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory allocating '%s' (%s)", name,
+                             lt_dtype_user_name(t->dtype));
+                break;
+            }
+            if (kind == W_NORM) {
+                memset(t->data, 0, lt_tensor_bytes(t)); /* Gemma's (1 + w) norms start at w = 0 */
+            } else if (sink) {                          /* drawn now: it leaves the host next */
+                fill_item one = {t->data, t->dtype, numel, ts};
+                fill_all_cores(&one, 1);
+            } else {
+                items[n_items++] = (fill_item){t->data, t->dtype, numel, ts};
+            }
+            m->weight_bytes += (int64_t)lt_tensor_bytes(t);
         }
-        m->weight_bytes += (int64_t)lt_tensor_bytes(t);
+        if (sink && i == 0 && qp.dynamic) rc = calib_embed(m, spec, &calib, err);
+        /* quant=dynamic's layers go to the sink once measured (their norms wait on the host) */
+        if (rc == LT_OK && sink && !(qp.dynamic && in_layer))
+            rc = sink->place(sink->user, m, name, t, err);
     }
     free(draw);
     if (rc == LT_OK) fill_all_cores(items, n_items);
     free(items);
+    if (rc == LT_OK && qp.dynamic && !sink) rc = calib_embed(m, spec, &calib, err);
     if (rc == LT_OK && qp.dynamic) {
         random_linears r = {seeds, want};
         dyn_source src = {random_linear_read, random_linear_keep16, &r};
-        rc = load_dynamic(m, &qp, spec, &src, cb, err);
+        rc = load_dynamic(m, &qp, spec, &src, &calib, cb, err);
     }
     free(seeds);
-    if (rc != LT_OK) {
-        gemma3_model_free(m);
-        bnb_config_free(&qp.cfg);
-        return rc;
-    }
-    if (qp.kind != LT_QUANT_NONE && !qp.dynamic) {
+    free(calib.h0);
+    if (rc == LT_OK && qp.kind != LT_QUANT_NONE && !qp.dynamic) {
         m->quant = qp.kind;
         m->quant_nested = qp.nested;
     }
     bnb_config_free(&qp.cfg);
     m->dtype = want;
+    if (rc == LT_OK && sink) rc = sink->finish(sink->user, m, err);
+    if (rc != LT_OK) {
+        if (sink) sink->abort(sink->user, m);
+        gemma3_model_free(m);
+        return rc;
+    }
     *out = m;
     return LT_OK;
 }
@@ -1625,14 +1741,39 @@ done:
  * two, and no cancellation), and its fp32 copy dropped. The forward runs on a CPU context of its
  * own (the weights are host memory, whatever device the model goes to afterwards). Once every
  * layer is measured, qdyn_report_choose picks the linears kept in 16 bits within the budget;
- * those give their quantized bytes back and are placed again from the source. */
+ * those give their quantized bytes back and are placed again from the source.
+ * With a sink the quantized linears are not kept while the others are measured (that would be
+ * the whole quantized model in host memory): each is dropped once measured, and after the
+ * choice every layer is placed again, a linear at a time (read, quantized again or kept in 16
+ * bits, handed to the sink; quantizing is deterministic, so the bytes are the same). The host
+ * memory at the peak is then one layer's seven linears in fp32 and one quantized linear, plus
+ * the captured inputs and outputs (T x the seven linears' in + out floats). */
 
-static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_spec *spec,
-                              const dyn_source *src, const lt_callbacks *cb, char *err) {
+static void weight_release_host(gemma3_model *m, lt_weight *w) {
+    size_t parts[LT_WEIGHT_MAX_PARTS];
+    const lt_quant *q = &w->q;
+    int nested = q->kind == LT_QUANT_NF4 && q->qabsmax;
+    lt_weight_parts(q->kind, lt_tensor_numel(&w->w), w->w.shape[0], lt_dtype_size(w->w.dtype),
+                    q->blocksize, nested ? q->nested_blocksize : 0, parts);
+    gemma3_host_release(m, w->w.data, parts[0]);
+    if (q->kind == LT_QUANT_NF4 && nested) {
+        gemma3_host_release(m, q->qabsmax, parts[2]);
+        gemma3_host_release(m, q->absmax2, parts[3]);
+    } else if (q->kind == LT_QUANT_NF4) {
+        gemma3_host_release(m, q->absmax, parts[2]);
+    } else if (q->kind == LT_QUANT_INT8) {
+        gemma3_host_release(m, q->scb, parts[1]);
+    }
+    memset(w, 0, sizeof *w);
+}
+
+/* The calibration tokens embedded (E[ids] * sqrt(H), as the forward starts), [T, H] fp32 in
+ * host memory: taken as soon as the embedding is read, since a sink may move it off the host
+ * next. T: the calibration tokens, at most max_position_embeddings. */
+static lt_status calib_embed(const gemma3_model *m, const gemma3_load_spec *spec, dyn_calib *dc,
+                             char *err) {
     const gemma3_config *c = &m->cfg;
-    int L = c->num_hidden_layers, T = spec->n_calib;
-    double keep = spec->quant_keep;
-    err[0] = 0;
+    int T = spec->n_calib;
     if (T > c->max_position_embeddings) T = c->max_position_embeddings;
     for (int t = 0; t < T; t++)
         if (spec->calib_ids[t] < 0 || spec->calib_ids[t] >= c->vocab_size)
@@ -1640,6 +1781,69 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
                            "quant=dynamic: calibration token %d at position %d is outside the "
                            "vocabulary [0, %d)",
                            spec->calib_ids[t], t, c->vocab_size);
+    lt_ctx ctx;
+    if (lt_ctx_init(&ctx, &lt_backend_cpu, spec->n_threads) != LT_OK)
+        return lt_fail(err, LT_ERR_MEMORY, "quant=dynamic: %s", ctx.err);
+    lt_status rc = LT_OK;
+    dc->T = T;
+    dc->h0 = malloc(sizeof(float) * (size_t)T * (size_t)c->hidden_size);
+    if (!dc->h0)
+        rc = lt_fail(err, LT_ERR_MEMORY,
+                     "out of memory for quant=dynamic's calibration (%d tokens)", T);
+    else if ((rc = ctx.be->embedding(&ctx, lt_tensor_2d(LT_F32, dc->h0, T, c->hidden_size),
+                                     lt_tensor_1d(LT_I32, (void *)spec->calib_ids, T),
+                                     &m->embed_tokens, gemma3_embed_scale(m))) != LT_OK)
+        lt_fail(err, rc, "quant=dynamic: %s", ctx.err);
+    lt_ctx_shutdown(&ctx);
+    if (rc != LT_OK) {
+        free(dc->h0);
+        dc->h0 = NULL;
+    }
+    return rc;
+}
+
+/* Layer l's 13 weights to the sink, in the walk's order (quant=dynamic with a sink), each
+ * linear made final first: kept in 16 bits, or (dropped after measuring) read and quantized
+ * again. */
+static lt_status dynamic_place_layer(gemma3_model *m, quant_plan *p, const dyn_source *src,
+                                     const qdyn_report *rep, int l, const gemma3_sink *sink,
+                                     char *err) {
+    lt_status rc = LT_OK;
+    for (int r = 0; r < N_LAYER_W && rc == LT_OK; r++) {
+        int k = linear_of_row(r);
+        lt_tensor *t = (lt_tensor *)((char *)&m->layers[l] + layer_table[r].off);
+        char name[160];
+        snprintf(name, sizeof name, "model.layers.%d.%s", l, layer_table[r].suffix);
+        if (k >= 0 && rep->mods[l * N_LINEAR + k].kept) {
+            rc = src->keep16(src->user, m, l, k, layer_linear(&m->layers[l], k), err);
+            if (rc != LT_OK) return rc;
+        } else if (k >= 0) {
+            lt_weight *w = layer_linear(&m->layers[l], k);
+            int64_t shape[2];
+            int nd;
+            layer_shape(&m->cfg, r, shape, &nd);
+            float *x = malloc(sizeof(float) * (size_t)(shape[0] * shape[1]));
+            if (!x) return lt_fail(err, LT_ERR_MEMORY, "out of memory reading '%s'", name);
+            rc = src->read(src->user, m, l, k, x, err);
+            if (rc == LT_OK && (rc = quantize_values(m, w, x, p, shape[0], shape[1])) != LT_OK)
+                lt_fail(err, rc, "out of memory quantizing '%s'", name);
+            free(x);
+            if (rc != LT_OK) return rc;
+            m->weight_bytes += (int64_t)lt_weight_bytes(w);
+        }
+        rc = sink->place(sink->user, m, name, t, err);
+    }
+    return rc;
+}
+
+static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_spec *spec,
+                              const dyn_source *src, const dyn_calib *dc, const lt_callbacks *cb,
+                              char *err) {
+    const gemma3_config *c = &m->cfg;
+    const gemma3_sink *sink = spec->sink;
+    int L = c->num_hidden_layers, T = dc->T;
+    double keep = spec->quant_keep;
+    err[0] = 0;
     qdyn_report rep;
     if (qdyn_report_init(&rep, L * N_LINEAR) != LT_OK)
         return lt_fail(err, LT_ERR_MEMORY, "out of memory");
@@ -1674,9 +1878,7 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
     for (int t = 0; t < T; t++)
         pos[t] = t;
     LT_TRY(be->upload(&ctx, b.pos, pos, sizeof(int32_t) * (size_t)T));
-    LT_TRY(be->upload(&ctx, b.ids, spec->calib_ids, sizeof(int32_t) * (size_t)T));
-    LT_TRY(be->embedding(&ctx, lt_tensor_2d(LT_F32, b.h, T, c->hidden_size),
-                         lt_tensor_1d(LT_I32, b.ids, T), &m->embed_tokens, gemma3_embed_scale(m)));
+    LT_TRY(be->upload(&ctx, b.h, dc->h0, sizeof(float) * (size_t)T * (size_t)c->hidden_size));
     if (cb && cb->message) {
         char msg[160];
         snprintf(msg, sizeof msg,
@@ -1728,6 +1930,7 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
             mod->output_error = qdyn_ratio(qdyn_sumsq(dy, T * out), qdyn_sumsq(cap.y[k], T * out));
             free(wf[k]);
             wf[k] = NULL;
+            if (sink) weight_release_host(m, w); /* placed again after the choice */
         }
         if (cb && cb->progress) cb->progress(cb->ctx, "measuring and quantizing", l + 1, L);
     }
@@ -1738,15 +1941,21 @@ static lt_status load_dynamic(gemma3_model *m, quant_plan *p, const gemma3_load_
     for (int i = 0; i < L * N_LINEAR; i++) {
         lt_weight *w = layer_linear(&m->layers[i / N_LINEAR], i % N_LINEAR);
         if (rep.mods[i].kept) {
-            storage_release(m->storage, w->w.data); /* the quantized bytes it will not use */
-            storage_release(m->storage, w->q.qabsmax);
-            storage_release(m->storage, w->q.absmax2);
-            LT_TRY(src->keep16(src->user, m, i / N_LINEAR, i % N_LINEAR, w, err));
+            if (!sink) { /* (with a sink, dynamic_place_layer reads it) */
+                storage_release(m->storage, w->w.data); /* the quantized bytes it will not use */
+                storage_release(m->storage, w->q.qabsmax);
+                storage_release(m->storage, w->q.absmax2);
+                LT_TRY(src->keep16(src->user, m, i / N_LINEAR, i % N_LINEAR, w, err));
+            }
             m->n_kept16++;
         } else {
             m->n_quantized++;
             m->n_params += rep.mods[i].n_params;
-            m->weight_bytes += (int64_t)lt_weight_bytes(w);
+            if (!sink) m->weight_bytes += (int64_t)lt_weight_bytes(w);
+        }
+        if (sink && i % N_LINEAR == N_LINEAR - 1) {
+            LT_TRY(dynamic_place_layer(m, p, src, &rep, i / N_LINEAR, sink, err));
+            if (cb && cb->progress) cb->progress(cb->ctx, "placing layers", i / N_LINEAR + 1, L);
         }
     }
     m->quant = LT_QUANT_NF4;

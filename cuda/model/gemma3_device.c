@@ -8,7 +8,9 @@
  * state; the backend decodes them inside its matmuls. Does not touch gemma3.c's storage or
  * the host model, which the caller still owns. Also owns the arithmetic of what a device copy
  * takes (from a config or from a loaded model, through lt_weight_parts) and the refusal of a
- * load that cannot fit, which names the quantized loads that would. See gemma3_device.h.
+ * load that cannot fit, which names the quantized loads that would, and gemma3_device_sink: the
+ * same placement one weight at a time while a loader runs, each weight in a block of its own,
+ * its host copy given back at once. See gemma3_device.h.
  */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
@@ -28,7 +30,8 @@
 
 typedef struct dev_entry {
     const gemma3_model *m;
-    void *arena; /* backend memory holding every tensor */
+    void **blocks; /* backend memory holding every tensor (a malloc'd array) */
+    int n_blocks;
 } dev_entry;
 
 #define DEV_MAX 64
@@ -39,6 +42,21 @@ static int dev_find(const gemma3_model *m) {
     for (int i = 0; i < DEV_MAX; i++)
         if (dev_models[i].m == m) return i;
     return -1;
+}
+
+/* Records m as a device model owning blocks[n] (taken over on success). err on failure. */
+static lt_status dev_register(const gemma3_model *m, void **blocks, int n, char *err) {
+    pthread_mutex_lock(&dev_mu);
+    int slot = dev_find(NULL);
+    if (slot >= 0) {
+        dev_models[slot].m = m;
+        dev_models[slot].blocks = blocks;
+        dev_models[slot].n_blocks = n;
+    }
+    pthread_mutex_unlock(&dev_mu);
+    if (slot < 0)
+        return lt_fail(err, LT_ERR_STATE, "too many models on the device at once (%d)", DEV_MAX);
+    return LT_OK;
 }
 
 int gemma3_on_device(const gemma3_model *m) {
@@ -53,15 +71,18 @@ void gemma3_model_release(gemma3_model *m, lt_ctx *ctx) {
     if (!m) return;
     pthread_mutex_lock(&dev_mu);
     int i = dev_find(m);
-    void *arena = i >= 0 ? dev_models[i].arena : NULL;
-    if (i >= 0) dev_models[i].m = NULL, dev_models[i].arena = NULL;
+    dev_entry e = i >= 0 ? dev_models[i] : (dev_entry){0};
+    if (i >= 0) memset(&dev_models[i], 0, sizeof dev_models[i]);
     pthread_mutex_unlock(&dev_mu);
     if (i < 0) {
         gemma3_model_free(m);
         return;
     }
-    if (arena && ctx && ctx->be && ctx->be->release) ctx->be->release(ctx, arena);
+    for (int b = 0; b < e.n_blocks; b++)
+        if (e.blocks[b] && ctx && ctx->be && ctx->be->release) ctx->be->release(ctx, e.blocks[b]);
+    free(e.blocks);
     siglip_release(m->vision, ctx);
+    gemma3_host_drop(m); /* NULL for device models; kept for safety */
     free(m->layers);
     free(m);
 }
@@ -183,9 +204,13 @@ static int place_one(void *user, const char *name, lt_tensor *t) {
 }
 
 /* The image tower of a device copy: copied when the backend has the image ops; otherwise (or
- * when it does not fit) the text model goes on without it and vision_error says why. */
-static void device_vision(gemma3_model *m, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt) {
-    if (!host->vision) return; /* vision_error came with the copy */
+ * when it does not fit) the text model goes on without it and vision_error says why. drop (the
+ * host's checkpoint, or NULL to leave the host tower as it is): give each host tensor back as
+ * soon as it is copied (the host tower is thrown away next). */
+static void device_vision(gemma3_model *m, siglip_tower *host_tower, lt_ctx *ctx, lt_dtype dt,
+                          const st_set *drop) {
+    m->vision = NULL;
+    if (!host_tower) return; /* vision_error came with the copy */
     const char *missing = lt_backend_missing_vision_op(ctx->be);
     char err[LT_ERRLEN];
     if (missing)
@@ -193,7 +218,8 @@ static void device_vision(gemma3_model *m, const gemma3_model *host, lt_ctx *ctx
                  "the %s backend has no '%s' op, which the image tower needs (load the model "
                  "with device=cpu to use images)",
                  ctx->be->name, missing);
-    else if (siglip_to_device(&m->vision, host->vision, ctx, dt, err) != LT_OK)
+    else if ((drop ? siglip_to_device_dropping(&m->vision, host_tower, ctx, dt, drop, err)
+                   : siglip_to_device(&m->vision, host_tower, ctx, dt, err)) != LT_OK)
         snprintf(m->vision_error, sizeof m->vision_error, "%s", err);
 }
 
@@ -260,21 +286,17 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     int bad = gemma3_weights_foreach(m, place_one, &j);
     lt_status rc = bad ? LT_ERR_DEVICE : ctx->be->sync(ctx);
     if (j.stage) ctx->be->release(ctx, j.stage);
+    void **blocks = NULL;
     if (rc == LT_OK) {
-        pthread_mutex_lock(&dev_mu);
-        int slot = dev_find(NULL);
-        if (slot >= 0) {
-            dev_models[slot].m = m;
-            dev_models[slot].arena = j.arena;
-        }
-        pthread_mutex_unlock(&dev_mu);
-        if (slot < 0) {
-            rc = lt_fail(err, LT_ERR_STATE, "too many models on the device at once (%d)", DEV_MAX);
-        }
+        blocks = malloc(sizeof *blocks);
+        if (blocks) blocks[0] = j.arena;
+        rc = blocks ? dev_register(m, blocks, 1, err)
+                    : lt_fail(err, LT_ERR_MEMORY, "out of host memory recording the device copy");
     } else if (!bad) {
         lt_fail(err, rc, "copying the weights to %s: %.900s", ctx->be->name, ctx->err);
     }
     if (rc != LT_OK) {
+        free(blocks);
         ctx->be->release(ctx, j.arena);
         free(layers);
         free(m);
@@ -282,17 +304,190 @@ lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx 
     }
     m->dtype = dt;
     m->weight_bytes = (int64_t)j.total;
-    device_vision(m, host, ctx, dt);
+    device_vision(m, host->vision, ctx, dt, NULL);
     *out = m;
     return LT_OK;
 }
 
-/* ---- what a device copy takes ------------------------------------------------------------------
- */
-
 static int device_dtype_ok(lt_dtype dt) {
     return dt == LT_F32 || dt == LT_F16 || dt == LT_BF16;
 }
+
+/* ---- loading straight into a backend's memory ---------------------------------------------------
+ */
+
+/* A new block of backend memory for weight `name`, kept in ds's list (abort releases it). */
+static lt_status sink_block(gemma3_device_sink *ds, size_t bytes, const char *name, char **out,
+                            char *err) {
+    lt_ctx *ctx = ds->ctx;
+    if (ds->n_blocks == ds->cap_blocks) {
+        int nc = ds->cap_blocks ? ds->cap_blocks * 2 : 256;
+        void **nb = realloc(ds->blocks, sizeof(void *) * (size_t)nc);
+        if (!nb) return lt_fail(err, LT_ERR_MEMORY, "out of host memory placing %.100s", name);
+        ds->blocks = nb;
+        ds->cap_blocks = nc;
+    }
+    void *p = ctx->be->alloc(ctx, bytes);
+    if (!p)
+        return lt_fail(err, LT_ERR_MEMORY,
+                       "not enough %s memory for %.100s (%.1f MiB, with %.2f GiB of weights "
+                       "placed): %.800s",
+                       ctx->be->name, name, bytes / 1048576.0, ds->bytes / 1073741824.0, ctx->err);
+    ds->blocks[ds->n_blocks++] = p;
+    ds->bytes += bytes;
+    *out = p;
+    return LT_OK;
+}
+
+/* An NF4 / int8 linear: its packed codes and every array of its quantization state in one
+ * block, the state's pointers moved there. */
+static lt_status sink_quantized(gemma3_device_sink *ds, gemma3_model *m, const char *name,
+                                lt_tensor *t, char *err) {
+    lt_ctx *ctx = ds->ctx;
+    lt_weight *w = gemma3_weight_owner(m, t);
+    if (!w || w->q.kind == LT_QUANT_NONE)
+        return lt_fail(err, LT_ERR_ARG,
+                       "%.100s is stored as %s but is not a quantized linear weight", name,
+                       lt_dtype_user_name(t->dtype));
+    lt_quant *q = &w->q;
+    int nested = q->kind == LT_QUANT_NF4 && q->qabsmax;
+    size_t sz[LT_WEIGHT_MAX_PARTS];
+    int np = lt_weight_parts(q->kind, lt_tensor_numel(t), t->shape[0], 1, q->blocksize,
+                             nested ? q->nested_blocksize : 0, sz);
+    const void *host[LT_WEIGHT_MAX_PARTS] = {t->data};
+    if (q->kind == LT_QUANT_NF4) {
+        host[1] = q->code;
+        host[2] = nested ? (const void *)q->qabsmax : (const void *)q->absmax;
+        host[3] = nested ? q->absmax2 : NULL;
+        host[4] = nested ? q->code2 : NULL;
+    } else {
+        host[1] = q->scb;
+    }
+    size_t total = 0;
+    for (int i = 0; i < np; i++)
+        total += align256(sz[i]);
+    char *blk;
+    lt_status rc = sink_block(ds, total, name, &blk, err);
+    if (rc != LT_OK) return rc;
+    void *dev[LT_WEIGHT_MAX_PARTS];
+    size_t off = 0;
+    for (int i = 0; i < np && rc == LT_OK; i++) {
+        dev[i] = blk + off;
+        off += align256(sz[i]);
+        rc = ctx->be->upload(ctx, dev[i], host[i], sz[i]);
+    }
+    if (rc != LT_OK)
+        return lt_fail(err, rc, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);
+    for (int i = 0; i < np; i++) /* static tables (the NF4 code) and shared maps stay */
+        gemma3_host_release(m, host[i], sz[i]);
+    t->data = dev[0];
+    if (q->kind == LT_QUANT_NF4) {
+        q->code = dev[1];
+        if (nested)
+            q->qabsmax = dev[2], q->absmax2 = dev[3], q->code2 = dev[4];
+        else
+            q->absmax = dev[2];
+    } else {
+        q->scb = dev[1];
+    }
+    return LT_OK;
+}
+
+static lt_status sink_place(void *user, gemma3_model *m, const char *name, lt_tensor *t,
+                            char *err) {
+    gemma3_device_sink *ds = user;
+    lt_ctx *ctx = ds->ctx;
+    if (!t || !t->data) return LT_OK; /* an absent (tied) head */
+    if (!device_dtype_ok(ds->dt))
+        return lt_fail(err, LT_ERR_ARG, "device weights: dtype must be fp32, fp16 or bf16");
+    if (t->dtype == LT_U8 || t->dtype == LT_I8) return sink_quantized(ds, m, name, t, err);
+    lt_dtype want = target_dtype(t, ds->dt);
+    int64_t n = lt_tensor_numel(t);
+    size_t bytes = (size_t)n * lt_dtype_size(want), hb = lt_tensor_bytes(t);
+    char *dst;
+    lt_status rc = sink_block(ds, bytes, name, &dst, err);
+    if (rc != LT_OK) return rc;
+    if (want == t->dtype) {
+        rc = ctx->be->upload(ctx, dst, t->data, bytes);
+    } else { /* through the stage, a stage-full at a time */
+        size_t need = hb < GEMMA3_STAGE_MAX ? hb : GEMMA3_STAGE_MAX;
+        if (ds->stage_cap < need) {
+            if (ds->stage) {
+                rc = ctx->be->sync(ctx); /* the last conversion has read the old stage */
+                ctx->be->release(ctx, ds->stage);
+            }
+            ds->stage = ctx->be->alloc(ctx, need);
+            ds->stage_cap = ds->stage ? need : 0;
+            if (!ds->stage)
+                return lt_fail(err, LT_ERR_MEMORY,
+                               "not enough %s memory to convert the weights: %.900s", ctx->be->name,
+                               ctx->err);
+        }
+        size_t ses = lt_dtype_size(t->dtype), des = lt_dtype_size(want);
+        int64_t per = (int64_t)(ds->stage_cap / ses);
+        for (int64_t i = 0; i < n && rc == LT_OK; i += per) {
+            int64_t k = n - i < per ? n - i : per;
+            rc = ctx->be->upload(ctx, ds->stage, (const char *)t->data + (size_t)i * ses,
+                                 (size_t)k * ses);
+            if (rc == LT_OK)
+                rc = ctx->be->convert(ctx, dst + (size_t)i * des, want, ds->stage, t->dtype, k);
+        }
+    }
+    if (rc != LT_OK)
+        return lt_fail(err, rc, "placing %.100s on %s: %.800s", name, ctx->be->name, ctx->err);
+    gemma3_host_release(m, t->data, hb); /* upload has copied it: the host copy goes */
+    t->data = dst;
+    t->dtype = want;
+    return LT_OK;
+}
+
+static void sink_abort(void *user, gemma3_model *m) {
+    gemma3_device_sink *ds = user;
+    (void)m;
+    lt_ctx *ctx = ds->ctx;
+    if (ds->n_blocks || ds->stage) ctx->be->sync(ctx);
+    for (int i = 0; i < ds->n_blocks; i++)
+        ctx->be->release(ctx, ds->blocks[i]);
+    if (ds->stage) ctx->be->release(ctx, ds->stage);
+    free(ds->blocks);
+    ds->blocks = NULL;
+    ds->n_blocks = ds->cap_blocks = 0;
+    ds->stage = NULL;
+    ds->stage_cap = 0;
+    ds->bytes = 0;
+}
+
+static lt_status sink_finish(void *user, gemma3_model *m, char *err) {
+    gemma3_device_sink *ds = user;
+    lt_ctx *ctx = ds->ctx;
+    lt_status rc = ctx->be->sync(ctx);
+    if (rc != LT_OK)
+        return lt_fail(err, rc, "copying the weights to %s: %.900s", ctx->be->name, ctx->err);
+    if (ds->stage) ctx->be->release(ctx, ds->stage);
+    ds->stage = NULL;
+    ds->stage_cap = 0;
+    rc = dev_register(m, ds->blocks, ds->n_blocks, err);
+    if (rc != LT_OK) return rc; /* abort releases the blocks */
+    ds->blocks = NULL;          /* the model owns them now */
+    ds->n_blocks = ds->cap_blocks = 0;
+    m->dtype = ds->dt;
+    m->weight_bytes = (int64_t)ds->bytes;
+    siglip_tower *tower = m->vision;
+    device_vision(m, tower, ctx, ds->dt, gemma3_host_checkpoint(m));
+    siglip_free(tower);
+    gemma3_host_drop(m);
+    return LT_OK;
+}
+
+void gemma3_device_sink_init(gemma3_device_sink *ds, lt_ctx *ctx, lt_dtype dt) {
+    memset(ds, 0, sizeof *ds);
+    ds->ctx = ctx;
+    ds->dt = dt;
+    ds->sink = (gemma3_sink){sink_place, sink_finish, sink_abort, ds};
+}
+
+/* ---- what a device copy takes ------------------------------------------------------------------
+ */
 
 /* The arena bytes of one [rows, cols] weight stored as kind (elem: bytes of a 16/32-bit value),
  * laid out as place_one / place_quantized lay it out. NF4 is quant=nf4's: double quantization. */
@@ -367,6 +562,12 @@ lt_status gemma3_fit_check(const gemma3_config *c, const gemma3_fit *f, size_t f
     size_t stage = (size_t)c->vocab_size * (size_t)c->hidden_size * sizeof(float);
     if (stage > GEMMA3_STAGE_MAX) stage = GEMMA3_STAGE_MAX;
     size_t est = gemma3_device_bytes(c, f->dt, q);
+    if (est && !strcmp(q, "dynamic") && f->keep_given) { /* NF4 + keep of the 16-bit linears */
+        size_t nf4 = gemma3_device_bytes(c, f->dt, "nf4"),
+               all16 = gemma3_device_bytes(c, f->dt, "none");
+        double k = f->keep < 0 ? 0 : f->keep > 1 ? 1 : f->keep;
+        est = nf4 + (size_t)(k * (double)(all16 - nf4));
+    }
     if (!est)
         return lt_fail(err, LT_ERR_ARG, "%s: no device size for quant='%s' in %s", f->name, q,
                        lt_dtype_user_name(f->dt));

@@ -21,6 +21,33 @@
 lt_status gemma3_to_device(gemma3_model **out, const gemma3_model *host, lt_ctx *ctx, lt_dtype dt,
                            char *err);
 
+/* ---- loading straight into a backend's memory -------------------------------------------------
+ * gemma3_device_sink is a gemma3_sink (model.h) that uploads each weight the loader finishes
+ * into ctx's memory (matrices in dt, norms fp32, NF4/int8 as stored, the same forms as
+ * gemma3_to_device) and gives its host bytes back at once, so a load onto a GPU never holds the
+ * whole model in host memory. Each weight is one allocation of ctx's backend (its arrays
+ * 256-byte aligned inside it); 16-bit conversions go through a staging buffer of at most
+ * GEMMA3_STAGE_MAX bytes. On finish the model becomes a device model like gemma3_to_device's
+ * (free it with gemma3_model_release; gemma3_on_device says 1), the image tower is copied (or
+ * vision_error says why not) and the host storage and checkpoint mapping are dropped. On abort
+ * everything it allocated is released. Usage:
+ *     gemma3_device_sink ds;
+ *     gemma3_device_sink_init(&ds, ctx, dt);
+ *     spec.sink = &ds.sink;   then gemma3_load_dir_spec / gemma3_load_random_spec. */
+typedef struct gemma3_device_sink {
+    gemma3_sink sink; /* what the loader takes (spec.sink) */
+    lt_ctx *ctx;
+    lt_dtype dt;
+    void **blocks; /* backend memory, one block per weight placed */
+    int n_blocks, cap_blocks;
+    size_t bytes; /* what the blocks take (the model's weight_bytes once finished) */
+    void *stage;
+    size_t stage_cap;
+} gemma3_device_sink;
+
+/* dt: LT_F32/LT_F16/LT_BF16 (another one is refused at the first weight). */
+void gemma3_device_sink_init(gemma3_device_sink *ds, lt_ctx *ctx, lt_dtype dt);
+
 /* ---- what a device copy takes ------------------------------------------------------------------
  * gemma3_to_device allocates one arena for every weight (each tensor rounded up to 256 bytes)
  * plus, while it copies, a staging buffer of at most GEMMA3_STAGE_MAX bytes for the tensors it
@@ -46,6 +73,10 @@ typedef struct gemma3_fit {
     int fixed;         /* 1: the checkpoint is stored quantized, quant= cannot change it */
     size_t need;       /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
     size_t held;       /* bytes of that memory the model loaded now keeps until this one loads */
+    /* quant=dynamic's quant_keep for the estimate of this load (keep_given 1): NF4 plus that
+     * fraction of the linears in dt; else the estimate keeps a tenth, as gemma3_device_bytes */
+    int keep_given;
+    double keep;
 } gemma3_fit;
 
 /* LT_OK when f->need bytes (or the estimate for c) fit in free_bytes. Otherwise

@@ -45,7 +45,8 @@ typedef struct gemma3_layer {
 
 typedef struct gemma3_storage gemma3_storage; /* mapped files + allocations (gemma3.c) */
 
-typedef struct gemma3_model {
+typedef struct gemma3_model gemma3_model;
+struct gemma3_model {
     gemma3_config cfg;
     lt_weight embed_tokens; /* [V, H]; also the output head (tied) */
     lt_weight lm_head;      /* [V, H] only when a checkpoint is untied; w.data NULL if tied */
@@ -72,12 +73,50 @@ typedef struct gemma3_model {
     int64_t weight_bytes; /* bytes the weights take in memory */
     char source[512];     /* directory or "random:gemma-3-1b" */
     gemma3_storage *storage;
-} gemma3_model;
+};
 
 /* The head used for logits: lm_head when untied, else embed_tokens. */
 static inline const lt_weight *gemma3_head(const gemma3_model *m) {
     return m->lm_head.w.data ? &m->lm_head : &m->embed_tokens;
 }
+
+/* ---- where a load puts each finished weight ------------------------------------------------
+ * A loader hands every weight to the sink the moment it is finished (read or drawn, converted,
+ * quantized), so a sink that moves weights elsewhere (gemma3_device_sink: a backend's memory)
+ * keeps one weight at a time in host memory instead of the whole model. Without a sink
+ * (spec->sink NULL) the weights stay where the loader made them, as a host model.
+ *
+ * place: once per weight present (the walk of gemma3_weights_foreach: not an absent tied head),
+ *   name its canonical name, t the model's own slot (a linear's lt_weight.w: its quantization
+ *   state is gemma3_weight_owner(m, t)->q), its data in host memory: mapped from the checkpoint
+ *   or a block of the model's storage. The sink may point t (and the quantization state) at
+ *   other memory and give the host bytes back with gemma3_host_release. Order: the walk's, but
+ *   with quant=dynamic the layers' weights come after the final norm and head, once every
+ *   layer is measured (layer by layer, in the walk's order within a layer).
+ * finish: once, after the last place (and after the image tower, m->vision, was read), when
+ *   everything loaded; it may also move the tower and drop the host storage (gemma3_host_drop).
+ *   The model the loader then returns is whatever finish made of m.
+ * abort: once, when the load fails after it started (places done or not): gives back whatever
+ *   place took; the loader then frees m. */
+typedef struct gemma3_sink {
+    lt_status (*place)(void *user, gemma3_model *m, const char *name, lt_tensor *t, char *err);
+    lt_status (*finish)(void *user, gemma3_model *m, char *err);
+    void (*abort)(void *user, gemma3_model *m);
+    void *user;
+} gemma3_sink;
+
+/* Gives back the host memory behind p (bytes long) of a model being loaded: a block of its
+ * storage is freed, pages of its mapped checkpoint go back to the system (the file gives them
+ * back if they are read again), anything else (static tables) stays. For sinks. */
+void gemma3_host_release(gemma3_model *m, const void *p, size_t bytes);
+/* The bytes of the model's storage blocks (converted and quantized weights; mapped checkpoint
+ * pages are not counted) live now, and at most at any moment so far. */
+void gemma3_host_bytes(const gemma3_model *m, size_t *live, size_t *peak);
+/* The model's mapped checkpoint (NULL for random weights and once dropped). */
+const st_set *gemma3_host_checkpoint(const gemma3_model *m);
+/* Frees the model's host storage and closes its checkpoint mapping (m->storage becomes NULL):
+ * for a model whose weights a sink has moved elsewhere. */
+void gemma3_host_drop(gemma3_model *m);
 
 /* How to load: the options of gemma3_load_dir_spec / gemma3_load_random_spec. */
 typedef struct qdyn_report qdyn_report; /* quant_dynamic.h */
@@ -94,7 +133,27 @@ typedef struct gemma3_load_spec {
     int n_calib;
     int n_threads;
     qdyn_report *report;
+    /* where each finished weight goes (NULL: it stays in host memory, a host model). With a
+     * sink, the host memory a load takes at its peak is about one tensor (the largest: the
+     * embedding in 16 bits, or a linear's fp32 copy and its quantized form); quant=dynamic's
+     * calibration adds one layer's seven linears in fp32 and their inputs and outputs on the
+     * calibration tokens. */
+    const gemma3_sink *sink;
 } gemma3_load_spec;
+
+/* What a load will make, known before any weight is read: the config and how the linears will
+ * be stored, for a memory plan (gemma3_fit_check) made before anything is allocated. */
+typedef struct gemma3_plan {
+    gemma3_config cfg;
+    char quant[8];    /* "none", "nf4", "int8" or "dynamic" (as gemma3_device_bytes takes it) */
+    int prequantized; /* 1: config.json's quantization_config says the checkpoint stores them
+                         quantized (quant= cannot change that) */
+} gemma3_plan;
+/* The plan of gemma3_load_dir_spec(dir) with quant (NULL/"none", "nf4", "int8", "dynamic"):
+ * reads config.json only; refuses what that load would refuse about quant. */
+lt_status gemma3_plan_dir(gemma3_plan *p, const char *dir, const char *quant, char *err);
+/* The plan of gemma3_load_random_spec(size) with quant. */
+lt_status gemma3_plan_random(gemma3_plan *p, const char *size, const char *quant, char *err);
 
 /* Loads a Hugging Face directory (config.json + model.safetensors or the sharded index).
  * dtype: "auto"/NULL (as stored; mapped, not copied, when aligned), "fp32", "fp16", "bf16".

@@ -284,8 +284,36 @@ void siglip_release(siglip_tower *t, lt_ctx *ctx) {
     siglip_free(t);
 }
 
+/* Gives back the host bytes of tensor s of t once copied: a block of t freed, else its pages
+ * of st's mapping. */
+static void tower_drop(siglip_tower *t, const st_set *st, lt_tensor *s) {
+    for (int i = 0; i < t->n_blocks; i++) {
+        if (t->blocks[i] != s->data) continue;
+        free(t->blocks[i]);
+        t->blocks[i] = t->blocks[--t->n_blocks];
+        s->data = NULL;
+        return;
+    }
+    if (st) st_release_pages(st, s->data, lt_tensor_bytes(s));
+}
+
+static lt_status to_device(siglip_tower **out, siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           const st_set *drop, int dropping, char *err);
+
 lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
                            char *err) {
+    return to_device(out, (siglip_tower *)host, ctx, dt, NULL, 0, err);
+}
+
+lt_status siglip_to_device_dropping(siglip_tower **out, siglip_tower *host, lt_ctx *ctx,
+                                    lt_dtype dt, const st_set *st, char *err) {
+    return to_device(out, host, ctx, dt, st, 1, err);
+}
+
+/* dropping: give each host tensor back once copied (tower_drop); host is not changed
+ * otherwise. */
+static lt_status to_device(siglip_tower **out, siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
+                           const st_set *drop, int dropping, char *err) {
     *out = NULL;
     const lt_backend *be = ctx->be;
     siglip_tower *d = calloc(1, sizeof *d);
@@ -335,6 +363,7 @@ lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx 
         ds[i]->data = dst;
         ds[i]->dtype = want;
         off += round256((size_t)cnt * lt_dtype_size(want));
+        if (rc == LT_OK && dropping) tower_drop(host, drop, hs[i]);
     }
     if (rc == LT_OK) rc = be->sync(ctx);
     if (rc != LT_OK) lt_fail(err, rc, "image tower: copying it to %s: %s", be->name, ctx->err);

@@ -57,6 +57,11 @@ void siglip_free(siglip_tower *t);
  * NULL and err says why. */
 lt_status siglip_to_device(siglip_tower **out, const siglip_tower *host, lt_ctx *ctx, lt_dtype dt,
                            char *err);
+/* siglip_to_device that also gives each host tensor back as soon as it is copied: its
+ * converted block freed, its pages of st's mapping (the checkpoint it was read from) returned
+ * to the system. host is then good only for siglip_free. For loads that stream to a device. */
+lt_status siglip_to_device_dropping(siglip_tower **out, siglip_tower *host, lt_ctx *ctx,
+                                    lt_dtype dt, const st_set *st, char *err);
 /* Frees a tower of either kind (a device copy's arena through ctx). NULL is fine. */
 void siglip_release(siglip_tower *t, lt_ctx *ctx);
 
