@@ -69,4 +69,53 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
 /* The backend memory siglip_encode takes for its activations (one image), out not included. */
 size_t siglip_encode_bytes(const siglip_tower *t);
 
+/* ---- the pieces of the forward, shared with the backward (siglip_backward.c) ------------- */
+
+/* The sizes of a tower: width D, MLP width I, grid side g, patches P = g*g, patch length K,
+ * heads nh of hd, text width H, pooled side and tokens M = side*side, eps, score scale. */
+typedef struct siglip_dims {
+    int64_t D, I, g, P, K, nh, hd, H, side, M;
+    float eps, scale;
+} siglip_dims;
+void siglip_dims_get(const siglip_tower *t, siglip_dims *d);
+/* pixels [3, S, S] -> host [P, K]: row r*g + c holds channel-major (ch, y, x) of patch (r, c). */
+void siglip_patches(const siglip_tower *t, const float *pixels, float *host);
+/* One encoder layer's activations, backend memory, [P, D] fp32 unless noted. The forward may
+ * run with buffers aliased (siglip_encode: o, a2, f2 over a1; h and out over x; g over f1) or
+ * apart, each kept (the backward's recompute). */
+typedef struct siglip_acts {
+    float *x;                    /* the layer's input */
+    float *a1, *q, *k, *v, *att; /* layer_norm1(x), q/k/v_proj, attention */
+    float *o;                    /* out_proj(att) */
+    float *h;                    /* x + o */
+    float *a2;                   /* layer_norm2(h) */
+    float *f1, *g;               /* [P, I]: fc1(a2), gelu(f1) */
+    float *f2;                   /* fc2(g) */
+    float *out;                  /* h + f2, the layer's output; NULL: stop after g */
+    int32_t *pos0;               /* [P] I32 zeros: every patch sees every patch */
+} siglip_acts;
+/* Encoder layer l on b (the same ops in the same order whatever the aliasing). */
+lt_status siglip_layer_forward(const siglip_tower *t, lt_ctx *ctx, int l, const siglip_acts *b);
+
+/* ---- training LoRA adapters on the tower (siglip_backward.c) ------------------------------ */
+
+/* The lowest encoder layer with an adapter on one of its linears; num_hidden_layers when none
+ * has one (only the projector's trains, or nothing). */
+int siglip_first_trained_layer(const siglip_tower *t);
+/* 1 when a tower linear or the projector has an adapter. */
+int siglip_has_adapters(const siglip_tower *t);
+/* The backward of one image: recomputes siglip_encode's forward from pixels (host [3, S, S]),
+ * keeping each encoder layer's input from the first trained layer up, then goes back from dout
+ * (ctx memory [mm, H] fp32: dL/d(soft tokens)) through the projector (its linear, RMSNorm and
+ * pool), post_layernorm and the layers down to the first trained one, ACCUMULATING the
+ * adapters' gradients (lt_lora grad_a / grad_b through linear_backward). Frozen weights get
+ * no gradient and nothing flows below the first trained layer (none into the patch
+ * embedding). Adapter dropout is not applied (the caller refuses it). The backend needs
+ * lt_backend_missing_tower_training_op's ops. */
+lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
+                          const float *dout);
+/* The backend memory siglip_backward takes (one image): the kept layer inputs and one layer's
+ * activations and gradients. */
+size_t siglip_backward_bytes(const siglip_tower *t);
+
 #endif
