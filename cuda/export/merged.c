@@ -262,6 +262,13 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const 
     lt_dtype dt;
     lt_status rc = merged_parse_dtype(m, dtype, "%save", &dt, err);
     if (rc != LT_OK) return rc;
+    if (a && a->n_tower_slots > 0)
+        return lt_fail(err, LT_ERR_STATE,
+                       "%%save merged=: the merged checkpoint holds the language model only (a "
+                       "Gemma3ForCausalLM), where the %d image-tower adapter(s) have no place: "
+                       "save them with %%save adapter=DIR (PEFT merges them with "
+                       "merge_and_unload), or attach adapters without vision./projector targets",
+                       a->n_tower_slots);
     if (gemma3_on_device(m) && !dev)
         return lt_fail(err, LT_ERR_ARG,
                        "%%save merged=: the model is on a device, and no backend "

@@ -208,10 +208,13 @@ static const char *const TOWER_MODULES[6] = {"self_attn.q_proj", "self_attn.k_pr
                                              "self_attn.v_proj", "self_attn.out_proj",
                                              "mlp.fc1",          "mlp.fc2"};
 static const char *const TOWER_LEAF[6] = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"};
-/* transformers >= 4.52's module tree (Gemma3ForConditionalGeneration.model.vision_tower is a
- * SiglipVisionModel, whose vision_model holds the encoder), and the tree before it */
-#define TOWER_PATH "model.vision_tower.vision_model.encoder.layers."
-#define TOWER_PATH_OLD "vision_tower.vision_model.encoder.layers."
+/* transformers 5's module tree (the tree in tests/fixtures/vision/tree, written by 5.17 from
+ * named_parameters: Gemma3ForConditionalGeneration.model.vision_tower holds the encoder), and
+ * the spellings of earlier trees, where the SiglipVisionModel kept a vision_model level
+ * (4.52 to 4.5x: model.vision_tower.vision_model.; before 4.52: vision_tower.vision_model.) */
+#define TOWER_PATH "model.vision_tower.encoder.layers."
+static const char *const TOWER_OLD[2] = {"model.vision_tower.vision_model.encoder.layers.",
+                                         "vision_tower.vision_model.encoder.layers."};
 
 static lt_weight *tower_module(siglip_layer *L, int k) {
     lt_weight *w[6] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
@@ -244,10 +247,13 @@ static int tower_entry(const char *w, char *out, size_t cap) {
 static int tower_matches(const lt_adapters *a, const char *module, int k, int suffix, int *bad) {
     if (a->targets_regex) {
         if (regex_matches(a->targets, module, bad)) return 1;
-        if (*bad) return 0;
-        char alt[256];
-        snprintf(alt, sizeof alt, "%s", module + strlen("model."));
-        return regex_matches(a->targets, alt, bad);
+        const char *rest = module + strlen(TOWER_PATH); /* "N.self_attn.q_proj" */
+        for (int i = 0; i < 2 && !*bad; i++) {
+            char alt[256];
+            snprintf(alt, sizeof alt, "%s%s", TOWER_OLD[i], rest);
+            if (regex_matches(a->targets, alt, bad)) return 1;
+        }
+        return 0;
     }
     char want[32];
     snprintf(want, sizeof want, "vision.%s", TOWER_LEAF[k]);

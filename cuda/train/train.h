@@ -47,8 +47,8 @@ typedef enum { LORA_TEXT = 0, LORA_TOWER = 1, LORA_PROJECTOR = 2 } lora_part;
 
 /* One adapted linear layer. */
 typedef struct lora_slot {
-    /* canonical module path: "model.layers.3.mlp.down_proj" (text), the transformers >= 4.52
-     * path of a tower linear ("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1"), or
+    /* canonical module path: "model.layers.3.mlp.down_proj" (text), transformers 5's path of
+     * a tower linear ("model.vision_tower.encoder.layers.0.mlp.fc1"), or
      * "model.multi_modal_projector" for the projector */
     char module[160];
     int layer; /* the text or tower layer; 0 for the projector */
