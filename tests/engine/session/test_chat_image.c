@@ -16,7 +16,8 @@
  * bad image files are refused by line; %lora with the tower's linears and the projector in
  * targets=: %train trains through the tower (step 0 as the frozen tower's, the loss lowered, the
  * tower's adapters moved, another run than the frozen one, the memory plan saying so), the
- * adapter saves and loads back to the same logits, %save merged= refuses it. TAP. The model
+ * adapter saves and loads back to the same logits, and %save merged= writes the multimodal model
+ * with the tower's adapters merged (the same logits once loaded). TAP. The model
  * runs on the
  * CPU; LATHE_TEST_DEVICE=cuda runs the multimodal loads on the GPU instead (a manual check; make
  * check stays on the CPU).
@@ -685,7 +686,8 @@ static double max_abs(const char *dir, const char *name) {
  * anew and trains through the tower. Step 0 equals the frozen tower's (the adapters start as
  * identity), training lowers the loss and moves the tower's adapters, the run differs from the
  * frozen-tower run; the memory plan says the tower trains; the adapter saves under PEFT's names
- * and loads back to the same logits; %save merged= refuses to drop the tower's adapters. */
+ * and loads back to the same logits; %save merged= writes the multimodal model, the tower's
+ * adapters merged, which loads to the same logits. */
 static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     char data[4200], ad[4300], ad2[4300];
     image_row(data, sizeof data, dir, "rgb_tower.jsonl", rgb);
@@ -733,6 +735,15 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     ld.r = 4; /* the adapter's config wins */
     ld.load = ad;
     lt_lora_attach(s, &lo, NULL); /* fresh adapters in between: the load must bring them back */
+    float *lg0 = NULL;
+    double moved = 0;
+    if (r1 == LT_OK && lt_logits_image(s, ids, np, one, 1, NULL, &lg0, &V) == LT_OK)
+        for (int64_t i = 0; i < (int64_t)np * V; i++)
+            moved = fmax(moved, fabs((double)lg1[i] - lg0[i]));
+    free(lg0);
+    diag("trained vs fresh adapters: max |dlogit| %.3g", moved);
+    ok(moved > 1e-3,
+       "... the trained adapters change the image logits (the checks below see them)");
     ok(lt_lora_attach(s, &ld, NULL) == LT_OK, "%lora load= of the saved tower adapter");
     if (lt_last_error(s)[0]) diag("%s", lt_last_error(s));
     lt_lora_info_get(s, &info);
@@ -741,10 +752,31 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     for (int64_t i = 0; same && i < (int64_t)np * V; i++)
         same = fabsf(lg1[i] - lg2[i]) <= 1e-5f * (1.0f + fabsf(lg1[i]));
     ok(same, "... its logits on the image equal the trained adapters' (PEFT save -> load)");
+    /* %save merged=: the tower's adapters merged into its weights, the whole multimodal model */
     snprintf(ad2, sizeof ad2, "%s/tower_merged", dir);
-    ok(lt_save_merged(s, ad2, NULL, NULL) != LT_OK && strstr(lt_last_error(s), "adapter=DIR"),
-       "%save merged= with tower adapters is refused, pointing at adapter=");
-    diag("%s", lt_last_error(s));
+    ok(lt_save_merged(s, ad2, "fp32", NULL) == LT_OK, "%save merged= with tower adapters");
+    if (lt_last_error(s)[0]) diag("%s", lt_last_error(s));
+    lt_session *s2 = lt_session_new();
+    lt_load_opts lo2;
+    lt_load_opts_default(&lo2);
+    lo2.device = "cpu";
+    lo2.dtype = "fp32";
+    float *lg3 = NULL;
+    lt_status r3 = lt_load(s2, ad2, &lo2, NULL);
+    if (r3 != LT_OK) diag("%s", lt_last_error(s2));
+    lt_model_info mi;
+    if (r3 == LT_OK) lt_model_info_get(s2, &mi);
+    if (r3 == LT_OK) r3 = lt_logits_image(s2, ids, np, one, 1, NULL, &lg3, &V);
+    double worst = 0, big = 0;
+    for (int64_t i = 0; r1 == LT_OK && r3 == LT_OK && i < (int64_t)np * V; i++) {
+        worst = fmax(worst, fabs((double)lg1[i] - lg3[i]));
+        big = fmax(big, fabs((double)lg1[i]));
+    }
+    diag("merged vs adapters: max |dlogit| %.3g of max |logit| %.3g", worst, big);
+    ok(r3 == LT_OK && mi.vision_loaded && worst <= 1e-4 * (1 + big),
+       "... it loads as a multimodal model whose image logits equal the adapters' (merged tower)");
+    free(lg3);
+    lt_session_free(s2);
     free(ids);
     free(lg1);
     free(lg2);
