@@ -323,7 +323,8 @@ static const magic_spec table[] = {
      "them, and projector the projector's matrix (multi_modal_projector."
      "mm_input_projection_weight, PEFT's target_parameters), e.g. "
      "targets=q,k,v,o,gate,up,down,vision. %train then trains through the tower, encoding "
-     "each step's images anew (device=cpu only for now; dropout=0). Without tower names the "
+     "each step's images anew (device=cpu only for now; dropout= applies to the tower's "
+     "linears, not to the projector, as in PEFT). Without tower names the "
      "tower stays frozen and each image is encoded once. "
      "full=true trains every weight instead. A new %lora replaces the adapters attached "
      "before.",

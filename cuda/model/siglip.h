@@ -66,6 +66,10 @@ void siglip_release(siglip_tower *t, lt_ctx *ctx);
  * post_layernorm) and Gemma3MultiModalProjector on it (avg-pool to mm tokens, RMSNorm with
  * 1 + w, the projection). */
 lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out);
+/* siglip_encode in training: drop_seed != 0 runs the tower adapters' LoRA dropout with masks
+ * from it (siglip_backward with the same seed sees the same masks); 0 is siglip_encode. */
+lt_status siglip_encode_train(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out,
+                              uint64_t drop_seed);
 /* The backend memory siglip_encode takes for its activations (one image), out not included. */
 size_t siglip_encode_bytes(const siglip_tower *t);
 
@@ -93,7 +97,24 @@ typedef struct siglip_acts {
     float *f2;                   /* fc2(g) */
     float *out;                  /* h + f2, the layer's output; NULL: stop after g */
     int32_t *pos0;               /* [P] I32 zeros: every patch sees every patch */
+    /* LoRA dropout on the tower's adapters (training): masks from drop_seed (0 = none), its
+     * scratch drop of siglip_dropout_floats floats (widths drop_w, ranks drop_r) */
+    uint64_t drop_seed;
+    float *drop;
+    int64_t drop_w, drop_r;
 } siglip_acts;
+/* The dropout scratch of n rows, carved from b->drop: the dropped input xd, the adapter's
+ * output y2 and (backward) dx, [n, drop_w] each; u and du [n, drop_r]. */
+typedef struct siglip_drop_bufs {
+    float *xd, *y2, *dx, *u, *du;
+} siglip_drop_bufs;
+void siglip_drop_carve(const siglip_acts *b, int64_t n, siglip_drop_bufs *s);
+/* Floats of that scratch for P rows; *w, *r: the width and the largest adapter rank. */
+size_t siglip_dropout_floats(const siglip_tower *t, int64_t *w, int64_t *r);
+/* The mask seed of tower linear k (q, k, v, out_proj, fc1, fc2) of layer l. */
+uint64_t siglip_module_seed(uint64_t seed, int layer, int k);
+/* 1 when w's adapter runs with dropout under b. */
+int siglip_uses_dropout(const siglip_acts *b, const lt_weight *w);
 /* Encoder layer l on b (the same ops in the same order whatever the aliasing). */
 lt_status siglip_layer_forward(const siglip_tower *t, lt_ctx *ctx, int l, const siglip_acts *b);
 
@@ -110,12 +131,13 @@ int siglip_has_adapters(const siglip_tower *t);
  * pool), post_layernorm and the layers down to the first trained one, ACCUMULATING the
  * adapters' gradients (lt_lora grad_a / grad_b through linear_backward). Frozen weights get
  * no gradient and nothing flows below the first trained layer (none into the patch
- * embedding). Adapter dropout is not applied (the caller refuses it). The backend needs
+ * embedding). drop_seed: the seed siglip_encode_train made the soft tokens with (0 = no
+ * dropout). The backend needs
  * lt_backend_missing_tower_training_op's ops. */
 lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
-                          const float *dout);
+                          const float *dout, uint64_t drop_seed);
 /* The backend memory siglip_backward takes (one image): the kept layer inputs and one layer's
  * activations and gradients. */
-size_t siglip_backward_bytes(const siglip_tower *t);
+size_t siglip_backward_bytes(const siglip_tower *t, int dropout);
 
 #endif

@@ -13,7 +13,8 @@
  * attention_backward with every
  * position 0 (bidirectional, as the forward's attention). Biases only shift activations: they
  * have no part in the input gradients. Nothing goes below the first trained layer: no gradient
- * into the patch embedding, the position embeddings or the lower layers.
+ * into the patch embedding, the position embeddings or the lower layers. LoRA dropout (a seed
+ * given) runs the adapter paths as separate ops with the masks siglip_encode_train used.
  *
  * Owns no state: buffers live for one call. Written against backend.h; must not change the
  * tower's weights (only the adapters' gradients).
@@ -42,14 +43,46 @@ int siglip_has_adapters(const siglip_tower *t) {
     return siglip_first_trained_layer(t) < t->cfg.num_hidden_layers;
 }
 
+/* dx = dL/dx (written; data NULL = not needed), the adapter's gradients accumulated, with the
+ * forward's LoRA dropout mask when it ran (gemma3_backward.c's lin_bwd, on the tower). */
+static lt_status lin_bwd(lt_ctx *ctx, const siglip_acts *b, lt_tensor dx, lt_tensor dy, lt_tensor x,
+                         const lt_weight *w, uint64_t seed) {
+    const lt_backend *be = ctx->be;
+    if (!siglip_uses_dropout(b, w)) return be->linear_backward(ctx, dx, dy, x, w);
+    lt_lora *lo = w->lora;
+    int64_t n = x.shape[0], in = w->w.shape[1], out = w->w.shape[0], r = lo->a.shape[0];
+    lo->enabled = 0;
+    lt_status rc = be->linear_backward(ctx, dx, dy, x, w); /* the base path: dx = dy·W */
+    lo->enabled = 1;
+    if (rc != LT_OK) return rc;
+    lt_weight wa = {.w = lo->a, .grad_w = lo->grad_a}, wb = {.w = lo->b, .grad_w = lo->grad_b};
+    siglip_drop_bufs s;
+    siglip_drop_carve(b, n, &s);
+    lt_tensor xd = lt_tensor_2d(LT_F32, s.xd, n, in), u = lt_tensor_2d(LT_F32, s.u, n, r);
+    lt_tensor dys = lt_tensor_2d(LT_F32, s.y2, n, out), du = lt_tensor_2d(LT_F32, s.du, n, r),
+              dxd = lt_tensor_2d(LT_F32, dx.data ? s.dx : NULL, n, in);
+    if ((rc = be->dropout(ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    if ((rc = be->linear(ctx, u, xd, &wa)) != LT_OK) return rc;
+    if ((rc = be->copy(ctx, dys.data, dy.data, lt_tensor_bytes(&dys))) != LT_OK) return rc;
+    if ((rc = be->scale(ctx, dys, lo->scale)) != LT_OK) return rc;
+    /* through B: du = s·dy·B, grad_B += s·dyᵀ·u; through A: dxd = du·A, grad_A += duᵀ·xd */
+    if ((rc = be->linear_backward(ctx, du, dys, u, &wb)) != LT_OK) return rc;
+    if ((rc = be->linear_backward(ctx, dxd, du, xd, &wa)) != LT_OK) return rc;
+    if (!dx.data) return LT_OK;
+    if ((rc = be->dropout(ctx, dxd, dxd, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    return be->add(ctx, dx, dxd);
+}
+
 /* The buffers of one call, in floats (int32 positions counted as floats). */
 typedef struct sb_plan {
     size_t patches, x, ckpt, y, po, pn; /* forward */
     size_t layer_pd, layer_pi;          /* recompute: 10 [P, D] and 2 [P, I] */
     size_t grad_pd, grad_pi, pos;       /* backward: 7 [P, D], 1 [P, I]; pos0 */
+    size_t drop;                        /* LoRA dropout's scratch (when it runs) */
+    int64_t drop_w, drop_r;
 } sb_plan;
 
-static void plan_get(const siglip_tower *t, int first, sb_plan *p) {
+static void plan_get(const siglip_tower *t, int first, int dropout, sb_plan *p) {
     siglip_dims d;
     siglip_dims_get(t, &d);
     size_t P = (size_t)d.P, D = (size_t)d.D, I = (size_t)d.I, M = (size_t)d.M;
@@ -65,21 +98,23 @@ static void plan_get(const siglip_tower *t, int first, sb_plan *p) {
     p->grad_pd = 7 * P * D;             /* dx dh datt dq dk dv da (tmp over datt) */
     p->grad_pi = P * I;                 /* dg (df1 over it); fc1's output in the forward */
     p->pos = P;
+    p->drop = siglip_dropout_floats(t, &p->drop_w, &p->drop_r);
+    if (!dropout) p->drop = 0;
 }
 
 static size_t plan_floats(const sb_plan *p) {
     return p->patches + p->x + p->ckpt + p->y + p->po + p->pn + p->layer_pd + p->layer_pi +
-           p->grad_pd + p->grad_pi + p->pos;
+           p->grad_pd + p->grad_pi + p->pos + p->drop;
 }
 
-size_t siglip_backward_bytes(const siglip_tower *t) {
+size_t siglip_backward_bytes(const siglip_tower *t, int dropout) {
     sb_plan p;
-    plan_get(t, siglip_first_trained_layer(t), &p);
+    plan_get(t, siglip_first_trained_layer(t), dropout, &p);
     return sizeof(float) * plan_floats(&p);
 }
 
 lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
-                          const float *dout) {
+                          const float *dout, uint64_t drop_seed) {
     const lt_backend *be = ctx->be;
     const char *missing = lt_backend_missing_tower_training_op(be);
     if (!missing) missing = lt_backend_missing_vision_op(be);
@@ -94,7 +129,7 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
     int64_t P = d.P, D = d.D, I = d.I, M = d.M, K = d.K, H = d.H;
     int L = t->cfg.num_hidden_layers, first = siglip_first_trained_layer(t);
     sb_plan pl;
-    plan_get(t, first, &pl);
+    plan_get(t, first, drop_seed != 0, &pl);
     size_t fs = sizeof(float), PD = (size_t)(P * D), PI = (size_t)(P * I);
     float *host = malloc(fs * pl.patches);
     int32_t *zeros = calloc((size_t)P, sizeof(int32_t));
@@ -125,6 +160,8 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
     p += pl.grad_pd;
     float *dg = p;
     p += pl.grad_pi;
+    float *drop = pl.drop ? p : NULL;
+    p += pl.drop;
     int32_t *pos0 = (int32_t *)p;
 
     siglip_patches(t, pixels, host);
@@ -152,7 +189,11 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
                       .g = f,
                       .f2 = a,
                       .out = x,
-                      .pos0 = pos0};
+                      .pos0 = pos0,
+                      .drop_seed = drop_seed,
+                      .drop = drop,
+                      .drop_w = pl.drop_w,
+                      .drop_r = pl.drop_r};
     for (int l = 0; l < L; l++) {
         if (l >= first) LT_TRY(be->copy(ctx, ckpt + (size_t)(l - first) * PD, x, fs * PD));
         LT_TRY(siglip_layer_forward(t, ctx, l, &fw));
@@ -196,7 +237,11 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
                       .f1 = la + 9 * PD,
                       .g = la + 9 * PD + PI,
                       .out = NULL,
-                      .pos0 = pos0};
+                      .pos0 = pos0,
+                      .drop_seed = drop_seed,
+                      .drop = drop,
+                      .drop_w = pl.drop_w,
+                      .drop_r = pl.drop_r};
     for (int l = L - 1; l >= first; l--) {
         const siglip_layer *Ly = &t->layers[l];
         rb.x = ckpt + (size_t)(l - first) * PD;
@@ -205,15 +250,18 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
                   tda = lt_tensor_2d(LT_F32, da, P, D), ttmp = lt_tensor_2d(LT_F32, tmp, P, D);
         lt_tensor tdg = lt_tensor_2d(LT_F32, dg, P, I);
         /* out = h + fc2(gelu(fc1(ln2(h)))) */
-        LT_TRY(be->linear_backward(ctx, tdg, tdX, lt_tensor_2d(LT_F32, rb.g, P, I), &Ly->fc2));
+        LT_TRY(lin_bwd(ctx, &rb, tdg, tdX, lt_tensor_2d(LT_F32, rb.g, P, I), &Ly->fc2,
+                       siglip_module_seed(drop_seed, l, 5)));
         LT_TRY(tg->gelu_backward(ctx, tdg, tdg, lt_tensor_2d(LT_F32, rb.f1, P, I)));
-        LT_TRY(be->linear_backward(ctx, tda, tdg, lt_tensor_2d(LT_F32, rb.a2, P, D), &Ly->fc1));
+        LT_TRY(lin_bwd(ctx, &rb, tda, tdg, lt_tensor_2d(LT_F32, rb.a2, P, D), &Ly->fc1,
+                       siglip_module_seed(drop_seed, l, 4)));
         LT_TRY(tg->layernorm_backward(ctx, tdh, nd, nd, tda, lt_tensor_2d(LT_F32, rb.h, P, D),
                                       Ly->ln2_w, d.eps));
         LT_TRY(be->add(ctx, tdh, tdX)); /* dh = dL/dh */
         /* h = x + out_proj(attn(ln1(x))) */
-        LT_TRY(be->linear_backward(ctx, lt_tensor_2d(LT_F32, datt, P, D), tdh,
-                                   lt_tensor_2d(LT_F32, rb.att, P, D), &Ly->o));
+        LT_TRY(lin_bwd(ctx, &rb, lt_tensor_2d(LT_F32, datt, P, D), tdh,
+                       lt_tensor_2d(LT_F32, rb.att, P, D), &Ly->o,
+                       siglip_module_seed(drop_seed, l, 3)));
         LT_TRY(be->attention_backward(
             ctx, lt_tensor_3d(LT_F32, dq, P, d.nh, d.hd), lt_tensor_3d(LT_F32, dk, P, d.nh, d.hd),
             lt_tensor_3d(LT_F32, dv, P, d.nh, d.hd), lt_tensor_2d(LT_F32, datt, P, D),
@@ -224,10 +272,13 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
         int last = l == first; /* nothing flows below it: only the adapters' gradients */
         lt_tensor dxq = last ? lt_tensor_2d(LT_F32, NULL, P, D) : tda,
                   dxo = last ? lt_tensor_2d(LT_F32, NULL, P, D) : ttmp;
-        LT_TRY(be->linear_backward(ctx, dxq, lt_tensor_2d(LT_F32, dq, P, D), a1, &Ly->q));
-        LT_TRY(be->linear_backward(ctx, dxo, lt_tensor_2d(LT_F32, dk, P, D), a1, &Ly->k));
+        LT_TRY(lin_bwd(ctx, &rb, dxq, lt_tensor_2d(LT_F32, dq, P, D), a1, &Ly->q,
+                       siglip_module_seed(drop_seed, l, 0)));
+        LT_TRY(lin_bwd(ctx, &rb, dxo, lt_tensor_2d(LT_F32, dk, P, D), a1, &Ly->k,
+                       siglip_module_seed(drop_seed, l, 1)));
         if (!last) LT_TRY(be->add(ctx, tda, ttmp));
-        LT_TRY(be->linear_backward(ctx, dxo, lt_tensor_2d(LT_F32, dv, P, D), a1, &Ly->v));
+        LT_TRY(lin_bwd(ctx, &rb, dxo, lt_tensor_2d(LT_F32, dv, P, D), a1, &Ly->v,
+                       siglip_module_seed(drop_seed, l, 2)));
         if (last) break;
         LT_TRY(be->add(ctx, tda, ttmp)); /* da = dL/d ln1(x) */
         LT_TRY(tg->layernorm_backward(ctx, tdX, nd, nd, tda, lt_tensor_2d(LT_F32, rb.x, P, D),

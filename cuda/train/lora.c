@@ -372,11 +372,12 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
                      "with device=cpu, or leave the tower out of targets= (a regex that keeps to "
                      "the language model: .*language_model.*\\.(q_proj|v_proj))",
                      a->targets, ctx->be->name, lt_backend_missing_tower_training_op(ctx->be));
-    } else if (n_tower + proj > 0 && a->dropout > 0.0f) {
+    } else if (proj && a->dropout > 0.0f) {
         rc = lt_fail(err, LT_ERR_ARG,
-                     "%%lora: dropout=%g with image-tower targets ('%s'): the tower's adapters "
-                     "train without dropout for now (PEFT refuses dropout on the projector's "
-                     "matrix too); give dropout=0",
+                     "%%lora: dropout=%g with the projector in targets= ('%s'): its matrix is a "
+                     "parameter, not a linear layer, and as PEFT's ParamWrapper "
+                     "(target_parameters) refuses lora_dropout there, so does lathe: give "
+                     "dropout=0, or leave projector out (the tower's linears take dropout)",
                      a->dropout, a->targets);
     } else if (n_hit + n_tower + proj == 0) {
         rc = lt_fail(err, LT_ERR_ARG,

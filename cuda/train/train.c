@@ -554,7 +554,7 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
         soft = per * d->n_images;
         layer += (double)max_img_tokens * H * 4;
         if (trained) { /* each image's backward after the step's language-model pass */
-            double bw = (double)siglip_backward_bytes(m->vision) + per;
+            double bw = (double)siglip_backward_bytes(m->vision, a->dropout > 0.0f) + per;
             tower = bw > tower ? bw : tower;
             soft = (double)max_img_tokens * H * 4; /* the rows' gradients; no soft-token cache */
         }
@@ -724,7 +724,7 @@ static int batch_images(stream *st, const train_data *d, int64_t pos, int nu, in
  * adapters into b's image rows (host), or (backward) runs the tower's backward of each image
  * from b->image_grads, accumulating the tower adapters' gradients. */
 static lt_status tower_rows(const trainer_env *env, const train_data *d, const int *images, int n,
-                            train_batch *b, int backward, char *err) {
+                            train_batch *b, int backward, uint64_t drop_seed, char *err) {
     const gemma3_model *m = env->model;
     const siglip_tower *tw = m->vision;
     lt_ctx *ctx = env->ctx;
@@ -744,10 +744,13 @@ static lt_status tower_rows(const trainer_env *env, const train_data *d, const i
             break;
         }
         float *rows = (backward ? b->image_grads : (float *)b->image_embeds) + per * (size_t)i;
+        /* LoRA dropout: one mask seed per image block, the same for its forward and backward */
+        uint64_t seed =
+            drop_seed ? train_mix64(drop_seed ^ (0x51ed2701ull * (uint64_t)(i + 1))) | 1u : 0;
         if (backward) {
             if ((rc = be->upload(ctx, dev, rows, sizeof(float) * per)) == LT_OK)
-                rc = siglip_backward(tw, ctx, px, dev);
-        } else if ((rc = siglip_encode(tw, ctx, px, dev)) == LT_OK) {
+                rc = siglip_backward(tw, ctx, px, dev, seed);
+        } else if ((rc = siglip_encode_train(tw, ctx, px, dev, seed)) == LT_OK) {
             rc = be->download(ctx, rows, dev, sizeof(float) * per);
         }
         if (rc != LT_OK)
@@ -983,7 +986,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                     rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                     goto out_loop;
                 }
-                if ((rc = tower_rows(env, &d, imgs, nimg, &mb[k], 0, err)) != LT_OK) {
+                if ((rc = tower_rows(env, &d, imgs, nimg, &mb[k], 0, ad->dropout > 0 ? dseed : 0,
+                                     err)) != LT_OK) {
                     free(imgs);
                     goto out_loop;
                 }
@@ -996,7 +1000,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                 lt_fail(err, rc, "%%train step %d: %s", t->step + 1, env->ctx->err);
                 goto out_loop;
             }
-            if (imgs) rc = tower_rows(env, &d, imgs, nimg, &mb[k], 1, err);
+            if (imgs)
+                rc = tower_rows(env, &d, imgs, nimg, &mb[k], 1, ad->dropout > 0 ? dseed : 0, err);
             free(imgs);
             if (rc != LT_OK) goto out_loop;
             loss_sum += ls;

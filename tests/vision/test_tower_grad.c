@@ -9,8 +9,9 @@
  * function of siglip_encode's soft tokens, and, through gemma3_train_batch's image-row
  * gradients, of the language model's loss with the image's soft tokens in its rows (the path
  * %train takes); a layer below every adapter gets nothing and costs no kept input; the
- * projector's adapter is PEFT's (its B is PEFT's lora_A transposed); bad inputs (tower names on
- * a text-only model, an unknown tower name, a backend without the tower's backward, dropout)
+ * projector's adapter is PEFT's (its B is PEFT's lora_A transposed); LoRA dropout on the tower's
+ * linears (the backward's masks the forward's); bad inputs (tower names on a text-only model, an
+ * unknown tower name, a backend without the tower's backward, dropout on the projector)
  * are refused with the accepted form, nothing attached; PEFT save -> load round trips, under
  * transformers 5's module names (base_model.model.model.vision_tower.encoder.layers.N...,
  * multi_modal_projector target_parameters) with adapter_config.json's target_modules keeping
@@ -179,6 +180,7 @@ static void model_free(gemma3_model *m) {
 static gemma3_model *M;
 static float pixels[3 * VS * VS];
 static float coef[MM * TH]; /* the linear test function of the soft tokens */
+static uint64_t DSEED;      /* LoRA dropout's seed (0: none) */
 
 /* ---- the ops against central differences ------------------------------------------------ */
 
@@ -290,7 +292,8 @@ static void randomise(lt_adapters *a) {
 /* Σ coef ⊙ siglip_encode(pixels) */
 static double tower_f(void) {
     float out[MM * TH];
-    if (siglip_encode(M->vision, &ctx, pixels, out) != LT_OK) diag("encode: %s", ctx.err);
+    if (siglip_encode_train(M->vision, &ctx, pixels, out, DSEED) != LT_OK)
+        diag("encode: %s", ctx.err);
     double f = 0;
     for (int i = 0; i < MM * TH; i++)
         f += (double)coef[i] * out[i];
@@ -319,7 +322,7 @@ static double lm_f(lt_adapters *a, int grads) {
     double L = 0;
     lt_status st = gemma3_train_batch(M, &ctx, lora_trainable(a), &b, 1.0f, grads, 0, &L);
     if (st != LT_OK) diag("train_batch: %s", ctx.err);
-    if (grads && siglip_backward(M->vision, &ctx, pixels, drows) != LT_OK)
+    if (grads && siglip_backward(M->vision, &ctx, pixels, drows, 0) != LT_OK)
         diag("siglip_backward: %s", ctx.err);
     return L;
 }
@@ -386,7 +389,7 @@ static void test_tower_grads(void) {
     /* the isolated tower: dout = coef */
     lora_zero_grads(a);
     float *dout = coef;
-    ok(siglip_backward(M->vision, &ctx, pixels, dout) == LT_OK, "siglip_backward runs");
+    ok(siglip_backward(M->vision, &ctx, pixels, dout, 0) == LT_OK, "siglip_backward runs");
     F = tower_f;
     for (int i = 0; i < a->n_slots; i++)
         fd_slot(&a->slots[i], "tower");
@@ -410,16 +413,34 @@ static void test_tower_grads(void) {
     ok(a && a->n_slots == 1 && siglip_first_trained_layer(M->vision) == 1,
        "a regex over transformers 5's tower path adapts that linear (first trained layer 1)");
     if (a) {
-        size_t kept1 = siglip_backward_bytes(M->vision);
+        size_t kept1 = siglip_backward_bytes(M->vision, 0);
         randomise(a);
         lora_zero_grads(a);
-        siglip_backward(M->vision, &ctx, pixels, coef);
+        siglip_backward(M->vision, &ctx, pixels, coef, 0);
         F = tower_f;
         fd_slot(&a->slots[0], "upper layer only");
         lora_free(a);
         a = attach("vision.fc1", err);
-        ok(a && siglip_backward_bytes(M->vision) > kept1,
+        ok(a && siglip_backward_bytes(M->vision, 0) > kept1,
            "the backward keeps fewer layer inputs when only an upper layer trains");
+        lora_free(a);
+    }
+    /* LoRA dropout on the tower's linears: the backward sees the forward's masks */
+    lora_opts od = {.r = 2, .alpha = 4, .seed = 5, .dropout = 0.3f, .targets = "vision"};
+    ok(lora_attach(&a, M, &ctx, &od, err) == LT_OK,
+       "dropout=0.3 with the tower's linears attaches");
+    if (a) {
+        randomise(a);
+        DSEED = 0;
+        double plain = tower_f();
+        DSEED = 77;
+        ok(fabs(tower_f() - plain) > 1e-6, "... a dropout seed changes the soft tokens (masks)");
+        lora_zero_grads(a);
+        siglip_backward(M->vision, &ctx, pixels, coef, DSEED);
+        F = tower_f;
+        for (int i = 0; i < a->n_slots; i += 4) /* q of 0, fc1 of 0, v of 1, fc2 of 1 */
+            fd_slot(&a->slots[i], "dropout");
+        DSEED = 0;
         lora_free(a);
     }
     a = attach("vision_tower\\.vision_model\\.encoder\\.layers\\.0\\.self_attn\\.k_proj", err);
@@ -446,10 +467,10 @@ static void test_bad(void) {
     a = attach("vision.fc1", err);
     ok(a != NULL, "(a valid tower name attaches)");
     lora_free(a);
-    lora_opts o = {.r = 2, .alpha = 4, .dropout = 0.1f, .targets = "q,vision.fc1"};
+    lora_opts o = {.r = 2, .alpha = 4, .dropout = 0.1f, .targets = "q,vision.fc1,projector"};
     ok(lora_attach(&a, M, &ctx, &o, err) != LT_OK && strstr(err, "dropout") &&
-           M->layers[0].q_proj.lora == NULL,
-       "dropout with tower targets is refused, nothing attached");
+           strstr(err, "ParamWrapper") && M->layers[0].q_proj.lora == NULL,
+       "dropout with the projector is refused (as PEFT's ParamWrapper), nothing attached");
     diag("%s", err);
     /* a backend without the tower's backward (as CUDA is now): refused before any allocation */
     lt_backend fake = lt_backend_cpu;

@@ -777,6 +777,20 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
        "... it loads as a multimodal model whose image logits equal the adapters' (merged tower)");
     free(lg3);
     lt_session_free(s2);
+    /* LoRA dropout on the tower's linears (not on the projector, as PEFT) */
+    lt_lora_opts dl;
+    lt_lora_opts_default(&dl);
+    dl.r = 2;
+    dl.dropout = 0.1f;
+    dl.targets = "q,v,vision";
+    double dlast = 0, dfirst = -1;
+    if (lt_lora_attach(s, &dl, NULL) == LT_OK) dfirst = first_loss(s, data, 4, 3e-2f, &dlast);
+    diag("dropout 0.1 through the tower: %.6f -> %.6f", dfirst, dlast);
+    ok(dfirst > 0 && dlast < dfirst,
+       "%train with dropout=0.1 on the tower's linears lowers the loss");
+    dl.targets = "q,v,projector";
+    ok(lt_lora_attach(s, &dl, NULL) != LT_OK && strstr(lt_last_error(s), "ParamWrapper"),
+       "dropout with the projector is refused, as PEFT refuses it");
     free(ids);
     free(lg1);
     free(lg2);
