@@ -7,8 +7,10 @@
  * turns one image's pixel values ([3, S, S], image.h's img_load_pixels) into mm_tokens_per_image
  * rows of the text hidden size: the soft tokens gemma3_forward_images puts at the image tokens'
  * positions. Written once against backend.h like the text forward; a backend without the image ops
- * (lt_backend_missing_vision_op) is refused with a message. Must not include kernel/,
- * protocol/ or anything above model/.
+ * (lt_backend_missing_vision_op) is refused with a message. For LoRA adapters on the tower's
+ * linears and the projector (lt_weight.lora, attached by train/lora.c), siglip_encode_train and
+ * siglip_backward (siglip_backward.c) are the training forward and the backward of one image.
+ * Must not include kernel/, protocol/ or anything above model/.
  */
 #ifndef LATHE_SIGLIP_H
 #define LATHE_SIGLIP_H

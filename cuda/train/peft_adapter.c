@@ -317,20 +317,23 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     if (rc != LT_OK) return rc;
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     st_set st;
-    rc = st_open(&st, path, err);
-    if (rc != LT_OK) return rc;
+    char st_err[LT_ERRLEN] = "";
+    lt_status st_rc = st_open(&st, path, st_err); /* its failure is told after the config's */
     /* a PEFT list of names matches the tower's linears of those names too (PEFT's suffix
      * rule): when the file holds tower tensors, the list is read that way */
-    for (int i = 0; i < st.n_tensors && o.targets_list; i++)
+    for (int i = 0; st_rc == LT_OK && i < st.n_tensors && o.targets_list; i++)
         if (strstr(st.tensors[i].name, "vision_tower.") && strstr(st.tensors[i].name, ".lora_"))
             o.tower_suffix = 1;
     lt_adapters *a = NULL;
     rc = lora_attach(&a, m, ctx, &o, err);
     if (rc != LT_OK) {
-        st_close(&st);
+        if (st_rc == LT_OK) st_close(&st);
         return lt_fail_prefix(err, rc, "%%lora load=%s", dir);
     }
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if (st_rc != LT_OK) {
+        lora_free(a);
+        return lt_fail(err, st_rc, "%s", st_err);
+    }
     int used = 0;
     for (int i = 0; i < a->n_slots && rc == LT_OK; i++) {
         lora_slot *s = &a->slots[i];
