@@ -235,14 +235,16 @@ lt_status lt_chat_render(lt_session *s, const char *const *roles, const char *co
 /* ---- fine-tuning (cuda/train/, cuda/export/merged.c) ----------------------------------- */
 
 typedef struct lt_lora_opts {
-    int r;               /* rank, > 0 (default 16) */
-    float alpha;         /* lora_alpha (default 16); scale = alpha / r (or / sqrt(r)) */
-    int rslora;          /* 1 = rank-stabilised scale alpha / sqrt(r) */
-    float dropout;       /* lora_dropout in [0, 1) (default 0) */
-    uint64_t seed;       /* initialisation seed */
-    const char *targets; /* NULL = q,k,v,o,gate,up,down; names (q or q_proj, ...) or a regex */
-    int full;            /* 1 = full fine-tuning: every weight trains, no adapters */
-    const char *load;    /* a PEFT adapter folder to continue from (its config wins) */
+    int r;         /* rank, > 0 (default 16) */
+    float alpha;   /* lora_alpha (default 16); scale = alpha / r (or / sqrt(r)) */
+    int rslora;    /* 1 = rank-stabilised scale alpha / sqrt(r) */
+    float dropout; /* lora_dropout in [0, 1) (default 0) */
+    uint64_t seed; /* initialisation seed */
+    /* NULL = q,k,v,o,gate,up,down; names (q or q_proj, ...) or a regex; with an image tower
+     * also vision, vision.q_proj ... vision.fc2 and projector (the CPU backend only) */
+    const char *targets;
+    int full;         /* 1 = full fine-tuning: every weight trains, no adapters */
+    const char *load; /* a PEFT adapter folder to continue from (its config wins) */
 } lt_lora_opts;
 /* Fills the defaults from lt_option_default("lora", ...). */
 void lt_lora_opts_default(lt_lora_opts *o);

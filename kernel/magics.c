@@ -138,8 +138,11 @@ static const opt_spec lora_opts[] = {
     {"dropout", OPT_FLOAT, FROM_ENGINE("lora"), NULL, 0, 0.95, 0,
      "dropout on the adapter input while training"},
     {"targets", OPT_STRING, FROM_ENGINE("lora"), NULL, NO_RANGE,
-     "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) or a regex over "
-     "names like model.layers.0.self_attn.q_proj"},
+     "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) of the language "
+     "model; on a model with an image tower also vision (its six linears), vision.q_proj, "
+     "vision.k_proj, vision.v_proj, vision.out_proj, vision.fc1, vision.fc2 (vision.q, .k, .v, "
+     ".out) and projector (device=cpu); or a regex over names like "
+     "model.layers.0.self_attn.q_proj and model.vision_tower.encoder.layers.0.mlp.fc1"},
     {"rslora", OPT_BOOL, FROM_ENGINE("lora"), NULL, NO_RANGE,
      "rank-stabilised scale alpha/sqrt(r)"},
     {"seed", OPT_INT, FROM_ENGINE("lora"), NULL, 0, 9007199254740991.0, 0, "initialisation seed"},
@@ -313,6 +316,16 @@ static const magic_spec table[] = {
      "Attaches fresh LoRA adapters to the linear layers of the language model, initialised "
      "as PEFT does (A Kaiming-uniform, B zero, so the model is unchanged until trained), or "
      "loads a PEFT adapter folder with load=DIR to continue training or to run it. "
+     "On a model with an image tower (Gemma 3 4B and up), targets= may also name the tower's "
+     "linears, as PEFT names them in Gemma3ForConditionalGeneration "
+     "(model.vision_tower.encoder.layers.N.self_attn.q_proj ... mlp.fc2): vision adds all six "
+     "(q_proj, k_proj, v_proj, out_proj, fc1, fc2) of every encoder layer, vision.NAME one of "
+     "them, and projector the projector's matrix (multi_modal_projector."
+     "mm_input_projection_weight, PEFT's target_parameters), e.g. "
+     "targets=q,k,v,o,gate,up,down,vision. %train then trains through the tower, encoding "
+     "each step's images anew (device=cpu only for now; dropout= applies to the tower's "
+     "linears, not to the projector, as in PEFT). Without tower names the "
+     "tower stays frozen and each image is encoded once. "
      "full=true trains every weight instead. A new %lora replaces the adapters attached "
      "before.",
      magic_lora},
@@ -325,7 +338,8 @@ static const magic_spec table[] = {
      "messages ({\"messages\"}), rendered with Gemma's chat template. A user message's "
      "content list may hold images ({\"type\": \"image\", \"image\": PATH}, relative to "
      "the dataset's folder): each is encoded once by the frozen image tower, its "
-     "tokens never trained, LoRA training the language model. AdamW with fp32 "
+     "tokens never trained, LoRA training the language model (or, with the tower's linears "
+     "in %lora targets=, encoded every step and trained through, on device=cpu). AdamW with fp32 "
      "state; the loss of a step is the mean over all its label tokens across grad_accum "
      "micro-batches. Shows a progress bar and the loss curve while it runs. An interrupt "
      "stops at the next micro-batch and keeps the weights of the last complete step; run "
@@ -361,7 +375,9 @@ static const magic_spec table[] = {
      "adapter=DIR writes adapter_config.json and adapter_model.safetensors, loadable by "
      "peft.PeftModel.from_pretrained and by %lora load=DIR. merged=DIR writes config.json, "
      "model.safetensors and tokenizer.model with the adapters merged into the weights, "
-     "loadable by transformers and by %load DIR; a model quantized at load is merged into "
+     "loadable by transformers and by %load DIR (the language model; with adapters on the "
+     "image tower the whole multimodal model, the tower's adapters merged too); a model "
+     "quantized at load is merged into "
      "the original 16-bit weights of its checkpoint, a pre-quantized one into its dequantized "
      "weights. quantized=DIR writes a model loaded with quant=nf4 or quant=int8 (or from a "
      "bitsandbytes checkpoint) in bitsandbytes' layout, with quantization_config in "

@@ -8,7 +8,10 @@
  * values otherwise (a pre-quantized checkpoint, random weights); a message says which. config.json
  * is the loaded one when there was one (a text model's folder), else a flat Gemma3TextConfig
  * written from the model's config. The three files are one atomic set: written, then renamed
- * together. Also the dtype, torch-name and config helpers quantized.c shares. Owns nothing after a
+ * together. With adapters on the image tower, the whole Gemma3ForConditionalGeneration is written
+ * instead (the loaded config.json; text under model.language_model., the tower and projector,
+ * their adapters merged, under transformers 5's names). Also the dtype, torch-name and config
+ * helpers quantized.c shares. Owns nothing after a
  * call returns; reads the model and the adapters and changes neither. A model on a device is read
  * back weight by weight (with its quantization state and adapter) and merged on the host.
  */
@@ -24,6 +27,7 @@
 #include "cuda/formats/bnb.h"
 #include "cuda/formats/safetensors_write.h"
 #include "cuda/model/gemma3_device.h"
+#include "cuda/model/siglip.h"
 
 const char *merged_torch_dtype(lt_dtype d) {
     return d == LT_BF16 ? "bfloat16" : d == LT_F16 ? "float16" : "float32";
@@ -205,6 +209,141 @@ oom:
     return 1;
 }
 
+/* ---- the image tower, for adapters on it ---------------------------------------------------- */
+
+/* Tensors the tower and projector take in the checkpoint. */
+static int tower_count(const siglip_tower *t) {
+    return 3 + 16 * t->cfg.num_hidden_layers + 2 + 2;
+}
+
+/* Adds tensor `name` from fp32 values (shape[ndim]) in w->dt; takes f32 (freed). */
+static void put_f32(merge_walk *w, const char *name, float *f32, int ndim, const int64_t *shape) {
+    if (w->rc != LT_OK) {
+        free(f32);
+        return;
+    }
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++)
+        n *= shape[d];
+    void *buf = f32 ? malloc((size_t)n * lt_dtype_size(w->dt)) : NULL;
+    char *nm = strdup(name);
+    if (!buf || !nm) {
+        free(buf);
+        free(nm);
+        free(f32);
+        w->rc = lt_fail(w->err, LT_ERR_MEMORY, "out of memory while merging %s", name);
+        return;
+    }
+    lt_convert(buf, w->dt, f32, LT_F32, n);
+    free(f32);
+    w->bufs[w->n] = buf;
+    w->names[w->n] = nm;
+    st_out *o = &w->t[w->n++];
+    *o = (st_out){nm, w->dt, ndim, {0}, buf};
+    for (int d = 0; d < ndim; d++)
+        o->shape[d] = shape[d];
+}
+
+/* A tower vector (host fp32) under prefix + suffix. */
+static void put_vec(merge_walk *w, const char *pfx, const char *suffix, const lt_tensor *v) {
+    char name[256];
+    snprintf(name, sizeof name, "%s%s", pfx, suffix);
+    int64_t n = lt_tensor_numel(v);
+    float *f = malloc(sizeof(float) * (size_t)n);
+    if (f) lt_convert(f, LT_F32, v->data, v->dtype, n);
+    put_f32(w, name, f, 1, &n);
+}
+
+/* A tower matrix with its adapter merged (W' = W + s·B·A in fp32), stored with shape[ndim]. */
+static float *merged_mat(merge_walk *w, const lt_weight *mw) {
+    int64_t n = lt_tensor_numel(&mw->w);
+    float *f = malloc(sizeof(float) * (size_t)n);
+    if (!f) return NULL;
+    const lora_slot *s = slot_of(w->a, &mw->w);
+    if (s)
+        lora_merged_weight(w->a, s, f, w->err);
+    else
+        lt_weight_dequantize_rows(mw, 0, mw->w.shape[0], f);
+    return f;
+}
+
+static void put_mat(merge_walk *w, const char *pfx, const char *suffix, const lt_weight *mw,
+                    int ndim, const int64_t *shape) {
+    char name[256];
+    snprintf(name, sizeof name, "%s%s", pfx, suffix);
+    put_f32(w, name, merged_mat(w, mw), ndim, shape);
+}
+
+/* The tower and the projector under transformers 5's names (model.vision_tower.embeddings...,
+ * model.multi_modal_projector.*, the tree lathe and transformers both load), their adapters
+ * merged; the text weights move under model.language_model. (lm_head stays). */
+static void tower_put(merge_walk *w) {
+    for (int i = 0; i < w->n;
+         i++) { /* the text weights so far: model.X -> model.language_model.X */
+        if (strncmp(w->names[i], "model.", 6) != 0) continue;
+        size_t len = strlen(w->names[i]) + 16;
+        char *nm = malloc(len);
+        if (!nm) {
+            w->rc = lt_fail(w->err, LT_ERR_MEMORY, "out of memory");
+            return;
+        }
+        snprintf(nm, len, "model.language_model.%s", w->names[i] + 6);
+        free(w->names[i]);
+        w->names[i] = nm;
+        w->t[i].name = nm;
+    }
+    const siglip_tower *t = w->m->vision;
+    const gemma3_vision_config *c = &t->cfg;
+    const char *pfx = "model.vision_tower.";
+    int64_t D = c->hidden_size, I = c->intermediate_size, p = c->patch_size,
+            g = c->image_size / c->patch_size, H = t->text_hidden;
+    int64_t conv[4] = {D, c->num_channels, p, p}, pos[2] = {g * g, D}, dd[2] = {D, D},
+            id[2] = {I, D}, di[2] = {D, I};
+    put_mat(w, pfx, "embeddings.patch_embedding.weight", &t->patch, 4, conv);
+    put_vec(w, pfx, "embeddings.patch_embedding.bias", &t->patch_b);
+    {
+        char name[256];
+        snprintf(name, sizeof name, "%sembeddings.position_embedding.weight", pfx);
+        float *f = malloc(sizeof(float) * (size_t)(g * g * D));
+        if (f) memcpy(f, t->pos.data, sizeof(float) * (size_t)(g * g * D));
+        put_f32(w, name, f, 2, pos);
+    }
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const siglip_layer *L = &t->layers[l];
+        char lp[160];
+        snprintf(lp, sizeof lp, "%sencoder.layers.%d.", pfx, l);
+        put_vec(w, lp, "layer_norm1.weight", &L->ln1_w);
+        put_vec(w, lp, "layer_norm1.bias", &L->ln1_b);
+        put_mat(w, lp, "self_attn.q_proj.weight", &L->q, 2, dd);
+        put_vec(w, lp, "self_attn.q_proj.bias", &L->q_b);
+        put_mat(w, lp, "self_attn.k_proj.weight", &L->k, 2, dd);
+        put_vec(w, lp, "self_attn.k_proj.bias", &L->k_b);
+        put_mat(w, lp, "self_attn.v_proj.weight", &L->v, 2, dd);
+        put_vec(w, lp, "self_attn.v_proj.bias", &L->v_b);
+        put_mat(w, lp, "self_attn.out_proj.weight", &L->o, 2, dd);
+        put_vec(w, lp, "self_attn.out_proj.bias", &L->o_b);
+        put_vec(w, lp, "layer_norm2.weight", &L->ln2_w);
+        put_vec(w, lp, "layer_norm2.bias", &L->ln2_b);
+        put_mat(w, lp, "mlp.fc1.weight", &L->fc1, 2, id);
+        put_vec(w, lp, "mlp.fc1.bias", &L->fc1_b);
+        put_mat(w, lp, "mlp.fc2.weight", &L->fc2, 2, di);
+        put_vec(w, lp, "mlp.fc2.bias", &L->fc2_b);
+    }
+    put_vec(w, pfx, "post_layernorm.weight", &t->post_w);
+    put_vec(w, pfx, "post_layernorm.bias", &t->post_b);
+    const char *pp = "model.multi_modal_projector.";
+    put_vec(w, pp, "mm_soft_emb_norm.weight", &t->mm_norm);
+    /* held transposed [H, D] (siglip.h): stored input-major [D, H] again */
+    float *hd = merged_mat(w, &t->mm_proj),
+          *dh = hd ? malloc(sizeof(float) * (size_t)(D * H)) : NULL;
+    for (int64_t i = 0; dh && i < H; i++)
+        for (int64_t j = 0; j < D; j++)
+            dh[j * H + i] = hd[i * D + j];
+    free(hd);
+    int64_t dhs[2] = {D, H};
+    put_f32(w, "model.multi_modal_projector.mm_input_projection_weight", dh, 2, dhs);
+}
+
 /* What the merge did with a quantized base, for the caller's log. */
 static void merge_report(const gemma3_model *m, const lt_adapters *a, const merge_walk *w,
                          const char *src_dir, const lt_callbacks *cb) {
@@ -262,13 +401,27 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const 
     lt_dtype dt;
     lt_status rc = merged_parse_dtype(m, dtype, "%save", &dt, err);
     if (rc != LT_OK) return rc;
+    /* adapters on the image tower: the whole Gemma3ForConditionalGeneration is written, under
+     * transformers 5's names, with the loaded config.json */
+    int with_tower = a && a->n_tower_slots > 0 && m->vision;
+    char mm_cfg[4200] = "";
+    if (with_tower) {
+        if (src_dir && *src_dir) snprintf(mm_cfg, sizeof mm_cfg, "%s/config.json", src_dir);
+        if (!mm_cfg[0] || access(mm_cfg, R_OK) != 0 || gemma3_on_device(m))
+            return lt_fail(err, LT_ERR_STATE,
+                           "%%save merged=: the %d image-tower adapter(s) merge into a copy of "
+                           "the whole multimodal checkpoint, which needs its config.json (the "
+                           "model was not loaded from a folder with one); save them with %%save "
+                           "adapter=DIR",
+                           a->n_tower_slots);
+    }
     if (gemma3_on_device(m) && !dev)
         return lt_fail(err, LT_ERR_ARG,
                        "%%save merged=: the model is on a device, and no backend "
                        "to read it back through was given");
     rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
-    int nw = gemma3_weight_count(m);
+    int nw = gemma3_weight_count(m) + (with_tower ? tower_count(m->vision) : 0);
     merge_walk w = {m,
                     gemma3_on_device(m) ? dev : NULL,
                     a,
@@ -285,6 +438,7 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const 
         w.rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
     } else {
         gemma3_weights_foreach(m, merge_visit, &w);
+        if (w.rc == LT_OK && with_tower) tower_put(&w);
     }
     rc = w.rc;
     char *cfg = NULL;
@@ -292,7 +446,9 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const 
     if (rc == LT_OK) {
         /* keep the loaded config.json when there is one (text models); else write one; a
          * pre-quantized checkpoint's config.json describes its quantization: not copied */
-        if (src_dir && *src_dir && !m->cfg.multimodal && !m->prequantized) {
+        if (with_tower) {
+            snprintf(src_cfg, sizeof src_cfg, "%s", mm_cfg);
+        } else if (src_dir && *src_dir && !m->cfg.multimodal && !m->prequantized) {
             snprintf(src_cfg, sizeof src_cfg, "%s/config.json", src_dir);
             if (access(src_cfg, R_OK) != 0) src_cfg[0] = 0;
         }

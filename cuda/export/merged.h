@@ -10,7 +10,9 @@
 #include "cuda/model/model.h"
 #include "cuda/train/train.h"
 
-/* Writes dir/config.json (the one of src_dir when it has one, else generated),
+/* Writes dir/config.json (the one of src_dir when it has one, else generated; with adapters on
+ * the image tower the whole multimodal model, text under model.language_model., the tower and
+ * projector under transformers 5's names, src_dir's config.json required),
  * dir/model.safetensors (dtype: "auto" = the model's, "bf16", "fp16" or "fp32") and, when
  * tokenizer_path is given, dir/tokenizer.model, as one atomic set. a: the adapters to merge
  * (NULL = none). dev: the backend a model on a device lives in (NULL for a host model): each

@@ -726,6 +726,19 @@ lt_status gemma3_train_batch(const gemma3_model *m, lt_ctx *ctx, const gemma3_tr
         LT_TRY(mlp_bwd(&c, l));
         LT_TRY(attn_block_bwd(&c, l, x_in));
     }
+    for (int64_t t = 0, j = 0; b->image_grads && b->n_image_tokens > 0 && t < N;) {
+        if (b->ids[t] != cfg->vision.image_token_id) { /* dh = dL/d(the embedded rows) */
+            t++;
+            continue;
+        }
+        int64_t e = t;
+        while (e < N && b->ids[e] == cfg->vision.image_token_id)
+            e++;
+        LT_TRY(be->download(ctx, b->image_grads + j * H, B.dh + t * H,
+                            sizeof(float) * (size_t)((e - t) * H)));
+        j += e - t;
+        t = e;
+    }
     if (m->embed_tokens.grad_w.data && be->embedding_backward) {
         for (int64_t t = 0; b->n_image_tokens > 0 && t < N; t++) /* image rows: no embedding */
             if (b->ids[t] == cfg->vision.image_token_id)

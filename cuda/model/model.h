@@ -350,9 +350,13 @@ typedef struct train_batch {
     /* images (gemma3_images' rule, per sample): the rows of the image tokens of ids
      * (cfg.vision.image_token_id), in order, host memory [n_image_tokens, H] fp32; NULL = none.
      * They replace those tokens' embeddings, each block sees itself (attention_span and
-     * attention_span_backward), and no gradient flows into them (the tower is frozen). */
+     * attention_span_backward). */
     const float *image_embeds;
     int n_image_tokens;
+    /* host out [n_image_tokens, H] fp32, or NULL: dL/d(image rows) (scaled by grad_scale as
+     * every gradient), written by a call with grads, for a tower whose adapters train; NULL
+     * when the tower is frozen (then nothing flows into the rows). */
+    float *image_grads;
 } train_batch;
 
 /* Forward, fused loss and (when grads) backward of one micro-batch. Gradients are

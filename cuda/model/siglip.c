@@ -387,7 +387,138 @@ static lt_status linear_b(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight
     return rc == LT_OK ? ctx->be->add_bias(ctx, y, b) : rc;
 }
 
+uint64_t siglip_module_seed(uint64_t seed, int layer, int k) {
+    return seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(layer * 16 + k + 1));
+}
+
+int siglip_uses_dropout(const siglip_acts *b, const lt_weight *w) {
+    return b->drop_seed && w->lora && w->lora->enabled && w->lora->dropout > 0.0f &&
+           w->lora->a.data;
+}
+
+/* y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, the mask of element i of x lt_dropout_keep(seed, i) (as
+ * gemma3_backward.c's adapters): linear_b when no dropout runs. */
+static lt_status linear_drop(lt_ctx *ctx, const siglip_acts *b, lt_tensor y, lt_tensor x,
+                             const lt_weight *w, lt_tensor bias, uint64_t seed) {
+    if (!siglip_uses_dropout(b, w)) return linear_b(ctx, y, x, w, bias);
+    const lt_backend *be = ctx->be;
+    lt_lora *lo = w->lora;
+    int64_t n = x.shape[0], in = w->w.shape[1], out = w->w.shape[0], r = lo->a.shape[0];
+    lo->enabled = 0;
+    lt_status rc = linear_b(ctx, y, x, w, bias); /* the base path */
+    lo->enabled = 1;
+    if (rc != LT_OK) return rc;
+    lt_weight wa = {.w = lo->a}, wb = {.w = lo->b};
+    siglip_drop_bufs s;
+    siglip_drop_carve(b, n, &s);
+    lt_tensor xd = lt_tensor_2d(LT_F32, s.xd, n, in), u = lt_tensor_2d(LT_F32, s.u, n, r),
+              y2 = lt_tensor_2d(LT_F32, s.y2, n, out);
+    if ((rc = be->dropout(ctx, xd, x, lo->dropout, 1.0f, seed)) != LT_OK) return rc;
+    if ((rc = be->linear(ctx, u, xd, &wa)) != LT_OK) return rc;
+    if ((rc = be->linear(ctx, y2, u, &wb)) != LT_OK) return rc;
+    if ((rc = be->scale(ctx, y2, lo->scale)) != LT_OK) return rc;
+    return be->add(ctx, y, y2);
+}
+
+void siglip_drop_carve(const siglip_acts *b, int64_t n, siglip_drop_bufs *s) {
+    float *p = b->drop;
+    s->xd = p, p += n * b->drop_w;
+    s->y2 = p, p += n * b->drop_w;
+    s->dx = p, p += n * b->drop_w;
+    s->u = p, p += n * b->drop_r;
+    s->du = p;
+}
+
+size_t siglip_dropout_floats(const siglip_tower *t, int64_t *w, int64_t *r) {
+    siglip_dims d;
+    siglip_dims_get(t, &d);
+    *r = 1;
+    *w = d.I > d.D ? d.I : d.D;
+    for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+        const siglip_layer *L = &t->layers[l];
+        const lt_weight *ws[6] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (int i = 0; i < 6; i++)
+            if (ws[i]->lora && ws[i]->lora->a.shape[0] > *r) *r = ws[i]->lora->a.shape[0];
+    }
+    return (size_t)(d.P * (3 * *w + 2 * *r));
+}
+
+void siglip_patches(const siglip_tower *t, const float *pixels, float *host) {
+    const gemma3_vision_config *c = &t->cfg;
+    int64_t p = c->patch_size, S = c->image_size, g = S / p, C = c->num_channels, K = C * p * p;
+    for (int64_t r = 0; r < g; r++)
+        for (int64_t cc = 0; cc < g; cc++)
+            for (int64_t ch = 0; ch < C; ch++)
+                for (int64_t yy = 0; yy < p; yy++)
+                    for (int64_t xx = 0; xx < p; xx++)
+                        host[(r * g + cc) * K + (ch * p + yy) * p + xx] =
+                            pixels[(ch * S + r * p + yy) * S + cc * p + xx];
+}
+
+void siglip_dims_get(const siglip_tower *t, siglip_dims *d) {
+    const gemma3_vision_config *c = &t->cfg;
+    d->D = c->hidden_size;
+    d->I = c->intermediate_size;
+    d->g = c->image_size / c->patch_size;
+    d->P = d->g * d->g;
+    d->K = (int64_t)c->num_channels * c->patch_size * c->patch_size;
+    d->nh = c->num_attention_heads;
+    d->hd = d->D / d->nh;
+    d->H = t->text_hidden;
+    int64_t side = 0;
+    while ((side + 1) * (side + 1) <= c->mm_tokens_per_image)
+        side++;
+    d->side = side;
+    d->M = side * side;
+    d->eps = (float)c->layer_norm_eps;
+    d->scale = (float)(1.0 / sqrt((double)d->hd));
+}
+
+lt_status siglip_layer_forward(const siglip_tower *t, lt_ctx *ctx, int l, const siglip_acts *b) {
+    const lt_backend *be = ctx->be;
+    siglip_dims d;
+    siglip_dims_get(t, &d);
+    int64_t P = d.P, D = d.D, I = d.I;
+    const siglip_layer *L = &t->layers[l];
+    lt_tensor X = lt_tensor_2d(LT_F32, b->x, P, D), A1 = lt_tensor_2d(LT_F32, b->a1, P, D);
+    lt_tensor O = lt_tensor_2d(LT_F32, b->o, P, D), Hh = lt_tensor_2d(LT_F32, b->h, P, D);
+    lt_tensor A2 = lt_tensor_2d(LT_F32, b->a2, P, D), F2 = lt_tensor_2d(LT_F32, b->f2, P, D);
+    lt_tensor F1 = lt_tensor_2d(LT_F32, b->f1, P, I), G = lt_tensor_2d(LT_F32, b->g, P, I);
+    lt_tensor POS = lt_tensor_1d(LT_I32, b->pos0, P);
+    size_t bytes = sizeof(float) * (size_t)(P * D);
+    lt_status rc = LT_OK;
+    LT_TRY(be->layernorm(ctx, A1, X, L->ln1_w, L->ln1_b, d.eps));
+    LT_TRY(linear_drop(ctx, b, lt_tensor_2d(LT_F32, b->q, P, D), A1, &L->q, L->q_b,
+                       siglip_module_seed(b->drop_seed, l, 0)));
+    LT_TRY(linear_drop(ctx, b, lt_tensor_2d(LT_F32, b->k, P, D), A1, &L->k, L->k_b,
+                       siglip_module_seed(b->drop_seed, l, 1)));
+    LT_TRY(linear_drop(ctx, b, lt_tensor_2d(LT_F32, b->v, P, D), A1, &L->v, L->v_b,
+                       siglip_module_seed(b->drop_seed, l, 2)));
+    LT_TRY(be->attention(ctx, lt_tensor_2d(LT_F32, b->att, P, D),
+                         lt_tensor_3d(LT_F32, b->q, P, d.nh, d.hd),
+                         lt_tensor_3d(LT_F32, b->k, P, d.nh, d.hd),
+                         lt_tensor_3d(LT_F32, b->v, P, d.nh, d.hd), POS, POS, 0, d.scale));
+    LT_TRY(linear_drop(ctx, b, O, lt_tensor_2d(LT_F32, b->att, P, D), &L->o, L->o_b,
+                       siglip_module_seed(b->drop_seed, l, 3)));
+    if (b->h != b->x) LT_TRY(be->copy(ctx, b->h, b->x, bytes));
+    LT_TRY(be->add(ctx, Hh, O)); /* h = x + o */
+    LT_TRY(be->layernorm(ctx, A2, Hh, L->ln2_w, L->ln2_b, d.eps));
+    LT_TRY(linear_drop(ctx, b, F1, A2, &L->fc1, L->fc1_b, siglip_module_seed(b->drop_seed, l, 4)));
+    LT_TRY(be->gelu(ctx, G, F1));
+    if (!b->out) goto done; /* a recompute for the backward: the output is not needed */
+    LT_TRY(linear_drop(ctx, b, F2, G, &L->fc2, L->fc2_b, siglip_module_seed(b->drop_seed, l, 5)));
+    if (b->out != b->h) LT_TRY(be->copy(ctx, b->out, b->h, bytes));
+    LT_TRY(be->add(ctx, lt_tensor_2d(LT_F32, b->out, P, D), F2)); /* out = h + fc2(g) */
+done:
+    return rc;
+}
+
 lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out) {
+    return siglip_encode_train(t, ctx, pixels, out, 0);
+}
+
+lt_status siglip_encode_train(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out,
+                              uint64_t drop_seed) {
     const lt_backend *be = ctx->be;
     const char *missing = lt_backend_missing_vision_op(be);
     if (missing)
@@ -396,13 +527,10 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
                        "model with device=cpu to use images)",
                        be->name, missing);
     const gemma3_vision_config *c = &t->cfg;
-    int64_t D = c->hidden_size, I = c->intermediate_size, p = c->patch_size, S = c->image_size,
-            g = S / p, P = g * g, C = c->num_channels, K = C * p * p, nh = c->num_attention_heads,
-            hd = D / nh, H = t->text_hidden, side = 0;
-    while ((side + 1) * (side + 1) <= c->mm_tokens_per_image)
-        side++;
-    int64_t M = side * side;
-    float eps = (float)c->layer_norm_eps, scale = (float)(1.0 / sqrt((double)hd));
+    siglip_dims dm;
+    siglip_dims_get(t, &dm);
+    int64_t D = dm.D, I = dm.I, g = dm.g, P = dm.P, K = dm.K, H = dm.H, side = dm.side, M = dm.M;
+    float eps = dm.eps;
     lt_status rc = LT_OK;
 
     /* patches on the host: row r*g + cc holds channel-major (ch, y, x) of patch (r, cc), the
@@ -410,19 +538,13 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
     float *host = malloc(sizeof(float) * (size_t)(P * K));
     int32_t *zeros = calloc((size_t)P, sizeof(int32_t));
     float *patches = NULL, *x = NULL, *a = NULL, *q = NULL, *k = NULL, *v = NULL, *att = NULL,
-          *f = NULL, *pooled = NULL;
+          *f = NULL, *pooled = NULL, *drop = NULL;
     int32_t *pos0 = NULL;
     if (!host || !zeros) {
         rc = lt_fail(ctx->err, LT_ERR_MEMORY, "image tower: out of host memory");
         goto done;
     }
-    for (int64_t r = 0; r < g; r++)
-        for (int64_t cc = 0; cc < g; cc++)
-            for (int64_t ch = 0; ch < C; ch++)
-                for (int64_t yy = 0; yy < p; yy++)
-                    for (int64_t xx = 0; xx < p; xx++)
-                        host[(r * g + cc) * K + (ch * p + yy) * p + xx] =
-                            pixels[(ch * S + r * p + yy) * S + cc * p + xx];
+    siglip_patches(t, pixels, host);
     size_t fs = sizeof(float);
     patches = be->alloc(ctx, fs * (size_t)(P * K));
     x = be->alloc(ctx, fs * (size_t)(P * D));
@@ -434,7 +556,11 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
     f = be->alloc(ctx, fs * (size_t)(P * I));
     pooled = be->alloc(ctx, fs * (size_t)(M * D));
     pos0 = be->alloc(ctx, sizeof(int32_t) * (size_t)P);
-    if (!patches || !x || !a || !q || !k || !v || !att || !f || !pooled || !pos0) {
+    int64_t dw = 0, dr = 0;
+    size_t dn = siglip_dropout_floats(t, &dw, &dr);
+    if (drop_seed) drop = be->alloc(ctx, fs * dn);
+    if (!patches || !x || !a || !q || !k || !v || !att || !f || !pooled || !pos0 ||
+        (drop_seed && !drop)) {
         rc = lt_fail(ctx->err, LT_ERR_MEMORY,
                      "image tower: out of %s memory for the activations of %lld patches", be->name,
                      (long long)P);
@@ -442,29 +568,30 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
     }
     LT_TRY(be->upload(ctx, patches, host, fs * (size_t)(P * K)));
     LT_TRY(be->upload(ctx, pos0, zeros, sizeof(int32_t) * (size_t)P));
-    lt_tensor X = lt_tensor_2d(LT_F32, x, P, D), A = lt_tensor_2d(LT_F32, a, P, D);
-    lt_tensor Q = lt_tensor_2d(LT_F32, q, P, D), Kt = lt_tensor_2d(LT_F32, k, P, D);
-    lt_tensor V = lt_tensor_2d(LT_F32, v, P, D), ATT = lt_tensor_2d(LT_F32, att, P, D);
-    lt_tensor F = lt_tensor_2d(LT_F32, f, P, I), POS = lt_tensor_1d(LT_I32, pos0, P);
+    lt_tensor X = lt_tensor_2d(LT_F32, x, P, D);
     LT_TRY(linear_b(ctx, X, lt_tensor_2d(LT_F32, patches, P, K), &t->patch, t->patch_b));
     LT_TRY(be->add(ctx, X, t->pos));
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const siglip_layer *L = &t->layers[l];
-        LT_TRY(be->layernorm(ctx, A, X, L->ln1_w, L->ln1_b, eps));
-        LT_TRY(linear_b(ctx, Q, A, &L->q, L->q_b));
-        LT_TRY(linear_b(ctx, Kt, A, &L->k, L->k_b));
-        LT_TRY(linear_b(ctx, V, A, &L->v, L->v_b));
-        LT_TRY(be->attention(ctx, ATT, lt_tensor_3d(LT_F32, q, P, nh, hd),
-                             lt_tensor_3d(LT_F32, k, P, nh, hd), lt_tensor_3d(LT_F32, v, P, nh, hd),
-                             POS, POS, 0, scale));
-        LT_TRY(linear_b(ctx, A, ATT, &L->o, L->o_b));
-        LT_TRY(be->add(ctx, X, A));
-        LT_TRY(be->layernorm(ctx, A, X, L->ln2_w, L->ln2_b, eps));
-        LT_TRY(linear_b(ctx, F, A, &L->fc1, L->fc1_b));
-        LT_TRY(be->gelu(ctx, F, F));
-        LT_TRY(linear_b(ctx, A, F, &L->fc2, L->fc2_b));
-        LT_TRY(be->add(ctx, X, A));
-    }
+    /* a holds ln1(x), then out_proj's output, ln2(h) and fc2's; f fc1's output and its gelu */
+    siglip_acts b = {.x = x,
+                     .a1 = a,
+                     .q = q,
+                     .k = k,
+                     .v = v,
+                     .att = att,
+                     .o = a,
+                     .h = x,
+                     .a2 = a,
+                     .f1 = f,
+                     .g = f,
+                     .f2 = a,
+                     .out = x,
+                     .pos0 = pos0,
+                     .drop_seed = drop_seed,
+                     .drop = drop,
+                     .drop_w = dw,
+                     .drop_r = dr};
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        LT_TRY(siglip_layer_forward(t, ctx, l, &b));
     LT_TRY(be->layernorm(ctx, X, X, t->post_w, t->post_b, eps));
     /* the projector */
     lt_tensor PO = lt_tensor_2d(LT_F32, pooled, M, D);
@@ -474,7 +601,7 @@ lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
 done:
     free(host);
     free(zeros);
-    void *all[] = {patches, x, a, q, k, v, att, f, pooled, pos0};
+    void *all[] = {patches, x, a, q, k, v, att, f, pooled, pos0, drop};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++)
         if (all[i]) be->release(ctx, all[i]);
     return rc;

@@ -7,8 +7,10 @@
  * turns one image's pixel values ([3, S, S], image.h's img_load_pixels) into mm_tokens_per_image
  * rows of the text hidden size: the soft tokens gemma3_forward_images puts at the image tokens'
  * positions. Written once against backend.h like the text forward; a backend without the image ops
- * (lt_backend_missing_vision_op) is refused with a message. Must not include kernel/,
- * protocol/ or anything above model/.
+ * (lt_backend_missing_vision_op) is refused with a message. For LoRA adapters on the tower's
+ * linears and the projector (lt_weight.lora, attached by train/lora.c), siglip_encode_train and
+ * siglip_backward (siglip_backward.c) are the training forward and the backward of one image.
+ * Must not include kernel/, protocol/ or anything above model/.
  */
 #ifndef LATHE_SIGLIP_H
 #define LATHE_SIGLIP_H
@@ -71,7 +73,78 @@ void siglip_release(siglip_tower *t, lt_ctx *ctx);
  * post_layernorm) and Gemma3MultiModalProjector on it (avg-pool to mm tokens, RMSNorm with
  * 1 + w, the projection). */
 lt_status siglip_encode(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out);
+/* siglip_encode in training: drop_seed != 0 runs the tower adapters' LoRA dropout with masks
+ * from it (siglip_backward with the same seed sees the same masks); 0 is siglip_encode. */
+lt_status siglip_encode_train(const siglip_tower *t, lt_ctx *ctx, const float *pixels, float *out,
+                              uint64_t drop_seed);
 /* The backend memory siglip_encode takes for its activations (one image), out not included. */
 size_t siglip_encode_bytes(const siglip_tower *t);
+
+/* ---- the pieces of the forward, shared with the backward (siglip_backward.c) ------------- */
+
+/* The sizes of a tower: width D, MLP width I, grid side g, patches P = g*g, patch length K,
+ * heads nh of hd, text width H, pooled side and tokens M = side*side, eps, score scale. */
+typedef struct siglip_dims {
+    int64_t D, I, g, P, K, nh, hd, H, side, M;
+    float eps, scale;
+} siglip_dims;
+void siglip_dims_get(const siglip_tower *t, siglip_dims *d);
+/* pixels [3, S, S] -> host [P, K]: row r*g + c holds channel-major (ch, y, x) of patch (r, c). */
+void siglip_patches(const siglip_tower *t, const float *pixels, float *host);
+/* One encoder layer's activations, backend memory, [P, D] fp32 unless noted. The forward may
+ * run with buffers aliased (siglip_encode: o, a2, f2 over a1; h and out over x; g over f1) or
+ * apart, each kept (the backward's recompute). */
+typedef struct siglip_acts {
+    float *x;                    /* the layer's input */
+    float *a1, *q, *k, *v, *att; /* layer_norm1(x), q/k/v_proj, attention */
+    float *o;                    /* out_proj(att) */
+    float *h;                    /* x + o */
+    float *a2;                   /* layer_norm2(h) */
+    float *f1, *g;               /* [P, I]: fc1(a2), gelu(f1) */
+    float *f2;                   /* fc2(g) */
+    float *out;                  /* h + f2, the layer's output; NULL: stop after g */
+    int32_t *pos0;               /* [P] I32 zeros: every patch sees every patch */
+    /* LoRA dropout on the tower's adapters (training): masks from drop_seed (0 = none), its
+     * scratch drop of siglip_dropout_floats floats (widths drop_w, ranks drop_r) */
+    uint64_t drop_seed;
+    float *drop;
+    int64_t drop_w, drop_r;
+} siglip_acts;
+/* The dropout scratch of n rows, carved from b->drop: the dropped input xd, the adapter's
+ * output y2 and (backward) dx, [n, drop_w] each; u and du [n, drop_r]. */
+typedef struct siglip_drop_bufs {
+    float *xd, *y2, *dx, *u, *du;
+} siglip_drop_bufs;
+void siglip_drop_carve(const siglip_acts *b, int64_t n, siglip_drop_bufs *s);
+/* Floats of that scratch for P rows; *w, *r: the width and the largest adapter rank. */
+size_t siglip_dropout_floats(const siglip_tower *t, int64_t *w, int64_t *r);
+/* The mask seed of tower linear k (q, k, v, out_proj, fc1, fc2) of layer l. */
+uint64_t siglip_module_seed(uint64_t seed, int layer, int k);
+/* 1 when w's adapter runs with dropout under b. */
+int siglip_uses_dropout(const siglip_acts *b, const lt_weight *w);
+/* Encoder layer l on b (the same ops in the same order whatever the aliasing). */
+lt_status siglip_layer_forward(const siglip_tower *t, lt_ctx *ctx, int l, const siglip_acts *b);
+
+/* ---- training LoRA adapters on the tower (siglip_backward.c) ------------------------------ */
+
+/* The lowest encoder layer with an adapter on one of its linears; num_hidden_layers when none
+ * has one (only the projector's trains, or nothing). */
+int siglip_first_trained_layer(const siglip_tower *t);
+/* 1 when a tower linear or the projector has an adapter. */
+int siglip_has_adapters(const siglip_tower *t);
+/* The backward of one image: recomputes siglip_encode's forward from pixels (host [3, S, S]),
+ * keeping each encoder layer's input from the first trained layer up, then goes back from dout
+ * (ctx memory [mm, H] fp32: dL/d(soft tokens)) through the projector (its linear, RMSNorm and
+ * pool), post_layernorm and the layers down to the first trained one, ACCUMULATING the
+ * adapters' gradients (lt_lora grad_a / grad_b through linear_backward). Frozen weights get
+ * no gradient and nothing flows below the first trained layer (none into the patch
+ * embedding). drop_seed: the seed siglip_encode_train made the soft tokens with (0 = no
+ * dropout). The backend needs
+ * lt_backend_missing_tower_training_op's ops. */
+lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixels,
+                          const float *dout, uint64_t drop_seed);
+/* The backend memory siglip_backward takes (one image): the kept layer inputs and one layer's
+ * activations and gradients. */
+size_t siglip_backward_bytes(const siglip_tower *t, int dropout);
 
 #endif

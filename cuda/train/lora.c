@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/model/siglip.h"
 #include "cuda/train/train.h"
 
 /* The seven linear modules of a decoder layer, in gemma3_layer's order. */
@@ -199,67 +200,224 @@ static uint64_t mix64(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
+/* ---- the image tower's linears ------------------------------------------------------------ */
+
+/* The six linears of a SigLIP encoder layer, in siglip_layer's order, as transformers names
+ * them under the layer, and their leaf names. */
+static const char *const TOWER_MODULES[6] = {"self_attn.q_proj", "self_attn.k_proj",
+                                             "self_attn.v_proj", "self_attn.out_proj",
+                                             "mlp.fc1",          "mlp.fc2"};
+static const char *const TOWER_LEAF[6] = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"};
+/* transformers 5's module tree (the tree in tests/fixtures/vision/tree, written by 5.17 from
+ * named_parameters: Gemma3ForConditionalGeneration.model.vision_tower holds the encoder), and
+ * the spellings of earlier trees, where the SiglipVisionModel kept a vision_model level
+ * (4.52 to 4.5x: model.vision_tower.vision_model.; before 4.52: vision_tower.vision_model.) */
+#define TOWER_PATH "model.vision_tower.encoder.layers."
+static const char *const TOWER_OLD[2] = {"model.vision_tower.vision_model.encoder.layers.",
+                                         "vision_tower.vision_model.encoder.layers."};
+
+static lt_weight *tower_module(siglip_layer *L, int k) {
+    lt_weight *w[6] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+    return w[k];
+}
+
+/* A list entry naming the tower: "vision.q" / "vision.q_proj" -> "vision.q_proj" into out.
+ * 1 for a tower entry ("vision" alone is expanded by the caller), 0 for another entry, -1 for
+ * "vision.<unknown>". */
+static int tower_entry(const char *w, char *out, size_t cap) {
+    if (strncmp(w, "vision.", 7) != 0) return 0;
+    const char *leaf = w + 7;
+    static const char *const SHORT[4] = {"q", "k", "v", "out"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(leaf, SHORT[i]) == 0) {
+            snprintf(out, cap, "vision.%s_proj", leaf);
+            return 1;
+        }
+    for (int i = 0; i < 6; i++)
+        if (strcmp(leaf, TOWER_LEAF[i]) == 0) {
+            snprintf(out, cap, "vision.%s", leaf);
+            return 1;
+        }
+    return -1;
+}
+
+/* Whether the adapters' targets select tower linear k of a layer whose canonical path is
+ * module: a "vision.LEAF" list entry, a plain entry by PEFT's suffix rule (tower_suffix), or
+ * a regex on either spelling of the path. */
+static int tower_matches(const lt_adapters *a, const char *module, int k, int suffix, int *bad) {
+    if (a->targets_regex) {
+        if (regex_matches(a->targets, module, bad)) return 1;
+        const char *rest = module + strlen(TOWER_PATH); /* "N.self_attn.q_proj" */
+        for (int i = 0; i < 2 && !*bad; i++) {
+            char alt[256];
+            snprintf(alt, sizeof alt, "%s%s", TOWER_OLD[i], rest);
+            if (regex_matches(a->targets, alt, bad)) return 1;
+        }
+        return 0;
+    }
+    char want[32];
+    snprintf(want, sizeof want, "vision.%s", TOWER_LEAF[k]);
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", a->targets);
+    char *save = NULL;
+    for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save))
+        if (strcmp(w, want) == 0) return 1;
+    return suffix && list_matches(a->targets, module);
+}
+
+/* 1 when the normalised list holds "projector". */
+static int list_has(const char *list, const char *name) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", list);
+    char *save = NULL;
+    for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save))
+        if (strcmp(w, name) == 0) return 1;
+    return 0;
+}
+
+/* Fresh adapter tensors for slot s (A [r, in], B [out, r], their gradients), initialised as
+ * PEFT does: the input-side matrix ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform,
+ * a = sqrt(5)), the other zero. For the projector PEFT's input side is our B (lora_slot). */
+static lt_status slot_tensors(lt_adapters *a, lora_slot *s, uint64_t *rs, char *err) {
+    lt_ctx *ctx = a->ctx;
+    int64_t out = s->w->w.shape[0], in = s->w->w.shape[1], r = a->r;
+    size_t na = (size_t)(r * in), nb = (size_t)(out * r);
+    float *A = zalloc(ctx, na * 4), *B = zalloc(ctx, nb * 4);
+    float *gA = zalloc(ctx, na * 4), *gB = zalloc(ctx, nb * 4);
+    s->lora.a = lt_tensor_2d(LT_F32, A, r, in);
+    s->lora.b = lt_tensor_2d(LT_F32, B, out, r);
+    s->lora.grad_a = lt_tensor_2d(LT_F32, gA, r, in);
+    s->lora.grad_b = lt_tensor_2d(LT_F32, gB, out, r);
+    if (!A || !B || !gA || !gB)
+        return lt_fail(err, LT_ERR_MEMORY, "%%lora: out of memory for the adapters");
+    int proj = s->part == LORA_PROJECTOR;
+    size_t nr = proj ? nb : na;       /* the random one */
+    int64_t fan_in = proj ? out : in; /* PEFT's in_features: the stored matrix's [D, H] H */
+    float *host = malloc(nr * 4);
+    if (!host) return LT_ERR_MEMORY;
+    double bound = 1.0 / sqrt((double)fan_in);
+    for (size_t i = 0; i < nr; i++)
+        host[i] = (float)((((double)(mix64(rs) >> 11)) / 9007199254740992.0 * 2.0 - 1.0) * bound);
+    if (proj) { /* PEFT's lora_A [r, H] is our B [H, r] transposed */
+        float *tr = malloc(nb * 4);
+        if (!tr) {
+            free(host);
+            return LT_ERR_MEMORY;
+        }
+        for (int64_t i = 0; i < r; i++)
+            for (int64_t j = 0; j < out; j++)
+                tr[j * r + i] = host[i * out + j];
+        free(host);
+        host = tr;
+    }
+    lt_status rc = ctx->be->upload(ctx, proj ? B : A, host, nr * 4);
+    free(host);
+    if (rc != LT_OK) return rc;
+    s->lora.scale = a->rslora ? a->alpha / sqrtf((float)r) : a->alpha / (float)r;
+    s->lora.dropout = a->dropout;
+    s->lora.enabled = 1;
+    char name[192];
+    snprintf(name, sizeof name, "%s.lora_A.weight", s->module);
+    if (add_param(a, name, &s->lora.a, gA, 1) != LT_OK) return LT_ERR_MEMORY;
+    snprintf(name, sizeof name, "%s.lora_B.weight", s->module);
+    if (add_param(a, name, &s->lora.b, gB, 1) != LT_OK) return LT_ERR_MEMORY;
+    return LT_OK;
+}
+
 static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
     gemma3_model *m = a->model;
     lt_ctx *ctx = a->ctx;
     int L = m->cfg.num_hidden_layers;
-    a->slots = calloc((size_t)L * 7, sizeof(lora_slot));
-    if (!a->slots) return LT_ERR_MEMORY;
-    uint64_t rs = o->seed ^ 0x6c6f7261ull; /* "lora" */
-    for (int l = 0; l < L; l++) {
-        for (int k = 0; k < 7; k++) {
+    siglip_tower *tw = m->vision;
+    int LV = tw ? tw->cfg.num_hidden_layers : 0;
+    /* which linears the targets select, before anything is allocated */
+    int n_text = L * 7, n_all = n_text + LV * 6 + 1;
+    char *hit = calloc((size_t)n_all, 1);
+    a->slots = calloc((size_t)n_all, sizeof(lora_slot));
+    if (!hit || !a->slots) {
+        free(hit);
+        return LT_ERR_MEMORY;
+    }
+    int bad = 0, n_hit = 0, n_tower = 0;
+    for (int l = 0; l < L && !bad; l++)
+        for (int k = 0; k < 7 && !bad; k++) {
             char module[160];
             snprintf(module, sizeof module, "model.layers.%d.%s", l, MODULES[k]);
-            int bad = 0;
-            int hit = target_matches(a, module, &bad);
-            if (bad) {
-                return lt_fail(err, LT_ERR_ARG,
-                               "%%lora: targets='%s' is not a valid regular expression",
-                               a->targets);
-            }
-            if (!hit) continue;
-            lora_slot *s = &a->slots[a->n_slots++];
-            snprintf(s->module, sizeof s->module, "%s", module);
-            s->layer = l;
-            s->w = layer_module(&m->layers[l], k);
-            int64_t out = s->w->w.shape[0], in = s->w->w.shape[1], r = a->r;
-            size_t na = (size_t)(r * in), nb = (size_t)(out * r);
-            float *A = zalloc(ctx, na * 4), *B = zalloc(ctx, nb * 4);
-            float *gA = zalloc(ctx, na * 4), *gB = zalloc(ctx, nb * 4);
-            s->lora.a = lt_tensor_2d(LT_F32, A, r, in);
-            s->lora.b = lt_tensor_2d(LT_F32, B, out, r);
-            s->lora.grad_a = lt_tensor_2d(LT_F32, gA, r, in);
-            s->lora.grad_b = lt_tensor_2d(LT_F32, gB, out, r);
-            if (!A || !B || !gA || !gB) {
-                return lt_fail(err, LT_ERR_MEMORY, "%%lora: out of memory for the adapters");
-            }
-            /* A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)); B = 0 */
-            float *host = malloc(na * 4);
-            if (!host) return LT_ERR_MEMORY;
-            double bound = 1.0 / sqrt((double)in);
-            for (size_t i = 0; i < na; i++)
-                host[i] = (float)((((double)(mix64(&rs) >> 11)) / 9007199254740992.0 * 2.0 - 1.0) *
-                                  bound);
-            lt_status rc = ctx->be->upload(ctx, A, host, na * 4);
-            free(host);
-            if (rc != LT_OK) return rc;
-            s->lora.scale = a->rslora ? a->alpha / sqrtf((float)r) : a->alpha / (float)r;
-            s->lora.dropout = a->dropout;
-            s->lora.enabled = 1;
-            char name[192];
-            snprintf(name, sizeof name, "%s.lora_A.weight", module);
-            if (add_param(a, name, &s->lora.a, gA, 1) != LT_OK) return LT_ERR_MEMORY;
-            snprintf(name, sizeof name, "%s.lora_B.weight", module);
-            if (add_param(a, name, &s->lora.b, gB, 1) != LT_OK) return LT_ERR_MEMORY;
+            n_hit += hit[l * 7 + k] = (char)target_matches(a, module, &bad);
         }
+    for (int l = 0; l < LV && !bad; l++)
+        for (int k = 0; k < 6 && !bad; k++) {
+            char module[160];
+            snprintf(module, sizeof module, TOWER_PATH "%d.%s", l, TOWER_MODULES[k]);
+            n_tower += hit[n_text + l * 6 + k] =
+                (char)tower_matches(a, module, k, o->tower_suffix, &bad);
+        }
+    int proj = o->projector || (!a->targets_regex && list_has(a->targets, "projector"));
+    int names_tower = proj || (!a->targets_regex && strstr(a->targets, "vision.") != NULL);
+    lt_status rc = LT_OK;
+    if (bad) {
+        rc = lt_fail(err, LT_ERR_ARG, "%%lora: targets='%s' is not a valid regular expression",
+                     a->targets);
+    } else if (names_tower && !tw) {
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "%%lora: targets='%s' names the image tower, but this model has none (%s)",
+                     a->targets,
+                     m->vision_error[0]  ? m->vision_error
+                     : m->cfg.multimodal ? "its tower was not loaded"
+                                         : "a text-only model");
+    } else if (n_tower + proj > 0 && lt_backend_missing_tower_training_op(ctx->be)) {
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "%%lora: targets='%s' adapts the image tower, whose training runs on "
+                     "device=cpu only for now (the %s backend has no %s op): %%load the model "
+                     "with device=cpu, or leave the tower out of targets= (a regex that keeps to "
+                     "the language model: .*language_model.*\\.(q_proj|v_proj))",
+                     a->targets, ctx->be->name, lt_backend_missing_tower_training_op(ctx->be));
+    } else if (proj && a->dropout > 0.0f) {
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "%%lora: dropout=%g with the projector in targets= ('%s'): its matrix is a "
+                     "parameter, not a linear layer, and as PEFT's ParamWrapper "
+                     "(target_parameters) refuses lora_dropout there, so does lathe: give "
+                     "dropout=0, or leave projector out (the tower's linears take dropout)",
+                     a->dropout, a->targets);
+    } else if (n_hit + n_tower + proj == 0) {
+        rc = lt_fail(err, LT_ERR_ARG,
+                     "%%lora: targets='%s' matches no linear layer; use names from "
+                     "q,k,v,o,gate,up,down (or q_proj, ...), " LORA_TOWER_NAMES
+                     " or a regex over names like model.layers.0.self_attn.q_proj",
+                     a->targets);
     }
-    if (a->n_slots == 0) {
-        return lt_fail(
-            err, LT_ERR_ARG,
-            "%%lora: targets='%s' matches no linear layer; use names from q,k,v,o,gate,up,down "
-            "(or q_proj, ...) or a regex over names like model.layers.0.self_attn.q_proj",
-            a->targets);
+    if (rc != LT_OK) {
+        free(hit);
+        return rc;
     }
+    uint64_t rs = o->seed ^ 0x6c6f7261ull; /* "lora" */
+    for (int i = 0; i < n_all && rc == LT_OK; i++) {
+        int is_proj = i == n_all - 1;
+        if (is_proj ? !proj : !hit[i]) continue;
+        lora_slot *s = &a->slots[a->n_slots++];
+        if (i < n_text) {
+            int l = i / 7, k = i % 7;
+            snprintf(s->module, sizeof s->module, "model.layers.%d.%s", l, MODULES[k]);
+            s->layer = l;
+            s->part = LORA_TEXT;
+            s->w = layer_module(&m->layers[l], k);
+        } else if (!is_proj) {
+            int l = (i - n_text) / 6, k = (i - n_text) % 6;
+            snprintf(s->module, sizeof s->module, TOWER_PATH "%d.%s", l, TOWER_MODULES[k]);
+            s->layer = l;
+            s->part = LORA_TOWER;
+            s->w = tower_module(&tw->layers[l], k);
+            a->n_tower_slots++;
+        } else {
+            snprintf(s->module, sizeof s->module, "model.multi_modal_projector");
+            s->part = LORA_PROJECTOR;
+            s->w = &tw->mm_proj;
+            a->n_tower_slots++;
+        }
+        rc = slot_tensors(a, s, &rs, err);
+    }
+    free(hit);
+    if (rc != LT_OK) return rc;
     for (int i = 0; i < a->n_slots; i++)
         a->slots[i].w->lora = &a->slots[i].lora;
     return LT_OK;
@@ -417,7 +575,22 @@ lt_status lora_attach(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, const lor
         char *save = NULL;
         for (char *w = strtok_r(buf, ", ", &save); w; w = strtok_r(NULL, ", ", &save)) {
             char e[96];
-            short_to_proj(w, e, sizeof e);
+            int tower = o->targets_list ? 0 : tower_entry(w, e, sizeof e);
+            if (tower < 0) {
+                free(a);
+                return lt_fail(err, LT_ERR_ARG,
+                               "%%lora: targets= names '%.80s', which is no linear of the image "
+                               "tower; accepted for the tower: " LORA_TOWER_NAMES,
+                               w);
+            }
+            if (!tower && !o->targets_list && strcmp(w, "vision") == 0) {
+                for (int k = 0; k < 6; k++) {
+                    size_t n = strlen(norm);
+                    snprintf(norm + n, sizeof norm - n, "%svision.%s", n ? "," : "", TOWER_LEAF[k]);
+                }
+                continue;
+            }
+            if (!tower) short_to_proj(w, e, sizeof e);
             size_t n = strlen(norm);
             snprintf(norm + n, sizeof norm - n, "%s%s", n ? "," : "", e);
         }
@@ -493,6 +666,10 @@ void lora_enable(lt_adapters *a, int on) {
 }
 
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap) {
+    if (s->part != LORA_TEXT) { /* the tower's and the projector's paths are already PEFT's */
+        snprintf(out, cap, "base_model.model.%s", s->module);
+        return;
+    }
     const char *rest = s->module + strlen("model.");
     if (a->model->cfg.multimodal)
         snprintf(out, cap, "base_model.model.model.language_model.%s", rest);

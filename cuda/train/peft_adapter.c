@@ -25,21 +25,33 @@
 static char *adapter_config_json(const lt_adapters *a) {
     json_t *c = json_object();
     json_t *targets;
+    int projector = 0;
+    for (int i = 0; i < a->n_slots; i++)
+        projector |= a->slots[i].part == LORA_PROJECTOR;
     if (a->targets_regex) {
         targets = json_string(a->targets);
     } else if (a->model->cfg.multimodal) {
-        /* a plain list would also match the vision tower's q/k/v/o in PEFT (its suffix match
-         * sees every module of that name): a regex keeps the adapter on the language model */
-        char re[700], alts[512] = "";
-        snprintf(re, sizeof re, "%s", a->targets);
-        size_t n = 0;
+        /* a plain list would also match the vision tower's q/k/v in PEFT (its suffix match
+         * sees every module of that name): a regex keeps each name to its part, the language
+         * model's ".*language_model.*\.(q_proj|...)", the tower's "vision." names as
+         * ".*vision_tower.*\.(fc1|...)", joined by "|" (PEFT fullmatches the regex) */
+        char re[1400] = "", text[512] = "", tower[512] = "", buf[512];
+        snprintf(buf, sizeof buf, "%s", a->targets);
         char *save = NULL;
-        for (char *w = strtok_r(re, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
-            snprintf(alts + n, sizeof alts - n, "%s%s", n ? "|" : "", w);
-            n = strlen(alts);
+        for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+            if (strcmp(w, "projector") == 0) continue; /* target_parameters, below */
+            int tw = strncmp(w, "vision.", 7) == 0;
+            char *dst = tw ? tower : text;
+            size_t n = strlen(dst);
+            snprintf(dst + n, 512 - n, "%s%s", n ? "|" : "", tw ? w + 7 : w);
         }
-        snprintf(re, sizeof re, ".*language_model.*\\.(%s)", alts);
-        targets = json_string(re);
+        if (text[0]) snprintf(re, sizeof re, ".*language_model.*\\.(%s)", text);
+        if (tower[0]) {
+            size_t n = strlen(re);
+            snprintf(re + n, sizeof re - n, "%s.*vision_tower.*\\.(%s)", n ? "|" : "", tower);
+        }
+        /* the projector alone: no module, as PEFT's LoraConfig asks (target_modules=[]) */
+        targets = re[0] ? json_string(re) : json_array();
     } else {
         targets = json_array();
         char buf[512];
@@ -48,6 +60,11 @@ static char *adapter_config_json(const lt_adapters *a) {
         for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save))
             json_array_append_new(targets, json_string(w));
     }
+    /* the projector's matrix is an nn.Parameter, not a module: PEFT's target_parameters */
+    json_object_set_new(c, "target_parameters",
+                        projector
+                            ? json_pack("[s]", "multi_modal_projector.mm_input_projection_weight")
+                            : json_null());
     const char *src = a->model->source[0] ? a->model->source : "google/gemma-3-1b-it";
     json_object_set_new(c, "peft_type", json_string("LORA"));
     json_object_set_new(c, "task_type", json_string("CAUSAL_LM"));
@@ -83,12 +100,24 @@ static char *adapter_config_json(const lt_adapters *a) {
     return lt_strbuf_take(&b);
 }
 
-/* The adapter tensors as st_out entries with PEFT names; names are malloc'd in *names. */
+/* [rows, cols] -> [cols, rows], malloc'd (NULL when out of memory). */
+static float *transposed(const float *x, int64_t rows, int64_t cols) {
+    float *t = malloc(sizeof(float) * (size_t)(rows * cols));
+    if (!t) return NULL;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            t[j * rows + i] = x[i * cols + j];
+    return t;
+}
+
+/* The adapter tensors as st_out entries with PEFT names; names are malloc'd in *names, the
+ * projector's transposed copies in *owned (PEFT's lora_A = our B transposed, lora_B = A). */
 static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***names,
-                                 lt_host_pool *hp) {
+                                 lt_host_pool *hp, float **owned) {
     int n = a->n_slots * 2;
     st_out *t = calloc((size_t)n + 1, sizeof *t);
     char **nm = calloc((size_t)n + 1, sizeof *nm);
+    owned[0] = owned[1] = NULL;
     if (!t || !nm) {
         free(t);
         free(nm);
@@ -98,8 +127,10 @@ static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***nam
         const lora_slot *s = &a->slots[i];
         char mod[256];
         lora_peft_module(a, s, mod, sizeof mod);
+        int proj = s->part == LORA_PROJECTOR;
         for (int k = 0; k < 2; k++) {
             const lt_tensor *x = k == 0 ? &s->lora.a : &s->lora.b;
+            if (proj) x = k == 0 ? &s->lora.b : &s->lora.a;
             size_t len = strlen(mod) + 24;
             char *name = malloc(len);
             if (!name) goto oom;
@@ -107,7 +138,12 @@ static lt_status adapter_tensors(const lt_adapters *a, st_out **out, char ***nam
             nm[2 * i + k] = name;
             const void *data = lt_host_view(a->ctx, x, hp);
             if (!data) goto oom;
-            t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[0], x->shape[1]}, data};
+            if (proj) {
+                if (!(owned[k] = transposed(data, x->shape[0], x->shape[1]))) goto oom;
+                t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[1], x->shape[0]}, owned[k]};
+            } else {
+                t[2 * i + k] = (st_out){name, LT_F32, 2, {x->shape[0], x->shape[1]}, data};
+            }
         }
     }
     *out = t;
@@ -118,6 +154,9 @@ oom:
         free(nm[i]);
     free(nm);
     free(t);
+    free(owned[0]);
+    free(owned[1]);
+    owned[0] = owned[1] = NULL;
     return LT_ERR_MEMORY;
 }
 
@@ -134,8 +173,9 @@ lt_status peft_adapter_write(lt_afile_set *s, const lt_adapters *a, const char *
     st_out *t = NULL;
     char **nm = NULL;
     lt_host_pool hp = {0};
+    float *owned[2] = {NULL, NULL};
     lt_status rc = LT_OK;
-    if (!cfg || adapter_tensors(a, &t, &nm, &hp) != LT_OK)
+    if (!cfg || adapter_tensors(a, &t, &nm, &hp, owned) != LT_OK)
         rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", what);
     char p[4200];
     if (rc == LT_OK) {
@@ -149,6 +189,8 @@ lt_status peft_adapter_write(lt_afile_set *s, const lt_adapters *a, const char *
     free(cfg);
     free(t);
     free_names(nm, a->n_slots * 2);
+    free(owned[0]);
+    free(owned[1]);
     lt_host_pool_free(&hp);
     return rc;
 }
@@ -170,18 +212,32 @@ lt_status peft_save_adapter(const lt_adapters *a, const char *dir, char *err) {
     return rc;
 }
 
-/* Finds the tensor of a slot under any PEFT key spelling. */
+/* Finds the tensor of a slot under any PEFT key spelling (for the projector: PEFT's lora_A
+ * when ab is 'A'; the caller transposes). */
 static const st_tensor *find_lora(const st_set *st, const lora_slot *s, char ab) {
-    const char *rest = s->module + strlen("model.");
     static const char *const PRE[] = {"base_model.model.model.",
                                       "base_model.model.model.language_model.",
                                       "base_model.model.language_model.model."};
+    /* the tower: transformers 5's tree, then 4.52-4.5x's and the older one (vision_model.) */
+    static const char *const TPRE[] = {
+        "base_model.model.model.vision_tower.", "base_model.model.model.vision_tower.vision_model.",
+        "base_model.model.vision_tower.vision_model.", "base_model.model.vision_tower."};
+    static const char *const PPRE[] = {"base_model.model.model.", "base_model.model."};
+    const char *const *pre = PRE;
+    int np = 3;
+    const char *rest = s->module + strlen("model.");
+    if (s->part == LORA_TOWER) {
+        pre = TPRE, np = 4;
+        rest = s->module + strlen("model.vision_tower."); /* "encoder.layers.N..." */
+    } else if (s->part == LORA_PROJECTOR) {
+        pre = PPRE, np = 2;
+    }
     char key[512];
-    for (int i = 0; i < 3; i++) {
-        snprintf(key, sizeof key, "%s%s.lora_%c.weight", PRE[i], rest, ab);
+    for (int i = 0; i < np; i++) {
+        snprintf(key, sizeof key, "%s%s.lora_%c.weight", pre[i], rest, ab);
         const st_tensor *t = st_find(st, key);
         if (t) return t;
-        snprintf(key, sizeof key, "%s%s.lora_%c.default.weight", PRE[i], rest, ab);
+        snprintf(key, sizeof key, "%s%s.lora_%c.default.weight", pre[i], rest, ab);
         if ((t = st_find(st, key))) return t;
     }
     return NULL;
@@ -240,39 +296,63 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
         o.dropout = dr && json_is_number(dr) ? (float)json_number_value(dr) : 0.0f;
         o.targets = targets;
         o.targets_list = json_is_array(tm);
+        /* target_parameters: the projector's matrix is the one lathe adapts */
+        json_t *tp = json_object_get(c, "target_parameters"), *v;
+        size_t i;
+        json_array_foreach(tp, i, v) {
+            const char *n = json_is_string(v) ? json_string_value(v) : "";
+            size_t ln = strlen(n), lw = strlen("multi_modal_projector.mm_input_projection_weight");
+            if (ln >= lw &&
+                strcmp(n + ln - lw, "multi_modal_projector.mm_input_projection_weight") == 0 &&
+                (ln == lw || n[ln - lw - 1] == '.'))
+                o.projector = 1;
+            else if (rc == LT_OK)
+                rc = lt_fail(err, LT_ERR_FORMAT,
+                             "%s: target_parameters names '%.200s'; lathe adapts only "
+                             "multi_modal_projector.mm_input_projection_weight",
+                             path, n);
+        }
     }
     json_decref(c);
     if (rc != LT_OK) return rc;
-    /* PEFT's targets for a multimodal model may name vision modules too; we only hold text */
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    st_set st;
+    char st_err[LT_ERRLEN] = "";
+    lt_status st_rc = st_open(&st, path, st_err); /* its failure is told after the config's */
+    /* a PEFT list of names matches the tower's linears of those names too (PEFT's suffix
+     * rule): when the file holds tower tensors, the list is read that way */
+    for (int i = 0; st_rc == LT_OK && i < st.n_tensors && o.targets_list; i++)
+        if (strstr(st.tensors[i].name, "vision_tower.") && strstr(st.tensors[i].name, ".lora_"))
+            o.tower_suffix = 1;
     lt_adapters *a = NULL;
     rc = lora_attach(&a, m, ctx, &o, err);
     if (rc != LT_OK) {
+        if (st_rc == LT_OK) st_close(&st);
         return lt_fail_prefix(err, rc, "%%lora load=%s", dir);
     }
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    st_set st;
-    rc = st_open(&st, path, err);
-    if (rc != LT_OK) {
+    if (st_rc != LT_OK) {
         lora_free(a);
-        return rc;
+        return lt_fail(err, st_rc, "%s", st_err);
     }
     int used = 0;
     for (int i = 0; i < a->n_slots && rc == LT_OK; i++) {
         lora_slot *s = &a->slots[i];
         for (int k = 0; k < 2 && rc == LT_OK; k++) {
             const st_tensor *t = find_lora(&st, s, k == 0 ? 'A' : 'B');
-            lt_tensor *dst = k == 0 ? &s->lora.a : &s->lora.b;
+            int proj = s->part == LORA_PROJECTOR; /* PEFT's A is our B transposed, B our A */
+            lt_tensor *dst = (k == 0) != proj ? &s->lora.a : &s->lora.b;
+            int64_t r0 = dst->shape[proj ? 1 : 0], r1 = dst->shape[proj ? 0 : 1];
             if (!t) {
                 rc = lt_fail(err, LT_ERR_FORMAT,
                              "%s: no lora_%c tensor for %s (the config targets it)", path,
                              k ? 'B' : 'A', s->module);
             } else if (!t->dtype_ok || !lt_dtype_is_float(t->dtype) || t->ndim != 2 ||
-                       t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
+                       t->shape[0] != r0 || t->shape[1] != r1) {
                 char sh[64];
                 rc = lt_fail(err, LT_ERR_FORMAT,
                              "%s: %s is %s %s; expected F32/F16/BF16 [%lld, %lld]", path, t->name,
-                             t->dtype_name, st_shape_str(t, sh, sizeof sh),
-                             (long long)dst->shape[0], (long long)dst->shape[1]);
+                             t->dtype_name, st_shape_str(t, sh, sizeof sh), (long long)r0,
+                             (long long)r1);
             } else {
                 int64_t n = lt_tensor_numel(dst);
                 float *host = malloc(sizeof(float) * (size_t)n);
@@ -280,6 +360,11 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
                     rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 } else {
                     lt_to_f32(host, t->data, t->dtype, n);
+                    float *tr = proj ? transposed(host, r0, r1) : NULL;
+                    if (tr) {
+                        free(host);
+                        host = tr;
+                    }
                     rc = ctx->be->upload(ctx, dst->data, host, sizeof(float) * (size_t)n);
                     free(host);
                     used++;
@@ -290,16 +375,11 @@ lt_status peft_load_adapter(lt_adapters **out, gemma3_model *m, lt_ctx *ctx, con
     int lora_tensors = 0;
     for (int i = 0; i < st.n_tensors; i++)
         lora_tensors += strstr(st.tensors[i].name, ".lora_") != NULL;
-    if (rc == LT_OK && lora_tensors > used) {
-        lt_fail(err, LT_ERR_FORMAT,
-                "%s: holds %d LoRA tensors but only %d belong to the text model's targeted layers",
-                path, lora_tensors, used);
-        /* vision-tower adapters of a multimodal checkpoint are the one acceptable case */
-        if (!m->cfg.multimodal)
-            rc = LT_ERR_FORMAT;
-        else
-            err[0] = 0;
-    }
+    if (rc == LT_OK && lora_tensors > used)
+        rc = lt_fail(err, LT_ERR_FORMAT,
+                     "%s: holds %d LoRA tensors but only %d belong to the layers its "
+                     "adapter_config.json targets (target_modules, target_parameters)",
+                     path, lora_tensors, used);
     st_close(&st);
     if (rc != LT_OK) {
         lora_free(a);

@@ -245,7 +245,9 @@ typedef struct stream {
     epoch_order order;
 } stream;
 
-/* Packs the samples of `nu` units starting at stream position pos into one micro-batch. */
+/* Packs the samples of `nu` units starting at stream position pos into one micro-batch; the
+ * image rows come from soft (each distinct image's soft tokens), or are left for tower_rows
+ * when soft is NULL (the tower trains). */
 static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t pos, int nu,
                        const float *soft, int mm, int64_t H) {
     memset(b, 0, sizeof *b);
@@ -273,7 +275,7 @@ static int batch_build(train_batch *b, stream *st, const train_data *d, int64_t 
         for (int j = 0; j < st->u->count[u]; j++) {
             const train_sample *s = &d->s[st->u->idx[st->u->start[u] + j]];
             b->seg_len[b->n_seg++] = s->n;
-            for (int k2 = 0; k2 < s->n_images; k2++, rows += (size_t)mm * (size_t)H)
+            for (int k2 = 0; k2 < s->n_images && soft; k2++, rows += (size_t)mm * (size_t)H)
                 memcpy(rows, soft + (size_t)s->images[k2] * (size_t)mm * (size_t)H,
                        sizeof(float) * (size_t)mm * (size_t)H);
             for (int i = 0; i < s->n; i++) {
@@ -295,6 +297,7 @@ static void batch_free(train_batch *b) {
     free(b->targets);
     free(b->seg_len);
     free((float *)b->image_embeds);
+    free(b->image_grads);
     memset(b, 0, sizeof *b);
 }
 
@@ -544,11 +547,17 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
      * larger of the two phases counts), each distinct image's soft tokens (host) and a
      * micro-batch's image rows (the device copy) */
     double tower = 0, soft = 0;
+    int trained = m->vision && a->n_tower_slots > 0;
     if (d->n_images > 0 && m->vision) {
         double per = (double)m->cfg.vision.mm_tokens_per_image * H * 4;
         tower = (double)siglip_encode_bytes(m->vision) + per;
         soft = per * d->n_images;
         layer += (double)max_img_tokens * H * 4;
+        if (trained) { /* each image's backward after the step's language-model pass */
+            double bw = (double)siglip_backward_bytes(m->vision, a->dropout > 0.0f) + per;
+            tower = bw > tower ? bw : tower;
+            soft = (double)max_img_tokens * H * 4; /* the rows' gradients; no soft-token cache */
+        }
     }
     double total = trainable + (layer + work > tower ? layer + work : tower);
     lt_mem_info mi;
@@ -556,8 +565,16 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     const char *where = mi.where;
     int on_device = mi.on_device;
     if (cb && cb->message) {
-        char msg[900], img[300] = "";
-        if (tower > 0)
+        char msg[1200], img[400] = "";
+        if (tower > 0 && trained)
+            snprintf(img, sizeof img,
+                     "; image tower trained (%d adapters, from its layer %d of %d): %.1f MiB for "
+                     "one image's backward (the inputs of the layers it goes through kept, one "
+                     "layer's activations and gradients), image-row gradients %.1f MiB in %s",
+                     a->n_tower_slots, siglip_first_trained_layer(m->vision),
+                     m->vision->cfg.num_hidden_layers, tower / 1048576, soft / 1048576,
+                     on_device ? "host memory" : "memory");
+        else if (tower > 0)
             snprintf(img, sizeof img,
                      "; image tower %.1f MiB for one image (before step 1), soft tokens of %d "
                      "image(s) %.1f MiB in %s",
@@ -613,9 +630,12 @@ static void data_progress(void *ctx, const char *what, int64_t done, int64_t tot
 
 /* The soft tokens of every distinct image of d, made once by the frozen image tower (no
  * gradient goes through it), into *soft (host memory, [n_images, mm, H]). An image that cannot
- * be read or is not a PNG or JPEG is refused naming the first row that uses it. */
+ * be read or is not a PNG or JPEG is refused naming the first row that uses it. With the
+ * tower's adapters training (tower_trained), only the checks run and *soft stays NULL: the
+ * soft tokens change with every step, so each micro-batch makes its own (tower_rows). */
 static lt_status encode_images(const trainer_env *env, const train_data *d,
-                               const lt_train_callbacks *cb, float **soft, char *err) {
+                               const lt_train_callbacks *cb, int tower_trained, float **soft,
+                               char *err) {
     const gemma3_model *m = env->model;
     const siglip_tower *tw = m->vision;
     lt_ctx *ctx = env->ctx;
@@ -631,6 +651,13 @@ static lt_status encode_images(const trainer_env *env, const train_data *d,
                        "attention_span_backward op, which training on image blocks needs: "
                        "%%load the model with device=cpu",
                        d->file, d->unit, d->images[0].line, be->name);
+    if (tower_trained) {
+        train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
+                  "%d image(s): the image tower's adapters train, so each step encodes its "
+                  "images anew and trains through the tower",
+                  d->n_images);
+        return LT_OK;
+    }
     int side = tw->cfg.image_size;
     size_t per = (size_t)tw->cfg.mm_tokens_per_image * (size_t)m->cfg.hidden_size;
     float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
@@ -667,6 +694,72 @@ static lt_status encode_images(const trainer_env *env, const train_data *d,
     }
     *soft = out;
     return LT_OK;
+}
+
+/* The images of a micro-batch's blocks, in order (the data's image indices), into *out
+ * (malloc'd; NULL when none): batch_build's walk over the same units. */
+static int batch_images(stream *st, const train_data *d, int64_t pos, int nu, int **out, int *n) {
+    *out = NULL;
+    *n = 0;
+    int cap = 0;
+    for (int k = 0; k < nu; k++) {
+        int u = epoch_order_at(&st->order, pos + k);
+        for (int j = 0; j < st->u->count[u]; j++) {
+            const train_sample *s = &d->s[st->u->idx[st->u->start[u] + j]];
+            for (int k2 = 0; k2 < s->n_images; k2++) {
+                if (*n == cap) {
+                    cap = cap ? 2 * cap : 8;
+                    int *ni = realloc(*out, sizeof(int) * (size_t)cap);
+                    if (!ni) return -1;
+                    *out = ni;
+                }
+                (*out)[(*n)++] = s->images[k2];
+            }
+        }
+    }
+    return 0;
+}
+
+/* With the tower's adapters training: encodes the n images of a micro-batch with the current
+ * adapters into b's image rows (host), or (backward) runs the tower's backward of each image
+ * from b->image_grads, accumulating the tower adapters' gradients. */
+static lt_status tower_rows(const trainer_env *env, const train_data *d, const int *images, int n,
+                            train_batch *b, int backward, uint64_t drop_seed, char *err) {
+    const gemma3_model *m = env->model;
+    const siglip_tower *tw = m->vision;
+    lt_ctx *ctx = env->ctx;
+    const lt_backend *be = ctx->be;
+    int side = tw->cfg.image_size;
+    size_t per = (size_t)tw->cfg.mm_tokens_per_image * (size_t)m->cfg.hidden_size;
+    float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
+    float *dev = be->alloc(ctx, sizeof(float) * per);
+    lt_status rc = LT_OK;
+    if (!px || !dev) rc = lt_fail(err, LT_ERR_MEMORY, "%%train: out of memory for images");
+    for (int i = 0; i < n && rc == LT_OK; i++) {
+        const train_image *im = &d->images[images[i]];
+        char ierr[LT_ERRLEN];
+        if ((rc = img_load_pixels(px, im->path, side, ierr)) != LT_OK) {
+            lt_fail(err, rc, "%%train: %s %s %d: %s (give a PNG or JPEG file)", d->file, d->unit,
+                    im->line, ierr);
+            break;
+        }
+        float *rows = (backward ? b->image_grads : (float *)b->image_embeds) + per * (size_t)i;
+        /* LoRA dropout: one mask seed per image block, the same for its forward and backward */
+        uint64_t seed =
+            drop_seed ? train_mix64(drop_seed ^ (0x51ed2701ull * (uint64_t)(i + 1))) | 1u : 0;
+        if (backward) {
+            if ((rc = be->upload(ctx, dev, rows, sizeof(float) * per)) == LT_OK)
+                rc = siglip_backward(tw, ctx, px, dev, seed);
+        } else if ((rc = siglip_encode_train(tw, ctx, px, dev, seed)) == LT_OK) {
+            rc = be->download(ctx, rows, dev, sizeof(float) * per);
+        }
+        if (rc != LT_OK)
+            lt_fail(err, rc, "%%train: %s %s %d: %s: %s", d->file, d->unit, im->line, im->path,
+                    ctx->err);
+    }
+    free(px);
+    if (dev) be->release(ctx, dev);
+    return rc;
 }
 
 lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts *o_in,
@@ -760,7 +853,9 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     data_opts dopt = {o.data, o.format, max_seq, o.responses_only, env->cancel, 0, 0, no_tower};
     lt_callbacks dcb = {(void *)cb, data_message, data_progress, NULL};
     if ((rc = data_load(&d, &dopt, env->tok, &env->model->cfg, &dcb, err)) != LT_OK) goto out_state;
-    if (d.n_images > 0 && (rc = encode_images(env, &d, cb, &soft, err)) != LT_OK) goto out_data;
+    int tower_trained = gm->vision && ad->n_tower_slots > 0;
+    if (d.n_images > 0 && (rc = encode_images(env, &d, cb, tower_trained, &soft, err)) != LT_OK)
+        goto out_data;
     unit_list u;
     if (units_build(&u, &d, o.packing, max_seq) != 0) {
         rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
@@ -880,13 +975,35 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             double ls = 0;
             uint64_t dseed =
                 train_mix64(o.seed ^ train_mix64((uint64_t)t->step * 1024u + (uint64_t)k + 7)) | 1u;
+            /* a trained tower: this step's soft tokens, and the gradients of its rows */
+            int *imgs = NULL, nimg = 0;
+            if (tower_trained && mb[k].n_image_tokens > 0) {
+                size_t rows = (size_t)mb[k].n_image_tokens * (size_t)env->model->cfg.hidden_size;
+                if (batch_images(&st, &d, t->pos + (int64_t)k * o.batch, o.batch, &imgs, &nimg) !=
+                        0 ||
+                    !(mb[k].image_grads = malloc(sizeof(float) * rows))) {
+                    free(imgs);
+                    rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+                    goto out_loop;
+                }
+                if ((rc = tower_rows(env, &d, imgs, nimg, &mb[k], 0, ad->dropout > 0 ? dseed : 0,
+                                     err)) != LT_OK) {
+                    free(imgs);
+                    goto out_loop;
+                }
+            }
             rc = gemma3_train_batch(env->model, env->ctx, lora_trainable(ad), &mb[k],
                                     1.0f / (float)(labels > 0 ? labels : 1), 1,
                                     ad->dropout > 0 ? dseed : 0, &ls);
             if (rc != LT_OK) {
+                free(imgs);
                 lt_fail(err, rc, "%%train step %d: %s", t->step + 1, env->ctx->err);
                 goto out_loop;
             }
+            if (imgs)
+                rc = tower_rows(env, &d, imgs, nimg, &mb[k], 1, ad->dropout > 0 ? dseed : 0, err);
+            free(imgs);
+            if (rc != LT_OK) goto out_loop;
             loss_sum += ls;
         }
         if (atomic_load(env->cancel)) {

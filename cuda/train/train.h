@@ -41,11 +41,22 @@ typedef struct train_param {
     int decay;        /* 1 = weight decay applies (matrices), 0 = norms */
 } train_param;
 
+/* Where an adapted linear sits: the language model, the image tower's encoder, or the
+ * projector's matrix. */
+typedef enum { LORA_TEXT = 0, LORA_TOWER = 1, LORA_PROJECTOR = 2 } lora_part;
+
 /* One adapted linear layer. */
 typedef struct lora_slot {
-    char module[160]; /* canonical module path, "model.layers.3.mlp.down_proj" */
-    int layer;
+    /* canonical module path: "model.layers.3.mlp.down_proj" (text), transformers 5's path of
+     * a tower linear ("model.vision_tower.encoder.layers.0.mlp.fc1"), or
+     * "model.multi_modal_projector" for the projector */
+    char module[160];
+    int layer; /* the text or tower layer; 0 for the projector */
+    lora_part part;
     lt_weight *w; /* the model's weight (its ->lora points at .lora below) */
+    /* For the projector, w is the transpose [H, D] of the stored mm_input_projection_weight
+     * [D, H] (siglip.h), so lora.a [r, D] and lora.b [H, r] are PEFT's lora_B and lora_A
+     * transposed (PEFT's ParamWrapper adapts the stored [D, H] matrix as [out, in]). */
     lt_lora lora;
 } lora_slot;
 
@@ -69,6 +80,7 @@ typedef struct lt_adapters {
     int targets_regex;
     lora_slot *slots;
     int n_slots;
+    int n_tower_slots; /* slots on the image tower or the projector (they follow the text's) */
     /* full fine-tuning: fp32 copies made of 16-bit weights (owned) and norm gradients */
     owned_copy *owned;
     int n_owned;
@@ -91,6 +103,15 @@ typedef struct lora_opts {
                           * character (adapter_config.json's target_modules as a JSON list,
                           * which PEFT matches by name) */
     int full;            /* full fine-tuning instead of adapters */
+    /* The image tower (a model with one, on a backend with its backward ops): list entries
+     * "vision.NAME" (q_proj, k_proj, v_proj, out_proj, fc1, fc2; q, k, v, out for short) adapt
+     * that linear of every encoder layer, "vision" all six, "projector" the projector's matrix;
+     * a regex is also tried on the tower's module paths. tower_suffix = 1: plain names match
+     * the tower's linears too, by PEFT's suffix rule (a PEFT adapter listing target_modules
+     * whose file holds tower tensors). projector = 1 adapts the projector's matrix (PEFT's
+     * target_parameters "multi_modal_projector.mm_input_projection_weight"). */
+    int tower_suffix;
+    int projector;
 } lora_opts;
 
 /* Attaches fresh adapters (PEFT init: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), or makes every
@@ -113,6 +134,10 @@ lt_status lora_zero_grads(lt_adapters *a);
 void lora_enable(lt_adapters *a, int on);
 /* The "base_model.model." PEFT key prefix's module path for slot i (multimodal aware). */
 void lora_peft_module(const lt_adapters *a, const lora_slot *s, char *out, size_t cap);
+/* The accepted tower names of %lora targets=, for messages and %help. */
+#define LORA_TOWER_NAMES                                                                           \
+    "vision (every tower linear), vision.q_proj, vision.k_proj, vision.v_proj, vision.out_proj, "  \
+    "vision.fc1, vision.fc2 (vision.q, .k, .v, .out for short), projector"
 /* W' = W + s·B·A for every slot, into a caller-provided fp32 buffer of slot->w's shape. */
 lt_status lora_merged_weight(const lt_adapters *a, const lora_slot *s, float *out, char *err);
 /* w += s·B·A in fp32, w: a caller-provided [out, in] base (lora_merged_weight's second step,

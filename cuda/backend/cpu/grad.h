@@ -95,5 +95,9 @@ lt_status cpu_layernorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, lt_t
 lt_status cpu_add_bias(lt_ctx *ctx, lt_tensor y, lt_tensor b);
 lt_status cpu_gelu(lt_ctx *ctx, lt_tensor y, lt_tensor x);
 lt_status cpu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k);
+lt_status cpu_layernorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor db,
+                                 lt_tensor dy, lt_tensor x, lt_tensor w, float eps);
+lt_status cpu_gelu_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x);
+lt_status cpu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k);
 
 #endif

@@ -13,7 +13,12 @@
  * conversation longer than max_seq) is refused with a message, the history unchanged and the
  * session usable; %train on a messages row with an image: step 0's loss equals the
  * cross-entropy of lt_logits_image's logits, training lowers it, another image changes it, and
- * bad image files are refused by line. TAP. The model runs on the
+ * bad image files are refused by line; %lora with the tower's linears and the projector in
+ * targets=: %train trains through the tower (step 0 as the frozen tower's, the loss lowered, the
+ * tower's adapters moved, another run than the frozen one, the memory plan saying so), the
+ * adapter saves and loads back to the same logits, and %save merged= writes the multimodal model
+ * with the tower's adapters merged (the same logits once loaded). TAP. The model
+ * runs on the
  * CPU; LATHE_TEST_DEVICE=cuda runs the multimodal loads on the GPU instead (a manual check; make
  * check stays on the CPU).
  */
@@ -24,6 +29,7 @@
 #include <unistd.h>
 
 #include "cuda/engine.h"
+#include "cuda/formats/safetensors.h"
 #include "tests/unit/tap.h"
 #include "tests/unit/test_files.h"
 
@@ -656,6 +662,148 @@ static void test_train_images(lt_session *s, const char *dir, const char *rgb, c
     ok(first_loss(s, data, 2, 1e-3f, NULL) > 0, "... and image training runs next");
 }
 
+/* The largest |value| of a tensor in an adapter file (-1 when it is not there). */
+static double max_abs(const char *dir, const char *name) {
+    char path[4300], err[LT_ERRLEN];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    st_set st;
+    if (st_open(&st, path, err) != LT_OK) return -1;
+    const st_tensor *t = st_find(&st, name);
+    double m = -1;
+    if (t && t->dtype == LT_F32) {
+        m = 0;
+        int64_t n = 1;
+        for (int d = 0; d < t->ndim; d++)
+            n *= t->shape[d];
+        for (int64_t i = 0; i < n; i++)
+            m = fmax(m, fabs(((const float *)t->data)[i]));
+    }
+    st_close(&st);
+    return m;
+}
+
+/* %lora with the tower's linears and the projector in targets=: %train encodes each step's image
+ * anew and trains through the tower. Step 0 equals the frozen tower's (the adapters start as
+ * identity), training lowers the loss and moves the tower's adapters, the run differs from the
+ * frozen-tower run; the memory plan says the tower trains; the adapter saves under PEFT's names
+ * and loads back to the same logits; %save merged= writes the multimodal model, the tower's
+ * adapters merged, which loads to the same logits. */
+static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
+    char data[4200], ad[4300], ad2[4300];
+    image_row(data, sizeof data, dir, "rgb_tower.jsonl", rgb);
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.r = 2;
+    lo.seed = 11;
+    if (strcmp(test_device(), "cpu") != 0) { /* LATHE_TEST_DEVICE=cuda: the refusal */
+        lo.targets = "q,v,vision";
+        ok(lt_lora_attach(s, &lo, NULL) != LT_OK &&
+               strstr(lt_last_error(s), "device=cpu only for now"),
+           "%lora with tower targets on the GPU is refused: the tower trains on device=cpu only");
+        diag("%s", lt_last_error(s));
+        return;
+    }
+    ok(lt_lora_attach(s, &lo, NULL) == LT_OK, "(%lora on the language model: the frozen tower)");
+    double frozen_last = 0, frozen_first = first_loss(s, data, 6, 3e-2f, &frozen_last);
+    lo.targets = "q,k,v,o,gate,up,down,vision,projector";
+    ok(lt_lora_attach(s, &lo, NULL) == LT_OK, "%lora targets=...,vision,projector attaches");
+    if (lt_last_error(s)[0]) diag("%s", lt_last_error(s));
+    lt_lora_info info;
+    lt_lora_info_get(s, &info);
+    ok(info.n_modules == 7 * 7 + 6 + 1, "... 49 text linears, the tower's six and the projector");
+    plan_line[0] = 0;
+    double last = 0, first = first_loss(s, data, 6, 3e-2f, &last);
+    diag("frozen tower: %.6f -> %.6f; tower trained: %.6f -> %.6f", frozen_first, frozen_last,
+         first, last);
+    ok(first > 0 && fabs(first - frozen_first) <= 1e-6 * frozen_first,
+       "... step 0's loss equals the frozen tower's (B = 0: the adapters start as identity)");
+    ok(last < first - 0.05, "... training through the tower lowers the loss");
+    ok(fabs(last - frozen_last) > 1e-4 * frozen_last,
+       "... and the run differs from the frozen-tower run");
+    diag("%s", plan_line);
+    ok(strstr(plan_line, "image tower trained (7 adapters") != NULL,
+       "... the memory plan counts the tower's backward");
+    snprintf(ad, sizeof ad, "%s/tower_adapter", dir);
+    ok(lt_save_adapter(s, ad) == LT_OK, "%save adapter= with the tower's adapters");
+    double vb = max_abs(ad, "base_model.model.model.vision_tower.encoder.layers.0.mlp.fc1.lora_B"
+                            ".weight"),
+           pb = max_abs(ad, "base_model.model.model.multi_modal_projector.lora_B.weight");
+    diag("max |lora_B|: tower fc1 %.3g, projector %.3g", vb, pb);
+    ok(vb > 0 && pb > 0, "... the tower's and the projector's adapters moved from zero");
+    /* logits with the trained adapters, then after loading the saved adapter back */
+    lt_chat_reset(s);
+    int np = 0;
+    int32_t *ids = prompt_ids(s, "Colour?", 1, &np);
+    const char *one[1] = {rgb};
+    float *lg1 = NULL, *lg2 = NULL;
+    int V = 0;
+    lt_status r1 = lt_logits_image(s, ids, np, one, 1, NULL, &lg1, &V);
+    lt_lora_opts ld;
+    lt_lora_opts_default(&ld);
+    ld.r = 4; /* the adapter's config wins */
+    ld.load = ad;
+    lt_lora_attach(s, &lo, NULL); /* fresh adapters in between: the load must bring them back */
+    float *lg0 = NULL;
+    double moved = 0;
+    if (r1 == LT_OK && lt_logits_image(s, ids, np, one, 1, NULL, &lg0, &V) == LT_OK)
+        for (int64_t i = 0; i < (int64_t)np * V; i++)
+            moved = fmax(moved, fabs((double)lg1[i] - lg0[i]));
+    free(lg0);
+    diag("trained vs fresh adapters: max |dlogit| %.3g", moved);
+    ok(moved > 1e-3,
+       "... the trained adapters change the image logits (the checks below see them)");
+    ok(lt_lora_attach(s, &ld, NULL) == LT_OK, "%lora load= of the saved tower adapter");
+    if (lt_last_error(s)[0]) diag("%s", lt_last_error(s));
+    lt_lora_info_get(s, &info);
+    lt_status r2 = lt_logits_image(s, ids, np, one, 1, NULL, &lg2, &V);
+    int same = r1 == LT_OK && r2 == LT_OK && info.n_modules == 7 * 7 + 6 + 1;
+    for (int64_t i = 0; same && i < (int64_t)np * V; i++)
+        same = fabsf(lg1[i] - lg2[i]) <= 1e-5f * (1.0f + fabsf(lg1[i]));
+    ok(same, "... its logits on the image equal the trained adapters' (PEFT save -> load)");
+    /* %save merged=: the tower's adapters merged into its weights, the whole multimodal model */
+    snprintf(ad2, sizeof ad2, "%s/tower_merged", dir);
+    ok(lt_save_merged(s, ad2, "fp32", NULL) == LT_OK, "%save merged= with tower adapters");
+    if (lt_last_error(s)[0]) diag("%s", lt_last_error(s));
+    lt_session *s2 = lt_session_new();
+    lt_load_opts lo2;
+    lt_load_opts_default(&lo2);
+    lo2.device = "cpu";
+    lo2.dtype = "fp32";
+    float *lg3 = NULL;
+    lt_status r3 = lt_load(s2, ad2, &lo2, NULL);
+    if (r3 != LT_OK) diag("%s", lt_last_error(s2));
+    lt_model_info mi;
+    if (r3 == LT_OK) lt_model_info_get(s2, &mi);
+    if (r3 == LT_OK) r3 = lt_logits_image(s2, ids, np, one, 1, NULL, &lg3, &V);
+    double worst = 0, big = 0;
+    for (int64_t i = 0; r1 == LT_OK && r3 == LT_OK && i < (int64_t)np * V; i++) {
+        worst = fmax(worst, fabs((double)lg1[i] - lg3[i]));
+        big = fmax(big, fabs((double)lg1[i]));
+    }
+    diag("merged vs adapters: max |dlogit| %.3g of max |logit| %.3g", worst, big);
+    ok(r3 == LT_OK && mi.vision_loaded && worst <= 1e-4 * (1 + big),
+       "... it loads as a multimodal model whose image logits equal the adapters' (merged tower)");
+    free(lg3);
+    lt_session_free(s2);
+    /* LoRA dropout on the tower's linears (not on the projector, as PEFT) */
+    lt_lora_opts dl;
+    lt_lora_opts_default(&dl);
+    dl.r = 2;
+    dl.dropout = 0.1f;
+    dl.targets = "q,v,vision";
+    double dlast = 0, dfirst = -1;
+    if (lt_lora_attach(s, &dl, NULL) == LT_OK) dfirst = first_loss(s, data, 4, 3e-2f, &dlast);
+    diag("dropout 0.1 through the tower: %.6f -> %.6f", dfirst, dlast);
+    ok(dfirst > 0 && dlast < dfirst,
+       "%train with dropout=0.1 on the tower's linears lowers the loss");
+    dl.targets = "q,v,projector";
+    ok(lt_lora_attach(s, &dl, NULL) != LT_OK && strstr(lt_last_error(s), "ParamWrapper"),
+       "dropout with the projector is refused, as PEFT refuses it");
+    free(ids);
+    free(lg1);
+    free(lg2);
+}
+
 int main(void) {
     char dir[] = "/tmp/lathe-chat-image-XXXXXX";
     if (!mkdtemp(dir) || make_fixture(dir) != 0) {
@@ -696,6 +844,7 @@ int main(void) {
     ok(ids && images == 0, "lt_chat_reset forgets the images too");
     free(ids);
     test_train_images(s, dir, rgb, grey);
+    test_train_tower(s, dir, rgb);
     lt_session_free(s);
     test_text_only_model();
     test_max_seq(dir, rgb);
