@@ -457,6 +457,7 @@ typedef struct lt_export_result {
     char mmproj_path[4096];
     uint64_t mmproj_bytes;
     int mmproj_tensors;
+    char mmproj_note[320]; /* when none was: why ("mmproj=none", "the model has no image tower") */
 } lt_export_result;
 
 /* Writes the loaded model, enabled LoRA adapters merged (in fp32), as a GGUF file llama.cpp

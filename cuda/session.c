@@ -1536,8 +1536,6 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, cons
     lt_status st = export_target(s, path, overwrite);
     if (st == LT_OK && mm_path[0]) st = export_target(s, mm_path, overwrite);
     if (st != LT_OK) return st;
-    if (!m->vision && cb && cb->message && m->skipped_vision)
-        cb->message(cb->ctx, "the image tower was not loaded, so no mmproj file is written");
 
     /* a model copied to the GPU is read back through its backend; a host model in place */
     lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL;
@@ -1558,6 +1556,14 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, cons
             snprintf(res->mmproj_path, sizeof res->mmproj_path, "%s", mm_path);
             res->mmproj_bytes = mr.bytes;
             res->mmproj_tensors = mr.n_tensors;
+        } else if (!want_mm) {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note, "mmproj=none");
+        } else if (m->skipped_vision) {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note,
+                     "the image tower is not loaded (%.280s)",
+                     m->vision_error[0] ? m->vision_error : "it could not be read");
+        } else {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note, "the model has no image tower");
         }
     }
     return st;

@@ -91,13 +91,11 @@ int magic_export_gguf(magic_ctx *ctx, const magic_args *a) {
                     res.mmproj_path);
     } else {
         magic_print(ctx,
-                    "%s"
+                    "no mmproj file: %s\n"
                     "run it with llama.cpp:  llama-cli -m %s -cnv\n"
                     "or serve it:            llama-server -m %s\n",
-                    mm && strcmp(mm, "none") == 0
-                        ? "no mmproj file (mmproj=none)\n"
-                        : "no mmproj file: the model has no image tower\n",
-                    path, path);
+                    res.mmproj_note[0] ? res.mmproj_note : "the model has no image tower", path,
+                    path);
     }
     return 0;
 }

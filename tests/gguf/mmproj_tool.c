@@ -5,9 +5,10 @@
  *
  * ids hold one image block (<start_of_image>, mm_tokens_per_image image tokens,
  * <end_of_image>). Prints JSON: "embd" (the image's soft tokens, siglip_encode's [mm, H]),
- * "logits" (the last prompt position's, through gemma3_forward_images: the path %%chat image=
- * and lt_logits_image take), "greedy" (N argmax tokens, the whole sequence run again for each)
- * and "margins" (each step's top-2 logit gap: a near-tie may flip on another implementation).
+ * "steps" (N + 1 logit vectors of the last position, through gemma3_forward_images: the path
+ * %%chat image= and lt_logits_image take; after the prompt, then after each greedy token, the
+ * whole sequence run again each time), "greedy" (the N argmax tokens) and "margins" (each
+ * step's top-2 logit gap: a near-tie may flip on another implementation).
  * Drives the engine's internals on the CPU backend. A test tool: it prints errors to stderr and
  * exits non-zero; library code never does.
  */
@@ -108,11 +109,10 @@ int main(int argc, char **argv) {
     size_t H = (size_t)m->cfg.hidden_size;
     float *px = malloc(sizeof(float) * 3 * (size_t)side * (size_t)side);
     float *soft = malloc(sizeof(float) * (size_t)mm * H), *logits = malloc(sizeof(float) * V);
-    float *first = malloc(sizeof(float) * V);
     float *emb = ctx.be->alloc(&ctx, sizeof(float) * (size_t)mm * H);
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n + steps));
     float *gaps = malloc(sizeof(float) * (size_t)(steps + 1));
-    if (!px || !soft || !logits || !first || !emb || !seq || !gaps) {
+    if (!px || !soft || !logits || !emb || !seq || !gaps) {
         fprintf(stderr, "mmproj_tool: out of memory\n");
         return 1;
     }
@@ -129,28 +129,28 @@ int main(int argc, char **argv) {
     printf("{\"embd\": ");
     put_floats(soft, (size_t)mm * H);
     memcpy(seq, ids, sizeof(int32_t) * (size_t)n);
-    printf(", \"greedy\": [");
+    printf(", \"steps\": [");
     for (int i = 0; i <= steps; i++) {
         if ((st = last_logits(m, &ctx, seq, n + i, emb, logits)) != LT_OK) {
             fprintf(stderr, "mmproj_tool: forward: %s\n", ctx.err);
             return 1;
         }
-        if (i == 0) memcpy(first, logits, sizeof(float) * V); /* the prompt's */
+        printf("%s", i ? "," : "");
+        put_floats(logits, (size_t)V);
         if (i == steps) break;
         gaps[i] = top2_gap(logits, V);
         seq[n + i] = argmax(logits, V);
-        printf("%s%d", i ? "," : "", seq[n + i]);
     }
+    printf("], \"greedy\": [");
+    for (int i = 0; i < steps; i++)
+        printf("%s%d", i ? "," : "", seq[n + i]);
     printf("], \"margins\": ");
     put_floats(gaps, (size_t)steps);
-    printf(", \"logits\": ");
-    put_floats(first, (size_t)V);
     printf("}\n");
     ctx.be->release(&ctx, emb);
     lt_ctx_shutdown(&ctx);
     free(px);
     free(soft);
-    free(first);
     free(logits);
     free(seq);
     free(gaps);

@@ -10,7 +10,8 @@
  *   "chunks":  [[token ids] | {"image": n_tokens}, ...]  mtmd_tokenize's chunks
  *   "embd":    the image chunk's embeddings (mtmd_encode_chunk), [n_tokens * n_embd]
  *   "n_embd":  their width (the text model's hidden size)
- *   "logits":  the logits after the prompt (mtmd_helper_eval_chunks, logits of the last token)
+ *   "steps":   N + 1 logit vectors: after the prompt (mtmd_helper_eval_chunks, the last
+ *              token's), then after each greedy token
  *   "greedy":  N argmax tokens, each fed back with llama_decode
  * A test tool: errors go to stderr with a non-zero exit.
  */
@@ -132,13 +133,16 @@ int main(int argc, char **argv) {
         return 1;
     }
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
-    fprintf(out, ", \"logits\": ");
-    put_floats(out, llama_get_logits_ith(lctx, -1), (size_t)n_vocab);
-    fprintf(out, ", \"greedy\": [");
+    llama_token *greedy = malloc(sizeof(llama_token) * (size_t)(n_predict > 0 ? n_predict : 1));
+    if (!greedy) return 1;
+    fprintf(out, ", \"steps\": [");
     struct llama_batch b = llama_batch_init(1, 0, 1);
-    for (int i = 0; i < n_predict; i++) {
-        llama_token t = argmax(llama_get_logits_ith(lctx, -1), n_vocab);
-        fprintf(out, "%s%d", i ? "," : "", t);
+    for (int i = 0; i <= n_predict; i++) {
+        const float *logits = llama_get_logits_ith(lctx, -1);
+        fprintf(out, "%s", i ? "," : "");
+        put_floats(out, logits, (size_t)n_vocab);
+        if (i == n_predict) break;
+        llama_token t = greedy[i] = argmax(logits, n_vocab);
         b.n_tokens = 1;
         b.token[0] = t;
         b.pos[0] = n_past++;
@@ -150,9 +154,13 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
+    fprintf(out, "], \"greedy\": [");
+    for (int i = 0; i < n_predict; i++)
+        fprintf(out, "%s%d", i ? "," : "", greedy[i]);
     fprintf(out, "]}\n");
     fclose(out);
     llama_batch_free(b);
+    free(greedy);
     mtmd_input_chunks_free(chunks);
     mtmd_bitmap_free(bw.bitmap);
     mtmd_free(mctx);
