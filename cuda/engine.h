@@ -464,8 +464,8 @@ typedef struct lt_export_result {
  * loads. type: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m" (per-tensor types as llama.cpp's
  * converter / llama-quantize choose them). A model with an image tower also gets its mmproj
  * file, the one llama.cpp's multimodal tools load with --mmproj (llama-mtmd-cli,
- * llama-server): mmproj NULL or "" puts it beside path as "mmproj-<file name of path>", a path
- * puts it there, "none" writes none; a text-only model writes only path (cb->message says so;
+ * llama-server): mmproj NULL, "" or "auto" puts it beside path as "mmproj-<file name of path>", a
+ * path puts it there, "none" writes none; a text-only model writes only path (cb->message says so;
  * an explicit mmproj path is then refused). The tower's matrices follow type for f32 / bf16
  * and are f16 otherwise. Refuses to replace an existing file unless overwrite; written
  * atomically (the files appear together, nothing appears on failure or cancel); a missing

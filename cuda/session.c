@@ -1517,6 +1517,7 @@ lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, cons
     const gemma3_model *m = s->model;
     char mm_path[4096] = "";
     int want_mm = !(mmproj && strcmp(mmproj, "none") == 0);
+    if (mmproj && strcmp(mmproj, "auto") == 0) mmproj = NULL; /* beside the text file */
     if (want_mm && mmproj && *mmproj && !m->vision)
         return lt_fail(s->err, LT_ERR_ARG,
                        "mmproj=%s: this model has no image tower (%s), so there is no mmproj "

@@ -42,10 +42,11 @@ static void export_progress(void *p, const char *what, int64_t done, int64_t tot
     progress_update(&v->bar, done, mib, 0);
 }
 
-/* mmproj=: a path ending in .gguf, or none. */
+/* mmproj=: auto, none, or a path ending in .gguf. */
 static int mmproj_ok(const char *mm) {
     size_t n = mm ? strlen(mm) : 0;
-    return !mm || strcmp(mm, "none") == 0 || (n >= 6 && strcmp(mm + n - 5, ".gguf") == 0);
+    return !mm || strcmp(mm, "auto") == 0 || strcmp(mm, "none") == 0 ||
+           (n >= 6 && strcmp(mm + n - 5, ".gguf") == 0);
 }
 
 int magic_export_gguf(magic_ctx *ctx, const magic_args *a) {
@@ -58,10 +59,11 @@ int magic_export_gguf(magic_ctx *ctx, const magic_args *a) {
                           "%%export_gguf model-q8_0.gguf type=q8_0",
                           path);
     if (!mmproj_ok(mm))
-        return magic_fail(ctx, "CellError",
-                          "%%export_gguf: mmproj= should be a file name ending in .gguf or none "
-                          "(got '%s'), e.g. mmproj=mmproj-model.gguf",
-                          mm);
+        return magic_fail(
+            ctx, "CellError",
+            "%%export_gguf: mmproj= should be auto, none or a file name ending in .gguf "
+            "(got '%s'), e.g. mmproj=mmproj-model.gguf",
+            mm);
     export_view v = {ctx, {0}, 0, "", 0};
     lt_callbacks cb = {&v, export_message, export_progress, NULL};
     lt_export_result res = {0};

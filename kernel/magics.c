@@ -130,9 +130,9 @@ static const opt_spec export_opts[] = {
     {"type", OPT_CHOICE, DEFAULT("f16"), "f32|f16|bf16|q8_0|q4_0|q4_k_m", NO_RANGE,
      "tensor type (q4_k_m mixes Q4_K and Q6_K as llama.cpp does)"},
     {"overwrite", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "replace existing files"},
-    {"mmproj", OPT_STRING, NO_DEFAULT, NULL, NO_RANGE,
-     "where the image tower's mmproj file goes (default: mmproj-NAME.gguf beside PATH; none: "
-     "skip it)"},
+    {"mmproj", OPT_STRING, DEFAULT("auto"), NULL, NO_RANGE,
+     "the image tower's mmproj file: auto = mmproj-NAME.gguf beside PATH, a PATH.gguf, or none "
+     "(no mmproj file)"},
     {NULL}};
 
 static const opt_spec lora_opts[] = {
@@ -374,7 +374,7 @@ static const magic_spec table[] = {
      "the previous copy.",
      magic_save},
     {"export_gguf", 0,
-     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] [mmproj=PATH.gguf|none] "
+     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] [mmproj=auto|PATH.gguf|none] "
      "[overwrite=false]",
      1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
      "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "

@@ -318,12 +318,14 @@ def test_mmproj_option_and_none(work, ckpt):
     where = work / "opt"
     _, out = run_cells(f"%load {d} device=cpu\n"
                        f"%export_gguf {where}/a.gguf type=q8_0 mmproj={where}/vision/p.gguf\n"
-                       f"%export_gguf {where}/b.gguf mmproj=none\n", work)
+                       f"%export_gguf {where}/b.gguf mmproj=none\n"
+                       f"%export_gguf {where}/c.gguf type=bf16 mmproj=auto\n", work)
     assert os.path.exists(where / "vision" / "p.gguf") and os.path.exists(where / "a.gguf")
     assert "f16 (llama.cpp's mmproj files are not quantized)" in out
     assert os.path.exists(where / "b.gguf") and not os.path.exists(where / "mmproj-b.gguf")
     assert "no mmproj file: mmproj=none" in out
-    assert sorted(os.listdir(where)) == ["a.gguf", "b.gguf", "vision"]
+    assert os.path.exists(where / "c.gguf") and os.path.exists(where / "mmproj-c.gguf")
+    assert sorted(os.listdir(where)) == ["a.gguf", "b.gguf", "c.gguf", "mmproj-c.gguf", "vision"]
 
 
 def test_text_only_model_writes_only_the_text_file(work):
@@ -368,4 +370,4 @@ def test_unwritable_or_existing_mmproj_path_leaves_nothing(work, ckpt):
     # a bad mmproj= value is a cell error
     rc, out = run_cells(f"%load {d} device=cpu\n%export_gguf {where}/m.gguf mmproj=mm.bin\n",
                         work, check=False)
-    assert rc != 0 and "mmproj= should be a file name ending in .gguf or none" in out
+    assert rc != 0 and "mmproj= should be auto, none or a file name ending in .gguf" in out
