@@ -455,16 +455,26 @@ typedef struct lt_export_result {
     uint64_t bytes; /* size of the file written */
     int n_tensors;
     int n_fallback; /* tensors stored in a fallback type: rows not a multiple of the block */
+    /* the mmproj file (the image tower and projector) written with it; "" when none was */
+    char mmproj_path[4096];
+    uint64_t mmproj_bytes;
+    int mmproj_tensors;
+    char mmproj_note[320]; /* when none was: why ("mmproj=none", "the model has no image tower") */
 } lt_export_result;
 
 /* Writes the loaded model, enabled LoRA adapters merged (in fp32), as a GGUF file llama.cpp
  * loads. type: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m" (per-tensor types as llama.cpp's
- * converter / llama-quantize choose them). Refuses to replace an existing file unless
- * overwrite; written atomically (nothing appears on failure or cancel); a missing folder
- * is created. Progress goes to cb->progress("export", bytes done, bytes total), notes to
- * cb->message. res may be NULL. */
-lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
-                         const lt_callbacks *cb, lt_export_result *res);
+ * converter / llama-quantize choose them). A model with an image tower also gets its mmproj
+ * file, the one llama.cpp's multimodal tools load with --mmproj (llama-mtmd-cli,
+ * llama-server): mmproj NULL, "" or "auto" puts it beside path as "mmproj-<file name of path>", a
+ * path puts it there, "none" writes none; a text-only model writes only path (cb->message says so;
+ * an explicit mmproj path is then refused). The tower's matrices follow type for f32 / bf16
+ * and are f16 otherwise. Refuses to replace an existing file unless overwrite; written
+ * atomically (the files appear together, nothing appears on failure or cancel); a missing
+ * folder is created. Progress goes to cb->progress("export" / "export mmproj", bytes done,
+ * bytes total), notes to cb->message. res may be NULL. */
+lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, const char *mmproj,
+                         int overwrite, const lt_callbacks *cb, lt_export_result *res);
 
 #ifdef __cplusplus
 }

@@ -24,6 +24,7 @@
 #include "cuda/engine.h"
 #include "cuda/export/gguf_export.h"
 #include "cuda/export/merged.h"
+#include "cuda/export/mmproj_export.h"
 #include "cuda/export/quantized.h"
 #include "cuda/formats/image.h"
 #include "cuda/formats/pan_scan.h"
@@ -1472,34 +1473,93 @@ lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,
                           s->err);
 }
 
-lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, int overwrite,
-                         const lt_callbacks *cb, lt_export_result *res) {
+/* Refuses a target that exists (unless overwrite) or is a folder, before anything is written;
+ * creates its missing folder. */
+static lt_status export_target(lt_session *s, const char *path, int overwrite) {
+    struct stat sb;
+    if (stat(path, &sb) == 0) {
+        if (S_ISDIR(sb.st_mode))
+            return lt_fail(s->err, LT_ERR_ARG,
+                           "%s: is a directory; give a file name ending in .gguf", path);
+        if (!overwrite)
+            return lt_fail(s->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it",
+                           path);
+    }
+    const char *slash = strrchr(path, '/');
+    if (slash && slash != path) { /* the folder is created when missing, as %save does */
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
+        return lt_dir_prepare(parent, s->err);
+    }
+    return LT_OK;
+}
+
+lt_status lt_export_gguf(lt_session *s, const char *path, const char *type, const char *mmproj,
+                         int overwrite, const lt_callbacks *cb, lt_export_result *res) {
     if (res) memset(res, 0, sizeof *res);
     if (!s) return LT_ERR_ARG;
     call_begin(s);
     if (!s->model || !s->tok)
         return lt_fail(s->err, LT_ERR_STATE,
                        "%%export_gguf: no model loaded (run %%load first, e.g. %%load tiny)");
+    if (!path || !*path) return lt_fail(s->err, LT_ERR_ARG, "%%export_gguf: no output path");
     gguf_export_opts o = {.overwrite = overwrite, .cancel = &s->cancel, .cb = cb};
     if (gguf_ftype_parse(type ? type : "f16", &o.ftype) != 0)
         return lt_fail(s->err, LT_ERR_ARG, "type=%s: not a GGUF type lathe writes; use one of %s",
                        type, GGUF_FTYPE_CHOICES);
-    /* the folder is created when missing, as %save creates its folder */
-    const char *slash = path ? strrchr(path, '/') : NULL;
-    lt_status st;
-    if (slash && slash != path) {
-        char parent[4096];
-        snprintf(parent, sizeof parent, "%.*s", (int)(slash - path), path);
-        if ((st = lt_dir_prepare(parent, s->err)) != LT_OK) return st;
+    /* the mmproj file: beside the text file unless named; none for a text-only model */
+    const gemma3_model *m = s->model;
+    char mm_path[4096] = "";
+    int want_mm = !(mmproj && strcmp(mmproj, "none") == 0);
+    if (mmproj && strcmp(mmproj, "auto") == 0) mmproj = NULL; /* beside the text file */
+    if (want_mm && mmproj && *mmproj && !m->vision)
+        return lt_fail(s->err, LT_ERR_ARG,
+                       "mmproj=%s: this model has no image tower (%s), so there is no mmproj "
+                       "file to write; leave mmproj= out to export the text model alone",
+                       mmproj, m->vision_error[0] ? m->vision_error : "text only");
+    if (want_mm && m->vision) {
+        if (mmproj && *mmproj)
+            snprintf(mm_path, sizeof mm_path, "%s", mmproj);
+        else if (mmproj_default_path(path, mm_path, sizeof mm_path) != 0)
+            return lt_fail(s->err, LT_ERR_ARG, "%s: path too long for its mmproj file", path);
+        if (strcmp(mm_path, path) == 0)
+            return lt_fail(s->err, LT_ERR_ARG,
+                           "mmproj=%s: the same path as the text file; give it its own name "
+                           "(e.g. mmproj-%s)",
+                           mmproj, path);
     }
+    lt_status st = export_target(s, path, overwrite);
+    if (st == LT_OK && mm_path[0]) st = export_target(s, mm_path, overwrite);
+    if (st != LT_OK) return st;
+
     /* a model copied to the GPU is read back through its backend; a host model in place */
     lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL;
-    gguf_export_result r;
-    st = gguf_export_gemma3(s->model, s->tok, dev, path, &o, &r, s->err);
+    gguf_export_result r = {0}, mr = {0};
+    lt_afile_set set = {0};
+    if (mm_path[0]) { /* both files appear together or neither does */
+        o.set = &set;
+        st = mmproj_export_gemma3(m, dev, mm_path, &o, &mr, s->err);
+    }
+    if (st == LT_OK) st = gguf_export_gemma3(s->model, s->tok, dev, path, &o, &r, s->err);
+    if (st == LT_OK && o.set) st = lt_afile_set_commit(&set, s->err);
+    lt_afile_set_abort(&set);
     if (st == LT_OK && res) {
         res->bytes = r.bytes;
         res->n_tensors = r.n_tensors;
         res->n_fallback = r.n_fallback;
+        if (mm_path[0]) {
+            snprintf(res->mmproj_path, sizeof res->mmproj_path, "%s", mm_path);
+            res->mmproj_bytes = mr.bytes;
+            res->mmproj_tensors = mr.n_tensors;
+        } else if (!want_mm) {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note, "mmproj=none");
+        } else if (m->skipped_vision) {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note,
+                     "the image tower is not loaded (%.280s)",
+                     m->vision_error[0] ? m->vision_error : "it could not be read");
+        } else {
+            snprintf(res->mmproj_note, sizeof res->mmproj_note, "the model has no image tower");
+        }
     }
     return st;
 }

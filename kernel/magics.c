@@ -124,11 +124,15 @@ static const opt_spec chat_opts[] = {
      "pan-and-scan: crop only images whose long side is at least this times the short side"},
     {NULL}};
 
-/* type= and overwrite= are arguments of lt_export_gguf, not fields of an options struct. */
+/* type=, mmproj= and overwrite= are arguments of lt_export_gguf, not fields of an options
+ * struct. */
 static const opt_spec export_opts[] = {
     {"type", OPT_CHOICE, DEFAULT("f16"), "f32|f16|bf16|q8_0|q4_0|q4_k_m", NO_RANGE,
      "tensor type (q4_k_m mixes Q4_K and Q6_K as llama.cpp does)"},
-    {"overwrite", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "replace an existing file"},
+    {"overwrite", OPT_BOOL, DEFAULT("false"), NULL, NO_RANGE, "replace existing files"},
+    {"mmproj", OPT_STRING, DEFAULT("auto"), NULL, NO_RANGE,
+     "the image tower's mmproj file: auto = mmproj-NAME.gguf beside PATH, a PATH.gguf, or none "
+     "(no mmproj file)"},
     {NULL}};
 
 static const opt_spec lora_opts[] = {
@@ -386,13 +390,20 @@ static const magic_spec table[] = {
      "the previous copy.",
      magic_save},
     {"export_gguf", 0,
-     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] "
+     "%export_gguf PATH.gguf [type=f32|f16|bf16|q8_0|q4_0|q4_k_m] [mmproj=auto|PATH.gguf|none] "
      "[overwrite=false]",
      1, 1, "PATH", NULL, export_opts, "write the model as a GGUF file for llama.cpp",
      "Merges the LoRA adapters into the weights and writes one GGUF file that llama.cpp, "
      "Ollama and LM Studio load: Gemma 3 metadata, the SentencePiece vocabulary and the chat "
-     "template included. The file is written atomically (nothing is left behind on failure) "
-     "and an existing file is kept unless overwrite=true. A missing folder is created.",
+     "template included. A model with an image tower (e.g. gemma-3-4b-it) also gets the "
+     "mmproj file llama.cpp's multimodal tools load beside it, named as llama.cpp's "
+     "convert_hf_to_gguf.py --mmproj names it: mmproj-NAME.gguf in PATH's folder (out/a.gguf "
+     "-> out/mmproj-a.gguf), or mmproj=PATH.gguf; mmproj=none skips it. Run the pair with "
+     "llama-mtmd-cli -m PATH --mmproj MMPROJ --image FILE, or llama-server -m PATH --mmproj "
+     "MMPROJ. The tower's matrices are f32 / bf16 for type=f32 / bf16 and f16 otherwise, its "
+     "norms and embeddings f32 (llama.cpp's own policy); a text-only model writes PATH alone. "
+     "The files are written atomically and together (nothing is left behind on failure) and "
+     "existing files are kept unless overwrite=true. A missing folder is created.",
      magic_export_gguf},
     {"shell", 1, "%%shell", 0, 0, NULL, NULL, no_opts, "run the cell body as a shell script",
      "Runs the cell body with /bin/sh -c in the notebook's folder (like IPython's %%bash), "

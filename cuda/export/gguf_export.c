@@ -655,7 +655,8 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
         .progress_ctx = &pb,
     };
     uint64_t bytes = 0;
-    st = gguf_writer_write(w, path, &wo, &bytes);
+    st = o->set ? gguf_writer_write_member(w, o->set, path, &wo, &bytes)
+                : gguf_writer_write(w, path, &wo, &bytes);
     if (st != LT_OK) {
         lt_fail(err, st, "%s", gguf_writer_error(w));
         goto done;

@@ -16,6 +16,8 @@ typedef struct gguf_export_opts {
     const char *name;         /* general.name; NULL = the source's folder name */
     const atomic_int *cancel; /* polled between chunks; may be NULL */
     const lt_callbacks *cb; /* message + progress("export", bytes done, bytes total); may be NULL */
+    lt_afile_set *set;      /* non-NULL: the file is written as a member of set, and appears only
+                               when the caller commits it (with an mmproj, mmproj_export.h) */
 } gguf_export_opts;
 
 typedef struct gguf_export_result {

@@ -410,10 +410,39 @@ static lt_status exists_error(gguf_writer *w, const char *path) {
     return lt_fail(w->err, LT_ERR_IO, "%s: file exists; pass overwrite=true to replace it", path);
 }
 
-lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
-                            uint64_t *bytes) {
-    const int overwrite = opts && opts->overwrite;
+/* Writes the whole file into f (a temp opened on path) and finishes it; on failure the temp is
+ * removed. *bytes: the file size. */
+static lt_status write_file(gguf_writer *w, lt_afile *f, const char *path,
+                            const gguf_write_opts *opts, uint64_t *bytes) {
     int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : online_cpus();
+    lt_strbuf head = {0};
+    lt_status st = build_header(w, &head);
+    uint64_t total = 0;
+    for (size_t i = 0; i < w->n_tensors; ++i)
+        total += w->tensors[i].size;
+    if (st == LT_OK) st = lt_afile_write(f, head.p, head.len, w->err);
+    if (st == LT_OK) st = write_zeros(f, align_up(head.len) - head.len, w->err);
+    uint64_t pos = 0, done = 0; /* position inside the data section */
+    for (size_t i = 0; i < w->n_tensors && st == LT_OK; ++i) {
+        const gguf_tensor *t = &w->tensors[i];
+        st = write_zeros(f, t->offset - pos, w->err);
+        if (st == LT_OK) st = write_tensor(w, f, t, path, opts, n_threads, &done, total);
+        pos = t->offset + t->size;
+    }
+    if (st == LT_OK) /* llama.cpp accepts either; keep it aligned */
+        st = write_zeros(f, align_up(pos) - pos, w->err);
+    if (st != LT_OK)
+        lt_afile_abort(f);
+    else
+        st = lt_afile_finish(f, w->err);
+    if (st == LT_OK && bytes) *bytes = align_up(head.len) + align_up(pos);
+    lt_strbuf_free(&head);
+    return st;
+}
+
+/* The checks both entry points start with: a path, not a folder, not there unless overwrite;
+ * general.alignment added when the caller did not set it. */
+static lt_status write_begin(gguf_writer *w, const char *path, const gguf_write_opts *opts) {
     struct stat sb;
     w->err[0] = '\0';
     if (!path || !*path) return lt_fail(w->err, LT_ERR_ARG, "gguf: empty output path");
@@ -421,49 +450,32 @@ lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_o
         if (S_ISDIR(sb.st_mode))
             return lt_fail(w->err, LT_ERR_ARG,
                            "%s: is a directory; give a file name ending in .gguf", path);
-        if (!overwrite) return exists_error(w, path);
+        if (!(opts && opts->overwrite)) return exists_error(w, path);
     }
-    if (!w->has_alignment) {
-        lt_status st = gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
-        if (st != LT_OK) return st;
-    }
+    if (!w->has_alignment) return gguf_set_u32(w, "general.alignment", GGUF_ALIGN);
+    return LT_OK;
+}
 
-    lt_strbuf head = {0};
-    lt_status st = build_header(w, &head);
-    if (st != LT_OK) {
-        lt_strbuf_free(&head);
-        return st;
-    }
-    uint64_t total = 0;
-    for (size_t i = 0; i < w->n_tensors; ++i)
-        total += w->tensors[i].size;
-
+lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
+                            uint64_t *bytes) {
+    const int overwrite = opts && opts->overwrite;
+    lt_status st = write_begin(w, path, opts);
+    if (st != LT_OK) return st;
     lt_afile f;
-    st = lt_afile_open(&f, path, w->err);
-    if (st != LT_OK) {
-        lt_strbuf_free(&head);
-        return st;
-    }
-    st = lt_afile_write(&f, head.p, head.len, w->err);
-    if (st == LT_OK) st = write_zeros(&f, align_up(head.len) - head.len, w->err);
-    uint64_t pos = 0, done = 0; /* position inside the data section */
-    for (size_t i = 0; i < w->n_tensors && st == LT_OK; ++i) {
-        const gguf_tensor *t = &w->tensors[i];
-        st = write_zeros(&f, t->offset - pos, w->err);
-        if (st == LT_OK) st = write_tensor(w, &f, t, path, opts, n_threads, &done, total);
-        pos = t->offset + t->size;
-    }
-    if (st == LT_OK) /* llama.cpp accepts either; keep it aligned */
-        st = write_zeros(&f, align_up(pos) - pos, w->err);
-    if (st != LT_OK) {
-        lt_afile_abort(&f);
-        lt_strbuf_free(&head);
-        return st;
-    }
-    st = lt_afile_finish(&f, w->err);
-    if (st == LT_OK) st = lt_afile_commit(&f, overwrite, w->err);
+    if ((st = lt_afile_open(&f, path, w->err)) != LT_OK) return st;
+    uint64_t size = 0;
+    if ((st = write_file(w, &f, path, opts, &size)) != LT_OK) return st;
+    st = lt_afile_commit(&f, overwrite, w->err);
     if (f.existed) st = exists_error(w, path); /* it appeared while we wrote */
-    if (st == LT_OK && bytes) *bytes = align_up(head.len) + align_up(pos);
-    lt_strbuf_free(&head);
+    if (st == LT_OK && bytes) *bytes = size;
     return st;
+}
+
+lt_status gguf_writer_write_member(gguf_writer *w, lt_afile_set *set, const char *path,
+                                   const gguf_write_opts *opts, uint64_t *bytes) {
+    lt_status st = write_begin(w, path, opts);
+    if (st != LT_OK) return st;
+    lt_afile *f;
+    if ((st = lt_afile_set_add(set, path, &f, w->err)) != LT_OK) return st;
+    return write_file(w, f, path, opts, bytes);
 }

@@ -5,7 +5,8 @@
  *     ggml's reference quantizers (gguf_quant.c), and the inverse for tests;
  *   - the writer: typed metadata, tensor infos, 32-byte aligned data, written atomically
  *     (temp file in the target folder, fsync, rename), streaming tensors through a fill
- *     callback so a model never has to exist twice in memory (gguf.c).
+ *     callback so a model never has to exist twice in memory (gguf.c); or written as one
+ *     member of a set of files that appear together (a model and its mmproj).
  * The Gemma 3 exporter built on these is cuda/export/gguf_export.h.
  * Errors are values: every function that can fail returns an lt_status and leaves a message
  * in the writer (gguf_writer_error). Nothing here prints, exits or aborts.
@@ -18,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cuda/base/atomic_file.h"
 #include "cuda/engine.h"
 
 #ifdef __cplusplus
@@ -146,6 +148,12 @@ typedef struct gguf_write_opts {
  * removed on every failure). *bytes (may be NULL) receives the file size. */
 lt_status gguf_writer_write(gguf_writer *w, const char *path, const gguf_write_opts *opts,
                             uint64_t *bytes);
+/* The same as one member of a set of files committed together (a model and its mmproj): the
+ * file is written and finished as set's temp for path, and appears only when the caller runs
+ * lt_afile_set_commit (which replaces; overwrite=0 is checked here, before writing). On
+ * failure this member's temp is removed; the caller aborts the set. */
+lt_status gguf_writer_write_member(gguf_writer *w, lt_afile_set *set, const char *path,
+                                   const gguf_write_opts *opts, uint64_t *bytes);
 
 #ifdef __cplusplus
 }
