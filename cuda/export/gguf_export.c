@@ -457,14 +457,10 @@ static void say(const lt_callbacks *cb, const char *fmt, ...) {
     cb->message(cb->ctx, line);
 }
 
-typedef struct progress_bridge {
-    const lt_callbacks *cb;
-} progress_bridge;
-
-static void on_progress(void *vctx, const char *tensor, int64_t done, int64_t total) {
-    progress_bridge *pb = vctx;
+void gguf_progress_forward(void *bridge, const char *tensor, int64_t done, int64_t total) {
+    const gguf_progress_bridge *pb = bridge;
     (void)tensor;
-    if (pb->cb && pb->cb->progress) pb->cb->progress(pb->cb->ctx, "export", done, total);
+    if (pb->cb && pb->cb->progress) pb->cb->progress(pb->cb->ctx, pb->label, done, total);
 }
 
 #define CHECK(call)                                                                                \
@@ -646,12 +642,12 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
             "llama-quantize's fallback type; e.g. %s",
             wc.n_fallback, wc.first_fallback);
 
-    progress_bridge pb = {o->cb};
+    gguf_progress_bridge pb = {o->cb, "export"};
     gguf_write_opts wo = {
         .overwrite = o->overwrite,
         .n_threads = o->n_threads,
         .cancel = o->cancel,
-        .progress = on_progress,
+        .progress = gguf_progress_forward,
         .progress_ctx = &pb,
     };
     uint64_t bytes = 0;

@@ -33,6 +33,14 @@ lt_status gguf_export_gemma3(struct gemma3_model *m, const struct lt_tokenizer *
                              struct lt_ctx *dev, const char *path, const gguf_export_opts *o,
                              gguf_export_result *res, char *err);
 
+/* The GGUF writer's progress (gguf_write_opts.progress) forwarded to cb->progress under label:
+ * progress_ctx is a gguf_progress_bridge. Shared by the text and the mmproj exporters. */
+typedef struct gguf_progress_bridge {
+    const lt_callbacks *cb;
+    const char *label;
+} gguf_progress_bridge;
+void gguf_progress_forward(void *bridge, const char *tensor, int64_t done, int64_t total);
+
 /* HF weight name -> llama.cpp tensor name ("model.layers.3.mlp.up_proj.weight" ->
  * "blk.3.ffn_up.weight"); *layer (-1 outside layers) and *role (a gguf_role). 0 or -1. */
 int gguf_export_tensor_name(const char *hf, char *out, size_t cap, int *layer, int *role);

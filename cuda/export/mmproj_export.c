@@ -249,16 +249,6 @@ static void say(const lt_callbacks *cb, const char *text) {
     if (cb && cb->message) cb->message(cb->ctx, text);
 }
 
-typedef struct progress_bridge {
-    const lt_callbacks *cb;
-} progress_bridge;
-
-static void on_progress(void *vctx, const char *tensor, int64_t done, int64_t total) {
-    progress_bridge *pb = vctx;
-    (void)tensor;
-    if (pb->cb && pb->cb->progress) pb->cb->progress(pb->cb->ctx, "export mmproj", done, total);
-}
-
 #define CHECK(call)                                                                                \
     do {                                                                                           \
         st = (call);                                                                               \
@@ -353,11 +343,11 @@ lt_status mmproj_export_gemma3(const gemma3_model *m, lt_ctx *dev, const char *p
         say(o->cb, "the image tower's matrices are written in f16 (llama.cpp's mmproj files are "
                    "not quantized)");
 
-    progress_bridge pb = {o->cb};
+    gguf_progress_bridge pb = {o->cb, "export mmproj"};
     gguf_write_opts wo = {.overwrite = o->overwrite,
                           .n_threads = o->n_threads,
                           .cancel = o->cancel,
-                          .progress = on_progress,
+                          .progress = gguf_progress_forward,
                           .progress_ctx = &pb};
     uint64_t bytes = 0;
     st = o->set ? gguf_writer_write_member(w, o->set, path, &wo, &bytes)
