@@ -36,7 +36,9 @@ out=${1:-.}
 what=${2:-all}
 P=${PACK:-.device-pack}
 B=$P/bin
-export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1
+# LATHE_TINY_DIR: the packed binaries look for the embedded tiny model beside their build tree
+export LD_LIBRARY_PATH=$PWD/$P/lib:$LD_LIBRARY_PATH LATHE_SRCDIR=$PWD PYTHONUNBUFFERED=1 \
+    LATHE_TINY_DIR=$PWD/models/tiny
 # the references run on the machine's own libraries, not the packed ones
 PY="env LD_LIBRARY_PATH=${LD_LIBRARY_PATH#$PWD/$P/lib:} python3"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
