@@ -501,7 +501,13 @@ lt_status hub_revision_parse(const char *body, size_t len, hub_revision *out, ch
         const char *name = json_string_value(json_object_get(e, "rfilename"));
         /* only top-level files are ever taken: "original/x" or "../x" never */
         if (!name || strchr(name, '/') || !(hub_wanted_file(name) || shard_name_ok(name))) continue;
-        if (out->n_files == MAX_FILES) break;
+        if (out->n_files == MAX_FILES) { /* never cut the list silently: a shard would be missing */
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "the repository lists more than %d files lathe would download "
+                         "(config, tokenizer and safetensors shards); lathe takes at most %d",
+                         MAX_FILES, MAX_FILES);
+            break;
+        }
         char **more = realloc(out->files, sizeof *more * (size_t)(out->n_files + 1));
         char *copy = strdup(name);
         if (!more || !copy) {

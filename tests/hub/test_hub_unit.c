@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cuda/base/strbuf.h"
 #include "cuda/hub/cache.h"
 #include "cuda/hub/hub.h"
 #include "cuda/hub/sha256.h"
@@ -236,6 +237,26 @@ static void test_hub_answers(void) {
            !strcmp(r.files[1], "model-1.safetensors"),
        "config.json and the shard");
     hub_revision_free(&r);
+    /* 256 shards are taken, 257 refused (never a silently shortened list) */
+    for (int extra = 0; extra < 2; extra++) {
+        lt_strbuf big = {0};
+        lt_strbuf_printf(&big, "{\"sha\": \"%s\", \"siblings\": [", sha);
+        for (int i = 0; i < 256 + extra; i++)
+            lt_strbuf_printf(&big, "%s{\"rfilename\": \"model-%05d.safetensors\"}", i ? ", " : "",
+                             i);
+        lt_strbuf_printf(&big, "]}");
+        lt_status rc = hub_revision_parse(big.p, big.len, &r, err);
+        if (!extra) {
+            ok(rc == LT_OK && r.n_files == 256, "256 shards: all taken");
+            hub_revision_free(&r);
+        } else {
+            ok(rc == LT_ERR_FORMAT && strstr(err, "more than 256 files") && r.n_files == 0 &&
+                   !r.files,
+               "257 shards: refused, saying so (not cut to 256)");
+            diag("%s", err);
+        }
+        lt_strbuf_free(&big);
+    }
     const char *bad = "{\"sha\": \"0123\", \"siblings\": []}";
     ok(hub_revision_parse(bad, strlen(bad), &r, err) == LT_ERR_FORMAT && strstr(err, "40-hex"),
        "a sha that is not a commit: refused, saying why");
