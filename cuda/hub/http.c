@@ -80,9 +80,11 @@ void hub_response_header(hub_response *r, const char *line, size_t n) {
         copy_value(r->commit, sizeof r->commit, v, vlen);
     else if (IS("X-Error-Code"))
         copy_value(r->error_code, sizeof r->error_code, v, vlen);
-    else if (IS("X-Error-Message"))
+    else if (IS("X-Error-Message")) { /* shown to the user: control bytes become spaces */
         copy_value(r->error_message, sizeof r->error_message, v, vlen);
-    else if (IS("X-Linked-Size"))
+        for (char *c = r->error_message; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = ' ';
+    } else if (IS("X-Linked-Size"))
         r->linked_size = parse_size(v, vlen);
     else if (IS("Content-Length"))
         r->content_length = parse_size(v, vlen);

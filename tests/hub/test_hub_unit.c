@@ -237,6 +237,14 @@ static void test_hub_answers(void) {
            !strcmp(r.files[1], "model-1.safetensors"),
        "config.json and the shard");
     hub_revision_free(&r);
+    {
+        hub_response hr;
+        memset(&hr, 0, sizeof hr);
+        const char line[] = "X-Error-Message: gated\x1b[31m repo\x07 \x7fhere";
+        hub_response_header(&hr, line, sizeof line - 1);
+        is_str(hr.error_message, "gated [31m repo   here",
+               "X-Error-Message: control bytes (ESC, BEL, DEL) become spaces before any message");
+    }
     /* 256 shards are taken, 257 refused (never a silently shortened list) */
     for (int extra = 0; extra < 2; extra++) {
         lt_strbuf big = {0};
