@@ -264,7 +264,8 @@ static lt_status add_image(record_images *ri, const char *given, const char *at,
 /* A message's content: a string, or a list of parts. A user or model message's list renders as
  * the chat template renders it (chat_parts_content: each text part stripped, an image part as
  * "<start_of_image>"); a user message's image parts are added to ri. A system message's list is
- * its text parts joined. *out NULL with err set on a refusal. */
+ * one text part, its text (the template reads only the first). *out NULL with err set on a
+ * refusal. */
 static lt_status content_text(json_t *c, const char *role, const char *at, record_images *ri,
                               const where *w, char **out, char *err) {
     *out = NULL;
@@ -327,15 +328,18 @@ static lt_status content_text(json_t *c, const char *role, const char *at, recor
         }
         if (st != LT_OK) break;
     }
-    if (st == LT_OK && !strcmp(role, "system")) { /* the text parts joined */
-        size_t total = 1;
-        for (size_t k = 0; k < n; k++)
-            total += parts[k].text ? strlen(parts[k].text) : 0;
-        char *joined = calloc(1, total);
-        if (!joined) st = lt_fail(err, LT_ERR_MEMORY, "out of memory");
-        for (size_t k = 0; joined && k < n; k++)
-            if (parts[k].text) strcat(joined, parts[k].text);
-        *out = joined;
+    if (st == LT_OK && !strcmp(role, "system")) {
+        /* Gemma 3's chat template takes messages[0]['content'][0]['text'] of a system list and
+         * drops the rest: one text part is rendered as the template renders it; several would
+         * lose text without a word, so they are refused */
+        if (n != 1)
+            st = lt_fail(err, LT_ERR_FORMAT,
+                         "%s %s %d: %s has %zu parts, but Gemma 3's chat template keeps only the "
+                         "first text part of a system message; give its text as one string or "
+                         "one text part",
+                         w->file, w->unit, w->line, at, n);
+        else if (!(*out = strdup(parts[0].text)))
+            st = lt_fail(err, LT_ERR_MEMORY, "out of memory");
     } else if (st == LT_OK) {
         st = chat_parts_content(parts, (int)n, out, err);
     }

@@ -101,6 +101,17 @@ static void test_formats(void) {
            "<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n",
            "the rest is context (system folded into the first user turn)");
     data_free(&d);
+    /* a system message as a list of one text part renders as the string does (the template
+     * reads messages[0]['content'][0]['text']) */
+    const char *p1 = write_tmp(
+        "m1.jsonl", "{\"messages\": [{\"role\": \"system\", \"content\": [{\"type\": \"text\", "
+                    "\"text\": \"Be brief.\"}]}, {\"role\": \"user\", \"content\": \"Hi\"}, "
+                    "{\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n");
+    is_int(load(&d, p1, "auto", 0, 1, err), LT_OK, "messages: a system list of one text part");
+    pieces(&d.s[0], 0, got, sizeof got);
+    is_str(got, "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n",
+           "... folded into the first user turn as the string is");
+    data_free(&d);
     is_int(load(&d, p, "messages", 0, 0, err), LT_OK, "responses_only=false loads");
     int all = 1;
     for (int i = 1; i < d.s[0].n; i++)
@@ -554,6 +565,10 @@ static void test_images(void) {
          "\"a.png\"}, {\"type\": \"text\", \"text\": \"<start_of_image>\"}]}, {\"role\": "
          "\"assistant\", \"content\": \"Yo\"}]}",
          "may not write it itself", "a row with images that writes <start_of_image> itself"},
+        {"{\"messages\": [{\"role\": \"system\", \"content\": [{\"type\": \"text\", \"text\": "
+         "\"Be \"}, {\"type\": \"text\", \"text\": \"brief.\"}]}, {\"role\": \"user\", "
+         "\"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}",
+         "keeps only the first text part", "a system message of two text parts"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         char text[1200];
