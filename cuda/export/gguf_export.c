@@ -457,10 +457,32 @@ static void say(const lt_callbacks *cb, const char *fmt, ...) {
     cb->message(cb->ctx, line);
 }
 
-void gguf_progress_forward(void *bridge, const char *tensor, int64_t done, int64_t total) {
-    const gguf_progress_bridge *pb = bridge;
+typedef struct progress_bridge {
+    const lt_callbacks *cb;
+    const char *label;
+} progress_bridge;
+
+static void on_progress(void *bridge, const char *tensor, int64_t done, int64_t total) {
+    const progress_bridge *pb = bridge;
     (void)tensor;
     if (pb->cb && pb->cb->progress) pb->cb->progress(pb->cb->ctx, pb->label, done, total);
+}
+
+lt_status gguf_export_write(gguf_writer *w, const char *path, const gguf_export_opts *o,
+                            const char *label, uint64_t *bytes, char *err) {
+    progress_bridge pb = {o->cb, label};
+    gguf_write_opts wo = {
+        .overwrite = o->overwrite,
+        .n_threads = o->n_threads,
+        .cancel = o->cancel,
+        .progress = on_progress,
+        .progress_ctx = &pb,
+    };
+    *bytes = 0;
+    lt_status st = o->set ? gguf_writer_write_member(w, o->set, path, &wo, bytes)
+                          : gguf_writer_write(w, path, &wo, bytes);
+    if (st != LT_OK) lt_fail(err, st, "%s", gguf_writer_error(w));
+    return st;
 }
 
 #define CHECK(call)                                                                                \
@@ -642,21 +664,8 @@ lt_status gguf_export_gemma3(gemma3_model *m, const lt_tokenizer *tok, lt_ctx *d
             "llama-quantize's fallback type; e.g. %s",
             wc.n_fallback, wc.first_fallback);
 
-    gguf_progress_bridge pb = {o->cb, "export"};
-    gguf_write_opts wo = {
-        .overwrite = o->overwrite,
-        .n_threads = o->n_threads,
-        .cancel = o->cancel,
-        .progress = gguf_progress_forward,
-        .progress_ctx = &pb,
-    };
-    uint64_t bytes = 0;
-    st = o->set ? gguf_writer_write_member(w, o->set, path, &wo, &bytes)
-                : gguf_writer_write(w, path, &wo, &bytes);
-    if (st != LT_OK) {
-        lt_fail(err, st, "%s", gguf_writer_error(w));
-        goto done;
-    }
+    uint64_t bytes;
+    if ((st = gguf_export_write(w, path, o, "export", &bytes, err)) != LT_OK) goto done;
     if (res) {
         res->bytes = bytes;
         res->n_tensors = ex.n_srcs;

@@ -33,13 +33,11 @@ lt_status gguf_export_gemma3(struct gemma3_model *m, const struct lt_tokenizer *
                              struct lt_ctx *dev, const char *path, const gguf_export_opts *o,
                              gguf_export_result *res, char *err);
 
-/* The GGUF writer's progress (gguf_write_opts.progress) forwarded to cb->progress under label:
- * progress_ctx is a gguf_progress_bridge. Shared by the text and the mmproj exporters. */
-typedef struct gguf_progress_bridge {
-    const lt_callbacks *cb;
-    const char *label;
-} gguf_progress_bridge;
-void gguf_progress_forward(void *bridge, const char *tensor, int64_t done, int64_t total);
+/* Writes the finished writer w to path (or, with o->set, as a member of that set) with o's
+ * overwrite, threads and cancel, its progress reported to o->cb under label; the writer's
+ * message in err on failure. Shared by the text and the mmproj exporters. */
+lt_status gguf_export_write(gguf_writer *w, const char *path, const gguf_export_opts *o,
+                            const char *label, uint64_t *bytes, char *err);
 
 /* HF weight name -> llama.cpp tensor name ("model.layers.3.mlp.up_proj.weight" ->
  * "blk.3.ffn_up.weight"); *layer (-1 outside layers) and *role (a gguf_role). 0 or -1. */

@@ -343,19 +343,8 @@ lt_status mmproj_export_gemma3(const gemma3_model *m, lt_ctx *dev, const char *p
         say(o->cb, "the image tower's matrices are written in f16 (llama.cpp's mmproj files are "
                    "not quantized)");
 
-    gguf_progress_bridge pb = {o->cb, "export mmproj"};
-    gguf_write_opts wo = {.overwrite = o->overwrite,
-                          .n_threads = o->n_threads,
-                          .cancel = o->cancel,
-                          .progress = gguf_progress_forward,
-                          .progress_ctx = &pb};
-    uint64_t bytes = 0;
-    st = o->set ? gguf_writer_write_member(w, o->set, path, &wo, &bytes)
-                : gguf_writer_write(w, path, &wo, &bytes);
-    if (st != LT_OK) {
-        lt_fail(err, st, "%s", gguf_writer_error(w));
-        goto done;
-    }
+    uint64_t bytes;
+    if ((st = gguf_export_write(w, path, o, "export mmproj", &bytes, err)) != LT_OK) goto done;
     if (res) {
         res->bytes = bytes;
         res->n_tensors = e.n;
