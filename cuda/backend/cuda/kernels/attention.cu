@@ -379,9 +379,10 @@ __device__ __forceinline__ void fa_mma<__nv_bfloat16>(float *c, const uint32_t *
 #endif
 }
 
-/* Shared tiles are [rows][HD + 8] 16-bit values (the pad spreads fragment reads over banks). */
-template <int HD> __device__ __forceinline__ int fa_ld() {
-    return HD + 8;
+/* Shared tiles are [rows][HD + FLASH_PAD] 16-bit values, as flash_plan.h sizes them (the pad
+ * spreads fragment reads over banks). */
+template <int HD> __device__ constexpr int fa_ld() {
+    return HD + FLASH_PAD;
 }
 
 /* dst[r][:] = src[row0 + r][:] for r < rows (zeros past n): src is [n, HD] 16-bit. On sm_80 and
@@ -544,7 +545,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                      const int32_t *kpos, int T, int S, int nh, int g, int window, float scale,
                      const float *qinv, const float *kinv, const float *vinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    constexpr int LD = HD + 8;
+    constexpr int LD = fa_ld<HD>();
     uint16_t *Qs = (uint16_t *)fa_smem; /* [64][LD] */
     uint16_t *Ks = Qs + FA_ROWS * LD;   /* [BN][LD] */
     uint16_t *Vs = Ks + BN * LD;        /* [BN][LD] */
@@ -716,7 +717,7 @@ __global__ void __launch_bounds__(ROWS * 2)
                         int window, float scale, const float *qinv, const float *kinv,
                         const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    constexpr int LD = HD + 8;
+    constexpr int LD = fa_ld<HD>();
     uint16_t *Qs = (uint16_t *)fa_smem; /* [ROWS][LD] */
     uint16_t *dOs = Qs + ROWS * LD;     /* [ROWS][LD] */
     uint16_t *Ks = dOs + ROWS * LD;     /* [BN][LD] */
@@ -842,7 +843,7 @@ __global__ void __launch_bounds__(ROWS * 2)
                          int g, int window, float scale, const float *qinv, const float *kinv,
                          const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    constexpr int LD = HD + 8;
+    constexpr int LD = fa_ld<HD>();
     uint16_t *Ks = (uint16_t *)fa_smem;       /* [ROWS][LD] */
     uint16_t *Vs = Ks + ROWS * LD;            /* [ROWS][LD], DK only */
     uint16_t *Qs = Vs + (DK ? ROWS * LD : 0); /* [BQ][LD] */
@@ -1039,7 +1040,7 @@ __global__ void __launch_bounds__(FB_THREADS)
                      int nkv, int g, int window, float scale, const float *qinv, const float *kinv,
                      const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    constexpr int BQ = FB_BQ, LD = HD + 8, LP = BQ + 8, HH = HD / 2, QH = BQ / 2;
+    constexpr int BQ = FB_BQ, LD = fa_ld<HD>(), LP = BQ + FLASH_PAD, HH = HD / 2, QH = BQ / 2;
     uint16_t *Ks = (uint16_t *)fa_smem;           /* [64][LD] */
     uint16_t *Vs = Ks + FA_ROWS * LD;             /* [64][LD] */
     uint16_t *Qs = Vs + FA_ROWS * LD;             /* [BQ][LD] */
