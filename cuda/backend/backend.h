@@ -14,7 +14,8 @@
  *     and checks they agree, returning LT_ERR_ARG with ctx->err filled when they do not;
  *   - a `*_backward` op ACCUMULATES (+=) into weight/adapter gradients and WRITES (=) the
  *     input gradient, like llm.c; a NULL gradient pointer (data == NULL) means "not needed".
- * Both backends fill every slot. The training ops (backward, loss, optimizer, vector ops)
+ * Both backends fill every slot but the graph ops (recording ops for replay), which only the
+ * CUDA backend has. The training ops (backward, loss, optimizer, vector ops)
  * are checked once before training starts (lt_backend_missing_training_op), so a future
  * backend may leave them NULL and still run inference.
  *
@@ -93,6 +94,9 @@ int lt_weight_parts(lt_quant_kind kind, int64_t n, int64_t rows, size_t elem, in
 void lt_weight_dequantize_rows(const lt_weight *w, int64_t r0, int64_t nr, float *dst);
 
 struct lt_backend;
+/* A recorded sequence of ops (graph_begin / graph_end), opaque: each backend that records
+ * defines it. */
+typedef struct lt_graph lt_graph;
 
 /* A backend's memory now. `where` names it for messages ("GPU memory", "memory"). */
 typedef struct lt_mem_info {
@@ -311,6 +315,29 @@ typedef struct lt_backend {
                                          lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
                                          float scale);
 
+    /* ---- graphs: a sequence of ops recorded once and run many times ---------------------
+     * NULL where a backend runs every op as it is called (the CPU): callers then just call
+     * the ops. Between graph_begin and graph_end the ops called on ctx are recorded, not run:
+     * every address, size and option they are given is fixed into the graph, and the values
+     * in that memory are read each time the graph runs. So a caller that changes its inputs
+     * uploads them to the same addresses before each graph_launch (outside the recording).
+     * While recording, only ops and copy may be called: upload, download, sync, alloc, the
+     * stash and the ops that return a host value (cross_entropy, sumsq) fail, and so does an
+     * op that needs state it would make on first use (a first unrecorded run makes it). An op
+     * that fails while recording ends the recording there: the backend frees what the
+     * recording took and runs ops directly again, and graph_end returns that error; the caller
+     * runs the same ops directly instead. The ops' temporaries belong to the graph until
+     * graph_free. Memory a graph reads or writes must stay allocated until graph_free. */
+    /* Starts recording. Refused (the caller runs the ops directly) where the backend cannot
+     * record now: e.g. its profiler is on, or graphs are turned off (CUDA: LATHE_CUDA_GRAPHS=0). */
+    lt_status (*graph_begin)(lt_ctx *ctx);
+    /* Ends the recording: *g = the graph, ready to run; on failure *g = NULL, nothing is held
+     * and ctx->err says why. Always call it after a graph_begin that succeeded. */
+    lt_status (*graph_end)(lt_ctx *ctx, struct lt_graph **g);
+    /* Runs g once, in order with the ops called before and after it. */
+    lt_status (*graph_launch)(lt_ctx *ctx, struct lt_graph *g);
+    /* Frees g and its temporaries (g may be NULL). */
+    void (*graph_free)(lt_ctx *ctx, struct lt_graph *g);
 } lt_backend;
 
 /* The dropout keep-test, shared by every backend: 1 when element i survives. */

@@ -10,8 +10,19 @@
  * op per layer; one attention op per row where a backend lacks it), the final norm and the
  * head on [rows, H]; then each row draws its token where the logits are (the sample_rows op,
  * with 32 bits from the row's own RNG), and only the ids come back to the host. Rows that stop
- * leave the batch: the next step's batch is the running rows, in row order. Written against
- * the op table only; must not touch the trainer or a session.
+ * leave the batch: the next step's batch is the running rows, in row order.
+ *
+ * On a backend that records graphs (graph_begin .. graph_free; CUDA), a step's ~470 ops are
+ * recorded once and replayed: the step's inputs (ids, positions, cache rows, random bits) go to
+ * fixed backend addresses before each replay, one replay runs the forward and the draws, and
+ * the drawn ids come down. The first decode step runs unrecorded (it makes whatever the ops make
+ * on first use). A graph is recorded for a number of rows, so there a step runs on
+ * rollout_step_rows(n) rows: the n running rows, then stopped rows as padding (distinct rows, at
+ * position 0, id 0, bits 0; their draws are dropped and their caches are dead anyway). The
+ * padding is the same whether the step is replayed or its ops are called one by one (graphs
+ * refused, or a recording failed: the call then goes on without graphs), so both give the same
+ * ids. The held graph is freed when the rows fall to a smaller size, and at the end of the call
+ * (also on errors). Written against the op table only; must not touch the trainer or a session.
  */
 #include "cuda/model/rollout.h"
 
@@ -66,6 +77,14 @@ typedef struct rollout_state {
     int32_t *drawn; /* backend [n_rows]: sample_rows' ids */
     gemma3_acts b;  /* [n_rows] decode activations (allocated after prefill) */
     int have_acts;
+    /* graphs: pad (steps run on rollout_step_rows rows), try (recording not refused or failed
+     * yet this call), warm (an unrecorded decode step has run); graph: the one held, recorded
+     * for graph_rows rows; step_row: [n_rows] a step's cache rows (running, then padding);
+     * running: [n_rows] scratch flags */
+    int pad, try_graphs, warm, graph_rows;
+    lt_graph *graph;
+    int *step_row;
+    char *running;
 } rollout_state;
 
 static size_t layer_kv_bytes(const gemma3_config *c, int l, int n_rows, int max_len) {
@@ -99,6 +118,7 @@ size_t gemma3_rollout_bytes(const gemma3_model *m, int n_rows, int max_len) {
 static void state_free(rollout_state *st) {
     lt_ctx *ctx = st->ctx;
     int L = st->m->cfg.num_hidden_layers;
+    if (st->graph) ctx->be->graph_free(ctx, st->graph); /* before the buffers it uses */
     for (int l = 0; l < L; l++) {
         if (st->k) ctx->be->release(ctx, st->k[l]);
         if (st->v) ctx->be->release(ctx, st->v[l]);
@@ -114,6 +134,8 @@ static void state_free(rollout_state *st) {
     free(st->slots);
     free(st->kpos_host);
     free(st->step_host);
+    free(st->step_row);
+    free(st->running);
     memset(st, 0, sizeof *st);
 }
 
@@ -129,6 +151,10 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     st->max_len = max_len;
     st->kvo = (size_t)c->num_key_value_heads * (size_t)c->head_dim;
     st->batched = ctx->be->attention_rows != NULL;
+    /* graphs need the whole step on the backend: attention_rows (the per-row path uploads each
+     * row's key positions inside the step) */
+    st->pad = st->try_graphs = st->batched && ctx->be->graph_begin && ctx->be->graph_end &&
+                               ctx->be->graph_launch && ctx->be->graph_free;
     st->k = calloc((size_t)L, sizeof *st->k);
     st->v = calloc((size_t)L, sizeof *st->v);
     st->slots = calloc((size_t)L, sizeof *st->slots);
@@ -154,7 +180,11 @@ static lt_status state_alloc(rollout_state *st, const gemma3_model *m, lt_ctx *c
     st->step = ctx->be->alloc(ctx, sizeof(int32_t) * 4 * (size_t)n_rows);
     st->step_host = malloc(sizeof(int32_t) * 4 * (size_t)n_rows);
     st->drawn = ctx->be->alloc(ctx, sizeof(int32_t) * (size_t)n_rows);
-    if (!st->kpos_host || !st->logits || !st->step || !st->step_host || !st->drawn) goto oom;
+    st->step_row = malloc(sizeof(int) * (size_t)n_rows);
+    st->running = malloc((size_t)n_rows);
+    if (!st->kpos_host || !st->logits || !st->step || !st->step_host || !st->drawn ||
+        !st->step_row || !st->running)
+        goto oom;
     return LT_OK;
 oom:
     state_free(st);
@@ -226,62 +256,132 @@ done:
     return rc;
 }
 
-/* The draws of n rows from st->logits [n, V], with their bits at bits_dev (backend [n]):
- * the ids into picked (host). */
+/* The draws of n rows from st->logits [n, V], with their bits at bits_dev (backend [n]), into
+ * st->drawn. */
 static lt_status draw_rows(rollout_state *st, const lt_sample_opts *so, const int32_t *bits_dev,
-                           int n, int32_t *picked) {
+                           int n) {
     lt_ctx *ctx = st->ctx;
     int64_t V = st->m->cfg.vocab_size;
-    lt_status rc = LT_OK;
-    LT_TRY(ctx->be->sample_rows(ctx, lt_tensor_1d(LT_I32, st->drawn, n),
+    return ctx->be->sample_rows(ctx, lt_tensor_1d(LT_I32, st->drawn, n),
                                 lt_tensor_2d(LT_F32, st->logits, n, V),
-                                lt_tensor_1d(LT_I32, (void *)bits_dev, n), so));
-    LT_TRY(ctx->be->download(ctx, picked, st->drawn, sizeof(int32_t) * (size_t)n));
-done:
-    return rc;
+                                lt_tensor_1d(LT_I32, (void *)bits_dev, n), so);
 }
 
-/* One token for each of the n active rows: ids[i] at position pos[i] of row row[i], then each
- * row's draw with the next bits of its RNG (rng[row[i]]): the new ids into picked. */
-static lt_status decode_step(rollout_state *st, const int *row, const int32_t *ids,
-                             const int32_t *pos, int n, lt_rng *rng, const lt_sample_opts *so,
-                             int32_t *picked) {
+int rollout_step_rows(int n, int n_rows) {
+    if (n <= 0) return 0;
+    int b = 8;
+    while (b < n && b < n_rows)
+        b *= 2;
+    return b < n_rows ? b : n_rows;
+}
+
+/* The ops of one decode step over nb rows whose inputs are in st->step ([4, nb]: ids,
+ * positions, cache rows, bits): the forward, the head and the draws into st->drawn. row, pos:
+ * the same rows and positions on the host (the per-row attention path reads them; it never
+ * pads, so there nb is the running rows). What a graph records. */
+static lt_status step_ops(rollout_state *st, const int *row, const int32_t *pos, int nb,
+                          const lt_sample_opts *so) {
     const gemma3_model *m = st->m;
     const gemma3_config *c = &m->cfg;
     lt_ctx *ctx = st->ctx;
     const lt_backend *be = ctx->be;
     int64_t H = c->hidden_size, V = c->vocab_size;
     lt_status rc = LT_OK;
-    int32_t *sh = st->step_host;
-    for (int i = 0; i < n; i++) {
-        sh[i] = ids[i];
-        sh[n + i] = pos[i];
-        sh[2 * n + i] = row[i];
-        sh[3 * n + i] = (int32_t)rng_bits(&rng[row[i]]);
-    }
-    LT_TRY(be->upload(ctx, st->step, sh, sizeof(int32_t) * 4 * (size_t)n));
     gemma3_acts b = st->b; /* this step's ids and positions */
     b.ids = st->step;
-    b.pos = st->step + n;
-    for (int i = 0; i < n && !st->batched; i++) /* the slot each row's new token takes */
+    b.pos = st->step + nb;
+    for (int i = 0; i < nb && !st->batched; i++) /* the slot each row's new token takes */
         for (int k = 0; k < 2; k++) {
             int ks = st->kslots[k];
             if (!ks) continue;
             LT_TRY(be->upload(ctx, st->kpos[k] + (size_t)row[i] * (size_t)ks + pos[i] % ks, &pos[i],
                               sizeof(int32_t)));
         }
-    lt_tensor h = lt_tensor_2d(LT_F32, b.h, n, H);
-    LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, n), &m->embed_tokens,
+    lt_tensor h = lt_tensor_2d(LT_F32, b.h, nb, H);
+    LT_TRY(be->embedding(ctx, h, lt_tensor_1d(LT_I32, b.ids, nb), &m->embed_tokens,
                          gemma3_embed_scale(m)));
     for (int l = 0; l < c->num_hidden_layers; l++) {
-        LT_TRY(gemma3_layer_qkv(m, ctx, l, &b, n));
-        LT_TRY(attend_rows(st, &b, l, row, pos, st->step + 2 * n, n));
-        LT_TRY(gemma3_layer_finish(m, ctx, l, &b, n));
+        LT_TRY(gemma3_layer_qkv(m, ctx, l, &b, nb));
+        LT_TRY(attend_rows(st, &b, l, row, pos, st->step + 2 * nb, nb));
+        LT_TRY(gemma3_layer_finish(m, ctx, l, &b, nb));
     }
-    lt_tensor hn = lt_tensor_2d(LT_F32, b.a, n, H);
+    lt_tensor hn = lt_tensor_2d(LT_F32, b.a, nb, H);
     LT_TRY(be->rmsnorm(ctx, hn, h, m->norm, (float)c->rms_norm_eps));
-    LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, st->logits, n, V), hn, gemma3_head(m)));
-    LT_TRY(draw_rows(st, so, st->step + 3 * n, n, picked));
+    LT_TRY(be->linear(ctx, lt_tensor_2d(LT_F32, st->logits, nb, V), hn, gemma3_head(m)));
+    LT_TRY(draw_rows(st, so, st->step + 3 * nb, nb));
+done:
+    return rc;
+}
+
+/* Records step_ops over nb rows into st->graph. On failure nothing is held; the note says why. */
+static lt_status step_record(rollout_state *st, const int *row, const int32_t *pos, int nb,
+                             const lt_sample_opts *so, rollout_out *out) {
+    lt_ctx *ctx = st->ctx;
+    const lt_backend *be = ctx->be;
+    lt_graph *g = NULL;
+    double t0 = now_s();
+    lt_status rc = be->graph_begin(ctx);
+    if (rc == LT_OK) {
+        lt_status r1 = step_ops(st, row, pos, nb, so);
+        lt_status r2 = be->graph_end(ctx, &g); /* its message is the recording's (or ours) */
+        rc = r1 != LT_OK ? r1 : r2;
+    }
+    if (rc != LT_OK) {
+        if (g) be->graph_free(ctx, g);
+        snprintf(out->graph_note, sizeof out->graph_note, "%.*s", (int)sizeof out->graph_note - 1,
+                 ctx->err);
+        return rc;
+    }
+    st->graph = g;
+    st->graph_rows = nb;
+    out->graph_records++;
+    out->record_s += now_s() - t0;
+    return LT_OK;
+}
+
+/* One token for each of the n running rows: ids[i] at position pos[i] of row row[i], then each
+ * row's draw with the next bits of its RNG (rng[row[i]]): the new ids into picked. The step runs
+ * on rollout_step_rows(n) rows where the backend records graphs (the running rows, then stopped
+ * ones), as a replay once a graph of that size is held. */
+static lt_status decode_step(rollout_state *st, const int *row, const int32_t *ids,
+                             const int32_t *pos, int n, lt_rng *rng, const lt_sample_opts *so,
+                             int32_t *picked, rollout_out *out) {
+    lt_ctx *ctx = st->ctx;
+    const lt_backend *be = ctx->be;
+    lt_status rc = LT_OK;
+    int nb = st->pad ? rollout_step_rows(n, st->n_rows) : n;
+    int32_t *sh = st->step_host;
+    memset(st->running, 0, (size_t)st->n_rows);
+    for (int i = 0; i < n; i++) {
+        st->step_row[i] = row[i];
+        st->running[row[i]] = 1;
+    }
+    for (int i = n, r = 0; i < nb; i++) { /* padding: stopped rows, distinct */
+        while (st->running[r])
+            r++;
+        st->step_row[i] = r++;
+    }
+    for (int i = 0; i < nb; i++) {
+        int pad = i >= n;
+        sh[i] = pad ? 0 : ids[i];
+        sh[nb + i] = pad ? 0 : pos[i];
+        sh[2 * nb + i] = st->step_row[i];
+        sh[3 * nb + i] = pad ? 0 : (int32_t)rng_bits(&rng[row[i]]);
+    }
+    LT_TRY(be->upload(ctx, st->step, sh, sizeof(int32_t) * 4 * (size_t)nb));
+    if (st->try_graphs && st->warm && (!st->graph || st->graph_rows != nb)) {
+        if (st->graph) be->graph_free(ctx, st->graph); /* the rows fell to a smaller size */
+        st->graph = NULL;
+        if (step_record(st, row, pos, nb, so, out) != LT_OK) st->try_graphs = 0;
+    }
+    if (st->try_graphs && st->graph) {
+        LT_TRY(be->graph_launch(ctx, st->graph));
+        out->graph_steps++;
+    } else {
+        LT_TRY(step_ops(st, row, pos, nb, so));
+        st->warm = 1;
+    }
+    LT_TRY(be->download(ctx, picked, st->drawn, sizeof(int32_t) * (size_t)n));
 done:
     return rc;
 }
@@ -330,6 +430,17 @@ static lt_status fail_op(char *err, const lt_ctx *ctx, lt_status rc, const char 
 
 static int is_cancelled(atomic_int *cancel) {
     return cancel && atomic_load(cancel);
+}
+
+/* The n ids a backend drew are in [0, V): what lets the next step's embedding go unchecked on
+ * the device (a recorded embedding cannot read its check back). */
+static lt_status drawn_check(const int32_t *ids, int n, int V, char *err) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return lt_fail(err, LT_ERR_DEVICE,
+                           "rollout: sample_rows drew id %d, outside the vocabulary [0, %d)",
+                           ids[i], V);
+    return LT_OK;
 }
 
 /* Row r takes token id; returns 1 while it keeps running. */
@@ -411,12 +522,15 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
         }
         if (rc == LT_OK)
             rc = ctx->be->upload(ctx, st.step, st.step_host, sizeof(int32_t) * (size_t)group);
-        if (rc == LT_OK) rc = draw_rows(&st, &so, st.step, group, picked);
+        if (rc == LT_OK) rc = draw_rows(&st, &so, st.step, group);
+        if (rc == LT_OK)
+            rc = ctx->be->download(ctx, picked, st.drawn, sizeof(int32_t) * (size_t)group);
         if (rc != LT_OK) {
             snprintf(what, sizeof what, "prompt %d: ", p);
             rc = fail_op(err, ctx, rc, what);
             goto done;
         }
+        if ((rc = drawn_check(picked, group, V, err)) != LT_OK) goto done;
         out->prefill_tokens += prompt_len[p];
         for (int j = 0; j < group; j++) {
             int r = p * group + j, id = picked[j];
@@ -443,10 +557,11 @@ lt_status gemma3_rollout(const gemma3_model *m, lt_ctx *ctx, const int32_t *cons
             rc = lt_fail(err, LT_CANCELLED, "rollout: cancelled");
             goto done;
         }
-        if ((rc = decode_step(&st, active, next, pos, n_act, rng, &so, picked)) != LT_OK) {
+        if ((rc = decode_step(&st, active, next, pos, n_act, rng, &so, picked, out)) != LT_OK) {
             rc = fail_op(err, ctx, rc, "");
             goto done;
         }
+        if ((rc = drawn_check(picked, n_act, V, err)) != LT_OK) goto done;
         int kept = 0;
         for (int i = 0; i < n_act; i++) {
             int r = active[i], id = picked[i];

@@ -3,9 +3,11 @@
  * Owns the device ctx (stream, cuBLAS handle, a caching allocator, device scalars), the GEMM
  * helper (row-major over cuBLAS, fp32 accumulation always) and the op orchestration: linear
  * and its adapter path, attention (fused kernels on the 16-bit paths, cuBLAS chunks otherwise),
- * chunked fused cross-entropy, norms, RoPE, GeGLU, embedding, AdamW. The element kernels live in
- * the cuda/kernels/ folder. backend_cpu.c is the specification; tests/gpu/test_ops.c compares
- * the two. Must not know Gemma.
+ * chunked fused cross-entropy, norms, RoPE, GeGLU, embedding, AdamW, and the recording of op
+ * sequences into CUDA graphs that replay with one launch (graph_begin .. graph_free, the
+ * batched sampler's decode step). The element kernels live in the cuda/kernels/ folder.
+ * backend_cpu.c is the specification; tests/gpu/test_ops.c compares the two. Must not know
+ * Gemma.
  *
  * Precision: activations, norms, softmax, RoPE, loss and the residual stream
  * stay fp32. A linear layer computes in its weight's storage dtype: fp32 weights -> fp32 GEMM
@@ -118,6 +120,16 @@ typedef struct cu_impl {
         void *host;
     } seen[8];
     int n_seen_next;
+    /* graph recording (graph_begin .. graph_end; see "graphs" below): rec_live while the stream
+     * captures; recording from graph_begin to graph_end, also after a failed op ended the
+     * capture early (rec_rc, rec_err: its error, for graph_end); rec_blocks: the temporaries the
+     * recorded ops took, the graph's until graph_free */
+    int recording, rec_live;
+    lt_status rec_rc;
+    char rec_err[LT_ERRLEN];
+    struct cu_gblock *rec_blocks;
+    int n_rec_blocks, cap_rec_blocks;
+    int rec_ops, rec_fail_at; /* LATHE_CUDA_GRAPH_FAIL=N: the N-th recorded op fails (tests) */
 } cu_impl;
 
 static cu_impl *impl_of(lt_ctx *ctx) {
@@ -189,6 +201,18 @@ static lt_status blas_report(lt_ctx *ctx, const char *what, cublasStatus_t s, co
         }                                                                                          \
     } while (0)
 
+/* An op that reads a value back to the host (a loss, a sum) cannot be recorded into a graph:
+ * while recording it fails with LT_ERR_STATE, which ends the recording (op_end). */
+#define CU_NOT_RECORDING()                                                                         \
+    do {                                                                                           \
+        if (impl_of(ctx)->rec_live) {                                                              \
+            rc = lt_fail(ctx->err, LT_ERR_STATE,                                                   \
+                         "cuda %s: returns a host value, so it cannot be recorded into a graph",   \
+                         opname);                                                                  \
+            goto done;                                                                             \
+        }                                                                                          \
+    } while (0)
+
 static int is_f32(const lt_tensor *t) {
     return t->dtype == LT_F32 && t->data;
 }
@@ -229,7 +253,22 @@ static void free_cached(cu_impl *I) {
     I->n_free = 0;
 }
 
-/* A block of at least `bytes` from the cache or from cudaMalloc; NULL + ctx->err on failure. */
+/* cudaMalloc, also while the stream records a graph: the recording's thread-local capture mode
+ * counts cudaMalloc as unsafe (it is not captured), but a block taken then belongs to the graph
+ * and is not freed before graph_free, so it is safe; PyTorch's CUDACachingAllocator.cpp
+ * (cudaMallocMaybeCapturing) relaxes the mode around its cudaMalloc the same way. */
+static cudaError_t dev_malloc(cu_impl *I, void **p, size_t bytes) {
+    if (!I->rec_live) return cudaMalloc(p, bytes);
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    cudaError_t e = cudaMalloc(p, bytes);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    return e;
+}
+
+/* A block of at least `bytes` from the cache or from cudaMalloc; NULL + ctx->err on failure.
+ * While a graph records, cached blocks are not given back to make room (cudaFree waits for the
+ * device, which a capture forbids): the allocation fails instead, and so does the recording. */
 static void *pool_get(lt_ctx *ctx, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     size_t need = round_size(bytes);
@@ -245,7 +284,7 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
         b = I->freeb[best];
         I->freeb[best] = I->freeb[--I->n_free];
     } else {
-        if (I->cap && I->reserved + need > I->cap) free_cached(I);
+        if (I->cap && I->reserved + need > I->cap && !I->rec_live) free_cached(I);
         if (I->cap && I->reserved + need > I->cap) {
             lt_fail(ctx->err, LT_ERR_MEMORY,
                     "cuda: out of device memory allocating %.1f MiB: lathe holds %.1f MiB of its "
@@ -253,8 +292,8 @@ static void *pool_get(lt_ctx *ctx, size_t bytes) {
                     need / 1048576.0, I->reserved / 1048576.0, I->cap / 1048576.0);
             return NULL;
         }
-        cudaError_t e = cudaMalloc(&b.p, need);
-        if (e != cudaSuccess) {
+        cudaError_t e = dev_malloc(I, &b.p, need);
+        if (e != cudaSuccess && !I->rec_live) {
             cudaGetLastError();
             free_cached(I);
             e = cudaMalloc(&b.p, need);
@@ -361,7 +400,7 @@ static void prof_flush(cu_impl *I);
 
 /* Opens a timed region (an op, or a GEMM inside one): returns its entry or -1. */
 static int prof_open(cu_impl *I, const char *name) {
-    if (!I->prof || I->n_prof >= CU_PROF_CAP) return -1;
+    if (!I->prof || I->rec_live || I->n_prof >= CU_PROF_CAP) return -1;
     int k = I->n_prof;
     while (I->n_ev_made < 2 * (k + 1)) {
         if (cudaEventCreate(&I->ev[I->n_ev_made]) != cudaSuccess) {
@@ -388,7 +427,7 @@ static void op_begin(lt_ctx *ctx, const char *name) {
     I->next_slot = 2;
     I->cur_op = name;
     I->cur_prof = -1;
-    if (I->prof) {
+    if (I->prof && !I->rec_live) {
         if (I->n_prof > CU_PROF_CAP - 256) prof_flush(I); /* nothing is open between ops */
         I->cur_prof = prof_open(I, name);
     }
@@ -419,10 +458,18 @@ static void prof_flush(cu_impl *I) {
     I->n_prof = 0;
 }
 
+static void rec_release_tmps(cu_impl *I);
+static lt_status rec_op_end(lt_ctx *ctx, lt_status rc);
+
 static lt_status op_end(lt_ctx *ctx, lt_status rc) {
     cu_impl *I = impl_of(ctx);
-    for (int i = 0; i < I->n_tmp; i++)
-        pool_put(ctx, I->tmp[i]);
+    if (I->rec_live) { /* the graph keeps them (for the ops recorded after this one, too) */
+        rec_release_tmps(I);
+        rc = rec_op_end(ctx, rc);
+    } else {
+        for (int i = 0; i < I->n_tmp; i++)
+            pool_put(ctx, I->tmp[i]);
+    }
     I->n_tmp = 0;
     prof_close(I, I->cur_prof);
     I->cur_prof = -1;
@@ -430,11 +477,13 @@ static lt_status op_end(lt_ctx *ctx, lt_status rc) {
     return rc;
 }
 
-/* A temporary for the current op (released by op_end). */
+static void *rec_tmp_get(lt_ctx *ctx, size_t bytes);
+
+/* A temporary for the current op (released by op_end; while a graph records, the graph's). */
 static void *tmp_get(lt_ctx *ctx, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     size_t need = (bytes + 255) & ~(size_t)255;
-    if (I->lent && I->lent_bytes - I->lent_used >= need) { /* from the loan first */
+    if (I->lent && !I->rec_live && I->lent_bytes - I->lent_used >= need) { /* the loan first */
         void *p = I->lent + I->lent_used;
         I->lent_used += need;
         return p;
@@ -443,7 +492,7 @@ static void *tmp_get(lt_ctx *ctx, size_t bytes) {
         lt_fail(ctx->err, LT_ERR_MEMORY, "cuda %s: too many temporaries (internal)", I->cur_op);
         return NULL;
     }
-    void *p = pool_get(ctx, bytes);
+    void *p = I->rec_live ? rec_tmp_get(ctx, bytes) : pool_get(ctx, bytes);
     if (p) I->tmp[I->n_tmp++] = p;
     return p;
 }
@@ -454,6 +503,219 @@ static float *slot(lt_ctx *ctx, unsigned **bits) {
     if (k >= CU_SLOTS) k = 2 + (k - 2) % (CU_SLOTS - 2); /* never reached: an op uses a handful */
     if (bits) *bits = I->dbits + k;
     return I->dscal + k;
+}
+
+/* ---- graphs: ops recorded once, replayed many times (backend.h's graph ops) ------------------
+ * graph_begin starts a capture of the stream (cudaStreamBeginCapture); the ops called until
+ * graph_end enqueue as they always do, and the capture records their kernels, copies and cuBLAS
+ * calls into a CUDA graph instead of running them; graph_end instantiates it, graph_launch runs
+ * it with one call. The decode step of the batched sampler is ~470 ops of host work a token;
+ * replayed, it is one launch.
+ *
+ * Capture mode: thread-local. The ops never need an unsafe call of their own while recording
+ * (what would is refused below), so any that slips through is made an error that ends the
+ * recording, rather than run outside the graph as the relaxed mode would let it; and unlike the
+ * global mode, another thread's capture-unsafe calls (another ctx, another session) are not
+ * made to fail. The one unsafe call allowed is the allocator's cudaMalloc (dev_malloc).
+ *
+ * Temporaries: an op's temporaries are baked into the graph by address, so while recording they
+ * come from the recording's own blocks (rec_blocks), never back to the shared pool: op_end
+ * marks them free for the ops recorded after it (the capture of one stream is a chain, so a
+ * later op of the same graph runs after the earlier one has finished, as on the stream), and
+ * graph_end hands them to the graph, which gives them back to the pool in graph_free. Memory lent
+ * with `lend` is not used while recording (the loan may end before the graph does).
+ *
+ * Refused while recording (the recording ends there and graph_end returns the error, so the
+ * caller runs the ops directly): upload, download, sync, alloc, the stash, cross_entropy and
+ * sumsq (they return host values), graph_launch, and a RoPE table not made yet (a first
+ * unrecorded run makes it). embedding skips its id check (it reads a flag back): a caller that
+ * records it feeds ids it checked on the host, or that sample_rows drew on the device, always in
+ * [0, V). Attention takes every key (key ranges come from host copies of positions, which a
+ * replay does not update). graph_begin is refused while the profiler is on (it times ops by
+ * events read on the host) and under LATHE_CUDA_GRAPHS=0. LATHE_CUDA_GRAPH_FAIL=N makes the
+ * N-th op of every recording fail, to test the callers' fallback. */
+
+typedef struct cu_gblock {
+    void *p;
+    size_t size;
+    int busy; /* taken by the op being recorded */
+} cu_gblock;
+
+struct lt_graph {
+    cudaGraphExec_t exec;
+    cu_gblock *blocks; /* the recorded ops' temporaries */
+    int n_blocks;
+};
+
+static void *rec_tmp_get(lt_ctx *ctx, size_t bytes) {
+    cu_impl *I = impl_of(ctx);
+    size_t need = round_size(bytes);
+    int best = -1;
+    for (int i = 0; i < I->n_rec_blocks; i++) {
+        const cu_gblock *b = &I->rec_blocks[i];
+        if (!b->busy && b->size >= need && b->size <= need + need / 16 + (2u << 20) &&
+            (best < 0 || b->size < I->rec_blocks[best].size))
+            best = i;
+    }
+    if (best >= 0) {
+        I->rec_blocks[best].busy = 1;
+        return I->rec_blocks[best].p;
+    }
+    if (I->n_rec_blocks == I->cap_rec_blocks) {
+        int nc = I->cap_rec_blocks ? 2 * I->cap_rec_blocks : 32;
+        cu_gblock *na = (cu_gblock *)realloc(I->rec_blocks, sizeof(cu_gblock) * (size_t)nc);
+        if (!na) {
+            lt_fail(ctx->err, LT_ERR_MEMORY, "cuda %s: out of host memory recording a graph",
+                    I->cur_op);
+            return NULL;
+        }
+        I->rec_blocks = na;
+        I->cap_rec_blocks = nc;
+    }
+    void *p = pool_get(ctx, bytes);
+    if (p) I->rec_blocks[I->n_rec_blocks++] = (cu_gblock){p, need, 1};
+    return p;
+}
+
+static void rec_release_tmps(cu_impl *I) {
+    for (int i = 0; i < I->n_rec_blocks; i++)
+        I->rec_blocks[i].busy = 0;
+}
+
+/* The recording's blocks back to the pool (nothing ran on them, or the graph is gone). */
+static void rec_blocks_put(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    for (int i = 0; i < I->n_rec_blocks; i++)
+        pool_put(ctx, I->rec_blocks[i].p);
+    I->n_rec_blocks = 0;
+}
+
+/* Ends a recording early, on the error rc (ctx->err says why): the capture ends, what was
+ * recorded is dropped, its blocks go back; the stream runs ops directly again. graph_end
+ * returns rc. */
+static void rec_abort(lt_ctx *ctx, lt_status rc) {
+    cu_impl *I = impl_of(ctx);
+    cudaGraph_t g = NULL;
+    I->rec_live = 0;
+    if (cudaStreamEndCapture(I->stream, &g) != cudaSuccess) cudaGetLastError();
+    if (g) cudaGraphDestroy(g);
+    rec_blocks_put(ctx);
+    I->rec_rc = rc;
+    snprintf(I->rec_err, sizeof I->rec_err, "%.*s (the graph recording ended here)", LT_ERRLEN - 40,
+             ctx->err);
+}
+
+/* op_end's part while recording: counts the op, forces a failure where LATHE_CUDA_GRAPH_FAIL
+ * asks, and ends the recording on any failure. */
+static lt_status rec_op_end(lt_ctx *ctx, lt_status rc) {
+    cu_impl *I = impl_of(ctx);
+    I->rec_ops++;
+    if (rc == LT_OK && I->rec_fail_at > 0 && I->rec_ops == I->rec_fail_at)
+        rc = lt_fail(ctx->err, LT_ERR_DEVICE,
+                     "cuda %s: op %d of the recording failed on purpose "
+                     "(LATHE_CUDA_GRAPH_FAIL)",
+                     I->cur_op, I->rec_ops);
+    if (rc != LT_OK) rec_abort(ctx, rc);
+    return rc;
+}
+
+/* A call that cannot be recorded, made while recording: LT_ERR_STATE, and the recording ends. */
+static lt_status rec_refuse(lt_ctx *ctx, const char *what) {
+    lt_fail(ctx->err, LT_ERR_STATE, "cuda: %s cannot be recorded into a graph", what);
+    rec_abort(ctx, LT_ERR_STATE);
+    return LT_ERR_STATE;
+}
+
+/* A non-op call (copy, convert) that failed while recording ends the recording too. */
+static lt_status rec_check(lt_ctx *ctx, lt_status rc) {
+    if (rc != LT_OK && impl_of(ctx)->rec_live) rec_abort(ctx, rc);
+    return rc;
+}
+
+static lt_status cu_graph_begin(lt_ctx *ctx) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    const char *off = getenv("LATHE_CUDA_GRAPHS");
+    if (off && strcmp(off, "0") == 0)
+        return lt_fail(ctx->err, LT_ERR_STATE, "cuda: graphs are turned off (LATHE_CUDA_GRAPHS=0)");
+    if (I->recording)
+        return lt_fail(ctx->err, LT_ERR_STATE, "cuda: a graph is being recorded already");
+    if (I->prof)
+        return lt_fail(ctx->err, LT_ERR_STATE,
+                       "cuda: the profiler is on (it times each op on its own): no graphs");
+    {
+        const char *f = getenv("LATHE_CUDA_GRAPH_FAIL");
+        I->rec_fail_at = f ? atoi(f) : 0;
+        I->rec_ops = 0;
+        I->rec_rc = LT_OK;
+        I->rec_err[0] = 0;
+        I->n_rec_blocks = 0;
+        CU_TRY(cudaStreamBeginCapture(I->stream, cudaStreamCaptureModeThreadLocal));
+        I->recording = I->rec_live = 1;
+    }
+done:
+    return rc;
+}
+
+static lt_status cu_graph_end(lt_ctx *ctx, lt_graph **out) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t ex = NULL;
+    *out = NULL;
+    if (!I->recording)
+        return lt_fail(ctx->err, LT_ERR_STATE, "cuda: graph_end without a graph_begin");
+    I->recording = 0;
+    if (!I->rec_live) { /* an op failed and ended the recording */
+        snprintf(ctx->err, sizeof ctx->err, "%s", I->rec_err);
+        return I->rec_rc;
+    }
+    I->rec_live = 0;
+    {
+        cudaError_t e = cudaStreamEndCapture(I->stream, &g);
+        if (e == cudaSuccess && !g) e = cudaErrorStreamCaptureInvalidated;
+        CU_TRY(e);
+        CU_TRY(cudaGraphInstantiateWithFlags(&ex, g, 0));
+        lt_graph *G = (lt_graph *)calloc(1, sizeof *G);
+        if (!G) {
+            rc = lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory for a graph");
+            goto done;
+        }
+        G->exec = ex;
+        ex = NULL;
+        G->blocks = I->rec_blocks;
+        G->n_blocks = I->n_rec_blocks;
+        I->rec_blocks = NULL;
+        I->n_rec_blocks = I->cap_rec_blocks = 0;
+        *out = G;
+    }
+done:
+    if (g) cudaGraphDestroy(g);
+    if (ex) cudaGraphExecDestroy(ex);
+    if (rc != LT_OK) rec_blocks_put(ctx);
+    return rc;
+}
+
+static lt_status cu_graph_launch(lt_ctx *ctx, lt_graph *g) {
+    cu_impl *I = impl_of(ctx);
+    lt_status rc = LT_OK;
+    if (!g) return lt_fail(ctx->err, LT_ERR_ARG, "cuda: graph_launch without a graph");
+    if (I->rec_live) return rec_refuse(ctx, "graph_launch");
+    CU_TRY(cudaGraphLaunch(g->exec, I->stream));
+done:
+    return rc;
+}
+
+static void cu_graph_free(lt_ctx *ctx, lt_graph *g) {
+    cu_impl *I = impl_of(ctx);
+    if (!g) return;
+    /* a launch may still run: let it finish before its exec and temporaries go */
+    if (!I->rec_live && cudaStreamSynchronize(I->stream) != cudaSuccess) cudaGetLastError();
+    if (cudaGraphExecDestroy(g->exec) != cudaSuccess) cudaGetLastError();
+    for (int i = 0; i < g->n_blocks; i++)
+        pool_put(ctx, g->blocks[i].p);
+    free(g->blocks);
+    free(g);
 }
 
 /* ---- operands in the matmul dtype ---------------------------------------------------------- */
@@ -705,6 +967,8 @@ done:
 static void cu_shutdown(lt_ctx *ctx) {
     cu_impl *I = impl_of(ctx);
     if (!I) return;
+    if (I->rec_live) rec_abort(ctx, LT_ERR_STATE); /* a recording left open: end the capture */
+    free(I->rec_blocks);
     if (I->stream) cudaStreamSynchronize(I->stream);
     if (I->stash_stream) cudaStreamSynchronize(I->stash_stream);
     for (int i = 0; i < 4; i++)
@@ -736,6 +1000,10 @@ static void cu_shutdown(lt_ctx *ctx) {
 
 static void *cu_alloc(lt_ctx *ctx, size_t bytes) {
     cu_impl *I = impl_of(ctx);
+    if (I->rec_live) {
+        rec_refuse(ctx, "alloc");
+        return NULL;
+    }
     void *p = pool_get(ctx, bytes);
     if (p && cudaMemsetAsync(p, 0, bytes ? bytes : 1, I->stream) != cudaSuccess) {
         cudaGetLastError();
@@ -752,6 +1020,7 @@ static void cu_release(lt_ctx *ctx, void *p) {
 
 static lt_status cu_upload(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     lt_status rc = LT_OK;
+    if (impl_of(ctx)->rec_live) return rec_refuse(ctx, "upload");
     if (!bytes) return LT_OK;
     seen_remember(impl_of(ctx), dst, src, bytes);
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_of(ctx)->stream));
@@ -762,6 +1031,7 @@ done:
 
 static lt_status cu_download(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     lt_status rc = LT_OK;
+    if (impl_of(ctx)->rec_live) return rec_refuse(ctx, "download");
     if (!bytes) return LT_OK;
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_of(ctx)->stream));
     CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
@@ -775,11 +1045,12 @@ static lt_status cu_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) 
     seen_forget(impl_of(ctx), dst, bytes);
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_of(ctx)->stream));
 done:
-    return rc;
+    return rec_check(ctx, rc);
 }
 
 static lt_status cu_sync(lt_ctx *ctx) {
     lt_status rc = LT_OK;
+    if (impl_of(ctx)->rec_live) return rec_refuse(ctx, "sync");
     CU_TRY(cudaStreamSynchronize(impl_of(ctx)->stream));
 done:
     return rc;
@@ -793,6 +1064,10 @@ done:
 static void *cu_host_alloc(lt_ctx *ctx, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     int best = -1;
+    if (I->rec_live) {
+        rec_refuse(ctx, "host_alloc");
+        return NULL;
+    }
     for (int i = 0; i < 4; i++) /* the smallest kept block that is big enough */
         if (I->pinned[i].p && !I->pinned[i].used && I->pinned[i].bytes >= bytes &&
             (best < 0 || I->pinned[i].bytes < I->pinned[best].bytes))
@@ -837,6 +1112,7 @@ static void cu_host_release(lt_ctx *ctx, void *p) {
 static lt_status stash_copy(lt_ctx *ctx, void *dst, const void *src, size_t bytes) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
+    if (I->rec_live) return rec_refuse(ctx, "the stash");
     if (!bytes) return LT_OK;
     CU_TRY(cudaEventRecord(I->ev_ops, I->stream));
     CU_TRY(cudaStreamWaitEvent(I->stash_stream, I->ev_ops, 0));
@@ -871,6 +1147,7 @@ static void cu_lend(lt_ctx *ctx, void *p, size_t bytes) {
 static lt_status cu_stash_wait(lt_ctx *ctx) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
+    if (I->rec_live) return rec_refuse(ctx, "stash_wait");
     CU_TRY(cudaStreamWaitEvent(I->stream, I->ev_stash, 0));
 done:
     return rc;
@@ -892,10 +1169,14 @@ static lt_status cu_embedding(lt_ctx *ctx, lt_tensor h, lt_tensor ids, const lt_
     {
         int64_t V = table->w.shape[0], H = table->w.shape[1], T = lt_tensor_numel(&ids);
         CU_REQUIRE(last_dim(&h) == H && lt_tensor_numel(&h) == T * H, "h must be [T, H]");
-        CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
+        /* recording a graph: no check (it reads the flag back, which a graph cannot). The
+         * caller's ids were checked on the host or drawn by sample_rows, in [0, V); a bad one
+         * would still give a zero row, never a read outside the table. */
+        if (!I->rec_live) CU_TRY(cudaMemsetAsync(I->dflag, 0, sizeof(int), I->stream));
         k_embedding(I->stream, (float *)h.data, (const int32_t *)ids.data, T, table->w.data,
                     table->w.dtype, V, H, scale, I->dflag);
         LAUNCHED();
+        if (I->rec_live) goto done;
         CU_TRY(cudaMemcpyAsync(&bad, I->dflag, sizeof(int), cudaMemcpyDeviceToHost, I->stream));
         CU_TRY(cudaStreamSynchronize(I->stream));
         if (bad) {
@@ -1087,6 +1368,11 @@ static lt_status rope_table(lt_ctx *ctx, float theta, float factor, int hd, cons
             *out = I->rope[i].d;
             return LT_OK;
         }
+    if (I->rec_live) /* it uploads synchronously: made by a first unrecorded run */
+        return lt_fail(ctx->err, LT_ERR_STATE,
+                       "cuda rope: no table for theta %g, factor %g, head dim %d yet, and it "
+                       "cannot be made while recording a graph",
+                       (double)theta, (double)factor, hd);
     {
         float inv[512];
         int half = hd / 2;
@@ -1194,8 +1480,8 @@ static lt_status key_plan_make(lt_ctx *ctx, key_plan *kpn, const lt_tensor *qpos
                                const lt_tensor *kpos, const int32_t *span, int64_t T, int64_t S) {
     kpn->qp = kpn->kp = kpn->sp = NULL;
     cu_impl *I = impl_of(ctx);
-    if (T < 64 || S < 128 || I->keyrange_rows < 0)
-        return LT_OK; /* decode, small inputs: every key */
+    if (T < 64 || S < 128 || I->keyrange_rows < 0 || I->rec_live)
+        return LT_OK; /* decode, small inputs, a graph (replays get new positions): every key */
     kpn->qp = seen_lookup(I, qpos->data, T);
     kpn->kp = seen_lookup(I, kpos->data, S);
     if (span) kpn->sp = seen_lookup(I, span, 2 * T);
@@ -1539,9 +1825,16 @@ static lt_status cu_sample_rows(lt_ctx *ctx, lt_tensor ids, lt_tensor logits, lt
         CU_REQUIRE(o->top_k >= 0 && o->top_p > 0 && o->top_p <= 1 && o->min_p >= 0 && o->min_p <= 1,
                    "top_k must be >= 0, top_p in (0, 1] and min_p in [0, 1]");
         if (R == 0) goto done;
-        k_sample_rows(impl_of(ctx)->stream, (int32_t *)ids.data, (const float *)logits.data,
+        cu_impl *I = impl_of(ctx);
+        void *scratch = NULL; /* few rows: the slices' meeting place (sample.cu) */
+        size_t sb = k_sample_rows_scratch((int)R, (int)V, I->n_sm);
+        if (sb && !(scratch = tmp_get(ctx, sb))) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        k_sample_rows(I->stream, (int32_t *)ids.data, (const float *)logits.data,
                       (const int32_t *)bits.data, (int)R, (int)V, o->inv_temp, o->top_k, o->top_p,
-                      o->min_p);
+                      o->min_p, scratch, I->n_sm);
         LAUNCHED();
     }
 done:
@@ -1867,6 +2160,7 @@ static lt_status cu_cross_entropy(lt_ctx *ctx, double *loss_sum, lt_tensor dh, l
     lt_status rc = LT_OK;
     float *loss = NULL, *wh = NULL;
     int bad = 0;
+    CU_NOT_RECORDING();
     CU_REQUIRE(loss_sum, "loss_sum is NULL");
     CU_REQUIRE(is_f32(&h) && targets.dtype == LT_I32 && targets.data,
                "h must be fp32 and targets I32");
@@ -2051,6 +2345,7 @@ static lt_status cu_sumsq(lt_ctx *ctx, double *out, lt_tensor t) {
     cu_impl *I = impl_of(ctx);
     lt_status rc = LT_OK;
     double *d = NULL;
+    CU_NOT_RECORDING();
     CU_REQUIRE(is_f32(&t) && out, "t must be fp32");
     d = (double *)tmp_get(ctx, sizeof(double));
     if (!d) {
@@ -2150,6 +2445,11 @@ extern "C" const lt_backend lt_backend_cuda = {
     .avg_pool = cu_avg_pool,
     .attention_span = cu_attention_span,
     .attention_span_backward = cu_attention_span_backward,
+    /* graphs: record a sequence of ops, replay it (the batched sampler's decode step) */
+    .graph_begin = cu_graph_begin,
+    .graph_end = cu_graph_end,
+    .graph_launch = cu_graph_launch,
+    .graph_free = cu_graph_free,
 };
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------------------
@@ -2219,6 +2519,7 @@ extern "C" void lt_cuda_reset_peak(lt_ctx *ctx) {
 extern "C" void lt_cuda_trim(lt_ctx *ctx) {
     if (!is_cuda_ctx(ctx)) return;
     cu_impl *I = impl_of(ctx);
+    if (I->rec_live) return; /* it would wait for the stream: not while recording */
     cudaStreamSynchronize(I->stream);
     cudaStreamSynchronize(I->stash_stream);
     free_cached(I);
@@ -2236,12 +2537,13 @@ extern "C" lt_status lt_cuda_convert(lt_ctx *ctx, void *dst, lt_dtype dt, const 
     k_convert(impl_of(ctx)->stream, dst, dt, src, sdt, n);
     LAUNCHED();
 done:
-    return rc;
+    return rec_check(ctx, rc);
 }
 
 extern "C" void lt_cuda_profile(lt_ctx *ctx, int on) {
     if (!is_cuda_ctx(ctx)) return;
     cu_impl *I = impl_of(ctx);
+    if (I->rec_live) return; /* ops being recorded are not timed; graph_begin refuses it on */
     if (!on) prof_flush(I);
     I->prof = on;
 }

@@ -13,6 +13,16 @@
  * threads, rows are still reproducible and equal their replays; bad input is refused naming the
  * problem; a cancel before or during the call returns LT_CANCELLED with nothing left behind; the
  * backend memory the call takes at its peak is within gemma3_rollout_bytes.
+ *
+ * Graphs: a third pass runs those checks on a CPU backend that records graphs (graph_begin ..
+ * graph_free: it keeps each op's arguments, as a CUDA graph keeps addresses, sizes and options,
+ * and runs them again at each launch), so every replayed and padded step is checked against
+ * the one-sequence reference too; then: rollout_step_rows' sizes; with graphs the ids equal
+ * those of the same backend with graphs refused (the same padded ops called one by one), and of
+ * a recording that fails at its first op, a middle one or its last one (the call goes on
+ * without graphs); the recordings are one per size the running rows pass through after the
+ * first step, and every later step is a replay; every replayed step's cache rows are distinct
+ * and inside the batch; no graph and no block outlives the call.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -59,6 +69,211 @@ static lt_status cnt_download(lt_ctx *ctx, void *dst, const void *src, size_t by
 }
 
 static lt_ctx ctx;
+
+/* ---- a CPU backend that records graphs ------------------------------------------------------ */
+
+/* One recorded op: its arguments by value (tensors are shape + address), as a graph keeps them. */
+typedef enum rec_kind {
+    REC_EMBEDDING,
+    REC_LINEAR,
+    REC_RMSNORM,
+    REC_ROPE,
+    REC_ADD,
+    REC_GEGLU,
+    REC_ATTENTION_ROWS,
+    REC_SAMPLE_ROWS
+} rec_kind;
+
+typedef struct rec_op {
+    rec_kind kind;
+    lt_tensor t[8];
+    const lt_weight *w;
+    float f[2];
+    int window;
+    lt_sample_opts so;
+} rec_op;
+
+typedef struct rec_graph {
+    rec_op *ops;
+    int n, cap;
+} rec_graph;
+
+static lt_backend graphs;        /* counting + the graph ops */
+static rec_graph *rec;           /* the recording in progress, or NULL */
+static int rec_ended;            /* 1 after a failed op ended the recording (until graph_end) */
+static char rec_err[LT_ERRLEN];  /* its message, graph_end's */
+static int rec_ops, rec_fail_at; /* fail the rec_fail_at-th op of every recording (0 = never) */
+static int refuse_graphs;        /* graph_begin refuses (LATHE_CUDA_GRAPHS=0's stand-in) */
+static long live_graphs, launches, bad_rows;
+
+static void rec_drop(void) {
+    if (rec) free(rec->ops);
+    free(rec);
+    rec = NULL;
+}
+
+static lt_status rec_push(lt_ctx *c, rec_op op) {
+    if (++rec_ops == rec_fail_at || rec->n == 4096) {
+        rec_drop();
+        rec_ended = 1;
+        lt_fail(rec_err, LT_ERR_DEVICE, "test: op %d of the recording fails", rec_ops);
+        return lt_fail(c->err, LT_ERR_DEVICE, "%s", rec_err);
+    }
+    if (rec->n == rec->cap) {
+        rec->cap = rec->cap ? 2 * rec->cap : 64;
+        rec->ops = realloc(rec->ops, sizeof(rec_op) * (size_t)rec->cap);
+    }
+    rec->ops[rec->n++] = op;
+    return LT_OK;
+}
+
+/* Calls that cannot be recorded end the recording, as on CUDA. */
+static lt_status rec_refuse(lt_ctx *c, const char *what) {
+    rec_drop();
+    rec_ended = 1;
+    lt_fail(rec_err, LT_ERR_STATE, "test: %s while recording", what);
+    return lt_fail(c->err, LT_ERR_STATE, "%s", rec_err);
+}
+
+static lt_status g_embedding(lt_ctx *c, lt_tensor h, lt_tensor ids, const lt_weight *table,
+                             float scale) {
+    if (!rec) return lt_backend_cpu.embedding(c, h, ids, table, scale);
+    return rec_push(c, (rec_op){.kind = REC_EMBEDDING, .t = {h, ids}, .w = table, .f = {scale}});
+}
+static lt_status g_linear(lt_ctx *c, lt_tensor y, lt_tensor x, const lt_weight *w) {
+    if (!rec) return lt_backend_cpu.linear(c, y, x, w);
+    return rec_push(c, (rec_op){.kind = REC_LINEAR, .t = {y, x}, .w = w});
+}
+static lt_status g_rmsnorm(lt_ctx *c, lt_tensor y, lt_tensor x, lt_tensor w, float eps) {
+    if (!rec) return lt_backend_cpu.rmsnorm(c, y, x, w, eps);
+    return rec_push(c, (rec_op){.kind = REC_RMSNORM, .t = {y, x, w}, .f = {eps}});
+}
+static lt_status g_rope(lt_ctx *c, lt_tensor x, lt_tensor pos, float theta, float factor) {
+    if (!rec) return lt_backend_cpu.rope(c, x, pos, theta, factor);
+    return rec_push(c, (rec_op){.kind = REC_ROPE, .t = {x, pos}, .f = {theta, factor}});
+}
+static lt_status g_add(lt_ctx *c, lt_tensor y, lt_tensor x) {
+    if (!rec) return lt_backend_cpu.add(c, y, x);
+    return rec_push(c, (rec_op){.kind = REC_ADD, .t = {y, x}});
+}
+static lt_status g_geglu(lt_ctx *c, lt_tensor y, lt_tensor gate, lt_tensor up) {
+    if (!rec) return lt_backend_cpu.geglu(c, y, gate, up);
+    return rec_push(c, (rec_op){.kind = REC_GEGLU, .t = {y, gate, up}});
+}
+/* Counts a step's cache rows that repeat or lie outside the batch of kc's N rows. */
+static void rows_check(const lt_tensor *rows, const lt_tensor *kc) {
+    const int32_t *r = rows->data;
+    int64_t R = lt_tensor_numel(rows), N = kc->shape[0];
+    for (int64_t a = 0; a < R; a++) {
+        bad_rows += r[a] < 0 || r[a] >= N;
+        for (int64_t b = 0; b < a; b++)
+            bad_rows += r[a] == r[b];
+    }
+}
+
+static lt_status g_attention_rows(lt_ctx *c, lt_tensor out, lt_tensor q, lt_tensor kn, lt_tensor vn,
+                                  lt_tensor kc, lt_tensor vc, lt_tensor rows, lt_tensor qpos,
+                                  int window, float scale) {
+    if (!rec) {
+        rows_check(&rows, &kc);
+        return lt_backend_cpu.attention_rows(c, out, q, kn, vn, kc, vc, rows, qpos, window, scale);
+    }
+    return rec_push(c, (rec_op){.kind = REC_ATTENTION_ROWS,
+                                .t = {out, q, kn, vn, kc, vc, rows, qpos},
+                                .window = window,
+                                .f = {scale}});
+}
+static lt_status g_sample_rows(lt_ctx *c, lt_tensor ids, lt_tensor logits, lt_tensor bits,
+                               const lt_sample_opts *o) {
+    if (!rec) return lt_backend_cpu.sample_rows(c, ids, logits, bits, o);
+    return rec_push(c, (rec_op){.kind = REC_SAMPLE_ROWS, .t = {ids, logits, bits}, .so = *o});
+}
+static lt_status g_upload(lt_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (rec) return rec_refuse(c, "upload");
+    return lt_backend_cpu.upload(c, dst, src, bytes);
+}
+static lt_status g_download(lt_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (rec) return rec_refuse(c, "download");
+    return cnt_download(c, dst, src, bytes);
+}
+static void *g_alloc(lt_ctx *c, size_t bytes) {
+    if (rec) {
+        rec_refuse(c, "alloc");
+        return NULL;
+    }
+    return cnt_alloc(c, bytes);
+}
+
+static lt_status g_begin(lt_ctx *c) {
+    if (refuse_graphs) return lt_fail(c->err, LT_ERR_STATE, "test: graphs are refused");
+    if (rec || rec_ended) return lt_fail(c->err, LT_ERR_STATE, "test: recording already");
+    rec = calloc(1, sizeof *rec);
+    rec_ops = 0;
+    return LT_OK;
+}
+
+static lt_status g_end(lt_ctx *c, lt_graph **g) {
+    *g = NULL;
+    if (rec_ended) { /* as CUDA's: the error of the op that ended it */
+        rec_ended = 0;
+        return lt_fail(c->err, LT_ERR_DEVICE, "%s", rec_err);
+    }
+    if (!rec) return lt_fail(c->err, LT_ERR_STATE, "test: graph_end without graph_begin");
+    *g = (lt_graph *)rec;
+    rec = NULL;
+    live_graphs++;
+    return LT_OK;
+}
+
+static lt_status g_launch(lt_ctx *c, lt_graph *g) {
+    const rec_graph *G = (const rec_graph *)g;
+    const lt_backend *be = &lt_backend_cpu;
+    lt_status rc = LT_OK;
+    if (rec) return rec_refuse(c, "graph_launch");
+    launches++;
+    for (int i = 0; i < G->n && rc == LT_OK; i++) {
+        const rec_op *o = &G->ops[i];
+        const lt_tensor *t = o->t;
+        switch (o->kind) {
+        case REC_EMBEDDING:
+            rc = be->embedding(c, t[0], t[1], o->w, o->f[0]);
+            break;
+        case REC_LINEAR:
+            rc = be->linear(c, t[0], t[1], o->w);
+            break;
+        case REC_RMSNORM:
+            rc = be->rmsnorm(c, t[0], t[1], t[2], o->f[0]);
+            break;
+        case REC_ROPE:
+            rc = be->rope(c, t[0], t[1], o->f[0], o->f[1]);
+            break;
+        case REC_ADD:
+            rc = be->add(c, t[0], t[1]);
+            break;
+        case REC_GEGLU:
+            rc = be->geglu(c, t[0], t[1], t[2]);
+            break;
+        case REC_ATTENTION_ROWS:
+            rows_check(&t[6], &t[4]);
+            rc = be->attention_rows(c, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], o->window,
+                                    o->f[0]);
+            break;
+        case REC_SAMPLE_ROWS:
+            rc = be->sample_rows(c, t[0], t[1], t[2], &o->so);
+            break;
+        }
+    }
+    return rc;
+}
+
+static void g_free(lt_ctx *c, lt_graph *g) {
+    (void)c;
+    rec_graph *G = (rec_graph *)g;
+    if (!G) return;
+    live_graphs--;
+    free(G->ops);
+    free(G);
+}
 
 /* ---- the micro model -------------------------------------------------------------------- */
 
@@ -409,6 +624,147 @@ static void test_cancel(void) {
     atomic_store(&cancel, 0);
 }
 
+/* rollout_step_rows: n rounded up to 8, 16, 32, ... within n_rows; few sizes per batch. */
+static void test_step_rows(void) {
+    is_int(rollout_step_rows(1, 8), 8, "step rows: 1 running of 8 -> 8");
+    is_int(rollout_step_rows(8, 8), 8, "step rows: 8 of 8 -> 8");
+    is_int(rollout_step_rows(3, 3), 3, "step rows: a batch under 8 runs whole");
+    is_int(rollout_step_rows(9, 64), 16, "step rows: 9 of 64 -> 16");
+    is_int(rollout_step_rows(33, 64), 64, "step rows: 33 of 64 -> 64");
+    is_int(rollout_step_rows(9, 12), 12, "step rows: 9 of 12 -> 12 (capped at the batch)");
+    is_int(rollout_step_rows(5, 512), 8, "step rows: 5 of 512 -> 8");
+    is_int(rollout_step_rows(300, 512), 512, "step rows: 300 of 512 -> 512");
+    is_int(rollout_step_rows(0, 8), 0, "step rows: none running -> 0");
+    int good = 1, worst = 0;
+    for (int N = 1; N <= 600; N++) {
+        int sizes = 0, last = 0, lg = 0;
+        while ((8 << lg) < N)
+            lg++;
+        for (int n = 1; n <= N; n++) {
+            int b = rollout_step_rows(n, N);
+            int pow2 = b >= 8 && !(b & (b - 1));
+            good &= b >= n && b <= N && (b == N || pow2) && b >= last;
+            good &= n > 8 || b == (N < 8 ? N : 8); /* under 8 running: one size */
+            good &= b < 2 * n || b == 8 || b == N; /* at most twice the rows past 8 */
+            sizes += b != last;
+            last = b;
+        }
+        good &= sizes <= lg + 1; /* one recording per size: 8, 16, ..., N */
+        if (sizes > worst) worst = sizes;
+    }
+    ok(good, "step rows: for every batch up to 600, n <= size <= batch, 8 * 2^k or the batch, "
+             "monotone, under twice n past 8, at most 1 + log2(batch / 8) sizes");
+    diag("the most sizes a batch of up to 600 rows passes through: %d", worst);
+}
+
+/* Rows of a rollout with the graphs backend, graphs refused, and recordings failing at op `at`:
+ * the same ids; the recordings and replays as the running rows' sizes say. */
+static void test_graphs(void) {
+    char err[LT_ERRLEN] = "";
+    gemma3_config keep = M->cfg;
+    ctx.be = &graphs;
+    lt_gen_opts o = opts(60, 1.2f, 21);
+    rollout_out a, b;
+    bad_rows = 0;
+    /* stop ids that end most rows early, at different steps: a row's tokens up to its first stop
+     * id do not depend on the stop ids, so a first run without them shows where each would end
+     * a row; take the 4 ids that come before position 40 in the most rows */
+    lt_status rc = run(3, 8, &o, 320, &a, err);
+    if (rc == LT_OK) {
+        int early[V] = {0};
+        for (int t = 0; t < V; t++)
+            for (int r = 0; r < 24; r++)
+                for (int k = 0; k < 40; k++)
+                    if (a.ids[r * 60 + k] == t) {
+                        early[t]++;
+                        break;
+                    }
+        M->cfg.n_eos_ids = 4;
+        for (int e = 0; e < 4; e++) {
+            int best = 0;
+            for (int t = 1; t < V; t++)
+                if (early[t] > early[best]) best = t;
+            M->cfg.eos_ids[e] = best;
+            early[best] = -1;
+        }
+        rollout_out_free(&a);
+        rc = run(3, 8, &o, 320, &a, err); /* 24 rows: sizes 24, 16, 8 */
+    }
+    if (!ok(rc == LT_OK, "graphs: a rollout of 3 prompts x group 8 runs")) {
+        diag("%s", err);
+        M->cfg = keep;
+        return;
+    }
+    is_int(rows_match_reference(&a, 3, 8, &o, 320), 24,
+           "graphs: replayed, padded steps give every row its one-sequence replay");
+    /* the decode steps: step k (1, 2, ...) runs the rows with len >= k + 1 */
+    int steps = 0, expect_records = 0, last = -1, min_run = 24;
+    for (int k = 1; k < 60; k++) {
+        int n = 0;
+        for (int r = 0; r < 24; r++)
+            n += a.len[r] >= k + 1;
+        if (!n) break;
+        if (n < min_run) min_run = n;
+        steps++;
+        int size = rollout_step_rows(n, 24);
+        if (k >= 2 && size != last) expect_records++; /* step 1 runs unrecorded */
+        if (k >= 2) last = size;
+    }
+    diag("%d decode steps, the running rows fell to %d; %d recordings, %d replays", steps, min_run,
+         a.graph_records, a.graph_steps);
+    ok(min_run <= 8, "graphs: the running rows fall through more than one size");
+    is_int(a.graph_records, expect_records,
+           "graphs: one recording per size of the running rows after the first step");
+    is_int(a.graph_steps, steps - 1, "graphs: every decode step after the first is a replay");
+    ok(a.graph_note[0] == 0, "graphs: no note when graphs ran to the end");
+    is_int(live_graphs, 0, "graphs: no graph outlives the call");
+    is_int(live_blocks, 0, "graphs: nothing of the call is left in backend memory");
+
+    refuse_graphs = 1;
+    rc = run(3, 8, &o, 320, &b, err);
+    refuse_graphs = 0;
+    ok(rc == LT_OK && b.graph_steps == 0 && b.graph_records == 0 && strstr(b.graph_note, "refused"),
+       "graphs refused: the rollout runs its ops one by one and says why");
+    ok(rc == LT_OK && !memcmp(a.ids, b.ids, sizeof(int32_t) * 24 * 60) &&
+           !memcmp(a.len, b.len, sizeof(int) * 24),
+       "graphs refused: the same ids as with graphs");
+    if (rc == LT_OK) rollout_out_free(&b);
+
+    int n_ops = 0;
+    { /* the ops of one recorded step: record once by hand to count them */
+        rollout_out c;
+        rec_fail_at = 1 << 30;
+        rc = run(1, 8, &o, 320, &c, err);
+        n_ops = rec_ops;
+        rec_fail_at = 0;
+        if (rc == LT_OK) rollout_out_free(&c);
+    }
+    int ats[3] = {1, n_ops / 2, n_ops};
+    for (int i = 0; i < 3; i++) {
+        char tn[160];
+        rec_fail_at = ats[i];
+        rc = run(3, 8, &o, 320, &b, err);
+        rec_fail_at = 0;
+        snprintf(tn, sizeof tn,
+                 "a recording failing at op %d of %d: the call goes on without graphs, the same "
+                 "ids",
+                 ats[i], n_ops);
+        ok(rc == LT_OK && b.graph_steps == 0 && strstr(b.graph_note, "fails") &&
+               !memcmp(a.ids, b.ids, sizeof(int32_t) * 24 * 60) &&
+               !memcmp(a.len, b.len, sizeof(int) * 24),
+           tn);
+        if (rc == LT_OK)
+            rollout_out_free(&b);
+        else
+            diag("%s", err);
+    }
+    is_int(bad_rows, 0, "graphs: every step's cache rows are distinct and inside the batch");
+    is_int(live_graphs, 0, "failed recordings leave no graph behind");
+    is_int(live_blocks, 0, "nothing left in backend memory");
+    rollout_out_free(&a);
+    M->cfg = keep;
+}
+
 int main(void) {
     for (int i = 0; i < 40; i++)
         p2[i] = (i * 7 + 3) % V;
@@ -418,15 +774,38 @@ int main(void) {
     counting.download = cnt_download;
     per_row = counting;
     per_row.attention_rows = NULL;
+    graphs = counting;
+    graphs.alloc = g_alloc;
+    graphs.upload = g_upload;
+    graphs.download = g_download;
+    graphs.embedding = g_embedding;
+    graphs.linear = g_linear;
+    graphs.rmsnorm = g_rmsnorm;
+    graphs.rope = g_rope;
+    graphs.add = g_add;
+    graphs.geglu = g_geglu;
+    graphs.attention_rows = g_attention_rows;
+    graphs.sample_rows = g_sample_rows;
+    graphs.graph_begin = g_begin;
+    graphs.graph_end = g_end;
+    graphs.graph_launch = g_launch;
+    graphs.graph_free = g_free;
     lt_ctx_init(&ctx, &counting, 2);
     M = micro_model(V);
-    for (int pass = 0; pass < 2; pass++) { /* attention_rows, then one attention op per row */
-        diag("%s", pass ? "one attention op per row" : "attention_rows");
-        ctx.be = pass ? &per_row : &counting;
+    /* attention_rows; one attention op per row; attention_rows with graphs recorded */
+    for (int pass = 0; pass < 3; pass++) {
+        const char *names[3] = {"attention_rows", "one attention op per row", "graphs"};
+        const lt_backend *bes[3] = {&counting, &per_row, &graphs};
+        diag("%s", names[pass]);
+        ctx.be = bes[pass];
         test_greedy();
         test_seeded();
         test_stops();
     }
+    ctx.be = &graphs;
+    is_int(live_graphs, 0, "graphs pass: no graph outlives its call");
+    test_step_rows();
+    test_graphs();
     ctx.be = &counting;
     test_wide();
     test_bad_input();

@@ -183,9 +183,14 @@ void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype
 
 /* ---- sample.cu ----------------------------------------------------------------------------- */
 
-/* backend.h's sample_rows: ids[r] drawn from logits [R, V] with bits[r] (sample_rule.h). */
+/* backend.h's sample_rows: ids[r] drawn from logits [R, V] with bits[r] (sample_rule.h). Few
+ * rows are split over several blocks each on a device of n_sm multiprocessors, meeting in
+ * `scratch` (k_sample_rows_scratch(R, V, n_sm) bytes; 0 = one block a row, scratch unused; a
+ * NULL scratch also makes it one block a row). */
+size_t k_sample_rows_scratch(int R, int V, int n_sm);
 void k_sample_rows(cudaStream_t st, int32_t *ids, const float *logits, const int32_t *bits, int R,
-                   int V, float inv_temp, int top_k, float top_p, float min_p);
+                   int V, float inv_temp, int top_k, float top_p, float min_p, void *scratch,
+                   int n_sm);
 
 /* ---- vision.cu: the image tower's ops and the image block's attention (backend.h) ----------- */
 void k_layernorm(cudaStream_t st, float *y, const float *x, const float *w, const float *b,
