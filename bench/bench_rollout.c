@@ -7,8 +7,9 @@
  *   random prompts of PROMPT_LEN (128) tokens, GROUP completions each, NEW new tokens at
  *   temperature 1 (top_k 64, top_p 0.95 as that script, or the given ones; GRPO samples with
  *   top_k 0 and top_p 1). Random weights rarely sample a stop id, so rows run to NEW tokens;
- *   the JSON line counts the tokens actually sampled; then 32 tokens more, profiled op by op
- *   (GPU time per op beside the wall clock).
+ *   the JSON line counts the tokens actually sampled, and the decode steps replayed as CUDA
+ *   graphs (LATHE_CUDA_GRAPHS=0: none); then 32 tokens more, profiled op by op (GPU time per op
+ *   beside the wall clock; the profiler runs the ops one by one).
  * step: one GRPO generation of GROUP completions of NEW tokens for one prompt and its optimizer
  *   step (LoRA r=16 on all 7 linears, loss dapo, beta 0), through grpo_run with the built-in
  *   format_approx reward; the tokenizer is tiny's (random ids outside its 4096 pieces decode
@@ -108,12 +109,18 @@ static int bench_sample(int argc, char **argv) {
     printf("{\"bench\": \"rollout\", \"size\": \"%s\", \"precision\": \"%s\", \"prompts\": %d, "
            "\"group\": %d, \"new\": %d, \"prompt_len\": %d, \"top_k\": %d, \"top_p\": %g, "
            "\"gen_tok_s\": %.0f, \"seconds\": %.2f, \"tokens\": %lld, \"prefill_s\": %.3f, "
-           "\"decode_s\": %.3f, \"peak_gib\": %.2f}\n",
+           "\"decode_s\": %.3f, \"peak_gib\": %.2f, \"graph_steps\": %d, \"graph_records\": %d, "
+           "\"record_s\": %.4f, \"graphs\": \"%s\"}\n",
            size, prec, P, G, NEW, plen, o.top_k, (double)o.top_p, out.new_tokens / dt, dt,
-           (long long)out.new_tokens, out.prefill_s, out.decode_s, mem.peak / 1073741824.0);
+           (long long)out.new_tokens, out.prefill_s, out.decode_s, mem.peak / 1073741824.0,
+           out.graph_steps, out.graph_records, out.record_s,
+           out.graph_steps ? "on"
+                           : (getenv("LATHE_CUDA_GRAPHS") ? "off (LATHE_CUDA_GRAPHS)" : "off"));
+    if (out.graph_note[0]) printf("# graphs: %s\n", out.graph_note);
     rollout_out_free(&out);
     /* 32 more tokens, op by op: the GPU's time per op against the wall clock (the rest is the
-     * host launching, waiting and drawing) */
+     * host launching, waiting and drawing). The profiler refuses graphs: these steps run their
+     * ops one by one, as LATHE_CUDA_GRAPHS=0 does. */
     lt_gen_opts prof = o;
     prof.max_new = 32;
     lt_cuda_profile(&ctx, 1);

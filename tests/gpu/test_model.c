@@ -4,7 +4,12 @@
  *  1. fixture logits (tests/fixtures: tiny, flat, nested, tf5) on the GPU in fp32 (1e-4 of
  *     transformers, 1e-5 of the CPU backend) and bf16 (2e-2), greedy generation identical to
  *     the CPU's and to transformers' in fp32; device=auto picks the GPU; batched greedy
- *     sampling (gemma3_rollout, 3 prompts x group 4, rings wrapped) identical to the CPU's;
+ *     sampling (gemma3_rollout, 3 prompts x group 4, rings wrapped) identical to the CPU's, its
+ *     decode steps replayed as CUDA graphs; with graphs the rollout's ids equal those with
+ *     LATHE_CUDA_GRAPHS=0 (the same padded ops called one by one) bit for bit at temperature 1,
+ *     rows stopping at different steps (the running rows pass through several sizes), in fp32
+ *     and bf16, with LoRA adapters on and without, and when a recording fails
+ *     (LATHE_CUDA_GRAPH_FAIL: the call goes on without graphs);
  *  2. forward + backward parity of one packed micro-batch with LoRA adapters (loss and every
  *     adapter gradient, fp32 1e-4; bf16 reported and bounded at 5e-2);
  *  3. the fp16 rule (a value cast to fp16 never becomes inf): a model whose residual stream
@@ -221,6 +226,11 @@ static void test_rollout(const char *dir) {
                  "decode %.0f tokens/s)",
                  (long long)og.new_tokens, og.decode_s > 0 ? og.new_tokens / og.decode_s : 0.0);
         ok(same, tn);
+        snprintf(tn, sizeof tn,
+                 "rollout: those steps were graph replays (%d replays, %d recordings, %.1f ms "
+                 "recording)",
+                 og.graph_steps, og.graph_records, 1e3 * og.record_s);
+        if (!ok(og.graph_steps > 0 && og.graph_records >= 1, tn)) diag("%s", og.graph_note);
     } else {
         diag("%s", err);
     }
@@ -230,6 +240,194 @@ static void test_rollout(const char *dir) {
     gemma3_model_free(hm);
     lt_ctx_shutdown(&gpu);
     lt_ctx_shutdown(&cpu);
+}
+
+/* ---- 1c. the rollout's decode steps as CUDA graphs ---------------------------------------------
+ * tiny on the GPU, n_prompts x group rows at temperature 1: graphs on (the default) against
+ * LATHE_CUDA_GRAPHS=0 and against recordings failing at their first and a middle op
+ * (LATHE_CUDA_GRAPH_FAIL), with stop ids that end most rows early at different steps. Every run
+ * pads a step to the same rows, so all must give the same ids bit for bit. */
+
+static int rollout_same(const rollout_out *a, const rollout_out *b) {
+    if (a->n_rows != b->n_rows || a->max_new != b->max_new || a->new_tokens != b->new_tokens)
+        return 0;
+    for (int r = 0; r < a->n_rows; r++)
+        if (a->len[r] != b->len[r] || a->stopped[r] != b->stopped[r] ||
+            memcmp(a->ids + (size_t)r * (size_t)a->max_new, b->ids + (size_t)r * (size_t)b->max_new,
+                   sizeof(int32_t) * (size_t)a->len[r]))
+            return 0;
+    return 1;
+}
+
+static void test_rollout_graphs(const char *dir, lt_dtype dt, int n_prompts, int group,
+                                int with_lora) {
+    char err[LT_ERRLEN] = "", tn[240], what[96];
+    lt_ctx gpu;
+    gemma3_model *hm = NULL, *dm = NULL;
+    lt_adapters *ad = NULL;
+    int N = n_prompts * group, max_new = 80;
+    snprintf(what, sizeof what, "rollout graphs (%s, %d x %d%s)", lt_dtype_user_name(dt), n_prompts,
+             group, with_lora ? ", LoRA" : "");
+    int ready = lt_ctx_init(&gpu, &lt_backend_cuda, 0) == LT_OK;
+    if (ready) lt_cuda_set_precision(&gpu, dt);
+    ready = ready && gemma3_load_dir(&hm, dir, "fp32", NULL, err) == LT_OK &&
+            gemma3_to_device(&dm, hm, &gpu, dt, err) == LT_OK;
+    if (ready && with_lora) {
+        lora_opts lo = {.r = 8, .alpha = 16.0f, .seed = 5};
+        ready = lora_attach(&ad, dm, &gpu, &lo, err) == LT_OK;
+        uint64_t z = 7; /* B is zero at PEFT's init: random values, so the adapters matter */
+        for (int i = 0; ready && i < ad->n_slots; i++) {
+            lt_tensor *b = &ad->slots[i].lora.b;
+            int64_t n = lt_tensor_numel(b);
+            float *v = malloc(sizeof(float) * (size_t)n);
+            for (int64_t k = 0; k < n; k++) {
+                z = z * 6364136223846793005ull + 1442695040888963407ull;
+                v[k] = ((float)((z >> 40) & 0xffff) / 65536.0f - 0.5f) * 0.4f;
+            }
+            gpu.be->upload(&gpu, b->data, v, sizeof(float) * (size_t)n);
+            free(v);
+        }
+    }
+    snprintf(tn, sizeof tn, "%s: tiny on the GPU", what);
+    if (!ok(ready, tn)) {
+        diag("%s", err);
+        return;
+    }
+    int32_t **ps = malloc(sizeof *ps * (size_t)n_prompts);
+    int *lens = malloc(sizeof(int) * (size_t)n_prompts);
+    const int lset[4] = {5, 30, 70, 12};
+    for (int p = 0; p < n_prompts; p++) {
+        lens[p] = lset[p % 4];
+        ps[p] = malloc(sizeof(int32_t) * (size_t)lens[p]);
+        ps[p][0] = hm->cfg.bos_id;
+        for (int t = 1; t < lens[p]; t++)
+            ps[p][t] = (int32_t)(10 + (t * 37 + p * 101) % (hm->cfg.vocab_size - 10));
+    }
+    const int32_t *const *pp = (const int32_t *const *)ps;
+    lt_gen_opts o;
+    lt_gen_opts_default(&o);
+    o.temperature = 1.0f;
+    o.top_k = with_lora ? 0 : 40; /* GRPO's plain draw; top_k / top_p's passes */
+    o.top_p = with_lora ? 1.0f : 0.95f;
+    o.min_p = 0;
+    o.seed = 99;
+    o.max_new = max_new;
+    rollout_out a = {0}, b = {0};
+    unsetenv("LATHE_CUDA_GRAPHS");
+    unsetenv("LATHE_CUDA_GRAPH_FAIL");
+    lt_status rc = gemma3_rollout(dm, &gpu, pp, lens, n_prompts, group, &o, 512, NULL, &a, err);
+    if (rc == LT_OK) {
+        /* stop ids: greedily, the id whose first use falls in tokens 10..59 of the most rows not
+         * yet ended, never one a row uses sooner (no row ends before token 10), 4 times */
+        int V = hm->cfg.vocab_size;
+        int *early = calloc((size_t)V, sizeof(int));
+        char *ended = calloc((size_t)N, 1), *banned = calloc((size_t)V, 1);
+        for (int r = 0; r < N; r++)
+            for (int k = 0; k < a.len[r] && k < 10; k++)
+                banned[a.ids[(size_t)r * (size_t)max_new + (size_t)k]] = 1;
+        dm->cfg.n_eos_ids = 0;
+        for (int e = 0; e < 4; e++) {
+            memset(early, 0, sizeof(int) * (size_t)V);
+            for (int r = 0; r < N; r++) {
+                if (ended[r]) continue;
+                for (int k = 10; k < a.len[r] && k < 60; k++) {
+                    int id = a.ids[(size_t)r * (size_t)max_new + (size_t)k], seen = 0;
+                    for (int j = 10; j < k && !seen; j++)
+                        seen = a.ids[(size_t)r * (size_t)max_new + (size_t)j] == id;
+                    if (!seen && !banned[id]) early[id]++;
+                }
+            }
+            int best = -1;
+            for (int t = 0; t < V; t++)
+                if (early[t] > 0 && (best < 0 || early[t] > early[best])) best = t;
+            if (best < 0) break;
+            dm->cfg.eos_ids[dm->cfg.n_eos_ids++] = best;
+            banned[best] = 1;
+            for (int r = 0; r < N; r++)
+                for (int k = 10; k < a.len[r] && k < 60; k++)
+                    if (a.ids[(size_t)r * (size_t)max_new + (size_t)k] == best) ended[r] = 1;
+        }
+        free(ended);
+        free(banned);
+        free(early);
+        rollout_out_free(&a);
+        rc = gemma3_rollout(dm, &gpu, pp, lens, n_prompts, group, &o, 512, NULL, &a, err);
+    }
+    snprintf(tn, sizeof tn, "%s: runs with graphs", what);
+    if (!ok(rc == LT_OK, tn)) diag("%s", err);
+    if (rc == LT_OK) {
+        int steps = 0, expect = 0, last = -1, least = N;
+        for (int k = 1; k < max_new; k++) { /* decode step k runs the rows with len >= k + 1 */
+            int n = 0;
+            for (int r = 0; r < N; r++)
+                n += a.len[r] >= k + 1;
+            if (!n) break;
+            if (n < least) least = n;
+            steps++;
+            int size = rollout_step_rows(n, N);
+            if (k >= 2 && size != last) expect++;
+            if (k >= 2) last = size;
+        }
+        diag("%s: %d decode steps, running rows down to %d; %d replays, %d recordings in %.1f ms, "
+             "decode %.0f tokens/s",
+             what, steps, least, a.graph_steps, a.graph_records, 1e3 * a.record_s,
+             a.decode_s > 0 ? a.new_tokens / a.decode_s : 0.0);
+        if (a.graph_note[0]) diag("%s", a.graph_note);
+        snprintf(tn, sizeof tn,
+                 "%s: every step after the first is a replay, one recording per size of the "
+                 "running rows (%d)",
+                 what, expect);
+        ok(a.graph_steps == steps - 1 && a.graph_records == expect && !a.graph_note[0], tn);
+        snprintf(tn, sizeof tn,
+                 "%s: rows stop at different steps (running rows fall to %d of %d%s)", what, least,
+                 N, N > 8 && N <= 32 ? ", through more than one size" : "");
+        ok(least < N && (N <= 8 || N > 32 || expect >= 2), tn);
+    }
+    const char *names[3] = {"LATHE_CUDA_GRAPHS=0", "a recording failing at its first op",
+                            "a recording failing at op 40"};
+    for (int v = 0; v < 3 && rc == LT_OK; v++) {
+        if (v == 0) setenv("LATHE_CUDA_GRAPHS", "0", 1);
+        if (v == 1) setenv("LATHE_CUDA_GRAPH_FAIL", "1", 1);
+        if (v == 2) setenv("LATHE_CUDA_GRAPH_FAIL", "40", 1);
+        lt_status r2 = gemma3_rollout(dm, &gpu, pp, lens, n_prompts, group, &o, 512, NULL, &b, err);
+        unsetenv("LATHE_CUDA_GRAPHS");
+        unsetenv("LATHE_CUDA_GRAPH_FAIL");
+        snprintf(tn, sizeof tn, "%s: %s gives the same ids, bit for bit, without replays", what,
+                 names[v]);
+        const char *want = v == 0 ? "LATHE_CUDA_GRAPHS" : "LATHE_CUDA_GRAPH_FAIL";
+        if (!ok(r2 == LT_OK && rollout_same(&a, &b) && b.graph_steps == 0 &&
+                    strstr(b.graph_note, want),
+                tn))
+            diag("%s / %s", r2 == LT_OK ? b.graph_note : err, a.graph_note);
+        if (r2 == LT_OK) rollout_out_free(&b);
+    }
+    if (rc == LT_OK && with_lora) { /* the adapters were on: without them the rows differ */
+        lora_enable(ad, 0);
+        lt_status r2 = gemma3_rollout(dm, &gpu, pp, lens, n_prompts, group, &o, 512, NULL, &b, err);
+        lora_enable(ad, 1);
+        snprintf(tn, sizeof tn, "%s: the adapters change the rows (they were on)", what);
+        ok(r2 == LT_OK && !rollout_same(&a, &b), tn);
+        if (r2 == LT_OK) rollout_out_free(&b);
+    }
+    lt_cuda_mem m0, m1;
+    lt_cuda_memory(&gpu, &m0);
+    if (rc == LT_OK) {
+        lt_status r2 = gemma3_rollout(dm, &gpu, pp, lens, n_prompts, group, &o, 512, NULL, &b, err);
+        lt_cuda_memory(&gpu, &m1);
+        snprintf(tn, sizeof tn, "%s: a call leaves no device memory in use (%zu -> %zu bytes)",
+                 what, m0.in_use, m1.in_use);
+        ok(r2 == LT_OK && m1.in_use == m0.in_use && rollout_same(&a, &b), tn);
+        if (r2 == LT_OK) rollout_out_free(&b);
+    }
+    if (rc == LT_OK) rollout_out_free(&a);
+    for (int p = 0; p < n_prompts; p++)
+        free(ps[p]);
+    free(ps);
+    free(lens);
+    if (ad) lora_free(ad);
+    gemma3_model_release(dm, &gpu);
+    gemma3_model_free(hm);
+    lt_ctx_shutdown(&gpu);
 }
 
 /* ---- 2. forward + backward parity of one micro-batch
@@ -771,6 +969,10 @@ int main(void) {
     }
     snprintf(m, sizeof m, "%s/models/tiny", srcdir);
     test_rollout(m);
+    test_rollout_graphs(m, LT_F32, 3, 8, 0);  /* 24 rows: steps of 24, 16, 8 rows */
+    test_rollout_graphs(m, LT_BF16, 3, 8, 0); /* the GEMV below 8 rows, the sampler in slices */
+    test_rollout_graphs(m, LT_BF16, 1, 8, 1); /* a GRPO group of 8 with LoRA adapters */
+    test_rollout_graphs(m, LT_BF16, 9, 8, 1); /* 72 rows: one sampler block a row at 64+ */
     {
         snprintf(m, sizeof m, "%s/models/tiny", srcdir);
         lt_session *s = load(m, "auto", "auto");

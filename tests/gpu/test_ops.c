@@ -10,7 +10,17 @@
  * attention_span_backward (image blocks) is checked on block layouts against the CPU's, and with
  * no block against attention_backward. attention_rows (decode over per-row ring caches) also
  * checks the caches after its append;
- * sample_rows must draw the CPU's ids exactly.
+ * sample_rows must draw the CPU's ids exactly, one block a row (64 rows and more) and split over
+ * several blocks a row (fewer rows, vocabularies from 4,099 to 262,144 ids).
+ * Graphs (graph_begin .. graph_free): a recorded embedding, bf16 linear with an adapter (its
+ * temporaries), rmsnorm, sample_rows and copy, replayed on new inputs, give the ops' own results
+ * bit for bit; the recorded temporaries stay the graph's (buffers allocated after the recording
+ * are not written by a replay) until graph_free gives them back; recorded attention takes the
+ * positions of each replay (no key ranges from the recording's); what cannot be recorded
+ * (upload, download, sync, alloc, sumsq, a RoPE table not made yet, a nested graph_begin or a
+ * launch) and a forced failure (LATHE_CUDA_GRAPH_FAIL) end the recording with an error and leave
+ * the stream working and no memory held; graph_begin is refused under the profiler and under
+ * LATHE_CUDA_GRAPHS=0.
  * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
 #ifdef HAVE_CONFIG_H
@@ -1042,6 +1052,360 @@ out:
     free(back);
 }
 
+/* ---- graphs (backend.h's graph ops) ----------------------------------------------------------
+ */
+
+static size_t gpu_in_use(void) {
+    lt_cuda_mem m;
+    lt_cuda_memory(&gpu, &m);
+    return m.in_use;
+}
+
+static void *host_get(const void *d, size_t bytes) {
+    void *h = malloc(bytes ? bytes : 1);
+    if (gpu.be->download(&gpu, h, d, bytes) != LT_OK) memset(h, 0xff, bytes);
+    return h;
+}
+
+/* The recorded ops of test_graph_replay: embedding -> bf16 linear + adapter -> rmsnorm ->
+ * sample_rows -> copy of the ids. */
+typedef struct graph_case {
+    int64_t T, in, out, V;
+    lt_weight table, w;
+    lt_lora lo;
+    float *norm, *h, *y;
+    int32_t *ids, *bits, *drawn, *drawn2;
+    lt_sample_opts so;
+} graph_case;
+
+static lt_status graph_case_ops(graph_case *c, float *y, int32_t *drawn, int32_t *drawn2) {
+    lt_status rc;
+    int64_t T = c->T;
+    if ((rc = gpu.be->embedding(&gpu, t2(LT_F32, c->h, T, c->in), t1(LT_I32, c->ids, T), &c->table,
+                                1.5f)) != LT_OK ||
+        (rc = gpu.be->linear(&gpu, t2(LT_F32, y, T, c->out), t2(LT_F32, c->h, T, c->in), &c->w)) !=
+            LT_OK ||
+        (rc = gpu.be->rmsnorm(&gpu, t2(LT_F32, y, T, c->out), t2(LT_F32, y, T, c->out),
+                              t1(LT_F32, c->norm, c->out), 1e-6f)) != LT_OK ||
+        (rc = gpu.be->sample_rows(&gpu, t1(LT_I32, drawn, T), t2(LT_F32, y, T, c->out),
+                                  t1(LT_I32, c->bits, T), &c->so)) != LT_OK)
+        return rc;
+    return gpu.be->copy(&gpu, drawn2, drawn, sizeof(int32_t) * (size_t)T);
+}
+
+/* Records the case once and replays it on three new sets of ids and bits: each replay equals
+ * the same ops called directly, bit for bit. Buffers allocated after the recording, of the
+ * sizes its temporaries have, are not written by the replays; graph_free gives every temporary
+ * back. */
+static void test_graph_replay(int64_t T) {
+    char name[160];
+    graph_case c;
+    memset(&c, 0, sizeof c);
+    c.T = T;
+    c.in = 256;
+    c.out = 4104; /* > 4,096: few rows split it into slices */
+    c.V = 300;
+    int64_t r = 8;
+    lt_cuda_set_precision(&gpu, LT_BF16);
+    float *tab = rand_f32(c.V * c.in, 0.5f), *wf = rand_f32(c.out * c.in, 0.05f);
+    float *a = rand_f32(r * c.in, 0.1f), *b = rand_f32(c.out * r, 0.1f),
+          *nw = rand_f32(c.out, 0.3f);
+    void *wh = as_dtype(wf, c.out * c.in, LT_BF16);
+    c.table = (lt_weight){
+        t2(LT_F32, dev_put(tab, sizeof(float) * (size_t)(c.V * c.in)), c.V, c.in), NULL, {0}, {0}};
+    c.lo.a = t2(LT_F32, dev_put(a, sizeof(float) * (size_t)(r * c.in)), r, c.in);
+    c.lo.b = t2(LT_F32, dev_put(b, sizeof(float) * (size_t)(c.out * r)), c.out, r);
+    c.lo.scale = 2.0f;
+    c.lo.enabled = 1;
+    c.w = (lt_weight){
+        t2(LT_BF16, dev_put(wh, 2 * (size_t)(c.out * c.in)), c.out, c.in), &c.lo, {0}, {0}};
+    c.norm = dev_put(nw, sizeof(float) * (size_t)c.out);
+    c.h = dev_put(NULL, sizeof(float) * (size_t)(T * c.in));
+    c.y = dev_put(NULL, sizeof(float) * (size_t)(T * c.out));
+    c.ids = dev_put(NULL, sizeof(int32_t) * (size_t)T);
+    c.bits = dev_put(NULL, sizeof(int32_t) * (size_t)T);
+    c.drawn = dev_put(NULL, sizeof(int32_t) * (size_t)T);
+    c.drawn2 = dev_put(NULL, sizeof(int32_t) * (size_t)T);
+    c.so = (lt_sample_opts){1.0f, 64, 0.95f, 0.0f};
+    float *y_e = dev_put(NULL, sizeof(float) * (size_t)(T * c.out));
+    int32_t *d_e = dev_put(NULL, sizeof(int32_t) * (size_t)T),
+            *d2_e = dev_put(NULL, sizeof(int32_t) * (size_t)T);
+    int32_t *ih = malloc(sizeof(int32_t) * (size_t)T), *bh = malloc(sizeof(int32_t) * (size_t)T);
+    /* no cached blocks: the first run's temporaries are then the only ones the recording can
+     * take from the pool, and the only ones the guards below could get back */
+    lt_cuda_trim(&gpu);
+    /* a first run makes what the ops make on first use */
+    lt_status rc = graph_case_ops(&c, y_e, d_e, d2_e);
+    size_t before = gpu_in_use();
+    lt_graph *g = NULL;
+    if (rc == LT_OK) rc = gpu.be->graph_begin(&gpu);
+    if (rc == LT_OK) {
+        lt_status r1 = graph_case_ops(&c, c.y, c.drawn, c.drawn2);
+        rc = gpu.be->graph_end(&gpu, &g);
+        if (r1 != LT_OK) rc = r1;
+    }
+    snprintf(name, sizeof name,
+             "graph T=%lld: embedding, bf16 linear + adapter, rmsnorm, "
+             "sample_rows and copy record",
+             (long long)T);
+    if (!ok(rc == LT_OK && g, name)) diag("%s", gpu.err);
+    /* buffers of exactly the temporaries' sizes (with more than 8 rows: the activation's bf16
+     * cast, the adapter's casts and its product; with fewer: the adapter's fp32 product): had the
+     * recording's temporaries gone back to the pool, these would be them (the best fit) */
+    size_t sizes[] = {2 * (size_t)(T * c.in), 2 * (size_t)(r * c.in), 2 * (size_t)(c.out * r),
+                      2 * (size_t)(T * r), 4 * (size_t)(T * r)};
+    enum { NS = sizeof sizes / sizeof sizes[0] };
+    void *guard[NS];
+    size_t most = 0;
+    for (int i = 0; i < NS; i++)
+        if (sizes[i] > most) most = sizes[i];
+    unsigned char *pat = malloc(most);
+    memset(pat, 0x5a, most);
+    for (int i = 0; i < NS; i++)
+        guard[i] = dev_put(pat, sizes[i]);
+    int same = g != NULL, guards = 1;
+    for (int k = 0; k < 3 && g; k++) {
+        for (int64_t t = 0; t < T; t++) {
+            ih[t] = (int32_t)(rng_next() % (uint64_t)c.V);
+            bh[t] = (int32_t)(rng_next() >> 32);
+        }
+        gpu.be->upload(&gpu, c.ids, ih, sizeof(int32_t) * (size_t)T);
+        gpu.be->upload(&gpu, c.bits, bh, sizeof(int32_t) * (size_t)T);
+        if (gpu.be->graph_launch(&gpu, g) != LT_OK || graph_case_ops(&c, y_e, d_e, d2_e) != LT_OK) {
+            diag("%s", gpu.err);
+            same = 0;
+            break;
+        }
+        float *yg = host_get(c.y, sizeof(float) * (size_t)(T * c.out)),
+              *ye = host_get(y_e, sizeof(float) * (size_t)(T * c.out));
+        int32_t *dg = host_get(c.drawn, sizeof(int32_t) * (size_t)T),
+                *dg2 = host_get(c.drawn2, sizeof(int32_t) * (size_t)T),
+                *de = host_get(d_e, sizeof(int32_t) * (size_t)T);
+        same &= !memcmp(yg, ye, sizeof(float) * (size_t)(T * c.out)) &&
+                !memcmp(dg, de, sizeof(int32_t) * (size_t)T) &&
+                !memcmp(dg2, de, sizeof(int32_t) * (size_t)T);
+        free(yg), free(ye), free(dg), free(dg2), free(de);
+        for (int i = 0; i < NS; i++) {
+            unsigned char *back = host_get(guard[i], sizes[i]);
+            guards &= !memcmp(back, pat, sizes[i]);
+            free(back);
+        }
+    }
+    snprintf(name, sizeof name,
+             "graph T=%lld: three replays on new ids and bits equal the ops run directly, bit for "
+             "bit",
+             (long long)T);
+    ok(same, name);
+    snprintf(name, sizeof name,
+             "graph T=%lld: buffers allocated after the recording are not written by a replay",
+             (long long)T);
+    ok(guards, name);
+    for (int i = 0; i < NS; i++)
+        gpu.be->release(&gpu, guard[i]);
+    size_t held = gpu_in_use();
+    gpu.be->graph_free(&gpu, g);
+    snprintf(name, sizeof name,
+             "graph T=%lld: graph_free gives its %.1f KiB of temporaries back (in use %zu -> %zu)",
+             (long long)T, (double)(held - before) / 1024.0, held, gpu_in_use());
+    ok(gpu_in_use() == before, name);
+    void *dev[] = {c.table.w.data, c.lo.a.data, c.lo.b.data, c.w.w.data, c.norm, c.h, c.y,
+                   c.ids,          c.bits,      c.drawn,     c.drawn2,   y_e,    d_e, d2_e};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        gpu.be->release(&gpu, dev[i]);
+    free(tab), free(wf), free(a), free(b), free(nw), free(wh), free(ih), free(bh), free(pat);
+}
+
+/* Recorded attention over several query chunks reads each replay's positions: the recording's
+ * key ranges (from host copies of its positions) must not be baked in. */
+static void test_graph_attention(void) {
+    int64_t T = 300, S = 300, nh = 4, nkv = 2, hd = 64;
+    float scale = 0.125f;
+    lt_cuda_set_precision(&gpu, LT_F32); /* the chunked path, where key ranges live */
+    float *q = rand_f32(T * nh * hd, 1.0f), *k = rand_f32(S * nkv * hd, 1.0f),
+          *v = rand_f32(S * nkv * hd, 1.0f), *o_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
+    int32_t *qp = malloc(sizeof(int32_t) * (size_t)T), *kp = malloc(sizeof(int32_t) * (size_t)S);
+    for (int64_t i = 0; i < T; i++)
+        qp[i] = (int32_t)i;
+    for (int64_t i = 0; i < S; i++)
+        kp[i] = (int32_t)i;
+    float *qg = dev_put(q, sizeof(float) * (size_t)(T * nh * hd)),
+          *kg = dev_put(k, sizeof(float) * (size_t)(S * nkv * hd)),
+          *vg = dev_put(v, sizeof(float) * (size_t)(S * nkv * hd)), *og = dev_poison(T * nh * hd);
+    int32_t *qpg = dev_put(qp, sizeof(int32_t) * (size_t)T),
+            *kpg = dev_put(kp, sizeof(int32_t) * (size_t)S);
+    lt_tensor out = t2(LT_F32, og, T, nh * hd), qt = t3(LT_F32, qg, T, nh, hd),
+              kt = t3(LT_F32, kg, S, nkv, hd), vt = t3(LT_F32, vg, S, nkv, hd),
+              qpt = t1(LT_I32, qpg, T), kpt = t1(LT_I32, kpg, S);
+    lt_status rc = gpu.be->attention(&gpu, out, qt, kt, vt, qpt, kpt, 0, scale);
+    lt_graph *g = NULL;
+    if (rc == LT_OK) rc = gpu.be->graph_begin(&gpu);
+    if (rc == LT_OK) {
+        lt_status r1 = gpu.be->attention(&gpu, out, qt, kt, vt, qpt, kpt, 0, scale);
+        rc = gpu.be->graph_end(&gpu, &g);
+        if (r1 != LT_OK) rc = r1;
+    }
+    if (!ok(rc == LT_OK && g, "graph: attention over 3 query chunks records")) diag("%s", gpu.err);
+    /* the replay's positions: queries late first, half the keys empty */
+    for (int64_t i = 0; i < T; i++)
+        qp[i] = (int32_t)(T - 1 - i);
+    for (int64_t i = 0; i < S; i++)
+        kp[i] = i % 2 ? -1 : (int32_t)i;
+    gpu.be->upload(&gpu, qpg, qp, sizeof(int32_t) * (size_t)T);
+    gpu.be->upload(&gpu, kpg, kp, sizeof(int32_t) * (size_t)S);
+    cpu.be->attention(&cpu, t2(LT_F32, o_c, T, nh * hd), t3(LT_F32, q, T, nh, hd),
+                      t3(LT_F32, k, S, nkv, hd), t3(LT_F32, v, S, nkv, hd), t1(LT_I32, qp, T),
+                      t1(LT_I32, kp, S), 0, scale);
+    if (g && gpu.be->graph_launch(&gpu, g) != LT_OK) diag("%s", gpu.err);
+    check_close("graph: replayed attention takes the replay's positions", og, o_c, T * nh * hd,
+                1e-5);
+    gpu.be->graph_free(&gpu, g);
+    void *dev[] = {qg, kg, vg, og, qpg, kpg};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        gpu.be->release(&gpu, dev[i]);
+    free(q), free(k), free(v), free(o_c), free(qp), free(kp);
+}
+
+/* What cannot be recorded ends the recording with an error: graph_end returns it (no graph),
+ * the stream then runs ops directly, and nothing stays held. */
+static void test_graph_refusals(void) {
+    char name[200];
+    int64_t n = 4096;
+    float *x = rand_f32(n, 1.0f), *y2 = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        y2[i] = 2.0f * x[i];
+    float *xg = dev_put(x, sizeof(float) * (size_t)n),
+          *yg = dev_put(NULL, sizeof(float) * (size_t)n);
+    lt_tensor xt = t1(LT_F32, xg, n), yt = t1(LT_F32, yg, n);
+    const char *kinds[] = {"upload", "download", "sync", "alloc", "sumsq", "graph_begin", "forced"};
+    for (int kind = 0; kind < 7; kind++) {
+        size_t before = gpu_in_use();
+        lt_graph *g = (lt_graph *)&name; /* must come back NULL */
+        lt_status step = LT_OK, rc;
+        if (kind == 6) setenv("LATHE_CUDA_GRAPH_FAIL", "2", 1);
+        rc = gpu.be->graph_begin(&gpu);
+        if (kind == 6) unsetenv("LATHE_CUDA_GRAPH_FAIL");
+        if (rc != LT_OK) {
+            diag("%s", gpu.err);
+            ok(0, "graph_begin");
+            continue;
+        }
+        gpu.be->fill(&gpu, yt, 0.0f); /* recorded, then the refused call */
+        double d = 0;
+        void *p = NULL;
+        switch (kind) {
+        case 0:
+            step = gpu.be->upload(&gpu, yg, x, sizeof(float) * 4);
+            break;
+        case 1:
+            step = gpu.be->download(&gpu, y2, yg, sizeof(float) * 4);
+            break;
+        case 2:
+            step = gpu.be->sync(&gpu);
+            break;
+        case 3:
+            p = gpu.be->alloc(&gpu, 1000);
+            step = p ? LT_OK : LT_ERR_STATE;
+            break;
+        case 4:
+            step = gpu.be->sumsq(&gpu, &d, xt);
+            break;
+        case 5:
+            step = gpu.be->graph_begin(&gpu);
+            break;
+        case 6: /* the second op fails on purpose */
+            step = gpu.be->add(&gpu, yt, xt);
+            break;
+        }
+        for (int64_t i = 0; i < n; i++)
+            y2[i] = 2.0f * x[i];
+        char step_err[LT_ERRLEN];
+        snprintf(step_err, sizeof step_err, "%s", gpu.err);
+        rc = gpu.be->graph_end(&gpu, &g);
+        int ended = kind == 5 ? rc == LT_OK : rc != LT_OK && g == NULL;
+        if (kind == 5) gpu.be->graph_free(&gpu, g); /* a nested begin is refused alone */
+        /* the stream runs ops directly again */
+        gpu.be->fill(&gpu, yt, 0.0f);
+        gpu.be->add(&gpu, yt, xt);
+        gpu.be->add(&gpu, yt, xt);
+        snprintf(name, sizeof name,
+                 "graph: %s while recording is refused%s, the stream works after, no memory held",
+                 kinds[kind], kind == 5 ? " (the recording goes on)" : " and ends the recording");
+        float *back = dev_get(yg, n);
+        int right = !memcmp(back, y2, sizeof(float) * (size_t)n);
+        free(back);
+        ok(step != LT_OK && ended && right && gpu_in_use() == before, name);
+        if (step == LT_OK || !ended) diag("step %d: %s; end %d: %s", step, step_err, rc, gpu.err);
+        if (kind == 6)
+            ok(strstr(gpu.err, "LATHE_CUDA_GRAPH_FAIL") != NULL,
+               "graph: a forced failure says so in graph_end's message");
+    }
+    { /* a RoPE table not made yet: refused while recording; made by a direct call, recordable */
+        int64_t T = 6, nh = 2, hd = 64;
+        float theta = 12345.0f;
+        float *q = rand_f32(T * nh * hd, 1.0f),
+              *q_c = malloc(sizeof(float) * (size_t)(T * nh * hd));
+        int32_t pos[6] = {0, 5, 9, 100, 3, 7};
+        memcpy(q_c, q, sizeof(float) * (size_t)(T * nh * hd));
+        cpu.be->rope(&cpu, t3(LT_F32, q_c, T, nh, hd), t1(LT_I32, pos, T), theta, 1.0f);
+        float *qg = dev_put(q, sizeof(float) * (size_t)(T * nh * hd));
+        int32_t *pg = dev_put(pos, sizeof(pos));
+        lt_graph *g = NULL;
+        lt_status rc = gpu.be->graph_begin(&gpu);
+        if (rc == LT_OK) {
+            lt_status r1 =
+                gpu.be->rope(&gpu, t3(LT_F32, qg, T, nh, hd), t1(LT_I32, pg, T), theta, 1.0f);
+            rc = gpu.be->graph_end(&gpu, &g);
+            ok(r1 != LT_OK && rc != LT_OK && !g && strstr(gpu.err, "rope"),
+               "graph: a RoPE table not made yet is refused while recording");
+        }
+        gpu.be->upload(&gpu, qg, q, sizeof(float) * (size_t)(T * nh * hd));
+        gpu.be->rope(&gpu, t3(LT_F32, qg, T, nh, hd), t1(LT_I32, pg, T), theta, 1.0f);
+        gpu.be->upload(&gpu, qg, q, sizeof(float) * (size_t)(T * nh * hd));
+        rc = gpu.be->graph_begin(&gpu);
+        if (rc == LT_OK) {
+            gpu.be->rope(&gpu, t3(LT_F32, qg, T, nh, hd), t1(LT_I32, pg, T), theta, 1.0f);
+            rc = gpu.be->graph_end(&gpu, &g);
+        }
+        if (rc == LT_OK) rc = gpu.be->graph_launch(&gpu, g);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        check_close("graph: with the table made first, recorded RoPE replays right", qg, q_c,
+                    T * nh * hd, 1e-5);
+        gpu.be->graph_free(&gpu, g);
+        gpu.be->release(&gpu, qg);
+        gpu.be->release(&gpu, pg);
+        free(q), free(q_c);
+    }
+    { /* graph_begin refused under the profiler and under LATHE_CUDA_GRAPHS=0 */
+        lt_cuda_profile(&gpu, 1);
+        lt_status rc = gpu.be->graph_begin(&gpu);
+        ok(rc != LT_OK && strstr(gpu.err, "profiler"), "graph: refused while the profiler is on");
+        if (rc == LT_OK) {
+            lt_graph *g = NULL;
+            gpu.be->graph_end(&gpu, &g);
+            gpu.be->graph_free(&gpu, g);
+        }
+        lt_cuda_profile(&gpu, 0);
+        char rep[4096];
+        lt_cuda_profile_report(&gpu, rep, sizeof rep);
+        setenv("LATHE_CUDA_GRAPHS", "0", 1);
+        rc = gpu.be->graph_begin(&gpu);
+        unsetenv("LATHE_CUDA_GRAPHS");
+        ok(rc != LT_OK && strstr(gpu.err, "LATHE_CUDA_GRAPHS"),
+           "graph: refused under LATHE_CUDA_GRAPHS=0");
+        if (rc == LT_OK) {
+            lt_graph *g = NULL;
+            gpu.be->graph_end(&gpu, &g);
+            gpu.be->graph_free(&gpu, g);
+        }
+        lt_graph *g = NULL;
+        rc = gpu.be->graph_end(&gpu, &g);
+        ok(rc != LT_OK && !g, "graph: graph_end without graph_begin is an error");
+    }
+    gpu.be->release(&gpu, xg);
+    gpu.be->release(&gpu, yg);
+    free(x), free(y2);
+}
+
 int main(void) {
     const char *seed = getenv("LATHE_TEST_SEED");
     rng_state = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
@@ -1124,8 +1488,20 @@ int main(void) {
     test_attention_rows(4, 5000, 3, 8, 2, 128, 0);   /* long caches: many key blocks */
     test_attention_rows(64, 40, 64, 4, 2, 72, 16);   /* many rows; hd not a multiple of 32 */
     test_sample_rows(8, 262144);                     /* GRPO's group on the real vocabulary */
-    test_sample_rows(64, 262144);
-    test_sample_rows(3, 4099);                        /* the tiny model's size, ragged */
+    test_sample_rows(64, 262144);                    /* one block a row from 64 rows on */
+    test_sample_rows(3, 4099);                       /* the tiny model's size, ragged: 2 slices */
+    test_sample_rows(1, 262144);                     /* a chat's one row: 64 slices */
+    test_sample_rows(2, 262144);
+    test_sample_rows(5, 100003); /* slices of a ragged length */
+    test_sample_rows(16, 50000);
+    test_sample_rows(63, 262144); /* the last row count that slices */
+    test_sample_rows(4, 4096);    /* one slice: one block a row */
+    test_graph_replay(37);        /* cuBLAS linears (temporaries), the sampler in slices */
+    test_graph_replay(5);         /* the few-row GEMV, the sampler in slices */
+    test_graph_replay(70);        /* cuBLAS linears, one block a row */
+    test_graph_attention();
+    test_graph_refusals();
+    lt_cuda_set_precision(&gpu, lt_cuda_policy_dtype(&gpu));
     test_cross_entropy(LT_BF16, 300, 262144, 128, 0); /* the real vocabulary, several chunks */
     test_cross_entropy(LT_F16, 300, 262144, 128, 1);
     test_adamw_and_extras();

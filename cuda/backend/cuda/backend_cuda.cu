@@ -675,7 +675,9 @@ static lt_status cu_graph_end(lt_ctx *ctx, lt_graph **out) {
         cudaError_t e = cudaStreamEndCapture(I->stream, &g);
         if (e == cudaSuccess && !g) e = cudaErrorStreamCaptureInvalidated;
         CU_TRY(e);
-        CU_TRY(cudaGraphInstantiateWithFlags(&ex, g, 0));
+        /* auto-free: a stream-ordered allocation a library made inside the capture (cuBLAS'
+         * workspace since CUDA 12.2) and left unfreed would otherwise refuse the relaunch */
+        CU_TRY(cudaGraphInstantiateWithFlags(&ex, g, cudaGraphInstantiateFlagAutoFreeOnLaunch));
         lt_graph *G = (lt_graph *)calloc(1, sizeof *G);
         if (!G) {
             rc = lt_fail(ctx->err, LT_ERR_MEMORY, "cuda: out of host memory for a graph");
