@@ -146,17 +146,19 @@ void k_int8_dequant(cudaStream_t st, void *dst, lt_dtype dt, const int8_t *w, co
  * walk the row's packed bytes 4 at a time (8 weights), so a row is read once for all T inputs.
  * accumulate: y += instead of =. */
 #define GEMV_MAX_T 8
+template <int T>
 __global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
-                                const float *code_g, const float *absmax, int64_t T, int64_t in,
-                                int64_t out, int blocksize, int accumulate) {
+                                const float *code_g, const float *absmax, int64_t in, int64_t out,
+                                int blocksize, int accumulate) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = code_g[threadIdx.x];
     __syncthreads();
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int64_t o = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
     if (o >= out) return;
-    float acc[GEMV_MAX_T];
-    for (int t = 0; t < GEMV_MAX_T; t++)
+    float acc[T]; /* T a template argument: the accumulators stay in registers */
+#pragma unroll
+    for (int t = 0; t < T; t++)
         acc[t] = 0.0f;
     const int64_t row0 = o * in; /* element index of the row's first weight */
     for (int64_t c = (int64_t)lane * 8; c < in; c += 32 * 8) {
@@ -169,6 +171,7 @@ __global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
             wv[2 * k] = __fmul_rn(code[b >> 4], absmax[e / blocksize]);
             wv[2 * k + 1] = __fmul_rn(code[b & 15], absmax[(e + 1) / blocksize]);
         }
+#pragma unroll
         for (int t = 0; t < T; t++) {
             const float *xr = x + t * in + c;
             float s = 0.0f;
@@ -177,6 +180,7 @@ __global__ void nf4_gemv_kernel(float *y, const float *x, const uint8_t *packed,
             acc[t] += s;
         }
     }
+#pragma unroll
     for (int t = 0; t < T; t++) {
         float s = acc[t];
         for (int off = 16; off > 0; off >>= 1)
@@ -195,6 +199,16 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
     if (out <= 0) return;
     const int threads = 256, rows_per_block = threads / 32;
     int64_t blocks = (out + rows_per_block - 1) / rows_per_block;
-    nf4_gemv_kernel<<<(unsigned)blocks, threads, 0, st>>>(y, x, packed, code, absmax, T, in, out,
-                                                          blocksize, accumulate);
+    dim3 g((unsigned)blocks), th(threads);
+    switch (T) {
+#define NF4_GEMV_T(n)                                                                              \
+    case n:                                                                                        \
+        nf4_gemv_kernel<n>                                                                         \
+            <<<g, th, 0, st>>>(y, x, packed, code, absmax, in, out, blocksize, accumulate);        \
+        break;
+        NF4_GEMV_T(1)
+        NF4_GEMV_T(2) NF4_GEMV_T(3) NF4_GEMV_T(4) NF4_GEMV_T(5) NF4_GEMV_T(6) NF4_GEMV_T(7)
+            NF4_GEMV_T(8)
+#undef NF4_GEMV_T
+    }
 }
