@@ -1441,6 +1441,8 @@ int main(void) {
         test_quant_linear(kind, k == 1, LT_BF16, 70, 1152, 256);
         test_quant_linear(kind, k == 1, LT_F16, 70, 1152, 256);
         test_quant_linear(kind, k == 1, LT_BF16, 3, 1152, 256); /* decoding: GEMV for nf4 */
+        /* 40 x 100 weights: not a multiple of 32, so nf4 takes the byte-a-thread decode */
+        test_quant_linear(kind, k == 1, LT_BF16, 12, 100, 40);
     }
     test_rmsnorm(33, 1152);
     test_rmsnorm(4 * 70, 256);

@@ -41,35 +41,46 @@ __device__ static inline void w8_to_f32(uint4 raw, lt_dtype dt, float *w) {
  * timing). Splitting K across the block keeps each thread's chain of dependent loads short:
  * with a warp per row, down_proj's 6,912 inputs were 27 serial loads a warp on 2 warps an SM,
  * bound by memory latency, not bandwidth; and each 16-byte load of x feeds 4 weight rows. */
+#ifndef GEMV16_ROWS /* -DGEMV16_ROWS=8 builds the variant measured beside it */
 #define GEMV16_ROWS 4
+#endif
 #define GEMV16_MAX_WARPS 8
 
-__global__ static void gemv16_kernel(float *y, const float *x, const void *w, lt_dtype dt, int T,
+template <int T>
+__global__ static void gemv16_kernel(float *y, const float *x, const void *w, lt_dtype dt,
                                      int64_t in, int64_t out, const float *xa, const float *b,
                                      int r, float scale, int accumulate) {
     __shared__ float part[GEMV16_MAX_WARPS][GEMV16_ROWS * GEMV16_MAX_T];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int64_t o0 = (int64_t)blockIdx.x * GEMV16_ROWS;
     const int nr = out - o0 < GEMV16_ROWS ? (int)(out - o0) : GEMV16_ROWS;
-    float acc[GEMV16_ROWS][GEMV16_MAX_T];
+    float acc[GEMV16_ROWS][T];
+#pragma unroll
     for (int q = 0; q < GEMV16_ROWS; q++)
-        for (int t = 0; t < GEMV16_MAX_T; t++)
+#pragma unroll
+        for (int t = 0; t < T; t++)
             acc[q][t] = 0.0f;
     const uint16_t *rows = (const uint16_t *)w + o0 * in;
     for (int64_t c = (int64_t)threadIdx.x * 8; c < in; c += (int64_t)blockDim.x * 8) {
         float wv[GEMV16_ROWS][8];
+#pragma unroll
         for (int q = 0; q < GEMV16_ROWS; q++)
             if (q < nr) w8_to_f32(*(const uint4 *)(rows + q * in + c), dt, wv[q]);
+#pragma unroll
         for (int t = 0; t < T; t++) {
             const float4 *xr = (const float4 *)(x + t * in + c);
             float4 a = xr[0], bq = xr[1];
+#pragma unroll
             for (int q = 0; q < GEMV16_ROWS; q++)
                 acc[q][t] += a.x * wv[q][0] + a.y * wv[q][1] + a.z * wv[q][2] + a.w * wv[q][3] +
                              bq.x * wv[q][4] + bq.y * wv[q][5] + bq.z * wv[q][6] + bq.w * wv[q][7];
         }
     }
-    for (int q = 0; q < nr; q++)
+#pragma unroll
+    for (int q = 0; q < GEMV16_ROWS; q++)
+#pragma unroll
         for (int t = 0; t < T; t++) {
+            if (q >= nr) continue;
             float s = acc[q][t];
             for (int off = 16; off > 0; off >>= 1)
                 s += __shfl_down_sync(0xffffffffu, s, off);
@@ -135,9 +146,17 @@ void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype
     /* enough threads for one step over the input (8 weights a thread), 1 to 8 warps; the
      * final sums take one thread per (row, token): 32 threads at least */
     int64_t warps = (in / 8 + 31) / 32;
-    if (warps < 1) warps = 1;
+    if (warps < GEMV16_ROWS * GEMV16_MAX_T / 32) warps = GEMV16_ROWS * GEMV16_MAX_T / 32;
     if (warps > GEMV16_MAX_WARPS) warps = GEMV16_MAX_WARPS;
     int64_t blocks = (out + GEMV16_ROWS - 1) / GEMV16_ROWS;
-    gemv16_kernel<<<(unsigned)blocks, (unsigned)(warps * 32), 0, st>>>(y, x, w, dt, (int)T, in, out,
-                                                                       xa, b, r, scale, accumulate);
+    dim3 g((unsigned)blocks), th((unsigned)(warps * 32));
+    switch (T) { /* T a template argument: the accumulators stay in registers */
+#define GEMV16_T(n)                                                                                \
+    case n:                                                                                        \
+        gemv16_kernel<n><<<g, th, 0, st>>>(y, x, w, dt, in, out, xa, b, r, scale, accumulate);     \
+        break;
+        GEMV16_T(1)
+        GEMV16_T(2) GEMV16_T(3) GEMV16_T(4) GEMV16_T(5) GEMV16_T(6) GEMV16_T(7) GEMV16_T(8)
+#undef GEMV16_T
+    }
 }
