@@ -204,8 +204,8 @@ void k_attention_span(cudaStream_t st, float *out, const float *q, const float *
  */
 /* layernorm's backward (backend.h): dx written (NULL: not wanted; may alias dy or x), dw and db
  * [D] accumulated (either NULL: not wanted), the row statistics in double; the sums over rows of
- * dw and db in a fixed order (chunks of K_LN_BWD_ROWS rows, then the chunks in turn), so the
- * result does not depend on scheduling. scratch: device memory of k_layernorm_backward_scratch
+ * dw and db in a fixed order (chunks of K_LN_BWD_ROWS rows or more, then the chunks in turn), so
+ * the result does not depend on scheduling. scratch: device memory of k_layernorm_backward_scratch
  * bytes. */
 #define K_LN_BWD_ROWS 64
 size_t k_layernorm_backward_scratch(int64_t N, int64_t D);

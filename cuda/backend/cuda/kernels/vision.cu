@@ -289,8 +289,15 @@ static __global__ void layernorm_bwd_dx_kernel(float *dx, const double *st, cons
     }
 }
 
+/* Rows per chunk of the dw/db sums: K_LN_BWD_ROWS, more where the chunks would overrun the
+ * grid's y dimension (65535). */
+static int64_t ln_bwd_rows(int64_t N) {
+    int64_t r = (N + 65534) / 65535;
+    return r > K_LN_BWD_ROWS ? r : K_LN_BWD_ROWS;
+}
+
 static int64_t ln_bwd_chunks(int64_t N) {
-    return N <= 0 ? 0 : (N + K_LN_BWD_ROWS - 1) / K_LN_BWD_ROWS;
+    return N <= 0 ? 0 : (N + ln_bwd_rows(N) - 1) / ln_bwd_rows(N);
 }
 
 size_t k_layernorm_backward_scratch(int64_t N, int64_t D) {
@@ -309,7 +316,7 @@ void k_layernorm_backward(cudaStream_t st, float *dx, float *dw, float *db, cons
     if (dw || db) {
         dim3 grid((unsigned)((D + 127) / 128), (unsigned)chunks);
         layernorm_bwd_wb_part_kernel<<<grid, 128, 0, st>>>(dw ? pdw : NULL, db ? pdb : NULL, stats,
-                                                           dy, x, N, D, K_LN_BWD_ROWS);
+                                                           dy, x, N, D, ln_bwd_rows(N));
         layernorm_bwd_wb_sum_kernel<<<(unsigned)((D + 127) / 128), 128, 0, st>>>(dw, db, pdw, pdb,
                                                                                  chunks, D);
     }
