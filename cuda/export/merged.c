@@ -370,15 +370,15 @@ static void tower_put(merge_walk *w) {
     const char *pp = "model.multi_modal_projector.";
     put_vec(w, pp, "mm_soft_emb_norm.weight", &t->mm_norm);
     /* held transposed [H, D] (siglip.h): stored input-major [D, H] again */
-    float *hd =
-              merged_mat(w, "model.multi_modal_projector.mm_input_projection_weight", &t->mm_proj),
+    const char *proj = "model.multi_modal_projector.mm_input_projection_weight";
+    float *hd = merged_mat(w, proj, &t->mm_proj),
           *dh = hd ? malloc(sizeof(float) * (size_t)(D * H)) : NULL;
     for (int64_t i = 0; dh && i < H; i++)
         for (int64_t j = 0; j < D; j++)
             dh[j * H + i] = hd[i * D + j];
     free(hd);
     int64_t dhs[2] = {D, H};
-    put_f32(w, "model.multi_modal_projector.mm_input_projection_weight", dh, 2, dhs);
+    put_f32(w, proj, dh, 2, dhs);
 }
 
 /* What the merge did with a quantized base, for the caller's log. */
