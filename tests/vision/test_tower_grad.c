@@ -486,10 +486,10 @@ static void test_bad(void) {
            strstr(err, "ParamWrapper") && M->layers[0].q_proj.lora == NULL,
        "dropout with the projector is refused (as PEFT's ParamWrapper), nothing attached");
     diag("%s", err);
-    /* a backend without the tower's backward (a copy of the CPU's table is another backend,
-     * which lt_backend_tower_grad does not know): refused before any allocation */
+    /* a backend without the tower's backward (tower_grad NULL): refused before any allocation */
     lt_backend fake = lt_backend_cpu;
     fake.name = "fake";
+    fake.tower_grad = NULL;
     fake.alloc = fake_alloc;
     lt_ctx fctx;
     lt_ctx_init(&fctx, &fake, 1);

@@ -1,24 +1,19 @@
 /* backend_cpu_vision.c — the CPU reference of the image tower's ops: LayerNorm with bias, a
  * linear's bias, GELU (tanh approximation) and the square-grid average pool (backend.h states
  * each), and the backward of LayerNorm, GELU and the pool, which training LoRA adapters on the
- * tower needs (lt_tower_grad_ops: these for the CPU backend, the CUDA backend's own table for
- * it). The image block's attention (attention_span) shares the attention kernel in
- * backend_cpu.c, which points the table at these.
+ * tower needs (lt_tower_grad_ops: lt_cpu_tower_grad, which lt_backend_cpu points at). The image
+ * block's attention (attention_span) shares the attention kernel in backend_cpu.c, which points the
+ * table at these.
  *
  * Owns nothing but these functions; fp32 on host memory, single-threaded (next to the tower's
  * matmuls they are cheap). Knows nothing of SigLIP or Gemma.
  */
-#include "config.h"
-
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cuda/backend/backend.h"
 #include "cuda/backend/cpu/grad.h"
-#ifdef HAVE_CUDA
-#include "cuda/backend/cuda/backend_cuda.h"
-#endif
 
 static int f32_ok(const lt_tensor *t) {
     return t->dtype == LT_F32 && t->data != NULL;
@@ -199,18 +194,14 @@ lt_status cpu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k) 
     return LT_OK;
 }
 
-static const lt_tower_grad_ops cpu_tower_grad = {
+const lt_tower_grad_ops lt_cpu_tower_grad = {
     .layernorm_backward = cpu_layernorm_backward,
     .gelu_backward = cpu_gelu_backward,
     .avg_pool_backward = cpu_avg_pool_backward,
 };
 
 const lt_tower_grad_ops *lt_backend_tower_grad(const lt_backend *be) {
-    if (be == &lt_backend_cpu) return &cpu_tower_grad;
-#ifdef HAVE_CUDA
-    if (be == &lt_backend_cuda) return lt_cuda_tower_grad(); /* kernels/vision.cu */
-#endif
-    return NULL;
+    return be ? be->tower_grad : NULL;
 }
 
 const char *lt_backend_missing_tower_training_op(const lt_backend *be) {

@@ -59,10 +59,6 @@ int lt_cuda_profile_report(lt_ctx *ctx, char *buf, size_t cap);
  * grouped by size and by the op that took them, biggest groups first (a measuring aid). */
 int lt_cuda_peak_report(lt_ctx *ctx, char *buf, size_t cap);
 
-/* The image tower's backward ops on CUDA (backend.h's lt_tower_grad_ops): what
- * lt_backend_tower_grad returns for lt_backend_cuda. */
-const lt_tower_grad_ops *lt_cuda_tower_grad(void);
-
 #ifdef __cplusplus
 }
 #endif
