@@ -1,6 +1,6 @@
 /* bench_vision.c — the image tower's forward for one image on lathe's CUDA backend.
  *
- * usage: bench_vision [PRECISION ITERS]   (bf16 default on sm_80+, 20 iterations)
+ * usage: bench_vision [PRECISION ITERS [backward]]   (bf16 default on sm_80+, 20 iterations)
  * Gemma 3's tower at its real size (the SigLIP of google/gemma-3-4b-it's config.json: width
  * 1152, MLP 4304, 27 layers, 16 heads, 896 x 896 images in 14 x 14 patches = 4,096 patches)
  * and its projector into 4B's text width 2560 (256 soft tokens), with random weights written
@@ -9,6 +9,12 @@
  * included) after 3 warm-up runs, and prints one JSON line: milliseconds an image, images/s,
  * peak device memory of lathe's allocator during the forward. The same work as
  * bench/hf_vision.py (transformers' SiglipVisionModel and Gemma3MultiModalProjector).
+ * With `backward`: LoRA adapters (r = 16) on every linear of the tower and on the projector,
+ * and siglip_backward of one image timed instead (the forward again from the pixels, then the
+ * way back, the adapters' gradients accumulated: what %train does for each image when the
+ * tower trains); the JSON line then also holds siglip_backward_bytes (the arena it takes) and
+ * the device memory the call took beyond what was in use before it (arena + its ops'
+ * temporaries), against which the trainer's memory plan for the tower can be read.
  * Owns nothing else; not a test.
  */
 #ifdef HAVE_CONFIG_H
@@ -115,9 +121,55 @@ static int write_tower(const char *path, char *err) {
     return rc == LT_OK ? 0 : -1;
 }
 
+/* Adapters of rank r on every linear of the tower and the projector, A and B small and random
+ * (so that every gradient flows), their gradients zero; lora[] holds them (6 * LAYERS + 1). */
+static int attach_adapters(lt_ctx *ctx, siglip_tower *t, lt_lora *lora, int r) {
+    uint64_t z = 5;
+    int n = 0;
+    for (int l = 0; l <= LAYERS; l++) {
+        siglip_layer *L = l < LAYERS ? &t->layers[l] : NULL;
+        lt_weight *ws[6] = {NULL};
+        int nw = 1;
+        if (L) {
+            lt_weight *lw[6] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+            memcpy(ws, lw, sizeof lw);
+            nw = 6;
+        } else {
+            ws[0] = &t->mm_proj;
+        }
+        for (int k = 0; k < nw; k++) {
+            int64_t out = ws[k]->w.shape[0], in = ws[k]->w.shape[1];
+            lt_lora *lo = &lora[n++];
+            size_t na = (size_t)(r * in), nb = (size_t)(out * r);
+            float *h = malloc(sizeof(float) * (na > nb ? na : nb));
+            void *a = ctx->be->alloc(ctx, na * 4), *b = ctx->be->alloc(ctx, nb * 4);
+            void *ga = ctx->be->alloc(ctx, na * 4), *gb = ctx->be->alloc(ctx, nb * 4);
+            if (!h || !a || !b || !ga || !gb) return -1;
+            for (int part = 0; part < 2; part++) {
+                size_t cnt = part ? nb : na;
+                for (size_t i = 0; i < cnt; i++) {
+                    z = z * 6364136223846793005ull + 1442695040888963407ull;
+                    h[i] = 0.01f * (2.0f * (float)(z >> 40) / 16777216.0f - 1.0f);
+                }
+                if (ctx->be->upload(ctx, part ? b : a, h, cnt * 4) != LT_OK) return -1;
+            }
+            free(h);
+            *lo = (lt_lora){.a = lt_tensor_2d(LT_F32, a, r, in),
+                            .b = lt_tensor_2d(LT_F32, b, out, r),
+                            .grad_a = lt_tensor_2d(LT_F32, ga, r, in),
+                            .grad_b = lt_tensor_2d(LT_F32, gb, out, r),
+                            .scale = 2.0f,
+                            .enabled = 1};
+            ws[k]->lora = lo;
+        }
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
     const char *prec = argc > 1 ? argv[1] : NULL;
     int iters = argc > 2 ? atoi(argv[2]) : 20;
+    int backward = argc > 3 && strcmp(argv[3], "backward") == 0;
     char err[LT_ERRLEN], dir[] = "/tmp/lathe-bench-vision-XXXXXX", path[256];
     if (!mkdtemp(dir)) {
         perror("bench_vision: mkdtemp");
@@ -179,6 +231,54 @@ int main(int argc, char **argv) {
     if (!pixels || !out) {
         fprintf(stderr, "bench_vision: out of memory\n");
         return 1;
+    }
+    if (backward) {
+        static lt_lora lora[6 * LAYERS + 1];
+        float *dh = malloc(sizeof(float) * 256 * H);
+        for (int i = 0; dh && i < 256 * H; i++) {
+            z = z * 6364136223846793005ull + 1442695040888963407ull;
+            dh[i] = 1e-3f * (2.0f * (float)(z >> 40) / 16777216.0f - 1.0f);
+        }
+        if (!dh || attach_adapters(&ctx, tower, lora, 16) < 0 ||
+            ctx.be->upload(&ctx, out, dh, sizeof(float) * 256 * H) != LT_OK) {
+            fprintf(stderr, "bench_vision: adapters: %s\n", ctx.err);
+            return 1;
+        }
+        free(dh);
+        double b0 = 0;
+        size_t before = 0;
+        for (int i = 0; i < 3 + iters; i++) {
+            if (i == 3) {
+                ctx.be->sync(&ctx);
+                lt_cuda_mem m0;
+                lt_cuda_memory(&ctx, &m0);
+                before = m0.in_use;
+                lt_cuda_reset_peak(&ctx);
+                b0 = now_s();
+            }
+            if (siglip_backward(tower, &ctx, pixels, out, 0) != LT_OK) {
+                fprintf(stderr, "bench_vision: %s\n", ctx.err);
+                return 1;
+            }
+        }
+        ctx.be->sync(&ctx);
+        double bms = (now_s() - b0) * 1e3 / iters;
+        lt_cuda_mem bm;
+        lt_cuda_memory(&ctx, &bm);
+        printf("{\"engine\": \"lathe\", \"bench\": \"vision_tower_backward\", \"precision\": "
+               "\"%s\", \"image\": %d, \"patches\": %d, \"layers\": %d, \"adapters\": %d, "
+               "\"ms_per_image\": %.2f, \"backward_bytes_mib\": %.1f, \"took_mib\": %.1f, "
+               "\"peak_gib\": %.3f, \"peak_op\": \"%s\"}\n",
+               dt == LT_BF16  ? "bf16"
+               : dt == LT_F16 ? "fp16"
+                              : "fp32",
+               S, G * G, LAYERS, 6 * LAYERS + 1, bms, siglip_backward_bytes(tower, 0) / 1048576.0,
+               (bm.peak - before) / 1048576.0, bm.peak / 1073741824.0,
+               bm.peak_op ? bm.peak_op : "");
+        free(pixels);
+        siglip_free(tower); /* its arena and the adapters go with the ctx */
+        lt_ctx_shutdown(&ctx);
+        return 0;
     }
     double t0 = 0;
     for (int i = 0; i < 3 + iters; i++) {

@@ -241,7 +241,7 @@ typedef struct lt_lora_opts {
     float dropout; /* lora_dropout in [0, 1) (default 0) */
     uint64_t seed; /* initialisation seed */
     /* NULL = q,k,v,o,gate,up,down; names (q or q_proj, ...) or a regex; with an image tower
-     * also vision, vision.q_proj ... vision.fc2 and projector (the CPU backend only) */
+     * also vision, vision.q_proj ... vision.fc2 and projector (the CPU and CUDA backends) */
     const char *targets;
     int full;         /* 1 = full fine-tuning: every weight trains, no adapters */
     const char *load; /* a PEFT adapter folder to continue from (its config wins) */

@@ -145,7 +145,7 @@ static const opt_spec lora_opts[] = {
      "linear layers to adapt: names (q or q_proj, k, v, o, gate, up, down) of the language "
      "model; on a model with an image tower also vision (its six linears), vision.q_proj, "
      "vision.k_proj, vision.v_proj, vision.out_proj, vision.fc1, vision.fc2 (vision.q, .k, .v, "
-     ".out) and projector (device=cpu); or a regex over names like "
+     ".out) and projector; or a regex over names like "
      "model.layers.0.self_attn.q_proj and model.vision_tower.encoder.layers.0.mlp.fc1"},
     {"rslora", OPT_BOOL, FROM_ENGINE("lora"), NULL, NO_RANGE,
      "rank-stabilised scale alpha/sqrt(r)"},
@@ -327,7 +327,7 @@ static const magic_spec table[] = {
      "them, and projector the projector's matrix (multi_modal_projector."
      "mm_input_projection_weight, PEFT's target_parameters), e.g. "
      "targets=q,k,v,o,gate,up,down,vision. %train then trains through the tower, encoding "
-     "each step's images anew (device=cpu only for now; dropout= applies to the tower's "
+     "each step's images anew (device=cpu or cuda; dropout= applies to the tower's "
      "linears, not to the projector, as in PEFT). Without tower names the "
      "tower stays frozen and each image is encoded once. "
      "full=true trains every weight instead. A new %lora replaces the adapters attached "
@@ -343,7 +343,7 @@ static const magic_spec table[] = {
      "content list may hold images ({\"type\": \"image\", \"image\": PATH}, relative to "
      "the dataset's folder): each is encoded once by the frozen image tower, its "
      "tokens never trained, LoRA training the language model (or, with the tower's linears "
-     "in %lora targets=, encoded every step and trained through, on device=cpu). AdamW with fp32 "
+     "in %lora targets=, encoded every step and trained through). AdamW with fp32 "
      "state; the loss of a step is the mean over all its label tokens across grad_accum "
      "micro-batches. Shows a progress bar and the loss curve while it runs. An interrupt "
      "stops at the next micro-batch and keeps the weights of the last complete step; run "

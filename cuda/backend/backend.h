@@ -315,6 +315,10 @@ typedef struct lt_backend {
                                          lt_tensor qpos, lt_tensor kpos, lt_tensor span, int window,
                                          float scale);
 
+    /* The image tower's backward ops (lt_tower_grad_ops below), or NULL where a backend lacks
+     * them: training LoRA adapters on the tower is then refused. */
+    const struct lt_tower_grad_ops *tower_grad;
+
     /* ---- graphs: a sequence of ops recorded once and run many times ---------------------
      * NULL where a backend runs every op as it is called (the CPU): callers then just call
      * the ops. Between graph_begin and graph_end the ops called on ctx are recorded, not run:
@@ -356,11 +360,11 @@ const char *lt_backend_missing_training_op(const lt_backend *be);
  * backend lacks, or NULL when it has them all. */
 const char *lt_backend_missing_vision_op(const lt_backend *be);
 /* The image tower's backward, which training LoRA adapters on the tower needs: a table of its
- * own beside lt_backend, so that a backend without them (the CUDA one, for now) keeps its table
- * as it is. Conventions as the backward ops above. */
+ * own that lt_backend points at (tower_grad), so that a backend without them leaves it NULL.
+ * Conventions as the backward ops above. */
 typedef struct lt_tower_grad_ops {
     /* layernorm's backward: dx (written) from dy, the forward input x and w; dw, db (fp32 [D])
-     * accumulated when their data != NULL. x, dy, dx: [N, D] fp32. */
+     * accumulated when their data != NULL. x, dy, dx: [N, D] fp32 (dx may alias dy or x). */
     lt_status (*layernorm_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor db,
                                     lt_tensor dy, lt_tensor x, lt_tensor w, float eps);
     /* gelu's backward: dx = dy * gelu_tanh'(x) elementwise, fp32 (dx may alias dy or x). */
@@ -368,7 +372,7 @@ typedef struct lt_tower_grad_ops {
     /* avg_pool's backward: dx [g*g, D] (written) gets dy [(g/k)^2, D] of its block / (k*k). */
     lt_status (*avg_pool_backward)(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k);
 } lt_tower_grad_ops;
-/* be's tower backward ops, or NULL where it has none (every backend but the CPU one, now). */
+/* be's tower backward ops (be->tower_grad), or NULL where it has none. */
 const lt_tower_grad_ops *lt_backend_tower_grad(const lt_backend *be);
 /* The name of the first op training LoRA adapters on the image tower needs beyond the training
  * and image ops (layernorm_backward, gelu_backward, avg_pool_backward, attention_backward), or

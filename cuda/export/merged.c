@@ -13,7 +13,8 @@
  * their adapters merged, under transformers 5's names). Also the dtype, torch-name and config
  * helpers quantized.c shares. Owns nothing after a
  * call returns; reads the model and the adapters and changes neither. A model on a device is read
- * back weight by weight (with its quantization state and adapter) and merged on the host.
+ * back weight by weight (with its quantization state and adapter) and merged on the host, its
+ * image tower too.
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -244,26 +245,63 @@ static void put_f32(merge_walk *w, const char *name, float *f32, int ndim, const
         o->shape[d] = shape[d];
 }
 
-/* A tower vector (host fp32) under prefix + suffix. */
+/* Fails the walk for a tower tensor that could not be read back from the device. */
+static void read_failed(merge_walk *w, const char *name) {
+    if (w->rc == LT_OK)
+        w->rc = lt_fail(w->err, LT_ERR_DEVICE, "reading %s back from %s: %s", name,
+                        w->dev->be->name, w->dev->err);
+}
+
+/* A tower tensor [n] (a vector, or the position embeddings) as fp32, read back from the device
+ * when the tower lives there (w->dev), under name with shape[ndim]. */
+static void put_tensor(merge_walk *w, const char *name, const lt_tensor *v, int ndim,
+                       const int64_t *shape) {
+    int64_t n = lt_tensor_numel(v);
+    lt_host_pool hp = {0};
+    const void *data = lt_host_view(w->dev, v, &hp);
+    float *f = data ? malloc(sizeof(float) * (size_t)n) : NULL;
+    if (f) lt_convert(f, LT_F32, data, v->dtype, n);
+    lt_host_pool_free(&hp);
+    if (!data && v->data) {
+        read_failed(w, name);
+        return;
+    }
+    put_f32(w, name, f, ndim, shape);
+}
+
+/* A tower vector under prefix + suffix. */
 static void put_vec(merge_walk *w, const char *pfx, const char *suffix, const lt_tensor *v) {
     char name[256];
     snprintf(name, sizeof name, "%s%s", pfx, suffix);
     int64_t n = lt_tensor_numel(v);
-    float *f = malloc(sizeof(float) * (size_t)n);
-    if (f) lt_convert(f, LT_F32, v->data, v->dtype, n);
-    put_f32(w, name, f, 1, &n);
+    put_tensor(w, name, v, 1, &n);
 }
 
-/* A tower matrix with its adapter merged (W' = W + s·B·A in fp32), stored with shape[ndim]. */
-static float *merged_mat(merge_walk *w, const lt_weight *mw) {
+/* A tower matrix with its adapter merged (W' = W + s·B·A in fp32), as merge_visit does it: a
+ * tower on the device is read back (its weight, the adapter's A and B) and merged on the host.
+ * NULL when out of memory or when a read failed (then w->rc says so). */
+static float *merged_mat(merge_walk *w, const char *name, const lt_weight *mw) {
     int64_t n = lt_tensor_numel(&mw->w);
-    float *f = malloc(sizeof(float) * (size_t)n);
-    if (!f) return NULL;
     const lora_slot *s = slot_of(w->a, &mw->w);
-    if (s)
+    lt_host_pool hp = {0};
+    lt_weight host_w;
+    lora_slot host_s;
+    int bad = lt_host_weight(w->dev, mw, &host_w, &hp) != 0;
+    if (!bad && s && w->dev) {
+        host_s = *s;
+        host_s.w = &host_w;
+        host_s.lora.a.data = (void *)lt_host_view(w->dev, &s->lora.a, &hp);
+        host_s.lora.b.data = (void *)lt_host_view(w->dev, &s->lora.b, &hp);
+        bad = !host_s.lora.a.data || !host_s.lora.b.data;
+        s = &host_s;
+    }
+    float *f = bad ? NULL : malloc(sizeof(float) * (size_t)n);
+    if (f && s)
         lora_merged_weight(w->a, s, f, w->err);
-    else
-        lt_weight_dequantize_rows(mw, 0, mw->w.shape[0], f);
+    else if (f)
+        lt_weight_dequantize_rows(&host_w, 0, mw->w.shape[0], f);
+    lt_host_pool_free(&hp);
+    if (bad) read_failed(w, name);
     return f;
 }
 
@@ -271,7 +309,7 @@ static void put_mat(merge_walk *w, const char *pfx, const char *suffix, const lt
                     int ndim, const int64_t *shape) {
     char name[256];
     snprintf(name, sizeof name, "%s%s", pfx, suffix);
-    put_f32(w, name, merged_mat(w, mw), ndim, shape);
+    put_f32(w, name, merged_mat(w, name, mw), ndim, shape);
 }
 
 /* The tower and the projector under transformers 5's names (model.vision_tower.embeddings...,
@@ -304,9 +342,7 @@ static void tower_put(merge_walk *w) {
     {
         char name[256];
         snprintf(name, sizeof name, "%sembeddings.position_embedding.weight", pfx);
-        float *f = malloc(sizeof(float) * (size_t)(g * g * D));
-        if (f) memcpy(f, t->pos.data, sizeof(float) * (size_t)(g * g * D));
-        put_f32(w, name, f, 2, pos);
+        put_tensor(w, name, &t->pos, 2, pos);
     }
     for (int l = 0; l < c->num_hidden_layers; l++) {
         const siglip_layer *L = &t->layers[l];
@@ -334,14 +370,15 @@ static void tower_put(merge_walk *w) {
     const char *pp = "model.multi_modal_projector.";
     put_vec(w, pp, "mm_soft_emb_norm.weight", &t->mm_norm);
     /* held transposed [H, D] (siglip.h): stored input-major [D, H] again */
-    float *hd = merged_mat(w, &t->mm_proj),
+    const char *proj = "model.multi_modal_projector.mm_input_projection_weight";
+    float *hd = merged_mat(w, proj, &t->mm_proj),
           *dh = hd ? malloc(sizeof(float) * (size_t)(D * H)) : NULL;
     for (int64_t i = 0; dh && i < H; i++)
         for (int64_t j = 0; j < D; j++)
             dh[j * H + i] = hd[i * D + j];
     free(hd);
     int64_t dhs[2] = {D, H};
-    put_f32(w, "model.multi_modal_projector.mm_input_projection_weight", dh, 2, dhs);
+    put_f32(w, proj, dh, 2, dhs);
 }
 
 /* What the merge did with a quantized base, for the caller's log. */
@@ -407,7 +444,7 @@ lt_status merged_save(const lt_adapters *a, gemma3_model *m, lt_ctx *dev, const 
     char mm_cfg[4200] = "";
     if (with_tower) {
         if (src_dir && *src_dir) snprintf(mm_cfg, sizeof mm_cfg, "%s/config.json", src_dir);
-        if (!mm_cfg[0] || access(mm_cfg, R_OK) != 0 || gemma3_on_device(m))
+        if (!mm_cfg[0] || access(mm_cfg, R_OK) != 0)
             return lt_fail(err, LT_ERR_STATE,
                            "%%save merged=: the %d image-tower adapter(s) merge into a copy of "
                            "the whole multimodal checkpoint, which needs its config.json (the "

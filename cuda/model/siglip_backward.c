@@ -121,7 +121,7 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
     if (missing)
         return lt_fail(ctx->err, LT_ERR_STATE,
                        "image tower: training its adapters needs the '%s' op, which the %s "
-                       "backend lacks (device=cpu has it)",
+                       "backend lacks (device=cpu and device=cuda have it)",
                        missing, be->name);
     const lt_tower_grad_ops *tg = lt_backend_tower_grad(be);
     siglip_dims d;

@@ -367,10 +367,11 @@ static lt_status attach_lora(lt_adapters *a, const lora_opts *o, char *err) {
                                          : "a text-only model");
     } else if (n_tower + proj > 0 && lt_backend_missing_tower_training_op(ctx->be)) {
         rc = lt_fail(err, LT_ERR_ARG,
-                     "%%lora: targets='%s' adapts the image tower, whose training runs on "
-                     "device=cpu only for now (the %s backend has no %s op): %%load the model "
-                     "with device=cpu, or leave the tower out of targets= (a regex that keeps to "
-                     "the language model: .*language_model.*\\.(q_proj|v_proj))",
+                     "%%lora: targets='%s' adapts the image tower, whose training needs the "
+                     "tower's backward, which the %s backend lacks (it has no %s op): %%load "
+                     "the model with device=cpu or device=cuda, or leave the tower out of "
+                     "targets= (a regex that keeps to the language model: "
+                     ".*language_model.*\\.(q_proj|v_proj))",
                      a->targets, ctx->be->name, lt_backend_missing_tower_training_op(ctx->be));
     } else if (proj && a->dropout > 0.0f) {
         rc = lt_fail(err, LT_ERR_ARG,

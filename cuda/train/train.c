@@ -528,6 +528,20 @@ static double memory_available(lt_ctx *ctx, lt_mem_info *mi) {
     return (double)mi->free + (double)mi->cached;
 }
 
+/* The temporaries inside the tower's ops for one image, the largest op's: attention's, whose
+ * score chunks the CUDA backend keeps under 256 MiB ([heads, rows, patches] fp32 scores plus
+ * their 16-bit copy, twice that in the backward: P and dP) beside its packed K and V, larger at
+ * 4B (P = 4096: 256 MiB + 36 MiB) than the 16-bit copies of the MLP's inputs (fc1's backward:
+ * [P, I] and [P, D], 43 MiB). */
+static double tower_work(const siglip_tower *t, int backward) {
+    siglip_dims d;
+    siglip_dims_get(t, &d);
+    double P = (double)d.P, scores = (double)d.nh * P * P * (backward ? 12 : 6);
+    double chunk = scores < 256.0 * 1048576 ? scores : 256.0 * 1048576;
+    double attn = chunk + 2.0 * P * (double)d.D * 4, mlp = P * (double)(d.I + d.D) * 2;
+    return attn > mlp ? attn : mlp;
+}
+
 static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx *ctx,
                              int64_t max_tokens, const train_data *d, int64_t max_img_tokens,
                              const lt_train_callbacks *cb, char *err) {
@@ -550,11 +564,12 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
     int trained = m->vision && a->n_tower_slots > 0;
     if (d->n_images > 0 && m->vision) {
         double per = (double)m->cfg.vision.mm_tokens_per_image * H * 4;
-        tower = (double)siglip_encode_bytes(m->vision) + per;
+        tower = (double)siglip_encode_bytes(m->vision) + tower_work(m->vision, 0) + per;
         soft = per * d->n_images;
         layer += (double)max_img_tokens * H * 4;
         if (trained) { /* each image's backward after the step's language-model pass */
-            double bw = (double)siglip_backward_bytes(m->vision, a->dropout > 0.0f) + per;
+            double bw = (double)siglip_backward_bytes(m->vision, a->dropout > 0.0f) +
+                        tower_work(m->vision, 1) + per;
             tower = bw > tower ? bw : tower;
             soft = (double)max_img_tokens * H * 4; /* the rows' gradients; no soft-token cache */
         }
@@ -570,7 +585,8 @@ static lt_status memory_plan(const gemma3_model *m, const lt_adapters *a, lt_ctx
             snprintf(img, sizeof img,
                      "; image tower trained (%d adapters, from its layer %d of %d): %.1f MiB for "
                      "one image's backward (the inputs of the layers it goes through kept, one "
-                     "layer's activations and gradients), image-row gradients %.1f MiB in %s",
+                     "layer's activations and gradients, its ops' temporaries), image-row "
+                     "gradients %.1f MiB in %s",
                      a->n_tower_slots, siglip_first_trained_layer(m->vision),
                      m->vision->cfg.num_hidden_layers, tower / 1048576, soft / 1048576,
                      on_device ? "host memory" : "memory");

@@ -21,6 +21,9 @@
  * launch) and a forced failure (LATHE_CUDA_GRAPH_FAIL) end the recording with an error and leave
  * the stream working and no memory held; graph_begin is refused under the profiler and under
  * LATHE_CUDA_GRAPHS=0.
+ * The image tower's ops and their backward
+ * (lt_tower_grad_ops) are checked at the tower's widths, and its bidirectional attention at head
+ * dim 72 over 1024 and 4096 patches (tolerances at test_tower_ops).
  * Prints TAP; needs a GPU (it prints a skip plan without one). Owns nothing else.
  */
 #ifdef HAVE_CONFIG_H
@@ -1406,6 +1409,214 @@ static void test_graph_refusals(void) {
     free(x), free(y2);
 }
 
+/* ---- the image tower's ops and their backward (lt_tower_grad_ops) -------------------------------
+ * layernorm, gelu and avg_pool (the forward the backward pairs with) and layernorm_backward,
+ * gelu_backward and avg_pool_backward from lt_backend_tower_grad(&lt_backend_cuda) against
+ * backend_cpu_vision.c's, at the tower's row widths (72 = a head, 1152 = SigLIP's width, both off
+ * any power of two), and attention with every position 0 (bidirectional, the tower's) at head dim
+ * 72 over 1024 and 4096 patches. Tolerances: layernorm_backward takes its row statistics in
+ * double on both backends, so dx differs by the rounding of the last cast (1e-6); dw and db sum
+ * the rows in another order (the CPU in float, row by row; CUDA in double, in chunks), 1e-5 over
+ * 4096 rows; the forward norm (fp32 statistics on CUDA, double on the CPU) and gelu's tanhf (a few
+ * ulp between libm and CUDA) 1e-5, as the text model's fp32 ops; avg_pool and its backward take
+ * the same sums in the same order and one division: bit for bit. */
+
+static const lt_tower_grad_ops *tower_ops(const lt_ctx *c) {
+    return lt_backend_tower_grad(c->be);
+}
+
+static void test_tower_layernorm(int64_t N, int64_t D) {
+    char name[160];
+    int64_t n = N * D;
+    float *x = rand_f32(n, 2.0f), *w = rand_f32(D, 0.3f), *b = rand_f32(D, 0.2f),
+          *dy = rand_f32(n, 1.0f);
+    for (int64_t i = 0; i < n; i++)
+        x[i] += 0.5f * (float)(i % D % 7); /* a row mean off zero */
+    for (int64_t i = 0; i < D; i++)
+        w[i] += 1.0f;
+    float *dw0 = rand_f32(D, 1.0f), *db0 = rand_f32(D, 1.0f); /* accumulated into, not written */
+    float *y_c = malloc(sizeof(float) * (size_t)n), *dx_c = malloc(sizeof(float) * (size_t)n);
+    float *dw_c = malloc(sizeof(float) * (size_t)D), *db_c = malloc(sizeof(float) * (size_t)D);
+    memcpy(dw_c, dw0, sizeof(float) * (size_t)D);
+    memcpy(db_c, db0, sizeof(float) * (size_t)D);
+    lt_tensor Xc = t2(LT_F32, x, N, D), Wc = t1(LT_F32, w, D);
+    cpu_layernorm(&cpu, t2(LT_F32, y_c, N, D), Xc, Wc, t1(LT_F32, b, D), 1e-6f);
+    cpu_layernorm_backward(&cpu, t2(LT_F32, dx_c, N, D), t1(LT_F32, dw_c, D), t1(LT_F32, db_c, D),
+                           t2(LT_F32, dy, N, D), Xc, Wc, 1e-6f);
+    float *xg = dev_put(x, (size_t)n * 4), *wg = dev_put(w, (size_t)D * 4),
+          *bg = dev_put(b, (size_t)D * 4), *dyg = dev_put(dy, (size_t)n * 4);
+    float *yg = dev_poison(n), *dxg = dev_poison(n);
+    float *dwg = dev_put(dw0, (size_t)D * 4), *dbg = dev_put(db0, (size_t)D * 4);
+    lt_tensor X = t2(LT_F32, xg, N, D), W = t1(LT_F32, wg, D);
+    lt_status rc = gpu.be->layernorm(&gpu, t2(LT_F32, yg, N, D), X, W, t1(LT_F32, bg, D), 1e-6f);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "layernorm [%lld,%lld]", (long long)N, (long long)D);
+    check_close(name, yg, y_c, n, 1e-5);
+    const lt_tower_grad_ops *g = tower_ops(&gpu);
+    rc = g->layernorm_backward(&gpu, t2(LT_F32, dxg, N, D), t1(LT_F32, dwg, D), t1(LT_F32, dbg, D),
+                               t2(LT_F32, dyg, N, D), X, W, 1e-6f);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "layernorm_backward dx [%lld,%lld]", (long long)N, (long long)D);
+    check_close(name, dxg, dx_c, n, 1e-6);
+    snprintf(name, sizeof name, "layernorm_backward dw accumulated [%lld,%lld]", (long long)N,
+             (long long)D);
+    check_close(name, dwg, dw_c, D, 1e-5);
+    snprintf(name, sizeof name, "layernorm_backward db accumulated [%lld,%lld]", (long long)N,
+             (long long)D);
+    check_close(name, dbg, db_c, D, 1e-5);
+    /* as the tower calls it: no dw, db; and dx over dy (the CPU's loop allows it) */
+    float *d2 = dev_put(dy, (size_t)n * 4);
+    rc = g->layernorm_backward(&gpu, t2(LT_F32, d2, N, D), t1(LT_F32, NULL, D), t1(LT_F32, NULL, D),
+                               t2(LT_F32, d2, N, D), X, W, 1e-6f);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "layernorm_backward dx over dy, no dw/db [%lld,%lld]", (long long)N,
+             (long long)D);
+    check_close(name, d2, dx_c, n, 1e-6);
+    /* the CPU's argument checks */
+    rc = g->layernorm_backward(&gpu, t2(LT_F32, dxg, N, D), t1(LT_F32, dwg, D - 1),
+                               t1(LT_F32, NULL, D), t2(LT_F32, dyg, N, D), X, W, 1e-6f);
+    snprintf(name, sizeof name, "layernorm_backward: dw of the wrong size is LT_ERR_ARG");
+    ok(rc == LT_ERR_ARG && strstr(gpu.err, "dw, db must be fp32 [D]"), name);
+    gpu.be->release(&gpu, xg), gpu.be->release(&gpu, wg), gpu.be->release(&gpu, bg);
+    gpu.be->release(&gpu, dyg), gpu.be->release(&gpu, yg), gpu.be->release(&gpu, dxg);
+    gpu.be->release(&gpu, dwg), gpu.be->release(&gpu, dbg), gpu.be->release(&gpu, d2);
+    free(x), free(w), free(b), free(dy), free(dw0), free(db0);
+    free(y_c), free(dx_c), free(dw_c), free(db_c);
+}
+
+static void test_tower_gelu(int64_t n) {
+    char name[160];
+    float *x = rand_f32(n, 2.0f), *dy = rand_f32(n, 1.0f);
+    float *y_c = malloc(sizeof(float) * (size_t)n), *dx_c = malloc(sizeof(float) * (size_t)n);
+    cpu_gelu(&cpu, t1(LT_F32, y_c, n), t1(LT_F32, x, n));
+    cpu_gelu_backward(&cpu, t1(LT_F32, dx_c, n), t1(LT_F32, dy, n), t1(LT_F32, x, n));
+    float *xg = dev_put(x, (size_t)n * 4), *dyg = dev_put(dy, (size_t)n * 4);
+    float *yg = dev_poison(n), *dxg = dev_poison(n);
+    gpu.be->gelu(&gpu, t1(LT_F32, yg, n), t1(LT_F32, xg, n));
+    snprintf(name, sizeof name, "gelu n=%lld", (long long)n);
+    check_close(name, yg, y_c, n, 1e-5);
+    const lt_tower_grad_ops *g = tower_ops(&gpu);
+    lt_status rc =
+        g->gelu_backward(&gpu, t1(LT_F32, dxg, n), t1(LT_F32, dyg, n), t1(LT_F32, xg, n));
+    if (rc != LT_OK) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "gelu_backward n=%lld", (long long)n);
+    check_close(name, dxg, dx_c, n, 1e-5);
+    g->gelu_backward(&gpu, t1(LT_F32, dyg, n), t1(LT_F32, dyg, n), t1(LT_F32, xg, n));
+    snprintf(name, sizeof name, "gelu_backward over dy (the tower's call) n=%lld", (long long)n);
+    check_close(name, dyg, dx_c, n, 1e-5);
+    rc = g->gelu_backward(&gpu, t1(LT_F32, dxg, n - 1), t1(LT_F32, dyg, n), t1(LT_F32, xg, n));
+    ok(rc == LT_ERR_ARG, "gelu_backward: shapes that disagree are LT_ERR_ARG");
+    gpu.be->release(&gpu, xg), gpu.be->release(&gpu, dyg), gpu.be->release(&gpu, yg);
+    gpu.be->release(&gpu, dxg);
+    free(x), free(dy), free(y_c), free(dx_c);
+}
+
+static void test_tower_pool(int64_t g, int64_t k, int64_t D) {
+    char name[160];
+    int64_t o = g / k, nx = g * g * D, ny = o * o * D;
+    float *x = rand_f32(nx, 1.0f), *dy = rand_f32(ny, 1.0f);
+    float *y_c = malloc(sizeof(float) * (size_t)ny), *dx_c = malloc(sizeof(float) * (size_t)nx);
+    cpu_avg_pool(&cpu, t2(LT_F32, y_c, o * o, D), t2(LT_F32, x, g * g, D), (int)k);
+    cpu_avg_pool_backward(&cpu, t2(LT_F32, dx_c, g * g, D), t2(LT_F32, dy, o * o, D), (int)k);
+    float *xg = dev_put(x, (size_t)nx * 4), *dyg = dev_put(dy, (size_t)ny * 4);
+    float *yg = dev_poison(ny), *dxg = dev_poison(nx);
+    gpu.be->avg_pool(&gpu, t2(LT_F32, yg, o * o, D), t2(LT_F32, xg, g * g, D), (int)k);
+    const lt_tower_grad_ops *gr = tower_ops(&gpu);
+    lt_status rc =
+        gr->avg_pool_backward(&gpu, t2(LT_F32, dxg, g * g, D), t2(LT_F32, dyg, o * o, D), (int)k);
+    if (rc != LT_OK) diag("%s", gpu.err);
+    float *y = dev_get(yg, ny), *dx = dev_get(dxg, nx);
+    snprintf(name, sizeof name, "avg_pool %lldx%lld grid, k=%lld, D=%lld: the CPU's, bit for bit",
+             (long long)g, (long long)g, (long long)k, (long long)D);
+    ok(same_floats(y, y_c, ny), name);
+    snprintf(name, sizeof name,
+             "avg_pool_backward %lldx%lld grid, k=%lld, D=%lld: the CPU's, bit for bit",
+             (long long)g, (long long)g, (long long)k, (long long)D);
+    ok(rc == LT_OK && same_floats(dx, dx_c, nx), name);
+    rc = gr->avg_pool_backward(&gpu, t2(LT_F32, dxg, g * g, D), t2(LT_F32, dyg, o * o, D),
+                               (int)k + 1 + (g % (k + 1) == 0));
+    ok(rc == LT_ERR_ARG, "avg_pool_backward: a grid that k does not divide is LT_ERR_ARG");
+    gpu.be->release(&gpu, xg), gpu.be->release(&gpu, dyg), gpu.be->release(&gpu, yg);
+    gpu.be->release(&gpu, dxg);
+    free(x), free(dy), free(y_c), free(dx_c), free(y), free(dx);
+}
+
+/* The tower's attention: every position 0, so every patch sees every patch (siglip.c), forward
+ * and backward against the CPU (computed once) in each precision of prec[np]: fp32 (1e-5) and
+ * the card's 16-bit paths (1e-2). */
+static void test_tower_attention(int64_t P, int64_t nh, int64_t hd, const lt_dtype *prec, int np) {
+    char name[200], n2[260];
+    float scale = 1.0f / sqrtf((float)hd);
+    int64_t N = P * nh * hd;
+    float *q = rand_f32(N, 1.0f), *k = rand_f32(N, 1.0f), *v = rand_f32(N, 1.0f),
+          *dout = rand_f32(N, 1.0f);
+    int32_t *pos = calloc((size_t)P, sizeof(int32_t));
+    float *o_c = malloc(sizeof(float) * (size_t)N), *dq_c = malloc(sizeof(float) * (size_t)N),
+          *dk_c = malloc(sizeof(float) * (size_t)N), *dv_c = malloc(sizeof(float) * (size_t)N);
+    lt_tensor Q = t3(LT_F32, q, P, nh, hd), K = t3(LT_F32, k, P, nh, hd),
+              V = t3(LT_F32, v, P, nh, hd), POS = t1(LT_I32, pos, P);
+    cpu.be->attention(&cpu, t2(LT_F32, o_c, P, nh * hd), Q, K, V, POS, POS, 0, scale);
+    cpu_attention_backward(&cpu, t3(LT_F32, dq_c, P, nh, hd), t3(LT_F32, dk_c, P, nh, hd),
+                           t3(LT_F32, dv_c, P, nh, hd), t2(LT_F32, dout, P, nh * hd), Q, K, V, POS,
+                           POS, 0, scale);
+    float *qg = dev_put(q, (size_t)N * 4), *kg = dev_put(k, (size_t)N * 4),
+          *vg = dev_put(v, (size_t)N * 4), *dog = dev_put(dout, (size_t)N * 4);
+    int32_t *pg = dev_put(pos, (size_t)P * 4);
+    lt_tensor QG = t3(LT_F32, qg, P, nh, hd), KG = t3(LT_F32, kg, P, nh, hd),
+              VG = t3(LT_F32, vg, P, nh, hd), PG = t1(LT_I32, pg, P);
+    for (int i = 0; i < np; i++) {
+        double tol = tol_for(prec[i]);
+        lt_cuda_set_precision(&gpu, prec[i]);
+        float *og = dev_poison(N), *dqg = dev_poison(N), *dkg = dev_poison(N), *dvg = dev_poison(N);
+        lt_status rc =
+            gpu.be->attention(&gpu, t2(LT_F32, og, P, nh * hd), QG, KG, VG, PG, PG, 0, scale);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        snprintf(name, sizeof name, "tower attention %s P=%lld nh=%lld hd=%lld (every position 0)",
+                 lt_dtype_user_name(prec[i]), (long long)P, (long long)nh, (long long)hd);
+        check_close(name, og, o_c, N, tol);
+        rc = gpu.be->attention_backward(&gpu, t3(LT_F32, dqg, P, nh, hd),
+                                        t3(LT_F32, dkg, P, nh, hd), t3(LT_F32, dvg, P, nh, hd),
+                                        t2(LT_F32, dog, P, nh * hd), QG, KG, VG, PG, PG, 0, scale);
+        if (rc != LT_OK) diag("%s", gpu.err);
+        snprintf(n2, sizeof n2, "%s backward dq", name);
+        check_close(n2, dqg, dq_c, N, tol);
+        snprintf(n2, sizeof n2, "%s backward dk", name);
+        check_close(n2, dkg, dk_c, N, tol);
+        snprintf(n2, sizeof n2, "%s backward dv", name);
+        check_close(n2, dvg, dv_c, N, tol);
+        gpu.be->release(&gpu, og), gpu.be->release(&gpu, dqg), gpu.be->release(&gpu, dkg);
+        gpu.be->release(&gpu, dvg);
+    }
+    gpu.be->release(&gpu, qg), gpu.be->release(&gpu, kg), gpu.be->release(&gpu, vg);
+    gpu.be->release(&gpu, dog), gpu.be->release(&gpu, pg);
+    free(q), free(k), free(v), free(dout), free(pos), free(o_c), free(dq_c), free(dk_c), free(dv_c);
+}
+
+static void test_tower_ops(void) {
+    const lt_tower_grad_ops *g = tower_ops(&gpu);
+    ok(g && g->layernorm_backward && g->gelu_backward && g->avg_pool_backward &&
+           g != lt_backend_tower_grad(&lt_backend_cpu) &&
+           lt_backend_missing_tower_training_op(&lt_backend_cuda) == NULL,
+       "the CUDA backend has its own tower backward ops");
+    if (!g) return;
+    test_tower_layernorm(37, 72);     /* a head's width, rows in one chunk */
+    test_tower_layernorm(300, 1152);  /* SigLIP's width, several 64-row chunks, a ragged last */
+    test_tower_layernorm(4096, 1152); /* post_layernorm over an 896 x 896 image's patches */
+    test_tower_layernorm(5, 130);
+    test_tower_gelu(100003);
+    test_tower_gelu((int64_t)4096 * 4304); /* fc1's output for one image at 4B */
+    test_tower_pool(16, 4, 72);
+    test_tower_pool(64, 4, 1152); /* the real projector: 64 x 64 patches -> 16 x 16 tokens */
+    test_tower_pool(8, 2, 32);    /* tests/fixtures/vision's tower */
+    test_tower_pool(4, 1, 5);
+    /* SigLIP so400m's heads of 72 over a 448 x 448 image's 1024 patches, and two heads over the
+     * 4096 patches of an 896 x 896 image (the CPU reference is a plain loop) */
+    const lt_dtype dts[3] = {LT_F32, LT_BF16, LT_F16};
+    test_tower_attention(1024, 16, 72, dts, 3);
+    test_tower_attention(4096, 2, 72, dts, 2);
+    lt_cuda_set_precision(&gpu, lt_cuda_policy_dtype(&gpu));
+}
+
 int main(void) {
     const char *seed = getenv("LATHE_TEST_SEED");
     rng_state = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
@@ -1509,6 +1720,7 @@ int main(void) {
     test_adamw_and_extras();
     test_stash();
     test_fp16_range();
+    test_tower_ops();
     { /* an allocation the device cannot hold is a clean error, and the ctx still works */
         void *huge = gpu.be->alloc(&gpu, (size_t)1 << 50);
         ok(!huge && strstr(gpu.err, "out of device memory"),

@@ -18,6 +18,10 @@
  * each name to its part; a PEFT list of names with tower tensors in the file loads them onto
  * the tower (PEFT's suffix rule). TAP.
  */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +31,9 @@
 #include <unistd.h>
 
 #include "cuda/backend/cpu/grad.h"
+#ifdef HAVE_CUDA
+#include "cuda/backend/cuda/backend_cuda.h"
+#endif
 #include "cuda/formats/safetensors.h"
 #include "cuda/formats/safetensors_write.h"
 #include "cuda/model/siglip.h"
@@ -197,6 +204,13 @@ static void test_ops(void) {
     const lt_tower_grad_ops *g = lt_backend_tower_grad(&lt_backend_cpu);
     ok(g != NULL && lt_backend_missing_tower_training_op(&lt_backend_cpu) == NULL,
        "the CPU backend has the tower's backward ops");
+#ifdef HAVE_CUDA
+    /* asking needs no GPU: the table is the build's (tests/gpu/test_ops.c checks its results) */
+    const lt_tower_grad_ops *cg = lt_backend_tower_grad(&lt_backend_cuda);
+    ok(cg && cg != g && cg->layernorm_backward && cg->gelu_backward && cg->avg_pool_backward &&
+           lt_backend_missing_tower_training_op(&lt_backend_cuda) == NULL,
+       "the CUDA backend has its own tower backward ops: training the tower is not refused there");
+#endif
     if (!g) return;
     enum { N = 3, D = 6 };
     float x[N * D], w[D], b[D], dy[N * D], y[N * D], dx[N * D], dw[D] = {0}, db[D] = {0};
@@ -472,17 +486,20 @@ static void test_bad(void) {
            strstr(err, "ParamWrapper") && M->layers[0].q_proj.lora == NULL,
        "dropout with the projector is refused (as PEFT's ParamWrapper), nothing attached");
     diag("%s", err);
-    /* a backend without the tower's backward (as CUDA is now): refused before any allocation */
+    /* a backend without the tower's backward (tower_grad NULL): refused before any allocation */
     lt_backend fake = lt_backend_cpu;
-    fake.name = "cuda";
+    fake.name = "fake";
+    fake.tower_grad = NULL;
     fake.alloc = fake_alloc;
     lt_ctx fctx;
     lt_ctx_init(&fctx, &fake, 1);
     fake_allocs = 0;
     lora_opts o2 = {.r = 2, .alpha = 4, .targets = "q,k,vision"};
-    ok(lora_attach(&a, M, &fctx, &o2, err) != LT_OK && strstr(err, "device=cpu only") &&
-           strstr(err, "cuda") && fake_allocs == 0 && M->layers[0].q_proj.lora == NULL &&
-           M->vision->layers[0].q.lora == NULL,
+    ok(lt_backend_tower_grad(&fake) == NULL &&
+           !strcmp(lt_backend_missing_tower_training_op(&fake), "layernorm_backward") &&
+           lora_attach(&a, M, &fctx, &o2, err) != LT_OK && strstr(err, "the fake backend lacks") &&
+           strstr(err, "layernorm_backward") && strstr(err, "device=cuda") && fake_allocs == 0 &&
+           M->layers[0].q_proj.lora == NULL && M->vision->layers[0].q.lora == NULL,
        "a tower target on a backend without the tower's backward: refused, nothing allocated");
     diag("%s", err);
     o2.targets = "q,k";

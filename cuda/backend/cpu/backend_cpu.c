@@ -966,6 +966,7 @@ const lt_backend lt_backend_cpu = {
     .avg_pool = cpu_avg_pool,
     .attention_span = cpu_attention_span,
     .attention_span_backward = cpu_attention_span_backward,
+    .tower_grad = &lt_cpu_tower_grad,
 };
 
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads) {

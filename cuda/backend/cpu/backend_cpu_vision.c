@@ -1,8 +1,9 @@
 /* backend_cpu_vision.c — the CPU reference of the image tower's ops: LayerNorm with bias, a
  * linear's bias, GELU (tanh approximation) and the square-grid average pool (backend.h states
  * each), and the backward of LayerNorm, GELU and the pool, which training LoRA adapters on the
- * tower needs. The image block's attention (attention_span) shares the attention kernel in
- * backend_cpu.c, which points the table at these.
+ * tower needs (lt_tower_grad_ops: lt_cpu_tower_grad, which lt_backend_cpu points at). The image
+ * block's attention (attention_span) shares the attention kernel in backend_cpu.c, which points the
+ * table at these.
  *
  * Owns nothing but these functions; fp32 on host memory, single-threaded (next to the tower's
  * matmuls they are cheap). Knows nothing of SigLIP or Gemma.
@@ -193,14 +194,14 @@ lt_status cpu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k) 
     return LT_OK;
 }
 
-static const lt_tower_grad_ops cpu_tower_grad = {
+const lt_tower_grad_ops lt_cpu_tower_grad = {
     .layernorm_backward = cpu_layernorm_backward,
     .gelu_backward = cpu_gelu_backward,
     .avg_pool_backward = cpu_avg_pool_backward,
 };
 
 const lt_tower_grad_ops *lt_backend_tower_grad(const lt_backend *be) {
-    return be == &lt_backend_cpu ? &cpu_tower_grad : NULL;
+    return be ? be->tower_grad : NULL;
 }
 
 const char *lt_backend_missing_tower_training_op(const lt_backend *be) {

@@ -99,5 +99,7 @@ lt_status cpu_layernorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_ten
                                  lt_tensor dy, lt_tensor x, lt_tensor w, float eps);
 lt_status cpu_gelu_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x);
 lt_status cpu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k);
+/* Those three backward ops as lt_backend_cpu's tower_grad table. */
+extern const lt_tower_grad_ops lt_cpu_tower_grad;
 
 #endif

@@ -2378,6 +2378,83 @@ done:
     return op_end(ctx, rc);
 }
 
+/* ---- the image tower's backward (lt_tower_grad_ops; kernels/vision.cu) --------------------------
+ * backend_cpu_vision.c's cpu_layernorm_backward, cpu_gelu_backward and cpu_avg_pool_backward are
+ * the specification: the same argument checks, the same results (the row statistics in double,
+ * as the CPU takes them). training LoRA adapters on the tower reaches them through
+ * lt_backend_tower_grad (backend_cpu_vision.c), which returns this table for lt_backend_cuda. */
+
+static lt_status cu_layernorm_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dw, lt_tensor db,
+                                       lt_tensor dy, lt_tensor x, lt_tensor w, float eps) {
+    const char *opname = "layernorm_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&dx) && is_f32(&dy) && is_f32(&x) && is_f32(&w), "dx, dy, x, w must be fp32");
+    {
+        int64_t D = lt_tensor_numel(&w), n = lt_tensor_numel(&x);
+        CU_REQUIRE(D > 0 && n % D == 0 && lt_tensor_numel(&dy) == n && lt_tensor_numel(&dx) == n,
+                   "x, dy, dx must be [N, D] with w [D]");
+        CU_REQUIRE((!dw.data || (dw.dtype == LT_F32 && lt_tensor_numel(&dw) == D)) &&
+                       (!db.data || (db.dtype == LT_F32 && lt_tensor_numel(&db) == D)),
+                   "dw, db must be fp32 [D]");
+        int64_t N = n / D;
+        if (N == 0) goto done;
+        double *scratch = (double *)tmp_get(ctx, k_layernorm_backward_scratch(N, D));
+        if (!scratch) {
+            rc = LT_ERR_MEMORY;
+            goto done;
+        }
+        k_layernorm_backward(impl_of(ctx)->stream, (float *)dx.data, (float *)dw.data,
+                             (float *)db.data, (const float *)dy.data, (const float *)x.data,
+                             (const float *)w.data, N, D, eps, scratch);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_gelu_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, lt_tensor x) {
+    const char *opname = "gelu_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    int64_t n = lt_tensor_numel(&x);
+    CU_REQUIRE(is_f32(&dx) && is_f32(&dy) && is_f32(&x) && lt_tensor_numel(&dy) == n &&
+                   lt_tensor_numel(&dx) == n,
+               "dx, dy, x must be fp32, one shape");
+    k_gelu_backward(impl_of(ctx)->stream, (float *)dx.data, (const float *)dy.data,
+                    (const float *)x.data, n);
+    LAUNCHED();
+done:
+    return op_end(ctx, rc);
+}
+
+static lt_status cu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k) {
+    const char *opname = "avg_pool_backward";
+    op_begin(ctx, opname);
+    lt_status rc = LT_OK;
+    CU_REQUIRE(is_f32(&dx) && is_f32(&dy) && dx.ndim == 2 && dy.ndim == 2,
+               "dx, dy must be fp32 [rows, D]");
+    {
+        int64_t cells = dx.shape[0], D = dx.shape[1], g = 0;
+        while ((g + 1) * (g + 1) <= cells)
+            g++;
+        CU_REQUIRE(g * g == cells && k > 0 && g % k == 0,
+                   "dx must be a square grid g*g of rows with g a multiple of k");
+        CU_REQUIRE(dy.shape[0] == (g / k) * (g / k) && dy.shape[1] == D, "dy must be [(g/k)^2, D]");
+        k_avg_pool_backward(impl_of(ctx)->stream, (float *)dx.data, (const float *)dy.data, g, k,
+                            D);
+        LAUNCHED();
+    }
+done:
+    return op_end(ctx, rc);
+}
+
+static const lt_tower_grad_ops cu_tower_grad = {
+    .layernorm_backward = cu_layernorm_backward,
+    .gelu_backward = cu_gelu_backward,
+    .avg_pool_backward = cu_avg_pool_backward,
+};
+
 /* ---- the op table ------------------------------------------------------------------------------
  */
 
@@ -2447,6 +2524,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .avg_pool = cu_avg_pool,
     .attention_span = cu_attention_span,
     .attention_span_backward = cu_attention_span_backward,
+    .tower_grad = &cu_tower_grad,
     /* graphs: record a sequence of ops, replay it (the batched sampler's decode step) */
     .graph_begin = cu_graph_begin,
     .graph_end = cu_graph_end,

@@ -205,4 +205,22 @@ void k_attention_span(cudaStream_t st, float *out, const float *q, const float *
                       const int32_t *qpos, const int32_t *kpos, const int32_t *span, int64_t T,
                       int64_t S, int64_t nh, int64_t nkv, int64_t hd, int window, float scale);
 
+/* ---- vision.cu: the tower's backward (lt_tower_grad_ops) ---------------------------------------
+ */
+/* layernorm's backward (backend.h): dx written (NULL: not wanted; may alias dy or x), dw and db
+ * [D] accumulated (either NULL: not wanted), the row statistics in double; the sums over rows of
+ * dw and db in a fixed order (chunks of K_LN_BWD_ROWS rows or more, then the chunks in turn), so
+ * the result does not depend on scheduling. scratch: device memory of k_layernorm_backward_scratch
+ * bytes. */
+#define K_LN_BWD_ROWS 64
+size_t k_layernorm_backward_scratch(int64_t N, int64_t D);
+void k_layernorm_backward(cudaStream_t st, float *dx, float *dw, float *db, const float *dy,
+                          const float *x, const float *w, int64_t N, int64_t D, float eps,
+                          double *scratch);
+/* dx = dy * gelu_tanh'(x) elementwise (dx may alias dy or x). */
+void k_gelu_backward(cudaStream_t st, float *dx, const float *dy, const float *x, int64_t n);
+/* dx [g*g, D] (written) = dy [(g/k)^2, D] of each cell's k x k block / (k*k). */
+void k_avg_pool_backward(cudaStream_t st, float *dx, const float *dy, int64_t g, int64_t k,
+                         int64_t D);
+
 #endif
