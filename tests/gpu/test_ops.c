@@ -7,6 +7,10 @@
  * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
  * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
  * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
+ * attention and attention_backward also check which path ran (lt_cuda_flash_calls): the fused
+ * kernels on the 16-bit paths at head dims 72 (the image tower's, bidirectional as it calls it),
+ * 128 and 256, the chunked one otherwise; hd 72's split backward runs on a second ctx planned
+ * for less shared memory (the one-pass kernel fits every device at hd 72).
  * attention_span_backward (image blocks) is checked on block layouts against the CPU's, and with
  * no block against attention_backward. attention_rows (decode over per-row ring caches) also
  * checks the caches after its append;
