@@ -7,6 +7,10 @@
  * precision fp32), 1e-2 for bf16 and fp16. Also checks the fp16 rule (a matmul input is scaled by a
  * power of two before the cast, so it never becomes inf): inputs far beyond 65504 go through a
  * linear layer on fp16 weights and come out finite and right, where a plain cast to fp16 overflows.
+ * attention and attention_backward also check which path ran (lt_cuda_flash_calls): the fused
+ * kernels on the 16-bit paths at head dims 72 (the image tower's, bidirectional as it calls it),
+ * 128 and 256, the chunked one otherwise; hd 72's split backward runs on a second ctx planned
+ * for less shared memory (the one-pass kernel fits every device at hd 72).
  * attention_span_backward (image blocks) is checked on block layouts against the CPU's, and with
  * no block against attention_backward. attention_rows (decode over per-row ring caches) also
  * checks the caches after its append;
@@ -600,6 +604,33 @@ static void test_embedding(lt_dtype dt) {
 /* ---- attention ----------------------------------------------------------------------------------
  */
 
+/* Whether the CUDA backend should run this call on the fused kernels (kernels/attention.cu): a
+ * 16-bit path on a device with its tensor-core instructions, a head dim they are built for,
+ * LATHE_CUDA_FLASH not 0. The tiles of every device lathe targets fit these head dims. */
+static long flash_expected(lt_dtype prec, int64_t hd) {
+    const char *f = getenv("LATHE_CUDA_FLASH");
+    int cc = lt_cuda_compute_capability(&gpu);
+    if ((f && strcmp(f, "0") == 0) || prec == LT_F32 || (prec == LT_BF16 ? cc < 80 : cc < 75))
+        return 0;
+    return hd == 72 || hd == 128 || hd == 256;
+}
+
+/* The path a call took, from the backend's count of fused calls since *before. */
+static void check_path(const char *name, lt_dtype prec, int64_t hd, long *before) {
+    long now = lt_cuda_flash_calls(&gpu), want = flash_expected(prec, hd);
+    char buf[240];
+    snprintf(buf, sizeof buf, "%s: %s", name,
+             want ? "the fused kernels ran" : "the chunked path ran");
+    ok(now - *before == want, buf);
+    *before = now;
+}
+
+/* 1: test_attention also runs the backward for dq and dk alone and for dv alone (the key side's
+ * dK-only and dV-only launches of the split backward) */
+static int attn_subsets;
+
+/* decode: 0 causal from position 0, 1 a ring cache (forward only), 2 two packed samples whose
+ * positions restart, 3 bidirectional (every position 0: the image tower's calls). */
 static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int64_t nkv, int64_t hd,
                            int window, int decode) {
     char name[160];
@@ -609,8 +640,12 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
           *v = rand_f32(S * nkv * hd, 1.0f);
     float *dout = rand_f32(T * nh * hd, 1.0f);
     int32_t *qp = malloc(sizeof(int32_t) * (size_t)T), *kp = malloc(sizeof(int32_t) * (size_t)S);
-    if (decode ==
-        2) { /* two packed samples: positions restart (the mask, not the index, decides) */
+    if (decode == 3) { /* bidirectional: every key visible to every query */
+        for (int64_t t = 0; t < T; t++)
+            qp[t] = 0;
+        for (int64_t s = 0; s < S; s++)
+            kp[s] = 0;
+    } else if (decode == 2) { /* two packed samples: positions restart (the mask decides) */
         for (int64_t t = 0; t < T; t++)
             qp[t] = (int32_t)(t % (T / 2));
         for (int64_t s = 0; s < S; s++)
@@ -636,6 +671,7 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
           *dog = dev_put(dout, (size_t)(T * nh * hd) * 4);
     int32_t *qpg = dev_put(qp, (size_t)T * 4), *kpg = dev_put(kp, (size_t)S * 4);
     float *og = dev_poison(T * nh * hd);
+    long flash_before = lt_cuda_flash_calls(&gpu);
     lt_status rc = gpu.be->attention(&gpu, t2(LT_F32, og, T, nh * hd), t3(LT_F32, qg, T, nh, hd),
                                      t3(LT_F32, kg, S, nkv, hd), t3(LT_F32, vg, S, nkv, hd),
                                      t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window, scale);
@@ -645,8 +681,10 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
              (long long)hd, window,
              decode == 1   ? " (cache)"
              : decode == 2 ? " (restarting positions)"
+             : decode == 3 ? " (bidirectional)"
                            : "");
     check_close(name, og, o_c, T * nh * hd, tol);
+    check_path(name, prec, hd, &flash_before);
     if (decode != 1) {
         float *dq_c = malloc(sizeof(float) * (size_t)(T * nh * hd)),
               *dk_c = malloc(sizeof(float) * (size_t)(S * nkv * hd)),
@@ -671,9 +709,63 @@ static void test_attention(lt_dtype prec, int64_t T, int64_t S, int64_t nh, int6
         check_close(n2, dkg, dk_c, S * nkv * hd, tol);
         snprintf(n2, sizeof n2, "%s backward dv", name);
         check_close(n2, dvg, dv_c, S * nkv * hd, tol);
+        snprintf(n2, sizeof n2, "%s backward", name);
+        check_path(n2, prec, hd, &flash_before);
+        for (int sub = 0; attn_subsets && sub < 2; sub++) { /* dq, dk alone; then dv alone */
+            lt_tensor none = t3(LT_F32, NULL, 0, 0, 0);
+            float *dq2 = dev_poison(T * nh * hd), *dk2 = dev_poison(S * nkv * hd),
+                  *dv2 = dev_poison(S * nkv * hd);
+            rc = gpu.be->attention_backward(
+                &gpu, sub ? none : t3(LT_F32, dq2, T, nh, hd),
+                sub ? none : t3(LT_F32, dk2, S, nkv, hd), sub ? t3(LT_F32, dv2, S, nkv, hd) : none,
+                t2(LT_F32, dog, T, nh * hd), t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, S, nkv, hd),
+                t3(LT_F32, vg, S, nkv, hd), t1(LT_I32, qpg, T), t1(LT_I32, kpg, S), window, scale);
+            if (rc != LT_OK) diag("%s", gpu.err);
+            if (sub) {
+                snprintf(n2, sizeof n2, "%s backward dv alone", name);
+                check_close(n2, dv2, dv_c, S * nkv * hd, tol);
+            } else {
+                snprintf(n2, sizeof n2, "%s backward dq, dk without dv: dq", name);
+                check_close(n2, dq2, dq_c, T * nh * hd, tol);
+                snprintf(n2, sizeof n2, "%s backward dq, dk without dv: dk", name);
+                check_close(n2, dk2, dk_c, S * nkv * hd, tol);
+            }
+            gpu.be->release(&gpu, dq2), gpu.be->release(&gpu, dk2), gpu.be->release(&gpu, dv2);
+        }
         free(dq_c), free(dk_c), free(dv_c);
     }
     free(q), free(k), free(v), free(dout), free(qp), free(kp), free(o_c);
+}
+
+/* hd 72's split backward kernels: the one-pass backward fits every device lathe targets at hd
+ * 72 (64,520 B), so a second CUDA ctx planned for a device with less shared memory a block
+ * (LATHE_CUDA_SMEM_OPTIN at its init: 48 KiB gives 64 x 64 split tiles, 40 KiB 32-row tiles)
+ * runs them, standing in for gpu for the calls; then dq and dk without dv, and dv alone. */
+static void test_attention_split72(const char *smem) {
+    char was[64] = "";
+    const char *w = getenv("LATHE_CUDA_SMEM_OPTIN");
+    if (w) snprintf(was, sizeof was, "%s", w);
+    setenv("LATHE_CUDA_SMEM_OPTIN", smem, 1);
+    lt_ctx small;
+    lt_status rc = lt_ctx_init(&small, &lt_backend_cuda, 0);
+    if (w)
+        setenv("LATHE_CUDA_SMEM_OPTIN", was, 1);
+    else
+        unsetenv("LATHE_CUDA_SMEM_OPTIN");
+    char name[120];
+    snprintf(name, sizeof name, "a second CUDA ctx with LATHE_CUDA_SMEM_OPTIN=%s", smem);
+    ok(rc == LT_OK, name);
+    if (rc != LT_OK) return;
+    lt_ctx keep = gpu;
+    gpu = small;
+    attn_subsets = 1;
+    diag("hd 72 with %s bytes of shared memory a block: the split backward", smem);
+    test_attention(LT_BF16, 200, 200, 4, 2, 72, 0, 3);
+    test_attention(LT_F16, 130, 130, 4, 1, 72, 50, 0);
+    attn_subsets = 0;
+    small = gpu;
+    gpu = keep;
+    lt_ctx_shutdown(&small);
 }
 
 /* attention_span_backward (image blocks, backend.h's attention_span rule) against the CPU's, on
@@ -1681,6 +1773,19 @@ int main(void) {
     test_attention(LT_BF16, 700, 700, 4, 2, 256, 300, 0);
     test_attention(LT_F16, 334, 334, 4, 2, 256, 100, 2);
     test_attention(LT_BF16, 1030, 1030, 16, 4, 128, 500, 0); /* 128-row forward blocks */
+    /* hd 72 (SigLIP's heads: Gemma 3's image tower) on the fused kernels, tiles 80 wide */
+    for (int i = 0; i < 3; i++) {
+        test_attention(dts[i], 70, 70, 4, 2, 72, 0, 0); /* causal, GQA, a partial tile */
+        test_attention(dts[i], 130, 130, 16, 16, 72, 0,
+                       3); /* the tower's 16 heads, bidirectional */
+    }
+    test_attention(LT_BF16, 333, 333, 4, 1, 72, 100, 0); /* a window, T not a multiple of 64 */
+    test_attention(LT_F16, 334, 334, 4, 2, 72, 0, 2);    /* restarting positions */
+    test_attention(LT_BF16, 600, 600, 16, 16, 72, 0, 3); /* the tower's heads over many tiles */
+    test_attention(LT_F16, 600, 600, 16, 16, 72, 0, 3);
+    test_attention(LT_BF16, 3, 100, 8, 4, 72, 0, 1); /* a cache: empty slots, out of order */
+    test_attention_split72("49152");
+    test_attention_split72("40960");
     for (int i = 0; i < 3; i++) { /* image blocks (training's path; 128-row chunks) */
         /* Gemma 3 1B's heads; a window < T; a block at the start and one in the middle */
         test_attention_span(dts[i], 300, 4, 1, 256, 100, 0, 64, 150, 80, 0);

@@ -69,6 +69,8 @@ typedef struct cu_impl {
     int flash;  /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
     int gemv16; /* LATHE_CUDA_GEMV=0 sends few-row linears through cuBLAS like the rest */
     size_t smem_optin; /* shared memory a block may opt in to */
+    /* attention calls the fused kernels took (lt_cuda_flash_calls) */
+    long flash_calls;
     cudaStream_t stream;
     cublasHandle_t blas;
     /* the stash (checkpoint offload): copies run on their own stream, ordered after the ops
@@ -1550,7 +1552,7 @@ done:
 }
 
 /* Whether the fused kernels (kernels/attention.cu) take this call: a 16-bit path, head dim
- * 128 or 256, a device with the tensor-core instructions and shared memory they need, sizes
+ * 72, 128 or 256, a device with the tensor-core instructions and shared memory they need, sizes
  * that fit int. Anything else (fp32 above all) runs the chunked cuBLAS path. */
 static int flash_ok(lt_ctx *ctx, const attn_dims *D, lt_dtype cdt, int backward) {
     cu_impl *I = impl_of(ctx);
@@ -1590,6 +1592,7 @@ static lt_status cu_attention(lt_ctx *ctx, lt_tensor out, lt_tensor q, lt_tensor
                             (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv,
                             I->smem_optin);
             LAUNCHED();
+            I->flash_calls++;
             goto done;
         }
         float *qs = NULL, *qinv = NULL;
@@ -2060,6 +2063,7 @@ static lt_status attn_backward(lt_ctx *ctx, const char *opname, lt_tensor dq, lt
                              (int)S, (int)nh, (int)nkv, window, scale, Q.inv, K.inv, V.inv, DO.inv,
                              I->smem_optin);
             LAUNCHED();
+            I->flash_calls++;
             goto done;
         }
         float *qs = NULL, *qinv = NULL, *ds = NULL, *dinv = NULL;
@@ -2550,6 +2554,10 @@ extern "C" lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx) {
 
 extern "C" int lt_cuda_compute_capability(lt_ctx *ctx) {
     return is_cuda_ctx(ctx) ? impl_of(ctx)->cc : 0;
+}
+
+extern "C" long lt_cuda_flash_calls(lt_ctx *ctx) {
+    return is_cuda_ctx(ctx) ? impl_of(ctx)->flash_calls : 0;
 }
 
 extern "C" lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt) {

@@ -26,6 +26,10 @@ int lt_cuda_device_count(void);
 lt_dtype lt_cuda_policy_dtype(lt_ctx *ctx);
 /* Compute capability as 10*major+minor (75, 80, 90), 0 if unknown. */
 int lt_cuda_compute_capability(lt_ctx *ctx);
+/* How many attention and attention_backward calls on this ctx took the fused kernels
+ * (kernels/attention.cu) rather than the chunked cuBLAS path, since it was made: lets tests
+ * check which path ran. */
+long lt_cuda_flash_calls(lt_ctx *ctx);
 /* The dtype attention's matmuls run in (q, k, v, P cast to it; fp32 accumulate). Linear layers
  * always compute in their weight's storage dtype. Set by the loader from the policy. */
 lt_status lt_cuda_set_precision(lt_ctx *ctx, lt_dtype dt);

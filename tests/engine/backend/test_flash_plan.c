@@ -4,10 +4,13 @@
  * block (cuda/backend/cuda/kernels/flash_plan.h). This test runs that arithmetic for the five
  * architectures lathe targets, with the opt-in sizes of NVIDIA's CUDA C++ Programming Guide
  * (compute capabilities table: 7.5 64 KB, 8.0 163 KB, 8.6 and 8.9 99 KB, 9.0 227 KB), and
- * prints the table. Checked: no architecture falls back to the chunked path at head dim 128 or
- * 256, forward or backward; every chosen kernel's shared memory fits the device; tiles never
- * exceed the rows a block owns; the large devices keep the tiles they always had (one-pass
- * backward on sm_80 and sm_90); and a device below what the smallest tiles need gets none.
+ * prints the table. Checked: no architecture falls back to the chunked path at head dim 72
+ * (SigLIP's: Gemma 3's image tower), 128 or 256, forward or backward; every chosen kernel's
+ * shared memory fits the device; tiles never exceed the rows a block owns and are ones
+ * attention.cu instantiates; hd 72's tiles are 80 values wide (the next multiple of 16) plus the
+ * pad, so its one-pass backward fits even a T4; the large devices keep the tiles they always had
+ * (one-pass backward on sm_80 and sm_90); and a device below what the smallest tiles need gets
+ * none.
  * The kernels themselves are compared with the CPU on a GPU (tests/gpu/test_ops, also with
  * LATHE_CUDA_SMEM_OPTIN=65536 to run a T4's tiles on a larger card).
  */
@@ -41,9 +44,11 @@ static void describe(const arch *a, int hd, const flash_plan *p) {
 
 int main(void) {
     char name[160];
+    static const int hds[3] = {72, 128, 256};
     for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
         const arch *a = &archs[i];
-        for (int hd = 128; hd <= 256; hd *= 2) {
+        for (int h = 0; h < 3; h++) {
+            const int hd = hds[h];
             flash_plan p;
             int made = flash_plan_make(hd, a->optin, &p);
             describe(a, hd, &p);
@@ -62,7 +67,39 @@ int main(void) {
             ok(p.dq_bn <= p.dq_rows && p.dkv_bq <= p.dkv_rows && p.fwd_bn <= FLASH_ROWS &&
                    (p.dq_rows == 64 || p.dq_rows == 32) && (p.dkv_rows == 64 || p.dkv_rows == 32),
                name);
+            snprintf(name, sizeof name, "%s hd %d: only tiles attention.cu instantiates", a->name,
+                     hd);
+            ok(flash_fwd_built(hd, p.fwd_bn) && flash_split_built(hd, p.dq_rows, p.dq_bn) &&
+                   flash_split_built(hd, p.dkv_rows, p.dkv_bq) && p.dkv_together == (hd <= 128),
+               name);
         }
+    }
+    /* hd 72: rows of 80 values (72 and eight zeros, the k step of 16) and the 8-value pad */
+    ok(FLASH_WIDTH(72) == 80 && FLASH_WIDTH(128) == 128 && FLASH_WIDTH(256) == 256 &&
+           flash_row_bytes(72) == 176 && flash_row_bytes(128) == 272,
+       "tile rows: hd 72 is 80 values wide plus the pad (176 bytes), 128 and 256 as they are");
+    ok(flash_fwd_smem(72, 64, 64) == 192 * 176 + 130 * 4 && flash_bwd_smem(72) == 64520,
+       "hd 72: forward 34,312 B, one-pass backward 64,520 B");
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
+        flash_plan p;
+        flash_plan_make(72, archs[i].optin, &p);
+        snprintf(name, sizeof name,
+                 "%s hd 72: 64-key forward, one-pass backward, split tiles 64 x 64 as well",
+                 archs[i].name);
+        ok(p.fwd_bn == 64 && p.bwd_fused && p.dq_rows == 64 && p.dq_bn == 64 && p.dkv_rows == 64 &&
+               p.dkv_bq == 64,
+           name);
+    }
+    { /* between the one-pass backward's 64,520 B and the split kernels' 45 KiB at hd 72 */
+        flash_plan p;
+        flash_plan_make(72, 56 * 1024, &p);
+        ok(p.fwd_bn == 64 && !p.bwd_fused && p.dq_rows == 64 && p.dq_bn == 64 && p.dkv_rows == 64 &&
+               p.dkv_bq == 64 && flash_plan_fits(&p, 1),
+           "56 KiB hd 72: the split backward at 64 x 64 (the one-pass kernel does not fit)");
+        flash_plan_make(72, 40 * 1024, &p);
+        ok(p.fwd_bn == 64 && !p.bwd_fused && p.dq_bn == 32 && p.dkv_bq == 32 &&
+               flash_plan_fits(&p, 1),
+           "40 KiB hd 72: the split backward at 32-row tiles");
     }
     flash_plan p;
     /* the T4: hd 256 needs the small tiles; hd 128 the split backward at 32-row tiles */
@@ -98,5 +135,10 @@ int main(void) {
     ok(!flash_plan_make(64, 227 * 1024, &p) && !flash_plan_fits(&p, 0),
        "hd 64: not a head dim the fused kernels are built for");
     ok(!flash_plan_make(192, 227 * 1024, &p), "hd 192: refused");
+    ok(!flash_plan_make(80, 227 * 1024, &p), "hd 80 (hd 72's tile width): refused");
+    /* up to hd 128 the launchers build only the 64-key forward: a device without room for it
+     * gets no plan that would launch a smaller tile */
+    ok(flash_plan_make(128, 48 * 1024, &p) && !p.fwd_bn && !flash_plan_fits(&p, 0),
+       "48 KiB hd 128: no forward tile smaller than the 64 keys built");
     return tap_done();
 }

@@ -325,6 +325,13 @@ void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows
  * [nkv, S, hd], each times a power-of-two scale on the fp16 path (the inv pointers undo it).
  * Tiles with no visible pair are skipped (the test is exact per key / per query, so any position
  * layout works: causal, sliding window, packed sequences whose positions restart).
+ * Head dims: 128, 256, and 72 (the SigLIP image tower's). The kernels take the real head dim HD
+ * as a template argument: global memory (the packed inputs, the fp32 outputs) is HD wide, shared
+ * tiles FLASH_WIDTH(HD) wide (80 at 72) with zeros past HD. Products that sum over the head dim
+ * (Q·Kᵀ, dO·Vᵀ) run over the whole width, where the zeros add nothing, so the scores and the
+ * caller's scale are exactly HD's; products that produce head-dim columns (P·V, dS·K, Pᵀ·dO,
+ * dSᵀ·Q) stop at HD's nine n-tiles of 8 and write no pad column. Nothing is packed wider than
+ * HD, so the pad costs no memory traffic, only a tenth more work in the score products.
  */
 #define FA_ROWS FLASH_ROWS /* rows a block owns (the split backward may take 32) */
 #define FA_THREADS 128     /* four warps */
@@ -379,10 +386,35 @@ __device__ __forceinline__ void fa_mma<__nv_bfloat16>(float *c, const uint32_t *
 #endif
 }
 
-/* Shared tiles are [rows][HD + FLASH_PAD] 16-bit values, as flash_plan.h sizes them (the pad
- * spreads fragment reads over banks). */
+/* Shared tiles are [rows][FLASH_WIDTH(HD) + FLASH_PAD] 16-bit values, as flash_plan.h sizes
+ * them: a row holds the head's HD values, zeros up to the width (HD 72: 80, the next multiple of
+ * the k step of 16; fa_zero_pad writes them once, and no load touches them), then the pad, which
+ * spreads fragment reads over banks (176 bytes a row at HD 72: eight rows on distinct banks). */
+template <int HD> __device__ constexpr int fa_w() {
+    return FLASH_WIDTH(HD);
+}
 template <int HD> __device__ constexpr int fa_ld() {
-    return HD + FLASH_PAD;
+    return FLASH_WIDTH(HD) + FLASH_PAD;
+}
+/* How far the k loops over the width unroll: by 4, and HD 72's five steps fully (unrolled by 4
+ * they leave a remainder loop, and the dq kernel spills on sm_75). */
+template <int HD> __device__ constexpr int fa_kunroll() {
+    return fa_w<HD>() / 16 == 5 ? 5 : 4;
+}
+
+/* Zeros in columns [HD, FLASH_WIDTH(HD)) of the first rows rows of the tiles at t (nothing
+ * where HD is a multiple of 16). Products over the head dim (Q·Kᵀ, dO·Vᵀ) run over the whole
+ * width: zero columns add nothing to a score, and zeros in both operands keep whatever else is
+ * in shared memory (a NaN pattern) out. Products whose n side is the head dim stop at HD. */
+template <int HD, int NT = FA_THREADS>
+__device__ __forceinline__ void fa_zero_pad(uint16_t *t, int rows) {
+    if constexpr (fa_w<HD>() != HD) {
+        constexpr int per = (fa_w<HD>() - HD) / 8;
+        for (int i = threadIdx.x; i < rows * per; i += NT) {
+            int r = i / per, c = HD + (i - r * per) * 8;
+            *(uint4 *)(t + r * fa_ld<HD>() + c) = make_uint4(0, 0, 0, 0);
+        }
+    }
 }
 
 /* dst[r][:] = src[row0 + r][:] for r < rows (zeros past n): src is [n, HD] 16-bit. On sm_80 and
@@ -452,6 +484,38 @@ template <int HD>
 __device__ __forceinline__ void fa_frag_bn2(uint32_t *b, const uint16_t *t, int k0, int n0) {
     const int l = threadIdx.x & 31;
     fa_ldsm_t(b, t + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * fa_ld<HD>() + n0 + (l >> 4) * 8);
+}
+
+/* One such fragment (n-tile n0 alone: b[0..1]), two 8x8 matrices; lanes 16..31 repeat the
+ * addresses of 0..15, which ldmatrix .x2 does not read. */
+template <int HD>
+__device__ __forceinline__ void fa_frag_bn1(uint32_t *b, const uint16_t *t, int k0, int n0) {
+    const int l = threadIdx.x & 31;
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(
+        t + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * fa_ld<HD>() + n0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(a));
+}
+
+/* c[n] += a · B_n for the n-tiles n < cnt (cnt <= N, the size of c), B_n[k][j] = t[k0 + k][n0 +
+ * 8n + j]: two n-tiles a fragment load, an odd last one alone (HD 72 has nine n-tiles). Where
+ * cnt is a constant the branches fold away. */
+template <typename T16, int HD, int N>
+__device__ __forceinline__ void fa_mma_bn(float (*c)[4], const uint32_t *a, const uint16_t *t,
+                                          int k0, int n0, int cnt) {
+#pragma unroll
+    for (int n = 0; n < N; n += 2) {
+        uint32_t b[4];
+        if (n + 1 < cnt) {
+            fa_frag_bn2<HD>(b, t, k0, n0 + n * 8);
+            fa_mma<T16>(c[n], a, b);
+            fa_mma<T16>(c[n + 1 < N ? n + 1 : n], a, b + 2);
+        } else if (n < cnt) {
+            fa_frag_bn1<HD>(b, t, k0, n0 + n * 8);
+            fa_mma<T16>(c[n], a, b);
+        }
+    }
 }
 
 /* The same fragments from tiles of any row length ld (the fused backward's [64][BQ + 8] tiles):
@@ -557,6 +621,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS; /* the longest rows first */
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, NULL);
     const uint16_t *Kh = Kp + (size_t)kvh * S * HD, *Vh = Vp + (size_t)kvh * S * HD;
+    fa_zero_pad<HD>(Qs, FA_ROWS + 2 * BN);
     fa_load<HD>(Qs, Qp + (size_t)h * T * HD, t0, T, FA_ROWS);
     fa_wait<0>();
     fa_own_positions(qp_s, mm, qpos, t0, T, INT_MIN);
@@ -590,8 +655,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 #pragma unroll
         for (int j = 0; j < BN / 8; j++)
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+        for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
             uint32_t a[4];
             fa_frag_a<HD>(a, Qs, warp * 16, kk);
 #pragma unroll
@@ -653,13 +718,7 @@ __global__ void __launch_bounds__(FA_THREADS)
             a[1] = fa_pack<T16>::two(s[2 * kk][2], s[2 * kk][3]);
             a[2] = fa_pack<T16>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             a[3] = fa_pack<T16>::two(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n += 2) {
-                uint32_t b[4];
-                fa_frag_bn2<HD>(b, Vs, kk * 16, n * 8);
-                fa_mma<T16>(o[n], a, b);
-                fa_mma<T16>(o[n + 1], a, b + 2);
-            }
+            fa_mma_bn<T16, HD, HD / 8>(o, a, Vs, kk * 16, 0, HD / 8);
         }
     }
     fa_wait<0>();
@@ -730,6 +789,7 @@ __global__ void __launch_bounds__(ROWS * 2)
     const int t0 = (gridDim.x - 1 - blockIdx.x) * ROWS; /* the longest rows first */
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
     const uint16_t *Kh = Kp + (size_t)kvh * S * HD, *Vh = Vp + (size_t)kvh * S * HD;
+    fa_zero_pad<HD, ROWS * 2>(Qs, 2 * ROWS + 2 * BN);
     fa_load<HD, ROWS * 2>(Qs, Qp + (size_t)h * T * HD, t0, T, ROWS);
     fa_load<HD, ROWS * 2>(dOs, dOp + (size_t)h * T * HD, t0, T, ROWS);
     fa_wait<0>();
@@ -765,8 +825,8 @@ __global__ void __launch_bounds__(ROWS * 2)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 s[j][e] = dp[j][e] = 0.0f;
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+        for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
             uint32_t a[4];
             fa_frag_a<HD>(a, Qs, warp * 16, kk);
 #pragma unroll
@@ -779,8 +839,8 @@ __global__ void __launch_bounds__(ROWS * 2)
         }
         fa_wait<0>();
         __syncthreads(); /* V is in */
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+        for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
             uint32_t a[4];
             fa_frag_a<HD>(a, dOs, warp * 16, kk);
 #pragma unroll
@@ -809,13 +869,7 @@ __global__ void __launch_bounds__(ROWS * 2)
             a[1] = fa_pack<T16>::two(s[2 * kk][2], s[2 * kk][3]);
             a[2] = fa_pack<T16>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             a[3] = fa_pack<T16>::two(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n += 2) {
-                uint32_t b[4];
-                fa_frag_bn2<HD>(b, Ks, kk * 16, n * 8);
-                fa_mma<T16>(acc[n], a, b);
-                fa_mma<T16>(acc[n + 1], a, b + 2);
-            }
+            fa_mma_bn<T16, HD, HD / 8>(acc, a, Ks, kk * 16, 0, HD / 8);
         }
     }
     const float post = scale * sc.kin / sc.f;
@@ -856,6 +910,7 @@ __global__ void __launch_bounds__(ROWS * 2)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int kvh = blockIdx.y, h = kvh * g + blockIdx.z, s0 = blockIdx.x * ROWS;
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
+    fa_zero_pad<HD, ROWS * 2>(Ks, ROWS + (DK ? ROWS : 0) + 2 * BQ);
     fa_load<HD, ROWS * 2>(Ks, Kp + (size_t)kvh * S * HD, s0, S, ROWS);
     if (DK) fa_load<HD, ROWS * 2>(Vs, Vp + (size_t)kvh * S * HD, s0, S, ROWS);
     fa_wait<0>();
@@ -896,8 +951,8 @@ __global__ void __launch_bounds__(ROWS * 2)
 #pragma unroll
         for (int j = 0; j < (DK ? BQ / 8 : 1); j++)
             dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+        for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
             uint32_t a[4];
             fa_frag_a<HD>(a, Ks, warp * 16, kk);
 #pragma unroll
@@ -911,8 +966,8 @@ __global__ void __launch_bounds__(ROWS * 2)
         fa_wait<0>();
         __syncthreads(); /* dO is in */
         if (DK) {
-#pragma unroll 4
-            for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+            for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
                 uint32_t a[4];
                 fa_frag_a<HD>(a, Vs, warp * 16, kk);
 #pragma unroll
@@ -949,13 +1004,7 @@ __global__ void __launch_bounds__(ROWS * 2)
                 a[1] = fa_pack<T16>::two(s[2 * kk][2], s[2 * kk][3]);
                 a[2] = fa_pack<T16>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]);
                 a[3] = fa_pack<T16>::two(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-                for (int n = 0; n < HD / 8; n += 2) {
-                    uint32_t b[4];
-                    fa_frag_bn2<HD>(b, dOs, kk * 16, n * 8);
-                    fa_mma<T16>(av[DV ? n : 0], a, b);
-                    fa_mma<T16>(av[DV ? n + 1 : 0], a, b + 2);
-                }
+                fa_mma_bn<T16, HD, DV ? HD / 8 : 1>(av, a, dOs, kk * 16, 0, DV ? HD / 8 : 0);
             }
             if (DK) {
                 uint32_t a[4];
@@ -964,13 +1013,7 @@ __global__ void __launch_bounds__(ROWS * 2)
                 a[1] = fa_pack<T16>::two(dp[j0][2], dp[j0][3]);
                 a[2] = fa_pack<T16>::two(dp[j1][0], dp[j1][1]);
                 a[3] = fa_pack<T16>::two(dp[j1][2], dp[j1][3]);
-#pragma unroll
-                for (int n = 0; n < HD / 8; n += 2) {
-                    uint32_t b[4];
-                    fa_frag_bn2<HD>(b, Qs, kk * 16, n * 8);
-                    fa_mma<T16>(ak[DK ? n : 0], a, b);
-                    fa_mma<T16>(ak[DK ? n + 1 : 0], a, b + 2);
-                }
+                fa_mma_bn<T16, HD, DK ? HD / 8 : 1>(ak, a, Qs, kk * 16, 0, DK ? HD / 8 : 0);
             }
         }
     }
@@ -1006,14 +1049,15 @@ __global__ void __launch_bounds__(ROWS * 2)
 }
 
 /* Backward in one pass over key blocks (FlashAttention-2's order), where shared memory allows
- * (about 155 KiB a block at hd 256, 88 KiB at hd 128; not a T4): a block owns 64 keys of kv head
- * kvh for query head h = g · kvh + blockIdx.z, keeps their K and V on the chip and streams the
- * visible query tiles (BQ = 64 rows): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ give Pᵀ and dSᵀ, staged in shared
- * memory in 16 bits; then dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers, and dQ += dS·K leaves
- * through fp32 atomics. Five products per tile pair where the split kernels above need eight. Eight
- * warps: warp w takes key rows 16 · (w % 4) (query rows for dQ) and half of the columns (w / 4) of
- * every product. The next tile's dO and Q load while dK and dQ are computed. dq, dk, dv are
- * ACCUMULATED (the caller zeroes them). Grid (ceil(S/64), nkv, g). */
+ * (about 155 KiB a block at hd 256, 88 KiB at hd 128, 63 KiB at hd 72, which a T4 takes too): a
+ * block owns 64 keys of kv head kvh for query head h = g · kvh + blockIdx.z, keeps their K and V
+ * on the chip and streams the visible query tiles (BQ = 64 rows): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ give Pᵀ
+ * and dSᵀ, staged in shared memory in 16 bits; then dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers,
+ * and dQ += dS·K leaves through fp32 atomics. Five products per tile pair where the split kernels
+ * above need eight. Eight warps: warp w takes key rows 16 · (w % 4) (query rows for dQ) and half of
+ * the columns (w / 4) of every product (of HD 72's nine head-dim n-tiles, five and four). The next
+ * tile's dO and Q load while dK and dQ are computed. dq, dk, dv are ACCUMULATED (the caller zeroes
+ * them). Grid (ceil(S/64), nkv, g). */
 #define FB_THREADS 256
 #define FB_BQ FLASH_FB_BQ
 
@@ -1040,7 +1084,12 @@ __global__ void __launch_bounds__(FB_THREADS)
                      int nkv, int g, int window, float scale, const float *qinv, const float *kinv,
                      const float *vinv, const float *dinv) {
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    constexpr int BQ = FB_BQ, LD = fa_ld<HD>(), LP = BQ + FLASH_PAD, HH = HD / 2, QH = BQ / 2;
+    constexpr int BQ = FB_BQ, LD = fa_ld<HD>(), LP = BQ + FLASH_PAD, QH = BQ / 2;
+    /* where the head dim is the n side, warp column wc takes n-tiles [wc · NH, wc · NH + cnt):
+     * halves at HD 128 and 256, five and four of HD 72's nine (EVEN: halves of even counts,
+     * every count a constant) */
+    constexpr int NT = HD / 8, NH = (NT + 1) / 2;
+    constexpr bool EVEN = NT % 4 == 0;
     uint16_t *Ks = (uint16_t *)fa_smem;           /* [64][LD] */
     uint16_t *Vs = Ks + FA_ROWS * LD;             /* [64][LD] */
     uint16_t *Qs = Vs + FA_ROWS * LD;             /* [BQ][LD] */
@@ -1054,8 +1103,10 @@ __global__ void __launch_bounds__(FB_THREADS)
     int *mm = kp_s + FA_ROWS;                     /* [2] */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int wr = warp & 3, wc = warp >> 2;
+    const int cnt = EVEN ? NH : (wc ? NT - NH : NH), cb = wc * NH * 8;
     const int kvh = blockIdx.y, h = kvh * g + blockIdx.z, s0 = blockIdx.x * FA_ROWS;
     const fa_scales sc = fa_scales_make(scale, qinv, kinv, vinv, dinv);
+    fa_zero_pad<HD, FB_THREADS>(Ks, 2 * FA_ROWS + 2 * BQ);
     fa_load<HD, FB_THREADS>(Ks, Kp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
     fa_load<HD, FB_THREADS>(Vs, Vp + (size_t)kvh * S * HD, s0, S, FA_ROWS);
     fa_own_positions(kp_s, mm, kpos, s0, S, -1);
@@ -1080,9 +1131,9 @@ __global__ void __launch_bounds__(FB_THREADS)
     fa_load<HD, FB_THREADS>(Qs, Qh, t0, T, BQ);
     const int r0 = wr * 16 + gq; /* this thread's key rows r0, r0 + 8 (query rows in dQ) */
     const int kp0 = kp_s[r0], kp1 = kp_s[r0 + 8];
-    float ak[HD / 16][4], av[HD / 16][4];
+    float ak[NH][4], av[NH][4];
 #pragma unroll
-    for (int n = 0; n < HD / 16; n++)
+    for (int n = 0; n < NH; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             ak[n][e] = av[n][e] = 0.0f;
@@ -1096,8 +1147,8 @@ __global__ void __launch_bounds__(FB_THREADS)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 s[j][e] = dp[j][e] = 0.0f;
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
+#pragma unroll(fa_kunroll <HD>())
+        for (int kk = 0; kk < fa_w<HD>(); kk += 16) {
             uint32_t a[4], b[4];
             fa_frag_a<HD>(a, Ks, wr * 16, kk);
 #pragma unroll
@@ -1137,28 +1188,18 @@ __global__ void __launch_bounds__(FB_THREADS)
         /* dV += Pᵀ · dO */
 #pragma unroll
         for (int kk = 0; kk < BQ; kk += 16) {
-            uint32_t a[4], b[4];
+            uint32_t a[4];
             fa_frag_a_ld(a, Ps, LP, wr * 16, kk);
-#pragma unroll
-            for (int n = 0; n < HH / 8; n += 2) {
-                fa_frag_bn2<HD>(b, dOs, kk, wc * HH + n * 8);
-                fa_mma<T16>(av[n], a, b);
-                fa_mma<T16>(av[n + 1], a, b + 2);
-            }
+            fa_mma_bn<T16, HD, NH>(av, a, dOs, kk, cb, cnt);
         }
         const int tn = fb_next_tile(t0 + BQ, T, qpos, kmin, kmax, window); /* a barrier: dO free */
         if (tn < T) fa_load<HD, FB_THREADS>(dOs, dOh, tn, T, BQ);
             /* dK += dSᵀ · Q */
 #pragma unroll
         for (int kk = 0; kk < BQ; kk += 16) {
-            uint32_t a[4], b[4];
+            uint32_t a[4];
             fa_frag_a_ld(a, dSs, LP, wr * 16, kk);
-#pragma unroll
-            for (int n = 0; n < HH / 8; n += 2) {
-                fa_frag_bn2<HD>(b, Qs, kk, wc * HH + n * 8);
-                fa_mma<T16>(ak[n], a, b);
-                fa_mma<T16>(ak[n + 1], a, b + 2);
-            }
+            fa_mma_bn<T16, HD, NH>(ak, a, Qs, kk, cb, cnt);
         }
         __syncthreads(); /* Q and the metadata are free */
         if (tn < T) {
@@ -1173,18 +1214,17 @@ __global__ void __launch_bounds__(FB_THREADS)
         const int ta = t0 + r0, tb = ta + 8;
         float *qa = dq + ((size_t)ta * nh + h) * HD, *qb = dq + ((size_t)tb * nh + h) * HD;
 #pragma unroll 2
-        for (int n = 0; n < HH / 8; n += 2) {
+        for (int n = 0; n < NH; n += 2) {
+            if (!EVEN && n >= cnt) break;
+            const int m = EVEN ? 2 : min(2, cnt - n); /* n-tiles this step: two, or one */
             float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-            for (int kk = 0; kk < FA_ROWS / 16; kk++) {
-                uint32_t b[4];
-                fa_frag_bn2<HD>(b, Ks, kk * 16, wc * HH + n * 8);
-                fa_mma<T16>(c[0], a[kk], b);
-                fa_mma<T16>(c[1], a[kk], b + 2);
-            }
+            for (int kk = 0; kk < FA_ROWS / 16; kk++)
+                fa_mma_bn<T16, HD, 2>(c, a[kk], Ks, kk * 16, cb + n * 8, m);
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                const int d = wc * HH + (n + i) * 8 + tq * 2;
+                if (i >= m) break;
+                const int d = cb + (n + i) * 8 + tq * 2;
                 if (ta < T) fa_add2(qa + d, c[i][0] * pq, c[i][1] * pq);
                 if (tb < T) fa_add2(qb + d, c[i][2] * pq, c[i][3] * pq);
             }
@@ -1194,8 +1234,9 @@ __global__ void __launch_bounds__(FB_THREADS)
     const float pk = scale * sc.qin / sc.f, pv = sc.din;
     const int sa = s0 + r0, sb = sa + 8;
 #pragma unroll
-    for (int n = 0; n < HH / 8; n++) {
-        const int d = wc * HH + n * 8 + tq * 2;
+    for (int n = 0; n < NH; n++) {
+        if (!EVEN && n >= cnt) break;
+        const int d = cb + n * 8 + tq * 2;
         if (sa < S) {
             fa_add2(dk + ((size_t)sa * nkv + kvh) * HD + d, ak[n][0] * pk, ak[n][1] * pk);
             fa_add2(dv + ((size_t)sa * nkv + kvh) * HD + d, av[n][0] * pv, av[n][1] * pv);
@@ -1234,8 +1275,8 @@ static void fa_forward_bn(cudaStream_t st, const void *Qp, const void *Kp, const
                                     nh / nkv, window, scale, qinv, kinv, vinv);
 }
 
-/* The forward with the plan's key tile: 64 wherever it fits; at hd 256, 32 on 99 KiB devices
- * (sm_86, sm_89) and 16 on a T4. */
+/* The forward with the plan's key tile: 64 wherever it fits (always at hd 72 and 128); at hd 256,
+ * 32 on 99 KiB devices (sm_86, sm_89) and 16 on a T4. */
 template <typename T16, int HD>
 static void fa_forward_t(cudaStream_t st, const void *Qp, const void *Kp, const void *Vp,
                          float *out, float *lse, float *dd, const float *dout, const int32_t *qpos,
@@ -1262,21 +1303,25 @@ void k_flash_forward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, const
                      const float *vinv, size_t smem_optin) {
     flash_plan p;
     if (T <= 0 || !flash_plan_make(hd, smem_optin, &p)) return;
+#define FA_FWD(T16, HD)                                                                            \
+    fa_forward_t<T16, HD>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv, window,   \
+                          scale, qinv, kinv, vinv, &p)
     if (dt == LT_BF16) {
-        if (hd == 128)
-            fa_forward_t<__nv_bfloat16, 128>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                             nh, nkv, window, scale, qinv, kinv, vinv, &p);
+        if (hd == 72)
+            FA_FWD(__nv_bfloat16, 72);
+        else if (hd == 128)
+            FA_FWD(__nv_bfloat16, 128);
         else
-            fa_forward_t<__nv_bfloat16, 256>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S,
-                                             nh, nkv, window, scale, qinv, kinv, vinv, &p);
+            FA_FWD(__nv_bfloat16, 256);
     } else {
-        if (hd == 128)
-            fa_forward_t<__half, 128>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv,
-                                      window, scale, qinv, kinv, vinv, &p);
+        if (hd == 72)
+            FA_FWD(__half, 72);
+        else if (hd == 128)
+            FA_FWD(__half, 128);
         else
-            fa_forward_t<__half, 256>(st, Qp, Kp, Vp, out, lse, dd, dout, qpos, kpos, T, S, nh, nkv,
-                                      window, scale, qinv, kinv, vinv, &p);
+            FA_FWD(__half, 256);
     }
+#undef FA_FWD
 }
 
 template <typename T16, int HD, int BN, int ROWS>
@@ -1319,9 +1364,10 @@ static int fa_bwd_fused(const flash_plan *p) {
     return !split && p->bwd_fused;
 }
 
-/* The split backward's tiles, from the plan (flash_plan.h): hd 128 takes 64-row blocks with 64-
- * or 32-row tiles; hd 256 takes 64-row blocks with 32- or 16-row tiles, or on a T4 32-row
- * blocks with 16-row tiles. dK and dV in one launch at hd 128, one launch each at hd 256. */
+/* The split backward's tiles, from the plan (flash_plan.h): hd 72 and 128 take 64-row blocks
+ * with 64- or 32-row tiles; hd 256 takes 64-row blocks with 32- or 16-row tiles, or on a T4
+ * 32-row blocks with 16-row tiles. dK and dV in one launch up to hd 128, one launch each at hd
+ * 256. */
 #define FA_SPLIT_ARGS                                                                              \
     st, Qp, Kp, Vp, dOp, lse, dd, dq, qpos, kpos, T, S, nh, nkv, window, scale, qinv, kinv, vinv,  \
         dinv
@@ -1399,23 +1445,25 @@ void k_flash_backward(cudaStream_t st, lt_dtype dt, int hd, const void *Qp, cons
                       const float *kinv, const float *vinv, const float *dinv, size_t smem_optin) {
     flash_plan p;
     if (T <= 0 || S <= 0 || !flash_plan_make(hd, smem_optin, &p)) return;
+#define FA_BWD(T16, HD)                                                                            \
+    fa_backward_t<T16, HD>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S, nh, nkv,    \
+                           window, scale, qinv, kinv, vinv, dinv, &p)
     if (dt == LT_BF16) {
-        if (hd == 128)
-            fa_backward_t<__nv_bfloat16, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
-                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
-                                              &p);
+        if (hd == 72)
+            FA_BWD(__nv_bfloat16, 72);
+        else if (hd == 128)
+            FA_BWD(__nv_bfloat16, 128);
         else
-            fa_backward_t<__nv_bfloat16, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos,
-                                              T, S, nh, nkv, window, scale, qinv, kinv, vinv, dinv,
-                                              &p);
+            FA_BWD(__nv_bfloat16, 256);
     } else {
-        if (hd == 128)
-            fa_backward_t<__half, 128>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, &p);
+        if (hd == 72)
+            FA_BWD(__half, 72);
+        else if (hd == 128)
+            FA_BWD(__half, 128);
         else
-            fa_backward_t<__half, 256>(st, Qp, Kp, Vp, dOp, lse, dd, dq, dk, dv, qpos, kpos, T, S,
-                                       nh, nkv, window, scale, qinv, kinv, vinv, dinv, &p);
+            FA_BWD(__half, 256);
     }
+#undef FA_BWD
 }
 
 /* ---- attention_rows: one decode query per row, each over its own ring cache -------------------

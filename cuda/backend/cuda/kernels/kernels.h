@@ -105,10 +105,10 @@ void k_softmax_backward(cudaStream_t st, float *dp, const float *p, int64_t rows
 
 /* Fused (flash-style) attention on the 16-bit paths, backend.h's attention contract. Inputs are
  * packed 16-bit (dt = LT_BF16 or LT_F16): Qp, dOp [nh, T, hd], Kp, Vp [nkv, S, hd], each times a
- * power-of-two scale whose inverse is the matching *inv device scalar (NULL = 1). Only hd 128 and
- * 256; k_flash_supported says whether this device and shape can run them (backward: also the
- * backward kernels). smem_optin (the device's opt-in shared memory a block) picks the tiles
- * (flash_plan.h). */
+ * power-of-two scale whose inverse is the matching *inv device scalar (NULL = 1). Only hd 72, 128
+ * and 256 (flash_plan.h); k_flash_supported says whether this device and shape can run them
+ * (backward: also the backward kernels). smem_optin (the device's opt-in shared memory a block)
+ * picks the tiles (flash_plan.h). */
 int k_flash_supported(lt_dtype dt, int hd, int cc, size_t smem_optin, int backward);
 /* lse == NULL: out [T, nh*hd] fp32 (written). Otherwise (the backward's first pass) out is not
  * touched and lse, dd [nh, T] fp32 get the row log-sum-exp (of the scaled scores) and
