@@ -207,8 +207,8 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
             <<<g, th, 0, st>>>(y, x, packed, code, absmax, in, out, blocksize, accumulate);        \
         break;
         NF4_GEMV_T(1)
-        NF4_GEMV_T(2) NF4_GEMV_T(3) NF4_GEMV_T(4) NF4_GEMV_T(5) NF4_GEMV_T(6) NF4_GEMV_T(7)
-            NF4_GEMV_T(8)
+        NF4_GEMV_T(2)
+        NF4_GEMV_T(3) NF4_GEMV_T(4) NF4_GEMV_T(5) NF4_GEMV_T(6) NF4_GEMV_T(7) NF4_GEMV_T(8)
 #undef NF4_GEMV_T
     }
 }
