@@ -204,8 +204,10 @@ lt_status lt_chat(lt_session *s, const char *user_text, const lt_gen_opts *o,
  * user_text}] do: the template writes "<start_of_image>" per image and each becomes an image
  * block ("\n\n", <start_of_image>, mm_tokens_per_image image tokens, <end_of_image>, "\n\n"),
  * as transformers' processing_gemma3.py expands it; the tower's soft tokens fill the block.
- * The history keeps every image's soft tokens (in host memory), so later turns re-render the
- * earlier images at their places without reading the files again. Refused, the history
+ * The history keeps every image's soft tokens and pixels (in host memory), so later turns
+ * re-render the earlier images at their places without reading the files again; once the
+ * tower's or the projector's adapters change (lt_lora_attach, lt_train, lt_grpo) the next turn
+ * encodes them again through the changed tower. Refused, the history
  * unchanged: a model without an image tower, a file that cannot be read or is not a PNG or
  * JPEG, a conversation longer than max_seq, bad io options. n_images 0 is lt_chat. io
  * (NULL = lt_image_opts_default: no pan-and-scan) applies to this turn's images; with

@@ -57,10 +57,13 @@
  * the file again, and a serial no other block of the session shares: the cache compares
  * serials, so equal ids with a different image never reuse it. A file takes one block, or with
  * pan-and-scan 1 + its crops: the full image's block has crops = their count, each crop's
- * block crops = -1. */
+ * block crops = -1. px: the block's pixels as the tower takes them ([3, side, side] fp32), kept
+ * so that the soft tokens are encoded again once the tower's or the projector's adapters have
+ * changed (epoch: the session's tower_epoch when emb was made), as transformers encodes
+ * pixel_values again on every generate. */
 typedef struct chat_img {
-    uint64_t serial;
-    float *emb;
+    uint64_t serial, epoch;
+    float *emb, *px;
     int crops;
 } chat_img;
 
@@ -95,7 +98,9 @@ struct lt_session {
     int n_msgs, cap_msgs;
     chat_img *imgs;
     int n_imgs, cap_imgs;
-    uint64_t img_serial; /* the last serial given */
+    uint64_t img_serial;  /* the last serial given */
+    uint64_t tower_epoch; /* counts the changes of the tower's and projector's adapters */
+    int tower_adapted;    /* the adapters held at the last change had tower or projector slots */
     /* fine-tuning: adapters and the current run (train.c) */
     lt_trainer *trainer;
 };
@@ -114,6 +119,12 @@ lt_session *lt_session_new(void) {
     return s;
 }
 
+static void chat_img_free(chat_img *im) {
+    free(im->emb);
+    free(im->px);
+    im->emb = im->px = NULL;
+}
+
 static void cache_drop(lt_session *s) {
     if (s->cache_ready) gemma3_cache_free(&s->cache, &s->ctx);
     s->cache_ready = 0;
@@ -127,7 +138,7 @@ void lt_chat_reset(lt_session *s) {
     }
     s->n_msgs = 0;
     for (int i = 0; i < s->n_imgs; i++)
-        free(s->imgs[i].emb);
+        chat_img_free(&s->imgs[i]);
     s->n_imgs = 0;
 }
 
@@ -1154,6 +1165,24 @@ static lt_status chat_fits(lt_session *s, int nid, int total_blocks) {
                    nid, s->max_seq, total_blocks, mm + 2, mm);
 }
 
+/* im's soft tokens from its pixels through the tower as it is now (dev: backend scratch of one
+ * block's soft tokens): emb (made or overwritten), a fresh serial, the current epoch. */
+static lt_status encode_block(lt_session *s, float *dev, chat_img *im) {
+    const siglip_tower *t = s->model->vision;
+    lt_ctx *ctx = &s->ctx;
+    size_t bytes =
+        sizeof(float) * (size_t)t->cfg.mm_tokens_per_image * (size_t)s->model->cfg.hidden_size;
+    lt_status rc = siglip_encode(t, ctx, im->px, dev);
+    if (rc != LT_OK) return lt_fail(s->err, rc, "%s", ctx->err);
+    if (!im->emb && !(im->emb = malloc(bytes)))
+        return lt_fail(s->err, LT_ERR_MEMORY, "out of memory for the images");
+    if ((rc = ctx->be->download(ctx, im->emb, dev, bytes)) != LT_OK)
+        return lt_fail(s->err, rc, "%s", ctx->err);
+    im->serial = ++s->img_serial;
+    im->epoch = s->tower_epoch;
+    return LT_OK;
+}
+
 /* Reads and encodes n image files into their blocks, out[0..sum of 1 + crops[i]) (soft tokens
  * in host memory, fresh serials); po: pan-and-scan (NULL = none), crops: what each file was
  * counted to take. On failure nothing is left allocated. */
@@ -1192,29 +1221,47 @@ static lt_status encode_images(lt_session *s, const char *const *paths, int n,
             break;
         }
         for (int k = 0; k <= c && rc == LT_OK; k++, b++) {
-            if ((rc = siglip_encode(t, ctx, px + (size_t)k * 3 * side * side, dev)) != LT_OK) {
-                lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
-                break;
-            }
-            if (!(out[b].emb = malloc(bytes))) {
+            size_t pxb = sizeof(float) * 3 * (size_t)side * (size_t)side;
+            if (!(out[b].px = malloc(pxb))) {
                 rc = lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
                 break;
             }
-            if ((rc = be->download(ctx, out[b].emb, dev, bytes)) != LT_OK) {
-                lt_fail(s->err, rc, "chat: %s: %s", paths[i], ctx->err);
+            memcpy(out[b].px, px + (size_t)k * 3 * side * side, pxb);
+            out[b].crops = k == 0 ? c : -1;
+            if ((rc = encode_block(s, dev, &out[b])) != LT_OK) {
+                lt_fail_prefix(s->err, rc, "chat: %s", paths[i]);
                 break;
             }
-            out[b].serial = ++s->img_serial;
-            out[b].crops = k == 0 ? c : -1;
         }
     }
     free(px);
     if (dev) be->release(ctx, dev);
     if (rc != LT_OK)
-        for (int i = 0; i < blocks; i++) {
-            free(out[i].emb);
-            out[i].emb = NULL;
+        for (int i = 0; i < blocks; i++)
+            chat_img_free(&out[i]);
+    return rc;
+}
+
+/* Encodes the history's image blocks again where the tower's adapters changed since. */
+static lt_status refresh_images(lt_session *s) {
+    lt_ctx *ctx = &s->ctx;
+    int stale = 0;
+    for (int i = 0; i < s->n_imgs; i++)
+        stale += s->imgs[i].epoch != s->tower_epoch;
+    if (!stale) return LT_OK;
+    size_t bytes = sizeof(float) * (size_t)s->model->vision->cfg.mm_tokens_per_image *
+                   (size_t)s->model->cfg.hidden_size;
+    float *dev = ctx->be->alloc(ctx, bytes);
+    if (!dev) return lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
+    lt_status rc = LT_OK;
+    for (int i = 0; i < s->n_imgs && rc == LT_OK; i++)
+        if (s->imgs[i].epoch != s->tower_epoch) {
+            rc = encode_block(s, dev, &s->imgs[i]);
+            if (rc != LT_OK)
+                lt_fail_prefix(s->err, rc,
+                               "chat: encoding an earlier image again after its adapters changed");
         }
+    ctx->be->release(ctx, dev);
     return rc;
 }
 
@@ -1293,6 +1340,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
     }
     /* the new blocks go after the history's, where they are kept once the turn is done */
     chat_img *fresh = rc == LT_OK && nb > 0 ? s->imgs + s->n_imgs : NULL;
+    if (rc == LT_OK) rc = refresh_images(s);
     if (rc == LT_OK && nb > 0) rc = encode_images(s, images, n_images, pso, crops, fresh);
     free(crops);
     const chat_img **all = NULL;
@@ -1302,10 +1350,8 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
         all[i] = &s->imgs[i];
     if (rc != LT_OK) {
         if (fresh)
-            for (int i = 0; i < nb; i++) {
-                free(fresh[i].emb);
-                fresh[i].emb = NULL;
-            }
+            for (int i = 0; i < nb; i++)
+                chat_img_free(&fresh[i]);
         free(ids);
         return rc;
     }
@@ -1337,7 +1383,7 @@ lt_status lt_chat_images(lt_session *s, const char *user_text, const char *const
     }
     if (!kept)
         for (int i = 0; i < nb; i++)
-            free(fresh[i].emb);
+            chat_img_free(&fresh[i]);
     lt_strbuf_free(&st.text);
     return rc;
 }
@@ -1354,6 +1400,16 @@ static trainer_env session_env(lt_session *s) {
     return e;
 }
 
+/* The adapters were attached, trained or loaded: the cache is stale, and so are the history's
+ * image blocks where the tower or the projector carries adapters (or carried them before an
+ * attach replaced them). */
+static void adapters_changed(lt_session *s) {
+    const lt_adapters *a = trainer_adapters(s->trainer);
+    cache_drop(s);
+    if (s->n_imgs && ((a && a->n_tower_slots > 0) || s->tower_adapted)) s->tower_epoch++;
+    s->tower_adapted = a && a->n_tower_slots > 0;
+}
+
 lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callbacks *cb) {
     call_begin(s);
     if (!s->model)
@@ -1363,7 +1419,7 @@ lt_status lt_lora_attach(lt_session *s, const lt_lora_opts *o, const lt_callback
         return lt_fail(s->err, LT_ERR_MEMORY, "out of memory");
     trainer_env env = session_env(s);
     lt_status rc = trainer_attach(s->trainer, &env, o, s->err);
-    cache_drop(s);
+    adapters_changed(s);
     if (rc != LT_OK) return rc;
     if (cb && cb->message && o->load && *o->load) {
         char m[1200];
@@ -1407,7 +1463,7 @@ lt_status lt_train(lt_session *s, const lt_train_opts *o, const lt_train_callbac
     trainer_env env = session_env(s);
     int changed = 0;
     lt_status rc = trainer_run(s->trainer, &env, o, cb, res, &changed, s->err);
-    if (changed) cache_drop(s);
+    if (changed) adapters_changed(s);
     return rc;
 }
 
@@ -1424,7 +1480,7 @@ lt_status lt_grpo(lt_session *s, const lt_grpo_opts *o, const lt_grpo_callbacks 
     trainer_forget_run(s->trainer); /* a later %train starts a fresh run */
     cache_drop(s);                  /* the rollout and the updates change what the cache holds */
     lt_status rc = grpo_run(trainer_adapters(s->trainer), &env, o, cb, res, s->err);
-    cache_drop(s);
+    adapters_changed(s);
     return rc;
 }
 

@@ -702,6 +702,10 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     lt_lora_info info;
     lt_lora_info_get(s, &info);
     ok(info.n_modules == 7 * 7 + 6 + 1, "... 49 text linears, the tower's six and the projector");
+    const char *one[1] = {rgb};
+    lt_chat_reset(s);
+    ok(turn_matches(s, "What colour is it?", one, 1, one, 1, 4, "before training"),
+       "(a chat turn with the image before the tower trains)");
     plan_line[0] = 0;
     double last = 0, first = first_loss(s, data, 6, 3e-2f, &last);
     diag("frozen tower: %.6f -> %.6f; tower trained: %.6f -> %.6f", frozen_first, frozen_last,
@@ -709,6 +713,10 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     ok(first > 0 && fabs(first - frozen_first) <= 1e-6 * frozen_first,
        "... step 0's loss equals the frozen tower's (B = 0: the adapters start as identity)");
     ok(last < first - 0.05, "... training through the tower lowers the loss");
+    /* the history's image is encoded again through the trained tower, as transformers encodes
+     * pixel_values on every generate: the next turn equals greedy decoding over lt_logits_image */
+    ok(turn_matches(s, "And now?", NULL, 0, one, 1, 4, "after training"),
+       "%chat after training the tower: the earlier image's soft tokens are the trained tower's");
     ok(fabs(last - frozen_last) > 1e-4 * frozen_last,
        "... and the run differs from the frozen-tower run");
     diag("%s", plan_line);
@@ -725,7 +733,6 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     lt_chat_reset(s);
     int np = 0;
     int32_t *ids = prompt_ids(s, "Colour?", 1, &np);
-    const char *one[1] = {rgb};
     float *lg1 = NULL, *lg2 = NULL;
     int V = 0;
     lt_status r1 = lt_logits_image(s, ids, np, one, 1, NULL, &lg1, &V);
