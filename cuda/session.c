@@ -1165,13 +1165,18 @@ static lt_status chat_fits(lt_session *s, int nid, int total_blocks) {
                    nid, s->max_seq, total_blocks, mm + 2, mm);
 }
 
+/* The bytes of one image block's soft tokens ([mm_tokens_per_image, hidden] fp32). */
+static size_t soft_token_bytes(const lt_session *s) {
+    return sizeof(float) * (size_t)s->model->vision->cfg.mm_tokens_per_image *
+           (size_t)s->model->cfg.hidden_size;
+}
+
 /* im's soft tokens from its pixels through the tower as it is now (dev: backend scratch of one
  * block's soft tokens): emb (made or overwritten), a fresh serial, the current epoch. */
 static lt_status encode_block(lt_session *s, float *dev, chat_img *im) {
     const siglip_tower *t = s->model->vision;
     lt_ctx *ctx = &s->ctx;
-    size_t bytes =
-        sizeof(float) * (size_t)t->cfg.mm_tokens_per_image * (size_t)s->model->cfg.hidden_size;
+    size_t bytes = soft_token_bytes(s);
     lt_status rc = siglip_encode(t, ctx, im->px, dev);
     if (rc != LT_OK) return lt_fail(s->err, rc, "%s", ctx->err);
     if (!im->emb && !(im->emb = malloc(bytes)))
@@ -1192,8 +1197,7 @@ static lt_status encode_images(lt_session *s, const char *const *paths, int n,
     lt_ctx *ctx = &s->ctx;
     const lt_backend *be = ctx->be;
     int side = t->cfg.image_size;
-    size_t bytes =
-        sizeof(float) * (size_t)t->cfg.mm_tokens_per_image * (size_t)s->model->cfg.hidden_size;
+    size_t bytes = soft_token_bytes(s);
     int blocks = 0;
     for (int i = 0; i < n; i++)
         blocks += 1 + crops[i];
@@ -1249,8 +1253,7 @@ static lt_status refresh_images(lt_session *s) {
     for (int i = 0; i < s->n_imgs; i++)
         stale += s->imgs[i].epoch != s->tower_epoch;
     if (!stale) return LT_OK;
-    size_t bytes = sizeof(float) * (size_t)s->model->vision->cfg.mm_tokens_per_image *
-                   (size_t)s->model->cfg.hidden_size;
+    size_t bytes = soft_token_bytes(s);
     float *dev = ctx->be->alloc(ctx, bytes);
     if (!dev) return lt_fail(s->err, LT_ERR_MEMORY, "chat: out of memory for the images");
     lt_status rc = LT_OK;
