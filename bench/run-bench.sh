@@ -21,13 +21,18 @@
 #           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
 #           for llama.cpp here (bench/check_flow_gguf.py OUTDIR/flow);
+#   bnb     the checkpoints `%save quantized=` writes (nf4, nf4 with bf16 parts, int8, dynamic)
+#           loaded by transformers with bitsandbytes against lathe's logits
+#           (bench/check_bnb_load.py); BNB_SRC names a folder holding bitsandbytes' Python
+#           package (a source checkout: the machine has no bitsandbytes, and its pure-torch
+#           backend runs it on the CPU without the native library);
 #   full    full fine-tuning (bench_train RANK 0): what fits 15 GiB, and 1B in bf16;
 #   lease   checks (no fallback rerun), the vision and pan-and-scan fixtures, grpo-short, flow,
 #           full: under 9 minutes;
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
-# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|flow|lease|quick|all], with the binaries packed
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|flow|bnb|lease|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # Every run leaves OUTDIR/device.txt and OUTDIR/results.tgz (all the logs and files it wrote).
@@ -128,6 +133,13 @@ case $what in flow)
         >> "$out/flow.log" 2>&1
     timeout 240 $PY bench/check_flow.py "$out/flow" >> "$out/flow.log" 2>&1
     grep -h -E 'exit|Error|error|checks|^\{' "$out/flow.log"
+esac
+case $what in bnb)
+    LATHE=$B/lathe $PY bench/check_bnb_load.py make "$out/bnb" > "$out/bnb_load.log" 2>&1 &&
+        CUDA_VISIBLE_DEVICES= PYTHONPATH=${BNB_SRC:?BNB_SRC: a folder with bitsandbytes/} \
+        timeout 200 $PY bench/check_bnb_load.py check "$out/bnb" >> "$out/bnb_load.log" 2>&1
+    echo "check_bnb_load: exit $?" >> "$out/bnb_load.log"
+    grep -h -E '^\{|exit' "$out/bnb_load.log"
 esac
 case $what in full)
     # full fine-tuning (%lora full=true: fp32 master weights, gradients and AdamW moments on the
