@@ -80,7 +80,7 @@ def check(out):
         want = np.load(d + ".lathe.npy").astype(np.float64)
         qc = json.load(open(os.path.join(d, "config.json")))["quantization_config"]
         try:
-            model = AutoModelForCausalLM.from_pretrained(d, device_map="cpu").eval()
+            model = AutoModelForCausalLM.from_pretrained(d).eval()
             layers = {}
             for _, m in model.named_modules():
                 layers[type(m).__name__] = layers.get(type(m).__name__, 0) + 1
