@@ -179,11 +179,21 @@ typedef struct lt_backend {
      * y: [T, out] fp32; x: [T, in] fp32, or BF16 when w->w is BF16 (a matmul-only activation,
      * see bf16_activations); w->w: [out, in]. */
     lt_status (*linear)(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w);
+    /* n (1..4) linears of the same x: y[k] = linear(x, w[k]), exactly as n calls of `linear`
+     * compute them, in fewer launches where the backend can (q, k and v; gate and up while
+     * decoding). NULL: the caller calls `linear` n times (gemma3.c's linears). */
+    lt_status (*linears)(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
+                         const lt_weight *const *w);
     /* Gemma RMSNorm over the last dim D = numel(w):
      * y = x * rsqrt(mean(x²) + eps) * (1 + w), computed in fp32. x, y: [N, D] (y may alias x);
      * y may be BF16 (rounded to nearest even; then it must not alias x).
      * Used for the layer norms ([T, H]) and for q_norm/k_norm ([T*heads, hd]). */
     lt_status (*rmsnorm)(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps);
+    /* A sublayer's end: x = rmsnorm(x, w); h += x; then, when a.data, a = rmsnorm(h, w2) (the
+     * next sublayer's input norm): the values those ops give, in fewer launches. x, h, a:
+     * [N, D] fp32; w, w2: [D] fp32. NULL: the caller calls the three (gemma3.c's norm_add). */
+    lt_status (*rmsnorm_add)(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                             lt_tensor w2, float eps);
     /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.
      * angle_j = (pos / factor) * theta^(-2j/hd); factor = 1 for no scaling. */
     lt_status (*rope)(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor);

@@ -1437,6 +1437,28 @@ static lt_status capture_io(lt_ctx *ctx, const layer_capture *cap, int k, lt_ten
     return rc;
 }
 
+/* n linears of one input x: the backend's `linears` (fewer launches) where it has one. */
+static lt_status linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
+                         const lt_weight *const *w) {
+    if (ctx->be->linears) return ctx->be->linears(ctx, n, y, x, w);
+    lt_status rc = LT_OK;
+    for (int k = 0; k < n && rc == LT_OK; k++)
+        rc = ctx->be->linear(ctx, y[k], x, w[k]);
+    return rc;
+}
+
+/* A sublayer's end: x = norm(x, w); h += x; a = norm(h, w2) (a.data NULL: not), through the
+ * backend's rmsnorm_add (one launch) where it has one. */
+static lt_status norm_add(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                          lt_tensor w2, float eps) {
+    const lt_backend *be = ctx->be;
+    if (be->rmsnorm_add) return be->rmsnorm_add(ctx, h, x, w, a, w2, eps);
+    lt_status rc = be->rmsnorm(ctx, x, x, w, eps);
+    if (rc == LT_OK) rc = be->add(ctx, h, x);
+    if (rc == LT_OK && a.data) rc = be->rmsnorm(ctx, a, h, w2, eps);
+    return rc;
+}
+
 /* The attention input of layer l on the T rows of b->h at positions b->pos: a = norm(h); q, k,
  * v; qk-norm; RoPE. cap (NULL in every forward but quant=dynamic's calibration) keeps each
  * linear's input and output. */
@@ -1463,12 +1485,13 @@ static lt_status layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemm
     lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
 
     LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
-    LT_TRY(be->linear(ctx, q2, a, &w->q_proj));
-    LT_TRY(capture_io(ctx, cap, 0, a, q2));
-    LT_TRY(be->linear(ctx, k2, a, &w->k_proj));
-    LT_TRY(capture_io(ctx, cap, 1, a, k2));
-    LT_TRY(be->linear(ctx, v2, a, &w->v_proj));
-    LT_TRY(capture_io(ctx, cap, 2, a, v2));
+    {
+        const lt_tensor ys[3] = {q2, k2, v2};
+        const lt_weight *ws[3] = {&w->q_proj, &w->k_proj, &w->v_proj};
+        LT_TRY(linears(ctx, 3, ys, a, ws));
+        for (int k = 0; k < 3; k++)
+            LT_TRY(capture_io(ctx, cap, k, a, ys[k]));
+    }
     LT_TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
     LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
     LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
@@ -1498,18 +1521,18 @@ static lt_status layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const g
 
     LT_TRY(be->linear(ctx, o, att, &w->o_proj));
     LT_TRY(capture_io(ctx, cap, 3, att, o));
-    LT_TRY(be->rmsnorm(ctx, o, o, w->post_attention_layernorm, eps));
-    LT_TRY(be->add(ctx, h, o));
-    LT_TRY(be->rmsnorm(ctx, a, h, w->pre_feedforward_layernorm, eps));
-    LT_TRY(be->linear(ctx, gate, a, &w->gate_proj));
-    LT_TRY(capture_io(ctx, cap, 4, a, gate));
-    LT_TRY(be->linear(ctx, up, a, &w->up_proj));
-    LT_TRY(capture_io(ctx, cap, 5, a, up));
+    LT_TRY(norm_add(ctx, h, o, w->post_attention_layernorm, a, w->pre_feedforward_layernorm, eps));
+    {
+        const lt_tensor ys[2] = {gate, up};
+        const lt_weight *ws[2] = {&w->gate_proj, &w->up_proj};
+        LT_TRY(linears(ctx, 2, ys, a, ws));
+        LT_TRY(capture_io(ctx, cap, 4, a, gate));
+        LT_TRY(capture_io(ctx, cap, 5, a, up));
+    }
     LT_TRY(be->geglu(ctx, gate, gate, up));
     LT_TRY(be->linear(ctx, o, gate, &w->down_proj));
     LT_TRY(capture_io(ctx, cap, 6, gate, o));
-    LT_TRY(be->rmsnorm(ctx, o, o, w->post_feedforward_layernorm, eps));
-    LT_TRY(be->add(ctx, h, o));
+    LT_TRY(norm_add(ctx, h, o, w->post_feedforward_layernorm, (lt_tensor){0}, (lt_tensor){0}, eps));
 done:
     return rc;
 }

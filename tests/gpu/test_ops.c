@@ -353,6 +353,84 @@ static void test_quant_linear(lt_quant_kind kind, int nested, lt_dtype prec, int
     free(wf), free(x), free(dy), free(a), free(b), free(ga_c), free(gb_c), free(y_c), free(dx_c);
 }
 
+/* ---- linears: several linears of one input (q, k and v; gate and up) ---------------------- */
+
+/* CUDA's linears against the CPU's linear on each part, and bit for bit against CUDA's linear on
+ * each (one launch for all must not change any sum): 16-bit weights with mixed adapters (r 8,
+ * none, r 16) and outs that are not multiples of 4. With T > 8, or an NF4 part, the group takes
+ * cu_linear on each part: the same numbers again. */
+static void test_linears(lt_dtype wdt, int64_t T, int64_t in, int nf4_part) {
+    enum { N = 3 };
+    const int64_t outs[N] = {256, 66, 130};
+    const int rs[N] = {8, 0, 16};
+    char what[96], name[160];
+    snprintf(what, sizeof what, "linears %s T=%lld in=%lld%s", lt_dtype_user_name(wdt),
+             (long long)T, (long long)in, nf4_part ? " with an nf4 part" : "");
+    lt_weight wc[N], wg[N];
+    lt_lora lc[N], lg[N];
+    qweight q;
+    const lt_weight *pc[N], *pg[N];
+    lt_tensor yg[N], y1[N];
+    float *yc[N];
+    float *x = rand_f32(T * in, 1.0f), *xg = dev_put(x, sizeof(float) * (size_t)(T * in));
+    for (int k = 0; k < N; k++) {
+        int64_t out = outs[k];
+        float *wf = rand_f32(out * in, 0.05f);
+        void *wh = as_dtype(wf, out * in, wdt);
+        wc[k] = (lt_weight){t2(wdt, wh, out, in), NULL, {0}, {0}};
+        wg[k] = (lt_weight){
+            t2(wdt, dev_put(wh, (size_t)(out * in) * lt_dtype_size(wdt)), out, in), NULL, {0}, {0}};
+        if (k == 1 && nf4_part) {
+            qweight_make(&q, LT_QUANT_NF4, 0, wf, out, in);
+            wc[k] = q.host;
+            wg[k] = q.dev;
+        }
+        if (rs[k]) {
+            int r = rs[k];
+            float *a = rand_f32(r * in, 0.1f), *b = rand_f32(out * r, 0.1f);
+            memset(&lc[k], 0, sizeof lc[k]);
+            lc[k].a = t2(LT_F32, a, r, in);
+            lc[k].b = t2(LT_F32, b, out, r);
+            lc[k].scale = 2.0f;
+            lc[k].enabled = 1;
+            lg[k] = lc[k];
+            lg[k].a = t2(LT_F32, dev_put(a, sizeof(float) * (size_t)(r * in)), r, in);
+            lg[k].b = t2(LT_F32, dev_put(b, sizeof(float) * (size_t)(out * r)), out, r);
+            wc[k].lora = &lc[k];
+            wg[k].lora = &lg[k];
+        }
+        pc[k] = &wc[k];
+        pg[k] = &wg[k];
+        yc[k] = malloc(sizeof(float) * (size_t)(T * out));
+        if (cpu.be->linear(&cpu, t2(LT_F32, yc[k], T, out), t2(LT_F32, x, T, in), pc[k]) != LT_OK)
+            diag("cpu linear: %s", cpu.err);
+        yg[k] = t2(LT_F32, dev_poison(T * out), T, out);
+        y1[k] = t2(LT_F32, dev_poison(T * out), T, out);
+        if (gpu.be->linear(&gpu, y1[k], t2(LT_F32, xg, T, in), pg[k]) != LT_OK)
+            diag("cuda linear: %s", gpu.err);
+        free(wf);
+    }
+    lt_status rc = gpu.be->linears(&gpu, N, yg, t2(LT_F32, xg, T, in), pg);
+    snprintf(name, sizeof name, "%s runs", what);
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    int same = 1;
+    for (int k = 0; k < N; k++) {
+        int64_t n = T * outs[k];
+        double tol = nf4_part && k == 1 ? 1e-2 : wdt == LT_F32 ? 1e-5 : T <= 8 ? 1e-4 : 1e-2;
+        snprintf(name, sizeof name, "%s: part %d (out %lld, r %d) y", what, k, (long long)outs[k],
+                 rs[k]);
+        check_close(name, yg[k].data, yc[k], n, tol);
+        float *a = dev_get(yg[k].data, n), *b = dev_get(y1[k].data, n);
+        same = same && !memcmp(a, b, sizeof(float) * (size_t)n);
+        free(a);
+        free(b);
+        free(yc[k]);
+    }
+    snprintf(name, sizeof name, "%s: bit for bit linear's on each part", what);
+    ok(same, name);
+    free(x);
+}
+
 /* ---- norms, rope, geglu, add, embedding
  * ------------------------------------------------------------ */
 
@@ -381,6 +459,56 @@ static void test_rmsnorm(int64_t N, int64_t D) {
     gpu.be->rmsnorm(&gpu, t2(LT_F32, xg, N, D), t2(LT_F32, xg, N, D), t1(LT_F32, wg, D), 1e-6f);
     check_close("rmsnorm in place", xg, y_c, N * D, 1e-5);
     free(x), free(w), free(dy), free(y_c), free(dx_c), free(dw_c);
+}
+
+/* rmsnorm_add (x = norm(x, w); h += x; a = norm(h, w2)) against the CPU's three ops, and bit for
+ * bit against CUDA's own three: one launch must not change a value. with_a 0: without the
+ * second norm. */
+static void test_rmsnorm_add(int64_t N, int64_t D, int with_a) {
+    char name[128];
+    int64_t n = N * D;
+    float *x = rand_f32(n, 3.0f), *h = rand_f32(n, 10.0f), *w = rand_f32(D, 0.5f),
+          *w2 = rand_f32(D, 0.5f);
+    float *xc = malloc(sizeof(float) * (size_t)n), *hc = malloc(sizeof(float) * (size_t)n),
+          *ac = malloc(sizeof(float) * (size_t)n);
+    memcpy(xc, x, sizeof(float) * (size_t)n);
+    memcpy(hc, h, sizeof(float) * (size_t)n);
+    cpu.be->rmsnorm(&cpu, t2(LT_F32, xc, N, D), t2(LT_F32, xc, N, D), t1(LT_F32, w, D), 1e-6f);
+    cpu.be->add(&cpu, t2(LT_F32, hc, N, D), t2(LT_F32, xc, N, D));
+    cpu.be->rmsnorm(&cpu, t2(LT_F32, ac, N, D), t2(LT_F32, hc, N, D), t1(LT_F32, w2, D), 1e-6f);
+    float *wg = dev_put(w, (size_t)D * 4), *w2g = dev_put(w2, (size_t)D * 4);
+    float *xg = dev_put(x, (size_t)n * 4), *hg = dev_put(h, (size_t)n * 4), *ag = dev_poison(n);
+    float *x3 = dev_put(x, (size_t)n * 4), *h3 = dev_put(h, (size_t)n * 4), *a3 = dev_poison(n);
+    lt_status rc =
+        gpu.be->rmsnorm_add(&gpu, t2(LT_F32, hg, N, D), t2(LT_F32, xg, N, D), t1(LT_F32, wg, D),
+                            with_a ? t2(LT_F32, ag, N, D) : (lt_tensor){0},
+                            with_a ? t1(LT_F32, w2g, D) : (lt_tensor){0}, 1e-6f);
+    snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]%s runs", (long long)N, (long long)D,
+             with_a ? " with the next norm" : "");
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, x3, N, D), t2(LT_F32, x3, N, D), t1(LT_F32, wg, D), 1e-6f);
+    gpu.be->add(&gpu, t2(LT_F32, h3, N, D), t2(LT_F32, x3, N, D));
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, a3, N, D), t2(LT_F32, h3, N, D), t1(LT_F32, w2g, D), 1e-6f);
+    snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]: x, h against the CPU", (long long)N,
+             (long long)D);
+    check_close(name, xg, xc, n, 1e-6);
+    check_close(name, hg, hc, n, 1e-6);
+    if (with_a) {
+        snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]: a against the CPU", (long long)N,
+                 (long long)D);
+        check_close(name, ag, ac, n, 1e-6);
+    }
+    float *p[3] = {dev_get(xg, n), dev_get(hg, n), dev_get(ag, n)},
+          *q[3] = {dev_get(x3, n), dev_get(h3, n), dev_get(a3, n)};
+    int same = 1;
+    for (int k = 0; k < (with_a ? 3 : 2); k++)
+        same = same && !memcmp(p[k], q[k], sizeof(float) * (size_t)n);
+    snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]: bit for bit rmsnorm, add, rmsnorm",
+             (long long)N, (long long)D);
+    ok(same, name);
+    for (int k = 0; k < 3; k++)
+        free(p[k]), free(q[k]);
+    free(x), free(h), free(w), free(w2), free(xc), free(hc), free(ac);
 }
 
 static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float factor, int maxpos) {
@@ -1736,6 +1864,10 @@ int main(void) {
         test_linear(dts[i], 0, 2, 6912, 1150, 1.0f);
         test_linear(dts[i], 0, 1, 6912, 1152, 1.0f);
         test_linear(dts[i], 1, 3, 100, 80, 1.0f); /* in % 8 != 0: the GEMM path */
+        test_linears(dts[i], 8, 1152, 0);
+        test_linears(dts[i], 1, 6912, 0);
+        test_linears(dts[i], 9, 1152, 0); /* more rows than gemv.cu takes: linear on each */
+        test_linears(dts[i], 3, 1152, 1); /* an NF4 part: linear on each */
         test_embedding(dts[i]);
     }
     for (int k = 0; k < 3; k++) { /* nf4, nf4 + double quant, int8 */
@@ -1750,7 +1882,11 @@ int main(void) {
     test_rmsnorm(33, 1152);
     test_rmsnorm(4 * 70, 256);
     test_rmsnorm(5, 5376);
-    test_rmsnorm(9, 130); /* a row length the float4 kernels do not take: the plain ones */
+    test_rmsnorm(9, 130);         /* a row length the float4 kernels do not take: the plain ones */
+    test_rmsnorm_add(8, 1152, 1); /* a decoding step's sublayer end */
+    test_rmsnorm_add(300, 2560, 1);
+    test_rmsnorm_add(5, 5376, 0); /* without the next norm (a layer's last) */
+    test_rmsnorm_add(7, 130, 1);  /* rows the float4 form does not take: the three ops */
     test_rope(40, 4, 256, 10000.0f, 1.0f, 4096);
     test_rope(40, 8, 128, 1000000.0f, 8.0f, 30000);
     test_geglu_add(100003);

@@ -68,6 +68,8 @@ typedef struct cu_impl {
                               170 ms a step at 512 rows; bench/results-2026-11-30.txt) */
     int flash;  /* LATHE_CUDA_FLASH=0 turns the fused attention kernels off (the fallback path) */
     int gemv16; /* LATHE_CUDA_GEMV=0 sends few-row linears through cuBLAS like the rest */
+    int gemv16_group;  /* LATHE_CUDA_GEMV_GROUP=0: linears of one input launch one by one */
+    int norm_add;      /* LATHE_CUDA_NORM_ADD=0: rmsnorm_add as rmsnorm, add, rmsnorm */
     size_t smem_optin; /* shared memory a block may opt in to */
     /* attention calls the fused kernels took (lt_cuda_flash_calls) */
     long flash_calls;
@@ -926,6 +928,10 @@ static lt_status cu_init(lt_ctx *ctx) {
         I->flash = !(fl && strcmp(fl, "0") == 0);
         const char *gv = getenv("LATHE_CUDA_GEMV");
         I->gemv16 = !(gv && strcmp(gv, "0") == 0);
+        const char *gg = getenv("LATHE_CUDA_GEMV_GROUP");
+        I->gemv16_group = !(gg && strcmp(gg, "0") == 0);
+        const char *na = getenv("LATHE_CUDA_NORM_ADD");
+        I->norm_add = !(na && strcmp(na, "0") == 0);
         const char *mc = getenv("LATHE_CUDA_MEMORY_CAP"); /* bytes, or with a K/M/G suffix */
         if (mc && *mc) {
             char *end;
@@ -1263,6 +1269,45 @@ done:
     return rc;
 }
 
+/* Whether a linear of T rows of x through w takes gemv.cu: a 16-bit weight computing in 16
+ * bits, fp32 x, few rows (k_gemv16_ok). */
+static int gemv16_takes(lt_ctx *ctx, const lt_weight *w, int64_t T, int64_t in, lt_tensor x) {
+    const lt_lora *lo = w->lora;
+    int r = lo && lo->enabled && lo->a.data ? (int)lo->a.shape[0] : 0;
+    lt_dtype cdt = weight_cdt(ctx, w);
+    return w->q.kind == LT_QUANT_NONE && (cdt == LT_BF16 || cdt == LT_F16) && x.dtype == LT_F32 &&
+           impl_of(ctx)->gemv16 && k_gemv16_ok(T, in, r, x.data, w->w.data);
+}
+
+/* w with its enabled adapter as a part of k_gemv16, writing y. */
+static k_gemv16_part gemv16_part(lt_ctx *ctx, float *y, const lt_weight *w) {
+    const lt_lora *lo = w->lora;
+    int use_lora = lo && lo->enabled && lo->a.data;
+    k_gemv16_part p = {y, w->w.data, weight_cdt(ctx, w), w->w.shape[0], NULL, NULL, 0, 0.0f};
+    if (use_lora) {
+        p.a = (const float *)lo->a.data;
+        p.b = (const float *)lo->b.data;
+        p.r = (int)lo->a.shape[0];
+        p.scale = lo->scale;
+    }
+    return p;
+}
+
+/* k_gemv16 over n parts, with the adapters' x·Aᵀ in scratch. */
+static lt_status gemv16_launch(lt_ctx *ctx, const float *x, int64_t T, int64_t in,
+                               const k_gemv16_part *p, int n) {
+    lt_status rc = LT_OK;
+    int64_t rs = 0;
+    for (int k = 0; k < n; k++)
+        rs += p[k].a ? p[k].r : 0;
+    float *xa = NULL;
+    if (rs && !(xa = (float *)tmp_get(ctx, sizeof(float) * (size_t)(T * rs)))) return LT_ERR_MEMORY;
+    k_gemv16(impl_of(ctx)->stream, x, T, in, p, n, xa);
+    LAUNCHED();
+done:
+    return rc;
+}
+
 static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w) {
     const char *opname = "linear";
     op_begin(ctx, opname);
@@ -1286,25 +1331,12 @@ static lt_status cu_linear(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weigh
         int use_lora = lo && lo->enabled && lo->a.data;
         /* decoding a few tokens through a 16-bit weight: two launches, no casts (gemv.cu) */
         int r = use_lora ? (int)lo->a.shape[0] : 0;
-        if (w->q.kind == LT_QUANT_NONE && (cdt == LT_BF16 || cdt == LT_F16) && x.dtype == LT_F32 &&
-            impl_of(ctx)->gemv16 && k_gemv16_ok(T, in, r, x.data, w->w.data)) {
+        if (gemv16_takes(ctx, w, T, in, x)) {
             CU_REQUIRE(!use_lora ||
                            (lo->a.shape[1] == in && lo->b.shape[0] == out && lo->b.shape[1] == r),
                        "adapter shapes do not agree");
-            float *xa = NULL;
-            if (use_lora) {
-                if (!(xa = (float *)tmp_get(ctx, sizeof(float) * (size_t)(T * r)))) {
-                    rc = LT_ERR_MEMORY;
-                    goto done;
-                }
-                k_lora_xa(impl_of(ctx)->stream, xa, (const float *)x.data,
-                          (const float *)lo->a.data, T, in, r);
-                LAUNCHED();
-            }
-            k_gemv16(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, w->w.data, cdt,
-                     T, in, out, xa, use_lora ? (const float *)lo->b.data : NULL, r,
-                     use_lora ? lo->scale : 0.0f, 0);
-            LAUNCHED();
+            k_gemv16_part part = gemv16_part(ctx, (float *)y.data, w);
+            LT_TRY(gemv16_launch(ctx, (const float *)x.data, T, in, &part, 1));
             goto done;
         }
         /* decoding a few tokens through an NF4 weight: read its packed bytes once, in fp32 */
@@ -1344,6 +1376,40 @@ done:
     return op_end(ctx, rc);
 }
 
+/* n linears of one x: when every one takes gemv.cu (decoding), all of them in k_gemv16's two
+ * launches; otherwise cu_linear on each. */
+static lt_status cu_linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
+                            const lt_weight *const *w) {
+    int group =
+        impl_of(ctx)->gemv16_group && n >= 1 && n <= K_GEMV16_MAX_PARTS && is_f32(&x) && x.data;
+    int64_t in = 0, T = 0;
+    for (int k = 0; group && k < n; k++) {
+        const lt_lora *lo = w[k]->lora;
+        int r = lo && lo->enabled && lo->a.data ? (int)lo->a.shape[0] : 0;
+        in = w[k]->w.shape[1];
+        T = lt_tensor_numel(&x) / (in ? in : 1);
+        group =
+            weight_ok(w[k]) && is_f32(&y[k]) && y[k].data && last_dim(&x) == in &&
+            last_dim(&y[k]) == w[k]->w.shape[0] && lt_tensor_numel(&y[k]) == T * w[k]->w.shape[0] &&
+            gemv16_takes(ctx, w[k], T, in, x) &&
+            (!r ||
+             (lo->a.shape[1] == in && lo->b.shape[0] == w[k]->w.shape[0] && lo->b.shape[1] == r)) &&
+            (k == 0 || in == w[0]->w.shape[1]);
+    }
+    if (!group) {
+        for (int k = 0; k < n; k++) {
+            lt_status rc = cu_linear(ctx, y[k], x, w[k]);
+            if (rc != LT_OK) return rc;
+        }
+        return LT_OK;
+    }
+    op_begin(ctx, "linear");
+    k_gemv16_part parts[K_GEMV16_MAX_PARTS];
+    for (int k = 0; k < n; k++)
+        parts[k] = gemv16_part(ctx, (float *)y[k].data, w[k]);
+    return op_end(ctx, gemv16_launch(ctx, (const float *)x.data, T, in, parts, n));
+}
+
 static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps) {
     const char *opname = "rmsnorm";
     op_begin(ctx, opname);
@@ -1361,6 +1427,42 @@ static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, 
     }
 done:
     return op_end(ctx, rc);
+}
+
+static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x);
+
+/* norm_rope.cu's one launch of rmsnorm_add; *took 0 where its float4 form cannot take the rows. */
+static lt_status rmsnorm_add_launch(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                                    lt_tensor w2, float eps, int64_t N, int64_t D, int *took) {
+    lt_status rc = LT_OK;
+    *took =
+        k_rmsnorm_add(impl_of(ctx)->stream, (float *)h.data, (float *)x.data, (const float *)w.data,
+                      (float *)a.data, a.data ? (const float *)w2.data : NULL, N, D, eps);
+    if (*took) LAUNCHED();
+done:
+    return rc;
+}
+
+/* x = norm(x, w); h += x; a = norm(h, w2) (a.data NULL: not): one launch where the rows take
+ * the float4 form, else the three ops. */
+static lt_status cu_rmsnorm_add(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                                lt_tensor w2, float eps) {
+    int64_t D = lt_tensor_numel(&w), N = lt_tensor_numel(&x) / (D ? D : 1);
+    int fused = impl_of(ctx)->norm_add && is_f32(&x) && is_f32(&h) && is_f32(&w) && D > 0 &&
+                lt_tensor_numel(&x) == N * D && lt_tensor_numel(&h) == N * D && x.data && h.data &&
+                w.data &&
+                (!a.data || (is_f32(&a) && is_f32(&w2) && w2.data && lt_tensor_numel(&a) == N * D &&
+                             lt_tensor_numel(&w2) == D));
+    if (fused) {
+        int took = 0;
+        op_begin(ctx, "rmsnorm_add");
+        lt_status rc = op_end(ctx, rmsnorm_add_launch(ctx, h, x, w, a, w2, eps, N, D, &took));
+        if (took || rc != LT_OK) return rc;
+    }
+    lt_status rc = cu_rmsnorm(ctx, x, x, w, eps);
+    if (rc == LT_OK) rc = cu_add(ctx, h, x);
+    if (rc == LT_OK && a.data) rc = cu_rmsnorm(ctx, a, h, w2, eps);
+    return rc;
 }
 
 /* The [hd/2] inverse frequencies, computed on the host with backend_cpu.c's expression. */
@@ -2502,7 +2604,9 @@ extern "C" const lt_backend lt_backend_cuda = {
     .trim = lt_cuda_trim,
     .embedding = cu_embedding,
     .linear = cu_linear,
+    .linears = cu_linears,
     .rmsnorm = cu_rmsnorm,
+    .rmsnorm_add = cu_rmsnorm_add,
     .rope = cu_rope,
     .attention = cu_attention,
     .geglu = cu_geglu,

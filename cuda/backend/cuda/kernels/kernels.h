@@ -76,6 +76,11 @@ void k_scale(cudaStream_t st, float *x, int64_t n, float s);
 /* y: fp32, or BF16 (the matmul-only activation, rounded to nearest even). */
 void k_rmsnorm(cudaStream_t st, void *y, lt_dtype ydt, const float *x, const float *w, int64_t N,
                int64_t D, float eps);
+/* x = rmsnorm(x, w); h += x; then, a non-NULL, a = rmsnorm(h, w2): rows of D fp32, in one
+ * launch with k_rmsnorm's and k_add's values. Returns 0 (and launches nothing) where the float4
+ * form cannot take the rows (D % 4, alignment). */
+int k_rmsnorm_add(cudaStream_t st, float *h, float *x, const float *w, float *a, const float *w2,
+                  int64_t N, int64_t D, float eps);
 /* dx written (may be NULL), dw accumulated (may be NULL). */
 void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, const float *x,
                         const float *w, int64_t N, int64_t D, float eps, int n_sm);
@@ -172,14 +177,23 @@ void k_nf4_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *packed
 /* Whether the few-row linear takes T rows of in (T <= 8, in % 8 == 0, rank r <= 64, x and w on
  * 16-byte boundaries). */
 int k_gemv16_ok(int64_t T, int64_t in, int r, const void *x, const void *w);
-/* xa [T, r] = x [T, in] · A [r, in]ᵀ, fp32. */
-void k_lora_xa(cudaStream_t st, float *xa, const float *x, const float *a, int64_t T, int64_t in,
-               int r);
-/* y [T, out] (+)= x [T, in] · W [out, in]ᵀ (W bf16 or fp16) + scale · xa [T, r] · B [out, r]ᵀ
- * (xa NULL: no adapter), fp32 products and sums. */
-void k_gemv16(cudaStream_t st, float *y, const float *x, const void *w, lt_dtype dt, int64_t T,
-              int64_t in, int64_t out, const float *xa, const float *b, int r, float scale,
-              int accumulate);
+/* One of up to K_GEMV16_MAX_PARTS linears of the same x [T, in] that k_gemv16 computes at once:
+ * y [T, out] = x · W [out, in]ᵀ (W bf16 or fp16) + scale · (x · A [r, in]ᵀ) · B [out, r]ᵀ
+ * (a NULL or r 0: no adapter), fp32 products and sums. */
+#define K_GEMV16_MAX_PARTS 4
+typedef struct k_gemv16_part {
+    float *y;
+    const void *w;
+    lt_dtype dt;
+    int64_t out;
+    const float *a, *b; /* the adapter, fp32 */
+    int r;
+    float scale;
+} k_gemv16_part;
+/* Every part's adapter product in one launch (when any has one; xa: scratch of T · Σ r floats),
+ * then every part's rows in one more. */
+void k_gemv16(cudaStream_t st, const float *x, int64_t T, int64_t in, const k_gemv16_part *p, int n,
+              float *xa);
 
 /* ---- sample.cu ----------------------------------------------------------------------------- */
 

@@ -158,6 +158,86 @@ void k_rmsnorm(cudaStream_t st, void *y, lt_dtype ydt, const float *x, const flo
         rmsnorm_launch<false>(st, y, x, w, N, D, eps);
 }
 
+/* A sublayer's end in one launch: x = norm(x, w); h += x; then (a non-NULL) a = norm(h, w2).
+ * rmsnorm4_kernel's arithmetic in the same order, and add4_kernel's sums, so every value equals
+ * the three kernels' bit for bit. */
+template <int VPT>
+__global__ void rmsnorm_add4_kernel(float4 *h, float4 *x, const float4 *w, float4 *a,
+                                    const float4 *w2, int D4, float D, float eps) {
+    __shared__ float sh[33];
+    float4 *xr = x + (int64_t)blockIdx.x * D4, *hr = h + (int64_t)blockIdx.x * D4;
+    float4 v[VPT];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    ss = block_sum(ss, sh);
+    float r = 1.0f / sqrtf(ss / D + eps);
+    float ss2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= D4) {
+            v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            continue;
+        }
+        float4 g = w[i], o, b = hr[i];
+        o.x = (v[k].x * r) * (1.0f + g.x);
+        o.y = (v[k].y * r) * (1.0f + g.y);
+        o.z = (v[k].z * r) * (1.0f + g.z);
+        o.w = (v[k].w * r) * (1.0f + g.w);
+        xr[i] = o;
+        /* __fadd_rn: never contracted with o's product into an fma, as the separate add is not */
+        v[k] = make_float4(__fadd_rn(b.x, o.x), __fadd_rn(b.y, o.y), __fadd_rn(b.z, o.z),
+                           __fadd_rn(b.w, o.w));
+        hr[i] = v[k];
+        ss2 += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    if (!a) return; /* the same for the whole grid: no thread leaves a block_sum alone */
+    ss2 = block_sum(ss2, sh);
+    float r2 = 1.0f / sqrtf(ss2 / D + eps);
+    float4 *ar = a + (int64_t)blockIdx.x * D4;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= D4) break;
+        float4 g = w2[i], o;
+        o.x = (v[k].x * r2) * (1.0f + g.x);
+        o.y = (v[k].y * r2) * (1.0f + g.y);
+        o.z = (v[k].z * r2) * (1.0f + g.z);
+        o.w = (v[k].w * r2) * (1.0f + g.w);
+        ar[i] = o;
+    }
+}
+
+int k_rmsnorm_add(cudaStream_t st, float *h, float *x, const float *w, float *a, const float *w2,
+                  int64_t N, int64_t D, float eps) {
+    int th = 0, vpt = vec_plan(D, h, x, w, a, &th);
+    if (!vpt || ((uintptr_t)w2 & 15)) return 0;
+    if (N <= 0) return 1;
+    float4 *h4 = (float4 *)h, *x4 = (float4 *)x, *a4 = (float4 *)a;
+    const float4 *w4 = (const float4 *)w, *v4 = (const float4 *)w2;
+    int D4 = (int)(D / 4);
+    unsigned g = (unsigned)N;
+    switch (vpt) {
+    case 1:
+        rmsnorm_add4_kernel<1><<<g, th, 0, st>>>(h4, x4, w4, a4, v4, D4, (float)D, eps);
+        break;
+    case 2:
+        rmsnorm_add4_kernel<2><<<g, th, 0, st>>>(h4, x4, w4, a4, v4, D4, (float)D, eps);
+        break;
+    case 4:
+        rmsnorm_add4_kernel<4><<<g, th, 0, st>>>(h4, x4, w4, a4, v4, D4, (float)D, eps);
+        break;
+    default:
+        rmsnorm_add4_kernel<8><<<g, th, 0, st>>>(h4, x4, w4, a4, v4, D4, (float)D, eps);
+    }
+    return 1;
+}
+
 /* y = x r (1+w), r = (mean x² + eps)^-1/2:
  * dx_i = r (1+w_i) dy_i - x_i r³/D Σ_j dy_j (1+w_j) x_j;  dw_i += dy_i x_i r. */
 __global__ void rmsnorm_backward_kernel(float *dx, float *dw, const float *dy, const float *x,
