@@ -197,6 +197,11 @@ typedef struct lt_backend {
     /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.
      * angle_j = (pos / factor) * theta^(-2j/hd); factor = 1 for no scaling. */
     lt_status (*rope)(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor);
+    /* Gemma's q_norm and k_norm on every head (rmsnorm over hd with qw / kw), then RoPE, in place:
+     * q [T, nh, hd], k [T, nkv, hd] fp32 at positions pos [T] I32 — the values those four ops
+     * give, in fewer launches. NULL: the caller calls the four (gemma3.c's qk_norm_rope). */
+    lt_status (*qk_norm_rope)(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
+                              lt_tensor pos, float eps, float theta, float factor);
     /* Causal (+ sliding window) GQA attention.
      * out: [T, nh*hd]; q: [T, nh, hd]; k, v: [S, nkv, hd]; qpos: [T] I32; kpos: [S] I32.
      * Key s is visible to query t iff kpos[s] >= 0 && kpos[s] <= qpos[t] &&

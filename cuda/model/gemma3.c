@@ -1459,6 +1459,22 @@ static lt_status norm_add(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt
     return rc;
 }
 
+/* q_norm and k_norm on every head of q [T, nh, hd] and k [T, nkv, hd], then RoPE: the backend's
+ * qk_norm_rope (one launch) where it has one. */
+static lt_status qk_norm_rope(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
+                              lt_tensor pos, float eps, const gemma3_rope *rp) {
+    const lt_backend *be = ctx->be;
+    float theta = (float)rp->theta, factor = (float)rp->factor;
+    if (be->qk_norm_rope) return be->qk_norm_rope(ctx, q, k, qw, kw, pos, eps, theta, factor);
+    lt_tensor qh = lt_tensor_2d(LT_F32, q.data, q.shape[0] * q.shape[1], q.shape[2]),
+              kh = lt_tensor_2d(LT_F32, k.data, k.shape[0] * k.shape[1], k.shape[2]);
+    lt_status rc = be->rmsnorm(ctx, qh, qh, qw, eps);
+    if (rc == LT_OK) rc = be->rmsnorm(ctx, kh, kh, kw, eps);
+    if (rc == LT_OK) rc = be->rope(ctx, q, pos, theta, factor);
+    if (rc == LT_OK) rc = be->rope(ctx, k, pos, theta, factor);
+    return rc;
+}
+
 /* The attention input of layer l on the T rows of b->h at positions b->pos: a = norm(h); q, k,
  * v; qk-norm; RoPE. cap (NULL in every forward but quant=dynamic's calibration) keeps each
  * linear's input and output. */
@@ -1480,8 +1496,6 @@ static lt_status layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemm
     lt_tensor v2 = lt_tensor_2d(LT_F32, b->v, T, nkv * hd);
     lt_tensor q3 = lt_tensor_3d(LT_F32, b->q, T, nh, hd);  /* [T, nh, hd] */
     lt_tensor k3 = lt_tensor_3d(LT_F32, b->k, T, nkv, hd); /* [T, nkv, hd] */
-    lt_tensor qh = lt_tensor_2d(LT_F32, b->q, T * nh, hd); /* per-head rows for q_norm */
-    lt_tensor kh = lt_tensor_2d(LT_F32, b->k, T * nkv, hd);
     lt_tensor pos = lt_tensor_1d(LT_I32, b->pos, T);
 
     LT_TRY(be->rmsnorm(ctx, a, h, w->input_layernorm, eps));
@@ -1492,10 +1506,7 @@ static lt_status layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemm
         for (int k = 0; k < 3; k++)
             LT_TRY(capture_io(ctx, cap, k, a, ys[k]));
     }
-    LT_TRY(be->rmsnorm(ctx, qh, qh, w->q_norm, eps));
-    LT_TRY(be->rmsnorm(ctx, kh, kh, w->k_norm, eps));
-    LT_TRY(be->rope(ctx, q3, pos, (float)rp->theta, (float)rp->factor));
-    LT_TRY(be->rope(ctx, k3, pos, (float)rp->theta, (float)rp->factor));
+    LT_TRY(qk_norm_rope(ctx, q3, k3, w->q_norm, w->k_norm, pos, eps, rp));
 done:
     return rc;
 }

@@ -536,6 +536,55 @@ static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float fact
     free(x), free(pos), free(y_c), free(d_c);
 }
 
+/* qk_norm_rope (q_norm, k_norm, then RoPE on q and k) against the CPU's four ops, and bit for
+ * bit against CUDA's own four. */
+static void test_qk_norm_rope(int64_t T, int64_t nh, int64_t nkv, int64_t hd, float theta,
+                              float factor, int maxpos) {
+    char name[160];
+    int64_t nq = T * nh * hd, nk = T * nkv * hd;
+    float *q = rand_f32(nq, 2.0f), *k = rand_f32(nk, 2.0f), *qw = rand_f32(hd, 0.5f),
+          *kw = rand_f32(hd, 0.5f);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++)
+        pos[t] = (int32_t)(rng_next() % (uint64_t)maxpos);
+    float *qc = malloc(sizeof(float) * (size_t)nq), *kc = malloc(sizeof(float) * (size_t)nk);
+    memcpy(qc, q, sizeof(float) * (size_t)nq);
+    memcpy(kc, k, sizeof(float) * (size_t)nk);
+    cpu.be->rmsnorm(&cpu, t2(LT_F32, qc, T * nh, hd), t2(LT_F32, qc, T * nh, hd),
+                    t1(LT_F32, qw, hd), 1e-6f);
+    cpu.be->rmsnorm(&cpu, t2(LT_F32, kc, T * nkv, hd), t2(LT_F32, kc, T * nkv, hd),
+                    t1(LT_F32, kw, hd), 1e-6f);
+    cpu.be->rope(&cpu, t3(LT_F32, qc, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
+    cpu.be->rope(&cpu, t3(LT_F32, kc, T, nkv, hd), t1(LT_I32, pos, T), theta, factor);
+    float *qwg = dev_put(qw, (size_t)hd * 4), *kwg = dev_put(kw, (size_t)hd * 4);
+    int32_t *pg = dev_put(pos, (size_t)T * 4);
+    float *qg = dev_put(q, (size_t)nq * 4), *kg = dev_put(k, (size_t)nk * 4);
+    float *q4 = dev_put(q, (size_t)nq * 4), *k4 = dev_put(k, (size_t)nk * 4);
+    /* the four ops first: they make the RoPE table the fused op reads */
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, q4, T * nh, hd), t2(LT_F32, q4, T * nh, hd),
+                    t1(LT_F32, qwg, hd), 1e-6f);
+    gpu.be->rmsnorm(&gpu, t2(LT_F32, k4, T * nkv, hd), t2(LT_F32, k4, T * nkv, hd),
+                    t1(LT_F32, kwg, hd), 1e-6f);
+    gpu.be->rope(&gpu, t3(LT_F32, q4, T, nh, hd), t1(LT_I32, pg, T), theta, factor);
+    gpu.be->rope(&gpu, t3(LT_F32, k4, T, nkv, hd), t1(LT_I32, pg, T), theta, factor);
+    lt_status rc = gpu.be->qk_norm_rope(&gpu, t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, T, nkv, hd),
+                                        t1(LT_F32, qwg, hd), t1(LT_F32, kwg, hd), t1(LT_I32, pg, T),
+                                        1e-6f, theta, factor);
+    snprintf(name, sizeof name, "qk_norm_rope T=%lld heads %lld/%lld hd=%lld theta=%g runs",
+             (long long)T, (long long)nh, (long long)nkv, (long long)hd, theta);
+    if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
+    snprintf(name, sizeof name, "qk_norm_rope hd=%lld: q, k against the CPU", (long long)hd);
+    check_close(name, qg, qc, nq, 1e-5);
+    check_close(name, kg, kc, nk, 1e-5);
+    float *a = dev_get(qg, nq), *b = dev_get(q4, nq), *c = dev_get(kg, nk), *d = dev_get(k4, nk);
+    snprintf(name, sizeof name, "qk_norm_rope hd=%lld: bit for bit rmsnorm twice, rope twice",
+             (long long)hd);
+    ok(!memcmp(a, b, sizeof(float) * (size_t)nq) && !memcmp(c, d, sizeof(float) * (size_t)nk),
+       name);
+    free(a), free(b), free(c), free(d);
+    free(q), free(k), free(qw), free(kw), free(pos), free(qc), free(kc);
+}
+
 static void test_geglu_add(int64_t n) {
     float *g = rand_f32(n, 2.0f), *u = rand_f32(n, 1.0f), *dy = rand_f32(n, 1.0f);
     float *y_c = malloc(sizeof(float) * (size_t)n), *dg_c = malloc(sizeof(float) * (size_t)n),
@@ -1889,6 +1938,9 @@ int main(void) {
     test_rmsnorm_add(7, 130, 1);  /* rows the float4 form does not take: the three ops */
     test_rope(40, 4, 256, 10000.0f, 1.0f, 4096);
     test_rope(40, 8, 128, 1000000.0f, 8.0f, 30000);
+    test_qk_norm_rope(8, 4, 1, 256, 10000.0f, 1.0f, 4096); /* a 1B decoding step */
+    test_qk_norm_rope(40, 8, 4, 128, 1000000.0f, 8.0f, 30000);
+    test_qk_norm_rope(3, 2, 1, 130, 10000.0f, 1.0f, 512); /* hd % 4 != 0: the four ops */
     test_geglu_add(100003);
     if (lt_cuda_compute_capability(&gpu) >= 80) test_bf16_activations(70, 1152, 256);
     for (int i = 0; i < 3; i++) {

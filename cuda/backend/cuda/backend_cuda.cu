@@ -1529,6 +1529,49 @@ static lt_status cu_rope_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor pos, floa
     return rope_common(ctx, "rope_backward", dx, pos, theta, factor, -1);
 }
 
+/* norm_rope.cu's one launch of qk_norm_rope; *took 0 where it does not take the rows. */
+static lt_status qk_norm_rope_launch(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw,
+                                     lt_tensor kw, lt_tensor pos, float eps, float theta,
+                                     float factor, int *took) {
+    lt_status rc = LT_OK;
+    int64_t T = q.shape[0], hd = q.shape[2];
+    const float *inv = NULL;
+    *took = 0;
+    LT_TRY(rope_table(ctx, theta, factor, (int)hd, &inv));
+    *took = k_qk_norm_rope(impl_of(ctx)->stream, (float *)q.data, (float *)k.data,
+                           (const float *)qw.data, (const float *)kw.data,
+                           (const int32_t *)pos.data, inv, T, q.shape[1], k.shape[1], hd, eps);
+    if (*took) LAUNCHED();
+done:
+    return rc;
+}
+
+/* q/k norm and RoPE: one launch where the head rows take it, else rmsnorm twice and rope twice. */
+static lt_status cu_qk_norm_rope(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
+                                 lt_tensor pos, float eps, float theta, float factor) {
+    int fused = impl_of(ctx)->norm_add && is_f32(&q) && is_f32(&k) && is_f32(&qw) && is_f32(&kw) &&
+                q.ndim == 3 && k.ndim == 3 && q.data && k.data && qw.data && kw.data &&
+                pos.dtype == LT_I32 && pos.data && k.shape[0] == q.shape[0] &&
+                k.shape[2] == q.shape[2] && lt_tensor_numel(&qw) == q.shape[2] &&
+                lt_tensor_numel(&kw) == q.shape[2] && lt_tensor_numel(&pos) == q.shape[0] &&
+                q.shape[2] % 2 == 0;
+    if (fused) {
+        int took = 0;
+        op_begin(ctx, "qk_norm_rope");
+        lt_status rc =
+            op_end(ctx, qk_norm_rope_launch(ctx, q, k, qw, kw, pos, eps, theta, factor, &took));
+        if (took || rc != LT_OK) return rc;
+    }
+    int64_t T = q.shape[0], hd = q.ndim == 3 ? q.shape[2] : 1;
+    lt_tensor qh = lt_tensor_2d(LT_F32, q.data, T * (q.ndim == 3 ? q.shape[1] : 0), hd),
+              kh = lt_tensor_2d(LT_F32, k.data, T * (k.ndim == 3 ? k.shape[1] : 0), hd);
+    lt_status rc = cu_rmsnorm(ctx, qh, qh, qw, eps);
+    if (rc == LT_OK) rc = cu_rmsnorm(ctx, kh, kh, kw, eps);
+    if (rc == LT_OK) rc = cu_rope(ctx, q, pos, theta, factor);
+    if (rc == LT_OK) rc = cu_rope(ctx, k, pos, theta, factor);
+    return rc;
+}
+
 /* Query rows per attention chunk: the chunk's [nh, Tq, S] buffers stay under ~256 MiB. */
 static int64_t attn_chunk(lt_ctx *ctx, int64_t T, int64_t nh, int64_t S, int backward) {
     int64_t per_row = nh * S * (backward ? 12 : 6);
@@ -2608,6 +2651,7 @@ extern "C" const lt_backend lt_backend_cuda = {
     .rmsnorm = cu_rmsnorm,
     .rmsnorm_add = cu_rmsnorm_add,
     .rope = cu_rope,
+    .qk_norm_rope = cu_qk_norm_rope,
     .attention = cu_attention,
     .geglu = cu_geglu,
     .add = cu_add,

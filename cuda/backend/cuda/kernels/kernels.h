@@ -87,6 +87,12 @@ void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, 
 /* In place; x: [T, heads, hd]; inv_freq: [hd/2] device; dir +1 forward, -1 inverse. */
 void k_rope(cudaStream_t st, float *x, const int32_t *pos, const float *inv_freq, int64_t T,
             int64_t heads, int64_t hd, int dir);
+/* q [T, nh, hd] and k [T, nkv, hd] in place: each head row normed (k_rmsnorm with qw / kw)
+ * then rotated (k_rope, dir +1), in one launch with those kernels' values. Returns 0 (and
+ * launches nothing) for rows k_rmsnorm would not take one float4 a thread of, or hd > 1024. */
+int k_qk_norm_rope(cudaStream_t st, float *q, float *k, const float *qw, const float *kw,
+                   const int32_t *pos, const float *inv_freq, int64_t T, int64_t nh, int64_t nkv,
+                   int64_t hd, float eps);
 
 /* ---- attention.cu ---------------------------------------------------------------------------- */
 

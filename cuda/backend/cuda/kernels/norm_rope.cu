@@ -1,4 +1,5 @@
-/* norm_rope.cu — Gemma RMSNorm (forward, backward) and rotate-half RoPE (forward, inverse).
+/* norm_rope.cu — Gemma RMSNorm (forward, backward) and rotate-half RoPE (forward, inverse), and
+ * the decode step's fused forms of them (a sublayer's norm + add + norm; q/k norm + RoPE).
  *
  * Owns these kernels and their launchers (kernels.h). All math fp32, as in backend_cpu.c, whose
  * cpu_rmsnorm / cpu_rope are the specification. The RoPE frequencies come in from the host
@@ -371,6 +372,14 @@ void k_rmsnorm_backward(cudaStream_t st, float *dx, float *dw, const float *dy, 
                                                                             eps, dw_shared);
 }
 
+/* The rotation of one pair (a, b) by the angle whose cosine and sine are c and s: rope_kernel's
+ * and qk_norm_rope_kernel's one expression. */
+__device__ __forceinline__ static void rope_pair(float *ya, float *yb, float a, float b, float c,
+                                                 float s) {
+    *ya = a * c - b * s;
+    *yb = b * c + a * s;
+}
+
 /* One thread per (t, j): rotates pair (j, j+hd/2) of every head of token t. */
 __global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq, int64_t T,
                             int64_t heads, int64_t hd, int dir) {
@@ -383,9 +392,7 @@ __global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq,
         float c = cosf(ang), s = sinf(ang) * (float)dir;
         for (int64_t h = 0; h < heads; h++) {
             float *v = x + (t * heads + h) * hd;
-            float a = v[j], b = v[j + half];
-            v[j] = a * c - b * s;
-            v[j + half] = b * c + a * s;
+            rope_pair(v + j, v + j + half, v[j], v[j + half], c, s);
         }
     }
 }
@@ -397,4 +404,63 @@ void k_rope(cudaStream_t st, float *x, const int32_t *pos, const float *inv_freq
     int64_t b = (n + 255) / 256;
     if (b > 65535) b = 65535;
     rope_kernel<<<(unsigned)b, 256, 0, st>>>(x, pos, inv_freq, T, heads, hd, dir);
+}
+
+/* q_norm / k_norm and RoPE in one launch: one block per head row (q's T·nh rows, then k's
+ * T·nkv), hd/4 threads of a float4 each, rounded up to a warp. The norm's sums are
+ * rmsnorm4_kernel's with one float4 a thread (what k_rmsnorm takes for these rows), the rotation
+ * rope_kernel's, so the values equal the four kernels'. */
+#define QK_NORM_ROPE_MAX_HD 1024
+__global__ void qk_norm_rope_kernel(float *q, float *k, const float *qw, const float *kw,
+                                    const int32_t *pos, const float *inv_freq, int64_t T, int nh,
+                                    int nkv, int hd, float eps) {
+    __shared__ float sh[33];
+    __shared__ float row[QK_NORM_ROPE_MAX_HD];
+    int64_t b = blockIdx.x, nq = T * nh, t;
+    float *x;
+    const float *w;
+    if (b < nq) {
+        x = q + b * hd;
+        w = qw;
+        t = b / nh;
+    } else {
+        b -= nq;
+        x = k + b * hd;
+        w = kw;
+        t = b / nkv;
+    }
+    const int D4 = hd / 4, i = threadIdx.x;
+    float4 v = i < D4 ? ((const float4 *)x)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float ss = 0.0f;
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    ss = block_sum(ss, sh);
+    float r = 1.0f / sqrtf(ss / (float)hd + eps);
+    if (i < D4) {
+        float4 g = ((const float4 *)w)[i], o;
+        o.x = (v.x * r) * (1.0f + g.x);
+        o.y = (v.y * r) * (1.0f + g.y);
+        o.z = (v.z * r) * (1.0f + g.z);
+        o.w = (v.w * r) * (1.0f + g.w);
+        ((float4 *)row)[i] = o;
+    }
+    __syncthreads();
+    const int half = hd / 2;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float ang = (float)pos[t] * inv_freq[j];
+        float c = cosf(ang), s = sinf(ang);
+        rope_pair(x + j, x + j + half, row[j], row[j + half], c, s);
+    }
+}
+
+int k_qk_norm_rope(cudaStream_t st, float *q, float *k, const float *qw, const float *kw,
+                   const int32_t *pos, const float *inv_freq, int64_t T, int64_t nh, int64_t nkv,
+                   int64_t hd, float eps) {
+    int th = 0;
+    /* the rows k_rmsnorm takes in its float4 form with one float4 a thread */
+    if (hd > QK_NORM_ROPE_MAX_HD || hd % 4 || vec_plan(hd, q, k, qw, kw, &th) != 1) return 0;
+    int64_t blocks = T * (nh + nkv);
+    if (blocks <= 0) return 1;
+    qk_norm_rope_kernel<<<(unsigned)blocks, th, 0, st>>>(q, k, qw, kw, pos, inv_freq, T, (int)nh,
+                                                         (int)nkv, (int)hd, eps);
+    return 1;
 }
