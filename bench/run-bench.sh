@@ -21,6 +21,9 @@
 #           train, generate, save adapter, save merged, GGUF q8_0 and f16) read back by
 #           transformers + PEFT (bench/check_flow.py); the GGUF files come back in OUTDIR/flow
 #           for llama.cpp here (bench/check_flow_gguf.py OUTDIR/flow);
+#   decode  the decode step's fused launches (the linears of one input in one GEMV launch;
+#           rmsnorm_add; qk_norm_rope) against the separate ones, in one binary (bench_rollout,
+#           1B bf16 at 8 and 64 rows; LATHE_CUDA_GEMV_GROUP=0 / LATHE_CUDA_NORM_ADD=0);
 #   bnb     the checkpoints `%save quantized=` writes (nf4, nf4 with bf16 parts, int8, dynamic)
 #           loaded by transformers with bitsandbytes against lathe's logits
 #           (bench/check_bnb_load.py); BNB_SRC names a folder holding bitsandbytes' Python
@@ -32,7 +35,7 @@
 #   quick   for a short lease: the checks, then lathe vs transformers + PEFT on 4b bf16, QLoRA
 #           4b against lathe's 16-bit LoRA at batch 1 x 2048, 12b QLoRA, then 1b bf16;
 #   all     checks, train and qlora (the default).
-# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|flow|bnb|lease|quick|all], with the binaries packed
+# Usage there: sh bench/run-bench.sh OUTDIR [checks|train|qlora|grpo|grpo-short|decode|flow|bnb|lease|quick|all], with the binaries packed
 # in .device-pack/ (.device-pack/bin/{test_ops,test_model,test_grpo_parity,bench_train,bench_rollout} and the shared
 # libraries the GPU machine lacks in .device-pack/lib; PACK=DIR for another folder).
 # Every run leaves OUTDIR/device.txt and OUTDIR/results.tgz (all the logs and files it wrote).
@@ -121,6 +124,30 @@ import hf_generate as g
 g.run('1b', 8, 256); g.run('1b', 64, 256)
 " 2>&1 | grep -v -i warn >> "$out/bench_grpo.log"
     grep -h -E '^\{|^bench_rollout' "$out/bench_grpo.log"
+esac
+case $what in decode)
+    # the decode step's fused launches against the separate ones, same binary, alternating:
+    # LATHE_CUDA_GEMV_GROUP=0 (the linears of one input one by one) and LATHE_CUDA_NORM_ADD=0
+    # (rmsnorm_add and qk_norm_rope as the separate ops); 8 rows (top_k 64 / top_p 0.95 and
+    # untruncated) twice, 64 rows once; each run ends with its op-by-op profile
+    R=$B/bench_rollout
+    for i in 1 2; do
+        for v in "0 0" "1 0" "1 1"; do
+            set -- $v
+            for a in "1b bf16 1 8 256" "1b bf16 1 8 256 128 0 1"; do
+                echo "== LATHE_CUDA_GEMV_GROUP=$1 LATHE_CUDA_NORM_ADD=$2 run $i: $a" >> "$out/bench_decode.log"
+                LATHE_CUDA_GEMV_GROUP=$1 LATHE_CUDA_NORM_ADD=$2 timeout 40 $R sample $a \
+                    >> "$out/bench_decode.log" 2>&1
+            done
+        done
+    done
+    for v in "0 0" "1 1"; do
+        set -- $v
+        echo "== LATHE_CUDA_GEMV_GROUP=$1 LATHE_CUDA_NORM_ADD=$2: 1b bf16 8 8 256" >> "$out/bench_decode.log"
+        LATHE_CUDA_GEMV_GROUP=$1 LATHE_CUDA_NORM_ADD=$2 timeout 40 $R sample 1b bf16 8 8 256 \
+            >> "$out/bench_decode.log" 2>&1
+    done
+    grep -h -E '^==|^\{|^bench_rollout' "$out/bench_decode.log"
 esac
 case $what in flow)
     # the notebook flow on the GPU (bench/gpu_flow.lathe), read back by transformers + PEFT
