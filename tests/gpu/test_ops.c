@@ -536,6 +536,18 @@ static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float fact
     free(x), free(pos), free(y_c), free(d_c);
 }
 
+/* q_norm, k_norm, rope on q, rope on k: the four ops qk_norm_rope stands for, on c's backend. */
+static void norm_rope_ops(lt_ctx *c, float *q, float *k, float *qw, float *kw, int32_t *pos,
+                          int64_t T, int64_t nh, int64_t nkv, int64_t hd, float theta,
+                          float factor) {
+    c->be->rmsnorm(c, t2(LT_F32, q, T * nh, hd), t2(LT_F32, q, T * nh, hd), t1(LT_F32, qw, hd),
+                   1e-6f);
+    c->be->rmsnorm(c, t2(LT_F32, k, T * nkv, hd), t2(LT_F32, k, T * nkv, hd), t1(LT_F32, kw, hd),
+                   1e-6f);
+    c->be->rope(c, t3(LT_F32, q, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
+    c->be->rope(c, t3(LT_F32, k, T, nkv, hd), t1(LT_I32, pos, T), theta, factor);
+}
+
 /* qk_norm_rope (q_norm, k_norm, then RoPE on q and k) against the CPU's four ops, and bit for
  * bit against CUDA's own four. */
 static void test_qk_norm_rope(int64_t T, int64_t nh, int64_t nkv, int64_t hd, float theta,
@@ -550,23 +562,13 @@ static void test_qk_norm_rope(int64_t T, int64_t nh, int64_t nkv, int64_t hd, fl
     float *qc = malloc(sizeof(float) * (size_t)nq), *kc = malloc(sizeof(float) * (size_t)nk);
     memcpy(qc, q, sizeof(float) * (size_t)nq);
     memcpy(kc, k, sizeof(float) * (size_t)nk);
-    cpu.be->rmsnorm(&cpu, t2(LT_F32, qc, T * nh, hd), t2(LT_F32, qc, T * nh, hd),
-                    t1(LT_F32, qw, hd), 1e-6f);
-    cpu.be->rmsnorm(&cpu, t2(LT_F32, kc, T * nkv, hd), t2(LT_F32, kc, T * nkv, hd),
-                    t1(LT_F32, kw, hd), 1e-6f);
-    cpu.be->rope(&cpu, t3(LT_F32, qc, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
-    cpu.be->rope(&cpu, t3(LT_F32, kc, T, nkv, hd), t1(LT_I32, pos, T), theta, factor);
+    norm_rope_ops(&cpu, qc, kc, qw, kw, pos, T, nh, nkv, hd, theta, factor);
     float *qwg = dev_put(qw, (size_t)hd * 4), *kwg = dev_put(kw, (size_t)hd * 4);
     int32_t *pg = dev_put(pos, (size_t)T * 4);
     float *qg = dev_put(q, (size_t)nq * 4), *kg = dev_put(k, (size_t)nk * 4);
     float *q4 = dev_put(q, (size_t)nq * 4), *k4 = dev_put(k, (size_t)nk * 4);
     /* the four ops first: they make the RoPE table the fused op reads */
-    gpu.be->rmsnorm(&gpu, t2(LT_F32, q4, T * nh, hd), t2(LT_F32, q4, T * nh, hd),
-                    t1(LT_F32, qwg, hd), 1e-6f);
-    gpu.be->rmsnorm(&gpu, t2(LT_F32, k4, T * nkv, hd), t2(LT_F32, k4, T * nkv, hd),
-                    t1(LT_F32, kwg, hd), 1e-6f);
-    gpu.be->rope(&gpu, t3(LT_F32, q4, T, nh, hd), t1(LT_I32, pg, T), theta, factor);
-    gpu.be->rope(&gpu, t3(LT_F32, k4, T, nkv, hd), t1(LT_I32, pg, T), theta, factor);
+    norm_rope_ops(&gpu, q4, k4, qwg, kwg, pg, T, nh, nkv, hd, theta, factor);
     lt_status rc = gpu.be->qk_norm_rope(&gpu, t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, T, nkv, hd),
                                         t1(LT_F32, qwg, hd), t1(LT_F32, kwg, hd), t1(LT_I32, pg, T),
                                         1e-6f, theta, factor);

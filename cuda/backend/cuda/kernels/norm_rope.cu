@@ -59,6 +59,32 @@ static int threads_for(int64_t D) {
     return t;
 }
 
+/* The float4 norm's two steps, shared by every kernel that norms rows of float4s so that
+ * their values agree bit for bit: a row's VPT float4s a thread into v (zeros past D4) and
+ * r = 1 / sqrt(mean(x²) + eps); then one float4 of the output, (x · r) · (1 + w). */
+template <int VPT>
+__device__ __forceinline__ static float norm4_load(const float4 *xr, float4 *v, int D4, float D,
+                                                   float eps, float *sh) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    ss = block_sum(ss, sh);
+    return 1.0f / sqrtf(ss / D + eps);
+}
+
+__device__ __forceinline__ static float4 norm4_out(float4 v, float r, float4 g) {
+    float4 o;
+    o.x = (v.x * r) * (1.0f + g.x);
+    o.y = (v.y * r) * (1.0f + g.y);
+    o.z = (v.z * r) * (1.0f + g.z);
+    o.w = (v.w * r) * (1.0f + g.w);
+    return o;
+}
+
 template <bool BF>
 __global__ void rmsnorm_kernel(typename norm_out<BF>::T *y, const float *x, const float *w,
                                int64_t D, float eps) {
@@ -81,28 +107,14 @@ template <int VPT, bool BF>
 __global__ void rmsnorm4_kernel(typename norm_out<BF>::T4 *y, const float4 *x, const float4 *w,
                                 int D4, float D, float eps) {
     __shared__ float sh[33];
-    const float4 *xr = x + (int64_t)blockIdx.x * D4;
     float4 v[VPT];
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < VPT; k++) {
-        int i = threadIdx.x + k * blockDim.x;
-        v[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-    }
-    ss = block_sum(ss, sh);
-    float r = 1.0f / sqrtf(ss / D + eps);
+    float r = norm4_load<VPT>(x + (int64_t)blockIdx.x * D4, v, D4, D, eps, sh);
     typename norm_out<BF>::T4 *yr = y + (int64_t)blockIdx.x * D4;
 #pragma unroll
     for (int k = 0; k < VPT; k++) {
         int i = threadIdx.x + k * blockDim.x;
         if (i >= D4) break;
-        float4 g = w[i], o;
-        o.x = (v[k].x * r) * (1.0f + g.x);
-        o.y = (v[k].y * r) * (1.0f + g.y);
-        o.z = (v[k].z * r) * (1.0f + g.z);
-        o.w = (v[k].w * r) * (1.0f + g.w);
-        yr[i] = norm_out<BF>::four(o);
+        yr[i] = norm_out<BF>::four(norm4_out(v[k], r, w[i]));
     }
 }
 
@@ -168,49 +180,26 @@ __global__ void rmsnorm_add4_kernel(float4 *h, float4 *x, const float4 *w, float
     __shared__ float sh[33];
     float4 *xr = x + (int64_t)blockIdx.x * D4, *hr = h + (int64_t)blockIdx.x * D4;
     float4 v[VPT];
-    float ss = 0.0f;
+    float r = norm4_load<VPT>(xr, v, D4, D, eps, sh);
 #pragma unroll
     for (int k = 0; k < VPT; k++) {
         int i = threadIdx.x + k * blockDim.x;
-        v[k] = i < D4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-    }
-    ss = block_sum(ss, sh);
-    float r = 1.0f / sqrtf(ss / D + eps);
-    float ss2 = 0.0f;
-#pragma unroll
-    for (int k = 0; k < VPT; k++) {
-        int i = threadIdx.x + k * blockDim.x;
-        if (i >= D4) {
-            v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            continue;
-        }
-        float4 g = w[i], o, b = hr[i];
-        o.x = (v[k].x * r) * (1.0f + g.x);
-        o.y = (v[k].y * r) * (1.0f + g.y);
-        o.z = (v[k].z * r) * (1.0f + g.z);
-        o.w = (v[k].w * r) * (1.0f + g.w);
+        if (i >= D4) break;
+        float4 o = norm4_out(v[k], r, w[i]), b = hr[i];
         xr[i] = o;
         /* __fadd_rn: never contracted with o's product into an fma, as the separate add is not */
-        v[k] = make_float4(__fadd_rn(b.x, o.x), __fadd_rn(b.y, o.y), __fadd_rn(b.z, o.z),
-                           __fadd_rn(b.w, o.w));
-        hr[i] = v[k];
-        ss2 += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        hr[i] = make_float4(__fadd_rn(b.x, o.x), __fadd_rn(b.y, o.y), __fadd_rn(b.z, o.z),
+                            __fadd_rn(b.w, o.w));
     }
     if (!a) return; /* the same for the whole grid: no thread leaves a block_sum alone */
-    ss2 = block_sum(ss2, sh);
-    float r2 = 1.0f / sqrtf(ss2 / D + eps);
+    /* the next norm reads h back (this thread's own writes) as rmsnorm4_kernel would */
+    float r2 = norm4_load<VPT>(hr, v, D4, D, eps, sh);
     float4 *ar = a + (int64_t)blockIdx.x * D4;
 #pragma unroll
     for (int k = 0; k < VPT; k++) {
         int i = threadIdx.x + k * blockDim.x;
         if (i >= D4) break;
-        float4 g = w2[i], o;
-        o.x = (v[k].x * r2) * (1.0f + g.x);
-        o.y = (v[k].y * r2) * (1.0f + g.y);
-        o.z = (v[k].z * r2) * (1.0f + g.z);
-        o.w = (v[k].w * r2) * (1.0f + g.w);
-        ar[i] = o;
+        ar[i] = norm4_out(v[k], r2, w2[i]);
     }
 }
 
@@ -430,19 +419,9 @@ __global__ void qk_norm_rope_kernel(float *q, float *k, const float *qw, const f
         t = b / nkv;
     }
     const int D4 = hd / 4, i = threadIdx.x;
-    float4 v = i < D4 ? ((const float4 *)x)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float ss = 0.0f;
-    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    ss = block_sum(ss, sh);
-    float r = 1.0f / sqrtf(ss / (float)hd + eps);
-    if (i < D4) {
-        float4 g = ((const float4 *)w)[i], o;
-        o.x = (v.x * r) * (1.0f + g.x);
-        o.y = (v.y * r) * (1.0f + g.y);
-        o.z = (v.z * r) * (1.0f + g.z);
-        o.w = (v.w * r) * (1.0f + g.w);
-        ((float4 *)row)[i] = o;
-    }
+    float4 v;
+    float r = norm4_load<1>((const float4 *)x, &v, D4, (float)hd, eps, sh);
+    if (i < D4) ((float4 *)row)[i] = norm4_out(v, r, ((const float4 *)w)[i]);
     __syncthreads();
     const int half = hd / 2;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
