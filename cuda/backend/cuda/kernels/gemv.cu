@@ -137,21 +137,40 @@ struct lora_xa_args {
 
 __global__ static void lora_xa_kernel(const float *x, int T, int64_t in, const lora_xa_args args) {
     __shared__ float part[GEMV16_MAX_T][32];
+    /* the part and its fields by constant index: a run-time index into the parameters would
+     * copy them to local memory */
     int k = 0;
-    while (k + 1 < args.n && (int)blockIdx.x >= args.block_end[k])
-        k++;
-    const int j = (int)blockIdx.x - (k ? args.block_end[k - 1] : 0), r = args.r[k];
+#pragma unroll
+    for (int q = 0; q + 1 < K_GEMV16_MAX_PARTS; q++)
+        if (q + 1 < args.n && (int)blockIdx.x >= args.block_end[q]) k = q + 1;
+    const float *a = args.a[0];
+    float *xa = args.xa[0];
+    int r = args.r[0], start = 0;
+#pragma unroll
+    for (int q = 1; q < K_GEMV16_MAX_PARTS; q++)
+        if (q == k) {
+            a = args.a[q];
+            xa = args.xa[q];
+            r = args.r[q];
+            start = args.block_end[q - 1];
+        }
+    const int j = (int)blockIdx.x - start;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float acc[GEMV16_MAX_T];
+#pragma unroll
     for (int t = 0; t < GEMV16_MAX_T; t++)
         acc[t] = 0.0f;
-    const float *arow = args.a[k] + (int64_t)j * in;
+    const float *arow = a + (int64_t)j * in;
     for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
         float av = arow[i];
-        for (int t = 0; t < T; t++)
-            acc[t] += x[t * in + i] * av;
+#pragma unroll
+        for (int t = 0; t < GEMV16_MAX_T;
+             t++) /* t < T a guard, not a bound: acc stays in registers */
+            if (t < T) acc[t] += x[t * in + i] * av;
     }
-    for (int t = 0; t < T; t++) {
+#pragma unroll
+    for (int t = 0; t < GEMV16_MAX_T; t++) {
+        if (t >= T) break;
         float s = acc[t];
         for (int off = 16; off > 0; off >>= 1)
             s += __shfl_down_sync(0xffffffffu, s, off);
@@ -162,7 +181,7 @@ __global__ static void lora_xa_kernel(const float *x, int T, int64_t in, const l
         float s = 0.0f;
         for (int w = 0; w < (int)(blockDim.x / 32); w++)
             s += part[threadIdx.x][w];
-        args.xa[k][threadIdx.x * r + j] = s;
+        xa[threadIdx.x * r + j] = s;
     }
 }
 
