@@ -2,9 +2,10 @@
  *
  * Owns the five sockets named by the connection file and the four threads that serve them:
  *   heartbeat  ROUTER that echoes every message verbatim;
- *   iopub      PUB socket fed by an inproc PULL: every other thread pushes finished, signed
- *              frames, so only this thread touches PUB. It also flushes output that was held
- *              back by the throttle below;
+ *   iopub      XPUB socket fed by an inproc PULL: every other thread pushes finished, signed
+ *              frames, so only this thread touches it. It also flushes output that was held
+ *              back by the throttle below, and sends nothing before a first client has
+ *              subscribed (iopub_main);
  *   control    ROUTER: shutdown, interrupt, kernel_info, and the non-execute shell requests
  *              (they must work while a cell runs);
  *   shell      ROUTER + stdin ROUTER: runs cells through interp_execute with an lt_sink that
@@ -59,6 +60,7 @@
 #define LINGER_MS 1000       /* ipykernel's value: exit even if a client vanished */
 #define ROUTER_SNDHWM 100000 /* replies queued per client before ROUTER drops */
 #define IOPUB_SNDHWM 1000000 /* PUB drops silently past this: keep it high */
+#define IOPUB_HOLD_S 120.0   /* iopub output waits this long at most for a first subscriber */
 #define STREAM_GAP 0.020     /* s between two stream messages */
 #define UPDATE_GAP 0.100     /* s between two updates of one display */
 #define STREAM_MAX_PENDING (1 << 20)
@@ -1406,19 +1408,47 @@ static void *heartbeat_main(void *arg) {
     return NULL;
 }
 
+/* Reads what the XPUB iopub socket receives (subscriptions: a first byte of 1, then the
+ * topic); returns 1 if one was a subscription. */
+static int read_subscriptions(void *pub) {
+    int sub = 0;
+    unsigned char b[256];
+    int len;
+    while ((len = zmq_recv(pub, b, sizeof b, ZMQ_DONTWAIT)) >= 0) {
+        if (len >= 1 && b[0] == 1) sub = 1;
+        int more = 0;
+        size_t ml = sizeof more;
+        while (zmq_getsockopt(pub, ZMQ_RCVMORE, &more, &ml) == 0 && more &&
+               zmq_recv(pub, b, sizeof b, ZMQ_DONTWAIT) >= 0)
+            ;
+    }
+    return sub;
+}
+
+/* Until a first client has subscribed, the iopub thread takes nothing from the inproc queue:
+ * the messages wait there, in order, and go out once it has. ZeroMQ's PUB socket drops what
+ * it sends before a subscription has arrived, and a client may send its first request the
+ * moment kernel_info is answered while its SUB socket is still connecting (jupyter console
+ * 6.4 does, then waits for that request's idle status: it would wait forever). The XPUB
+ * socket sees the subscription. The hold ends at IOPUB_HOLD_S without one (a client that
+ * never subscribes does not keep output queued for long) and at shutdown. */
 static void *iopub_main(void *arg) {
     server *s = arg;
     void *pub = s->sock[JP_IOPUB], *pull = s->pull;
-    int stop = 0;
+    int stop = 0, held = 1;
+    double hold_until = now_s() + IOPUB_HOLD_S;
     while (!stop) {
-        zmq_pollitem_t it = {pull, 0, ZMQ_POLLIN, 0};
-        int timeout = atomic_load(&s->out.active) ? 10 : POLL_MS * 5;
-        int rc = zmq_poll(&it, 1, timeout);
+        zmq_pollitem_t it[2] = {{pub, 0, ZMQ_POLLIN, 0}, {pull, 0, ZMQ_POLLIN, 0}};
+        int timeout = held ? POLL_MS : atomic_load(&s->out.active) ? 10 : POLL_MS * 5;
+        int rc = zmq_poll(it, held ? 1 : 2, timeout);
         if (rc < 0 && errno != EINTR) {
             if (errno == ETERM) break;
             log_msg("iopub: poll failed: %s", zmq_strerror(errno));
             continue;
         }
+        if (read_subscriptions(pub)) held = 0;
+        if (held && (now_s() >= hold_until || atomic_load(&s->stopping))) held = 0;
+        if (held) continue;
         /* Under the lock, so that held-back output cannot overtake what was pushed first. */
         pthread_mutex_lock(&s->out.lock);
         jp_frame *f;
@@ -1452,7 +1482,7 @@ static void set_int(void *sock, int opt, int v) {
 }
 
 static int open_sockets(server *s) {
-    static const int types[JP_NCHANNELS] = {ZMQ_ROUTER, ZMQ_PUB, ZMQ_ROUTER, ZMQ_ROUTER,
+    static const int types[JP_NCHANNELS] = {ZMQ_ROUTER, ZMQ_XPUB, ZMQ_ROUTER, ZMQ_ROUTER,
                                             ZMQ_ROUTER};
     for (int ch = 0; ch < JP_NCHANNELS; ch++) {
         void *sock = zmq_socket(s->ctx, types[ch]);

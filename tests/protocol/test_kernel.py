@@ -59,6 +59,38 @@ def test_kernel_info_and_status(kernel):
         check_header(m, reply["header"]["session"])
 
 
+def test_iopub_output_waits_for_the_first_subscriber():
+    """A client whose iopub SUB joins after its first request still gets that request's
+    busy, output and idle (jupyter console sends a cell as soon as kernel_info is answered and
+    then waits for its idle status). Deterministic: nothing subscribes until the reply is in."""
+    from conftest import KERNEL_NAME, _install_error
+    if _install_error:
+        pytest.fail(_install_error)
+    from jupyter_client.manager import KernelManager
+    import tempfile
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    fd, log = tempfile.mkstemp(prefix="lathe-kernel-", suffix=".log")
+    with os.fdopen(fd, "w") as logf:
+        km.start_kernel(stderr=logf)
+        kc = km.client()
+        try:
+            kc.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+            msg_id = kc.execute("%echo before-any-subscriber")
+            reply = shell_reply(kc, msg_id, timeout=60)
+            assert reply["content"]["status"] == "ok"
+            kc.iopub_channel.start()  # the first subscription, after the request is done
+            msgs = collect_iopub(kc, msg_id, timeout=60)
+            states = [m["content"]["execution_state"] for m in msgs if m["msg_type"] == "status"]
+            assert states == ["busy", "idle"], types(msgs)
+            assert "before-any-subscriber" in stream_text(msgs), types(msgs)
+            # and the kernel goes on publishing as usual
+            _, later = execute(kc, "%echo after")
+            assert "after" in stream_text(later)
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+
 def test_kernel_info_on_control(kernel):
     km, kc = kernel
     msg = kc.session.msg("kernel_info_request", {})
