@@ -6,6 +6,7 @@
  * gradients. Attaching points each targeted lt_weight's `lora` at its slot; lora_free points
  * them back at nothing. It must not touch the forward code or the model's storage.
  */
+#include <limits.h>
 #include <math.h>
 #include <regex.h>
 #include <stdio.h>
@@ -85,7 +86,8 @@ static int regex_small(const char *p) {
             if (c == '{') {
                 char *end = NULL;
                 long m = strtol(p + i + 1, &end, 10), n = m;
-                if (end && *end == ',') n = end[1] == '}' ? m + 1 : strtol(end + 1, &end, 10);
+                if (end && *end == ',') /* {m,}: m and a star; strtol saturates at LONG_MAX */
+                    n = end[1] == '}' ? (m < LONG_MAX ? m + 1 : m) : strtol(end + 1, &end, 10);
                 while (p[i] != '}')
                     i++;
                 copies = (double)(n > m ? n : m);

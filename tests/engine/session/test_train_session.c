@@ -321,6 +321,9 @@ static void test_bad_input(void) {
     l.targets = "((q{50}){50}){50}";
     ok(lt_lora_attach(s, &l, NULL) == LT_ERR_ARG && strstr(lt_last_error(s), "repeats too much"),
        "a regex of nested bounded repetitions is refused before regcomp");
+    l.targets = "(q_proj){99999999999999999999999,}"; /* strtol saturates: m + 1 overflowed */
+    ok(lt_lora_attach(s, &l, NULL) == LT_ERR_ARG && strstr(lt_last_error(s), "repeats too much"),
+       "bad input: a regex {m,} with m beyond long is refused before regcomp");
     l.targets = ".*layers\\.[0-9]{1,2}\\.self_attn\\.(q|v)_proj";
     is_int(lt_lora_attach(s, &l, NULL), LT_OK, "a regex with a small {1,2} is accepted");
     /* stars stacked on a group of stacked stars: glibc's regcomp took 39 s under ASan (fuzz_peft)
