@@ -191,7 +191,8 @@ typedef struct lt_backend {
     lt_status (*rmsnorm)(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, float eps);
     /* A sublayer's end: x = rmsnorm(x, w); h += x; then, when a.data, a = rmsnorm(h, w2) (the
      * next sublayer's input norm): the values those ops give, in fewer launches. x, h, a:
-     * [N, D] fp32; w, w2: [D] fp32. NULL: the caller calls the three (gemma3.c's norm_add). */
+     * [N, D] fp32, three distinct buffers; w, w2: [D] fp32. NULL: the caller calls the three
+     * (gemma3.c's norm_add). */
     lt_status (*rmsnorm_add)(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
                              lt_tensor w2, float eps);
     /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.

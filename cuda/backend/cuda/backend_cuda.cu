@@ -1384,6 +1384,10 @@ static lt_status cu_linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
         impl_of(ctx)->gemv16_group && n >= 1 && n <= K_GEMV16_MAX_PARTS && is_f32(&x) && x.data;
     int64_t in = 0, T = 0;
     for (int k = 0; group && k < n; k++) {
+        if (!w[k] || !y[k].data) {
+            group = 0; /* cu_linear names what is missing */
+            break;
+        }
         const lt_lora *lo = w[k]->lora;
         int r = lo && lo->enabled && lo->a.data ? (int)lo->a.shape[0] : 0;
         in = w[k]->w.shape[1];
