@@ -211,7 +211,8 @@ static lt_status attend(tb_ctx *c, int l, int backward) {
 }
 
 /* The attention block of layer l from its input x ([N, H]), keeping every intermediate:
- * h1 = x + post_attention_layernorm(o). The same ops, in the same order, as gemma3.c. */
+ * h1 = x + post_attention_layernorm(o). The same ops, in the same order, as gemma3.c (whose
+ * linears, rmsnorm_add and qk_norm_rope, one launch for several of these, give their values). */
 static lt_status attn_block_fwd(tb_ctx *c, int l, float *x) {
     const gemma3_config *cfg = &c->m->cfg;
     const gemma3_layer *w = &c->m->layers[l];
