@@ -181,7 +181,7 @@ typedef struct lt_backend {
     lt_status (*linear)(lt_ctx *ctx, lt_tensor y, lt_tensor x, const lt_weight *w);
     /* n (1..4) linears of the same x: y[k] = linear(x, w[k]), exactly as n calls of `linear`
      * compute them, in fewer launches where the backend can (q, k and v; gate and up while
-     * decoding). NULL: the caller calls `linear` n times (gemma3.c's linears). */
+     * decoding). NULL: the caller calls `linear` n times (lt_linears_each). */
     lt_status (*linears)(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
                          const lt_weight *const *w);
     /* Gemma RMSNorm over the last dim D = numel(w):
@@ -192,7 +192,7 @@ typedef struct lt_backend {
     /* A sublayer's end: x = rmsnorm(x, w); h += x; then, when a.data, a = rmsnorm(h, w2) (the
      * next sublayer's input norm): the values those ops give, in fewer launches. x, h, a:
      * [N, D] fp32, three distinct buffers; w, w2: [D] fp32. NULL: the caller calls the three
-     * (gemma3.c's norm_add). */
+     * (lt_rmsnorm_add_ops). */
     lt_status (*rmsnorm_add)(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
                              lt_tensor w2, float eps);
     /* Rotate-half (NeoX) RoPE, in place. x: [T, heads, hd] fp32; pos: [T] I32.
@@ -200,7 +200,7 @@ typedef struct lt_backend {
     lt_status (*rope)(lt_ctx *ctx, lt_tensor x, lt_tensor pos, float theta, float factor);
     /* Gemma's q_norm and k_norm on every head (rmsnorm over hd with qw / kw), then RoPE, in place:
      * q [T, nh, hd], k [T, nkv, hd] fp32 at positions pos [T] I32 — the values those four ops
-     * give, in fewer launches. NULL: the caller calls the four (gemma3.c's qk_norm_rope). */
+     * give, in fewer launches. NULL: the caller calls the four (lt_qk_norm_rope_ops). */
     lt_status (*qk_norm_rope)(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
                               lt_tensor pos, float eps, float theta, float factor);
     /* Causal (+ sliding window) GQA attention.
@@ -401,6 +401,14 @@ extern const lt_backend lt_backend_cpu;
 /* Helpers over the table (backend_cpu.c): create a ctx for a backend (init called). */
 lt_status lt_ctx_init(lt_ctx *ctx, const lt_backend *be, int n_threads);
 void lt_ctx_shutdown(lt_ctx *ctx);
+/* The plain ops that linears, rmsnorm_add and qk_norm_rope stand for, through ctx->be: what a
+ * caller runs where the backend has no such op, and what a backend's op falls back to. */
+lt_status lt_linears_each(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
+                          const lt_weight *const *w);
+lt_status lt_rmsnorm_add_ops(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                             lt_tensor w2, float eps);
+lt_status lt_qk_norm_rope_ops(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
+                              lt_tensor pos, float eps, float theta, float factor);
 
 /* The CPU matmul kernel, exposed for tests and benches: y[T,out] = x[T,in]·W[out,in]ᵀ with W
  * of any float dtype. use_blas 0 forces the plain threaded C loop even when CBLAS is built. */

@@ -1437,44 +1437,6 @@ static lt_status capture_io(lt_ctx *ctx, const layer_capture *cap, int k, lt_ten
     return rc;
 }
 
-/* n linears of one input x: the backend's `linears` (fewer launches) where it has one. */
-static lt_status linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
-                         const lt_weight *const *w) {
-    if (ctx->be->linears) return ctx->be->linears(ctx, n, y, x, w);
-    lt_status rc = LT_OK;
-    for (int k = 0; k < n && rc == LT_OK; k++)
-        rc = ctx->be->linear(ctx, y[k], x, w[k]);
-    return rc;
-}
-
-/* A sublayer's end: x = norm(x, w); h += x; a = norm(h, w2) (a.data NULL: not), through the
- * backend's rmsnorm_add (one launch) where it has one. */
-static lt_status norm_add(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
-                          lt_tensor w2, float eps) {
-    const lt_backend *be = ctx->be;
-    if (be->rmsnorm_add) return be->rmsnorm_add(ctx, h, x, w, a, w2, eps);
-    lt_status rc = be->rmsnorm(ctx, x, x, w, eps);
-    if (rc == LT_OK) rc = be->add(ctx, h, x);
-    if (rc == LT_OK && a.data) rc = be->rmsnorm(ctx, a, h, w2, eps);
-    return rc;
-}
-
-/* q_norm and k_norm on every head of q [T, nh, hd] and k [T, nkv, hd], then RoPE: the backend's
- * qk_norm_rope (one launch) where it has one. */
-static lt_status qk_norm_rope(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
-                              lt_tensor pos, float eps, const gemma3_rope *rp) {
-    const lt_backend *be = ctx->be;
-    float theta = (float)rp->theta, factor = (float)rp->factor;
-    if (be->qk_norm_rope) return be->qk_norm_rope(ctx, q, k, qw, kw, pos, eps, theta, factor);
-    lt_tensor qh = lt_tensor_2d(LT_F32, q.data, q.shape[0] * q.shape[1], q.shape[2]),
-              kh = lt_tensor_2d(LT_F32, k.data, k.shape[0] * k.shape[1], k.shape[2]);
-    lt_status rc = be->rmsnorm(ctx, qh, qh, qw, eps);
-    if (rc == LT_OK) rc = be->rmsnorm(ctx, kh, kh, kw, eps);
-    if (rc == LT_OK) rc = be->rope(ctx, q, pos, theta, factor);
-    if (rc == LT_OK) rc = be->rope(ctx, k, pos, theta, factor);
-    return rc;
-}
-
 /* The attention input of layer l on the T rows of b->h at positions b->pos: a = norm(h); q, k,
  * v; qk-norm; RoPE. cap (NULL in every forward but quant=dynamic's calibration) keeps each
  * linear's input and output. */
@@ -1502,11 +1464,12 @@ static lt_status layer_qkv(const gemma3_model *m, lt_ctx *ctx, int l, const gemm
     {
         const lt_tensor ys[3] = {q2, k2, v2};
         const lt_weight *ws[3] = {&w->q_proj, &w->k_proj, &w->v_proj};
-        LT_TRY(linears(ctx, 3, ys, a, ws));
+        LT_TRY((be->linears ? be->linears : lt_linears_each)(ctx, 3, ys, a, ws));
         for (int k = 0; k < 3; k++)
             LT_TRY(capture_io(ctx, cap, k, a, ys[k]));
     }
-    LT_TRY(qk_norm_rope(ctx, q3, k3, w->q_norm, w->k_norm, pos, eps, rp));
+    LT_TRY((be->qk_norm_rope ? be->qk_norm_rope : lt_qk_norm_rope_ops)(
+        ctx, q3, k3, w->q_norm, w->k_norm, pos, eps, (float)rp->theta, (float)rp->factor));
 done:
     return rc;
 }
@@ -1532,18 +1495,20 @@ static lt_status layer_finish(const gemma3_model *m, lt_ctx *ctx, int l, const g
 
     LT_TRY(be->linear(ctx, o, att, &w->o_proj));
     LT_TRY(capture_io(ctx, cap, 3, att, o));
-    LT_TRY(norm_add(ctx, h, o, w->post_attention_layernorm, a, w->pre_feedforward_layernorm, eps));
+    LT_TRY((be->rmsnorm_add ? be->rmsnorm_add : lt_rmsnorm_add_ops)(
+        ctx, h, o, w->post_attention_layernorm, a, w->pre_feedforward_layernorm, eps));
     {
         const lt_tensor ys[2] = {gate, up};
         const lt_weight *ws[2] = {&w->gate_proj, &w->up_proj};
-        LT_TRY(linears(ctx, 2, ys, a, ws));
+        LT_TRY((be->linears ? be->linears : lt_linears_each)(ctx, 2, ys, a, ws));
         LT_TRY(capture_io(ctx, cap, 4, a, gate));
         LT_TRY(capture_io(ctx, cap, 5, a, up));
     }
     LT_TRY(be->geglu(ctx, gate, gate, up));
     LT_TRY(be->linear(ctx, o, gate, &w->down_proj));
     LT_TRY(capture_io(ctx, cap, 6, gate, o));
-    LT_TRY(norm_add(ctx, h, o, w->post_feedforward_layernorm, (lt_tensor){0}, (lt_tensor){0}, eps));
+    LT_TRY((be->rmsnorm_add ? be->rmsnorm_add : lt_rmsnorm_add_ops)(
+        ctx, h, o, w->post_feedforward_layernorm, (lt_tensor){0}, (lt_tensor){0}, eps));
 done:
     return rc;
 }

@@ -473,9 +473,8 @@ static void test_rmsnorm_add(int64_t N, int64_t D, int with_a) {
           *ac = malloc(sizeof(float) * (size_t)n);
     memcpy(xc, x, sizeof(float) * (size_t)n);
     memcpy(hc, h, sizeof(float) * (size_t)n);
-    cpu.be->rmsnorm(&cpu, t2(LT_F32, xc, N, D), t2(LT_F32, xc, N, D), t1(LT_F32, w, D), 1e-6f);
-    cpu.be->add(&cpu, t2(LT_F32, hc, N, D), t2(LT_F32, xc, N, D));
-    cpu.be->rmsnorm(&cpu, t2(LT_F32, ac, N, D), t2(LT_F32, hc, N, D), t1(LT_F32, w2, D), 1e-6f);
+    lt_rmsnorm_add_ops(&cpu, t2(LT_F32, hc, N, D), t2(LT_F32, xc, N, D), t1(LT_F32, w, D),
+                       t2(LT_F32, ac, N, D), t1(LT_F32, w2, D), 1e-6f);
     float *wg = dev_put(w, (size_t)D * 4), *w2g = dev_put(w2, (size_t)D * 4);
     float *xg = dev_put(x, (size_t)n * 4), *hg = dev_put(h, (size_t)n * 4), *ag = dev_poison(n);
     float *x3 = dev_put(x, (size_t)n * 4), *h3 = dev_put(h, (size_t)n * 4), *a3 = dev_poison(n);
@@ -486,9 +485,8 @@ static void test_rmsnorm_add(int64_t N, int64_t D, int with_a) {
     snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]%s runs", (long long)N, (long long)D,
              with_a ? " with the next norm" : "");
     if (!ok(rc == LT_OK, name)) diag("%s", gpu.err);
-    gpu.be->rmsnorm(&gpu, t2(LT_F32, x3, N, D), t2(LT_F32, x3, N, D), t1(LT_F32, wg, D), 1e-6f);
-    gpu.be->add(&gpu, t2(LT_F32, h3, N, D), t2(LT_F32, x3, N, D));
-    gpu.be->rmsnorm(&gpu, t2(LT_F32, a3, N, D), t2(LT_F32, h3, N, D), t1(LT_F32, w2g, D), 1e-6f);
+    lt_rmsnorm_add_ops(&gpu, t2(LT_F32, h3, N, D), t2(LT_F32, x3, N, D), t1(LT_F32, wg, D),
+                       t2(LT_F32, a3, N, D), t1(LT_F32, w2g, D), 1e-6f);
     snprintf(name, sizeof name, "rmsnorm_add [%lld,%lld]: x, h against the CPU", (long long)N,
              (long long)D);
     check_close(name, xg, xc, n, 1e-6);
@@ -536,18 +534,6 @@ static void test_rope(int64_t T, int64_t nh, int64_t hd, float theta, float fact
     free(x), free(pos), free(y_c), free(d_c);
 }
 
-/* q_norm, k_norm, rope on q, rope on k: the four ops qk_norm_rope stands for, on c's backend. */
-static void norm_rope_ops(lt_ctx *c, float *q, float *k, float *qw, float *kw, int32_t *pos,
-                          int64_t T, int64_t nh, int64_t nkv, int64_t hd, float theta,
-                          float factor) {
-    c->be->rmsnorm(c, t2(LT_F32, q, T * nh, hd), t2(LT_F32, q, T * nh, hd), t1(LT_F32, qw, hd),
-                   1e-6f);
-    c->be->rmsnorm(c, t2(LT_F32, k, T * nkv, hd), t2(LT_F32, k, T * nkv, hd), t1(LT_F32, kw, hd),
-                   1e-6f);
-    c->be->rope(c, t3(LT_F32, q, T, nh, hd), t1(LT_I32, pos, T), theta, factor);
-    c->be->rope(c, t3(LT_F32, k, T, nkv, hd), t1(LT_I32, pos, T), theta, factor);
-}
-
 /* qk_norm_rope (q_norm, k_norm, then RoPE on q and k) against the CPU's four ops, and bit for
  * bit against CUDA's own four. */
 static void test_qk_norm_rope(int64_t T, int64_t nh, int64_t nkv, int64_t hd, float theta,
@@ -562,13 +548,17 @@ static void test_qk_norm_rope(int64_t T, int64_t nh, int64_t nkv, int64_t hd, fl
     float *qc = malloc(sizeof(float) * (size_t)nq), *kc = malloc(sizeof(float) * (size_t)nk);
     memcpy(qc, q, sizeof(float) * (size_t)nq);
     memcpy(kc, k, sizeof(float) * (size_t)nk);
-    norm_rope_ops(&cpu, qc, kc, qw, kw, pos, T, nh, nkv, hd, theta, factor);
+    lt_qk_norm_rope_ops(&cpu, t3(LT_F32, qc, T, nh, hd), t3(LT_F32, kc, T, nkv, hd),
+                        t1(LT_F32, qw, hd), t1(LT_F32, kw, hd), t1(LT_I32, pos, T), 1e-6f, theta,
+                        factor);
     float *qwg = dev_put(qw, (size_t)hd * 4), *kwg = dev_put(kw, (size_t)hd * 4);
     int32_t *pg = dev_put(pos, (size_t)T * 4);
     float *qg = dev_put(q, (size_t)nq * 4), *kg = dev_put(k, (size_t)nk * 4);
     float *q4 = dev_put(q, (size_t)nq * 4), *k4 = dev_put(k, (size_t)nk * 4);
     /* the four ops first: they make the RoPE table the fused op reads */
-    norm_rope_ops(&gpu, q4, k4, qwg, kwg, pg, T, nh, nkv, hd, theta, factor);
+    lt_qk_norm_rope_ops(&gpu, t3(LT_F32, q4, T, nh, hd), t3(LT_F32, k4, T, nkv, hd),
+                        t1(LT_F32, qwg, hd), t1(LT_F32, kwg, hd), t1(LT_I32, pg, T), 1e-6f, theta,
+                        factor);
     lt_status rc = gpu.be->qk_norm_rope(&gpu, t3(LT_F32, qg, T, nh, hd), t3(LT_F32, kg, T, nkv, hd),
                                         t1(LT_F32, qwg, hd), t1(LT_F32, kwg, hd), t1(LT_I32, pg, T),
                                         1e-6f, theta, factor);

@@ -980,3 +980,34 @@ void lt_ctx_shutdown(lt_ctx *ctx) {
     if (ctx->be && ctx->be->shutdown) ctx->be->shutdown(ctx);
     ctx->impl = NULL;
 }
+
+lt_status lt_linears_each(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
+                          const lt_weight *const *w) {
+    lt_status rc = LT_OK;
+    for (int k = 0; k < n && rc == LT_OK; k++)
+        rc = ctx->be->linear(ctx, y[k], x, w[k]);
+    return rc;
+}
+
+lt_status lt_rmsnorm_add_ops(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
+                             lt_tensor w2, float eps) {
+    const lt_backend *be = ctx->be;
+    lt_status rc = be->rmsnorm(ctx, x, x, w, eps);
+    if (rc == LT_OK) rc = be->add(ctx, h, x);
+    if (rc == LT_OK && a.data) rc = be->rmsnorm(ctx, a, h, w2, eps);
+    return rc;
+}
+
+lt_status lt_qk_norm_rope_ops(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tensor qw, lt_tensor kw,
+                              lt_tensor pos, float eps, float theta, float factor) {
+    const lt_backend *be = ctx->be;
+    if (q.ndim != 3 || k.ndim != 3)
+        return lt_fail(ctx->err, LT_ERR_ARG, "qk_norm_rope: q and k must be [T, heads, hd]");
+    lt_tensor qh = lt_tensor_2d(LT_F32, q.data, q.shape[0] * q.shape[1], q.shape[2]),
+              kh = lt_tensor_2d(LT_F32, k.data, k.shape[0] * k.shape[1], k.shape[2]);
+    lt_status rc = be->rmsnorm(ctx, qh, qh, qw, eps);
+    if (rc == LT_OK) rc = be->rmsnorm(ctx, kh, kh, kw, eps);
+    if (rc == LT_OK) rc = be->rope(ctx, q, pos, theta, factor);
+    if (rc == LT_OK) rc = be->rope(ctx, k, pos, theta, factor);
+    return rc;
+}

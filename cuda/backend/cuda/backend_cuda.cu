@@ -1377,7 +1377,7 @@ done:
 }
 
 /* n linears of one x: when every one takes gemv.cu (decoding), all of them in k_gemv16's two
- * launches; otherwise cu_linear on each. */
+ * launches; otherwise linear on each (lt_linears_each). */
 static lt_status cu_linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
                             const lt_weight *const *w) {
     int group =
@@ -1400,13 +1400,7 @@ static lt_status cu_linears(lt_ctx *ctx, int n, const lt_tensor *y, lt_tensor x,
              (lo->a.shape[1] == in && lo->b.shape[0] == w[k]->w.shape[0] && lo->b.shape[1] == r)) &&
             (k == 0 || in == w[0]->w.shape[1]);
     }
-    if (!group) {
-        for (int k = 0; k < n; k++) {
-            lt_status rc = cu_linear(ctx, y[k], x, w[k]);
-            if (rc != LT_OK) return rc;
-        }
-        return LT_OK;
-    }
+    if (!group) return lt_linears_each(ctx, n, y, x, w);
     op_begin(ctx, "linear");
     k_gemv16_part parts[K_GEMV16_MAX_PARTS];
     for (int k = 0; k < n; k++)
@@ -1432,8 +1426,6 @@ static lt_status cu_rmsnorm(lt_ctx *ctx, lt_tensor y, lt_tensor x, lt_tensor w, 
 done:
     return op_end(ctx, rc);
 }
-
-static lt_status cu_add(lt_ctx *ctx, lt_tensor y, lt_tensor x);
 
 /* norm_rope.cu's one launch of rmsnorm_add; *took 0 where its float4 form cannot take the rows. */
 static lt_status rmsnorm_add_launch(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor w, lt_tensor a,
@@ -1463,10 +1455,7 @@ static lt_status cu_rmsnorm_add(lt_ctx *ctx, lt_tensor h, lt_tensor x, lt_tensor
         lt_status rc = op_end(ctx, rmsnorm_add_launch(ctx, h, x, w, a, w2, eps, N, D, &took));
         if (took || rc != LT_OK) return rc;
     }
-    lt_status rc = cu_rmsnorm(ctx, x, x, w, eps);
-    if (rc == LT_OK) rc = cu_add(ctx, h, x);
-    if (rc == LT_OK && a.data) rc = cu_rmsnorm(ctx, a, h, w2, eps);
-    return rc;
+    return lt_rmsnorm_add_ops(ctx, h, x, w, a, w2, eps);
 }
 
 /* The [hd/2] inverse frequencies, computed on the host with backend_cpu.c's expression. */
@@ -1566,14 +1555,7 @@ static lt_status cu_qk_norm_rope(lt_ctx *ctx, lt_tensor q, lt_tensor k, lt_tenso
             op_end(ctx, qk_norm_rope_launch(ctx, q, k, qw, kw, pos, eps, theta, factor, &took));
         if (took || rc != LT_OK) return rc;
     }
-    int64_t T = q.shape[0], hd = q.ndim == 3 ? q.shape[2] : 1;
-    lt_tensor qh = lt_tensor_2d(LT_F32, q.data, T * (q.ndim == 3 ? q.shape[1] : 0), hd),
-              kh = lt_tensor_2d(LT_F32, k.data, T * (k.ndim == 3 ? k.shape[1] : 0), hd);
-    lt_status rc = cu_rmsnorm(ctx, qh, qh, qw, eps);
-    if (rc == LT_OK) rc = cu_rmsnorm(ctx, kh, kh, kw, eps);
-    if (rc == LT_OK) rc = cu_rope(ctx, q, pos, theta, factor);
-    if (rc == LT_OK) rc = cu_rope(ctx, k, pos, theta, factor);
-    return rc;
+    return lt_qk_norm_rope_ops(ctx, q, k, qw, kw, pos, eps, theta, factor);
 }
 
 /* Query rows per attention chunk: the chunk's [nh, Tq, S] buffers stay under ~256 MiB. */

@@ -163,9 +163,9 @@ __global__ static void lora_xa_kernel(const float *x, int T, int64_t in, const l
     const float *arow = a + (int64_t)j * in;
     for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
         float av = arow[i];
+        /* t < T a guard, not the bound: acc stays in registers */
 #pragma unroll
-        for (int t = 0; t < GEMV16_MAX_T;
-             t++) /* t < T a guard, not a bound: acc stays in registers */
+        for (int t = 0; t < GEMV16_MAX_T; t++)
             if (t < T) acc[t] += x[t * in + i] * av;
     }
 #pragma unroll
