@@ -144,6 +144,26 @@ def collect_iopub(kc, msg_id, timeout=TIMEOUT):
                          % (msg_id, timeout, [m["msg_type"] for m in out]))
 
 
+def wait_running(kc, msg_id, timeout=TIMEOUT):
+    """Reads iopub until the cell msg_id has shown output (%sleep's progress bar comes first),
+    so an interrupt sent next finds the cell running, however slow the machine; returns what
+    it read of that cell, for the caller to keep."""
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            m = kc.get_iopub_msg(timeout=max(0.01, deadline - time.time()))
+        except Exception:
+            break
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        out.append(m)
+        if m["msg_type"] in ("display_data", "update_display_data", "stream"):
+            return out
+    raise AssertionError("cell %s showed no output within %ss; got %s"
+                         % (msg_id, timeout, [m["msg_type"] for m in out]))
+
+
 def shell_reply(kc, msg_id, timeout=TIMEOUT):
     deadline = time.time() + timeout
     while time.time() < deadline:

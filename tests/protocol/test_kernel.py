@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import (collect_iopub, execute, flush, kernel_log, shell_reply, stream_text,
-                      types, TIMEOUT)
+                      types, wait_running, TIMEOUT)
 
 DATE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 HEADER_KEYS = {"msg_id", "session", "username", "date", "msg_type", "version"}
@@ -221,7 +221,7 @@ def test_stop_on_error_aborts_queue(kernel):
     flush(kc)
     first = kc.execute("%sleep 5")
     queued = [kc.execute("%%echo queued-%d" % i) for i in range(2)]
-    time.sleep(0.5)
+    wait_running(kc, first)
     km.interrupt_kernel()
     r = shell_reply(kc, first)
     assert r["content"]["status"] == "error"
@@ -245,7 +245,7 @@ def test_interrupt_message(kernel):
     km, kc = kernel
     flush(kc)
     msg_id = kc.execute("%sleep 30")
-    time.sleep(0.7)
+    seen = wait_running(kc, msg_id)
     t0 = time.time()
     km.interrupt_kernel()  # interrupt_mode "message": interrupt_request on control
     r = shell_reply(kc, msg_id, timeout=10)
@@ -253,7 +253,7 @@ def test_interrupt_message(kernel):
     assert r["content"]["status"] == "error"
     assert r["content"]["ename"] == "KeyboardInterrupt"
     assert elapsed < 3, "interrupt took %.1f s (the cell sleeps 30 s)" % elapsed
-    io = collect_iopub(kc, msg_id)
+    io = seen + collect_iopub(kc, msg_id)
     assert [m for m in io if m["msg_type"] == "error"]
     # kernel still serves
     r2, _ = execute(kc, "%echo alive")
@@ -276,7 +276,7 @@ def test_sigint_interrupts_but_never_kills(kernel):
     km, kc = kernel
     flush(kc)
     msg_id = kc.execute("%sleep 30")
-    time.sleep(0.7)
+    wait_running(kc, msg_id)
     os.kill(km.provisioner.process.pid, signal.SIGINT)
     r = shell_reply(kc, msg_id, timeout=10)
     assert r["content"]["ename"] == "KeyboardInterrupt"
@@ -291,7 +291,7 @@ def test_control_served_while_cell_runs(kernel):
     km, kc = kernel
     flush(kc)
     msg_id = kc.execute("%sleep 8")
-    time.sleep(0.5)
+    wait_running(kc, msg_id)
     for req, content in (("kernel_info_request", {}),
                          ("complete_request", {"code": "%he", "cursor_pos": 3}),
                          ("is_complete_request", {"code": "%echo"}),
@@ -523,8 +523,7 @@ def test_shutdown_on_shell_while_idle(fresh_kernel):
 def test_shutdown_during_running_cell(fresh_kernel):
     km, kc = fresh_kernel()
     proc = km.provisioner.process
-    kc.execute("%sleep 30")
-    time.sleep(0.5)
+    wait_running(kc, kc.execute("%sleep 30"))
     t0 = time.time()
     km.shutdown_kernel(now=False)  # interrupt, shutdown_request, wait
     assert proc.poll() is not None
