@@ -126,8 +126,8 @@ def flush(kc):
                 break
 
 
-def collect_iopub(kc, msg_id, timeout=TIMEOUT):
-    """iopub messages whose parent is msg_id, up to and including its idle."""
+def _read_cell(kc, msg_id, timeout, done, what):
+    """iopub messages whose parent is msg_id, up to and including the first for which done(m)."""
     out = []
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -138,30 +138,24 @@ def collect_iopub(kc, msg_id, timeout=TIMEOUT):
         if m["parent_header"].get("msg_id") != msg_id:
             continue
         out.append(m)
-        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+        if done(m):
             return out
-    raise AssertionError("no idle for %s within %ss; got %s"
-                         % (msg_id, timeout, [m["msg_type"] for m in out]))
+    raise AssertionError("no %s for %s within %ss; got %s"
+                         % (what, msg_id, timeout, [m["msg_type"] for m in out]))
+
+
+def collect_iopub(kc, msg_id, timeout=TIMEOUT):
+    """iopub messages whose parent is msg_id, up to and including its idle."""
+    return _read_cell(kc, msg_id, timeout, lambda m: m["msg_type"] == "status"
+                      and m["content"]["execution_state"] == "idle", "idle")
 
 
 def wait_running(kc, msg_id, timeout=TIMEOUT):
     """Reads iopub until the cell msg_id has shown output (%sleep's progress bar comes first),
     so an interrupt sent next finds the cell running, however slow the machine; returns what
     it read of that cell, for the caller to keep."""
-    out = []
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            m = kc.get_iopub_msg(timeout=max(0.01, deadline - time.time()))
-        except Exception:
-            break
-        if m["parent_header"].get("msg_id") != msg_id:
-            continue
-        out.append(m)
-        if m["msg_type"] in ("display_data", "update_display_data", "stream"):
-            return out
-    raise AssertionError("cell %s showed no output within %ss; got %s"
-                         % (msg_id, timeout, [m["msg_type"] for m in out]))
+    return _read_cell(kc, msg_id, timeout, lambda m: m["msg_type"] in
+                      ("display_data", "update_display_data", "stream"), "output")
 
 
 def shell_reply(kc, msg_id, timeout=TIMEOUT):
