@@ -369,6 +369,15 @@ static inline int lt_dropout_keep(uint64_t seed, uint64_t i, float p) {
     return (double)(z >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
 }
 
+/* avg_pool's grid, shared by every backend's shape checks: the side g of the square grid of
+ * `cells` rows when cells is a square and g a multiple of k > 0, else 0. */
+static inline int64_t lt_pool_grid(int64_t cells, int k) {
+    int64_t g = 0;
+    while ((g + 1) * (g + 1) <= cells)
+        g++;
+    return g > 0 && g * g == cells && k > 0 && g % k == 0 ? g : 0;
+}
+
 /* The name of the first training op (backward ops, loss, optimizer, vector ops) a backend
  * lacks, or NULL when it has them all: the trainer checks once, up front. */
 const char *lt_backend_missing_training_op(const lt_backend *be);
