@@ -1507,29 +1507,32 @@ static void source_dir(const lt_session *s, char *src, size_t cap) {
     }
 }
 
-lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype,
-                         const lt_callbacks *cb) {
+/* A checkpoint written from the model as it is now (writer: merged_save or quantized_save),
+ * beside what it keeps of the checkpoint's own folder and tokenizer. */
+typedef lt_status (*checkpoint_writer)(const lt_adapters *a, gemma3_model *m, lt_ctx *dev,
+                                       const char *src_dir, const char *tokenizer_path,
+                                       const char *dtype, const char *dir,
+                                       const lt_callbacks *cb, char *err);
+
+static lt_status save_checkpoint(lt_session *s, checkpoint_writer write, const char *dir,
+                                 const char *dtype, const lt_callbacks *cb) {
     call_begin(s);
     if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
-    /* the checkpoint's own folder, to copy what a merged save keeps from it */
     char src[4096];
     source_dir(s, src, sizeof src);
     const char *tp = s->tok ? tok_path(s->tok) : NULL;
     lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL; /* read back through it */
-    return merged_save(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb,
-                       s->err);
+    return write(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb, s->err);
+}
+
+lt_status lt_save_merged(lt_session *s, const char *dir, const char *dtype,
+                         const lt_callbacks *cb) {
+    return save_checkpoint(s, merged_save, dir, dtype, cb);
 }
 
 lt_status lt_save_quantized(lt_session *s, const char *dir, const char *dtype,
                             const lt_callbacks *cb) {
-    call_begin(s);
-    if (!s->model) return lt_fail(s->err, LT_ERR_STATE, "%%save: no model loaded");
-    char src[4096];
-    source_dir(s, src, sizeof src);
-    const char *tp = s->tok ? tok_path(s->tok) : NULL;
-    lt_ctx *dev = gemma3_on_device(s->model) ? &s->ctx : NULL; /* read back through it */
-    return quantized_save(trainer_adapters(s->trainer), s->model, dev, src, tp, dtype, dir, cb,
-                          s->err);
+    return save_checkpoint(s, quantized_save, dir, dtype, cb);
 }
 
 /* Refuses a target that exists (unless overwrite) or is a folder, before anything is written;

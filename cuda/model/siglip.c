@@ -474,6 +474,25 @@ void siglip_dims_get(const siglip_tower *t, siglip_dims *d) {
     d->scale = (float)(1.0 / sqrt((double)d->hd));
 }
 
+siglip_acts siglip_acts_aliased(float *x, float *a, float *f, float *q, float *k, float *v,
+                                float *att, int32_t *pos0) {
+    siglip_acts b = {.x = x,
+                     .a1 = a,
+                     .q = q,
+                     .k = k,
+                     .v = v,
+                     .att = att,
+                     .o = a,
+                     .h = x,
+                     .a2 = a,
+                     .f1 = f,
+                     .g = f,
+                     .f2 = a,
+                     .out = x,
+                     .pos0 = pos0};
+    return b;
+}
+
 lt_status siglip_layer_forward(const siglip_tower *t, lt_ctx *ctx, int l, const siglip_acts *b) {
     const lt_backend *be = ctx->be;
     siglip_dims d;
@@ -572,24 +591,11 @@ lt_status siglip_encode_train(const siglip_tower *t, lt_ctx *ctx, const float *p
     LT_TRY(linear_b(ctx, X, lt_tensor_2d(LT_F32, patches, P, K), &t->patch, t->patch_b));
     LT_TRY(be->add(ctx, X, t->pos));
     /* a holds ln1(x), then out_proj's output, ln2(h) and fc2's; f fc1's output and its gelu */
-    siglip_acts b = {.x = x,
-                     .a1 = a,
-                     .q = q,
-                     .k = k,
-                     .v = v,
-                     .att = att,
-                     .o = a,
-                     .h = x,
-                     .a2 = a,
-                     .f1 = f,
-                     .g = f,
-                     .f2 = a,
-                     .out = x,
-                     .pos0 = pos0,
-                     .drop_seed = drop_seed,
-                     .drop = drop,
-                     .drop_w = dw,
-                     .drop_r = dr};
+    siglip_acts b = siglip_acts_aliased(x, a, f, q, k, v, att, pos0);
+    b.drop_seed = drop_seed;
+    b.drop = drop;
+    b.drop_w = dw;
+    b.drop_r = dr;
     for (int l = 0; l < c->num_hidden_layers; l++)
         LT_TRY(siglip_layer_forward(t, ctx, l, &b));
     LT_TRY(be->layernorm(ctx, X, X, t->post_w, t->post_b, eps));

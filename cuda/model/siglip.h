@@ -110,6 +110,10 @@ typedef struct siglip_acts {
     float *drop;
     int64_t drop_w, drop_r;
 } siglip_acts;
+/* The aliased layout siglip_encode runs in: x holds h and out; a holds a1, o, a2 and f2; f holds
+ * f1 and g; q, k, v and att apart. No dropout (the caller sets drop_seed, drop, drop_w, drop_r). */
+siglip_acts siglip_acts_aliased(float *x, float *a, float *f, float *q, float *k, float *v,
+                                float *att, int32_t *pos0);
 /* The dropout scratch of n rows, carved from b->drop: the dropped input xd, the adapter's
  * output y2 and (backward) dx, [n, drop_w] each; u and du [n, drop_r]. */
 typedef struct siglip_drop_bufs {

@@ -176,24 +176,12 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
     LT_TRY(be->add(ctx, X, t->pos));
     float *a = gr, *f = dg; /* the forward's scratch: the gradient buffers, idle until then */
     float *la = lay;        /* the recompute's buffers, apart */
-    siglip_acts fw = {.x = x,
-                      .a1 = a,
-                      .q = gr + 1 * PD,
-                      .k = gr + 2 * PD,
-                      .v = gr + 3 * PD,
-                      .att = gr + 4 * PD,
-                      .o = a,
-                      .h = x,
-                      .a2 = a,
-                      .f1 = f,
-                      .g = f,
-                      .f2 = a,
-                      .out = x,
-                      .pos0 = pos0,
-                      .drop_seed = drop_seed,
-                      .drop = drop,
-                      .drop_w = pl.drop_w,
-                      .drop_r = pl.drop_r};
+    siglip_acts fw = siglip_acts_aliased(x, a, f, gr + 1 * PD, gr + 2 * PD, gr + 3 * PD,
+                                         gr + 4 * PD, pos0);
+    fw.drop_seed = drop_seed;
+    fw.drop = drop;
+    fw.drop_w = pl.drop_w;
+    fw.drop_r = pl.drop_r;
     for (int l = 0; l < L; l++) {
         if (l >= first) LT_TRY(be->copy(ctx, ckpt + (size_t)(l - first) * PD, x, fs * PD));
         LT_TRY(siglip_layer_forward(t, ctx, l, &fw));
