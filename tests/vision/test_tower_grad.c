@@ -39,13 +39,13 @@
 #include "cuda/model/siglip.h"
 #include "cuda/train/train.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_micro_model.h"
 
 static lt_ctx ctx;
 static uint64_t rng = 7;
 
 static float frand(void) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+    return test_frand(&rng);
 }
 
 static lt_tensor rand_t(int64_t a, int64_t b, float amp, float base) {
@@ -58,7 +58,7 @@ static lt_tensor rand_t(int64_t a, int64_t b, float amp, float base) {
 
 /* ---- the model -------------------------------------------------------------------------- */
 
-#define TH 16 /* text hidden */
+#define TH MICRO_H /* text hidden (the shared micro model's) */
 #define TV 40 /* vocab; the image token is 40, past the embedding */
 #define VD 8  /* tower width */
 #define VI 12
@@ -67,48 +67,6 @@ static lt_tensor rand_t(int64_t a, int64_t b, float amp, float base) {
 #define VL 2  /* tower layers */
 #define MM 4  /* soft tokens */
 
-static gemma3_model *text_model(void) {
-    gemma3_model *m = calloc(1, sizeof *m);
-    gemma3_config *c = &m->cfg;
-    gemma3_config_defaults(c);
-    c->hidden_size = TH;
-    c->intermediate_size = 24;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 1;
-    c->head_dim = 8;
-    c->vocab_size = TV;
-    c->sliding_window = 4;
-    c->query_pre_attn_scalar = 8;
-    c->rms_norm_eps = 1e-6;
-    c->layer_types[0] = GEMMA3_SLIDING;
-    c->layer_types[1] = GEMMA3_FULL;
-    c->rope[GEMMA3_SLIDING].theta = 10000;
-    c->rope[GEMMA3_SLIDING].factor = 1;
-    c->rope[GEMMA3_FULL].theta = 1e6;
-    c->rope[GEMMA3_FULL].factor = 1;
-    m->embed_tokens.w = rand_t(TV, TH, 0.5f, 0);
-    m->norm = rand_t(TH, 0, 0.3f, 0);
-    m->layers = calloc(2, sizeof(gemma3_layer));
-    for (int l = 0; l < 2; l++) {
-        gemma3_layer *L = &m->layers[l];
-        L->input_layernorm = rand_t(TH, 0, 0.3f, 0);
-        L->post_attention_layernorm = rand_t(TH, 0, 0.3f, 0);
-        L->pre_feedforward_layernorm = rand_t(TH, 0, 0.3f, 0);
-        L->post_feedforward_layernorm = rand_t(TH, 0, 0.3f, 0);
-        L->q_norm = rand_t(8, 0, 0.3f, 0);
-        L->k_norm = rand_t(8, 0, 0.3f, 0);
-        L->q_proj.w = rand_t(16, TH, 0.4f, 0);
-        L->k_proj.w = rand_t(8, TH, 0.4f, 0);
-        L->v_proj.w = rand_t(8, TH, 0.4f, 0);
-        L->o_proj.w = rand_t(TH, 16, 0.4f, 0);
-        L->gate_proj.w = rand_t(24, TH, 0.4f, 0);
-        L->up_proj.w = rand_t(24, TH, 0.4f, 0);
-        L->down_proj.w = rand_t(TH, 24, 0.4f, 0);
-    }
-    m->dtype = LT_F32;
-    return m;
-}
 
 /* Every tensor of the tower is one host block (tower_alloc's list), freed by siglip_free. */
 static lt_tensor keep(siglip_tower *t, lt_tensor x) {
@@ -159,29 +117,8 @@ static siglip_tower *tower(void) {
 }
 
 static void model_free(gemma3_model *m) {
-    free(m->embed_tokens.w.data);
-    free(m->norm.data);
-    for (int l = 0; l < 2; l++) {
-        gemma3_layer *L = &m->layers[l];
-        lt_tensor *ts[] = {&L->input_layernorm,
-                           &L->post_attention_layernorm,
-                           &L->pre_feedforward_layernorm,
-                           &L->post_feedforward_layernorm,
-                           &L->q_norm,
-                           &L->k_norm,
-                           &L->q_proj.w,
-                           &L->k_proj.w,
-                           &L->v_proj.w,
-                           &L->o_proj.w,
-                           &L->gate_proj.w,
-                           &L->up_proj.w,
-                           &L->down_proj.w};
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
-            free(ts[i]->data);
-    }
-    free(m->layers);
     siglip_free(m->vision);
-    free(m);
+    test_micro_gemma3_free(m);
 }
 
 static gemma3_model *M;
@@ -621,7 +558,7 @@ static void test_peft(void) {
 
 int main(void) {
     lt_ctx_init(&ctx, &lt_backend_cpu, 2);
-    M = text_model();
+    M = test_micro_gemma3(&rng, TV, 0.5f, 0.4f);
     M->cfg.vision.present = 1;
     M->cfg.vision.image_token_id = TV;
     M->cfg.vision.mm_tokens_per_image = MM;

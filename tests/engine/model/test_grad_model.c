@@ -22,90 +22,13 @@
 #include "cuda/backend/cpu/grad.h"
 #include "cuda/train/train.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_micro_model.h"
 
 static lt_ctx ctx;
 static uint64_t rng = 99;
 
 static float frand(void) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static lt_tensor rand_t(int64_t a, int64_t b, float amp) {
-    int64_t n = a * (b ? b : 1);
-    float *p = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = amp * frand();
-    return b ? lt_tensor_2d(LT_F32, p, a, b) : lt_tensor_1d(LT_F32, p, a);
-}
-
-static gemma3_model *micro_model(void) {
-    gemma3_model *m = calloc(1, sizeof *m);
-    gemma3_config *c = &m->cfg;
-    gemma3_config_defaults(c);
-    c->hidden_size = 16;
-    c->intermediate_size = 24;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 1;
-    c->head_dim = 8;
-    c->vocab_size = 40;
-    c->sliding_window = 4;
-    c->query_pre_attn_scalar = 8;
-    c->rms_norm_eps = 1e-6;
-    c->layer_types[0] = GEMMA3_SLIDING;
-    c->layer_types[1] = GEMMA3_FULL;
-    c->rope[GEMMA3_SLIDING].theta = 10000;
-    c->rope[GEMMA3_SLIDING].factor = 1;
-    c->rope[GEMMA3_FULL].theta = 1e6;
-    c->rope[GEMMA3_FULL].factor = 1;
-    int64_t H = 16, I = 24, QD = 16, KD = 8, hd = 8, V = 40;
-    m->embed_tokens.w = rand_t(V, H, 0.5f);
-    m->norm = rand_t(H, 0, 0.3f);
-    m->layers = calloc(2, sizeof(gemma3_layer));
-    for (int l = 0; l < 2; l++) {
-        gemma3_layer *L = &m->layers[l];
-        L->input_layernorm = rand_t(H, 0, 0.3f);
-        L->post_attention_layernorm = rand_t(H, 0, 0.3f);
-        L->pre_feedforward_layernorm = rand_t(H, 0, 0.3f);
-        L->post_feedforward_layernorm = rand_t(H, 0, 0.3f);
-        L->q_norm = rand_t(hd, 0, 0.3f);
-        L->k_norm = rand_t(hd, 0, 0.3f);
-        L->q_proj.w = rand_t(QD, H, 0.4f);
-        L->k_proj.w = rand_t(KD, H, 0.4f);
-        L->v_proj.w = rand_t(KD, H, 0.4f);
-        L->o_proj.w = rand_t(H, QD, 0.4f);
-        L->gate_proj.w = rand_t(I, H, 0.4f);
-        L->up_proj.w = rand_t(I, H, 0.4f);
-        L->down_proj.w = rand_t(H, I, 0.4f);
-    }
-    m->dtype = LT_F32;
-    return m;
-}
-
-static void micro_free(gemma3_model *m) {
-    free(m->embed_tokens.w.data);
-    free(m->norm.data);
-    for (int l = 0; l < 2; l++) {
-        gemma3_layer *L = &m->layers[l];
-        lt_tensor *ts[] = {&L->input_layernorm,
-                           &L->post_attention_layernorm,
-                           &L->pre_feedforward_layernorm,
-                           &L->post_feedforward_layernorm,
-                           &L->q_norm,
-                           &L->k_norm,
-                           &L->q_proj.w,
-                           &L->k_proj.w,
-                           &L->v_proj.w,
-                           &L->o_proj.w,
-                           &L->gate_proj.w,
-                           &L->up_proj.w,
-                           &L->down_proj.w};
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
-            free(ts[i]->data);
-    }
-    free(m->layers);
-    free(m);
+    return test_frand(&rng);
 }
 
 /* two packed samples of 7 and 6 tokens (longer than the window of 4) */
@@ -516,7 +439,7 @@ static void test_images(void) {
 
 int main(void) {
     lt_ctx_init(&ctx, &lt_backend_cpu, 2);
-    M = micro_model();
+    M = test_micro_gemma3(&rng, 40, 0.5f, 0.4f);
     test_loss_matches_forward();
     test_lora(0.0f);
     test_lora(0.3f);
@@ -532,7 +455,7 @@ int main(void) {
     test_lora(0.3f);
     test_full();
     unsetenv("LATHE_TRAIN_MLP_ROWS");
-    micro_free(M);
+    test_micro_gemma3_free(M);
     lt_ctx_shutdown(&ctx);
     return tap_done();
 }

@@ -34,6 +34,7 @@
 #include "cuda/model/rollout.h"
 #include "cuda/model/sample.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_micro_model.h"
 
 /* ---- a CPU backend that counts what it hands out ------------------------------------------- */
 
@@ -279,88 +280,14 @@ static void g_free(lt_ctx *c, lt_graph *g) {
 
 static uint64_t rng = 1234;
 
-static float frand(void) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
+enum { V = 48 };
 
-static lt_tensor rand_t(int64_t a, int64_t b, float amp) {
-    int64_t n = a * (b ? b : 1);
-    float *p = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = amp * frand();
-    return b ? lt_tensor_2d(LT_F32, p, a, b) : lt_tensor_1d(LT_F32, p, a);
-}
-
-enum { H = 16, I = 24, QD = 16, KD = 8, HD = 8, V = 48, NL = 2 };
-
+/* The shared micro model, the embedding at 1.0, the linears at 0.5, no stop ids unless a test
+ * sets them. */
 static gemma3_model *micro_model(int vocab) {
-    gemma3_model *m = calloc(1, sizeof *m);
-    gemma3_config *c = &m->cfg;
-    gemma3_config_defaults(c);
-    c->hidden_size = H;
-    c->intermediate_size = I;
-    c->num_hidden_layers = NL;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 1;
-    c->head_dim = HD;
-    c->vocab_size = vocab;
-    c->sliding_window = 4;
-    c->query_pre_attn_scalar = 8;
-    c->rms_norm_eps = 1e-6;
-    c->layer_types[0] = GEMMA3_SLIDING;
-    c->layer_types[1] = GEMMA3_FULL;
-    c->rope[GEMMA3_SLIDING].theta = 10000;
-    c->rope[GEMMA3_SLIDING].factor = 1;
-    c->rope[GEMMA3_FULL].theta = 1e6;
-    c->rope[GEMMA3_FULL].factor = 1;
-    c->n_eos_ids = 0; /* no stop ids unless a test sets them */
-    m->embed_tokens.w = rand_t(vocab, H, 1.0f);
-    m->norm = rand_t(H, 0, 0.3f);
-    m->layers = calloc(NL, sizeof(gemma3_layer));
-    for (int l = 0; l < NL; l++) {
-        gemma3_layer *L = &m->layers[l];
-        L->input_layernorm = rand_t(H, 0, 0.3f);
-        L->post_attention_layernorm = rand_t(H, 0, 0.3f);
-        L->pre_feedforward_layernorm = rand_t(H, 0, 0.3f);
-        L->post_feedforward_layernorm = rand_t(H, 0, 0.3f);
-        L->q_norm = rand_t(HD, 0, 0.3f);
-        L->k_norm = rand_t(HD, 0, 0.3f);
-        L->q_proj.w = rand_t(QD, H, 0.5f);
-        L->k_proj.w = rand_t(KD, H, 0.5f);
-        L->v_proj.w = rand_t(KD, H, 0.5f);
-        L->o_proj.w = rand_t(H, QD, 0.5f);
-        L->gate_proj.w = rand_t(I, H, 0.5f);
-        L->up_proj.w = rand_t(I, H, 0.5f);
-        L->down_proj.w = rand_t(H, I, 0.5f);
-    }
-    m->dtype = LT_F32;
+    gemma3_model *m = test_micro_gemma3(&rng, vocab, 1.0f, 0.5f);
+    m->cfg.n_eos_ids = 0;
     return m;
-}
-
-static void micro_free(gemma3_model *m) {
-    free(m->embed_tokens.w.data);
-    free(m->norm.data);
-    for (int l = 0; l < NL; l++) {
-        gemma3_layer *L = &m->layers[l];
-        lt_tensor *ts[] = {&L->input_layernorm,
-                           &L->post_attention_layernorm,
-                           &L->pre_feedforward_layernorm,
-                           &L->post_feedforward_layernorm,
-                           &L->q_norm,
-                           &L->k_norm,
-                           &L->q_proj.w,
-                           &L->k_proj.w,
-                           &L->v_proj.w,
-                           &L->o_proj.w,
-                           &L->gate_proj.w,
-                           &L->up_proj.w,
-                           &L->down_proj.w};
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
-            free(ts[i]->data);
-    }
-    free(m->layers);
-    free(m);
 }
 
 static gemma3_model *M;
@@ -570,7 +497,7 @@ static void test_wide(void) {
     } else {
         diag("%s", err);
     }
-    micro_free(M);
+    test_micro_gemma3_free(M);
     M = keep;
 }
 
@@ -810,7 +737,7 @@ int main(void) {
     test_wide();
     test_bad_input();
     test_cancel();
-    micro_free(M);
+    test_micro_gemma3_free(M);
     lt_ctx_shutdown(&ctx);
     return tap_done();
 }
