@@ -333,10 +333,9 @@ static void tower_put(merge_walk *w) {
     const siglip_tower *t = w->m->vision;
     const gemma3_vision_config *c = &t->cfg;
     const char *pfx = "model.vision_tower.";
-    int64_t D = c->hidden_size, I = c->intermediate_size, p = c->patch_size,
-            g = c->image_size / c->patch_size, H = t->text_hidden;
-    int64_t conv[4] = {D, c->num_channels, p, p}, pos[2] = {g * g, D}, dd[2] = {D, D},
-            id[2] = {I, D}, di[2] = {D, I};
+    int64_t D = c->hidden_size, p = c->patch_size, g = c->image_size / c->patch_size,
+            H = t->text_hidden;
+    int64_t conv[4] = {D, c->num_channels, p, p}, pos[2] = {g * g, D};
     put_mat(w, pfx, "embeddings.patch_embedding.weight", &t->patch, 4, conv);
     put_vec(w, pfx, "embeddings.patch_embedding.bias", &t->patch_b);
     {
@@ -348,22 +347,15 @@ static void tower_put(merge_walk *w) {
         const siglip_layer *L = &t->layers[l];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", pfx, l);
-        put_vec(w, lp, "layer_norm1.weight", &L->ln1_w);
-        put_vec(w, lp, "layer_norm1.bias", &L->ln1_b);
-        put_mat(w, lp, "self_attn.q_proj.weight", &L->q, 2, dd);
-        put_vec(w, lp, "self_attn.q_proj.bias", &L->q_b);
-        put_mat(w, lp, "self_attn.k_proj.weight", &L->k, 2, dd);
-        put_vec(w, lp, "self_attn.k_proj.bias", &L->k_b);
-        put_mat(w, lp, "self_attn.v_proj.weight", &L->v, 2, dd);
-        put_vec(w, lp, "self_attn.v_proj.bias", &L->v_b);
-        put_mat(w, lp, "self_attn.out_proj.weight", &L->o, 2, dd);
-        put_vec(w, lp, "self_attn.out_proj.bias", &L->o_b);
-        put_vec(w, lp, "layer_norm2.weight", &L->ln2_w);
-        put_vec(w, lp, "layer_norm2.bias", &L->ln2_b);
-        put_mat(w, lp, "mlp.fc1.weight", &L->fc1, 2, id);
-        put_vec(w, lp, "mlp.fc1.bias", &L->fc1_b);
-        put_mat(w, lp, "mlp.fc2.weight", &L->fc2, 2, di);
-        put_vec(w, lp, "mlp.fc2.bias", &L->fc2_b);
+        for (int i = 0; i < SIGLIP_LAYER_TENSORS; i++) {
+            const siglip_layer_tensor *e = &siglip_layer_tensors[i];
+            const char *f = (const char *)L + e->offset;
+            int64_t shape[2] = {siglip_dim(c, e->rows), siglip_dim(c, e->cols)};
+            if (e->cols)
+                put_mat(w, lp, e->name, (const lt_weight *)f, 2, shape);
+            else
+                put_vec(w, lp, e->name, (const lt_tensor *)f);
+        }
     }
     put_vec(w, pfx, "post_layernorm.weight", &t->post_w);
     put_vec(w, pfx, "post_layernorm.bias", &t->post_b);

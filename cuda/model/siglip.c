@@ -15,6 +15,7 @@
 #include "cuda/model/siglip.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,6 +89,27 @@ static lt_status find(const st_set *st, const char *pfx, const char *suffix, int
     return LT_OK;
 }
 
+#define LAYER_FIELD(f) offsetof(siglip_layer, f)
+const siglip_layer_tensor siglip_layer_tensors[SIGLIP_LAYER_TENSORS] = {
+    {"layer_norm1.weight", LAYER_FIELD(ln1_w), 'D', 0},
+    {"layer_norm1.bias", LAYER_FIELD(ln1_b), 'D', 0},
+    {"self_attn.q_proj.weight", LAYER_FIELD(q), 'D', 'D'},
+    {"self_attn.q_proj.bias", LAYER_FIELD(q_b), 'D', 0},
+    {"self_attn.k_proj.weight", LAYER_FIELD(k), 'D', 'D'},
+    {"self_attn.k_proj.bias", LAYER_FIELD(k_b), 'D', 0},
+    {"self_attn.v_proj.weight", LAYER_FIELD(v), 'D', 'D'},
+    {"self_attn.v_proj.bias", LAYER_FIELD(v_b), 'D', 0},
+    {"self_attn.out_proj.weight", LAYER_FIELD(o), 'D', 'D'},
+    {"self_attn.out_proj.bias", LAYER_FIELD(o_b), 'D', 0},
+    {"layer_norm2.weight", LAYER_FIELD(ln2_w), 'D', 0},
+    {"layer_norm2.bias", LAYER_FIELD(ln2_b), 'D', 0},
+    {"mlp.fc1.weight", LAYER_FIELD(fc1), 'I', 'D'},
+    {"mlp.fc1.bias", LAYER_FIELD(fc1_b), 'I', 0},
+    {"mlp.fc2.weight", LAYER_FIELD(fc2), 'D', 'I'},
+    {"mlp.fc2.bias", LAYER_FIELD(fc2_b), 'D', 0},
+};
+#undef LAYER_FIELD
+
 /* A vector [n] converted to fp32. */
 static lt_status load_vec(siglip_tower *t, const st_set *st, const char *pfx, const char *suffix,
                           int64_t n, lt_tensor *dst, char *err) {
@@ -159,8 +181,8 @@ lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config 
     t->text_hidden = c->hidden_size;
     snprintf(t->prefix, sizeof t->prefix, "%s", pfx);
     snprintf(t->proj_prefix, sizeof t->proj_prefix, "%s", ppfx);
-    int64_t D = vc->hidden_size, I = vc->intermediate_size, p = vc->patch_size,
-            g = vc->image_size / vc->patch_size, H = c->hidden_size;
+    int64_t D = vc->hidden_size, p = vc->patch_size, g = vc->image_size / vc->patch_size,
+            H = c->hidden_size;
     lt_status rc = LT_OK;
     {
         int64_t conv[4] = {D, vc->num_channels, p, p}, pos[2] = {g * g, D};
@@ -181,23 +203,18 @@ lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config 
         siglip_layer *L = &t->layers[l];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", pfx, l);
-        int64_t dd[2] = {D, D}, id[2] = {I, D}, di[2] = {D, I};
-        LT_TRY(load_vec(t, st, lp, "layer_norm1.weight", D, &L->ln1_w, err));
-        LT_TRY(load_vec(t, st, lp, "layer_norm1.bias", D, &L->ln1_b, err));
-        LT_TRY(load_mat(t, st, lp, "self_attn.q_proj.weight", 2, dd, D, D, &L->q, err));
-        LT_TRY(load_vec(t, st, lp, "self_attn.q_proj.bias", D, &L->q_b, err));
-        LT_TRY(load_mat(t, st, lp, "self_attn.k_proj.weight", 2, dd, D, D, &L->k, err));
-        LT_TRY(load_vec(t, st, lp, "self_attn.k_proj.bias", D, &L->k_b, err));
-        LT_TRY(load_mat(t, st, lp, "self_attn.v_proj.weight", 2, dd, D, D, &L->v, err));
-        LT_TRY(load_vec(t, st, lp, "self_attn.v_proj.bias", D, &L->v_b, err));
-        LT_TRY(load_mat(t, st, lp, "self_attn.out_proj.weight", 2, dd, D, D, &L->o, err));
-        LT_TRY(load_vec(t, st, lp, "self_attn.out_proj.bias", D, &L->o_b, err));
-        LT_TRY(load_vec(t, st, lp, "layer_norm2.weight", D, &L->ln2_w, err));
-        LT_TRY(load_vec(t, st, lp, "layer_norm2.bias", D, &L->ln2_b, err));
-        LT_TRY(load_mat(t, st, lp, "mlp.fc1.weight", 2, id, I, D, &L->fc1, err));
-        LT_TRY(load_vec(t, st, lp, "mlp.fc1.bias", I, &L->fc1_b, err));
-        LT_TRY(load_mat(t, st, lp, "mlp.fc2.weight", 2, di, D, I, &L->fc2, err));
-        LT_TRY(load_vec(t, st, lp, "mlp.fc2.bias", D, &L->fc2_b, err));
+        for (int i = 0; i < SIGLIP_LAYER_TENSORS; i++) {
+            const siglip_layer_tensor *e = &siglip_layer_tensors[i];
+            int64_t rows = siglip_dim(vc, e->rows);
+            if (e->cols) {
+                int64_t cols = siglip_dim(vc, e->cols), dims[2] = {rows, cols};
+                LT_TRY(load_mat(t, st, lp, e->name, 2, dims, rows, cols,
+                                (lt_weight *)((char *)L + e->offset), err));
+            } else {
+                LT_TRY(load_vec(t, st, lp, e->name, rows, (lt_tensor *)((char *)L + e->offset),
+                                err));
+            }
+        }
     }
     LT_TRY(load_vec(t, st, pfx, "post_layernorm.weight", D, &t->post_w, err));
     LT_TRY(load_vec(t, st, pfx, "post_layernorm.bias", D, &t->post_b, err));

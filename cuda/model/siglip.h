@@ -28,6 +28,23 @@ typedef struct siglip_layer {
     lt_tensor fc1_b, fc2_b;       /* [I], [D] fp32 */
 } siglip_layer;
 
+/* One tensor of an encoder layer, under "<tower>encoder.layers.<l>." in the checkpoint's names
+ * (transformers' SiglipEncoderLayer): a linear's weight [rows, cols] (an lt_weight of
+ * siglip_layer) or, cols 0, a vector of rows values (an lt_tensor); rows and cols name the
+ * tower's width ('D') or its MLP's ('I'). The loader and the merged writer walk this one list,
+ * in its order. */
+typedef struct siglip_layer_tensor {
+    const char *name;
+    size_t offset; /* of the lt_weight or lt_tensor in siglip_layer */
+    char rows, cols;
+} siglip_layer_tensor;
+#define SIGLIP_LAYER_TENSORS 16
+extern const siglip_layer_tensor siglip_layer_tensors[SIGLIP_LAYER_TENSORS];
+/* The width 'D' or 'I' stands for in c. */
+static inline int64_t siglip_dim(const gemma3_vision_config *c, char d) {
+    return d == 'I' ? c->intermediate_size : c->hidden_size;
+}
+
 typedef struct siglip_tower {
     gemma3_vision_config cfg;
     int text_hidden;          /* H: the projector's output width */
