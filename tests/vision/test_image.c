@@ -17,17 +17,12 @@
 #include "tests/unit/tap.h"
 #include "tests/unit/test_files.h"
 
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
-
 static unsigned char *read_all(const char *path, size_t *n) {
     return (unsigned char *)test_read_file(path, n);
 }
 
 static void fixture(char *path, size_t cap, const char *name) {
-    snprintf(path, cap, "%s/tests/vision/data/%s", srcdir(), name);
+    snprintf(path, cap, "%s/tests/vision/data/%s", test_srcdir(), name);
 }
 
 static void test_png(void) {

@@ -17,42 +17,6 @@
 #include "tests/unit/tap.h"
 #include "tests/unit/test_files.h"
 
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
-
-/* A float32 little-endian C-order .npy: its data and element count (NULL on any surprise). */
-static float *read_npy(const char *path, size_t *count) {
-    size_t n = 0;
-    char *b = test_read_file(path, &n);
-    if (!b || n < 10 || memcmp(b, "\x93NUMPY", 6)) {
-        free(b);
-        return NULL;
-    }
-    size_t hl = b[6] == 1
-                    ? (size_t)(unsigned char)b[8] | (size_t)(unsigned char)b[9] << 8
-                    : (size_t)(unsigned char)b[8] | (size_t)(unsigned char)b[9] << 8 |
-                          (size_t)(unsigned char)b[10] << 16 | (size_t)(unsigned char)b[11] << 24;
-    size_t start = b[6] == 1 ? 10 : 12, off = start + hl;
-    if (off > n) {
-        free(b);
-        return NULL;
-    }
-    char *hdr = strndup(b + start, hl); /* the header dict, as text */
-    int good = hdr && strstr(hdr, "'<f4'") && !strstr(hdr, "'fortran_order': True");
-    free(hdr);
-    if (!good) {
-        free(b);
-        return NULL;
-    }
-    *count = (n - off) / 4;
-    float *f = malloc(n - off + 1);
-    if (f) memcpy(f, b + off, n - off);
-    free(b);
-    return f;
-}
-
 /* ok() with a formatted name. */
 #define okf(cond, ...)                                                                             \
     do {                                                                                           \
@@ -95,7 +59,7 @@ static void test_image(const char *dir, const char *name, json_t *e, int side, i
     snprintf(path, sizeof path, "%s/%s", dir,
              json_string_value(json_object_get(e, "pixel_values")));
     size_t count = 0;
-    float *ref = read_npy(path, &count);
+    float *ref = test_read_npy_f32(path, &count);
     size_t mine = (size_t)(1 + nc) * 3 * (size_t)side * (size_t)side;
     okf(ref && count == mine, "%s: the golden holds [1 + %d, 3, %d, %d] floats", name, nc, side,
         side);
@@ -111,7 +75,7 @@ static void test_image(const char *dir, const char *name, json_t *e, int side, i
 
 int main(void) {
     char dir[4096], path[4200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/pan_scan", srcdir());
+    snprintf(dir, sizeof dir, "%s/tests/fixtures/pan_scan", test_srcdir());
     snprintf(path, sizeof path, "%s/reference.json", dir);
     json_error_t je;
     json_t *root = json_load_file(path, 0, &je);

@@ -25,34 +25,6 @@
 #include "tests/unit/tap.h"
 #include "tests/unit/test_files.h"
 
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
-
-/* A float32 little-endian C-order .npy: its data and element count (NULL on any surprise). */
-static float *read_npy(const char *path, size_t *count) {
-    size_t n = 0;
-    char *b = test_read_file(path, &n);
-    if (!b || n < 12 || memcmp(b, "\x93NUMPY", 6)) {
-        free(b);
-        return NULL;
-    }
-    size_t hl = b[6] == 1
-                    ? (size_t)(unsigned char)b[8] | (size_t)(unsigned char)b[9] << 8
-                    : (size_t)(unsigned char)b[8] | (size_t)(unsigned char)b[9] << 8 |
-                          (size_t)(unsigned char)b[10] << 16 | (size_t)(unsigned char)b[11] << 24;
-    size_t start = b[6] == 1 ? 10 : 12, off = start + hl;
-    char *hdr = off <= n ? strndup(b + start, hl) : NULL;
-    int good = hdr && strstr(hdr, "'<f4'") && !strstr(hdr, "'fortran_order': True");
-    free(hdr);
-    float *f = good ? malloc(n - off + 1) : NULL;
-    if (f) memcpy(f, b + off, n - off);
-    *count = good ? (n - off) / 4 : 0;
-    free(b);
-    return f;
-}
-
 static double rel_max(const float *a, const float *b, size_t n) {
     double e = 0, m = 1e-12;
     for (size_t i = 0; i < n; i++) {
@@ -98,7 +70,7 @@ static void check_session(const char *vis, const char *fix, json_t *ref) {
     int V = 0;
     size_t cnt = 0;
     snprintf(path, sizeof path, "%s/logits.npy", fix);
-    float *want = read_npy(path, &cnt);
+    float *want = test_read_npy_f32(path, &cnt);
     rc = rc == LT_OK ? lt_logits_image(s, ids, n, one, 1, NULL, &lg, &V) : rc;
     double r = rc == LT_OK && want && cnt == (size_t)n * V ? rel_max(lg, want, cnt) : 1;
     diag("logits vs PEFT: max abs / max |logit| %.3g", r);
@@ -230,8 +202,8 @@ static void check_grads(const char *vis, const char *fix, json_t *ref) {
 
 int main(void) {
     char vis[4096], fix[4096], path[4200];
-    snprintf(vis, sizeof vis, "%s/tests/fixtures/vision", srcdir());
-    snprintf(fix, sizeof fix, "%s/tests/fixtures/vision_peft", srcdir());
+    snprintf(vis, sizeof vis, "%s/tests/fixtures/vision", test_srcdir());
+    snprintf(fix, sizeof fix, "%s/tests/fixtures/vision_peft", test_srcdir());
     snprintf(path, sizeof path, "%s/reference.json", fix);
     json_error_t je;
     json_t *ref = json_load_file(path, 0, &je);

@@ -33,11 +33,6 @@
 #include "tests/unit/tap.h"
 #include "tests/unit/test_files.h"
 
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
-
 static double rel(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
@@ -601,8 +596,8 @@ int main(void) {
     }
     be = &lt_backend_cuda;
 #endif
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/tf5", srcdir());
-    snprintf(png, sizeof png, "%s/tests/vision/data/rgb.png", srcdir());
+    snprintf(dir, sizeof dir, "%s/tests/fixtures/tf5", test_srcdir());
+    snprintf(png, sizeof png, "%s/tests/vision/data/rgb.png", test_srcdir());
     lt_ctx cpu, dev;
     if (lt_ctx_init(&cpu, &lt_backend_cpu, 2) != LT_OK || lt_ctx_init(&dev, be, 2) != LT_OK) {
         printf("Bail out! cannot start the backends\n");
@@ -681,10 +676,10 @@ int main(void) {
     }
     /* the tower's adapters trained on the copy, then two sessions (tests/fixtures/vision) */
     char vis[4096], hf5[4200], vpng[4200], peft[4200];
-    snprintf(vis, sizeof vis, "%s/tests/fixtures/vision", srcdir());
+    snprintf(vis, sizeof vis, "%s/tests/fixtures/vision", test_srcdir());
     snprintf(hf5, sizeof hf5, "%s/hf5", vis);
     snprintf(vpng, sizeof vpng, "%s/image.png", vis);
-    snprintf(peft, sizeof peft, "%s/tests/fixtures/vision_peft/adapter", srcdir());
+    snprintf(peft, sizeof peft, "%s/tests/fixtures/vision_peft/adapter", test_srcdir());
     gemma3_model *vh = NULL;
     rc = gemma3_load_dir(&vh, hf5, "fp32", NULL, err);
     ok(rc == LT_OK && vh && vh->vision, "load vision/hf5 (a two-layer tower) on the host");

@@ -28,15 +28,11 @@
 #include "cuda/model/siglip.h"
 #include "tests/engine/st_write.h"
 #include "tests/unit/tap.h"
+#include "tests/unit/test_files.h"
 
 #ifndef LATHE_SRCDIR
 #define LATHE_SRCDIR "."
 #endif
-
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
 
 /* ---- a CPU backend that counts its allocations and can fail them -------------------------- */
 
@@ -270,7 +266,7 @@ static int same_tensor(const lt_tensor *a, const lt_tensor *b) {
 
 static void check_vision(lt_ctx *ctx) {
     char err[LT_ERRLEN], dir[4096];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/tf5", srcdir());
+    snprintf(dir, sizeof dir, "%s/tests/fixtures/tf5", test_srcdir());
     gemma3_model *host = NULL, *old = NULL, *neu = NULL;
     lt_status rc = gemma3_load_dir_quant(&host, dir, "auto", "nf4", NULL, err);
     if (rc == LT_OK) rc = gemma3_to_device(&old, host, ctx, LT_BF16, err);
@@ -324,7 +320,7 @@ static int copy_file(const char *from, const char *to, long truncate_to) {
 
 static void check_errors(lt_ctx *ctx, const char *tmp) {
     char err[LT_ERRLEN], tiny[4096], nm[256];
-    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir());
+    snprintf(tiny, sizeof tiny, "%s/models/tiny", test_srcdir());
     /* the model loaded before: streamed, nf4 */
     gemma3_device_sink ds;
     gemma3_device_sink_init(&ds, ctx, LT_BF16);
@@ -394,7 +390,7 @@ static void check_errors(lt_ctx *ctx, const char *tmp) {
                            "model-00003-of-00003.safetensors",
                            "tokenizer.model"};
     for (size_t i = 0; ok_copy && i < sizeof files / sizeof *files; i++) {
-        snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", srcdir(), files[i]);
+        snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", test_srcdir(), files[i]);
         snprintf(to, sizeof to, "%s/%s", tdir, files[i]);
         ok_copy = copy_file(from, to, i == 3 ? 4000 : -1) == 0;
     }
@@ -473,7 +469,7 @@ int main(void) {
     }
     for (int i = 0; i < (int)(sizeof calib_ids / sizeof *calib_ids); i++)
         calib_ids[i] = i ? 5 + (i * 97) % 4000 : 2;
-    snprintf(tiny, sizeof tiny, "%s/models/tiny", srcdir());
+    snprintf(tiny, sizeof tiny, "%s/models/tiny", test_srcdir());
 
     /* a pre-quantized checkpoint (bitsandbytes' layout, nf4 with double quantization) */
     snprintf(pq, sizeof pq, "%s/pq", tmp);

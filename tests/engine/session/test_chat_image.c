@@ -47,11 +47,6 @@ static const char *test_device(void) {
     return d && *d ? d : "cpu";
 }
 
-static const char *srcdir(void) {
-    const char *s = getenv("LATHE_SRCDIR");
-    return s && *s ? s : LATHE_SRCDIR;
-}
-
 static char *slurp(const char *path, size_t *n) {
     return (char *)test_read_file(path, n);
 }
@@ -74,7 +69,7 @@ static int make_fixture(const char *dir) {
     int patched = 0;
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         char from[4096], to[4096];
-        snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", srcdir(), files[i]);
+        snprintf(from, sizeof from, "%s/tests/fixtures/tf5/%s", test_srcdir(), files[i]);
         snprintf(to, sizeof to, "%s/%s", dir, files[i]);
         size_t n;
         char *p = slurp(from, &n);
@@ -414,7 +409,7 @@ static void test_text_only_model(void) {
         return;
     }
     char png[4096];
-    snprintf(png, sizeof png, "%s/tests/vision/data/rgb.png", srcdir());
+    snprintf(png, sizeof png, "%s/tests/vision/data/rgb.png", test_srcdir());
     const char *one[1] = {png};
     lt_gen_opts o = greedy(2);
     char *reply = NULL;
@@ -809,9 +804,9 @@ int main(void) {
         return 1;
     }
     char rgb[4096], grey[4096], rgba[4096];
-    snprintf(rgb, sizeof rgb, "%s/tests/vision/data/rgb.png", srcdir());
-    snprintf(grey, sizeof grey, "%s/tests/vision/data/grey.png", srcdir());
-    snprintf(rgba, sizeof rgba, "%s/tests/vision/data/rgba.png", srcdir());
+    snprintf(rgb, sizeof rgb, "%s/tests/vision/data/rgb.png", test_srcdir());
+    snprintf(grey, sizeof grey, "%s/tests/vision/data/grey.png", test_srcdir());
+    snprintf(rgba, sizeof rgba, "%s/tests/vision/data/rgba.png", test_srcdir());
     lt_session *s = lt_session_new();
     lt_load_opts lo;
     lt_load_opts_default(&lo);
