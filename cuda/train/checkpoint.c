@@ -2,7 +2,8 @@
  * resumed run reads back.
  *
  * DIR holds params.safetensors (every trainable tensor under its train_param name),
- * optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq: AdamW's state, once a step was taken),
+ * optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq and NAME.step: AdamW's state, once the
+ * parameter took a step; the step count a float32 scalar, as torch keeps it per parameter),
  * trainer_state.json (the run's position, written by train.c) and, for LoRA, the PEFT adapter
  * files, so that a checkpoint is also a loadable adapter. They are one atomic set: all are
  * written, then all renamed, so a failed save keeps the previous checkpoint whole. keep=
@@ -25,18 +26,19 @@
 #include "cuda/train/train.h"
 
 /* DIR/params.safetensors (every trainable tensor by its train_param name), optimizer.safetensors
- * (NAME.exp_avg, NAME.exp_avg_sq), trainer_state.json, and for LoRA the PEFT adapter files (so a
+ * (NAME.exp_avg, NAME.exp_avg_sq, NAME.step), trainer_state.json, and for LoRA the PEFT adapter files (so a
  * checkpoint is also a loadable adapter). One set: all written, then all renamed. */
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err) {
     lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
     int n = a->n_params;
-    st_out *pv = calloc((size_t)n + 1, sizeof *pv), *ov = calloc((size_t)n * 2 + 1, sizeof *ov);
-    char **on = calloc((size_t)n * 2 + 1, sizeof *on);
+    st_out *pv = calloc((size_t)n + 1, sizeof *pv), *ov = calloc((size_t)n * 3 + 1, sizeof *ov);
+    char **on = calloc((size_t)n * 3 + 1, sizeof *on);
+    float *steps = calloc((size_t)n + 1, sizeof *steps);
     lt_host_pool hp = {0};
     char what[4200];
     snprintf(what, sizeof what, "checkpoint %s", dir);
-    if (!pv || !ov || !on) goto oom;
+    if (!pv || !ov || !on || !steps) goto oom;
     int no = 0;
     for (int i = 0; i < n; i++) {
         const train_param *p = &a->params[i];
@@ -55,6 +57,12 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
             memcpy(ov[no].shape, p->value->shape, sizeof ov[no].shape);
             no++;
         }
+        size_t len = strlen(p->name) + 8;
+        if (!(on[no] = malloc(len))) goto oom;
+        snprintf(on[no], len, "%s.step", p->name);
+        steps[i] = (float)p->steps;
+        ov[no] = (st_out){on[no], LT_F32, 0, {0}, &steps[i]};
+        no++;
     }
     lt_afile_set fs = {0};
     char p[4200];
@@ -75,9 +83,10 @@ lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_jso
 oom:
     rc = lt_fail(err, LT_ERR_MEMORY, "%s: out of memory", what);
 out:
-    for (int i = 0; on && i < n * 2; i++)
+    for (int i = 0; on && i < n * 3; i++)
         free(on[i]);
     free(on);
+    free(steps);
     free(ov);
     free(pv);
     lt_host_pool_free(&hp);
@@ -85,7 +94,7 @@ out:
 }
 
 /* Loads params.safetensors and optimizer.safetensors of DIR into a (names must match). */
-lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
+lt_status ckpt_load(lt_adapters *a, const char *dir, int step, char *err) {
     char path[4200];
     st_set ps, os;
     snprintf(path, sizeof path, "%s/params.safetensors", dir);
@@ -131,6 +140,20 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, char *err) {
             }
             rc = ctx->be->upload(ctx, dst->data, o->data, bytes);
         }
+        /* its own step count; a checkpoint without one (written before lathe kept them) counts
+         * every step of the run for a parameter with state */
+        snprintf(key, sizeof key, "%s.step", p->name);
+        const st_tensor *c = rc == LT_OK ? st_find(&os, key) : NULL;
+        float n = 0;
+        if (c && c->dtype == LT_F32 && c->nbytes == sizeof n) memcpy(&n, c->data, sizeof n);
+        if (c && (c->dtype != LT_F32 || c->nbytes != sizeof n || !(n >= 0 && n <= 1e9f) ||
+                  n != (float)(int)n)) {
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "%s/optimizer.safetensors: %s is not a step count (a whole float32)",
+                         dir, key);
+            break;
+        }
+        p->steps = c ? (int)n : p->m.data ? step : 0;
     }
     st_close(&ps);
     st_close(&os);

@@ -762,7 +762,8 @@ lt_status grpo_run(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o
             double gnorm = 0;
             if ((rc = optim_clip(a, o->max_grad_norm, &gnorm, err)) != LT_OK) goto out;
             double lr = (double)o->lr * optim_lr_factor(sched, step, o->warmup, o->steps);
-            if ((rc = optim_step(a, &oo, (float)lr, step + 1, err)) != LT_OK) goto out;
+            /* prompts are text: the tower's adapters, if any, get no gradient */
+            if ((rc = optim_step(a, &oo, (float)lr, 0, err)) != LT_OK) goto out;
             step++;
             /* ---- the step's report ---- */
             lt_grpo_progress p = {0};

@@ -321,8 +321,10 @@ static lt_status slot_tensors(lt_adapters *a, lora_slot *s, uint64_t *rs, char *
     char name[192];
     snprintf(name, sizeof name, "%s.lora_A.weight", s->module);
     if (add_param(a, name, &s->lora.a, gA, 1) != LT_OK) return LT_ERR_MEMORY;
+    a->params[a->n_params - 1].image_only = s->part != LORA_TEXT;
     snprintf(name, sizeof name, "%s.lora_B.weight", s->module);
     if (add_param(a, name, &s->lora.b, gB, 1) != LT_OK) return LT_ERR_MEMORY;
+    a->params[a->n_params - 1].image_only = s->part != LORA_TEXT;
     return LT_OK;
 }
 

@@ -75,10 +75,11 @@ lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err) {
     return LT_OK;
 }
 
-lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, char *err) {
+lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int images_ran, char *err) {
     lt_ctx *ctx = a->ctx; /* lt_train checked that the backend has every training op */
     for (int i = 0; i < a->n_params; i++) {
         train_param *p = &a->params[i];
+        if (p->image_only && !images_ran) continue;
         if (!p->m.data) {
             size_t bytes = lt_tensor_bytes(&p->grad);
             p->m = p->grad;
@@ -91,7 +92,7 @@ lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, ch
             }
         }
         lt_status rc = ctx->be->adamw(ctx, *p->value, p->grad, p->m, p->v, lr, o->beta1, o->beta2,
-                                      o->eps, p->decay ? o->weight_decay : 0.0f, step);
+                                      o->eps, p->decay ? o->weight_decay : 0.0f, ++p->steps);
         if (rc != LT_OK) {
             return lt_fail(err, rc, "%s", ctx->err);
         }
@@ -105,5 +106,6 @@ void optim_reset(lt_adapters *a) {
         a->ctx->be->release(a->ctx, p->m.data);
         a->ctx->be->release(a->ctx, p->v.data);
         p->m.data = p->v.data = NULL;
+        p->steps = 0;
     }
 }

@@ -835,7 +835,8 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             return rc;
         }
         run_reset(t);
-        if ((rc = ckpt_load(t->ad, ck, err)) != LT_OK) {
+        if ((rc = ckpt_load(t->ad, ck, (int)json_integer_value(json_object_get(state, "step")),
+                            err)) != LT_OK) {
             json_decref(state);
             return rc;
         }
@@ -1029,7 +1030,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         double gnorm = 0;
         if ((rc = optim_clip(ad, o.max_grad_norm, &gnorm, err)) != LT_OK) goto out_loop;
         double lr = (double)o.lr * optim_lr_factor(sched, t->step, o.warmup, t->total);
-        if ((rc = optim_step(ad, &oo, (float)lr, t->step + 1, err)) != LT_OK) goto out_loop;
+        int images_ran = 0; /* a step without images leaves the tower's adapters alone */
+        for (int k = 0; k < o.grad_accum; k++)
+            images_ran |= tower_trained && mb[k].n_image_tokens > 0;
+        if ((rc = optim_step(ad, &oo, (float)lr, images_ran, err)) != LT_OK) goto out_loop;
         /* the step is complete */
         double loss = loss_sum / (double)(labels > 0 ? labels : 1);
         t->step++;

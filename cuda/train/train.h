@@ -39,6 +39,10 @@ typedef struct train_param {
     lt_tensor grad;   /* fp32, same shape */
     lt_tensor m, v;   /* AdamW exp_avg, exp_avg_sq (fp32); data NULL until the first step */
     int decay;        /* 1 = weight decay applies (matrices), 0 = norms */
+    /* 1: an image-tower or projector adapter, which a step that runs no image leaves without a
+     * gradient (torch: grad None), so AdamW leaves it as it is that step */
+    int image_only;
+    int steps; /* AdamW's step count of this parameter (torch keeps one per parameter) */
 } train_param;
 
 /* Where an adapted linear sits: the language model, the image tower's encoder, or the
@@ -163,8 +167,11 @@ double optim_lr_factor(lr_schedule s, int step, int warmup, int total);
 /* torch.nn.utils.clip_grad_norm_ over every parameter: returns the total norm before
  * clipping in *norm; scales when max_norm > 0 and the norm exceeds it. */
 lt_status optim_clip(lt_adapters *a, float max_norm, double *norm, char *err);
-/* One AdamW update of every parameter (allocates m/v on first use). step counts from 1. */
-lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int step, char *err);
+/* One AdamW update (allocates m/v on first use) of every parameter that has a gradient this
+ * step: all of them when images_ran, else all but the image_only ones, which torch.optim.AdamW
+ * skips (grad None: no update, no decay, their step count stays). Each parameter's bias
+ * correction uses its own step count, as torch's per-parameter state['step']. */
+lt_status optim_step(lt_adapters *a, const optim_opts *o, float lr, int images_ran, char *err);
 /* Frees the AdamW state (a new %lora or a fresh optimizer). */
 void optim_reset(lt_adapters *a);
 
@@ -363,8 +370,9 @@ lt_status grpo_grads_given(lt_adapters *a, const trainer_env *env, const lt_grpo
 /* The trainable tensors, AdamW state and a trainer_state.json text, written as one atomic set
  * under dir; for LoRA also a PEFT adapter. */
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err);
-/* Loads the tensors and AdamW state of a checkpoint into matching adapters. */
-lt_status ckpt_load(lt_adapters *a, const char *dir, char *err);
+/* Loads the tensors and AdamW state of a checkpoint into matching adapters; step: the
+ * checkpoint's, the step count of a parameter with state whose own it does not hold. */
+lt_status ckpt_load(lt_adapters *a, const char *dir, int step, char *err);
 /* keep= of %train: with the checkpoint of `step` complete in save/checkpoint-STEP, removes the
  * folders save/checkpoint-N with N < step but the keep - 1 newest of them (keep > 0). Folders
  * of later steps (another run's) and anything that is not a checkpoint stay. Writes the names

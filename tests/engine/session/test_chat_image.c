@@ -797,6 +797,161 @@ static void test_train_tower(lt_session *s, const char *dir, const char *rgb) {
     free(lg2);
 }
 
+/* A float32 tensor of a safetensors file, copied out (NULL when missing), and its count. */
+static float *st_floats(const char *path, const char *name, int64_t *count) {
+    char err[LT_ERRLEN];
+    st_set st;
+    *count = 0;
+    if (st_open(&st, path, err) != LT_OK) return NULL;
+    const st_tensor *t = st_find(&st, name);
+    float *v = t && t->dtype == LT_F32 ? malloc(t->nbytes + 4) : NULL;
+    if (v) {
+        memcpy(v, t->data, t->nbytes);
+        *count = (int64_t)(t->nbytes / 4);
+    }
+    st_close(&st);
+    return v;
+}
+
+/* NAME.step of DIR/checkpoint-STEP/optimizer.safetensors, or -1. */
+static float ckpt_steps(const char *save, int step, const char *name) {
+    char path[4400], key[300];
+    snprintf(path, sizeof path, "%s/checkpoint-%d/optimizer.safetensors", save, step);
+    snprintf(key, sizeof key, "%s.step", name);
+    int64_t n = 0;
+    float *v = st_floats(path, key, &n);
+    float r = v && n == 1 ? v[0] : -1;
+    free(v);
+    return r;
+}
+
+/* 1 when tensor NAME is the same, bit for bit, in params.safetensors of two checkpoints. */
+static int ckpt_same(const char *save, int s1, int s2, const char *name) {
+    char p1[4400], p2[4400];
+    snprintf(p1, sizeof p1, "%s/checkpoint-%d/params.safetensors", save, s1);
+    snprintf(p2, sizeof p2, "%s/checkpoint-%d/params.safetensors", save, s2);
+    int64_t n1 = 0, n2 = 0;
+    float *a = st_floats(p1, name, &n1), *b = st_floats(p2, name, &n2);
+    int same = a && b && n1 == n2 && !memcmp(a, b, sizeof(float) * (size_t)n1);
+    free(a);
+    free(b);
+    return same;
+}
+
+/* Overwrites the float32 scalar NAME of a safetensors file in place with v. */
+static int st_patch_scalar(const char *path, const char *name, float v) {
+    size_t n = 0;
+    char *b = test_read_file(path, &n);
+    char key[320];
+    snprintf(key, sizeof key, "\"%s\"", name);
+    char *at = b && n > 8 ? strstr(b + 8, key) : NULL;
+    char *offs = at ? strstr(at, "\"data_offsets\"") : NULL;
+    long long off = -1;
+    uint64_t hl = 0;
+    if (offs) {
+        memcpy(&hl, b, 8);
+        off = strtoll(strchr(offs, '[') + 1, NULL, 10);
+    }
+    int good = off >= 0 && 8 + hl + (uint64_t)off + 4 <= n;
+    if (good) memcpy(b + 8 + hl + off, &v, 4);
+    good = good && spill(path, b, n) == 0;
+    free(b);
+    return good;
+}
+
+/* A step whose batch holds no image leaves the tower's and the projector's adapters as they are
+ * (torch.optim.AdamW skips a parameter whose grad is None: no momentum, no decay), and each
+ * parameter's bias correction counts its own steps (torch's per-parameter state['step']), which
+ * a checkpoint keeps (NAME.step) and a resumed run continues from, bit for bit. Bad input: a
+ * step count that is not a whole number is refused, naming it. */
+static void test_tower_waits_without_images(lt_session *s, const char *dir, const char *rgb) {
+    char data[4200], save[4300], text[8800];
+    snprintf(data, sizeof data, "%s/img_text_img.jsonl", dir);
+    snprintf(save, sizeof save, "%s/tower_ckpt", dir);
+    const char *img_row = "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": "
+                          "\"image\", \"image\": \"%s\"}, {\"type\": \"text\", \"text\": "
+                          "\"Colour?\"}]}, {\"role\": \"assistant\", \"content\": \"Red.\"}]}\n";
+    int len = snprintf(text, sizeof text, img_row, rgb);
+    len += snprintf(text + len, sizeof text - (size_t)len,
+                    "{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}, "
+                    "{\"role\": \"assistant\", \"content\": \"Hi there.\"}]}\n");
+    len += snprintf(text + len, sizeof text - (size_t)len, img_row, rgb);
+    spill(data, text, (size_t)len);
+    lt_lora_opts lo;
+    lt_lora_opts_default(&lo);
+    lo.r = 2;
+    lo.seed = 5;
+    lo.targets = "q,v,vision,projector";
+    ok(lt_lora_attach(s, &lo, NULL) == LT_OK, "(%lora on q, v, the tower and the projector)");
+    lt_train_opts o;
+    lt_train_opts_default(&o);
+    o.data = data;
+    o.steps = 3;
+    o.lr = 3e-2f;
+    o.weight_decay = 0.1f;
+    o.batch = 1;
+    o.shuffle = 0;
+    o.save = save;
+    o.save_every = 1;
+    lt_train_result res;
+    memset(&res, 0, sizeof res);
+    lt_status rc = lt_train(s, &o, NULL, &res);
+    if (rc != LT_OK) diag("lt_train: %s", lt_last_error(s));
+    ok(rc == LT_OK, "%train over an image row, a text row and an image row, a checkpoint a step");
+    const char *tw = "model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+               *pj = "model.multi_modal_projector.lora_B.weight",
+               *tx = "model.layers.0.self_attn.q_proj.lora_A.weight";
+    ok(ckpt_same(save, 1, 2, tw) && ckpt_same(save, 1, 2, pj),
+       "the text-only step leaves the tower's and the projector's adapters bit for bit");
+    ok(!ckpt_same(save, 1, 2, tx), "... and moves the language model's");
+    ok(!ckpt_same(save, 2, 3, tw) && !ckpt_same(save, 2, 3, pj),
+       "the next image step moves the tower's and the projector's again");
+    float t1 = ckpt_steps(save, 1, tw), t2 = ckpt_steps(save, 2, tw), t3 = ckpt_steps(save, 3, tw),
+          x3 = ckpt_steps(save, 3, tx), p3 = ckpt_steps(save, 3, pj);
+    diag("AdamW step counts: tower %g %g %g, projector %g, text %g (after steps 1, 2, 3)", t1, t2,
+         t3, p3, x3);
+    ok(t1 == 1 && t2 == 1 && t3 == 2 && p3 == 2 && x3 == 3,
+       "each parameter counts its own AdamW steps (tower 1, 1, 2; text 3), kept as NAME.step");
+    /* resume after the text-only step: the tower's second update uses its own count */
+    char ck2[4400], out[4400];
+    snprintf(ck2, sizeof ck2, "%s/checkpoint-2", save);
+    snprintf(out, sizeof out, "%s/tower_resumed", dir);
+    lt_train_opts r;
+    lt_train_opts_default(&r);
+    r.resume = ck2;
+    r.save = out;
+    memset(&res, 0, sizeof res);
+    rc = lt_train(s, &r, NULL, &res);
+    if (rc != LT_OK) diag("lt_train resume: %s", lt_last_error(s));
+    char a3[4500], b3[4500];
+    snprintf(a3, sizeof a3, "%s/checkpoint-3", save);
+    snprintf(b3, sizeof b3, "%s/checkpoint-3", out);
+    int64_t na = 0, nb = 0;
+    char pa[4600], pb[4600];
+    snprintf(pa, sizeof pa, "%s/params.safetensors", a3);
+    snprintf(pb, sizeof pb, "%s/params.safetensors", b3);
+    float *va = st_floats(pa, tw, &na), *vb = st_floats(pb, tw, &nb);
+    ok(rc == LT_OK && va && vb && na == nb && !memcmp(va, vb, sizeof(float) * (size_t)na),
+       "resuming from the checkpoint after the text step gives step 3's tower adapter bit for bit");
+    free(va);
+    free(vb);
+    /* bad input: a step count of 1.5 */
+    char opt[4500];
+    snprintf(opt, sizeof opt, "%s/optimizer.safetensors", ck2);
+    char key[300];
+    snprintf(key, sizeof key, "%s.step", tw);
+    ok(st_patch_scalar(opt, key, 1.5f), "(checkpoint-2's tower step count set to 1.5)");
+    rc = lt_train(s, &r, NULL, &res);
+    diag("%s", lt_last_error(s));
+    ok(rc != LT_OK && strstr(lt_last_error(s), key) && strstr(lt_last_error(s), "step count"),
+       "bad input: a step count that is not a whole number is refused, naming it");
+    lt_train_opts_default(&o);
+    o.data = data;
+    o.steps = 1;
+    o.batch = 1;
+    ok(lt_train(s, &o, NULL, &res) == LT_OK, "... and the session trains on after");
+}
+
 int main(void) {
     char dir[] = "/tmp/lathe-chat-image-XXXXXX";
     if (!mkdtemp(dir) || make_fixture(dir) != 0) {
@@ -838,6 +993,7 @@ int main(void) {
     free(ids);
     test_train_images(s, dir, rgb, grey);
     test_train_tower(s, dir, rgb);
+    test_tower_waits_without_images(s, dir, rgb);
     lt_session_free(s);
     test_text_only_model();
     test_max_seq(dir, rgb);
