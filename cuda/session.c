@@ -259,6 +259,8 @@ static lt_status device_fit_check(lt_session *s, const gemma3_plan *plan, lt_ctx
                     .dt = pdt,
                     .quant = plan->quant,
                     .fixed = plan->prequantized,
+                    .nested = plan->nested,
+                    .kept16 = plan->kept16,
                     .need = 0,
                     .held = shared && s->model && gemma3_on_device(s->model)
                                 ? (size_t)s->model->weight_bytes

@@ -296,6 +296,22 @@ static int parse_dtype_opt(const char *s, int *is_auto, lt_dtype *dt) {
 static const char *const text_prefixes[] = {"model.", "language_model.model.",
                                             "model.language_model."};
 
+/* 1 when a quantization_config's llm_int8_skip_modules keeps the linear canon ("model." + rest +
+ * ".weight") in 16 bits. The list may spell the text tower as the module tree or as the saved
+ * keys do (transformers renames Gemma3ForConditionalGeneration's keys on save): every prefix
+ * is tried. */
+static int skip_listed(const bnb_config *cfg, const char *canon) {
+    int skip = 0;
+    for (size_t i = 0; cfg->present && !skip && i < sizeof text_prefixes / sizeof *text_prefixes;
+         i++) {
+        char mod[256];
+        snprintf(mod, sizeof mod, "%s%.*s", text_prefixes[i], (int)(strlen(canon) - 7 - 6),
+                 canon + 6);
+        skip = bnb_config_skips(cfg, mod);
+    }
+    return skip;
+}
+
 static int is_vision_name(const char *n) {
     return !strncmp(n, "vision_tower.", 13) || !strncmp(n, "model.vision_tower.", 19) ||
            !strncmp(n, "multi_modal_projector.", 22) ||
@@ -406,6 +422,7 @@ static lt_status plan_quant(quant_plan *p, const char *quant, const char *cfg_pa
     return rc;
 }
 
+/* out's quant fields from p (out->cfg read already: the skip list is counted over its layers). */
 static void plan_fill(gemma3_plan *out, const quant_plan *p) {
     snprintf(out->quant, sizeof out->quant, "%s",
              p->dynamic                 ? "dynamic"
@@ -413,6 +430,14 @@ static void plan_fill(gemma3_plan *out, const quant_plan *p) {
              : p->kind == LT_QUANT_INT8 ? "int8"
                                         : "none");
     out->prequantized = p->cfg.present;
+    out->nested = p->nested;
+    for (int l = 0; p->cfg.present && l < out->cfg.num_hidden_layers; l++)
+        for (int k = 0; k < N_LINEAR; k++) {
+            char canon[160];
+            snprintf(canon, sizeof canon, "model.layers.%d.%s", l,
+                     layer_table[linear_row[k]].suffix);
+            out->kept16[k] += skip_listed(&p->cfg, canon);
+        }
 }
 
 lt_status gemma3_plan_dir(gemma3_plan *p, const char *dir, const char *quant, char *err) {
@@ -431,11 +456,12 @@ lt_status gemma3_plan_dir(gemma3_plan *p, const char *dir, const char *quant, ch
 lt_status gemma3_plan_random(gemma3_plan *p, const char *size, const char *quant, char *err) {
     memset(p, 0, sizeof *p);
     quant_plan qp;
-    lt_status rc = plan_quant(&qp, quant, NULL, err);
+    lt_status rc = gemma3_config_preset(&p->cfg, size, err);
+    if (rc == LT_OK) rc = plan_quant(&qp, quant, NULL, err);
     if (rc != LT_OK) return rc;
     plan_fill(p, &qp);
     bnb_config_free(&qp.cfg);
-    return gemma3_config_preset(&p->cfg, size, err);
+    return LT_OK;
 }
 
 /* An aligned copy of an F32 quant-state tensor in the model's storage. */
@@ -612,16 +638,7 @@ static lt_status place_linear(gemma3_model *m, lt_weight *w, const char *name, c
     const st_set *st = &m->storage->st;
     char module[256];
     snprintf(module, sizeof module, "%.*s", (int)(strlen(name) - 7), name); /* - ".weight" */
-    /* the skip list may spell the text tower as the module tree or as the saved keys do
-     * (transformers renames Gemma3ForConditionalGeneration's keys on save): try every prefix */
-    int skip = 0;
-    for (size_t i = 0; p->cfg.present && !skip && i < sizeof text_prefixes / sizeof *text_prefixes;
-         i++) {
-        char mod[256];
-        snprintf(mod, sizeof mod, "%s%.*s", text_prefixes[i], (int)(strlen(canon) - 7 - 6),
-                 canon + 6); /* canon: "model." + rest + ".weight" */
-        skip = bnb_config_skips(&p->cfg, mod);
-    }
+    int skip = skip_listed(&p->cfg, canon);
     bnb_group g;
     lt_status rc = bnb_group_read(st, name, shape[0], shape[1], &g, err);
     if (rc != LT_OK) return rc;

@@ -490,49 +490,65 @@ void gemma3_device_sink_init(gemma3_device_sink *ds, lt_ctx *ctx, lt_dtype dt) {
  */
 
 /* The arena bytes of one [rows, cols] weight stored as kind (elem: bytes of a 16/32-bit value),
- * laid out as place_one / place_quantized lay it out. NF4 is quant=nf4's: double quantization. */
-static size_t weight_arena_bytes(lt_quant_kind kind, int64_t rows, int64_t cols, size_t elem) {
+ * laid out as place_one / place_quantized lay it out; NF4 in blocks of 64, nested: with double
+ * quantization (quant=nf4's way). */
+static size_t weight_arena_bytes(lt_quant_kind kind, int nested, int64_t rows, int64_t cols,
+                                 size_t elem) {
     size_t parts[LT_WEIGHT_MAX_PARTS], bytes = 0;
-    int np = lt_weight_parts(kind, rows * cols, rows, elem, BNB_NF4_BLOCKSIZE, BNB_NESTED_BLOCKSIZE,
-                             parts);
+    int np = lt_weight_parts(kind, rows * cols, rows, elem, BNB_NF4_BLOCKSIZE,
+                             nested ? BNB_NESTED_BLOCKSIZE : 0, parts);
     for (int i = 0; i < np; i++)
         bytes += align256(parts[i]);
     return bytes;
 }
 
-size_t gemma3_device_bytes(const gemma3_config *c, lt_dtype dt, const char *quant) {
+/* quant's storage of the linears: 0 for an unknown name. */
+static int quant_kind_of(const char *quant, lt_quant_kind *kind, int *dynamic) {
     const char *q = quant && *quant ? quant : "none";
-    lt_quant_kind kind = LT_QUANT_NONE;
-    int dynamic = 0;
-    if (!strcmp(q, "nf4")) {
-        kind = LT_QUANT_NF4;
-    } else if (!strcmp(q, "int8")) {
-        kind = LT_QUANT_INT8;
-    } else if (!strcmp(q, "dynamic")) {
-        kind = LT_QUANT_NF4;
-        dynamic = 1;
-    } else if (strcmp(q, "none") != 0) {
-        return 0;
-    }
+    *dynamic = !strcmp(q, "dynamic");
+    *kind = !strcmp(q, "nf4") || *dynamic ? LT_QUANT_NF4
+            : !strcmp(q, "int8")          ? LT_QUANT_INT8
+                                          : LT_QUANT_NONE;
+    return *kind != LT_QUANT_NONE || !strcmp(q, "none");
+}
+
+/* The arena for c with its linears stored as kind (nested: NF4 with double quantization);
+ * dynamic: a tenth of the linear bytes kept in dt; kept16[k] (NULL: none): the layers whose
+ * linear k stays in dt. */
+static size_t device_bytes(const gemma3_config *c, lt_dtype dt, lt_quant_kind kind, int nested,
+                           int dynamic, const int *kept16) {
     if (!device_dtype_ok(dt)) return 0;
     size_t es = lt_dtype_size(dt);
     int64_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
     int64_t qo = (int64_t)c->num_attention_heads * hd, kvo = (int64_t)c->num_key_value_heads * hd;
+    size_t L = (size_t)c->num_hidden_layers;
     /* q, k, v, o, gate, up, down: [out, in] */
     const int64_t lin[7][2] = {{qo, H}, {kvo, H}, {kvo, H}, {H, qo}, {I, H}, {I, H}, {H, I}};
-    size_t lin16 = 0, linq = 0;
+    size_t lin16 = 0, linq = 0, kept = 0;
     for (int k = 0; k < 7; k++) {
-        lin16 += weight_arena_bytes(LT_QUANT_NONE, lin[k][0], lin[k][1], es);
-        linq += weight_arena_bytes(kind, lin[k][0], lin[k][1], es);
+        size_t b16 = weight_arena_bytes(LT_QUANT_NONE, 0, lin[k][0], lin[k][1], es),
+               bq = weight_arena_bytes(kind, nested, lin[k][0], lin[k][1], es);
+        size_t nk = kept16 && kept16[k] > 0 ? (size_t)kept16[k] : 0;
+        if (nk > L) nk = L;
+        lin16 += b16;
+        linq += bq;
+        kept += nk * (b16 - bq); /* those layers' linear k in dt instead */
     }
     size_t layer_lin = dynamic ? linq + (lin16 - linq) / 10 : linq;
     /* input, post-attention, pre- and post-feedforward norms [H]; q_norm, k_norm [hd] */
     size_t layer_norms =
         4 * align256((size_t)H * sizeof(float)) + 2 * align256((size_t)hd * sizeof(float));
-    size_t embed = weight_arena_bytes(LT_QUANT_NONE, V, H, es);
+    size_t embed = weight_arena_bytes(LT_QUANT_NONE, 0, V, H, es);
     size_t total = embed + align256((size_t)H * sizeof(float)); /* + the final norm */
     if (!c->tie_word_embeddings) total += embed;
-    return total + (size_t)c->num_hidden_layers * (layer_lin + layer_norms);
+    return total + L * (layer_lin + layer_norms) + kept;
+}
+
+size_t gemma3_device_bytes(const gemma3_config *c, lt_dtype dt, const char *quant) {
+    lt_quant_kind kind;
+    int dynamic;
+    if (!quant_kind_of(quant, &kind, &dynamic)) return 0;
+    return device_bytes(c, dt, kind, 1, dynamic, NULL);
 }
 
 size_t gemma3_device_need(const gemma3_model *host, lt_dtype dt) {
@@ -555,19 +571,30 @@ static const char *size_text(size_t b, char *buf, size_t cap) {
     return buf;
 }
 
+size_t gemma3_fit_arena(const gemma3_config *c, const gemma3_fit *f) {
+    const char *q = f->quant && *f->quant ? f->quant : "none";
+    lt_quant_kind kind;
+    int dynamic;
+    if (!quant_kind_of(q, &kind, &dynamic)) return 0;
+    if (f->fixed) /* as the checkpoint stores it */
+        return device_bytes(c, f->dt, kind, kind == LT_QUANT_NF4 && f->nested, 0, f->kept16);
+    size_t est = gemma3_device_bytes(c, f->dt, q);
+    if (est && dynamic && f->keep_given) { /* NF4 + keep of the 16-bit linears */
+        size_t nf4 = gemma3_device_bytes(c, f->dt, "nf4"),
+               all16 = gemma3_device_bytes(c, f->dt, "none");
+        double k = f->keep < 0 ? 0 : f->keep > 1 ? 1 : f->keep;
+        est = nf4 + (size_t)(k * (double)(all16 - nf4));
+    }
+    return est;
+}
+
 lt_status gemma3_fit_check(const gemma3_config *c, const gemma3_fit *f, size_t free_bytes,
                            char *err) {
     const char *q = f->quant && *f->quant ? f->quant : "none";
     /* an estimate's stage: at most the cap, at most the largest tensor (the embedding) in fp32 */
     size_t stage = (size_t)c->vocab_size * (size_t)c->hidden_size * sizeof(float);
     if (stage > GEMMA3_STAGE_MAX) stage = GEMMA3_STAGE_MAX;
-    size_t est = gemma3_device_bytes(c, f->dt, q);
-    if (est && !strcmp(q, "dynamic") && f->keep_given) { /* NF4 + keep of the 16-bit linears */
-        size_t nf4 = gemma3_device_bytes(c, f->dt, "nf4"),
-               all16 = gemma3_device_bytes(c, f->dt, "none");
-        double k = f->keep < 0 ? 0 : f->keep > 1 ? 1 : f->keep;
-        est = nf4 + (size_t)(k * (double)(all16 - nf4));
-    }
+    size_t est = gemma3_fit_arena(c, f);
     if (!est)
         return lt_fail(err, LT_ERR_ARG, "%s: no device size for quant='%s' in %s", f->name, q,
                        lt_dtype_user_name(f->dt));

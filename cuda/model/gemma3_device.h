@@ -71,6 +71,12 @@ typedef struct gemma3_fit {
     lt_dtype dt;       /* the device's 16-bit (or fp32) storage dtype */
     const char *quant; /* how the linears load: "none", "nf4", "int8", "dynamic" */
     int fixed;         /* 1: the checkpoint is stored quantized, quant= cannot change it */
+    /* How a fixed (pre-quantized) checkpoint stores its linears, for the estimate: nested 1 when
+     * its NF4 has double quantization (quant=nf4's way), 0 when a float absmax a block; kept16:
+     * for each of the 7 linears (q, k, v, o, gate, up, down), how many layers its
+     * llm_int8_skip_modules keeps in dt (NULL: none). Not fixed: quant= says it all. */
+    int nested;
+    const int *kept16;
     size_t need;       /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
     size_t held;       /* bytes of that memory the model loaded now keeps until this one loads */
     /* quant=dynamic's quant_keep for the estimate of this load (keep_given 1): NF4 plus that
@@ -79,6 +85,10 @@ typedef struct gemma3_fit {
     double keep;
 } gemma3_fit;
 
+/* The arena the load f of a model of config c will take: quant='s (gemma3_device_bytes; a
+ * dynamic load with keep_given counts its keep), or, fixed, the checkpoint's own storage. 0 for
+ * an unknown quant or dtype. */
+size_t gemma3_fit_arena(const gemma3_config *c, const gemma3_fit *f);
 /* LT_OK when f->need bytes (or the estimate for c) fit in free_bytes. Otherwise
  * LT_ERR_MEMORY with err saying what it needs and what is free, and which loads would fit:
  * quant=nf4 and quant=dynamic with their sizes (those smaller than this one that fit), or a

@@ -148,6 +148,10 @@ typedef struct gemma3_plan {
     char quant[8];    /* "none", "nf4", "int8" or "dynamic" (as gemma3_device_bytes takes it) */
     int prequantized; /* 1: config.json's quantization_config says the checkpoint stores them
                          quantized (quant= cannot change that) */
+    int nested;       /* NF4 with double quantization (quant=nf4's, or as the checkpoint says) */
+    /* a pre-quantized checkpoint's llm_int8_skip_modules: for each of the 7 linears (q, k, v, o,
+     * gate, up, down), the layers it keeps 16-bit */
+    int kept16[7];
 } gemma3_plan;
 /* The plan of gemma3_load_dir_spec(dir) with quant (NULL/"none", "nf4", "int8", "dynamic"):
  * reads config.json only; refuses what that load would refuse about quant. */

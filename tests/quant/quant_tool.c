@@ -23,6 +23,11 @@
  *                                                     "ERR<TAB>message"), then GOOD must load
  *                                                     and give logits ("OK"); KEEP is
  *                                                     quant_keep (default 0.1)
+ *   quant_tool fit DIR QUANT                          the device arena the fit check
+ *                                                     estimates for DIR (gemma3_plan_dir) and the
+ *                                                     one gemma3_to_device allocates for it on
+ *                                                     the CPU backend, in bf16: "estimate N",
+ *                                                     "arena N"
  *   quant_tool pyfloat HEX...                         bnb_py_float of each double (given as
  *                                                     a C99 hex float), one per line
  *   quant_tool script STEP...                         one session, step by step, each printing
@@ -39,6 +44,7 @@
 
 #include "cuda/engine.h"
 #include "cuda/formats/bnb.h"
+#include "cuda/model/gemma3_device.h"
 #include "cuda/model/model.h"
 #include "cuda/model/quant_dynamic.h"
 #include "cuda/train/train.h"
@@ -318,6 +324,30 @@ static int cmd_script(int argc, char **argv) {
     return 0;
 }
 
+static int cmd_fit(char **argv) {
+    char err[LT_ERRLEN];
+    gemma3_plan plan;
+    if (gemma3_plan_dir(&plan, argv[2], quant_arg(argv[3]), err) != LT_OK) return die("fit", err);
+    gemma3_fit f = {.dt = LT_BF16,
+                    .quant = plan.quant,
+                    .fixed = plan.prequantized,
+                    .nested = plan.nested,
+                    .kept16 = plan.kept16};
+    lt_ctx ctx;
+    gemma3_model *hm = NULL, *dm = NULL;
+    if (lt_ctx_init(&ctx, &lt_backend_cpu, 1) != LT_OK ||
+        gemma3_load_dir_quant(&hm, argv[2], NULL, quant_arg(argv[3]), NULL, err) != LT_OK ||
+        gemma3_to_device(&dm, hm, &ctx, LT_BF16, err) != LT_OK) {
+        gemma3_model_free(hm);
+        return die("fit", err);
+    }
+    printf("estimate\t%zu\narena\t%lld\n", gemma3_fit_arena(&plan.cfg, &f),
+           (long long)dm->weight_bytes);
+    gemma3_model_release(dm, &ctx);
+    gemma3_model_free(hm);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return die("usage", "see the header of quant_tool.c");
     if (!strcmp(argv[1], "dequant") && argc >= 5) return cmd_dequant(argv);
@@ -325,6 +355,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "dynamic") && argc >= 5) return cmd_dynamic(argv);
     if (!strcmp(argv[1], "session")) return cmd_session(argc, argv);
     if (!strcmp(argv[1], "script")) return cmd_script(argc, argv);
+    if (!strcmp(argv[1], "fit") && argc >= 4) return cmd_fit(argv);
     if (!strcmp(argv[1], "pyfloat")) {
         for (int i = 2; i < argc; i++) {
             char buf[64];

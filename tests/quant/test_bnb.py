@@ -320,6 +320,25 @@ def test_skip_modules_decide_what_stays_16_bit(tmp_path):
                           got["model.layers.1.mlp.down_proj.weight"])
 
 
+@pytest.mark.parametrize("kind,nested,skip", [(k, n, None) for k, n in MODES] + [
+    ("nf4", False, ["model.layers.1.mlp", "layers.2.self_attn.q_proj"]),
+    ("int8", False, ["model.layers.0.self_attn"])])
+def test_fit_estimate_of_a_prequantized_checkpoint_is_its_arena(tmp_path, kind, nested, skip):
+    """The device fit check reads only config.json: its estimate for a checkpoint stored
+    quantized must be the arena the load then takes, with or without double quantization
+    (a float absmax a block is 4x the bytes of a nested one) and with the skip list's linears
+    in 16 bits. Before, it counted every NF4 checkpoint as double-quantized and every linear as
+    quantized. (On tiny, nested and plain NF4 happen to take the same 256-byte-aligned bytes;
+    test_device_fit checks the difference at 27B by hand.)"""
+    q = tmp_path / "q"
+    bnb_ref.write_quantized(TINY, q, kind, nested, skip=skip)
+    got = kv(tool("fit", q, "-"))
+    assert int(got["estimate"]) == int(got["arena"]), got
+    if skip:  # quant=KIND's own storage (what the estimate counted before) is another size
+        again = kv(tool("fit", TINY, kind))
+        assert int(again["estimate"]) == int(again["arena"]) != int(got["arena"]), (got, again)
+
+
 @pytest.mark.parametrize("kind,nested", MODES)
 def test_qlora_step_equals_dequantized_model(tmp_path, kind, nested):
     q, f = tmp_path / "q", tmp_path / "f"

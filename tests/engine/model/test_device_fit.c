@@ -4,7 +4,9 @@
  * gemma3_device_bytes is checked against numbers worked out by hand for the released 4B, 12B
  * and 27B shapes (config presets, no weights): every tensor rounded up to 256 bytes, norms
  * fp32, NF4 as packed codes + code[16] + double-quantized absmax (u8 per 64 values, fp32 per
- * 256 blocks, code2[256]). Then against gemma3_to_device itself, run on the CPU backend: the
+ * 256 blocks, code2[256]); a pre-quantized checkpoint's estimate (gemma3_fit_arena) by its own
+ * storage: NF4 with a float absmax a block, linears its skip list keeps in 16 bits (the same
+ * against a real load: tests/quant's test_fit_estimate_*). Then against gemma3_to_device itself, run on the CPU backend: the
  * arena it allocates for tiny in fp32/fp16/bf16, NF4 and int8 is what gemma3_device_bytes
  * says, gemma3_device_need adds the staging buffer, and a tensor larger than the stage is
  * converted correctly a stage-full at a time. gemma3_fit_check's messages are compared in
@@ -74,6 +76,49 @@ static void test_preset_sizes(void) {
     c = preset("12b");
     is_int(gemma3_device_bytes(&c, LT_BF16, "nf8"), 0, "device bytes: unknown quant -> 0");
     is_int(gemma3_device_bytes(&c, LT_I8, "none"), 0, "device bytes: not a float dtype -> 0");
+}
+
+/* ---- a pre-quantized checkpoint's own storage ----------------------------------------------
+ * 27B, H 5376, I 21504, 62 layers, q/o 4096x5376, k/v 2048x5376. NF4 without double quant: a
+ * float absmax a block of 64. q (22020096 values): codes 11010048, code 256, absmax 344064 * 4
+ * = 1376256: 12386560 (nested: 11360768); k, v 6193408 (5681152); gate, up, down (115605504):
+ * 57802752 + 256 + 7225344 = 65028352 (59638784). Per layer 232244992 (nested 213000192), so
+ * the arena is 16030690304 + 62 * 19244800 = 17223867904: 1.19 GB more than double-quantized.
+ * Kept in bf16 by a skip list: q of 1 layer (44040192 instead of 11360768) and down of 2
+ * (231211008 instead of 59638784): 16030690304 + 32679424 + 2 * 171572224 = 16406514176. */
+static void test_fixed_storage(void) {
+    gemma3_config c = preset("27b");
+    gemma3_fit f = {.name = "unsloth/gemma-3-27b-it-bnb-4bit",
+                    .where = "GPU memory",
+                    .dt = LT_BF16,
+                    .quant = "nf4",
+                    .fixed = 1,
+                    .nested = 1};
+    is_int(gemma3_fit_arena(&c, &f), 16030690304u,
+           "fixed: a double-quantized NF4 checkpoint takes quant=nf4's arena");
+    f.nested = 0;
+    is_int(gemma3_fit_arena(&c, &f), 17223867904u,
+           "fixed: NF4 without double quantization counts a float absmax a block");
+    f.nested = 1;
+    const int kept[7] = {1, 0, 0, 0, 0, 0, 2};
+    f.kept16 = kept;
+    is_int(gemma3_fit_arena(&c, &f), 16406514176u,
+           "fixed: the linears the skip list keeps count in bf16");
+    f.kept16 = NULL;
+    f.nested = 0;
+    f.quant = "int8";
+    is_int(gemma3_fit_arena(&c, &f), gemma3_device_bytes(&c, LT_BF16, "int8"),
+           "fixed: an int8 checkpoint takes quant=int8's arena");
+    /* 16 GiB free: enough for the double-quantized estimate (14.99 GiB with the stage), not for
+     * what the plain checkpoint takes (16.10 GiB) */
+    f.quant = "nf4";
+    char err[LT_ERRLEN];
+    is_int(gemma3_fit_check(&c, &f, (size_t)16 << 30, err), LT_ERR_MEMORY,
+           "fixed: a plain-NF4 27B is refused where its double-quantized size would pass");
+    is_str(err,
+           "unsloth/gemma-3-27b-it-bnb-4bit needs 16.1 GiB of GPU memory in nf4 (as the "
+           "checkpoint stores it) but 16.0 GiB are free: load a smaller model, or device=cpu",
+           "fixed: the message gives the checkpoint's own size");
 }
 
 /* ---- gemma3_device_bytes against gemma3_to_device on the CPU backend ------------------------ */
@@ -264,6 +309,7 @@ static void test_fit_messages(void) {
 
 int main(void) {
     test_preset_sizes();
+    test_fixed_storage();
     lt_ctx ctx;
     if (lt_ctx_init(&ctx, &lt_backend_cpu, 1) != LT_OK) {
         ok(0, "cpu ctx");
