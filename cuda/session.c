@@ -1513,8 +1513,8 @@ static void source_dir(const lt_session *s, char *src, size_t cap) {
  * beside what it keeps of the checkpoint's own folder and tokenizer. */
 typedef lt_status (*checkpoint_writer)(const lt_adapters *a, gemma3_model *m, lt_ctx *dev,
                                        const char *src_dir, const char *tokenizer_path,
-                                       const char *dtype, const char *dir,
-                                       const lt_callbacks *cb, char *err);
+                                       const char *dtype, const char *dir, const lt_callbacks *cb,
+                                       char *err);
 
 static lt_status save_checkpoint(lt_session *s, checkpoint_writer write, const char *dir,
                                  const char *dtype, const lt_callbacks *cb) {

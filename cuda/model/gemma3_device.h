@@ -77,8 +77,8 @@ typedef struct gemma3_fit {
      * llm_int8_skip_modules keeps in dt (NULL: none). Not fixed: quant= says it all. */
     int nested;
     const int *kept16;
-    size_t need;       /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
-    size_t held;       /* bytes of that memory the model loaded now keeps until this one loads */
+    size_t need; /* bytes the copy takes (gemma3_device_need); 0 = estimated from c */
+    size_t held; /* bytes of that memory the model loaded now keeps until this one loads */
     /* quant=dynamic's quant_keep for the estimate of this load (keep_given 1): NF4 plus that
      * fraction of the linears in dt; else the estimate keeps a tenth, as gemma3_device_bytes */
     int keep_given;

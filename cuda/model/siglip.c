@@ -211,8 +211,8 @@ lt_status siglip_load(siglip_tower **out, const st_set *st, const gemma3_config 
                 LT_TRY(load_mat(t, st, lp, e->name, 2, dims, rows, cols,
                                 (lt_weight *)((char *)L + e->offset), err));
             } else {
-                LT_TRY(load_vec(t, st, lp, e->name, rows, (lt_tensor *)((char *)L + e->offset),
-                                err));
+                LT_TRY(
+                    load_vec(t, st, lp, e->name, rows, (lt_tensor *)((char *)L + e->offset), err));
             }
         }
     }

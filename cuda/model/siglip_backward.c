@@ -176,8 +176,8 @@ lt_status siglip_backward(const siglip_tower *t, lt_ctx *ctx, const float *pixel
     LT_TRY(be->add(ctx, X, t->pos));
     float *a = gr, *f = dg; /* the forward's scratch: the gradient buffers, idle until then */
     float *la = lay;        /* the recompute's buffers, apart */
-    siglip_acts fw = siglip_acts_aliased(x, a, f, gr + 1 * PD, gr + 2 * PD, gr + 3 * PD,
-                                         gr + 4 * PD, pos0);
+    siglip_acts fw =
+        siglip_acts_aliased(x, a, f, gr + 1 * PD, gr + 2 * PD, gr + 3 * PD, gr + 4 * PD, pos0);
     fw.drop_seed = drop_seed;
     fw.drop = drop;
     fw.drop_w = pl.drop_w;

@@ -26,8 +26,8 @@
 #include "cuda/train/train.h"
 
 /* DIR/params.safetensors (every trainable tensor by its train_param name), optimizer.safetensors
- * (NAME.exp_avg, NAME.exp_avg_sq, NAME.step), trainer_state.json, and for LoRA the PEFT adapter files (so a
- * checkpoint is also a loadable adapter). One set: all written, then all renamed. */
+ * (NAME.exp_avg, NAME.exp_avg_sq, NAME.step), trainer_state.json, and for LoRA the PEFT adapter
+ * files (so a checkpoint is also a loadable adapter). One set: all written, then all renamed. */
 lt_status ckpt_save(const lt_adapters *a, const char *dir, const char *state_json, char *err) {
     lt_status rc = lt_dir_prepare(dir, err);
     if (rc != LT_OK) return rc;
@@ -149,8 +149,8 @@ lt_status ckpt_load(lt_adapters *a, const char *dir, int step, char *err) {
         if (c && (c->dtype != LT_F32 || c->nbytes != sizeof n || !(n >= 0 && n <= 1e9f) ||
                   n != (float)(int)n)) {
             rc = lt_fail(err, LT_ERR_FORMAT,
-                         "%s/optimizer.safetensors: %s is not a step count (a whole float32)",
-                         dir, key);
+                         "%s/optimizer.safetensors: %s is not a step count (a whole float32)", dir,
+                         key);
             break;
         }
         p->steps = c ? (int)n : p->m.data ? step : 0;

@@ -84,10 +84,19 @@ static inline void test_micro_gemma3_free(gemma3_model *m) {
     free(m->norm.data);
     for (int l = 0; l < MICRO_LAYERS; l++) {
         gemma3_layer *L = &m->layers[l];
-        lt_tensor *ts[] = {&L->input_layernorm, &L->post_attention_layernorm,
-                           &L->pre_feedforward_layernorm, &L->post_feedforward_layernorm,
-                           &L->q_norm, &L->k_norm, &L->q_proj.w, &L->k_proj.w, &L->v_proj.w,
-                           &L->o_proj.w, &L->gate_proj.w, &L->up_proj.w, &L->down_proj.w};
+        lt_tensor *ts[] = {&L->input_layernorm,
+                           &L->post_attention_layernorm,
+                           &L->pre_feedforward_layernorm,
+                           &L->post_feedforward_layernorm,
+                           &L->q_norm,
+                           &L->k_norm,
+                           &L->q_proj.w,
+                           &L->k_proj.w,
+                           &L->v_proj.w,
+                           &L->o_proj.w,
+                           &L->gate_proj.w,
+                           &L->up_proj.w,
+                           &L->down_proj.w};
         for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
             free(ts[i]->data);
     }

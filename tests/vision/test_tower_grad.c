@@ -59,14 +59,13 @@ static lt_tensor rand_t(int64_t a, int64_t b, float amp, float base) {
 /* ---- the model -------------------------------------------------------------------------- */
 
 #define TH MICRO_H /* text hidden (the shared micro model's) */
-#define TV 40 /* vocab; the image token is 40, past the embedding */
-#define VD 8  /* tower width */
+#define TV 40      /* vocab; the image token is 40, past the embedding */
+#define VD 8       /* tower width */
 #define VI 12
 #define VS 16 /* image side */
 #define VP 4  /* patch */
 #define VL 2  /* tower layers */
 #define MM 4  /* soft tokens */
-
 
 /* Every tensor of the tower is one host block (tower_alloc's list), freed by siglip_free. */
 static lt_tensor keep(siglip_tower *t, lt_tensor x) {

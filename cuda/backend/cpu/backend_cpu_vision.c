@@ -80,8 +80,7 @@ lt_status cpu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k) {
     REQUIRE(f32_ok(&y) && f32_ok(&x) && x.ndim == 2 && y.ndim == 2, op,
             "x, y must be fp32 [rows, D]");
     int64_t D = x.shape[1], g = lt_pool_grid(x.shape[0], k);
-    REQUIRE(g > 0, op,
-            "x must be a square grid g*g of rows with g a multiple of k");
+    REQUIRE(g > 0, op, "x must be a square grid g*g of rows with g a multiple of k");
     int64_t o = g / k;
     REQUIRE(y.shape[0] == o * o && y.shape[1] == D, op, "y must be [(g/k)^2, D]");
     float *ys = y.data;
@@ -173,8 +172,7 @@ lt_status cpu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, int k) 
     REQUIRE(f32_ok(&dx) && f32_ok(&dy) && dx.ndim == 2 && dy.ndim == 2, op,
             "dx, dy must be fp32 [rows, D]");
     int64_t D = dx.shape[1], g = lt_pool_grid(dx.shape[0], k);
-    REQUIRE(g > 0, op,
-            "dx must be a square grid g*g of rows with g a multiple of k");
+    REQUIRE(g > 0, op, "dx must be a square grid g*g of rows with g a multiple of k");
     int64_t o = g / k;
     REQUIRE(dy.shape[0] == o * o && dy.shape[1] == D, op, "dy must be [(g/k)^2, D]");
     const float *ys = dy.data;

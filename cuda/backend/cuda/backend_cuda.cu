@@ -1853,8 +1853,7 @@ static lt_status cu_avg_pool(lt_ctx *ctx, lt_tensor y, lt_tensor x, int k) {
                "x, y must be fp32 [rows, D]");
     {
         int64_t D = x.shape[1], g = lt_pool_grid(x.shape[0], k);
-        CU_REQUIRE(g > 0,
-                   "x must be a square grid g*g of rows with g a multiple of k");
+        CU_REQUIRE(g > 0, "x must be a square grid g*g of rows with g a multiple of k");
         CU_REQUIRE(y.shape[0] == (g / k) * (g / k) && y.shape[1] == D, "y must be [(g/k)^2, D]");
         k_avg_pool(impl_of(ctx)->stream, (float *)y.data, (const float *)x.data, g, k, D);
         LAUNCHED();
@@ -2569,8 +2568,7 @@ static lt_status cu_avg_pool_backward(lt_ctx *ctx, lt_tensor dx, lt_tensor dy, i
                "dx, dy must be fp32 [rows, D]");
     {
         int64_t D = dx.shape[1], g = lt_pool_grid(dx.shape[0], k);
-        CU_REQUIRE(g > 0,
-                   "dx must be a square grid g*g of rows with g a multiple of k");
+        CU_REQUIRE(g > 0, "dx must be a square grid g*g of rows with g a multiple of k");
         CU_REQUIRE(dy.shape[0] == (g / k) * (g / k) && dy.shape[1] == D, "dy must be [(g/k)^2, D]");
         k_avg_pool_backward(impl_of(ctx)->stream, (float *)dx.data, (const float *)dy.data, g, k,
                             D);

@@ -6,11 +6,11 @@
  * fp32, NF4 as packed codes + code[16] + double-quantized absmax (u8 per 64 values, fp32 per
  * 256 blocks, code2[256]); a pre-quantized checkpoint's estimate (gemma3_fit_arena) by its own
  * storage: NF4 with a float absmax a block, linears its skip list keeps in 16 bits (the same
- * against a real load: tests/quant's test_fit_estimate_*). Then against gemma3_to_device itself, run on the CPU backend: the
- * arena it allocates for tiny in fp32/fp16/bf16, NF4 and int8 is what gemma3_device_bytes
- * says, gemma3_device_need adds the staging buffer, and a tensor larger than the stage is
- * converted correctly a stage-full at a time. gemma3_fit_check's messages are compared in
- * full for each case (the quantized loads that fit, none fitting, already quantized, a
+ * against a real load: tests/quant's test_fit_estimate_*). Then against gemma3_to_device itself,
+ * run on the CPU backend: the arena it allocates for tiny in fp32/fp16/bf16, NF4 and int8 is what
+ * gemma3_device_bytes says, gemma3_device_need adds the staging buffer, and a tensor larger than
+ * the stage is converted correctly a stage-full at a time. gemma3_fit_check's messages are compared
+ * in full for each case (the quantized loads that fit, none fitting, already quantized, a
  * pre-quantized checkpoint, the model loaded now holding memory) and its boundary is exact.
  */
 #include <stdio.h>
