@@ -967,8 +967,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     int64_t run_tokens = 0;
     int first = 1;
     while (t->step < t->total) {
-        /* the step's micro-batches, and its label count (the loss normaliser) */
+        /* the step's micro-batches, its label count (the loss normaliser), and whether any
+         * runs an image (a step without leaves the tower's adapters alone) */
         int64_t labels = 0, step_tokens = 0;
+        int images_ran = 0;
         for (int k = 0; k < o.grad_accum; k++) {
             if (batch_build(&mb[k], &st, &d, t->pos + (int64_t)k * o.batch, o.batch, soft,
                             env->model->cfg.vision.mm_tokens_per_image,
@@ -978,6 +980,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             }
             labels += mb[k].n_labels;
             step_tokens += mb[k].N;
+            images_ran |= tower_trained && mb[k].n_image_tokens > 0;
         }
         if ((rc = lora_zero_grads(ad)) != LT_OK) {
             lt_fail(err, rc, "%s", env->ctx->err);
@@ -1030,9 +1033,6 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         double gnorm = 0;
         if ((rc = optim_clip(ad, o.max_grad_norm, &gnorm, err)) != LT_OK) goto out_loop;
         double lr = (double)o.lr * optim_lr_factor(sched, t->step, o.warmup, t->total);
-        int images_ran = 0; /* a step without images leaves the tower's adapters alone */
-        for (int k = 0; k < o.grad_accum; k++)
-            images_ran |= tower_trained && mb[k].n_image_tokens > 0;
         if ((rc = optim_step(ad, &oo, (float)lr, images_ran, err)) != LT_OK) goto out_loop;
         /* the step is complete */
         double loss = loss_sum / (double)(labels > 0 ? labels : 1);
