@@ -260,4 +260,22 @@ hub(4, '{"metadata": {"total_size": 8}, "weight_map": {"a": "model-1.safetensors
 for e in ['"%064x"' % 5, 'W/"%s"' % ("d" * 40), '"../../../escaped"', '"."']:
     hub(5, e)
 
+# ---- trainer_state.json (a checkpoint's run, as %train save= writes it) ---------------------------
+def trainer_state(step, per_step, full, losses, **opts):
+    o = {"batch": 2, "beta1": 0.9, "beta2": 0.999, "data": "notebooks/data/sft.jsonl", "epochs": 1.0,
+         "eps": 1e-08, "format": "auto", "grad_accum": 1, "lr": 0.0002, "max_grad_norm": 1.0,
+         "max_seq": 256, "packing": False, "responses_only": True, "schedule": "linear",
+         "seed": 3407, "shuffle": True, "steps": 10, "warmup": 0, "weight_decay": 0.0}
+    o.update(opts)
+    put("trainer_state", json.dumps({"format_version": 1, "full": full, "losses": losses,
+                                     "options": o, "position": step * per_step, "step": step,
+                                     "tokens": 57 * step, "total_steps": 10, "units": 12},
+                                    indent=1, sort_keys=True))
+
+
+trainer_state(2, 2, False, [2.75, 2.5])
+trainer_state(4, 6, True, [3.0, 2.0, 1.5, 1.25], batch=3, grad_accum=2, packing=True, seed=-81985529216486896,
+              schedule="cosine", data="", format="chat")
+trainer_state(0, 2, False, [])
+
 print("corpus written under", OUT, file=sys.stderr)

@@ -18,7 +18,6 @@
 #endif
 
 #include <dirent.h>
-#include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -178,6 +177,16 @@ static lt_status check_opts(const lt_train_opts *o, lr_schedule *sched, char *er
     if (o->keep < 0) return lt_fail(err, LT_ERR_ARG, "%%train: keep=%d must be >= 0", o->keep);
     if (o->max_seq < 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: max_seq=%d must be >= 0", o->max_seq);
+    /* torch.optim.AdamW's own checks (0 <= beta < 1, eps >= 0): beta2 = 1 would divide the
+     * bias correction by zero. No magic sets them; a resumed checkpoint carries them. */
+    if (!(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1))
+        return lt_fail(err, LT_ERR_ARG,
+                       "%%train: AdamW betas (%g, %g); each must be in [0, 1), as "
+                       "torch.optim.AdamW requires (no magic sets them: they come from "
+                       "resume='s trainer_state.json)",
+                       o->beta1, o->beta2);
+    if (!(o->eps >= 0) || !isfinite(o->eps))
+        return lt_fail(err, LT_ERR_ARG, "%%train: AdamW eps=%g; it must be a number >= 0", o->eps);
     if (optim_schedule_parse(o->schedule, sched) != 0)
         return lt_fail(err, LT_ERR_ARG, "%%train: schedule=%s; accepted: constant|linear|cosine",
                        o->schedule);
@@ -304,35 +313,6 @@ static void batch_free(train_batch *b) {
 /* ---- checkpoints ------------------------------------------------------------------------------
  */
 
-static char *state_json(const lt_trainer *t, const lt_train_opts *o, int max_seq, int n_units) {
-    json_t *j = json_object();
-    json_t *losses = json_array();
-    for (int i = 0; i < t->n_losses; i++)
-        json_array_append_new(losses, json_real(t->losses[i]));
-    json_t *opts = json_pack(
-        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:i, s:b, s:b, "
-        "s:I, s:b}",
-        "data", o->data ? o->data : "", "format", o->format ? o->format : "auto", "batch", o->batch,
-        "grad_accum", o->grad_accum, "steps", o->steps, "epochs", (double)o->epochs, "lr",
-        (double)o->lr, "warmup", o->warmup, "schedule", o->schedule ? o->schedule : "linear",
-        "weight_decay", (double)o->weight_decay, "max_grad_norm", (double)o->max_grad_norm, "beta1",
-        (double)o->beta1, "beta2", (double)o->beta2, "eps", (double)o->eps, "max_seq", max_seq,
-        "responses_only", o->responses_only, "packing", o->packing, "seed", (json_int_t)o->seed,
-        "shuffle", o->shuffle);
-    json_object_set_new(j, "format_version", json_integer(1));
-    json_object_set_new(j, "step", json_integer(t->step));
-    json_object_set_new(j, "total_steps", json_integer(t->total));
-    json_object_set_new(j, "position", json_integer(t->pos));
-    json_object_set_new(j, "tokens", json_integer(t->tokens));
-    json_object_set_new(j, "units", json_integer(n_units));
-    json_object_set_new(j, "full", json_boolean(t->ad->full));
-    json_object_set_new(j, "losses", losses);
-    json_object_set_new(j, "options", opts);
-    char *text = json_dumps(j, JSON_INDENT(1) | JSON_SORT_KEYS);
-    json_decref(j);
-    return text;
-}
-
 /* The checkpoint folder to resume: DIR itself when it has trainer_state.json, else its
  * checkpoint-N with the largest N. */
 static int resolve_checkpoint(const char *dir, char *out, size_t cap) {
@@ -358,58 +338,6 @@ static int resolve_checkpoint(const char *dir, char *out, size_t cap) {
     if (best < 0) return -1;
     snprintf(out, cap, "%s/checkpoint-%ld", dir, best);
     return 0;
-}
-
-/* Strings of options read back from a checkpoint live here. */
-typedef struct resumed {
-    char data[2048], format[16], schedule[16];
-} resumed;
-
-static lt_status read_state(const char *ck, lt_train_opts *o, resumed *r, json_t **state,
-                            char *err) {
-    char p[4200];
-    snprintf(p, sizeof p, "%s/trainer_state.json", ck);
-    json_error_t je;
-    json_t *j = json_load_file(p, 0, &je);
-    if (!j)
-        return lt_fail(err, LT_ERR_FORMAT, "resume=%s: cannot read trainer_state.json (%s)", ck,
-                       je.text);
-    json_t *op = json_object_get(j, "options");
-    if (!json_is_object(op) || !json_is_integer(json_object_get(j, "step"))) {
-        json_decref(j);
-        return lt_fail(err, LT_ERR_FORMAT, "%s: keys 'options' and 'step' are missing", p);
-    }
-#define GETS(k, dst)                                                                               \
-    snprintf(r->dst, sizeof r->dst, "%s",                                                          \
-             json_is_string(json_object_get(op, k)) ? json_string_value(json_object_get(op, k))    \
-                                                    : "")
-#define GETN(k) json_number_value(json_object_get(op, k))
-    GETS("data", data);
-    GETS("format", format);
-    GETS("schedule", schedule);
-    o->data = r->data;
-    o->format = r->format;
-    o->schedule = r->schedule;
-    o->batch = (int)GETN("batch");
-    o->grad_accum = (int)GETN("grad_accum");
-    o->steps = (int)GETN("steps");
-    o->epochs = (float)GETN("epochs");
-    o->lr = (float)GETN("lr");
-    o->warmup = (int)GETN("warmup");
-    o->weight_decay = (float)GETN("weight_decay");
-    o->max_grad_norm = (float)GETN("max_grad_norm");
-    o->beta1 = (float)GETN("beta1");
-    o->beta2 = (float)GETN("beta2");
-    o->eps = (float)GETN("eps");
-    o->max_seq = (int)GETN("max_seq");
-    o->responses_only = json_is_true(json_object_get(op, "responses_only"));
-    o->packing = json_is_true(json_object_get(op, "packing"));
-    o->shuffle = json_is_true(json_object_get(op, "shuffle"));
-    o->seed = (uint64_t)json_integer_value(json_object_get(op, "seed"));
-#undef GETS
-#undef GETN
-    *state = j;
-    return LT_OK;
 }
 
 /* ---- resume= with other options ------------------------------------------------------------ */
@@ -792,8 +720,9 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                        "with device=cpu",
                        env->ctx->be->name, missing);
     lt_train_opts o = *o_in;
-    resumed rs;
-    json_t *state = NULL;
+    trainer_state_texts rs;
+    trainer_state state = {0};
+    int resuming = 0;
     char ck[4096] = "", applied[1200] = "";
     lt_status rc = LT_OK;
 
@@ -804,11 +733,13 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                 "%%train resume=%s: no checkpoint there (a folder with trainer_state.json, "
                 "or a save= folder holding checkpoint-N folders)",
                 o_in->resume);
-        if ((rc = read_state(ck, &o, &rs, &state, err)) != LT_OK) return rc;
-        if ((rc =
-                 resume_merge(&o, o_in, ck, (int)json_integer_value(json_object_get(state, "step")),
-                              applied, sizeof applied, err)) != LT_OK) {
-            json_decref(state);
+        if ((rc = trainer_state_read(ck, &state, &o, &rs, err)) != LT_OK) {
+            lt_fail_prefix(err, rc, "%%train resume");
+            return rc;
+        }
+        resuming = 1;
+        if ((rc = resume_merge(&o, o_in, ck, state.step, applied, sizeof applied, err)) != LT_OK) {
+            trainer_state_free(&state);
             return rc;
         }
         o.save = o_in->save;
@@ -818,7 +749,7 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         if (o_in->data && *o_in->data) o.data = o_in->data; /* the same data, moved */
         /* the adapters of the checkpoint replace the ones attached */
         lt_adapters *a = NULL;
-        if (json_is_true(json_object_get(state, "full"))) {
+        if (state.full) {
             if (!t->ad || !t->ad->full) {
                 lora_opts lo = {.full = 1};
                 swap_begin(t);
@@ -831,19 +762,18 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             swap_end(t, rc == LT_OK ? a : NULL);
         }
         if (rc != LT_OK) {
-            json_decref(state);
+            trainer_state_free(&state);
             return rc;
         }
         run_reset(t);
-        if ((rc = ckpt_load(t->ad, ck, (int)json_integer_value(json_object_get(state, "step")),
-                            err)) != LT_OK) {
-            json_decref(state);
+        if ((rc = ckpt_load(t->ad, ck, state.step, err)) != LT_OK) {
+            trainer_state_free(&state);
             return rc;
         }
         *weights_changed = 1;
     }
     if (!t->ad) {
-        json_decref(state);
+        trainer_state_free(&state);
         return lt_fail(
             err, LT_ERR_STATE,
             "%%train: nothing to train: attach adapters first (%%lora, or %%lora full=true)");
@@ -886,26 +816,36 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     /* continue the same run, or start a new one */
     char key[4096];
     opts_key(&o, max_seq, key, sizeof key);
-    if (state) {
+    if (resuming) {
+        if (state.units != u.n) {
+            rc = lt_fail(err, LT_ERR_ARG,
+                         "resume=%s: the data now makes %d units but the checkpoint was made with "
+                         "%d; resume needs the same data and options",
+                         ck, u.n, state.units);
+            goto out_units;
+        }
+        /* every step consumes batch x grad_accum units from the start of the stream */
+        if (state.position != (int64_t)state.step * per_step) {
+            rc = lt_fail(err, LT_ERR_FORMAT,
+                         "resume=%s: trainer_state.json says position %lld at step %d, but with "
+                         "batch=%d x grad_accum=%d step %d ends at %lld; the file was changed by "
+                         "hand or damaged: resume from another checkpoint",
+                         ck, (long long)state.position, state.step, o.batch, o.grad_accum,
+                         state.step, (long long)state.step * per_step);
+            goto out_units;
+        }
         t->active = 1;
         t->finished = 0;
         snprintf(t->key, sizeof t->key, "%s", key);
-        t->step = (int)json_integer_value(json_object_get(state, "step"));
-        t->pos = (int64_t)json_integer_value(json_object_get(state, "position"));
-        t->tokens = (int64_t)json_integer_value(json_object_get(state, "tokens"));
+        t->step = state.step;
+        t->pos = state.position;
+        t->tokens = state.tokens;
         t->total = total;
-        json_t *ls = json_object_get(state, "losses");
-        size_t i;
-        json_t *x;
-        json_array_foreach(ls, i, x) push_loss(t, (float)json_number_value(x));
-        if (json_integer_value(json_object_get(state, "units")) != u.n) {
-            rc = lt_fail(
-                err, LT_ERR_ARG,
-                "resume=%s: the data now makes %d units but the checkpoint was made with %lld; "
-                "resume needs the same data and options",
-                ck, u.n, (long long)json_integer_value(json_object_get(state, "units")));
-            goto out_units;
-        }
+        for (int i = 0; i < state.n_losses; i++)
+            if (push_loss(t, state.losses[i]) != 0) {
+                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+                goto out_units;
+            }
         train_say(cb ? cb->message : NULL, cb ? cb->ctx : NULL,
                   "resuming %s at step %d/%d with its options%s%s; save=%s", ck, t->step, total,
                   applied[0] ? " but " : "", applied, o.save ? o.save : "none");
@@ -1068,7 +1008,9 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         if (o.save && *o.save && ((o.save_every > 0 && t->step % o.save_every == 0) || last)) {
             char dir[4200];
             snprintf(dir, sizeof dir, "%s/checkpoint-%d", o.save, t->step);
-            char *sj = state_json(t, &o, max_seq, u.n);
+            trainer_state ts = {t->step, t->total,  u.n,       t->ad->full,
+                                t->pos,  t->tokens, t->losses, t->n_losses};
+            char *sj = trainer_state_text(&ts, &o, max_seq);
             if (!sj) {
                 rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
                 goto out_loop;
@@ -1122,6 +1064,6 @@ out_data:
     free(soft);
     data_free(&d);
 out_state:
-    json_decref(state);
+    trainer_state_free(&state);
     return rc;
 }

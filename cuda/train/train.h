@@ -365,6 +365,33 @@ typedef struct grpo_given {
 lt_status grpo_grads_given(lt_adapters *a, const trainer_env *env, const lt_grpo_opts *o,
                            const grpo_given *in, double *loss, char *err);
 
+/* ---- a checkpoint's trainer_state.json (trainer_state.c) -------------------------------- */
+
+/* The run a checkpoint continues: its optimizer step, units consumed, tokens trained, the units
+ * its data made, whether it trained every weight, and each step's loss. */
+typedef struct trainer_state {
+    int step, total_steps, units, full;
+    int64_t position, tokens;
+    float *losses; /* n_losses; owned after a read (trainer_state_free), borrowed to write */
+    int n_losses;
+} trainer_state;
+/* The text options read back live here: lt_train_opts' data, format and schedule point in. */
+typedef struct trainer_state_texts {
+    char data[2048], format[16], schedule[16];
+} trainer_state_texts;
+/* The JSON text of s and the run's options o (max_seq: the one the run used); NULL when out
+ * of memory. Free with free(). */
+char *trainer_state_text(const trainer_state *s, const lt_train_opts *o, int max_seq);
+/* Reads dir/trainer_state.json: the state into s and the options it records into o (only
+ * those; o's other fields stay). Every key is checked (type and range); a wrong one is an
+ * LT_ERR_FORMAT naming it, and s holds nothing. */
+lt_status trainer_state_read(const char *dir, trainer_state *s, lt_train_opts *o,
+                             trainer_state_texts *texts, char *err);
+/* The same over len bytes of text; where names them in messages. */
+lt_status trainer_state_parse(const char *text, size_t len, const char *where, trainer_state *s,
+                              lt_train_opts *o, trainer_state_texts *texts, char *err);
+void trainer_state_free(trainer_state *s);
+
 /* ---- training checkpoints (checkpoint.c) ---------------------------------------------- */
 
 /* The trainable tensors, AdamW state and a trainer_state.json text, written as one atomic set

@@ -5,6 +5,9 @@
  *     uninterrupted run (byte for byte);
  *   - checkpoints: save= save_every= writes checkpoint-N folders; resume= from step 2
  *     reaches the same final adapter; an adapter saved and loaded back gives the same loss;
+ *     a trainer_state.json edited by hand (position -1, a position its step does not reach,
+ *     AdamW's beta2 = 1, a step written as a string, another unit count) is refused naming
+ *     it, and the same session then resumes the intact file;
  *   - gradient accumulation: batch=2 grad_accum=2 equals batch=4 (same step, same data);
  *   - packing: one packed row of every sample gives the loss of the samples unpacked
  *     (attention never crosses a sample);
@@ -158,6 +161,47 @@ static void test_interrupt_and_resume(void) {
     snprintf(ck, sizeof ck, "%s/checkpoint-2", ckdir);
     ro.resume = ck;
     st = (stopper){s, 0, 0, {0}};
+    /* first a damaged or hand-edited trainer_state.json: each refused, naming what is wrong;
+     * the file is put back after each, and the same session then resumes as below */
+    {
+        static const struct {
+            const char *key, *value;
+            lt_status rc;
+            const char *says;
+        } edits[] = {
+            {"position", "-1", LT_ERR_FORMAT, "\"position\" is -1"}, /* indexed the data */
+            {"position", "3", LT_ERR_FORMAT, "position 3 at step 2"},
+            {"beta2", "1", LT_ERR_ARG, "betas"}, /* divided the bias correction by 0 */
+            {"step", "\"2\"", LT_ERR_FORMAT, "\"step\" is a string"},
+            {"units", "7", LT_ERR_ARG, "made with 7"},
+        };
+        char ts[760];
+        snprintf(ts, sizeof ts, "%s/trainer_state.json", ck);
+        size_t n = 0;
+        char *orig = test_read_file(ts, &n);
+        for (size_t i = 0; orig && i < sizeof edits / sizeof edits[0]; i++) {
+            char key[32];
+            snprintf(key, sizeof key, "\"%s\": ", edits[i].key);
+            const char *at = strstr(orig, key), *end = at ? strpbrk(at, ",\n") : NULL;
+            FILE *f = end ? fopen(ts, "wb") : NULL;
+            if (f) {
+                fprintf(f, "%.*s%s%s", (int)(at + strlen(key) - orig), orig, edits[i].value, end);
+                fclose(f);
+            }
+            lt_status erc = lt_train(s, &ro, &cb, &r);
+            char name[160];
+            snprintf(name, sizeof name, "resume with %s %s: refused, saying '%s'", edits[i].key,
+                     edits[i].value, edits[i].says);
+            ok(f && erc == edits[i].rc && strstr(lt_last_error(s), edits[i].says), name);
+            diag("%s", lt_last_error(s));
+            if ((f = fopen(ts, "wb"))) {
+                fwrite(orig, 1, n, f);
+                fclose(f);
+            }
+        }
+        ok(orig != NULL, "(read the checkpoint's trainer_state.json)");
+        free(orig);
+    }
     rc = lt_train(s, &ro, &cb, &r);
     is_int(rc, LT_OK, "resume=checkpoint-2 trains");
     if (rc != LT_OK) diag("%s", lt_last_error(s));
