@@ -17,10 +17,9 @@ static int same_opts(const lt_train_opts *a, const lt_train_opts *b) {
            a->warmup == b->warmup && a->max_seq == b->max_seq && a->epochs == b->epochs &&
            a->lr == b->lr && a->weight_decay == b->weight_decay &&
            a->max_grad_norm == b->max_grad_norm && a->beta1 == b->beta1 && a->beta2 == b->beta2 &&
-           a->eps == b->eps && a->responses_only == b->responses_only &&
-           a->packing == b->packing && a->shuffle == b->shuffle && a->seed == b->seed &&
-           !strcmp(a->data, b->data) && !strcmp(a->format, b->format) &&
-           !strcmp(a->schedule, b->schedule);
+           a->eps == b->eps && a->responses_only == b->responses_only && a->packing == b->packing &&
+           a->shuffle == b->shuffle && a->seed == b->seed && !strcmp(a->data, b->data) &&
+           !strcmp(a->format, b->format) && !strcmp(a->schedule, b->schedule);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
