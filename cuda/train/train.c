@@ -1012,7 +1012,10 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
                                 t->pos,  t->tokens, t->losses, t->n_losses};
             char *sj = trainer_state_text(&ts, &o, max_seq);
             if (!sj) {
-                rc = lt_fail(err, LT_ERR_MEMORY, "out of memory");
+                rc = lt_fail(err, LT_ERR_MEMORY,
+                             "checkpoint at step %d: cannot write trainer_state.json (out of "
+                             "memory, or data= is a path that is not UTF-8)",
+                             t->step);
                 goto out_loop;
             }
             rc = ckpt_save(ad, dir, sj, err);

@@ -380,7 +380,7 @@ typedef struct trainer_state_texts {
     char data[2048], format[16], schedule[16];
 } trainer_state_texts;
 /* The JSON text of s and the run's options o (max_seq: the one the run used); NULL when out
- * of memory. Free with free(). */
+ * of memory or a text option is not UTF-8 (JSON holds only UTF-8). Free with free(). */
 char *trainer_state_text(const trainer_state *s, const lt_train_opts *o, int max_seq);
 /* Reads dir/trainer_state.json: the state into s and the options it records into o (only
  * those; o's other fields stay). Every key is checked (type and range); a wrong one is an

@@ -36,6 +36,12 @@ char *trainer_state_text(const trainer_state *s, const lt_train_opts *o, int max
         (double)o->beta1, "beta2", (double)o->beta2, "eps", (double)o->eps, "max_seq", max_seq,
         "responses_only", o->responses_only, "packing", o->packing, "seed", (json_int_t)o->seed,
         "shuffle", o->shuffle);
+    if (!j || !losses || !opts) { /* out of memory, or a text option that is not UTF-8 */
+        json_decref(j);
+        json_decref(losses);
+        json_decref(opts);
+        return NULL;
+    }
     json_object_set_new(j, "format_version", json_integer(1));
     json_object_set_new(j, "step", json_integer(s->step));
     json_object_set_new(j, "total_steps", json_integer(s->total_steps));

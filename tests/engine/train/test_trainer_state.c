@@ -69,6 +69,10 @@ static void test_round_trip(void) {
     trainer_state_free(&got);
     ok(got.losses == NULL && got.n_losses == 0, "trainer_state_free empties the state");
     free(text);
+    o.data = "rows\xff.jsonl"; /* JSON holds UTF-8 only */
+    text = trainer_state_text(&s, &o, 512);
+    ok(text == NULL, "a data path that is not UTF-8: no text (the caller says why)");
+    free(text);
 }
 
 /* The writer's text with one edit: the first `from` replaced by `to`. */
