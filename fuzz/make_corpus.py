@@ -278,4 +278,19 @@ trainer_state(4, 6, True, [3.0, 2.0, 1.5, 1.25], batch=3, grad_accum=2, packing=
               schedule="cosine", data="", format="chat")
 trainer_state(0, 2, False, [])
 
+# ---- GRPO's built-in rewards: markers option, NUL, completion, NUL, the data row ------------------
+def rewards(markers, completion, row='{"answer": "42"}'):
+    put("rewards", markers + "\0" + completion + "\0" + row)
+
+
+R = "<start_working_out>let me think<end_working_out><SOLUTION>%s</SOLUTION>"
+rewards("", R % "42")
+rewards("", R % " 42.0 ", '{"answer": 42}')
+rewards("", R % "1_000", '{"answer": "1e3"}')
+rewards("", R % "-0", '{"answer": 0}')
+rewards("", "<SOLUTION>41.9 apples</SOLUTION><SOLUTION>", '{"answer": 41.5}')
+rewards("[think],[/think],[ans],[/ans]", "  [think] x [/think]\n[ans]inf[/ans]  ", '{"answer": "nan"}')
+rewards("a,b,c", R % "42")
+rewards("", "no markers at all", '{"question": "q"}')
+
 print("corpus written under", OUT, file=sys.stderr)
