@@ -220,11 +220,10 @@ static int read_state(const reader *r, const json_t *j, trainer_state *s) {
     }
     for (size_t i = 0; i < n; i++) {
         const json_t *x = json_array_get(ls, i);
-        if (!json_is_number(x)) {
-            char key[48];
-            snprintf(key, sizeof key, "losses[%zu]", i);
-            return bad(r, key, x, "a number");
-        }
+        char key[48];
+        snprintf(key, sizeof key, "losses[%zu]", i);
+        if (!json_is_number(x) || fabs(json_number_value(x)) > FLT_MAX)
+            return bad(r, key, x, "a number a float holds");
         s->losses[s->n_losses++] = (float)json_number_value(x);
     }
     return 0;

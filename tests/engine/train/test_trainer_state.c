@@ -6,7 +6,7 @@
  * object, a duplicated key, format_version 2 and "1", step -1 and 2^31, step 2.5, position -1,
  * units 0, tokens missing, batch "8", batch 2^40, lr 1e39 (beyond a float), lr missing,
  * shuffle 1, seed 1.5, a format of 17 bytes, data holding a NUL byte, full "yes", losses not an
- * array, losses holding a string, and a file that is not there.
+ * array, losses holding a string or 1e39, and a file that is not there.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -147,6 +147,8 @@ static void test_bad_files(void) {
     refused(edited("\"full\": false", "\"full\": \"yes\""), "\"full\"", "full \"yes\"");
     refused(edited("\"losses\": [", "\"losses\": 3, \"x\": ["), "\"losses\"", "losses a number");
     refused(edited("\"losses\": [", "\"losses\": [\"x\", "), "losses[0]", "losses with a string");
+    refused(edited("\"losses\": [", "\"losses\": [1, 1e39, "), "losses[1]",
+            "a loss beyond a float");
 
     trainer_state got;
     lt_train_opts r;
