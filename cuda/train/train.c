@@ -722,11 +722,11 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
     lt_train_opts o = *o_in;
     trainer_state_texts rs;
     trainer_state state = {0};
-    int resuming = 0;
+    const int resuming = o_in->resume && *o_in->resume;
     char ck[4096] = "", applied[1200] = "";
     lt_status rc = LT_OK;
 
-    if (o_in->resume && *o_in->resume) {
+    if (resuming) {
         if (resolve_checkpoint(o_in->resume, ck, sizeof ck) != 0)
             return lt_fail(
                 err, LT_ERR_IO,
@@ -737,7 +737,6 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
             lt_fail_prefix(err, rc, "%%train resume");
             return rc;
         }
-        resuming = 1;
         if ((rc = resume_merge(&o, o_in, ck, state.step, applied, sizeof applied, err)) != LT_OK) {
             trainer_state_free(&state);
             return rc;
@@ -1008,8 +1007,14 @@ lt_status trainer_run(lt_trainer *t, const trainer_env *env, const lt_train_opts
         if (o.save && *o.save && ((o.save_every > 0 && t->step % o.save_every == 0) || last)) {
             char dir[4200];
             snprintf(dir, sizeof dir, "%s/checkpoint-%d", o.save, t->step);
-            trainer_state ts = {t->step, t->total,  u.n,       t->ad->full,
-                                t->pos,  t->tokens, t->losses, t->n_losses};
+            trainer_state ts = {.step = t->step,
+                                .total_steps = t->total,
+                                .units = u.n,
+                                .full = t->ad->full,
+                                .position = t->pos,
+                                .tokens = t->tokens,
+                                .losses = t->losses,
+                                .n_losses = t->n_losses};
             char *sj = trainer_state_text(&ts, &o, max_seq);
             if (!sj) {
                 rc = lt_fail(err, LT_ERR_MEMORY,

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cuda/train/train.h"
 
@@ -229,13 +230,12 @@ static int read_state(const reader *r, const json_t *j, trainer_state *s) {
     return 0;
 }
 
-lt_status trainer_state_parse(const char *text, size_t len, const char *where, trainer_state *s,
-                              lt_train_opts *o, trainer_state_texts *texts, char *err) {
+/* The checks over j, which it takes (NULL: not JSON, as je says). */
+static lt_status from_json(json_t *j, const json_error_t *je, const char *where, trainer_state *s,
+                           lt_train_opts *o, trainer_state_texts *texts, char *err) {
     memset(s, 0, sizeof *s);
-    json_error_t je;
-    json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
     if (!j)
-        return lt_fail(err, LT_ERR_FORMAT, "%s: not JSON (%s, line %d)", where, je.text, je.line);
+        return lt_fail(err, LT_ERR_FORMAT, "%s: not JSON (%s, line %d)", where, je->text, je->line);
     reader r = {where, err};
     int fail = 0;
     if (!json_is_object(j)) {
@@ -258,39 +258,26 @@ lt_status trainer_state_parse(const char *text, size_t len, const char *where, t
     return LT_OK;
 }
 
+lt_status trainer_state_parse(const char *text, size_t len, const char *where, trainer_state *s,
+                              lt_train_opts *o, trainer_state_texts *texts, char *err) {
+    json_error_t je;
+    json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    return from_json(j, &je, where, s, o, texts, err);
+}
+
 lt_status trainer_state_read(const char *dir, trainer_state *s, lt_train_opts *o,
                              trainer_state_texts *texts, char *err) {
     char p[4200];
     snprintf(p, sizeof p, "%s/trainer_state.json", dir);
     memset(s, 0, sizeof *s);
-    FILE *f = fopen(p, "rb");
-    if (!f) return lt_fail(err, LT_ERR_IO, "%s: cannot open it", p);
+    struct stat sb;
+    if (stat(p, &sb) != 0) return lt_fail(err, LT_ERR_IO, "%s: cannot open it", p);
     /* the writer's files are a few kilobytes plus 20 bytes a step */
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len == cap) {
-            size_t nc = cap ? cap * 2 : 16384;
-            char *nb = nc <= ((size_t)64 << 20) ? realloc(buf, nc) : NULL;
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return lt_fail(err, LT_ERR_FORMAT, "%s: larger than 64 MiB; not a trainer state",
-                               p);
-            }
-            buf = nb;
-            cap = nc;
-        }
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
-        if (got == 0) break;
-    }
-    int io = ferror(f);
-    fclose(f);
-    lt_status rc = io ? lt_fail(err, LT_ERR_IO, "%s: read error", p)
-                      : trainer_state_parse(buf, len, p, s, o, texts, err);
-    free(buf);
-    return rc;
+    if (sb.st_size > ((off_t)64 << 20))
+        return lt_fail(err, LT_ERR_FORMAT, "%s: larger than 64 MiB; not a trainer state", p);
+    json_error_t je;
+    json_t *j = json_load_file(p, JSON_REJECT_DUPLICATES, &je);
+    return from_json(j, &je, p, s, o, texts, err);
 }
 
 void trainer_state_free(trainer_state *s) {
